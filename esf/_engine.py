@@ -1,0 +1,1031 @@
+"""
+The server engine: sessions, the user manager, routing and the framework
+messages of the ESF v1 contract.
+
+The engine never touches a transport.  A connection is an L{IChannel} (the
+protocol provides one); the engine hands it bytes to write and tells it when
+to close.  Time comes from an injected L{IReactorTime}.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from enum import Enum
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import _messages as m
+from ._wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    EVERYONE_ID,
+    SERVER_ID,
+    ClientType,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    LogonResult,
+    MessageType,
+    WireConfig,
+    encode_frame,
+)
+from .interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
+
+__all__ = [
+    "RelogonMode",
+    "ServerConfig",
+    "UserData",
+    "LogonRefused",
+    "Event",
+    "AcceptAll",
+    "LocalPresence",
+    "UserManager",
+    "ServerEngine",
+    "Session",
+    "call",
+]
+
+log = Logger(namespace="esf.server")
+
+#: Frames a peer may send before it has logged on are at most this big: an
+#: unauthenticated peer cannot make the server reserve a full-size body.
+PRE_LOGON_MAX_MESSAGE_SIZE = 64 * 1024
+
+_RESERVED_IDS = frozenset({SERVER_ID, EVERYONE_ID, ""})
+
+#: Reasons whose notice is the BeingPushedOut / BeingKickedOut message
+#: itself, and reasons where the peer asked for the close.
+_PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
+
+
+class RelogonMode(Enum):
+    """
+    What a second logon of the same user and device kind does.
+    """
+
+    #: Keep the session that is on; refuse the new one with C{HadLoggedOn}.
+    IGNORE_NEW = "ignore-new"
+    #: Push the old session out and bind the new one (the default).
+    REPLACE_OLD = "replace-old"
+
+
+class LogonRefused(Exception):
+    """
+    Raised by L{IBasicHandler.verify_user} to refuse a logon with a cause
+    that the client sees.
+    """
+
+    def __init__(self, cause: str = "logon refused"):
+        super().__init__(cause)
+        self.cause = cause
+
+
+def call(f: Callable, *args: Any) -> Deferred:
+    """
+    Call an application method that may answer synchronously, with a
+    Deferred or as a coroutine; always return a Deferred.
+    """
+    try:
+        result = f(*args)
+    except BaseException:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    if inspect.isawaitable(result):
+        return Deferred.fromCoroutine(result)
+    return succeed(result)
+
+
+@implementer(IEvent)
+class Event:
+    """
+    A list of subscribers, called in order; a subscriber's exception is
+    logged and goes no further.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._subscribers: list[Callable] = []
+
+    def subscribe(self, callback: Callable) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self.unsubscribe(callback)
+
+    def unsubscribe(self, callback: Callable) -> None:
+        try:
+            self._subscribers.remove(callback)
+        except ValueError:
+            pass
+
+    def fire(self, *args: Any) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(*args)
+            except Exception:
+                log.failure(
+                    "subscriber {callback!r} of {event} raised",
+                    callback=callback,
+                    event=self.name,
+                )
+
+    def __repr__(self) -> str:
+        return f"<Event {self.name} ({len(self._subscribers)} subscribers)>"
+
+
+@implementer(IBasicHandler)
+class AcceptAll:
+    """
+    The handler used when the application gives none: every logon is
+    accepted and nobody may kick.
+    """
+
+    def verify_user(self, system_token, user_id, password, client_type, address):
+        return True
+
+    def can_kick_out(self, operator_id, target_id, client_type):
+        return False
+
+
+def _positive(instance, attribute, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    The server's settings (the C{twistd esf} options).
+    """
+
+    wire: WireConfig = attrs.field(factory=WireConfig)
+    relogon_mode: RelogonMode = RelogonMode.REPLACE_OLD
+    heartbeat_interval: int = attrs.field(default=10, validator=_positive)
+    heartbeat_timeout: int = attrs.field(default=30, validator=_positive)
+    logon_timeout: float = attrs.field(default=10, validator=_positive)
+    system_token: str = ""
+    admins: frozenset = attrs.field(default=frozenset(), converter=frozenset)
+    max_connections: int | None = attrs.field(default=None, validator=_positive)
+    #: Device kinds allowed to log on.
+    client_types: frozenset = attrs.field(
+        default=frozenset(ClientType), converter=frozenset
+    )
+    #: Bytes that may wait for a peer that does not read, beyond the
+    #: transport's own buffer, before its session ends with
+    #: ChannelCacheOverflow.
+    max_output_buffer: int = attrs.field(default=2 * DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
+    #: Seconds a closing connection has to take its last bytes before it
+    #: is aborted.
+    close_timeout: float = attrs.field(default=5, validator=_positive)
+
+    @heartbeat_timeout.validator
+    def _check_timeout(self, attribute, value):
+        if value <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout ({value}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval})"
+            )
+
+
+@attrs.define(eq=False)
+class UserData:
+    """
+    One logged-on device, as applications see it.
+
+    @ivar tag: free for the application; the only field it should change.
+    """
+
+    user_id: str
+    client_type: int
+    address: str
+    logon_time: float
+    tag: Any = None
+
+
+class _State(Enum):
+    AWAITING_LOGON = "awaiting logon"
+    VERIFYING = "verifying"
+    LOGGED_ON = "logged on"
+    ENDED = "ended"
+
+
+class Session:
+    """
+    The engine's side of one connection, from accept to close.
+
+    The protocol feeds it bytes (L{data_received}) and flow-control signals
+    (L{pause_writing}, L{resume_writing}) and tells it when the connection
+    is gone (L{connection_lost}).
+    """
+
+    __slots__ = (
+        "engine",
+        "channel",
+        "address",
+        "decoder",
+        "state",
+        "user_id",
+        "client_type",
+        "user_data",
+        "attempt",
+        "connected_at",
+        "active",
+        "last_active",
+        "_logon_timer",
+        "_paused",
+        "_backlog",
+        "_heartbeat_echo",
+        "__weakref__",
+    )
+
+    def __init__(self, engine: ServerEngine, channel: IChannel, attempt: int):
+        self.engine = engine
+        self.channel = channel
+        self.address = channel.address
+        self.decoder = FrameDecoder(
+            engine.config.wire,
+            max_message_size=min(PRE_LOGON_MAX_MESSAGE_SIZE, engine.config.wire.max_message_size),
+        )
+        self.state = _State.AWAITING_LOGON
+        self.user_id: str | None = None
+        self.client_type: int | None = None
+        self.user_data: UserData | None = None
+        self.attempt = attempt
+        self.connected_at = engine.clock.seconds()
+        self.active = False
+        self.last_active = self.connected_at
+        self._logon_timer = None
+        self._paused = False
+        self._backlog = 0
+        self._heartbeat_echo = b""
+
+    def __repr__(self) -> str:
+        who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
+        return f"<Session {who} {self.address} {self.state.value}>"
+
+    @property
+    def logged_on(self) -> bool:
+        return self.state is _State.LOGGED_ON
+
+    @property
+    def ended(self) -> bool:
+        return self.state is _State.ENDED
+
+    # -- input from the protocol --------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """
+        Bytes arrived from the peer.
+        """
+        self.active = True
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            for frame in e.frames:
+                if self.state is _State.ENDED:
+                    return
+                self.engine.frame_received(self, frame)
+            self.end(e.reason, e.message)
+            return
+        engine = self.engine
+        for frame in frames:
+            if self.state is _State.ENDED:
+                return
+            engine.frame_received(self, frame)
+
+    def connection_lost(self) -> None:
+        """
+        The connection is gone; end the session if it has not ended yet.
+        """
+        self.end(DisconnectedType.NETWORK_INTERRUPTED, "connection lost")
+        self.engine._connection_closed(self)
+
+    def pause_writing(self) -> None:
+        """
+        The transport's buffer is full: the peer is not reading fast enough.
+        """
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """
+        The transport's buffer has drained.
+        """
+        self._paused = False
+        self._backlog = 0
+
+    # -- output -------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """
+        Write a frame to the peer, unless the session has ended.  Past the
+        output bound the session ends with C{ChannelCacheOverflow}.
+        """
+        if self.state is _State.ENDED:
+            return
+        if self._paused:
+            self._backlog += len(data)
+            if self._backlog > self.engine.config.max_output_buffer:
+                self.end(
+                    DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+                    f"more than {self.engine.config.max_output_buffer} bytes wait "
+                    f"for a peer that does not read",
+                )
+                return
+        self.channel.write(data)
+
+    def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
+        """
+        Answer C{frame}: same MessageType (unless given) and MessageID, from
+        the server to this session's user.
+        """
+        self.send(
+            encode_frame(
+                self.engine.config.wire,
+                frame.message_type if message_type is None else message_type,
+                body,
+                message_id=frame.message_id,
+                user_id=SERVER_ID,
+                dest_user_id=self.user_id or "",
+            )
+        )
+
+    def error(self, frame: Frame, code: ErrorCode, text: str) -> None:
+        """
+        Answer a request with C{Error}; a one-way message (MessageID 0) is
+        logged instead, since nothing waits for an answer.
+        """
+        if frame.message_id:
+            body = m.Error(frame.message_type, code, text[:1000]).encode()
+            self.reply(frame, body, MessageType.ERROR)
+        else:
+            log.info(
+                "dropped {message_type} from {session!r}: {code.name}: {text}",
+                message_type=frame.message_type,
+                session=self,
+                code=code,
+                text=text,
+            )
+
+    def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
+        """
+        Send the peer a server-initiated message (MessageID 0).
+        """
+        self.send(
+            encode_frame(
+                self.engine.config.wire,
+                message_type,
+                body,
+                client_type=client_type,
+                user_id=SERVER_ID,
+                dest_user_id=self.user_id or "",
+            )
+        )
+
+    # -- ending ---------------------------------------------------------------
+
+    def end(self, reason: DisconnectedType, text: str = "") -> None:
+        """
+        End the session, exactly once: unbind it (firing the user manager's
+        events), log one event, and, unless the peer ended it, send a
+        C{DisconnectNotice} and close the connection.
+        """
+        if self.state is _State.ENDED:
+            return
+        was_logged_on = self.state is _State.LOGGED_ON
+        self.state = _State.ENDED
+        if self._logon_timer is not None and self._logon_timer.active():
+            self._logon_timer.cancel()
+        self._logon_timer = None
+        engine = self.engine
+        engine._session_ended(self, reason, text, was_logged_on)
+        if reason not in _PEER_INITIATED:
+            notice = m.DisconnectNotice(reason, text[:1000]).encode()
+            # Written directly: the output bound no longer matters, and the
+            # close timeout bounds how long it may take.
+            self.channel.write(
+                encode_frame(
+                    engine.config.wire,
+                    MessageType.DISCONNECT_NOTICE,
+                    notice,
+                    user_id=SERVER_ID,
+                    dest_user_id=self.user_id or "",
+                )
+            )
+        self.channel.close()
+
+
+@implementer(IPresence)
+class LocalPresence:
+    """
+    The in-process registry: this node's own sessions.
+    """
+
+    def __init__(self):
+        self._users: dict[str, dict[int, Any]] = {}
+
+    def get(self, user_id, client_type):
+        devices = self._users.get(user_id)
+        return devices.get(client_type) if devices else None
+
+    def devices(self, user_id):
+        devices = self._users.get(user_id)
+        return list(devices.values()) if devices else []
+
+    def add(self, handle):
+        devices = self._users.setdefault(handle.user_id, {})
+        devices[handle.client_type] = handle
+        return len(devices) == 1
+
+    def remove(self, handle):
+        devices = self._users.get(handle.user_id)
+        if not devices or devices.get(handle.client_type) is not handle:
+            return False
+        del devices[handle.client_type]
+        if not devices:
+            del self._users[handle.user_id]
+            return True
+        return False
+
+    def user_ids(self):
+        return sorted(self._users)
+
+    def user_count(self):
+        return len(self._users)
+
+
+@implementer(IUserManager)
+class UserManager:
+    """
+    The online users, read from an L{IPresence}, and the events applications
+    subscribe to.
+    """
+
+    def __init__(self, presence: IPresence, relogon_mode: RelogonMode = RelogonMode.REPLACE_OLD):
+        self.presence = presence
+        self.relogon_mode = relogon_mode
+        self.user_connected = Event("user_connected")
+        self.user_disconnected = Event("user_disconnected")
+        self.device_connected = Event("device_connected")
+        self.device_disconnected = Event("device_disconnected")
+        self.device_being_pushed_out = Event("device_being_pushed_out")
+        self.new_connection_ignored = Event("new_connection_ignored")
+        self.user_count_changed = Event("user_count_changed")
+        self.heartbeat_timed_out = Event("heartbeat_timed_out")
+
+    @property
+    def user_count(self) -> int:
+        return self.presence.user_count()
+
+    def is_user_online(self, user_id: str) -> bool:
+        return bool(self.presence.devices(user_id))
+
+    def get_user_data(self, user_id: str, client_type: int | None = None) -> UserData | None:
+        if client_type is None:
+            devices = self.presence.devices(user_id)
+            return devices[0].user_data if devices else None
+        handle = self.presence.get(user_id, client_type)
+        return handle.user_data if handle is not None else None
+
+    def get_online_user_list(self) -> list[str]:
+        return self.presence.user_ids()
+
+    def get_all_user_data(self) -> list[UserData]:
+        return [
+            handle.user_data
+            for user_id in self.presence.user_ids()
+            for handle in self.presence.devices(user_id)
+        ]
+
+    def get_all_login_devices(self, user_id: str) -> list[ClientType | int]:
+        return [_client_type(h.client_type) for h in self.presence.devices(user_id)]
+
+
+def _client_type(value: int) -> ClientType | int:
+    try:
+        return ClientType(value)
+    except ValueError:
+        return value
+
+
+def _address(peer) -> str:
+    """
+    C{"host:port"} for an address object, C{"[host]:port"} for IPv6.
+    """
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    if ":" in host:
+        return f"[{host}]:{peer.port}"
+    return f"{host}:{peer.port}"
+
+
+class ServerEngine:
+    """
+    The server side of ESF v1 (ESFramework's C{RapidServerEngine}).
+
+    @ivar user_manager: the L{IUserManager} applications read and subscribe
+        to.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        clock: IReactorTime,
+        handler: IBasicHandler | None = None,
+        presence: IPresence | None = None,
+    ):
+        self.config = config = config or ServerConfig()
+        self.clock = clock
+        self.handler = handler if handler is not None else AcceptAll()
+        self.presence = presence if presence is not None else LocalPresence()
+        self.user_manager = UserManager(self.presence, config.relogon_mode)
+        #: Sessions not yet ended.
+        self.sessions: set[Session] = set()
+        #: Sessions whose connection is not yet closed.
+        self._open: set[Session] = set()
+        self._drained: list[Deferred] = []
+        self._attempts = itertools.count(1)
+        self._stopping = False
+        self._scan = LoopingCall(self._scan_heartbeats)
+        self._scan.clock = clock
+        self._dispatch = {
+            MessageType.HEARTBEAT: self._on_heartbeat,
+            MessageType.GET_MY_IPE: self._on_get_my_ipe,
+            MessageType.PING_BY_SERVER: self._on_ping_by_server,
+            MessageType.PING_ACK: self._on_relay,
+            MessageType.LOGOFF: self._on_logoff,
+            MessageType.KICK_OUT: self._on_kick_out,
+            MessageType.GET_ALL_ONLINE_USERS: self._on_get_all_online_users,
+            MessageType.QUERY_ONLINE: self._on_query_online,
+            MessageType.QUERY_ONLINES: self._on_query_onlines,
+            MessageType.GET_MY_DEVICES: self._on_get_my_devices,
+            MessageType.LOGON: self._on_second_logon,
+        }
+
+    # -- life -------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Start the heartbeat scan: every quarter of the timeout, so a silent
+        session ends between 1x and 1.5x the timeout after its last frame.
+        """
+        if not self._scan.running:
+            self._scan.start(self.config.heartbeat_timeout / 4, now=False)
+
+    def stop(self) -> Deferred:
+        """
+        Send C{DisconnectNotice(ServerShutdown)} to every session and close
+        them; refuse new connections.
+
+        @return: a Deferred that fires when every connection has closed.
+        """
+        self._stopping = True
+        if self._scan.running:
+            self._scan.stop()
+        for session in list(self.sessions):
+            session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
+        if not self._open:
+            return succeed(None)
+        d = Deferred()
+        self._drained.append(d)
+        return d
+
+    # -- connections ----------------------------------------------------------
+
+    def connection_made(self, channel: IChannel) -> Session:
+        """
+        A peer connected; return the session the protocol will feed.
+        """
+        session = Session(self, channel, next(self._attempts))
+        self.sessions.add(session)
+        self._open.add(session)
+        if self._stopping:
+            session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
+            return session
+        limit = self.config.max_connections
+        if limit is not None and len(self.sessions) > limit:
+            session.end(
+                DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED,
+                f"the server holds its maximum of {limit} connections; try later",
+            )
+            return session
+        session._logon_timer = self.clock.callLater(
+            self.config.logon_timeout, self._logon_timed_out, session
+        )
+        return session
+
+    def _connection_closed(self, session: Session) -> None:
+        self._open.discard(session)
+        if self._stopping and not self._open:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def _logon_timed_out(self, session: Session) -> None:
+        session._logon_timer = None
+        session.end(
+            DisconnectedType.LOGON_TIMEOUT,
+            f"no logon within {self.config.logon_timeout:g} s",
+        )
+
+    def _session_ended(
+        self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
+    ) -> None:
+        self.sessions.discard(session)
+        if was_logged_on:
+            self._unbind(session, reason)
+        log.info(
+            "session ended: {user_id}/{client_type} from {address}: {reason} "
+            "({text}) after {duration:.1f} s",
+            esf_event="session_ended",
+            user_id=session.user_id,
+            client_type=session.client_type,
+            address=session.address,
+            reason=reason.name,
+            reason_code=int(reason),
+            text=text,
+            duration=self.clock.seconds() - session.connected_at,
+            logged_on=was_logged_on,
+        )
+
+    # -- frames -----------------------------------------------------------------
+
+    def frame_received(self, session: Session, frame: Frame) -> None:
+        """
+        Dispatch one frame from C{session}.
+        """
+        if session.state is not _State.LOGGED_ON:
+            self._before_logon(session, frame)
+            return
+        if frame.user_id != session.user_id:
+            session.end(
+                DisconnectedType.MESSAGE_WITH_WRONG_USER_ID,
+                f"frame from {frame.user_id!r} on the session of {session.user_id!r}",
+            )
+            return
+        handler = self._dispatch.get(frame.message_type)
+        if handler is None:
+            session.error(
+                frame,
+                ErrorCode.UNKNOWN_MESSAGE_TYPE,
+                f"unknown message type {frame.message_type}",
+            )
+            return
+        try:
+            handler(session, frame)
+        except m.BadRequest as e:
+            session.error(frame, ErrorCode.BAD_REQUEST, str(e))
+
+    def _before_logon(self, session: Session, frame: Frame) -> None:
+        if frame.message_type != MessageType.LOGON:
+            session.end(
+                DisconnectedType.NOT_LOGGED_ON,
+                f"message type {frame.message_type} before logon; log on first",
+            )
+            return
+        if session.state is _State.VERIFYING:
+            session.end(DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified")
+            return
+        try:
+            logon = m.Logon.decode(frame.body)
+        except m.BadRequest as e:
+            session.error(frame, ErrorCode.BAD_REQUEST, f"malformed Logon: {e}")
+            return
+        self._logon(session, frame, logon)
+
+    # -- logon ------------------------------------------------------------------
+
+    def _logon(self, session: Session, frame: Frame, logon: m.Logon) -> None:
+        config = self.config
+        user_id, client_type = frame.user_id, frame.client_type
+        session.user_id = user_id
+        session.client_type = client_type
+        if logon.protocol_version != m.PROTOCOL_VERSION:
+            self._refuse(
+                session,
+                frame,
+                LogonResult.VERSION_MISMATCHED,
+                f"this server speaks protocol version {m.PROTOCOL_VERSION}, "
+                f"not {logon.protocol_version}",
+            )
+            return
+        if config.system_token and logon.system_token != config.system_token:
+            self._refuse(session, frame, LogonResult.VERSION_MISMATCHED, "wrong system token")
+            return
+        if user_id in _RESERVED_IDS:
+            self._refuse(session, frame, LogonResult.FAILED, f"user ID {user_id!r} is reserved")
+            return
+        if client_type not in config.client_types:
+            self._refuse(
+                session,
+                frame,
+                LogonResult.CLIENT_TYPE_REJECTED,
+                f"device kind {client_type} is not allowed here",
+                DisconnectedType.UNAUTHORIZED_CLIENT_TYPE,
+            )
+            return
+        session.state = _State.VERIFYING
+        d = call(
+            self.handler.verify_user,
+            logon.system_token,
+            user_id,
+            logon.password,
+            _client_type(client_type),
+            session.address,
+        )
+        d.addBoth(self._verified, session, frame)
+
+    def _verified(self, outcome: Any, session: Session, frame: Frame) -> None:
+        if session.state is not _State.VERIFYING:
+            return  # the connection went away meanwhile
+        if isinstance(outcome, Failure):
+            if outcome.check(LogonRefused):
+                cause = outcome.value.cause
+            else:
+                log.failure(
+                    "verify_user raised for {user_id}", outcome, user_id=session.user_id
+                )
+                cause = "logon verification failed"
+            self._refuse(session, frame, LogonResult.FAILED, cause)
+            return
+        if not outcome:
+            self._refuse(session, frame, LogonResult.FAILED, "invalid user ID or password")
+            return
+        old = self.presence.get(session.user_id, session.client_type)
+        if old is not None:
+            if self.user_manager.relogon_mode is RelogonMode.IGNORE_NEW:
+                self.user_manager.new_connection_ignored.fire(
+                    session.user_id, _client_type(session.client_type), session.address
+                )
+                self._refuse(
+                    session,
+                    frame,
+                    LogonResult.HAD_LOGGED_ON,
+                    f"{session.user_id} is already logged on with this device "
+                    f"from {old.user_data.address}",
+                    DisconnectedType.NEW_CONNECTION_IGNORED,
+                )
+                return
+            if getattr(old, "attempt", 0) > session.attempt:
+                # A newer logon of the same device was verified first: it
+                # stands, and this older attempt is the one replaced.
+                self._refuse(
+                    session,
+                    frame,
+                    LogonResult.FAILED,
+                    f"superseded by a newer logon of this device from {old.user_data.address}",
+                )
+                return
+            self._push_out(old, session)
+        self._bind(session, frame, handover=old is not None)
+
+    def _refuse(
+        self,
+        session: Session,
+        frame: Frame,
+        result: LogonResult,
+        cause: str,
+        reason: DisconnectedType | None = None,
+    ) -> None:
+        if reason is None:
+            reason = (
+                DisconnectedType.NEW_CONNECTION_IGNORED
+                if result is LogonResult.HAD_LOGGED_ON
+                else DisconnectedType.LOGON_FAILED
+            )
+        session.reply(frame, self._logon_reply(result, cause))
+        session.end(reason, f"logon refused ({result.name}): {cause}")
+
+    def _logon_reply(self, result: LogonResult, cause: str = "") -> bytes:
+        config = self.config
+        return m.LogonReply(
+            result,
+            cause[:1000],
+            config.heartbeat_interval,
+            config.heartbeat_timeout,
+            config.wire.max_message_size,
+        ).encode()
+
+    def _push_out(self, old: Session, new: Session) -> None:
+        cause = (
+            f"{old.user_id} logged on again with the same device "
+            f"({_client_type(new.client_type).__str__()}) from {new.address}"
+        )
+        self.user_manager.device_being_pushed_out.fire(old.user_data, new.address)
+        old.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
+        old.end(DisconnectedType.BEING_PUSHED_OUT, cause)
+
+    def _bind(self, session: Session, frame: Frame, handover: bool) -> None:
+        config = self.config
+        session.state = _State.LOGGED_ON
+        if session._logon_timer is not None:
+            session._logon_timer.cancel()
+            session._logon_timer = None
+        session.decoder.max_message_size = config.wire.max_message_size
+        session.last_active = self.clock.seconds()
+        session.active = False
+        session.user_data = UserData(
+            session.user_id, _client_type(session.client_type), session.address, session.last_active
+        )
+        session._heartbeat_echo = encode_frame(
+            config.wire, MessageType.HEARTBEAT, user_id=SERVER_ID, dest_user_id=session.user_id
+        )
+        first = self.presence.add(session)
+        session.reply(frame, self._logon_reply(LogonResult.SUCCEED))
+        log.info(
+            "logged on: {user_id}/{client_type} from {address}",
+            esf_event="logged_on",
+            user_id=session.user_id,
+            client_type=session.client_type,
+            address=session.address,
+        )
+        um = self.user_manager
+        um.device_connected.fire(session.user_data)
+        if first and not handover:
+            um.user_connected.fire(session.user_data)
+            um.user_count_changed.fire(um.user_count)
+        if not handover:
+            self._tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
+
+    def _unbind(self, session: Session, reason: DisconnectedType) -> None:
+        last = self.presence.remove(session)
+        handover = reason is DisconnectedType.BEING_PUSHED_OUT
+        um = self.user_manager
+        um.device_disconnected.fire(session.user_data, reason)
+        if handover:
+            # The same device of the same user logs on at once: the user
+            # never goes offline and the other devices see no change.
+            return
+        if last:
+            um.user_disconnected.fire(session.user_data, reason)
+            um.user_count_changed.fire(um.user_count)
+        else:
+            self._tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
+
+    def _tell_other_devices(self, session: Session, message_type: MessageType) -> None:
+        for other in self.presence.devices(session.user_id):
+            if other is not session:
+                other.notify(message_type, client_type=session.client_type)
+
+    # -- heartbeat -------------------------------------------------------------
+
+    def _scan_heartbeats(self) -> None:
+        now = self.clock.seconds()
+        deadline = now - self.config.heartbeat_timeout
+        expired = []
+        for session in self.sessions:
+            if session.state is not _State.LOGGED_ON:
+                continue
+            if session.active:
+                session.active = False
+                session.last_active = now
+            elif session.last_active <= deadline:
+                expired.append(session)
+        for session in expired:
+            self.user_manager.heartbeat_timed_out.fire(session.user_data)
+            session.end(
+                DisconnectedType.HEARTBEAT_TIMEOUT,
+                f"nothing received for {self.config.heartbeat_timeout} s",
+            )
+
+    # -- framework messages ----------------------------------------------------
+
+    def _on_heartbeat(self, session: Session, frame: Frame) -> None:
+        session.send(session._heartbeat_echo)
+
+    def _on_second_logon(self, session: Session, frame: Frame) -> None:
+        session.error(frame, ErrorCode.BAD_REQUEST, "already logged on")
+
+    def _on_get_my_ipe(self, session: Session, frame: Frame) -> None:
+        m.Empty.decode(frame.body)
+        session.reply(frame, m.GetMyIPEReply(session.address).encode())
+
+    def _on_ping_by_server(self, session: Session, frame: Frame) -> None:
+        m.Empty.decode(frame.body)
+        if frame.dest_user_id in ("", SERVER_ID):
+            session.reply(frame, b"", MessageType.PING_ACK)
+        else:
+            self._on_relay(session, frame)
+
+    def _on_relay(self, session: Session, frame: Frame) -> None:
+        """
+        Forward a frame unchanged to every online device of its DestUserID.
+        """
+        if frame.dest_user_id in _RESERVED_IDS:
+            session.error(frame, ErrorCode.BAD_REQUEST, "relay needs a user as DestUserID")
+            return
+        targets = self.presence.devices(frame.dest_user_id)
+        if not targets:
+            session.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} is not online")
+            return
+        raw = frame.raw
+        for target in targets:
+            target.send(raw)
+
+    def _on_logoff(self, session: Session, frame: Frame) -> None:
+        session.end(DisconnectedType.LOGGED_OFF, "logged off")
+
+    def _on_get_all_online_users(self, session: Session, frame: Frame) -> None:
+        request = m.GetAllOnlineUsers.decode(frame.body)
+        users = self.presence.user_ids()
+        room = self.config.wire.max_message_size - self.config.wire.header_length - 8
+        limit = request.limit or len(users)
+        page = []
+        for user_id in users[request.offset : request.offset + limit]:
+            room -= 2 + len(user_id.encode("utf-8"))
+            if room < 0:
+                break
+            page.append(user_id)
+        session.reply(frame, m.GetAllOnlineUsersReply(len(users), page).encode())
+
+    def _on_query_online(self, session: Session, frame: Frame) -> None:
+        m.Empty.decode(frame.body)
+        online = self.user_manager.is_user_online(frame.dest_user_id)
+        session.reply(frame, m.QueryOnlineReply(online).encode())
+
+    def _on_query_onlines(self, session: Session, frame: Frame) -> None:
+        request = m.QueryOnlines.decode(frame.body)
+        online = [self.user_manager.is_user_online(u) for u in request.user_ids]
+        session.reply(frame, m.QueryOnlinesReply(online).encode())
+
+    def _on_get_my_devices(self, session: Session, frame: Frame) -> None:
+        m.Empty.decode(frame.body)
+        kinds = [h.client_type for h in self.presence.devices(session.user_id)]
+        session.reply(frame, m.GetMyDevicesReply(kinds).encode())
+
+    def _on_kick_out(self, session: Session, frame: Frame) -> None:
+        request = m.KickOut.decode(frame.body)
+        operator, target = session.user_id, frame.dest_user_id
+        if operator in self.config.admins:
+            allowed: Deferred = succeed(True)
+        else:
+            allowed = call(self.handler.can_kick_out, operator, target, None)
+        allowed.addBoth(self._kick_authorised, session, frame, target, request.reason)
+
+    def _kick_authorised(self, allowed, session, frame, target, reason) -> None:
+        if isinstance(allowed, Failure):
+            log.failure("can_kick_out raised", allowed)
+            allowed = False
+        if session.state is not _State.LOGGED_ON:
+            return
+        if not allowed:
+            log.info(
+                "kick of {target} by {operator} refused",
+                esf_event="kick_refused",
+                operator=session.user_id,
+                target=target,
+                reason=reason,
+            )
+            session.reply(frame, m.KickOutReply(False, "not authorised to kick").encode())
+            return
+        if not self.user_manager.is_user_online(target):
+            session.reply(frame, m.KickOutReply(False, f"{target} is not online").encode())
+            return
+        session.reply(frame, m.KickOutReply(True, "").encode())
+        self.kick_out(target, reason, operator=session.user_id)
+
+    # -- application-facing ------------------------------------------------------
+
+    def kick_out(
+        self,
+        user_id: str,
+        reason: str = "",
+        client_type: int | None = None,
+        *,
+        operator: str = SERVER_ID,
+    ) -> int:
+        """
+        Kick C{user_id} off (one device, or every device when
+        C{client_type} is C{None}): each gets C{BeingKickedOutNotify} with
+        the operator and reason, then its connection is closed.
+
+        @return: how many sessions were ended.
+        """
+        if client_type is None:
+            targets = self.presence.devices(user_id)
+        else:
+            handle = self.presence.get(user_id, client_type)
+            targets = [handle] if handle is not None else []
+        log.info(
+            "kick: {operator} kicks {user_id} ({count} devices): {reason}",
+            esf_event="kick_out",
+            operator=operator,
+            user_id=user_id,
+            client_type=client_type,
+            count=len(targets),
+            reason=reason,
+        )
+        notice = m.BeingKickedOutNotify(operator, reason[:1000]).encode()
+        for target in targets:
+            target.notify(MessageType.BEING_KICKED_OUT_NOTIFY, notice)
+            target.end(DisconnectedType.BEING_KICKED_OUT, f"kicked by {operator}: {reason}")
+        return len(targets)

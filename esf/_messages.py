@@ -1,0 +1,448 @@
+"""
+Typed bodies of the ESF v1 messages, with their encoders and decoders.
+
+Each body is a frozen attrs class whose fields carry their wire encoding in
+their metadata; L{encode} and L{decode} walk that layout.  Integers are
+little-endian, C{str} is a u16 byte count and UTF-8, C{rest} is the rest of
+the body.  A body that does not parse is a L{BadRequest}, never an
+C{IndexError} or C{struct.error}.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, ClassVar
+
+import attrs
+
+from ._wire import DisconnectedType, ErrorCode, LogonResult, MessageType
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BadRequest",
+    "EMPTY",
+    "Empty",
+    "Logon",
+    "LogonReply",
+    "GetMyIPEReply",
+    "BeingPushedOutNotify",
+    "DisconnectNotice",
+    "KickOut",
+    "KickOutReply",
+    "BeingKickedOutNotify",
+    "GetAllOnlineUsers",
+    "GetAllOnlineUsersReply",
+    "QueryOnlineReply",
+    "QueryOnlines",
+    "QueryOnlinesReply",
+    "GetMyDevicesReply",
+    "Error",
+    "Information",
+    "Ack",
+    "BlobFragment",
+    "REQUEST_BODIES",
+    "REPLY_BODIES",
+    "encode_str",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class BadRequest(Exception):
+    """
+    A body is too short, too long or malformed for its message type.
+    """
+
+    code = ErrorCode.BAD_REQUEST
+
+
+_U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_I32 = struct.Struct("<i")
+_INTS = {"u8": _U8, "u16": _U16, "u32": _U32, "i32": _I32}
+
+
+def encode_str(text: str) -> bytes:
+    """
+    Encode a C{str} field: u16 byte count, then UTF-8.
+
+    @raise ValueError: the text is longer than 65,535 bytes.
+    """
+    data = text.encode("utf-8")
+    if len(data) > 0xFFFF:
+        raise ValueError(f"a str field holds at most 65535 bytes, not {len(data)}")
+    return _U16.pack(len(data)) + data
+
+
+class _Reader:
+    __slots__ = ("_buf", "_pos")
+
+    def __init__(self, buf):
+        self._buf = buf
+        self._pos = 0
+
+    def int(self, kind: str) -> int:
+        s = _INTS[kind]
+        pos = self._pos
+        if pos + s.size > len(self._buf):
+            raise BadRequest(f"body ends inside a {kind} at byte {pos}")
+        self._pos = pos + s.size
+        return s.unpack_from(self._buf, pos)[0]
+
+    def str(self) -> str:
+        n = self.int("u16")
+        pos = self._pos
+        if pos + n > len(self._buf):
+            raise BadRequest(f"str of {n} bytes at byte {pos} runs past the body")
+        self._pos = pos + n
+        try:
+            return str(self._buf[pos : pos + n], "utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"str at byte {pos} is not valid UTF-8") from None
+
+    def rest(self) -> bytes:
+        data = bytes(self._buf[self._pos :])
+        self._pos = len(self._buf)
+        return data
+
+    def count(self, kind: str, item_size: int) -> int:
+        n = self.int(kind)
+        if n * item_size > len(self._buf) - self._pos:
+            raise BadRequest(f"count {n} cannot fit in the rest of the body")
+        return n
+
+    def end(self) -> None:
+        if self._pos != len(self._buf):
+            raise BadRequest(f"{len(self._buf) - self._pos} unexpected bytes after the body")
+
+
+def _read(reader: _Reader, kind: str) -> Any:
+    if kind in _INTS:
+        return reader.int(kind)
+    if kind == "str":
+        return reader.str()
+    if kind == "rest":
+        return reader.rest()
+    if kind == "strs":  # u32 count, count x str
+        return tuple(reader.str() for _ in range(reader.count("u32", 2)))
+    if kind == "u8s32":  # u32 count, count x u8
+        n = reader.count("u32", 1)
+        return tuple(reader.int("u8") for _ in range(n))
+    if kind == "u8s8":  # u8 count, count x u8
+        n = reader.count("u8", 1)
+        return tuple(reader.int("u8") for _ in range(n))
+    raise AssertionError(kind)
+
+
+def _write(kind: str, value: Any) -> bytes:
+    if kind in _INTS:
+        return _INTS[kind].pack(value)
+    if kind == "str":
+        return encode_str(value)
+    if kind == "rest":
+        return bytes(value)
+    if kind == "strs":
+        return _U32.pack(len(value)) + b"".join(encode_str(v) for v in value)
+    if kind == "u8s32":
+        return _U32.pack(len(value)) + bytes(value)
+    if kind == "u8s8":
+        return _U8.pack(len(value)) + bytes(value)
+    raise AssertionError(kind)
+
+
+def _field(kind: str, as_type: Any = None, **kwargs):
+    return attrs.field(metadata={"wire": kind, "as": as_type}, **kwargs)
+
+
+def _as(as_type, value):
+    if as_type is None:
+        return value
+    if isinstance(value, tuple):
+        return tuple(_as(as_type, v) for v in value)
+    if as_type is bool:
+        return bool(value)
+    try:
+        return as_type(value)
+    except ValueError:
+        # A value this side does not know (a newer peer): keep the number.
+        return value
+
+
+def _body(cls):
+    """
+    Make C{cls} a frozen attrs class and record its wire layout.
+    """
+    cls = attrs.frozen(cls)
+    cls._layout = tuple(
+        (f.name, f.metadata["wire"], f.metadata["as"]) for f in attrs.fields(cls)
+    )
+    return cls
+
+
+class _Body:
+    _layout: ClassVar[tuple] = ()
+
+    def encode(self) -> bytes:
+        """
+        The body's bytes.
+
+        @raise ValueError: a value does not fit its field.
+        """
+        try:
+            return b"".join(_write(kind, getattr(self, name)) for name, kind, _ in self._layout)
+        except (struct.error, OverflowError, TypeError) as e:
+            raise ValueError(f"cannot encode {self!r}: {e}") from None
+
+    @classmethod
+    def decode(cls, body):
+        """
+        Parse a body (bytes or memoryview).
+
+        @raise BadRequest: it does not parse.
+        """
+        reader = _Reader(body)
+        values = [_as(as_type, _read(reader, kind)) for _, kind, as_type in cls._layout]
+        reader.end()
+        return cls(*values)
+
+
+@_body
+class Empty(_Body):
+    """
+    The body of HeartBeat, GetMyIPE, PingByServer, PingAck, Logoff,
+    QueryOnline, GetMyDevices, MyDeviceOnline and MyDeviceOffline.
+    """
+
+
+EMPTY = Empty()
+
+
+@_body
+class Logon(_Body):
+    """
+    112 request: who logs on is in the header (UserID, ClientType).
+    """
+
+    protocol_version: int = _field("u16", default=PROTOCOL_VERSION)
+    system_token: str = _field("str", default="")
+    password: str = _field("str", default="")
+
+
+@_body
+class LogonReply(_Body):
+    """
+    112 reply.
+    """
+
+    result: LogonResult = _field("u8", LogonResult)
+    failure_cause: str = _field("str", default="")
+    heartbeat_interval: int = _field("u16", default=10)
+    heartbeat_timeout: int = _field("u16", default=30)
+    max_message_size: int = _field("u32", default=1024 * 1024)
+
+
+@_body
+class GetMyIPEReply(_Body):
+    """
+    101 reply: the client's address as the server sees it, C{"host:port"}.
+    """
+
+    address: str = _field("str")
+
+
+@_body
+class BeingPushedOutNotify(_Body):
+    """
+    105: this connection was replaced by a newer logon of the same device.
+    """
+
+    cause: str = _field("str", default="")
+
+
+@_body
+class DisconnectNotice(_Body):
+    """
+    106: the server is about to close this connection, and why.
+    """
+
+    reason: DisconnectedType = _field("u8", DisconnectedType)
+    text: str = _field("str", default="")
+
+
+@_body
+class KickOut(_Body):
+    """
+    108 request: kick the user named in DestUserID.
+    """
+
+    reason: str = _field("str", default="")
+
+
+@_body
+class KickOutReply(_Body):
+    """
+    108 reply.
+    """
+
+    ok: bool = _field("u8", bool)
+    cause: str = _field("str", default="")
+
+
+@_body
+class BeingKickedOutNotify(_Body):
+    """
+    109: this connection is being kicked by C{operator} (C{"_0"}: the server).
+    """
+
+    operator: str = _field("str")
+    reason: str = _field("str", default="")
+
+
+@_body
+class GetAllOnlineUsers(_Body):
+    """
+    110 request: one page of the online user list (C{limit} 0: as many as fit).
+    """
+
+    offset: int = _field("u32", default=0)
+    limit: int = _field("u32", default=0)
+
+
+@_body
+class GetAllOnlineUsersReply(_Body):
+    """
+    110 reply.
+    """
+
+    total: int = _field("u32")
+    user_ids: tuple = _field("strs", converter=tuple)
+
+
+@_body
+class QueryOnlineReply(_Body):
+    """
+    111 reply.
+    """
+
+    online: bool = _field("u8", bool)
+
+
+@_body
+class QueryOnlines(_Body):
+    """
+    114 request.
+    """
+
+    user_ids: tuple = _field("strs", converter=tuple)
+
+
+@_body
+class QueryOnlinesReply(_Body):
+    """
+    114 reply: one flag per requested user, in order.
+    """
+
+    online: tuple = _field("u8s32", bool, converter=tuple)
+
+
+@_body
+class GetMyDevicesReply(_Body):
+    """
+    116 reply: the ClientTypes of the user's devices online now.
+    """
+
+    client_types: tuple = _field("u8s8", converter=tuple)
+
+
+@_body
+class Error(_Body):
+    """
+    120: a request failed.
+    """
+
+    request_message_type: int = _field("u16")
+    code: ErrorCode = _field("u16", ErrorCode)
+    text: str = _field("str", default="")
+
+
+@_body
+class Information(_Body):
+    """
+    The body of Send, Request, Response, SendCertainly and Broadcast.
+    """
+
+    information_type: int = _field("i32")
+    payload: bytes = _field("rest", default=b"")
+
+
+@_body
+class Ack(_Body):
+    """
+    206: the body of an Ack names the acknowledged message's information type.
+    """
+
+    information_type: int = _field("i32")
+
+
+@_body
+class BlobFragment(_Body):
+    """
+    207: one fragment of a payload larger than one frame.
+    """
+
+    information_type: int = _field("i32")
+    blob_id: int = _field("u32")
+    fragment_index: int = _field("u32")
+    is_last: bool = _field("u8", bool)
+    payload: bytes = _field("rest", default=b"")
+
+
+#: The body class of every message a client may send, by MessageType.
+REQUEST_BODIES: dict[int, type] = {
+    MessageType.LOGON: Logon,
+    MessageType.HEARTBEAT: Empty,
+    MessageType.GET_MY_IPE: Empty,
+    MessageType.PING_BY_SERVER: Empty,
+    MessageType.PING_ACK: Empty,
+    MessageType.LOGOFF: Empty,
+    MessageType.KICK_OUT: KickOut,
+    MessageType.GET_ALL_ONLINE_USERS: GetAllOnlineUsers,
+    MessageType.QUERY_ONLINE: Empty,
+    MessageType.QUERY_ONLINES: QueryOnlines,
+    MessageType.GET_MY_DEVICES: Empty,
+    MessageType.SEND: Information,
+    MessageType.REQUEST: Information,
+    MessageType.RESPONSE: Information,
+    MessageType.SEND_CERTAINLY: Information,
+    MessageType.ACK: Ack,
+    MessageType.BLOB: BlobFragment,
+    MessageType.BROADCAST: Information,
+}
+
+#: The body class of every message a server may send, by MessageType.
+REPLY_BODIES: dict[int, type] = {
+    MessageType.LOGON: LogonReply,
+    MessageType.HEARTBEAT: Empty,
+    MessageType.GET_MY_IPE: GetMyIPEReply,
+    MessageType.PING_BY_SERVER: Empty,
+    MessageType.PING_ACK: Empty,
+    MessageType.BEING_PUSHED_OUT_NOTIFY: BeingPushedOutNotify,
+    MessageType.DISCONNECT_NOTICE: DisconnectNotice,
+    MessageType.KICK_OUT: KickOutReply,
+    MessageType.BEING_KICKED_OUT_NOTIFY: BeingKickedOutNotify,
+    MessageType.GET_ALL_ONLINE_USERS: GetAllOnlineUsersReply,
+    MessageType.QUERY_ONLINE: QueryOnlineReply,
+    MessageType.QUERY_ONLINES: QueryOnlinesReply,
+    MessageType.GET_MY_DEVICES: GetMyDevicesReply,
+    MessageType.MY_DEVICE_ONLINE: Empty,
+    MessageType.MY_DEVICE_OFFLINE: Empty,
+    MessageType.ERROR: Error,
+    MessageType.SEND: Information,
+    MessageType.REQUEST: Information,
+    MessageType.RESPONSE: Information,
+    MessageType.SEND_CERTAINLY: Information,
+    MessageType.ACK: Ack,
+    MessageType.BLOB: BlobFragment,
+    MessageType.BROADCAST: Information,
+}

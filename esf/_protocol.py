@@ -1,0 +1,142 @@
+"""
+The thin layer between Twisted's transports and the server engine.
+
+L{ServerProtocol} turns bytes into L{esf._engine.Session} calls and the
+engine's output into writes; it is also the transport's push producer, so
+the engine learns when a peer stops reading.  L{ServerService} listens on
+an endpoint and stops the engine gracefully.
+"""
+
+from __future__ import annotations
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._engine import ServerEngine, Session, _address
+from .interfaces import IChannel
+
+__all__ = ["ServerProtocol", "ServerFactory", "ServerService"]
+
+log = Logger(namespace="esf.server")
+
+
+@implementer(IChannel, IPushProducer)
+class ServerProtocol(Protocol):
+    """
+    One connection to an esf server.
+    """
+
+    session: Session | None = None
+    address = "?"
+    _abort_call = None
+    _closing = False
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.address = _address(transport.getPeer())
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(transport, option, None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except OSError:
+                    pass
+        transport.registerProducer(self, True)
+        self.session = self.factory.engine.connection_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.session.data_received(data)
+
+    def connectionLost(self, reason) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        if self.session is not None:
+            self.session.connection_lost()
+
+    # IChannel
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        # A registered producer would keep the connection open.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._abort_call = self.factory.engine.clock.callLater(
+            self.factory.engine.config.close_timeout, self._abort
+        )
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        log.info(
+            "aborting {address}: it did not take its last bytes within {timeout} s",
+            address=self.address,
+            timeout=self.factory.engine.config.close_timeout,
+        )
+        self.transport.abortConnection()
+
+    # IPushProducer: the transport calls these as its buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resumeProducing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ServerFactory(Factory):
+    """
+    Builds a L{ServerProtocol} for every connection to C{engine}.
+    """
+
+    protocol = ServerProtocol
+    noisy = False
+
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+
+
+class _EngineService(Service):
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+
+    def startService(self) -> None:
+        super().startService()
+        self.engine.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self.engine.stop()
+
+
+class ServerService(MultiService):
+    """
+    Runs an engine and listens for it on an endpoint.  Stopping it stops
+    listening first, then sends every session C{ServerShutdown} and waits
+    for the connections to close.
+
+    A port that cannot be bound makes L{startService} raise, so that
+    C{twistd} exits with the error rather than run deaf.
+    """
+
+    def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint):
+        super().__init__()
+        self.engine = engine
+        _EngineService(engine).setServiceParent(self)
+        self.listener = StreamServerEndpointService(endpoint, ServerFactory(engine))
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)

@@ -1,0 +1,527 @@
+"""
+ESF v1 framing: the fixed header, the enums of the contract, a sans-IO frame
+decoder and the frame encoder.
+
+Nothing here knows about transports or reactors: L{FrameDecoder.feed} takes
+bytes and returns L{Frame}s, L{encode_frame} returns bytes.  The framing is
+written by hand rather than on top of L{twisted.protocols.basic} because the
+length sits in the middle of a fixed-size header whose size depends on a
+setting, the header must be validated field by field before a single body
+byte is buffered, and the relay path needs the frame's original bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from enum import IntEnum
+
+import attrs
+
+__all__ = [
+    "START_TOKEN",
+    "SERVER_ID",
+    "EVERYONE_ID",
+    "DEFAULT_MAX_USERID_LENGTH",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "ClientType",
+    "MessageType",
+    "LogonResult",
+    "DisconnectedType",
+    "ErrorCode",
+    "WireConfig",
+    "Frame",
+    "FrameError",
+    "FrameDecoder",
+    "encode_frame",
+    "header_length_for",
+    "validate_id",
+]
+
+START_TOKEN = 0xFF
+SERVER_ID = "_0"
+EVERYONE_ID = "*"
+DEFAULT_MAX_USERID_LENGTH = 11
+DEFAULT_MAX_MESSAGE_SIZE = 1024 * 1024
+
+
+class ClientType(IntEnum):
+    """
+    The kind of device a client runs on (ESFramework's numbering).
+    """
+
+    DOTNET = 0
+    SILVERLIGHT = 1
+    WINDOWS_PHONE = 2
+    WEBSOCKET = 3
+    IOS = 4
+    ANDROID = 5
+    XAMARIN = 6
+    WEBSOCKET_SSL = 7
+    OTHERS = 8
+
+
+class MessageType(IntEnum):
+    """
+    The MessageType header field: framework (100-199), application (200-299)
+    and group (600-699) messages.
+    """
+
+    GET_MY_IPE = 101
+    PING_BY_SERVER = 102
+    PING_ACK = 103
+    HEARTBEAT = 104
+    BEING_PUSHED_OUT_NOTIFY = 105
+    DISCONNECT_NOTICE = 106
+    LOGOFF = 107
+    KICK_OUT = 108
+    BEING_KICKED_OUT_NOTIFY = 109
+    GET_ALL_ONLINE_USERS = 110
+    QUERY_ONLINE = 111
+    LOGON = 112
+    QUERY_ONLINES = 114
+    GET_MY_DEVICES = 116
+    MY_DEVICE_ONLINE = 117
+    MY_DEVICE_OFFLINE = 118
+    ERROR = 120
+    SEND = 202
+    REQUEST = 203
+    RESPONSE = 204
+    SEND_CERTAINLY = 205
+    ACK = 206
+    BLOB = 207
+    BROADCAST = 601
+
+
+class LogonResult(IntEnum):
+    """
+    The outcome of a logon, sent in the Logon reply.
+    """
+
+    SUCCEED = 0
+    FAILED = 1
+    HAD_LOGGED_ON = 2
+    VERSION_MISMATCHED = 3
+    CLIENT_TYPE_REJECTED = 4
+    BUSY = 5
+
+
+class DisconnectedType(IntEnum):
+    """
+    Why a session ended (ESFramework's numbering first).
+    """
+
+    NETWORK_INTERRUPTED = 0
+    INVALID_MESSAGE = 1
+    MESSAGE_WITH_WRONG_USER_ID = 2
+    HEARTBEAT_TIMEOUT = 3
+    BEING_PUSHED_OUT = 4
+    NEW_CONNECTION_IGNORED = 5
+    CHANNEL_CACHE_OVERFLOW = 6
+    UNAUTHORIZED_CLIENT_TYPE = 7
+    MAX_CONNECTION_COUNT_LIMITTED = 8
+    BEING_KICKED_OUT = 9
+    LOGGED_OFF = 10
+    SERVER_SHUTDOWN = 11
+    LOGON_TIMEOUT = 12
+    LOGON_FAILED = 13
+    NOT_LOGGED_ON = 14
+    MESSAGE_TOO_LARGE = 15
+
+
+class ErrorCode(IntEnum):
+    """
+    The code carried by an Error (120) reply.
+    """
+
+    NOT_LOGGED_ON = 1
+    USER_OFFLINE = 2
+    NOT_AUTHORIZED = 3
+    UNKNOWN_MESSAGE_TYPE = 4
+    HANDLER_ERROR = 5
+    BAD_REQUEST = 6
+    TOO_LARGE = 7
+    RATE_LIMITED = 8
+    TIMEOUT = 9
+
+
+def header_length_for(max_userid_length: int) -> int:
+    """
+    The header length for a maximum UserID length: C{2n + 14} rounded up to
+    a multiple of 4 (36 for the default 11).
+    """
+    return (2 * max_userid_length + 14 + 3) // 4 * 4
+
+
+def _check_userid_length(instance, attribute, value):
+    if not 1 <= value <= 255:
+        raise ValueError(f"max_userid_length must be in 1..255, not {value}")
+
+
+@attrs.frozen
+class WireConfig:
+    """
+    The two settings both ends of a connection must agree on.
+
+    @ivar max_userid_length: the maximum UserID length C{n} (1..255).
+    @ivar max_message_size: the largest frame, header included, in bytes.
+    """
+
+    max_userid_length: int = attrs.field(
+        default=DEFAULT_MAX_USERID_LENGTH, validator=_check_userid_length
+    )
+    max_message_size: int = attrs.field(default=DEFAULT_MAX_MESSAGE_SIZE)
+    header_length: int = attrs.field(init=False)
+    id_slot: int = attrs.field(init=False)
+    _struct: struct.Struct = attrs.field(init=False, repr=False, eq=False)
+
+    @max_message_size.validator
+    def _check_size(self, attribute, value):
+        if not header_length_for(self.max_userid_length) <= value <= 0x7FFFFFFF:
+            raise ValueError(
+                f"max_message_size must be at least the header length and "
+                f"below 2**31, not {value}"
+            )
+
+    def __attrs_post_init__(self):
+        h = header_length_for(self.max_userid_length)
+        s = (h - 14) // 2
+        object.__setattr__(self, "header_length", h)
+        object.__setattr__(self, "id_slot", s)
+        object.__setattr__(self, "_struct", struct.Struct(f"<BBHiiB{s}sB{s}s"))
+
+    @property
+    def header_struct(self) -> struct.Struct:
+        """
+        The C{struct} layout of the whole header.
+        """
+        return self._struct
+
+
+@attrs.frozen
+class Frame:
+    """
+    One decoded frame.
+
+    @ivar raw: the frame's bytes exactly as received (header and body); the
+        relay path writes these on without re-encoding.
+    @ivar header_length: where the body starts in C{raw}.
+    """
+
+    client_type: int
+    message_type: int
+    message_id: int
+    user_id: str
+    dest_user_id: str
+    raw: bytes
+    header_length: int
+
+    @property
+    def body(self) -> memoryview:
+        """
+        The body, as a view into L{raw} (no copy).
+        """
+        return memoryview(self.raw)[self.header_length :]
+
+    @property
+    def body_length(self) -> int:
+        return len(self.raw) - self.header_length
+
+
+class FrameError(Exception):
+    """
+    The peer sent bytes that are not a valid frame; the connection must be
+    closed with L{reason} after telling the peer so.
+
+    @ivar reason: the L{DisconnectedType} to report (C{INVALID_MESSAGE} or
+        C{MESSAGE_TOO_LARGE}).
+    @ivar frames: the valid frames that preceded the error in the same
+        L{FrameDecoder.feed} call, so that nothing before it is lost.
+    """
+
+    def __init__(self, reason: DisconnectedType, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.frames: list[Frame] = []
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _decode_id(slot: bytes, length: int, which: str) -> str:
+    """
+    Decode one ID slot (zero padded), or raise L{FrameError}.
+    """
+    if length > len(slot):
+        raise FrameError(
+            DisconnectedType.INVALID_MESSAGE,
+            f"{which} length {length} exceeds the {len(slot)}-byte ID slot",
+        )
+    if slot.count(0, length) != len(slot) - length:
+        raise FrameError(
+            DisconnectedType.INVALID_MESSAGE, f"{which} padding is not zero"
+        )
+    try:
+        text = slot[:length].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(
+            DisconnectedType.INVALID_MESSAGE, f"{which} is not valid UTF-8"
+        ) from None
+    if _CONTROL.search(text):
+        raise FrameError(
+            DisconnectedType.INVALID_MESSAGE, f"{which} holds control characters"
+        )
+    return text
+
+
+def validate_id(user_id: str, config: WireConfig) -> bytes:
+    """
+    Encode an ID for a header slot, or raise L{ValueError}.
+    """
+    encoded = user_id.encode("utf-8")
+    if len(encoded) > config.id_slot:
+        raise ValueError(
+            f"ID {user_id!r} is {len(encoded)} bytes; the slot holds {config.id_slot}"
+        )
+    if _CONTROL.search(user_id):
+        raise ValueError(f"ID {user_id!r} holds control characters")
+    return encoded
+
+
+def encode_frame(
+    config: WireConfig,
+    message_type: int,
+    body: bytes = b"",
+    *,
+    client_type: int = 0,
+    message_id: int = 0,
+    user_id: str = "",
+    dest_user_id: str = "",
+) -> bytes:
+    """
+    Encode one frame.
+
+    @raise ValueError: an ID does not fit its slot or the frame would exceed
+        C{config.max_message_size}.
+    """
+    uid = validate_id(user_id, config)
+    dest = validate_id(dest_user_id, config)
+    if config.header_length + len(body) > config.max_message_size:
+        raise ValueError(
+            f"a {len(body)}-byte body exceeds the maximum message size "
+            f"{config.max_message_size}"
+        )
+    header = config.header_struct.pack(
+        START_TOKEN,
+        client_type,
+        message_type,
+        message_id,
+        len(body),
+        len(uid),
+        uid,
+        len(dest),
+        dest,
+    )
+    return header + bytes(body) if body else header
+
+
+#: How many decoded ID slots a decoder remembers; the sender's ID and its
+#: few correspondents repeat on every frame, so this saves the UTF-8 check.
+_ID_CACHE_SIZE = 256
+
+#: Chunks smaller than this are gathered into one buffer while a frame is
+#: incomplete, so that a peer dribbling single bytes costs one byte of
+#: memory per byte rather than one object per byte.
+_SMALL_CHUNK = 2048
+
+
+class FrameDecoder:
+    """
+    Turns a stream of bytes into L{Frame}s.
+
+    Feed it whatever arrives with L{feed}; it returns the frames completed so
+    far.  The first invalid header raises L{FrameError}; after that the
+    decoder refuses further input.  It never holds more than one header plus
+    one maximum-size body, and checks a header before it buffers any of the
+    body that follows.
+
+    @ivar max_message_size: the largest frame accepted; may be changed
+        between calls (a server keeps it small until a peer has logged on).
+    """
+
+    def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
+        self.config = config = config or WireConfig()
+        self.max_message_size = (
+            config.max_message_size if max_message_size is None else max_message_size
+        )
+        self._hlen = config.header_length
+        self._slot = config.id_slot
+        self._unpack = config.header_struct.unpack_from
+        self._ids: dict[bytes, str] = {}
+        # Partial frame: pieces received so far, their total, the number of
+        # bytes that complete the current unit (a header, then a frame).
+        self._parts: list[bytes] = []
+        self._small = bytearray()
+        self._have = 0
+        self._need = self._hlen
+        self._header: tuple | None = None
+        self._error: FrameError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """
+        How many bytes of an incomplete frame are held.
+        """
+        return self._have
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """
+        Add bytes; return every frame they complete, in order.
+
+        @raise FrameError: the bytes are not a valid frame stream.
+        """
+        if self._error is not None:
+            raise FrameError(self._error.reason, self._error.message)
+        frames: list[Frame] = []
+        try:
+            self._feed(data, frames)
+        except FrameError as e:
+            e.frames = frames
+            self._error = e
+            self._parts = []
+            self._small = bytearray()
+            self._have = 0
+            raise
+        return frames
+
+    def _feed(self, data: bytes, frames: list[Frame]) -> None:
+        size = len(data)
+        offset = 0
+        if self._have:
+            offset = self._complete_partial(data, frames)
+            if offset < 0:
+                return
+        hlen = self._hlen
+        while size - offset >= hlen:
+            header = self._parse_header(data, offset)
+            end = offset + hlen + header[5]
+            if end > size:
+                self._header = header
+                self._need = end - offset
+                self._stash(data[offset:] if offset else data)
+                return
+            raw = data[offset:end] if (offset or end != size) else data
+            frames.append(self._frame(header, raw))
+            offset = end
+        if offset < size:
+            self._header = None
+            self._need = hlen
+            self._stash(data[offset:] if offset else data)
+
+    def _complete_partial(self, data: bytes, frames: list[Frame]) -> int:
+        """
+        Add to the frame under construction.  Return the offset in C{data}
+        where the next frame starts, or -1 when C{data} was used up.
+        """
+        offset = 0
+        size = len(data)
+        while True:
+            missing = self._need - self._have
+            if missing > size - offset:
+                self._stash(data[offset:] if offset else data)
+                return -1
+            self._stash(data[offset : offset + missing])
+            offset += missing
+            unit = self._take()
+            if self._header is None:
+                header = self._parse_header(unit, 0)
+                if header[5] == 0:
+                    frames.append(self._frame(header, unit))
+                    return offset
+                self._header = header
+                self._need = self._hlen + header[5]
+                self._stash(unit)
+            else:
+                frames.append(self._frame(self._header, unit))
+                self._header = None
+                self._need = self._hlen
+                return offset
+
+    def _stash(self, chunk: bytes) -> None:
+        if len(chunk) < _SMALL_CHUNK:
+            small = self._small
+            small += chunk
+            if len(small) >= _SMALL_CHUNK:
+                self._parts.append(bytes(small))
+                small.clear()
+        else:
+            if self._small:
+                self._parts.append(bytes(self._small))
+                self._small.clear()
+            self._parts.append(chunk)
+        self._have += len(chunk)
+
+    def _take(self) -> bytes:
+        parts = self._parts
+        if self._small:
+            parts.append(bytes(self._small))
+            self._small.clear()
+        unit = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._parts = []
+        self._have = 0
+        return unit
+
+    def _parse_header(self, data: bytes, offset: int) -> tuple:
+        (
+            start,
+            client_type,
+            message_type,
+            message_id,
+            body_length,
+            uid_len,
+            uid_slot,
+            dest_len,
+            dest_slot,
+        ) = self._unpack(data, offset)
+        if start != START_TOKEN:
+            raise FrameError(
+                DisconnectedType.INVALID_MESSAGE,
+                f"start token is 0x{start:02X}, not 0xFF (this server expects "
+                f"{self._hlen}-byte headers, max UserID length "
+                f"{self.config.max_userid_length})",
+            )
+        if body_length < 0 or body_length > self.max_message_size - self._hlen:
+            reason = (
+                DisconnectedType.INVALID_MESSAGE
+                if body_length < 0
+                else DisconnectedType.MESSAGE_TOO_LARGE
+            )
+            raise FrameError(
+                reason,
+                f"body length {body_length} outside 0..{self.max_message_size - self._hlen} "
+                f"(maximum message size {self.max_message_size}, header length "
+                f"{self._hlen}, max UserID length {self.config.max_userid_length})",
+            )
+        return (
+            client_type,
+            message_type,
+            message_id,
+            self._id(uid_len, uid_slot, "UserID"),
+            self._id(dest_len, dest_slot, "DestUserID"),
+            body_length,
+        )
+
+    def _id(self, length: int, slot: bytes, which: str) -> str:
+        key = slot + bytes((length,))
+        ids = self._ids
+        text = ids.get(key)
+        if text is None:
+            text = _decode_id(slot, length, which)
+            if len(ids) >= _ID_CACHE_SIZE:
+                ids.clear()
+            ids[key] = text
+        return text
+
+    def _frame(self, header: tuple, raw: bytes) -> Frame:
+        return Frame(header[0], header[1], header[2], header[3], header[4], raw, self._hlen)

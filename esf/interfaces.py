@@ -1,0 +1,279 @@
+"""
+The interfaces at which applications plug into an esf server.
+
+An application provides L{IBasicHandler} (who may log on, who may kick
+whom), and later L{ICustomizeHandler} and L{IGroupManager}; it reads and
+subscribes to L{IUserManager}.  L{IPresence} is the seam between the engine
+and the registry of online devices, so that a registry shared by several
+nodes can replace the in-process one without touching either side.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = [
+    "IBasicHandler",
+    "ICustomizeHandler",
+    "IGroupManager",
+    "IUserManager",
+    "IPresence",
+    "IEvent",
+    "IChannel",
+]
+
+
+class IEvent(Interface):
+    """
+    Something that happens, to which any number of callables subscribe.
+
+    Subscribers are called synchronously, in subscription order, with the
+    event's arguments.  A subscriber that raises is logged and does not stop
+    the others or the engine.
+    """
+
+    def subscribe(callback):
+        """
+        Call C{callback} every time the event fires.
+
+        @return: a no-argument callable that unsubscribes C{callback}.
+        """
+
+    def unsubscribe(callback):
+        """
+        Stop calling C{callback}; unknown callbacks are ignored.
+        """
+
+
+class IBasicHandler(Interface):
+    """
+    The application's say on logons and kicks (ESFramework's
+    C{IBasicHandler}).
+
+    Every method may answer synchronously, with a
+    L{twisted.internet.defer.Deferred}, or as a coroutine.
+    """
+
+    def verify_user(system_token, user_id, password, client_type, address):
+        """
+        Decide whether C{user_id} may log on.
+
+        @param system_token: the token the client sent (already checked
+            against the server's C{--system-token} when one is set).
+        @type system_token: L{str}
+        @param user_id: who wants to log on.
+        @type user_id: L{str}
+        @param password: the password the client sent.
+        @type password: L{str}
+        @param client_type: the device kind (a L{esf.ClientType} value).
+        @type client_type: L{int}
+        @param address: the peer, C{"host:port"}.
+        @type address: L{str}
+
+        @return: C{True} to accept, C{False} to refuse with a generic cause;
+            raise L{esf.LogonRefused} to refuse with a cause the client
+            sees.  Any other exception refuses the logon, is logged, and the
+            client sees a generic cause.
+        """
+
+    def can_kick_out(operator_id, target_id, client_type):
+        """
+        Decide whether logged-on user C{operator_id} may kick C{target_id}
+        (every device when C{client_type} is C{None}, else that device).
+
+        Users listed as administrators (C{--admin}) may always kick; for
+        everyone else this method decides.  Return C{False} unless the
+        application means otherwise.
+
+        @rtype: L{bool} (or a Deferred or coroutine of one)
+        """
+
+
+class ICustomizeHandler(Interface):
+    """
+    The application's handler of application messages addressed to the
+    server (ESFramework's C{ICustomizeHandler}).
+    """
+
+    def handle_information(user_id, client_type, information_type, payload):
+        """
+        A one-way message (Send, SendCertainly or a reassembled Blob) from
+        C{user_id}'s device C{client_type} arrived.  The return value is
+        ignored; a Deferred or coroutine is waited for before an Ack.
+        """
+
+    def handle_query(user_id, client_type, information_type, payload):
+        """
+        A Request arrived; return the reply payload (L{bytes}), directly, as
+        a Deferred or as a coroutine.  An exception becomes an
+        C{Error(HandlerError)} reply carrying its message.
+        """
+
+
+class IGroupManager(Interface):
+    """
+    Who is in a group (ESFramework's C{IGroupManager}), supplied by the
+    application.
+    """
+
+    def get_members(group_id):
+        """
+        The user IDs in C{group_id}: an iterable, or a Deferred or coroutine
+        of one.  An unknown group has no members.
+        """
+
+    def can_broadcast(user_id, group_id):
+        """
+        Whether C{user_id} may broadcast to C{group_id} (C{"*"}: every online
+        user).  A bool, or a Deferred or coroutine of one.
+        """
+
+
+class IUserManager(Interface):
+    """
+    The online users and their devices (ESFramework's C{IUserManager}).
+
+    A user is online while at least one of its devices is; each device kind
+    holds at most one session per user.  Events are L{IEvent}s: subscribe
+    with C{user_manager.user_connected.subscribe(callback)}.
+    """
+
+    relogon_mode = Attribute(
+        """
+        What a second logon of the same user and device kind does: a
+        L{esf.RelogonMode}.  C{REPLACE_OLD} (the default) pushes the old
+        session out; C{IGNORE_NEW} refuses the new one with C{HadLoggedOn}.
+        """
+    )
+
+    user_count = Attribute("""The number of users online (not devices).""")
+
+    def is_user_online(user_id):
+        """
+        Whether any device of C{user_id} is logged on.
+        """
+
+    def get_user_data(user_id, client_type=None):
+        """
+        The L{esf.UserData} of one device of C{user_id}: the given
+        C{client_type}, or when C{None} the device that logged on first.
+        C{None} when not online.
+        """
+
+    def get_online_user_list():
+        """
+        The IDs of the users online, sorted.
+        """
+
+    def get_all_user_data():
+        """
+        The L{esf.UserData} of every logged-on device.
+        """
+
+    def get_all_login_devices(user_id):
+        """
+        The L{esf.ClientType}s of C{user_id}'s logged-on devices, in logon
+        order.
+        """
+
+    user_connected = Attribute(
+        """L{IEvent}: C{(user_data)}, the user's first device logged on."""
+    )
+    user_disconnected = Attribute(
+        """
+        L{IEvent}: C{(user_data, disconnected_type)}, the user's last device
+        left.
+        """
+    )
+    device_connected = Attribute("""L{IEvent}: C{(user_data)}, a device logged on.""")
+    device_disconnected = Attribute(
+        """
+        L{IEvent}: C{(user_data, disconnected_type)}: a device's session
+        ended, with the L{esf.DisconnectedType} that says why.
+        """
+    )
+    device_being_pushed_out = Attribute(
+        """
+        L{IEvent}: C{(user_data, new_address)}: a logon of the same user and
+        device from C{new_address} replaces this session (C{REPLACE_OLD}).
+        """
+    )
+    new_connection_ignored = Attribute(
+        """
+        L{IEvent}: C{(user_id, client_type, address)}: a logon was refused
+        with C{HadLoggedOn} because the device is already on (C{IGNORE_NEW}).
+        """
+    )
+    user_count_changed = Attribute("""L{IEvent}: C{(user_count)}.""")
+    heartbeat_timed_out = Attribute(
+        """
+        L{IEvent}: C{(user_data)}: nothing arrived from the device for the
+        heartbeat timeout; its session is being ended.
+        """
+    )
+
+
+class IPresence(Interface):
+    """
+    The registry of logged-on devices that the engine routes by.
+
+    Its members are I{device handles}: objects with C{user_id},
+    C{client_type}, C{user_data} and C{send(data)}.  The in-process
+    implementation holds the engine's own sessions; one shared by several
+    nodes returns handles that forward to the node that holds the session.
+    """
+
+    def get(user_id, client_type):
+        """
+        The handle of C{user_id}'s device C{client_type}, or C{None}.
+        """
+
+    def devices(user_id):
+        """
+        The handles of C{user_id}'s devices, in logon order (empty when
+        offline).
+        """
+
+    def add(handle):
+        """
+        Register a device that just logged on; the caller has made sure no
+        handle for the same user and device kind is registered.
+
+        @return: C{True} if it is the user's first device.
+        """
+
+    def remove(handle):
+        """
+        Unregister a device.
+
+        @return: C{True} if the user has no device left.
+        """
+
+    def user_ids():
+        """
+        The IDs of the users online, sorted.
+        """
+
+    def user_count():
+        """
+        How many users are online.
+        """
+
+
+class IChannel(Interface):
+    """
+    What the engine needs of a connection: the thin protocol provides it.
+    """
+
+    address = Attribute("""The peer as C{"host:port"} (C{"[host]:port"} for IPv6).""")
+
+    def write(data):
+        """
+        Queue C{data} (L{bytes}) for the peer.
+        """
+
+    def close():
+        """
+        Close once the queued output is written; abort the connection if
+        the peer does not take it within the close timeout.
+        """

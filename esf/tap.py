@@ -1,0 +1,229 @@
+"""
+C{twistd esf}: the options and the service of an esf server.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from twisted.cred import credentials, error, strcred
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python import usage
+from zope.interface import implementer
+
+from ._engine import (
+    LogonRefused,
+    RelogonMode,
+    ServerConfig,
+    ServerEngine,
+    call,
+)
+from ._protocol import ServerService
+from ._wire import ClientType, WireConfig
+from .interfaces import IBasicHandler
+
+__all__ = ["Options", "makeService", "CheckerHandler"]
+
+log = Logger(namespace="esf.server")
+
+
+def _int_option(name: str, low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes a whole number, not {value!r}") from None
+        if number < low or (high is not None and number > high):
+            span = f"{low}..{high}" if high is not None else f"at least {low}"
+            raise usage.UsageError(f"--{name} must be {span}, not {number}")
+        return number
+
+    parse.coerceDoc = ""
+    return parse
+
+
+def _client_types(value: str) -> frozenset[int]:
+    try:
+        kinds = frozenset(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise usage.UsageError(
+            f"--client-types takes comma-separated numbers 0..255, not {value!r}"
+        ) from None
+    if not kinds or not all(0 <= k <= 255 for k in kinds):
+        raise usage.UsageError(f"--client-types takes numbers 0..255, not {value!r}")
+    return kinds
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    """
+    The options of C{twistd esf}.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run an esf server: long-lived, authenticated binary TCP sessions "
+        "(ESF v1 protocol). With neither --auth nor --handler every logon is accepted."
+    )
+    supportedInterfaces = [credentials.IUsernamePassword]
+
+    optParameters = [
+        ["port", "p", "tcp:4530", "Endpoint to listen on (e.g. tcp:4530, ssl:4531:...), or a bare port."],
+        ["handler", None, None, "An application object, module:attribute, providing IBasicHandler (and the other handler interfaces)."],
+        ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does."],
+        ["heartbeat-interval", None, 10, "Seconds between client heartbeats, announced at logon.", _int_option("heartbeat-interval", 1, 65535)],
+        ["heartbeat-timeout", None, 30, "Seconds of silence after which a session ends.", _int_option("heartbeat-timeout", 2, 65535)],
+        ["logon-timeout", None, 10, "Seconds a new connection has to log on.", _int_option("logon-timeout", 1)],
+        ["max-message-size", None, 1048576, "Largest frame in bytes, header included.", _int_option("max-message-size", 64, 0x7FFFFFFF)],
+        ["max-userid-length", None, 11, "Maximum UserID length n (header = 2n+14 rounded up to 4).", _int_option("max-userid-length", 1, 255)],
+        ["system-token", None, "", "Token every client must send; empty accepts any."],
+        ["max-connections", None, None, "Most connections at once; more are refused.", _int_option("max-connections", 1)],
+        ["max-output-buffer", None, 2097152, "Bytes that may wait for a peer that does not read before its session ends.", _int_option("max-output-buffer", 1024)],
+        ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["admins"] = []
+
+    def opt_admin(self, user_id: str) -> None:
+        """
+        A user allowed to kick anyone (repeatable).
+        """
+        self["admins"].append(user_id)
+
+    def postOptions(self) -> None:
+        port = self["port"]
+        if port.isdigit():
+            self["port"] = f"tcp:{port}"
+        try:
+            self["relogon-mode"] = RelogonMode(self["relogon-mode"])
+        except ValueError:
+            raise usage.UsageError(
+                f"--relogon-mode is replace-old or ignore-new, not {self['relogon-mode']!r}"
+            ) from None
+        if self["heartbeat-timeout"] <= self["heartbeat-interval"]:
+            raise usage.UsageError(
+                f"--heartbeat-timeout ({self['heartbeat-timeout']}) must exceed "
+                f"--heartbeat-interval ({self['heartbeat-interval']})"
+            )
+        if self["handler"] is not None:
+            self["handler"] = load_object(self["handler"])
+        try:
+            self["config"] = ServerConfig(
+                wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
+                relogon_mode=self["relogon-mode"],
+                heartbeat_interval=self["heartbeat-interval"],
+                heartbeat_timeout=self["heartbeat-timeout"],
+                logon_timeout=self["logon-timeout"],
+                system_token=self["system-token"],
+                admins=self["admins"],
+                max_connections=self["max-connections"],
+                max_output_buffer=self["max-output-buffer"],
+                client_types=self["client-types"] or frozenset(ClientType),
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def load_object(spec: str):
+    """
+    Import C{"module:attribute"} (dots allowed in the attribute).
+
+    @raise usage.UsageError: it cannot be found.
+    """
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise usage.UsageError(f"--handler takes module:attribute, not {spec!r}")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise usage.UsageError(f"--handler: cannot import {module_name!r}: {e}") from None
+    for name in attribute.split("."):
+        try:
+            obj = getattr(obj, name)
+        except AttributeError:
+            raise usage.UsageError(f"--handler: {module_name!r} has no {attribute!r}") from None
+    return obj
+
+
+@implementer(IBasicHandler)
+class CheckerHandler:
+    """
+    Verifies logons with twisted.cred checkers (C{--auth}), then, when
+    given, with the application's handler; kicks are decided by the
+    application's handler (nobody may kick without one).
+    """
+
+    def __init__(self, checkers, handler=None):
+        self.checkers = list(checkers)
+        self.handler = handler
+
+    def verify_user(self, system_token, user_id, password, client_type, address):
+        d = Deferred.fromCoroutine(self._verify(user_id, password))
+
+        def then(ok):
+            if not ok or self.handler is None:
+                return ok
+            return call(
+                self.handler.verify_user, system_token, user_id, password, client_type, address
+            )
+
+        return d.addCallback(then)
+
+    async def _verify(self, user_id: str, password: str) -> bool:
+        # Twisted's checkers disagree on text or bytes (the in-memory one
+        # keeps what strcred gave it, text; the file one reads bytes), so
+        # each is asked in both forms.
+        attempts = [
+            credentials.UsernamePassword(user_id, password),
+            credentials.UsernamePassword(user_id.encode("utf-8"), password.encode("utf-8")),
+        ]
+        for checker in self.checkers:
+            if credentials.IUsernamePassword not in checker.credentialInterfaces:
+                continue
+            for creds in attempts:
+                try:
+                    await call(checker.requestAvatarId, creds)
+                except (error.UnauthorizedLogin, error.UnhandledCredentials, TypeError):
+                    continue
+                return True
+        raise LogonRefused("invalid user ID or password")
+
+    def can_kick_out(self, operator_id, target_id, client_type):
+        if self.handler is None:
+            return False
+        return call(self.handler.can_kick_out, operator_id, target_id, client_type)
+
+
+def basic_handler(options: Options):
+    """
+    The L{IBasicHandler} that C{options} ask for, or C{None} to accept all.
+    """
+    handler = options["handler"]
+    if handler is not None and not IBasicHandler.providedBy(handler):
+        handler = None
+    if options.get("credCheckers"):
+        return CheckerHandler(options["credCheckers"], handler)
+    return handler
+
+
+def makeService(options: Options):
+    """
+    The esf server service for C{twistd}.
+    """
+    from twisted.internet import endpoints, reactor
+
+    handler = basic_handler(options)
+    if handler is None:
+        log.warn(
+            "esf: neither --auth nor an IBasicHandler --handler was given: "
+            "EVERY LOGON IS ACCEPTED, whatever the password",
+            esf_event="accept_all_warning",
+        )
+    engine = ServerEngine(options["config"], clock=reactor, handler=handler)
+    try:
+        endpoint = endpoints.serverFromString(reactor, options["port"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"--port {options['port']!r}: {e}") from None
+    return ServerService(engine, endpoint)
