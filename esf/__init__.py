@@ -1,22 +1,43 @@
 """
 esf: long-lived, authenticated binary TCP sessions on Twisted.
 
-The wire codec lives in L{esf.wire}; the server engine, its interfaces and
-the client are exported from here.
+The server engine, its settings and values are exported from here; the
+interfaces applications implement or subscribe to are in L{esf.interfaces};
+the wire format is in L{esf.wire}.
 """
 
+from ._engine import (
+    AcceptAll,
+    LogonRefused,
+    RelogonMode,
+    ServerConfig,
+    ServerEngine,
+    UserData,
+)
+from ._protocol import ServerFactory, ServerProtocol, ServerService
 from ._wire import (
     ClientType,
     DisconnectedType,
     ErrorCode,
     LogonResult,
     MessageType,
+    WireConfig,
 )
 
 __all__ = [
+    "AcceptAll",
     "ClientType",
     "DisconnectedType",
     "ErrorCode",
+    "LogonRefused",
     "LogonResult",
     "MessageType",
+    "RelogonMode",
+    "ServerConfig",
+    "ServerEngine",
+    "ServerFactory",
+    "ServerProtocol",
+    "ServerService",
+    "UserData",
+    "WireConfig",
 ]
