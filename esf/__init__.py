@@ -14,6 +14,7 @@ from ._engine import (
     ServerEngine,
     UserData,
 )
+from ._messages import RequestError
 from ._protocol import ServerFactory, ServerProtocol, ServerService
 from ._wire import (
     ClientType,
@@ -33,6 +34,7 @@ __all__ = [
     "LogonResult",
     "MessageType",
     "RelogonMode",
+    "RequestError",
     "ServerConfig",
     "ServerEngine",
     "ServerFactory",

@@ -9,6 +9,7 @@ to close.  Time comes from an injected L{IReactorTime}.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
 from enum import Enum
@@ -38,7 +39,15 @@ from ._wire import (
     WireConfig,
     encode_frame,
 )
-from .interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
+from .interfaces import (
+    IBasicHandler,
+    IChannel,
+    ICustomizeHandler,
+    IEvent,
+    IGroupManager,
+    IPresence,
+    IUserManager,
+)
 
 __all__ = [
     "RelogonMode",
@@ -61,6 +70,13 @@ log = Logger(namespace="esf.server")
 PRE_LOGON_MAX_MESSAGE_SIZE = 64 * 1024
 
 _RESERVED_IDS = frozenset({SERVER_ID, EVERYONE_ID, ""})
+
+#: In a relayed message's DestUserID, C{"alice#5"} names device kind 5 of
+#: user C{"alice"}; user IDs may therefore not hold it.
+_DEVICE_MARK = "#"
+
+#: DestUserIDs that address the server itself.
+_TO_SERVER = frozenset({SERVER_ID, ""})
 
 #: Reasons whose notice is the BeingPushedOut / BeingKickedOut message
 #: itself, and reasons where the peer asked for the close.
@@ -185,6 +201,14 @@ class ServerConfig:
     #: Seconds a closing connection has to take its last bytes before it
     #: is aborted.
     close_timeout: float = attrs.field(default=5, validator=_positive)
+    #: Largest reassembled Blob addressed to the server, in bytes.
+    max_blob_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    #: Blobs one session may have in progress at once.
+    max_concurrent_blobs: int = attrs.field(default=4, validator=_positive)
+    #: Seconds an incomplete Blob may wait for its next fragment.
+    blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
+    #: Seconds L{ServerEngine.query} waits for an answer.
+    query_timeout: float = attrs.field(default=30, validator=_positive)
 
     @heartbeat_timeout.validator
     def _check_timeout(self, attribute, value):
@@ -243,6 +267,8 @@ class Session:
         "_paused",
         "_backlog",
         "_heartbeat_echo",
+        "blobs",
+        "queries",
         "__weakref__",
     )
 
@@ -266,6 +292,10 @@ class Session:
         self._paused = False
         self._backlog = 0
         self._heartbeat_echo = b""
+        #: Blobs addressed to the server, being reassembled (made on demand).
+        self.blobs: m.BlobAssembler | None = None
+        #: MessageIDs of the server's queries waiting for this session.
+        self.queries: set[int] = set()
 
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
@@ -541,11 +571,23 @@ class ServerEngine:
         *,
         clock: IReactorTime,
         handler: IBasicHandler | None = None,
+        customize_handler: ICustomizeHandler | None = None,
+        group_manager: IGroupManager | None = None,
         presence: IPresence | None = None,
     ):
         self.config = config = config or ServerConfig()
         self.clock = clock
         self.handler = handler if handler is not None else AcceptAll()
+        self.customize_handler = customize_handler
+        self.group_manager = group_manager
+        #: L{Event}: C{(sender_id, dest_user_id, message_type, raw)}: a message
+        #: addressed to a user could not be delivered because the user is not
+        #: online; the hook for an offline store.
+        self.transmit_failed = Event("transmit_failed")
+        #: Counts of what did not go as asked, by cause.
+        self.counters: collections.Counter = collections.Counter()
+        self._queries: dict[int, tuple[Session, Deferred, Any]] = {}
+        self._message_ids = itertools.count(1)
         self.presence = presence if presence is not None else LocalPresence()
         self.user_manager = UserManager(self.presence, config.relogon_mode)
         #: Sessions not yet ended.
@@ -569,6 +611,14 @@ class ServerEngine:
             MessageType.QUERY_ONLINES: self._on_query_onlines,
             MessageType.GET_MY_DEVICES: self._on_get_my_devices,
             MessageType.LOGON: self._on_second_logon,
+            MessageType.SEND: self._on_send,
+            MessageType.REQUEST: self._on_request,
+            MessageType.RESPONSE: self._on_response,
+            MessageType.SEND_CERTAINLY: self._on_send,
+            MessageType.ACK: self._on_ack,
+            MessageType.ERROR: self._on_response,
+            MessageType.BLOB: self._on_blob,
+            MessageType.BROADCAST: self._on_broadcast,
         }
 
     # -- life -------------------------------------------------------------
@@ -643,6 +693,9 @@ class ServerEngine:
         self.sessions.discard(session)
         if was_logged_on:
             self._unbind(session, reason)
+        if session.queries:
+            self._fail_queries(session)
+        session.blobs = None
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -721,8 +774,13 @@ class ServerEngine:
         if config.system_token and logon.system_token != config.system_token:
             self._refuse(session, frame, LogonResult.VERSION_MISMATCHED, "wrong system token")
             return
-        if user_id in _RESERVED_IDS:
-            self._refuse(session, frame, LogonResult.FAILED, f"user ID {user_id!r} is reserved")
+        if user_id in _RESERVED_IDS or _DEVICE_MARK in user_id:
+            self._refuse(
+                session,
+                frame,
+                LogonResult.FAILED,
+                f"user ID {user_id!r} is reserved (as are IDs holding {_DEVICE_MARK!r})",
+            )
             return
         if client_type not in config.client_types:
             self._refuse(
@@ -890,6 +948,13 @@ class ServerEngine:
                 session.last_active = now
             elif session.last_active <= deadline:
                 expired.append(session)
+            if session.blobs is not None and session.blobs.pending:
+                for blob_id in session.blobs.expire(now):
+                    log.info(
+                        "dropped blob {blob_id} of {session!r}: idle too long",
+                        blob_id=blob_id,
+                        session=session,
+                    )
         for session in expired:
             self.user_manager.heartbeat_timed_out.fire(session.user_data)
             session.end(
@@ -916,20 +981,41 @@ class ServerEngine:
         else:
             self._on_relay(session, frame)
 
+    def _targets(self, dest_user_id: str) -> list | None:
+        """
+        The devices a relayed message goes to: every device of the user, or
+        one (C{"alice#5"}).  C{None} when the DestUserID is not a user.
+        """
+        if dest_user_id in _RESERVED_IDS:
+            return None
+        if _DEVICE_MARK in dest_user_id:
+            user_id, _, kind = dest_user_id.rpartition(_DEVICE_MARK)
+            if not kind.isdigit() or not user_id:
+                return None
+            handle = self.presence.get(user_id, int(kind))
+            return [handle] if handle is not None else []
+        return self.presence.devices(dest_user_id)
+
     def _on_relay(self, session: Session, frame: Frame) -> None:
         """
-        Forward a frame unchanged to every online device of its DestUserID.
+        Forward a frame, its original bytes, to its DestUserID's devices.
         """
-        if frame.dest_user_id in _RESERVED_IDS:
-            session.error(frame, ErrorCode.BAD_REQUEST, "relay needs a user as DestUserID")
+        targets = self._targets(frame.dest_user_id)
+        if targets:
+            raw = frame.raw
+            for target in targets:
+                target.send(raw)
             return
-        targets = self.presence.devices(frame.dest_user_id)
-        if not targets:
-            session.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} is not online")
+        if targets is None:
+            session.error(
+                frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
+            )
             return
-        raw = frame.raw
-        for target in targets:
-            target.send(raw)
+        self.counters["transmit_failed"] += 1
+        self.transmit_failed.fire(
+            session.user_id, frame.dest_user_id, frame.message_type, frame.raw
+        )
+        session.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} is not online")
 
     def _on_logoff(self, session: Session, frame: Frame) -> None:
         session.end(DisconnectedType.LOGGED_OFF, "logged off")
@@ -993,6 +1079,182 @@ class ServerEngine:
         session.reply(frame, m.KickOutReply(True, "").encode())
         self.kick_out(target, reason, operator=session.user_id)
 
+    # -- application messages ------------------------------------------------------
+
+    def _on_send(self, session: Session, frame: Frame) -> None:
+        """
+        Send (202) and SendCertainly (205): to the server's handler, or
+        relayed.  SendCertainly is acknowledged once the handler has run.
+        """
+        if frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+            return
+        info = m.Information.decode(frame.body)
+        ack = frame.message_type == MessageType.SEND_CERTAINLY
+        if ack and not frame.message_id:
+            raise m.BadRequest("a SendCertainly needs a non-zero MessageID")
+        self._handle_information(session, frame, info.information_type, info.payload, ack)
+
+    def _handle_information(
+        self, session: Session, frame: Frame, information_type: int, payload: bytes, ack: bool
+    ) -> None:
+        """
+        Hand a message to the customize handler; once it has run, answer
+        with an Ack if C{ack}.
+        """
+        if self.customize_handler is None:
+            self.counters["unhandled"] += 1
+            session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
+            return
+        d = call(
+            self.customize_handler.handle_information,
+            session.user_id,
+            _client_type(session.client_type),
+            information_type,
+            payload,
+        )
+        if ack:
+            body = m.Ack(information_type).encode()
+            d.addCallback(lambda _: session.reply(frame, body, MessageType.ACK))
+        d.addErrback(self._handler_failed, session, frame, "handle_information")
+
+    def _on_request(self, session: Session, frame: Frame) -> None:
+        if frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+            return
+        if not frame.message_id:
+            raise m.BadRequest("a Request needs a non-zero MessageID")
+        info = m.Information.decode(frame.body)
+        if self.customize_handler is None:
+            session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
+            return
+        d = call(
+            self.customize_handler.handle_query,
+            session.user_id,
+            _client_type(session.client_type),
+            info.information_type,
+            info.payload,
+        )
+        d.addCallback(self._answer_query, session, frame, info.information_type)
+        d.addErrback(self._handler_failed, session, frame, "handle_query")
+
+    def _answer_query(self, result, session: Session, frame: Frame, information_type: int):
+        payload = b"" if result is None else bytes(result)
+        wire = self.config.wire
+        if wire.header_length + 4 + len(payload) > wire.max_message_size:
+            session.error(
+                frame,
+                ErrorCode.TOO_LARGE,
+                f"the handler's {len(payload)}-byte answer does not fit one message",
+            )
+            return
+        session.reply(frame, m.Information(information_type, payload).encode(), MessageType.RESPONSE)
+
+    def _handler_failed(self, failure: Failure, session: Session, frame: Frame, what: str):
+        log.failure(
+            "{what} raised for {message_type} from {session!r}",
+            failure,
+            what=what,
+            message_type=frame.message_type,
+            session=session,
+        )
+        self.counters["handler_errors"] += 1
+        error = failure.value
+        text = f"{type(error).__name__}: {error}"[:200]
+        session.error(frame, ErrorCode.HANDLER_ERROR, text)
+
+    def _on_response(self, session: Session, frame: Frame) -> None:
+        """
+        A Response (204) or Error (120): relayed back to the user that asked,
+        or the answer to one of the server's own L{query} calls.
+        """
+        if frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+            return
+        pending = self._queries.pop(frame.message_id, None)
+        if pending is None or pending[0] is not session:
+            if pending is not None:
+                self._queries[frame.message_id] = pending
+            log.info(
+                "dropped an answer nobody waits for: {message_type} #{message_id} from {session!r}",
+                message_type=frame.message_type,
+                message_id=frame.message_id,
+                session=session,
+            )
+            return
+        _, d, timer = pending
+        session.queries.discard(frame.message_id)
+        timer.cancel()
+        try:
+            if frame.message_type == MessageType.ERROR:
+                error = m.Error.decode(frame.body)
+                d.errback(m.RequestError(error.code, error.text))
+            else:
+                d.callback(m.Information.decode(frame.body).payload)
+        except m.BadRequest as e:
+            d.errback(m.RequestError(ErrorCode.BAD_REQUEST, f"malformed answer: {e}"))
+
+    def _on_ack(self, session: Session, frame: Frame) -> None:
+        if frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+
+    def _on_blob(self, session: Session, frame: Frame) -> None:
+        if frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+            return
+        fragment = m.BlobFragment.decode(frame.body)
+        if session.blobs is None:
+            config = self.config
+            session.blobs = m.BlobAssembler(
+                config.max_blob_size, config.max_concurrent_blobs, config.blob_idle_timeout
+            )
+        try:
+            payload = session.blobs.add(fragment, self.clock.seconds())
+        except m.BlobError as e:
+            self.counters["blob_errors"] += 1
+            session.error(frame, e.code, e.text)
+            return
+        if payload is not None:
+            self._handle_information(
+                session, frame, fragment.information_type, payload, bool(frame.message_id)
+            )
+
+    def _on_broadcast(self, session: Session, frame: Frame) -> None:
+        info = m.Information.decode(frame.body)
+        group_id = frame.dest_user_id
+        manager = self.group_manager
+        if manager is None or group_id in ("", SERVER_ID):
+            session.error(frame, ErrorCode.NOT_AUTHORIZED, f"no group {group_id!r} here")
+            return
+        allowed = call(manager.can_broadcast, session.user_id, group_id)
+
+        def members(allowed):
+            if not allowed:
+                raise m.RequestError(
+                    ErrorCode.NOT_AUTHORIZED, f"{session.user_id} may not broadcast to {group_id}"
+                )
+            if group_id == EVERYONE_ID:
+                return self.presence.user_ids()
+            return call(manager.get_members, group_id)
+
+        def deliver(user_ids):
+            raw = frame.raw
+            sender = session.user_id
+            for user_id in user_ids:
+                if user_id != sender:
+                    for target in self.presence.devices(user_id):
+                        target.send(raw)
+            if frame.message_id:
+                session.reply(frame, m.Ack(info.information_type).encode(), MessageType.ACK)
+
+        def failed(failure):
+            if failure.check(m.RequestError):
+                session.error(frame, failure.value.code, failure.value.text)
+            else:
+                self._handler_failed(failure, session, frame, "group manager")
+
+        allowed.addCallback(members).addCallback(deliver).addErrback(failed)
+
     # -- application-facing ------------------------------------------------------
 
     def kick_out(
@@ -1010,11 +1272,7 @@ class ServerEngine:
 
         @return: how many sessions were ended.
         """
-        if client_type is None:
-            targets = self.presence.devices(user_id)
-        else:
-            handle = self.presence.get(user_id, client_type)
-            targets = [handle] if handle is not None else []
+        targets = self._devices(user_id, client_type)
         log.info(
             "kick: {operator} kicks {user_id} ({count} devices): {reason}",
             esf_event="kick_out",
@@ -1029,3 +1287,94 @@ class ServerEngine:
             target.notify(MessageType.BEING_KICKED_OUT_NOTIFY, notice)
             target.end(DisconnectedType.BEING_KICKED_OUT, f"kicked by {operator}: {reason}")
         return len(targets)
+
+    def send(
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        client_type: int | None = None,
+    ) -> int:
+        """
+        Send C{user_id} a one-way application message (Send, 202) from the
+        server: to every device, or to C{client_type} only.
+
+        @return: how many devices it was written to (0: not online).
+        """
+        targets = self._devices(user_id, client_type)
+        if not targets:
+            self.counters["transmit_failed"] += 1
+            return 0
+        body = m.Information(information_type, payload).encode()
+        for target in targets:
+            target.notify(MessageType.SEND, body)
+        return len(targets)
+
+    def query(
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        client_type: int | None = None,
+        timeout: float | None = None,
+    ) -> Deferred:
+        """
+        Ask one device of C{user_id} (C{client_type}, or the first that
+        logged on) a Request (203); its client's handler answers.
+
+        @return: a Deferred firing with the answer's payload, or failing with
+            L{esf.RequestError}: C{USER_OFFLINE}, C{TIMEOUT} (after
+            C{timeout}, by default the configured query timeout), the
+            client's own error, or C{USER_OFFLINE} again when the session
+            ends first.
+        """
+        targets = self._devices(user_id, client_type)
+        if not targets or not isinstance(targets[0], Session):
+            return fail(m.RequestError(ErrorCode.USER_OFFLINE, f"{user_id} is not online"))
+        session = targets[0]
+        message_id = self._next_message_id()
+        d = Deferred()
+        timer = self.clock.callLater(
+            self.config.query_timeout if timeout is None else timeout,
+            self._query_timed_out,
+            message_id,
+        )
+        self._queries[message_id] = (session, d, timer)
+        session.queries.add(message_id)
+        session.send(
+            encode_frame(
+                self.config.wire,
+                MessageType.REQUEST,
+                m.Information(information_type, payload).encode(),
+                message_id=message_id,
+                user_id=SERVER_ID,
+                dest_user_id=session.user_id,
+            )
+        )
+        return d
+
+    def _devices(self, user_id: str, client_type: int | None) -> list:
+        if client_type is None:
+            return self.presence.devices(user_id)
+        handle = self.presence.get(user_id, client_type)
+        return [handle] if handle is not None else []
+
+    def _next_message_id(self) -> int:
+        while True:
+            message_id = next(self._message_ids) % 0x7FFFFFFF + 1
+            if message_id not in self._queries:
+                return message_id
+
+    def _query_timed_out(self, message_id: int) -> None:
+        session, d, _ = self._queries.pop(message_id)
+        session.queries.discard(message_id)
+        d.errback(m.RequestError(ErrorCode.TIMEOUT, "no answer in time"))
+
+    def _fail_queries(self, session: Session) -> None:
+        for message_id in list(session.queries):
+            _, d, timer = self._queries.pop(message_id)
+            timer.cancel()
+            d.errback(
+                m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended")
+            )
+        session.queries.clear()

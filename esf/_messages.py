@@ -43,6 +43,10 @@ __all__ = [
     "REQUEST_BODIES",
     "REPLY_BODIES",
     "encode_str",
+    "BlobError",
+    "RequestError",
+    "BlobAssembler",
+    "fragment_blob",
 ]
 
 PROTOCOL_VERSION = 1
@@ -446,3 +450,163 @@ REPLY_BODIES: dict[int, type] = {
     MessageType.BLOB: BlobFragment,
     MessageType.BROADCAST: Information,
 }
+
+
+class RequestError(Exception):
+    """
+    A request failed: the peer answered with C{Error}, or no answer came.
+
+    @ivar code: the L{ErrorCode}.
+    @ivar text: what went wrong, in words.
+    """
+
+    def __init__(self, code: ErrorCode, text: str = ""):
+        super().__init__(f"{_code_name(code)}: {text}")
+        self.code = code
+        self.text = text
+
+
+def _code_name(code) -> str:
+    return code.name if isinstance(code, ErrorCode) else str(code)
+
+
+class BlobError(Exception):
+    """
+    A blob fragment broke a bound or arrived out of order.
+
+    @ivar code: the L{ErrorCode} to answer with.
+    """
+
+    def __init__(self, code: ErrorCode, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@attrs.define
+class _PartialBlob:
+    information_type: int
+    parts: list
+    size: int
+    next_index: int
+    last_seen: float
+
+
+class BlobAssembler:
+    """
+    Reassembles L{BlobFragment}s from one peer, within bounds on the size of
+    a blob, the number of blobs in progress and their idle time.
+
+    Sans-IO: the caller passes the current time and calls L{expire} now and
+    then; there are no timers.
+    """
+
+    def __init__(
+        self,
+        max_blob_size: int = 64 * 1024 * 1024,
+        max_concurrent: int = 4,
+        idle_timeout: float = 60.0,
+    ):
+        self.max_blob_size = max_blob_size
+        self.max_concurrent = max_concurrent
+        self.idle_timeout = idle_timeout
+        self._blobs: dict[int, _PartialBlob] = {}
+
+    @property
+    def pending(self) -> int:
+        """
+        How many blobs are in progress.
+        """
+        return len(self._blobs)
+
+    @property
+    def buffered(self) -> int:
+        """
+        How many payload bytes wait for the rest of their blob.
+        """
+        return sum(b.size for b in self._blobs.values())
+
+    def add(self, fragment: BlobFragment, now: float) -> bytes | None:
+        """
+        Add a fragment; return the whole payload when it was the last one.
+
+        @raise BlobError: the fragment is out of order, changes its blob's
+            information type, or passes a bound; the blob is dropped.
+        """
+        blob = self._blobs.get(fragment.blob_id)
+        if blob is None:
+            if fragment.fragment_index != 0:
+                raise BlobError(
+                    ErrorCode.BAD_REQUEST,
+                    f"blob {fragment.blob_id}: fragment {fragment.fragment_index} "
+                    f"of a blob that has not started",
+                )
+            if fragment.is_last:
+                return fragment.payload
+            if len(self._blobs) >= self.max_concurrent:
+                raise BlobError(
+                    ErrorCode.RATE_LIMITED,
+                    f"at most {self.max_concurrent} blobs may be in progress at once",
+                )
+            blob = _PartialBlob(fragment.information_type, [], 0, 0, now)
+            self._blobs[fragment.blob_id] = blob
+        if (
+            fragment.fragment_index != blob.next_index
+            or fragment.information_type != blob.information_type
+        ):
+            del self._blobs[fragment.blob_id]
+            raise BlobError(
+                ErrorCode.BAD_REQUEST,
+                f"blob {fragment.blob_id}: expected fragment {blob.next_index} of "
+                f"information type {blob.information_type}, got fragment "
+                f"{fragment.fragment_index} of type {fragment.information_type}",
+            )
+        blob.size += len(fragment.payload)
+        if blob.size > self.max_blob_size:
+            del self._blobs[fragment.blob_id]
+            raise BlobError(
+                ErrorCode.TOO_LARGE,
+                f"blob {fragment.blob_id} exceeds {self.max_blob_size} bytes",
+            )
+        blob.parts.append(fragment.payload)
+        blob.next_index += 1
+        blob.last_seen = now
+        if fragment.is_last:
+            del self._blobs[fragment.blob_id]
+            return b"".join(blob.parts)
+        return None
+
+    def expire(self, now: float) -> list[int]:
+        """
+        Drop blobs idle for longer than the idle timeout; return their IDs.
+        """
+        deadline = now - self.idle_timeout
+        stale = [i for i, b in self._blobs.items() if b.last_seen < deadline]
+        for blob_id in stale:
+            del self._blobs[blob_id]
+        return stale
+
+    def clear(self) -> None:
+        self._blobs.clear()
+
+
+def fragment_blob(
+    information_type: int, blob_id: int, payload: bytes, fragment_size: int
+) -> list[BlobFragment]:
+    """
+    Cut C{payload} into fragments of at most C{fragment_size} bytes.
+    """
+    if fragment_size <= 0:
+        raise ValueError("fragment_size must be positive")
+    view = memoryview(payload)
+    count = max(1, -(-len(payload) // fragment_size))
+    return [
+        BlobFragment(
+            information_type,
+            blob_id,
+            i,
+            i == count - 1,
+            bytes(view[i * fragment_size : (i + 1) * fragment_size]),
+        )
+        for i in range(count)
+    ]

@@ -20,6 +20,7 @@ __all__ = [
     "IPresence",
     "IEvent",
     "IChannel",
+    "IEngineAware",
 ]
 
 
@@ -126,6 +127,18 @@ class IGroupManager(Interface):
         """
         Whether C{user_id} may broadcast to C{group_id} (C{"*"}: every online
         user).  A bool, or a Deferred or coroutine of one.
+        """
+
+
+class IEngineAware(Interface):
+    """
+    An application object that needs the engine it serves (to kick, push
+    messages or read the user manager).
+    """
+
+    def initialize(engine):
+        """
+        Called once with the L{esf.ServerEngine}, before any connection.
         """
 
 

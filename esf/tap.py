@@ -21,11 +21,14 @@ from ._engine import (
 )
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
-from .interfaces import IBasicHandler
+from .interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
 
 __all__ = ["Options", "makeService", "CheckerHandler"]
 
 log = Logger(namespace="esf.server")
+
+
+_HANDLER_INTERFACES = (IBasicHandler, ICustomizeHandler, IGroupManager, IEngineAware)
 
 
 def _int_option(name: str, low: int, high: int | None = None):
@@ -108,7 +111,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"--heartbeat-interval ({self['heartbeat-interval']})"
             )
         if self["handler"] is not None:
-            self["handler"] = load_object(self["handler"])
+            app = self["handler"] = load_object(self["handler"])
+            if not any(i.providedBy(app) for i in _HANDLER_INTERFACES):
+                raise usage.UsageError(
+                    f"--handler {app!r} provides none of "
+                    + ", ".join(i.__name__ for i in _HANDLER_INTERFACES)
+                )
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -221,7 +229,16 @@ def makeService(options: Options):
             "EVERY LOGON IS ACCEPTED, whatever the password",
             esf_event="accept_all_warning",
         )
-    engine = ServerEngine(options["config"], clock=reactor, handler=handler)
+    app = options["handler"]
+    engine = ServerEngine(
+        options["config"],
+        clock=reactor,
+        handler=handler,
+        customize_handler=app if ICustomizeHandler.providedBy(app) else None,
+        group_manager=app if IGroupManager.providedBy(app) else None,
+    )
+    if IEngineAware.providedBy(app):
+        app.initialize(engine)
     try:
         endpoint = endpoints.serverFromString(reactor, options["port"])
     except (ValueError, TypeError, KeyError) as e:

@@ -1,0 +1,1 @@
+"""Small example programs built on esf."""

@@ -1,0 +1,227 @@
+"""
+The built wheel carries the C{twistd esf} plugin the way Twisted expects it.
+
+C{twisted/} and C{twisted/plugins/} must reach the wheel without an
+C{__init__.py}: one would shadow Twisted's own C{twisted.plugins} package.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "twisted" / "plugins" / "esf_plugin.py"
+
+# Whatever a build leaves in a working tree stays out of the copy that is built.
+_IGNORED = shutil.ignore_patterns(
+    ".git",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*.pyc",
+    ".hypothesis",
+    ".pytest_cache",
+    "_trial_temp",
+    "dropin.cache",
+    ".venv",
+)
+
+
+def _clean_env():
+    """
+    The environment for a subprocess, without anything that would put this
+    checkout on its C{sys.path}.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    env.pop("PYTHONHOME", None)
+    return env
+
+
+def _can_build_without_isolation():
+    """
+    Whether the running environment already has what C{pyproject.toml} asks
+    for to build, so that the build needs no package registry.
+    """
+    try:
+        from packaging.version import Version
+
+        return Version(metadata.version("setuptools")) >= Version("68") and bool(
+            metadata.version("wheel")
+        )
+    except (ImportError, metadata.PackageNotFoundError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """
+    Build a wheel from a clean copy of this checkout, so that stale files in
+    its C{build/} cannot slip into it.
+    """
+    pytest.importorskip("build", reason="the build package is not installed")
+    tmp = tmp_path_factory.mktemp("packaging")
+    source = tmp / "source"
+    shutil.copytree(REPO, source, ignore=_IGNORED)
+    outdir = tmp / "dist"
+    command = [sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir)]
+    if _can_build_without_isolation():
+        command.append("--no-isolation")
+    command.append(str(source))
+    result = subprocess.run(
+        command,
+        cwd=tmp,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (built,) = outdir.glob("esf-*.whl")
+    return built
+
+
+def test_wheel_contents(wheel):
+    """
+    The wheel holds the plugin module, and no C{__init__.py} for C{twisted}
+    or C{twisted.plugins}.
+    """
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "twisted/plugins/esf_plugin.py" in names
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names
+    assert "esf/__init__.py" in names
+    assert "esf/tap.py" in names
+
+
+def test_twistd_lists_installed_plugin(wheel, tmp_path):
+    """
+    Installed from the wheel into a fresh virtual environment, esf shows up in
+    C{twistd --help}, found in that environment's own C{twisted/plugins}.
+
+    The environment borrows Twisted and esf's other dependencies from the
+    running one through a C{.pth} file, so nothing is downloaded.
+    """
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+
+    # Install before borrowing anything: pip then sees only this environment,
+    # even where the running environment has esf installed too.
+    install = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            str(wheel),
+        ],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    site_packages = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    )
+    installed_plugin = site_packages / "twisted" / "plugins" / "esf_plugin.py"
+    assert installed_plugin.is_file()
+    assert not (site_packages / "twisted" / "__init__.py").exists()
+    assert not (site_packages / "twisted" / "plugins" / "__init__.py").exists()
+
+    borrowed = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (site_packages / "_borrowed_for_esf_test.pth").write_text(
+        "".join(f"{path}\n" for path in sorted(borrowed))
+    )
+
+    # Run from tmp_path, not the checkout, so the checkout's own
+    # twisted/plugins is not on sys.path.
+    help_text = subprocess.run(
+        [str(python), "-c", "from twisted.scripts.twistd import run; run()", "--help"],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert help_text.returncode == 0, help_text.stdout + help_text.stderr
+    commands = [
+        line.split()[0]
+        for line in help_text.stdout.splitlines()
+        if line[:1].isspace() and line.strip()
+    ]
+    assert "esf" in commands, help_text.stdout
+
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            textwrap.dedent(
+                """
+                import os, twisted.plugins
+                for path in twisted.plugins.__path__:
+                    if os.path.isfile(os.path.join(path, "esf_plugin.py")):
+                        print(os.path.realpath(path))
+                """
+            ),
+        ],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert where.returncode == 0, where.stderr
+    assert str(installed_plugin.parent.resolve()) in where.stdout.splitlines()
+
+
+def test_plugin_imports_no_reactor():
+    """
+    Twisted imports every plugin module whenever it scans for plugins, so the
+    esf plugin installs no reactor and leaves C{esf.tap} unimported.
+    """
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location(
+            "twisted.plugins.esf_plugin", {str(PLUGIN)!r}
+        )
+        plugin = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(plugin)
+        assert "twisted.internet.reactor" not in sys.modules, "reactor imported"
+        assert "esf.tap" not in sys.modules, "esf.tap imported"
+        print(plugin.esf.tapname)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "esf"
