@@ -6,6 +6,7 @@ interfaces applications implement or subscribe to are in L{esf.interfaces};
 the wire format is in L{esf.wire}.
 """
 
+from ._client import ClientEngine, LogonFailed, LogonResponse, NotConnected
 from ._engine import (
     AcceptAll,
     LogonRefused,
@@ -27,12 +28,16 @@ from ._wire import (
 
 __all__ = [
     "AcceptAll",
+    "ClientEngine",
     "ClientType",
     "DisconnectedType",
     "ErrorCode",
+    "LogonFailed",
     "LogonRefused",
+    "LogonResponse",
     "LogonResult",
     "MessageType",
+    "NotConnected",
     "RelogonMode",
     "RequestError",
     "ServerConfig",

@@ -545,6 +545,14 @@ def _client_type(value: int) -> ClientType | int:
         return value
 
 
+def _kind_name(client_type: int) -> str:
+    """
+    C{"ANDROID (5)"}, or C{"42"} for a kind without a name.
+    """
+    kind = _client_type(client_type)
+    return f"{kind.name} ({int(kind)})" if isinstance(kind, ClientType) else str(kind)
+
+
 def _address(peer) -> str:
     """
     C{"host:port"} for an address object, C{"[host]:port"} for IPv6.
@@ -876,7 +884,7 @@ class ServerEngine:
     def _push_out(self, old: Session, new: Session) -> None:
         cause = (
             f"{old.user_id} logged on again with the same device "
-            f"({_client_type(new.client_type).__str__()}) from {new.address}"
+            f"({_kind_name(new.client_type)}) from {new.address}"
         )
         self.user_manager.device_being_pushed_out.fire(old.user_data, new.address)
         old.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
@@ -990,7 +998,7 @@ class ServerEngine:
             return None
         if _DEVICE_MARK in dest_user_id:
             user_id, _, kind = dest_user_id.rpartition(_DEVICE_MARK)
-            if not kind.isdigit() or not user_id:
+            if not (kind.isascii() and kind.isdigit()) or not user_id:
                 return None
             handle = self.presence.get(user_id, int(kind))
             return [handle] if handle is not None else []

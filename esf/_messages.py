@@ -526,14 +526,19 @@ class BlobAssembler:
         """
         return sum(b.size for b in self._blobs.values())
 
-    def add(self, fragment: BlobFragment, now: float) -> bytes | None:
+    def add(self, fragment: BlobFragment, now: float, key: Any = None) -> bytes | None:
         """
         Add a fragment; return the whole payload when it was the last one.
+
+        @param key: what identifies the blob (by default its C{blob_id}; a
+            receiver with several senders passes C{(sender, blob_id)}).
 
         @raise BlobError: the fragment is out of order, changes its blob's
             information type, or passes a bound; the blob is dropped.
         """
-        blob = self._blobs.get(fragment.blob_id)
+        if key is None:
+            key = fragment.blob_id
+        blob = self._blobs.get(key)
         if blob is None:
             if fragment.fragment_index != 0:
                 raise BlobError(
@@ -542,6 +547,11 @@ class BlobAssembler:
                     f"of a blob that has not started",
                 )
             if fragment.is_last:
+                if len(fragment.payload) > self.max_blob_size:
+                    raise BlobError(
+                        ErrorCode.TOO_LARGE,
+                        f"blob {fragment.blob_id} exceeds {self.max_blob_size} bytes",
+                    )
                 return fragment.payload
             if len(self._blobs) >= self.max_concurrent:
                 raise BlobError(
@@ -549,12 +559,12 @@ class BlobAssembler:
                     f"at most {self.max_concurrent} blobs may be in progress at once",
                 )
             blob = _PartialBlob(fragment.information_type, [], 0, 0, now)
-            self._blobs[fragment.blob_id] = blob
+            self._blobs[key] = blob
         if (
             fragment.fragment_index != blob.next_index
             or fragment.information_type != blob.information_type
         ):
-            del self._blobs[fragment.blob_id]
+            del self._blobs[key]
             raise BlobError(
                 ErrorCode.BAD_REQUEST,
                 f"blob {fragment.blob_id}: expected fragment {blob.next_index} of "
@@ -563,7 +573,7 @@ class BlobAssembler:
             )
         blob.size += len(fragment.payload)
         if blob.size > self.max_blob_size:
-            del self._blobs[fragment.blob_id]
+            del self._blobs[key]
             raise BlobError(
                 ErrorCode.TOO_LARGE,
                 f"blob {fragment.blob_id} exceeds {self.max_blob_size} bytes",
@@ -572,13 +582,13 @@ class BlobAssembler:
         blob.next_index += 1
         blob.last_seen = now
         if fragment.is_last:
-            del self._blobs[fragment.blob_id]
+            del self._blobs[key]
             return b"".join(blob.parts)
         return None
 
-    def expire(self, now: float) -> list[int]:
+    def expire(self, now: float) -> list:
         """
-        Drop blobs idle for longer than the idle timeout; return their IDs.
+        Drop blobs idle for longer than the idle timeout; return their keys.
         """
         deadline = now - self.idle_timeout
         stale = [i for i, b in self._blobs.items() if b.last_seen < deadline]

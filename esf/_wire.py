@@ -517,7 +517,16 @@ class FrameDecoder:
         ids = self._ids
         text = ids.get(key)
         if text is None:
-            text = _decode_id(slot, length, which)
+            try:
+                text = _decode_id(slot, length, which)
+            except FrameError as e:
+                # A peer with another max UserID length fails here most
+                # often: say which header this side expects.
+                raise FrameError(
+                    e.reason,
+                    f"{e.message} (this server expects {self._hlen}-byte headers, "
+                    f"max UserID length {self.config.max_userid_length})",
+                ) from None
             if len(ids) >= _ID_CACHE_SIZE:
                 ids.clear()
             ids[key] = text
