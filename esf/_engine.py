@@ -83,6 +83,42 @@ _TO_SERVER = frozenset({SERVER_ID, ""})
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
 
+#: Most keys (hosts, devices) a rate limiter tracks; past it, the oldest go.
+_MAX_TRACKED_KEYS = 100_000
+
+
+class SlidingWindow:
+    """
+    Counts events per key over the last C{window} seconds, up to C{limit} + 1
+    (more need not be told apart), for at most C{max_keys} keys (the least
+    recently seen are forgotten first).
+    """
+
+    def __init__(self, window: float, limit: int, max_keys: int = _MAX_TRACKED_KEYS):
+        self.window = window
+        self.limit = limit
+        self.max_keys = max_keys
+        self._hits: dict[Any, collections.deque] = {}
+
+    def hit(self, key: Any, now: float) -> int:
+        """
+        Record an event; return how many fell in the window, this one
+        included.
+        """
+        hits = self._hits.pop(key, None)
+        if hits is None:
+            hits = collections.deque()
+            if len(self._hits) >= self.max_keys:
+                del self._hits[next(iter(self._hits))]
+        self._hits[key] = hits  # now the most recently seen
+        deadline = now - self.window
+        while hits and hits[0] <= deadline:
+            hits.popleft()
+        if len(hits) <= self.limit:
+            hits.append(now)
+        return len(hits)
+
+
 class RelogonMode(Enum):
     """
     What a second logon of the same user and device kind does.
@@ -209,6 +245,16 @@ class ServerConfig:
     blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
     #: Seconds L{ServerEngine.query} waits for an answer.
     query_timeout: float = attrs.field(default=30, validator=_positive)
+    #: Logons one host may attempt per C{logon_rate_window} seconds; more
+    #: are answered C{Busy}.
+    logon_rate_limit: int = attrs.field(default=30, validator=_positive)
+    logon_rate_window: float = attrs.field(default=10, validator=_positive)
+    #: Takeovers (C{REPLACE_OLD}) of one user's device allowed per
+    #: C{takeover_window} seconds; one more refuses that device with
+    #: C{Busy} for C{takeover_cooldown} seconds.
+    takeover_limit: int = attrs.field(default=5, validator=_positive)
+    takeover_window: float = attrs.field(default=60, validator=_positive)
+    takeover_cooldown: float = attrs.field(default=60, validator=_positive)
 
     @heartbeat_timeout.validator
     def _check_timeout(self, attribute, value):
@@ -596,6 +642,9 @@ class ServerEngine:
         self.counters: collections.Counter = collections.Counter()
         self._queries: dict[int, tuple[Session, Deferred, Any]] = {}
         self._message_ids = itertools.count(1)
+        self._logon_rate = SlidingWindow(config.logon_rate_window, config.logon_rate_limit)
+        self._takeovers = SlidingWindow(config.takeover_window, config.takeover_limit)
+        self._takeover_blocked: dict[tuple, float] = {}
         self.presence = presence if presence is not None else LocalPresence()
         self.user_manager = UserManager(self.presence, config.relogon_mode)
         #: Sessions not yet ended.
@@ -799,6 +848,28 @@ class ServerEngine:
                 DisconnectedType.UNAUTHORIZED_CLIENT_TYPE,
             )
             return
+        host = session.address.rpartition(":")[0]
+        now = self.clock.seconds()
+        if self._logon_rate.hit(host, now) > config.logon_rate_limit:
+            self.counters["logons_rate_limited"] += 1
+            self._refuse(
+                session,
+                frame,
+                LogonResult.BUSY,
+                f"more than {config.logon_rate_limit} logons from {host} within "
+                f"{config.logon_rate_window:g} s; try later",
+            )
+            return
+        blocked_until = self._takeover_blocked.get((user_id, client_type), 0)
+        if blocked_until > now:
+            self._refuse(
+                session,
+                frame,
+                LogonResult.BUSY,
+                f"{user_id} took this device over too often; try again in "
+                f"{blocked_until - now:.0f} s",
+            )
+            return
         session.state = _State.VERIFYING
         d = call(
             self.handler.verify_user,
@@ -851,6 +922,17 @@ class ServerEngine:
                     f"superseded by a newer logon of this device from {old.user_data.address}",
                 )
                 return
+            if not self._count_takeover(session):
+                self._refuse(
+                    session,
+                    frame,
+                    LogonResult.BUSY,
+                    f"{session.user_id} took this device over more than "
+                    f"{self.config.takeover_limit} times within "
+                    f"{self.config.takeover_window:g} s; try again in "
+                    f"{self.config.takeover_cooldown:g} s",
+                )
+                return
             self._push_out(old, session)
         self._bind(session, frame, handover=old is not None)
 
@@ -880,6 +962,30 @@ class ServerEngine:
             config.heartbeat_timeout,
             config.wire.max_message_size,
         ).encode()
+
+    def _count_takeover(self, session: Session) -> bool:
+        """
+        Count a takeover of a (user, device); C{False} when it is one too
+        many, which also refuses that device for the cooldown.
+        """
+        key = (session.user_id, session.client_type)
+        now = self.clock.seconds()
+        if self._takeovers.hit(key, now) <= self.config.takeover_limit:
+            return True
+        self.counters["takeovers_refused"] += 1
+        self._takeover_blocked[key] = now + self.config.takeover_cooldown
+        if len(self._takeover_blocked) > _MAX_TRACKED_KEYS:
+            self._takeover_blocked = {
+                k: t for k, t in self._takeover_blocked.items() if t > now
+            }
+        log.warn(
+            "{user_id}/{client_type} flaps between connections: refused for {cooldown} s",
+            esf_event="takeover_flapping",
+            user_id=session.user_id,
+            client_type=session.client_type,
+            cooldown=self.config.takeover_cooldown,
+        )
+        return False
 
     def _push_out(self, old: Session, new: Session) -> None:
         cause = (
