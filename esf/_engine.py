@@ -247,7 +247,7 @@ class ServerConfig:
     query_timeout: float = attrs.field(default=30, validator=_positive)
     #: Logons one host may attempt per C{logon_rate_window} seconds; more
     #: are answered C{Busy}.
-    logon_rate_limit: int = attrs.field(default=30, validator=_positive)
+    logon_rate_limit: int = attrs.field(default=200, validator=_positive)
     logon_rate_window: float = attrs.field(default=10, validator=_positive)
     #: Takeovers (C{REPLACE_OLD}) of one user's device allowed per
     #: C{takeover_window} seconds; one more refuses that device with

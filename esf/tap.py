@@ -82,7 +82,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["system-token", None, "", "Token every client must send; empty accepts any."],
         ["max-connections", None, None, "Most connections at once; more are refused.", _int_option("max-connections", 1)],
         ["max-output-buffer", None, 2097152, "Bytes that may wait for a peer that does not read before its session ends.", _int_option("max-output-buffer", 1024)],
-        ["logon-rate-limit", None, 30, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
+        ["logon-rate-limit", None, 200, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
     ]

@@ -134,11 +134,12 @@ class Client:
         assert header["message_id"] == 1
         return parse_logon_reply(body)
 
-    def _read(self, n, deadline):
+    def _fill(self, n, deadline):
+        """Buffer at least n bytes; False on EOF.  Nothing is consumed."""
         while len(self.buf) < n:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"nothing complete within the timeout ({self.buf!r})")
+                raise TimeoutError(f"no complete frame within the timeout ({self.buf!r})")
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
@@ -147,22 +148,21 @@ class Client:
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
-                return None
+                return False
             self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
+        return True
 
     def recv_frame(self, timeout=5.0):
         """(header dict, body bytes), or None on EOF; TimeoutError if slow."""
         deadline = time.monotonic() + timeout
-        raw = self._read(HEADER.size, deadline)
-        if raw is None:
+        if not self._fill(HEADER.size, deadline):
             assert not self.buf, f"EOF inside a header: {self.buf!r}"
             self.eof = True
             return None
-        header = parse_header(raw)
-        body = self._read(header["body_length"], deadline) if header["body_length"] else b""
-        assert body is not None, "EOF inside a body"
+        header = parse_header(self.buf[: HEADER.size])
+        end = HEADER.size + header["body_length"]
+        assert self._fill(end, deadline), "EOF inside a body"
+        body, self.buf = self.buf[HEADER.size : end], self.buf[end:]
         return header, body
 
     def recv_until(self, msg_type, timeout=5.0, skip=(HEARTBEAT,)):
