@@ -808,7 +808,15 @@ class ServerEngine:
         try:
             logon = m.Logon.decode(frame.body)
         except m.BadRequest as e:
-            session.error(frame, ErrorCode.BAD_REQUEST, f"malformed Logon: {e}")
+            # Before logon a Logon body that does not parse is far more
+            # likely a header of another length than a client bug: say so.
+            wire = self.config.wire
+            session.end(
+                DisconnectedType.INVALID_MESSAGE,
+                f"malformed Logon body ({e}); this server expects "
+                f"{wire.header_length}-byte headers, max UserID length "
+                f"{wire.max_userid_length}: do both sides agree?",
+            )
             return
         self._logon(session, frame, logon)
 

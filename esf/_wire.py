@@ -312,17 +312,23 @@ def encode_frame(
             f"a {len(body)}-byte body exceeds the maximum message size "
             f"{config.max_message_size}"
         )
-    header = config.header_struct.pack(
-        START_TOKEN,
-        client_type,
-        message_type,
-        message_id,
-        len(body),
-        len(uid),
-        uid,
-        len(dest),
-        dest,
-    )
+    try:
+        header = config.header_struct.pack(
+            START_TOKEN,
+            client_type,
+            message_type,
+            message_id,
+            len(body),
+            len(uid),
+            uid,
+            len(dest),
+            dest,
+        )
+    except struct.error as e:
+        raise ValueError(
+            f"header field out of range (client_type {client_type}, message_type "
+            f"{message_type}, message_id {message_id}): {e}"
+        ) from None
     return header + bytes(body) if body else header
 
 

@@ -2,8 +2,8 @@
 Tests for the ESF v1 codec: golden frames, the frame decoder's hard cases,
 body decoding, and properties of the whole.
 
-The golden vectors in L{VECTORS} were written byte by byte from the wire
-contract; C{docs/protocol.md} shows several of them as annotated hex dumps,
+The golden vectors in L{VECTORS} were written byte by byte from the protocol
+description; C{docs/protocol.md} shows several of them as annotated hex dumps,
 and L{test_docs_hex_examples_match} keeps those dumps honest.
 """
 
@@ -388,7 +388,7 @@ VECTORS = [
 
 VECTORS_BY_NAME = {v.name: v for v in VECTORS}
 
-#: Every (MessageType, sender) pair the contract defines.
+#: Every (MessageType, sender) pair the protocol defines.
 REQUIRED = {
     (101, "client"), (101, "server"),
     (102, "client"),
@@ -1003,8 +1003,9 @@ def test_body_str_length_lies(sample, strs):
     """
     cls = type(sample)
     data = sample.encode()
-    # The last str field of every sample ends the body (or precedes fixed
-    # fields); growing the length of any str by one runs past or misaligns.
+    # Claim one byte more, or the most a u16 can say: the str then runs past
+    # the body, or swallows the start of the next field so that what follows
+    # no longer parses.
     for name in strs:
         value = getattr(sample, name)
         text = value[-1] if isinstance(value, tuple) else value
@@ -1147,6 +1148,10 @@ def _fit(text: str, slot: int) -> str:
 
 
 def ids_for(slot: int):
+    """
+    IDs without control characters whose UTF-8 fits C{slot} bytes (cut to
+    fit rather than filtered, so that small slots do not reject most draws).
+    """
     return st.text(id_chars, max_size=slot).map(lambda t: _fit(t, slot))
 
 
@@ -1236,7 +1241,9 @@ SMALL_MAX = 4096
 
 
 def _feed_garbage(decoder: FrameDecoder, chunks: list[bytes]) -> None:
-    limit = decoder.config.header_length + (SMALL_MAX - decoder.config.header_length)
+    # One header plus the largest body allowed: max_message_size.
+    limit = decoder.max_message_size
+    assert limit == SMALL_MAX
     failed = False
     for chunk in chunks:
         try:

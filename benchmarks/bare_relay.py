@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""
+A bare Twisted relay: the yardstick that esf-bench measures the esf server
+against, on the same machine in the same run.
+
+It does what an esf server's relay path must do at the least, and nothing
+else: frame a byte stream, look the destination up in a dict, forward the
+frame unchanged.  No authentication, no validation beyond the framing, no
+heartbeat bookkeeping, no logging.
+
+Frames are a 4-byte little-endian length followed by that many bytes.
+
+- The first frame on a connection is the peer's name.  The relay answers it
+  with an empty frame (four zero bytes), so the peer knows it can be
+  reached.
+- Every later frame starts with C{u8 length} + the destination's name; the
+  whole frame, length prefix included, is written unchanged to the
+  connection that registered that name.  A frame for an unknown name is
+  counted and dropped.  A frame may be addressed to its own sender (an echo,
+  which stands in for a heartbeat).
+
+    python benchmarks/bare_relay.py --port 4600 [--interface 127.0.0.1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+
+from twisted.internet.protocol import Factory, Protocol
+
+#: Frames longer than this close the connection (the same bound as esf's
+#: default maximum message size).
+MAX_FRAME = 1024 * 1024
+
+_LENGTH = struct.Struct("<I")
+_WELCOME = b"\x00\x00\x00\x00"
+
+
+class RelayProtocol(Protocol):
+    name: bytes | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buffer + data if self._buffer else data
+        size = len(buf)
+        offset = 0
+        routes = self.factory.routes
+        unpack = _LENGTH.unpack_from
+        while size - offset >= 4:
+            (length,) = unpack(buf, offset)
+            if length > MAX_FRAME:
+                self.transport.abortConnection()
+                return
+            end = offset + 4 + length
+            if end > size:
+                break
+            if self.name is None:
+                self.name = buf[offset + 4 : end]
+                routes[self.name] = self.transport
+                self.transport.write(_WELCOME)
+            else:
+                dest_end = offset + 5 + buf[offset + 4]
+                target = routes.get(buf[offset + 5 : dest_end])
+                if target is not None:
+                    target.write(buf[offset:end])
+                else:
+                    self.factory.dropped += 1
+            offset = end
+        self._buffer = buf[offset:] if offset < size else b""
+
+    def connectionLost(self, reason) -> None:
+        routes = self.factory.routes
+        if self.name is not None and routes.get(self.name) is self.transport:
+            del routes[self.name]
+
+
+class RelayFactory(Factory):
+    protocol = RelayProtocol
+    noisy = False
+
+    def __init__(self):
+        self.routes: dict[bytes, object] = {}
+        self.dropped = 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--interface", default="127.0.0.1")
+    parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    reactor.listenTCP(args.port, RelayFactory(), backlog=args.backlog, interface=args.interface)
+    print(f"bare relay listening on {args.interface}:{args.port}", flush=True)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
