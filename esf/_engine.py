@@ -739,10 +739,17 @@ class ServerEngine:
 
     def _logon_timed_out(self, session: Session) -> None:
         session._logon_timer = None
-        session.end(
-            DisconnectedType.LOGON_TIMEOUT,
-            f"no logon within {self.config.logon_timeout:g} s",
-        )
+        text = f"no logon within {self.config.logon_timeout:g} s"
+        if session.decoder.buffered:
+            # Bytes that never made a whole frame: most likely a client whose
+            # header is shorter than this server's.  Say which one we expect.
+            wire = self.config.wire
+            text += (
+                f"; {session.decoder.buffered} bytes arrived that are not a whole frame "
+                f"(this server expects {wire.header_length}-byte headers, max UserID "
+                f"length {wire.max_userid_length})"
+            )
+        session.end(DisconnectedType.LOGON_TIMEOUT, text)
 
     def _session_ended(
         self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
@@ -1029,12 +1036,15 @@ class ServerEngine:
             address=session.address,
         )
         um = self.user_manager
-        um.device_connected.fire(session.user_data)
-        if first and not handover:
-            um.user_connected.fire(session.user_data)
-            um.user_count_changed.fire(um.user_count)
         if not handover:
             self._tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
+        um.device_connected.fire(session.user_data)
+        # A subscriber may end the session at once (a kick, say); its end has
+        # then been reported, and reporting it online now would be false.
+        if first and not handover and session.state is _State.LOGGED_ON:
+            um.user_connected.fire(session.user_data)
+            if session.state is _State.LOGGED_ON:
+                um.user_count_changed.fire(um.user_count)
 
     def _unbind(self, session: Session, reason: DisconnectedType) -> None:
         last = self.presence.remove(session)
@@ -1078,6 +1088,8 @@ class ServerEngine:
                         session=session,
                     )
         for session in expired:
+            if session.state is not _State.LOGGED_ON:
+                continue  # ended meanwhile, by a subscriber of an earlier one
             self.user_manager.heartbeat_timed_out.fire(session.user_data)
             session.end(
                 DisconnectedType.HEARTBEAT_TIMEOUT,
@@ -1261,7 +1273,11 @@ class ServerEngine:
         d.addErrback(self._handler_failed, session, frame, "handle_query")
 
     def _answer_query(self, result, session: Session, frame: Frame, information_type: int):
-        payload = b"" if result is None else bytes(result)
+        if result is None:
+            result = b""
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            raise TypeError(f"handle_query returned {type(result).__name__}, not bytes")
+        payload = bytes(result)
         wire = self.config.wire
         if wire.header_length + 4 + len(payload) > wire.max_message_size:
             session.error(
@@ -1273,6 +1289,15 @@ class ServerEngine:
         session.reply(frame, m.Information(information_type, payload).encode(), MessageType.RESPONSE)
 
     def _handler_failed(self, failure: Failure, session: Session, frame: Frame, what: str):
+        """
+        An application handler failed: a L{esf.RequestError} it raised goes
+        back as it is (its code and text, no log); anything else is logged
+        with its traceback and answered C{HandlerError} with a short text.
+        """
+        error = failure.value
+        if isinstance(error, m.RequestError):
+            session.error(frame, error.code, error.text[:200])
+            return
         log.failure(
             "{what} raised for {message_type} from {session!r}",
             failure,
@@ -1281,7 +1306,6 @@ class ServerEngine:
             session=session,
         )
         self.counters["handler_errors"] += 1
-        error = failure.value
         text = f"{type(error).__name__}: {error}"[:200]
         session.error(frame, ErrorCode.HANDLER_ERROR, text)
 
@@ -1362,7 +1386,7 @@ class ServerEngine:
         def deliver(user_ids):
             raw = frame.raw
             sender = session.user_id
-            for user_id in user_ids:
+            for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
                     for target in self.presence.devices(user_id):
                         target.send(raw)
@@ -1424,10 +1448,19 @@ class ServerEngine:
         @return: how many devices it was written to (0: not online).
         """
         targets = self._devices(user_id, client_type)
-        if not targets:
-            self.counters["transmit_failed"] += 1
-            return 0
         body = m.Information(information_type, payload).encode()
+        if not targets:
+            dest = user_id if client_type is None else f"{user_id}{_DEVICE_MARK}{client_type}"
+            self.counters["transmit_failed"] += 1
+            self.transmit_failed.fire(
+                SERVER_ID,
+                dest,
+                MessageType.SEND,
+                encode_frame(
+                    self.config.wire, MessageType.SEND, body, user_id=SERVER_ID, dest_user_id=dest
+                ),
+            )
+            return 0
         for target in targets:
             target.notify(MessageType.SEND, body)
         return len(targets)

@@ -1,0 +1,287 @@
+"""
+Tests for C{twistd esf}: its options, the cred-backed logon handler and
+the service it makes.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.application.service import IService
+from twisted.python import usage
+from zope.interface.verify import verifyObject
+
+from _helpers import REFUSE_ALL, LogCapture
+from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
+from esf.interfaces import IBasicHandler
+from esf.tap import CheckerHandler, Options, basic_handler, makeService
+
+
+@pytest.fixture
+def logs():
+    capture = LogCapture().start()
+    yield capture
+    capture.stop()
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def usage_error(*argv: str) -> str:
+    with pytest.raises(usage.UsageError) as raised:
+        parse(*argv)
+    return str(raised.value)
+
+
+def outcome(d) -> object:
+    """
+    The result of a Deferred that has fired: its value, or its failure's
+    exception.
+    """
+    results = []
+    d.addBoth(results.append)
+    assert len(results) == 1, "the Deferred has not fired"
+    (result,) = results
+    return result.value if hasattr(result, "value") and hasattr(result, "check") else result
+
+
+# -- options -----------------------------------------------------------------------
+
+
+def test_defaults():
+    options = parse()
+    assert options["port"] == "tcp:4530"
+    assert options["relogon-mode"] is RelogonMode.REPLACE_OLD
+    assert options["handler"] is None
+    assert options["admins"] == []
+    config = options["config"]
+    assert config == ServerConfig()
+    assert config.wire == WireConfig(11, 1024 * 1024)
+    assert (config.heartbeat_interval, config.heartbeat_timeout, config.logon_timeout) == (
+        10,
+        30,
+        10,
+    )
+    assert config.client_types == frozenset(ClientType)
+    assert config.max_connections is None
+    assert config.system_token == ""
+
+
+@pytest.mark.parametrize(
+    "port, expected",
+    [
+        ("4600", "tcp:4600"),
+        ("tcp:4601:interface=127.0.0.1", "tcp:4601:interface=127.0.0.1"),
+        ("ssl:4602:privateKey=k.pem", "ssl:4602:privateKey=k.pem"),
+    ],
+)
+def test_port(port, expected):
+    assert parse("--port", port)["port"] == expected
+    assert parse("-p", port)["port"] == expected
+
+
+def test_every_setting_reaches_the_config():
+    config = parse(
+        "--relogon-mode",
+        "ignore-new",
+        "--heartbeat-interval",
+        "5",
+        "--heartbeat-timeout",
+        "12",
+        "--logon-timeout",
+        "4",
+        "--max-message-size",
+        "70000",
+        "--max-userid-length",
+        "20",
+        "--system-token",
+        "tok",
+        "--max-connections",
+        "300",
+        "--max-output-buffer",
+        "4096",
+        "--client-types",
+        "0,5, 200",
+    )["config"]
+    assert config.relogon_mode is RelogonMode.IGNORE_NEW
+    assert (config.heartbeat_interval, config.heartbeat_timeout, config.logon_timeout) == (
+        5,
+        12,
+        4,
+    )
+    assert config.wire == WireConfig(20, 70000)
+    assert config.wire.header_length == 56
+    assert config.system_token == "tok"
+    assert config.max_connections == 300
+    assert config.max_output_buffer == 4096
+    assert config.client_types == {0, 5, 200}
+
+
+def test_admin_is_repeatable():
+    options = parse("--admin", "root", "--admin", "ops")
+    assert options["admins"] == ["root", "ops"]
+    assert options["config"].admins == {"root", "ops"}
+
+
+def test_bad_relogon_mode():
+    message = usage_error("--relogon-mode", "kick-both")
+    assert "--relogon-mode" in message
+    assert "replace-old" in message and "ignore-new" in message
+    assert "kick-both" in message
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["--heartbeat-interval", "--heartbeat-timeout", "--logon-timeout", "--max-connections"],
+)
+def test_non_numeric_numbers(option):
+    message = usage_error(option, "ten")
+    assert option in message
+    assert "'ten'" in message
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (("--heartbeat-interval", "0"), ["--heartbeat-interval", "0"]),
+        (("--max-userid-length", "256"), ["--max-userid-length", "1..255"]),
+        (("--max-message-size", "10"), ["--max-message-size", "10"]),
+        (("--max-output-buffer", "1"), ["--max-output-buffer"]),
+    ],
+)
+def test_numbers_out_of_range(argv, words):
+    message = usage_error(*argv)
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("timeout", ["30", "20"])
+def test_heartbeat_timeout_must_exceed_the_interval(timeout):
+    message = usage_error("--heartbeat-interval", "30", "--heartbeat-timeout", timeout)
+    assert "--heartbeat-timeout" in message and "--heartbeat-interval" in message
+    assert f"({timeout})" in message and "(30)" in message
+
+
+def test_header_longer_than_the_maximum_message():
+    message = usage_error("--max-userid-length", "255", "--max-message-size", "100")
+    assert "max_message_size" in message
+
+
+@pytest.mark.parametrize("value", ["a,b", "", "0,300", "-1"])
+def test_bad_client_types(value):
+    assert "--client-types" in usage_error("--client-types", value)
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("no_such_module_for_esf:handler", ["cannot import", "no_such_module_for_esf"]),
+        ("_helpers:NO_SUCH_THING", ["has no", "NO_SUCH_THING"]),
+        ("_helpers", ["module:attribute"]),
+        (":thing", ["module:attribute"]),
+        ("_helpers:LogCapture", ["provides none of", "IBasicHandler"]),
+    ],
+)
+def test_bad_handler(spec, words):
+    message = usage_error("--handler", spec)
+    for word in words:
+        assert word in message
+
+
+def test_handler_is_loaded():
+    assert parse("--handler", "_helpers:REFUSE_ALL")["handler"] is REFUSE_ALL
+
+
+# -- --auth and the checker handler -------------------------------------------------------
+
+
+def test_auth_memory():
+    options = parse("--auth", "memory:alice:pa:bob:pb")
+    handler = basic_handler(options)
+    assert isinstance(handler, CheckerHandler)
+    assert verifyObject(IBasicHandler, handler)
+    verify = handler.verify_user
+    assert outcome(verify("", "alice", "pa", ClientType.DOTNET, "h:1")) is True
+    assert outcome(verify("", "bob", "pb", ClientType.DOTNET, "h:1")) is True
+    wrong = outcome(verify("", "alice", "pb", ClientType.DOTNET, "h:1"))
+    assert isinstance(wrong, LogonRefused)
+    assert wrong.cause == "invalid user ID or password"
+    assert isinstance(outcome(verify("", "carol", "pa", 0, "h:1")), LogonRefused)
+    assert handler.can_kick_out("alice", "bob", None) is False
+
+
+def test_auth_file(tmp_path):
+    passwords = tmp_path / "passwd"
+    passwords.write_text("alice:pa\nbob:pb\n")
+    handler = basic_handler(parse("--auth", f"file:{passwords}"))
+    assert outcome(handler.verify_user("", "alice", "pa", 0, "h:1")) is True
+    assert outcome(handler.verify_user("", "bob", "pb", 0, "h:1")) is True
+    assert isinstance(outcome(handler.verify_user("", "alice", "nope", 0, "h:1")), LogonRefused)
+    assert isinstance(outcome(handler.verify_user("", "eve", "pa", 0, "h:1")), LogonRefused)
+
+
+def test_auth_with_non_ascii_names():
+    handler = basic_handler(parse("--auth", "memory:zoë:pässwort"))
+    assert outcome(handler.verify_user("", "zoë", "pässwort", 0, "h:1")) is True
+    assert isinstance(outcome(handler.verify_user("", "zoë", "passwort", 0, "h:1")), LogonRefused)
+
+
+def test_auth_then_the_applications_handler():
+    handler = basic_handler(parse("--auth", "memory:alice:pa", "--handler", "_helpers:REFUSE_ALL"))
+    assert isinstance(handler, CheckerHandler)
+    assert handler.handler is REFUSE_ALL
+    # The password is right, then the application says no.
+    assert outcome(handler.verify_user("", "alice", "pa", 0, "h:1")) is False
+    assert isinstance(outcome(handler.verify_user("", "alice", "x", 0, "h:1")), LogonRefused)
+    assert outcome(handler.can_kick_out("alice", "bob", None)) is False
+
+
+def test_handler_without_auth_is_used_as_it_is():
+    assert basic_handler(parse("--handler", "_helpers:REFUSE_ALL")) is REFUSE_ALL
+
+
+def test_neither_auth_nor_handler_accepts_all():
+    assert basic_handler(parse()) is None
+
+
+# -- the service -----------------------------------------------------------------------
+
+
+def test_make_service_accept_all_warns(logs):
+    service = makeService(parse("--port", "tcp:0:interface=127.0.0.1"))
+    assert isinstance(service, ServerService)
+    assert verifyObject(IService, service)
+    assert not service.running
+    (warning,) = logs.esf("accept_all_warning")
+    assert warning["log_level"].name == "warn"
+    assert "EVERY LOGON IS ACCEPTED" in warning["log_format"]
+    assert service.engine.config == ServerConfig()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("--auth", "memory:alice:pa"), ("--handler", "_helpers:REFUSE_ALL")],
+)
+def test_make_service_no_warning_with_auth_or_handler(argv, logs):
+    service = makeService(parse(*argv))
+    assert logs.esf("accept_all_warning") == []
+    handler = service.engine.handler
+    if argv[0] == "--auth":
+        assert isinstance(handler, CheckerHandler)
+    else:
+        assert handler is REFUSE_ALL
+
+
+def test_make_service_bad_endpoint():
+    with pytest.raises(usage.UsageError) as raised:
+        makeService(parse("--port", "nosuchtransport:1234"))
+    assert "--port" in str(raised.value)
+
+
+def test_make_service_passes_the_config():
+    options = parse("--admin", "root", "--heartbeat-timeout", "40")
+    service = makeService(options)
+    assert service.engine.config is options["config"]
+    assert service.engine.config.admins == {"root"}
