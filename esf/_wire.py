@@ -198,10 +198,12 @@ class WireConfig:
         return self._struct
 
 
-@attrs.frozen
+# Read-only like a frozen class, but built by a plain __init__: a frame is
+# made for every message on the hot path.
+@attrs.define(on_setattr=attrs.setters.frozen)
 class Frame:
     """
-    One decoded frame.
+    One decoded frame (read-only).
 
     @ivar raw: the frame's bytes exactly as received (header and body); the
         relay path writes these on without re-encoding.
@@ -332,6 +334,10 @@ def encode_frame(
     return header + bytes(body) if body else header
 
 
+#: The fields before the ID slots: StartToken, ClientType, MessageType,
+#: MessageID, BodyLength.
+_FIXED_HEADER = struct.Struct("<BBHii")
+
 #: How many decoded ID slots a decoder remembers; the sender's ID and its
 #: few correspondents repeat on every frame, so this saves the UTF-8 check.
 _ID_CACHE_SIZE = 256
@@ -363,7 +369,11 @@ class FrameDecoder:
         )
         self._hlen = config.header_length
         self._slot = config.id_slot
-        self._unpack = config.header_struct.unpack_from
+        self._unpack_fixed = _FIXED_HEADER.unpack_from
+        self._expectation = (
+            f" (this server expects {self._hlen}-byte headers, max UserID length "
+            f"{config.max_userid_length})"
+        )
         self._ids: dict[bytes, str] = {}
         # Partial frame: pieces received so far, their total, the number of
         # bytes that complete the current unit (a header, then a frame).
@@ -409,8 +419,10 @@ class FrameDecoder:
             if offset < 0:
                 return
         hlen = self._hlen
+        parse = self._parse_header
+        append = frames.append
         while size - offset >= hlen:
-            header = self._parse_header(data, offset)
+            header = parse(data, offset)
             end = offset + hlen + header[5]
             if end > size:
                 self._header = header
@@ -418,7 +430,7 @@ class FrameDecoder:
                 self._stash(data[offset:] if offset else data)
                 return
             raw = data[offset:end] if (offset or end != size) else data
-            frames.append(self._frame(header, raw))
+            append(Frame(header[0], header[1], header[2], header[3], header[4], raw, hlen))
             offset = end
         if offset < size:
             self._header = None
@@ -479,23 +491,17 @@ class FrameDecoder:
         return unit
 
     def _parse_header(self, data: bytes, offset: int) -> tuple:
-        (
-            start,
-            client_type,
-            message_type,
-            message_id,
-            body_length,
-            uid_len,
-            uid_slot,
-            dest_len,
-            dest_slot,
-        ) = self._unpack(data, offset)
+        """
+        Check the header at C{offset}; return C{(client_type, message_type,
+        message_id, user_id, dest_user_id, body_length)}.
+        """
+        start, client_type, message_type, message_id, body_length = self._unpack_fixed(
+            data, offset
+        )
         if start != START_TOKEN:
             raise FrameError(
                 DisconnectedType.INVALID_MESSAGE,
-                f"start token is 0x{start:02X}, not 0xFF (this server expects "
-                f"{self._hlen}-byte headers, max UserID length "
-                f"{self.config.max_userid_length})",
+                f"start token is 0x{start:02X}, not 0xFF{self._expectation}",
             )
         if body_length < 0 or body_length > self.max_message_size - self._hlen:
             reason = (
@@ -506,36 +512,35 @@ class FrameDecoder:
             raise FrameError(
                 reason,
                 f"body length {body_length} outside 0..{self.max_message_size - self._hlen} "
-                f"(maximum message size {self.max_message_size}, header length "
-                f"{self._hlen}, max UserID length {self.config.max_userid_length})",
+                f"(maximum message size {self.max_message_size}){self._expectation}",
             )
-        return (
-            client_type,
-            message_type,
-            message_id,
-            self._id(uid_len, uid_slot, "UserID"),
-            self._id(dest_len, dest_slot, "DestUserID"),
-            body_length,
-        )
-
-    def _id(self, length: int, slot: bytes, which: str) -> str:
-        key = slot + bytes((length,))
+        # Each ID is looked up by its raw bytes (length byte and slot): the
+        # same few IDs repeat on every frame of a connection.
         ids = self._ids
-        text = ids.get(key)
-        if text is None:
-            try:
-                text = _decode_id(slot, length, which)
-            except FrameError as e:
-                # A peer with another max UserID length fails here most
-                # often: say which header this side expects.
-                raise FrameError(
-                    e.reason,
-                    f"{e.message} (this server expects {self._hlen}-byte headers, "
-                    f"max UserID length {self.config.max_userid_length})",
-                ) from None
-            if len(ids) >= _ID_CACHE_SIZE:
-                ids.clear()
-            ids[key] = text
+        slot = self._slot
+        o = offset + 12
+        key = data[o : o + slot + 1]
+        user_id = ids.get(key)
+        if user_id is None:
+            user_id = self._new_id(key, "UserID")
+        o += slot + 1
+        key = data[o : o + slot + 1]
+        dest_user_id = ids.get(key)
+        if dest_user_id is None:
+            dest_user_id = self._new_id(key, "DestUserID")
+        return client_type, message_type, message_id, user_id, dest_user_id, body_length
+
+    def _new_id(self, key: bytes, which: str) -> str:
+        try:
+            text = _decode_id(key[1:], key[0], which)
+        except FrameError as e:
+            # A peer with another max UserID length fails here most often:
+            # say which header this side expects.
+            raise FrameError(e.reason, e.message + self._expectation) from None
+        ids = self._ids
+        if len(ids) >= _ID_CACHE_SIZE:
+            ids.clear()
+        ids[key] = text
         return text
 
     def _frame(self, header: tuple, raw: bytes) -> Frame:
