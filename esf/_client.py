@@ -254,6 +254,8 @@ class ClientEngine:
         self._ending: tuple | None = None
         self._drain_waiters: list[Deferred] = []
         self._blobs = m.BlobAssembler(max_blob_size, max_concurrent=16)
+        #: Connections in a row that ended before a successful logon.
+        self._fruitless = 0
 
     # -- life ------------------------------------------------------------------
 
@@ -293,15 +295,16 @@ class ClientEngine:
         """
         if self._service is not None:
             raise RuntimeError("logon() was already called")
-        self._first_logon = Deferred()
+        first = self._first_logon = Deferred()
         self._service = ClientService(
             self.endpoint,
             _Factory(self),
-            retryPolicy=self.retry_policy,
+            retryPolicy=self._retry_delay,
             clock=self.clock,
         )
-        self._service.startService()
+        # Asked before starting: an endpoint may fail at once.
         connected = self._service.whenConnected(failAfterFailures=1)
+        self._service.startService()
 
         def could_not_connect(failure):
             if failure.check(CancelledError):
@@ -313,13 +316,16 @@ class ClientEngine:
             return None
 
         connected.addErrback(could_not_connect)
-        return self._first_logon
+        return first
 
     def close(self) -> Deferred:
         """
         Stop reconnecting and close the connection (no Logoff is sent; see
         L{logoff}).  Fires when the connection is closed.
         """
+        if self._protocol is not None and self._ending is None:
+            self._ending = ("closed",)  # no connection_interrupted for this
+        self._logged_on = False
         return self._stop_reconnecting()
 
     def _stop_reconnecting(self) -> Deferred:
@@ -327,6 +333,13 @@ class ClientEngine:
         if service is None or not service.running:
             return succeed(None)
         return service.stopService().addBoth(lambda _: None)
+
+    def _retry_delay(self, attempt: int) -> float:
+        # ClientService counts failures from the last connection made; a
+        # server that accepts and then closes before the logon succeeds
+        # (full, shutting down, silent) must not be retried at the first
+        # delay forever.
+        return self.retry_policy(attempt + self._fruitless)
 
     @property
     def _reconnecting(self) -> bool:
@@ -372,6 +385,7 @@ class ClientEngine:
         if response.succeeded:
             self.logon_response = response
             self._logged_on = True
+            self._fruitless = 0
             if self._heartbeat.running:
                 self._heartbeat.stop()
             self._heartbeat.start(max(response.heartbeat_interval, 1), now=True)
@@ -400,16 +414,21 @@ class ClientEngine:
         if protocol is not self._protocol:
             return
         self._protocol = None
+        if not self._logged_on:
+            self._fruitless += 1
         self._logged_on = False
         if self._heartbeat.running:
             self._heartbeat.stop()
+        why = "the connection to the server was lost"
+        if self._ending is not None and self._ending[0] == "disconnected":
+            why = f"the server closed the connection ({_name(self._ending[1])}: {self._ending[2]})"
         pending, self._pending = self._pending, {}
         for d, timer in pending.values():
             if timer.active():
                 timer.cancel()
-            d.errback(NotConnected("the connection to the server was lost"))
+            d.errback(NotConnected(why))
         for d in self._drain_waiters:
-            d.errback(NotConnected("the connection to the server was lost"))
+            d.errback(NotConnected(why))
         self._drain_waiters = []
         ending, self._ending = self._ending, None
         if ending is None:
@@ -598,8 +617,8 @@ class ClientEngine:
 
     def _beat(self) -> None:
         protocol = self._protocol
-        if protocol is None:
-            return
+        if protocol is None or not self._logged_on:
+            return  # gone, or leaving (logged off, pushed out, closed)
         response = self.logon_response
         if self.clock.seconds() - self._last_received >= response.heartbeat_timeout:
             log.warn(

@@ -415,7 +415,17 @@ class Session:
                     f"for a peer that does not read",
                 )
                 return
-        self.channel.write(data)
+        try:
+            self.channel.write(data)
+        except Exception:
+            self._write_failed()
+
+    def _write_failed(self) -> None:
+        # Twisted's transports do not raise on write; a channel that does
+        # is treated as a connection that went away, never as an error of
+        # whoever was sending.
+        log.failure("writing to {session!r} failed", session=self)
+        self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
 
     def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
         """
@@ -482,20 +492,23 @@ class Session:
         self._logon_timer = None
         engine = self.engine
         engine._session_ended(self, reason, text, was_logged_on)
-        if reason not in _PEER_INITIATED:
-            notice = m.DisconnectNotice(reason, text[:1000]).encode()
-            # Written directly: the output bound no longer matters, and the
-            # close timeout bounds how long it may take.
-            self.channel.write(
-                encode_frame(
-                    engine.config.wire,
-                    MessageType.DISCONNECT_NOTICE,
-                    notice,
-                    user_id=SERVER_ID,
-                    dest_user_id=self.user_id or "",
+        try:
+            if reason not in _PEER_INITIATED:
+                notice = m.DisconnectNotice(reason, text[:1000]).encode()
+                # Written directly: the output bound no longer matters, and
+                # the close timeout bounds how long it may take.
+                self.channel.write(
+                    encode_frame(
+                        engine.config.wire,
+                        MessageType.DISCONNECT_NOTICE,
+                        notice,
+                        user_id=SERVER_ID,
+                        dest_user_id=self.user_id or "",
+                    )
                 )
-            )
-        self.channel.close()
+            self.channel.close()
+        except Exception:
+            log.failure("closing {session!r} failed", session=self)
 
 
 @implementer(IPresence)

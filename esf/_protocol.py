@@ -53,6 +53,7 @@ class ServerProtocol(Protocol):
         self.session.data_received(data)
 
     def connectionLost(self, reason) -> None:
+        self._closing = True  # nothing left to close: no abort timer
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None

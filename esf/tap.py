@@ -100,7 +100,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         port = self["port"]
         if port.isdigit():
-            self["port"] = f"tcp:{port}"
+            self["port"] = port = f"tcp:{port}"
+        # Parsed here, not in makeService, so that a bad endpoint is a usage
+        # error; twistd has installed its reactor by the time it gets here.
+        from twisted.internet import endpoints, reactor
+
+        try:
+            self["endpoint"] = endpoints.serverFromString(reactor, port)
+        except Exception as e:  # parsers raise many kinds; all mean a bad --port
+            raise usage.UsageError(f"--port {port!r} is not an endpoint: {e}") from None
         try:
             self["relogon-mode"] = RelogonMode(self["relogon-mode"])
         except ValueError:
@@ -224,7 +232,7 @@ def makeService(options: Options):
     """
     The esf server service for C{twistd}.
     """
-    from twisted.internet import endpoints, reactor
+    from twisted.internet import reactor
 
     handler = basic_handler(options)
     if handler is None:
@@ -243,8 +251,4 @@ def makeService(options: Options):
     )
     if IEngineAware.providedBy(app):
         app.initialize(engine)
-    try:
-        endpoint = endpoints.serverFromString(reactor, options["port"])
-    except (ValueError, TypeError, KeyError) as e:
-        raise usage.UsageError(f"--port {options['port']!r}: {e}") from None
-    return ServerService(engine, endpoint)
+    return ServerService(engine, options["endpoint"])

@@ -23,6 +23,9 @@ SERVER = "_0"
 GET_MY_IPE, PING, PING_ACK, HEARTBEAT = 101, 102, 103, 104
 PUSHED_OUT, DISCONNECT, LOGOFF, KICK_OUT, KICKED_OUT = 105, 106, 107, 108, 109
 GET_ALL_ONLINE_USERS, QUERY_ONLINE, LOGON, ERROR = 110, 111, 112, 120
+MY_DEVICE_ONLINE, MY_DEVICE_OFFLINE = 117, 118
+#: Frames that may arrive at any time and that recv_until passes over.
+UNSOLICITED = (HEARTBEAT, MY_DEVICE_ONLINE, MY_DEVICE_OFFLINE)
 
 
 def pack_str(text):
@@ -165,7 +168,7 @@ class Client:
         body, self.buf = self.buf[HEADER.size : end], self.buf[end:]
         return header, body
 
-    def recv_until(self, msg_type, timeout=5.0, skip=(HEARTBEAT,)):
+    def recv_until(self, msg_type, timeout=5.0, skip=UNSOLICITED):
         """The next frame of C{msg_type}, skipping only the types in C{skip}."""
         deadline = time.monotonic() + timeout
         while True:

@@ -74,12 +74,23 @@ def test_defaults():
     [
         ("4600", "tcp:4600"),
         ("tcp:4601:interface=127.0.0.1", "tcp:4601:interface=127.0.0.1"),
-        ("ssl:4602:privateKey=k.pem", "ssl:4602:privateKey=k.pem"),
+        ("unix:/tmp/esf-test.sock", "unix:/tmp/esf-test.sock"),
     ],
 )
 def test_port(port, expected):
     assert parse("--port", port)["port"] == expected
     assert parse("-p", port)["port"] == expected
+    assert parse("--port", port)["endpoint"] is not None
+
+
+@pytest.mark.parametrize("port", ["tcp:nope", "bogus:1", "ssl:4602:privateKey=/no/such/key.pem"])
+def test_bad_port_is_a_usage_error(port):
+    """
+    The endpoint is parsed with the options, so a bad one (a missing TLS key
+    file included) is a clear usage error rather than a traceback at start.
+    """
+    with pytest.raises(usage.UsageError, match="--port"):
+        parse("--port", port)
 
 
 def test_every_setting_reaches_the_config():

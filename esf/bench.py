@@ -1,0 +1,1436 @@
+"""
+C{esf-bench}: load and measure an esf server, next to a bare Twisted relay.
+
+What it measures, each on a freshly started server (when the server is
+local) and then, for comparison, on the bare relay of
+C{benchmarks/bare_relay.py} in the same run:
+
+- B{send}: N sender/receiver pairs log on; each sender relays its share of
+  M one-way Send (202) messages to its receiver through the server.  The
+  senders keep a bounded window of messages in flight (they know how many
+  their receiver has counted: both ends live in this process).  Reported:
+  messages per second, the server's CPU and RSS.
+- B{request}: N pairs; each sender keeps one Request (203) outstanding, its
+  receiver answers each with a Response (204); the round trip is timed at
+  the sender.  Reported: p50/p90/p99/max and requests per second.
+- B{logons}: K connections log on (at most C{--logon-window} at once);
+  reported: logons per second from the first connect to the last Succeed.
+- B{idle}: K sessions log on and stay, each sending a HeartBeat every
+  C{--heartbeat} seconds, for C{--hold} seconds; reported: the server's RSS
+  growth per session.
+
+The load is raw frames written by this process (precomputed bytes, counted
+at the receiver by size; C{--check} decodes and validates every frame
+instead), so the load generator costs far less per message than the server.
+The server runs as its own process (C{python -m twisted esf ...}), so on a
+2-core machine the server has one core and the load the other.  Each esf
+figure is also given as a ratio to the bare relay's, because the ratio is
+what survives a noisy machine.
+
+    esf-bench                        # every mode, 1 pair, defaults
+    esf-bench --mode send --pairs 1,50 --messages 200000
+    esf-bench --quick --json out.json
+    esf-bench --server 127.0.0.1:4530 --mode request --no-bare
+
+Performance never changes the exit status: it is 0 when every phase ran,
+1 when one failed (refused logons, lost connections, a desynchronised
+stream) and 2 for bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet import defer, task
+from twisted.internet.protocol import ClientFactory, Protocol
+
+from . import _messages as m
+from ._wire import FrameDecoder, FrameError, LogonResult, MessageType, WireConfig, encode_frame
+
+__all__ = ["main"]
+
+MODES = ("send", "request", "logons", "idle")
+
+#: Information type carried by every benchmark message.
+INFO_TYPE = 1
+
+_I32 = struct.Struct("<i")
+_U32 = struct.Struct("<I")
+
+
+class BenchError(Exception):
+    """
+    A phase could not run to its end.
+    """
+
+
+# -- the machine and the processes ---------------------------------------------
+
+
+def machine_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "loadavg_at_start": load,
+    }
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_seconds(pid: int) -> float | None:
+    """
+    User + system CPU seconds of process C{pid}, from C{/proc}.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_memory(pid: int) -> dict:
+    """
+    C{VmRSS} and C{VmHWM} (peak RSS) of process C{pid} in bytes, from C{/proc}.
+    """
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def self_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """
+    Raise this process's soft RLIMIT_NOFILE towards C{wanted} (child servers
+    inherit it); return the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_bare_relay(given: str | None) -> Path | None:
+    if given:
+        path = Path(given)
+        return path if path.is_file() else None
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bare_relay.py"
+    return path if path.is_file() else None
+
+
+class LocalServer:
+    """
+    A server process this benchmark started, on 127.0.0.1 at a free port.
+    """
+
+    def __init__(self, kind: str, opts, workdir: Path, max_connections: int):
+        self.kind = kind
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.log_path = workdir / f"{kind}-{self.port}.log"
+        root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if kind == "esf":
+            argv = [
+                sys.executable, "-m", "twisted",
+                "--log-file", str(self.log_path), "--log-format", "text",
+                "esf",
+                "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={opts.backlog}",
+                "--logon-rate-limit", "1000000",
+                "--max-connections", str(max_connections),
+            ]  # fmt: skip
+        else:
+            argv = [
+                sys.executable, str(opts.bare_relay_path),
+                "--port", str(self.port), "--backlog", str(opts.backlog),
+            ]  # fmt: skip
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.pid = self.process.pid
+        self._wait_ready(opts.startup_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"the {self.kind} server exited with status {self.process.returncode}:\n"
+                    + self.log_tail()
+                )
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"the {self.kind} server did not listen within {timeout} s:\n" + self.log_tail())
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def cpu_seconds(self) -> float | None:
+        return proc_cpu_seconds(self.pid)
+
+    def memory(self) -> dict:
+        return proc_memory(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+class RemoteServer:
+    """
+    A server somebody else runs: no CPU or memory figures.
+    """
+
+    kind = "esf"
+    pid = None
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+
+    def cpu_seconds(self):
+        return None
+
+    def memory(self) -> dict:
+        return {}
+
+    def stop(self) -> None:
+        pass
+
+    def log_tail(self, lines: int = 20) -> str:
+        return ""
+
+
+# -- what goes on the wire -------------------------------------------------------
+
+
+class EsfDialect:
+    """
+    ESF v1 frames, built once with L{esf.wire.encode_frame}.
+    """
+
+    kind = "esf"
+    mid_offset_in_request = 4
+    mid_offset_in_response = 4
+
+    def __init__(self, size: int, password: str, system_token: str):
+        self.wire = WireConfig()
+        self.payload = bytes(i & 0xFF for i in range(size))
+        self.body = m.Information(INFO_TYPE, self.payload).encode()
+        self.frame_size = self.wire.header_length + len(self.body)
+        self.logon_body = m.Logon(m.PROTOCOL_VERSION, system_token, password).encode()
+
+    def hello(self, name: str) -> bytes:
+        return encode_frame(
+            self.wire, MessageType.LOGON, self.logon_body, message_id=1, user_id=name
+        )
+
+    def hello_parser(self):
+        return _EsfLogonReply(self.wire)
+
+    def message(self, src: str, dst: str) -> bytes:
+        return encode_frame(self.wire, MessageType.SEND, self.body, user_id=src, dest_user_id=dst)
+
+    def request(self, src: str, dst: str) -> bytearray:
+        return bytearray(
+            encode_frame(self.wire, MessageType.REQUEST, self.body, message_id=1, user_id=src, dest_user_id=dst)
+        )
+
+    def response(self, src: str, dst: str) -> bytearray:
+        return bytearray(
+            encode_frame(self.wire, MessageType.RESPONSE, self.body, message_id=1, user_id=src, dest_user_id=dst)
+        )
+
+    def heartbeat(self, name: str) -> bytes:
+        return encode_frame(self.wire, MessageType.HEARTBEAT, user_id=name)
+
+    def is_request(self, frame) -> bool:
+        return frame[0] == 0xFF and frame[2] == 203 and frame[3] == 0
+
+    def is_response(self, frame) -> bool:
+        return frame[0] == 0xFF and frame[2] == 204 and frame[3] == 0
+
+    def checker(self, src: str, dst: str):
+        return _EsfChecker(self.wire, src, dst, self.frame_size)
+
+
+class _EsfLogonReply:
+    def __init__(self, wire: WireConfig):
+        self.decoder = FrameDecoder(wire)
+
+    def feed(self, data: bytes):
+        """
+        C{(None, b"")} while incomplete, C{(True, rest)} on Succeed,
+        C{(error text, b"")} otherwise.
+        """
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            return f"undecodable answer to Logon: {e.message}", b""
+        if not frames:
+            return None, b""
+        frame = frames[0]
+        if frame.message_type != MessageType.LOGON:
+            if frame.message_type == MessageType.DISCONNECT_NOTICE:
+                notice = m.DisconnectNotice.decode(frame.body)
+                return f"disconnected before logon: {notice.reason!r} {notice.text}", b""
+            return f"answer to Logon has message type {frame.message_type}", b""
+        reply = m.LogonReply.decode(frame.body)
+        if reply.result != LogonResult.SUCCEED:
+            return f"logon refused: {reply.result!r} {reply.failure_cause}", b""
+        if len(frames) > 1 or self.decoder.buffered:
+            return "unexpected frames after the Logon reply", b""
+        return True, b""
+
+
+class _EsfChecker:
+    """
+    Decodes and validates every frame a receiver gets (C{--check}).
+    """
+
+    def __init__(self, wire, src, dst, frame_size):
+        self.decoder = FrameDecoder(wire)
+        self.src, self.dst, self.frame_size = src, dst, frame_size
+
+    def feed(self, data: bytes) -> int:
+        frames = self.decoder.feed(data)
+        for frame in frames:
+            if (
+                frame.message_type != MessageType.SEND
+                or frame.user_id != self.src
+                or frame.dest_user_id != self.dst
+                or len(frame.raw) != self.frame_size
+            ):
+                raise BenchError(f"unexpected frame at the receiver {self.dst}: {frame!r:.200}")
+        return len(frames)
+
+
+class BareDialect:
+    """
+    The bare relay's frames, the same size as the esf frames they stand for.
+    """
+
+    kind = "bare"
+
+    def __init__(self, frame_size: int):
+        self.frame_size = frame_size
+
+    @staticmethod
+    def _frame(payload: bytes) -> bytes:
+        return _U32.pack(len(payload)) + payload
+
+    def _addressed(self, dst: str, fill_to: int, mid: bool = False) -> bytes:
+        dest = dst.encode()
+        head = bytes([len(dest)]) + dest + (b"\x01\x00\x00\x00" if mid else b"")
+        pad = fill_to - 4 - len(head)
+        if pad < 0:
+            raise ValueError(f"a {fill_to}-byte frame cannot carry {dst!r}")
+        return self._frame(head + bytes(i & 0xFF for i in range(pad)))
+
+    def hello(self, name: str) -> bytes:
+        return self._frame(name.encode())
+
+    def hello_parser(self):
+        return _BareWelcome()
+
+    def message(self, src: str, dst: str) -> bytes:
+        return self._addressed(dst, self.frame_size)
+
+    def request(self, src: str, dst: str) -> bytearray:
+        self.mid_offset_in_request = 5 + len(dst.encode())
+        return bytearray(self._addressed(dst, self.frame_size, mid=True))
+
+    def response(self, src: str, dst: str) -> bytearray:
+        self.mid_offset_in_response = 5 + len(dst.encode())
+        return bytearray(self._addressed(dst, self.frame_size, mid=True))
+
+    def heartbeat(self, name: str) -> bytes:
+        dest = name.encode()
+        return self._frame(bytes([len(dest)]) + dest)
+
+    def is_request(self, frame) -> bool:
+        return _U32.unpack_from(frame)[0] == self.frame_size - 4
+
+    is_response = is_request
+
+    def checker(self, src: str, dst: str):
+        return _BareChecker(self.message(src, dst))
+
+
+class _BareWelcome:
+    def __init__(self):
+        self.buffer = b""
+
+    def feed(self, data: bytes):
+        self.buffer += data
+        if len(self.buffer) < 4:
+            return None, b""
+        if self.buffer[:4] != b"\x00\x00\x00\x00":
+            return "unexpected answer to the name frame", b""
+        return True, self.buffer[4:]
+
+
+class _BareChecker:
+    def __init__(self, frame: bytes):
+        self.frame = frame
+        self.size = len(frame)
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> int:
+        buf = self.buffer + data
+        whole = len(buf) // self.size * self.size
+        for offset in range(0, whole, self.size):
+            if buf[offset : offset + self.size] != self.frame:
+                raise BenchError("unexpected frame at a bare receiver")
+        self.buffer = buf[whole:]
+        return whole // self.size
+
+
+# -- connections -------------------------------------------------------------------
+
+
+class Conn(Protocol):
+    """
+    One load connection: says hello (logs on), then hands every byte to
+    L{on_data}.
+    """
+
+    on_data = None
+    on_lost = None
+    lost = False
+
+    def __init__(self, name: str, hello: bytes, parser):
+        self.name = name
+        self._hello = hello
+        self._parser = parser
+        self.ready = defer.Deferred()
+        self.unexpected = 0
+
+    def connectionMade(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        self.transport.write(self._hello)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.on_data is not None:
+            self.on_data(data)
+            return
+        if self.ready.called:
+            self.unexpected += len(data)
+            return
+        status, rest = self._parser.feed(data)
+        if status is None:
+            return
+        self._parser = None
+        if status is True:
+            self.ready.callback(self)
+            if rest:
+                self.dataReceived(rest)
+        else:
+            self.ready.errback(BenchError(f"{self.name}: {status}"))
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.lost = True
+        if not self.ready.called:
+            self.ready.errback(BenchError(f"{self.name}: connection lost before logon: {reason.value}"))
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class _ConnFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, conn: Conn):
+        self.conn = conn
+
+    def buildProtocol(self, addr):
+        self.conn.factory = self
+        return self.conn
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.conn.ready.called:
+            self.conn.ready.errback(BenchError(f"{self.conn.name}: cannot connect: {reason.value}"))
+
+
+def close_all(reactor, conns) -> defer.Deferred:
+    """
+    Abort every connection; fire when they are all gone (at most 10 s).
+    """
+    waiting = [c for c in conns if not c.lost and c.transport is not None]
+    if not waiting:
+        return defer.succeed(None)
+    done = defer.Deferred()
+    left = [len(waiting)]
+
+    def gone(_conn):
+        left[0] -= 1
+        if left[0] == 0 and not done.called:
+            done.callback(None)
+
+    for conn in waiting:
+        conn.on_lost = gone
+        conn.transport.abortConnection()
+    timer = reactor.callLater(10, lambda: done.called or done.callback(None))
+    done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
+    return done
+
+
+class Progress:
+    """
+    A one-line progress bar on stderr (only when stderr is a terminal,
+    unless forced).
+    """
+
+    def __init__(self, reactor, enabled: bool):
+        self.reactor = reactor
+        self.enabled = enabled
+        self._loop = None
+
+    def start(self, label: str, total: int, done) -> None:
+        self.label, self.total, self.done = label, max(total, 1), done
+        self.t0 = time.perf_counter()
+        if self.enabled:
+            self._loop = task.LoopingCall(self.draw)
+            self._loop.clock = self.reactor
+            self._loop.start(0.2)
+
+    def draw(self) -> None:
+        done = self.done()
+        elapsed = time.perf_counter() - self.t0
+        width = 24
+        filled = min(width, int(width * done / self.total))
+        rate = done / elapsed if elapsed > 0 else 0
+        line = (
+            f"\r{self.label:<30.30} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done:>9,}/{self.total:,} {rate:>11,.0f}/s {elapsed:6.1f} s"
+        )
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+            self._loop = None
+            self.draw()
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()
+
+
+class Bench:
+    """
+    The phases, run against one server (esf or bare) at a time.
+    """
+
+    def __init__(self, reactor, opts, progress: Progress):
+        self.reactor = reactor
+        self.opts = opts
+        self.progress = progress
+        tag = os.getpid() % 1296
+        self.tag = "0123456789abcdefghijklmnopqrstuvwxyz"[tag // 36] + "0123456789abcdefghijklmnopqrstuvwxyz"[tag % 36]
+        self.esf = EsfDialect(opts.size, opts.password, opts.system_token)
+        self.bare = BareDialect(self.esf.frame_size)
+
+    def dialect(self, kind: str):
+        return self.esf if kind == "esf" else self.bare
+
+    def connect(self, server, dialect, name: str) -> Conn:
+        conn = Conn(name, dialect.hello(name), dialect.hello_parser())
+        self.reactor.connectTCP(server.host, server.port, _ConnFactory(conn), timeout=10)
+        return conn
+
+    def log_on(self, server, dialect, names: list[str], label: str, deadline: float) -> defer.Deferred:
+        """
+        Open one logged-on connection per name, at most C{--logon-window}
+        at a time.  Fires with C{(conns, failures, first_error, elapsed)}.
+        """
+        window = self.opts.logon_window
+        conns: list[Conn] = []
+        state = {"next": 0, "inflight": 0, "failures": 0, "error": None, "finished": 0}
+        done = defer.Deferred()
+        t0 = time.perf_counter()
+
+        def finish():
+            if not done.called:
+                timer.cancel() if timer.active() else None
+                self.progress.stop()
+                done.callback((conns, state["failures"], state["error"], time.perf_counter() - t0))
+
+        def ok(conn):
+            conns.append(conn)
+            settle()
+
+        def failed(failure):
+            state["failures"] += 1
+            if state["error"] is None:
+                state["error"] = str(failure.value)
+            settle()
+
+        def settle():
+            state["inflight"] -= 1
+            state["finished"] += 1
+            if state["finished"] == len(names):
+                finish()
+            else:
+                start_more()
+
+        def start_more():
+            while state["inflight"] < window and state["next"] < len(names) and not done.called:
+                name = names[state["next"]]
+                state["next"] += 1
+                state["inflight"] += 1
+                self.connect(server, dialect, name).ready.addCallbacks(ok, failed)
+
+        def too_late():
+            state["error"] = state["error"] or f"logons still unanswered after the {self.opts.duration:g} s cap"
+            state["failures"] += len(names) - state["finished"]
+            finish()
+
+        timer = self.reactor.callLater(max(deadline - time.perf_counter(), 0.1), too_late)
+        self.progress.start(label, len(names), lambda: state["finished"])
+        if not names:
+            finish()
+        else:
+            start_more()
+        return done
+
+    async def _pairs(self, server, dialect, pairs: int, prefix: str, deadline: float):
+        senders = [f"{prefix[0]}{self.tag}{i}" for i in range(pairs)]
+        receivers = [f"{prefix[1]}{self.tag}{i}" for i in range(pairs)]
+        conns, failures, error, _ = await self.log_on(
+            server, dialect, senders + receivers, f"{dialect.kind}: log on {2 * pairs}", deadline
+        )
+        if failures:
+            await close_all(self.reactor, conns)
+            raise BenchError(f"{failures} of {2 * pairs} logons failed; first: {error}")
+        by_name = {c.name: c for c in conns}
+        return [(by_name[s], by_name[r]) for s, r in zip(senders, receivers)], conns
+
+    def _split(self, total: int, parts: int) -> list[int]:
+        return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+    async def send(self, server, kind: str, pairs: int) -> dict:
+        opts = self.opts
+        dialect = self.dialect(kind)
+        deadline = time.perf_counter() + opts.duration
+        couples, conns = await self._pairs(server, dialect, pairs, "sr", deadline)
+        size = dialect.frame_size
+        window = max(1, min(opts.window_bytes, opts.total_window_bytes // pairs) // size)
+        shares = self._split(opts.messages, pairs)
+        done = defer.Deferred()
+        totals = {"received": 0, "pairs_done": 0}
+        states = []
+
+        for (sender, receiver), share in zip(couples, shares):
+            frame = dialect.message(sender.name, receiver.name)
+            st = _SendPair(sender, receiver, frame, share, window, totals, done, pairs)
+            if opts.check:
+                st.checker = dialect.checker(sender.name, receiver.name)
+            receiver.on_data = st.received_checked if opts.check else st.received
+            states.append(st)
+            if share == 0:
+                st.finished()
+
+        lost = []
+        for c in conns:
+            c.on_lost = lost.append
+        cpu0, self_cpu0 = server.cpu_seconds(), self_cpu_seconds()
+        t0 = time.perf_counter()
+        self.progress.start(f"{kind}: send, {pairs} pair(s)", opts.messages, lambda: totals["received"])
+        timer = self.reactor.callLater(
+            max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
+        )
+        for st in states:
+            st.pump()
+        outcome = await done
+        elapsed = time.perf_counter() - t0
+        cpu1, self_cpu1 = server.cpu_seconds(), self_cpu_seconds()
+        memory = server.memory()
+        if timer.active():
+            timer.cancel()
+        self.progress.stop()
+        errors = [st.error for st in states if st.error]
+        unexpected = sum(c.unexpected for c in conns)
+        await close_all(self.reactor, conns)
+        received = totals["received"]
+        result = {
+            "pairs": pairs,
+            "messages": opts.messages,
+            "received": received,
+            "frame_bytes": size,
+            "window_per_pair": window,
+            "elapsed_s": elapsed,
+            "msgs_per_s": received / elapsed if elapsed > 0 else 0.0,
+            "mb_per_s": received * size / elapsed / 1e6 if elapsed > 0 else 0.0,
+            "capped": outcome == "capped",
+            "checked": bool(opts.check),
+        }
+        result.update(_usage(cpu0, cpu1, self_cpu0, self_cpu1, elapsed, memory))
+        if errors:
+            raise BenchError(errors[0])
+        if lost:
+            raise BenchError(f"{len(lost)} connection(s) lost during the run")
+        if unexpected:
+            raise BenchError(f"senders received {unexpected} unexpected bytes (an error reply?)")
+        return result
+
+    async def request(self, server, kind: str, pairs: int) -> dict:
+        opts = self.opts
+        dialect = self.dialect(kind)
+        deadline = time.perf_counter() + opts.duration
+        couples, conns = await self._pairs(server, dialect, pairs, "qp", deadline)
+        shares = self._split(opts.requests, pairs)
+        done = defer.Deferred()
+        totals = {"answered": 0, "pairs_done": 0}
+        states = []
+        for (sender, receiver), share in zip(couples, shares):
+            st = _RequestPair(dialect, sender, receiver, share, totals, done, pairs)
+            states.append(st)
+            if share == 0:
+                st.finished()
+        lost = []
+        for c in conns:
+            c.on_lost = lost.append
+        cpu0, self_cpu0 = server.cpu_seconds(), self_cpu_seconds()
+        t0 = time.perf_counter()
+        self.progress.start(f"{kind}: request, {pairs} pair(s)", opts.requests, lambda: totals["answered"])
+        timer = self.reactor.callLater(
+            max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
+        )
+        for st in states:
+            st.send()
+        outcome = await done
+        elapsed = time.perf_counter() - t0
+        cpu1, self_cpu1 = server.cpu_seconds(), self_cpu_seconds()
+        memory = server.memory()
+        if timer.active():
+            timer.cancel()
+        self.progress.stop()
+        errors = [st.error for st in states if st.error]
+        await close_all(self.reactor, conns)
+        rtts = sorted(r for st in states for r in st.rtts)
+        if errors:
+            raise BenchError(errors[0])
+        if lost:
+            raise BenchError(f"{len(lost)} connection(s) lost during the run")
+        if not rtts:
+            raise BenchError("no request was answered")
+        result = {
+            "pairs": pairs,
+            "requests": opts.requests,
+            "answered": len(rtts),
+            "frame_bytes": dialect.frame_size,
+            "elapsed_s": elapsed,
+            "requests_per_s": len(rtts) / elapsed if elapsed > 0 else 0.0,
+            "rtt_p50_us": _percentile(rtts, 50) * 1e6,
+            "rtt_p90_us": _percentile(rtts, 90) * 1e6,
+            "rtt_p99_us": _percentile(rtts, 99) * 1e6,
+            "rtt_max_us": rtts[-1] * 1e6,
+            "capped": outcome == "capped",
+        }
+        result.update(_usage(cpu0, cpu1, self_cpu0, self_cpu1, elapsed, memory))
+        return result
+
+    async def logons(self, server, kind: str) -> dict:
+        opts = self.opts
+        dialect = self.dialect(kind)
+        names = [f"L{self.tag}{i}" for i in range(opts.logons)]
+        deadline = time.perf_counter() + opts.duration
+        cpu0, self_cpu0 = server.cpu_seconds(), self_cpu_seconds()
+        conns, failures, error, elapsed = await self.log_on(
+            server, dialect, names, f"{kind}: {opts.logons} logons", deadline
+        )
+        cpu1, self_cpu1 = server.cpu_seconds(), self_cpu_seconds()
+        memory = server.memory()
+        await close_all(self.reactor, conns)
+        if failures:
+            raise BenchError(f"{failures} of {len(names)} logons failed; first: {error}")
+        result = {
+            "logons": len(names),
+            "window": opts.logon_window,
+            "elapsed_s": elapsed,
+            "logons_per_s": len(conns) / elapsed if elapsed > 0 else 0.0,
+        }
+        result.update(_usage(cpu0, cpu1, self_cpu0, self_cpu1, elapsed, memory))
+        return result
+
+    async def idle(self, server, kind: str) -> dict:
+        opts = self.opts
+        dialect = self.dialect(kind)
+        names = [f"I{self.tag}{i}" for i in range(opts.idle)]
+        deadline = time.perf_counter() + opts.duration
+        await task.deferLater(self.reactor, 0.5, lambda: None)  # let the server settle
+        before = server.memory().get("VmRSS")
+        conns, failures, error, logon_elapsed = await self.log_on(
+            server, dialect, names, f"{kind}: {opts.idle} idle sessions", deadline
+        )
+        if failures:
+            await close_all(self.reactor, conns)
+            raise BenchError(f"{failures} of {len(names)} logons failed; first: {error}")
+        lost = []
+        received = [0]
+
+        def count(data):
+            received[0] += len(data)
+
+        beats = [dialect.heartbeat(c.name) for c in conns]
+        for c in conns:
+            c.on_lost = lost.append
+            c.on_data = count
+        tick = 0.1
+        per_tick = max(1, math.ceil(len(conns) * tick / opts.heartbeat)) if conns else 0
+        cursor = [0]
+        sent = [0]
+
+        def beat():
+            start = cursor[0]
+            for i in range(start, min(start + per_tick, len(conns))):
+                conn = conns[i]
+                if not conn.lost:
+                    conn.transport.write(beats[i])
+                    sent[0] += 1
+            cursor[0] = start + per_tick if start + per_tick < len(conns) else 0
+
+        hold = min(opts.hold, max(deadline - time.perf_counter(), 0.1))
+        cpu0, self_cpu0 = server.cpu_seconds(), self_cpu_seconds()
+        loop = task.LoopingCall(beat)
+        loop.clock = self.reactor
+        if conns:
+            loop.start(tick)
+        t0 = time.perf_counter()
+        self.progress.start(f"{kind}: hold {len(conns)} sessions", int(hold * 10), lambda: int((time.perf_counter() - t0) * 10))
+        await task.deferLater(self.reactor, hold, lambda: None)
+        self.progress.stop()
+        if loop.running:
+            loop.stop()
+        elapsed = time.perf_counter() - t0
+        cpu1, self_cpu1 = server.cpu_seconds(), self_cpu_seconds()
+        memory = server.memory()
+        await close_all(self.reactor, conns)
+        if lost:
+            raise BenchError(f"{len(lost)} idle session(s) were closed while held")
+        result = {
+            "sessions": len(conns),
+            "hold_s": elapsed,
+            "heartbeat_s": opts.heartbeat,
+            "heartbeats_sent": sent[0],
+            "logon_elapsed_s": logon_elapsed,
+            "logons_per_s": len(conns) / logon_elapsed if logon_elapsed > 0 else 0.0,
+        }
+        if before is not None and memory.get("VmRSS") is not None:
+            result["rss_before_bytes"] = before
+            result["bytes_per_session"] = (memory["VmRSS"] - before) / max(len(conns), 1)
+        result.update(_usage(cpu0, cpu1, self_cpu0, self_cpu1, elapsed, memory))
+        return result
+
+
+class _SendPair:
+    error = None
+    checker = None
+    _finished = False
+
+    def __init__(self, sender, receiver, frame, share, window, totals, done, pairs):
+        self.sender, self.receiver = sender, receiver
+        self.frame, self.size = frame, len(frame)
+        self.share, self.window = share, window
+        self.totals, self.done, self.pairs = totals, done, pairs
+        self.sent = 0
+        self.got = 0
+        self.bytes = 0
+        self.low = max(1, window // 2)
+        self._batches: dict[int, bytes] = {}
+
+    def pump(self) -> None:
+        inflight = self.sent - self.got
+        if self.sent >= self.share or inflight > self.low:
+            return
+        n = min(self.window - inflight, self.share - self.sent)
+        batch = self._batches.get(n)
+        if batch is None:
+            batch = self.frame * n
+            if len(self._batches) < 4:
+                self._batches[n] = batch
+        self.sender.transport.write(batch)
+        self.sent += n
+
+    def received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        got = self.bytes // self.size
+        self.totals["received"] += got - self.got
+        self.got = got
+        if got >= self.share:
+            self.finished()
+        else:
+            self.pump()
+
+    def received_checked(self, data: bytes) -> None:
+        try:
+            n = self.checker.feed(data)
+        except (BenchError, FrameError) as e:
+            self.error = str(e)
+            self.sender.transport.abortConnection()
+            if not self.done.called:
+                self.done.callback("error")
+            return
+        self.got += n
+        self.totals["received"] += n
+        if self.got >= self.share:
+            self.finished()
+        else:
+            self.pump()
+
+    def finished(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.totals["pairs_done"] += 1
+        if self.totals["pairs_done"] == self.pairs and not self.done.called:
+            self.done.callback("done")
+
+
+class _RequestPair:
+    error = None
+    _finished = False
+
+    def __init__(self, dialect, sender, receiver, share, totals, done, pairs):
+        self.dialect = dialect
+        self.sender, self.receiver = sender, receiver
+        self.share, self.totals, self.done, self.pairs = share, totals, done, pairs
+        self.request = dialect.request(sender.name, receiver.name)
+        self.response = dialect.response(receiver.name, sender.name)
+        self.req_off = dialect.mid_offset_in_request
+        self.resp_off = dialect.mid_offset_in_response
+        self.size = dialect.frame_size
+        self.mid = 0
+        self.t0 = 0.0
+        self.rtts: list[float] = []
+        self._sbuf = b""
+        self._rbuf = b""
+        sender.on_data = self.answered
+        receiver.on_data = self.asked
+
+    def send(self) -> None:
+        if self.share == 0:
+            return
+        self.mid = self.mid % 0x7FFFFFFF + 1
+        _I32.pack_into(self.request, self.req_off, self.mid)
+        self.t0 = time.perf_counter()
+        self.sender.transport.write(bytes(self.request))
+
+    def asked(self, data: bytes) -> None:
+        buf = self._rbuf + data if self._rbuf else data
+        size = self.size
+        offset = 0
+        while len(buf) - offset >= size:
+            frame = buf[offset : offset + size]
+            offset += size
+            if not self.dialect.is_request(frame):
+                return self.fail(f"the receiver {self.receiver.name} got an unexpected frame: {bytes(frame[:40]).hex()}")
+            self.response[self.resp_off : self.resp_off + 4] = frame[self.req_off : self.req_off + 4]
+            self.receiver.transport.write(bytes(self.response))
+        self._rbuf = buf[offset:]
+
+    def answered(self, data: bytes) -> None:
+        now = time.perf_counter()
+        buf = self._sbuf + data if self._sbuf else data
+        if len(buf) < self.size:
+            self._sbuf = buf
+            return
+        if len(buf) > self.size:
+            return self.fail(f"the sender {self.sender.name} got more than one answer")
+        self._sbuf = b""
+        if not self.dialect.is_response(buf) or _I32.unpack_from(buf, self.resp_off)[0] != self.mid:
+            return self.fail(f"the sender {self.sender.name} got an unexpected frame: {buf[:40].hex()}")
+        self.rtts.append(now - self.t0)
+        self.totals["answered"] += 1
+        if len(self.rtts) >= self.share:
+            self.finished()
+        else:
+            self.send()
+
+    def fail(self, text: str) -> None:
+        self.error = text
+        if not self.done.called:
+            self.done.callback("error")
+
+    def finished(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.totals["pairs_done"] += 1
+        if self.totals["pairs_done"] == self.pairs and not self.done.called:
+            self.done.callback("done")
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    """
+    The nearest-rank percentile of sorted values.
+    """
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def _usage(cpu0, cpu1, self0, self1, elapsed, memory) -> dict:
+    out = {"load_cpu_percent": 100 * (self1 - self0) / elapsed if elapsed > 0 else 0.0}
+    if cpu0 is not None and cpu1 is not None and elapsed > 0:
+        out["server_cpu_percent"] = 100 * (cpu1 - cpu0) / elapsed
+    if "VmRSS" in memory:
+        out["server_rss_bytes"] = memory["VmRSS"]
+    if "VmHWM" in memory:
+        out["server_peak_rss_bytes"] = memory["VmHWM"]
+    return out
+
+
+# -- the run -----------------------------------------------------------------------
+
+#: (mode, figure, which way is better, the issue's target: (kind, bound)).
+#: kind "ratio": esf/bare against bound; "min"/"max": the esf figure itself.
+FIGURES = {
+    "send": [("msgs_per_s", "higher", ("ratio_min", 0.8))],
+    "request": [
+        ("rtt_p50_us", "lower", ("ratio_max", 1.3)),
+        ("rtt_p90_us", "lower", None),
+        ("rtt_p99_us", "lower", None),
+        ("rtt_max_us", "lower", None),
+        ("requests_per_s", "higher", None),
+    ],
+    "logons": [("logons_per_s", "higher", ("min", 2000.0))],
+    "idle": [("bytes_per_session", "lower", ("max", 4096.0))],
+}
+
+
+def _ratios(mode: str, esf: dict | None, bare: dict | None) -> dict:
+    out = {}
+    if not esf or not bare or "error" in esf or "error" in bare:
+        return out
+    for figure, _, _ in FIGURES[mode]:
+        a, b = esf.get(figure), bare.get(figure)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0:
+            out[figure] = a / b
+    return out
+
+
+def _targets(row: dict) -> list[dict]:
+    out = []
+    esf = row.get("esf") or {}
+    if "error" in esf:
+        return out
+    for figure, _, target in FIGURES[row["mode"]]:
+        if target is None:
+            continue
+        kind, bound = target
+        if kind.startswith("ratio"):
+            value = row.get("ratio", {}).get(figure)
+            text = f"esf/bare {'>=' if kind == 'ratio_min' else '<='} {bound:g}"
+            met = None if value is None else (value >= bound if kind == "ratio_min" else value <= bound)
+        else:
+            value = esf.get(figure)
+            text = f"{'>=' if kind == 'min' else '<='} {bound:g}"
+            met = None if value is None else (value >= bound if kind == "min" else value <= bound)
+        if value is not None:
+            out.append({"row": _row_label(row), "figure": figure, "value": value, "target": text, "met": met})
+    return out
+
+
+def _row_label(row: dict) -> str:
+    mode = row["mode"]
+    if mode in ("send", "request"):
+        return f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
+    return f"{mode}, {row['count']:,}"
+
+
+async def run(reactor, opts) -> dict:
+    machine = machine_info()
+    progress = Progress(reactor, opts.progress)
+    bench = Bench(reactor, opts, progress)
+    kinds = ["esf"] + (["bare"] if opts.bare else [])
+    rows = []
+    workdir = Path(tempfile.mkdtemp(prefix="esf-bench-"))
+    failed = False
+    try:
+        for mode in opts.modes:
+            variants = opts.pairs if mode in ("send", "request") else [None]
+            for pairs in variants:
+                row = {"mode": mode}
+                if pairs is not None:
+                    row["pairs"] = pairs
+                else:
+                    row["count"] = opts.logons if mode == "logons" else opts.idle
+                runs = {kind: [] for kind in kinds}
+                for repeat in range(opts.repeat):
+                    for kind in kinds:
+                        result = await _one_run(bench, opts, workdir, mode, kind, pairs, row)
+                        runs[kind].append(result)
+                        if "error" in result:
+                            failed = True
+                        if not opts.progress:
+                            print(
+                                f"esf-bench: {_row_label(row)} on {kind}: run {repeat + 1} of "
+                                f"{opts.repeat} {'failed' if 'error' in result else 'done'}",
+                                file=sys.stderr,
+                            )
+                for kind in kinds:
+                    row[kind] = _best(mode, runs[kind])
+                    if opts.repeat > 1:
+                        row[kind]["runs"] = runs[kind]
+                row["ratio"] = _ratios(mode, row.get("esf"), row.get("bare"))
+                rows.append(row)
+    finally:
+        if opts.keep_logs:
+            print(f"esf-bench: server logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    targets = [t for row in rows for t in _targets(row)]
+    return {
+        "machine": machine | {"loadavg_at_end": _loadavg()},
+        "options": {
+            "server": f"{opts.server[0]}:{opts.server[1]}" if opts.server else "local",
+            "modes": list(opts.modes),
+            "pairs": opts.pairs,
+            "messages": opts.messages,
+            "requests": opts.requests,
+            "size": opts.size,
+            "frame_bytes": bench.esf.frame_size,
+            "logons": opts.logons,
+            "idle": opts.idle,
+            "hold_s": opts.hold,
+            "heartbeat_s": opts.heartbeat,
+            "logon_window": opts.logon_window,
+            "backlog": opts.backlog,
+            "bare": opts.bare,
+            "check": opts.check,
+            "duration_cap_s": opts.duration,
+            "repeat": opts.repeat,
+        },
+        "results": rows,
+        "targets": targets,
+        "ok": not failed,
+    }
+
+
+async def _one_run(bench, opts, workdir, mode, kind, pairs, row) -> dict:
+    """
+    One measurement on a freshly started server (or the remote one).
+    """
+    conns_needed = (2 * pairs if pairs else row["count"]) + 64
+    server = None
+    try:
+        if kind == "esf" and opts.server:
+            server = RemoteServer(*opts.server)
+        else:
+            server = LocalServer(kind, opts, workdir, conns_needed)
+        if mode in ("send", "request"):
+            return await getattr(bench, mode)(server, kind, pairs)
+        return await getattr(bench, mode)(server, kind)
+    except BenchError as e:
+        bench.progress.stop()
+        print(f"esf-bench: {_row_label(row)} on {kind}: {e}", file=sys.stderr)
+        tail = server.log_tail() if server is not None else ""
+        if tail:
+            print(f"  last lines of the {kind} server's log:\n{tail}", file=sys.stderr)
+        return {"error": str(e)}
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _best(mode: str, runs: list[dict]) -> dict:
+    """
+    The best of repeated runs by the mode's main figure (the first failure,
+    if any run failed).
+    """
+    for result in runs:
+        if "error" in result:
+            return dict(result)
+    figure, better, _ = FIGURES[mode][0]
+    pick = max if better == "higher" else min
+    best = pick(runs, key=lambda r: r.get(figure, 0))
+    return dict(best, repeats=len(runs))
+
+
+def _loadavg():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def _fmt(value, figure: str) -> str:
+    if value is None:
+        return "-"
+    if figure.endswith("_us"):
+        return f"{value:,.0f} µs"
+    if figure == "bytes_per_session":
+        return f"{value:,.0f} B"
+    if figure.endswith("_percent"):
+        return f"{value:.0f} %"
+    if figure.endswith("_bytes"):
+        return f"{value / 2**20:,.1f} MiB"
+    if figure.endswith("_s") and not figure.endswith("per_s"):
+        return f"{value:,.2f} s"
+    return f"{value:,.0f}"
+
+
+_EXTRA = {
+    "send": ["elapsed_s", "server_cpu_percent", "load_cpu_percent", "server_peak_rss_bytes"],
+    "request": ["server_cpu_percent", "load_cpu_percent"],
+    "logons": ["elapsed_s", "server_cpu_percent", "load_cpu_percent"],
+    "idle": ["logons_per_s", "server_rss_bytes", "server_cpu_percent"],
+}
+
+
+def format_table(report: dict) -> str:
+    machine = report["machine"]
+    options = report["options"]
+    lines = [
+        f"esf-bench: {machine['nproc']} CPU(s), {machine['cpu_model']}, {machine['python']}; "
+        f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}",
+        "",
+        "| measurement | esf | bare | esf/bare | target |",
+        "|---|---:|---:|---:|---|",
+    ]
+    targets = {(t["row"], t["figure"]): t for t in report["targets"]}
+    for row in report["results"]:
+        label = _row_label(row)
+        esf, bare = row.get("esf") or {}, row.get("bare") or {}
+        for kind, res in (("esf", esf), ("bare", bare)):
+            if "error" in res:
+                lines.append(f"| {label}: {kind} FAILED | {res['error'][:80]} | | | |")
+        figures = [f for f, _, _ in FIGURES[row["mode"]]] + _EXTRA[row["mode"]]
+        for figure in figures:
+            if figure not in esf and figure not in bare:
+                continue
+            ratio = row.get("ratio", {}).get(figure)
+            t = targets.get((label, figure))
+            target = ""
+            if t is not None:
+                target = f"{t['target']}: {'met' if t['met'] else 'NOT met'}"
+            capped = " (capped)" if esf.get("capped") or bare.get("capped") else ""
+            lines.append(
+                f"| {label}: {figure}{capped} | {_fmt(esf.get(figure), figure)} | "
+                f"{_fmt(bare.get(figure), figure)} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}'} | {target} |"
+            )
+    return "\n".join(lines)
+
+
+# -- options -----------------------------------------------------------------------
+
+
+def _host_port(value: str):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--server takes HOST:PORT, not {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _pairs(value: str) -> list[int]:
+    try:
+        pairs = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pairs takes numbers, e.g. 1,50, not {value!r}") from None
+    if not pairs or any(p < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"--pairs takes positive numbers, not {value!r}")
+    return pairs
+
+
+def _positive(kind):
+    def parse(value: str):
+        number = kind(value)
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+        return number
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="esf-bench",
+        description="Load an esf server and measure relay throughput, round-trip latency, "
+        "logons/s and memory per idle session, next to a bare Twisted relay.",
+    )
+    p.add_argument("--server", type=_host_port, metavar="HOST:PORT",
+                   help="measure this running esf server instead of starting one (no CPU/RSS figures)")
+    p.add_argument("--mode", default="all", choices=MODES + ("all",), help="what to measure (default all)")
+    p.add_argument("--pairs", type=_pairs, default=None, metavar="N[,N...]",
+                   help="sender/receiver pairs for send and request; a list runs each (default 1)")
+    p.add_argument("--messages", type=_positive(int), default=None, help="messages in send mode, in all (default 100000)")
+    p.add_argument("--requests", type=_positive(int), default=None, help="round trips in request mode, in all (default 20000)")
+    p.add_argument("--size", type=int, default=100, help="payload bytes per message (default 100)")
+    p.add_argument("--logons", type=_positive(int), default=None, help="connections that log on in logons mode (default 10000)")
+    p.add_argument("--idle", type=_positive(int), default=None, help="sessions held in idle mode (default 10000)")
+    p.add_argument("--hold", type=_positive(float), default=None, help="seconds the idle sessions are held (default 12)")
+    p.add_argument("--heartbeat", type=_positive(float), default=10.0, help="seconds between heartbeats of an idle session (default 10)")
+    p.add_argument("--logon-window", type=_positive(int), default=500, help="logons in flight at once (default 500)")
+    p.add_argument("--backlog", type=_positive(int), default=1024,
+                   help="listen backlog of the servers this run starts (default 1024; Twisted's own is 50)")
+    p.add_argument("--window-bytes", type=_positive(int), default=256 * 1024,
+                   help="bytes one sender may have in flight in send mode (default 262144)")
+    p.add_argument("--total-window-bytes", type=_positive(int), default=8 * 2**20,
+                   help="bytes all senders together may have in flight (default 8 MiB)")
+    p.add_argument("--bare", dest="bare", action="store_true", default=True,
+                   help="also measure the bare relay and print ratios (default)")
+    p.add_argument("--no-bare", dest="bare", action="store_false", help="measure esf only")
+    p.add_argument("--bare-relay", dest="bare_relay", metavar="PATH",
+                   help="the bare relay script (default: benchmarks/bare_relay.py of this checkout)")
+    p.add_argument("--check", action="store_true", default=None,
+                   help="decode and validate every frame at the receivers (slower load generator)")
+    p.add_argument("--duration", type=_positive(float), default=None,
+                   help="cap in seconds on each phase; a capped phase reports what it got (default 120)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run (2 pairs, 2000 messages, 200 logons, 200 idle sessions, --check): a smoke test")
+    p.add_argument("--repeat", type=_positive(int), default=1,
+                   help="run each measurement this many times, alternating esf and bare, and keep "
+                   "the best run of each (default 1)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (- for stdout)")
+    p.add_argument("--password", default="bench", help="password sent at logon")
+    p.add_argument("--system-token", default="", help="system token sent at logon")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="show a progress bar even when stderr is not a terminal")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--keep-logs", action="store_true", help="keep the started servers' logs")
+    p.add_argument("--startup-timeout", type=_positive(float), default=20.0, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_options(argv: list[str] | None):
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    quick = opts.quick
+    defaults = {
+        "pairs": [2] if quick else [1],
+        "messages": 2000 if quick else 100_000,
+        "requests": 500 if quick else 20_000,
+        "logons": 200 if quick else 10_000,
+        "idle": 200 if quick else 10_000,
+        "hold": 1.0 if quick else 12.0,
+        "duration": 20.0 if quick else 120.0,
+        "check": True if quick else False,
+    }
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    if opts.progress is None:
+        opts.progress = sys.stderr.isatty()
+    opts.modes = MODES if opts.mode == "all" else (opts.mode,)
+    if opts.size < 0:
+        parser.error("--size must be 0 or more")
+    if opts.size + 40 > 1024 * 1024:
+        parser.error("--size must fit one frame of the default maximum message size")
+    if opts.bare:
+        opts.bare_relay_path = find_bare_relay(opts.bare_relay)
+        if opts.bare_relay_path is None:
+            print(
+                "esf-bench: the bare relay (benchmarks/bare_relay.py) is not here; "
+                "give --bare-relay PATH or --no-bare. Measuring esf only.",
+                file=sys.stderr,
+            )
+            opts.bare = False
+    most = max([opts.logons, opts.idle] + [2 * p for p in opts.pairs])
+    limit = raise_fd_limit(most + 256)
+    if limit < most + 64:
+        parser.error(f"the open-files limit ({limit}) is too low for {most} connections; raise ulimit -n")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    from twisted.internet import reactor
+
+    outcome = {}
+
+    async def go():
+        outcome["report"] = await run(reactor, opts)
+
+    errors = []
+    d = defer.Deferred.fromCoroutine(go())
+    d.addErrback(errors.append)
+    d.addBoth(lambda _: reactor.stop())
+    reactor.run()
+    if errors:
+        errors[0].printTraceback(file=sys.stderr)
+        return 1
+    report = outcome["report"]
+    if opts.json == "-":
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(report))
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
