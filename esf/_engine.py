@@ -78,6 +78,20 @@ _DEVICE_MARK = "#"
 #: DestUserIDs that address the server itself.
 _TO_SERVER = frozenset({SERVER_ID, ""})
 
+#: Message types that a DestUserID other than the server's relays to a user.
+_RELAYED = frozenset(
+    {
+        MessageType.PING_ACK,
+        MessageType.SEND,
+        MessageType.REQUEST,
+        MessageType.RESPONSE,
+        MessageType.SEND_CERTAINLY,
+        MessageType.ACK,
+        MessageType.ERROR,
+        MessageType.BLOB,
+    }
+)
+
 #: Reasons whose notice is the BeingPushedOut / BeingKickedOut message
 #: itself, and reasons where the peer asked for the close.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
@@ -315,6 +329,7 @@ class Session:
         "_heartbeat_echo",
         "blobs",
         "queries",
+        "_out",
         "__weakref__",
     )
 
@@ -342,6 +357,8 @@ class Session:
         self.blobs: m.BlobAssembler | None = None
         #: MessageIDs of the server's queries waiting for this session.
         self.queries: set[int] = set()
+        #: Output gathered during a read, written by L{flush}.
+        self._out: list[bytes] | None = None
 
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
@@ -362,20 +379,29 @@ class Session:
         Bytes arrived from the peer.
         """
         self.active = True
+        engine = self.engine
+        error = None
         try:
             frames = self.decoder.feed(data)
         except FrameError as e:
-            for frame in e.frames:
+            frames, error = e.frames, e
+        # Output to every session is gathered while this read's frames are
+        # handled and written once per session afterwards: a read of many
+        # small frames costs each receiver one transport write, not many.
+        outermost = engine._batch is None
+        if outermost:
+            engine._batch = []
+        try:
+            frame_received = engine.frame_received
+            for frame in frames:
                 if self.state is _State.ENDED:
                     return
-                self.engine.frame_received(self, frame)
-            self.end(e.reason, e.message)
-            return
-        engine = self.engine
-        for frame in frames:
-            if self.state is _State.ENDED:
-                return
-            engine.frame_received(self, frame)
+                frame_received(self, frame)
+            if error is not None:
+                self.end(error.reason, error.message)
+        finally:
+            if outermost:
+                engine._flush()
 
     def connection_lost(self) -> None:
         """
@@ -415,8 +441,30 @@ class Session:
                     f"for a peer that does not read",
                 )
                 return
+        out = self._out
+        if out is not None:
+            out.append(data)
+            return
+        batch = self.engine._batch
+        if batch is not None:
+            self._out = [data]
+            batch.append(self)
+            return
         try:
             self.channel.write(data)
+        except Exception:
+            self._write_failed()
+
+    def flush(self) -> None:
+        """
+        Write the output gathered for this session during a read.
+        """
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        try:
+            self.channel.write(out[0] if len(out) == 1 else b"".join(out))
         except Exception:
             self._write_failed()
 
@@ -485,6 +533,7 @@ class Session:
         """
         if self.state is _State.ENDED:
             return
+        self.flush()  # what was sent before the end arrives before the notice
         was_logged_on = self.state is _State.LOGGED_ON
         self.state = _State.ENDED
         if self._logon_timer is not None and self._logon_timer.active():
@@ -655,6 +704,8 @@ class ServerEngine:
         self.counters: collections.Counter = collections.Counter()
         self._queries: dict[int, tuple[Session, Deferred, Any]] = {}
         self._message_ids = itertools.count(1)
+        #: While a read is handled: the sessions with gathered output.
+        self._batch: list[Session] | None = None
         self._logon_rate = SlidingWindow(config.logon_rate_window, config.logon_rate_limit)
         self._takeovers = SlidingWindow(config.takeover_window, config.takeover_limit)
         self._takeover_blocked: dict[tuple, float] = {}
@@ -743,6 +794,11 @@ class ServerEngine:
         )
         return session
 
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        for session in batch:
+            session.flush()
+
     def _connection_closed(self, session: Session) -> None:
         self._open.discard(session)
         if self._stopping and not self._open:
@@ -802,6 +858,19 @@ class ServerEngine:
                 f"frame from {frame.user_id!r} on the session of {session.user_id!r}",
             )
             return
+        if frame.message_type in _RELAYED:
+            dest = frame.dest_user_id
+            if dest not in _TO_SERVER:
+                # The relay's common case inline: a plain user ID, online.
+                if dest not in _RESERVED_IDS and _DEVICE_MARK not in dest:
+                    targets = self.presence.devices(dest)
+                    if targets:
+                        raw = frame.raw
+                        for target in targets:
+                            target.send(raw)
+                        return
+                self._on_relay(session, frame)
+                return
         handler = self._dispatch.get(frame.message_type)
         if handler is None:
             session.error(

@@ -419,18 +419,49 @@ class FrameDecoder:
             if offset < 0:
                 return
         hlen = self._hlen
-        parse = self._parse_header
+        unpack = self._unpack_fixed
+        ids = self._ids
+        key_length = self._slot + 1
+        max_body = self.max_message_size - hlen
         append = frames.append
         while size - offset >= hlen:
-            header = parse(data, offset)
-            end = offset + hlen + header[5]
+            # The common case inline: a valid header whose IDs are cached.
+            # Anything else goes through _parse_header, which checks every
+            # field and says what is wrong.
+            start, client_type, message_type, message_id, body_length = unpack(data, offset)
+            o = offset + 12
+            user_id = ids.get(data[o : o + key_length])
+            o += key_length
+            dest_user_id = ids.get(data[o : o + key_length])
+            if (
+                start != START_TOKEN
+                or not 0 <= body_length <= max_body
+                or user_id is None
+                or dest_user_id is None
+            ):
+                (
+                    client_type,
+                    message_type,
+                    message_id,
+                    user_id,
+                    dest_user_id,
+                    body_length,
+                ) = self._parse_header(data, offset)
+            end = offset + hlen + body_length
             if end > size:
-                self._header = header
+                self._header = (
+                    client_type,
+                    message_type,
+                    message_id,
+                    user_id,
+                    dest_user_id,
+                    body_length,
+                )
                 self._need = end - offset
                 self._stash(data[offset:] if offset else data)
                 return
             raw = data[offset:end] if (offset or end != size) else data
-            append(Frame(header[0], header[1], header[2], header[3], header[4], raw, hlen))
+            append(Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen))
             offset = end
         if offset < size:
             self._header = None
