@@ -567,30 +567,35 @@ class LocalPresence:
     """
 
     def __init__(self):
-        self._users: dict[str, dict[int, Any]] = {}
+        # user ID -> that user's handles in logon order.  A tuple: the relay
+        # reads it for every message and must not copy it, and a handle may
+        # leave while a caller is still iterating over it.
+        self._users: dict[str, tuple] = {}
 
     def get(self, user_id, client_type):
-        devices = self._users.get(user_id)
-        return devices.get(client_type) if devices else None
+        for handle in self._users.get(user_id, ()):
+            if handle.client_type == client_type:
+                return handle
+        return None
 
     def devices(self, user_id):
-        devices = self._users.get(user_id)
-        return list(devices.values()) if devices else []
+        return self._users.get(user_id, ())
 
     def add(self, handle):
-        devices = self._users.setdefault(handle.user_id, {})
-        devices[handle.client_type] = handle
-        return len(devices) == 1
+        devices = self._users.get(handle.user_id, ())
+        self._users[handle.user_id] = devices + (handle,)
+        return not devices
 
     def remove(self, handle):
-        devices = self._users.get(handle.user_id)
-        if not devices or devices.get(handle.client_type) is not handle:
+        devices = self._users.get(handle.user_id, ())
+        if handle not in devices:
             return False
-        del devices[handle.client_type]
-        if not devices:
-            del self._users[handle.user_id]
-            return True
-        return False
+        rest = tuple(h for h in devices if h is not handle)
+        if rest:
+            self._users[handle.user_id] = rest
+            return False
+        del self._users[handle.user_id]
+        return True
 
     def user_ids(self):
         return sorted(self._users)

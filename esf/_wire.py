@@ -198,12 +198,12 @@ class WireConfig:
         return self._struct
 
 
-# Read-only like a frozen class, but built by a plain __init__: a frame is
-# made for every message on the hot path.
-@attrs.define(on_setattr=attrs.setters.frozen)
+# Not frozen: a frozen class's __init__ costs twice as much, and a frame is
+# made for every message on the relay path.  Treat it as read-only.
+@attrs.define
 class Frame:
     """
-    One decoded frame (read-only).
+    One decoded frame.  Treat it as read-only: the relay forwards L{raw}.
 
     @ivar raw: the frame's bytes exactly as received (header and body); the
         relay path writes these on without re-encoding.

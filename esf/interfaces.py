@@ -244,7 +244,8 @@ class IPresence(Interface):
     def devices(user_id):
         """
         The handles of C{user_id}'s devices, in logon order (empty when
-        offline).
+        offline), as a sequence the caller must not change; it stays valid
+        while handles come and go.
         """
 
     def add(handle):

@@ -1936,7 +1936,7 @@ def test_local_presence():
     assert presence.add(a0) is True
     assert presence.add(a5) is False
     assert presence.add(b0) is True
-    assert presence.devices("a") == [a0, a5]
+    assert list(presence.devices("a")) == [a0, a5]
     assert presence.get("a", 5) is a5
     assert presence.get("a", 4) is None
     assert presence.get("z", 0) is None
@@ -1946,7 +1946,7 @@ def test_local_presence():
     assert presence.remove(a0) is False
     assert presence.remove(a5) is True
     assert presence.remove(a5) is False
-    assert presence.devices("a") == []
+    assert list(presence.devices("a")) == []
     assert presence.user_count() == 1
 
 
