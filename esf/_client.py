@@ -309,11 +309,17 @@ class ClientEngine:
         def could_not_connect(failure):
             if failure.check(CancelledError):
                 return None
+            # This runs inside ClientService's state machine, which must not
+            # be re-entered (stopService, or a close() by whoever waits for
+            # the logon): go on from the event loop.
+            self.clock.callLater(0, first_connection_failed, failure)
+            return None
+
+        def first_connection_failed(failure):
             self._stop_reconnecting()
             if self._first_logon is not None:
                 first, self._first_logon = self._first_logon, None
                 first.errback(failure)
-            return None
 
         connected.addErrback(could_not_connect)
         return first

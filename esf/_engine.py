@@ -78,6 +78,9 @@ _DEVICE_MARK = "#"
 #: DestUserIDs that address the server itself.
 _TO_SERVER = frozenset({SERVER_ID, ""})
 
+#: DestUserIDs that are not a plain user's (the relay's fast path skips them).
+_NOT_A_PLAIN_USER = _RESERVED_IDS | _TO_SERVER
+
 #: Message types that a DestUserID other than the server's relays to a user.
 _RELAYED = frozenset(
     {
@@ -393,8 +396,26 @@ class Session:
             engine._batch = []
         try:
             frame_received = engine.frame_received
+            devices = engine.presence.devices
+            logged_on = _State.LOGGED_ON
             for frame in frames:
-                if self.state is _State.ENDED:
+                state = self.state
+                if (
+                    state is logged_on
+                    and frame.message_type in _RELAYED
+                    and frame.user_id == self.user_id
+                ):
+                    # The relay's common case, inline: a plain user ID that
+                    # is online.  Everything else takes frame_received.
+                    dest = frame.dest_user_id
+                    if dest not in _NOT_A_PLAIN_USER and _DEVICE_MARK not in dest:
+                        targets = devices(dest)
+                        if targets:
+                            raw = frame.raw
+                            for target in targets:
+                                target.send(raw)
+                            continue
+                elif state is _State.ENDED:
                     return
                 frame_received(self, frame)
             if error is not None:
@@ -863,19 +884,9 @@ class ServerEngine:
                 f"frame from {frame.user_id!r} on the session of {session.user_id!r}",
             )
             return
-        if frame.message_type in _RELAYED:
-            dest = frame.dest_user_id
-            if dest not in _TO_SERVER:
-                # The relay's common case inline: a plain user ID, online.
-                if dest not in _RESERVED_IDS and _DEVICE_MARK not in dest:
-                    targets = self.presence.devices(dest)
-                    if targets:
-                        raw = frame.raw
-                        for target in targets:
-                            target.send(raw)
-                        return
-                self._on_relay(session, frame)
-                return
+        if frame.message_type in _RELAYED and frame.dest_user_id not in _TO_SERVER:
+            self._on_relay(session, frame)
+            return
         handler = self._dispatch.get(frame.message_type)
         if handler is None:
             session.error(
