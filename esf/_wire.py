@@ -375,6 +375,9 @@ class FrameDecoder:
             f"{config.max_userid_length})"
         )
         self._ids: dict[bytes, str] = {}
+        # Both ID fields' raw bytes -> (user_id, dest_user_id): the hot loop
+        # looks a frame's IDs up with one slice and one dict lookup.
+        self._pairs: dict[bytes, tuple[str, str]] = {}
         # Partial frame: pieces received so far, their total, the number of
         # bytes that complete the current unit (a header, then a frame).
         self._parts: list[bytes] = []
@@ -420,8 +423,8 @@ class FrameDecoder:
                 return
         hlen = self._hlen
         unpack = self._unpack_fixed
-        ids = self._ids
-        key_length = self._slot + 1
+        pairs = self._pairs
+        ids_end = hlen  # the two ID fields run from byte 12 to the end
         max_body = self.max_message_size - hlen
         append = frames.append
         while size - offset >= hlen:
@@ -429,16 +432,8 @@ class FrameDecoder:
             # Anything else goes through _parse_header, which checks every
             # field and says what is wrong.
             start, client_type, message_type, message_id, body_length = unpack(data, offset)
-            o = offset + 12
-            user_id = ids.get(data[o : o + key_length])
-            o += key_length
-            dest_user_id = ids.get(data[o : o + key_length])
-            if (
-                start != START_TOKEN
-                or not 0 <= body_length <= max_body
-                or user_id is None
-                or dest_user_id is None
-            ):
+            pair = pairs.get(data[offset + 12 : offset + ids_end])
+            if start != START_TOKEN or not 0 <= body_length <= max_body or pair is None:
                 (
                     client_type,
                     message_type,
@@ -447,6 +442,8 @@ class FrameDecoder:
                     dest_user_id,
                     body_length,
                 ) = self._parse_header(data, offset)
+            else:
+                user_id, dest_user_id = pair
             end = offset + hlen + body_length
             if end > size:
                 self._header = (
@@ -559,6 +556,10 @@ class FrameDecoder:
         dest_user_id = ids.get(key)
         if dest_user_id is None:
             dest_user_id = self._new_id(key, "DestUserID")
+        pairs = self._pairs
+        if len(pairs) >= _ID_CACHE_SIZE:
+            pairs.clear()
+        pairs[data[offset + 12 : offset + self._hlen]] = (user_id, dest_user_id)
         return client_type, message_type, message_id, user_id, dest_user_id, body_length
 
     def _new_id(self, key: bytes, which: str) -> str:
