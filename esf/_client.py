@@ -338,6 +338,11 @@ class ClientEngine:
         service = self._service
         if service is None or not service.running:
             return succeed(None)
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            # A registered producer would hold the close back (TLS waits
+            # for it to unregister before its shutdown).
+            protocol.transport.unregisterProducer()
         return service.stopService().addBoth(lambda _: None)
 
     def _retry_delay(self, attempt: int) -> float:

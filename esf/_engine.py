@@ -358,8 +358,9 @@ class Session:
         self._heartbeat_echo = b""
         #: Blobs addressed to the server, being reassembled (made on demand).
         self.blobs: m.BlobAssembler | None = None
-        #: MessageIDs of the server's queries waiting for this session.
-        self.queries: set[int] = set()
+        #: MessageIDs of the server's queries waiting for this session
+        #: (made on demand: most sessions are never asked anything).
+        self.queries: set[int] | None = None
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
 
@@ -1593,6 +1594,8 @@ class ServerEngine:
             message_id,
         )
         self._queries[message_id] = (session, d, timer)
+        if session.queries is None:
+            session.queries = set()
         session.queries.add(message_id)
         session.send(
             encode_frame(

@@ -338,8 +338,9 @@ def encode_frame(
 #: MessageID, BodyLength.
 _FIXED_HEADER = struct.Struct("<BBHii")
 
-#: How many decoded ID slots a decoder remembers; the sender's ID and its
-#: few correspondents repeat on every frame, so this saves the UTF-8 check.
+#: How many decoded pairs of ID fields a decoder remembers; the sender's ID
+#: and its few correspondents repeat on every frame, so this saves the
+#: UTF-8 and padding checks.
 _ID_CACHE_SIZE = 256
 
 #: Chunks smaller than this are gathered into one buffer while a frame is
@@ -374,7 +375,6 @@ class FrameDecoder:
             f" (this server expects {self._hlen}-byte headers, max UserID length "
             f"{config.max_userid_length})"
         )
-        self._ids: dict[bytes, str] = {}
         # Both ID fields' raw bytes -> (user_id, dest_user_id): the hot loop
         # looks a frame's IDs up with one slice and one dict lookup.
         self._pairs: dict[bytes, tuple[str, str]] = {}
@@ -542,38 +542,29 @@ class FrameDecoder:
                 f"body length {body_length} outside 0..{self.max_message_size - self._hlen} "
                 f"(maximum message size {self.max_message_size}){self._expectation}",
             )
-        # Each ID is looked up by its raw bytes (length byte and slot): the
-        # same few IDs repeat on every frame of a connection.
-        ids = self._ids
         slot = self._slot
         o = offset + 12
-        key = data[o : o + slot + 1]
-        user_id = ids.get(key)
-        if user_id is None:
-            user_id = self._new_id(key, "UserID")
+        user_id = self._decode_id(data[o : o + slot + 1], "UserID")
         o += slot + 1
-        key = data[o : o + slot + 1]
-        dest_user_id = ids.get(key)
-        if dest_user_id is None:
-            dest_user_id = self._new_id(key, "DestUserID")
+        dest_user_id = self._decode_id(data[o : o + slot + 1], "DestUserID")
+        # Remember this pair of ID fields: the same few pairs repeat on
+        # every frame of a connection, and the hot loop finds them here.
         pairs = self._pairs
         if len(pairs) >= _ID_CACHE_SIZE:
             pairs.clear()
         pairs[data[offset + 12 : offset + self._hlen]] = (user_id, dest_user_id)
         return client_type, message_type, message_id, user_id, dest_user_id, body_length
 
-    def _new_id(self, key: bytes, which: str) -> str:
+    def _decode_id(self, key: bytes, which: str) -> str:
+        """
+        Decode one ID field (length byte, then the zero-padded slot).
+        """
         try:
-            text = _decode_id(key[1:], key[0], which)
+            return _decode_id(key[1:], key[0], which)
         except FrameError as e:
             # A peer with another max UserID length fails here most often:
             # say which header this side expects.
             raise FrameError(e.reason, e.message + self._expectation) from None
-        ids = self._ids
-        if len(ids) >= _ID_CACHE_SIZE:
-            ids.clear()
-        ids[key] = text
-        return text
 
     def _frame(self, header: tuple, raw: bytes) -> Frame:
         return Frame(header[0], header[1], header[2], header[3], header[4], raw, self._hlen)
