@@ -19,6 +19,7 @@ from typing import Any, Callable
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
@@ -431,6 +432,8 @@ class ClientEngine:
         if self._heartbeat.running:
             self._heartbeat.stop()
         why = "the connection to the server was lost"
+        if reason is not None and not reason.check(ConnectionDone):
+            why += f": {reason.getErrorMessage()}"
         if self._ending is not None and self._ending[0] == "disconnected":
             why = f"the server closed the connection ({_name(self._ending[1])}: {self._ending[2]})"
         pending, self._pending = self._pending, {}

@@ -522,7 +522,9 @@ class Session:
             body = m.Error(frame.message_type, code, text[:1000]).encode()
             self.reply(frame, body, MessageType.ERROR)
         else:
-            log.info(
+            # Debug only: a peer must not be able to fill the log.
+            self.engine.counters["dropped"] += 1
+            log.debug(
                 "dropped {message_type} from {session!r}: {code.name}: {text}",
                 message_type=frame.message_type,
                 session=self,
@@ -1157,7 +1159,8 @@ class ServerEngine:
         if last:
             um.user_disconnected.fire(session.user_data, reason)
             um.user_count_changed.fire(um.user_count)
-        else:
+        elif not self._stopping:
+            # (When the server stops, every device gets ServerShutdown.)
             self._tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
 
     def _tell_other_devices(self, session: Session, message_type: MessageType) -> None:
