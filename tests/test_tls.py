@@ -167,10 +167,10 @@ def test_a_client_that_does_not_trust_the_certificate_cannot_log_on(tls_server, 
     logs = LogCapture().start()
     mallory = tls_client(port, certificate[2], "mallory", trust=False)
     try:
-        # The logon fails (the reason the client reports is only
-        # NotConnected: the certificate error is not passed on).
-        with pytest.raises(Exception):
+        # The logon fails, and the error says the connection was lost and why.
+        with pytest.raises(Exception) as info:
             yield with_timeout(mallory.logon())
+        assert "certificate verify failed" in str(info.value)
         assert not engine.user_manager.is_user_online("mallory")
         # The server logs no failure for a failed handshake.
         assert not logs.failures()
