@@ -401,6 +401,10 @@ class ClientEngine:
             if self._heartbeat.running:
                 self._heartbeat.stop()
             self._heartbeat.start(max(response.heartbeat_interval, 1), now=True)
+        elif first is None and response.result == LogonResult.BUSY:
+            # "Try later": the server closes this connection and the
+            # client goes on reconnecting, with a growing delay.
+            self._ending = ("busy",)
         else:
             # A refused logon or re-logon ends the session for good.
             self._ending = ("refused", response)
@@ -451,7 +455,7 @@ class ClientEngine:
                 self.connection_rebuild_start.fire()
             return
         kind, *args = ending
-        if kind in ("pushed_out", "kicked", "refused", "logged_off", "closed"):
+        if kind in ("pushed_out", "kicked", "refused", "logged_off", "closed", "busy"):
             return
         if kind == "disconnected":
             self.disconnected.fire(*args)

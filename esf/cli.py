@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from ._client import ClientEngine, LogonFailed, NotConnected
 from ._messages import RequestError
-from ._wire import SERVER_ID, ClientType, WireConfig
+from ._wire import SERVER_ID, ClientType, LogonResult, WireConfig
 from .interfaces import ICustomizeHandler
 
 __all__ = ["main", "build_parser"]
@@ -326,6 +326,8 @@ class Client:
     def _relogon(self, response) -> None:
         if response.succeeded:
             _stderr("logged on again")
+        elif response.result == LogonResult.BUSY:
+            _stderr(f"{describe(LogonFailed(response))}; trying again")
         else:
             self._end(describe(LogonFailed(response)))
 
@@ -395,7 +397,9 @@ async def _listen(reactor, client: Client, count: int | None, seconds: float | N
         _stdout(line)
         received += 1
         if count is not None and received >= count and not done.called:
-            done.callback(None)
+            # After the handler has returned, so that its Ack or answer
+            # goes out before the Logoff.
+            reactor.callLater(0, lambda: done.called or done.callback(None))
 
     client.show = counted
     client.engine.handler.show = counted
@@ -405,6 +409,7 @@ async def _listen(reactor, client: Client, count: int | None, seconds: float | N
         done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
     try:
         await client.logon()
+        _stderr(f"logged on as {client.engine.user_id}; listening")
         await done
     finally:
         client.show = show
@@ -448,6 +453,9 @@ class _Shell(LineReceiver):
         self.queue.addCallback(lambda _: ensureDeferred(self._run(line)))
 
     def readConnectionLost(self) -> None:
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            self.lineReceived(rest)  # a last line without its newline
         self.queue.addCallback(lambda _: self.done.called or self.done.callback(None))
 
     def writeConnectionLost(self) -> None:
