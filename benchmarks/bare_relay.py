@@ -42,7 +42,9 @@ class RelayProtocol(Protocol):
     name: bytes | None = None
 
     def connectionMade(self) -> None:
-        self.transport.setTcpNoDelay(True)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:  # a TCP transport
+            no_delay(True)
         self._buffer = b""
 
     def dataReceived(self, data: bytes) -> None:

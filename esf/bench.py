@@ -161,6 +161,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def interpreter_info(executable: str) -> str | None:
+    """
+    C{"Implementation version"} of the Python at C{executable}, or L{None}
+    if it cannot be run.
+    """
+    if executable == sys.executable:
+        return f"{platform.python_implementation()} {platform.python_version()}"
+    try:
+        out = subprocess.run(
+            [executable, "-c", "import platform; print(platform.python_implementation(), platform.python_version())"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
 def find_bare_relay(given: str | None) -> Path | None:
     if given:
         path = Path(given)
@@ -184,7 +201,7 @@ class LocalServer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if kind == "esf":
             argv = [
-                sys.executable, "-m", "twisted",
+                opts.server_python, "-m", "twisted",
                 "--log-file", str(self.log_path), "--log-format", "text",
                 "esf",
                 "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={opts.backlog}",
@@ -193,7 +210,7 @@ class LocalServer:
             ]  # fmt: skip
         else:
             argv = [
-                sys.executable, str(opts.bare_relay_path),
+                opts.server_python, str(opts.bare_relay_path),
                 "--port", str(self.port), "--backlog", str(opts.backlog),
             ]  # fmt: skip
         self._log = open(self.log_path, "ab")
@@ -1147,9 +1164,10 @@ async def run(reactor, opts) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
     targets = [t for row in rows for t in _targets(row)]
     return {
-        "machine": machine | {"loadavg_at_end": _loadavg()},
+        "machine": machine | {"loadavg_at_end": _loadavg(), "server_python": opts.server_python_version},
         "options": {
             "server": f"{opts.server[0]}:{opts.server[1]}" if opts.server else "local",
+            "server_python": None if opts.server else opts.server_python,
             "modes": list(opts.modes),
             "pairs": opts.pairs,
             "messages": opts.messages,
@@ -1252,7 +1270,8 @@ def format_table(report: dict) -> str:
     options = report["options"]
     lines = [
         f"esf-bench: {machine['nproc']} CPU(s), {machine['cpu_model']}, {machine['python']}; "
-        f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}",
+        f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}"
+        + (f" on {machine['server_python']}" if options.get("server_python") and machine.get("server_python") else ""),
         "",
         "| measurement | esf | bare | esf/bare | target |",
         "|---|---:|---:|---:|---|",
@@ -1342,6 +1361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bare", dest="bare", action="store_false", help="measure esf only")
     p.add_argument("--bare-relay", dest="bare_relay", metavar="PATH",
                    help="the bare relay script (default: benchmarks/bare_relay.py of this checkout)")
+    p.add_argument("--server-python", metavar="PATH", default=sys.executable,
+                   help="the Python that runs the servers this benchmark starts, esf and the bare relay "
+                   "(default: this one); it must be able to import Twisted, attrs and zope.interface, "
+                   "and imports esf from this checkout")
     p.add_argument("--check", action="store_true", default=None,
                    help="decode and validate every frame at the receivers (slower load generator)")
     p.add_argument("--duration", type=_positive(float), default=None,
@@ -1386,6 +1409,11 @@ def parse_options(argv: list[str] | None):
         parser.error("--size must be 0 or more")
     if opts.size + 40 > 1024 * 1024:
         parser.error("--size must fit one frame of the default maximum message size")
+    opts.server_python_version = None
+    if opts.server is None:
+        opts.server_python_version = interpreter_info(opts.server_python)
+        if opts.server_python_version is None:
+            parser.error(f"--server-python {opts.server_python!r} cannot be run")
     if opts.bare:
         opts.bare_relay_path = find_bare_relay(opts.bare_relay)
         if opts.bare_relay_path is None:
