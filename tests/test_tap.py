@@ -113,6 +113,10 @@ def test_every_setting_reaches_the_config():
         "300",
         "--max-output-buffer",
         "4096",
+        "--max-blob-size",
+        "8192",
+        "--query-timeout",
+        "7",
         "--client-types",
         "0,5, 200",
     )["config"]
@@ -127,6 +131,7 @@ def test_every_setting_reaches_the_config():
     assert config.system_token == "tok"
     assert config.max_connections == 300
     assert config.max_output_buffer == 4096
+    assert (config.max_blob_size, config.query_timeout) == (8192, 7)
     assert config.client_types == {0, 5, 200}
 
 
