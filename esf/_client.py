@@ -40,6 +40,7 @@ from ._wire import (
     LogonResult,
     MessageType,
     WireConfig,
+    device_address,
     encode_frame,
     validate_id,
 )
@@ -521,7 +522,7 @@ class ClientEngine:
         ):
             self._end_for_good("closed")
         else:
-            self._ending = ("disconnected", _reason(notice.reason), notice.text)
+            self._ending = ("disconnected", notice.reason, notice.text)
 
     def _end_for_good(self, kind: str) -> None:
         self._ending = (kind,)
@@ -823,7 +824,7 @@ class ClientEngine:
         self._write(
             MessageType.SEND,
             m.Information(information_type, payload).encode(),
-            dest=_dest(user_id, client_type),
+            dest=device_address(user_id, client_type),
         )
 
     def query(
@@ -841,7 +842,7 @@ class ClientEngine:
         d = self._request(
             MessageType.REQUEST,
             m.Information(information_type, payload).encode(),
-            dest=_dest(user_id, client_type),
+            dest=device_address(user_id, client_type),
             timeout=timeout,
         )
         return d.addCallback(lambda f: m.Information.decode(f.body).payload)
@@ -861,7 +862,7 @@ class ClientEngine:
         d = self._request(
             MessageType.SEND_CERTAINLY,
             m.Information(information_type, payload).encode(),
-            dest=_dest(user_id, client_type),
+            dest=device_address(user_id, client_type),
             timeout=timeout,
         )
         return d.addCallback(lambda _: None)
@@ -907,17 +908,6 @@ class ClientEngine:
             timeout=timeout,
         )
         return d.addCallback(lambda _: None)
-
-
-def _dest(user_id: str, client_type: int | None) -> str:
-    return user_id if client_type is None else f"{user_id}#{int(client_type)}"
-
-
-def _reason(value: int):
-    try:
-        return DisconnectedType(value)
-    except ValueError:
-        return value
 
 
 def _raise_error(frame: Frame) -> Frame:

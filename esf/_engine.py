@@ -26,6 +26,7 @@ from zope.interface import implementer
 from . import _messages as m
 from ._wire import (
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEVICE_MARK,
     EVERYONE_ID,
     SERVER_ID,
     ClientType,
@@ -37,6 +38,7 @@ from ._wire import (
     LogonResult,
     MessageType,
     WireConfig,
+    device_address,
     encode_frame,
 )
 from .interfaces import (
@@ -71,9 +73,6 @@ PRE_LOGON_MAX_MESSAGE_SIZE = 64 * 1024
 
 _RESERVED_IDS = frozenset({SERVER_ID, EVERYONE_ID, ""})
 
-#: In a relayed message's DestUserID, C{"alice#5"} names device kind 5 of
-#: user C{"alice"}; user IDs may therefore not hold it.
-_DEVICE_MARK = "#"
 
 #: DestUserIDs that address the server itself.
 _TO_SERVER = frozenset({SERVER_ID, ""})
@@ -409,7 +408,7 @@ class Session:
                     # The relay's common case, inline: a plain user ID that
                     # is online.  Everything else takes frame_received.
                     dest = frame.dest_user_id
-                    if dest not in _NOT_A_PLAIN_USER and _DEVICE_MARK not in dest:
+                    if dest not in _NOT_A_PLAIN_USER and DEVICE_MARK not in dest:
                         targets = devices(dest)
                         if targets:
                             raw = frame.raw
@@ -947,12 +946,12 @@ class ServerEngine:
         if config.system_token and logon.system_token != config.system_token:
             self._refuse(session, frame, LogonResult.VERSION_MISMATCHED, "wrong system token")
             return
-        if user_id in _RESERVED_IDS or _DEVICE_MARK in user_id:
+        if user_id in _RESERVED_IDS or DEVICE_MARK in user_id:
             self._refuse(
                 session,
                 frame,
                 LogonResult.FAILED,
-                f"user ID {user_id!r} is reserved (as are IDs holding {_DEVICE_MARK!r})",
+                f"user ID {user_id!r} is reserved (as are IDs holding {DEVICE_MARK!r})",
             )
             return
         if client_type not in config.client_types:
@@ -1224,8 +1223,8 @@ class ServerEngine:
         """
         if dest_user_id in _RESERVED_IDS:
             return None
-        if _DEVICE_MARK in dest_user_id:
-            user_id, _, kind = dest_user_id.rpartition(_DEVICE_MARK)
+        if DEVICE_MARK in dest_user_id:
+            user_id, _, kind = dest_user_id.rpartition(DEVICE_MARK)
             if not (kind.isascii() and kind.isdigit()) or not user_id:
                 return None
             handle = self.presence.get(user_id, int(kind))
@@ -1552,7 +1551,7 @@ class ServerEngine:
         targets = self._devices(user_id, client_type)
         body = m.Information(information_type, payload).encode()
         if not targets:
-            dest = user_id if client_type is None else f"{user_id}{_DEVICE_MARK}{client_type}"
+            dest = device_address(user_id, client_type)
             self.counters["transmit_failed"] += 1
             self.transmit_failed.fire(
                 SERVER_ID,

@@ -22,6 +22,8 @@ __all__ = [
     "START_TOKEN",
     "SERVER_ID",
     "EVERYONE_ID",
+    "DEVICE_MARK",
+    "device_address",
     "DEFAULT_MAX_USERID_LENGTH",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "ClientType",
@@ -143,6 +145,19 @@ class ErrorCode(IntEnum):
     TOO_LARGE = 7
     RATE_LIMITED = 8
     TIMEOUT = 9
+
+
+#: In a relayed message's DestUserID, C{"alice#5"} names device kind 5 of
+#: user C{"alice"}; user IDs may therefore not hold it.
+DEVICE_MARK = "#"
+
+
+def device_address(user_id: str, client_type: int | None) -> str:
+    """
+    The DestUserID that addresses C{user_id}'s device C{client_type}, or
+    every device of the user when C{client_type} is C{None}.
+    """
+    return user_id if client_type is None else f"{user_id}{DEVICE_MARK}{int(client_type)}"
 
 
 def header_length_for(max_userid_length: int) -> int:
