@@ -18,6 +18,7 @@ __all__ = [
     "IGroupManager",
     "IUserManager",
     "IPresence",
+    "IDeviceHandle",
     "IEvent",
     "IChannel",
     "IEngineAware",
@@ -226,15 +227,83 @@ class IUserManager(Interface):
     )
 
 
+class IDeviceHandle(Interface):
+    """
+    One logged-on device, wherever it is held: what the engine may do to a
+    device that L{IPresence} hands back.  The engine's own sessions provide
+    it; a registry shared by several nodes returns handles that forward to
+    the node holding the session.
+    """
+
+    user_id = Attribute("""The user's ID (L{str}).""")
+    client_type = Attribute("""The device kind (L{int}, an L{esf.ClientType} value).""")
+    user_data = Attribute("""The device's L{esf.UserData}.""")
+    session_id = Attribute(
+        """
+        The fencing token of this logon: unique among the logons of the
+        cluster, it tells a newer holder of the same device from an older
+        one.
+        """
+    )
+    logon_order = Attribute(
+        """
+        When the Logon arrived, as a number that grows with each Logon this
+        node receives: of two logons of one device, the later one wins.
+        """
+    )
+    node = Attribute("""The ID of the node that holds the session (L{str}).""")
+
+    def send(data):
+        """
+        Write one frame (L{bytes}, a whole encoded frame) to the device.
+        """
+
+    def notify(message_type, body=b"", client_type=0):
+        """
+        Send the device a server-initiated message (MessageID 0).
+        """
+
+    def kick(reason, text):
+        """
+        End the device's session: C{reason} (an L{esf.DisconnectedType}) and
+        C{text} go to its C{DisconnectNotice} and to the log.
+        """
+
+
 class IPresence(Interface):
     """
-    The registry of logged-on devices that the engine routes by.
+    The registry of logged-on devices that the engine routes by: a device
+    kind of a user has at most one holder.
 
-    Its members are I{device handles}: objects with C{user_id},
-    C{client_type}, C{user_data} and C{send(data)}.  The in-process
-    implementation holds the engine's own sessions; one shared by several
-    nodes returns handles that forward to the node that holds the session.
+    Changes are asynchronous and atomic, so that a registry shared by
+    several nodes can keep this contract: L{claim} and L{release} return
+    Deferreds, and never race with each other.  Reads are synchronous views
+    (of the whole registry, or a node's cache of it); the relay reads
+    L{devices} for every message.
     """
+
+    def claim(handle, replace):
+        """
+        Make C{handle} (an L{IDeviceHandle}) the holder of its user's device
+        kind, atomically.
+
+        @param replace: when a holder exists, C{True} takes its place (the
+            caller pushes it out), C{False} leaves it there.
+        @return: a Deferred firing with a L{esf.presence.Claim}: whether
+            C{handle} holds the device now, and the holder it found (or
+            C{None}).
+        """
+
+    def release(handle):
+        """
+        Remove C{handle} if it still holds its device; fenced by
+        C{handle.session_id}, so that a late release never removes a newer
+        holder.
+
+        @return: a Deferred firing with C{True} when this removed the user's
+            last device, C{False} otherwise (other devices remain, or
+            C{handle} no longer held the device).
+        """
 
     def get(user_id, client_type):
         """
@@ -248,29 +317,16 @@ class IPresence(Interface):
         while handles come and go.
         """
 
-    def add(handle):
-        """
-        Register a device that just logged on; the caller has made sure no
-        handle for the same user and device kind is registered.
-
-        @return: C{True} if it is the user's first device.
-        """
-
-    def remove(handle):
-        """
-        Unregister a device.
-
-        @return: C{True} if the user has no device left.
-        """
-
-    def user_ids():
-        """
-        The IDs of the users online, sorted.
-        """
-
     def user_count():
         """
         How many users are online.
+        """
+
+    def user_ids(offset=0, limit=None):
+        """
+        The IDs of the users online, sorted: the C{limit} (all when
+        C{None}) from position C{offset}, at a cost in proportion to the
+        answer, not to the number of users online.
         """
 
 

@@ -1,0 +1,71 @@
+"""
+What both ends of a session share: events applications subscribe to, and
+calling application code that may answer now, later or as a coroutine.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from .interfaces import IEvent
+
+__all__ = ["Event", "call"]
+
+log = Logger(namespace="esf")
+
+
+def call(f: Callable[..., Any], *args: Any) -> Deferred:
+    """
+    Call an application method that may answer synchronously, with a
+    Deferred or as a coroutine; always return a Deferred.
+    """
+    try:
+        result = f(*args)
+    except BaseException:
+        return fail()
+    if isinstance(result, Deferred):
+        return result
+    if inspect.isawaitable(result):
+        return Deferred.fromCoroutine(result)
+    return succeed(result)
+
+
+@implementer(IEvent)
+class Event:
+    """
+    A list of subscribers, called in order; a subscriber's exception is
+    logged and goes no further.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._subscribers: list[Callable[..., Any]] = []
+
+    def subscribe(self, callback: Callable[..., Any]) -> Callable[[], None]:
+        self._subscribers.append(callback)
+        return lambda: self.unsubscribe(callback)
+
+    def unsubscribe(self, callback: Callable[..., Any]) -> None:
+        try:
+            self._subscribers.remove(callback)
+        except ValueError:
+            pass
+
+    def fire(self, *args: Any) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(*args)
+            except Exception:
+                log.failure(
+                    "subscriber {callback!r} of {event} raised",
+                    callback=callback,
+                    event=self.name,
+                )
+
+    def __repr__(self) -> str:
+        return f"<Event {self.name} ({len(self._subscribers)} subscribers)>"
