@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _messages as m
-from ._engine import Event, _client_type, call
+from ._events import Event, call
+from ._wire import as_client_type as _client_type
 from ._wire import (
     SERVER_ID,
     ClientType,

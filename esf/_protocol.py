@@ -17,12 +17,25 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ._engine import ServerEngine, Session, _address
+from ._engine import ServerEngine
+from ._session import Session
 from .interfaces import IChannel
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerService"]
 
 log = Logger(namespace="esf.server")
+
+
+def peer_address(peer: object) -> str:
+    """
+    C{"host:port"} for an address object, C{"[host]:port"} for IPv6.
+    """
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    if ":" in host:
+        return f"[{host}]:{getattr(peer, 'port')}"
+    return f"{host}:{getattr(peer, 'port')}"
 
 
 @implementer(IChannel, IPushProducer)
@@ -38,7 +51,7 @@ class ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         transport = self.transport
-        self.address = _address(transport.getPeer())
+        self.address = peer_address(transport.getPeer())
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(transport, option, None)
             if setter is not None:

@@ -160,6 +160,17 @@ def device_address(user_id: str, client_type: int | None) -> str:
     return user_id if client_type is None else f"{user_id}{DEVICE_MARK}{int(client_type)}"
 
 
+def as_client_type(value: int) -> ClientType | int:
+    """
+    C{value} as a L{ClientType}, or the plain number for a kind without a
+    name.
+    """
+    try:
+        return ClientType(value)
+    except ValueError:
+        return value
+
+
 def header_length_for(max_userid_length: int) -> int:
     """
     The header length for a maximum UserID length: C{2n + 14} rounded up to

@@ -45,6 +45,7 @@ from esf.wire import (
 __all__ = [
     "make_engine",
     "advance_to",
+    "timers",
     "Received",
     "Client",
     "connect",
@@ -82,6 +83,14 @@ def make_engine(
     if start:
         engine.start()
     return engine
+
+
+def timers(engine: ServerEngine) -> list:
+    """
+    The delayed calls on C{engine}'s clock other than the heartbeat reaper's
+    (which runs from the first connection until the engine stops).
+    """
+    return [c for c in engine.clock.getDelayedCalls() if "Reaper.scan" not in repr(c)]
 
 
 def advance_to(clock: task.Clock, when: float) -> None:

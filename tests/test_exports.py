@@ -38,6 +38,7 @@ INTERFACES = {
     "IEvent",
     "IGroupManager",
     "IPresence",
+    "IDeviceHandle",
     "IUserManager",
 }
 

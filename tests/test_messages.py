@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, connect
+from _helpers import Client, connect, timers
 from esf import (
     ClientType,
     DisconnectedType,
@@ -635,8 +635,8 @@ def test_engine_query_answered():
     assert results == []
     bob.send(MessageType.RESPONSE, Information(21, b"fine"), message_id=request.message_id)
     assert results == [b"fine"]
-    assert engine.clock.getDelayedCalls() == []  # the timeout is cancelled
-    assert session_of(bob).queries == set()
+    assert timers(engine) == []  # the timeout is cancelled
+    assert len(engine.pending) == 0
 
 
 def test_engine_query_error():
@@ -655,7 +655,9 @@ def test_engine_query_error():
 
 
 def test_engine_query_times_out():
-    engine = make_engine()
+    # The reaper runs from the first connection: bob stays on past the
+    # query timeout only with a longer heartbeat timeout.
+    engine = make_engine(heartbeat_timeout=120)
     bob = connect(engine, "bob")
     request, results = _server_query(engine, bob)
     engine.clock.advance(29.9)
@@ -690,7 +692,7 @@ def test_engine_query_session_ends():
     bob.lose()
     (failure,) = results
     assert failure.value.code == ErrorCode.USER_OFFLINE
-    assert engine.clock.getDelayedCalls() == []  # the timeout is cancelled
+    assert timers(engine) == []  # the timeout is cancelled
 
 
 def test_engine_query_offline():

@@ -172,7 +172,7 @@ def test_a_failed_write_never_raises_out_of_the_engine(logs):
             carol.send(T.HEARTBEAT)
         alice.send(T.HEARTBEAT)
     assert not online(engine, "dave")
-    assert engine._scan.running
+    assert engine.reaper.running
     for at in range(12, 30):
         advance_to(engine.clock, at)
         alice.send(T.HEARTBEAT)
@@ -277,7 +277,7 @@ def test_wrong_password_storm_stops_reaching_the_handler():
     assert results.count(LogonResult.BUSY) == 180
     assert len(calls) == 20
     # The limiter's memory per host is bounded too.
-    assert len(engine._logon_rate._hits["10.6.6.6"]) <= 21
+    assert engine.logons.policy.logon_rate.tracked("10.6.6.6") <= 21
 
 
 def test_connection_cap_refuses_with_a_notice_then_closes():

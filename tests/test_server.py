@@ -18,6 +18,7 @@ from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, S
 from zope.interface.verify import verifyObject
 
 from _helpers import (
+    timers,
     Client,
     LogCapture,
     PendingHandler,
@@ -43,6 +44,7 @@ from esf import (
 )
 from esf import wire as w
 from esf._engine import Event, LocalPresence, call
+from esf._presence import Claim
 from esf.interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
 
 T = MessageType
@@ -914,7 +916,7 @@ def test_server_initiated_close_then_abort_after_close_timeout():
     engine.clock.advance(0.01)
     assert client.aborted
     client.lose()
-    assert engine.clock.getDelayedCalls() == []
+    assert timers(engine) == []
 
 
 def test_no_abort_when_the_peer_drains_in_time():
@@ -924,7 +926,7 @@ def test_no_abort_when_the_peer_drains_in_time():
     assert client.closing
     engine.clock.advance(1)
     client.lose()
-    assert engine.clock.getDelayedCalls() == []
+    assert timers(engine) == []
     engine.clock.advance(5)
     assert not client.aborted
 
@@ -934,7 +936,7 @@ def test_close_is_idempotent():
     client = Client(engine)
     client.protocol.close()
     client.protocol.close()
-    assert len(engine.clock.getDelayedCalls()) == 2  # logon timer, one abort
+    assert len(timers(engine)) == 2  # logon timer, one abort
 
 
 def test_tcp_options_are_set_when_the_transport_has_them():
@@ -1037,13 +1039,13 @@ def test_steady_traffic_keeps_a_session_on():
     assert online(engine, client)
 
 
-def test_heartbeat_scan_only_when_started():
+def test_heartbeat_reaper_starts_with_the_first_connection():
+    # An engine built by hand and never started still ends silent sessions.
     engine = make_engine(start=False)
+    assert not engine.reaper.running
     client = connect(engine, "alice")
-    engine.clock.advance(100)
-    assert online(engine, client)
-    engine.start()
-    engine.start()
+    assert engine.reaper.running
+    engine.start()  # idempotent
     engine.clock.advance(37.5)
     assert not online(engine, client)
 
@@ -1719,7 +1721,7 @@ def test_stop_notifies_every_session_and_waits_for_the_connections(logs):
     assert done == []
     late.lose()
     assert done == [None]
-    assert engine.clock.getDelayedCalls() == []
+    assert timers(engine) == []
     assert len(logs.esf("session_ended")) == 4
 
 
@@ -1744,7 +1746,7 @@ def test_stop_without_connections_fires_at_once():
     done = []
     engine.stop().addCallback(done.append)
     assert done == [None]
-    assert engine.clock.getDelayedCalls() == []
+    assert timers(engine) == []
 
 
 def test_stop_waits_for_connections_whose_sessions_already_ended():
@@ -1805,7 +1807,7 @@ def test_server_service_listens_then_stops_gracefully():
     assert done == []
     client.lose()
     assert len(done) == 1
-    assert engine.clock.getDelayedCalls() == []
+    assert timers(engine) == []
 
 
 def test_server_service_raises_when_it_cannot_listen():
@@ -1925,28 +1927,50 @@ def test_event_subscribe_and_unsubscribe():
     assert "thing" in repr(event)
 
 
-def test_local_presence():
+def _fired(d):
+    results = []
+    d.addBoth(results.append)
+    (result,) = results  # LocalPresence answers at once
+    return result
+
+
+def test_local_presence_claims_and_releases():
     class Handle:
-        def __init__(self, user_id, client_type):
+        def __init__(self, user_id, client_type, session_id):
             self.user_id = user_id
             self.client_type = client_type
+            self.session_id = session_id
 
     presence = LocalPresence()
-    a0, a5, b0 = Handle("a", 0), Handle("a", 5), Handle("b", 0)
-    assert presence.add(a0) is True
-    assert presence.add(a5) is False
-    assert presence.add(b0) is True
+    a0, a5, b0 = Handle("a", 0, "s1"), Handle("a", 5, "s2"), Handle("b", 0, "s3")
+    assert _fired(presence.claim(a0, replace=True)) == Claim(True, None)
+    assert _fired(presence.claim(a5, replace=False)) == Claim(True, None)
+    assert _fired(presence.claim(b0, replace=True)) == Claim(True, None)
     assert list(presence.devices("a")) == [a0, a5]
     assert presence.get("a", 5) is a5
     assert presence.get("a", 4) is None
     assert presence.get("z", 0) is None
     assert presence.user_ids() == ["a", "b"]
+    assert presence.user_ids(1) == ["b"]
+    assert presence.user_ids(0, 1) == ["a"]
     assert presence.user_count() == 2
-    assert presence.remove(Handle("a", 0)) is False  # not the registered handle
-    assert presence.remove(a0) is False
-    assert presence.remove(a5) is True
-    assert presence.remove(a5) is False
+
+    # IGNORE_NEW leaves the holder; REPLACE_OLD takes its place.
+    newer = Handle("a", 0, "s4")
+    assert _fired(presence.claim(newer, replace=False)) == Claim(False, a0)
+    assert presence.get("a", 0) is a0
+    assert _fired(presence.claim(newer, replace=True)) == Claim(True, a0)
+    assert list(presence.devices("a")) == [a5, newer]
+
+    # Release is fenced by session ID: the replaced holder's late release
+    # removes nothing.
+    assert _fired(presence.release(a0)) is False
+    assert presence.get("a", 0) is newer
+    assert _fired(presence.release(newer)) is False  # a5 remains
+    assert _fired(presence.release(a5)) is True
+    assert _fired(presence.release(a5)) is False
     assert list(presence.devices("a")) == []
+    assert presence.user_ids() == ["b"]
     assert presence.user_count() == 1
 
 

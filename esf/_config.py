@@ -1,0 +1,99 @@
+"""
+The server's settings and the values applications see of a logged-on
+device.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import attrs
+
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
+
+__all__ = ["RelogonMode", "ServerConfig", "UserData"]
+
+
+class RelogonMode(Enum):
+    """
+    What a second logon of the same user and device kind does.
+    """
+
+    #: Keep the session that is on; refuse the new one with C{HadLoggedOn}.
+    IGNORE_NEW = "ignore-new"
+    #: Push the old session out and bind the new one (the default).
+    REPLACE_OLD = "replace-old"
+
+
+def _positive(instance: Any, attribute: Any, value: Any) -> None:
+    if value is not None and value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, not {value}")
+
+
+@attrs.frozen
+class ServerConfig:
+    """
+    The server's settings (the C{twistd esf} options).
+    """
+
+    wire: WireConfig = attrs.field(factory=WireConfig)
+    relogon_mode: RelogonMode = RelogonMode.REPLACE_OLD
+    heartbeat_interval: int = attrs.field(default=10, validator=_positive)
+    heartbeat_timeout: int = attrs.field(default=30, validator=_positive)
+    logon_timeout: float = attrs.field(default=10, validator=_positive)
+    system_token: str = ""
+    admins: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    max_connections: int | None = attrs.field(default=None, validator=_positive)
+    #: Device kinds allowed to log on.
+    client_types: frozenset[int] = attrs.field(
+        default=frozenset(ClientType), converter=frozenset
+    )
+    #: Bytes that may wait for a peer that does not read, beyond the
+    #: transport's own buffer, before its session ends with
+    #: ChannelCacheOverflow.
+    max_output_buffer: int = attrs.field(default=2 * DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
+    #: Seconds a closing connection has to take its last bytes before it
+    #: is aborted.
+    close_timeout: float = attrs.field(default=5, validator=_positive)
+    #: Largest reassembled Blob addressed to the server, in bytes.
+    max_blob_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    #: Blobs one session may have in progress at once.
+    max_concurrent_blobs: int = attrs.field(default=4, validator=_positive)
+    #: Seconds an incomplete Blob may wait for its next fragment.
+    blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
+    #: Seconds L{ServerEngine.query} waits for an answer.
+    query_timeout: float = attrs.field(default=30, validator=_positive)
+    #: Logons one host may attempt per C{logon_rate_window} seconds; more
+    #: are answered C{Busy}.
+    logon_rate_limit: int = attrs.field(default=200, validator=_positive)
+    logon_rate_window: float = attrs.field(default=10, validator=_positive)
+    #: Takeovers (C{REPLACE_OLD}) of one user's device allowed per
+    #: C{takeover_window} seconds; one more refuses that device with
+    #: C{Busy} for C{takeover_cooldown} seconds.
+    takeover_limit: int = attrs.field(default=5, validator=_positive)
+    takeover_window: float = attrs.field(default=60, validator=_positive)
+    takeover_cooldown: float = attrs.field(default=60, validator=_positive)
+
+    @heartbeat_timeout.validator
+    def _check_timeout(self, attribute: Any, value: int) -> None:
+        if value <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout ({value}) must exceed heartbeat_interval "
+                f"({self.heartbeat_interval})"
+            )
+
+
+@attrs.define(eq=False)
+class UserData:
+    """
+    One logged-on device, as applications see it.
+
+    @ivar tag: free for the application; the only field it should change.
+    """
+
+    user_id: str
+    client_type: int
+    address: str
+    logon_time: float
+    tag: Any = None

@@ -1,0 +1,72 @@
+"""
+Heartbeats: the reaper that ends sessions whose peer has gone silent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+
+__all__ = ["Reaper"]
+
+
+class Reaper:
+    """
+    Every quarter of C{timeout}, looks at the sessions C{sessions()} lists:
+    one that received no complete frame since the last look has its
+    C{last_active} left alone, and once that is C{timeout} seconds old it is
+    handed to C{expire}.  A silent session therefore ends between 1x and
+    1.25x the timeout after its last frame (plus one scan).
+
+    A session is anything with C{logged_on}, C{active} (set by whoever
+    reads its frames) and C{last_active}.  C{tick(now)}, when given, runs
+    after each scan (for other idle bookkeeping).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        sessions: Callable[[], Iterable[Any]],
+        expire: Callable[[Any], None],
+        tick: Callable[[float], None] | None = None,
+    ):
+        self.clock = clock
+        self.timeout = timeout
+        self._sessions = sessions
+        self._expire = expire
+        self._tick = tick
+        self._loop = LoopingCall(self.scan)
+        self._loop.clock = clock
+
+    @property
+    def running(self) -> bool:
+        return bool(self._loop.running)
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(self.timeout / 4, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def scan(self) -> None:
+        now = self.clock.seconds()
+        deadline = now - self.timeout
+        expired = []
+        for session in self._sessions():
+            if not session.logged_on:
+                continue
+            if session.active:
+                session.active = False
+                session.last_active = now
+            elif session.last_active <= deadline:
+                expired.append(session)
+        for session in expired:
+            if session.logged_on:  # not ended meanwhile by an earlier one's subscriber
+                self._expire(session)
+        if self._tick is not None:
+            self._tick(now)

@@ -1,0 +1,284 @@
+"""
+The logon pipeline: from a Logon frame to a bound session or a refusal.
+
+    Logon arrives -> policy.admit -> handler.verify_user -> policy.settle
+      -> presence.claim -> push the old holder out -> bind (Logon reply)
+
+The decisions are the policy's (L{esf._policy}); this part carries them
+out: it answers, fires the user manager's events and binds or ends the
+session.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import _messages as m
+from ._config import RelogonMode, UserData
+from ._events import call
+from ._policy import Accept, Ignore, LogonPolicy, LogonRefused, Refuse, Replace
+from ._presence import Claim
+from ._session import SessionState
+from ._wire import (
+    SERVER_ID,
+    ClientType,
+    DisconnectedType,
+    Frame,
+    LogonResult,
+    MessageType,
+    as_client_type,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from ._engine import ServerEngine
+    from ._session import Session
+
+__all__ = ["Logons"]
+
+log = Logger(namespace="esf.server")
+
+
+def kind_name(client_type: int) -> str:
+    """
+    C{"ANDROID (5)"}, or C{"42"} for a kind without a name.
+    """
+    kind = as_client_type(client_type)
+    return f"{kind.name} ({int(kind)})" if isinstance(kind, ClientType) else str(kind)
+
+
+class Logons:
+    """
+    Carries Logons through for C{engine}.
+    """
+
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+        self.policy = LogonPolicy(engine.config)
+        self._order = itertools.count(1)
+
+    # -- before logon ----------------------------------------------------------
+
+    def frame_received(self, session: Session, frame: Frame) -> None:
+        """
+        A frame from a session that has not logged on.
+        """
+        if frame.message_type != MessageType.LOGON:
+            session.end(
+                DisconnectedType.NOT_LOGGED_ON,
+                f"message type {frame.message_type} before logon; log on first",
+            )
+            return
+        if session.state is not SessionState.AWAITING_LOGON:
+            session.end(DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified")
+            return
+        try:
+            logon = m.Logon.decode(frame.body)
+        except m.BadRequest as e:
+            # Before logon a Logon body that does not parse is far more
+            # likely a header of another length than a client bug: say so.
+            wire = self.engine.config.wire
+            session.end(
+                DisconnectedType.INVALID_MESSAGE,
+                f"malformed Logon body ({e}); this server expects "
+                f"{wire.header_length}-byte headers, max UserID length "
+                f"{wire.max_userid_length}: do both sides agree?",
+            )
+            return
+        self._admit(session, frame, logon)
+
+    def _admit(self, session: Session, frame: Frame, logon: m.Logon) -> None:
+        engine = self.engine
+        session.user_id = frame.user_id
+        session.client_type = frame.client_type
+        session.logon_order = next(self._order)
+        host = session.address.rpartition(":")[0]
+        decision = self.policy.admit(
+            frame.user_id, frame.client_type, logon, host, engine.clock.seconds()
+        )
+        if isinstance(decision, Refuse):
+            self._refuse(session, frame, decision)
+            return
+        session.state = SessionState.LOGGING_ON
+        d = call(
+            engine.handler.verify_user,
+            logon.system_token,
+            frame.user_id,
+            logon.password,
+            as_client_type(frame.client_type),
+            session.address,
+        )
+        d.addBoth(self._verified, session, frame)
+
+    def _verified(self, outcome: Any, session: Session, frame: Frame) -> None:
+        if session.state is not SessionState.LOGGING_ON:
+            return  # the connection went away meanwhile
+        if isinstance(outcome, Failure):
+            if outcome.check(LogonRefused):
+                cause = outcome.value.cause
+            else:
+                log.failure("verify_user raised for {user_id}", outcome, user_id=session.user_id)
+                cause = "logon verification failed"
+            self._refuse(session, frame, Refuse(LogonResult.FAILED, cause))
+            return
+        if not outcome:
+            self._refuse(session, frame, Refuse(LogonResult.FAILED, "invalid user ID or password"))
+            return
+        engine = self.engine
+        holder = engine.presence.get(session.user_id, session.client_type)
+        decision = self.policy.settle(
+            session.user_id, session.client_type, session.logon_order, holder,
+            engine.clock.seconds(),
+        )
+        if isinstance(decision, Refuse):
+            self._refuse(session, frame, decision)
+            return
+        if isinstance(decision, Ignore):
+            self._ignore(session, frame, decision.holder)
+            return
+        replace = engine.config.relogon_mode is RelogonMode.REPLACE_OLD
+        d = engine.presence.claim(session, replace)
+        d.addCallback(self._claimed, session, frame)
+        d.addErrback(self._claim_failed, session, frame)
+
+    def _claimed(self, claim: Claim, session: Session, frame: Frame) -> None:
+        if not claim.won:
+            self._ignore(session, frame, claim.previous)
+            return
+        if session.state is not SessionState.LOGGING_ON:
+            # Gone while the claim was made: give the device back.
+            self.engine.presence.release(session)
+            return
+        if claim.previous is not None:
+            self._push_out(claim.previous, session)
+        self._bind(session, frame, handover=claim.previous is not None)
+
+    def _claim_failed(self, failure: Failure, session: Session, frame: Frame) -> None:
+        log.failure("claiming {session!r} failed", failure, session=session)
+        self._refuse(
+            session, frame, Refuse(LogonResult.BUSY, "the server cannot register logons now; try later")
+        )
+
+    # -- outcomes ----------------------------------------------------------------
+
+    def _refuse(self, session: Session, frame: Frame, refusal: Refuse) -> None:
+        engine = self.engine
+        if refusal.counter is not None:
+            engine.counters[refusal.counter] += 1
+            if refusal.counter == "takeovers_refused":
+                log.warn(
+                    "{user_id}/{client_type} flaps between connections: refused for {cooldown} s",
+                    esf_event="takeover_flapping",
+                    user_id=session.user_id,
+                    client_type=session.client_type,
+                    cooldown=engine.config.takeover_cooldown,
+                )
+        session.reply(frame, self.reply(refusal.result, refusal.cause))
+        session.end(refusal.reason, f"logon refused ({refusal.result.name}): {refusal.cause}")
+
+    def _ignore(self, session: Session, frame: Frame, holder: Any) -> None:
+        self.engine.user_manager.new_connection_ignored.fire(
+            session.user_id, as_client_type(session.client_type), session.address
+        )
+        address = holder.user_data.address if holder.user_data is not None else "elsewhere"
+        self._refuse(
+            session,
+            frame,
+            Refuse(
+                LogonResult.HAD_LOGGED_ON,
+                f"{session.user_id} is already logged on with this device from {address}",
+                DisconnectedType.NEW_CONNECTION_IGNORED,
+            ),
+        )
+
+    def reply(self, result: LogonResult, cause: str = "") -> bytes:
+        """
+        A Logon reply body.
+        """
+        config = self.engine.config
+        return m.LogonReply(
+            result,
+            cause[:1000],
+            config.heartbeat_interval,
+            config.heartbeat_timeout,
+            config.wire.max_message_size,
+        ).encode()
+
+    def _push_out(self, old: Any, new: Session) -> None:
+        cause = (
+            f"{old.user_id} logged on again with the same device "
+            f"({kind_name(new.client_type)}) from {new.address}"
+        )
+        self.engine.user_manager.device_being_pushed_out.fire(old.user_data, new.address)
+        old.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
+        old.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+
+    def _bind(self, session: Session, frame: Frame, handover: bool) -> None:
+        engine = self.engine
+        config = engine.config
+        session.state = SessionState.LOGGED_ON
+        if session.logon_timer is not None:
+            session.logon_timer.cancel()
+            session.logon_timer = None
+        session.decoder.max_message_size = config.wire.max_message_size
+        session.last_active = engine.clock.seconds()
+        session.active = False
+        session.user_data = UserData(
+            session.user_id,
+            as_client_type(session.client_type),
+            session.address,
+            session.last_active,
+        )
+        session.heartbeat_echo = encode_frame(
+            config.wire, MessageType.HEARTBEAT, user_id=SERVER_ID, dest_user_id=session.user_id
+        )
+        session.reply(frame, self.reply(LogonResult.SUCCEED))
+        session.release_held()
+        log.info(
+            "logged on: {user_id}/{client_type} from {address}",
+            esf_event="logged_on",
+            user_id=session.user_id,
+            client_type=session.client_type,
+            address=session.address,
+        )
+        um = engine.user_manager
+        devices = engine.presence.devices(session.user_id)
+        if not handover:
+            engine.tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
+        um.device_connected.fire(session.user_data)
+        # A subscriber may end the session at once (a kick, say); its end has
+        # then been reported, and reporting it online now would be false.
+        first = len(devices) == 1
+        if first and not handover and session.logged_on:
+            um.user_connected.fire(session.user_data)
+            if session.logged_on:
+                um.user_count_changed.fire(um.user_count)
+
+    def unbind(self, session: Session, reason: DisconnectedType) -> None:
+        """
+        A logged-on session ended: release its device and tell who needs to
+        know.
+        """
+        engine = self.engine
+        d = engine.presence.release(session)
+        d.addCallback(self._released, session, reason)
+        d.addErrback(lambda f: log.failure("releasing {session!r} failed", f, session=session))
+
+    def _released(self, last: bool, session: Session, reason: DisconnectedType) -> None:
+        engine = self.engine
+        um = engine.user_manager
+        um.device_disconnected.fire(session.user_data, reason)
+        if reason is DisconnectedType.BEING_PUSHED_OUT:
+            # The same device of the same user logs on at once: the user
+            # never goes offline and the other devices see no change.
+            return
+        if last:
+            um.user_disconnected.fire(session.user_data, reason)
+            um.user_count_changed.fire(um.user_count)
+        elif not engine.stopping:
+            # (When the server stops, every device gets ServerShutdown.)
+            engine.tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)

@@ -1,0 +1,408 @@
+"""
+A session: the engine's side of one connection, from accept to close.
+
+The protocol feeds it bytes (L{Session.data_received}), flow-control
+signals (L{Session.pause_writing}, L{Session.resume_writing}) and the end of
+the connection (L{Session.connection_lost}).  It decodes frames, relays the
+common case itself, hands every other frame to its owner (the engine), and
+queues output, which is written once per read (L{OutputBatch}).  A logged-on
+session is an L{IDeviceHandle}: what presence hands the router.
+"""
+
+from __future__ import annotations
+
+import itertools
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from . import _messages as m
+from ._config import UserData
+from ._counters import Count
+from ._wire import (
+    SERVER_ID,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    MessageType,
+    encode_frame,
+)
+from .interfaces import IChannel, IDeviceHandle
+
+if TYPE_CHECKING:
+    from ._engine import ServerEngine
+
+__all__ = ["SessionState", "Session", "OutputBatch", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+
+log = Logger(namespace="esf.server")
+
+#: Frames a peer may send before it has logged on are at most this big: an
+#: unauthenticated peer cannot make the server reserve a full-size body.
+PRE_LOGON_MAX_MESSAGE_SIZE = 64 * 1024
+
+#: Message types that a DestUserID naming a user relays to that user, as
+#: they are.  (PingByServer is relayed too, once its empty body is checked.)
+RELAYED = frozenset(
+    {
+        MessageType.PING_ACK,
+        MessageType.SEND,
+        MessageType.REQUEST,
+        MessageType.RESPONSE,
+        MessageType.SEND_CERTAINLY,
+        MessageType.ACK,
+        MessageType.ERROR,
+        MessageType.BLOB,
+    }
+)
+
+#: Reasons where the peer asked for the close: no DisconnectNotice.
+_PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
+
+#: Fencing tokens of this process's logons (see L{IDeviceHandle.session_id}).
+_session_ids = itertools.count(1)
+
+
+class SessionState(Enum):
+    AWAITING_LOGON = "awaiting logon"
+    #: A Logon is being verified and claimed; frames relayed to the device
+    #: meanwhile wait for the Logon reply.
+    LOGGING_ON = "logging on"
+    LOGGED_ON = "logged on"
+    ENDED = "ended"
+
+
+class OutputBatch:
+    """
+    While one read's frames are handled, output to every session is gathered
+    and written once per session afterwards: a read of many small frames
+    costs each receiver one transport write, not many.
+    """
+
+    __slots__ = ("_sessions",)
+
+    def __init__(self) -> None:
+        self._sessions: list[Session] | None = None
+
+    @property
+    def gathering(self) -> bool:
+        return self._sessions is not None
+
+    def begin(self) -> bool:
+        """
+        Start gathering; C{False} if a batch is gathering already (a read
+        handled inside another one's), which then writes it all.
+        """
+        if self._sessions is not None:
+            return False
+        self._sessions = []
+        return True
+
+    def add(self, session: Session) -> None:
+        self._sessions.append(session)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        sessions, self._sessions = self._sessions, None
+        for session in sessions or ():
+            session.flush()
+
+
+@implementer(IDeviceHandle)
+class Session:
+    """
+    One connection to the server.  C{owner} is the L{ServerEngine}; the
+    session calls only its public methods.
+    """
+
+    __slots__ = (
+        "owner",
+        "channel",
+        "address",
+        "decoder",
+        "state",
+        "user_id",
+        "client_type",
+        "user_data",
+        "session_id",
+        "logon_order",
+        "node",
+        "connected_at",
+        "active",
+        "last_active",
+        "logon_timer",
+        "heartbeat_echo",
+        "blobs",
+        "_paused",
+        "_backlog",
+        "_out",
+        "_held",
+        "__weakref__",
+    )
+
+    def __init__(self, owner: ServerEngine, channel: IChannel):
+        self.owner = owner
+        self.channel = channel
+        self.address: str = channel.address
+        config = owner.config
+        self.decoder = FrameDecoder(
+            config.wire,
+            max_message_size=min(PRE_LOGON_MAX_MESSAGE_SIZE, config.wire.max_message_size),
+        )
+        self.state = SessionState.AWAITING_LOGON
+        self.user_id: str | None = None
+        self.client_type: int | None = None
+        self.user_data: UserData | None = None
+        self.session_id = f"{owner.node_id}/{next(_session_ids)}"
+        self.logon_order = 0
+        self.node = owner.node_id
+        self.connected_at = owner.clock.seconds()
+        #: Whether a complete frame arrived since the reaper last looked.
+        self.active = False
+        self.last_active = self.connected_at
+        self.logon_timer: Any = None
+        self.heartbeat_echo = b""
+        #: Blobs addressed to the server, being reassembled (made on demand).
+        self.blobs: m.BlobAssembler | None = None
+        self._paused = False
+        self._backlog = 0
+        #: Output gathered during a read, written by L{flush}.
+        self._out: list[bytes] | None = None
+        #: Frames relayed to the device while its Logon was being claimed.
+        self._held: list[bytes] | None = None
+
+    def __repr__(self) -> str:
+        who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
+        return f"<Session {who} {self.address} {self.state.value}>"
+
+    @property
+    def logged_on(self) -> bool:
+        return self.state is SessionState.LOGGED_ON
+
+    @property
+    def ended(self) -> bool:
+        return self.state is SessionState.ENDED
+
+    # -- input from the protocol --------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """
+        Bytes arrived from the peer.
+        """
+        error = None
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            frames, error = e.frames, e
+        if frames:
+            self.active = True
+        owner = self.owner
+        batch = owner.batch
+        outermost = batch.begin()
+        try:
+            frame_received = owner.frame_received
+            resolve = owner.router.resolve
+            logged_on = SessionState.LOGGED_ON
+            for frame in frames:
+                state = self.state
+                if (
+                    state is logged_on
+                    and frame.message_type in RELAYED
+                    and frame.user_id == self.user_id
+                ):
+                    # The relay's common case, inline: to a user online.
+                    # Everything else takes frame_received.
+                    targets = resolve(frame.dest_user_id)
+                    if targets:
+                        raw = frame.raw
+                        for target in targets:
+                            target.send(raw)
+                        continue
+                elif state is SessionState.ENDED:
+                    return
+                frame_received(self, frame)
+            if error is not None:
+                self.end(error.reason, error.message)
+        finally:
+            if outermost:
+                batch.flush()
+
+    def connection_lost(self) -> None:
+        """
+        The connection is gone; end the session if it has not ended yet.
+        """
+        self.end(DisconnectedType.NETWORK_INTERRUPTED, "connection lost")
+        self.owner.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        """
+        The transport's buffer is full: the peer is not reading fast enough.
+        """
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        """
+        The transport's buffer has drained.
+        """
+        self._paused = False
+        self._backlog = 0
+
+    # -- output (IDeviceHandle) ------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """
+        Write a frame to the peer once it is logged on (held until its Logon
+        reply while it logs on; dropped once it has ended).
+        """
+        if self.state is SessionState.LOGGED_ON:
+            self.queue(data)
+        elif self.state is SessionState.LOGGING_ON:
+            if self._held is None:
+                self._held = []
+            self._held.append(data)
+
+    def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
+        """
+        Send the peer a server-initiated message (MessageID 0).
+        """
+        self.queue(
+            encode_frame(
+                self.owner.config.wire,
+                message_type,
+                body,
+                client_type=client_type,
+                user_id=SERVER_ID,
+                dest_user_id=self.user_id or "",
+            )
+        )
+
+    def kick(self, reason: DisconnectedType, text: str) -> None:
+        self.end(reason, text)
+
+    def queue(self, data: bytes) -> None:
+        """
+        Queue a frame for the peer, unless the session has ended.  Past the
+        output bound the session ends with C{ChannelCacheOverflow}.
+        """
+        if self.state is SessionState.ENDED:
+            return
+        if self._paused:
+            self._backlog += len(data)
+            limit = self.owner.config.max_output_buffer
+            if self._backlog > limit:
+                self.end(
+                    DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+                    f"more than {limit} bytes wait for a peer that does not read",
+                )
+                return
+        out = self._out
+        if out is not None:
+            out.append(data)
+            return
+        batch = self.owner.batch
+        if batch.gathering:
+            self._out = [data]
+            batch.add(self)
+            return
+        self._write(data)
+
+    def release_held(self) -> None:
+        """
+        The Logon reply is out: write what was relayed meanwhile.
+        """
+        held, self._held = self._held, None
+        for data in held or ():
+            self.queue(data)
+
+    def flush(self) -> None:
+        """
+        Write the output gathered for this session during a read.
+        """
+        out = self._out
+        if out is None:
+            return
+        self._out = None
+        self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.channel.write(data)
+        except Exception:
+            # Twisted's transports do not raise on write; a channel that
+            # does is treated as a connection that went away, never as an
+            # error of whoever was sending.
+            log.failure("writing to {session!r} failed", session=self)
+            self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
+
+    def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
+        """
+        Answer C{frame}: same MessageType (unless given) and MessageID, from
+        the server to this session's user.
+        """
+        self.queue(
+            encode_frame(
+                self.owner.config.wire,
+                frame.message_type if message_type is None else message_type,
+                body,
+                message_id=frame.message_id,
+                user_id=SERVER_ID,
+                dest_user_id=self.user_id or "",
+            )
+        )
+
+    def error(self, frame: Frame, code: ErrorCode, text: str) -> None:
+        """
+        Answer a request with C{Error}; a one-way message (MessageID 0) is
+        counted and logged at debug level instead, since nothing waits for
+        an answer (and a peer must not be able to fill the log).
+        """
+        if frame.message_id:
+            body = m.Error(frame.message_type, code, text[:1000]).encode()
+            self.reply(frame, body, MessageType.ERROR)
+            return
+        self.owner.counters[Count.DROPPED] += 1
+        log.debug(
+            "dropped {message_type} from {session!r}: {code.name}: {text}",
+            message_type=frame.message_type,
+            session=self,
+            code=code,
+            text=text,
+        )
+
+    # -- ending ---------------------------------------------------------------
+
+    def end(self, reason: DisconnectedType, text: str = "") -> None:
+        """
+        End the session, exactly once: tell the owner (which unbinds it and
+        logs one event), and, unless the peer ended it, send a
+        C{DisconnectNotice} and close the connection.
+        """
+        if self.state is SessionState.ENDED:
+            return
+        self.flush()  # what was sent before the end arrives before the notice
+        was_logged_on = self.state is SessionState.LOGGED_ON
+        self.state = SessionState.ENDED
+        self._held = None
+        if self.logon_timer is not None and self.logon_timer.active():
+            self.logon_timer.cancel()
+        self.logon_timer = None
+        self.owner.session_ended(self, reason, text, was_logged_on)
+        try:
+            if reason not in _PEER_INITIATED:
+                notice = m.DisconnectNotice(reason, text[:1000]).encode()
+                # Written directly: the output bound no longer matters, and
+                # the close timeout bounds how long it may take.
+                self.channel.write(
+                    encode_frame(
+                        self.owner.config.wire,
+                        MessageType.DISCONNECT_NOTICE,
+                        notice,
+                        user_id=SERVER_ID,
+                        dest_user_id=self.user_id or "",
+                    )
+                )
+            self.channel.close()
+        except Exception:
+            log.failure("closing {session!r} failed", session=self)
