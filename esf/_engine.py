@@ -45,7 +45,6 @@ from ._wire import (
     ErrorCode,
     Frame,
     MessageType,
-    as_client_type,
     device_address,
     encode_frame,
 )

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from . import _messages as m
 from ._config import RelogonMode, UserData
 from ._events import call
-from ._policy import Accept, Ignore, LogonPolicy, LogonRefused, Refuse, Replace
+from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse
 from ._presence import Claim
 from ._session import SessionState
 from ._wire import (

@@ -1,0 +1,283 @@
+"""
+The server's parts, each alone: the logon policy's decisions, the router,
+the heartbeat reaper, the table of pending requests, and an engine whose
+presence answers claims later (as a registry shared by nodes would).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from _helpers import Client, connect, logon_reply, make_engine, record_events
+from esf import DisconnectedType as D
+from esf import ErrorCode, LogonResult, MessageType as T, RelogonMode, RequestError, ServerConfig
+from esf._messages import Logon, PROTOCOL_VERSION
+from esf._pending import PendingRequests
+from esf._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
+from esf._presence import Claim, LocalPresence
+from esf._router import Router
+from esf._heartbeat import Reaper
+from esf.interfaces import IDeviceHandle, IPresence
+
+LOGON = Logon(PROTOCOL_VERSION, "", "pw")
+
+
+class Holder:
+    def __init__(self, user_id="alice", client_type=0, logon_order=1, address="10.0.0.1:1"):
+        self.user_id = user_id
+        self.client_type = client_type
+        self.logon_order = logon_order
+        self.session_id = f"s{logon_order}"
+
+        class _Data:
+            pass
+
+        self.user_data = _Data()
+        self.user_data.address = address
+
+
+# -- the logon policy ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, user_id, client_type, logon, result",
+    [
+        (ServerConfig(), "alice", 0, LOGON, None),
+        (ServerConfig(), "alice", 0, Logon(2, "", ""), LogonResult.VERSION_MISMATCHED),
+        (ServerConfig(system_token="t"), "alice", 0, LOGON, LogonResult.VERSION_MISMATCHED),
+        (ServerConfig(system_token="t"), "alice", 0, Logon(PROTOCOL_VERSION, "t", ""), None),
+        (ServerConfig(), "_0", 0, LOGON, LogonResult.FAILED),
+        (ServerConfig(), "*", 0, LOGON, LogonResult.FAILED),
+        (ServerConfig(), "a#1", 0, LOGON, LogonResult.FAILED),
+        (ServerConfig(client_types={1}), "alice", 0, LOGON, LogonResult.CLIENT_TYPE_REJECTED),
+    ],
+)
+def test_policy_admits(config, user_id, client_type, logon, result):
+    decision = LogonPolicy(config).admit(user_id, client_type, logon, "10.0.0.1", 0.0)
+    if result is None:
+        assert decision == Accept()
+    else:
+        assert isinstance(decision, Refuse) and decision.result == result
+
+
+def test_policy_rate_limits_per_host_within_the_window():
+    policy = LogonPolicy(ServerConfig(logon_rate_limit=3, logon_rate_window=10))
+    decisions = [policy.admit("alice", 0, LOGON, "10.0.0.1", t) for t in (0, 1, 2, 3)]
+    assert decisions[:3] == [Accept()] * 3
+    assert decisions[3].result == LogonResult.BUSY
+    assert decisions[3].counter == "logons_rate_limited"
+    assert policy.admit("alice", 0, LOGON, "10.0.0.2", 3) == Accept()  # another host
+    # Refused attempts count too: the host must stay quiet for a window.
+    assert policy.admit("alice", 0, LOGON, "10.0.0.1", 10.5).result == LogonResult.BUSY
+    assert policy.admit("alice", 0, LOGON, "10.0.0.1", 21) == Accept()
+
+
+def test_policy_settles_against_the_holder():
+    replace = LogonPolicy(ServerConfig())
+    ignore = LogonPolicy(ServerConfig(relogon_mode=RelogonMode.IGNORE_NEW))
+    old = Holder(logon_order=1)
+    assert replace.settle("alice", 0, 2, None, 0) == Accept()
+    assert replace.settle("alice", 0, 2, old, 0) == Replace(old)
+    assert ignore.settle("alice", 0, 2, old, 0) == Ignore(old)
+    # A Logon that arrived earlier never replaces one that arrived later.
+    newer = Holder(logon_order=5)
+    decision = replace.settle("alice", 0, 2, newer, 0)
+    assert decision.result == LogonResult.FAILED and "superseded" in decision.cause
+
+
+def test_policy_flapping_guard_blocks_the_device_for_the_cooldown():
+    policy = LogonPolicy(
+        ServerConfig(takeover_limit=2, takeover_window=60, takeover_cooldown=30)
+    )
+    old = Holder(logon_order=0)
+    assert [type(policy.settle("alice", 0, n, old, n)) for n in (1, 2)] == [Replace, Replace]
+    third = policy.settle("alice", 0, 3, old, 3)
+    assert third.result == LogonResult.BUSY and third.counter == "takeovers_refused"
+    # The device is refused at admission until the cooldown is over ...
+    assert policy.admit("alice", 0, LOGON, "10.0.0.1", 32).result == LogonResult.BUSY
+    assert policy.admit("alice", 5, LOGON, "10.0.0.1", 32) == Accept()  # another device
+    assert policy.admit("alice", 0, LOGON, "10.0.0.1", 33.5) == Accept()
+
+
+# -- the router --------------------------------------------------------------------
+
+
+def test_router_resolves_users_devices_and_non_users():
+    presence = LocalPresence()
+    a0, a5 = Holder("alice", 0, 1), Holder("alice", 5, 2)
+    presence.claim(a0, True)
+    presence.claim(a5, True)
+    router = Router(presence)
+    assert list(router.resolve("alice")) == [a0, a5]
+    assert router.resolve("alice#5") == (a5,)
+    assert router.resolve("alice#4") == ()
+    assert router.resolve("bob") == ()
+    assert router.resolve("bob#1") == ()
+    for not_a_user in ("_0", "", "*", "alice#", "alice#x", "#5", "alice#٣"):
+        assert router.resolve(not_a_user) is None, not_a_user
+
+
+# -- the reaper ----------------------------------------------------------------------
+
+
+class Quiet:
+    def __init__(self):
+        self.logged_on = True
+        self.active = False
+        self.last_active = 0.0
+
+
+def test_reaper_ends_silent_sessions_between_one_and_one_and_a_quarter_timeouts():
+    clock = task.Clock()
+    talker, silent, idle = Quiet(), Quiet(), Quiet()
+    idle.logged_on = False  # not logged on: the logon timeout's business
+    expired, ticks = [], []
+    reaper = Reaper(clock, 20, lambda: [talker, silent, idle], expired.append, ticks.append)
+    reaper.start()
+    for second in range(1, 26):
+        talker.active = True
+        clock.advance(1)
+        if silent in expired:
+            break
+    assert expired == [silent]
+    assert 20 <= clock.seconds() <= 25
+    assert ticks and ticks[-1] == clock.seconds()
+    reaper.stop()
+    assert not reaper.running and clock.getDelayedCalls() == []
+
+
+# -- pending requests ------------------------------------------------------------------
+
+
+def test_pending_requests_accept_an_answer_only_from_whom_they_asked():
+    clock = task.Clock()
+    pending = PendingRequests(clock, timeout=5)
+    results = []
+    message_id = pending.next_id()
+    pending.expect(message_id, "bob").addBoth(results.append)
+    assert pending.asked(message_id) == "bob"
+    assert pending.answer(message_id, "mallory", b"forged") is False
+    assert results == [] and message_id in pending
+    assert pending.answer(message_id, "bob", b"real") is True
+    assert results == [b"real"] and len(pending) == 0
+    assert pending.answer(message_id, "bob", b"again") is False
+
+
+def test_pending_requests_time_out_fail_together_and_cancel():
+    clock = task.Clock()
+    pending = PendingRequests(clock, timeout=5)
+    results = []
+    for asked in ("bob", "carol", "bob"):
+        pending.expect(pending.next_id(), asked).addErrback(results.append)
+    assert pending.fail_where(lambda asked: asked == "bob", RequestError(ErrorCode.USER_OFFLINE)) == 2
+    assert [f.value.code for f in results] == [ErrorCode.USER_OFFLINE] * 2
+    clock.advance(5)
+    assert [f.value.code for f in results][2:] == [ErrorCode.TIMEOUT]
+    d = pending.expect(pending.next_id(), "dave")
+    d.addErrback(lambda f: None)
+    d.cancel()
+    assert len(pending) == 0 and clock.getDelayedCalls() == []
+
+
+def test_pending_message_ids_skip_outstanding_ones_and_wrap():
+    pending = PendingRequests(task.Clock(), timeout=5)
+    pending.expect(1, "x").addErrback(lambda f: None)
+    assert pending.next_id() == 2  # 1 is outstanding
+    pending._ids = itertools.count(0x7FFFFFFE)
+    assert pending.next_id() == 0x7FFFFFFF  # the largest positive int32
+    assert pending.next_id() == 2  # wrapped to 1, which is outstanding
+    with pytest.raises(ValueError):
+        pending.expect(1, "y")
+
+
+# -- an engine on a presence that answers later -----------------------------------------
+
+
+@implementer(IPresence)
+class SlowPresence(LocalPresence):
+    """
+    LocalPresence whose claims take effect at once but are answered when
+    the test says, as a registry across the network does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.claims: list[tuple[Deferred, Claim]] = []
+
+    def claim(self, handle, replace):
+        results = []
+        LocalPresence.claim(self, handle, replace).addCallback(results.append)
+        d = Deferred()
+        self.claims.append((d, results[0]))
+        return d
+
+    def answer(self):
+        d, claim = self.claims.pop(0)
+        d.callback(claim)
+
+
+def test_a_session_is_a_device_handle():
+    engine = make_engine()
+    client = connect(engine, "alice")
+    (session,) = engine.sessions
+    assert verifyObject(IDeviceHandle, session)
+    assert verifyObject(IPresence, engine.presence)
+    assert session.node == engine.node_id
+    assert client.user_id == session.user_id
+
+
+def test_frames_relayed_while_a_logon_is_claimed_follow_its_reply():
+    presence = SlowPresence()
+    engine = make_engine(presence=presence)
+    bob = Client(engine)
+    bob.logon("bob")
+    presence.answer()
+    bob.take()
+    alice = Client(engine)
+    alice.logon("alice")
+    assert alice.take() == []  # claimed, not yet answered
+    assert engine.presence.devices("alice")  # others can reach her already
+    bob.send(T.SEND, b"\x01\x00\x00\x00hi", dest="alice")
+    assert alice.take() == []  # held back
+    presence.answer()
+    received = alice.take()
+    assert [r.message_type for r in received] == [T.LOGON, T.SEND]
+    assert received[0].body == logon_reply(engine)
+
+
+def test_a_connection_lost_while_its_claim_is_in_flight_gives_the_device_back():
+    presence = SlowPresence()
+    engine = make_engine(presence=presence)
+    events = record_events(engine.user_manager)
+    alice = Client(engine)
+    alice.logon("alice")
+    assert presence.user_count() == 1
+    alice.lose()
+    presence.answer()
+    assert not engine.user_manager.is_user_online("alice")
+    assert presence.user_count() == 0
+    assert events == []
+
+
+def test_logons_are_ordered_by_arrival_not_by_connection():
+    from _helpers import PendingHandler
+
+    handler = PendingHandler()
+    engine = make_engine(handler=handler)
+    early = Client(engine, "10.0.0.1")  # connects first ...
+    late = Client(engine, "10.0.0.2")
+    late.logon("alice")  # ... but logs on second:
+    early.logon("alice")  # its Logon is the newer one
+    handler.pending(early.address).callback(True)
+    assert [r.message_type for r in early.take()] == [T.LOGON]
+    handler.pending(late.address).callback(True)
+    (reply, notice) = late.take()
+    assert reply.body.result == LogonResult.FAILED and "superseded" in reply.body.failure_cause
+    assert notice.body.reason == D.LOGON_FAILED
+    assert engine.presence.get("alice", 0).address == early.address
