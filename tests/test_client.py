@@ -45,7 +45,9 @@ from esf import (
     ServerFactory,
     WireConfig,
 )
-from esf._client import ClientProtocol
+from esf import _messages as m
+from esf._client import ClientProtocol, Ending, EndingKind, SessionState
+from esf.wire import encode_frame
 from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
 
 _ports = itertools.count(40001)
@@ -288,6 +290,7 @@ class Events:
         "being_pushed_out",
         "being_kicked_out",
         "disconnected",
+        "session_ended",
         "my_device_online",
         "my_device_offline",
         "broadcast_received",
@@ -759,7 +762,16 @@ def test_failed_relogon_stops_reconnecting(setup):
         "connection_interrupted",
         "connection_rebuild_start",
         "relogon_completed",
+        "session_ended",
     ]
+    ((ending,),) = events.of("session_ended")
+    assert ending == Ending(
+        EndingKind.REFUSED,
+        DisconnectedType.LOGON_FAILED,
+        "invalid user ID or password",
+        response=response,
+    )
+    assert client.state is SessionState.ENDED and client.ending == ending
 
 
 def test_relogon_unanswered_tries_again(setup):
@@ -896,7 +908,10 @@ def test_relogon_refused_as_had_logged_on():
         "connection_interrupted",
         "connection_rebuild_start",
         "relogon_completed",
+        "session_ended",
     ]
+    ((ending,),) = events.of("session_ended")
+    assert ending.kind is EndingKind.REFUSED and ending.response == response
 
 
 def test_close_while_waiting_to_reconnect(setup):
@@ -918,13 +933,16 @@ def test_pushed_out(setup):
     old = setup.logged_on("alice", host="10.0.0.1")
     events = Events(old)
     new = setup.logged_on("alice", host="10.0.0.2")
-    assert events.names() == ["being_pushed_out"]
+    assert events.names() == ["being_pushed_out", "session_ended"]
     ((cause,),) = events.of("being_pushed_out")
     assert "10.0.0.2" in cause
+    ((ending,),) = events.of("session_ended")
+    assert ending == Ending(EndingKind.PUSHED_OUT, DisconnectedType.BEING_PUSHED_OUT, cause)
+    assert ending.final
     assert not old.logged_on and new.logged_on
     setup.net.advance(3600, step=10)
     assert old.endpoint.attempts == 1
-    assert events.names() == ["being_pushed_out"]
+    assert events.names() == ["being_pushed_out", "session_ended"]
     assert setup.session("alice").address.startswith("10.0.0.2:")
     failure(setup.net, old.ping(), NotConnected)
 
@@ -946,7 +964,13 @@ def test_kicked_out():
     root = s.logged_on("root")
     events = Events(alice)
     assert result(s.net, root.kick_out("alice", "spamming")) is None
-    assert events.all == [("being_kicked_out", "root", "spamming")]
+    assert events.all == [
+        ("being_kicked_out", "root", "spamming"),
+        (
+            "session_ended",
+            Ending(EndingKind.KICKED, DisconnectedType.BEING_KICKED_OUT, "spamming", "root"),
+        ),
+    ]
     assert not alice.logged_on
     s.net.advance(3600, step=10)
     assert alice.endpoint.attempts == 1
@@ -958,7 +982,13 @@ def test_kicked_out_by_the_server(setup):
     events = Events(alice)
     setup.engine.kick_out("alice", "maintenance")
     setup.net.flush()
-    assert events.all == [("being_kicked_out", "_0", "maintenance")]
+    assert events.all == [
+        ("being_kicked_out", "_0", "maintenance"),
+        (
+            "session_ended",
+            Ending(EndingKind.KICKED, DisconnectedType.BEING_KICKED_OUT, "maintenance", "_0"),
+        ),
+    ]
     setup.net.advance(600)
     assert alice.endpoint.attempts == 1
 
@@ -992,7 +1022,9 @@ def test_logoff(setup):
     assert ended == [DisconnectedType.LOGGED_OFF]
     setup.net.advance(3600, step=10)
     assert alice.endpoint.attempts == 1
-    assert events.all == []
+    assert events.all == [
+        ("session_ended", Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off"))
+    ]
 
 
 def test_logoff_before_the_close_completes(setup):
@@ -1016,7 +1048,9 @@ def test_close(setup):
     assert not alice.logged_on
     setup.net.advance(600)
     assert alice.endpoint.attempts == 1
-    assert events.all == []
+    assert events.all == [
+        ("session_ended", Ending(EndingKind.CLOSED, None, "closed by the application"))
+    ]
 
 
 @pytest.mark.parametrize(
@@ -1089,7 +1123,7 @@ def test_pushed_out_then_events_are_not_doubled(setup):
     events = Events(old)
     setup.logged_on("alice", host="10.0.0.2")
     setup.net.advance(60)
-    assert events.names() == ["being_pushed_out"]
+    assert events.names() == ["being_pushed_out", "session_ended"]
 
 
 # -- calls ------------------------------------------------------------------------------------
@@ -1505,3 +1539,315 @@ def test_send_blob_waits_while_busy():
     protocol.resumeProducing()
     assert result(s.net, d) is None
     assert handler.information == [("alice", ClientType.OTHERS, 1, b"z" * 2000)]
+
+
+# -- the session's life: states and session_ended ---------------------------------------------
+
+
+def test_states_through_a_session(setup):
+    client = setup.client("alice")
+    assert client.state is SessionState.IDLE
+    d = client.logon()
+    assert client.state is SessionState.LOGGING_ON  # the memory endpoint connects at once
+    result(setup.net, d)
+    assert client.state is SessionState.LOGGED_ON and client.ending is None
+    setup.net.up = False
+    setup.net.drop_all()
+    assert client.state is SessionState.RECONNECTING
+    setup.net.up = True
+    setup.net.advance(1)
+    assert client.state is SessionState.LOGGED_ON
+    result(setup.net, client.logoff())
+    assert client.state is SessionState.ENDED
+    assert client.ending.kind is EndingKind.LOGGED_OFF
+
+
+def test_close_while_waiting_to_reconnect_ends_the_session_at_once(setup):
+    alice = setup.logged_on("alice")
+    events = Events(alice)
+    setup.net.up = False
+    setup.net.drop_all()
+    setup.net.advance(1.5)
+    alice.close()
+    assert events.names() == [
+        "connection_interrupted",
+        "connection_rebuild_start",
+        "session_ended",
+    ]
+    assert events.of("session_ended") == [(Ending(EndingKind.CLOSED, None, "closed by the application"),)]
+    # Closing again changes nothing.
+    assert result(setup.net, alice.close()) is None
+    assert events.names().count("session_ended") == 1
+
+
+def test_close_during_the_first_logon():
+    """
+    close() before the logon is answered: logon() fails with NotConnected,
+    the connection closes, no session_ended (there was no session).
+    """
+    s = Setup()
+    client = s.client("alice")
+    mute_endpoint(client)
+    events = Events(client)
+    d = client.logon()
+    s.net.flush()
+    assert result(s.net, client.close()) is None
+    failure(s.net, d, NotConnected)
+    s.net.advance(120)
+    assert s.net.open_links() == [] and s.net.attempts == 1
+    assert events.all == []
+
+
+@pytest.mark.parametrize(
+    "reason, kind",
+    [
+        (DisconnectedType.BEING_KICKED_OUT, EndingKind.KICKED),
+        (DisconnectedType.BEING_PUSHED_OUT, EndingKind.PUSHED_OUT),
+        (DisconnectedType.NEW_CONNECTION_IGNORED, EndingKind.REFUSED),
+    ],
+)
+def test_a_final_disconnect_notice_alone_ends_the_session(setup, reason, kind):
+    """
+    A server that sends only the DisconnectNotice (no push-out or kick
+    notice first) still ends the session for good, with the reason.
+    """
+    alice = setup.logged_on("alice")
+    events = Events(alice)
+    notice = m.DisconnectNotice(reason, "bye").encode()
+    frame = encode_frame(
+        setup.config.wire, MessageType.DISCONNECT_NOTICE, notice, user_id="_0", dest_user_id="alice"
+    )
+    client_protocol(setup.net.links[0]).dataReceived(frame)
+    setup.net.links[0].drop()
+    setup.net.advance(600)
+    assert events.all == [("session_ended", Ending(kind, reason, "bye"))]
+    assert alice.endpoint.attempts == 1
+
+
+def test_a_session_ends_once_whatever_follows(setup):
+    """
+    Kicked, then the application closes and logs off: one session_ended.
+    """
+    alice = setup.logged_on("alice")
+    events = Events(alice)
+    setup.engine.kick_out("alice", "bye")
+    setup.net.flush()
+    alice.close()
+    alice.logoff()
+    setup.net.advance(60)
+    assert events.names() == ["being_kicked_out", "session_ended"]
+    assert alice.ending.kind is EndingKind.KICKED
+
+
+# -- answers only from the party asked ----------------------------------------------------
+
+
+def forge(client: ClientEngine, message_type, body, sender, client_type=ClientType.OTHERS):
+    """
+    Deliver to C{client}, as its server would relay it, an answer from
+    C{sender} carrying the MessageID of C{client}'s latest request.
+    """
+    message_id = list(client._pending)[-1]
+    frame = encode_frame(
+        client.wire,
+        message_type,
+        body,
+        client_type=client_type,
+        message_id=message_id,
+        user_id=sender,
+        dest_user_id=client.user_id,
+    )
+    client._protocol.dataReceived(frame)
+
+
+def test_forged_response_to_a_query_through_the_server():
+    """
+    Mallory, an ordinary user, answers alice's query to bob with bob's
+    MessageID: the server relays it, alice drops it and waits for bob.
+    """
+    s = Setup()
+    answers = []
+    alice = s.logged_on("alice")
+    s.logged_on("bob", handler=Recorder(lambda p: answers.append(Deferred()) or answers[-1]))
+    mallory = s.logged_on("mallory")
+    d = alice.query("bob", 5, b"q")
+    s.net.flush()
+    message_id = list(alice._pending)[-1]
+    mallory._write(
+        MessageType.RESPONSE, m.Information(5, b"forged").encode(), message_id=message_id, dest="alice"
+    )
+    mallory._write(
+        MessageType.ERROR,
+        m.Error(MessageType.REQUEST, ErrorCode.USER_OFFLINE, "forged").encode(),
+        message_id=message_id,
+        dest="alice",
+    )
+    s.net.flush()
+    assert pending(d)
+    assert alice.counters["forged_answers"] == 2
+    answers[0].callback(b"real")
+    assert result(s.net, d) == b"real"
+
+
+def test_forged_ack_to_send_certainly(setup):
+    gate = []
+
+    @implementer(ICustomizeHandler)
+    class Slow(Recorder):
+        def handle_information(self, *args):
+            gate.append(Deferred())
+            return gate[-1]
+
+    alice = setup.logged_on("alice")
+    setup.logged_on("bob", handler=Slow())
+    d = alice.send_certainly("bob", 9, b"x")
+    setup.net.flush()
+    forge(alice, MessageType.ACK, m.Ack(9).encode(), "mallory")
+    assert pending(d) and alice.counters["forged_answers"] == 1
+    gate[0].callback(None)
+    assert result(setup.net, d) is None
+
+
+def test_forged_ping_ack(setup):
+    alice = setup.logged_on("alice")
+    setup.logged_on("bob")
+    d = alice.ping_by_server("bob")
+    forge(alice, MessageType.PING_ACK, b"", "mallory")
+    assert pending(d) and alice.counters["forged_answers"] == 1
+    setup.clock.advance(0.5)
+    assert result(setup.net, d) == 0.5
+
+
+def test_is_user_online_answered_by_a_user_is_dropped(setup):
+    """
+    The server answers QueryOnline; the user asked about may not.
+    """
+    alice = setup.logged_on("alice")
+    setup.logged_on("bob")
+    d = alice.is_user_online("bob")
+    forge(alice, MessageType.QUERY_ONLINE, m.QueryOnlineReply(False).encode(), "bob")
+    forge(alice, MessageType.ERROR, m.Error(MessageType.QUERY_ONLINE, ErrorCode.BAD_REQUEST, "x").encode(), "bob")
+    assert pending(d) and alice.counters["forged_answers"] == 2
+    assert result(setup.net, d) is True
+
+
+def test_a_query_to_the_server_is_answered_by_the_server_only():
+    s = Setup(customize_handler=Recorder(lambda p: p[::-1]))
+    alice = s.logged_on("alice")
+    d = alice.query("_0", 1, b"abc")
+    forge(alice, MessageType.RESPONSE, m.Information(1, b"forged").encode(), "mallory")
+    assert pending(d) and alice.counters["forged_answers"] == 1
+    assert result(s.net, d) == b"cba"
+
+
+def test_a_query_to_one_device_is_answered_by_that_device_only(setup):
+    alice = setup.logged_on("alice")
+    answers = []
+    setup.logged_on(
+        "bob",
+        client_type=ClientType.ANDROID,
+        handler=Recorder(lambda p: answers.append(Deferred()) or answers[-1]),
+    )
+    d = alice.query("bob", 5, b"q", client_type=ClientType.ANDROID)
+    setup.net.flush()
+    # bob's other device (or anyone stamping bob's name with another kind)
+    forge(alice, MessageType.RESPONSE, m.Information(5, b"pc").encode(), "bob", ClientType.DOTNET)
+    assert pending(d) and alice.counters["forged_answers"] == 1
+    answers[0].callback(b"phone")
+    assert result(setup.net, d) == b"phone"
+
+
+def test_answers_go_to_the_device_that_asked(setup):
+    """
+    Two devices of alice ask bob with the same MessageID: each gets its own
+    answer, not the other's.
+    """
+    pc = setup.logged_on("alice", client_type=ClientType.DOTNET)
+    phone = setup.logged_on("alice", client_type=ClientType.ANDROID)
+    answers = []
+    setup.logged_on("bob", handler=Recorder(lambda p: answers.append((p, Deferred())) or answers[-1][1]))
+    d_pc = pc.query("bob", 1, b"pc")
+    d_phone = phone.query("bob", 1, b"phone")
+    setup.net.flush()
+    assert list(pc._pending) == list(phone._pending)  # the same MessageID
+    dict(answers)[b"phone"].callback(b"for the phone")
+    setup.net.flush()
+    assert pending(d_pc)
+    assert result(setup.net, d_phone) == b"for the phone"
+    dict(answers)[b"pc"].callback(b"for the pc")
+    assert result(setup.net, d_pc) == b"for the pc"
+    assert pc.counters["unexpected_answers"] == phone.counters["unexpected_answers"] == 0
+
+
+def test_late_answers_are_counted(setup):
+    alice = setup.logged_on("alice", request_timeout=5)
+    answers = []
+    setup.logged_on("bob", handler=Recorder(lambda p: answers.append(Deferred()) or answers[-1]))
+    d = alice.query("bob", 5, b"q")
+    setup.net.advance(5)
+    failure(setup.net, d, RequestError)
+    answers[0].callback(b"late")
+    setup.net.flush()
+    assert alice.counters["unexpected_answers"] == 1
+
+
+# -- bounds on blobs from others ------------------------------------------------------------
+
+
+def start_blob(sender: ClientEngine, to: str, blob_id: int, size: int = 100) -> Deferred:
+    """
+    The first fragment of an unfinished blob, sent with a MessageID so that
+    a refusal comes back as an error.
+    """
+    fragment = m.BlobFragment(1, blob_id, 0, False, b"b" * size)
+    return sender._request(MessageType.BLOB, fragment.encode(), dest=to)
+
+
+def test_blob_defaults():
+    s = Setup()
+    blobs = s.client("alice")._inbox.blobs
+    assert (blobs.max_blob_size, blobs.max_per_sender, blobs.max_bytes, blobs.max_blobs) == (
+        16 * 1024 * 1024,
+        2,
+        64 * 1024 * 1024,
+        16,
+    )
+
+
+def test_a_sender_has_at_most_two_blobs_in_progress(setup):
+    alice = setup.logged_on("alice", handler=Recorder())
+    mallory = setup.logged_on("mallory")
+    bob = setup.logged_on("bob")
+    first, second = start_blob(mallory, "alice", 1), start_blob(mallory, "alice", 2)
+    third = start_blob(mallory, "alice", 3)
+    assert failure(setup.net, third, RequestError).code == ErrorCode.RATE_LIMITED
+    assert pending(first) and pending(second)
+    assert alice.counters["blob_errors"] == 1
+    # Another sender is not held back by mallory's.
+    assert result(setup.net, bob.send_blob("alice", 1, b"z" * 5000, fragment_size=1000)) is None
+    assert alice._inbox.blobs.pending == 2
+
+
+def test_blobs_share_a_byte_budget():
+    s = Setup()
+    alice = s.logged_on("alice", handler=Recorder(), max_blob_bytes=250)
+    mallory = s.logged_on("mallory")
+    bob = s.logged_on("bob")
+    start_blob(mallory, "alice", 1, size=200)
+    s.net.flush()
+    assert alice._inbox.blobs.buffered == 200
+    error = failure(s.net, start_blob(bob, "alice", 1, size=100), RequestError)
+    assert error.code == ErrorCode.RATE_LIMITED and "250 bytes" in error.text
+    # A blob of one fragment is never buffered: it still goes through.
+    assert result(s.net, bob.send_blob("alice", 1, b"small")) is None
+
+
+def test_idle_blobs_are_dropped(setup):
+    alice = setup.logged_on("alice", handler=Recorder())
+    mallory = setup.logged_on("mallory")
+    d = start_blob(mallory, "alice", 1)
+    setup.net.flush()
+    assert alice._inbox.blobs.pending == 1
+    setup.net.advance(75, step=5)
+    assert alice._inbox.blobs.pending == 0
+    assert failure(setup.net, d, RequestError).code == ErrorCode.TIMEOUT  # nobody answered it
