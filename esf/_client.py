@@ -23,7 +23,7 @@ import random
 from typing import Callable
 
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
@@ -111,7 +111,7 @@ class ClientProtocol(Protocol):
             log.error("the server sent an invalid frame: {error}", error=e.message)
             self.transport.abortConnection()
         engine = self.engine
-        engine._last_received = engine.clock.seconds()
+        engine._heartbeat.heard()
         for frame in frames:
             engine._inbox.frame_received(self, frame)
 
@@ -198,35 +198,67 @@ class _ServiceSideFactory(Factory):
     protocol = _ServiceSide
 
 
+class _Heartbeat:
+    """
+    A logged-on connection's heartbeats, and dead-server detection: no
+    frame at all from the server for the announced timeout drops the
+    connection (the engine then reconnects).
+    """
+
+    def __init__(self, engine: ClientEngine):
+        self.engine = engine
+        self.last_heard = 0.0
+        self.timeout = 0
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = engine.clock
+
+    def heard(self) -> None:
+        """
+        Something arrived from the server: it is alive.
+        """
+        self.last_heard = self.engine.clock.seconds()
+
+    def start(self, response: LogonResponse) -> None:
+        self.stop()
+        self.timeout = response.heartbeat_timeout
+        self._loop.start(max(response.heartbeat_interval, 1), now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def beat(self) -> None:
+        engine = self.engine
+        protocol = engine._protocol
+        if protocol is None or not engine.logged_on:
+            return  # gone, or leaving (logged off, pushed out, closed)
+        now = engine.clock.seconds()
+        if now - self.last_heard >= self.timeout:
+            log.warn(
+                "nothing from the server for {timeout} s: treating the connection as lost",
+                timeout=self.timeout,
+            )
+            protocol.transport.abortConnection()
+            return
+        engine._write(MessageType.HEARTBEAT)
+        engine._inbox.blobs.expire(now)
+
+
 class ClientEngine(ClientCalls):
     """
     A logged-on session with an esf server that survives connection loss.
 
     Create it, subscribe to its events, then call L{logon}; every other call
-    returns a Deferred and needs a logged-on session.  docs/client.md lists
-    the events and which fire when.
+    returns a Deferred and needs a logged-on session.
 
-    Events (L{esf.interfaces.IEvent}; subscribe with
-    C{client.being_kicked_out.subscribe(callback)}):
-      - C{connection_interrupted()}: a connection of the session dropped
-        and a reconnect follows.
-      - C{connection_rebuild_start()}: reconnecting.
-      - C{relogon_completed(response)}: a re-logon after a reconnect was
-        answered (a L{LogonResponse}; a refusal other than Busy ends the
-        session).
-      - C{being_pushed_out(cause)}: the same user logged on with this
-        device kind elsewhere; the session ends.
-      - C{being_kicked_out(operator, reason)}: the session ends.
-      - C{disconnected(disconnected_type, text)}: the server closed the
-        connection for another reason (a L{esf.DisconnectedType}).
-      - C{session_ended(ending)}: once, when a session that had logged on
-        ends for good (an L{Ending}: pushed out, kicked, refused, logged
-        off or closed).
-      - C{my_device_online(client_type)}, C{my_device_offline(client_type)}.
-      - C{broadcast_received(sender_id, group_id, information_type, payload)}.
-      - C{information_received(sender_id, client_type, information_type,
-        payload)}: a Send, SendCertainly or Blob (also handed to the
-        handler, if any).
+    Its events (L{esf.interfaces.IEvent}) are attributes: the connection's
+    (C{connection_interrupted}, C{connection_rebuild_start},
+    C{relogon_completed}, C{disconnected}), the session's end
+    (C{being_pushed_out}, C{being_kicked_out}, C{session_ended}: once, with
+    an L{Ending}, when a session that had logged on ends for good) and
+    what arrives (C{my_device_online}, C{my_device_offline},
+    C{broadcast_received}, C{information_received}).  docs/client.md says
+    what each carries and which fire in which case.
     """
 
     def __init__(
@@ -280,14 +312,13 @@ class ClientEngine(ClientCalls):
         #: What went wrong, by name (see L{esf._client_calls.ClientCount}).
         self.counters: collections.Counter = collections.Counter()
         self._state = SessionState.IDLE
+        self._announced = False  # session_ended fires once
         self._protocol: ClientProtocol | None = None
         self._service: ClientService | None = None
         self._first_logon: Deferred | None = None
         self._pending = PendingRequests(clock, request_timeout)
         self._blob_ids = itertools.count(1)
-        self._heartbeat = LoopingCall(self._beat)
-        self._heartbeat.clock = clock
-        self._last_received = 0.0
+        self._heartbeat = _Heartbeat(self)
         self._drain_waiters: list[Deferred] = []
         blobs = ClientBlobs(max_blob_size, max_blobs_per_sender, max_blob_bytes)
         self._inbox = Inbox(self, blobs)
@@ -307,24 +338,6 @@ class ClientEngine(ClientCalls):
         Whether a session is logged on now.
         """
         return self._state is SessionState.LOGGED_ON
-
-    @property
-    def channel_is_busy(self) -> bool:
-        """
-        Whether the connection's unsent output is above the transport's
-        buffer threshold; L{wait_for_drain} fires when it no longer is.
-        """
-        return self._protocol is not None and self._protocol.paused
-
-    def wait_for_drain(self) -> Deferred:
-        """
-        A Deferred that fires once the channel is not busy.
-        """
-        if not self.channel_is_busy:
-            return succeed(None)
-        d = Deferred()
-        self._drain_waiters.append(d)
-        return d
 
     # -- life ------------------------------------------------------------------------
 
@@ -412,9 +425,9 @@ class ClientEngine(ClientCalls):
     def _announce_end(self) -> None:
         # Only a session that had logged on ends; a first logon that fails
         # is reported by logon()'s Deferred alone.
-        if self.logon_response is not None and self.ending is not None:
-            ending, self.ending = self.ending, self.ending
-            self.session_ended.fire(ending)
+        if self.logon_response is not None and self.ending is not None and not self._announced:
+            self._announced = True
+            self.session_ended.fire(self.ending)
 
     def _first_attempt_failed(self, failure: Failure) -> None:
         first, self._first_logon = self._first_logon, None
@@ -439,7 +452,7 @@ class ClientEngine(ClientCalls):
 
     def _connection_made(self, protocol: ClientProtocol) -> None:
         self._protocol = protocol
-        self._last_received = self.clock.seconds()
+        self._heartbeat.heard()
 
     def _log_on(self, side: _ServiceSide) -> Deferred:
         """
@@ -447,8 +460,10 @@ class ClientEngine(ClientCalls):
         ClientService's once this fires.
         """
         protocol = side.protocol
-        if self._state is not SessionState.ENDED:
-            self._state = SessionState.LOGGING_ON
+        if self._state is SessionState.ENDED:  # closed while connecting
+            protocol.transport.loseConnection()
+            return fail(NotConnected("the client was closed"))
+        self._state = SessionState.LOGGING_ON
         message_id = self._pending.next_id()
         answer = self._pending.expect(message_id, SERVER, self.request_timeout)
         body = m.Logon(m.PROTOCOL_VERSION, self.system_token, self.password).encode()
@@ -477,9 +492,7 @@ class ClientEngine(ClientCalls):
         if response.succeeded:
             self.logon_response = response
             self._state = SessionState.LOGGED_ON
-            if self._heartbeat.running:
-                self._heartbeat.stop()
-            self._heartbeat.start(max(response.heartbeat_interval, 1), now=True)
+            self._heartbeat.start(response)
             protocol.accept()
             if first is not None:
                 self._first_logon = None
@@ -519,8 +532,7 @@ class ClientEngine(ClientCalls):
         if protocol is not self._protocol:
             return
         self._protocol = None
-        if self._heartbeat.running:
-            self._heartbeat.stop()
+        self._heartbeat.stop()
         ending = protocol.ending
         if ending is not None and ending.kind is EndingKind.DISCONNECTED:
             why = f"the server closed the connection ({_name(ending.reason)}: {ending.text})"
@@ -551,47 +563,6 @@ class ClientEngine(ClientCalls):
         self.connection_interrupted.fire()
         if self._service is not None and self._service.running:
             self.connection_rebuild_start.fire()
-
-    def _drained(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    # -- heartbeat and output ----------------------------------------------------------
-
-    def _beat(self) -> None:
-        protocol = self._protocol
-        if protocol is None or not self.logged_on:
-            return  # gone, or leaving (logged off, pushed out, closed)
-        now = self.clock.seconds()
-        timeout = self.logon_response.heartbeat_timeout
-        if now - self._last_received >= timeout:
-            log.warn(
-                "nothing from the server for {timeout} s: treating the connection as lost",
-                timeout=timeout,
-            )
-            protocol.transport.abortConnection()
-            return
-        self._write(MessageType.HEARTBEAT)
-        self._inbox.blobs.expire(now)
-
-    def _write(
-        self, message_type: int, body: bytes = b"", *, message_id: int = 0, dest: str = SERVER_ID
-    ) -> None:
-        protocol = self._protocol
-        if protocol is None or not self.logged_on:
-            raise NotConnected("not logged on")
-        protocol.write(
-            encode_frame(
-                self.wire,
-                message_type,
-                body,
-                client_type=self.client_type,
-                message_id=message_id,
-                user_id=self.user_id,
-                dest_user_id=dest,
-            )
-        )
 
 
 def _logon_response(frame) -> LogonResponse:

@@ -16,13 +16,13 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import attrs
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from . import _messages as m
 from ._client_state import NotConnected
 from ._wire import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType, as_client_type
-from ._wire import device_address
+from ._wire import device_address, encode_frame
 
 if TYPE_CHECKING:
     from ._client import ClientEngine
@@ -127,10 +127,59 @@ class ClientCalls:
     The request/answer half of L{esf.ClientEngine}: the public calls and the
     table of their outstanding requests.
 
-    Its host (the engine) provides C{clock}, C{wire}, C{logon_response},
-    C{logged_on}, C{counters}, C{_pending} (a L{PendingRequests}),
-    C{_write(...)} and C{wait_for_drain()}.
+    Its host (the engine) provides C{clock}, C{wire}, C{user_id},
+    C{client_type}, C{logon_response}, C{logged_on}, C{counters},
+    C{_protocol} (the current L{ClientProtocol}, or C{None}),
+    C{_drain_waiters} (a list) and C{_pending} (a L{PendingRequests}).
     """
+
+    # -- output and flow control ------------------------------------------------
+
+    def _write(
+        self: ClientEngine,
+        message_type: int,
+        body: bytes = b"",
+        *,
+        message_id: int = 0,
+        dest: str = SERVER_ID,
+    ) -> None:
+        protocol = self._protocol
+        if protocol is None or not self.logged_on:
+            raise NotConnected("not logged on")
+        protocol.write(
+            encode_frame(
+                self.wire,
+                message_type,
+                body,
+                client_type=self.client_type,
+                message_id=message_id,
+                user_id=self.user_id,
+                dest_user_id=dest,
+            )
+        )
+
+    @property
+    def channel_is_busy(self: ClientEngine) -> bool:
+        """
+        Whether the connection's unsent output is above the transport's
+        buffer threshold; L{wait_for_drain} fires when it no longer is.
+        """
+        return self._protocol is not None and self._protocol.paused
+
+    def wait_for_drain(self: ClientEngine) -> Deferred:
+        """
+        A Deferred that fires once the channel is not busy.
+        """
+        if not self.channel_is_busy:
+            return succeed(None)
+        d = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def _drained(self: ClientEngine) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.callback(None)
 
     # -- requests and answers ---------------------------------------------------
 
