@@ -1604,6 +1604,7 @@ def test_close_during_the_first_logon():
         (DisconnectedType.BEING_KICKED_OUT, EndingKind.KICKED),
         (DisconnectedType.BEING_PUSHED_OUT, EndingKind.PUSHED_OUT),
         (DisconnectedType.NEW_CONNECTION_IGNORED, EndingKind.REFUSED),
+        (DisconnectedType.LOGON_FAILED, EndingKind.REFUSED),
     ],
 )
 def test_a_final_disconnect_notice_alone_ends_the_session(setup, reason, kind):
