@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from ._application import Applications
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -21,14 +22,11 @@ from ._engine import (
 )
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
-from .interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
+from .interfaces import IBasicHandler
 
 __all__ = ["Options", "makeService", "CheckerHandler"]
 
 log = Logger(namespace="esf.server")
-
-
-_HANDLER_INTERFACES = (IBasicHandler, ICustomizeHandler, IGroupManager, IEngineAware)
 
 
 def _int_option(name: str, low: int, high: int | None = None):
@@ -72,7 +70,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     optParameters = [
         ["port", "p", "tcp:4530", "Endpoint to listen on (e.g. tcp:4530, ssl:4531:...), or a bare port."],
-        ["handler", None, None, "An application object, module:attribute, providing IBasicHandler (and the other handler interfaces)."],
         ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does."],
         ["heartbeat-interval", None, 10, "Seconds between client heartbeats, announced at logon.", _int_option("heartbeat-interval", 1, 65535)],
         ["heartbeat-timeout", None, 30, "Seconds of silence after which a session ends.", _int_option("heartbeat-timeout", 2, 65535)],
@@ -89,9 +86,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
     ]
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self["admins"] = []
+        self["handlers"] = []
+
+    def opt_handler(self, spec: str) -> None:
+        """
+        An application object, module:attribute, providing IBasicHandler,
+        ICustomizeHandler, IGroupManager or IEngineAware (repeatable: each
+        object is used for the interfaces it provides; two providing the
+        same one are refused).
+        """
+        self["handlers"].append(load_object(spec))
 
     def opt_admin(self, user_id: str) -> None:
         """
@@ -122,13 +129,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"--heartbeat-timeout ({self['heartbeat-timeout']}) must exceed "
                 f"--heartbeat-interval ({self['heartbeat-interval']})"
             )
-        if self["handler"] is not None:
-            app = self["handler"] = load_object(self["handler"])
-            if not any(i.providedBy(app) for i in _HANDLER_INTERFACES):
-                raise usage.UsageError(
-                    f"--handler {app!r} provides none of "
-                    + ", ".join(i.__name__ for i in _HANDLER_INTERFACES)
-                )
+        try:
+            self["applications"] = Applications.sort(self["handlers"])
+        except ValueError as e:
+            raise usage.UsageError(f"--handler: {e}") from None
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -220,19 +224,17 @@ class CheckerHandler:
         return call(self.handler.can_kick_out, operator_id, target_id, client_type)
 
 
-def basic_handler(options: Options):
+def basic_handler(options: Options) -> IBasicHandler | None:
     """
     The L{IBasicHandler} that C{options} ask for, or C{None} to accept all.
     """
-    handler = options["handler"]
-    if handler is not None and not IBasicHandler.providedBy(handler):
-        handler = None
+    handler = options["applications"].handler
     if options.get("credCheckers"):
         return CheckerHandler(options["credCheckers"], handler)
-    return handler
+    return handler  # type: ignore[no-any-return]
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> ServerService:
     """
     The esf server service for C{twistd}.
     """
@@ -245,14 +247,13 @@ def makeService(options: Options):
             "EVERY LOGON IS ACCEPTED, whatever the password",
             esf_event="accept_all_warning",
         )
-    app = options["handler"]
+    apps: Applications = options["applications"]
     engine = ServerEngine(
         options["config"],
-        clock=reactor,
+        clock=reactor,  # type: ignore[arg-type]
         handler=handler,
-        customize_handler=app if ICustomizeHandler.providedBy(app) else None,
-        group_manager=app if IGroupManager.providedBy(app) else None,
+        customize_handler=apps.customize_handler,
+        group_manager=apps.group_manager,
     )
-    if IEngineAware.providedBy(app):
-        app.initialize(engine)
+    apps.initialize(engine)
     return ServerService(engine, options["endpoint"])

@@ -28,8 +28,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esf import ServerConfig, ServerEngine, ServerFactory
-from esf.interfaces import IBasicHandler
+from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory
+from esf.interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
 from esf.wire import (
     REPLY_BODIES,
     SERVER_ID,
@@ -57,6 +57,9 @@ __all__ = [
     "PendingHandler",
     "RefuseAll",
     "REFUSE_ALL",
+    "ACCEPT_ALL",
+    "ECHO",
+    "ROOMS",
 ]
 
 _ports = itertools.count(5001)
@@ -435,3 +438,49 @@ class RefuseAll:
 
 
 REFUSE_ALL = RefuseAll()
+
+#: Another IBasicHandler (for C{--handler} given twice for one interface).
+ACCEPT_ALL = AcceptAll()
+
+
+@implementer(ICustomizeHandler, IEngineAware)
+class Echo:
+    """
+    Answers every query with its payload; remembers the engines it was
+    given (importable as C{_helpers:ECHO}).
+    """
+
+    def __init__(self):
+        self.engines: list = []
+
+    def initialize(self, engine):
+        self.engines.append(engine)
+
+    def handle_information(self, user_id, client_type, information_type, payload):
+        pass
+
+    def handle_query(self, user_id, client_type, information_type, payload):
+        return payload
+
+
+@implementer(IGroupManager, IEngineAware)
+class Rooms:
+    """
+    One group, C{"room"}, of alice and bob (importable as C{_helpers:ROOMS}).
+    """
+
+    def __init__(self):
+        self.engines: list = []
+
+    def initialize(self, engine):
+        self.engines.append(engine)
+
+    def get_members(self, group_id):
+        return ["alice", "bob"] if group_id == "room" else []
+
+    def can_broadcast(self, user_id, group_id):
+        return group_id == "room"
+
+
+ECHO = Echo()
+ROOMS = Rooms()
