@@ -555,13 +555,10 @@ class MemoryServer:
         @raise Exception: C{d} failed: its exception.
         """
         self.pump()
-        out: list[Any] = []
-        d.addBoth(out.append)
-        if not out:
-            raise AssertionError(f"{d!r} has not fired")
-        if isinstance(out[0], Failure):
-            out[0].raiseException()
-        return out[0]
+        outcome = _outcome(d)
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        return outcome
 
     def failure(self, d: Deferred[Any], *expected: type[BaseException]) -> BaseException:
         """
@@ -572,11 +569,7 @@ class MemoryServer:
             none of the C{expected} types.
         """
         self.pump()
-        out: list[Any] = []
-        d.addBoth(out.append)
-        if not out:
-            raise AssertionError(f"{d!r} has not fired")
-        outcome = out[0]
+        outcome = _outcome(d)
         if not isinstance(outcome, Failure):
             raise AssertionError(f"{d!r} succeeded with {outcome!r}")
         if expected and not outcome.check(*expected):
@@ -616,6 +609,25 @@ class MemoryServer:
         for connection in self.open_connections():
             connection.cut()
         self.pump()
+
+
+def _outcome(d: Deferred[Any]) -> Any:
+    """
+    What C{d} fired with (its result stays in place; a failure is taken as
+    handled), or raise L{AssertionError} if it has not fired.
+    """
+    out: list[Any] = []
+
+    def keep(outcome: Any) -> Any:
+        out.append(outcome)
+        return outcome
+
+    d.addBoth(keep)
+    if not out:
+        raise AssertionError(f"{d!r} has not fired")
+    if isinstance(out[0], Failure):
+        d.addErrback(lambda _: None)
+    return out[0]
 
 
 # -- events -----------------------------------------------------------------------------------
