@@ -5,8 +5,10 @@ C{twistd esf}: the options and the service of an esf server.
 from __future__ import annotations
 
 import importlib
+from typing import Any, Callable, Iterable, cast
 
 from twisted.cred import credentials, error, strcred
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
@@ -29,7 +31,7 @@ __all__ = ["Options", "makeService", "CheckerHandler"]
 log = Logger(namespace="esf.server")
 
 
-def _int_option(name: str, low: int, high: int | None = None):
+def _int_option(name: str, low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -40,7 +42,8 @@ def _int_option(name: str, low: int, high: int | None = None):
             raise usage.UsageError(f"--{name} must be {span}, not {number}")
         return number
 
-    parse.coerceDoc = ""
+    # usage.Options shows a coercer's coerceDoc in --help; there is none to show.
+    setattr(parse, "coerceDoc", "")
     return parse
 
 
@@ -87,7 +90,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     ]
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options has no annotations
         self["admins"] = []
         self["handlers"] = []
 
@@ -154,7 +157,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(str(e)) from None
 
 
-def load_object(spec: str):
+def load_object(spec: str) -> Any:
     """
     Import C{"module:attribute"} (dots allowed in the attribute).
 
@@ -183,14 +186,16 @@ class CheckerHandler:
     application's handler (nobody may kick without one).
     """
 
-    def __init__(self, checkers, handler=None):
+    def __init__(self, checkers: Iterable[ICredentialsChecker], handler: Any = None):
         self.checkers = list(checkers)
         self.handler = handler
 
-    def verify_user(self, system_token, user_id, password, client_type, address):
+    def verify_user(
+        self, system_token: str, user_id: str, password: str, client_type: int, address: str
+    ) -> Deferred[bool]:
         d = Deferred.fromCoroutine(self._verify(user_id, password))
 
-        def then(ok):
+        def then(ok: bool) -> Any:
             if not ok or self.handler is None:
                 return ok
             return call(
@@ -204,7 +209,7 @@ class CheckerHandler:
         # keeps what strcred gave it, text; the file one reads bytes), so
         # each is asked in both forms.
         attempts = [
-            credentials.UsernamePassword(user_id, password),
+            credentials.UsernamePassword(user_id, password),  # type: ignore[arg-type]
             credentials.UsernamePassword(user_id.encode("utf-8"), password.encode("utf-8")),
         ]
         for checker in self.checkers:
@@ -218,7 +223,9 @@ class CheckerHandler:
                 return True
         raise LogonRefused("invalid user ID or password")
 
-    def can_kick_out(self, operator_id, target_id, client_type):
+    def can_kick_out(
+        self, operator_id: str, target_id: str, client_type: int | None
+    ) -> bool | Deferred[bool]:
         if self.handler is None:
             return False
         return call(self.handler.can_kick_out, operator_id, target_id, client_type)
@@ -231,7 +238,7 @@ def basic_handler(options: Options) -> IBasicHandler | None:
     handler = options["applications"].handler
     if options.get("credCheckers"):
         return CheckerHandler(options["credCheckers"], handler)
-    return handler  # type: ignore[no-any-return]
+    return cast("IBasicHandler | None", handler)
 
 
 def makeService(options: Options) -> ServerService:
@@ -250,7 +257,7 @@ def makeService(options: Options) -> ServerService:
     apps: Applications = options["applications"]
     engine = ServerEngine(
         options["config"],
-        clock=reactor,  # type: ignore[arg-type]
+        clock=reactor,
         handler=handler,
         customize_handler=apps.customize_handler,
         group_manager=apps.group_manager,

@@ -26,7 +26,7 @@ import itertools
 import math
 from functools import partial
 from types import TracebackType
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -575,7 +575,7 @@ class MemoryServer:
         if expected and not outcome.check(*expected):
             names = ", ".join(t.__name__ for t in expected)
             raise AssertionError(f"{d!r} failed with {outcome.value!r}, not {names}")
-        return outcome.value
+        return cast(BaseException, outcome.value)
 
     # -- the server's life ----------------------------------------------------------------
 
@@ -796,6 +796,7 @@ class LogCapture:
         return [formatEvent(e) for e in self.events]
 
 
+@implementer(ILogObserver)
 class LoggedErrors:
     """
     The errors logged anywhere during a test, failures in Deferreds
@@ -811,16 +812,16 @@ class LoggedErrors:
         self.errors: list[dict[str, Any]] = []
         self._publisher = publisher if publisher is not None else globalLogPublisher
 
-    def _observe(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:
         if _is_error(event):
             self.errors.append(event)
 
     def start(self) -> LoggedErrors:
-        self._publisher.addObserver(self._observe)
+        self._publisher.addObserver(self)
         return self
 
     def stop(self) -> None:
-        self._publisher.removeObserver(self._observe)
+        self._publisher.removeObserver(self)
 
     def flush(self, *types: type[BaseException]) -> list[dict[str, Any]]:
         """

@@ -34,6 +34,7 @@ _IGNORED = shutil.ignore_patterns(
     "_trial_temp",
     "dropin.cache",
     ".venv",
+    ".mypy_cache",
 )
 
 
