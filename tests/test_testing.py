@@ -541,3 +541,58 @@ def test_pytest_plugin_fixtures(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*errors were logged*unexpected trouble*"])
+
+
+# -- embedding without traps --------------------------------------------------------------------
+
+
+def test_an_engine_built_by_hand_ends_silent_sessions():
+    """
+    Nobody calls engine.start(): the first connection starts the heartbeat
+    reaper, so a session gone silent does not stay online.
+    """
+    clock = task.Clock()
+    engine = ServerEngine(ServerConfig(heartbeat_interval=10, heartbeat_timeout=30), clock=clock)
+    server = MemoryServer(engine=engine)
+    alice = server.logged_on("alice")
+    users = record_events(engine.user_manager, "device_disconnected")
+    server.connection(alice).freeze()
+    server.result(alice.close())
+    server.advance(300)
+    [(user, why)] = users.of("device_disconnected")
+    assert why == DisconnectedType.HEARTBEAT_TIMEOUT
+    assert not engine.user_manager.is_user_online("alice")
+
+
+@pytest.mark.parametrize("answer", ["raise", "deferred", "coroutine"])
+def test_logon_refused_is_not_logged_as_an_error(answer):
+    from twisted.internet.defer import fail
+
+    from esf import LogonRefused
+    from esf.interfaces import IBasicHandler
+
+    @implementer(IBasicHandler)
+    class Refuser:
+        def verify_user(self, system_token, user_id, password, client_type, address):
+            if answer == "raise":
+                raise LogonRefused("banned")
+            if answer == "deferred":
+                return fail(LogonRefused("banned"))
+
+            async def refuse():
+                raise LogonRefused("banned")
+
+            return refuse()
+
+        def can_kick_out(self, operator_id, target_id, client_type):
+            return False
+
+    server = MemoryServer(Refuser())
+    errors = LoggedErrors().start()
+    try:
+        error = server.failure(server.client("alice").logon(), LogonFailed)
+        assert error.cause == "banned"
+        errors.check()
+    finally:
+        errors.stop()
+        server.close()
