@@ -3,9 +3,13 @@ esf: long-lived, authenticated binary TCP sessions on Twisted.
 
 The server engine, its settings and values are exported from here; the
 interfaces applications implement or subscribe to are in L{esf.interfaces};
-the wire format is in L{esf.wire}.
+the wire format is in L{esf.wire}; helpers for testing applications are in
+L{esf.testing}.
 """
 
+__version__ = "0.1.0"
+
+from ._application import engine_for
 from ._client import ClientEngine, LogonFailed, LogonResponse, NotConnected
 from ._engine import (
     AcceptAll,
@@ -47,4 +51,5 @@ __all__ = [
     "ServerService",
     "UserData",
     "WireConfig",
+    "engine_for",
 ]

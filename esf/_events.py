@@ -6,7 +6,7 @@ calling application code that may answer now, later or as a coroutine.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Coroutine, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -19,7 +19,7 @@ __all__ = ["Event", "call"]
 log = Logger(namespace="esf")
 
 
-def call(f: Callable[..., Any], *args: Any) -> Deferred:
+def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
     Call an application method that may answer synchronously, with a
     Deferred or as a coroutine; always return a Deferred.
@@ -31,7 +31,7 @@ def call(f: Callable[..., Any], *args: Any) -> Deferred:
     if isinstance(result, Deferred):
         return result
     if inspect.isawaitable(result):
-        return Deferred.fromCoroutine(result)
+        return Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result))
     return succeed(result)
 
 

@@ -28,7 +28,7 @@ _MAX_MESSAGE_ID = 0x7FFFFFFF
 class _Entry:
     __slots__ = ("deferred", "asked", "timer")
 
-    def __init__(self, deferred: Deferred, asked: Any, timer: IDelayedCall):
+    def __init__(self, deferred: Deferred[Any], asked: Any, timer: IDelayedCall):
         self.deferred = deferred
         self.asked = asked
         self.timer = timer
@@ -63,7 +63,7 @@ class PendingRequests:
             if message_id not in self._entries:
                 return message_id
 
-    def expect(self, message_id: int, asked: Any, timeout: float | None = None) -> Deferred:
+    def expect(self, message_id: int, asked: Any, timeout: float | None = None) -> Deferred[Any]:
         """
         Wait for the answer to request C{message_id}, sent to C{asked}.
 
@@ -73,7 +73,7 @@ class PendingRequests:
         """
         if message_id in self._entries:
             raise ValueError(f"MessageID {message_id} is already outstanding")
-        d = Deferred(lambda _: self._forget(message_id))
+        d: Deferred[Any] = Deferred(lambda _: self._forget(message_id))
         timer = self.clock.callLater(
             self.timeout if timeout is None else timeout, self._timed_out, message_id
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -145,12 +145,42 @@ class ServerService(MultiService):
 
     A port that cannot be bound makes L{startService} raise, so that
     C{twistd} exits with the error rather than run deaf.
+
+    @ivar port: the L{IListeningPort} while listening, else C{None}; after
+        listening on port 0, C{service.port.getHost().port} is the port the
+        system chose.
     """
+
+    port: IListeningPort | None = None
 
     def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint):
         super().__init__()
         self.engine = engine
         _EngineService(engine).setServiceParent(self)
-        self.listener = StreamServerEndpointService(endpoint, ServerFactory(engine))
+        self.listener = StreamServerEndpointService(
+            _PortTeller(endpoint, self), ServerFactory(engine)
+        )
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred:
+        self.port = None
+        return super().stopService()
+
+
+@implementer(IStreamServerEndpoint)
+class _PortTeller:
+    """
+    An endpoint that sets C{service.port} to the port it listens on.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, service: ServerService):
+        self.endpoint = endpoint
+        self.service = service
+
+    def listen(self, factory: Factory) -> Deferred:
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.service.port = port
+            return port
+
+        return self.endpoint.listen(factory).addCallback(listening)

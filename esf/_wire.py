@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import struct
 from enum import IntEnum
+from typing import Any
 
 import attrs
 
@@ -179,7 +180,7 @@ def header_length_for(max_userid_length: int) -> int:
     return (2 * max_userid_length + 14 + 3) // 4 * 4
 
 
-def _check_userid_length(instance, attribute, value):
+def _check_userid_length(instance: Any, attribute: Any, value: int) -> None:
     if not 1 <= value <= 255:
         raise ValueError(f"max_userid_length must be in 1..255, not {value}")
 
@@ -202,14 +203,14 @@ class WireConfig:
     _struct: struct.Struct = attrs.field(init=False, repr=False, eq=False)
 
     @max_message_size.validator
-    def _check_size(self, attribute, value):
+    def _check_size(self, attribute: Any, value: int) -> None:
         if not header_length_for(self.max_userid_length) <= value <= 0x7FFFFFFF:
             raise ValueError(
                 f"max_message_size must be at least the header length and "
                 f"below 2**31, not {value}"
             )
 
-    def __attrs_post_init__(self):
+    def __attrs_post_init__(self) -> None:
         h = header_length_for(self.max_userid_length)
         s = (h - 14) // 2
         object.__setattr__(self, "header_length", h)
@@ -410,7 +411,7 @@ class FrameDecoder:
         self._small = bytearray()
         self._have = 0
         self._need = self._hlen
-        self._header: tuple | None = None
+        self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
 
     @property
@@ -544,7 +545,7 @@ class FrameDecoder:
         self._have = 0
         return unit
 
-    def _parse_header(self, data: bytes, offset: int) -> tuple:
+    def _parse_header(self, data: bytes, offset: int) -> tuple[Any, ...]:
         """
         Check the header at C{offset}; return C{(client_type, message_type,
         message_id, user_id, dest_user_id, body_length)}.
@@ -592,5 +593,5 @@ class FrameDecoder:
             # say which header this side expects.
             raise FrameError(e.reason, e.message + self._expectation) from None
 
-    def _frame(self, header: tuple, raw: bytes) -> Frame:
+    def _frame(self, header: tuple[Any, ...], raw: bytes) -> Frame:
         return Frame(header[0], header[1], header[2], header[3], header[4], raw, self._hlen)

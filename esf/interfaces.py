@@ -10,6 +10,9 @@ nodes can replace the in-process one without touching either side.
 
 from __future__ import annotations
 
+from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, Union
+
+from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 __all__ = [
@@ -24,6 +27,12 @@ __all__ = [
     "IEngineAware",
 ]
 
+_T = TypeVar("_T")
+
+#: What an application method may answer with: the value, a Deferred of it,
+#: or (from an C{async def}) an awaitable of it.
+_Answer = Union[_T, Deferred[_T], Awaitable[_T]]
+
 
 class IEvent(Interface):
     """
@@ -34,14 +43,14 @@ class IEvent(Interface):
     the others or the engine.
     """
 
-    def subscribe(callback):
+    def subscribe(callback: Callable[..., Any]) -> Callable[[], None]:
         """
         Call C{callback} every time the event fires.
 
         @return: a no-argument callable that unsubscribes C{callback}.
         """
 
-    def unsubscribe(callback):
+    def unsubscribe(callback: Callable[..., Any]) -> None:
         """
         Stop calling C{callback}; unknown callbacks are ignored.
         """
@@ -56,7 +65,9 @@ class IBasicHandler(Interface):
     L{twisted.internet.defer.Deferred}, or as a coroutine.
     """
 
-    def verify_user(system_token, user_id, password, client_type, address):
+    def verify_user(
+        system_token: str, user_id: str, password: str, client_type: int, address: str
+    ) -> _Answer[bool]:
         """
         Decide whether C{user_id} may log on.
 
@@ -78,7 +89,7 @@ class IBasicHandler(Interface):
             client sees a generic cause.
         """
 
-    def can_kick_out(operator_id, target_id, client_type):
+    def can_kick_out(operator_id: str, target_id: str, client_type: int | None) -> _Answer[bool]:
         """
         Decide whether logged-on user C{operator_id} may kick C{target_id}
         (every device when C{client_type} is C{None}, else that device).
@@ -97,14 +108,18 @@ class ICustomizeHandler(Interface):
     server (ESFramework's C{ICustomizeHandler}).
     """
 
-    def handle_information(user_id, client_type, information_type, payload):
+    def handle_information(
+        user_id: str, client_type: int, information_type: int, payload: bytes
+    ) -> _Answer[object]:
         """
         A one-way message (Send, SendCertainly or a reassembled Blob) from
         C{user_id}'s device C{client_type} arrived.  The return value is
         ignored; a Deferred or coroutine is waited for before an Ack.
         """
 
-    def handle_query(user_id, client_type, information_type, payload):
+    def handle_query(
+        user_id: str, client_type: int, information_type: int, payload: bytes
+    ) -> _Answer[bytes | None]:
         """
         A Request arrived; return the reply payload (L{bytes}), directly, as
         a Deferred or as a coroutine.  An exception becomes an
@@ -118,13 +133,13 @@ class IGroupManager(Interface):
     application.
     """
 
-    def get_members(group_id):
+    def get_members(group_id: str) -> _Answer[Iterable[str]]:
         """
         The user IDs in C{group_id}: an iterable, or a Deferred or coroutine
         of one.  An unknown group has no members.
         """
 
-    def can_broadcast(user_id, group_id):
+    def can_broadcast(user_id: str, group_id: str) -> _Answer[bool]:
         """
         Whether C{user_id} may broadcast to C{group_id} (C{"*"}: every online
         user).  A bool, or a Deferred or coroutine of one.
@@ -137,7 +152,7 @@ class IEngineAware(Interface):
     messages or read the user manager).
     """
 
-    def initialize(engine):
+    def initialize(engine: Any) -> None:
         """
         Called once with the L{esf.ServerEngine}, before any connection.
         """
@@ -162,29 +177,29 @@ class IUserManager(Interface):
 
     user_count = Attribute("""The number of users online (not devices).""")
 
-    def is_user_online(user_id):
+    def is_user_online(user_id: str) -> bool:
         """
         Whether any device of C{user_id} is logged on.
         """
 
-    def get_user_data(user_id, client_type=None):
+    def get_user_data(user_id: str, client_type: int | None = None) -> Any:
         """
         The L{esf.UserData} of one device of C{user_id}: the given
         C{client_type}, or when C{None} the device that logged on first.
         C{None} when not online.
         """
 
-    def get_online_user_list():
+    def get_online_user_list() -> list[str]:
         """
         The IDs of the users online, sorted.
         """
 
-    def get_all_user_data():
+    def get_all_user_data() -> list[Any]:
         """
         The L{esf.UserData} of every logged-on device.
         """
 
-    def get_all_login_devices(user_id):
+    def get_all_login_devices(user_id: str) -> list[int]:
         """
         The L{esf.ClientType}s of C{user_id}'s logged-on devices, in logon
         order.
@@ -253,17 +268,17 @@ class IDeviceHandle(Interface):
     )
     node = Attribute("""The ID of the node that holds the session (L{str}).""")
 
-    def send(data):
+    def send(data: bytes) -> None:
         """
         Write one frame (L{bytes}, a whole encoded frame) to the device.
         """
 
-    def notify(message_type, body=b"", client_type=0):
+    def notify(message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """
         Send the device a server-initiated message (MessageID 0).
         """
 
-    def kick(reason, text):
+    def kick(reason: int, text: str) -> None:
         """
         End the device's session: C{reason} (an L{esf.DisconnectedType}) and
         C{text} go to its C{DisconnectNotice} and to the log.
@@ -282,7 +297,7 @@ class IPresence(Interface):
     L{devices} for every message.
     """
 
-    def claim(handle, replace):
+    def claim(handle: IDeviceHandle, replace: bool) -> Deferred[Any]:
         """
         Make C{handle} (an L{IDeviceHandle}) the holder of its user's device
         kind, atomically.
@@ -294,7 +309,7 @@ class IPresence(Interface):
             C{None}).
         """
 
-    def release(handle):
+    def release(handle: IDeviceHandle) -> Deferred[bool]:
         """
         Remove C{handle} if it still holds its device; fenced by
         C{handle.session_id}, so that a late release never removes a newer
@@ -305,24 +320,24 @@ class IPresence(Interface):
             C{handle} no longer held the device).
         """
 
-    def get(user_id, client_type):
+    def get(user_id: str, client_type: int) -> IDeviceHandle | None:
         """
         The handle of C{user_id}'s device C{client_type}, or C{None}.
         """
 
-    def devices(user_id):
+    def devices(user_id: str) -> Sequence[IDeviceHandle]:
         """
         The handles of C{user_id}'s devices, in logon order (empty when
         offline), as a sequence the caller must not change; it stays valid
         while handles come and go.
         """
 
-    def user_count():
+    def user_count() -> int:
         """
         How many users are online.
         """
 
-    def user_ids(offset=0, limit=None):
+    def user_ids(offset: int = 0, limit: int | None = None) -> list[str]:
         """
         The IDs of the users online, sorted: the C{limit} (all when
         C{None}) from position C{offset}, at a cost in proportion to the
@@ -337,12 +352,12 @@ class IChannel(Interface):
 
     address = Attribute("""The peer as C{"host:port"} (C{"[host]:port"} for IPv6).""")
 
-    def write(data):
+    def write(data: bytes) -> None:
         """
         Queue C{data} (L{bytes}) for the peer.
         """
 
-    def close():
+    def close() -> None:
         """
         Close once the queued output is written; abort the connection if
         the peer does not take it within the close timeout.

@@ -5,13 +5,16 @@ C{twistd esf}: the options and the service of an esf server.
 from __future__ import annotations
 
 import importlib
+from typing import Any, Callable, Iterable, cast
 
 from twisted.cred import credentials, error, strcred
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
+from ._application import Applications
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -21,17 +24,14 @@ from ._engine import (
 )
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
-from .interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
+from .interfaces import IBasicHandler
 
 __all__ = ["Options", "makeService", "CheckerHandler"]
 
 log = Logger(namespace="esf.server")
 
 
-_HANDLER_INTERFACES = (IBasicHandler, ICustomizeHandler, IGroupManager, IEngineAware)
-
-
-def _int_option(name: str, low: int, high: int | None = None):
+def _int_option(name: str, low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
             number = int(value)
@@ -42,7 +42,8 @@ def _int_option(name: str, low: int, high: int | None = None):
             raise usage.UsageError(f"--{name} must be {span}, not {number}")
         return number
 
-    parse.coerceDoc = ""
+    # usage.Options shows a coercer's coerceDoc in --help; there is none to show.
+    setattr(parse, "coerceDoc", "")
     return parse
 
 
@@ -72,7 +73,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     optParameters = [
         ["port", "p", "tcp:4530", "Endpoint to listen on (e.g. tcp:4530, ssl:4531:...), or a bare port."],
-        ["handler", None, None, "An application object, module:attribute, providing IBasicHandler (and the other handler interfaces)."],
         ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does."],
         ["heartbeat-interval", None, 10, "Seconds between client heartbeats, announced at logon.", _int_option("heartbeat-interval", 1, 65535)],
         ["heartbeat-timeout", None, 30, "Seconds of silence after which a session ends.", _int_option("heartbeat-timeout", 2, 65535)],
@@ -89,9 +89,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
     ]
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # usage.Options has no annotations
         self["admins"] = []
+        self["handlers"] = []
+
+    def opt_handler(self, spec: str) -> None:
+        """
+        An application object, module:attribute, providing IBasicHandler,
+        ICustomizeHandler, IGroupManager or IEngineAware (repeatable: each
+        object is used for the interfaces it provides; two providing the
+        same one are refused).
+        """
+        self["handlers"].append(load_object(spec))
 
     def opt_admin(self, user_id: str) -> None:
         """
@@ -122,13 +132,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"--heartbeat-timeout ({self['heartbeat-timeout']}) must exceed "
                 f"--heartbeat-interval ({self['heartbeat-interval']})"
             )
-        if self["handler"] is not None:
-            app = self["handler"] = load_object(self["handler"])
-            if not any(i.providedBy(app) for i in _HANDLER_INTERFACES):
-                raise usage.UsageError(
-                    f"--handler {app!r} provides none of "
-                    + ", ".join(i.__name__ for i in _HANDLER_INTERFACES)
-                )
+        try:
+            self["applications"] = Applications.sort(self["handlers"])
+        except ValueError as e:
+            raise usage.UsageError(f"--handler: {e}") from None
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -150,7 +157,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(str(e)) from None
 
 
-def load_object(spec: str):
+def load_object(spec: str) -> Any:
     """
     Import C{"module:attribute"} (dots allowed in the attribute).
 
@@ -179,14 +186,16 @@ class CheckerHandler:
     application's handler (nobody may kick without one).
     """
 
-    def __init__(self, checkers, handler=None):
+    def __init__(self, checkers: Iterable[ICredentialsChecker], handler: Any = None):
         self.checkers = list(checkers)
         self.handler = handler
 
-    def verify_user(self, system_token, user_id, password, client_type, address):
+    def verify_user(
+        self, system_token: str, user_id: str, password: str, client_type: int, address: str
+    ) -> Deferred[bool]:
         d = Deferred.fromCoroutine(self._verify(user_id, password))
 
-        def then(ok):
+        def then(ok: bool) -> Any:
             if not ok or self.handler is None:
                 return ok
             return call(
@@ -200,7 +209,7 @@ class CheckerHandler:
         # keeps what strcred gave it, text; the file one reads bytes), so
         # each is asked in both forms.
         attempts = [
-            credentials.UsernamePassword(user_id, password),
+            credentials.UsernamePassword(user_id, password),  # type: ignore[arg-type]
             credentials.UsernamePassword(user_id.encode("utf-8"), password.encode("utf-8")),
         ]
         for checker in self.checkers:
@@ -214,25 +223,25 @@ class CheckerHandler:
                 return True
         raise LogonRefused("invalid user ID or password")
 
-    def can_kick_out(self, operator_id, target_id, client_type):
+    def can_kick_out(
+        self, operator_id: str, target_id: str, client_type: int | None
+    ) -> bool | Deferred[bool]:
         if self.handler is None:
             return False
         return call(self.handler.can_kick_out, operator_id, target_id, client_type)
 
 
-def basic_handler(options: Options):
+def basic_handler(options: Options) -> IBasicHandler | None:
     """
     The L{IBasicHandler} that C{options} ask for, or C{None} to accept all.
     """
-    handler = options["handler"]
-    if handler is not None and not IBasicHandler.providedBy(handler):
-        handler = None
+    handler = options["applications"].handler
     if options.get("credCheckers"):
         return CheckerHandler(options["credCheckers"], handler)
-    return handler
+    return cast("IBasicHandler | None", handler)
 
 
-def makeService(options: Options):
+def makeService(options: Options) -> ServerService:
     """
     The esf server service for C{twistd}.
     """
@@ -245,14 +254,13 @@ def makeService(options: Options):
             "EVERY LOGON IS ACCEPTED, whatever the password",
             esf_event="accept_all_warning",
         )
-    app = options["handler"]
+    apps: Applications = options["applications"]
     engine = ServerEngine(
         options["config"],
         clock=reactor,
         handler=handler,
-        customize_handler=app if ICustomizeHandler.providedBy(app) else None,
-        group_manager=app if IGroupManager.providedBy(app) else None,
+        customize_handler=apps.customize_handler,
+        group_manager=apps.group_manager,
     )
-    if IEngineAware.providedBy(app):
-        app.initialize(engine)
+    apps.initialize(engine)
     return ServerService(engine, options["endpoint"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import partial
 from typing import Any
 
 import attrs
@@ -24,12 +23,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esf import ServerConfig, ServerEngine, ServerFactory
-from esf.interfaces import IBasicHandler
+from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory, testing
+from esf.interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
 from esf.wire import (
     REPLY_BODIES,
     SERVER_ID,
@@ -57,6 +55,9 @@ __all__ = [
     "PendingHandler",
     "RefuseAll",
     "REFUSE_ALL",
+    "ACCEPT_ALL",
+    "ECHO",
+    "ROOMS",
 ]
 
 _ports = itertools.count(5001)
@@ -348,41 +349,28 @@ def ident(value: Any) -> Any:
     return value
 
 
-def _record(events: list, name: str, *args: Any) -> None:
-    events.append((name, *map(ident, args)))
-
-
 def record_events(user_manager: Any) -> list[tuple]:
     """
     Subscribe to every user-manager event; return the list that receives
     C{(event_name, *arguments)} tuples, user data shown by L{ident}.
     """
-    events: list[tuple] = []
-    for name in USER_MANAGER_EVENTS:
-        getattr(user_manager, name).subscribe(partial(_record, events, name))
-    return events
+    return testing.EventRecorder(user_manager, USER_MANAGER_EVENTS, convert=ident).events
 
 
-class LogCapture:
+class LogCapture(testing.LogCapture):
     """
-    Collects every event sent to the global log publisher while started.
+    Collects every event sent to the global log publisher while started
+    (L{esf.testing.LogCapture} of every namespace).
     """
 
-    def __init__(self):
-        self.events: list[dict] = []
-
-    def start(self) -> LogCapture:
-        globalLogPublisher.addObserver(self.events.append)
-        return self
-
-    def stop(self) -> None:
-        globalLogPublisher.removeObserver(self.events.append)
+    def __init__(self) -> None:
+        super().__init__(namespace=None)
 
     def esf(self, esf_event: str) -> list[dict]:
         """
         The captured events whose C{esf_event} field is C{esf_event}.
         """
-        return [e for e in self.events if e.get("esf_event") == esf_event]
+        return self.esf_events(esf_event)
 
     def failures(self) -> list[dict]:
         """
@@ -435,3 +423,49 @@ class RefuseAll:
 
 
 REFUSE_ALL = RefuseAll()
+
+#: Another IBasicHandler (for C{--handler} given twice for one interface).
+ACCEPT_ALL = AcceptAll()
+
+
+@implementer(ICustomizeHandler, IEngineAware)
+class Echo:
+    """
+    Answers every query with its payload; remembers the engines it was
+    given (importable as C{_helpers:ECHO}).
+    """
+
+    def __init__(self):
+        self.engines: list = []
+
+    def initialize(self, engine):
+        self.engines.append(engine)
+
+    def handle_information(self, user_id, client_type, information_type, payload):
+        pass
+
+    def handle_query(self, user_id, client_type, information_type, payload):
+        return payload
+
+
+@implementer(IGroupManager, IEngineAware)
+class Rooms:
+    """
+    One group, C{"room"}, of alice and bob (importable as C{_helpers:ROOMS}).
+    """
+
+    def __init__(self):
+        self.engines: list = []
+
+    def initialize(self, engine):
+        self.engines.append(engine)
+
+    def get_members(self, group_id):
+        return ["alice", "bob"] if group_id == "room" else []
+
+    def can_broadcast(self, user_id, group_id):
+        return group_id == "room"
+
+
+ECHO = Echo()
+ROOMS = Rooms()

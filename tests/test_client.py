@@ -22,7 +22,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport
 from zope.interface import implementer
@@ -47,6 +47,7 @@ from esf import (
 )
 from esf import _messages as m
 from esf._client import ClientProtocol, Ending, EndingKind, SessionState
+from esf.testing import EventRecorder, LoggedErrors
 from esf.wire import encode_frame
 from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
 
@@ -278,9 +279,9 @@ def fixed_policy(attempt: int) -> float:
     return 1.0 * 2 ** (attempt - 1)
 
 
-class Events:
+class Events(EventRecorder):
     """
-    Every event of a client, recorded as C{(name, *args)}.
+    Every event of a client, recorded as C{(name, *args)} in C{all}.
     """
 
     NAMES = (
@@ -298,15 +299,8 @@ class Events:
     )
 
     def __init__(self, client: ClientEngine):
-        self.all: list[tuple] = []
-        for name in self.NAMES:
-            getattr(client, name).subscribe(lambda *args, name=name: self.all.append((name, *args)))
-
-    def names(self) -> list[str]:
-        return [e[0] for e in self.all]
-
-    def of(self, name: str) -> list[tuple]:
-        return [e[1:] for e in self.all if e[0] == name]
+        super().__init__(client, self.NAMES)
+        self.all = self.events
 
 
 def result(net: Network, d: Deferred):
@@ -384,19 +378,13 @@ def logged_errors():
     The errors logged during a test (unhandled errors in Deferreds
     included); a test that expects some removes them, and any left fail it.
     """
-    errors: list[dict] = []
-
-    def observe(event):
-        if event.get("log_failure") is not None or event.get("isError"):
-            errors.append(event)
-
-    globalLogPublisher.addObserver(observe)
+    logged = LoggedErrors().start()
     try:
-        yield errors
+        yield logged.errors
         gc.collect()
     finally:
-        globalLogPublisher.removeObserver(observe)
-    assert [formatEvent(e) for e in errors] == []
+        logged.stop()
+    assert [formatEvent(e) for e in logged.errors] == []
 
 
 def expect_logged(errors: list[dict], text: str) -> None:

@@ -3,6 +3,10 @@ The example programs in docs/examples still work with the current API.
 """
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +58,45 @@ def test_make_service_subscribes_to_events(server_app):
         "alice is online (device 0, from 127.0.0.1:5)",
         "alice is offline: LOGGED_OFF",
     ]
+
+
+# -- docs/testing.md: the support desk's tests, under trial and under pytest ------------------
+
+EXAMPLES = EXAMPLE.parent
+
+
+def _run_example(command, cwd):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(EXAMPLES)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    return subprocess.run(
+        [sys.executable, *command], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_support_desk_under_trial(tmp_path):
+    """
+    The trial example of docs/testing.md passes under trial (run from a
+    scratch directory: trial leaves its _trial_temp there).
+    """
+    result = _run_example(["-m", "twisted.trial", "test_support_desk_trial"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASSED (successes=8)" in result.stdout, result.stdout
+
+
+def test_support_desk_under_pytest_twisted():
+    """
+    The pytest example of docs/testing.md passes with the esf plugin and
+    pytest-twisted.
+    """
+    result = _run_example(
+        [
+            "-m", "pytest", "-p", "no:cacheprovider",
+            str(EXAMPLES / "test_support_desk_pytest.py"),
+        ],
+        EXAMPLES.parent.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b9 passed\b", result.stdout), result.stdout
+    assert "warning" not in result.stdout.lower(), result.stdout

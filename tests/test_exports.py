@@ -5,6 +5,8 @@ is a change to the API and should be deliberate.
 
 import esf
 import esf.interfaces
+import esf.pytest_plugin
+import esf.testing
 import esf.wire
 
 PUBLIC = {
@@ -28,6 +30,7 @@ PUBLIC = {
     "ServerService",
     "UserData",
     "WireConfig",
+    "engine_for",
 }
 
 INTERFACES = {
@@ -70,3 +73,36 @@ def test_wire_exports_resolve():
 def test_public_classes_are_documented():
     for name in PUBLIC:
         assert getattr(esf, name).__doc__, name
+
+
+TESTING = {
+    "MemoryServer",
+    "MemoryEndpoint",
+    "Connection",
+    "MemoryTransport",
+    "EventRecorder",
+    "record_events",
+    "LogCapture",
+    "LoggedErrors",
+    "doubling_retry_policy",
+}
+
+
+def test_testing_exports():
+    assert set(esf.testing.__all__) == TESTING
+    for name in TESTING:
+        assert getattr(esf.testing, name).__doc__, name
+
+
+def test_pytest_plugin_fixtures():
+    assert set(esf.pytest_plugin.__all__) == {
+        "esf_applications",
+        "esf_config",
+        "esf_server",
+        "esf_logs",
+        "esf_logged_errors",
+    }
+
+
+def test_version():
+    assert isinstance(esf.__version__, str) and esf.__version__.count(".") == 2

@@ -1244,8 +1244,11 @@ def test_chat_handler_wiring():
     """
     options = Options()
     options.parseOptions(["--handler", "esf.examples.chat:handler"])
-    app = options["handler"]
+    [app] = options["handlers"]
     assert app is chat.handler
+    applications = options["applications"]
+    assert applications.handler is applications.customize_handler is app
+    assert applications.group_manager is app and applications.engine_aware == (app,)
     for interface in (IBasicHandler, ICustomizeHandler, IGroupManager, IEngineAware):
         assert verifyObject(interface, app)
 

@@ -6,6 +6,7 @@ C{__init__.py}: one would shadow Twisted's own C{twisted.plugins} package.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ _IGNORED = shutil.ignore_patterns(
     "_trial_temp",
     "dropin.cache",
     ".venv",
+    ".mypy_cache",
 )
 
 
@@ -62,24 +64,19 @@ def _can_build_without_isolation():
         return False
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def _build_wheel(source: Path, outdir: Path) -> Path:
     """
-    Build a wheel from a clean copy of this checkout, so that stale files in
-    its C{build/} cannot slip into it.
+    Build a wheel of C{source} in place (in its own C{build/}, as
+    C{pip install .} does) into C{outdir}.
     """
     pytest.importorskip("build", reason="the build package is not installed")
-    tmp = tmp_path_factory.mktemp("packaging")
-    source = tmp / "source"
-    shutil.copytree(REPO, source, ignore=_IGNORED)
-    outdir = tmp / "dist"
     command = [sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir)]
     if _can_build_without_isolation():
         command.append("--no-isolation")
     command.append(str(source))
     result = subprocess.run(
         command,
-        cwd=tmp,
+        cwd=source.parent,
         env=_clean_env(),
         capture_output=True,
         text=True,
@@ -88,6 +85,17 @@ def wheel(tmp_path_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     (built,) = outdir.glob("esf-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """
+    Build a wheel from a clean copy of this checkout.
+    """
+    tmp = tmp_path_factory.mktemp("packaging")
+    source = tmp / "source"
+    shutil.copytree(REPO, source, ignore=_IGNORED)
+    return _build_wheel(source, tmp / "dist")
 
 
 def test_wheel_contents(wheel):
@@ -101,6 +109,54 @@ def test_wheel_contents(wheel):
     assert "twisted/plugins/__init__.py" not in names
     assert "esf/__init__.py" in names
     assert "esf/tap.py" in names
+    assert {"esf/py.typed", "esf/testing.py", "esf/pytest_plugin.py"} <= names
+
+
+def test_wheel_version_is_esf_version(wheel):
+    """
+    The version has one source, C{esf.__version__}.
+    """
+    import esf
+
+    assert wheel.name.startswith(f"esf-{esf.__version__}-")
+    metadata_text = zipfile.ZipFile(wheel).read(f"esf-{esf.__version__}.dist-info/METADATA")
+    assert f"Version: {esf.__version__}\n" in metadata_text.decode("utf-8")
+
+
+def test_no_stale_build_directory(tmp_path):
+    """
+    A module deleted from the tree since the last build in it does not
+    reach the next wheel: each build starts from an empty build/lib.
+    """
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=_IGNORED)
+    stale = source / "esf" / "_deleted_since.py"
+    stale.write_text("GONE = True\n")
+    first = _build_wheel(source, tmp_path / "first")
+    assert "esf/_deleted_since.py" in zipfile.ZipFile(first).namelist()
+    assert (source / "build" / "lib" / "esf" / "_deleted_since.py").exists()
+    stale.unlink()
+    second = _build_wheel(source, tmp_path / "second")
+    assert "esf/_deleted_since.py" not in zipfile.ZipFile(second).namelist()
+    assert "esf/__init__.py" in zipfile.ZipFile(second).namelist()
+
+
+def test_readme_quick_start_runs_in_a_virtual_environment():
+    """
+    Both quick-start commands make and use a virtual environment (distros
+    refuse a system-wide pip), each on one line, and .ci/run runs the
+    README's own test command.
+    """
+    readme = (REPO / "README.md").read_text()
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    server = f"{venv}pip install . && twistd -n esf --port 4530"
+    tests = f"{venv}pip install '.[test]' && python -m pytest"
+    lines = readme.splitlines()
+    assert server in lines and tests in lines
+    ci = (REPO / ".ci" / "run").read_text()
+    pattern = re.search(r'grep -m1 -E "([^"]+)" README.md', ci).group(1)
+    matching = [line for line in lines if re.search(pattern, line)]
+    assert matching[0] == tests
 
 
 def test_twistd_lists_installed_plugin(wheel, tmp_path):

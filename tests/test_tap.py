@@ -10,7 +10,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
-from _helpers import REFUSE_ALL, LogCapture
+from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
 from esf.interfaces import IBasicHandler
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
@@ -54,7 +54,7 @@ def test_defaults():
     options = parse()
     assert options["port"] == "tcp:4530"
     assert options["relogon-mode"] is RelogonMode.REPLACE_OLD
-    assert options["handler"] is None
+    assert options["handlers"] == []
     assert options["admins"] == []
     config = options["config"]
     assert config == ServerConfig()
@@ -207,7 +207,46 @@ def test_bad_handler(spec, words):
 
 
 def test_handler_is_loaded():
-    assert parse("--handler", "_helpers:REFUSE_ALL")["handler"] is REFUSE_ALL
+    options = parse("--handler", "_helpers:REFUSE_ALL")
+    assert options["handlers"] == [REFUSE_ALL]
+    assert options["applications"].handler is REFUSE_ALL
+
+
+def test_several_handlers_each_for_what_it_provides():
+    """
+    --handler is repeatable: each object plays the parts its interfaces
+    say, and each IEngineAware one is initialized with the engine.
+    """
+    options = parse(
+        "--handler", "_helpers:REFUSE_ALL", "--handler", "_helpers:ECHO",
+        "--handler", "_helpers:ROOMS",
+    )
+    service = makeService(options)
+    engine = service.engine
+    assert engine.handler is REFUSE_ALL
+    assert engine.customize_handler is ECHO
+    assert engine.group_manager is ROOMS
+    assert ECHO.engines[-1] is engine and ROOMS.engines[-1] is engine
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (
+            ("--handler", "_helpers:REFUSE_ALL", "--handler", "_helpers:REFUSE_ALL"),
+            ["--handler:", "given twice"],
+        ),
+        (
+            ("--handler", "_helpers:REFUSE_ALL", "--handler", "_helpers:ACCEPT_ALL"),
+            ["--handler:", "IBasicHandler is provided by both", "one object per interface"],
+        ),
+    ],
+)
+def test_two_handlers_for_one_interface_are_refused(argv, words):
+    message = usage_error(*argv)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
 
 
 # -- --auth and the checker handler -------------------------------------------------------

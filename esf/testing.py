@@ -1,0 +1,853 @@
+"""
+Helpers for testing applications built on esf: a whole server and its
+clients in memory, on one clock.
+
+  - L{MemoryServer}: a real L{esf.ServerEngine} on a L{task.Clock}, and real
+    L{esf.ClientEngine}s that reach it through in-memory endpoints (so
+    Twisted's own reconnect logic runs).  Nothing moves until the test
+    calls L{MemoryServer.pump} (bytes) or L{MemoryServer.advance} (time).
+  - L{Connection}: one client's connection; L{Connection.freeze} makes it
+    half-open (nothing moves, nobody is told), L{Connection.cut} drops it on
+    both sides.
+  - L{record_events}: every event of an L{esf.interfaces.IUserManager} or of
+    a L{esf.ClientEngine}, in order.
+  - L{LogCapture}: esf's structured log events; L{LoggedErrors}: the errors
+    logged during a test, as trial's C{flushLoggedErrors} sees them.
+
+No reactor runs and no socket opens, so the same test works under trial
+(C{SynchronousTestCase} or C{TestCase}), plain pytest and pytest-twisted.
+C{esf.pytest_plugin} holds pytest fixtures built on these helpers.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+from functools import partial
+from types import TracebackType
+from typing import Any, Callable, Iterable, Sequence, cast
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import (
+    ConnectionAborted,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+)
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IProtocolFactory,
+    IPushProducer,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.logger import ILogObserver, LogLevel, LogPublisher, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._application import engine_for
+from ._client import ClientEngine
+from ._config import ServerConfig
+from ._engine import ServerEngine
+from ._protocol import ServerFactory
+from ._wire import ClientType, Frame, FrameDecoder, WireConfig
+from .interfaces import IEvent, IPresence
+
+__all__ = [
+    "MemoryServer",
+    "MemoryEndpoint",
+    "Connection",
+    "MemoryTransport",
+    "EventRecorder",
+    "record_events",
+    "LogCapture",
+    "LoggedErrors",
+    "doubling_retry_policy",
+]
+
+#: What Twisted's TCP transports buffer before they pause their producer.
+BUFFER_SIZE = 64 * 1024
+
+#: The address clients reach the in-memory server at.
+SERVER_ADDRESS = IPv4Address("TCP", "127.0.0.1", 4530)
+
+
+def doubling_retry_policy(attempt: int) -> float:
+    """
+    The reconnect delays of L{MemoryServer.client}s: 1, 2, 4 ... seconds,
+    at most 30, with no jitter, so that tests know when a client is back.
+    """
+    return float(min(2 ** (attempt - 1), 30))
+
+
+# -- the wire ---------------------------------------------------------------------------------
+#
+# Twisted's public test transports do not fit: StringTransport keeps what is
+# written but delivers nothing and never closes; twisted.protocols.loopback
+# runs a conversation to its end.  A connection that can be frozen half-open,
+# cut, or closed after its output is delivered needs both ends and the bytes
+# in between, which is what follows.
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class MemoryTransport:
+    """
+    One end of a L{Connection}, as its protocol sees it.
+
+    Writes wait in the transport until L{Connection.pump} delivers them.  As
+    a TCP transport does, it pauses a registered streaming producer while
+    more than L{BUFFER_SIZE} bytes wait, and resumes it once they are taken.
+    Its protocol may pause its reading (L{pauseProducing}): bytes for it
+    then stay with the sender.
+
+    @ivar disconnecting: C{loseConnection} or C{abortConnection} was
+        called.
+    @ivar disconnected: the protocol was told the connection is lost.
+    """
+
+    def __init__(self, connection: Connection, host: IAddress, peer: IAddress):
+        self.connection = connection
+        self.host = host
+        self.peer = peer
+        self.protocol: Any = None
+        self.producer: Any = None
+        self.streaming = False
+        self.producer_paused = False
+        self.reading = True
+        self.disconnecting = False
+        self.aborted = False
+        self.disconnected = False
+        self._out: list[bytes] = []
+        self._waiting = 0
+
+    def __repr__(self) -> str:
+        return f"<MemoryTransport {self.host} -> {self.peer}>"
+
+    @property
+    def waiting(self) -> int:
+        """
+        How many written bytes wait for delivery.
+        """
+        return self._waiting
+
+    # ITransport
+
+    def write(self, data: bytes) -> None:
+        if self.disconnected or self.aborted or not data:
+            return
+        self._out.append(bytes(data))
+        self._waiting += len(data)
+        if (
+            self.producer is not None
+            and self.streaming
+            and not self.producer_paused
+            and self._waiting > BUFFER_SIZE
+        ):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        """
+        Close once the bytes written so far are delivered.
+        """
+        self.disconnecting = True
+
+    def abortConnection(self) -> None:
+        """
+        Close now, dropping what was not delivered.
+        """
+        self.disconnecting = True
+        self.aborted = True
+
+    def getPeer(self) -> IAddress:
+        return self.peer
+
+    def getHost(self) -> IAddress:
+        return self.host
+
+    # IConsumer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError(f"{self!r} already has a producer")
+        if self.disconnected:
+            producer.stopProducing()
+            return
+        self.producer = producer
+        self.streaming = streaming
+        self.producer_paused = False
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.producer_paused = False
+
+    # IPushProducer: the protocol pausing its own reading.
+
+    def pauseProducing(self) -> None:
+        self.reading = False
+
+    def resumeProducing(self) -> None:
+        self.reading = True
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # what the connection does
+
+    def _take(self) -> bytes:
+        data = b"".join(self._out)
+        self._out = []
+        self._waiting = 0
+        producer = self.producer
+        if producer is not None and (not self.streaming or self.producer_paused):
+            self.producer_paused = False
+            producer.resumeProducing()
+        return data
+
+    def _lost(self, reason: Exception) -> None:
+        self.disconnected = True
+        self.disconnecting = True
+        self._out = []
+        self._waiting = 0
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        self.protocol.connectionLost(Failure(reason))
+
+
+class Connection:
+    """
+    One connection between a client protocol and the server, in memory.
+
+    @ivar client: the client's L{MemoryTransport}.
+    @ivar server: the server's L{MemoryTransport}.
+    @ivar to_server: every byte delivered to the server.
+    @ivar to_client: every byte delivered to the client.
+    @ivar frozen: whether L{freeze} holds it.
+    """
+
+    def __init__(
+        self,
+        client_protocol: Any,
+        server_protocol: Any,
+        client_address: IAddress,
+        server_address: IAddress,
+    ):
+        self.client = MemoryTransport(self, client_address, server_address)
+        self.server = MemoryTransport(self, server_address, client_address)
+        self.client.protocol = client_protocol
+        self.server.protocol = server_protocol
+        self.to_server = bytearray()
+        self.to_client = bytearray()
+        self.frozen = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "frozen" if self.frozen else "open"
+        return f"<Connection {self.client.host} {state}>"
+
+    @property
+    def address(self) -> str:
+        """
+        The client as the server sees it, C{"host:port"}.
+        """
+        return _address(self.client.host)
+
+    @property
+    def closed(self) -> bool:
+        """
+        Whether both ends have been told the connection is lost.
+        """
+        return self.client.disconnected and self.server.disconnected
+
+    def start(self) -> None:
+        self.server.protocol.makeConnection(self.server)
+        self.client.protocol.makeConnection(self.client)
+
+    def freeze(self) -> None:
+        """
+        Make the connection half-open, as when a peer's machine vanishes or
+        a router drops it: from now on no byte moves either way and neither
+        end learns anything.  Each end finds out only by its own timeouts
+        (heartbeats, the close timeout), which L{MemoryServer.advance}
+        runs.
+        """
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """
+        Let bytes (and closes) through again.
+        """
+        self.frozen = False
+
+    def cut(self) -> None:
+        """
+        Drop the connection now: both ends are told it is lost
+        (C{ConnectionLost}), whatever waited is gone.
+        """
+        for end in (self.server, self.client):
+            if not end.disconnected:
+                end._lost(ConnectionLost("the connection was cut"))
+
+    def pump(self) -> bool:
+        """
+        Deliver what each end wrote, and the closes that are due; whether
+        anything happened.
+        """
+        moved = False
+        for source, sink, record in (
+            (self.client, self.server, self.to_server),
+            (self.server, self.client, self.to_client),
+        ):
+            if source.disconnected or source.aborted or not source._waiting:
+                continue
+            if self.frozen or sink.disconnected or not sink.reading:
+                continue
+            data = source._take()
+            record += data
+            sink.protocol.dataReceived(data)
+            moved = True
+        return self._close() or moved
+
+    def _close(self) -> bool:
+        changed = False
+        for end, other in ((self.client, self.server), (self.server, self.client)):
+            if end.disconnected:
+                continue
+            if end.aborted:
+                end._lost(ConnectionAborted())
+                changed = True
+            elif end.disconnecting and not end._waiting:
+                end._lost(ConnectionDone())
+                changed = True
+            elif other.disconnected and not self.frozen:
+                # The peer is gone and the news gets through.
+                reason = ConnectionLost() if other.aborted else ConnectionDone()
+                end._lost(reason)
+                changed = True
+        return changed
+
+    def frames(self, wire: WireConfig | None = None, to: str = "server") -> list[Frame]:
+        """
+        The frames delivered so far C{to} C{"server"} or C{"client"}.
+        """
+        data = self.to_server if to == "server" else self.to_client
+        return FrameDecoder(wire or WireConfig()).feed(bytes(data))
+
+
+def _address(address: Any) -> str:
+    host = address.host
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+@implementer(IStreamClientEndpoint)
+class MemoryEndpoint:
+    """
+    A client endpoint whose connections reach a L{MemoryServer}: give it to
+    a L{esf.ClientEngine} (or any factory) in place of a TCP endpoint.
+
+    @ivar connections: the connections made through this endpoint, oldest
+        first.
+    """
+
+    def __init__(self, server: MemoryServer, host: str):
+        self.server = server
+        self.host = host
+        self.connections: list[Connection] = []
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+        server = self.server
+        server.attempts += 1
+        if server.refusing:
+            # As a reactor does: the failure arrives later, from the loop.
+            d: Deferred[Any] = Deferred()
+            server.clock.callLater(0, d.errback, ConnectionRefusedError("the server is down"))
+            return d
+        port = next(server._ports)
+        if ":" in self.host:
+            client_address: IAddress = IPv6Address("TCP", self.host, port)
+        else:
+            client_address = IPv4Address("TCP", self.host, port)
+        client_protocol = factory.buildProtocol(SERVER_ADDRESS)
+        server_protocol = ServerFactory(server.engine).buildProtocol(client_address)
+        connection = Connection(client_protocol, server_protocol, client_address, SERVER_ADDRESS)
+        self.connections.append(connection)
+        server.connections.append(connection)
+        connection.start()
+        return succeed(client_protocol)
+
+
+class MemoryServer:
+    """
+    An esf server in memory: a real L{ServerEngine} on a L{task.Clock}, and
+    the L{ClientEngine}s a test makes with L{client}.
+
+    Nothing moves by itself: L{pump} delivers bytes until both ends of
+    every connection are quiet, L{advance} lets time pass (heartbeats,
+    timeouts, reconnect delays) and pumps at every timer on the way.
+
+    @ivar clock: the L{task.Clock} of the engine and of every client.
+    @ivar engine: the L{ServerEngine}.
+    @ivar connections: every connection made, oldest first.
+    @ivar refusing: while true, new connections are refused (the server is
+        down); L{restart} brings a fresh engine.
+    @ivar attempts: connection attempts so far, refused ones included.
+    """
+
+    def __init__(
+        self,
+        *applications: Any,
+        config: ServerConfig | None = None,
+        clock: task.Clock | None = None,
+        presence: IPresence | None = None,
+        node_id: str | None = None,
+        engine: ServerEngine | None = None,
+    ):
+        """
+        Build the engine with L{esf.engine_for}: each application object is
+        used for the interfaces it provides.  Or give a ready C{engine} whose
+        clock is a L{task.Clock} (and no applications).
+        """
+        if engine is not None:
+            if applications or config is not None or presence is not None:
+                raise TypeError("give either an engine or the applications to build one")
+            if not isinstance(engine.clock, task.Clock):
+                raise TypeError("the engine's clock must be a twisted.internet.task.Clock")
+            clock = engine.clock
+        self.clock = clock = clock if clock is not None else task.Clock()
+        self._applications = applications
+        self._node_id = node_id
+        if engine is None:
+            engine = engine_for(
+                *applications, config=config, clock=clock, presence=presence, node_id=node_id
+            )
+        self.engine = engine
+        self.connections: list[Connection] = []
+        self.clients: list[ClientEngine] = []
+        self.refusing = False
+        self.attempts = 0
+        self._ports = itertools.count(40001)
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.engine.config
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def endpoint(self, host: str = "127.0.0.1") -> MemoryEndpoint:
+        """
+        A new client endpoint; its connections come from C{host}.
+        """
+        return MemoryEndpoint(self, host)
+
+    def client(
+        self,
+        user_id: str,
+        password: str = "",
+        client_type: int = ClientType.OTHERS,
+        *,
+        host: str = "127.0.0.1",
+        **options: Any,
+    ) -> ClientEngine:
+        """
+        A L{ClientEngine} on its own L{MemoryEndpoint} and this server's
+        clock; call its C{logon()}.  C{options} are the engine's keyword
+        arguments; by default the server's wire settings and
+        L{doubling_retry_policy}.
+        """
+        options.setdefault("wire", self.config.wire)
+        options.setdefault("retry_policy", doubling_retry_policy)
+        client = ClientEngine(
+            self.endpoint(host), user_id, password, client_type, clock=self.clock, **options
+        )
+        self.clients.append(client)
+        return client
+
+    def logged_on(
+        self,
+        user_id: str,
+        password: str = "",
+        client_type: int = ClientType.OTHERS,
+        **options: Any,
+    ) -> ClientEngine:
+        """
+        A L{client} that has logged on.
+
+        @raise esf.LogonFailed: the server refused the logon.
+        """
+        client = self.client(user_id, password, client_type, **options)
+        self.result(client.logon())
+        return client
+
+    def connection(self, client: ClientEngine) -> Connection:
+        """
+        C{client}'s current connection (its latest one).
+
+        @raise LookupError: C{client} has made none through this server.
+        """
+        endpoint = client.endpoint
+        if not isinstance(endpoint, MemoryEndpoint) or not endpoint.connections:
+            raise LookupError(f"{client!r} has no connection to this server")
+        return endpoint.connections[-1]
+
+    def open_connections(self) -> list[Connection]:
+        """
+        The connections not yet closed at both ends.
+        """
+        return [c for c in self.connections if not c.closed]
+
+    # -- time and bytes ---------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """
+        Run the calls due now and deliver bytes until nothing moves.
+
+        @raise AssertionError: it never goes quiet (something writes
+            forever).
+        """
+        for _ in range(100_000):
+            self.clock.advance(0)
+            moved = False
+            for connection in self.connections:
+                if not connection.closed and connection.pump():
+                    moved = True
+            if not moved and not self._due():
+                return
+        raise AssertionError("the in-memory network never went quiet")
+
+    def _due(self) -> bool:
+        now = self.clock.seconds()
+        return any(call.getTime() <= now for call in self.clock.getDelayedCalls())
+
+    def advance(self, seconds: float) -> None:
+        """
+        Let C{seconds} pass: stop at every timer due on the way, run it and
+        pump, as a reactor left alone would.
+        """
+        self.pump()
+        end = self.clock.seconds() + seconds
+        for _ in range(1_000_000):
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            target = min(due) if due else end
+            amount = max(target - self.clock.seconds(), 0.0)
+            while self.clock.seconds() + amount < target:  # float rounding
+                amount = math.nextafter(amount, math.inf)
+            self.clock.advance(amount)
+            self.pump()
+            if not due:
+                return
+        raise AssertionError("timers kept firing without time passing")
+
+    def result(self, d: Deferred[Any]) -> Any:
+        """
+        Pump, then return what C{d} fired with (like trial's
+        C{successResultOf}).
+
+        @raise AssertionError: C{d} has not fired.
+        @raise Exception: C{d} failed: its exception.
+        """
+        self.pump()
+        outcome = _outcome(d)
+        if isinstance(outcome, Failure):
+            outcome.raiseException()
+        return outcome
+
+    def failure(self, d: Deferred[Any], *expected: type[BaseException]) -> BaseException:
+        """
+        Pump, then return the exception C{d} failed with (like trial's
+        C{failureResultOf}, but the exception rather than the Failure).
+
+        @raise AssertionError: C{d} has not fired, succeeded, or failed with
+            none of the C{expected} types.
+        """
+        self.pump()
+        outcome = _outcome(d)
+        if not isinstance(outcome, Failure):
+            raise AssertionError(f"{d!r} succeeded with {outcome!r}")
+        if expected and not outcome.check(*expected):
+            names = ", ".join(t.__name__ for t in expected)
+            raise AssertionError(f"{d!r} failed with {outcome.value!r}, not {names}")
+        return cast(BaseException, outcome.value)
+
+    # -- the server's life ----------------------------------------------------------------
+
+    def restart(self, engine: ServerEngine | None = None) -> ServerEngine:
+        """
+        The server dies and comes back: every connection is cut; new ones
+        reach C{engine}, by default a fresh one built like the first (same
+        applications, settings and clock; L{esf.interfaces.IEngineAware}
+        objects are initialized again).
+        """
+        for connection in self.open_connections():
+            connection.cut()
+        self.pump()
+        if engine is None:
+            engine = engine_for(
+                *self._applications, config=self.config, clock=self.clock, node_id=self._node_id
+            )
+        self.engine = engine
+        return engine
+
+    def close(self) -> None:
+        """
+        The end of a test: close every client made here, stop the engine
+        and cut what is still open.
+        """
+        for client in self.clients:
+            client.close()
+        self.pump()
+        self.engine.stop()
+        self.pump()
+        for connection in self.open_connections():
+            connection.cut()
+        self.pump()
+
+
+def _outcome(d: Deferred[Any]) -> Any:
+    """
+    What C{d} fired with (its result stays in place; a failure is taken as
+    handled), or raise L{AssertionError} if it has not fired.
+    """
+    out: list[Any] = []
+
+    def keep(outcome: Any) -> Any:
+        out.append(outcome)
+        return outcome
+
+    d.addBoth(keep)
+    if not out:
+        raise AssertionError(f"{d!r} has not fired")
+    if isinstance(out[0], Failure):
+        d.addErrback(lambda _: None)
+    return out[0]
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+def event_names(source: Any) -> list[str]:
+    """
+    The names of C{source}'s event attributes (those providing
+    L{IEvent}), in the order it made them.
+    """
+    attributes = vars(source) if hasattr(source, "__dict__") else {}
+    names = [name for name, value in attributes.items() if IEvent.providedBy(value)]
+    if not names:
+        names = [name for name in dir(source) if IEvent.providedBy(getattr(source, name, None))]
+    return names
+
+
+class EventRecorder:
+    """
+    Records the events of one source as C{(name, *arguments)} tuples, in
+    the order they fire.
+
+    @ivar events: what was recorded.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        names: Sequence[str] | None = None,
+        convert: Callable[[Any], Any] | None = None,
+    ):
+        """
+        @param names: the events to record (by default every one).
+        @param convert: applied to each argument before it is recorded.
+        """
+        self.events: list[tuple[Any, ...]] = []
+        self._convert = convert
+        self._unsubscribe = [
+            getattr(source, name).subscribe(partial(self._record, name))
+            for name in (names if names is not None else event_names(source))
+        ]
+        if not self._unsubscribe:
+            raise ValueError(f"{source!r} has no events")
+
+    def _record(self, name: str, *args: Any) -> None:
+        if self._convert is not None:
+            args = tuple(self._convert(a) for a in args)
+        self.events.append((name, *args))
+
+    def names(self) -> list[str]:
+        """
+        The names of the events recorded, in order.
+        """
+        return [event[0] for event in self.events]
+
+    def of(self, name: str) -> list[tuple[Any, ...]]:
+        """
+        The arguments of each C{name} event recorded.
+        """
+        return [event[1:] for event in self.events if event[0] == name]
+
+    def clear(self) -> None:
+        """
+        Forget what was recorded so far.
+        """
+        del self.events[:]
+
+    def stop(self) -> None:
+        """
+        Stop recording.
+        """
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+
+def record_events(source: Any, *names: str) -> EventRecorder:
+    """
+    Record C{source}'s events: an L{esf.interfaces.IUserManager}
+    (C{engine.user_manager}), a L{ClientEngine}, or anything whose event
+    attributes provide L{IEvent}.  Every event is recorded unless C{names}
+    are given.
+    """
+    return EventRecorder(source, names or None)
+
+
+# -- logs -------------------------------------------------------------------------------------
+
+
+def _in_namespace(event: dict[str, Any], namespace: str | None) -> bool:
+    if namespace is None:
+        return True
+    found = event.get("log_namespace") or ""
+    return bool(found == namespace or found.startswith(namespace + "."))
+
+
+def _is_error(event: dict[str, Any]) -> bool:
+    level = event.get("log_level")
+    return (
+        event.get("log_failure") is not None
+        or bool(event.get("isError"))
+        or (isinstance(level, type(LogLevel.error)) and level >= LogLevel.error)
+    )
+
+
+@implementer(ILogObserver)
+class LogCapture:
+    """
+    Collects the log events of a namespace (C{"esf"}: the server's
+    C{esf.server}, the client's C{esf.client} and the rest of esf's; C{None}:
+    every event) from the global log publisher while started.  A context
+    manager::
+
+        with LogCapture() as logs:
+            ...
+        [ended] = logs.esf_events("session_ended")
+
+    @ivar events: the events captured.
+    """
+
+    def __init__(self, namespace: str | None = "esf", publisher: LogPublisher | None = None):
+        self.namespace = namespace
+        self.events: list[dict[str, Any]] = []
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if _in_namespace(event, self.namespace):
+            self.events.append(event)
+
+    def start(self) -> LogCapture:
+        self._publisher.addObserver(self)
+        return self
+
+    def stop(self) -> None:
+        self._publisher.removeObserver(self)
+
+    def __enter__(self) -> LogCapture:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def esf_events(self, esf_event: str) -> list[dict[str, Any]]:
+        """
+        The captured events whose C{esf_event} field is C{esf_event} (for
+        instance C{"session_ended"}, C{"logged_on"}, C{"kick_out"}).
+        """
+        return [e for e in self.events if e.get("esf_event") == esf_event]
+
+    def errors(self) -> list[dict[str, Any]]:
+        """
+        The captured events logged as errors (a failure, C{isError}, or
+        level error and above).
+        """
+        return [e for e in self.events if _is_error(e)]
+
+    def messages(self) -> list[str]:
+        """
+        Every captured event as its formatted text.
+        """
+        return [formatEvent(e) for e in self.events]
+
+
+@implementer(ILogObserver)
+class LoggedErrors:
+    """
+    The errors logged anywhere during a test, failures in Deferreds
+    garbage-collected unhandled included: what trial turns into test
+    errors.  Under pytest, L{check} at the end of a test does the same; a
+    test that expects an error takes it out with L{flush}, as trial's
+    C{flushLoggedErrors} does.
+
+    @ivar errors: the error events not flushed yet.
+    """
+
+    def __init__(self, publisher: LogPublisher | None = None):
+        self.errors: list[dict[str, Any]] = []
+        self._publisher = publisher if publisher is not None else globalLogPublisher
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if _is_error(event):
+            self.errors.append(event)
+
+    def start(self) -> LoggedErrors:
+        self._publisher.addObserver(self)
+        return self
+
+    def stop(self) -> None:
+        self._publisher.removeObserver(self)
+
+    def flush(self, *types: type[BaseException]) -> list[dict[str, Any]]:
+        """
+        Remove and return the errors that carry a failure of one of
+        C{types} (every error when none is given).
+        """
+        taken = [
+            e
+            for e in self.errors
+            if not types
+            or (isinstance(e.get("log_failure"), Failure) and e["log_failure"].check(*types))
+        ]
+        self.errors = [e for e in self.errors if not any(e is t for t in taken)]
+        return taken
+
+    def check(self) -> None:
+        """
+        Collect garbage (so that unhandled failures in Deferreds are
+        logged), then fail if any error is left.
+
+        @raise AssertionError: naming each error.
+        """
+        gc.collect()
+        if self.errors:
+            texts = [formatEvent(e) for e in self.errors]
+            failures = [e["log_failure"] for e in self.errors if e.get("log_failure")]
+            details = "".join(f.getTraceback() for f in failures if isinstance(f, Failure))
+            raise AssertionError(f"errors were logged: {texts}\n{details}")
+
