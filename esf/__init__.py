@@ -10,7 +10,7 @@ L{esf.testing}.
 __version__ = "0.1.0"
 
 from ._application import engine_for
-from ._client import ClientEngine, LogonFailed, LogonResponse, NotConnected
+from ._client import ClientEngine, Ending, EndingKind, LogonFailed, LogonResponse, NotConnected
 from ._engine import (
     AcceptAll,
     LogonRefused,
@@ -35,6 +35,8 @@ __all__ = [
     "ClientEngine",
     "ClientType",
     "DisconnectedType",
+    "Ending",
+    "EndingKind",
     "ErrorCode",
     "LogonFailed",
     "LogonRefused",

@@ -290,8 +290,12 @@ class Inbox:
     def _handler_failed(self, failure: Failure, frame: Frame) -> None:
         if failure.check(NotConnected):
             return
-        log.failure("the client handler raised for {frame!r}", failure, frame=frame)
         error = failure.value
+        if isinstance(error, m.RequestError):
+            # The handler's chosen answer, as on the server: no error logged.
+            self._answer_error(self.engine._protocol, frame, error.code, error.text[:200])
+            return
+        log.failure("the client handler raised for {frame!r}", failure, frame=frame)
         self._answer_error(
             self.engine._protocol,
             frame,

@@ -227,6 +227,14 @@ class IUserManager(Interface):
         device from C{new_address} replaces this session (C{REPLACE_OLD}).
         """
     )
+    device_kicked_out = Attribute(
+        """
+        L{IEvent}: C{(user_data, operator, reason)}: the device is being
+        kicked (by the server's API, an administrator or an authorised
+        user; C{operator} is C{"_0"} for the server), before its
+        C{device_disconnected} with C{BEING_KICKED_OUT}.
+        """
+    )
     new_connection_ignored = Attribute(
         """
         L{IEvent}: C{(user_id, client_type, address)}: a logon was refused

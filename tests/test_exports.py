@@ -14,6 +14,8 @@ PUBLIC = {
     "ClientEngine",
     "ClientType",
     "DisconnectedType",
+    "Ending",
+    "EndingKind",
     "ErrorCode",
     "LogonFailed",
     "LogonRefused",

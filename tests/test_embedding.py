@@ -16,11 +16,10 @@ from __future__ import annotations
 import pytest
 from zope.interface import implementer
 
-from esf import DisconnectedType, ErrorCode, RequestError
+from esf import DisconnectedType, Ending, EndingKind, ErrorCode, RequestError
 from esf.interfaces import ICustomizeHandler
 from esf.testing import LoggedErrors, MemoryServer, record_events
 
-pending = pytest.mark.xfail(strict=True, reason="engine refactor")
 
 
 @pytest.fixture
@@ -48,7 +47,6 @@ class Refuses:
         raise RequestError(ErrorCode.BAD_REQUEST, "ask properly")
 
 
-@pending
 def test_client_handler_request_error_goes_back_as_it_is(server, logged_errors):
     server.logged_on("bob", handler=Refuses())
     alice = server.logged_on("alice")
@@ -58,7 +56,6 @@ def test_client_handler_request_error_goes_back_as_it_is(server, logged_errors):
     assert (error.code, error.text) == (ErrorCode.NOT_AUTHORIZED, "not from you")
 
 
-@pending
 def test_client_handler_request_error_is_not_logged_as_an_error(server, logged_errors):
     server.logged_on("bob", handler=Refuses())
     alice = server.logged_on("alice")
@@ -67,49 +64,34 @@ def test_client_handler_request_error_is_not_logged_as_an_error(server, logged_e
     logged_errors.check()
 
 
-@pending
-def test_pushed_out_client_fires_connection_interrupted(server):
-    alice = server.logged_on("alice")
-    events = record_events(alice)
-    server.logged_on("alice", host="192.0.2.9")
-    server.advance(60)
-    assert events.names().count("connection_interrupted") == 1
-    assert events.names().index("being_pushed_out") < events.names().index(
-        "connection_interrupted"
-    )
-    assert "connection_rebuild_start" not in events.names()
-    assert not alice.logged_on
-
-
-@pending
-def test_kicked_client_fires_connection_interrupted(server):
-    alice = server.logged_on("alice")
-    events = record_events(alice)
-    server.engine.kick_out("alice", "bye")
-    server.advance(60)
-    assert events.names().count("connection_interrupted") == 1
-    assert events.names().index("being_kicked_out") < events.names().index(
-        "connection_interrupted"
-    )
-    assert "connection_rebuild_start" not in events.names()
-
-
-@pending
 @pytest.mark.parametrize(
-    "end, reason",
+    "end, notice, reason, kind",
     [
-        (lambda server: server.logged_on("alice", host="192.0.2.9"), DisconnectedType.BEING_PUSHED_OUT),
-        (lambda server: server.engine.kick_out("alice", "bye"), DisconnectedType.BEING_KICKED_OUT),
+        (
+            lambda server: server.logged_on("alice", host="192.0.2.9"),
+            "being_pushed_out",
+            DisconnectedType.BEING_PUSHED_OUT,
+            EndingKind.PUSHED_OUT,
+        ),
+        (
+            lambda server: server.engine.kick_out("alice", "bye"),
+            "being_kicked_out",
+            DisconnectedType.BEING_KICKED_OUT,
+            EndingKind.KICKED,
+        ),
     ],
 )
-def test_the_reason_reaches_the_application(server, end, reason):
-    """
-    Whatever ends the session, the client's C{disconnected} event carries
-    the server's reason (the lead may choose another shape: an argument of
-    C{connection_interrupted}; adjust this test to it).
-    """
+def test_pushed_out_or_kicked_ends_the_session_with_its_reason(server, end, notice, reason, kind):
     alice = server.logged_on("alice")
-    events = record_events(alice, "disconnected")
+    events = record_events(alice)
     end(server)
-    server.pump()
-    assert [args[0] for args in events.of("disconnected")] == [reason]
+    server.advance(60)
+    names = events.names()
+    assert names.count("session_ended") == 1
+    assert names.index(notice) < names.index("session_ended")
+    assert "connection_interrupted" not in names
+    assert "connection_rebuild_start" not in names
+    ((ending,),) = events.of("session_ended")
+    assert isinstance(ending, Ending)
+    assert (ending.kind, ending.reason) == (kind, reason)
+    assert not alice.logged_on
