@@ -4,6 +4,7 @@ The admin HTTP API and dashboard (C{twistd esf --admin-api ENDPOINT}).
 JSON over HTTP on C{twisted.web}, under C{/api/}:
 
     GET  /api/info                               counts, version, uptime, options
+    GET  /api/history                            users and devices online, the last hour
     GET  /api/sessions?user=&user_prefix=&kind=&address=&offset=&limit=
     GET  /api/users/{id}                         one user's devices
     POST /api/users/{id}/kick                    {"reason": ...}
@@ -23,6 +24,7 @@ reads the engine's public state and calls C{kick_out} and C{send}.
 
 from __future__ import annotations
 
+import collections
 import hmac
 import ipaddress
 import json
@@ -34,6 +36,7 @@ from typing import Any, Callable
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -46,6 +49,7 @@ from ._wire import ClientType
 
 __all__ = [
     "AdminApi",
+    "OnlineHistory",
     "AdminService",
     "BoundedRequest",
     "ADMIN_OPERATOR",
@@ -152,6 +156,41 @@ def read_token_file(path: str) -> str:
     return token
 
 
+# -- the online count over time ----------------------------------------------------
+
+
+class OnlineHistory:
+    """
+    The users and devices online, sampled every C{interval} seconds on the
+    engine's clock; the last C{keep} samples are kept (an hour by default).
+    """
+
+    def __init__(self, engine: Any, devices: OnlineDevices, interval: float = 10, keep: int = 360):
+        self.engine = engine
+        self.devices = devices
+        self.interval = interval
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=keep)
+        self._loop = LoopingCall(self.sample)
+        self._loop.clock = engine.clock
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(self.interval, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def sample(self) -> None:
+        self.samples.append(
+            (
+                self.engine.clock.seconds(),
+                self.engine.presence.user_count(),
+                sum(self.devices.by_kind.values()),
+            )
+        )
+
+
 # -- HTTP plumbing -------------------------------------------------------------------
 
 
@@ -228,6 +267,7 @@ def _bad(message: str) -> ApiError:
 #: Routes: a path shape (C{"*"} is one variable segment) -> {method: handler name}.
 ROUTES: dict[tuple[str, ...], dict[bytes, str]] = {
     ("info",): {b"GET": "info"},
+    ("history",): {b"GET": "history"},
     ("sessions",): {b"GET": "sessions"},
     ("users", "*"): {b"GET": "user"},
     ("users", "*", "kick"): {b"POST": "kick"},
@@ -267,11 +307,18 @@ class AdminApi(Resource):
 
     isLeaf = True
 
-    def __init__(self, engine: Any, token: str | None, devices: OnlineDevices):
+    def __init__(
+        self,
+        engine: Any,
+        token: str | None,
+        devices: OnlineDevices,
+        history: OnlineHistory | None = None,
+    ):
         super().__init__()
         self.engine = engine
         self.token = token.encode("utf-8") if token is not None else None
         self.devices = devices
+        self.online_history = history if history is not None else OnlineHistory(engine, devices)
         self.started_at = engine.clock.seconds()
         self._failures = SlidingWindow(60, AUTH_FAILURES_LOGGED)
 
@@ -373,6 +420,11 @@ class AdminApi(Resource):
             "stopping": engine.stopping,
             "options": config_summary(engine.config),
         }
+
+    def history(self, request: Any) -> dict:
+        _query(request, set())
+        history = self.online_history
+        return {"interval": history.interval, "samples": [list(s) for s in history.samples]}
 
     def sessions(self, request: Any) -> dict:
         query = _query(request, {"user", "user_prefix", "kind", "address", "offset", "limit"})
@@ -675,12 +727,14 @@ class AdminSite(Site):
     """
 
 
-def admin_site(engine: Any, token: str | None, devices: OnlineDevices) -> Site:
+def admin_site(
+    engine: Any, token: str | None, devices: OnlineDevices, history: OnlineHistory | None = None
+) -> Site:
     """
     The admin API and dashboard as a L{Site}.
     """
     root = _Root()
-    root.putChild(b"api", AdminApi(engine, token, devices))
+    root.putChild(b"api", AdminApi(engine, token, devices, history))
     root.putChild(b"dashboard", StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"dashboard.js", StaticFile("dashboard.js", b"text/javascript; charset=utf-8"))
     root.putChild(b"dashboard.css", StaticFile("dashboard.css", b"text/css; charset=utf-8"))
@@ -690,15 +744,18 @@ def admin_site(engine: Any, token: str | None, devices: OnlineDevices) -> Site:
 
 
 class _Attached(Service):
-    def __init__(self, devices: OnlineDevices):
+    def __init__(self, devices: OnlineDevices, history: OnlineHistory):
         self.devices = devices
+        self.history = history
 
     def startService(self) -> None:
         super().startService()
         self.devices.start()
+        self.history.start()
 
     def stopService(self) -> None:
         super().stopService()
+        self.history.stop()
         self.devices.stop()
 
 
@@ -711,8 +768,9 @@ class AdminService(MultiService):
     def __init__(self, engine: Any, endpoint: Any, token: str | None):
         super().__init__()
         devices = OnlineDevices(engine)
-        _Attached(devices).setServiceParent(self)
-        self.site = admin_site(engine, token, devices)
+        history = OnlineHistory(engine, devices)
+        _Attached(devices, history).setServiceParent(self)
+        self.site = admin_site(engine, token, devices, history)
         self.listener = StreamServerEndpointService(endpoint, self.site)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)

@@ -24,6 +24,7 @@ from esf._admin import (
     MAX_BODY,
     NOTICE_INFORMATION_TYPE,
     AdminApi,
+    OnlineHistory,
     admin_site,
     config_summary,
     endpoint_is_local,
@@ -154,6 +155,26 @@ def test_info(api, engine):
     assert info["pending_queries"] == 0 and info["stopping"] is False
     assert info["options"]["heartbeat_timeout"] == engine.config.heartbeat_timeout
     assert info["node"] == engine.node_id and info["version"]
+
+
+def test_history_samples_the_online_count(engine, devices):
+    history = OnlineHistory(engine, devices, interval=10, keep=3)
+    api = AdminApi(engine, TOKEN, devices, history)
+    history.start()
+    try:
+        connect(engine, "alice", 5)
+        connect(engine, "alice", 0)
+        engine.clock.advance(10)
+        connect(engine, "bob")
+        engine.clock.advance(10)
+        body = call(api, "GET", "history").body
+        assert body == {"interval": 10, "samples": [[0, 0, 0], [10, 1, 2], [20, 2, 3]]}
+        engine.clock.advance(10)
+        assert [s[0] for s in call(api, "GET", "history").body["samples"]] == [10, 20, 30]
+        assert any("OnlineHistory" in repr(c) for c in engine.clock.getDelayedCalls())
+    finally:
+        history.stop()
+    assert not any("OnlineHistory" in repr(c) for c in engine.clock.getDelayedCalls())
 
 
 def test_info_hides_the_system_token():

@@ -8,7 +8,7 @@ const KINDS = ["dotnet", "silverlight", "windows_phone", "websocket", "ios", "an
                "xamarin", "websocket_ssl", "others"];
 const INFO_EVERY_MS = 2000;
 const SESSIONS_EVERY_MS = 5000;
-const CHART_POINTS = 150;
+const CHART_POINTS = 600;
 const PAGE = 50;
 
 const $ = (id) => document.getElementById(id);
@@ -23,6 +23,9 @@ async function api(path, options = {}) {
   if (options.body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
   if (response.status === 401) throw new Unauthorized();
+  if (!(response.headers.get("Content-Type") || "").startsWith("application/json")) {
+    throw new Error(`${path}: HTTP ${response.status} ${response.statusText}`);
+  }
   const body = await response.json();
   if (!response.ok) throw new Error(body.message || response.statusText);
   return body;
@@ -35,6 +38,8 @@ function status(text, isError) {
 }
 
 function askToken(message) {
+  // Both refreshes may be refused at once: the first one to ask says why.
+  if (!$("login").hidden) return;
   state.timers.forEach(clearInterval);
   state.timers = [];
   sessionStorage.removeItem("esf-token");
@@ -71,7 +76,7 @@ async function refreshInfo() {
     state.history.push({ t: info.now, users: info.users_online, devices: info.devices_online });
     if (state.history.length > CHART_POINTS) state.history.shift();
     drawChart();
-    status(info.stopping ? "server shutting down" : "", info.stopping);
+    if (info.stopping) status("the server is shutting down", true);
   } catch (error) { failed(error); }
 }
 
@@ -80,8 +85,11 @@ function drawChart() {
   const peak = Math.max(1, ...points.map((p) => Math.max(p.users, p.devices)));
   const t0 = points[0].t;
   const span = Math.max(1, points[points.length - 1].t - t0);
+  const x = (p) => ((p.t - t0) / span * 600).toFixed(1);
+  const y = (value) => (150 - value / peak * 140).toFixed(1);
+  // Steps: a count holds until the next sample.
   const line = (key) => points
-    .map((p) => `${((p.t - t0) / span * 600).toFixed(1)},${(150 - p[key] / peak * 140).toFixed(1)}`)
+    .map((p, i) => (i ? `${x(p)},${y(points[i - 1][key])} ` : "") + `${x(p)},${y(p[key])}`)
     .join(" ");
   $("chart-users").setAttribute("points", line("users"));
   $("chart-devices").setAttribute("points", line("devices"));
@@ -154,11 +162,19 @@ async function kick() {
 
 // -- start -----------------------------------------------------------------------------
 
+async function loadHistory() {
+  try {
+    const history = await api("/api/history");
+    state.history = history.samples.map(([t, users, devices]) => ({ t, users, devices }));
+  } catch (error) { failed(error); }
+  refreshInfo();
+}
+
 function start() {
   $("login").hidden = true;
   $("main").hidden = false;
   state.history = [];
-  refreshInfo();
+  loadHistory();
   refreshSessions();
   state.timers = [setInterval(refreshInfo, INFO_EVERY_MS),
                   setInterval(refreshSessions, SESSIONS_EVERY_MS)];
