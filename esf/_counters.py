@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["Count"]
+from ._wire import MessageType
+
+__all__ = ["Count", "RELAYED_MESSAGES", "RELAYED_BYTES"]
 
 
 class Count(StrEnum):
@@ -30,3 +32,19 @@ class Count(StrEnum):
     BLOB_ERRORS = "blob_errors"
     #: An answer (Response, Error) addressed to the server that nobody waits for.
     UNEXPECTED_ANSWERS = "unexpected_answers"
+
+
+def _relay_keys(prefix: str) -> dict[int, str]:
+    return {int(t): f"{prefix}.{t.name.lower()}" for t in MessageType}
+
+
+#: C{engine.counters} keys of the frames the relay forwarded from one user's
+#: device to another, by message type: C{RELAYED_MESSAGES[frame.message_type]}
+#: counts frames (once per frame, however many devices it went to), and
+#: C{RELAYED_BYTES[frame.message_type]} their size, header included.  The
+#: engine adds to them once per read, not once per frame (see
+#: docs/operations.md); C{esf_messages_relayed_total} and
+#: C{esf_relayed_bytes_total} read them.
+RELAYED_MESSAGES: dict[int, str] = _relay_keys("relayed_messages")
+RELAYED_BYTES: dict[int, str] = _relay_keys("relayed_bytes")
+

@@ -15,6 +15,8 @@ from twisted.python import usage
 from zope.interface import implementer
 
 from ._application import Applications
+from ._admin import AdminService, endpoint_is_local, read_token_file
+from ._audit import AuditService, check_audit_path
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -22,6 +24,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._metrics import MetricsService
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
@@ -87,6 +90,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["logon-rate-limit", None, 200, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
+        ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
+        ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
+        ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); required unless --admin-api is loopback."],
+        ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB)."],
     ]
 
     def __init__(self) -> None:
@@ -136,6 +143,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["applications"] = Applications.sort(self["handlers"])
         except ValueError as e:
             raise usage.UsageError(f"--handler: {e}") from None
+        self._ops_options(endpoints, reactor)
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -155,6 +163,34 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+    def _ops_options(self, endpoints: Any, reactor: Any) -> None:
+        for name in ("metrics", "admin-api"):
+            if self[name] is None:
+                continue
+            try:
+                self[f"{name}-endpoint"] = endpoints.serverFromString(reactor, self[name])
+            except Exception as e:  # as for --port
+                raise usage.UsageError(f"--{name} {self[name]!r} is not an endpoint: {e}") from None
+        if self["audit-log"] is not None:
+            try:
+                check_audit_path(self["audit-log"])
+            except ValueError as e:
+                raise usage.UsageError(f"--audit-log: {e}") from None
+        self["admin-token"] = None
+        if self["admin-token-file"] is not None:
+            if self["admin-api"] is None:
+                raise usage.UsageError("--admin-token-file is for --admin-api, which is not given")
+            try:
+                self["admin-token"] = read_token_file(self["admin-token-file"])
+            except ValueError as e:
+                raise usage.UsageError(f"--admin-token-file: {e}") from None
+        elif self["admin-api"] is not None and not endpoint_is_local(self["admin-api"]):
+            raise usage.UsageError(
+                f"--admin-api {self['admin-api']!r} is reachable from other machines: "
+                "give --admin-token-file, or listen on a loopback interface "
+                "(tcp:PORT:interface=127.0.0.1)"
+            )
 
 
 def load_object(spec: str) -> Any:
@@ -263,4 +299,27 @@ def makeService(options: Options) -> ServerService:
         group_manager=apps.group_manager,
     )
     apps.initialize(engine)
-    return ServerService(engine, options["endpoint"])
+    service = ServerService(engine, options["endpoint"])
+    add_operations(service, engine, options)
+    return service
+
+
+def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:
+    """
+    Add what C{--audit-log}, C{--metrics} and C{--admin-api} ask for to
+    C{service}.
+    """
+    if options.get("audit-log"):
+        AuditService(engine, options["audit-log"]).setServiceParent(service)  # type: ignore[no-untyped-call]
+    if options.get("metrics"):
+        MetricsService(engine, options["metrics-endpoint"]).setServiceParent(service)  # type: ignore[no-untyped-call]
+    if options.get("admin-api"):
+        token = options.get("admin-token")
+        if token is None:
+            log.warn(
+                "esf: the admin API on {endpoint} has no token: anyone who can connect "
+                "to it from this machine may kick users",
+                esf_event="admin_without_token",
+                endpoint=options["admin-api"],
+            )
+        AdminService(engine, options["admin-api-endpoint"], token).setServiceParent(service)  # type: ignore[no-untyped-call]

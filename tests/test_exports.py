@@ -7,6 +7,7 @@ import esf
 import esf.interfaces
 import esf.pytest_plugin
 import esf.testing
+import esf.operations
 import esf.wire
 
 PUBLIC = {
@@ -58,6 +59,15 @@ def test_interfaces_exports():
     assert set(esf.interfaces.__all__) == INTERFACES
     for name in INTERFACES:
         assert getattr(esf.interfaces, name).__doc__
+
+
+OPERATIONS = {"AdminService", "AuditLog", "AuditService", "MetricsService", "ServerMetrics"}
+
+
+def test_operations_exports():
+    assert set(esf.operations.__all__) == OPERATIONS
+    for name in OPERATIONS:
+        assert getattr(esf.operations, name).__doc__, name
 
 
 def test_wire_exports_resolve():

@@ -340,3 +340,75 @@ def test_make_service_passes_the_config():
     service = makeService(options)
     assert service.engine.config is options["config"]
     assert service.engine.config.admins == {"root"}
+
+
+# -- operations: --metrics, --admin-api, --admin-token-file, --audit-log ---------------
+
+
+def _token_file(tmp_path, mode=0o600):
+    import os
+
+    path = tmp_path / "token"
+    path.write_text("0123456789abcdef-token\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_operations_are_off_by_default():
+    service = makeService(parse())
+    names = {type(s).__name__ for s in service}
+    assert names == {"_EngineService", "StreamServerEndpointService"}
+
+
+def test_operations_services(tmp_path):
+    from esf._admin import AdminService
+    from esf._audit import AuditService
+    from esf._metrics import MetricsService
+
+    options = parse(
+        "--metrics", "tcp:0:interface=127.0.0.1",
+        "--admin-api", "tcp:0:interface=127.0.0.1",
+        "--admin-token-file", _token_file(tmp_path),
+        "--audit-log", str(tmp_path / "audit.jsonl"),
+    )  # fmt: skip
+    assert options["admin-token"] == "0123456789abcdef-token"
+    service = makeService(options)
+    kinds = [type(s) for s in service]
+    assert AuditService in kinds and MetricsService in kinds and AdminService in kinds
+    (metrics,) = [s for s in service if isinstance(s, MetricsService)]
+    assert metrics.metrics.engine is service.engine
+
+
+def test_admin_api_on_loopback_without_a_token_warns(logs):
+    makeService(parse("--admin-api", "tcp:0:interface=127.0.0.1"))
+    (warning,) = logs.esf("admin_without_token")
+    assert warning["log_level"].name == "warn"
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:8530", "tcp6:8530", "tcp:8530:interface=0.0.0.0"])
+def test_admin_api_open_to_the_network_needs_a_token(endpoint):
+    assert "reachable from other machines" in usage_error("--admin-api", endpoint)
+
+
+def test_admin_api_anywhere_with_a_token(tmp_path):
+    options = parse("--admin-api", "tcp:0", "--admin-token-file", _token_file(tmp_path))
+    assert options["admin-api-endpoint"] is not None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--metrics", "bogus:1"), "--metrics 'bogus:1' is not an endpoint"),
+        (("--admin-api", "tcp:nope:interface=127.0.0.1"), "--admin-api"),
+        (("--admin-token-file", "/nonexistent"), "--admin-token-file is for --admin-api"),
+        (("--admin-api", "tcp:0", "--admin-token-file", "/nonexistent/t"), "cannot read"),
+        (("--audit-log", "/nonexistent/dir/audit.jsonl"), "--audit-log: the directory"),
+    ],
+)
+def test_operations_usage_errors(argv, message):
+    assert message in usage_error(*argv)
+
+
+def test_a_token_file_others_may_read_is_refused(tmp_path):
+    path = _token_file(tmp_path, 0o644)
+    assert "chmod 600" in usage_error("--admin-api", "tcp:0", "--admin-token-file", path)

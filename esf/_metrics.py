@@ -1,0 +1,420 @@
+"""
+Prometheus metrics of a server (C{twistd esf --metrics ENDPOINT}).
+
+Nothing is measured on the relay path by this module.  L{ServerMetrics}
+is a C{prometheus_client} collector that builds every metric family when
+it is scraped, from:
+
+  - plain counts the engine keeps anyway (C{engine.counters}, keyed by
+    L{esf._counters} names) and its state (C{engine.sessions},
+    C{engine.presence}, C{engine.pending});
+  - counts this module keeps from the user manager's events (devices
+    online by kind, accepted logons, push-outs, heartbeat timeouts) and
+    from the engine's structured log events (C{session_ended}: disconnects
+    by reason and refused logons by result; C{kick_out}: kicks by origin),
+    each a dict increment when the event happens.
+
+Scrapes are served by L{MetricsResource}, a C{twisted.web} resource that
+renders on the reactor thread: the collector reads the engine's state where
+the engine changes it, never from another thread.  (The
+C{prometheus_client.twisted.MetricsResource} that the library ships renders
+in the reactor's thread pool, which is why it is not used.)
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.logger import globalLogPublisher
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from ._audit import kick_origin, logon_refusal
+from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from ._session import RELAYED
+from ._wire import ClientType, DisconnectedType, LogonResult, MessageType
+
+__all__ = [
+    "OnlineDevices",
+    "ServerMetrics",
+    "MetricsResource",
+    "MetricsService",
+    "kind_label",
+    "server_version",
+]
+
+#: The message types the relay forwards (PingByServer once its body is checked).
+RELAY_TYPES = sorted(RELAYED | {MessageType.PING_BY_SERVER})
+
+#: What each engine counter is exported as: (metric name without C{esf_}
+#: and C{_total}, help).  A counter the engine adds later and that is not
+#: listed here is exported as C{esf_<name>_total} all the same.
+COUNTER_METRICS = {
+    Count.DROPPED: ("dropped_messages", "One-way messages (MessageID 0) the server could not act on."),
+    Count.TRANSMIT_FAILED: (
+        "transmit_failed",
+        "Messages addressed to a user with no device online (the offline-store hook fired).",
+    ),
+    Count.UNHANDLED: (
+        "unhandled_messages",
+        "Application messages to the server while no customize handler is installed.",
+    ),
+    Count.HANDLER_ERRORS: (
+        "handler_errors",
+        "Application handler calls that raised something other than RequestError.",
+    ),
+    Count.UNEXPECTED_ANSWERS: (
+        "unexpected_answers",
+        "Answers addressed to the server that no query waited for.",
+    ),
+    # The next three are refusals; they are exported in esf_refusals_total.
+    Count.LOGONS_RATE_LIMITED: None,
+    Count.TAKEOVERS_REFUSED: None,
+    Count.BLOB_ERRORS: None,
+}
+
+#: esf_refusals_total's causes: an engine counter, or a disconnect reason.
+REFUSAL_COUNTERS = {
+    "logon_rate_limit": Count.LOGONS_RATE_LIMITED,
+    "takeover_limit": Count.TAKEOVERS_REFUSED,
+    "blob": Count.BLOB_ERRORS,
+}
+REFUSAL_REASONS = {
+    "max_connections": DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED,
+    "message_too_large": DisconnectedType.MESSAGE_TOO_LARGE,
+    "output_buffer": DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+}
+
+KICK_ORIGINS = ("admin_api", "client", "server_api")
+
+
+def kind_label(client_type: int) -> str:
+    """
+    A device kind as a label value: C{"android"}, or C{"42"} for a kind
+    without a name.
+    """
+    try:
+        return ClientType(client_type).name.lower()
+    except ValueError:
+        return str(int(client_type))
+
+
+def server_version() -> str:
+    """
+    The installed esf's version.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esf")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _output_backlog(session: Any) -> tuple[bool, int]:
+    # The session's own flow-control state: whether its peer is behind,
+    # and the bytes queued for it since (bounded by --max-output-buffer).
+    # The session keeps them in private slots, and this is the one place
+    # outside it that reads them (the engine has no public name for them).
+    return session._paused, session._backlog
+
+
+class OnlineDevices:
+    """
+    The logged-on devices of an engine by kind, kept from the user
+    manager's C{device_connected} and C{device_disconnected} events (so
+    that reading them costs nothing).
+
+    @ivar by_kind: device kind (L{int}) -> devices online.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.by_kind: collections.Counter[int] = collections.Counter()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        if self._unsubscribe:
+            return
+        um = self.engine.user_manager
+        self._unsubscribe = [
+            um.device_connected.subscribe(self._connected),
+            um.device_disconnected.subscribe(self._disconnected),
+        ]
+        # Devices that logged on before (an engine embedded by hand).
+        presence = self.engine.presence
+        self.by_kind.clear()
+        for user_id in presence.user_ids():
+            for handle in presence.devices(user_id):
+                self.by_kind[int(handle.client_type)] += 1
+
+    def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+    def _connected(self, user_data: Any) -> None:
+        self.by_kind[int(user_data.client_type)] += 1
+
+    def _disconnected(self, user_data: Any, reason: Any) -> None:
+        kind = int(user_data.client_type)
+        self.by_kind[kind] -= 1
+        if not self.by_kind[kind]:
+            del self.by_kind[kind]
+
+
+class ServerMetrics(Collector):
+    """
+    The metrics of one L{esf.ServerEngine}, as a C{prometheus_client}
+    collector: register it in a L{CollectorRegistry}, L{start} it (it
+    subscribes to the engine's events and to C{publisher}), and scrape.
+
+    Every read happens in L{collect}, on the thread that scrapes, which must
+    be the engine's (the reactor thread): L{MetricsResource} is.
+
+    @ivar tally: the counts kept from events, keyed C{(family, label)}.
+    """
+
+    def __init__(self, engine: Any, *, publisher: Any = globalLogPublisher):
+        self.engine = engine
+        self.publisher = publisher
+        self.tally: collections.Counter[tuple[str, Any]] = collections.Counter()
+        self.devices = OnlineDevices(engine)
+        self.started_at = engine.clock.seconds()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    # -- keeping counts ------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Subscribe to the engine's events and log events.
+        """
+        if self._unsubscribe:
+            return
+        self.devices.start()
+        um = self.engine.user_manager
+        self._unsubscribe = [
+            um.device_connected.subscribe(self._device_connected),
+            um.device_being_pushed_out.subscribe(self._pushed_out),
+            um.heartbeat_timed_out.subscribe(self._heartbeat_timed_out),
+        ]
+        self.publisher.addObserver(self._observe)
+
+    def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        self.devices.stop()
+        self.publisher.removeObserver(self._observe)
+
+    def _device_connected(self, user_data: Any) -> None:
+        self.tally["logons", "succeed"] += 1
+
+    def _pushed_out(self, user_data: Any, new_address: str) -> None:
+        self.tally["push_outs", None] += 1
+
+    def _heartbeat_timed_out(self, user_data: Any) -> None:
+        self.tally["heartbeat_timeouts", None] += 1
+
+    def _observe(self, event: dict) -> None:
+        name = event.get("esf_event")
+        if name is None or event.get("log_namespace") != "esf.server":
+            return
+        if name == "session_ended":
+            reason = event.get("reason")
+            self.tally["disconnects", reason] += 1
+            refusal = logon_refusal(event)
+            if refusal is not None:
+                self.tally["logons", refusal[0].lower()] += 1
+        elif name == "kick_out":
+            self.tally["kicks", kick_origin(event)] += event.get("count") or 0
+
+    # -- scraping ------------------------------------------------------------------
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.engine
+        tally = self.tally
+        counters = engine.counters
+
+        yield _gauge(
+            "esf_connections",
+            "Open connections, logged on or not.",
+            len(engine.sessions),
+        )
+        yield _gauge("esf_users_online", "Users with at least one device online.", engine.presence.user_count())
+        online = GaugeMetricFamily(
+            "esf_devices_online",
+            "Logged-on sessions by device kind; a user has at most one per kind, so this is "
+            "also the number of users online with that kind.",
+            labels=["kind"],
+        )
+        by_kind = self.devices.by_kind
+        for kind in sorted(set(int(k) for k in ClientType) | set(by_kind)):
+            online.add_metric([kind_label(kind)], by_kind.get(kind, 0))
+        yield online
+
+        logons = CounterMetricFamily("esf_logons", "Logons by result.", labels=["result"])
+        for result in LogonResult:
+            logons.add_metric([result.name.lower()], tally["logons", result.name.lower()])
+        yield logons
+
+        disconnects = CounterMetricFamily(
+            "esf_disconnects",
+            "Sessions ended, logged on or not, by reason (DisconnectedType).",
+            labels=["reason"],
+        )
+        for reason in DisconnectedType:
+            disconnects.add_metric([reason.name.lower()], tally["disconnects", reason.name])
+        yield disconnects
+
+        refusals = CounterMetricFamily(
+            "esf_refusals",
+            "What the server refused to protect itself, by cause.",
+            labels=["cause"],
+        )
+        for cause, key in REFUSAL_COUNTERS.items():
+            refusals.add_metric([cause], counters[key])
+        for cause, reason in REFUSAL_REASONS.items():
+            refusals.add_metric([cause], tally["disconnects", reason.name])
+        yield refusals
+
+        kicks = CounterMetricFamily("esf_kicks", "Devices kicked, by where the kick came from.", labels=["origin"])
+        for origin in KICK_ORIGINS:
+            kicks.add_metric([origin], tally["kicks", origin])
+        yield kicks
+
+        yield _counter("esf_push_outs", "Sessions pushed out by a new logon of the same device.", tally["push_outs", None])
+        yield _counter(
+            "esf_heartbeat_timeouts", "Sessions ended for silence (heartbeat timeout).", tally["heartbeat_timeouts", None]
+        )
+
+        messages = CounterMetricFamily(
+            "esf_messages_relayed", "Frames relayed from a user's device to another user, by message type.", labels=["type"]
+        )
+        relayed_bytes = CounterMetricFamily(
+            "esf_relayed_bytes", "Bytes of the frames relayed, header included, by message type.", labels=["type"]
+        )
+        for message_type in RELAY_TYPES:
+            label = message_type.name.lower()
+            messages.add_metric([label], counters[RELAYED_MESSAGES[message_type]])
+            relayed_bytes.add_metric([label], counters[RELAYED_BYTES[message_type]])
+        yield messages
+        yield relayed_bytes
+
+        for key in Count:
+            if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
+                continue
+            name, text = COUNTER_METRICS.get(key) or (key.value, f"Engine counter {key.value}.")
+            yield _counter(f"esf_{name}", text, counters[key])
+
+        paused = backlog = blobs = blob_bytes = 0
+        for session in engine.sessions:
+            behind, queued = _output_backlog(session)
+            if behind:
+                paused += 1
+                backlog += queued
+            assembler = session.blobs
+            if assembler is not None and assembler.pending:
+                blobs += assembler.pending
+                blob_bytes += assembler.buffered
+        yield _gauge("esf_sessions_behind", "Sessions whose peer is not reading fast enough.", paused)
+        yield _gauge(
+            "esf_output_backlog_bytes",
+            "Bytes queued for peers that are behind, beyond the transports' own buffers.",
+            backlog,
+        )
+        yield _gauge("esf_blobs_in_progress", "Blobs to the server being reassembled.", blobs)
+        yield _gauge("esf_blob_buffered_bytes", "Bytes of blobs to the server waiting for their rest.", blob_bytes)
+        yield _gauge("esf_pending_queries", "The server's own queries to clients waiting for an answer.", len(engine.pending))
+        yield _gauge("esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at)
+        info = GaugeMetricFamily("esf_server_info", "The server's version and node ID.", labels=["version", "node"])
+        info.add_metric([server_version(), str(engine.node_id)], 1)
+        yield info
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def make_registry(metrics: ServerMetrics, process: bool = True) -> CollectorRegistry:
+    """
+    A registry with C{metrics} and, when C{process}, the process's own
+    figures (C{esf_process_*}: CPU, memory, open files).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+    if process:
+        ProcessCollector(namespace="esf", registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics}: the registry in Prometheus' text format (or OpenMetrics,
+    when the scraper asks for it), rendered on the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Any) -> bytes:
+        encoder, content_type = choose_encoder(request.getHeader("accept") or "")
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    render_HEAD = render_GET
+
+
+class MetricsSite(Site):
+    def log(self, request: Any) -> None:
+        # A scrape every few seconds would fill the server's log.
+        pass
+
+
+class _Attached(Service):
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def startService(self) -> None:
+        super().startService()
+        self.metrics.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.metrics.stop()
+
+
+class MetricsService(MultiService):
+    """
+    Serves C{engine}'s metrics at C{/metrics} on C{endpoint}.  A port that
+    cannot be bound makes L{startService} raise.
+    """
+
+    def __init__(self, engine: Any, endpoint: Any, *, publisher: Any = globalLogPublisher):
+        super().__init__()
+        self.metrics = ServerMetrics(engine, publisher=publisher)
+        self.registry = make_registry(self.metrics)
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(self.registry))
+        site = MetricsSite(root, timeout=60)
+        site.displayTracebacks = False
+        _Attached(self.metrics).setServiceParent(self)
+        self.listener = StreamServerEndpointService(endpoint, site)
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)

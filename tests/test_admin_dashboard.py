@@ -1,0 +1,170 @@
+"""
+The dashboard in a real headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium) against a real C{twistd esf}: the
+token asked once, the online count, the sessions table and its search, and
+a kick whose reason reaches the client.
+
+Skipped with a loud reason where Chromium is missing; under CI
+(C{ESF_CI=1}) it fails instead.  C{ESF_DASHBOARD_SCREENSHOT=PATH} saves the
+screenshot shown in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+
+import rawclient as rc
+from test_admin_e2e import TOKEN, Ops, token_file
+from test_e2e import start_server
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _need(what, present):
+    if present:
+        return
+    message = f"{what} is not installed (.ci/run installs it: apt-get install chromium chromium-driver)"
+    if os.environ.get("ESF_CI") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    _need("chromium", CHROMIUM)
+    _need("chromedriver", CHROMEDRIVER)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:  # pragma: no cover - a test extra
+        _need("selenium (pip install '.[test]')", False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def ops(tmp_path):
+    server = start_server(
+        tmp_path / "server.log",
+        [
+            "--auth", "memory:alice:pa:bob:pb:<b>x</b>:px:carol:pc:dave:pd:erin:pe",
+            "--admin-api", "tcp:0:interface=127.0.0.1",
+            "--admin-token-file", str(token_file(tmp_path)),
+        ],
+    )  # fmt: skip
+    yield Ops(server, None)
+    server.stop()
+
+
+def wait(driver, condition, timeout=10.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            result = condition(driver)
+        except Exception:  # the page is still changing
+            result = None
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def rows(driver):
+    from selenium.webdriver.common.by import By
+
+    return [
+        [cell.text for cell in row.find_elements(By.CSS_SELECTOR, "td")[:3]]
+        for row in driver.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")
+    ]
+
+
+def test_dashboard(browser, ops):
+    from selenium.webdriver.common.by import By
+
+    made = []
+    try:
+        for user, password, kind in [("alice", "pa", 5), ("alice", "pa", 0), ("bob", "pb", 4), ("<b>x</b>", "px", 0)]:
+            client = rc.connect(ops.server.port)
+            made.append(client)
+            assert client.logon(user, password, kind)["result"] == 0
+        alice_phone = made[0]
+
+        browser.get(ops.admin + "/dashboard")
+        # No token yet: the API answers 401 and the page asks for one.
+        token = wait(browser, lambda d: d.find_element(By.ID, "token").is_displayed() and d.find_element(By.ID, "token"), what="the token form")
+        assert not browser.find_element(By.ID, "main").is_displayed()
+        token.send_keys("wrong-token-wrong-token")
+        browser.find_element(By.ID, "login-button").click()
+        wait(browser, lambda d: "refused" in d.find_element(By.ID, "login-error").text, what="the refusal")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "login-button").click()
+
+        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "3", what="3 users online")
+        assert browser.find_element(By.ID, "devices-online").text == "4"
+        wait(browser, lambda d: len(rows(d)) == 4, what="4 sessions")
+        table = rows(browser)
+        assert ["<b>x</b>", "dotnet"] == table[0][:2]  # shown as text, not markup
+        assert browser.find_elements(By.CSS_SELECTOR, "#sessions tbody b") == []
+        assert [r[:2] for r in table[1:]] == [["alice", "android"], ["alice", "dotnet"], ["bob", "ios"]]
+        wait(browser, lambda d: len(d.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 2,
+             what="two points on the chart")  # fmt: skip
+
+        # The chart follows the count as users come (one poll every 2 s).
+        for count, user in enumerate(["carol", "dave", "erin"], start=4):
+            client = rc.connect(ops.server.port)
+            made.append(client)
+            assert client.logon(user, "p" + user[0], 4)["result"] == 0
+            wait(browser, lambda d: d.find_element(By.ID, "users-online").text == str(count), what=f"{count} users")
+        wait(browser, lambda d: len(rows(d)) == 7, what="7 sessions")
+        if os.environ.get("ESF_DASHBOARD_SCREENSHOT"):
+            browser.save_screenshot(os.environ["ESF_DASHBOARD_SCREENSHOT"])
+        for client in made[4:]:
+            client.close()
+        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "3", what="3 users again")
+
+        # The token was asked once: a reload keeps it (sessionStorage), and
+        # the chart starts from the server's history.
+        browser.refresh()
+        wait(browser, lambda d: len(rows(d)) == 4, what="the table after a reload")
+        assert not browser.find_element(By.ID, "login").is_displayed()
+        assert len(browser.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 1
+
+        browser.find_element(By.ID, "search").send_keys("ali")
+        wait(browser, lambda d: [r[0] for r in rows(d)] == ["alice", "alice"], what="the search")
+
+        (phone_row,) = [
+            row for row in browser.find_elements(By.CSS_SELECTOR, "#sessions tbody tr")
+            if row.get_attribute("data-kind") == "5"
+        ]  # fmt: skip
+        phone_row.find_element(By.CSS_SELECTOR, "button.kick").click()
+        reason = wait(browser, lambda d: d.find_element(By.ID, "kick-reason").is_displayed() and d.find_element(By.ID, "kick-reason"), what="the kick dialog")
+        assert "alice (android)" in browser.find_element(By.ID, "kick-target").text
+        reason.send_keys("kicked from the dashboard")
+        browser.find_element(By.ID, "kick-confirm").click()
+
+        header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
+        assert rc.parse_kicked_out(body) == {"operator": "admin", "reason": "kicked from the dashboard"}
+        wait(browser, lambda d: "kicked alice: 1 device" in d.find_element(By.ID, "status").text, what="the kick's result")
+        wait(browser, lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]], what="the table without the phone")
+        status, user = ops.call("GET", "/api/users/alice")
+        assert [d["kind"] for d in user["devices"]] == ["dotnet"]
+    finally:
+        for client in made:
+            client.close()

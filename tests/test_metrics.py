@@ -1,0 +1,262 @@
+"""
+Tests of the Prometheus metrics (esf._metrics): the collector on an engine
+driven in memory on a task.Clock, and its text as a scraper parses it.
+The same figures against a real C{twistd esf} are in test_admin_e2e.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.logger import globalLogPublisher
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
+
+from _helpers import Client, connect, make_engine
+from esf import DisconnectedType, MessageType
+from esf._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from esf._metrics import (
+    COUNTER_METRICS,
+    MetricsResource,
+    ServerMetrics,
+    make_registry,
+    server_version,
+)
+from esf.interfaces import IBasicHandler
+from esf.wire import BlobFragment, Information, KickOut, WireConfig, encode_frame
+
+
+@implementer(IBasicHandler)
+class Passwords:
+    """Accepts the password "pw" only; admins may kick (--admin)."""
+
+    def verify_user(self, system_token, user_id, password, client_type, address):
+        return password == "pw"
+
+    def can_kick_out(self, operator_id, target_id, client_type):
+        return False
+
+
+@pytest.fixture
+def engine():
+    return make_engine(handler=Passwords(), admins={"carol"}, heartbeat_timeout=30)
+
+
+@pytest.fixture
+def metrics(engine):
+    metrics = ServerMetrics(engine, publisher=globalLogPublisher)
+    metrics.start()
+    yield metrics
+    metrics.stop()
+
+
+@pytest.fixture
+def registry(metrics):
+    return make_registry(metrics, process=False)
+
+
+def value(registry, name, **labels):
+    found = registry.get_sample_value(name, labels)
+    assert found is not None, f"no sample {name}{labels}"
+    return found
+
+
+def test_an_idle_server(engine, registry):
+    assert value(registry, "esf_connections") == 0
+    assert value(registry, "esf_users_online") == 0
+    assert value(registry, "esf_devices_online", kind="android") == 0
+    assert value(registry, "esf_logons_total", result="succeed") == 0
+    assert value(registry, "esf_pending_queries") == 0
+    (info,) = [s for f in registry.collect() if f.name == "esf_server_info" for s in f.samples]
+    assert info.labels == {"version": server_version(), "node": engine.node_id}
+    assert info.value == 1
+    assert value(registry, "esf_start_time_seconds") == engine.clock.seconds()
+
+
+def test_logons_devices_and_disconnects(engine, registry):
+    alice_phone = connect(engine, "alice", 5)
+    connect(engine, "alice", 0)
+    connect(engine, "bob", 5)
+    refused = Client(engine)
+    refused.logon("mallory", password="wrong")
+    Client(engine)  # connected, never logs on
+    assert value(registry, "esf_connections") == 4
+    assert value(registry, "esf_users_online") == 2
+    assert value(registry, "esf_devices_online", kind="android") == 2
+    assert value(registry, "esf_devices_online", kind="dotnet") == 1
+    assert value(registry, "esf_devices_online", kind="ios") == 0
+    assert value(registry, "esf_logons_total", result="succeed") == 3
+    assert value(registry, "esf_logons_total", result="failed") == 1
+    assert value(registry, "esf_disconnects_total", reason="logon_failed") == 1
+
+    alice_phone.lose()
+    assert value(registry, "esf_devices_online", kind="android") == 1
+    assert value(registry, "esf_users_online") == 2
+    assert value(registry, "esf_disconnects_total", reason="network_interrupted") == 1
+
+
+def test_push_outs_kicks_and_heartbeat_timeouts(engine, registry):
+    connect(engine, "alice", 5)
+    connect(engine, "alice", 5, host="10.0.0.2")  # pushes the first out
+    assert value(registry, "esf_push_outs_total") == 1
+    assert value(registry, "esf_disconnects_total", reason="being_pushed_out") == 1
+    assert value(registry, "esf_devices_online", kind="android") == 1
+    assert value(registry, "esf_logons_total", result="succeed") == 2
+
+    connect(engine, "bob", 0)
+    connect(engine, "bob", 4)
+    assert engine.kick_out("bob", "spam") == 2
+    assert value(registry, "esf_kicks_total", origin="server_api") == 2
+    carol = connect(engine, "carol", 0)
+    connect(engine, "dave", 0)
+    carol.send(MessageType.KICK_OUT, KickOut("rude"), dest="dave", message_id=7)
+    assert value(registry, "esf_kicks_total", origin="client") == 1
+    assert value(registry, "esf_kicks_total", origin="admin_api") == 0
+    assert value(registry, "esf_disconnects_total", reason="being_kicked_out") == 3
+
+    for _ in range(6):  # every session falls silent; the reaper looks every 7.5 s
+        engine.clock.advance(30 / 4)
+    assert value(registry, "esf_heartbeat_timeouts_total") == 2  # alice and carol
+    assert value(registry, "esf_users_online") == 0
+    assert value(registry, "esf_devices_online", kind="android") == 0
+
+
+def test_refusals(engine, registry):
+    small = make_engine(max_connections=2, max_message_size=200, logon_rate_limit=1)
+    metrics = ServerMetrics(small)
+    metrics.start()
+    try:
+        registry = make_registry(metrics, process=False)
+        first = connect(small, "alice")
+        connect(small, "bob", host="10.0.0.9")
+        Client(small)  # one connection too many
+        assert value(registry, "esf_refusals_total", cause="max_connections") == 1
+        first.send_raw(
+            encode_frame(
+                WireConfig(11, 10_000),
+                MessageType.SEND,
+                Information(1, b"x" * 300).encode(),
+                user_id="alice",
+                dest_user_id="bob",
+            )
+        )
+        assert value(registry, "esf_refusals_total", cause="message_too_large") == 1
+        late = Client(small, host="10.0.0.9")  # a second logon from bob's host
+        late.logon("carol")
+        assert value(registry, "esf_refusals_total", cause="logon_rate_limit") == 1
+        assert value(registry, "esf_logons_total", result="busy") == 1
+    finally:
+        metrics.stop()
+
+
+def test_relayed_messages_are_read_from_the_engine_counters(engine, registry):
+    """
+    The engine counts relayed frames per read under the keys esf._counters
+    names (RELAYED_MESSAGES, RELAYED_BYTES); the collector reports them by
+    type.
+    """
+    engine.counters[RELAYED_MESSAGES[MessageType.SEND]] += 5
+    engine.counters[RELAYED_BYTES[MessageType.SEND]] += 5 * 140
+    engine.counters[RELAYED_MESSAGES[MessageType.REQUEST]] += 1
+    assert value(registry, "esf_messages_relayed_total", type="send") == 5
+    assert value(registry, "esf_relayed_bytes_total", type="send") == 700
+    assert value(registry, "esf_messages_relayed_total", type="request") == 1
+    assert value(registry, "esf_messages_relayed_total", type="blob") == 0
+
+
+def test_every_engine_counter_is_exported(engine, registry):
+    for key in Count:
+        engine.counters[key] += 3
+    names = {s.name for family in registry.collect() for s in family.samples}
+    for key in Count:
+        spec = COUNTER_METRICS.get(key)
+        if spec is not None:
+            assert f"esf_{spec[0]}_total" in names
+    assert value(registry, "esf_transmit_failed_total") == 3
+    assert value(registry, "esf_refusals_total", cause="takeover_limit") == 3
+    assert value(registry, "esf_refusals_total", cause="blob") == 3
+
+
+def test_output_backlog_blobs_and_pending_queries(engine, registry):
+    alice = connect(engine, "alice")
+    bob = connect(engine, "bob")
+    bob.protocol.pauseProducing()  # bob's transport is full
+    sent = alice.send(MessageType.SEND, Information(1, b"y" * 100), dest="bob")
+    assert value(registry, "esf_sessions_behind") == 1
+    assert value(registry, "esf_output_backlog_bytes") == len(sent)
+    bob.protocol.resumeProducing()
+    assert value(registry, "esf_output_backlog_bytes") == 0
+
+    alice.send(MessageType.BLOB, BlobFragment(1, 9, 0, False, b"z" * 50), dest="_0")
+    assert value(registry, "esf_blobs_in_progress") == 1
+    assert value(registry, "esf_blob_buffered_bytes") == 50
+
+    engine.query("bob", 1, b"?")
+    assert value(registry, "esf_pending_queries") == 1
+
+
+def test_no_user_id_in_any_label(engine, registry):
+    names = ["alice", "x-secret-1", "bob"]
+    for name in names:
+        connect(engine, name)
+    engine.kick_out("bob", "spam")
+    for family in registry.collect():
+        for sample in family.samples:
+            for label in sample.labels.values():
+                assert label not in names, (family.name, sample)
+
+
+def test_stop_unsubscribes(engine):
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    metrics.stop()
+    registry = make_registry(metrics, process=False)
+    connect(engine, "alice")
+    engine.kick_out("alice")
+    assert value(registry, "esf_logons_total", result="succeed") == 0
+    assert value(registry, "esf_kicks_total", origin="server_api") == 0
+
+
+def test_devices_already_online_are_counted(engine):
+    connect(engine, "alice", 5)
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    try:
+        registry = make_registry(metrics, process=False)
+        assert value(registry, "esf_devices_online", kind="android") == 1
+    finally:
+        metrics.stop()
+
+
+def test_resource_text_parses(engine, registry):
+    connect(engine, "alice", 5)
+    request = DummyRequest([b""])
+    body = MetricsResource(registry).render_GET(request)
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode("utf-8"))}
+    assert all(name.startswith("esf_") for name in families)
+    (sample,) = [s for s in families["esf_devices_online"].samples if s.labels["kind"] == "android"]
+    assert sample.value == 1
+    assert families["esf_logons"].type == "counter"
+
+
+def test_resource_speaks_openmetrics_when_asked(registry):
+    request = DummyRequest([b""])
+    request.requestHeaders.setRawHeaders(b"accept", [b"application/openmetrics-text; version=1.0.0"])
+    body = MetricsResource(registry).render_GET(request)
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
+        b"application/openmetrics-text"
+    )
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_process_metrics_are_prefixed(metrics):
+    registry = make_registry(metrics)
+    assert registry.get_sample_value("esf_process_open_fds") > 0  # Linux's /proc
+    names = {f.name for f in registry.collect()}
+    assert all(n.startswith("esf_") for n in names), names
+
+
+def test_disconnect_reasons_cover_every_type(engine, registry):
+    for reason in DisconnectedType:
+        assert value(registry, "esf_disconnects_total", reason=reason.name.lower()) == 0
