@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from sortedcontainers import SortedList
 from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
 from twisted.internet import endpoints
 from twisted.internet.defer import (
     CancelledError,
@@ -67,6 +68,7 @@ __all__ = [
     "RedisLink",
     "RemoteHandle",
     "ClusterPresence",
+    "ClusterService",
     "default_node_id",
     "DEFAULT_LEASE",
 ]
@@ -1307,3 +1309,22 @@ class ClusterPresence:
         # Alone: only this node's users, sorted here (outages only).
         local = sorted({h.user_id for h in self._local.values() if self._holds(h)})
         return local[offset:stop]
+
+
+class ClusterService(Service):
+    """
+    Runs a L{ClusterPresence}: joins the cluster when started, leaves it
+    when stopped.  Put it before the engine's service in their parent, so
+    that it stops after the engine has ended its sessions.
+    """
+
+    def __init__(self, presence: ClusterPresence):
+        self.presence = presence
+
+    def startService(self) -> None:
+        super().startService()
+        self.presence.start()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self.presence.stop())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+from twisted.application.service import MultiService
 from twisted.cred import credentials, error, strcred
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -19,6 +20,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
@@ -40,6 +42,20 @@ def _int_option(name: str, low: int, high: int | None = None):
         if number < low or (high is not None and number > high):
             span = f"{low}..{high}" if high is not None else f"at least {low}"
             raise usage.UsageError(f"--{name} must be {span}, not {number}")
+        return number
+
+    parse.coerceDoc = ""
+    return parse
+
+
+def _seconds_option(name: str, low: float):
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes seconds, not {value!r}") from None
+        if not number >= low or number == float("inf"):
+            raise usage.UsageError(f"--{name} must be at least {low:g}, not {value}")
         return number
 
     parse.coerceDoc = ""
@@ -87,6 +103,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["logon-rate-limit", None, 200, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
+        ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
+        ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
+        ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
     ]
 
     def __init__(self):
@@ -148,6 +167,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["cluster"] is not None:
+            try:
+                self["cluster-url"] = RedisURL.parse(self["cluster"])
+            except ValueError as e:
+                raise usage.UsageError(f"--cluster: {e}") from None
+            try:
+                import txredisapi  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--cluster needs txredisapi: pip install 'esf[cluster]'"
+                ) from None
+        if self["node-id"] is not None:
+            try:
+                check_node_id(self["node-id"])
+            except ValueError as e:
+                raise usage.UsageError(f"--node-id: {e}") from None
 
 
 def load_object(spec: str):
@@ -246,13 +281,42 @@ def makeService(options: Options):
             esf_event="accept_all_warning",
         )
     app = options["handler"]
+    config = options["config"]
+    node_id = options["node-id"] or default_node_id()
+    presence = None
+    if options["cluster"] is not None:
+        presence = ClusterPresence(
+            reactor,
+            options["cluster-url"],
+            node_id,
+            relogon_mode=config.relogon_mode,
+            lease=options["cluster-lease"],
+        )
     engine = ServerEngine(
-        options["config"],
+        config,
         clock=reactor,
         handler=handler,
         customize_handler=app if ICustomizeHandler.providedBy(app) else None,
         group_manager=app if IGroupManager.providedBy(app) else None,
+        presence=presence,
+        node_id=node_id,
     )
     if IEngineAware.providedBy(app):
         app.initialize(engine)
-    return ServerService(engine, options["endpoint"])
+    server = ServerService(engine, options["endpoint"])
+    if presence is None:
+        return server
+    log.info(
+        "esf: node {node_id} joins the cluster at {url}",
+        node_id=node_id,
+        url=str(options["cluster-url"]),
+        esf_event="cluster_node",
+    )
+    # The cluster starts first and stops last: the engine's sessions end
+    # (and release their devices) before the node leaves the cluster.
+    top = MultiService()
+    ClusterService(presence).setServiceParent(top)
+    server.setServiceParent(top)
+    top.engine = engine
+    top.presence = presence
+    return top

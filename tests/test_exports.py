@@ -70,3 +70,22 @@ def test_wire_exports_resolve():
 def test_public_classes_are_documented():
     for name in PUBLIC:
         assert getattr(esf, name).__doc__, name
+
+
+CLUSTER = {
+    "DEFAULT_LEASE",
+    "ClusterPresence",
+    "ClusterService",
+    "RedisUnavailable",
+    "RedisURL",
+    "RemoteHandle",
+    "default_node_id",
+}
+
+
+def test_cluster_exports():
+    import esf.cluster
+
+    assert set(esf.cluster.__all__) == CLUSTER
+    for name in CLUSTER - {"DEFAULT_LEASE"}:
+        assert getattr(esf.cluster, name).__doc__, name
