@@ -580,6 +580,7 @@ class ClusterPresence:
         presence_maxlen: int = 100_000,
         read_count: int = 1000,
         push_out_grace: float = 2.0,
+        max_posts_in_flight: int = 10_000,
         link_factory: Callable[..., IRedisLink] = RedisLink,
     ):
         import collections
@@ -598,6 +599,12 @@ class ClusterPresence:
         self.presence_maxlen = presence_maxlen
         self.read_count = read_count
         self.push_out_grace = push_out_grace
+        self.max_posts_in_flight = max_posts_in_flight
+        self._posts_in_flight = 0
+        #: Optional: an object with C{begin() -> bool} and C{flush()} (the
+        #: engine's C{batch}), so that what one read of the inbox delivers
+        #: is written once per session.
+        self.delivery_batch: Any = None
         self.stats: collections.Counter[str] = collections.Counter()
         self._base = f"{prefix}:"
         self._k_online = f"{prefix}:online"
@@ -808,22 +815,29 @@ class ClusterPresence:
     async def _confirm_claims(self) -> None:
         mode = "newer" if self.relogon_mode is RelogonMode.REPLACE_OLD else "older"
         while self._unconfirmed:
-            sid = next(iter(self._unconfirmed))
-            handle = self._local.get(sid)
-            if handle is None:
-                self._unconfirmed.discard(sid)
-                continue
-            won, old, stream_id = await self._claim_script(handle, mode)
-            self._unconfirmed.discard(sid)
-            if sid not in self._local:
-                continue  # released meanwhile: _stale has it
-            if won:
-                if old is not None:
-                    previous = _Holder.parse(old)
-                    if previous.session_id != sid:
-                        self._settle_remote(handle, previous)
-            else:
-                self._settle_local(handle, _Holder.parse(old))
+            # Many at once (one connection, pipelined), a bounded number.
+            chunk = [self._unconfirmed.pop() for _ in range(min(500, len(self._unconfirmed)))]
+            handles = [self._local[sid] for sid in chunk if sid in self._local]
+            try:
+                replies = await DeferredList(
+                    [self._claim_script(h, mode) for h in handles],
+                    fireOnOneErrback=True,
+                    consumeErrors=True,
+                )
+            except Exception:
+                self._unconfirmed.update(h.session_id for h in handles)
+                raise
+            for handle, (_, (won, old, _id)) in zip(handles, replies):
+                sid = handle.session_id
+                if sid not in self._local:
+                    continue  # released meanwhile: _stale has it
+                if won:
+                    if old is not None:
+                        previous = _Holder.parse(old)
+                        if previous.session_id != sid:
+                            self._settle_remote(handle, previous)
+                else:
+                    self._settle_local(handle, _Holder.parse(old))
 
     def _settle_remote(self, winner: Any, loser: _Holder) -> None:
         """
@@ -1189,7 +1203,13 @@ class ClusterPresence:
     def _post(self, handle: RemoteHandle, fields: tuple) -> None:
         # One connection, commands written in call order: what one node
         # sends one device arrives in order.  Fails at once when Redis is
-        # not connected.
+        # not connected; past a bound of unanswered posts (Redis slow),
+        # drops rather than queue without end.
+        if self._posts_in_flight >= self.max_posts_in_flight:
+            self.stats["remote_send_dropped"] += 1
+            log.debug("dropped a message to {handle!r}: Redis is behind", handle=handle)
+            return
+        self._posts_in_flight += 1
         d = self.link.execute(
             "XADD",
             self._inbox_key(handle.node),
@@ -1202,6 +1222,10 @@ class ClusterPresence:
             *fields,
         )
 
+        def done(result: Any) -> Any:
+            self._posts_in_flight -= 1
+            return result
+
         def failed(failure: Failure) -> None:
             self.stats["remote_send_failed"] += 1
             log.debug(
@@ -1210,7 +1234,7 @@ class ClusterPresence:
                 error=failure.getErrorMessage(),
             )
 
-        d.addErrback(failed)
+        d.addBoth(done).addErrback(failed)
 
     def _deliver(self, fields: dict[bytes, bytes]) -> None:
         handle = self._local.get(fields[b"s"].decode("utf-8"))
@@ -1272,15 +1296,24 @@ class ClusterPresence:
                     self._apply(stream_id, _fields(flat))
                 except Exception:
                     log.failure("a bad presence record {id}", id=stream_id)
-        for stream_id, flat in streams.get(self._b_inbox) or ():
-            at = _stream_id(stream_id)
-            if at <= self._inbox_at:
-                continue  # delivered already: never twice
-            self._inbox_pos, self._inbox_at = stream_id, at
-            try:
-                self._deliver(_fields(flat))
-            except Exception:
-                log.failure("delivering inbox record {id} failed", id=stream_id)
+        inbox = streams.get(self._b_inbox)
+        if not inbox:
+            return
+        batch = self.delivery_batch
+        outermost = batch is not None and batch.begin()
+        try:
+            for stream_id, flat in inbox:
+                at = _stream_id(stream_id)
+                if at <= self._inbox_at:
+                    continue  # delivered already: never twice
+                self._inbox_pos, self._inbox_at = stream_id, at
+                try:
+                    self._deliver(_fields(flat))
+                except Exception:
+                    log.failure("delivering inbox record {id} failed", id=stream_id)
+        finally:
+            if outermost:
+                batch.flush()
 
     # -- IPresence: reads -------------------------------------------------------------
 

@@ -304,6 +304,8 @@ def makeService(options: Options):
     if IEngineAware.providedBy(app):
         app.initialize(engine)
     server = ServerService(engine, options["endpoint"])
+    if presence is not None:
+        presence.delivery_batch = engine.batch
     if presence is None:
         return server
     log.info(

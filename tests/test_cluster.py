@@ -460,3 +460,49 @@ async def test_stop_leaves_the_cluster(nodes, redis_server):
     await eventually(lambda: not b.devices("alice"))
     assert redis_server.command("EXISTS", "esf:lease:a") == b":0"
     assert redis_server.command("SISMEMBER", "esf:nodes", "a") == b":0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_posts_to_a_slow_redis_are_bounded(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b", max_posts_in_flight=5, timeout=3.0)
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    redis_server.command("CLIENT", "PAUSE", "300", "WRITE")
+    for i in range(20):
+        remote.send(b"%d" % i)
+    assert b.stats["remote_send_dropped"] == 15
+    await eventually(lambda: len(alice.sent) == 5, what=lambda: alice.sent)
+    assert alice.sent == [b"0", b"1", b"2", b"3", b"4"]
+    remote.send(b"after")
+    await eventually(lambda: alice.sent[-1:] == [b"after"])
+
+
+class Batch:
+    """Records begin/flush the way the engine's OutputBatch is used."""
+
+    def __init__(self):
+        self.calls = []
+
+    def begin(self):
+        self.calls.append("begin")
+        return True
+
+    def flush(self):
+        self.calls.append("flush")
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_read_of_the_inbox_is_one_batch(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    a.delivery_batch = batch = Batch()
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    for i in range(50):
+        remote.send(b"x")
+    await eventually(lambda: len(alice.sent) == 50)
+    assert batch.calls and batch.calls.count("begin") == batch.calls.count("flush")
+    assert batch.calls.count("begin") < 50
