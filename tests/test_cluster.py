@@ -506,3 +506,46 @@ async def test_one_read_of_the_inbox_is_one_batch(nodes):
     await eventually(lambda: len(alice.sent) == 50)
     assert batch.calls and batch.calls.count("begin") == batch.calls.count("flush")
     assert batch.calls.count("begin") < 50
+
+
+# -- twistd esf options ---------------------------------------------------------------
+
+
+def test_tap_cluster_options():
+    from twisted.python import usage
+
+    from esf import tap
+
+    options = tap.Options()
+    options.parseOptions(
+        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3"]
+    )
+    assert options["cluster-url"] == RedisURL("127.0.0.1", 6390, 2, password="secret")
+    assert (options["node-id"], options["cluster-lease"]) == ("n7", 3.0)
+    service = tap.makeService(options)
+    assert isinstance(service.presence, ClusterPresence)
+    assert service.engine.presence is service.presence
+    assert service.engine.node_id == service.presence.node_id == "n7"
+    assert service.presence.lease == 3.0
+    assert service.presence.delivery_batch is service.engine.batch
+    for bad in (
+        ["--cluster", "http://x"],
+        ["--cluster", "redis://h/db"],
+        ["--node-id", "a b"],
+        ["--cluster-lease", "0"],
+        ["--cluster-lease", "x"],
+    ):
+        with pytest.raises(usage.UsageError):
+            tap.Options().parseOptions(bad)
+
+
+def test_tap_without_cluster_is_unchanged():
+    from esf import tap
+    from esf._presence import LocalPresence
+    from esf._protocol import ServerService
+
+    options = tap.Options()
+    options.parseOptions([])
+    service = tap.makeService(options)
+    assert isinstance(service, ServerService)
+    assert isinstance(service.engine.presence, LocalPresence)
