@@ -30,6 +30,7 @@ the design and its guarantees.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import socket
@@ -585,7 +586,31 @@ class ClusterPresence:
     by C{relogon_mode}: the later logon wins with C{REPLACE_OLD}, the
     earlier with C{IGNORE_NEW}) and reloads the mirror.
 
-    @ivar stats: counts of what happened to cross-node traffic.
+    @param reactor: the reactor Redis's connections run on.
+    @param url: where Redis is (a L{RedisURL} or its text).
+    @param node_id: this node's ID; the engine's C{node_id} must be the same.
+    @param clock: what leases and the janitor run on (C{reactor} by default).
+    @param relogon_mode: how a device logged on at two nodes while Redis was
+        unreachable is settled.
+    @param lease: seconds a node's lease lasts; refreshed every third of it.
+    @param prefix: the prefix of every Redis key.
+    @param timeout: seconds any Redis call may take.
+    @param block: seconds one blocking read of the streams waits.
+    @param inbox_maxlen: about how many entries a node's inbox keeps.
+    @param presence_maxlen: about how many entries the presence stream keeps.
+    @param read_count: most stream entries read at once.
+    @param push_out_grace: seconds after which a session of this node that
+        another node's logon replaced is ended, if that node's push-out has
+        not arrived.
+    @param max_posts_in_flight: most inbox records Redis has not yet taken;
+        more are dropped (and counted).
+    @param link_factory: makes the two L{IRedisLink}s.
+
+    @ivar up: whether the node is in the cluster (Redis reachable, mirror
+        loaded); while it is not, it runs alone.
+    @ivar stats: counts of what happened to cross-node traffic
+        (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
+        C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed}).
     """
 
     def __init__(
@@ -607,8 +632,6 @@ class ClusterPresence:
         max_posts_in_flight: int = 10_000,
         link_factory: Callable[..., IRedisLink] = RedisLink,
     ):
-        import collections
-
         if isinstance(url, str):
             url = RedisURL.parse(url)
         self.reactor = reactor

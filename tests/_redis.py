@@ -49,8 +49,9 @@ class RedisServer:
     C{directory}; L{restart} keeps its port (and loses its data).
     """
 
-    def __init__(self, directory: Path, port: int | None = None):
+    def __init__(self, directory: Path, port: int | None = None, args: tuple = ()):
         self.executable = require_redis_server()
+        self.args = tuple(args)
         self.directory = directory
         self.port = port or free_port()
         self.process: subprocess.Popen | None = None
@@ -70,6 +71,7 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", str(self.directory),
                 "--logfile", str(self.log_path),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -79,7 +81,7 @@ class RedisServer:
             if self.process.poll() is not None:
                 raise AssertionError(f"redis-server exited: {self.log()}")
             try:
-                if self.command("PING") == b"+PONG":
+                if self.command("PING") in (b"+PONG", b"-NOAUTH Authentication required."):
                     return self
             except OSError:
                 pass

@@ -549,3 +549,77 @@ def test_tap_without_cluster_is_unchanged():
     service = tap.makeService(options)
     assert isinstance(service, ServerService)
     assert isinstance(service.engine.presence, LocalPresence)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replaced_session_ends_even_if_the_push_out_is_lost(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    old = Device("a", "alice")
+    await a.claim(old, True)
+    await eventually(lambda: b.devices("alice"))
+    # b's claim replaces it; the engine would push the old one out through
+    # a's inbox, but here nobody does.
+    await b.claim(Device("b", "alice"), True)
+    await eventually(lambda: holder(a, "alice") != old.session_id)
+    assert old.kicked == []
+    a.clock.advance(a.push_out_grace)
+    assert [reason for reason, _ in old.kicked] == [DisconnectedType.BEING_PUSHED_OUT]
+    assert a.stats["pushed_out_without_notice"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_ids_with_separators(nodes):
+    """
+    The scripts split "user TAB kind" members and "session TAB node ..."
+    values: a user ID holding tabs and colons goes through claim, the
+    mirrors and the janitor unharmed.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    odd = "ev\til:1\t2"
+    device = Device("a", odd, 7)
+    await a.claim(device, True)
+    await eventually(lambda: b.get(odd, 7))
+    assert b.user_ids() == [odd]
+    [remote] = b.devices(odd)
+    remote.send(b"\xff")
+    await eventually(lambda: device.sent == [b"\xff"])
+    # a dies; the janitor releases the odd user too.
+    a._ticker.stop()
+    a._running = False
+    await a.link.stop()
+    await a.reader.stop()
+    nodes.nodes.remove(a)
+    await sleep(LEASE + 0.1)
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: b.user_ids() == [], what="odd user released")
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_from_the_url(tmp_path):
+    from _redis import RedisServer
+
+    server = RedisServer(tmp_path, args=("--requirepass", "s3 cr:et")).start()
+    right = ClusterPresence(
+        reactor, f"redis://:s3%20cr%3Aet@127.0.0.1:{server.port}/0", "a",
+        clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2,
+    )  # fmt: skip
+    wrong = ClusterPresence(
+        reactor, f"redis://:nope@127.0.0.1:{server.port}/0", "b",
+        clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2,
+    )  # fmt: skip
+    try:
+        right.start()
+        wrong.start()
+        await eventually(lambda: right.up, what="joins with the password")
+        await sleep(0.3)
+        # Refused by Redis: it runs alone, claims decided locally, at once.
+        assert not wrong.up and not wrong.link.connected
+        device = Device("b", "bob")
+        assert (await wrong.claim(device, True)).won
+        assert wrong.devices("bob") == (device,)
+    finally:
+        await Deferred.fromCoroutine(right.stop())
+        await Deferred.fromCoroutine(wrong.stop())
+        server.stop()

@@ -354,3 +354,33 @@ def test_ignore_new_across_nodes_until_the_holder_dies(ignore_new_pair, clients)
         assert third.logon("jane", "pw", 1)["result"] == 0
     finally:
         third.close()
+
+
+def test_bench_cluster_mode_smoke(tmp_path):
+    """
+    C{esf-bench --mode cluster --quick} runs every cluster row and reports
+    each figure (a smoke test of the harness, not of speed).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from _redis import require_redis_server
+    from test_e2e import REPO
+
+    require_redis_server()
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "esf.bench", "--mode", "cluster", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and report["results"] == []
+    assert len(report["cluster"]) == 5
+    for row in report["cluster"]:
+        assert "error" not in row, row
+        assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
