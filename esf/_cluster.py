@@ -37,7 +37,7 @@ import socket
 import string
 import struct
 from typing import Any, Callable, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 from sortedcontainers import SortedList
@@ -115,7 +115,9 @@ class RedisUnavailable(Exception):
 class RedisURL:
     """
     Where Redis is: C{redis://[[user]:password@]host[:port][/db]}, or
-    C{rediss://...} for TLS.
+    C{rediss://...} for TLS, where C{?ssl_ca_certs=PATH} names the PEM file
+    of the authorities that Redis's certificate is checked against (the
+    system's by default).
     """
 
     host: str = "127.0.0.1"
@@ -124,6 +126,7 @@ class RedisURL:
     password: str | None = attrs.field(default=None, repr=False)
     username: str | None = None
     tls: bool = False
+    ca_file: str | None = None
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
@@ -140,6 +143,13 @@ class RedisURL:
         path = parts.path.strip("/")
         if path and not path.isdigit():
             raise ValueError(f"the database in {url!r} must be a number, not {path!r}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        unknown = set(query) - {"ssl_ca_certs"}
+        if unknown:
+            raise ValueError(f"unknown parameters in a Redis URL: {', '.join(sorted(unknown))}")
+        ca_file = query.get("ssl_ca_certs", [None])[-1]
+        if ca_file is not None and parts.scheme != "rediss":
+            raise ValueError("ssl_ca_certs goes with rediss:// (TLS) only")
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=port,
@@ -147,6 +157,7 @@ class RedisURL:
             password=unquote(parts.password) if parts.password is not None else None,
             username=unquote(parts.username) if parts.username else None,
             tls=parts.scheme == "rediss",
+            ca_file=ca_file,
         )
 
     def __str__(self) -> str:
@@ -157,9 +168,15 @@ class RedisURL:
     def endpoint(self, reactor: Any, timeout: float) -> Any:
         endpoint = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
         if self.tls:
-            from twisted.internet.ssl import optionsForClientTLS
+            from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-            endpoint = endpoints.wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+            trust = None
+            if self.ca_file is not None:
+                with open(self.ca_file, "rb") as f:
+                    trust = Certificate.loadPEM(f.read())
+            endpoint = endpoints.wrapClientTLS(
+                optionsForClientTLS(self.host, trustRoot=trust), endpoint
+            )
         return endpoint
 
 

@@ -126,7 +126,14 @@ def test_redis_url():
     )
     assert "p@ss" not in str(url) and "p@ss" not in repr(url)
     assert RedisURL.parse("redis://h") == RedisURL("h", 6379, 0)
-    for bad in ("http://h", "redis://h/x", "redis://h:99999"):
+    assert RedisURL.parse("rediss://h?ssl_ca_certs=/etc/ca.pem").ca_file == "/etc/ca.pem"
+    for bad in (
+        "http://h",
+        "redis://h/x",
+        "redis://h:99999",
+        "redis://h?ssl_ca_certs=/x",
+        "rediss://h?timeout=3",
+    ):
         with pytest.raises(ValueError):
             RedisURL.parse(bad)
 
@@ -622,4 +629,41 @@ async def test_password_from_the_url(tmp_path):
     finally:
         await Deferred.fromCoroutine(right.stop())
         await Deferred.fromCoroutine(wrong.stop())
+        server.stop()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_tls_from_the_url(tmp_path, trusted):
+    from _redis import RedisServer, free_port
+    from test_tls import make_certificate
+
+    cert, key, _ = make_certificate(tmp_path)
+    other = cert
+    if not trusted:  # another self-signed certificate, trusting nothing Redis shows
+        (tmp_path / "other").mkdir()
+        other, _, _ = make_certificate(tmp_path / "other")
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path,
+        args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+              "--tls-key-file", str(key), "--tls-auth-clients", "no"),
+    ).start()  # fmt: skip
+    url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={other}"
+    assert RedisURL.parse(url).tls
+    presence = ClusterPresence(
+        reactor, url, "a", clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2
+    )
+    try:
+        presence.start()
+        if trusted:
+            await eventually(lambda: presence.up, what="joins over TLS")
+            device = Device("a", "alice")
+            assert (await presence.claim(device, True)).won
+            assert server.command("HLEN", "esf:u:alice") == b":1"
+        else:
+            await sleep(1.0)
+            assert not presence.up and not presence.link.connected
+    finally:
+        await Deferred.fromCoroutine(presence.stop())
         server.stop()
