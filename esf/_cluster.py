@@ -1017,9 +1017,56 @@ class ClusterPresence:
                 return
             if self._stale:
                 await self._release_stale()
+            if await self._fell_behind():
+                self._link_down()
+                await self._join()
+                return
             await self._janitor()
         except Exception as e:
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
+
+    async def _fell_behind(self) -> bool:
+        """
+        Whether the presence stream was trimmed past what this node has read
+        (it fell more than the stream's bound behind): then its mirror
+        missed changes and must be reloaded.  Entries trimmed from this
+        node's inbox unread are lost messages: counted and logged, and the
+        reading goes on from the oldest entry kept.  (Redis 7 counts the
+        entries ever added; older ones do not, and this answers no.)
+        """
+        behind = False
+        for key, what in ((self._k_stream, "presence"), (self._k_inbox, "inbox")):
+            try:
+                info = _fields(await self.link.execute("XINFO", "STREAM", key))
+            except RedisUnavailable:
+                raise
+            except Exception:
+                continue  # no such stream yet
+            added, length, first = (
+                info.get(b"entries-added"), info.get(b"length"), info.get(b"first-entry")
+            )
+            if added is None or length is None or not first or int(added) <= int(length):
+                continue  # nothing was ever trimmed
+            first_at = _stream_id(first[0])
+            at = self._presence_at if what == "presence" else self._inbox_at
+            if first_at <= at:
+                continue
+            if what == "presence":
+                log.warn(
+                    "this node fell behind the presence stream: reloading its mirror",
+                    esf_event="cluster_presence_overrun",
+                )
+                behind = True
+            else:
+                self.stats["inbox_overrun"] += 1
+                log.warn(
+                    "this node's inbox was trimmed before it was read: messages were lost",
+                    esf_event="cluster_inbox_overrun",
+                )
+                ms, seq = first_at
+                before = (ms, seq - 1) if seq else (ms - 1, 2**64 - 1)
+                self._inbox_pos, self._inbox_at = b"%d-%d" % before, before
+        return behind
 
     async def _janitor(self) -> None:
         """

@@ -40,7 +40,7 @@ async def eventually(check, timeout: float = 5.0, what: str = ""):
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or check}")
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
         await sleep(0.01)
 
 
@@ -667,3 +667,46 @@ async def test_tls_from_the_url(tmp_path, trusted):
     finally:
         await Deferred.fromCoroutine(presence.stop())
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
+    a = await nodes.add("a", presence_maxlen=10)
+    b = await nodes.add("b")
+    # b stops taking in what it reads (as if it lagged far behind) while a
+    # logs 300 devices on; the stream keeps about 10 entries.
+    process = b._process
+    b._process = lambda reply, generation: None
+    for i in range(300):
+        await a.claim(Device("a", f"u{i:03}"), True)
+    assert b.user_count() == 0
+    b.clock.advance(LEASE / 3)  # b's upkeep sees the stream trimmed past it
+    await eventually(lambda: b.up and b.user_count() == 300, what=lambda: b.user_count())
+    b._process = process
+    await a.claim(Device("a", "u300"), True)
+    await eventually(lambda: b.user_count() == 301)
+    assert b.user_ids(0, 3) == ["u000", "u001", "u002"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes):
+    a = await nodes.add("a", inbox_maxlen=10)
+    b = await nodes.add("b")
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    process = b._process
+    b._process = lambda reply, generation: None
+    for i in range(300):
+        remote.send(b"%d" % i)
+        await sleep(0)  # one inbox entry each
+    await eventually(lambda: a._posts_in_flight == 0)
+    # b's upkeep, while it still lags, sees its inbox trimmed past it.
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: b.stats["inbox_overrun"] == 1)
+    b._process = process
+    remote.send(b"last")
+    await eventually(lambda: bob.sent[-1:] == [b"last"], what=lambda: bob.sent[-3:])
+    # What was kept arrives, in order, the oldest ones lost.
+    kept = [int(x) for x in bob.sent[:-1]]
+    assert kept == list(range(300 - len(kept), 300)) and 0 < len(kept) < 300
