@@ -216,6 +216,53 @@ def test_kick_across_nodes_with_reason(cluster, clients):
     wait_online(admin, "frank", 0)
 
 
+def test_one_users_devices_on_two_nodes(cluster, clients):
+    n1, n2, _ = cluster
+    pc = clients(n1, "lena", 1)
+    watcher = clients(n2, "mo")
+    wait_online(watcher, "lena", 1)
+    phone = clients(n2, "lena", 5)
+    # The pc, on the other node, hears of the phone.
+    header, _ = pc.recv_until(rc.MY_DEVICE_ONLINE, skip=(rc.HEARTBEAT,))
+    assert header["client_type"] == 5
+    phone.send(116, dest=rc.SERVER, msg_id=6)  # GetMyDevices
+    header, body = phone.recv_until(116)
+    assert header["message_id"] == 6 and body == bytes([2, 1, 5])
+    # A device address reaches that device only, across nodes.
+    watcher.send(SEND, info(1, b"pc only"), dest="lena#1")
+    assert pc.recv_until(SEND)[1] == info(1, b"pc only")
+    watcher.send(SEND, info(1, b"both"), dest="lena")
+    assert pc.recv_until(SEND)[1] == info(1, b"both")
+    assert phone.recv_until(SEND)[1] == info(1, b"both")
+    phone.send(rc.LOGOFF, dest=rc.SERVER)
+    header, _ = pc.recv_until(rc.MY_DEVICE_OFFLINE, skip=(rc.HEARTBEAT,))
+    assert header["client_type"] == 5
+
+
+def send_logons(nodes, users):
+    """
+    Log every user on at every node at once (Logons written, replies not
+    yet read); the clients, per user.
+    """
+    pairs = []
+    for user in users:
+        pair = []
+        for node in nodes:
+            client = rc.connect(node.port)
+            client.user = user
+            body = struct.pack("<H", 1) + rc.pack_str("") + rc.pack_str("pw")
+            client.send(rc.LOGON, body, dest=rc.SERVER, msg_id=1)
+            pair.append(client)
+        pairs.append(pair)
+    return pairs
+
+
+def assert_alive(client):
+    client.send(rc.GET_MY_IPE, dest=rc.SERVER, msg_id=2)
+    header, _ = client.recv_until(rc.GET_MY_IPE)
+    assert header["message_id"] == 2
+
+
 def test_simultaneous_double_logons_leave_one_session(cluster):
     """
     100 users each log on at two nodes at once: each ends with exactly one
@@ -225,15 +272,7 @@ def test_simultaneous_double_logons_leave_one_session(cluster):
     users = [f"d{i}" for i in range(100)]
     pairs = []
     try:
-        for user in users:
-            pair = []
-            for node in (n1, n2):
-                client = rc.connect(node.port)
-                client.user = user
-                body = struct.pack("<H", 1) + rc.pack_str("") + rc.pack_str("pw")
-                client.send(rc.LOGON, body, dest=rc.SERVER, msg_id=1)
-                pair.append(client)
-            pairs.append(pair)
+        pairs = send_logons((n1, n2), users)
         for user, pair in zip(users, pairs):
             for client in pair:
                 header, body = client.recv_until(rc.LOGON, timeout=10)
@@ -257,9 +296,7 @@ def test_simultaneous_double_logons_leave_one_session(cluster):
                     ended.append(client)
             assert len(ended) == 1, f"{user}: {len(ended)} sessions ended"
             [alive] = [c for c in pair if c not in ended]
-            alive.send(rc.GET_MY_IPE, dest=rc.SERVER, msg_id=2)
-            header, _ = alive.recv_until(rc.GET_MY_IPE)
-            assert header["message_id"] == 2
+            assert_alive(alive)
         # Every user reads online, once, from any node.
         checker = rc.connect(cluster[2].port)
         pairs.append([checker])
@@ -354,6 +391,30 @@ def test_ignore_new_across_nodes_until_the_holder_dies(ignore_new_pair, clients)
         assert third.logon("jane", "pw", 1)["result"] == 0
     finally:
         third.close()
+
+
+def test_simultaneous_double_logons_with_ignore_new(ignore_new_pair):
+    """
+    100 users each log on at two ignore-new nodes at once: for each, one
+    logon succeeds and stays, the other is refused HadLoggedOn.
+    """
+    users = [f"g{i}" for i in range(100)]
+    pairs = []
+    try:
+        pairs = send_logons(ignore_new_pair, users)
+        for user, pair in zip(users, pairs):
+            results = []
+            for client in pair:
+                header, body = client.recv_until(rc.LOGON, timeout=10)
+                results.append(rc.parse_logon_reply(body)["result"])
+            assert sorted(results) == [0, HAD_LOGGED_ON], (user, results)
+            winner = pair[results.index(0)]
+            expect_notice(pair[results.index(HAD_LOGGED_ON)], NEW_CONNECTION_IGNORED)
+            assert_alive(winner)
+    finally:
+        for pair in pairs:
+            for client in pair:
+                client.close()
 
 
 def test_bench_cluster_mode_smoke(tmp_path):
