@@ -780,10 +780,13 @@ class ClusterPresence:
         Deferred.fromCoroutine(self._join())
 
     def _link_down(self) -> None:
+        self._alone(f"lost Redis at {self.url}")
+
+    def _alone(self, why: str) -> None:
         if self.up:
             log.warn(
-                "lost Redis at {url}: this node goes on alone, other nodes' users read offline",
-                url=str(self.url),
+                "{why}: this node goes on alone, other nodes' users read offline",
+                why=why,
                 esf_event="cluster_disconnected",
             )
         self.up = False
@@ -1012,13 +1015,13 @@ class ClusterPresence:
             epoch = await self._refresh_lease()
             if epoch != self._epoch:
                 # FLUSHALL, or a failover to a replica that lost the epoch.
-                self._link_down()
+                self._alone("Redis lost the cluster's data")
                 await self._join()
                 return
             if self._stale:
                 await self._release_stale()
             if await self._fell_behind():
-                self._link_down()
+                self._alone("this node fell behind the presence stream")
                 await self._join()
                 return
             await self._janitor()
