@@ -445,3 +445,16 @@ def test_bench_cluster_mode_smoke(tmp_path):
     for row in report["cluster"]:
         assert "error" not in row, row
         assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
+
+
+def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
+    i1, i2 = ignore_new_pair
+    held = clients(i1, "nina")
+    watcher = clients(i2, "olaf")
+    wait_online(watcher, "nina", 1)
+    stopped_at = time.monotonic()
+    i1.process.send_signal(signal.SIGTERM)
+    expect_notice(held, 11)  # ServerShutdown
+    wait_online(watcher, "nina", 0, timeout=LEASE / 2)
+    assert time.monotonic() - stopped_at < LEASE
+    i1.wait_for_log("left the cluster", timeout=5)
