@@ -19,6 +19,12 @@ C{benchmarks/bare_relay.py} in the same run:
   C{--heartbeat} seconds, for C{--hold} seconds; reported: the server's RSS
   growth per session.
 
+- B{cluster} (C{--mode cluster}, not part of C{all}; needs C{redis-server},
+  which this run starts on a free port): esf nodes joined by C{--cluster}.
+  Send and request between users on two different nodes, as a ratio to
+  the same users on one node; and the aggregate send throughput of two
+  nodes (each pair on one node) against one node carrying every pair.
+
 The load is raw frames written by this process (precomputed bytes, counted
 at the receiver by size; C{--check} decodes and validates every frame
 instead), so the load generator costs far less per message than the server.
@@ -31,6 +37,7 @@ what survives a noisy machine.
     esf-bench --mode send --pairs 1,50 --messages 200000
     esf-bench --quick --json out.json
     esf-bench --server 127.0.0.1:4530 --mode request --no-bare
+    esf-bench --mode cluster --pairs 4
 
 Performance never changes the exit status: it is 0 when every phase ran,
 1 when one failed (refused logons, lost connections, a desynchronised
@@ -191,7 +198,7 @@ class LocalServer:
     A server process this benchmark started, on 127.0.0.1 at a free port.
     """
 
-    def __init__(self, kind: str, opts, workdir: Path, max_connections: int):
+    def __init__(self, kind: str, opts, workdir: Path, max_connections: int, extra: tuple = ()):
         self.kind = kind
         self.port = free_port()
         self.host = "127.0.0.1"
@@ -207,6 +214,7 @@ class LocalServer:
                 "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={opts.backlog}",
                 "--logon-rate-limit", "1000000",
                 "--max-connections", str(max_connections),
+                *extra,
             ]  # fmt: skip
         else:
             argv = [
@@ -618,7 +626,8 @@ class Bench:
 
     def connect(self, server, dialect, name: str) -> Conn:
         conn = Conn(name, dialect.hello(name), dialect.hello_parser())
-        self.reactor.connectTCP(server.host, server.port, _ConnFactory(conn), timeout=10)
+        node = server.node_for(name) if hasattr(server, "node_for") else server
+        self.reactor.connectTCP(node.host, node.port, _ConnFactory(conn), timeout=10)
         return conn
 
     def log_on(self, server, dialect, names: list[str], label: str, deadline: float) -> defer.Deferred:
@@ -686,6 +695,10 @@ class Bench:
             await close_all(self.reactor, conns)
             raise BenchError(f"{failures} of {2 * pairs} logons failed; first: {error}")
         by_name = {c.name: c for c in conns}
+        if hasattr(server, "node_for"):
+            # Cluster nodes learn of logons on other nodes through Redis
+            # (within milliseconds): let them before anything is sent.
+            await task.deferLater(self.reactor, 0.5, lambda: None)
         return [(by_name[s], by_name[r]) for s, r in zip(senders, receivers)], conns
 
     def _split(self, total: int, parts: int) -> list[int]:
@@ -1063,6 +1076,177 @@ def _usage(cpu0, cpu1, self0, self1, elapsed, memory) -> dict:
     return out
 
 
+# -- clusters ------------------------------------------------------------------------
+
+
+class LocalRedis:
+    """
+    A redis-server this benchmark started on a free 127.0.0.1 port, without
+    persistence.
+    """
+
+    def __init__(self, workdir: Path, timeout: float):
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise BenchError("cluster mode needs redis-server (Debian: apt-get install redis-server)")
+        self.port = free_port()
+        self.log_path = workdir / f"redis-{self.port}.log"
+        self.process = subprocess.Popen(
+            [executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(workdir), "--logfile", str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.pid = self.process.pid
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"redis-server exited with status {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BenchError(f"redis-server did not listen within {timeout} s")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class NodeGroup:
+    """
+    Cluster nodes seen as one server by L{Bench}: C{place(name)} picks the
+    node a user connects to; CPU is the sum of the nodes' and Redis's.
+    """
+
+    kind = "esf"
+
+    def __init__(self, nodes: list, redis: LocalRedis, place):
+        self.nodes, self.redis, self.place = nodes, redis, place
+
+    def node_for(self, name: str):
+        return self.nodes[self.place(name) % len(self.nodes)]
+
+    def cpu_seconds(self):
+        total = 0.0
+        for pid in [n.pid for n in self.nodes] + [self.redis.pid]:
+            seconds = proc_cpu_seconds(pid)
+            if seconds is None:
+                return None
+            total += seconds
+        return total
+
+    def memory(self) -> dict:
+        return self.nodes[0].memory()
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(n.log_tail(lines) for n in self.nodes)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _receivers_elsewhere(name: str) -> int:
+    # Pairs are named s<tag><i> / r<tag><i> (send), q<tag><i> / p<tag><i>
+    # (request): senders on node 0, receivers on node 1.
+    return 0 if name[0] in "sq" else 1
+
+
+def _pair_index(name: str) -> int:
+    # Each pair on one node, pairs spread over the nodes.
+    return int(name[3:])
+
+
+#: (row, figure, which way is better): the cluster rows and what they compare.
+CLUSTER_ROWS = [
+    ("send on one node: with --cluster / without", "msgs_per_s", "higher"),
+    ("send across nodes / one node", "msgs_per_s", "higher"),
+    ("request across nodes / one node", "rtt_p50_us", "lower"),
+    ("request across nodes / one node", "requests_per_s", "higher"),
+    ("send: two nodes / one node, aggregate", "msgs_per_s", "higher"),
+]
+
+
+async def run_cluster(bench, opts, workdir: Path) -> list[dict]:
+    """
+    The cluster rows: each figure measured on one node and on two, with
+    their ratio.
+    """
+    redis = LocalRedis(workdir, opts.startup_timeout)
+    rows = []
+    runs = [0]
+
+    async def measure(mode: str, pairs: int, nodes: int, place, cluster: bool = True) -> dict:
+        # The best of --repeat runs, as for the other modes.
+        results = [await measure_once(mode, pairs, nodes, place, cluster) for _ in range(opts.repeat)]
+        return _best(mode, results)
+
+    async def measure_once(mode: str, pairs: int, nodes: int, place, cluster: bool) -> dict:
+        runs[0] += 1
+        group = None
+        try:
+            extra = ("--cluster", redis.url, "--node-id", f"bench{runs[0]}-") if cluster else ()
+            started = [
+                LocalServer(
+                    "esf", opts, workdir, 2 * pairs + 64, extra[:-1] + (extra[-1] + str(i),)
+                    if extra else (),
+                )  # fmt: skip
+                for i in range(nodes)
+            ]
+            group = NodeGroup(started, redis, place)
+            # Every node must be in the cluster before the pairs log on.
+            await task.deferLater(bench.reactor, 1.0, lambda: None)
+            return await getattr(bench, mode)(group, "esf", pairs)
+        except BenchError as e:
+            bench.progress.stop()
+            print(f"esf-bench: cluster {mode}, {nodes} node(s): {e}", file=sys.stderr)
+            return {"error": str(e)}
+        finally:
+            if group is not None:
+                group.stop()
+
+    try:
+        for pairs in opts.pairs:
+            alone = await measure("send", pairs, 1, _receivers_elsewhere, cluster=False)
+            one_send = await measure("send", pairs, 1, _receivers_elsewhere)
+            two_send = await measure("send", pairs, 2, _receivers_elsewhere)
+            one_req = await measure("request", pairs, 1, _receivers_elsewhere)
+            two_req = await measure("request", pairs, 2, _receivers_elsewhere)
+            spread = await measure("send", pairs, 2, _pair_index)
+            for (label, figure, better), (two, one) in zip(
+                CLUSTER_ROWS,
+                [
+                    (one_send, alone),
+                    (two_send, one_send),
+                    (two_req, one_req),
+                    (two_req, one_req),
+                    (spread, one_send),
+                ],
+            ):
+                row = {"row": label, "pairs": pairs, "figure": figure, "better": better,
+                       "measured": two.get(figure), "baseline": one.get(figure)}  # fmt: skip
+                errors = [r["error"] for r in (two, one) if "error" in r]
+                if errors:
+                    row["error"] = errors[0]
+                elif row["baseline"]:
+                    row["ratio"] = row["measured"] / row["baseline"]
+                rows.append(row)
+    finally:
+        redis.stop()
+    return rows
+
+
 # -- the run -----------------------------------------------------------------------
 
 #: (mode, figure, which way is better, the issue's target: (kind, bound)).
@@ -1129,7 +1313,11 @@ async def run(reactor, opts) -> dict:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="esf-bench-"))
     failed = False
+    cluster_rows = []
     try:
+        if opts.cluster:
+            cluster_rows = await run_cluster(bench, opts, workdir)
+            failed = failed or any("error" in row for row in cluster_rows)
         for mode in opts.modes:
             variants = opts.pairs if mode in ("send", "request") else [None]
             for pairs in variants:
@@ -1186,6 +1374,7 @@ async def run(reactor, opts) -> dict:
             "repeat": opts.repeat,
         },
         "results": rows,
+        "cluster": cluster_rows,
         "targets": targets,
         "ok": not failed,
     }
@@ -1298,6 +1487,24 @@ def format_table(report: dict) -> str:
                 f"{_fmt(bare.get(figure), figure)} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} | {target} |"
             )
+    if report.get("cluster"):
+        if not report["results"]:
+            lines = lines[:2]
+        lines += [
+            "",
+            "| cluster: measured / baseline, pairs | figure | measured | baseline | ratio |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for row in report["cluster"]:
+            if "error" in row:
+                lines.append(f"| {row['row']}, {row['pairs']} | FAILED | {row['error'][:80]} | | |")
+                continue
+            ratio = row.get("ratio")
+            lines.append(
+                f"| {row['row']}, {row['pairs']} | {row['figure']} | "
+                f"{_fmt(row['measured'], row['figure'])} | {_fmt(row['baseline'], row['figure'])} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -1339,7 +1546,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--server", type=_host_port, metavar="HOST:PORT",
                    help="measure this running esf server instead of starting one (no CPU/RSS figures)")
-    p.add_argument("--mode", default="all", choices=MODES + ("all",), help="what to measure (default all)")
+    p.add_argument("--mode", default="all", choices=MODES + ("all", "cluster"),
+                   help="what to measure (default all; cluster: nodes joined through a redis-server "
+                   "this run starts)")
     p.add_argument("--pairs", type=_pairs, default=None, metavar="N[,N...]",
                    help="sender/receiver pairs for send and request; a list runs each (default 1)")
     p.add_argument("--messages", type=_positive(int), default=None, help="messages in send mode, in all (default 100000)")
@@ -1404,7 +1613,10 @@ def parse_options(argv: list[str] | None):
             setattr(opts, key, value)
     if opts.progress is None:
         opts.progress = sys.stderr.isatty()
-    opts.modes = MODES if opts.mode == "all" else (opts.mode,)
+    opts.cluster = opts.mode == "cluster"
+    opts.modes = MODES if opts.mode == "all" else () if opts.cluster else (opts.mode,)
+    if opts.cluster and opts.server is not None:
+        parser.error("--mode cluster starts its own nodes; it takes no --server")
     if opts.size < 0:
         parser.error("--size must be 0 or more")
     if opts.size + 40 > 1024 * 1024:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterable, cast
 
+from twisted.application.service import MultiService
 from twisted.cred import credentials, error, strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
@@ -25,6 +26,7 @@ from ._engine import (
     call,
 )
 from ._metrics import MetricsService
+from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._protocol import ServerService
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
@@ -46,6 +48,20 @@ def _int_option(name: str, low: int, high: int | None = None) -> Callable[[str],
         return number
 
     # usage.Options shows a coercer's coerceDoc in --help; there is none to show.
+    setattr(parse, "coerceDoc", "")
+    return parse
+
+
+def _seconds_option(name: str, low: float) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} takes seconds, not {value!r}") from None
+        if not number >= low or number == float("inf"):
+            raise usage.UsageError(f"--{name} must be at least {low:g}, not {value}")
+        return number
+
     setattr(parse, "coerceDoc", "")
     return parse
 
@@ -94,6 +110,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
         ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); required unless --admin-api is loopback."],
         ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB)."],
+        ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
+        ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
+        ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
     ]
 
     def __init__(self) -> None:
@@ -163,6 +182,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+        if self["cluster"] is not None:
+            try:
+                self["cluster-url"] = RedisURL.parse(self["cluster"])
+            except ValueError as e:
+                raise usage.UsageError(f"--cluster: {e}") from None
+            try:
+                import txredisapi  # type: ignore[import-untyped]  # noqa: F401
+            except ImportError:
+                raise usage.UsageError(
+                    "--cluster needs txredisapi: pip install 'esf[cluster]'"
+                ) from None
+        if self["node-id"] is not None:
+            try:
+                check_node_id(self["node-id"])
+            except ValueError as e:
+                raise usage.UsageError(f"--node-id: {e}") from None
 
     def _ops_options(self, endpoints: Any, reactor: Any) -> None:
         for name in ("metrics", "admin-api"):
@@ -277,7 +312,7 @@ def basic_handler(options: Options) -> IBasicHandler | None:
     return cast("IBasicHandler | None", handler)
 
 
-def makeService(options: Options) -> ServerService:
+def makeService(options: Options) -> MultiService:
     """
     The esf server service for C{twistd}.
     """
@@ -291,17 +326,46 @@ def makeService(options: Options) -> ServerService:
             esf_event="accept_all_warning",
         )
     apps: Applications = options["applications"]
+    config = options["config"]
+    node_id = options["node-id"] or default_node_id()
+    presence = None
+    if options["cluster"] is not None:
+        presence = ClusterPresence(
+            reactor,
+            options["cluster-url"],
+            node_id,
+            relogon_mode=config.relogon_mode,
+            lease=options["cluster-lease"],
+        )
     engine = ServerEngine(
-        options["config"],
+        config,
         clock=reactor,
         handler=handler,
         customize_handler=apps.customize_handler,
         group_manager=apps.group_manager,
+        presence=presence,
+        node_id=node_id,
     )
     apps.initialize(engine)
-    service = ServerService(engine, options["endpoint"])
-    add_operations(service, engine, options)
-    return service
+    server = ServerService(engine, options["endpoint"])
+    add_operations(server, engine, options)
+    if presence is None:
+        return server
+    presence.delivery_batch = engine.batch
+    log.info(
+        "esf: node {node_id} joins the cluster at {url}",
+        node_id=node_id,
+        url=str(options["cluster-url"]),
+        esf_event="cluster_node",
+    )
+    # The cluster starts first and stops last: the engine's sessions end
+    # (and release their devices) before the node leaves the cluster.
+    top = MultiService()
+    ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
+    server.setServiceParent(top)  # type: ignore[no-untyped-call]
+    top.engine = engine  # type: ignore[attr-defined]
+    top.presence = presence  # type: ignore[attr-defined]
+    return top
 
 
 def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:

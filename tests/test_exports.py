@@ -118,3 +118,20 @@ def test_pytest_plugin_fixtures():
 
 def test_version():
     assert isinstance(esf.__version__, str) and esf.__version__.count(".") == 2
+CLUSTER = {
+    "DEFAULT_LEASE",
+    "ClusterPresence",
+    "ClusterService",
+    "RedisUnavailable",
+    "RedisURL",
+    "RemoteHandle",
+    "default_node_id",
+}
+
+
+def test_cluster_exports():
+    import esf.cluster
+
+    assert set(esf.cluster.__all__) == CLUSTER
+    for name in CLUSTER - {"DEFAULT_LEASE"}:
+        assert getattr(esf.cluster, name).__doc__, name

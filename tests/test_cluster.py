@@ -1,0 +1,712 @@
+"""
+Tests of the cluster's presence (esf._cluster) against a real redis-server
+of the test's own: the scripts' races (fenced claim and release, a late
+release, a late kick), the inbox, leases and the janitor on a clock, and
+outages of Redis.
+
+Leases and the janitor run on a L{task.Clock}; Redis and its sockets run
+on the real reactor, so the tests wait (boundedly) for Redis's answers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from esf import DisconnectedType, RelogonMode, UserData
+from esf._cluster import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
+from esf.interfaces import IDeviceHandle, IPresence
+
+LEASE = 0.6  # seconds, real: Redis expires leases on its own clock
+
+
+def sleep(seconds: float) -> Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check, timeout: float = 5.0, what: str = ""):
+    """
+    Wait (at most C{timeout} s) until C{check()} is true; return it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what() if callable(what) else what}")
+        await sleep(0.01)
+
+
+@implementer(IDeviceHandle)
+class Device:
+    """
+    A device held by one node (what the engine's sessions are to presence),
+    recording what it is told.
+    """
+
+    _ids = iter(range(1, 10**9))
+
+    def __init__(self, node: str, user_id: str, client_type: int = 0, logon_time: float = 0.0):
+        self.node = node
+        self.user_id = user_id
+        self.client_type = client_type
+        self.session_id = f"{node}/{next(self._ids)}"
+        self.logon_order = 1
+        self.user_data = UserData(user_id, client_type, "10.0.0.1:5000", logon_time)
+        self.sent: list[bytes] = []
+        self.notified: list[tuple] = []
+        self.kicked: list[tuple] = []
+
+    def __repr__(self):
+        return f"<Device {self.session_id}>"
+
+    def send(self, data):
+        self.sent.append(data)
+
+    def notify(self, message_type, body=b"", client_type=0):
+        self.notified.append((message_type, body, client_type))
+
+    def kick(self, reason, text):
+        self.kicked.append((reason, text))
+
+
+class Nodes:
+    """
+    The cluster's nodes of one test, each a started L{ClusterPresence} on
+    its own clock.
+    """
+
+    def __init__(self, redis_server):
+        self.redis = redis_server
+        self.nodes: list[ClusterPresence] = []
+
+    async def add(self, node_id: str, **options) -> ClusterPresence:
+        options.setdefault("lease", LEASE)
+        options.setdefault("timeout", 1.0)
+        options.setdefault("block", 0.2)
+        presence = ClusterPresence(
+            reactor, self.redis.url, node_id, clock=task.Clock(), **options
+        )
+        presence.start()
+        self.nodes.append(presence)
+        await eventually(lambda: presence.up, what=f"{node_id} joins")
+        return presence
+
+    async def stop(self):
+        for presence in self.nodes:
+            await Deferred.fromCoroutine(presence.stop())
+
+
+@pytest.fixture
+def nodes(redis_server):
+    cluster = Nodes(redis_server)
+    yield cluster
+    pytest_twisted.blockon(Deferred.fromCoroutine(cluster.stop()))
+
+
+def holder(presence, user_id, client_type=0):
+    handle = presence.get(user_id, client_type)
+    return handle.session_id if handle is not None else None
+
+
+# -- values ------------------------------------------------------------------------
+
+
+def test_redis_url():
+    url = RedisURL.parse("rediss://user:p%40ss@redis.example:6380/3")
+    assert (url.host, url.port, url.db, url.username, url.password, url.tls) == (
+        "redis.example", 6380, 3, "user", "p@ss", True,
+    )
+    assert "p@ss" not in str(url) and "p@ss" not in repr(url)
+    assert RedisURL.parse("redis://h") == RedisURL("h", 6379, 0)
+    assert RedisURL.parse("rediss://h?ssl_ca_certs=/etc/ca.pem").ca_file == "/etc/ca.pem"
+    for bad in (
+        "http://h",
+        "redis://h/x",
+        "redis://h:99999",
+        "redis://h?ssl_ca_certs=/x",
+        "rediss://h?timeout=3",
+    ):
+        with pytest.raises(ValueError):
+            RedisURL.parse(bad)
+
+
+def test_node_id_checked():
+    assert check_node_id("host-1-abc") == "host-1-abc"
+    for bad in ("", "a b", "a\tb", "x" * 101, "é"):
+        with pytest.raises(ValueError):
+            check_node_id(bad)
+
+
+def test_holder_round_trip():
+    h = _Holder("n/1", "n", 1764583212.25, "[::1]:5000")
+    assert _Holder.parse(h.encode()) == h
+
+
+def test_interfaces():
+    presence = ClusterPresence(reactor, "redis://127.0.0.1:1/0", "n1", clock=task.Clock())
+    verifyObject(IPresence, presence)
+    handle = RemoteHandle("u", 1, _Holder("n2/1", "n2", 0.0, "a:1"), lambda *a: None)
+    verifyObject(IDeviceHandle, handle)
+    assert (handle.node, handle.session_id, handle.logon_order) == ("n2", "n2/1", 0)
+
+
+# -- claim and release ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_is_seen_by_every_node(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice", 1)
+    claim = await a.claim(alice, True)
+    assert (claim.won, claim.previous) == (True, None)
+    # The claimant's mirror has its own session at once, the other's soon.
+    assert a.devices("alice") == (alice,)
+    await eventually(lambda: b.devices("alice"))
+    [remote] = b.devices("alice")
+    assert isinstance(remote, RemoteHandle)
+    assert (remote.session_id, remote.node, remote.client_type) == (alice.session_id, "a", 1)
+    assert remote.user_data.address == "10.0.0.1:5000"
+    assert (b.user_count(), b.user_ids(), b.get("alice", 1) is remote) == (1, ["alice"], True)
+    assert b.get("alice", 2) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_across_nodes_and_a_late_release(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    old = Device("a", "alice")
+    await a.claim(old, True)
+    await eventually(lambda: holder(b, "alice") == old.session_id)
+    new = Device("b", "alice")
+    claim = await b.claim(new, True)
+    assert claim.won
+    assert isinstance(claim.previous, RemoteHandle)
+    assert claim.previous.session_id == old.session_id
+    await eventually(lambda: holder(a, "alice") == new.session_id)
+    # The old session's release comes late: it must not remove the new one.
+    assert await a.release(old) is False
+    await sleep(0.1)
+    assert holder(a, "alice") == holder(b, "alice") == new.session_id
+    assert b.devices("alice") == (new,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_refuses_and_names_the_holder(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    first = Device("a", "alice")
+    await a.claim(first, True)
+    second = Device("b", "alice")
+    claim = await b.claim(second, False)
+    assert claim.won is False
+    assert claim.previous.session_id == first.session_id
+    await sleep(0.1)
+    assert holder(a, "alice") == holder(b, "alice") == first.session_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_release_reports_the_users_last_device_cluster_wide(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    pc, phone = Device("a", "alice", 1), Device("b", "alice", 5)
+    await a.claim(pc, True)
+    await b.claim(phone, True)
+    await eventually(lambda: len(a.devices("alice")) == 2 and len(b.devices("alice")) == 2)
+    assert await a.release(pc) is False  # the phone is still on, on b
+    assert await b.release(phone) is True
+    await eventually(lambda: not a.devices("alice") and a.user_count() == 0)
+    assert a.user_ids() == b.user_ids() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_racing_claims_leave_one_holder(nodes):
+    """
+    Both nodes claim the same devices at once, many times: every device ends
+    with exactly one holder, the same in every mirror, and each claim that
+    lost its place was told who took it.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    pairs = [(Device("a", f"u{i}"), Device("b", f"u{i}")) for i in range(100)]
+    claims = []
+    for x, y in pairs:
+        claims.append((x, y, a.claim(x, True), b.claim(y, True)))
+    for x, y, dx, dy in claims:
+        cx, cy = await dx, await dy
+        assert cx.won and cy.won
+        # Exactly one of the two found the other there.
+        found = [c.previous.session_id for c in (cx, cy) if c.previous is not None]
+        assert len(found) == 1 and found[0] in (x.session_id, y.session_id)
+    await eventually(
+        lambda: all(holder(a, f"u{i}") == holder(b, f"u{i}") is not None for i in range(100)),
+        what="mirrors agree",
+    )
+    for i, (x, y) in enumerate(pairs):
+        assert holder(a, f"u{i}") in (x.session_id, y.session_id)
+        assert len(a.devices(f"u{i}")) == len(b.devices(f"u{i}")) == 1
+    assert a.user_count() == b.user_count() == 100
+
+
+# -- the inbox ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_inbox_delivers_in_order_once_bytes_as_they_are(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice", 1)
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    payloads = [bytes([i % 256, 0xFF, 0xFE, 0x00]) + b"\x80not utf-8" for i in range(300)]
+    for p in payloads:
+        remote.send(p)
+    remote.notify(105, b"\xffbody", 5)
+    remote.kick(DisconnectedType.BEING_KICKED_OUT, "kicked by carol: spam \u2603")
+    await eventually(lambda: alice.kicked)
+    assert alice.sent == payloads
+    assert alice.notified == [(105, b"\xffbody", 5)]
+    assert alice.kicked == [(DisconnectedType.BEING_KICKED_OUT, "kicked by carol: spam \u2603")]
+    await sleep(0.5)  # several more reads: nothing comes twice
+    assert len(alice.sent) == 300 and len(alice.kicked) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_kick_does_not_reach_a_newer_session(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    old = Device("a", "alice")
+    await a.claim(old, True)
+    [stale] = await eventually(lambda: b.devices("alice"))
+    await a.release(old)
+    new = Device("a", "alice")
+    await a.claim(new, True)
+    # b still holds a handle of the old session: its kick is fenced.
+    stale.kick(DisconnectedType.BEING_KICKED_OUT, "late")
+    stale.send(b"late")
+    await eventually(lambda: a.stats["inbox_fenced"] == 2)
+    assert new.kicked == [] and new.sent == [] and old.kicked == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_reconnecting_loses_nothing(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    remote.send(b"1")
+    await eventually(lambda: alice.sent == [b"1"])
+    # Drop a's reading connection; send while it is away.
+    a.reader._protocol.transport.abortConnection()
+    await eventually(lambda: not a.reader.connected)
+    for p in (b"2", b"3", b"4"):
+        remote.send(p)
+    await eventually(lambda: a.reader.connected, what="a's reader back")
+    await eventually(lambda: alice.sent == [b"1", b"2", b"3", b"4"], what=lambda: alice.sent)
+
+
+# -- leases and the janitor ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_janitor_releases_a_dead_nodes_devices(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice, bob = Device("a", "alice"), Device("b", "bob")
+    await a.claim(alice, True)
+    await b.claim(bob, True)
+    await eventually(lambda: b.devices("alice") and a.devices("bob"))
+    # a dies: no more lease refreshes, no goodbye.
+    a._ticker.stop()
+    a._running = False
+    await a.link.stop()
+    await a.reader.stop()
+    nodes.nodes.remove(a)
+    # While a's lease lives, b's janitor leaves its devices alone...
+    b.clock.advance(LEASE / 3)
+    await sleep(0.05)
+    assert b.devices("alice")
+    # ...once it expired, the next round releases them.
+    await sleep(LEASE)
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: not b.devices("alice"), what="alice released")
+    assert b.user_ids() == ["bob"]
+    assert holder(b, "bob") == bob.session_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_node_keeps_its_devices(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    await eventually(lambda: b.devices("alice"))
+    for _ in range(4):
+        a.clock.advance(LEASE / 3)  # a refreshes its lease
+        await sleep(LEASE / 3)
+        b.clock.advance(LEASE / 3)  # b's janitor looks
+        await sleep(0.02)
+    assert holder(b, "alice") == alice.session_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_reaped_while_alive_claims_again(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    await eventually(lambda: b.devices("alice"))
+    # a stalls past its lease (it does not tick); b's janitor reaps it.
+    await sleep(LEASE + 0.1)
+    b.clock.advance(LEASE / 3)
+    # a sees its device released behind its back and claims it again.
+    await eventually(lambda: a.stats["reclaimed"] == 1, what="a learns it was reaped")
+    await eventually(lambda: holder(b, "alice") == alice.session_id and a.up, what="reclaimed")
+    assert alice.kicked == []
+
+
+# -- Redis outages ------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_alone_then_restored(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice, bob = Device("a", "alice"), Device("b", "bob")
+    await a.claim(alice, True)
+    await b.claim(bob, True)
+    await eventually(lambda: a.devices("bob") and b.devices("alice"))
+    redis_server.stop()
+    await eventually(lambda: not a.up and not b.up, what="both alone")
+    # Alone: only this node's users; remote ones read offline; local claims
+    # and releases go on.
+    assert a.devices("bob") == () and a.get("bob", 0) is None
+    assert a.user_ids() == ["alice"] and a.user_count() == 1
+    carol = Device("a", "carol")
+    assert (await a.claim(carol, True)).won
+    assert a.user_ids() == ["alice", "carol"]
+    # A send to a remote device fails at once rather than hangs.
+    [stale] = [h for h in b._users["alice"]]
+    started = time.monotonic()
+    stale.send(b"x")
+    assert time.monotonic() - started < 0.5
+    await eventually(lambda: b.stats["remote_send_failed"] == 1)
+    assert await a.release(alice) is True
+    # Redis comes back empty: both notice, claim their devices again.
+    redis_server.start()
+    await eventually(lambda: a.up and b.up, timeout=10, what="both rejoin")
+    await eventually(
+        lambda: b.user_ids() == ["bob", "carol"] and a.user_ids() == ["bob", "carol"],
+        what=lambda: (a.user_ids(), b.user_ids()),
+    )
+    assert holder(b, "carol") == carol.session_id
+    assert redis_server.command("EXISTS", "esf:epoch") == b":1"
+    # Routing works again.
+    [remote] = b.devices("carol")
+    remote.send(b"back")
+    await eventually(lambda: carol.sent == [b"back"])
+
+
+@pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
+@pytest_twisted.ensureDeferred
+async def test_split_logons_settled_by_relogon_mode(nodes, redis_server, mode):
+    a = await nodes.add("a", relogon_mode=mode)
+    b = await nodes.add("b", relogon_mode=mode)
+    redis_server.stop()
+    await eventually(lambda: not a.up and not b.up)
+    earlier, later = Device("a", "alice", logon_time=100.0), Device("b", "alice", logon_time=200.0)
+    assert (await a.claim(earlier, True)).won
+    assert (await b.claim(later, True)).won
+    redis_server.start()
+    await eventually(lambda: a.up and b.up, timeout=10)
+    winner, loser = (later, earlier) if mode is RelogonMode.REPLACE_OLD else (earlier, later)
+    await eventually(lambda: loser.kicked, what="the loser is ended")
+    reason = (
+        DisconnectedType.BEING_PUSHED_OUT
+        if mode is RelogonMode.REPLACE_OLD
+        else DisconnectedType.NEW_CONNECTION_IGNORED
+    )
+    assert loser.kicked[0][0] == reason
+    assert winner.kicked == []
+    await eventually(lambda: holder(a, "alice") == holder(b, "alice") == winner.session_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_flushed_redis_is_repaired(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    await eventually(lambda: b.devices("alice"))
+    redis_server.command("FLUSHALL")
+    # The next lease refresh sees the epoch gone and rejoins.
+    a.clock.advance(LEASE / 3)
+    await eventually(lambda: redis_server.command("HLEN", "esf:u:alice") == b":1", what="repaired")
+    await eventually(lambda: a.up)
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: b.up and holder(b, "alice") == alice.session_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_leaves_the_cluster(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    await a.claim(Device("a", "alice"), True)
+    await eventually(lambda: b.devices("alice"))
+    nodes.nodes.remove(a)
+    await Deferred.fromCoroutine(a.stop())
+    await eventually(lambda: not b.devices("alice"))
+    assert redis_server.command("EXISTS", "esf:lease:a") == b":0"
+    assert redis_server.command("SISMEMBER", "esf:nodes", "a") == b":0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_posts_to_a_slow_redis_are_bounded(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b", max_posts_in_flight=5, timeout=3.0)
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    redis_server.command("CLIENT", "PAUSE", "300", "WRITE")
+    for i in range(20):
+        remote.send(b"%d" % i)
+    assert b.stats["remote_send_dropped"] == 15
+    await eventually(lambda: len(alice.sent) == 5, what=lambda: alice.sent)
+    assert alice.sent == [b"0", b"1", b"2", b"3", b"4"]
+    remote.send(b"after")
+    await eventually(lambda: alice.sent[-1:] == [b"after"])
+
+
+class Batch:
+    """Records begin/flush the way the engine's OutputBatch is used."""
+
+    def __init__(self):
+        self.calls = []
+
+    def begin(self):
+        self.calls.append("begin")
+        return True
+
+    def flush(self):
+        self.calls.append("flush")
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_read_of_the_inbox_is_one_batch(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    a.delivery_batch = batch = Batch()
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    [remote] = await eventually(lambda: b.devices("alice"))
+    for i in range(50):
+        remote.send(b"x")
+    await eventually(lambda: len(alice.sent) == 50)
+    assert batch.calls and batch.calls.count("begin") == batch.calls.count("flush")
+    assert batch.calls.count("begin") < 50
+
+
+# -- twistd esf options ---------------------------------------------------------------
+
+
+def test_tap_cluster_options():
+    from twisted.python import usage
+
+    from esf import tap
+
+    options = tap.Options()
+    options.parseOptions(
+        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3"]
+    )
+    assert options["cluster-url"] == RedisURL("127.0.0.1", 6390, 2, password="secret")
+    assert (options["node-id"], options["cluster-lease"]) == ("n7", 3.0)
+    service = tap.makeService(options)
+    assert isinstance(service.presence, ClusterPresence)
+    assert service.engine.presence is service.presence
+    assert service.engine.node_id == service.presence.node_id == "n7"
+    assert service.presence.lease == 3.0
+    assert service.presence.delivery_batch is service.engine.batch
+    for bad in (
+        ["--cluster", "http://x"],
+        ["--cluster", "redis://h/db"],
+        ["--node-id", "a b"],
+        ["--cluster-lease", "0"],
+        ["--cluster-lease", "x"],
+    ):
+        with pytest.raises(usage.UsageError):
+            tap.Options().parseOptions(bad)
+
+
+def test_tap_without_cluster_is_unchanged():
+    from esf import tap
+    from esf._presence import LocalPresence
+    from esf._protocol import ServerService
+
+    options = tap.Options()
+    options.parseOptions([])
+    service = tap.makeService(options)
+    assert isinstance(service, ServerService)
+    assert isinstance(service.engine.presence, LocalPresence)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replaced_session_ends_even_if_the_push_out_is_lost(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    old = Device("a", "alice")
+    await a.claim(old, True)
+    await eventually(lambda: b.devices("alice"))
+    # b's claim replaces it; the engine would push the old one out through
+    # a's inbox, but here nobody does.
+    await b.claim(Device("b", "alice"), True)
+    await eventually(lambda: holder(a, "alice") != old.session_id)
+    assert old.kicked == []
+    a.clock.advance(a.push_out_grace)
+    assert [reason for reason, _ in old.kicked] == [DisconnectedType.BEING_PUSHED_OUT]
+    assert a.stats["pushed_out_without_notice"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_ids_with_separators(nodes):
+    """
+    The scripts split "user TAB kind" members and "session TAB node ..."
+    values: a user ID holding tabs and colons goes through claim, the
+    mirrors and the janitor unharmed.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    odd = "ev\til:1\t2"
+    device = Device("a", odd, 7)
+    await a.claim(device, True)
+    await eventually(lambda: b.get(odd, 7))
+    assert b.user_ids() == [odd]
+    [remote] = b.devices(odd)
+    remote.send(b"\xff")
+    await eventually(lambda: device.sent == [b"\xff"])
+    # a dies; the janitor releases the odd user too.
+    a._ticker.stop()
+    a._running = False
+    await a.link.stop()
+    await a.reader.stop()
+    nodes.nodes.remove(a)
+    await sleep(LEASE + 0.1)
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: b.user_ids() == [], what="odd user released")
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_from_the_url(tmp_path):
+    from _redis import RedisServer
+
+    server = RedisServer(tmp_path, args=("--requirepass", "s3 cr:et")).start()
+    right = ClusterPresence(
+        reactor, f"redis://:s3%20cr%3Aet@127.0.0.1:{server.port}/0", "a",
+        clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2,
+    )  # fmt: skip
+    wrong = ClusterPresence(
+        reactor, f"redis://:nope@127.0.0.1:{server.port}/0", "b",
+        clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2,
+    )  # fmt: skip
+    try:
+        right.start()
+        wrong.start()
+        await eventually(lambda: right.up, what="joins with the password")
+        await sleep(0.3)
+        # Refused by Redis: it runs alone, claims decided locally, at once.
+        assert not wrong.up and not wrong.link.connected
+        device = Device("b", "bob")
+        assert (await wrong.claim(device, True)).won
+        assert wrong.devices("bob") == (device,)
+    finally:
+        await Deferred.fromCoroutine(right.stop())
+        await Deferred.fromCoroutine(wrong.stop())
+        server.stop()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_tls_from_the_url(tmp_path, trusted):
+    from _redis import RedisServer, free_port
+    from test_tls import make_certificate
+
+    cert, key, _ = make_certificate(tmp_path)
+    other = cert
+    if not trusted:  # another self-signed certificate, trusting nothing Redis shows
+        (tmp_path / "other").mkdir()
+        other, _, _ = make_certificate(tmp_path / "other")
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path,
+        args=("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+              "--tls-key-file", str(key), "--tls-auth-clients", "no"),
+    ).start()  # fmt: skip
+    url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={other}"
+    assert RedisURL.parse(url).tls
+    presence = ClusterPresence(
+        reactor, url, "a", clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2
+    )
+    try:
+        presence.start()
+        if trusted:
+            await eventually(lambda: presence.up, what="joins over TLS")
+            device = Device("a", "alice")
+            assert (await presence.claim(device, True)).won
+            assert server.command("HLEN", "esf:u:alice") == b":1"
+        else:
+            await sleep(1.0)
+            assert not presence.up and not presence.link.connected
+    finally:
+        await Deferred.fromCoroutine(presence.stop())
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
+    a = await nodes.add("a", presence_maxlen=10)
+    b = await nodes.add("b")
+    # b stops taking in what it reads (as if it lagged far behind) while a
+    # logs 300 devices on; the stream keeps about 10 entries.
+    process = b._process
+    b._process = lambda reply, generation: None
+    for i in range(300):
+        await a.claim(Device("a", f"u{i:03}"), True)
+    assert b.user_count() == 0
+    b.clock.advance(LEASE / 3)  # b's upkeep sees the stream trimmed past it
+    await eventually(lambda: b.up and b.user_count() == 300, what=lambda: b.user_count())
+    b._process = process
+    await a.claim(Device("a", "u300"), True)
+    await eventually(lambda: b.user_count() == 301)
+    assert b.user_ids(0, 3) == ["u000", "u001", "u002"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes):
+    a = await nodes.add("a", inbox_maxlen=10)
+    b = await nodes.add("b")
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    process = b._process
+    b._process = lambda reply, generation: None
+    for i in range(300):
+        remote.send(b"%d" % i)
+        await sleep(0)  # one inbox entry each
+    await eventually(lambda: a._posts_in_flight == 0)
+    # b's upkeep, while it still lags, sees its inbox trimmed past it.
+    b.clock.advance(LEASE / 3)
+    await eventually(lambda: b.stats["inbox_overrun"] == 1)
+    b._process = process
+    remote.send(b"last")
+    await eventually(lambda: bob.sent[-1:] == [b"last"], what=lambda: bob.sent[-3:])
+    # What was kept arrives, in order, the oldest ones lost.
+    kept = [int(x) for x in bob.sent[:-1]]
+    assert kept == list(range(300 - len(kept), 300)) and 0 < len(kept) < 300

@@ -1,0 +1,460 @@
+"""
+End-to-end tests of a cluster: three real C{twistd esf --cluster} nodes on
+127.0.0.1 sharing a redis-server of the test run's own, driven by the
+raw-socket client (tests/rawclient.py).
+
+Leases are short (1.5 s) so that a dead node's users go offline within
+about 2 s here (20 s with the default lease).  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import signal
+import struct
+import time
+
+import pytest
+
+import rawclient as rc
+from _redis import RedisServer
+from test_e2e import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+LEASE = 1.5
+BOUND = LEASE * 4 / 3
+CHAT = ["--handler", "esf.examples.chat:handler", "--logon-rate-limit", "100000"]
+SEND, REQUEST, RESPONSE, SEND_CERTAINLY, ACK, BLOB, BROADCAST = 202, 203, 204, 205, 206, 207, 601
+QUERY_ONLINES = 114
+HAD_LOGGED_ON = 2
+BEING_PUSHED_OUT, NEW_CONNECTION_IGNORED, BEING_KICKED_OUT = 4, 5, 9
+USER_OFFLINE = 2
+
+
+def start_node(log_path, url, node_id, *args):
+    node = ServerProcess(
+        log_path,
+        ["--cluster", url, "--node-id", node_id, "--cluster-lease", str(LEASE), *CHAT, *args],
+    )
+    try:
+        node.wait_listening()
+        node.wait_for_log(r"in the cluster as " + node_id, timeout=10)
+    except BaseException:
+        node.stop()
+        raise
+    node.node_id = node_id
+    return node
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(redis, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    try:
+        for i in (1, 2, 3):
+            nodes.append(start_node(path / f"n{i}.log", redis.url, f"n{i}"))
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.fixture
+def clients():
+    made = []
+
+    def connect(node, user, client_type=0):
+        client = rc.connect(node.port)
+        made.append(client)
+        reply = client.logon(user, "pw", client_type)
+        assert reply["result"] == 0, reply
+        return client
+
+    yield connect
+    for client in made:
+        client.close()
+
+
+def info(information_type, payload):
+    return struct.pack("<i", information_type) + payload
+
+
+def query_online(client, user, msg_id=50):
+    client.send(rc.QUERY_ONLINE, dest=user, msg_id=msg_id)
+    header, body = client.recv_until(rc.QUERY_ONLINE)
+    assert header["message_id"] == msg_id
+    return body[0]
+
+
+def wait_until(check, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def wait_online(client, user, online, timeout=5.0):
+    wait_until(lambda: query_online(client, user) == online, timeout, f"{user} online={online}")
+
+
+def expect_notice(client, disconnected_type, timeout=5.0):
+    header, body = client.recv_until(rc.DISCONNECT, timeout)
+    notice = rc.parse_disconnect_notice(body)
+    assert notice["type"] == disconnected_type, notice
+    assert client.recv_frame(timeout) is None
+    return notice
+
+
+# -- one cluster, shared ---------------------------------------------------------
+
+
+def test_relay_request_ack_blob_across_nodes(cluster, clients):
+    n1, n2, n3 = cluster
+    alice = clients(n1, "alice")
+    bob = clients(n2, "bob")
+    wait_online(alice, "bob", 1)
+
+    # Sends arrive in order, bytes as they were (not UTF-8 on purpose).
+    payloads = [bytes([i, 0xFF, 0xFE, 0x80, 0]) + b"\xc3\x28" * i for i in range(200)]
+    for p in payloads:
+        alice.send(SEND, info(7, p), dest="bob")
+    for p in payloads:
+        header, body = bob.recv_until(SEND)
+        assert (header["user_id"], header["dest_user_id"]) == ("alice", "bob")
+        assert body == info(7, p)
+
+    # A request and its answer, each relayed to the other node.
+    alice.send(REQUEST, info(8, b"\xffq"), dest="bob", msg_id=9)
+    header, body = bob.recv_until(REQUEST)
+    assert (header["message_id"], body) == (9, info(8, b"\xffq"))
+    bob.send(RESPONSE, info(8, b"\xfea"), dest="alice", msg_id=9)
+    header, body = alice.recv_until(RESPONSE)
+    assert (header["user_id"], header["message_id"], body) == ("bob", 9, info(8, b"\xfea"))
+
+    # SendCertainly and its Ack.
+    alice.send(SEND_CERTAINLY, info(3, b"sure"), dest="bob", msg_id=10)
+    header, body = bob.recv_until(SEND_CERTAINLY)
+    assert header["message_id"] == 10
+    bob.send(ACK, struct.pack("<i", 3), dest="alice", msg_id=10)
+    header, body = alice.recv_until(ACK)
+    assert (header["user_id"], header["message_id"]) == ("bob", 10)
+
+    # A blob in fragments.
+    fragments = [b"\x00\xff" * 100, b"\x80" * 50, b"end"]
+    for index, chunk in enumerate(fragments):
+        last = index == len(fragments) - 1
+        body = struct.pack("<iIIB", 4, 77, index, last) + chunk
+        alice.send(BLOB, body, dest="bob", msg_id=11 if last else 0)
+    for index, chunk in enumerate(fragments):
+        header, body = bob.recv_until(BLOB)
+        assert body[13:] == chunk and struct.unpack_from("<iII", body) == (4, 77, index)
+
+    # A third node sees both online, and the listing is cluster-wide.
+    carol = clients(n3, "carol")
+    assert query_online(carol, "alice") == query_online(carol, "bob") == 1
+    carol.send(rc.GET_ALL_ONLINE_USERS, struct.pack("<II", 0, 0), dest=rc.SERVER, msg_id=5)
+    header, body = carol.recv_until(rc.GET_ALL_ONLINE_USERS)
+    listing = rc.parse_online_users(body)
+    assert {"alice", "bob", "carol"} <= set(listing["users"])
+
+
+def test_broadcast_to_everyone_across_nodes(cluster, clients):
+    n1, n2, n3 = cluster
+    alice, bob = clients(n1, "alice"), clients(n2, "bob")
+    admin = clients(n3, "admin")
+    wait_online(admin, "alice", 1)
+    wait_online(admin, "bob", 1)
+    admin.send(BROADCAST, info(3, b"hello \xff all"), dest="*", msg_id=4)
+    header, _ = admin.recv_until(ACK)
+    assert header["message_id"] == 4
+    for member in (alice, bob):
+        header, body = member.recv_until(BROADCAST)
+        assert (header["user_id"], header["dest_user_id"], body) == (
+            "admin", "*", info(3, b"hello \xff all"),
+        )
+
+
+def test_replace_old_across_nodes(cluster, clients):
+    n1, n2, _ = cluster
+    old = clients(n1, "dave", 1)
+    erin = clients(n2, "erin")
+    wait_online(erin, "dave", 1)  # n2 knows dave is on n1
+    new = clients(n2, "dave", 1)
+    header, body = old.recv_until(rc.PUSHED_OUT)
+    assert "logged on again" in rc.parse_pushed_out(body)["cause"]
+    expect_notice(old, BEING_PUSHED_OUT)
+    # The new session lives; messages to dave reach it, from either node.
+    fay = clients(n1, "fay")
+    wait_online(fay, "dave", 1)
+    fay.send(SEND, info(1, b"from n1"), dest="dave")
+    assert new.recv_until(SEND)[1] == info(1, b"from n1")
+    erin.send(SEND, info(1, b"to the new one"), dest="dave")
+    header, body = new.recv_until(SEND)
+    assert body == info(1, b"to the new one")
+
+
+def test_kick_across_nodes_with_reason(cluster, clients):
+    n1, _, n3 = cluster
+    frank = clients(n1, "frank")
+    admin = clients(n3, "admin")
+    wait_online(admin, "frank", 1)
+    admin.send(rc.KICK_OUT, rc.pack_str("spamming \u2603"), dest="frank", msg_id=3)
+    header, body = admin.recv_until(rc.KICK_OUT)
+    assert rc.parse_kick_out_reply(body)["ok"] == 1
+    header, body = frank.recv_until(rc.KICKED_OUT)
+    assert rc.parse_kicked_out(body) == {"operator": "admin", "reason": "spamming \u2603"}
+    notice = expect_notice(frank, BEING_KICKED_OUT)
+    assert "spamming" in notice["text"]
+    wait_online(admin, "frank", 0)
+
+
+def test_one_users_devices_on_two_nodes(cluster, clients):
+    n1, n2, _ = cluster
+    pc = clients(n1, "lena", 1)
+    watcher = clients(n2, "mo")
+    wait_online(watcher, "lena", 1)
+    phone = clients(n2, "lena", 5)
+    # The pc, on the other node, hears of the phone.
+    header, _ = pc.recv_until(rc.MY_DEVICE_ONLINE, skip=(rc.HEARTBEAT,))
+    assert header["client_type"] == 5
+    phone.send(116, dest=rc.SERVER, msg_id=6)  # GetMyDevices
+    header, body = phone.recv_until(116)
+    assert header["message_id"] == 6 and body == bytes([2, 1, 5])
+    # A device address reaches that device only, across nodes.
+    watcher.send(SEND, info(1, b"pc only"), dest="lena#1")
+    assert pc.recv_until(SEND)[1] == info(1, b"pc only")
+    watcher.send(SEND, info(1, b"both"), dest="lena")
+    assert pc.recv_until(SEND)[1] == info(1, b"both")
+    assert phone.recv_until(SEND)[1] == info(1, b"both")
+    phone.send(rc.LOGOFF, dest=rc.SERVER)
+    header, _ = pc.recv_until(rc.MY_DEVICE_OFFLINE, skip=(rc.HEARTBEAT,))
+    assert header["client_type"] == 5
+
+
+def send_logons(nodes, users):
+    """
+    Log every user on at every node at once (Logons written, replies not
+    yet read); the clients, per user.
+    """
+    pairs = []
+    for user in users:
+        pair = []
+        for node in nodes:
+            client = rc.connect(node.port)
+            client.user = user
+            body = struct.pack("<H", 1) + rc.pack_str("") + rc.pack_str("pw")
+            client.send(rc.LOGON, body, dest=rc.SERVER, msg_id=1)
+            pair.append(client)
+        pairs.append(pair)
+    return pairs
+
+
+def assert_alive(client):
+    client.send(rc.GET_MY_IPE, dest=rc.SERVER, msg_id=2)
+    header, _ = client.recv_until(rc.GET_MY_IPE)
+    assert header["message_id"] == 2
+
+
+def test_simultaneous_double_logons_leave_one_session(cluster):
+    """
+    100 users each log on at two nodes at once: each ends with exactly one
+    live session, the other told it was pushed out.
+    """
+    n1, n2, _ = cluster
+    users = [f"d{i}" for i in range(100)]
+    pairs = []
+    try:
+        pairs = send_logons((n1, n2), users)
+        for user, pair in zip(users, pairs):
+            for client in pair:
+                header, body = client.recv_until(rc.LOGON, timeout=10)
+                assert rc.parse_logon_reply(body)["result"] == 0
+        time.sleep(0.5)
+        for user, pair in zip(users, pairs):
+            ended = []
+            for client in pair:
+                frames = []
+                while True:
+                    try:
+                        frame = client.recv_frame(timeout=0.02)
+                    except TimeoutError:
+                        break
+                    if frame is None:
+                        break
+                    frames.append(frame)
+                types = [h["message_type"] for h, _ in frames]
+                if rc.DISCONNECT in types:
+                    assert types[-2:] == [rc.PUSHED_OUT, rc.DISCONNECT], types
+                    ended.append(client)
+            assert len(ended) == 1, f"{user}: {len(ended)} sessions ended"
+            [alive] = [c for c in pair if c not in ended]
+            assert_alive(alive)
+        # Every user reads online, once, from any node.
+        checker = rc.connect(cluster[2].port)
+        pairs.append([checker])
+        assert checker.logon("checker", "pw")["result"] == 0
+        body = struct.pack("<I", len(users)) + b"".join(rc.pack_str(u) for u in users)
+        checker.send(QUERY_ONLINES, body, dest=rc.SERVER, msg_id=3)
+        header, body = checker.recv_until(QUERY_ONLINES)
+        assert body == struct.pack("<I", len(users)) + b"\x01" * len(users), body
+    finally:
+        for pair in pairs:
+            for client in pair:
+                client.close()
+
+
+def test_redis_restart_mid_traffic(cluster, clients, redis):
+    """
+    Redis dies and comes back empty: no hang, local traffic goes on, a
+    cross-node send fails at once with USER_OFFLINE, and afterwards the
+    presence is restored and cross-node traffic flows again.
+    """
+    n1, n2, _ = cluster
+    gina, hank = clients(n1, "gina"), clients(n1, "hank")
+    ivan = clients(n2, "ivan")
+    wait_online(gina, "ivan", 1)
+    joined = [n.log().count("in the cluster as") for n in (n1, n2)]
+    redis.stop()
+    n1.wait_for_log("lost Redis", timeout=5)
+    # Local delivery continues.
+    for i in range(20):
+        gina.send(SEND, info(1, bytes([i, 0xFF])), dest="hank")
+    for i in range(20):
+        assert hank.recv_until(SEND)[1] == info(1, bytes([i, 0xFF]))
+    # A cross-node request fails at once, clearly.
+    started = time.monotonic()
+    gina.send(REQUEST, info(1, b"?"), dest="ivan", msg_id=21)
+    header, body = gina.recv_until(rc.ERROR, timeout=3)
+    assert time.monotonic() - started < 1.0
+    assert header["message_id"] == 21 and rc.parse_error(body)["code"] == USER_OFFLINE
+    redis.start()
+    for node, count in zip((n1, n2), joined):
+        node.wait_for_log("in the cluster as", timeout=10, count=count + 1)
+    wait_online(gina, "ivan", 1)
+    wait_online(ivan, "gina", 1)
+    gina.send(SEND, info(1, b"\xffback"), dest="ivan")
+    assert ivan.recv_until(SEND)[1] == info(1, b"\xffback")
+    assert "cluster_data_lost" in n1.log() or "lost the cluster's data" in n1.log()
+
+
+# -- a cluster of its own per test: IGNORE_NEW, a node killed ---------------------
+
+
+@pytest.fixture
+def ignore_new_pair(redis, tmp_path):
+    # Database 1 of the same Redis: a cluster apart from the shared one.
+    url = f"redis://127.0.0.1:{redis.port}/1"
+    nodes = []
+    try:
+        for i in (1, 2):
+            nodes.append(
+                start_node(tmp_path / f"i{i}.log", url, f"i{i}", "--relogon-mode", "ignore-new")
+            )
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_ignore_new_across_nodes_until_the_holder_dies(ignore_new_pair, clients):
+    i1, i2 = ignore_new_pair
+    holder = clients(i1, "jane", 1)
+    watcher = clients(i2, "kim")
+    wait_online(watcher, "jane", 1)
+    second = rc.connect(i2.port)
+    try:
+        reply = second.logon("jane", "pw", 1)
+        assert reply["result"] == HAD_LOGGED_ON, reply
+        expect_notice(second, NEW_CONNECTION_IGNORED)
+    finally:
+        second.close()
+    holder.send(rc.GET_MY_IPE, dest=rc.SERVER, msg_id=2)
+    assert holder.recv_until(rc.GET_MY_IPE)[0]["message_id"] == 2
+
+    # SIGKILL the holder's node: jane goes offline cluster-wide within the
+    # bound, and may then log on elsewhere.
+    killed_at = time.monotonic()
+    i1.process.send_signal(signal.SIGKILL)
+    i1.process.wait(5)
+    wait_online(watcher, "jane", 0, timeout=BOUND + 3)
+    assert time.monotonic() - killed_at < BOUND + 3
+    third = rc.connect(i2.port)
+    try:
+        assert third.logon("jane", "pw", 1)["result"] == 0
+    finally:
+        third.close()
+
+
+def test_simultaneous_double_logons_with_ignore_new(ignore_new_pair):
+    """
+    100 users each log on at two ignore-new nodes at once: for each, one
+    logon succeeds and stays, the other is refused HadLoggedOn.
+    """
+    users = [f"g{i}" for i in range(100)]
+    pairs = []
+    try:
+        pairs = send_logons(ignore_new_pair, users)
+        for user, pair in zip(users, pairs):
+            results = []
+            for client in pair:
+                header, body = client.recv_until(rc.LOGON, timeout=10)
+                results.append(rc.parse_logon_reply(body)["result"])
+            assert sorted(results) == [0, HAD_LOGGED_ON], (user, results)
+            winner = pair[results.index(0)]
+            expect_notice(pair[results.index(HAD_LOGGED_ON)], NEW_CONNECTION_IGNORED)
+            assert_alive(winner)
+    finally:
+        for pair in pairs:
+            for client in pair:
+                client.close()
+
+
+def test_bench_cluster_mode_smoke(tmp_path):
+    """
+    C{esf-bench --mode cluster --quick} runs every cluster row and reports
+    each figure (a smoke test of the harness, not of speed).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from _redis import require_redis_server
+    from test_e2e import REPO
+
+    require_redis_server()
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "esf.bench", "--mode", "cluster", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is True and report["results"] == []
+    assert len(report["cluster"]) == 5
+    for row in report["cluster"]:
+        assert "error" not in row, row
+        assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
+
+
+def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
+    i1, i2 = ignore_new_pair
+    held = clients(i1, "nina")
+    watcher = clients(i2, "olaf")
+    wait_online(watcher, "nina", 1)
+    stopped_at = time.monotonic()
+    i1.process.send_signal(signal.SIGTERM)
+    expect_notice(held, 11)  # ServerShutdown
+    wait_online(watcher, "nina", 0, timeout=LEASE / 2)
+    assert time.monotonic() - stopped_at < LEASE
+    i1.wait_for_log("left the cluster", timeout=5)

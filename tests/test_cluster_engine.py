@@ -1,0 +1,141 @@
+"""
+Two server engines in this process, each on a L{ClusterPresence} of the
+same real redis-server: the engine's behaviour across nodes, seen through
+in-memory connections (tests/_helpers.Client) and the user managers'
+events.  Engine time is a L{task.Clock}; Redis runs on the real reactor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+
+from _helpers import Client, logon_reply, record_events
+from esf import DisconnectedType, ErrorCode, MessageType, ServerConfig, ServerEngine
+from esf._cluster import ClusterPresence
+from esf.wire import Information
+from test_cluster import eventually
+
+LEASE = 0.6
+
+
+class Node:
+    def __init__(self, redis_server, node_id: str):
+        clock = task.Clock()
+        config = ServerConfig()
+        self.presence = ClusterPresence(
+            reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
+            relogon_mode=config.relogon_mode,
+        )  # fmt: skip
+        self.engine = ServerEngine(config, clock=clock, presence=self.presence, node_id=node_id)
+        self.presence.delivery_batch = self.engine.batch
+        self.events = record_events(self.engine.user_manager)
+        self.engine.start()
+        self.presence.start()
+
+    async def logon(self, user_id: str, client_type: int = 0) -> Client:
+        client = Client(self.engine)
+        client.logon(user_id, client_type)
+        replies = await eventually(client.take, what=f"{user_id}'s Logon reply")
+        assert [(r.message_type, r.body) for r in replies] == [
+            (MessageType.LOGON, logon_reply(self.engine))
+        ], replies
+        return client
+
+
+@pytest.fixture
+def pair(redis_server):
+    nodes = [Node(redis_server, "a"), Node(redis_server, "b")]
+    yield nodes
+    for node in nodes:
+        node.engine.stop()
+        pytest_twisted.blockon(Deferred.fromCoroutine(node.presence.stop()))
+
+
+async def joined(*nodes):
+    await eventually(lambda: all(n.presence.up for n in nodes), what="nodes join")
+
+
+def names(events):
+    return [e[0] for e in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_and_events_across_engines(pair):
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    alice.send(MessageType.SEND, Information(1, b"\xff\x00hi"), dest="bob")
+    [got] = await eventually(bob.take)
+    assert (got.message_type, got.user_id, got.body) == (
+        MessageType.SEND, "alice", Information(1, b"\xff\x00hi"),
+    )
+    # Each node fired its own user's events; the user count is cluster-wide.
+    assert names(a.events) == ["device_connected", "user_connected", "user_count_changed"]
+    assert a.engine.user_manager.user_count == b.engine.user_manager.user_count == 2
+    assert a.engine.user_manager.get_online_user_list() == ["alice", "bob"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_replace_old_across_engines(pair):
+    a, b = pair
+    await joined(a, b)
+    old = await a.logon("alice", 1)
+    await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+    del a.events[:], b.events[:]
+    new = await b.logon("alice", 1)
+    frames = await eventually(lambda: old.closing and old.take())
+    assert [f.message_type for f in frames] == [
+        MessageType.BEING_PUSHED_OUT_NOTIFY,
+        MessageType.DISCONNECT_NOTICE,
+    ]
+    assert frames[1].body.reason == DisconnectedType.BEING_PUSHED_OUT
+    # The old session's node saw its device go, pushed out; the user never
+    # went offline.
+    await eventually(lambda: names(a.events) == ["device_disconnected"], what=lambda: a.events)
+    assert a.events[0][2] == DisconnectedType.BEING_PUSHED_OUT
+    # (In this version the pushing node fires device_being_pushed_out.)
+    assert names(b.events) == ["device_being_pushed_out", "device_connected"]
+    assert not new.closing
+    assert [h.session_id for h in a.presence.devices("alice")] == [
+        h.session_id for h in b.presence.devices("alice")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_kick_out_from_the_other_engine(pair):
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+    assert b.engine.kick_out("alice", "spam \u2603", operator="carol") == 1
+    frames = await eventually(lambda: alice.closing and alice.take())
+    assert [f.message_type for f in frames] == [
+        MessageType.BEING_KICKED_OUT_NOTIFY,
+        MessageType.DISCONNECT_NOTICE,
+    ]
+    assert (frames[0].body.operator, frames[0].body.reason) == ("carol", "spam \u2603")
+    assert frames[1].body.reason == DisconnectedType.BEING_KICKED_OUT
+    await eventually(lambda: not b.engine.user_manager.is_user_online("alice"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_answers_user_offline_at_once(pair, redis_server):
+    a, b = pair
+    await joined(a, b)
+    alice, carol = await a.logon("alice"), await a.logon("carol")
+    await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    redis_server.stop()
+    await eventually(lambda: not a.presence.up)
+    alice.send(MessageType.REQUEST, Information(1, b"?"), dest="bob", message_id=7)
+    [error] = alice.take()  # answered within the same call: nothing waits
+    assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+    assert error.body.code == ErrorCode.USER_OFFLINE
+    alice.send(MessageType.SEND, Information(1, b"local"), dest="carol")
+    [got] = carol.take()
+    assert got.message_type == MessageType.SEND
