@@ -1,5 +1,5 @@
 """
-esf: long-lived, authenticated binary TCP sessions on Twisted.
+esf: long-lived, authenticated binary sessions on Twisted, over TCP and WebSocket.
 
 The server engine, its settings and values are exported from here; the
 interfaces applications implement or subscribe to are in L{esf.interfaces};
@@ -17,6 +17,7 @@ from ._engine import (
 )
 from ._messages import RequestError
 from ._protocol import ServerFactory, ServerProtocol, ServerService
+from ._websocket import WebSocketFactory, WebSocketProtocol
 from ._wire import (
     ClientType,
     DisconnectedType,
@@ -46,5 +47,7 @@ __all__ = [
     "ServerProtocol",
     "ServerService",
     "UserData",
+    "WebSocketFactory",
+    "WebSocketProtocol",
     "WireConfig",
 ]

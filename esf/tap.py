@@ -20,6 +20,7 @@ from ._engine import (
     call,
 )
 from ._protocol import ServerService
+from ._websocket import WebSocketFactory, web_demo_site
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler, ICustomizeHandler, IEngineAware, IGroupManager
 
@@ -65,8 +66,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     synopsis = "[options]"
     longdesc = (
-        "Run an esf server: long-lived, authenticated binary TCP sessions "
-        "(ESF v1 protocol). With neither --auth nor --handler every logon is accepted."
+        "Run an esf server: long-lived, authenticated binary sessions over TCP "
+        "and WebSocket (ESF v1 protocol). With neither --auth nor --handler every "
+        "logon is accepted."
     )
     supportedInterfaces = [credentials.IUsernamePassword]
 
@@ -89,9 +91,30 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
     ]
 
+    optFlags = [
+        ["web-demo", None, "Serve the JavaScript client and the chat page at / on every --websocket endpoint."],
+    ]
+
     def __init__(self):
         super().__init__()
         self["admins"] = []
+        self["websocket"] = []
+        self["websocket-origins"] = []
+
+    def opt_websocket(self, endpoint: str) -> None:
+        """
+        Also serve WebSocket clients on this endpoint, at the path /esf
+        (repeatable; tcp:4531, or ssl:... for wss).
+        """
+        self["websocket"].append(endpoint)
+
+    def opt_websocket_origin(self, origin: str) -> None:
+        """
+        A browser origin allowed to connect over WebSocket besides the
+        server's own pages, e.g. https://chat.example.com; * is a wildcard
+        (repeatable).
+        """
+        self["websocket-origins"].append(origin)
 
     def opt_admin(self, user_id: str) -> None:
         """
@@ -100,17 +123,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["admins"].append(user_id)
 
     def postOptions(self) -> None:
-        port = self["port"]
-        if port.isdigit():
-            self["port"] = port = f"tcp:{port}"
-        # Parsed here, not in makeService, so that a bad endpoint is a usage
-        # error; twistd has installed its reactor by the time it gets here.
-        from twisted.internet import endpoints, reactor
-
-        try:
-            self["endpoint"] = endpoints.serverFromString(reactor, port)
-        except Exception as e:  # parsers raise many kinds; all mean a bad --port
-            raise usage.UsageError(f"--port {port!r} is not an endpoint: {e}") from None
+        self["port"] = _bare_port(self["port"])
+        self["websocket"] = [_bare_port(e) for e in self["websocket"]]
+        self["endpoint"] = _endpoint("port", self["port"])
+        self["websocket-endpoints"] = [_endpoint("websocket", e) for e in self["websocket"]]
+        if self["web-demo"] and not self["websocket"]:
+            raise usage.UsageError("--web-demo serves pages on the --websocket endpoints: give one")
         try:
             self["relogon-mode"] = RelogonMode(self["relogon-mode"])
         except ValueError:
@@ -148,6 +166,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _bare_port(description: str) -> str:
+    """
+    A bare number is a TCP port.
+    """
+    return f"tcp:{description}" if description.isdigit() else description
+
+
+def _endpoint(option: str, description: str):
+    """
+    The server endpoint for an option's value.
+    """
+    # Parsed with the options, not in makeService, so that a bad endpoint is
+    # a usage error; twistd has installed its reactor by the time it gets
+    # here.
+    from twisted.internet import endpoints, reactor
+
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except Exception as e:  # parsers raise many kinds; all mean a bad endpoint
+        raise usage.UsageError(f"--{option} {description!r} is not an endpoint: {e}") from None
 
 
 def load_object(spec: str):
@@ -255,4 +295,12 @@ def makeService(options: Options):
     )
     if IEngineAware.providedBy(app):
         app.initialize(engine)
-    return ServerService(engine, options["endpoint"])
+    service = ServerService(engine, options["endpoint"])
+    origins = options["websocket-origins"]
+    for endpoint in options["websocket-endpoints"]:
+        if options["web-demo"]:
+            factory = web_demo_site(engine, origins, reactor=reactor)
+        else:
+            factory = WebSocketFactory(engine, origins, reactor=reactor)
+        service.listen(endpoint, factory)
+    return service

@@ -1,0 +1,1 @@
+/* placeholder body esf.js export class EsfClient */
