@@ -27,6 +27,8 @@ PUBLIC = {
     "ServerProtocol",
     "ServerService",
     "UserData",
+    "WebSocketFactory",
+    "WebSocketProtocol",
     "WireConfig",
 }
 

@@ -21,6 +21,9 @@ sys.path.insert(0, str(JS))
 
 import export_vectors  # noqa: E402
 
+# The wheel built from a clean copy of the checkout (tests/test_packaging.py).
+from test_packaging import wheel  # noqa: E402,F401
+
 
 def need(program: str, why: str) -> str:
     """
@@ -59,3 +62,20 @@ def test_javascript_client_with_node():
     counts = dict(line[2:].split(" ", 1) for line in summary if line[2:].split(" ")[0] in ("pass", "fail"))
     assert int(counts["fail"]) == 0
     assert int(counts["pass"]) >= 120, summary
+
+
+def test_the_wheel_carries_the_web_files(wheel):
+    """
+    The JavaScript client and the chat page are package data: in the wheel,
+    where C{--web-demo} finds them.
+    """
+    import zipfile
+
+    from esf._websocket import WEB_FILES
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, _ in WEB_FILES.values():
+        assert f"esf/web/{name}" in names, name
+    assert {n for n in names if n.startswith("esf/web/")} == {
+        f"esf/web/{name}" for name, _ in WEB_FILES.values()
+    }

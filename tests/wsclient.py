@@ -235,3 +235,50 @@ def server_frames(data):
         frames.append((opcode, rest[offset : offset + n]))
         rest = rest[offset + n :]
     return response, frames
+
+
+class BlockingWS:
+    """
+    A blocking WebSocket client on a plain socket, for end-to-end tests
+    against a C{twistd} process: C{send(payload)} sends one binary message,
+    C{recv()} returns the next C{(opcode, payload)} (unfragmented frames
+    only, as the server sends them).
+    """
+
+    def __init__(self, port, timeout=5.0, **handshake_args):
+        import socket
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.sendall(handshake(host=f"127.0.0.1:{port}", **handshake_args))
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        end = self.buffer.index(b"\r\n\r\n") + 4
+        self.response, self.buffer = self.buffer[:end], self.buffer[end:]
+
+    def _more(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("the server closed the connection")
+        self.buffer += data
+
+    def _take(self, n):
+        while len(self.buffer) < n:
+            self._more()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send(self, payload, opcode=2):
+        self.sock.sendall(client_frame(opcode, payload))
+
+    def recv(self):
+        head = self._take(2)
+        opcode, n = head[0] & 0x0F, head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", self._take(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", self._take(8))[0]
+        return opcode, self._take(n)
+
+    def close(self):
+        self.sock.close()
