@@ -360,3 +360,40 @@ def test_a_third_page_pushes_the_first_out(pages, demo, tmp_path):
     finally:
         desk.stop()
     server.wait_for_log(r"session ended: dan/3 .* BEING_PUSHED_OUT")
+
+
+_DOC_EXAMPLE = re.compile(r'```html\n<script type="module">\n(.*?)</script>\n```', re.S)
+
+
+def test_the_documented_example_runs(browser, demo):
+    """
+    The JavaScript example of docs/websocket.md, as it is written, against
+    the chat server: only its import and its URL are adapted.
+    """
+    [example] = _DOC_EXAMPLE.findall((REPO / "docs" / "websocket.md").read_text(encoding="utf-8"))
+    server, _, web_port = demo
+    assert 'import { EsfClient, toText } from "./esf.js";' in example
+    assert '"ws://localhost:4531/esf"' in example
+    body = (
+        example.replace('import { EsfClient, toText } from "./esf.js";', 'const { EsfClient, toText } = await import("/esf.js");')
+        .replace('"ws://localhost:4531/esf"', f'"ws://127.0.0.1:{web_port}/esf"')
+        .replace("console.log(", "log(")
+    )
+    script = (
+        "const done = arguments[arguments.length - 1];\n"
+        "const lines = [];\n"
+        "const log = (...args) => lines.push(args.map(String).join(' '));\n"
+        f"(async () => {{\n{body}\n}})().then(() => done({{lines}}), (e) => done({{lines, error: String(e)}}));"
+    )
+    page = Page(browser, f"http://127.0.0.1:{web_port}/")
+    try:
+        page.driver.set_script_timeout(WAIT)
+        outcome = page.driver.execute_async_script(script)
+    finally:
+        page.close()
+    assert "error" not in outcome, outcome
+    lines = outcome["lines"]
+    assert lines[0] == "heartbeat every 10 s"
+    assert lines[1].startswith("online: ") and "alice" in lines[1].split(" ", 1)[1].split(",")
+    assert lines[2] == "echo: ping"
+    server.wait_for_log(r"session ended: alice/3 .*LOGGED_OFF")
