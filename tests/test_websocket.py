@@ -525,7 +525,7 @@ def test_web_demo_serves_the_page_the_module_and_the_websocket():
     try:
         agent = Agent(reactor)
         for path, content_type, marker in [
-            ("/", b"text/html", b"esf.js"),
+            ("/", b"text/html", b"chat.js"),
             ("/esf.js", b"text/javascript", b"export class EsfClient"),
             ("/chat.js", b"text/javascript", b"EsfClient"),
             ("/chat.css", b"text/css", b"body"),

@@ -393,3 +393,48 @@ def test_heartbeat_timeout_closes_with_notice(engine, pages):
 
 def test_protocol_class(engine):
     assert WebSocketFactory(engine).protocol is WebSocketProtocol
+
+
+def test_messages_before_a_bad_one_in_the_same_read_count(engine, pages):
+    """
+    The frames of one read go to the session together; a bad message among
+    them ends the session only after the ones before it were handled.
+    """
+    alice = pages().logon("alice")
+    bob = pages().logon("bob")
+    send = alice.frame(MessageType.SEND, Information(1, b"first").encode(), dest_user_id="bob")
+    heartbeat = alice.frame(MessageType.HEARTBEAT)
+    alice.protocol.dataReceived(
+        client_frame(BINARY, send) + client_frame(BINARY, heartbeat) + client_frame(TEXT, b"x")
+        + client_frame(BINARY, send)
+    )  # fmt: skip
+    [relayed] = bob.esf()
+    assert Information.decode(relayed.body) == Information(1, b"first")
+    messages = alice.messages()
+    echo, notice = alice.esf(messages)
+    assert echo.message_type == MessageType.HEARTBEAT
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.INVALID_MESSAGE
+    assert close_code(messages[-1][1]) == 1003
+
+
+def test_large_frames_go_through_autobahns_framing(engine, pages):
+    """
+    Output over 64 KiB is framed by autobahn (8-byte lengths); smaller
+    output by the adapter, both as plain binary frames, one per ESF frame.
+    """
+    big = make_engine(max_message_size=256 * 1024)
+    factory = WebSocketFactory(big)
+    alice = Page(big, factory, port=7001).logon("alice")
+    bob = Page(big, factory, port=7002).logon("bob")
+    try:
+        for size in (10, 200, 70_000, 200_000):
+            data = alice.frame(MessageType.SEND, Information(1, b"z" * size).encode(), dest_user_id="bob")
+            alice.send(BINARY, data)
+            [(opcode, payload)] = bob.messages()
+            assert (opcode, payload) == (BINARY, data), size
+    finally:
+        for page in (alice, bob):
+            page.lose()
+            call = page.protocol.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
