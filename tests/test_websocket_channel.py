@@ -438,3 +438,39 @@ def test_large_frames_go_through_autobahns_framing(engine, pages):
             call = page.protocol.closeHandshakeTimeoutCall
             if call is not None:
                 call.cancel()
+
+
+def test_web_demo_hands_the_connection_over_from_twisted_web():
+    """
+    Through C{--web-demo}'s site, twisted.web parses the handshake and then
+    hands the connection over: its idle timer must not close a WebSocket
+    session later, and the WebSocket protocol becomes the transport's
+    producer.
+    """
+    from esf._websocket import web_demo_site
+
+    engine = make_engine(max_message_size=MAX, heartbeat_interval=100, heartbeat_timeout=1000)
+    site = web_demo_site(engine)
+    peer = IPv4Address("TCP", "10.0.0.9", 6200)
+    transport = StringTransport(peerAddress=peer)
+    channel = site.buildProtocol(peer)
+    channel.callLater = engine.clock.callLater  # twisted.web's timers on the test clock
+    transport.protocol = channel  # as a real transport has it; autobahn replaces it
+    channel.makeConnection(transport)
+    channel.dataReceived(handshake())
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    [session] = engine.sessions
+    protocol = session.channel
+    assert isinstance(protocol, WebSocketProtocol)
+    assert transport.producer is protocol
+    try:
+        protocol.dataReceived(
+            client_frame(BINARY, encode_frame(engine.config.wire, MessageType.LOGON, Logon(1, "", "pw").encode(),
+                                              client_type=3, message_id=1, user_id="alice", dest_user_id="_0"))
+        )  # fmt: skip
+        assert engine.user_manager.is_user_online("alice")
+        engine.clock.advance(site.timeOut + 1)  # twisted.web's idle timeout
+        assert not transport.disconnecting and not transport.disconnected
+        assert engine.user_manager.is_user_online("alice")
+    finally:
+        protocol.connectionLost(Failure(ConnectionDone()))
