@@ -40,11 +40,11 @@ from ._wire import DisconnectedType, MessageType
 from .interfaces import IChannel
 
 __all__ = [
+    "CLOSE_CODES",
     "WEBSOCKET_PATH",
     "WEBSOCKET_SUBPROTOCOL",
-    "CLOSE_CODES",
-    "WebSocketProtocol",
     "WebSocketFactory",
+    "WebSocketProtocol",
     "web_demo_site",
 ]
 
@@ -84,6 +84,8 @@ def _binary_header(length: int) -> bytes:
     if length < 126:
         return bytes((0x82, length))
     return b"\x82\x7e" + _U16_BE.pack(length)
+
+
 _DISCONNECT_NOTICE = MessageType.DISCONNECT_NOTICE
 
 
@@ -394,9 +396,7 @@ class WebSocketFactory(WebSocketServerFactory):
 
     def __init__(self, engine: ServerEngine, allowed_origins=(), *, reactor=None):
         # No Server header: it would name autobahn and its version.
-        super().__init__(
-            url=None, protocols=[WEBSOCKET_SUBPROTOCOL], server=None, reactor=reactor
-        )
+        super().__init__(url=None, protocols=[WEBSOCKET_SUBPROTOCOL], server=None, reactor=reactor)
         self.engine = engine
         config = engine.config
         self.header_length = config.wire.header_length

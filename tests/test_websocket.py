@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from _helpers import LogCapture
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
+from wsclient import ConnectionRefusedByServer, connect
 from zope.interface import implementer
 
-from _helpers import LogCapture
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService, WebSocketFactory
+from esf._websocket import web_demo_site
 from esf.interfaces import ICustomizeHandler
 from esf.wire import (
     DisconnectedType,
-    DisconnectNotice,
     Information,
     LogonResult,
     MessageType,
     WireConfig,
     encode_frame,
 )
-from esf._websocket import web_demo_site
-from wsclient import ConnectionRefusedByServer, WSClient, connect
 
 MAX = 4096  # the servers' maximum message size in these tests
 
@@ -64,7 +63,7 @@ def start_server(config=None, origins=(), web_demo=False):
 
 @pytest.fixture
 def server():
-    engine, service, tcp_port, ws_port = start_server()
+    engine, service, _, ws_port = start_server()
     yield engine, ws_port
     pytest_twisted.blockon(with_timeout(service.stopService()))
 
@@ -163,7 +162,7 @@ def test_origins(logs):
     The page's own origin and the listed ones may connect; a client that
     sends no Origin (not a browser) is not checked.
     """
-    engine, service, _, port = start_server(origins=["https://chat.example.com", "http://*.test"])
+    _, service, _, port = start_server(origins=["https://chat.example.com", "http://*.test"])
     try:
         for origin in (
             None,
@@ -175,7 +174,11 @@ def test_origins(logs):
             client = yield connect(port, origin=origin)
             client.sendClose(1000)
             yield with_timeout(client.closed)
-        for origin in ("https://chat.example.com.evil", "http://chat.example.com", "https://x.test"):
+        for origin in (
+            "https://chat.example.com.evil",
+            "http://chat.example.com",
+            "https://x.test",
+        ):
             with pytest.raises(ConnectionRefusedByServer):
                 yield connect(port, origin=origin)
     finally:
@@ -199,15 +202,15 @@ def test_text_message(server, logs):
 
 @pytest_twisted.inlineCallbacks
 def test_text_message_before_logon(server):
-    engine, port = server
+    _, port = server
     client = yield connect(port)
-    client.sendMessage("{}".encode(), isBinary=False)
+    client.sendMessage(b"{}", isBinary=False)
     yield closed_with(client, DisconnectedType.INVALID_MESSAGE, 1003)
 
 
 @pytest_twisted.inlineCallbacks
 def test_two_frames_in_one_message(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     heartbeat = frame(MessageType.HEARTBEAT)
     alice.sendMessage(heartbeat + heartbeat, isBinary=True)
@@ -218,7 +221,7 @@ def test_two_frames_in_one_message(server):
 @pytest.mark.parametrize("cut", [1, 20, 35, 36 + 3])
 @pytest_twisted.inlineCallbacks
 def test_partial_frame_in_a_message(server, cut):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     send = frame(MessageType.SEND, Information(1, b"hello").encode(), dest="bob")
     alice.sendMessage(send[:cut], isBinary=True)
@@ -228,7 +231,7 @@ def test_partial_frame_in_a_message(server, cut):
 
 @pytest_twisted.inlineCallbacks
 def test_empty_message(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     alice.sendMessage(b"", isBinary=True)
     yield closed_with(alice, DisconnectedType.INVALID_MESSAGE, 1002)
@@ -236,7 +239,7 @@ def test_empty_message(server):
 
 @pytest_twisted.inlineCallbacks
 def test_oversized_message(server, logs):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     body = Information(1, b"x" * MAX).encode()
     too_big = frame(MessageType.SEND, body, dest="bob", wire=WireConfig(max_message_size=2 * MAX))
@@ -249,11 +252,13 @@ def test_oversized_message(server, logs):
 
 @pytest_twisted.inlineCallbacks
 def test_largest_message_passes(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     bob = yield logged_on(port, "bob")
     payload = b"y" * (MAX - 36 - 4)
-    alice.sendMessage(frame(MessageType.SEND, Information(1, payload).encode(), dest="bob"), isBinary=True)
+    alice.sendMessage(
+        frame(MessageType.SEND, Information(1, payload).encode(), dest="bob"), isBinary=True
+    )
     received, body = yield with_timeout(bob.next_frame(MessageType.SEND))
     assert body == Information(1, payload)
     assert len(received.raw) == MAX
@@ -267,7 +272,7 @@ def test_oversized_before_logon(server):
     from twisted.internet import reactor
 
     config = ServerConfig(wire=WireConfig(max_message_size=1024 * 1024))
-    engine, service, _, port = start_server(config)
+    _, service, _, port = start_server(config)
     try:
         client = yield connect(port)
         big = encode_frame(config.wire, MessageType.LOGON, b"\0" * (64 * 1024), user_id="alice")
@@ -283,7 +288,7 @@ def test_header_announcing_too_much(server):
     """
     A small message whose header announces a body beyond the maximum.
     """
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     data = bytearray(frame(MessageType.SEND, Information(1, b"hi").encode(), dest="bob"))
     data[8:12] = (MAX * 2).to_bytes(4, "little")
@@ -297,7 +302,7 @@ def test_bad_frame(server):
     A frame the codec refuses (here its start token) inside a well-sized
     message: the session's own InvalidMessage, then 1002.
     """
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     data = bytearray(frame(MessageType.HEARTBEAT))
     data[0] = 0xFE
@@ -308,7 +313,7 @@ def test_bad_frame(server):
 
 @pytest_twisted.inlineCallbacks
 def test_negative_body_length(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     data = bytearray(frame(MessageType.HEARTBEAT))
     data[8:12] = (-1).to_bytes(4, "little", signed=True)
@@ -318,7 +323,7 @@ def test_negative_body_length(server):
 
 @pytest_twisted.inlineCallbacks
 def test_frame_before_logon(server):
-    engine, port = server
+    _, port = server
     client = yield connect(port)
     client.sendMessage(frame(MessageType.HEARTBEAT), isBinary=True)
     yield closed_with(client, DisconnectedType.NOT_LOGGED_ON, 1002)
@@ -326,7 +331,7 @@ def test_frame_before_logon(server):
 
 @pytest_twisted.inlineCallbacks
 def test_wrong_user_id(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     alice.sendMessage(frame(MessageType.HEARTBEAT, user_id="bob"), isBinary=True)
     yield closed_with(alice, DisconnectedType.MESSAGE_WITH_WRONG_USER_ID, 1002)
@@ -364,7 +369,7 @@ def test_websocket_and_tcp_users_talk():
     """
     from twisted.internet import reactor
 
-    engine, service, tcp_port, ws_port = start_server()
+    _, service, tcp_port, ws_port = start_server()
     bob = ClientEngine(
         TCP4ClientEndpoint(reactor, "127.0.0.1", tcp_port, timeout=5),
         "bob",
@@ -392,7 +397,11 @@ def test_websocket_and_tcp_users_talk():
         assert (got.user_id, body) == ("bob", Information(8, b"hi alice"))
         # A WebSocket query answered by the TCP client's handler.
         alice.send_frame(
-            MessageType.REQUEST, Information(9, b"shout").encode(), user_id="alice", dest="bob", message_id=5
+            MessageType.REQUEST,
+            Information(9, b"shout").encode(),
+            user_id="alice",
+            dest="bob",
+            message_id=5,
         )
         got, body = yield with_timeout(alice.next_frame(MessageType.RESPONSE))
         assert (got.message_id, got.user_id, body) == (5, "bob", Information(9, b"SHOUT"))
@@ -426,7 +435,7 @@ def test_kick(server):
 
 @pytest_twisted.inlineCallbacks
 def test_heartbeat_is_echoed(server):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     alice.send_frame(MessageType.HEARTBEAT, user_id="alice")
     echo, _ = yield with_timeout(alice.next_frame(MessageType.HEARTBEAT))
@@ -435,7 +444,7 @@ def test_heartbeat_is_echoed(server):
 
 @pytest_twisted.inlineCallbacks
 def test_logoff_closes_normally(server, logs):
-    engine, port = server
+    _, port = server
     alice = yield logged_on(port, "alice")
     alice.send_frame(MessageType.LOGOFF, user_id="alice")
     closed = yield with_timeout(alice.closed)
@@ -538,7 +547,7 @@ def http_get(port, path):
 
 @pytest_twisted.inlineCallbacks
 def test_web_demo_serves_the_page_the_module_and_the_websocket():
-    engine, service, _, port = start_server(web_demo=True)
+    _, service, _, port = start_server(web_demo=True)
     try:
         for path, content_type, marker in [
             ("/", b"text/html", b"chat.js"),

@@ -31,7 +31,11 @@ def test_websocket_frames():
     unmasked = bytes(b ^ mask[i % 4] for i, b in enumerate(masked))
     assert unmasked == esf.message("s1", "r1")
     [frame] = FrameDecoder(WireConfig()).feed(unmasked)
-    assert (frame.message_type, frame.user_id, frame.dest_user_id) == (MessageType.SEND, "s1", "r1")
+    assert (frame.message_type, frame.user_id, frame.dest_user_id) == (
+        MessageType.SEND,
+        "s1",
+        "r1",
+    )
     assert ws.frame_size == 4 + esf.frame_size
     assert ws.hello("s1").startswith(b"GET /esf HTTP/1.1\r\n")
     assert b"Sec-WebSocket-Protocol: esf.v1\r\n" in ws.hello("s1")

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_e2e import REPO, ServerProcess, server_env
 from test_websocket_js import need
 
@@ -120,10 +119,14 @@ class Page:
 
         self.driver.switch_to.window(self.handle)
         try:
-            return WebDriverWait(self.driver, WAIT, poll_frequency=0.05).until(lambda _: condition())
+            return WebDriverWait(self.driver, WAIT, poll_frequency=0.05).until(
+                lambda _: condition()
+            )
         except Exception as e:
-            raise AssertionError(f"{what} within {WAIT} s; the page says: {self.text('log')!r}, "
-                                 f"{self.text('notice')!r}, {self.text('status')!r}") from e
+            raise AssertionError(
+                f"{what} within {WAIT} s; the page says: {self.text('log')!r}, "
+                f"{self.text('notice')!r}, {self.text('status')!r}"
+            ) from e
 
     def text(self, element_id):
         return self._find(element_id).text
@@ -131,7 +134,10 @@ class Page:
     def logon(self, user):
         self._find("user").send_keys(user)
         self._find("logon").click()
-        self.wait(lambda: self._find("status").get_attribute("data-state") == "online", f"{user} logged on")
+        self.wait(
+            lambda: self._find("status").get_attribute("data-state") == "online",
+            f"{user} logged on",
+        )
         self.wait(lambda: "you are in lobby" in self.text("log"), f"{user} joined the lobby")
         return self
 
@@ -141,7 +147,11 @@ class Page:
 
     def online(self):
         # Read in one go: the page rebuilds the list every few seconds.
-        return sorted(self.script("return [...document.querySelectorAll('#online li')].map((li) => li.dataset.user)"))
+        return sorted(
+            self.script(
+                "return [...document.querySelectorAll('#online li')].map((li) => li.dataset.user)"
+            )
+        )
 
     def say(self, text, to="lobby"):
         from selenium.webdriver.support.ui import Select
@@ -166,7 +176,9 @@ class Page:
         return [tuple(item) for item in items]
 
     def wait_line(self, kind, sender, text):
-        return self.wait(lambda: (kind, sender, text) in self.lines(), f"{sender}'s {text!r} ({kind}) shown")
+        return self.wait(
+            lambda: (kind, sender, text) in self.lines(), f"{sender}'s {text!r} ({kind}) shown"
+        )
 
     def close(self):
         self.driver.switch_to.window(self.handle)
@@ -300,7 +312,7 @@ def test_two_pages_chat(pages):
 
 
 def test_a_page_and_a_desktop_client(pages, demo):
-    server, tcp_port, _ = demo
+    _, tcp_port, _ = demo
     desk = Desktop(tcp_port, "desk")
     try:
         cat = pages().logon("cat")
@@ -308,7 +320,11 @@ def test_a_page_and_a_desktop_client(pages, demo):
         # page -> desktop: the room, then a private message
         cat.say("hello from the browser")
         event = desk.expect(event="broadcast", sender="cat")
-        assert (event["group"], event["type"], event["text"]) == ("lobby", 3, "hello from the browser")
+        assert (event["group"], event["type"], event["text"]) == (
+            "lobby",
+            3,
+            "hello from the browser",
+        )
         cat.say("psst, desk", to="desk")
         event = desk.expect(event="information", sender="cat")
         assert (event["type"], event["text"], event["client_type"]) == (6, "psst, desk", 3)
@@ -362,7 +378,7 @@ def test_a_third_page_pushes_the_first_out(pages, demo, tmp_path):
     server.wait_for_log(r"session ended: dan/3 .* BEING_PUSHED_OUT")
 
 
-_DOC_EXAMPLE = re.compile(r'```html\n<script type="module">\n(.*?)</script>\n```', re.S)
+_DOC_EXAMPLE = re.compile(r'```html\n<script type="module">\n(.*?)</script>\n```', re.DOTALL)
 
 
 def test_the_documented_example_runs(browser, demo):
@@ -375,7 +391,10 @@ def test_the_documented_example_runs(browser, demo):
     assert 'import { EsfClient, toText } from "./esf.js";' in example
     assert '"ws://localhost:4531/esf"' in example
     body = (
-        example.replace('import { EsfClient, toText } from "./esf.js";', 'const { EsfClient, toText } = await import("/esf.js");')
+        example.replace(
+            'import { EsfClient, toText } from "./esf.js";',
+            'const { EsfClient, toText } = await import("/esf.js");',
+        )
         .replace('"ws://localhost:4531/esf"', f'"ws://127.0.0.1:{web_port}/esf"')
         .replace("console.log(", "log(")
     )

@@ -9,13 +9,14 @@ send.  The engine's time is a L{task.Clock}.
 from __future__ import annotations
 
 import pytest
+from _helpers import Client, LogCapture, make_engine
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wsclient import client_frame, handshake, server_frames
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, LogCapture, make_engine
 from esf import WebSocketFactory, WebSocketProtocol
 from esf.interfaces import IChannel
 from esf.wire import (
@@ -29,7 +30,6 @@ from esf.wire import (
     MessageType,
     encode_frame,
 )
-from wsclient import client_frame, handshake, server_frames
 
 MAX = 4096
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
@@ -428,7 +428,9 @@ def test_large_frames_go_through_autobahns_framing(engine, pages):
     bob = Page(big, factory, port=7002).logon("bob")
     try:
         for size in (10, 200, 70_000, 200_000):
-            data = alice.frame(MessageType.SEND, Information(1, b"z" * size).encode(), dest_user_id="bob")
+            data = alice.frame(
+                MessageType.SEND, Information(1, b"z" * size).encode(), dest_user_id="bob"
+            )
             alice.send(BINARY, data)
             [(opcode, payload)] = bob.messages()
             assert (opcode, payload) == (BINARY, data), size

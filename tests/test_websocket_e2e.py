@@ -13,6 +13,8 @@ import socket
 import time
 
 import pytest
+from test_e2e import ServerProcess
+from wsclient import BlockingWS
 
 from esf.wire import (
     REPLY_BODIES,
@@ -24,8 +26,6 @@ from esf.wire import (
     WireConfig,
     encode_frame,
 )
-from test_e2e import ServerProcess
-from wsclient import BlockingWS
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,9 @@ def server(tmp_path):
     try:
         server.wait_listening()
         server.wait_for_log(r"WebSocketFactory starting on \d+")
-        server.ws_port = int(re.search(r"WebSocketFactory starting on (\d+)", server.log()).group(1))
+        server.ws_port = int(
+            re.search(r"WebSocketFactory starting on (\d+)", server.log()).group(1)
+        )
         yield server
     finally:
         server.stop()
@@ -105,4 +107,5 @@ def test_a_silent_connection_is_closed_after_the_logon_timeout(server):
     finally:
         sock.close()
     assert data == b""
-    assert LOGON_TIMEOUT - 0.5 <= waited <= LOGON_TIMEOUT + 3, waited
+    # autobahn's timers fall on whole seconds of the clock: up to 1 s early.
+    assert LOGON_TIMEOUT - 1.2 <= waited <= LOGON_TIMEOUT + 3, waited

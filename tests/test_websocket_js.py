@@ -19,10 +19,10 @@ HERE = Path(__file__).resolve().parent
 JS = HERE / "js"
 sys.path.insert(0, str(JS))
 
-import export_vectors  # noqa: E402
+import export_vectors
 
 # The wheel built from a clean copy of the checkout (tests/test_packaging.py).
-from test_packaging import wheel  # noqa: E402,F401
+from test_packaging import wheel  # noqa: F401
 
 
 def need(program: str, why: str) -> str:
@@ -48,7 +48,9 @@ def test_vectors_json_is_the_python_codecs():
 
 def test_javascript_client_with_node():
     node = need("node", "the JavaScript client's tests")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True
+    ).stdout
     assert int(version.strip().lstrip("v").split(".")[0]) >= 18, version
     result = subprocess.run(
         [node, "--test", "--test-reporter=tap", *sorted(str(p) for p in JS.glob("*.test.mjs"))],
@@ -59,12 +61,14 @@ def test_javascript_client_with_node():
     )
     summary = [line for line in result.stdout.splitlines() if line.startswith("# ")]
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    counts = dict(line[2:].split(" ", 1) for line in summary if line[2:].split(" ")[0] in ("pass", "fail"))
+    counts = dict(
+        line[2:].split(" ", 1) for line in summary if line[2:].split(" ")[0] in ("pass", "fail")
+    )
     assert int(counts["fail"]) == 0
     assert int(counts["pass"]) >= 120, summary
 
 
-def test_the_wheel_carries_the_web_files(wheel):
+def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
     """
     The JavaScript client and the chat page are package data: in the wheel,
     where C{--web-demo} finds them.

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 
 from esf.wire import REPLY_BODIES, FrameDecoder, Logon, MessageType, WireConfig, encode_frame
 
-__all__ = ["WSClient", "connect", "handshake", "client_frame", "server_frames", "Closed"]
+__all__ = ["Closed", "WSClient", "client_frame", "connect", "handshake", "server_frames"]
 
 
 class Closed:
@@ -86,7 +86,9 @@ class WSClient(WebSocketClientProtocol):
             d.errback(AssertionError(f"closed ({closed}) before a {message_type} arrived"))
         self._waiters = []
 
-    def send_frame(self, message_type, body=b"", *, message_id=0, user_id="", dest="_0", client_type=3):
+    def send_frame(
+        self, message_type, body=b"", *, message_id=0, user_id="", dest="_0", client_type=3
+    ):
         self.sendMessage(
             encode_frame(
                 self.wire,
@@ -107,7 +109,10 @@ class WSClient(WebSocketClientProtocol):
         self.user_id = user_id
         d = self.next_frame(MessageType.LOGON)
         self.send_frame(
-            MessageType.LOGON, Logon(1, "", password).encode(), message_id=message_id, user_id=user_id
+            MessageType.LOGON,
+            Logon(1, "", password).encode(),
+            message_id=message_id,
+            user_id=user_id,
         )
         return d.addCallback(lambda frame_body: frame_body[1])
 

@@ -20,8 +20,9 @@ HERE = Path(__file__).resolve().parent
 VECTORS_JSON = HERE / "vectors.json"
 sys.path.insert(0, str(HERE.parent))
 
-from esf import wire  # noqa: E402
-from test_wire import VECTORS  # noqa: E402
+from test_wire import VECTORS
+
+from esf import wire
 
 
 def _value(value):
@@ -49,7 +50,9 @@ def export() -> dict:
     bodies = {}
     for table in (wire.REQUEST_BODIES, wire.REPLY_BODIES):
         for cls in table.values():
-            bodies[cls.__name__] = [[name, _kind(kind, as_type)] for name, kind, as_type in cls._layout]
+            bodies[cls.__name__] = [
+                [name, _kind(kind, as_type)] for name, kind, as_type in cls._layout
+            ]
     return {
         "vectors": [
             {
