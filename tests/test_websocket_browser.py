@@ -154,13 +154,16 @@ class Page:
         )
 
     def say(self, text, to="lobby"):
-        from selenium.webdriver.support.ui import Select
-
+        # Scripted rather than through element handles: the page rebuilds
+        # the online list and the menu when someone comes or goes.
         if to != "lobby":
             # Click the name in the online list, as a person does.
             self.wait(lambda: to in self.online(), f"{to} shown online")
             self.script(f"document.querySelector('#online li[data-user=\"{to}\"]').click()")
-        Select(self._find("to")).select_by_value(to)
+        else:
+            self.script("document.getElementById('to').value = 'lobby'")
+        chosen = "return document.getElementById('to').value"
+        self.wait(lambda: self.script(chosen) == to, f"{to} chosen")
         self._find("text").send_keys(text)
         self._find("send").click()
         self.wait(lambda: text in self.text("log"), f"my own {text!r} shown")

@@ -13,6 +13,7 @@ const ONLINE_POLL_MS = 3000;
 const $ = (id) => document.getElementById(id);
 let client = null;
 let pollTimer = null;
+let lastShown = null; // the online list as last shown
 
 /** ws(s)://this-host/esf, or the page's ?server= parameter. */
 function serverUrl() {
@@ -58,8 +59,10 @@ async function refreshOnline() {
   } catch {
     return; // the next poll tries again
   }
-  const list = $("online");
-  list.replaceChildren(...users.map((user) => {
+  const shown = users.join("\n");
+  if (shown === lastShown) return; // unchanged: leave the list and the menu alone
+  lastShown = shown;
+  $("online").replaceChildren(...users.map((user) => {
     const item = document.createElement("li");
     item.textContent = user;
     item.dataset.user = user;
@@ -147,6 +150,7 @@ async function logon(event) {
     return;
   }
   status(`logged on as ${userId}`, "online");
+  lastShown = null;
   $("logon-form").hidden = true;
   $("chat").hidden = false;
   composing(true);
