@@ -15,7 +15,7 @@ import pytest_twisted
 from _helpers import LogCapture
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from wsclient import ConnectionRefusedByServer, connect
+from wsclient import ConnectionRefusedByServer, WSClient, connect
 from zope.interface import implementer
 
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService, WebSocketFactory
@@ -573,5 +573,64 @@ def test_web_demo_serves_the_page_the_module_and_the_websocket():
             yield connect(port, origin="http://evil.example")
         with pytest.raises(ConnectionRefusedByServer):
             yield connect(port, protocols=())
+    finally:
+        yield with_timeout(service.stopService())
+
+
+@pytest_twisted.inlineCallbacks
+def test_wss_on_an_ssl_endpoint(tmp_path):
+    """
+    An C{ssl:} endpoint gives wss: a page of the server's own https origin
+    logs on; an http origin of the same host and port is another origin.
+    """
+    from autobahn.twisted.websocket import WebSocketClientFactory
+    from twisted.internet import reactor
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+    from test_tls import make_certificate, ssl_endpoint_string
+
+    cert_path, key_path, cert_pem = make_certificate(tmp_path)
+    engine = ServerEngine(ServerConfig(wire=WireConfig(max_message_size=MAX)), clock=reactor)
+    service = ServerService(engine, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    listener = service.listen(
+        serverFromString(reactor, ssl_endpoint_string(cert_path, key_path)),
+        WebSocketFactory(engine, reactor=reactor),
+    )
+    service.startService()
+    port = (yield listener._waitingForPort).getHost().port
+
+    def connect_tls(origin):
+        factory = WebSocketClientFactory(
+            f"wss://localhost:{port}/esf", protocols=["esf.v1"], origin=origin, reactor=reactor
+        )
+        factory.protocol = WSClient
+        made = []
+        build = factory.buildProtocol
+        factory.buildProtocol = lambda addr: made.append(build(addr)) or made[-1]
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
+        reactor.connectSSL("127.0.0.1", port, factory, options, timeout=5)
+
+        def opened():
+            d = defer.Deferred()
+
+            def poll():
+                if made:
+                    made[0].opened.chainDeferred(d)
+                else:
+                    reactor.callLater(0.01, poll)
+
+            poll()
+            return d
+
+        return with_timeout(opened())
+
+    try:
+        alice = yield connect_tls(f"https://localhost:{port}")
+        reply = yield with_timeout(alice.logon("alice"))
+        assert reply.result == LogonResult.SUCCEED
+        [session] = engine.sessions
+        assert session.address.startswith("127.0.0.1:")
+        with pytest.raises(ConnectionRefusedByServer, match="403"):
+            yield connect_tls(f"http://localhost:{port}")
     finally:
         yield with_timeout(service.stopService())
