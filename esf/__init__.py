@@ -1,5 +1,5 @@
 """
-esf: long-lived, authenticated binary TCP sessions on Twisted.
+esf: long-lived, authenticated binary sessions on Twisted, over TCP and WebSocket.
 
 The server engine, its settings and values are exported from here; the
 interfaces applications implement or subscribe to are in L{esf.interfaces};
@@ -21,6 +21,7 @@ from ._engine import (
 )
 from ._messages import RequestError
 from ._protocol import ServerFactory, ServerProtocol, ServerService
+from ._websocket import WebSocketFactory, WebSocketProtocol
 from ._wire import (
     ClientType,
     DisconnectedType,
@@ -52,6 +53,8 @@ __all__ = [
     "ServerProtocol",
     "ServerService",
     "UserData",
+    "WebSocketFactory",
+    "WebSocketProtocol",
     "WireConfig",
     "engine_for",
 ]

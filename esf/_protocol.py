@@ -139,9 +139,10 @@ class _EngineService(Service):
 
 class ServerService(MultiService):
     """
-    Runs an engine and listens for it on an endpoint.  Stopping it stops
-    listening first, then sends every session C{ServerShutdown} and waits
-    for the connections to close.
+    Runs an engine and listens for it on an endpoint (and on more with
+    L{listen}, e.g. WebSocket).  Stopping it stops listening first, then
+    sends every session C{ServerShutdown} and waits for the connections to
+    close.
 
     A port that cannot be bound makes L{startService} raise, so that
     C{twistd} exits with the error rather than run deaf.
@@ -157,11 +158,18 @@ class ServerService(MultiService):
         super().__init__()
         self.engine = engine
         _EngineService(engine).setServiceParent(self)
-        self.listener = StreamServerEndpointService(
-            _PortTeller(endpoint, self), ServerFactory(engine)
-        )
-        self.listener._raiseSynchronously = True
-        self.listener.setServiceParent(self)
+        self.listener = self.listen(_PortTeller(endpoint, self), ServerFactory(engine))
+
+    def listen(self, endpoint: IStreamServerEndpoint, factory: Factory) -> StreamServerEndpointService:
+        """
+        Also listen on C{endpoint} with C{factory}, whose connections are
+        channels of the same engine (see L{esf.WebSocketFactory}).  Like
+        every listener, it stops before the engine does.
+        """
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+        return listener
 
     def stopService(self) -> Deferred:
         self.port = None

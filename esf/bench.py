@@ -9,7 +9,9 @@ C{benchmarks/bare_relay.py} in the same run:
   M one-way Send (202) messages to its receiver through the server.  The
   senders keep a bounded window of messages in flight (they know how many
   their receiver has counted: both ends live in this process).  Reported:
-  messages per second, the server's CPU and RSS.
+  messages per second, the server's CPU and RSS.  The same relay over
+  WebSocket (C{twistd esf --websocket}, one frame per binary message) is
+  measured too, and reported as a ratio to TCP (C{--no-websocket} skips it).
 - B{request}: N pairs; each sender keeps one Request (203) outstanding, its
   receiver answers each with a Response (204); the round trip is timed at
   the sender.  Reported: p50/p90/p99/max and requests per second.
@@ -201,12 +203,13 @@ class LocalServer:
     def __init__(self, kind: str, opts, workdir: Path, max_connections: int, extra: tuple = ()):
         self.kind = kind
         self.port = free_port()
+        self.ws_port = free_port() if kind == "ws" else None
         self.host = "127.0.0.1"
         self.log_path = workdir / f"{kind}-{self.port}.log"
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        if kind == "esf":
+        if kind in ("esf", "ws"):
             argv = [
                 opts.server_python, "-m", "twisted",
                 "--log-file", str(self.log_path), "--log-format", "text",
@@ -216,6 +219,8 @@ class LocalServer:
                 "--max-connections", str(max_connections),
                 *extra,
             ]  # fmt: skip
+            if self.ws_port is not None:
+                argv += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
         else:
             argv = [
                 opts.server_python, str(opts.bare_relay_path),
@@ -238,7 +243,9 @@ class LocalServer:
                     + self.log_tail()
                 )
             try:
-                socket.create_connection((self.host, self.port), timeout=0.5).close()
+                for port in (self.port, self.ws_port):
+                    if port is not None:
+                        socket.create_connection((self.host, port), timeout=0.5).close()
                 return
             except OSError:
                 time.sleep(0.05)
@@ -394,6 +401,131 @@ class _EsfChecker:
             ):
                 raise BenchError(f"unexpected frame at the receiver {self.dst}: {frame!r:.200}")
         return len(frames)
+
+
+#: The mask of every WebSocket frame the load sends.  RFC 6455 wants a fresh
+#: random key per frame (against proxy cache poisoning, not an issue on
+#: loopback); a fixed one keeps the load precomputed, and the server
+#: unmasks whatever the key.
+_WS_MASK = b"\x37\xfa\x21\x3d"
+
+
+def _ws_header(opcode: int, length: int, masked: bool) -> bytes:
+    bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes([0x80 | opcode, bit | length])
+    if length < 65536:
+        return bytes([0x80 | opcode, bit | 126]) + length.to_bytes(2, "big")
+    return bytes([0x80 | opcode, bit | 127]) + length.to_bytes(8, "big")
+
+
+def _ws_client_frame(payload: bytes) -> bytes:
+    """
+    One masked binary WebSocket frame, as a client sends it.
+    """
+    mask = (_WS_MASK * (len(payload) // 4 + 1))[: len(payload)]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(payload), "big")
+    return _ws_header(2, len(payload), True) + _WS_MASK + masked
+
+
+def _ws_server_frame_length(data: bytes, offset: int = 0):
+    """
+    C{(header length, payload length)} of the unmasked frame at C{offset},
+    or C{None} while its header is incomplete.
+    """
+    if len(data) - offset < 2:
+        return None
+    n = data[offset + 1] & 0x7F
+    if n < 126:
+        return 2, n
+    size = 4 if n == 126 else 10
+    if len(data) - offset < size:
+        return None
+    return size, int.from_bytes(data[offset + 2 : offset + size], "big")
+
+
+class WsDialect:
+    """
+    ESF frames over WebSocket to C{twistd esf --websocket}: the handshake,
+    then each ESF frame as one masked binary message.
+    """
+
+    kind = "ws"
+
+    def __init__(self, esf: EsfDialect):
+        self.esf = esf
+        #: What a receiver gets per message: the server's (unmasked) frame.
+        self.frame_size = len(_ws_header(2, esf.frame_size, False)) + esf.frame_size
+
+    def hello(self, name: str) -> bytes:
+        handshake = (
+            "GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: ZXNmLWJlbmNoLWtleS0xMg==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: esf.v1\r\n\r\n"
+        ).encode()
+        return handshake + _ws_client_frame(self.esf.hello(name))
+
+    def hello_parser(self):
+        return _WsLogonReply(self.esf.hello_parser())
+
+    def message(self, src: str, dst: str) -> bytes:
+        return _ws_client_frame(self.esf.message(src, dst))
+
+    def checker(self, src: str, dst: str):
+        return _WsChecker(self.esf.checker(src, dst))
+
+
+class _WsLogonReply:
+    def __init__(self, esf_parser):
+        self.esf_parser = esf_parser
+        self.buffer = b""
+        self.upgraded = False
+
+    def feed(self, data: bytes):
+        self.buffer += data
+        if not self.upgraded:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return None, b""
+            if not self.buffer.startswith(b"HTTP/1.1 101"):
+                return f"WebSocket handshake refused: {self.buffer[:60]!r}", b""
+            self.upgraded = True
+            self.buffer = self.buffer[end + 4 :]
+        lengths = _ws_server_frame_length(self.buffer)
+        if lengths is None or len(self.buffer) < sum(lengths):
+            return None, b""
+        header, length = lengths
+        if self.buffer[0] & 0x0F != 2:
+            return f"answer to Logon is WebSocket opcode {self.buffer[0] & 0x0F}", b""
+        status, _ = self.esf_parser.feed(self.buffer[header : header + length])
+        return status, self.buffer[header + length :]
+
+
+class _WsChecker:
+    """
+    C{--check} over WebSocket: every message is one binary frame holding
+    one ESF frame the ESF checker accepts.
+    """
+
+    def __init__(self, esf_checker):
+        self.esf_checker = esf_checker
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> int:
+        buf = self.buffer + data
+        offset = count = 0
+        while (lengths := _ws_server_frame_length(buf, offset)) is not None:
+            header, length = lengths
+            if len(buf) - offset < header + length:
+                break
+            if buf[offset] != 0x82:
+                raise BenchError(f"a receiver got WebSocket frame 0x{buf[offset]:02x}, not one binary message")
+            if self.esf_checker.feed(buf[offset + header : offset + header + length]) != 1:
+                raise BenchError("a WebSocket message did not hold exactly one frame")
+            count += 1
+            offset += header + length
+        self.buffer = buf[offset:]
+        return count
 
 
 class BareDialect:
@@ -620,14 +752,16 @@ class Bench:
         self.tag = "0123456789abcdefghijklmnopqrstuvwxyz"[tag // 36] + "0123456789abcdefghijklmnopqrstuvwxyz"[tag % 36]
         self.esf = EsfDialect(opts.size, opts.password, opts.system_token)
         self.bare = BareDialect(self.esf.frame_size)
+        self.ws = WsDialect(self.esf)
 
     def dialect(self, kind: str):
-        return self.esf if kind == "esf" else self.bare
+        return {"esf": self.esf, "bare": self.bare, "ws": self.ws}[kind]
 
     def connect(self, server, dialect, name: str) -> Conn:
         conn = Conn(name, dialect.hello(name), dialect.hello_parser())
         node = server.node_for(name) if hasattr(server, "node_for") else server
-        self.reactor.connectTCP(node.host, node.port, _ConnFactory(conn), timeout=10)
+        port = node.ws_port if dialect.kind == "ws" else node.port
+        self.reactor.connectTCP(node.host, port, _ConnFactory(conn), timeout=10)
         return conn
 
     def log_on(self, server, dialect, names: list[str], label: str, deadline: float) -> defer.Deferred:
@@ -718,7 +852,7 @@ class Bench:
 
         for (sender, receiver), share in zip(couples, shares):
             frame = dialect.message(sender.name, receiver.name)
-            st = _SendPair(sender, receiver, frame, share, window, totals, done, pairs)
+            st = _SendPair(sender, receiver, frame, share, window, totals, done, pairs, size)
             if opts.check:
                 st.checker = dialect.checker(sender.name, receiver.name)
             receiver.on_data = st.received_checked if opts.check else st.received
@@ -924,9 +1058,11 @@ class _SendPair:
     checker = None
     _finished = False
 
-    def __init__(self, sender, receiver, frame, share, window, totals, done, pairs):
+    def __init__(self, sender, receiver, frame, share, window, totals, done, pairs, size):
         self.sender, self.receiver = sender, receiver
-        self.frame, self.size = frame, len(frame)
+        # size: the bytes a receiver gets per message (over WebSocket, not
+        # what the sender writes, which is masked).
+        self.frame, self.size = frame, size
         self.share, self.window = share, window
         self.totals, self.done, self.pairs = totals, done, pairs
         self.sent = 0
@@ -1326,9 +1462,10 @@ async def run(reactor, opts) -> dict:
                     row["pairs"] = pairs
                 else:
                     row["count"] = opts.logons if mode == "logons" else opts.idle
-                runs = {kind: [] for kind in kinds}
+                row_kinds = kinds + (["ws"] if mode == "send" and opts.websocket else [])
+                runs = {kind: [] for kind in row_kinds}
                 for repeat in range(opts.repeat):
-                    for kind in kinds:
+                    for kind in row_kinds:
                         result = await _one_run(bench, opts, workdir, mode, kind, pairs, row)
                         runs[kind].append(result)
                         if "error" in result:
@@ -1339,11 +1476,14 @@ async def run(reactor, opts) -> dict:
                                 f"{opts.repeat} {'failed' if 'error' in result else 'done'}",
                                 file=sys.stderr,
                             )
-                for kind in kinds:
+                for kind in row_kinds:
                     row[kind] = _best(mode, runs[kind])
                     if opts.repeat > 1:
                         row[kind]["runs"] = runs[kind]
                 row["ratio"] = _ratios(mode, row.get("esf"), row.get("bare"))
+                if "ws" in row:
+                    # WebSocket against TCP, both esf, in the same run.
+                    row["ws_ratio"] = _ratios(mode, row["ws"], row.get("esf"))
                 rows.append(row)
     finally:
         if opts.keep_logs:
@@ -1369,6 +1509,7 @@ async def run(reactor, opts) -> dict:
             "logon_window": opts.logon_window,
             "backlog": opts.backlog,
             "bare": opts.bare,
+            "websocket": opts.websocket,
             "check": opts.check,
             "duration_cap_s": opts.duration,
             "repeat": opts.repeat,
@@ -1387,6 +1528,8 @@ async def _one_run(bench, opts, workdir, mode, kind, pairs, row) -> dict:
     conns_needed = (2 * pairs if pairs else row["count"]) + 64
     server = None
     try:
+        if kind == "ws" and opts.server:
+            raise BenchError("the WebSocket measurement needs a server this run starts (no --server)")
         if kind == "esf" and opts.server:
             server = RemoteServer(*opts.server)
         else:
@@ -1505,6 +1648,21 @@ def format_table(report: dict) -> str:
                 f"{_fmt(row['measured'], row['figure'])} | {_fmt(row['baseline'], row['figure'])} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} |"
             )
+    ws_rows = [row for row in report["results"] if "ws" in row]
+    if ws_rows:
+        lines += ["", "| WebSocket relay | WebSocket | TCP | WebSocket/TCP |", "|---|---:|---:|---:|"]
+    for row in ws_rows:
+        label = _row_label(row)
+        ws, tcp = row["ws"], row.get("esf") or {}
+        if "error" in ws:
+            lines.append(f"| {label}: WebSocket FAILED | {ws['error'][:80]} | | |")
+            continue
+        for figure in ["msgs_per_s", "server_cpu_percent", "server_peak_rss_bytes"]:
+            ratio = row.get("ws_ratio", {}).get(figure)
+            lines.append(
+                f"| {label}: {figure} | {_fmt(ws.get(figure), figure)} | {_fmt(tcp.get(figure), figure)} | "
+                f"{'-' if ratio is None else f'{ratio:.2f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -1541,8 +1699,8 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="esf-bench",
-        description="Load an esf server and measure relay throughput, round-trip latency, "
-        "logons/s and memory per idle session, next to a bare Twisted relay.",
+        description="Load an esf server and measure relay throughput (over TCP and WebSocket), "
+        "round-trip latency, logons/s and memory per idle session, next to a bare Twisted relay.",
     )
     p.add_argument("--server", type=_host_port, metavar="HOST:PORT",
                    help="measure this running esf server instead of starting one (no CPU/RSS figures)")
@@ -1568,6 +1726,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bare", dest="bare", action="store_true", default=True,
                    help="also measure the bare relay and print ratios (default)")
     p.add_argument("--no-bare", dest="bare", action="store_false", help="measure esf only")
+    p.add_argument("--websocket", dest="websocket", action="store_true", default=None,
+                   help="in send mode, also relay over WebSocket and give the ratio to TCP "
+                   "(default, unless --server)")
+    p.add_argument("--no-websocket", dest="websocket", action="store_false",
+                   help="relay over TCP only")
     p.add_argument("--bare-relay", dest="bare_relay", metavar="PATH",
                    help="the bare relay script (default: benchmarks/bare_relay.py of this checkout)")
     p.add_argument("--server-python", metavar="PATH", default=sys.executable,
@@ -1617,6 +1780,10 @@ def parse_options(argv: list[str] | None):
     opts.modes = MODES if opts.mode == "all" else () if opts.cluster else (opts.mode,)
     if opts.cluster and opts.server is not None:
         parser.error("--mode cluster starts its own nodes; it takes no --server")
+    if opts.websocket is None:
+        opts.websocket = opts.server is None and not opts.cluster
+    elif opts.websocket and opts.server is not None:
+        parser.error("--websocket needs a server this run starts: not with --server")
     if opts.size < 0:
         parser.error("--size must be 0 or more")
     if opts.size + 40 > 1024 * 1024:

@@ -28,6 +28,7 @@ from ._engine import (
 from ._metrics import MetricsService
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._protocol import ServerService
+from ._websocket import WebSocketFactory, web_demo_site
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
 
@@ -85,8 +86,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     synopsis = "[options]"
     longdesc = (
-        "Run an esf server: long-lived, authenticated binary TCP sessions "
-        "(ESF v1 protocol). With neither --auth nor --handler every logon is accepted."
+        "Run an esf server: long-lived, authenticated binary sessions over TCP "
+        "and WebSocket (ESF v1 protocol). With neither --auth nor --handler every "
+        "logon is accepted."
     )
     supportedInterfaces = [credentials.IUsernamePassword]
 
@@ -115,10 +117,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
     ]
 
+    optFlags = [
+        ["web-demo", None, "Serve the JavaScript client and the chat page at / on every --websocket endpoint."],
+    ]
+
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options has no annotations
         self["admins"] = []
         self["handlers"] = []
+        self["websocket"] = []
+        self["websocket-origins"] = []
 
     def opt_handler(self, spec: str) -> None:
         """
@@ -129,6 +137,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         self["handlers"].append(load_object(spec))
 
+    def opt_websocket(self, endpoint: str) -> None:
+        """
+        Also serve WebSocket clients on this endpoint, at the path /esf
+        (repeatable; tcp:4531, or ssl:... for wss).
+        """
+        self["websocket"].append(endpoint)
+
+    def opt_websocket_origin(self, origin: str) -> None:
+        """
+        A browser origin allowed to connect over WebSocket besides the
+        server's own pages, e.g. https://chat.example.com; * is a wildcard
+        (repeatable).
+        """
+        self["websocket-origins"].append(origin)
+
     def opt_admin(self, user_id: str) -> None:
         """
         A user allowed to kick anyone (repeatable).
@@ -136,17 +159,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["admins"].append(user_id)
 
     def postOptions(self) -> None:
-        port = self["port"]
-        if port.isdigit():
-            self["port"] = port = f"tcp:{port}"
-        # Parsed here, not in makeService, so that a bad endpoint is a usage
-        # error; twistd has installed its reactor by the time it gets here.
-        from twisted.internet import endpoints, reactor
-
-        try:
-            self["endpoint"] = endpoints.serverFromString(reactor, port)
-        except Exception as e:  # parsers raise many kinds; all mean a bad --port
-            raise usage.UsageError(f"--port {port!r} is not an endpoint: {e}") from None
+        self["port"] = _bare_port(self["port"])
+        self["websocket"] = [_bare_port(e) for e in self["websocket"]]
+        self["endpoint"] = _endpoint("port", self["port"])
+        self["websocket-endpoints"] = [_endpoint("websocket", e) for e in self["websocket"]]
+        if self["web-demo"] and not self["websocket"]:
+            raise usage.UsageError("--web-demo serves pages on the --websocket endpoints: give one")
         try:
             self["relogon-mode"] = RelogonMode(self["relogon-mode"])
         except ValueError:
@@ -162,7 +180,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["applications"] = Applications.sort(self["handlers"])
         except ValueError as e:
             raise usage.UsageError(f"--handler: {e}") from None
-        self._ops_options(endpoints, reactor)
+        self._ops_options()
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -199,14 +217,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except ValueError as e:
                 raise usage.UsageError(f"--node-id: {e}") from None
 
-    def _ops_options(self, endpoints: Any, reactor: Any) -> None:
+    def _ops_options(self) -> None:
         for name in ("metrics", "admin-api"):
-            if self[name] is None:
-                continue
-            try:
-                self[f"{name}-endpoint"] = endpoints.serverFromString(reactor, self[name])
-            except Exception as e:  # as for --port
-                raise usage.UsageError(f"--{name} {self[name]!r} is not an endpoint: {e}") from None
+            if self[name] is not None:
+                self[f"{name}-endpoint"] = _endpoint(name, self[name])
         if self["audit-log"] is not None:
             try:
                 check_audit_path(self["audit-log"])
@@ -226,6 +240,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "give --admin-token-file, or listen on a loopback interface "
                 "(tcp:PORT:interface=127.0.0.1)"
             )
+
+
+def _bare_port(description: str) -> str:
+    """
+    A bare number is a TCP port.
+    """
+    return f"tcp:{description}" if description.isdigit() else description
+
+
+def _endpoint(option: str, description: str) -> Any:
+    """
+    The server endpoint for an option's value.
+    """
+    # Parsed with the options, not in makeService, so that a bad endpoint is
+    # a usage error; twistd has installed its reactor by the time it gets
+    # here.
+    from twisted.internet import endpoints, reactor
+
+    try:
+        return endpoints.serverFromString(reactor, description)
+    except Exception as e:  # parsers raise many kinds; all mean a bad endpoint
+        raise usage.UsageError(f"--{option} {description!r} is not an endpoint: {e}") from None
 
 
 def load_object(spec: str) -> Any:
@@ -348,6 +384,14 @@ def makeService(options: Options) -> MultiService:
     )
     apps.initialize(engine)
     server = ServerService(engine, options["endpoint"])
+    origins = options["websocket-origins"]
+    for endpoint in options["websocket-endpoints"]:
+        factory: Any
+        if options["web-demo"]:
+            factory = web_demo_site(engine, origins, reactor=reactor)
+        else:
+            factory = WebSocketFactory(engine, origins, reactor=reactor)
+        server.listen(endpoint, factory)
     add_operations(server, engine, options)
     if presence is None:
         return server

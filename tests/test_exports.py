@@ -32,6 +32,8 @@ PUBLIC = {
     "ServerProtocol",
     "ServerService",
     "UserData",
+    "WebSocketFactory",
+    "WebSocketProtocol",
     "WireConfig",
     "engine_for",
 }

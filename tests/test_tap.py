@@ -412,3 +412,47 @@ def test_operations_usage_errors(argv, message):
 def test_a_token_file_others_may_read_is_refused(tmp_path):
     path = _token_file(tmp_path, 0o644)
     assert "chmod 600" in usage_error("--admin-api", "tcp:0", "--admin-token-file", path)
+# -- WebSocket -------------------------------------------------------------------------
+
+
+def test_no_websocket_by_default():
+    options = parse()
+    assert options["websocket"] == []
+    assert options["websocket-endpoints"] == []
+    assert options["web-demo"] == 0
+    service = makeService(options)
+    assert len(list(service)) == 2  # the engine and the TCP listener
+
+
+def test_websocket_endpoints_and_origins():
+    from twisted.web.server import Site
+
+    from esf import WebSocketFactory
+
+    options = parse(
+        "--websocket", "4531",
+        "--websocket", "tcp:4532:interface=127.0.0.1",
+        "--websocket-origin", "https://chat.example.com",
+        "--websocket-origin", "https://*.example.org",
+    )  # fmt: skip
+    assert options["websocket"] == ["tcp:4531", "tcp:4532:interface=127.0.0.1"]
+    assert len(options["websocket-endpoints"]) == 2
+    service = makeService(options)
+    listeners = list(service)[2:]
+    assert [type(listener.factory) for listener in listeners] == [WebSocketFactory] * 2
+    for listener in listeners:
+        assert listener.factory.engine is service.engine
+        assert listener.factory.allowed_origins == ("https://chat.example.com", "https://*.example.org")
+    assert [listener.endpoint for listener in listeners] == options["websocket-endpoints"]
+
+    demo = makeService(parse("--websocket", "4531", "--web-demo"))
+    [listener] = list(demo)[2:]
+    assert isinstance(listener.factory, Site)
+
+
+def test_bad_websocket_endpoint():
+    assert "--websocket 'bogus:1' is not an endpoint" in usage_error("--websocket", "bogus:1")
+
+
+def test_web_demo_needs_a_websocket_endpoint():
+    assert "--web-demo" in usage_error("--web-demo")

@@ -4,6 +4,10 @@ administrators.  Run it with::
 
     twistd -n esf --handler esf.examples.chat:handler
 
+and with its web page (C{esf/web/chat.html}, served at C{/})::
+
+    twistd -n esf --handler esf.examples.chat:handler --websocket tcp:4531 --web-demo
+
 This is a demonstration: every logon is accepted, so anyone may log on as
 C{admin}.  A real application checks passwords in C{verify_user}.
 
@@ -26,6 +30,9 @@ ECHO = 4
 #: Send (202) or SendCertainly (205) to C{_0}; payload: C{"/kick USER [reason]"}.
 #: Only administrators may; use SendCertainly to learn whether it worked.
 COMMAND = 5
+#: Send (202) to a user: a private message; payload: the text.  The server
+#: relays it as it is; the receiving client shows it.
+TELL = 6
 
 
 @implementer(IBasicHandler, ICustomizeHandler, IGroupManager, IEngineAware)

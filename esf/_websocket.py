@@ -1,0 +1,526 @@
+"""
+ESF over WebSocket: the same frames, one per binary WebSocket message, on
+the same engine as TCP.
+
+L{WebSocketProtocol} is autobahn's Twisted server protocol made into one
+more L{IChannel}: it calls C{engine.connection_made(self)} once the
+WebSocket handshake is done and feeds each binary message to the session's
+C{data_received}, after checking that the message holds exactly one whole
+frame.  The engine never learns that a channel is a WebSocket.
+
+L{WebSocketFactory} configures autobahn for a server that faces the
+internet (its defaults do not): payload limits, handshake timeouts, a clean
+close rather than a dropped connection, the C{esf.v1} subprotocol, the
+C{/esf} path and an origin policy.  L{web_demo_site} serves the JavaScript
+client and the chat page beside the WebSocket, for C{twistd esf --web-demo}.
+
+See C{docs/websocket.md}.
+"""
+
+from __future__ import annotations
+
+import struct
+from importlib import resources
+from urllib.parse import urlsplit
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import wildcards2patterns
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
+from twisted.web.pages import notFound
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from ._engine import ServerEngine
+from ._protocol import peer_address
+from ._wire import DisconnectedType, MessageType
+from .interfaces import IChannel
+
+__all__ = [
+    "CLOSE_CODES",
+    "WEBSOCKET_PATH",
+    "WEBSOCKET_SUBPROTOCOL",
+    "WebSocketFactory",
+    "WebSocketProtocol",
+    "web_demo_site",
+]
+
+log = Logger(namespace="esf.server")
+
+#: The URL path of the WebSocket endpoint.
+WEBSOCKET_PATH = "/esf"
+#: The WebSocket subprotocol a client must ask for.
+WEBSOCKET_SUBPROTOCOL = "esf.v1"
+
+#: The WebSocket close code sent after the C{DisconnectNotice} of each
+#: reason; every reason not listed closes with 1000 (the notice says why).
+CLOSE_CODES = {
+    DisconnectedType.INVALID_MESSAGE: 1002,  # protocol error
+    DisconnectedType.MESSAGE_WITH_WRONG_USER_ID: 1002,
+    DisconnectedType.NOT_LOGGED_ON: 1002,
+    DisconnectedType.MESSAGE_TOO_LARGE: 1009,  # message too big
+    DisconnectedType.CHANNEL_CACHE_OVERFLOW: 1008,  # policy violation
+    DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED: 1013,  # try again later
+    DisconnectedType.SERVER_SHUTDOWN: 1001,  # going away
+}
+#: A text message is refused with this code (unsupported data).
+_TEXT_CLOSE_CODE = 1003
+
+#: Bytes a peer may send before its WebSocket handshake is complete.
+MAX_HANDSHAKE_SIZE = 16 * 1024
+
+_BODY_LENGTH = struct.Struct("<i")
+_U16_BE = struct.Struct("!H")
+
+
+def _binary_header(length: int) -> bytes:
+    """
+    The header of an unmasked, unfragmented binary frame of C{length}
+    payload bytes (at most 65535).
+    """
+    if length < 126:
+        return bytes((0x82, length))
+    return b"\x82\x7e" + _U16_BE.pack(length)
+
+
+_DISCONNECT_NOTICE = MessageType.DISCONNECT_NOTICE
+
+
+@implementer(IChannel, IPushProducer)
+class WebSocketProtocol(WebSocketServerProtocol):
+    """
+    One WebSocket connection to an esf server: an L{IChannel} for the
+    engine, and the transport's push producer, as L{esf.ServerProtocol} is.
+
+    Incoming messages are gathered here (L{onMessageFrameData}) rather than
+    by autobahn, so that one size check, against the session's current
+    limit, runs before any of a message's payload is kept, and a message
+    sent in many tiny fragments costs one buffer, not one object per
+    fragment.
+    """
+
+    session = None
+    address = "?"
+    _closing = False
+    #: Whole frames received during the current read, not yet handed on.
+    _frames: list[bytes] | None = None
+    _paused = False
+    #: The message being received, and its announced size so far.
+    _message: bytearray | None = None
+    _size = 0
+    #: Why the connection is being closed: a close code chosen by the
+    #: adapter, or the reason of the last DisconnectNotice written.
+    _close_code: int | None = None
+    _notice_reason: int | None = None
+
+    # -- connection ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.address = peer_address(self.transport.getPeer())
+        self.transport.registerProducer(self, True)
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
+            self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
+            self.failHandshake("Request Header Fields Too Large", 431)
+            return
+        # The frames of every message that this read completes are handed
+        # to the session together, as the bytes of one TCP read are: the
+        # engine then writes each receiver's output once per read.
+        self._frames = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        frames, self._frames = self._frames, None
+        if frames and self.session is not None:
+            self.session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def onConnect(self, request):
+        """
+        Accept only C{/esf}, the C{esf.v1} subprotocol and an allowed origin.
+        """
+        if request.path != WEBSOCKET_PATH:
+            self._refuse(f"path {request.path!r} is not {WEBSOCKET_PATH}")
+            raise ConnectionDeny(404, "Not Found")
+        if WEBSOCKET_SUBPROTOCOL not in request.protocols:
+            self._refuse(f"subprotocols {request.protocols!r} lack {WEBSOCKET_SUBPROTOCOL}")
+            raise ConnectionDeny(400, f"Subprotocol {WEBSOCKET_SUBPROTOCOL} required")
+        origin = request.headers.get("origin")
+        if origin is not None and not self.factory.origin_allowed(
+            origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)
+        ):
+            self._refuse(f"origin {origin!r} is not allowed")
+            raise ConnectionDeny(403, "Origin Not Allowed")
+        return WEBSOCKET_SUBPROTOCOL
+
+    def _refuse(self, why: str) -> None:
+        log.info(
+            "refused a WebSocket handshake from {address}: {why}",
+            address=self.address,
+            why=why,
+            esf_event="websocket_refused",
+        )
+
+    def onOpen(self) -> None:
+        self.session = self.factory.engine.connection_made(self)
+        if self._paused:
+            self.session.pause_writing()
+
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        session = self.session
+        if session is None:
+            return
+        if self.failedByMe and not self._closing:
+            # autobahn failed the connection for a breach of WebSocket
+            # itself (an unmasked frame, a bad opcode...); its close frame
+            # said why, and the session ends with that reason too.
+            reason = self.localCloseReason or b""
+            session.kick(
+                DisconnectedType.INVALID_MESSAGE,
+                "WebSocket protocol error: " + reason.decode("utf-8", "replace"),
+            )
+        session.connection_lost()
+
+    # -- messages --------------------------------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._message = bytearray()
+        self._size = 0
+        if not isBinary and not self._closing:
+            self._fail(
+                DisconnectedType.INVALID_MESSAGE,
+                "a text message: ESF frames travel in binary messages",
+                _TEXT_CLOSE_CODE,
+            )
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        if self._closing:
+            return  # what is left of this message is read and dropped
+        self._size += length
+        limit = self._max_message_size()
+        if self._size > limit:
+            self._fail(
+                DisconnectedType.MESSAGE_TOO_LARGE,
+                f"a message of at least {self._size} bytes exceeds the maximum "
+                f"message size {limit}",
+                1009,
+            )
+            return
+        # autobahn's own limits (the engine's maximum) stay as a second line.
+        super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if not self._closing:
+            self._message += payload
+
+    def onMessageFrameEnd(self) -> None:
+        pass  # the fragments are gathered in _message
+
+    def onMessageEnd(self) -> None:
+        message, self._message = self._message, None
+        if self._closing or self.session is None or message is None:
+            return
+        self._message_received(bytes(message))
+
+    def _max_message_size(self) -> int:
+        session = self.session
+        if session is None:
+            return self.factory.engine.config.wire.max_message_size
+        # Small until the peer has logged on, as on TCP.
+        return session.decoder.max_message_size
+
+    def _message_received(self, data: bytes) -> None:
+        """
+        Feed one message to the session if it holds exactly one frame.
+        """
+        hlen = self.factory.header_length
+        size = len(data)
+        if size < hlen:
+            self._fail(
+                DisconnectedType.INVALID_MESSAGE,
+                f"a {size}-byte message is shorter than one {hlen}-byte frame header",
+                1002,
+            )
+            return
+        body_length = _BODY_LENGTH.unpack_from(data, 8)[0]
+        if hlen + body_length != size:
+            limit = self._max_message_size()
+            if hlen + body_length > limit:
+                reason, code = DisconnectedType.MESSAGE_TOO_LARGE, 1009
+                text = f"body length {body_length} exceeds the maximum message size {limit}"
+            elif body_length < 0:
+                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
+                text = f"body length {body_length} is negative"
+            elif hlen + body_length > size:
+                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
+                text = (
+                    f"a message holds part of a frame ({size} bytes; the header "
+                    f"announces {hlen + body_length}): one whole frame per message"
+                )
+            else:
+                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
+                text = (
+                    f"a message holds more than one frame ({size} bytes; the first "
+                    f"is {hlen + body_length}): one frame per message"
+                )
+            self._fail(reason, text, code)
+            return
+        if self._frames is not None:
+            self._frames.append(data)
+        else:
+            self.session.data_received(data)
+
+    def _fail(self, reason: DisconnectedType, text: str, code: int) -> None:
+        """
+        End the session for C{reason} (the engine logs it and sends the
+        DisconnectNotice), then close with C{code}.
+        """
+        self._close_code = code
+        self._deliver()  # the frames before the bad one count
+        if self.session is not None:
+            self.session.kick(reason, text)
+        self.close()
+
+    def onPing(self, payload: bytes) -> None:
+        # A peer that does not read gets no pongs: they would pile up in
+        # the transport's buffer, beyond the session's output bound.
+        if not self._paused:
+            super().onPing(payload)
+
+    # -- IChannel --------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """
+        Send frames, one binary message each.  C{data} holds one or more
+        whole frames, as the session writes them.
+        """
+        if self.state != self.STATE_OPEN:
+            return  # closing: what is still sent for the session is dropped
+        hlen = self.factory.header_length
+        size = len(data)
+        if size > 0xFFFF:
+            # Large output: autobahn frames it (and checks its size).
+            offset = 0
+            while offset < size:
+                end = offset + hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
+                self._note_notice(data, offset)
+                self.sendMessage(bytes(data[offset:end]), isBinary=True)
+                offset = end
+            return
+        # The common case: a few small frames.  Each gets the two- or
+        # four-byte header of an unmasked binary WebSocket frame, and they
+        # go out in one write, as the engine gathered them; autobahn's
+        # sendMessage would make one write per frame.  (No extension is
+        # ever negotiated, so the frames are plain.)
+        parts = []
+        offset = 0
+        while offset < size:
+            length = hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
+            self._note_notice(data, offset)
+            parts.append(_binary_header(length))
+            parts.append(data[offset : offset + length] if length != size else data)
+            offset += length
+        self.sendData(b"".join(parts))
+
+    def _note_notice(self, data: bytes, offset: int) -> None:
+        if data[offset + 2] == _DISCONNECT_NOTICE and data[offset + 3] == 0:
+            self._notice_reason = data[offset + self.factory.header_length]
+
+    def close(self) -> None:
+        """
+        Close with the code that matches why: the adapter's own, or the one
+        for the reason of the DisconnectNotice just written.  autobahn
+        aborts the connection when the peer does not answer the close
+        within the close timeout.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        code = self._close_code
+        name = ""
+        if self._notice_reason is not None:
+            try:
+                reason = DisconnectedType(self._notice_reason)
+            except ValueError:
+                pass
+            else:
+                name = reason.name
+                if code is None:
+                    code = CLOSE_CODES.get(reason)
+        if self.state == self.STATE_OPEN:
+            # sendClose() accepts only 1000 and 3000-4999, the codes for
+            # applications; 1001-1013 are the endpoint's own, as here.
+            self.sendCloseFrame(code=code or 1000, reasonUtf8=name.encode("ascii"))
+        elif self.state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+    # -- IPushProducer: the transport calls these as its buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.session is not None:
+            self.session.resume_writing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class WebSocketFactory(WebSocketServerFactory):
+    """
+    Builds a L{WebSocketProtocol} for every connection to C{engine}, with
+    autobahn set up for a public server.
+
+    @param allowed_origins: the browser origins allowed besides the page's
+        own (C{"https://chat.example.com"}; C{*} is a wildcard, C{"*"} alone
+        allows every origin).  A page may always connect to the server that
+        served it (its Origin names the host and port it connects to); a
+        client that sends no Origin (not a browser) is not checked.
+    """
+
+    protocol = WebSocketProtocol
+    noisy = False
+
+    def __init__(self, engine: ServerEngine, allowed_origins=(), *, reactor=None):
+        # No Server header: it would name autobahn and its version.
+        super().__init__(url=None, protocols=[WEBSOCKET_SUBPROTOCOL], server=None, reactor=reactor)
+        self.engine = engine
+        config = engine.config
+        self.header_length = config.wire.header_length
+        self.allowed_origins = tuple(allowed_origins)
+        self._origin_patterns = wildcards2patterns([o.lower() for o in self.allowed_origins])
+        size = config.wire.max_message_size
+        self.setProtocolOptions(
+            versions=[13],
+            webStatus=False,  # no HTML status page for a plain GET
+            utf8validateIncoming=False,  # text messages are refused anyway
+            maxFramePayloadSize=size,
+            maxMessagePayloadSize=size,
+            autoFragmentSize=0,
+            failByDrop=False,  # a close frame with a code, never a bare drop
+            openHandshakeTimeout=config.logon_timeout,
+            closeHandshakeTimeout=config.close_timeout,
+            autoPingInterval=0,  # ESF heartbeats detect dead peers
+            allowedOrigins=["*"],  # checked by origin_allowed, in onConnect
+            allowNullOrigin=True,  # "null" too is judged by origin_allowed
+            maxConnections=config.max_connections or 0,
+            trustXForwardedFor=0,
+        )
+
+    def origin_allowed(self, origin: str, host: str, secure: bool) -> bool:
+        """
+        Whether a browser page from C{origin} may connect, given the Host
+        header it connected to and whether the connection is TLS.
+        """
+        origin = origin.strip().lower()
+        if _same_origin(origin, host.strip().lower(), secure):
+            return True
+        return any(pattern.match(origin) for pattern in self._origin_patterns)
+
+
+def _same_origin(origin: str, host: str, secure: bool) -> bool:
+    """
+    Whether C{origin} (C{scheme://host[:port]}) is the page's own origin:
+    the scheme that matches the connection and the host and port of the
+    Host header.
+    """
+    try:
+        o = urlsplit(origin)
+        h = urlsplit("//" + host)
+        scheme = "https" if secure else "http"
+        default = 443 if secure else 80
+        return (
+            o.scheme == scheme
+            and not o.path.strip("/")
+            and o.hostname is not None
+            and o.hostname == h.hostname
+            and (o.port or default) == (h.port or default)
+        )
+    except ValueError:  # a port that is not a number
+        return False
+
+
+class _TakeOverResource(WebSocketResource):
+    """
+    autobahn's WebSocket resource, handing the connection over from
+    twisted.web cleanly: the HTTP channel is the transport's producer and
+    keeps an idle timer, and the WebSocket protocol takes both roles.
+    """
+
+    def render(self, request):
+        transport = request.channel.transport
+        if transport is not None:
+            request.channel.setTimeout(None)
+            transport.unregisterProducer()
+        return super().render(request)
+
+
+class _Root(Resource):
+    def getChild(self, path, request):
+        return notFound()
+
+
+class _File(Resource):
+    isLeaf = True
+
+    #: The demo page loads nothing but its own files and talks only to its
+    #: own server.
+    POLICY = (
+        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+    def __init__(self, data: bytes, content_type: bytes):
+        super().__init__()
+        self.data = data
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", self.POLICY)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.data
+
+    def render_HEAD(self, request):
+        self.render_GET(request)
+        return b""
+
+
+#: The files C{--web-demo} serves: URL path -> (file in esf/web, type).
+WEB_FILES = {
+    b"": ("chat.html", b"text/html; charset=utf-8"),
+    b"chat.js": ("chat.js", b"text/javascript; charset=utf-8"),
+    b"chat.css": ("chat.css", b"text/css; charset=utf-8"),
+    b"esf.js": ("esf.js", b"text/javascript; charset=utf-8"),
+}
+
+
+def web_demo_site(engine: ServerEngine, allowed_origins=(), *, reactor=None) -> Site:
+    """
+    A twisted.web site that serves the WebSocket at C{/esf}, the JavaScript
+    client at C{/esf.js} and the chat page at C{/}.
+    """
+    root = _Root()
+    web = resources.files("esf") / "web"
+    for path, (name, content_type) in WEB_FILES.items():
+        root.putChild(path, _File((web / name).read_bytes(), content_type))
+    factory = WebSocketFactory(engine, allowed_origins, reactor=reactor)
+    root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

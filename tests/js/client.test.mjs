@@ -1,0 +1,481 @@
+// EsfClient's behaviour on a fake WebSocket and a fake clock: logon,
+// heartbeats and dead-server detection, reconnect with backoff and
+// re-logon, answers taken only from the party asked, events.
+// The real thing (a browser against twistd esf) is tests/test_websocket_browser.py.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+
+import * as esf from "../../esf/web/esf.js";
+
+const { MessageType: MT, DisconnectedType: DT, ErrorCode, LogonResult } = esf;
+const wire = new esf.WireConfig();
+
+class FakeClock {
+  constructor() {
+    this.time = 1_000_000;
+    this.timers = new Map();
+    this.next = 1;
+  }
+  now() {
+    return this.time;
+  }
+  setTimeout(fn, ms) {
+    const id = this.next++;
+    this.timers.set(id, { at: this.time + ms, fn });
+    return id;
+  }
+  clearTimeout(id) {
+    this.timers.delete(id);
+  }
+  /** Move time on by `ms`, running each timer when it is due. */
+  advance(ms) {
+    const end = this.time + ms;
+    for (;;) {
+      const due = [...this.timers.entries()].filter(([, t]) => t.at <= end).sort((a, b) => a[1].at - b[1].at);
+      if (!due.length) break;
+      const [id, timer] = due[0];
+      this.timers.delete(id);
+      this.time = timer.at;
+      timer.fn();
+    }
+    this.time = end;
+  }
+}
+
+/** A WebSocket the test plays the server of. */
+class FakeWebSocket {
+  static made = [];
+  constructor(url, protocol) {
+    this.url = url;
+    this.requested = protocol;
+    this.protocol = "";
+    this.binaryType = "blob";
+    this.bufferedAmount = 0;
+    this.sent = [];
+    this.closedWith = null;
+    FakeWebSocket.made.push(this);
+  }
+  send(data) {
+    this.sent.push(esf.decodeFrame(wire, data.slice()));
+  }
+  close(code, reason) {
+    if (code !== 1000 && !(code >= 3000 && code <= 4999)) throw new Error(`a browser refuses close code ${code}`);
+    this.closedWith = { code, reason };
+  }
+  // the server's side
+  open(protocol = "esf.v1") {
+    this.protocol = protocol;
+    this.onopen({});
+  }
+  deliver(fields, bodyName, body) {
+    const bytes = esf.encodeFrame(wire, {
+      userId: "_0", destUserId: "alice", ...fields, body: bodyName ? esf.encodeBody(bodyName, body) : new Uint8Array(0),
+    });
+    this.onmessage({ data: bytes.buffer });
+  }
+  serverClose(code = 1000, reason = "") {
+    this.onclose({ code, reason });
+  }
+  /** The frames sent since the last call. */
+  take() {
+    const out = this.sent;
+    this.sent = [];
+    return out;
+  }
+  /** Answer the Logon this socket sent. */
+  acceptLogon(result = LogonResult.SUCCEED, cause = "") {
+    const [logon] = this.take().filter((f) => f.messageType === MT.LOGON);
+    assert.ok(logon, "a Logon was sent");
+    this.deliver({ messageType: MT.LOGON, messageId: logon.messageId }, "LogonReply", {
+      result, failureCause: cause, heartbeatInterval: 10, heartbeatTimeout: 30, maxMessageSize: 1 << 20,
+    });
+    return logon;
+  }
+}
+
+function setup(options = {}) {
+  FakeWebSocket.made = [];
+  const clock = new FakeClock();
+  const events = [];
+  const client = new esf.EsfClient("ws://server/esf", {
+    userId: "alice", password: "pw", WebSocket: FakeWebSocket, clock, random: () => 1,
+    requestTimeout: 5000, ...options,
+  });
+  for (const type of ["logon", "relogon", "interrupted", "reconnecting", "disconnected", "pushedout",
+                      "kickedout", "closed", "information", "broadcast", "deviceonline", "deviceoffline"]) {
+    client.addEventListener(type, (e) => events.push([type, e.detail]));
+  }
+  const socket = () => FakeWebSocket.made.at(-1);
+  return { client, clock, events, socket };
+}
+
+async function loggedOn(options) {
+  const s = setup(options);
+  const logon = s.client.logon();
+  s.socket().open();
+  s.socket().acceptLogon();
+  await logon;
+  return s;
+}
+
+const flush = () => new Promise((resolve) => setImmediate(resolve));
+const kinds = (events) => events.map(([type]) => type);
+
+test("logon: subprotocol, binary messages, the Logon frame, the response", async () => {
+  const { client, socket, events } = setup({ systemToken: "tok" });
+  const logon = client.logon();
+  const ws = socket();
+  assert.equal(ws.url, "ws://server/esf");
+  assert.equal(ws.requested, "esf.v1");
+  assert.equal(ws.binaryType, "arraybuffer");
+  ws.open();
+  const [frame] = ws.sent;
+  assert.equal(frame.messageType, MT.LOGON);
+  assert.equal(frame.clientType, esf.ClientType.WEBSOCKET);
+  assert.equal(frame.userId, "alice");
+  assert.equal(frame.destUserId, "_0");
+  assert.deepEqual(esf.decodeBody("Logon", frame.body), { protocolVersion: 1, systemToken: "tok", password: "pw" });
+  ws.acceptLogon();
+  const response = await logon;
+  assert.equal(response.succeeded, true);
+  assert.equal(response.heartbeatInterval, 10);
+  assert.ok(client.loggedOn);
+  assert.deepEqual(kinds(events), ["logon"]);
+});
+
+test("a wss: URL declares WebSocketSSL", () => {
+  FakeWebSocket.made = [];
+  const client = new esf.EsfClient("wss://server/esf", { userId: "alice", WebSocket: FakeWebSocket });
+  assert.equal(client.clientType, esf.ClientType.WEBSOCKET_SSL);
+});
+
+test("a refused first logon rejects with LogonFailed and stops", async () => {
+  const { client, socket, clock } = setup();
+  const logon = client.logon();
+  socket().open();
+  socket().acceptLogon(LogonResult.FAILED, "bad password");
+  await assert.rejects(logon, (e) => e instanceof esf.LogonFailed && e.cause === "bad password");
+  socket().serverClose();
+  clock.advance(120_000);
+  assert.equal(FakeWebSocket.made.length, 1);
+});
+
+test("a first connection that fails rejects and does not retry", async () => {
+  const { client, socket, clock } = setup();
+  const logon = client.logon();
+  socket().serverClose(1006);
+  await assert.rejects(logon, esf.NotConnected);
+  clock.advance(120_000);
+  assert.equal(FakeWebSocket.made.length, 1);
+});
+
+test("a server that speaks another subprotocol is left", async () => {
+  const { client, socket } = setup();
+  const logon = client.logon();
+  socket().open("");
+  await assert.rejects(logon, /esf.v1/);
+  assert.equal(socket().closedWith.code, esf.CLOSE_PROTOCOL_ERROR);
+});
+
+test("heartbeats every interval; a silent server is dropped and the client reconnects", async () => {
+  const { client, socket, clock, events } = await loggedOn();
+  const first = socket();
+  clock.advance(10_000);
+  assert.deepEqual(first.take().map((f) => f.messageType), [MT.HEARTBEAT]);
+  first.deliver({ messageType: MT.HEARTBEAT }); // the echo, at 10 s
+  clock.advance(20_000);
+  assert.deepEqual(first.take().map((f) => f.messageType), [MT.HEARTBEAT, MT.HEARTBEAT]);
+  // Nothing more from the server: at 30 s of silence it is taken as gone.
+  clock.advance(9_999);
+  assert.equal(first.closedWith, null);
+  clock.advance(1);
+  assert.equal(first.closedWith.code, esf.CLOSE_NO_ANSWER);
+  assert.equal(first.take().length, 0);
+  assert.ok(!client.loggedOn);
+  assert.deepEqual(kinds(events).slice(1), ["interrupted", "reconnecting"]);
+  // The reconnect, then the re-logon.
+  clock.advance(1000);
+  assert.equal(FakeWebSocket.made.length, 2);
+  socket().open();
+  socket().acceptLogon();
+  assert.ok(client.loggedOn);
+  assert.equal(events.at(-1)[0], "relogon");
+  assert.equal(events.at(-1)[1].response.succeeded, true);
+});
+
+test("reconnects back off, with a ceiling, and reset after a logon", async () => {
+  const { socket, clock, events } = await loggedOn({ retry: { initialDelay: 1000, maxDelay: 5000, factor: 2, jitter: false } });
+  socket().serverClose(1006);
+  const delays = [];
+  for (let i = 0; i < 5; i++) {
+    delays.push(events.at(-1)[1].delay);
+    clock.advance(events.at(-1)[1].delay);
+    socket().serverClose(1006); // connects, then fails before logon
+  }
+  assert.deepEqual(delays, [1000, 1000, 2000, 4000, 5000]);
+  clock.advance(events.at(-1)[1].delay);
+  socket().open();
+  socket().acceptLogon();
+  socket().serverClose(1006);
+  assert.equal(events.at(-1)[1].delay, 1000);
+});
+
+test("jitter spreads the delay between half and all of it", async () => {
+  const { socket, events } = await loggedOn({ random: () => 0 });
+  socket().serverClose(1006);
+  assert.equal(events.at(-1)[1].delay, 500);
+});
+
+test("a Busy re-logon keeps retrying; another refusal stops", async () => {
+  const { client, socket, clock, events } = await loggedOn();
+  socket().serverClose(1006);
+  clock.advance(1000);
+  socket().open();
+  socket().acceptLogon(LogonResult.BUSY, "try later");
+  socket().serverClose();
+  assert.equal(events.at(-1)[0], "reconnecting");
+  clock.advance(events.at(-1)[1].delay);
+  socket().open();
+  socket().acceptLogon(LogonResult.FAILED, "gone");
+  socket().serverClose();
+  assert.equal(events.at(-1)[0], "closed");
+  clock.advance(600_000);
+  assert.ok(!client.loggedOn);
+  assert.equal(FakeWebSocket.made.length, 3);
+});
+
+test("query: the answer of the user asked", async () => {
+  const { client, socket } = await loggedOn();
+  const answer = client.query("bob", 9, "time?");
+  const [request] = socket().take();
+  assert.equal(request.messageType, MT.REQUEST);
+  assert.equal(request.destUserId, "bob");
+  assert.deepEqual(esf.decodeBody("Information", request.body), { informationType: 9, payload: esf.toBytes("time?") });
+  socket().deliver({ messageType: MT.RESPONSE, messageId: request.messageId, userId: "bob" }, "Information",
+                   { informationType: 9, payload: esf.toBytes("12:00") });
+  assert.equal(esf.toText(await answer), "12:00");
+});
+
+test("answers from anyone but the party asked are refused", async () => {
+  const { client, socket } = await loggedOn();
+  const answer = client.query("bob", 9, "secret?");
+  const [request] = socket().take();
+  const id = request.messageId;
+  // mallory relays a Response and an Error with bob's MessageID
+  socket().deliver({ messageType: MT.RESPONSE, messageId: id, userId: "mallory" }, "Information",
+                   { informationType: 9, payload: esf.toBytes("forged") });
+  socket().deliver({ messageType: MT.ERROR, messageId: id, userId: "mallory" }, "Error",
+                   { requestMessageType: MT.REQUEST, code: ErrorCode.NOT_AUTHORIZED, text: "forged" });
+  // bob answers with the wrong type
+  socket().deliver({ messageType: MT.ACK, messageId: id, userId: "bob" }, "Ack", { informationType: 9 });
+  assert.equal(client.refusedAnswers, 3);
+  socket().deliver({ messageType: MT.RESPONSE, messageId: id, userId: "bob" }, "Information",
+                   { informationType: 9, payload: esf.toBytes("real") });
+  assert.equal(esf.toText(await answer), "real");
+});
+
+test("a server's answer cannot come from a user", async () => {
+  const { client, socket } = await loggedOn();
+  const online = client.isUserOnline("bob");
+  const [request] = socket().take();
+  socket().deliver({ messageType: MT.QUERY_ONLINE, messageId: request.messageId, userId: "bob" }, "QueryOnlineReply", { online: false });
+  assert.equal(client.refusedAnswers, 1);
+  socket().deliver({ messageType: MT.QUERY_ONLINE, messageId: request.messageId }, "QueryOnlineReply", { online: true });
+  assert.equal(await online, true);
+});
+
+test("an Error from the server rejects with its code", async () => {
+  const { client, socket } = await loggedOn();
+  const sent = client.sendCertainly("bob", 1, "hi");
+  const [request] = socket().take();
+  socket().deliver({ messageType: MT.ERROR, messageId: request.messageId }, "Error",
+                   { requestMessageType: MT.SEND_CERTAINLY, code: ErrorCode.USER_OFFLINE, text: "bob is offline" });
+  await assert.rejects(sent, (e) => e instanceof esf.RequestError && e.code === ErrorCode.USER_OFFLINE);
+});
+
+test("requests time out", async () => {
+  const { client, clock } = await loggedOn();
+  const answer = client.query("bob", 1, "", { timeout: 2000 });
+  clock.advance(1999);
+  let settled = false;
+  answer.catch(() => {}).finally(() => { settled = true; });
+  await flush();
+  assert.equal(settled, false);
+  clock.advance(1);
+  await assert.rejects(answer, (e) => e.code === ErrorCode.TIMEOUT);
+});
+
+test("acked send resolves on the receiver's Ack; a device is addressed with #", async () => {
+  const { client, socket } = await loggedOn();
+  const sent = client.sendCertainly("bob", 4, "hi", { clientType: 5 });
+  const [request] = socket().take();
+  assert.equal(request.messageType, MT.SEND_CERTAINLY);
+  assert.equal(request.destUserId, "bob#5");
+  socket().deliver({ messageType: MT.ACK, messageId: request.messageId, userId: "bob" }, "Ack", { informationType: 4 });
+  assert.equal(await sent, undefined);
+});
+
+test("broadcast resolves on the server's Ack, not a member's", async () => {
+  const { client, socket } = await loggedOn();
+  const done = client.broadcast("room", 3, "hello room");
+  const [request] = socket().take();
+  assert.equal(request.messageType, MT.BROADCAST);
+  assert.equal(request.destUserId, "room");
+  socket().deliver({ messageType: MT.ACK, messageId: request.messageId, userId: "bob" }, "Ack", { informationType: 3 });
+  assert.equal(client.refusedAnswers, 1);
+  socket().deliver({ messageType: MT.ACK, messageId: request.messageId }, "Ack", { informationType: 3 });
+  await done;
+});
+
+test("online queries", async () => {
+  const { client, socket } = await loggedOn();
+  const all = client.getAllOnlineUsers();
+  let [request] = socket().take();
+  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 0, limit: 0 });
+  socket().deliver({ messageType: MT.GET_ALL_ONLINE_USERS, messageId: request.messageId }, "GetAllOnlineUsersReply",
+                   { total: 3, userIds: ["alice", "bob"] });
+  await flush();
+  [request] = socket().take();
+  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 2, limit: 0 });
+  socket().deliver({ messageType: MT.GET_ALL_ONLINE_USERS, messageId: request.messageId }, "GetAllOnlineUsersReply",
+                   { total: 3, userIds: ["carol"] });
+  assert.deepEqual(await all, ["alice", "bob", "carol"]);
+
+  const some = client.queryOnlines(["bob", "dave"]);
+  [request] = socket().take();
+  socket().deliver({ messageType: MT.QUERY_ONLINES, messageId: request.messageId }, "QueryOnlinesReply", { online: [true, false] });
+  assert.deepEqual([...(await some)], [["bob", true], ["dave", false]]);
+
+  const devices = client.getMyDevices();
+  [request] = socket().take();
+  socket().deliver({ messageType: MT.GET_MY_DEVICES, messageId: request.messageId }, "GetMyDevicesReply", { clientTypes: [3, 0] });
+  assert.deepEqual(await devices, [3, 0]);
+});
+
+test("kickOut: refused with the server's cause", async () => {
+  const { client, socket } = await loggedOn();
+  const kick = client.kickOut("bob", "spam");
+  const [request] = socket().take();
+  assert.equal(request.destUserId, "bob");
+  socket().deliver({ messageType: MT.KICK_OUT, messageId: request.messageId }, "KickOutReply", { ok: false, cause: "not an admin" });
+  await assert.rejects(kick, (e) => e.code === ErrorCode.NOT_AUTHORIZED && e.text === "not an admin");
+});
+
+test("pushed out: the event with its cause, then closed, and no reconnect", async () => {
+  const { client, socket, clock, events } = await loggedOn();
+  socket().deliver({ messageType: MT.BEING_PUSHED_OUT_NOTIFY }, "BeingPushedOutNotify", { cause: "a new logon from 10.0.0.2" });
+  socket().deliver({ messageType: MT.DISCONNECT_NOTICE }, "DisconnectNotice", { reason: DT.BEING_PUSHED_OUT, text: "" });
+  socket().serverClose(1000);
+  assert.deepEqual(kinds(events), ["logon", "pushedout", "closed"]);
+  assert.deepEqual(events[1][1], { cause: "a new logon from 10.0.0.2" });
+  assert.equal(events[2][1].why, "pushed out: a new logon from 10.0.0.2");
+  clock.advance(600_000);
+  assert.equal(FakeWebSocket.made.length, 1);
+  assert.ok(!client.loggedOn);
+  assert.throws(() => client.send("bob", 1, "x"), esf.NotConnected);
+});
+
+test("kicked out: operator and reason, no reconnect", async () => {
+  const { socket, clock, events } = await loggedOn();
+  socket().deliver({ messageType: MT.BEING_KICKED_OUT_NOTIFY }, "BeingKickedOutNotify", { operator: "admin", reason: "spam" });
+  socket().serverClose(1000);
+  assert.deepEqual(events[1], ["kickedout", { operator: "admin", reason: "spam" }]);
+  assert.deepEqual(kinds(events), ["logon", "kickedout", "closed"]);
+  clock.advance(600_000);
+  assert.equal(FakeWebSocket.made.length, 1);
+});
+
+test("any other notice: disconnected with its reason, then a reconnect", async () => {
+  const { socket, events } = await loggedOn();
+  socket().deliver({ messageType: MT.DISCONNECT_NOTICE }, "DisconnectNotice", { reason: DT.SERVER_SHUTDOWN, text: "bye" });
+  socket().serverClose(1001);
+  assert.deepEqual(kinds(events), ["logon", "disconnected", "interrupted", "reconnecting"]);
+  assert.deepEqual(events[1][1], { reason: DT.SERVER_SHUTDOWN, reasonName: "SERVER_SHUTDOWN", text: "bye" });
+});
+
+test("pending calls fail when the connection drops", async () => {
+  const { client, socket } = await loggedOn();
+  const answer = client.query("bob", 1);
+  socket().serverClose(1006);
+  await assert.rejects(answer, esf.NotConnected);
+});
+
+test("incoming messages: events, Ack for an acked send, answers to queries and pings", async () => {
+  const { socket, events } = await loggedOn({
+    handler: { handleQuery: async (sender, clientType, type, payload) => `${sender} asked ${esf.toText(payload)}` },
+  });
+  socket().deliver({ messageType: MT.SEND_CERTAINLY, messageId: 7, userId: "bob", clientType: 0 }, "Information",
+                   { informationType: 2, payload: esf.toBytes("hi") });
+  await flush();
+  assert.deepEqual(events.at(-1), ["information", { sender: "bob", clientType: 0, informationType: 2, payload: esf.toBytes("hi") }]);
+  let [ack] = socket().take();
+  assert.deepEqual([ack.messageType, ack.messageId, ack.destUserId], [MT.ACK, 7, "bob"]);
+
+  socket().deliver({ messageType: MT.REQUEST, messageId: 8, userId: "bob" }, "Information", { informationType: 3, payload: esf.toBytes("q") });
+  await flush();
+  const [response] = socket().take();
+  assert.deepEqual([response.messageType, response.messageId, response.destUserId], [MT.RESPONSE, 8, "bob"]);
+  assert.equal(esf.toText(esf.decodeBody("Information", response.body).payload), "bob asked q");
+
+  socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 9, userId: "bob" });
+  const [pingAck] = socket().take();
+  assert.deepEqual([pingAck.messageType, pingAck.messageId, pingAck.destUserId], [MT.PING_ACK, 9, "bob"]);
+
+  socket().deliver({ messageType: MT.BROADCAST, userId: "bob", destUserId: "room" }, "Information", { informationType: 3, payload: esf.toBytes("all") });
+  assert.deepEqual(events.at(-1), ["broadcast", { sender: "bob", groupId: "room", informationType: 3, payload: esf.toBytes("all") }]);
+
+  socket().deliver({ messageType: MT.MY_DEVICE_ONLINE, clientType: 5 });
+  assert.deepEqual(events.at(-1), ["deviceonline", { clientType: 5 }]);
+});
+
+test("a query to a client without a handler gets HandlerError", async () => {
+  const { socket } = await loggedOn();
+  socket().deliver({ messageType: MT.REQUEST, messageId: 8, userId: "bob" }, "Information", { informationType: 3, payload: new Uint8Array(0) });
+  await flush();
+  const [error] = socket().take();
+  assert.equal(error.messageType, MT.ERROR);
+  assert.equal(esf.decodeBody("Error", error.body).code, ErrorCode.HANDLER_ERROR);
+});
+
+test("a frame that is not one valid frame: the connection is left and rebuilt", async () => {
+  const { socket, clock } = await loggedOn();
+  const ws = socket();
+  ws.onmessage({ data: new Uint8Array([0xff, 0, 1]).buffer });
+  assert.equal(ws.closedWith.code, esf.CLOSE_PROTOCOL_ERROR);
+  clock.advance(1000);
+  assert.equal(FakeWebSocket.made.length, 2);
+});
+
+test("logoff: a Logoff frame, a normal close, no reconnect", async () => {
+  const { client, socket, clock, events } = await loggedOn();
+  client.logoff();
+  assert.deepEqual(socket().take().map((f) => f.messageType), [MT.LOGOFF]);
+  assert.equal(socket().closedWith.code, 1000);
+  assert.equal(events.at(-1)[0], "closed");
+  clock.advance(600_000);
+  assert.equal(FakeWebSocket.made.length, 1);
+});
+
+test("a message larger than the server's maximum is refused before it is sent", async () => {
+  const { client, socket } = await loggedOn();
+  await assert.rejects(client.query("bob", 1, new Uint8Array(2 << 20)), (e) => e.code === ErrorCode.TOO_LARGE);
+  assert.throws(() => client.send("bob", 1, new Uint8Array(2 << 20)), RangeError);
+  assert.equal(socket().take().length, 0);
+});
+
+test("an unanswered logon: the first rejects, a re-logon tries another connection", async () => {
+  let s = setup();
+  const logon = s.client.logon();
+  s.socket().open();
+  s.clock.advance(5000);
+  await assert.rejects(logon, /no logon reply/);
+  assert.equal(s.socket().closedWith.code, esf.CLOSE_NO_ANSWER);
+
+  s = await loggedOn();
+  s.socket().serverClose(1006);
+  s.clock.advance(1000);
+  s.socket().open();
+  s.clock.advance(5000);
+  assert.equal(s.socket().closedWith.code, esf.CLOSE_NO_ANSWER);
+  assert.equal(s.events.at(-1)[0], "reconnecting");
+});

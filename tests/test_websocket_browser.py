@@ -1,0 +1,421 @@
+"""
+The chat example's web page in real headless Chromium (driven by Selenium
+through Debian's chromedriver) against a real C{twistd esf --websocket ...
+--web-demo} process on 127.0.0.1: two pages chat, a page and a desktop
+client (an L{esf.ClientEngine} over TCP, through the blocking facade, in a
+subprocess) exchange messages, and a third page that logs on as the first
+page's user pushes it out, with the notice on screen.
+
+They need C{chromium}, C{chromedriver} and the C{selenium} package; without
+them they skip, loudly, except under CI (C{ESF_CI=1}), where they fail.
+
+The last test saves a screenshot of the chat; to refresh the one in the
+docs run C{ESF_SCREENSHOT=docs/websocket-chat.png python -m pytest
+tests/test_websocket_browser.py}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_e2e import REPO, ServerProcess, server_env
+from test_websocket_js import need
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1000,700",
+]
+WAIT = 10  # seconds any one thing may take to show
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """
+    C{twistd esf} with the chat handler, TCP and WebSocket with the web demo:
+    C{(server, tcp_port, web_port)}.
+    """
+    log = tmp_path_factory.mktemp("browser") / "server.log"
+    server = ServerProcess(
+        log,
+        [
+            "--handler",
+            "esf.examples.chat:handler",
+            "--websocket",
+            "tcp:0:interface=127.0.0.1",
+            "--web-demo",
+        ],
+    )
+    try:
+        server.wait_listening()
+        server.wait_for_log(r"Site starting on \d+")
+        web_port = int(re.search(r"Site starting on (\d+)", server.log()).group(1))
+        yield server, server.port, web_port
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium = need("chromium", "the browser tests")
+    chromedriver = need("chromedriver", "the browser tests")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        if os.environ.get("ESF_CI") == "1":
+            pytest.fail("the selenium package is not installed (pip install '.[test]')")
+        pytest.skip("!!! SKIPPED: the selenium package is not installed (pip install '.[test]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(WAIT)
+    yield driver
+    driver.quit()
+
+
+class Page:
+    """
+    One tab of the browser, on the chat page.
+    """
+
+    def __init__(self, driver, url):
+        from selenium.webdriver.common.by import By
+
+        self.driver = driver
+        self.by = By
+        driver.switch_to.new_window("tab")
+        self.handle = driver.current_window_handle
+        driver.get(url)
+
+    def _find(self, element_id):
+        self.driver.switch_to.window(self.handle)
+        return self.driver.find_element(self.by.ID, element_id)
+
+    def wait(self, condition, what):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.driver.switch_to.window(self.handle)
+        try:
+            return WebDriverWait(self.driver, WAIT, poll_frequency=0.05).until(
+                lambda _: condition()
+            )
+        except Exception as e:
+            raise AssertionError(
+                f"{what} within {WAIT} s; the page says: {self.text('log')!r}, "
+                f"{self.text('notice')!r}, {self.text('status')!r}"
+            ) from e
+
+    def text(self, element_id):
+        return self._find(element_id).text
+
+    def logon(self, user):
+        self._find("user").send_keys(user)
+        self._find("logon").click()
+        self.wait(
+            lambda: self._find("status").get_attribute("data-state") == "online",
+            f"{user} logged on",
+        )
+        self.wait(lambda: "you are in lobby" in self.text("log"), f"{user} joined the lobby")
+        return self
+
+    def script(self, source):
+        self.driver.switch_to.window(self.handle)
+        return self.driver.execute_script(source)
+
+    def online(self):
+        # Read in one go: the page rebuilds the list every few seconds.
+        return sorted(
+            self.script(
+                "return [...document.querySelectorAll('#online li')].map((li) => li.dataset.user)"
+            )
+        )
+
+    def say(self, text, to="lobby"):
+        # Scripted rather than through element handles: the page rebuilds
+        # the online list and the menu when someone comes or goes.
+        if to != "lobby":
+            # Click the name in the online list, as a person does.
+            self.wait(lambda: to in self.online(), f"{to} shown online")
+            self.script(f"document.querySelector('#online li[data-user=\"{to}\"]').click()")
+        else:
+            self.script("document.getElementById('to').value = 'lobby'")
+        chosen = "return document.getElementById('to').value"
+        self.wait(lambda: self.script(chosen) == to, f"{to} chosen")
+        self._find("text").send_keys(text)
+        self._find("send").click()
+        self.wait(lambda: text in self.text("log"), f"my own {text!r} shown")
+
+    def lines(self):
+        """
+        The chat lines: C{(kind, from, text)}.
+        """
+        items = self.script(
+            "return [...document.querySelectorAll('#log li')].map("
+            "(li) => [li.dataset.kind, li.dataset.from || '', li.lastChild.textContent])"
+        )
+        return [tuple(item) for item in items]
+
+    def wait_line(self, kind, sender, text):
+        return self.wait(
+            lambda: (kind, sender, text) in self.lines(), f"{sender}'s {text!r} ({kind}) shown"
+        )
+
+    def close(self):
+        self.driver.switch_to.window(self.handle)
+        self.driver.close()
+        # The first, blank tab stays open: new tabs are opened from it.
+        self.driver.switch_to.window(self.driver.window_handles[0])
+
+
+@pytest.fixture
+def pages(browser, demo):
+    made = []
+
+    def page():
+        made.append(Page(browser, f"http://127.0.0.1:{demo[2]}/"))
+        return made[-1]
+
+    yield page
+    for p in made:
+        p.close()
+
+
+DESKTOP = r"""
+import json, sys
+from esf.blocking import BlockingClient
+
+JOIN, SAY, TELL = 1, 3, 6
+
+
+def out(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+client = BlockingClient("127.0.0.1", int(sys.argv[1]), sys.argv[2], "pw", timeout=10)
+client.subscribe(
+    "information_received",
+    lambda sender, kind, t, payload: out(event="information", sender=sender, client_type=int(kind),
+                                         type=t, text=payload.decode()),
+)
+client.subscribe(
+    "broadcast_received",
+    lambda sender, group, t, payload: out(event="broadcast", sender=sender, group=group, type=t,
+                                          text=payload.decode()),
+)
+client.logon()
+client.send_certainly("_0", JOIN, b"lobby")
+out(event="ready")
+for line in sys.stdin:
+    command = json.loads(line)
+    if command["do"] == "tell":
+        client.send(command["to"], TELL, command["text"].encode())
+    elif command["do"] == "say":
+        client.broadcast("lobby", SAY, command["text"].encode())
+    else:
+        break
+    out(event="done", do=command["do"])
+client.logoff()
+out(event="bye")
+"""
+
+
+class Desktop:
+    """
+    The desktop user: a L{esf.ClientEngine} over TCP in a subprocess, told
+    what to do on its standard input; what it receives comes back as JSON
+    lines.
+    """
+
+    def __init__(self, port, user):
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", DESKTOP, str(port), user],
+            cwd=REPO,
+            env=server_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.events = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.expect(event="ready")
+
+    def _read(self):
+        for line in self.process.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                self.events.put({"event": "output", "text": line})
+
+    def expect(self, timeout=WAIT, **fields):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.seen:
+                if fields.items() <= event.items():
+                    self.seen.remove(event)
+                    return event
+            try:
+                self.seen.append(self.events.get(timeout=max(deadline - time.monotonic(), 0.01)))
+            except queue.Empty:
+                pass
+        raise AssertionError(f"the desktop client saw no {fields} within {timeout} s: {self.seen}")
+
+    def do(self, **command):
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        self.expect(event="done")
+
+    def stop(self):
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"do": "quit"}) + "\n")
+                self.process.stdin.close()
+                self.process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(10)
+        self.process.stdout.close()
+
+
+def test_two_pages_chat(pages):
+    ann = pages().logon("ann")
+    ben = pages().logon("ben")
+    ann.wait(lambda: {"ann", "ben"} <= set(ann.online()), "ben shown online to ann")
+    ann.say("hello, lobby")
+    ben.wait_line("room", "ann", "hello, lobby")
+    ben.say("hi ann, just you", to="ann")
+    ann.wait_line("private", "ben", "hi ann, just you")
+    # The private line went to ann alone, and the room line not back to ann.
+    assert ("room", "ann", "hello, lobby") not in ann.lines()
+    assert ("room mine", "ann", "hello, lobby") in ann.lines()
+
+
+def test_a_page_and_a_desktop_client(pages, demo):
+    _, tcp_port, _ = demo
+    desk = Desktop(tcp_port, "desk")
+    try:
+        cat = pages().logon("cat")
+        cat.wait(lambda: "desk" in cat.online(), "the desktop user shown online")
+        # page -> desktop: the room, then a private message
+        cat.say("hello from the browser")
+        event = desk.expect(event="broadcast", sender="cat")
+        assert (event["group"], event["type"], event["text"]) == (
+            "lobby",
+            3,
+            "hello from the browser",
+        )
+        cat.say("psst, desk", to="desk")
+        event = desk.expect(event="information", sender="cat")
+        assert (event["type"], event["text"], event["client_type"]) == (6, "psst, desk", 3)
+        # desktop -> page
+        desk.do(do="tell", to="cat", text="hello cat, from a desktop")
+        cat.wait_line("private", "desk", "hello cat, from a desktop")
+        desk.do(do="say", text="desk says hi to the room")
+        cat.wait_line("room", "desk", "desk says hi to the room")
+    finally:
+        desk.stop()
+
+
+def test_a_third_page_pushes_the_first_out(pages, demo, tmp_path):
+    server, tcp_port, _ = demo
+    desk = Desktop(tcp_port, "dora")
+    try:
+        dan = pages().logon("dan")
+        eve = pages().logon("eve")
+        dan.wait(lambda: {"dan", "dora", "eve"} <= set(dan.online()), "everyone shown online")
+        dan.say("anyone up for lunch?")
+        eve.wait_line("room", "dan", "anyone up for lunch?")
+        eve.say("me! noon?")
+        desk.do(do="say", text="count me in (from my desktop)")
+        dan.wait_line("room", "dora", "count me in (from my desktop)")
+        eve.say("see you there, dan", to="dan")
+        dan.wait_line("private", "eve", "see you there, dan")
+
+        # A third page logs on as dan: the first is pushed out, and says so.
+        again = pages().logon("dan")
+        dan.wait(lambda: "pushed out" in dan.text("notice"), "the push-out notice")
+        notice = dan.text("notice")
+        assert notice.startswith("You were pushed out: ")
+        assert "127.0.0.1" in notice  # the cause names where the new logon came from
+        dan.wait(lambda: dan.text("status") == "not logged on", "the first page logged off")
+        assert not dan._find("send").is_enabled()
+        # The new page carries on; the old one stays out (it does not reconnect).
+        again.say("back, in a new tab")
+        eve.wait_line("room", "dan", "back, in a new tab")
+        assert dan._find("notice").is_displayed()
+
+        shot = tmp_path / "websocket-chat.png"
+        dan.driver.switch_to.window(dan.handle)
+        dan.driver.save_screenshot(str(shot))
+        data = shot.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+        target = os.environ.get("ESF_SCREENSHOT")
+        if target:
+            shutil.copyfile(shot, REPO / target if not Path(target).is_absolute() else target)
+    finally:
+        desk.stop()
+    server.wait_for_log(r"session ended: dan/3 .* BEING_PUSHED_OUT")
+
+
+_DOC_EXAMPLE = re.compile(r'```html\n<script type="module">\n(.*?)</script>\n```', re.DOTALL)
+
+
+def test_the_documented_example_runs(browser, demo):
+    """
+    The JavaScript example of docs/websocket.md, as it is written, against
+    the chat server: only its import and its URL are adapted.
+    """
+    [example] = _DOC_EXAMPLE.findall((REPO / "docs" / "websocket.md").read_text(encoding="utf-8"))
+    server, _, web_port = demo
+    assert 'import { EsfClient, toText } from "./esf.js";' in example
+    assert '"ws://localhost:4531/esf"' in example
+    body = (
+        example.replace(
+            'import { EsfClient, toText } from "./esf.js";',
+            'const { EsfClient, toText } = await import("/esf.js");',
+        )
+        .replace('"ws://localhost:4531/esf"', f'"ws://127.0.0.1:{web_port}/esf"')
+        .replace("console.log(", "log(")
+    )
+    script = (
+        "const done = arguments[arguments.length - 1];\n"
+        "const lines = [];\n"
+        "const log = (...args) => lines.push(args.map(String).join(' '));\n"
+        f"(async () => {{\n{body}\n}})().then(() => done({{lines}}), (e) => done({{lines, error: String(e)}}));"
+    )
+    page = Page(browser, f"http://127.0.0.1:{web_port}/")
+    try:
+        page.driver.set_script_timeout(WAIT)
+        outcome = page.driver.execute_async_script(script)
+    finally:
+        page.close()
+    assert "error" not in outcome, outcome
+    lines = outcome["lines"]
+    assert lines[0] == "heartbeat every 10 s"
+    assert lines[1].startswith("online: ") and "alice" in lines[1].split(" ", 1)[1].split(",")
+    assert lines[2] == "echo: ping"
+    server.wait_for_log(r"session ended: alice/3 .*LOGGED_OFF")

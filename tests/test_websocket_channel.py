@@ -1,0 +1,478 @@
+"""
+The WebSocket channel on an in-memory transport, driven byte by byte with
+the RFC 6455 codec in L{wsclient}: what needs a transport the test
+controls (the transport pausing its producer, frames that announce more
+than they hold, fragments, pings) or frames autobahn's client would not
+send.  The engine's time is a L{task.Clock}.
+"""
+
+from __future__ import annotations
+
+import pytest
+from _helpers import Client, LogCapture, make_engine
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from wsclient import client_frame, handshake, server_frames
+from zope.interface.verify import verifyObject
+
+from esf import WebSocketFactory, WebSocketProtocol
+from esf.interfaces import IChannel
+from esf.wire import (
+    DisconnectedType,
+    DisconnectNotice,
+    FrameDecoder,
+    Information,
+    Logon,
+    LogonReply,
+    LogonResult,
+    MessageType,
+    encode_frame,
+)
+
+MAX = 4096
+TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
+
+
+class Page:
+    """
+    One WebSocket connection to the engine on a L{StringTransport}.
+    """
+
+    def __init__(self, engine, factory, port=6001, **handshake_args):
+        self.engine = engine
+        self.wire = engine.config.wire
+        peer = IPv4Address("TCP", "10.0.0.9", port)
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = factory.buildProtocol(peer)
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(handshake(**handshake_args))
+        self.user_id = ""
+        self._read = 0
+
+    def response(self):
+        return server_frames(self.transport.value())[0]
+
+    def messages(self):
+        """
+        The WebSocket frames the server wrote since the last call.
+        """
+        frames = server_frames(self.transport.value())[1]
+        new, self._read = frames[self._read :], len(frames)
+        return new
+
+    def esf(self, messages=None):
+        """
+        The binary messages among C{messages}, each decoded as one frame.
+        """
+        out = []
+        for opcode, payload in messages if messages is not None else self.messages():
+            if opcode == BINARY:
+                [frame] = FrameDecoder(self.wire).feed(payload)
+                out.append(frame)
+        return out
+
+    def send(self, opcode, payload=b"", **kwargs):
+        self.protocol.dataReceived(client_frame(opcode, payload, **kwargs))
+
+    def frame(self, message_type, body=b"", **kwargs):
+        kwargs.setdefault("user_id", self.user_id)
+        kwargs.setdefault("dest_user_id", "_0")
+        return encode_frame(self.wire, message_type, body, client_type=3, **kwargs)
+
+    def logon(self, user_id):
+        self.user_id = user_id
+        self.send(BINARY, self.frame(MessageType.LOGON, Logon(1, "", "pw").encode(), message_id=1))
+        [reply] = self.esf()
+        assert LogonReply.decode(reply.body).result == LogonResult.SUCCEED
+        return self
+
+    def lose(self):
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def close_code(payload):
+    return int.from_bytes(payload[:2], "big")
+
+
+@pytest.fixture
+def engine():
+    return make_engine(max_message_size=MAX)
+
+
+@pytest.fixture
+def pages(engine):
+    """
+    Makes L{Page}s on one factory and, at the end, loses their connections
+    and cancels autobahn's timers (they run on the global reactor).
+    """
+    factory = WebSocketFactory(engine)
+    made = []
+
+    def page(**kwargs):
+        made.append(Page(engine, factory, port=6001 + len(made), **kwargs))
+        return made[-1]
+
+    yield page
+    for p in made:
+        if p.protocol.state != p.protocol.STATE_CLOSED:
+            p.lose()
+        for name in ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall"):
+            call = getattr(p.protocol, name, None)
+            if call is not None:
+                call.cancel()
+
+
+def test_factory_makes_autobahn_safe(engine):
+    factory = WebSocketFactory(engine, ["https://chat.example.com"])
+    config = engine.config
+    assert factory.maxMessagePayloadSize == factory.maxFramePayloadSize == MAX
+    assert factory.openHandshakeTimeout == config.logon_timeout
+    assert factory.closeHandshakeTimeout == config.close_timeout
+    assert factory.failByDrop is False
+    assert factory.autoPingInterval == 0
+    assert factory.webStatus is False
+    assert factory.versions == [13]
+    assert factory.server is None
+    assert factory.perMessageCompressionAccept(["offer"]) is None  # no compression
+    assert factory.trustXForwardedFor == 0
+    assert factory.maxConnections == 0  # no limit configured
+    assert WebSocketFactory(make_engine(max_connections=7)).maxConnections == 7
+
+
+def test_channel_interface(pages):
+    page = pages()
+    assert verifyObject(IChannel, page.protocol)
+    assert page.protocol.address == "10.0.0.9:6001"
+    assert page.transport.producer is page.protocol
+    assert page.transport.streaming
+
+
+def test_handshake_response(pages):
+    page = pages()
+    response = page.response().decode()
+    assert response.startswith("HTTP/1.1 101")
+    assert "Sec-WebSocket-Protocol: esf.v1\r\n" in response
+    assert "Server:" not in response
+    assert "AutobahnPython" not in response
+
+
+def test_session_starts_after_the_handshake(engine):
+    page = Page.__new__(Page)  # a connection that has not shaken hands yet
+    factory = WebSocketFactory(engine)
+    page.transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 6100))
+    page.protocol = factory.buildProtocol(None)
+    page.protocol.makeConnection(page.transport)
+    try:
+        assert not engine.sessions
+        page.protocol.dataReceived(handshake()[:40])
+        assert not engine.sessions
+        page.protocol.dataReceived(handshake()[40:])
+        assert len(engine.sessions) == 1
+    finally:
+        page.protocol.connectionLost(Failure(ConnectionDone()))
+    assert not engine.sessions
+
+
+def test_handshake_is_bounded(engine, pages):
+    logs = LogCapture().start()
+    try:
+        page = pages(extra=["X-Padding: " + "a" * 20000])
+    finally:
+        logs.stop()
+    assert page.transport.value().startswith(b"HTTP/1.1 431")
+    assert page.transport.disconnecting
+    assert not engine.sessions
+    [event] = logs.esf("websocket_refused")
+    assert "handshake of more than" in event["why"]
+
+
+def test_fragmented_message_is_one_frame(pages):
+    alice = pages().logon("alice")
+    heartbeat = alice.frame(MessageType.HEARTBEAT)
+    alice.send(BINARY, heartbeat[:10], fin=False)
+    alice.send(CONTINUATION, heartbeat[10:11], fin=False)
+    assert alice.esf() == []
+    alice.send(CONTINUATION, heartbeat[11:], fin=True)
+    [echo] = alice.esf()
+    assert echo.message_type == MessageType.HEARTBEAT
+
+
+def test_oversized_frame_is_refused_before_its_payload(engine, pages):
+    """
+    A frame that announces more than the maximum: the notice and close 1009
+    go out at its header, and none of its payload is kept.
+    """
+    alice = pages().logon("alice")
+    alice.protocol.dataReceived(client_frame(BINARY, b"x" * 10, length=10 * MAX))
+    messages = alice.messages()
+    [notice] = alice.esf(messages)
+    body = DisconnectNotice.decode(notice.body)
+    assert body.reason == DisconnectedType.MESSAGE_TOO_LARGE
+    assert (messages[-1][0], close_code(messages[-1][1])) == (CLOSE, 1009)
+    assert messages[-1][1][2:] == b"MESSAGE_TOO_LARGE"
+    assert not engine.user_manager.is_user_online("alice")
+    # The rest of the announced payload arrives and is dropped.
+    for _ in range(9):
+        alice.protocol.dataReceived(b"\x00" * MAX)
+    assert not alice.protocol._message
+    assert alice.messages() == []
+
+
+def test_fragments_adding_up_past_the_maximum(pages):
+    alice = pages().logon("alice")
+    chunk = b"\x00" * (MAX // 4)
+    alice.send(BINARY, chunk, fin=False)
+    for _ in range(3):
+        alice.send(CONTINUATION, chunk, fin=False)
+    assert alice.messages() == []  # exactly MAX so far
+    alice.send(CONTINUATION, b"\x00", fin=False)
+    messages = alice.messages()
+    [notice] = alice.esf(messages)
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.MESSAGE_TOO_LARGE
+    assert close_code(messages[-1][1]) == 1009
+
+
+def test_many_tiny_fragments_cost_one_buffer(pages):
+    alice = pages().logon("alice")
+    heartbeat = alice.frame(MessageType.HEARTBEAT)
+    alice.send(BINARY, heartbeat[:1], fin=False)
+    for i in range(1, len(heartbeat) - 1):
+        alice.send(CONTINUATION, heartbeat[i : i + 1], fin=False)
+    assert isinstance(alice.protocol._message, bytearray)
+    assert alice.protocol.message_data == []  # autobahn keeps nothing of it
+    alice.send(CONTINUATION, heartbeat[-1:], fin=True)
+    [echo] = alice.esf()
+    assert echo.message_type == MessageType.HEARTBEAT
+
+
+def test_text_message_is_refused_at_its_first_fragment(pages):
+    alice = pages().logon("alice")
+    alice.send(TEXT, b"{", fin=False)
+    messages = alice.messages()
+    [notice] = alice.esf(messages)
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.INVALID_MESSAGE
+    assert close_code(messages[-1][1]) == 1003
+    alice.send(CONTINUATION, b"}" * 1000, fin=True)
+    assert alice.messages() == []
+
+
+def test_websocket_protocol_errors_end_the_session_with_a_reason(engine, pages):
+    """
+    A breach of WebSocket itself (here an unmasked frame) is autobahn's to
+    answer (close 1002); the session ends as InvalidMessage with its reason.
+    """
+    logs = LogCapture().start()
+    try:
+        alice = pages().logon("alice")
+        heartbeat = alice.frame(MessageType.HEARTBEAT)
+        alice.protocol.dataReceived(bytes([0x82, len(heartbeat)]) + heartbeat)
+        messages = alice.messages()
+        assert (messages[-1][0], close_code(messages[-1][1])) == (CLOSE, 1002)
+        alice.lose()
+    finally:
+        logs.stop()
+    [event] = logs.esf("session_ended")
+    assert event["reason"] == "INVALID_MESSAGE"
+    assert "WebSocket protocol error: unmasked" in event["text"]
+    assert not engine.sessions
+
+
+def test_batched_output_is_one_message_per_frame(engine, pages):
+    """
+    The engine writes a read's output to a peer at once; over WebSocket
+    every frame in it is its own message.
+    """
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    one = bob.frame(MessageType.SEND, Information(1, b"one"), dest="alice")
+    two = bob.frame(MessageType.SEND, Information(2, b"two"), dest="alice")
+    bob.send_raw(one + two)
+    messages = alice.messages()
+    assert [(opcode, payload) for opcode, payload in messages] == [(BINARY, one), (BINARY, two)]
+
+
+def test_slow_reader_is_bounded(engine, pages):
+    """
+    A page that does not read: the transport pauses its producer, the
+    session counts what waits, and past the output bound it ends with
+    ChannelCacheOverflow and close 1008.
+    """
+    engine = make_engine(max_message_size=MAX, max_output_buffer=8 * 1024)
+    factory = WebSocketFactory(engine)
+    alice = Page(engine, factory).logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    alice.protocol.pauseProducing()  # as the transport does when its buffer is full
+    payload = b"p" * 1000
+    sent = 0
+    while engine.user_manager.is_user_online("alice") and sent < 100:
+        bob.send(MessageType.SEND, Information(1, payload), dest="alice")
+        sent += 1
+    assert not engine.user_manager.is_user_online("alice")
+    assert 8 <= sent <= 10
+    messages = alice.messages()
+    notice = alice.esf(messages)[-1]
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.CHANNEL_CACHE_OVERFLOW
+    assert close_code(messages[-1][1]) == 1008
+    alice.lose()
+
+
+def test_no_pongs_for_a_peer_that_does_not_read(pages):
+    alice = pages().logon("alice")
+    alice.protocol.pauseProducing()
+    for _ in range(50):
+        alice.send(PING, b"p" * 125)
+    assert alice.messages() == []
+    alice.protocol.resumeProducing()
+    alice.send(PING, b"again")
+    assert alice.messages() == [(PONG, b"again")]
+
+
+def test_writes_after_the_peer_closed_are_dropped(engine, pages):
+    """
+    Between the peer's close frame and the end of the connection the
+    session is still bound; what is relayed to it meanwhile goes nowhere
+    (and raises nothing).
+    """
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    alice.send(CLOSE, (1000).to_bytes(2, "big"))
+    assert close_code(alice.messages()[-1][1]) == 1000
+    logs = LogCapture().start()
+    try:
+        bob.send(MessageType.SEND, Information(1, b"late"), dest="alice")
+    finally:
+        logs.stop()
+    assert alice.messages() == []
+    assert not logs.failures()
+    alice.lose()
+    assert not engine.user_manager.is_user_online("alice")
+
+
+def test_close_code_follows_the_notice(engine, pages):
+    """
+    Every server-initiated end: the notice's reason picks the close code,
+    and the close frame's reason names it.
+    """
+    cases = [
+        (lambda e: e.kick_out("alice", "bye"), 1000, "BEING_KICKED_OUT"),
+        (lambda e: e.stop(), 1001, "SERVER_SHUTDOWN"),
+    ]
+    for i, (act, code, name) in enumerate(cases):
+        alice = pages().logon("alice")
+        act(engine)
+        messages = alice.messages()
+        assert DisconnectNotice.decode(alice.esf(messages)[-1].body).reason.name == name
+        assert (close_code(messages[-1][1]), messages[-1][1][2:].decode()) == (code, name)
+        alice.lose()
+
+
+def test_logon_timeout_closes_with_notice(engine, pages):
+    page = pages()
+    engine.clock.advance(engine.config.logon_timeout)
+    messages = page.messages()
+    [notice] = page.esf(messages)
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.LOGON_TIMEOUT
+    assert close_code(messages[-1][1]) == 1000
+
+
+def test_heartbeat_timeout_closes_with_notice(engine, pages):
+    alice = pages().logon("alice")
+    engine.clock.advance(engine.config.heartbeat_timeout * 1.5 + 1)
+    messages = alice.messages()
+    assert DisconnectNotice.decode(alice.esf(messages)[-1].body).reason == (
+        DisconnectedType.HEARTBEAT_TIMEOUT
+    )
+    assert close_code(messages[-1][1]) == 1000
+
+
+def test_protocol_class(engine):
+    assert WebSocketFactory(engine).protocol is WebSocketProtocol
+
+
+def test_messages_before_a_bad_one_in_the_same_read_count(engine, pages):
+    """
+    The frames of one read go to the session together; a bad message among
+    them ends the session only after the ones before it were handled.
+    """
+    alice = pages().logon("alice")
+    bob = pages().logon("bob")
+    send = alice.frame(MessageType.SEND, Information(1, b"first").encode(), dest_user_id="bob")
+    heartbeat = alice.frame(MessageType.HEARTBEAT)
+    alice.protocol.dataReceived(
+        client_frame(BINARY, send) + client_frame(BINARY, heartbeat) + client_frame(TEXT, b"x")
+        + client_frame(BINARY, send)
+    )  # fmt: skip
+    [relayed] = bob.esf()
+    assert Information.decode(relayed.body) == Information(1, b"first")
+    messages = alice.messages()
+    echo, notice = alice.esf(messages)
+    assert echo.message_type == MessageType.HEARTBEAT
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.INVALID_MESSAGE
+    assert close_code(messages[-1][1]) == 1003
+
+
+def test_large_frames_go_through_autobahns_framing(engine, pages):
+    """
+    Output over 64 KiB is framed by autobahn (8-byte lengths); smaller
+    output by the adapter, both as plain binary frames, one per ESF frame.
+    """
+    big = make_engine(max_message_size=256 * 1024)
+    factory = WebSocketFactory(big)
+    alice = Page(big, factory, port=7001).logon("alice")
+    bob = Page(big, factory, port=7002).logon("bob")
+    try:
+        for size in (10, 200, 70_000, 200_000):
+            data = alice.frame(
+                MessageType.SEND, Information(1, b"z" * size).encode(), dest_user_id="bob"
+            )
+            alice.send(BINARY, data)
+            [(opcode, payload)] = bob.messages()
+            assert (opcode, payload) == (BINARY, data), size
+    finally:
+        for page in (alice, bob):
+            page.lose()
+            call = page.protocol.closeHandshakeTimeoutCall
+            if call is not None:
+                call.cancel()
+
+
+def test_web_demo_hands_the_connection_over_from_twisted_web():
+    """
+    Through C{--web-demo}'s site, twisted.web parses the handshake and then
+    hands the connection over: its idle timer must not close a WebSocket
+    session later, and the WebSocket protocol becomes the transport's
+    producer.
+    """
+    from esf._websocket import web_demo_site
+
+    engine = make_engine(max_message_size=MAX, heartbeat_interval=100, heartbeat_timeout=1000)
+    site = web_demo_site(engine)
+    peer = IPv4Address("TCP", "10.0.0.9", 6200)
+    transport = StringTransport(peerAddress=peer)
+    channel = site.buildProtocol(peer)
+    channel.callLater = engine.clock.callLater  # twisted.web's timers on the test clock
+    transport.protocol = channel  # as a real transport has it; autobahn replaces it
+    channel.makeConnection(transport)
+    channel.dataReceived(handshake())
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    [session] = engine.sessions
+    protocol = session.channel
+    assert isinstance(protocol, WebSocketProtocol)
+    assert transport.producer is protocol
+    try:
+        protocol.dataReceived(
+            client_frame(BINARY, encode_frame(engine.config.wire, MessageType.LOGON, Logon(1, "", "pw").encode(),
+                                              client_type=3, message_id=1, user_id="alice", dest_user_id="_0"))
+        )  # fmt: skip
+        assert engine.user_manager.is_user_online("alice")
+        engine.clock.advance(site.timeOut + 1)  # twisted.web's idle timeout
+        assert not transport.disconnecting and not transport.disconnected
+        assert engine.user_manager.is_user_online("alice")
+    finally:
+        protocol.connectionLost(Failure(ConnectionDone()))

@@ -1,0 +1,111 @@
+"""
+C{twistd esf --websocket} as a process on 127.0.0.1, with a WebSocket client
+written from RFC 6455 on a plain socket (L{wsclient.BlockingWS}): a logon,
+the handshake timeout, and the shutdown notice on SIGTERM.  Every wait is
+bounded by the wall clock.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import time
+
+import pytest
+from test_e2e import ServerProcess
+from wsclient import BlockingWS
+
+from esf.wire import (
+    REPLY_BODIES,
+    DisconnectedType,
+    FrameDecoder,
+    Logon,
+    LogonResult,
+    MessageType,
+    WireConfig,
+    encode_frame,
+)
+
+pytestmark = pytest.mark.e2e
+
+LOGON_TIMEOUT = 2
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = ServerProcess(
+        tmp_path / "server.log",
+        ["--websocket", "tcp:0:interface=127.0.0.1", "--logon-timeout", str(LOGON_TIMEOUT)],
+    )
+    try:
+        server.wait_listening()
+        server.wait_for_log(r"WebSocketFactory starting on \d+")
+        server.ws_port = int(
+            re.search(r"WebSocketFactory starting on (\d+)", server.log()).group(1)
+        )
+        yield server
+    finally:
+        server.stop()
+
+
+def esf_message(payload):
+    [frame] = FrameDecoder(WireConfig()).feed(payload)
+    return frame, REPLY_BODIES[frame.message_type].decode(frame.body)
+
+
+def logon(ws, user_id):
+    ws.send(
+        encode_frame(
+            WireConfig(), MessageType.LOGON, Logon(1, "", "pw").encode(),
+            client_type=3, message_id=1, user_id=user_id, dest_user_id="_0",
+        )
+    )  # fmt: skip
+    opcode, payload = ws.recv()
+    assert opcode == 2
+    frame, reply = esf_message(payload)
+    assert (frame.message_type, frame.message_id, reply.result) == (112, 1, LogonResult.SUCCEED)
+
+
+def test_logon_and_shutdown_notice(server):
+    ws = BlockingWS(server.ws_port)
+    try:
+        assert ws.response.startswith(b"HTTP/1.1 101")
+        logon(ws, "alice")
+        server.process.send_signal(signal.SIGTERM)
+        opcode, payload = ws.recv()
+        frame, notice = esf_message(payload)
+        assert (frame.message_type, notice.reason) == (
+            MessageType.DISCONNECT_NOTICE,
+            DisconnectedType.SERVER_SHUTDOWN,
+        )
+        opcode, payload = ws.recv()
+        assert (opcode, int.from_bytes(payload[:2], "big")) == (8, 1001)
+        ws.send((1001).to_bytes(2, "big"), opcode=8)  # the close handshake's answer
+    finally:
+        ws.close()
+    # twistd re-raises SIGTERM once it has stopped cleanly.
+    assert server.process.wait(10) in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log()
+    assert re.search(r"session ended: alice/3 .*SERVER_SHUTDOWN", server.log())
+
+
+def test_a_silent_connection_is_closed_after_the_logon_timeout(server):
+    """
+    A connection that never finishes its WebSocket handshake is closed
+    after the logon timeout.
+    """
+    sock = socket.create_connection(("127.0.0.1", server.ws_port), timeout=LOGON_TIMEOUT + 5)
+    try:
+        start = time.monotonic()
+        sock.sendall(b"GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and no more
+        try:
+            data = sock.recv(4096)
+        except ConnectionResetError:  # the server aborts the connection
+            data = b""
+        waited = time.monotonic() - start
+    finally:
+        sock.close()
+    assert data == b""
+    # autobahn's timers fall on whole seconds of the clock: up to 1 s early.
+    assert LOGON_TIMEOUT - 1.2 <= waited <= LOGON_TIMEOUT + 3, waited

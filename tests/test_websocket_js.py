@@ -1,0 +1,85 @@
+"""
+The JavaScript client's own tests (C{tests/js/*.test.mjs}), run with node's
+test runner: its codec against the Python codec's golden vectors, and its
+client logic on a fake WebSocket and clock.  They need C{node}; without it
+they skip, loudly, except under CI (C{ESF_CI=1}), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+JS = HERE / "js"
+sys.path.insert(0, str(JS))
+
+import export_vectors
+
+# The wheel built from a clean copy of the checkout (tests/test_packaging.py).
+from test_packaging import wheel  # noqa: F401
+
+
+def need(program: str, why: str) -> str:
+    """
+    The path of C{program}; skip (fail under CI) when it is missing.
+    """
+    path = shutil.which(program)
+    if path is None:
+        message = f"{program} is not installed: {why} cannot run ('.ci/run' installs it)"
+        if os.environ.get("ESF_CI") == "1":
+            pytest.fail(message)
+        pytest.skip(f"!!! SKIPPED: {message}")
+    return path
+
+
+def test_vectors_json_is_the_python_codecs():
+    """
+    C{tests/js/vectors.json} is what the Python codec exports now; after
+    changing a golden vector, run C{python tests/js/export_vectors.py}.
+    """
+    assert export_vectors.VECTORS_JSON.read_text(encoding="utf-8") == export_vectors.dumps()
+
+
+def test_javascript_client_with_node():
+    node = need("node", "the JavaScript client's tests")
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert int(version.strip().lstrip("v").split(".")[0]) >= 18, version
+    result = subprocess.run(
+        [node, "--test", "--test-reporter=tap", *sorted(str(p) for p in JS.glob("*.test.mjs"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=HERE.parent,
+    )
+    summary = [line for line in result.stdout.splitlines() if line.startswith("# ")]
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    counts = dict(
+        line[2:].split(" ", 1) for line in summary if line[2:].split(" ")[0] in ("pass", "fail")
+    )
+    assert int(counts["fail"]) == 0
+    assert int(counts["pass"]) >= 120, summary
+
+
+def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
+    """
+    The JavaScript client and the chat page are package data: in the wheel,
+    where C{--web-demo} finds them.
+    """
+    import zipfile
+
+    from esf._websocket import WEB_FILES
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, _ in WEB_FILES.values():
+        assert f"esf/web/{name}" in names, name
+    assert {n for n in names if n.startswith("esf/web/")} == {
+        f"esf/web/{name}" for name, _ in WEB_FILES.values()
+    }
