@@ -587,13 +587,24 @@ def test_wss_on_an_ssl_endpoint(tmp_path):
     from twisted.internet import reactor
     from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-    from test_tls import make_certificate, ssl_endpoint_string
+    from test_tls import make_certificate
 
     cert_path, key_path, cert_pem = make_certificate(tmp_path)
     engine = ServerEngine(ServerConfig(wire=WireConfig(max_message_size=MAX)), clock=reactor)
     service = ServerService(engine, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    # Cryptography objects, not the ssl: endpoint string, which would hand
+    # pyOpenSSL its own deprecated ones (the wss path is the same).
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.ssl import CertificateOptions
+
+    tls = CertificateOptions(
+        privateKey=serialization.load_pem_private_key(key_path.read_bytes(), None),
+        certificate=x509.load_pem_x509_certificate(cert_path.read_bytes()),
+    )
     listener = service.listen(
-        serverFromString(reactor, ssl_endpoint_string(cert_path, key_path)),
+        SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1"),
         WebSocketFactory(engine, reactor=reactor),
     )
     service.startService()
