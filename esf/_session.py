@@ -257,7 +257,11 @@ class Session:
         reply while it logs on; dropped once it has ended).
         """
         if self.state is SessionState.LOGGED_ON:
-            self.queue(data)
+            out = self._out
+            if out is not None and not self._paused:
+                out.append(data)  # the relay's common case: gathered for this read
+            else:
+                self.queue(data)
         elif self.state is SessionState.LOGGING_ON:
             if self._held is None:
                 self._held = []
