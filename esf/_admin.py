@@ -41,7 +41,6 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from ._audit import acting_as
 from ._config import ServerConfig
 from ._metrics import OnlineDevices, kind_label, server_version
 from ._policy import SlidingWindow
@@ -504,8 +503,9 @@ class AdminApi(Resource):
         audit["reason"] = reason
         self._writable()
         self._online(user_id, kind)
-        with acting_as("admin_api"):
-            count = self.engine.kick_out(user_id, reason, kind, operator=ADMIN_OPERATOR)
+        count = self.engine.kick_out(
+            user_id, reason, kind, operator=ADMIN_OPERATOR, origin="admin_api"
+        )
         audit["count"] = count
         return {"user_id": user_id, "kicked": count}
 

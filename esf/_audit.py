@@ -16,12 +16,10 @@ every field.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from twisted.logger import (
     ILogObserver,
@@ -33,14 +31,12 @@ from twisted.application.service import Service
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
-from ._wire import SERVER_ID
 
 __all__ = [
     "AuditLog",
     "AuditService",
     "check_audit_path",
     "WATCHED",
-    "acting_as",
     "kick_origin",
     "logon_refusal",
     "open_audit_file",
@@ -61,39 +57,16 @@ WATCHED = {
 ROTATE_LENGTH = 10_000_000
 MAX_ROTATED_FILES = 10
 
-#: Where a kick that is being carried out now comes from, when the caller
-#: says: the admin API sets it around its call of C{engine.kick_out}, and
-#: observers, which run synchronously inside that call, read it.
-_origin: contextvars.ContextVar[str | None] = contextvars.ContextVar("esf_origin", default=None)
-
 _REFUSED = re.compile(r"logon refused \((?P<result>\w+)\): (?P<cause>.*)", re.DOTALL)
-
-
-@contextlib.contextmanager
-def acting_as(origin: str) -> Iterator[None]:
-    """
-    Kicks made inside this block come from C{origin} (e.g. C{"admin_api"}).
-    """
-    token = _origin.set(origin)
-    try:
-        yield
-    finally:
-        _origin.reset(token)
 
 
 def kick_origin(event: dict) -> str:
     """
-    Where the kick of a C{kick_out} log event came from: C{"admin_api"},
-    C{"server_api"} (the application called C{engine.kick_out} as the
-    server, C{_0}) or C{"client"} (an operator that is a user: a client's
-    KickOut message, or the application kicking in a user's name).
-
-    Must be called while the event is being emitted (observers are).
+    Where the kick of a C{kick_out} log event came from: the engine's
+    C{origin} field (C{"admin_api"}, C{"server_api"}: the application called
+    C{engine.kick_out}, C{"client"}: a client's KickOut message).
     """
-    origin = event.get("origin") or _origin.get()
-    if origin:
-        return origin
-    return "server_api" if event.get("operator") == SERVER_ID else "client"
+    return str(event.get("origin") or "server_api")
 
 
 def logon_refusal(event: dict) -> tuple[str, str] | None:

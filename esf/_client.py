@@ -309,7 +309,7 @@ class ClientEngine(ClientCalls):
         self.logon_response: LogonResponse | None = None
         #: How the session ended, once C{state} is C{ENDED} (an L{Ending}).
         self.ending: Ending | None = None
-        #: What went wrong, by name (see L{esf._client_calls.ClientCount}).
+        #: What went wrong, by name (see L{esf._counters.ClientCount}).
         self.counters: collections.Counter = collections.Counter()
         self._state = SessionState.IDLE
         self._announced = False  # session_ended fires once

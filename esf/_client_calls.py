@@ -12,7 +12,6 @@ goes on waiting.
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import attrs
@@ -21,28 +20,16 @@ from twisted.logger import Logger
 
 from . import _messages as m
 from ._client_state import NotConnected
+from ._counters import ClientCount
 from ._wire import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType, as_client_type
 from ._wire import device_address, encode_frame
 
 if TYPE_CHECKING:
     from ._client import ClientEngine
 
-__all__ = ["ClientCalls", "ClientCount", "Party", "SERVER"]
+__all__ = ["ClientCalls", "Party", "SERVER"]
 
 log = Logger(namespace="esf.client")
-
-
-class ClientCount(StrEnum):
-    """
-    The names of a client's counters (C{client.counters}).
-    """
-
-    #: An answer whose MessageID nobody waits for (late, after a timeout).
-    UNEXPECTED_ANSWERS = "unexpected_answers"
-    #: An answer from someone else than the party asked: dropped.
-    FORGED_ANSWERS = "forged_answers"
-    #: A Blob fragment refused (too big, too many at once, out of order).
-    BLOB_ERRORS = "blob_errors"
 
 
 @attrs.frozen

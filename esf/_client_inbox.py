@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import _messages as m
-from ._client_calls import ANSWER_TYPES, ClientCount
+from ._client_calls import ANSWER_TYPES
+from ._counters import ClientCount
 from ._client_state import Ending, EndingKind, NotConnected
 from ._events import call
 from ._wire import (

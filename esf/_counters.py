@@ -1,5 +1,5 @@
 """
-The names of the server's counters, in one place.
+The names of the counters, in one place: the server's and the client's.
 
 C{engine.counters} is a L{collections.Counter} keyed by these names (each
 is a L{str}, so C{engine.counters["transmit_failed"]} reads the same
@@ -48,3 +48,16 @@ def _relay_keys(prefix: str) -> dict[int, str]:
 RELAYED_MESSAGES: dict[int, str] = _relay_keys("relayed_messages")
 RELAYED_BYTES: dict[int, str] = _relay_keys("relayed_bytes")
 
+
+
+class ClientCount(StrEnum):
+    """
+    The names of a client's counters (C{client.counters}).
+    """
+
+    #: An answer whose MessageID nobody waits for (late, after a timeout).
+    UNEXPECTED_ANSWERS = "unexpected_answers"
+    #: An answer from someone else than the party asked: dropped.
+    FORGED_ANSWERS = "forged_answers"
+    #: A Blob fragment refused (too big, too many at once, out of order).
+    BLOB_ERRORS = "blob_errors"

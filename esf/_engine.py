@@ -343,12 +343,16 @@ class ServerEngine:
         client_type: int | None = None,
         *,
         operator: str = SERVER_ID,
+        origin: str = "server_api",
     ) -> int:
         """
         Kick C{user_id} off (one device, or every device when
         C{client_type} is C{None}): each gets C{BeingKickedOutNotify} with
         the operator and reason, then its connection is closed.  The user
         manager's C{device_kicked_out} fires for each.
+
+        @param origin: where the kick comes from, for the log and the audit
+            (C{"server_api"}, C{"client"}, C{"admin_api"}).
 
         @return: how many devices were kicked.
         """
@@ -361,6 +365,7 @@ class ServerEngine:
             client_type=client_type,
             count=len(targets),
             reason=reason,
+            origin=origin,
         )
         notice = m.BeingKickedOutNotify(operator, reason[:1000]).encode()
         for target in targets:

@@ -132,6 +132,7 @@ class BasicServices:
             log.info(
                 "kick of {target} by {operator} refused",
                 esf_event="kick_refused",
+                origin="client",
                 operator=session.user_id,
                 target=target,
                 reason=reason,
@@ -142,7 +143,7 @@ class BasicServices:
             session.reply(frame, m.KickOutReply(False, f"{target} is not online").encode())
             return
         session.reply(frame, m.KickOutReply(True, "").encode())
-        self.engine.kick_out(target, reason, operator=session.user_id)
+        self.engine.kick_out(target, reason, operator=session.user_id, origin="client")
 
 
 class ApplicationServices:

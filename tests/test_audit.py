@@ -13,7 +13,7 @@ from twisted.logger import eventsFromJSONLogFile, formatEvent, globalLogPublishe
 from _helpers import Client, connect, make_engine
 from esf import MessageType
 from esf import _audit
-from esf._audit import AuditLog, acting_as, check_audit_path, open_audit_file
+from esf._audit import AuditLog, check_audit_path, open_audit_file
 from esf.wire import KickOut
 from test_metrics import Passwords
 
@@ -74,8 +74,7 @@ def test_kicks_say_where_they_come_from(engine, records):
     carol.send(MessageType.KICK_OUT, KickOut("rude"), dest="dave", message_id=3)
     mallory.send(MessageType.KICK_OUT, KickOut("mine"), dest="carol", message_id=4)
     connect(engine, "erin", 4)
-    with acting_as("admin_api"):
-        engine.kick_out("erin", "admin says", 4, operator="admin")
+    engine.kick_out("erin", "admin says", 4, operator="admin", origin="admin_api")
     kicks = [r for r in records if r["audit"] in ("kick", "kick_refused")]
     assert [(k["audit"], k["origin"], k["operator"], k["user_id"], k["reason"]) for k in kicks] == [
         ("kick", "server_api", "_0", "bob", "server says"),
