@@ -59,6 +59,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from . import _messages as m
 from ._config import RelogonMode, UserData
+from ._policy import TakeoverRefused
 from ._presence import Claim
 from ._wire import DisconnectedType, MessageType, as_client_type
 from .interfaces import IDeviceHandle, IPresence
@@ -381,9 +382,12 @@ class RedisLink:
 
 _CLAIM = b"""
 -- KEYS: user hash, online set, presence stream
--- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time
+-- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time,
+--       takeover limit (0: no guard), takeover window ms, takeover cooldown ms
 -- mode: replace | keep | newer (a re-claim: the later logon wins) |
 --       older (a re-claim: the earlier logon wins)
+-- Returns {1, old or false, stream id} when claimed, {0, old, false} when
+-- not, {2, old, ms of cooldown left} when a takeover is refused as flapping.
 local old = redis.call('HGET', KEYS[1], ARGV[2])
 local member = ARGV[1] .. '\\t' .. ARGV[2]
 if old then
@@ -409,6 +413,28 @@ if old then
   end
   if not won then
     return {0, old, false}
+  end
+  local limit = tonumber(ARGV[10])
+  if mode == 'replace' and limit > 0 then
+    -- The takeover-flapping guard, cluster-wide: the takeovers of this
+    -- device in the last window (a sorted set by Redis's time), and a
+    -- cooldown once there are more than the limit.
+    local tkey = ARGV[6] .. 't:' .. member
+    local bkey = ARGV[6] .. 'tb:' .. member
+    local left = redis.call('PTTL', bkey)
+    if left > 0 then
+      return {2, old, left}
+    end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    redis.call('ZREMRANGEBYSCORE', tkey, '-inf', now - tonumber(ARGV[11]))
+    redis.call('ZADD', tkey, now, ARGV[7])
+    redis.call('PEXPIRE', tkey, ARGV[11])
+    if redis.call('ZCARD', tkey) > limit then
+      redis.call('DEL', tkey)
+      redis.call('SET', bkey, '1', 'PX', ARGV[12])
+      return {2, old, tonumber(ARGV[12])}
+    end
   end
   redis.call('SREM', ARGV[6] .. 'n:' .. onode, member)
 end
@@ -673,6 +699,29 @@ class ClusterPresence:
         #: engine's C{batch}), so that what one read of the inbox delivers
         #: is written once per session.
         self.delivery_batch: Any = None
+        #: The takeover-flapping guard, cluster-wide (the engine's
+        #: C{ServerConfig} sets these in L{attach}): more than
+        #: C{takeover_limit} takeovers of one device within
+        #: C{takeover_window} s refuse it for C{takeover_cooldown} s.
+        self.takeover_limit = 5
+        self.takeover_window = 60.0
+        self.takeover_cooldown = 60.0
+        #: The engine's user manager (set by L{attach}): this node fires
+        #: C{device_being_pushed_out} and C{device_kicked_out} for its own
+        #: devices when another node pushes or kicks them.
+        self.user_manager: Any = None
+        #: The engine's wire settings and outstanding queries (set by
+        #: L{attach}): for queries between nodes.
+        self.wire: Any = None
+        self.pending: Any = None
+        self.query_timeout = 30.0
+        #: Queries other nodes' engines asked this node's sessions:
+        #: (session ID, MessageID sent to the session) -> (asking node, its
+        #: MessageID, deadline), oldest first; bounded by count and time.
+        self._forwarded: collections.OrderedDict[tuple[str, int], tuple[str, int, float]] = (
+            collections.OrderedDict()
+        )
+        self.max_forwarded = 10_000
         self.stats: collections.Counter[str] = collections.Counter()
         self._base = f"{prefix}:"
         self._k_online = f"{prefix}:online"
@@ -717,6 +766,24 @@ class ClusterPresence:
         self._ticker.clock = self.clock
         self._reading: Deferred | None = None
         self._inflight: set[Deferred] = set()
+
+    def attach(self, engine: Any) -> None:
+        """
+        Work for C{engine} (its constructor calls this): take its
+        takeover-guard settings, its user manager (whose push-out and kick
+        events this node fires for its own devices), its output batch, its
+        wire settings and its outstanding queries (for queries between
+        nodes).
+        """
+        config = engine.config
+        self.takeover_limit = config.takeover_limit
+        self.takeover_window = config.takeover_window
+        self.takeover_cooldown = config.takeover_cooldown
+        self.query_timeout = config.query_timeout
+        self.wire = config.wire
+        self.user_manager = engine.user_manager
+        self.pending = engine.pending
+        self.delivery_batch = engine.batch
 
     def _inbox_key(self, node: str) -> str:
         return f"{self._base}inbox:{node}"
@@ -1124,11 +1191,20 @@ class ClusterPresence:
                 holder.session_id,
                 holder.node,
                 repr(holder.logon_time),
+                self.takeover_limit if mode == "replace" else 0,
+                max(1, int(self.takeover_window * 1000)),
+                max(1, int(self.takeover_cooldown * 1000)),
             ],
         )
 
         def answered(reply: list) -> tuple[bool, bytes | None, bytes | None]:
             won, old, stream_id = reply
+            if int(won) == 2:
+                raise TakeoverRefused(
+                    f"{handle.user_id} took this device over more than {self.takeover_limit} "
+                    f"times within {self.takeover_window:g} s across the cluster; try again in "
+                    f"{int(stream_id) / 1000:.0f} s"
+                )
             won = bool(int(won))
             if won and stream_id is not None:
                 if self._apply_ahead(handle.user_id, int(handle.client_type), stream_id):
@@ -1189,6 +1265,9 @@ class ClusterPresence:
             return Claim(won, previous)
 
         def failed(failure: Failure) -> Failure:
+            if failure.check(TakeoverRefused):
+                self._local.pop(sid, None)  # refused: nothing was claimed
+                return failure
             # The outcome is unknown: release it (fenced) once Redis answers.
             if self._local.pop(sid, None) is not None:
                 self._stale[sid] = (handle.user_id, int(handle.client_type))

@@ -146,6 +146,11 @@ class ServerEngine:
         self._dispatch = {}
         for service in (BasicServices(self), ApplicationServices(self)):
             self._dispatch.update(service.handlers)
+        # An optional hook: a presence that works for the engine (a
+        # cluster's: esf._cluster.ClusterPresence.attach) takes what it needs.
+        attach = getattr(self.presence, "attach", None)
+        if attach is not None:
+            attach(self)
 
     # -- life -------------------------------------------------------------
 

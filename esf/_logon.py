@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from . import _messages as m
 from ._config import RelogonMode, UserData
 from ._events import call
-from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse
+from ._counters import Count
+from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
 from ._session import SessionState
 from ._wire import (
@@ -158,6 +159,14 @@ class Logons:
         self._bind(session, frame, handover=claim.previous is not None)
 
     def _claim_failed(self, failure: Failure, session: Session, frame: Frame) -> None:
+        if failure.check(TakeoverRefused):
+            # The presence's own, cluster-wide flapping guard.
+            self._refuse(
+                session,
+                frame,
+                Refuse(LogonResult.BUSY, str(failure.value), counter=Count.TAKEOVERS_REFUSED),
+            )
+            return
         log.failure("claiming {session!r} failed", failure, session=session)
         self._refuse(
             session, frame, Refuse(LogonResult.BUSY, "the server cannot register logons now; try later")

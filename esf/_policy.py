@@ -27,6 +27,7 @@ from ._wire import DEVICE_MARK, EVERYONE_ID, SERVER_ID, DisconnectedType, LogonR
 __all__ = [
     "LogonRefused",
     "SlidingWindow",
+    "TakeoverRefused",
     "Accept",
     "Refuse",
     "Replace",
@@ -51,6 +52,15 @@ class LogonRefused(Exception):
     def __init__(self, cause: str = "logon refused"):
         super().__init__(cause)
         self.cause = cause
+
+
+class TakeoverRefused(Exception):
+    """
+    A presence that counts takeovers itself (a cluster's, counting them
+    across nodes) refused one: the device flaps between connections.  The
+    logon pipeline answers it like its own guard: C{Busy}, counted as
+    C{takeovers_refused}.
+    """
 
 
 class SlidingWindow:

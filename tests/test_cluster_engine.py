@@ -13,7 +13,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from _helpers import Client, logon_reply, record_events
-from esf import DisconnectedType, ErrorCode, MessageType, ServerConfig, ServerEngine
+from esf import DisconnectedType, ErrorCode, LogonResult, MessageType, ServerConfig, ServerEngine
 from esf._cluster import ClusterPresence
 from esf.wire import Information
 from test_cluster import eventually
@@ -22,15 +22,14 @@ LEASE = 0.6
 
 
 class Node:
-    def __init__(self, redis_server, node_id: str):
+    def __init__(self, redis_server, node_id: str, config: ServerConfig | None = None):
         clock = task.Clock()
-        config = ServerConfig()
+        config = config or ServerConfig()
         self.presence = ClusterPresence(
             reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
             relogon_mode=config.relogon_mode,
         )  # fmt: skip
         self.engine = ServerEngine(config, clock=clock, presence=self.presence, node_id=node_id)
-        self.presence.delivery_batch = self.engine.batch
         self.events = record_events(self.engine.user_manager)
         self.engine.start()
         self.presence.start()
@@ -139,3 +138,41 @@ async def test_outage_answers_user_offline_at_once(pair, redis_server):
     alice.send(MessageType.SEND, Information(1, b"local"), dest="carol")
     [got] = carol.take()
     assert got.message_type == MessageType.SEND
+
+
+@pytest_twisted.ensureDeferred
+async def test_takeover_flapping_between_nodes_is_refused_busy(redis_server):
+    # Two takeovers per window: each node sees only one or two of the
+    # device's takeovers, so only a cluster-wide count refuses the third.
+    config = ServerConfig(takeover_limit=2, takeover_window=60, takeover_cooldown=30)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        held = await a.logon("alice", 1)
+        for node in (b, a):
+            old, held = held, await node.logon("alice", 1)
+            await eventually(lambda: old.closing, what="the old session pushed out")
+        assert a.engine.counters["takeovers_refused"] == b.engine.counters["takeovers_refused"] == 0
+        # The third takeover within the window, on b: refused Busy there,
+        # though b itself took the device over only once.
+        third = Client(b.engine)
+        third.logon("alice", 1)
+        [reply, notice] = await eventually(lambda: third.closing and third.take())
+        assert reply.message_type == MessageType.LOGON
+        assert reply.body.result == LogonResult.BUSY
+        assert "across the cluster" in reply.body.failure_cause
+        assert notice.message_type == MessageType.DISCONNECT_NOTICE
+        assert b.engine.counters["takeovers_refused"] == 1
+        assert not held.closing  # the holder keeps the device
+        # The cooldown is in Redis: the other node refuses too.
+        fourth = Client(a.engine)
+        fourth.logon("alice", 1)
+        [reply, _] = await eventually(lambda: fourth.closing and fourth.take())
+        assert reply.body.result == LogonResult.BUSY
+        assert a.engine.counters["takeovers_refused"] == 1
+        assert not held.closing
+        assert int(redis_server.command("PTTL", "esf:tb:alice\t1")[1:]) > 0
+    finally:
+        for node in (a, b):
+            node.engine.stop()
+            await Deferred.fromCoroutine(node.presence.stop())
