@@ -561,6 +561,33 @@ class _Holder:
 #: entry to read): far cheaper than an entry per frame.
 _RECORD = struct.Struct("<BHIII")
 _SEND, _NOTIFY, _KICK = 1, 2, 3
+#: A push-out or a kick-out: the holder's node fires the user manager's
+#: event, then notifies and ends the session.  Their data is
+#: length-prefixed UTF-8 strings (L{_pack}).
+_PUSH_OUT, _KICK_OUT = 4, 5
+#: A server query from another node (a: its MessageID there, data: the
+#: asking node, then the Information body), and the answer going back
+#: (a: that MessageID, b: 1 for an Error, data: the answer's body).
+_QUERY, _ANSWER = 6, 7
+_LENGTH = struct.Struct("<I")
+
+
+def _pack(*texts: str | bytes) -> bytes:
+    parts = []
+    for text in texts:
+        raw = text.encode("utf-8") if isinstance(text, str) else text
+        parts.append(_LENGTH.pack(len(raw)) + raw)
+    return b"".join(parts)
+
+
+def _unpack(data: bytes, count: int) -> list[bytes]:
+    out, offset = [], 0
+    for _ in range(count):
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += _LENGTH.size
+        out.append(data[offset : offset + length])
+        offset += length
+    return out
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
 
@@ -614,6 +641,26 @@ class RemoteHandle:
 
     def kick(self, reason: DisconnectedType, text: str) -> None:
         self._post(self, _KICK, int(reason), 0, text.encode("utf-8"))
+
+    # Not IDeviceHandle: what the engine does differently for a device of
+    # another node, so that the user manager's events fire on the holder's
+    # node.
+
+    def push_out(self, new_address: str, cause: str) -> None:
+        """
+        The device logged on again from C{new_address}: the holder's node
+        fires C{device_being_pushed_out}, sends C{BeingPushedOutNotify}
+        and ends the session with C{BeingPushedOut}.
+        """
+        self._post(self, _PUSH_OUT, 0, 0, _pack(new_address, cause))
+
+    def kick_out(self, operator: str, reason: str, text: str) -> None:
+        """
+        C{operator} kicks the device: the holder's node fires
+        C{device_kicked_out}, sends C{BeingKickedOutNotify} and ends the
+        session with C{BeingKickedOut} (C{text} in its DisconnectNotice).
+        """
+        self._post(self, _KICK_OUT, 0, 0, _pack(operator, reason, text))
 
 
 @implementer(IPresence)
@@ -1001,8 +1048,15 @@ class ClusterPresence:
                 f"{handle.user_id} logged on with this device from {other_address} too, "
                 f"later, while the cluster was split"
             )
-            handle.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
-            handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+            if isinstance(handle, RemoteHandle):
+                handle.push_out(other_address, cause)  # its node fires the event
+            else:
+                if self.user_manager is not None:
+                    self.user_manager.device_being_pushed_out.fire(handle.user_data, other_address)
+                handle.notify(
+                    MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode()
+                )
+                handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
         else:
             handle.kick(
                 DisconnectedType.NEW_CONNECTION_IGNORED,
@@ -1465,6 +1519,23 @@ class ClusterPresence:
                 handle.notify(a, data, b)
             elif kind == _KICK:
                 handle.kick(DisconnectedType(a), data.decode("utf-8"))
+            elif kind == _PUSH_OUT:
+                new_address, cause = (t.decode("utf-8") for t in _unpack(data, 2))
+                if self.user_manager is not None:
+                    self.user_manager.device_being_pushed_out.fire(handle.user_data, new_address)
+                handle.notify(
+                    MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode()
+                )
+                handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+            elif kind == _KICK_OUT:
+                operator, reason, text = (t.decode("utf-8") for t in _unpack(data, 3))
+                if self.user_manager is not None:
+                    self.user_manager.device_kicked_out.fire(handle.user_data, operator, reason)
+                handle.notify(
+                    MessageType.BEING_KICKED_OUT_NOTIFY,
+                    m.BeingKickedOutNotify(operator, reason[:1000]).encode(),
+                )
+                handle.kick(DisconnectedType.BEING_KICKED_OUT, text)
             self.stats["inbox_delivered"] += 1
 
     async def _read_loop(self) -> None:

@@ -354,7 +354,7 @@ class ServerEngine:
         Kick C{user_id} off (one device, or every device when
         C{client_type} is C{None}): each gets C{BeingKickedOutNotify} with
         the operator and reason, then its connection is closed.  The user
-        manager's C{device_kicked_out} fires for each.
+        manager's C{device_kicked_out} fires for each, on the device's node.
 
         @param origin: where the kick comes from, for the log and the audit
             (C{"server_api"}, C{"client"}, C{"admin_api"}).
@@ -373,10 +373,17 @@ class ServerEngine:
             origin=origin,
         )
         notice = m.BeingKickedOutNotify(operator, reason[:1000]).encode()
+        text = f"kicked by {operator}: {reason}"
         for target in targets:
+            remote_kick = getattr(target, "kick_out", None)
+            if remote_kick is not None:
+                # A device of another node (esf._cluster.RemoteHandle):
+                # that node fires device_kicked_out and ends the session.
+                remote_kick(operator, reason, text)
+                continue
             self.user_manager.device_kicked_out.fire(target.user_data, operator, reason)
             target.notify(MessageType.BEING_KICKED_OUT_NOTIFY, notice)
-            target.kick(DisconnectedType.BEING_KICKED_OUT, f"kicked by {operator}: {reason}")
+            target.kick(DisconnectedType.BEING_KICKED_OUT, text)
         return len(targets)
 
     def send(

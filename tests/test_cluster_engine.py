@@ -93,12 +93,16 @@ async def test_replace_old_across_engines(pair):
         MessageType.DISCONNECT_NOTICE,
     ]
     assert frames[1].body.reason == DisconnectedType.BEING_PUSHED_OUT
-    # The old session's node saw its device go, pushed out; the user never
-    # went offline.
-    await eventually(lambda: names(a.events) == ["device_disconnected"], what=lambda: a.events)
-    assert a.events[0][2] == DisconnectedType.BEING_PUSHED_OUT
-    # (In this version the pushing node fires device_being_pushed_out.)
-    assert names(b.events) == ["device_being_pushed_out", "device_connected"]
+    # The old session's node fired the push-out (with the new logon's
+    # address) and saw its device go; the user never went offline.  The
+    # new logon's node fired only its own device's event.
+    await eventually(
+        lambda: names(a.events) == ["device_being_pushed_out", "device_disconnected"],
+        what=lambda: a.events,
+    )
+    assert a.events[0][1][0] == "alice" and a.events[0][2] == new.address
+    assert a.events[1][2] == DisconnectedType.BEING_PUSHED_OUT
+    assert names(b.events) == ["device_connected"]
     assert not new.closing
     assert [h.session_id for h in a.presence.devices("alice")] == [
         h.session_id for h in b.presence.devices("alice")
@@ -109,6 +113,13 @@ async def test_replace_old_across_engines(pair):
 async def test_kick_out_from_the_other_engine(pair):
     a, b = pair
     await joined(a, b)
+    # (record_events leaves device_kicked_out out: watch it here.)
+    for node in (a, b):
+        node.engine.user_manager.device_kicked_out.subscribe(
+            lambda data, operator, reason, events=node.events: events.append(
+                ("device_kicked_out", (data.user_id, data.client_type, data.address), operator, reason)
+            )
+        )
     alice = await a.logon("alice")
     await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
     assert b.engine.kick_out("alice", "spam \u2603", operator="carol") == 1
@@ -120,6 +131,15 @@ async def test_kick_out_from_the_other_engine(pair):
     assert (frames[0].body.operator, frames[0].body.reason) == ("carol", "spam \u2603")
     assert frames[1].body.reason == DisconnectedType.BEING_KICKED_OUT
     await eventually(lambda: not b.engine.user_manager.is_user_online("alice"))
+    # The kicked device's node fired device_kicked_out, before its
+    # device_disconnected; the kicking node fired nothing.
+    kicked = [e for e in a.events if e[0] == "device_kicked_out"]
+    assert [(e[1][0], e[2], e[3]) for e in kicked] == [("alice", "carol", "spam \u2603")]
+    await eventually(lambda: "device_disconnected" in names(a.events))
+    assert names(a.events).index("device_kicked_out") < names(a.events).index(
+        "device_disconnected"
+    )
+    assert "device_kicked_out" not in names(b.events)
 
 
 @pytest_twisted.ensureDeferred
