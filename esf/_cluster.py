@@ -31,6 +31,7 @@ the design and its guarantees.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import socket
@@ -61,7 +62,7 @@ from . import _messages as m
 from ._config import RelogonMode, UserData
 from ._policy import TakeoverRefused
 from ._presence import Claim
-from ._wire import DisconnectedType, MessageType, as_client_type
+from ._wire import SERVER_ID, DisconnectedType, ErrorCode, MessageType, as_client_type, encode_frame
 from .interfaces import IDeviceHandle, IPresence
 
 __all__ = [
@@ -570,6 +571,8 @@ _PUSH_OUT, _KICK_OUT = 4, 5
 #: (a: that MessageID, b: 1 for an Error, data: the answer's body).
 _QUERY, _ANSWER = 6, 7
 _LENGTH = struct.Struct("<I")
+#: The longest a node remembers a query another node asked (a bound).
+_MAX_QUERY_SECONDS = 3600
 
 
 def _pack(*texts: str | bytes) -> bytes:
@@ -661,6 +664,14 @@ class RemoteHandle:
         session with C{BeingKickedOut} (C{text} in its DisconnectNotice).
         """
         self._post(self, _KICK_OUT, 0, 0, _pack(operator, reason, text))
+
+    def ask(self, message_id: int, body: bytes, timeout: float) -> None:
+        """
+        The engine's query C{message_id} (an Information C{body}): the
+        holder's node sends the session a Request and forwards its answer
+        back to this node, for at most C{timeout} seconds.
+        """
+        self._post(self, _QUERY, message_id, min(_MAX_QUERY_SECONDS, math.ceil(timeout)), body)
 
 
 @implementer(IPresence)
@@ -1459,15 +1470,20 @@ class ClusterPresence:
         # node sends one device arrives in order.  Past a bound of records
         # Redis has not taken yet (Redis slow or gone), drop rather than
         # queue without end.
+        if kind == _QUERY:
+            data = _pack(self.node_id, data)  # where the answer goes
+        self._post_record(handle.node, kind, handle.session_id, a, b, data)
+
+    def _post_record(self, node: str, kind: int, session_id: str, a: int, b: int, data: bytes) -> None:
         if self._posts_in_flight >= self.max_posts_in_flight:
             self.stats["remote_send_dropped"] += 1
-            log.debug("dropped a message to {handle!r}: Redis is behind", handle=handle)
+            log.debug("dropped a message to node {node}: Redis is behind", node=node)
             return
-        sid = handle.session_id.encode("utf-8")
+        sid = session_id.encode("utf-8")
         record = _RECORD.pack(kind, len(sid), a, b, len(data)) + sid + data
-        outbox = self._outbox.get(handle.node)
+        outbox = self._outbox.get(node)
         if outbox is None:
-            outbox = self._outbox[handle.node] = []
+            outbox = self._outbox[node] = []
         outbox.append(record)
         self._posts_in_flight += 1
         self._outbox_bytes += len(record)
@@ -1509,6 +1525,9 @@ class ClusterPresence:
     def _deliver(self, packed: bytes) -> None:
         local = self._local
         for kind, sid, a, b, data in _records(packed):
+            if kind == _ANSWER:
+                self._answered(sid, a, b, data)
+                continue
             handle = local.get(sid)
             if handle is None:
                 self.stats["inbox_fenced"] += 1
@@ -1527,6 +1546,8 @@ class ClusterPresence:
                     MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode()
                 )
                 handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+            elif kind == _QUERY:
+                self._ask(handle, a, b, *_unpack(data, 2))
             elif kind == _KICK_OUT:
                 operator, reason, text = (t.decode("utf-8") for t in _unpack(data, 3))
                 if self.user_manager is not None:
@@ -1537,6 +1558,78 @@ class ClusterPresence:
                 )
                 handle.kick(DisconnectedType.BEING_KICKED_OUT, text)
             self.stats["inbox_delivered"] += 1
+
+    # -- queries between nodes -----------------------------------------------------
+    #
+    # An engine's query to a device of another node goes to that node's
+    # inbox (RemoteHandle.ask).  The holder's node sends its session the
+    # Request under a MessageID of its own engine's (so that it never
+    # collides with that engine's own queries), remembers for the query's
+    # timeout who asked, and when the session answers that MessageID
+    # (forward_answer, which the engine's services call for an answer its
+    # own table does not expect) sends the answer back to the asking node,
+    # whose table takes it as the answer of the RemoteHandle it asked.
+
+    def _ask(self, handle: Any, their_id: int, seconds: int, asker: bytes, body: bytes) -> None:
+        if self.pending is None or self.wire is None:
+            self.stats["queries_dropped"] += 1  # not attached to an engine
+            return
+        now = self.clock.seconds()
+        forwarded = self._forwarded
+        while forwarded:
+            key, (_, _, deadline) = next(iter(forwarded.items()))
+            if deadline > now and len(forwarded) < self.max_forwarded:
+                break
+            del forwarded[key]
+            if deadline > now:
+                self.stats["queries_forgotten"] += 1
+        local_id = self.pending.next_id()
+        seconds = min(seconds or self.query_timeout, _MAX_QUERY_SECONDS)
+        forwarded[(handle.session_id, local_id)] = (asker.decode("utf-8"), their_id, now + seconds)
+        handle.send(
+            encode_frame(
+                self.wire,
+                MessageType.REQUEST,
+                body,
+                message_id=local_id,
+                user_id=SERVER_ID,
+                dest_user_id=handle.user_id,
+            )
+        )
+
+    def forward_answer(self, session: Any, frame: Any) -> bool:
+        """
+        C{session} (this node's) answered the server's MessageID
+        C{frame.message_id} with a Response or an Error that this node's
+        engine does not wait for: if another node asked it, send the answer
+        there and say C{True}.
+        """
+        entry = self._forwarded.pop((session.session_id, frame.message_id), None)
+        if entry is None:
+            return False
+        asker, their_id, deadline = entry
+        if deadline <= self.clock.seconds():
+            return False  # timed out at the asker already
+        error = int(frame.message_type == MessageType.ERROR)
+        self._post_record(asker, _ANSWER, session.session_id, their_id, error, bytes(frame.body))
+        return True
+
+    def _answered(self, sid: str, message_id: int, error: int, body: bytes) -> None:
+        pending = self.pending
+        asked = pending.asked(message_id) if pending is not None else None
+        if asked is None or getattr(asked, "session_id", None) != sid:
+            self.stats["answers_dropped"] += 1  # timed out, or not ours
+            return
+        result: Any
+        try:
+            if error:
+                decoded = m.Error.decode(body)
+                result = m.RequestError(decoded.code, decoded.text)
+            else:
+                result = m.Information.decode(body).payload
+        except m.BadRequest as e:
+            result = m.RequestError(ErrorCode.BAD_REQUEST, f"malformed answer: {e}")
+        pending.answer(message_id, asked, result)
 
     async def _read_loop(self) -> None:
         while self._running:

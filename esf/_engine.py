@@ -326,7 +326,12 @@ class ServerEngine:
         self.transmit_failed.fire(
             session.user_id, frame.dest_user_id, frame.message_type, frame.raw
         )
-        session.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} is not online")
+        if getattr(self.presence, "up", True):
+            text = f"{frame.dest_user_id} is not online"
+        else:
+            # A cluster's presence that lost Redis: users elsewhere are unknown.
+            text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
+        session.error(frame, ErrorCode.USER_OFFLINE, text)
 
     def tell_other_devices(self, session: Session, message_type: MessageType) -> None:
         """
@@ -441,11 +446,18 @@ class ServerEngine:
         target = targets[0]
         message_id = self.pending.next_id()
         d = self.pending.expect(message_id, target, timeout)
+        body = m.Information(information_type, payload).encode()
+        ask = getattr(target, "ask", None)
+        if ask is not None:
+            # A device of another node (esf._cluster.RemoteHandle): that
+            # node asks it and forwards the answer here.
+            ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
+            return d
         target.send(
             encode_frame(
                 self.config.wire,
                 MessageType.REQUEST,
-                m.Information(information_type, payload).encode(),
+                body,
                 message_id=message_id,
                 user_id=SERVER_ID,
                 dest_user_id=target.user_id,

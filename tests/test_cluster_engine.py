@@ -13,8 +13,17 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 
 from _helpers import Client, logon_reply, record_events
-from esf import DisconnectedType, ErrorCode, LogonResult, MessageType, ServerConfig, ServerEngine
+from esf import (
+    DisconnectedType,
+    ErrorCode,
+    LogonResult,
+    MessageType,
+    RequestError,
+    ServerConfig,
+    ServerEngine,
+)
 from esf._cluster import ClusterPresence
+from esf.wire import Error as ErrorWire
 from esf.wire import Information
 from test_cluster import eventually
 
@@ -155,6 +164,7 @@ async def test_outage_answers_user_offline_at_once(pair, redis_server):
     [error] = alice.take()  # answered within the same call: nothing waits
     assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
     assert error.body.code == ErrorCode.USER_OFFLINE
+    assert error.body.text == "bob is not reachable: this node lost the cluster's Redis"
     alice.send(MessageType.SEND, Information(1, b"local"), dest="carol")
     [got] = carol.take()
     assert got.message_type == MessageType.SEND
@@ -196,3 +206,68 @@ async def test_takeover_flapping_between_nodes_is_refused_busy(redis_server):
         for node in (a, b):
             node.engine.stop()
             await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_to_a_device_on_another_node(pair):
+    a, b = pair
+    await joined(a, b)
+    bob = await b.logon("bob", 1)
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    # b's engine has a query of its own outstanding to bob: the forwarded
+    # one must not be confused with it.
+    own = b.engine.query("bob", 9, b"b's own")
+    [b_request] = await eventually(bob.take)
+    answer = a.engine.query("bob", 7, b"\xff\x00question")
+    [request] = await eventually(bob.take, what="the forwarded Request")
+    assert (request.message_type, request.user_id) == (MessageType.REQUEST, "_0")
+    assert request.body == Information(7, b"\xff\x00question")
+    assert request.message_id != b_request.message_id
+    bob.send(MessageType.RESPONSE, Information(7, b"\xfe answer"), dest="_0",
+             message_id=request.message_id)  # fmt: skip
+    await eventually(lambda: answer.called, what="the answer forwarded back")
+    assert await answer == b"\xfe answer"
+    assert not own.called  # b's own query still waits for its own answer
+    bob.send(MessageType.RESPONSE, Information(9, b"mine"), dest="_0",
+             message_id=b_request.message_id)  # fmt: skip
+    assert await own == b"mine"
+    # An Error answer fails the asking node's Deferred with its code.
+    failing = a.engine.query("bob", 8, b"?")
+    [request] = await eventually(bob.take)
+    bob.send(MessageType.ERROR, ErrorWire(MessageType.REQUEST, ErrorCode.HANDLER_ERROR, "no \u2603"), dest="_0",
+             message_id=request.message_id)  # fmt: skip
+    await eventually(lambda: failing.called, what="the Error forwarded back")
+    with pytest.raises(RequestError) as caught:
+        await failing
+    assert (caught.value.code, caught.value.text) == (ErrorCode.HANDLER_ERROR, "no \u2603")
+    # An answer repeated, or never asked for, goes nowhere.
+    bob.send(MessageType.RESPONSE, Information(8, b"again"), dest="_0",
+             message_id=request.message_id)  # fmt: skip
+    assert b.engine.counters["unexpected_answers"] == 1
+    assert b.presence.stats["answers_dropped"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_across_nodes_times_out_and_is_forgotten(pair):
+    a, b = pair
+    await joined(a, b)
+    bob = await b.logon("bob", 1)
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    answer = a.engine.query("bob", 7, b"?", timeout=5)
+    [request] = await eventually(bob.take)
+    a.engine.clock.advance(5)
+    with pytest.raises(RequestError) as caught:
+        await answer
+    assert caught.value.code == ErrorCode.TIMEOUT
+    # The holder forgets it after the same time: a late answer is not sent.
+    b.engine.clock.advance(5)
+    bob.send(MessageType.RESPONSE, Information(7, b"late"), dest="_0",
+             message_id=request.message_id)  # fmt: skip
+    assert b.engine.counters["unexpected_answers"] == 1
+    assert len(b.presence._forwarded) == 0
+    # The table is bounded: past max_forwarded the oldest is forgotten.
+    b.presence.max_forwarded = 2
+    for _ in range(3):
+        a.engine.query("bob", 7, b"?")
+    await eventually(lambda: b.presence.stats["queries_forgotten"] == 1, what="a bounded table")
+    assert len(b.presence._forwarded) == 2
