@@ -64,6 +64,10 @@ class ServerConfig:
     blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
     #: Seconds L{ServerEngine.query} waits for an answer.
     query_timeout: float = attrs.field(default=30, validator=_positive)
+    #: Requests (Request, SendCertainly, PingByServer, Blob with a
+    #: MessageID) one session may have relayed to users and not yet had
+    #: answered; more are answered C{RateLimited}.
+    max_unanswered_requests: int = attrs.field(default=1024, validator=_positive)
     #: Logons one host may attempt per C{logon_rate_window} seconds; more
     #: are answered C{Busy}.
     logon_rate_limit: int = attrs.field(default=200, validator=_positive)

@@ -32,6 +32,11 @@ class Count(StrEnum):
     BLOB_ERRORS = "blob_errors"
     #: An answer (Response, Error) addressed to the server that nobody waits for.
     UNEXPECTED_ANSWERS = "unexpected_answers"
+    #: An answer (Response, Ack, PingAck, Error) from a user that answers no
+    #: request relayed to that user: dropped.
+    UNSOLICITED_ANSWERS = "unsolicited_answers"
+    #: A request refused because its session waits for too many answers.
+    TOO_MANY_UNANSWERED = "too_many_unanswered"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

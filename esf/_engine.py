@@ -36,7 +36,7 @@ from ._logon import Logons
 from ._pending import PendingRequests
 from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
-from ._router import Router
+from ._router import ANSWERS, AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
 from ._session import RELAYED, OutputBatch, Session, SessionState
 from ._wire import (
@@ -131,6 +131,9 @@ class ServerEngine:
         self.presence = presence if presence is not None else LocalPresence()
         self.user_manager = UserManager(self.presence, config)
         self.router = Router(self.presence)
+        self.answers = AnswerRouter(
+            self.router, clock, config.query_timeout, config.max_unanswered_requests
+        )
         self.batch = OutputBatch()
         self.pending = PendingRequests(clock, config.query_timeout)
         self.logons = Logons(self)
@@ -238,6 +241,7 @@ class ServerEngine:
                 m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
             )
         session.blobs = None
+        session.asked = None
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -304,10 +308,45 @@ class ServerEngine:
     def relay(self, session: Session, frame: Frame) -> None:
         """
         Forward a frame, its original bytes, to the devices its DestUserID
-        names; say why not when there are none.
+        names; say why not when there are none.  An answer goes only to the
+        device whose request it answers (L{AnswerRouter}), or nowhere.
         """
+        message_type = frame.message_type
+        if message_type in ANSWERS:
+            asker = self.answers.answer(session, frame)
+            if asker is None:
+                if self.router.resolve(frame.dest_user_id) is None:
+                    session.error(
+                        frame,
+                        ErrorCode.BAD_REQUEST,
+                        f"{frame.dest_user_id!r} is not a user to relay to",
+                    )
+                    return
+                self.counters[Count.UNSOLICITED_ANSWERS] += 1
+                log.debug(
+                    "dropped {message_type} #{message_id} from {session!r} to {dest}: "
+                    "it answers no request relayed to {user_id}",
+                    message_type=message_type,
+                    message_id=frame.message_id,
+                    session=session,
+                    dest=frame.dest_user_id,
+                    user_id=session.user_id,
+                )
+                return
+            asker.send(frame.raw)
+            return
         targets = self.router.resolve(frame.dest_user_id)
         if targets:
+            if frame.message_id and message_type != MessageType.SEND:
+                if not self.answers.asked(session, frame):
+                    self.counters[Count.TOO_MANY_UNANSWERED] += 1
+                    session.error(
+                        frame,
+                        ErrorCode.RATE_LIMITED,
+                        f"{self.config.max_unanswered_requests} requests to users await "
+                        "answers already; wait for some",
+                    )
+                    return
             raw = frame.raw
             for target in targets:
                 target.send(raw)

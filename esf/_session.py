@@ -59,6 +59,10 @@ RELAYED = frozenset(
     }
 )
 
+#: The one type the relay's inline fast path takes: a one-way message,
+#: nothing to track.
+_SEND = int(MessageType.SEND)
+
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
@@ -135,6 +139,7 @@ class Session:
         "logon_timer",
         "heartbeat_echo",
         "blobs",
+        "asked",
         "_paused",
         "_backlog",
         "_out",
@@ -166,6 +171,9 @@ class Session:
         self.heartbeat_echo = b""
         #: Blobs addressed to the server, being reassembled (made on demand).
         self.blobs: m.BlobAssembler | None = None
+        #: Requests this session relayed to users, awaiting their answers
+        #: (kept by L{esf._router.AnswerRouter}; made on demand).
+        self.asked: dict | None = None
         self._paused = False
         self._backlog = 0
         #: Output gathered during a read, written by L{flush}.
@@ -205,15 +213,17 @@ class Session:
             frame_received = owner.frame_received
             resolve = owner.router.resolve
             logged_on = SessionState.LOGGED_ON
+            send = _SEND
             for frame in frames:
                 state = self.state
                 if (
                     state is logged_on
-                    and frame.message_type in RELAYED
+                    and frame.message_type == send
                     and frame.user_id == self.user_id
                 ):
-                    # The relay's common case, inline: to a user online.
-                    # Everything else takes frame_received.
+                    # The relay's common case, inline: a Send to a user
+                    # online.  Everything else takes frame_received
+                    # (requests and answers are tracked there).
                     targets = resolve(frame.dest_user_id)
                     if targets:
                         raw = frame.raw
