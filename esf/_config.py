@@ -50,9 +50,14 @@ class ServerConfig:
         default=frozenset(ClientType), converter=frozenset
     )
     #: Bytes that may wait for a peer that does not read, beyond the
-    #: transport's own buffer, before its session ends with
-    #: ChannelCacheOverflow.
+    #: transport's own buffer.  Past half of it the peer's senders are
+    #: read no further and the drain timer runs; past four times it more
+    #: output is dropped.
     max_output_buffer: int = attrs.field(default=2 * DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
+    #: Seconds a peer's backlog may stay over half C{max_output_buffer}
+    #: before its session ends with ChannelCacheOverflow.  Meanwhile
+    #: whoever relays to it is read no further.
+    output_drain_timeout: float = attrs.field(default=10, validator=_positive)
     #: Seconds a closing connection has to take its last bytes before it
     #: is aborted.
     close_timeout: float = attrs.field(default=5, validator=_positive)

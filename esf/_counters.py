@@ -37,6 +37,10 @@ class Count(StrEnum):
     UNSOLICITED_ANSWERS = "unsolicited_answers"
     #: A request refused because its session waits for too many answers.
     TOO_MANY_UNANSWERED = "too_many_unanswered"
+    #: A sender whose reading was paused because a receiver is backed up.
+    SENDERS_PAUSED = "senders_paused"
+    #: A frame not queued for a receiver past its hard output bound.
+    OUTPUT_DROPPED = "output_dropped"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

@@ -333,7 +333,8 @@ class ServerEngine:
                     user_id=session.user_id,
                 )
                 return
-            asker.send(frame.raw)
+            if asker.send(frame.raw):
+                asker.push_back(session)
             return
         targets = self.router.resolve(frame.dest_user_id)
         if targets:
@@ -349,7 +350,8 @@ class ServerEngine:
                     return
             raw = frame.raw
             for target in targets:
-                target.send(raw)
+                if target.send(raw):
+                    target.push_back(session)
             return
         if targets is None:
             session.error(

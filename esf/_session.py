@@ -63,6 +63,11 @@ RELAYED = frozenset(
 #: nothing to track.
 _SEND = int(MessageType.SEND)
 
+#: A backlog may grow to this many times C{max_output_buffer} while its
+#: senders are held back (each may finish the read it is in); beyond it
+#: relayed frames are dropped and counted.
+_HARD_BOUND_FACTOR = 4
+
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
@@ -142,6 +147,9 @@ class Session:
         "asked",
         "_paused",
         "_backlog",
+        "_drain_timer",
+        "_blocked",
+        "_blockers",
         "_out",
         "_held",
         "__weakref__",
@@ -176,6 +184,12 @@ class Session:
         self.asked: dict | None = None
         self._paused = False
         self._backlog = 0
+        #: Ends the session if its backlog stays over the bound too long.
+        self._drain_timer: Any = None
+        #: Senders whose reading this session's backlog has paused.
+        self._blocked: set[Session] | None = None
+        #: How many receivers hold this session's reading paused.
+        self._blockers = 0
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed.
@@ -228,7 +242,8 @@ class Session:
                     if targets:
                         raw = frame.raw
                         for target in targets:
-                            target.send(raw)
+                            if target.send(raw):
+                                target.push_back(self)
                         continue
                 elif state is SessionState.ENDED:
                     return
@@ -254,28 +269,88 @@ class Session:
 
     def resume_writing(self) -> None:
         """
-        The transport's buffer has drained.
+        The transport's buffer has drained: stop the drain timer and let the
+        senders this session held back read again.
         """
         self._paused = False
         self._backlog = 0
+        if self._drain_timer is not None:
+            if self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_timer = None
+        self._release_blocked()
+
+    # -- push back: a receiver that is backed up slows its senders down ------
+
+    def push_back(self, sender: Session) -> None:
+        """
+        This session's backlog passed half its bound while C{sender} relayed
+        to it: stop reading C{sender} until this session drains (or ends).
+        Like TCP's own flow control, only slower senders, never the
+        receiver, pay for a burst.
+        """
+        if sender is self or sender.state is SessionState.ENDED:
+            return
+        blocked = self._blocked
+        if blocked is None:
+            blocked = self._blocked = set()
+        if sender in blocked:
+            return
+        blocked.add(sender)
+        sender._blockers += 1
+        if sender._blockers == 1:
+            sender.owner.counters[Count.SENDERS_PAUSED] += 1
+            pause = getattr(sender.channel, "pause_reading", None)
+            if pause is not None:
+                pause()
+
+    def _release_blocked(self) -> None:
+        blocked, self._blocked = self._blocked, None
+        for sender in blocked or ():
+            sender._blockers -= 1
+            if sender._blockers == 0 and sender.state is not SessionState.ENDED:
+                resume = getattr(sender.channel, "resume_reading", None)
+                if resume is not None:
+                    resume()
+
+    def _not_draining(self) -> None:
+        self._drain_timer = None
+        limit = self.owner.config.max_output_buffer
+        self.end(
+            DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+            f"more than {limit // 2} bytes waited for longer than "
+            f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
+        )
+        #: Ends the session if its backlog stays over the bound too long.
+        self._drain_timer: Any = None
+        #: Senders whose reading this session's backlog has paused.
+        self._blocked: set[Session] | None = None
+        #: How many receivers hold this session's reading paused.
+        self._blockers = 0
 
     # -- output (IDeviceHandle) ------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
         """
         Write a frame to the peer once it is logged on (held until its Logon
         reply while it logs on; dropped once it has ended).
+
+        @return: whether this session is backed up (its backlog is past half
+            its bound): the sender should be held back (L{push_back}).
         """
         if self.state is SessionState.LOGGED_ON:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
-            else:
-                self.queue(data)
-        elif self.state is SessionState.LOGGING_ON:
+                return False
+            self.queue(data)
+            # Backed up: whoever relays to this session should wait.
+            return self._paused and self._backlog * 2 > self.owner.config.max_output_buffer
+        if self.state is SessionState.LOGGING_ON:
             if self._held is None:
                 self._held = []
             self._held.append(data)
+        return False
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """
@@ -303,14 +378,22 @@ class Session:
         if self.state is SessionState.ENDED:
             return
         if self._paused:
-            self._backlog += len(data)
-            limit = self.owner.config.max_output_buffer
-            if self._backlog > limit:
-                self.end(
-                    DisconnectedType.CHANNEL_CACHE_OVERFLOW,
-                    f"more than {limit} bytes wait for a peer that does not read",
-                )
-                return
+            backlog = self._backlog + len(data)
+            config = self.owner.config
+            limit = config.max_output_buffer
+            if backlog * 2 > limit:
+                # Backed up: its senders are held back (L{send}), and the
+                # peer has output_drain_timeout seconds to drain before its
+                # session ends (a burst is not a crime).  Past the hard
+                # bound, more is dropped and counted, not queued.
+                if backlog > limit * _HARD_BOUND_FACTOR:
+                    self.owner.counters[Count.OUTPUT_DROPPED] += 1
+                    return
+                if self._drain_timer is None:
+                    self._drain_timer = self.owner.clock.callLater(
+                        config.output_drain_timeout, self._not_draining
+                    )
+            self._backlog = backlog
         out = self._out
         if out is not None:
             out.append(data)
@@ -399,6 +482,11 @@ class Session:
         was_logged_on = self.state is SessionState.LOGGED_ON
         self.state = SessionState.ENDED
         self._held = None
+        if self._drain_timer is not None:
+            if self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_timer = None
+        self._release_blocked()
         if self.logon_timer is not None and self.logon_timer.active():
             self.logon_timer.cancel()
         self.logon_timer = None

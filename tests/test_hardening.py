@@ -154,3 +154,98 @@ def test_one_way_messages_are_not_remembered():
     alice.send(MessageType.BLOB, BlobFragment(5, 1, 0, True, b"b"), dest="bob")
     assert len(bob.take()) == 2
     assert not engine_asked(engine, "alice")
+
+
+# -- 5. the output bound is not a weapon: push back on the sender -----------------
+
+MIB = 1024 * 1024
+
+
+def _unread(client) -> int:
+    return len(client.transport.value()) - client._read
+
+
+def test_burst_of_32_mib_does_not_end_a_reading_victim():
+    """
+    mallory writes 32 MiB of 1 MiB Sends to bob in one burst.  bob reads
+    normally, but slower than mallory writes (his socket buffer fills at
+    64 KiB).  The server stops reading mallory while bob is backed up, and
+    bob is not ended: every message arrives, in order.
+    """
+    engine = make_engine()  # max_output_buffer 2 MiB, max_message_size 1 MiB
+    mallory = connect(engine, "mallory")
+    bob = connect(engine, "bob")
+    frames = [
+        mallory.frame(MessageType.SEND, Information(n, bytes([n]) * (MIB - 100)), dest="bob")
+        for n in range(32)
+    ]
+    stream = b"".join(frames)
+    chunk = 64 * 1024
+    position, received, pauses = 0, [], 0
+    while position < len(stream):
+        while position < len(stream) and mallory.transport.producerState != "paused":
+            mallory.send_raw(stream[position : position + chunk])
+            position += chunk
+            if _unread(bob) > 64 * 1024 and not engine_session(engine, "bob")._paused:
+                bob.protocol.pauseProducing()  # as the transport does
+        if mallory.transport.producerState == "paused":
+            pauses += 1
+        assert engine_session(engine, "bob").logged_on
+        received += bob.take()  # bob reads all that is written so far...
+        bob.protocol.resumeProducing()  # ...so his transport drains
+    received += bob.take()
+    assert [r.raw for r in received] == frames
+    assert engine_session(engine, "bob").logged_on
+    assert pauses > 0 and engine.counters[Count.SENDERS_PAUSED] == pauses
+    assert mallory.transport.producerState == "producing"
+    assert engine.counters[Count.OUTPUT_DROPPED] == 0
+
+
+def engine_session(engine, user_id):
+    (session,) = [s for s in engine.sessions if s.user_id == user_id]
+    return session
+
+
+def test_a_receiver_that_does_not_drain_is_ended_after_the_drain_timeout():
+    """
+    A receiver whose backlog stays over the bound for output_drain_timeout
+    seconds is ended with ChannelCacheOverflow, and its senders read again;
+    before that, it is not.
+    """
+    engine = make_engine(max_output_buffer=10_000, output_drain_timeout=10)
+    alice = connect(engine, "alice")
+    bob = connect(engine, "bob")
+    bob.protocol.pauseProducing()
+    for n in range(12):
+        alice.send(MessageType.SEND, Information(n, bytes(1000)), dest="bob")
+    assert alice.transport.producerState == "paused"
+    engine.clock.advance(9.9)
+    assert engine_session(engine, "bob").logged_on
+    engine.clock.advance(0.1)
+    assert not engine_session_or_none(engine, "bob")
+    notice = bob.take()[-1]
+    assert notice.message_type == MessageType.DISCONNECT_NOTICE
+    assert notice.body.reason.name == "CHANNEL_CACHE_OVERFLOW"
+    assert alice.transport.producerState == "producing"
+    assert engine_session(engine, "alice").logged_on
+
+
+def engine_session_or_none(engine, user_id):
+    return [s for s in engine.sessions if s.user_id == user_id and s.logged_on]
+
+
+def test_the_backlog_has_a_hard_bound():
+    """
+    Senders that keep writing (their reads were already under way) cannot
+    grow a receiver's backlog past 4 x max_output_buffer: more is dropped
+    and counted.
+    """
+    engine = make_engine(max_output_buffer=10_000)
+    alice = connect(engine, "alice")
+    bob = connect(engine, "bob")
+    bob.protocol.pauseProducing()
+    for n in range(100):  # 100 KB, ignoring the push back
+        alice.send(MessageType.SEND, Information(n, bytes(1000)), dest="bob")
+    assert engine_session(engine, "bob")._backlog <= 40_000
+    assert engine.counters[Count.OUTPUT_DROPPED] > 50
+    assert engine_session(engine, "bob").logged_on
