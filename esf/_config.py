@@ -65,6 +65,13 @@ class ServerConfig:
     max_blob_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: Blobs one session may have in progress at once.
     max_concurrent_blobs: int = attrs.field(default=4, validator=_positive)
+    #: Bytes of blobs to the server one user may have in progress, over all
+    #: their devices.
+    max_blob_bytes_per_user: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    #: Bytes the whole server may hold for peers (output waiting for peers
+    #: that do not read, partial frames, blobs being reassembled); new work
+    #: that would pass it is refused.
+    max_buffered_bytes: int = attrs.field(default=512 * 1024 * 1024, validator=_positive)
     #: Seconds an incomplete Blob may wait for its next fragment.
     blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
     #: Seconds L{ServerEngine.query} waits for an answer.

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from . import _messages as m
 from ._config import RelogonMode, ServerConfig, UserData
+from ._budget import MemoryBudget
 from ._counters import Count
 from ._events import Event, call
 from ._heartbeat import Reaper
@@ -135,6 +136,8 @@ class ServerEngine:
             self.router, clock, config.query_timeout, config.max_unanswered_requests
         )
         self.batch = OutputBatch()
+        #: Bytes held for peers (output backlogs, partial frames, blobs).
+        self.budget = MemoryBudget(config.max_buffered_bytes)
         self.pending = PendingRequests(clock, config.query_timeout)
         self.logons = Logons(self)
         self.reaper = Reaper(
@@ -240,7 +243,9 @@ class ServerEngine:
                 lambda asked: asked is session,
                 m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
             )
-        session.blobs = None
+        if session.blobs is not None:
+            self.budget.add_blob_bytes(session.user_id, -session.blobs.buffered)
+            session.blobs = None
         session.asked = None
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
@@ -266,7 +271,10 @@ class ServerEngine:
     def _expire_blobs(self, now: float) -> None:
         for session in self.sessions:
             if session.blobs is not None and session.blobs.pending:
-                for blob_id in session.blobs.expire(now):
+                before = session.blobs.buffered
+                expired = session.blobs.expire(now)
+                self.budget.add_blob_bytes(session.user_id, session.blobs.buffered - before)
+                for blob_id in expired:
                     log.info(
                         "dropped blob {blob_id} of {session!r}: idle too long",
                         blob_id=blob_id,

@@ -285,19 +285,53 @@ class ApplicationServices:
         """
 
     def blob(self, session: Session, frame: Frame) -> None:
+        """
+        A Blob fragment to the server: reassembled only when a handler will
+        read it, within the session's bounds, the user's
+        (C{max_blob_bytes_per_user}, over all their devices) and the
+        server's memory budget.
+        """
         fragment = m.BlobFragment.decode(frame.body)
         engine = self.engine
-        if session.blobs is None:
-            config = engine.config
-            session.blobs = m.BlobAssembler(
+        if engine.customize_handler is None:
+            engine.counters[Count.UNHANDLED] += 1
+            session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
+            return
+        config = engine.config
+        blobs = session.blobs
+        if blobs is None:
+            blobs = session.blobs = m.BlobAssembler(
                 config.max_blob_size, config.max_concurrent_blobs, config.blob_idle_timeout
             )
+        budget = engine.budget
+        user_id = session.user_id
+        size = len(fragment.payload)
+        before = blobs.buffered
         try:
-            payload = session.blobs.add(fragment, engine.clock.seconds())
+            if not (fragment.is_last and fragment.fragment_index == 0):
+                # Held until the blob is complete: within the bounds?
+                if budget.blob_bytes(user_id) + size > config.max_blob_bytes_per_user:
+                    blobs.discard(fragment.blob_id)
+                    raise m.BlobError(
+                        ErrorCode.TOO_LARGE,
+                        f"{user_id}'s blobs in progress would pass "
+                        f"{config.max_blob_bytes_per_user} bytes; blob {fragment.blob_id} "
+                        "dropped",
+                    )
+                if not budget.fits(size):
+                    blobs.discard(fragment.blob_id)
+                    raise m.BlobError(
+                        ErrorCode.RATE_LIMITED,
+                        f"the server's memory budget is spent; blob {fragment.blob_id} "
+                        "dropped, try later",
+                    )
+            payload = blobs.add(fragment, engine.clock.seconds())
         except m.BlobError as e:
             engine.counters[Count.BLOB_ERRORS] += 1
             session.error(frame, e.code, e.text)
             return
+        finally:
+            budget.add_blob_bytes(user_id, blobs.buffered - before)
         if payload is not None:
             self._handle_information(
                 session, frame, fragment.information_type, payload, bool(frame.message_id)

@@ -150,6 +150,7 @@ class Session:
         "_drain_timer",
         "_blocked",
         "_blockers",
+        "_partial",
         "_out",
         "_held",
         "__weakref__",
@@ -190,6 +191,8 @@ class Session:
         self._blocked: set[Session] | None = None
         #: How many receivers hold this session's reading paused.
         self._blockers = 0
+        #: Bytes of a partial frame counted in the engine's memory budget.
+        self._partial = 0
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed.
@@ -214,13 +217,31 @@ class Session:
         Bytes arrived from the peer.
         """
         error = None
+        decoder = self.decoder
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameError as e:
             frames, error = e.frames, e
         if frames:
             self.active = True
         owner = self.owner
+        partial = decoder.buffered
+        if partial != self._partial and self.state is not SessionState.ENDED:
+            budget = owner.budget
+            budget.used += partial - self._partial
+            self._partial = partial
+            if (
+                error is None
+                and partial > PRE_LOGON_MAX_MESSAGE_SIZE
+                and budget.used > budget.limit
+            ):
+                # Refused before the whole frame is held: a frame this big
+                # does not fit what the server may buffer now.
+                error = FrameError(
+                    DisconnectedType.MESSAGE_TOO_LARGE,
+                    f"the server's memory budget is spent: no room now for a frame of "
+                    f"more than {PRE_LOGON_MAX_MESSAGE_SIZE} bytes; try later",
+                )
         batch = owner.batch
         outermost = batch.begin()
         try:
@@ -273,6 +294,7 @@ class Session:
         senders this session held back read again.
         """
         self._paused = False
+        self.owner.budget.used -= self._backlog
         self._backlog = 0
         if self._drain_timer is not None:
             if self._drain_timer.active():
@@ -372,28 +394,31 @@ class Session:
 
     def queue(self, data: bytes) -> None:
         """
-        Queue a frame for the peer, unless the session has ended.  Past the
-        output bound the session ends with C{ChannelCacheOverflow}.
+        Queue a frame for the peer, unless the session has ended.  A peer
+        that stays behind for C{output_drain_timeout} ends with
+        C{ChannelCacheOverflow}.
         """
         if self.state is SessionState.ENDED:
             return
         if self._paused:
-            backlog = self._backlog + len(data)
-            config = self.owner.config
-            limit = config.max_output_buffer
-            if backlog * 2 > limit:
-                # Backed up: its senders are held back (L{send}), and the
-                # peer has output_drain_timeout seconds to drain before its
-                # session ends (a burst is not a crime).  Past the hard
-                # bound, more is dropped and counted, not queued.
-                if backlog > limit * _HARD_BOUND_FACTOR:
-                    self.owner.counters[Count.OUTPUT_DROPPED] += 1
-                    return
-                if self._drain_timer is None:
-                    self._drain_timer = self.owner.clock.callLater(
-                        config.output_drain_timeout, self._not_draining
-                    )
+            # The peer is behind: what is queued now counts.  Past half the
+            # bound its senders are held back (L{send}) and the peer has
+            # output_drain_timeout seconds to drain before its session ends
+            # (a burst is not a crime).  Past the hard bound, or past the
+            # server's memory budget, more is dropped and counted.
+            size = len(data)
+            backlog = self._backlog + size
+            owner = self.owner
+            limit = owner.config.max_output_buffer
+            if backlog > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
+                owner.counters[Count.OUTPUT_DROPPED] += 1
+                return
+            if backlog * 2 > limit and self._drain_timer is None:
+                self._drain_timer = owner.clock.callLater(
+                    owner.config.output_drain_timeout, self._not_draining
+                )
             self._backlog = backlog
+            owner.budget.used += size
         out = self._out
         if out is not None:
             out.append(data)
@@ -482,6 +507,9 @@ class Session:
         was_logged_on = self.state is SessionState.LOGGED_ON
         self.state = SessionState.ENDED
         self._held = None
+        budget = self.owner.budget
+        budget.used -= self._backlog + self._partial
+        self._backlog = self._partial = 0
         if self._drain_timer is not None:
             if self._drain_timer.active():
                 self._drain_timer.cancel()

@@ -249,3 +249,113 @@ def test_the_backlog_has_a_hard_bound():
     assert engine_session(engine, "bob")._backlog <= 40_000
     assert engine.counters[Count.OUTPUT_DROPPED] > 50
     assert engine_session(engine, "bob").logged_on
+
+
+# -- 3. memory: blobs nobody reads, per user, and one server-wide budget -----------
+
+from twisted.internet import task  # noqa: E402
+from zope.interface import implementer  # noqa: E402
+
+from esf import ServerConfig, ServerEngine, WireConfig  # noqa: E402
+from esf.interfaces import ICustomizeHandler  # noqa: E402
+
+
+@implementer(ICustomizeHandler)
+class Blobs:
+    def __init__(self):
+        self.informations = []
+
+    def handle_information(self, user_id, client_type, information_type, payload):
+        self.informations.append((user_id, information_type, payload))
+
+    def handle_query(self, user_id, client_type, information_type, payload):
+        return b""
+
+
+def blob_engine(handler=None, **settings):
+    config = ServerConfig(wire=WireConfig(11, 1024 * 1024), **settings)
+    engine = ServerEngine(config, clock=task.Clock(), customize_handler=handler)
+    engine.start()
+    return engine
+
+
+def test_blob_to_a_server_without_handler_is_refused_at_once():
+    """
+    Nobody would read it: the first fragment is answered HandlerError and
+    nothing is held.
+    """
+    engine = blob_engine()
+    alice = connect(engine, "alice")
+    alice.send(MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(50_000)), message_id=9)
+    (error,) = alice.take()
+    assert (error.message_type, error.body.code) == (MessageType.ERROR, ErrorCode.HANDLER_ERROR)
+    assert engine_session(engine, "alice").blobs is None
+    assert engine.budget.used == 0
+
+
+def test_blobs_in_progress_are_bounded_per_user_over_all_devices():
+    """
+    One account on several device kinds cannot multiply the per-session
+    blob bound: their blobs in progress share max_blob_bytes_per_user.
+    """
+    engine = blob_engine(Blobs(), max_blob_bytes_per_user=25_000)
+    devices = [connect(engine, "alice", kind) for kind in (0, 1, 2)]
+    for device in devices:
+        device.take()
+    answers = []
+    for n, device in enumerate(devices):
+        device.send(MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(10_000)), message_id=n + 2)
+        answers += device.take()
+    assert [a.body.code for a in answers if a.message_type == MessageType.ERROR] == [
+        ErrorCode.TOO_LARGE
+    ]
+    assert engine.budget.blob_bytes("alice") == 20_000
+    # Finishing one frees its share.
+    devices[0].send(MessageType.BLOB, BlobFragment(5, 1, 1, True, b"end"), message_id=2)
+    assert engine.budget.blob_bytes("alice") == 10_000
+    for device in devices:
+        device.lose()
+    assert engine.budget.used == 0
+
+
+def test_server_wide_budget_refuses_new_blobs_and_backlog_before_it_is_passed():
+    """
+    Blobs of many users and output for a peer that does not read share one
+    budget: what would pass it is refused (blobs RateLimited, output
+    dropped and counted); the budget is given back as the bytes go.
+    """
+    engine = blob_engine(Blobs(), max_buffered_bytes=50_000, max_output_buffer=40_000)
+    users = [connect(engine, f"u{n}") for n in range(4)]
+    codes = []
+    for n, user in enumerate(users):
+        user.send(MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(15_000)), message_id=2)
+        codes += [r.body.code for r in user.take() if r.message_type == MessageType.ERROR]
+    assert codes == [ErrorCode.RATE_LIMITED]
+    assert engine.budget.used == 45_000
+    reader = connect(engine, "reader")
+    reader.protocol.pauseProducing()
+    for n in range(10):
+        users[0].send(MessageType.SEND, Information(n, bytes(1000)), dest="reader")
+    assert engine.budget.used <= 50_000
+    assert engine.counters[Count.OUTPUT_DROPPED] > 0
+    reader.protocol.resumeProducing()
+    assert engine.budget.used == 45_000
+    engine.clock.advance(engine.config.blob_idle_timeout + 10)  # the blobs expire
+    assert engine.budget.used == 0
+
+
+def test_a_large_partial_frame_is_refused_when_the_budget_is_spent():
+    """
+    Over budget, a session that starts a frame larger than 64 KiB is ended
+    with MessageTooLarge and a reason; the budget is given back.
+    """
+    engine = blob_engine(Blobs(), max_buffered_bytes=100_000)
+    alice = connect(engine, "alice")
+    frame = alice.frame(MessageType.SEND, Information(1, bytes(200_000)))
+    alice.send_raw(frame[:80_000])
+    assert engine_session(engine, "alice").logged_on
+    alice.send_raw(frame[80_000:120_000])
+    (notice,) = alice.take()
+    assert notice.body.reason.name == "MESSAGE_TOO_LARGE"
+    assert "memory budget" in notice.body.text
+    assert engine.budget.used == 0
