@@ -359,3 +359,34 @@ def test_a_large_partial_frame_is_refused_when_the_budget_is_spent():
     assert notice.body.reason.name == "MESSAGE_TOO_LARGE"
     assert "memory budget" in notice.body.text
     assert engine.budget.used == 0
+
+
+@pytest.mark.e2e
+def test_blobs_nobody_reads_cost_a_live_server_nothing(twistd):
+    """
+    The attack of issue 11 scaled down: one account on 9 device kinds sends
+    4 unfinished 8 MiB blobs each (288 MiB) to a server with default options
+    and no application handler.  Every fragment is refused; RSS does not
+    follow the bytes.
+    """
+    server = twistd()
+    devices = [logged_on(server.port, "alice", "pa", kind) for kind in range(9)]
+    before = rss_kib(server.process.pid)
+    piece = bytes(1024 * 1024 - 200)
+    for blob_id in range(4):
+        for index in range(8):
+            body = BlobFragment(5, blob_id, index, False, piece).encode()
+            for device in devices:
+                device.send(207, body, dest="_0")
+    for device in devices:  # GetMyIPE: all each device sent before was handled
+        device.send(101, dest="_0", msg_id=77)
+        header, _ = device.recv_until(101)
+        assert header["message_id"] == 77
+    after = rss_kib(server.process.pid)
+    print({"rss_before_kib": before, "rss_after_kib": after})
+    assert after - before < 32 * 1024
+    for device in devices:
+        device.close()
+
+
+from test_reliability import logged_on, rss_kib, twistd  # noqa: E402,F401
