@@ -80,6 +80,19 @@ class ServerConfig:
     #: MessageID) one session may have relayed to users and not yet had
     #: answered; more are answered C{RateLimited}.
     max_unanswered_requests: int = attrs.field(default=1024, validator=_positive)
+    #: Most user IDs one QueryOnlines may name; more are answered
+    #: C{Error(TooLarge)}.
+    max_query_ids: int = attrs.field(default=1000, validator=_positive)
+    #: The budget for work the server does itself (everything but relays),
+    #: per session, as a token bucket: C{work_rate} units a second, at most
+    #: C{work_burst} saved up.  A request costs 1, plus 1 per 100 user IDs
+    #: it names or its answer lists.  A request that finds the bucket empty
+    #: is answered C{Error(RateLimited)}; a session that keeps it spent
+    #: (refused, and not letting it refill halfway) for
+    #: C{work_refusal_limit} seconds is ended.
+    work_rate: float = attrs.field(default=2000, validator=_positive)
+    work_burst: float = attrs.field(default=4000, validator=_positive)
+    work_refusal_limit: float = attrs.field(default=10, validator=_positive)
     #: Logons one host may attempt per C{logon_rate_window} seconds; more
     #: are answered C{Busy}.
     logon_rate_limit: int = attrs.field(default=200, validator=_positive)

@@ -41,6 +41,9 @@ class Count(StrEnum):
     SENDERS_PAUSED = "senders_paused"
     #: A frame not queued for a receiver past its hard output bound.
     OUTPUT_DROPPED = "output_dropped"
+    #: A request the server would have handled itself, refused because its
+    #: session spent its work budget.
+    WORK_REFUSED = "work_refused"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

@@ -300,6 +300,9 @@ class ServerEngine:
         if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
             self.relay(session, frame)
             return
+        if not session.charge(1):
+            self._work_refused(session, frame)
+            return
         handler = self._dispatch.get(frame.message_type)
         if handler is None:
             session.error(
@@ -312,6 +315,23 @@ class ServerEngine:
             handler(session, frame)
         except m.BadRequest as e:
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
+
+    def _work_refused(self, session: Session, frame: Frame) -> None:
+        self.counters[Count.WORK_REFUSED] += 1
+        limit = self.config.work_refusal_limit
+        if session.refused_for() >= limit:
+            session.end(
+                DisconnectedType.BEING_KICKED_OUT,
+                f"asked the server for more work than its budget "
+                f"({self.config.work_rate:g} a second) for {limit:g} s",
+            )
+            return
+        session.error(
+            frame,
+            ErrorCode.RATE_LIMITED,
+            f"too many requests to the server: at most {self.config.work_rate:g} units "
+            "of work a second (1 per request, 1 more per 100 user IDs); slow down",
+        )
 
     def relay(self, session: Session, frame: Frame) -> None:
         """

@@ -92,6 +92,7 @@ class BasicServices:
                 break
             page.append(user_id)
         reply = m.GetAllOnlineUsersReply(presence.user_count(), page)
+        session.charge(len(page) / 100)  # the answer's size; the next ones wait
         session.reply(frame, reply.encode())
 
     def query_online(self, session: Session, frame: Frame) -> None:
@@ -100,7 +101,18 @@ class BasicServices:
         session.reply(frame, m.QueryOnlineReply(online).encode())
 
     def query_onlines(self, session: Session, frame: Frame) -> None:
-        request = m.QueryOnlines.decode(frame.body)
+        body = frame.body
+        limit = self.engine.config.max_query_ids
+        # The count comes first: refuse a long query before decoding it.
+        if len(body) >= 4 and int.from_bytes(body[:4], "little") > limit:
+            session.error(
+                frame,
+                ErrorCode.TOO_LARGE,
+                f"a QueryOnlines may name at most {limit} user IDs; split the query",
+            )
+            return
+        request = m.QueryOnlines.decode(body)
+        session.charge(len(request.user_ids) / 100)
         devices = self.engine.presence.devices
         online = [bool(devices(u)) for u in request.user_ids]
         session.reply(frame, m.QueryOnlinesReply(online).encode())

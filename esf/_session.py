@@ -151,6 +151,9 @@ class Session:
         "_blocked",
         "_blockers",
         "_partial",
+        "_tokens",
+        "_tokens_at",
+        "_refused_since",
         "_out",
         "_held",
         "__weakref__",
@@ -193,6 +196,10 @@ class Session:
         self._blockers = 0
         #: Bytes of a partial frame counted in the engine's memory budget.
         self._partial = 0
+        #: The work budget (L{charge}): a token bucket, full at the start.
+        self._tokens = float(config.work_burst)
+        self._tokens_at = self.connected_at
+        self._refused_since: float | None = None
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed.
@@ -301,6 +308,44 @@ class Session:
                 self._drain_timer.cancel()
             self._drain_timer = None
         self._release_blocked()
+
+    # -- the work budget ---------------------------------------------------------
+
+    def charge(self, cost: float) -> bool:
+        """
+        Take C{cost} from the session's work budget (a token bucket on the
+        clock, written here because it is four lines and must not allocate
+        per request).  A request is refused while the bucket is empty; an
+        accepted one may take it below zero (a big answer), which the
+        following requests then wait for.
+
+        @return: whether the request may be handled.
+        """
+        config = self.owner.config
+        now = self.owner.clock.seconds()
+        tokens = self._tokens + (now - self._tokens_at) * config.work_rate
+        if tokens > config.work_burst:
+            tokens = config.work_burst
+        self._tokens_at = now
+        if tokens < 1:
+            self._tokens = tokens
+            if self._refused_since is None:
+                self._refused_since = now
+            return False
+        self._tokens = tokens - cost
+        if tokens * 2 >= config.work_burst:
+            # Let the bucket refill halfway: no longer a flood.
+            self._refused_since = None
+        return True
+
+    def refused_for(self) -> float:
+        """
+        Seconds since this session's first refused request, if it has not
+        let its budget refill halfway since.
+        """
+        if self._refused_since is None:
+            return 0.0
+        return self.owner.clock.seconds() - self._refused_since
 
     # -- push back: a receiver that is backed up slows its senders down ------
 

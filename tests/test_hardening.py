@@ -390,3 +390,132 @@ def test_blobs_nobody_reads_cost_a_live_server_nothing(twistd):
 
 
 from test_reliability import logged_on, rss_kib, twistd  # noqa: E402,F401
+
+
+# -- 2. CPU: a cost bound on every request -----------------------------------------
+
+from esf.wire import QueryOnlines  # noqa: E402
+
+
+def test_query_onlines_names_at_most_max_query_ids():
+    engine = make_engine(max_query_ids=1000)
+    alice = connect(engine, "alice")
+    alice.send(MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1000)]), message_id=2)
+    (ok,) = alice.take()
+    assert ok.message_type == MessageType.QUERY_ONLINES and len(ok.body.online) == 1000
+    alice.send(MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1001)]), message_id=3)
+    (refused,) = alice.take()
+    assert (refused.message_type, refused.body.code) == (MessageType.ERROR, ErrorCode.TOO_LARGE)
+    assert "at most 1000" in refused.body.text
+
+
+def _flood(client, frame, count):
+    client.send_raw(frame * count)
+    replies = client.take()
+    handled = [r for r in replies if r.message_type == MessageType.QUERY_ONLINES]
+    refused = [r for r in replies if r.message_type == MessageType.ERROR]
+    assert {r.body.code for r in refused} <= {ErrorCode.RATE_LIMITED}
+    return len(handled), len(refused)
+
+
+def test_server_work_is_budgeted_per_session_by_cost():
+    """
+    A pipelined flood of the most expensive request (QueryOnlines naming
+    1,000 IDs, cost 11) is handled at the budget's rate, the rest refused
+    RateLimited; another user's requests are not touched by it.
+    """
+    engine = make_engine(work_rate=100, work_burst=200, work_refusal_limit=10)
+    mallory = connect(engine, "mallory")
+    bob = connect(engine, "bob")
+    frame = mallory.frame(
+        MessageType.QUERY_ONLINES, QueryOnlines([f"u{n:05}" for n in range(1000)]), message_id=2
+    )
+    handled, refused = _flood(mallory, frame, 1000)
+    assert (handled, refused) == (19, 981)  # 200 saved up: 19 x 11 takes it below 1
+    for second in range(1, 6):
+        engine.clock.advance(1)
+        handled, refused = _flood(mallory, frame, 1000)
+        assert handled <= 100 / 11 + 1, (second, handled)
+        assert handled >= 8
+        bob.send(MessageType.PING_BY_SERVER, message_id=second)
+        (pong,) = bob.take()
+        assert pong.message_type == MessageType.PING_ACK
+    assert engine.counters[Count.WORK_REFUSED] >= 5000
+
+
+def test_persistent_refusal_ends_the_session():
+    """
+    A session refused without a break for work_refusal_limit seconds is
+    ended, with a reason; one that slows down is not.
+    """
+    engine = make_engine(work_rate=10, work_burst=10, work_refusal_limit=5)
+    mallory = connect(engine, "mallory")
+    ping = mallory.frame(MessageType.PING_BY_SERVER, message_id=2)
+    mallory.send_raw(ping * 10)  # the bucket is empty
+    for _ in range(60):  # 10 a second: refused until...
+        engine.clock.advance(0.05)
+        mallory.send_raw(ping)
+        engine.clock.advance(0.05)
+        mallory.send_raw(ping * 5)
+    notice = mallory.take()[-1]
+    assert notice.message_type == MessageType.DISCONNECT_NOTICE
+    assert notice.body.reason.name == "BEING_KICKED_OUT"
+    assert "budget" in notice.body.text
+    polite = connect(engine, "polite")
+    for _ in range(200):  # within the rate: never refused
+        engine.clock.advance(0.2)
+        polite.send(MessageType.PING_BY_SERVER, message_id=3)
+    replies = polite.take()
+    assert len(replies) == 200
+    assert all(r.message_type == MessageType.PING_ACK for r in replies)
+
+
+@pytest.mark.e2e
+def test_others_ping_while_one_user_floods_the_most_expensive_request(twistd):
+    """
+    mallory pipelines QueryOnlines naming 1,000 IDs (the most expensive
+    request) for 3 s without reading; meanwhile alice pings the server 300
+    times.  With the per-session work budget, alice's p99 stays < 50 ms.
+    """
+    import threading
+    import time
+
+    from esf.wire import QueryOnlines as Q
+
+    server = twistd()
+    alice = logged_on(server.port, "alice", "pa")
+    mallory = logged_on(server.port, "erin", "pe")
+    body = Q([f"user{n:06}" for n in range(1000)]).encode()
+    from rawclient import pack_header
+
+    frame = pack_header(114, len(body), "erin", "_0", 2, 0) + body
+    burst = frame * 64
+    stop = time.monotonic() + 3.0
+    sent = [0]
+
+    def flood():
+        mallory.sock.settimeout(10)
+        try:
+            while time.monotonic() < stop:
+                mallory.sock.sendall(burst)
+                sent[0] += 64
+        except OSError:
+            pass
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    time.sleep(0.2)
+    times = []
+    for n in range(300):
+        started = time.monotonic()
+        alice.send(102, dest="_0", msg_id=n + 1)
+        header, _ = alice.recv_until(103)
+        times.append(time.monotonic() - started)
+        time.sleep(0.005)
+    flooder.join(15)
+    times.sort()
+    p99 = times[int(len(times) * 0.99) - 1]
+    print({"queries_sent": sent[0], "ping_p50_ms": times[150] * 1e3, "ping_p99_ms": p99 * 1e3})
+    assert p99 < 0.050
+    mallory.close()
+    alice.close()
