@@ -44,6 +44,8 @@ class Count(StrEnum):
     #: A request the server would have handled itself, refused because its
     #: session spent its work budget.
     WORK_REFUSED = "work_refused"
+    #: A log event a peer caused, suppressed by its session's log limit.
+    LOGS_SUPPRESSED = "logs_suppressed"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

@@ -247,6 +247,8 @@ class ServerEngine:
             self.budget.add_blob_bytes(session.user_id, -session.blobs.buffered)
             session.blobs = None
         session.asked = None
+        suppressed = session._log_suppressed
+        session._log_suppressed = 0
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -259,7 +261,11 @@ class ServerEngine:
             text=text,
             duration=self.clock.seconds() - session.connected_at,
             logged_on=was_logged_on,
+            suppressed_logs=suppressed,
         )
+        if suppressed:
+            session._log_suppressed = suppressed
+            session.summarise_logs()
 
     def _heartbeat_timed_out(self, session: Session) -> None:
         self.user_manager.heartbeat_timed_out.fire(session.user_data)
@@ -275,11 +281,12 @@ class ServerEngine:
                 expired = session.blobs.expire(now)
                 self.budget.add_blob_bytes(session.user_id, session.blobs.buffered - before)
                 for blob_id in expired:
-                    log.info(
-                        "dropped blob {blob_id} of {session!r}: idle too long",
-                        blob_id=blob_id,
-                        session=session,
-                    )
+                    if session.may_log():
+                        log.info(
+                            "dropped blob {blob_id} of {session!r}: idle too long",
+                            blob_id=blob_id,
+                            session=session,
+                        )
 
     # -- frames -----------------------------------------------------------------
 

@@ -136,19 +136,21 @@ class BasicServices:
         self, allowed: Any, session: Session, frame: Frame, target: str, reason: str
     ) -> None:
         if isinstance(allowed, Failure):
-            log.failure("can_kick_out raised", allowed)
+            if session.may_log():
+                log.failure("can_kick_out raised", allowed)
             allowed = False
         if not session.logged_on:
             return
         if not allowed:
-            log.info(
-                "kick of {target} by {operator} refused",
-                esf_event="kick_refused",
-                origin="client",
-                operator=session.user_id,
-                target=target,
-                reason=reason,
-            )
+            if session.may_log():
+                log.info(
+                    "kick of {target} by {operator} refused",
+                    esf_event="kick_refused",
+                    origin="client",
+                    operator=session.user_id,
+                    target=target,
+                    reason=reason,
+                )
             session.reply(frame, m.KickOutReply(False, "not authorised to kick").encode())
             return
         if not self.engine.presence.devices(target):
@@ -256,13 +258,14 @@ class ApplicationServices:
         if isinstance(error, m.RequestError):
             session.error(frame, error.code, error.text[:200])
             return
-        log.failure(
-            "{what} raised for {message_type} from {session!r}",
-            failure,
-            what=what,
-            message_type=frame.message_type,
-            session=session,
-        )
+        if session.may_log():
+            log.failure(
+                "{what} raised for {message_type} from {session!r}",
+                failure,
+                what=what,
+                message_type=frame.message_type,
+                session=session,
+            )
         self.engine.counters[Count.HANDLER_ERRORS] += 1
         text = f"{type(error).__name__}: {error}"[:200]
         session.error(frame, ErrorCode.HANDLER_ERROR, text)

@@ -68,6 +68,11 @@ _SEND = int(MessageType.SEND)
 #: relayed frames are dropped and counted.
 _HARD_BOUND_FACTOR = 4
 
+#: A peer may cause at most this many log events at info level or above
+#: per this many seconds; the rest are counted and summarised.
+LOG_LIMIT = 10
+LOG_WINDOW = 60.0
+
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
@@ -154,6 +159,9 @@ class Session:
         "_tokens",
         "_tokens_at",
         "_refused_since",
+        "_log_window",
+        "_log_count",
+        "_log_suppressed",
         "_out",
         "_held",
         "__weakref__",
@@ -200,6 +208,10 @@ class Session:
         self._tokens = float(config.work_burst)
         self._tokens_at = self.connected_at
         self._refused_since: float | None = None
+        #: Log events at info or above this peer caused (L{may_log}).
+        self._log_window = self.connected_at
+        self._log_count = 0
+        self._log_suppressed = 0
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed.
@@ -308,6 +320,42 @@ class Session:
                 self._drain_timer.cancel()
             self._drain_timer = None
         self._release_blocked()
+
+    # -- what a peer may make the server log --------------------------------------
+
+    def may_log(self) -> bool:
+        """
+        Whether an event this peer caused may be logged at info level or
+        above: at most L{LOG_LIMIT} per L{LOG_WINDOW} seconds.  The rest are
+        counted (C{logs_suppressed}) and summarised in one event when the
+        next window opens, and in the session's end event.
+        """
+        now = self.owner.clock.seconds()
+        if now - self._log_window >= LOG_WINDOW:
+            self.summarise_logs()
+            self._log_window = now
+            self._log_count = 0
+        if self._log_count < LOG_LIMIT:
+            self._log_count += 1
+            return True
+        self._log_suppressed += 1
+        self.owner.counters[Count.LOGS_SUPPRESSED] += 1
+        return False
+
+    def summarise_logs(self) -> None:
+        """
+        Log how many events were suppressed, if any, once.
+        """
+        if self._log_suppressed:
+            log.info(
+                "{count} more log events caused by {session!r} were suppressed",
+                esf_event="logs_suppressed",
+                count=self._log_suppressed,
+                session=self,
+                user_id=self.user_id,
+                address=self.address,
+            )
+            self._log_suppressed = 0
 
     # -- the work budget ---------------------------------------------------------
 

@@ -519,3 +519,55 @@ def test_others_ping_while_one_user_floods_the_most_expensive_request(twistd):
     assert p99 < 0.050
     mallory.close()
     alice.close()
+
+
+# -- 6. what a peer can make the server log --------------------------------------
+
+from twisted.logger import LogLevel  # noqa: E402
+
+from _helpers import LogCapture  # noqa: E402
+from esf.wire import KickOut  # noqa: E402
+
+
+@implementer(ICustomizeHandler)
+class Broken:
+    def handle_information(self, user_id, client_type, information_type, payload):
+        raise ValueError("bug")
+
+    def handle_query(self, user_id, client_type, information_type, payload):
+        raise ValueError("bug")
+
+
+def test_a_peer_cannot_flood_the_log():
+    """
+    3,000 requests that each used to log at info or above (refused kicks,
+    requests the handler fails on, answers nobody waits for) give at most
+    LOG_LIMIT events per minute, then one summary; the session's end event
+    says how many were suppressed.
+    """
+    from esf._session import LOG_LIMIT
+
+    engine = blob_engine(Broken())
+    capture = LogCapture().start()
+    try:
+        alice = connect(engine, "alice")
+        connect(engine, "bob")
+        for n in range(1000):
+            alice.send(MessageType.KICK_OUT, KickOut("go"), dest="bob", message_id=n + 2)
+            alice.send(MessageType.REQUEST, Information(1, b"q"), message_id=n + 2)
+            alice.send(MessageType.RESPONSE, Information(1, b"a"), message_id=n + 9000)
+        loud = [e for e in capture.events if e["log_level"] >= LogLevel.info]
+        assert len(loud) <= LOG_LIMIT + 2  # + the two logons
+        engine.clock.advance(61)  # a new window: the next event brings the summary
+        alice.send(MessageType.KICK_OUT, KickOut("go"), dest="bob", message_id=5)
+        (summary,) = capture.esf("logs_suppressed")
+        assert summary["count"] == 2000 - LOG_LIMIT
+        for n in range(20):  # 9 more logged, 11 suppressed...
+            alice.send(MessageType.KICK_OUT, KickOut("go"), dest="bob", message_id=n + 6)
+        alice.lose()  # ...and summarised when the session ends
+        (ended,) = [e for e in capture.esf("session_ended") if e["user_id"] == "alice"]
+        assert ended["suppressed_logs"] == 11
+        assert [e["count"] for e in capture.esf("logs_suppressed")] == [2000 - LOG_LIMIT, 11]
+        assert engine.counters[Count.LOGS_SUPPRESSED] == 2000 - LOG_LIMIT + 11
+    finally:
+        capture.stop()
