@@ -269,10 +269,12 @@ class ServerEngine:
 
     def _heartbeat_timed_out(self, session: Session) -> None:
         self.user_manager.heartbeat_timed_out.fire(session.user_data)
-        session.end(
-            DisconnectedType.HEARTBEAT_TIMEOUT,
-            f"nothing received for {self.config.heartbeat_timeout} s",
-        )
+        text = f"no whole frame received for {self.config.heartbeat_timeout} s"
+        if session.decoder.buffered:
+            # Bytes trickle in but never finish a frame: only whole frames
+            # keep a session alive (protocol.md 7.2).
+            text += f" ({session.decoder.buffered} bytes of an unfinished frame)"
+        session.end(DisconnectedType.HEARTBEAT_TIMEOUT, text)
 
     def _expire_blobs(self, now: float) -> None:
         for session in self.sessions:

@@ -571,3 +571,27 @@ def test_a_peer_cannot_flood_the_log():
         assert engine.counters[Count.LOGS_SUPPRESSED] == 2000 - LOG_LIMIT + 11
     finally:
         capture.stop()
+
+
+# -- 4. a frame that stays unfinished ends the session, with a reason ----------------
+
+
+def test_a_frame_trickled_forever_ends_the_session_with_a_reason():
+    """
+    A byte a second of a 1 MiB frame keeps nothing alive: within 1.25 x the
+    heartbeat timeout the session ends HeartbeatTimeout, saying a frame was
+    left unfinished; its bytes leave the memory budget.
+    """
+    engine = make_engine(heartbeat_interval=10, heartbeat_timeout=30)
+    alice = connect(engine, "alice")
+    frame = alice.frame(MessageType.SEND, Information(1, bytes(1024 * 1024 - 200)))
+    for second in range(60):
+        if not engine_session_or_none(engine, "alice"):
+            break
+        alice.send_raw(frame[second * 100 : (second + 1) * 100])
+        engine.clock.advance(1)
+    assert second <= 30 * 1.25 + 1
+    notice = alice.take()[-1]
+    assert notice.body.reason.name == "HEARTBEAT_TIMEOUT"
+    assert "unfinished frame" in notice.body.text
+    assert engine.budget.used == 0
