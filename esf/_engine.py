@@ -350,8 +350,8 @@ class ServerEngine:
         """
         message_type = frame.message_type
         if message_type in ANSWERS:
-            asker = self.answers.answer(session, frame)
-            if asker is None:
+            askers = self.answers.answer(session, frame)
+            if not askers:
                 if self.router.resolve(frame.dest_user_id) is None:
                     session.error(
                         frame,
@@ -370,8 +370,9 @@ class ServerEngine:
                     user_id=session.user_id,
                 )
                 return
-            if asker.send(frame.raw):
-                asker.push_back(session)
+            for asker in askers:
+                if asker.send(frame.raw):
+                    asker.push_back(session)
             return
         targets = self.router.resolve(frame.dest_user_id)
         if targets:

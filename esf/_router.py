@@ -110,26 +110,45 @@ class AnswerRouter:
         table[key] = (now + self.timeout, frame.message_type)
         return True
 
-    def answer(self, answerer: Any, frame: Any) -> Any:
+    def answer(self, answerer: Any, frame: Any) -> Sequence[Any]:
         """
-        The device that asked what C{frame}, an answer from C{answerer},
-        answers (its entry is used up), or C{None}: nobody asked.
+        Where C{frame}, an answer from C{answerer}, goes: the local device
+        that asked (its entry is used up), or the devices on other nodes it
+        is addressed to (their node checks it on arrival: L{accept}), or
+        nowhere (empty): nobody asked.
         """
         key = (frame.message_id, answerer.user_id)
-        now = self.clock.seconds()
+        remote = []
         for target in self.router.resolve(frame.dest_user_id) or ():
-            table = getattr(target, "asked", None)
-            if not table:
-                continue
-            entry = table.get(key)
-            if entry is None:
-                continue
-            deadline, request_type = entry
-            if deadline <= now:
-                del table[key]
-                continue
-            answer_type = frame.message_type
-            if answer_type == MessageType.ERROR or ANSWERED_BY[request_type] == answer_type:
-                del table[key]
-                return target
-        return None
+            table = getattr(target, "asked", _REMOTE)
+            if table is _REMOTE:
+                remote.append(target)
+            elif table and self._take(table, key, frame.message_type):
+                return (target,)
+        return remote
+
+    def accept(self, asker: Any, frame: Any) -> bool:
+        """
+        Whether C{frame}, an answer relayed from another node, answers a
+        request C{asker} (a local session) made (its entry is used up).
+        """
+        table = asker.asked
+        key = (frame.message_id, frame.user_id)
+        return bool(table) and self._take(table, key, frame.message_type)
+
+    def _take(self, table: dict, key: tuple, answer_type: int) -> bool:
+        entry = table.get(key)
+        if entry is None:
+            return False
+        deadline, request_type = entry
+        if deadline <= self.clock.seconds():
+            del table[key]
+            return False
+        if answer_type == MessageType.ERROR or ANSWERED_BY[request_type] == answer_type:
+            del table[key]
+            return True
+        return False
+
+
+#: What a handle on another node has instead of an C{asked} table.
+_REMOTE = object()

@@ -21,7 +21,9 @@ from zope.interface import implementer
 from . import _messages as m
 from ._config import UserData
 from ._counters import Count
+from ._router import ANSWERS
 from ._wire import (
+    _FIXED_HEADER,
     SERVER_ID,
     DisconnectedType,
     ErrorCode,
@@ -466,6 +468,28 @@ class Session:
                 self._held = []
             self._held.append(data)
         return False
+
+    def send_from_node(self, data: bytes) -> None:
+        """
+        Write a frame relayed to this device by another node of a cluster.
+        An answer goes through only if this session asked for it
+        (L{esf._router.AnswerRouter.accept}): the answering node cannot
+        know.
+        """
+        if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
+            (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
+            if not self.owner.answers.accept(self, frame):
+                self.owner.counters[Count.UNSOLICITED_ANSWERS] += 1
+                log.debug(
+                    "dropped {message_type} #{message_id} from {user_id} (another node): "
+                    "it answers no request of {session!r}",
+                    message_type=frame.message_type,
+                    message_id=frame.message_id,
+                    user_id=frame.user_id,
+                    session=self,
+                )
+                return
+        self.send(data)
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """
