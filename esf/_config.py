@@ -50,9 +50,14 @@ class ServerConfig:
         default=frozenset(ClientType), converter=frozenset
     )
     #: Bytes that may wait for a peer that does not read, beyond the
-    #: transport's own buffer, before its session ends with
-    #: ChannelCacheOverflow.
+    #: transport's own buffer.  Past half of it the peer's senders are
+    #: read no further and the drain timer runs; past four times it more
+    #: output is dropped.
     max_output_buffer: int = attrs.field(default=2 * DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
+    #: Seconds a peer's backlog may stay over half C{max_output_buffer}
+    #: before its session ends with ChannelCacheOverflow.  Meanwhile
+    #: whoever relays to it is read no further.
+    output_drain_timeout: float = attrs.field(default=10, validator=_positive)
     #: Seconds a closing connection has to take its last bytes before it
     #: is aborted.
     close_timeout: float = attrs.field(default=5, validator=_positive)
@@ -60,10 +65,34 @@ class ServerConfig:
     max_blob_size: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
     #: Blobs one session may have in progress at once.
     max_concurrent_blobs: int = attrs.field(default=4, validator=_positive)
+    #: Bytes of blobs to the server one user may have in progress, over all
+    #: their devices.
+    max_blob_bytes_per_user: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    #: Bytes the whole server may hold for peers (output waiting for peers
+    #: that do not read, partial frames, blobs being reassembled); new work
+    #: that would pass it is refused.
+    max_buffered_bytes: int = attrs.field(default=512 * 1024 * 1024, validator=_positive)
     #: Seconds an incomplete Blob may wait for its next fragment.
     blob_idle_timeout: float = attrs.field(default=60, validator=_positive)
     #: Seconds L{ServerEngine.query} waits for an answer.
     query_timeout: float = attrs.field(default=30, validator=_positive)
+    #: Requests (Request, SendCertainly, PingByServer, Blob with a
+    #: MessageID) one session may have relayed to users and not yet had
+    #: answered; more are answered C{RateLimited}.
+    max_unanswered_requests: int = attrs.field(default=1024, validator=_positive)
+    #: Most user IDs one QueryOnlines may name; more are answered
+    #: C{Error(TooLarge)}.
+    max_query_ids: int = attrs.field(default=1000, validator=_positive)
+    #: The budget for work the server does itself (everything but relays),
+    #: per session, as a token bucket: C{work_rate} units a second, at most
+    #: C{work_burst} saved up.  A request costs 1, plus 1 per 100 user IDs
+    #: it names or its answer lists.  A request that finds the bucket empty
+    #: is answered C{Error(RateLimited)}; a session that keeps it spent
+    #: (refused, and not letting it refill halfway) for
+    #: C{work_refusal_limit} seconds is ended.
+    work_rate: float = attrs.field(default=2000, validator=_positive)
+    work_burst: float = attrs.field(default=4000, validator=_positive)
+    work_refusal_limit: float = attrs.field(default=10, validator=_positive)
     #: Logons one host may attempt per C{logon_rate_window} seconds; more
     #: are answered C{Busy}.
     logon_rate_limit: int = attrs.field(default=200, validator=_positive)

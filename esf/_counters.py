@@ -32,6 +32,20 @@ class Count(StrEnum):
     BLOB_ERRORS = "blob_errors"
     #: An answer (Response, Error) addressed to the server that nobody waits for.
     UNEXPECTED_ANSWERS = "unexpected_answers"
+    #: An answer (Response, Ack, PingAck, Error) from a user that answers no
+    #: request relayed to that user: dropped.
+    UNSOLICITED_ANSWERS = "unsolicited_answers"
+    #: A request refused because its session waits for too many answers.
+    TOO_MANY_UNANSWERED = "too_many_unanswered"
+    #: A sender whose reading was paused because a receiver is backed up.
+    SENDERS_PAUSED = "senders_paused"
+    #: A frame not queued for a receiver past its hard output bound.
+    OUTPUT_DROPPED = "output_dropped"
+    #: A request the server would have handled itself, refused because its
+    #: session spent its work budget.
+    WORK_REFUSED = "work_refused"
+    #: A log event a peer caused, suppressed by its session's log limit.
+    LOGS_SUPPRESSED = "logs_suppressed"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

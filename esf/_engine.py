@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from . import _messages as m
 from ._config import RelogonMode, ServerConfig, UserData
+from ._budget import MemoryBudget
 from ._counters import Count
 from ._events import Event, call
 from ._heartbeat import Reaper
@@ -36,7 +37,7 @@ from ._logon import Logons
 from ._pending import PendingRequests
 from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
-from ._router import Router
+from ._router import ANSWERS, AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
 from ._session import RELAYED, OutputBatch, Session, SessionState
 from ._wire import (
@@ -131,7 +132,12 @@ class ServerEngine:
         self.presence = presence if presence is not None else LocalPresence()
         self.user_manager = UserManager(self.presence, config)
         self.router = Router(self.presence)
+        self.answers = AnswerRouter(
+            self.router, clock, config.query_timeout, config.max_unanswered_requests
+        )
         self.batch = OutputBatch()
+        #: Bytes held for peers (output backlogs, partial frames, blobs).
+        self.budget = MemoryBudget(config.max_buffered_bytes)
         self.pending = PendingRequests(clock, config.query_timeout)
         self.logons = Logons(self)
         self.reaper = Reaper(
@@ -242,7 +248,12 @@ class ServerEngine:
                 lambda asked: asked is session,
                 m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
             )
-        session.blobs = None
+        if session.blobs is not None:
+            self.budget.add_blob_bytes(session.user_id, -session.blobs.buffered)
+            session.blobs = None
+        session.asked = None
+        suppressed = session._log_suppressed
+        session._log_suppressed = 0
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -255,24 +266,34 @@ class ServerEngine:
             text=text,
             duration=self.clock.seconds() - session.connected_at,
             logged_on=was_logged_on,
+            suppressed_logs=suppressed,
         )
+        if suppressed:
+            session._log_suppressed = suppressed
+            session.summarise_logs()
 
     def _heartbeat_timed_out(self, session: Session) -> None:
         self.user_manager.heartbeat_timed_out.fire(session.user_data)
-        session.end(
-            DisconnectedType.HEARTBEAT_TIMEOUT,
-            f"nothing received for {self.config.heartbeat_timeout} s",
-        )
+        text = f"no whole frame received for {self.config.heartbeat_timeout} s"
+        if session.decoder.buffered:
+            # Bytes trickle in but never finish a frame: only whole frames
+            # keep a session alive (protocol.md 7.2).
+            text += f" ({session.decoder.buffered} bytes of an unfinished frame)"
+        session.end(DisconnectedType.HEARTBEAT_TIMEOUT, text)
 
     def _expire_blobs(self, now: float) -> None:
         for session in self.sessions:
             if session.blobs is not None and session.blobs.pending:
-                for blob_id in session.blobs.expire(now):
-                    log.info(
-                        "dropped blob {blob_id} of {session!r}: idle too long",
-                        blob_id=blob_id,
-                        session=session,
-                    )
+                before = session.blobs.buffered
+                expired = session.blobs.expire(now)
+                self.budget.add_blob_bytes(session.user_id, session.blobs.buffered - before)
+                for blob_id in expired:
+                    if session.may_log():
+                        log.info(
+                            "dropped blob {blob_id} of {session!r}: idle too long",
+                            blob_id=blob_id,
+                            session=session,
+                        )
 
     # -- frames -----------------------------------------------------------------
 
@@ -293,6 +314,9 @@ class ServerEngine:
         if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
             self.relay(session, frame)
             return
+        if not session.charge(1):
+            self._work_refused(session, frame)
+            return
         handler = self._dispatch.get(frame.message_type)
         if handler is None:
             session.error(
@@ -306,16 +330,71 @@ class ServerEngine:
         except m.BadRequest as e:
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
 
+    def _work_refused(self, session: Session, frame: Frame) -> None:
+        self.counters[Count.WORK_REFUSED] += 1
+        limit = self.config.work_refusal_limit
+        if session.refused_for() >= limit:
+            session.end(
+                DisconnectedType.BEING_KICKED_OUT,
+                f"asked the server for more work than its budget "
+                f"({self.config.work_rate:g} a second) for {limit:g} s",
+            )
+            return
+        session.error(
+            frame,
+            ErrorCode.RATE_LIMITED,
+            f"too many requests to the server: at most {self.config.work_rate:g} units "
+            "of work a second (1 per request, 1 more per 100 user IDs); slow down",
+        )
+
     def relay(self, session: Session, frame: Frame) -> None:
         """
         Forward a frame, its original bytes, to the devices its DestUserID
-        names; say why not when there are none.
+        names; say why not when there are none.  An answer goes only to the
+        device whose request it answers (L{AnswerRouter}), or nowhere.
         """
+        message_type = frame.message_type
+        if message_type in ANSWERS:
+            askers = self.answers.answer(session, frame)
+            if not askers:
+                if self.router.resolve(frame.dest_user_id) is None:
+                    session.error(
+                        frame,
+                        ErrorCode.BAD_REQUEST,
+                        f"{frame.dest_user_id!r} is not a user to relay to",
+                    )
+                    return
+                self.counters[Count.UNSOLICITED_ANSWERS] += 1
+                log.debug(
+                    "dropped {message_type} #{message_id} from {session!r} to {dest}: "
+                    "it answers no request relayed to {user_id}",
+                    message_type=message_type,
+                    message_id=frame.message_id,
+                    session=session,
+                    dest=frame.dest_user_id,
+                    user_id=session.user_id,
+                )
+                return
+            for asker in askers:
+                if asker.send(frame.raw):
+                    asker.push_back(session)
+            return
         targets = self.router.resolve(frame.dest_user_id)
         if targets:
+            if frame.message_id and message_type != MessageType.SEND:
+                if not self.answers.asked(session, frame):
+                    self.counters[Count.TOO_MANY_UNANSWERED] += 1
+                    session.error(
+                        frame,
+                        ErrorCode.RATE_LIMITED,
+                        f"{self.config.max_unanswered_requests} requests to users await "
+                        "answers already; wait for some",
+                    )
+                    return
             raw = frame.raw
             for target in targets:
-                target.send(raw)
+                if target.send(raw):
+                    target.push_back(session)
             return
         if targets is None:
             session.error(

@@ -596,6 +596,12 @@ class BlobAssembler:
             del self._blobs[blob_id]
         return stale
 
+    def discard(self, key: Any) -> None:
+        """
+        Drop the blob C{key} if it is in progress.
+        """
+        self._blobs.pop(key, None)
+
     def clear(self) -> None:
         self._blobs.clear()
 

@@ -78,6 +78,15 @@ class ServerProtocol(Protocol):
     def write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def pause_reading(self) -> None:
+        """
+        Read no more from the peer for now (its receivers are backed up).
+        """
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
     def close(self) -> None:
         if self._closing:
             return

@@ -92,6 +92,7 @@ class BasicServices:
                 break
             page.append(user_id)
         reply = m.GetAllOnlineUsersReply(presence.user_count(), page)
+        session.charge(len(page) / 100)  # the answer's size; the next ones wait
         session.reply(frame, reply.encode())
 
     def query_online(self, session: Session, frame: Frame) -> None:
@@ -100,7 +101,18 @@ class BasicServices:
         session.reply(frame, m.QueryOnlineReply(online).encode())
 
     def query_onlines(self, session: Session, frame: Frame) -> None:
-        request = m.QueryOnlines.decode(frame.body)
+        body = frame.body
+        limit = self.engine.config.max_query_ids
+        # The count comes first: refuse a long query before decoding it.
+        if len(body) >= 4 and int.from_bytes(body[:4], "little") > limit:
+            session.error(
+                frame,
+                ErrorCode.TOO_LARGE,
+                f"a QueryOnlines may name at most {limit} user IDs; split the query",
+            )
+            return
+        request = m.QueryOnlines.decode(body)
+        session.charge(len(request.user_ids) / 100)
         devices = self.engine.presence.devices
         online = [bool(devices(u)) for u in request.user_ids]
         session.reply(frame, m.QueryOnlinesReply(online).encode())
@@ -124,19 +136,21 @@ class BasicServices:
         self, allowed: Any, session: Session, frame: Frame, target: str, reason: str
     ) -> None:
         if isinstance(allowed, Failure):
-            log.failure("can_kick_out raised", allowed)
+            if session.may_log():
+                log.failure("can_kick_out raised", allowed)
             allowed = False
         if not session.logged_on:
             return
         if not allowed:
-            log.info(
-                "kick of {target} by {operator} refused",
-                esf_event="kick_refused",
-                origin="client",
-                operator=session.user_id,
-                target=target,
-                reason=reason,
-            )
+            if session.may_log():
+                log.info(
+                    "kick of {target} by {operator} refused",
+                    esf_event="kick_refused",
+                    origin="client",
+                    operator=session.user_id,
+                    target=target,
+                    reason=reason,
+                )
             session.reply(frame, m.KickOutReply(False, "not authorised to kick").encode())
             return
         if not self.engine.presence.devices(target):
@@ -244,13 +258,14 @@ class ApplicationServices:
         if isinstance(error, m.RequestError):
             session.error(frame, error.code, error.text[:200])
             return
-        log.failure(
-            "{what} raised for {message_type} from {session!r}",
-            failure,
-            what=what,
-            message_type=frame.message_type,
-            session=session,
-        )
+        if session.may_log():
+            log.failure(
+                "{what} raised for {message_type} from {session!r}",
+                failure,
+                what=what,
+                message_type=frame.message_type,
+                session=session,
+            )
         self.engine.counters[Count.HANDLER_ERRORS] += 1
         text = f"{type(error).__name__}: {error}"[:200]
         session.error(frame, ErrorCode.HANDLER_ERROR, text)
@@ -290,19 +305,53 @@ class ApplicationServices:
         """
 
     def blob(self, session: Session, frame: Frame) -> None:
+        """
+        A Blob fragment to the server: reassembled only when a handler will
+        read it, within the session's bounds, the user's
+        (C{max_blob_bytes_per_user}, over all their devices) and the
+        server's memory budget.
+        """
         fragment = m.BlobFragment.decode(frame.body)
         engine = self.engine
-        if session.blobs is None:
-            config = engine.config
-            session.blobs = m.BlobAssembler(
+        if engine.customize_handler is None:
+            engine.counters[Count.UNHANDLED] += 1
+            session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
+            return
+        config = engine.config
+        blobs = session.blobs
+        if blobs is None:
+            blobs = session.blobs = m.BlobAssembler(
                 config.max_blob_size, config.max_concurrent_blobs, config.blob_idle_timeout
             )
+        budget = engine.budget
+        user_id = session.user_id
+        size = len(fragment.payload)
+        before = blobs.buffered
         try:
-            payload = session.blobs.add(fragment, engine.clock.seconds())
+            if not (fragment.is_last and fragment.fragment_index == 0):
+                # Held until the blob is complete: within the bounds?
+                if budget.blob_bytes(user_id) + size > config.max_blob_bytes_per_user:
+                    blobs.discard(fragment.blob_id)
+                    raise m.BlobError(
+                        ErrorCode.TOO_LARGE,
+                        f"{user_id}'s blobs in progress would pass "
+                        f"{config.max_blob_bytes_per_user} bytes; blob {fragment.blob_id} "
+                        "dropped",
+                    )
+                if not budget.fits(size):
+                    blobs.discard(fragment.blob_id)
+                    raise m.BlobError(
+                        ErrorCode.RATE_LIMITED,
+                        f"the server's memory budget is spent; blob {fragment.blob_id} "
+                        "dropped, try later",
+                    )
+            payload = blobs.add(fragment, engine.clock.seconds())
         except m.BlobError as e:
             engine.counters[Count.BLOB_ERRORS] += 1
             session.error(frame, e.code, e.text)
             return
+        finally:
+            budget.add_blob_bytes(user_id, blobs.buffered - before)
         if payload is not None:
             self._handle_information(
                 session, frame, fragment.information_type, payload, bool(frame.message_id)

@@ -21,7 +21,9 @@ from zope.interface import implementer
 from . import _messages as m
 from ._config import UserData
 from ._counters import Count
+from ._router import ANSWERS
 from ._wire import (
+    _FIXED_HEADER,
     SERVER_ID,
     DisconnectedType,
     ErrorCode,
@@ -58,6 +60,20 @@ RELAYED = frozenset(
         MessageType.BLOB,
     }
 )
+
+#: The one type the relay's inline fast path takes: a one-way message,
+#: nothing to track.
+_SEND = int(MessageType.SEND)
+
+#: A backlog may grow to this many times C{max_output_buffer} while its
+#: senders are held back (each may finish the read it is in); beyond it
+#: relayed frames are dropped and counted.
+_HARD_BOUND_FACTOR = 4
+
+#: A peer may cause at most this many log events at info level or above
+#: per this many seconds; the rest are counted and summarised.
+LOG_LIMIT = 10
+LOG_WINDOW = 60.0
 
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
@@ -135,8 +151,19 @@ class Session:
         "logon_timer",
         "heartbeat_echo",
         "blobs",
+        "asked",
         "_paused",
         "_backlog",
+        "_drain_timer",
+        "_blocked",
+        "_blockers",
+        "_partial",
+        "_tokens",
+        "_tokens_at",
+        "_refused_since",
+        "_log_window",
+        "_log_count",
+        "_log_suppressed",
         "_out",
         "_held",
         "__weakref__",
@@ -166,8 +193,27 @@ class Session:
         self.heartbeat_echo = b""
         #: Blobs addressed to the server, being reassembled (made on demand).
         self.blobs: m.BlobAssembler | None = None
+        #: Requests this session relayed to users, awaiting their answers
+        #: (kept by L{esf._router.AnswerRouter}; made on demand).
+        self.asked: dict | None = None
         self._paused = False
         self._backlog = 0
+        #: Ends the session if its backlog stays over the bound too long.
+        self._drain_timer: Any = None
+        #: Senders whose reading this session's backlog has paused.
+        self._blocked: set[Session] | None = None
+        #: How many receivers hold this session's reading paused.
+        self._blockers = 0
+        #: Bytes of a partial frame counted in the engine's memory budget.
+        self._partial = 0
+        #: The work budget (L{charge}): a token bucket, full at the start.
+        self._tokens = float(config.work_burst)
+        self._tokens_at = self.connected_at
+        self._refused_since: float | None = None
+        #: Log events at info or above this peer caused (L{may_log}).
+        self._log_window = self.connected_at
+        self._log_count = 0
+        self._log_suppressed = 0
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed.
@@ -192,33 +238,54 @@ class Session:
         Bytes arrived from the peer.
         """
         error = None
+        decoder = self.decoder
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except FrameError as e:
             frames, error = e.frames, e
         if frames:
             self.active = True
         owner = self.owner
+        partial = decoder.buffered
+        if partial != self._partial and self.state is not SessionState.ENDED:
+            budget = owner.budget
+            budget.used += partial - self._partial
+            self._partial = partial
+            if (
+                error is None
+                and partial > PRE_LOGON_MAX_MESSAGE_SIZE
+                and budget.used > budget.limit
+            ):
+                # Refused before the whole frame is held: a frame this big
+                # does not fit what the server may buffer now.
+                error = FrameError(
+                    DisconnectedType.MESSAGE_TOO_LARGE,
+                    f"the server's memory budget is spent: no room now for a frame of "
+                    f"more than {PRE_LOGON_MAX_MESSAGE_SIZE} bytes; try later",
+                )
         batch = owner.batch
         outermost = batch.begin()
         try:
             frame_received = owner.frame_received
             resolve = owner.router.resolve
             logged_on = SessionState.LOGGED_ON
+            send = _SEND
             for frame in frames:
                 state = self.state
                 if (
                     state is logged_on
-                    and frame.message_type in RELAYED
+                    and frame.message_type == send
                     and frame.user_id == self.user_id
                 ):
-                    # The relay's common case, inline: to a user online.
-                    # Everything else takes frame_received.
+                    # The relay's common case, inline: a Send to a user
+                    # online.  Everything else takes frame_received
+                    # (requests and answers are tracked there).
                     targets = resolve(frame.dest_user_id)
                     if targets:
                         raw = frame.raw
                         for target in targets:
-                            target.send(raw)
+                            if target.send(raw):
+                                target.push_back(self)
                         continue
                 elif state is SessionState.ENDED:
                     return
@@ -244,28 +311,185 @@ class Session:
 
     def resume_writing(self) -> None:
         """
-        The transport's buffer has drained.
+        The transport's buffer has drained: stop the drain timer and let the
+        senders this session held back read again.
         """
         self._paused = False
+        self.owner.budget.used -= self._backlog
         self._backlog = 0
+        if self._drain_timer is not None:
+            if self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_timer = None
+        self._release_blocked()
+
+    # -- what a peer may make the server log --------------------------------------
+
+    def may_log(self) -> bool:
+        """
+        Whether an event this peer caused may be logged at info level or
+        above: at most L{LOG_LIMIT} per L{LOG_WINDOW} seconds.  The rest are
+        counted (C{logs_suppressed}) and summarised in one event when the
+        next window opens, and in the session's end event.
+        """
+        now = self.owner.clock.seconds()
+        if now - self._log_window >= LOG_WINDOW:
+            self.summarise_logs()
+            self._log_window = now
+            self._log_count = 0
+        if self._log_count < LOG_LIMIT:
+            self._log_count += 1
+            return True
+        self._log_suppressed += 1
+        self.owner.counters[Count.LOGS_SUPPRESSED] += 1
+        return False
+
+    def summarise_logs(self) -> None:
+        """
+        Log how many events were suppressed, if any, once.
+        """
+        if self._log_suppressed:
+            log.info(
+                "{count} more log events caused by {session!r} were suppressed",
+                esf_event="logs_suppressed",
+                count=self._log_suppressed,
+                session=self,
+                user_id=self.user_id,
+                address=self.address,
+            )
+            self._log_suppressed = 0
+
+    # -- the work budget ---------------------------------------------------------
+
+    def charge(self, cost: float) -> bool:
+        """
+        Take C{cost} from the session's work budget (a token bucket on the
+        clock, written here because it is four lines and must not allocate
+        per request).  A request is refused while the bucket is empty; an
+        accepted one may take it below zero (a big answer), which the
+        following requests then wait for.
+
+        @return: whether the request may be handled.
+        """
+        config = self.owner.config
+        now = self.owner.clock.seconds()
+        tokens = self._tokens + (now - self._tokens_at) * config.work_rate
+        if tokens > config.work_burst:
+            tokens = config.work_burst
+        self._tokens_at = now
+        if tokens < 1:
+            self._tokens = tokens
+            if self._refused_since is None:
+                self._refused_since = now
+            return False
+        self._tokens = tokens - cost
+        if tokens * 2 >= config.work_burst:
+            # Let the bucket refill halfway: no longer a flood.
+            self._refused_since = None
+        return True
+
+    def refused_for(self) -> float:
+        """
+        Seconds since this session's first refused request, if it has not
+        let its budget refill halfway since.
+        """
+        if self._refused_since is None:
+            return 0.0
+        return self.owner.clock.seconds() - self._refused_since
+
+    # -- push back: a receiver that is backed up slows its senders down ------
+
+    def push_back(self, sender: Session) -> None:
+        """
+        This session's backlog passed half its bound while C{sender} relayed
+        to it: stop reading C{sender} until this session drains (or ends).
+        Like TCP's own flow control, only slower senders, never the
+        receiver, pay for a burst.
+        """
+        if sender is self or sender.state is SessionState.ENDED:
+            return
+        blocked = self._blocked
+        if blocked is None:
+            blocked = self._blocked = set()
+        if sender in blocked:
+            return
+        blocked.add(sender)
+        sender._blockers += 1
+        if sender._blockers == 1:
+            sender.owner.counters[Count.SENDERS_PAUSED] += 1
+            pause = getattr(sender.channel, "pause_reading", None)
+            if pause is not None:
+                pause()
+
+    def _release_blocked(self) -> None:
+        blocked, self._blocked = self._blocked, None
+        for sender in blocked or ():
+            sender._blockers -= 1
+            if sender._blockers == 0 and sender.state is not SessionState.ENDED:
+                resume = getattr(sender.channel, "resume_reading", None)
+                if resume is not None:
+                    resume()
+
+    def _not_draining(self) -> None:
+        self._drain_timer = None
+        limit = self.owner.config.max_output_buffer
+        self.end(
+            DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+            f"more than {limit // 2} bytes waited for longer than "
+            f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
+        )
+        #: Ends the session if its backlog stays over the bound too long.
+        self._drain_timer: Any = None
+        #: Senders whose reading this session's backlog has paused.
+        self._blocked: set[Session] | None = None
+        #: How many receivers hold this session's reading paused.
+        self._blockers = 0
 
     # -- output (IDeviceHandle) ------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes) -> bool:
         """
         Write a frame to the peer once it is logged on (held until its Logon
         reply while it logs on; dropped once it has ended).
+
+        @return: whether this session is backed up (its backlog is past half
+            its bound): the sender should be held back (L{push_back}).
         """
         if self.state is SessionState.LOGGED_ON:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
-            else:
-                self.queue(data)
-        elif self.state is SessionState.LOGGING_ON:
+                return False
+            self.queue(data)
+            # Backed up: whoever relays to this session should wait.
+            return self._paused and self._backlog * 2 > self.owner.config.max_output_buffer
+        if self.state is SessionState.LOGGING_ON:
             if self._held is None:
                 self._held = []
             self._held.append(data)
+        return False
+
+    def send_from_node(self, data: bytes) -> None:
+        """
+        Write a frame relayed to this device by another node of a cluster.
+        An answer goes through only if this session asked for it
+        (L{esf._router.AnswerRouter.accept}): the answering node cannot
+        know.
+        """
+        if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
+            (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
+            if not self.owner.answers.accept(self, frame):
+                self.owner.counters[Count.UNSOLICITED_ANSWERS] += 1
+                log.debug(
+                    "dropped {message_type} #{message_id} from {user_id} (another node): "
+                    "it answers no request of {session!r}",
+                    message_type=frame.message_type,
+                    message_id=frame.message_id,
+                    user_id=frame.user_id,
+                    session=self,
+                )
+                return
+        self.send(data)
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """
@@ -287,20 +511,31 @@ class Session:
 
     def queue(self, data: bytes) -> None:
         """
-        Queue a frame for the peer, unless the session has ended.  Past the
-        output bound the session ends with C{ChannelCacheOverflow}.
+        Queue a frame for the peer, unless the session has ended.  A peer
+        that stays behind for C{output_drain_timeout} ends with
+        C{ChannelCacheOverflow}.
         """
         if self.state is SessionState.ENDED:
             return
         if self._paused:
-            self._backlog += len(data)
-            limit = self.owner.config.max_output_buffer
-            if self._backlog > limit:
-                self.end(
-                    DisconnectedType.CHANNEL_CACHE_OVERFLOW,
-                    f"more than {limit} bytes wait for a peer that does not read",
-                )
+            # The peer is behind: what is queued now counts.  Past half the
+            # bound its senders are held back (L{send}) and the peer has
+            # output_drain_timeout seconds to drain before its session ends
+            # (a burst is not a crime).  Past the hard bound, or past the
+            # server's memory budget, more is dropped and counted.
+            size = len(data)
+            backlog = self._backlog + size
+            owner = self.owner
+            limit = owner.config.max_output_buffer
+            if backlog > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
+                owner.counters[Count.OUTPUT_DROPPED] += 1
                 return
+            if backlog * 2 > limit and self._drain_timer is None:
+                self._drain_timer = owner.clock.callLater(
+                    owner.config.output_drain_timeout, self._not_draining
+                )
+            self._backlog = backlog
+            owner.budget.used += size
         out = self._out
         if out is not None:
             out.append(data)
@@ -389,6 +624,14 @@ class Session:
         was_logged_on = self.state is SessionState.LOGGED_ON
         self.state = SessionState.ENDED
         self._held = None
+        budget = self.owner.budget
+        budget.used -= self._backlog + self._partial
+        self._backlog = self._partial = 0
+        if self._drain_timer is not None:
+            if self._drain_timer.active():
+                self._drain_timer.cancel()
+            self._drain_timer = None
+        self._release_blocked()
         if self.logon_timer is not None and self.logon_timer.active():
             self.logon_timer.cancel()
         self.logon_timer = None

@@ -279,6 +279,11 @@ class IDeviceHandle(Interface):
     def send(data: bytes) -> None:
         """
         Write one frame (L{bytes}, a whole encoded frame) to the device.
+
+        @return: a true value when the device is backed up (its output is
+            past half its bound); the caller then asks the handle to hold
+            the sender back with C{push_back(sender_session)}.  A handle that
+            cannot tell returns C{None}.
         """
 
     def notify(message_type: int, body: bytes = b"", client_type: int = 0) -> None:
@@ -370,3 +375,8 @@ class IChannel(Interface):
         Close once the queued output is written; abort the connection if
         the peer does not take it within the close timeout.
         """
+
+    # A channel may also have pause_reading() and resume_reading(): the
+    # session calls them, when present, to stop and restart reading a
+    # sender whose receivers are backed up.  They are not part of the
+    # interface, so that a channel without them still works (no push back).

@@ -187,6 +187,8 @@ def test_output_backlog_blobs_and_pending_queries(engine, registry):
     bob.protocol.resumeProducing()
     assert value(registry, "esf_output_backlog_bytes") == 0
 
+    # Blobs to the server are reassembled only when a handler will read them.
+    engine.customize_handler = object()
     alice.send(MessageType.BLOB, BlobFragment(1, 9, 0, False, b"z" * 50), dest="_0")
     assert value(registry, "esf_blobs_in_progress") == 1
     assert value(registry, "esf_blob_buffered_bytes") == 50

@@ -226,10 +226,16 @@ def test_slow_reader_is_dropped_and_others_keep_relaying(logs):
             assert kinds(frames_written(alice)) == [T.PING_ACK]
         if not online(engine, "dave"):
             break
+    # A burst does not end dave: erin is read no further (the test writes
+    # on regardless), and past 4 x the bound the rest is dropped.
+    assert online(engine, "dave")
+    assert sender.transport.producerState == "paused"
+    assert engine.counters["output_dropped"] > 0
+    # Dropped once his backlog stays past the bound for the drain timeout.
+    engine.clock.advance(engine.config.output_drain_timeout)
     assert not online(engine, "dave")
     assert ("device_disconnected", reader.ident, D.CHANNEL_CACHE_OVERFLOW) in events
-    # Dropped once the backlog passed the bound, not later.
-    assert sent * len(frame) <= 256 * 1024 + 2 * len(frame)
+    assert sender.transport.producerState == "producing"
     assert online(engine, "erin")
     assert frames_written(sender) == []  # one-way sends: nothing to answer
     assert not logs.failures()
@@ -628,7 +634,9 @@ def flood_a_reader(server, body_size=60_000, max_bytes=64 << 20, pair=None):
 
 @pytest.mark.e2e
 def test_slow_reader_is_dropped_live(twistd):
-    server = twistd("--max-output-buffer", "1048576")
+    # erin is read no further while dave is backed up; dave is dropped once
+    # he stays backed up for the drain timeout.
+    server = twistd("--max-output-buffer", "1048576", "--output-drain-timeout", "2")
     alice, bob = logged_on(server.port, "alice", "pa"), logged_on(server.port, "bob", "pb")
     rss_before = rss_kib(server.process.pid)
     figures = flood_a_reader(server, pair=(alice, bob))
@@ -637,8 +645,10 @@ def test_slow_reader_is_dropped_live(twistd):
     assert figures["dropped"]
     assert figures["rss_peak_kib"] < 200 * 1024
     assert figures["worst_relay_round_trip"] < 1.0
-    # The reader was dropped after about the bound, not after everything.
-    assert figures["bytes_sent_until_dropped"] < 8 << 20
+    # erin was held back after about half the bound: what she got out beyond
+    # it sits in the kernel's socket buffers (autotuned, several MiB on
+    # loopback), not in the server, whose RSS is bounded above.
+    assert figures["bytes_sent_until_dropped"] < 16 << 20
     server.wait_for_log(r"session ended: dave/0 .*CHANNEL_CACHE_OVERFLOW")
     assert relay_round_trip(alice, bob, 7) < 1.0
     alice.close(), bob.close()
@@ -651,7 +661,7 @@ def test_slow_readers_repeatedly_soak(twistd):
     """
     Many slow readers in turn: RSS does not grow with their number.
     """
-    server = twistd("--max-output-buffer", "1048576")
+    server = twistd("--max-output-buffer", "1048576", "--output-drain-timeout", "2")
     rounds = soak_size(200, 3)
     alice, bob = logged_on(server.port, "alice", "pa"), logged_on(server.port, "bob", "pb")
     first = None
