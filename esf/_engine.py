@@ -30,7 +30,7 @@ from zope.interface import implementer
 from . import _messages as m
 from ._config import RelogonMode, ServerConfig, UserData
 from ._budget import MemoryBudget
-from ._counters import Count
+from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._events import Event, call
 from ._heartbeat import Reaper
 from ._logon import Logons
@@ -378,6 +378,7 @@ class ServerEngine:
             for asker in askers:
                 if asker.send(frame.raw):
                     asker.push_back(session)
+            self.count_relayed(message_type, 1, len(frame.raw))
             return
         targets = self.router.resolve(frame.dest_user_id)
         if targets:
@@ -395,6 +396,7 @@ class ServerEngine:
             for target in targets:
                 if target.send(raw):
                     target.push_back(session)
+            self.count_relayed(message_type, 1, len(raw))
             return
         if targets is None:
             session.error(
@@ -411,6 +413,15 @@ class ServerEngine:
             # A cluster's presence that lost Redis: users elsewhere are unknown.
             text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
         session.error(frame, ErrorCode.USER_OFFLINE, text)
+
+    def count_relayed(self, message_type: int, frames: int, size: int) -> None:
+        """
+        Count C{frames} relayed frames of C{message_type}, C{size} bytes in
+        all, once each however many devices they went to (metrics read it).
+        """
+        counters = self.counters
+        counters[RELAYED_MESSAGES[message_type]] += frames
+        counters[RELAYED_BYTES[message_type]] += size
 
     def tell_other_devices(self, session: Session, message_type: MessageType) -> None:
         """

@@ -270,6 +270,7 @@ class Session:
             resolve = owner.router.resolve
             logged_on = SessionState.LOGGED_ON
             send = _SEND
+            relayed = relayed_bytes = 0
             for frame in frames:
                 state = self.state
                 if (
@@ -286,11 +287,15 @@ class Session:
                         for target in targets:
                             if target.send(raw):
                                 target.push_back(self)
+                        relayed += 1
+                        relayed_bytes += len(raw)
                         continue
                 elif state is SessionState.ENDED:
-                    return
+                    break
                 frame_received(self, frame)
-            if error is not None:
+            if relayed:
+                owner.count_relayed(send, relayed, relayed_bytes)
+            if error is not None and self.state is not SessionState.ENDED:
                 self.end(error.reason, error.message)
         finally:
             if outermost:

@@ -262,3 +262,23 @@ def test_process_metrics_are_prefixed(metrics):
 def test_disconnect_reasons_cover_every_type(engine, registry):
     for reason in DisconnectedType:
         assert value(registry, "esf_disconnects_total", reason=reason.name.lower()) == 0
+
+
+def test_relayed_messages_are_counted_by_the_engine(engine, registry):
+    """
+    What the relay forwards shows up in the metrics: Sends on the read
+    loop's fast path (counted once per read), Requests and their answers
+    through engine.relay; a frame counts once however many devices it
+    reached.
+    """
+    alice = connect(engine, "alice")
+    connect(engine, "bob")
+    connect(engine, "bob", 5)
+    sends = b"".join(
+        alice.frame(MessageType.SEND, Information(7, b"x" * 10), dest="bob") for _ in range(3)
+    )
+    alice.send_raw(sends)
+    alice.send(MessageType.REQUEST, Information(7, b"?"), dest="bob#5", message_id=9)
+    assert value(registry, "esf_messages_relayed_total", type="send") == 3
+    assert value(registry, "esf_relayed_bytes_total", type="send") == len(sends)
+    assert value(registry, "esf_messages_relayed_total", type="request") == 1
