@@ -28,6 +28,11 @@ TYPED = [
     "esf/testing.py",
     "esf/pytest_plugin.py",
     "esf/tap.py",
+    "esf/_client_state.py",
+    "esf/_policy.py",
+    "esf/_router.py",
+    "esf/_heartbeat.py",
+    "esf/_counters.py",
 ]
 
 
