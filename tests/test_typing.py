@@ -33,6 +33,7 @@ TYPED = [
     "esf/_router.py",
     "esf/_heartbeat.py",
     "esf/_counters.py",
+    "esf/_presence.py",
 ]
 
 
