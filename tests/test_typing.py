@@ -34,6 +34,7 @@ TYPED = [
     "esf/_heartbeat.py",
     "esf/_counters.py",
     "esf/_presence.py",
+    "esf/_messages.py",
 ]
 
 
