@@ -35,6 +35,7 @@ TYPED = [
     "esf/_counters.py",
     "esf/_presence.py",
     "esf/_messages.py",
+    "esf/_client_inbox.py",
 ]
 
 
