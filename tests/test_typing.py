@@ -36,6 +36,7 @@ TYPED = [
     "esf/_presence.py",
     "esf/_messages.py",
     "esf/_client_inbox.py",
+    "esf/_client_calls.py",
 ]
 
 
