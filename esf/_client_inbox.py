@@ -83,7 +83,9 @@ class ClientBlobs:
         """
         return sum(a.buffered for a in self._senders.values())
 
-    def add(self, sender: str, fragment: m.BlobFragment, now: float, key: Any = None) -> bytes | None:
+    def add(
+        self, sender: str, fragment: m.BlobFragment, now: float, key: Any = None
+    ) -> bytes | None:
         """
         Add a fragment from C{sender}; return the whole payload when it was
         the last one.

@@ -37,6 +37,7 @@ TYPED = [
     "esf/_messages.py",
     "esf/_client_inbox.py",
     "esf/_client_calls.py",
+    "esf/_client.py",
 ]
 
 
