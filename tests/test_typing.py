@@ -38,6 +38,7 @@ TYPED = [
     "esf/_client_inbox.py",
     "esf/_client_calls.py",
     "esf/_client.py",
+    "esf/blocking.py",
 ]
 
 
