@@ -20,12 +20,18 @@ from __future__ import annotations
 import collections
 import itertools
 import random
-from typing import Callable
+from typing import Any, Callable, cast
 
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -50,6 +56,7 @@ from ._wire import (
     ClientType,
     DisconnectedType,
     FrameDecoder,
+    Frame,
     FrameError,
     LogonResult,
     MessageType,
@@ -83,6 +90,11 @@ class ClientProtocol(Protocol):
         counts it as its connection).
     """
 
+    # A stream transport: besides ITransport, it is an IConsumer
+    # (registerProducer) and has abortConnection, which ITransport does not
+    # declare.
+    transport: Any
+
     def __init__(self, engine: ClientEngine, service_side: Protocol | None = None):
         self.engine = engine
         self.decoder = FrameDecoder(engine.wire)
@@ -92,7 +104,7 @@ class ClientProtocol(Protocol):
         self.accepted = False
         #: What ClientService's prepareConnection waits on: fires once the
         #: logon succeeded, fails when it did not.
-        self.prepared = Deferred()
+        self.prepared: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -115,11 +127,11 @@ class ClientProtocol(Protocol):
         for frame in frames:
             engine._inbox.frame_received(self, frame)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.engine._connection_lost(self, reason)
         self.reject(Failure(NotConnected("the connection was lost during the logon")))
         if self.accepted and self.service_side is not None:
-            self.service_side.connectionLost(reason)
+            self.service_side.connectionLost(cast(Failure, reason))
 
     def accept(self) -> None:
         """
@@ -178,19 +190,21 @@ class _Endpoint:
         self.engine = engine
         self.endpoint = endpoint
 
-    def connect(self, service_factory) -> Deferred:
+    def connect(self, service_factory: Any) -> Deferred[IProtocol]:
+        # service_factory: ClientService's wrapper of _ServiceSideFactory.
         engine = self.engine
 
         class _Factory(Factory):
             noisy = False
 
-            def buildProtocol(self, addr):
+            def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
                 side = service_factory.buildProtocol(addr)
                 protocol = ClientProtocol(engine, side)
                 side.protocol = protocol
                 return protocol
 
-        return self.endpoint.connect(_Factory()).addCallback(lambda p: p.service_side)
+        d = self.endpoint.connect(_Factory())
+        return d.addCallback(lambda p: cast(Any, p).service_side)
 
 
 class _ServiceSideFactory(Factory):
@@ -310,16 +324,16 @@ class ClientEngine(ClientCalls):
         #: How the session ended, once C{state} is C{ENDED} (an L{Ending}).
         self.ending: Ending | None = None
         #: What went wrong, by name (see L{esf._counters.ClientCount}).
-        self.counters: collections.Counter = collections.Counter()
+        self.counters: collections.Counter[str] = collections.Counter()
         self._state = SessionState.IDLE
         self._announced = False  # session_ended fires once
         self._protocol: ClientProtocol | None = None
         self._service: ClientService | None = None
-        self._first_logon: Deferred | None = None
+        self._first_logon: Deferred[LogonResponse] | None = None
         self._pending = PendingRequests(clock, request_timeout)
         self._blob_ids = itertools.count(1)
         self._heartbeat = _Heartbeat(self)
-        self._drain_waiters: list[Deferred] = []
+        self._drain_waiters: list[Deferred[None]] = []
         blobs = ClientBlobs(max_blob_size, max_blobs_per_sender, max_blob_bytes)
         self._inbox = Inbox(self, blobs)
 
@@ -341,7 +355,7 @@ class ClientEngine(ClientCalls):
 
     # -- life ------------------------------------------------------------------------
 
-    def logon(self) -> Deferred:
+    def logon(self) -> Deferred[LogonResponse]:
         """
         Connect and log on.
 
@@ -354,7 +368,8 @@ class ClientEngine(ClientCalls):
         """
         if self._service is not None:
             raise RuntimeError("logon() was already called")
-        first = self._first_logon = Deferred()
+        first: Deferred[LogonResponse] = Deferred()
+        self._first_logon = first
         self._state = SessionState.CONNECTING
         self._service = ClientService(
             _Endpoint(self, self.endpoint),
@@ -369,7 +384,7 @@ class ClientEngine(ClientCalls):
         connected = self._service.whenConnected(failAfterFailures=1)
         self._service.startService()
 
-        def could_not_connect(failure):
+        def could_not_connect(failure: Failure) -> None:
             if not failure.check(CancelledError):
                 # This runs inside ClientService's state machine, which must
                 # not be re-entered (stopService, or a close() by whoever
@@ -379,7 +394,7 @@ class ClientEngine(ClientCalls):
         connected.addCallbacks(lambda _: None, could_not_connect)
         return first
 
-    def logoff(self) -> Deferred:
+    def logoff(self) -> Deferred[None]:
         """
         Leave gracefully: the server ends the session (C{LoggedOff}) and this
         client does not reconnect.  Fires when the connection is closed.
@@ -388,14 +403,14 @@ class ClientEngine(ClientCalls):
             self._write(MessageType.LOGOFF)
         return self._leave(Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off"))
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """
         Stop reconnecting and close the connection (no Logoff is sent; see
         L{logoff}).  Fires when the connection is closed.
         """
         return self._leave(Ending(EndingKind.CLOSED, None, "closed by the application"))
 
-    def _leave(self, ending: Ending) -> Deferred:
+    def _leave(self, ending: Ending) -> Deferred[None]:
         protocol = self._protocol
         if self._state is not SessionState.ENDED:
             self._end(protocol, ending)
@@ -437,7 +452,7 @@ class ClientEngine(ClientCalls):
         self._stop_reconnecting()
         first.errback(failure)
 
-    def _stop_reconnecting(self) -> Deferred:
+    def _stop_reconnecting(self) -> Deferred[None]:
         service = self._service
         if service is None or not service.running:
             return succeed(None)
@@ -454,12 +469,15 @@ class ClientEngine(ClientCalls):
         self._protocol = protocol
         self._heartbeat.heard()
 
-    def _log_on(self, side: _ServiceSide) -> Deferred:
+    def _log_on(self, side: Any) -> Deferred[None]:
         """
         ClientService's C{prepareConnection}: log on; the connection is
         ClientService's once this fires.
+
+        @param side: ClientService's protocol for the connection (its proxy
+            of the L{_ServiceSide} that L{_Endpoint} linked to it).
         """
-        protocol = side.protocol
+        protocol: ClientProtocol = side.protocol
         if self._state is SessionState.ENDED:  # closed while connecting
             protocol.transport.loseConnection()
             return fail(NotConnected("the client was closed"))
@@ -552,20 +570,20 @@ class ClientEngine(ClientCalls):
         if self.logon_response is None:
             # The first logon: logon()'s Deferred fails; no session, no
             # events but the server's own reason.
-            if told:
+            if told and ending is not None:
                 self.disconnected.fire(ending.reason, ending.text)
             return
         self._state = SessionState.RECONNECTING
         if ending is not None and ending.kind is EndingKind.BUSY:
             return  # relogon_completed said it; the next attempt follows
-        if told:
+        if told and ending is not None:
             self.disconnected.fire(ending.reason, ending.text)
         self.connection_interrupted.fire()
         if self._service is not None and self._service.running:
             self.connection_rebuild_start.fire()
 
 
-def _logon_response(frame) -> LogonResponse:
+def _logon_response(frame: Frame) -> LogonResponse:
     reply = m.LogonReply.decode(frame.body)
     return LogonResponse(
         reply.result,
@@ -576,5 +594,5 @@ def _logon_response(frame) -> LogonResponse:
     )
 
 
-def _name(value) -> str:
+def _name(value: object) -> str:
     return getattr(value, "name", str(value))

@@ -12,6 +12,9 @@ goes on waiting.
 
 from __future__ import annotations
 
+import collections
+import itertools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import attrs
@@ -21,11 +24,15 @@ from twisted.logger import Logger
 from . import _messages as m
 from ._client_state import NotConnected
 from ._counters import ClientCount
-from ._wire import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType, as_client_type
-from ._wire import device_address, encode_frame
+from ._wire import DEVICE_MARK, SERVER_ID, ClientType, ErrorCode, Frame, MessageType
+from ._wire import WireConfig, as_client_type, device_address, encode_frame
 
 if TYPE_CHECKING:
-    from ._client import ClientEngine
+    from twisted.internet.interfaces import IReactorTime
+
+    from ._client import ClientProtocol
+    from ._client_state import LogonResponse
+    from ._pending import PendingRequests
 
 __all__ = ["ClientCalls", "Party", "SERVER"]
 
@@ -120,10 +127,26 @@ class ClientCalls:
     C{_drain_waiters} (a list) and C{_pending} (a L{PendingRequests}).
     """
 
+    if TYPE_CHECKING:
+        # What the host provides, declared for type checkers only.
+        clock: IReactorTime
+        wire: WireConfig
+        user_id: str
+        client_type: int
+        logon_response: LogonResponse | None
+        counters: collections.Counter[str]
+        _protocol: ClientProtocol | None
+        _drain_waiters: list[Deferred[None]]
+        _pending: PendingRequests
+        _blob_ids: itertools.count[int]
+
+        @property
+        def logged_on(self) -> bool: ...
+
     # -- output and flow control ------------------------------------------------
 
     def _write(
-        self: ClientEngine,
+        self,
         message_type: int,
         body: bytes = b"",
         *,
@@ -146,24 +169,24 @@ class ClientCalls:
         )
 
     @property
-    def channel_is_busy(self: ClientEngine) -> bool:
+    def channel_is_busy(self) -> bool:
         """
         Whether the connection's unsent output is above the transport's
         buffer threshold; L{wait_for_drain} fires when it no longer is.
         """
         return self._protocol is not None and self._protocol.paused
 
-    def wait_for_drain(self: ClientEngine) -> Deferred:
+    def wait_for_drain(self) -> Deferred[None]:
         """
         A Deferred that fires once the channel is not busy.
         """
         if not self.channel_is_busy:
             return succeed(None)
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._drain_waiters.append(d)
         return d
 
-    def _drained(self: ClientEngine) -> None:
+    def _drained(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
         for d in waiters:
             d.callback(None)
@@ -171,12 +194,12 @@ class ClientCalls:
     # -- requests and answers ---------------------------------------------------
 
     def _request(
-        self: ClientEngine,
+        self,
         message_type: int,
         body: bytes = b"",
         dest: str = SERVER_ID,
         timeout: float | None = None,
-    ) -> Deferred:
+    ) -> Deferred[Frame]:
         """
         Send a request; fire with the answer's frame, fail with
         L{esf.RequestError} on an Error answer or a timeout, or with
@@ -195,7 +218,7 @@ class ClientCalls:
             return fail(m.RequestError(ErrorCode.TOO_LARGE, str(e)))
         return d.addCallback(raise_error)
 
-    def _take_answer(self: ClientEngine, frame: Frame) -> None:
+    def _take_answer(self, frame: Frame) -> None:
         """
         Hand an answer to the request it answers, if its sender is whom
         that request asked.
@@ -219,7 +242,7 @@ class ClientCalls:
 
     # -- framework calls -----------------------------------------------------------
 
-    def ping(self, timeout: float | None = None) -> Deferred:
+    def ping(self, timeout: float | None = None) -> Deferred[float]:
         """
         Round-trip time to the server, in seconds.
         """
@@ -227,7 +250,7 @@ class ClientCalls:
         d = self._request(MessageType.PING_BY_SERVER, timeout=timeout)
         return d.addCallback(lambda _: self.clock.seconds() - start)
 
-    def ping_by_server(self, user_id: str, timeout: float | None = None) -> Deferred:
+    def ping_by_server(self, user_id: str, timeout: float | None = None) -> Deferred[float]:
         """
         Round-trip time to another user's client, through the server.
         """
@@ -235,7 +258,7 @@ class ClientCalls:
         d = self._request(MessageType.PING_BY_SERVER, dest=user_id, timeout=timeout)
         return d.addCallback(lambda _: self.clock.seconds() - start)
 
-    def get_my_ipe(self) -> Deferred:
+    def get_my_ipe(self) -> Deferred[str]:
         """
         This client's address as the server sees it, C{"host:port"}.
         """
@@ -253,20 +276,20 @@ class ClientCalls:
             if not page.user_ids or len(users) >= page.total:
                 return users
 
-    def get_all_online_users(self) -> Deferred:
+    def get_all_online_users(self) -> Deferred[list[str]]:
         """
         Every online user's ID, sorted (as many requests as it takes).
         """
         return Deferred.fromCoroutine(self._all_online_users())
 
-    def is_user_online(self, user_id: str) -> Deferred:
+    def is_user_online(self, user_id: str) -> Deferred[bool]:
         """
         Whether C{user_id} is online.
         """
         d = self._request(MessageType.QUERY_ONLINE, dest=user_id)
         return d.addCallback(lambda f: m.QueryOnlineReply.decode(f.body).online)
 
-    def query_onlines(self, user_ids) -> Deferred:
+    def query_onlines(self, user_ids: Iterable[str]) -> Deferred[dict[str, bool]]:
         """
         C{{user_id: online}} for several users at once.
         """
@@ -276,7 +299,7 @@ class ClientCalls:
             lambda f: dict(zip(user_ids, m.QueryOnlinesReply.decode(f.body).online))
         )
 
-    def get_my_devices(self) -> Deferred:
+    def get_my_devices(self) -> Deferred[list[ClientType | int]]:
         """
         The L{ClientType}s of this user's devices online now, this one
         included.
@@ -286,14 +309,14 @@ class ClientCalls:
             lambda f: [as_client_type(k) for k in m.GetMyDevicesReply.decode(f.body).client_types]
         )
 
-    def kick_out(self, user_id: str, reason: str = "") -> Deferred:
+    def kick_out(self, user_id: str, reason: str = "") -> Deferred[None]:
         """
         Ask the server to kick C{user_id}; fails with L{esf.RequestError}
         (C{NOT_AUTHORIZED}) when the server refuses.
         """
         d = self._request(MessageType.KICK_OUT, m.KickOut(reason).encode(), dest=user_id)
 
-        def answered(frame):
+        def answered(frame: Frame) -> None:
             reply = m.KickOutReply.decode(frame.body)
             if not reply.ok:
                 raise m.RequestError(ErrorCode.NOT_AUTHORIZED, reply.cause)
@@ -324,7 +347,7 @@ class ClientCalls:
         payload: bytes = b"",
         timeout: float | None = None,
         client_type: int | None = None,
-    ) -> Deferred:
+    ) -> Deferred[bytes]:
         """
         Ask a user's client (or the server, C{"_0"}) and get its answer's
         payload; remote errors fail with L{esf.RequestError}.
@@ -344,7 +367,7 @@ class ClientCalls:
         payload: bytes = b"",
         timeout: float | None = None,
         client_type: int | None = None,
-    ) -> Deferred:
+    ) -> Deferred[None]:
         """
         Send a message that the receiver acknowledges once its handler has
         run; fires then.
@@ -364,7 +387,7 @@ class ClientCalls:
         payload: bytes,
         fragment_size: int | None = None,
         timeout: float | None = None,
-    ) -> Deferred:
+    ) -> Deferred[None]:
         """
         Send a payload of any size (up to the receiver's blob bound) in
         fragments; fires when the receiver has acknowledged the last one.
@@ -374,7 +397,14 @@ class ClientCalls:
             self._send_blob(user_id, information_type, payload, fragment_size, timeout)
         )
 
-    async def _send_blob(self, user_id, information_type, payload, fragment_size, timeout):
+    async def _send_blob(
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes,
+        fragment_size: int | None,
+        timeout: float | None,
+    ) -> None:
         limit = self.logon_response.max_message_size if self.logon_response else 1 << 20
         size = fragment_size or (min(limit, self.wire.max_message_size) - self.wire.header_length - 13)
         fragments = m.fragment_blob(information_type, next(self._blob_ids), payload, size)
@@ -386,7 +416,7 @@ class ClientCalls:
 
     def broadcast(
         self, group_id: str, information_type: int, payload: bytes = b"", timeout: float | None = None
-    ) -> Deferred:
+    ) -> Deferred[None]:
         """
         Broadcast to a group's online members (or C{"*"}); fires once the
         server has fanned it out.

@@ -9,7 +9,8 @@ that ends the session goes to the engine, which owns the session's life.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from twisted.internet.defer import succeed
 from twisted.logger import Logger
@@ -82,7 +83,9 @@ class ClientBlobs:
         """
         return sum(a.buffered for a in self._senders.values())
 
-    def add(self, sender: str, fragment: m.BlobFragment, now: float, key=None) -> bytes | None:
+    def add(
+        self, sender: str, fragment: m.BlobFragment, now: float, key: Any = None
+    ) -> bytes | None:
         """
         Add a fragment from C{sender}; return the whole payload when it was
         the last one.
@@ -169,16 +172,16 @@ class Inbox:
 
     # -- the server's notices ----------------------------------------------------
 
-    def _on_heartbeat(self, protocol, frame) -> None:
+    def _on_heartbeat(self, protocol: ClientProtocol, frame: Frame) -> None:
         pass  # the echo's arrival already counted as activity
 
-    def _on_pushed_out(self, protocol, frame) -> None:
+    def _on_pushed_out(self, protocol: ClientProtocol, frame: Frame) -> None:
         cause = m.BeingPushedOutNotify.decode(frame.body).cause
         ending = Ending(EndingKind.PUSHED_OUT, DisconnectedType.BEING_PUSHED_OUT, cause)
         self.engine._end_for_good(protocol, ending)
         self.engine.being_pushed_out.fire(cause)
 
-    def _on_kicked(self, protocol, frame) -> None:
+    def _on_kicked(self, protocol: ClientProtocol, frame: Frame) -> None:
         notice = m.BeingKickedOutNotify.decode(frame.body)
         ending = Ending(
             EndingKind.KICKED, DisconnectedType.BEING_KICKED_OUT, notice.reason, notice.operator
@@ -186,7 +189,7 @@ class Inbox:
         self.engine._end_for_good(protocol, ending)
         self.engine.being_kicked_out.fire(notice.operator, notice.reason)
 
-    def _on_disconnect_notice(self, protocol, frame) -> None:
+    def _on_disconnect_notice(self, protocol: ClientProtocol, frame: Frame) -> None:
         notice = m.DisconnectNotice.decode(frame.body)
         if protocol.ending is not None:
             return  # the pushed-out / kicked notice or the logon reply came first
@@ -196,19 +199,19 @@ class Inbox:
         else:
             protocol.ending = Ending(EndingKind.DISCONNECTED, notice.reason, notice.text)
 
-    def _on_device_online(self, protocol, frame) -> None:
+    def _on_device_online(self, protocol: ClientProtocol, frame: Frame) -> None:
         self.engine.my_device_online.fire(as_client_type(frame.client_type))
 
-    def _on_device_offline(self, protocol, frame) -> None:
+    def _on_device_offline(self, protocol: ClientProtocol, frame: Frame) -> None:
         self.engine.my_device_offline.fire(as_client_type(frame.client_type))
 
     # -- messages from other users and the server --------------------------------------
 
-    def _on_ping(self, protocol, frame) -> None:
+    def _on_ping(self, protocol: ClientProtocol, frame: Frame) -> None:
         # Another user pings us through the server: answer it.
         self._answer(frame, MessageType.PING_ACK, b"")
 
-    def _on_information(self, protocol, frame) -> None:
+    def _on_information(self, protocol: ClientProtocol, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
         self._deliver(
             frame,
@@ -217,7 +220,7 @@ class Inbox:
             ack=frame.message_type == MessageType.SEND_CERTAINLY and frame.message_id != 0,
         )
 
-    def _on_blob(self, protocol, frame) -> None:
+    def _on_blob(self, protocol: ClientProtocol, frame: Frame) -> None:
         fragment = m.BlobFragment.decode(frame.body)
         try:
             payload = self.blobs.add(
@@ -249,7 +252,7 @@ class Inbox:
             d.addCallback(lambda _: self._answer(frame, MessageType.ACK, body))
         d.addErrback(self._handler_failed, frame)
 
-    def _on_request(self, protocol, frame) -> None:
+    def _on_request(self, protocol: ClientProtocol, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
         handler = self.engine.handler
         if handler is None:
@@ -265,13 +268,13 @@ class Inbox:
             info.payload,
         )
 
-        def answer(result):
+        def answer(result: Any) -> None:
             body = m.Information(info.information_type, b"" if result is None else bytes(result))
             self._answer(frame, MessageType.RESPONSE, body.encode())
 
         d.addCallback(answer).addErrback(self._handler_failed, frame)
 
-    def _on_broadcast(self, protocol, frame) -> None:
+    def _on_broadcast(self, protocol: ClientProtocol, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
         self.engine.broadcast_received.fire(
             frame.user_id, frame.dest_user_id, info.information_type, info.payload
@@ -304,12 +307,14 @@ class Inbox:
             f"{type(error).__name__}: {error}"[:200],
         )
 
-    def _answer_error(self, protocol, frame: Frame, code: ErrorCode, text: str) -> None:
+    def _answer_error(
+        self, protocol: ClientProtocol | None, frame: Frame, code: ErrorCode, text: str
+    ) -> None:
         if frame.message_id and protocol is not None and protocol is self.engine._protocol:
             body = m.Error(frame.message_type, code, text).encode()
             self._answer(frame, MessageType.ERROR, body)
 
-    _handlers = {
+    _handlers: ClassVar[dict[int, Callable[[Inbox, ClientProtocol, Frame], None]]] = {
         MessageType.HEARTBEAT: _on_heartbeat,
         MessageType.BEING_PUSHED_OUT_NOTIFY: _on_pushed_out,
         MessageType.BEING_KICKED_OUT_NOTIFY: _on_kicked,

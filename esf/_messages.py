@@ -10,8 +10,10 @@ C{IndexError} or C{struct.error}.
 
 from __future__ import annotations
 
+import builtins
 import struct
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, ClassVar, Self, TypeVar, cast, dataclass_transform
 
 import attrs
 
@@ -82,7 +84,7 @@ def encode_str(text: str) -> bytes:
 class _Reader:
     __slots__ = ("_buf", "_pos")
 
-    def __init__(self, buf):
+    def __init__(self, buf: bytes | memoryview) -> None:
         self._buf = buf
         self._pos = 0
 
@@ -92,7 +94,8 @@ class _Reader:
         if pos + s.size > len(self._buf):
             raise BadRequest(f"body ends inside a {kind} at byte {pos}")
         self._pos = pos + s.size
-        return s.unpack_from(self._buf, pos)[0]
+        value: int = s.unpack_from(self._buf, pos)[0]
+        return value
 
     def str(self) -> str:
         n = self.int("u16")
@@ -110,7 +113,7 @@ class _Reader:
         self._pos = len(self._buf)
         return data
 
-    def count(self, kind: str, item_size: int) -> int:
+    def count(self, kind: builtins.str, item_size: builtins.int) -> builtins.int:
         n = self.int(kind)
         if n * item_size > len(self._buf) - self._pos:
             raise BadRequest(f"count {n} cannot fit in the rest of the body")
@@ -155,11 +158,11 @@ def _write(kind: str, value: Any) -> bytes:
     raise AssertionError(kind)
 
 
-def _field(kind: str, as_type: Any = None, **kwargs):
+def _field(kind: str, as_type: Any = None, **kwargs: Any) -> Any:
     return attrs.field(metadata={"wire": kind, "as": as_type}, **kwargs)
 
 
-def _as(as_type, value):
+def _as(as_type: Any, value: Any) -> Any:
     if as_type is None:
         return value
     if isinstance(value, tuple):
@@ -173,19 +176,27 @@ def _as(as_type, value):
         return value
 
 
-def _body(cls):
+_B = TypeVar("_B", bound="_Body")
+
+
+# dataclass_transform tells type checkers that _body makes an attrs class, so
+# they see each body's generated __init__.  They do not follow converters:
+# the fields converted to a tuple are typed Sequence, so that __init__ takes
+# a list as well (the value held is always a tuple).
+@dataclass_transform(frozen_default=True, field_specifiers=(attrs.field, _field))
+def _body(cls: type[_B]) -> type[_B]:
     """
     Make C{cls} a frozen attrs class and record its wire layout.
     """
     cls = attrs.frozen(cls)
     cls._layout = tuple(
-        (f.name, f.metadata["wire"], f.metadata["as"]) for f in attrs.fields(cls)
+        (f.name, f.metadata["wire"], f.metadata["as"]) for f in attrs.fields(cast(Any, cls))
     )
     return cls
 
 
 class _Body:
-    _layout: ClassVar[tuple] = ()
+    _layout: ClassVar[tuple[tuple[str, str, Any], ...]] = ()
 
     def encode(self) -> bytes:
         """
@@ -199,7 +210,7 @@ class _Body:
             raise ValueError(f"cannot encode {self!r}: {e}") from None
 
     @classmethod
-    def decode(cls, body):
+    def decode(cls, body: bytes | memoryview) -> Self:
         """
         Parse a body (bytes or memoryview).
 
@@ -320,7 +331,7 @@ class GetAllOnlineUsersReply(_Body):
     """
 
     total: int = _field("u32")
-    user_ids: tuple = _field("strs", converter=tuple)
+    user_ids: Sequence[str] = _field("strs", converter=tuple)
 
 
 @_body
@@ -338,7 +349,7 @@ class QueryOnlines(_Body):
     114 request.
     """
 
-    user_ids: tuple = _field("strs", converter=tuple)
+    user_ids: Sequence[str] = _field("strs", converter=tuple)
 
 
 @_body
@@ -347,7 +358,7 @@ class QueryOnlinesReply(_Body):
     114 reply: one flag per requested user, in order.
     """
 
-    online: tuple = _field("u8s32", bool, converter=tuple)
+    online: Sequence[bool] = _field("u8s32", bool, converter=tuple)
 
 
 @_body
@@ -356,7 +367,7 @@ class GetMyDevicesReply(_Body):
     116 reply: the ClientTypes of the user's devices online now.
     """
 
-    client_types: tuple = _field("u8s8", converter=tuple)
+    client_types: Sequence[int] = _field("u8s8", converter=tuple)
 
 
 @_body
@@ -466,7 +477,7 @@ class RequestError(Exception):
         self.text = text
 
 
-def _code_name(code) -> str:
+def _code_name(code: ErrorCode | int) -> str:
     return code.name if isinstance(code, ErrorCode) else str(code)
 
 
@@ -486,7 +497,7 @@ class BlobError(Exception):
 @attrs.define
 class _PartialBlob:
     information_type: int
-    parts: list
+    parts: list[bytes]
     size: int
     next_index: int
     last_seen: float
@@ -586,7 +597,7 @@ class BlobAssembler:
             return b"".join(blob.parts)
         return None
 
-    def expire(self, now: float) -> list:
+    def expire(self, now: float) -> list[Any]:
         """
         Drop blobs idle for longer than the idle timeout; return their keys.
         """

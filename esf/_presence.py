@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import attrs
-from sortedcontainers import SortedList
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
@@ -50,7 +50,7 @@ class LocalPresence:
         # The same user IDs, sorted, so that a page of them costs its size.
         self._sorted: SortedList = SortedList()
 
-    def claim(self, handle: Any, replace: bool) -> Deferred:
+    def claim(self, handle: Any, replace: bool) -> Deferred[Claim]:
         user_id = handle.user_id
         devices = self._users.get(user_id, ())
         previous = None
@@ -67,7 +67,7 @@ class LocalPresence:
         self._users[user_id] = devices + (handle,)
         return succeed(Claim(True, previous))
 
-    def release(self, handle: Any) -> Deferred:
+    def release(self, handle: Any) -> Deferred[bool]:
         user_id = handle.user_id
         devices = self._users.get(user_id, ())
         rest = tuple(h for h in devices if h.session_id != handle.session_id)

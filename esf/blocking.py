@@ -22,9 +22,12 @@ them (that would wait for the thread that is waiting).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Iterable
+from typing import Any, Callable, ParamSpec, TypeVar, cast, overload
 
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread
 
 from ._client import ClientEngine, LogonResponse
@@ -32,6 +35,9 @@ from ._wire import ClientType, WireConfig
 from .interfaces import ICustomizeHandler
 
 __all__ = ["BlockingClient", "call_in_reactor", "reactor_thread"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -46,7 +52,7 @@ def reactor_thread() -> threading.Thread | None:
     return _thread
 
 
-def _ensure_reactor():
+def _ensure_reactor() -> Any:
     global _thread
     from twisted.internet import reactor
 
@@ -62,7 +68,17 @@ def _ensure_reactor():
     return reactor
 
 
-def call_in_reactor(f: Callable, *args: Any, **kwargs: Any) -> Any:
+@overload
+def call_in_reactor(
+    f: Callable[_P, Deferred[_R]], *args: _P.args, **kwargs: _P.kwargs
+) -> _R: ...
+
+
+@overload
+def call_in_reactor(f: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
+
+
+def call_in_reactor(f: Callable[_P, Any], *args: _P.args, **kwargs: _P.kwargs) -> Any:
     """
     Run C{f(*args, **kwargs)} in the reactor thread and wait for its result
     (a Deferred's result, if it returns one); raise what it raised.
@@ -79,10 +95,10 @@ def call_in_reactor(f: Callable, *args: Any, **kwargs: Any) -> Any:
     return blockingCallFromThread(reactor, f, *args, **kwargs)
 
 
-def _in_reactor_thread(reactor) -> bool:
+def _in_reactor_thread(reactor: Any) -> bool:
     from twisted.python import threadable
 
-    return reactor.running and threadable.isInIOThread()
+    return bool(reactor.running and threadable.isInIOThread())
 
 
 class BlockingClient:
@@ -138,9 +154,6 @@ class BlockingClient:
     def __repr__(self) -> str:
         return f"<BlockingClient {self.engine.user_id} {self.host}:{self.port}>"
 
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return call_in_reactor(getattr(self.engine, name), *args, **kwargs)
-
     # -- state -----------------------------------------------------------------
 
     @property
@@ -166,11 +179,11 @@ class BlockingClient:
         """
         Wait until the channel is not busy.
         """
-        self._call("wait_for_drain")
+        call_in_reactor(self.engine.wait_for_drain)
 
     # -- events ------------------------------------------------------------------
 
-    def subscribe(self, event: str, callback: Callable) -> Callable[[], None]:
+    def subscribe(self, event: str, callback: Callable[..., object]) -> Callable[[], None]:
         """
         Call C{callback} (in the reactor thread) whenever C{event} fires;
         C{event} is the name of one of the engine's events, e.g.
@@ -178,7 +191,7 @@ class BlockingClient:
 
         @return: a function that unsubscribes (callable from any thread).
         """
-        target = getattr(self.engine, event, None)
+        target: Any = getattr(self.engine, event, None)
         if not hasattr(target, "subscribe"):
             raise ValueError(f"{event!r} is not an event of the client engine")
         call_in_reactor(target.subscribe, callback)
@@ -186,7 +199,7 @@ class BlockingClient:
         def unsubscribe() -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(target.unsubscribe, callback)
+            cast(IReactorFromThreads, reactor).callFromThread(target.unsubscribe, callback)
 
         return unsubscribe
 
@@ -196,19 +209,19 @@ class BlockingClient:
         """
         Connect and log on; return the L{esf.LogonResponse}.
         """
-        return self._call("logon")
+        return call_in_reactor(self.engine.logon)
 
     def logoff(self) -> None:
         """
         Leave; no reconnecting afterwards.
         """
-        self._call("logoff")
+        call_in_reactor(self.engine.logoff)
 
     def close(self) -> None:
         """
         Close the connection without a Logoff; no reconnecting afterwards.
         """
-        self._call("close")
+        call_in_reactor(self.engine.close)
 
     def __enter__(self) -> BlockingClient:
         return self
@@ -219,28 +232,28 @@ class BlockingClient:
     # -- framework calls -------------------------------------------------------------
 
     def ping(self, timeout: float | None = None) -> float:
-        return self._call("ping", timeout)
+        return call_in_reactor(self.engine.ping, timeout)
 
     def ping_by_server(self, user_id: str, timeout: float | None = None) -> float:
-        return self._call("ping_by_server", user_id, timeout)
+        return call_in_reactor(self.engine.ping_by_server, user_id, timeout)
 
     def get_my_ipe(self) -> str:
-        return self._call("get_my_ipe")
+        return call_in_reactor(self.engine.get_my_ipe)
 
     def get_all_online_users(self) -> list[str]:
-        return self._call("get_all_online_users")
+        return call_in_reactor(self.engine.get_all_online_users)
 
     def is_user_online(self, user_id: str) -> bool:
-        return self._call("is_user_online", user_id)
+        return call_in_reactor(self.engine.is_user_online, user_id)
 
-    def query_onlines(self, user_ids) -> dict[str, bool]:
-        return self._call("query_onlines", list(user_ids))
+    def query_onlines(self, user_ids: Iterable[str]) -> dict[str, bool]:
+        return call_in_reactor(self.engine.query_onlines, list(user_ids))
 
-    def get_my_devices(self) -> list:
-        return self._call("get_my_devices")
+    def get_my_devices(self) -> list[ClientType | int]:
+        return call_in_reactor(self.engine.get_my_devices)
 
     def kick_out(self, user_id: str, reason: str = "") -> None:
-        self._call("kick_out", user_id, reason)
+        call_in_reactor(self.engine.kick_out, user_id, reason)
 
     # -- application messages ------------------------------------------------------------
 
@@ -251,7 +264,7 @@ class BlockingClient:
         payload: bytes = b"",
         client_type: int | None = None,
     ) -> None:
-        self._call("send", user_id, information_type, payload, client_type)
+        call_in_reactor(self.engine.send, user_id, information_type, payload, client_type)
 
     def query(
         self,
@@ -261,7 +274,9 @@ class BlockingClient:
         timeout: float | None = None,
         client_type: int | None = None,
     ) -> bytes:
-        return self._call("query", user_id, information_type, payload, timeout, client_type)
+        return call_in_reactor(
+            self.engine.query, user_id, information_type, payload, timeout, client_type
+        )
 
     def send_certainly(
         self,
@@ -271,7 +286,9 @@ class BlockingClient:
         timeout: float | None = None,
         client_type: int | None = None,
     ) -> None:
-        self._call("send_certainly", user_id, information_type, payload, timeout, client_type)
+        call_in_reactor(
+            self.engine.send_certainly, user_id, information_type, payload, timeout, client_type
+        )
 
     def send_blob(
         self,
@@ -281,7 +298,9 @@ class BlockingClient:
         fragment_size: int | None = None,
         timeout: float | None = None,
     ) -> None:
-        self._call("send_blob", user_id, information_type, payload, fragment_size, timeout)
+        call_in_reactor(
+            self.engine.send_blob, user_id, information_type, payload, fragment_size, timeout
+        )
 
     def broadcast(
         self,
@@ -290,4 +309,4 @@ class BlockingClient:
         payload: bytes = b"",
         timeout: float | None = None,
     ) -> None:
-        self._call("broadcast", group_id, information_type, payload, timeout)
+        call_in_reactor(self.engine.broadcast, group_id, information_type, payload, timeout)
