@@ -120,7 +120,7 @@ class AnswerRouter:
         key = (frame.message_id, answerer.user_id)
         remote = []
         for target in self.router.resolve(frame.dest_user_id) or ():
-            table = getattr(target, "asked", _REMOTE)
+            table: Any = getattr(target, "asked", _REMOTE)
             if table is _REMOTE:
                 remote.append(target)
             elif table and self._take(table, key, frame.message_type):
@@ -136,7 +136,7 @@ class AnswerRouter:
         key = (frame.message_id, frame.user_id)
         return bool(table) and self._take(table, key, frame.message_type)
 
-    def _take(self, table: dict, key: tuple, answer_type: int) -> bool:
+    def _take(self, table: dict[Any, Any], key: tuple[Any, ...], answer_type: int) -> bool:
         entry = table.get(key)
         if entry is None:
             return False
