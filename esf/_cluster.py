@@ -1059,15 +1059,7 @@ class ClusterPresence:
                 f"{handle.user_id} logged on with this device from {other_address} too, "
                 f"later, while the cluster was split"
             )
-            if isinstance(handle, RemoteHandle):
-                handle.push_out(other_address, cause)  # its node fires the event
-            else:
-                if self.user_manager is not None:
-                    self.user_manager.device_being_pushed_out.fire(handle.user_data, other_address)
-                handle.notify(
-                    MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode()
-                )
-                handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+            handle.push_out(other_address, cause)  # the holder's node fires the event
         else:
             handle.kick(
                 DisconnectedType.NEW_CONNECTION_IGNORED,
@@ -1541,23 +1533,12 @@ class ClusterPresence:
                 handle.kick(DisconnectedType(a), data.decode("utf-8"))
             elif kind == _PUSH_OUT:
                 new_address, cause = (t.decode("utf-8") for t in _unpack(data, 2))
-                if self.user_manager is not None:
-                    self.user_manager.device_being_pushed_out.fire(handle.user_data, new_address)
-                handle.notify(
-                    MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode()
-                )
-                handle.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+                handle.push_out(new_address, cause)
             elif kind == _QUERY:
                 self._ask(handle, a, b, *_unpack(data, 2))
             elif kind == _KICK_OUT:
                 operator, reason, text = (t.decode("utf-8") for t in _unpack(data, 3))
-                if self.user_manager is not None:
-                    self.user_manager.device_kicked_out.fire(handle.user_data, operator, reason)
-                handle.notify(
-                    MessageType.BEING_KICKED_OUT_NOTIFY,
-                    m.BeingKickedOutNotify(operator, reason[:1000]).encode(),
-                )
-                handle.kick(DisconnectedType.BEING_KICKED_OUT, text)
+                handle.kick_out(operator, reason, text)
             self.stats["inbox_delivered"] += 1
 
     # -- queries between nodes -----------------------------------------------------

@@ -467,18 +467,9 @@ class ServerEngine:
             reason=reason,
             origin=origin,
         )
-        notice = m.BeingKickedOutNotify(operator, reason[:1000]).encode()
         text = f"kicked by {operator}: {reason}"
         for target in targets:
-            remote_kick = getattr(target, "kick_out", None)
-            if remote_kick is not None:
-                # A device of another node (esf._cluster.RemoteHandle):
-                # that node fires device_kicked_out and ends the session.
-                remote_kick(operator, reason, text)
-                continue
-            self.user_manager.device_kicked_out.fire(target.user_data, operator, reason)
-            target.notify(MessageType.BEING_KICKED_OUT_NOTIFY, notice)
-            target.kick(DisconnectedType.BEING_KICKED_OUT, text)
+            target.kick_out(operator, reason, text)
         return len(targets)
 
     def send(
@@ -537,12 +528,8 @@ class ServerEngine:
         message_id = self.pending.next_id()
         d = self.pending.expect(message_id, target, timeout)
         body = m.Information(information_type, payload).encode()
-        ask = getattr(target, "ask", None)
-        if ask is not None:
-            # A device of another node (esf._cluster.RemoteHandle): that
-            # node asks it and forwards the answer here.
-            ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
-            return d
+        target.ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
+        return d
         target.send(
             encode_frame(
                 self.config.wire,

@@ -222,15 +222,7 @@ class Logons:
             f"{old.user_id} logged on again with the same device "
             f"({kind_name(new.client_type)}) from {new.address}"
         )
-        push_out = getattr(old, "push_out", None)
-        if push_out is not None:
-            # A device of another node (esf._cluster.RemoteHandle): that
-            # node fires the event and ends the session.
-            push_out(new.address, cause)
-            return
-        self.engine.user_manager.device_being_pushed_out.fire(old.user_data, new.address)
-        old.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
-        old.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+        old.push_out(new.address, cause)
 
     def _bind(self, session: Session, frame: Frame, handover: bool) -> None:
         engine = self.engine

@@ -514,6 +514,43 @@ class Session:
     def kick(self, reason: DisconnectedType, text: str) -> None:
         self.end(reason, text)
 
+    def push_out(self, new_address: str, cause: str) -> None:
+        """
+        The device logged on again from C{new_address}: tell the user
+        manager, send C{BeingPushedOutNotify} and end with C{BeingPushedOut}.
+        """
+        self.owner.user_manager.device_being_pushed_out.fire(self.user_data, new_address)
+        self.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
+        self.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+
+    def kick_out(self, operator: str, reason: str, text: str) -> None:
+        """
+        C{operator} kicks the device: tell the user manager, send
+        C{BeingKickedOutNotify} and end with C{BeingKickedOut}.
+        """
+        self.owner.user_manager.device_kicked_out.fire(self.user_data, operator, reason)
+        self.notify(
+            MessageType.BEING_KICKED_OUT_NOTIFY,
+            m.BeingKickedOutNotify(operator, reason[:1000]).encode(),
+        )
+        self.kick(DisconnectedType.BEING_KICKED_OUT, text)
+
+    def ask(self, message_id: int, body: bytes, timeout: float) -> None:
+        """
+        Send the server's query C{message_id} (an Information C{body}) as a
+        Request; the answer comes back through the engine's pending table.
+        """
+        self.send(
+            encode_frame(
+                self.owner.config.wire,
+                MessageType.REQUEST,
+                body,
+                message_id=message_id,
+                user_id=SERVER_ID,
+                dest_user_id=self.user_id or "",
+            )
+        )
+
     def queue(self, data: bytes) -> None:
         """
         Queue a frame for the peer, unless the session has ended.  A peer

@@ -297,6 +297,29 @@ class IDeviceHandle(Interface):
         C{text} go to its C{DisconnectNotice} and to the log.
         """
 
+    def push_out(new_address: str, cause: str) -> None:
+        """
+        The same user and device kind logged on from C{new_address}: on the
+        node holding the device, fire the user manager's
+        C{device_being_pushed_out}, send C{BeingPushedOutNotify(cause)} and
+        end the session with C{BeingPushedOut}.
+        """
+
+    def kick_out(operator: str, reason: str, text: str) -> None:
+        """
+        C{operator} kicks the device with C{reason}: on the node holding it,
+        fire the user manager's C{device_kicked_out}, send
+        C{BeingKickedOutNotify} and end the session with C{BeingKickedOut}
+        (C{text} in its C{DisconnectNotice}).
+        """
+
+    def ask(message_id: int, body: bytes, timeout: float) -> None:
+        """
+        Send the device the server's query C{message_id} (a Request with the
+        Information C{body}); its answer completes the engine's pending
+        request of that MessageID, or it times out after C{timeout} seconds.
+        """
+
 
 class IPresence(Interface):
     """

@@ -19,9 +19,10 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from esf import DisconnectedType, RelogonMode, UserData
+from esf import DisconnectedType, MessageType, RelogonMode, UserData
 from esf._cluster import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
 from esf.interfaces import IDeviceHandle, IPresence
+from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
 LEASE = 0.6  # seconds, real: Redis expires leases on its own clock
 
@@ -75,6 +76,21 @@ class Device:
 
     def kick(self, reason, text):
         self.kicked.append((reason, text))
+
+    # What a session does for these (esf._session.Session), minus the events.
+
+    def push_out(self, new_address, cause):
+        self.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, BeingPushedOutNotify(cause).encode())
+        self.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
+
+    def kick_out(self, operator, reason, text):
+        self.notify(
+            MessageType.BEING_KICKED_OUT_NOTIFY, BeingKickedOutNotify(operator, reason).encode()
+        )
+        self.kick(DisconnectedType.BEING_KICKED_OUT, text)
+
+    def ask(self, message_id, body, timeout):
+        self.sent.append((message_id, body))
 
 
 class Nodes:
