@@ -152,11 +152,7 @@ class ServerEngine:
         self._dispatch = {}
         for service in (BasicServices(self), ApplicationServices(self)):
             self._dispatch.update(service.handlers)
-        # An optional hook: a presence that works for the engine (a
-        # cluster's: esf._cluster.ClusterPresence.attach) takes what it needs.
-        attach = getattr(self.presence, "attach", None)
-        if attach is not None:
-            attach(self)
+        self.presence.attach(self)
 
     # -- life -------------------------------------------------------------
 
@@ -407,7 +403,7 @@ class ServerEngine:
         self.transmit_failed.fire(
             session.user_id, frame.dest_user_id, frame.message_type, frame.raw
         )
-        if getattr(self.presence, "up", True):
+        if self.presence.up:
             text = f"{frame.dest_user_id} is not online"
         else:
             # A cluster's presence that lost Redis: users elsewhere are unknown.

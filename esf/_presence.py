@@ -50,6 +50,15 @@ class LocalPresence:
         # The same user IDs, sorted, so that a page of them costs its size.
         self._sorted: SortedList = SortedList()
 
+    #: The in-process registry is always at hand.
+    up = True
+
+    def attach(self, engine: Any) -> None:
+        pass  # nothing to take: the engine reads this node's own sessions
+
+    def forward_answer(self, session: Any, frame: Any) -> bool:
+        return False  # no other node asks through this one
+
     def claim(self, handle: Any, replace: bool) -> Deferred[Claim]:
         user_id = handle.user_id
         devices = self._users.get(user_id, ())

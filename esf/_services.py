@@ -284,10 +284,8 @@ class ApplicationServices:
         except m.BadRequest as e:
             result = m.RequestError(ErrorCode.BAD_REQUEST, f"malformed answer: {e}")
         if not self.engine.pending.answer(frame.message_id, session, result):
-            # An optional hook: a cluster's presence forwards the answer to
-            # a query another node asked (esf._cluster.ClusterPresence).
-            forward = getattr(self.engine.presence, "forward_answer", None)
-            if forward is not None and forward(session, frame):
+            # Perhaps another node asked it (a cluster's presence forwards it).
+            if self.engine.presence.forward_answer(session, frame):
                 return
             self.engine.counters[Count.UNEXPECTED_ANSWERS] += 1
             log.debug(

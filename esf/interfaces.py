@@ -356,6 +356,29 @@ class IPresence(Interface):
             C{handle} no longer held the device).
         """
 
+    up = Attribute(
+        """
+        Whether the registry is reachable now (C{True} for the in-process
+        one); while it is not, only this node's devices are known.
+        """
+    )
+
+    def attach(engine: Any) -> None:
+        """
+        Called once by the L{esf.ServerEngine} that uses this registry,
+        before any connection: a registry shared by nodes takes what it needs
+        of the engine (settings, user manager, pending queries).
+        """
+
+    def forward_answer(session: Any, frame: Any) -> bool:
+        """
+        An answer (Response or Error) to the server arrived on C{session}
+        that no query of this engine waits for: forward it if another node
+        asked it.
+
+        @return: whether it was forwarded.
+        """
+
     def get(user_id: str, client_type: int) -> IDeviceHandle | None:
         """
         The handle of C{user_id}'s device C{client_type}, or C{None}.

@@ -389,7 +389,7 @@ def test_blobs_nobody_reads_cost_a_live_server_nothing(twistd):
         device.close()
 
 
-from test_reliability import logged_on, rss_kib, twistd  # noqa: E402,F401
+from test_reliability import logged_on, rss_kib, twistd  # noqa: E402,F401,F811
 
 
 # -- 2. CPU: a cost bound on every request -----------------------------------------
