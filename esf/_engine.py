@@ -147,7 +147,7 @@ class ServerEngine:
         self.sessions: set[Session] = set()
         #: Sessions whose connection is not yet closed.
         self._open: set[Session] = set()
-        self._drained: list[Deferred] = []
+        self._drained: list[Deferred[None]] = []
         self.stopping = False
         self._dispatch = {}
         for service in (BasicServices(self), ApplicationServices(self)):
@@ -163,7 +163,7 @@ class ServerEngine:
         """
         self.reaper.start()
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         """
         Send C{DisconnectNotice(ServerShutdown)} to every session and close
         them; refuse new connections.
@@ -176,7 +176,7 @@ class ServerEngine:
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
         if not self._open:
             return succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._drained.append(d)
         return d
 
@@ -245,7 +245,7 @@ class ServerEngine:
                 m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
             )
         if session.blobs is not None:
-            self.budget.add_blob_bytes(session.user_id, -session.blobs.buffered)
+            self.budget.add_blob_bytes(session.user_id or "", -session.blobs.buffered)
             session.blobs = None
         session.asked = None
         suppressed = session._log_suppressed
@@ -282,7 +282,7 @@ class ServerEngine:
             if session.blobs is not None and session.blobs.pending:
                 before = session.blobs.buffered
                 expired = session.blobs.expire(now)
-                self.budget.add_blob_bytes(session.user_id, session.blobs.buffered - before)
+                self.budget.add_blob_bytes(session.user_id or "", session.blobs.buffered - before)
                 for blob_id in expired:
                     if session.may_log():
                         log.info(
@@ -423,6 +423,7 @@ class ServerEngine:
         """
         Send C{session}'s user's other devices a MyDeviceOnline/Offline.
         """
+        assert session.user_id is not None and session.client_type is not None  # logged on
         for other in self.presence.devices(session.user_id):
             if other is not session:
                 other.notify(message_type, client_type=session.client_type)
@@ -506,7 +507,7 @@ class ServerEngine:
         payload: bytes = b"",
         client_type: int | None = None,
         timeout: float | None = None,
-    ) -> Deferred:
+    ) -> Deferred[bytes]:
         """
         Ask one device of C{user_id} (C{client_type}, or the first that
         logged on) a Request (203); its client's handler answers.

@@ -2,8 +2,9 @@
 The typed part of the public API passes C{mypy --strict}.
 
 Listed here are the modules whose annotations are complete.  Not yet
-covered: the engine and its server side (esf/_engine.py, esf/_session.py,
-esf/_services.py, esf/_logon.py, esf/_protocol.py), the cluster
+covered: the engine's parts esf/_session.py, esf/_services.py,
+esf/_logon.py and esf/_protocol.py (ServerProtocol, ServerFactory,
+ServerService), the cluster
 (esf/_cluster.py, esf/cluster.py), esf/_admin.py, esf/_audit.py,
 esf/_metrics.py, esf/_websocket.py, esf/operations.py, esf/cli.py,
 esf/bench.py and esf/examples/.  They join the list as they are
@@ -42,6 +43,7 @@ TYPED = [
     "esf/_client_calls.py",
     "esf/_client.py",
     "esf/blocking.py",
+    "esf/_engine.py",
 ]
 
 
