@@ -195,7 +195,7 @@ class Session:
         self.blobs: m.BlobAssembler | None = None
         #: Requests this session relayed to users, awaiting their answers
         #: (kept by L{esf._router.AnswerRouter}; made on demand).
-        self.asked: dict | None = None
+        self.asked: dict[Any, Any] | None = None
         self._paused = False
         self._backlog = 0
         #: Ends the session if its backlog stays over the bound too long.
@@ -443,12 +443,6 @@ class Session:
             f"more than {limit // 2} bytes waited for longer than "
             f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
         )
-        #: Ends the session if its backlog stays over the bound too long.
-        self._drain_timer: Any = None
-        #: Senders whose reading this session's backlog has paused.
-        self._blocked: set[Session] | None = None
-        #: How many receivers hold this session's reading paused.
-        self._blockers = 0
 
     # -- output (IDeviceHandle) ------------------------------------------------
 

@@ -15,6 +15,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, Union
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from ._wire import DisconnectedType
+
 __all__ = [
     "IBasicHandler",
     "ICustomizeHandler",
@@ -276,7 +278,7 @@ class IDeviceHandle(Interface):
     )
     node = Attribute("""The ID of the node that holds the session (L{str}).""")
 
-    def send(data: bytes) -> None:
+    def send(data: bytes) -> bool | None:
         """
         Write one frame (L{bytes}, a whole encoded frame) to the device.
 
@@ -291,7 +293,7 @@ class IDeviceHandle(Interface):
         Send the device a server-initiated message (MessageID 0).
         """
 
-    def kick(reason: int, text: str) -> None:
+    def kick(reason: DisconnectedType, text: str) -> None:
         """
         End the device's session: C{reason} (an L{esf.DisconnectedType}) and
         C{text} go to its C{DisconnectNotice} and to the log.

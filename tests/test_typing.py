@@ -2,7 +2,7 @@
 The typed part of the public API passes C{mypy --strict}.
 
 Listed here are the modules whose annotations are complete.  Not yet
-covered: the engine's parts esf/_session.py, esf/_services.py,
+covered: the engine's parts esf/_services.py,
 esf/_logon.py and esf/_protocol.py (ServerProtocol, ServerFactory,
 ServerService), the cluster
 (esf/_cluster.py, esf/cluster.py), esf/_admin.py, esf/_audit.py,
@@ -44,6 +44,7 @@ TYPED = [
     "esf/_client.py",
     "esf/blocking.py",
     "esf/_engine.py",
+    "esf/_session.py",
 ]
 
 
