@@ -9,12 +9,15 @@ an endpoint and stops the engine gracefully.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamServerEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._engine import ServerEngine
@@ -45,6 +48,9 @@ class ServerProtocol(Protocol):
     """
 
     session: Session | None = None
+    # What Twisted gives a connected protocol: a TCP or TLS transport, which
+    # is also an IProducer and IConsumer (ITransport alone names none of it).
+    transport: Any
     address = "?"
     _abort_call = None
     _closing = False
@@ -63,9 +69,10 @@ class ServerProtocol(Protocol):
         self.session = self.factory.engine.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
+        assert self.session is not None  # made in connectionMade
         self.session.data_received(data)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True  # nothing left to close: no abort timer
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
@@ -138,11 +145,11 @@ class _EngineService(Service):
         self.engine = engine
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.engine.start()
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return self.engine.stop()
 
 
@@ -164,12 +171,12 @@ class ServerService(MultiService):
     port: IListeningPort | None = None
 
     def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.engine = engine
-        _EngineService(engine).setServiceParent(self)
+        _EngineService(engine).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.listener = self.listen(_PortTeller(endpoint, self), ServerFactory(engine))
 
-    def listen(self, endpoint: IStreamServerEndpoint, factory: Factory) -> StreamServerEndpointService:
+    def listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> StreamServerEndpointService:
         """
         Also listen on C{endpoint} with C{factory}, whose connections are
         channels of the same engine (see L{esf.WebSocketFactory}).  Like
@@ -180,9 +187,10 @@ class ServerService(MultiService):
         listener.setServiceParent(self)
         return listener
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         self.port = None
-        return super().stopService()
+        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return d
 
 
 @implementer(IStreamServerEndpoint)
@@ -195,7 +203,7 @@ class _PortTeller:
         self.endpoint = endpoint
         self.service = service
 
-    def listen(self, factory: Factory) -> Deferred:
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
         def listening(port: IListeningPort) -> IListeningPort:
             self.service.port = port
             return port
