@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 import random
-import socket
 import string
 import struct
 from typing import Any, Callable, Sequence
@@ -59,7 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from . import _messages as m
-from ._config import RelogonMode, UserData
+from ._config import RelogonMode, UserData, default_node_id
 from ._policy import TakeoverRefused
 from ._presence import Claim
 from ._wire import SERVER_ID, DisconnectedType, ErrorCode, MessageType, as_client_type, encode_frame
@@ -83,15 +81,6 @@ log = Logger(namespace="esf.cluster")
 #: janitor runs as often, so a dead node's devices are released within
 #: about 4/3 of it (20 s).
 DEFAULT_LEASE = 15.0
-
-
-def default_node_id() -> str:
-    """
-    A node ID unique in a cluster: host, pid and a random suffix (a pid can
-    be reused by a restarted node, the suffix tells the two apart).
-    """
-    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
-    return f"{socket.gethostname()}-{os.getpid()}-{suffix}"
 
 
 def check_node_id(node_id: str) -> str:

@@ -5,6 +5,10 @@ device.
 
 from __future__ import annotations
 
+import os
+import random
+import socket
+import string
 from enum import Enum
 from typing import Any
 
@@ -12,7 +16,7 @@ import attrs
 
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
 
-__all__ = ["RelogonMode", "ServerConfig", "UserData"]
+__all__ = ["RelogonMode", "ServerConfig", "UserData", "default_node_id"]
 
 
 class RelogonMode(Enum):
@@ -126,3 +130,12 @@ class UserData:
     address: str
     logon_time: float
     tag: Any = None
+
+
+def default_node_id() -> str:
+    """
+    A node ID unique in a cluster: host, pid and a random suffix (a pid can
+    be reused by a restarted node; the suffix tells the two apart).
+    """
+    suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
+    return f"{socket.gethostname()}-{os.getpid()}-{suffix}"

@@ -18,8 +18,6 @@ to close.  Time comes from an injected L{IReactorTime}.
 from __future__ import annotations
 
 import collections
-import os
-import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -28,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import _messages as m
-from ._config import RelogonMode, ServerConfig, UserData
+from ._config import RelogonMode, ServerConfig, UserData, default_node_id
 from ._budget import MemoryBudget
 from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._events import Event, call
@@ -87,13 +85,6 @@ class AcceptAll:
 
     def can_kick_out(self, operator_id: str, target_id: str, client_type: int | None) -> bool:
         return False
-
-
-def default_node_id() -> str:
-    """
-    A node ID unique enough to tell this process from others: host and pid.
-    """
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class ServerEngine:
