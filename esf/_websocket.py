@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from importlib import resources
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
@@ -28,7 +29,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -36,6 +39,7 @@ from zope.interface import implementer
 
 from ._engine import ServerEngine
 from ._protocol import peer_address
+from ._session import Session
 from ._wire import DisconnectedType, MessageType
 from .interfaces import IChannel
 
@@ -110,6 +114,8 @@ class WebSocketProtocol(WebSocketServerProtocol):
     _paused = False
     #: The message being received, and its announced size so far.
     _message: bytearray | None = None
+    # autobahn's transport: TCP or TLS, a producer and a consumer too.
+    transport: Any
     _size = 0
     #: Why the connection is being closed: a close code chosen by the
     #: adapter, or the reason of the last DisconnectNotice written.
@@ -142,22 +148,28 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if frames and self.session is not None:
             self.session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
 
-    def onConnect(self, request):
+    def onConnect(self, request: Any) -> str:
         """
         Accept only C{/esf}, the C{esf.v1} subprotocol and an allowed origin.
         """
         if request.path != WEBSOCKET_PATH:
             self._refuse(f"path {request.path!r} is not {WEBSOCKET_PATH}")
-            raise ConnectionDeny(404, "Not Found")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                404, "Not Found"
+            )
         if WEBSOCKET_SUBPROTOCOL not in request.protocols:
             self._refuse(f"subprotocols {request.protocols!r} lack {WEBSOCKET_SUBPROTOCOL}")
-            raise ConnectionDeny(400, f"Subprotocol {WEBSOCKET_SUBPROTOCOL} required")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                400, f"Subprotocol {WEBSOCKET_SUBPROTOCOL} required"
+            )
         origin = request.headers.get("origin")
         if origin is not None and not self.factory.origin_allowed(
             origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)
         ):
             self._refuse(f"origin {origin!r} is not allowed")
-            raise ConnectionDeny(403, "Origin Not Allowed")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                403, "Origin Not Allowed"
+            )
         return WEBSOCKET_SUBPROTOCOL
 
     def _refuse(self, why: str) -> None:
@@ -173,7 +185,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if self._paused:
             self.session.pause_writing()
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         session = self.session
         if session is None:
@@ -182,10 +194,10 @@ class WebSocketProtocol(WebSocketServerProtocol):
             # autobahn failed the connection for a breach of WebSocket
             # itself (an unmasked frame, a bad opcode...); its close frame
             # said why, and the session ends with that reason too.
-            reason = self.localCloseReason or b""
+            why: bytes = self.localCloseReason or b""
             session.kick(
                 DisconnectedType.INVALID_MESSAGE,
-                "WebSocket protocol error: " + reason.decode("utf-8", "replace"),
+                "WebSocket protocol error: " + why.decode("utf-8", "replace"),
             )
         session.connection_lost()
 
@@ -219,7 +231,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         super().onMessageFrameBegin(length)
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        if not self._closing:
+        if not self._closing and self._message is not None:
             self._message += payload
 
     def onMessageFrameEnd(self) -> None:
@@ -232,9 +244,10 @@ class WebSocketProtocol(WebSocketServerProtocol):
         self._message_received(bytes(message))
 
     def _max_message_size(self) -> int:
-        session = self.session
+        session: Session | None = self.session
         if session is None:
-            return self.factory.engine.config.wire.max_message_size
+            size: int = self.factory.engine.config.wire.max_message_size
+            return size
         # Small until the peer has logged on, as on TCP.
         return session.decoder.max_message_size
 
@@ -276,7 +289,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
             return
         if self._frames is not None:
             self._frames.append(data)
-        else:
+        elif self.session is not None:
             self.session.data_received(data)
 
     def _fail(self, reason: DisconnectedType, text: str, code: int) -> None:
@@ -313,7 +326,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
             while offset < size:
                 end = offset + hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
                 self._note_notice(data, offset)
-                self.sendMessage(bytes(data[offset:end]), isBinary=True)
+                self.sendMessage(bytes(data[offset:end]), isBinary=True)  # type: ignore[no-untyped-call]
                 offset = end
             return
         # The common case: a few small frames.  Each gets the two- or
@@ -394,16 +407,21 @@ class WebSocketFactory(WebSocketServerFactory):
     protocol = WebSocketProtocol
     noisy = False
 
-    def __init__(self, engine: ServerEngine, allowed_origins=(), *, reactor=None):
+    def __init__(
+        self, engine: ServerEngine, allowed_origins: Iterable[str] = (), *, reactor: Any = None
+    ):
         # No Server header: it would name autobahn and its version.
-        super().__init__(url=None, protocols=[WEBSOCKET_SUBPROTOCOL], server=None, reactor=reactor)
+        super().__init__(  # type: ignore[no-untyped-call]
+            url=None, protocols=[WEBSOCKET_SUBPROTOCOL], server=None, reactor=reactor
+        )
         self.engine = engine
         config = engine.config
         self.header_length = config.wire.header_length
         self.allowed_origins = tuple(allowed_origins)
-        self._origin_patterns = wildcards2patterns([o.lower() for o in self.allowed_origins])
+        lowered = [o.lower() for o in self.allowed_origins]
+        self._origin_patterns = wildcards2patterns(lowered)  # type: ignore[no-untyped-call]
         size = config.wire.max_message_size
-        self.setProtocolOptions(
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
             versions=[13],
             webStatus=False,  # no HTML status page for a plain GET
             utf8validateIncoming=False,  # text messages are refused anyway
@@ -460,16 +478,16 @@ class _TakeOverResource(WebSocketResource):
     keeps an idle timer, and the WebSocket protocol takes both roles.
     """
 
-    def render(self, request):
+    def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None:
             request.channel.setTimeout(None)
             transport.unregisterProducer()
-        return super().render(request)
+        return super().render(request)  # type: ignore[no-untyped-call]
 
 
 class _Root(Resource):
-    def getChild(self, path, request):
+    def getChild(self, path: bytes, request: Any) -> Any:
         return notFound()
 
 
@@ -484,18 +502,18 @@ class _File(Resource):
     )
 
     def __init__(self, data: bytes, content_type: bytes):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.data = data
         self.content_type = content_type
 
-    def render_GET(self, request):
+    def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"content-security-policy", self.POLICY)
         request.setHeader(b"cache-control", b"no-cache")
         return self.data
 
-    def render_HEAD(self, request):
+    def render_HEAD(self, request: Any) -> bytes:
         self.render_GET(request)
         return b""
 
@@ -509,17 +527,19 @@ WEB_FILES = {
 }
 
 
-def web_demo_site(engine: ServerEngine, allowed_origins=(), *, reactor=None) -> Site:
+def web_demo_site(
+    engine: ServerEngine, allowed_origins: Iterable[str] = (), *, reactor: Any = None
+) -> Site:
     """
     A twisted.web site that serves the WebSocket at C{/esf}, the JavaScript
     client at C{/esf.js} and the chat page at C{/}.
     """
-    root = _Root()
+    root = _Root()  # type: ignore[no-untyped-call]
     web = resources.files("esf") / "web"
     for path, (name, content_type) in WEB_FILES.items():
         root.putChild(path, _File((web / name).read_bytes(), content_type))
     factory = WebSocketFactory(engine, allowed_origins, reactor=reactor)
-    root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))
+    root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))  # type: ignore[no-untyped-call]
     site = Site(root)
     site.displayTracebacks = False
     site.noisy = False
