@@ -34,6 +34,7 @@ __all__ = [
     "ErrorCode",
     "WireConfig",
     "Frame",
+    "SendRun",
     "FrameError",
     "FrameDecoder",
     "encode_frame",
@@ -257,6 +258,62 @@ class Frame:
         return len(self.raw) - self.header_length
 
 
+class SendRun:
+    """
+    Consecutive Send frames of one chunk with the same two ID fields
+    (L{FrameDecoder.feed_runs}): the relay forwards them as one slice of the
+    read buffer, with one route lookup and one write.  Every frame in it
+    passed every check L{FrameDecoder.feed} makes.
+
+    @ivar raw: the frames' bytes, back to back, exactly as received.
+    @ivar count: how many frames C{raw} holds.
+    """
+
+    __slots__ = ("user_id", "dest_user_id", "raw", "count", "header_length")
+
+    def __init__(
+        self, user_id: str, dest_user_id: str, raw: bytes, count: int, header_length: int
+    ):
+        self.user_id = user_id
+        self.dest_user_id = dest_user_id
+        self.raw = raw
+        self.count = count
+        self.header_length = header_length
+
+    def __repr__(self) -> str:
+        return (
+            f"<SendRun {self.count} frame(s) {self.user_id!r} -> {self.dest_user_id!r}, "
+            f"{len(self.raw)} bytes>"
+        )
+
+    def frames(self) -> list[Frame]:
+        """
+        The run's frames, one L{Frame} each (for whoever cannot take the run
+        as a whole).
+        """
+        raw, hlen = self.raw, self.header_length
+        unpack = _FIXED_HEADER.unpack_from
+        frames = []
+        offset = 0
+        while offset < len(raw):
+            _, client_type, message_type, message_id, body_length = unpack(raw, offset)
+            end = offset + hlen + body_length
+            piece = raw if (offset == 0 and end == len(raw)) else raw[offset:end]
+            frames.append(
+                Frame(
+                    client_type,
+                    message_type,
+                    message_id,
+                    self.user_id,
+                    self.dest_user_id,
+                    piece,
+                    hlen,
+                )
+            )
+            offset = end
+        return frames
+
+
 class FrameError(Exception):
     """
     The peer sent bytes that are not a valid frame; the connection must be
@@ -272,7 +329,8 @@ class FrameError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-        self.frames: list[Frame] = []
+        #: L{Frame}s (and, from L{FrameDecoder.feed_runs}, L{SendRun}s).
+        self.frames: list[Any] = []
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -427,11 +485,24 @@ class FrameDecoder:
 
         @raise FrameError: the bytes are not a valid frame stream.
         """
+        return self._run(data, None)  # type: ignore[return-value]
+
+    def feed_runs(self, data: bytes, message_type: int) -> list[Frame | SendRun]:
+        """
+        Like L{feed}, but consecutive frames of C{message_type} (a relay's
+        Send) in C{data} with the same two ID fields come as one L{SendRun}:
+        no object per frame, and one slice of C{data} for all of them.
+
+        @raise FrameError: the bytes are not a valid frame stream.
+        """
+        return self._run(data, message_type)
+
+    def _run(self, data: bytes, run_type: int | None) -> list[Frame | SendRun]:
         if self._error is not None:
             raise FrameError(self._error.reason, self._error.message)
-        frames: list[Frame] = []
+        frames: list[Frame | SendRun] = []
         try:
-            self._feed(data, frames)
+            self._feed(data, frames, run_type)
         except FrameError as e:
             e.frames = frames
             self._error = e
@@ -441,7 +512,7 @@ class FrameDecoder:
             raise
         return frames
 
-    def _feed(self, data: bytes, frames: list[Frame]) -> None:
+    def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> None:
         size = len(data)
         offset = 0
         if self._have:
@@ -454,12 +525,37 @@ class FrameDecoder:
         ids_end = hlen  # the two ID fields run from byte 12 to the end
         max_body = self.max_message_size - hlen
         append = frames.append
+        # The open run: its frames' ID fields (None: no run), where it
+        # starts, how many frames it has, and their IDs.
+        run_key: bytes | None = None
+        run_start = run_count = 0
+        run_ids: tuple[str, str] = ("", "")
+        header: tuple[Any, ...] | None = None  # of a frame cut off at the end
         while size - offset >= hlen:
             # The common case inline: a valid header whose IDs are cached.
             # Anything else goes through _parse_header, which checks every
             # field and says what is wrong.
             start, client_type, message_type, message_id, body_length = unpack(data, offset)
-            pair = pairs.get(data[offset + 12 : offset + ids_end])
+            key = data[offset + 12 : offset + ids_end]
+            if (
+                key == run_key
+                and message_type == run_type
+                and start == START_TOKEN
+                and 0 <= body_length <= max_body
+            ):
+                # One more frame of the open run: the same (already
+                # checked) IDs, a valid start token and length.
+                end = offset + hlen + body_length
+                if end > size:
+                    header = (client_type, message_type, message_id, *run_ids, body_length)
+                    break
+                run_count += 1
+                offset = end
+                continue
+            if run_count:
+                append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
+                run_key, run_count = None, 0
+            pair = pairs.get(key)
             if start != START_TOKEN or not 0 <= body_length <= max_body or pair is None:
                 (
                     client_type,
@@ -473,26 +569,27 @@ class FrameDecoder:
                 user_id, dest_user_id = pair
             end = offset + hlen + body_length
             if end > size:
-                self._header = (
-                    client_type,
-                    message_type,
-                    message_id,
-                    user_id,
-                    dest_user_id,
-                    body_length,
+                header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
+                break
+            if message_type == run_type:
+                run_key, run_start, run_count = key, offset, 1
+                run_ids = (user_id, dest_user_id)
+            else:
+                raw = data[offset:end] if (offset or end != size) else data
+                append(
+                    Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen)
                 )
-                self._need = end - offset
-                self._stash(data[offset:] if offset else data)
-                return
-            raw = data[offset:end] if (offset or end != size) else data
-            append(Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen))
             offset = end
+        if run_count:
+            raw = data[run_start:offset] if (run_start or offset != size) else data
+            append(SendRun(*run_ids, raw, run_count, hlen))
         if offset < size:
-            self._header = None
-            self._need = hlen
+            # A partial frame, its header checked already when it is whole.
+            self._header = header
+            self._need = hlen if header is None else hlen + header[5]
             self._stash(data[offset:] if offset else data)
 
-    def _complete_partial(self, data: bytes, frames: list[Frame]) -> int:
+    def _complete_partial(self, data: bytes, frames: list[Frame | SendRun]) -> int:
         """
         Add to the frame under construction.  Return the offset in C{data}
         where the next frame starts, or -1 when C{data} was used up.

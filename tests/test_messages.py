@@ -489,6 +489,48 @@ def test_relay_sender_is_verified():
     assert alice.closing
 
 
+def test_runs_of_sends_in_one_read():
+    """
+    One read holding runs of Sends to an online user, to an offline user, to
+    the server and to a device kind that is away, then a frame with another
+    sender's UserID: each run gets what a frame of it would, in order; the
+    online receiver gets its frames in one write; the forged frame ends the
+    session and nothing after it is relayed.
+    """
+    recorder = Recorder()
+    engine = make_engine(recorder)
+    failed = record_transmit_failed(engine)
+    alice = connect(engine, "alice")
+    bob = connect(engine, "bob")
+    writes = []
+    bob.transport.write = lambda data, write=bob.transport.write: (writes.append(data), write(data))[1]
+
+    def sends(dest, n, **header):
+        return [alice.frame(MessageType.SEND, Information(n, b"%d" % i), dest=dest, **header)
+                for i in range(n)]
+
+    to_bob = sends("bob", 3)
+    to_carol = sends("carol", 2)
+    to_server = sends("_0", 2)
+    to_device = sends("bob#3", 2)
+    again = sends("bob", 2)
+    forged = sends("bob", 1, user_id="mallory")
+    after = sends("bob", 1)
+    alice.send_raw(b"".join(to_bob + to_carol + to_server + to_device + again + forged + after))
+
+    assert [r.raw for r in bob.take()] == to_bob + again
+    assert writes == [b"".join(to_bob + again)]
+    assert [f[1] for f in failed] == ["carol", "carol", "bob#3", "bob#3"]
+    assert [f[3] for f in failed] == to_carol + to_device
+    assert [(i[0], i[2], i[3]) for i in recorder.informations] == [
+        ("alice", 2, b"0"),
+        ("alice", 2, b"1"),
+    ]
+    (notice,) = alice.take()
+    assert notice.body.reason == DisconnectedType.MESSAGE_WITH_WRONG_USER_ID
+    assert engine.counters["relayed_messages.send"] == 5
+
+
 @pytest.mark.parametrize(
     "message_type, body, message_id",
     [

@@ -57,6 +57,7 @@ from esf.wire import (
     encode_str,
     header_length_for,
     validate_id,
+    SendRun,
 )
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -1409,3 +1410,159 @@ def test_docs_vector_appendix_matches():
     assert listed == {
         v.name: (v.max_userid_length, bytes.fromhex(v.hex).hex()) for v in VECTORS
     }
+
+
+# -- feed_runs: Sends gathered into runs for the relay ---------------------------
+
+SEND = MessageType.SEND
+
+
+def _expand(items) -> list[Frame]:
+    """
+    What L{FrameDecoder.feed_runs} returned, one L{Frame} per frame.
+    """
+    out = []
+    for item in items:
+        out += item.frames() if isinstance(item, SendRun) else [item]
+    return out
+
+
+def _feed_both(config: WireConfig, chunks: list[bytes]):
+    """
+    Feed C{chunks} to a decoder's C{feed} and to another's C{feed_runs};
+    return each one's frames and error reason (C{None} if none).
+    """
+    results = []
+    for runs in (False, True):
+        decoder = FrameDecoder(config)
+        got, error = [], None
+        for chunk in chunks:
+            try:
+                got += decoder.feed_runs(chunk, SEND) if runs else decoder.feed(chunk)
+            except FrameError as e:
+                got += e.frames
+                error = (e.reason, e.message)
+                break
+        results.append((_expand(got) if runs else got, error, decoder.buffered))
+    return results
+
+
+def _send(config, user_id="alice", dest="bob", body=b"\0\0\0\1hello", message_type=SEND):
+    return encode_frame(config, message_type, body, user_id=user_id, dest_user_id=dest)
+
+
+def test_runs_gather_consecutive_sends_for_one_pair():
+    """
+    Consecutive Sends with the same IDs come as one run holding their bytes
+    as one slice; another pair or another type starts a new item.
+    """
+    config = WireConfig()
+    a = _send(config)
+    b = _send(config, dest="carol")
+    request = _send(config, message_type=MessageType.REQUEST)
+    stream = a * 3 + b + a * 2 + request + a
+    items = FrameDecoder(config).feed_runs(stream, SEND)
+    assert [type(i).__name__ for i in items] == ["SendRun", "SendRun", "SendRun", "Frame", "SendRun"]
+    assert [getattr(i, "count", 1) for i in items] == [3, 1, 2, 1, 1]
+    assert items[0].raw == a * 3
+    assert (items[0].user_id, items[0].dest_user_id) == ("alice", "bob")
+    assert items[1].dest_user_id == "carol"
+    assert b"".join(i.raw for i in items) == stream
+    assert _expand(items) == FrameDecoder(config).feed(stream)
+
+
+def test_runs_whole_chunk_is_not_copied():
+    """
+    A chunk that is one run is forwarded as the very bytes object read.
+    """
+    config = WireConfig()
+    chunk = _send(config) * 50
+    [run] = FrameDecoder(config).feed_runs(chunk, SEND)
+    assert run.raw is chunk
+    assert run.count == 50
+
+
+def test_runs_partial_frame_at_the_end():
+    """
+    A run stops before a frame cut off at the end of the chunk; that frame
+    comes out (alone) when its last byte arrives.
+    """
+    config = WireConfig()
+    a = _send(config)
+    decoder = FrameDecoder(config)
+    stream = a * 4
+    [run] = decoder.feed_runs(stream[:-5], SEND)
+    assert run.count == 3
+    assert decoder.buffered == len(a) - 5
+    [frame] = decoder.feed_runs(stream[-5:], SEND)
+    assert isinstance(frame, Frame) and frame.raw == a
+    assert decoder.buffered == 0
+
+
+def test_runs_single_bytes():
+    """
+    A stream fed one byte at a time gives every frame once, in order.
+    """
+    config = WireConfig()
+    stream = _send(config) * 3 + _send(config, dest="carol")
+    [(plain, _, _), (runs, _, buffered)] = _feed_both(
+        config, [stream[i : i + 1] for i in range(len(stream))]
+    )
+    assert runs == plain == FrameDecoder(config).feed(stream)
+    assert buffered == 0
+
+
+def test_runs_error_keeps_what_came_before():
+    """
+    A bad header after a run: the run is returned with the error, and the
+    error is the one L{FrameDecoder.feed} raises.
+    """
+    config = WireConfig()
+    stream = _send(config) * 3 + b"\x00" * 36
+    [(plain, plain_error, _), (runs, runs_error, _)] = _feed_both(config, [stream])
+    assert runs == plain and len(runs) == 3
+    assert runs_error == plain_error and runs_error[0] == DisconnectedType.INVALID_MESSAGE
+
+
+def test_runs_check_every_frame():
+    """
+    A run is not a licence to skip checks: a frame inside it with a bad start
+    token or a length over the bound fails as with L{FrameDecoder.feed}.
+    """
+    config = WireConfig(max_message_size=1000)
+    good = _send(config)
+    bad_start = b"\x00" + good[1:]
+    too_long = bytearray(good)
+    too_long[8:12] = struct.pack("<i", 2000)
+    for bad in (bad_start, bytes(too_long)):
+        [(plain, plain_error, _), (runs, runs_error, _)] = _feed_both(config, [good * 2 + bad])
+        assert runs == plain and len(runs) == 2
+        assert runs_error == plain_error is not None
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.sampled_from([1, 11, 20]))
+def test_property_runs_are_the_frames(data, n):
+    """
+    However a stream of Sends and other frames among a few ID pairs is cut,
+    with or without damage, C{feed_runs} yields the same frames, the same
+    error and the same buffered bytes as C{feed}.
+    """
+    config = WireConfig(max_userid_length=n, max_message_size=SMALL_MAX)
+    ids = data.draw(st.lists(ids_for(config.id_slot), min_size=1, max_size=3))
+    frames = []
+    for _ in range(data.draw(st.integers(1, 12))):
+        fields = data.draw(frames_for(config, body_max=200))
+        fields["user_id"] = data.draw(st.sampled_from(ids))
+        fields["dest_user_id"] = data.draw(st.sampled_from(ids))
+        if data.draw(st.booleans()):
+            fields["message_type"] = SEND
+        frames.append(fields)
+    stream = bytearray(b"".join(_encode(config, f) for f in frames))
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(stream) - 1))
+        stream[at] = data.draw(u8)
+    stream = bytes(stream)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    plain, runs = _feed_both(config, _chunks(stream, cuts))
+    assert runs == plain
