@@ -179,14 +179,16 @@ class AuditLog:
             return
         when = event.get("log_time")
         if name == "logged_on":
-            self.record(
-                "logon",
-                "logon: {user_id}/{client_type} from {address}",
-                log_time=when,
-                user_id=event.get("user_id"),
-                client_type=event.get("client_type"),
-                address=event.get("address"),
-            )
+            # One event may record several logons (esf._logon.LogonRecord).
+            for user_id, client_type, address, at in event.get("logons", ()):
+                self.record(
+                    "logon",
+                    "logon: {user_id}/{client_type} from {address}",
+                    log_time=at,
+                    user_id=user_id,
+                    client_type=client_type,
+                    address=address,
+                )
         elif name == "session_ended":
             refusal = logon_refusal(event)
             if refusal is not None:

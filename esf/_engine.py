@@ -163,6 +163,7 @@ class ServerEngine:
         """
         self.stopping = True
         self.reaper.stop()
+        self.logons.record.stop()
         for session in list(self.sessions):
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
         if not self._open:

@@ -21,7 +21,7 @@ from . import _messages as m
 from ._counters import Count
 from ._events import call
 from ._wire import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
-from ._wire import as_client_type
+from ._wire import as_client_type, encode_frame
 
 if TYPE_CHECKING:
     from ._engine import ServerEngine
@@ -61,7 +61,16 @@ class BasicServices:
         session.error(frame, ErrorCode.BAD_REQUEST, "already logged on")
 
     def heartbeat(self, session: Session, frame: Frame) -> None:
-        session.queue(session.heartbeat_echo)
+        # Made each time (a few microseconds every heartbeat interval) rather
+        # than kept: an idle session holds nothing it does not need.
+        session.queue(
+            encode_frame(
+                self.engine.config.wire,
+                MessageType.HEARTBEAT,
+                user_id=SERVER_ID,
+                dest_user_id=session.user_id or "",
+            )
+        )
 
     def get_my_ipe(self, session: Session, frame: Frame) -> None:
         m.Empty.decode(frame.body)

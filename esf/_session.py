@@ -143,14 +143,13 @@ class Session:
         "user_id",
         "client_type",
         "user_data",
-        "session_id",
+        "_serial",
         "logon_order",
         "node",
         "connected_at",
         "active",
         "last_active",
         "logon_timer",
-        "heartbeat_echo",
         "blobs",
         "asked",
         "_paused",
@@ -183,7 +182,7 @@ class Session:
         self.user_id: str | None = None
         self.client_type: int | None = None
         self.user_data: UserData | None = None
-        self.session_id = f"{owner.node_id}/{next(_session_ids)}"
+        self._serial = next(_session_ids)
         self.logon_order = 0
         self.node = owner.node_id
         self.connected_at = owner.clock.seconds()
@@ -191,7 +190,6 @@ class Session:
         self.active = False
         self.last_active = self.connected_at
         self.logon_timer: Any = None
-        self.heartbeat_echo = b""
         #: Blobs addressed to the server, being reassembled (made on demand).
         self.blobs: m.BlobAssembler | None = None
         #: Requests this session relayed to users, awaiting their answers
@@ -223,6 +221,14 @@ class Session:
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
         return f"<Session {who} {self.address} {self.state.value}>"
+
+    @property
+    def session_id(self) -> str:
+        """
+        This logon's fencing token (L{IDeviceHandle.session_id}), made when
+        asked for (rarely), not kept.
+        """
+        return f"{self.node}/{self._serial}"
 
     @property
     def logged_on(self) -> bool:

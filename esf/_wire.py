@@ -448,6 +448,24 @@ class FrameDecoder:
         between calls (a server keeps it small until a peer has logged on).
     """
 
+    # A server holds one decoder per connection: slots, and nothing made
+    # before it is needed (the partial-frame buffers, the error text).
+    __slots__ = (
+        "config",
+        "max_message_size",
+        "_hlen",
+        "_slot",
+        "_first_key",
+        "_first_ids",
+        "_pairs",
+        "_parts",
+        "_small",
+        "_have",
+        "_need",
+        "_header",
+        "_error",
+    )
+
     def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
         self.config = config = config or WireConfig()
         self.max_message_size = (
@@ -455,22 +473,33 @@ class FrameDecoder:
         )
         self._hlen = config.header_length
         self._slot = config.id_slot
-        self._unpack_fixed = _FIXED_HEADER.unpack_from
-        self._expectation = (
-            f" (this server expects {self._hlen}-byte headers, max UserID length "
-            f"{config.max_userid_length})"
-        )
         # Both ID fields' raw bytes -> (user_id, dest_user_id): the hot loop
-        # looks a frame's IDs up with one slice and one dict lookup.
-        self._pairs: dict[bytes, tuple[str, str]] = {}
-        # Partial frame: pieces received so far, their total, the number of
-        # bytes that complete the current unit (a header, then a frame).
-        self._parts: list[bytes] = []
-        self._small = bytearray()
+        # looks a frame's IDs up with one slice and one comparison or dict
+        # lookup.  The first pair seen (often the only one: an idle device
+        # talks to the server alone) is kept apart; the dict is made for
+        # the others.
+        self._first_key: bytes | None = None
+        self._first_ids: tuple[str, str] = ("", "")
+        self._pairs: dict[bytes, tuple[str, str]] | None = None
+        # Partial frame: pieces received so far (made on demand), their
+        # total, the number of bytes that complete the current unit (a
+        # header, then a frame).
+        self._parts: list[bytes] | None = None
+        self._small: bytearray | None = None
         self._have = 0
         self._need = self._hlen
         self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
+
+    @property
+    def _expectation(self) -> str:
+        """
+        What this side expects, for error texts.
+        """
+        return (
+            f" (this server expects {self._hlen}-byte headers, max UserID length "
+            f"{self.config.max_userid_length})"
+        )
 
     @property
     def buffered(self) -> int:
@@ -506,8 +535,8 @@ class FrameDecoder:
         except FrameError as e:
             e.frames = frames
             self._error = e
-            self._parts = []
-            self._small = bytearray()
+            self._parts = None
+            self._small = None
             self._have = 0
             raise
         return frames
@@ -520,8 +549,9 @@ class FrameDecoder:
             if offset < 0:
                 return
         hlen = self._hlen
-        unpack = self._unpack_fixed
-        pairs = self._pairs
+        unpack = _FIXED_HEADER.unpack_from
+        pairs = self._pairs or {}
+        first_key, first_ids = self._first_key, self._first_ids
         ids_end = hlen  # the two ID fields run from byte 12 to the end
         max_body = self.max_message_size - hlen
         append = frames.append
@@ -555,7 +585,7 @@ class FrameDecoder:
             if run_count:
                 append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
                 run_key, run_count = None, 0
-            pair = pairs.get(key)
+            pair = first_ids if key == first_key else pairs.get(key)
             if start != START_TOKEN or not 0 <= body_length <= max_body or pair is None:
                 (
                     client_type,
@@ -565,6 +595,9 @@ class FrameDecoder:
                     dest_user_id,
                     body_length,
                 ) = self._parse_header(data, offset)
+                # (It remembered the pair: look there from now on.)
+                pairs = self._pairs or pairs
+                first_key, first_ids = self._first_key, self._first_ids
             else:
                 user_id, dest_user_id = pair
             end = offset + hlen + body_length
@@ -619,26 +652,32 @@ class FrameDecoder:
                 return offset
 
     def _stash(self, chunk: bytes) -> None:
+        # Small pieces (a frame trickling in) are gathered in one bytearray;
+        # large ones are kept as they are and joined once.
+        parts = self._parts
+        if parts is None:
+            parts = self._parts = []
+        small = self._small
         if len(chunk) < _SMALL_CHUNK:
-            small = self._small
+            if small is None:
+                small = self._small = bytearray()
             small += chunk
             if len(small) >= _SMALL_CHUNK:
-                self._parts.append(bytes(small))
+                parts.append(bytes(small))
                 small.clear()
         else:
-            if self._small:
-                self._parts.append(bytes(self._small))
-                self._small.clear()
-            self._parts.append(chunk)
+            if small:
+                parts.append(bytes(small))
+                small.clear()
+            parts.append(chunk)
         self._have += len(chunk)
 
     def _take(self) -> bytes:
-        parts = self._parts
+        parts = self._parts or []
         if self._small:
             parts.append(bytes(self._small))
-            self._small.clear()
         unit = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._parts = []
+        self._parts = self._small = None
         self._have = 0
         return unit
 
@@ -647,7 +686,7 @@ class FrameDecoder:
         Check the header at C{offset}; return C{(client_type, message_type,
         message_id, user_id, dest_user_id, body_length)}.
         """
-        start, client_type, message_type, message_id, body_length = self._unpack_fixed(
+        start, client_type, message_type, message_id, body_length = _FIXED_HEADER.unpack_from(
             data, offset
         )
         if start != START_TOKEN:
@@ -673,10 +712,16 @@ class FrameDecoder:
         dest_user_id = self._decode_id(data[o : o + slot + 1], "DestUserID")
         # Remember this pair of ID fields: the same few pairs repeat on
         # every frame of a connection, and the hot loop finds them here.
-        pairs = self._pairs
-        if len(pairs) >= _ID_CACHE_SIZE:
-            pairs.clear()
-        pairs[data[offset + 12 : offset + self._hlen]] = (user_id, dest_user_id)
+        key = data[offset + 12 : offset + self._hlen]
+        if self._first_key is None:
+            self._first_key, self._first_ids = key, (user_id, dest_user_id)
+        elif key != self._first_key:
+            pairs = self._pairs
+            if pairs is None:
+                pairs = self._pairs = {}
+            elif len(pairs) >= _ID_CACHE_SIZE:
+                pairs.clear()
+            pairs[key] = (user_id, dest_user_id)
         return client_type, message_type, message_id, user_id, dest_user_id, body_length
 
     def _decode_id(self, key: bytes, which: str) -> str:

@@ -134,6 +134,24 @@ def test_written_and_read_back(engine, tmp_path):
     assert formatEvent(events[1]) == "kick: _0 (server_api) kicked alice/None (1 devices): bye"
 
 
+def test_logons_logged_together_are_audited_one_by_one(engine, records):
+    """
+    A burst of logons makes one log event for the first and one for the
+    rest (L{esf._logon.LogonRecord}); the audit log still has one record per
+    logon, each with the time of its logon.
+    """
+    for i in range(3):
+        connect(engine, f"u{i}")
+        engine.clock.advance(0.25)
+    assert kinds(records) == ["logon"]
+    engine.clock.advance(0.25)
+    assert [(r["user_id"], r["log_time"]) for r in records] == [
+        ("u0", 0.0),
+        ("u1", 0.25),
+        ("u2", 0.5),
+    ]
+
+
 def test_rotation(engine, tmp_path, monkeypatch):
     monkeypatch.setattr(_audit, "ROTATE_LENGTH", 2000)
     monkeypatch.setattr(_audit, "MAX_ROTATED_FILES", 2)
@@ -143,6 +161,7 @@ def test_rotation(engine, tmp_path, monkeypatch):
     try:
         for i in range(40):
             connect(engine, f"u{i}")
+        engine.clock.advance(1)  # logons that come in a burst are logged together
     finally:
         audit.stop()
     names = sorted(p.name for p in tmp_path.iterdir())

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, connect, logon_reply, make_engine, record_events
+from _helpers import Client, LogCapture, connect, logon_reply, make_engine, record_events
 from esf import DisconnectedType as D
 from esf import ErrorCode, LogonResult, MessageType as T, RelogonMode, RequestError, ServerConfig
 from esf._messages import Logon, PROTOCOL_VERSION
@@ -23,6 +23,7 @@ from esf._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
 from esf._presence import Claim, LocalPresence
 from esf._router import Router
 from esf._heartbeat import Reaper
+from esf._logon import LogonRecord
 from esf.interfaces import IDeviceHandle, IPresence
 
 LOGON = Logon(PROTOCOL_VERSION, "", "pw")
@@ -281,3 +282,60 @@ def test_logons_are_ordered_by_arrival_not_by_connection():
     assert reply.body.result == LogonResult.FAILED and "superseded" in reply.body.failure_cause
     assert notice.body.reason == D.LOGON_FAILED
     assert engine.presence.get("alice", 0).address == early.address
+
+
+# -- the record of logons ----------------------------------------------------------
+
+
+def test_logon_record_batches_a_storm():
+    """
+    A logon after a quiet spell is logged at once; those that follow within
+    the interval come together, at most C{limit} to an event; every logon
+    is in exactly one event, in order; a timer runs only while logons wait,
+    and stopping logs what waits.
+    """
+    clock = task.Clock()
+    record = LogonRecord(clock, interval=1.0, limit=3)
+
+    def counts():
+        return [e["count"] for e in logs.esf("logged_on")]
+
+    with LogCapture() as logs:
+        record.add("u0", 0, "10.0.0.1:1", 0.0)
+        assert counts() == [1] and not clock.getDelayedCalls()
+        for i in range(1, 5):
+            record.add(f"u{i}", 1, f"10.0.0.1:{i + 1}", 0.0)
+        assert counts() == [1, 3]  # the limit
+        clock.advance(1)  # the interval is up: u4
+        assert counts() == [1, 3, 1] and not clock.getDelayedCalls()
+        clock.advance(0.5)
+        record.add("u5", 0, "10.0.0.1:9", 1.5)  # 0.5 s after the last event: waits
+        assert counts() == [1, 3, 1]
+        clock.advance(0.5)
+        assert counts() == [1, 3, 1, 1] and not clock.getDelayedCalls()
+        clock.advance(5)
+        record.add("u6", 0, "10.0.0.1:10", 7.0)  # after a quiet spell: at once
+        record.add("u7", 0, "10.0.0.1:11", 7.0)
+        record.stop()
+        assert not clock.getDelayedCalls()
+    events = logs.esf("logged_on")
+    assert counts() == [1, 3, 1, 1, 1, 1]
+    assert [u for e in events for u, _, _, _ in e["logons"]] == [f"u{i}" for i in range(8)]
+    assert logs.messages()[0] == "logged on: u0/0 from 10.0.0.1:1"
+    assert logs.messages()[1] == (
+        "logged on (3): u1/1 from 10.0.0.1:2, u2/1 from 10.0.0.1:3, u3/1 from 10.0.0.1:4"
+    )
+
+
+def test_logon_storm_costs_one_event_per_batch():
+    """
+    200 logons in a burst make a handful of log events, not 200.
+    """
+    engine = make_engine()
+    with LogCapture() as logs:
+        for i in range(200):
+            connect(engine, f"u{i}", host=f"10.0.{i // 250}.{i % 250 + 1}")
+        engine.clock.advance(1)
+    events = logs.esf("logged_on")
+    assert sum(e["count"] for e in events) == 200
+    assert [e["count"] for e in events] == [1, 100, 99]  # the first at once
