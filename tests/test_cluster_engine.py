@@ -271,3 +271,41 @@ async def test_query_across_nodes_times_out_and_is_forgotten(pair):
         a.engine.query("bob", 7, b"?")
     await eventually(lambda: b.presence.stats["queries_forgotten"] == 1, what="a bounded table")
     assert len(b.presence._forwarded) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_forged_answers_across_nodes_go_nowhere(pair):
+    """
+    alice (node a) asks bob (node b).  mallory, on b with bob and on a with
+    alice, answers in bob's place with alice's MessageID: neither forgery
+    reaches alice, each is counted, and bob's own answer still does.
+    """
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    mallory_b = await b.logon("mallory")
+    mallory_a = await a.logon("mallory", 1)
+    await eventually(
+        lambda: a.engine.user_manager.is_user_online("bob")
+        and b.engine.user_manager.is_user_online("alice")
+    )
+    alice.send(MessageType.REQUEST, Information(3, b"?"), dest="bob", message_id=41)
+    [request] = await eventually(bob.take, what="alice's Request at bob")
+    assert (request.user_id, request.message_id) == ("alice", 41)
+    for mallory in (mallory_b, mallory_a):
+        mallory.send(MessageType.RESPONSE, Information(3, b"forged"), dest="alice", message_id=41)
+        mallory.send(MessageType.ACK, b"", dest="alice", message_id=41)
+    await eventually(
+        lambda: a.engine.counters["unsolicited_answers"] + b.engine.counters["unsolicited_answers"]
+        == 4,
+        what="four forgeries dropped",
+    )
+    assert alice.take() == []
+    bob.send(MessageType.RESPONSE, Information(3, b"real"), dest="alice", message_id=41)
+    [answer] = await eventually(alice.take, what="bob's answer at alice")
+    assert (answer.user_id, answer.message_id, answer.body) == (
+        "bob",
+        41,
+        Information(3, b"real"),
+    )
