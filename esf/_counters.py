@@ -46,6 +46,22 @@ class Count(StrEnum):
     WORK_REFUSED = "work_refused"
     #: A log event a peer caused, suppressed by its session's log limit.
     LOGS_SUPPRESSED = "logs_suppressed"
+    #: A frame kept in the offline store for a user who was offline (each
+    #: fragment of a Blob counts).
+    OFFLINE_STORED = "offline_stored"
+    #: A message the offline store refused because the user's bound (count
+    #: or bytes) was reached: the sender was told (Error UserOffline).
+    OFFLINE_FULL = "offline_full"
+    #: A message to an offline user the offline policy chose not to keep.
+    OFFLINE_NOT_KEPT = "offline_not_kept"
+    #: A message the offline store failed to keep (the store is broken or
+    #: unreachable): the sender was told.
+    OFFLINE_ERRORS = "offline_errors"
+    #: A stored frame delivered and acknowledged, then forgotten.
+    OFFLINE_DELIVERED = "offline_delivered"
+    #: A drain of stored messages that stopped because the device did not
+    #: acknowledge in time (the rest waits for its next logon).
+    OFFLINE_DRAINS_STALLED = "offline_drains_stalled"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:

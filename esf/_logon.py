@@ -244,7 +244,11 @@ class Logons:
             config.wire, MessageType.HEARTBEAT, user_id=SERVER_ID, dest_user_id=session.user_id
         )
         session.reply(frame, self.reply(LogonResult.SUCCEED))
-        session.release_held()
+        if engine.offline is not None:
+            # Stored messages first, then what was relayed meanwhile.
+            engine.offline.logged_on(session)
+        else:
+            session.release_held()
         log.info(
             "logged on: {user_id}/{client_type} from {address}",
             esf_event="logged_on",
