@@ -91,3 +91,9 @@ class ClientCount(StrEnum):
     FORGED_ANSWERS = "forged_answers"
     #: A Blob fragment refused (too big, too many at once, out of order).
     BLOB_ERRORS = "blob_errors"
+    #: A message from the server's offline store delivered again (after a
+    #: lost connection) that was already handled: acknowledged, not handled.
+    OFFLINE_DUPLICATES = "offline_duplicates"
+    #: A message from the offline store that could not be handled (a body
+    #: that does not parse, a blob out of bounds): acknowledged and dropped.
+    OFFLINE_DROPPED = "offline_dropped"
