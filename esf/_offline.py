@@ -554,8 +554,12 @@ class OfflineMessages:
         if drain is not None:
             drain.session_ended()
 
-    def draining(self, session: Session) -> bool:
-        return session in self._sessions
+    @property
+    def deliveries(self) -> int:
+        """
+        How many devices are being delivered their stored messages now.
+        """
+        return len(self._sessions)
 
 
 @implementer(IOfflineStore)
