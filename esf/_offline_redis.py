@@ -163,7 +163,7 @@ class RedisOfflineStore:
                     return out
                 out.append(StoredMessage(message_id, None if kind == _ANY else kind, raw))
                 size += len(raw)
-            if out or len(members) < max_count or after >= MAX_ID:
+            if len(out) >= max_count or len(members) < max_count or after >= MAX_ID:
                 return out
 
     def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
