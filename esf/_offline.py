@@ -116,11 +116,11 @@ def split_dest(dest: str) -> tuple[str, int | None]:
     return user_id, int(dest.rpartition(DEVICE_MARK)[2])
 
 
-def information_type(body: bytes) -> int | None:
+def information_type(body: bytes | memoryview) -> int | None:
     """
     The C{i32 information_type} an application body starts with, if any.
     """
-    return _I32.unpack_from(body)[0] if len(body) >= 4 else None
+    return int(_I32.unpack_from(body)[0]) if len(body) >= 4 else None
 
 
 def delivery_frame(raw: bytes, message_id: int, wire: Any) -> bytes:
@@ -145,7 +145,7 @@ def _continues(raw: bytes, wire: Any) -> bool:
     if struct.unpack_from("<H", raw, 2)[0] != MessageType.BLOB:
         return False
     is_last = wire.header_length + 12
-    return len(raw) > is_last and raw[is_last] == 0
+    return bool(len(raw) > is_last and raw[is_last] == 0)
 
 
 class _PendingBlob:

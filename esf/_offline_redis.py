@@ -17,7 +17,7 @@ C{appendfsync always} a stored message survives Redis's own crash.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
@@ -123,7 +123,7 @@ class RedisOfflineStore:
                 raise OfflineStoreError(f"{user_id} has used up its message IDs")
             return list(range(first, first + a))
 
-        return d.addCallback(answered)
+        return cast("Deferred[list[int]]", d.addCallback(answered))
 
     def fetch(
         self,
@@ -170,7 +170,8 @@ class RedisOfflineStore:
         if not ids:
             return succeed(0)
         m, _, b = self._keys(user_id)
-        return self.link.eval(_DELETE, [m, b], [int(i) for i in ids]).addCallback(int)
+        d = self.link.eval(_DELETE, [m, b], [int(i) for i in ids])
+        return cast("Deferred[int]", d.addCallback(int))
 
     def counts(self, user_id: str) -> Deferred[tuple[int, int]]:
         m, _, b = self._keys(user_id)

@@ -479,11 +479,11 @@ class OfflineStoreService(Service):
         self.store = store
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.store.start()
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return cast("Deferred[None]", self.store.stop())
 
 
