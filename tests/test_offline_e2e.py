@@ -133,3 +133,18 @@ def test_a_user_logs_on_at_another_node_than_the_one_that_kept_the_messages(
         one.stop()
         two.stop()
     assert redis_server.command("ZCARD", "esf:off:bob:m") == b":0"
+
+
+def test_a_small_soak_every_message_once_and_in_order(tmp_path):
+    """benchmarks/offline_soak.py at a small size (the full one is not a test)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import offline_soak
+    finally:
+        sys.path.pop(0)
+    figures = offline_soak.run(
+        users=30, per_user=20, senders=3, receivers=5, kill=True, directory=tmp_path, timeout=30
+    )
+    assert figures["messages"] == 600 and figures["restart"] == "kill -9"
