@@ -10,6 +10,7 @@ L{esf.testing}.
 __version__ = "0.1.0"
 
 from ._application import engine_for
+from ._client_calls import STORED
 from ._client import ClientEngine, Ending, EndingKind, LogonFailed, LogonResponse, NotConnected
 from ._engine import (
     AcceptAll,
@@ -47,6 +48,7 @@ __all__ = [
     "NotConnected",
     "RelogonMode",
     "RequestError",
+    "STORED",
     "ServerConfig",
     "ServerEngine",
     "ServerFactory",

@@ -4,8 +4,8 @@ interfaces it provides.
 
 C{twistd esf --handler} and L{engine_for} share these rules: an object must
 provide at least one of L{IBasicHandler}, L{ICustomizeHandler},
-L{IGroupManager} and L{IEngineAware}; the first three are roles the engine
-has one of, so two objects providing the same one are refused; every
+L{IGroupManager}, L{IOfflinePolicy} and L{IEngineAware}; the first four are
+roles the engine has one of, so two objects providing the same one are refused; every
 L{IEngineAware} object is initialized with the engine, in the order given.
 """
 
@@ -24,6 +24,8 @@ from .interfaces import (
     ICustomizeHandler,
     IEngineAware,
     IGroupManager,
+    IOfflinePolicy,
+    IOfflineStore,
     IPresence,
 )
 
@@ -34,11 +36,17 @@ APPLICATION_INTERFACES: tuple[InterfaceClass, ...] = (
     IBasicHandler,
     ICustomizeHandler,
     IGroupManager,
+    IOfflinePolicy,
     IEngineAware,
 )
 
 #: The interfaces the engine uses one object for.
-_ONE_EACH: tuple[InterfaceClass, ...] = (IBasicHandler, ICustomizeHandler, IGroupManager)
+_ONE_EACH: tuple[InterfaceClass, ...] = (
+    IBasicHandler,
+    ICustomizeHandler,
+    IGroupManager,
+    IOfflinePolicy,
+)
 
 
 @attrs.frozen
@@ -49,6 +57,7 @@ class Applications:
     @ivar handler: the L{IBasicHandler}, or C{None}.
     @ivar customize_handler: the L{ICustomizeHandler}, or C{None}.
     @ivar group_manager: the L{IGroupManager}, or C{None}.
+    @ivar offline_policy: the L{IOfflinePolicy}, or C{None}.
     @ivar engine_aware: every L{IEngineAware} object, in the order given.
     """
 
@@ -56,6 +65,7 @@ class Applications:
     customize_handler: Any = None
     group_manager: Any = None
     engine_aware: tuple[Any, ...] = ()
+    offline_policy: Any = None
 
     @classmethod
     def sort(cls, applications: Iterable[Any]) -> Applications:
@@ -92,6 +102,7 @@ class Applications:
             holders.get(ICustomizeHandler),
             holders.get(IGroupManager),
             tuple(engine_aware),
+            holders.get(IOfflinePolicy),
         )
 
     def initialize(self, engine: ServerEngine) -> None:
@@ -108,6 +119,7 @@ def engine_for(
     clock: IReactorTime,
     presence: IPresence | None = None,
     node_id: str | None = None,
+    offline_store: IOfflineStore | None = None,
 ) -> ServerEngine:
     """
     A L{ServerEngine} for an application given as one object or several,
@@ -120,6 +132,8 @@ def engine_for(
     @param presence: the registry of online devices (the in-process one
         when C{None}).
     @param node_id: this node's ID (host and process ID when C{None}).
+    @param offline_store: where messages to offline users are kept (none
+        are when C{None}); an L{IOfflinePolicy} application decides which.
     @raise ValueError: see L{Applications.sort}.
     """
     apps = Applications.sort(applications)
@@ -131,6 +145,8 @@ def engine_for(
         group_manager=apps.group_manager,
         presence=presence,
         node_id=node_id,
+        offline_store=offline_store,
+        offline_policy=apps.offline_policy,
     )
     apps.initialize(engine)
     return engine

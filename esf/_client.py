@@ -336,6 +336,12 @@ class ClientEngine(ClientCalls):
         self._drain_waiters: list[Deferred[None]] = []
         blobs = ClientBlobs(max_blob_size, max_blobs_per_sender, max_blob_bytes)
         self._inbox = Inbox(self, blobs)
+        #: The highest ID of a message from the server's offline store that
+        #: this engine has handled: one delivered again (after a lost
+        #: connection) is acknowledged and not handled twice.  An
+        #: application that must not handle one twice across restarts of
+        #: its process saves it and sets it before logon.
+        self.offline_mark = 0
 
     # -- state ---------------------------------------------------------------------
 
@@ -510,6 +516,7 @@ class ClientEngine(ClientCalls):
         if response.succeeded:
             self.logon_response = response
             self._state = SessionState.LOGGED_ON
+            self._inbox.logged_on()
             self._heartbeat.start(response)
             protocol.accept()
             if first is not None:

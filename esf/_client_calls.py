@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._client_state import LogonResponse
     from ._pending import PendingRequests
 
-__all__ = ["ClientCalls", "Party", "SERVER"]
+__all__ = ["ClientCalls", "Party", "SERVER", "STORED"]
 
 log = Logger(namespace="esf.client")
 
@@ -76,6 +76,21 @@ class Party:
 
 
 SERVER = Party(SERVER_ID)
+
+#: What a call that a receiver acknowledges fires with when the server
+#: stored the message for a receiver who is offline.
+STORED = "stored"
+
+
+def _delivery(answer: Frame, dest: str) -> str | None:
+    """
+    C{None} for an Ack from the receiver (or from the server for a message
+    to the server itself), L{STORED} for an Ack the server sent for a user
+    who is offline: stored, not yet delivered.
+    """
+    if answer.user_id == SERVER_ID and dest not in ("", SERVER_ID):
+        return STORED
+    return None
 
 #: Requests the server relays to the party named by DestUserID, who answers;
 #: the server answers every other request itself.
@@ -367,10 +382,12 @@ class ClientCalls:
         payload: bytes = b"",
         timeout: float | None = None,
         client_type: int | None = None,
-    ) -> Deferred[None]:
+    ) -> Deferred[str | None]:
         """
         Send a message that the receiver acknowledges once its handler has
-        run; fires then.
+        run; fires then, with C{None}.  When the receiver is offline and the
+        server keeps the message for it, fires with L{esf.STORED} instead,
+        once the server has stored it.
         """
         d = self._request(
             MessageType.SEND_CERTAINLY,
@@ -378,7 +395,7 @@ class ClientCalls:
             dest=device_address(user_id, client_type),
             timeout=timeout,
         )
-        return d.addCallback(lambda _: None)
+        return d.addCallback(_delivery, device_address(user_id, client_type))
 
     def send_blob(
         self,
@@ -387,11 +404,13 @@ class ClientCalls:
         payload: bytes,
         fragment_size: int | None = None,
         timeout: float | None = None,
-    ) -> Deferred[None]:
+    ) -> Deferred[str | None]:
         """
         Send a payload of any size (up to the receiver's blob bound) in
-        fragments; fires when the receiver has acknowledged the last one.
-        Fragments are written only while the channel is not busy.
+        fragments; fires when the receiver has acknowledged the last one
+        (with C{None}), or when the server has stored the blob for a
+        receiver who is offline (with L{esf.STORED}).  Fragments are written
+        only while the channel is not busy.
         """
         return Deferred.fromCoroutine(
             self._send_blob(user_id, information_type, payload, fragment_size, timeout)
@@ -404,7 +423,7 @@ class ClientCalls:
         payload: bytes,
         fragment_size: int | None,
         timeout: float | None,
-    ) -> None:
+    ) -> str | None:
         limit = self.logon_response.max_message_size if self.logon_response else 1 << 20
         size = fragment_size or (min(limit, self.wire.max_message_size) - self.wire.header_length - 13)
         fragments = m.fragment_blob(information_type, next(self._blob_ids), payload, size)
@@ -412,7 +431,10 @@ class ClientCalls:
             await self.wait_for_drain()
             self._write(MessageType.BLOB, fragment.encode(), dest=user_id)
         await self.wait_for_drain()
-        await self._request(MessageType.BLOB, fragments[-1].encode(), dest=user_id, timeout=timeout)
+        answer = await self._request(
+            MessageType.BLOB, fragments[-1].encode(), dest=user_id, timeout=timeout
+        )
+        return _delivery(answer, user_id)
 
     def broadcast(
         self, group_id: str, information_type: int, payload: bytes = b"", timeout: float | None = None

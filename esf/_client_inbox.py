@@ -40,6 +40,9 @@ log = Logger(namespace="esf.client")
 
 MiB = 1024 * 1024
 
+#: Message types the server's offline store delivers.
+_STORED_TYPES = frozenset({MessageType.SEND, MessageType.SEND_CERTAINLY, MessageType.BLOB})
+
 
 class ClientBlobs:
     """
@@ -149,11 +152,39 @@ class Inbox:
     def __init__(self, engine: ClientEngine, blobs: ClientBlobs):
         self.engine = engine
         self.blobs = blobs
+        #: Blobs from the offline store, reassembled per connection.
+        self.stored_blobs = self._stored_assembler()
+        #: The highest stored message to acknowledge, and its information
+        #: type (acknowledgements are cumulative and sent once per turn).
+        self._ack_id = 0
+        self._ack_type = 0
+        self._ack_call: Any = None
+
+    def _stored_assembler(self) -> m.BlobAssembler:
+        return m.BlobAssembler(
+            self.blobs.max_blob_size, max_concurrent=1, idle_timeout=self.blobs.idle_timeout
+        )
+
+    def logged_on(self) -> None:
+        """
+        A new connection logged on: stored messages come again from the
+        first one not acknowledged.
+        """
+        self.stored_blobs = self._stored_assembler()
+        self._ack_id = 0
 
     def frame_received(self, protocol: ClientProtocol, frame: Frame) -> None:
         message_type = frame.message_type
         if frame.message_id and message_type in ANSWER_TYPES:
             self.engine._take_answer(frame)
+            return
+        if (
+            frame.dest_user_id == SERVER_ID
+            and message_type in _STORED_TYPES
+            and frame.message_id > 0
+        ):
+            # Only a delivery from the offline store is addressed to _0.
+            self._on_stored(protocol, frame)
             return
         handler = self._handlers.get(message_type)
         if handler is None:
@@ -279,6 +310,78 @@ class Inbox:
         self.engine.broadcast_received.fire(
             frame.user_id, frame.dest_user_id, info.information_type, info.payload
         )
+
+    # -- from the offline store ------------------------------------------------------------
+
+    def _on_stored(self, protocol: ClientProtocol, frame: Frame) -> None:
+        """
+        A message kept for this user while it was offline: handled once
+        (its ID is above every one handled before), acknowledged to the
+        server once handled (cumulatively: an Ack of ID n covers every
+        stored message up to n).
+        """
+        engine = self.engine
+        message_id = frame.message_id
+        if message_id <= engine.offline_mark:
+            engine.counters[ClientCount.OFFLINE_DUPLICATES] += 1
+            self._ack_stored(message_id, 0)
+            return
+        try:
+            if frame.message_type == MessageType.BLOB:
+                fragment = m.BlobFragment.decode(frame.body)
+                key = (frame.user_id, frame.client_type, fragment.blob_id)
+                payload = self.stored_blobs.add(fragment, engine.clock.seconds(), key=key)
+                if payload is None:
+                    return  # the rest of the blob follows
+                information_type = fragment.information_type
+            else:
+                info = m.Information.decode(frame.body)
+                information_type, payload = info.information_type, info.payload
+        except (m.BadRequest, m.BlobError) as e:
+            engine.counters[ClientCount.OFFLINE_DROPPED] += 1
+            log.warn(
+                "dropped stored message {message_id} from {sender}: {error}",
+                message_id=message_id,
+                sender=frame.user_id,
+                error=e,
+            )
+            self.stored_blobs = self._stored_assembler()
+            engine.offline_mark = message_id
+            self._ack_stored(message_id, 0)
+            return
+        engine.offline_mark = message_id
+        sender, kind = frame.user_id, as_client_type(frame.client_type)
+        engine.information_received.fire(sender, kind, information_type, payload)
+        if engine.handler is None:
+            d = succeed(None)
+        else:
+            d = call(engine.handler.handle_information, sender, kind, information_type, payload)
+
+        def failed(failure: Failure) -> None:
+            log.failure("the client handler raised for stored {frame!r}", failure, frame=frame)
+
+        d.addErrback(failed)
+        d.addCallback(lambda _: self._ack_stored(message_id, information_type))
+
+    def _ack_stored(self, message_id: int, information_type: int) -> None:
+        if message_id > self._ack_id:
+            self._ack_id, self._ack_type = message_id, information_type
+        if self._ack_call is None:
+            self._ack_call = self.engine.clock.callLater(0, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._ack_call = None
+        if not self._ack_id:
+            return
+        try:
+            self.engine._write(
+                MessageType.ACK,
+                m.Ack(self._ack_type).encode(),
+                message_id=self._ack_id,
+                dest=SERVER_ID,
+            )
+        except NotConnected:
+            pass  # delivered again after the next logon, and then dropped
 
     # -- answers ------------------------------------------------------------------------
 

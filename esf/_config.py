@@ -107,6 +107,10 @@ class ServerConfig:
     takeover_limit: int = attrs.field(default=5, validator=_positive)
     takeover_window: float = attrs.field(default=60, validator=_positive)
     takeover_cooldown: float = attrs.field(default=60, validator=_positive)
+    #: Seconds a device has to acknowledge a window of stored messages
+    #: delivered at its logon; after that the delivery stops (what is
+    #: relayed to it live goes out) and the rest waits for its next logon.
+    offline_ack_timeout: float = attrs.field(default=10, validator=_positive)
 
     @heartbeat_timeout.validator
     def _check_timeout(self, attribute: Any, value: int) -> None:

@@ -46,6 +46,22 @@ class Count(StrEnum):
     WORK_REFUSED = "work_refused"
     #: A log event a peer caused, suppressed by its session's log limit.
     LOGS_SUPPRESSED = "logs_suppressed"
+    #: A frame kept in the offline store for a user who was offline (each
+    #: fragment of a Blob counts).
+    OFFLINE_STORED = "offline_stored"
+    #: A message the offline store refused because the user's bound (count
+    #: or bytes) was reached: the sender was told (Error UserOffline).
+    OFFLINE_FULL = "offline_full"
+    #: A message to an offline user the offline policy chose not to keep.
+    OFFLINE_NOT_KEPT = "offline_not_kept"
+    #: A message the offline store failed to keep (the store is broken or
+    #: unreachable): the sender was told.
+    OFFLINE_ERRORS = "offline_errors"
+    #: A stored frame delivered and acknowledged, then forgotten.
+    OFFLINE_DELIVERED = "offline_delivered"
+    #: A drain of stored messages that stopped because the device did not
+    #: acknowledge in time (the rest waits for its next logon).
+    OFFLINE_DRAINS_STALLED = "offline_drains_stalled"
 
 
 def _relay_keys(prefix: str) -> dict[int, str]:
@@ -75,3 +91,9 @@ class ClientCount(StrEnum):
     FORGED_ANSWERS = "forged_answers"
     #: A Blob fragment refused (too big, too many at once, out of order).
     BLOB_ERRORS = "blob_errors"
+    #: A message from the server's offline store delivered again (after a
+    #: lost connection) that was already handled: acknowledged, not handled.
+    OFFLINE_DUPLICATES = "offline_duplicates"
+    #: A message from the offline store that could not be handled (a body
+    #: that does not parse, a blob out of bounds): acknowledged and dropped.
+    OFFLINE_DROPPED = "offline_dropped"

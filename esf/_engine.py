@@ -32,6 +32,7 @@ from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._events import Event, call
 from ._heartbeat import Reaper
 from ._logon import Logons
+from ._offline import OfflineMessages
 from ._pending import PendingRequests
 from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
@@ -52,6 +53,8 @@ from .interfaces import (
     IChannel,
     ICustomizeHandler,
     IGroupManager,
+    IOfflinePolicy,
+    IOfflineStore,
     IPresence,
 )
 
@@ -108,6 +111,8 @@ class ServerEngine:
         group_manager: IGroupManager | None = None,
         presence: IPresence | None = None,
         node_id: str | None = None,
+        offline_store: IOfflineStore | None = None,
+        offline_policy: IOfflinePolicy | None = None,
     ):
         self.config = config = config or ServerConfig()
         self.clock = clock
@@ -117,7 +122,7 @@ class ServerEngine:
         self.group_manager = group_manager
         #: L{Event}: C{(sender_id, dest_user_id, message_type, raw)}: a message
         #: addressed to a user could not be delivered because the user is not
-        #: online; the hook for an offline store.
+        #: online (fired whether or not an offline store keeps it).
         self.transmit_failed = Event("transmit_failed")
         self.counters: collections.Counter[str] = collections.Counter()
         self.presence = presence if presence is not None else LocalPresence()
@@ -143,6 +148,10 @@ class ServerEngine:
         self._dispatch = {}
         for service in (BasicServices(self), ApplicationServices(self)):
             self._dispatch.update(service.handlers)
+        #: The offline part (L{OfflineMessages}), when there is a store.
+        self.offline: OfflineMessages | None = None
+        if offline_store is not None:
+            self.offline = OfflineMessages(self, offline_store, offline_policy)
         self.presence.attach(self)
 
     # -- life -------------------------------------------------------------
@@ -236,6 +245,8 @@ class ServerEngine:
                 lambda asked: asked is session,
                 m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
             )
+        if self.offline is not None:
+            self.offline.session_ended(session)
         if session.blobs is not None:
             self.budget.add_blob_bytes(session.user_id or "", -session.blobs.buffered)
             session.blobs = None
@@ -301,6 +312,10 @@ class ServerEngine:
             return
         if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
             self.relay(session, frame)
+            return
+        if frame.message_type == MessageType.ACK and self.offline is not None:
+            # Acknowledges stored messages: as cheap as a relay, not charged.
+            self.offline.ack(session, frame)
             return
         if not session.charge(1):
             self._work_refused(session, frame)
@@ -369,6 +384,16 @@ class ServerEngine:
             self.count_relayed(message_type, 1, len(frame.raw))
             return
         targets = self.router.resolve(frame.dest_user_id)
+        if (
+            targets
+            and message_type == MessageType.BLOB
+            and self.offline is not None
+            and self.offline.gathering(session, frame)
+        ):
+            # The rest of a blob begun while its addressee was offline:
+            # kept with its first fragments, so that it arrives whole.
+            self.offline.offer(session, frame)
+            return
         if targets:
             if frame.message_id and message_type != MessageType.SEND:
                 if not self.answers.asked(session, frame):
@@ -395,6 +420,8 @@ class ServerEngine:
         self.transmit_failed.fire(
             session.user_id, frame.dest_user_id, frame.message_type, frame.raw
         )
+        if self.offline is not None and self.presence.up and self.offline.offer(session, frame):
+            return  # kept: the offline part answers the sender
         if self.presence.up:
             text = f"{frame.dest_user_id} is not online"
         else:

@@ -304,7 +304,11 @@ class Logons:
             session.last_active,
         )
         session.reply(frame, self.reply(LogonResult.SUCCEED))
-        session.release_held()
+        if engine.offline is not None:
+            # Stored messages first, then what was relayed meanwhile.
+            engine.offline.logged_on(session)
+        else:
+            session.release_held()
         assert session.user_id is not None and session.client_type is not None
         self.record.add(
             session.user_id, session.client_type, session.address, session.last_active

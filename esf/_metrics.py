@@ -74,6 +74,30 @@ COUNTER_METRICS = {
         "unexpected_answers",
         "Answers addressed to the server that no query waited for.",
     ),
+    Count.OFFLINE_STORED: (
+        "offline_stored",
+        "Frames kept in the offline store for users who were offline (a blob's fragments each).",
+    ),
+    Count.OFFLINE_FULL: (
+        "offline_full",
+        "Messages to offline users refused because their offline store was full (overflow).",
+    ),
+    Count.OFFLINE_NOT_KEPT: (
+        "offline_not_kept",
+        "Messages to offline users the offline policy chose not to keep.",
+    ),
+    Count.OFFLINE_ERRORS: (
+        "offline_errors",
+        "Messages to offline users the offline store failed to keep (store broken or unreachable).",
+    ),
+    Count.OFFLINE_DELIVERED: (
+        "offline_delivered",
+        "Stored frames delivered at logon, acknowledged and forgotten.",
+    ),
+    Count.OFFLINE_DRAINS_STALLED: (
+        "offline_drains_stalled",
+        "Deliveries of stored messages stopped because the device did not acknowledge in time.",
+    ),
     # The next three are refusals; they are exported in esf_refusals_total.
     Count.LOGONS_RATE_LIMITED: None,
     Count.TAKEOVERS_REFUSED: None,
@@ -332,6 +356,12 @@ class ServerMetrics(Collector):
         )
         yield _gauge("esf_blobs_in_progress", "Blobs to the server being reassembled.", blobs)
         yield _gauge("esf_blob_buffered_bytes", "Bytes of blobs to the server waiting for their rest.", blob_bytes)
+        offline = engine.offline
+        yield _gauge(
+            "esf_offline_deliveries",
+            "Devices being delivered their stored messages now.",
+            offline.deliveries if offline is not None else 0,
+        )
         yield _gauge("esf_pending_queries", "The server's own queries to clients waiting for an answer.", len(engine.pending))
         yield _gauge("esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at)
         info = GaugeMetricFamily("esf_server_info", "The server's version and node ID.", labels=["version", "node"])

@@ -166,6 +166,7 @@ class Session:
         "_log_suppressed",
         "_out",
         "_held",
+        "_held_bytes",
         "__weakref__",
     )
 
@@ -215,8 +216,10 @@ class Session:
         self._log_suppressed = 0
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
-        #: Frames relayed to the device while its Logon was being claimed.
+        #: Frames relayed to the device while its Logon was being claimed,
+        #: or while its stored messages are delivered (L{hold}).
         self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
@@ -462,7 +465,8 @@ class Session:
         @return: whether this session is backed up (its backlog is past half
             its bound): the sender should be held back (L{push_back}).
         """
-        if self.state is SessionState.LOGGED_ON:
+        state = self.state
+        if state is SessionState.LOGGED_ON and self._held is None:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
@@ -470,11 +474,39 @@ class Session:
             self.queue(data)
             # Backed up: whoever relays to this session should wait.
             return self._paused and self._backlog * 2 > self.owner.config.max_output_buffer
-        if self.state is SessionState.LOGGING_ON:
-            if self._held is None:
-                self._held = []
-            self._held.append(data)
+        if state is SessionState.LOGGED_ON or state is SessionState.LOGGING_ON:
+            return self._hold(data)
         return False
+
+    def hold(self) -> None:
+        """
+        Hold what is relayed to this session (L{send}) until
+        L{release_held}: its stored messages go first.
+        """
+        if self._held is None:
+            self._held = []
+
+    def _hold(self, data: bytes) -> bool:
+        """
+        Hold C{data}, within the session's hard output bound and the
+        server's budget (past them it is dropped and counted).
+
+        @return: whether the senders should be held back.
+        """
+        held = self._held
+        if held is None:
+            held = self._held = []
+        owner = self.owner
+        size = len(data)
+        total = self._held_bytes + size
+        limit = owner.config.max_output_buffer
+        if total > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
+            owner.counters[Count.OUTPUT_DROPPED] += 1
+            return True
+        held.append(data)
+        self._held_bytes = total
+        owner.budget.used += size
+        return total * 2 > limit
 
     def send_from_node(self, data: bytes) -> None:
         """
@@ -593,11 +625,16 @@ class Session:
 
     def release_held(self) -> None:
         """
-        The Logon reply is out: write what was relayed meanwhile.
+        The Logon reply (and the stored messages) are out: write what was
+        relayed meanwhile.
         """
         held, self._held = self._held, None
+        self.owner.budget.used -= self._held_bytes
+        self._held_bytes = 0
         for data in held or ():
             self.queue(data)
+        if not self._paused:
+            self._release_blocked()  # the senders held back meanwhile
 
     def flush(self) -> None:
         """
@@ -669,8 +706,8 @@ class Session:
         self.state = SessionState.ENDED
         self._held = None
         budget = self.owner.budget
-        budget.used -= self._backlog + self._partial
-        self._backlog = self._partial = 0
+        budget.used -= self._backlog + self._partial + self._held_bytes
+        self._backlog = self._partial = self._held_bytes = 0
         if self._drain_timer is not None:
             if self._drain_timer.active():
                 self._drain_timer.cancel()

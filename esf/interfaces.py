@@ -27,6 +27,8 @@ __all__ = [
     "IEvent",
     "IChannel",
     "IEngineAware",
+    "IOfflineStore",
+    "IOfflinePolicy",
 ]
 
 _T = TypeVar("_T")
@@ -157,6 +159,83 @@ class IEngineAware(Interface):
     def initialize(engine: Any) -> None:
         """
         Called once with the L{esf.ServerEngine}, before any connection.
+        """
+
+
+class IOfflinePolicy(Interface):
+    """
+    Decides which messages to users who are offline the server keeps in its
+    offline store (see docs/messages.md, section 5).  Without one the
+    server keeps every Send, SendCertainly and Blob.
+    """
+
+    def keep_offline(
+        sender_id: str, dest_user_id: str, message_type: int, information_type: int | None
+    ) -> bool:
+        """
+        Whether to keep a message that C{sender_id} sent to C{dest_user_id}
+        (C{"bob"} or C{"bob#5"}, as the sender wrote it), who is offline.
+        Asked for Send (202), SendCertainly (205) and Blob (207) only (a
+        Blob once, at its first fragment: all its fragments are kept, or
+        none); C{information_type} is C{None} when the body is too short to
+        hold one.  Answer at once (no Deferred): the answer decides the
+        order of what is kept.
+        """
+
+
+class IOfflineStore(Interface):
+    """
+    Where the server keeps messages for users who are offline, durably,
+    until they log on and acknowledge them (L{esf.offline}: SQLite, Redis,
+    in memory).
+
+    Every operation answers with a Deferred, and operations take effect in
+    the order they are called (a fetch sees every store called before it).
+    Each user's messages get increasing IDs, 1 to 2**31 - 1, never reused.
+    """
+
+    max_messages = Attribute("""Most messages kept for one user.""")
+    max_bytes = Attribute("""Most bytes (frames, headers included) kept for one user.""")
+
+    def start() -> Deferred[None]:
+        """
+        Open the store; fail with L{esf.offline.OfflineStoreError} saying
+        what is wrong (corrupt, unwritable, a newer schema).
+        """
+
+    def stop() -> Deferred[None]:
+        """
+        Close the store once what was called has finished.
+        """
+
+    def store(user_id: str, client_type: int | None, frames: Sequence[bytes]) -> Deferred[list[int]]:
+        """
+        Keep C{frames} (whole frames, as the sender sent them) for
+        C{user_id}, or only its device C{client_type}: all of them or, when
+        they do not fit the user's bounds, none (failing with
+        L{esf.offline.OfflineStoreFull}).  Fires with their IDs once they
+        are durable.
+        """
+
+    def fetch(
+        user_id: str, client_types: Sequence[int | None], after: int, max_count: int,
+        max_bytes: int,
+    ) -> Deferred[list[Any]]:
+        """
+        The user's messages with an ID above C{after} kept for any of
+        C{client_types} (C{None}: the user, any device), in ID order: at
+        most C{max_count}, and no more bytes than C{max_bytes} unless the
+        first alone is larger.  A list of L{esf.offline.StoredMessage}.
+        """
+
+    def delete(user_id: str, ids: Sequence[int]) -> Deferred[int]:
+        """
+        Forget the user's messages C{ids}; fires with how many there were.
+        """
+
+    def counts(user_id: str) -> Deferred[tuple[int, int]]:
+        """
+        How many messages, and how many bytes, are kept for C{user_id}.
         """
 
 

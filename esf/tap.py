@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterable, cast
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred import credentials, error, strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
@@ -26,6 +26,9 @@ from ._engine import (
     call,
 )
 from ._metrics import MetricsService
+from ._offline import OfflineStoreError
+from ._offline_redis import RedisOfflineStore
+from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._protocol import ServerService
 from ._websocket import WebSocketFactory, web_demo_site
@@ -119,6 +122,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB)."],
         ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
         ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
+        ["offline", None, None, "Keep messages to offline users and deliver them at their next logon: sqlite:PATH, or redis (the --cluster's Redis)."],
+        ["offline-max-messages", None, 10000, "Most messages kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-messages", 1)],
+        ["offline-max-bytes", None, 67108864, "Most bytes kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-bytes", 1024)],
+        ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
     ]
 
@@ -208,6 +215,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 client_types=self["client-types"] or frozenset(ClientType),
                 logon_rate_limit=self["logon-rate-limit"],
                 takeover_limit=self["takeover-limit"],
+                offline_ack_timeout=self["offline-ack-timeout"],
             )
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -222,11 +230,32 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError(
                     "--cluster needs txredisapi: pip install 'esf[cluster]'"
                 ) from None
+        self._offline_option()
         if self["node-id"] is not None:
             try:
                 check_node_id(self["node-id"])
             except ValueError as e:
                 raise usage.UsageError(f"--node-id: {e}") from None
+
+    def _offline_option(self) -> None:
+        spec = self["offline"]
+        self["offline-path"] = None
+        if spec is None:
+            return
+        kind, _, path = spec.partition(":")
+        if kind == "sqlite" and path:
+            try:
+                check_database(path)
+            except OfflineStoreError as e:
+                raise usage.UsageError(f"--offline: {e}") from None
+            self["offline-path"] = path
+        elif spec == "redis":
+            if self["cluster"] is None:
+                raise usage.UsageError(
+                    "--offline redis keeps messages in the cluster's Redis: give --cluster"
+                )
+        else:
+            raise usage.UsageError(f"--offline takes sqlite:PATH or redis, not {spec!r}")
 
     def _ops_options(self) -> None:
         for name in ("metrics", "admin-api"):
@@ -384,6 +413,12 @@ def makeService(options: Options) -> MultiService:
             relogon_mode=config.relogon_mode,
             lease=options["cluster-lease"],
         )
+    store: Any = None
+    limits = (options["offline-max-messages"], options["offline-max-bytes"])
+    if options["offline-path"] is not None:
+        store = SQLiteOfflineStore(options["offline-path"], *limits)
+    elif options["offline"] == "redis" and presence is not None:
+        store = RedisOfflineStore(presence.link, *limits)
     engine = ServerEngine(
         config,
         clock=reactor,
@@ -392,9 +427,13 @@ def makeService(options: Options) -> MultiService:
         group_manager=apps.group_manager,
         presence=presence,
         node_id=node_id,
+        offline_store=store,
+        offline_policy=apps.offline_policy,
     )
     apps.initialize(engine)
     server = ServerService(engine, options["endpoint"])
+    if store is not None:
+        log.info("esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store")
     origins = options["websocket-origins"]
     for endpoint in options["websocket-endpoints"]:
         factory: Any
@@ -404,8 +443,20 @@ def makeService(options: Options) -> MultiService:
             factory = WebSocketFactory(engine, origins, reactor=reactor)
         server.listen(endpoint, factory)
     add_operations(server, engine, options)
-    if presence is None:
+    if presence is None and store is None:
         return server
+    # The cluster and the offline store start first and stop last: the
+    # engine's sessions end (releasing their devices, forgetting what they
+    # acknowledged) before the store closes and the node leaves.
+    top = MultiService()
+    if presence is not None:
+        ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
+    if store is not None:
+        OfflineStoreService(store).setServiceParent(top)  # type: ignore[no-untyped-call]
+    server.setServiceParent(top)  # type: ignore[no-untyped-call]
+    top.engine = engine  # type: ignore[attr-defined]
+    if presence is None:
+        return top
     presence.delivery_batch = engine.batch
     log.info(
         "esf: node {node_id} joins the cluster at {url}",
@@ -413,14 +464,27 @@ def makeService(options: Options) -> MultiService:
         url=str(options["cluster-url"]),
         esf_event="cluster_node",
     )
-    # The cluster starts first and stops last: the engine's sessions end
-    # (and release their devices) before the node leaves the cluster.
-    top = MultiService()
-    ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
-    server.setServiceParent(top)  # type: ignore[no-untyped-call]
-    top.engine = engine  # type: ignore[attr-defined]
     top.presence = presence  # type: ignore[attr-defined]
     return top
+
+
+class OfflineStoreService(Service):
+    """
+    Opens the offline store when the server starts and closes it once what
+    was called has finished.  Put it before the server in their parent: it
+    is stopped after the server, whose sessions have ended by then.
+    """
+
+    def __init__(self, store: Any):
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.store.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return cast("Deferred[None]", self.store.stop())
 
 
 def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:

@@ -410,6 +410,7 @@ class MemoryServer:
         presence: IPresence | None = None,
         node_id: str | None = None,
         engine: ServerEngine | None = None,
+        offline_store: Any = None,
     ):
         """
         Build the engine with L{esf.engine_for}: each application object is
@@ -425,9 +426,16 @@ class MemoryServer:
         self.clock = clock = clock if clock is not None else task.Clock()
         self._applications = applications
         self._node_id = node_id
+        #: The offline store given (it outlives L{restart}, like a file).
+        self.offline_store = offline_store
         if engine is None:
             engine = engine_for(
-                *applications, config=config, clock=clock, presence=presence, node_id=node_id
+                *applications,
+                config=config,
+                clock=clock,
+                presence=presence,
+                node_id=node_id,
+                offline_store=offline_store,
             )
         self.engine = engine
         self.connections: list[Connection] = []
@@ -591,7 +599,11 @@ class MemoryServer:
         self.pump()
         if engine is None:
             engine = engine_for(
-                *self._applications, config=self.config, clock=self.clock, node_id=self._node_id
+                *self._applications,
+                config=self.config,
+                clock=self.clock,
+                node_id=self._node_id,
+                offline_store=self.offline_store,
             )
         self.engine = engine
         return engine

@@ -26,6 +26,7 @@ PUBLIC = {
     "NotConnected",
     "RelogonMode",
     "RequestError",
+    "STORED",
     "ServerConfig",
     "ServerEngine",
     "ServerFactory",
@@ -48,19 +49,44 @@ INTERFACES = {
     "IPresence",
     "IDeviceHandle",
     "IUserManager",
+    "IOfflineStore",
+    "IOfflinePolicy",
 }
 
 
 def test_esf_exports():
     assert set(esf.__all__) == PUBLIC
-    for name in PUBLIC:
+    for name in PUBLIC - {"STORED"}:
         assert getattr(esf, name).__module__.startswith("esf")
+    assert esf.STORED == "stored"
 
 
 def test_interfaces_exports():
     assert set(esf.interfaces.__all__) == INTERFACES
     for name in INTERFACES:
         assert getattr(esf.interfaces, name).__doc__
+
+
+OFFLINE = {
+    "KEPT_TYPES",
+    "KeepAll",
+    "MemoryOfflineStore",
+    "OfflineStoreError",
+    "OfflineStoreFull",
+    "RedisOfflineStore",
+    "SCHEMA_VERSION",
+    "SQLiteOfflineStore",
+    "StoredMessage",
+    "check_database",
+}
+
+
+def test_offline_exports():
+    import esf.offline
+
+    assert set(esf.offline.__all__) == OFFLINE
+    for name in OFFLINE - {"KEPT_TYPES", "SCHEMA_VERSION"}:
+        assert getattr(esf.offline, name).__doc__, name
 
 
 OPERATIONS = {"AdminService", "AuditLog", "AuditService", "MetricsService", "ServerMetrics"}

@@ -44,6 +44,10 @@ TYPED = [
     "esf/blocking.py",
     "esf/_engine.py",
     "esf/_session.py",
+    "esf/_offline.py",
+    "esf/_offline_sqlite.py",
+    "esf/_offline_redis.py",
+    "esf/offline.py",
     "esf/_protocol.py",
     "esf/_websocket.py",
 ]

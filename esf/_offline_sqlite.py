@@ -1,0 +1,335 @@
+"""
+The offline store in SQLite, through L{twisted.enterprise.adbapi} with
+exactly one connection (one thread): WAL journal, C{synchronous=FULL}, so
+that a message is durable once its sender was told it is stored.
+
+Operations are queued and run in call order; whatever is queued while a
+transaction runs goes into the next one (a group commit: one fsync for
+many stores).
+
+Schema version 1 (C{PRAGMA user_version}):
+
+    users     user_id TEXT PRIMARY KEY, next_id, count, bytes
+    messages  (user_id, id) PRIMARY KEY, client_type (NULL: any device),
+              frame BLOB
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Any, Callable, Sequence
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._offline import MAX_ID, OfflineStoreError, OfflineStoreFull, StoredMessage
+from .interfaces import IOfflineStore
+
+__all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]
+
+log = Logger(namespace="esf.offline")
+
+#: The schema this code reads and writes.
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE users ("
+    " user_id TEXT PRIMARY KEY,"
+    " next_id INTEGER NOT NULL,"
+    " count INTEGER NOT NULL,"
+    " bytes INTEGER NOT NULL)",
+    "CREATE TABLE messages ("
+    " user_id TEXT NOT NULL,"
+    " id INTEGER NOT NULL,"
+    " client_type INTEGER,"
+    " frame BLOB NOT NULL,"
+    " PRIMARY KEY (user_id, id)) WITHOUT ROWID",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+
+def _pragmas(connection: sqlite3.Connection) -> None:
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise OfflineStoreError(f"cannot switch the database to WAL (it stays {mode!r})")
+    connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA busy_timeout=5000")
+
+
+def check_database(path: str) -> None:
+    """
+    Make sure C{path} is an offline store this code can use, creating it
+    (schema version 1) when it does not exist.
+
+    @raise OfflineStoreError: saying what is wrong: the directory is
+        missing, the file is not a database or is corrupt, it is not
+        writable, it holds something else, or its schema is newer.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OfflineStoreError(f"{path}: the directory {directory} does not exist")
+    try:
+        connection = sqlite3.connect(path, isolation_level=None)
+    except sqlite3.Error as e:
+        raise OfflineStoreError(f"{path}: cannot open: {e}") from None
+    try:
+        try:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            tables = {
+                row[0]
+                for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+        except sqlite3.DatabaseError as e:
+            raise OfflineStoreError(f"{path}: not a usable SQLite database: {e}") from None
+        if version > SCHEMA_VERSION:
+            raise OfflineStoreError(
+                f"{path}: schema version {version} is newer than this esf's "
+                f"({SCHEMA_VERSION}): upgrade esf, or give another file"
+            )
+        if version == 0 and tables:
+            raise OfflineStoreError(
+                f"{path}: holds tables ({', '.join(sorted(tables))}) but no esf offline "
+                "store: give another file"
+            )
+        try:
+            _pragmas(connection)
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise OfflineStoreError(f"{path}: the database is corrupt: {'; '.join(problems[:5])}")
+            connection.execute("BEGIN IMMEDIATE")
+            if version == 0:
+                for statement in _SCHEMA:
+                    connection.execute(statement)
+            elif not {"users", "messages"} <= tables:
+                connection.execute("ROLLBACK")
+                raise OfflineStoreError(f"{path}: the offline store's tables are missing")
+            connection.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise OfflineStoreError(f"{path}: cannot use the database: {e}") from None
+    finally:
+        connection.close()
+
+
+class _Op:
+    __slots__ = ("run", "deferred")
+
+    def __init__(self, run: Callable[[Any], Any]):
+        self.run = run
+        self.deferred: Deferred[Any] = Deferred()
+
+
+@implementer(IOfflineStore)
+class SQLiteOfflineStore:
+    """
+    The offline store in one SQLite file.
+
+    @param path: the database file (made on L{start} when missing).
+    @param max_messages: most messages kept for one user.
+    @param max_bytes: most bytes kept for one user.
+    @param max_batch: most operations in one transaction.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        max_messages: int = 10_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        *,
+        max_batch: int = 1000,
+    ):
+        self.path = path
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self.pool: adbapi.ConnectionPool | None = None
+        self._queue: list[_Op] = []
+        self._busy = False
+        self._idle: list[Deferred[None]] = []
+
+    def __repr__(self) -> str:
+        return f"<SQLiteOfflineStore {self.path}>"
+
+    # -- life -------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """
+        Check (or make) the database, then open its one connection.
+        """
+        if self.pool is not None:
+            return succeed(None)
+        check_database(self.path)
+        self.pool = adbapi.ConnectionPool(
+            "sqlite3",
+            self.path,
+            cp_min=1,
+            cp_max=1,
+            cp_openfun=_pragmas,
+            check_same_thread=False,
+            cp_reconnect=False,
+        )
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        """
+        Close once what was called has finished.
+        """
+        d: Deferred[None] = Deferred()
+        if not self._busy and not self._queue:
+            d.callback(None)
+        else:
+            self._idle.append(d)
+
+        def close(_: Any) -> None:
+            pool, self.pool = self.pool, None
+            if pool is not None:
+                pool.close()
+
+        return d.addCallback(close)
+
+    # -- queue ---------------------------------------------------------------------
+
+    def _call(self, run: Callable[[Any], Any]) -> Deferred[Any]:
+        if self.pool is None:
+            raise OfflineStoreError(f"{self.path}: the offline store is not started")
+        op = _Op(run)
+        self._queue.append(op)
+        self._next()
+        return op.deferred
+
+    def _next(self) -> None:
+        if self._busy or not self._queue or self.pool is None:
+            if not self._busy and not self._queue:
+                idle, self._idle = self._idle, []
+                for d in idle:
+                    d.callback(None)
+            return
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        self._busy = True
+        d = self.pool.runInteraction(_run_all, batch)
+        d.addBoth(self._done, batch)
+
+    def _done(self, results: Any, batch: list[_Op]) -> None:
+        self._busy = False
+        if isinstance(results, Failure):
+            error = results.value
+            if isinstance(error, sqlite3.Error):
+                error = OfflineStoreError(f"{self.path}: {error}")
+            for op in batch:
+                op.deferred.errback(error)
+        else:
+            for op, result in zip(batch, results):
+                if isinstance(result, Exception):
+                    op.deferred.errback(result)
+                else:
+                    op.deferred.callback(result)
+        self._next()
+
+    # -- IOfflineStore -------------------------------------------------------------
+
+    def store(
+        self, user_id: str, client_type: int | None, frames: Sequence[bytes]
+    ) -> Deferred[list[int]]:
+        frames = [bytes(f) for f in frames]
+        max_messages, max_bytes = self.max_messages, self.max_bytes
+
+        def run(cursor: Any) -> Any:
+            cursor.execute(
+                "SELECT next_id, count, bytes FROM users WHERE user_id = ?", (user_id,)
+            )
+            row = cursor.fetchone()
+            next_id, count, size = row if row is not None else (1, 0, 0)
+            added = sum(len(f) for f in frames)
+            if count + len(frames) > max_messages or size + added > max_bytes:
+                return OfflineStoreFull(user_id, count, size, max_messages, max_bytes)
+            if next_id + len(frames) > MAX_ID:
+                return OfflineStoreError(f"{user_id} has used up its message IDs")
+            ids = list(range(next_id, next_id + len(frames)))
+            cursor.executemany(
+                "INSERT INTO messages (user_id, id, client_type, frame) VALUES (?, ?, ?, ?)",
+                [(user_id, i, client_type, f) for i, f in zip(ids, frames)],
+            )
+            cursor.execute(
+                "INSERT INTO users (user_id, next_id, count, bytes) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user_id) DO UPDATE SET next_id = excluded.next_id, "
+                "count = excluded.count, bytes = excluded.bytes",
+                (user_id, next_id + len(frames), count + len(frames), size + added),
+            )
+            return ids
+
+        return self._call(run)
+
+    def fetch(
+        self,
+        user_id: str,
+        client_types: Sequence[int | None],
+        after: int,
+        max_count: int,
+        max_bytes: int,
+    ) -> Deferred[list[StoredMessage]]:
+        kinds = [k for k in client_types if k is not None]
+        any_device = None in client_types
+
+        def run(cursor: Any) -> Any:
+            condition = " OR ".join(
+                (["client_type IS NULL"] if any_device else [])
+                + ["client_type = ?"] * len(kinds)
+            ) or "0"
+            cursor.execute(
+                "SELECT id, client_type, frame FROM messages "
+                f"WHERE user_id = ? AND id > ? AND ({condition}) ORDER BY id LIMIT ?",
+                (user_id, after, *kinds, max_count),
+            )
+            out: list[StoredMessage] = []
+            size = 0
+            for message_id, kind, frame in cursor.fetchall():
+                if out and size + len(frame) > max_bytes:
+                    break
+                out.append(StoredMessage(message_id, kind, bytes(frame)))
+                size += len(frame)
+            return out
+
+        return self._call(run)
+
+    def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
+        ids = list(ids)
+
+        def run(cursor: Any) -> Any:
+            gone = size = 0
+            for i in ids:
+                cursor.execute(
+                    "DELETE FROM messages WHERE user_id = ? AND id = ? RETURNING length(frame)",
+                    (user_id, i),
+                )
+                row = cursor.fetchone()
+                if row is not None:
+                    gone += 1
+                    size += row[0]
+            if gone:
+                cursor.execute(
+                    "UPDATE users SET count = count - ?, bytes = bytes - ? WHERE user_id = ?",
+                    (gone, size, user_id),
+                )
+            return gone
+
+        return self._call(run)
+
+    def counts(self, user_id: str) -> Deferred[tuple[int, int]]:
+        def run(cursor: Any) -> Any:
+            cursor.execute("SELECT count, bytes FROM users WHERE user_id = ?", (user_id,))
+            row = cursor.fetchone()
+            return (row[0], row[1]) if row is not None else (0, 0)
+
+        return self._call(run)
+
+
+def _run_all(cursor: Any, batch: list[_Op]) -> list[Any]:
+    """
+    Run a batch of operations in one transaction (adbapi commits it).  An
+    operation's refusal is its result; a database error fails the batch.
+    """
+    return [op.run(cursor) for op in batch]

@@ -1,0 +1,35 @@
+"""
+Offline messages: the stores that keep what is relayed to a user who is
+offline until that user logs on again (docs/messages.md, section 5).
+
+    SQLiteOfflineStore  one SQLite file (C{twistd esf --offline sqlite:PATH})
+    RedisOfflineStore   Redis, for a cluster (C{--offline redis})
+    MemoryOfflineStore  in memory, for tests and development
+
+An application may bring its own L{esf.interfaces.IOfflineStore}, and
+decide what is kept with an L{esf.interfaces.IOfflinePolicy}.
+"""
+
+from ._offline import (
+    KEPT_TYPES,
+    KeepAll,
+    MemoryOfflineStore,
+    OfflineStoreError,
+    OfflineStoreFull,
+    StoredMessage,
+)
+from ._offline_redis import RedisOfflineStore
+from ._offline_sqlite import SCHEMA_VERSION, SQLiteOfflineStore, check_database
+
+__all__ = [
+    "KEPT_TYPES",
+    "KeepAll",
+    "MemoryOfflineStore",
+    "OfflineStoreError",
+    "OfflineStoreFull",
+    "RedisOfflineStore",
+    "SCHEMA_VERSION",
+    "SQLiteOfflineStore",
+    "StoredMessage",
+    "check_database",
+]

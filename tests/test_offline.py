@@ -1,0 +1,400 @@
+"""
+Offline messages in the engine and the client: kept while the addressee is
+offline, delivered at its next logon before anything live, forgotten once
+acknowledged.  A real engine and real clients on a Clock (esf.testing), the
+in-memory store (with a delay where the test needs a store that takes time).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from esf import STORED, ClientType, ErrorCode, MessageType, RequestError, ServerConfig
+from esf._wire import encode_frame
+from esf.interfaces import IOfflinePolicy
+from esf.offline import MemoryOfflineStore
+from esf.testing import MemoryServer
+
+
+def frames_to(server, client, message_types=(202, 205, 207)):
+    """The application frames the server wrote to C{client}'s connections."""
+    wire = server.config.wire
+    out = []
+    for connection in client.endpoint.connections:
+        out += [f for f in connection.frames(wire, to="client") if f.message_type in message_types]
+    return out
+
+
+def receiver(server, user_id, client_type=ClientType.OTHERS, handler=None, logon=True):
+    client = server.client(user_id, client_type=client_type, handler=handler)
+    got = []
+    client.information_received.subscribe(lambda *args: got.append(args))
+    if logon:
+        server.result(client.logon())
+    return client, got
+
+
+@pytest.fixture
+def store():
+    return MemoryOfflineStore(max_messages=5, max_bytes=4096)
+
+
+@pytest.fixture
+def server(store):
+    s = MemoryServer(offline_store=store)
+    yield s
+    s.close()
+
+
+def test_kept_and_delivered_in_order_as_sent(server, store):
+    alice = server.logged_on("alice", client_type=ClientType.ANDROID)
+    alice.send("bob", 1, b"one")
+    assert server.result(alice.send_certainly("bob", 2, b"two")) == STORED
+    alice.send("bob", 3, b"three")
+    server.pump()
+    assert server.result(store.counts("bob")) == (3, sum(len(f.raw) for f in frames_sent(server, alice)))
+    sent = frames_sent(server, alice)
+
+    bob, got = receiver(server, "bob")
+    server.pump()
+    assert got == [
+        ("alice", ClientType.ANDROID, 1, b"one"),
+        ("alice", ClientType.ANDROID, 2, b"two"),
+        ("alice", ClientType.ANDROID, 3, b"three"),
+    ]
+    delivered = frames_to(server, bob)
+    # Each as the frame that was sent: type, sender, device kind, body; the
+    # MessageID is the stored ID and DestUserID is _0.
+    assert [(f.message_type, f.user_id, f.client_type, f.body) for f in delivered] == [
+        (f.message_type, f.user_id, f.client_type, f.body) for f in sent
+    ]
+    assert [f.message_id for f in delivered] == [1, 2, 3]
+    assert {f.dest_user_id for f in delivered} == {"_0"}
+    # Acknowledged, hence forgotten.
+    assert server.result(store.counts("bob")) == (0, 0)
+    counters = server.engine.counters
+    assert counters["offline_stored"] == 3 and counters["offline_delivered"] == 3
+
+
+def frames_sent(server, client, message_types=(202, 205, 207)):
+    wire = server.config.wire
+    out = []
+    for connection in client.endpoint.connections:
+        out += [f for f in connection.frames(wire, to="server") if f.message_type in message_types]
+    return out
+
+
+def test_the_sender_learns_stored_apart_from_delivered_and_refused(server, store):
+    alice = server.logged_on("alice")
+    assert server.result(alice.send_certainly("bob", 1, b"x")) == STORED
+    ack = [f for f in server.connection(alice).frames(to="client") if f.message_type == 206][-1]
+    assert ack.user_id == "_0" and struct.unpack("<i", ack.body) == (1,)
+    bob, got = receiver(server, "bob")
+    # Online: the receiver's own Ack, fired with None.
+    assert server.result(alice.send_certainly("bob", 2, b"y")) is None
+    bob.close()
+    server.pump()
+    # Refused (the store is full): an Error, not an Ack.
+    for n in range(5):
+        alice.send("bob", 3, b"z")
+    server.pump()
+    error = server.failure(alice.send_certainly("bob", 4, b"w"), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE
+    assert "no room for more" in error.text and "at most 5" in error.text
+
+
+def test_overflow_refuses_new_messages_and_counts_them(server, store):
+    alice = server.logged_on("alice")
+    for n in range(5):
+        alice.send("bob", n, b"m")
+    alice.send("bob", 99, b"one-way, refused")  # MessageID 0: counted, no answer
+    errors = [alice.send_certainly("bob", 100, b"refused") for _ in range(2)]
+    server.pump()
+    for d in errors:
+        assert server.failure(d, RequestError).code == ErrorCode.USER_OFFLINE
+    counters = server.engine.counters
+    assert counters["offline_full"] == 3
+    assert counters["offline_stored"] == 5
+    assert counters["dropped"] == 1
+    # The kept ones are the first five, untouched by the overflow.
+    bob, got = receiver(server, "bob")
+    server.pump()
+    assert [g[2] for g in got] == [0, 1, 2, 3, 4]
+
+
+def test_overflow_by_bytes(store):
+    s = MemoryServer(offline_store=MemoryOfflineStore(max_messages=100, max_bytes=200))
+    alice = s.logged_on("alice")
+    assert s.result(alice.send_certainly("bob", 1, b"a" * 100)) == STORED
+    error = s.failure(alice.send_certainly("bob", 1, b"b" * 100), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE and "200 bytes" in error.text
+    assert s.engine.counters["offline_full"] == 1
+    s.close()
+
+
+def test_without_a_store_a_request_gets_user_offline():
+    s = MemoryServer()
+    alice = s.logged_on("alice")
+    error = s.failure(alice.send_certainly("bob", 1, b"x"), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE
+    s.close()
+
+
+def test_live_messages_during_the_drain_come_after_the_stored_ones():
+    clock_store = MemoryOfflineStore(max_messages=1000, max_bytes=1 << 20)
+    s = MemoryServer(offline_store=clock_store)
+    clock_store.clock, clock_store.delay = s.clock, 1.0  # every store call takes 1 s
+    alice = s.logged_on("alice")
+    for n in range(250):  # three windows of 100
+        alice.send("bob", n, b"stored")
+    s.advance(1.0)
+    assert clock_store._sizes["bob"] > 0
+    bob, got = receiver(server=s, user_id="bob", logon=False)
+    d = bob.logon()
+    s.pump()
+    assert s.result(d).succeeded
+    # The drain is under way (its reads take a second each): live messages
+    # sent now are held until it is done.
+    for n in range(250, 260):
+        alice.send("bob", n, b"live")
+        s.advance(0.5)
+    assert len(got) < 260
+    s.advance(10)
+    assert [g[2] for g in got] == list(range(260))
+    assert [g[3] for g in got] == [b"stored"] * 250 + [b"live"] * 10
+    clock_store.delay = 0
+    assert s.result(clock_store.counts("bob")) == (0, 0)
+    assert s.engine.offline.deliveries == 0
+    s.close()
+
+
+def test_connection_lost_between_delivery_and_ack_redelivers_and_client_drops_duplicates(
+    server, store
+):
+    alice = server.logged_on("alice")
+    for n in range(3):
+        alice.send("bob", n, b"m")
+    server.pump()
+    handled = []
+    waits: list[Deferred] = []
+
+    @implementer_customize
+    class Slow:
+        def handle_information(self, user_id, client_type, information_type, payload):
+            handled.append(information_type)
+            d = Deferred()
+            waits.append(d)
+            return d  # acknowledged only once this fires
+
+        def handle_query(self, *args):
+            return b""
+
+    bob, got = receiver(server, "bob", handler=Slow())
+    server.pump()
+    assert handled == [0, 1, 2]
+    # The connection goes before any acknowledgement.
+    server.connection(bob).cut()
+    for d in waits:
+        d.callback(None)
+    server.pump()
+    assert server.result(store.counts("bob"))[0] == 3  # nothing was forgotten
+    # The client reconnects by itself; the three come again and are dropped
+    # as duplicates (acknowledged, not handled again).
+    server.advance(5)
+    assert bob.logged_on
+    assert handled == [0, 1, 2]
+    assert bob.counters["offline_duplicates"] == 3
+    assert server.result(store.counts("bob")) == (0, 0)
+    assert len(frames_to(server, bob)) == 6  # each delivered twice
+
+
+def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
+    alice = server.logged_on("alice")
+    alice.send("bob", 7, b"m")
+    server.pump()
+    # A device that never acknowledges (a client built on the contract
+    # alone, say): the delivery stops after the ack timeout, live messages
+    # then go out, and the stored one stays for the next logon.
+    wire = server.config.wire
+    bob_raw = server.client("bob")
+    bob_raw._inbox._ack_stored = lambda *args: None  # never acknowledges
+    got = []
+    bob_raw.information_received.subscribe(lambda *a: got.append(a[2]))
+    server.result(bob_raw.logon())
+    alice.send("bob", 8, b"live")
+    server.pump()
+    assert got == [7]  # the live one is held while the drain waits
+    server.advance(server.config.offline_ack_timeout + 1)
+    assert got == [7, 8]
+    assert server.engine.counters["offline_drains_stalled"] == 1
+    assert server.result(store.counts("bob"))[0] == 1
+    bob_raw.close()
+    server.pump()
+    # Another process (no memory of what it handled) gets it again.
+    bob, got2 = receiver(server, "bob")
+    server.pump()
+    assert [g[2] for g in got2] == [7]
+    assert server.result(store.counts("bob")) == (0, 0)
+    assert wire is server.config.wire
+
+
+def test_a_blob_is_kept_whole_and_delivered_whole():
+    s = MemoryServer(offline_store=MemoryOfflineStore(max_messages=100, max_bytes=1 << 20))
+    alice = s.logged_on("alice")
+    payload = bytes(range(256)) * 40
+    assert s.result(alice.send_blob("bob", 11, payload, fragment_size=1000)) == STORED
+    assert s.engine.counters["offline_stored"] == 11
+    bob, got = receiver(s, "bob")
+    s.pump()
+    assert got == [("alice", ClientType.OTHERS, 11, payload)]
+    assert s.result(s.offline_store.counts("bob")) == (0, 0)
+    s.close()
+
+
+def test_a_blob_too_large_for_the_store_is_refused_whole():
+    store = MemoryOfflineStore(max_messages=100, max_bytes=3000)
+    s = MemoryServer(offline_store=store)
+    alice = s.logged_on("alice")
+    error = s.failure(alice.send_blob("bob", 11, b"x" * 5000, fragment_size=1000), RequestError)
+    # The fragment that passed the bound dropped the blob (it had no
+    # MessageID: nobody to tell); the last one finds no blob to add to.
+    assert error.code == ErrorCode.USER_OFFLINE
+    assert s.engine.counters["offline_full"] == 1
+    assert s.result(store.counts("bob")) == (0, 0)
+    assert s.engine.budget.used == 0
+    s.close()
+
+
+def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20)
+    s = MemoryServer(offline_store=store)
+    alice = s.logged_on("alice")
+    wire = s.config.wire
+    conn = s.connection(alice)
+
+    def fragment(index, last, message_id=0):
+        body = struct.pack("<iIIB", 5, 9, index, last) + bytes([index]) * 10
+        return encode_frame(wire, MessageType.BLOB, body, message_id=message_id,
+                            client_type=ClientType.OTHERS, user_id="alice", dest_user_id="bob")
+
+    alice._protocol.write(fragment(0, 0))
+    s.pump()
+    bob, got = receiver(s, "bob")
+    s.pump()
+    assert got == []
+    alice._protocol.write(fragment(1, 1, message_id=3))
+    s.pump()
+    # Kept with its first fragment (the Ack comes from the server) ...
+    ack = [f for f in conn.frames(wire, to="client") if f.message_type == MessageType.ACK][-1]
+    assert ack.user_id == "_0" and ack.message_id == 3
+    # ... and delivered whole at bob's next logon.
+    bob.close()
+    s.pump()
+    bob2, got2 = receiver(s, "bob")
+    s.pump()
+    assert got2 == [("alice", ClientType.OTHERS, 5, b"\x00" * 10 + b"\x01" * 10)]
+    s.close()
+
+
+def test_a_message_to_one_device_waits_for_that_device(server, store):
+    alice = server.logged_on("alice")
+    desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
+    assert server.result(alice.send_certainly("bob", 1, b"phone", client_type=ClientType.ANDROID)) == STORED
+    alice.send("bob", 2, b"both")  # online (desktop): relayed at once
+    server.pump()
+    assert [g[2] for g in got_desktop] == [2]
+    phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
+    server.pump()
+    assert [g[2:] for g in got_phone] == [(1, b"phone")]
+    assert [g[2] for g in got_desktop] == [2]
+
+
+def test_messages_to_the_user_go_to_the_first_device_that_logs_on(server, store):
+    alice = server.logged_on("alice")
+    alice.send("bob", 1, b"for bob")
+    server.pump()
+    desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
+    phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
+    server.pump()
+    assert [g[2] for g in got_desktop] == [1]
+    assert got_phone == []
+
+
+@implementer(IOfflinePolicy)
+class OnlyChat:
+    def keep_offline(self, sender_id, dest_user_id, message_type, information_type):
+        return information_type == 1 and sender_id != "spammer"
+
+
+def test_the_policy_decides_what_is_kept(store):
+    s = MemoryServer(OnlyChat(), offline_store=store)
+    alice = s.logged_on("alice")
+    spammer = s.logged_on("spammer")
+    assert s.result(alice.send_certainly("bob", 1, b"chat")) == STORED
+    error = s.failure(alice.send_certainly("bob", 2, b"typing"), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE
+    s.failure(spammer.send_certainly("bob", 1, b"buy"), RequestError)
+    assert s.engine.counters["offline_not_kept"] == 2
+    bob, got = receiver(s, "bob")
+    s.pump()
+    assert [g[3] for g in got] == [b"chat"]
+    s.close()
+
+
+def test_requests_are_never_kept(server):
+    alice = server.logged_on("alice")
+    error = server.failure(alice.query("bob", 1, b"?"), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE
+
+
+def test_an_ack_to_the_server_for_nothing_delivered_is_ignored(server, store):
+    alice = server.logged_on("alice")
+    alice._write(MessageType.ACK, struct.pack("<i", 0), message_id=5)
+    alice.send("bob", 1, b"x")
+    server.pump()
+    assert server.result(store.counts("bob"))[0] == 1
+    assert alice.logged_on
+
+
+def test_a_broken_store_answers_the_sender(server, store):
+    def broken(*args):
+        raise OSError("disk on fire")
+
+    store.store = broken
+    alice = server.logged_on("alice")
+    error = server.failure(alice.send_certainly("bob", 1, b"x"), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE and "cannot keep" in error.text
+    assert server.engine.counters["offline_errors"] == 1
+
+
+def test_held_live_frames_are_bounded():
+    store = MemoryOfflineStore(max_messages=10, max_bytes=1 << 20)
+    config = ServerConfig(max_output_buffer=4096)
+    s = MemoryServer(config=config, offline_store=store)
+    store.clock, store.delay = s.clock, 5.0
+    alice = s.logged_on("alice")
+    alice.send("bob", 0, b"stored")
+    s.advance(5)
+    bob, got = receiver(s, "bob", logon=False)
+    s.result(bob.logon())
+    for n in range(100):
+        alice.send("bob", 1, b"x" * 500)  # 100 * 540 bytes > 4 * 4096
+    s.pump()
+    session = next(x for x in s.engine.sessions if x.user_id == "bob")
+    assert session._held_bytes <= 4 * 4096
+    assert s.engine.counters["output_dropped"] > 0
+    assert s.engine.counters["senders_paused"] >= 1
+    s.advance(20)
+    assert got[0][3] == b"stored"
+    assert s.engine.budget.used == 0
+    s.close()
+
+
+def implementer_customize(cls):
+    from esf.interfaces import ICustomizeHandler
+
+    return implementer(ICustomizeHandler)(cls)
