@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import _messages as m
-from ._config import RelogonMode, ServerConfig, UserData, default_node_id
+from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
 from ._budget import MemoryBudget
 from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._events import Event, call
@@ -347,7 +347,7 @@ class ServerEngine:
             frame,
             ErrorCode.RATE_LIMITED,
             f"too many requests to the server: at most {self.config.work_rate:g} units "
-            "of work a second (1 per request, 1 more per 100 user IDs); slow down",
+            f"of work a second (1 per request, 1 more per {IDS_PER_UNIT} user IDs); slow down",
         )
 
     def relay(self, session: Session, frame: Frame) -> None:

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from . import _messages as m
+from ._config import IDS_PER_UNIT
 from ._counters import Count
 from ._events import call
 from ._wire import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
@@ -101,7 +102,7 @@ class BasicServices:
                 break
             page.append(user_id)
         reply = m.GetAllOnlineUsersReply(presence.user_count(), page)
-        session.charge(len(page) / 100)  # the answer's size; the next ones wait
+        session.charge(len(page) / IDS_PER_UNIT)  # the answer's size; the next ones wait
         session.reply(frame, reply.encode())
 
     def query_online(self, session: Session, frame: Frame) -> None:
@@ -121,7 +122,7 @@ class BasicServices:
             )
             return
         request = m.QueryOnlines.decode(body)
-        session.charge(len(request.user_ids) / 100)
+        session.charge(len(request.user_ids) / IDS_PER_UNIT)
         devices = self.engine.presence.devices
         online = [bool(devices(u)) for u in request.user_ids]
         session.reply(frame, m.QueryOnlinesReply(online).encode())

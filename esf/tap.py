@@ -111,7 +111,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-blob-bytes-per-user", None, 67108864, "Bytes of blobs to the server one user may have in progress, over all devices.", _int_option("max-blob-bytes-per-user", 1)],
         ["max-buffered-bytes", None, 536870912, "Bytes the server may hold for peers (output backlogs, partial frames, blobs); new work past it is refused.", _int_option("max-buffered-bytes", 1048576)],
         ["max-query-ids", None, 1000, "Most user IDs one QueryOnlines may name; more get TooLarge.", _int_option("max-query-ids", 1)],
-        ["work-rate", None, 2000, "Units of server-handled work one session may ask for per second (1 per request, 1 more per 100 user IDs); more get RateLimited.", _int_option("work-rate", 1)],
+        ["work-rate", None, 2000, "Units of server-handled work one session may ask for per second (1 per request, 1 more per 10 user IDs); more get RateLimited.", _int_option("work-rate", 1)],
         ["query-timeout", None, 30, "Seconds the server's own queries to clients wait for an answer.", _int_option("query-timeout", 1)],
         ["logon-rate-limit", None, 200, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
