@@ -433,18 +433,14 @@ class Session:
         sender._blockers += 1
         if sender._blockers == 1:
             sender.owner.counters[Count.SENDERS_PAUSED] += 1
-            pause = getattr(sender.channel, "pause_reading", None)
-            if pause is not None:
-                pause()
+            sender.channel.pause_reading()
 
     def _release_blocked(self) -> None:
         blocked, self._blocked = self._blocked, None
         for sender in blocked or ():
             sender._blockers -= 1
             if sender._blockers == 0 and sender.state is not SessionState.ENDED:
-                resume = getattr(sender.channel, "resume_reading", None)
-                if resume is not None:
-                    resume()
+                sender.channel.resume_reading()
 
     def _not_draining(self) -> None:
         self._drain_timer = None

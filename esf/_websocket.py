@@ -376,6 +376,15 @@ class WebSocketProtocol(WebSocketServerProtocol):
         elif self.state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)
 
+    # -- push back: the session stops reading a sender whose receivers are
+    # backed up, as on TCP (the frames of the read in progress still go on).
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
     # -- IPushProducer: the transport calls these as its buffer fills and drains.
 
     def pauseProducing(self) -> None:

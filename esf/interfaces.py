@@ -503,7 +503,14 @@ class IChannel(Interface):
         the peer does not take it within the close timeout.
         """
 
-    # A channel may also have pause_reading() and resume_reading(): the
-    # session calls them, when present, to stop and restart reading a
-    # sender whose receivers are backed up.  They are not part of the
-    # interface, so that a channel without them still works (no push back).
+    def pause_reading() -> None:
+        """
+        Read no more from the peer for now: the session calls this when the
+        peer's receivers are backed up (push back).  The frames of the read
+        in progress are still handled.
+        """
+
+    def resume_reading() -> None:
+        """
+        Read from the peer again (its receivers have drained).
+        """

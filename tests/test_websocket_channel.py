@@ -18,6 +18,7 @@ from wsclient import client_frame, handshake, server_frames
 from zope.interface.verify import verifyObject
 
 from esf import WebSocketFactory, WebSocketProtocol
+from esf._counters import Count
 from esf.interfaces import IChannel
 from esf.wire import (
     DisconnectedType,
@@ -319,6 +320,31 @@ def test_slow_reader_is_bounded(engine, pages):
     assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.CHANNEL_CACHE_OVERFLOW
     assert close_code(messages[-1][1]) == 1008
     alice.lose()
+
+
+def test_a_websocket_sender_is_held_back_while_its_receiver_is_behind():
+    """
+    Push back works for a sender on WebSocket as on TCP: while its receiver
+    is backed up, the server stops reading the page, and reads it again
+    once the receiver has drained; nothing is lost.
+    """
+    engine = make_engine(max_message_size=MAX, max_output_buffer=8 * 1024)
+    factory = WebSocketFactory(engine)
+    alice = Page(engine, factory).logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    bob.protocol.pauseProducing()  # bob's transport is full
+    sent = [alice.frame(MessageType.SEND, Information(n, bytes(1000)).encode(), dest_user_id="bob")
+            for n in range(12)]  # fmt: skip
+    for frame in sent:
+        alice.send(BINARY, frame)
+    assert alice.transport.producerState == "paused"
+    assert engine.counters[Count.SENDERS_PAUSED] == 1
+    bob.protocol.resumeProducing()  # bob drained
+    assert alice.transport.producerState == "producing"
+    assert [r.raw for r in bob.take()] == sent
+    assert engine.user_manager.is_user_online("bob")
 
 
 def test_no_pongs_for_a_peer_that_does_not_read(pages):
