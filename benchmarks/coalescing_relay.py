@@ -23,7 +23,8 @@ itself:
   made per frame: a frame whose header (length, destination) is byte for
   byte that of the frame before it is checked with one C{bytes.startswith}
   at its offset, which proves the same length bound and the same
-  destination; any other frame takes the full check and a lookup.  The
+  destination; any other frame takes the full check and a lookup
+  (C{--lookup-every-frame} makes every frame take them).  The
   route of a run is valid for the rest of the read: nothing else runs
   between two frames of one read, so no connection can come or go.
 
@@ -75,6 +76,7 @@ class RelayProtocol(Protocol):
             self.transport.write(_WELCOME)
             offset = 4 + length
         routes = self.factory.routes
+        cache = self.factory.cache_header
         unpack = _LENGTH.unpack_from
         startswith = buf.startswith
         # The current run: frames [start, offset) for target, each with the
@@ -86,7 +88,7 @@ class RelayProtocol(Protocol):
         pending = None  # {target: [slices]} once a read has several runs
         bad = False
         while True:
-            if step:
+            if step and cache:
                 # The common case: the next frame has the header of the last.
                 limit = size - step
                 while offset <= limit and startswith(head, offset):
@@ -148,9 +150,12 @@ class RelayFactory(Factory):
     protocol = RelayProtocol
     noisy = False
 
-    def __init__(self):
+    def __init__(self, cache_header: bool = True):
         self.routes: dict[bytes, object] = {}
         self.dropped = 0
+        #: False: every frame takes the full check and a lookup (to see what
+        #: the header comparison saves).
+        self.cache_header = cache_header
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,11 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
+    parser.add_argument("--lookup-every-frame", action="store_true",
+                        help="no header comparison: every frame is unpacked and its destination looked up")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
 
-    reactor.listenTCP(args.port, RelayFactory(), backlog=args.backlog, interface=args.interface)
+    factory = RelayFactory(cache_header=not args.lookup_every_frame)
+    reactor.listenTCP(args.port, factory, backlog=args.backlog, interface=args.interface)
     print(f"coalescing relay listening on {args.interface}:{args.port}", flush=True)
     reactor.run()
 
