@@ -66,7 +66,7 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
+    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13, 6.5), dpi=110)
     all_pairs: set[int] = set()
     for i, (label, points) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
@@ -96,14 +96,16 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
         axis.set_xlim(min(all_pairs) / 1.5, max(all_pairs) * 2)
         axis.set_xlabel("sender/receiver pairs")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} M"))
     ax.set_ylabel("messages relayed per second (best run)")
     ax.set_title("throughput (higher is better)")
     ax_cpu.set_ylabel("server CPU time per message, µs (lowest run)")
     ax_cpu.set_title("server cost per message (lower is better)")
     fig.suptitle(title)
-    fig.tight_layout()
+    # One legend for both panels, under them, where it hides no line.
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out)
     plt.close(fig)
 
