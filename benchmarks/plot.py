@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """
-Draw the send-mode throughput of esf and of the bare relay against the number
+Draw the send-mode throughput of esf and of the two bare relays (the
+coalescing baseline and the write-per-frame relay) against the number
 of sender/receiver pairs, from one or more C{esf-bench --json} outputs (one
 per server interpreter, e.g. CPython and PyPy), into a PNG.
 
@@ -25,14 +26,15 @@ import json
 import sys
 from pathlib import Path
 
-#: One colour per input file (interpreter); esf solid, the bare relay dashed.
+#: One colour per input file (interpreter); esf solid, the coalescing relay
+#: dashed, the write-per-frame relay dotted.
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
 
 
 def load(path: Path) -> tuple[str, dict]:
     """
     The interpreter label of an esf-bench report and its send-mode rows
-    C{{pairs: {"esf": msgs/s, "bare": msgs/s, "esf_cpu": µs, "bare_cpu": µs}}}:
+    C{{pairs: {"esf": msgs/s, "coalescing": msgs/s, "bare": msgs/s, "esf_cpu": µs, ...}}}:
     the best rate and the lowest server CPU time per message of each side.
     """
     report = json.loads(path.read_text())
@@ -42,7 +44,7 @@ def load(path: Path) -> tuple[str, dict]:
     for row in report.get("results", []):
         if row.get("mode") != "send":
             continue
-        for kind in ("esf", "bare"):
+        for kind in ("esf", "coalescing", "bare"):
             best = row.get(kind) or {}
             value = best.get("msgs_per_s")
             if value is not None:
@@ -64,13 +66,17 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
+    fig, (ax, ax_cpu) = plt.subplots(1, 2, figsize=(13, 6.5), dpi=110)
     all_pairs: set[int] = set()
     for i, (label, points) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
         pairs = sorted(points)
         all_pairs.update(pairs)
-        for kind, style, marker, name in (("esf", "-", "o", "esf"), ("bare", "--", "s", "bare relay")):
+        for kind, style, marker, name in (
+            ("esf", "-", "o", "esf"),
+            ("coalescing", "--", "s", "coalescing relay (baseline)"),
+            ("bare", ":", "^", "write-per-frame relay"),
+        ):
             for axis, key in ((ax, kind), (ax_cpu, f"{kind}_cpu")):
                 xs = [p for p in pairs if key in points[p]]
                 ys = [points[p][key] for p in xs]
@@ -90,14 +96,16 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
         axis.set_xlim(min(all_pairs) / 1.5, max(all_pairs) * 2)
         axis.set_xlabel("sender/receiver pairs")
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8, loc="lower left")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g} M"))
     ax.set_ylabel("messages relayed per second (best run)")
     ax.set_title("throughput (higher is better)")
     ax_cpu.set_ylabel("server CPU time per message, µs (lowest run)")
     ax_cpu.set_title("server cost per message (lower is better)")
     fig.suptitle(title)
-    fig.tight_layout()
+    # One legend for both panels, under them, where it hides no line.
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out)
     plt.close(fig)
 

@@ -5,10 +5,11 @@ session ended, and the values and errors its calls report.
 
 from __future__ import annotations
 
-from enum import Enum, StrEnum
+from enum import Enum
 
 import attrs
 
+from ._compat import StrEnum
 from ._wire import DisconnectedType, LogonResult
 
 __all__ = [

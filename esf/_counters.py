@@ -8,8 +8,7 @@ count).  They count what did not go as asked; metrics read them.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
+from ._compat import StrEnum
 from ._wire import MessageType
 
 __all__ = ["Count", "RELAYED_MESSAGES", "RELAYED_BYTES"]

@@ -13,11 +13,15 @@ from __future__ import annotations
 import builtins
 import struct
 from collections.abc import Sequence
-from typing import Any, ClassVar, Self, TypeVar, cast, dataclass_transform
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import attrs
 
+from ._compat import dataclass_transform
 from ._wire import DisconnectedType, ErrorCode, LogonResult, MessageType
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = [
     "PROTOCOL_VERSION",

@@ -1,12 +1,15 @@
 """
-esf-bench and the bare relay it compares with.
+esf-bench and the two bare relays it compares with.
 
 The smoke run here is what CI runs of the benchmark: it checks that the
 harness works end to end and reports every figure, never how fast anything
 is.
 """
 
+import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bare_relay  # noqa: E402
+import coalescing_relay  # noqa: E402
 
 from esf import bench  # noqa: E402
 
@@ -40,26 +44,35 @@ RATIOS = {
 
 def test_quick_run(tmp_path):
     """
-    C{esf-bench --quick} starts an esf server and the bare relay, runs every
-    mode against both and writes a JSON report with every figure.
+    C{esf-bench --quick} starts an esf server and the two bare relays, runs
+    every mode against each with the load spread over two worker processes,
+    and writes a JSON report with every figure, the load generator's CPU
+    among them.
     """
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "esf.bench", "--quick", "--load-procs", "2", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| measurement | esf | bare | esf/bare | target |" in proc.stdout
+    assert "| measurement | esf | baseline | esf/baseline | target |" in proc.stdout
+    assert "| ↳ write-per-frame relay |" in proc.stdout
     report = json.loads(out.read_text())
     assert report["ok"] is True
     assert report["machine"]["nproc"] >= 1
+    assert report["options"]["baseline"] == "coalescing"
+    assert report["options"]["load_procs"] == 2
+    assert isinstance(report["warnings"], list)
     assert [row["mode"] for row in report["results"]] == list(MODES)
     for row in report["results"]:
         mode = row["mode"]
-        for kind in ("esf", "bare"):
+        for kind in ("esf", "coalescing", "bare"):
+            # Two workers took part (the quick run has 2 pairs, 200 logons).
+            assert row[kind]["load_procs"] == 2, (mode, kind)
+            assert row[kind]["load_cpu_percent"] >= row[kind]["load_cpu_max_percent"] >= 0
             result = row[kind]
             assert "error" not in result, (mode, kind, result)
             for figure in FIGURES[mode]:
@@ -75,6 +88,12 @@ def test_quick_run(tmp_path):
         if mode == "request":
             assert row["esf"]["answered"] == row["esf"]["requests"]
         assert row["ratio"][RATIOS[mode]] > 0
+        assert row["ratio_bare"][RATIOS[mode]] > 0
+        # ratio: esf against the coalescing relay; ratio_bare: against the
+        # write-per-frame relay.
+        figure = RATIOS[mode]
+        if row["coalescing"][figure]:
+            assert row["ratio"][figure] == row["esf"][figure] / row["coalescing"][figure]
     assert {t["figure"] for t in report["targets"]} == {
         "msgs_per_s",
         "rtt_p50_us",
@@ -101,7 +120,7 @@ def test_json_to_stdout(tmp_path):
     report = json.loads(proc.stdout)
     (row,) = report["results"]
     assert row["esf"]["answered"] == 50
-    assert "bare" not in row and row["ratio"] == {}
+    assert "bare" not in row and "coalescing" not in row and row["ratio"] == {}
 
 
 def test_bad_options():
@@ -134,29 +153,59 @@ def test_frames_are_the_same_size():
         assert len(dialect.response("r1", "s1")) == esf.frame_size
 
 
-def _relay_pair():
-    factory = bare_relay.RelayFactory()
+RELAYS = [bare_relay, coalescing_relay]
+
+
+class _Transport(StringTransport):
+    """
+    A transport that also counts the calls that write.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+        self.aborted = False
+
+    def write(self, data):
+        self.writes += 1
+        super().write(data)
+
+    def writeSequence(self, data):
+        self.writes += 1
+        super().writeSequence(data)
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+def _frame(dest: bytes, body: bytes = b"x" * 50) -> bytes:
+    payload = bytes([len(dest)]) + dest + body
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def _relay(module, names=(b"alice", b"bob"), **kwargs):
+    factory = module.RelayFactory(**kwargs)
     ends = []
-    for name in (b"alice", b"bob"):
+    for name in names:
         proto = factory.buildProtocol(None)
-        transport = StringTransport()
+        transport = _Transport()
         proto.makeConnection(transport)
         proto.dataReceived(len(name).to_bytes(4, "little") + name)
         assert transport.value() == b"\x00\x00\x00\x00"
         transport.clear()
+        transport.writes = 0
         ends.append((proto, transport))
     return factory, ends
 
 
-def test_bare_relay_forwards_partial_frames():
+@pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
+def test_relay_forwards_partial_frames(module):
     """
-    The bare relay reassembles frames split anywhere and forwards each one
+    Both relays reassemble frames split anywhere and forward each one
     unchanged to the named connection.
     """
-    factory, [(alice, _), (_, bob_out)] = _relay_pair()
-    payload = b"\x03bob" + b"x" * 50
-    frame = len(payload).to_bytes(4, "little") + payload
-    stream = frame * 3
+    factory, [(alice, _), (_, bob_out)] = _relay(module)
+    stream = _frame(b"bob") * 3
     for i in range(len(stream)):
         alice.dataReceived(stream[i : i + 1])
     assert bob_out.value() == stream
@@ -165,12 +214,161 @@ def test_bare_relay_forwards_partial_frames():
     alice.dataReceived(stream[70:])
     assert bob_out.value() == stream
     # Unknown destinations are counted and dropped.
-    other = b"\x03eve" + b"y"
-    alice.dataReceived(len(other).to_bytes(4, "little") + other)
+    alice.dataReceived(_frame(b"eve", b"y"))
     assert factory.dropped == 1
 
 
-def test_bare_relay_forgets_closed_connections():
-    factory, [(alice, _), (bob, _)] = _relay_pair()
+@pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
+def test_relay_forgets_closed_connections(module):
+    factory, [(alice, _), (bob, _)] = _relay(module)
     bob.connectionLost(None)
     assert b"bob" not in factory.routes and b"alice" in factory.routes
+
+
+@pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
+def test_relay_name_and_frames_in_one_read(module):
+    factory = module.RelayFactory()
+    bob = factory.buildProtocol(None)
+    bob_out = _Transport()
+    bob.makeConnection(bob_out)
+    bob.dataReceived(b"\x03\x00\x00\x00bob")
+    alice = factory.buildProtocol(None)
+    alice_out = _Transport()
+    alice.makeConnection(alice_out)
+    alice.dataReceived(b"\x05\x00\x00\x00alice" + _frame(b"bob") + _frame(b"alice"))
+    assert bob_out.value() == b"\x00\x00\x00\x00" + _frame(b"bob")
+    assert alice_out.value() == b"\x00\x00\x00\x00" + _frame(b"alice")
+
+
+@pytest.mark.parametrize("cache_header", [True, False])
+def test_coalescing_relay_writes_once_per_destination_per_read(cache_header):
+    """
+    Frames for several destinations in one read, interleaved, of different
+    lengths: each destination gets its frames in order, in one write.
+    """
+    factory, [(alice, alice_out), (bob, bob_out), (carol, carol_out)] = _relay(
+        coalescing_relay, (b"alice", b"bob", b"carol"), cache_header=cache_header
+    )
+    to_bob = [_frame(b"bob", bytes([i]) * (10 + i)) for i in range(5)]
+    to_carol = [_frame(b"carol", bytes([i]) * 20) for i in range(3)]
+    read = to_bob[0] + to_bob[1] + to_carol[0] + to_bob[2] + to_carol[1] + to_carol[2] + to_bob[3] + to_bob[4]
+    alice.dataReceived(read)
+    assert bob_out.value() == b"".join(to_bob) and bob_out.writes == 1
+    assert carol_out.value() == b"".join(to_carol) and carol_out.writes == 1
+    assert alice_out.writes == 0
+    # A run of identical frames in one read: one write of that slice.
+    bob_out.clear()
+    bob_out.writes = 0
+    alice.dataReceived(to_bob[0] * 100 + to_bob[0][:7])
+    assert bob_out.value() == to_bob[0] * 100 and bob_out.writes == 1
+    alice.dataReceived(to_bob[0][7:])
+    assert bob_out.value() == to_bob[0] * 101 and bob_out.writes == 2
+    # A frame for an unknown name between two runs is dropped and counted.
+    bob_out.clear()
+    alice.dataReceived(to_bob[1] + _frame(b"eve") + to_bob[1])
+    assert bob_out.value() == to_bob[1] * 2
+    assert factory.dropped == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (coalescing_relay.MAX_FRAME + 1).to_bytes(4, "little"),  # too long
+        b"\x00\x00\x00\x00",  # no destination
+        b"\x03\x00\x00\x00\x09bo",  # a destination longer than the frame
+    ],
+    ids=["too-long", "empty", "name-past-the-end"],
+)
+def test_coalescing_relay_aborts_on_a_bad_frame(bad):
+    """
+    A frame that breaks the framing aborts the connection; the frames before
+    it in the same read are forwarded.
+    """
+    factory, [(alice, alice_out), (_, bob_out)] = _relay(coalescing_relay)
+    good = _frame(b"bob")
+    alice.dataReceived(good * 2 + bad + good)
+    assert alice_out.aborted
+    assert bob_out.value() == good * 2
+
+
+def test_parts_spread_the_load_over_the_workers():
+    """
+    Each load worker gets a share of the pairs (with their messages) or of
+    the connections; no worker is left with nothing to do.
+    """
+    opts = argparse.Namespace(load_procs=3, messages=1000, requests=10, logons=7, idle=2, logon_window=500)
+    load = bench.LoadGenerator(None, opts, None)
+    parts = load._parts("send", 5)
+    assert [p["pairs"] for p in parts] == [[0, 1], [2, 3], [4]]
+    assert sum(sum(p["shares"]) for p in parts) == 1000
+    assert {p["all_pairs"] for p in parts} == {5}
+    assert [p["pairs"] for p in load._parts("request", 1)] == [[0]]
+    assert [p["names"] for p in load._parts("logons", None)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [p["names"] for p in load._parts("idle", None)] == [[0], [1]]
+    assert all(p["window"] == 167 for p in load._parts("logons", None))
+
+
+def test_load_bound_warning():
+    """
+    The report warns when the load generator, not the server, set the pace.
+    """
+    busy_load = {"server_cpu_percent": 60.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
+    assert "97% of a core" in bench.load_bound(busy_load, 2, "logons")
+    crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
+    assert "did not have a core" in bench.load_bound(crowded, 2, "logons")
+    idle_server = {"server_cpu_percent": 50.0, "load_cpu_percent": 20.0, "load_cpu_max_percent": 20.0,
+                   "load_procs": 1, "elapsed_s": 2.0}  # fmt: skip
+    assert "window" in bench.load_bound(idle_server, 2, "send")
+    assert bench.load_bound(idle_server, 2, "request") is None
+    busy_server = dict(busy_load, server_cpu_percent=99.0)
+    assert bench.load_bound(busy_server, 2, "logons") is None
+    assert bench.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None  # no server CPU (--server)
+    shared = dict(idle_server, machine_cpu_percent=190.0)
+    assert "other processes used 120%" in bench.load_bound(shared, 2, "send")
+
+
+def _pypy_python() -> str:
+    """
+    The PyPy that runs the servers of the PyPy smoke run: C{$ESF_PYPY}, the
+    python of a PyPy environment holding esf's dependencies (.ci/run makes
+    one with Debian's pypy3; docs/performance.md gives the commands).
+    """
+    python = os.environ.get("ESF_PYPY")
+    if python and Path(python).is_file():
+        return python
+    message = (
+        "no PyPy for the PyPy smoke run: set ESF_PYPY to the python of a PyPy environment with "
+        "esf's dependencies (.ci/run makes one; see docs/performance.md)"
+        + ("" if shutil.which("pypy3") else "; pypy3 is not installed either (apt-get install pypy3)")
+    )
+    if os.environ.get("ESF_CI") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def test_quick_run_on_pypy(tmp_path):
+    """
+    C{esf-bench --quick} with the servers (esf from this checkout, and both
+    relays) on PyPy: every mode runs, every figure is there.
+    """
+    python = _pypy_python()
+    out = tmp_path / "pypy.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "esf.bench", "--quick", "--server-python", python, "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is True
+    assert report["machine"]["server_python"].startswith("PyPy ")
+    assert [row["mode"] for row in report["results"]] == list(MODES)
+    for row in report["results"]:
+        for kind in ("esf", "coalescing", "bare"):
+            assert "error" not in row[kind], (row["mode"], kind, row[kind])
+            assert row[kind][FIGURES[row["mode"]][0]] > 0 or row["mode"] == "idle"
+    [send] = [row for row in report["results"] if row["mode"] == "send"]
+    assert send["esf"]["received"] == send["esf"]["messages"] and send["esf"]["checked"] is True
+    assert send["ws"]["received"] == send["ws"]["messages"]
