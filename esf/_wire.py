@@ -561,7 +561,24 @@ class FrameDecoder:
         run_start = run_count = 0
         run_ids: tuple[str, str] = ("", "")
         header: tuple[Any, ...] | None = None  # of a frame cut off at the end
+        # The header of the run's last frame, and that frame's size.
+        last_header = b""
+        last_size = 0
+        startswith = data.startswith
         while size - offset >= hlen:
+            if run_count and startswith(last_header, offset):
+                # The commonest case of all: a header byte for byte the same
+                # as the one before it in this run (same type, IDs and
+                # length, all checked then), as a stream of equal messages
+                # to one receiver has.  Nothing to unpack.
+                end = offset + last_size
+                if end > size:
+                    _, client_type, message_type, message_id, body_length = unpack(data, offset)
+                    header = (client_type, message_type, message_id, *run_ids, body_length)
+                    break
+                run_count += 1
+                offset = end
+                continue
             # The common case inline: a valid header whose IDs are cached.
             # Anything else goes through _parse_header, which checks every
             # field and says what is wrong.
@@ -580,6 +597,8 @@ class FrameDecoder:
                     header = (client_type, message_type, message_id, *run_ids, body_length)
                     break
                 run_count += 1
+                last_header = data[offset : offset + hlen]
+                last_size = end - offset
                 offset = end
                 continue
             if run_count:
@@ -607,6 +626,8 @@ class FrameDecoder:
             if message_type == run_type:
                 run_key, run_start, run_count = key, offset, 1
                 run_ids = (user_id, dest_user_id)
+                last_header = data[offset : offset + hlen]
+                last_size = end - offset
             else:
                 raw = data[offset:end] if (offset or end != size) else data
                 append(
