@@ -25,9 +25,9 @@ from esf.offline import (
 
 async def exercise(store) -> None:
     """The contract every store keeps."""
-    assert await store.store("bob", None, [b"a" * 10, b"b" * 10]) == [1, 2]
-    assert await store.store("bob", 5, [b"c" * 10]) == [3]
-    assert await store.store("bob", None, [b"d" * 10]) == [4]
+    assert await store.store("bob", None, [b"a" * 10, b"b" * 10], "alice") == [1, 2]
+    assert await store.store("bob", 5, [b"c" * 10], "alice") == [3]
+    assert await store.store("bob", None, [b"d" * 10], "alice") == [4]
     assert await store.counts("bob") == (4, 40)
     assert await store.counts("nobody") == (0, 0)
     every = await store.fetch("bob", [None, 5], 0, 100, 1 << 20)
@@ -42,14 +42,14 @@ async def exercise(store) -> None:
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 5)] == [1]
     # Bounds: all or none (limit 5 messages, 60 bytes).
     with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"e" * 5, b"f" * 5])
+        await store.store("bob", None, [b"e" * 5, b"f" * 5], "alice")
     with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"g" * 30])
+        await store.store("bob", None, [b"g" * 30], "alice")
     assert await store.counts("bob") == (4, 40)
     assert await store.delete("bob", [1, 3, 99]) == 2
     assert await store.counts("bob") == (2, 20)
     # IDs are never reused.
-    assert await store.store("bob", None, [b"h"]) == [5]
+    assert await store.store("bob", None, [b"h"], "alice") == [5]
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 1 << 20)] == [2, 4, 5]
     assert await store.delete("bob", [2, 4, 5]) == 3
     assert await store.counts("bob") == (0, 0)
@@ -72,7 +72,7 @@ async def test_sqlite_store_survives_reopening_and_runs_calls_in_order(tmp_path)
     store = SQLiteOfflineStore(path)
     await store.start()
     # Called without waiting: one transaction (or a few), in call order.
-    stores = [store.store("bob", None, [b"%d" % n]) for n in range(50)]
+    stores = [store.store("bob", None, [b"%d" % n], "alice") for n in range(50)]
     fetched = store.fetch("bob", [None], 0, 1000, 1 << 20)
     ids = [await d for d in stores]
     assert ids == [[n + 1] for n in range(50)]
@@ -82,12 +82,12 @@ async def test_sqlite_store_survives_reopening_and_runs_calls_in_order(tmp_path)
     await again.start()
     try:
         assert await again.counts("bob") == (50, sum(len(b"%d" % n) for n in range(50)))
-        assert await again.store("bob", None, [b"next"]) == [51]
+        assert await again.store("bob", None, [b"next"], "alice") == [51]
     finally:
         await again.stop()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_a_corrupt_database_is_a_clear_error(tmp_path):
@@ -103,7 +103,7 @@ def test_a_damaged_database_is_a_clear_error(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=DELETE")
         db.executemany(
-            "INSERT INTO messages VALUES ('bob', ?, NULL, ?)", [(i, b"x" * 3000) for i in range(200)]
+            "INSERT INTO messages VALUES ('bob', ?, NULL, ?, 'alice')", [(i, b"x" * 3000) for i in range(200)]
         )
     data = bytearray(path.read_bytes())
     for offset in range(4096 * 3, len(data) - 4096, 4096):
@@ -117,8 +117,8 @@ def test_a_newer_schema_is_a_clear_error(tmp_path):
     path = tmp_path / "offline.db"
     check_database(str(path))
     with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 2")
-    with pytest.raises(OfflineStoreError, match="schema version 2 is newer"):
+        db.execute("PRAGMA user_version = 3")
+    with pytest.raises(OfflineStoreError, match="schema version 3 is newer"):
         check_database(str(path))
 
 
@@ -195,7 +195,7 @@ async def test_redis_store(redis_server):
         # Another store on the same Redis (another node) sees the same.
         one = RedisOfflineStore(link, prefix="t2")
         two = RedisOfflineStore(link, prefix="t2")
-        assert await one.store("carol", None, [b"x"]) == [1]
+        assert await one.store("carol", None, [b"x"], "alice") == [1]
         assert [m.raw for m in await two.fetch("carol", [None], 0, 10, 100)] == [b"x"]
     finally:
         await link.stop()
