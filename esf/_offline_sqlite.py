@@ -5,7 +5,9 @@ that a message is durable once its sender was told it is stored.
 
 Operations are queued and run in call order; whatever is queued while a
 transaction runs goes into the next one (a group commit: one fsync for
-many stores).
+many stores); a sender's row in C{senders} is read and written once per
+transaction, however many of its messages the transaction stores or
+deletes.
 
 Schema version 2 (C{PRAGMA user_version}):
 
@@ -188,7 +190,7 @@ def check_database(path: str) -> None:
 class _Op:
     __slots__ = ("run", "deferred")
 
-    def __init__(self, run: Callable[[Any], Any]):
+    def __init__(self, run: Callable[[Any, _Senders], Any]):
         self.run = run
         self.deferred: Deferred[Any] = Deferred()
 
@@ -259,7 +261,7 @@ class SQLiteOfflineStore:
             cp_reconnect=False,
         )
 
-        def read_total(cursor: Any) -> None:
+        def read_total(cursor: Any, senders: _Senders) -> None:
             cursor.execute("SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM users")
             count, size = cursor.fetchone()
             self._total = (int(count), int(size))
@@ -286,7 +288,7 @@ class SQLiteOfflineStore:
 
     # -- queue ---------------------------------------------------------------------
 
-    def _call(self, run: Callable[[Any], Any]) -> Deferred[Any]:
+    def _call(self, run: Callable[[Any, _Senders], Any]) -> Deferred[Any]:
         if self.pool is None:
             raise OfflineStoreError(f"{self.path}: the offline store is not started")
         op = _Op(run)
@@ -332,18 +334,18 @@ class SQLiteOfflineStore:
     ) -> Deferred[list[int]]:
         frames = [bytes(f) for f in frames]
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             cursor.execute(
                 "SELECT next_id, count, bytes FROM users WHERE user_id = ?", (user_id,)
             )
             row = cursor.fetchone()
             next_id, count, size = row if row is not None else (1, 0, 0)
-            cursor.execute("SELECT count, bytes FROM senders WHERE sender_id = ?", (sender_id,))
-            sender = cursor.fetchone() or (0, 0)
+            sender = senders.get(sender_id)
             added = sum(len(f) for f in frames)
             total = self._total
             refused = refusal(
-                self, user_id, (count, size), sender_id, sender, total, len(frames), added
+                self, user_id, (count, size), sender_id, (sender[0], sender[1]), total,
+                len(frames), added,
             )
             if refused is not None:
                 return refused
@@ -361,12 +363,7 @@ class SQLiteOfflineStore:
                 "count = excluded.count, bytes = excluded.bytes",
                 (user_id, next_id + len(frames), count + len(frames), size + added),
             )
-            cursor.execute(
-                "INSERT INTO senders (sender_id, count, bytes) VALUES (?, ?, ?) "
-                "ON CONFLICT (sender_id) DO UPDATE SET count = excluded.count, "
-                "bytes = excluded.bytes",
-                (sender_id, sender[0] + len(frames), sender[1] + added),
-            )
+            senders.change(sender_id, len(frames), added)
             self._total = (total[0] + len(frames), total[1] + added)
             return ids
 
@@ -383,7 +380,7 @@ class SQLiteOfflineStore:
         kinds = [k for k in client_types if k is not None]
         any_device = None in client_types
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             condition = " OR ".join(
                 (["client_type IS NULL"] if any_device else [])
                 + ["client_type = ?"] * len(kinds)
@@ -407,7 +404,7 @@ class SQLiteOfflineStore:
     def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
         ids = list(ids)
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, cache: _Senders) -> Any:
             gone = size = 0
             senders: dict[str, list[int]] = {}
             for i in ids:
@@ -429,15 +426,7 @@ class SQLiteOfflineStore:
                     (gone, size, user_id),
                 )
                 for sender_id, (n, b) in senders.items():
-                    cursor.execute(
-                        "UPDATE senders SET count = count - ?, bytes = bytes - ? "
-                        "WHERE sender_id = ?",
-                        (n, b, sender_id),
-                    )
-                cursor.executemany(
-                    "DELETE FROM senders WHERE sender_id = ? AND count <= 0",
-                    [(sender_id,) for sender_id in senders],
-                )
+                    cache.change(sender_id, -n, -b)
                 total = self._total
                 self._total = (total[0] - gone, total[1] - size)
             return gone
@@ -445,7 +434,7 @@ class SQLiteOfflineStore:
         return self._call(run)
 
     def counts(self, user_id: str) -> Deferred[tuple[int, int]]:
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             cursor.execute("SELECT count, bytes FROM users WHERE user_id = ?", (user_id,))
             row = cursor.fetchone()
             return (row[0], row[1]) if row is not None else (0, 0)
@@ -453,16 +442,61 @@ class SQLiteOfflineStore:
         return self._call(run)
 
     def sender_counts(self, sender_id: str) -> Deferred[tuple[int, int]]:
-        def run(cursor: Any) -> Any:
-            cursor.execute("SELECT count, bytes FROM senders WHERE sender_id = ?", (sender_id,))
-            row = cursor.fetchone()
-            return (row[0], row[1]) if row is not None else (0, 0)
+        def run(cursor: Any, senders: _Senders) -> Any:
+            row = senders.get(sender_id)
+            return (row[0], row[1])
 
         return self._call(run)
 
     def total_counts(self) -> Deferred[tuple[int, int]]:
         # In call order, like the rest: after every store called before it.
-        return self._call(lambda cursor: self._total)
+        return self._call(lambda cursor, senders: self._total)
+
+
+class _Senders:
+    """
+    The rows of the C{senders} table one transaction reads and changes:
+    each read once, written back once at its end (many stores from one
+    sender in a transaction cost one read and one write).
+    """
+
+    __slots__ = ("cursor", "rows", "changed")
+
+    def __init__(self, cursor: Any):
+        self.cursor = cursor
+        self.rows: dict[str, list[int]] = {}
+        self.changed: set[str] = set()
+
+    def get(self, sender_id: str) -> list[int]:
+        """
+        C{[messages, bytes]} C{sender_id} has waiting, as of now.
+        """
+        row = self.rows.get(sender_id)
+        if row is None:
+            self.cursor.execute(
+                "SELECT count, bytes FROM senders WHERE sender_id = ?", (sender_id,)
+            )
+            found = self.cursor.fetchone()
+            row = self.rows[sender_id] = [found[0], found[1]] if found else [0, 0]
+        return row
+
+    def change(self, sender_id: str, count: int, size: int) -> None:
+        row = self.get(sender_id)
+        row[0] += count
+        row[1] += size
+        self.changed.add(sender_id)
+
+    def write(self) -> None:
+        rows = [(s, self.rows[s][0], self.rows[s][1]) for s in sorted(self.changed)]
+        self.cursor.executemany(
+            "INSERT INTO senders (sender_id, count, bytes) VALUES (?, ?, ?) "
+            "ON CONFLICT (sender_id) DO UPDATE SET count = excluded.count, "
+            "bytes = excluded.bytes",
+            [row for row in rows if row[1] > 0],
+        )
+        self.cursor.executemany(
+            "DELETE FROM senders WHERE sender_id = ?", [(row[0],) for row in rows if row[1] <= 0]
+        )
 
 
 def _run_all(cursor: Any, batch: list[_Op]) -> list[Any]:
@@ -470,4 +504,7 @@ def _run_all(cursor: Any, batch: list[_Op]) -> list[Any]:
     Run a batch of operations in one transaction (adbapi commits it).  An
     operation's refusal is its result; a database error fails the batch.
     """
-    return [op.run(cursor) for op in batch]
+    senders = _Senders(cursor)
+    results = [op.run(cursor, senders) for op in batch]
+    senders.write()
+    return results
