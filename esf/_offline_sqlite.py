@@ -460,7 +460,7 @@ class _Senders:
     sender in a transaction cost one read and one write).
     """
 
-    __slots__ = ("cursor", "rows", "changed")
+    __slots__ = ("changed", "cursor", "rows")
 
     def __init__(self, cursor: Any):
         self.cursor = cursor

@@ -444,7 +444,7 @@ def test_one_sender_filling_many_receivers_stops_at_its_bound_and_others_still_s
     assert s.result(alice.send_certainly("u0", 1, b"hello")) == STORED
     # u0 logs on and acknowledges: mallory's count goes down, and it may
     # store one more (and no more than that).
-    u0, got = receiver(s, "u0")
+    _u0, got = receiver(s, "u0")
     s.pump()
     assert [g[0] for g in got] == ["mallory", "alice"]
     assert s.result(store.sender_counts("mallory"))[0] == 19
@@ -504,7 +504,7 @@ def test_the_whole_store_refuses_when_full_and_accepts_again_once_acknowledged()
     events = logs.esf_events("offline_server_full")
     assert 1 <= len(events) <= 10  # one session: its log limit
     # r0 logs on and acknowledges its three: room for three more.
-    r0, got = receiver(s, "r0")
+    _r0, got = receiver(s, "r0")
     s.pump()
     assert len(got) == 3
     assert s.result(store.total_counts())[0] == 27

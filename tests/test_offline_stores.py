@@ -206,14 +206,14 @@ async def test_redis_store(redis_server):
 # -- bounds per sender and for the whole store ------------------------------------
 
 #: The bounds the next tests give their stores.
-BOUNDS = dict(
-    max_messages=100,
-    max_bytes=1 << 20,
-    max_sender_messages=3,
-    max_sender_bytes=1000,
-    max_total_messages=6,
-    max_total_bytes=5000,
-)
+BOUNDS = {
+    "max_messages": 100,
+    "max_bytes": 1 << 20,
+    "max_sender_messages": 3,
+    "max_sender_bytes": 1000,
+    "max_total_messages": 6,
+    "max_total_bytes": 5000,
+}
 
 
 async def exercise_bounds(store, reopen):
@@ -333,17 +333,21 @@ async def test_sqlite_store_total_rolls_back_with_its_transaction(tmp_path):
 
 #: The offline store's schema version 1, as it was made.
 _SCHEMA_1 = (
-    "CREATE TABLE users ("
-    " user_id TEXT PRIMARY KEY,"
-    " next_id INTEGER NOT NULL,"
-    " count INTEGER NOT NULL,"
-    " bytes INTEGER NOT NULL)",
-    "CREATE TABLE messages ("
-    " user_id TEXT NOT NULL,"
-    " id INTEGER NOT NULL,"
-    " client_type INTEGER,"
-    " frame BLOB NOT NULL,"
-    " PRIMARY KEY (user_id, id)) WITHOUT ROWID",
+    (
+        "CREATE TABLE users ("
+        " user_id TEXT PRIMARY KEY,"
+        " next_id INTEGER NOT NULL,"
+        " count INTEGER NOT NULL,"
+        " bytes INTEGER NOT NULL)"
+    ),
+    (
+        "CREATE TABLE messages ("
+        " user_id TEXT NOT NULL,"
+        " id INTEGER NOT NULL,"
+        " client_type INTEGER,"
+        " frame BLOB NOT NULL,"
+        " PRIMARY KEY (user_id, id)) WITHOUT ROWID"
+    ),
     "PRAGMA user_version = 1",
 )
 
@@ -411,9 +415,9 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
     with C{appendfsync always} they survive a kill -9 of redis-server and
     a new node's store reads them.
     """
+    from _redis import RedisServer
     from twisted.internet import reactor
 
-    from _redis import RedisServer
     from esf._cluster import RedisLink, RedisURL
 
     redis = RedisServer(tmp_path, args=("--appendonly", "yes", "--appendfsync", "always"))
