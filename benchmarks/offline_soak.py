@@ -47,12 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, db: Path, log: Path) -> subprocess.Popen:
+def start_server(port: int, db: Path, log: Path, per_sender: int) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Each sender has all its messages waiting at once: the bound per sender
+    # (1,000 by default) is raised to that.
     process = subprocess.Popen(
         [sys.executable, "-m", "twisted", "--log-file", str(log), "esf",
          "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--offline", f"sqlite:{db}", "--logon-rate-limit", "1000000"],
+         "--offline", f"sqlite:{db}", "--logon-rate-limit", "1000000",
+         "--offline-max-per-sender", str(max(per_sender, 1))],
         env=env,
     )
     deadline = time.monotonic() + 30
@@ -177,7 +180,8 @@ def run(
                 jobs[s].append((u, k))
                 expected[u].append((s, k))
 
-        server = start_server(port, db, where / "server1.log")
+        per_sender = max(len(j) for j in jobs.values())
+        server = start_server(port, db, where / "server1.log", per_sender)
         try:
             started = time.perf_counter()
             with ThreadPoolExecutor(senders) as pool:
@@ -187,7 +191,7 @@ def run(
         finally:
             stop_server(server, kill)
 
-        server = start_server(port, db, where / "server2.log")
+        server = start_server(port, db, where / "server2.log", per_sender)
         try:
             started = time.perf_counter()
             with ThreadPoolExecutor(receivers) as pool:

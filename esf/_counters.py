@@ -51,6 +51,12 @@ class Count(StrEnum):
     #: A message the offline store refused because the user's bound (count
     #: or bytes) was reached: the sender was told (Error UserOffline).
     OFFLINE_FULL = "offline_full"
+    #: A message the offline store refused because its sender already had
+    #: as much waiting (for all receivers together) as one sender may.
+    OFFLINE_SENDER_FULL = "offline_sender_full"
+    #: A message the offline store refused because the whole store was
+    #: full (its server-wide bound, count or bytes).
+    OFFLINE_SERVER_FULL = "offline_server_full"
     #: A message to an offline user the offline policy chose not to keep.
     OFFLINE_NOT_KEPT = "offline_not_kept"
     #: A message the offline store failed to keep (the store is broken or

@@ -82,6 +82,14 @@ COUNTER_METRICS = {
         "offline_full",
         "Messages to offline users refused because their offline store was full (overflow).",
     ),
+    Count.OFFLINE_SENDER_FULL: (
+        "offline_sender_full",
+        "Messages to offline users refused because their sender had as much waiting as one sender may.",
+    ),
+    Count.OFFLINE_SERVER_FULL: (
+        "offline_server_full",
+        "Messages to offline users refused because the whole offline store was full.",
+    ),
     Count.OFFLINE_NOT_KEPT: (
         "offline_not_kept",
         "Messages to offline users the offline policy chose not to keep.",

@@ -38,6 +38,8 @@ __all__ = [
     "OfflineMessages",
     "OfflineStoreError",
     "OfflineStoreFull",
+    "OfflineSenderFull",
+    "OfflineServerFull",
     "StoredMessage",
     "KeepAll",
     "MemoryOfflineStore",
@@ -69,17 +71,106 @@ class OfflineStoreError(Exception):
 
 class OfflineStoreFull(OfflineStoreError):
     """
-    Keeping more for C{user_id} would pass its bound.
+    Keeping more for C{user_id} would pass its bound.  The subclasses
+    L{OfflineSenderFull} and L{OfflineServerFull} say that another bound
+    was reached: the sender's, or the whole store's.
     """
 
     def __init__(self, user_id: str, count: int, size: int, max_messages: int, max_bytes: int):
         self.user_id = user_id
         self.count = count
         self.size = size
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
         super().__init__(
             f"{user_id} has {count} messages ({size} bytes) waiting, at most "
             f"{max_messages} ({max_bytes} bytes) are kept: no room for more"
         )
+
+
+class OfflineSenderFull(OfflineStoreFull):
+    """
+    Keeping more from C{sender_id} would pass the bound on what one sender
+    may have waiting in the store, for all receivers together.
+    """
+
+    def __init__(
+        self, sender_id: str, count: int, size: int, max_messages: int, max_bytes: int
+    ):
+        self.sender_id = sender_id
+        OfflineStoreError.__init__(
+            self,
+            f"{sender_id} has {count} messages ({size} bytes) waiting for users who are "
+            f"offline, at most {max_messages} ({max_bytes} bytes) per sender: no room for more",
+        )
+        self.user_id = sender_id
+        self.count = count
+        self.size = size
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+
+
+class OfflineServerFull(OfflineStoreFull):
+    """
+    Keeping more would pass the bound on what the whole store holds, for
+    all users together.
+    """
+
+    def __init__(self, count: int, size: int, max_messages: int, max_bytes: int):
+        OfflineStoreError.__init__(
+            self,
+            f"the offline store holds {count} messages ({size} bytes), at most "
+            f"{max_messages} ({max_bytes} bytes) in all: no room for more",
+        )
+        self.user_id = ""
+        self.count = count
+        self.size = size
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+
+
+#: The default bounds of every store: per receiving user, per sender (over
+#: all its receivers), and in all.
+MAX_MESSAGES = 10_000
+MAX_BYTES = 64 * 1024 * 1024
+MAX_SENDER_MESSAGES = 1_000
+MAX_SENDER_BYTES = 16 * 1024 * 1024
+MAX_TOTAL_MESSAGES = 1_000_000
+MAX_TOTAL_BYTES = 1024 * 1024 * 1024
+
+
+def refusal(
+    store: Any,
+    user_id: str,
+    user: tuple[int, int],
+    sender_id: str,
+    sender: tuple[int, int],
+    total: tuple[int, int],
+    count: int,
+    size: int,
+) -> OfflineStoreFull | None:
+    """
+    Why C{count} more messages of C{size} bytes, for C{user_id} from
+    C{sender_id}, do not fit C{store}'s bounds, given what the user, the
+    sender and the whole store hold now (each C{(messages, bytes)});
+    C{None} when they fit.  The user's bound is checked first, then the
+    sender's, then the store's.
+    """
+    if user[0] + count > store.max_messages or user[1] + size > store.max_bytes:
+        return OfflineStoreFull(user_id, *user, store.max_messages, store.max_bytes)
+    if (
+        sender[0] + count > store.max_sender_messages
+        or sender[1] + size > store.max_sender_bytes
+    ):
+        return OfflineSenderFull(
+            sender_id, *sender, store.max_sender_messages, store.max_sender_bytes
+        )
+    if (
+        total[0] + count > store.max_total_messages
+        or total[1] + size > store.max_total_bytes
+    ):
+        return OfflineServerFull(*total, store.max_total_messages, store.max_total_bytes)
+    return None
 
 
 @attrs.frozen
@@ -444,14 +535,26 @@ class OfflineMessages:
             )
             return True
         size = len(frame.raw)
-        if pending.size + size > self.store.max_bytes or not engine.budget.fits(size):
+        store = self.store
+        if pending.size + size > store.max_bytes or not engine.budget.fits(size):
             self._drop_blob(key)
             engine.counters[Count.OFFLINE_FULL] += 1
             session.error(
                 frame,
                 ErrorCode.USER_OFFLINE,
                 f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (at most {self.store.max_bytes} bytes per user)",
+                f"to keep (at most {store.max_bytes} bytes per user)",
+            )
+            return True
+        if pending.size + size > store.max_sender_bytes:
+            self._drop_blob(key)
+            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
+            session.error(
+                frame,
+                ErrorCode.USER_OFFLINE,
+                f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
+                f"to keep (one sender may have at most {store.max_sender_bytes} bytes waiting "
+                "for users who are offline)",
             )
             return True
         pending.frames.append(frame.raw)
@@ -480,7 +583,7 @@ class OfflineMessages:
     ) -> None:
         user_id, client_type = split_dest(frame.dest_user_id)
         try:
-            d = self.store.store(user_id, client_type, frames)
+            d = self.store.store(user_id, client_type, frames, session.user_id or "")
         except Exception:
             d = fail()
         d.addCallbacks(
@@ -500,9 +603,39 @@ class OfflineMessages:
 
     def _not_stored(self, failure: Failure, session: Session, frame: Frame) -> None:
         engine = self.engine
-        if failure.check(OfflineStoreFull):
+        dest = frame.dest_user_id
+        error = failure.value
+        if isinstance(error, OfflineServerFull):
+            engine.counters[Count.OFFLINE_SERVER_FULL] += 1
+            if session.may_log():
+                log.warn(
+                    "the offline store is full: a message from {session!r} for {dest} is "
+                    "refused ({why})",
+                    session=session,
+                    dest=dest,
+                    why=str(error),
+                    esf_event="offline_server_full",
+                )
+            text = f"{dest} is not online and the server's offline store is full: try later"
+        elif isinstance(error, OfflineSenderFull):
+            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
+            if session.may_log():
+                log.info(
+                    "{session!r} has as much waiting in the offline store as one sender may: "
+                    "a message for {dest} is refused ({why})",
+                    session=session,
+                    dest=dest,
+                    why=str(error),
+                    esf_event="offline_sender_full",
+                )
+            text = (
+                f"{dest} is not online and you cannot leave more for users who are offline: "
+                f"you have {error.count} messages ({error.size} bytes) waiting, at most "
+                f"{error.max_messages} ({error.max_bytes} bytes) per sender"
+            )
+        elif isinstance(error, OfflineStoreFull):
             engine.counters[Count.OFFLINE_FULL] += 1
-            text = f"{frame.dest_user_id} is not online and cannot be sent more: {failure.value}"
+            text = f"{dest} is not online and cannot be sent more: {error}"
         else:
             engine.counters[Count.OFFLINE_ERRORS] += 1
             if session.may_log():
@@ -510,10 +643,10 @@ class OfflineMessages:
                     "keeping a message from {session!r} for {dest} failed",
                     failure,
                     session=session,
-                    dest=frame.dest_user_id,
+                    dest=dest,
                     esf_event="offline_store_failed",
                 )
-            text = f"{frame.dest_user_id} is not online and the offline store cannot keep it now"
+            text = f"{dest} is not online and the offline store cannot keep it now"
         session.error(frame, ErrorCode.USER_OFFLINE, text)
 
     # -- delivering ----------------------------------------------------------------
@@ -573,20 +706,32 @@ class MemoryOfflineStore:
 
     def __init__(
         self,
-        max_messages: int = 10_000,
-        max_bytes: int = 64 * 1024 * 1024,
+        max_messages: int = MAX_MESSAGES,
+        max_bytes: int = MAX_BYTES,
         *,
+        max_sender_messages: int = MAX_SENDER_MESSAGES,
+        max_sender_bytes: int = MAX_SENDER_BYTES,
+        max_total_messages: int = MAX_TOTAL_MESSAGES,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
         clock: Any = None,
         delay: float = 0.0,
     ):
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_sender_messages = max_sender_messages
+        self.max_sender_bytes = max_sender_bytes
+        self.max_total_messages = max_total_messages
+        self.max_total_bytes = max_total_bytes
         self.clock = clock
         self.delay = delay
         self.started = False
-        #: user ID -> (next ID, {id: StoredMessage})
-        self._users: dict[str, tuple[int, dict[int, StoredMessage]]] = {}
+        #: user ID -> (next ID, {id: (StoredMessage, sender ID)})
+        self._users: dict[str, tuple[int, dict[int, tuple[StoredMessage, str]]]] = {}
         self._sizes: dict[str, int] = {}
+        #: sender ID -> [messages, bytes] waiting
+        self._senders: dict[str, list[int]] = {}
+        #: [messages, bytes] in the whole store
+        self._total = [0, 0]
 
     def _answer(self, compute: Any) -> Deferred[Any]:
         if self.clock is None or not self.delay:
@@ -605,7 +750,7 @@ class MemoryOfflineStore:
         return succeed(None)
 
     def store(
-        self, user_id: str, client_type: int | None, frames: Sequence[bytes]
+        self, user_id: str, client_type: int | None, frames: Sequence[bytes], sender_id: str
     ) -> Deferred[list[int]]:
         frames = list(frames)
 
@@ -613,20 +758,29 @@ class MemoryOfflineStore:
             next_id, messages = self._users.get(user_id, (1, {}))
             size = self._sizes.get(user_id, 0)
             added = sum(len(f) for f in frames)
-            if (
-                len(messages) + len(frames) > self.max_messages
-                or size + added > self.max_bytes
-            ):
-                raise OfflineStoreFull(
-                    user_id, len(messages), size, self.max_messages, self.max_bytes
-                )
+            sender = self._senders.get(sender_id, [0, 0])
+            refused = refusal(
+                self,
+                user_id,
+                (len(messages), size),
+                sender_id,
+                (sender[0], sender[1]),
+                (self._total[0], self._total[1]),
+                len(frames),
+                added,
+            )
+            if refused is not None:
+                raise refused
             if next_id + len(frames) > MAX_ID:
                 raise OfflineStoreError(f"{user_id} has used up its message IDs")
             ids = list(range(next_id, next_id + len(frames)))
             for i, raw in zip(ids, frames):
-                messages[i] = StoredMessage(i, client_type, raw)
+                messages[i] = (StoredMessage(i, client_type, raw), sender_id)
             self._users[user_id] = (next_id + len(frames), messages)
             self._sizes[user_id] = size + added
+            self._senders[sender_id] = [sender[0] + len(frames), sender[1] + added]
+            self._total[0] += len(frames)
+            self._total[1] += added
             return ids
 
         return self._answer(compute)
@@ -644,8 +798,9 @@ class MemoryOfflineStore:
         def compute() -> list[StoredMessage]:
             out: list[StoredMessage] = []
             size = 0
-            for i in sorted(self._users.get(user_id, (1, {}))[1]):
-                entry = self._users[user_id][1][i]
+            messages = self._users.get(user_id, (1, {}))[1]
+            for i in sorted(messages):
+                entry = messages[i][0]
                 if i <= after or entry.client_type not in kinds:
                     continue
                 if out and (len(out) >= max_count or size + len(entry.raw) > max_bytes):
@@ -663,10 +818,20 @@ class MemoryOfflineStore:
             messages = self._users.get(user_id, (1, {}))[1]
             gone = 0
             for i in ids:
-                entry = messages.pop(i, None)
-                if entry is not None:
-                    gone += 1
-                    self._sizes[user_id] -= len(entry.raw)
+                found = messages.pop(i, None)
+                if found is None:
+                    continue
+                entry, sender_id = found
+                gone += 1
+                size = len(entry.raw)
+                self._sizes[user_id] -= size
+                self._total[0] -= 1
+                self._total[1] -= size
+                sender = self._senders[sender_id]
+                sender[0] -= 1
+                sender[1] -= size
+                if not sender[0]:
+                    del self._senders[sender_id]
             return gone
 
         return self._answer(compute)
@@ -675,3 +840,9 @@ class MemoryOfflineStore:
         return self._answer(
             lambda: (len(self._users.get(user_id, (1, {}))[1]), self._sizes.get(user_id, 0))
         )
+
+    def sender_counts(self, sender_id: str) -> Deferred[tuple[int, int]]:
+        return self._answer(lambda: tuple(self._senders.get(sender_id, (0, 0))))
+
+    def total_counts(self) -> Deferred[tuple[int, int]]:
+        return self._answer(lambda: (self._total[0], self._total[1]))

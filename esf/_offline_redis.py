@@ -10,6 +10,10 @@ Keys, under the prefix (C{esf} by default)::
                        device kind, 255 for any) + the frame
     esf:off:<user>:n   the user's last ID (INCRBY)
     esf:off:<user>:b   bytes kept for the user
+    esf:off:<user>:s   hash: ID -> the message's sender
+    esf:offsnd:<user>  hash: n, b = messages and bytes <user> has waiting,
+                       for all receivers together (gone at 0)
+    esf:offtotal       hash: n, b = messages and bytes in the whole store
 
 How durable it is is Redis's business: with C{appendonly yes} and
 C{appendfsync always} a stored message survives Redis's own crash.
@@ -22,7 +26,20 @@ from typing import Any, Sequence, cast
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from ._offline import MAX_ID, OfflineStoreError, OfflineStoreFull, StoredMessage
+from ._offline import (
+    MAX_BYTES,
+    MAX_ID,
+    MAX_MESSAGES,
+    MAX_SENDER_BYTES,
+    MAX_SENDER_MESSAGES,
+    MAX_TOTAL_BYTES,
+    MAX_TOTAL_MESSAGES,
+    OfflineSenderFull,
+    OfflineServerFull,
+    OfflineStoreError,
+    OfflineStoreFull,
+    StoredMessage,
+)
 from .interfaces import IOfflineStore
 
 __all__ = ["RedisOfflineStore"]
@@ -30,14 +47,27 @@ __all__ = ["RedisOfflineStore"]
 _ANY = 255
 _PREFIX = 14  # "%010d%03d:"
 
+# KEYS: user's m, n, b, s; the total; the sender's.  ARGV: the bounds (user
+# messages, user bytes, kind, sender messages, sender bytes, total messages,
+# total bytes), the sender, then the frames.
 _STORE = b"""
 local count = redis.call('ZCARD', KEYS[1])
 local size = tonumber(redis.call('GET', KEYS[3]) or '0')
-local k = #ARGV - 3
+local k = #ARGV - 8
 local added = 0
-for i = 4, #ARGV do added = added + string.len(ARGV[i]) end
+for i = 9, #ARGV do added = added + string.len(ARGV[i]) end
 if count + k > tonumber(ARGV[1]) or size + added > tonumber(ARGV[2]) then
   return {-1, count, size}
+end
+local sn = tonumber(redis.call('HGET', KEYS[6], 'n') or '0')
+local sb = tonumber(redis.call('HGET', KEYS[6], 'b') or '0')
+if sn + k > tonumber(ARGV[4]) or sb + added > tonumber(ARGV[5]) then
+  return {-3, sn, sb}
+end
+local tn = tonumber(redis.call('HGET', KEYS[5], 'n') or '0')
+local tb = tonumber(redis.call('HGET', KEYS[5], 'b') or '0')
+if tn + k > tonumber(ARGV[6]) or tb + added > tonumber(ARGV[7]) then
+  return {-4, tn, tb}
 end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 if last + k > 2147483647 then
@@ -47,24 +77,57 @@ last = redis.call('INCRBY', KEYS[2], k)
 local first = last - k + 1
 for i = 1, k do
   local id = first + i - 1
-  redis.call('ZADD', KEYS[1], id, string.format('%010d%03d:', id, tonumber(ARGV[3])) .. ARGV[3 + i])
+  redis.call('ZADD', KEYS[1], id, string.format('%010d%03d:', id, tonumber(ARGV[3])) .. ARGV[8 + i])
+  redis.call('HSET', KEYS[4], id, ARGV[8])
 end
 redis.call('INCRBY', KEYS[3], added)
+redis.call('HINCRBY', KEYS[6], 'n', k)
+redis.call('HINCRBY', KEYS[6], 'b', added)
+redis.call('HINCRBY', KEYS[5], 'n', k)
+redis.call('HINCRBY', KEYS[5], 'b', added)
 return {first, k}
 """
 
+# KEYS: user's m, b, s; the total.  ARGV: the senders' key prefix, then IDs.
 _DELETE = b"""
 local gone = 0
 local size = 0
-for i = 1, #ARGV do
+local senders = {}
+for i = 2, #ARGV do
   local found = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[i], ARGV[i])
   for _, member in ipairs(found) do
-    size = size + string.len(member) - 14
+    local length = string.len(member) - 14
+    size = size + length
     gone = gone + 1
+    local sender = redis.call('HGET', KEYS[3], ARGV[i])
+    if sender then
+      local t = senders[sender]
+      if not t then
+        t = {0, 0}
+        senders[sender] = t
+      end
+      t[1] = t[1] + 1
+      t[2] = t[2] + length
+    end
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[1], ARGV[i], ARGV[i])
+  if #found > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], ARGV[i], ARGV[i])
+    redis.call('HDEL', KEYS[3], ARGV[i])
+  end
 end
-if gone > 0 then redis.call('DECRBY', KEYS[2], size) end
+if gone > 0 then
+  redis.call('DECRBY', KEYS[2], size)
+  redis.call('HINCRBY', KEYS[4], 'n', -gone)
+  redis.call('HINCRBY', KEYS[4], 'b', -size)
+  for sender, t in pairs(senders) do
+    local key = ARGV[1] .. sender
+    if redis.call('HINCRBY', key, 'n', -t[1]) <= 0 then
+      redis.call('DEL', key)
+    else
+      redis.call('HINCRBY', key, 'b', -t[2])
+    end
+  end
+end
 return gone
 """
 
@@ -82,22 +145,32 @@ class RedisOfflineStore:
     def __init__(
         self,
         link: Any,
-        max_messages: int = 10_000,
-        max_bytes: int = 64 * 1024 * 1024,
+        max_messages: int = MAX_MESSAGES,
+        max_bytes: int = MAX_BYTES,
         *,
+        max_sender_messages: int = MAX_SENDER_MESSAGES,
+        max_sender_bytes: int = MAX_SENDER_BYTES,
+        max_total_messages: int = MAX_TOTAL_MESSAGES,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
         prefix: str = "esf",
     ):
         self.link = link
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_sender_messages = max_sender_messages
+        self.max_sender_bytes = max_sender_bytes
+        self.max_total_messages = max_total_messages
+        self.max_total_bytes = max_total_bytes
         self.prefix = prefix
+        self._total_key = f"{prefix}:offtotal"
+        self._senders = f"{prefix}:offsnd:"
 
     def __repr__(self) -> str:
         return f"<RedisOfflineStore {self.link!r}>"
 
-    def _keys(self, user_id: str) -> tuple[str, str, str]:
+    def _keys(self, user_id: str) -> tuple[str, str, str, str]:
         base = f"{self.prefix}:off:{user_id}:"
-        return base + "m", base + "n", base + "b"
+        return base + "m", base + "n", base + "b", base + "s"
 
     def start(self) -> Deferred[None]:
         return succeed(None)
@@ -106,19 +179,35 @@ class RedisOfflineStore:
         return succeed(None)
 
     def store(
-        self, user_id: str, client_type: int | None, frames: Sequence[bytes]
+        self, user_id: str, client_type: int | None, frames: Sequence[bytes], sender_id: str
     ) -> Deferred[list[int]]:
         kind = _ANY if client_type is None else client_type
         d = self.link.eval(
             _STORE,
-            self._keys(user_id),
-            [self.max_messages, self.max_bytes, kind, *[bytes(f) for f in frames]],
+            [*self._keys(user_id), self._total_key, self._senders + sender_id],
+            [
+                self.max_messages,
+                self.max_bytes,
+                kind,
+                self.max_sender_messages,
+                self.max_sender_bytes,
+                self.max_total_messages,
+                self.max_total_bytes,
+                sender_id,
+                *[bytes(f) for f in frames],
+            ],
         )
 
         def answered(reply: list[Any]) -> list[int]:
             first, a, b = (int(reply[0]), int(reply[1]), int(reply[2]) if len(reply) > 2 else 0)
             if first == -1:
                 raise OfflineStoreFull(user_id, a, b, self.max_messages, self.max_bytes)
+            if first == -3:
+                raise OfflineSenderFull(
+                    sender_id, a, b, self.max_sender_messages, self.max_sender_bytes
+                )
+            if first == -4:
+                raise OfflineServerFull(a, b, self.max_total_messages, self.max_total_bytes)
             if first == -2:
                 raise OfflineStoreError(f"{user_id} has used up its message IDs")
             return list(range(first, first + a))
@@ -169,12 +258,14 @@ class RedisOfflineStore:
     def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
         if not ids:
             return succeed(0)
-        m, _, b = self._keys(user_id)
-        d = self.link.eval(_DELETE, [m, b], [int(i) for i in ids])
+        m, _, b, senders = self._keys(user_id)
+        d = self.link.eval(
+            _DELETE, [m, b, senders, self._total_key], [self._senders, *[int(i) for i in ids]]
+        )
         return cast("Deferred[int]", d.addCallback(int))
 
     def counts(self, user_id: str) -> Deferred[tuple[int, int]]:
-        m, _, b = self._keys(user_id)
+        m, _, b, _ = self._keys(user_id)
 
         async def read() -> tuple[int, int]:
             count = await self.link.execute("ZCARD", m)
@@ -182,3 +273,16 @@ class RedisOfflineStore:
             return int(count), int(size or 0)
 
         return Deferred.fromCoroutine(read())
+
+    def _pair(self, key: str) -> Deferred[tuple[int, int]]:
+        async def read() -> tuple[int, int]:
+            n, b = await self.link.execute("HMGET", key, "n", "b")
+            return int(n or 0), int(b or 0)
+
+        return Deferred.fromCoroutine(read())
+
+    def sender_counts(self, sender_id: str) -> Deferred[tuple[int, int]]:
+        return self._pair(self._senders + sender_id)
+
+    def total_counts(self) -> Deferred[tuple[int, int]]:
+        return self._pair(self._total_key)

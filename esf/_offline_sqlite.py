@@ -5,13 +5,22 @@ that a message is durable once its sender was told it is stored.
 
 Operations are queued and run in call order; whatever is queued while a
 transaction runs goes into the next one (a group commit: one fsync for
-many stores).
+many stores); a sender's row in C{senders} is read and written once per
+transaction, however many of its messages the transaction stores or
+deletes.
 
-Schema version 1 (C{PRAGMA user_version}):
+Schema version 2 (C{PRAGMA user_version}):
 
     users     user_id TEXT PRIMARY KEY, next_id, count, bytes
     messages  (user_id, id) PRIMARY KEY, client_type (NULL: any device),
-              frame BLOB
+              frame BLOB, sender (the sending user)
+    senders   sender_id TEXT PRIMARY KEY, count, bytes: what each sender
+              has waiting, for all receivers together
+
+A version 1 database (no sender) is migrated at start: each message's
+sender is read from its frame's header.  The store keeps the whole
+store's total (messages, bytes) in memory: read once at start, kept by
+each store and delete as it runs (there is one writer, this process).
 """
 
 from __future__ import annotations
@@ -26,7 +35,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._offline import MAX_ID, OfflineStoreError, OfflineStoreFull, StoredMessage
+from ._offline import (
+    MAX_BYTES,
+    MAX_ID,
+    MAX_MESSAGES,
+    MAX_SENDER_BYTES,
+    MAX_SENDER_MESSAGES,
+    MAX_TOTAL_BYTES,
+    MAX_TOTAL_MESSAGES,
+    OfflineStoreError,
+    StoredMessage,
+    refusal,
+)
 from .interfaces import IOfflineStore
 
 __all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]
@@ -34,7 +54,14 @@ __all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]
 log = Logger(namespace="esf.offline")
 
 #: The schema this code reads and writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+_SENDERS = (
+    "CREATE TABLE senders ("
+    " sender_id TEXT PRIMARY KEY,"
+    " count INTEGER NOT NULL,"
+    " bytes INTEGER NOT NULL) WITHOUT ROWID"
+)
 
 _SCHEMA = (
     "CREATE TABLE users ("
@@ -47,9 +74,45 @@ _SCHEMA = (
     " id INTEGER NOT NULL,"
     " client_type INTEGER,"
     " frame BLOB NOT NULL,"
+    " sender TEXT NOT NULL DEFAULT '',"
     " PRIMARY KEY (user_id, id)) WITHOUT ROWID",
+    _SENDERS,
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
+
+
+def _frame_sender(head: bytes) -> str:
+    """
+    The sender's UserID in a frame's header (C{head}: the frame from byte
+    12 on): a length byte, then the ID.
+    """
+    return bytes(head[1 : 1 + head[0]]).decode("utf-8", "replace") if head else ""
+
+
+def _migrate_from_1(connection: sqlite3.Connection) -> None:
+    """
+    Version 1 to 2: each message gets its sender (from its frame's header),
+    and each sender its totals.
+    """
+    connection.execute("ALTER TABLE messages ADD COLUMN sender TEXT NOT NULL DEFAULT ''")
+    rows = connection.execute(
+        "SELECT user_id, id, substr(frame, 13, 256), length(frame) FROM messages"
+    ).fetchall()
+    senders: dict[str, list[int]] = {}
+    updates = []
+    for user_id, message_id, head, size in rows:
+        sender = _frame_sender(head)
+        updates.append((sender, user_id, message_id))
+        totals = senders.setdefault(sender, [0, 0])
+        totals[0] += 1
+        totals[1] += size
+    connection.executemany("UPDATE messages SET sender = ? WHERE user_id = ? AND id = ?", updates)
+    connection.execute(_SENDERS)
+    connection.executemany(
+        "INSERT INTO senders (sender_id, count, bytes) VALUES (?, ?, ?)",
+        [(sender, n, b) for sender, (n, b) in senders.items()],
+    )
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _pragmas(connection: sqlite3.Connection) -> None:
@@ -63,7 +126,8 @@ def _pragmas(connection: sqlite3.Connection) -> None:
 def check_database(path: str) -> None:
     """
     Make sure C{path} is an offline store this code can use, creating it
-    (schema version 1) when it does not exist.
+    (schema version 2) when it does not exist, migrating it when it has an
+    older schema.
 
     @raise OfflineStoreError: saying what is wrong: the directory is
         missing, the file is not a database or is corrupt, it is not
@@ -101,12 +165,21 @@ def check_database(path: str) -> None:
             if problems != ["ok"]:
                 raise OfflineStoreError(f"{path}: the database is corrupt: {'; '.join(problems[:5])}")
             connection.execute("BEGIN IMMEDIATE")
+            needed = {"users", "messages"} | ({"senders"} if version >= 2 else set())
             if version == 0:
                 for statement in _SCHEMA:
                     connection.execute(statement)
-            elif not {"users", "messages"} <= tables:
+            elif not needed <= tables:
                 connection.execute("ROLLBACK")
                 raise OfflineStoreError(f"{path}: the offline store's tables are missing")
+            elif version == 1:
+                _migrate_from_1(connection)
+                log.info(
+                    "{path}: the offline store's schema was migrated from version 1 to {version}",
+                    path=path,
+                    version=SCHEMA_VERSION,
+                    esf_event="offline_store_migrated",
+                )
             connection.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             raise OfflineStoreError(f"{path}: cannot use the database: {e}") from None
@@ -117,7 +190,7 @@ def check_database(path: str) -> None:
 class _Op:
     __slots__ = ("run", "deferred")
 
-    def __init__(self, run: Callable[[Any], Any]):
+    def __init__(self, run: Callable[[Any, _Senders], Any]):
         self.run = run
         self.deferred: Deferred[Any] = Deferred()
 
@@ -130,25 +203,41 @@ class SQLiteOfflineStore:
     @param path: the database file (made on L{start} when missing).
     @param max_messages: most messages kept for one user.
     @param max_bytes: most bytes kept for one user.
+    @param max_sender_messages: most messages one sender may have waiting,
+        for all receivers together.
+    @param max_sender_bytes: most bytes of them.
+    @param max_total_messages: most messages in the whole store.
+    @param max_total_bytes: most bytes in the whole store.
     @param max_batch: most operations in one transaction.
     """
 
     def __init__(
         self,
         path: str,
-        max_messages: int = 10_000,
-        max_bytes: int = 64 * 1024 * 1024,
+        max_messages: int = MAX_MESSAGES,
+        max_bytes: int = MAX_BYTES,
         *,
+        max_sender_messages: int = MAX_SENDER_MESSAGES,
+        max_sender_bytes: int = MAX_SENDER_BYTES,
+        max_total_messages: int = MAX_TOTAL_MESSAGES,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
         max_batch: int = 1000,
     ):
         self.path = path
         self.max_messages = max_messages
         self.max_bytes = max_bytes
+        self.max_sender_messages = max_sender_messages
+        self.max_sender_bytes = max_sender_bytes
+        self.max_total_messages = max_total_messages
+        self.max_total_bytes = max_total_bytes
         self.max_batch = max_batch
         self.pool: adbapi.ConnectionPool | None = None
         self._queue: list[_Op] = []
         self._busy = False
         self._idle: list[Deferred[None]] = []
+        #: (messages, bytes) in the whole store: read at start, then kept
+        #: by the operations, in the database's thread, as they run.
+        self._total = (0, 0)
 
     def __repr__(self) -> str:
         return f"<SQLiteOfflineStore {self.path}>"
@@ -171,7 +260,14 @@ class SQLiteOfflineStore:
             check_same_thread=False,
             cp_reconnect=False,
         )
-        return succeed(None)
+
+        def read_total(cursor: Any, senders: _Senders) -> None:
+            cursor.execute("SELECT coalesce(sum(count), 0), coalesce(sum(bytes), 0) FROM users")
+            count, size = cursor.fetchone()
+            self._total = (int(count), int(size))
+
+        # Run before whatever is called after start.
+        return self._call(read_total)
 
     def stop(self) -> Deferred[None]:
         """
@@ -192,7 +288,7 @@ class SQLiteOfflineStore:
 
     # -- queue ---------------------------------------------------------------------
 
-    def _call(self, run: Callable[[Any], Any]) -> Deferred[Any]:
+    def _call(self, run: Callable[[Any, _Senders], Any]) -> Deferred[Any]:
         if self.pool is None:
             raise OfflineStoreError(f"{self.path}: the offline store is not started")
         op = _Op(run)
@@ -211,11 +307,13 @@ class SQLiteOfflineStore:
         del self._queue[: self.max_batch]
         self._busy = True
         d = self.pool.runInteraction(_run_all, batch)
-        d.addBoth(self._done, batch)
+        d.addBoth(self._done, batch, self._total)
 
-    def _done(self, results: Any, batch: list[_Op]) -> None:
+    def _done(self, results: Any, batch: list[_Op], total: tuple[int, int]) -> None:
         self._busy = False
         if isinstance(results, Failure):
+            # Rolled back: so is the total.
+            self._total = total
             error = results.value
             if isinstance(error, sqlite3.Error):
                 error = OfflineStoreError(f"{self.path}: {error}")
@@ -232,26 +330,32 @@ class SQLiteOfflineStore:
     # -- IOfflineStore -------------------------------------------------------------
 
     def store(
-        self, user_id: str, client_type: int | None, frames: Sequence[bytes]
+        self, user_id: str, client_type: int | None, frames: Sequence[bytes], sender_id: str
     ) -> Deferred[list[int]]:
         frames = [bytes(f) for f in frames]
-        max_messages, max_bytes = self.max_messages, self.max_bytes
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             cursor.execute(
                 "SELECT next_id, count, bytes FROM users WHERE user_id = ?", (user_id,)
             )
             row = cursor.fetchone()
             next_id, count, size = row if row is not None else (1, 0, 0)
+            sender = senders.get(sender_id)
             added = sum(len(f) for f in frames)
-            if count + len(frames) > max_messages or size + added > max_bytes:
-                return OfflineStoreFull(user_id, count, size, max_messages, max_bytes)
+            total = self._total
+            refused = refusal(
+                self, user_id, (count, size), sender_id, (sender[0], sender[1]), total,
+                len(frames), added,
+            )
+            if refused is not None:
+                return refused
             if next_id + len(frames) > MAX_ID:
                 return OfflineStoreError(f"{user_id} has used up its message IDs")
             ids = list(range(next_id, next_id + len(frames)))
             cursor.executemany(
-                "INSERT INTO messages (user_id, id, client_type, frame) VALUES (?, ?, ?, ?)",
-                [(user_id, i, client_type, f) for i, f in zip(ids, frames)],
+                "INSERT INTO messages (user_id, id, client_type, frame, sender) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(user_id, i, client_type, f, sender_id) for i, f in zip(ids, frames)],
             )
             cursor.execute(
                 "INSERT INTO users (user_id, next_id, count, bytes) VALUES (?, ?, ?, ?) "
@@ -259,6 +363,8 @@ class SQLiteOfflineStore:
                 "count = excluded.count, bytes = excluded.bytes",
                 (user_id, next_id + len(frames), count + len(frames), size + added),
             )
+            senders.change(sender_id, len(frames), added)
+            self._total = (total[0] + len(frames), total[1] + added)
             return ids
 
         return self._call(run)
@@ -274,7 +380,7 @@ class SQLiteOfflineStore:
         kinds = [k for k in client_types if k is not None]
         any_device = None in client_types
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             condition = " OR ".join(
                 (["client_type IS NULL"] if any_device else [])
                 + ["client_type = ?"] * len(kinds)
@@ -298,33 +404,99 @@ class SQLiteOfflineStore:
     def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
         ids = list(ids)
 
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, cache: _Senders) -> Any:
             gone = size = 0
+            senders: dict[str, list[int]] = {}
             for i in ids:
                 cursor.execute(
-                    "DELETE FROM messages WHERE user_id = ? AND id = ? RETURNING length(frame)",
+                    "DELETE FROM messages WHERE user_id = ? AND id = ? "
+                    "RETURNING length(frame), sender",
                     (user_id, i),
                 )
                 row = cursor.fetchone()
                 if row is not None:
                     gone += 1
                     size += row[0]
+                    sender = senders.setdefault(row[1], [0, 0])
+                    sender[0] += 1
+                    sender[1] += row[0]
             if gone:
                 cursor.execute(
                     "UPDATE users SET count = count - ?, bytes = bytes - ? WHERE user_id = ?",
                     (gone, size, user_id),
                 )
+                for sender_id, (n, b) in senders.items():
+                    cache.change(sender_id, -n, -b)
+                total = self._total
+                self._total = (total[0] - gone, total[1] - size)
             return gone
 
         return self._call(run)
 
     def counts(self, user_id: str) -> Deferred[tuple[int, int]]:
-        def run(cursor: Any) -> Any:
+        def run(cursor: Any, senders: _Senders) -> Any:
             cursor.execute("SELECT count, bytes FROM users WHERE user_id = ?", (user_id,))
             row = cursor.fetchone()
             return (row[0], row[1]) if row is not None else (0, 0)
 
         return self._call(run)
+
+    def sender_counts(self, sender_id: str) -> Deferred[tuple[int, int]]:
+        def run(cursor: Any, senders: _Senders) -> Any:
+            row = senders.get(sender_id)
+            return (row[0], row[1])
+
+        return self._call(run)
+
+    def total_counts(self) -> Deferred[tuple[int, int]]:
+        # In call order, like the rest: after every store called before it.
+        return self._call(lambda cursor, senders: self._total)
+
+
+class _Senders:
+    """
+    The rows of the C{senders} table one transaction reads and changes:
+    each read once, written back once at its end (many stores from one
+    sender in a transaction cost one read and one write).
+    """
+
+    __slots__ = ("changed", "cursor", "rows")
+
+    def __init__(self, cursor: Any):
+        self.cursor = cursor
+        self.rows: dict[str, list[int]] = {}
+        self.changed: set[str] = set()
+
+    def get(self, sender_id: str) -> list[int]:
+        """
+        C{[messages, bytes]} C{sender_id} has waiting, as of now.
+        """
+        row = self.rows.get(sender_id)
+        if row is None:
+            self.cursor.execute(
+                "SELECT count, bytes FROM senders WHERE sender_id = ?", (sender_id,)
+            )
+            found = self.cursor.fetchone()
+            row = self.rows[sender_id] = [found[0], found[1]] if found else [0, 0]
+        return row
+
+    def change(self, sender_id: str, count: int, size: int) -> None:
+        row = self.get(sender_id)
+        row[0] += count
+        row[1] += size
+        self.changed.add(sender_id)
+
+    def write(self) -> None:
+        rows = [(s, self.rows[s][0], self.rows[s][1]) for s in sorted(self.changed)]
+        self.cursor.executemany(
+            "INSERT INTO senders (sender_id, count, bytes) VALUES (?, ?, ?) "
+            "ON CONFLICT (sender_id) DO UPDATE SET count = excluded.count, "
+            "bytes = excluded.bytes",
+            [row for row in rows if row[1] > 0],
+        )
+        self.cursor.executemany(
+            "DELETE FROM senders WHERE sender_id = ?", [(row[0],) for row in rows if row[1] <= 0]
+        )
 
 
 def _run_all(cursor: Any, batch: list[_Op]) -> list[Any]:
@@ -332,4 +504,7 @@ def _run_all(cursor: Any, batch: list[_Op]) -> list[Any]:
     Run a batch of operations in one transaction (adbapi commits it).  An
     operation's refusal is its result; a database error fails the batch.
     """
-    return [op.run(cursor) for op in batch]
+    senders = _Senders(cursor)
+    results = [op.run(cursor, senders) for op in batch]
+    senders.write()
+    return results

@@ -196,6 +196,14 @@ class IOfflineStore(Interface):
 
     max_messages = Attribute("""Most messages kept for one user.""")
     max_bytes = Attribute("""Most bytes (frames, headers included) kept for one user.""")
+    max_sender_messages = Attribute(
+        """Most messages one sending user may have waiting, for all receivers together."""
+    )
+    max_sender_bytes = Attribute(
+        """Most bytes one sending user may have waiting, for all receivers together."""
+    )
+    max_total_messages = Attribute("""Most messages the whole store keeps, for all users.""")
+    max_total_bytes = Attribute("""Most bytes the whole store keeps, for all users.""")
 
     def start() -> Deferred[None]:
         """
@@ -208,13 +216,18 @@ class IOfflineStore(Interface):
         Close the store once what was called has finished.
         """
 
-    def store(user_id: str, client_type: int | None, frames: Sequence[bytes]) -> Deferred[list[int]]:
+    def store(
+        user_id: str, client_type: int | None, frames: Sequence[bytes], sender_id: str
+    ) -> Deferred[list[int]]:
         """
-        Keep C{frames} (whole frames, as the sender sent them) for
+        Keep C{frames} (whole frames, as C{sender_id} sent them) for
         C{user_id}, or only its device C{client_type}: all of them or, when
-        they do not fit the user's bounds, none (failing with
-        L{esf.offline.OfflineStoreFull}).  Fires with their IDs once they
-        are durable.
+        they do not fit, none, failing with L{esf.offline.OfflineStoreFull}
+        (the user's bound), L{esf.offline.OfflineSenderFull} (what
+        C{sender_id} has waiting for all receivers) or
+        L{esf.offline.OfflineServerFull} (the whole store).  Fires with
+        their IDs once they are durable.  What is deleted counts no more
+        against any bound.
         """
 
     def fetch(
@@ -236,6 +249,17 @@ class IOfflineStore(Interface):
     def counts(user_id: str) -> Deferred[tuple[int, int]]:
         """
         How many messages, and how many bytes, are kept for C{user_id}.
+        """
+
+    def sender_counts(sender_id: str) -> Deferred[tuple[int, int]]:
+        """
+        How many messages, and how many bytes, C{sender_id} has waiting in
+        the store, for all receivers together.
+        """
+
+    def total_counts() -> Deferred[tuple[int, int]]:
+        """
+        How many messages, and how many bytes, the whole store keeps.
         """
 
 

@@ -125,6 +125,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["offline", None, None, "Keep messages to offline users and deliver them at their next logon: sqlite:PATH, or redis (the --cluster's Redis)."],
         ["offline-max-messages", None, 10000, "Most messages kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-messages", 1)],
         ["offline-max-bytes", None, 67108864, "Most bytes kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-bytes", 1024)],
+        ["offline-max-per-sender", None, 1000, "Most messages one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-per-sender", 1)],
+        ["offline-max-bytes-per-sender", None, 16777216, "Most bytes one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-bytes-per-sender", 1024)],
+        ["offline-max-total-messages", None, 1000000, "Most messages the offline store keeps in all; more are refused.", _int_option("offline-max-total-messages", 1)],
+        ["offline-max-total-bytes", None, 1073741824, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", 1024)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
     ]
@@ -415,10 +419,16 @@ def makeService(options: Options) -> MultiService:
         )
     store: Any = None
     limits = (options["offline-max-messages"], options["offline-max-bytes"])
+    bounds = {
+        "max_sender_messages": options["offline-max-per-sender"],
+        "max_sender_bytes": options["offline-max-bytes-per-sender"],
+        "max_total_messages": options["offline-max-total-messages"],
+        "max_total_bytes": options["offline-max-total-bytes"],
+    }
     if options["offline-path"] is not None:
-        store = SQLiteOfflineStore(options["offline-path"], *limits)
+        store = SQLiteOfflineStore(options["offline-path"], *limits, **bounds)
     elif options["offline"] == "redis" and presence is not None:
-        store = RedisOfflineStore(presence.link, *limits)
+        store = RedisOfflineStore(presence.link, *limits, **bounds)
     engine = ServerEngine(
         config,
         clock=reactor,

@@ -71,6 +71,8 @@ OFFLINE = {
     "KEPT_TYPES",
     "KeepAll",
     "MemoryOfflineStore",
+    "OfflineSenderFull",
+    "OfflineServerFull",
     "OfflineStoreError",
     "OfflineStoreFull",
     "RedisOfflineStore",

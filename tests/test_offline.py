@@ -398,3 +398,131 @@ def implementer_customize(cls):
     from esf.interfaces import ICustomizeHandler
 
     return implementer(ICustomizeHandler)(cls)
+
+
+# -- bounds per sender and for the whole store ------------------------------------
+
+
+def test_one_sender_filling_many_receivers_stops_at_its_bound_and_others_still_store():
+    """
+    An attacker with one account sends to ever more offline users: it
+    stops at its per-sender bound (counted, told why, logged within its
+    session's limit); another sender still stores; once a receiver
+    acknowledges, the attacker may store that much again.
+    """
+    from esf.testing import LogCapture
+
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_messages=20)
+    s = MemoryServer(offline_store=store)
+    mallory = s.logged_on("mallory")
+    with LogCapture() as logs:
+        outcomes = [mallory.send_certainly(f"u{n}", 1, b"spam") for n in range(200)]
+        s.pump()
+    refused = []
+    kept = 0
+    for d in outcomes:
+        outcome = []
+        d.addBoth(outcome.append)
+        if outcome[0] == STORED:
+            kept += 1
+        else:
+            error = outcome[0].value
+            assert isinstance(error, RequestError) and error.code == ErrorCode.USER_OFFLINE
+            refused.append(error.text)
+    assert kept == 20 and len(refused) == 180
+    assert "you cannot leave more for users who are offline" in refused[0]
+    assert "at most 20" in refused[0]
+    counters = s.engine.counters
+    assert counters["offline_sender_full"] == 180
+    assert counters["offline_full"] == 0 and counters["offline_server_full"] == 0
+    assert s.result(store.sender_counts("mallory"))[0] == 20
+    # Logged, but not once per refusal: the session's log limit holds.
+    events = logs.esf_events("offline_sender_full")
+    assert 1 <= len(events) <= 10
+    # Another sender is not held back by mallory's bound.
+    alice = s.logged_on("alice")
+    assert s.result(alice.send_certainly("u0", 1, b"hello")) == STORED
+    # u0 logs on and acknowledges: mallory's count goes down, and it may
+    # store one more (and no more than that).
+    _u0, got = receiver(s, "u0")
+    s.pump()
+    assert [g[0] for g in got] == ["mallory", "alice"]
+    assert s.result(store.sender_counts("mallory"))[0] == 19
+    assert s.result(mallory.send_certainly("u300", 1, b"again")) == STORED
+    assert s.failure(mallory.send_certainly("u301", 1, b"no"), RequestError).code == (
+        ErrorCode.USER_OFFLINE
+    )
+    s.close()
+
+
+def test_the_sender_bound_counts_bytes_too():
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_bytes=1000)
+    s = MemoryServer(offline_store=store)
+    mallory = s.logged_on("mallory")
+    assert s.result(mallory.send_certainly("u1", 1, b"x" * 500)) == STORED
+    error = s.failure(mallory.send_certainly("u2", 1, b"y" * 500), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE and "1000 bytes" in error.text
+    assert s.engine.counters["offline_sender_full"] == 1
+    s.close()
+
+
+def test_a_blob_larger_than_the_sender_bound_is_refused_at_once():
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_bytes=4096)
+    s = MemoryServer(offline_store=store)
+    mallory = s.logged_on("mallory")
+    error = s.failure(mallory.send_blob("u1", 7, b"z" * 20000, fragment_size=1000), RequestError)
+    # The fragment that passed the bound dropped the blob (it had no
+    # MessageID: nobody to tell); the last one finds no blob to add to.
+    assert error.code == ErrorCode.USER_OFFLINE
+    assert s.engine.counters["offline_sender_full"] == 1
+    assert s.engine.counters["offline_full"] == 0
+    # Nothing of it is kept, nor held in memory.
+    assert s.result(store.total_counts()) == (0, 0)
+    assert s.engine.budget.used == 0
+    s.close()
+
+
+def test_the_whole_store_refuses_when_full_and_accepts_again_once_acknowledged():
+    from esf.testing import LogCapture
+
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_total_messages=30)
+    s = MemoryServer(offline_store=store)
+    senders = [s.logged_on(f"s{n}") for n in range(3)]
+    for sender in senders:
+        for n in range(10):
+            assert s.result(sender.send_certainly(f"r{n}", 1, b"m")) == STORED
+    assert s.result(store.total_counts())[0] == 30
+    with LogCapture() as logs:
+        errors = [senders[0].send_certainly("late", 1, b"x") for _ in range(15)]
+        s.pump()
+    for d in errors:
+        error = s.failure(d, RequestError)
+        assert error.code == ErrorCode.USER_OFFLINE
+        assert "the server's offline store is full" in error.text
+    counters = s.engine.counters
+    assert counters["offline_server_full"] == 15 and counters["offline_sender_full"] == 0
+    events = logs.esf_events("offline_server_full")
+    assert 1 <= len(events) <= 10  # one session: its log limit
+    # r0 logs on and acknowledges its three: room for three more.
+    _r0, got = receiver(s, "r0")
+    s.pump()
+    assert len(got) == 3
+    assert s.result(store.total_counts())[0] == 27
+    for _ in range(3):
+        assert s.result(senders[1].send_certainly("late", 1, b"x")) == STORED
+    assert s.failure(senders[1].send_certainly("late", 1, b"x"), RequestError).code == (
+        ErrorCode.USER_OFFLINE
+    )
+    s.close()
+
+
+def test_the_whole_store_bound_counts_bytes_too():
+    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_total_bytes=2000)
+    s = MemoryServer(offline_store=store)
+    a, b = s.logged_on("a"), s.logged_on("b")
+    assert s.result(a.send_certainly("r1", 1, b"x" * 900)) == STORED
+    assert s.result(b.send_certainly("r2", 1, b"x" * 900)) == STORED
+    error = s.failure(a.send_certainly("r3", 1, b"x" * 900), RequestError)
+    assert "the server's offline store is full" in error.text
+    assert s.engine.counters["offline_server_full"] == 1
+    s.close()

@@ -15,6 +15,8 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from esf.offline import (
+    OfflineSenderFull,
+    OfflineServerFull,
     OfflineStoreError,
     OfflineStoreFull,
     RedisOfflineStore,
@@ -25,9 +27,9 @@ from esf.offline import (
 
 async def exercise(store) -> None:
     """The contract every store keeps."""
-    assert await store.store("bob", None, [b"a" * 10, b"b" * 10]) == [1, 2]
-    assert await store.store("bob", 5, [b"c" * 10]) == [3]
-    assert await store.store("bob", None, [b"d" * 10]) == [4]
+    assert await store.store("bob", None, [b"a" * 10, b"b" * 10], "alice") == [1, 2]
+    assert await store.store("bob", 5, [b"c" * 10], "alice") == [3]
+    assert await store.store("bob", None, [b"d" * 10], "alice") == [4]
     assert await store.counts("bob") == (4, 40)
     assert await store.counts("nobody") == (0, 0)
     every = await store.fetch("bob", [None, 5], 0, 100, 1 << 20)
@@ -42,14 +44,14 @@ async def exercise(store) -> None:
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 5)] == [1]
     # Bounds: all or none (limit 5 messages, 60 bytes).
     with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"e" * 5, b"f" * 5])
+        await store.store("bob", None, [b"e" * 5, b"f" * 5], "alice")
     with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"g" * 30])
+        await store.store("bob", None, [b"g" * 30], "alice")
     assert await store.counts("bob") == (4, 40)
     assert await store.delete("bob", [1, 3, 99]) == 2
     assert await store.counts("bob") == (2, 20)
     # IDs are never reused.
-    assert await store.store("bob", None, [b"h"]) == [5]
+    assert await store.store("bob", None, [b"h"], "alice") == [5]
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 1 << 20)] == [2, 4, 5]
     assert await store.delete("bob", [2, 4, 5]) == 3
     assert await store.counts("bob") == (0, 0)
@@ -72,7 +74,7 @@ async def test_sqlite_store_survives_reopening_and_runs_calls_in_order(tmp_path)
     store = SQLiteOfflineStore(path)
     await store.start()
     # Called without waiting: one transaction (or a few), in call order.
-    stores = [store.store("bob", None, [b"%d" % n]) for n in range(50)]
+    stores = [store.store("bob", None, [b"%d" % n], "alice") for n in range(50)]
     fetched = store.fetch("bob", [None], 0, 1000, 1 << 20)
     ids = [await d for d in stores]
     assert ids == [[n + 1] for n in range(50)]
@@ -82,12 +84,12 @@ async def test_sqlite_store_survives_reopening_and_runs_calls_in_order(tmp_path)
     await again.start()
     try:
         assert await again.counts("bob") == (50, sum(len(b"%d" % n) for n in range(50)))
-        assert await again.store("bob", None, [b"next"]) == [51]
+        assert await again.store("bob", None, [b"next"], "alice") == [51]
     finally:
         await again.stop()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_a_corrupt_database_is_a_clear_error(tmp_path):
@@ -103,7 +105,7 @@ def test_a_damaged_database_is_a_clear_error(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=DELETE")
         db.executemany(
-            "INSERT INTO messages VALUES ('bob', ?, NULL, ?)", [(i, b"x" * 3000) for i in range(200)]
+            "INSERT INTO messages VALUES ('bob', ?, NULL, ?, 'alice')", [(i, b"x" * 3000) for i in range(200)]
         )
     data = bytearray(path.read_bytes())
     for offset in range(4096 * 3, len(data) - 4096, 4096):
@@ -117,8 +119,8 @@ def test_a_newer_schema_is_a_clear_error(tmp_path):
     path = tmp_path / "offline.db"
     check_database(str(path))
     with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version = 2")
-    with pytest.raises(OfflineStoreError, match="schema version 2 is newer"):
+        db.execute("PRAGMA user_version = 3")
+    with pytest.raises(OfflineStoreError, match="schema version 3 is newer"):
         check_database(str(path))
 
 
@@ -195,7 +197,250 @@ async def test_redis_store(redis_server):
         # Another store on the same Redis (another node) sees the same.
         one = RedisOfflineStore(link, prefix="t2")
         two = RedisOfflineStore(link, prefix="t2")
-        assert await one.store("carol", None, [b"x"]) == [1]
+        assert await one.store("carol", None, [b"x"], "alice") == [1]
         assert [m.raw for m in await two.fetch("carol", [None], 0, 10, 100)] == [b"x"]
     finally:
         await link.stop()
+
+
+# -- bounds per sender and for the whole store ------------------------------------
+
+#: The bounds the next tests give their stores.
+BOUNDS = {
+    "max_messages": 100,
+    "max_bytes": 1 << 20,
+    "max_sender_messages": 3,
+    "max_sender_bytes": 1000,
+    "max_total_messages": 6,
+    "max_total_bytes": 5000,
+}
+
+
+async def exercise_bounds(store, reopen):
+    """
+    What one sender may have waiting, for all receivers, and what the whole
+    store holds: refused past them, counted down by deletes, the same after
+    C{reopen} (which closes C{store} and answers the store opened again).
+    """
+    # The sender's bound in bytes, then in messages, over many receivers.
+    with pytest.raises(OfflineSenderFull, match="at most 3 .1000 bytes. per sender"):
+        await store.store("r0", None, [b"x" * 1001], "mallory")
+    for n in (1, 2, 3):
+        assert await store.store(f"r{n}", None, [b"m" * 10], "mallory") == [1]
+    with pytest.raises(OfflineSenderFull):
+        await store.store("r4", None, [b"m" * 10], "mallory")
+    assert await store.sender_counts("mallory") == (3, 30)
+    # Others are not held back by mallory's bound...
+    assert await store.store("r4", None, [b"a" * 10, b"a" * 10], "alice") == [1, 2]
+    assert await store.store("r4", 5, [b"a" * 10], "alice") == [3]
+    assert await store.total_counts() == (6, 60)
+    # ...but by the whole store's.
+    with pytest.raises(OfflineServerFull, match="holds 6 messages .60 bytes., at most 6"):
+        await store.store("r5", None, [b"c"], "carol")
+    assert await store.sender_counts("carol") == (0, 0)
+    assert await store.counts("r5") == (0, 0)
+
+    store = await reopen(store)
+    assert await store.total_counts() == (6, 60)
+    assert await store.sender_counts("mallory") == (3, 30)
+    assert await store.sender_counts("alice") == (3, 30)
+    with pytest.raises(OfflineServerFull):
+        await store.store("r5", None, [b"c"], "carol")
+    with pytest.raises(OfflineSenderFull):
+        await store.store("r5", None, [b"c"], "mallory")
+
+    # r1 acknowledged: mallory and the store have room for one more.
+    assert await store.delete("r1", [1]) == 1
+    assert await store.sender_counts("mallory") == (2, 20)
+    assert await store.total_counts() == (5, 50)
+    assert await store.store("r5", None, [b"c" * 5], "carol") == [1]
+    assert await store.total_counts() == (6, 55)
+    with pytest.raises(OfflineServerFull):
+        await store.store("r6", None, [b"m"], "mallory")
+    # Deleting what is gone, or was never there, changes nothing.
+    assert await store.delete("r1", [1, 7]) == 0
+    assert await store.total_counts() == (6, 55)
+    assert await store.delete("r2", [1]) == 1
+    assert await store.delete("r3", [1]) == 1
+    assert await store.delete("r4", [1, 2, 3]) == 3
+    assert await store.delete("r5", [1]) == 1
+    for sender in ("mallory", "alice", "carol"):
+        assert await store.sender_counts(sender) == (0, 0)
+    assert await store.total_counts() == (0, 0)
+    # The whole store's bound in bytes.
+    for n in range(5):
+        assert await store.store(f"b{n}", None, [b"b" * 1000], f"s{n}") == [1]
+    with pytest.raises(OfflineServerFull, match="holds 5 messages .5000 bytes."):
+        await store.store("b5", None, [b"b"], "s5")
+    return store
+
+
+@pytest_twisted.ensureDeferred
+async def test_memory_store_bounds():
+    from esf.offline import MemoryOfflineStore
+
+    async def reopen(store):
+        return store  # nothing to reopen: the same object
+
+    await exercise_bounds(MemoryOfflineStore(**BOUNDS), reopen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_store_bounds_survive_a_restart(tmp_path):
+    path = str(tmp_path / "offline.db")
+
+    async def reopen(store):
+        await store.stop()
+        again = SQLiteOfflineStore(path, **BOUNDS)
+        await again.start()
+        return again
+
+    store = SQLiteOfflineStore(path, **BOUNDS)
+    await store.start()
+    store = await exercise_bounds(store, reopen)
+    await store.stop()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT count(*) FROM senders").fetchone()[0] == 5
+        assert db.execute("SELECT sum(count), sum(bytes) FROM users").fetchone() == (5, 5000)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_store_total_rolls_back_with_its_transaction(tmp_path):
+    """
+    The total is kept in memory: a transaction that fails (here: a value
+    SQLite cannot bind, after a store that went well in the same
+    transaction) leaves it as it was, like the database.
+    """
+    store = SQLiteOfflineStore(str(tmp_path / "offline.db"), **BOUNDS)
+    await store.start()
+    try:
+        assert await store.store("bob", None, [b"1" * 10], "alice") == [1]
+        busy = store.fetch("bob", [None], 0, 10, 1000)  # holds the next two back
+        good = store.store("bob", None, [b"2" * 10], "alice")
+        bad = store.store("bob", object(), [b"3" * 10], "alice")  # type: ignore[arg-type]
+        await busy
+        for d in (good, bad):
+            with pytest.raises(OfflineStoreError):
+                await d
+        assert await store.total_counts() == (1, 10)
+        assert await store.sender_counts("alice") == (1, 10)
+        assert await store.counts("bob") == (1, 10)
+        assert await store.store("bob", None, [b"4" * 10], "alice") == [2]
+        assert await store.total_counts() == (2, 20)
+    finally:
+        await store.stop()
+
+
+#: The offline store's schema version 1, as it was made.
+_SCHEMA_1 = (
+    (
+        "CREATE TABLE users ("
+        " user_id TEXT PRIMARY KEY,"
+        " next_id INTEGER NOT NULL,"
+        " count INTEGER NOT NULL,"
+        " bytes INTEGER NOT NULL)"
+    ),
+    (
+        "CREATE TABLE messages ("
+        " user_id TEXT NOT NULL,"
+        " id INTEGER NOT NULL,"
+        " client_type INTEGER,"
+        " frame BLOB NOT NULL,"
+        " PRIMARY KEY (user_id, id)) WITHOUT ROWID"
+    ),
+    "PRAGMA user_version = 1",
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_version_1_database_is_migrated(tmp_path):
+    """
+    A database of schema version 1 (no sender kept) opens: each message
+    gets the sender named in its frame's header, each sender its totals,
+    and what it holds counts against the bounds at once.
+    """
+    from esf._wire import MessageType, WireConfig, encode_frame
+
+    path = tmp_path / "offline.db"
+    wire = WireConfig()
+    kept = {  # receiver -> [(sender, body)]
+        "bob": [("mallory", b"x" * 40), ("alice", b"a" * 7), ("mallory", b"y" * 3)],
+        "carol": [("mallory", b"z" * 100), ("\u00e9mile", b"e")],
+    }
+    with sqlite3.connect(path) as db:
+        for statement in _SCHEMA_1:
+            db.execute(statement)
+        for receiver, messages in kept.items():
+            frames = [
+                encode_frame(wire, MessageType.SEND, body, user_id=sender, dest_user_id=receiver)
+                for sender, body in messages
+            ]
+            db.executemany(
+                "INSERT INTO messages VALUES (?, ?, NULL, ?)",
+                [(receiver, i + 1, f) for i, f in enumerate(frames)],
+            )
+            db.execute(
+                "INSERT INTO users VALUES (?, ?, ?, ?)",
+                (receiver, len(frames) + 1, len(frames), sum(map(len, frames))),
+            )
+    header = wire.header_length
+    store = SQLiteOfflineStore(str(path), **BOUNDS)
+    await store.start()
+    try:
+        assert await store.sender_counts("mallory") == (3, 3 * header + 143)
+        assert await store.sender_counts("alice") == (1, header + 7)
+        assert await store.sender_counts("\u00e9mile") == (1, header + 1)
+        assert await store.total_counts() == (5, 5 * header + 151)
+        with pytest.raises(OfflineSenderFull):
+            await store.store("dave", None, [b"m"], "mallory")
+        assert await store.store("bob", None, [b"a"], "alice") == [4]
+        assert [m.raw[-1:] for m in await store.fetch("bob", [None], 0, 10, 1 << 20)] == [
+            b"x", b"a", b"y", b"a"
+        ]
+        assert await store.delete("bob", [1, 3]) == 2
+        assert await store.sender_counts("mallory") == (1, header + 100)
+    finally:
+        await store.stop()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute(
+            "SELECT sender FROM messages WHERE user_id = 'carol' ORDER BY id"
+        ).fetchall() == [("mallory",), ("\u00e9mile",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
+    """
+    The counters are Redis keys, kept by the same scripts as the messages:
+    with C{appendfsync always} they survive a kill -9 of redis-server and
+    a new node's store reads them.
+    """
+    from _redis import RedisServer
+    from twisted.internet import reactor
+
+    from esf._cluster import RedisLink, RedisURL
+
+    redis = RedisServer(tmp_path, args=("--appendonly", "yes", "--appendfsync", "always"))
+    redis.start()
+    links = []
+
+    async def connect():
+        link = RedisLink(reactor, RedisURL.parse(redis.url))
+        connected: Deferred[None] = Deferred()
+        link.start(lambda: connected.called or connected.callback(None), lambda: None)
+        await connected
+        links.append(link)
+        return RedisOfflineStore(link, **BOUNDS)
+
+    async def reopen(store):
+        await store.link.stop()
+        redis.restart()  # kill -9, then start again on its files
+        return await connect()
+
+    try:
+        store = await exercise_bounds(await connect(), reopen)
+        assert await store.total_counts() == (5, 5000)
+    finally:
+        for link in links:
+            await link.stop()
+        redis.stop()

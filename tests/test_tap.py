@@ -342,6 +342,35 @@ def test_make_service_passes_the_config():
     assert service.engine.config.admins == {"root"}
 
 
+def test_offline_bounds_reach_the_store(tmp_path):
+    options = parse(
+        "--offline", f"sqlite:{tmp_path / 'offline.db'}",
+        "--offline-max-messages", "50",
+        "--offline-max-bytes", "4096",
+        "--offline-max-per-sender", "7",
+        "--offline-max-bytes-per-sender", "2048",
+        "--offline-max-total-messages", "900",
+        "--offline-max-total-bytes", "65536",
+    )
+    store = makeService(options).engine.offline.store
+    assert (store.max_messages, store.max_bytes) == (50, 4096)
+    assert (store.max_sender_messages, store.max_sender_bytes) == (7, 2048)
+    assert (store.max_total_messages, store.max_total_bytes) == (900, 65536)
+
+
+def test_offline_bounds_defaults(tmp_path):
+    store = makeService(parse("--offline", f"sqlite:{tmp_path / 'offline.db'}")).engine.offline.store
+    assert (store.max_sender_messages, store.max_sender_bytes) == (1000, 16 * 1024 * 1024)
+    assert (store.max_total_messages, store.max_total_bytes) == (1_000_000, 1024 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "option", ["--offline-max-per-sender", "--offline-max-total-messages"]
+)
+def test_offline_bounds_must_be_positive(option):
+    assert option[2:] in usage_error(option, "0")
+
+
 # -- operations: --metrics, --admin-api, --admin-token-file, --audit-log ---------------
 
 
