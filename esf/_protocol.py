@@ -77,8 +77,14 @@ class ServerProtocol(Protocol):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
-        if self.session is not None:
-            self.session.connection_lost()
+        # Let go of the session: it holds this protocol as its channel, and
+        # this protocol holds the transport with whatever it could not write
+        # (a slow reader's whole backlog).  Left as a cycle, all of it would
+        # wait for a full garbage collection, which an idle server may not
+        # run for a long time.
+        session, self.session = self.session, None
+        if session is not None:
+            session.connection_lost()
 
     # IChannel
 
