@@ -15,6 +15,7 @@ C{docs/reliability.md}.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ from _helpers import (
     connect,
     make_engine,
     record_events,
+    timers,
 )
 from esf import DisconnectedType, LogonResult, MessageType
 from esf import wire as w
@@ -239,6 +242,53 @@ def test_slow_reader_is_dropped_and_others_keep_relaying(logs):
     assert online(engine, "erin")
     assert frames_written(sender) == []  # one-way sends: nothing to answer
     assert not logs.failures()
+
+
+def test_slow_readers_that_left_are_freed_at_once_with_their_backlogs():
+    """
+    Once slow readers and their senders are gone, nothing keeps their
+    sessions, channels or transports (which hold the unwritten backlog)
+    alive: they are freed as the last reference goes, without waiting for a
+    garbage collection (an idle server may not run a full one for a long
+    time), and a collection finds none still reachable.
+    """
+    engine = make_engine(max_output_buffer=64 * 1024, output_drain_timeout=2)
+    pairs = []
+    for n in range(10):
+        reader, sender = connect(engine, f"r{n}"), connect(engine, f"s{n}")
+        reader.protocol.pauseProducing()  # it does not read
+        pairs.append((reader, sender))
+    watched = []
+    for reader, sender in pairs:
+        frame = sender.frame(T.SEND, w.Information(1, bytes(8000)), dest=reader.user_id)
+        for _ in range(100):
+            sender.send_raw(frame)
+        assert sender.transport.producerState == "paused"  # pushed back
+        watched += [
+            weakref.ref(client.protocol.session) for client in (reader, sender)
+        ] + [weakref.ref(client.protocol) for client in (reader, sender)]
+        # What the server wrote to the reader: its transport holds it.
+        watched.append(weakref.ref(reader.transport))
+        assert len(reader.transport.value()) > 64 * 1024
+    assert engine.budget.used > 10 * 32 * 1024
+    advance_to(engine.clock, 2.0)  # the readers did not drain: they are ended
+    for reader, sender in pairs:
+        assert reader.closing and not online(engine, reader.user_id)
+        sender.send(T.LOGOFF)
+        assert sender.closing
+        for client in (reader, sender):
+            client.lose()  # as the reactor reports the closed connection
+    assert engine.sessions == set() and engine.budget.used == 0
+    assert timers(engine) == []
+    gc.disable()  # freed by reference counting alone, or not at all
+    try:
+        del pairs, reader, sender, client
+        alive = [ref() for ref in watched if ref() is not None]
+        assert alive == [], f"{len(alive)} of {len(watched)} objects left alive: {alive[:3]}"
+    finally:
+        gc.enable()
+    gc.collect()
+    assert [ref() for ref in watched if ref() is not None] == []
 
 
 # -- floods, in memory ---------------------------------------------------------------------------
