@@ -6,11 +6,11 @@ burst (a hundred slow readers' backlogs, say) the process would keep its
 peak RSS although nothing holds those bytes any more: a large block freed
 once makes malloc serve later ones from the heap, whose free pages it gives
 back only at the heap's top.  L{MemoryTrimmer} looks every few seconds at
-the process's RSS and, when it grew by more than a threshold since the last
-trim while malloc holds at least as much free (C{mallinfo2}; both looks
-cost microseconds), calls C{malloc_trim(0)}, which gives the free pages
-back (about 15 ms for 100 MiB).  Where the C library is not glibc 2.33 or
-later on Linux, it does nothing.
+how much malloc holds free (C{mallinfo2}) and at the process's RSS (both
+looks cost microseconds) and, when malloc holds more than a threshold
+free and the RSS moved since it last did so, calls C{malloc_trim(0)},
+which gives the free pages back (about 15 ms for 100 MiB).  Where the C
+library is not glibc 2.33 or later on Linux, it does nothing.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ __all__ = ["MemoryTrimmer", "Allocator", "GlibcAllocator"]
 
 log = Logger(namespace="esf.server")
 
-#: Default: trim once the RSS grew this much since the last trim, if malloc
-#: holds at least as much free.
+#: Default: trim only when malloc holds at least this many bytes free.
 TRIM_THRESHOLD = 16 * 1024 * 1024
+
+#: An RSS within this many bytes of the one after the last trim has not
+#: moved: nothing new to give back.
+SETTLED = 1024 * 1024
 
 
 class Allocator(Protocol):
@@ -106,9 +109,9 @@ class GlibcAllocator:
 class MemoryTrimmer(Service):
     """
     Every C{interval} seconds, give freed memory back to the system when
-    the RSS grew by C{threshold} bytes since the last time (or since the
-    least it was), if the allocator holds at least as much free: memory in
-    use is not what grew.
+    malloc holds at least C{threshold} bytes free and the RSS moved (by
+    more than L{SETTLED}) since the last trim: an idle server that gave back
+    what it could is left alone, a server after a burst is not.
 
     @ivar trims: how many times it trimmed.
     """
@@ -125,7 +128,7 @@ class MemoryTrimmer(Service):
         self.threshold = threshold
         self.allocator = allocator if allocator is not None else GlibcAllocator.load()
         self.trims = 0
-        self._floor = 0
+        self._resident = 0
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -137,7 +140,7 @@ class MemoryTrimmer(Service):
                 esf_event="malloc_trim_unavailable",
             )
             return
-        self._floor = self.allocator.resident_bytes()
+        self._resident = self.allocator.resident_bytes()
         self._loop = LoopingCall(self.check)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
@@ -150,30 +153,30 @@ class MemoryTrimmer(Service):
 
     def check(self) -> bool:
         """
-        Trim if the RSS grew enough while malloc holds enough free.
+        Trim if malloc holds enough free and the RSS moved since the last
+        trim.
 
         @return: whether it trimmed.
         """
         allocator = self.allocator
         assert allocator is not None  # started
-        resident = allocator.resident_bytes()
-        if resident < self._floor:
-            self._floor = resident
-            return False
-        if resident - self._floor < self.threshold:
-            return False
         free = allocator.free_bytes()
         if free < self.threshold:
-            return False  # what grew is in use
+            return False  # little to give back
+        resident = allocator.resident_bytes()
+        if abs(resident - self._resident) <= SETTLED:
+            # As after the last trim: malloc still counts the chunks it gave
+            # back as free, but there is nothing new.
+            return False
         allocator.trim()
         self.trims += 1
-        self._floor = allocator.resident_bytes()
+        self._resident = allocator.resident_bytes()
         log.debug(
             "gave freed memory back to the system: RSS {before} -> {after} bytes "
             "({free} bytes free in malloc's heaps)",
             esf_event="malloc_trim",
             before=resident,
-            after=self._floor,
+            after=self._resident,
             free=free,
         )
         return True

@@ -63,7 +63,9 @@ def test_interfaces_exports():
         assert getattr(esf.interfaces, name).__doc__
 
 
-OPERATIONS = {"AdminService", "AuditLog", "AuditService", "MetricsService", "ServerMetrics"}
+OPERATIONS = {
+    "AdminService", "AuditLog", "AuditService", "MemoryTrimmer", "MetricsService", "ServerMetrics",
+}
 
 
 def test_operations_exports():

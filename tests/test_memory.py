@@ -49,7 +49,7 @@ def started(allocator, interval=5.0, threshold=16 * MiB):
     return clock, trimmer
 
 
-def test_trims_once_the_rss_grew_while_malloc_holds_it_free():
+def test_trims_once_a_burst_is_freed():
     allocator = FakeAllocator(resident=60 * MiB, free=1 * MiB)
     clock, trimmer = started(allocator)
     allocator.resident, allocator.free = 180 * MiB, 2 * MiB  # slow readers' backlogs
@@ -60,21 +60,46 @@ def test_trims_once_the_rss_grew_while_malloc_holds_it_free():
     assert allocator.trimmed == []  # not before its interval
     clock.advance(0.1)
     assert allocator.trimmed == [180 * MiB] and trimmer.trims == 1
-    # malloc still counts what went back as free: no trim every interval.
+    # malloc still counts what went back as free; the RSS did not move:
+    # no trim every interval.
     for _ in range(3):
         clock.advance(5)
     assert trimmer.trims == 1
-    # The next burst uses the free chunks again, and leaves; the trimmer
-    # did not look in between.
+    # The next burst uses the free chunks again, and leaves, between two
+    # looks: the RSS tells.
     allocator.resident = 182 * MiB
     clock.advance(5)
     assert allocator.trimmed == [180 * MiB, 182 * MiB]
-    # Less growth than the threshold is left alone.
-    allocator.resident = 70 * MiB
-    clock.advance(5)
-    assert trimmer.trims == 2
     trimmer.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_trim_during_a_burst_does_not_hide_its_end():
+    allocator = FakeAllocator(resident=60 * MiB, free=1 * MiB)
+    clock, trimmer = started(allocator)
+    # During the burst: 20 MiB free while more is in use.
+    allocator.resident, allocator.free = 160 * MiB, 20 * MiB
+    clock.advance(5)
+    assert trimmer.trims == 1
+    allocator.resident, allocator.free = 140 * MiB, 10 * MiB
+    clock.advance(5)
+    # The burst ends: its memory is freed, though the RSS is below what it
+    # was at the last trim.
+    allocator.resident, allocator.free = 120 * MiB, 90 * MiB
+    clock.advance(5)
+    assert allocator.trimmed == [160 * MiB, 120 * MiB]
+    trimmer.stopService()
+
+
+def test_little_free_or_an_unmoved_rss_is_left_alone():
+    allocator = FakeAllocator(resident=60 * MiB, free=15 * MiB)
+    clock, trimmer = started(allocator)
+    allocator.resident = 100 * MiB  # grew, but malloc holds little free
+    clock.advance(5)
+    allocator.resident, allocator.free = 60 * MiB + 512 * 1024, 50 * MiB  # RSS as at the start
+    clock.advance(5)
+    assert trimmer.trims == 0
+    trimmer.stopService()
 
 
 def test_without_glibc_it_does_nothing_and_says_so(monkeypatch):

@@ -730,6 +730,83 @@ def test_slow_readers_repeatedly_soak(twistd):
     assert_clean_log(server)
 
 
+def flood_slow_readers(port, count, until):
+    """
+    C{count} readers that never read log on; as many senders each write up
+    to 8 MiB of 60 KB Sends to one of them until the server stops reading
+    them or C{until}; then everyone leaves.
+    """
+    import threading
+
+    readers = []
+    for n in range(count):
+        reader = rc.Client(socket.socket())
+        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.sock.settimeout(10)
+        reader.sock.connect(("127.0.0.1", port))
+        assert reader.logon(f"r{n}", "pw")["result"] == 0
+        readers.append(reader)
+
+    def flood(n):
+        sender = logged_on(port, f"s{n}", "pw")
+        body = struct.pack("<i", 1) + bytes(60_000)
+        frame = rc.pack_header(202, len(body), f"s{n}", f"r{n}") + body
+        sender.sock.settimeout(0.5)
+        sent = 0
+        while sent < 8 << 20 and time.monotonic() < until:
+            try:
+                sender.sock.sendall(frame)
+            except OSError:  # a timeout: the server stopped reading it
+                break
+            sent += len(frame)
+        sender.close()
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return readers, threads
+
+
+@pytest.mark.e2e
+def test_rss_comes_back_after_slow_readers_leave_live(twistd):
+    """
+    Rounds of many slow readers at once: once they have left, the server's
+    RSS comes back near where it started (their sessions and backlogs are
+    freed at once, and freed memory is given back to the system).
+    """
+    count = 60
+    users = ":".join(f"{kind}{n}:pw" for n in range(count) for kind in "rs")
+    server = twistd(
+        "--auth", f"memory:{users}", "--max-output-buffer", "1048576",
+        "--output-drain-timeout", "1", "--logon-rate-limit", "1000", "--malloc-trim", "1",
+    )
+    pid = server.process.pid
+    start = rss_kib(pid)
+    figures = {"start_kib": start, "peak_kib": [], "after_kib": []}
+    for _ in range(2):
+        began = time.monotonic()
+        readers, threads = flood_slow_readers(server.port, count, began + 10)
+        peak = start
+        # The server ends the readers after the drain timeout (1 s).
+        while any(thread.is_alive() for thread in threads) or time.monotonic() < began + 2:
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.05)
+        for reader in readers:
+            reader.close()
+        # Freed memory is given back once malloc holds 16 MiB free and the
+        # RSS moved since the last time (--malloc-trim looks every second).
+        deadline = time.monotonic() + 8
+        while rss_kib(pid) > start + 8 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        figures["peak_kib"].append(peak)
+        figures["after_kib"].append(rss_kib(pid))
+    print(figures)
+    assert min(figures["peak_kib"]) > start + 40 * 1024  # the readers held their backlogs
+    assert max(figures["after_kib"]) <= start + 16 * 1024
+    server.wait_for_log(r"session ended: r0/0 .*CHANNEL_CACHE_OVERFLOW")
+    assert_clean_log(server)
+
+
 @pytest.mark.e2e
 def test_logon_and_connection_floods_live(twistd):
     server = twistd("--max-connections", "40", "--logon-rate-limit", "20")

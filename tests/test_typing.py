@@ -46,6 +46,7 @@ TYPED = [
     "esf/_session.py",
     "esf/_protocol.py",
     "esf/_websocket.py",
+    "esf/_memory.py",
 ]
 
 
