@@ -131,20 +131,21 @@ def test_glibc_gives_freed_heap_memory_back():
             pytest.fail("glibc's mallinfo2 and malloc_trim are missing")
         pytest.skip("SKIPPED LOUDLY: not glibc 2.33+ on Linux: nothing to give memory back with")
     clock, trimmer = started(allocator)
-    # 64 MB in blocks below malloc's mmap threshold, each followed by a
-    # small block that stays: holes in the heap, which free() keeps.
+    # 64 MB written in blocks below malloc's mmap threshold, each followed
+    # by a small block that stays: holes in the heap, which free() keeps
+    # (unless they happen to lie at the heap's top).
     big, keep = [], []
-    for _ in range(640):
-        big.append(bytes(100_000))
-        keep.append(bytes(2000))
+    for n in range(640):
+        big.append(bytes([n % 256]) * 100_000)
+        keep.append(bytes([n % 256]) * 2000)
     held = rss_kib()
     del big
     freed = rss_kib()
-    assert freed > held - 16 * 1024  # the heap kept it
     clock.advance(5)
-    assert trimmer.trims == 1
-    # At least half of it went back (the rest: pages shared with blocks in
-    # use, or reused meanwhile).
-    assert rss_kib() < freed - 32 * 1024, (held, freed, rss_kib())
+    after = rss_kib()
+    if freed > held - 16 * 1024:  # the heap kept it: the trim gives it back
+        assert trimmer.trims == 1
+    # Of the 61 MiB written and freed, at most 13 MiB are still resident.
+    assert after < held - 48 * 1024, (held, freed, after)
     trimmer.stopService()
     del keep
