@@ -69,8 +69,9 @@ class ServerProtocol(Protocol):
         self.session = self.factory.engine.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
-        assert self.session is not None  # made in connectionMade
-        self.session.data_received(data)
+        session = self.session
+        if session is not None:  # None once the connection is lost
+            session.data_received(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True  # nothing left to close: no abort timer
