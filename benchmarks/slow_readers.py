@@ -43,12 +43,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, drain: int) -> subprocess.Popen:
+def start_server(port: int, drain: int, extra: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     process = subprocess.Popen(
         [sys.executable, "-m", "twisted", "--log-file", "/dev/null", "esf",
          "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--output-drain-timeout", str(drain), "--logon-rate-limit", "100000"],
+         "--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra],
         env=env,
     )
     deadline = time.monotonic() + 20
@@ -92,9 +92,12 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--drain", type=int, default=2, help="--output-drain-timeout")
+    parser.add_argument("--malloc-trim", default=None,
+                        help="the server's --malloc-trim (0: never give freed memory back)")
     opts = parser.parse_args()
     port = free_port()
-    server = start_server(port, opts.drain)
+    extra = [] if opts.malloc_trim is None else ["--malloc-trim", opts.malloc_trim]
+    server = start_server(port, opts.drain, extra)
     try:
         start = rss_kib(server.pid)
         print(f"start: {start / 1024:.1f} MiB")

@@ -69,16 +69,23 @@ class ServerProtocol(Protocol):
         self.session = self.factory.engine.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
-        assert self.session is not None  # made in connectionMade
-        self.session.data_received(data)
+        session = self.session
+        if session is not None:  # None once the connection is lost
+            session.data_received(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True  # nothing left to close: no abort timer
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._abort_call = None
-        if self.session is not None:
-            self.session.connection_lost()
+        # Let go of the session: it holds this protocol as its channel, and
+        # this protocol holds the transport with whatever it could not write
+        # (a slow reader's whole backlog).  Left as a cycle, all of it would
+        # wait for a full garbage collection, which an idle server may not
+        # run for a long time.
+        session, self.session = self.session, None
+        if session is not None:
+            session.connection_lost()
 
     # IChannel
 

@@ -186,8 +186,16 @@ class WebSocketProtocol(WebSocketServerProtocol):
             self.session.pause_writing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # autobahn leaves its closing handshake timer running once the
+        # connection is gone; until it fired, it would keep this protocol
+        # and the transport's unwritten backlog.
+        timer, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
+        if timer is not None:
+            timer.cancel()
         super().connectionLost(reason)
-        session = self.session
+        # Let go of the session, as ServerProtocol does: the two hold each
+        # other, and the transport's unwritten backlog with them.
+        session, self.session = self.session, None
         if session is None:
             return
         if self.failedByMe and not self._closing:

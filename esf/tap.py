@@ -25,6 +25,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._memory import MemoryTrimmer
 from ._metrics import MetricsService
 from ._offline import OfflineStoreError
 from ._offline_redis import RedisOfflineStore
@@ -131,6 +132,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["offline-max-total-bytes", None, 1073741824, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", 1024)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
+        ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). 0: never.", _seconds_option("malloc-trim", 0)],
     ]
 
     optFlags = [
@@ -453,6 +455,8 @@ def makeService(options: Options) -> MultiService:
             factory = WebSocketFactory(engine, origins, reactor=reactor)
         server.listen(endpoint, factory)
     add_operations(server, engine, options)
+    if options["malloc-trim"]:
+        MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if presence is None and store is None:
         return server
     # The cluster and the offline store start first and stop last: the

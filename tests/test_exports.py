@@ -91,7 +91,9 @@ def test_offline_exports():
         assert getattr(esf.offline, name).__doc__, name
 
 
-OPERATIONS = {"AdminService", "AuditLog", "AuditService", "MetricsService", "ServerMetrics"}
+OPERATIONS = {
+    "AdminService", "AuditLog", "AuditService", "MemoryTrimmer", "MetricsService", "ServerMetrics",
+}
 
 
 def test_operations_exports():

@@ -15,6 +15,7 @@ C{docs/reliability.md}.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ from _helpers import (
     connect,
     make_engine,
     record_events,
+    timers,
 )
 from esf import DisconnectedType, LogonResult, MessageType
 from esf import wire as w
@@ -239,6 +242,53 @@ def test_slow_reader_is_dropped_and_others_keep_relaying(logs):
     assert online(engine, "erin")
     assert frames_written(sender) == []  # one-way sends: nothing to answer
     assert not logs.failures()
+
+
+def test_slow_readers_that_left_are_freed_at_once_with_their_backlogs():
+    """
+    Once slow readers and their senders are gone, nothing keeps their
+    sessions, channels or transports (which hold the unwritten backlog)
+    alive: they are freed as the last reference goes, without waiting for a
+    garbage collection (an idle server may not run a full one for a long
+    time), and a collection finds none still reachable.
+    """
+    engine = make_engine(max_output_buffer=64 * 1024, output_drain_timeout=2)
+    pairs = []
+    for n in range(10):
+        reader, sender = connect(engine, f"r{n}"), connect(engine, f"s{n}")
+        reader.protocol.pauseProducing()  # it does not read
+        pairs.append((reader, sender))
+    watched = []
+    for reader, sender in pairs:
+        frame = sender.frame(T.SEND, w.Information(1, bytes(8000)), dest=reader.user_id)
+        for _ in range(100):
+            sender.send_raw(frame)
+        assert sender.transport.producerState == "paused"  # pushed back
+        watched += [
+            weakref.ref(client.protocol.session) for client in (reader, sender)
+        ] + [weakref.ref(client.protocol) for client in (reader, sender)]
+        # What the server wrote to the reader: its transport holds it.
+        watched.append(weakref.ref(reader.transport))
+        assert len(reader.transport.value()) > 64 * 1024
+    assert engine.budget.used > 10 * 32 * 1024
+    advance_to(engine.clock, 2.0)  # the readers did not drain: they are ended
+    for reader, sender in pairs:
+        assert reader.closing and not online(engine, reader.user_id)
+        sender.send(T.LOGOFF)
+        assert sender.closing
+        for client in (reader, sender):
+            client.lose()  # as the reactor reports the closed connection
+    assert engine.sessions == set() and engine.budget.used == 0
+    assert timers(engine) == []
+    gc.disable()  # freed by reference counting alone, or not at all
+    try:
+        del pairs, reader, sender, client
+        alive = [ref() for ref in watched if ref() is not None]
+        assert alive == [], f"{len(alive)} of {len(watched)} objects left alive: {alive[:3]}"
+    finally:
+        gc.enable()
+    gc.collect()
+    assert [ref() for ref in watched if ref() is not None] == []
 
 
 # -- floods, in memory ---------------------------------------------------------------------------
@@ -677,6 +727,83 @@ def test_slow_readers_repeatedly_soak(twistd):
            "peaks_every_10_rounds": peaks[::10]})
     assert max(peaks) < 200 * 1024 and figures["rss_peak_kib"] < first + 50 * 1024
     alice.close(), bob.close()
+    assert_clean_log(server)
+
+
+def flood_slow_readers(port, count, until):
+    """
+    C{count} readers that never read log on; as many senders each write up
+    to 8 MiB of 60 KB Sends to one of them until the server stops reading
+    them or C{until}; then everyone leaves.
+    """
+    import threading
+
+    readers = []
+    for n in range(count):
+        reader = rc.Client(socket.socket())
+        reader.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.sock.settimeout(10)
+        reader.sock.connect(("127.0.0.1", port))
+        assert reader.logon(f"r{n}", "pw")["result"] == 0
+        readers.append(reader)
+
+    def flood(n):
+        sender = logged_on(port, f"s{n}", "pw")
+        body = struct.pack("<i", 1) + bytes(60_000)
+        frame = rc.pack_header(202, len(body), f"s{n}", f"r{n}") + body
+        sender.sock.settimeout(0.5)
+        sent = 0
+        while sent < 8 << 20 and time.monotonic() < until:
+            try:
+                sender.sock.sendall(frame)
+            except OSError:  # a timeout: the server stopped reading it
+                break
+            sent += len(frame)
+        sender.close()
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    return readers, threads
+
+
+@pytest.mark.e2e
+def test_rss_comes_back_after_slow_readers_leave_live(twistd):
+    """
+    Rounds of many slow readers at once: once they have left, the server's
+    RSS comes back near where it started (their sessions and backlogs are
+    freed at once, and freed memory is given back to the system).
+    """
+    count = 60
+    users = ":".join(f"{kind}{n}:pw" for n in range(count) for kind in "rs")
+    server = twistd(
+        "--auth", f"memory:{users}", "--max-output-buffer", "1048576",
+        "--output-drain-timeout", "1", "--logon-rate-limit", "1000", "--malloc-trim", "1",
+    )
+    pid = server.process.pid
+    start = rss_kib(pid)
+    figures = {"start_kib": start, "peak_kib": [], "after_kib": []}
+    for _ in range(2):
+        began = time.monotonic()
+        readers, threads = flood_slow_readers(server.port, count, began + 10)
+        peak = start
+        # The server ends the readers after the drain timeout (1 s).
+        while any(thread.is_alive() for thread in threads) or time.monotonic() < began + 2:
+            peak = max(peak, rss_kib(pid))
+            time.sleep(0.05)
+        for reader in readers:
+            reader.close()
+        # Freed memory is given back once malloc holds 16 MiB free and the
+        # RSS moved since the last time (--malloc-trim looks every second).
+        deadline = time.monotonic() + 8
+        while rss_kib(pid) > start + 8 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        figures["peak_kib"].append(peak)
+        figures["after_kib"].append(rss_kib(pid))
+    print(figures)
+    assert min(figures["peak_kib"]) > start + 40 * 1024  # the readers held their backlogs
+    assert max(figures["after_kib"]) <= start + 16 * 1024
+    server.wait_for_log(r"session ended: r0/0 .*CHANNEL_CACHE_OVERFLOW")
     assert_clean_log(server)
 
 

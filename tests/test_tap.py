@@ -386,7 +386,21 @@ def _token_file(tmp_path, mode=0o600):
 def test_operations_are_off_by_default():
     service = makeService(parse())
     names = {type(s).__name__ for s in service}
-    assert names == {"_EngineService", "StreamServerEndpointService"}
+    # Freed memory is given back to the system by default (--malloc-trim).
+    assert names == {"_EngineService", "StreamServerEndpointService", "MemoryTrimmer"}
+
+
+def test_malloc_trim_option():
+    from esf._memory import MemoryTrimmer
+
+    [trimmer] = [s for s in makeService(parse()) if isinstance(s, MemoryTrimmer)]
+    assert trimmer.interval == 5.0
+    [trimmer] = [s for s in makeService(parse("--malloc-trim", "0.5")) if isinstance(s, MemoryTrimmer)]
+    assert trimmer.interval == 0.5
+    assert not [s for s in makeService(parse("--malloc-trim", "0")) if isinstance(s, MemoryTrimmer)]
+    for bad in ("-1", "soon"):
+        with pytest.raises(usage.UsageError, match="--malloc-trim"):
+            parse("--malloc-trim", bad)
 
 
 def test_operations_services(tmp_path):
@@ -444,13 +458,19 @@ def test_a_token_file_others_may_read_is_refused(tmp_path):
 # -- WebSocket -------------------------------------------------------------------------
 
 
+def listeners_of(service):
+    from twisted.application.internet import StreamServerEndpointService
+
+    return [s for s in service if isinstance(s, StreamServerEndpointService)]
+
+
 def test_no_websocket_by_default():
     options = parse()
     assert options["websocket"] == []
     assert options["websocket-endpoints"] == []
     assert options["web-demo"] == 0
     service = makeService(options)
-    assert len(list(service)) == 2  # the engine and the TCP listener
+    assert len(listeners_of(service)) == 1  # the TCP listener
 
 
 def test_websocket_endpoints_and_origins():
@@ -467,7 +487,7 @@ def test_websocket_endpoints_and_origins():
     assert options["websocket"] == ["tcp:4531", "tcp:4532:interface=127.0.0.1"]
     assert len(options["websocket-endpoints"]) == 2
     service = makeService(options)
-    listeners = list(service)[2:]
+    listeners = listeners_of(service)[1:]
     assert [type(listener.factory) for listener in listeners] == [WebSocketFactory] * 2
     for listener in listeners:
         assert listener.factory.engine is service.engine
@@ -475,7 +495,7 @@ def test_websocket_endpoints_and_origins():
     assert [listener.endpoint for listener in listeners] == options["websocket-endpoints"]
 
     demo = makeService(parse("--websocket", "4531", "--web-demo"))
-    [listener] = list(demo)[2:]
+    [listener] = listeners_of(demo)[1:]
     assert isinstance(listener.factory, Site)
 
 

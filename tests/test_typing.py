@@ -50,6 +50,7 @@ TYPED = [
     "esf/offline.py",
     "esf/_protocol.py",
     "esf/_websocket.py",
+    "esf/_memory.py",
 ]
 
 

@@ -8,6 +8,9 @@ send.  The engine's time is a L{task.Clock}.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from _helpers import Client, LogCapture, make_engine
 from twisted.internet.address import IPv4Address
@@ -502,3 +505,36 @@ def test_web_demo_hands_the_connection_over_from_twisted_web():
         assert engine.user_manager.is_user_online("alice")
     finally:
         protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def test_a_slow_reader_that_left_is_freed_at_once():
+    """
+    Once a page that did not read is gone, its session (and the backlog it
+    counted) is freed as the last reference goes, without waiting for a
+    garbage collection: the channel lets go of it when the connection is
+    lost.
+    """
+    engine = make_engine(max_message_size=MAX, max_output_buffer=8 * 1024)
+    factory = WebSocketFactory(engine)
+    alice = Page(engine, factory).logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    alice.protocol.pauseProducing()  # as the transport does when its buffer is full
+    for _ in range(10):
+        bob.send(MessageType.SEND, Information(1, b"p" * 1000), dest="alice")
+    session = weakref.ref(alice.protocol.session)
+    protocol = weakref.ref(alice.protocol)
+    transport = weakref.ref(alice.transport)
+    engine.clock.advance(engine.config.output_drain_timeout)
+    assert not engine.user_manager.is_user_online("alice")
+    alice.lose()
+    assert engine.budget.used == 0
+    assert alice.protocol.closeHandshakeTimeoutCall is None  # cancelled
+    gc.disable()
+    try:
+        del alice
+        assert session() is None
+    finally:
+        gc.enable()
+    gc.collect()  # autobahn's protocol holds itself (in a Deferred of its own)
+    assert protocol() is None and transport() is None
