@@ -123,6 +123,7 @@ class Logons:
         self.engine = engine
         self.policy = LogonPolicy(engine.config)
         self.record = LogonRecord(engine.clock)
+        self._succeeded: tuple[Any, bytes] | None = None
         self._order = itertools.count(1)
 
     # -- before logon ----------------------------------------------------------
@@ -271,6 +272,16 @@ class Logons:
         """
         A Logon reply body.
         """
+        config = self.engine.config
+        if result is LogonResult.SUCCEED and not cause:
+            # The same for every logon: encoded once per configuration.
+            cached = self._succeeded
+            if cached is None or cached[0] is not config:
+                cached = self._succeeded = (config, self._encode_reply(result, ""))
+            return cached[1]
+        return self._encode_reply(result, cause)
+
+    def _encode_reply(self, result: LogonResult, cause: str) -> bytes:
         config = self.engine.config
         return m.LogonReply(
             result,
