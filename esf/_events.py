@@ -10,11 +10,12 @@ from typing import Any, Callable, Coroutine, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .interfaces import IEvent
 
-__all__ = ["Event", "call"]
+__all__ = ["Event", "call", "call_then"]
 
 log = Logger(namespace="esf")
 
@@ -33,6 +34,28 @@ def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     if inspect.isawaitable(result):
         return Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result))
     return succeed(result)
+
+
+def call_then(
+    f: Callable[..., Any], args: tuple[Any, ...], then: Callable[..., Any], *extra: Any
+) -> None:
+    """
+    Call C{f(*args)} as L{call} does, then C{then(outcome, *extra)}, where
+    the outcome is its result or a L{Failure}: at once when C{f} answered
+    synchronously (no Deferred made, as the common case of a logon has it),
+    else when its answer comes.
+    """
+    try:
+        result = f(*args)
+    except BaseException:
+        then(Failure(), *extra)
+        return
+    if isinstance(result, Deferred):
+        result.addBoth(then, *extra)
+    elif inspect.isawaitable(result):
+        Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result)).addBoth(then, *extra)
+    else:
+        then(result, *extra)
 
 
 @implementer(IEvent)

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from . import _messages as m
 from ._config import RelogonMode, UserData
-from ._events import call
+from ._events import call_then
 from ._counters import Count
 from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
@@ -169,15 +169,19 @@ class Logons:
             self._refuse(session, frame, decision)
             return
         session.state = SessionState.LOGGING_ON
-        d = call(
+        call_then(
             engine.handler.verify_user,
-            logon.system_token,
-            frame.user_id,
-            logon.password,
-            as_client_type(frame.client_type),
-            session.address,
+            (
+                logon.system_token,
+                frame.user_id,
+                logon.password,
+                as_client_type(frame.client_type),
+                session.address,
+            ),
+            self._verified,
+            session,
+            frame,
         )
-        d.addBoth(self._verified, session, frame)
 
     def _verified(self, outcome: Any, session: Session, frame: Frame) -> None:
         if session.state is not SessionState.LOGGING_ON:
