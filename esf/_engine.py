@@ -251,8 +251,7 @@ class ServerEngine:
             self.budget.add_blob_bytes(session.user_id or "", -session.blobs.buffered)
             session.blobs = None
         session.asked = None
-        suppressed = session._log_suppressed
-        session._log_suppressed = 0
+        suppressed = session.suppressed_logs
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -268,7 +267,6 @@ class ServerEngine:
             suppressed_logs=suppressed,
         )
         if suppressed:
-            session._log_suppressed = suppressed
             session.summarise_logs()
 
     def _heartbeat_timed_out(self, session: Session) -> None:

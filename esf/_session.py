@@ -145,7 +145,6 @@ class Session:
         "user_data",
         "_serial",
         "logon_order",
-        "node",
         "connected_at",
         "active",
         "last_active",
@@ -161,9 +160,7 @@ class Session:
         "_tokens",
         "_tokens_at",
         "_refused_since",
-        "_log_window",
-        "_log_count",
-        "_log_suppressed",
+        "_log",
         "_out",
         "_held",
         "_held_bytes",
@@ -185,7 +182,6 @@ class Session:
         self.user_data: UserData | None = None
         self._serial = next(_session_ids)
         self.logon_order = 0
-        self.node = owner.node_id
         self.connected_at = owner.clock.seconds()
         #: Whether a complete frame arrived since the reaper last looked.
         self.active = False
@@ -211,9 +207,9 @@ class Session:
         self._tokens_at = self.connected_at
         self._refused_since: float | None = None
         #: Log events at info or above this peer caused (L{may_log}).
-        self._log_window = self.connected_at
-        self._log_count = 0
-        self._log_suppressed = 0
+        #: The log limiter (L{may_log}): [window start, events logged in
+        #: it, events suppressed], made when the peer first causes one.
+        self._log: list[Any] | None = None
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed,
@@ -224,6 +220,14 @@ class Session:
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
         return f"<Session {who} {self.address} {self.state.value}>"
+
+    @property
+    def node(self) -> str:
+        """
+        The node this session is on: this engine's.
+        """
+        node: str = self.owner.node_id
+        return node
 
     @property
     def session_id(self) -> str:
@@ -349,31 +353,42 @@ class Session:
         next window opens, and in the session's end event.
         """
         now = self.owner.clock.seconds()
-        if now - self._log_window >= LOG_WINDOW:
+        limiter = self._log
+        if limiter is None:
+            limiter = self._log = [now, 0, 0]
+        elif now - limiter[0] >= LOG_WINDOW:
             self.summarise_logs()
-            self._log_window = now
-            self._log_count = 0
-        if self._log_count < LOG_LIMIT:
-            self._log_count += 1
+            limiter[0], limiter[1] = now, 0
+        if limiter[1] < LOG_LIMIT:
+            limiter[1] += 1
             return True
-        self._log_suppressed += 1
+        limiter[2] += 1
         self.owner.counters[Count.LOGS_SUPPRESSED] += 1
         return False
+
+    @property
+    def suppressed_logs(self) -> int:
+        """
+        How many log events of this peer were suppressed and not yet
+        summarised.
+        """
+        return self._log[2] if self._log is not None else 0
 
     def summarise_logs(self) -> None:
         """
         Log how many events were suppressed, if any, once.
         """
-        if self._log_suppressed:
+        limiter = self._log
+        if limiter is not None and limiter[2]:
             log.info(
                 "{count} more log events caused by {session!r} were suppressed",
                 esf_event="logs_suppressed",
-                count=self._log_suppressed,
+                count=limiter[2],
                 session=self,
                 user_id=self.user_id,
                 address=self.address,
             )
-            self._log_suppressed = 0
+            limiter[2] = 0
 
     # -- the work budget ---------------------------------------------------------
 
