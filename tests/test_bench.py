@@ -372,3 +372,23 @@ def test_quick_run_on_pypy(tmp_path):
     [send] = [row for row in report["results"] if row["mode"] == "send"]
     assert send["esf"]["received"] == send["esf"]["messages"] and send["esf"]["checked"] is True
     assert send["ws"]["received"] == send["ws"]["messages"]
+
+
+def test_relay_profile_runs():
+    """
+    benchmarks/relay_profile.py, the in-process measure of the relay's CPU
+    per Send, still runs against the current engine (a few frames).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "relay_profile.py"
+    spec = importlib.util.spec_from_file_location("relay_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for receivers in (1, 3):
+        engine, sender, outs, data = module.setup(30, receivers)
+        sender.dataReceived(data)
+        assert sum(len(out.value()) for out in outs) == len(data)  # every frame relayed
+        engine.stop()
+    assert module.measure(20, 2, reads=5, rounds=1) > 0
