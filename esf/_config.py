@@ -16,7 +16,7 @@ import attrs
 
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
 
-__all__ = ["RelogonMode", "ServerConfig", "UserData", "default_node_id"]
+__all__ = ["RelogonMode", "ServerConfig", "SessionState", "UserData", "default_node_id"]
 
 
 class RelogonMode(Enum):
@@ -39,6 +39,19 @@ def _positive(instance: Any, attribute: Any, value: Any) -> None:
 #: top of 1 per request): measured, 10 IDs cost about what a whole cheap
 #: request (a ping) costs the server.
 IDS_PER_UNIT = 10
+
+
+class SessionState(Enum):
+    """
+    Where a server session is in its life (L{esf._session.Session.state}).
+    """
+
+    AWAITING_LOGON = "awaiting logon"
+    #: A Logon is being verified and claimed; frames relayed to the device
+    #: meanwhile wait for the Logon reply.
+    LOGGING_ON = "logging on"
+    LOGGED_ON = "logged on"
+    ENDED = "ended"
 
 
 @attrs.frozen

@@ -38,7 +38,8 @@ from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
 from ._router import ANSWERS, AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
-from ._session import RELAYED, OutputBatch, Session, SessionState
+from ._output import OutputBatch
+from ._session import RELAYED, Session, SessionState
 from ._wire import (
     SERVER_ID,
     DisconnectedType,

@@ -4,23 +4,23 @@ A session: the engine's side of one connection, from accept to close.
 The protocol feeds it bytes (L{Session.data_received}), flow-control
 signals (L{Session.pause_writing}, L{Session.resume_writing}) and the end of
 the connection (L{Session.connection_lost}).  It decodes frames, relays the
-common case itself, hands every other frame to its owner (the engine), and
-queues output, which is written once per read (L{OutputBatch}).  A logged-on
+common case itself and hands every other frame to its owner (the engine);
+its output side (queueing, flow control) is L{esf._output.Output}.  A logged-on
 session is an L{IDeviceHandle}: what presence hands the router.
 """
 
 from __future__ import annotations
 
 import itertools
-from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from . import _messages as m
-from ._config import UserData
+from ._config import SessionState, UserData
 from ._counters import Count
+from ._output import Output
 from ._router import ANSWERS
 from ._wire import (
     _FIXED_HEADER,
@@ -39,7 +39,7 @@ from .interfaces import IChannel, IDeviceHandle
 if TYPE_CHECKING:
     from ._engine import ServerEngine
 
-__all__ = ["SessionState", "Session", "OutputBatch", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+__all__ = ["SessionState", "Session", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
 
 log = Logger(namespace="esf.server")
 
@@ -66,11 +66,6 @@ RELAYED = frozenset(
 #: one-way message, nothing to track.
 _SEND = int(MessageType.SEND)
 
-#: A backlog may grow to this many times C{max_output_buffer} while its
-#: senders are held back (each may finish the read it is in); beyond it
-#: relayed frames are dropped and counted.
-_HARD_BOUND_FACTOR = 4
-
 #: A peer may cause at most this many log events at info level or above
 #: per this many seconds; the rest are counted and summarised.
 LOG_LIMIT = 10
@@ -83,52 +78,8 @@ _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedT
 _session_ids = itertools.count(1)
 
 
-class SessionState(Enum):
-    AWAITING_LOGON = "awaiting logon"
-    #: A Logon is being verified and claimed; frames relayed to the device
-    #: meanwhile wait for the Logon reply.
-    LOGGING_ON = "logging on"
-    LOGGED_ON = "logged on"
-    ENDED = "ended"
-
-
-class OutputBatch:
-    """
-    While one read's frames are handled, output to every session is gathered
-    and written once per session afterwards: a read of many small frames
-    costs each receiver one transport write, not many.
-    """
-
-    __slots__ = ("_sessions",)
-
-    def __init__(self) -> None:
-        self._sessions: list[Session] | None = None
-
-    @property
-    def gathering(self) -> bool:
-        return self._sessions is not None
-
-    def begin(self) -> bool:
-        """
-        Start gathering; C{False} if a batch is gathering already (a read
-        handled inside another one's), which then writes it all.
-        """
-        if self._sessions is not None:
-            return False
-        self._sessions = []
-        return True
-
-    def add(self, session: Session) -> None:
-        self._sessions.append(session)  # type: ignore[union-attr]
-
-    def flush(self) -> None:
-        sessions, self._sessions = self._sessions, None
-        for session in sessions or ():
-            session.flush()
-
-
 @implementer(IDeviceHandle)
-class Session:
+class Session(Output):
     """
     One connection to the server.  C{owner} is the L{ServerEngine}; the
     session calls only its public methods.
@@ -151,19 +102,11 @@ class Session:
         "logon_timer",
         "blobs",
         "asked",
-        "_paused",
-        "_backlog",
-        "_drain_timer",
-        "_blocked",
-        "_blockers",
         "_partial",
         "_tokens",
         "_tokens_at",
         "_refused_since",
         "_log",
-        "_out",
-        "_held",
-        "_held_bytes",
         "__weakref__",
     )
 
@@ -192,30 +135,16 @@ class Session:
         #: Requests this session relayed to users, awaiting their answers
         #: (kept by L{esf._router.AnswerRouter}; made on demand).
         self.asked: dict[Any, Any] | None = None
-        self._paused = False
-        self._backlog = 0
-        #: Ends the session if its backlog stays over the bound too long.
-        self._drain_timer: Any = None
-        #: Senders whose reading this session's backlog has paused.
-        self._blocked: set[Session] | None = None
-        #: How many receivers hold this session's reading paused.
-        self._blockers = 0
         #: Bytes of a partial frame counted in the engine's memory budget.
         self._partial = 0
         #: The work budget (L{charge}): a token bucket, full at the start.
         self._tokens = float(config.work_burst)
         self._tokens_at = self.connected_at
         self._refused_since: float | None = None
-        #: Log events at info or above this peer caused (L{may_log}).
         #: The log limiter (L{may_log}): [window start, events logged in
         #: it, events suppressed], made when the peer first causes one.
         self._log: list[Any] | None = None
-        #: Output gathered during a read, written by L{flush}.
-        self._out: list[bytes] | None = None
-        #: Frames relayed to the device while its Logon was being claimed,
-        #: or while its stored messages are delivered (L{hold}).
-        self._held: list[bytes] | None = None
-        self._held_bytes = 0
+        self._init_output()
 
     def __repr__(self) -> str:
         who = f"{self.user_id}/{self.client_type}" if self.user_id is not None else "-"
@@ -323,26 +252,6 @@ class Session:
         self.end(DisconnectedType.NETWORK_INTERRUPTED, "connection lost")
         self.owner.connection_closed(self)
 
-    def pause_writing(self) -> None:
-        """
-        The transport's buffer is full: the peer is not reading fast enough.
-        """
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        """
-        The transport's buffer has drained: stop the drain timer and let the
-        senders this session held back read again.
-        """
-        self._paused = False
-        self.owner.budget.used -= self._backlog
-        self._backlog = 0
-        if self._drain_timer is not None:
-            if self._drain_timer.active():
-                self._drain_timer.cancel()
-            self._drain_timer = None
-        self._release_blocked()
-
     # -- what a peer may make the server log --------------------------------------
 
     def may_log(self) -> bool:
@@ -428,96 +337,7 @@ class Session:
             return 0.0
         return self.owner.clock.seconds() - self._refused_since
 
-    # -- push back: a receiver that is backed up slows its senders down ------
-
-    def push_back(self, sender: Session) -> None:
-        """
-        This session's backlog passed half its bound while C{sender} relayed
-        to it: stop reading C{sender} until this session drains (or ends).
-        Like TCP's own flow control, only slower senders, never the
-        receiver, pay for a burst.
-        """
-        if sender is self or sender.state is SessionState.ENDED:
-            return
-        blocked = self._blocked
-        if blocked is None:
-            blocked = self._blocked = set()
-        if sender in blocked:
-            return
-        blocked.add(sender)
-        sender._blockers += 1
-        if sender._blockers == 1:
-            sender.owner.counters[Count.SENDERS_PAUSED] += 1
-            sender.channel.pause_reading()
-
-    def _release_blocked(self) -> None:
-        blocked, self._blocked = self._blocked, None
-        for sender in blocked or ():
-            sender._blockers -= 1
-            if sender._blockers == 0 and sender.state is not SessionState.ENDED:
-                sender.channel.resume_reading()
-
-    def _not_draining(self) -> None:
-        self._drain_timer = None
-        limit = self.owner.config.max_output_buffer
-        self.end(
-            DisconnectedType.CHANNEL_CACHE_OVERFLOW,
-            f"more than {limit // 2} bytes waited for longer than "
-            f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
-        )
-
     # -- output (IDeviceHandle) ------------------------------------------------
-
-    def send(self, data: bytes) -> bool:
-        """
-        Write a frame to the peer once it is logged on (held until its Logon
-        reply while it logs on; dropped once it has ended).
-
-        @return: whether this session is backed up (its backlog is past half
-            its bound): the sender should be held back (L{push_back}).
-        """
-        state = self.state
-        if state is SessionState.LOGGED_ON and self._held is None:
-            out = self._out
-            if out is not None and not self._paused:
-                out.append(data)  # the relay's common case: gathered for this read
-                return False
-            self.queue(data)
-            # Backed up: whoever relays to this session should wait.
-            return self._paused and self._backlog * 2 > self.owner.config.max_output_buffer
-        if state is SessionState.LOGGED_ON or state is SessionState.LOGGING_ON:
-            return self._hold(data)
-        return False
-
-    def hold(self) -> None:
-        """
-        Hold what is relayed to this session (L{send}) until
-        L{release_held}: its stored messages go first.
-        """
-        if self._held is None:
-            self._held = []
-
-    def _hold(self, data: bytes) -> bool:
-        """
-        Hold C{data}, within the session's hard output bound and the
-        server's budget (past them it is dropped and counted).
-
-        @return: whether the senders should be held back.
-        """
-        held = self._held
-        if held is None:
-            held = self._held = []
-        owner = self.owner
-        size = len(data)
-        total = self._held_bytes + size
-        limit = owner.config.max_output_buffer
-        if total > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
-            owner.counters[Count.OUTPUT_DROPPED] += 1
-            return True
-        held.append(data)
-        self._held_bytes = total
-        owner.budget.used += size
-        return total * 2 > limit
 
     def send_from_node(self, data: bytes) -> None:
         """
@@ -595,77 +415,6 @@ class Session:
                 dest_user_id=self.user_id or "",
             )
         )
-
-    def queue(self, data: bytes) -> None:
-        """
-        Queue a frame for the peer, unless the session has ended.  A peer
-        that stays behind for C{output_drain_timeout} ends with
-        C{ChannelCacheOverflow}.
-        """
-        if self.state is SessionState.ENDED:
-            return
-        if self._paused:
-            # The peer is behind: what is queued now counts.  Past half the
-            # bound its senders are held back (L{send}) and the peer has
-            # output_drain_timeout seconds to drain before its session ends
-            # (a burst is not a crime).  Past the hard bound, or past the
-            # server's memory budget, more is dropped and counted.
-            size = len(data)
-            backlog = self._backlog + size
-            owner = self.owner
-            limit = owner.config.max_output_buffer
-            if backlog > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
-                owner.counters[Count.OUTPUT_DROPPED] += 1
-                return
-            if backlog * 2 > limit and self._drain_timer is None:
-                self._drain_timer = owner.clock.callLater(
-                    owner.config.output_drain_timeout, self._not_draining
-                )
-            self._backlog = backlog
-            owner.budget.used += size
-        out = self._out
-        if out is not None:
-            out.append(data)
-            return
-        batch = self.owner.batch
-        if batch.gathering:
-            self._out = [data]
-            batch.add(self)
-            return
-        self._write(data)
-
-    def release_held(self) -> None:
-        """
-        The Logon reply (and the stored messages) are out: write what was
-        relayed meanwhile.
-        """
-        held, self._held = self._held, None
-        self.owner.budget.used -= self._held_bytes
-        self._held_bytes = 0
-        for data in held or ():
-            self.queue(data)
-        if not self._paused:
-            self._release_blocked()  # the senders held back meanwhile
-
-    def flush(self) -> None:
-        """
-        Write the output gathered for this session during a read.
-        """
-        out = self._out
-        if out is None:
-            return
-        self._out = None
-        self._write(out[0] if len(out) == 1 else b"".join(out))
-
-    def _write(self, data: bytes) -> None:
-        try:
-            self.channel.write(data)
-        except Exception:
-            # Twisted's transports do not raise on write; a channel that
-            # does is treated as a connection that went away, never as an
-            # error of whoever was sending.
-            log.failure("writing to {session!r} failed", session=self)
-            self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
 
     def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
         """

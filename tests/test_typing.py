@@ -44,6 +44,7 @@ TYPED = [
     "esf/blocking.py",
     "esf/_engine.py",
     "esf/_session.py",
+    "esf/_output.py",
     "esf/_offline.py",
     "esf/_offline_sqlite.py",
     "esf/_offline_redis.py",
