@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -270,14 +270,22 @@ class Inbox:
         if payload is not None:
             self._deliver(frame, fragment.information_type, payload, ack=frame.message_id != 0)
 
-    def _deliver(self, frame: Frame, information_type: int, payload: bytes, ack: bool) -> None:
+    def _handle_information(
+        self, frame: Frame, information_type: int, payload: bytes
+    ) -> Deferred[Any]:
+        """
+        Tell the subscribers and the handler of a one-way message; the
+        Deferred fires once the handler has run.
+        """
         engine = self.engine
         sender, kind = frame.user_id, as_client_type(frame.client_type)
         engine.information_received.fire(sender, kind, information_type, payload)
         if engine.handler is None:
-            d = succeed(None)
-        else:
-            d = call(engine.handler.handle_information, sender, kind, information_type, payload)
+            return succeed(None)
+        return call(engine.handler.handle_information, sender, kind, information_type, payload)
+
+    def _deliver(self, frame: Frame, information_type: int, payload: bytes, ack: bool) -> None:
+        d = self._handle_information(frame, information_type, payload)
         if ack:
             body = m.Ack(information_type).encode()
             d.addCallback(lambda _: self._answer(frame, MessageType.ACK, body))
@@ -350,12 +358,7 @@ class Inbox:
             self._ack_stored(message_id, 0)
             return
         engine.offline_mark = message_id
-        sender, kind = frame.user_id, as_client_type(frame.client_type)
-        engine.information_received.fire(sender, kind, information_type, payload)
-        if engine.handler is None:
-            d = succeed(None)
-        else:
-            d = call(engine.handler.handle_information, sender, kind, information_type, payload)
+        d = self._handle_information(frame, information_type, payload)
 
         def failed(failure: Failure) -> None:
             log.failure("the client handler raised for stored {frame!r}", failure, frame=frame)
