@@ -299,12 +299,10 @@ def test_batched_output_is_one_message_per_frame(engine, pages):
     assert [(opcode, payload) for opcode, payload in messages] == [(BINARY, one), (BINARY, two)]
 
 
-def test_slow_reader_is_bounded(engine, pages):
+def _page_that_does_not_read():
     """
-    A page that does not read: the transport pauses its producer, the
-    session counts what waits, and once it has stayed past half the output
-    bound for the drain timeout it ends with ChannelCacheOverflow and close
-    1008 (a burst alone does not end it).
+    alice, on WebSocket, stops reading (her transport paused the producer),
+    and bob sends her 10 KB, past half her 8 KiB output bound.
     """
     engine = make_engine(max_message_size=MAX, max_output_buffer=8 * 1024)
     factory = WebSocketFactory(engine)
@@ -312,9 +310,19 @@ def test_slow_reader_is_bounded(engine, pages):
     bob = Client(engine)
     bob.logon("bob")
     alice.protocol.pauseProducing()  # as the transport does when its buffer is full
-    payload = b"p" * 1000
     for _ in range(10):
-        bob.send(MessageType.SEND, Information(1, payload), dest="alice")
+        bob.send(MessageType.SEND, Information(1, b"p" * 1000), dest="alice")
+    return engine, alice
+
+
+def test_slow_reader_is_bounded(engine, pages):
+    """
+    A page that does not read: the transport pauses its producer, the
+    session counts what waits, and once it has stayed past half the output
+    bound for the drain timeout it ends with ChannelCacheOverflow and close
+    1008 (a burst alone does not end it).
+    """
+    engine, alice = _page_that_does_not_read()
     assert engine.user_manager.is_user_online("alice")
     engine.clock.advance(engine.config.output_drain_timeout)
     assert not engine.user_manager.is_user_online("alice")
@@ -514,14 +522,7 @@ def test_a_slow_reader_that_left_is_freed_at_once():
     garbage collection: the channel lets go of it when the connection is
     lost.
     """
-    engine = make_engine(max_message_size=MAX, max_output_buffer=8 * 1024)
-    factory = WebSocketFactory(engine)
-    alice = Page(engine, factory).logon("alice")
-    bob = Client(engine)
-    bob.logon("bob")
-    alice.protocol.pauseProducing()  # as the transport does when its buffer is full
-    for _ in range(10):
-        bob.send(MessageType.SEND, Information(1, b"p" * 1000), dest="alice")
+    engine, alice = _page_that_does_not_read()
     session = weakref.ref(alice.protocol.session)
     protocol = weakref.ref(alice.protocol)
     transport = weakref.ref(alice.transport)
