@@ -545,14 +545,3 @@ class ServerEngine:
         body = m.Information(information_type, payload).encode()
         target.ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
         return d
-        target.send(
-            encode_frame(
-                self.config.wire,
-                MessageType.REQUEST,
-                body,
-                message_id=message_id,
-                user_id=SERVER_ID,
-                dest_user_id=target.user_id,
-            )
-        )
-        return d
