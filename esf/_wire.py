@@ -529,6 +529,8 @@ class FrameDecoder:
     def _run(self, data: bytes, run_type: int | None) -> list[Frame | SendRun]:
         if self._error is not None:
             raise FrameError(self._error.reason, self._error.message)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # a bytearray or a view: frames keep bytes
         frames: list[Frame | SendRun] = []
         try:
             self._feed(data, frames, run_type)
