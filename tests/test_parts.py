@@ -339,3 +339,18 @@ def test_logon_storm_costs_one_event_per_batch():
     events = logs.esf("logged_on")
     assert sum(e["count"] for e in events) == 200
     assert [e["count"] for e in events] == [1, 100, 99]  # the first at once
+
+
+def test_logons_waiting_to_be_logged_are_logged_when_the_engine_stops():
+    """
+    A server stopped within a second of a burst of logons still records
+    every one of them.
+    """
+    engine = make_engine()
+    with LogCapture() as logs:
+        for i in range(3):
+            connect(engine, f"u{i}")
+        assert sum(e["count"] for e in logs.esf("logged_on")) == 1  # the others wait
+        engine.stop()
+    events = logs.esf("logged_on")
+    assert [u for e in events for u, _, _, _ in e["logons"]] == ["u0", "u1", "u2"]
