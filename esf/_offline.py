@@ -15,7 +15,7 @@ L{esf._offline_redis}.  docs/messages.md (section 5) and docs/protocol.md
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ._session import Session
 
 __all__ = [
+    "OfflineBounds",
     "OfflineMessages",
     "OfflineStoreError",
     "OfflineStoreFull",
@@ -129,48 +130,74 @@ class OfflineServerFull(OfflineStoreFull):
         self.max_bytes = max_bytes
 
 
-#: The default bounds of every store: per receiving user, per sender (over
-#: all its receivers), and in all.
-MAX_MESSAGES = 10_000
-MAX_BYTES = 64 * 1024 * 1024
-MAX_SENDER_MESSAGES = 1_000
-MAX_SENDER_BYTES = 16 * 1024 * 1024
-MAX_TOTAL_MESSAGES = 1_000_000
-MAX_TOTAL_BYTES = 1024 * 1024 * 1024
+def _bound(default: int, low: int) -> Any:
+    return attrs.field(
+        default=default,
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(low)],
+    )
 
 
-def refusal(
-    store: Any,
-    user_id: str,
-    user: tuple[int, int],
-    sender_id: str,
-    sender: tuple[int, int],
-    total: tuple[int, int],
-    count: int,
-    size: int,
-) -> OfflineStoreFull | None:
+@attrs.frozen
+class OfflineBounds:
     """
-    Why C{count} more messages of C{size} bytes, for C{user_id} from
-    C{sender_id}, do not fit C{store}'s bounds, given what the user, the
-    sender and the whole store hold now (each C{(messages, bytes)});
-    C{None} when they fit.  The user's bound is checked first, then the
-    sender's, then the store's.
+    What an offline store keeps at most: per receiving user, per sender
+    (what one user has waiting for all its receivers together), and in the
+    whole store; each as messages and as bytes (whole frames, headers
+    included).  Every store takes one as C{bounds}.
+
+    @raise ValueError: a message bound below 1, a byte bound below
+        L{MIN_BYTES}.
+    @raise TypeError: a bound that is not a whole number.
     """
-    if user[0] + count > store.max_messages or user[1] + size > store.max_bytes:
-        return OfflineStoreFull(user_id, *user, store.max_messages, store.max_bytes)
-    if (
-        sender[0] + count > store.max_sender_messages
-        or sender[1] + size > store.max_sender_bytes
-    ):
-        return OfflineSenderFull(
-            sender_id, *sender, store.max_sender_messages, store.max_sender_bytes
-        )
-    if (
-        total[0] + count > store.max_total_messages
-        or total[1] + size > store.max_total_bytes
-    ):
-        return OfflineServerFull(*total, store.max_total_messages, store.max_total_bytes)
-    return None
+
+    #: The least a byte bound may be.
+    MIN_BYTES: ClassVar[int] = 1024
+
+    #: Most messages kept for one user.
+    max_messages: int = _bound(10_000, 1)
+    #: Most bytes kept for one user.
+    max_bytes: int = _bound(64 * 1024 * 1024, MIN_BYTES)
+    #: Most messages one sender may have waiting, for all receivers together.
+    max_sender_messages: int = _bound(1_000, 1)
+    #: Most bytes one sender may have waiting, for all receivers together.
+    max_sender_bytes: int = _bound(16 * 1024 * 1024, MIN_BYTES)
+    #: Most messages the whole store keeps, for all users.
+    max_total_messages: int = _bound(1_000_000, 1)
+    #: Most bytes the whole store keeps, for all users.
+    max_total_bytes: int = _bound(1024 * 1024 * 1024, MIN_BYTES)
+
+    def refusal(
+        self,
+        user_id: str,
+        user: tuple[int, int],
+        sender_id: str,
+        sender: tuple[int, int],
+        total: tuple[int, int],
+        count: int,
+        size: int,
+    ) -> OfflineStoreFull | None:
+        """
+        Why C{count} more messages of C{size} bytes, for C{user_id} from
+        C{sender_id}, do not fit, given what the user, the sender and the
+        whole store hold now (each C{(messages, bytes)}); C{None} when they
+        fit.  The user's bound is checked first, then the sender's, then
+        the store's.
+        """
+        if user[0] + count > self.max_messages or user[1] + size > self.max_bytes:
+            return OfflineStoreFull(user_id, *user, self.max_messages, self.max_bytes)
+        if (
+            sender[0] + count > self.max_sender_messages
+            or sender[1] + size > self.max_sender_bytes
+        ):
+            return OfflineSenderFull(
+                sender_id, *sender, self.max_sender_messages, self.max_sender_bytes
+            )
+        if (
+            total[0] + count > self.max_total_messages
+            or total[1] + size > self.max_total_bytes
+        ):
+            return OfflineServerFull(*total, self.max_total_messages, self.max_total_bytes)
+        return None
 
 
 @attrs.frozen
@@ -535,25 +562,25 @@ class OfflineMessages:
             )
             return True
         size = len(frame.raw)
-        store = self.store
-        if pending.size + size > store.max_bytes or not engine.budget.fits(size):
+        bounds = self.store.bounds
+        if pending.size + size > bounds.max_bytes or not engine.budget.fits(size):
             self._drop_blob(key)
             engine.counters[Count.OFFLINE_FULL] += 1
             session.error(
                 frame,
                 ErrorCode.USER_OFFLINE,
                 f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (at most {store.max_bytes} bytes per user)",
+                f"to keep (at most {bounds.max_bytes} bytes per user)",
             )
             return True
-        if pending.size + size > store.max_sender_bytes:
+        if pending.size + size > bounds.max_sender_bytes:
             self._drop_blob(key)
             engine.counters[Count.OFFLINE_SENDER_FULL] += 1
             session.error(
                 frame,
                 ErrorCode.USER_OFFLINE,
                 f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (one sender may have at most {store.max_sender_bytes} bytes waiting "
+                f"to keep (one sender may have at most {bounds.max_sender_bytes} bytes waiting "
                 "for users who are offline)",
             )
             return True
@@ -702,26 +729,18 @@ class MemoryOfflineStore:
     and development.  With a C{clock} and a C{delay}, every operation
     answers C{delay} seconds after it is called (in call order), like a
     store across a network.
+
+    @param bounds: what it keeps at most (L{OfflineBounds}).
     """
 
     def __init__(
         self,
-        max_messages: int = MAX_MESSAGES,
-        max_bytes: int = MAX_BYTES,
         *,
-        max_sender_messages: int = MAX_SENDER_MESSAGES,
-        max_sender_bytes: int = MAX_SENDER_BYTES,
-        max_total_messages: int = MAX_TOTAL_MESSAGES,
-        max_total_bytes: int = MAX_TOTAL_BYTES,
+        bounds: OfflineBounds = OfflineBounds(),
         clock: Any = None,
         delay: float = 0.0,
     ):
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.max_sender_messages = max_sender_messages
-        self.max_sender_bytes = max_sender_bytes
-        self.max_total_messages = max_total_messages
-        self.max_total_bytes = max_total_bytes
+        self.bounds = bounds
         self.clock = clock
         self.delay = delay
         self.started = False
@@ -759,8 +778,7 @@ class MemoryOfflineStore:
             size = self._sizes.get(user_id, 0)
             added = sum(len(f) for f in frames)
             sender = self._senders.get(sender_id, [0, 0])
-            refused = refusal(
-                self,
+            refused = self.bounds.refusal(
                 user_id,
                 (len(messages), size),
                 sender_id,

@@ -27,13 +27,8 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from ._offline import (
-    MAX_BYTES,
     MAX_ID,
-    MAX_MESSAGES,
-    MAX_SENDER_BYTES,
-    MAX_SENDER_MESSAGES,
-    MAX_TOTAL_BYTES,
-    MAX_TOTAL_MESSAGES,
+    OfflineBounds,
     OfflineSenderFull,
     OfflineServerFull,
     OfflineStoreError,
@@ -139,28 +134,21 @@ class RedisOfflineStore:
 
     @param link: an L{esf.cluster.IRedisLink} (the cluster's C{link}); the
         store neither starts nor stops it.
+    @param bounds: what it keeps at most (L{esf.offline.OfflineBounds}),
+        over all nodes: they are checked in Redis, in the script that
+        stores.
     @param prefix: the prefix of its keys (the cluster's).
     """
 
     def __init__(
         self,
         link: Any,
-        max_messages: int = MAX_MESSAGES,
-        max_bytes: int = MAX_BYTES,
         *,
-        max_sender_messages: int = MAX_SENDER_MESSAGES,
-        max_sender_bytes: int = MAX_SENDER_BYTES,
-        max_total_messages: int = MAX_TOTAL_MESSAGES,
-        max_total_bytes: int = MAX_TOTAL_BYTES,
+        bounds: OfflineBounds = OfflineBounds(),
         prefix: str = "esf",
     ):
         self.link = link
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.max_sender_messages = max_sender_messages
-        self.max_sender_bytes = max_sender_bytes
-        self.max_total_messages = max_total_messages
-        self.max_total_bytes = max_total_bytes
+        self.bounds = bounds
         self.prefix = prefix
         self._total_key = f"{prefix}:offtotal"
         self._senders = f"{prefix}:offsnd:"
@@ -182,17 +170,18 @@ class RedisOfflineStore:
         self, user_id: str, client_type: int | None, frames: Sequence[bytes], sender_id: str
     ) -> Deferred[list[int]]:
         kind = _ANY if client_type is None else client_type
+        bounds = self.bounds
         d = self.link.eval(
             _STORE,
             [*self._keys(user_id), self._total_key, self._senders + sender_id],
             [
-                self.max_messages,
-                self.max_bytes,
+                bounds.max_messages,
+                bounds.max_bytes,
                 kind,
-                self.max_sender_messages,
-                self.max_sender_bytes,
-                self.max_total_messages,
-                self.max_total_bytes,
+                bounds.max_sender_messages,
+                bounds.max_sender_bytes,
+                bounds.max_total_messages,
+                bounds.max_total_bytes,
                 sender_id,
                 *[bytes(f) for f in frames],
             ],
@@ -201,13 +190,13 @@ class RedisOfflineStore:
         def answered(reply: list[Any]) -> list[int]:
             first, a, b = (int(reply[0]), int(reply[1]), int(reply[2]) if len(reply) > 2 else 0)
             if first == -1:
-                raise OfflineStoreFull(user_id, a, b, self.max_messages, self.max_bytes)
+                raise OfflineStoreFull(user_id, a, b, bounds.max_messages, bounds.max_bytes)
             if first == -3:
                 raise OfflineSenderFull(
-                    sender_id, a, b, self.max_sender_messages, self.max_sender_bytes
+                    sender_id, a, b, bounds.max_sender_messages, bounds.max_sender_bytes
                 )
             if first == -4:
-                raise OfflineServerFull(a, b, self.max_total_messages, self.max_total_bytes)
+                raise OfflineServerFull(a, b, bounds.max_total_messages, bounds.max_total_bytes)
             if first == -2:
                 raise OfflineStoreError(f"{user_id} has used up its message IDs")
             return list(range(first, first + a))
@@ -222,38 +211,31 @@ class RedisOfflineStore:
         max_count: int,
         max_bytes: int,
     ) -> Deferred[list[StoredMessage]]:
-        return Deferred.fromCoroutine(
-            self._fetch(user_id, client_types, after, max_count, max_bytes)
-        )
-
-    async def _fetch(
-        self,
-        user_id: str,
-        client_types: Sequence[int | None],
-        after: int,
-        max_count: int,
-        max_bytes: int,
-    ) -> list[StoredMessage]:
         kinds = {_ANY if k is None else k for k in client_types}
         key = self._keys(user_id)[0]
-        out: list[StoredMessage] = []
-        size = 0
-        while True:
-            members = await self.link.execute(
-                "ZRANGEBYSCORE", key, f"({after}", "+inf", "LIMIT", 0, max_count
-            )
-            for member in members:
-                message_id, kind = int(member[:10]), int(member[10:13])
-                after = message_id
-                if kind not in kinds:
-                    continue
-                raw = bytes(member[_PREFIX:])
-                if out and (len(out) >= max_count or size + len(raw) > max_bytes):
+
+        async def read() -> list[StoredMessage]:
+            seen = after
+            out: list[StoredMessage] = []
+            size = 0
+            while True:
+                members = await self.link.execute(
+                    "ZRANGEBYSCORE", key, f"({seen}", "+inf", "LIMIT", 0, max_count
+                )
+                for member in members:
+                    message_id, kind = int(member[:10]), int(member[10:13])
+                    seen = message_id
+                    if kind not in kinds:
+                        continue
+                    raw = bytes(member[_PREFIX:])
+                    if out and (len(out) >= max_count or size + len(raw) > max_bytes):
+                        return out
+                    out.append(StoredMessage(message_id, None if kind == _ANY else kind, raw))
+                    size += len(raw)
+                if len(out) >= max_count or len(members) < max_count or seen >= MAX_ID:
                     return out
-                out.append(StoredMessage(message_id, None if kind == _ANY else kind, raw))
-                size += len(raw)
-            if len(out) >= max_count or len(members) < max_count or after >= MAX_ID:
-                return out
+
+        return Deferred.fromCoroutine(read())
 
     def delete(self, user_id: str, ids: Sequence[int]) -> Deferred[int]:
         if not ids:

@@ -35,18 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._offline import (
-    MAX_BYTES,
-    MAX_ID,
-    MAX_MESSAGES,
-    MAX_SENDER_BYTES,
-    MAX_SENDER_MESSAGES,
-    MAX_TOTAL_BYTES,
-    MAX_TOTAL_MESSAGES,
-    OfflineStoreError,
-    StoredMessage,
-    refusal,
-)
+from ._offline import MAX_ID, OfflineBounds, OfflineStoreError, StoredMessage
 from .interfaces import IOfflineStore
 
 __all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]
@@ -201,35 +190,19 @@ class SQLiteOfflineStore:
     The offline store in one SQLite file.
 
     @param path: the database file (made on L{start} when missing).
-    @param max_messages: most messages kept for one user.
-    @param max_bytes: most bytes kept for one user.
-    @param max_sender_messages: most messages one sender may have waiting,
-        for all receivers together.
-    @param max_sender_bytes: most bytes of them.
-    @param max_total_messages: most messages in the whole store.
-    @param max_total_bytes: most bytes in the whole store.
+    @param bounds: what it keeps at most (L{esf.offline.OfflineBounds}).
     @param max_batch: most operations in one transaction.
     """
 
     def __init__(
         self,
         path: str,
-        max_messages: int = MAX_MESSAGES,
-        max_bytes: int = MAX_BYTES,
         *,
-        max_sender_messages: int = MAX_SENDER_MESSAGES,
-        max_sender_bytes: int = MAX_SENDER_BYTES,
-        max_total_messages: int = MAX_TOTAL_MESSAGES,
-        max_total_bytes: int = MAX_TOTAL_BYTES,
+        bounds: OfflineBounds = OfflineBounds(),
         max_batch: int = 1000,
     ):
         self.path = path
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.max_sender_messages = max_sender_messages
-        self.max_sender_bytes = max_sender_bytes
-        self.max_total_messages = max_total_messages
-        self.max_total_bytes = max_total_bytes
+        self.bounds = bounds
         self.max_batch = max_batch
         self.pool: adbapi.ConnectionPool | None = None
         self._queue: list[_Op] = []
@@ -343,8 +316,8 @@ class SQLiteOfflineStore:
             sender = senders.get(sender_id)
             added = sum(len(f) for f in frames)
             total = self._total
-            refused = refusal(
-                self, user_id, (count, size), sender_id, (sender[0], sender[1]), total,
+            refused = self.bounds.refusal(
+                user_id, (count, size), sender_id, (sender[0], sender[1]), total,
                 len(frames), added,
             )
             if refused is not None:

@@ -194,16 +194,14 @@ class IOfflineStore(Interface):
     Each user's messages get increasing IDs, 1 to 2**31 - 1, never reused.
     """
 
-    max_messages = Attribute("""Most messages kept for one user.""")
-    max_bytes = Attribute("""Most bytes (frames, headers included) kept for one user.""")
-    max_sender_messages = Attribute(
-        """Most messages one sending user may have waiting, for all receivers together."""
+    bounds = Attribute(
+        """
+        What the store keeps at most, an L{esf.offline.OfflineBounds}: per
+        user, per sending user (for all receivers together) and in all,
+        each in messages and in bytes (frames, headers included).  The
+        engine reads the byte bounds to refuse a blob early.
+        """
     )
-    max_sender_bytes = Attribute(
-        """Most bytes one sending user may have waiting, for all receivers together."""
-    )
-    max_total_messages = Attribute("""Most messages the whole store keeps, for all users.""")
-    max_total_bytes = Attribute("""Most bytes the whole store keeps, for all users.""")
 
     def start() -> Deferred[None]:
         """

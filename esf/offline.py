@@ -6,14 +6,16 @@ offline until that user logs on again (docs/messages.md, section 5).
     RedisOfflineStore   Redis, for a cluster (C{--offline redis})
     MemoryOfflineStore  in memory, for tests and development
 
-An application may bring its own L{esf.interfaces.IOfflineStore}, and
-decide what is kept with an L{esf.interfaces.IOfflinePolicy}.
+Each takes what it keeps at most as one L{OfflineBounds}.  An application
+may bring its own L{esf.interfaces.IOfflineStore}, and decide what is kept
+with an L{esf.interfaces.IOfflinePolicy}.
 """
 
 from ._offline import (
     KEPT_TYPES,
     KeepAll,
     MemoryOfflineStore,
+    OfflineBounds,
     OfflineSenderFull,
     OfflineServerFull,
     OfflineStoreError,
@@ -27,6 +29,7 @@ __all__ = [
     "KEPT_TYPES",
     "KeepAll",
     "MemoryOfflineStore",
+    "OfflineBounds",
     "OfflineSenderFull",
     "OfflineServerFull",
     "OfflineStoreError",

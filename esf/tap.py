@@ -27,7 +27,7 @@ from ._engine import (
 )
 from ._memory import MemoryTrimmer
 from ._metrics import MetricsService
-from ._offline import OfflineStoreError
+from ._offline import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
 from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
@@ -69,6 +69,11 @@ def _seconds_option(name: str, low: float) -> Callable[[str], float]:
 
     setattr(parse, "coerceDoc", "")
     return parse
+
+
+#: The offline store's default bounds, the defaults of the --offline-max-* options.
+_OFFLINE = OfflineBounds()
+_MIN_BYTES = OfflineBounds.MIN_BYTES
 
 
 def _client_types(value: str) -> frozenset[int]:
@@ -124,12 +129,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
         ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
         ["offline", None, None, "Keep messages to offline users and deliver them at their next logon: sqlite:PATH, or redis (the --cluster's Redis)."],
-        ["offline-max-messages", None, 10000, "Most messages kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-messages", 1)],
-        ["offline-max-bytes", None, 67108864, "Most bytes kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-bytes", 1024)],
-        ["offline-max-per-sender", None, 1000, "Most messages one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-per-sender", 1)],
-        ["offline-max-bytes-per-sender", None, 16777216, "Most bytes one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-bytes-per-sender", 1024)],
-        ["offline-max-total-messages", None, 1000000, "Most messages the offline store keeps in all; more are refused.", _int_option("offline-max-total-messages", 1)],
-        ["offline-max-total-bytes", None, 1073741824, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", 1024)],
+        ["offline-max-messages", None, _OFFLINE.max_messages, "Most messages kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-messages", 1)],
+        ["offline-max-bytes", None, _OFFLINE.max_bytes, "Most bytes kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-bytes", _MIN_BYTES)],
+        ["offline-max-per-sender", None, _OFFLINE.max_sender_messages, "Most messages one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-per-sender", 1)],
+        ["offline-max-bytes-per-sender", None, _OFFLINE.max_sender_bytes, "Most bytes one user may have waiting in the offline store, for all receivers together; more are refused.", _int_option("offline-max-bytes-per-sender", _MIN_BYTES)],
+        ["offline-max-total-messages", None, _OFFLINE.max_total_messages, "Most messages the offline store keeps in all; more are refused.", _int_option("offline-max-total-messages", 1)],
+        ["offline-max-total-bytes", None, _OFFLINE.max_total_bytes, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", _MIN_BYTES)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
         ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). 0: never.", _seconds_option("malloc-trim", 0)],
@@ -246,6 +251,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def _offline_option(self) -> None:
         spec = self["offline"]
         self["offline-path"] = None
+        # Each option's parser has checked its bound as OfflineBounds does.
+        self["offline-bounds"] = OfflineBounds(
+            max_messages=self["offline-max-messages"],
+            max_bytes=self["offline-max-bytes"],
+            max_sender_messages=self["offline-max-per-sender"],
+            max_sender_bytes=self["offline-max-bytes-per-sender"],
+            max_total_messages=self["offline-max-total-messages"],
+            max_total_bytes=self["offline-max-total-bytes"],
+        )
         if spec is None:
             return
         kind, _, path = spec.partition(":")
@@ -420,17 +434,11 @@ def makeService(options: Options) -> MultiService:
             lease=options["cluster-lease"],
         )
     store: Any = None
-    limits = (options["offline-max-messages"], options["offline-max-bytes"])
-    bounds = {
-        "max_sender_messages": options["offline-max-per-sender"],
-        "max_sender_bytes": options["offline-max-bytes-per-sender"],
-        "max_total_messages": options["offline-max-total-messages"],
-        "max_total_bytes": options["offline-max-total-bytes"],
-    }
+    bounds = options["offline-bounds"]
     if options["offline-path"] is not None:
-        store = SQLiteOfflineStore(options["offline-path"], *limits, **bounds)
+        store = SQLiteOfflineStore(options["offline-path"], bounds=bounds)
     elif options["offline"] == "redis" and presence is not None:
-        store = RedisOfflineStore(presence.link, *limits, **bounds)
+        store = RedisOfflineStore(presence.link, bounds=bounds)
     engine = ServerEngine(
         config,
         clock=reactor,

@@ -71,6 +71,7 @@ OFFLINE = {
     "KEPT_TYPES",
     "KeepAll",
     "MemoryOfflineStore",
+    "OfflineBounds",
     "OfflineSenderFull",
     "OfflineServerFull",
     "OfflineStoreError",

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from esf import STORED, ClientType, ErrorCode, MessageType, RequestError, ServerConfig
 from esf._wire import encode_frame
 from esf.interfaces import IOfflinePolicy
-from esf.offline import MemoryOfflineStore
+from esf.offline import MemoryOfflineStore, OfflineBounds
 from esf.testing import MemoryServer
 
 
@@ -38,9 +38,14 @@ def receiver(server, user_id, client_type=ClientType.OTHERS, handler=None, logon
     return client, got
 
 
+def bounded(**bounds: int) -> MemoryOfflineStore:
+    """A store in memory with these bounds (the rest the defaults)."""
+    return MemoryOfflineStore(bounds=OfflineBounds(**bounds))
+
+
 @pytest.fixture
 def store():
-    return MemoryOfflineStore(max_messages=5, max_bytes=4096)
+    return bounded(max_messages=5, max_bytes=4096)
 
 
 @pytest.fixture
@@ -127,11 +132,11 @@ def test_overflow_refuses_new_messages_and_counts_them(server, store):
 
 
 def test_overflow_by_bytes(store):
-    s = MemoryServer(offline_store=MemoryOfflineStore(max_messages=100, max_bytes=200))
+    s = MemoryServer(offline_store=bounded(max_messages=100, max_bytes=2048))
     alice = s.logged_on("alice")
-    assert s.result(alice.send_certainly("bob", 1, b"a" * 100)) == STORED
-    error = s.failure(alice.send_certainly("bob", 1, b"b" * 100), RequestError)
-    assert error.code == ErrorCode.USER_OFFLINE and "200 bytes" in error.text
+    assert s.result(alice.send_certainly("bob", 1, b"a" * 1000)) == STORED
+    error = s.failure(alice.send_certainly("bob", 1, b"b" * 1000), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE and "2048 bytes" in error.text
     assert s.engine.counters["offline_full"] == 1
     s.close()
 
@@ -145,7 +150,7 @@ def test_without_a_store_a_request_gets_user_offline():
 
 
 def test_live_messages_during_the_drain_come_after_the_stored_ones():
-    clock_store = MemoryOfflineStore(max_messages=1000, max_bytes=1 << 20)
+    clock_store = bounded(max_messages=1000, max_bytes=1 << 20)
     s = MemoryServer(offline_store=clock_store)
     clock_store.clock, clock_store.delay = s.clock, 1.0  # every store call takes 1 s
     alice = s.logged_on("alice")
@@ -243,7 +248,7 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
 
 
 def test_a_blob_is_kept_whole_and_delivered_whole():
-    s = MemoryServer(offline_store=MemoryOfflineStore(max_messages=100, max_bytes=1 << 20))
+    s = MemoryServer(offline_store=bounded(max_messages=100, max_bytes=1 << 20))
     alice = s.logged_on("alice")
     payload = bytes(range(256)) * 40
     assert s.result(alice.send_blob("bob", 11, payload, fragment_size=1000)) == STORED
@@ -256,7 +261,7 @@ def test_a_blob_is_kept_whole_and_delivered_whole():
 
 
 def test_a_blob_too_large_for_the_store_is_refused_whole():
-    store = MemoryOfflineStore(max_messages=100, max_bytes=3000)
+    store = bounded(max_messages=100, max_bytes=3000)
     s = MemoryServer(offline_store=store)
     alice = s.logged_on("alice")
     error = s.failure(alice.send_blob("bob", 11, b"x" * 5000, fragment_size=1000), RequestError)
@@ -270,7 +275,7 @@ def test_a_blob_too_large_for_the_store_is_refused_whole():
 
 
 def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20)
+    store = bounded(max_messages=100, max_bytes=1 << 20)
     s = MemoryServer(offline_store=store)
     alice = s.logged_on("alice")
     wire = s.config.wire
@@ -372,7 +377,7 @@ def test_a_broken_store_answers_the_sender(server, store):
 
 
 def test_held_live_frames_are_bounded():
-    store = MemoryOfflineStore(max_messages=10, max_bytes=1 << 20)
+    store = bounded(max_messages=10, max_bytes=1 << 20)
     config = ServerConfig(max_output_buffer=4096)
     s = MemoryServer(config=config, offline_store=store)
     store.clock, store.delay = s.clock, 5.0
@@ -412,7 +417,7 @@ def test_one_sender_filling_many_receivers_stops_at_its_bound_and_others_still_s
     """
     from esf.testing import LogCapture
 
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_messages=20)
+    store = bounded(max_messages=100, max_bytes=1 << 20, max_sender_messages=20)
     s = MemoryServer(offline_store=store)
     mallory = s.logged_on("mallory")
     with LogCapture() as logs:
@@ -456,18 +461,18 @@ def test_one_sender_filling_many_receivers_stops_at_its_bound_and_others_still_s
 
 
 def test_the_sender_bound_counts_bytes_too():
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_bytes=1000)
+    store = bounded(max_messages=100, max_bytes=1 << 20, max_sender_bytes=2048)
     s = MemoryServer(offline_store=store)
     mallory = s.logged_on("mallory")
-    assert s.result(mallory.send_certainly("u1", 1, b"x" * 500)) == STORED
-    error = s.failure(mallory.send_certainly("u2", 1, b"y" * 500), RequestError)
-    assert error.code == ErrorCode.USER_OFFLINE and "1000 bytes" in error.text
+    assert s.result(mallory.send_certainly("u1", 1, b"x" * 1000)) == STORED
+    error = s.failure(mallory.send_certainly("u2", 1, b"y" * 1000), RequestError)
+    assert error.code == ErrorCode.USER_OFFLINE and "2048 bytes" in error.text
     assert s.engine.counters["offline_sender_full"] == 1
     s.close()
 
 
 def test_a_blob_larger_than_the_sender_bound_is_refused_at_once():
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_sender_bytes=4096)
+    store = bounded(max_messages=100, max_bytes=1 << 20, max_sender_bytes=4096)
     s = MemoryServer(offline_store=store)
     mallory = s.logged_on("mallory")
     error = s.failure(mallory.send_blob("u1", 7, b"z" * 20000, fragment_size=1000), RequestError)
@@ -485,7 +490,7 @@ def test_a_blob_larger_than_the_sender_bound_is_refused_at_once():
 def test_the_whole_store_refuses_when_full_and_accepts_again_once_acknowledged():
     from esf.testing import LogCapture
 
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_total_messages=30)
+    store = bounded(max_messages=100, max_bytes=1 << 20, max_total_messages=30)
     s = MemoryServer(offline_store=store)
     senders = [s.logged_on(f"s{n}") for n in range(3)]
     for sender in senders:
@@ -517,7 +522,7 @@ def test_the_whole_store_refuses_when_full_and_accepts_again_once_acknowledged()
 
 
 def test_the_whole_store_bound_counts_bytes_too():
-    store = MemoryOfflineStore(max_messages=100, max_bytes=1 << 20, max_total_bytes=2000)
+    store = bounded(max_messages=100, max_bytes=1 << 20, max_total_bytes=2000)
     s = MemoryServer(offline_store=store)
     a, b = s.logged_on("a"), s.logged_on("b")
     assert s.result(a.send_certainly("r1", 1, b"x" * 900)) == STORED

@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 
 from esf.offline import (
+    OfflineBounds,
     OfflineSenderFull,
     OfflineServerFull,
     OfflineStoreError,
@@ -26,11 +27,11 @@ from esf.offline import (
 
 
 async def exercise(store) -> None:
-    """The contract every store keeps."""
-    assert await store.store("bob", None, [b"a" * 10, b"b" * 10], "alice") == [1, 2]
-    assert await store.store("bob", 5, [b"c" * 10], "alice") == [3]
-    assert await store.store("bob", None, [b"d" * 10], "alice") == [4]
-    assert await store.counts("bob") == (4, 40)
+    """The contract every store keeps (given L{SMALL}'s bounds)."""
+    assert await store.store("bob", None, [b"a" * 1000, b"b" * 1000], "alice") == [1, 2]
+    assert await store.store("bob", 5, [b"c" * 1000], "alice") == [3]
+    assert await store.store("bob", None, [b"d" * 1000], "alice") == [4]
+    assert await store.counts("bob") == (4, 4000)
     assert await store.counts("nobody") == (0, 0)
     every = await store.fetch("bob", [None, 5], 0, 100, 1 << 20)
     assert [(m.id, m.client_type, m.raw[:1]) for m in every] == [
@@ -40,16 +41,16 @@ async def exercise(store) -> None:
     assert [m.id for m in only_device] == [3]
     assert [m.id for m in await store.fetch("bob", [None], 1, 2, 1 << 20)] == [2, 4]
     # Bytes bound: at least one, then no more than max_bytes.
-    assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 15)] == [1]
-    assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 5)] == [1]
-    # Bounds: all or none (limit 5 messages, 60 bytes).
+    assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 1500)] == [1]
+    assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 500)] == [1]
+    # Bounds: all or none (limit 5 messages, 6000 bytes).
+    with pytest.raises(OfflineStoreFull, match="at most 5 .6000 bytes."):
+        await store.store("bob", None, [b"e" * 500, b"f" * 500], "alice")
     with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"e" * 5, b"f" * 5], "alice")
-    with pytest.raises(OfflineStoreFull):
-        await store.store("bob", None, [b"g" * 30], "alice")
-    assert await store.counts("bob") == (4, 40)
+        await store.store("bob", None, [b"g" * 3000], "alice")
+    assert await store.counts("bob") == (4, 4000)
     assert await store.delete("bob", [1, 3, 99]) == 2
-    assert await store.counts("bob") == (2, 20)
+    assert await store.counts("bob") == (2, 2000)
     # IDs are never reused.
     assert await store.store("bob", None, [b"h"], "alice") == [5]
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 1 << 20)] == [2, 4, 5]
@@ -58,9 +59,13 @@ async def exercise(store) -> None:
     assert await store.fetch("bob", [None, 5], 0, 100, 1 << 20) == []
 
 
+#: The per-user bounds L{exercise} expects.
+SMALL = OfflineBounds(max_messages=5, max_bytes=6000)
+
+
 @pytest_twisted.ensureDeferred
 async def test_sqlite_store(tmp_path):
-    store = SQLiteOfflineStore(str(tmp_path / "offline.db"), max_messages=5, max_bytes=60)
+    store = SQLiteOfflineStore(str(tmp_path / "offline.db"), bounds=SMALL)
     await store.start()
     try:
         await exercise(store)
@@ -193,7 +198,7 @@ async def test_redis_store(redis_server):
     link.start(lambda: connected.called or connected.callback(None), lambda: None)
     await connected
     try:
-        await exercise(RedisOfflineStore(link, max_messages=5, max_bytes=60, prefix="t1"))
+        await exercise(RedisOfflineStore(link, bounds=SMALL, prefix="t1"))
         # Another store on the same Redis (another node) sees the same.
         one = RedisOfflineStore(link, prefix="t2")
         two = RedisOfflineStore(link, prefix="t2")
@@ -206,14 +211,61 @@ async def test_redis_store(redis_server):
 # -- bounds per sender and for the whole store ------------------------------------
 
 #: The bounds the next tests give their stores.
-BOUNDS = {
-    "max_messages": 100,
-    "max_bytes": 1 << 20,
-    "max_sender_messages": 3,
-    "max_sender_bytes": 1000,
-    "max_total_messages": 6,
-    "max_total_bytes": 5000,
-}
+BOUNDS = OfflineBounds(
+    max_messages=100,
+    max_bytes=1 << 20,
+    max_sender_messages=3,
+    max_sender_bytes=1024,
+    max_total_messages=6,
+    max_total_bytes=5000,
+)
+
+
+def test_offline_bounds_are_checked_when_made():
+    assert OfflineBounds(max_bytes=1024, max_sender_bytes=1024, max_total_bytes=1024)
+    for name in ("max_messages", "max_sender_messages", "max_total_messages"):
+        with pytest.raises(ValueError, match=f"{name}.*>= 1"):
+            OfflineBounds(**{name: 0})
+    for name in ("max_bytes", "max_sender_bytes", "max_total_bytes"):
+        with pytest.raises(ValueError, match=f"{name}.*>= 1024"):
+            OfflineBounds(**{name: 1023})
+    with pytest.raises(TypeError, match="max_messages"):
+        OfflineBounds(max_messages=10.5)
+    with pytest.raises(AttributeError):
+        BOUNDS.max_messages = 1  # frozen: a store's bounds do not change under it
+
+
+def test_offline_bounds_refusal_names_the_first_bound_passed():
+    # (messages, bytes) held now by the user, the sender, the whole store.
+    room = ((0, 0), (0, 0), (0, 0))
+    assert BOUNDS.refusal("bob", room[0], "alice", room[1], room[2], 3, 1024) is None
+    # Every bound passed at once: the user's is named first...
+    refused = BOUNDS.refusal("bob", (100, 0), "alice", (3, 0), (6, 0), 1, 1)
+    assert type(refused) is OfflineStoreFull and refused.user_id == "bob"
+    assert (refused.count, refused.max_messages, refused.max_bytes) == (100, 100, 1 << 20)
+    # ...then the sender's...
+    refused = BOUNDS.refusal("bob", (0, 0), "alice", (0, 1000), (6, 0), 1, 25)
+    assert type(refused) is OfflineSenderFull and refused.sender_id == "alice"
+    assert (refused.size, refused.max_messages, refused.max_bytes) == (1000, 3, 1024)
+    # ...then the whole store's.
+    refused = BOUNDS.refusal("bob", (0, 0), "alice", (0, 0), (5, 4999), 1, 2)
+    assert type(refused) is OfflineServerFull
+    assert (refused.count, refused.size, refused.max_bytes) == (5, 4999, 5000)
+    # Exactly at a bound fits.
+    assert BOUNDS.refusal("bob", (99, 0), "alice", (2, 1000), (5, 4976), 1, 24) is None
+
+
+def test_the_bounds_example_in_the_docs_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "messages.md").read_text()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "OfflineBounds(" in b]
+    code = code.replace("/var/lib/esf/offline.db", str(tmp_path / "offline.db"))
+    namespace: dict = {}
+    exec(compile(code, "docs/messages.md", "exec"), namespace)
+    assert namespace["store"].bounds == namespace["bounds"]
+    assert namespace["bounds"].max_total_bytes == 512 * 1024 * 1024
 
 
 async def exercise_bounds(store, reopen):
@@ -223,8 +275,8 @@ async def exercise_bounds(store, reopen):
     C{reopen} (which closes C{store} and answers the store opened again).
     """
     # The sender's bound in bytes, then in messages, over many receivers.
-    with pytest.raises(OfflineSenderFull, match="at most 3 .1000 bytes. per sender"):
-        await store.store("r0", None, [b"x" * 1001], "mallory")
+    with pytest.raises(OfflineSenderFull, match="at most 3 .1024 bytes. per sender"):
+        await store.store("r0", None, [b"x" * 1025], "mallory")
     for n in (1, 2, 3):
         assert await store.store(f"r{n}", None, [b"m" * 10], "mallory") == [1]
     with pytest.raises(OfflineSenderFull):
@@ -282,7 +334,7 @@ async def test_memory_store_bounds():
     async def reopen(store):
         return store  # nothing to reopen: the same object
 
-    await exercise_bounds(MemoryOfflineStore(**BOUNDS), reopen)
+    await exercise_bounds(MemoryOfflineStore(bounds=BOUNDS), reopen)
 
 
 @pytest_twisted.ensureDeferred
@@ -291,11 +343,11 @@ async def test_sqlite_store_bounds_survive_a_restart(tmp_path):
 
     async def reopen(store):
         await store.stop()
-        again = SQLiteOfflineStore(path, **BOUNDS)
+        again = SQLiteOfflineStore(path, bounds=BOUNDS)
         await again.start()
         return again
 
-    store = SQLiteOfflineStore(path, **BOUNDS)
+    store = SQLiteOfflineStore(path, bounds=BOUNDS)
     await store.start()
     store = await exercise_bounds(store, reopen)
     await store.stop()
@@ -311,7 +363,7 @@ async def test_sqlite_store_total_rolls_back_with_its_transaction(tmp_path):
     SQLite cannot bind, after a store that went well in the same
     transaction) leaves it as it was, like the database.
     """
-    store = SQLiteOfflineStore(str(tmp_path / "offline.db"), **BOUNDS)
+    store = SQLiteOfflineStore(str(tmp_path / "offline.db"), bounds=BOUNDS)
     await store.start()
     try:
         assert await store.store("bob", None, [b"1" * 10], "alice") == [1]
@@ -384,7 +436,7 @@ async def test_a_version_1_database_is_migrated(tmp_path):
                 (receiver, len(frames) + 1, len(frames), sum(map(len, frames))),
             )
     header = wire.header_length
-    store = SQLiteOfflineStore(str(path), **BOUNDS)
+    store = SQLiteOfflineStore(str(path), bounds=BOUNDS)
     await store.start()
     try:
         assert await store.sender_counts("mallory") == (3, 3 * header + 143)
@@ -430,7 +482,7 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
         link.start(lambda: connected.called or connected.callback(None), lambda: None)
         await connected
         links.append(link)
-        return RedisOfflineStore(link, **BOUNDS)
+        return RedisOfflineStore(link, bounds=BOUNDS)
 
     async def reopen(store):
         await store.link.stop()

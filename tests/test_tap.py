@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
 from esf.interfaces import IBasicHandler
+from esf.offline import OfflineBounds
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
 
 
@@ -353,15 +354,36 @@ def test_offline_bounds_reach_the_store(tmp_path):
         "--offline-max-total-bytes", "65536",
     )
     store = makeService(options).engine.offline.store
-    assert (store.max_messages, store.max_bytes) == (50, 4096)
-    assert (store.max_sender_messages, store.max_sender_bytes) == (7, 2048)
-    assert (store.max_total_messages, store.max_total_bytes) == (900, 65536)
+    assert store.bounds == OfflineBounds(
+        max_messages=50,
+        max_bytes=4096,
+        max_sender_messages=7,
+        max_sender_bytes=2048,
+        max_total_messages=900,
+        max_total_bytes=65536,
+    )
 
 
 def test_offline_bounds_defaults(tmp_path):
     store = makeService(parse("--offline", f"sqlite:{tmp_path / 'offline.db'}")).engine.offline.store
-    assert (store.max_sender_messages, store.max_sender_bytes) == (1000, 16 * 1024 * 1024)
-    assert (store.max_total_messages, store.max_total_bytes) == (1_000_000, 1024 * 1024 * 1024)
+    bounds = store.bounds
+    assert (bounds.max_messages, bounds.max_bytes) == (10_000, 64 * 1024 * 1024)
+    assert (bounds.max_sender_messages, bounds.max_sender_bytes) == (1000, 16 * 1024 * 1024)
+    assert (bounds.max_total_messages, bounds.max_total_bytes) == (1_000_000, 1024 * 1024 * 1024)
+    assert bounds == OfflineBounds()
+
+
+@pytest.mark.parametrize(
+    "option, bound",
+    [
+        ("--offline-max-bytes", "max_bytes"),
+        ("--offline-max-bytes-per-sender", "max_sender_bytes"),
+        ("--offline-max-total-bytes", "max_total_bytes"),
+    ],
+)
+def test_offline_byte_bounds_are_at_least_1024(option, bound):
+    assert option[2:] in usage_error(option, "1023")
+    assert getattr(parse(option, "1024")["offline-bounds"], bound) == 1024
 
 
 @pytest.mark.parametrize(
