@@ -51,11 +51,11 @@ class LogonRecord:
     A logon is logged at once when the last event is C{interval} seconds
     old; otherwise it waits with the others that come meanwhile, and they
     are logged together when the interval is up or C{limit} of them wait,
-    whichever comes first.  Each
-    event is C{esf_event="logged_on"} with C{logons}, a list of C{(user_id,
-    client_type, address, time)}, and C{count}.  (Formatting a log line costs
-    more than the rest of a logon; one line per batch keeps the record of
-    every logon at a fraction of that cost.)
+    whichever comes first.  Each event is C{esf_event="logged_on"} with
+    C{logons}, a list of C{(user_id, client_type, address, time)}, and
+    C{count}.  (Formatting a log line costs more than the rest of a logon;
+    one line per batch keeps the record of every logon at a fraction of
+    that cost.)
     """
 
     def __init__(self, clock: Any, interval: float = 1.0, limit: int = 100):
