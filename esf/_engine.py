@@ -142,8 +142,12 @@ class ServerEngine:
             self._expire_blobs,
         )
         self.sessions: set[Session] = set()
-        #: Sessions whose connection is not yet closed.
-        self._open: set[Session] = set()
+        #: How many connections are not yet closed (a count, not a set: one
+        #: entry less per connection).
+        self._open = 0
+        #: A full work bucket (L{Session.charge}), one float object that
+        #: every new session starts with.
+        self.full_bucket = float(config.work_burst)
         self._drained: list[Deferred[None]] = []
         self.stopping = False
         self._dispatch = {}
@@ -190,7 +194,7 @@ class ServerEngine:
         """
         session = Session(self, channel)
         self.sessions.add(session)
-        self._open.add(session)
+        self._open += 1
         if self.stopping:
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
             return session
@@ -210,9 +214,10 @@ class ServerEngine:
 
     def connection_closed(self, session: Session) -> None:
         """
-        C{session}'s connection is closed.
+        C{session}'s connection is closed (once for each L{connection_made}:
+        a channel reports its end once).
         """
-        self._open.discard(session)
+        self._open -= 1
         if self.stopping and not self._open:
             drained, self._drained = self._drained, []
             for d in drained:

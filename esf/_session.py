@@ -11,7 +11,6 @@ session is an L{IDeviceHandle}: what presence hands the router.
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -74,8 +73,6 @@ LOG_WINDOW = 60.0
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
-#: Fencing tokens of this process's logons (see L{IDeviceHandle.session_id}).
-_session_ids = itertools.count(1)
 
 
 @implementer(IDeviceHandle)
@@ -94,7 +91,6 @@ class Session(Output):
         "user_id",
         "client_type",
         "user_data",
-        "_serial",
         "logon_order",
         "connected_at",
         "active",
@@ -123,7 +119,6 @@ class Session(Output):
         self.user_id: str | None = None
         self.client_type: int | None = None
         self.user_data: UserData | None = None
-        self._serial = next(_session_ids)
         self.logon_order = 0
         self.connected_at = owner.clock.seconds()
         #: Whether a complete frame arrived since the reaper last looked.
@@ -138,7 +133,7 @@ class Session(Output):
         #: Bytes of a partial frame counted in the engine's memory budget.
         self._partial = 0
         #: The work budget (L{charge}): a token bucket, full at the start.
-        self._tokens = float(config.work_burst)
+        self._tokens = owner.full_bucket  # one float for all, until spent
         self._tokens_at = self.connected_at
         self._refused_since: float | None = None
         #: The log limiter (L{may_log}): [window start, events logged in
@@ -161,10 +156,11 @@ class Session(Output):
     @property
     def session_id(self) -> str:
         """
-        This logon's fencing token (L{IDeviceHandle.session_id}), made when
-        asked for (rarely), not kept.
+        This logon's fencing token (L{IDeviceHandle.session_id}): the node
+        and the Logon's order there, unique among the node's logons.  Made
+        when asked for (rarely), not kept.
         """
-        return f"{self.node}/{self._serial}"
+        return f"{self.owner.node_id}/{self.logon_order}"
 
     @property
     def logged_on(self) -> bool:

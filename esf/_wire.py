@@ -453,10 +453,9 @@ class FrameDecoder:
     __slots__ = (
         "config",
         "max_message_size",
-        "_hlen",
-        "_slot",
         "_first_key",
-        "_first_ids",
+        "_first_user",
+        "_first_dest",
         "_pairs",
         "_parts",
         "_small",
@@ -471,15 +470,13 @@ class FrameDecoder:
         self.max_message_size = (
             config.max_message_size if max_message_size is None else max_message_size
         )
-        self._hlen = config.header_length
-        self._slot = config.id_slot
         # Both ID fields' raw bytes -> (user_id, dest_user_id): the hot loop
         # looks a frame's IDs up with one slice and one comparison or dict
         # lookup.  The first pair seen (often the only one: an idle device
         # talks to the server alone) is kept apart; the dict is made for
         # the others.
         self._first_key: bytes | None = None
-        self._first_ids: tuple[str, str] = ("", "")
+        self._first_user = self._first_dest = ""
         self._pairs: dict[bytes, tuple[str, str]] | None = None
         # Partial frame: pieces received so far (made on demand), their
         # total, the number of bytes that complete the current unit (a
@@ -487,7 +484,7 @@ class FrameDecoder:
         self._parts: list[bytes] | None = None
         self._small: bytearray | None = None
         self._have = 0
-        self._need = self._hlen
+        self._need = self.config.header_length
         self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
 
@@ -497,7 +494,7 @@ class FrameDecoder:
         What this side expects, for error texts.
         """
         return (
-            f" (this server expects {self._hlen}-byte headers, max UserID length "
+            f" (this server expects {self.config.header_length}-byte headers, max UserID length "
             f"{self.config.max_userid_length})"
         )
 
@@ -550,10 +547,10 @@ class FrameDecoder:
             offset = self._complete_partial(data, frames)
             if offset < 0:
                 return
-        hlen = self._hlen
+        hlen = self.config.header_length
         unpack = _FIXED_HEADER.unpack_from
         pairs = self._pairs or {}
-        first_key, first_ids = self._first_key, self._first_ids
+        first_key, first_user, first_dest = self._first_key, self._first_user, self._first_dest
         ids_end = hlen  # the two ID fields run from byte 12 to the end
         max_body = self.max_message_size - hlen
         append = frames.append
@@ -606,8 +603,15 @@ class FrameDecoder:
             if run_count:
                 append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
                 run_key, run_count = None, 0
-            pair = first_ids if key == first_key else pairs.get(key)
-            if start != START_TOKEN or not 0 <= body_length <= max_body or pair is None:
+            if key == first_key:
+                user_id, dest_user_id = first_user, first_dest
+                known = True
+            else:
+                pair = pairs.get(key)
+                known = pair is not None
+                if known:
+                    user_id, dest_user_id = pair  # type: ignore[misc]
+            if start != START_TOKEN or not 0 <= body_length <= max_body or not known:
                 (
                     client_type,
                     message_type,
@@ -618,9 +622,11 @@ class FrameDecoder:
                 ) = self._parse_header(data, offset)
                 # (It remembered the pair: look there from now on.)
                 pairs = self._pairs or pairs
-                first_key, first_ids = self._first_key, self._first_ids
-            else:
-                user_id, dest_user_id = pair
+                first_key, first_user, first_dest = (
+                    self._first_key,
+                    self._first_user,
+                    self._first_dest,
+                )
             end = offset + hlen + body_length
             if end > size:
                 header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
@@ -666,12 +672,12 @@ class FrameDecoder:
                     frames.append(self._frame(header, unit))
                     return offset
                 self._header = header
-                self._need = self._hlen + header[5]
+                self._need = self.config.header_length + header[5]
                 self._stash(unit)
             else:
                 frames.append(self._frame(self._header, unit))
                 self._header = None
-                self._need = self._hlen
+                self._need = self.config.header_length
                 return offset
 
     def _stash(self, chunk: bytes) -> None:
@@ -717,7 +723,7 @@ class FrameDecoder:
                 DisconnectedType.INVALID_MESSAGE,
                 f"start token is 0x{start:02X}, not 0xFF{self._expectation}",
             )
-        if body_length < 0 or body_length > self.max_message_size - self._hlen:
+        if body_length < 0 or body_length > self.max_message_size - self.config.header_length:
             reason = (
                 DisconnectedType.INVALID_MESSAGE
                 if body_length < 0
@@ -725,19 +731,19 @@ class FrameDecoder:
             )
             raise FrameError(
                 reason,
-                f"body length {body_length} outside 0..{self.max_message_size - self._hlen} "
+                f"body length {body_length} outside 0..{self.max_message_size - self.config.header_length} "
                 f"(maximum message size {self.max_message_size}){self._expectation}",
             )
-        slot = self._slot
+        slot = self.config.id_slot
         o = offset + 12
         user_id = self._decode_id(data[o : o + slot + 1], "UserID")
         o += slot + 1
         dest_user_id = self._decode_id(data[o : o + slot + 1], "DestUserID")
         # Remember this pair of ID fields: the same few pairs repeat on
         # every frame of a connection, and the hot loop finds them here.
-        key = data[offset + 12 : offset + self._hlen]
+        key = data[offset + 12 : offset + self.config.header_length]
         if self._first_key is None:
-            self._first_key, self._first_ids = key, (user_id, dest_user_id)
+            self._first_key, self._first_user, self._first_dest = key, user_id, dest_user_id
         elif key != self._first_key:
             pairs = self._pairs
             if pairs is None:
@@ -759,4 +765,4 @@ class FrameDecoder:
             raise FrameError(e.reason, e.message + self._expectation) from None
 
     def _frame(self, header: tuple[Any, ...], raw: bytes) -> Frame:
-        return Frame(header[0], header[1], header[2], header[3], header[4], raw, self._hlen)
+        return Frame(header[0], header[1], header[2], header[3], header[4], raw, self.config.header_length)

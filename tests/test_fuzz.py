@@ -396,7 +396,7 @@ def run_engine_fuzz(scripts) -> None:
             client.lose()
         engine.clock.advance(engine.config.close_timeout + 1)
         assert {s.user_id for s in engine.sessions} == {"alice", "bob"}
-        assert engine._open == engine.sessions
+        assert engine._open == len(engine.sessions)
         _pings(engine, good, peer, 10)
         assert not logs.failures(), logs.failures()
     finally:

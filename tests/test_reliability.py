@@ -136,7 +136,7 @@ def test_peer_reset_is_network_interrupted_at_once():
     assert len(alice.transport.value()) == written
     bob.send(T.SEND, w.Information(1, b"x"), dest="alice", message_id=0)
     assert engine.counters["transmit_failed"] == 1
-    assert engine._open == {s for s in engine.sessions}
+    assert engine._open == len(engine.sessions)
 
 
 class RaisingWrites:
