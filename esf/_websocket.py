@@ -190,7 +190,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # connection is gone; until it fired, it would keep this protocol
         # and the transport's unwritten backlog.
         timer, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
-        if timer is not None:
+        if timer is not None and timer.active():
             timer.cancel()
         super().connectionLost(reason)
         # Let go of the session, as ServerProtocol does: the two hold each
