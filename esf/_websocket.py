@@ -190,8 +190,8 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # connection is gone; until it fired, it would keep this protocol
         # and the transport's unwritten backlog.
         timer, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        if timer is not None:
+            timer.cancel()  # pending: autobahn sets it to None when it fires
         super().connectionLost(reason)
         # Let go of the session, as ServerProtocol does: the two hold each
         # other, and the transport's unwritten backlog with them.
