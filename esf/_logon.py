@@ -25,14 +25,12 @@ from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
 from ._session import SessionState
 from ._wire import (
-    SERVER_ID,
     ClientType,
     DisconnectedType,
     Frame,
     LogonResult,
     MessageType,
     as_client_type,
-    encode_frame,
 )
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from typing import Any, Sequence, cast
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from ._offline import (
+from ._offline_store import (
     MAX_ID,
     OfflineBounds,
     OfflineSenderFull,

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._offline import MAX_ID, OfflineBounds, OfflineStoreError, StoredMessage
+from ._offline_store import MAX_ID, OfflineBounds, OfflineStoreError, StoredMessage
 from .interfaces import IOfflineStore
 
 __all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]

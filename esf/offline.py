@@ -11,9 +11,8 @@ may bring its own L{esf.interfaces.IOfflineStore}, and decide what is kept
 with an L{esf.interfaces.IOfflinePolicy}.
 """
 
-from ._offline import (
-    KEPT_TYPES,
-    KeepAll,
+from ._offline import KEPT_TYPES, KeepAll
+from ._offline_store import (
     MemoryOfflineStore,
     OfflineBounds,
     OfflineSenderFull,

@@ -27,7 +27,7 @@ from ._engine import (
 )
 from ._memory import MemoryTrimmer
 from ._metrics import MetricsService
-from ._offline import OfflineBounds, OfflineStoreError
+from ._offline_store import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
 from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id

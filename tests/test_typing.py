@@ -46,6 +46,7 @@ TYPED = [
     "esf/_session.py",
     "esf/_output.py",
     "esf/_offline.py",
+    "esf/_offline_store.py",
     "esf/_offline_sqlite.py",
     "esf/_offline_redis.py",
     "esf/offline.py",
