@@ -20,19 +20,30 @@ __all__ = ["Event", "call", "call_then"]
 log = Logger(namespace="esf")
 
 
+def _outcome(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """
+    Call C{f(*args)}: its result, a L{Deferred} for a later one (a
+    coroutine is run as one), or a L{Failure} if it raised.
+    """
+    try:
+        result = f(*args)
+    except BaseException:
+        return Failure()
+    if not isinstance(result, Deferred) and inspect.isawaitable(result):
+        return Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result))
+    return result
+
+
 def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     """
     Call an application method that may answer synchronously, with a
     Deferred or as a coroutine; always return a Deferred.
     """
-    try:
-        result = f(*args)
-    except BaseException:
-        return fail()
+    result = _outcome(f, args)
     if isinstance(result, Deferred):
         return result
-    if inspect.isawaitable(result):
-        return Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result))
+    if isinstance(result, Failure):
+        return fail(result)
     return succeed(result)
 
 
@@ -45,15 +56,9 @@ def call_then(
     synchronously (no Deferred made, as the common case of a logon has it),
     else when its answer comes.
     """
-    try:
-        result = f(*args)
-    except BaseException:
-        then(Failure(), *extra)
-        return
+    result = _outcome(f, args)
     if isinstance(result, Deferred):
         result.addBoth(then, *extra)
-    elif inspect.isawaitable(result):
-        Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result)).addBoth(then, *extra)
     else:
         then(result, *extra)
 

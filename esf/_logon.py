@@ -121,7 +121,9 @@ class Logons:
         self.engine = engine
         self.policy = LogonPolicy(engine.config)
         self.record = LogonRecord(engine.clock)
-        self._succeeded: tuple[Any, bytes] | None = None
+        #: The reply to every successful Logon (the engine's configuration
+        #: does not change), encoded once.
+        self._succeeded = self._encode_reply(LogonResult.SUCCEED, "")
         self._order = itertools.count(1)
 
     # -- before logon ----------------------------------------------------------
@@ -274,13 +276,8 @@ class Logons:
         """
         A Logon reply body.
         """
-        config = self.engine.config
         if result is LogonResult.SUCCEED and not cause:
-            # The same for every logon: encoded once per configuration.
-            cached = self._succeeded
-            if cached is None or cached[0] is not config:
-                cached = self._succeeded = (config, self._encode_reply(result, ""))
-            return cached[1]
+            return self._succeeded
         return self._encode_reply(result, cause)
 
     def _encode_reply(self, result: LogonResult, cause: str) -> bytes:

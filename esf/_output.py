@@ -214,17 +214,28 @@ class Output:
         held = self._held
         if held is None:
             held = self._held = []
-        owner = self.owner
         size = len(data)
         total = self._held_bytes + size
-        limit = owner.config.max_output_buffer
-        if total > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
-            owner.counters[Count.OUTPUT_DROPPED] += 1
+        if self._dropped(total, size):
             return True
         held.append(data)
         self._held_bytes = total
-        owner.budget.used += size
-        return total * 2 > limit
+        self.owner.budget.used += size
+        return total * 2 > self.owner.config.max_output_buffer
+
+    def _dropped(self, total: int, size: int) -> bool:
+        """
+        Whether C{size} more bytes for the peer, C{total} waiting with them,
+        pass its hard bound or the server's memory budget: then they are
+        dropped, and counted.
+        """
+        owner = self.owner
+        if total > owner.config.max_output_buffer * _HARD_BOUND_FACTOR or not owner.budget.fits(
+            size
+        ):
+            owner.counters[Count.OUTPUT_DROPPED] += 1
+            return True
+        return False
 
     def queue(self, data: bytes) -> None:
         """
@@ -242,12 +253,10 @@ class Output:
             # server's memory budget, more is dropped and counted.
             size = len(data)
             backlog = self._backlog + size
-            owner = self.owner
-            limit = owner.config.max_output_buffer
-            if backlog > limit * _HARD_BOUND_FACTOR or not owner.budget.fits(size):
-                owner.counters[Count.OUTPUT_DROPPED] += 1
+            if self._dropped(backlog, size):
                 return
-            if backlog * 2 > limit and self._drain_timer is None:
+            owner = self.owner
+            if backlog * 2 > owner.config.max_output_buffer and self._drain_timer is None:
                 self._drain_timer = owner.clock.callLater(
                     owner.config.output_drain_timeout, self._not_draining
                 )
@@ -272,8 +281,16 @@ class Output:
         held, self._held = self._held, None
         self.owner.budget.used -= self._held_bytes
         self._held_bytes = 0
-        for data in held or ():
-            self.queue(data)
+        if held:
+            # Written together, as the frames of one read are.
+            batch = self.owner.batch
+            outermost = batch.begin()
+            try:
+                for data in held:
+                    self.queue(data)
+            finally:
+                if outermost:
+                    batch.flush()
         if not self._paused:
             self._release_blocked()  # the senders held back meanwhile
 
