@@ -297,6 +297,8 @@ class ServerEngine:
                             blob_id=blob_id,
                             session=session,
                         )
+        if self.offline is not None:
+            self.offline.expire_blobs(now)
 
     # -- frames -----------------------------------------------------------------
 
@@ -317,10 +319,12 @@ class ServerEngine:
         if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
             self.relay(session, frame)
             return
-        if frame.message_type == MessageType.ACK and self.offline is not None:
-            # Acknowledges stored messages: as cheap as a relay, not charged.
-            self.offline.ack(session, frame)
-            return
+        if (
+            frame.message_type == MessageType.ACK
+            and self.offline is not None
+            and self.offline.ack(session, frame)
+        ):
+            return  # acknowledged stored messages: as cheap as a relay, not charged
         if not session.charge(1):
             self._work_refused(session, frame)
             return

@@ -112,13 +112,18 @@ class _PendingBlob:
     all of them are kept, or none.
     """
 
-    __slots__ = ("frames", "size", "next_index", "information_type")
+    __slots__ = ("frames", "size", "next_index", "information_type", "sender", "touched")
 
-    def __init__(self, information_type: int) -> None:
+    def __init__(self, information_type: int, sender: str, now: float) -> None:
         self.frames: list[bytes] = []
         self.size = 0
         self.next_index = 0
         self.information_type = information_type
+        #: The user sending it: its bytes count among that user's blobs in
+        #: progress (L{esf._budget.MemoryBudget.blob_bytes}).
+        self.sender = sender
+        #: When its last fragment came (it is dropped once idle too long).
+        self.touched = now
 
 
 class _Stalled(Exception):
@@ -184,9 +189,15 @@ class _Drain:
                     continue
                 await self._until_acked(after)
                 await self._forget()
+                if self.done:
+                    return
         except _Gone:
             return
         except _Stalled:
+            # What the device did acknowledge is forgotten all the same.
+            self._forget().addErrback(
+                lambda f: log.failure("forgetting delivered messages failed", f)
+            )
             engine.counters[Count.OFFLINE_DRAINS_STALLED] += 1
             log.info(
                 "{session!r} did not acknowledge stored messages within {timeout:g} s: "
@@ -237,7 +248,9 @@ class _Drain:
         """
         if not self.sent or message_id < self.sent[0] or message_id <= self.acked:
             return False
-        self.acked = message_id
+        # Only what was sent can be acknowledged: an ID past it does not
+        # forget messages the device has not had.
+        self.acked = min(message_id, self.sent[-1])
         if self._waiting is not None and message_id >= self._target:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
@@ -252,7 +265,10 @@ class _Drain:
             return succeed(0)
         self.sent = [i for i in self.sent if i > self.acked]
         self.offline.engine.counters[Count.OFFLINE_DELIVERED] += len(acked)
-        return self.offline.store.delete(self.user_id, acked)
+        try:
+            return self.offline.store.delete(self.user_id, acked)
+        except Exception:
+            return fail()  # a store that raises at once fails like one that answers later
 
     def session_ended(self) -> None:
         """
@@ -307,10 +323,10 @@ class OfflineMessages:
         self.policy: IOfflinePolicy = policy if policy is not None else KeepAll()
         self.window = window
         self.window_bytes = max(engine.config.max_output_buffer // 2, 1)
-        #: Blobs to offline users being gathered: (session ID, dest, blob ID).
-        self._blobs: dict[tuple[str, str, int], _PendingBlob] = {}
+        #: Blobs to offline users being gathered: (session, dest, blob ID).
+        self._blobs: dict[tuple[Session, str, int], _PendingBlob] = {}
         #: Sessions with blobs being gathered -> how many.
-        self._blob_counts: dict[str, int] = {}
+        self._blob_counts: dict[Session, int] = {}
         self._sessions: dict[Any, _Drain] = {}
         #: Users whose whole-user messages a device of this node drains.
         self._users: dict[str, _Drain] = {}
@@ -328,11 +344,15 @@ class OfflineMessages:
         message_type = frame.message_type
         if message_type not in KEPT_TYPES:
             return False
+        kind = split_dest(frame.dest_user_id)[1]
+        if kind is not None and kind not in self.engine.config.client_types:
+            return False  # no such device can log on here: nothing to keep it for
         if message_type == MessageType.BLOB:
             return self._offer_fragment(session, frame)
-        if not self._keep(session, frame, information_type(frame.body)):
+        info_type = information_type(frame.body)
+        if not self._keep(session, frame, info_type):
             return False
-        self._store(session, frame, [frame.raw], information_type(frame.body))
+        self._store(session, frame, [frame.raw], info_type)
         return True
 
     def gathering(self, session: Session, frame: Frame) -> bool:
@@ -341,13 +361,13 @@ class OfflineMessages:
         a blob begun while that user was offline (it is kept with it, so
         that the blob arrives whole, and in order, at the next logon).
         """
-        if session.session_id not in self._blob_counts:
+        if session not in self._blob_counts:
             return False
         try:
             fragment = m.BlobFragment.decode(frame.body)
         except m.BadRequest:
             return False
-        return (session.session_id, frame.dest_user_id, fragment.blob_id) in self._blobs
+        return (session, frame.dest_user_id, fragment.blob_id) in self._blobs
 
     def _keep(self, session: Session, frame: Frame, info_type: int | None) -> bool:
         try:
@@ -370,7 +390,7 @@ class OfflineMessages:
         except m.BadRequest as e:
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
             return True
-        sid = session.session_id
+        sid = session
         key = (sid, frame.dest_user_id, fragment.blob_id)
         pending = self._blobs.get(key)
         if fragment.fragment_index == 0:
@@ -386,7 +406,9 @@ class OfflineMessages:
                     "may be in progress at once",
                 )
                 return True
-            pending = self._blobs[key] = _PendingBlob(fragment.information_type)
+            pending = self._blobs[key] = _PendingBlob(
+                fragment.information_type, session.user_id or "", engine.clock.seconds()
+            )
             self._blob_counts[sid] = self._blob_counts.get(sid, 0) + 1
         elif pending is None:
             return False  # begun while the user was online: cannot be kept whole
@@ -403,7 +425,30 @@ class OfflineMessages:
             return True
         size = len(frame.raw)
         bounds = self.store.bounds
-        if pending.size + size > bounds.max_bytes or not engine.budget.fits(size):
+        config, budget = engine.config, engine.budget
+        if budget.blob_bytes(pending.sender) + size > config.max_blob_bytes_per_user:
+            # Every blob a user has in progress, to users online or not,
+            # counts against one bound.
+            self._drop_blob(key)
+            engine.counters[Count.BLOB_ERRORS] += 1
+            session.error(
+                frame,
+                ErrorCode.TOO_LARGE,
+                f"{pending.sender}'s blobs in progress would pass "
+                f"{config.max_blob_bytes_per_user} bytes; blob {fragment.blob_id} dropped",
+            )
+            return True
+        if not budget.fits(size):
+            self._drop_blob(key)
+            engine.counters[Count.BLOB_ERRORS] += 1
+            session.error(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                f"the server's memory budget is spent; blob {fragment.blob_id} dropped, "
+                "try later",
+            )
+            return True
+        if pending.size + size > bounds.max_bytes:
             self._drop_blob(key)
             engine.counters[Count.OFFLINE_FULL] += 1
             session.error(
@@ -427,17 +472,31 @@ class OfflineMessages:
         pending.frames.append(frame.raw)
         pending.size += size
         pending.next_index += 1
-        engine.budget.used += size
+        pending.touched = engine.clock.seconds()
+        budget.add_blob_bytes(pending.sender, size)
         if fragment.is_last:
             self._drop_blob(key)
             self._store(session, frame, pending.frames, fragment.information_type)
         return True
 
-    def _drop_blob(self, key: tuple[str, str, int]) -> None:
+    def expire_blobs(self, now: float) -> None:
+        """
+        Drop the blobs to offline users whose next fragment has not come
+        within C{blob_idle_timeout} (the engine's reaper calls this, as for
+        blobs to the server).
+        """
+        if not self._blobs:
+            return
+        deadline = now - self.engine.config.blob_idle_timeout
+        for key in [k for k, p in self._blobs.items() if p.touched < deadline]:
+            self._drop_blob(key)
+            self.engine.counters[Count.BLOB_ERRORS] += 1
+
+    def _drop_blob(self, key: tuple[Session, str, int]) -> None:
         pending = self._blobs.pop(key, None)
         if pending is None:
             return
-        self.engine.budget.used -= pending.size
+        self.engine.budget.add_blob_bytes(pending.sender, -pending.size)
         sid = key[0]
         left = self._blob_counts.get(sid, 0) - 1
         if left > 0:
@@ -546,7 +605,7 @@ class OfflineMessages:
         C{session} ended: drop the blobs it was sending to offline users,
         and end its drain.
         """
-        sid = session.session_id
+        sid = session
         if sid in self._blob_counts:
             for key in [k for k in self._blobs if k[0] == sid]:
                 self._drop_blob(key)

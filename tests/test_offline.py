@@ -224,7 +224,6 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     # A device that never acknowledges (a client built on the contract
     # alone, say): the delivery stops after the ack timeout, live messages
     # then go out, and the stored one stays for the next logon.
-    wire = server.config.wire
     bob_raw = server.client("bob")
     bob_raw._inbox._ack_stored = lambda *args: None  # never acknowledges
     got = []
@@ -244,7 +243,6 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     server.pump()
     assert [g[2] for g in got2] == [7]
     assert server.result(store.counts("bob")) == (0, 0)
-    assert wire is server.config.wire
 
 
 def test_a_blob_is_kept_whole_and_delivered_whole():
@@ -530,4 +528,76 @@ def test_the_whole_store_bound_counts_bytes_too():
     error = s.failure(a.send_certainly("r3", 1, b"x" * 900), RequestError)
     assert "the server's offline store is full" in error.text
     assert s.engine.counters["offline_server_full"] == 1
+    s.close()
+
+
+def _blob_fragment(wire, index, last, dest="bob", size=10, message_id=0):
+    body = struct.pack("<iIIB", 5, 9, index, last) + bytes([index]) * size
+    return encode_frame(wire, MessageType.BLOB, body, message_id=message_id,
+                        client_type=ClientType.OTHERS, user_id="alice", dest_user_id=dest)  # fmt: skip
+
+
+def test_an_unfinished_blob_to_an_offline_user_is_dropped_once_idle():
+    """
+    A blob begun for a user who is offline and never finished is held no
+    longer than blob_idle_timeout, as a blob to the server is: its bytes
+    leave the memory budget and the sender's blobs in progress.
+    """
+    s = MemoryServer(
+        offline_store=bounded(max_messages=100, max_bytes=1 << 20),
+        config=ServerConfig(blob_idle_timeout=30),
+    )
+    alice = s.logged_on("alice")
+    alice._protocol.write(_blob_fragment(s.config.wire, 0, 0, size=1000))
+    s.pump()
+    assert s.engine.budget.blob_bytes("alice") > 1000
+    assert s.engine.budget.used >= s.engine.budget.blob_bytes("alice")
+    s.advance(20)
+    assert s.engine.budget.blob_bytes("alice") > 1000  # not idle long enough yet
+    s.advance(20)
+    assert s.engine.budget.blob_bytes("alice") == 0
+    assert s.engine.budget.used == 0
+    assert s.engine.counters["blob_errors"] == 1
+    s.close()
+
+
+def test_blobs_to_offline_users_count_among_the_senders_blobs_in_progress():
+    """
+    Blobs gathered for offline users count against max_blob_bytes_per_user
+    with every other blob the user has in progress: one account on many
+    devices cannot hold more than that bound.
+    """
+    s = MemoryServer(
+        offline_store=bounded(max_messages=100, max_bytes=1 << 20),
+        config=ServerConfig(max_blob_bytes_per_user=5000),
+    )
+    alice = s.logged_on("alice")
+    wire = s.config.wire
+    conn = s.connection(alice)
+    for n, dest in enumerate(("bob", "carol", "dave")):
+        alice._protocol.write(_blob_fragment(wire, 0, 0, dest=dest, size=2000))
+        s.pump()
+    assert s.engine.budget.blob_bytes("alice") <= 5000
+    alice._protocol.write(_blob_fragment(wire, 1, 1, dest="dave", size=10, message_id=4))
+    s.pump()
+    [error] = [f for f in conn.frames(wire, to="client") if f.message_type == MessageType.ERROR]
+    assert error.message_id == 4  # the third blob was dropped, and its last fragment says so
+    assert s.engine.counters["blob_errors"] == 1
+    s.close()
+
+
+def test_a_device_kind_the_server_does_not_know_is_not_kept_for():
+    """
+    A message to a device kind no device can log on with (a huge number,
+    say) is not kept: it would wait for ever and take up the bounds.
+    """
+    store = bounded(max_messages=100, max_bytes=1 << 20)
+    s = MemoryServer(offline_store=store)
+    alice = s.logged_on("alice")
+    error = s.failure(
+        alice.send_certainly("b#999999999", 1, b"x"), RequestError
+    )
+    assert error.code == ErrorCode.USER_OFFLINE
+    assert s.result(store.total_counts()) == (0, 0)
+    assert s.engine.counters["offline_stored"] == 0
     s.close()
