@@ -358,19 +358,29 @@ class SQLiteOfflineStore:
                 (["client_type IS NULL"] if any_device else [])
                 + ["client_type = ?"] * len(kinds)
             ) or "0"
+            # The sizes first (SQLite reads them from the record header),
+            # so that only the frames that fit are read: a window of large
+            # blob fragments must not read the next hundred to keep one.
             cursor.execute(
-                "SELECT id, client_type, frame FROM messages "
+                "SELECT id, length(frame) FROM messages "
                 f"WHERE user_id = ? AND id > ? AND ({condition}) ORDER BY id LIMIT ?",
                 (user_id, after, *kinds, max_count),
             )
-            out: list[StoredMessage] = []
+            last = None
             size = 0
-            for message_id, kind, frame in cursor.fetchall():
-                if out and size + len(frame) > max_bytes:
+            for message_id, length in cursor.fetchall():
+                if last is not None and size + length > max_bytes:
                     break
-                out.append(StoredMessage(message_id, kind, bytes(frame)))
-                size += len(frame)
-            return out
+                last = message_id
+                size += length
+            if last is None:
+                return []
+            cursor.execute(
+                "SELECT id, client_type, frame FROM messages "
+                f"WHERE user_id = ? AND id > ? AND id <= ? AND ({condition}) ORDER BY id",
+                (user_id, after, last, *kinds),
+            )
+            return [StoredMessage(i, kind, bytes(frame)) for i, kind, frame in cursor.fetchall()]
 
         return self._call(run)
 

@@ -502,7 +502,10 @@ class OfflineStoreService(Service):
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
-        self.store.start()
+        self.store.start().addErrback(
+            lambda f: log.failure("the offline store could not be opened", f,
+                                  esf_event="offline_store_failed")  # fmt: skip
+        )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
