@@ -18,7 +18,6 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -236,9 +235,7 @@ class _Drain:
 
     async def _writable(self) -> None:
         session = self.session
-        clock = self.offline.engine.clock
-        while session._paused and session.logged_on:
-            await deferLater(clock, 0.05, lambda: None)
+        await session.when_writable()
         if not session.logged_on:
             raise _Gone()
 

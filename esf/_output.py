@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from ._config import SessionState
@@ -88,6 +89,7 @@ class Output:
         "_out",
         "_held",
         "_held_bytes",
+        "_writable_waiters",
     )
 
     owner: ServerEngine
@@ -109,6 +111,8 @@ class Output:
         #: or while its stored messages are delivered (L{hold}).
         self._held: list[bytes] | None = None
         self._held_bytes = 0
+        #: Who waits for the peer to catch up (L{when_writable}).
+        self._writable_waiters: list[Deferred[None]] | None = None
 
     def end(self, reason: DisconnectedType, text: str = "") -> None:
         raise NotImplementedError  # the session's
@@ -127,6 +131,14 @@ class Output:
         senders this session held back read again.
         """
         self._paused = False
+        self._caught_up()
+
+    def _caught_up(self) -> None:
+        """
+        Nothing waits for the peer any more (it drained, or the session
+        ended): release the backlog's bytes, the drain timer, the senders
+        held back and whoever waits (L{when_writable}).
+        """
         self.owner.budget.used -= self._backlog
         self._backlog = 0
         if self._drain_timer is not None:
@@ -134,6 +146,22 @@ class Output:
                 self._drain_timer.cancel()
             self._drain_timer = None
         self._release_blocked()
+        waiters, self._writable_waiters = self._writable_waiters, None
+        for d in waiters or ():
+            d.callback(None)
+
+    def when_writable(self) -> Deferred[None]:
+        """
+        A Deferred that fires once the peer is not behind: at once if it is
+        not now, else when it has drained or the session has ended.
+        """
+        if not self._paused or self.state is SessionState.ENDED:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        if self._writable_waiters is None:
+            self._writable_waiters = []
+        self._writable_waiters.append(d)
+        return d
 
     # -- push back: a receiver that is backed up slows its senders down ------
 

@@ -461,14 +461,9 @@ class Session(Output):
         was_logged_on = self.state is SessionState.LOGGED_ON
         self.state = SessionState.ENDED
         self._held = None
-        budget = self.owner.budget
-        budget.used -= self._backlog + self._partial + self._held_bytes
-        self._backlog = self._partial = self._held_bytes = 0
-        if self._drain_timer is not None:
-            if self._drain_timer.active():
-                self._drain_timer.cancel()
-            self._drain_timer = None
-        self._release_blocked()
+        self.owner.budget.used -= self._partial + self._held_bytes
+        self._partial = self._held_bytes = 0
+        self._caught_up()
         if self.logon_timer is not None and self.logon_timer.active():
             self.logon_timer.cancel()
         self.logon_timer = None

@@ -354,3 +354,26 @@ def test_logons_waiting_to_be_logged_are_logged_when_the_engine_stops():
         engine.stop()
     events = logs.esf("logged_on")
     assert [u for e in events for u, _, _, _ in e["logons"]] == ["u0", "u1", "u2"]
+
+
+def test_when_writable_fires_once_the_peer_drains_or_the_session_ends():
+    """
+    Output.when_writable: at once for a peer that is not behind; for one
+    that is, when it drains, or when its session ends (nobody waits for
+    ever on a peer that is gone).
+    """
+    engine = make_engine()
+    alice = connect(engine, "alice")
+    bob = connect(engine, "bob")
+    (session,) = [s for s in engine.sessions if s.user_id == "alice"]
+    assert session.when_writable().called
+    alice.protocol.pauseProducing()  # as the transport does when its buffer is full
+    drained = session.when_writable()
+    assert not drained.called
+    alice.protocol.resumeProducing()
+    assert drained.called
+    (other,) = [s for s in engine.sessions if s.user_id == "bob"]
+    bob.protocol.pauseProducing()
+    ended = other.when_writable()
+    bob.lose()
+    assert ended.called
