@@ -13,6 +13,7 @@ import sys
 import pytest
 from _helpers import LogCapture
 from twisted.internet import task
+from twisted.logger import LogLevel
 
 from esf._memory import GlibcAllocator, MemoryTrimmer
 
@@ -113,6 +114,32 @@ def test_without_glibc_it_does_nothing_and_says_so(monkeypatch):
         logs.stop()
     assert clock.getDelayedCalls() == []
     assert len(logs.esf("malloc_trim_unavailable")) == 1
+    trimmer.stopService()
+
+
+class FailingAllocator(FakeAllocator):
+    def trim(self) -> None:
+        raise OSError("malloc_trim failed")
+
+
+def test_a_failing_check_is_logged():
+    """
+    If a check raises, the loop stops: an error-level event says so, with
+    the failure, rather than trimming stopping without a word.
+    """
+    allocator = FailingAllocator(resident=60 * MiB, free=1 * MiB)
+    logs = LogCapture().start()
+    try:
+        clock, trimmer = started(allocator)
+        allocator.resident, allocator.free = 180 * MiB, 117 * MiB
+        clock.advance(5)
+    finally:
+        logs.stop()
+    [event] = logs.esf("malloc_trim_failed")
+    assert event["log_level"] == LogLevel.error
+    assert event["log_failure"].check(OSError)
+    assert trimmer.trims == 0
+    assert clock.getDelayedCalls() == []  # the loop stopped
     trimmer.stopService()
 
 
