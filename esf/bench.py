@@ -2304,17 +2304,28 @@ def parse_options(argv: list[str] | None):
         opts.server_python_version = interpreter_info(opts.server_python)
         if opts.server_python_version is None:
             parser.error(f"--server-python {opts.server_python!r} cannot be run")
+    relays = (
+        ("coalescing", "--baseline-relay", opts.baseline_relay),
+        ("bare", "--bare-relay", opts.bare_relay),
+    )
+    for kind, option, given in relays:
+        if given and find_relay(kind, given) is None:
+            parser.error(f"{option} {given!r} is not a file")
     opts.relay_paths = {}
     if opts.bare:
-        for kind, given in (("coalescing", opts.baseline_relay), ("bare", opts.bare_relay)):
+        for kind, option, given in relays:
             path = find_relay(kind, given)
             if path is None:
+                # Only a default path can be missing here (a given one was
+                # checked above): a checkout without benchmarks/.
                 print(
                     f"esf-bench: the {BASELINES[kind][1]} (benchmarks/{BASELINES[kind][0]}) is not here; "
-                    "give --baseline-relay/--bare-relay PATH or --no-bare. Measuring esf only.",
+                    f"give {option} PATH or --no-bare. Measuring esf only.",
                     file=sys.stderr,
                 )
                 opts.bare = False
+                opts.relay_paths = {}
+                break
             opts.relay_paths[kind] = str(path)
     if opts.load_procs is None:
         opts.load_procs = default_load_procs()

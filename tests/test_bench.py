@@ -129,6 +129,21 @@ def test_bad_options():
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         bench.parse_options(["--server", "nowhere"])
+    for option in ("--baseline-relay", "--bare-relay"):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_options([option, "/nonexistent/relay.py"])
+        assert e.value.code == 2
+
+
+def test_missing_relay_scripts(monkeypatch, capsys):
+    """
+    Without the relay scripts of the checkout, esf is measured alone: one
+    warning, and no path stored for either relay.
+    """
+    monkeypatch.setattr(bench, "find_relay", lambda kind, given: None)
+    opts = bench.parse_options(["--quick"])
+    assert opts.bare is False and opts.relay_paths == {}
+    assert capsys.readouterr().err.count("Measuring esf only") == 1
 
 
 def test_percentile():
