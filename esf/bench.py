@@ -1482,9 +1482,12 @@ class LoadGenerator:
             worker.progress = 0
             outcomes.append(worker.finished)
             worker.send({"run": mode, "kind": kind, "server": address, "part": part})
-        total = sum(len(p.get("pairs", p.get("names", []))) for p in parts)
-        if mode in ("send", "request"):
-            total = self.opts.messages if mode == "send" else self.opts.requests
+        if mode == "send":
+            total = self.opts.messages
+        elif mode == "request":
+            total = self.opts.requests
+        else:  # logons, idle: the sessions
+            total = sum(len(p["names"]) for p in parts)
         self.progress.start(f"{kind}: {mode}", total, lambda: sum(w.progress for w in workers))
         try:
             results = await defer.gatherResults(outcomes)
