@@ -18,6 +18,10 @@ Frames are a 4-byte little-endian length followed by that many bytes.
   connection that registered that name.  A frame for an unknown name is
   counted and dropped.  A frame may be addressed to its own sender (an echo,
   which stands in for a heartbeat).
+- Checks, on every frame: the length is at most L{MAX_FRAME} (and, after
+  the name, at least 1) and the destination's name lies inside the frame;
+  a frame that fails them aborts the connection (the frames before it are
+  already forwarded).
 
     python benchmarks/bare_relay.py --port 4600 [--interface 127.0.0.1]
 """
@@ -56,7 +60,7 @@ class RelayProtocol(Protocol):
         while size - offset >= 4:
             (length,) = unpack(buf, offset)
             if length > MAX_FRAME:
-                self.transport.abortConnection()
+                self._abort()
                 return
             end = offset + 4 + length
             if end > size:
@@ -66,7 +70,14 @@ class RelayProtocol(Protocol):
                 routes[self.name] = self.transport
                 self.transport.write(_WELCOME)
             else:
+                if length == 0:
+                    self._abort()
+                    return
                 dest_end = offset + 5 + buf[offset + 4]
+                if dest_end > end:
+                    # The destination's name runs past the end of the frame.
+                    self._abort()
+                    return
                 target = routes.get(buf[offset + 5 : dest_end])
                 if target is not None:
                     target.write(buf[offset:end])
@@ -74,6 +85,11 @@ class RelayProtocol(Protocol):
                     self.factory.dropped += 1
             offset = end
         self._buffer = buf[offset:] if offset < size else b""
+
+    def _abort(self) -> None:
+        # Frames before the bad one are forwarded; the rest is not read.
+        self._buffer = b""
+        self.transport.abortConnection()
 
     def connectionLost(self, reason) -> None:
         routes = self.factory.routes

@@ -6,9 +6,9 @@ of sender/receiver pairs, from one or more C{esf-bench --json} outputs (one
 per server interpreter, e.g. CPython and PyPy), into a PNG.
 
 The left panel is messages per second (the best run of each side); the right
-panel is the server's CPU time per relayed message (the lowest of the runs:
-server CPU seconds from C{/proc} over the timed interval, divided by the
-messages), which moves much less than the wall-clock rate when other work
+panel is the server's CPU time per relayed message (the lowest of the runs'
+C{server_cpu_us_per_msg}: server CPU seconds from C{/proc} over the timed
+interval, divided by the messages), which moves much less than the wall-clock rate when other work
 shares the machine.
 
     python benchmarks/plot.py cpython.json pypy.json -o docs/performance-throughput.png
@@ -49,10 +49,13 @@ def load(path: Path) -> tuple[str, dict]:
             value = best.get("msgs_per_s")
             if value is not None:
                 points.setdefault(row["pairs"], {})[kind] = value
+            # The figure each run reports: server CPU and messages counted over
+            # the same interval (not rebuilt from the CPU percentage, whose
+            # window is not that of elapsed_s).
             cpu = [
-                r["server_cpu_percent"] / 100 * r["elapsed_s"] / r["received"] * 1e6
+                r["server_cpu_us_per_msg"]
                 for r in best.get("runs", [best])
-                if r.get("server_cpu_percent") is not None and r.get("received")
+                if r.get("server_cpu_us_per_msg") is not None
             ]
             if cpu:
                 points.setdefault(row["pairs"], {})[f"{kind}_cpu"] = min(cpu)

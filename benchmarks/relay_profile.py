@@ -1,5 +1,5 @@
 """
-The server's CPU per relayed Send, in process: no sockets, no reactor.
+The server's time per relayed Send, in process: no sockets, no reactor.
 
 One session is fed reads of N Send frames (100-byte payloads) to another,
 whose output goes to an in-memory transport; the time per frame is the best

@@ -22,7 +22,8 @@ from typing import Protocol
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 __all__ = ["MemoryTrimmer", "Allocator", "GlibcAllocator"]
 
@@ -143,7 +144,18 @@ class MemoryTrimmer(Service):
         self._resident = self.allocator.resident_bytes()
         self._loop = LoopingCall(self.check)
         self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self._loop.start(self.interval, now=False).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> None:
+        # LoopingCall stops when check raises: say so, or trimming would
+        # stop without a word.
+        self._loop = None
+        log.failure(
+            "esf: giving freed memory back to the system failed; no more trims",
+            failure,
+            level=LogLevel.error,
+            esf_event="malloc_trim_failed",
+        )
 
     def stopService(self) -> None:
         super().stopService()  # type: ignore[no-untyped-call]

@@ -1,17 +1,22 @@
 """
-C{esf-bench}: load and measure an esf server, next to a bare Twisted relay.
+C{esf-bench}: load and measure an esf server, next to two bare Twisted
+relays.
 
 What it measures, each on a freshly started server (when the server is
-local) and then, for comparison, on the bare relay of
-C{benchmarks/bare_relay.py} in the same run:
+local) and then, for comparison, in the same run, on the baseline, the
+coalescing relay of C{benchmarks/coalescing_relay.py} (it writes once per
+destination per read), and on the write-per-frame relay of
+C{benchmarks/bare_relay.py} (one write per frame), reported as a second
+line under each figure (C{--no-bare} measures esf only):
 
 - B{send}: N sender/receiver pairs log on; each sender relays its share of
   M one-way Send (202) messages to its receiver through the server.  The
   senders keep a bounded window of messages in flight (they know how many
-  their receiver has counted: both ends live in this process).  Reported:
-  messages per second, the server's CPU and RSS.  The same relay over
-  WebSocket (C{twistd esf --websocket}, one frame per binary message) is
-  measured too, and reported as a ratio to TCP (C{--no-websocket} skips it).
+  their receiver has counted: both ends of a pair live in the same load
+  worker).  Reported: messages per second, the server's CPU (and CPU time
+  per message) and RSS.  The same relay over WebSocket (C{twistd esf
+  --websocket}, one frame per binary message) is measured too, and
+  reported as a ratio to TCP (C{--no-websocket} skips it).
 - B{request}: N pairs; each sender keeps one Request (203) outstanding, its
   receiver answers each with a Response (204); the round trip is timed at
   the sender.  Reported: p50/p90/p99/max and requests per second.
@@ -27,13 +32,16 @@ C{benchmarks/bare_relay.py} in the same run:
   the same users on one node; and the aggregate send throughput of two
   nodes (each pair on one node) against one node carrying every pair.
 
-The load is raw frames written by this process (precomputed bytes, counted
-at the receiver by size; C{--check} decodes and validates every frame
-instead), so the load generator costs far less per message than the server.
-The server runs as its own process (C{python -m twisted esf ...}), so on a
-2-core machine the server has one core and the load the other.  Each esf
-figure is also given as a ratio to the bare relay's, because the ratio is
-what survives a noisy machine.
+The load is raw frames (precomputed bytes, counted at the receiver by
+size; C{--check} decodes and validates every frame instead), written by
+C{--load-procs} load worker processes (default: one per core but the
+server's, at most 4), each with its own reactor and its share of the pairs,
+logons or idle sessions; the process that runs C{esf-bench} only
+coordinates them and reads the server's and the workers' CPU from
+C{/proc}.  The server runs as its own process (C{python -m twisted esf
+...}, or the relay script).  Each esf figure is also given as a ratio to
+the baseline's, because the ratio is what survives a noisy machine; a
+warning says when the load, not the server, was the bottleneck.
 
     esf-bench                        # every mode, 1 pair, defaults
     esf-bench --mode send --pairs 1,50 --messages 200000
@@ -1474,9 +1482,12 @@ class LoadGenerator:
             worker.progress = 0
             outcomes.append(worker.finished)
             worker.send({"run": mode, "kind": kind, "server": address, "part": part})
-        total = sum(len(p.get("pairs", p.get("names", []))) for p in parts)
-        if mode in ("send", "request"):
-            total = self.opts.messages if mode == "send" else self.opts.requests
+        if mode == "send":
+            total = self.opts.messages
+        elif mode == "request":
+            total = self.opts.requests
+        else:  # logons, idle: the sessions
+            total = sum(len(p["names"]) for p in parts)
         self.progress.start(f"{kind}: {mode}", total, lambda: sum(w.progress for w in workers))
         try:
             results = await defer.gatherResults(outcomes)
@@ -2193,8 +2204,10 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="esf-bench",
-        description="Load an esf server and measure relay throughput (over TCP and WebSocket), "
-        "round-trip latency, logons/s and memory per idle session, next to a bare Twisted relay.",
+        description="Load an esf server from load worker processes and measure relay throughput "
+        "(over TCP and WebSocket), round-trip latency, logons/s and memory per idle session, next to "
+        "two bare Twisted relays: the coalescing baseline (one write per destination per read) and "
+        "the write-per-frame relay.",
     )
     p.add_argument("--server", type=_host_port, metavar="HOST:PORT",
                    help="measure this running esf server instead of starting one (no CPU/RSS figures)")
@@ -2235,7 +2248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the write-per-frame relay, the second yardstick "
                    "(default: benchmarks/bare_relay.py of this checkout)")
     p.add_argument("--server-python", metavar="PATH", default=sys.executable,
-                   help="the Python that runs the servers this benchmark starts, esf and the bare relay "
+                   help="the Python that runs the servers this benchmark starts, esf and the bare relays "
                    "(default: this one); it must be able to import Twisted, attrs and zope.interface, "
                    "and imports esf from this checkout")
     p.add_argument("--check", action="store_true", default=None,
@@ -2294,17 +2307,28 @@ def parse_options(argv: list[str] | None):
         opts.server_python_version = interpreter_info(opts.server_python)
         if opts.server_python_version is None:
             parser.error(f"--server-python {opts.server_python!r} cannot be run")
+    relays = (
+        ("coalescing", "--baseline-relay", opts.baseline_relay),
+        ("bare", "--bare-relay", opts.bare_relay),
+    )
+    for kind, option, given in relays:
+        if given and find_relay(kind, given) is None:
+            parser.error(f"{option} {given!r} is not a file")
     opts.relay_paths = {}
     if opts.bare:
-        for kind, given in (("coalescing", opts.baseline_relay), ("bare", opts.bare_relay)):
+        for kind, option, given in relays:
             path = find_relay(kind, given)
             if path is None:
+                # Only a default path can be missing here (a given one was
+                # checked above): a checkout without benchmarks/.
                 print(
                     f"esf-bench: the {BASELINES[kind][1]} (benchmarks/{BASELINES[kind][0]}) is not here; "
-                    "give --baseline-relay/--bare-relay PATH or --no-bare. Measuring esf only.",
+                    f"give {option} PATH or --no-bare. Measuring esf only.",
                     file=sys.stderr,
                 )
                 opts.bare = False
+                opts.relay_paths = {}
+                break
             opts.relay_paths[kind] = str(path)
     if opts.load_procs is None:
         opts.load_procs = default_load_procs()

@@ -129,6 +129,21 @@ def test_bad_options():
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         bench.parse_options(["--server", "nowhere"])
+    for option in ("--baseline-relay", "--bare-relay"):
+        with pytest.raises(SystemExit) as e:
+            bench.parse_options([option, "/nonexistent/relay.py"])
+        assert e.value.code == 2
+
+
+def test_missing_relay_scripts(monkeypatch, capsys):
+    """
+    Without the relay scripts of the checkout, esf is measured alone: one
+    warning, and no path stored for either relay.
+    """
+    monkeypatch.setattr(bench, "find_relay", lambda kind, given: None)
+    opts = bench.parse_options(["--quick"])
+    assert opts.bare is False and opts.relay_paths == {}
+    assert capsys.readouterr().err.count("Measuring esf only") == 1
 
 
 def test_percentile():
@@ -276,15 +291,17 @@ def test_coalescing_relay_writes_once_per_destination_per_read(cache_header):
         (coalescing_relay.MAX_FRAME + 1).to_bytes(4, "little"),  # too long
         b"\x00\x00\x00\x00",  # no destination
         b"\x03\x00\x00\x00\x09bo",  # a destination longer than the frame
+        b"\x04\x00\x00\x00\x09bob",  # the same, the name ending in the next frame
     ],
-    ids=["too-long", "empty", "name-past-the-end"],
+    ids=["too-long", "empty", "name-past-the-end", "name-into-the-next-frame"],
 )
-def test_coalescing_relay_aborts_on_a_bad_frame(bad):
+@pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
+def test_relay_aborts_on_a_bad_frame(module, bad):
     """
     A frame that breaks the framing aborts the connection; the frames before
-    it in the same read are forwarded.
+    it in the same read are forwarded.  Both relays make these checks.
     """
-    factory, [(alice, alice_out), (_, bob_out)] = _relay(coalescing_relay)
+    factory, [(alice, alice_out), (_, bob_out)] = _relay(module)
     good = _frame(b"bob")
     alice.dataReceived(good * 2 + bad + good)
     assert alice_out.aborted

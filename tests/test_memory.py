@@ -13,6 +13,7 @@ import sys
 import pytest
 from _helpers import LogCapture
 from twisted.internet import task
+from twisted.logger import LogLevel
 
 from esf._memory import GlibcAllocator, MemoryTrimmer
 
@@ -116,6 +117,32 @@ def test_without_glibc_it_does_nothing_and_says_so(monkeypatch):
     trimmer.stopService()
 
 
+class FailingAllocator(FakeAllocator):
+    def trim(self) -> None:
+        raise OSError("malloc_trim failed")
+
+
+def test_a_failing_check_is_logged():
+    """
+    If a check raises, the loop stops: an error-level event says so, with
+    the failure, rather than trimming stopping without a word.
+    """
+    allocator = FailingAllocator(resident=60 * MiB, free=1 * MiB)
+    logs = LogCapture().start()
+    try:
+        clock, trimmer = started(allocator)
+        allocator.resident, allocator.free = 180 * MiB, 117 * MiB
+        clock.advance(5)
+    finally:
+        logs.stop()
+    [event] = logs.esf("malloc_trim_failed")
+    assert event["log_level"] == LogLevel.error
+    assert event["log_failure"].check(OSError)
+    assert trimmer.trims == 0
+    assert clock.getDelayedCalls() == []  # the loop stopped
+    trimmer.stopService()
+
+
 def rss_kib() -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -143,9 +170,19 @@ def test_glibc_gives_freed_heap_memory_back():
     freed = rss_kib()
     clock.advance(5)
     after = rss_kib()
-    if freed > held - 16 * 1024:  # the heap kept it: the trim gives it back
-        assert trimmer.trims == 1
+    trimmer.stopService()
     # Of the 61 MiB written and freed, at most 13 MiB are still resident.
     assert after < held - 48 * 1024, (held, freed, after)
-    trimmer.stopService()
+    # The trimmer must trim only if the heap kept the freed blocks, and that
+    # cannot be made certain here, so the assertion stays conditional.
+    # glibc's free() gives back only the top of the heap; the kept blocks
+    # are meant to wall each freed one off from it, but free() does give
+    # most of them back itself in about one run in six of this file after
+    # test_bench.py (most likely: the small kept blocks go into holes that
+    # earlier work in this process left, and the big blocks then lie
+    # together at the heap's top).  Then the RSS is back near where the
+    # trimmer started and malloc may hold too little free to trim: not
+    # trimming is right.  The assertion above, on the RSS, holds either way.
+    if freed > held - 16 * 1024:  # the heap kept it: the trim gives it back
+        assert trimmer.trims == 1, (held, freed, after)
     del keep
