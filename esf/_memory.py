@@ -11,13 +11,23 @@ looks cost microseconds) and, when malloc holds more than a threshold
 free and the RSS moved since it last did so, calls C{malloc_trim(0)},
 which gives the free pages back (about 15 ms for 100 MiB).  Where the C
 library is not glibc 2.33 or later on Linux, it does nothing.
+
+On PyPy what a burst leaves is first garbage in the GC's own arenas: its
+major collection runs only once the heap has grown by a factor (1.82) since
+the last one, so an idle server after a logon storm would keep the storm's
+garbage, and malloc would hold nothing free to give back.  There the
+trimmer also runs a full collection when the RSS has grown by a quarter (at
+least the threshold) since the last one, and once at start, in the GC's
+own incremental steps (a few ms each, one per reactor turn), then trims.
+CPython frees by reference counting as it goes: nothing to collect.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -25,7 +35,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-__all__ = ["MemoryTrimmer", "Allocator", "GlibcAllocator"]
+__all__ = ["MemoryTrimmer", "Allocator", "GlibcAllocator", "Collector", "PyPyCollector"]
 
 log = Logger(namespace="esf.server")
 
@@ -56,6 +66,58 @@ class Allocator(Protocol):
         """
         Give free pages back to the system.
         """
+
+
+class Collector(Protocol):
+    """
+    What L{MemoryTrimmer} asks of a garbage collector that keeps garbage
+    until its next major collection (PyPy's).
+    """
+
+    def step(self) -> bool:
+        """
+        Do one bounded step of a full collection; return whether the
+        collection is complete.
+        """
+
+
+class PyPyCollector:
+    """
+    PyPy's incremental GC, through C{gc.collect_step}.
+    """
+
+    @classmethod
+    def load(cls) -> PyPyCollector | None:
+        """
+        PyPy's collector, or C{None} on an interpreter without one (CPython).
+        """
+        return cls() if hasattr(gc, "collect_step") else None
+
+    def __init__(self) -> None:
+        # Whether the collection being stepped through began at one of
+        # this collector's steps.
+        self._began = False
+
+    def step(self) -> bool:
+        stats = gc.collect_step()  # type: ignore[attr-defined]
+        if stats.oldstate == stats.STATE_SCANNING:
+            self._began = True  # this step began a major collection
+        if not stats.major_is_done:
+            return False
+        if self._began:
+            self._began = False
+            return True
+        # It finished one the GC had begun by itself, before the garbage
+        # to collect was garbage (what it marked stays): go on to the next.
+        return False
+
+
+#: The collector a trimmer uses unless given one: PyPy's, or none.
+DEFAULT_COLLECTOR = PyPyCollector.load()
+
+#: The RSS must have grown by this share of itself (and by the threshold)
+#: since the last full collection for the trimmer to run another.
+COLLECT_GROWTH = 0.25
 
 
 class _MallInfo2(ctypes.Structure):
@@ -123,13 +185,21 @@ class MemoryTrimmer(Service):
         interval: float = 5.0,
         threshold: int = TRIM_THRESHOLD,
         allocator: Allocator | None = None,
+        collector: Collector | None = None,
     ):
         self.clock = clock
         self.interval = interval
         self.threshold = threshold
         self.allocator = allocator if allocator is not None else GlibcAllocator.load()
+        self.collector = collector if collector is not None else DEFAULT_COLLECTOR
         self.trims = 0
+        #: How many full collections it ran (with a collector).
+        self.collections = 0
         self._resident = 0
+        # The RSS after the last full collection (none yet: the first look
+        # collects what start-up left), and the collection under way.
+        self._collected_at = 0
+        self._collecting: Any = None
         self._loop: LoopingCall | None = None
 
     def startService(self) -> None:
@@ -145,11 +215,14 @@ class MemoryTrimmer(Service):
         self._loop = LoopingCall(self.check)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False).addErrback(self._failed)
+        if self.collector is not None:
+            self._collect()  # what start-up left
 
     def _failed(self, failure: Failure) -> None:
         # LoopingCall stops when check raises: say so, or trimming would
         # stop without a word.
         self._loop = None
+        self._stop_collecting()
         log.failure(
             "esf: giving freed memory back to the system failed; no more trims",
             failure,
@@ -162,21 +235,53 @@ class MemoryTrimmer(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        self._stop_collecting()
+
+    def _stop_collecting(self) -> None:
+        if self._collecting is not None and self._collecting.active():
+            self._collecting.cancel()
+        self._collecting = None
 
     def check(self) -> bool:
         """
         Trim if malloc holds enough free and the RSS moved since the last
-        trim.
+        trim; with a collector, first collect if the RSS grew enough since
+        the last collection (the trim follows the collection's last step).
 
         @return: whether it trimmed.
         """
         allocator = self.allocator
         assert allocator is not None  # started
+        if self.collector is not None and self._collecting is None:
+            resident = allocator.resident_bytes()
+            growth = max(self.threshold, int(self._collected_at * COLLECT_GROWTH))
+            if resident - self._collected_at >= growth:
+                self._collect()
+                return False
+        return self._trim()
+
+    def _collect(self) -> None:
+        """
+        Run a full collection, one step per reactor turn, then trim.
+        """
+        collector = self.collector
+        assert collector is not None
+        if collector.step():
+            self._collecting = None
+            self.collections += 1
+            self._trim(collected=True)
+            self._collected_at = self.allocator.resident_bytes()  # type: ignore[union-attr]
+        else:
+            self._collecting = self.clock.callLater(0, self._collect)
+
+    def _trim(self, collected: bool = False) -> bool:
+        allocator = self.allocator
+        assert allocator is not None
         free = allocator.free_bytes()
         if free < self.threshold:
             return False  # little to give back
         resident = allocator.resident_bytes()
-        if abs(resident - self._resident) <= SETTLED:
+        if not collected and abs(resident - self._resident) <= SETTLED:
             # As after the last trim: malloc still counts the chunks it gave
             # back as free, but there is nothing new.
             return False

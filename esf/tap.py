@@ -137,7 +137,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["offline-max-total-bytes", None, _OFFLINE.max_total_bytes, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", _MIN_BYTES)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
-        ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). 0: never.", _seconds_option("malloc-trim", 0)],
+        ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). On PyPy a full collection, in steps, comes first when the RSS grew by a quarter since the last one. 0: never.", _seconds_option("malloc-trim", 0)],
     ]
 
     optFlags = [

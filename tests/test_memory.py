@@ -8,7 +8,9 @@ is in test_reliability.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from _helpers import LogCapture
@@ -18,6 +20,7 @@ from twisted.logger import LogLevel
 from esf._memory import GlibcAllocator, MemoryTrimmer
 
 MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
 
 
 class FakeAllocator:
@@ -43,11 +46,36 @@ class FakeAllocator:
         self.resident = 60 * MiB
 
 
-def started(allocator, interval=5.0, threshold=16 * MiB):
+def started(allocator, interval=5.0, threshold=16 * MiB, collector=None):
     clock = task.Clock()
-    trimmer = MemoryTrimmer(clock, interval, threshold, allocator)
+    trimmer = MemoryTrimmer(clock, interval, threshold, allocator, collector)
     trimmer.startService()
     return clock, trimmer
+
+
+class FakeCollector:
+    """
+    A GC that keeps garbage until a full collection (PyPy's), done in
+    C{steps} steps: its last step frees C{garbage} bytes, which malloc then
+    holds free, as PyPy's arenas go back to malloc.
+    """
+
+    def __init__(self, allocator: FakeAllocator, steps: int = 3):
+        self.allocator = allocator
+        self.steps = steps
+        self.garbage = 0
+        self.taken: list[int] = []  # steps taken, per collection
+        self._step = 0
+
+    def step(self) -> bool:
+        self._step += 1
+        if self._step < self.steps:
+            return False
+        self.taken.append(self._step)
+        self._step = 0
+        self.allocator.free += self.garbage
+        self.garbage = 0
+        return True
 
 
 def test_trims_once_a_burst_is_freed():
@@ -186,3 +214,94 @@ def test_glibc_gives_freed_heap_memory_back():
     if freed > held - 16 * 1024:  # the heap kept it: the trim gives it back
         assert trimmer.trims == 1, (held, freed, after)
     del keep
+
+
+def test_a_collector_collects_at_start_then_when_the_rss_grew_by_a_quarter():
+    allocator = FakeAllocator(resident=100 * MiB, free=1 * MiB)
+    collector = FakeCollector(allocator, steps=3)
+    collector.garbage = 30 * MiB  # what start-up left
+    clock, trimmer = started(allocator, collector=collector)
+    # At start, one step per reactor turn (the first at once), then a trim.
+    assert collector.taken == [] and trimmer.collections == 0
+    clock.advance(0)
+    assert collector.taken == [3] and trimmer.collections == 1
+    assert allocator.trimmed == [100 * MiB] and allocator.resident == 60 * MiB
+    # Grown by less than a quarter of 60 MiB (and by the 16 MiB
+    # threshold): no collection.
+    allocator.resident, allocator.free = 74 * MiB, 1 * MiB  # sessions reuse the freed chunks
+    clock.advance(5)
+    assert trimmer.collections == 1 and allocator.trimmed == [100 * MiB]
+    # A logon storm: 40 MiB more, half of it garbage in the GC's heap.
+    allocator.resident = 100 * MiB
+    collector.garbage = 20 * MiB  # (the trim gives it back: 60 MiB again)
+    clock.advance(5)  # the look collects (its steps), then trims
+    assert collector.taken == [3, 3] and trimmer.collections == 2
+    assert allocator.trimmed == [100 * MiB, 100 * MiB]
+    # Settled: nothing more, look after look.
+    for _ in range(4):
+        clock.advance(5)
+    assert trimmer.collections == 2 and trimmer.trims == 2
+    trimmer.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_stopping_mid_collection_leaves_no_step_behind():
+    allocator = FakeAllocator(resident=100 * MiB)
+    collector = FakeCollector(allocator, steps=50)
+    clock, trimmer = started(allocator, collector=collector)
+    assert len(clock.getDelayedCalls()) == 2  # the next look, the next step
+    trimmer.stopService()
+    assert clock.getDelayedCalls() == []
+    clock.advance(60)
+    assert collector.taken == [] and trimmer.collections == 0
+
+
+def test_cpython_has_no_collector():
+    from esf._memory import DEFAULT_COLLECTOR, PyPyCollector
+
+    if sys.implementation.name == "cpython":
+        assert PyPyCollector.load() is None and DEFAULT_COLLECTOR is None
+
+
+_PYPY_BURST = """
+import sys
+from twisted.internet import task
+from esf._memory import DEFAULT_COLLECTOR, GlibcAllocator, MemoryTrimmer, PyPyCollector
+
+assert isinstance(DEFAULT_COLLECTOR, PyPyCollector), DEFAULT_COLLECTOR
+allocator = GlibcAllocator.load()
+clock = task.Clock()
+trimmer = MemoryTrimmer(clock, 5.0)
+trimmer.startService()
+clock.advance(0)
+started = allocator.resident_bytes()
+burst = [[i, str(i)] for i in range(2_000_000)]  # a storm's garbage, in the GC's heap
+del burst
+peak = allocator.resident_bytes()
+clock.advance(5)
+print(trimmer.collections, started, peak, allocator.resident_bytes())
+"""
+
+
+def test_on_pypy_a_burst_left_in_the_gc_heap_goes_back(tmp_path):
+    """
+    On PyPy (C{$ESF_PYPY}, as for the benchmark's PyPy smoke run), the
+    trimmer's full collection gives back what a burst left in the GC's
+    heap, which PyPy's own major collection would keep until the heap grew
+    by another factor.
+    """
+    from test_bench import _pypy_python
+
+    python = _pypy_python()
+    proc = subprocess.run(
+        [python, "-c", _PYPY_BURST],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    collections, started, peak, after = map(int, proc.stdout.split())
+    assert collections == 2  # at start, and after the burst
+    assert peak - started > 200 * MiB  # the burst was there ...
+    assert after - started < (peak - started) / 4  # ... and most of it went back
