@@ -565,7 +565,7 @@ class FrameDecoder:
         last_size = 0
         startswith = data.startswith
         while size - offset >= hlen:
-            if run_count and startswith(last_header, offset):
+            if last_header and startswith(last_header, offset):
                 # The commonest case of all: a header byte for byte the same
                 # as the one before it in this run (same type, IDs and
                 # length, all checked then), as a stream of equal messages
@@ -602,7 +602,7 @@ class FrameDecoder:
                 continue
             if run_count:
                 append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
-                run_key, run_count = None, 0
+                run_key, run_count, last_header = None, 0, b""
             if key == first_key:
                 user_id, dest_user_id = first_user, first_dest
                 known = True
@@ -632,10 +632,11 @@ class FrameDecoder:
                 header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
                 break
             if message_type == run_type:
+                # (Its header is kept for the fast path above once a second
+                # frame joins the run: a run of one, as when each frame goes
+                # to another receiver, costs no copy and no comparison.)
                 run_key, run_start, run_count = key, offset, 1
                 run_ids = (user_id, dest_user_id)
-                last_header = data[offset : offset + hlen]
-                last_size = end - offset
             else:
                 raw = data[offset:end] if (offset or end != size) else data
                 append(
