@@ -23,12 +23,16 @@ Frames are a 4-byte little-endian length followed by that many bytes.
   a frame that fails them aborts the connection (the frames before it are
   already forwarded).
 
+CPython's cyclic GC is set as C{twistd esf} sets it (C{--gc-threshold}, same
+default): the comparison is of the relays, not of their GC settings.
+
     python benchmarks/bare_relay.py --port 4600 [--interface 127.0.0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import struct
 import sys
 
@@ -111,12 +115,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
+    parser.add_argument("--gc-threshold", type=int, default=10_000,
+                        help="as twistd esf's option: freeze start-up's objects and collect the youngest "
+                             "generation every this many allocations (0: CPython's settings)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
 
     reactor.listenTCP(args.port, RelayFactory(), backlog=args.backlog, interface=args.interface)
     print(f"bare relay listening on {args.interface}:{args.port}", flush=True)
+    if args.gc_threshold and hasattr(gc, "freeze"):
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     reactor.run()
 
 

@@ -28,12 +28,16 @@ itself:
   route of a run is valid for the rest of the read: nothing else runs
   between two frames of one read, so no connection can come or go.
 
+CPython's cyclic GC is set as C{twistd esf} sets it (C{--gc-threshold}, same
+default): the comparison is of the relays, not of their GC settings.
+
     python benchmarks/coalescing_relay.py --port 4600 [--interface 127.0.0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import struct
 import sys
 
@@ -165,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
     parser.add_argument("--lookup-every-frame", action="store_true",
                         help="no header comparison: every frame is unpacked and its destination looked up")
+    parser.add_argument("--gc-threshold", type=int, default=10_000,
+                        help="as twistd esf's option: freeze start-up's objects and collect the youngest "
+                             "generation every this many allocations (0: CPython's settings)")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
@@ -172,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     factory = RelayFactory(cache_header=not args.lookup_every_frame)
     reactor.listenTCP(args.port, factory, backlog=args.backlog, interface=args.interface)
     print(f"coalescing relay listening on {args.interface}:{args.port}", flush=True)
+    if args.gc_threshold and hasattr(gc, "freeze"):
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     reactor.run()
 
 

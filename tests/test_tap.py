@@ -408,8 +408,9 @@ def _token_file(tmp_path, mode=0o600):
 def test_operations_are_off_by_default():
     service = makeService(parse())
     names = {type(s).__name__ for s in service}
-    # Freed memory is given back to the system by default (--malloc-trim).
-    assert names == {"_EngineService", "StreamServerEndpointService", "MemoryTrimmer"}
+    # Freed memory is given back to the system by default (--malloc-trim),
+    # and the GC is set for a server (--gc-threshold).
+    assert names == {"_EngineService", "StreamServerEndpointService", "MemoryTrimmer", "GCTuning"}
 
 
 def test_malloc_trim_option():
@@ -423,6 +424,19 @@ def test_malloc_trim_option():
     for bad in ("-1", "soon"):
         with pytest.raises(usage.UsageError, match="--malloc-trim"):
             parse("--malloc-trim", bad)
+
+
+def test_gc_threshold_option():
+    from esf._memory import GCTuning
+
+    [tuning] = [s for s in makeService(parse()) if isinstance(s, GCTuning)]
+    assert tuning.threshold == 10_000
+    [tuning] = [s for s in makeService(parse("--gc-threshold", "50000")) if isinstance(s, GCTuning)]
+    assert tuning.threshold == 50_000
+    assert not [s for s in makeService(parse("--gc-threshold", "0")) if isinstance(s, GCTuning)]
+    for bad in ("-1", "many"):
+        with pytest.raises(usage.UsageError, match="--gc-threshold"):
+            parse("--gc-threshold", bad)
 
 
 def test_operations_services(tmp_path):
