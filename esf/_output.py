@@ -18,6 +18,7 @@ connection, split in two modules by concern.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from weakref import WeakSet
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -101,8 +102,10 @@ class Output:
         self._backlog = 0
         #: Ends the session if its backlog stays over the bound too long.
         self._drain_timer: Any = None
-        #: Senders whose reading this session's backlog has paused.
-        self._blocked: set[Output] | None = None
+        #: Senders whose reading this session's backlog has paused; weak: a
+        #: sender that leaves meanwhile is not kept alive until this
+        #: session drains.
+        self._blocked: WeakSet[Output] | None = None
         #: How many receivers hold this session's reading paused.
         self._blockers = 0
         #: Output gathered during a read, written by L{flush}.
@@ -176,7 +179,7 @@ class Output:
             return
         blocked = self._blocked
         if blocked is None:
-            blocked = self._blocked = set()
+            blocked = self._blocked = WeakSet()
         if sender in blocked:
             return
         blocked.add(sender)
@@ -187,7 +190,7 @@ class Output:
 
     def _release_blocked(self) -> None:
         blocked, self._blocked = self._blocked, None
-        for sender in blocked or ():
+        for sender in list(blocked or ()):
             sender._blockers -= 1
             if sender._blockers == 0 and sender.state is not SessionState.ENDED:
                 sender.channel.resume_reading()

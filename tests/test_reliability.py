@@ -291,6 +291,38 @@ def test_slow_readers_that_left_are_freed_at_once_with_their_backlogs():
     assert [ref() for ref in watched if ref() is not None] == []
 
 
+def test_senders_that_leave_while_held_back_are_freed_before_their_reader_drains():
+    """
+    A sender held back by a backed-up reader that then leaves is not kept
+    alive by that reader's list of senders to resume: it is freed as it
+    goes, while the reader is still behind.
+    """
+    engine = make_engine(max_output_buffer=64 * 1024, output_drain_timeout=60)
+    reader = connect(engine, "reader")
+    reader.protocol.pauseProducing()  # it does not read, for now
+    watched = []
+    for n in range(5):
+        sender = connect(engine, f"s{n}")
+        frame = sender.frame(T.SEND, w.Information(1, bytes(8000)), dest="reader")
+        for _ in range(10):
+            sender.send_raw(frame)
+        assert sender.transport.producerState == "paused"  # held back
+        watched += [weakref.ref(sender.protocol.session), weakref.ref(sender.protocol)]
+        sender.send(T.LOGOFF)
+        sender.lose()
+    assert online(engine, "reader")  # still behind, within its drain timeout
+    gc.disable()  # freed by reference counting alone
+    try:
+        del sender
+        alive = [ref() for ref in watched if ref() is not None]
+        assert alive == [], f"{len(alive)} of {len(watched)} objects left alive: {alive[:3]}"
+    finally:
+        gc.enable()
+    # The reader drains: nobody left to resume, nothing fails.
+    reader.protocol.resumeProducing()
+    assert online(engine, "reader")
+
+
 # -- floods, in memory ---------------------------------------------------------------------------
 
 
