@@ -8,6 +8,9 @@ it is scraped, from:
   - plain counts the engine keeps anyway (C{engine.counters}, keyed by
     L{esf._counters} names) and its state (C{engine.sessions},
     C{engine.presence}, C{engine.pending});
+  - the offline store's size (C{esf_offline_stored_*}), the answer of its
+    C{total_counts} as of the last look, every L{OFFLINE_LOOK} seconds
+    (a query to the store, so not at every scrape);
   - counts this module keeps from the user manager's events (devices
     online by kind, accepted logons, push-outs, heartbeat timeouts) and
     from the engine's structured log events (C{session_ended}: disconnects
@@ -32,7 +35,10 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.logger import globalLogPublisher
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -125,6 +131,12 @@ REFUSAL_REASONS = {
 }
 
 KICK_ORIGINS = ("admin_api", "client", "server_api")
+
+
+log = Logger(namespace="esf.metrics")
+
+#: Seconds between looks at the offline store's size.
+OFFLINE_LOOK = 15.0
 
 
 def kind_label(client_type: int) -> str:
@@ -220,6 +232,9 @@ class ServerMetrics(Collector):
         self.tally: collections.Counter[tuple[str, Any]] = collections.Counter()
         self.devices = OnlineDevices(engine)
         self.started_at = engine.clock.seconds()
+        #: The offline store's (messages, bytes) at the last look, if any.
+        self.offline_totals: tuple[int, int] | None = None
+        self._offline_looks: LoopingCall | None = None
         self._unsubscribe: list[Callable[[], None]] = []
 
     # -- keeping counts ------------------------------------------------------------
@@ -238,13 +253,38 @@ class ServerMetrics(Collector):
             um.heartbeat_timed_out.subscribe(self._heartbeat_timed_out),
         ]
         self.publisher.addObserver(self._observe)
+        if self.engine.offline is not None:
+            looks = self._offline_looks = LoopingCall(self._look_at_offline_store)
+            looks.clock = self.engine.clock
+            looks.start(OFFLINE_LOOK)
 
     def stop(self) -> None:
+        if self._offline_looks is not None:
+            if self._offline_looks.running:
+                self._offline_looks.stop()
+            self._offline_looks = None
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
         self.devices.stop()
         self.publisher.removeObserver(self._observe)
+
+    def _look_at_offline_store(self) -> Deferred[None]:
+        # The next look waits for this one's answer: a slow store is never
+        # asked twice at once.
+        d = maybeDeferred(self.engine.offline.store.total_counts)
+
+        def got(totals: tuple[int, int]) -> None:
+            self.offline_totals = (int(totals[0]), int(totals[1]))
+
+        def failed(failure: Failure) -> None:
+            self.offline_totals = None  # unknown, not stale
+            log.failure(
+                "reading the offline store's size failed", failure,
+                level=LogLevel.warn, esf_event="offline_size_failed",
+            )  # fmt: skip
+
+        return d.addCallbacks(got, failed)
 
     def _device_connected(self, user_data: Any) -> None:
         self.tally["logons", "succeed"] += 1
@@ -370,6 +410,18 @@ class ServerMetrics(Collector):
             "Devices being delivered their stored messages now.",
             offline.deliveries if offline is not None else 0,
         )
+        if self.offline_totals is not None:
+            count, size = self.offline_totals
+            yield _gauge(
+                "esf_offline_stored_messages",
+                f"Messages in the offline store, as of the last look (every {OFFLINE_LOOK:g} s).",
+                count,
+            )
+            yield _gauge(
+                "esf_offline_stored_bytes",
+                f"Bytes of messages in the offline store, as of the last look (every {OFFLINE_LOOK:g} s).",
+                size,
+            )
         yield _gauge("esf_pending_queries", "The server's own queries to clients waiting for an answer.", len(engine.pending))
         yield _gauge("esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at)
         info = GaugeMetricFamily("esf_server_info", "The server's version and node ID.", labels=["version", "node"])

@@ -282,3 +282,43 @@ def test_relayed_messages_are_counted_by_the_engine(engine, registry):
     assert value(registry, "esf_messages_relayed_total", type="send") == 3
     assert value(registry, "esf_relayed_bytes_total", type="send") == len(sends)
     assert value(registry, "esf_messages_relayed_total", type="request") == 1
+
+
+def test_offline_store_size_is_read_every_look():
+    from twisted.internet.defer import fail
+
+    from esf.offline import MemoryOfflineStore
+    from esf.testing import MemoryServer
+
+    from esf._metrics import OFFLINE_LOOK
+
+    store = MemoryOfflineStore()
+    server = MemoryServer(offline_store=store)
+    try:
+        metrics = ServerMetrics(server.engine, publisher=globalLogPublisher)
+        metrics.start()
+        registry = make_registry(metrics, process=False)
+        assert value(registry, "esf_offline_stored_messages") == 0  # the first look, at start
+        alice = server.logged_on("alice")
+        for n in range(3):
+            alice.send("bob", 1, b"x" * (10 + n))
+        server.pump()
+        messages, size = server.result(store.total_counts())
+        assert messages == 3
+        # Scrapes show the last look's answer, not a query each.
+        assert value(registry, "esf_offline_stored_messages") == 0
+        server.clock.advance(OFFLINE_LOOK)
+        assert value(registry, "esf_offline_stored_messages") == 3
+        assert value(registry, "esf_offline_stored_bytes") == size
+        # A store that cannot answer: the gauges are left out, not stale.
+        store.total_counts = lambda: fail(RuntimeError("store down"))
+        server.clock.advance(OFFLINE_LOOK)
+        assert registry.get_sample_value("esf_offline_stored_messages") is None
+        metrics.stop()
+        assert not metrics._offline_looks
+    finally:
+        server.close()
+
+
+def test_no_offline_gauges_without_a_store(engine, registry):
+    assert registry.get_sample_value("esf_offline_stored_messages") is None
