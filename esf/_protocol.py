@@ -101,7 +101,8 @@ class ServerProtocol(Protocol):
     def resume_reading(self) -> None:
         self.transport.resumeProducing()
 
-    def close(self) -> None:
+    def close(self, reason: DisconnectedType | None = None) -> None:
+        # (TCP has no close reason of its own: the DisconnectNotice says it.)
         if self._closing:
             return
         self._closing = True

@@ -482,6 +482,6 @@ class Session(Output):
                         dest_user_id=self.user_id or "",
                     )
                 )
-            self.channel.close()
+            self.channel.close(reason)
         except Exception:
             log.failure("closing {session!r} failed", session=self)

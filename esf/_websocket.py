@@ -40,7 +40,7 @@ from zope.interface import implementer
 from ._engine import ServerEngine
 from ._protocol import peer_address
 from ._session import Session
-from ._wire import DisconnectedType, MessageType
+from ._wire import DisconnectedType
 from .interfaces import IChannel
 
 __all__ = [
@@ -90,9 +90,6 @@ def _binary_header(length: int) -> bytes:
     return b"\x82\x7e" + _U16_BE.pack(length)
 
 
-_DISCONNECT_NOTICE = MessageType.DISCONNECT_NOTICE
-
-
 @implementer(IChannel, IPushProducer)
 class WebSocketProtocol(WebSocketServerProtocol):
     """
@@ -117,10 +114,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
     # autobahn's transport: TCP or TLS, a producer and a consumer too.
     transport: Any
     _size = 0
-    #: Why the connection is being closed: a close code chosen by the
-    #: adapter, or the reason of the last DisconnectNotice written.
+    #: A close code the adapter chose (a text message, say), which wins
+    #: over the one for the session's reason.
     _close_code: int | None = None
-    _notice_reason: int | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -309,7 +305,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         self._deliver()  # the frames before the bad one count
         if self.session is not None:
             self.session.kick(reason, text)
-        self.close()
+        self.close(reason)
 
     def onPing(self, payload: bytes) -> None:
         # A peer that does not read gets no pongs: they would pile up in
@@ -333,7 +329,6 @@ class WebSocketProtocol(WebSocketServerProtocol):
             offset = 0
             while offset < size:
                 end = offset + hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
-                self._note_notice(data, offset)
                 self.sendMessage(bytes(data[offset:end]), isBinary=True)  # type: ignore[no-untyped-call]
                 offset = end
             return
@@ -346,37 +341,27 @@ class WebSocketProtocol(WebSocketServerProtocol):
         offset = 0
         while offset < size:
             length = hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
-            self._note_notice(data, offset)
             parts.append(_binary_header(length))
             parts.append(data[offset : offset + length] if length != size else data)
             offset += length
         self.sendData(b"".join(parts))
 
-    def _note_notice(self, data: bytes, offset: int) -> None:
-        if data[offset + 2] == _DISCONNECT_NOTICE and data[offset + 3] == 0:
-            self._notice_reason = data[offset + self.factory.header_length]
-
-    def close(self) -> None:
+    def close(self, reason: DisconnectedType | None = None) -> None:
         """
         Close with the code that matches why: the adapter's own, or the one
-        for the reason of the DisconnectNotice just written.  autobahn
-        aborts the connection when the peer does not answer the close
-        within the close timeout.
+        for the session's C{reason} (its name is the close reason's text).
+        autobahn aborts the connection when the peer does not answer the
+        close within the close timeout.
         """
         if self._closing:
             return
         self._closing = True
         code = self._close_code
         name = ""
-        if self._notice_reason is not None:
-            try:
-                reason = DisconnectedType(self._notice_reason)
-            except ValueError:
-                pass
-            else:
-                name = reason.name
-                if code is None:
-                    code = CLOSE_CODES.get(reason)
+        if reason is not None:
+            name = reason.name
+            if code is None:
+                code = CLOSE_CODES.get(reason)
         if self.state == self.STATE_OPEN:
             # sendClose() accepts only 1000 and 3000-4999, the codes for
             # applications; 1001-1013 are the endpoint's own, as here.

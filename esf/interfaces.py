@@ -519,10 +519,15 @@ class IChannel(Interface):
         Queue C{data} (L{bytes}) for the peer.
         """
 
-    def close() -> None:
+    def close(reason: Any = None) -> None:
         """
         Close once the queued output is written; abort the connection if
         the peer does not take it within the close timeout.
+
+        @param reason: why the session ended (a L{DisconnectedType}; its
+            C{DisconnectNotice} was written just before, unless the peer
+            ended it), for transports that say why in their own terms (a
+            WebSocket close code); C{None}: no session reason.
         """
 
     def pause_reading() -> None:
