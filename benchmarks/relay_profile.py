@@ -8,20 +8,23 @@ of several rounds.  With --profile, cProfile's table of the same work.
     python benchmarks/relay_profile.py                 # reads of 200 and of 20 frames
     python benchmarks/relay_profile.py --interleave 4  # each read alternates among 4 receivers
     python benchmarks/relay_profile.py --profile       # where the time goes
+    python benchmarks/relay_profile.py --websocket     # the sender on WebSocket (masked frames)
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import gc
+import os
 import pstats
 import time
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory
+from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory, WebSocketFactory
 from esf.wire import Logon, MessageType, encode_frame
 
 
@@ -39,14 +42,51 @@ def connected(engine: ServerEngine, factory: ServerFactory, user_id: str, port: 
     return protocol, transport
 
 
-def setup(frames: int, receivers: int):
+def ws_message(payload: bytes, mask: bytes) -> bytes:
+    """
+    One masked, final, binary WebSocket frame, as a browser sends it.
+    """
+    n = len(payload)
+    head = bytes((0x82, 0x80 | n)) if n < 126 else bytes((0x82, 0xFE)) + n.to_bytes(2, "big")
+    masked = (
+        int.from_bytes(payload, "little") ^ int.from_bytes((mask * (n // 4 + 1))[:n], "little")
+    ).to_bytes(n, "little")
+    return head + mask + masked
+
+
+def ws_connected(engine: ServerEngine, user_id: str, port: int):
+    peer = IPv4Address("TCP", "127.0.0.1", port)
+    transport = StringTransport(peerAddress=peer)
+    protocol = WebSocketFactory(engine).buildProtocol(peer)
+    protocol.makeConnection(transport)
+    key = base64.b64encode(os.urandom(16)).decode()
+    protocol.dataReceived(
+        (
+            "GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: esf.v1\r\n\r\n"
+        ).encode()
+    )
+    logon = encode_frame(
+        engine.config.wire, MessageType.LOGON, Logon(1, "", "pw").encode(), message_id=1,
+        user_id=user_id,
+    )  # fmt: skip
+    protocol.dataReceived(ws_message(logon, os.urandom(4)))
+    transport.clear()
+    return protocol, transport
+
+
+def setup(frames: int, receivers: int, websocket: bool = False):
     # The reactor as the clock (it never runs here): timers are made as in
     # a server, and none fires.
     from twisted.internet import reactor
 
     engine = ServerEngine(ServerConfig(), handler=AcceptAll(), clock=reactor)
     factory = ServerFactory(engine)
-    sender, _ = connected(engine, factory, "sender", 1)
+    if websocket:
+        sender, _ = ws_connected(engine, "sender", 1)
+    else:
+        sender, _ = connected(engine, factory, "sender", 1)
     outs = [connected(engine, factory, f"r{i}", 2 + i)[1] for i in range(receivers)]
     wire = engine.config.wire
     body = (1).to_bytes(4, "little") + b"x" * 96
@@ -54,12 +94,17 @@ def setup(frames: int, receivers: int):
         encode_frame(wire, MessageType.SEND, body, user_id="sender", dest_user_id=f"r{i}")
         for i in range(receivers)
     ]
-    data = b"".join(each[n % receivers] for n in range(frames))
+    if websocket:  # one message per frame, each with its own mask
+        data = b"".join(ws_message(each[n % receivers], os.urandom(4)) for n in range(frames))
+    else:
+        data = b"".join(each[n % receivers] for n in range(frames))
     return engine, sender, outs, data
 
 
-def measure(frames: int, receivers: int, reads: int, rounds: int = 5) -> float:
-    engine, sender, outs, data = setup(frames, receivers)
+def measure(
+    frames: int, receivers: int, reads: int, rounds: int = 5, websocket: bool = False
+) -> float:
+    engine, sender, outs, data = setup(frames, receivers, websocket)
     gc.disable()
     try:
         best = float("inf")
@@ -81,9 +126,11 @@ def main() -> None:
     parser.add_argument("--interleave", type=int, default=1, metavar="N",
                         help="receivers each read alternates among (default 1)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="print cProfile's table")
+    parser.add_argument("--websocket", action="store_true",
+                        help="the sender speaks WebSocket (the receivers TCP)")  # fmt: skip
     args = parser.parse_args()
     if args.profile:
-        engine, sender, outs, data = setup(200, args.interleave)
+        engine, sender, outs, data = setup(200, args.interleave, args.websocket)
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(500):
@@ -93,9 +140,10 @@ def main() -> None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
         return
+    kind = "WebSocket messages" if args.websocket else "Sends"
     for frames, reads in ((200, 2000), (20, 20000)):
-        ns = measure(frames, args.interleave, reads)
-        print(f"reads of {frames} Sends to {args.interleave} receiver(s): {ns:.0f} ns per relayed Send")
+        ns = measure(frames, args.interleave, reads, websocket=args.websocket)
+        print(f"reads of {frames} {kind} to {args.interleave} receiver(s): {ns:.0f} ns per relayed Send")
 
 
 if __name__ == "__main__":

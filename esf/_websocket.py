@@ -135,9 +135,70 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # engine then writes each receiver's output once per read.
         self._frames = []
         try:
-            super().dataReceived(data)
+            if (
+                self.state == self.STATE_OPEN
+                and self.current_frame is None
+                and not self.inside_message
+                and not self.data
+                and not self._closing
+            ):
+                data = self._whole_messages(data)
+            if data:
+                super().dataReceived(data)
         finally:
             self._deliver()
+
+    def _whole_messages(self, data: bytes) -> bytes:
+        """
+        The relay's common case, without autobahn: take the whole messages
+        at the start of C{data} that are each one final, masked binary frame
+        of less than 64 KiB (as browsers send ESF frames) and within the
+        session's size limit; return the rest, from the first frame that is
+        anything else (a control frame, a fragment, a text message, a
+        longer or bad header, a frame cut off by the read's end), for
+        autobahn to process, as it would have.  Only called between frames,
+        when autobahn holds no partial frame or message.
+
+        (autobahn parses each frame with several Python calls, copies the
+        rest of its buffer after each one and makes a masker object per
+        frame: about 9.5 µs per message, against about 1 µs here.)
+        """
+        size = len(data)
+        limit = min(self._max_message_size(), 0xFFFF)
+        offset = 0
+        received = self._message_received
+        while size - offset >= 6:
+            if data[offset] != 0x82:  # FIN, no RSV bits, binary
+                break
+            length = data[offset + 1]
+            if length < 0xFE:  # masked, a 7-bit length
+                if length < 0x80:
+                    break  # unmasked: autobahn refuses it
+                length &= 0x7F
+                start = offset + 2
+            elif length == 0xFE:  # masked, a 16-bit length
+                if size - offset < 8:
+                    break
+                length = (data[offset + 2] << 8) | data[offset + 3]
+                if length < 126:
+                    break  # not the shortest encoding: autobahn refuses it
+                start = offset + 4
+            else:
+                break  # a 64-bit length
+            end = start + 4 + length
+            if length > limit or end > size:
+                break
+            mask = data[start : start + 4]
+            received(
+                (
+                    int.from_bytes(data[start + 4 : end], "little")
+                    ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
+                ).to_bytes(length, "little")
+            )
+            offset = end
+            if self._closing or self.state != self.STATE_OPEN:
+                break
+        return data[offset:] if offset else data
 
     def _deliver(self) -> None:
         frames, self._frames = self._frames, None
@@ -244,6 +305,11 @@ class WebSocketProtocol(WebSocketServerProtocol):
     def onMessageEnd(self) -> None:
         message, self._message = self._message, None
         if self._closing or self.session is None or message is None:
+            return
+        if self.state != self.STATE_OPEN:
+            # autobahn failed the connection at this frame (a breach of
+            # WebSocket: unmasked, say) but, not dropping the connection,
+            # still reads it through: it is not the peer's message.
             return
         self._message_received(bytes(message))
 

@@ -12,6 +12,8 @@ import gc
 import weakref
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from _helpers import Client, LogCapture, make_engine
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -281,6 +283,140 @@ def test_websocket_protocol_errors_end_the_session_with_a_reason(engine, pages):
     assert event["reason"] == "INVALID_MESSAGE"
     assert "WebSocket protocol error: unmasked" in event["text"]
     assert not engine.sessions
+
+
+# -- whole messages without autobahn (WebSocketProtocol._whole_messages) --------------------------
+
+
+def _sends(page, dest, count, size=20):
+    """C{count} Send frames from C{page} to C{dest}, of growing bodies."""
+    return [
+        page.frame(MessageType.SEND, Information(n, bytes([n % 256]) * (size + n)).encode(), dest_user_id=dest)
+        for n in range(count)
+    ]
+
+
+def _received(bob):
+    return [f.raw for f in bob.take() if f.message_type == MessageType.SEND]
+
+
+def test_a_read_of_many_messages_is_relayed_as_sent(engine, pages):
+    """
+    One read of messages of 7- and 16-bit lengths, each with its own mask,
+    taken without autobahn's frame parser: every frame arrives as it was
+    sent, in order.
+    """
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    frames = _sends(alice, "bob", 40, size=10) + _sends(alice, "bob", 3, size=300)
+
+    def autobahn_frame_parser():
+        raise AssertionError("whole binary messages are not autobahn's to parse")
+
+    alice.protocol.processData = autobahn_frame_parser
+    alice.protocol.dataReceived(
+        b"".join(client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames))
+    )
+    assert _received(bob) == frames
+    assert alice.protocol.data == b""  # nothing left for autobahn
+
+
+def test_control_frames_and_fragments_amid_whole_messages(engine, pages):
+    """
+    What is not a whole binary message (a ping, a fragmented message) is
+    autobahn's, in its place in the stream; the whole messages around it
+    are taken as they come.
+    """
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    one, two, three, four = _sends(alice, "bob", 4)
+    alice.messages()
+    alice.protocol.dataReceived(
+        client_frame(BINARY, one)
+        + client_frame(PING, b"are you there")
+        + client_frame(BINARY, two)
+        + client_frame(BINARY, three[:7], fin=False)
+        + client_frame(CONTINUATION, three[7:], fin=True)
+        + client_frame(BINARY, four)
+    )
+    assert _received(bob) == [one, two, three, four]
+    assert alice.messages() == [(PONG, b"are you there")]
+
+
+def test_a_bad_frame_after_whole_messages_ends_the_session_after_them(engine, pages):
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    one, two = _sends(alice, "bob", 2)
+    unmasked = bytes([0x82, len(two)]) + two
+    alice.protocol.dataReceived(client_frame(BINARY, one) + unmasked)
+    assert _received(bob) == [one]
+    messages = alice.messages()
+    assert (messages[-1][0], close_code(messages[-1][1])) == (CLOSE, 1002)
+    # A 16-bit length that a 7-bit one would have held: refused too.
+    carol = pages().logon("carol")
+    heartbeat = carol.frame(MessageType.HEARTBEAT)
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(heartbeat))
+    carol.protocol.dataReceived(bytes([0x82, 0xFE, 0, len(heartbeat)]) + mask + masked)
+    messages = carol.messages()
+    assert (messages[-1][0], close_code(messages[-1][1])) == (CLOSE, 1002)
+
+
+def test_a_whole_message_over_the_limit_is_refused(engine, pages):
+    alice = pages().logon("alice")
+    largest = alice.frame(MessageType.SEND, b"x" * (MAX - len(alice.frame(MessageType.SEND))), dest_user_id="bob")
+    assert len(largest) == MAX
+    alice.protocol.dataReceived(client_frame(BINARY, largest + b"!"))  # one byte over
+    messages = alice.messages()
+    [notice] = alice.esf(messages)
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.MESSAGE_TOO_LARGE
+    assert close_code(messages[-1][1]) == 1009
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=40), sizes=st.lists(st.integers(0, 400), min_size=1, max_size=25))
+def test_any_chunking_relays_the_same_frames(engine, pages, cuts, sizes):
+    """
+    The same stream of whole messages, pings and fragmented messages, cut
+    into reads anywhere (down to single bytes): the same frames arrive, in
+    order, and the same pongs go back.
+    """
+    alice = pages().logon(f"alice{len(engine.sessions)}")
+    bob = Client(engine)
+    bob.logon(f"bob{len(engine.sessions)}")
+    bob.take()
+    alice.messages()
+    frames = [
+        alice.frame(MessageType.SEND, Information(n, bytes([n % 256]) * size).encode(), dest_user_id=bob.user_id)
+        for n, size in enumerate(sizes)
+    ]
+    stream = b""
+    for n, frame in enumerate(frames):
+        mask = bytes([n % 256, 7, 11, 13])
+        if n % 5 == 3:
+            stream += client_frame(BINARY, frame[:5], fin=False, mask=mask)
+            stream += client_frame(PING, bytes([n % 256]), mask=mask)
+            stream += client_frame(CONTINUATION, frame[5:], fin=True, mask=mask)
+        else:
+            stream += client_frame(BINARY, frame, mask=mask)
+    offset = 0
+    for cut in cuts:
+        if offset >= len(stream):
+            break
+        alice.protocol.dataReceived(stream[offset : offset + cut])
+        offset += cut
+    if offset < len(stream):
+        alice.protocol.dataReceived(stream[offset:])
+    assert _received(bob) == frames
+    assert alice.messages() == [(PONG, bytes([n % 256])) for n in range(len(frames)) if n % 5 == 3]
+    bob.lose()
+    alice.lose()
 
 
 def test_batched_output_is_one_message_per_frame(engine, pages):
