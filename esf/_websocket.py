@@ -117,6 +117,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
     #: A close code the adapter chose (a text message, say), which wins
     #: over the one for the session's reason.
     _close_code: int | None = None
+    #: The start of a whole binary message cut off by the end of a read
+    #: (L{_whole_messages}), completed by the next.
+    _tail = b""
 
     # -- connection ------------------------------------------------------------
 
@@ -135,6 +138,8 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # engine then writes each receiver's output once per read.
         self._frames = []
         try:
+            if self._tail:
+                data, self._tail = self._tail + data, b""
             if (
                 self.state == self.STATE_OPEN
                 and self.current_frame is None
@@ -155,9 +160,10 @@ class WebSocketProtocol(WebSocketServerProtocol):
         of less than 64 KiB (as browsers send ESF frames) and within the
         session's size limit; return the rest, from the first frame that is
         anything else (a control frame, a fragment, a text message, a
-        longer or bad header, a frame cut off by the read's end), for
-        autobahn to process, as it would have.  Only called between frames,
-        when autobahn holds no partial frame or message.
+        longer or bad header), for autobahn to process, as it would have.
+        Such a message cut off by the end of the read is kept for the next
+        (L{_tail}).  Only called between frames, when autobahn holds no
+        partial frame or message.
 
         (autobahn parses each frame with several Python calls, copies the
         rest of its buffer after each one and makes a masker object per
@@ -167,7 +173,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         limit = min(self._max_message_size(), 0xFFFF)
         offset = 0
         received = self._message_received
-        while size - offset >= 6:
+        while size - offset >= 2:
             if data[offset] != 0x82:  # FIN, no RSV bits, binary
                 break
             length = data[offset + 1]
@@ -177,17 +183,25 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 length &= 0x7F
                 start = offset + 2
             elif length == 0xFE:  # masked, a 16-bit length
-                if size - offset < 8:
-                    break
+                if size - offset < 4:
+                    self._tail = data[offset:]  # its header is cut off
+                    return b""
                 length = (data[offset + 2] << 8) | data[offset + 3]
                 if length < 126:
                     break  # not the shortest encoding: autobahn refuses it
                 start = offset + 4
             else:
                 break  # a 64-bit length
-            end = start + 4 + length
-            if length > limit or end > size:
+            if length > limit:
                 break
+            end = start + 4 + length
+            if end > size:
+                # Cut off by the end of the read, as most reads under load
+                # end: kept here (at most one message of under 64 KiB)
+                # until the next read completes it, so that autobahn, which
+                # would keep it otherwise, does not take every read after.
+                self._tail = data[offset:]
+                return b""
             mask = data[start : start + 4]
             received(
                 (
@@ -198,6 +212,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
             offset = end
             if self._closing or self.state != self.STATE_OPEN:
                 break
+        if offset < size and size - offset < 2 and data[offset] == 0x82:
+            self._tail = data[offset:]  # one byte of the next header
+            return b""
         return data[offset:] if offset else data
 
     def _deliver(self) -> None:

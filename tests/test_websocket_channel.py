@@ -302,9 +302,9 @@ def _received(bob):
 
 def test_a_read_of_many_messages_is_relayed_as_sent(engine, pages):
     """
-    One read of messages of 7- and 16-bit lengths, each with its own mask,
-    taken without autobahn's frame parser: every frame arrives as it was
-    sent, in order.
+    Messages of 7- and 16-bit lengths, each with its own mask, taken
+    without autobahn's frame parser, in one read or cut anywhere: every
+    frame arrives as it was sent, in order.
     """
     alice = pages().logon("alice")
     bob = Client(engine)
@@ -316,11 +316,16 @@ def test_a_read_of_many_messages_is_relayed_as_sent(engine, pages):
         raise AssertionError("whole binary messages are not autobahn's to parse")
 
     alice.protocol.processData = autobahn_frame_parser
-    alice.protocol.dataReceived(
-        b"".join(client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames))
-    )
+    stream = b"".join(client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames))
+    alice.protocol.dataReceived(stream)
     assert _received(bob) == frames
     assert alice.protocol.data == b""  # nothing left for autobahn
+    # Reads that end inside a message, as most do under load (even inside
+    # a header): still none of it for autobahn.
+    for cut in (1, 2, 3, 7, 100, 333):
+        for offset in range(0, len(stream), cut):
+            alice.protocol.dataReceived(stream[offset : offset + cut])
+        assert _received(bob) == frames, cut
 
 
 def test_control_frames_and_fragments_amid_whole_messages(engine, pages):
