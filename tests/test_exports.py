@@ -93,7 +93,8 @@ def test_offline_exports():
 
 
 OPERATIONS = {
-    "AdminService", "AuditLog", "AuditService", "MemoryTrimmer", "MetricsService", "ServerMetrics",
+    "AdminService", "AuditLog", "AuditService", "GCTuning", "MemoryTrimmer", "MetricsService",
+    "ServerMetrics",
 }
 
 
