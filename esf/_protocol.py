@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from ._engine import ServerEngine
 from ._session import Session
+from ._wire import DisconnectedType
 from .interfaces import IChannel
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerService"]
