@@ -2351,12 +2351,22 @@ def main(argv: list[str] | None = None) -> int:
         outcome["report"] = await run(reactor, opts)
 
     errors = []
-    d = defer.Deferred.fromCoroutine(go())
-    d.addErrback(errors.append)
-    d.addBoth(lambda _: reactor.stop())
+
+    def start() -> None:
+        # Only once the reactor runs: a run that fails before its first
+        # wait (cluster mode without redis-server) must still stop it.
+        d = defer.Deferred.fromCoroutine(go())
+        d.addErrback(errors.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
     reactor.run()
     if errors:
-        errors[0].printTraceback(file=sys.stderr)
+        failure = errors[0]
+        if failure.check(BenchError):
+            print(f"esf-bench: {failure.getErrorMessage()}", file=sys.stderr)
+        else:
+            failure.printTraceback(file=sys.stderr)
         return 1
     report = outcome["report"]
     if opts.json == "-":

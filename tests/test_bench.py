@@ -42,6 +42,20 @@ RATIOS = {
 }
 
 
+def run_bench(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """
+    C{python -m esf.bench ARGS} from the checkout, its output captured.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "esf.bench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_quick_run(tmp_path):
     """
     C{esf-bench --quick} starts an esf server and the two bare relays, runs
@@ -144,6 +158,17 @@ def test_missing_relay_scripts(monkeypatch, capsys):
     opts = bench.parse_options(["--quick"])
     assert opts.bare is False and opts.relay_paths == {}
     assert capsys.readouterr().err.count("Measuring esf only") == 1
+
+
+def test_a_run_that_fails_before_its_first_wait_ends(tmp_path):
+    """
+    Cluster mode without redis-server fails before the reactor has run
+    anything: the run still ends, with the reason on one line and status 1
+    (it used to leave the reactor running for ever).
+    """
+    proc = run_bench("--mode", "cluster", "--no-progress", env=dict(os.environ, PATH=str(tmp_path)), timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "esf-bench: cluster mode needs redis-server (Debian: apt-get install redis-server)"
 
 
 def test_percentile():
