@@ -51,7 +51,9 @@ warning says when the load, not the server, was the bottleneck.
 
 Performance never changes the exit status: it is 0 when every phase ran,
 1 when one failed (refused logons, lost connections, a desynchronised
-stream) and 2 for bad options.
+stream) and 2 for bad options.  A load worker that exits or stops
+answering, or a phase still running after C{--phase-timeout} seconds
+(default: C{--duration} + 30), ends the whole run at once, with status 1.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 
 from . import _messages as m
@@ -91,6 +94,15 @@ _U32 = struct.Struct("<I")
 class BenchError(Exception):
     """
     A phase could not run to its end.
+    """
+
+
+class RunAborted(Exception):
+    """
+    The run cannot go on: a load worker stopped answering, exited or sent
+    what it should not, or the coordinator failed at a sync point.  Unlike
+    a L{BenchError}, which fails one measurement, this ends the run: the
+    workers are in an unknown state.
     """
 
 
@@ -1328,14 +1340,23 @@ class _Worker(ProcessProtocol):
     The coordinator's end of one load worker process.
     """
 
+    pid = None
+
     def __init__(self, coordinator, index: int):
         self.coordinator, self.index = coordinator, index
         self._buffer = b""
         self.started = defer.Deferred()
         self.finished: defer.Deferred | None = None
         self.point: str | None = None
+        #: What it did last, for the message when it stops answering.
+        self.last = "idle"
         self.progress = 0
         self.gone = False
+        #: Why it cannot be used any more (it exited, or sent nonsense).
+        self.broken: str | None = None
+
+    def __str__(self) -> str:
+        return f"load worker {self.index} (pid {self.pid})"
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -1348,25 +1369,47 @@ class _Worker(ProcessProtocol):
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
         for line in lines:
-            message = json.loads(line)
+            if self.broken is not None:
+                return
+            try:
+                message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                self.fail(f"{self} sent a line that is not a message ({e}): {line[:80]!r}")
+                return
             if "at" in message:
                 self.point = message["at"]
+                self.last = f"waiting at {self.point!r}"
                 self.coordinator.arrived()
             elif "progress" in message:
                 self.progress = message["progress"]
-            else:
+            elif "result" in message or "error" in message:
                 self.point = None
+                self.last = "idle"
                 finished, self.finished = self.finished, None
-                if finished is not None:
-                    finished.callback(message)
+                if finished is None:
+                    self.fail(f"{self} sent a result with no phase running")
+                    return
+                finished.callback(message)
                 self.coordinator.arrived()
+            else:
+                self.fail(f"{self} sent an unknown message: {line[:80]!r}")
+
+    def fail(self, why: str) -> None:
+        """
+        This worker cannot be used any more: end the phase and the run.
+        """
+        if self.broken is None:
+            self.broken = why
+        self.coordinator.abort(why)
 
     def processEnded(self, reason) -> None:
         self.gone = True
         self.point = None
-        finished, self.finished = self.finished, None
-        if finished is not None:
-            finished.callback({"error": f"load worker {self.index} exited: {reason.value}"})
+        if self.finished is not None:
+            self.finished = None
+            self.fail(f"{self} exited during a phase: {reason.value}")
         self.coordinator.arrived()
 
 
@@ -1387,6 +1430,10 @@ class LoadGenerator:
         self.workers: list[_Worker] = []
         self._active: list[_Worker] = []
         self._action = None
+        #: Fails the phase in progress (L{abort}).
+        self._aborted: defer.Deferred | None = None
+        #: The readings at a sync point are being taken.
+        self._reading = False
 
     async def start(self) -> None:
         root = str(Path(__file__).resolve().parent.parent)
@@ -1405,10 +1452,38 @@ class LoadGenerator:
             await worker.started
             worker.send({"init": init, "tag": self.tag})
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """
+        Let the workers go: end of input, on which they exit; C{kill}:
+        SIGKILL (after an aborted run, when a worker may not be reading).
+        """
         for worker in self.workers:
-            if not worker.gone:
+            if worker.gone:
+                continue
+            if kill:
+                try:
+                    worker.transport.signalProcess("KILL")
+                except ProcessExitedAlready:
+                    pass
+            else:
                 worker.transport.closeStdin()
+
+    def abort(self, why: str) -> None:
+        """
+        End the phase in progress, if any, with L{RunAborted}.
+        """
+        aborted, self._aborted = self._aborted, None
+        if aborted is not None:
+            aborted.errback(RunAborted(why))
+
+    def _too_slow(self, what: str, timeout: float) -> None:
+        running = [w for w in self._active if w.finished is not None]
+        late = [f"{w} ({w.last})" for w in running if w.point is None]
+        if late:
+            why = f"no answer from {', '.join(late)}"
+        else:  # every worker waits at a sync point
+            why = f"the coordinator did not release {', '.join(f'{w} ({w.last})' for w in running)}"
+        self.abort(f"{what} did not end within {timeout:g} s (--phase-timeout): {why}")
 
     def _parts(self, mode: str, pairs: int | None) -> list[dict]:
         """
@@ -1444,13 +1519,31 @@ class LoadGenerator:
         """
         running = [w for w in self._active if w.finished is not None]
         points = {w.point for w in running}
-        if not running or len(points) != 1 or None in points or self._action is None:
+        if not running or len(points) != 1 or None in points or self._action is None or self._reading:
             return
         (point,) = points
-        for w in running:
-            w.point = None
+        self._reading = True
+        aborted = self._aborted
+
+        def release(_):
+            self._reading = False
+            if self._aborted is not aborted:  # the phase was aborted meanwhile
+                return
+            for w in running:
+                w.point = None
+                w.last = f"released from {point!r}"
+                if not w.gone:
+                    w.send({"go": point})
+
+        def failed(failure):
+            self._reading = False
+            self.abort(
+                f"the coordinator failed at sync point {point!r}: "
+                f"{failure.type.__name__}: {failure.getErrorMessage()}\n{failure.getTraceback()}"
+            )
+
         d = defer.Deferred.fromCoroutine(self._action(point))
-        d.addCallback(lambda _: [w.send({"go": point}) for w in running if not w.gone])
+        d.addCallbacks(release, failed)
 
     async def measure(self, mode: str, server, kind: str, pairs: int | None) -> dict:
         """
@@ -1459,8 +1552,9 @@ class LoadGenerator:
         """
         parts = self._parts(mode, pairs)
         workers = self.workers[: len(parts)]
-        if any(w.gone for w in workers):
-            raise BenchError("a load worker process has exited")
+        for w in self.workers:
+            if w.broken is not None or w.gone:
+                raise RunAborted(w.broken or f"{w} has exited")
         readings: dict[str, dict] = {}
 
         async def action(point: str) -> None:
@@ -1474,14 +1568,20 @@ class LoadGenerator:
                 "memory": server.memory(),
             }
 
+        aborted = self._aborted = defer.Deferred()
         self._active, self._action = workers, action
         address = ServerAddress.of(server).to_json()
         outcomes = []
         for worker, part in zip(workers, parts):
             worker.finished = defer.Deferred()
             worker.progress = 0
+            worker.last = "running the phase"
             outcomes.append(worker.finished)
             worker.send({"run": mode, "kind": kind, "server": address, "part": part})
+        timeout = self.opts.phase_timeout
+        timer = self.reactor.callLater(timeout, self._too_slow, f"{kind}: {mode}", timeout)
+        # Whichever comes first: every worker's outcome, or an abort.
+        defer.gatherResults(outcomes).addCallback(lambda r: aborted.called or aborted.callback(r))
         if mode == "send":
             total = self.opts.messages
         elif mode == "request":
@@ -1490,10 +1590,12 @@ class LoadGenerator:
             total = sum(len(p["names"]) for p in parts)
         self.progress.start(f"{kind}: {mode}", total, lambda: sum(w.progress for w in workers))
         try:
-            results = await defer.gatherResults(outcomes)
+            results = await aborted
         finally:
+            if timer.active():
+                timer.cancel()
             self.progress.stop()
-            self._active, self._action = [], None
+            self._active, self._action, self._aborted, self._reading = [], None, None, False
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             raise BenchError(errors[0])
@@ -1902,6 +2004,7 @@ async def run(reactor, opts) -> dict:
     failed = False
     cluster_rows = []
     warnings: list[str] = []
+    aborted = True
     try:
         await load.start()
         if opts.cluster:
@@ -1950,8 +2053,9 @@ async def run(reactor, opts) -> dict:
                     # WebSocket against TCP, both esf, in the same run.
                     row["ws_ratio"] = _ratios(mode, row["ws"], row.get("esf"))
                 rows.append(row)
+        aborted = False
     finally:
-        load.stop()
+        load.stop(kill=aborted)
         if opts.keep_logs:
             print(f"esf-bench: server logs kept in {workdir}", file=sys.stderr)
         else:
@@ -2008,11 +2112,13 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
         if why is not None:
             result["load_bound"] = why
         return result
-    except BenchError as e:
+    except (BenchError, RunAborted) as e:
         print(f"esf-bench: {_row_label(row)} on {kind}: {e}", file=sys.stderr)
         tail = server.log_tail() if server is not None else ""
         if tail:
             print(f"  last lines of the {kind} server's log:\n{tail}", file=sys.stderr)
+        if isinstance(e, RunAborted):
+            raise
         return {"error": str(e)}
     finally:
         if server is not None:
@@ -2174,6 +2280,12 @@ def format_table(report: dict) -> str:
 # -- options -----------------------------------------------------------------------
 
 
+#: What a phase may take beyond --duration before the run is ended as hung:
+#: a worker's phase is capped at --duration, then closes its connections
+#: (at most 10 s); the rest is slack for a loaded machine.
+PHASE_GRACE = 30.0
+
+
 def _host_port(value: str):
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -2255,6 +2367,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode and validate every frame at the receivers (slower load generator)")
     p.add_argument("--duration", type=_positive(float), default=None,
                    help="cap in seconds on each phase; a capped phase reports what it got (default 120)")
+    p.add_argument("--phase-timeout", type=_positive(float), default=None, metavar="SECONDS",
+                   help="how long one phase may take in all before the run is ended as hung, with status 1: "
+                   "a load worker or the coordinator stopped answering (default: --duration + "
+                   f"{PHASE_GRACE:g})")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (2 pairs, 2000 messages, 200 logons, 200 idle sessions, --check): a smoke test")
     p.add_argument("--repeat", type=_positive(int), default=1,
@@ -2288,6 +2404,8 @@ def parse_options(argv: list[str] | None):
     for key, value in defaults.items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    if opts.phase_timeout is None:
+        opts.phase_timeout = opts.duration + PHASE_GRACE
     if opts.progress is None:
         opts.progress = sys.stderr.isatty()
     opts.cluster = opts.mode == "cluster"
@@ -2363,7 +2481,7 @@ def main(argv: list[str] | None = None) -> int:
     reactor.run()
     if errors:
         failure = errors[0]
-        if failure.check(BenchError):
+        if failure.check(BenchError, RunAborted):
             print(f"esf-bench: {failure.getErrorMessage()}", file=sys.stderr)
         else:
             failure.printTraceback(file=sys.stderr)

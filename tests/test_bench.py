@@ -9,13 +9,18 @@ is.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer, task
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -434,3 +439,224 @@ def test_relay_profile_runs():
         assert sum(len(out.value()) for out in outs) == len(data)  # every frame relayed
         engine.stop()
     assert module.measure(20, 2, reads=5, rounds=1) > 0
+
+
+# -- the coordinator, with fake workers on a fake clock ------------------------
+
+
+class _FakeProcess:
+    """
+    The coordinator's view of a load worker process: what it was sent, and
+    the signals.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.sent: list[dict] = []
+        self.signals: list[str] = []
+        self.stdin_closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sent += [json.loads(line) for line in data.splitlines()]
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, signal: str) -> None:
+        self.signals.append(signal)
+
+
+class _FakeServer:
+    """
+    A server the coordinator reads at each sync point (C{cpu}: a function).
+    """
+
+    host, port, ws_port = "127.0.0.1", 1, None
+
+    def __init__(self, cpu=lambda: 1.0):
+        self.cpu = cpu
+
+    def cpu_seconds(self):
+        return self.cpu()
+
+    def memory(self) -> dict:
+        return {"VmRSS": 1 << 20}
+
+
+def _coordinator(workers: int = 2, phase_timeout: float = 50.0):
+    """
+    A L{bench.LoadGenerator} on a L{task.Clock} with fake worker processes.
+    """
+    clock = task.Clock()
+    opts = argparse.Namespace(
+        load_procs=workers, logons=2 * workers, idle=2 * workers, logon_window=10,
+        messages=100, requests=10, phase_timeout=phase_timeout, progress=False,
+    )  # fmt: skip
+    load = bench.LoadGenerator(clock, opts, bench.Progress(clock, False))
+    for i in range(workers):
+        worker = bench._Worker(load, i)
+        worker.makeConnection(_FakeProcess(1000 + i))
+        load.workers.append(worker)
+    return clock, load
+
+
+def _report(worker, message: dict) -> None:
+    worker.outReceived(json.dumps(message).encode() + b"\n")
+
+
+def _phase(load, server, mode="logons"):
+    outcome = []
+    d = defer.Deferred.fromCoroutine(load.measure(mode, server, "esf", None))
+    d.addBoth(outcome.append)
+    return outcome
+
+
+def _aborted(outcome) -> str:
+    [failure] = outcome
+    assert isinstance(failure, Failure) and failure.check(bench.RunAborted), failure
+    return failure.getErrorMessage()
+
+
+def test_coordinator_releases_each_sync_point_and_merges():
+    """
+    With every worker at a point the coordinator reads the server and lets
+    them go on; their results are merged.  (What the tests below break.)
+    """
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    for point in ("start", "measured"):
+        for w in load.workers:
+            _report(w, {"at": point})
+        assert [w.transport.sent[-1] for w in load.workers] == [{"go": point}] * 2
+    for i, w in enumerate(load.workers):
+        _report(w, {"result": {"logged_on": 2, "t0": 10.0 + i, "t1": 12.0 + i}})
+    [result] = outcome
+    assert result["logons_per_s"] == 4 / 3.0
+    assert clock.getDelayedCalls() == []  # the phase's deadline is cancelled
+
+
+def test_a_failure_at_a_sync_point_ends_the_phase_at_once():
+    """
+    The coordinator's readings at a sync point fail: the phase ends with
+    L{bench.RunAborted} naming the point and the error, no worker is let go
+    (it used to wait for ever).
+    """
+    clock, load = _coordinator()
+
+    def broken():
+        raise RuntimeError("no /proc")
+
+    outcome = _phase(load, _FakeServer(broken))
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    message = _aborted(outcome)
+    assert "the coordinator failed at sync point 'start': RuntimeError: no /proc" in message
+    assert all({"go": "start"} not in w.transport.sent for w in load.workers)
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
+    clock, load = _coordinator(phase_timeout=30.0)
+    outcome = _phase(load, _FakeServer())
+
+    async def stuck(point):  # readings that never end
+        await defer.Deferred()
+
+    load._action = stuck
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    clock.advance(30)
+    assert _aborted(outcome) == (
+        "esf: logons did not end within 30 s (--phase-timeout): the coordinator did not release "
+        "load worker 0 (pid 1000) (waiting at 'start'), load worker 1 (pid 1001) (waiting at 'start')"
+    )
+
+
+def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
+    clock, load = _coordinator(phase_timeout=50.0)
+    outcome = _phase(load, _FakeServer())
+    first, second = load.workers
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    _report(first, {"at": "measured"})  # the second never answers again
+    clock.advance(49.9)
+    assert outcome == []
+    clock.advance(0.2)
+    message = _aborted(outcome)
+    assert message == (
+        "esf: logons did not end within 50 s (--phase-timeout): "
+        "no answer from load worker 1 (pid 1001) (released from 'start')"
+    )
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (b"Traceback (most recent call last):\n", "a line that is not a message"),
+        (b"[1, 2]\n", "a line that is not a message"),
+        (b'{"what": 1}\n', "an unknown message"),
+    ],
+)
+def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    load.workers[1].outReceived(line)
+    assert f"load worker 1 (pid 1001) sent {why}" in _aborted(outcome)
+    # And every later phase, at once.
+    assert "load worker 1" in _aborted(_phase(load, _FakeServer()))
+
+
+def test_a_worker_that_exits_during_a_phase_ends_it():
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    _report(load.workers[0], {"at": "start"})
+    load.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
+    assert "load worker 1 (pid 1001) exited during a phase" in _aborted(outcome)
+
+
+#: Runs esf-bench with the first load worker stopped (SIGSTOP) as it is let
+#: go from the 'start' sync point: a worker that stops answering mid-phase.
+_STOP_A_WORKER = """
+import os, signal, sys
+from esf import bench
+
+send = bench._Worker.send
+
+def stop_first(worker, message):
+    send(worker, message)
+    if message == {"go": "start"} and worker.index == 0:
+        print("stopped", worker.pid, file=sys.stderr, flush=True)
+        os.kill(worker.pid, signal.SIGSTOP)
+
+bench._Worker.send = stop_first
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_that_stops_answering_ends_the_run(tmp_path):
+    """
+    A load worker stops in the middle of a phase: the run ends at
+    C{--phase-timeout} with status 1 and the reason, and the stopped worker
+    is killed, not left behind.
+    """
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOP_A_WORKER, "--mode", "logons", "--logons", "20", "--no-bare",
+         "--load-procs", "2", "--no-progress", "--phase-timeout", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    pid = int(re.search(r"^stopped (\d+)$", proc.stderr, re.M).group(1))
+    assert (
+        f"esf-bench: esf: logons did not end within 3 s (--phase-timeout): "
+        f"no answer from load worker 0 (pid {pid}) (released from 'start')"
+    ) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert 3 <= took < 30
+    # SIGKILLed: gone, or a zombie waiting for its new parent to reap it.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state
