@@ -881,23 +881,22 @@ class Bench:
             await task.deferLater(self.reactor, 0.5, lambda: None)
         return [(by_name[s], by_name[r]) for s, r in zip(senders, receivers)], conns
 
-    async def send(self, server, kind: str, part: dict) -> dict:
-        opts = self.opts
-        dialect = self.dialect(kind)
-        deadline = time.perf_counter() + opts.duration
-        couples, conns = await self._pairs(server, dialect, part["pairs"], "sr", deadline, part["window"])
-        size = dialect.frame_size
-        window = max(1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size)
+    async def _exchange(self, server, dialect, part: dict, mode: str, names: str, make_pair):
+        """
+        The timed part of send and request: log the pairs on, make each
+        pair's state (C{make_pair(sender, receiver, share, totals, done,
+        pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
+        wait until each has done its share, one fails, or the C{--duration}
+        cap.  Returns the states and C{{"count", "t0", "t1", "capped"}}.
+        """
+        deadline = time.perf_counter() + self.opts.duration
+        couples, conns = await self._pairs(server, dialect, part["pairs"], names, deadline, part["window"])
         shares = part["shares"]
         done = defer.Deferred()
-        totals = {"received": 0, "pairs_done": 0}
+        totals = {"count": 0, "pairs_done": 0}
         states = []
         for (sender, receiver), share in zip(couples, shares):
-            frame = dialect.message(sender.name, receiver.name)
-            st = _SendPair(sender, receiver, frame, share, window, totals, done, len(couples), size)
-            if opts.check:
-                st.checker = dialect.checker(sender.name, receiver.name)
-            receiver.on_data = st.received_checked if opts.check else st.received
+            st = make_pair(sender, receiver, share, totals, done, len(couples))
             states.append(st)
             if share == 0:
                 st.finished()
@@ -906,12 +905,14 @@ class Bench:
             c.on_lost = lost.append
         await self.sync("start")
         t0 = time.perf_counter()
-        self.progress.start(f"{kind}: send, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["received"])
+        self.progress.start(
+            f"{dialect.kind}: {mode}, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["count"]
+        )
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
         )
         for st in states:
-            st.pump()
+            st.begin()
         outcome = await done
         t1 = time.perf_counter()
         if timer.active():
@@ -927,58 +928,45 @@ class Bench:
             raise BenchError(f"{len(lost)} connection(s) lost during the run")
         if unexpected:
             raise BenchError(f"senders received {unexpected} unexpected bytes (an error reply?)")
+        return states, {"count": totals["count"], "t0": t0, "t1": t1, "capped": outcome == "capped"}
+
+    async def send(self, server, kind: str, part: dict) -> dict:
+        opts = self.opts
+        dialect = self.dialect(kind)
+        size = dialect.frame_size
+        window = max(1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size)
+
+        def make_pair(sender, receiver, share, totals, done, pairs):
+            frame = dialect.message(sender.name, receiver.name)
+            st = _SendPair(sender, receiver, share, totals, done, pairs, frame, window, size)
+            if opts.check:
+                st.checker = dialect.checker(sender.name, receiver.name)
+            receiver.on_data = st.received_checked if opts.check else st.received
+            return st
+
+        _, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
         return {
-            "received": totals["received"],
+            "received": timed["count"],
             "frame_bytes": size,
             "window_per_pair": window,
-            "t0": t0,
-            "t1": t1,
-            "capped": outcome == "capped",
+            "t0": timed["t0"],
+            "t1": timed["t1"],
+            "capped": timed["capped"],
         }
 
     async def request(self, server, kind: str, part: dict) -> dict:
-        opts = self.opts
         dialect = self.dialect(kind)
-        deadline = time.perf_counter() + opts.duration
-        couples, conns = await self._pairs(server, dialect, part["pairs"], "qp", deadline, part["window"])
-        shares = part["shares"]
-        done = defer.Deferred()
-        totals = {"answered": 0, "pairs_done": 0}
-        states = []
-        for (sender, receiver), share in zip(couples, shares):
-            st = _RequestPair(dialect, sender, receiver, share, totals, done, len(couples))
-            states.append(st)
-            if share == 0:
-                st.finished()
-        lost = []
-        for c in conns:
-            c.on_lost = lost.append
-        await self.sync("start")
-        t0 = time.perf_counter()
-        self.progress.start(f"{kind}: request, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["answered"])
-        timer = self.reactor.callLater(
-            max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
-        )
-        for st in states:
-            st.send()
-        outcome = await done
-        t1 = time.perf_counter()
-        if timer.active():
-            timer.cancel()
-        self.progress.stop()
-        await self.sync("measured")
-        errors = [st.error for st in states if st.error]
-        await close_all(self.reactor, conns)
-        if errors:
-            raise BenchError(errors[0])
-        if lost:
-            raise BenchError(f"{len(lost)} connection(s) lost during the run")
+
+        def make_pair(sender, receiver, share, totals, done, pairs):
+            return _RequestPair(sender, receiver, share, totals, done, pairs, dialect)
+
+        states, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
         return {
             "rtts": [r for st in states for r in st.rtts],
             "frame_bytes": dialect.frame_size,
-            "t0": t0,
-            "t1": t1,
-            "capped": outcome == "capped",
+            "t0": timed["t0"],
+            "t1": timed["t1"],
+            "capped": timed["capped"],
         }
 
     async def logons(self, server, kind: str, part: dict) -> dict:
@@ -1060,23 +1048,54 @@ class Bench:
         }
 
 
-class _SendPair:
+class _Pair:
+    """
+    One sender/receiver pair of a timed phase (L{Bench._exchange}): adds
+    what it got done to C{totals["count"]}, and fires C{done} once every
+    pair has done its share (with C{"error"} as soon as one fails).
+    """
+
     error = None
-    checker = None
     _finished = False
 
-    def __init__(self, sender, receiver, frame, share, window, totals, done, pairs, size):
+    def __init__(self, sender, receiver, share, totals, done, pairs):
         self.sender, self.receiver = sender, receiver
+        self.share, self.totals, self.done, self.pairs = share, totals, done, pairs
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def fail(self, text: str) -> None:
+        self.error = text
+        if not self.done.called:
+            self.done.callback("error")
+
+    def finished(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.totals["pairs_done"] += 1
+        if self.totals["pairs_done"] == self.pairs and not self.done.called:
+            self.done.callback("done")
+
+
+class _SendPair(_Pair):
+    checker = None
+
+    def __init__(self, sender, receiver, share, totals, done, pairs, frame, window, size):
+        super().__init__(sender, receiver, share, totals, done, pairs)
         # size: the bytes a receiver gets per message (over WebSocket, not
         # what the sender writes, which is masked).
         self.frame, self.size = frame, size
-        self.share, self.window = share, window
-        self.totals, self.done, self.pairs = totals, done, pairs
+        self.window = window
         self.sent = 0
         self.got = 0
         self.bytes = 0
         self.low = max(1, window // 2)
         self._batches: dict[int, bytes] = {}
+
+    def begin(self) -> None:
+        self.pump()
 
     def pump(self) -> None:
         inflight = self.sent - self.got
@@ -1094,7 +1113,7 @@ class _SendPair:
     def received(self, data: bytes) -> None:
         self.bytes += len(data)
         got = self.bytes // self.size
-        self.totals["received"] += got - self.got
+        self.totals["count"] += got - self.got
         self.got = got
         if got >= self.share:
             self.finished()
@@ -1105,35 +1124,21 @@ class _SendPair:
         try:
             n = self.checker.feed(data)
         except (BenchError, FrameError) as e:
-            self.error = str(e)
             self.sender.transport.abortConnection()
-            if not self.done.called:
-                self.done.callback("error")
+            self.fail(str(e))
             return
         self.got += n
-        self.totals["received"] += n
+        self.totals["count"] += n
         if self.got >= self.share:
             self.finished()
         else:
             self.pump()
 
-    def finished(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.totals["pairs_done"] += 1
-        if self.totals["pairs_done"] == self.pairs and not self.done.called:
-            self.done.callback("done")
 
-
-class _RequestPair:
-    error = None
-    _finished = False
-
-    def __init__(self, dialect, sender, receiver, share, totals, done, pairs):
+class _RequestPair(_Pair):
+    def __init__(self, sender, receiver, share, totals, done, pairs, dialect):
+        super().__init__(sender, receiver, share, totals, done, pairs)
         self.dialect = dialect
-        self.sender, self.receiver = sender, receiver
-        self.share, self.totals, self.done, self.pairs = share, totals, done, pairs
         self.request = dialect.request(sender.name, receiver.name)
         self.response = dialect.response(receiver.name, sender.name)
         self.req_off = dialect.mid_offset_in_request
@@ -1146,6 +1151,9 @@ class _RequestPair:
         self._rbuf = b""
         sender.on_data = self.answered
         receiver.on_data = self.asked
+
+    def begin(self) -> None:
+        self.send()
 
     def send(self) -> None:
         if self.share == 0:
@@ -1180,24 +1188,11 @@ class _RequestPair:
         if not self.dialect.is_response(buf) or _I32.unpack_from(buf, self.resp_off)[0] != self.mid:
             return self.fail(f"the sender {self.sender.name} got an unexpected frame: {buf[:40].hex()}")
         self.rtts.append(now - self.t0)
-        self.totals["answered"] += 1
+        self.totals["count"] += 1
         if len(self.rtts) >= self.share:
             self.finished()
         else:
             self.send()
-
-    def fail(self, text: str) -> None:
-        self.error = text
-        if not self.done.called:
-            self.done.callback("error")
-
-    def finished(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.totals["pairs_done"] += 1
-        if self.totals["pairs_done"] == self.pairs and not self.done.called:
-            self.done.callback("done")
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
