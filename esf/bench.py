@@ -65,6 +65,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -304,6 +305,8 @@ class LocalServer:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
+            # A stopped server (SIGSTOP) would keep SIGTERM pending: let it run.
+            self.process.send_signal(signal.SIGCONT)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
@@ -888,6 +891,10 @@ class Bench:
         pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
         wait until each has done its share, one fails, or the C{--duration}
         cap.  Returns the states and C{{"count", "t0", "t1", "capped"}}.
+
+        A server that stops answering (nothing arrives for L{stall_seconds})
+        fails the phase: it is not a slow server whose figures the cap
+        would report.
         """
         deadline = time.perf_counter() + self.opts.duration
         couples, conns = await self._pairs(server, dialect, part["pairs"], names, deadline, part["window"])
@@ -911,10 +918,23 @@ class Bench:
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
         )
+        stall = stall_seconds(self.opts.duration)
+        seen = [totals["count"], self.reactor.seconds()]
+
+        def watch() -> None:
+            if totals["count"] != seen[0]:
+                seen[:] = [totals["count"], self.reactor.seconds()]
+            elif self.reactor.seconds() - seen[1] >= stall and not done.called:
+                done.callback("stalled")
+
+        watchdog = task.LoopingCall(watch)
+        watchdog.clock = self.reactor
+        watchdog.start(stall / 10, now=False)
         for st in states:
             st.begin()
         outcome = await done
         t1 = time.perf_counter()
+        watchdog.stop()
         if timer.active():
             timer.cancel()
         self.progress.stop()
@@ -928,6 +948,11 @@ class Bench:
             raise BenchError(f"{len(lost)} connection(s) lost during the run")
         if unexpected:
             raise BenchError(f"senders received {unexpected} unexpected bytes (an error reply?)")
+        if outcome == "stalled":
+            raise BenchError(
+                f"the server stopped answering: nothing arrived for {stall:g} s "
+                f"({totals['count']} of {sum(shares)} {mode}s done)"
+            )
         return states, {"count": totals["count"], "t0": t0, "t1": t1, "capped": outcome == "capped"}
 
     async def send(self, server, kind: str, part: dict) -> dict:
@@ -1046,6 +1071,15 @@ class Bench:
             "t0": t0,
             "t1": t1,
         }
+
+
+#: How long a send or request phase may see nothing arrive before the
+#: server counts as stopped (at most half of --duration).
+STALL_SECONDS = 10.0
+
+
+def stall_seconds(duration: float) -> float:
+    return min(STALL_SECONDS, duration / 2)
 
 
 class _Pair:
@@ -2361,7 +2395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", default=None,
                    help="decode and validate every frame at the receivers (slower load generator)")
     p.add_argument("--duration", type=_positive(float), default=None,
-                   help="cap in seconds on each phase; a capped phase reports what it got (default 120)")
+                   help="cap in seconds on each phase; a capped phase reports what it got (default 120); "
+                   "in send and request, nothing arriving for 10 s (at most half of it) fails the phase")
     p.add_argument("--phase-timeout", type=_positive(float), default=None, metavar="SECONDS",
                    help="how long one phase may take in all before the run is ended as hung, with status 1: "
                    "a load worker or the coordinator stopped answering (default: --duration + "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer, task
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
@@ -660,3 +660,93 @@ def test_a_worker_that_stops_answering_ends_the_run(tmp_path):
     except FileNotFoundError:
         state = "gone"
     assert state in ("gone", "Z"), state
+
+
+# -- a load worker's phase, on a fake clock ------------------------------------------
+
+
+class _ConnTransport(StringTransport):
+    def __init__(self, conn):
+        super().__init__()
+        self.conn = conn
+
+    def setTcpNoDelay(self, enabled):
+        pass
+
+    def abortConnection(self):
+        self.conn.connectionLost(Failure(ConnectionDone()))
+
+
+def _worker_bench(clock, pairs: int = 1, duration: float = 20.0):
+    """
+    A L{bench.Bench} as a load worker runs it, on C{clock}, its C{pairs}
+    sender/receiver pairs already logged on (over fake transports), its
+    sync points passed at once.
+    """
+    opts = argparse.Namespace(
+        size=100, password="pw", system_token="", duration=duration, check=False,
+        window_bytes=2**20, total_window_bytes=8 * 2**20,
+    )  # fmt: skip
+
+    async def sync(point):
+        pass
+
+    b = bench.Bench(clock, opts, bench._WorkerProgress(clock, None, False), sync, "t")
+    conns = []
+    for i in range(pairs):
+        for name in (f"s{i}", f"r{i}"):
+            conn = bench.Conn(name, b"", None)
+            conn.makeConnection(_ConnTransport(conn))
+            conn.ready.callback(conn)
+            conns.append(conn)
+    couples = list(zip(conns[::2], conns[1::2]))
+
+    async def logged_on(*args):
+        return couples, conns
+
+    b._pairs = logged_on
+    return b, couples
+
+
+def _run(coroutine) -> list:
+    outcome = []
+    defer.Deferred.fromCoroutine(coroutine).addBoth(outcome.append)
+    return outcome
+
+
+def test_a_server_that_stops_answering_fails_the_phase():
+    """
+    Nothing arrives at the receivers for 10 s (at most half of --duration):
+    the send phase fails, saying so, instead of waiting for its cap and
+    reporting what little it got as a capped figure.
+    """
+    clock = task.Clock()
+    b, [(sender, receiver)] = _worker_bench(clock, duration=20.0)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 10}
+    outcome = _run(b.send(None, "esf", part))
+    assert len(sender.transport.value()) == 100 * b.esf.frame_size  # sent, never relayed
+    clock.pump([1] * 9)
+    assert outcome == []
+    clock.pump([1] * 2)
+    [failure] = outcome
+    assert failure.check(bench.BenchError)
+    assert failure.getErrorMessage() == "the server stopped answering: nothing arrived for 10 s (0 of 100 sends done)"
+    assert sender.lost and receiver.lost
+
+
+def test_a_slow_server_is_capped_not_stalled():
+    """
+    A message every 5 s is slow, not stopped: the phase runs to its cap and
+    reports what arrived.
+    """
+    clock = task.Clock()
+    b, [(sender, receiver)] = _worker_bench(clock, duration=20.0)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 10}
+    outcome = _run(b.send(None, "esf", part))
+    frame = sender.transport.value()[: b.esf.frame_size]
+    for _ in range(3):  # at 5, 10 and 15 s
+        clock.pump([1] * 5)
+        receiver.dataReceived(frame)
+    clock.pump([1] * 6)  # past the cap at 20 s
+    [result] = outcome
+    assert result["capped"] is True and result["received"] == 3, result
