@@ -1364,6 +1364,53 @@ def worker_main() -> int:
     return 0
 
 
+class LineTooLong(Exception):
+    """
+    A line grew past the longest one allowed.
+    """
+
+
+class Lines:
+    """
+    Splits a byte stream into lines (without their C{\\n}), in time linear
+    in its length: the unfinished tail is kept as the chunks it came in and
+    joined once, when its line ends.  (Splitting the whole buffer again for
+    each chunk, as C{LineOnlyReceiver} does, or cutting one line at a time
+    off it, as C{LineReceiver} does, is quadratic in the length of a line
+    that comes in many chunks, such as a request phase's round-trip times.)
+    """
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self._tail: list[bytes] = []
+        self._tail_length = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        The lines that C{data} ends; raises L{LineTooLong} when a line, ended
+        or not, is longer than C{max_length}.
+        """
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._tail.append(data)
+            self._tail_length += len(data)
+            if self._tail_length > self.max_length:
+                raise LineTooLong(self._tail_length)
+            return []
+        if self._tail:
+            self._tail.append(data[:end])
+            lines = b"".join(self._tail).split(b"\n")
+        else:
+            lines = data[:end].split(b"\n")
+        rest = data[end + 1 :]
+        self._tail = [rest] if rest else []
+        self._tail_length = len(rest)
+        longest = max(self._tail_length, *map(len, lines))
+        if longest > self.max_length:
+            raise LineTooLong(longest)
+        return lines
+
+
 class _Worker(ProcessProtocol):
     """
     The coordinator's end of one load worker process.
@@ -1373,7 +1420,9 @@ class _Worker(ProcessProtocol):
 
     def __init__(self, coordinator, index: int):
         self.coordinator, self.index = coordinator, index
-        self._buffer = b""
+        # The longest line: a request phase's result, about 25 bytes per
+        # round-trip time.
+        self._lines = Lines(2**20 + 32 * coordinator.opts.requests)
         self.started = defer.Deferred()
         self.finished: defer.Deferred | None = None
         self.point: str | None = None
@@ -1395,8 +1444,13 @@ class _Worker(ProcessProtocol):
         self.transport.write(json.dumps(message).encode() + b"\n")
 
     def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
+        if self.broken is not None:
+            return
+        try:
+            lines = self._lines.feed(data)
+        except LineTooLong as e:
+            self.fail(f"{self} sent a line of {e} bytes or more, longer than any message")
+            return
         for line in lines:
             if self.broken is not None:
                 return
