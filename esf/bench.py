@@ -125,7 +125,9 @@ def machine_info() -> dict:
     except OSError:
         load = None
     return {
-        "nproc": os.cpu_count(),
+        # As the nproc command counts: the cores this process may run on.
+        "nproc": len(usable_cpus()),
+        "cpu_count": os.cpu_count(),
         "cpu_model": model,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
@@ -148,16 +150,49 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def machine_busy_seconds() -> float | None:
+def usable_cpus() -> set[int]:
     """
-    CPU seconds every core of the machine spent busy (not idle, not waiting
-    for I/O) since boot, from C{/proc/stat}.
+    The cores this process may run on (its affinity, which the servers and
+    load workers it starts inherit), not every core of the machine.
+    """
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def cpu_times(stat: str, cpus: set[int]) -> tuple[float, float] | None:
+    """
+    C{(busy, steal)}: CPU seconds the cores C{cpus} spent busy (user, nice,
+    system, irq, softirq: not idle, not waiting for I/O, not stolen) and
+    stolen (by the hypervisor, for other guests: no process of this machine
+    had them) since boot, from the text of C{/proc/stat}; L{None} if it has
+    no line for one of them.
+    """
+    busy = steal = 0
+    found = set()
+    for line in stat.splitlines():
+        name, _, values = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        fields = [int(v) for v in values.split()] + [0] * 8  # older kernels: fewer columns
+        user, nice, system, _idle, _iowait, irq, softirq, stolen = fields[:8]
+        busy += user + nice + system + irq + softirq
+        steal += stolen
+        found.add(int(name[3:]))
+    if found != cpus:
+        return None
+    return busy / _TICKS, steal / _TICKS
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """
+    L{cpu_times} of the cores this process may use, now.
     """
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return (sum(fields[:8]) - fields[3] - fields[4]) / _TICKS
-    except (OSError, IndexError, ValueError):
+            return cpu_times(f.read(), usable_cpus())
+    except (OSError, ValueError):
         return None
 
 
@@ -1245,7 +1280,7 @@ def default_load_procs() -> int:
     Load worker processes by default: one per core but the server's, at
     most 4 (a 2-core machine: one worker, and the server has a core).
     """
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    return max(1, min(4, len(usable_cpus()) - 1))
 
 
 class _Node:
@@ -1647,7 +1682,7 @@ class LoadGenerator:
                 "t": time.perf_counter(),
                 "server_cpu": server.cpu_seconds(),
                 "load_cpu": [proc_cpu_seconds(w.pid) for w in workers],
-                "machine_cpu": machine_busy_seconds(),
+                "machine_cpu": machine_cpu_seconds(),
                 "memory": server.memory(),
             }
 
@@ -1778,8 +1813,11 @@ def _usage(start: dict | None, end: dict | None) -> dict:
         out["server_cpu_s"] = end["server_cpu"] - start["server_cpu"]
         out["server_cpu_percent"] = 100 * out["server_cpu_s"] / interval
     if start.get("machine_cpu") is not None and end.get("machine_cpu") is not None:
-        # Every process on the machine, this run's and others', in % of one core.
-        out["machine_cpu_percent"] = 100 * (end["machine_cpu"] - start["machine_cpu"]) / interval
+        # Every process on the cores this run may use, its own and others',
+        # in % of one core; and what the hypervisor took from those cores.
+        (busy0, steal0), (busy1, steal1) = start["machine_cpu"], end["machine_cpu"]
+        out["machine_cpu_percent"] = 100 * (busy1 - busy0) / interval
+        out["machine_steal_percent"] = 100 * (steal1 - steal0) / interval
     load = [
         100 * (b - a) / interval
         for a, b in zip(start["load_cpu"], end["load_cpu"])
@@ -1807,7 +1845,12 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     Why the load generator, not the server, limited a phase; L{None} when
     it did not (or when the server's CPU is unknown).  In send mode the
     server should be busy all along: if it was not, the load set the rate.
+    C{nproc}: the cores the server and the load may use (L{usable_cpus}).
+    Idle mode generates no load (it holds sessions and reads memory): never
+    a warning there.
     """
+    if mode == "idle":
+        return None
     server, busiest, load = (
         result.get("server_cpu_percent"), result.get("load_cpu_max_percent"), result.get("load_cpu_percent")
     )  # fmt: skip
@@ -1816,8 +1859,14 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     machine = result.get("machine_cpu_percent")
     if machine is not None and machine - server - load >= 0.5 * BUSY_PERCENT:
         return (
-            f"other processes used {machine - server - load:.0f}% of the machine's {nproc} core(s) "
+            f"other processes used {machine - server - load:.0f}% of the {nproc} core(s) this run may use "
             f"(this server {server:.0f}%, the load generator {load:.0f}%): measure on a quiet machine"
+        )
+    steal = result.get("machine_steal_percent")
+    if steal is not None and steal >= 0.5 * BUSY_PERCENT:
+        return (
+            f"the hypervisor took {steal:.0f}% of the {nproc} core(s) this run may use (steal time) "
+            f"while the server used {server:.0f}%: measure on a quiet machine"
         )
     if busiest >= BUSY_PERCENT:
         return (
@@ -1826,7 +1875,7 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
         )
     if server + load >= BUSY_PERCENT * nproc:
         return (
-            f"the machine's {nproc} core(s) were busy ({load:.0f}% load generator, {server:.0f}% server): "
+            f"the {nproc} core(s) this run may use were busy ({load:.0f}% load generator, {server:.0f}% server): "
             "the server did not have a core to itself"
         )
     if mode == "send" and result.get("elapsed_s", 0) >= 0.5:
@@ -2191,7 +2240,7 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
         else:
             server = LocalServer(kind, opts, workdir, conns_needed)
         result = await load.measure(mode, server, kind, pairs)
-        why = load_bound(result, os.cpu_count() or 1, mode)
+        why = load_bound(result, len(usable_cpus()), mode)
         if why is not None:
             result["load_bound"] = why
         return result
@@ -2279,7 +2328,9 @@ def format_table(report: dict) -> str:
     machine = report["machine"]
     options = report["options"]
     lines = [
-        f"esf-bench: {machine['nproc']} CPU(s), {machine['cpu_model']}, {machine['python']}; "
+        f"esf-bench: {machine['nproc']} CPU(s)"
+        + (f" of {machine['cpu_count']}" if machine.get("cpu_count", machine["nproc"]) != machine["nproc"] else "")
+        + f", {machine['cpu_model']}, {machine['python']}; "
         f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}"
         + (f" on {machine['server_python']}" if options.get("server_python") and machine.get("server_python") else "")
         + f"; load generator: {options.get('load_procs', 1)} process(es)",

@@ -374,6 +374,73 @@ def test_load_bound_warning():
     assert "other processes used 120%" in bench.load_bound(shared, 2, "send")
 
 
+def test_no_load_bound_warning_in_idle_mode():
+    """
+    Idle mode generates no load (it holds sessions and reads the server's
+    memory): a busy worker there limits nothing.
+    """
+    busy_load = {"server_cpu_percent": 5.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
+    assert bench.load_bound(busy_load, 2, "logons") is not None
+    assert bench.load_bound(busy_load, 2, "idle") is None
+
+
+#: /proc/stat: user nice system idle iowait irq softirq steal guest guest_nice.
+PROC_STAT = """\
+cpu  600 60 330 3000 60 15 15 300 50 0
+cpu0 100 10 50 1000 20 5 5 300 50 0
+cpu1 200 20 80 1000 20 5 5 0 0 0
+cpu2 300 30 200 1000 20 5 5 0 0 0
+intr 12345 0 0
+ctxt 6789
+"""
+
+
+def test_cpu_times_count_the_usable_cores_and_not_steal():
+    """
+    Busy is user + nice + system + irq + softirq (guest time is already in
+    user and nice); steal, time the hypervisor gave other guests, is
+    counted apart; only the cores asked for count.
+    """
+    ticks = bench._TICKS
+    assert bench.cpu_times(PROC_STAT, {0}) == (170 / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 2}) == ((170 + 540) / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 1, 2}) == ((170 + 310 + 540) / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 7}) is None  # no line for cpu7
+    assert bench.cpu_times("cpu0 1 2 3 4\n", {0}) == (6 / ticks, 0.0)  # an old kernel's columns
+
+
+def test_steal_time_is_not_busy_time_of_other_processes():
+    """
+    A phase in which the server and the load used all the busy time and the
+    hypervisor took more: the warning names the steal, not "other
+    processes" (counting steal as busy, it used to).
+    """
+    start = {"t": 10.0, "server_cpu": 1.0, "load_cpu": [1.0], "machine_cpu": (50.0, 7.0), "memory": {}}
+    end = {"t": 12.0, "server_cpu": 2.2, "load_cpu": [1.8], "machine_cpu": (52.0, 8.2), "memory": {}}
+    usage = bench._usage(start, end)
+    assert usage["server_cpu_percent"] == pytest.approx(60.0)
+    assert usage["load_cpu_percent"] == pytest.approx(40.0)
+    assert usage["machine_cpu_percent"] == pytest.approx(100.0)
+    assert usage["machine_steal_percent"] == pytest.approx(60.0)
+    why = bench.load_bound(usage, 2, "request")
+    assert why.startswith("the hypervisor took 60% of the 2 core(s) this run may use (steal time)"), why
+
+
+def test_the_cores_are_those_of_the_affinity(monkeypatch):
+    """
+    A run pinned to 2 cores of a 64-core machine (taskset, a cpuset): the
+    load workers, the report and the warnings count 2.
+    """
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert bench.usable_cpus() == {3, 5}
+    assert bench.default_load_procs() == 1
+    machine = bench.machine_info()
+    assert (machine["nproc"], machine["cpu_count"]) == (2, 64)
+    crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
+    assert "2 core(s) this run may use were busy" in bench.load_bound(crowded, len(bench.usable_cpus()), "send")
+
+
 def _pypy_python() -> str:
     """
     The PyPy that runs the servers of the PyPy smoke run: C{$ESF_PYPY}, the
