@@ -776,7 +776,7 @@ def close_all(reactor, conns) -> defer.Deferred:
 class Progress:
     """
     A one-line progress bar on stderr (only when stderr is a terminal,
-    unless forced).
+    unless forced), of whatever stage of a phase L{progress_of} says.
     """
 
     def __init__(self, reactor, enabled: bool):
@@ -784,24 +784,32 @@ class Progress:
         self.enabled = enabled
         self._loop = None
 
-    def start(self, label: str, total: int, done) -> None:
-        self.label, self.total, self.done = label, max(total, 1), done
-        self.t0 = time.perf_counter()
+    def start(self, state) -> None:
+        """
+        Draw C{state()} every 0.2 s: L{None} (nothing to show yet) or
+        C{(label, done, total, unit, t0)}, C{t0} the C{time.perf_counter()}
+        at which the stage began.
+        """
+        self.state = state
         if self.enabled:
             self._loop = task.LoopingCall(self.draw)
             self._loop.clock = self.reactor
             self._loop.start(0.2)
 
     def draw(self) -> None:
-        done = self.done()
-        elapsed = time.perf_counter() - self.t0
+        state = self.state()
+        if state is None:
+            return
+        label, done, total, unit, t0 = state
+        elapsed = time.perf_counter() - t0
         width = 24
-        filled = min(width, int(width * done / self.total))
-        rate = done / elapsed if elapsed > 0 else 0
-        line = (
-            f"\r{self.label:<30.30} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done:>9,}/{self.total:,} {rate:>11,.0f}/s {elapsed:6.1f} s"
-        )
+        filled = min(width, int(width * done / total)) if total > 0 else width
+        if unit == "s":
+            figures = f"{done:>9.1f}/{total:.1f} s"
+        else:
+            rate = done / elapsed if elapsed > 0 else 0
+            figures = f"{done:>9,}/{total:,} {rate:>11,.0f}/s"
+        line = f"\r{label:<30.30} [{'#' * filled}{'.' * (width - filled)}] {figures} {elapsed:6.1f} s"
         sys.stderr.write(line)
         sys.stderr.flush()
 
@@ -812,6 +820,29 @@ class Progress:
             self.draw()
             sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
+
+
+def progress_of(stages: list[dict]) -> tuple[str, float, float, str, float] | None:
+    """
+    What the progress bar of a phase shows, from each of its workers' last
+    report of each stage (C{{stage: (done, total, unit, t0)}}, in the order
+    the stages came): the first stage some worker is still in, with its
+    done and its total summed over the workers (averaged for a stage
+    counted in seconds, C{unit} C{"s"}), so that both are of the same stage
+    and sum the same workers, and when the first worker began it.  L{None}
+    until every worker has reported.
+    """
+    if not stages or not all(stages):
+        return None
+    k = min(len(s) for s in stages) - 1
+    at = [list(s.items())[k] for s in stages]
+    name = at[0][0]
+    done = sum(value[0] for _, value in at)
+    total = sum(value[1] for _, value in at)
+    unit = at[0][1][2]
+    if unit == "s":
+        done, total = done / len(at), total / len(at)
+    return name, done, total, unit, min(value[3] for _, value in at)
 
 
 class Bench:
@@ -849,10 +880,11 @@ class Bench:
         self.reactor.connectTCP(node.host, port, _ConnFactory(conn), timeout=10)
         return conn
 
-    def log_on(self, server, dialect, names: list[str], label: str, deadline: float, window: int) -> defer.Deferred:
+    def log_on(self, server, dialect, names: list[str], stage: str, deadline: float, window: int) -> defer.Deferred:
         """
-        Open one logged-on connection per name, at most C{window} at a time.
-        Fires with C{(conns, failures, first_error, t0, t1)}.
+        Open one logged-on connection per name, at most C{window} at a time
+        (the progress C{stage}).  Fires with C{(conns, failures,
+        first_error, t0, t1)}.
         """
         conns: list[Conn] = []
         state = {"next": 0, "inflight": 0, "failures": 0, "error": None, "finished": 0}
@@ -896,7 +928,7 @@ class Bench:
             finish()
 
         timer = self.reactor.callLater(max(deadline - time.perf_counter(), 0.1), too_late)
-        self.progress.start(label, len(names), lambda: state["finished"])
+        self.progress.start(stage, len(names), lambda: state["finished"])
         if not names:
             finish()
         else:
@@ -907,7 +939,7 @@ class Bench:
         senders = [f"{prefix[0]}{self.tag}{i}" for i in indices]
         receivers = [f"{prefix[1]}{self.tag}{i}" for i in indices]
         conns, failures, error, _, _ = await self.log_on(
-            server, dialect, senders + receivers, f"{dialect.kind}: log on {2 * len(indices)}", deadline, window
+            server, dialect, senders + receivers, "log on", deadline, window
         )
         if failures:
             await close_all(self.reactor, conns)
@@ -947,9 +979,7 @@ class Bench:
             c.on_lost = lost.append
         await self.sync("start")
         t0 = time.perf_counter()
-        self.progress.start(
-            f"{dialect.kind}: {mode}, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["count"]
-        )
+        self.progress.start(mode, sum(shares), lambda: totals["count"])
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
         )
@@ -1035,7 +1065,7 @@ class Bench:
         await self.sync("start")
         deadline = time.perf_counter() + self.opts.duration
         conns, failures, error, t0, t1 = await self.log_on(
-            server, dialect, names, f"{kind}: {part['all_names']} logons", deadline, part["window"]
+            server, dialect, names, "logons", deadline, part["window"]
         )
         await self.sync("measured")
         await close_all(self.reactor, conns)
@@ -1050,7 +1080,7 @@ class Bench:
         deadline = time.perf_counter() + opts.duration
         await self.sync("settled")  # the coordinator reads the server's RSS before any logon
         conns, failures, error, logon_t0, logon_t1 = await self.log_on(
-            server, dialect, names, f"{kind}: {part['all_names']} idle sessions", deadline, part["window"]
+            server, dialect, names, "log on", deadline, part["window"]
         )
         if failures:
             await close_all(self.reactor, conns)
@@ -1086,9 +1116,7 @@ class Bench:
         if conns:
             loop.start(tick)
         t0 = time.perf_counter()
-        self.progress.start(
-            f"{kind}: hold {part['all_names']} sessions", int(hold * 10), lambda: int((time.perf_counter() - t0) * 10)
-        )
+        self.progress.start("hold", hold, lambda: min(hold, time.perf_counter() - t0), unit="s")
         await task.deferLater(self.reactor, hold, lambda: None)
         self.progress.stop()
         if loop.running:
@@ -1319,35 +1347,45 @@ class ServerAddress:
 
 class _WorkerProgress:
     """
-    L{Progress} in a load worker: reports the count done to the coordinator
-    every 0.25 s (when there is a progress bar to draw).
+    L{Progress} in a load worker: reports the stage of the phase it is in,
+    with its done and total, to the coordinator every 0.25 s and at the
+    stage's end (when there is a progress bar to draw; L{progress_of}
+    merges the workers' reports).
     """
 
     def __init__(self, reactor, report, enabled: bool):
         self.reactor, self.report, self.enabled = reactor, report, enabled
         self._loop = None
 
-    def start(self, label: str, total: int, done) -> None:
+    def start(self, stage: str, total: float, done, unit: str = "") -> None:
+        """
+        A stage begins: C{total} to do, C{done()} done so far, counted in
+        C{unit} (C{""}: things, C{"s"}: seconds).
+        """
         self.stop()
-        self.done = done
+        self.stage, self.total, self.done, self.unit = stage, total, done, unit
+        self.t0 = time.perf_counter()
         if self.enabled:
-            self._loop = task.LoopingCall(lambda: self.report({"progress": self.done()}))
+            self._loop = task.LoopingCall(self._report)
             self._loop.clock = self.reactor
             self._loop.start(0.25)
+
+    def _report(self) -> None:
+        self.report({"progress": [self.stage, self.done(), self.total, self.unit, self.t0]})
 
     def stop(self) -> None:
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
-            self.report({"progress": self.done()})
+            self._report()
 
 
 def worker_main() -> int:
     """
     A load worker (C{python -m esf.bench --load-worker}): runs the phases
     its coordinator sends as JSON lines on stdin, one at a time, and answers
-    on stdout (C{{"at": point}}, C{{"progress": n}}, C{{"result": ...}} or
-    C{{"error": text}}).
+    on stdout (C{{"at": point}}, C{{"progress": [stage, done, total, unit,
+    t0]}}, C{{"result": ...}} or C{{"error": text}}).
     """
     from twisted.internet import reactor, stdio
     from twisted.protocols.basic import LineReceiver
@@ -1463,7 +1501,8 @@ class _Worker(ProcessProtocol):
         self.point: str | None = None
         #: What it did last, for the message when it stops answering.
         self.last = "idle"
-        self.progress = 0
+        #: Its last progress report of each stage of the phase, in order.
+        self.stages: dict[str, tuple] = {}
         self.gone = False
         #: Why it cannot be used any more (it exited, or sent nonsense).
         self.broken: str | None = None
@@ -1501,7 +1540,12 @@ class _Worker(ProcessProtocol):
                 self.last = f"waiting at {self.point!r}"
                 self.coordinator.arrived()
             elif "progress" in message:
-                self.progress = message["progress"]
+                try:
+                    stage, done, total, unit, t0 = message["progress"]
+                except (TypeError, ValueError):
+                    self.fail(f"{self} sent a progress report that is not [stage, done, total, unit, t0]: {line[:80]!r}")
+                    return
+                self.stages[stage] = (done, total, unit, t0)
             elif "result" in message or "error" in message:
                 self.point = None
                 self.last = "idle"
@@ -1692,7 +1736,7 @@ class LoadGenerator:
         outcomes = []
         for worker, part in zip(workers, parts):
             worker.finished = defer.Deferred()
-            worker.progress = 0
+            worker.stages = {}
             worker.last = "running the phase"
             outcomes.append(worker.finished)
             worker.send({"run": mode, "kind": kind, "server": address, "part": part})
@@ -1700,13 +1744,15 @@ class LoadGenerator:
         timer = self.reactor.callLater(timeout, self._too_slow, f"{kind}: {mode}", timeout)
         # Whichever comes first: every worker's outcome, or an abort.
         defer.gatherResults(outcomes).addCallback(lambda r: aborted.called or aborted.callback(r))
-        if mode == "send":
-            total = self.opts.messages
-        elif mode == "request":
-            total = self.opts.requests
-        else:  # logons, idle: the sessions
-            total = sum(len(p["names"]) for p in parts)
-        self.progress.start(f"{kind}: {mode}", total, lambda: sum(w.progress for w in workers))
+
+        def state():
+            shown = progress_of([w.stages for w in workers])
+            if shown is None:
+                return None
+            stage, done, total, unit, t0 = shown
+            return (f"{kind}: {mode}" + ("" if stage == mode else f", {stage}"), done, total, unit, t0)
+
+        self.progress.start(state)
         try:
             results = await aborted
         finally:

@@ -866,3 +866,70 @@ def test_a_worker_line_longer_than_any_message_ends_the_phase():
     outcome = _phase(load, _FakeServer())
     load.workers[0].outReceived(b"x" * (2**20 + 32 * load.opts.requests + 1))
     assert "load worker 0 (pid 1000) sent a line of" in _aborted(outcome)
+
+
+# -- the progress bar ------------------------------------------------------------------
+
+
+def test_progress_shows_one_stage_summed_over_the_workers():
+    """
+    Each worker reports each stage of a phase with its own done and total
+    (and when it began it); the bar shows the first stage a worker is still
+    in, both figures summed over the workers (seconds averaged), never one
+    stage's count against another's total.
+    """
+    assert bench.progress_of([{}, {}]) is None
+    # Until every worker has reported, the total would be partial.
+    assert bench.progress_of([{"log on": (2, 4, "", 7.0)}, {}]) is None
+    log_on = [{"log on": (2, 4, "", 7.0)}, {"log on": (1, 6, "", 6.5)}]
+    assert bench.progress_of(log_on) == ("log on", 3, 10, "", 6.5)
+    # One worker sends while the other still logs on: the log-on stage.
+    one_sends = [{"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)}, {"log on": (5, 6, "", 6.5)}]
+    assert bench.progress_of(one_sends) == ("log on", 9, 10, "", 6.5)
+    both_send = [
+        {"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)},
+        {"log on": (6, 6, "", 6.5), "send": (50, 500, "", 8.1)},
+    ]
+    assert bench.progress_of(both_send) == ("send", 150, 1000, "", 8.0)
+    holding = [
+        {"log on": (3, 3, "", 7.0), "hold": (0.5, 1.0, "s", 9.0)},
+        {"log on": (3, 3, "", 7.0), "hold": (0.25, 1.0, "s", 9.2)},
+    ]
+    assert bench.progress_of(holding) == ("hold", 0.375, 1.0, "s", 9.0)
+
+
+def _draws(stderr: str) -> list[tuple[str, float, float]]:
+    """
+    Every drawing of the progress bar: C{(label, done, total)}.
+    """
+    # (Read as text, the bar's carriage returns are line ends.)
+    found = re.findall(r"^(esf: [a-z ,]+?)\s+\[[#.]+\]\s+([\d,.]+)/([\d,.]+)", stderr, re.M)
+    return [(label, float(done.replace(",", "")), float(total.replace(",", ""))) for label, done, total in found]
+
+
+@pytest.mark.parametrize(
+    "args, totals",
+    [
+        (["--mode", "send", "--pairs", "3", "--messages", "3000", "--check"],
+         {"esf: send, log on": 6, "esf: send": 3000}),
+        (["--mode", "idle", "--idle", "60", "--hold", "0.6"],
+         {"esf: idle, log on": 60, "esf: idle, hold": 0.6}),
+    ],
+    ids=["send", "idle"],
+)  # fmt: skip
+def test_progress_reports_agree_with_their_totals(args, totals):
+    """
+    Two load workers, a progress bar on stderr: every drawing shows a
+    stage's done against that stage's total, over both workers (the logon
+    counts and hold ticks of the workers used to be drawn against the
+    messages or sessions), and the last drawing is the last stage, done.
+    """
+    proc = run_bench(*args, "--no-bare", "--no-websocket", "--load-procs", "2", "--progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    draws = _draws(proc.stderr)
+    assert draws, proc.stderr
+    for label, done, total in draws:
+        assert total == totals[label], (label, done, total)
+        assert 0 <= done <= total, (label, done, total)
+    last_stage = list(totals)[-1]
+    assert draws[-1] == (last_stage, totals[last_stage], totals[last_stage])
