@@ -34,17 +34,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# rawclient from the tests, and esf from this checkout: the one the server
+# this script starts runs.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import rawclient as rc  # noqa: E402
 
+from esf.bench import free_port  # noqa: E402
+
 SEND_CERTAINLY, ACK = 205, 206
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int, db: Path, log: Path, per_sender: int) -> subprocess.Popen:

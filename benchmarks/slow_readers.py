@@ -25,9 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# rawclient from the tests, and esf from this checkout: the one the server
+# this script starts runs.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import rawclient as rc  # noqa: E402
+
+from esf.bench import free_port  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -35,12 +39,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int, drain: int, extra: list[str]) -> subprocess.Popen:

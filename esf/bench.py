@@ -229,6 +229,10 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def free_port() -> int:
+    """
+    A TCP port of 127.0.0.1 that is free now (the kernel's pick; the one
+    definition the tests and the benchmark scripts use too).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "require_redis_server", "free_port"]
+from esf.bench import free_port
+
+__all__ = ["RedisServer", "require_redis_server"]
 
 
 def require_redis_server() -> str:
@@ -35,12 +37,6 @@ def require_redis_server() -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
