@@ -15,7 +15,6 @@ up); the server ends each reader after the drain timeout; everyone leaves.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import struct
 import subprocess
@@ -31,7 +30,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import rawclient as rc  # noqa: E402
 
-from esf.bench import free_port  # noqa: E402
+from esf.bench import free_port, start_esf_server  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -42,22 +41,9 @@ def rss_kib(pid: int) -> int:
 
 
 def start_server(port: int, drain: int, extra: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "--log-file", "/dev/null", "esf",
-         "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra],
-        env=env,
+    return start_esf_server(
+        port, ["--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra], "/dev/null"
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
 
 
 def reader(port: int, name: str) -> rc.Client:

@@ -238,6 +238,79 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkout_env() -> dict[str, str]:
+    """
+    This process's environment with the checkout this module comes from
+    first on C{PYTHONPATH}: the esf that the servers and load workers it
+    starts import.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def wait_listening(process: subprocess.Popen, ports, timeout: float) -> str | None:
+    """
+    Wait until 127.0.0.1 accepts connections on every one of C{ports};
+    L{None} once it does, else why not (C{process} exited, or the time
+    ran out).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with status {process.returncode}"
+        try:
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return None
+        except OSError:
+            time.sleep(0.05)
+    return f"did not listen within {timeout:g} s"
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """
+    SIGTERM (and SIGCONT, which a stopped process needs to act on it),
+    SIGKILL after 10 s.
+    """
+    if process.poll() is None:
+        process.terminate()
+        process.send_signal(signal.SIGCONT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def esf_server_argv(python: str, port: int, log_path, backlog: int, args) -> list[str]:
+    """
+    The command of a C{twistd esf} on 127.0.0.1:C{port}, logging to
+    C{log_path}, with C{args} after its C{--port}.
+    """
+    return [
+        python, "-m", "twisted", "--log-file", str(log_path), "--log-format", "text",
+        "esf", "--port", f"tcp:{port}:interface=127.0.0.1:backlog={backlog}", *args,
+    ]  # fmt: skip
+
+
+def start_esf_server(port: int, args, log_path, timeout: float = 30.0) -> subprocess.Popen:
+    """
+    Start a C{twistd esf} of this checkout on 127.0.0.1:C{port} with
+    C{args} (listen backlog 1024), its log in C{log_path}, and wait until
+    it listens (for the benchmark scripts).  Raises L{BenchError}, the
+    process killed, if it exits or does not listen within C{timeout}.
+    """
+    process = subprocess.Popen(esf_server_argv(sys.executable, port, log_path, 1024, args), env=checkout_env())
+    why = wait_listening(process, [port], timeout)
+    if why is not None:
+        process.kill()
+        process.wait()
+        raise BenchError(f"the esf server {why}: see {log_path}")
+    return process
+
+
 def interpreter_info(executable: str) -> str | None:
     """
     C{"Implementation version"} of the Python at C{executable}, or L{None}
@@ -283,21 +356,11 @@ class LocalServer:
         self.ws_port = free_port() if kind == "ws" else None
         self.host = "127.0.0.1"
         self.log_path = workdir / f"{kind}-{self.port}.log"
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if kind in ("esf", "ws"):
-            argv = [
-                opts.server_python, "-m", "twisted",
-                "--log-file", str(self.log_path), "--log-format", "text",
-                "esf",
-                "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={opts.backlog}",
-                "--logon-rate-limit", "1000000",
-                "--max-connections", str(max_connections),
-                *extra,
-            ]  # fmt: skip
+            args = ["--logon-rate-limit", "1000000", "--max-connections", str(max_connections), *extra]
             if self.ws_port is not None:
-                argv += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
+                args += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
+            argv = esf_server_argv(opts.server_python, self.port, self.log_path, opts.backlog, args)
         else:
             argv = [
                 opts.server_python, opts.relay_paths[kind],
@@ -305,29 +368,15 @@ class LocalServer:
             ]  # fmt: skip
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=workdir, env=checkout_env(), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.pid = self.process.pid
-        self._wait_ready(opts.startup_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"the {self.kind} server exited with status {self.process.returncode}:\n"
-                    + self.log_tail()
-                )
-            try:
-                for port in (self.port, self.ws_port):
-                    if port is not None:
-                        socket.create_connection((self.host, port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"the {self.kind} server did not listen within {timeout} s:\n" + self.log_tail())
+        ports = [p for p in (self.port, self.ws_port) if p is not None]
+        why = wait_listening(self.process, ports, opts.startup_timeout)
+        if why is not None:
+            self.stop()
+            raise BenchError(f"the {kind} server {why}:\n" + self.log_tail())
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -342,15 +391,7 @@ class LocalServer:
         return proc_memory(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            # A stopped server (SIGSTOP) would keep SIGTERM pending: let it run.
-            self.process.send_signal(signal.SIGCONT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self._log.close()
 
 
@@ -1602,9 +1643,7 @@ class LoadGenerator:
         self._reading = False
 
     async def start(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = checkout_env()
         init = {k: v for k, v in vars(self.opts).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         init["progress"] = bool(self.opts.progress)
         for i in range(self.opts.load_procs):
@@ -1957,30 +1996,17 @@ class LocalRedis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.pid = self.process.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"redis-server exited with status {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"redis-server did not listen within {timeout} s")
+        why = wait_listening(self.process, [self.port], timeout)
+        if why is not None:
+            self.stop()
+            raise BenchError(f"redis-server {why}")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 class NodeGroup:

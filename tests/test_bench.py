@@ -933,3 +933,13 @@ def test_progress_reports_agree_with_their_totals(args, totals):
         assert 0 <= done <= total, (label, done, total)
     last_stage = list(totals)[-1]
     assert draws[-1] == (last_stage, totals[last_stage], totals[last_stage])
+
+
+def test_a_server_that_cannot_start_is_reported(tmp_path):
+    """
+    C{start_esf_server} (the benchmark scripts' way to start a server)
+    reports a server that exits at once, and where its log is.
+    """
+    log = tmp_path / "server.log"
+    with pytest.raises(bench.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"):
+        bench.start_esf_server(bench.free_port(), ["--no-such-option"], log, timeout=30)
