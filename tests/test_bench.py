@@ -49,12 +49,15 @@ RATIOS = {
 }
 
 
-def run_bench(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_bench(
+    *args: str, timeout: float = 120, env: dict | None = None, script: str | None = None
+) -> subprocess.CompletedProcess:
     """
-    C{python -m esf.bench ARGS} from the checkout, its output captured.
+    C{python -m esf.bench ARGS} from the checkout (C{python -c SCRIPT ARGS}
+    with C{script}), its output captured.
     """
     return subprocess.run(
-        [sys.executable, "-m", "esf.bench", *args],
+        [sys.executable, *(["-c", script] if script else ["-m", "esf.bench"]), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -71,13 +74,7 @@ def test_quick_run(tmp_path):
     among them.
     """
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--quick", "--load-procs", "2", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--quick", "--load-procs", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| measurement | esf | baseline | esf/baseline | target |" in proc.stdout
     assert "| ↳ write-per-frame relay |" in proc.stdout
@@ -127,16 +124,7 @@ def test_json_to_stdout(tmp_path):
     """
     C{--json -} prints the report as JSON instead of the table.
     """
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "esf.bench", "--quick", "--mode", "request",
-            "--requests", "50", "--no-bare", "--json", "-",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    proc = run_bench("--quick", "--mode", "request", "--requests", "50", "--no-bare", "--json", "-")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     (row,) = report["results"]
@@ -467,13 +455,7 @@ def test_quick_run_on_pypy(tmp_path):
     """
     python = _pypy_python()
     out = tmp_path / "pypy.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--quick", "--server-python", python, "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_bench("--quick", "--server-python", python, "--json", str(out), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] is True
@@ -707,10 +689,9 @@ def test_a_worker_that_stops_answering_ends_the_run(tmp_path):
     is killed, not left behind.
     """
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-c", _STOP_A_WORKER, "--mode", "logons", "--logons", "20", "--no-bare",
-         "--load-procs", "2", "--no-progress", "--phase-timeout", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+    proc = run_bench(
+        "--mode", "logons", "--logons", "20", "--no-bare", "--load-procs", "2", "--no-progress",
+        "--phase-timeout", "3", script=_STOP_A_WORKER, timeout=60,
     )  # fmt: skip
     took = time.monotonic() - started
     assert proc.returncode == 1, proc.stdout + proc.stderr
