@@ -1002,7 +1002,8 @@ class Bench:
         pair's state (C{make_pair(sender, receiver, share, totals, done,
         pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
         wait until each has done its share, one fails, or the C{--duration}
-        cap.  Returns the states and C{{"count", "t0", "t1", "capped"}}.
+        cap.  Returns the states, the count done and C{{"t0", "t1",
+        "capped"}}.
 
         A server that stops answering (nothing arrives for L{stall_seconds})
         fails the phase: it is not a slow server whose figures the cap
@@ -1063,7 +1064,7 @@ class Bench:
                 f"the server stopped answering: nothing arrived for {stall:g} s "
                 f"({totals['count']} of {sum(shares)} {mode}s done)"
             )
-        return states, {"count": totals["count"], "t0": t0, "t1": t1, "capped": outcome == "capped"}
+        return states, totals["count"], {"t0": t0, "t1": t1, "capped": outcome == "capped"}
 
     async def send(self, server, kind: str, part: dict) -> dict:
         opts = self.opts
@@ -1079,15 +1080,8 @@ class Bench:
             receiver.on_data = st.received_checked if opts.check else st.received
             return st
 
-        _, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
-        return {
-            "received": timed["count"],
-            "frame_bytes": size,
-            "window_per_pair": window,
-            "t0": timed["t0"],
-            "t1": timed["t1"],
-            "capped": timed["capped"],
-        }
+        _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
+        return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
 
     async def request(self, server, kind: str, part: dict) -> dict:
         dialect = self.dialect(kind)
@@ -1095,14 +1089,8 @@ class Bench:
         def make_pair(sender, receiver, share, totals, done, pairs):
             return _RequestPair(sender, receiver, share, totals, done, pairs, dialect)
 
-        states, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
-        return {
-            "rtts": [r for st in states for r in st.rtts],
-            "frame_bytes": dialect.frame_size,
-            "t0": timed["t0"],
-            "t1": timed["t1"],
-            "capped": timed["capped"],
-        }
+        states, _, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
+        return {"rtts": [r for st in states for r in st.rtts], "frame_bytes": dialect.frame_size, **timed}
 
     async def logons(self, server, kind: str, part: dict) -> dict:
         dialect = self.dialect(kind)
