@@ -604,6 +604,20 @@ def test_a_failure_at_a_sync_point_ends_the_phase_at_once():
     assert clock.getDelayedCalls() == []
 
 
+def test_an_aborted_run_kills_its_workers():
+    """
+    At the end of a run the workers are told to go (end of input); after an
+    abort, when one may not be reading, they are killed.
+    """
+    clock, load = _coordinator()
+    load.workers[0].gone = True
+    load.stop()
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, []), (True, [])]
+    clock, load = _coordinator()
+    load.stop(kill=True)
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, ["KILL"])] * 2
+
+
 def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
     clock, load = _coordinator(phase_timeout=30.0)
     outcome = _phase(load, _FakeServer())
