@@ -110,25 +110,38 @@ class RelayFactory(Factory):
         self.dropped = 0
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def relay_options(doc: str) -> argparse.ArgumentParser:
+    """
+    The options of a relay script (its docstring's first paragraph as the
+    description): where it listens.
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
     parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
     parser.add_argument("--gc-threshold", type=int, default=10_000,
                         help="as twistd esf's option: freeze start-up's objects and collect the youngest "
                              "generation every this many allocations (0: CPython's settings)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def serve(factory: Factory, args: argparse.Namespace, what: str) -> None:
+    """
+    Listen with C{factory} where C{args} say, say so, run the reactor.
+    """
     from twisted.internet import reactor
 
-    reactor.listenTCP(args.port, RelayFactory(), backlog=args.backlog, interface=args.interface)
-    print(f"bare relay listening on {args.interface}:{args.port}", flush=True)
+    reactor.listenTCP(args.port, factory, backlog=args.backlog, interface=args.interface)
+    print(f"{what} listening on {args.interface}:{args.port}", flush=True)
     if args.gc_threshold and hasattr(gc, "freeze"):
         gc.collect()
         gc.freeze()
         gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     reactor.run()
+
+
+def main(argv: list[str] | None = None) -> None:
+    serve(RelayFactory(), relay_options(__doc__).parse_args(argv), "bare relay")
 
 
 if __name__ == "__main__":

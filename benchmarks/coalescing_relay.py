@@ -32,34 +32,24 @@ CPython's cyclic GC is set as C{twistd esf} sets it (C{--gc-threshold}, same
 default): the comparison is of the relays, not of their GC settings.
 
     python benchmarks/coalescing_relay.py --port 4600 [--interface 127.0.0.1]
+
+The connections' bookkeeping (names, routes, the welcome), the bound
+L{MAX_FRAME} and the options are C{bare_relay.py}'s, imported from beside
+this file: only the reading of frames differs.
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import struct
 import sys
 
-from twisted.internet.protocol import Factory, Protocol
+from bare_relay import _LENGTH, _WELCOME, MAX_FRAME, relay_options, serve
+from bare_relay import RelayFactory as _WritePerFrameFactory
+from bare_relay import RelayProtocol as _WritePerFrameProtocol
 
-#: Frames longer than this close the connection (the same bound as esf's
-#: default maximum message size).
-MAX_FRAME = 1024 * 1024
-
-_LENGTH = struct.Struct("<I")
-_WELCOME = b"\x00\x00\x00\x00"
+__all__ = ["MAX_FRAME", "RelayFactory", "RelayProtocol", "main"]
 
 
-class RelayProtocol(Protocol):
-    name: bytes | None = None
-
-    def connectionMade(self) -> None:
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:  # a TCP transport
-            no_delay(True)
-        self._buffer = b""
-
+class RelayProtocol(_WritePerFrameProtocol):
     def dataReceived(self, data: bytes) -> None:
         buf = self._buffer + data if self._buffer else data
         size = len(buf)
@@ -144,46 +134,23 @@ class RelayProtocol(Protocol):
             return
         self._buffer = buf[offset:] if offset < size else b""
 
-    def connectionLost(self, reason) -> None:
-        routes = self.factory.routes
-        if self.name is not None and routes.get(self.name) is self.transport:
-            del routes[self.name]
 
-
-class RelayFactory(Factory):
+class RelayFactory(_WritePerFrameFactory):
     protocol = RelayProtocol
-    noisy = False
 
     def __init__(self, cache_header: bool = True):
-        self.routes: dict[bytes, object] = {}
-        self.dropped = 0
+        super().__init__()
         #: False: every frame takes the full check and a lookup (to see what
         #: the header comparison saves).
         self.cache_header = cache_header
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--interface", default="127.0.0.1")
-    parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
+    parser = relay_options(__doc__)
     parser.add_argument("--lookup-every-frame", action="store_true",
                         help="no header comparison: every frame is unpacked and its destination looked up")
-    parser.add_argument("--gc-threshold", type=int, default=10_000,
-                        help="as twistd esf's option: freeze start-up's objects and collect the youngest "
-                             "generation every this many allocations (0: CPython's settings)")
     args = parser.parse_args(argv)
-
-    from twisted.internet import reactor
-
-    factory = RelayFactory(cache_header=not args.lookup_every_frame)
-    reactor.listenTCP(args.port, factory, backlog=args.backlog, interface=args.interface)
-    print(f"coalescing relay listening on {args.interface}:{args.port}", flush=True)
-    if args.gc_threshold and hasattr(gc, "freeze"):
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
-    reactor.run()
+    serve(RelayFactory(cache_header=not args.lookup_every_frame), args, "coalescing relay")
 
 
 if __name__ == "__main__":

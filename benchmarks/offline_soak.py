@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -34,41 +32,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# rawclient from the tests, and esf from this checkout: the one the server
+# this script starts runs.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import rawclient as rc  # noqa: E402
+
+from esf.bench import free_port, start_esf_server  # noqa: E402
 
 SEND_CERTAINLY, ACK = 205, 206
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, db: Path, log: Path, per_sender: int) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     # Each sender has all its messages waiting at once: the bound per sender
     # (1,000 by default) is raised to that.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "--log-file", str(log), "esf",
-         "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--offline", f"sqlite:{db}", "--logon-rate-limit", "1000000",
+    return start_esf_server(
+        port,
+        ["--offline", f"sqlite:{db}", "--logon-rate-limit", "1000000",
          "--offline-max-per-sender", str(max(per_sender, 1))],
-        env=env,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited: see {log}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
+        log,
+    )  # fmt: skip
 
 
 def stop_server(process: subprocess.Popen, kill: bool) -> None:

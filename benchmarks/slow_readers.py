@@ -15,7 +15,6 @@ up); the server ends each reader after the drain timeout; everyone leaves.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import struct
 import subprocess
@@ -25,9 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+# rawclient from the tests, and esf from this checkout: the one the server
+# this script starts runs.
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 import rawclient as rc  # noqa: E402
+
+from esf.bench import free_port, start_esf_server  # noqa: E402
 
 
 def rss_kib(pid: int) -> int:
@@ -37,29 +40,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(port: int, drain: int, extra: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "twisted", "--log-file", "/dev/null", "esf",
-         "--port", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
-         "--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra],
-        env=env,
+    return start_esf_server(
+        port, ["--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra], "/dev/null"
     )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the server did not start")
 
 
 def reader(port: int, name: str) -> rc.Client:

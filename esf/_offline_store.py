@@ -46,7 +46,18 @@ class OfflineStoreFull(OfflineStoreError):
     Keeping more for C{user_id} would pass its bound.  The subclasses
     L{OfflineSenderFull} and L{OfflineServerFull} say that another bound
     was reached: the sender's, or the whole store's.
+
+    Every one of them carries what was waiting and the bound that stopped
+    more: C{user_id} (the sender's ID for L{OfflineSenderFull}, C{""} for
+    L{OfflineServerFull}), C{count}, C{size}, C{max_messages} and
+    C{max_bytes}.
     """
+
+    #: The message, formatted with the attributes above.
+    _text = (
+        "{user_id} has {count} messages ({size} bytes) waiting, at most "
+        "{max_messages} ({max_bytes} bytes) are kept: no room for more"
+    )
 
     def __init__(self, user_id: str, count: int, size: int, max_messages: int, max_bytes: int):
         self.user_id = user_id
@@ -55,8 +66,9 @@ class OfflineStoreFull(OfflineStoreError):
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         super().__init__(
-            f"{user_id} has {count} messages ({size} bytes) waiting, at most "
-            f"{max_messages} ({max_bytes} bytes) are kept: no room for more"
+            self._text.format(
+                user_id=user_id, count=count, size=size, max_messages=max_messages, max_bytes=max_bytes
+            )
         )
 
 
@@ -66,20 +78,16 @@ class OfflineSenderFull(OfflineStoreFull):
     may have waiting in the store, for all receivers together.
     """
 
+    _text = (
+        "{user_id} has {count} messages ({size} bytes) waiting for users who are "
+        "offline, at most {max_messages} ({max_bytes} bytes) per sender: no room for more"
+    )
+
     def __init__(
         self, sender_id: str, count: int, size: int, max_messages: int, max_bytes: int
     ):
         self.sender_id = sender_id
-        OfflineStoreError.__init__(
-            self,
-            f"{sender_id} has {count} messages ({size} bytes) waiting for users who are "
-            f"offline, at most {max_messages} ({max_bytes} bytes) per sender: no room for more",
-        )
-        self.user_id = sender_id
-        self.count = count
-        self.size = size
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
+        super().__init__(sender_id, count, size, max_messages, max_bytes)
 
 
 class OfflineServerFull(OfflineStoreFull):
@@ -88,17 +96,13 @@ class OfflineServerFull(OfflineStoreFull):
     all users together.
     """
 
+    _text = (
+        "the offline store holds {count} messages ({size} bytes), at most "
+        "{max_messages} ({max_bytes} bytes) in all: no room for more"
+    )
+
     def __init__(self, count: int, size: int, max_messages: int, max_bytes: int):
-        OfflineStoreError.__init__(
-            self,
-            f"the offline store holds {count} messages ({size} bytes), at most "
-            f"{max_messages} ({max_bytes} bytes) in all: no room for more",
-        )
-        self.user_id = ""
-        self.count = count
-        self.size = size
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
+        super().__init__("", count, size, max_messages, max_bytes)
 
 
 def _bound(default: int, low: int) -> Any:

@@ -51,7 +51,9 @@ warning says when the load, not the server, was the bottleneck.
 
 Performance never changes the exit status: it is 0 when every phase ran,
 1 when one failed (refused logons, lost connections, a desynchronised
-stream) and 2 for bad options.
+stream) and 2 for bad options.  A load worker that exits or stops
+answering, or a phase still running after C{--phase-timeout} seconds
+(default: C{--duration} + 30), ends the whole run at once, with status 1.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -72,6 +75,7 @@ import time
 from pathlib import Path
 
 from twisted.internet import defer, task
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 
 from . import _messages as m
@@ -94,6 +98,15 @@ class BenchError(Exception):
     """
 
 
+class RunAborted(Exception):
+    """
+    The run cannot go on: a load worker stopped answering, exited or sent
+    what it should not, or the coordinator failed at a sync point.  Unlike
+    a L{BenchError}, which fails one measurement, this ends the run: the
+    workers are in an unknown state.
+    """
+
+
 # -- the machine and the processes ---------------------------------------------
 
 
@@ -112,7 +125,9 @@ def machine_info() -> dict:
     except OSError:
         load = None
     return {
-        "nproc": os.cpu_count(),
+        # As the nproc command counts: the cores this process may run on.
+        "nproc": len(usable_cpus()),
+        "cpu_count": os.cpu_count(),
         "cpu_model": model,
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
@@ -135,16 +150,49 @@ def proc_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def machine_busy_seconds() -> float | None:
+def usable_cpus() -> set[int]:
     """
-    CPU seconds every core of the machine spent busy (not idle, not waiting
-    for I/O) since boot, from C{/proc/stat}.
+    The cores this process may run on (its affinity, which the servers and
+    load workers it starts inherit), not every core of the machine.
+    """
+    try:
+        return os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def cpu_times(stat: str, cpus: set[int]) -> tuple[float, float] | None:
+    """
+    C{(busy, steal)}: CPU seconds the cores C{cpus} spent busy (user, nice,
+    system, irq, softirq: not idle, not waiting for I/O, not stolen) and
+    stolen (by the hypervisor, for other guests: no process of this machine
+    had them) since boot, from the text of C{/proc/stat}; L{None} if it has
+    no line for one of them.
+    """
+    busy = steal = 0
+    found = set()
+    for line in stat.splitlines():
+        name, _, values = line.partition(" ")
+        if not name.startswith("cpu") or not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue
+        fields = [int(v) for v in values.split()] + [0] * 8  # older kernels: fewer columns
+        user, nice, system, _idle, _iowait, irq, softirq, stolen = fields[:8]
+        busy += user + nice + system + irq + softirq
+        steal += stolen
+        found.add(int(name[3:]))
+    if found != cpus:
+        return None
+    return busy / _TICKS, steal / _TICKS
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """
+    L{cpu_times} of the cores this process may use, now.
     """
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return (sum(fields[:8]) - fields[3] - fields[4]) / _TICKS
-    except (OSError, IndexError, ValueError):
+            return cpu_times(f.read(), usable_cpus())
+    except (OSError, ValueError):
         return None
 
 
@@ -181,9 +229,86 @@ def raise_fd_limit(wanted: int) -> int:
 
 
 def free_port() -> int:
+    """
+    A TCP port of 127.0.0.1 that is free now (the kernel's pick; the one
+    definition the tests and the benchmark scripts use too).
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def checkout_env() -> dict[str, str]:
+    """
+    This process's environment with the checkout this module comes from
+    first on C{PYTHONPATH}: the esf that the servers and load workers it
+    starts import.
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def wait_listening(process: subprocess.Popen, ports, timeout: float) -> str | None:
+    """
+    Wait until 127.0.0.1 accepts connections on every one of C{ports};
+    L{None} once it does, else why not (C{process} exited, or the time
+    ran out).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with status {process.returncode}"
+        try:
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return None
+        except OSError:
+            time.sleep(0.05)
+    return f"did not listen within {timeout:g} s"
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """
+    SIGTERM (and SIGCONT, which a stopped process needs to act on it),
+    SIGKILL after 10 s.
+    """
+    if process.poll() is None:
+        process.terminate()
+        process.send_signal(signal.SIGCONT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
+def esf_server_argv(python: str, port: int, log_path, backlog: int, args) -> list[str]:
+    """
+    The command of a C{twistd esf} on 127.0.0.1:C{port}, logging to
+    C{log_path}, with C{args} after its C{--port}.
+    """
+    return [
+        python, "-m", "twisted", "--log-file", str(log_path), "--log-format", "text",
+        "esf", "--port", f"tcp:{port}:interface=127.0.0.1:backlog={backlog}", *args,
+    ]  # fmt: skip
+
+
+def start_esf_server(port: int, args, log_path, timeout: float = 30.0) -> subprocess.Popen:
+    """
+    Start a C{twistd esf} of this checkout on 127.0.0.1:C{port} with
+    C{args} (listen backlog 1024), its log in C{log_path}, and wait until
+    it listens (for the benchmark scripts).  Raises L{BenchError}, the
+    process killed, if it exits or does not listen within C{timeout}.
+    """
+    process = subprocess.Popen(esf_server_argv(sys.executable, port, log_path, 1024, args), env=checkout_env())
+    why = wait_listening(process, [port], timeout)
+    if why is not None:
+        process.kill()
+        process.wait()
+        raise BenchError(f"the esf server {why}: see {log_path}")
+    return process
 
 
 def interpreter_info(executable: str) -> str | None:
@@ -231,21 +356,11 @@ class LocalServer:
         self.ws_port = free_port() if kind == "ws" else None
         self.host = "127.0.0.1"
         self.log_path = workdir / f"{kind}-{self.port}.log"
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if kind in ("esf", "ws"):
-            argv = [
-                opts.server_python, "-m", "twisted",
-                "--log-file", str(self.log_path), "--log-format", "text",
-                "esf",
-                "--port", f"tcp:{self.port}:interface=127.0.0.1:backlog={opts.backlog}",
-                "--logon-rate-limit", "1000000",
-                "--max-connections", str(max_connections),
-                *extra,
-            ]  # fmt: skip
+            args = ["--logon-rate-limit", "1000000", "--max-connections", str(max_connections), *extra]
             if self.ws_port is not None:
-                argv += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
+                args += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
+            argv = esf_server_argv(opts.server_python, self.port, self.log_path, opts.backlog, args)
         else:
             argv = [
                 opts.server_python, opts.relay_paths[kind],
@@ -253,29 +368,15 @@ class LocalServer:
             ]  # fmt: skip
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+            argv, cwd=workdir, env=checkout_env(), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.pid = self.process.pid
-        self._wait_ready(opts.startup_timeout)
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"the {self.kind} server exited with status {self.process.returncode}:\n"
-                    + self.log_tail()
-                )
-            try:
-                for port in (self.port, self.ws_port):
-                    if port is not None:
-                        socket.create_connection((self.host, port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"the {self.kind} server did not listen within {timeout} s:\n" + self.log_tail())
+        ports = [p for p in (self.port, self.ws_port) if p is not None]
+        why = wait_listening(self.process, ports, opts.startup_timeout)
+        if why is not None:
+            self.stop()
+            raise BenchError(f"the {kind} server {why}:\n" + self.log_tail())
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -290,13 +391,7 @@ class LocalServer:
         return proc_memory(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self._log.close()
 
 
@@ -726,7 +821,7 @@ def close_all(reactor, conns) -> defer.Deferred:
 class Progress:
     """
     A one-line progress bar on stderr (only when stderr is a terminal,
-    unless forced).
+    unless forced), of whatever stage of a phase L{progress_of} says.
     """
 
     def __init__(self, reactor, enabled: bool):
@@ -734,24 +829,32 @@ class Progress:
         self.enabled = enabled
         self._loop = None
 
-    def start(self, label: str, total: int, done) -> None:
-        self.label, self.total, self.done = label, max(total, 1), done
-        self.t0 = time.perf_counter()
+    def start(self, state) -> None:
+        """
+        Draw C{state()} every 0.2 s: L{None} (nothing to show yet) or
+        C{(label, done, total, unit, t0)}, C{t0} the C{time.perf_counter()}
+        at which the stage began.
+        """
+        self.state = state
         if self.enabled:
             self._loop = task.LoopingCall(self.draw)
             self._loop.clock = self.reactor
             self._loop.start(0.2)
 
     def draw(self) -> None:
-        done = self.done()
-        elapsed = time.perf_counter() - self.t0
+        state = self.state()
+        if state is None:
+            return
+        label, done, total, unit, t0 = state
+        elapsed = time.perf_counter() - t0
         width = 24
-        filled = min(width, int(width * done / self.total))
-        rate = done / elapsed if elapsed > 0 else 0
-        line = (
-            f"\r{self.label:<30.30} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done:>9,}/{self.total:,} {rate:>11,.0f}/s {elapsed:6.1f} s"
-        )
+        filled = min(width, int(width * done / total)) if total > 0 else width
+        if unit == "s":
+            figures = f"{done:>9.1f}/{total:.1f} s"
+        else:
+            rate = done / elapsed if elapsed > 0 else 0
+            figures = f"{done:>9,}/{total:,} {rate:>11,.0f}/s"
+        line = f"\r{label:<30.30} [{'#' * filled}{'.' * (width - filled)}] {figures} {elapsed:6.1f} s"
         sys.stderr.write(line)
         sys.stderr.flush()
 
@@ -762,6 +865,29 @@ class Progress:
             self.draw()
             sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
+
+
+def progress_of(stages: list[dict]) -> tuple[str, float, float, str, float] | None:
+    """
+    What the progress bar of a phase shows, from each of its workers' last
+    report of each stage (C{{stage: (done, total, unit, t0)}}, in the order
+    the stages came): the first stage some worker is still in, with its
+    done and its total summed over the workers (averaged for a stage
+    counted in seconds, C{unit} C{"s"}), so that both are of the same stage
+    and sum the same workers, and when the first worker began it.  L{None}
+    until every worker has reported.
+    """
+    if not stages or not all(stages):
+        return None
+    k = min(len(s) for s in stages) - 1
+    at = [list(s.items())[k] for s in stages]
+    name = at[0][0]
+    done = sum(value[0] for _, value in at)
+    total = sum(value[1] for _, value in at)
+    unit = at[0][1][2]
+    if unit == "s":
+        done, total = done / len(at), total / len(at)
+    return name, done, total, unit, min(value[3] for _, value in at)
 
 
 class Bench:
@@ -799,10 +925,11 @@ class Bench:
         self.reactor.connectTCP(node.host, port, _ConnFactory(conn), timeout=10)
         return conn
 
-    def log_on(self, server, dialect, names: list[str], label: str, deadline: float, window: int) -> defer.Deferred:
+    def log_on(self, server, dialect, names: list[str], stage: str, deadline: float, window: int) -> defer.Deferred:
         """
-        Open one logged-on connection per name, at most C{window} at a time.
-        Fires with C{(conns, failures, first_error, t0, t1)}.
+        Open one logged-on connection per name, at most C{window} at a time
+        (the progress C{stage}).  Fires with C{(conns, failures,
+        first_error, t0, t1)}.
         """
         conns: list[Conn] = []
         state = {"next": 0, "inflight": 0, "failures": 0, "error": None, "finished": 0}
@@ -846,7 +973,7 @@ class Bench:
             finish()
 
         timer = self.reactor.callLater(max(deadline - time.perf_counter(), 0.1), too_late)
-        self.progress.start(label, len(names), lambda: state["finished"])
+        self.progress.start(stage, len(names), lambda: state["finished"])
         if not names:
             finish()
         else:
@@ -857,7 +984,7 @@ class Bench:
         senders = [f"{prefix[0]}{self.tag}{i}" for i in indices]
         receivers = [f"{prefix[1]}{self.tag}{i}" for i in indices]
         conns, failures, error, _, _ = await self.log_on(
-            server, dialect, senders + receivers, f"{dialect.kind}: log on {2 * len(indices)}", deadline, window
+            server, dialect, senders + receivers, "log on", deadline, window
         )
         if failures:
             await close_all(self.reactor, conns)
@@ -869,23 +996,27 @@ class Bench:
             await task.deferLater(self.reactor, 0.5, lambda: None)
         return [(by_name[s], by_name[r]) for s, r in zip(senders, receivers)], conns
 
-    async def send(self, server, kind: str, part: dict) -> dict:
-        opts = self.opts
-        dialect = self.dialect(kind)
-        deadline = time.perf_counter() + opts.duration
-        couples, conns = await self._pairs(server, dialect, part["pairs"], "sr", deadline, part["window"])
-        size = dialect.frame_size
-        window = max(1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size)
+    async def _exchange(self, server, dialect, part: dict, mode: str, names: str, make_pair):
+        """
+        The timed part of send and request: log the pairs on, make each
+        pair's state (C{make_pair(sender, receiver, share, totals, done,
+        pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
+        wait until each has done its share, one fails, or the C{--duration}
+        cap.  Returns the states, the count done and C{{"t0", "t1",
+        "capped"}}.
+
+        A server that stops answering (nothing arrives for L{stall_seconds})
+        fails the phase: it is not a slow server whose figures the cap
+        would report.
+        """
+        deadline = time.perf_counter() + self.opts.duration
+        couples, conns = await self._pairs(server, dialect, part["pairs"], names, deadline, part["window"])
         shares = part["shares"]
         done = defer.Deferred()
-        totals = {"received": 0, "pairs_done": 0}
+        totals = {"count": 0, "pairs_done": 0}
         states = []
         for (sender, receiver), share in zip(couples, shares):
-            frame = dialect.message(sender.name, receiver.name)
-            st = _SendPair(sender, receiver, frame, share, window, totals, done, len(couples), size)
-            if opts.check:
-                st.checker = dialect.checker(sender.name, receiver.name)
-            receiver.on_data = st.received_checked if opts.check else st.received
+            st = make_pair(sender, receiver, share, totals, done, len(couples))
             states.append(st)
             if share == 0:
                 st.finished()
@@ -894,14 +1025,27 @@ class Bench:
             c.on_lost = lost.append
         await self.sync("start")
         t0 = time.perf_counter()
-        self.progress.start(f"{kind}: send, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["received"])
+        self.progress.start(mode, sum(shares), lambda: totals["count"])
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
         )
+        stall = stall_seconds(self.opts.duration)
+        seen = [totals["count"], self.reactor.seconds()]
+
+        def watch() -> None:
+            if totals["count"] != seen[0]:
+                seen[:] = [totals["count"], self.reactor.seconds()]
+            elif self.reactor.seconds() - seen[1] >= stall and not done.called:
+                done.callback("stalled")
+
+        watchdog = task.LoopingCall(watch)
+        watchdog.clock = self.reactor
+        watchdog.start(stall / 10, now=False)
         for st in states:
-            st.pump()
+            st.begin()
         outcome = await done
         t1 = time.perf_counter()
+        watchdog.stop()
         if timer.active():
             timer.cancel()
         self.progress.stop()
@@ -915,59 +1059,38 @@ class Bench:
             raise BenchError(f"{len(lost)} connection(s) lost during the run")
         if unexpected:
             raise BenchError(f"senders received {unexpected} unexpected bytes (an error reply?)")
-        return {
-            "received": totals["received"],
-            "frame_bytes": size,
-            "window_per_pair": window,
-            "t0": t0,
-            "t1": t1,
-            "capped": outcome == "capped",
-        }
+        if outcome == "stalled":
+            raise BenchError(
+                f"the server stopped answering: nothing arrived for {stall:g} s "
+                f"({totals['count']} of {sum(shares)} {mode}s done)"
+            )
+        return states, totals["count"], {"t0": t0, "t1": t1, "capped": outcome == "capped"}
 
-    async def request(self, server, kind: str, part: dict) -> dict:
+    async def send(self, server, kind: str, part: dict) -> dict:
         opts = self.opts
         dialect = self.dialect(kind)
-        deadline = time.perf_counter() + opts.duration
-        couples, conns = await self._pairs(server, dialect, part["pairs"], "qp", deadline, part["window"])
-        shares = part["shares"]
-        done = defer.Deferred()
-        totals = {"answered": 0, "pairs_done": 0}
-        states = []
-        for (sender, receiver), share in zip(couples, shares):
-            st = _RequestPair(dialect, sender, receiver, share, totals, done, len(couples))
-            states.append(st)
-            if share == 0:
-                st.finished()
-        lost = []
-        for c in conns:
-            c.on_lost = lost.append
-        await self.sync("start")
-        t0 = time.perf_counter()
-        self.progress.start(f"{kind}: request, {part['all_pairs']} pair(s)", sum(shares), lambda: totals["answered"])
-        timer = self.reactor.callLater(
-            max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
-        )
-        for st in states:
-            st.send()
-        outcome = await done
-        t1 = time.perf_counter()
-        if timer.active():
-            timer.cancel()
-        self.progress.stop()
-        await self.sync("measured")
-        errors = [st.error for st in states if st.error]
-        await close_all(self.reactor, conns)
-        if errors:
-            raise BenchError(errors[0])
-        if lost:
-            raise BenchError(f"{len(lost)} connection(s) lost during the run")
-        return {
-            "rtts": [r for st in states for r in st.rtts],
-            "frame_bytes": dialect.frame_size,
-            "t0": t0,
-            "t1": t1,
-            "capped": outcome == "capped",
-        }
+        size = dialect.frame_size
+        window = max(1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size)
+
+        def make_pair(sender, receiver, share, totals, done, pairs):
+            frame = dialect.message(sender.name, receiver.name)
+            st = _SendPair(sender, receiver, share, totals, done, pairs, frame, window, size)
+            if opts.check:
+                st.checker = dialect.checker(sender.name, receiver.name)
+            receiver.on_data = st.received_checked if opts.check else st.received
+            return st
+
+        _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
+        return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
+
+    async def request(self, server, kind: str, part: dict) -> dict:
+        dialect = self.dialect(kind)
+
+        def make_pair(sender, receiver, share, totals, done, pairs):
+            return _RequestPair(sender, receiver, share, totals, done, pairs, dialect)
+
+        states, _, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
+        return {"rtts": [r for st in states for r in st.rtts], "frame_bytes": dialect.frame_size, **timed}
 
     async def logons(self, server, kind: str, part: dict) -> dict:
         dialect = self.dialect(kind)
@@ -975,7 +1098,7 @@ class Bench:
         await self.sync("start")
         deadline = time.perf_counter() + self.opts.duration
         conns, failures, error, t0, t1 = await self.log_on(
-            server, dialect, names, f"{kind}: {part['all_names']} logons", deadline, part["window"]
+            server, dialect, names, "logons", deadline, part["window"]
         )
         await self.sync("measured")
         await close_all(self.reactor, conns)
@@ -990,7 +1113,7 @@ class Bench:
         deadline = time.perf_counter() + opts.duration
         await self.sync("settled")  # the coordinator reads the server's RSS before any logon
         conns, failures, error, logon_t0, logon_t1 = await self.log_on(
-            server, dialect, names, f"{kind}: {part['all_names']} idle sessions", deadline, part["window"]
+            server, dialect, names, "log on", deadline, part["window"]
         )
         if failures:
             await close_all(self.reactor, conns)
@@ -1026,9 +1149,7 @@ class Bench:
         if conns:
             loop.start(tick)
         t0 = time.perf_counter()
-        self.progress.start(
-            f"{kind}: hold {part['all_names']} sessions", int(hold * 10), lambda: int((time.perf_counter() - t0) * 10)
-        )
+        self.progress.start("hold", hold, lambda: min(hold, time.perf_counter() - t0), unit="s")
         await task.deferLater(self.reactor, hold, lambda: None)
         self.progress.stop()
         if loop.running:
@@ -1048,23 +1169,63 @@ class Bench:
         }
 
 
-class _SendPair:
+#: How long a send or request phase may see nothing arrive before the
+#: server counts as stopped (at most half of --duration).
+STALL_SECONDS = 10.0
+
+
+def stall_seconds(duration: float) -> float:
+    return min(STALL_SECONDS, duration / 2)
+
+
+class _Pair:
+    """
+    One sender/receiver pair of a timed phase (L{Bench._exchange}): adds
+    what it got done to C{totals["count"]}, and fires C{done} once every
+    pair has done its share (with C{"error"} as soon as one fails).
+    """
+
     error = None
-    checker = None
     _finished = False
 
-    def __init__(self, sender, receiver, frame, share, window, totals, done, pairs, size):
+    def __init__(self, sender, receiver, share, totals, done, pairs):
         self.sender, self.receiver = sender, receiver
+        self.share, self.totals, self.done, self.pairs = share, totals, done, pairs
+
+    def begin(self) -> None:
+        raise NotImplementedError
+
+    def fail(self, text: str) -> None:
+        self.error = text
+        if not self.done.called:
+            self.done.callback("error")
+
+    def finished(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self.totals["pairs_done"] += 1
+        if self.totals["pairs_done"] == self.pairs and not self.done.called:
+            self.done.callback("done")
+
+
+class _SendPair(_Pair):
+    checker = None
+
+    def __init__(self, sender, receiver, share, totals, done, pairs, frame, window, size):
+        super().__init__(sender, receiver, share, totals, done, pairs)
         # size: the bytes a receiver gets per message (over WebSocket, not
         # what the sender writes, which is masked).
         self.frame, self.size = frame, size
-        self.share, self.window = share, window
-        self.totals, self.done, self.pairs = totals, done, pairs
+        self.window = window
         self.sent = 0
         self.got = 0
         self.bytes = 0
         self.low = max(1, window // 2)
         self._batches: dict[int, bytes] = {}
+
+    def begin(self) -> None:
+        self.pump()
 
     def pump(self) -> None:
         inflight = self.sent - self.got
@@ -1082,7 +1243,7 @@ class _SendPair:
     def received(self, data: bytes) -> None:
         self.bytes += len(data)
         got = self.bytes // self.size
-        self.totals["received"] += got - self.got
+        self.totals["count"] += got - self.got
         self.got = got
         if got >= self.share:
             self.finished()
@@ -1093,35 +1254,21 @@ class _SendPair:
         try:
             n = self.checker.feed(data)
         except (BenchError, FrameError) as e:
-            self.error = str(e)
             self.sender.transport.abortConnection()
-            if not self.done.called:
-                self.done.callback("error")
+            self.fail(str(e))
             return
         self.got += n
-        self.totals["received"] += n
+        self.totals["count"] += n
         if self.got >= self.share:
             self.finished()
         else:
             self.pump()
 
-    def finished(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.totals["pairs_done"] += 1
-        if self.totals["pairs_done"] == self.pairs and not self.done.called:
-            self.done.callback("done")
 
-
-class _RequestPair:
-    error = None
-    _finished = False
-
-    def __init__(self, dialect, sender, receiver, share, totals, done, pairs):
+class _RequestPair(_Pair):
+    def __init__(self, sender, receiver, share, totals, done, pairs, dialect):
+        super().__init__(sender, receiver, share, totals, done, pairs)
         self.dialect = dialect
-        self.sender, self.receiver = sender, receiver
-        self.share, self.totals, self.done, self.pairs = share, totals, done, pairs
         self.request = dialect.request(sender.name, receiver.name)
         self.response = dialect.response(receiver.name, sender.name)
         self.req_off = dialect.mid_offset_in_request
@@ -1134,6 +1281,9 @@ class _RequestPair:
         self._rbuf = b""
         sender.on_data = self.answered
         receiver.on_data = self.asked
+
+    def begin(self) -> None:
+        self.send()
 
     def send(self) -> None:
         if self.share == 0:
@@ -1168,24 +1318,11 @@ class _RequestPair:
         if not self.dialect.is_response(buf) or _I32.unpack_from(buf, self.resp_off)[0] != self.mid:
             return self.fail(f"the sender {self.sender.name} got an unexpected frame: {buf[:40].hex()}")
         self.rtts.append(now - self.t0)
-        self.totals["answered"] += 1
+        self.totals["count"] += 1
         if len(self.rtts) >= self.share:
             self.finished()
         else:
             self.send()
-
-    def fail(self, text: str) -> None:
-        self.error = text
-        if not self.done.called:
-            self.done.callback("error")
-
-    def finished(self) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        self.totals["pairs_done"] += 1
-        if self.totals["pairs_done"] == self.pairs and not self.done.called:
-            self.done.callback("done")
 
 
 def _percentile(sorted_values: list[float], p: float) -> float:
@@ -1204,7 +1341,7 @@ def default_load_procs() -> int:
     Load worker processes by default: one per core but the server's, at
     most 4 (a 2-core machine: one worker, and the server has a core).
     """
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    return max(1, min(4, len(usable_cpus()) - 1))
 
 
 class _Node:
@@ -1243,35 +1380,45 @@ class ServerAddress:
 
 class _WorkerProgress:
     """
-    L{Progress} in a load worker: reports the count done to the coordinator
-    every 0.25 s (when there is a progress bar to draw).
+    L{Progress} in a load worker: reports the stage of the phase it is in,
+    with its done and total, to the coordinator every 0.25 s and at the
+    stage's end (when there is a progress bar to draw; L{progress_of}
+    merges the workers' reports).
     """
 
     def __init__(self, reactor, report, enabled: bool):
         self.reactor, self.report, self.enabled = reactor, report, enabled
         self._loop = None
 
-    def start(self, label: str, total: int, done) -> None:
+    def start(self, stage: str, total: float, done, unit: str = "") -> None:
+        """
+        A stage begins: C{total} to do, C{done()} done so far, counted in
+        C{unit} (C{""}: things, C{"s"}: seconds).
+        """
         self.stop()
-        self.done = done
+        self.stage, self.total, self.done, self.unit = stage, total, done, unit
+        self.t0 = time.perf_counter()
         if self.enabled:
-            self._loop = task.LoopingCall(lambda: self.report({"progress": self.done()}))
+            self._loop = task.LoopingCall(self._report)
             self._loop.clock = self.reactor
             self._loop.start(0.25)
+
+    def _report(self) -> None:
+        self.report({"progress": [self.stage, self.done(), self.total, self.unit, self.t0]})
 
     def stop(self) -> None:
         if self._loop is not None:
             self._loop.stop()
             self._loop = None
-            self.report({"progress": self.done()})
+            self._report()
 
 
 def worker_main() -> int:
     """
     A load worker (C{python -m esf.bench --load-worker}): runs the phases
     its coordinator sends as JSON lines on stdin, one at a time, and answers
-    on stdout (C{{"at": point}}, C{{"progress": n}}, C{{"result": ...}} or
-    C{{"error": text}}).
+    on stdout (C{{"at": point}}, C{{"progress": [stage, done, total, unit,
+    t0]}}, C{{"result": ...}} or C{{"error": text}}).
     """
     from twisted.internet import reactor, stdio
     from twisted.protocols.basic import LineReceiver
@@ -1323,19 +1470,78 @@ def worker_main() -> int:
     return 0
 
 
+class LineTooLong(Exception):
+    """
+    A line grew past the longest one allowed.
+    """
+
+
+class Lines:
+    """
+    Splits a byte stream into lines (without their C{\\n}), in time linear
+    in its length: the unfinished tail is kept as the chunks it came in and
+    joined once, when its line ends.  (Splitting the whole buffer again for
+    each chunk, as C{LineOnlyReceiver} does, or cutting one line at a time
+    off it, as C{LineReceiver} does, is quadratic in the length of a line
+    that comes in many chunks, such as a request phase's round-trip times.)
+    """
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self._tail: list[bytes] = []
+        self._tail_length = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """
+        The lines that C{data} ends; raises L{LineTooLong} when a line, ended
+        or not, is longer than C{max_length}.
+        """
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._tail.append(data)
+            self._tail_length += len(data)
+            if self._tail_length > self.max_length:
+                raise LineTooLong(self._tail_length)
+            return []
+        if self._tail:
+            self._tail.append(data[:end])
+            lines = b"".join(self._tail).split(b"\n")
+        else:
+            lines = data[:end].split(b"\n")
+        rest = data[end + 1 :]
+        self._tail = [rest] if rest else []
+        self._tail_length = len(rest)
+        longest = max(self._tail_length, *map(len, lines))
+        if longest > self.max_length:
+            raise LineTooLong(longest)
+        return lines
+
+
 class _Worker(ProcessProtocol):
     """
     The coordinator's end of one load worker process.
     """
 
+    pid = None
+
     def __init__(self, coordinator, index: int):
         self.coordinator, self.index = coordinator, index
-        self._buffer = b""
+        # The longest line: a request phase's result, about 25 bytes per
+        # round-trip time.
+        self._lines = Lines(2**20 + 32 * coordinator.opts.requests)
         self.started = defer.Deferred()
         self.finished: defer.Deferred | None = None
         self.point: str | None = None
-        self.progress = 0
+        #: What it did last, for the message when it stops answering.
+        self.last = "idle"
+        #: Its last progress report of each stage of the phase, in order.
+        self.stages: dict[str, tuple] = {}
         self.gone = False
+        #: Why it cannot be used any more (it exited, or sent nonsense).
+        self.broken: str | None = None
+
+    def __str__(self) -> str:
+        return f"load worker {self.index} (pid {self.pid})"
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -1345,28 +1551,60 @@ class _Worker(ProcessProtocol):
         self.transport.write(json.dumps(message).encode() + b"\n")
 
     def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
+        if self.broken is not None:
+            return
+        try:
+            lines = self._lines.feed(data)
+        except LineTooLong as e:
+            self.fail(f"{self} sent a line of {e} bytes or more, longer than any message")
+            return
         for line in lines:
-            message = json.loads(line)
+            if self.broken is not None:
+                return
+            try:
+                message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                self.fail(f"{self} sent a line that is not a message ({e}): {line[:80]!r}")
+                return
             if "at" in message:
                 self.point = message["at"]
+                self.last = f"waiting at {self.point!r}"
                 self.coordinator.arrived()
             elif "progress" in message:
-                self.progress = message["progress"]
-            else:
+                try:
+                    stage, done, total, unit, t0 = message["progress"]
+                except (TypeError, ValueError):
+                    self.fail(f"{self} sent a progress report that is not [stage, done, total, unit, t0]: {line[:80]!r}")
+                    return
+                self.stages[stage] = (done, total, unit, t0)
+            elif "result" in message or "error" in message:
                 self.point = None
+                self.last = "idle"
                 finished, self.finished = self.finished, None
-                if finished is not None:
-                    finished.callback(message)
+                if finished is None:
+                    self.fail(f"{self} sent a result with no phase running")
+                    return
+                finished.callback(message)
                 self.coordinator.arrived()
+            else:
+                self.fail(f"{self} sent an unknown message: {line[:80]!r}")
+
+    def fail(self, why: str) -> None:
+        """
+        This worker cannot be used any more: end the phase and the run.
+        """
+        if self.broken is None:
+            self.broken = why
+        self.coordinator.abort(why)
 
     def processEnded(self, reason) -> None:
         self.gone = True
         self.point = None
-        finished, self.finished = self.finished, None
-        if finished is not None:
-            finished.callback({"error": f"load worker {self.index} exited: {reason.value}"})
+        if self.finished is not None:
+            self.finished = None
+            self.fail(f"{self} exited during a phase: {reason.value}")
         self.coordinator.arrived()
 
 
@@ -1387,11 +1625,13 @@ class LoadGenerator:
         self.workers: list[_Worker] = []
         self._active: list[_Worker] = []
         self._action = None
+        #: Fails the phase in progress (L{abort}).
+        self._aborted: defer.Deferred | None = None
+        #: The readings at a sync point are being taken.
+        self._reading = False
 
     async def start(self) -> None:
-        root = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = checkout_env()
         init = {k: v for k, v in vars(self.opts).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         init["progress"] = bool(self.opts.progress)
         for i in range(self.opts.load_procs):
@@ -1405,10 +1645,38 @@ class LoadGenerator:
             await worker.started
             worker.send({"init": init, "tag": self.tag})
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """
+        Let the workers go: end of input, on which they exit; C{kill}:
+        SIGKILL (after an aborted run, when a worker may not be reading).
+        """
         for worker in self.workers:
-            if not worker.gone:
+            if worker.gone:
+                continue
+            if kill:
+                try:
+                    worker.transport.signalProcess("KILL")
+                except ProcessExitedAlready:
+                    pass
+            else:
                 worker.transport.closeStdin()
+
+    def abort(self, why: str) -> None:
+        """
+        End the phase in progress, if any, with L{RunAborted}.
+        """
+        aborted, self._aborted = self._aborted, None
+        if aborted is not None:
+            aborted.errback(RunAborted(why))
+
+    def _too_slow(self, what: str, timeout: float) -> None:
+        running = [w for w in self._active if w.finished is not None]
+        late = [f"{w} ({w.last})" for w in running if w.point is None]
+        if late:
+            why = f"no answer from {', '.join(late)}"
+        else:  # every worker waits at a sync point
+            why = f"the coordinator did not release {', '.join(f'{w} ({w.last})' for w in running)}"
+        self.abort(f"{what} did not end within {timeout:g} s (--phase-timeout): {why}")
 
     def _parts(self, mode: str, pairs: int | None) -> list[dict]:
         """
@@ -1444,13 +1712,31 @@ class LoadGenerator:
         """
         running = [w for w in self._active if w.finished is not None]
         points = {w.point for w in running}
-        if not running or len(points) != 1 or None in points or self._action is None:
+        if not running or len(points) != 1 or None in points or self._action is None or self._reading:
             return
         (point,) = points
-        for w in running:
-            w.point = None
+        self._reading = True
+        aborted = self._aborted
+
+        def release(_):
+            self._reading = False
+            if self._aborted is not aborted:  # the phase was aborted meanwhile
+                return
+            for w in running:
+                w.point = None
+                w.last = f"released from {point!r}"
+                if not w.gone:
+                    w.send({"go": point})
+
+        def failed(failure):
+            self._reading = False
+            self.abort(
+                f"the coordinator failed at sync point {point!r}: "
+                f"{failure.type.__name__}: {failure.getErrorMessage()}\n{failure.getTraceback()}"
+            )
+
         d = defer.Deferred.fromCoroutine(self._action(point))
-        d.addCallback(lambda _: [w.send({"go": point}) for w in running if not w.gone])
+        d.addCallbacks(release, failed)
 
     async def measure(self, mode: str, server, kind: str, pairs: int | None) -> dict:
         """
@@ -1459,8 +1745,9 @@ class LoadGenerator:
         """
         parts = self._parts(mode, pairs)
         workers = self.workers[: len(parts)]
-        if any(w.gone for w in workers):
-            raise BenchError("a load worker process has exited")
+        for w in self.workers:
+            if w.broken is not None or w.gone:
+                raise RunAborted(w.broken or f"{w} has exited")
         readings: dict[str, dict] = {}
 
         async def action(point: str) -> None:
@@ -1470,30 +1757,40 @@ class LoadGenerator:
                 "t": time.perf_counter(),
                 "server_cpu": server.cpu_seconds(),
                 "load_cpu": [proc_cpu_seconds(w.pid) for w in workers],
-                "machine_cpu": machine_busy_seconds(),
+                "machine_cpu": machine_cpu_seconds(),
                 "memory": server.memory(),
             }
 
+        aborted = self._aborted = defer.Deferred()
         self._active, self._action = workers, action
         address = ServerAddress.of(server).to_json()
         outcomes = []
         for worker, part in zip(workers, parts):
             worker.finished = defer.Deferred()
-            worker.progress = 0
+            worker.stages = {}
+            worker.last = "running the phase"
             outcomes.append(worker.finished)
             worker.send({"run": mode, "kind": kind, "server": address, "part": part})
-        if mode == "send":
-            total = self.opts.messages
-        elif mode == "request":
-            total = self.opts.requests
-        else:  # logons, idle: the sessions
-            total = sum(len(p["names"]) for p in parts)
-        self.progress.start(f"{kind}: {mode}", total, lambda: sum(w.progress for w in workers))
+        timeout = self.opts.phase_timeout
+        timer = self.reactor.callLater(timeout, self._too_slow, f"{kind}: {mode}", timeout)
+        # Whichever comes first: every worker's outcome, or an abort.
+        defer.gatherResults(outcomes).addCallback(lambda r: aborted.called or aborted.callback(r))
+
+        def state():
+            shown = progress_of([w.stages for w in workers])
+            if shown is None:
+                return None
+            stage, done, total, unit, t0 = shown
+            return (f"{kind}: {mode}" + ("" if stage == mode else f", {stage}"), done, total, unit, t0)
+
+        self.progress.start(state)
         try:
-            results = await defer.gatherResults(outcomes)
+            results = await aborted
         finally:
+            if timer.active():
+                timer.cancel()
             self.progress.stop()
-            self._active, self._action = [], None
+            self._active, self._action, self._aborted, self._reading = [], None, None, False
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             raise BenchError(errors[0])
@@ -1593,8 +1890,11 @@ def _usage(start: dict | None, end: dict | None) -> dict:
         out["server_cpu_s"] = end["server_cpu"] - start["server_cpu"]
         out["server_cpu_percent"] = 100 * out["server_cpu_s"] / interval
     if start.get("machine_cpu") is not None and end.get("machine_cpu") is not None:
-        # Every process on the machine, this run's and others', in % of one core.
-        out["machine_cpu_percent"] = 100 * (end["machine_cpu"] - start["machine_cpu"]) / interval
+        # Every process on the cores this run may use, its own and others',
+        # in % of one core; and what the hypervisor took from those cores.
+        (busy0, steal0), (busy1, steal1) = start["machine_cpu"], end["machine_cpu"]
+        out["machine_cpu_percent"] = 100 * (busy1 - busy0) / interval
+        out["machine_steal_percent"] = 100 * (steal1 - steal0) / interval
     load = [
         100 * (b - a) / interval
         for a, b in zip(start["load_cpu"], end["load_cpu"])
@@ -1622,7 +1922,12 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     Why the load generator, not the server, limited a phase; L{None} when
     it did not (or when the server's CPU is unknown).  In send mode the
     server should be busy all along: if it was not, the load set the rate.
+    C{nproc}: the cores the server and the load may use (L{usable_cpus}).
+    Idle mode generates no load (it holds sessions and reads memory): never
+    a warning there.
     """
+    if mode == "idle":
+        return None
     server, busiest, load = (
         result.get("server_cpu_percent"), result.get("load_cpu_max_percent"), result.get("load_cpu_percent")
     )  # fmt: skip
@@ -1631,8 +1936,14 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     machine = result.get("machine_cpu_percent")
     if machine is not None and machine - server - load >= 0.5 * BUSY_PERCENT:
         return (
-            f"other processes used {machine - server - load:.0f}% of the machine's {nproc} core(s) "
+            f"other processes used {machine - server - load:.0f}% of the {nproc} core(s) this run may use "
             f"(this server {server:.0f}%, the load generator {load:.0f}%): measure on a quiet machine"
+        )
+    steal = result.get("machine_steal_percent")
+    if steal is not None and steal >= 0.5 * BUSY_PERCENT:
+        return (
+            f"the hypervisor took {steal:.0f}% of the {nproc} core(s) this run may use (steal time) "
+            f"while the server used {server:.0f}%: measure on a quiet machine"
         )
     if busiest >= BUSY_PERCENT:
         return (
@@ -1641,7 +1952,7 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
         )
     if server + load >= BUSY_PERCENT * nproc:
         return (
-            f"the machine's {nproc} core(s) were busy ({load:.0f}% load generator, {server:.0f}% server): "
+            f"the {nproc} core(s) this run may use were busy ({load:.0f}% load generator, {server:.0f}% server): "
             "the server did not have a core to itself"
         )
     if mode == "send" and result.get("elapsed_s", 0) >= 0.5:
@@ -1673,30 +1984,17 @@ class LocalRedis:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self.pid = self.process.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"redis-server exited with status {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise BenchError(f"redis-server did not listen within {timeout} s")
+        why = wait_listening(self.process, [self.port], timeout)
+        if why is not None:
+            self.stop()
+            raise BenchError(f"redis-server {why}")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
 
 
 class NodeGroup:
@@ -1902,6 +2200,7 @@ async def run(reactor, opts) -> dict:
     failed = False
     cluster_rows = []
     warnings: list[str] = []
+    aborted = True
     try:
         await load.start()
         if opts.cluster:
@@ -1950,8 +2249,9 @@ async def run(reactor, opts) -> dict:
                     # WebSocket against TCP, both esf, in the same run.
                     row["ws_ratio"] = _ratios(mode, row["ws"], row.get("esf"))
                 rows.append(row)
+        aborted = False
     finally:
-        load.stop()
+        load.stop(kill=aborted)
         if opts.keep_logs:
             print(f"esf-bench: server logs kept in {workdir}", file=sys.stderr)
         else:
@@ -2004,15 +2304,17 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
         else:
             server = LocalServer(kind, opts, workdir, conns_needed)
         result = await load.measure(mode, server, kind, pairs)
-        why = load_bound(result, os.cpu_count() or 1, mode)
+        why = load_bound(result, len(usable_cpus()), mode)
         if why is not None:
             result["load_bound"] = why
         return result
-    except BenchError as e:
+    except (BenchError, RunAborted) as e:
         print(f"esf-bench: {_row_label(row)} on {kind}: {e}", file=sys.stderr)
         tail = server.log_tail() if server is not None else ""
         if tail:
             print(f"  last lines of the {kind} server's log:\n{tail}", file=sys.stderr)
+        if isinstance(e, RunAborted):
+            raise
         return {"error": str(e)}
     finally:
         if server is not None:
@@ -2090,7 +2392,9 @@ def format_table(report: dict) -> str:
     machine = report["machine"]
     options = report["options"]
     lines = [
-        f"esf-bench: {machine['nproc']} CPU(s), {machine['cpu_model']}, {machine['python']}; "
+        f"esf-bench: {machine['nproc']} CPU(s)"
+        + (f" of {machine['cpu_count']}" if machine.get("cpu_count", machine["nproc"]) != machine["nproc"] else "")
+        + f", {machine['cpu_model']}, {machine['python']}; "
         f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}"
         + (f" on {machine['server_python']}" if options.get("server_python") and machine.get("server_python") else "")
         + f"; load generator: {options.get('load_procs', 1)} process(es)",
@@ -2174,6 +2478,12 @@ def format_table(report: dict) -> str:
 # -- options -----------------------------------------------------------------------
 
 
+#: What a phase may take beyond --duration before the run is ended as hung:
+#: a worker's phase is capped at --duration, then closes its connections
+#: (at most 10 s); the rest is slack for a loaded machine.
+PHASE_GRACE = 30.0
+
+
 def _host_port(value: str):
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
@@ -2254,7 +2564,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", default=None,
                    help="decode and validate every frame at the receivers (slower load generator)")
     p.add_argument("--duration", type=_positive(float), default=None,
-                   help="cap in seconds on each phase; a capped phase reports what it got (default 120)")
+                   help="cap in seconds on each phase; a capped phase reports what it got (default 120); "
+                   "in send and request, nothing arriving for 10 s (at most half of it) fails the phase")
+    p.add_argument("--phase-timeout", type=_positive(float), default=None, metavar="SECONDS",
+                   help="how long one phase may take in all before the run is ended as hung, with status 1: "
+                   "a load worker or the coordinator stopped answering (default: --duration + "
+                   f"{PHASE_GRACE:g})")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run (2 pairs, 2000 messages, 200 logons, 200 idle sessions, --check): a smoke test")
     p.add_argument("--repeat", type=_positive(int), default=1,
@@ -2288,6 +2603,8 @@ def parse_options(argv: list[str] | None):
     for key, value in defaults.items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    if opts.phase_timeout is None:
+        opts.phase_timeout = opts.duration + PHASE_GRACE
     if opts.progress is None:
         opts.progress = sys.stderr.isatty()
     opts.cluster = opts.mode == "cluster"
@@ -2351,12 +2668,22 @@ def main(argv: list[str] | None = None) -> int:
         outcome["report"] = await run(reactor, opts)
 
     errors = []
-    d = defer.Deferred.fromCoroutine(go())
-    d.addErrback(errors.append)
-    d.addBoth(lambda _: reactor.stop())
+
+    def start() -> None:
+        # Only once the reactor runs: a run that fails before its first
+        # wait (cluster mode without redis-server) must still stop it.
+        d = defer.Deferred.fromCoroutine(go())
+        d.addErrback(errors.append)
+        d.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
     reactor.run()
     if errors:
-        errors[0].printTraceback(file=sys.stderr)
+        failure = errors[0]
+        if failure.check(BenchError, RunAborted):
+            print(f"esf-bench: {failure.getErrorMessage()}", file=sys.stderr)
+        else:
+            failure.printTraceback(file=sys.stderr)
         return 1
     report = outcome["report"]
     if opts.json == "-":

@@ -3,44 +3,32 @@ A real C{redis-server} for tests, on a free 127.0.0.1 port, started and
 stopped by the test run (never a shared or system one).
 
 Where C{redis-server} is missing the tests that need it skip with a loud
-reason, except under CI (C{ESF_CI=1}, which C{.ci/run} sets and where it
-installs the Debian package): there they fail.
+reason, except under CI, where they fail (L{_real_parts.missing}).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
+from _real_parts import need_program
 
-__all__ = ["RedisServer", "require_redis_server", "free_port"]
+from esf.bench import free_port
+
+__all__ = ["RedisServer", "require_redis_server"]
 
 
 def require_redis_server() -> str:
     """
     The path of C{redis-server}; skip (fail under CI) without it.
     """
-    path = shutil.which("redis-server")
-    if path is None:
-        reason = (
-            "redis-server is not installed: the cluster tests need a real one "
-            "(Debian: apt-get install redis-server; .ci/run installs it)"
-        )
-        if os.environ.get("ESF_CI") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    __tracebackhide__ = True
+    return need_program(
+        "redis-server",
+        "the cluster tests need a real one (Debian: apt-get install redis-server; .ci/run installs it)",
+    )
 
 
 class RedisServer:

@@ -4,56 +4,46 @@ chromium-driver, driven by Selenium) against a real C{twistd esf}: the
 token asked once, the online count, the sessions table and its search, and
 a kick whose reason reaches the client.
 
-Skipped with a loud reason where Chromium is missing; under CI
-(C{ESF_CI=1}) it fails instead.  C{ESF_DASHBOARD_SCREENSHOT=PATH} saves the
+Skipped with a loud reason where Chromium is missing; under CI it fails
+instead (L{_real_parts.missing}).  C{ESF_DASHBOARD_SCREENSHOT=PATH} saves the
 screenshot shown in docs/operations.md.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import pytest
 
 import rawclient as rc
+from _real_parts import missing, need_program
 from test_admin_e2e import TOKEN, Ops, token_file
 from test_e2e import start_server
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-def _need(what, present):
-    if present:
-        return
-    message = f"{what} is not installed (.ci/run installs it: apt-get install chromium chromium-driver)"
-    if os.environ.get("ESF_CI") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+INSTALL = ".ci/run installs it: apt-get install chromium chromium-driver"
 
 
 @pytest.fixture
 def browser(tmp_path):
-    _need("chromium", CHROMIUM)
-    _need("chromedriver", CHROMEDRIVER)
+    chromium = need_program("chromium", f"the dashboard test cannot run ({INSTALL})")
+    chromedriver = need_program("chromedriver", f"the dashboard test cannot run ({INSTALL})")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:  # pragma: no cover - a test extra
-        _need("selenium (pip install '.[test]')", False)
+        missing("the selenium package is not installed (pip install '.[test]')")
     options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
+    options.binary_location = chromium
     for flag in (
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}",
     ):  # fmt: skip
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(20)
     yield driver
     driver.quit()

@@ -9,19 +9,25 @@ is.
 import argparse
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bare_relay  # noqa: E402
 import coalescing_relay  # noqa: E402
+
+from _real_parts import missing, pypy_python  # noqa: E402
 
 from esf import bench  # noqa: E402
 
@@ -42,6 +48,23 @@ RATIOS = {
 }
 
 
+def run_bench(
+    *args: str, timeout: float = 120, env: dict | None = None, script: str | None = None
+) -> subprocess.CompletedProcess:
+    """
+    C{python -m esf.bench ARGS} from the checkout (C{python -c SCRIPT ARGS}
+    with C{script}), its output captured.
+    """
+    return subprocess.run(
+        [sys.executable, *(["-c", script] if script else ["-m", "esf.bench"]), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_quick_run(tmp_path):
     """
     C{esf-bench --quick} starts an esf server and the two bare relays, runs
@@ -50,13 +73,7 @@ def test_quick_run(tmp_path):
     among them.
     """
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--quick", "--load-procs", "2", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--quick", "--load-procs", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| measurement | esf | baseline | esf/baseline | target |" in proc.stdout
     assert "| ↳ write-per-frame relay |" in proc.stdout
@@ -106,16 +123,7 @@ def test_json_to_stdout(tmp_path):
     """
     C{--json -} prints the report as JSON instead of the table.
     """
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "esf.bench", "--quick", "--mode", "request",
-            "--requests", "50", "--no-bare", "--json", "-",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    proc = run_bench("--quick", "--mode", "request", "--requests", "50", "--no-bare", "--json", "-")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     (row,) = report["results"]
@@ -144,6 +152,17 @@ def test_missing_relay_scripts(monkeypatch, capsys):
     opts = bench.parse_options(["--quick"])
     assert opts.bare is False and opts.relay_paths == {}
     assert capsys.readouterr().err.count("Measuring esf only") == 1
+
+
+def test_a_run_that_fails_before_its_first_wait_ends(tmp_path):
+    """
+    Cluster mode without redis-server fails before the reactor has run
+    anything: the run still ends, with the reason on one line and status 1
+    (it used to leave the reactor running for ever).
+    """
+    proc = run_bench("--mode", "cluster", "--no-progress", env=dict(os.environ, PATH=str(tmp_path)), timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "esf-bench: cluster mode needs redis-server (Debian: apt-get install redis-server)"
 
 
 def test_percentile():
@@ -344,23 +363,71 @@ def test_load_bound_warning():
     assert "other processes used 120%" in bench.load_bound(shared, 2, "send")
 
 
-def _pypy_python() -> str:
+def test_no_load_bound_warning_in_idle_mode():
     """
-    The PyPy that runs the servers of the PyPy smoke run: C{$ESF_PYPY}, the
-    python of a PyPy environment holding esf's dependencies (.ci/run makes
-    one with Debian's pypy3; docs/performance.md gives the commands).
+    Idle mode generates no load (it holds sessions and reads the server's
+    memory): a busy worker there limits nothing.
     """
-    python = os.environ.get("ESF_PYPY")
-    if python and Path(python).is_file():
-        return python
-    message = (
-        "no PyPy for the PyPy smoke run: set ESF_PYPY to the python of a PyPy environment with "
-        "esf's dependencies (.ci/run makes one; see docs/performance.md)"
-        + ("" if shutil.which("pypy3") else "; pypy3 is not installed either (apt-get install pypy3)")
-    )
-    if os.environ.get("ESF_CI") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    busy_load = {"server_cpu_percent": 5.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
+    assert bench.load_bound(busy_load, 2, "logons") is not None
+    assert bench.load_bound(busy_load, 2, "idle") is None
+
+
+#: /proc/stat: user nice system idle iowait irq softirq steal guest guest_nice.
+PROC_STAT = """\
+cpu  600 60 330 3000 60 15 15 300 50 0
+cpu0 100 10 50 1000 20 5 5 300 50 0
+cpu1 200 20 80 1000 20 5 5 0 0 0
+cpu2 300 30 200 1000 20 5 5 0 0 0
+intr 12345 0 0
+ctxt 6789
+"""
+
+
+def test_cpu_times_count_the_usable_cores_and_not_steal():
+    """
+    Busy is user + nice + system + irq + softirq (guest time is already in
+    user and nice); steal, time the hypervisor gave other guests, is
+    counted apart; only the cores asked for count.
+    """
+    ticks = bench._TICKS
+    assert bench.cpu_times(PROC_STAT, {0}) == (170 / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 2}) == ((170 + 540) / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 1, 2}) == ((170 + 310 + 540) / ticks, 300 / ticks)
+    assert bench.cpu_times(PROC_STAT, {0, 7}) is None  # no line for cpu7
+    assert bench.cpu_times("cpu0 1 2 3 4\n", {0}) == (6 / ticks, 0.0)  # an old kernel's columns
+
+
+def test_steal_time_is_not_busy_time_of_other_processes():
+    """
+    A phase in which the server and the load used all the busy time and the
+    hypervisor took more: the warning names the steal, not "other
+    processes" (counting steal as busy, it used to).
+    """
+    start = {"t": 10.0, "server_cpu": 1.0, "load_cpu": [1.0], "machine_cpu": (50.0, 7.0), "memory": {}}
+    end = {"t": 12.0, "server_cpu": 2.2, "load_cpu": [1.8], "machine_cpu": (52.0, 8.2), "memory": {}}
+    usage = bench._usage(start, end)
+    assert usage["server_cpu_percent"] == pytest.approx(60.0)
+    assert usage["load_cpu_percent"] == pytest.approx(40.0)
+    assert usage["machine_cpu_percent"] == pytest.approx(100.0)
+    assert usage["machine_steal_percent"] == pytest.approx(60.0)
+    why = bench.load_bound(usage, 2, "request")
+    assert why.startswith("the hypervisor took 60% of the 2 core(s) this run may use (steal time)"), why
+
+
+def test_the_cores_are_those_of_the_affinity(monkeypatch):
+    """
+    A run pinned to 2 cores of a 64-core machine (taskset, a cpuset): the
+    load workers, the report and the warnings count 2.
+    """
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert bench.usable_cpus() == {3, 5}
+    assert bench.default_load_procs() == 1
+    machine = bench.machine_info()
+    assert (machine["nproc"], machine["cpu_count"]) == (2, 64)
+    crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
+    assert "2 core(s) this run may use were busy" in bench.load_bound(crowded, len(bench.usable_cpus()), "send")
 
 
 def test_quick_run_on_pypy(tmp_path):
@@ -368,15 +435,9 @@ def test_quick_run_on_pypy(tmp_path):
     C{esf-bench --quick} with the servers (esf from this checkout, and both
     relays) on PyPy: every mode runs, every figure is there.
     """
-    python = _pypy_python()
+    python = pypy_python()
     out = tmp_path / "pypy.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--quick", "--server-python", python, "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    proc = run_bench("--quick", "--server-python", python, "--json", str(out), timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] is True
@@ -409,3 +470,453 @@ def test_relay_profile_runs():
         assert sum(len(out.value()) for out in outs) == len(data)  # every frame relayed
         engine.stop()
     assert module.measure(20, 2, reads=5, rounds=1) > 0
+
+
+# -- the coordinator, with fake workers on a fake clock ------------------------
+
+
+class _FakeProcess:
+    """
+    The coordinator's view of a load worker process: what it was sent, and
+    the signals.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.sent: list[dict] = []
+        self.signals: list[str] = []
+        self.stdin_closed = False
+
+    def write(self, data: bytes) -> None:
+        self.sent += [json.loads(line) for line in data.splitlines()]
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, signal: str) -> None:
+        self.signals.append(signal)
+
+
+class _FakeServer:
+    """
+    A server the coordinator reads at each sync point (C{cpu}: a function).
+    """
+
+    host, port, ws_port = "127.0.0.1", 1, None
+
+    def __init__(self, cpu=lambda: 1.0):
+        self.cpu = cpu
+
+    def cpu_seconds(self):
+        return self.cpu()
+
+    def memory(self) -> dict:
+        return {"VmRSS": 1 << 20}
+
+
+def _coordinator(workers: int = 2, phase_timeout: float = 50.0):
+    """
+    A L{bench.LoadGenerator} on a L{task.Clock} with fake worker processes.
+    """
+    clock = task.Clock()
+    opts = argparse.Namespace(
+        load_procs=workers, logons=2 * workers, idle=2 * workers, logon_window=10,
+        messages=100, requests=10, phase_timeout=phase_timeout, progress=False,
+    )  # fmt: skip
+    load = bench.LoadGenerator(clock, opts, bench.Progress(clock, False))
+    for i in range(workers):
+        worker = bench._Worker(load, i)
+        worker.makeConnection(_FakeProcess(1000 + i))
+        load.workers.append(worker)
+    return clock, load
+
+
+def _report(worker, message: dict) -> None:
+    worker.outReceived(json.dumps(message).encode() + b"\n")
+
+
+def _phase(load, server, mode="logons"):
+    outcome = []
+    d = defer.Deferred.fromCoroutine(load.measure(mode, server, "esf", None))
+    d.addBoth(outcome.append)
+    return outcome
+
+
+def _aborted(outcome) -> str:
+    [failure] = outcome
+    assert isinstance(failure, Failure) and failure.check(bench.RunAborted), failure
+    return failure.getErrorMessage()
+
+
+def test_coordinator_releases_each_sync_point_and_merges():
+    """
+    With every worker at a point the coordinator reads the server and lets
+    them go on; their results are merged.  (What the tests below break.)
+    """
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    for point in ("start", "measured"):
+        for w in load.workers:
+            _report(w, {"at": point})
+        assert [w.transport.sent[-1] for w in load.workers] == [{"go": point}] * 2
+    for i, w in enumerate(load.workers):
+        _report(w, {"result": {"logged_on": 2, "t0": 10.0 + i, "t1": 12.0 + i}})
+    [result] = outcome
+    assert result["logons_per_s"] == 4 / 3.0
+    assert clock.getDelayedCalls() == []  # the phase's deadline is cancelled
+
+
+def test_a_failure_at_a_sync_point_ends_the_phase_at_once():
+    """
+    The coordinator's readings at a sync point fail: the phase ends with
+    L{bench.RunAborted} naming the point and the error, no worker is let go
+    (it used to wait for ever).
+    """
+    clock, load = _coordinator()
+
+    def broken():
+        raise RuntimeError("no /proc")
+
+    outcome = _phase(load, _FakeServer(broken))
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    message = _aborted(outcome)
+    assert "the coordinator failed at sync point 'start': RuntimeError: no /proc" in message
+    assert all({"go": "start"} not in w.transport.sent for w in load.workers)
+    assert clock.getDelayedCalls() == []
+
+
+def test_an_aborted_run_kills_its_workers():
+    """
+    At the end of a run the workers are told to go (end of input); after an
+    abort, when one may not be reading, they are killed.
+    """
+    clock, load = _coordinator()
+    load.workers[0].gone = True
+    load.stop()
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, []), (True, [])]
+    clock, load = _coordinator()
+    load.stop(kill=True)
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, ["KILL"])] * 2
+
+
+def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
+    clock, load = _coordinator(phase_timeout=30.0)
+    outcome = _phase(load, _FakeServer())
+
+    async def stuck(point):  # readings that never end
+        await defer.Deferred()
+
+    load._action = stuck
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    clock.advance(30)
+    assert _aborted(outcome) == (
+        "esf: logons did not end within 30 s (--phase-timeout): the coordinator did not release "
+        "load worker 0 (pid 1000) (waiting at 'start'), load worker 1 (pid 1001) (waiting at 'start')"
+    )
+
+
+def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
+    clock, load = _coordinator(phase_timeout=50.0)
+    outcome = _phase(load, _FakeServer())
+    first, second = load.workers
+    for w in load.workers:
+        _report(w, {"at": "start"})
+    _report(first, {"at": "measured"})  # the second never answers again
+    clock.advance(49.9)
+    assert outcome == []
+    clock.advance(0.2)
+    message = _aborted(outcome)
+    assert message == (
+        "esf: logons did not end within 50 s (--phase-timeout): "
+        "no answer from load worker 1 (pid 1001) (released from 'start')"
+    )
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        (b"Traceback (most recent call last):\n", "a line that is not a message"),
+        (b"[1, 2]\n", "a line that is not a message"),
+        (b'{"what": 1}\n', "an unknown message"),
+    ],
+)
+def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    load.workers[1].outReceived(line)
+    assert f"load worker 1 (pid 1001) sent {why}" in _aborted(outcome)
+    # And every later phase, at once.
+    assert "load worker 1" in _aborted(_phase(load, _FakeServer()))
+
+
+def test_a_worker_that_exits_during_a_phase_ends_it():
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    _report(load.workers[0], {"at": "start"})
+    load.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
+    assert "load worker 1 (pid 1001) exited during a phase" in _aborted(outcome)
+
+
+#: Runs esf-bench with the first load worker stopped (SIGSTOP) as it is let
+#: go from the 'start' sync point: a worker that stops answering mid-phase.
+_STOP_A_WORKER = """
+import os, signal, sys
+from esf import bench
+
+send = bench._Worker.send
+
+def stop_first(worker, message):
+    send(worker, message)
+    if message == {"go": "start"} and worker.index == 0:
+        print("stopped", worker.pid, file=sys.stderr, flush=True)
+        os.kill(worker.pid, signal.SIGSTOP)
+
+bench._Worker.send = stop_first
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_that_stops_answering_ends_the_run(tmp_path):
+    """
+    A load worker stops in the middle of a phase: the run ends at
+    C{--phase-timeout} with status 1 and the reason, and the stopped worker
+    is killed, not left behind.
+    """
+    started = time.monotonic()
+    proc = run_bench(
+        "--mode", "logons", "--logons", "20", "--no-bare", "--load-procs", "2", "--no-progress",
+        "--phase-timeout", "3", script=_STOP_A_WORKER, timeout=60,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    pid = int(re.search(r"^stopped (\d+)$", proc.stderr, re.M).group(1))
+    assert (
+        f"esf-bench: esf: logons did not end within 3 s (--phase-timeout): "
+        f"no answer from load worker 0 (pid {pid}) (released from 'start')"
+    ) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert 3 <= took < 30
+    # SIGKILLed: gone, or a zombie waiting for its new parent to reap it.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), state
+
+
+# -- a load worker's phase, on a fake clock ------------------------------------------
+
+
+class _ConnTransport(StringTransport):
+    def __init__(self, conn):
+        super().__init__()
+        self.conn = conn
+
+    def setTcpNoDelay(self, enabled):
+        pass
+
+    def abortConnection(self):
+        self.conn.connectionLost(Failure(ConnectionDone()))
+
+
+def _worker_bench(clock, pairs: int = 1, duration: float = 20.0):
+    """
+    A L{bench.Bench} as a load worker runs it, on C{clock}, its C{pairs}
+    sender/receiver pairs already logged on (over fake transports), its
+    sync points passed at once.
+    """
+    opts = argparse.Namespace(
+        size=100, password="pw", system_token="", duration=duration, check=False,
+        window_bytes=2**20, total_window_bytes=8 * 2**20,
+    )  # fmt: skip
+
+    async def sync(point):
+        pass
+
+    b = bench.Bench(clock, opts, bench._WorkerProgress(clock, None, False), sync, "t")
+    conns = []
+    for i in range(pairs):
+        for name in (f"s{i}", f"r{i}"):
+            conn = bench.Conn(name, b"", None)
+            conn.makeConnection(_ConnTransport(conn))
+            conn.ready.callback(conn)
+            conns.append(conn)
+    couples = list(zip(conns[::2], conns[1::2]))
+
+    async def logged_on(*args):
+        return couples, conns
+
+    b._pairs = logged_on
+    return b, couples
+
+
+def _run(coroutine) -> list:
+    outcome = []
+    defer.Deferred.fromCoroutine(coroutine).addBoth(outcome.append)
+    return outcome
+
+
+def test_a_server_that_stops_answering_fails_the_phase():
+    """
+    Nothing arrives at the receivers for 10 s (at most half of --duration):
+    the send phase fails, saying so, instead of waiting for its cap and
+    reporting what little it got as a capped figure.
+    """
+    clock = task.Clock()
+    b, [(sender, receiver)] = _worker_bench(clock, duration=20.0)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 10}
+    outcome = _run(b.send(None, "esf", part))
+    assert len(sender.transport.value()) == 100 * b.esf.frame_size  # sent, never relayed
+    clock.pump([1] * 9)
+    assert outcome == []
+    clock.pump([1] * 2)
+    [failure] = outcome
+    assert failure.check(bench.BenchError)
+    assert failure.getErrorMessage() == "the server stopped answering: nothing arrived for 10 s (0 of 100 sends done)"
+    assert sender.lost and receiver.lost
+
+
+def test_a_slow_server_is_capped_not_stalled():
+    """
+    A message every 5 s is slow, not stopped: the phase runs to its cap and
+    reports what arrived.
+    """
+    clock = task.Clock()
+    b, [(sender, receiver)] = _worker_bench(clock, duration=20.0)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 10}
+    outcome = _run(b.send(None, "esf", part))
+    frame = sender.transport.value()[: b.esf.frame_size]
+    for _ in range(3):  # at 5, 10 and 15 s
+        clock.pump([1] * 5)
+        receiver.dataReceived(frame)
+    clock.pump([1] * 6)  # past the cap at 20 s
+    [result] = outcome
+    assert result["capped"] is True and result["received"] == 3, result
+
+
+# -- the coordinator's reading of its workers' lines ---------------------------------
+
+
+def test_lines_split_anywhere():
+    lines = bench.Lines(100)
+    assert lines.feed(b'{"at": "st') == []
+    assert lines.feed(b'art"}\n{"progress": 1}\n{"res') == [b'{"at": "start"}', b'{"progress": 1}']
+    assert lines.feed(b"ult") == []
+    assert lines.feed(b'": 1}\n') == [b'{"result": 1}']
+    assert lines.feed(b"\n\n") == [b"", b""]
+    assert lines.feed(b"a\nb") == [b"a"]
+    assert lines.feed(b"\n") == [b"b"]
+
+
+def test_lines_are_linear_in_a_long_line():
+    """
+    A 16 MiB line in 16 KiB chunks (the round-trip times of 600,000
+    requests): splitting the whole buffer again for every chunk took 9 s
+    here; keeping only the unfinished tail takes milliseconds.
+    """
+    line = bytes(range(32, 127)) * (16 * 2**20 // 95)
+    chunks = [line[i : i + 16384] for i in range(0, len(line), 16384)]
+    lines = bench.Lines(2**25)
+    started = time.perf_counter()
+    for chunk in chunks:
+        assert lines.feed(chunk) == []
+    assert lines.feed(b"\nnext") == [line]
+    assert time.perf_counter() - started < 2.0
+    assert lines.feed(b"\n") == [b"next"]
+
+
+def test_lines_longer_than_the_bound_are_refused():
+    with pytest.raises(bench.LineTooLong):
+        bench.Lines(10).feed(b"x" * 11)
+    lines = bench.Lines(10)
+    lines.feed(b"x" * 6)
+    with pytest.raises(bench.LineTooLong):
+        lines.feed(b"x" * 5)
+    with pytest.raises(bench.LineTooLong):
+        bench.Lines(10).feed(b"ok\n" + b"y" * 11 + b"\n")
+
+
+def test_a_worker_line_longer_than_any_message_ends_the_phase():
+    clock, load = _coordinator()
+    outcome = _phase(load, _FakeServer())
+    load.workers[0].outReceived(b"x" * (2**20 + 32 * load.opts.requests + 1))
+    assert "load worker 0 (pid 1000) sent a line of" in _aborted(outcome)
+
+
+# -- the progress bar ------------------------------------------------------------------
+
+
+def test_progress_shows_one_stage_summed_over_the_workers():
+    """
+    Each worker reports each stage of a phase with its own done and total
+    (and when it began it); the bar shows the first stage a worker is still
+    in, both figures summed over the workers (seconds averaged), never one
+    stage's count against another's total.
+    """
+    assert bench.progress_of([{}, {}]) is None
+    # Until every worker has reported, the total would be partial.
+    assert bench.progress_of([{"log on": (2, 4, "", 7.0)}, {}]) is None
+    log_on = [{"log on": (2, 4, "", 7.0)}, {"log on": (1, 6, "", 6.5)}]
+    assert bench.progress_of(log_on) == ("log on", 3, 10, "", 6.5)
+    # One worker sends while the other still logs on: the log-on stage.
+    one_sends = [{"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)}, {"log on": (5, 6, "", 6.5)}]
+    assert bench.progress_of(one_sends) == ("log on", 9, 10, "", 6.5)
+    both_send = [
+        {"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)},
+        {"log on": (6, 6, "", 6.5), "send": (50, 500, "", 8.1)},
+    ]
+    assert bench.progress_of(both_send) == ("send", 150, 1000, "", 8.0)
+    holding = [
+        {"log on": (3, 3, "", 7.0), "hold": (0.5, 1.0, "s", 9.0)},
+        {"log on": (3, 3, "", 7.0), "hold": (0.25, 1.0, "s", 9.2)},
+    ]
+    assert bench.progress_of(holding) == ("hold", 0.375, 1.0, "s", 9.0)
+
+
+def _draws(stderr: str) -> list[tuple[str, float, float]]:
+    """
+    Every drawing of the progress bar: C{(label, done, total)}.
+    """
+    # (Read as text, the bar's carriage returns are line ends.)
+    found = re.findall(r"^(esf: [a-z ,]+?)\s+\[[#.]+\]\s+([\d,.]+)/([\d,.]+)", stderr, re.M)
+    return [(label, float(done.replace(",", "")), float(total.replace(",", ""))) for label, done, total in found]
+
+
+@pytest.mark.parametrize(
+    "args, totals",
+    [
+        (["--mode", "send", "--pairs", "3", "--messages", "3000", "--check"],
+         {"esf: send, log on": 6, "esf: send": 3000}),
+        (["--mode", "idle", "--idle", "60", "--hold", "0.6"],
+         {"esf: idle, log on": 60, "esf: idle, hold": 0.6}),
+    ],
+    ids=["send", "idle"],
+)  # fmt: skip
+def test_progress_reports_agree_with_their_totals(args, totals):
+    """
+    Two load workers, a progress bar on stderr: every drawing shows a
+    stage's done against that stage's total, over both workers (the logon
+    counts and hold ticks of the workers used to be drawn against the
+    messages or sessions), and the last drawing is the last stage, done.
+    """
+    proc = run_bench(*args, "--no-bare", "--no-websocket", "--load-procs", "2", "--progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    draws = _draws(proc.stderr)
+    assert draws, proc.stderr
+    for label, done, total in draws:
+        assert total == totals[label], (label, done, total)
+        assert 0 <= done <= total, (label, done, total)
+    last_stage = list(totals)[-1]
+    assert draws[-1] == (last_stage, totals[last_stage], totals[last_stage])
+
+
+def test_a_server_that_cannot_start_is_reported(tmp_path):
+    """
+    C{start_esf_server} (the benchmark scripts' way to start a server)
+    reports a server that exits at once, and where its log is.
+    """
+    log = tmp_path / "server.log"
+    with pytest.raises(bench.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"):
+        bench.start_esf_server(bench.free_port(), ["--no-such-option"], log, timeout=30)

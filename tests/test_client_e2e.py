@@ -23,6 +23,7 @@ from twisted.internet import endpoints, task
 from twisted.internet.defer import Deferred
 
 from esf import ClientEngine, ClientType, DisconnectedType, NotConnected
+from esf.bench import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -43,12 +44,6 @@ def environment() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accepts(port: int) -> bool:

@@ -651,7 +651,9 @@ async def test_password_from_the_url(tmp_path):
 @pytest.mark.parametrize("trusted", [True, False])
 @pytest_twisted.ensureDeferred
 async def test_tls_from_the_url(tmp_path, trusted):
-    from _redis import RedisServer, free_port
+    from _redis import RedisServer
+
+    from esf.bench import free_port
     from test_tls import make_certificate
 
     cert, key, _ = make_certificate(tmp_path)

@@ -423,21 +423,13 @@ def test_bench_cluster_mode_smoke(tmp_path):
     each figure (a smoke test of the harness, not of speed).
     """
     import json
-    import subprocess
-    import sys
 
     from _redis import require_redis_server
-    from test_e2e import REPO
+    from test_bench import run_bench
 
     require_redis_server()
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "esf.bench", "--mode", "cluster", "--quick", "--json", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_bench("--mode", "cluster", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["results"] == []

@@ -255,6 +255,28 @@ def test_offline_bounds_refusal_names_the_first_bound_passed():
     assert BOUNDS.refusal("bob", (99, 0), "alice", (2, 1000), (5, 4976), 1, 24) is None
 
 
+def test_the_full_errors_say_which_bound_and_carry_it():
+    """
+    The three refusals: their messages, and the five attributes each
+    carries (the sender's ID as user_id, and as sender_id, for the
+    sender's bound; no user for the whole store's).
+    """
+    cases = [
+        (OfflineStoreFull("bob", 5, 6000, 5, 6000), ("bob", 5, 6000, 5, 6000),
+         "bob has 5 messages (6000 bytes) waiting, at most 5 (6000 bytes) are kept: no room for more"),
+        (OfflineSenderFull("alice", 3, 30, 3, 1024), ("alice", 3, 30, 3, 1024),
+         "alice has 3 messages (30 bytes) waiting for users who are offline, at most 3 (1024 bytes) "
+         "per sender: no room for more"),
+        (OfflineServerFull(6, 60, 6, 5000), ("", 6, 60, 6, 5000),
+         "the offline store holds 6 messages (60 bytes), at most 6 (5000 bytes) in all: no room for more"),
+    ]  # fmt: skip
+    for error, values, text in cases:
+        assert isinstance(error, OfflineStoreFull)
+        assert str(error) == text and error.args == (text,)
+        assert (error.user_id, error.count, error.size, error.max_messages, error.max_bytes) == values
+    assert cases[1][0].sender_id == "alice"
+
+
 def test_the_bounds_example_in_the_docs_runs(tmp_path):
     import re
     from pathlib import Path

@@ -15,7 +15,7 @@ import pytest_twisted
 from _helpers import LogCapture
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from wsclient import ConnectionRefusedByServer, WSClient, connect
+from wsclient import ConnectionRefusedByServer, connect
 from zope.interface import implementer
 
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService, WebSocketFactory
@@ -583,7 +583,6 @@ def test_wss_on_an_ssl_endpoint(tmp_path):
     An C{ssl:} endpoint gives wss: a page of the server's own https origin
     logs on; an http origin of the same host and port is another origin.
     """
-    from autobahn.twisted.websocket import WebSocketClientFactory
     from twisted.internet import reactor
     from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -611,29 +610,8 @@ def test_wss_on_an_ssl_endpoint(tmp_path):
     port = (yield listener._waitingForPort).getHost().port
 
     def connect_tls(origin):
-        factory = WebSocketClientFactory(
-            f"wss://localhost:{port}/esf", protocols=["esf.v1"], origin=origin, reactor=reactor
-        )
-        factory.protocol = WSClient
-        made = []
-        build = factory.buildProtocol
-        factory.buildProtocol = lambda addr: made.append(build(addr)) or made[-1]
         options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
-        reactor.connectSSL("127.0.0.1", port, factory, options, timeout=5)
-
-        def opened():
-            d = defer.Deferred()
-
-            def poll():
-                if made:
-                    made[0].opened.chainDeferred(d)
-                else:
-                    reactor.callLater(0.01, poll)
-
-            poll()
-            return d
-
-        return with_timeout(opened())
+        return connect(port, origin=origin, tls=options, timeout=5)
 
     try:
         alice = yield connect_tls(f"https://localhost:{port}")

@@ -7,14 +7,11 @@ anything is, is never asserted here.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+
+from test_bench import run_bench
 
 from esf import bench
 from esf.wire import FrameDecoder, MessageType, WireConfig
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_websocket_frames():
@@ -52,16 +49,7 @@ def test_websocket_checker_counts_whole_messages():
 
 
 def test_quick_send_over_websocket_and_tcp():
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "esf.bench", "--quick", "--mode", "send", "--no-bare",
-            "--no-progress", "--json", "-",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    proc = run_bench("--quick", "--mode", "send", "--no-bare", "--no-progress", "--json", "-")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True

@@ -7,7 +7,7 @@ subprocess) exchange messages, and a third page that logs on as the first
 page's user pushes it out, with the notice on screen.
 
 They need C{chromium}, C{chromedriver} and the C{selenium} package; without
-them they skip, loudly, except under CI (C{ESF_CI=1}), where they fail.
+them they skip, loudly, except under CI, where they fail (L{_real_parts.missing}).
 
 The last test saves a screenshot of the chat; to refresh the one in the
 docs run C{ESF_SCREENSHOT=docs/websocket-chat.png python -m pytest
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from test_e2e import REPO, ServerProcess, server_env
-from test_websocket_js import need
+from _real_parts import missing, need_program
 
 pytestmark = pytest.mark.e2e
 
@@ -76,15 +76,13 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    chromium = need("chromium", "the browser tests")
-    chromedriver = need("chromedriver", "the browser tests")
+    chromium = need_program("chromium", "the browser tests cannot run ('.ci/run' installs it)")
+    chromedriver = need_program("chromedriver", "the browser tests cannot run ('.ci/run' installs it)")
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        if os.environ.get("ESF_CI") == "1":
-            pytest.fail("the selenium package is not installed (pip install '.[test]')")
-        pytest.skip("!!! SKIPPED: the selenium package is not installed (pip install '.[test]')")
+        missing("the selenium package is not installed (pip install '.[test]')")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in CHROMIUM_FLAGS:

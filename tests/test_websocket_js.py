@@ -2,40 +2,25 @@
 The JavaScript client's own tests (C{tests/js/*.test.mjs}), run with node's
 test runner: its codec against the Python codec's golden vectors, and its
 client logic on a fake WebSocket and clock.  They need C{node}; without it
-they skip, loudly, except under CI (C{ESF_CI=1}), where they fail.
+they skip, loudly, except under CI, where they fail (L{_real_parts.missing}).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 HERE = Path(__file__).resolve().parent
 JS = HERE / "js"
 sys.path.insert(0, str(JS))
 
 import export_vectors
+from _real_parts import need_program
 
 # The wheel built from a clean copy of the checkout (tests/test_packaging.py).
 from test_packaging import wheel  # noqa: F401
-
-
-def need(program: str, why: str) -> str:
-    """
-    The path of C{program}; skip (fail under CI) when it is missing.
-    """
-    path = shutil.which(program)
-    if path is None:
-        message = f"{program} is not installed: {why} cannot run ('.ci/run' installs it)"
-        if os.environ.get("ESF_CI") == "1":
-            pytest.fail(message)
-        pytest.skip(f"!!! SKIPPED: {message}")
-    return path
 
 
 def test_vectors_json_is_the_python_codecs():
@@ -47,7 +32,7 @@ def test_vectors_json_is_the_python_codecs():
 
 
 def test_javascript_client_with_node():
-    node = need("node", "the JavaScript client's tests")
+    node = need_program("node", "the JavaScript client's tests cannot run ('.ci/run' installs it)")
     version = subprocess.run(
         [node, "--version"], capture_output=True, text=True, check=True
     ).stdout

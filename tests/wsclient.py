@@ -143,15 +143,18 @@ class ConnectionRefusedByServer(Exception):
     """
 
 
-def connect(port, *, path="/esf", protocols=("esf.v1",), origin=None, headers=None, timeout=10):
+def connect(port, *, path="/esf", protocols=("esf.v1",), origin=None, headers=None, timeout=10, tls=None):
     """
     Connect to C{ws://127.0.0.1:port/path}; fire with the L{WSClient} once
     the handshake is done (or fail with L{ConnectionRefusedByServer}).
+    C{tls}: client TLS options (C{optionsForClientTLS("localhost", ...)}),
+    to connect to C{wss://localhost:port/path} instead.
     """
     from twisted.internet import reactor
 
+    url = f"wss://localhost:{port}{path}" if tls is not None else f"ws://127.0.0.1:{port}{path}"
     factory = WebSocketClientFactory(
-        f"ws://127.0.0.1:{port}{path}",
+        url,
         protocols=list(protocols),
         origin=origin,
         headers=headers or {},
@@ -167,7 +170,10 @@ def connect(port, *, path="/esf", protocols=("esf.v1",), origin=None, headers=No
         return protocol
 
     factory.buildProtocol = build
-    reactor.connectTCP("127.0.0.1", port, factory, timeout=timeout)
+    if tls is not None:
+        reactor.connectSSL("127.0.0.1", port, factory, tls, timeout=timeout)
+    else:
+        reactor.connectTCP("127.0.0.1", port, factory, timeout=timeout)
     d = Deferred()
 
     def poll():
