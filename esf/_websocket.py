@@ -118,8 +118,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
     #: over the one for the session's reason.
     _close_code: int | None = None
     #: The start of a whole binary message cut off by the end of a read
-    #: (L{_whole_messages}), completed by the next.
-    _tail = b""
+    #: (L{_whole_messages}), and how many bytes complete it (or its header).
+    _tail: bytearray | None = None
+    _tail_needs = 0
 
     # -- connection ------------------------------------------------------------
 
@@ -138,8 +139,15 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # engine then writes each receiver's output once per read.
         self._frames = []
         try:
-            if self._tail:
-                data, self._tail = self._tail + data, b""
+            tail = self._tail
+            if tail is not None:
+                # A message cut off by the last read's end: wait for all of
+                # it (gathered in place: a message trickled in byte by byte
+                # costs no copy per byte).
+                tail += data
+                if len(tail) < self._tail_needs:
+                    return
+                data, self._tail = bytes(tail), None
             if (
                 self.state == self.STATE_OPEN
                 and self.current_frame is None
@@ -184,8 +192,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 start = offset + 2
             elif length == 0xFE:  # masked, a 16-bit length
                 if size - offset < 4:
-                    self._tail = data[offset:]  # its header is cut off
-                    return b""
+                    return self._keep(data, offset, 4)  # its header is cut off
                 length = (data[offset + 2] << 8) | data[offset + 3]
                 if length < 126:
                     break  # not the shortest encoding: autobahn refuses it
@@ -200,8 +207,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 # end: kept here (at most one message of under 64 KiB)
                 # until the next read completes it, so that autobahn, which
                 # would keep it otherwise, does not take every read after.
-                self._tail = data[offset:]
-                return b""
+                return self._keep(data, offset, end - offset)
             mask = data[start : start + 4]
             received(
                 (
@@ -212,10 +218,17 @@ class WebSocketProtocol(WebSocketServerProtocol):
             offset = end
             if self._closing or self.state != self.STATE_OPEN:
                 break
-        if offset < size and size - offset < 2 and data[offset] == 0x82:
-            self._tail = data[offset:]  # one byte of the next header
-            return b""
+        if offset == size - 1 and data[offset] == 0x82:
+            return self._keep(data, offset, 2)  # one byte of the next header
         return data[offset:] if offset else data
+
+    def _keep(self, data: bytes, offset: int, needs: int) -> bytes:
+        """
+        Keep C{data} from C{offset} until C{needs} bytes of it have come.
+        """
+        self._tail = bytearray(data[offset:] if offset else data)
+        self._tail_needs = needs
+        return b""
 
     def _deliver(self) -> None:
         frames, self._frames = self._frames, None

@@ -328,6 +328,28 @@ def test_a_read_of_many_messages_is_relayed_as_sent(engine, pages):
         assert _received(bob) == frames, cut
 
 
+def test_a_message_trickled_in_byte_by_byte_is_gathered_in_place(engine, pages):
+    """
+    A whole message that comes a byte per read is gathered in one buffer,
+    not copied again with each byte (which would cost its size squared).
+    """
+    alice = pages().logon("alice")
+    bob = Client(engine)
+    bob.logon("bob")
+    bob.take()
+    [frame] = _sends(alice, "bob", 1, size=MAX - 100)
+    message = client_frame(BINARY, frame)
+    buffers: list = []  # each buffer the message was gathered in, kept alive
+    for i in range(len(message)):
+        alice.protocol.dataReceived(message[i : i + 1])
+        tail = alice.protocol._tail
+        if tail is not None and not any(tail is b for b in buffers):
+            buffers.append(tail)
+    assert _received(bob) == [frame]
+    # One for the first byte, one for the 16-bit length, one for the rest.
+    assert len(buffers) <= 3
+
+
 def test_control_frames_and_fragments_amid_whole_messages(engine, pages):
     """
     What is not a whole binary message (a ping, a fragmented message) is
