@@ -1915,6 +1915,8 @@ def _usage(start: dict | None, end: dict | None) -> dict:
 #: A load worker busier than this (% of one core) while the server is below
 #: it makes the phase's figure the load generator's, not the server's.
 BUSY_PERCENT = 85.0
+#: Phases shorter than this (seconds) are not judged by L{load_bound}.
+MIN_JUDGED_S = 0.5
 
 
 def load_bound(result: dict, nproc: int, mode: str) -> str | None:
@@ -1927,6 +1929,11 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     a warning there.
     """
     if mode == "idle":
+        return None
+    elapsed = result.get("elapsed_s")
+    if elapsed is not None and elapsed < MIN_JUDGED_S:
+        # CPU times come in clock ticks (10 ms): a phase this short gives
+        # percentages that say nothing (a worker at 180% of a core).
         return None
     server, busiest, load = (
         result.get("server_cpu_percent"), result.get("load_cpu_max_percent"), result.get("load_cpu_percent")
@@ -1955,7 +1962,7 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
             f"the {nproc} core(s) this run may use were busy ({load:.0f}% load generator, {server:.0f}% server): "
             "the server did not have a core to itself"
         )
-    if mode == "send" and result.get("elapsed_s", 0) >= 0.5:
+    if mode == "send" and elapsed is not None:
         return (
             f"the server used only {server:.0f}% of a core: the load's window (--window-bytes) "
             f"or its CPU ({load:.0f}%) set the rate"

@@ -361,6 +361,9 @@ def test_load_bound_warning():
     assert bench.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None  # no server CPU (--server)
     shared = dict(idle_server, machine_cpu_percent=190.0)
     assert "other processes used 120%" in bench.load_bound(shared, 2, "send")
+    # A phase too short for CPU times counted in 10 ms ticks: not judged.
+    assert bench.load_bound(dict(busy_load, elapsed_s=0.08), 2, "logons") is None
+    assert bench.load_bound(dict(shared, elapsed_s=0.3), 2, "send") is None
 
 
 def test_no_load_bound_warning_in_idle_mode():
