@@ -187,8 +187,9 @@ class Logons:
         if session.state is not SessionState.LOGGING_ON:
             return  # the connection went away meanwhile
         if isinstance(outcome, Failure):
-            if outcome.check(LogonRefused):
-                cause = outcome.value.cause
+            refused = outcome.value
+            if isinstance(refused, LogonRefused):
+                cause = refused.cause
             else:
                 log.failure("verify_user raised for {user_id}", outcome, user_id=session.user_id)
                 cause = "logon verification failed"
@@ -198,9 +199,11 @@ class Logons:
             self._refuse(session, frame, Refuse(LogonResult.FAILED, "invalid user ID or password"))
             return
         engine = self.engine
-        holder = engine.presence.get(session.user_id, session.client_type)
+        user_id, client_type = session.user_id, session.client_type
+        assert user_id is not None and client_type is not None  # set by _admit
+        holder = engine.presence.get(user_id, client_type)
         decision = self.policy.settle(
-            session.user_id, session.client_type, session.logon_order, holder,
+            user_id, client_type, session.logon_order, holder,
             engine.clock.seconds(),
         )
         if isinstance(decision, Refuse):
@@ -258,6 +261,7 @@ class Logons:
         session.end(refusal.reason, f"logon refused ({refusal.result.name}): {refusal.cause}")
 
     def _ignore(self, session: Session, frame: Frame, holder: Any) -> None:
+        assert session.client_type is not None  # set by _admit
         self.engine.user_manager.new_connection_ignored.fire(
             session.user_id, as_client_type(session.client_type), session.address
         )
@@ -291,6 +295,7 @@ class Logons:
         ).encode()
 
     def _push_out(self, old: Any, new: Session) -> None:
+        assert new.client_type is not None  # set by _admit
         cause = (
             f"{old.user_id} logged on again with the same device "
             f"({kind_name(new.client_type)}) from {new.address}"
@@ -300,6 +305,7 @@ class Logons:
     def _bind(self, session: Session, frame: Frame, handover: bool) -> None:
         engine = self.engine
         config = engine.config
+        assert session.user_id is not None and session.client_type is not None  # set by _admit
         session.state = SessionState.LOGGED_ON
         if session.logon_timer is not None:
             session.logon_timer.cancel()
@@ -319,7 +325,6 @@ class Logons:
             engine.offline.logged_on(session)
         else:
             session.release_held()
-        assert session.user_id is not None and session.client_type is not None
         self.record.add(
             session.user_id, session.client_type, session.address, session.last_active
         )

@@ -129,6 +129,7 @@ class BasicServices:
 
     def get_my_devices(self, session: Session, frame: Frame) -> None:
         m.Empty.decode(frame.body)
+        assert session.user_id is not None  # logged on
         kinds = [h.client_type for h in self.engine.presence.devices(session.user_id)]
         session.reply(frame, m.GetMyDevicesReply(kinds).encode())
 
@@ -137,7 +138,7 @@ class BasicServices:
         operator, target = session.user_id, frame.dest_user_id
         engine = self.engine
         if operator in engine.config.admins:
-            allowed: Deferred = succeed(True)
+            allowed: Deferred[Any] = succeed(True)
         else:
             allowed = call(engine.handler.can_kick_out, operator, target, None)
         allowed.addBoth(self._kick_authorised, session, frame, target, request.reason)
@@ -167,6 +168,7 @@ class BasicServices:
             session.reply(frame, m.KickOutReply(False, f"{target} is not online").encode())
             return
         session.reply(frame, m.KickOutReply(True, "").encode())
+        assert session.user_id is not None  # logged on
         self.engine.kick_out(target, reason, operator=session.user_id, origin="client")
 
 
@@ -209,6 +211,7 @@ class ApplicationServices:
             engine.counters[Count.UNHANDLED] += 1
             session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
             return
+        assert session.client_type is not None  # logged on
         d = call(
             engine.customize_handler.handle_information,
             session.user_id,
@@ -229,6 +232,7 @@ class ApplicationServices:
         if engine.customize_handler is None:
             session.error(frame, ErrorCode.HANDLER_ERROR, "this server has no customize handler")
             return
+        assert session.client_type is not None  # logged on
         d = call(
             engine.customize_handler.handle_query,
             session.user_id,
@@ -333,6 +337,7 @@ class ApplicationServices:
             )
         budget = engine.budget
         user_id = session.user_id
+        assert user_id is not None  # logged on
         size = len(fragment.payload)
         before = blobs.buffered
         try:
@@ -395,8 +400,9 @@ class ApplicationServices:
                 session.reply(frame, m.Ack(info.information_type).encode(), MessageType.ACK)
 
         def failed(failure: Failure) -> None:
-            if failure.check(m.RequestError):
-                session.error(frame, failure.value.code, failure.value.text)
+            error = failure.value
+            if isinstance(error, m.RequestError):
+                session.error(frame, error.code, error.text)
             else:
                 self._handler_failed(failure, session, frame, "group manager")
 

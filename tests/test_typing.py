@@ -2,8 +2,7 @@
 The typed part of the public API passes C{mypy --strict}.
 
 Listed here are the modules whose annotations are complete.  Not yet
-covered: the engine's parts esf/_services.py and esf/_logon.py (whose
-names are not public), the cluster
+covered: the cluster
 (esf/_cluster.py, esf/cluster.py), esf/_admin.py, esf/_audit.py,
 esf/_metrics.py, esf/operations.py, esf/cli.py,
 esf/bench.py and esf/examples/.  They join the list as they are
@@ -53,6 +52,8 @@ TYPED = [
     "esf/_protocol.py",
     "esf/_websocket.py",
     "esf/_memory.py",
+    "esf/_services.py",
+    "esf/_logon.py",
 ]
 
 
