@@ -19,17 +19,24 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.logger import (
     ILogObserver,
     LogLevel,
+    LogPublisher,
     globalLogPublisher,
     jsonFileLogObserver,
 )
 from twisted.application.service import Service
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
+
+if TYPE_CHECKING:
+    from twisted.logger import LogEvent
+
+    from ._config import UserData
+    from ._engine import ServerEngine
 
 
 __all__ = [
@@ -60,7 +67,7 @@ MAX_ROTATED_FILES = 10
 _REFUSED = re.compile(r"logon refused \((?P<result>\w+)\): (?P<cause>.*)", re.DOTALL)
 
 
-def kick_origin(event: dict) -> str:
+def kick_origin(event: LogEvent) -> str:
     """
     Where the kick of a C{kick_out} log event came from: the engine's
     C{origin} field (C{"admin_api"}, C{"server_api"}: the application called
@@ -69,7 +76,7 @@ def kick_origin(event: dict) -> str:
     return str(event.get("origin") or "server_api")
 
 
-def logon_refusal(event: dict) -> tuple[str, str] | None:
+def logon_refusal(event: LogEvent) -> tuple[str, str] | None:
     """
     C{(result, cause)} if C{event} is the C{session_ended} event of a
     refused logon (the engine ends such a session with the text
@@ -101,12 +108,13 @@ def open_audit_file(path: str) -> LogFile:
     The audit file at C{path}: appended to, readable by its owner only,
     rotated past L{ROTATE_LENGTH} bytes.
     """
-    return LogFile.fromFullPath(
+    log_file: LogFile = LogFile.fromFullPath(
         path,
         rotateLength=ROTATE_LENGTH,
         maxRotatedFiles=MAX_ROTATED_FILES,
         defaultMode=0o600,
     )
+    return log_file
 
 
 @implementer(ILogObserver)
@@ -125,9 +133,9 @@ class AuditLog:
         self,
         out: Any = None,
         *,
-        engine: Any = None,
-        publisher: Any = globalLogPublisher,
-        write: Callable[[dict], None] | None = None,
+        engine: ServerEngine | None = None,
+        publisher: LogPublisher = globalLogPublisher,
+        write: Callable[[LogEvent], None] | None = None,
     ):
         if write is None:
             if out is None:
@@ -173,9 +181,9 @@ class AuditLog:
     def _now(self) -> float:
         return self.engine.clock.seconds() if self.engine is not None else time.time()
 
-    def __call__(self, event: dict) -> None:
+    def __call__(self, event: LogEvent) -> None:
         name = event.get("esf_event")
-        if name is None or name not in WATCHED.get(event.get("log_namespace"), ()):
+        if name is None or name not in WATCHED.get(event.get("log_namespace", ""), ()):
             return
         when = event.get("log_time")
         if name == "logged_on":
@@ -247,7 +255,7 @@ class AuditLog:
                 path=event.get("path"),
             )
 
-    def _pushed_out(self, user_data: Any, new_address: str) -> None:
+    def _pushed_out(self, user_data: UserData, new_address: str) -> None:
         self.record(
             "push_out",
             "push-out: {user_id}/{client_type} from {address} replaced by a logon from "
@@ -264,18 +272,18 @@ class AuditService(Service):
     Writes C{engine}'s audit log to C{path} while running.
     """
 
-    def __init__(self, engine: Any, path: str):
+    def __init__(self, engine: ServerEngine, path: str):
         self.engine = engine
         self.path = path
         self.audit: AuditLog | None = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service has no annotations
         self.audit = AuditLog(open_audit_file(self.path), engine=self.engine)
         self.audit.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self.audit is not None:
             self.audit.stop()
             self.audit = None

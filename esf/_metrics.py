@@ -27,7 +27,7 @@ in the reactor's thread pool, which is why it is not used.)
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -36,9 +36,12 @@ from prometheus_client.registry import Collector
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -46,6 +49,13 @@ from ._audit import kick_origin, logon_refusal
 from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._session import RELAYED
 from ._wire import ClientType, DisconnectedType, LogonResult, MessageType
+
+if TYPE_CHECKING:
+    from twisted.logger import LogEvent
+
+    from ._config import UserData
+    from ._engine import ServerEngine
+    from ._session import Session
 
 __all__ = [
     "OnlineDevices",
@@ -162,7 +172,7 @@ def server_version() -> str:
         return "unknown"
 
 
-def _output_backlog(session: Any) -> tuple[bool, int]:
+def _output_backlog(session: Session) -> tuple[bool, int]:
     # The session's own flow-control state: whether its peer is behind,
     # and the bytes queued for it since (bounded by --max-output-buffer).
     # The session keeps them in private slots, and this is the one place
@@ -179,7 +189,7 @@ class OnlineDevices:
     @ivar by_kind: device kind (L{int}) -> devices online.
     """
 
-    def __init__(self, engine: Any):
+    def __init__(self, engine: ServerEngine):
         self.engine = engine
         self.by_kind: collections.Counter[int] = collections.Counter()
         self._unsubscribe: list[Callable[[], None]] = []
@@ -204,10 +214,10 @@ class OnlineDevices:
             unsubscribe()
         self._unsubscribe = []
 
-    def _connected(self, user_data: Any) -> None:
+    def _connected(self, user_data: UserData) -> None:
         self.by_kind[int(user_data.client_type)] += 1
 
-    def _disconnected(self, user_data: Any, reason: Any) -> None:
+    def _disconnected(self, user_data: UserData, reason: DisconnectedType) -> None:
         kind = int(user_data.client_type)
         self.by_kind[kind] -= 1
         if not self.by_kind[kind]:
@@ -226,7 +236,7 @@ class ServerMetrics(Collector):
     @ivar tally: the counts kept from events, keyed C{(family, label)}.
     """
 
-    def __init__(self, engine: Any, *, publisher: Any = globalLogPublisher):
+    def __init__(self, engine: ServerEngine, *, publisher: LogPublisher = globalLogPublisher):
         self.engine = engine
         self.publisher = publisher
         self.tally: collections.Counter[tuple[str, Any]] = collections.Counter()
@@ -252,7 +262,7 @@ class ServerMetrics(Collector):
             um.device_being_pushed_out.subscribe(self._pushed_out),
             um.heartbeat_timed_out.subscribe(self._heartbeat_timed_out),
         ]
-        self.publisher.addObserver(self._observe)
+        self.publisher.addObserver(cast(ILogObserver, self._observe))
         if self.engine.offline is not None:
             looks = self._offline_looks = LoopingCall(self._look_at_offline_store)
             looks.clock = self.engine.clock
@@ -267,12 +277,14 @@ class ServerMetrics(Collector):
             unsubscribe()
         self._unsubscribe = []
         self.devices.stop()
-        self.publisher.removeObserver(self._observe)
+        self.publisher.removeObserver(cast(ILogObserver, self._observe))
 
     def _look_at_offline_store(self) -> Deferred[None]:
         # The next look waits for this one's answer: a slow store is never
         # asked twice at once.
-        d = maybeDeferred(self.engine.offline.store.total_counts)
+        offline = self.engine.offline
+        assert offline is not None  # looked at only when there is one
+        d = maybeDeferred(offline.store.total_counts)
 
         def got(totals: tuple[int, int]) -> None:
             self.offline_totals = (int(totals[0]), int(totals[1]))
@@ -286,16 +298,16 @@ class ServerMetrics(Collector):
 
         return d.addCallbacks(got, failed)
 
-    def _device_connected(self, user_data: Any) -> None:
+    def _device_connected(self, user_data: UserData) -> None:
         self.tally["logons", "succeed"] += 1
 
-    def _pushed_out(self, user_data: Any, new_address: str) -> None:
+    def _pushed_out(self, user_data: UserData, new_address: str) -> None:
         self.tally["push_outs", None] += 1
 
-    def _heartbeat_timed_out(self, user_data: Any) -> None:
+    def _heartbeat_timed_out(self, user_data: UserData) -> None:
         self.tally["heartbeat_timeouts", None] += 1
 
-    def _observe(self, event: dict) -> None:
+    def _observe(self, event: LogEvent) -> None:
         name = event.get("esf_event")
         if name is None or event.get("log_namespace") != "esf.server":
             return
@@ -458,10 +470,10 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource has no annotations
         self.registry = registry
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: IRequest) -> bytes:
         encoder, content_type = choose_encoder(request.getHeader("accept") or "")
         body = encoder(self.registry)
         request.setHeader(b"content-type", content_type.encode("ascii"))
@@ -472,7 +484,7 @@ class MetricsResource(Resource):
 
 
 class MetricsSite(Site):
-    def log(self, request: Any) -> None:
+    def log(self, request: Request) -> None:
         # A scrape every few seconds would fill the server's log.
         pass
 
@@ -482,11 +494,11 @@ class _Attached(Service):
         self.metrics = metrics
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service has no annotations
         self.metrics.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.metrics.stop()
 
 
@@ -496,15 +508,21 @@ class MetricsService(MultiService):
     cannot be bound makes L{startService} raise.
     """
 
-    def __init__(self, engine: Any, endpoint: Any, *, publisher: Any = globalLogPublisher):
-        super().__init__()
+    def __init__(
+        self,
+        engine: ServerEngine,
+        endpoint: IStreamServerEndpoint,
+        *,
+        publisher: LogPublisher = globalLogPublisher,
+    ):
+        super().__init__()  # type: ignore[no-untyped-call]
         self.metrics = ServerMetrics(engine, publisher=publisher)
         self.registry = make_registry(self.metrics)
         root = Resource()
         root.putChild(b"metrics", MetricsResource(self.registry))
-        site = MetricsSite(root, timeout=60)
+        site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
-        _Attached(self.metrics).setServiceParent(self)
+        _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.listener = StreamServerEndpointService(endpoint, site)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
