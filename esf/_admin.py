@@ -31,11 +31,12 @@ import json
 import os
 import stat
 from importlib import resources
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -45,6 +46,10 @@ from ._config import ServerConfig
 from ._metrics import OnlineDevices, kind_label, server_version
 from ._policy import SlidingWindow
 from ._wire import ClientType
+from .interfaces import IDeviceHandle
+
+if TYPE_CHECKING:
+    from ._engine import ServerEngine
 
 __all__ = [
     "AdminApi",
@@ -164,7 +169,9 @@ class OnlineHistory:
     engine's clock; the last C{keep} samples are kept (an hour by default).
     """
 
-    def __init__(self, engine: Any, devices: OnlineDevices, interval: float = 10, keep: int = 360):
+    def __init__(
+        self, engine: ServerEngine, devices: OnlineDevices, interval: float = 10, keep: int = 360
+    ):
         self.engine = engine
         self.devices = devices
         self.interval = interval
@@ -209,10 +216,11 @@ class BoundedRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
-            super().gotLength(0)
+            # (twisted.web.http.Request has no annotations.)
+            super().gotLength(0)  # type: ignore[no-untyped-call]
             self._refuse_body()
             return
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -221,11 +229,11 @@ class BoundedRequest(Request):
         if self._received > self.max_body:
             self._refuse_body()
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
 
     def process(self) -> None:
         if not self._refused:
-            super().process()
+            super().process()  # type: ignore[no-untyped-call]
 
     def _refuse_body(self) -> None:
         self._refused = True
@@ -238,7 +246,9 @@ class BoundedRequest(Request):
             b"Connection: close\r\n"
             b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n"
         )
-        self.channel.transport.write(head + body)
+        transport = self.channel.transport
+        assert transport is not None  # a body is arriving on it
+        transport.write(head + body)
         self.channel.loseConnection()
 
 
@@ -308,12 +318,12 @@ class AdminApi(Resource):
 
     def __init__(
         self,
-        engine: Any,
+        engine: ServerEngine,
         token: str | None,
         devices: OnlineDevices,
         history: OnlineHistory | None = None,
     ):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource has no annotations
         self.engine = engine
         self.token = token.encode("utf-8") if token is not None else None
         self.devices = devices
@@ -323,13 +333,14 @@ class AdminApi(Resource):
 
     # -- dispatch ------------------------------------------------------------------
 
-    def render(self, request: Any) -> bytes:
+    def render(self, request: Request) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         method = b"GET" if request.method == b"HEAD" else request.method
         audit: dict[str, Any] = {}
         try:
             self._authorise(request)
+            assert request.postpath is not None  # set as the resource was found
             try:
                 segments = [s.decode("utf-8") for s in request.postpath]
             except UnicodeDecodeError:
@@ -366,7 +377,7 @@ class AdminApi(Resource):
             self._log_action(request, status, audit)
         return _json_bytes(body)
 
-    def _authorise(self, request: Any) -> None:
+    def _authorise(self, request: Request) -> None:
         if self.token is None:
             return
         given = request.getHeader(b"authorization") or b""
@@ -390,7 +401,7 @@ class AdminApi(Resource):
             ((b"www-authenticate", b'Bearer realm="esf"'),),
         )
 
-    def _log_action(self, request: Any, status: int, audit: dict[str, Any]) -> None:
+    def _log_action(self, request: Request, status: int, audit: dict[str, Any]) -> None:
         log.info(
             "admin {action} by {peer}: {status}",
             esf_event="admin_action",
@@ -401,7 +412,7 @@ class AdminApi(Resource):
 
     # -- reading -------------------------------------------------------------------
 
-    def info(self, request: Any) -> dict:
+    def info(self, request: Request) -> dict[str, Any]:
         engine = self.engine
         now = engine.clock.seconds()
         by_kind = {kind_label(k): n for k, n in sorted(self.devices.by_kind.items()) if n}
@@ -420,12 +431,12 @@ class AdminApi(Resource):
             "options": config_summary(engine.config),
         }
 
-    def history(self, request: Any) -> dict:
+    def history(self, request: Request) -> dict[str, Any]:
         _query(request, set())
         history = self.online_history
         return {"interval": history.interval, "samples": [list(s) for s in history.samples]}
 
-    def sessions(self, request: Any) -> dict:
+    def sessions(self, request: Request) -> dict[str, Any]:
         query = _query(request, {"user", "user_prefix", "kind", "address", "offset", "limit"})
         offset = _whole(query.get("offset", "0"), "offset", 0, None)
         limit = _whole(query.get("limit", str(DEFAULT_PAGE)), "limit", 1, MAX_PAGE)
@@ -434,7 +445,7 @@ class AdminApi(Resource):
         prefix = query.get("user_prefix")
         presence = self.engine.presence
         if "user" in query:
-            user_ids: Any = [query["user"]]
+            user_ids: list[str] = [query["user"]]
         else:
             user_ids = presence.user_ids()
         total, page = 0, []
@@ -451,12 +462,12 @@ class AdminApi(Resource):
                 total += 1
         return {"total": total, "offset": offset, "limit": limit, "sessions": page}
 
-    def user(self, request: Any, user_id: str) -> dict:
+    def user(self, request: Request, user_id: str) -> dict[str, Any]:
         _query(request, set())
         devices = self._online(user_id)
         return {"user_id": user_id, "devices": [self._device(h) for h in devices]}
 
-    def _online(self, user_id: str, kind: int | None = None) -> tuple:
+    def _online(self, user_id: str, kind: int | None = None) -> tuple[IDeviceHandle, ...]:
         devices = tuple(self.engine.presence.devices(user_id))
         if kind is not None:
             devices = tuple(h for h in devices if h.client_type == kind)
@@ -465,7 +476,7 @@ class AdminApi(Resource):
             raise ApiError(404, "not_online", f"{what} is not online")
         return devices
 
-    def _device(self, handle: Any) -> dict:
+    def _device(self, handle: IDeviceHandle) -> dict[str, Any]:
         user_data = handle.user_data
         return {
             "user_id": handle.user_id,
@@ -486,13 +497,17 @@ class AdminApi(Resource):
         if self.engine.stopping:
             raise ApiError(409, "stopping", "the server is shutting down")
 
-    def kick(self, request: Any, audit: dict, user_id: str) -> dict:
+    def kick(self, request: Request, audit: dict[str, Any], user_id: str) -> dict[str, Any]:
         return self._kick(request, audit, user_id, None)
 
-    def kick_device(self, request: Any, audit: dict, user_id: str, kind: str) -> dict:
+    def kick_device(
+        self, request: Request, audit: dict[str, Any], user_id: str, kind: str
+    ) -> dict[str, Any]:
         return self._kick(request, audit, user_id, _kind(kind))
 
-    def _kick(self, request: Any, audit: dict, user_id: str, kind: int | None) -> dict:
+    def _kick(
+        self, request: Request, audit: dict[str, Any], user_id: str, kind: int | None
+    ) -> dict[str, Any]:
         audit.update(user_id=user_id, client_type=kind)
         body = _body(request, {"reason"})
         reason = body.get("reason", "")
@@ -509,7 +524,7 @@ class AdminApi(Resource):
         audit["count"] = count
         return {"user_id": user_id, "kicked": count}
 
-    def notice(self, request: Any, audit: dict, user_id: str) -> dict:
+    def notice(self, request: Request, audit: dict[str, Any], user_id: str) -> dict[str, Any]:
         audit["user_id"] = user_id
         information_type, payload, kind = self._message(request, audit, device=True)
         self._writable()
@@ -518,7 +533,7 @@ class AdminApi(Resource):
         audit["count"] = count
         return {"user_id": user_id, "devices": count}
 
-    def broadcast(self, request: Any, audit: dict) -> dict:
+    def broadcast(self, request: Request, audit: dict[str, Any]) -> dict[str, Any]:
         information_type, payload, _ = self._message(request, audit, device=False)
         self._writable()
         engine = self.engine
@@ -531,7 +546,9 @@ class AdminApi(Resource):
         audit["count"] = devices
         return {"users": users, "devices": devices}
 
-    def _message(self, request: Any, audit: dict, device: bool) -> tuple[int, bytes, int | None]:
+    def _message(
+        self, request: Request, audit: dict[str, Any], device: bool
+    ) -> tuple[int, bytes, int | None]:
         allowed = {"text", "payload_hex", "information_type"} | ({"kind"} if device else set())
         body = _body(request, allowed)
         if ("text" in body) == ("payload_hex" in body):
@@ -569,7 +586,7 @@ class AdminApi(Resource):
         return information_type, payload, kind
 
 
-def _peer(request: Any) -> str:
+def _peer(request: Request) -> str:
     peer = request.getClientAddress()
     host = getattr(peer, "host", None)
     if host is None:
@@ -577,12 +594,12 @@ def _peer(request: Any) -> str:
     return f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
 
 
-def _address_of(handle: Any) -> str:
+def _address_of(handle: IDeviceHandle) -> str:
     user_data = handle.user_data
     return user_data.address if user_data is not None else ""
 
 
-def _query(request: Any, allowed: set[str]) -> dict[str, str]:
+def _query(request: Request, allowed: set[str]) -> dict[str, str]:
     query = {}
     for key, values in request.args.items():
         try:
@@ -627,7 +644,8 @@ def _kind(text: str) -> int:
     raise _bad(f"kind is a number 0..255 or one of {names}, not {text!r}")
 
 
-def _body(request: Any, allowed: set[str]) -> dict:
+def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    assert request.content is not None  # set once the length is known
     request.content.seek(0)
     data = request.content.read()
     if not data.strip():
@@ -646,7 +664,7 @@ def _body(request: Any, allowed: set[str]) -> dict:
     return body
 
 
-def config_summary(config: ServerConfig) -> dict:
+def config_summary(config: ServerConfig) -> dict[str, Any]:
     """
     The server's settings as JSON values; the system token only as whether
     one is set.
@@ -688,11 +706,11 @@ class StaticFile(Resource):
     isLeaf = True
 
     def __init__(self, name: str, content_type: bytes):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.data = (resources.files("esf") / "dashboard" / name).read_bytes()
         self.content_type = content_type
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"content-type", self.content_type)
         for name, value in _SECURITY_HEADERS:
             request.setHeader(name, value)
@@ -702,20 +720,21 @@ class StaticFile(Resource):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Any) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return _Redirect(b"/dashboard")
-        return super().getChild(path, request)
+        child: Resource = super().getChild(path, request)  # type: ignore[no-untyped-call]
+        return child
 
 
 class _Redirect(Resource):
     isLeaf = True
 
     def __init__(self, to: bytes):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.to = to
 
-    def render_GET(self, request: Any) -> bytes:
+    def render_GET(self, request: Request) -> bytes:
         request.redirect(self.to)
         return b""
 
@@ -728,17 +747,22 @@ class AdminSite(Site):
 
 
 def admin_site(
-    engine: Any, token: str | None, devices: OnlineDevices, history: OnlineHistory | None = None
+    engine: ServerEngine,
+    token: str | None,
+    devices: OnlineDevices,
+    history: OnlineHistory | None = None,
 ) -> Site:
     """
     The admin API and dashboard as a L{Site}.
     """
-    root = _Root()
+    root = _Root()  # type: ignore[no-untyped-call]
     root.putChild(b"api", AdminApi(engine, token, devices, history))
     root.putChild(b"dashboard", StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"dashboard.js", StaticFile("dashboard.js", b"text/javascript; charset=utf-8"))
     root.putChild(b"dashboard.css", StaticFile("dashboard.css", b"text/css; charset=utf-8"))
-    site = AdminSite(root, requestFactory=BoundedRequest, timeout=60)
+    site = AdminSite(  # type: ignore[no-untyped-call]
+        root, requestFactory=BoundedRequest, timeout=60
+    )
     site.displayTracebacks = False
     return site
 
@@ -749,12 +773,12 @@ class _Attached(Service):
         self.history = history
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service has no annotations
         self.devices.start()
         self.history.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.history.stop()
         self.devices.stop()
 
@@ -765,11 +789,11 @@ class AdminService(MultiService):
     that cannot be bound makes L{startService} raise.
     """
 
-    def __init__(self, engine: Any, endpoint: Any, token: str | None):
-        super().__init__()
+    def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint, token: str | None):
+        super().__init__()  # type: ignore[no-untyped-call]
         devices = OnlineDevices(engine)
         history = OnlineHistory(engine, devices)
-        _Attached(devices, history).setServiceParent(self)
+        _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.site = admin_site(engine, token, devices, history)
         self.listener = StreamServerEndpointService(endpoint, self.site)
         self.listener._raiseSynchronously = True
