@@ -35,11 +35,11 @@ import math
 import random
 import string
 import struct
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
-from sortedcontainers import SortedList
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet import endpoints
@@ -50,6 +50,7 @@ from twisted.internet.defer import (
     fail,
     succeed,
 )
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -62,6 +63,25 @@ from ._policy import TakeoverRefused
 from ._presence import Claim
 from ._wire import SERVER_ID, DisconnectedType, ErrorCode, MessageType, as_client_type, encode_frame
 from .interfaces import IDeviceHandle, IPresence
+
+if TYPE_CHECKING:
+    from ._engine import ServerEngine
+    from ._pending import PendingRequests
+    from ._presence import UserManager
+    from ._wire import WireConfig
+
+    class _Batch(Protocol):
+        """
+        What the cluster needs of the engine's output batch
+        (L{esf._output.OutputBatch}).
+        """
+
+        def begin(self) -> bool: ...
+
+        def flush(self) -> None: ...
+
+    #: How a L{RemoteHandle} posts a record: C{(handle, kind, a, b, data)}.
+    _Post = Callable[["RemoteHandle", int, int, int, bytes], None]
 
 __all__ = [
     "RedisURL",
@@ -156,8 +176,10 @@ class RedisURL:
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
-    def endpoint(self, reactor: Any, timeout: float) -> Any:
-        endpoint = endpoints.HostnameEndpoint(reactor, self.host, self.port, timeout=timeout)
+    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+        endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
+            reactor, self.host, self.port, timeout=timeout
+        )
         if self.tls:
             from twisted.internet.ssl import Certificate, optionsForClientTLS
 
@@ -180,19 +202,19 @@ class IRedisLink(Interface):
 
     connected = Attribute("""Whether commands can be sent now.""")
 
-    def start(on_connected, on_lost):
+    def start(on_connected: Callable[[], None], on_lost: Callable[[], None]) -> None:
         """
         Connect, and reconnect whenever the connection is lost; call
         C{on_connected()} each time it is ready, C{on_lost()} each time it
         is lost.
         """
 
-    def stop():
+    def stop() -> Deferred[None]:
         """
         Close the connection and stop reconnecting; a Deferred.
         """
 
-    def execute(*args, timeout=None):
+    def execute(*args: Any, timeout: float | None = None) -> Deferred[Any]:
         """
         Run one command; a Deferred of its reply.  Fails with
         L{RedisUnavailable} at once when not connected, and after
@@ -201,7 +223,7 @@ class IRedisLink(Interface):
         another command's.
         """
 
-    def eval(script, keys, args):
+    def eval(script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
         """
         Run a Lua script (EVALSHA, loading it when Redis does not know it),
         bounded like L{execute}.
@@ -221,7 +243,9 @@ class _LinkFactory(Factory):
         self.link = link
 
     def buildProtocol(self, addr: Any) -> Any:
-        import txredisapi
+        # txredisapi has no annotations (nor a py.typed marker): its
+        # protocol and what it returns are Any here.
+        import txredisapi  # type: ignore[import-untyped]
 
         url = self.link.url
         protocol = txredisapi.RedisProtocol(
@@ -235,7 +259,7 @@ class _LinkFactory(Factory):
         protocol.factory = self
         lost = protocol.connectionLost
 
-        def connection_lost(reason: Any) -> None:
+        def connection_lost(reason: Failure) -> None:
             try:
                 lost(reason)
             finally:
@@ -289,17 +313,18 @@ class RedisLink:
         )
         self._service.startService()
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         service, self._service = self._service, None
         self._on_connected = self._on_lost = lambda: None
         if service is None:
             return succeed(None)
-        return service.stopService()
+        stopped: Deferred[None] = service.stopService()
+        return stopped
 
-    def _prepare(self, protocol: Any) -> Deferred:
+    def _prepare(self, protocol: Any) -> Deferred[None]:
         # Ready once AUTH and SELECT are done; a connection that fails them
         # is closed by the protocol and counts as a failed attempt.
-        ready: Deferred = Deferred()
+        ready: Deferred[None] = Deferred()
 
         def connected(p: Any) -> None:
             if not ready.called:
@@ -320,7 +345,7 @@ class RedisLink:
             self._protocol = None
             self._on_lost()
 
-    def execute(self, *args: Any, timeout: float | None = None) -> Deferred:
+    def execute(self, *args: Any, timeout: float | None = None) -> Deferred[Any]:
         protocol = self._protocol
         if protocol is None:
             return fail(RedisUnavailable(f"not connected to Redis at {self.url}"))
@@ -330,7 +355,7 @@ class RedisLink:
             return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, args[0], timeout)
 
-    def eval(self, script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Deferred:
+    def eval(self, script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
         protocol = self._protocol
         if protocol is None:
             return fail(RedisUnavailable(f"not connected to Redis at {self.url}"))
@@ -340,7 +365,9 @@ class RedisLink:
             return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, "EVAL", None)
 
-    def _bounded(self, d: Deferred, protocol: Any, command: Any, timeout: float | None) -> Deferred:
+    def _bounded(
+        self, d: Deferred[Any], protocol: Any, command: Any, timeout: float | None
+    ) -> Deferred[Any]:
         import txredisapi
 
         timeout = self.timeout if timeout is None else timeout
@@ -514,7 +541,8 @@ def _stream_id(raw: bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _fields(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+def _fields(flat: Sequence[Any]) -> dict[bytes, Any]:
+    # (A hash's values are bytes; XINFO's are also numbers and nested replies.)
     return dict(zip(flat[::2], flat[1::2]))
 
 
@@ -535,7 +563,7 @@ class _Holder:
         return cls(sid, node, float(when), address)
 
     @classmethod
-    def of(cls, handle: Any) -> _Holder:
+    def of(cls, handle: IDeviceHandle) -> _Holder:
         data = handle.user_data
         when = data.logon_time if data is not None else 0.0
         address = data.address if data is not None else getattr(handle, "address", "?")
@@ -584,7 +612,7 @@ def _unpack(data: bytes, count: int) -> list[bytes]:
 _OUTBOX_FLUSH_BYTES = 256 * 1024
 
 
-def _records(packed: bytes):
+def _records(packed: bytes) -> Iterator[tuple[int, str, int, int, bytes]]:
     """
     The records of one inbox entry: C{(kind, session_id, a, b, data)}.
     """
@@ -609,7 +637,7 @@ class RemoteHandle:
 
     __slots__ = ("user_id", "client_type", "session_id", "node", "logon_order", "user_data", "_post")
 
-    def __init__(self, user_id: str, client_type: int, holder: _Holder, post: Callable):
+    def __init__(self, user_id: str, client_type: int, holder: _Holder, post: _Post):
         self.user_id = user_id
         self.client_type = client_type
         self.session_id = holder.session_id
@@ -709,7 +737,7 @@ class ClusterPresence:
         url: RedisURL | str,
         node_id: str,
         *,
-        clock: Any = None,
+        clock: IReactorTime | None = None,
         relogon_mode: RelogonMode = RelogonMode.REPLACE_OLD,
         lease: float = DEFAULT_LEASE,
         prefix: str = "esf",
@@ -725,7 +753,7 @@ class ClusterPresence:
         if isinstance(url, str):
             url = RedisURL.parse(url)
         self.reactor = reactor
-        self.clock = clock if clock is not None else reactor
+        self.clock: IReactorTime = clock if clock is not None else reactor
         self.url = url
         self.node_id = check_node_id(node_id)
         self.relogon_mode = relogon_mode
@@ -741,11 +769,11 @@ class ClusterPresence:
         #: node -> inbox records to send it at the end of this reactor turn.
         self._outbox: dict[str, list[bytes]] = {}
         self._outbox_bytes = 0
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
         #: Optional: an object with C{begin() -> bool} and C{flush()} (the
         #: engine's C{batch}), so that what one read of the inbox delivers
         #: is written once per session.
-        self.delivery_batch: Any = None
+        self.delivery_batch: _Batch | None = None
         #: The takeover-flapping guard, cluster-wide (the engine's
         #: C{ServerConfig} sets these in L{attach}): more than
         #: C{takeover_limit} takeovers of one device within
@@ -756,11 +784,11 @@ class ClusterPresence:
         #: The engine's user manager (set by L{attach}): this node fires
         #: C{device_being_pushed_out} and C{device_kicked_out} for its own
         #: devices when another node pushes or kicks them.
-        self.user_manager: Any = None
+        self.user_manager: UserManager | None = None
         #: The engine's wire settings and outstanding queries (set by
         #: L{attach}): for queries between nodes.
-        self.wire: Any = None
-        self.pending: Any = None
+        self.wire: WireConfig | None = None
+        self.pending: PendingRequests | None = None
         self.query_timeout = 30.0
         #: Queries other nodes' engines asked this node's sessions:
         #: (session ID, MessageID sent to the session) -> (asking node, its
@@ -784,10 +812,10 @@ class ClusterPresence:
 
         # The mirror: user ID -> handles in logon order (local sessions and
         # RemoteHandles), and the same user IDs sorted.
-        self._users: dict[str, tuple[Any, ...]] = {}
+        self._users: dict[str, tuple[IDeviceHandle, ...]] = {}
         self._sorted: SortedList = SortedList()
         #: This node's sessions given to claim and not yet released.
-        self._local: dict[str, Any] = {}
+        self._local: dict[str, IDeviceHandle] = {}
         #: Local sessions claimed while Redis was away (to claim there).
         self._unconfirmed: set[str] = set()
         #: Sessions released while Redis was away or whose claim has an
@@ -808,13 +836,13 @@ class ClusterPresence:
         self._join_again = False
         self._generation = 0
         self._epoch: bytes | None = None
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[None]] = []
         self._ticker = LoopingCall(self._tick)
         self._ticker.clock = self.clock
-        self._reading: Deferred | None = None
-        self._inflight: set[Deferred] = set()
+        self._reading: Deferred[None] | None = None
+        self._inflight: set[Deferred[Any]] = set()
 
-    def attach(self, engine: Any) -> None:
+    def attach(self, engine: ServerEngine) -> None:
         """
         Work for C{engine} (its constructor calls this): take its
         takeover-guard settings, its user manager (whose push-out and kick
@@ -884,8 +912,8 @@ class ClusterPresence:
         for d in waiters:
             d.callback(None)
 
-    def _wait_change(self) -> Deferred:
-        d: Deferred = Deferred()
+    def _wait_change(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
         self._waiters.append(d)
         return d
 
@@ -976,18 +1004,19 @@ class ClusterPresence:
         )
         self._changed()
 
-    def _holds(self, handle: Any) -> bool:
+    def _holds(self, handle: IDeviceHandle) -> bool:
         for h in self._users.get(handle.user_id, ()):
             if h is handle:
                 return True
         return False
 
     async def _refresh_lease(self) -> bytes | None:
-        return await self.link.eval(
+        epoch: bytes | None = await self.link.eval(
             _TICK,
             [f"{self._base}lease:{self.node_id}", self._k_nodes, self._k_epoch],
             [self.node_id, int(self.lease * 1000)],
         )
+        return epoch
 
     async def _release_stale(self) -> None:
         stale, self._stale = self._stale, {}
@@ -1024,9 +1053,10 @@ class ClusterPresence:
                         if previous.session_id != sid:
                             self._settle_remote(handle, previous)
                 else:
+                    assert old is not None  # lost to the holder it names
                     self._settle_local(handle, _Holder.parse(old))
 
-    def _settle_remote(self, winner: Any, loser: _Holder) -> None:
+    def _settle_remote(self, winner: IDeviceHandle, loser: _Holder) -> None:
         """
         C{winner} (here) took the device back from C{loser} (a logon made
         elsewhere while this node could not reach Redis): end C{loser}.
@@ -1039,10 +1069,10 @@ class ClusterPresence:
             return
         self._end_conflict(handle, winner.user_data.address if winner.user_data else "?")
 
-    def _settle_local(self, loser: Any, winner: _Holder) -> None:
+    def _settle_local(self, loser: IDeviceHandle, winner: _Holder) -> None:
         self._end_conflict(loser, winner.address)
 
-    def _end_conflict(self, handle: Any, other_address: str) -> None:
+    def _end_conflict(self, handle: IDeviceHandle, other_address: str) -> None:
         if self.relogon_mode is RelogonMode.REPLACE_OLD:
             cause = (
                 f"{handle.user_id} logged on with this device from {other_address} too, "
@@ -1087,7 +1117,7 @@ class ClusterPresence:
         return position, hashes
 
     def _load(self, position: bytes, hashes: dict[str, dict[bytes, bytes]]) -> None:
-        users: dict[str, tuple[Any, ...]] = {}
+        users: dict[str, tuple[IDeviceHandle, ...]] = {}
         for user_id, kinds in hashes.items():
             handles = []
             for kind, value in kinds.items():
@@ -1103,7 +1133,7 @@ class ClusterPresence:
         self._ahead.clear()
         self._presence_pos, self._presence_at = position, _stream_id(position)
 
-    def _handle_for(self, user_id: str, kind: int, holder: _Holder) -> Any:
+    def _handle_for(self, user_id: str, kind: int, holder: _Holder) -> IDeviceHandle | None:
         """
         The handle the mirror shows for C{holder}: the session itself when
         it is this node's (C{None} for one of this node's that is gone), a
@@ -1118,7 +1148,7 @@ class ClusterPresence:
 
     # -- leases and the janitor ------------------------------------------------------
 
-    def _tick(self) -> Deferred:
+    def _tick(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._tick_async())
 
     async def _tick_async(self) -> None:
@@ -1206,7 +1236,7 @@ class ClusterPresence:
                     esf_event="cluster_node_reaped",
                 )
 
-    def _reap(self, node: str, force: bool) -> Deferred:
+    def _reap(self, node: str, force: bool) -> Deferred[int]:
         return self.link.eval(
             _REAP,
             [
@@ -1222,7 +1252,9 @@ class ClusterPresence:
 
     # -- IPresence: changes -------------------------------------------------------------
 
-    def _claim_script(self, handle: Any, mode: str) -> Deferred:
+    def _claim_script(
+        self, handle: IDeviceHandle, mode: str
+    ) -> Deferred[tuple[bool, bytes | None, bytes | None]]:
         holder = _Holder.of(handle)
         d = self.link.eval(
             _CLAIM,
@@ -1243,7 +1275,7 @@ class ClusterPresence:
             ],
         )
 
-        def answered(reply: list) -> tuple[bool, bytes | None, bytes | None]:
+        def answered(reply: list[Any]) -> tuple[bool, bytes | None, bytes | None]:
             won, old, stream_id = reply
             if int(won) == 2:
                 raise TakeoverRefused(
@@ -1259,14 +1291,14 @@ class ClusterPresence:
 
         return d.addCallback(answered)
 
-    def _release_script(self, user_id: str, kind: int, sid: str) -> Deferred:
+    def _release_script(self, user_id: str, kind: int, sid: str) -> Deferred[bool]:
         d = self.link.eval(
             _RELEASE,
             [self._user_key(user_id), self._k_online, self._k_stream],
             [user_id, kind, sid, self.presence_maxlen, self._base],
         )
 
-        def answered(reply: list) -> bool:
+        def answered(reply: list[Any]) -> bool:
             removed, last, stream_id = reply
             if int(removed) and stream_id is not None:
                 self._apply_ahead(user_id, kind, stream_id)
@@ -1286,7 +1318,7 @@ class ClusterPresence:
         self._ahead[(user_id, kind)] = at
         return True
 
-    def claim(self, handle: Any, replace: bool) -> Deferred:
+    def claim(self, handle: IDeviceHandle, replace: bool) -> Deferred[Claim]:
         sid = handle.session_id
         if not self.up:
             return succeed(self._claim_alone(handle, replace))
@@ -1294,7 +1326,7 @@ class ClusterPresence:
         d = self._claim_script(handle, "replace" if replace else "keep")
         self._track(d)
 
-        def answered(result: tuple) -> Claim:
+        def answered(result: tuple[bool, bytes | None, bytes | None]) -> Claim:
             won, old, _ = result
             previous = None
             if old is not None:
@@ -1321,7 +1353,7 @@ class ClusterPresence:
 
         return d.addCallbacks(answered, failed)
 
-    def _claim_alone(self, handle: Any, replace: bool) -> Claim:
+    def _claim_alone(self, handle: IDeviceHandle, replace: bool) -> Claim:
         previous = None
         for h in self._users.get(handle.user_id, ()):
             if h.client_type == handle.client_type and h.node == self.node_id:
@@ -1333,7 +1365,7 @@ class ClusterPresence:
         self._set(handle.user_id, int(handle.client_type), handle, from_stream=False)
         return Claim(True, previous)
 
-    def release(self, handle: Any) -> Deferred:
+    def release(self, handle: IDeviceHandle) -> Deferred[bool]:
         sid = handle.session_id
         user_id, kind = handle.user_id, int(handle.client_type)
         self._local.pop(sid, None)
@@ -1358,7 +1390,7 @@ class ClusterPresence:
 
         return d.addCallbacks(answered, failed)
 
-    def _track(self, d: Deferred) -> None:
+    def _track(self, d: Deferred[Any]) -> None:
         self._inflight.add(d)
 
         def done(result: Any) -> Any:
@@ -1369,7 +1401,7 @@ class ClusterPresence:
 
     # -- the mirror ---------------------------------------------------------------------
 
-    def _set(self, user_id: str, kind: int, handle: Any, from_stream: bool) -> None:
+    def _set(self, user_id: str, kind: int, handle: IDeviceHandle, from_stream: bool) -> None:
         devices = self._users.get(user_id, ())
         replaced = None
         for h in devices:
@@ -1389,7 +1421,7 @@ class ClusterPresence:
             self._sorted.add(user_id)
         self._users[user_id] = devices + (handle,)
 
-    def _end_replaced(self, handle: Any) -> None:
+    def _end_replaced(self, handle: IDeviceHandle) -> None:
         if handle.session_id in self._local and not self._holds(handle):
             self.stats["pushed_out_without_notice"] += 1
             handle.kick(
@@ -1541,7 +1573,9 @@ class ClusterPresence:
     # own table does not expect) sends the answer back to the asking node,
     # whose table takes it as the answer of the RemoteHandle it asked.
 
-    def _ask(self, handle: Any, their_id: int, seconds: int, asker: bytes, body: bytes) -> None:
+    def _ask(
+        self, handle: IDeviceHandle, their_id: int, seconds: float, asker: bytes, body: bytes
+    ) -> None:
         if self.pending is None or self.wire is None:
             self.stats["queries_dropped"] += 1  # not attached to an engine
             return
@@ -1591,6 +1625,7 @@ class ClusterPresence:
         if asked is None or getattr(asked, "session_id", None) != sid:
             self.stats["answers_dropped"] += 1  # timed out, or not ours
             return
+        assert pending is not None  # it knew whom it asked
         result: Any
         try:
             if error:
@@ -1635,7 +1670,7 @@ class ClusterPresence:
             if reply:
                 self._process(reply, generation)
 
-    def _process(self, reply: list, generation: int) -> None:
+    def _process(self, reply: list[Any], generation: int) -> None:
         streams = {key: entries for key, entries in reply}
         entries = streams.get(self._b_stream)
         if entries and generation == self._generation and self.up:
@@ -1665,18 +1700,19 @@ class ClusterPresence:
                     log.failure("delivering inbox record {id} failed", id=stream_id)
         finally:
             if outermost:
+                assert batch is not None  # it began the batch
                 batch.flush()
 
     # -- IPresence: reads -------------------------------------------------------------
 
-    def get(self, user_id: str, client_type: int) -> Any:
+    def get(self, user_id: str, client_type: int) -> IDeviceHandle | None:
         up = self.up
         for handle in self._users.get(user_id, ()):
             if handle.client_type == client_type and (up or handle.node == self.node_id):
                 return handle
         return None
 
-    def devices(self, user_id: str) -> Sequence[Any]:
+    def devices(self, user_id: str) -> Sequence[IDeviceHandle]:
         if self.up:
             return self._users.get(user_id, ())
         node = self.node_id
@@ -1707,9 +1743,9 @@ class ClusterService(Service):
         self.presence = presence
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Service has no annotations
         self.presence.start()
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self.presence.stop())
