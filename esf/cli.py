@@ -18,7 +18,7 @@ import argparse
 import random
 import shlex
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn, TypeVar, cast
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import endpoints, error, task
@@ -32,12 +32,16 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._client import ClientEngine, LogonFailed, NotConnected
 from ._messages import RequestError
 from ._wire import SERVER_ID, ClientType, LogonResult, WireConfig
 from .interfaces import ICustomizeHandler
+
+if TYPE_CHECKING:
+    from ._client_state import LogonResponse
 
 __all__ = ["main", "build_parser"]
 
@@ -82,7 +86,10 @@ def _positive_float(value: str) -> float:
 _INFO_TYPE = _int_in(-(2**31), 2**31 - 1)
 
 
-def _add_commands(subparsers, interactive: bool) -> None:
+_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+
+
+def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: bool) -> None:
     p = subparsers.add_parser("ping", help="round-trip time to the server, or to USER's client")
     p.add_argument("target", nargs="?", metavar="USER", help="a user to ping through the server")
 
@@ -179,10 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _ShellArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise CommandFailed(message)
 
-    def exit(self, status=0, message=None):
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         if message:
             raise CommandFailed(message.strip())
         raise CommandFailed("")
@@ -227,10 +234,14 @@ class _Printer:
     def __init__(self, show: Callable[[str], None]):
         self.show = show
 
-    def handle_information(self, user_id, client_type, information_type, payload):
+    def handle_information(
+        self, user_id: str, client_type: int, information_type: int, payload: bytes
+    ) -> None:
         self.show(f"{user_id} {information_type} {_text(payload)}")
 
-    def handle_query(self, user_id, client_type, information_type, payload):
+    def handle_query(
+        self, user_id: str, client_type: int, information_type: int, payload: bytes
+    ) -> bytes:
         self.show(f"{user_id} {information_type} {_text(payload)}")
         return payload
 
@@ -243,7 +254,9 @@ def _stderr(line: str) -> None:
     print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
-def describe(failure_or_exception: Any, args: argparse.Namespace | None = None) -> str:
+def describe(
+    failure_or_exception: BaseException | Failure, args: argparse.Namespace | None = None
+) -> str:
     """
     One line saying what went wrong.
     """
@@ -275,12 +288,14 @@ class Client:
     A logged-on L{ClientEngine} and the commands run with it.
     """
 
-    def __init__(self, reactor, args: argparse.Namespace, show: Callable[[str], None] | None):
+    def __init__(
+        self, reactor: Any, args: argparse.Namespace, show: Callable[[str], None] | None
+    ):
         self.reactor = reactor
         self.args = args
         self.show = show
         #: Fires (with an exception) when the session ends for good.
-        self.ended: Deferred = Deferred()
+        self.ended: Deferred[CommandFailed] = Deferred()
         endpoint = endpoints.HostnameEndpoint(reactor, args.host, args.port, timeout=args.timeout)
         self.engine = ClientEngine(
             endpoint,
@@ -320,10 +335,14 @@ class Client:
                 )
             )
 
-    def _broadcast(self, sender, group_id, information_type, payload) -> None:
-        self.show(f"{sender} {information_type} {_text(payload)}")
+    def _broadcast(
+        self, sender: str, group_id: str, information_type: int, payload: bytes
+    ) -> None:
+        show = self.show
+        assert show is not None  # subscribed only when there is one
+        show(f"{sender} {information_type} {_text(payload)}")
 
-    def _relogon(self, response) -> None:
+    def _relogon(self, response: LogonResponse) -> None:
         if response.succeeded:
             _stderr("logged on again")
         elif response.result == LogonResult.BUSY:
@@ -387,8 +406,26 @@ class Client:
 # -- listen --------------------------------------------------------------------------
 
 
-async def _listen(reactor, client: Client, count: int | None, seconds: float | None) -> None:
-    done: Deferred = Deferred()
+def _succeed_once(d: Deferred[None]) -> None:
+    """
+    Fire C{d} with C{None} unless it has fired.
+    """
+    if not d.called:
+        d.callback(None)
+
+
+def _fail_once(d: Deferred[None], reason: BaseException) -> None:
+    """
+    Fail C{d} with C{reason} unless it has fired.
+    """
+    if not d.called:
+        d.errback(reason)
+
+
+async def _listen(
+    reactor: Any, client: Client, count: int | None, seconds: float | None
+) -> None:
+    done: Deferred[None] = Deferred()
     received = 0
     show = client.show
 
@@ -399,13 +436,13 @@ async def _listen(reactor, client: Client, count: int | None, seconds: float | N
         if count is not None and received >= count and not done.called:
             # After the handler has returned, so that its Ack or answer
             # goes out before the Logoff.
-            reactor.callLater(0, lambda: done.called or done.callback(None))
+            reactor.callLater(0, _succeed_once, done)
 
     client.show = counted
-    client.engine.handler.show = counted
-    client.ended.addCallback(lambda e: done.called or done.errback(e))
+    cast(_Printer, client.engine.handler).show = counted
+    client.ended.addCallback(lambda e: _fail_once(done, e))
     if seconds is not None:
-        timer = reactor.callLater(seconds, lambda: done.called or done.callback(None))
+        timer = reactor.callLater(seconds, _succeed_once, done)
         done.addBoth(lambda r: (timer.active() and timer.cancel(), r)[1])
     try:
         await client.logon()
@@ -428,12 +465,12 @@ class _Shell(LineReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, client: Client, done: Deferred):
+    def __init__(self, client: Client, done: Deferred[None]):
         self.client = client
         self.done = done
-        self.closed: Deferred = Deferred()
+        self.closed: Deferred[None] = Deferred()
         self.parser = _shell_parser()
-        self.queue: Deferred = Deferred()
+        self.queue: Deferred[None] = Deferred()
         self.queue.callback(None)
         self.interactive = sys.stdin.isatty()
 
@@ -443,6 +480,7 @@ class _Shell(LineReceiver):
 
     def prompt(self) -> None:
         if self.interactive and not self.done.called:
+            assert self.transport is not None  # connected
             self.transport.write(b"esf> ")
 
     def connectionMade(self) -> None:
@@ -456,12 +494,12 @@ class _Shell(LineReceiver):
         rest, self._buffer = self._buffer, b""
         if rest.strip():
             self.lineReceived(rest)  # a last line without its newline
-        self.queue.addCallback(lambda _: self.done.called or self.done.callback(None))
+        self.queue.addCallback(lambda _: _succeed_once(self.done))
 
     def writeConnectionLost(self) -> None:
         pass
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.closed.called:
             self.closed.callback(None)
         if not self.done.called:
@@ -498,21 +536,22 @@ class _Shell(LineReceiver):
         self.prompt()
 
 
-async def _shell(reactor, client: Client) -> None:
+async def _shell(reactor: Any, client: Client) -> None:
     from twisted.internet import stdio
 
-    done: Deferred = Deferred()
-    client.ended.addCallback(lambda e: done.called or done.errback(e))
+    done: Deferred[None] = Deferred()
+    client.ended.addCallback(lambda e: _fail_once(done, e))
     await client.logon()
     shell = _Shell(client, done)
     client.show = shell.out
-    client.engine.handler.show = shell.out
+    cast(_Printer, client.engine.handler).show = shell.out
     stdio.StandardIO(shell, reactor=reactor)
     try:
         await done
     finally:
         # Let what was written reach standard output before leaving.
         if not shell.closed.called:
+            assert shell.transport is not None  # StandardIO connected it
             shell.transport.loseConnection()
             await shell.closed.addTimeout(5, reactor).addErrback(lambda _: None)
 
@@ -520,7 +559,7 @@ async def _shell(reactor, client: Client) -> None:
 # -- main ----------------------------------------------------------------------------
 
 
-async def _main(reactor, args: argparse.Namespace) -> None:
+async def _main(reactor: Any, args: argparse.Namespace) -> None:
     listening = args.command in ("listen", "shell")
     try:
         client = Client(reactor, args, _stdout if listening else None)
@@ -543,7 +582,7 @@ async def _main(reactor, args: argparse.Namespace) -> None:
     await _quietly(client.leave())
 
 
-async def _quietly(coroutine) -> None:
+async def _quietly(coroutine: Awaitable[object]) -> None:
     try:
         await coroutine
     except Exception:
