@@ -104,8 +104,13 @@ def test_quick_run(tmp_path):
             assert row["esf"]["checked"] is True
         if mode == "request":
             assert row["esf"]["answered"] == row["esf"]["requests"]
-        assert row["ratio"][RATIOS[mode]] > 0
-        assert row["ratio_bare"][RATIOS[mode]] > 0
+        if mode == "idle":
+            # 200 sessions may grow the RSS by one page or by none: a ratio
+            # of 0 is a true reading of so small a run.
+            assert row["ratio"][RATIOS[mode]] >= 0 and row["ratio_bare"][RATIOS[mode]] >= 0
+        else:
+            assert row["ratio"][RATIOS[mode]] > 0
+            assert row["ratio_bare"][RATIOS[mode]] > 0
         # ratio: esf against the coalescing relay; ratio_bare: against the
         # write-per-frame relay.
         figure = RATIOS[mode]
