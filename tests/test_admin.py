@@ -410,7 +410,12 @@ def http(site, data: bytes) -> StringTransport:
 
 @pytest.fixture
 def site(engine, devices):
-    return admin_site(engine, TOKEN, devices)
+    site = admin_site(engine, TOKEN, devices)
+    # twisted.web's timers (the connections' idle timeout, the log date) on
+    # the engine's clock: left on the global reactor, they would fire in
+    # whichever later test runs it, on connections long gone.
+    site.reactor = engine.clock
+    return site
 
 
 def test_a_big_body_is_refused_unread(site, engine):
