@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import hmac
 import ipaddress
+import io
 import json
 import os
 import stat
@@ -237,6 +238,11 @@ class BoundedRequest(Request):
 
     def _refuse_body(self) -> None:
         self._refused = True
+        # What was kept of the body (a temporary file, for a chunked one)
+        # is not wanted: let it go now, not when the connection is gone.
+        if self.content is not None:
+            self.content.close()
+            self.content = io.BytesIO()
         body = _json_bytes(
             {"error": "too_large", "message": f"request bodies are at most {self.max_body} bytes"}
         )
