@@ -181,6 +181,10 @@ class WebSocketProtocol(WebSocketServerProtocol):
         limit = min(self._max_message_size(), 0xFFFF)
         offset = 0
         received = self._message_received
+        frames = self._frames
+        assert frames is not None  # called by dataReceived
+        hlen = self.factory.header_length
+        body_length = _BODY_LENGTH.unpack_from
         while size - offset >= 2:
             if data[offset] != 0x82:  # FIN, no RSV bits, binary
                 break
@@ -209,13 +213,15 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 # would keep it otherwise, does not take every read after.
                 return self._keep(data, offset, end - offset)
             mask = data[start : start + 4]
-            received(
-                (
-                    int.from_bytes(data[start + 4 : end], "little")
-                    ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
-                ).to_bytes(length, "little")
-            )
+            message = (
+                int.from_bytes(data[start + 4 : end], "little")
+                ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
+            ).to_bytes(length, "little")
             offset = end
+            if length >= hlen and hlen + body_length(message, 8)[0] == length:
+                frames.append(message)  # one whole frame, as it should be
+                continue
+            received(message)  # which says what is wrong with it
             if self._closing or self.state != self.STATE_OPEN:
                 break
         if offset == size - 1 and data[offset] == 0x82:
