@@ -186,22 +186,10 @@ class Session(Output):
             self.active = True
         owner = self.owner
         partial = decoder.buffered
-        if partial != self._partial and self.state is not SessionState.ENDED:
-            budget = owner.budget
-            budget.used += partial - self._partial
-            self._partial = partial
-            if (
-                error is None
-                and partial > PRE_LOGON_MAX_MESSAGE_SIZE
-                and budget.used > budget.limit
-            ):
-                # Refused before the whole frame is held: a frame this big
-                # does not fit what the server may buffer now.
-                error = FrameError(
-                    DisconnectedType.MESSAGE_TOO_LARGE,
-                    f"the server's memory budget is spent: no room now for a frame of "
-                    f"more than {PRE_LOGON_MAX_MESSAGE_SIZE} bytes; try later",
-                )
+        if partial != self._partial:
+            refusal = self._holding(partial)
+            if error is None:
+                error = refusal
         batch = owner.batch
         outermost = batch.begin()
         try:
@@ -240,6 +228,43 @@ class Session(Output):
         finally:
             if outermost:
                 batch.flush()
+
+    def channel_holds(self, size: int) -> None:
+        """
+        After a read, the channel holds C{size} bytes of frames not yet
+        whole, before the decoder (a WebSocket message being received, say):
+        they count in the server's memory budget as the decoder's own
+        partial frame does, and past it the session ends as for a frame too
+        large.  (A channel that holds such bytes says so after every read
+        it hands on: L{data_received} counts the decoder's alone.)
+        """
+        partial = self.decoder.buffered + size
+        if partial == self._partial:
+            return
+        error = self._holding(partial)
+        if error is not None:
+            self.end(error.reason, error.message)
+
+    def _holding(self, partial: int) -> FrameError | None:
+        """
+        Count C{partial} bytes of unfinished frames in the memory budget (in
+        place of what was counted); the error that ends the session when
+        the budget is spent and they are more than a small frame.
+        """
+        if self.state is SessionState.ENDED:
+            return None
+        budget = self.owner.budget
+        budget.used += partial - self._partial
+        self._partial = partial
+        if partial > PRE_LOGON_MAX_MESSAGE_SIZE and budget.used > budget.limit:
+            # Refused before the whole frame is held: a frame this big
+            # does not fit what the server may buffer now.
+            return FrameError(
+                DisconnectedType.MESSAGE_TOO_LARGE,
+                f"the server's memory budget is spent: no room now for a frame of "
+                f"more than {PRE_LOGON_MAX_MESSAGE_SIZE} bytes; try later",
+            )
+        return None
 
     def connection_lost(self) -> None:
         """

@@ -238,8 +238,20 @@ class WebSocketProtocol(WebSocketServerProtocol):
 
     def _deliver(self) -> None:
         frames, self._frames = self._frames, None
-        if frames and self.session is not None:
-            self.session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
+        session = self.session
+        if session is None:
+            return
+        if frames:
+            session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
+        # What is held of messages not yet whole (a message cut off by the
+        # read's end, one arriving in fragments, autobahn's buffer) counts
+        # in the server's memory budget as a TCP session's partial frame.
+        message, tail = self._message, self._tail
+        session.channel_holds(
+            len(self.data)
+            + (len(message) if message is not None else 0)
+            + (len(tail) if tail is not None else 0)
+        )
 
     def onConnect(self, request: Any) -> str:
         """

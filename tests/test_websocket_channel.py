@@ -446,6 +446,69 @@ def test_any_chunking_relays_the_same_frames(engine, pages, cuts, sizes):
     alice.lose()
 
 
+@pytest.fixture
+def roomy_pages():
+    """
+    Pages on an engine whose messages may be 1 MiB but whose memory budget
+    holds only 100,000 bytes.
+    """
+    engine = make_engine(max_message_size=1024 * 1024)
+    engine.budget.limit = 100_000
+    factory = WebSocketFactory(engine)
+    made = []
+
+    def page():
+        made.append(Page(engine, factory, port=7001 + len(made)))
+        return made[-1]
+
+    yield engine, page
+    for p in made:
+        if p.protocol.state != p.protocol.STATE_CLOSED:
+            p.lose()
+        for name in ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall"):
+            call = getattr(p.protocol, name, None)
+            if call is not None and call.active():
+                call.cancel()
+
+
+def test_messages_being_received_count_in_the_memory_budget(roomy_pages):
+    """
+    What a WebSocket session holds of messages not yet whole counts in the
+    server's memory budget, as a TCP session's partial frame does: whether
+    cut off by a read's end or arriving in fragments.  Past the budget, a
+    session holding more than 64 KiB of one ends MessageTooLarge (close
+    1009); the others are not touched, and nothing stays counted.
+    """
+    engine, page = roomy_pages
+    alice, bob = page().logon("alice"), page().logon("bob")
+    big = alice.frame(MessageType.SEND, Information(1, bytes(70_000)).encode(), dest_user_id="bob")
+    whole = client_frame(BINARY, big)
+    alice.protocol.dataReceived(whole[:30_000])  # cut off by the read's end
+    assert engine.budget.used == 30_000 - 14  # the payload so far (a 14-byte header)
+    alice.protocol.dataReceived(whole[30_000:])
+    assert engine.budget.used == 0
+    [relayed] = bob.esf()
+    assert relayed.raw == big
+    # In fragments: 70,000 bytes held by alice's session fit the budget ...
+    alice.send(BINARY, big[:40_000], fin=False)
+    alice.send(CONTINUATION, big[40_000:69_000], fin=False)
+    assert engine.budget.used == 69_000
+    # ... but bob's 66,000 more do not: his session ends, not alice's.
+    bob.messages()
+    bob.send(BINARY, big[:66_000], fin=False)
+    messages = bob.messages()
+    [notice] = bob.esf(messages)
+    assert DisconnectNotice.decode(notice.body).reason == DisconnectedType.MESSAGE_TOO_LARGE
+    assert close_code(messages[-1][1]) == 1009
+    assert not engine.user_manager.is_user_online("bob")
+    assert engine.user_manager.is_user_online("alice")
+    assert engine.budget.used == 69_000  # bob's bytes no longer counted
+    alice.send(CONTINUATION, big[69_000:], fin=True)
+    assert engine.budget.used == 0
+    alice.lose()
+    assert engine.budget.used == 0
+
+
 def test_batched_output_is_one_message_per_frame(engine, pages):
     """
     The engine writes a read's output to a peer at once; over WebSocket
