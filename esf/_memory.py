@@ -325,19 +325,23 @@ class GCTuning(Service):
     with these (about 10 µs per logon).  Cyclic garbage lives at most
     C{threshold} allocations longer.
 
-    On stop, the GC is as it was.  Nothing to do where the GC has no
-    generations to set (PyPy's).
+    On stop, the thresholds are as they were, and what it froze is given
+    back to the GC, unless the program had frozen objects itself before
+    (C{gc.unfreeze} cannot tell them apart): then all stay frozen.  Nothing
+    to do where the GC has no generations to set (PyPy's).
     """
 
     def __init__(self, threshold: int = GC_THRESHOLD):
         self.threshold = threshold
         self._before: tuple[int, ...] | None = None
+        self._frozen_before = 0
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         if not hasattr(gc, "freeze"):
             return
         self._before = gc.get_threshold()
+        self._frozen_before = gc.get_freeze_count()
         gc.collect()  # what start-up dropped is not frozen forever
         gc.freeze()
         gc.set_threshold(self.threshold, *self._before[1:])
@@ -346,5 +350,6 @@ class GCTuning(Service):
         super().stopService()  # type: ignore[no-untyped-call]
         if self._before is not None:
             gc.set_threshold(*self._before)
-            gc.unfreeze()
+            if not self._frozen_before:
+                gc.unfreeze()
             self._before = None

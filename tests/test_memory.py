@@ -326,3 +326,18 @@ def test_gc_tuning_while_running_then_as_before():
         tuning.stopService()
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's GC settings")
+def test_gc_tuning_leaves_what_the_program_froze_frozen():
+    import gc
+
+    gc.freeze()  # the program's own
+    try:
+        frozen = gc.get_freeze_count()
+        tuning = GCTuning()
+        tuning.startService()
+        tuning.stopService()
+        assert gc.get_freeze_count() >= frozen  # not unfrozen behind its back
+    finally:
+        gc.unfreeze()
