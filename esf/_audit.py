@@ -275,6 +275,10 @@ class AuditLog:
         return float(self.clock.seconds()) if self.clock is not None else time.time()
 
     def _roll(self) -> None:
+        """
+        End the budget's window (each minute): summarise what it suppressed,
+        and let the file's retention look at the rotated files' ages.
+        """
         start, self._window_start = self._window_start, self._now()
         for actor, kinds in sorted(self.budget.roll().items()):
             count = sum(kinds.values())
@@ -287,6 +291,9 @@ class AuditLog:
                 since=start,
                 until=self._window_start,
             )
+        apply_retention = getattr(self.out, "apply_retention", None)
+        if apply_retention is not None:
+            apply_retention()
 
     def file_removed(self, path: str, size: int, last_written: float) -> None:
         """

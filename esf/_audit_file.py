@@ -72,10 +72,12 @@ class AuditFile(LogFile):
         self.now = now
         #: Called with C{(path, size, last_written)} for each file removed.
         self.removed: Callable[[str, int, float], None] | None = None
-        super().__init__(name, directory, rotateLength, defaultMode=0o600, maxRotatedFiles=None)
+        super().__init__(  # type: ignore[no-untyped-call]  # LogFile has no annotations
+            name, directory, rotateLength, defaultMode=0o600, maxRotatedFiles=None
+        )
 
     def rotate(self) -> None:
-        super().rotate()
+        super().rotate()  # type: ignore[no-untyped-call]
         self.apply_retention()
 
     def apply_retention(self) -> None:
@@ -85,7 +87,7 @@ class AuditFile(LogFile):
         if not (self.retention.keep_files or self.retention.keep_days):
             return
         rotated = []
-        for number in self.listLogs():
+        for number in self.listLogs():  # type: ignore[no-untyped-call]
             try:
                 rotated.append((number, os.stat(f"{self.path}.{number}").st_mtime))
             except OSError:
@@ -108,7 +110,9 @@ def open_audit_file(path: str, retention: Retention = Retention(), **kwargs: Any
     C{retention} says.
     """
     kwargs.setdefault("rotateLength", ROTATE_LENGTH)
-    log_file: AuditFile = AuditFile.fromFullPath(path, retention=retention, **kwargs)
+    log_file: AuditFile = AuditFile.fromFullPath(  # type: ignore[no-untyped-call]
+        path, retention=retention, **kwargs
+    )
     return log_file
 
 

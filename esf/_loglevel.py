@@ -38,9 +38,10 @@ def parse_level(name: str) -> LogLevel:
     @raise ValueError: there is none of that name.
     """
     try:
-        return LogLevel.levelWithName(name.strip().lower())
+        level: LogLevel = LogLevel.levelWithName(name.strip().lower())
     except Exception:  # InvalidLogLevelError; a NamedConstant lookup may raise others
         raise ValueError(f"a log level is one of {', '.join(LEVELS)}, not {name!r}") from None
+    return level
 
 
 def filtered(observer: Any, level: LogLevel) -> ILogObserver:
@@ -73,8 +74,9 @@ class TwistdLogRoot(MultiService):
         set_component = getattr(parent, "setComponent", None)
         if set_component is not None and not self.twistd_options.get("logger"):
             # The platform's runner knows how twistd makes its observer.
-            from twisted.scripts.twistd import _SomeApplicationRunner
+            from twisted.scripts import twistd
 
-            logger = _SomeApplicationRunner.loggerFactory(self.twistd_options)
+            runner: Any = getattr(twistd, "_SomeApplicationRunner")
+            logger = runner.loggerFactory(self.twistd_options)
             set_component(ILogObserver, filtered(logger._getLogObserver(), self.level))
         super().setServiceParent(parent)  # type: ignore[no-untyped-call]

@@ -429,7 +429,7 @@ def makeService(options: Options) -> MultiService:
     if options.parent is None:
         return service
     root = TwistdLogRoot(options["log-level"], options.parent)
-    service.setServiceParent(root)  # type: ignore[no-untyped-call]
+    service.setServiceParent(root)
     return root
 
 

@@ -13,7 +13,7 @@ from twisted.logger import eventsFromJSONLogFile, formatEvent, globalLogPublishe
 from _helpers import Client, LogCapture, connect, make_engine
 from esf import MessageType
 from esf import _audit
-from esf._audit import AuditLog, Retention, check_audit_path, open_audit_file
+from esf._audit import AuditLog, check_audit_path, open_audit_file
 from esf.wire import KickOut
 from test_metrics import Passwords
 
@@ -361,6 +361,8 @@ def test_rotation_keeps_every_record_by_default(engine, tmp_path):
 
 
 def test_retention_by_count_records_each_removal(engine, tmp_path):
+    from esf._audit import Retention
+
     path = tmp_path / "audit.jsonl"
     out = open_audit_file(str(path), Retention(keep_files=2), rotateLength=2000)
     audit = AuditLog(out, engine=engine)
@@ -383,6 +385,8 @@ def test_retention_by_count_records_each_removal(engine, tmp_path):
 
 
 def test_retention_by_age(engine, tmp_path):
+    from esf._audit import Retention
+
     path = tmp_path / "audit.jsonl"
     for n, age_days in ((1, 1), (2, 10), (3, 40)):
         rotated = tmp_path / f"audit.jsonl.{n}"
