@@ -162,7 +162,6 @@ def test_a_logon_is_on_disk_before_its_reply_goes_out(engine, tmp_path):
     kept back in a buffer.
     """
     path = tmp_path / "audit.jsonl"
-    clients = []
     seen_at_reply = []
     audit = AuditLog(open_audit_file(str(path)), engine=engine)
     audit.start()
@@ -177,7 +176,6 @@ def test_a_logon_is_on_disk_before_its_reply_goes_out(engine, tmp_path):
 
         bob.transport.write = written
         bob.logon("bob")
-        clients.append(bob)
     finally:
         audit.stop()
     assert seen_at_reply and '"user_id": "bob"' in seen_at_reply[0]
