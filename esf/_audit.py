@@ -251,8 +251,7 @@ class AuditLog:
         Write one audit record of kind C{audit}, if C{charge_to}, the actor
         it is counted against (C{"user:ID"}, C{"host:HOST"}; C{None}: the
         server or an administrator, never suppressed), is within its
-        budget.  Text fields are
-        cut at L{TEXT_LIMIT} characters.
+        budget.  Text fields are cut at L{TEXT_LIMIT} characters.
         """
         if charge_to is not None and not self.budget.take(charge_to, audit):
             return
