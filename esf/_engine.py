@@ -258,6 +258,7 @@ class ServerEngine:
             session.blobs = None
         session.asked = None
         suppressed = session.suppressed_logs
+        self.logons.record.flush_for(session.user_id)  # its logon is logged first
         log.info(
             "session ended: {user_id}/{client_type} from {address}: {reason} "
             "({text}) after {duration:.1f} s",
@@ -481,6 +482,7 @@ class ServerEngine:
         @return: how many devices were kicked.
         """
         targets = tuple(self._devices(user_id, client_type))
+        self.logons.record.flush_for(operator, user_id)  # their logons are logged first
         log.info(
             "kick: {operator} kicks {user_id} ({count} devices): {reason}",
             esf_event="kick_out",

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from . import _messages as m
 from ._config import RelogonMode, UserData
-from ._events import call_then
+from ._events import Event, call_then
 from ._counters import Count
 from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
@@ -54,19 +54,31 @@ class LogonRecord:
     C{count}.  (Formatting a log line costs more than the rest of a logon;
     one line per batch keeps the record of every logon at a fraction of
     that cost.)
+
+    The log stays in causal order: whatever is logged about a user whose
+    logon waits (its session's end, a push-out, a kick by or of it) calls
+    L{flush_for} first, which logs the waiting logons before it.
+
+    C{logged_on} fires for each logon at once, as it is added (the audit
+    log writes its record from it before the Logon reply goes out).
     """
 
     def __init__(self, clock: Any, interval: float = 1.0, limit: int = 100):
         self.clock = clock
         self.interval = interval
         self.limit = limit
+        #: Fires with C{(user_id, client_type, address, time)} for each logon.
+        self.logged_on = Event("logged_on")
         self._logons: list[tuple[str, int, str, float]] = []
+        self._waiting: set[str] = set()  # the user IDs in _logons
         self._flushed = -interval  # when the last event was logged
         self._timer: Any = None  # armed only while logons wait
 
     def add(self, user_id: str, client_type: int, address: str, at: float) -> None:
+        self.logged_on.fire(user_id, client_type, address, at)
         logons = self._logons
         logons.append((user_id, client_type, address, at))
+        self._waiting.add(user_id)
         if self._timer is not None:
             if len(logons) >= self.limit:
                 self.flush()
@@ -82,6 +94,15 @@ class LogonRecord:
         self._timer = None
         self.flush()
 
+    def flush_for(self, *user_ids: str | None) -> None:
+        """
+        Something is about to be logged about C{user_ids}: first log the
+        waiting logons if one of them is among them.
+        """
+        waiting = self._waiting
+        if waiting and any(u in waiting for u in user_ids):
+            self.flush()
+
     def flush(self) -> None:
         """
         Log the logons gathered so far (the engine calls this as it stops).
@@ -89,6 +110,7 @@ class LogonRecord:
         logons, self._logons = self._logons, []
         if not logons:
             return
+        self._waiting.clear()
         self._flushed = self.clock.seconds()
         devices = ", ".join(f"{u}/{c} from {a}" for u, c, a, _ in logons)
         if len(logons) == 1:
@@ -296,6 +318,7 @@ class Logons:
 
     def _push_out(self, old: Any, new: Session) -> None:
         assert new.client_type is not None  # set by _admit
+        self.record.flush_for(old.user_id)
         cause = (
             f"{old.user_id} logged on again with the same device "
             f"({kind_name(new.client_type)}) from {new.address}"
@@ -319,15 +342,16 @@ class Logons:
             session.address,
             session.last_active,
         )
+        # Recorded (and audited, on disk) before the reply makes it visible.
+        self.record.add(
+            session.user_id, session.client_type, session.address, session.last_active
+        )
         session.reply(frame, self.reply(LogonResult.SUCCEED))
         if engine.offline is not None:
             # Stored messages first, then what was relayed meanwhile.
             engine.offline.logged_on(session)
         else:
             session.release_held()
-        self.record.add(
-            session.user_id, session.client_type, session.address, session.last_active
-        )
         um = engine.user_manager
         devices = engine.presence.devices(session.user_id)
         if not handover:

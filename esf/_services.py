@@ -154,6 +154,7 @@ class BasicServices:
             return
         if not allowed:
             if session.may_log():
+                self.engine.logons.record.flush_for(session.user_id, target)
                 log.info(
                     "kick of {target} by {operator} refused",
                     esf_event="kick_refused",

@@ -8,7 +8,7 @@ that build their own service.
     service = ServerService(engine, endpoint)
     MetricsService(engine, serverFromString(reactor, "tcp:9464:interface=127.0.0.1")).setServiceParent(service)
     AdminService(engine, serverFromString(reactor, "tcp:8530:interface=127.0.0.1"), token).setServiceParent(service)
-    AuditService(engine, "/var/log/esf/audit.jsonl").setServiceParent(service)
+    AuditService(engine, "/var/log/esf/audit.jsonl", retention=Retention(keep_days=365)).setServiceParent(service)
     MemoryTrimmer(reactor).setServiceParent(service)
     GCTuning().setServiceParent(service)
 
@@ -16,7 +16,7 @@ docs/operations.md describes every endpoint, metric and audit record.
 """
 
 from ._admin import AdminService
-from ._audit import AuditLog, AuditService
+from ._audit import AuditLog, AuditService, Retention
 from ._memory import GCTuning, MemoryTrimmer
 from ._metrics import MetricsService, ServerMetrics
 
@@ -24,6 +24,7 @@ __all__ = [
     "AdminService",
     "AuditLog",
     "AuditService",
+    "Retention",
     "GCTuning",
     "MemoryTrimmer",
     "MetricsService",

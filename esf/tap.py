@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from ._application import Applications
 from ._admin import AdminService, endpoint_is_local, read_token_file
-from ._audit import AuditService, check_audit_path
+from ._audit import PER_USER, AuditService, Retention, check_audit_path
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -25,6 +25,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._loglevel import TwistdLogRoot, parse_level
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
 from ._metrics import MetricsService
 from ._offline_store import OfflineBounds, OfflineStoreError
@@ -125,7 +126,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
         ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); required unless --admin-api is loopback."],
-        ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB)."],
+        ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB; rotated files are kept until --audit-keep-files or --audit-keep-days removes them)."],
+        ["audit-max-per-user", None, PER_USER, "Audit records one user (or, for refused logons and admin requests without a valid token, one host) may add per minute; the rest are counted in one summary record.", _int_option("audit-max-per-user", 1)],
+        ["audit-keep-files", None, 0, "Rotated audit files to keep; older ones are removed, each removal recorded. 0: keep all.", _int_option("audit-keep-files", 0)],
+        ["audit-keep-days", None, 0.0, "Days a rotated audit file is kept after its last record; then it is removed, the removal recorded. 0: keep all.", _seconds_option("audit-keep-days", 0)],
+        ["log-level", None, "info", "Lowest level of event written to the log (debug, info, warn, error, critical); those below are never formatted."],
         ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
         ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
         ["offline", None, None, "Keep messages to offline users and deliver them at their next logon: sqlite:PATH, or redis (the --cluster's Redis)."],
@@ -287,6 +292,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_audit_path(self["audit-log"])
             except ValueError as e:
                 raise usage.UsageError(f"--audit-log: {e}") from None
+        self["audit-retention"] = Retention(self["audit-keep-files"], self["audit-keep-days"])
+        try:
+            self["log-level"] = parse_level(self["log-level"])
+        except ValueError as e:
+            raise usage.UsageError(f"--log-level: {e}") from None
         self["admin-token"] = None
         if self["admin-token-file"] is not None:
             if self["admin-api"] is None:
@@ -411,7 +421,21 @@ def basic_handler(options: Options) -> IBasicHandler | None:
 
 def makeService(options: Options) -> MultiService:
     """
-    The esf server service for C{twistd}.
+    The esf server service for C{twistd}.  Under twistd (C{options} are its
+    subcommand's), its root is a L{TwistdLogRoot}, which filters the log at
+    C{--log-level}.
+    """
+    service = server_service(options)
+    if options.parent is None:
+        return service
+    root = TwistdLogRoot(options["log-level"], options.parent)
+    service.setServiceParent(root)
+    return root
+
+
+def server_service(options: Options) -> MultiService:
+    """
+    The esf server's services for C{options}.
     """
     from twisted.internet import reactor
 
@@ -521,7 +545,12 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
     C{service}.
     """
     if options.get("audit-log"):
-        AuditService(engine, options["audit-log"]).setServiceParent(service)  # type: ignore[no-untyped-call]
+        AuditService(
+            engine,
+            options["audit-log"],
+            per_user=options.get("audit-max-per-user", PER_USER),
+            retention=options.get("audit-retention", Retention()),
+        ).setServiceParent(service)  # type: ignore[no-untyped-call]
     if options.get("metrics"):
         MetricsService(engine, options["metrics-endpoint"]).setServiceParent(service)  # type: ignore[no-untyped-call]
     if options.get("admin-api"):

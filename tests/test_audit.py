@@ -10,7 +10,7 @@ import os
 import pytest
 from twisted.logger import eventsFromJSONLogFile, formatEvent, globalLogPublisher
 
-from _helpers import Client, connect, make_engine
+from _helpers import Client, LogCapture, connect, make_engine
 from esf import MessageType
 from esf import _audit
 from esf._audit import AuditLog, check_audit_path, open_audit_file
@@ -134,17 +134,20 @@ def test_written_and_read_back(engine, tmp_path):
     assert formatEvent(events[1]) == "kick: _0 (server_api) kicked alice/None (1 devices): bye"
 
 
-def test_logons_logged_together_are_audited_one_by_one(engine, records):
+def test_logons_are_audited_at_once_while_the_log_gathers_them(engine, records):
     """
     A burst of logons makes one log event for the first and one for the
-    rest (L{esf._logon.LogonRecord}); the audit log still has one record per
-    logon, each with the time of its logon.
+    rest (L{esf._logon.LogonRecord}); the audit log has one record per
+    logon, written as the logon is made, each with the time of its logon.
     """
-    for i in range(3):
-        connect(engine, f"u{i}")
+    with LogCapture() as logs:
+        for i in range(3):
+            connect(engine, f"u{i}")
+            assert [r["user_id"] for r in records] == [f"u{j}" for j in range(i + 1)]
+            engine.clock.advance(0.25)
+        assert [e["count"] for e in logs.esf("logged_on")] == [1]  # u1, u2 wait
         engine.clock.advance(0.25)
-    assert kinds(records) == ["logon"]
-    engine.clock.advance(0.25)
+        assert [e["count"] for e in logs.esf("logged_on")] == [1, 2]
     assert [(r["user_id"], r["log_time"]) for r in records] == [
         ("u0", 0.0),
         ("u1", 0.25),
@@ -152,26 +155,254 @@ def test_logons_logged_together_are_audited_one_by_one(engine, records):
     ]
 
 
-def test_rotation(engine, tmp_path, monkeypatch):
-    monkeypatch.setattr(_audit, "ROTATE_LENGTH", 2000)
-    monkeypatch.setattr(_audit, "MAX_ROTATED_FILES", 2)
+def test_a_logon_is_on_disk_before_its_reply_goes_out(engine, tmp_path):
+    """
+    Even a logon whose log line waits for others (the second of a burst):
+    its record is in the file when the reply is written, and nothing is
+    kept back in a buffer.
+    """
+    path = tmp_path / "audit.jsonl"
+    seen_at_reply = []
+    audit = AuditLog(open_audit_file(str(path)), engine=engine)
+    audit.start()
+    try:
+        connect(engine, "alice")
+        bob = Client(engine)
+        write = bob.transport.write
+
+        def written(data):
+            seen_at_reply.append(path.read_text("utf-8"))
+            write(data)
+
+        bob.transport.write = written
+        bob.logon("bob")
+    finally:
+        audit.stop()
+    assert seen_at_reply and '"user_id": "bob"' in seen_at_reply[0]
+
+
+def test_the_log_keeps_causal_order(engine):
+    """
+    A logon that waits to be logged with others is logged before anything
+    that follows from it: its session's end, its push-out, a kick by or of
+    its user.
+    """
+
+    def order(logs):
+        lines = []
+        for e in logs.events:
+            name = e.get("esf_event")
+            if name == "logged_on":
+                lines += [("logged_on", u) for u, *_ in e["logons"]]
+            elif name == "session_ended":
+                lines.append(("session_ended", e["user_id"]))
+            elif name in ("kick_out", "kick_refused"):
+                lines.append((name, e["operator"]))
+        return lines
+
+    with LogCapture() as logs:
+        connect(engine, "x")  # logged at once; the next ones wait
+        connect(engine, "alice").lose()
+        connect(engine, "bob", 5)
+        connect(engine, "bob", 5, host="10.0.0.2")  # pushes the first out
+        mallory = connect(engine, "mallory")
+        mallory.send(MessageType.KICK_OUT, KickOut("no"), dest="carol", message_id=3)
+        connect(engine, "erin")
+        engine.kick_out("erin", "bye")
+    got = order(logs)
+    for user in ("alice", "bob", "mallory", "erin"):
+        first = got.index(("logged_on", user))
+        later = [i for i, (name, u) in enumerate(got) if u == user and name != "logged_on"]
+        assert later and first < min(later), (user, got)
+
+
+def test_the_logon_batch_survives_in_a_storm(engine):
+    """
+    Logons of users nothing else is logged about are still gathered: the
+    causal flush costs a storm nothing.
+    """
+    with LogCapture() as logs:
+        for i in range(50):
+            connect(engine, f"u{i}")
+        connect(engine, "zed").lose()  # flushes: zed waits among them
+        for i in range(50, 100):
+            connect(engine, f"u{i}")
+        engine.clock.advance(1)
+    assert [e["count"] for e in logs.esf("logged_on")] == [1, 50, 50]
+
+
+def test_client_text_is_capped(engine, records):
+    mallory = connect(engine, "mallory")
+    connect(engine, "dave")
+    mallory.send(MessageType.KICK_OUT, KickOut("x" * 65535), dest="dave", message_id=3)
+    (refused,) = [r for r in records if r["audit"] == "kick_refused"]
+    assert refused["reason"] == "x" * _audit.TEXT_LIMIT
+    assert refused["truncated"] == ["reason"]
+    engine.kick_out("dave", "short")
+    (kick,) = [r for r in records if r["audit"] == "kick"]
+    assert "truncated" not in kick
+
+
+def flood(engine, user, rounds, kicks=10):
+    """
+    What an account without the right to kick can do: log on, ask for
+    C{kicks} kicks with 64 KiB reasons, log off; C{rounds} times.
+    """
+    for _ in range(rounds):
+        c = connect(engine, user)
+        for i in range(kicks):
+            c.send(MessageType.KICK_OUT, KickOut("r" * 65535), dest="carol", message_id=i + 2)
+        c.lose()
+
+
+def test_what_one_user_makes_the_audit_write_is_bounded(tmp_path):
+    """
+    The bound is per user, over all its sessions; past it the records are
+    counted and summarised in one record when the window ends.  An
+    administrator's kick made before the flood is still there after it, in
+    the one file, and a record of the user's after the window is written.
+    """
+    engine = make_engine(handler=Passwords(), admins={"carol"}, logon_rate_limit=10_000)
     path = tmp_path / "audit.jsonl"
     audit = AuditLog(open_audit_file(str(path)), engine=engine)
     audit.start()
     try:
-        for i in range(40):
-            connect(engine, f"u{i}")
-        engine.clock.advance(1)  # logons that come in a burst are logged together
+        connect(engine, "dave")
+        engine.kick_out("dave", "spam", operator="admin", origin="admin_api")
+        flood(engine, "mallory", rounds=200)
+        lines = path.read_bytes().splitlines()
+        assert len(lines) == _audit.PER_USER + 2  # dave's logon, the kick
+        assert max(len(line) for line in lines) < 4096  # text, twice flattened
+        engine.clock.advance(60)
+        flood(engine, "mallory", rounds=1, kicks=0)
     finally:
         audit.stop()
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
-    newest = []
-    for name in ("audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"):
-        with open(tmp_path / name) as f:
-            newest += [e["user_id"] for e in eventsFromJSONLogFile(f)]
-    assert newest[-1] == "u39"
-    assert newest == [f"u{i}" for i in range(40 - len(newest), 40)]  # in order, the oldest gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.jsonl"]
+    with open(path) as f:
+        events = list(eventsFromJSONLogFile(f))
+    mine = [e for e in events if e.get("user_id") == "mallory" or e.get("operator") == "mallory"]
+    assert len(mine) == _audit.PER_USER + 1  # the last logon is in the next window
+    assert mine[-1]["audit"] == "logon" and mine[-1]["log_time"] == 60
+    (summary,) = [e for e in events if e["audit"] == "suppressed"]
+    assert summary["actor"] == "user:mallory"
+    assert summary["count"] == 200 * 11 - _audit.PER_USER
+    assert summary["kinds"] == {"logon": 200 - 6, "kick_refused": 2000 - 54}
+    assert (summary["since"], summary["until"]) == (0, 60)
+    assert formatEvent(summary) == (
+        f"audit: {summary['count']} more records of user:mallory suppressed between 0.0 and 60.0"
+    )
+    assert [e["audit"] for e in events][:2] == ["logon", "kick"]
+
+
+def test_refused_logons_count_against_their_host(engine, records):
+    """
+    A client that has not logged on may claim any user ID: its refusals
+    are counted against its host.
+    """
+    for i in range(_audit.PER_USER + 5):
+        Client(engine, "10.0.0.9").logon(f"user{i}", password="nope")
+    Client(engine, "10.0.0.8").logon("alice", password="nope")
+    refused = [r for r in records if r["audit"] == "logon_refused"]
+    assert len(refused) == _audit.PER_USER + 1
+    assert refused[-1]["address"].startswith("10.0.0.8:")
+    engine.clock.advance(60)
+    (summary,) = [r for r in records if r["audit"] == "suppressed"]
+    assert (summary["actor"], summary["count"]) == ("host:10.0.0.9", 5)
+
+
+def test_the_budget_is_an_option(engine, tmp_path):
+    written: list[dict] = []
+    audit = AuditLog(engine=engine, write=written.append, budget=_audit.AuditBudget(3))
+    audit.start()
+    try:
+        flood(engine, "mallory", rounds=2, kicks=1)
+    finally:
+        audit.stop()  # what the window suppressed so far is summarised
+    assert kinds(written) == ["logon", "kick_refused", "logon", "suppressed"]
+    assert written[-1]["count"] == 1
+    with pytest.raises(ValueError):
+        _audit.AuditBudget(0)
+
+
+def write_records(engine, audit, count):
+    for i in range(count):
+        engine.kick_out(f"u{i}", "x" * 100)
+
+
+def read_all(directory, name="audit.jsonl"):
+    files = sorted(
+        (p for p in directory.iterdir() if p.name.startswith(name)),
+        key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
+    )
+    events = []
+    for p in files:
+        with open(p) as f:
+            events += list(eventsFromJSONLogFile(f))
+    return events
+
+
+def test_rotation_keeps_every_record_by_default(engine, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(open_audit_file(str(path), rotateLength=2000), engine=engine)
+    audit.start()
+    try:
+        write_records(engine, audit, 200)
+    finally:
+        audit.stop()
+    assert len(list(tmp_path.iterdir())) > 11  # more than twistd's LogFile would keep
+    events = read_all(tmp_path)
+    assert [e["user_id"] for e in events] == [f"u{i}" for i in range(200)]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_retention_by_count_records_each_removal(engine, tmp_path):
+    from esf._audit import Retention
+
+    path = tmp_path / "audit.jsonl"
+    out = open_audit_file(str(path), Retention(keep_files=2), rotateLength=2000)
+    audit = AuditLog(out, engine=engine)
+    out.removed = audit.file_removed
+    audit.start()
+    try:
+        write_records(engine, audit, 200)
+    finally:
+        audit.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
+    ]
+    events = read_all(tmp_path)
+    kept = [e["user_id"] for e in events if e["audit"] == "kick"]
+    assert kept[-1] == "u199" and kept == [f"u{i}" for i in range(200 - len(kept), 200)]
+    removed = [e for e in events if e["audit"] == "retention_removed"]
+    assert removed and all(e["path"] == f"{path}.3" and e["size"] > 0 for e in removed)
+
+
+def test_retention_by_age(engine, tmp_path):
+    from esf._audit import Retention
+
+    path = tmp_path / "audit.jsonl"
+    for n, age_days in ((1, 1), (2, 10), (3, 40)):
+        rotated = tmp_path / f"audit.jsonl.{n}"
+        rotated.write_text("{}\n")
+        when = 1_000_000_000 - age_days * 86400
+        os.utime(rotated, (when, when))
+    out = open_audit_file(str(path), Retention(keep_days=30), now=lambda: 1_000_000_000.0)
+    audit = AuditLog(out, engine=engine)
+    out.removed = audit.file_removed
+    audit.start()
+    out.apply_retention()
+    audit.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
+    ]
+    (removed,) = read_all(tmp_path)[-1:]
+    assert removed["audit"] == "retention_removed" and removed["path"] == f"{path}.3"
+    with pytest.raises(ValueError):
+        Retention(keep_files=-1)
 
 
 def test_stop_stops(engine, records):

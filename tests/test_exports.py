@@ -94,7 +94,7 @@ def test_offline_exports():
 
 OPERATIONS = {
     "AdminService", "AuditLog", "AuditService", "GCTuning", "MemoryTrimmer", "MetricsService",
-    "ServerMetrics",
+    "Retention", "ServerMetrics",
 }
 
 

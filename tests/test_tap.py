@@ -458,6 +458,24 @@ def test_operations_services(tmp_path):
     assert metrics.metrics.engine is service.engine
 
 
+def test_audit_options(tmp_path):
+    from esf._audit import PER_USER, AuditService, Retention
+
+    path = str(tmp_path / "audit.jsonl")
+    [audit] = [s for s in makeService(parse("--audit-log", path)) if isinstance(s, AuditService)]
+    assert (audit.per_user, audit.retention) == (PER_USER, Retention(0, 0.0))
+    options = parse(
+        "--audit-log", path, "--audit-max-per-user", "5",
+        "--audit-keep-files", "20", "--audit-keep-days", "90",
+    )  # fmt: skip
+    [audit] = [s for s in makeService(options) if isinstance(s, AuditService)]
+    assert (audit.per_user, audit.retention) == (5, Retention(20, 90.0))
+    for option, bad in (("--audit-max-per-user", "0"), ("--audit-keep-files", "-1"),
+                        ("--audit-keep-days", "-2")):  # fmt: skip
+        with pytest.raises(usage.UsageError, match=option):
+            parse(option, bad)
+
+
 def test_admin_api_on_loopback_without_a_token_warns(logs):
     makeService(parse("--admin-api", "tcp:0:interface=127.0.0.1"))
     (warning,) = logs.esf("admin_without_token")

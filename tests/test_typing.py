@@ -54,6 +54,8 @@ TYPED = [
     "esf/_services.py",
     "esf/_logon.py",
     "esf/_audit.py",
+    "esf/_audit_file.py",
+    "esf/_loglevel.py",
     "esf/_metrics.py",
     "esf/_admin.py",
     "esf/_cluster.py",
