@@ -56,6 +56,7 @@ TYPED = [
     "esf/_audit.py",
     "esf/_metrics.py",
     "esf/_admin.py",
+    "esf/_admin_policy.py",
     "esf/_cluster.py",
     "esf/cluster.py",
     "esf/operations.py",
