@@ -60,7 +60,7 @@ log = Logger(namespace="esf.admin")
 #: The names besides loopback addresses that a Host header may give.
 LOOPBACK_NAMES = frozenset({"localhost"})
 #: Refusals logged per kind (a bad token, another check), host and minute;
-#: more are only counted.
+#: more are not logged.
 REFUSALS_LOGGED = 10
 #: The longest header value or path a log event carries, in characters.
 _LOGGED_CHARS = 200
@@ -108,6 +108,21 @@ def allowed_host_name(name: str) -> str:
     if len(name) > 253 or not _NAME.fullmatch(name):
         raise ValueError(f"{name!r} is not a host name or an IP address (no port, no scheme)")
     return name
+
+
+def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    The IP address C{text} gives, an IPv4 one for an IPv4-mapped IPv6 one
+    (what a C{tcp6} port listening on C{::} sees of an IPv4 client), or
+    C{None}.
+    """
+    try:
+        address = ipaddress.ip_address(text or "")
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _header(request: Request, name: bytes) -> tuple[str | None, bool]:
@@ -188,14 +203,13 @@ class RequestPolicy:
         name = (match.group(1) or match.group(2)).lower()
         if name in self.hosts:
             return True
-        try:
-            address = ipaddress.ip_address(name)
-        except ValueError:
+        address = _address(name)
+        if address is None:
             return False
-        # An address is never a name another site's page can have: a page
-        # whose origin is this address is served by this server.
-        local = getattr(request.getHost(), "host", None)
-        return address.is_loopback or str(address) in self.hosts or str(address) == local
+        # Only a name can be made to resolve to this machine: a page whose
+        # origin is one of its addresses is this machine's own.
+        local = _address(getattr(request.getHost(), "host", None))
+        return address.is_loopback or str(address) in self.hosts or address == local
 
     def _origin(self, request: Request) -> Refusal | None:
         origin, single = _header(request, b"origin")

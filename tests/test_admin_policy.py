@@ -183,6 +183,7 @@ def test_a_rebound_name_cannot_read_the_sessions(open_site, engine, logs):
         ("[::1]", "127.0.0.1"),
         (f"10.1.2.3:{PORT}", "10.1.2.3"),  # the address the request came in on
         (f"[fd00::7]:{PORT}", "fd00::7"),
+        (f"10.1.2.3:{PORT}", "::ffff:10.1.2.3"),  # IPv4 on a tcp6 port listening on ::
     ],
 )
 def test_hosts_served_by_default(open_site, host, local):
