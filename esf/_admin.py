@@ -36,7 +36,8 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from ._admin_policy import (
@@ -628,11 +629,10 @@ class StaticFile(Resource):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return _Redirect(b"/dashboard")
-        child: Resource = super().getChild(path, request)  # type: ignore[no-untyped-call]
-        return child
+        return notFound()  # (Resource's own NoResource is deprecated: it echoes unescaped)
 
 
 class _Redirect(Resource):

@@ -375,6 +375,7 @@ def test_the_admin_site_does_not_name_its_software(site):
         response = send(site, "GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
         assert "server" not in response.headers, (path, response.headers["server"])
         assert response.headers["date"]  # the other default headers stay
+    assert send(site, "GET", "/nothing").status == 404
     response = send(site, "OPTIONS", "*")
     assert response.status == 200 and "server" not in response.headers
 
