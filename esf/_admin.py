@@ -12,9 +12,9 @@ JSON over HTTP on C{twisted.web}, under C{/api/}:
     POST /api/users/{id}/notice                  {"text": ...} or {"payload_hex": ...}
     POST /api/broadcast                          the same, to every online user
 
-and the dashboard at C{/dashboard}.  Every C{/api/} request carries
-C{Authorization: Bearer TOKEN} (compared in constant time) unless the
-server was started on a loopback endpoint without a token.  Errors are
+and the dashboard at C{/dashboard}.  Every C{/api/} request is judged
+first (L{esf._admin_policy}: its Host, its origin, the bearer token, and
+for a change a token configured and a JSON body).  Errors are
 JSON C{{"error": code, "message": text}} with the HTTP status; request
 bodies are bounded (L{MAX_BODY}).  docs/operations.md is the reference.
 
@@ -25,14 +25,10 @@ reads the engine's public state and calls C{kick_out} and C{send}.
 from __future__ import annotations
 
 import collections
-import hmac
-import ipaddress
 import io
 import json
-import os
-import stat
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -40,12 +36,20 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from ._admin_policy import (
+    Refusal,
+    RefusalLog,
+    RequestPolicy,
+    endpoint_is_local,
+    peer_of,
+    read_token_file,
+)
 from ._config import ServerConfig
-from ._metrics import OnlineDevices, kind_label, server_version
-from ._policy import SlidingWindow
+from ._metrics import OnlineDevices, UnnamedRequest, kind_label, server_version
 from ._wire import ClientType
 from .interfaces import IDeviceHandle
 
@@ -77,88 +81,8 @@ MAX_BODY = 64 * 1024
 MAX_REASON = 1000
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-#: Failed authentications logged per host and minute (more are only counted).
-AUTH_FAILURES_LOGGED = 10
 
 _I32 = (-(2**31), 2**31 - 1)
-
-
-# -- starting ----------------------------------------------------------------------
-
-
-def _split_endpoint(description: str) -> list[str]:
-    # Twisted's endpoint strings split on ':' with '\:' as an escape; its own
-    # parser is private, hence these few lines.
-    parts, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def endpoint_is_local(description: str) -> bool:
-    """
-    Whether a server endpoint string listens only where this machine's own
-    users can connect: a TCP or TLS endpoint whose C{interface} is a
-    loopback address (or C{localhost}), or a UNIX socket.  Anything else
-    (no interface: every address; an endpoint type this cannot read) is
-    not local.
-    """
-    parts = _split_endpoint(description.strip())
-    if len(parts) == 1 and parts[0].isdigit():
-        return False  # a bare port: every interface
-    kind = parts[0].lower()
-    if kind == "unix":
-        return True
-    if kind not in ("tcp", "tcp6", "ssl"):
-        return False
-    interface = ""
-    for part in parts[1:]:
-        name, sep, value = part.partition("=")
-        if sep and name == "interface":
-            interface = value
-    if interface.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(interface).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token_file(path: str) -> str:
-    """
-    The bearer token in C{path} (surrounding whitespace removed).
-
-    @raise ValueError: unreadable, empty, or readable by other users.
-    """
-    try:
-        with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            data = f.read(4097)
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{path} may be read by other users; chmod 600 it")
-    try:
-        token = data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text") from None
-    if len(data) > 4096:
-        raise ValueError(f"{path} is longer than 4096 bytes")
-    if len(token) < 16:
-        raise ValueError(f"the token in {path} is shorter than 16 characters")
-    if any(c.isspace() for c in token):
-        raise ValueError(f"the token in {path} holds whitespace")
-    return token
 
 
 # -- the online count over time ----------------------------------------------------
@@ -201,7 +125,7 @@ class OnlineHistory:
 # -- HTTP plumbing -------------------------------------------------------------------
 
 
-class BoundedRequest(Request):
+class BoundedRequest(UnnamedRequest):
     """
     A request whose body may be at most L{MAX_BODY} bytes.  A bigger one,
     announced by Content-Length or sent chunked, is answered C{413} and the
@@ -314,10 +238,12 @@ class AdminApi(Resource):
     """
     C{/api/}: see the module's docstring.
 
-    @param token: the bearer token, or C{None} to let every request in (only
-        for a loopback endpoint: L{esf.tap} refuses anything else).
+    @param token: the bearer token, or C{None} to answer every request that
+        only reads and refuse every change (see L{RequestPolicy}).
     @param devices: the count of devices online by kind to report (made and
         started by the caller; see L{OnlineDevices}).
+    @param hosts: names a request's Host header may give besides the
+        loopback ones (C{--admin-host}).
     """
 
     isLeaf = True
@@ -328,14 +254,15 @@ class AdminApi(Resource):
         token: str | None,
         devices: OnlineDevices,
         history: OnlineHistory | None = None,
+        hosts: Iterable[str] = (),
     ):
         super().__init__()  # type: ignore[no-untyped-call]  # Resource has no annotations
         self.engine = engine
-        self.token = token.encode("utf-8") if token is not None else None
+        self.policy = RequestPolicy(token, hosts)
         self.devices = devices
         self.online_history = history if history is not None else OnlineHistory(engine, devices)
         self.started_at = engine.clock.seconds()
-        self._failures = SlidingWindow(60, AUTH_FAILURES_LOGGED)
+        self.refusals = RefusalLog(engine.clock.seconds)
 
     # -- dispatch ------------------------------------------------------------------
 
@@ -345,7 +272,7 @@ class AdminApi(Resource):
         method = b"GET" if request.method == b"HEAD" else request.method
         audit: dict[str, Any] = {}
         try:
-            self._authorise(request)
+            self._judge(request, self.policy.admit)
             assert request.postpath is not None  # set as the resource was found
             try:
                 segments = [s.decode("utf-8") for s in request.postpath]
@@ -368,6 +295,7 @@ class AdminApi(Resource):
                 )
             handler: Callable[..., Any] = getattr(self, methods[method])
             if method == b"POST":
+                self._judge(request, self.policy.may_change)
                 audit["action"] = methods[method]
                 body = handler(request, audit, *args)
             else:
@@ -383,35 +311,17 @@ class AdminApi(Resource):
             self._log_action(request, status, audit)
         return _json_bytes(body)
 
-    def _authorise(self, request: Request) -> None:
-        if self.token is None:
-            return
-        given = request.getHeader(b"authorization") or b""
-        scheme, _, credential = given.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token):
-            return
-        peer = _peer(request)
-        host = peer.rpartition(":")[0]
-        if self._failures.hit(host, self.engine.clock.seconds()) <= AUTH_FAILURES_LOGGED:
-            log.warn(
-                "admin API: {method} {path} from {peer} without a valid token",
-                esf_event="admin_auth_failed",
-                peer=peer,
-                method=request.method.decode("ascii", "replace"),
-                path=request.path.decode("ascii", "replace")[:200],
-            )
-        raise ApiError(
-            401,
-            "unauthorized",
-            "send the admin token: Authorization: Bearer TOKEN",
-            ((b"www-authenticate", b'Bearer realm="esf"'),),
-        )
+    def _judge(self, request: Request, check: Callable[[Request], Refusal | None]) -> None:
+        refusal = check(request)
+        if refusal is not None:
+            self.refusals.refused(request, refusal)
+            raise ApiError(refusal.status, refusal.code, refusal.message, refusal.headers)
 
     def _log_action(self, request: Request, status: int, audit: dict[str, Any]) -> None:
         log.info(
             "admin {action} by {peer}: {status}",
             esf_event="admin_action",
-            peer=_peer(request),
+            peer=peer_of(request),
             status=status,
             **audit,
         )
@@ -434,6 +344,7 @@ class AdminApi(Resource):
             "devices_by_kind": by_kind,
             "pending_queries": len(engine.pending),
             "stopping": engine.stopping,
+            "read_only": self.policy.read_only,
             "options": config_summary(engine.config),
         }
 
@@ -592,14 +503,6 @@ class AdminApi(Resource):
         return information_type, payload, kind
 
 
-def _peer(request: Request) -> str:
-    peer = request.getClientAddress()
-    host = getattr(peer, "host", None)
-    if host is None:
-        return str(peer)
-    return f"[{host}]:{peer.port}" if ":" in host else f"{host}:{peer.port}"
-
-
 def _address_of(handle: IDeviceHandle) -> str:
     user_data = handle.user_data
     return user_data.address if user_data is not None else ""
@@ -726,11 +629,10 @@ class StaticFile(Resource):
 
 
 class _Root(Resource):
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return _Redirect(b"/dashboard")
-        child: Resource = super().getChild(path, request)  # type: ignore[no-untyped-call]
-        return child
+        return notFound()  # (Resource's own NoResource is deprecated: it echoes unescaped)
 
 
 class _Redirect(Resource):
@@ -757,12 +659,13 @@ def admin_site(
     token: str | None,
     devices: OnlineDevices,
     history: OnlineHistory | None = None,
+    hosts: Iterable[str] = (),
 ) -> Site:
     """
     The admin API and dashboard as a L{Site}.
     """
     root = _Root()  # type: ignore[no-untyped-call]
-    root.putChild(b"api", AdminApi(engine, token, devices, history))
+    root.putChild(b"api", AdminApi(engine, token, devices, history, hosts))
     root.putChild(b"dashboard", StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"dashboard.js", StaticFile("dashboard.js", b"text/javascript; charset=utf-8"))
     root.putChild(b"dashboard.css", StaticFile("dashboard.css", b"text/css; charset=utf-8"))
@@ -792,15 +695,22 @@ class _Attached(Service):
 class AdminService(MultiService):
     """
     Serves the admin API and dashboard of C{engine} on C{endpoint}.  A port
-    that cannot be bound makes L{startService} raise.
+    that cannot be bound makes L{startService} raise.  C{token} and C{hosts}
+    are L{AdminApi}'s.
     """
 
-    def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint, token: str | None):
+    def __init__(
+        self,
+        engine: ServerEngine,
+        endpoint: IStreamServerEndpoint,
+        token: str | None,
+        hosts: Iterable[str] = (),
+    ):
         super().__init__()  # type: ignore[no-untyped-call]
         devices = OnlineDevices(engine)
         history = OnlineHistory(engine, devices)
         _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.site = admin_site(engine, token, devices, history)
+        self.site = admin_site(engine, token, devices, history, hosts)
         self.listener = StreamServerEndpointService(endpoint, self.site)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)

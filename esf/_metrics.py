@@ -40,6 +40,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -62,6 +63,7 @@ __all__ = [
     "ServerMetrics",
     "MetricsResource",
     "MetricsService",
+    "UnnamedRequest",
     "kind_label",
     "server_version",
 ]
@@ -483,7 +485,22 @@ class MetricsResource(Resource):
     render_HEAD = render_GET
 
 
+class UnnamedRequest(server.Request):
+    """
+    A request answered without a C{Server} header: the admin and metrics
+    sites do not tell a scanner which twisted.web version to aim at (the
+    WebSocket port does not either).
+    """
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:  # the head goes out with the first write
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)  # type: ignore[no-untyped-call]
+
+
 class MetricsSite(Site):
+    requestFactory = UnnamedRequest
+
     def log(self, request: Request) -> None:
         # A scrape every few seconds would fill the server's log.
         pass

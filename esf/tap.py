@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from ._application import Applications
 from ._admin import AdminService, endpoint_is_local, read_token_file
+from ._admin_policy import allowed_host_name
 from ._audit import PER_USER, AuditService, Retention, check_audit_path
 from ._engine import (
     LogonRefused,
@@ -125,7 +126,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
-        ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); required unless --admin-api is loopback."],
+        ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); without one the API only reads, and --admin-api must be loopback."],
         ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB; rotated files are kept until --audit-keep-files or --audit-keep-days removes them)."],
         ["audit-max-per-user", None, PER_USER, "Audit records one user (or, for refused logons and admin requests without a valid token, one host) may add per minute; the rest are counted in one summary record.", _int_option("audit-max-per-user", 1)],
         ["audit-keep-files", None, 0, "Rotated audit files to keep; older ones are removed, each removal recorded. 0: keep all.", _int_option("audit-keep-files", 0)],
@@ -153,6 +154,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options has no annotations
         self["admins"] = []
+        self["admin-hosts"] = []
         self["handlers"] = []
         self["websocket"] = []
         self["websocket-origins"] = []
@@ -186,6 +188,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         A user allowed to kick anyone (repeatable).
         """
         self["admins"].append(user_id)
+
+    def opt_admin_host(self, name: str) -> None:
+        """
+        A name (or address) by which the --admin-api is reached, besides
+        localhost and the loopback and listening addresses: requests whose
+        Host header names anything else are refused (repeatable).
+        """
+        try:
+            self["admin-hosts"].append(allowed_host_name(name))
+        except ValueError as e:
+            raise usage.UsageError(f"--admin-host: {e}") from None
 
     def postOptions(self) -> None:
         self["port"] = _bare_port(self["port"])
@@ -298,6 +311,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except ValueError as e:
             raise usage.UsageError(f"--log-level: {e}") from None
         self["admin-token"] = None
+        if self["admin-hosts"] and self["admin-api"] is None:
+            raise usage.UsageError("--admin-host is for --admin-api, which is not given")
         if self["admin-token-file"] is not None:
             if self["admin-api"] is None:
                 raise usage.UsageError("--admin-token-file is for --admin-api, which is not given")
@@ -557,9 +572,12 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
         token = options.get("admin-token")
         if token is None:
             log.warn(
-                "esf: the admin API on {endpoint} has no token: anyone who can connect "
-                "to it from this machine may kick users",
+                "esf: the admin API on {endpoint} has no token, so it only reads: anyone "
+                "who can connect to it from this machine may see who is online and from "
+                "where; give --admin-token-file to kick or send notices",
                 esf_event="admin_without_token",
                 endpoint=options["admin-api"],
             )
-        AdminService(engine, options["admin-api-endpoint"], token).setServiceParent(service)  # type: ignore[no-untyped-call]
+        AdminService(
+            engine, options["admin-api-endpoint"], token, options.get("admin-hosts", ())
+        ).setServiceParent(service)  # type: ignore[no-untyped-call]

@@ -20,7 +20,6 @@ from _helpers import LogCapture, connect, make_engine
 from esf import DisconnectedType, MessageType
 from esf._admin import (
     ADMIN_OPERATOR,
-    AUTH_FAILURES_LOGGED,
     MAX_BODY,
     NOTICE_INFORMATION_TYPE,
     AdminApi,
@@ -30,6 +29,7 @@ from esf._admin import (
     endpoint_is_local,
     read_token_file,
 )
+from esf._admin_policy import REFUSALS_LOGGED
 from esf._metrics import OnlineDevices
 from esf.wire import BeingKickedOutNotify, Information
 
@@ -74,10 +74,13 @@ class Answer:
 
 def call(api, method, path, body=None, token=TOKEN, query=None, raw=None):
     """
-    Render C{method path} (C{path} below /api/) and return the L{Answer}.
+    Render C{method path} (C{path} below /api/) and return the L{Answer}; a
+    body is sent as JSON.
     """
     request = DummyRequest([s.encode("utf-8") for s in path.split("/")])
     request.method = method.encode("ascii")
+    request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1:8530"])
+    request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
     request.path = ("/api/" + path).encode("utf-8")
     request.client = IPv4Address("TCP", "127.0.0.1", 40000)
     for key, value in (query or {}).items():
@@ -115,27 +118,39 @@ def test_401_before_anything_else(api, engine):
 
 
 def test_auth_failures_logged_are_bounded(api, engine, logs):
-    for _ in range(AUTH_FAILURES_LOGGED + 20):
+    for _ in range(REFUSALS_LOGGED + 20):
         assert call(api, "GET", "info", token="bad").status == 401
-    assert len(logs.esf("admin_auth_failed")) == AUTH_FAILURES_LOGGED
+    assert len(logs.esf("admin_auth_failed")) == REFUSALS_LOGGED
     engine.clock.advance(61)
     call(api, "GET", "info", token="bad")
-    assert len(logs.esf("admin_auth_failed")) == AUTH_FAILURES_LOGGED + 1
+    assert len(logs.esf("admin_auth_failed")) == REFUSALS_LOGGED + 1
 
 
 def test_bearer_scheme_is_case_insensitive(api):
     request_token = f"bearer {TOKEN}"
     request = DummyRequest([b"info"])
     request.method = b"GET"
+    request.requestHeaders.setRawHeaders(b"host", [b"localhost"])
     request.content = io.BytesIO(b"")
     request.requestHeaders.setRawHeaders(b"authorization", [request_token.encode()])
     api.render(request)
     assert request.responseCode == 200
 
 
-def test_no_token_configured_lets_requests_in(engine, devices):
+def test_without_a_token_configured_the_api_only_reads(engine, devices, logs):
+    alice = connect(engine, "alice")
     api = AdminApi(engine, None, devices)
-    assert call(api, "GET", "info", token=None).status == 200
+    info = call(api, "GET", "info", token=None)
+    assert info.status == 200 and info.body["read_only"] is True
+    assert call(api, "GET", "users/alice", token=None).status == 200
+    for path, body in [("users/alice/kick", {}), ("users/alice/notice", {"text": "x"}), ("broadcast", {"text": "x"})]:
+        answer = call(api, "POST", path, body, token=None)
+        assert answer.status == 403 and answer.body["error"] == "token_required"
+        assert "--admin-token-file" in answer.body["message"]
+    assert alice.take() == [] and not alice.closing
+    assert [e["check"] for e in logs.esf("admin_request_refused")] == ["read_only"] * 3
+    assert logs.esf("admin_action") == []
+    assert call(api, "GET", "info", token=TOKEN).status == 200  # a token sent is not looked at
 
 
 # -- reading -------------------------------------------------------------------------
@@ -153,6 +168,7 @@ def test_info(api, engine):
     assert info["connections"] == 3
     assert info["uptime_seconds"] == 12
     assert info["pending_queries"] == 0 and info["stopping"] is False
+    assert info["read_only"] is False
     assert info["options"]["heartbeat_timeout"] == engine.config.heartbeat_timeout
     assert info["node"] == engine.node_id and info["version"]
 
@@ -421,7 +437,7 @@ def site(engine, devices):
 def test_a_big_body_is_refused_unread(site, engine):
     alice = connect(engine, "alice")
     head = (
-        b"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        b"POST /api/broadcast HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
         + TOKEN.encode()
         + b"\r\nContent-Length: "
         + str(MAX_BODY + 1).encode()
@@ -435,7 +451,7 @@ def test_a_big_body_is_refused_unread(site, engine):
 
 
 def test_a_big_chunked_body_is_refused(site):
-    head = b"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"POST /api/broadcast HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunk = b"%x\r\n%s\r\n" % (16384, b"a" * 16384)
     transport = http(site, head + chunk * 5)
     assert transport.value().startswith(b"HTTP/1.1 413 ")
@@ -449,9 +465,9 @@ def test_a_body_within_the_bound_is_read(site, engine):
     assert len(body) <= MAX_BODY
     transport = http(
         site,
-        b"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        b"POST /api/broadcast HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
         + TOKEN.encode()
-        + b"\r\nContent-Length: "
+        + b"\r\nContent-Type: application/json\r\nContent-Length: "
         + str(len(body)).encode()
         + b"\r\n\r\n"
         + body,
@@ -462,16 +478,16 @@ def test_a_body_within_the_bound_is_read(site, engine):
 
 
 def test_dashboard_is_served_with_a_strict_policy(site):
-    transport = http(site, b"GET /dashboard HTTP/1.1\r\nHost: x\r\n\r\n")
+    transport = http(site, b"GET /dashboard HTTP/1.1\r\nHost: localhost\r\n\r\n")
     response = transport.value()
     assert response.startswith(b"HTTP/1.1 200 ")
     assert b"default-src 'self'" in response and b"X-Frame-Options: DENY" in response
     assert b'<script src="/dashboard.js"' in response
     for path in (b"/dashboard.js", b"/dashboard.css"):
-        assert http(site, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n").value().startswith(
+        assert http(site, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n").value().startswith(
             b"HTTP/1.1 200 "
         )
-    assert b"Location: /dashboard" in http(site, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").value()
+    assert b"Location: /dashboard" in http(site, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").value()
 
 
 # -- starting ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 The dashboard in a real headless Chromium (Debian's chromium and
 chromium-driver, driven by Selenium) against a real C{twistd esf}: the
 token asked once, the online count, the sessions table and its search, and
-a kick whose reason reaches the client.
+a kick whose reason reaches the client; without a token, the same page
+only reading.  And what a page on another site, or under a rebound name,
+gets from the API in that browser: nothing.
 
 Skipped with a loud reason where Chromium is missing; under CI it fails
 instead (L{_real_parts.missing}).  C{ESF_DASHBOARD_SCREENSHOT=PATH} saves the
@@ -11,8 +13,11 @@ screenshot shown in docs/operations.md.
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -24,6 +29,7 @@ from test_e2e import start_server
 pytestmark = pytest.mark.e2e
 
 INSTALL = ".ci/run installs it: apt-get install chromium chromium-driver"
+REBOUND = "rebind.evil.example"
 
 
 @pytest.fixture
@@ -41,6 +47,8 @@ def browser(tmp_path):
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'profile'}",
+        # DNS rebinding without DNS: the attacker's name resolves to loopback.
+        f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1",
     ):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
@@ -59,6 +67,17 @@ def ops(tmp_path):
             "--admin-token-file", str(token_file(tmp_path)),
         ],
     )  # fmt: skip
+    yield Ops(server, None)
+    server.stop()
+
+
+@pytest.fixture
+def open_ops(tmp_path):
+    """The documented default: loopback, no token."""
+    server = start_server(
+        tmp_path / "server.log",
+        ["--auth", "memory:alice:pa:bob:pb", "--admin-api", "tcp:0:interface=127.0.0.1"],
+    )
     yield Ops(server, None)
     server.stop()
 
@@ -158,3 +177,109 @@ def test_dashboard(browser, ops):
     finally:
         for client in made:
             client.close()
+
+
+def test_dashboard_without_a_token_only_reads(browser, open_ops):
+    from selenium.webdriver.common.by import By
+
+    alice = rc.connect(open_ops.server.port)
+    try:
+        assert alice.logon("alice", "pa", 5)["result"] == 0
+        browser.get(open_ops.admin + "/dashboard")
+        wait(browser, lambda d: len(rows(d)) == 1, what="the session, without a token asked")
+        assert not browser.find_element(By.ID, "login").is_displayed()
+        wait(browser, lambda d: d.find_element(By.ID, "read-only").is_displayed(), what="the read-only note")
+        button = browser.find_element(By.CSS_SELECTOR, "#sessions tbody button.kick")
+        wait(browser, lambda d: not button.is_enabled(), what="the Kick button disabled")
+        assert "--admin-token-file" in button.get_attribute("title")
+    finally:
+        alice.close()
+
+
+class _EvilPages(http.server.BaseHTTPRequestHandler):
+    """Another site: one page that tries the API on C{self.server.admin}."""
+
+    def do_GET(self):
+        admin = self.server.admin
+        page = f"""<!doctype html><title>cute cats</title>
+<iframe name="sink"></iframe>
+<form id="form" method="post" enctype="text/plain" target="sink" action="{admin}/api/broadcast">
+<input name='{{"text": "Your password expired: evil.example/login ' value='"}}'></form>
+<script>
+fetch("{admin}/api/users/alice/kick", {{method: "POST", mode: "no-cors",
+  headers: {{"Content-Type": "text/plain"}}, body: '{{"reason": "you were hacked"}}'}})
+  .finally(() => {{ document.getElementById("form").submit(); document.title = "sent"; }});
+</script>""".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def evil_site(open_ops):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EvilPages)
+    server.admin = open_ops.admin
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def refusals(ops, check, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [
+            line for line in ops.server.log().splitlines()
+            if "admin API: refused" in line and f"({check}: " in line
+        ]  # fmt: skip
+        if len(found) >= count:
+            return found
+        time.sleep(0.1)
+    raise AssertionError(f"{count} refusals were not logged:\n{ops.server.log()}")
+
+
+def test_a_page_on_another_site_cannot_kick_or_forge_a_notice(browser, open_ops, evil_site):
+    alice, bob = rc.connect(open_ops.server.port), rc.connect(open_ops.server.port)
+    try:
+        assert alice.logon("alice", "pa", 5)["result"] == 0
+        assert bob.logon("bob", "pb", 0)["result"] == 0
+        browser.get(evil_site + "/")
+        wait(browser, lambda d: d.title == "sent", what="the page's requests")
+        with pytest.raises(TimeoutError):  # no notice, no kick
+            bob.recv_until(202, timeout=2)
+        with pytest.raises(TimeoutError):
+            alice.recv_until(rc.KICKED_OUT, timeout=0.1)
+        status, user = open_ops.call("GET", "/api/users/alice", token=None)
+        assert status == 200 and [d["kind"] for d in user["devices"]] == ["android"]
+        # Both requests reached the server, and were refused for their origin.
+        found = refusals(open_ops, "origin", 2)
+        assert all(f"(origin: {evil_site})" in line for line in found), found
+        assert {"POST /api/users/alice/kick", "POST /api/broadcast"} == {
+            line.split("refused ")[1].split(" from")[0] for line in found
+        }
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_rebound_name_cannot_read_the_api(browser, open_ops):
+    alice = rc.connect(open_ops.server.port)
+    try:
+        assert alice.logon("alice", "pa", 5)["result"] == 0
+        port = open_ops.admin.rsplit(":", 1)[1]
+        browser.get(f"http://{REBOUND}:{port}/api/sessions")
+        text = browser.find_element("tag name", "body").text
+        assert "host_not_allowed" in text and "alice" not in text
+        (line,) = refusals(open_ops, "host", 1)
+        assert f"(host: {REBOUND}:{port})" in line
+        # The same browser at the same port by its own name reads.
+        browser.get(open_ops.admin + "/api/sessions")
+        assert '"user_id":"alice"' in browser.find_element("tag name", "body").text
+    finally:
+        alice.close()

@@ -480,6 +480,7 @@ def test_admin_api_on_loopback_without_a_token_warns(logs):
     makeService(parse("--admin-api", "tcp:0:interface=127.0.0.1"))
     (warning,) = logs.esf("admin_without_token")
     assert warning["log_level"].name == "warn"
+    assert "only reads" in warning["log_format"]
 
 
 @pytest.mark.parametrize("endpoint", ["tcp:8530", "tcp6:8530", "tcp:8530:interface=0.0.0.0"])
@@ -559,3 +560,22 @@ def test_bad_websocket_endpoint():
 
 def test_web_demo_needs_a_websocket_endpoint():
     assert "--web-demo" in usage_error("--web-demo")
+
+
+def test_admin_host_option(tmp_path):
+    from esf._admin import AdminApi
+
+    options = parse(
+        "--admin-api", "tcp:0:interface=127.0.0.1",
+        "--admin-host", "Admin.Example", "--admin-host", "[2001:db8::1]",
+    )  # fmt: skip
+    assert options["admin-hosts"] == ["admin.example", "2001:db8::1"]
+    (admin,) = [s for s in makeService(options) if type(s).__name__ == "AdminService"]
+    api = admin.site.resource.children[b"api"]
+    assert isinstance(api, AdminApi)
+    assert {"admin.example", "2001:db8::1", "localhost"} == api.policy.hosts
+    assert api.policy.read_only
+    assert "--admin-host: 'admin.example:8530' is not a host name" in usage_error(
+        "--admin-api", "tcp:0:interface=127.0.0.1", "--admin-host", "admin.example:8530"
+    )
+    assert "--admin-host is for --admin-api" in usage_error("--admin-host", "admin.example")

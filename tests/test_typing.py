@@ -58,6 +58,7 @@ TYPED = [
     "esf/_loglevel.py",
     "esf/_metrics.py",
     "esf/_admin.py",
+    "esf/_admin_policy.py",
     "esf/_cluster.py",
     "esf/cluster.py",
     "esf/operations.py",

@@ -1,7 +1,9 @@
 // The esf dashboard: plain JavaScript against the admin API (/api/...).
 // The token is asked once and kept in this tab's sessionStorage; every
-// request sends it as "Authorization: Bearer ...".  Text from the server
-// (user IDs, addresses) is only ever set as textContent.
+// request sends it as "Authorization: Bearer ...".  A server started
+// without a token only reads: the page asks for none, and its Kick buttons
+// are disabled.  Text from the server (user IDs, addresses) is only ever
+// set as textContent.
 "use strict";
 
 const KINDS = ["dotnet", "silverlight", "windows_phone", "websocket", "ios", "android",
@@ -13,7 +15,8 @@ const PAGE = 50;
 
 const $ = (id) => document.getElementById(id);
 const state = { token: sessionStorage.getItem("esf-token"), offset: 0, history: [],
-                timers: [], kicking: null };
+                timers: [], kicking: null, readOnly: false };
+const READ_ONLY = "read-only: the server was started without --admin-token-file";
 
 class Unauthorized extends Error {}
 
@@ -73,6 +76,11 @@ async function refreshInfo() {
     $("users-online").textContent = info.users_online;
     $("devices-online").textContent = info.devices_online;
     $("connections").textContent = info.connections;
+    if (info.read_only !== state.readOnly) {
+      state.readOnly = info.read_only;
+      $("read-only").hidden = !state.readOnly;
+      document.querySelectorAll("button.kick").forEach(readOnlyButton);
+    }
     state.history.push({ t: info.now, users: info.users_online, devices: info.devices_online });
     if (state.history.length > CHART_POINTS) state.history.shift();
     drawChart();
@@ -123,6 +131,7 @@ async function refreshSessions() {
       button.type = "button";
       button.className = "kick";
       button.textContent = "Kick";
+      readOnlyButton(button);
       button.addEventListener("click", () => openKick(s));
       const cell = document.createElement("td");
       cell.append(button);
@@ -136,6 +145,11 @@ async function refreshSessions() {
     $("prev").disabled = page.offset === 0;
     $("next").disabled = last >= page.total;
   } catch (error) { failed(error); }
+}
+
+function readOnlyButton(button) {
+  button.disabled = state.readOnly;
+  button.title = state.readOnly ? READ_ONLY : "";
 }
 
 function openKick(session) {
