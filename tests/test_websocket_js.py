@@ -7,6 +7,8 @@ they skip, loudly, except under CI, where they fail (L{_real_parts.missing}).
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ JS = HERE / "js"
 sys.path.insert(0, str(JS))
 
 import export_vectors
-from _real_parts import need_program
+from _real_parts import missing, need_program
+from test_e2e import ServerProcess
 
 # The wheel built from a clean copy of the checkout (tests/test_packaging.py).
 from test_packaging import wheel  # noqa: F401
@@ -68,3 +71,50 @@ def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
     assert {n for n in names if n.startswith("esf/web/")} == {
         f"esf/web/{name}" for name, _ in WEB_FILES.values()
     }
+
+
+def _node_with_websocket(node: str) -> list[str]:
+    """
+    The command that runs C{node} with a global C{WebSocket}: node 22 has
+    one, node 20.10 and later with C{--experimental-websocket}.
+    """
+    probe = "process.exit(typeof WebSocket === 'function' ? 0 : 1)"
+    for flags in ([], ["--experimental-websocket"]):
+        if subprocess.run([node, *flags, "-e", probe], capture_output=True).returncode == 0:
+            return [node, *flags]
+    missing(f"{node} has no WebSocket (node 22, or 20.10 and later, has one)")
+
+
+def test_javascript_client_with_the_offline_store(tmp_path):
+    """
+    C{tests/js/offline.server.mjs}: esf.js under node against a real
+    C{twistd esf --websocket ... --offline sqlite:...}.
+    """
+    node = need_program("node", "the JavaScript client's tests cannot run ('.ci/run' installs it)")
+    command = _node_with_websocket(node)
+    server = ServerProcess(
+        tmp_path / "server.log",
+        [
+            "--websocket",
+            "tcp:0:interface=127.0.0.1",
+            "--offline",
+            f"sqlite:{tmp_path / 'offline.db'}",
+        ],
+    )
+    try:
+        server.wait_listening()
+        server.wait_for_log(r"WebSocketFactory starting on \d+")
+        port = re.search(r"WebSocketFactory starting on (\d+)", server.log()).group(1)
+        result = subprocess.run(
+            [*command, "--test", "--test-reporter=tap", str(JS / "offline.server.mjs")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=HERE.parent,
+            env={**os.environ, "ESF_URL": f"ws://127.0.0.1:{port}/esf"},
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:] + server.log()[-4000:]
+    assert re.search(r"^# pass 1$", result.stdout, re.M), result.stdout
+    assert "Traceback" not in server.log()
