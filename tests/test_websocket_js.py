@@ -118,3 +118,74 @@ def test_javascript_client_with_the_offline_store(tmp_path):
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:] + server.log()[-4000:]
     assert re.search(r"^# pass 1$", result.stdout, re.M), result.stdout
     assert "Traceback" not in server.log()
+
+
+WEB = HERE.parent / "esf" / "web"
+
+
+def test_the_npm_package_version_is_the_python_packages():
+    """
+    C{esf/web/package.json} makes esf.js an npm package; its version is
+    esf's, so that both are released together.
+    """
+    import json
+
+    import esf
+
+    package = json.loads((WEB / "package.json").read_text(encoding="utf-8"))
+    assert package["version"] == esf.__version__
+    assert package["type"] == "module"
+    assert package["exports"]["."] == {"types": "./esf.d.ts", "default": "./esf.js"}
+    assert set(package["files"]) == {"esf.js", "esf.d.ts"}
+
+
+def _npm_install(npm: str) -> None:
+    """
+    Install C{tests/js/package.json}'s devDependencies into
+    C{tests/js/node_modules}: the esf package from the checkout (as a web
+    developer installs it) and the TypeScript compiler.
+    """
+    result = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--no-package-lock"],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if result.returncode != 0:
+        missing(f"npm install in tests/js failed (the npm registry is needed once):\n{result.stderr[-2000:]}")
+
+
+def test_the_package_installs_and_its_declarations_check():
+    """
+    The esf package, installed with npm from the checkout, imports by its
+    name under node, and C{tests/js/example.ts} passes C{tsc --noEmit}
+    against its declarations (esf.d.ts), including the lines it must
+    refuse.
+    """
+    node = need_program("node", "the JavaScript client's tests cannot run ('.ci/run' installs it)")
+    npm = need_program("npm", "the TypeScript check cannot run (Debian's npm, or node's own)")
+    _npm_install(npm)
+    assert (JS / "node_modules" / "esf" / "esf.js").resolve() == (WEB / "esf.js").resolve()
+    imported = subprocess.run(
+        [
+            node,
+            "--input-type=module",
+            "-e",
+            "import { EsfClient, SUBPROTOCOL } from 'esf'; "
+            "console.log(typeof EsfClient, SUBPROTOCOL)",
+        ],
+        cwd=JS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert imported.stdout.split() == ["function", "esf.v1"], imported.stderr
+    tsc = JS / "node_modules" / "typescript" / "bin" / "tsc"
+    checked = subprocess.run(
+        [node, str(tsc), "--noEmit", "-p", str(JS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stdout[-4000:] + checked.stderr[-2000:]
