@@ -59,7 +59,8 @@ def test_javascript_client_with_node():
 def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
     """
     The JavaScript client and the chat page are package data: in the wheel,
-    where C{--web-demo} finds them.
+    where C{--web-demo} finds them; with the npm package's C{package.json}
+    and declarations, so that C{npm install} takes the installed folder.
     """
     import zipfile
 
@@ -70,7 +71,7 @@ def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
         assert f"esf/web/{name}" in names, name
     assert {n for n in names if n.startswith("esf/web/")} == {
         f"esf/web/{name}" for name, _ in WEB_FILES.values()
-    }
+    } | {"esf/web/package.json", "esf/web/esf.d.ts"}
 
 
 def _node_with_websocket(node: str) -> list[str]:
