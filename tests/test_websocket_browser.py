@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import urllib.request
@@ -59,6 +60,8 @@ def demo(tmp_path_factory):
     C{(server, tcp_port, web_port)}.
     """
     log = tmp_path_factory.mktemp("browser") / "server.log"
+    # The origin of the first page of docs/websocket.md, served by a test.
+    allowed = _free_port()
     server = ServerProcess(
         log,
         [
@@ -67,8 +70,11 @@ def demo(tmp_path_factory):
             "--websocket",
             "tcp:0:interface=127.0.0.1",
             "--web-demo",
+            "--websocket-origin",
+            f"http://127.0.0.1:{allowed}",
         ],
     )
+    server.allowed_port = allowed
     try:
         server.wait_listening()
         server.wait_for_log(r"Site starting on \d+")
@@ -126,10 +132,8 @@ class Page:
                 lambda _: condition()
             )
         except Exception as e:
-            raise AssertionError(
-                f"{what} within {timeout} s; the page says: {self.text('log')!r}, "
-                f"{self.text('notice')!r}, {self.text('status')!r}"
-            ) from e
+            body = self.script("return document.body ? document.body.innerText : ''")
+            raise AssertionError(f"{what} within {timeout} s; the page says: {body!r}") from e
 
     def text(self, element_id):
         return self._find(element_id).text
@@ -566,8 +570,9 @@ def test_the_chat_through_notices_an_offline_user_a_shutdown_and_a_crash(browser
         assert ("queued", "fay", "written while the server was away") in fay.lines()
         server.start()
         fay.wait(lambda: "Reconnected as fay." in fay.text("log"), "the reconnected line", 20)
+        # Sent after the page joined the room again (the server answered the
+        # broadcast, which only members may make).
         fay.wait_line("room mine", "fay", "written while the server was away")
-        gus.wait_line("room", "fay", "written while the server was away", 20)
 
         # A crash: no notice, but the page says the connection was lost.
         server.crash()
@@ -623,3 +628,53 @@ def test_a_page_of_another_origin_imports_esf_js_and_sees_why_it_is_refused(brow
     assert "403" in outcome["message"] and "--websocket-origin" in outcome["message"]
     foreign = f"http://127.0.0.1:{httpd.server_address[1]}"
     server.wait_for_log(rf"refused a WebSocket handshake from .*origin '{foreign}' is not allowed")
+
+
+_FIRST_PAGE = re.compile(r"\n   ```html\n(   <!doctype html>\n.*?)\n   ```\n", re.DOTALL)
+
+
+def test_the_first_page_of_the_docs_step_by_step(browser, demo, tmp_path):
+    """
+    docs/websocket.md's "A first page, step by step": the package installed
+    with npm into a folder, the page as written (only its server's address
+    changed), served from an origin the server allows; a second tab pushes
+    the first out.
+    """
+    npm = need_program("npm", "the first page of the docs is installed with npm")
+    server, _, web_port = demo
+    [page_html] = _FIRST_PAGE.findall((REPO / "docs" / "websocket.md").read_text(encoding="utf-8"))
+    page_html = textwrap.dedent(page_html)
+    assert '"ws://localhost:4531/esf"' in page_html
+    folder = tmp_path / "mypage"
+    folder.mkdir()
+    installed = subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--no-package-lock", str(REPO / "esf" / "web")],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert installed.returncode == 0, installed.stderr
+    (folder / "index.html").write_text(
+        page_html.replace('"ws://localhost:4531/esf"', f'"ws://127.0.0.1:{web_port}/esf"'),
+        encoding="utf-8",
+    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", server.allowed_port), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.allowed_port}/"
+    first = second = None
+    try:
+        first = Page(browser, url)
+        first.wait(lambda: first.text("state") == "loggedon", "the page logged on")
+        first.wait(lambda: "online: " in first.text("out"), "the online list")
+        assert "alice" in first.text("out").split("online: ", 1)[1].split(", ")
+        second = Page(browser, url)
+        second.wait(lambda: second.text("state") == "loggedon", "the second tab logged on")
+        first.wait(lambda: first.text("state") == "closed", "the first tab pushed out")
+    finally:
+        for page in (first, second):
+            if page is not None:
+                page.close()
+        httpd.shutdown()
+        httpd.server_close()

@@ -193,7 +193,8 @@ async function logon(event) {
   client.addEventListener("disconnected", ({ detail }) => {
     explained = true;
     const why = REASONS[detail.reason] || detail.reasonName;
-    line("system", "", `The server closed the connection: ${why}${detail.text ? ` (${detail.text})` : ""}.`);
+    const more = detail.text && detail.text.toLowerCase() !== why ? ` (${detail.text})` : "";
+    line("system", "", `The server closed the connection: ${why}${more}.`);
   });
   client.addEventListener("interrupted", ({ detail }) => {
     if (!explained) line("system", "", `Lost the connection to the server (${detail.why}).`);
