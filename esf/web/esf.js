@@ -431,9 +431,6 @@ const MAX_MESSAGE_ID = 0x7fffffff;
 /** Message types the server's offline store delivers (protocol.md 8.7). */
 const STORED_TYPES = new Set([MessageType.SEND, MessageType.SEND_CERTAINLY, MessageType.BLOB]);
 
-/** The states of a client, in the order of its life (see `EsfClient.state`). */
-const STATES = Object.freeze(["idle", "connecting", "loggedon", "reconnecting", "closed"]);
-
 // The close codes this client sends.  A browser may send only 1000 and
 // 3000-4999, so the two failures have codes of their own.
 export const CLOSE_NORMAL = 1000;
@@ -500,9 +497,9 @@ export class EsfClient extends EventTarget {
    *   maxUserIdLength = 11, maxMessageSize = 1 MiB (the largest frame this client sends or takes),
    *   requestTimeout = 30000 (ms),
    *   retry = {initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true},
- *   queue = {maxMessages: 0, maxBytes: 1 MiB}: application messages sent while
- *     reconnecting are queued (at most maxMessages, maxBytes of bodies) and written
- *     after the re-logon; 0 messages (the default) refuses them at once,
+   *   queue = {maxMessages: 0, maxBytes: 1 MiB}: application messages sent while
+   *     reconnecting are queued (at most maxMessages, maxBytes of bodies) and written
+   *     after the re-logon; 0 messages (the default) refuses them at once,
    *   handler = {handleInformation(sender, clientType, informationType, payload),
    *              handleQuery(sender, clientType, informationType, payload) -> bytes|string|Promise}
    *   WebSocket, clock, random: for tests (defaults: the global WebSocket, systemClock, Math.random)
@@ -839,11 +836,10 @@ export class EsfClient extends EventTarget {
     const entry = this._pending.get(frame.messageId);
     if (!entry) return; // nobody waits for it (any more)
     // Only the party asked may answer, with the expected type or an Error;
-    // the server ("_0") may answer any request with an Error (the user is
-    // offline, a limit...).  Another user relaying a Response or an Error
+    // the server ("_0") may answer for a user too: with an Error (the user
+    // is offline, a limit...), or with the Ack of a message it stored for a
+    // user who is offline.  Another user relaying a Response or an Error
     // with a guessed MessageID changes nothing.
-    // The server may answer for the user asked too: the Ack of a message
-    // it stored for a user who is offline, an Error.
     const isError = frame.messageType === MessageType.ERROR;
     const expected = isError || entry.types.includes(frame.messageType);
     if (!expected || (frame.userId !== entry.asked && frame.userId !== SERVER_ID)) {
