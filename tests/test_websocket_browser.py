@@ -4,7 +4,11 @@ through Debian's chromedriver) against a real C{twistd esf --websocket ...
 --web-demo} process on 127.0.0.1: two pages chat, a page and a desktop
 client (an L{esf.ClientEngine} over TCP, through the blocking facade, in a
 subprocess) exchange messages, and a third page that logs on as the first
-page's user pushes it out, with the notice on screen.
+page's user pushes it out, with the notice on screen.  A page lives through
+an operator's notice, messages kept for it while it was offline, a shutdown
+and a crash of the server (a server of its own, on fixed ports, restarted);
+a page of another origin imports esf.js and is refused, and sees why; the
+first page of docs/websocket.md is installed with npm and runs as written.
 
 They need C{chromium}, C{chromedriver} and the C{selenium} package; without
 them they skip, loudly, except under CI, where they fail (L{_real_parts.missing}).
