@@ -767,20 +767,22 @@ export class EsfClient extends EventTarget {
     }
     if (this._ackTimer !== null) this.clock.clearTimeout(this._ackTimer);
     this._ackTimer = null;
+    const first = this._first;
+    this._first = null;
+    // The state the client is going to: what was pending fails with it.
+    const next = first || this._stopped ? "closed" : "reconnecting";
     const pending = this._pending;
     this._pending = new Map();
     for (const entry of pending.values()) {
       this.clock.clearTimeout(entry.timer);
-      entry.reject(new NotConnected(why, { state: this._state, ...details }));
+      entry.reject(new NotConnected(why, { state: next, ...details }));
     }
-    const first = this._first;
-    this._first = null;
     if (first) {
       // The first connection failed: no reconnect (the application decides).
       this._stopped = true;
       this._closedWhy = why;
       this._setState("closed");
-      first.reject(new NotConnected(why, { state: "connecting", ...details }));
+      first.reject(new NotConnected(why, { state: "closed", ...details }));
       return;
     }
     if (ending && ending.kind === "disconnected") {

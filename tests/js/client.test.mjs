@@ -395,11 +395,11 @@ test("any other notice: disconnected with its reason, then a reconnect", async (
   assert.deepEqual(events[1][1], { reason: DT.SERVER_SHUTDOWN, reasonName: "SERVER_SHUTDOWN", text: "bye" });
 });
 
-test("pending calls fail when the connection drops", async () => {
+test("pending calls fail when the connection drops, with the state it goes to", async () => {
   const { client, socket } = await loggedOn();
   const answer = client.query("bob", 1);
   socket().serverClose(1006);
-  await assert.rejects(answer, esf.NotConnected);
+  await assert.rejects(answer, (e) => e instanceof esf.NotConnected && e.state === "reconnecting" && e.closeCode === 1006);
 });
 
 test("incoming messages: events, Ack for an acked send, answers to queries and pings", async () => {
