@@ -1,8 +1,13 @@
 """
 The JavaScript client's own tests (C{tests/js/*.test.mjs}), run with node's
-test runner: its codec against the Python codec's golden vectors, and its
-client logic on a fake WebSocket and clock.  They need C{node}; without it
-they skip, loudly, except under CI, where they fail (L{_real_parts.missing}).
+test runner: its codec against the Python codec's golden vectors, its
+client logic on a fake WebSocket and clock, its exports against its
+declarations and the docs.  Then the client under node against a real
+C{twistd esf --offline} (C{tests/js/offline.server.mjs}), and the npm
+package: installed from the checkout, imported by name, its TypeScript
+declarations checked by C{tsc} over C{tests/js/example.ts}.  They need
+C{node} (and C{npm}); without them they skip, loudly, except under CI,
+where they fail (L{_real_parts.missing}).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 
 HERE = Path(__file__).resolve().parent
@@ -86,6 +93,7 @@ def _node_with_websocket(node: str) -> list[str]:
     missing(f"{node} has no WebSocket (node 22, or 20.10 and later, has one)")
 
 
+@pytest.mark.e2e
 def test_javascript_client_with_the_offline_store(tmp_path):
     """
     C{tests/js/offline.server.mjs}: esf.js under node against a real
