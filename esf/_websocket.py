@@ -617,12 +617,18 @@ class _File(Resource):
         b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
 
-    def __init__(self, data: bytes, content_type: bytes):
+    def __init__(self, data: bytes, content_type: bytes, shared: bool = False):
         super().__init__()  # type: ignore[no-untyped-call]
         self.data = data
         self.content_type = content_type
+        #: Pages of other origins may load it: a module imported across
+        #: origins needs CORS.  Only the client module is: it holds nothing
+        #: of the server, and the WebSocket still checks the page's origin.
+        self.shared = shared
 
     def render_GET(self, request: Any) -> bytes:
+        if self.shared:
+            request.setHeader(b"access-control-allow-origin", b"*")
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"content-security-policy", self.POLICY)
@@ -653,7 +659,7 @@ def web_demo_site(
     root = _Root()  # type: ignore[no-untyped-call]
     web = resources.files("esf") / "web"
     for path, (name, content_type) in WEB_FILES.items():
-        root.putChild(path, _File((web / name).read_bytes(), content_type))
+        root.putChild(path, _File((web / name).read_bytes(), content_type, name == "esf.js"))
     factory = WebSocketFactory(engine, allowed_origins, reactor=reactor)
     root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))  # type: ignore[no-untyped-call]
     site = Site(root)

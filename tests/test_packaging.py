@@ -35,6 +35,7 @@ _IGNORED = shutil.ignore_patterns(
     "dropin.cache",
     ".venv",
     ".mypy_cache",
+    "node_modules",
 )
 
 

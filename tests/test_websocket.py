@@ -561,6 +561,11 @@ def test_web_demo_serves_the_page_the_module_and_the_websocket():
             assert headers["x-content-type-options"] == "nosniff"
             assert "connect-src 'self'" in headers["content-security-policy"]
             assert marker in body, path
+        # A page of another origin may import the module (CORS), not the chat's files.
+        _, headers, _ = yield http_get(port, "/esf.js")
+        assert headers["access-control-allow-origin"] == "*"
+        _, headers, _ = yield http_get(port, "/chat.js")
+        assert "access-control-allow-origin" not in headers
         status, _, _ = yield http_get(port, "/nope")
         assert status == 404
         # The WebSocket at /esf, from the page's own origin.

@@ -87,11 +87,21 @@ export class RequestError extends Error {
   }
 }
 
-/** The call needs a logged-on session and there is none. */
+/**
+ * The call needs a logged-on session and there is none, or the connection
+ * was lost.  `state` is the client's state then; `closeCode` the WebSocket
+ * close code when a close caused it; `beforeHandshake` is true when the
+ * connection closed before its WebSocket handshake completed (the server
+ * could not be reached, or refused the handshake: an origin it does not
+ * allow gets HTTP 403, which a page cannot see).
+ */
 export class NotConnected extends Error {
-  constructor(message = "not logged on") {
+  constructor(message = "not logged on", { state = null, closeCode = null, beforeHandshake = false } = {}) {
     super(message);
     this.name = "NotConnected";
+    this.state = state;
+    this.closeCode = closeCode;
+    this.beforeHandshake = beforeHandshake;
   }
 }
 
@@ -418,6 +428,9 @@ const FOR_GOOD = new Set([
 
 const MAX_MESSAGE_ID = 0x7fffffff;
 
+/** Message types the server's offline store delivers (protocol.md 8.7). */
+const STORED_TYPES = new Set([MessageType.SEND, MessageType.SEND_CERTAINLY, MessageType.BLOB]);
+
 // The close codes this client sends.  A browser may send only 1000 and
 // 3000-4999, so the two failures have codes of their own.
 export const CLOSE_NORMAL = 1000;
@@ -434,7 +447,7 @@ function truncateUtf8(text, limit) {
 }
 
 /** The real clock; tests pass their own with the same three members. */
-export const systemClock = Object.freeze({
+const systemClock = Object.freeze({
   now: () => Date.now(),
   setTimeout: (fn, ms) => setTimeout(fn, ms),
   clearTimeout: (handle) => clearTimeout(handle),
@@ -458,6 +471,7 @@ export function deviceAddress(userId, clientType) {
  * answer returns a Promise.
  *
  * Events (an EventTarget; each event's `detail` holds the fields):
+ *   statechange {state, previous}    `state` changed (idle, connecting, loggedon, reconnecting, closed)
  *   logon {response}                 the first logon succeeded
  *   relogon {response}               a logon after a reconnect was answered
  *   interrupted {why}                the connection dropped; a reconnect follows
@@ -467,8 +481,10 @@ export function deviceAddress(userId, clientType) {
  *   pushedout {cause}                the same user logged on elsewhere with this device kind
  *   kickedout {operator, reason}     kicked by the server ("_0") or an administrator
  *   closed {why}                     the client has stopped for good
- *   information {sender, clientType, informationType, payload}
- *                                    a Send or SendCertainly from a user
+ *   information {sender, clientType, informationType, payload, stored}
+ *                                    a Send or SendCertainly from a user or the server;
+ *                                    `stored`: kept by the server's offline store while
+ *                                    this user was offline, delivered at logon
  *   broadcast {sender, groupId, informationType, payload}
  *   deviceonline {clientType}, deviceoffline {clientType}
  */
@@ -481,6 +497,9 @@ export class EsfClient extends EventTarget {
    *   maxUserIdLength = 11, maxMessageSize = 1 MiB (the largest frame this client sends or takes),
    *   requestTimeout = 30000 (ms),
    *   retry = {initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true},
+   *   queue = {maxMessages: 0, maxBytes: 1 MiB}: application messages sent while
+   *     reconnecting are queued (at most maxMessages, maxBytes of bodies) and written
+   *     after the re-logon; 0 messages (the default) refuses them at once,
    *   handler = {handleInformation(sender, clientType, informationType, payload),
    *              handleQuery(sender, clientType, informationType, payload) -> bytes|string|Promise}
    *   WebSocket, clock, random: for tests (defaults: the global WebSocket, systemClock, Math.random)
@@ -490,7 +509,7 @@ export class EsfClient extends EventTarget {
     const {
       userId, password = "", systemToken = "", clientType,
       maxUserIdLength = 11, maxMessageSize = 1024 * 1024, requestTimeout = 30000,
-      retry = {}, handler = null,
+      retry = {}, queue = {}, handler = null,
       WebSocket: WebSocketClass = globalThis.WebSocket, clock = systemClock, random = Math.random,
     } = options;
     this.url = url;
@@ -503,6 +522,10 @@ export class EsfClient extends EventTarget {
     this.clientType = clientType ?? (String(url).startsWith("wss:") ? ClientType.WEBSOCKET_SSL : ClientType.WEBSOCKET);
     this.requestTimeout = requestTimeout;
     this.retry = { initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true, ...retry };
+    this.queue = { maxMessages: 0, maxBytes: 1024 * 1024, ...queue };
+    if (!(Number.isInteger(this.queue.maxMessages) && this.queue.maxMessages >= 0)) {
+      throw new RangeError(`queue.maxMessages must be a whole number >= 0, not ${this.queue.maxMessages}`);
+    }
     this.handler = handler;
     this.WebSocket = WebSocketClass;
     this.clock = clock;
@@ -511,6 +534,21 @@ export class EsfClient extends EventTarget {
     this.logonResponse = null;
     /** Answers dropped because they came from another party than the one asked. */
     this.refusedAnswers = 0;
+    /**
+     * The highest ID of a message from the server's offline store that this
+     * client has handled: one delivered again (after a lost connection) is
+     * acknowledged and not handled twice.  A page that must not handle one
+     * twice across reloads saves it (localStorage) and sets it before logon().
+     */
+    this.offlineMark = 0;
+    this._state = "idle";
+    this._closedWhy = "";
+    this._queue = []; // application messages sent while reconnecting
+    this._queuedBytes = 0;
+    this._ackId = 0; // the highest stored message handled on this connection, to acknowledge
+    this._ackType = 0;
+    this._ackTimer = null;
+    this._stored = Promise.resolve(); // stored messages are handled one after the other
     this._ws = null;
     this._loggedOn = false;
     this._stopped = false;
@@ -530,6 +568,28 @@ export class EsfClient extends EventTarget {
     return this._loggedOn;
   }
 
+  /**
+   * Where the client is in its life: "idle" (before logon()), "connecting"
+   * (the first logon), "loggedon", "reconnecting" (the connection was lost;
+   * a reconnect and re-logon follow), "closed" (for good).  Each change is
+   * a "statechange" event.
+   */
+  get state() {
+    return this._state;
+  }
+
+  /** How many application messages wait for the re-logon (see the `queue` option). */
+  get queued() {
+    return this._queue.length;
+  }
+
+  _setState(state) {
+    const previous = this._state;
+    if (state === previous) return;
+    this._state = state;
+    this._emit("statechange", { state, previous });
+  }
+
   /** Bytes queued in the browser's WebSocket, not yet sent. */
   get bufferedAmount() {
     return this._ws ? this._ws.bufferedAmount : 0;
@@ -546,6 +606,7 @@ export class EsfClient extends EventTarget {
     if (this._first || this._ws || this._stopped) throw new Error("logon() was already called");
     return new Promise((resolve, reject) => {
       this._first = { resolve, reject };
+      this._setState("connecting");
       this._connect();
     });
   }
@@ -573,10 +634,22 @@ export class EsfClient extends EventTarget {
     ws.binaryType = "arraybuffer";
     this._ws = ws;
     this._ending = null;
-    ws.onopen = () => ws === this._ws && this._opened(ws);
+    let open = false;
+    ws.onopen = () => {
+      open = true;
+      if (ws === this._ws) this._opened(ws);
+    };
     ws.onmessage = (event) => ws === this._ws && this._message(ws, event.data);
     ws.onerror = () => {}; // a close event follows, with what is known
-    ws.onclose = (event) => ws === this._ws && this._connectionLost(ws, closeText(event));
+    ws.onclose = (event) => {
+      if (ws !== this._ws) return;
+      const code = event && event.code !== undefined ? event.code : null;
+      // A browser tells a page nothing of a refused handshake (the 403 of
+      // an origin the server does not allow is only in the console): say
+      // where to look.
+      const why = open ? closeText(event) : `${closeText(event)} ${BEFORE_HANDSHAKE}`;
+      this._connectionLost(ws, why, { closeCode: code, beforeHandshake: !open });
+    };
   }
 
   _opened(ws) {
@@ -614,6 +687,7 @@ export class EsfClient extends EventTarget {
       this.logonResponse = response;
       this._loggedOn = true;
       this._attempt = 0;
+      this._ackId = 0; // stored messages come again from the first one not acknowledged
       this._limit = new WireConfig({
         maxUserIdLength: this.wire.maxUserIdLength,
         maxMessageSize: Math.min(this.wire.maxMessageSize, response.maxMessageSize),
@@ -626,6 +700,7 @@ export class EsfClient extends EventTarget {
       this._ending = { kind: "refused", why };
       this._stopped = true;
     }
+    if (response.succeeded) this._setState("loggedon");
     if (first) {
       if (response.succeeded) {
         first.resolve(response);
@@ -635,6 +710,9 @@ export class EsfClient extends EventTarget {
       }
     } else {
       this._emit("relogon", { response });
+      // After the listeners, which may restore what the server forgot
+      // (rooms joined...) before the queued messages go out.
+      if (response.succeeded && ws === this._ws && this._loggedOn) this._flushQueue();
     }
   }
 
@@ -646,7 +724,21 @@ export class EsfClient extends EventTarget {
     this._retryTimer = null;
     const ws = this._ws;
     if (ws) this._drop(ws, CLOSE_NORMAL, why);
-    else this._emit("closed", { why });
+    else this._closed(why);
+  }
+
+  /** The client has stopped for good: what waits fails, and "closed". */
+  _closed(why, details = {}) {
+    this._closedWhy = why;
+    const queue = this._queue;
+    this._queue = [];
+    this._queuedBytes = 0;
+    this._setState("closed");
+    for (const entry of queue) {
+      if (entry.timer !== null) this.clock.clearTimeout(entry.timer);
+      entry.fail(new NotConnected(`not sent: ${why}`, { state: "closed", ...details }));
+    }
+    this._emit("closed", { why });
   }
 
   /** Leave `ws` now, without waiting for its close handshake. */
@@ -659,7 +751,7 @@ export class EsfClient extends EventTarget {
     this._connectionLost(ws, why);
   }
 
-  _connectionLost(ws, why) {
+  _connectionLost(ws, why, details = {}) {
     if (ws !== this._ws) return;
     this._ws = null;
     if (!this._loggedOn) this._attempt += 1;
@@ -673,18 +765,24 @@ export class EsfClient extends EventTarget {
     } else if (ending && ending.why) {
       why = ending.why;
     }
+    if (this._ackTimer !== null) this.clock.clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    const first = this._first;
+    this._first = null;
+    // The state the client is going to: what was pending fails with it.
+    const next = first || this._stopped ? "closed" : "reconnecting";
     const pending = this._pending;
     this._pending = new Map();
     for (const entry of pending.values()) {
       this.clock.clearTimeout(entry.timer);
-      entry.reject(new NotConnected(why));
+      entry.reject(new NotConnected(why, { state: next, ...details }));
     }
-    const first = this._first;
-    this._first = null;
     if (first) {
       // The first connection failed: no reconnect (the application decides).
       this._stopped = true;
-      first.reject(new NotConnected(why));
+      this._closedWhy = why;
+      this._setState("closed");
+      first.reject(new NotConnected(why, { state: "closed", ...details }));
       return;
     }
     if (ending && ending.kind === "disconnected") {
@@ -693,9 +791,10 @@ export class EsfClient extends EventTarget {
       });
     }
     if (this._stopped) {
-      this._emit("closed", { why });
+      this._closed(why, details);
       return;
     }
+    this._setState("reconnecting");
     this._emit("interrupted", { why });
     const { initialDelay, maxDelay, factor, jitter } = this.retry;
     const base = Math.min(maxDelay, initialDelay * factor ** Math.max(0, this._attempt - 1));
@@ -720,6 +819,13 @@ export class EsfClient extends EventTarget {
       this._answer(frame);
       return;
     }
+    if (frame.destUserId === SERVER_ID && frame.messageId > 0 && STORED_TYPES.has(frame.messageType)) {
+      // No live relayed frame is addressed to "_0": this one comes from the
+      // server's offline store (protocol.md 8.7).
+      const id = frame.messageId;
+      this._stored = this._stored.then(() => this._onStored(ws, frame)).catch(() => this._ackStored(ws, id, 0));
+      return;
+    }
     try {
       this._incoming(ws, frame);
     } catch (error) {
@@ -732,13 +838,13 @@ export class EsfClient extends EventTarget {
     const entry = this._pending.get(frame.messageId);
     if (!entry) return; // nobody waits for it (any more)
     // Only the party asked may answer, with the expected type or an Error;
-    // the server ("_0") may answer any request with an Error (the user is
-    // offline, a limit...).  Another user relaying a Response or an Error
+    // the server ("_0") may answer for a user too: with an Error (the user
+    // is offline, a limit...), or with the Ack of a message it stored for a
+    // user who is offline.  Another user relaying a Response or an Error
     // with a guessed MessageID changes nothing.
     const isError = frame.messageType === MessageType.ERROR;
-    const fromAsked = frame.userId === entry.asked && (isError || entry.types.includes(frame.messageType));
-    const fromServer = frame.userId === SERVER_ID && isError;
-    if (!fromAsked && !fromServer) {
+    const expected = isError || entry.types.includes(frame.messageType);
+    if (!expected || (frame.userId !== entry.asked && frame.userId !== SERVER_ID)) {
       this.refusedAnswers += 1;
       return;
     }
@@ -817,7 +923,7 @@ export class EsfClient extends EventTarget {
   async _information(frame) {
     const { informationType, payload } = decodeBody("Information", frame.body);
     const sender = frame.userId;
-    this._emit("information", { sender, clientType: frame.clientType, informationType, payload });
+    this._emit("information", { sender, clientType: frame.clientType, informationType, payload, stored: false });
     try {
       if (this.handler && this.handler.handleInformation) {
         await this.handler.handleInformation(sender, frame.clientType, informationType, payload);
@@ -843,6 +949,61 @@ export class EsfClient extends EventTarget {
     } catch (error) {
       this._handlerFailed(frame, error);
     }
+  }
+
+  // -- from the offline store ------------------------------------------------------------
+
+  /**
+   * A message kept for this user while it was offline: handled once (its
+   * ID is above every one handled before), then acknowledged to the server
+   * (cumulatively: an Ack of ID n covers every stored message up to n).
+   * Its sender was answered when it was stored: no Ack goes to it.
+   */
+  async _onStored(ws, frame) {
+    const id = frame.messageId;
+    if (ws !== this._ws) return; // that connection is gone: it comes again
+    if (id <= this.offlineMark) {
+      this._ackStored(ws, id, 0); // delivered again: acknowledged, not handled twice
+      return;
+    }
+    this.offlineMark = id;
+    if (frame.messageType === MessageType.BLOB) {
+      this._ackStored(ws, id, 0); // this client takes no blobs: dropped, not kept forever
+      return;
+    }
+    let informationType = 0;
+    try {
+      const body = decodeBody("Information", frame.body);
+      informationType = body.informationType;
+      this._emit("information", {
+        sender: frame.userId, clientType: frame.clientType, informationType, payload: body.payload, stored: true,
+      });
+      if (this.handler && this.handler.handleInformation) {
+        await this.handler.handleInformation(frame.userId, frame.clientType, informationType, body.payload);
+      }
+    } catch {
+      // A malformed body or a failing handler: acknowledged all the same,
+      // or the server would deliver it again at every logon.
+    }
+    this._ackStored(ws, id, informationType);
+  }
+
+  _ackStored(ws, id, informationType) {
+    if (ws !== this._ws || !this._loggedOn) return; // delivered again after the next logon
+    if (id > this._ackId) {
+      this._ackId = id;
+      this._ackType = informationType;
+    }
+    // One Ack for every stored message handled in this turn.
+    if (this._ackTimer === null) this._ackTimer = this.clock.setTimeout(() => this._sendStoredAck(ws), 0);
+  }
+
+  _sendStoredAck(ws) {
+    this._ackTimer = null;
+    if (ws !== this._ws || !this._loggedOn || !this._ackId) return;
+    this._write(MessageType.ACK, encodeBody("Ack", { informationType: this._ackType }), {
+      messageId: this._ackId, dest: SERVER_ID,
+    });
   }
 
   _handlerFailed(frame, error) {
@@ -880,7 +1041,7 @@ export class EsfClient extends EventTarget {
   // -- output ------------------------------------------------------------------------------
 
   _write(messageType, body = new Uint8Array(0), { messageId = 0, dest = SERVER_ID } = {}) {
-    if (!this._ws || !this._loggedOn) throw new NotConnected();
+    if (!this._ws || !this._loggedOn) throw this._notConnected();
     this._ws.send(encodeFrame(this._limit, {
       messageType, body, clientType: this.clientType, messageId, userId: this.userId, destUserId: dest,
     }));
@@ -906,9 +1067,75 @@ export class EsfClient extends EventTarget {
     return messageId;
   }
 
-  /** Send a request; resolve with the answer's frame, reject with RequestError or NotConnected. */
-  _call(messageType, body, { dest = SERVER_ID, asked = SERVER_ID, answer = messageType, timeout } = {}) {
-    if (!this._ws || !this._loggedOn) return Promise.reject(new NotConnected());
+  /** Why a call cannot be made now, as a NotConnected. */
+  _notConnected() {
+    const state = this._state;
+    if (state === "reconnecting") {
+      return new NotConnected("not sent: reconnecting (the connection was lost; the client is logging on again)", { state });
+    }
+    if (state === "closed") return new NotConnected(`not logged on: ${this._closedWhy}`, { state });
+    return new NotConnected("not logged on", { state });
+  }
+
+  /**
+   * Keep an application message sent while reconnecting until the
+   * re-logon: `write(elapsed)` sends it then.  Throws NotConnected when
+   * the queue is off or full.  A message that waits longer than `timeout`
+   * ms (if not null) fails with RequestError(TIMEOUT).
+   */
+  _enqueue(size, timeout, write, fail) {
+    const { maxMessages, maxBytes } = this.queue;
+    if (this._state !== "reconnecting" || maxMessages === 0) throw this._notConnected();
+    if (this._queue.length >= maxMessages || this._queuedBytes + size > maxBytes) {
+      throw new NotConnected(
+        `not sent: reconnecting, and ${this._queue.length} messages (${this._queuedBytes} bytes) already wait ` +
+        `(queue: at most ${maxMessages} messages, ${maxBytes} bytes)`, { state: this._state });
+    }
+    const entry = { size, since: this.clock.now(), write, fail, timer: null };
+    if (timeout !== null) {
+      entry.timer = this.clock.setTimeout(() => {
+        const at = this._queue.indexOf(entry);
+        if (at < 0) return;
+        this._queue.splice(at, 1);
+        this._queuedBytes -= size;
+        fail(new RequestError(ErrorCode.TIMEOUT, "not sent: still reconnecting"));
+      }, timeout);
+    }
+    this._queue.push(entry);
+    this._queuedBytes += size;
+  }
+
+  /** Write what was queued while reconnecting, in order. */
+  _flushQueue() {
+    const queue = this._queue;
+    this._queue = [];
+    this._queuedBytes = 0;
+    for (const entry of queue) {
+      if (entry.timer !== null) this.clock.clearTimeout(entry.timer);
+      try {
+        entry.write(this.clock.now() - entry.since);
+      } catch (error) {
+        entry.fail(error);
+      }
+    }
+  }
+
+  /**
+   * Send a request; resolve with the answer's frame, reject with
+   * RequestError or NotConnected.  With `queued`, a request made while
+   * reconnecting waits in the queue (when it is on) for the re-logon.
+   */
+  _call(messageType, body, { dest = SERVER_ID, asked = SERVER_ID, answer = messageType, timeout, queued = false } = {}) {
+    if (!this._ws || !this._loggedOn) {
+      if (!queued) return Promise.reject(this._notConnected());
+      return new Promise((resolve, reject) => {
+        const limit = timeout ?? this.requestTimeout;
+        this._enqueue(body.length, limit, (elapsed) => {
+          const rest = Math.max(1, limit - elapsed);
+          this._call(messageType, body, { dest, asked, answer, timeout: rest }).then(resolve, reject);
+        }, reject);
+      });
+    }
     return new Promise((resolve, reject) => {
       const messageId = this._expect(asked, [answer], timeout, resolve, reject);
       try {
@@ -993,30 +1220,45 @@ export class EsfClient extends EventTarget {
    */
   send(userId, informationType, payload = "", { clientType } = {}) {
     const body = encodeBody("Information", { informationType, payload: toBytes(payload) });
-    this._write(MessageType.SEND, body, { dest: deviceAddress(userId, clientType) });
+    const dest = deviceAddress(userId, clientType);
+    if (!this._ws || !this._loggedOn) {
+      encodeFrame(this._limit, { messageType: MessageType.SEND, body, userId: this.userId, destUserId: dest });
+      this._enqueue(body.length, null, () => this._write(MessageType.SEND, body, { dest }), () => {});
+      return "queued";
+    }
+    this._write(MessageType.SEND, body, { dest });
+    return "sent";
   }
 
   /** Ask a user's client (or the server, "_0"); resolves with the answer's payload (bytes). */
   async query(userId, informationType, payload = "", { timeout, clientType } = {}) {
     const body = encodeBody("Information", { informationType, payload: toBytes(payload) });
     const frame = await this._call(MessageType.REQUEST, body, {
-      dest: deviceAddress(userId, clientType), asked: answerer(userId), answer: MessageType.RESPONSE, timeout,
+      dest: deviceAddress(userId, clientType), asked: answerer(userId), answer: MessageType.RESPONSE, timeout, queued: true,
     });
     return decodeBody("Information", frame.body).payload;
   }
 
-  /** A message the receiver acknowledges once its handler has run; resolves then. */
+  /**
+   * A message the receiver acknowledges once its handler has run; resolves
+   * then with "delivered".  When the receiver is offline and the server
+   * keeps the message for it (its offline store), resolves with "stored"
+   * once the server has stored it: it is delivered at the receiver's next
+   * logon, and nobody tells the sender when.
+   */
   async sendCertainly(userId, informationType, payload = "", { timeout, clientType } = {}) {
     const body = encodeBody("Information", { informationType, payload: toBytes(payload) });
-    await this._call(MessageType.SEND_CERTAINLY, body, {
-      dest: deviceAddress(userId, clientType), asked: answerer(userId), answer: MessageType.ACK, timeout,
+    const asked = answerer(userId);
+    const frame = await this._call(MessageType.SEND_CERTAINLY, body, {
+      dest: deviceAddress(userId, clientType), asked, answer: MessageType.ACK, timeout, queued: true,
     });
+    return frame.userId === SERVER_ID && asked !== SERVER_ID ? "stored" : "delivered";
   }
 
   /** Broadcast to a group's online members (or "*"); resolves once the server has fanned it out. */
   async broadcast(groupId, informationType, payload = "", { timeout } = {}) {
     const body = encodeBody("Information", { informationType, payload: toBytes(payload) });
-    await this._call(MessageType.BROADCAST, body, { dest: groupId, answer: MessageType.ACK, timeout });
+    await this._call(MessageType.BROADCAST, body, { dest: groupId, answer: MessageType.ACK, timeout, queued: true });
   }
 
   _emit(type, detail) {
@@ -1027,6 +1269,12 @@ export class EsfClient extends EventTarget {
     this.dispatchEvent(event);
   }
 }
+
+/** What a close before the WebSocket handshake completed may mean, and where to look. */
+const BEFORE_HANDSHAKE =
+  "before the WebSocket handshake completed: the server could not be reached, or refused the " +
+  "handshake (a page whose origin the server does not allow gets HTTP 403, which only the browser's " +
+  "console and the server's log, event websocket_refused, show; see the server's --websocket-origin)";
 
 function closeText(event) {
   const code = event && event.code !== undefined ? event.code : "?";

@@ -105,8 +105,10 @@ function setup(options = {}) {
                       "kickedout", "closed", "information", "broadcast", "deviceonline", "deviceoffline"]) {
     client.addEventListener(type, (e) => events.push([type, e.detail]));
   }
+  const states = [];
+  client.addEventListener("statechange", (e) => states.push(e.detail.state));
   const socket = () => FakeWebSocket.made.at(-1);
-  return { client, clock, events, socket };
+  return { client, clock, events, socket, states };
 }
 
 async function loggedOn(options) {
@@ -312,7 +314,7 @@ test("acked send resolves on the receiver's Ack; a device is addressed with #", 
   assert.equal(request.messageType, MT.SEND_CERTAINLY);
   assert.equal(request.destUserId, "bob#5");
   socket().deliver({ messageType: MT.ACK, messageId: request.messageId, userId: "bob" }, "Ack", { informationType: 4 });
-  assert.equal(await sent, undefined);
+  assert.equal(await sent, "delivered");
 });
 
 test("broadcast resolves on the server's Ack, not a member's", async () => {
@@ -393,11 +395,11 @@ test("any other notice: disconnected with its reason, then a reconnect", async (
   assert.deepEqual(events[1][1], { reason: DT.SERVER_SHUTDOWN, reasonName: "SERVER_SHUTDOWN", text: "bye" });
 });
 
-test("pending calls fail when the connection drops", async () => {
+test("pending calls fail when the connection drops, with the state it goes to", async () => {
   const { client, socket } = await loggedOn();
   const answer = client.query("bob", 1);
   socket().serverClose(1006);
-  await assert.rejects(answer, esf.NotConnected);
+  await assert.rejects(answer, (e) => e instanceof esf.NotConnected && e.state === "reconnecting" && e.closeCode === 1006);
 });
 
 test("incoming messages: events, Ack for an acked send, answers to queries and pings", async () => {
@@ -407,7 +409,7 @@ test("incoming messages: events, Ack for an acked send, answers to queries and p
   socket().deliver({ messageType: MT.SEND_CERTAINLY, messageId: 7, userId: "bob", clientType: 0 }, "Information",
                    { informationType: 2, payload: esf.toBytes("hi") });
   await flush();
-  assert.deepEqual(events.at(-1), ["information", { sender: "bob", clientType: 0, informationType: 2, payload: esf.toBytes("hi") }]);
+  assert.deepEqual(events.at(-1), ["information", { sender: "bob", clientType: 0, informationType: 2, payload: esf.toBytes("hi"), stored: false }]);
   let [ack] = socket().take();
   assert.deepEqual([ack.messageType, ack.messageId, ack.destUserId], [MT.ACK, 7, "bob"]);
 
@@ -478,4 +480,171 @@ test("an unanswered logon: the first rejects, a re-logon tries another connectio
   s.clock.advance(5000);
   assert.equal(s.socket().closedWith.code, esf.CLOSE_NO_ANSWER);
   assert.equal(s.events.at(-1)[0], "reconnecting");
+});
+
+// -- the server's offline store (protocol.md 8.7) ---------------------------------------
+
+/** A delivery from the offline store: the sender's frame with DestUserID "_0" and the stored ID. */
+function storedFrame(ws, id, text, { type = MT.SEND_CERTAINLY, sender = "bob" } = {}) {
+  ws.deliver({ messageType: type, messageId: id, userId: sender, destUserId: "_0", clientType: 5 }, "Information",
+             { informationType: 6, payload: esf.toBytes(text) });
+}
+
+const settle = async (clock) => {
+  for (let i = 0; i < 5; i++) await flush();
+  clock.advance(0);
+};
+
+test("sendCertainly to an offline user: the server's Ack means stored", async () => {
+  const { client, socket } = await loggedOn();
+  const sent = client.sendCertainly("bob", 6, "while you were away");
+  const [request] = socket().take();
+  socket().deliver({ messageType: MT.ACK, messageId: request.messageId, userId: "_0" }, "Ack", { informationType: 6 });
+  assert.equal(await sent, "stored");
+  assert.equal(client.refusedAnswers, 0);
+  // To the server itself, the server's Ack means done.
+  const joined = client.sendCertainly("_0", 1, "lobby");
+  const [join] = socket().take();
+  socket().deliver({ messageType: MT.ACK, messageId: join.messageId, userId: "_0" }, "Ack", { informationType: 1 });
+  assert.equal(await joined, "delivered");
+});
+
+test("stored messages: handled once each, in order, one cumulative Ack to _0, none to the sender", async () => {
+  const seen = [];
+  const { client, socket, clock, events } = await loggedOn({
+    handler: { handleInformation: async (sender, kind, type, payload) => { await flush(); seen.push(esf.toText(payload)); } },
+  });
+  const ws = socket();
+  storedFrame(ws, 3, "one");
+  storedFrame(ws, 4, "two", { type: MT.SEND });
+  storedFrame(ws, 5, "three");
+  await settle(clock);
+  assert.deepEqual(seen, ["one", "two", "three"]);
+  const info = events.filter(([type]) => type === "information").map(([, d]) => [d.sender, d.clientType, esf.toText(d.payload), d.stored]);
+  assert.deepEqual(info, [["bob", 5, "one", true], ["bob", 5, "two", true], ["bob", 5, "three", true]]);
+  const acks = ws.take();
+  assert.deepEqual(acks.map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.ACK, 5, "_0"]]);
+  assert.equal(client.offlineMark, 5);
+  // The same IDs again (a redelivery) are acknowledged, not handled twice.
+  storedFrame(ws, 4, "two");
+  storedFrame(ws, 5, "three");
+  storedFrame(ws, 6, "four");
+  await settle(clock);
+  assert.deepEqual(seen, ["one", "two", "three", "four"]);
+  assert.deepEqual(ws.take().map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.ACK, 6, "_0"]]);
+});
+
+test("stored messages come again after a lost connection and are acknowledged there, once handled", async () => {
+  const { client, socket, clock, events } = await loggedOn();
+  storedFrame(socket(), 1, "kept");
+  socket().serverClose(1006); // lost before the Ack went out
+  await settle(clock);
+  clock.advance(1000);
+  socket().open();
+  socket().acceptLogon();
+  storedFrame(socket(), 1, "kept");
+  await settle(clock);
+  assert.deepEqual(socket().take().map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.ACK, 1, "_0"]]);
+  assert.equal(events.filter(([type]) => type === "information").length, 1);
+  assert.equal(client.offlineMark, 1);
+});
+
+test("a stored blob or a malformed stored message is acknowledged and dropped", async () => {
+  const { socket, clock, events } = await loggedOn();
+  socket().deliver({ messageType: MT.BLOB, messageId: 7, userId: "bob", destUserId: "_0" }, "BlobFragment",
+                   { informationType: 1, blobId: 1, fragmentIndex: 0, isLast: true, payload: esf.toBytes("x") });
+  const bytes = esf.encodeFrame(wire, { messageType: MT.SEND, messageId: 8, userId: "bob", destUserId: "_0", body: new Uint8Array([1]) });
+  socket().onmessage({ data: bytes.buffer });
+  await settle(clock);
+  assert.deepEqual(socket().take().map((f) => [f.messageType, f.messageId]), [[MT.ACK, 8]]);
+  assert.equal(events.filter(([type]) => type === "information").length, 0);
+});
+
+// -- the connection's state ---------------------------------------------------------------
+
+test("state and statechange follow the connection's life", async () => {
+  const s = setup();
+  assert.equal(s.client.state, "idle");
+  const logon = s.client.logon();
+  assert.equal(s.client.state, "connecting");
+  s.socket().open();
+  s.socket().acceptLogon();
+  await logon;
+  assert.equal(s.client.state, "loggedon");
+  s.socket().serverClose(1006);
+  assert.equal(s.client.state, "reconnecting");
+  s.clock.advance(1000);
+  s.socket().open();
+  s.socket().acceptLogon();
+  assert.equal(s.client.state, "loggedon");
+  s.client.close();
+  assert.equal(s.client.state, "closed");
+  assert.deepEqual(s.states, ["connecting", "loggedon", "reconnecting", "loggedon", "closed"]);
+});
+
+// -- sending while reconnecting -------------------------------------------------------------
+
+test("sending while reconnecting without a queue is refused at once, saying so", async () => {
+  const { client, socket } = await loggedOn();
+  socket().serverClose(1006);
+  assert.throws(() => client.send("bob", 6, "hi"), (e) => e instanceof esf.NotConnected && /reconnecting/.test(e.message) && e.state === "reconnecting");
+  await assert.rejects(client.broadcast("lobby", 3, "hi"), (e) => e instanceof esf.NotConnected && /reconnecting/.test(e.message));
+  assert.equal(client.queued, 0);
+});
+
+test("with a queue: sends made while reconnecting go out after the relogon listeners, in order", async () => {
+  const { client, socket, clock } = await loggedOn({ queue: { maxMessages: 3 } });
+  socket().serverClose(1006);
+  assert.equal(client.send("bob", 6, "one"), "queued");
+  const said = client.broadcast("lobby", 3, "two");
+  const asked = client.sendCertainly("carol", 6, "three");
+  assert.equal(client.queued, 3);
+  // A fourth is refused: the queue is bounded.
+  assert.throws(() => client.send("bob", 6, "four"), (e) => e instanceof esf.NotConnected && /at most 3 messages/.test(e.message));
+  client.addEventListener("relogon", () => client.send("_0", 1, "lobby")); // e.g. join the room again
+  clock.advance(1000);
+  socket().open();
+  socket().acceptLogon();
+  const frames = socket().take();
+  assert.deepEqual(frames.map((f) => [f.messageType, esf.toText(esf.decodeBody("Information", f.body).payload)]),
+                   [[MT.SEND, "lobby"], [MT.SEND, "one"], [MT.BROADCAST, "two"], [MT.SEND_CERTAINLY, "three"]]);
+  assert.equal(client.queued, 0);
+  socket().deliver({ messageType: MT.ACK, messageId: frames[2].messageId }, "Ack", { informationType: 3 });
+  socket().deliver({ messageType: MT.ACK, messageId: frames[3].messageId, userId: "carol" }, "Ack", { informationType: 6 });
+  await said;
+  assert.equal(await asked, "delivered");
+  assert.equal(client.send("bob", 6, "now"), "sent");
+});
+
+test("the queue is bounded in bytes too; queued calls time out; closing fails what waits", async () => {
+  const { client, socket, clock } = await loggedOn({ queue: { maxMessages: 10, maxBytes: 100 } });
+  socket().serverClose(1006);
+  assert.throws(() => client.send("bob", 6, "x".repeat(200)), /100 bytes/);
+  const late = client.query("bob", 1, "q", { timeout: 500 });
+  clock.advance(500);
+  await assert.rejects(late, (e) => e instanceof esf.RequestError && e.code === ErrorCode.TIMEOUT);
+  assert.equal(client.queued, 0);
+  const waiting = client.broadcast("lobby", 3, "hi");
+  client.close();
+  await assert.rejects(waiting, (e) => e instanceof esf.NotConnected && e.state === "closed");
+  assert.throws(() => client.send("bob", 6, "x"), (e) => e instanceof esf.NotConnected && /closed by the application/.test(e.message));
+});
+
+// -- a connection refused before its handshake ------------------------------------------------
+
+test("a close before the handshake says where to look", async () => {
+  const { client, socket } = setup();
+  const logon = client.logon();
+  socket().serverClose(1006); // a refused origin: HTTP 403, which the page cannot see
+  await assert.rejects(logon, (e) => e instanceof esf.NotConnected && e.beforeHandshake === true && e.closeCode === 1006
+    && /before the WebSocket handshake completed/.test(e.message) && /403/.test(e.message) && /--websocket-origin/.test(e.message));
+  assert.equal(client.state, "closed");
+});
+
+test("a close after the handshake carries no such hint", async () => {
+  const { client, socket } = setup();
+  const logon = client.logon();
+  socket().open();
+  socket().serverClose(1006);
+  await assert.rejects(logon, (e) => e instanceof esf.NotConnected && e.beforeHandshake === false && !/403/.test(e.message));
 });
