@@ -17,6 +17,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from ._config import SessionState
+
 if TYPE_CHECKING:
     from ._session import Session
 
@@ -120,10 +122,11 @@ class FrameMeter:
         Pay for one frame of C{session}'s peer; C{closing}: the channel has
         begun to close.
         """
-        if closing or session.ended:
+        state = session.state
+        if closing or state is SessionState.ENDED:
             self.after_close += 1
             return FrameCost.PAID if self.after_close <= CLOSING_FRAMES else FrameCost.CLOSED
-        if not session.logged_on:
+        if state is not SessionState.LOGGED_ON:
             self.before_logon += 1
             if self.before_logon <= PRE_LOGON_FRAMES:
                 return FrameCost.PAID

@@ -91,6 +91,8 @@ FLOOD_WINDOW = 60.0
 HOLD_TIME = 0.05
 
 _BODY_LENGTH = struct.Struct("<i")
+_PAID = FrameCost.PAID
+_process_data = WebSocketServerProtocol.processData
 _U16_BE = struct.Struct("!H")
 
 
@@ -326,15 +328,14 @@ class WebSocketProtocol(WebSocketServerProtocol):
             session, meter = self.session, self._meter
             if session is not None and meter is not None:
                 cost = meter.pay(session, self._closing)
-                if cost is not FrameCost.PAID:
+                if cost is not _PAID:
                     self._unpaid(cost)
                     return False
             self._paid = True
-        return bool(super().processData())
-
-    def onFrameBegin(self) -> None:
-        self._paid = False  # the next frame is paid for on its own
-        super().onFrameBegin()
+        more: bool = _process_data(self)
+        if self.current_frame is not None:
+            self._paid = False  # begun: the next frame is paid for on its own
+        return more
 
     def _unpaid(self, cost: FrameCost) -> None:
         """

@@ -196,4 +196,7 @@ def test_others_ping_while_one_socket_floods_fragments_then_pings(server, logged
     log = server.log()
     assert "Traceback" not in log
     if not logged_on:
-        assert "NOT_LOGGED_ON" in log
+        # Cut off at once each time, and refused at connect after the third:
+        # one log event per flooding connection, and one for the refusal.
+        assert log.count("NOT_LOGGED_ON (more than 16 WebSocket frames") == sent["connections"] == 3
+        assert log.count("refusing WebSocket connections from 127.0.0.1") == 1

@@ -283,6 +283,11 @@ def test_a_peer_kicked_while_it_streams_gets_its_notice():
     heartbeat = alice.frame(MessageType.HEARTBEAT)
     alice.protocol.dataReceived(client_frame(BINARY, heartbeat) * (CLOSING_FRAMES - 1))
     alice.send(CLOSE, (1000).to_bytes(2, "big"))
-    assert not alice.transport.disconnecting or alice.protocol.wasClean
+    messages = alice.messages()
+    assert DisconnectNotice.decode(alice.esf(messages)[-1].body).reason == (
+        DisconnectedType.BEING_KICKED_OUT
+    )
+    assert messages[-1][0] == CLOSE
+    # Its close frame, the 64th, was taken: the close ended cleanly.
     assert alice.protocol.state == alice.protocol.STATE_CLOSED
     assert alice.protocol.wasClean
