@@ -98,14 +98,15 @@ class FrameMeter:
     Charges one WebSocket channel's frames to its session, each before it
     is parsed, as a TCP frame costs its sender.
 
-    A frame that holds one whole ESF frame (a whole binary message) costs
-    what that frame costs over TCP: the channel hands it to the session and
-    the engine charges it (a request 1 unit of work, a relay nothing but
-    push back).  Every other frame (a fragment, a ping, a pong, a close)
-    carries no request the engine could charge, yet costs the server a
-    frame's parsing and, for a ping, a pong: this meter charges it here,
-    1 unit of the session's work budget (L{Session.charge}), as much as the
-    cheapest request.  Before logon, when a TCP peer may send nothing but
+    A whole message the channel takes itself (one final binary frame of
+    less than 64 KiB holding one ESF frame, as browsers send) costs what
+    that ESF frame costs over TCP: the engine charges it (a request 1 unit
+    of work, a relay nothing but push back).  Every frame autobahn parses
+    (a fragment, a ping, a pong, a close, a larger message) costs the
+    server that parsing and, for a ping, a pong, though most carry no
+    request the engine could charge: this meter charges it, 1 unit of the
+    session's work budget (L{Session.charge}), as much as the cheapest
+    request.  Before logon, when a TCP peer may send nothing but
     its Logon, a peer may send L{PRE_LOGON_FRAMES} of them; once the close
     has begun, L{CLOSING_FRAMES}.
     """
