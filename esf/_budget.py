@@ -71,7 +71,6 @@ class MemoryBudget:
             self.blobs_by_user.pop(user_id, None)
 
 
-
 class FrameCost(Enum):
     """
     What L{FrameMeter.pay} says of the next frame.

@@ -37,13 +37,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from ._budget import FrameCost, FrameMeter
+from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
+from ._counters import Count
 from ._engine import ServerEngine
 from ._policy import SlidingWindow
 from ._protocol import peer_address
 from ._session import Session
-from ._budget import PRE_LOGON_FRAMES
-from ._counters import Count
 from ._wire import DisconnectedType
 from .interfaces import IChannel
 
@@ -87,13 +86,14 @@ FLOODS_PER_HOST = 3
 FLOOD_WINDOW = 60.0
 
 #: Seconds a session whose work budget is spent is read no further before
-#: its frames are paid for again (at least one unit's refill).
+#: its next frame is paid for again (at the default work rate, 100 units'
+#: refill).
 HOLD_TIME = 0.05
 
 _BODY_LENGTH = struct.Struct("<i")
+_U16_BE = struct.Struct("!H")
 _PAID = FrameCost.PAID
 _process_data = WebSocketServerProtocol.processData
-_U16_BE = struct.Struct("!H")
 
 
 def _binary_header(length: int) -> bytes:
