@@ -79,12 +79,6 @@ _TEXT_CLOSE_CODE = 1003
 #: Bytes a peer may send before its WebSocket handshake is complete.
 MAX_HANDSHAKE_SIZE = 16 * 1024
 
-#: A host whose connections were ended this many times within
-#: C{FLOOD_WINDOW} seconds for frames before logon (L{FrameCost.NOT_LOGGED_ON})
-#: has its new connections refused until the oldest of them is that old.
-FLOODS_PER_HOST = 3
-FLOOD_WINDOW = 60.0
-
 #: Seconds a session whose work budget is spent is read no further before
 #: its next frame is paid for again (at the default work rate, 100 units'
 #: refill).
@@ -627,7 +621,7 @@ class WebSocketFactory(WebSocketServerFactory):
         config = engine.config
         self.header_length = config.wire.header_length
         #: Hosts whose connections were ended for frames before logon.
-        self.flooders = SlidingWindow(FLOOD_WINDOW, FLOODS_PER_HOST)
+        self.flooders = SlidingWindow(config.websocket_flood_window, config.websocket_flood_limit)
         self.allowed_origins = tuple(allowed_origins)
         lowered = [o.lower() for o in self.allowed_origins]
         self._origin_patterns = wildcards2patterns(lowered)  # type: ignore[no-untyped-call]
@@ -656,7 +650,8 @@ class WebSocketFactory(WebSocketServerFactory):
         floods (L{flooded}).
         """
         host = peer_address(addr).rpartition(":")[0]
-        if self.flooders.count(host, self.engine.clock.seconds()) >= FLOODS_PER_HOST:
+        flooders = self.flooders
+        if flooders.count(host, self.engine.clock.seconds()) >= flooders.limit:
             self.engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] += 1
             return None
         return super().buildProtocol(addr)
@@ -665,20 +660,21 @@ class WebSocketFactory(WebSocketServerFactory):
         """
         A connection from C{address} is being ended for sending more frames
         before logon than a logon needs.  The host's new connections are
-        refused once it has done so L{FLOODS_PER_HOST} times within
-        L{FLOOD_WINDOW} seconds: a peer that reconnects to flood again gets
-        no further than the connection.  One event is logged when the
-        refusal starts.
+        refused once it has done so C{websocket_flood_limit} times within
+        C{websocket_flood_window} seconds: a peer that reconnects to flood
+        again gets no further than the connection.  One event is logged
+        when the refusal starts.
         """
         host = address.rpartition(":")[0]
-        if self.flooders.hit(host, self.engine.clock.seconds()) == FLOODS_PER_HOST:
+        flooders = self.flooders
+        if flooders.hit(host, self.engine.clock.seconds()) == flooders.limit:
             log.warn(
                 "refusing WebSocket connections from {host} for up to {window:g} s: "
                 "{count} of its connections sent more frames before logon than a logon needs",
                 esf_event="websocket_flooder_refused",
                 host=host,
-                count=FLOODS_PER_HOST,
-                window=FLOOD_WINDOW,
+                count=flooders.limit,
+                window=flooders.window,
             )
 
     def origin_allowed(self, origin: str, host: str, secure: bool) -> bool:

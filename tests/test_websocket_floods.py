@@ -271,6 +271,15 @@ def test_a_host_that_floods_again_and_again_is_refused_at_connect():
     assert len(logs.esf("session_ended")) == 3
 
 
+def test_the_flood_limit_is_the_configs():
+    engine = flood_engine(websocket_flood_limit=1)
+    factory = WebSocketFactory(engine)
+    page = page_on(engine, factory)
+    page.protocol.dataReceived(PINGS)
+    page.lose()
+    assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 7100)) is None
+
+
 def test_a_peer_kicked_while_it_streams_gets_its_notice():
     """
     The close allowance: a logged-on peer ended while messages of its are
