@@ -139,15 +139,27 @@ class WebSocketProtocol(WebSocketServerProtocol):
     _held: Any = None
     #: Whether the session paused reading (push back).
     _pushed_back = False
+    #: Whether the connection was refused as it was made (L{WebSocketFactory.refuses}).
+    _refused = False
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.address = peer_address(self.transport.getPeer())
+        if self.factory.refuses(self.address):
+            # Its host keeps flooding: closed before anything is read (a
+            # protocol, rather than None from buildProtocol, so that TLS
+            # and twisted.web, which wrap what buildProtocol returns, can
+            # close it too).
+            self._refused = True
+            self.transport.abortConnection()
+            return
         self.transport.registerProducer(self, True)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
             self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
             self.failHandshake("Request Header Fields Too Large", 431)
@@ -372,6 +384,8 @@ class WebSocketProtocol(WebSocketServerProtocol):
             self._deliver()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._refused:
+            return  # autobahn never knew of it
         # autobahn leaves its closing handshake timer running once the
         # connection is gone; until it fired, it would keep this protocol
         # and the transport's unwritten backlog.
@@ -643,18 +657,18 @@ class WebSocketFactory(WebSocketServerFactory):
             trustXForwardedFor=0,
         )
 
-    def buildProtocol(self, addr: Any) -> Any:
+    def refuses(self, address: str) -> bool:
         """
-        A protocol for a new connection, or C{None} (the connection is
-        closed at once, before its handshake) for a host refused for its
-        floods (L{flooded}).
+        Whether a new connection from C{address} is to be closed at once,
+        before its handshake: its host is refused for its floods
+        (L{flooded}).  Counted, not logged.
         """
-        host = peer_address(addr).rpartition(":")[0]
         flooders = self.flooders
-        if flooders.count(host, self.engine.clock.seconds()) >= flooders.limit:
-            self.engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] += 1
-            return None
-        return super().buildProtocol(addr)
+        host = address.rpartition(":")[0]
+        if flooders.count(host, self.engine.clock.seconds()) < flooders.limit:
+            return False
+        self.engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] += 1
+        return True
 
     def flooded(self, address: str) -> None:
         """

@@ -10,6 +10,7 @@ in-memory transport, with the engine's time on a L{task.Clock}.
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 from _helpers import Client, LogCapture, make_engine
 from test_websocket_channel import (
     BINARY,
@@ -257,18 +258,25 @@ def test_a_host_that_floods_again_and_again_is_refused_at_connect():
             ended_with(page, DisconnectedType.NOT_LOGGED_ON, 1008)
             page.lose()
             engine.clock.advance(1)
-        refused = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 7100))
-        other = factory.buildProtocol(IPv4Address("TCP", "10.0.0.10", 7101))
+        refused = page_on(engine, factory, port=7100)
+        other = Page(engine, factory, port=7101, host_ip="10.0.0.10")
         engine.clock.advance(57)
-        again = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 7102))
+        again = page_on(engine, factory, port=7102)
     finally:
         logs.stop()
-    assert refused is None
-    assert other is not None and again is not None
+    assert refused.transport.value() == b""  # no handshake answered
+    assert refused.transport.disconnected
+    refused.lose()  # its connectionLost, as the reactor calls it
+    assert other.response().startswith(b"HTTP/1.1 101")
+    assert again.response().startswith(b"HTTP/1.1 101")
     assert engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] == 1
     [warning] = logs.esf("websocket_flooder_refused")
     assert warning["host"] == "10.0.0.9"
-    assert len(logs.esf("session_ended")) == 3
+    # One session_ended each for the three floods, none for the refusal.
+    ended = [(e["address"], e["reason"]) for e in logs.esf("session_ended")]
+    assert ended == [(f"10.0.0.9:{7000 + n}", "NOT_LOGGED_ON") for n in range(3)] + [
+        ("10.0.0.10:7101", "LOGON_TIMEOUT")
+    ]
 
 
 def test_the_flood_limit_is_the_configs():
@@ -277,7 +285,7 @@ def test_the_flood_limit_is_the_configs():
     page = page_on(engine, factory)
     page.protocol.dataReceived(PINGS)
     page.lose()
-    assert factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 7100)) is None
+    assert page_on(engine, factory, port=7100).transport.disconnected
 
 
 def test_a_peer_kicked_while_it_streams_gets_its_notice():
@@ -300,3 +308,76 @@ def test_a_peer_kicked_while_it_streams_gets_its_notice():
     # Its close frame, the 64th, was taken: the close ended cleanly.
     assert alice.protocol.state == alice.protocol.STATE_CLOSED
     assert alice.protocol.wasClean
+
+
+# -- the refusal at connect, on the real reactor: over ws, the web demo and wss ------
+
+
+def _listen(variant, tmp_path):
+    """
+    An engine refusing a host after one flood, and a WebSocket listener of
+    C{variant} on loopback: C{(engine, service, connect)}.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+    from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+    from wsclient import connect
+
+    from esf import ServerConfig, ServerEngine, ServerService, WireConfig
+    from esf._websocket import web_demo_site
+
+    config = ServerConfig(wire=WireConfig(max_message_size=MAX), websocket_flood_limit=1)
+    engine = ServerEngine(config, clock=reactor)
+    service = ServerService(engine, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    tls = options = None
+    if variant == "wss":
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from test_tls import make_certificate
+
+        cert_path, key_path, cert_pem = make_certificate(tmp_path)
+        tls = CertificateOptions(
+            privateKey=serialization.load_pem_private_key(key_path.read_bytes(), None),
+            certificate=x509.load_pem_x509_certificate(cert_path.read_bytes()),
+        )
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
+        endpoint = SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1")
+    else:
+        endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+    if variant == "web-demo":
+        factory = web_demo_site(engine, reactor=reactor)
+    else:
+        factory = WebSocketFactory(engine, reactor=reactor)
+    listener = service.listen(endpoint, factory)
+    service.startService()
+    return engine, service, listener, lambda port: connect(port, tls=options, timeout=5)
+
+
+@pytest.mark.parametrize("variant", ["ws", "web-demo", "wss"])
+@pytest_twisted.inlineCallbacks
+def test_a_flooding_host_is_refused_on_every_kind_of_listener(variant, tmp_path):
+    from wsclient import ConnectionRefusedByServer
+
+    engine, service, listener, connect = _listen(variant, tmp_path)
+    logs = LogCapture().start()
+    try:
+        port = (yield listener._waitingForPort).getHost().port
+        flooder = yield connect(port)
+        for _ in range(PRE_LOGON_FRAMES + 1):
+            flooder.sendPing(b"")
+        closed = yield flooder.closed.addTimeout(5, _reactor())
+        assert closed.code == 1008
+        with pytest.raises(ConnectionRefusedByServer):
+            yield connect(port)
+        assert engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] == 1
+    finally:
+        yield service.stopService().addTimeout(10, _reactor())
+        logs.stop()
+    assert logs.failures() == []
+    assert len(logs.esf("websocket_flooder_refused")) == 1
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
