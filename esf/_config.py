@@ -120,6 +120,12 @@ class ServerConfig:
     #: are answered C{Busy}.
     logon_rate_limit: int = attrs.field(default=200, validator=_positive)
     logon_rate_window: float = attrs.field(default=10, validator=_positive)
+    #: WebSocket connections of one host that may be ended per
+    #: C{websocket_flood_window} seconds for sending more frames before
+    #: logon than a logon needs; after that the host's new WebSocket
+    #: connections are refused at once until the first is that old.
+    websocket_flood_limit: int = attrs.field(default=3, validator=_positive)
+    websocket_flood_window: float = attrs.field(default=60, validator=_positive)
     #: Takeovers (C{REPLACE_OLD}) of one user's device allowed per
     #: C{takeover_window} seconds; one more refuses that device with
     #: C{Busy} for C{takeover_cooldown} seconds.

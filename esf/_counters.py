@@ -43,6 +43,9 @@ class Count(StrEnum):
     #: A request the server would have handled itself, refused because its
     #: session spent its work budget.
     WORK_REFUSED = "work_refused"
+    #: A WebSocket connection refused at once: its host's connections kept
+    #: sending more frames before logon than a logon needs.
+    WEBSOCKET_FLOODERS_REFUSED = "websocket_flooders_refused"
     #: A log event a peer caused, suppressed by its session's log limit.
     LOGS_SUPPRESSED = "logs_suppressed"
     #: A frame kept in the offline store for a user who was offline (each

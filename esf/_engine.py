@@ -343,14 +343,7 @@ class ServerEngine:
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
 
     def _work_refused(self, session: Session, frame: Frame) -> None:
-        self.counters[Count.WORK_REFUSED] += 1
-        limit = self.config.work_refusal_limit
-        if session.refused_for() >= limit:
-            session.end(
-                DisconnectedType.BEING_KICKED_OUT,
-                f"asked the server for more work than its budget "
-                f"({self.config.work_rate:g} a second) for {limit:g} s",
-            )
+        if self.over_budget(session):
             return
         session.error(
             frame,
@@ -358,6 +351,26 @@ class ServerEngine:
             f"too many requests to the server: at most {self.config.work_rate:g} units "
             f"of work a second (1 per request, 1 more per {IDS_PER_UNIT} user IDs); slow down",
         )
+
+    def over_budget(self, session: Session) -> bool:
+        """
+        C{session} found its work budget spent (L{Session.charge} said no,
+        to a request or, over WebSocket, to a frame): count it, and end
+        the session if it has kept its budget spent for
+        C{work_refusal_limit} seconds.
+
+        @return: whether the session was ended.
+        """
+        self.counters[Count.WORK_REFUSED] += 1
+        limit = self.config.work_refusal_limit
+        if session.refused_for() < limit:
+            return False
+        session.end(
+            DisconnectedType.BEING_KICKED_OUT,
+            f"asked the server for more work than its budget "
+            f"({self.config.work_rate:g} a second) for {limit:g} s",
+        )
+        return True
 
     def relay(self, session: Session, frame: Frame) -> None:
         """

@@ -85,6 +85,19 @@ class SlidingWindow:
         """
         return len(self._hits.get(key, ()))
 
+    def count(self, key: Any, now: float) -> int:
+        """
+        How many events of C{key} fell in the window (at most C{limit} + 1),
+        without recording one.
+        """
+        hits = self._hits.get(key)
+        if not hits:
+            return 0
+        deadline = now - self.window
+        while hits and hits[0] <= deadline:
+            hits.popleft()
+        return len(hits)
+
     def hit(self, key: Any, now: float) -> int:
         """
         Record an event; return how many fell in the window, this one

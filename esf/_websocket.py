@@ -37,7 +37,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
+from ._counters import Count
 from ._engine import ServerEngine
+from ._policy import SlidingWindow
 from ._protocol import peer_address
 from ._session import Session
 from ._wire import DisconnectedType
@@ -76,8 +79,15 @@ _TEXT_CLOSE_CODE = 1003
 #: Bytes a peer may send before its WebSocket handshake is complete.
 MAX_HANDSHAKE_SIZE = 16 * 1024
 
+#: Seconds a session whose work budget is spent is read no further before
+#: its next frame is paid for again (at the default work rate, 100 units'
+#: refill).
+HOLD_TIME = 0.05
+
 _BODY_LENGTH = struct.Struct("<i")
 _U16_BE = struct.Struct("!H")
+_PAID = FrameCost.PAID
+_process_data = WebSocketServerProtocol.processData
 
 
 def _binary_header(length: int) -> bytes:
@@ -121,15 +131,35 @@ class WebSocketProtocol(WebSocketServerProtocol):
     #: (L{_whole_messages}), and how many bytes complete it (or its header).
     _tail: bytearray | None = None
     _tail_needs = 0
+    #: What the frames autobahn parses cost the session (made with it).
+    _meter: FrameMeter | None = None
+    #: Whether the frame whose header autobahn parses next is paid for.
+    _paid = False
+    #: While the session's work budget is spent: the call that reads on.
+    _held: Any = None
+    #: Whether the session paused reading (push back).
+    _pushed_back = False
+    #: Whether the connection was refused as it was made (L{WebSocketFactory.refuses}).
+    _refused = False
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.address = peer_address(self.transport.getPeer())
+        if self.factory.refuses(self.address):
+            # Its host keeps flooding: closed before anything is read (a
+            # protocol, rather than None from buildProtocol, so that TLS
+            # and twisted.web, which wrap what buildProtocol returns, can
+            # close it too).
+            self._refused = True
+            self.transport.abortConnection()
+            return
         self.transport.registerProducer(self, True)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
             self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
             self.failHandshake("Request Header Fields Too Large", 431)
@@ -286,17 +316,85 @@ class WebSocketProtocol(WebSocketServerProtocol):
         )
 
     def onOpen(self) -> None:
+        self._meter = FrameMeter()
         self.session = self.factory.engine.connection_made(self)
         if self._paused:
             self.session.pause_writing()
 
+    # -- what frames cost: every frame autobahn parses is paid for first ------
+
+    def processData(self) -> bool:
+        # autobahn calls this in a loop while it holds bytes; each time it
+        # is between frames it is about to parse one more header.  Paying
+        # for the frame here, before the header is parsed, lets the rest of
+        # a read wait unparsed when the frame is not paid for (a flood of
+        # pings or empty fragments costs about 3.5 µs a frame in autobahn,
+        # 40-70 ms for one read of 64 KiB).
+        if self.current_frame is None and not self._paid and len(self.data) >= 2:
+            session, meter = self.session, self._meter
+            if session is not None and meter is not None:
+                cost = meter.pay(session, self._closing)
+                if cost is not _PAID:
+                    self._unpaid(cost)
+                    return False
+            self._paid = True
+        more: bool = _process_data(self)
+        if self.current_frame is not None:
+            self._paid = False  # begun: the next frame is paid for on its own
+        return more
+
+    def _unpaid(self, cost: FrameCost) -> None:
+        """
+        Act on a frame the session could not pay for (L{FrameMeter.pay}).
+        """
+        if cost is FrameCost.HELD:
+            # As a relay to a receiver that is behind: read no further (the
+            # rest of this read waits unparsed) until the budget refills.
+            if self._held is None:
+                self.transport.pauseProducing()
+                clock = self.factory.engine.clock
+                self._held = clock.callLater(HOLD_TIME, self._read_on)
+        elif cost is FrameCost.NOT_LOGGED_ON:
+            self.factory.flooded(self.address)
+            self._fail(
+                DisconnectedType.NOT_LOGGED_ON,
+                f"more than {PRE_LOGON_FRAMES} WebSocket frames (pings, pongs, fragments) "
+                "before logon; a logon needs one message",
+                1008,
+            )
+        elif cost is FrameCost.CLOSED and not self.transport.disconnecting:
+            # Still sending after the close: take nothing more from it, and
+            # close once the notice and close frame are out.
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+        # FrameCost.ENDED: the engine ended the session, which began the close.
+
+    def _read_on(self) -> None:
+        """
+        The session's budget has had time to refill: go on with the frames
+        held back, then read again.
+        """
+        self._held = None
+        if not self._pushed_back:
+            self.transport.resumeProducing()
+        self._frames = []
+        try:
+            self.consumeData()
+        finally:
+            self._deliver()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._refused:
+            return  # autobahn never knew of it
         # autobahn leaves its closing handshake timer running once the
         # connection is gone; until it fired, it would keep this protocol
         # and the transport's unwritten backlog.
         timer, self.closeHandshakeTimeoutCall = self.closeHandshakeTimeoutCall, None
         if timer is not None:
             timer.cancel()  # pending: autobahn sets it to None when it fires
+        held, self._held = self._held, None
+        if held is not None:
+            held.cancel()
         super().connectionLost(reason)
         # Let go of the session, as ServerProtocol does: the two hold each
         # other, and the transport's unwritten backlog with them.
@@ -487,10 +585,13 @@ class WebSocketProtocol(WebSocketServerProtocol):
     # backed up, as on TCP (the frames of the read in progress still go on).
 
     def pause_reading(self) -> None:
+        self._pushed_back = True
         self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        self.transport.resumeProducing()
+        self._pushed_back = False
+        if self._held is None:  # else the budget's own timer reads on
+            self.transport.resumeProducing()
 
     # -- IPushProducer: the transport calls these as its buffer fills and drains.
 
@@ -533,6 +634,8 @@ class WebSocketFactory(WebSocketServerFactory):
         self.engine = engine
         config = engine.config
         self.header_length = config.wire.header_length
+        #: Hosts whose connections were ended for frames before logon.
+        self.flooders = SlidingWindow(config.websocket_flood_window, config.websocket_flood_limit)
         self.allowed_origins = tuple(allowed_origins)
         lowered = [o.lower() for o in self.allowed_origins]
         self._origin_patterns = wildcards2patterns(lowered)  # type: ignore[no-untyped-call]
@@ -553,6 +656,40 @@ class WebSocketFactory(WebSocketServerFactory):
             maxConnections=config.max_connections or 0,
             trustXForwardedFor=0,
         )
+
+    def refuses(self, address: str) -> bool:
+        """
+        Whether a new connection from C{address} is to be closed at once,
+        before its handshake: its host is refused for its floods
+        (L{flooded}).  Counted, not logged.
+        """
+        flooders = self.flooders
+        host = address.rpartition(":")[0]
+        if flooders.count(host, self.engine.clock.seconds()) < flooders.limit:
+            return False
+        self.engine.counters[Count.WEBSOCKET_FLOODERS_REFUSED] += 1
+        return True
+
+    def flooded(self, address: str) -> None:
+        """
+        A connection from C{address} is being ended for sending more frames
+        before logon than a logon needs.  The host's new connections are
+        refused once it has done so C{websocket_flood_limit} times within
+        C{websocket_flood_window} seconds: a peer that reconnects to flood
+        again gets no further than the connection.  One event is logged
+        when the refusal starts.
+        """
+        host = address.rpartition(":")[0]
+        flooders = self.flooders
+        if flooders.hit(host, self.engine.clock.seconds()) == flooders.limit:
+            log.warn(
+                "refusing WebSocket connections from {host} for up to {window:g} s: "
+                "{count} of its connections sent more frames before logon than a logon needs",
+                esf_event="websocket_flooder_refused",
+                host=host,
+                count=flooders.limit,
+                window=flooders.window,
+            )
 
     def origin_allowed(self, origin: str, host: str, secure: bool) -> bool:
         """

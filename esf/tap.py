@@ -122,6 +122,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["work-rate", None, 2000, "Units of server-handled work one session may ask for per second (1 per request, 1 more per 10 user IDs); more get RateLimited.", _int_option("work-rate", 1)],
         ["query-timeout", None, 30, "Seconds the server's own queries to clients wait for an answer.", _int_option("query-timeout", 1)],
         ["logon-rate-limit", None, 200, "Logons one host may attempt per 10 s; more get Busy.", _int_option("logon-rate-limit", 1)],
+        ["websocket-flood-limit", None, 3, "WebSocket connections of one host that may be ended per 60 s for sending more frames before logon than a logon needs; then the host's WebSocket connections are refused until the first is 60 s old.", _int_option("websocket-flood-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
@@ -244,6 +245,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 work_burst=2 * self["work-rate"],
                 client_types=self["client-types"] or frozenset(ClientType),
                 logon_rate_limit=self["logon-rate-limit"],
+                websocket_flood_limit=self["websocket-flood-limit"],
                 takeover_limit=self["takeover-limit"],
                 offline_ack_timeout=self["offline-ack-timeout"],
             )

@@ -120,6 +120,8 @@ def test_every_setting_reaches_the_config():
         "7",
         "--client-types",
         "0,5, 200",
+        "--websocket-flood-limit",
+        "7",
     )["config"]
     assert config.relogon_mode is RelogonMode.IGNORE_NEW
     assert (config.heartbeat_interval, config.heartbeat_timeout, config.logon_timeout) == (
@@ -134,6 +136,7 @@ def test_every_setting_reaches_the_config():
     assert config.max_output_buffer == 4096
     assert (config.max_blob_size, config.query_timeout) == (8192, 7)
     assert config.client_types == {0, 5, 200}
+    assert config.websocket_flood_limit == 7
 
 
 def test_admin_is_repeatable():

@@ -46,10 +46,10 @@ class Page:
     One WebSocket connection to the engine on a L{StringTransport}.
     """
 
-    def __init__(self, engine, factory, port=6001, **handshake_args):
+    def __init__(self, engine, factory, port=6001, host_ip="10.0.0.9", **handshake_args):
         self.engine = engine
         self.wire = engine.config.wire
-        peer = IPv4Address("TCP", "10.0.0.9", port)
+        peer = IPv4Address("TCP", host_ip, port)
         self.transport = StringTransport(peerAddress=peer)
         self.protocol = factory.buildProtocol(peer)
         self.protocol.makeConnection(self.transport)

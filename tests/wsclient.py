@@ -260,10 +260,14 @@ class BlockingWS:
         import socket
 
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.sendall(handshake(host=f"127.0.0.1:{port}", **handshake_args))
         self.buffer = b""
-        while b"\r\n\r\n" not in self.buffer:
-            self._more()
+        try:
+            self.sock.sendall(handshake(host=f"127.0.0.1:{port}", **handshake_args))
+            while b"\r\n\r\n" not in self.buffer:
+                self._more()
+        except BaseException:
+            self.sock.close()
+            raise
         end = self.buffer.index(b"\r\n\r\n") + 4
         self.response, self.buffer = self.buffer[:end], self.buffer[end:]
 
