@@ -542,8 +542,9 @@ def test_tap_cluster_options():
 
     options = tap.Options()
     options.parseOptions(
-        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3"]
-    )
+        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3",
+         "--cluster-inbox-bytes", "2097152"]
+    )  # fmt: skip
     assert options["cluster-url"] == RedisURL("127.0.0.1", 6390, 2, password="secret")
     assert (options["node-id"], options["cluster-lease"]) == ("n7", 3.0)
     service = tap.makeService(options)
@@ -551,6 +552,8 @@ def test_tap_cluster_options():
     assert service.engine.presence is service.presence
     assert service.engine.node_id == service.presence.node_id == "n7"
     assert service.presence.lease == 3.0
+    assert service.presence.inbox.max_bytes == 2 * 1024 * 1024
+    assert tap.Options()["cluster-inbox-bytes"] == 64 * 1024 * 1024
     assert service.presence.delivery_batch is service.engine.batch
     for bad in (
         ["--cluster", "http://x"],
@@ -558,6 +561,7 @@ def test_tap_cluster_options():
         ["--node-id", "a b"],
         ["--cluster-lease", "0"],
         ["--cluster-lease", "x"],
+        ["--cluster-inbox-bytes", "1000"],
     ):
         with pytest.raises(usage.UsageError):
             tap.Options().parseOptions(bad)
