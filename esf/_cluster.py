@@ -779,7 +779,6 @@ class ClusterPresence:
         self.lease = lease
         self.timeout = timeout
         self.block = block
-        self.inbox_maxlen = inbox_maxlen
         self.presence_maxlen = presence_maxlen
         self.read_count = read_count
         self.push_out_grace = push_out_grace
@@ -830,7 +829,7 @@ class ClusterPresence:
         self.reader: IRedisLink = link_factory(reactor, url, timeout=timeout, name="inbox")
         #: The inboxes' bounds, and the deletion of what this node read.
         self.inbox = InboxLedger(
-            self.link, self._base, node_id,
+            reactor, self.link, self._base, node_id,
             max_entries=inbox_maxlen, max_bytes=inbox_bytes, stats=self.stats,
         )  # fmt: skip
 
@@ -916,6 +915,7 @@ class ClusterPresence:
             self._flush()
         if self._inflight:
             await DeferredList(list(self._inflight), consumeErrors=True)
+        await self.inbox.settled()
         if self.link.connected:
             try:
                 count = await self._reap(self.node_id, force=True)

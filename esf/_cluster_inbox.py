@@ -23,6 +23,7 @@ import collections
 from typing import TYPE_CHECKING, Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 if TYPE_CHECKING:
@@ -44,6 +45,13 @@ FULL, GONE = 1, 0
 #: Most entries left behind by a failed deletion that one later deletion
 #: sweeps up (the rest go with the ones after).
 _SWEEP = 100
+#: What a node has delivered is deleted within this many seconds, or as
+#: soon as it is this many bytes or entries: one deletion for many reads
+#: when traffic is light, so that a request's round trip does not wait
+#: behind it.
+DROP_DELAY = 0.1
+_DROP_BYTES = 1024 * 1024
+_DROP_ENTRIES = 1000
 
 _APPEND = b"""
 -- KEYS: the receiving node's inbox, its ledger, the nodes set
@@ -115,6 +123,7 @@ class InboxLedger:
     (refused when full), deleting from its own what it delivered, and
     saying, at most once per upkeep, when inboxes were full.
 
+    @param reactor: what deletions are timed on (L{DROP_DELAY}).
     @param link: the node's command connection to Redis.
     @param base: the prefix of every Redis key, with its colon.
     @param node_id: this node's ID.
@@ -129,6 +138,7 @@ class InboxLedger:
 
     def __init__(
         self,
+        reactor: IReactorTime,
         link: IRedisLink,
         base: str,
         node_id: str,
@@ -137,6 +147,7 @@ class InboxLedger:
         max_bytes: int = DEFAULT_INBOX_BYTES,
         stats: collections.Counter[str],
     ):
+        self.reactor = reactor
         self.link = link
         self.base = base
         self.node_id = node_id
@@ -148,6 +159,10 @@ class InboxLedger:
         self._nodes = f"{base}nodes"
         #: Nodes whose full inbox was logged since the last look.
         self._told: set[str] = set()
+        #: Entries delivered and not yet deleted: flat (ID, size, ...), bytes.
+        self._delivered: list[Any] = []
+        self._delivered_bytes = 0
+        self._drop_call: IDelayedCall | None = None
         self._dropping: set[Deferred[Any]] = set()
 
     def append(self, node: str, entry: bytes) -> Deferred[Any]:
@@ -182,14 +197,26 @@ class InboxLedger:
     def delivered(self, entries: Sequence[tuple[bytes, int]]) -> None:
         """
         This node delivered C{entries} (stream ID, payload size, in order)
-        from its inbox: delete them.  A deletion that fails is made good by
-        the next one, which sweeps up older entries.
+        from its inbox: delete them, within L{DROP_DELAY} seconds.
         """
-        if not entries:
-            return
-        args: list[Any] = []
+        pending = self._delivered
         for stream_id, size in entries:
-            args += (stream_id, size)
+            pending += (stream_id, size)
+            self._delivered_bytes += size
+        if self._delivered_bytes >= _DROP_BYTES or len(pending) >= 2 * _DROP_ENTRIES:
+            self._drop()
+        elif pending and self._drop_call is None:
+            self._drop_call = self.reactor.callLater(DROP_DELAY, self._drop)
+
+    def _drop(self) -> None:
+        # A deletion that fails is made good by the next one, which sweeps
+        # up older entries.
+        if self._drop_call is not None and self._drop_call.active():
+            self._drop_call.cancel()
+        self._drop_call = None
+        args, self._delivered, self._delivered_bytes = self._delivered, [], 0
+        if not args:
+            return
         d = self.link.eval(_DROP, [self._inbox, self._ledger], args)
         self._dropping.add(d)
 
@@ -202,8 +229,10 @@ class InboxLedger:
 
     def settled(self) -> Deferred[Any]:
         """
-        Fires once the deletions asked for so far are done (or failed).
+        Delete what was delivered now; fires once the deletions asked for so
+        far are done (or failed).
         """
+        self._drop()
         return DeferredList(list(self._dropping), consumeErrors=True)
 
     async def look(self) -> None:

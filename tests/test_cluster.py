@@ -10,18 +10,20 @@ on the real reactor, so the tests wait (boundedly) for Redis's answers.
 
 from __future__ import annotations
 
+import collections
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from _helpers import LogCapture
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
 from esf._cluster import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
+from esf._cluster_inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
@@ -850,3 +852,32 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
     await a.link.execute("PING")
     assert a.stats["inbox_gone"] == 1
     assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"
+
+
+class RecordingLink:
+    """An IRedisLink that records C{eval} calls and answers them at once."""
+
+    def __init__(self):
+        self.evals = []
+
+    def eval(self, script, keys, args):
+        self.evals.append(list(args))
+        return succeed(0)
+
+
+def test_delivered_entries_are_deleted_in_batches_within_a_delay():
+    clock, link = task.Clock(), RecordingLink()
+    inbox = InboxLedger(clock, link, "esf:", "b", stats=collections.Counter())
+    inbox.delivered([(b"1-0", 10), (b"1-1", 20)])
+    inbox.delivered([(b"2-0", 30)])
+    assert link.evals == []  # light traffic: one deletion for several reads
+    clock.advance(DROP_DELAY)
+    assert link.evals == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]]
+    assert clock.getDelayedCalls() == []
+    # A megabyte delivered is deleted at once.
+    inbox.delivered([(b"3-0", 1024 * 1024)])
+    assert link.evals[-1] == [b"3-0", 1024 * 1024] and clock.getDelayedCalls() == []
+    # settled() deletes what waits now.
+    inbox.delivered([(b"4-0", 1)])
+    inbox.settled()
+    assert link.evals[-1] == [b"4-0", 1] and clock.getDelayedCalls() == []

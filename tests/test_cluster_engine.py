@@ -336,7 +336,7 @@ async def test_what_was_delivered_leaves_redis(pair, redis_server):
         alice.send(MessageType.SEND, Information(1, payload), dest="bob")
     await eventually(lambda: got.extend(bob.take()) or len(got) == 40, what=lambda: len(got))
     assert [f.body.payload for f in got] == payloads
-    # On b's command connection, after the deletion of what it read.
+    await b.presence.inbox.settled()  # deleted within DROP_DELAY (0.1 s)
     usage = await b.presence.link.execute("MEMORY", "USAGE", "esf:inbox:b")
     assert usage is None or int(usage) < 4096, usage
     assert ledger(redis_server, "b") == (0, 0)
