@@ -17,7 +17,9 @@ Redis holds, under a prefix (C{esf} by default)::
     esf:nodes          set of the nodes that joined
     esf:lease:<node>   the node's lease (SET PX, refreshed every lease/3 s)
     esf:presence       stream of presence changes (bounded, MAXLEN ~)
-    esf:inbox:<node>   stream of what other nodes tell this node's devices
+    esf:inbox:<node>   stream of what other nodes tell this node's devices,
+                       bounded in entries and bytes, emptied as it is read
+    esf:ib:<node>      hash: the inbox's bytes and bounds (esf._cluster_inbox)
     esf:epoch          a random token: missing or changed = Redis lost its data
     esf:janitor        the janitor's lock (SET NX PX)
 
@@ -58,10 +60,20 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from . import _messages as m
+from ._cluster_inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, GONE, InboxLedger, ledger_key
 from ._config import RelogonMode, UserData, default_node_id
 from ._policy import TakeoverRefused
 from ._presence import Claim
-from ._wire import SERVER_ID, DisconnectedType, ErrorCode, MessageType, as_client_type, encode_frame
+from ._router import ANSWERS
+from ._wire import (
+    SERVER_ID,
+    DisconnectedType,
+    ErrorCode,
+    FrameDecoder,
+    MessageType,
+    as_client_type,
+    encode_frame,
+)
 from .interfaces import IDeviceHandle, IPresence
 
 if TYPE_CHECKING:
@@ -489,7 +501,7 @@ return {1, last, id}
 _REAP = b"""
 -- Release every device a node holds, forget the node.
 -- KEYS: the node's lease, the node's index, online set, presence stream,
---       nodes set, the node's inbox
+--       nodes set, the node's inbox, its ledger
 -- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive)
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
@@ -514,7 +526,7 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     end
   end
 end
-redis.call('DEL', KEYS[2], KEYS[6])
+redis.call('DEL', KEYS[2], KEYS[6], KEYS[7])
 redis.call('SREM', KEYS[5], ARGV[1])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
@@ -714,7 +726,12 @@ class ClusterPresence:
     @param prefix: the prefix of every Redis key.
     @param timeout: seconds any Redis call may take.
     @param block: seconds one blocking read of the streams waits.
-    @param inbox_maxlen: about how many entries a node's inbox keeps.
+    @param inbox_maxlen: the most entries this node's inbox holds; an
+        entry past it is refused (its senders told).
+    @param inbox_bytes: the most bytes this node's inbox holds (entries'
+        payloads; an empty inbox takes one entry of any size); an entry
+        past it is refused.  Both bounds are this node's: it publishes them
+        in Redis, where the senders' appends check them.
     @param presence_maxlen: about how many entries the presence stream keeps.
     @param read_count: most stream entries read at once.
     @param push_out_grace: seconds after which a session of this node that
@@ -728,7 +745,8 @@ class ClusterPresence:
         loaded); while it is not, it runs alone.
     @ivar stats: counts of what happened to cross-node traffic
         (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
-        C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed}).
+        C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
+        and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone}, C{inbox_full}).
     """
 
     def __init__(
@@ -743,7 +761,8 @@ class ClusterPresence:
         prefix: str = "esf",
         timeout: float = 2.0,
         block: float = 2.0,
-        inbox_maxlen: int = 100_000,
+        inbox_maxlen: int = DEFAULT_INBOX_ENTRIES,
+        inbox_bytes: int = DEFAULT_INBOX_BYTES,
         presence_maxlen: int = 100_000,
         read_count: int = 1000,
         push_out_grace: float = 2.0,
@@ -760,7 +779,6 @@ class ClusterPresence:
         self.lease = lease
         self.timeout = timeout
         self.block = block
-        self.inbox_maxlen = inbox_maxlen
         self.presence_maxlen = presence_maxlen
         self.read_count = read_count
         self.push_out_grace = push_out_grace
@@ -809,6 +827,11 @@ class ClusterPresence:
         self._b_inbox = self._k_inbox.encode()
         self.link: IRedisLink = link_factory(reactor, url, timeout=timeout, name="commands")
         self.reader: IRedisLink = link_factory(reactor, url, timeout=timeout, name="inbox")
+        #: The inboxes' bounds, and the deletion of what this node read.
+        self.inbox = InboxLedger(
+            reactor, self.link, self._base, node_id,
+            max_entries=inbox_maxlen, max_bytes=inbox_bytes, stats=self.stats,
+        )  # fmt: skip
 
         # The mirror: user ID -> handles in logon order (local sessions and
         # RemoteHandles), and the same user IDs sorted.
@@ -892,6 +915,7 @@ class ClusterPresence:
             self._flush()
         if self._inflight:
             await DeferredList(list(self._inflight), consumeErrors=True)
+        await self.inbox.settled()
         if self.link.connected:
             try:
                 count = await self._reap(self.node_id, force=True)
@@ -984,6 +1008,7 @@ class ClusterPresence:
                 sid for sid, handle in self._local.items() if self._holds(handle)
             )
         await self._refresh_lease()
+        await self.inbox.look()
         while True:
             await self._release_stale()
             await self._confirm_claims()
@@ -1167,6 +1192,7 @@ class ClusterPresence:
                 self._alone("this node fell behind the presence stream")
                 await self._join()
                 return
+            await self.inbox.look()
             await self._janitor()
         except Exception as e:
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
@@ -1246,6 +1272,7 @@ class ClusterPresence:
                 self._k_stream,
                 self._k_nodes,
                 self._inbox_key(node),
+                ledger_key(self._base, node),
             ],
             [node, self.presence_maxlen, self._base, "1" if force else "0"],
         ).addCallback(int)
@@ -1511,20 +1538,11 @@ class ClusterPresence:
         self._flush_call = None
         outboxes, self._outbox, self._outbox_bytes = self._outbox, {}, 0
         for node, records in outboxes.items():
-            count = len(records)
-            d = self.link.execute(
-                "XADD",
-                self._inbox_key(node),
-                "MAXLEN",
-                "~",
-                self.inbox_maxlen,
-                "*",
-                b"m",
-                b"".join(records),
-            )
-            d.addBoth(self._flushed, node, count)
+            entry = b"".join(records)
+            d = self.inbox.append(node, entry)
+            d.addBoth(self._flushed, node, entry, len(records))
 
-    def _flushed(self, result: Any, node: str, count: int) -> None:
+    def _flushed(self, result: Any, node: str, entry: bytes, count: int) -> None:
         self._posts_in_flight -= count
         if isinstance(result, Failure):
             self.stats["remote_send_failed"] += count
@@ -1534,6 +1552,40 @@ class ClusterPresence:
                 node=node,
                 error=result.getErrorMessage(),
             )
+        elif isinstance(result, int):
+            self.inbox.refused(node, count, result)
+            self._refused(entry, result)
+
+    def _refused(self, entry: bytes, why: int) -> None:
+        """
+        Tell the senders of an inbox entry that was refused: a relayed
+        request's sender gets C{Error(RateLimited)} (the inbox was full) or
+        C{Error(UserOffline)} (its node left), once per request; a one-way
+        message is counted as dropped; a query of this node's engine fails
+        at once.  Answers and notices are only counted (by the caller).
+        """
+        if why == GONE:
+            code, because = ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"
+        else:
+            code, because = ErrorCode.RATE_LIMITED, (
+                "is not reachable now: the node that holds it is behind "
+                "(its cluster inbox is full); try later"
+            )
+        told: set[tuple[str, int, int]] = set()
+        for kind, sid, a, _, data in _records(entry):
+            if kind == _QUERY:
+                body = m.Error(MessageType.REQUEST, code, f"the device {because}").encode()
+                self._answered(sid, a, 1, body)
+            elif kind == _SEND and self.wire is not None:
+                (frame,) = FrameDecoder(self.wire).feed(data)
+                sender = self.get(frame.user_id, frame.client_type)
+                ident = (frame.user_id, frame.client_type, frame.message_id)
+                error = getattr(sender, "error", None)
+                if error is None or frame.message_type in ANSWERS or ident in told:
+                    continue
+                if frame.message_id:
+                    told.add(ident)
+                error(frame, code, f"{frame.dest_user_id} {because}")
 
     def _deliver(self, packed: bytes) -> None:
         local = self._local
@@ -1688,20 +1740,24 @@ class ClusterPresence:
             return
         batch = self.delivery_batch
         outermost = batch is not None and batch.begin()
+        read: list[tuple[bytes, int]] = []
         try:
             for stream_id, flat in inbox:
                 at = _stream_id(stream_id)
                 if at <= self._inbox_at:
                     continue  # delivered already: never twice
                 self._inbox_pos, self._inbox_at = stream_id, at
+                packed = _fields(flat)[b"m"]
+                read.append((stream_id, len(packed)))
                 try:
-                    self._deliver(_fields(flat)[b"m"])
+                    self._deliver(packed)
                 except Exception:
                     log.failure("delivering inbox record {id} failed", id=stream_id)
         finally:
             if outermost:
                 assert batch is not None  # it began the batch
                 batch.flush()
+            self.inbox.delivered(read)  # what was delivered leaves Redis
 
     # -- IPresence: reads -------------------------------------------------------------
 

@@ -130,6 +130,16 @@ COUNTER_METRICS = {
     Count.BLOB_ERRORS: None,
 }
 
+#: What a cluster's presence counts (C{ClusterPresence.stats}) that is
+#: exported, as C{esf_cluster_<name>_total}: name -> help.
+CLUSTER_METRICS = {
+    "inbox_refused": "Records for another node's devices refused because that node's inbox was full "
+    "(requests answered RateLimited, one-way messages counted as dropped).",
+    "inbox_full": "Entries other nodes could not add to this node's inbox because it was full "
+    "(this node fell behind; counted at each upkeep).",
+    "inbox_overrun": "Times this node found its inbox trimmed past what it had read (messages lost).",
+}
+
 #: esf_refusals_total's causes: an engine counter, or a disconnect reason.
 REFUSAL_COUNTERS = {
     "logon_rate_limit": Count.LOGONS_RATE_LIMITED,
@@ -399,6 +409,11 @@ class ServerMetrics(Collector):
                 continue
             name, text = COUNTER_METRICS.get(key) or (key.value, f"Engine counter {key.value}.")
             yield _counter(f"esf_{name}", text, counters[key])
+
+        cluster = getattr(engine.presence, "stats", None)  # a ClusterPresence's
+        if cluster is not None:
+            for name, text in CLUSTER_METRICS.items():
+                yield _counter(f"esf_cluster_{name}", text, cluster[name])
 
         paused = backlog = blobs = blob_bytes = 0
         for session in engine.sessions:

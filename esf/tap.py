@@ -33,6 +33,7 @@ from ._offline_store import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
 from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
+from ._cluster_inbox import DEFAULT_INBOX_BYTES
 from ._protocol import ServerService
 from ._websocket import WebSocketFactory, web_demo_site
 from ._wire import ClientType, WireConfig
@@ -144,6 +145,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["offline-max-total-bytes", None, _OFFLINE.max_total_bytes, "Most bytes the offline store keeps in all; more are refused.", _int_option("offline-max-total-bytes", _MIN_BYTES)],
         ["offline-ack-timeout", None, 10, "Seconds a device has to acknowledge stored messages delivered at logon.", _int_option("offline-ack-timeout", 1)],
         ["cluster-lease", None, 15.0, "Seconds a node's lease lasts: a dead node's users go offline within about 4/3 of it.", _seconds_option("cluster-lease", 0.3)],
+        ["cluster-inbox-bytes", None, DEFAULT_INBOX_BYTES, "Most bytes this node's inbox in Redis holds (what other nodes told its users, not yet read); past it other nodes' messages are refused (requests answered RateLimited).", _int_option("cluster-inbox-bytes", 1024 * 1024)],
         ["gc-threshold", None, GC_THRESHOLD, "CPython's cyclic GC while the server runs: what start-up made is frozen out of its reach, and its youngest generation is collected every this many allocations (CPython's own: 700), which makes the full collections of a growing heap that much rarer. 0: leave the GC as it is. (PyPy: nothing to set.)", _int_option("gc-threshold", 0)],
         ["malloc-trim", None, 5.0, "Seconds between looks at the memory the C allocator holds freed; when it holds 16 MiB or more and the RSS moved since the last trim, it is given back to the system (glibc only). On PyPy a full collection, in steps, comes first when the RSS grew by a quarter since the last one. 0: never.", _seconds_option("malloc-trim", 0)],
     ]
@@ -474,6 +476,7 @@ def server_service(options: Options) -> MultiService:
             node_id,
             relogon_mode=config.relogon_mode,
             lease=options["cluster-lease"],
+            inbox_bytes=options["cluster-inbox-bytes"],
         )
     store: Any = None
     bounds = options["offline-bounds"]

@@ -10,17 +10,20 @@ on the real reactor, so the tests wait (boundedly) for Redis's answers.
 
 from __future__ import annotations
 
+import collections
 import time
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from _helpers import LogCapture
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
 from esf._cluster import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
+from esf._cluster_inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
@@ -541,8 +544,9 @@ def test_tap_cluster_options():
 
     options = tap.Options()
     options.parseOptions(
-        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3"]
-    )
+        ["--cluster", "redis://:secret@127.0.0.1:6390/2", "--node-id", "n7", "--cluster-lease", "3",
+         "--cluster-inbox-bytes", "2097152"]
+    )  # fmt: skip
     assert options["cluster-url"] == RedisURL("127.0.0.1", 6390, 2, password="secret")
     assert (options["node-id"], options["cluster-lease"]) == ("n7", 3.0)
     service = tap.makeService(options)
@@ -550,6 +554,8 @@ def test_tap_cluster_options():
     assert service.engine.presence is service.presence
     assert service.engine.node_id == service.presence.node_id == "n7"
     assert service.presence.lease == 3.0
+    assert service.presence.inbox.max_bytes == 2 * 1024 * 1024
+    assert tap.Options()["cluster-inbox-bytes"] == 64 * 1024 * 1024
     assert service.presence.delivery_batch is service.engine.batch
     for bad in (
         ["--cluster", "http://x"],
@@ -557,6 +563,7 @@ def test_tap_cluster_options():
         ["--node-id", "a b"],
         ["--cluster-lease", "0"],
         ["--cluster-lease", "x"],
+        ["--cluster-inbox-bytes", "1000"],
     ):
         with pytest.raises(usage.UsageError):
             tap.Options().parseOptions(bad)
@@ -706,25 +713,171 @@ async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
     assert b.user_ids(0, 3) == ["u000", "u001", "u002"]
 
 
+async def pause_reading(presence):
+    """
+    Stop C{presence} reading its streams (once its current read ends).
+    """
+    presence._running = False
+    presence._changed()
+    await presence._reading
+
+
+def resume_reading(presence):
+    presence._running = True
+    presence._reading = Deferred.fromCoroutine(presence._read_loop())
+
+
+def ledger(redis_server, node):
+    """
+    What Redis holds of C{node}'s inbox: C{(entries, bytes counted)}.
+    """
+    length = int(redis_server.command("XLEN", f"esf:inbox:{node}")[1:])
+    held = redis_server.command(
+        "EVAL", "return tonumber(redis.call('HGET', KEYS[1], 'b')) or 0", "1", f"esf:ib:{node}"
+    )
+    return length, int(held[1:])
+
+
 @pytest_twisted.ensureDeferred
-async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes):
-    a = await nodes.add("a", inbox_maxlen=10)
+async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes, redis_server):
+    # esf never trims an inbox (a full one refuses); something outside it
+    # (an operator's XTRIM) may, and the node that finds it says so.
+    a = await nodes.add("a")
     b = await nodes.add("b")
     bob = Device("b", "bob")
     await b.claim(bob, True)
     [remote] = await eventually(lambda: a.devices("bob"))
-    process = b._process
-    b._process = lambda reply, generation: None
+    await pause_reading(b)
     for i in range(300):
         remote.send(b"%d" % i)
-        await sleep(0)  # one inbox entry each
-    await eventually(lambda: a._posts_in_flight == 0)
-    # b's upkeep, while it still lags, sees its inbox trimmed past it.
+        a._flush()  # one inbox entry each
+    await a.link.execute("PING")  # a's appends are done
+    assert ledger(redis_server, "b")[0] == 300
+    redis_server.command("XTRIM", "esf:inbox:b", "MAXLEN", "10")
     b.clock.advance(LEASE / 3)
     await eventually(lambda: b.stats["inbox_overrun"] == 1)
-    b._process = process
+    resume_reading(b)
     remote.send(b"last")
     await eventually(lambda: bob.sent[-1:] == [b"last"], what=lambda: bob.sent[-3:])
     # What was kept arrives, in order, the oldest ones lost.
-    kept = [int(x) for x in bob.sent[:-1]]
-    assert kept == list(range(300 - len(kept), 300)) and 0 < len(kept) < 300
+    assert bob.sent[:-1] == [b"%d" % i for i in range(290, 300)]
+    # The inbox is empty again, and so is its count, which the trim had
+    # left too high.
+    await b.inbox.settled()
+    assert ledger(redis_server, "b") == (0, 0)
+
+
+# -- the inbox's bounds -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_inbox_refuses_and_both_nodes_say_so(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b", inbox_bytes=1024 * 1024)
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    await pause_reading(b)  # b falls behind
+    payloads = [bytes([i]) * 300_000 for i in range(8)]
+    with LogCapture() as logs:
+        for payload in payloads:
+            remote.send(payload)  # past 256 KiB: one entry each, at once
+        await a.link.execute("PING")  # a's appends are answered
+        # Three entries fit in b's 1 MiB; the other five are refused.
+        length, held = ledger(redis_server, "b")
+        assert length == 3 and 900_000 < held <= 1024 * 1024
+        assert a.stats["inbox_refused"] == 5 and a.stats["remote_send_failed"] == 0
+        [refused] = logs.esf("cluster_inbox_refused")  # once per upkeep
+        assert refused["node"] == "b"
+        # b learns at its upkeep that it fell behind: counted, logged once.
+        b.clock.advance(LEASE / 3)
+        await eventually(lambda: b.stats["inbox_full"] == 5, what=lambda: b.stats)
+        [full] = logs.esf("cluster_inbox_full")
+        assert full["refused"] == 5 and full["length"] == 3
+    # b reads again: what was kept arrives in order and leaves Redis; then
+    # there is room again.
+    resume_reading(b)
+    await eventually(lambda: len(bob.sent) == 3)
+    assert bob.sent == payloads[:3]
+    await b.inbox.settled()
+    assert ledger(redis_server, "b") == (0, 0)
+    remote.send(b"room again")
+    await eventually(lambda: bob.sent[-1:] == [b"room again"])
+    assert a.stats["inbox_refused"] == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_inbox_is_bounded_in_entries(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b", inbox_maxlen=5)
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    await pause_reading(b)
+    for i in range(8):
+        remote.send(b"%d" % i)
+        a._flush()  # one entry each
+    await a.link.execute("PING")
+    assert ledger(redis_server, "b")[0] == 5
+    assert a.stats["inbox_refused"] == 3
+    resume_reading(b)
+    await eventually(lambda: len(bob.sent) == 5)
+    assert bob.sent == [b"0", b"1", b"2", b"3", b"4"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    await pause_reading(b)
+    remote.send(b"never read")
+    a._flush()
+    await a.link.execute("PING")
+    assert ledger(redis_server, "b")[0] == 1
+    # b dies; once its lease expired, a's janitor reaps it.
+    b._ticker.stop()
+    await b.link.stop()
+    await b.reader.stop()
+    nodes.nodes.remove(b)
+    await sleep(LEASE)
+    a.clock.advance(LEASE / 3)
+    await eventually(lambda: not a.devices("bob"), what="bob released")
+    assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"
+    # A send a's mirror let through just before is not kept for nobody.
+    remote.send(b"too late")
+    a._flush()
+    await a.link.execute("PING")
+    assert a.stats["inbox_gone"] == 1
+    assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"
+
+
+class RecordingLink:
+    """An IRedisLink that records C{eval} calls and answers them at once."""
+
+    def __init__(self):
+        self.evals = []
+
+    def eval(self, script, keys, args):
+        self.evals.append(list(args))
+        return succeed(0)
+
+
+def test_delivered_entries_are_deleted_in_batches_within_a_delay():
+    clock, link = task.Clock(), RecordingLink()
+    inbox = InboxLedger(clock, link, "esf:", "b", stats=collections.Counter())
+    inbox.delivered([(b"1-0", 10), (b"1-1", 20)])
+    inbox.delivered([(b"2-0", 30)])
+    assert link.evals == []  # light traffic: one deletion for several reads
+    clock.advance(DROP_DELAY)
+    assert link.evals == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]]
+    assert clock.getDelayedCalls() == []
+    # A megabyte delivered is deleted at once.
+    inbox.delivered([(b"3-0", 1024 * 1024)])
+    assert link.evals[-1] == [b"3-0", 1024 * 1024] and clock.getDelayedCalls() == []
+    # settled() deletes what waits now.
+    inbox.delivered([(b"4-0", 1)])
+    inbox.settled()
+    assert link.evals[-1] == [b"4-0", 1] and clock.getDelayedCalls() == []

@@ -23,20 +23,21 @@ from esf import (
     ServerEngine,
 )
 from esf._cluster import ClusterPresence
+from esf._metrics import ServerMetrics
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
-from test_cluster import eventually
+from test_cluster import eventually, ledger, pause_reading, resume_reading
 
 LEASE = 0.6
 
 
 class Node:
-    def __init__(self, redis_server, node_id: str, config: ServerConfig | None = None):
+    def __init__(self, redis_server, node_id: str, config: ServerConfig | None = None, **options):
         clock = task.Clock()
         config = config or ServerConfig()
         self.presence = ClusterPresence(
             reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
-            relogon_mode=config.relogon_mode,
+            relogon_mode=config.relogon_mode, **options,
         )  # fmt: skip
         self.engine = ServerEngine(config, clock=clock, presence=self.presence, node_id=node_id)
         self.events = record_events(self.engine.user_manager)
@@ -309,3 +310,88 @@ async def test_forged_answers_across_nodes_go_nowhere(pair):
         41,
         Information(3, b"real"),
     )
+
+
+async def used_memory(node) -> int:
+    info = await node.presence.link.execute("INFO", "memory")
+    [line] = [x for x in info.split(b"\r\n") if x.startswith(b"used_memory:")]
+    return int(line.split(b":")[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_was_delivered_leaves_redis(pair, redis_server):
+    """
+    alice on a sends bob on b 40 Sends of 256 KiB; bob reads them all:
+    Redis holds none of them afterwards (it held all 10 MiB, for good).
+    """
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    before = await used_memory(b)
+    payloads = [bytes([i]) * (256 * 1024) for i in range(40)]
+    got: list = []
+    for payload in payloads:
+        alice.send(MessageType.SEND, Information(1, payload), dest="bob")
+    await eventually(lambda: got.extend(bob.take()) or len(got) == 40, what=lambda: len(got))
+    assert [f.body.payload for f in got] == payloads
+    await b.presence.inbox.settled()  # deleted within DROP_DELAY (0.1 s)
+    usage = await b.presence.link.execute("MEMORY", "USAGE", "esf:inbox:b")
+    assert usage is None or int(usage) < 4096, usage
+    assert ledger(redis_server, "b") == (0, 0)
+    assert await used_memory(b) - before < 1024 * 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_inbox_answers_the_sender(redis_server):
+    a, b = Node(redis_server, "a"), Node(redis_server, "b", inbox_bytes=1024 * 1024)
+    try:
+        await joined(a, b)
+        alice = await a.logon("alice")
+        bob = await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)  # b falls behind
+        for i in range(4):  # one entry each; three fit in b's 1 MiB
+            alice.send(MessageType.SEND, Information(1, bytes([i]) * 300_000), dest="bob")
+        await a.presence.link.execute("PING")  # a's appends are answered
+        assert a.engine.counters["dropped"] == 1  # the one-way Send refused
+        big = b"?" * 300_000  # no room left for it
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, big), dest="bob", message_id=7)
+        alice.send(MessageType.REQUEST, Information(1, big), dest="bob", message_id=8)
+        a.presence._flush()
+        await a.presence.link.execute("PING")
+        errors = alice.take()
+        assert [(e.message_type, e.message_id, e.body.code) for e in errors] == [
+            (MessageType.ERROR, 7, ErrorCode.RATE_LIMITED),
+            (MessageType.ERROR, 8, ErrorCode.RATE_LIMITED),
+        ]
+        assert errors[0].body.request_message_type == MessageType.SEND_CERTAINLY
+        assert errors[0].body.text == (
+            "bob is not reachable now: the node that holds it is behind "
+            "(its cluster inbox is full); try later"
+        )
+        # The server's own query to bob fails at once, the same way.
+        query = a.engine.query("bob", 3, big)
+        a.presence._flush()
+        await a.presence.link.execute("PING")
+        with pytest.raises(RequestError) as caught:
+            await query
+        assert caught.value.code == ErrorCode.RATE_LIMITED
+        assert a.presence.stats["inbox_refused"] == 4
+        metrics = {m.name: m for m in ServerMetrics(a.engine).collect()}
+        [sample] = metrics["esf_cluster_inbox_refused"].samples
+        assert sample.value == 4
+        b.engine.clock.advance(LEASE / 3)  # b's upkeep: it fell behind
+        await eventually(lambda: b.presence.stats["inbox_full"] == 4)
+        metrics = {m.name: m for m in ServerMetrics(b.engine).collect()}
+        assert metrics["esf_cluster_inbox_full"].samples[0].value == 4
+        # b reads again: what was kept arrives, in order.
+        resume_reading(b.presence)
+        got: list = []
+        await eventually(lambda: got.extend(bob.take()) or len(got) == 3, what=lambda: got)
+        assert [f.body.payload[:1] for f in got] == [b"\x00", b"\x01", b"\x02"]
+    finally:
+        for node in (a, b):
+            node.engine.stop()
+            await Deferred.fromCoroutine(node.presence.stop())
