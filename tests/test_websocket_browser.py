@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 from test_e2e import REPO, ServerProcess, server_env
+from test_admin_e2e import TOKEN, token_file
 from _real_parts import missing, need_program
 
 pytestmark = pytest.mark.e2e
@@ -472,9 +473,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _post_json(url, body):
+def _post_json(url, body, token):
     request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"content-type": "application/json"}, method="POST"
+        url,
+        json.dumps(body).encode(),
+        {"content-type": "application/json", "authorization": f"Bearer {token}"},
+        method="POST",
     )
     with urllib.request.urlopen(request, timeout=WAIT) as response:
         return json.loads(response.read())
@@ -507,6 +511,9 @@ class Restartable:
                 f"sqlite:{self.tmp_path / 'offline.db'}",
                 "--admin-api",
                 f"tcp:{self.admin}:interface=127.0.0.1",
+                # Without a token the admin API only reads.
+                "--admin-token-file",
+                str(token_file(self.tmp_path)),
             ],
             port=f"tcp:{self.tcp}:interface=127.0.0.1",
         )
@@ -525,7 +532,7 @@ class Restartable:
         self.server.log_file.close()
 
     def notice(self, user, text):
-        return _post_json(f"http://127.0.0.1:{self.admin}/api/users/{user}/notice", {"text": text})
+        return _post_json(f"http://127.0.0.1:{self.admin}/api/users/{user}/notice", {"text": text}, TOKEN)
 
 
 def test_the_chat_through_notices_an_offline_user_a_shutdown_and_a_crash(browser, tmp_path):
