@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from ._config import ServerConfig
+from ._http import HTTP_LIMITS, HTTPLimits, limit_site
 from ._metrics import OnlineDevices, kind_label, server_version
 from ._policy import SlidingWindow
 from ._wire import ClientType
@@ -791,17 +792,27 @@ class _Attached(Service):
 
 class AdminService(MultiService):
     """
-    Serves the admin API and dashboard of C{engine} on C{endpoint}.  A port
-    that cannot be bound makes L{startService} raise.
+    Serves the admin API and dashboard of C{engine} on C{endpoint}, within
+    C{limits} (timed by C{clock}, by default the engine's).  A port that
+    cannot be bound makes L{startService} raise.
     """
 
-    def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint, token: str | None):
+    def __init__(
+        self,
+        engine: ServerEngine,
+        endpoint: IStreamServerEndpoint,
+        token: str | None,
+        *,
+        limits: HTTPLimits = HTTP_LIMITS,
+        clock: IReactorTime | None = None,
+    ):
         super().__init__()  # type: ignore[no-untyped-call]
         devices = OnlineDevices(engine)
         history = OnlineHistory(engine, devices)
         _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.site = admin_site(engine, token, devices, history)
-        self.listener = StreamServerEndpointService(endpoint, self.site)
+        factory = limit_site(self.site, limits, clock or engine.clock, "the admin API")
+        self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
 

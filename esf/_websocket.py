@@ -38,6 +38,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ._engine import ServerEngine
+from ._http import handed_over
 from ._protocol import peer_address
 from ._session import Session
 from ._wire import DisconnectedType
@@ -591,12 +592,15 @@ class _TakeOverResource(WebSocketResource):
     """
     autobahn's WebSocket resource, handing the connection over from
     twisted.web cleanly: the HTTP channel is the transport's producer and
-    keeps an idle timer, and the WebSocket protocol takes both roles.
+    keeps an idle timer, and the WebSocket protocol takes both roles.  The
+    connection no longer counts against the site's connection cap: it is
+    an ESF connection (C{--max-connections}).
     """
 
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None:
+            handed_over(request.channel)
             request.channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)  # type: ignore[no-untyped-call]
