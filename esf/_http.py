@@ -127,6 +127,7 @@ class DeadlineChannel(HTTPChannel):
         transport = self.transport
         if transport is None:
             return
+        self.setTimeout(None)  # the idle timer: this closes it already
         transport.write(_REQUEST_TIMEOUT_RESPONSE)
         self.loseConnection()  # type: ignore[no-untyped-call]
         # A peer that does not read keeps even a closing connection: it is
