@@ -23,7 +23,12 @@ from typing import Any, Callable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
 from zope.interface import implementer
 
@@ -186,7 +191,8 @@ def quiet_accept_errors(port: Any, clock: IReactorTime, publisher: Any = None) -
         )
 
     counter = IntervalCount(clock, emit)
-    port._logger = Logger(namespace=old.namespace, observer=_AcceptErrorObserver(counter, publisher))
+    observer = _AcceptErrorObserver(counter, publisher)
+    port._logger = Logger(namespace=old.namespace, observer=observer)
     port.esf_accept_errors = counter
 
 

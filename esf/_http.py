@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -106,7 +107,7 @@ class DeadlineChannel(HTTPChannel):
             self._arm()
         super().requestDone(request)  # type: ignore[no-untyped-call]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._disarm()
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
@@ -124,10 +125,11 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = None
         if self.timed_out is not None:
             self.timed_out.count()
-        transport = self.transport
+        transport: Any = self.transport  # a TCP or TLS transport: it can abort
         if transport is None:
             return
-        self.setTimeout(None)  # the idle timer: this closes it already
+        # (The idle timer: this closes the connection already.)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
         transport.write(_REQUEST_TIMEOUT_RESPONSE)
         self.loseConnection()  # type: ignore[no-untyped-call]
         # A peer that does not read keeps even a closing connection: it is
@@ -148,7 +150,7 @@ class _Held(ProtocolWrapper):
             self.counted = False
             self.factory.unregisterProtocol(self)
 
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.counted:
             # (ProtocolWrapper.connectionLost unregisters it once more.)
             self.factory.registerProtocol(self)
@@ -173,8 +175,10 @@ class ConnectionCap(WrappingFactory):
     noisy = False
 
     def __init__(self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str):
-        super().__init__(site)  # type: ignore[no-untyped-call]  # WrappingFactory has no annotations
-        site.protocol = DeadlineChannel
+        super().__init__(site)  # type: ignore[no-untyped-call]
+        # A plain HTTP/1.1 channel, not the one that may become HTTP/2: the
+        # deadline is in the channel.
+        site.protocol = DeadlineChannel  # type: ignore[assignment,method-assign]
         self.limits = limits
         self.clock = clock
         self.name = name
@@ -215,7 +219,7 @@ class ConnectionCap(WrappingFactory):
             self.refused.count()
             return None  # the port closes the socket at once
         held = super().buildProtocol(addr)
-        channel = held.wrappedProtocol
+        channel: Any = held.wrappedProtocol
         channel.clock = self.clock
         channel.request_timeout = self.limits.request_timeout
         channel.timed_out = self.timed_out

@@ -172,7 +172,8 @@ def test_pipelined_requests_are_answered_and_then_the_deadline_runs():
     protocol, transport = connect(factory, engine.clock)
     protocol.dataReceived(SCRAPE + SCRAPE)
     assert transport.value().count(b"HTTP/1.1 200 ") == 2
-    assert len([c for c in engine.clock.getDelayedCalls() if getattr(c.func, "__name__", "") == "_expired"]) == 1
+    deadlines = [c for c in engine.clock.getDelayedCalls() if "_expired" in repr(c.func)]
+    assert len(deadlines) == 1
     engine.clock.advance(5)
     assert closed(transport)
 
@@ -289,13 +290,20 @@ def test_options_share_the_descriptor_limit(monkeypatch):
 
     monkeypatch.setattr(tap, "nofile_limits", lambda: (256, 256))
     options = tap.Options()
-    options.parseOptions(["--admin-api", "tcp:0:interface=127.0.0.1", "--metrics", "tcp:0:interface=127.0.0.1"])
+    local = "tcp:0:interface=127.0.0.1"
+    options = tap.Options()
+    options.parseOptions(["--admin-api", local, "--metrics", local])
     assert options["config"].max_connections == 256 - 64 - 64 - 32
     options = tap.Options()
-    options.parseOptions(["--metrics", "tcp:0:interface=127.0.0.1", "--metrics-max-connections", "8", "--max-connections", "200"])
+    options.parseOptions(
+        ["--metrics", local, "--metrics-max-connections", "8", "--max-connections", "200"]
+    )
     assert options["config"].max_connections == 200
     with pytest.raises(usage.UsageError, match="need 265 descriptors; the hard limit is 256"):
-        tap.Options().parseOptions(["--max-connections", "200", "--websocket", "tcp:0", "--web-demo", "--web-demo-max-connections", "33"])
+        tap.Options().parseOptions(
+            ["--max-connections", "200", "--websocket", local, "--web-demo",
+             "--web-demo-max-connections", "33"]
+        )  # fmt: skip
 
 
 # -- running out of descriptors -----------------------------------------------------

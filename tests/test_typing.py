@@ -56,6 +56,8 @@ TYPED = [
     "esf/_audit.py",
     "esf/_metrics.py",
     "esf/_admin.py",
+    "esf/_http.py",
+    "esf/_descriptors.py",
     "esf/_cluster.py",
     "esf/cluster.py",
     "esf/operations.py",
