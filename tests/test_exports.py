@@ -93,8 +93,8 @@ def test_offline_exports():
 
 
 OPERATIONS = {
-    "AdminService", "AuditLog", "AuditService", "GCTuning", "MemoryTrimmer", "MetricsService",
-    "ServerMetrics",
+    "AdminService", "AuditLog", "AuditService", "GCTuning", "HTTPLimits", "MemoryTrimmer",
+    "MetricsService", "ServerMetrics",
 }
 
 
