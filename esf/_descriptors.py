@@ -37,6 +37,9 @@ __all__ = [
     "DescriptorShare",
     "IntervalCount",
     "QuietAcceptErrors",
+    "nofile_limits",
+    "quiet_accept_errors",
+    "raise_soft_limit",
     "share_descriptors",
 ]
 

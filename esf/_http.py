@@ -16,8 +16,9 @@ that
     C{408} and the connection is closed (L{DeadlineChannel}).
 
 Each site logs what it refused at most once per interval, with a count.
-The time a response takes to render and to be read is not bounded here:
-the site's idle timer still covers a peer that stops reading.
+The time a response takes to render is not timed; once it is handed to
+the connection the next request's deadline runs, so a peer that does not
+read it is closed (and aborted) all the same.
 """
 
 from __future__ import annotations

@@ -18,6 +18,13 @@ from zope.interface import implementer
 from ._application import Applications
 from ._admin import AdminService, endpoint_is_local, read_token_file
 from ._audit import AuditService, check_audit_path
+from ._descriptors import (
+    DescriptorShare,
+    QuietAcceptErrors,
+    nofile_limits,
+    raise_soft_limit,
+    share_descriptors,
+)
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -26,7 +33,6 @@ from ._engine import (
     call,
 )
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
-from ._descriptors import DescriptorShare, QuietAcceptErrors, nofile_limits, raise_soft_limit, share_descriptors
 from ._http import HTTPLimits, limit_site
 from ._metrics import MetricsService
 from ._offline_store import OfflineBounds, OfflineStoreError
