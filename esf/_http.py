@@ -8,7 +8,8 @@ descriptor) for as long as it likes.  L{limit_site} wraps a L{Site} so
 that
 
   - it holds at most C{max_connections} connections; one more is closed
-    as soon as it is accepted (L{ConnectionCap}, a L{WrappingFactory});
+    as soon as it is accepted (L{ConnectionCap}, a L{WrappingFactory},
+    which caps the WebSocket handshakes of C{--websocket} as well);
   - a request's whole head and body must arrive within
     C{request_timeout} seconds of the accept, or of the end of the
     previous response on the same connection (a total, like nginx's
@@ -41,6 +42,7 @@ __all__ = [
     "ConnectionCap",
     "DeadlineChannel",
     "HTTPLimits",
+    "LimitedSite",
     "handed_over",
     "limit_site",
 ]
@@ -160,40 +162,79 @@ class _Held(ProtocolWrapper):
 
 class ConnectionCap(WrappingFactory):
     """
-    A L{Site} holding at most C{limits.max_connections} connections, each
-    of whose requests must arrive within C{limits.request_timeout}; one
-    connection more is closed as soon as it is accepted.
+    A factory whose connections are at most C{max_connections} at once,
+    until they are handed over (L{handed_over}); one connection more is
+    closed as soon as it is accepted.
 
     (Twisted's C{LimitTotalConnectionsFactory} builds its own protocols;
-    this one wraps a site that is already built, as C{LimitConnectionsByPeer}
-    does.)
+    this one wraps a factory that is already built, as
+    C{LimitConnectionsByPeer} does.)
 
     @ivar refused: the connections closed for the cap.
-    @ivar timed_out: the connections closed for the deadline.
     """
 
     protocol = _Held
     noisy = False
 
-    def __init__(self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str):
-        super().__init__(site)  # type: ignore[no-untyped-call]
-        # A plain HTTP/1.1 channel, not the one that may become HTTP/2: the
-        # deadline is in the channel.
-        site.protocol = DeadlineChannel  # type: ignore[assignment,method-assign]
-        self.limits = limits
+    def __init__(
+        self,
+        factory: Any,
+        max_connections: int,
+        clock: IReactorTime,
+        name: str,
+        what: str = "connections",
+    ):
+        super().__init__(factory)  # type: ignore[no-untyped-call]
+        self.max_connections = max_connections
         self.clock = clock
         self.name = name
 
         def refused(count: int, interval: float) -> None:
             log.warn(
-                "esf: {site} holds its maximum of {cap} connections: closed {count} more "
+                "esf: {site} holds its maximum of {cap} {what}: closed {count} more "
                 "(at most one such line per {interval:g} s)",
                 site=name,
-                cap=limits.max_connections,
+                cap=max_connections,
+                what=what,
                 count=count,
                 interval=interval,
                 esf_event="http_connections_refused",
             )
+
+        self.refused = IntervalCount(clock, refused)
+
+    def logPrefix(self) -> str:
+        # The wrapped factory's name, as if it were not wrapped: "AdminSite
+        # starting on 8530".
+        prefix: str = self.wrappedFactory.logPrefix()
+        return prefix
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.max_connections:
+            self.refused.count()
+            return None  # the port closes the socket at once
+        return super().buildProtocol(addr)
+
+    def doStop(self) -> None:
+        self.refused.stop()
+        super().doStop()  # type: ignore[no-untyped-call]
+
+
+class LimitedSite(ConnectionCap):
+    """
+    A L{Site} holding at most C{limits.max_connections} connections, each
+    of whose requests must arrive within C{limits.request_timeout}
+    (L{DeadlineChannel}).
+
+    @ivar timed_out: the connections closed for the deadline.
+    """
+
+    def __init__(self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str):
+        super().__init__(site, limits.max_connections, clock, name)
+        # A plain HTTP/1.1 channel, not the one that may become HTTP/2: the
+        # deadline is in the channel.
+        site.protocol = DeadlineChannel  # type: ignore[assignment,method-assign]
+        self.limits = limits
 
         def timed_out(count: int, interval: float) -> None:
             log.info(
@@ -206,46 +247,37 @@ class ConnectionCap(WrappingFactory):
                 esf_event="http_request_timeout",
             )
 
-        self.refused = IntervalCount(clock, refused)
         self.timed_out = IntervalCount(clock, timed_out)
 
-    def logPrefix(self) -> str:
-        # The site's name, as if it were not wrapped: "AdminSite starting
-        # on 8530".
-        prefix: str = self.wrappedFactory.logPrefix()
-        return prefix
-
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.limits.max_connections:
-            self.refused.count()
-            return None  # the port closes the socket at once
         held = super().buildProtocol(addr)
-        channel: Any = held.wrappedProtocol
-        channel.clock = self.clock
-        channel.request_timeout = self.limits.request_timeout
-        channel.timed_out = self.timed_out
+        if held is not None:
+            channel: Any = held.wrappedProtocol
+            channel.clock = self.clock
+            channel.request_timeout = self.limits.request_timeout
+            channel.timed_out = self.timed_out
         return held
 
     def doStop(self) -> None:
-        self.refused.stop()
         self.timed_out.stop()
-        super().doStop()  # type: ignore[no-untyped-call]
+        super().doStop()
 
 
-def limit_site(site: Site, limits: HTTPLimits, clock: IReactorTime, name: str) -> ConnectionCap:
+def limit_site(site: Site, limits: HTTPLimits, clock: IReactorTime, name: str) -> LimitedSite:
     """
     C{site} bounded by C{limits}, named C{name} in the log, timed by
     C{clock}: the factory to listen with.
     """
-    return ConnectionCap(site, limits, clock, name)
+    return LimitedSite(site, limits, clock, name)
 
 
-def handed_over(channel: Any) -> None:
+def handed_over(protocol: Any) -> None:
     """
-    C{channel}'s connection leaves its HTTP site (a WebSocket takes it
-    over) and no longer counts against the site's cap.  Call it before
-    the transport is taken.
+    C{protocol}'s connection is done with its handshake (an HTTP request
+    that a WebSocket takes over, a WebSocket handshake accepted) and no
+    longer counts against its L{ConnectionCap}: it is an ESF connection
+    now.  Call it while C{protocol.transport} is still the cap's wrapper.
     """
-    held = getattr(channel, "transport", None)
+    held = getattr(protocol, "transport", None)
     if isinstance(held, _Held):
         held.release()

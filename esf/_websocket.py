@@ -276,6 +276,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(  # type: ignore[no-untyped-call]
                 403, "Origin Not Allowed"
             )
+        handed_over(self)  # out of --websocket-max-handshakes: an ESF connection now
         return WEBSOCKET_SUBPROTOCOL
 
     def _refuse(self, why: str) -> None:
@@ -592,15 +593,12 @@ class _TakeOverResource(WebSocketResource):
     """
     autobahn's WebSocket resource, handing the connection over from
     twisted.web cleanly: the HTTP channel is the transport's producer and
-    keeps an idle timer, and the WebSocket protocol takes both roles.  The
-    connection no longer counts against the site's connection cap: it is
-    an ESF connection (C{--max-connections}).
+    keeps an idle timer, and the WebSocket protocol takes both roles.
     """
 
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None:
-            handed_over(request.channel)
             request.channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)  # type: ignore[no-untyped-call]

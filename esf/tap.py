@@ -33,7 +33,7 @@ from ._engine import (
     call,
 )
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
-from ._http import HTTPLimits, limit_site
+from ._http import ConnectionCap, HTTPLimits, limit_site
 from ._metrics import MetricsService
 from ._offline_store import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
@@ -135,7 +135,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["admin-api-max-connections", None, 64, "Most connections the admin API holds at once; more are closed when accepted.", _int_option("admin-api-max-connections", 1)],
         ["metrics-max-connections", None, 64, "Most connections the metrics site holds at once; more are closed when accepted.", _int_option("metrics-max-connections", 1)],
         ["http-request-timeout", None, 10.0, "Seconds the admin API and metrics sites give a request's whole head and body, from the accept or the end of the previous response (a total: a trickling peer is not given more).", _seconds_option("http-request-timeout", 0.1)],
-        ["web-demo-max-connections", None, 256, "With --web-demo: most connections each --websocket endpoint holds before their WebSocket handshake is done (page loads and handshakes); more are closed when accepted.", _int_option("web-demo-max-connections", 1)],
+        ["websocket-max-handshakes", None, 256, "Most connections each --websocket endpoint holds before their WebSocket handshake is done (with --web-demo, page loads too); more are closed when accepted.", _int_option("websocket-max-handshakes", 1)],
         ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); required unless --admin-api is loopback."],
         ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB)."],
         ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
@@ -272,9 +272,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             caps.append(("admin-api-max-connections", self["admin-api-max-connections"]))
         if self["metrics"] is not None:
             caps.append(("metrics-max-connections", self["metrics-max-connections"]))
-        if self["web-demo"]:
-            cap = self["web-demo-max-connections"]
-            caps.extend(("web-demo-max-connections", cap) for _ in self["websocket"])
+        cap = self["websocket-max-handshakes"]
+        caps.extend(("websocket-max-handshakes", cap) for _ in self["websocket"])
         soft, hard = nofile_limits()
         try:
             self["descriptors"] = share_descriptors(soft, hard, self["max-connections"], caps)
@@ -491,14 +490,18 @@ def makeService(options: Options) -> MultiService:
     origins = options["websocket-origins"]
     for description, endpoint in zip(options["websocket"], options["websocket-endpoints"]):
         factory: Any
+        cap = options["websocket-max-handshakes"]
         if options["web-demo"]:
             # Until its handshake is done a connection is the site's: its
             # page loads and its handshake have --logon-timeout in all.
-            limits = HTTPLimits(options["web-demo-max-connections"], config.logon_timeout)
             site = web_demo_site(engine, origins, reactor=reactor)
+            limits = HTTPLimits(cap, config.logon_timeout)
             factory = limit_site(site, limits, reactor, f"the web demo on {description}")
         else:
-            factory = WebSocketFactory(engine, origins, reactor=reactor)
+            # (autobahn times the handshake itself: --logon-timeout in all.)
+            ws = WebSocketFactory(engine, origins, reactor=reactor)
+            name = f"the WebSocket endpoint {description}"
+            factory = ConnectionCap(ws, cap, reactor, name, "connections in their handshake")
         server.listen(QuietAcceptErrors(endpoint, reactor), factory)
     add_operations(server, engine, options)
     if options["malloc-trim"]:

@@ -29,9 +29,9 @@ from esf._descriptors import (
     quiet_accept_errors,
     share_descriptors,
 )
-from esf._http import HTTPLimits, limit_site
+from esf._http import ConnectionCap, HTTPLimits, limit_site
 from esf._metrics import MetricsService
-from esf._websocket import web_demo_site
+from esf._websocket import WebSocketFactory, web_demo_site
 
 from wsclient import handshake
 
@@ -249,6 +249,33 @@ def test_web_demo_a_websocket_leaves_the_sites_cap_and_deadline():
     assert len(factory.protocols) == 1
 
 
+def test_websocket_handshakes_are_capped_until_done(logs):
+    """
+    Plain C{--websocket}: at most C{--websocket-max-handshakes} connections
+    in their handshake; one whose handshake is accepted leaves the cap.
+    """
+    engine = make_engine()
+    clock = engine.clock
+    ws = WebSocketFactory(engine, reactor=clock)
+    factory = ConnectionCap(ws, 2, clock, "ws", "connections in their handshake")
+    a, b = connect(factory, clock), connect(factory, clock)
+    assert connect(factory, clock) is None
+    a[0].dataReceived(handshake())
+    assert a[1].value().startswith(b"HTTP/1.1 101")
+    assert len(engine.sessions) == 1
+    c = connect(factory, clock)
+    assert c is not None
+    assert connect(factory, clock) is None
+    lose(a)  # a session: it was not counted any more
+    assert set(factory.protocols) == {b[0], c[0]}
+    lose(b)
+    assert set(factory.protocols) == {c[0]}
+    [line] = logs.esf("http_connections_refused")
+    assert line["what"] == "connections in their handshake"
+    for call in clock.getDelayedCalls():
+        call.cancel()
+
+
 # -- sharing descriptors ------------------------------------------------------------
 
 HTTP = (("admin-api-max-connections", 64), ("metrics-max-connections", 64))
@@ -302,7 +329,7 @@ def test_options_share_the_descriptor_limit(monkeypatch):
     with pytest.raises(usage.UsageError, match="need 265 descriptors; the hard limit is 256"):
         tap.Options().parseOptions(
             ["--max-connections", "200", "--websocket", local, "--web-demo",
-             "--web-demo-max-connections", "33"]
+             "--websocket-max-handshakes", "33"]
         )  # fmt: skip
 
 

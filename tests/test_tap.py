@@ -14,7 +14,7 @@ from zope.interface.verify import verifyObject
 from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
 from esf._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
-from esf._http import ConnectionCap, HTTPLimits
+from esf._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.interfaces import IBasicHandler
 from esf.offline import OfflineBounds
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
@@ -530,19 +530,26 @@ def test_websocket_endpoints_and_origins():
     assert len(options["websocket-endpoints"]) == 2
     service = makeService(options)
     listeners = listeners_of(service)[1:]
-    assert [type(listener.factory) for listener in listeners] == [WebSocketFactory] * 2
-    for listener in listeners:
-        assert listener.factory.engine is service.engine
-        assert listener.factory.allowed_origins == ("https://chat.example.com", "https://*.example.org")
+    # Each holds at most --websocket-max-handshakes connections in their handshake.
+    assert [type(listener.factory) for listener in listeners] == [ConnectionCap] * 2
+    assert [listener.factory.max_connections for listener in listeners] == [256] * 2
+    factories = [listener.factory.wrappedFactory for listener in listeners]
+    assert [type(factory) for factory in factories] == [WebSocketFactory] * 2
+    for factory in factories:
+        assert factory.engine is service.engine
+        assert factory.allowed_origins == ("https://chat.example.com", "https://*.example.org")
     # (Each endpoint logs running out of descriptors once per interval.)
     assert all(isinstance(listener.endpoint, QuietAcceptErrors) for listener in listeners)
     assert [listener.endpoint.endpoint for listener in listeners] == options["websocket-endpoints"]
 
-    demo = makeService(parse("--websocket", "4531", "--web-demo", "--logon-timeout", "7"))
+    demo = makeService(
+        parse("--websocket", "4531", "--web-demo", "--logon-timeout", "7",
+              "--websocket-max-handshakes", "9")
+    )  # fmt: skip
     [listener] = listeners_of(demo)[1:]
-    assert isinstance(listener.factory, ConnectionCap)
+    assert isinstance(listener.factory, LimitedSite)
     assert isinstance(listener.factory.wrappedFactory, Site)
-    assert listener.factory.limits == HTTPLimits(256, 7)
+    assert listener.factory.limits == HTTPLimits(9, 7)
 
 
 def test_bad_websocket_endpoint():
