@@ -28,7 +28,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -140,24 +140,52 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = self.clock.callLater(self.request_timeout, transport.abortConnection)
 
 
+def _protocol_of(transport: Any) -> Any:
+    """
+    The protocol C{transport} delivers to: a TLS transport is a
+    L{ProtocolWrapper} (C{wrappedProtocol}); a TCP one names its
+    C{protocol}.
+    """
+    if isinstance(transport, ProtocolWrapper):
+        return transport.wrappedProtocol
+    return getattr(transport, "protocol", None)
+
+
 class _Held(ProtocolWrapper):
     """
     One connection L{ConnectionCap} counts until it closes or is handed
     over (L{handed_over}).
+
+    It sits only on the way in, to learn of the connection's end: the
+    wrapped protocol gets the real transport as its own (autobahn wants a
+    TLS transport to be one, and writes cost nothing more), and once
+    handed over this steps out of the way altogether.
     """
 
     counted = True
 
+    def makeConnection(self, transport: Any) -> None:
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(transport)
+
     def release(self) -> None:
+        if not self.counted:
+            return
+        self.counted = False
+        self.factory.unregisterProtocol(self)
+        transport: Any = self.transport
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = self.wrappedProtocol
+        elif getattr(transport, "protocol", None) is self:
+            transport.protocol = self.wrappedProtocol
+        # (Elsewhere it stays in the way, counting no more.)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.counted:
             self.counted = False
             self.factory.unregisterProtocol(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.counted:
-            # (ProtocolWrapper.connectionLost unregisters it once more.)
-            self.factory.registerProtocol(self)
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        self.wrappedProtocol.connectionLost(reason)
 
 
 class ConnectionCap(WrappingFactory):
@@ -276,8 +304,9 @@ def handed_over(protocol: Any) -> None:
     C{protocol}'s connection is done with its handshake (an HTTP request
     that a WebSocket takes over, a WebSocket handshake accepted) and no
     longer counts against its L{ConnectionCap}: it is an ESF connection
-    now.  Call it while C{protocol.transport} is still the cap's wrapper.
+    now.  Call it while C{protocol.transport} still delivers to the cap's
+    wrapper of C{protocol}.
     """
-    held = getattr(protocol, "transport", None)
-    if isinstance(held, _Held):
+    held = _protocol_of(getattr(protocol, "transport", None))
+    if isinstance(held, _Held) and held.wrappedProtocol is protocol:
         held.release()

@@ -599,6 +599,7 @@ class _TakeOverResource(WebSocketResource):
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None:
+            handed_over(request.channel)  # out of --websocket-max-handshakes
             request.channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)  # type: ignore[no-untyped-call]

@@ -13,6 +13,7 @@ import os
 import socket
 
 import pytest
+import pytest_twisted
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -241,12 +242,13 @@ def test_web_demo_a_websocket_leaves_the_sites_cap_and_deadline():
     transport.protocol = protocol  # as a real transport has it
     protocol.dataReceived(handshake())
     assert transport.value().startswith(b"HTTP/1.1 101")
-    assert len(engine.sessions) == 1
+    [session] = engine.sessions
+    assert transport.protocol is session.channel  # the wrapper stepped aside
     assert connect(factory, clock) is not None  # the cap of 1 is free again
     clock.advance(10)
     assert not transport.disconnecting
-    lose((protocol, transport))  # counted once, not twice
-    assert len(factory.protocols) == 1
+    transport.protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(factory.protocols) == 1  # the other one
 
 
 def test_websocket_handshakes_are_capped_until_done(logs):
@@ -260,13 +262,18 @@ def test_websocket_handshakes_are_capped_until_done(logs):
     factory = ConnectionCap(ws, 2, clock, "ws", "connections in their handshake")
     a, b = connect(factory, clock), connect(factory, clock)
     assert connect(factory, clock) is None
-    a[0].dataReceived(handshake())
-    assert a[1].value().startswith(b"HTTP/1.1 101")
+    held, transport = a
+    transport.protocol = held  # as a TCP transport has it
+    ws_protocol = held.wrappedProtocol
+    held.dataReceived(handshake())
+    assert transport.value().startswith(b"HTTP/1.1 101")
     assert len(engine.sessions) == 1
+    # The cap's wrapper has stepped out of the connection's way.
+    assert transport.protocol is ws_protocol and ws_protocol.transport is transport
     c = connect(factory, clock)
     assert c is not None
     assert connect(factory, clock) is None
-    lose(a)  # a session: it was not counted any more
+    ws_protocol.connectionLost(Failure(ConnectionDone()))  # as the transport now calls it
     assert set(factory.protocols) == {b[0], c[0]}
     lose(b)
     assert set(factory.protocols) == {c[0]}
@@ -412,3 +419,52 @@ def test_quiet_accept_errors_endpoint_sets_up_the_port_it_listens_on():
     [port] = ports
     assert isinstance(port.esf_accept_errors, IntervalCount)
     assert port._logger.namespace == "test_http_limits.Port"  # the class's, as before
+
+
+# -- over TLS, on the real reactor --------------------------------------------------
+
+
+@pytest.mark.parametrize("web_demo", [False, True], ids=["websocket", "web-demo"])
+@pytest_twisted.inlineCallbacks
+def test_wss_through_the_cap(tmp_path, web_demo):
+    """
+    Over TLS the cap's wrapper is under the TLS layer: once the handshake
+    is accepted, the TLS layer hands bytes straight to the WebSocket
+    protocol, which logs on.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+    from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+    from wsclient import connect as ws_connect
+
+    from esf import LogonResult, ServerConfig, ServerEngine, ServerService
+    from test_tls import make_certificate
+    from test_websocket import with_timeout
+
+    cert_path, key_path, cert_pem = make_certificate(tmp_path)
+    engine = ServerEngine(ServerConfig(), clock=reactor)
+    service = ServerService(engine, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    tls = CertificateOptions(
+        privateKey=serialization.load_pem_private_key(key_path.read_bytes(), None),
+        certificate=x509.load_pem_x509_certificate(cert_path.read_bytes()),
+    )
+    if web_demo:
+        site = web_demo_site(engine, reactor=reactor)
+        factory = limit_site(site, HTTPLimits(4, 5), reactor, "demo")
+    else:
+        factory = ConnectionCap(WebSocketFactory(engine, reactor=reactor), 4, reactor, "ws")
+    listener = service.listen(SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1"), factory)
+    service.startService()
+    port = (yield listener._waitingForPort).getHost().port
+    try:
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
+        alice = yield ws_connect(port, origin=f"https://localhost:{port}", tls=options, timeout=5)
+        reply = yield with_timeout(alice.logon("alice"))
+        assert reply.result == LogonResult.SUCCEED
+        [session] = engine.sessions
+        assert session.channel.transport.wrappedProtocol is session.channel  # the TLS layer
+        assert not factory.protocols
+    finally:
+        yield with_timeout(service.stopService())
