@@ -140,6 +140,16 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = self.clock.callLater(self.request_timeout, transport.abortConnection)
 
 
+class _Refused(Protocol):
+    """
+    A connection past the cap: closed as soon as it is made, unread.
+    """
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport  # TCP or TLS: it can abort
+        transport.abortConnection()
+
+
 def _protocol_of(transport: Any) -> Any:
     """
     The protocol C{transport} delivers to: a TLS transport is a
@@ -240,7 +250,9 @@ class ConnectionCap(WrappingFactory):
     def buildProtocol(self, addr: Any) -> Any:
         if len(self.protocols) >= self.max_connections:
             self.refused.count()
-            return None  # the port closes the socket at once
+            # A protocol, not None: TLS wraps what this returns, and
+            # would fail on None.
+            return _Refused()
         return super().buildProtocol(addr)
 
     def doStop(self) -> None:
@@ -279,7 +291,7 @@ class LimitedSite(ConnectionCap):
 
     def buildProtocol(self, addr: Any) -> Any:
         held = super().buildProtocol(addr)
-        if held is not None:
+        if isinstance(held, _Held):
             channel: Any = held.wrappedProtocol
             channel.clock = self.clock
             channel.request_timeout = self.limits.request_timeout

@@ -73,13 +73,13 @@ def admin_factory(engine, **kwargs):
 def connect(factory, clock):
     """
     A connection to C{factory}: C{(protocol, transport)}, or C{None} when
-    the factory refuses it (the port then closes the socket).
+    the factory refuses it (closes it as soon as it is made, unread).
     """
     protocol = factory.buildProtocol(PEER)
-    if protocol is None:
-        return None
     transport = StringTransport(peerAddress=PEER)
     protocol.makeConnection(transport)
+    if transport.disconnected:  # aborted
+        return None
     return protocol, transport
 
 
@@ -424,24 +424,19 @@ def test_quiet_accept_errors_endpoint_sets_up_the_port_it_listens_on():
 # -- over TLS, on the real reactor --------------------------------------------------
 
 
-@pytest.mark.parametrize("web_demo", [False, True], ids=["websocket", "web-demo"])
-@pytest_twisted.inlineCallbacks
-def test_wss_through_the_cap(tmp_path, web_demo):
+def tls_listener(tmp_path, factory_for):
     """
-    Over TLS the cap's wrapper is under the TLS layer: once the handshake
-    is accepted, the TLS layer hands bytes straight to the WebSocket
-    protocol, which logs on.
+    An engine and a service listening with C{factory_for(engine)} on a TLS
+    endpoint: C{(engine, service, listener, cert_pem)}.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from twisted.internet import reactor
     from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
-    from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
-    from wsclient import connect as ws_connect
+    from twisted.internet.ssl import CertificateOptions
 
-    from esf import LogonResult, ServerConfig, ServerEngine, ServerService
+    from esf import ServerConfig, ServerEngine, ServerService
     from test_tls import make_certificate
-    from test_websocket import with_timeout
 
     cert_path, key_path, cert_pem = make_certificate(tmp_path)
     engine = ServerEngine(ServerConfig(), clock=reactor)
@@ -450,13 +445,81 @@ def test_wss_through_the_cap(tmp_path, web_demo):
         privateKey=serialization.load_pem_private_key(key_path.read_bytes(), None),
         certificate=x509.load_pem_x509_certificate(cert_path.read_bytes()),
     )
-    if web_demo:
-        site = web_demo_site(engine, reactor=reactor)
-        factory = limit_site(site, HTTPLimits(4, 5), reactor, "demo")
-    else:
-        factory = ConnectionCap(WebSocketFactory(engine, reactor=reactor), 4, reactor, "ws")
-    listener = service.listen(SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1"), factory)
+    endpoint = SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1")
+    listener = service.listen(endpoint, factory_for(engine))
     service.startService()
+    return engine, service, listener, cert_pem
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_tls_a_connection_past_the_cap_is_closed_cleanly(tmp_path):
+    """
+    TLS wraps whatever the factory builds, so the cap refuses with a
+    protocol that closes the connection, not with None (which TLS would
+    wrap, and fail on).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from test_websocket import with_timeout
+
+    def capped(engine):
+        return ConnectionCap(WebSocketFactory(engine, reactor=reactor), 1, reactor, "ws")
+
+    capture = LogCapture().start()
+    engine, service, listener, _ = tls_listener(tmp_path, capped)
+    port = (yield listener._waitingForPort).getHost().port
+    held = []
+    try:
+        for _ in range(2):
+
+            class Held(Protocol):
+                def __init__(self):
+                    self.lost = Deferred()
+
+                def connectionLost(self, reason):
+                    self.lost.callback(None)
+
+            protocol = Held()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+            held.append(protocol)
+        yield with_timeout(held[1].lost, 5)  # the second: closed by the server
+        assert not held[0].lost.called
+        [refused] = capture.esf("http_connections_refused")
+        assert refused["count"] == 1
+        assert not capture.failures()
+        assert not [e for e in capture.events if "Unhandled" in str(e.get("log_format"))]
+    finally:
+        capture.stop()
+        for protocol in held:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+        yield with_timeout(service.stopService())
+
+
+@pytest.mark.parametrize("web_demo", [False, True], ids=["websocket", "web-demo"])
+@pytest_twisted.inlineCallbacks
+def test_wss_through_the_cap(tmp_path, web_demo):
+    """
+    Over TLS the cap's wrapper is under the TLS layer: once the handshake
+    is accepted, the TLS layer hands bytes straight to the WebSocket
+    protocol, which logs on.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from wsclient import connect as ws_connect
+
+    from esf import LogonResult
+    from test_websocket import with_timeout
+
+    def capped(engine):
+        if web_demo:
+            site = web_demo_site(engine, reactor=reactor)
+            return limit_site(site, HTTPLimits(4, 5), reactor, "demo")
+        return ConnectionCap(WebSocketFactory(engine, reactor=reactor), 4, reactor, "ws")
+
+    engine, service, listener, cert_pem = tls_listener(tmp_path, capped)
     port = (yield listener._waitingForPort).getHost().port
     try:
         options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
@@ -465,6 +528,6 @@ def test_wss_through_the_cap(tmp_path, web_demo):
         assert reply.result == LogonResult.SUCCEED
         [session] = engine.sessions
         assert session.channel.transport.wrappedProtocol is session.channel  # the TLS layer
-        assert not factory.protocols
+        assert not listener.factory.protocols
     finally:
         yield with_timeout(service.stopService())
