@@ -47,30 +47,26 @@ def logs():
     capture.stop()
 
 
-def factory_of(service):
+def on_clock(factory, clock):
     """
-    The factory a service listens with, its site's timers on the engine's
-    clock (left on the global reactor they would fire in a later test).
+    C{factory} (a capped site), its site's own timers (the idle timeout,
+    the log's date) on C{clock}: left on the global reactor they would
+    fire in a later test.
     """
-    factory = service.listener.factory
     site = getattr(factory, "wrappedFactory", factory)
-    site.reactor = service.engine_clock
+    site.reactor = clock
     return factory
 
 
 def metrics_factory(engine, **kwargs):
-    service = MetricsService(engine, ENDPOINT, **kwargs)
-    service.engine_clock = engine.clock
-    return factory_of(service)
+    return on_clock(MetricsService(engine, ENDPOINT, **kwargs).listener.factory, engine.clock)
 
 
 def admin_factory(engine, **kwargs):
-    service = AdminService(engine, ENDPOINT, None, **kwargs)
-    service.engine_clock = engine.clock
-    return factory_of(service)
+    return on_clock(AdminService(engine, ENDPOINT, None, **kwargs).listener.factory, engine.clock)
 
 
-def connect(factory, clock):
+def connect(factory):
     """
     A connection to C{factory}: C{(protocol, transport)}, or C{None} when
     the factory refuses it (closes it as soon as it is made, unread).
@@ -107,7 +103,7 @@ def test_a_trickling_request_is_closed_at_the_deadline(make, logs):
     """
     engine = make_engine()
     factory = make(engine)
-    protocol, transport = connect(factory, engine.clock)
+    protocol, transport = connect(factory)
     request = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 100
     for i, byte in enumerate(request[:5]):
         protocol.dataReceived(bytes([byte]))
@@ -124,11 +120,11 @@ def test_a_trickling_request_is_closed_at_the_deadline(make, logs):
 def test_the_request_timeout_and_cap_are_options_of_the_site():
     engine = make_engine()
     factory = metrics_factory(engine, limits=HTTPLimits(max_connections=1, request_timeout=3))
-    protocol, transport = connect(factory, engine.clock)
+    protocol, transport = connect(factory)
     protocol.dataReceived(b"GET /met")
     engine.clock.advance(2.9)
     assert not closed(transport)
-    assert connect(factory, engine.clock) is None  # the cap: one connection
+    assert connect(factory) is None  # the cap: one connection
     engine.clock.advance(0.1)
     assert closed(transport)
 
@@ -136,7 +132,7 @@ def test_the_request_timeout_and_cap_are_options_of_the_site():
 def test_a_peer_that_does_not_take_its_408_is_aborted():
     engine = make_engine()
     factory = metrics_factory(engine, limits=HTTPLimits(4, 3))
-    protocol, transport = connect(factory, engine.clock)
+    protocol, transport = connect(factory)
     engine.clock.advance(3)
     assert transport.disconnecting and not transport.disconnected
     engine.clock.advance(3)
@@ -152,7 +148,7 @@ def test_keep_alive_each_request_has_the_deadline_from_the_last_response():
     """
     engine = make_engine()
     factory = metrics_factory(engine, limits=HTTPLimits(4, 5))
-    protocol, transport = connect(factory, engine.clock)
+    protocol, transport = connect(factory)
     engine.clock.advance(4)
     protocol.dataReceived(SCRAPE)
     assert transport.value().startswith(b"HTTP/1.1 200 ")
@@ -170,7 +166,7 @@ def test_keep_alive_each_request_has_the_deadline_from_the_last_response():
 def test_pipelined_requests_are_answered_and_then_the_deadline_runs():
     engine = make_engine()
     factory = metrics_factory(engine, limits=HTTPLimits(4, 5))
-    protocol, transport = connect(factory, engine.clock)
+    protocol, transport = connect(factory)
     protocol.dataReceived(SCRAPE + SCRAPE)
     assert transport.value().count(b"HTTP/1.1 200 ") == 2
     deadlines = [c for c in engine.clock.getDelayedCalls() if "_expired" in repr(c.func)]
@@ -186,12 +182,12 @@ def test_pipelined_requests_are_answered_and_then_the_deadline_runs():
 def test_a_site_holds_at_most_its_cap_of_connections(make, logs):
     engine = make_engine()
     factory = make(engine)  # the default cap: 64
-    held = [connect(factory, engine.clock) for _ in range(64)]
+    held = [connect(factory) for _ in range(64)]
     assert None not in held
-    assert [connect(factory, engine.clock) for _ in range(100)] == [None] * 100
+    assert [connect(factory) for _ in range(100)] == [None] * 100
     lose(held.pop())
-    assert connect(factory, engine.clock) is not None
-    assert connect(factory, engine.clock) is None
+    assert connect(factory) is not None
+    assert connect(factory) is None
     # Logged once at once, then once per 10 s with the count.
     [first] = logs.esf("http_connections_refused")
     assert (first["count"], first["cap"]) == (1, 64)
@@ -214,7 +210,7 @@ def test_web_demo_a_trickling_handshake_is_closed_at_the_logon_timeout():
     site = web_demo_site(engine, reactor=clock)
     site.reactor = clock
     factory = limit_site(site, HTTPLimits(2, 3), clock, "the web demo")
-    protocol, transport = connect(factory, clock)
+    protocol, transport = connect(factory)
     for byte in handshake()[:5]:
         protocol.dataReceived(bytes([byte]))
         clock.advance(0.5)
@@ -238,13 +234,13 @@ def test_web_demo_a_websocket_leaves_the_sites_cap_and_deadline():
     site = web_demo_site(engine, reactor=clock)
     site.reactor = clock
     factory = limit_site(site, HTTPLimits(1, 3), clock, "the web demo")
-    protocol, transport = connect(factory, clock)
+    protocol, transport = connect(factory)
     transport.protocol = protocol  # as a real transport has it
     protocol.dataReceived(handshake())
     assert transport.value().startswith(b"HTTP/1.1 101")
     [session] = engine.sessions
     assert transport.protocol is session.channel  # the wrapper stepped aside
-    assert connect(factory, clock) is not None  # the cap of 1 is free again
+    assert connect(factory) is not None  # the cap of 1 is free again
     clock.advance(10)
     assert not transport.disconnecting
     transport.protocol.connectionLost(Failure(ConnectionDone()))
@@ -260,8 +256,8 @@ def test_websocket_handshakes_are_capped_until_done(logs):
     clock = engine.clock
     ws = WebSocketFactory(engine, reactor=clock)
     factory = ConnectionCap(ws, 2, clock, "ws", "connections in their handshake")
-    a, b = connect(factory, clock), connect(factory, clock)
-    assert connect(factory, clock) is None
+    a, b = connect(factory), connect(factory)
+    assert connect(factory) is None
     held, transport = a
     transport.protocol = held  # as a TCP transport has it
     ws_protocol = held.wrappedProtocol
@@ -270,9 +266,9 @@ def test_websocket_handshakes_are_capped_until_done(logs):
     assert len(engine.sessions) == 1
     # The cap's wrapper has stepped out of the connection's way.
     assert transport.protocol is ws_protocol and ws_protocol.transport is transport
-    c = connect(factory, clock)
+    c = connect(factory)
     assert c is not None
-    assert connect(factory, clock) is None
+    assert connect(factory) is None
     ws_protocol.connectionLost(Failure(ConnectionDone()))  # as the transport now calls it
     assert set(factory.protocols) == {b[0], c[0]}
     lose(b)
