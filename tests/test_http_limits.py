@@ -3,8 +3,9 @@ Tests for what one peer can make the HTTP sites hold: each site's
 connection cap, the total deadline for a request's head and body, the
 sharing of the descriptor limit, and the log of running out of them.
 
-Time is a L{task.Clock}; connections are in-memory transports, except in
-the test of Twisted's own accept loop running out of descriptors.
+Time is a L{task.Clock} and connections are in-memory transports, except
+in the test of Twisted's own accept loop running out of descriptors and
+those over TLS, on the real reactor and 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def test_a_trickling_request_is_closed_at_the_deadline(make, logs):
     factory = make(engine)
     protocol, transport = connect(factory)
     request = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 100
-    for i, byte in enumerate(request[:5]):
+    for byte in request[:5]:
         protocol.dataReceived(bytes([byte]))
         engine.clock.advance(2)
         if engine.clock.seconds() < 10:
