@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import attrs
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.pages import notFound
@@ -49,6 +49,7 @@ from ._admin_policy import (
     read_token_file,
 )
 from ._config import ServerConfig
+from ._http import HTTP_LIMITS, HTTPLimits, limit_site
 from ._metrics import OnlineDevices, UnnamedRequest, kind_label, server_version
 from ._wire import ClientType
 from .interfaces import IDeviceHandle
@@ -694,9 +695,10 @@ class _Attached(Service):
 
 class AdminService(MultiService):
     """
-    Serves the admin API and dashboard of C{engine} on C{endpoint}.  A port
-    that cannot be bound makes L{startService} raise.  C{token} and C{hosts}
-    are L{AdminApi}'s.
+    Serves the admin API and dashboard of C{engine} on C{endpoint}, within
+    C{limits} (timed by C{clock}, by default the engine's).  A port that
+    cannot be bound makes L{startService} raise.  C{token} and C{hosts} are
+    L{AdminApi}'s.
     """
 
     def __init__(
@@ -705,13 +707,17 @@ class AdminService(MultiService):
         endpoint: IStreamServerEndpoint,
         token: str | None,
         hosts: Iterable[str] = (),
+        *,
+        limits: HTTPLimits = HTTP_LIMITS,
+        clock: IReactorTime | None = None,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         devices = OnlineDevices(engine)
         history = OnlineHistory(engine, devices)
         _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.site = admin_site(engine, token, devices, history, hosts)
-        self.listener = StreamServerEndpointService(endpoint, self.site)
+        factory = limit_site(self.site, limits, clock or engine.clock, "the admin API")
+        self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
 

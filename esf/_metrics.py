@@ -36,7 +36,7 @@ from prometheus_client.registry import Collector
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
@@ -48,6 +48,7 @@ from twisted.web.server import Site
 
 from ._audit import kick_origin, logon_refusal
 from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from ._http import HTTP_LIMITS, HTTPLimits, limit_site
 from ._session import RELAYED
 from ._wire import ClientType, DisconnectedType, LogonResult, MessageType
 
@@ -536,7 +537,8 @@ class _Attached(Service):
 
 class MetricsService(MultiService):
     """
-    Serves C{engine}'s metrics at C{/metrics} on C{endpoint}.  A port that
+    Serves C{engine}'s metrics at C{/metrics} on C{endpoint}, within
+    C{limits} (timed by C{clock}, by default the engine's).  A port that
     cannot be bound makes L{startService} raise.
     """
 
@@ -546,6 +548,8 @@ class MetricsService(MultiService):
         endpoint: IStreamServerEndpoint,
         *,
         publisher: LogPublisher = globalLogPublisher,
+        limits: HTTPLimits = HTTP_LIMITS,
+        clock: IReactorTime | None = None,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
         self.metrics = ServerMetrics(engine, publisher=publisher)
@@ -555,6 +559,7 @@ class MetricsService(MultiService):
         site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
-        self.listener = StreamServerEndpointService(endpoint, site)
+        factory = limit_site(site, limits, clock or engine.clock, "the metrics site")
+        self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)

@@ -41,6 +41,7 @@ from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
 from ._counters import Count
 from ._engine import ServerEngine
 from ._policy import SlidingWindow
+from ._http import handed_over
 from ._protocol import peer_address
 from ._session import Session
 from ._wire import DisconnectedType
@@ -305,6 +306,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(  # type: ignore[no-untyped-call]
                 403, "Origin Not Allowed"
             )
+        handed_over(self)  # out of --websocket-max-handshakes: an ESF connection now
         return WEBSOCKET_SUBPROTOCOL
 
     def _refuse(self, why: str) -> None:
@@ -734,6 +736,7 @@ class _TakeOverResource(WebSocketResource):
     def render(self, request: Any) -> Any:
         transport = request.channel.transport
         if transport is not None:
+            handed_over(request.channel)  # out of --websocket-max-handshakes
             request.channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)  # type: ignore[no-untyped-call]

@@ -12,11 +12,16 @@ that build their own service.
     MemoryTrimmer(reactor).setServiceParent(service)
     GCTuning().setServiceParent(service)
 
+The admin API and the metrics site each hold at most 64 connections and
+give a request 10 s for its head and body unless given other
+C{limits=HTTPLimits(max_connections, request_timeout)}.
+
 docs/operations.md describes every endpoint, metric and audit record.
 """
 
 from ._admin import AdminService
 from ._audit import AuditLog, AuditService, Retention
+from ._http import HTTPLimits
 from ._memory import GCTuning, MemoryTrimmer
 from ._metrics import MetricsService, ServerMetrics
 
@@ -26,6 +31,7 @@ __all__ = [
     "AuditService",
     "Retention",
     "GCTuning",
+    "HTTPLimits",
     "MemoryTrimmer",
     "MetricsService",
     "ServerMetrics",

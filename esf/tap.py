@@ -19,6 +19,13 @@ from ._application import Applications
 from ._admin import AdminService, endpoint_is_local, read_token_file
 from ._admin_policy import allowed_host_name
 from ._audit import PER_USER, AuditService, Retention, check_audit_path
+from ._descriptors import (
+    DescriptorShare,
+    QuietAcceptErrors,
+    nofile_limits,
+    raise_soft_limit,
+    share_descriptors,
+)
 from ._engine import (
     LogonRefused,
     RelogonMode,
@@ -28,6 +35,7 @@ from ._engine import (
 )
 from ._loglevel import TwistdLogRoot, parse_level
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
+from ._http import ConnectionCap, HTTPLimits, limit_site
 from ._metrics import MetricsService
 from ._offline_store import OfflineBounds, OfflineStoreError
 from ._offline_redis import RedisOfflineStore
@@ -113,7 +121,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-message-size", None, 1048576, "Largest frame in bytes, header included.", _int_option("max-message-size", 64, 0x7FFFFFFF)],
         ["max-userid-length", None, 11, "Maximum UserID length n (header = 2n+14 rounded up to 4).", _int_option("max-userid-length", 1, 255)],
         ["system-token", None, "", "Token every client must send; empty accepts any."],
-        ["max-connections", None, None, "Most connections at once; more are refused.", _int_option("max-connections", 1)],
+        ["max-connections", None, None, "Most ESF connections at once (TCP and WebSocket); more are refused. [what the descriptor limit (ulimit -n) leaves beside the HTTP sites' caps and 32 for the process]", _int_option("max-connections", 1)],
         ["max-output-buffer", None, 2097152, "Bytes that may wait for a peer that does not read; past it, its senders are held back.", _int_option("max-output-buffer", 1024)],
         ["output-drain-timeout", None, 10, "Seconds a peer's output may stay over --max-output-buffer before its session ends; meanwhile its senders are read no further.", _int_option("output-drain-timeout", 1)],
         ["max-blob-size", None, 67108864, "Largest Blob addressed to the server, reassembled, in bytes.", _int_option("max-blob-size", 1)],
@@ -128,6 +136,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
+        ["admin-api-max-connections", None, 64, "Most connections the admin API holds at once; more are closed when accepted.", _int_option("admin-api-max-connections", 1)],
+        ["metrics-max-connections", None, 64, "Most connections the metrics site holds at once; more are closed when accepted.", _int_option("metrics-max-connections", 1)],
+        ["http-request-timeout", None, 10.0, "Seconds the admin API and metrics sites give a request's whole head and body, from the accept or the end of the previous response (a total: a trickling peer is not given more).", _seconds_option("http-request-timeout", 0.1)],
+        ["websocket-max-handshakes", None, 256, "Most connections each --websocket endpoint holds before their WebSocket handshake is done (with --web-demo, page loads too); more are closed when accepted.", _int_option("websocket-max-handshakes", 1)],
         ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); without one the API only reads, and --admin-api must be loopback."],
         ["audit-log", None, None, "File to append the audit log to (JSON lines, rotated at 10 MB; rotated files are kept until --audit-keep-files or --audit-keep-days removes them)."],
         ["audit-max-per-user", None, PER_USER, "Audit records one user (or, for refused logons and admin requests without a valid token, one host) may add per minute; the rest are counted in one summary record.", _int_option("audit-max-per-user", 1)],
@@ -226,6 +238,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except ValueError as e:
             raise usage.UsageError(f"--handler: {e}") from None
         self._ops_options()
+        self._share_descriptors()
         try:
             self["config"] = ServerConfig(
                 wire=WireConfig(self["max-userid-length"], self["max-message-size"]),
@@ -235,7 +248,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 logon_timeout=self["logon-timeout"],
                 system_token=self["system-token"],
                 admins=self["admins"],
-                max_connections=self["max-connections"],
+                max_connections=self["descriptors"].max_connections,
                 max_output_buffer=self["max-output-buffer"],
                 output_drain_timeout=self["output-drain-timeout"],
                 max_blob_size=self["max-blob-size"],
@@ -270,6 +283,24 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_node_id(self["node-id"])
             except ValueError as e:
                 raise usage.UsageError(f"--node-id: {e}") from None
+
+    def _share_descriptors(self) -> None:
+        """
+        Share the descriptor limit between the ESF connections and the
+        HTTP sites' caps (see L{share_descriptors}).
+        """
+        caps = []
+        if self["admin-api"] is not None:
+            caps.append(("admin-api-max-connections", self["admin-api-max-connections"]))
+        if self["metrics"] is not None:
+            caps.append(("metrics-max-connections", self["metrics-max-connections"]))
+        cap = self["websocket-max-handshakes"]
+        caps.extend(("websocket-max-handshakes", cap) for _ in self["websocket"])
+        soft, hard = nofile_limits()
+        try:
+            self["descriptors"] = share_descriptors(soft, hard, self["max-connections"], caps)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _offline_option(self) -> None:
         spec = self["offline"]
@@ -496,17 +527,26 @@ def server_service(options: Options) -> MultiService:
         offline_policy=apps.offline_policy,
     )
     apps.initialize(engine)
-    server = ServerService(engine, options["endpoint"])
+    _apply_share(options["descriptors"])
+    server = ServerService(engine, QuietAcceptErrors(options["endpoint"], reactor))
     if store is not None:
         log.info("esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store")
     origins = options["websocket-origins"]
-    for endpoint in options["websocket-endpoints"]:
+    for description, endpoint in zip(options["websocket"], options["websocket-endpoints"]):
         factory: Any
+        cap = options["websocket-max-handshakes"]
         if options["web-demo"]:
-            factory = web_demo_site(engine, origins, reactor=reactor)
+            # Until its handshake is done a connection is the site's: its
+            # page loads and its handshake have --logon-timeout in all.
+            site = web_demo_site(engine, origins, reactor=reactor)
+            limits = HTTPLimits(cap, config.logon_timeout)
+            factory = limit_site(site, limits, reactor, f"the web demo on {description}")
         else:
-            factory = WebSocketFactory(engine, origins, reactor=reactor)
-        server.listen(endpoint, factory)
+            # (autobahn times the handshake itself: --logon-timeout in all.)
+            ws = WebSocketFactory(engine, origins, reactor=reactor)
+            name = f"the WebSocket endpoint {description}"
+            factory = ConnectionCap(ws, cap, reactor, name, "connections in their handshake")
+        server.listen(QuietAcceptErrors(endpoint, reactor), factory)
     add_operations(server, engine, options)
     if options["malloc-trim"]:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
@@ -559,11 +599,31 @@ class OfflineStoreService(Service):
         return cast("Deferred[None]", self.store.stop())
 
 
+def _apply_share(share: DescriptorShare) -> None:
+    """
+    Raise the soft descriptor limit if the share needs it, and say how
+    the descriptors are shared.
+    """
+    if share.raise_to is not None:
+        raise_soft_limit(share.raise_to)
+    log.info(
+        "esf: file descriptors: limit {limit}; at most {esf} ESF connections{http}; "
+        "{reserve} kept for the process",
+        limit=share.limit if share.limit is not None else "none",
+        esf=share.max_connections if share.max_connections is not None else "unlimited",
+        http="".join(f", {cap} for --{name}" for name, cap in share.http),
+        reserve=share.reserve,
+        esf_event="descriptor_share",
+    )
+
+
 def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:
     """
     Add what C{--audit-log}, C{--metrics} and C{--admin-api} ask for to
     C{service}.
     """
+    from twisted.internet import reactor
+
     if options.get("audit-log"):
         AuditService(
             engine,
@@ -572,7 +632,9 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
             retention=options.get("audit-retention", Retention()),
         ).setServiceParent(service)  # type: ignore[no-untyped-call]
     if options.get("metrics"):
-        MetricsService(engine, options["metrics-endpoint"]).setServiceParent(service)  # type: ignore[no-untyped-call]
+        limits = HTTPLimits(options["metrics-max-connections"], options["http-request-timeout"])
+        endpoint = QuietAcceptErrors(options["metrics-endpoint"], reactor)
+        MetricsService(engine, endpoint, limits=limits).setServiceParent(service)  # type: ignore[no-untyped-call]
     if options.get("admin-api"):
         token = options.get("admin-token")
         if token is None:
@@ -583,6 +645,8 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
                 esf_event="admin_without_token",
                 endpoint=options["admin-api"],
             )
+        limits = HTTPLimits(options["admin-api-max-connections"], options["http-request-timeout"])
+        endpoint = QuietAcceptErrors(options["admin-api-endpoint"], reactor)
         AdminService(
-            engine, options["admin-api-endpoint"], token, options.get("admin-hosts", ())
+            engine, endpoint, token, options.get("admin-hosts", ()), limits=limits
         ).setServiceParent(service)  # type: ignore[no-untyped-call]

@@ -70,6 +70,7 @@ class ServerProcess:
         extra_path=(),
         port="tcp:0:interface=127.0.0.1",
         twistd_args=("--logfile=-",),
+        preexec_fn=None,
     ):
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
@@ -80,6 +81,7 @@ class ServerProcess:
             env=server_env(extra_path),
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
         self.port = None
 
@@ -131,8 +133,8 @@ class ServerProcess:
         self.log_file.close()
 
 
-def start_server(log_path, args, extra_path=(), twistd_args=("--logfile=-",)):
-    server = ServerProcess(log_path, args, extra_path, twistd_args=twistd_args)
+def start_server(log_path, args, extra_path=(), twistd_args=("--logfile=-",), preexec_fn=None):
+    server = ServerProcess(log_path, args, extra_path, twistd_args=twistd_args, preexec_fn=preexec_fn)
     try:
         return server.wait_listening()
     except BaseException:

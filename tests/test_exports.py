@@ -93,8 +93,8 @@ def test_offline_exports():
 
 
 OPERATIONS = {
-    "AdminService", "AuditLog", "AuditService", "GCTuning", "MemoryTrimmer", "MetricsService",
-    "Retention", "ServerMetrics",
+    "AdminService", "AuditLog", "AuditService", "GCTuning", "HTTPLimits", "MemoryTrimmer",
+    "MetricsService", "Retention", "ServerMetrics",
 }
 
 

@@ -5,6 +5,7 @@ the service it makes.
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from twisted.application.service import IService
 from twisted.python import usage
@@ -12,6 +13,8 @@ from zope.interface.verify import verifyObject
 
 from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
+from esf._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
+from esf._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.interfaces import IBasicHandler
 from esf.offline import OfflineBounds
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
@@ -58,7 +61,10 @@ def test_defaults():
     assert options["handlers"] == []
     assert options["admins"] == []
     config = options["config"]
-    assert config == ServerConfig()
+    # --max-connections: what the descriptor limit leaves (no HTTP site).
+    soft, _ = nofile_limits()
+    expected = None if soft is None else soft - DESCRIPTOR_RESERVE
+    assert config == attrs.evolve(ServerConfig(), max_connections=expected)
     assert config.wire == WireConfig(11, 1024 * 1024)
     assert (config.heartbeat_interval, config.heartbeat_timeout, config.logon_timeout) == (
         10,
@@ -66,7 +72,6 @@ def test_defaults():
         10,
     )
     assert config.client_types == frozenset(ClientType)
-    assert config.max_connections is None
     assert config.system_token == ""
 
 
@@ -316,7 +321,8 @@ def test_make_service_accept_all_warns(logs):
     (warning,) = logs.esf("accept_all_warning")
     assert warning["log_level"].name == "warn"
     assert "EVERY LOGON IS ACCEPTED" in warning["log_format"]
-    assert service.engine.config == ServerConfig()
+    options = parse()
+    assert service.engine.config == options["config"]
 
 
 @pytest.mark.parametrize(
@@ -546,15 +552,26 @@ def test_websocket_endpoints_and_origins():
     assert len(options["websocket-endpoints"]) == 2
     service = makeService(options)
     listeners = listeners_of(service)[1:]
-    assert [type(listener.factory) for listener in listeners] == [WebSocketFactory] * 2
-    for listener in listeners:
-        assert listener.factory.engine is service.engine
-        assert listener.factory.allowed_origins == ("https://chat.example.com", "https://*.example.org")
-    assert [listener.endpoint for listener in listeners] == options["websocket-endpoints"]
+    # Each holds at most --websocket-max-handshakes connections in their handshake.
+    assert [type(listener.factory) for listener in listeners] == [ConnectionCap] * 2
+    assert [listener.factory.max_connections for listener in listeners] == [256] * 2
+    factories = [listener.factory.wrappedFactory for listener in listeners]
+    assert [type(factory) for factory in factories] == [WebSocketFactory] * 2
+    for factory in factories:
+        assert factory.engine is service.engine
+        assert factory.allowed_origins == ("https://chat.example.com", "https://*.example.org")
+    # (Each endpoint logs running out of descriptors once per interval.)
+    assert all(isinstance(listener.endpoint, QuietAcceptErrors) for listener in listeners)
+    assert [listener.endpoint.endpoint for listener in listeners] == options["websocket-endpoints"]
 
-    demo = makeService(parse("--websocket", "4531", "--web-demo"))
+    demo = makeService(
+        parse("--websocket", "4531", "--web-demo", "--logon-timeout", "7",
+              "--websocket-max-handshakes", "9")
+    )  # fmt: skip
     [listener] = listeners_of(demo)[1:]
-    assert isinstance(listener.factory, Site)
+    assert isinstance(listener.factory, LimitedSite)
+    assert isinstance(listener.factory.wrappedFactory, Site)
+    assert listener.factory.limits == HTTPLimits(9, 7)
 
 
 def test_bad_websocket_endpoint():

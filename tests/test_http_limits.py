@@ -1,0 +1,530 @@
+"""
+Tests for what one peer can make the HTTP sites hold: each site's
+connection cap, the total deadline for a request's head and body, the
+sharing of the descriptor limit, and the log of running out of them.
+
+Time is a L{task.Clock} and connections are in-memory transports, except
+in the test of Twisted's own accept loop running out of descriptors and
+those over TLS, on the real reactor and 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from _helpers import LogCapture, make_engine
+from esf._admin import AdminService
+from esf._descriptors import (
+    DescriptorShare,
+    IntervalCount,
+    QuietAcceptErrors,
+    quiet_accept_errors,
+    share_descriptors,
+)
+from esf._http import ConnectionCap, HTTPLimits, limit_site
+from esf._metrics import MetricsService
+from esf._websocket import WebSocketFactory, web_demo_site
+
+from wsclient import handshake
+
+ENDPOINT = object()  # never listened on: the tests build protocols themselves
+PEER = IPv4Address("TCP", "10.0.0.7", 40001)
+
+
+@pytest.fixture
+def logs():
+    capture = LogCapture().start()
+    yield capture
+    capture.stop()
+
+
+def on_clock(factory, clock):
+    """
+    C{factory} (a capped site), its site's own timers (the idle timeout,
+    the log's date) on C{clock}: left on the global reactor they would
+    fire in a later test.
+    """
+    site = getattr(factory, "wrappedFactory", factory)
+    site.reactor = clock
+    return factory
+
+
+def metrics_factory(engine, **kwargs):
+    return on_clock(MetricsService(engine, ENDPOINT, **kwargs).listener.factory, engine.clock)
+
+
+def admin_factory(engine, **kwargs):
+    return on_clock(AdminService(engine, ENDPOINT, None, **kwargs).listener.factory, engine.clock)
+
+
+def connect(factory):
+    """
+    A connection to C{factory}: C{(protocol, transport)}, or C{None} when
+    the factory refuses it (closes it as soon as it is made, unread).
+    """
+    protocol = factory.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    if transport.disconnected:  # aborted
+        return None
+    return protocol, transport
+
+
+def lose(connection):
+    protocol, transport = connection
+    transport.disconnecting = True
+    protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def closed(transport) -> bool:
+    return bool(transport.disconnecting or transport.disconnected)
+
+
+SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+# -- the deadline of a request ------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [admin_factory, metrics_factory], ids=["admin", "metrics"])
+def test_a_trickling_request_is_closed_at_the_deadline(make, logs):
+    """
+    One byte every 2 s keeps twisted.web's idle timer from firing forever;
+    the deadline is a total from the accept: 10 s by default.
+    """
+    engine = make_engine()
+    factory = make(engine)
+    protocol, transport = connect(factory)
+    request = b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 100
+    for byte in request[:5]:
+        protocol.dataReceived(bytes([byte]))
+        engine.clock.advance(2)
+        if engine.clock.seconds() < 10:
+            assert not closed(transport), f"closed after {engine.clock.seconds()} s"
+    assert engine.clock.seconds() == 10
+    assert closed(transport)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    [line] = logs.esf("http_request_timeout")
+    assert line["count"] == 1
+
+
+def test_the_request_timeout_and_cap_are_options_of_the_site():
+    engine = make_engine()
+    factory = metrics_factory(engine, limits=HTTPLimits(max_connections=1, request_timeout=3))
+    protocol, transport = connect(factory)
+    protocol.dataReceived(b"GET /met")
+    engine.clock.advance(2.9)
+    assert not closed(transport)
+    assert connect(factory) is None  # the cap: one connection
+    engine.clock.advance(0.1)
+    assert closed(transport)
+
+
+def test_a_peer_that_does_not_take_its_408_is_aborted():
+    engine = make_engine()
+    factory = metrics_factory(engine, limits=HTTPLimits(4, 3))
+    protocol, transport = connect(factory)
+    engine.clock.advance(3)
+    assert transport.disconnecting and not transport.disconnected
+    engine.clock.advance(3)
+    assert transport.disconnected  # StringTransport's abortConnection
+
+
+def test_keep_alive_each_request_has_the_deadline_from_the_last_response():
+    """
+    The deadline does not count the time between accept and the first
+    request's end against the next request, nor rendering; it restarts
+    when a response ends, so an idle keep-alive connection is closed
+    after the deadline too.
+    """
+    engine = make_engine()
+    factory = metrics_factory(engine, limits=HTTPLimits(4, 5))
+    protocol, transport = connect(factory)
+    engine.clock.advance(4)
+    protocol.dataReceived(SCRAPE)
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    transport.clear()
+    engine.clock.advance(4)  # 8 s from the accept, 4 from the response
+    assert not closed(transport)
+    protocol.dataReceived(SCRAPE[:10])
+    engine.clock.advance(0.9)
+    assert not closed(transport)
+    engine.clock.advance(0.1)
+    assert closed(transport)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+def test_pipelined_requests_are_answered_and_then_the_deadline_runs():
+    engine = make_engine()
+    factory = metrics_factory(engine, limits=HTTPLimits(4, 5))
+    protocol, transport = connect(factory)
+    protocol.dataReceived(SCRAPE + SCRAPE)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 2
+    deadlines = [c for c in engine.clock.getDelayedCalls() if "_expired" in repr(c.func)]
+    assert len(deadlines) == 1
+    engine.clock.advance(5)
+    assert closed(transport)
+
+
+# -- the connection cap -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [admin_factory, metrics_factory], ids=["admin", "metrics"])
+def test_a_site_holds_at_most_its_cap_of_connections(make, logs):
+    engine = make_engine()
+    factory = make(engine)  # the default cap: 64
+    held = [connect(factory) for _ in range(64)]
+    assert None not in held
+    assert [connect(factory) for _ in range(100)] == [None] * 100
+    lose(held.pop())
+    assert connect(factory) is not None
+    assert connect(factory) is None
+    # Logged once at once, then once per 10 s with the count.
+    [first] = logs.esf("http_connections_refused")
+    assert (first["count"], first["cap"]) == (1, 64)
+    engine.clock.advance(10)
+    _, second = logs.esf("http_connections_refused")
+    assert second["count"] == 100
+    engine.clock.advance(100)
+    assert len(logs.esf("http_connections_refused")) == 2
+
+
+def test_the_cap_and_deadline_keep_the_site_name_in_the_log():
+    engine = make_engine()
+    service = MetricsService(engine, ENDPOINT)
+    assert service.listener.factory.logPrefix() == "MetricsSite"
+
+
+def test_web_demo_a_trickling_handshake_is_closed_at_the_logon_timeout():
+    clock = task.Clock()
+    engine = make_engine(logon_timeout=3)
+    site = web_demo_site(engine, reactor=clock)
+    site.reactor = clock
+    factory = limit_site(site, HTTPLimits(2, 3), clock, "the web demo")
+    protocol, transport = connect(factory)
+    for byte in handshake()[:5]:
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(0.5)
+    assert not closed(transport)
+    for byte in handshake()[5:10]:
+        protocol.dataReceived(bytes([byte]))
+        clock.advance(0.5)
+    assert closed(transport)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert not engine.sessions
+
+
+def test_web_demo_a_websocket_leaves_the_sites_cap_and_deadline():
+    """
+    Once its handshake is done a connection is an ESF session: the site's
+    deadline no longer applies (the engine's logon timer does) and it no
+    longer counts against the site's cap.
+    """
+    clock = task.Clock()
+    engine = make_engine(logon_timeout=30)
+    site = web_demo_site(engine, reactor=clock)
+    site.reactor = clock
+    factory = limit_site(site, HTTPLimits(1, 3), clock, "the web demo")
+    protocol, transport = connect(factory)
+    transport.protocol = protocol  # as a real transport has it
+    protocol.dataReceived(handshake())
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    [session] = engine.sessions
+    assert transport.protocol is session.channel  # the wrapper stepped aside
+    assert connect(factory) is not None  # the cap of 1 is free again
+    clock.advance(10)
+    assert not transport.disconnecting
+    transport.protocol.connectionLost(Failure(ConnectionDone()))
+    assert len(factory.protocols) == 1  # the other one
+
+
+def test_websocket_handshakes_are_capped_until_done(logs):
+    """
+    Plain C{--websocket}: at most C{--websocket-max-handshakes} connections
+    in their handshake; one whose handshake is accepted leaves the cap.
+    """
+    engine = make_engine()
+    clock = engine.clock
+    ws = WebSocketFactory(engine, reactor=clock)
+    factory = ConnectionCap(ws, 2, clock, "ws", "connections in their handshake")
+    a, b = connect(factory), connect(factory)
+    assert connect(factory) is None
+    held, transport = a
+    transport.protocol = held  # as a TCP transport has it
+    ws_protocol = held.wrappedProtocol
+    held.dataReceived(handshake())
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    assert len(engine.sessions) == 1
+    # The cap's wrapper has stepped out of the connection's way.
+    assert transport.protocol is ws_protocol and ws_protocol.transport is transport
+    c = connect(factory)
+    assert c is not None
+    assert connect(factory) is None
+    ws_protocol.connectionLost(Failure(ConnectionDone()))  # as the transport now calls it
+    assert set(factory.protocols) == {b[0], c[0]}
+    lose(b)
+    assert set(factory.protocols) == {c[0]}
+    [line] = logs.esf("http_connections_refused")
+    assert line["what"] == "connections in their handshake"
+    for call in clock.getDelayedCalls():
+        call.cancel()
+
+
+# -- sharing descriptors ------------------------------------------------------------
+
+HTTP = (("admin-api-max-connections", 64), ("metrics-max-connections", 64))
+
+
+@pytest.mark.parametrize(
+    "soft, hard, given, expected",
+    [
+        # No --max-connections: what the sites and the reserve leave.
+        (1024, 4096, None, DescriptorShare(1024, 1024 - 128 - 32, HTTP, 32)),
+        # One that fits is kept; one that does not raises the soft limit.
+        (1024, 4096, 500, DescriptorShare(1024, 500, HTTP, 32)),
+        (1024, 4096, 2000, DescriptorShare(2160, 2000, HTTP, 32, raise_to=2160)),
+        (1024, None, 2000, DescriptorShare(2160, 2000, HTTP, 32, raise_to=2160)),
+        # No limit: nothing to share.
+        (None, None, None, DescriptorShare(None, None, HTTP, 32)),
+    ],
+)
+def test_share_descriptors(soft, hard, given, expected):
+    assert share_descriptors(soft, hard, given, HTTP) == expected
+
+
+def test_share_descriptors_refuses_what_cannot_fit():
+    with pytest.raises(ValueError) as e:
+        share_descriptors(1024, 1024, 2000, HTTP)
+    assert str(e.value) == (
+        "--max-connections 2000 and --admin-api-max-connections 64, "
+        "--metrics-max-connections 64, 32 kept for the process need 2160 descriptors; "
+        "the hard limit is 1024 (ulimit -Hn): lower them or raise it"
+    )
+    with pytest.raises(ValueError, match="leaves no connections for ESF"):
+        share_descriptors(150, 150, None, HTTP)
+
+
+def test_options_share_the_descriptor_limit(monkeypatch):
+    from twisted.python import usage
+
+    from esf import tap
+
+    monkeypatch.setattr(tap, "nofile_limits", lambda: (256, 256))
+    options = tap.Options()
+    local = "tcp:0:interface=127.0.0.1"
+    options = tap.Options()
+    options.parseOptions(["--admin-api", local, "--metrics", local])
+    assert options["config"].max_connections == 256 - 64 - 64 - 32
+    options = tap.Options()
+    options.parseOptions(
+        ["--metrics", local, "--metrics-max-connections", "8", "--max-connections", "200"]
+    )
+    assert options["config"].max_connections == 200
+    with pytest.raises(usage.UsageError, match="need 265 descriptors; the hard limit is 256"):
+        tap.Options().parseOptions(
+            ["--max-connections", "200", "--websocket", local, "--web-demo",
+             "--websocket-max-handshakes", "33"]
+        )  # fmt: skip
+
+
+# -- running out of descriptors -----------------------------------------------------
+
+
+def test_interval_count_logs_once_per_interval():
+    clock = task.Clock()
+    lines = []
+    counter = IntervalCount(clock, lambda n, i: lines.append((clock.seconds(), n)), interval=10)
+    for _ in range(50):
+        counter.count(20)  # 50 s of 20 events a second
+        clock.advance(1)
+    clock.advance(10)
+    assert lines == [(0, 20), (10, 180), (20, 200), (30, 200), (40, 200), (50, 200)]
+    assert counter.total == 1000
+    assert not clock.getDelayedCalls()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_running_out_of_descriptors_is_logged_once_per_interval():
+    """
+    Twisted's own accept loop, with the process at its descriptor limit:
+    what it logs for every connection it cannot take becomes one line per
+    interval with a count.
+    """
+    import resource
+
+    from twisted.internet import reactor
+
+    clock = task.Clock()
+    capture = LogCapture().start()
+    port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    peers = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        quiet_accept_errors(port, clock)
+        for _ in range(5):
+            peers.append(socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) - 1, hard))
+        try:
+            port.doRead()
+            port.doRead()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # Each pass of the loop closes one connection (with Twisted's
+        # reserved descriptor) and fails to accept the next.
+        [line] = capture.esf("descriptors_exhausted")
+        assert line["count"] == 1 and line["log_level"].name == "error"
+        clock.advance(10)
+        _, more = capture.esf("descriptors_exhausted")
+        assert more["count"] == 3
+        # None of Twisted's lines for each connection went on.
+        twisted_lines = [e for e in capture.events if "EMFILE" in (e.get("log_format") or "")]
+        assert twisted_lines == []
+    finally:
+        capture.stop()
+        for peer in peers:
+            peer.close()
+        port.stopListening()
+
+
+def test_quiet_accept_errors_endpoint_sets_up_the_port_it_listens_on():
+    from twisted.internet.defer import succeed
+    from twisted.logger import Logger
+
+    class Port:
+        _logger = Logger(namespace="twisted.internet.tcp")
+        factory = None
+
+        def getHost(self):
+            return IPv4Address("TCP", "127.0.0.1", 4530)
+
+    class Endpoint:
+        def listen(self, factory):
+            return succeed(Port())
+
+    ports = []
+    QuietAcceptErrors(Endpoint(), task.Clock()).listen(None).addCallback(ports.append)
+    [port] = ports
+    assert isinstance(port.esf_accept_errors, IntervalCount)
+    assert port._logger.namespace == "test_http_limits.Port"  # the class's, as before
+
+
+# -- over TLS, on the real reactor --------------------------------------------------
+
+
+def tls_listener(tmp_path, factory_for):
+    """
+    An engine and a service listening with C{factory_for(engine)} on a TLS
+    endpoint: C{(engine, service, listener, cert_pem)}.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+    from twisted.internet.ssl import CertificateOptions
+
+    from esf import ServerConfig, ServerEngine, ServerService
+    from test_tls import make_certificate
+
+    cert_path, key_path, cert_pem = make_certificate(tmp_path)
+    engine = ServerEngine(ServerConfig(), clock=reactor)
+    service = ServerService(engine, serverFromString(reactor, "tcp:0:interface=127.0.0.1"))
+    tls = CertificateOptions(
+        privateKey=serialization.load_pem_private_key(key_path.read_bytes(), None),
+        certificate=x509.load_pem_x509_certificate(cert_path.read_bytes()),
+    )
+    endpoint = SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1")
+    listener = service.listen(endpoint, factory_for(engine))
+    service.startService()
+    return engine, service, listener, cert_pem
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_tls_a_connection_past_the_cap_is_closed_cleanly(tmp_path):
+    """
+    TLS wraps whatever the factory builds, so the cap refuses with a
+    protocol that closes the connection, not with None (which TLS would
+    wrap, and fail on).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from test_websocket import with_timeout
+
+    def capped(engine):
+        return ConnectionCap(WebSocketFactory(engine, reactor=reactor), 1, reactor, "ws")
+
+    capture = LogCapture().start()
+    engine, service, listener, _ = tls_listener(tmp_path, capped)
+    port = (yield listener._waitingForPort).getHost().port
+    held = []
+    try:
+        for _ in range(2):
+
+            class Held(Protocol):
+                def __init__(self):
+                    self.lost = Deferred()
+
+                def connectionLost(self, reason):
+                    self.lost.callback(None)
+
+            protocol = Held()
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+            held.append(protocol)
+        yield with_timeout(held[1].lost, 5)  # the second: closed by the server
+        assert not held[0].lost.called
+        [refused] = capture.esf("http_connections_refused")
+        assert refused["count"] == 1
+        assert not capture.failures()
+        assert not [e for e in capture.events if "Unhandled" in str(e.get("log_format"))]
+    finally:
+        capture.stop()
+        for protocol in held:
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+        yield with_timeout(service.stopService())
+
+
+@pytest.mark.parametrize("web_demo", [False, True], ids=["websocket", "web-demo"])
+@pytest_twisted.inlineCallbacks
+def test_wss_through_the_cap(tmp_path, web_demo):
+    """
+    Over TLS the cap's wrapper is under the TLS layer: once the handshake
+    is accepted, the TLS layer hands bytes straight to the WebSocket
+    protocol, which logs on.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+    from wsclient import connect as ws_connect
+
+    from esf import LogonResult
+    from test_websocket import with_timeout
+
+    def capped(engine):
+        if web_demo:
+            site = web_demo_site(engine, reactor=reactor)
+            return limit_site(site, HTTPLimits(4, 5), reactor, "demo")
+        return ConnectionCap(WebSocketFactory(engine, reactor=reactor), 4, reactor, "ws")
+
+    engine, service, listener, cert_pem = tls_listener(tmp_path, capped)
+    port = (yield listener._waitingForPort).getHost().port
+    try:
+        options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(cert_pem))
+        alice = yield ws_connect(port, origin=f"https://localhost:{port}", tls=options, timeout=5)
+        reply = yield with_timeout(alice.logon("alice"))
+        assert reply.result == LogonResult.SUCCEED
+        [session] = engine.sessions
+        assert session.channel.transport.wrappedProtocol is session.channel  # the TLS layer
+        assert not listener.factory.protocols
+    finally:
+        yield with_timeout(service.stopService())
