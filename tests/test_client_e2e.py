@@ -526,3 +526,80 @@ def test_docs_examples_run(docs_server, tmp_path):
         if expected is not None:
             assert run.stdout == expected, (code, run.stderr)
 
+
+
+# -- what another user's blobs cost a client process -------------------------------------
+
+BLOB_RECEIVER = """
+import sys
+from twisted.internet import endpoints, reactor
+from esf import ClientEngine
+
+MiB = 1024 * 1024
+port = int(sys.argv[1])
+client = ClientEngine(
+    endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port),
+    "bob",
+    "pb",
+    clock=reactor,
+    max_blob_size=8 * MiB,
+    max_blobs_per_sender=16,
+    max_blob_bytes=16 * MiB,
+)
+client.logon().addCallback(lambda _: print("ready", flush=True))
+reactor.run()
+"""
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_unfinished_blobs_cost_a_client_at_most_max_blob_bytes(server):
+    """
+    One sender starts 16 blobs of 8 MiB and finishes none, to a client
+    process (started the plain way, with no log observer) that buffers at
+    most 16 MiB of unfinished blobs: the process grows by that and the
+    documented overhead, not by what was sent (128 MiB).
+    """
+    sys.path.insert(0, str(REPO / "tests"))
+    import rawclient as rc
+
+    from esf.wire import BlobFragment
+
+    receiver = subprocess.Popen(
+        [sys.executable, "-c", BLOB_RECEIVER, str(server.port)],
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.PIPE,
+    )
+    sender = rc.connect(server.port)
+    try:
+        assert receiver.stdout.readline().strip() == b"ready"
+        assert sender.logon("alice", "")["result"] == 0
+        before = rss_kib(receiver.pid)
+        piece = bytes(1024 * 1024 - 200)
+        for round_ in range(2):  # the second round finds the first's memory free
+            for blob_id in range(16):
+                for index in range(8):
+                    body = BlobFragment(5, round_ * 16 + blob_id, index, False, piece).encode()
+                    sender.send(207, body, dest="bob")
+            # bob's Ack of a SendCertainly sent after them: bob has read them all.
+            sender.send(205, b"\x05\x00\x00\x00", dest="bob", msg_id=90 + round_)
+            header, _ = sender.recv_until(206, timeout=30, skip=(104, 120))
+            assert header["message_id"] == 90 + round_
+        after = rss_kib(receiver.pid)
+    finally:
+        sender.close()
+        receiver.kill()
+        receiver.wait(10)
+        receiver.stdout.close()
+    print({"rss_before_kib": before, "rss_after_kib": after})
+    # max_blob_bytes, plus the overhead docs/client.md names: the frame
+    # being read and its decoded copy (2 x 1 MiB), a blob being completed
+    # held twice, the allocator's slack.
+    assert after - before < (16 + 16) * 1024
