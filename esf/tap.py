@@ -32,6 +32,7 @@ from ._offline_redis import RedisOfflineStore
 from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._protocol import ServerService
+from ._startup import OptionEndpoint, quiet_start_failures, start_failed
 from ._websocket import WebSocketFactory, web_demo_site
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
@@ -151,6 +152,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["handlers"] = []
         self["websocket"] = []
         self["websocket-origins"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}.  Under C{twistd} (as its subcommand), a usage error
+        ends the process with one line on stderr and exit status 1; twistd
+        itself would print the help of every option above it.
+
+        @raise usage.UsageError: the options are wrong, when parsed by a
+            caller of its own (a test, a program).
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            text = str(e)
+            if text.startswith("option "):  # getopt's: an unknown or incomplete option
+                text += " (twistd esf --help lists the options)"
+            start_failed(text)
 
     def opt_handler(self, spec: str) -> None:
         """
@@ -320,9 +340,15 @@ def _endpoint(option: str, description: str) -> Any:
     from twisted.internet import endpoints, reactor
 
     try:
-        return endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description)
     except Exception as e:  # parsers raise many kinds; all mean a bad endpoint
         raise usage.UsageError(f"--{option} {description!r} is not an endpoint: {e}") from None
+    # The TCP and TLS parsers take any number; the socket would refuse it
+    # only when the server starts.  (Twisted keeps the port as _port.)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"--{option} {description!r}: port {port} is not 0..65535")
+    return OptionEndpoint(option, description, endpoint)
 
 
 def load_object(spec: str) -> Any:
@@ -338,6 +364,10 @@ def load_object(spec: str) -> Any:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise usage.UsageError(f"--handler: cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # the module's own code failed: say so in one line
+        raise usage.UsageError(
+            f"--handler: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     for name in attribute.split("."):
         try:
             obj = getattr(obj, name)
@@ -415,6 +445,9 @@ def makeService(options: Options) -> MultiService:
     """
     from twisted.internet import reactor
 
+    under_twistd = options.parent is not None
+    if under_twistd:
+        quiet_start_failures()
     handler = basic_handler(options)
     if handler is None:
         log.warn(
@@ -451,7 +484,12 @@ def makeService(options: Options) -> MultiService:
         offline_store=store,
         offline_policy=apps.offline_policy,
     )
-    apps.initialize(engine)
+    try:
+        apps.initialize(engine)
+    except Exception as e:
+        if not under_twistd:
+            raise
+        start_failed(f"--handler: initialize(engine) raised {type(e).__name__}: {e}")
     server = ServerService(engine, options["endpoint"])
     if store is not None:
         log.info("esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store")

@@ -27,6 +27,7 @@ TYPED = [
     "esf/testing.py",
     "esf/pytest_plugin.py",
     "esf/tap.py",
+    "esf/_startup.py",
     "esf/_client_state.py",
     "esf/_policy.py",
     "esf/_router.py",
