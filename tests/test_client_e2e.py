@@ -407,6 +407,27 @@ def test_cli_send_query_ping_kick_to_a_listener(chat_server, background):
     assert carol.stderr().splitlines()[-1] == "esf-client: kicked out by admin: testing"
 
 
+def test_cli_send_says_stored_or_delivered(tmp_path, background):
+    """
+    To a user who is offline, on a server with an offline store, C{send}
+    says the message was stored, not delivered; the user gets it at logon.
+    """
+    server = Server(tmp_path, ["--auth", PASSWORDS, "--offline", f"sqlite:{tmp_path / 'offline.db'}"])
+    server.start().wait_listening()
+    try:
+        run = cli(server.port, "alice", "pa", "send", "bob", "while you were out", "--type", "3")
+        assert (run.returncode, run.stdout, run.stderr) == (0, "stored for bob (offline)\n", "")
+
+        bob = background(server.port, "bob", "pb", "listen", "--count", "2", "--seconds", "25")
+        bob.wait_for("^alice 3 while you were out$", "stdout")
+        run = cli(server.port, "alice", "pa", "send", "bob", "welcome back")
+        assert (run.returncode, run.stdout, run.stderr) == (0, "delivered to bob\n", "")
+        assert bob.wait() == 0, bob.stderr()
+        assert bob.stdout() == "alice 3 while you were out\nalice 0 welcome back\n"
+    finally:
+        server.stop()
+
+
 def test_cli_listen_pushed_out(chat_server, background):
     listener = background(chat_server.port, "carol", "pc", "listen")
     listener.wait_for("listening")
