@@ -242,9 +242,10 @@ class ClientCalls:
         if asked is None:
             self.counters[ClientCount.UNEXPECTED_ANSWERS] += 1
             # Text fields only, here and in every client log event: an
-            # event may be kept (Twisted keeps the last 65,536 of a process
-            # that has not begun logging), and a frame in it would keep up
-            # to a whole message of someone else's bytes alive.
+            # event may be kept (Twisted keeps the last 200 of a process
+            # that has not begun logging; an application's observer may
+            # keep more), and a frame in it would keep up to a whole
+            # message of someone else's bytes alive.
             log.debug(
                 "dropped an answer nobody waits for: message type {message_type}, "
                 "request {message_id} from {sender}#{client_type}",

@@ -1873,9 +1873,9 @@ def test_a_blob_of_tiny_fragments_costs_its_bytes_not_an_object_each():
 def test_a_refused_fragment_leaves_no_frame_in_the_log():
     """
     What the client logs about a sender's bad fragments is text: a kept
-    log event (Twisted keeps the last 65,536 of a process that has not
-    begun logging) must not keep the frame, the error's traceback or the
-    dropped blob alive.
+    log event (Twisted keeps the last 200 of a process that has not begun
+    logging) must not keep the frame, the error's traceback or the dropped
+    blob alive.
     """
     from esf.testing import LogCapture
 

@@ -621,6 +621,7 @@ def test_unfinished_blobs_cost_a_client_at_most_max_blob_bytes(server):
         receiver.stdout.close()
     print({"rss_before_kib": before, "rss_after_kib": after})
     # max_blob_bytes, plus the overhead docs/client.md names: the frame
-    # being read and its decoded copy (2 x 1 MiB), a blob being completed
-    # held twice, the allocator's slack.
-    assert after - before < (16 + 16) * 1024
+    # being read and its decoded copy (2 x 1 MiB), the allocator's slack
+    # (no blob completes here, none comes from the offline store).
+    # Measured: 20 to 27 MB; 352 MB before the fix.
+    assert after - before < (16 + 20) * 1024
