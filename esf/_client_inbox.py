@@ -363,7 +363,7 @@ class Inbox:
         d = self._handle_information(frame, information_type, payload)
 
         def failed(failure: Failure) -> None:
-            log.failure(
+            _log_failure(
                 "the client handler raised for stored message {message_id} from {sender}",
                 failure,
                 message_id=message_id,
@@ -412,7 +412,7 @@ class Inbox:
             # The handler's chosen answer, as on the server: no error logged.
             self._answer_error(self.engine._protocol, frame, error.code, error.text[:200])
             return
-        log.failure(
+        _log_failure(
             "the client handler raised for message type {message_type} from {sender}",
             failure,
             message_type=frame.message_type,
@@ -446,6 +446,21 @@ class Inbox:
         MessageType.BLOB: _on_blob,
         MessageType.BROADCAST: _on_broadcast,
     }
+
+
+def _log_failure(format: str, failure: Failure, **fields: Any) -> None:
+    """
+    Log a handler's failure with its stack as names and line numbers only:
+    the live traceback holds the handler's frames, and so the payload it
+    was given (up to a whole blob), for as long as the event is kept.
+    """
+    # What Failure.cleanFailure does, written out: pytest-twisted turns
+    # that method off (to keep tracebacks for its own reports).
+    failure.frames  # noqa: B018  (computed from the traceback, then kept)
+    failure.tb = None
+    if failure.value is not None:
+        failure.value.__traceback__ = None
+    log.failure(format, failure, **fields)
 
 
 def _asker(frame: Frame) -> str:

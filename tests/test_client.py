@@ -1896,3 +1896,25 @@ def test_a_refused_fragment_leaves_no_frame_in_the_log():
         for key, value in event.items():
             if not key.startswith("log_"):
                 assert isinstance(value, (str, int)), (key, value)
+
+
+def test_a_handler_failure_is_logged_without_its_frames(setup, logged_errors):
+    """
+    The failure of a handler given someone's blob is logged with its
+    traceback as text: a kept event must not keep the handler's frames,
+    and the payload in them, alive.
+    """
+
+    class Broken(Recorder):
+        def handle_information(self, user_id, client_type, information_type, payload):
+            raise ValueError("cannot read this")
+
+    setup.logged_on("bob", handler=Broken())
+    alice = setup.logged_on("alice")
+    error = failure(setup.net, alice.send_blob("bob", 5, b"b" * 5000, fragment_size=1000), RequestError)
+    assert error.code == ErrorCode.HANDLER_ERROR
+    [event] = [e for e in logged_errors if "the client handler raised" in formatEvent(e)]
+    logged = event["log_failure"]
+    assert logged.tb is None and logged.value.__traceback__ is None
+    assert "cannot read this" in logged.getTraceback()
+    expect_logged(logged_errors, "the client handler raised")
