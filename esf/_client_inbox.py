@@ -265,7 +265,9 @@ class Inbox:
             # The error's text, not the error: its traceback holds this
             # frame and the dropped blob, and a log event may be kept.
             log.debug(
-                "refused a blob fragment from {sender}: {error}", sender=frame.user_id, error=str(e)
+                "refused a blob fragment from {sender}: {error}",
+                sender=frame.user_id,
+                error=str(e),
             )
             self._answer_error(protocol, frame, e.code, e.text)
             return

@@ -536,8 +536,8 @@ class _PartialBlob:
     information_type: int
     #: The payload so far, gathered in one buffer: a list of the fragments
     #: would cost an object and a pointer per fragment (some 50 bytes),
-    #: which a sender of 1-byte fragments multiplies by 50 past every
-    #: bound counted in payload bytes.
+    #: which a sender of 2-byte fragments turns into 28 times what every
+    #: bound counted in payload bytes allows.
     data: bytearray
     next_index: int
     last_seen: float

@@ -40,7 +40,9 @@ def start_failed(text: str) -> NoReturn:
 #: What to change when a port cannot be bound, by the socket's errno.
 _LISTEN_ADVICE: dict[int, str] = {
     errno.EADDRINUSE: "something else listens there: stop it, or give another",
-    errno.EACCES: "not allowed: a port below 1024 needs root (drop it with twistd --uid), or give another",
+    errno.EACCES: (
+        "not allowed: a port below 1024 needs root (drop it with twistd --uid), or give another"
+    ),
     errno.EADDRNOTAVAIL: "this machine has no such address: give another",
 }
 
@@ -91,7 +93,9 @@ class OptionEndpoint:
         cause = error.socketError if isinstance(error, CannotListenError) else error
         code = getattr(cause, "errno", None)
         reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
-        advice = _LISTEN_ADVICE.get(code, "give another") if isinstance(code, int) else "give another"
+        advice = "give another"
+        if isinstance(code, int):
+            advice = _LISTEN_ADVICE.get(code, advice)
         text = (
             f"--{self.option} {self.description!r} cannot listen ({reason}): "
             f"{advice} --{self.option}"

@@ -567,6 +567,7 @@ def run_twistd(tmp_path, *argv: str):
     from test_e2e import REPO, server_env, twistd_command
 
     (tmp_path / "failing_app.py").write_text(INITIALIZE_FAILS)
+    (tmp_path / "broken_app.py").write_text("raise KeyError('DATABASE_URL')\n")
     return subprocess.run(
         twistd_command() + ["-n", "--pidfile=", "--logfile=-", "esf", *argv],
         cwd=REPO,
@@ -627,6 +628,7 @@ def test_a_port_in_use_is_one_line(tmp_path, taken_port, option):
         (["--heartbeat-interval", "x"], "twistd esf: --heartbeat-interval takes a whole number, not 'x'"),
         (["--prot", "1"], "twistd esf: option --prot not recognized (twistd esf --help lists the options)"),
         (["--handler", "no_such_module:app"], "twistd esf: --handler: cannot import 'no_such_module': No module named 'no_such_module'"),
+        (["--handler", "broken_app:app"], "twistd esf: --handler: importing 'broken_app' raised KeyError: 'DATABASE_URL'"),
         (["--handler", "failing_app:app"], "twistd esf: --handler: initialize(engine) raised RuntimeError: no database at db.example"),
         (["--admin-api", "tcp:0:interface=127.0.0.1", "--admin-token-file", "TMP"], "twistd esf: --admin-token-file: cannot read TMP: Is a directory"),
         (["--admin-api", "tcp:0:interface=127.0.0.1", "--admin-token-file", "TMP/token"], "twistd esf: --admin-token-file: TMP/token may be read by other users; chmod 600 it"),
