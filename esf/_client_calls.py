@@ -241,7 +241,19 @@ class ClientCalls:
         asked = self._pending.asked(frame.message_id)
         if asked is None:
             self.counters[ClientCount.UNEXPECTED_ANSWERS] += 1
-            log.debug("dropped an answer nobody waits for: {frame!r}", frame=frame)
+            # Text fields only, here and in every client log event: an
+            # event may be kept (Twisted keeps the last 200 of a process
+            # that has not begun logging; an application's observer may
+            # keep more), and a frame in it would keep up to a whole
+            # message of someone else's bytes alive.
+            log.debug(
+                "dropped an answer nobody waits for: message type {message_type}, "
+                "request {message_id} from {sender}#{client_type}",
+                message_type=frame.message_type,
+                message_id=frame.message_id,
+                sender=frame.user_id,
+                client_type=frame.client_type,
+            )
         elif not asked.answered_by(frame):
             self.counters[ClientCount.FORGED_ANSWERS] += 1
             log.debug(

@@ -534,10 +534,17 @@ class BlobError(Exception):
 @attrs.define
 class _PartialBlob:
     information_type: int
-    parts: list[bytes]
-    size: int
+    #: The payload so far, gathered in one buffer: a list of the fragments
+    #: would cost an object and a pointer per fragment (some 50 bytes),
+    #: which a sender of 2-byte fragments turns into 28 times what every
+    #: bound counted in payload bytes allows.
+    data: bytearray
     next_index: int
     last_seen: float
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 class BlobAssembler:
@@ -606,7 +613,7 @@ class BlobAssembler:
                     ErrorCode.RATE_LIMITED,
                     f"at most {self.max_concurrent} blobs may be in progress at once",
                 )
-            blob = _PartialBlob(fragment.information_type, [], 0, 0, now)
+            blob = _PartialBlob(fragment.information_type, bytearray(), 0, now)
             self._blobs[key] = blob
         if (
             fragment.fragment_index != blob.next_index
@@ -619,19 +626,18 @@ class BlobAssembler:
                 f"information type {blob.information_type}, got fragment "
                 f"{fragment.fragment_index} of type {fragment.information_type}",
             )
-        blob.size += len(fragment.payload)
-        if blob.size > self.max_blob_size:
+        if blob.size + len(fragment.payload) > self.max_blob_size:
             del self._blobs[key]
             raise BlobError(
                 ErrorCode.TOO_LARGE,
                 f"blob {fragment.blob_id} exceeds {self.max_blob_size} bytes",
             )
-        blob.parts.append(fragment.payload)
+        blob.data += fragment.payload
         blob.next_index += 1
         blob.last_seen = now
         if fragment.is_last:
             del self._blobs[key]
-            return b"".join(blob.parts)
+            return bytes(blob.data)
         return None
 
     def expire(self, now: float) -> list[Any]:

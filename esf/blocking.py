@@ -285,8 +285,13 @@ class BlockingClient:
         payload: bytes = b"",
         timeout: float | None = None,
         client_type: int | None = None,
-    ) -> None:
-        call_in_reactor(
+    ) -> str | None:
+        """
+        Send a message the receiver acknowledges: C{None} once its handler
+        has run, L{esf.STORED} once a server with an offline store has kept
+        it for a receiver who is offline.
+        """
+        return call_in_reactor(
             self.engine.send_certainly, user_id, information_type, payload, timeout, client_type
         )
 
@@ -297,8 +302,13 @@ class BlockingClient:
         payload: bytes,
         fragment_size: int | None = None,
         timeout: float | None = None,
-    ) -> None:
-        call_in_reactor(
+    ) -> str | None:
+        """
+        Send a payload of any size: C{None} once the receiver has it whole,
+        L{esf.STORED} once the server has kept it for a receiver who is
+        offline.
+        """
+        return call_in_reactor(
             self.engine.send_blob, user_id, information_type, payload, fragment_size, timeout
         )
 

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._client import ClientEngine, LogonFailed, NotConnected
+from ._client_calls import STORED
 from ._messages import RequestError
 from ._wire import SERVER_ID, ClientType, LogonResult, WireConfig
 from .interfaces import ICustomizeHandler
@@ -97,7 +98,10 @@ def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: 
 
     p = subparsers.add_parser(
         "send",
-        help="send TEXT to USER (or _0, the server); waits for the receiver's Ack",
+        help=(
+            "send TEXT to USER (or _0, the server); waits for the receiver's Ack, or the "
+            "server's when it stores the message for a USER who is offline"
+        ),
     )
     p.add_argument("target", metavar="USER")
     p.add_argument("text")
@@ -386,7 +390,9 @@ class Client:
             if command.no_ack:
                 engine.send(command.target, command.type, payload)
                 return []
-            await engine.send_certainly(command.target, command.type, payload)
+            outcome = await engine.send_certainly(command.target, command.type, payload)
+            if outcome == STORED:
+                return [f"stored for {command.target} (offline)"]
             return [f"delivered to {command.target}"]
         if name == "query":
             answer = await engine.query(command.target, command.type, command.text.encode("utf-8"))

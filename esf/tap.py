@@ -43,6 +43,7 @@ from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._cluster_inbox import DEFAULT_INBOX_BYTES
 from ._protocol import ServerService
+from ._startup import OptionEndpoint, quiet_start_failures, start_failed
 from ._websocket import WebSocketFactory, web_demo_site
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
@@ -173,6 +174,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["handlers"] = []
         self["websocket"] = []
         self["websocket-origins"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse C{options}.  Under C{twistd} (as its subcommand), a usage error
+        ends the process with one line on stderr and exit status 1; twistd
+        itself would print the help of every option above it.
+
+        @raise usage.UsageError: the options are wrong, when parsed by a
+            caller of its own (a test, a program).
+        """
+        try:
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            text = str(e)
+            if text.startswith("option "):  # getopt's: an unknown or incomplete option
+                text += " (twistd esf --help lists the options)"
+            start_failed(text)
 
     def opt_handler(self, spec: str) -> None:
         """
@@ -380,9 +400,15 @@ def _endpoint(option: str, description: str) -> Any:
     from twisted.internet import endpoints, reactor
 
     try:
-        return endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description)
     except Exception as e:  # parsers raise many kinds; all mean a bad endpoint
         raise usage.UsageError(f"--{option} {description!r} is not an endpoint: {e}") from None
+    # The TCP and TLS parsers take any number; the socket would refuse it
+    # only when the server starts.  (Twisted keeps the port as _port.)
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"--{option} {description!r}: port {port} is not 0..65535")
+    return OptionEndpoint(option, description, endpoint)
 
 
 def load_object(spec: str) -> Any:
@@ -398,6 +424,10 @@ def load_object(spec: str) -> Any:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise usage.UsageError(f"--handler: cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # the module's own code failed: say so in one line
+        raise usage.UsageError(
+            f"--handler: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from None
     for name in attribute.split("."):
         try:
             obj = getattr(obj, name)
@@ -489,6 +519,9 @@ def server_service(options: Options) -> MultiService:
     """
     from twisted.internet import reactor
 
+    under_twistd = options.parent is not None
+    if under_twistd:
+        quiet_start_failures()
     handler = basic_handler(options)
     if handler is None:
         log.warn(
@@ -526,7 +559,12 @@ def server_service(options: Options) -> MultiService:
         offline_store=store,
         offline_policy=apps.offline_policy,
     )
-    apps.initialize(engine)
+    try:
+        apps.initialize(engine)
+    except Exception as e:
+        if not under_twistd:
+            raise
+        start_failed(f"--handler: initialize(engine) raised {type(e).__name__}: {e}")
     _apply_share(options["descriptors"])
     server = ServerService(engine, QuietAcceptErrors(options["endpoint"], reactor))
     if store is not None:

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     )
     from esf.blocking import BlockingClient, call_in_reactor, reactor_thread
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
+    from esf.offline import MemoryOfflineStore
 
 
     @implementer(IBasicHandler, IGroupManager)
@@ -61,6 +62,7 @@ SCRIPT = textwrap.dedent(
         engine = ServerEngine(
             ServerConfig(wire=WireConfig(11, 4096)),
             clock=reactor, handler=app, group_manager=app, customize_handler=Echo(),
+            offline_store=MemoryOfflineStore(),
         )
         engine.start()
         endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
@@ -126,6 +128,9 @@ SCRIPT = textwrap.dedent(
         alice.query("zed", 1, b"?")
     except RequestError as e:
         print("offline", e.code.name)
+    # Stored for a receiver who is offline, or delivered: the call says which.
+    print("send_certainly", alice.send_certainly("zed", 6, b"later"), alice.send_certainly("bob", 6, b"now"))
+    print("send_blob", alice.send_blob("zed", 7, bytes(10240)), alice.send_blob("bob", 7, bytes(10240)))
     try:
         bob.kick_out("alice", "no")
     except RequestError as e:
@@ -181,6 +186,8 @@ def test_blocking_client(tmp_path):
         "bob got 80",
         "bob got [('alice', 3, 7), ('alice', 4, 10240)]",
         "offline USER_OFFLINE",
+        "send_certainly stored None",
+        "send_blob stored None",
         "kick refused NOT_AUTHORIZED",
         "bob not connected",
         "alice not connected",

@@ -89,7 +89,9 @@ def test_port(port, expected):
     assert parse("--port", port)["endpoint"] is not None
 
 
-@pytest.mark.parametrize("port", ["tcp:nope", "bogus:1", "ssl:4602:privateKey=/no/such/key.pem"])
+@pytest.mark.parametrize(
+    "port", ["tcp:nope", "bogus:1", "ssl:4602:privateKey=/no/such/key.pem", "99999", "tcp:65536"]
+)
 def test_bad_port_is_a_usage_error(port):
     """
     The endpoint is parsed with the options, so a bad one (a missing TLS key
@@ -599,3 +601,101 @@ def test_admin_host_option(tmp_path):
         "--admin-api", "tcp:0:interface=127.0.0.1", "--admin-host", "admin.example:8530"
     )
     assert "--admin-host is for --admin-api" in usage_error("--admin-host", "admin.example")
+
+
+# -- start-up errors of a real twistd: one line, exit status 1 --------------------------
+
+INITIALIZE_FAILS = """
+from zope.interface import implementer
+from esf.interfaces import IEngineAware
+
+@implementer(IEngineAware)
+class App:
+    def initialize(self, engine):
+        raise RuntimeError("no database at db.example")
+
+app = App()
+"""
+
+
+def run_twistd(tmp_path, *argv: str):
+    import subprocess
+    import sys
+
+    from test_e2e import REPO, server_env, twistd_command
+
+    (tmp_path / "failing_app.py").write_text(INITIALIZE_FAILS)
+    (tmp_path / "broken_app.py").write_text("raise KeyError('DATABASE_URL')\n")
+    return subprocess.run(
+        twistd_command() + ["-n", "--pidfile=", "--logfile=-", "esf", *argv],
+        cwd=REPO,
+        env=server_env([tmp_path]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def only_error_line(run, before_logging: bool) -> str:
+    """
+    The one line that reports a failed start: on stderr for what twistd
+    meets before it begins logging (the options, making the service),
+    in the log (here on stdout) for what it meets after (listening).
+    """
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    assert "Traceback" not in output and "Usage:" not in output, output
+    if before_logging:
+        assert run.stdout == "", output
+        lines = run.stderr.splitlines()
+    else:
+        assert run.stderr == "", output
+        lines = [line for line in run.stdout.splitlines() if "#error]" in line or "#critical]" in line]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("option", ["--port", "--websocket", "--metrics", "--admin-api"])
+def test_a_port_in_use_is_one_line(tmp_path, taken_port, option):
+    argv = [option, taken_port]
+    if option != "--port":
+        argv += ["--port", "tcp:0:interface=127.0.0.1"]
+    line = only_error_line(run_twistd(tmp_path, *argv), before_logging=False)
+    assert f"{option} '{taken_port}' cannot listen (Address already in use)" in line, line
+    assert line.endswith(f"give another {option}"), line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--port", "99999"], "twistd esf: --port 'tcp:99999': port 99999 is not 0..65535"),
+        (["--websocket", "tcp:70000"], "twistd esf: --websocket 'tcp:70000': port 70000 is not 0..65535"),
+        (["--websocket", "bogus:1"], "twistd esf: --websocket 'bogus:1' is not an endpoint: Unknown endpoint type: 'bogus'"),
+        (["--heartbeat-interval", "x"], "twistd esf: --heartbeat-interval takes a whole number, not 'x'"),
+        (["--prot", "1"], "twistd esf: option --prot not recognized (twistd esf --help lists the options)"),
+        (["--handler", "no_such_module:app"], "twistd esf: --handler: cannot import 'no_such_module': No module named 'no_such_module'"),
+        (["--handler", "broken_app:app"], "twistd esf: --handler: importing 'broken_app' raised KeyError: 'DATABASE_URL'"),
+        (["--handler", "failing_app:app"], "twistd esf: --handler: initialize(engine) raised RuntimeError: no database at db.example"),
+        (["--admin-api", "tcp:0:interface=127.0.0.1", "--admin-token-file", "TMP"], "twistd esf: --admin-token-file: cannot read TMP: Is a directory"),
+        (["--admin-api", "tcp:0:interface=127.0.0.1", "--admin-token-file", "TMP/token"], "twistd esf: --admin-token-file: TMP/token may be read by other users; chmod 600 it"),
+    ],
+)  # fmt: skip
+def test_a_bad_option_is_one_line(tmp_path, argv, expected):
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    token.chmod(0o644)
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    line = only_error_line(run_twistd(tmp_path, *argv), before_logging=True)
+    assert line == expected.replace("TMP", str(tmp_path))
