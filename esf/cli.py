@@ -87,16 +87,23 @@ def _positive_float(value: str) -> float:
 _INFO_TYPE = _int_in(-(2**31), 2**31 - 1)
 
 
-_Parser = TypeVar("_Parser", bound=argparse.ArgumentParser)
+_AnyParser = TypeVar("_AnyParser", bound=argparse.ArgumentParser)
 
 
-def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: bool) -> None:
-    p = subparsers.add_parser("ping", help="round-trip time to the server, or to USER's client")
+def _add_commands(
+    subparsers: argparse._SubParsersAction[_AnyParser],
+    interactive: bool,
+    parents: tuple[argparse.ArgumentParser, ...] = (),
+) -> None:
+    def add_parser(name: str, **kwargs: Any) -> _AnyParser:
+        return subparsers.add_parser(name, parents=list(parents), **kwargs)
+
+    p = add_parser("ping", help="round-trip time to the server, or to USER's client")
     p.add_argument("target", nargs="?", metavar="USER", help="a user to ping through the server")
 
-    subparsers.add_parser("online", help="list the users online")
+    add_parser("online", help="list the users online")
 
-    p = subparsers.add_parser(
+    p = add_parser(
         "send",
         help=(
             "send TEXT to USER (or _0, the server); waits for the receiver's Ack, or the "
@@ -110,16 +117,16 @@ def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: 
         "--no-ack", action="store_true", help="one-way Send: do not wait for an Ack"
     )
 
-    p = subparsers.add_parser("query", help="ask USER (or _0, the server) and print the answer")
+    p = add_parser("query", help="ask USER (or _0, the server) and print the answer")
     p.add_argument("target", metavar="USER")
     p.add_argument("text")
     p.add_argument("--type", type=_INFO_TYPE, default=0, help="information type [0]")
 
-    p = subparsers.add_parser("kick", help="ask the server to kick USER out")
+    p = add_parser("kick", help="ask the server to kick USER out")
     p.add_argument("target", metavar="USER")
     p.add_argument("--reason", default="", help="the reason USER is shown")
 
-    p = subparsers.add_parser(
+    p = add_parser(
         "broadcast", help="broadcast TEXT to a group (or *, everyone)"
     )
     p.add_argument("group")
@@ -127,7 +134,7 @@ def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: 
     p.add_argument("--type", type=_INFO_TYPE, default=0, help="information type [0]")
 
     if not interactive:
-        p = subparsers.add_parser(
+        p = add_parser(
             "listen",
             help="print incoming messages, one line each: SENDER TYPE TEXT",
             description="Print one line per incoming message (SENDER TYPE TEXT); "
@@ -137,55 +144,96 @@ def _add_commands(subparsers: argparse._SubParsersAction[_Parser], interactive: 
         p.add_argument("--count", type=_int_in(1), help="stop after N messages")
         p.add_argument("--seconds", type=_positive_float, help="stop after S seconds")
 
-        subparsers.add_parser(
+        add_parser(
             "shell", help="an interactive session: commands from standard input"
         )
+
+
+def _connection_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """
+    Add the options that say where and who to log on as to C{parser}.  They
+    may stand before the command or after it (C{esf-client ping --user
+    alice ...}): the command's own parser takes them too (C{after_command}),
+    with no defaults of its own, so that it never undoes one given before.
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_command else value
+
+    parser.add_argument("--host", default=default(DEFAULT_HOST), help=f"server host [{DEFAULT_HOST}]")
+    parser.add_argument(
+        "--port",
+        type=_int_in(1, 65535),
+        default=default(DEFAULT_PORT),
+        help=f"server port [{DEFAULT_PORT}]",
+    )
+    # Required, but checked after parsing: argparse would ask the command's
+    # parser for them again when they were given before the command.
+    parser.add_argument("--user", default=default(None), help="user ID to log on as (required)")
+    parser.add_argument("--password", default=default(None), help="password (required)")
+    parser.add_argument(
+        "--device",
+        type=_int_in(0, 255),
+        default=default(int(ClientType.OTHERS)),
+        help="client type (device kind) [8, Others]",
+    )
+    parser.add_argument(
+        "--system-token", default=default(""), help="system token the server expects"
+    )
+    parser.add_argument(
+        "--max-userid-length",
+        type=_int_in(1, 255),
+        default=default(11),
+        help="the server's maximum UserID length [11]",
+    )
+    parser.add_argument(
+        "--max-message-size",
+        type=_int_in(64, 0x7FFFFFFF),
+        default=default(1024 * 1024),
+        help="largest frame accepted, in bytes [1048576]",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=default(30.0),
+        help="seconds to wait for a connection or an answer [30]",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="log the client's events to standard error",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """
+    C{esf-client}'s parser: C{--user} and C{--password} are required
+    wherever they stand.
+    """
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        parsed = super().parse_args(*args, **kwargs)
+        missing = [f"--{name}" for name in ("user", "password") if getattr(parsed, name) is None]
+        if missing:
+            self.error(f"the following arguments are required: {', '.join(missing)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
     """
     The parser of C{esf-client}'s command line.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Log on to an esf server and run one command.",
     )
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server host [{DEFAULT_HOST}]")
-    parser.add_argument(
-        "--port", type=_int_in(1, 65535), default=DEFAULT_PORT, help=f"server port [{DEFAULT_PORT}]"
-    )
-    parser.add_argument("--user", required=True, help="user ID to log on as")
-    parser.add_argument("--password", required=True, help="password")
-    parser.add_argument(
-        "--device",
-        type=_int_in(0, 255),
-        default=int(ClientType.OTHERS),
-        help="client type (device kind) [8, Others]",
-    )
-    parser.add_argument("--system-token", default="", help="system token the server expects")
-    parser.add_argument(
-        "--max-userid-length",
-        type=_int_in(1, 255),
-        default=11,
-        help="the server's maximum UserID length [11]",
-    )
-    parser.add_argument(
-        "--max-message-size",
-        type=_int_in(64, 0x7FFFFFFF),
-        default=1024 * 1024,
-        help="largest frame accepted, in bytes [1048576]",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds to wait for a connection or an answer [30]",
-    )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log the client's events to standard error"
-    )
+    _connection_options(parser, after_command=False)
+    after = argparse.ArgumentParser(add_help=False)
+    _connection_options(after, after_command=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_commands(subparsers, interactive=False)
+    _add_commands(subparsers, interactive=False, parents=(after,))
     return parser
 
 

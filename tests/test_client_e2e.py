@@ -353,6 +353,31 @@ def test_cli_ping_online_query(chat_server):
     assert (run.returncode, run.stdout) == (0, "héllo wörld\n"), run.stderr
 
 
+def test_cli_options_after_the_command(chat_server):
+    """
+    The connection options may follow the command, as users type them
+    (C{esf-client ping --user alice --password x}); one given before the
+    command is not undone by the command's parser.
+    """
+    run = subprocess.run(
+        [
+            sys.executable, "-m", "esf.cli", "--port", str(chat_server.port),
+            "ping", "--user", "alice", "--password", "pa", "--timeout", "10",
+        ],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"_0: \d+\.\d ms\n", run.stdout)
+
+    run = subprocess.run(
+        [sys.executable, "-m", "esf.cli", "--user", "alice", "online", "--password", "x"],
+        cwd=REPO, env=environment(), capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    # --user before the command still counts; the port is the default,
+    # where nothing listens in the test, or a server refusing "x".
+    assert "required" not in run.stderr, run.stderr
+
+
 def test_cli_errors(chat_server):
     run = cli(chat_server.port, "alice", "wrong", "ping")
     assert one_error_line(run) == "esf-client: logon refused: FAILED: invalid user ID or password"
