@@ -18,7 +18,7 @@ import argparse
 import random
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn, cast
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import endpoints, error, task
@@ -87,16 +87,14 @@ def _positive_float(value: str) -> float:
 _INFO_TYPE = _int_in(-(2**31), 2**31 - 1)
 
 
-_AnyParser = TypeVar("_AnyParser", bound=argparse.ArgumentParser)
-
-
 def _add_commands(
-    subparsers: argparse._SubParsersAction[_AnyParser],
+    subparsers: argparse._SubParsersAction[Any],
     interactive: bool,
     parents: tuple[argparse.ArgumentParser, ...] = (),
 ) -> None:
-    def add_parser(name: str, **kwargs: Any) -> _AnyParser:
-        return subparsers.add_parser(name, parents=list(parents), **kwargs)
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=list(parents), **kwargs)
+        return parser
 
     p = add_parser("ping", help="round-trip time to the server, or to USER's client")
     p.add_argument("target", nargs="?", metavar="USER", help="a user to ping through the server")
@@ -213,7 +211,7 @@ class _Parser(argparse.ArgumentParser):
     wherever they stand.
     """
 
-    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:
         parsed = super().parse_args(*args, **kwargs)
         missing = [f"--{name}" for name in ("user", "password") if getattr(parsed, name) is None]
         if missing:
