@@ -234,6 +234,24 @@ def test_a_sender_that_keeps_relaying_what_is_refused_is_slowed_down():
     assert alice.transport.producerState == "paused"
 
 
+def test_without_push_back_a_sender_is_never_held_back():
+    """
+    C{push_back_timeout} 0: a receiver that falls behind is stalled at once;
+    its sender is never paused, and what does not fit the receiver's bound
+    is refused.
+    """
+    engine = make_engine(max_output_buffer=10_000, push_back_timeout=0)
+    alice, mallory = connect(engine, "alice"), connect(engine, "mallory")
+    mallory.protocol.pauseProducing()
+    for n in range(20):  # 10 KB queued, 10 KB refused: within alice's allowance
+        alice.send(T.SEND, Information(n, bytes(1000)), dest="mallory")
+        assert alice.transport.producerState == "producing"
+    assert engine.counters[Count.SENDERS_PAUSED] == 0
+    assert mallory.protocol.session._backlog <= 10_000
+    assert engine.counters[Count.RECEIVER_BEHIND] > 0
+    assert engine.counters[Count.OUTPUT_DROPPED] == 0
+
+
 def test_a_burst_to_a_receiver_that_drains_in_time_loses_nothing():
     """
     The push back still absorbs a burst to a receiver that reads: while it
