@@ -17,8 +17,9 @@ A sender that keeps relaying what is refused is slowed down
 whose stored messages are being delivered, are held (L{Output.hold}) and
 written after, under the same rules.
 
-L{Output} is the base of L{esf._session.Session}: one object per
-connection, split in two modules by concern.
+L{Output} (with L{Sender}, the session as a sender that may be held back)
+is the base of L{esf._session.Session}: one object per connection, split
+by concern.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from ._engine import ServerEngine
     from .interfaces import IChannel
 
-__all__ = ["Output", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
+__all__ = ["Sender", "Output", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
 log = Logger(namespace="esf.server")
 
@@ -102,7 +103,83 @@ class OutputBatch:
             session.flush()
 
 
-class Output:
+class Sender:
+    """
+    A session as a sender: held back (its reading paused) while receivers
+    it relays to are backed up (L{Output.push_back}), or while it has
+    spent its allowance of refused relays (L{refused}).  The session
+    provides C{owner}, C{channel} and C{state}.
+    """
+
+    __slots__ = ("_blockers", "_refusable", "_refusable_at", "_refusal_timer")
+
+    owner: ServerEngine
+    channel: IChannel
+    state: SessionState
+
+    def _init_sender(self) -> None:
+        #: How many receivers (and the refusal allowance) hold this
+        #: session's reading paused.
+        self._blockers = 0
+        #: Bytes of its relays that may still be refused before it is
+        #: slowed down (L{refused}), as of C{_refusable_at}.
+        self._refusable: float = _REFUSAL_BURST_FACTOR * self.owner.config.max_output_buffer
+        self._refusable_at = 0.0
+        #: Resumes its reading once the allowance is back (L{refused}).
+        self._refusal_timer: Any = None
+
+    def _hold_back(self) -> None:
+        """
+        Read this session no further, until every receiver (and the
+        refusal allowance) that holds it back lets it go.
+        """
+        self._blockers += 1
+        if self._blockers == 1:
+            self.owner.counters[Count.SENDERS_PAUSED] += 1
+            self.channel.pause_reading()
+
+    def _let_go(self) -> None:
+        self._blockers -= 1
+        if self._blockers == 0 and self.state is not SessionState.ENDED:
+            self.channel.resume_reading()
+
+    def refused(self, size: int) -> None:
+        """
+        C{size} bytes this session relayed were refused (L{REFUSED},
+        L{DROPPED}).  Reading them costs the server little, and a burst of
+        them does not slow the sender; one that keeps relaying what is
+        refused spends its allowance (twice C{max_output_buffer}, refilled
+        at C{max_output_buffer} a second; a token bucket, as
+        L{esf._session.Session.charge}) and is then read no further until
+        the allowance is back above zero.
+        """
+        owner = self.owner
+        rate = owner.config.max_output_buffer
+        now = owner.clock.seconds()
+        allowance = self._refusable + (now - self._refusable_at) * rate
+        if allowance > _REFUSAL_BURST_FACTOR * rate:
+            allowance = _REFUSAL_BURST_FACTOR * rate
+        allowance -= size
+        self._refusable, self._refusable_at = allowance, now
+        if allowance < 0 and self._refusal_timer is None and self.state is not SessionState.ENDED:
+            self._hold_back()
+            self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
+
+    def _refilled(self) -> None:
+        self._refusal_timer = None
+        self._let_go()
+
+    def _stop_refusal_timer(self) -> None:
+        """
+        The session ended: its refusal allowance no longer matters.
+        """
+        if self._refusal_timer is not None:
+            if self._refusal_timer.active():
+                self._refusal_timer.cancel()
+            self._refusal_timer = None
+
+
+class Output(Sender):
     """
     The output side of a session (see the module's docstring).  The
     session provides C{owner}, C{channel}, C{state} and C{end}.
@@ -113,16 +190,12 @@ class Output:
         "_backlog",
         "_drain_timer",
         "_blocked",
-        "_blockers",
         "_out",
         "_held",
         "_held_bytes",
         "_writable_waiters",
         "_push_back_timer",
         "_stalled",
-        "_refusable",
-        "_refusable_at",
-        "_refusal_timer",
     )
 
     owner: ServerEngine
@@ -130,6 +203,7 @@ class Output:
     state: SessionState
 
     def _init_output(self) -> None:
+        self._init_sender()
         self._paused = False
         self._backlog = 0
         #: Ends the session if its backlog stays over the bound too long.
@@ -137,9 +211,7 @@ class Output:
         #: Senders whose reading this session's backlog has paused; weak: a
         #: sender that leaves meanwhile is not kept alive until this
         #: session drains.
-        self._blocked: WeakSet[Output] | None = None
-        #: How many receivers hold this session's reading paused.
-        self._blockers = 0
+        self._blocked: WeakSet[Sender] | None = None
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed,
@@ -153,12 +225,6 @@ class Output:
         #: Backed up past its push back: relays are refused once its queue
         #: is full, its senders are not held back.
         self._stalled = False
-        #: As a sender: bytes of its relays that may still be refused before
-        #: it is slowed down (L{refused}), as of C{_refusable_at}.
-        self._refusable: float = _REFUSAL_BURST_FACTOR * self.owner.config.max_output_buffer
-        self._refusable_at = 0.0
-        #: Resumes its reading once the allowance is back (L{refused}).
-        self._refusal_timer: Any = None
 
     def end(self, reason: DisconnectedType, text: str = "") -> None:
         raise NotImplementedError  # the session's
@@ -211,7 +277,7 @@ class Output:
 
     # -- push back: a receiver that is backed up slows its senders down ------
 
-    def push_back(self, sender: Output) -> None:
+    def push_back(self, sender: Sender) -> None:
         """
         This session's backlog passed half its bound while C{sender} relayed
         to it: stop reading C{sender} until this session drains (or ends),
@@ -235,21 +301,6 @@ class Output:
             return
         blocked.add(sender)
         sender._hold_back()
-
-    def _hold_back(self) -> None:
-        """
-        Read this session no further, until every receiver (and the
-        refusal allowance) that holds it back lets it go.
-        """
-        self._blockers += 1
-        if self._blockers == 1:
-            self.owner.counters[Count.SENDERS_PAUSED] += 1
-            self.channel.pause_reading()
-
-    def _let_go(self) -> None:
-        self._blockers -= 1
-        if self._blockers == 0 and self.state is not SessionState.ENDED:
-            self.channel.resume_reading()
 
     def _stall(self) -> None:
         """
@@ -276,41 +327,6 @@ class Output:
         blocked, self._blocked = self._blocked, None
         for sender in list(blocked or ()):
             sender._let_go()
-
-    def refused(self, size: int) -> None:
-        """
-        C{size} bytes this session relayed were refused (L{REFUSED},
-        L{DROPPED}).  Reading them costs the server little, and a burst of
-        them does not slow the sender; one that keeps relaying what is
-        refused spends its allowance (twice C{max_output_buffer}, refilled
-        at C{max_output_buffer} a second; a token bucket, as
-        L{esf._session.Session.charge}) and is then read no further until
-        the allowance is back above zero.
-        """
-        owner = self.owner
-        rate = owner.config.max_output_buffer
-        now = owner.clock.seconds()
-        allowance = self._refusable + (now - self._refusable_at) * rate
-        if allowance > _REFUSAL_BURST_FACTOR * rate:
-            allowance = _REFUSAL_BURST_FACTOR * rate
-        allowance -= size
-        self._refusable, self._refusable_at = allowance, now
-        if allowance < 0 and self._refusal_timer is None and self.state is not SessionState.ENDED:
-            self._hold_back()
-            self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
-
-    def _refilled(self) -> None:
-        self._refusal_timer = None
-        self._let_go()
-
-    def _stop_refusal_timer(self) -> None:
-        """
-        The session ended: its refusal allowance no longer matters.
-        """
-        if self._refusal_timer is not None:
-            if self._refusal_timer.active():
-                self._refusal_timer.cancel()
-            self._refusal_timer = None
 
     def _not_draining(self) -> None:
         self._drain_timer = None
