@@ -117,6 +117,43 @@ def test_a_receiver_that_does_not_read_does_not_hold_up_its_senders_traffic_to_o
     assert engine.budget.used == 0  # his backlog went back
 
 
+def test_a_receiver_that_reads_slowly_does_not_hold_up_its_senders_traffic_to_others():
+    """
+    mallory reads, slowly: his transport drains every 300 ms, and is full
+    again at once.  alice streams 60 KB Sends to him (12 MB a second,
+    far more than he takes) and a small Send to bob every 50 ms: each
+    reaches bob within 100 ms, mallory gets what he has room for, and he
+    is not ended (he drains, if slowly).
+    """
+    engine = make_engine()
+    alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
+    mallory.protocol.pauseProducing()
+    link = Link(alice)
+    big = alice.frame(T.SEND, Information(-1, bytes(60_000)), dest="mallory")
+    arrived = {}
+    for n in range(240):  # 12 s: past the drain timeout
+        link.write(alice.frame(T.SEND, Information(n, b"hi bob"), dest="bob"), mark=n)
+        for step in range(10):
+            if len(link.pending) < 256 * 1024:  # alice's socket buffer has room
+                link.write(big)
+            link.pump()
+            latencies(link, bob, arrived)
+            engine.clock.advance(STEP)
+            if (n * 10 + step) % 60 == 59:  # every 300 ms
+                mallory.take()
+                mallory.protocol.resumeProducing()
+                mallory.protocol.pauseProducing()
+    for _ in range(20):
+        link.pump()
+        latencies(link, bob, arrived)
+        engine.clock.advance(STEP)
+    assert sorted(arrived) == list(range(240))
+    delays = [arrived[n] - link.written[n] for n in range(240)]
+    assert max(delays) <= 0.1, (max(delays), statistics.median(delays))
+    assert session(engine, "mallory").logged_on
+    assert engine.counters[Count.RECEIVER_BEHIND] > 0
+
+
 def stalled_mallory(engine, alice, mallory):
     """
     Fill mallory's queue and let alice's push back pass: from now on what
