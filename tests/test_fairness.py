@@ -314,6 +314,39 @@ def test_a_burst_to_a_receiver_that_drains_in_time_loses_nothing():
     assert engine.counters[Count.RECEIVER_BEHIND] == engine.counters[Count.OUTPUT_DROPPED] == 0
 
 
+def test_a_request_to_a_device_that_holds_too_much_is_answered_at_once():
+    """
+    What is relayed to a device while its stored messages are delivered is
+    held; a device that takes its time holds back its senders only for
+    the push back, then refuses as one that does not read: a
+    SendCertainly gets RateLimited at once.  Once it has its stored
+    messages, it is sent to again.
+    """
+    from esf import RequestError
+    from esf.offline import MemoryOfflineStore, OfflineBounds
+    from esf.testing import MemoryServer
+
+    store = MemoryOfflineStore(bounds=OfflineBounds(max_messages=10, max_bytes=1 << 20))
+    server = MemoryServer(config=ServerConfig(max_output_buffer=4096), offline_store=store)
+    store.clock, store.delay = server.clock, 5.0  # a store that takes its time
+    alice = server.logged_on("alice")
+    alice.send("bob", 0, b"stored")
+    server.advance(5)
+    bob = server.client("bob")
+    server.result(bob.logon())  # its stored message is being read: live ones are held
+    for _ in range(10):
+        alice.send("bob", 1, b"x" * 500)
+    server.pump()
+    assert server.engine.counters[Count.SENDERS_PAUSED] == 1
+    server.advance(server.config.push_back_timeout)
+    error = server.failure(alice.send_certainly("bob", 1, b"y"), RequestError)
+    assert error.code == ErrorCode.RATE_LIMITED and "bob is backed up" in error.text
+    server.advance(20)  # the stored message is delivered, what was held follows
+    server.result(alice.send_certainly("bob", 1, b"z"))
+    assert server.engine.budget.used == 0
+    server.close()
+
+
 # -- group broadcasts -------------------------------------------------------------------
 
 
