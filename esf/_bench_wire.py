@@ -109,19 +109,22 @@ class _EsfLogonReply:
 
 class _EsfChecker:
     """
-    Decodes and validates every frame a receiver gets (C{--check}).
+    Decodes and validates every frame a receiver gets (C{--check}): from
+    C{src}, or from any of C{src} when it is a collection of names (the
+    interleaved pattern).
     """
 
-    def __init__(self, wire, src, dst, frame_size):
+    def __init__(self, wire, src: str | Collection[str], dst, frame_size):
         self.decoder = FrameDecoder(wire)
-        self.src, self.dst, self.frame_size = src, dst, frame_size
+        self.srcs = {src} if isinstance(src, str) else set(src)
+        self.dst, self.frame_size = dst, frame_size
 
     def feed(self, data: bytes) -> int:
         frames = self.decoder.feed(data)
         for frame in frames:
             if (
                 frame.message_type != MessageType.SEND
-                or frame.user_id != self.src
+                or frame.user_id not in self.srcs
                 or frame.dest_user_id != self.dst
                 or len(frame.raw) != self.frame_size
             ):

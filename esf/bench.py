@@ -767,6 +767,9 @@ class Bench:
             receiver.on_data = st.received_checked if opts.check else st.received
             return st
 
+        if opts.pattern == "interleaved":
+            make_pair = _Ring(dialect, window, size, opts.check).make_pair
+
         _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
         return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
 
@@ -950,6 +953,120 @@ class _SendPair(_Pair):
             self.finished()
         else:
             self.pump()
+
+
+class _Ring:
+    """
+    The senders and receivers of one worker in the interleaved pattern
+    (C{--pattern interleaved}): every sender cycles over every receiver,
+    starting at its own (sender i writes to receivers i, i+1, ..., i-1,
+    and again), so that consecutive frames of a read go to different
+    receivers.  The window is the pairs' windows together, over all of
+    them (a receiver cannot tell which sender a frame came from without
+    decoding it); each sender's share is what its pair would have sent.
+    """
+
+    def __init__(self, dialect, window: int, size: int, check: bool):
+        self.dialect, self.window, self.size, self.check = dialect, window, size, check
+        self.senders: list[_RingSender] = []
+        self.sent = self.got = 0
+        self.share = 0
+        #: Per sender, its frames to every receiver in turn, repeated: a
+        #: batch is one slice of it.
+        self._cycles: list[bytes] | None = None
+        #: What a sender writes per frame (over WebSocket, masked: not
+        #: C{size}, what a receiver gets).
+        self._written = 0
+
+    def make_pair(self, sender, receiver, share, totals, done, pairs) -> _RingSender:
+        st = _RingSender(self, sender, receiver, share, totals, done, pairs)
+        self.senders.append(st)
+        self.share += share
+        received = [0]
+
+        def count(data: bytes) -> None:
+            received[0] += len(data)
+            got = received[0] // self.size
+            n, st.receiver_got = got - st.receiver_got, got
+            self._got(n)
+
+        def checked(data: bytes) -> None:
+            try:
+                n = st.checker.feed(data)
+            except (BenchError, FrameError) as e:
+                for other in self.senders:
+                    other.sender.transport.abortConnection()
+                st.fail(str(e))
+                return
+            self._got(n)
+
+        receiver.on_data = checked if self.check else count
+        return st
+
+    def begin(self) -> None:
+        if self._cycles is not None:
+            return
+        names = [st.receiver.name for st in self.senders]
+        n = len(names)
+        senders = {st.sender.name for st in self.senders}
+        repeat = self.window // n + 2
+        self._cycles = []
+        for i, st in enumerate(self.senders):
+            cycle = b"".join(self.dialect.message(st.sender.name, names[(i + k) % n]) for k in range(n))
+            self._written = len(cycle) // n  # every frame of a dialect is the same size
+            self._cycles.append(cycle * repeat)
+            if self.check:
+                st.checker = self.dialect.checker(senders, st.receiver.name)
+        self.pump()
+
+    def pump(self) -> None:
+        inflight = self.sent - self.got
+        limit = self.window * len(self.senders)
+        if inflight > limit // 2:
+            return
+        active = [i for i, st in enumerate(self.senders) if st.sent < st.share]
+        if not active:
+            return
+        each = max(1, (limit - inflight) // len(active))
+        n_receivers = len(self.senders)
+        assert self._cycles is not None
+        for i in active:
+            st = self.senders[i]
+            count = min(each, self.window, st.share - st.sent)
+            start = st.sent % n_receivers
+            written = self._written
+            st.sender.transport.write(self._cycles[i][start * written : (start + count) * written])
+            st.sent += count
+            self.sent += count
+
+    def _got(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.got += n
+        first = self.senders[0]
+        first.totals["count"] += n
+        if self.got >= self.share:
+            for st in self.senders:
+                st.finished()
+        else:
+            self.pump()
+
+
+class _RingSender(_Pair):
+    """
+    One sender of a L{_Ring} (and its receiver's count).
+    """
+
+    checker = None
+
+    def __init__(self, ring: _Ring, sender, receiver, share, totals, done, pairs):
+        super().__init__(sender, receiver, share, totals, done, pairs)
+        self.ring = ring
+        self.sent = 0
+        self.receiver_got = 0
+
+    def begin(self) -> None:
+        self.ring.begin()
 
 
 class _RequestPair(_Pair):
@@ -1880,7 +1997,8 @@ def _targets(row: dict, server_python: str | None = None) -> list[dict]:
 def _row_label(row: dict) -> str:
     mode = row["mode"]
     if mode in ("send", "request"):
-        return f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
+        label = f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
+        return label + (", interleaved" if row.get("pattern") == "interleaved" else "")
     return f"{mode}, {row['count']:,}"
 
 
@@ -1906,6 +2024,8 @@ async def run(reactor, opts) -> dict:
                 row = {"mode": mode}
                 if pairs is not None:
                     row["pairs"] = pairs
+                if mode == "send" and opts.pattern == "interleaved":
+                    row["pattern"] = "interleaved"
                 else:
                     row["count"] = opts.logons if mode == "logons" else opts.idle
                 row_kinds = kinds + (["ws"] if mode == "send" and opts.websocket else [])
@@ -1973,6 +2093,7 @@ async def run(reactor, opts) -> dict:
             "load_procs": opts.load_procs,
             "websocket": opts.websocket,
             "check": opts.check,
+            "pattern": opts.pattern,
             "duration_cap_s": opts.duration,
             "repeat": opts.repeat,
         },
@@ -2230,6 +2351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logon-window", type=_positive(int), default=500, help="logons in flight at once (default 500)")
     p.add_argument("--backlog", type=_positive(int), default=1024,
                    help="listen backlog of the servers this run starts (default 1024; Twisted's own is 50)")
+    p.add_argument("--pattern", choices=("pairs", "interleaved"), default="pairs",
+                   help="in send mode, who sends to whom: pairs (each sender to its own receiver, "
+                   "the default) or interleaved (every sender cycles over every receiver of its "
+                   "load worker, so that consecutive frames go to different receivers)")
     p.add_argument("--window-bytes", type=_positive(int), default=2**20,
                    help="bytes one sender may have in flight in send mode (default 1048576)")
     p.add_argument("--total-window-bytes", type=_positive(int), default=8 * 2**20,
