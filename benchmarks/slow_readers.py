@@ -8,8 +8,10 @@ leave").
 
 Each round: N readers log on with a 4 KiB receive buffer and never read; N
 senders each write up to 8 MiB of 60 KB Sends to their reader (as fast as the
-server takes them: push back stops reading a sender whose reader is backed
-up); the server ends each reader after the drain timeout; everyone leaves.
+server takes them: a sender whose reader is backed up is held back for the
+push back, 50 ms; then what its reader has no room for is refused, and a
+sender that keeps on is read at --max-output-buffer bytes a second); the
+server ends each reader after the drain timeout; everyone leaves.
 """
 
 from __future__ import annotations

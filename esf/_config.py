@@ -35,6 +35,11 @@ def _positive(instance: Any, attribute: Any, value: Any) -> None:
         raise ValueError(f"{attribute.name} must be positive, not {value}")
 
 
+def _not_negative(instance: Any, attribute: Any, value: Any) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, not {value}")
+
+
 #: User IDs a request may name, or its answer list, per unit of work (on
 #: top of 1 per request): measured, 10 IDs cost about what a whole cheap
 #: request (a ping) costs the server.
@@ -74,13 +79,20 @@ class ServerConfig:
     )
     #: Bytes that may wait for a peer that does not read, beyond the
     #: transport's own buffer.  Past half of it the peer's senders are
-    #: read no further and the drain timer runs; past four times it more
-    #: output is dropped.
+    #: read no further (for C{push_back_timeout} at most) and the drain
+    #: timer runs; past it, once the push back is over, what is relayed to
+    #: the peer is refused; past four times it any output is dropped.
     max_output_buffer: int = attrs.field(default=2 * DEFAULT_MAX_MESSAGE_SIZE, validator=_positive)
     #: Seconds a peer's backlog may stay over half C{max_output_buffer}
-    #: before its session ends with ChannelCacheOverflow.  Meanwhile
-    #: whoever relays to it is read no further.
+    #: before its session ends with ChannelCacheOverflow.
     output_drain_timeout: float = attrs.field(default=10, validator=_positive)
+    #: Seconds at most that a sender is read no further because a peer it
+    #: relays to is backed up.  A peer that has not drained by then is
+    #: stalled: its senders read again, and what is relayed to it past
+    #: C{max_output_buffer} is refused (one-way frames dropped and
+    #: counted, requests answered C{RateLimited}).  0: never hold a sender
+    #: back.
+    push_back_timeout: float = attrs.field(default=0.05, validator=_not_negative)
     #: Seconds a closing connection has to take its last bytes before it
     #: is aborted.
     close_timeout: float = attrs.field(default=5, validator=_positive)

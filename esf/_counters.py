@@ -40,6 +40,10 @@ class Count(StrEnum):
     SENDERS_PAUSED = "senders_paused"
     #: A frame not queued for a receiver past its hard output bound.
     OUTPUT_DROPPED = "output_dropped"
+    #: A relayed frame not queued because its receiver is backed up past
+    #: its push back and its queue is full (a one-way frame is dropped; a
+    #: request is answered Error(RateLimited)).
+    RECEIVER_BEHIND = "receiver_behind"
     #: A request the server would have handled itself, refused because its
     #: session spent its work budget.
     WORK_REFUSED = "work_refused"

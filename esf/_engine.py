@@ -38,7 +38,7 @@ from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
 from ._router import ANSWERS, AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
-from ._output import OutputBatch
+from ._output import PUSH_BACK, REFUSED, OutputBatch
 from ._session import RELAYED, Session, SessionState
 from ._wire import (
     SERVER_ID,
@@ -400,10 +400,14 @@ class ServerEngine:
                     user_id=session.user_id,
                 )
                 return
+            raw = frame.raw
+            delivered = False
             for asker in askers:
-                if asker.send(frame.raw):
-                    asker.push_back(session)
-            self.count_relayed(message_type, 1, len(frame.raw))
+                status = asker.send(raw)
+                if not status or not self.not_queued(session, asker, status, 1, len(raw)):
+                    delivered = True
+            if delivered:
+                self.count_relayed(message_type, 1, len(raw))
             return
         targets = self.router.resolve(frame.dest_user_id)
         if (
@@ -417,7 +421,8 @@ class ServerEngine:
             self.offline.offer(session, frame)
             return
         if targets:
-            if frame.message_id and message_type != MessageType.SEND:
+            acknowledged = frame.message_id and message_type != MessageType.SEND
+            if acknowledged:
                 if not self.answers.asked(session, frame):
                     self.counters[Count.TOO_MANY_UNANSWERED] += 1
                     session.error(
@@ -428,10 +433,24 @@ class ServerEngine:
                     )
                     return
             raw = frame.raw
+            delivered = False
             for target in targets:
-                if target.send(raw):
-                    target.push_back(session)
-            self.count_relayed(message_type, 1, len(raw))
+                status = target.send(raw)
+                if not status or not self.not_queued(session, target, status, 1, len(raw)):
+                    delivered = True
+            if delivered:
+                self.count_relayed(message_type, 1, len(raw))
+            elif acknowledged:
+                # Refused by every device it is addressed to: say so now,
+                # rather than let the sender wait for an answer that cannot
+                # come.  (One-way frames were counted by not_queued.)
+                self.answers.forget(session, frame)
+                session.error(
+                    frame,
+                    ErrorCode.RATE_LIMITED,
+                    f"not delivered: {frame.dest_user_id} is backed up (it does not read what "
+                    "is relayed to it fast enough); try later",
+                )
             return
         if targets is None:
             session.error(
@@ -450,6 +469,27 @@ class ServerEngine:
             # A cluster's presence that lost Redis: users elsewhere are unknown.
             text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
         session.error(frame, ErrorCode.USER_OFFLINE, text)
+
+    def not_queued(self, sender: Session, target: Any, status: int, frames: int, size: int) -> bool:
+        """
+        C{target.send} answered C{status} (true) for C{frames} frames of
+        C{sender}, C{size} bytes: hold C{sender} back (L{PUSH_BACK}), or
+        count what was refused and charge it to C{sender}'s allowance
+        (L{esf._output.Output.refused}).
+
+        @return: whether the frames were not queued.
+        """
+        if status == PUSH_BACK:
+            target.push_back(sender)
+            return False
+        if status == REFUSED:
+            self.counters[Count.RECEIVER_BEHIND] += frames
+        else:
+            # Past the hard bound while the senders are held back (they
+            # finish the reads they were in): hold this one back too.
+            target.push_back(sender)
+        sender.refused(size)
+        return True
 
     def count_relayed(self, message_type: int, frames: int, size: int) -> None:
         """

@@ -93,6 +93,21 @@ COUNTER_METRICS = {
         "unexpected_answers",
         "Answers addressed to the server that no query waited for.",
     ),
+    Count.RECEIVER_BEHIND: (
+        "receiver_behind",
+        "Relayed frames not delivered because their receiver was backed up past the push back "
+        "and its queue was full: one-way ones dropped, requests answered Error(RateLimited).",
+    ),
+    Count.OUTPUT_DROPPED: (
+        "output_dropped",
+        "Writes to a peer dropped past its hard output bound or the server's memory budget "
+        "(a relayed request among them is answered Error(RateLimited)).",
+    ),
+    Count.SENDERS_PAUSED: (
+        "senders_paused",
+        "Times a sender was read no further: a receiver it relayed to was backed up (for "
+        "--push-back-timeout at most), or it kept relaying what was refused.",
+    ),
     Count.OFFLINE_STORED: (
         "offline_stored",
         "Frames kept in the offline store for users who were offline (a blob's fragments each).",

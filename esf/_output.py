@@ -5,14 +5,21 @@ between peers.
 Output to a peer is gathered while a read is handled and written once
 (L{OutputBatch}).  A peer that stops reading: its transport pauses the
 session (L{Output.pause_writing}); what is queued from then on counts
-against C{max_output_buffer}, past half of it the peer's senders are not
-read (push back, L{Output.push_back}) until it drains, and a peer that does
+against C{max_output_buffer}.  Past half of it the peer is I{backed up}:
+its senders are read no further (push back, L{Output.push_back}), but for
+C{push_back_timeout} at most.  A peer that has not drained by then is
+I{stalled}: its senders read again, more is queued for it up to the whole
+bound, and past that what is relayed to it is refused (L{REFUSED}), so
+that it never holds up its senders' traffic to others.  A peer that does
 not drain within C{output_drain_timeout} ends with C{ChannelCacheOverflow}.
-Frames relayed to a device that is logging on, or whose stored messages are
-being delivered, are held (L{Output.hold}) and written after.
+A sender that keeps relaying what is refused is slowed down
+(L{Output.refused}).  Frames relayed to a device that is logging on, or
+whose stored messages are being delivered, are held (L{Output.hold}) and
+written after, under the same rules.
 
-L{Output} is the base of L{esf._session.Session}: one object per
-connection, split in two modules by concern.
+L{Output} (with L{Sender}, the session as a sender that may be held back)
+is the base of L{esf._session.Session}: one object per connection, split
+by concern.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ if TYPE_CHECKING:
     from ._engine import ServerEngine
     from .interfaces import IChannel
 
-__all__ = ["Output", "OutputBatch"]
+__all__ = ["Sender", "Output", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
 log = Logger(namespace="esf.server")
 
@@ -39,6 +46,27 @@ log = Logger(namespace="esf.server")
 #: senders are held back (each may finish the read it is in); beyond it
 #: relayed frames are dropped and counted.
 _HARD_BOUND_FACTOR = 4
+
+#: What L{Output.send} answers besides a false value (queued, nothing to
+#: do).  Plain ints, compared with C{==}: the relay's common case tests
+#: only for a true value.
+#:
+#: Queued, and the peer is backed up: hold the sender back
+#: (L{Output.push_back}).
+PUSH_BACK = 1
+#: Not queued: the peer is stalled (backed up past its push back) and its
+#: queue is full.  Nothing counted yet: the caller counts the frames
+#: (C{receiver_behind}) and answers a request.
+REFUSED = 2
+#: Not queued: past the hard bound or the server's memory budget (counted
+#: as C{output_dropped} already).
+DROPPED = 3
+
+#: A sender may have this many times C{max_output_buffer} of its frames
+#: refused (L{REFUSED}, L{DROPPED}) at once; the allowance refills at
+#: C{max_output_buffer} bytes a second.  Past it the sender is read no
+#: further until the allowance is back above zero.
+_REFUSAL_BURST_FACTOR = 2
 
 class OutputBatch:
     """
@@ -75,7 +103,83 @@ class OutputBatch:
             session.flush()
 
 
-class Output:
+class Sender:
+    """
+    A session as a sender: held back (its reading paused) while receivers
+    it relays to are backed up (L{Output.push_back}), or while it has
+    spent its allowance of refused relays (L{refused}).  The session
+    provides C{owner}, C{channel} and C{state}.
+    """
+
+    __slots__ = ("_blockers", "_refusable", "_refusable_at", "_refusal_timer")
+
+    owner: ServerEngine
+    channel: IChannel
+    state: SessionState
+
+    def _init_sender(self) -> None:
+        #: How many receivers (and the refusal allowance) hold this
+        #: session's reading paused.
+        self._blockers = 0
+        #: Bytes of its relays that may still be refused before it is
+        #: slowed down (L{refused}), as of C{_refusable_at}.
+        self._refusable: float = _REFUSAL_BURST_FACTOR * self.owner.config.max_output_buffer
+        self._refusable_at = 0.0
+        #: Resumes its reading once the allowance is back (L{refused}).
+        self._refusal_timer: Any = None
+
+    def _hold_back(self) -> None:
+        """
+        Read this session no further, until every receiver (and the
+        refusal allowance) that holds it back lets it go.
+        """
+        self._blockers += 1
+        if self._blockers == 1:
+            self.owner.counters[Count.SENDERS_PAUSED] += 1
+            self.channel.pause_reading()
+
+    def _let_go(self) -> None:
+        self._blockers -= 1
+        if self._blockers == 0 and self.state is not SessionState.ENDED:
+            self.channel.resume_reading()
+
+    def refused(self, size: int) -> None:
+        """
+        C{size} bytes this session relayed were refused (L{REFUSED},
+        L{DROPPED}).  Reading them costs the server little, and a burst of
+        them does not slow the sender; one that keeps relaying what is
+        refused spends its allowance (twice C{max_output_buffer}, refilled
+        at C{max_output_buffer} a second; a token bucket, as
+        L{esf._session.Session.charge}) and is then read no further until
+        the allowance is back above zero.
+        """
+        owner = self.owner
+        rate = owner.config.max_output_buffer
+        now = owner.clock.seconds()
+        allowance = self._refusable + (now - self._refusable_at) * rate
+        if allowance > _REFUSAL_BURST_FACTOR * rate:
+            allowance = _REFUSAL_BURST_FACTOR * rate
+        allowance -= size
+        self._refusable, self._refusable_at = allowance, now
+        if allowance < 0 and self._refusal_timer is None and self.state is not SessionState.ENDED:
+            self._hold_back()
+            self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
+
+    def _refilled(self) -> None:
+        self._refusal_timer = None
+        self._let_go()
+
+    def _stop_refusal_timer(self) -> None:
+        """
+        The session ended: its refusal allowance no longer matters.
+        """
+        if self._refusal_timer is not None:
+            if self._refusal_timer.active():
+                self._refusal_timer.cancel()
+            self._refusal_timer = None
+
+
+class Output(Sender):
     """
     The output side of a session (see the module's docstring).  The
     session provides C{owner}, C{channel}, C{state} and C{end}.
@@ -86,11 +190,12 @@ class Output:
         "_backlog",
         "_drain_timer",
         "_blocked",
-        "_blockers",
         "_out",
         "_held",
         "_held_bytes",
         "_writable_waiters",
+        "_push_back_timer",
+        "_stalled",
     )
 
     owner: ServerEngine
@@ -98,6 +203,7 @@ class Output:
     state: SessionState
 
     def _init_output(self) -> None:
+        self._init_sender()
         self._paused = False
         self._backlog = 0
         #: Ends the session if its backlog stays over the bound too long.
@@ -105,9 +211,7 @@ class Output:
         #: Senders whose reading this session's backlog has paused; weak: a
         #: sender that leaves meanwhile is not kept alive until this
         #: session drains.
-        self._blocked: WeakSet[Output] | None = None
-        #: How many receivers hold this session's reading paused.
-        self._blockers = 0
+        self._blocked: WeakSet[Sender] | None = None
         #: Output gathered during a read, written by L{flush}.
         self._out: list[bytes] | None = None
         #: Frames relayed to the device while its Logon was being claimed,
@@ -116,6 +220,11 @@ class Output:
         self._held_bytes = 0
         #: Who waits for the peer to catch up (L{when_writable}).
         self._writable_waiters: list[Deferred[None]] | None = None
+        #: Ends the push back on this session's senders (L{_stall}).
+        self._push_back_timer: Any = None
+        #: Backed up past its push back: relays are refused once its queue
+        #: is full, its senders are not held back.
+        self._stalled = False
 
     def end(self, reason: DisconnectedType, text: str = "") -> None:
         raise NotImplementedError  # the session's
@@ -148,7 +257,7 @@ class Output:
             if self._drain_timer.active():
                 self._drain_timer.cancel()
             self._drain_timer = None
-        self._release_blocked()
+        self._end_push_back()
         waiters, self._writable_waiters = self._writable_waiters, None
         for d in waiters or ():
             d.callback(None)
@@ -168,32 +277,56 @@ class Output:
 
     # -- push back: a receiver that is backed up slows its senders down ------
 
-    def push_back(self, sender: Output) -> None:
+    def push_back(self, sender: Sender) -> None:
         """
         This session's backlog passed half its bound while C{sender} relayed
-        to it: stop reading C{sender} until this session drains (or ends).
-        Like TCP's own flow control, only slower senders, never the
-        receiver, pay for a burst.
+        to it: stop reading C{sender} until this session drains (or ends),
+        for C{push_back_timeout} at most (L{_stall}).  Like TCP's own flow
+        control, only slower senders, never the receiver, pay for a burst;
+        but a sender's connection carries its traffic to everyone, so it
+        is held back only briefly.
         """
-        if sender is self or sender.state is SessionState.ENDED:
+        if sender is self or sender.state is SessionState.ENDED or self._stalled:
             return
+        if self._push_back_timer is None:
+            timeout = self.owner.config.push_back_timeout
+            if timeout <= 0:
+                self._stall()
+                return
+            self._push_back_timer = self.owner.clock.callLater(timeout, self._stall)
         blocked = self._blocked
         if blocked is None:
             blocked = self._blocked = WeakSet()
         if sender in blocked:
             return
         blocked.add(sender)
-        sender._blockers += 1
-        if sender._blockers == 1:
-            sender.owner.counters[Count.SENDERS_PAUSED] += 1
-            sender.channel.pause_reading()
+        sender._hold_back()
+
+    def _stall(self) -> None:
+        """
+        The push back is over and this session has not drained: let its
+        senders read again.  Until it drains, relays to it are queued up to
+        its bound and refused past it (L{send}).
+        """
+        self._push_back_timer = None
+        self._stalled = True
+        self._release_blocked()
+
+    def _end_push_back(self) -> None:
+        """
+        This session caught up (or ended): no more push back or stall.
+        """
+        if self._push_back_timer is not None:
+            if self._push_back_timer.active():
+                self._push_back_timer.cancel()
+            self._push_back_timer = None
+        self._stalled = False
+        self._release_blocked()
 
     def _release_blocked(self) -> None:
         blocked, self._blocked = self._blocked, None
         for sender in list(blocked or ()):
-            sender._blockers -= 1
-            if sender._blockers == 0 and sender.state is not SessionState.ENDED:
-                sender.channel.resume_reading()
+            sender._let_go()
 
     def _not_draining(self) -> None:
         self._drain_timer = None
@@ -206,26 +339,34 @@ class Output:
 
     # -- output ------------------------------------------------------------------
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes) -> int:
         """
         Write a frame to the peer once it is logged on (held until its Logon
         reply while it logs on; dropped once it has ended).
 
-        @return: whether this session is backed up (its backlog is past half
-            its bound): the sender should be held back (L{push_back}).
+        @return: 0 when queued; L{PUSH_BACK} when queued and this session is
+            backed up (its backlog is past half its bound): the sender
+            should be held back (L{push_back}); L{REFUSED} or L{DROPPED}
+            when not queued.
         """
         state = self.state
         if state is SessionState.LOGGED_ON and self._held is None:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
-                return False
-            self.queue(data)
+                return 0
+            limit = self.owner.config.max_output_buffer
+            if self._stalled and self._backlog + len(data) > limit:
+                return REFUSED
+            if not self._queue(data):
+                return DROPPED
             # Backed up: whoever relays to this session should wait.
-            return self._paused and self._backlog * 2 > self.owner.config.max_output_buffer
+            if self._paused and not self._stalled and self._backlog * 2 > limit:
+                return PUSH_BACK
+            return 0
         if state is SessionState.LOGGED_ON or state is SessionState.LOGGING_ON:
             return self._hold(data)
-        return False
+        return 0
 
     def hold(self) -> None:
         """
@@ -235,24 +376,25 @@ class Output:
         if self._held is None:
             self._held = []
 
-    def _hold(self, data: bytes) -> bool:
+    def _hold(self, data: bytes) -> int:
         """
-        Hold C{data}, within the session's hard output bound and the
-        server's budget (past them it is dropped and counted).
-
-        @return: whether the senders should be held back.
+        Hold C{data}, within the session's bounds and the server's budget
+        (as L{send}: past them it is refused, or dropped and counted).
         """
         held = self._held
         if held is None:
             held = self._held = []
         size = len(data)
         total = self._held_bytes + size
+        limit = self.owner.config.max_output_buffer
+        if self._stalled and total > limit:
+            return REFUSED
         if self._dropped(total, size):
-            return True
+            return DROPPED
         held.append(data)
         self._held_bytes = total
         self.owner.budget.used += size
-        return total * 2 > self.owner.config.max_output_buffer
+        return PUSH_BACK if not self._stalled and total * 2 > limit else 0
 
     def _dropped(self, total: int, size: int) -> bool:
         """
@@ -274,8 +416,15 @@ class Output:
         that stays behind for C{output_drain_timeout} ends with
         C{ChannelCacheOverflow}.
         """
+        self._queue(data)
+
+    def _queue(self, data: bytes) -> bool:
+        """
+        L{queue}; C{False} when C{data} was dropped (past the hard bound or
+        the server's budget).
+        """
         if self.state is SessionState.ENDED:
-            return
+            return True
         if self._paused:
             # The peer is behind: what is queued now counts.  Past half the
             # bound its senders are held back (L{send}) and the peer has
@@ -285,7 +434,7 @@ class Output:
             size = len(data)
             backlog = self._backlog + size
             if self._dropped(backlog, size):
-                return
+                return False
             owner = self.owner
             if backlog * 2 > owner.config.max_output_buffer and self._drain_timer is None:
                 self._drain_timer = owner.clock.callLater(
@@ -296,13 +445,14 @@ class Output:
         out = self._out
         if out is not None:
             out.append(data)
-            return
+            return True
         batch = self.owner.batch
         if batch.gathering:
             self._out = [data]
             batch.add(self)
-            return
+            return True
         self._write(data)
+        return True
 
     def release_held(self) -> None:
         """
@@ -323,7 +473,7 @@ class Output:
                 if outermost:
                     batch.flush()
         if not self._paused:
-            self._release_blocked()  # the senders held back meanwhile
+            self._end_push_back()  # the senders held back meanwhile
 
     def flush(self) -> None:
         """

@@ -110,6 +110,15 @@ class AnswerRouter:
         table[key] = (now + self.timeout, frame.message_type)
         return True
 
+    def forget(self, asker: Any, frame: Any) -> None:
+        """
+        The request C{frame} that C{asker} relayed (L{asked}) was not
+        delivered: no answer can come.
+        """
+        table = asker.asked
+        if table:
+            table.pop((frame.message_id, user_part(frame.dest_user_id)), None)
+
     def answer(self, answerer: Any, frame: Any) -> Sequence[Any]:
         """
         Where C{frame}, an answer from C{answerer}, goes: the local device

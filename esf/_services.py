@@ -396,7 +396,11 @@ class ApplicationServices:
             for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
                     for target in resolve(user_id) or ():
-                        target.send(raw)
+                        # A member that is backed up holds the sender back
+                        # briefly, or is skipped (counted), as for a relay.
+                        status = target.send(raw)
+                        if status:
+                            engine.not_queued(session, target, status, 1, len(raw))
             if frame.message_id:
                 session.reply(frame, m.Ack(info.information_type).encode(), MessageType.ACK)
 

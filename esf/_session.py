@@ -19,7 +19,7 @@ from zope.interface import implementer
 from . import _messages as m
 from ._config import SessionState, UserData
 from ._counters import Count
-from ._output import Output
+from ._output import REFUSED, Output
 from ._router import ANSWERS
 from ._wire import (
     _FIXED_HEADER,
@@ -207,11 +207,16 @@ class Session(Output):
                         targets = resolve(item.dest_user_id)
                         if targets:
                             raw = item.raw
+                            delivered = False
                             for target in targets:
-                                if target.send(raw):
-                                    target.push_back(self)
-                            relayed += item.count
-                            relayed_bytes += len(raw)
+                                status = target.send(raw)
+                                if not status or not owner.not_queued(
+                                    self, target, status, item.count, len(raw)
+                                ):
+                                    delivered = True
+                            if delivered:
+                                relayed += item.count
+                                relayed_bytes += len(raw)
                             continue
                     for frame in item.frames():
                         if self.state is SessionState.ENDED:
@@ -380,7 +385,10 @@ class Session(Output):
                     session=self,
                 )
                 return
-        self.send(data)
+        if self.send(data) == REFUSED:
+            # Backed up: counted; the sender is on another node, which is
+            # not told (a request times out there).
+            self.owner.counters[Count.RECEIVER_BEHIND] += 1
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """
@@ -489,6 +497,7 @@ class Session(Output):
         self.owner.budget.used -= self._partial + self._held_bytes
         self._partial = self._held_bytes = 0
         self._caught_up()
+        self._stop_refusal_timer()
         if self.logon_timer is not None and self.logon_timer.active():
             self.logon_timer.cancel()
         self.logon_timer = None

@@ -78,24 +78,21 @@ from twisted.internet import defer, task
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ClientFactory, ProcessProtocol, Protocol
 
-from . import _messages as m
-from ._wire import FrameDecoder, FrameError, LogonResult, MessageType, WireConfig, encode_frame
+from ._bench_wire import (  # noqa: F401  (the dialects' names stay esf.bench's too)
+    INFO_TYPE,
+    BareDialect,
+    BenchError,
+    EsfDialect,
+    WsDialect,
+    _ws_header,
+)
+from ._wire import FrameError
 
 __all__ = ["main"]
 
 MODES = ("send", "request", "logons", "idle")
 
-#: Information type carried by every benchmark message.
-INFO_TYPE = 1
-
 _I32 = struct.Struct("<i")
-_U32 = struct.Struct("<I")
-
-
-class BenchError(Exception):
-    """
-    A phase could not run to its end.
-    """
 
 
 class RunAborted(Exception):
@@ -417,316 +414,6 @@ class RemoteServer:
 
     def log_tail(self, lines: int = 20) -> str:
         return ""
-
-
-# -- what goes on the wire -------------------------------------------------------
-
-
-class EsfDialect:
-    """
-    ESF v1 frames, built once with L{esf.wire.encode_frame}.
-    """
-
-    kind = "esf"
-    mid_offset_in_request = 4
-    mid_offset_in_response = 4
-
-    def __init__(self, size: int, password: str, system_token: str):
-        self.wire = WireConfig()
-        self.payload = bytes(i & 0xFF for i in range(size))
-        self.body = m.Information(INFO_TYPE, self.payload).encode()
-        self.frame_size = self.wire.header_length + len(self.body)
-        self.logon_body = m.Logon(m.PROTOCOL_VERSION, system_token, password).encode()
-
-    def hello(self, name: str) -> bytes:
-        return encode_frame(
-            self.wire, MessageType.LOGON, self.logon_body, message_id=1, user_id=name
-        )
-
-    def hello_parser(self):
-        return _EsfLogonReply(self.wire)
-
-    def message(self, src: str, dst: str) -> bytes:
-        return encode_frame(self.wire, MessageType.SEND, self.body, user_id=src, dest_user_id=dst)
-
-    def request(self, src: str, dst: str) -> bytearray:
-        return bytearray(
-            encode_frame(self.wire, MessageType.REQUEST, self.body, message_id=1, user_id=src, dest_user_id=dst)
-        )
-
-    def response(self, src: str, dst: str) -> bytearray:
-        return bytearray(
-            encode_frame(self.wire, MessageType.RESPONSE, self.body, message_id=1, user_id=src, dest_user_id=dst)
-        )
-
-    def heartbeat(self, name: str) -> bytes:
-        return encode_frame(self.wire, MessageType.HEARTBEAT, user_id=name)
-
-    def is_request(self, frame) -> bool:
-        return frame[0] == 0xFF and frame[2] == 203 and frame[3] == 0
-
-    def is_response(self, frame) -> bool:
-        return frame[0] == 0xFF and frame[2] == 204 and frame[3] == 0
-
-    def checker(self, src: str, dst: str):
-        return _EsfChecker(self.wire, src, dst, self.frame_size)
-
-
-class _EsfLogonReply:
-    def __init__(self, wire: WireConfig):
-        self.decoder = FrameDecoder(wire)
-
-    def feed(self, data: bytes):
-        """
-        C{(None, b"")} while incomplete, C{(True, rest)} on Succeed,
-        C{(error text, b"")} otherwise.
-        """
-        try:
-            frames = self.decoder.feed(data)
-        except FrameError as e:
-            return f"undecodable answer to Logon: {e.message}", b""
-        if not frames:
-            return None, b""
-        frame = frames[0]
-        if frame.message_type != MessageType.LOGON:
-            if frame.message_type == MessageType.DISCONNECT_NOTICE:
-                notice = m.DisconnectNotice.decode(frame.body)
-                return f"disconnected before logon: {notice.reason!r} {notice.text}", b""
-            return f"answer to Logon has message type {frame.message_type}", b""
-        reply = m.LogonReply.decode(frame.body)
-        if reply.result != LogonResult.SUCCEED:
-            return f"logon refused: {reply.result!r} {reply.failure_cause}", b""
-        if len(frames) > 1 or self.decoder.buffered:
-            return "unexpected frames after the Logon reply", b""
-        return True, b""
-
-
-class _EsfChecker:
-    """
-    Decodes and validates every frame a receiver gets (C{--check}).
-    """
-
-    def __init__(self, wire, src, dst, frame_size):
-        self.decoder = FrameDecoder(wire)
-        self.src, self.dst, self.frame_size = src, dst, frame_size
-
-    def feed(self, data: bytes) -> int:
-        frames = self.decoder.feed(data)
-        for frame in frames:
-            if (
-                frame.message_type != MessageType.SEND
-                or frame.user_id != self.src
-                or frame.dest_user_id != self.dst
-                or len(frame.raw) != self.frame_size
-            ):
-                raise BenchError(f"unexpected frame at the receiver {self.dst}: {frame!r:.200}")
-        return len(frames)
-
-
-#: The mask of every WebSocket frame the load sends.  RFC 6455 wants a fresh
-#: random key per frame (against proxy cache poisoning, not an issue on
-#: loopback); a fixed one keeps the load precomputed, and the server
-#: unmasks whatever the key.
-_WS_MASK = b"\x37\xfa\x21\x3d"
-
-
-def _ws_header(opcode: int, length: int, masked: bool) -> bytes:
-    bit = 0x80 if masked else 0
-    if length < 126:
-        return bytes([0x80 | opcode, bit | length])
-    if length < 65536:
-        return bytes([0x80 | opcode, bit | 126]) + length.to_bytes(2, "big")
-    return bytes([0x80 | opcode, bit | 127]) + length.to_bytes(8, "big")
-
-
-def _ws_client_frame(payload: bytes) -> bytes:
-    """
-    One masked binary WebSocket frame, as a client sends it.
-    """
-    mask = (_WS_MASK * (len(payload) // 4 + 1))[: len(payload)]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(payload), "big")
-    return _ws_header(2, len(payload), True) + _WS_MASK + masked
-
-
-def _ws_server_frame_length(data: bytes, offset: int = 0):
-    """
-    C{(header length, payload length)} of the unmasked frame at C{offset},
-    or C{None} while its header is incomplete.
-    """
-    if len(data) - offset < 2:
-        return None
-    n = data[offset + 1] & 0x7F
-    if n < 126:
-        return 2, n
-    size = 4 if n == 126 else 10
-    if len(data) - offset < size:
-        return None
-    return size, int.from_bytes(data[offset + 2 : offset + size], "big")
-
-
-class WsDialect:
-    """
-    ESF frames over WebSocket to C{twistd esf --websocket}: the handshake,
-    then each ESF frame as one masked binary message.
-    """
-
-    kind = "ws"
-
-    def __init__(self, esf: EsfDialect):
-        self.esf = esf
-        #: What a receiver gets per message: the server's (unmasked) frame.
-        self.frame_size = len(_ws_header(2, esf.frame_size, False)) + esf.frame_size
-
-    def hello(self, name: str) -> bytes:
-        handshake = (
-            "GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: ZXNmLWJlbmNoLWtleS0xMg==\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: esf.v1\r\n\r\n"
-        ).encode()
-        return handshake + _ws_client_frame(self.esf.hello(name))
-
-    def hello_parser(self):
-        return _WsLogonReply(self.esf.hello_parser())
-
-    def message(self, src: str, dst: str) -> bytes:
-        return _ws_client_frame(self.esf.message(src, dst))
-
-    def checker(self, src: str, dst: str):
-        return _WsChecker(self.esf.checker(src, dst))
-
-
-class _WsLogonReply:
-    def __init__(self, esf_parser):
-        self.esf_parser = esf_parser
-        self.buffer = b""
-        self.upgraded = False
-
-    def feed(self, data: bytes):
-        self.buffer += data
-        if not self.upgraded:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return None, b""
-            if not self.buffer.startswith(b"HTTP/1.1 101"):
-                return f"WebSocket handshake refused: {self.buffer[:60]!r}", b""
-            self.upgraded = True
-            self.buffer = self.buffer[end + 4 :]
-        lengths = _ws_server_frame_length(self.buffer)
-        if lengths is None or len(self.buffer) < sum(lengths):
-            return None, b""
-        header, length = lengths
-        if self.buffer[0] & 0x0F != 2:
-            return f"answer to Logon is WebSocket opcode {self.buffer[0] & 0x0F}", b""
-        status, _ = self.esf_parser.feed(self.buffer[header : header + length])
-        return status, self.buffer[header + length :]
-
-
-class _WsChecker:
-    """
-    C{--check} over WebSocket: every message is one binary frame holding
-    one ESF frame the ESF checker accepts.
-    """
-
-    def __init__(self, esf_checker):
-        self.esf_checker = esf_checker
-        self.buffer = b""
-
-    def feed(self, data: bytes) -> int:
-        buf = self.buffer + data
-        offset = count = 0
-        while (lengths := _ws_server_frame_length(buf, offset)) is not None:
-            header, length = lengths
-            if len(buf) - offset < header + length:
-                break
-            if buf[offset] != 0x82:
-                raise BenchError(f"a receiver got WebSocket frame 0x{buf[offset]:02x}, not one binary message")
-            if self.esf_checker.feed(buf[offset + header : offset + header + length]) != 1:
-                raise BenchError("a WebSocket message did not hold exactly one frame")
-            count += 1
-            offset += header + length
-        self.buffer = buf[offset:]
-        return count
-
-
-class BareDialect:
-    """
-    The bare relay's frames, the same size as the esf frames they stand for.
-    """
-
-    kind = "bare"
-
-    def __init__(self, frame_size: int):
-        self.frame_size = frame_size
-
-    @staticmethod
-    def _frame(payload: bytes) -> bytes:
-        return _U32.pack(len(payload)) + payload
-
-    def _addressed(self, dst: str, fill_to: int, mid: bool = False) -> bytes:
-        dest = dst.encode()
-        head = bytes([len(dest)]) + dest + (b"\x01\x00\x00\x00" if mid else b"")
-        pad = fill_to - 4 - len(head)
-        if pad < 0:
-            raise ValueError(f"a {fill_to}-byte frame cannot carry {dst!r}")
-        return self._frame(head + bytes(i & 0xFF for i in range(pad)))
-
-    def hello(self, name: str) -> bytes:
-        return self._frame(name.encode())
-
-    def hello_parser(self):
-        return _BareWelcome()
-
-    def message(self, src: str, dst: str) -> bytes:
-        return self._addressed(dst, self.frame_size)
-
-    def request(self, src: str, dst: str) -> bytearray:
-        self.mid_offset_in_request = 5 + len(dst.encode())
-        return bytearray(self._addressed(dst, self.frame_size, mid=True))
-
-    def response(self, src: str, dst: str) -> bytearray:
-        self.mid_offset_in_response = 5 + len(dst.encode())
-        return bytearray(self._addressed(dst, self.frame_size, mid=True))
-
-    def heartbeat(self, name: str) -> bytes:
-        dest = name.encode()
-        return self._frame(bytes([len(dest)]) + dest)
-
-    def is_request(self, frame) -> bool:
-        return _U32.unpack_from(frame)[0] == self.frame_size - 4
-
-    is_response = is_request
-
-    def checker(self, src: str, dst: str):
-        return _BareChecker(self.message(src, dst))
-
-
-class _BareWelcome:
-    def __init__(self):
-        self.buffer = b""
-
-    def feed(self, data: bytes):
-        self.buffer += data
-        if len(self.buffer) < 4:
-            return None, b""
-        if self.buffer[:4] != b"\x00\x00\x00\x00":
-            return "unexpected answer to the name frame", b""
-        return True, self.buffer[4:]
-
-
-class _BareChecker:
-    def __init__(self, frame: bytes):
-        self.frame = frame
-        self.size = len(frame)
-        self.buffer = b""
-
-    def feed(self, data: bytes) -> int:
-        buf = self.buffer + data
-        whole = len(buf) // self.size * self.size
-        for offset in range(0, whole, self.size):
-            if buf[offset : offset + self.size] != self.frame:
-                raise BenchError("unexpected frame at a bare receiver")
-        self.buffer = buf[whole:]
-        return whole // self.size
 
 
 # -- connections -------------------------------------------------------------------
@@ -1080,6 +767,9 @@ class Bench:
             receiver.on_data = st.received_checked if opts.check else st.received
             return st
 
+        if opts.pattern == "interleaved":
+            make_pair = _Ring(dialect, window, size, opts.check).make_pair
+
         _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
         return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
 
@@ -1263,6 +953,120 @@ class _SendPair(_Pair):
             self.finished()
         else:
             self.pump()
+
+
+class _Ring:
+    """
+    The senders and receivers of one worker in the interleaved pattern
+    (C{--pattern interleaved}): every sender cycles over every receiver,
+    starting at its own (sender i writes to receivers i, i+1, ..., i-1,
+    and again), so that consecutive frames of a read go to different
+    receivers.  The window is the pairs' windows together, over all of
+    them (a receiver cannot tell which sender a frame came from without
+    decoding it); each sender's share is what its pair would have sent.
+    """
+
+    def __init__(self, dialect, window: int, size: int, check: bool):
+        self.dialect, self.window, self.size, self.check = dialect, window, size, check
+        self.senders: list[_RingSender] = []
+        self.sent = self.got = 0
+        self.share = 0
+        #: Per sender, its frames to every receiver in turn, repeated: a
+        #: batch is one slice of it.
+        self._cycles: list[bytes] | None = None
+        #: What a sender writes per frame (over WebSocket, masked: not
+        #: C{size}, what a receiver gets).
+        self._written = 0
+
+    def make_pair(self, sender, receiver, share, totals, done, pairs) -> _RingSender:
+        st = _RingSender(self, sender, receiver, share, totals, done, pairs)
+        self.senders.append(st)
+        self.share += share
+        received = [0]
+
+        def count(data: bytes) -> None:
+            received[0] += len(data)
+            got = received[0] // self.size
+            n, st.receiver_got = got - st.receiver_got, got
+            self._got(n)
+
+        def checked(data: bytes) -> None:
+            try:
+                n = st.checker.feed(data)
+            except (BenchError, FrameError) as e:
+                for other in self.senders:
+                    other.sender.transport.abortConnection()
+                st.fail(str(e))
+                return
+            self._got(n)
+
+        receiver.on_data = checked if self.check else count
+        return st
+
+    def begin(self) -> None:
+        if self._cycles is not None:
+            return
+        names = [st.receiver.name for st in self.senders]
+        n = len(names)
+        senders = {st.sender.name for st in self.senders}
+        repeat = self.window // n + 2
+        self._cycles = []
+        for i, st in enumerate(self.senders):
+            cycle = b"".join(self.dialect.message(st.sender.name, names[(i + k) % n]) for k in range(n))
+            self._written = len(cycle) // n  # every frame of a dialect is the same size
+            self._cycles.append(cycle * repeat)
+            if self.check:
+                st.checker = self.dialect.checker(senders, st.receiver.name)
+        self.pump()
+
+    def pump(self) -> None:
+        inflight = self.sent - self.got
+        limit = self.window * len(self.senders)
+        if inflight > limit // 2:
+            return
+        active = [i for i, st in enumerate(self.senders) if st.sent < st.share]
+        if not active:
+            return
+        each = max(1, (limit - inflight) // len(active))
+        n_receivers = len(self.senders)
+        assert self._cycles is not None
+        for i in active:
+            st = self.senders[i]
+            count = min(each, self.window, st.share - st.sent)
+            start = st.sent % n_receivers
+            written = self._written
+            st.sender.transport.write(self._cycles[i][start * written : (start + count) * written])
+            st.sent += count
+            self.sent += count
+
+    def _got(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.got += n
+        first = self.senders[0]
+        first.totals["count"] += n
+        if self.got >= self.share:
+            for st in self.senders:
+                st.finished()
+        else:
+            self.pump()
+
+
+class _RingSender(_Pair):
+    """
+    One sender of a L{_Ring} (and its receiver's count).
+    """
+
+    checker = None
+
+    def __init__(self, ring: _Ring, sender, receiver, share, totals, done, pairs):
+        super().__init__(sender, receiver, share, totals, done, pairs)
+        self.ring = ring
+        self.sent = 0
+        self.receiver_got = 0
+
+    def begin(self) -> None:
+        self.ring.begin()
 
 
 class _RequestPair(_Pair):
@@ -2193,7 +1997,8 @@ def _targets(row: dict, server_python: str | None = None) -> list[dict]:
 def _row_label(row: dict) -> str:
     mode = row["mode"]
     if mode in ("send", "request"):
-        return f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
+        label = f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
+        return label + (", interleaved" if row.get("pattern") == "interleaved" else "")
     return f"{mode}, {row['count']:,}"
 
 
@@ -2219,6 +2024,8 @@ async def run(reactor, opts) -> dict:
                 row = {"mode": mode}
                 if pairs is not None:
                     row["pairs"] = pairs
+                if mode == "send" and opts.pattern == "interleaved":
+                    row["pattern"] = "interleaved"
                 else:
                     row["count"] = opts.logons if mode == "logons" else opts.idle
                 row_kinds = kinds + (["ws"] if mode == "send" and opts.websocket else [])
@@ -2286,6 +2093,7 @@ async def run(reactor, opts) -> dict:
             "load_procs": opts.load_procs,
             "websocket": opts.websocket,
             "check": opts.check,
+            "pattern": opts.pattern,
             "duration_cap_s": opts.duration,
             "repeat": opts.repeat,
         },
@@ -2543,6 +2351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logon-window", type=_positive(int), default=500, help="logons in flight at once (default 500)")
     p.add_argument("--backlog", type=_positive(int), default=1024,
                    help="listen backlog of the servers this run starts (default 1024; Twisted's own is 50)")
+    p.add_argument("--pattern", choices=("pairs", "interleaved"), default="pairs",
+                   help="in send mode, who sends to whom: pairs (each sender to its own receiver, "
+                   "the default) or interleaved (every sender cycles over every receiver of its "
+                   "load worker, so that consecutive frames go to different receivers)")
     p.add_argument("--window-bytes", type=_positive(int), default=2**20,
                    help="bytes one sender may have in flight in send mode (default 1048576)")
     p.add_argument("--total-window-bytes", type=_positive(int), default=8 * 2**20,

@@ -379,14 +379,17 @@ class IDeviceHandle(Interface):
     )
     node = Attribute("""The ID of the node that holds the session (L{str}).""")
 
-    def send(data: bytes) -> bool | None:
+    def send(data: bytes) -> int | None:
         """
         Write one frame (L{bytes}, a whole encoded frame) to the device.
 
-        @return: a true value when the device is backed up (its output is
-            past half its bound); the caller then asks the handle to hold
-            the sender back with C{push_back(sender_session)}.  A handle that
-            cannot tell returns C{None}.
+        @return: a false value when it was queued; otherwise the device is
+            backed up, and the value says what the caller does (see
+            L{esf._engine.ServerEngine.not_queued}): C{1} (queued; hold the
+            sender back with C{push_back(sender_session)}), C{2} (not
+            queued: the device is stalled and its queue full) or C{3} (not
+            queued: past its hard bound or the server's memory budget).  A
+            handle that cannot tell returns C{None}.
         """
 
     def notify(message_type: int, body: bytes = b"", client_type: int = 0) -> None:

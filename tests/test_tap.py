@@ -184,6 +184,14 @@ def test_numbers_out_of_range(argv, words):
         assert word in message
 
 
+def test_push_back_timeout():
+    assert parse()["config"].push_back_timeout == 0.05
+    assert parse("--push-back-timeout", "0.2")["config"].push_back_timeout == 0.2
+    assert parse("--push-back-timeout", "0")["config"].push_back_timeout == 0
+    message = usage_error("--push-back-timeout", "-1")
+    assert "--push-back-timeout" in message and "at least 0" in message
+
+
 @pytest.mark.parametrize("timeout", ["30", "20"])
 def test_heartbeat_timeout_must_exceed_the_interval(timeout):
     message = usage_error("--heartbeat-interval", "30", "--heartbeat-timeout", timeout)
