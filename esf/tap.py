@@ -472,7 +472,6 @@ def server_service(options: Options) -> MultiService:
             reactor,
             options["cluster-url"],
             node_id,
-            relogon_mode=config.relogon_mode,
             lease=options["cluster-lease"],
         )
     store: Any = None
