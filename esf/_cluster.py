@@ -1045,9 +1045,10 @@ class ClusterPresence:
             # Many at once (one connection, pipelined), a bounded number.
             chunk = [self._unconfirmed.pop() for _ in range(min(500, len(self._unconfirmed)))]
             handles = [self._local[sid] for sid in chunk if sid in self._local]
+            modes = [_RECLAIM[self._mode_of(h.session_id)] for h in handles]
             try:
                 replies = await DeferredList(
-                    [self._claim_script(h, _RECLAIM[self._mode_of(h.session_id)]) for h in handles],
+                    [self._claim_script(h, mode) for h, mode in zip(handles, modes)],
                     fireOnOneErrback=True,
                     consumeErrors=True,
                 )

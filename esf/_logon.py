@@ -224,7 +224,7 @@ class Logons:
         engine = self.engine
         user_id, client_type = session.user_id, session.client_type
         assert user_id is not None and client_type is not None  # set by _admit
-        mode = self.relogon_mode(user_id, client_type)
+        mode = self._relogon_mode(user_id, client_type)
         if mode is None:
             self._refuse(session, frame, Refuse(LogonResult.FAILED, "logon verification failed"))
             return
@@ -245,7 +245,7 @@ class Logons:
         d.addCallback(self._claimed, session, frame)
         d.addErrback(self._claim_failed, session, frame)
 
-    def relogon_mode(self, user_id: str, client_type: int) -> RelogonMode | None:
+    def _relogon_mode(self, user_id: str, client_type: int) -> RelogonMode | None:
         """
         The relogon mode of C{user_id}'s device C{client_type}: the
         application's L{esf.interfaces.IRelogonPolicy} decides, or else the

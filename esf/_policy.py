@@ -7,8 +7,8 @@ L{LogonPolicy.admit} looks at a Logon before the application verifies it
 rate limit, a device refused for flapping); L{LogonPolicy.settle} decides,
 once it is verified, against the device's current holder (the relogon
 mode the pipeline found for the device, the order Logons arrived in, the
-takeover-flapping guard).  Each returns a
-value (L{Accept}, L{Refuse}, L{Replace}, L{Ignore}); the engine acts on it.
+takeover-flapping guard).  Each returns a value (L{Accept}, L{Refuse},
+L{Replace}, L{Ignore}); the engine acts on it.
 The rate windows are the policy's only state, read and written at the
 time the caller passes in.
 """

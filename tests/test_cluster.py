@@ -468,8 +468,10 @@ async def test_split_logons_settled_by_the_mode_each_was_claimed_with(nodes, red
     b = await nodes.add("b")
     redis_server.stop()
     await eventually(lambda: not a.up and not b.up)
-    dev_earlier, dev_later = Device("a", "dev-7", logon_time=100.0), Device("b", "dev-7", logon_time=200.0)
-    op_earlier, op_later = Device("b", "op-ann", logon_time=100.0), Device("a", "op-ann", logon_time=200.0)
+    dev_earlier = Device("a", "dev-7", logon_time=100.0)
+    dev_later = Device("b", "dev-7", logon_time=200.0)
+    op_earlier = Device("b", "op-ann", logon_time=100.0)
+    op_later = Device("a", "op-ann", logon_time=200.0)
     assert (await a.claim(dev_earlier, True)).won
     assert (await b.claim(dev_later, True)).won
     assert (await b.claim(op_earlier, False)).won
