@@ -4,9 +4,10 @@ interfaces it provides.
 
 C{twistd esf --handler} and L{engine_for} share these rules: an object must
 provide at least one of L{IBasicHandler}, L{ICustomizeHandler},
-L{IGroupManager}, L{IOfflinePolicy} and L{IEngineAware}; the first four are
-roles the engine has one of, so two objects providing the same one are refused; every
-L{IEngineAware} object is initialized with the engine, in the order given.
+L{IGroupManager}, L{IOfflinePolicy}, L{IRelogonPolicy} and L{IEngineAware};
+the first five are roles the engine has one of, so two objects providing
+the same one are refused; every L{IEngineAware} object is initialized with
+the engine, in the order given.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .interfaces import (
     IOfflinePolicy,
     IOfflineStore,
     IPresence,
+    IRelogonPolicy,
 )
 
 __all__ = ["Applications", "engine_for"]
@@ -37,6 +39,7 @@ APPLICATION_INTERFACES: tuple[InterfaceClass, ...] = (
     ICustomizeHandler,
     IGroupManager,
     IOfflinePolicy,
+    IRelogonPolicy,
     IEngineAware,
 )
 
@@ -46,6 +49,7 @@ _ONE_EACH: tuple[InterfaceClass, ...] = (
     ICustomizeHandler,
     IGroupManager,
     IOfflinePolicy,
+    IRelogonPolicy,
 )
 
 
@@ -58,6 +62,7 @@ class Applications:
     @ivar customize_handler: the L{ICustomizeHandler}, or C{None}.
     @ivar group_manager: the L{IGroupManager}, or C{None}.
     @ivar offline_policy: the L{IOfflinePolicy}, or C{None}.
+    @ivar relogon_policy: the L{IRelogonPolicy}, or C{None}.
     @ivar engine_aware: every L{IEngineAware} object, in the order given.
     """
 
@@ -66,6 +71,7 @@ class Applications:
     group_manager: Any = None
     engine_aware: tuple[Any, ...] = ()
     offline_policy: Any = None
+    relogon_policy: Any = None
 
     @classmethod
     def sort(cls, applications: Iterable[Any]) -> Applications:
@@ -103,6 +109,7 @@ class Applications:
             holders.get(IGroupManager),
             tuple(engine_aware),
             holders.get(IOfflinePolicy),
+            holders.get(IRelogonPolicy),
         )
 
     def initialize(self, engine: ServerEngine) -> None:
@@ -124,8 +131,9 @@ def engine_for(
     """
     A L{ServerEngine} for an application given as one object or several,
     each used for the interfaces it provides (L{IBasicHandler},
-    L{ICustomizeHandler}, L{IGroupManager}); every L{IEngineAware} object
-    is then initialized with the engine, before any connection.
+    L{ICustomizeHandler}, L{IGroupManager}, L{IOfflinePolicy},
+    L{IRelogonPolicy}); every L{IEngineAware} object is then initialized
+    with the engine, before any connection.
 
     @param config: the server's settings (the defaults when C{None}).
     @param clock: the reactor, or any L{IReactorTime}.
@@ -147,6 +155,7 @@ def engine_for(
         node_id=node_id,
         offline_store=offline_store,
         offline_policy=apps.offline_policy,
+        relogon_policy=apps.relogon_policy,
     )
     apps.initialize(engine)
     return engine

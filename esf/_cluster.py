@@ -413,8 +413,9 @@ _CLAIM = b"""
 -- KEYS: user hash, online set, presence stream
 -- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time,
 --       takeover limit (0: no guard), takeover window ms, takeover cooldown ms
--- mode: replace | keep | newer (a re-claim: the later logon wins) |
---       older (a re-claim: the earlier logon wins)
+-- mode, by the claimant's relogon mode: replace (REPLACE_OLD) | keep
+--       (IGNORE_NEW) | newer (a re-claim of a REPLACE_OLD logon: the later
+--       logon wins) | older (a re-claim of an IGNORE_NEW logon: the earlier wins)
 -- Returns {1, old or false, stream id} when claimed, {0, old, false} when
 -- not, {2, old, ms of cooldown left} when a takeover is refused as flapping.
 local old = redis.call('HGET', KEYS[1], ARGV[2])
@@ -474,6 +475,11 @@ local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*',
                       'u', ARGV[1], 'c', ARGV[2], 'v', ARGV[3])
 return {1, old or false, id}
 """
+
+#: The claim script's mode for claiming a device again after an outage, by
+#: the relogon mode its logon was claimed with: which of two logons made at
+#: two nodes meanwhile wins.
+_RECLAIM = {RelogonMode.REPLACE_OLD: "newer", RelogonMode.IGNORE_NEW: "older"}
 
 _RELEASE = b"""
 -- KEYS: user hash, online set, presence stream
@@ -713,15 +719,13 @@ class ClusterPresence:
     only its own devices (a user on another node reads as offline, so a
     message to them fails at once), claims are decided locally, and when
     Redis is back the node claims its devices again (a conflict is settled
-    by C{relogon_mode}: the later logon wins with C{REPLACE_OLD}, the
-    earlier with C{IGNORE_NEW}) and reloads the mirror.
+    by the relogon mode each was claimed with: the later logon wins with
+    C{REPLACE_OLD}, the earlier with C{IGNORE_NEW}) and reloads the mirror.
 
     @param reactor: the reactor Redis's connections run on.
     @param url: where Redis is (a L{RedisURL} or its text).
     @param node_id: this node's ID; the engine's C{node_id} must be the same.
     @param clock: what leases and the janitor run on (C{reactor} by default).
-    @param relogon_mode: how a device logged on at two nodes while Redis was
-        unreachable is settled.
     @param lease: seconds a node's lease lasts; refreshed every third of it.
     @param prefix: the prefix of every Redis key.
     @param timeout: seconds any Redis call may take.
@@ -756,7 +760,6 @@ class ClusterPresence:
         node_id: str,
         *,
         clock: IReactorTime | None = None,
-        relogon_mode: RelogonMode = RelogonMode.REPLACE_OLD,
         lease: float = DEFAULT_LEASE,
         prefix: str = "esf",
         timeout: float = 2.0,
@@ -775,7 +778,6 @@ class ClusterPresence:
         self.clock: IReactorTime = clock if clock is not None else reactor
         self.url = url
         self.node_id = check_node_id(node_id)
-        self.relogon_mode = relogon_mode
         self.lease = lease
         self.timeout = timeout
         self.block = block
@@ -839,6 +841,10 @@ class ClusterPresence:
         self._sorted: SortedList = SortedList()
         #: This node's sessions given to claim and not yet released.
         self._local: dict[str, IDeviceHandle] = {}
+        #: Those of them claimed with C{IGNORE_NEW} (the others with
+        #: C{REPLACE_OLD}): claimed again after an outage, each settles a
+        #: conflict by the mode its logon was claimed with.
+        self._ignore_new: set[str] = set()
         #: Local sessions claimed while Redis was away (to claim there).
         self._unconfirmed: set[str] = set()
         #: Sessions released while Redis was away or whose claim has an
@@ -1053,15 +1059,21 @@ class ClusterPresence:
             stale.update(self._stale)
             self._stale = stale
 
+    def _mode_of(self, sid: str) -> RelogonMode:
+        """
+        The relogon mode this node's session C{sid} was claimed with.
+        """
+        return RelogonMode.IGNORE_NEW if sid in self._ignore_new else RelogonMode.REPLACE_OLD
+
     async def _confirm_claims(self) -> None:
-        mode = "newer" if self.relogon_mode is RelogonMode.REPLACE_OLD else "older"
         while self._unconfirmed:
             # Many at once (one connection, pipelined), a bounded number.
             chunk = [self._unconfirmed.pop() for _ in range(min(500, len(self._unconfirmed)))]
             handles = [self._local[sid] for sid in chunk if sid in self._local]
+            modes = [_RECLAIM[self._mode_of(h.session_id)] for h in handles]
             try:
                 replies = await DeferredList(
-                    [self._claim_script(h, mode) for h in handles],
+                    [self._claim_script(h, mode) for h, mode in zip(handles, modes)],
                     fireOnOneErrback=True,
                     consumeErrors=True,
                 )
@@ -1072,19 +1084,21 @@ class ClusterPresence:
                 sid = handle.session_id
                 if sid not in self._local:
                     continue  # released meanwhile: _stale has it
+                mode = self._mode_of(sid)
                 if won:
                     if old is not None:
                         previous = _Holder.parse(old)
                         if previous.session_id != sid:
-                            self._settle_remote(handle, previous)
+                            self._settle_remote(handle, previous, mode)
                 else:
                     assert old is not None  # lost to the holder it names
-                    self._settle_local(handle, _Holder.parse(old))
+                    self._settle_local(handle, _Holder.parse(old), mode)
 
-    def _settle_remote(self, winner: IDeviceHandle, loser: _Holder) -> None:
+    def _settle_remote(self, winner: IDeviceHandle, loser: _Holder, mode: RelogonMode) -> None:
         """
         C{winner} (here) took the device back from C{loser} (a logon made
-        elsewhere while this node could not reach Redis): end C{loser}.
+        elsewhere while this node could not reach Redis), by C{winner}'s
+        relogon C{mode}: end C{loser}.
         """
         if loser.node == self.node_id:
             handle = self._local.get(loser.session_id)
@@ -1092,13 +1106,13 @@ class ClusterPresence:
             handle = RemoteHandle(winner.user_id, winner.client_type, loser, self._post)
         if handle is None:
             return
-        self._end_conflict(handle, winner.user_data.address if winner.user_data else "?")
+        self._end_conflict(handle, winner.user_data.address if winner.user_data else "?", mode)
 
-    def _settle_local(self, loser: IDeviceHandle, winner: _Holder) -> None:
-        self._end_conflict(loser, winner.address)
+    def _settle_local(self, loser: IDeviceHandle, winner: _Holder, mode: RelogonMode) -> None:
+        self._end_conflict(loser, winner.address, mode)
 
-    def _end_conflict(self, handle: IDeviceHandle, other_address: str) -> None:
-        if self.relogon_mode is RelogonMode.REPLACE_OLD:
+    def _end_conflict(self, handle: IDeviceHandle, other_address: str, mode: RelogonMode) -> None:
+        if mode is RelogonMode.REPLACE_OLD:
             cause = (
                 f"{handle.user_id} logged on with this device from {other_address} too, "
                 f"later, while the cluster was split"
@@ -1349,7 +1363,7 @@ class ClusterPresence:
         sid = handle.session_id
         if not self.up:
             return succeed(self._claim_alone(handle, replace))
-        self._local[sid] = handle
+        self._hold(handle, replace)
         d = self._claim_script(handle, "replace" if replace else "keep")
         self._track(d)
 
@@ -1366,15 +1380,15 @@ class ClusterPresence:
                             handle.user_id, int(handle.client_type), holder, self._post
                         )
             if not won:
-                self._local.pop(sid, None)
+                self._let_go(sid)
             return Claim(won, previous)
 
         def failed(failure: Failure) -> Failure:
             if failure.check(TakeoverRefused):
-                self._local.pop(sid, None)  # refused: nothing was claimed
+                self._let_go(sid)  # refused: nothing was claimed
                 return failure
             # The outcome is unknown: release it (fenced) once Redis answers.
-            if self._local.pop(sid, None) is not None:
+            if self._let_go(sid) is not None:
                 self._stale[sid] = (handle.user_id, int(handle.client_type))
             return failure
 
@@ -1387,7 +1401,7 @@ class ClusterPresence:
                 previous = h
         if previous is not None and not replace:
             return Claim(False, previous)
-        self._local[handle.session_id] = handle
+        self._hold(handle, replace)
         self._unconfirmed.add(handle.session_id)
         self._set(handle.user_id, int(handle.client_type), handle, from_stream=False)
         return Claim(True, previous)
@@ -1395,7 +1409,7 @@ class ClusterPresence:
     def release(self, handle: IDeviceHandle) -> Deferred[bool]:
         sid = handle.session_id
         user_id, kind = handle.user_id, int(handle.client_type)
-        self._local.pop(sid, None)
+        self._let_go(sid)
         if not self.up:
             if sid in self._unconfirmed:
                 self._unconfirmed.discard(sid)
@@ -1416,6 +1430,24 @@ class ClusterPresence:
             return not self.devices(user_id)
 
         return d.addCallbacks(answered, failed)
+
+    def _hold(self, handle: IDeviceHandle, replace: bool) -> None:
+        """
+        Count C{handle} among this node's sessions, with the relogon mode
+        it is claimed with.
+        """
+        sid = handle.session_id
+        self._local[sid] = handle
+        if not replace:
+            self._ignore_new.add(sid)
+
+    def _let_go(self, sid: str) -> IDeviceHandle | None:
+        """
+        Count session C{sid} no more among this node's; the handle, or
+        C{None} when it was not.
+        """
+        self._ignore_new.discard(sid)
+        return self._local.pop(sid, None)
 
     def _track(self, d: Deferred[Any]) -> None:
         self._inflight.add(d)

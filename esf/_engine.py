@@ -57,6 +57,7 @@ from .interfaces import (
     IOfflinePolicy,
     IOfflineStore,
     IPresence,
+    IRelogonPolicy,
 )
 
 __all__ = [
@@ -114,6 +115,7 @@ class ServerEngine:
         node_id: str | None = None,
         offline_store: IOfflineStore | None = None,
         offline_policy: IOfflinePolicy | None = None,
+        relogon_policy: IRelogonPolicy | None = None,
     ):
         self.config = config = config or ServerConfig()
         self.clock = clock
@@ -121,6 +123,9 @@ class ServerEngine:
         self.handler = handler if handler is not None else AcceptAll()
         self.customize_handler = customize_handler
         self.group_manager = group_manager
+        #: The application's L{IRelogonPolicy}, or C{None}: then
+        #: C{config.relogon_mode} applies to every user and device kind.
+        self.relogon_policy = relogon_policy
         #: L{Event}: C{(sender_id, dest_user_id, message_type, raw)}: a message
         #: addressed to a user could not be delivered because the user is not
         #: online (fired whether or not an offline store keeps it).

@@ -1,8 +1,9 @@
 """
 The logon pipeline: from a Logon frame to a bound session or a refusal.
 
-    Logon arrives -> policy.admit -> handler.verify_user -> policy.settle
-      -> presence.claim -> push the old holder out -> bind (Logon reply)
+    Logon arrives -> policy.admit -> handler.verify_user -> relogon mode
+      -> policy.settle -> presence.claim -> push the old holder out
+      -> bind (Logon reply)
 
 The decisions are the policy's (L{esf._policy}); this part carries them
 out: it answers, fires the user manager's events and binds or ends the
@@ -223,10 +224,14 @@ class Logons:
         engine = self.engine
         user_id, client_type = session.user_id, session.client_type
         assert user_id is not None and client_type is not None  # set by _admit
+        mode = self._relogon_mode(user_id, client_type)
+        if mode is None:
+            self._refuse(session, frame, Refuse(LogonResult.FAILED, "logon verification failed"))
+            return
         holder = engine.presence.get(user_id, client_type)
         decision = self.policy.settle(
             user_id, client_type, session.logon_order, holder,
-            engine.clock.seconds(),
+            engine.clock.seconds(), mode,
         )
         if isinstance(decision, Refuse):
             self._refuse(session, frame, decision)
@@ -234,10 +239,36 @@ class Logons:
         if isinstance(decision, Ignore):
             self._ignore(session, frame, decision.holder)
             return
-        replace = engine.config.relogon_mode is RelogonMode.REPLACE_OLD
-        d = engine.presence.claim(session, replace)
+        # The mode travels with the claim: a registry shared by nodes
+        # settles a holder its mirror did not show yet by it.
+        d = engine.presence.claim(session, mode is RelogonMode.REPLACE_OLD)
         d.addCallback(self._claimed, session, frame)
         d.addErrback(self._claim_failed, session, frame)
+
+    def _relogon_mode(self, user_id: str, client_type: int) -> RelogonMode | None:
+        """
+        The relogon mode of C{user_id}'s device C{client_type}: the
+        application's L{esf.interfaces.IRelogonPolicy} decides, or else the
+        server's C{relogon_mode}.  C{None} when the application's answer is
+        an exception or not a L{RelogonMode} (logged): the logon is refused,
+        as when C{verify_user} raises.
+        """
+        engine = self.engine
+        policy = engine.relogon_policy
+        if policy is None:
+            return engine.config.relogon_mode
+        kind = as_client_type(client_type)
+        try:
+            mode = policy.relogon_mode(user_id, kind)
+            if not isinstance(mode, RelogonMode):
+                raise TypeError(f"relogon_mode answered {mode!r}, not a RelogonMode")
+        except Exception:
+            log.failure(
+                "relogon_mode failed for {user_id}/{client_type}",
+                user_id=user_id, client_type=client_type, esf_event="relogon_mode_failed",
+            )  # fmt: skip
+            return None
+        return mode
 
     def _claimed(self, claim: Claim, session: Session, frame: Frame) -> None:
         if not claim.won:

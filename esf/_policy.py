@@ -5,9 +5,10 @@ already held does, as pure decisions.
 L{LogonPolicy.admit} looks at a Logon before the application verifies it
 (protocol version, system token, reserved IDs, device kinds, the per-host
 rate limit, a device refused for flapping); L{LogonPolicy.settle} decides,
-once it is verified, against the device's current holder (relogon mode,
-the order Logons arrived in, the takeover-flapping guard).  Each returns a
-value (L{Accept}, L{Refuse}, L{Replace}, L{Ignore}); the engine acts on it.
+once it is verified, against the device's current holder (the relogon
+mode the pipeline found for the device, the order Logons arrived in, the
+takeover-flapping guard).  Each returns a value (L{Accept}, L{Refuse},
+L{Replace}, L{Ignore}); the engine acts on it.
 The rate windows are the policy's only state, read and written at the
 time the caller passes in.
 """
@@ -218,16 +219,23 @@ class LogonPolicy:
         return ACCEPT
 
     def settle(
-        self, user_id: str, client_type: int, logon_order: int, holder: Any, now: float
+        self,
+        user_id: str,
+        client_type: int,
+        logon_order: int,
+        holder: Any,
+        now: float,
+        mode: RelogonMode,
     ) -> Settlement:
         """
         What a verified logon does to the device's current C{holder} (an
-        L{esf.interfaces.IDeviceHandle}, or C{None}).
+        L{esf.interfaces.IDeviceHandle}, or C{None}) under relogon C{mode}
+        (the server's, or the application's for this user and device).
         """
         if holder is None:
             return ACCEPT
         config = self.config
-        if config.relogon_mode is RelogonMode.IGNORE_NEW:
+        if mode is RelogonMode.IGNORE_NEW:
             return Ignore(holder)
         if holder.logon_order > logon_order:
             # A Logon that arrived later was verified first: it stands.

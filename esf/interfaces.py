@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, Union
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from ._config import RelogonMode
 from ._wire import DisconnectedType
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "IEvent",
     "IChannel",
     "IEngineAware",
+    "IRelogonPolicy",
     "IOfflineStore",
     "IOfflinePolicy",
 ]
@@ -162,6 +164,29 @@ class IEngineAware(Interface):
         """
 
 
+class IRelogonPolicy(Interface):
+    """
+    Decides, per user and device kind, what a second logon of a device
+    that is already on does (the server's C{--relogon-mode} decides for
+    everyone when no application provides this).
+    """
+
+    def relogon_mode(user_id: str, client_type: int) -> RelogonMode:
+        """
+        The relogon mode of C{user_id}'s device C{client_type} (a
+        L{esf.ClientType} value): C{REPLACE_OLD} pushes the session that is
+        on out, C{IGNORE_NEW} refuses the new logon with C{HadLoggedOn}.
+
+        Asked once for every logon that L{IBasicHandler.verify_user}
+        accepted, before the device is claimed; answer at once (no
+        Deferred), cheaply.  In a cluster the logon's node asks, and the
+        mode travels with its claim: give the same answer on every node.
+        An exception, or an answer that is not a L{esf.RelogonMode},
+        refuses the logon (logged; the client sees C{logon verification
+        failed}).
+        """
+
+
 class IOfflinePolicy(Interface):
     """
     Decides which messages to users who are offline the server keeps in its
@@ -272,9 +297,11 @@ class IUserManager(Interface):
 
     relogon_mode = Attribute(
         """
-        What a second logon of the same user and device kind does: a
-        L{esf.RelogonMode}.  C{REPLACE_OLD} (the default) pushes the old
-        session out; C{IGNORE_NEW} refuses the new one with C{HadLoggedOn}.
+        What a second logon of the same user and device kind does, unless
+        an L{IRelogonPolicy} application decides otherwise for that user
+        and device kind: a L{esf.RelogonMode}.  C{REPLACE_OLD} (the
+        default) pushes the old session out; C{IGNORE_NEW} refuses the new
+        one with C{HadLoggedOn}.
         """
     )
 

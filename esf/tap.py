@@ -115,7 +115,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     optParameters = [
         ["port", "p", "tcp:4530", "Endpoint to listen on (e.g. tcp:4530, ssl:4531:...), or a bare port."],
-        ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does."],
+        ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does, unless an IRelogonPolicy --handler decides."],
         ["heartbeat-interval", None, 10, "Seconds between client heartbeats, announced at logon.", _int_option("heartbeat-interval", 1, 65535)],
         ["heartbeat-timeout", None, 30, "Seconds of silence after which a session ends.", _int_option("heartbeat-timeout", 2, 65535)],
         ["logon-timeout", None, 10, "Seconds a new connection has to log on.", _int_option("logon-timeout", 1)],
@@ -198,9 +198,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_handler(self, spec: str) -> None:
         """
         An application object, module:attribute, providing IBasicHandler,
-        ICustomizeHandler, IGroupManager or IEngineAware (repeatable: each
-        object is used for the interfaces it provides; two providing the
-        same one are refused).
+        ICustomizeHandler, IGroupManager, IOfflinePolicy, IRelogonPolicy or
+        IEngineAware (repeatable: each object is used for the interfaces it
+        provides; two providing the same one are refused).
         """
         self["handlers"].append(load_object(spec))
 
@@ -540,7 +540,6 @@ def server_service(options: Options) -> MultiService:
             reactor,
             options["cluster-url"],
             node_id,
-            relogon_mode=config.relogon_mode,
             lease=options["cluster-lease"],
             inbox_bytes=options["cluster-inbox-bytes"],
         )
@@ -560,6 +559,7 @@ def server_service(options: Options) -> MultiService:
         node_id=node_id,
         offline_store=store,
         offline_policy=apps.offline_policy,
+        relogon_policy=apps.relogon_policy,
     )
     try:
         apps.initialize(engine)

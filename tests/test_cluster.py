@@ -438,13 +438,14 @@ async def test_outage_alone_then_restored(nodes, redis_server):
 @pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
 @pytest_twisted.ensureDeferred
 async def test_split_logons_settled_by_relogon_mode(nodes, redis_server, mode):
-    a = await nodes.add("a", relogon_mode=mode)
-    b = await nodes.add("b", relogon_mode=mode)
+    a = await nodes.add("a")
+    b = await nodes.add("b")
     redis_server.stop()
     await eventually(lambda: not a.up and not b.up)
     earlier, later = Device("a", "alice", logon_time=100.0), Device("b", "alice", logon_time=200.0)
-    assert (await a.claim(earlier, True)).won
-    assert (await b.claim(later, True)).won
+    replace = mode is RelogonMode.REPLACE_OLD
+    assert (await a.claim(earlier, replace)).won
+    assert (await b.claim(later, replace)).won
     redis_server.start()
     await eventually(lambda: a.up and b.up, timeout=10)
     winner, loser = (later, earlier) if mode is RelogonMode.REPLACE_OLD else (earlier, later)
@@ -457,6 +458,44 @@ async def test_split_logons_settled_by_relogon_mode(nodes, redis_server, mode):
     assert loser.kicked[0][0] == reason
     assert winner.kicked == []
     await eventually(lambda: holder(a, "alice") == holder(b, "alice") == winner.session_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_split_logons_settled_by_the_mode_each_was_claimed_with(nodes, redis_server):
+    """
+    The relogon mode is per user and device kind: each device logged on at
+    both nodes while Redis was away is settled by the mode its logons were
+    claimed with, whichever node claims it again first.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    redis_server.stop()
+    await eventually(lambda: not a.up and not b.up)
+    dev_earlier = Device("a", "dev-7", logon_time=100.0)
+    dev_later = Device("b", "dev-7", logon_time=200.0)
+    op_earlier = Device("b", "op-ann", logon_time=100.0)
+    op_later = Device("a", "op-ann", logon_time=200.0)
+    assert (await a.claim(dev_earlier, True)).won
+    assert (await b.claim(dev_later, True)).won
+    assert (await b.claim(op_earlier, False)).won
+    assert (await a.claim(op_later, False)).won
+    redis_server.start()
+    await eventually(lambda: a.up and b.up, timeout=10)
+    await eventually(lambda: dev_earlier.kicked and op_later.kicked, what="the losers are ended")
+    assert [k[0] for k in dev_earlier.kicked] == [DisconnectedType.BEING_PUSHED_OUT]
+    assert [k[0] for k in op_later.kicked] == [DisconnectedType.NEW_CONNECTION_IGNORED]
+    assert dev_later.kicked == [] and op_earlier.kicked == []
+    for node in (a, b):
+        await eventually(
+            lambda: holder(node, "dev-7") == dev_later.session_id
+            and holder(node, "op-ann") == op_earlier.session_id,
+            what=lambda: (holder(node, "dev-7"), holder(node, "op-ann")),
+        )
+    # What each node remembers of the modes goes with its sessions.
+    assert a._ignore_new == {op_later.session_id} and b._ignore_new == {op_earlier.session_id}
+    await a.release(dev_earlier)
+    await a.release(op_later)
+    assert not a._local and not a._ignore_new
 
 
 @pytest_twisted.ensureDeferred

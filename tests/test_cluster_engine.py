@@ -7,10 +7,13 @@ events.  Engine time is a L{task.Clock}; Redis runs on the real reactor.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
+from zope.interface import implementer
 
 from _helpers import Client, logon_reply, record_events
 from esf import (
@@ -18,12 +21,14 @@ from esf import (
     ErrorCode,
     LogonResult,
     MessageType,
+    RelogonMode,
     RequestError,
     ServerConfig,
     ServerEngine,
 )
 from esf._cluster import ClusterPresence
 from esf._metrics import ServerMetrics
+from esf.interfaces import IRelogonPolicy
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
 from test_cluster import eventually, ledger, pause_reading, resume_reading
@@ -32,14 +37,24 @@ LEASE = 0.6
 
 
 class Node:
-    def __init__(self, redis_server, node_id: str, config: ServerConfig | None = None, **options):
+    def __init__(
+        self,
+        redis_server,
+        node_id: str,
+        config: ServerConfig | None = None,
+        relogon_policy: Any = None,
+        **options,
+    ):
         clock = task.Clock()
         config = config or ServerConfig()
         self.presence = ClusterPresence(
             reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
-            relogon_mode=config.relogon_mode, **options,
+            **options,
         )  # fmt: skip
-        self.engine = ServerEngine(config, clock=clock, presence=self.presence, node_id=node_id)
+        self.engine = ServerEngine(
+            config, clock=clock, presence=self.presence, node_id=node_id,
+            relogon_policy=relogon_policy,
+        )  # fmt: skip
         self.events = record_events(self.engine.user_manager)
         self.engine.start()
         self.presence.start()
@@ -117,6 +132,115 @@ async def test_replace_old_across_engines(pair):
     assert [h.session_id for h in a.presence.devices("alice")] == [
         h.session_id for h in b.presence.devices("alice")
     ]
+
+
+@implementer(IRelogonPolicy)
+class Hub:
+    """
+    Operators (C{op-...}) keep their sessions, devices replace theirs.
+    """
+
+    def relogon_mode(self, user_id, client_type):
+        if user_id.startswith("op-"):
+            return RelogonMode.IGNORE_NEW
+        return RelogonMode.REPLACE_OLD
+
+
+@pytest.fixture
+def hub_pair(redis_server):
+    nodes = [Node(redis_server, n, relogon_policy=Hub()) for n in ("a", "b")]
+    yield nodes
+    for node in nodes:
+        node.engine.stop()
+        pytest_twisted.blockon(Deferred.fromCoroutine(node.presence.stop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_relogon_mode_per_user_across_engines(hub_pair):
+    """
+    The application's mode holds across nodes: a device's second logon at
+    the other node pushes the first out; an operator's is refused there
+    with HadLoggedOn, that node firing new_connection_ignored, and the
+    first session stays.
+    """
+    a, b = hub_pair
+    await joined(a, b)
+    old_dev, old_op = await a.logon("dev-7"), await a.logon("op-ann")
+    await eventually(
+        lambda: b.presence.get("dev-7", 0) is not None and b.presence.get("op-ann", 0) is not None
+    )
+    del a.events[:], b.events[:]
+
+    new_op = Client(b.engine)
+    new_op.logon("op-ann")
+    [reply, notice] = await eventually(lambda: new_op.closing and new_op.take())
+    assert reply.message_type == MessageType.LOGON
+    assert reply.body.result == LogonResult.HAD_LOGGED_ON
+    assert old_op.address in reply.body.failure_cause
+    assert notice.body.reason == DisconnectedType.NEW_CONNECTION_IGNORED
+    assert b.events == [("new_connection_ignored", "op-ann", 0, new_op.address)]
+
+    new_dev = await b.logon("dev-7")
+    frames = await eventually(lambda: old_dev.closing and old_dev.take())
+    assert [f.message_type for f in frames] == [
+        MessageType.BEING_PUSHED_OUT_NOTIFY,
+        MessageType.DISCONNECT_NOTICE,
+    ]
+    await eventually(
+        lambda: a.presence.get("dev-7", 0) is not None
+        and a.presence.get("dev-7", 0).session_id == b.presence.get("dev-7", 0).session_id,
+        what="both mirrors show the new device",
+    )
+    assert b.presence.get("dev-7", 0) is b.engine.presence.get("dev-7", 0)
+    assert not new_dev.closing
+    assert not old_op.closing and old_op.take() == []
+    assert "device_being_pushed_out" in names(a.events)
+    assert "new_connection_ignored" not in names(a.events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_relogon_mode_travels_with_the_claim(hub_pair):
+    """
+    Logons of one account at both nodes at the same moment, before either
+    node's mirror can show the other's: Redis orders the claims, and the
+    later one is settled by the mode it carries.  Each operator ends with
+    one session and one HadLoggedOn, with no push-out; each device with
+    one session, the other pushed out.
+    """
+    a, b = hub_pair
+    await joined(a, b)
+    users = [f"op-{i}" for i in range(10)] + [f"dev-{i}" for i in range(10)]
+    clients = {}
+    for user in users:
+        clients[user] = (Client(a.engine), Client(b.engine))
+        for client in clients[user]:
+            client.logon(user)
+    # Nothing was settled locally: every claim went to Redis unanswered.
+    assert not any(c.transport.value() for pair in clients.values() for c in pair)
+
+    def settled():
+        return all(any(c.closing for c in pair) for pair in clients.values())
+
+    await eventually(settled, what="one logon of each account ended")
+    for user, pair in clients.items():
+        frames = {c: c.take() for c in pair}
+        [loser] = [c for c in pair if c.closing]
+        [winner] = [c for c in pair if not c.closing]
+        assert [f.body.result for f in frames[winner]][:1] == [LogonResult.SUCCEED], user
+        if user.startswith("op-"):
+            assert [f.message_type for f in frames[loser]] == [
+                MessageType.LOGON,
+                MessageType.DISCONNECT_NOTICE,
+            ], user
+            assert frames[loser][0].body.result == LogonResult.HAD_LOGGED_ON, user
+        else:
+            assert frames[loser][-1].body.reason == DisconnectedType.BEING_PUSHED_OUT, user
+    # Each operator's refusal fired new_connection_ignored once, at the node
+    # that refused it; only devices were pushed out.
+    ignored = sorted(e[1] for n in (a, b) for e in n.events if e[0] == "new_connection_ignored")
+    assert ignored == sorted(users[:10])
+    pushed = [e[1][0] for n in (a, b) for e in n.events if e[0] == "device_being_pushed_out"]
+    assert sorted(pushed) == sorted(users[10:])
 
 
 @pytest_twisted.ensureDeferred

@@ -100,3 +100,90 @@ def test_support_desk_under_pytest_twisted():
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\b9 passed\b", result.stdout), result.stdout
     assert "warning" not in result.stdout.lower(), result.stdout
+
+
+# -- docs/server.md: a relogon mode per user and device kind (iot_hub.py) ---------------------
+
+SERVER_MD = EXAMPLES.parent / "server.md"
+
+
+@pytest.fixture(scope="module")
+def iot_hub():
+    spec = importlib.util.spec_from_file_location("iot_hub", EXAMPLES / "iot_hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_server_md_shows_iot_hub_as_it_is():
+    """
+    The excerpt of iot_hub.py in docs/server.md is the file's own code: each
+    run of lines between the excerpt's "..." lines is in the file as it is.
+    """
+    text = SERVER_MD.read_text()
+    section = text[text.index("### Per user and device kind: `IRelogonPolicy`") :]
+    excerpt = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    source = (EXAMPLES / "iot_hub.py").read_text()
+    runs = [run.strip("\n") for run in re.split(r"^\s*\.\.\.\n", excerpt, flags=re.M)]
+    assert len(runs) == 3 and "def relogon_mode" in runs[-1]
+    for run in runs:
+        assert run in source, run
+
+
+def test_iot_hub_gives_each_account_its_relogon_mode(iot_hub):
+    """
+    The example through real clients: an operator's second console is
+    refused HadLoggedOn and logged, a device's second connection pushes the
+    first out, an operator's browser tab replaces the older tab.
+    """
+    from esf import ClientType, LogonFailed, LogonResult
+    from esf.interfaces import IRelogonPolicy
+    from esf.testing import MemoryServer
+
+    hub = iot_hub.handler
+    for interface in (IBasicHandler, IRelogonPolicy, IEngineAware):
+        assert verifyObject(interface, hub)
+    server = MemoryServer(hub)
+    try:
+        server.logged_on("op-ann", "pa", ClientType.DOTNET)
+        with capturedLogs() as events:
+            second = server.client("op-ann", "pa", ClientType.DOTNET, host="10.0.0.2")
+            error = server.failure(second.logon(), LogonFailed)
+        assert error.result == LogonResult.HAD_LOGGED_ON
+        warned = [e for e in events if e.get("log_namespace") == "iot_hub"]
+        [line] = [e["log_format"].format(**e) for e in warned]
+        assert line.startswith("op-ann is already logged on; refused a second logon from 10.0.0.2")
+
+        first_tab = server.logged_on("op-ann", "pa", ClientType.WEBSOCKET)
+        server.logged_on("op-ann", "pa", ClientType.WEBSOCKET)
+        assert not first_tab.logged_on
+
+        first_dev = server.logged_on("dev-7", "t7")
+        server.logged_on("dev-7", "t7")
+        assert not first_dev.logged_on
+
+        error = server.failure(server.client("dev-8", "wrong").logon(), LogonFailed)
+        assert error.result == LogonResult.FAILED
+        assert server.engine.user_manager.get_all_login_devices("op-ann") == [
+            ClientType.DOTNET,
+            ClientType.WEBSOCKET,
+        ]
+    finally:
+        server.close()
+
+
+def test_iot_hub_loads_with_twistd_handler_option(monkeypatch):
+    """
+    `twistd esf --handler iot_hub:handler`, as docs/server.md runs it: the
+    object is the engine's relogon policy (and its basic handler).
+    """
+    from esf.tap import Options, makeService
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    options = Options()
+    options.parseOptions(["--port", "tcp:0:interface=127.0.0.1", "--handler", "iot_hub:handler"])
+    engine = makeService(options).engine
+    import iot_hub as loaded
+
+    assert engine.relogon_policy is loaded.handler
+    assert engine.handler is loaded.handler

@@ -51,6 +51,7 @@ INTERFACES = {
     "IUserManager",
     "IOfflineStore",
     "IOfflinePolicy",
+    "IRelogonPolicy",
 }
 
 

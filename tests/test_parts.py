@@ -79,17 +79,32 @@ def test_policy_rate_limits_per_host_within_the_window():
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 21) == Accept()
 
 
+REPLACE, IGNORE = RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW
+
+
 def test_policy_settles_against_the_holder():
-    replace = LogonPolicy(ServerConfig())
-    ignore = LogonPolicy(ServerConfig(relogon_mode=RelogonMode.IGNORE_NEW))
+    policy = LogonPolicy(ServerConfig())
     old = Holder(logon_order=1)
-    assert replace.settle("alice", 0, 2, None, 0) == Accept()
-    assert replace.settle("alice", 0, 2, old, 0) == Replace(old)
-    assert ignore.settle("alice", 0, 2, old, 0) == Ignore(old)
+    assert policy.settle("alice", 0, 2, None, 0, REPLACE) == Accept()
+    assert policy.settle("alice", 0, 2, None, 0, IGNORE) == Accept()
+    assert policy.settle("alice", 0, 2, old, 0, REPLACE) == Replace(old)
+    assert policy.settle("alice", 0, 2, old, 0, IGNORE) == Ignore(old)
     # A Logon that arrived earlier never replaces one that arrived later.
     newer = Holder(logon_order=5)
-    decision = replace.settle("alice", 0, 2, newer, 0)
+    decision = policy.settle("alice", 0, 2, newer, 0, REPLACE)
     assert decision.result == LogonResult.FAILED and "superseded" in decision.cause
+
+
+def test_policy_settles_by_the_mode_it_is_given_not_the_servers():
+    """
+    The mode is the pipeline's to find (the application's, per user and
+    device kind); the server's setting is only its default.
+    """
+    policy = LogonPolicy(ServerConfig(relogon_mode=IGNORE))
+    old = Holder(logon_order=1)
+    assert policy.settle("dev-1", 0, 2, old, 0, REPLACE) == Replace(old)
+    policy = LogonPolicy(ServerConfig(relogon_mode=REPLACE))
+    assert policy.settle("op-ann", 0, 2, old, 0, IGNORE) == Ignore(old)
 
 
 def test_policy_flapping_guard_blocks_the_device_for_the_cooldown():
@@ -97,8 +112,11 @@ def test_policy_flapping_guard_blocks_the_device_for_the_cooldown():
         ServerConfig(takeover_limit=2, takeover_window=60, takeover_cooldown=30)
     )
     old = Holder(logon_order=0)
-    assert [type(policy.settle("alice", 0, n, old, n)) for n in (1, 2)] == [Replace, Replace]
-    third = policy.settle("alice", 0, 3, old, 3)
+    assert [type(policy.settle("alice", 0, n, old, n, REPLACE)) for n in (1, 2)] == [
+        Replace,
+        Replace,
+    ]
+    third = policy.settle("alice", 0, 3, old, 3, REPLACE)
     assert third.result == LogonResult.BUSY and third.counter == "takeovers_refused"
     # The device is refused at admission until the cooldown is over ...
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 32).result == LogonResult.BUSY
