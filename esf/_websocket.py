@@ -11,8 +11,11 @@ frame.  The engine never learns that a channel is a WebSocket.
 L{WebSocketFactory} configures autobahn for a server that faces the
 internet (its defaults do not): payload limits, handshake timeouts, a clean
 close rather than a dropped connection, the C{esf.v1} subprotocol, the
-C{/esf} path and an origin policy.  L{web_demo_site} serves the JavaScript
-client and the chat page beside the WebSocket, for C{twistd esf --web-demo}.
+C{/esf} path and an origin policy.
+
+The whole binary messages of the relay's common case are parsed without
+autobahn, by L{esf._websocket_frames}; the C{--web-demo} site is
+L{esf._web_demo}.
 
 See C{docs/websocket.md}.
 """
@@ -20,11 +23,9 @@ See C{docs/websocket.md}.
 from __future__ import annotations
 
 import struct
-from importlib import resources
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.types import ConnectionDeny
@@ -32,9 +33,6 @@ from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.pages import notFound
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
@@ -44,6 +42,7 @@ from ._policy import SlidingWindow
 from ._http import handed_over
 from ._protocol import peer_address
 from ._session import Session
+from ._websocket_frames import MessageParser, binary_messages, refuse_message
 from ._wire import DisconnectedType
 from .interfaces import IChannel
 
@@ -53,7 +52,6 @@ __all__ = [
     "WEBSOCKET_SUBPROTOCOL",
     "WebSocketFactory",
     "WebSocketProtocol",
-    "web_demo_site",
 ]
 
 log = Logger(namespace="esf.server")
@@ -86,19 +84,8 @@ MAX_HANDSHAKE_SIZE = 16 * 1024
 HOLD_TIME = 0.05
 
 _BODY_LENGTH = struct.Struct("<i")
-_U16_BE = struct.Struct("!H")
 _PAID = FrameCost.PAID
 _process_data = WebSocketServerProtocol.processData
-
-
-def _binary_header(length: int) -> bytes:
-    """
-    The header of an unmasked, unfragmented binary frame of C{length}
-    payload bytes (at most 65535).
-    """
-    if length < 126:
-        return bytes((0x82, length))
-    return b"\x82\x7e" + _U16_BE.pack(length)
 
 
 @implementer(IChannel, IPushProducer)
@@ -128,10 +115,8 @@ class WebSocketProtocol(WebSocketServerProtocol):
     #: A close code the adapter chose (a text message, say), which wins
     #: over the one for the session's reason.
     _close_code: int | None = None
-    #: The start of a whole binary message cut off by the end of a read
-    #: (L{_whole_messages}), and how many bytes complete it (or its header).
-    _tail: bytearray | None = None
-    _tail_needs = 0
+    #: The whole binary messages of the common case, parsed without autobahn.
+    _parser: MessageParser
     #: What the frames autobahn parses cost the session (made with it).
     _meter: FrameMeter | None = None
     #: Whether the frame whose header autobahn parses next is paid for.
@@ -155,6 +140,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
             self._refused = True
             self.transport.abortConnection()
             return
+        self._parser = MessageParser(self.factory.header_length)
         self.transport.registerProducer(self, True)
         super().connectionMade()
 
@@ -170,15 +156,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # engine then writes each receiver's output once per read.
         self._frames = []
         try:
-            tail = self._tail
-            if tail is not None:
-                # A message cut off by the last read's end: wait for all of
-                # it (gathered in place: a message trickled in byte by byte
-                # costs no copy per byte).
-                tail += data
-                if len(tail) < self._tail_needs:
-                    return
-                data, self._tail = bytes(tail), None
+            parser = self._parser
             if (
                 self.state == self.STATE_OPEN
                 and self.current_frame is None
@@ -186,86 +164,17 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 and not self.data
                 and not self._closing
             ):
-                data = self._whole_messages(data)
+                # Between frames: the whole messages at the start of the
+                # read are the parser's, the rest autobahn's.
+                self._frames, refusal, data = parser.feed(data, self._max_message_size())
+                if refusal is not None:
+                    self._fail(refusal.reason, refusal.text, refusal.code)
+            elif parser.pending is not None:
+                data = parser.gather(data)  # autobahn's once whole
             if data:
                 super().dataReceived(data)
         finally:
             self._deliver()
-
-    def _whole_messages(self, data: bytes) -> bytes:
-        """
-        The relay's common case, without autobahn: take the whole messages
-        at the start of C{data} that are each one final, masked binary frame
-        of less than 64 KiB (as browsers send ESF frames) and within the
-        session's size limit; return the rest, from the first frame that is
-        anything else (a control frame, a fragment, a text message, a
-        longer or bad header), for autobahn to process, as it would have.
-        Such a message cut off by the end of the read is kept for the next
-        (L{_tail}).  Only called between frames, when autobahn holds no
-        partial frame or message.
-
-        (autobahn parses each frame with several Python calls, copies the
-        rest of its buffer after each one and makes a masker object per
-        frame: about 9.5 µs per message, against about 1 µs here.)
-        """
-        size = len(data)
-        limit = min(self._max_message_size(), 0xFFFF)
-        offset = 0
-        received = self._message_received
-        frames = self._frames
-        assert frames is not None  # called by dataReceived
-        hlen = self.factory.header_length
-        body_length = _BODY_LENGTH.unpack_from
-        while size - offset >= 2:
-            if data[offset] != 0x82:  # FIN, no RSV bits, binary
-                break
-            length = data[offset + 1]
-            if length < 0xFE:  # masked, a 7-bit length
-                if length < 0x80:
-                    break  # unmasked: autobahn refuses it
-                length &= 0x7F
-                start = offset + 2
-            elif length == 0xFE:  # masked, a 16-bit length
-                if size - offset < 4:
-                    return self._keep(data, offset, 4)  # its header is cut off
-                length = (data[offset + 2] << 8) | data[offset + 3]
-                if length < 126:
-                    break  # not the shortest encoding: autobahn refuses it
-                start = offset + 4
-            else:
-                break  # a 64-bit length
-            if length > limit:
-                break
-            end = start + 4 + length
-            if end > size:
-                # Cut off by the end of the read, as most reads under load
-                # end: kept here (at most one message of under 64 KiB)
-                # until the next read completes it, so that autobahn, which
-                # would keep it otherwise, does not take every read after.
-                return self._keep(data, offset, end - offset)
-            mask = data[start : start + 4]
-            message = (
-                int.from_bytes(data[start + 4 : end], "little")
-                ^ int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
-            ).to_bytes(length, "little")
-            offset = end
-            if length >= hlen and hlen + body_length(message, 8)[0] == length:
-                frames.append(message)  # one whole frame, as it should be
-                continue
-            received(message)  # which says what is wrong with it
-            if self._closing or self.state != self.STATE_OPEN:
-                break
-        if offset == size - 1 and data[offset] == 0x82:
-            return self._keep(data, offset, 2)  # one byte of the next header
-        return data[offset:] if offset else data
-
-    def _keep(self, data: bytes, offset: int, needs: int) -> bytes:
-        """
-        Keep C{data} from C{offset} until C{needs} bytes of it have come.
-        """
-        self._tail = bytearray(data[offset:] if offset else data)
-        self._tail_needs = needs
-        return b""
 
     def _deliver(self) -> None:
         frames, self._frames = self._frames, None
@@ -277,7 +186,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         # What is held of messages not yet whole (a message cut off by the
         # read's end, one arriving in fragments, autobahn's buffer) counts
         # in the server's memory budget as a TCP session's partial frame.
-        message, tail = self._message, self._tail
+        message, tail = self._message, self._parser.pending
         session.channel_holds(
             len(self.data)
             + (len(message) if message is not None else 0)
@@ -475,35 +384,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
         """
         hlen = self.factory.header_length
         size = len(data)
-        if size < hlen:
-            self._fail(
-                DisconnectedType.INVALID_MESSAGE,
-                f"a {size}-byte message is shorter than one {hlen}-byte frame header",
-                1002,
-            )
-            return
-        body_length = _BODY_LENGTH.unpack_from(data, 8)[0]
-        if hlen + body_length != size:
-            limit = self._max_message_size()
-            if hlen + body_length > limit:
-                reason, code = DisconnectedType.MESSAGE_TOO_LARGE, 1009
-                text = f"body length {body_length} exceeds the maximum message size {limit}"
-            elif body_length < 0:
-                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
-                text = f"body length {body_length} is negative"
-            elif hlen + body_length > size:
-                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
-                text = (
-                    f"a message holds part of a frame ({size} bytes; the header "
-                    f"announces {hlen + body_length}): one whole frame per message"
-                )
-            else:
-                reason, code = DisconnectedType.INVALID_MESSAGE, 1002
-                text = (
-                    f"a message holds more than one frame ({size} bytes; the first "
-                    f"is {hlen + body_length}): one frame per message"
-                )
-            self._fail(reason, text, code)
+        if size < hlen or hlen + _BODY_LENGTH.unpack_from(data, 8)[0] != size:
+            refusal = refuse_message(data, hlen, self._max_message_size())
+            self._fail(refusal.reason, refusal.text, refusal.code)
             return
         if self._frames is not None:
             self._frames.append(data)
@@ -546,19 +429,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 self.sendMessage(bytes(data[offset:end]), isBinary=True)  # type: ignore[no-untyped-call]
                 offset = end
             return
-        # The common case: a few small frames.  Each gets the two- or
-        # four-byte header of an unmasked binary WebSocket frame, and they
-        # go out in one write, as the engine gathered them; autobahn's
-        # sendMessage would make one write per frame.  (No extension is
-        # ever negotiated, so the frames are plain.)
-        parts = []
-        offset = 0
-        while offset < size:
-            length = hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
-            parts.append(_binary_header(length))
-            parts.append(data[offset : offset + length] if length != size else data)
-            offset += length
-        self.sendData(b"".join(parts))
+        # The common case: a few small frames, in one write, as the engine
+        # gathered them (autobahn's sendMessage would make one per frame).
+        self.sendData(binary_messages(data, hlen))
 
     def close(self, reason: DisconnectedType | None = None) -> None:
         """
@@ -724,85 +597,3 @@ def _same_origin(origin: str, host: str, secure: bool) -> bool:
         )
     except ValueError:  # a port that is not a number
         return False
-
-
-class _TakeOverResource(WebSocketResource):
-    """
-    autobahn's WebSocket resource, handing the connection over from
-    twisted.web cleanly: the HTTP channel is the transport's producer and
-    keeps an idle timer, and the WebSocket protocol takes both roles.
-    """
-
-    def render(self, request: Any) -> Any:
-        transport = request.channel.transport
-        if transport is not None:
-            handed_over(request.channel)  # out of --websocket-max-handshakes
-            request.channel.setTimeout(None)
-            transport.unregisterProducer()
-        return super().render(request)  # type: ignore[no-untyped-call]
-
-
-class _Root(Resource):
-    def getChild(self, path: bytes, request: Any) -> Any:
-        return notFound()
-
-
-class _File(Resource):
-    isLeaf = True
-
-    #: The demo page loads nothing but its own files and talks only to its
-    #: own server.
-    POLICY = (
-        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-
-    def __init__(self, data: bytes, content_type: bytes, shared: bool = False):
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.data = data
-        self.content_type = content_type
-        #: Pages of other origins may load it: a module imported across
-        #: origins needs CORS.  Only the client module is: it holds nothing
-        #: of the server, and the WebSocket still checks the page's origin.
-        self.shared = shared
-
-    def render_GET(self, request: Any) -> bytes:
-        if self.shared:
-            request.setHeader(b"access-control-allow-origin", b"*")
-        request.setHeader(b"content-type", self.content_type)
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        request.setHeader(b"content-security-policy", self.POLICY)
-        request.setHeader(b"cache-control", b"no-cache")
-        return self.data
-
-    def render_HEAD(self, request: Any) -> bytes:
-        self.render_GET(request)
-        return b""
-
-
-#: The files C{--web-demo} serves: URL path -> (file in esf/web, type).
-WEB_FILES = {
-    b"": ("chat.html", b"text/html; charset=utf-8"),
-    b"chat.js": ("chat.js", b"text/javascript; charset=utf-8"),
-    b"chat.css": ("chat.css", b"text/css; charset=utf-8"),
-    b"esf.js": ("esf.js", b"text/javascript; charset=utf-8"),
-}
-
-
-def web_demo_site(
-    engine: ServerEngine, allowed_origins: Iterable[str] = (), *, reactor: Any = None
-) -> Site:
-    """
-    A twisted.web site that serves the WebSocket at C{/esf}, the JavaScript
-    client at C{/esf.js} and the chat page at C{/}.
-    """
-    root = _Root()  # type: ignore[no-untyped-call]
-    web = resources.files("esf") / "web"
-    for path, (name, content_type) in WEB_FILES.items():
-        root.putChild(path, _File((web / name).read_bytes(), content_type, name == "esf.js"))
-    factory = WebSocketFactory(engine, allowed_origins, reactor=reactor)
-    root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))  # type: ignore[no-untyped-call]
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site

@@ -44,7 +44,8 @@ from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, 
 from ._cluster_inbox import DEFAULT_INBOX_BYTES
 from ._protocol import ServerService
 from ._startup import OptionEndpoint, quiet_start_failures, start_failed
-from ._websocket import WebSocketFactory, web_demo_site
+from ._web_demo import web_demo_site
+from ._websocket import WebSocketFactory
 from ._wire import ClientType, WireConfig
 from .interfaces import IBasicHandler
 

@@ -33,7 +33,8 @@ from esf._descriptors import (
 )
 from esf._http import ConnectionCap, HTTPLimits, limit_site
 from esf._metrics import MetricsService
-from esf._websocket import WebSocketFactory, web_demo_site
+from esf._web_demo import web_demo_site
+from esf._websocket import WebSocketFactory
 
 from wsclient import handshake
 

@@ -285,7 +285,7 @@ def test_websocket_protocol_errors_end_the_session_with_a_reason(engine, pages):
     assert not engine.sessions
 
 
-# -- whole messages without autobahn (WebSocketProtocol._whole_messages) --------------------------
+# -- whole messages without autobahn (esf._websocket_frames.MessageParser) ------------------------
 
 
 def _sends(page, dest, count, size=20):
@@ -342,7 +342,7 @@ def test_a_message_trickled_in_byte_by_byte_is_gathered_in_place(engine, pages):
     buffers: list = []  # each buffer the message was gathered in, kept alive
     for i in range(len(message)):
         alice.protocol.dataReceived(message[i : i + 1])
-        tail = alice.protocol._tail
+        tail = alice.protocol._parser.pending
         if tail is not None and not any(tail is b for b in buffers):
             buffers.append(tail)
     assert _received(bob) == [frame]
@@ -712,7 +712,7 @@ def test_web_demo_hands_the_connection_over_from_twisted_web():
     session later, and the WebSocket protocol becomes the transport's
     producer.
     """
-    from esf._websocket import web_demo_site
+    from esf._web_demo import web_demo_site
 
     engine = make_engine(max_message_size=MAX, heartbeat_interval=100, heartbeat_timeout=1000)
     site = web_demo_site(engine)

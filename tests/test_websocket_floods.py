@@ -324,7 +324,7 @@ def _listen(variant, tmp_path):
     from wsclient import connect
 
     from esf import ServerConfig, ServerEngine, ServerService, WireConfig
-    from esf._websocket import web_demo_site
+    from esf._web_demo import web_demo_site
 
     config = ServerConfig(wire=WireConfig(max_message_size=MAX), websocket_flood_limit=1)
     engine = ServerEngine(config, clock=reactor)
