@@ -38,7 +38,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
-from ._counters import Count
+from ._counters import Count, Traffic
 from ._engine import ServerEngine
 from ._policy import SlidingWindow
 from ._protocol import peer_address
@@ -141,12 +141,19 @@ class WebSocketProtocol(WebSocketServerProtocol):
     _pushed_back = False
     #: Whether the connection was refused as it was made (L{WebSocketFactory.refuses}).
     _refused = False
+    #: The label of this kind of connection in the metrics.
+    transport_label = "websocket"
+    #: Where this connection's reads and writes are counted
+    #: (C{engine.traffic}); set when it is made.
+    _traffic: Traffic
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._traffic = self.factory.engine.traffic[self.transport_label]
         self.address = peer_address(self.transport.getPeer())
         if self.factory.refuses(self.address):
+            self._traffic.refused["flooding"] += 1
             # Its host keeps flooding: closed before anything is read (a
             # protocol, rather than None from buildProtocol, so that TLS
             # and twisted.web, which wrap what buildProtocol returns, can
@@ -160,6 +167,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        traffic = self._traffic
+        traffic.reads += 1
+        traffic.bytes_received += len(data)
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
             self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
             self.failHandshake("Request Header Fields Too Large", 431)
@@ -272,6 +282,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if session is None:
             return
         if frames:
+            self._traffic.messages_received += len(frames)  # a frame each
             session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
         # What is held of messages not yet whole (a message cut off by the
         # read's end, one arriving in fragments, autobahn's buffer) counts
@@ -308,6 +319,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         return WEBSOCKET_SUBPROTOCOL
 
     def _refuse(self, why: str) -> None:
+        self._traffic.refused["handshake"] += 1
         log.info(
             "refused a WebSocket handshake from {address}: {why}",
             address=self.address,
@@ -317,7 +329,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._meter = FrameMeter()
-        self.session = self.factory.engine.connection_made(self)
+        engine = self.factory.engine
+        self.session = engine.connection_made(self)
+        self._traffic.connected(self.session, engine.stopping)
         if self._paused:
             self.session.pause_writing()
 
@@ -506,6 +520,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if self._frames is not None:
             self._frames.append(data)
         elif self.session is not None:
+            self._traffic.messages_received += 1
             self.session.data_received(data)
 
     def _fail(self, reason: DisconnectedType, text: str, code: int) -> None:
@@ -536,6 +551,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
             return  # closing: what is still sent for the session is dropped
         hlen = self.factory.header_length
         size = len(data)
+        traffic = self._traffic
+        traffic.writes += 1
+        traffic.bytes_sent += size
         if size > 0xFFFF:
             # Large output: autobahn frames it (and checks its size).
             offset = 0

@@ -463,6 +463,7 @@ class FrameDecoder:
         "_need",
         "_header",
         "_error",
+        "decoded",
     )
 
     def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
@@ -487,6 +488,9 @@ class FrameDecoder:
         self._need = self.config.header_length
         self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
+        #: Frames decoded so far (each frame of a L{SendRun} counts): added
+        #: to once per L{feed} and once per run, never once per frame.
+        self.decoded = 0
 
     @property
     def _expectation(self) -> str:
@@ -532,12 +536,14 @@ class FrameDecoder:
         try:
             self._feed(data, frames, run_type)
         except FrameError as e:
+            self.decoded += len(frames)
             e.frames = frames
             self._error = e
             self._parts = None
             self._small = None
             self._have = 0
             raise
+        self.decoded += len(frames)
         return frames
 
     def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> None:
@@ -602,6 +608,7 @@ class FrameDecoder:
                 continue
             if run_count:
                 append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
+                self.decoded += run_count - 1  # the run counts once in frames
                 run_key, run_count, last_header = None, 0, b""
             if key == first_key:
                 user_id, dest_user_id = first_user, first_dest
@@ -646,6 +653,7 @@ class FrameDecoder:
         if run_count:
             raw = data[run_start:offset] if (run_start or offset != size) else data
             append(SendRun(*run_ids, raw, run_count, hlen))
+            self.decoded += run_count - 1
         if offset < size:
             # A partial frame, its header checked already when it is whole.
             self._header = header

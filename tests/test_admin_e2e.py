@@ -176,7 +176,7 @@ def test_kick_with_a_reason_reaches_the_client_counted_and_audited(ops, clients)
     assert delta("esf_disconnects_total", reason="logon_failed") == 1
     assert delta("esf_kicks_total", origin="admin_api") == 1
     assert delta("esf_devices_online", kind="android") == 0
-    assert ops.metrics()["esf_process_open_fds", ()] > 0
+    assert ops.metrics()["process_open_fds", ()] > 0
 
     wait_for(lambda: any(e["audit"] == "admin" and e.get("status") == 404 for e in ops.audit()))
     records = [e for e in ops.audit() if e.get("user_id") in ("alice", "bob")]

@@ -62,7 +62,7 @@ def value(registry, name, **labels):
 
 
 def test_an_idle_server(engine, registry):
-    assert value(registry, "esf_connections") == 0
+    assert value(registry, "esf_connections", transport="tcp") == 0
     assert value(registry, "esf_users_online") == 0
     assert value(registry, "esf_devices_online", kind="android") == 0
     assert value(registry, "esf_logons_total", result="succeed") == 0
@@ -80,7 +80,7 @@ def test_logons_devices_and_disconnects(engine, registry):
     refused = Client(engine)
     refused.logon("mallory", password="wrong")
     Client(engine)  # connected, never logs on
-    assert value(registry, "esf_connections") == 4
+    assert value(registry, "esf_connections", transport="tcp") == 4
     assert value(registry, "esf_users_online") == 2
     assert value(registry, "esf_devices_online", kind="android") == 2
     assert value(registry, "esf_devices_online", kind="dotnet") == 1
@@ -252,11 +252,18 @@ def test_resource_speaks_openmetrics_when_asked(registry):
     assert body.rstrip().endswith(b"# EOF")
 
 
-def test_process_metrics_are_prefixed(metrics):
+def test_process_metrics_have_the_standard_names(metrics):
+    """
+    The process's figures are process_*, as every exporter names them and
+    off-the-shelf dashboards expect (before, esf_process_*); everything
+    else is esf_*.
+    """
     registry = make_registry(metrics)
-    assert registry.get_sample_value("esf_process_open_fds") > 0  # Linux's /proc
+    assert registry.get_sample_value("process_open_fds") > 0  # Linux's /proc
+    assert registry.get_sample_value("process_resident_memory_bytes") > 0
     names = {f.name for f in registry.collect()}
-    assert all(n.startswith("esf_") for n in names), names
+    assert not {n for n in names if n.startswith("esf_process")}, names
+    assert all(n.startswith(("esf_", "process_")) for n in names), names
 
 
 def test_disconnect_reasons_cover_every_type(engine, registry):
@@ -322,3 +329,124 @@ def test_offline_store_size_is_read_every_look():
 
 def test_no_offline_gauges_without_a_store(engine, registry):
     assert registry.get_sample_value("esf_offline_stored_messages") is None
+
+
+def test_every_engine_counter_is_described(engine, registry):
+    """
+    Every engine counter has a name and a help text of its own (no
+    placeholder), so that the docs can say what it counts.
+    """
+    undescribed = [key for key in Count if key not in COUNTER_METRICS]
+    assert undescribed == []
+    helps = {f.name: f.documentation for f in registry.collect()}
+    for key, spec in COUNTER_METRICS.items():
+        if spec is not None:
+            text = helps[f"esf_{spec[0]}"]
+            assert "Engine counter" not in text and "no description" not in text, (key, text)
+
+
+def _traffic(registry, name, transport, **labels):
+    return value(registry, name, transport=transport, **labels)
+
+
+def test_traffic_is_counted_by_transport(registry):
+    """
+    Connections, sessions, bytes, frames, reads and writes by transport:
+    what went over TCP and over WebSocket, each counted on its own side.
+    """
+    from test_websocket_channel import BINARY, Page
+    from wsclient import client_frame
+
+    from esf import WebSocketFactory
+
+    engine = make_engine(handler=Passwords(), max_connections=3)
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    registry = make_registry(metrics, process=False)
+    factory = WebSocketFactory(engine)
+    pages = []
+    try:
+        assert _traffic(registry, "esf_connections_accepted_total", "websocket") == 0
+        alice = connect(engine, "alice", password="pw")
+        bob = Page(engine, factory).logon("bob")
+        pages.append(bob)
+        assert _traffic(registry, "esf_connections", "tcp") == 1
+        assert _traffic(registry, "esf_connections", "websocket") == 1
+        assert _traffic(registry, "esf_sessions_logged_on", "tcp") == 1
+        assert _traffic(registry, "esf_sessions_logged_on", "websocket") == 1
+        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 1
+        assert _traffic(registry, "esf_connections_accepted_total", "websocket") == 1
+
+        def counts(transport):
+            return [
+                _traffic(registry, f"esf_{name}_total", transport)
+                for name in ("received_bytes", "messages_received", "reads", "sent_bytes", "writes")
+            ]
+
+        tcp, ws = counts("tcp"), counts("websocket")
+        sends = b"".join(alice.frame(MessageType.SEND, Information(7, b"x" * n), dest="bob") for n in range(3))
+        alice.send_raw(sends)  # one read of three frames
+        to_bob = [payload for opcode, payload in bob.messages() if opcode == BINARY]
+        assert b"".join(to_bob) == sends
+        assert [a - b for a, b in zip(counts("tcp"), tcp)] == [len(sends), 3, 1, 0, 0]
+        # To bob: the three frames, in one write, WebSocket framing not counted.
+        assert [a - b for a, b in zip(counts("websocket"), ws)] == [0, 0, 0, len(sends), 1]
+
+        tcp, ws = counts("tcp"), counts("websocket")
+        messages = [client_frame(BINARY, bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")) for _ in range(2)]
+        for message in messages:
+            bob.protocol.dataReceived(message)  # two reads
+        written = alice.transport.value()
+        assert [a - b for a, b in zip(counts("websocket"), ws)] == [sum(map(len, messages)), 2, 2, 0, 0]
+        assert counts("tcp")[3:] == [tcp[3] + 2 * len(bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")), tcp[4] + 2]
+        assert counts("tcp")[3] == len(written)  # everything the server wrote to alice
+
+        # Refused: one connection past --max-connections (3), on either
+        # transport; a WebSocket handshake for the wrong path.
+        connect(engine, "carol", password="pw")
+        Client(engine)
+        pages += [Page(engine, factory, port=6100), Page(engine, factory, port=6101, path="/elsewhere")]
+        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="max_connections") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="max_connections") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="handshake") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="flooding") == 0
+        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="shutting_down") == 0
+        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 2
+        assert _traffic(registry, "esf_connections", "tcp") == 2
+    finally:
+        metrics.stop()
+        for page in pages:  # autobahn's timers run on the global reactor
+            for name in ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall"):
+                call = getattr(page.protocol, name, None)
+                if call is not None and call.active():
+                    call.cancel()
+
+
+def test_broadcast_fanout():
+    """
+    A Broadcast counts once in esf_broadcast_fanout, in the bucket of the
+    devices it was sent to (the sender's own are not among them).
+    """
+    from _helpers import Rooms
+
+    engine = make_engine(handler=Passwords())
+    engine.group_manager = Rooms()
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    registry = make_registry(metrics, process=False)
+    try:
+        alice = connect(engine, "alice", password="pw")
+        connect(engine, "bob", 0, password="pw")
+        connect(engine, "bob", 5, password="pw")
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        connect(engine, "bob", 5, password="pw").lose()  # pushes bob's phone out; gone
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        assert value(registry, "esf_broadcast_fanout_count") == 3
+        assert value(registry, "esf_broadcast_fanout_sum") == 2 + 2 + 1
+        assert value(registry, "esf_broadcast_fanout_bucket", le="0.0") == 0
+        assert value(registry, "esf_broadcast_fanout_bucket", le="1.0") == 1
+        assert value(registry, "esf_broadcast_fanout_bucket", le="10.0") == 3
+        assert value(registry, "esf_broadcast_fanout_bucket", le="+Inf") == 3
+    finally:
+        metrics.stop()
