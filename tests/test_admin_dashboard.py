@@ -169,7 +169,7 @@ def test_dashboard(browser, ops):
         browser.find_element(By.ID, "kick-confirm").click()
 
         header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
-        assert rc.parse_kicked_out(body) == {"operator": "admin", "reason": "kicked from the dashboard"}
+        assert rc.parse_kicked_out(body) == {"operator": "#admin", "reason": "kicked from the dashboard"}
         wait(browser, lambda d: "kicked alice: 1 device" in d.find_element(By.ID, "status").text, what="the kick's result")
         wait(browser, lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]], what="the table without the phone")
         status, user = ops.call("GET", "/api/users/alice")

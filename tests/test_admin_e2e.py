@@ -159,7 +159,7 @@ def test_kick_with_a_reason_reaches_the_client_counted_and_audited(ops, clients)
     status, body = ops.call("POST", "/api/users/alice/kick", {"reason": "flooding the lobby"})
     assert (status, body) == (200, {"user_id": "alice", "kicked": 1})
     header, payload = alice.recv_until(rc.KICKED_OUT)
-    assert rc.parse_kicked_out(payload) == {"operator": "admin", "reason": "flooding the lobby"}
+    assert rc.parse_kicked_out(payload) == {"operator": "#admin", "reason": "flooding the lobby"}
     header, payload = alice.recv_until(rc.DISCONNECT)
     assert rc.parse_disconnect_notice(payload)["type"] == BEING_KICKED_OUT
     assert alice.recv_frame() is None
