@@ -8,6 +8,8 @@ it is scraped, from:
   - plain counts the engine keeps anyway (C{engine.counters}, keyed by
     L{esf._counters} names) and its state (C{engine.sessions},
     C{engine.presence}, C{engine.pending});
+  - what each transport carried (C{engine.traffic}, L{esf._counters.Traffic}),
+    which the protocols count per read and per write;
   - the offline store's size (C{esf_offline_stored_*}), the answer of its
     C{total_counts} as of the last look, every L{OFFLINE_LOOK} seconds
     (a query to the store, so not at every scrape);

@@ -6,6 +6,10 @@ The same figures against a real C{twistd esf} are in test_admin_e2e.py.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import globalLogPublisher
@@ -450,3 +454,146 @@ def test_broadcast_fanout():
         assert value(registry, "esf_broadcast_fanout_bucket", le="+Inf") == 3
     finally:
         metrics.stop()
+
+
+# -- the docs and the Grafana dashboard against a real scrape --------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Labels Prometheus adds to every series it scrapes.
+TARGET_LABELS = {"job", "instance"}
+
+
+@pytest.fixture
+def scrape():
+    """
+    Every family a server shows, as a scraper parses its text: with an
+    offline store (whose gauges are otherwise absent) and the process
+    collector.  Returns {family name: (type, label names)} and the sample
+    names.
+    """
+    from esf.offline import MemoryOfflineStore
+    from esf.testing import MemoryServer
+
+    server = MemoryServer(offline_store=MemoryOfflineStore())
+    metrics = ServerMetrics(server.engine)
+    metrics.start()
+    try:
+        body = MetricsResource(make_registry(metrics)).render_GET(DummyRequest([b""]))
+    finally:
+        metrics.stop()
+        server.close()
+    families, samples = {}, set()
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        labels = {name for sample in family.samples for name in sample.labels} - {"le"}
+        families[family.name] = (family.type, labels)
+        samples |= {sample.name for sample in family.samples}
+    return families, samples
+
+
+def documented_metrics():
+    """
+    The rows of docs/operations.md's table of every metric: {name: (type,
+    label names)}.
+    """
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("### Every metric", 1)[1].split("\n###", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        name, kind, labels = [cell.strip() for cell in line.strip("|").split("|")[:3]]
+        assert re.fullmatch(r"`[a-z_]+`", name), f"one metric per row, in backticks: {line}"
+        assert name.strip("`") not in rows, f"{name} documented twice"
+        rows[name.strip("`")] = (kind, set(re.findall(r"`([a-z_]+)`", labels)))
+    return rows
+
+
+def test_the_docs_name_every_series_and_only_those(scrape):
+    families, _ = scrape
+    exposed = {}
+    for name, (kind, labels) in families.items():
+        exposed[name + "_total" if kind == "counter" else name] = (kind, labels)
+    documented = documented_metrics()
+    assert sorted(set(exposed) - set(documented)) == [], "exposed but not documented"
+    assert sorted(set(documented) - set(exposed)) == [], "documented but not exposed"
+    wrong = {name: (documented[name], exposed[name]) for name in exposed if documented[name] != exposed[name]}
+    assert wrong == {}, "type or labels differ (documented, exposed)"
+
+
+#: PromQL words that are not series names.
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+
+
+def series_in(expr):
+    """
+    The series names and label names an expression uses: [(series,
+    {label names in its matcher})], and the label names of by/without.
+    """
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings, e.g. label values
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, [$__rate_interval]
+    grouping = set()
+    for names in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        grouping |= {n.strip() for n in names.split(",") if n.strip()}
+    expr = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", expr)
+    used = []
+    for match in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?", expr):
+        name, matcher, call = match.groups()
+        if call or name in PROMQL_WORDS:
+            continue
+        used.append((name, set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*[=!]~?", matcher or ""))))
+    return used, grouping
+
+
+def test_series_in():
+    assert series_in('sum by (kind) (rate(esf_x_total{job=~"$job", a!="b"}[$__rate_interval])) / esf_y') == (
+        [("esf_x_total", {"job", "a"}), ("esf_y", set())],
+        {"kind"},
+    )
+
+
+def test_the_grafana_dashboard_loads_and_names_only_series_that_exist(scrape):
+    families, samples = scrape
+    labels_of = {}
+    for name, (kind, labels) in families.items():
+        for suffix in ("", "_total", "_bucket", "_sum", "_count"):
+            labels_of.setdefault(name + suffix, set()).update(labels, {"le"} if suffix == "_bucket" else ())
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "esf.json").read_text())
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key == "expr" or (key == "query" and isinstance(item, str) and "(" in item):
+                    exprs.append(item)
+                walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dashboard)
+    assert len(exprs) > 40
+    every_label = set().union(*labels_of.values()) | TARGET_LABELS
+    for expr in exprs:
+        used, grouping = series_in(re.sub(r"label_values\(([a-z_]+),\s*([a-z_]+)\)", r"\1{\2=\"\"}", expr))
+        assert used, expr
+        for name, matched in used:
+            assert name in samples, f"{name} is no series a server shows ({expr})"
+            assert matched <= labels_of[name] | TARGET_LABELS, f"{name} has no label {matched} ({expr})"
+        assert grouping <= every_label, expr
+    # Every panel has a title and a target; ids are unique.
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert all(p["title"] and p["targets"] for p in panels)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_the_docs_queries_name_only_series_that_exist(scrape):
+    _, samples = scrape
+    text = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```promql\n(.*?)```", text, re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    queries = [line for line in lines if line]
+    assert len(queries) > 20
+    for query in queries:
+        used, _ = series_in(query)
+        assert used and all(name in samples for name, _ in used), query
