@@ -597,3 +597,28 @@ def test_the_docs_queries_name_only_series_that_exist(scrape):
     for query in queries:
         used, _ = series_in(query)
         assert used and all(name in samples for name, _ in used), query
+
+
+def test_the_decoder_counts_every_frame_of_a_run():
+    """
+    FrameDecoder.decoded, which esf_messages_received_total reads, counts
+    each frame of a SendRun, whole or cut anywhere, and those handed on
+    before a bad frame.
+    """
+    from esf.wire import FrameDecoder, SendRun
+
+    wire = WireConfig()
+    sends = [encode_frame(wire, MessageType.SEND, Information(1, b"x" * n).encode(), user_id="a", dest_user_id=d)
+             for n, d in enumerate("bbbcbb")]  # fmt: skip
+    other = encode_frame(wire, MessageType.HEARTBEAT, user_id="a")
+    stream = b"".join(sends) + other + sends[0]
+    for cut in (len(stream), 1, 7, 50):
+        decoder = FrameDecoder(wire)
+        items = []
+        for offset in range(0, len(stream), cut):
+            items += decoder.feed_runs(stream[offset : offset + cut], MessageType.SEND)
+        assert decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items), cut
+    decoder = FrameDecoder(wire)
+    with pytest.raises(Exception):
+        decoder.feed_runs(b"".join(sends[:3]) + b"\x00" * 40, MessageType.SEND)
+    assert decoder.decoded == 3
