@@ -40,7 +40,6 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -485,10 +484,11 @@ class ServerMetrics(Collector):
             "esf_broadcast_fanout",
             "Broadcast messages by the number of devices each was sent to.",
         )
-        buckets, cumulative = [], 0
-        for bound, key in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
-            cumulative += counters[key]
-            buckets.append((floatToGoString(bound), cumulative))
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, bucket in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
+            cumulative += counters[bucket]
+            buckets.append((str(float(bound)), cumulative))  # "10.0", as Prometheus' own
         buckets.append(("+Inf", counters[BROADCASTS]))
         fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
         yield fanout
