@@ -472,14 +472,6 @@ class ServerMetrics(Collector):
         yield messages
         yield relayed_bytes
 
-        for key in Count:
-            if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
-                continue
-            # (A counter added to Count and not described here is exported
-            # all the same; test_metrics asks for its description.)
-            name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
-            yield _counter(f"esf_{name}", text, counters[key])
-
         fanout = HistogramMetricFamily(
             "esf_broadcast_fanout",
             "Broadcast messages by the number of devices each was sent to.",
@@ -492,6 +484,14 @@ class ServerMetrics(Collector):
         buckets.append(("+Inf", counters[BROADCASTS]))
         fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
         yield fanout
+
+        for key in Count:
+            if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
+                continue
+            # (A counter added to Count and not described here is exported
+            # all the same; test_metrics asks for its description.)
+            name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
+            yield _counter(f"esf_{name}", text, counters[key])
 
         paused = backlog = blobs = blob_bytes = 0
         for session in engine.sessions:

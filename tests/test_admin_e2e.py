@@ -185,7 +185,7 @@ def test_kick_with_a_reason_reaches_the_client_counted_and_audited(ops, clients)
     assert logon["client_type"] == 5 and logon["address"] == device["address"]
     assert (refusal["result"], refusal["cause"]) == ("FAILED", "invalid user ID or password")
     assert (kick["operator"], kick["origin"], kick["reason"], kick["count"]) == (
-        "admin", "admin_api", "flooding the lobby", 1,
+        "#admin", "admin_api", "flooding the lobby", 1,
     )  # fmt: skip
     assert (action["action"], action["status"], action["reason"]) == ("kick", 200, "flooding the lobby")
     assert action["peer"].startswith("127.0.0.1:")
