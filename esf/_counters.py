@@ -129,17 +129,18 @@ def count_fanout(counters: collections.Counter[str], devices: int) -> None:
 class Traffic:
     """
     What the connections of one kind of transport carried, kept by the
-    protocols (L{esf.ServerProtocol}, L{esf.WebSocketFactory}'s) as they
+    protocols (L{esf.ServerProtocol}, L{esf.WebSocketProtocol}) as they
     read and write: one attribute increment per read and per write, none
     per frame.  (Plain slots rather than C{engine.counters} keys: these are
-    the hottest counts of all.)
+    the hottest counts of all.)  The frames received are counted by each
+    session's frame decoder, and read here (L{messages_received}): nothing
+    is added to a read for them.
 
     @ivar accepted: connections that became sessions.
     @ivar refused: connections closed as they were made, by reason.
     @ivar bytes_received: bytes read from the connections (for WebSocket,
         its framing and handshake included).
     @ivar bytes_sent: bytes of ESF frames written to the connections.
-    @ivar messages_received: ESF frames received whole.
     @ivar reads: reads handed to the protocols.
     @ivar writes: writes the sessions made (each one or more whole frames).
     """
@@ -149,9 +150,10 @@ class Traffic:
         "refused",
         "bytes_received",
         "bytes_sent",
-        "messages_received",
         "reads",
         "writes",
+        "_open",
+        "_decoded_before",
     )
 
     def __init__(self) -> None:
@@ -159,9 +161,19 @@ class Traffic:
         self.refused: collections.Counter[str] = collections.Counter()
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.messages_received = 0
         self.reads = 0
         self.writes = 0
+        #: The sessions of the connections open, whose decoders count on.
+        self._open: set[Session] = set()
+        #: The frames the sessions of closed connections decoded.
+        self._decoded_before = 0
+
+    @property
+    def messages_received(self) -> int:
+        """
+        The ESF frames received whole on these connections, open or closed.
+        """
+        return self._decoded_before + sum(s.decoder.decoded for s in self._open)
 
     def connected(self, session: Session, stopping: bool) -> None:
         """
@@ -169,12 +181,22 @@ class Traffic:
         accepted, or, when the engine ended its session at once, refused
         because the server is full or, when C{stopping}, shutting down.
         """
+        self._open.add(session)
         if not session.ended:
             self.accepted += 1
         elif stopping:
             self.refused["shutting_down"] += 1
         else:
             self.refused["max_connections"] += 1
+
+    def disconnected(self, session: Session) -> None:
+        """
+        C{session}'s connection is closed: keep what its decoder counted
+        (in the same step as it leaves, so that the total never goes back).
+        """
+        if session in self._open:
+            self._open.discard(session)
+            self._decoded_before += session.decoder.decoded
 
 
 class TrafficByTransport(dict[str, Traffic]):

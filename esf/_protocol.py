@@ -84,11 +84,7 @@ class ServerProtocol(Protocol):
         traffic.bytes_received += len(data)
         session = self.session
         if session is not None:  # None once the connection is lost
-            # The frames are counted where the codec counts them anyway.
-            decoder = session.decoder
-            before = decoder.decoded
             session.data_received(data)
-            traffic.messages_received += decoder.decoded - before
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True  # nothing left to close: no abort timer
@@ -103,6 +99,7 @@ class ServerProtocol(Protocol):
         session, self.session = self.session, None
         if session is not None:
             session.connection_lost()
+            self._traffic.disconnected(session)
 
     # IChannel
 

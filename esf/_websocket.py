@@ -282,7 +282,6 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if session is None:
             return
         if frames:
-            self._traffic.messages_received += len(frames)  # a frame each
             session.data_received(frames[0] if len(frames) == 1 else b"".join(frames))
         # What is held of messages not yet whole (a message cut off by the
         # read's end, one arriving in fragments, autobahn's buffer) counts
@@ -425,6 +424,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 "WebSocket protocol error: " + why.decode("utf-8", "replace"),
             )
         session.connection_lost()
+        self._traffic.disconnected(session)
 
     # -- messages --------------------------------------------------------------
 
@@ -520,7 +520,6 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if self._frames is not None:
             self._frames.append(data)
         elif self.session is not None:
-            self._traffic.messages_received += 1
             self.session.data_received(data)
 
     def _fail(self, reason: DisconnectedType, text: str, code: int) -> None:

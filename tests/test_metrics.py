@@ -406,9 +406,23 @@ def test_traffic_is_counted_by_transport(registry):
         assert counts("tcp")[3:] == [tcp[3] + 2 * len(bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")), tcp[4] + 2]
         assert counts("tcp")[3] == len(written)  # everything the server wrote to alice
 
+        # What closed connections received still counts, and ended sessions
+        # whose connection is not closed yet count too: the totals never go
+        # back (Prometheus would take that for a restart).
+        received = counts("tcp")[1], counts("websocket")[1]
+        bob.protocol.sendClose()  # the session ends; the connection is still open
+        assert (counts("tcp")[1], counts("websocket")[1]) == received
+        bob.lose()
+        alice.lose()
+        assert (counts("tcp")[1], counts("websocket")[1]) == received
+        assert _traffic(registry, "esf_connections", "tcp") == 0
+        alice = connect(engine, "alice", password="pw")
+        assert counts("tcp")[1] == received[0] + 1  # its logon
+
         # Refused: one connection past --max-connections (3), on either
         # transport; a WebSocket handshake for the wrong path.
         connect(engine, "carol", password="pw")
+        pages.append(Page(engine, factory, port=6099).logon("bob"))
         Client(engine)
         pages += [Page(engine, factory, port=6100), Page(engine, factory, port=6101, path="/elsewhere")]
         assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="max_connections") == 1
@@ -416,7 +430,7 @@ def test_traffic_is_counted_by_transport(registry):
         assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="handshake") == 1
         assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="flooding") == 0
         assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="shutting_down") == 0
-        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 2
+        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 3
         assert _traffic(registry, "esf_connections", "tcp") == 2
     finally:
         metrics.stop()
