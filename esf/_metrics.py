@@ -535,7 +535,6 @@ class ServerMetrics(Collector):
         info.add_metric([server_version(), str(engine.node_id)], 1)
         yield info
 
-
     def _traffic(self) -> Iterable[Metric]:
         """
         The per-transport counters the protocols keep (C{engine.traffic}).
