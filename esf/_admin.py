@@ -72,8 +72,12 @@ __all__ = [
 
 log = Logger(namespace="esf.admin")
 
-#: The operator named in BeingKickedOutNotify for the admin API's kicks.
-ADMIN_OPERATOR = "admin"
+#: The operator named in BeingKickedOutNotify (and in the log and audit)
+#: for the admin API's kicks: a name no user can have, since user IDs may
+#: not hold the device mark C{#}, so that a client can tell the API from a
+#: user named "admin".  (Before, it was C{"admin"}; the audit's C{origin}
+#: field, C{"admin_api"}, tells both apart in old records too.)
+ADMIN_OPERATOR = "#admin"
 #: The information type of a notice or broadcast that does not give one.
 NOTICE_INFORMATION_TYPE = 0
 #: The largest request body, in bytes; a bigger one gets 413 and a close.

@@ -8,10 +8,24 @@ count).  They count what did not go as asked; metrics read them.
 
 from __future__ import annotations
 
+import collections
+from typing import TYPE_CHECKING
+
 from ._compat import StrEnum
 from ._wire import MessageType
 
-__all__ = ["Count", "RELAYED_MESSAGES", "RELAYED_BYTES"]
+if TYPE_CHECKING:
+    from ._session import Session
+
+__all__ = [
+    "Count",
+    "RELAYED_MESSAGES",
+    "RELAYED_BYTES",
+    "FANOUT_BUCKETS",
+    "count_fanout",
+    "Traffic",
+    "TrafficByTransport",
+]
 
 
 class Count(StrEnum):
@@ -89,6 +103,115 @@ def _relay_keys(prefix: str) -> dict[int, str]:
 #: C{esf_relayed_bytes_total} read them.
 RELAYED_MESSAGES: dict[int, str] = _relay_keys("relayed_messages")
 RELAYED_BYTES: dict[int, str] = _relay_keys("relayed_bytes")
+
+#: The upper bounds of C{esf_broadcast_fanout}'s buckets: devices one
+#: Broadcast was sent to.
+FANOUT_BUCKETS = (0, 1, 10, 100, 1000, 10_000, 100_000)
+#: C{engine.counters} keys of the fan-out: one per bucket (not cumulative;
+#: the last one for more than the largest bound), the number of broadcasts
+#: and the devices they went to in all.
+FANOUT_BUCKET_KEYS = tuple(f"broadcast_fanout.le_{bound}" for bound in FANOUT_BUCKETS) + (
+    "broadcast_fanout.le_inf",
+)
+BROADCASTS = "broadcasts"
+BROADCAST_DELIVERIES = "broadcast_deliveries"
+
+
+def count_fanout(counters: collections.Counter[str], devices: int) -> None:
+    """
+    Count one Broadcast sent to C{devices} devices.
+    """
+    counters[BROADCASTS] += 1
+    counters[BROADCAST_DELIVERIES] += devices
+    for bound, key in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
+        if devices <= bound:
+            counters[key] += 1
+            return
+    counters[FANOUT_BUCKET_KEYS[-1]] += 1
+
+
+class Traffic:
+    """
+    What the connections of one kind of transport carried, kept by the
+    protocols (L{esf.ServerProtocol}, L{esf.WebSocketProtocol}) as they
+    read and write: one attribute increment per read and per write, none
+    per frame.  (Plain slots rather than C{engine.counters} keys: these are
+    the hottest counts of all.)  The frames received are counted by each
+    session's frame decoder, and read here (L{messages_received}): nothing
+    is added to a read for them.
+
+    @ivar accepted: connections that became sessions.
+    @ivar refused: connections closed as they were made, by reason.
+    @ivar bytes_received: bytes read from the connections (for WebSocket,
+        its framing and handshake included).
+    @ivar bytes_sent: bytes of ESF frames written to the connections.
+    @ivar reads: reads handed to the protocols.
+    @ivar writes: writes the sessions made (each one or more whole frames).
+    """
+
+    __slots__ = (
+        "accepted",
+        "refused",
+        "bytes_received",
+        "bytes_sent",
+        "reads",
+        "writes",
+        "_open",
+        "_decoded_before",
+    )
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.reads = 0
+        self.writes = 0
+        #: The sessions of the connections open, whose decoders count on.
+        self._open: set[Session] = set()
+        #: The frames the sessions of closed connections decoded.
+        self._decoded_before = 0
+
+    @property
+    def messages_received(self) -> int:
+        """
+        The ESF frames received whole on these connections, open or closed.
+        """
+        return self._decoded_before + sum(s.decoder.decoded for s in self._open)
+
+    def connected(self, session: Session, stopping: bool) -> None:
+        """
+        Count a connection the engine was given (C{engine.connection_made}):
+        accepted, or, when the engine ended its session at once, refused
+        because the server is full or, when C{stopping}, shutting down.
+        """
+        self._open.add(session)
+        if not session.ended:
+            self.accepted += 1
+        elif stopping:
+            self.refused["shutting_down"] += 1
+        else:
+            self.refused["max_connections"] += 1
+
+    def disconnected(self, session: Session) -> None:
+        """
+        C{session}'s connection is closed: keep what its decoder counted
+        (in the same step as it leaves, so that the total never goes back).
+        """
+        if session in self._open:
+            self._open.discard(session)
+            self._decoded_before += session.decoder.decoded
+
+
+class TrafficByTransport(dict[str, Traffic]):
+    """
+    C{engine.traffic}: a L{Traffic} per transport label (C{"tcp"},
+    C{"websocket"}), made when a protocol first asks.
+    """
+
+    def __missing__(self, transport: str) -> Traffic:
+        traffic = self[transport] = Traffic()
+        return traffic
 
 
 

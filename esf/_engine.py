@@ -28,7 +28,7 @@ from zope.interface import implementer
 from . import _messages as m
 from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
 from ._budget import MemoryBudget
-from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count, TrafficByTransport
 from ._events import Event, call
 from ._heartbeat import Reaper
 from ._logon import Logons
@@ -131,6 +131,8 @@ class ServerEngine:
         #: online (fired whether or not an offline store keeps it).
         self.transmit_failed = Event("transmit_failed")
         self.counters: collections.Counter[str] = collections.Counter()
+        #: What each kind of transport carried (its protocols count it).
+        self.traffic = TrafficByTransport()
         self.presence = presence if presence is not None else LocalPresence()
         self.user_manager = UserManager(self.presence, config)
         self.router = Router(self.presence)

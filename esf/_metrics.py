@@ -8,6 +8,8 @@ it is scraped, from:
   - plain counts the engine keeps anyway (C{engine.counters}, keyed by
     L{esf._counters} names) and its state (C{engine.sessions},
     C{engine.presence}, C{engine.pending});
+  - what each transport carried (C{engine.traffic}, L{esf._counters.Traffic}),
+    which the protocols count per read and per write;
   - the offline store's size (C{esf_offline_stored_*}), the answer of its
     C{total_counts} as of the last look, every L{OFFLINE_LOOK} seconds
     (a query to the store, so not at every scrape);
@@ -30,7 +32,12 @@ import collections
 from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from twisted.application.internet import StreamServerEndpointService
@@ -47,7 +54,16 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ._audit import kick_origin, logon_refusal
-from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from ._counters import (
+    BROADCAST_DELIVERIES,
+    BROADCASTS,
+    FANOUT_BUCKET_KEYS,
+    FANOUT_BUCKETS,
+    RELAYED_BYTES,
+    RELAYED_MESSAGES,
+    Count,
+    Traffic,
+)
 from ._http import HTTP_LIMITS, HTTPLimits, limit_site
 from ._session import RELAYED
 from ._wire import ClientType, DisconnectedType, LogonResult, MessageType
@@ -140,6 +156,34 @@ COUNTER_METRICS = {
         "offline_drains_stalled",
         "Deliveries of stored messages stopped because the device did not acknowledge in time.",
     ),
+    Count.UNSOLICITED_ANSWERS: (
+        "unsolicited_answers",
+        "Answers from a user to no request relayed to that user: dropped.",
+    ),
+    Count.TOO_MANY_UNANSWERED: (
+        "too_many_unanswered",
+        "Requests refused because their session waited for too many answers already.",
+    ),
+    Count.SENDERS_PAUSED: (
+        "senders_paused",
+        "Times a sender's reading was paused because a receiver was backed up (push back).",
+    ),
+    Count.OUTPUT_DROPPED: (
+        "output_dropped",
+        "Relayed frames not queued because their receiver was past its hard output bound.",
+    ),
+    Count.WORK_REFUSED: (
+        "work_refused",
+        "Requests to the server refused because their session had spent its work budget.",
+    ),
+    Count.WEBSOCKET_FLOODERS_REFUSED: (
+        "websocket_flooders_refused",
+        "WebSocket connections refused at once: their host kept sending frames before logon.",
+    ),
+    Count.LOGS_SUPPRESSED: (
+        "logs_suppressed",
+        "Log events a peer caused, left out by its session's log limit.",
+    ),
     # The next three are refusals; they are exported in esf_refusals_total.
     Count.LOGONS_RATE_LIMITED: None,
     Count.TAKEOVERS_REFUSED: None,
@@ -169,6 +213,26 @@ REFUSAL_REASONS = {
 }
 
 KICK_ORIGINS = ("admin_api", "client", "server_api")
+
+#: The transports every per-transport series is reported for (with 0 until
+#: used), and the reasons a connection of each is refused for.
+TRANSPORTS = ("tcp", "websocket")
+CONNECTION_REFUSALS = {
+    "tcp": ("max_connections", "shutting_down"),
+    "websocket": ("max_connections", "shutting_down", "flooding", "handshake"),
+}
+
+#: The per-transport counters: (metric name without C{esf_} and C{_total},
+#: the L{Traffic} attribute, help).
+TRAFFIC_COUNTERS = (
+    ("connections_accepted", "accepted", "Connections accepted, by transport."),
+    ("received_bytes", "bytes_received", "Bytes read from connections, by transport "
+     "(for WebSocket, its framing and handshake included)."),
+    ("sent_bytes", "bytes_sent", "Bytes of ESF frames written to connections, by transport."),
+    ("messages_received", "messages_received", "Whole ESF frames received, by transport."),
+    ("reads", "reads", "Reads from connections, by transport."),
+    ("writes", "writes", "Writes to connections, by transport (each one or more whole frames)."),
+)  # fmt: skip
 
 
 log = Logger(namespace="esf.metrics")
@@ -355,11 +419,25 @@ class ServerMetrics(Collector):
         tally = self.tally
         counters = engine.counters
 
-        yield _gauge(
-            "esf_connections",
-            "Open connections, logged on or not.",
-            len(engine.sessions),
+        connections = dict.fromkeys(TRANSPORTS, 0)
+        logged_on = dict.fromkeys(TRANSPORTS, 0)
+        for session in engine.sessions:
+            transport = _transport_label(session)
+            connections[transport] = connections.get(transport, 0) + 1
+            if session.logged_on:
+                logged_on[transport] = logged_on.get(transport, 0) + 1
+        open_connections = GaugeMetricFamily(
+            "esf_connections", "Open connections, logged on or not, by transport.", labels=["transport"]
         )
+        sessions = GaugeMetricFamily(
+            "esf_sessions_logged_on", "Logged-on sessions, by transport.", labels=["transport"]
+        )
+        for transport, count in connections.items():
+            open_connections.add_metric([transport], count)
+            sessions.add_metric([transport], logged_on.get(transport, 0))
+        yield open_connections
+        yield sessions
+        yield from self._traffic()
         yield _gauge("esf_users_online", "Users with at least one device online.", engine.presence.user_count())
         online = GaugeMetricFamily(
             "esf_devices_online",
@@ -420,10 +498,25 @@ class ServerMetrics(Collector):
         yield messages
         yield relayed_bytes
 
+        fanout = HistogramMetricFamily(
+            "esf_broadcast_fanout",
+            "Broadcast messages by the number of devices each was sent to.",
+        )
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, bucket in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
+            cumulative += counters[bucket]
+            buckets.append((str(float(bound)), cumulative))  # "10.0", as Prometheus' own
+        buckets.append(("+Inf", counters[BROADCASTS]))
+        fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
+        yield fanout
+
         for key in Count:
             if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
                 continue
-            name, text = COUNTER_METRICS.get(key) or (key.value, f"Engine counter {key.value}.")
+            # (A counter added to Count and not described here is exported
+            # all the same; test_metrics asks for its description.)
+            name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
             yield _counter(f"esf_{name}", text, counters[key])
 
         cluster = getattr(engine.presence, "stats", None)  # a ClusterPresence's
@@ -473,6 +566,33 @@ class ServerMetrics(Collector):
         info.add_metric([server_version(), str(engine.node_id)], 1)
         yield info
 
+    def _traffic(self) -> Iterable[Metric]:
+        """
+        The per-transport counters the protocols keep (C{engine.traffic}).
+        """
+        traffic = self.engine.traffic
+        transports = sorted(set(TRANSPORTS) | set(traffic))
+        counted = {t: traffic.get(t) or Traffic() for t in transports}
+        for name, attribute, text in TRAFFIC_COUNTERS:
+            family = CounterMetricFamily(f"esf_{name}", text, labels=["transport"])
+            for transport, counts in counted.items():
+                family.add_metric([transport], getattr(counts, attribute))
+            yield family
+        refused = CounterMetricFamily(
+            "esf_connections_refused",
+            "Connections closed as they were made, by transport and reason.",
+            labels=["transport", "reason"],
+        )
+        for transport, counts in counted.items():
+            for reason in sorted(set(CONNECTION_REFUSALS.get(transport, ())) | set(counts.refused)):
+                refused.add_metric([transport, reason], counts.refused[reason])
+        yield refused
+
+
+def _transport_label(session: Session) -> str:
+    label: str = getattr(session.channel, "transport_label", "other")
+    return label
+
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
@@ -485,12 +605,13 @@ def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
 def make_registry(metrics: ServerMetrics, process: bool = True) -> CollectorRegistry:
     """
     A registry with C{metrics} and, when C{process}, the process's own
-    figures (C{esf_process_*}: CPU, memory, open files).
+    figures under the names every exporter gives them (C{process_*}: CPU,
+    memory, open files), which off-the-shelf dashboards expect.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics)
     if process:
-        ProcessCollector(namespace="esf", registry=registry)
+        ProcessCollector(registry=registry)
     return registry
 
 

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._counters import Traffic
 from ._engine import ServerEngine
 from ._session import Session
 from ._wire import DisconnectedType
@@ -55,8 +56,15 @@ class ServerProtocol(Protocol):
     address = "?"
     _abort_call = None
     _closing = False
+    #: The label of this kind of connection in the metrics.
+    transport_label = "tcp"
+    #: Where this connection's reads and writes are counted
+    #: (C{engine.traffic}); set when it is made.
+    _traffic: Traffic
 
     def connectionMade(self) -> None:
+        engine = self.factory.engine
+        self._traffic = traffic = engine.traffic[self.transport_label]
         transport = self.transport
         self.address = peer_address(transport.getPeer())
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
@@ -67,9 +75,13 @@ class ServerProtocol(Protocol):
                 except OSError:
                     pass
         transport.registerProducer(self, True)
-        self.session = self.factory.engine.connection_made(self)
+        self.session = engine.connection_made(self)
+        traffic.connected(self.session, engine.stopping)
 
     def dataReceived(self, data: bytes) -> None:
+        traffic = self._traffic
+        traffic.reads += 1
+        traffic.bytes_received += len(data)
         session = self.session
         if session is not None:  # None once the connection is lost
             session.data_received(data)
@@ -87,10 +99,14 @@ class ServerProtocol(Protocol):
         session, self.session = self.session, None
         if session is not None:
             session.connection_lost()
+            self._traffic.disconnected(session)
 
     # IChannel
 
     def write(self, data: bytes) -> None:
+        traffic = self._traffic
+        traffic.writes += 1
+        traffic.bytes_sent += len(data)
         self.transport.write(data)
 
     def pause_reading(self) -> None:

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from . import _messages as m
 from ._config import IDS_PER_UNIT
-from ._counters import Count
+from ._counters import Count, count_fanout
 from ._events import call
 from ._wire import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
 from ._wire import as_client_type, encode_frame
@@ -393,6 +393,7 @@ class ApplicationServices:
         def deliver(user_ids: Any) -> None:
             raw = frame.raw
             resolve = engine.router.resolve
+            devices = 0
             for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
                     for target in resolve(user_id) or ():
@@ -401,6 +402,8 @@ class ApplicationServices:
                         status = target.send(raw)
                         if status:
                             engine.not_queued(session, target, status, 1, len(raw))
+                        devices += 1
+            count_fanout(engine.counters, devices)
             if frame.message_id:
                 session.reply(frame, m.Ack(info.information_type).encode(), MessageType.ACK)
 

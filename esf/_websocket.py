@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
-from ._counters import Count
+from ._counters import Count, Traffic
 from ._engine import ServerEngine
 from ._policy import SlidingWindow
 from ._http import handed_over
@@ -127,12 +127,19 @@ class WebSocketProtocol(WebSocketServerProtocol):
     _pushed_back = False
     #: Whether the connection was refused as it was made (L{WebSocketFactory.refuses}).
     _refused = False
+    #: The label of this kind of connection in the metrics.
+    transport_label = "websocket"
+    #: Where this connection's reads and writes are counted
+    #: (C{engine.traffic}); set when it is made.
+    _traffic: Traffic
 
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._traffic = self.factory.engine.traffic[self.transport_label]
         self.address = peer_address(self.transport.getPeer())
         if self.factory.refuses(self.address):
+            self._traffic.refused["flooding"] += 1
             # Its host keeps flooding: closed before anything is read (a
             # protocol, rather than None from buildProtocol, so that TLS
             # and twisted.web, which wrap what buildProtocol returns, can
@@ -147,6 +154,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self._refused:
             return
+        traffic = self._traffic
+        traffic.reads += 1
+        traffic.bytes_received += len(data)
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
             self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
             self.failHandshake("Request Header Fields Too Large", 431)
@@ -219,6 +229,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
         return WEBSOCKET_SUBPROTOCOL
 
     def _refuse(self, why: str) -> None:
+        self._traffic.refused["handshake"] += 1
         log.info(
             "refused a WebSocket handshake from {address}: {why}",
             address=self.address,
@@ -228,7 +239,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         self._meter = FrameMeter()
-        self.session = self.factory.engine.connection_made(self)
+        engine = self.factory.engine
+        self.session = engine.connection_made(self)
+        self._traffic.connected(self.session, engine.stopping)
         if self._paused:
             self.session.pause_writing()
 
@@ -322,6 +335,7 @@ class WebSocketProtocol(WebSocketServerProtocol):
                 "WebSocket protocol error: " + why.decode("utf-8", "replace"),
             )
         session.connection_lost()
+        self._traffic.disconnected(session)
 
     # -- messages --------------------------------------------------------------
 
@@ -421,6 +435,9 @@ class WebSocketProtocol(WebSocketServerProtocol):
             return  # closing: what is still sent for the session is dropped
         hlen = self.factory.header_length
         size = len(data)
+        traffic = self._traffic
+        traffic.writes += 1
+        traffic.bytes_sent += size
         if size > 0xFFFF:
             # Large output: autobahn frames it (and checks its size).
             offset = 0

@@ -463,6 +463,7 @@ class FrameDecoder:
         "_need",
         "_header",
         "_error",
+        "decoded",
     )
 
     def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
@@ -487,6 +488,9 @@ class FrameDecoder:
         self._need = self.config.header_length
         self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
+        #: Frames decoded so far (each frame of a L{SendRun} counts): added
+        #: to once per L{feed}, never once per frame.
+        self.decoded = 0
 
     @property
     def _expectation(self) -> str:
@@ -530,23 +534,29 @@ class FrameDecoder:
             data = bytes(data)  # a bytearray or a view: frames keep bytes
         frames: list[Frame | SendRun] = []
         try:
-            self._feed(data, frames, run_type)
+            in_runs = self._feed(data, frames, run_type)
         except FrameError as e:
+            self.decoded += sum(f.count if isinstance(f, SendRun) else 1 for f in frames)
             e.frames = frames
             self._error = e
             self._parts = None
             self._small = None
             self._have = 0
             raise
+        self.decoded += len(frames) + in_runs
         return frames
 
-    def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> None:
+    def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> int:
+        """
+        Decode C{data} into C{frames}; return how many frames its runs hold
+        beyond their first (each run is one item of C{frames}).
+        """
         size = len(data)
         offset = 0
         if self._have:
             offset = self._complete_partial(data, frames)
             if offset < 0:
-                return
+                return 0
         hlen = self.config.header_length
         unpack = _FIXED_HEADER.unpack_from
         pairs = self._pairs or {}
@@ -563,6 +573,7 @@ class FrameDecoder:
         # The header of the run's last frame, and that frame's size.
         last_header = b""
         last_size = 0
+        in_runs = 0  # frames of the runs appended, beyond each run's first
         startswith = data.startswith
         while size - offset >= hlen:
             if last_header and startswith(last_header, offset):
@@ -602,6 +613,7 @@ class FrameDecoder:
                 continue
             if run_count:
                 append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
+                in_runs += run_count - 1
                 run_key, run_count, last_header = None, 0, b""
             if key == first_key:
                 user_id, dest_user_id = first_user, first_dest
@@ -646,11 +658,13 @@ class FrameDecoder:
         if run_count:
             raw = data[run_start:offset] if (run_start or offset != size) else data
             append(SendRun(*run_ids, raw, run_count, hlen))
+            in_runs += run_count - 1
         if offset < size:
             # A partial frame, its header checked already when it is whole.
             self._header = header
             self._need = hlen if header is None else hlen + header[5]
             self._stash(data[offset:] if offset else data)
+        return in_runs
 
     def _complete_partial(self, data: bytes, frames: list[Frame | SendRun]) -> int:
         """

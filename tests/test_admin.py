@@ -305,6 +305,32 @@ def test_kick_reaches_the_client(api, engine, logs):
     assert kick["operator"] == ADMIN_OPERATOR
 
 
+def test_the_admin_apis_operator_is_no_user(api, engine):
+    """
+    A client told who kicked it can tell the admin API from a user named
+    "admin" (whom --admin or can_kick_out may let kick): the API's operator
+    is a name no user can log on with, as it holds the device mark.
+    """
+    from _helpers import Client
+
+    from esf.wire import LogonResult
+
+    assert ADMIN_OPERATOR == "#admin"
+    impostor = Client(engine)
+    impostor.logon(ADMIN_OPERATOR)
+    (reply,) = [f for f in impostor.take() if f.message_type == MessageType.LOGON]
+    assert reply.body.result == LogonResult.FAILED
+
+    bob, carol = connect(engine, "bob"), connect(engine, "carol")
+    engine.kick_out("bob", "by a user", operator="admin", origin="client")
+    assert call(api, "POST", "users/carol/kick", {"reason": "by the API"}).status == 200
+    kicked = {
+        who: [f.body.operator for f in client.take() if f.message_type == MessageType.BEING_KICKED_OUT_NOTIFY]
+        for who, client in [("bob", bob), ("carol", carol)]
+    }
+    assert kicked == {"bob": ["admin"], "carol": ["#admin"]}
+
+
 def test_kick_one_device(api, engine):
     phone = connect(engine, "alice", 5)
     desk = connect(engine, "alice", 0)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
+import struct
 import threading
 import time
 import urllib.request
+import zlib
 
 import pytest
 
@@ -119,6 +122,9 @@ def test_dashboard(browser, ops):
         # No token yet: the API answers 401 and the page asks for one.
         token = wait(browser, lambda d: d.find_element(By.ID, "token").is_displayed() and d.find_element(By.ID, "token"), what="the token form")
         assert not browser.find_element(By.ID, "main").is_displayed()
+        # The header says why nothing shows, not that it is connecting.
+        server = browser.find_element(By.ID, "server").text
+        assert "connecting" not in server and "signed out" in server, server
         token.send_keys("wrong-token-wrong-token")
         browser.find_element(By.ID, "login-button").click()
         wait(browser, lambda d: "refused" in d.find_element(By.ID, "login-error").text, what="the refusal")
@@ -134,6 +140,7 @@ def test_dashboard(browser, ops):
         assert [r[:2] for r in table[1:]] == [["alice", "android"], ["alice", "dotnet"], ["bob", "ios"]]
         wait(browser, lambda d: len(d.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 2,
              what="two points on the chart")  # fmt: skip
+        check_axes(browser, peak=4)
 
         # The chart follows the count as users come (one poll every 2 s).
         for count, user in enumerate(["carol", "dave", "erin"], start=4):
@@ -169,7 +176,7 @@ def test_dashboard(browser, ops):
         browser.find_element(By.ID, "kick-confirm").click()
 
         header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
-        assert rc.parse_kicked_out(body) == {"operator": "admin", "reason": "kicked from the dashboard"}
+        assert rc.parse_kicked_out(body) == {"operator": "#admin", "reason": "kicked from the dashboard"}
         wait(browser, lambda d: "kicked alice: 1 device" in d.find_element(By.ID, "status").text, what="the kick's result")
         wait(browser, lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]], what="the table without the phone")
         status, user = ops.call("GET", "/api/users/alice")
@@ -177,6 +184,99 @@ def test_dashboard(browser, ops):
     finally:
         for client in made:
             client.close()
+
+
+def check_axes(browser, peak):
+    """
+    The chart has axes: counts from 0 at its bottom edge to a top above
+    C{peak} at its top edge, and clock times under it from left to right.
+    """
+    from selenium.webdriver.common.by import By
+
+    chart = browser.find_element(By.ID, "chart").rect
+    ys = [(float(e.text), e.rect) for e in browser.find_elements(By.CSS_SELECTOR, "#y-axis span")]
+    assert [v for v, _ in ys][0] == 0 and ys[-1][0] >= peak and len(ys) >= 2, ys
+    for value, rect in ys:
+        assert rect["width"] > 0 and rect["x"] + rect["width"] <= chart["x"] + 1, (value, rect, chart)
+        middle = rect["y"] + rect["height"] / 2
+        expected = chart["y"] + chart["height"] * (1 - value / ys[-1][0])
+        assert abs(middle - expected) < 8, (value, middle, expected)
+    xs = browser.find_elements(By.CSS_SELECTOR, "#x-axis span")
+    assert len(xs) >= 2 and all(re.search(r"\d{1,2}:\d{2}:\d{2}", e.text) for e in xs), [e.text for e in xs]
+    lefts = [e.rect["x"] for e in xs]
+    assert lefts == sorted(lefts) and lefts[0] >= chart["x"] - 1
+    assert all(e.rect["y"] >= chart["y"] + chart["height"] - 1 for e in xs)
+
+
+def png_pixels(png):
+    """
+    The (r, g, b) of every pixel of an 8-bit RGB or RGBA PNG, as Chromium's
+    screenshots are (decoded here: no imaging library is needed).
+    """
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    offset, idat = 8, b""
+    while offset < len(png):
+        (length,) = struct.unpack(">I", png[offset : offset + 4])
+        kind, body = png[offset + 4 : offset + 8], png[offset + 8 : offset + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert depth == 8 and color in (2, 6) and interlace == 0, (depth, color, interlace)
+        elif kind == b"IDAT":
+            idat += body
+        offset += 12 + length
+    bpp = 4 if color == 6 else 3
+    raw, stride = zlib.decompress(idat), width * bpp
+    previous, pixels = bytearray(stride), []
+    for row in range(height):
+        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1 : (row + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = previous[i], previous[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + a) & 255
+            elif kind == 2:
+                line[i] = (line[i] + b) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        pixels += [tuple(line[i : i + 3]) for i in range(0, stride, bpp)]
+        previous = line
+    return pixels
+
+
+USERS_COLOR, DEVICES_COLOR = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)
+
+
+def near(pixel, color):
+    return sum((p - c) ** 2 for p, c in zip(pixel, color)) < 40**2
+
+
+def test_equal_counts_show_both_lines(browser, open_ops):
+    """
+    One user on one device: the users' and the devices' counts are equal
+    all along, and both lines show (neither hides the other).
+    """
+    from selenium.webdriver.common.by import By
+
+    alice = rc.connect(open_ops.server.port)
+    try:
+        assert alice.logon("alice", "pa", 5)["result"] == 0
+        browser.get(open_ops.admin + "/dashboard")
+        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "1", what="1 user online")
+        wait(browser, lambda d: len(d.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 4,
+             what="points on the chart")  # fmt: skip
+        users = browser.find_element(By.ID, "chart-users").get_attribute("points")
+        assert users == browser.find_element(By.ID, "chart-devices").get_attribute("points")  # equal
+        pixels = png_pixels(browser.find_element(By.ID, "chart").screenshot_as_png)
+        blue = sum(near(p, USERS_COLOR) for p in pixels)
+        orange = sum(near(p, DEVICES_COLOR) for p in pixels)
+        assert blue > 200 and orange > 200, (blue, orange)
+        check_axes(browser, peak=1)
+    finally:
+        alice.close()
 
 
 def test_dashboard_without_a_token_only_reads(browser, open_ops):

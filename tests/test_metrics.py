@@ -6,6 +6,11 @@ The same figures against a real C{twistd esf} are in test_admin_e2e.py.
 
 from __future__ import annotations
 
+import collections
+import json
+import re
+from pathlib import Path
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import globalLogPublisher
@@ -62,7 +67,7 @@ def value(registry, name, **labels):
 
 
 def test_an_idle_server(engine, registry):
-    assert value(registry, "esf_connections") == 0
+    assert value(registry, "esf_connections", transport="tcp") == 0
     assert value(registry, "esf_users_online") == 0
     assert value(registry, "esf_devices_online", kind="android") == 0
     assert value(registry, "esf_logons_total", result="succeed") == 0
@@ -80,7 +85,7 @@ def test_logons_devices_and_disconnects(engine, registry):
     refused = Client(engine)
     refused.logon("mallory", password="wrong")
     Client(engine)  # connected, never logs on
-    assert value(registry, "esf_connections") == 4
+    assert value(registry, "esf_connections", transport="tcp") == 4
     assert value(registry, "esf_users_online") == 2
     assert value(registry, "esf_devices_online", kind="android") == 2
     assert value(registry, "esf_devices_online", kind="dotnet") == 1
@@ -252,11 +257,18 @@ def test_resource_speaks_openmetrics_when_asked(registry):
     assert body.rstrip().endswith(b"# EOF")
 
 
-def test_process_metrics_are_prefixed(metrics):
+def test_process_metrics_have_the_standard_names(metrics):
+    """
+    The process's figures are process_*, as every exporter names them and
+    off-the-shelf dashboards expect (before, esf_process_*); everything
+    else is esf_*.
+    """
     registry = make_registry(metrics)
-    assert registry.get_sample_value("esf_process_open_fds") > 0  # Linux's /proc
+    assert registry.get_sample_value("process_open_fds") > 0  # Linux's /proc
+    assert registry.get_sample_value("process_resident_memory_bytes") > 0
     names = {f.name for f in registry.collect()}
-    assert all(n.startswith("esf_") for n in names), names
+    assert not {n for n in names if n.startswith("esf_process")}, names
+    assert all(n.startswith(("esf_", "process_")) for n in names), names
 
 
 def test_disconnect_reasons_cover_every_type(engine, registry):
@@ -322,3 +334,309 @@ def test_offline_store_size_is_read_every_look():
 
 def test_no_offline_gauges_without_a_store(engine, registry):
     assert registry.get_sample_value("esf_offline_stored_messages") is None
+
+
+def test_every_engine_counter_is_described(engine, registry):
+    """
+    Every engine counter has a name and a help text of its own (no
+    placeholder), so that the docs can say what it counts.
+    """
+    undescribed = [key for key in Count if key not in COUNTER_METRICS]
+    assert undescribed == []
+    helps = {f.name: f.documentation for f in registry.collect()}
+    for key, spec in COUNTER_METRICS.items():
+        if spec is not None:
+            text = helps[f"esf_{spec[0]}"]
+            assert "Engine counter" not in text and "no description" not in text, (key, text)
+
+
+def _traffic(registry, name, transport, **labels):
+    return value(registry, name, transport=transport, **labels)
+
+
+def test_traffic_is_counted_by_transport(registry):
+    """
+    Connections, sessions, bytes, frames, reads and writes by transport:
+    what went over TCP and over WebSocket, each counted on its own side.
+    """
+    from test_websocket_channel import BINARY, Page
+    from wsclient import client_frame
+
+    from esf import WebSocketFactory
+
+    engine = make_engine(handler=Passwords(), max_connections=3)
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    registry = make_registry(metrics, process=False)
+    factory = WebSocketFactory(engine)
+    pages = []
+    try:
+        assert _traffic(registry, "esf_connections_accepted_total", "websocket") == 0
+        alice = connect(engine, "alice", password="pw")
+        bob = Page(engine, factory).logon("bob")
+        pages.append(bob)
+        assert _traffic(registry, "esf_connections", "tcp") == 1
+        assert _traffic(registry, "esf_connections", "websocket") == 1
+        assert _traffic(registry, "esf_sessions_logged_on", "tcp") == 1
+        assert _traffic(registry, "esf_sessions_logged_on", "websocket") == 1
+        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 1
+        assert _traffic(registry, "esf_connections_accepted_total", "websocket") == 1
+
+        def counts(transport):
+            return [
+                _traffic(registry, f"esf_{name}_total", transport)
+                for name in ("received_bytes", "messages_received", "reads", "sent_bytes", "writes")
+            ]
+
+        tcp, ws = counts("tcp"), counts("websocket")
+        sends = b"".join(alice.frame(MessageType.SEND, Information(7, b"x" * n), dest="bob") for n in range(3))
+        alice.send_raw(sends)  # one read of three frames
+        to_bob = [payload for opcode, payload in bob.messages() if opcode == BINARY]
+        assert b"".join(to_bob) == sends
+        assert [a - b for a, b in zip(counts("tcp"), tcp)] == [len(sends), 3, 1, 0, 0]
+        # To bob: the three frames, in one write, WebSocket framing not counted.
+        assert [a - b for a, b in zip(counts("websocket"), ws)] == [0, 0, 0, len(sends), 1]
+
+        tcp, ws = counts("tcp"), counts("websocket")
+        messages = [client_frame(BINARY, bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")) for _ in range(2)]
+        for message in messages:
+            bob.protocol.dataReceived(message)  # two reads
+        written = alice.transport.value()
+        assert [a - b for a, b in zip(counts("websocket"), ws)] == [sum(map(len, messages)), 2, 2, 0, 0]
+        assert counts("tcp")[3:] == [tcp[3] + 2 * len(bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")), tcp[4] + 2]
+        assert counts("tcp")[3] == len(written)  # everything the server wrote to alice
+
+        # What closed connections received still counts, and ended sessions
+        # whose connection is not closed yet count too: the totals never go
+        # back (Prometheus would take that for a restart).
+        received = counts("tcp")[1], counts("websocket")[1]
+        bob.protocol.sendClose()  # the session ends; the connection is still open
+        assert (counts("tcp")[1], counts("websocket")[1]) == received
+        bob.lose()
+        alice.lose()
+        assert (counts("tcp")[1], counts("websocket")[1]) == received
+        assert _traffic(registry, "esf_connections", "tcp") == 0
+        alice = connect(engine, "alice", password="pw")
+        assert counts("tcp")[1] == received[0] + 1  # its logon
+
+        # Refused: one connection past --max-connections (3), on either
+        # transport; a WebSocket handshake for the wrong path.
+        connect(engine, "carol", password="pw")
+        pages.append(Page(engine, factory, port=6099).logon("bob"))
+        Client(engine)
+        pages += [Page(engine, factory, port=6100), Page(engine, factory, port=6101, path="/elsewhere")]
+        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="max_connections") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="max_connections") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="handshake") == 1
+        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="flooding") == 0
+        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="shutting_down") == 0
+        assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 3
+        assert _traffic(registry, "esf_connections", "tcp") == 2
+    finally:
+        metrics.stop()
+        for page in pages:  # autobahn's timers run on the global reactor
+            for name in ("openHandshakeTimeoutCall", "closeHandshakeTimeoutCall"):
+                call = getattr(page.protocol, name, None)
+                if call is not None:
+                    call.cancel()
+
+
+def test_broadcast_fanout():
+    """
+    A Broadcast counts once in esf_broadcast_fanout, in the bucket of the
+    devices it was sent to (the sender's own are not among them).
+    """
+    from _helpers import Rooms
+
+    engine = make_engine(handler=Passwords())
+    engine.group_manager = Rooms()
+    metrics = ServerMetrics(engine)
+    metrics.start()
+    registry = make_registry(metrics, process=False)
+    try:
+        alice = connect(engine, "alice", password="pw")
+        connect(engine, "bob", 0, password="pw")
+        connect(engine, "bob", 5, password="pw")
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        connect(engine, "bob", 5, password="pw").lose()  # pushes bob's phone out; gone
+        alice.send(MessageType.BROADCAST, Information(1, b"hi"), dest="room")
+        assert value(registry, "esf_broadcast_fanout_count") == 3
+        assert value(registry, "esf_broadcast_fanout_sum") == 2 + 2 + 1
+        assert value(registry, "esf_broadcast_fanout_bucket", le="0.0") == 0
+        assert value(registry, "esf_broadcast_fanout_bucket", le="1.0") == 1
+        assert value(registry, "esf_broadcast_fanout_bucket", le="10.0") == 3
+        assert value(registry, "esf_broadcast_fanout_bucket", le="+Inf") == 3
+    finally:
+        metrics.stop()
+
+
+# -- the docs and the Grafana dashboard against a real scrape --------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Labels Prometheus adds to every series it scrapes.
+TARGET_LABELS = {"job", "instance"}
+
+
+@pytest.fixture
+def scrape():
+    """
+    Every family a server shows, as a scraper parses its text: with an
+    offline store (whose gauges are otherwise absent) and the process
+    collector.  Returns {family name: (type, label names)} and the sample
+    names.
+    """
+    from esf.offline import MemoryOfflineStore
+    from esf.testing import MemoryServer
+
+    server = MemoryServer(offline_store=MemoryOfflineStore())
+    # A cluster's presence has stats (ClusterPresence.stats), and the
+    # series read from them are shown only then: given, they are checked.
+    server.engine.presence.stats = collections.Counter()
+    metrics = ServerMetrics(server.engine)
+    metrics.start()
+    try:
+        body = MetricsResource(make_registry(metrics)).render_GET(DummyRequest([b""]))
+    finally:
+        metrics.stop()
+        server.close()
+    families, samples = {}, set()
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        labels = {name for sample in family.samples for name in sample.labels} - {"le"}
+        families[family.name] = (family.type, labels)
+        samples |= {sample.name for sample in family.samples}
+    return families, samples
+
+
+def documented_metrics():
+    """
+    The rows of docs/operations.md's table of every metric: {name: (type,
+    label names)}.
+    """
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("### Every metric", 1)[1].split("\n###", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        if not line.startswith("| `"):
+            continue
+        name, kind, labels = [cell.strip() for cell in line.strip("|").split("|")[:3]]
+        assert re.fullmatch(r"`[a-z_]+`", name), f"one metric per row, in backticks: {line}"
+        assert name.strip("`") not in rows, f"{name} documented twice"
+        rows[name.strip("`")] = (kind, set(re.findall(r"`([a-z_]+)`", labels)))
+    return rows
+
+
+def test_the_docs_name_every_series_and_only_those(scrape):
+    families, _ = scrape
+    exposed = {}
+    for name, (kind, labels) in families.items():
+        exposed[name + "_total" if kind == "counter" else name] = (kind, labels)
+    documented = documented_metrics()
+    assert sorted(set(exposed) - set(documented)) == [], "exposed but not documented"
+    assert sorted(set(documented) - set(exposed)) == [], "documented but not exposed"
+    wrong = {name: (documented[name], exposed[name]) for name in exposed if documented[name] != exposed[name]}
+    assert wrong == {}, "type or labels differ (documented, exposed)"
+
+
+#: PromQL words that are not series names.
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+
+
+def series_in(expr):
+    """
+    The series names and label names an expression uses: [(series,
+    {label names in its matcher})], and the label names of by/without.
+    """
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings, e.g. label values
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges, [$__rate_interval]
+    grouping = set()
+    for names in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        grouping |= {n.strip() for n in names.split(",") if n.strip()}
+    expr = re.sub(r"\b(?:by|without)\s*\([^)]*\)", "", expr)
+    used = []
+    for match in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*(\{[^}]*\})?\s*(\()?", expr):
+        name, matcher, call = match.groups()
+        if call or name in PROMQL_WORDS:
+            continue
+        used.append((name, set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*[=!]~?", matcher or ""))))
+    return used, grouping
+
+
+def test_series_in():
+    assert series_in('sum by (kind) (rate(esf_x_total{job=~"$job", a!="b"}[$__rate_interval])) / esf_y') == (
+        [("esf_x_total", {"job", "a"}), ("esf_y", set())],
+        {"kind"},
+    )
+
+
+def test_the_grafana_dashboard_loads_and_names_only_series_that_exist(scrape):
+    families, samples = scrape
+    labels_of = {}
+    for name, (kind, labels) in families.items():
+        for suffix in ("", "_total", "_bucket", "_sum", "_count"):
+            labels_of.setdefault(name + suffix, set()).update(labels, {"le"} if suffix == "_bucket" else ())
+    dashboard = json.loads((ROOT / "docs" / "grafana" / "esf.json").read_text())
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key == "expr" or (key == "query" and isinstance(item, str) and "(" in item):
+                    exprs.append(item)
+                walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dashboard)
+    assert len(exprs) > 40
+    every_label = set().union(*labels_of.values()) | TARGET_LABELS
+    for expr in exprs:
+        used, grouping = series_in(re.sub(r"label_values\(([a-z_]+),\s*([a-z_]+)\)", r"\1{\2=\"\"}", expr))
+        assert used, expr
+        for name, matched in used:
+            assert name in samples, f"{name} is no series a server shows ({expr})"
+            assert matched <= labels_of[name] | TARGET_LABELS, f"{name} has no label {matched} ({expr})"
+        assert grouping <= every_label, expr
+    # Every panel has a title and a target; ids are unique.
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert all(p["title"] and p["targets"] for p in panels)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_the_docs_queries_name_only_series_that_exist(scrape):
+    _, samples = scrape
+    text = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```promql\n(.*?)```", text, re.S)
+    lines = [line.split("#")[0].strip() for block in blocks for line in block.splitlines()]
+    queries = [line for line in lines if line]
+    assert len(queries) > 20
+    for query in queries:
+        used, _ = series_in(query)
+        assert used and all(name in samples for name, _ in used), query
+
+
+def test_the_decoder_counts_every_frame_of_a_run():
+    """
+    FrameDecoder.decoded, which esf_messages_received_total reads, counts
+    each frame of a SendRun, whole or cut anywhere, and those handed on
+    before a bad frame.
+    """
+    from esf.wire import FrameDecoder, SendRun
+
+    wire = WireConfig()
+    sends = [encode_frame(wire, MessageType.SEND, Information(1, b"x" * n).encode(), user_id="a", dest_user_id=d)
+             for n, d in enumerate("bbbcbb")]  # fmt: skip
+    other = encode_frame(wire, MessageType.HEARTBEAT, user_id="a")
+    stream = b"".join(sends) + other + sends[0]
+    for cut in (len(stream), 1, 7, 50):
+        decoder = FrameDecoder(wire)
+        items = []
+        for offset in range(0, len(stream), cut):
+            items += decoder.feed_runs(stream[offset : offset + cut], MessageType.SEND)
+        assert decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items), cut
+    decoder = FrameDecoder(wire)
+    with pytest.raises(Exception):
+        decoder.feed_runs(b"".join(sends[:3]) + b"\x00" * 40, MessageType.SEND)
+    assert decoder.decoded == 3

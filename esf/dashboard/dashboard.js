@@ -45,6 +45,7 @@ function askToken(message) {
   if (!$("login").hidden) return;
   state.timers.forEach(clearInterval);
   state.timers = [];
+  $("server").textContent = "signed out: the admin API asks for its token";
   sessionStorage.removeItem("esf-token");
   state.token = null;
   $("main").hidden = true;
@@ -88,20 +89,59 @@ async function refreshInfo() {
   } catch (error) { failed(error); }
 }
 
+// The top of the chart's scale: an even number (so that its middle is a
+// whole count too) of the form 2, 4, 6, 8 times a power of ten, with room
+// above the peak so that its line is not cut by the edge.
+function scaleTop(peak) {
+  const want = Math.max(2, peak * 1.1);
+  for (let power = 1; ; power *= 10) {
+    for (const step of [2, 4, 6, 8, 10]) {
+      if (step * power >= want) return step * power;
+    }
+  }
+}
+
+function axisLabel(text, property, fraction) {
+  const label = document.createElement("span");
+  label.textContent = text;
+  label.style[property] = `${(fraction * 100).toFixed(2)}%`;
+  return label;
+}
+
 function drawChart() {
   const points = state.history;
-  const peak = Math.max(1, ...points.map((p) => Math.max(p.users, p.devices)));
+  if (!points.length) return;
+  const peak = Math.max(...points.map((p) => Math.max(p.users, p.devices)));
+  const top = scaleTop(peak);
   const t0 = points[0].t;
-  const span = Math.max(1, points[points.length - 1].t - t0);
+  const t1 = points[points.length - 1].t;
+  const span = Math.max(1, t1 - t0);
   const x = (p) => ((p.t - t0) / span * 600).toFixed(1);
-  const y = (value) => (150 - value / peak * 140).toFixed(1);
+  // (4 units of room at the bottom and top: a line at 0 or at the top is
+  // not cut in half by the edge.)
+  const y = (value) => (4 + (1 - value / top) * 142).toFixed(1);
   // Steps: a count holds until the next sample.
   const line = (key) => points
     .map((p, i) => (i ? `${x(p)},${y(points[i - 1][key])} ` : "") + `${x(p)},${y(p[key])}`)
     .join(" ");
   $("chart-users").setAttribute("points", line("users"));
   $("chart-devices").setAttribute("points", line("devices"));
-  $("chart-span").textContent = Math.round(points[points.length - 1].t - t0);
+  // Axes: counts at the bottom, middle and top, times at both ends and
+  // the middle, with the grid lines of the counts.
+  const counts = [0, top / 2, top];
+  $("y-axis").replaceChildren(...counts.map((v) => axisLabel(String(v), "top", y(v) / 150)));
+  const time = (t) => new Date(t * 1000).toLocaleTimeString();
+  $("x-axis").replaceChildren(
+    ...[0, 0.5, 1].map((f) => axisLabel(time(t0 + f * (t1 - t0)), "left", f)));
+  $("grid").replaceChildren(...counts.slice(1, 2).map((v) => {
+    const grid = document.createElementNS("http://www.w3.org/2000/svg", "line");
+    grid.setAttribute("x1", "0");
+    grid.setAttribute("x2", "600");
+    grid.setAttribute("y1", y(v));
+    grid.setAttribute("y2", y(v));
+    return grid;
+  }));
+  $("chart-span").textContent = Math.round(t1 - t0);
   $("chart-peak").textContent = peak;
 }
 
