@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Iterable, cast
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.cred import credentials, error, strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
@@ -509,20 +509,16 @@ def server_service(options: Options) -> MultiService:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if options["gc-threshold"]:
         GCTuning(options["gc-threshold"]).setServiceParent(server)  # type: ignore[no-untyped-call]
-    if presence is None and store is None:
+    if presence is None:
+        # The engine opens the offline store as it starts and closes it
+        # once its sessions have ended.
         return server
-    # The cluster and the offline store start first and stop last: the
-    # engine's sessions end (releasing their devices, forgetting what they
-    # acknowledged) before the store closes and the node leaves.
+    # The cluster starts first and stops last: the engine's sessions end
+    # (releasing their devices) before the node leaves.
     top = MultiService()
-    if presence is not None:
-        ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
-    if store is not None:
-        OfflineStoreService(store).setServiceParent(top)  # type: ignore[no-untyped-call]
+    ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
     server.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.engine = engine  # type: ignore[attr-defined]
-    if presence is None:
-        return top
     presence.delivery_batch = engine.batch
     log.info(
         "esf: node {node_id} joins the cluster at {url}",
@@ -532,28 +528,6 @@ def server_service(options: Options) -> MultiService:
     )
     top.presence = presence  # type: ignore[attr-defined]
     return top
-
-
-class OfflineStoreService(Service):
-    """
-    Opens the offline store when the server starts and closes it once what
-    was called has finished.  Put it before the server in their parent: it
-    is stopped after the server, whose sessions have ended by then.
-    """
-
-    def __init__(self, store: Any):
-        self.store = store
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self.store.start().addErrback(
-            lambda f: log.failure("the offline store could not be opened", f,
-                                  esf_event="offline_store_failed")  # fmt: skip
-        )
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        return cast("Deferred[None]", self.store.stop())
 
 
 def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:
