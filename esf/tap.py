@@ -5,6 +5,7 @@ C{twistd esf}: the options and the service of an esf server.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Iterable, cast
 
 from twisted.application.service import MultiService
@@ -26,6 +27,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._listening import PortFile, announce_web_demo
 from ._loglevel import TwistdLogRoot, parse_level
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
 from ._metrics import MetricsService
@@ -125,6 +127,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["websocket-flood-limit", None, 3, "WebSocket connections of one host that may be ended per 60 s for sending more frames before logon than a logon needs; then the host's WebSocket connections are refused until the first is 60 s old.", _int_option("websocket-flood-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
+        ["port-file", None, None, "File to write, once the server listens, a JSON object naming every port it listens on (for port 0); removed when it stops."],
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
         ["admin-token-file", None, None, "File holding the admin API's bearer token (mode 600); without one the API only reads, and --admin-api must be loopback."],
@@ -299,6 +302,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--offline takes sqlite:PATH or redis, not {spec!r}")
 
     def _ops_options(self) -> None:
+        if self["port-file"] is not None:
+            directory = os.path.dirname(os.path.abspath(self["port-file"]))
+            if not os.path.isdir(directory):
+                raise usage.UsageError(f"--port-file: {directory} is not a directory")
         for name in ("metrics", "admin-api"):
             if self[name] is not None:
                 self[f"{name}-endpoint"] = _endpoint(name, self[name])
@@ -465,6 +472,9 @@ def server_service(options: Options) -> MultiService:
         )
     apps: Applications = options["applications"]
     config = options["config"]
+    ports = PortFile(options["port-file"], reactor) if options.get("port-file") else None
+    if ports is not None:
+        watch_listeners(ports, options)
     node_id = options["node-id"] or default_node_id()
     presence = None
     if options["cluster"] is not None:
@@ -501,6 +511,7 @@ def server_service(options: Options) -> MultiService:
         factory: Any
         if options["web-demo"]:
             factory = web_demo_site(engine, origins, reactor=reactor)
+            endpoint = announce_web_demo(endpoint)
         else:
             factory = WebSocketFactory(engine, origins, reactor=reactor)
         server.listen(endpoint, factory)
@@ -509,6 +520,8 @@ def server_service(options: Options) -> MultiService:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if options["gc-threshold"]:
         GCTuning(options["gc-threshold"]).setServiceParent(server)  # type: ignore[no-untyped-call]
+    if ports is not None:
+        ports.setServiceParent(server)  # type: ignore[no-untyped-call]
     if presence is None:
         # The engine opens the offline store as it starts and closes it
         # once its sessions have ended.
@@ -528,6 +541,19 @@ def server_service(options: Options) -> MultiService:
     )
     top.presence = presence  # type: ignore[attr-defined]
     return top
+
+
+def watch_listeners(ports: PortFile, options: Options) -> None:
+    """
+    Make every endpoint C{options} listen on tell C{ports} its port.
+    """
+    options["endpoint"] = ports.watch("esf", options["endpoint"])
+    options["websocket-endpoints"] = [
+        ports.watch("websocket", e) for e in options["websocket-endpoints"]
+    ]
+    for name in ("metrics", "admin-api"):
+        if options.get(name) is not None:
+            options[f"{name}-endpoint"] = ports.watch(name, options[f"{name}-endpoint"])
 
 
 def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:

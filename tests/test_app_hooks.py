@@ -8,7 +8,10 @@ real-process helper with C{--port-file}.
 
 from __future__ import annotations
 
+import re
+import signal
 import textwrap
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -28,7 +31,7 @@ from esf import (
 )
 from esf.interfaces import ICustomizeHandler
 from esf.offline import MemoryOfflineStore, SQLiteOfflineStore
-from esf.testing import LogCapture, MemoryServer, record_events
+from esf.testing import LogCapture, MemoryServer, TwistdFailed, TwistdServer, record_events
 
 pytest_plugins = ["pytester"]
 
@@ -125,3 +128,244 @@ def test_engine_clock_is_the_memory_servers_clock():
     server.advance(1)
     assert server.result(d) == b"LATER"
     server.close()
+
+
+# -- logoff fires once the server has the Logoff -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_logoff_fires_once_the_server_has_ended_the_session():
+    """
+    Over TCP, with the server reading nothing for a while: C{logoff()}
+    fires only once the server has read the Logoff and ended the session
+    C{LOGGED_OFF}, so that a server stopped right after sees no session
+    left to end with C{SERVER_SHUTDOWN}.
+    """
+    from twisted.internet import reactor
+
+    engine = ServerEngine(clock=reactor)
+    ended = record_events(engine.user_manager, "device_disconnected")
+    service = ServerService(engine, TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+    service.startService()
+    resume = None
+    try:
+        port = service.port.getHost().port
+        alice = ClientEngine(TCP4ClientEndpoint(reactor, "127.0.0.1", port), "alice", clock=reactor)
+        await alice.logon()
+        [session] = engine.sessions
+        session.channel.pause_reading()
+        resume = reactor.callLater(0.3, session.channel.resume_reading)
+        when_fired = []
+        d = alice.logoff()
+        d.addCallback(lambda _: when_fired.append([why for _, why in ended.of("device_disconnected")]))
+        await d
+        assert when_fired == [[DisconnectedType.LOGGED_OFF]]
+    finally:
+        if resume is not None and resume.active():
+            resume.cancel()
+            session.channel.resume_reading()
+        await service.stopService()
+
+
+def test_logoff_to_a_server_that_never_reads_it_gives_up_after_the_request_timeout():
+    server = MemoryServer()
+    alice = server.logged_on("alice", request_timeout=20)
+    events = record_events(alice, "session_ended", "connection_interrupted")
+    server.connection(alice).freeze()
+    d = alice.logoff()
+    server.advance(19)
+    assert not d.called
+    server.advance(2)
+    assert server.result(d) is None
+    assert [e.reason for (e,) in events.of("session_ended")] == [DisconnectedType.LOGGED_OFF]
+    assert events.of("connection_interrupted") == []
+    server.advance(120)
+    assert server.attempts == 1  # no reconnect
+    server.close()
+
+
+def test_logoff_in_memory_ends_the_session_logged_off_and_does_not_reconnect():
+    server = MemoryServer()
+    alice = server.logged_on("alice")
+    with LogCapture() as logs:
+        server.result(alice.logoff())
+    [ended] = logs.esf_events("session_ended")
+    assert ended["reason"] == "LOGGED_OFF"
+    server.advance(120)
+    assert server.attempts == 1
+    server.close()
+
+
+# -- a real twistd esf: TwistdServer and --port-file ---------------------------------------------
+
+pytestmark_e2e = pytest.mark.e2e
+
+HANG = '''
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+from esf.interfaces import IEngineAware
+
+
+@implementer(IEngineAware)
+class Hang:
+    def initialize(self, engine):
+        reactor.addSystemEventTrigger("before", "shutdown", Deferred)
+
+
+hang = Hang()
+'''
+
+
+def _connects(port):
+    import socket
+
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    return True
+
+
+@pytestmark_e2e
+def test_port_file_names_every_listener_and_stop_is_clean(tmp_path):
+    server = TwistdServer(
+        [
+            "--websocket", "tcp:0:interface=127.0.0.1",
+            "--websocket", "tcp:0:interface=127.0.0.1",
+            "--metrics", "tcp:0:interface=127.0.0.1",
+            "--admin-api", "tcp:0:interface=127.0.0.1",
+        ],
+        directory=tmp_path,
+    )  # fmt: skip
+    server.start()
+    try:
+        ports = server.ports
+        assert ports["pid"] == server.process.pid
+        assert set(ports) == {"pid", "esf", "websocket", "metrics", "admin-api"}
+        assert [len(ports[k]) for k in ("esf", "websocket", "metrics", "admin-api")] == [1, 2, 1, 1]
+        assert server.port == ports["esf"][0]["port"] > 0
+        numbers = [a["port"] for k in ("esf", "websocket", "metrics", "admin-api") for a in ports[k]]
+        assert len(set(numbers)) == 5
+        for address in (a for k in ("esf", "websocket", "metrics", "admin-api") for a in ports[k]):
+            assert address["host"] == "127.0.0.1" and _connects(address["port"])
+    finally:
+        code = server.stop()
+    assert code == -signal.SIGTERM  # twistd re-raises it: clean
+    assert not (tmp_path / "ports.json").exists()
+    assert "session" not in server.log() or "Traceback" not in server.log()
+
+
+@pytestmark_e2e
+def test_a_server_that_cannot_start_fails_with_its_log():
+    server = TwistdServer(["--relogon-mode", "bogus"])
+    with pytest.raises(TwistdFailed, match="(?s)exited with 1 as it started.*relogon-mode"):
+        server.start()
+    assert server.stop() == 1  # already over: nothing more to say
+    assert not server.directory.exists()  # its own temporary directory is removed
+
+
+@pytestmark_e2e
+def test_a_server_that_does_not_stop_is_killed_and_reported(tmp_path):
+    (tmp_path / "hang.py").write_text(HANG)
+    server = TwistdServer(["--handler", "hang:hang"], python_path=[tmp_path], stop_timeout=1)
+    server.start()
+    with pytest.raises(TwistdFailed, match="did not stop within 1 s of SIGTERM"):
+        server.stop()
+    assert server.returncode == -signal.SIGKILL
+
+
+@pytestmark_e2e
+def test_the_web_demo_logs_its_address(tmp_path):
+    server = TwistdServer(["--websocket", "tcp:0:interface=127.0.0.1", "--web-demo"])
+    with server:
+        url = f"http://127.0.0.1:{server.ports['websocket'][0]['port']}/"
+        _wait_for(lambda: f"the web demo is at {url}" in server.log(), server)
+
+
+def _wait_for(condition, server, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+@pytestmark_e2e
+@pytest_twisted.ensureDeferred
+async def test_start_and_stop_on_the_reactor_with_a_client_that_logs_off(tmp_path):
+    """
+    The Deferred API, with a client on the same reactor: after
+    C{await logoff()} and a stop, the server has logged the session
+    C{LOGGED_OFF}, and a relative C{--offline} file is made in the
+    server's directory, not in the checkout.
+    """
+    from twisted.internet import reactor
+
+    server = TwistdServer(["--offline", "sqlite:offline.db"], directory=tmp_path)
+    await server.start_deferred()
+    try:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port)
+        alice = ClientEngine(endpoint, "alice", clock=reactor)
+        await alice.logon()
+        await alice.send_certainly("bob", 1, b"kept")
+        await alice.logoff()
+    finally:
+        assert await server.stop_deferred() == -signal.SIGTERM
+    log = server.log()
+    assert re.search(r"session ended: alice/\d+ from .*: LOGGED_OFF", log), log
+    assert "SERVER_SHUTDOWN" not in log, log
+    assert (tmp_path / "offline.db").exists()
+
+
+def test_port_file_must_be_in_a_directory(tmp_path):
+    from twisted.python import usage
+
+    from esf.tap import Options
+
+    with pytest.raises(usage.UsageError, match="--port-file: .*missing is not a directory"):
+        Options().parseOptions(["--port-file", str(tmp_path / "missing" / "ports.json")])
+
+
+# -- the pytest plugin: the offline store and twistd fixtures --------------------------------------
+
+
+def test_plugin_offline_store_and_twistd_fixtures(pytester, monkeypatch):
+    # The esf under test, not an installed one.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
+    pytester.makepyfile(
+        textwrap.dedent(
+            """
+            import socket
+
+            import pytest
+
+            from esf.offline import MemoryOfflineStore
+
+            pytest_plugins = ["esf.pytest_plugin"]
+
+
+            @pytest.fixture
+            def esf_offline_store():
+                return MemoryOfflineStore()
+
+
+            def test_store(esf_server, esf_offline_store):
+                alice = esf_server.logged_on("alice")
+                esf_server.result(alice.send_certainly("bob", 1, b"kept"))
+                bob = esf_server.client("bob")
+                got = []
+                bob.information_received.subscribe(lambda *a: got.append(a[-1]))
+                esf_server.result(bob.logon())
+                esf_server.pump()
+                assert got == [b"kept"]
+
+
+            def test_twistd(esf_twistd, tmp_path):
+                server = esf_twistd("--offline", "sqlite:offline.db")
+                socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+                assert server.directory.parent == tmp_path
+                assert (server.directory / "offline.db").exists()
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
