@@ -312,9 +312,9 @@ class TwistdServer:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
-            reactor = global_reactor  # type: ignore[assignment]
+            reactor = global_reactor
         while not done():
-            await deferLater(reactor, POLL, lambda: None)  # type: ignore[arg-type]
+            await deferLater(reactor, POLL, lambda: None)
 
     # -- as a context manager -----------------------------------------------------------
 
