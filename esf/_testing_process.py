@@ -88,16 +88,16 @@ class TwistdServer:
         @param env: variables set for the server on top of this process's.
         @param python_path: directories put first on the server's
             C{PYTHONPATH} (where the application's modules are); then
-            come the directory esf is imported from and this process's
-            working directory.
+            come the directory esf is imported from, this process's
+            working directory and its C{PYTHONPATH}, each made absolute.
         @param port: the C{--port} given (C{None}: give your own in
             C{args}).
         @param twistd_args: C{twistd}'s own options, before C{esf}.
         """
         self.args = list(args)
         self._owned = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="esf-twistd-"))
-        self.cwd = Path(cwd) if cwd is not None else self.directory
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="esf-twistd-")).absolute()
+        self.cwd = Path(cwd).absolute() if cwd is not None else self.directory
         self.log_path = self.directory / "twistd.log"
         self.port_file = self.directory / "ports.json"
         self.env = dict(env or {})
@@ -142,9 +142,9 @@ class TwistdServer:
         env.update(self.env)
         esf_root = str(Path(esf.__file__).resolve().parent.parent)
         paths = [*self.python_path, esf_root, os.getcwd()]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(paths)
+        # Made absolute: the server runs in another directory.
+        paths += [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in paths)
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
