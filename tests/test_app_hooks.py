@@ -369,3 +369,51 @@ def test_plugin_offline_store_and_twistd_fixtures(pytester, monkeypatch):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
+
+
+# -- the README's check that the server answers ---------------------------------------------------
+
+
+@pytestmark_e2e
+def test_readme_ping_checks_the_quick_start_server():
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    [line] = [line for line in readme.splitlines() if "esf-client" in line and "ping" in line]
+    command = line.split("&& ", 1)[1].split()
+    assert command[0] == "esf-client" and command[-1] == "ping"
+    with TwistdServer(["--port", "tcp:0:interface=127.0.0.1"], port=None) as server:
+        run = subprocess.run(
+            [sys.executable, "-m", "esf.cli", "--port", str(server.port), *command[1:]],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 0, run.stderr
+    assert re.fullmatch(r"_0: [\d.]+ ms\n", run.stdout), run.stdout
+
+
+# -- smaller things ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_sqlite_files_are_ignored_by_git():
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for name in ("offline.db", "offline.db-wal", "offline.db-shm", "data/offline.db"):
+        check = subprocess.run(["git", "check-ignore", "-q", name], cwd=REPO)
+        assert check.returncode == 0, f"{name} is not ignored"
+
+
+def test_client_md_says_ending_is_exported():
+    import esf
+
+    text = (REPO / "docs" / "client.md").read_text()
+    assert "`from esf import Ending, EndingKind`" in text
+    assert "until they are exported" not in text
+    assert {"Ending", "EndingKind"} <= set(esf.__all__)
