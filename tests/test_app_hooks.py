@@ -417,3 +417,48 @@ def test_client_md_says_ending_is_exported():
     assert "`from esf import Ending, EndingKind`" in text
     assert "until they are exported" not in text
     assert {"Ending", "EndingKind"} <= set(esf.__all__)
+
+
+# -- docs/server.md's examples ------------------------------------------------------------------
+
+
+def _server_md_blocks():
+    import re as _re
+
+    return _re.findall(r"```(\w+)\n(.*?)```", (REPO / "docs" / "server.md").read_text(), _re.S)
+
+
+def test_server_md_embedding_with_an_offline_store_runs(tmp_path):
+    """
+    The embedding example with an offline store runs as printed, in a
+    directory of its own, and prints what the page shows.
+    """
+    import os
+    import subprocess
+    import sys
+
+    blocks = _server_md_blocks()
+    [n] = [i for i, (lang, code) in enumerate(blocks) if "SQLiteOfflineStore(\"offline.db\")" in code]
+    code, (language, expected) = blocks[n][1], blocks[n + 1]
+    assert language == "text"
+    script = tmp_path / "embed.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == expected
+    assert (tmp_path / "offline.db").exists()
+
+
+def test_server_md_port_file_is_what_the_server_writes(tmp_path):
+    import json
+
+    [shown] = [json.loads(code) for lang, code in _server_md_blocks() if lang == "json"]
+    with TwistdServer(["--websocket", "tcp:0:interface=127.0.0.1"], directory=tmp_path):
+        written = json.loads((tmp_path / "ports.json").read_text())
+    assert set(written) == set(shown)
+    for kind in ("esf", "websocket"):
+        assert [set(a) for a in written[kind]] == [set(a) for a in shown[kind]]
