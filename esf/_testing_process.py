@@ -299,6 +299,22 @@ class TwistdServer:
             time.sleep(POLL)
         return self._finish()
 
+    def kill(self) -> int | None:
+        """
+        Kill the server with SIGKILL, as a crash would, and wait until it
+        is gone: for tests of what survives a crash.  L{stop} then has
+        nothing left to do.
+
+        @return: the exit status (C{-SIGKILL}), or C{None} if it was never
+            started.
+        """
+        if self._stopped or self.process is None:
+            return self.returncode
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        return self._ended()
+
     def stop_deferred(self, reactor: IReactorTime | None = None) -> Deferred[int | None]:
         """
         L{stop} without blocking, waiting on C{reactor}.

@@ -462,3 +462,36 @@ def test_server_md_port_file_is_what_the_server_writes(tmp_path):
     assert set(written) == set(shown)
     for kind in ("esf", "websocket"):
         assert [set(a) for a in written[kind]] == [set(a) for a in shown[kind]]
+
+
+@pytestmark_e2e
+def test_a_killed_server_keeps_what_it_acknowledged(tmp_path):
+    """
+    C{kill()} is a crash, which C{stop()} does not report; a server started
+    again on the same directory delivers what the first acknowledged.
+    """
+    import struct
+
+    import rawclient as rc
+
+    send_certainly, ack = 205, 206
+    first = TwistdServer(["--offline", "sqlite:offline.db"], directory=tmp_path)
+    first.start()
+    alice = rc.connect(first.port)
+    try:
+        assert alice.logon("alice", "x", 0)["result"] == 0
+        alice.send(send_certainly, struct.pack("<i", 1) + b"kept", dest="bob", msg_id=7)
+        header, _ = alice.recv_until(ack)
+        assert header["message_id"] == 7
+    finally:
+        alice.close()
+    assert first.kill() == -signal.SIGKILL
+    assert first.stop() == -signal.SIGKILL  # no failure: the test killed it
+    with TwistdServer(["--offline", "sqlite:offline.db"], directory=tmp_path) as second:
+        bob = rc.connect(second.port)
+        try:
+            assert bob.logon("bob", "x", 0)["result"] == 0
+            header, body = bob.recv_until(send_certainly)
+            assert header["user_id"] == "alice" and body.endswith(b"kept")
+        finally:
+            bob.close()
