@@ -114,6 +114,7 @@ class PortFile(Service):
         try:
             with os.fdopen(handle, "w") as f:
                 f.write(content)
+            os.chmod(temporary, 0o644)  # mkstemp's 0600: the ports are no secret
             os.replace(temporary, self.path)
         except BaseException:
             os.unlink(temporary)

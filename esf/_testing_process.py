@@ -57,7 +57,8 @@ class TwistdServer:
         listener (C{"esf"}, and C{"websocket"}, C{"metrics"},
         C{"admin-api"} when asked for) a list of C{{"host", "port"}},
         and the server's C{"pid"}.
-    @ivar port: once started, the port of the esf listener.
+    @ivar port: once started, the port of the esf listener (0 for a
+        UNIX socket).
     @ivar directory: where the log (C{twistd.log}) and the port file
         (C{ports.json}) are, and the server's working directory unless
         C{cwd} is given.
@@ -192,7 +193,7 @@ class TwistdServer:
         assert self.process is not None
         if self.port_file.exists():
             self.ports = json.loads(self.port_file.read_text())
-            self.port = int(self.ports["esf"][0]["port"])
+            self.port = int(self.ports["esf"][0].get("port", 0))
             return True
         if self.process.poll() is not None:
             self._ended()

@@ -545,7 +545,8 @@ def server_service(options: Options) -> MultiService:
 
 def watch_listeners(ports: PortFile, options: Options) -> None:
     """
-    Make every endpoint C{options} listen on tell C{ports} its port.
+    Replace the endpoints in C{options} with ones that tell C{ports} the
+    port each listens on.
     """
     options["endpoint"] = ports.watch("esf", options["endpoint"])
     options["websocket-endpoints"] = [
