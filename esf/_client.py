@@ -105,6 +105,8 @@ class ClientProtocol(Protocol):
         #: What ClientService's prepareConnection waits on: fires once the
         #: logon succeeded, fails when it did not.
         self.prepared: Deferred[None] = Deferred()
+        #: Fired once the connection is lost (after ClientService heard).
+        self.lost: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -132,6 +134,9 @@ class ClientProtocol(Protocol):
         self.reject(Failure(NotConnected("the connection was lost during the logon")))
         if self.accepted and self.service_side is not None:
             self.service_side.connectionLost(cast(Failure, reason))
+        lost, self.lost = self.lost, []
+        for d in lost:
+            d.callback(None)
 
     def accept(self) -> None:
         """
@@ -402,12 +407,33 @@ class ClientEngine(ClientCalls):
 
     def logoff(self) -> Deferred[None]:
         """
-        Leave gracefully: the server ends the session (C{LoggedOff}) and this
-        client does not reconnect.  Fires when the connection is closed.
+        Leave gracefully: send Logoff, after which the server ends the
+        session (C{LoggedOff}) and closes the connection; this client does
+        not reconnect.
+
+        The protocol has no reply to a Logoff: the server's close is its
+        answer.  So this fires once the server has closed the connection,
+        when it has read the Logoff and ended the session.  A server that
+        has not closed it within C{request_timeout} seconds is cut off
+        (it then ends the session otherwise) and this fires then.  Without
+        a logged-on session it is L{close}.
         """
-        if self.logged_on:
-            self._write(MessageType.LOGOFF)
-        return self._leave(Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off"))
+        ending = Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off")
+        protocol = self._protocol
+        if not self.logged_on or protocol is None or protocol.transport is None:
+            return self._leave(ending)
+        self._write(MessageType.LOGOFF)
+        self._end(protocol, ending)
+        closed: Deferred[None] = Deferred()
+        protocol.lost.append(closed)
+        timeout = self.clock.callLater(self.request_timeout, protocol.transport.abortConnection)
+
+        def gone(_: None) -> Deferred[None]:
+            if timeout.active():
+                timeout.cancel()
+            return self._stop_reconnecting()  # the retry ClientService planned
+
+        return closed.addCallback(gone)
 
     def close(self) -> Deferred[None]:
         """

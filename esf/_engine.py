@@ -162,6 +162,7 @@ class ServerEngine:
             self._dispatch.update(service.handlers)
         #: The offline part (L{OfflineMessages}), when there is a store.
         self.offline: OfflineMessages | None = None
+        self._store_opened = False
         if offline_store is not None:
             self.offline = OfflineMessages(self, offline_store, offline_policy)
         self.presence.attach(self)
@@ -170,10 +171,22 @@ class ServerEngine:
 
     def start(self) -> None:
         """
-        Start the heartbeat reaper.  The first connection starts it too, so
-        an engine built by hand never runs without one.
+        Start the heartbeat reaper and open the offline store, if there is
+        one.  The first connection does so too, so an engine built by hand
+        never runs without them; L{stop} closes the store once every
+        connection has closed.  The store is opened once.
+
+        @raise esf.offline.OfflineStoreError: the store cannot be opened
+            (corrupt, unwritable, a newer schema); a failure it reports
+            later is logged (C{offline_store_failed}).
         """
         self.reaper.start()
+        if self.offline is not None and not self._store_opened:
+            self._store_opened = True
+            self.offline.store.start().addErrback(
+                lambda f: log.failure("the offline store could not be opened", f,
+                                      esf_event="offline_store_failed")  # fmt: skip
+            )
 
     def stop(self) -> Deferred[None]:
         """
@@ -187,11 +200,18 @@ class ServerEngine:
         self.logons.record.stop()
         for session in list(self.sessions):
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
+        drained: Deferred[None]
         if not self._open:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drained.append(d)
-        return d
+            drained = succeed(None)
+        else:
+            drained = Deferred()
+            self._drained.append(drained)
+        if self.offline is None or not self._store_opened:
+            return drained
+        # Closed once the sessions have ended: they release what they hold.
+        self._store_opened = False
+        store = self.offline.store
+        return drained.addCallback(lambda _: store.stop())
 
     # -- connections ----------------------------------------------------------
 
@@ -206,7 +226,10 @@ class ServerEngine:
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
             return session
         if not self.reaper.running:
-            self.reaper.start()
+            try:
+                self.start()
+            except Exception:
+                log.failure("the offline store could not be opened", esf_event="offline_store_failed")
         limit = self.config.max_connections
         if limit is not None and len(self.sessions) > limit:
             session.end(

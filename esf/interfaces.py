@@ -230,13 +230,15 @@ class IOfflineStore(Interface):
 
     def start() -> Deferred[None]:
         """
-        Open the store; fail with L{esf.offline.OfflineStoreError} saying
-        what is wrong (corrupt, unwritable, a newer schema).
+        Open the store; raise or fail with L{esf.offline.OfflineStoreError}
+        saying what is wrong (corrupt, unwritable, a newer schema).  The
+        engine calls it once, as it starts.
         """
 
     def stop() -> Deferred[None]:
         """
-        Close the store once what was called has finished.
+        Close the store once what was called has finished.  The engine
+        calls it as it stops, once its connections have closed.
         """
 
     def store(

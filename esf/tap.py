@@ -5,9 +5,10 @@ C{twistd esf}: the options and the service of an esf server.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Iterable, cast
 
-from twisted.application.service import MultiService, Service
+from twisted.application.service import MultiService
 from twisted.cred import credentials, error, strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet.defer import Deferred
@@ -33,6 +34,7 @@ from ._engine import (
     ServerEngine,
     call,
 )
+from ._listening import PortFile, announce_web_demo
 from ._loglevel import TwistdLogRoot, parse_level
 from ._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
 from ._http import ConnectionCap, HTTPLimits, limit_site
@@ -137,6 +139,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["websocket-flood-limit", None, 3, "WebSocket connections of one host that may be ended per 60 s for sending more frames before logon than a logon needs; then the host's WebSocket connections are refused until the first is 60 s old.", _int_option("websocket-flood-limit", 1)],
         ["takeover-limit", None, 5, "Takeovers of one user's device per 60 s; one more gets Busy for 60 s.", _int_option("takeover-limit", 1)],
         ["client-types", None, None, "Comma-separated device kinds allowed to log on [0-8].", _client_types],
+        ["port-file", None, None, "File to write, once the server listens, a JSON object naming every port it listens on (for port 0); removed when it stops."],
         ["metrics", None, None, "Endpoint to serve Prometheus metrics at /metrics on (e.g. tcp:9464:interface=127.0.0.1)."],
         ["admin-api", None, None, "Endpoint for the admin HTTP API and dashboard (e.g. tcp:8530:interface=127.0.0.1)."],
         ["admin-api-max-connections", None, 64, "Most connections the admin API holds at once; more are closed when accepted.", _int_option("admin-api-max-connections", 1)],
@@ -355,6 +358,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--offline takes sqlite:PATH or redis, not {spec!r}")
 
     def _ops_options(self) -> None:
+        if self["port-file"] is not None:
+            directory = os.path.dirname(os.path.abspath(self["port-file"]))
+            if not os.path.isdir(directory):
+                raise usage.UsageError(f"--port-file: {directory} is not a directory")
         for name in ("metrics", "admin-api"):
             if self[name] is not None:
                 self[f"{name}-endpoint"] = _endpoint(name, self[name])
@@ -534,6 +541,9 @@ def server_service(options: Options) -> MultiService:
         )
     apps: Applications = options["applications"]
     config = options["config"]
+    ports = PortFile(options["port-file"], reactor) if options.get("port-file") else None
+    if ports is not None:
+        watch_listeners(ports, options)
     node_id = options["node-id"] or default_node_id()
     presence = None
     if options["cluster"] is not None:
@@ -582,6 +592,7 @@ def server_service(options: Options) -> MultiService:
             site = web_demo_site(engine, origins, reactor=reactor)
             limits = HTTPLimits(cap, config.logon_timeout)
             factory = limit_site(site, limits, reactor, f"the web demo on {description}")
+            endpoint = announce_web_demo(endpoint)
         else:
             # (autobahn times the handshake itself: --logon-timeout in all.)
             ws = WebSocketFactory(engine, origins, reactor=reactor)
@@ -593,20 +604,18 @@ def server_service(options: Options) -> MultiService:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if options["gc-threshold"]:
         GCTuning(options["gc-threshold"]).setServiceParent(server)  # type: ignore[no-untyped-call]
-    if presence is None and store is None:
+    if ports is not None:
+        ports.setServiceParent(server)  # type: ignore[no-untyped-call]
+    if presence is None:
+        # The engine opens the offline store as it starts and closes it
+        # once its sessions have ended.
         return server
-    # The cluster and the offline store start first and stop last: the
-    # engine's sessions end (releasing their devices, forgetting what they
-    # acknowledged) before the store closes and the node leaves.
+    # The cluster starts first and stops last: the engine's sessions end
+    # (releasing their devices) before the node leaves.
     top = MultiService()
-    if presence is not None:
-        ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
-    if store is not None:
-        OfflineStoreService(store).setServiceParent(top)  # type: ignore[no-untyped-call]
+    ClusterService(presence).setServiceParent(top)  # type: ignore[no-untyped-call]
     server.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.engine = engine  # type: ignore[attr-defined]
-    if presence is None:
-        return top
     presence.delivery_batch = engine.batch
     log.info(
         "esf: node {node_id} joins the cluster at {url}",
@@ -618,26 +627,18 @@ def server_service(options: Options) -> MultiService:
     return top
 
 
-class OfflineStoreService(Service):
+def watch_listeners(ports: PortFile, options: Options) -> None:
     """
-    Opens the offline store when the server starts and closes it once what
-    was called has finished.  Put it before the server in their parent: it
-    is stopped after the server, whose sessions have ended by then.
+    Replace the endpoints in C{options} with ones that tell C{ports} the
+    port each listens on.
     """
-
-    def __init__(self, store: Any):
-        self.store = store
-
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        self.store.start().addErrback(
-            lambda f: log.failure("the offline store could not be opened", f,
-                                  esf_event="offline_store_failed")  # fmt: skip
-        )
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()  # type: ignore[no-untyped-call]
-        return cast("Deferred[None]", self.store.stop())
+    options["endpoint"] = ports.watch("esf", options["endpoint"])
+    options["websocket-endpoints"] = [
+        ports.watch("websocket", e) for e in options["websocket-endpoints"]
+    ]
+    for name in ("metrics", "admin-api"):
+        if options.get(name) is not None:
+            options[f"{name}-endpoint"] = ports.watch(name, options[f"{name}-endpoint"])
 
 
 def _apply_share(share: DescriptorShare) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -34,15 +33,9 @@ AUTH = ["--auth", "memory:alice:pa:bob:pb:carol:pc:dave:pd", "--admin", "carol"]
 BEING_KICKED_OUT = 9
 
 
-def site_port(server: ServerProcess, site: str, timeout: float = 10.0) -> int:
-    """The port C{site} ("AdminSite", "MetricsSite") listens on, from the log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(rf"{site}(?: \(TLS\))? starting on (\d+)", server.log())
-        if match:
-            return int(match.group(1))
-        time.sleep(0.05)
-    raise AssertionError(f"{site} did not start:\n{server.log()}")
+def site_port(server: ServerProcess, site: str) -> int:
+    """The port C{site} ("admin-api", "metrics") listens on, from the port file."""
+    return int(server.ports[site][0]["port"])
 
 
 class Ops:
@@ -51,9 +44,9 @@ class Ops:
     def __init__(self, server, audit_path, scheme="http", context=None):
         self.server = server
         self.audit_path = audit_path
-        self.admin = f"{scheme}://127.0.0.1:{site_port(server, 'AdminSite')}"
+        self.admin = f"{scheme}://127.0.0.1:{site_port(server, 'admin-api')}"
         self.context = context
-        metrics_port = site_port(server, "MetricsSite") if "--metrics" in server.process.args else None
+        metrics_port = site_port(server, "metrics") if "metrics" in server.ports else None
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
 
     def call(self, method, path, body=None, token=TOKEN):

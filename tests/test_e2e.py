@@ -60,7 +60,11 @@ def server_env(extra_path=()):
 
 class ServerProcess:
     """
-    One C{twistd -n esf} process; its stdout and stderr go to C{log_path}.
+    One C{twistd -n esf} process; its stdout and stderr go to C{log_path},
+    the ports it listens on to a C{--port-file} beside it.  (Tests that
+    need no more than a server that starts and stops cleanly use
+    L{esf.testing.TwistdServer}; these also kill it, and start it on
+    ports that are taken.)
     """
 
     def __init__(
@@ -74,9 +78,10 @@ class ServerProcess:
     ):
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
+        self.port_file = log_path.with_suffix(".ports.json")
         command = twistd_command() + ["-n", "--pidfile=", *twistd_args, "esf"]
         self.process = subprocess.Popen(
-            command + ["--port", port, *args],
+            command + ["--port", port, "--port-file", str(self.port_file), *args],
             cwd=REPO,
             env=server_env(extra_path),
             stdout=self.log_file,
@@ -84,6 +89,8 @@ class ServerProcess:
             preexec_fn=preexec_fn,
         )
         self.port = None
+        #: The port file's content, once listening.
+        self.ports = {}
 
     def log(self):
         return self.log_path.read_text(errors="replace")
@@ -99,28 +106,19 @@ class ServerProcess:
 
     def wait_listening(self, timeout=15.0):
         """
-        Learn the port (Twisted logs "<factory> starting on <port>" when it
-        listens) and make sure connections are accepted.
+        Learn the ports from the port file, written once every listener
+        listens and the reactor runs.
         """
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while not self.port_file.exists():
             if self.process.poll() is not None:
                 raise AssertionError(f"the server exited early:\n{self.log()}")
-            match = re.search(r"starting on (\d+)", self.log())
-            if match:
-                self.port = int(match.group(1))
-                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not listening within {timeout} s:\n{self.log()}")
             time.sleep(0.05)
-        else:
-            raise AssertionError(f"no listening port logged within {timeout} s:\n{self.log()}")
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        self.ports = json.loads(self.port_file.read_text())
+        self.port = self.ports["esf"][0]["port"]
+        return self
 
     def stop(self):
         if self.process.poll() is None:

@@ -131,6 +131,8 @@ TESTING = {
     "record_events",
     "LogCapture",
     "LoggedErrors",
+    "TwistdServer",
+    "TwistdFailed",
     "doubling_retry_policy",
 }
 
@@ -145,7 +147,9 @@ def test_pytest_plugin_fixtures():
     assert set(esf.pytest_plugin.__all__) == {
         "esf_applications",
         "esf_config",
+        "esf_offline_store",
         "esf_server",
+        "esf_twistd",
         "esf_logs",
         "esf_logged_errors",
     }
