@@ -25,6 +25,7 @@ from _real_parts import need_program
 from esf.bench import free_port
 from esf._proxied import ProxiedFactory, proxied_description
 from test_e2e import AUTH, ServerProcess
+from wsclient import BlockingWS
 
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 4530\r\n"
 
@@ -137,6 +138,11 @@ frontend esf
     default_backend nodes
 backend nodes
     server node1 127.0.0.1:{node} send-proxy-v2
+frontend websocket
+    bind 127.0.0.1:{ws_front}
+    default_backend websocket_nodes
+backend websocket_nodes
+    server node1 127.0.0.1:{ws_node} send-proxy
 """
 
 
@@ -147,18 +153,25 @@ def test_real_haproxy_passes_the_clients_address(tmp_path):
     --port haproxy:tcp:PORT}, the client's own address (its port, as both
     ends are on 127.0.0.1) is what GetMyIPE answers, what the log's
     session_ended event, the audit's logon record and the admin API's
-    sessions show.
+    sessions show; through send-proxy (version 1) in front of a
+    C{--websocket haproxy:tcp:PORT}, a WebSocket connection's session has
+    its client's address too.
     """
     haproxy = need_program("haproxy", "apt-get install haproxy (the PROXY protocol test)")
     node, front, admin = free_port(), free_port(), free_port()
+    ws_node, ws_front = free_port(), free_port()
     audit = tmp_path / "audit.jsonl"
     server = ServerProcess(
         tmp_path / "server.log",
-        AUTH + ["--audit-log", str(audit), "--admin-api", f"tcp:{admin}:interface=127.0.0.1"],
+        AUTH
+        + ["--audit-log", str(audit), "--admin-api", f"tcp:{admin}:interface=127.0.0.1"]
+        + ["--websocket", f"haproxy:tcp:{ws_node}:interface=127.0.0.1"],
         port=f"haproxy:tcp:{node}:interface=127.0.0.1",
     )
     config = tmp_path / "haproxy.cfg"
-    config.write_text(HAPROXY_CONFIG.format(front=front, node=node))
+    config.write_text(
+        HAPROXY_CONFIG.format(front=front, node=node, ws_front=ws_front, ws_node=ws_node)
+    )
     with open(tmp_path / "haproxy.log", "wb") as balancer_log:
         balancer = subprocess.Popen(
             [haproxy, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=balancer_log
@@ -184,6 +197,13 @@ def test_real_haproxy_passes_the_clients_address(tmp_path):
         with open(audit) as f:
             logons = list(eventsFromJSONLogFile(f))
         assert [r["address"] for r in logons if r.get("audit") == "logon"] == [own]
+        ws = BlockingWS(ws_front)
+        try:
+            assert ws.response.startswith(b"HTTP/1.1 101")
+            own_ws = f"127.0.0.1:{ws.sock.getsockname()[1]}"
+        finally:
+            ws.close()
+        server.wait_for_log(rf"session ended: .* from {own_ws}:", timeout=10)
     finally:
         balancer.terminate()
         balancer.wait(10)
