@@ -1,7 +1,7 @@
 """
 The admin HTTP API and dashboard (C{twistd esf --admin-api ENDPOINT}).
 
-JSON over HTTP on C{twisted.web}, under C{/api/}:
+JSON over HTTP on C{twisted.web}, under C{/api/}::
 
     GET  /api/info                               counts, version, uptime, options
     GET  /api/history                            users and devices online, the last hour
@@ -701,7 +701,7 @@ class AdminService(MultiService):
     """
     Serves the admin API and dashboard of C{engine} on C{endpoint}, within
     C{limits} (timed by C{clock}, by default the engine's).  A port that
-    cannot be bound makes L{startService} raise.  C{token} and C{hosts} are
+    cannot be bound makes C{startService} raise.  C{token} and C{hosts} are
     L{AdminApi}'s.
     """
 

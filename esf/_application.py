@@ -136,7 +136,7 @@ def engine_for(
     with the engine, before any connection.
 
     @param config: the server's settings (the defaults when C{None}).
-    @param clock: the reactor, or any L{IReactorTime}.
+    @param clock: the reactor, or any L{twisted.internet.interfaces.IReactorTime}.
     @param presence: the registry of online devices (the in-process one
         when C{None}).
     @param node_id: this node's ID (host and process ID when C{None}).

@@ -179,7 +179,7 @@ class AuditBudget:
 class AuditLog:
     """
     Turns the server's log events into audit records and hands them to
-    C{write} (an L{ILogObserver}; by default JSON lines to C{out}).
+    C{write} (an L{twisted.logger.ILogObserver}; by default JSON lines to C{out}).
 
     @param out: a file (such as L{open_audit_file}'s) that the records are
         written to as JSON lines, when C{write} is not given.

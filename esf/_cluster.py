@@ -1,6 +1,6 @@
 """
 A cluster: several esf nodes act as one server, sharing presence and
-routing through one Redis.
+routing through one Redis::
 
     ClusterPresence   an IPresence shared by the nodes (claim, release, a
                       full in-memory mirror of the cluster's presence)
@@ -857,7 +857,7 @@ class ClusterPresence:
         self._presence_at = (0, 0)
         self._inbox_pos = b"0-0"
         self._inbox_at = (0, 0)
-        #: Whether the node is in the cluster (Redis reachable, mirror loaded).
+        # Whether the node is in the cluster (Redis reachable, mirror loaded).
         self.up = False
         self._running = False
         self._joined_once = False

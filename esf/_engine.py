@@ -1,5 +1,5 @@
 """
-The server engine: wires the parts of an esf server together.
+The server engine: wires the parts of an esf server together::
 
     Session       one connection: frames in, output queued (esf._session)
     Logons        the logon pipeline (esf._logon), on LogonPolicy's

@@ -1,5 +1,5 @@
 """
-The logon pipeline: from a Logon frame to a bound session or a refusal.
+The logon pipeline: from a Logon frame to a bound session or a refusal::
 
     Logon arrives -> policy.admit -> handler.verify_user -> relogon mode
       -> policy.settle -> presence.claim -> push the old holder out

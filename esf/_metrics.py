@@ -319,7 +319,7 @@ class OnlineDevices:
 class ServerMetrics(Collector):
     """
     The metrics of one L{esf.ServerEngine}, as a C{prometheus_client}
-    collector: register it in a L{CollectorRegistry}, L{start} it (it
+    collector: register it in a C{CollectorRegistry}, L{start} it (it
     subscribes to the engine's events and to C{publisher}), and scrape.
 
     Every read happens in L{collect}, on the thread that scrapes, which must
@@ -675,7 +675,7 @@ class MetricsService(MultiService):
     """
     Serves C{engine}'s metrics at C{/metrics} on C{endpoint}, within
     C{limits} (timed by C{clock}, by default the engine's).  A port that
-    cannot be bound makes L{startService} raise.
+    cannot be bound makes C{startService} raise.
     """
 
     def __init__(

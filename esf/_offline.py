@@ -1,6 +1,6 @@
 """
 Offline messages: what is relayed to a user who is offline is kept in an
-L{IOfflineStore} and delivered at that user's next logon.
+L{IOfflineStore} and delivered at that user's next logon::
 
     OfflineMessages   the engine's part: keeps (C{offer}), drains at
                       logon (C{logged_on}), takes the device's

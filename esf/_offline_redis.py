@@ -132,7 +132,7 @@ class RedisOfflineStore:
     """
     The offline store in Redis.
 
-    @param link: an L{esf.cluster.IRedisLink} (the cluster's C{link}); the
+    @param link: an C{IRedisLink} (the cluster's C{link}); the
         store neither starts nor stops it.
     @param bounds: what it keeps at most (L{esf.offline.OfflineBounds}),
         over all nodes: they are checked in Redis, in the script that

@@ -9,7 +9,7 @@ many stores); a sender's row in C{senders} is read and written once per
 transaction, however many of its messages the transaction stores or
 deletes.
 
-Schema version 2 (C{PRAGMA user_version}):
+Schema version 2 (C{PRAGMA user_version})::
 
     users     user_id TEXT PRIMARY KEY, next_id, count, bytes
     messages  (user_id, id) PRIMARY KEY, client_type (NULL: any device),

@@ -185,7 +185,7 @@ class ServerService(MultiService):
     sends every session C{ServerShutdown} and waits for the connections to
     close.
 
-    A port that cannot be bound makes L{startService} raise, so that
+    A port that cannot be bound makes C{startService} raise, so that
     C{twistd} exits with the error rather than run deaf.
 
     @ivar port: the L{IListeningPort} while listening, else C{None}; after

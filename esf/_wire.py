@@ -329,7 +329,7 @@ class FrameError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-        #: L{Frame}s (and, from L{FrameDecoder.feed_runs}, L{SendRun}s).
+        # Frames (and, from FrameDecoder.feed_runs, SendRuns).
         self.frames: list[Any] = []
 
 

@@ -475,7 +475,7 @@ class IPresence(Interface):
 
         @param replace: when a holder exists, C{True} takes its place (the
             caller pushes it out), C{False} leaves it there.
-        @return: a Deferred firing with a L{esf.presence.Claim}: whether
+        @return: a Deferred firing with a L{esf._presence.Claim}: whether
             C{handle} holds the device now, and the holder it found (or
             C{None}).
         """

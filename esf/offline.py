@@ -1,6 +1,6 @@
 """
 Offline messages: the stores that keep what is relayed to a user who is
-offline until that user logs on again (docs/messages.md, section 5).
+offline until that user logs on again (docs/messages.md, section 5)::
 
     SQLiteOfflineStore  one SQLite file (C{twistd esf --offline sqlite:PATH})
     RedisOfflineStore   Redis, for a cluster (C{--offline redis})

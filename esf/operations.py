@@ -3,7 +3,7 @@ Operating a server: Prometheus metrics, the admin HTTP API and dashboard,
 the audit log, giving freed memory back to the system and the GC settings
 of a long-running server (what C{twistd esf --metrics}, C{--admin-api},
 C{--audit-log}, C{--malloc-trim} and C{--gc-threshold} run), for programs
-that build their own service.
+that build their own service::
 
     service = ServerService(engine, endpoint)
     MetricsService(engine, serverFromString(reactor, "tcp:9464:interface=127.0.0.1")).setServiceParent(service)

@@ -45,6 +45,7 @@ from ._offline_sqlite import SQLiteOfflineStore, check_database
 from ._cluster import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
 from ._cluster_inbox import DEFAULT_INBOX_BYTES
 from ._protocol import ServerService
+from ._proxied import ProxiedEndpoint, proxied_description
 from ._startup import OptionEndpoint, quiet_start_failures, start_failed
 from ._web_demo import web_demo_site
 from ._websocket import WebSocketFactory
@@ -243,8 +244,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def postOptions(self) -> None:
         self["port"] = _bare_port(self["port"])
         self["websocket"] = [_bare_port(e) for e in self["websocket"]]
-        self["endpoint"] = _endpoint("port", self["port"])
-        self["websocket-endpoints"] = [_endpoint("websocket", e) for e in self["websocket"]]
+        wait = self["logon-timeout"]
+        self["endpoint"] = _endpoint("port", self["port"], wait)
+        self["websocket-endpoints"] = [_endpoint("websocket", e, wait) for e in self["websocket"]]
         if self["web-demo"] and not self["websocket"]:
             raise usage.UsageError("--web-demo serves pages on the --websocket endpoints: give one")
         try:
@@ -364,7 +366,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 raise usage.UsageError(f"--port-file: {directory} is not a directory")
         for name in ("metrics", "admin-api"):
             if self[name] is not None:
-                self[f"{name}-endpoint"] = _endpoint(name, self[name])
+                self[f"{name}-endpoint"] = _endpoint(name, self[name], self["logon-timeout"])
         if self["audit-log"] is not None:
             try:
                 check_audit_path(self["audit-log"])
@@ -400,17 +402,21 @@ def _bare_port(description: str) -> str:
     return f"tcp:{description}" if description.isdigit() else description
 
 
-def _endpoint(option: str, description: str) -> Any:
+def _endpoint(option: str, description: str, header_timeout: float) -> Any:
     """
-    The server endpoint for an option's value.
+    The server endpoint for an option's value.  C{haproxy:DESCRIPTION} is
+    DESCRIPTION's endpoint behind a PROXY protocol balancer: its
+    connections reach esf once their header has come, which they have
+    C{header_timeout} seconds to send (L{esf._proxied}).
     """
     # Parsed with the options, not in makeService, so that a bad endpoint is
     # a usage error; twistd has installed its reactor by the time it gets
     # here.
     from twisted.internet import endpoints, reactor
 
+    inner = proxied_description(description)
     try:
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description if inner is None else inner)
     except Exception as e:  # parsers raise many kinds; all mean a bad endpoint
         raise usage.UsageError(f"--{option} {description!r} is not an endpoint: {e}") from None
     # The TCP and TLS parsers take any number; the socket would refuse it
@@ -418,6 +424,10 @@ def _endpoint(option: str, description: str) -> Any:
     port = getattr(endpoint, "_port", None)
     if isinstance(port, int) and not 0 <= port <= 65535:
         raise usage.UsageError(f"--{option} {description!r}: port {port} is not 0..65535")
+    if inner is not None:
+        # Twisted's own haproxy: wrapper would connect esf's protocol before
+        # the header, when the peer's address is still the balancer's.
+        endpoint = ProxiedEndpoint(endpoint, header_timeout, reactor)
     return OptionEndpoint(option, description, endpoint)
 
 

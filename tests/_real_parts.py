@@ -1,7 +1,7 @@
 """
 The real parts some tests use: C{redis-server}, C{chromium} and
-C{chromedriver}, C{node}, a PyPy environment, the C{selenium} package,
-glibc's allocator functions.
+C{chromedriver}, C{node}, C{haproxy}, a PyPy environment, the C{selenium}
+package, glibc's allocator functions.
 
 Where one is missing its tests skip with a loud reason, except under CI
 (C{ESF_CI=1}, which C{.ci/run} sets after installing them), where they

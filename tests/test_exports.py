@@ -174,3 +174,13 @@ def test_cluster_exports():
     assert set(esf.cluster.__all__) == CLUSTER
     for name in CLUSTER - {"DEFAULT_LEASE"}:
         assert getattr(esf.cluster, name).__doc__, name
+
+
+def test_wire_exports_everything():
+    """
+    esf.wire lists every public name of the codec and the message bodies
+    (it names them one by one, for the API reference).
+    """
+    from esf import _messages, _wire
+
+    assert sorted(esf.wire.__all__) == sorted(set(_wire.__all__) | set(_messages.__all__))
