@@ -581,9 +581,13 @@ class _Holder:
         return cls(sid, node, float(when), address)
 
     @classmethod
-    def of(cls, handle: IDeviceHandle) -> _Holder:
+    def of(cls, handle: IDeviceHandle, logon_time: float | None = None) -> _Holder:
+        """
+        C{handle} as a holder, logged on at C{logon_time} (by default its
+        L{UserData}'s, which a session gets only once its claim is won).
+        """
         data = handle.user_data
-        when = data.logon_time if data is not None else 0.0
+        when = logon_time if logon_time is not None else data.logon_time if data is not None else 0.0
         address = data.address if data is not None else getattr(handle, "address", "?")
         return cls(handle.session_id, handle.node, when, address)
 
@@ -845,6 +849,10 @@ class ClusterPresence:
         #: C{REPLACE_OLD}): claimed again after an outage, each settles a
         #: conflict by the mode its logon was claimed with.
         self._ignore_new: set[str] = set()
+        #: When each of them logged on (this node's clock, taken at its
+        #: claim): stored with the claim, it settles a device logged on at
+        #: two nodes during a split (L{_RECLAIM}).
+        self._logon_at: dict[str, float] = {}
         #: Local sessions claimed while Redis was away (to claim there).
         self._unconfirmed: set[str] = set()
         #: Sessions released while Redis was away or whose claim has an
@@ -1296,7 +1304,7 @@ class ClusterPresence:
     def _claim_script(
         self, handle: IDeviceHandle, mode: str
     ) -> Deferred[tuple[bool, bytes | None, bytes | None]]:
-        holder = _Holder.of(handle)
+        holder = _Holder.of(handle, self._logon_at.get(handle.session_id))
         d = self.link.eval(
             _CLAIM,
             [self._user_key(handle.user_id), self._k_online, self._k_stream],
@@ -1438,6 +1446,7 @@ class ClusterPresence:
         """
         sid = handle.session_id
         self._local[sid] = handle
+        self._logon_at[sid] = self.clock.seconds()
         if not replace:
             self._ignore_new.add(sid)
 
@@ -1447,6 +1456,7 @@ class ClusterPresence:
         C{None} when it was not.
         """
         self._ignore_new.discard(sid)
+        self._logon_at.pop(sid, None)
         return self._local.pop(sid, None)
 
     def _track(self, d: Deferred[Any]) -> None:

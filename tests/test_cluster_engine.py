@@ -519,3 +519,49 @@ async def test_a_full_inbox_answers_the_sender(redis_server):
         for node in (a, b):
             node.engine.stop()
             await Deferred.fromCoroutine(node.presence.stop())
+
+
+async def stop_nodes(*nodes):
+    for node in nodes:
+        node.engine.stop()
+        await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
+@pytest_twisted.ensureDeferred
+async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):
+    # Node a pauses with alice's device logged on; the janitor reaps it and
+    # alice logs on again at b, later.  When a resumes it claims its session
+    # again: replace-old keeps the later logon (b's), ignore-new the
+    # earlier (a's).  Each logon's time is the one stored at its claim.
+    config = ServerConfig(relogon_mode=mode)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        a.engine.clock.advance(100)
+        b.engine.clock.advance(200)
+        first = await a.logon("alice", 1)
+        await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+        await pause_reading(a.presence)
+        assert await b.presence._reap("a", force=True) == 1  # a's lease ran out
+        await eventually(lambda: not b.engine.user_manager.is_user_online("alice"))
+        second = await b.logon("alice", 1)
+        resume_reading(a.presence)  # a comes back and claims alice again
+        loser, winner = (first, second) if mode is RelogonMode.REPLACE_OLD else (second, first)
+        frames = await eventually(lambda: loser.closing and loser.take(), what="the loser ends")
+        expected = (
+            DisconnectedType.BEING_PUSHED_OUT
+            if mode is RelogonMode.REPLACE_OLD
+            else DisconnectedType.NEW_CONNECTION_IGNORED
+        )
+        assert frames[-1].body.reason == expected
+        await eventually(
+            lambda: [h.session_id for h in a.presence.devices("alice")]
+            == [h.session_id for h in b.presence.devices("alice")]
+            and len(a.presence.devices("alice")) == 1
+        )
+        assert not winner.closing
+        [holder] = b.presence.devices("alice")
+        assert holder.user_data.logon_time == (200 if winner is second else 100)
+    finally:
+        await stop_nodes(a, b)
