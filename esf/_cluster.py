@@ -60,7 +60,16 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from . import _messages as m
-from ._cluster_inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, GONE, InboxLedger, ledger_key
+from ._cluster_inbox import (
+    DEFAULT_INBOX_BYTES,
+    DEFAULT_INBOX_ENTRIES,
+    FULL,
+    GONE,
+    LATE,
+    STALE,
+    InboxLedger,
+    ledger_key,
+)
 from ._config import RelogonMode, UserData, default_node_id
 from ._policy import TakeoverRefused
 from ._presence import Claim
@@ -542,9 +551,10 @@ return n
 
 _TICK = b"""
 -- KEYS: the node's lease, nodes set, epoch.  ARGV: node, lease in ms
+-- Returns {the epoch, Redis's TIME}.
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-return redis.call('GET', KEYS[3])
+return {redis.call('GET', KEYS[3]), redis.call('TIME')}
 """
 
 _EPOCH = b"""
@@ -610,6 +620,29 @@ _PUSH_OUT, _KICK_OUT = 4, 5
 #: (a: that MessageID, b: 1 for an Error, data: the answer's body).
 _QUERY, _ANSWER = 6, 7
 _LENGTH = struct.Struct("<I")
+#: Why an inbox entry failed (L{esf._cluster_inbox}'s answers, and Redis
+#: not answering the append in time) -> what its senders are told.
+_UNANSWERED, _BEHIND = -1, -2
+_REFUSALS = {
+    _BEHIND: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: this node's traffic to the cluster's Redis is behind; try later",
+    ),
+    GONE: (ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"),
+    STALE: (
+        ErrorCode.USER_OFFLINE,
+        "is not reachable: its node stopped answering (its cluster lease expired)",
+    ),
+    FULL: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: the node that holds it is behind (its cluster inbox is full); "
+        "try later",
+    ),
+    LATE: (ErrorCode.USER_OFFLINE, "is not reachable now: the cluster's Redis did not answer in time"),
+    _UNANSWERED: (
+        ErrorCode.USER_OFFLINE, "is not reachable now: the cluster's Redis did not answer in time",
+    ),
+}
 #: The longest a node remembers a query another node asked (a bound).
 _MAX_QUERY_SECONDS = 3600
 
@@ -1050,12 +1083,17 @@ class ClusterPresence:
         return False
 
     async def _refresh_lease(self) -> bytes | None:
-        epoch: bytes | None = await self.link.eval(
+        before = self.reactor.seconds()
+        epoch, (seconds, micros) = await self.link.eval(
             _TICK,
             [f"{self._base}lease:{self.node_id}", self._k_nodes, self._k_epoch],
             [self.node_id, int(self.lease * 1000)],
         )
-        return epoch
+        # Redis's clock, for the appends' deadlines: read about halfway
+        # through the round trip.
+        middle = (before + self.reactor.seconds()) / 2
+        self.inbox.set_redis_time(int(seconds) * 1000 + int(micros) / 1000, middle)
+        return epoch  # type: ignore[no-any-return]
 
     async def _release_stale(self) -> None:
         stale, self._stale = self._stale, {}
@@ -1446,7 +1484,10 @@ class ClusterPresence:
         """
         sid = handle.session_id
         self._local[sid] = handle
-        self._logon_at[sid] = self.clock.seconds()
+        # A session gets its UserData only once its claim is won: its logon
+        # time is the claim's.
+        data = handle.user_data
+        self._logon_at[sid] = data.logon_time if data is not None else self.clock.seconds()
         if not replace:
             self._ignore_new.add(sid)
 
@@ -1557,12 +1598,13 @@ class ClusterPresence:
         self._post_record(handle.node, kind, handle.session_id, a, b, data)
 
     def _post_record(self, node: str, kind: int, session_id: str, a: int, b: int, data: bytes) -> None:
+        sid = session_id.encode("utf-8")
+        record = _RECORD.pack(kind, len(sid), a, b, len(data)) + sid + data
         if self._posts_in_flight >= self.max_posts_in_flight:
             self.stats["remote_send_dropped"] += 1
             log.debug("dropped a message to node {node}: Redis is behind", node=node)
+            self._refused(record, _BEHIND)
             return
-        sid = session_id.encode("utf-8")
-        record = _RECORD.pack(kind, len(sid), a, b, len(data)) + sid + data
         outbox = self._outbox.get(node)
         if outbox is None:
             outbox = self._outbox[node] = []
@@ -1581,7 +1623,9 @@ class ClusterPresence:
         outboxes, self._outbox, self._outbox_bytes = self._outbox, {}, 0
         for node, records in outboxes.items():
             entry = b"".join(records)
-            d = self.inbox.append(node, entry)
+            # Refused by Redis if it runs later than halfway to the call's
+            # timeout: a sender told its message failed (below) is right.
+            d = self.inbox.append(node, entry, within=self.timeout / 2)
             d.addBoth(self._flushed, node, entry, len(records))
 
     def _flushed(self, result: Any, node: str, entry: bytes, count: int) -> None:
@@ -1589,11 +1633,12 @@ class ClusterPresence:
         if isinstance(result, Failure):
             self.stats["remote_send_failed"] += count
             log.debug(
-                "{count} messages to node {node} were lost: {error}",
+                "{count} messages to node {node} failed: {error}",
                 count=count,
                 node=node,
                 error=result.getErrorMessage(),
             )
+            self._refused(entry, _UNANSWERED)
         elif isinstance(result, int):
             self.inbox.refused(node, count, result)
             self._refused(entry, result)
@@ -1606,13 +1651,7 @@ class ClusterPresence:
         message is counted as dropped; a query of this node's engine fails
         at once.  Answers and notices are only counted (by the caller).
         """
-        if why == GONE:
-            code, because = ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"
-        else:
-            code, because = ErrorCode.RATE_LIMITED, (
-                "is not reachable now: the node that holds it is behind "
-                "(its cluster inbox is full); try later"
-            )
+        code, because = _REFUSALS[why]
         told: set[tuple[str, int, int]] = set()
         for kind, sid, a, _, data in _records(entry):
             if kind == _QUERY:

@@ -7,12 +7,15 @@ events.  Engine time is a L{task.Clock}; Redis runs on the real reactor.
 
 from __future__ import annotations
 
+import signal
+import time
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from _helpers import Client, logon_reply, record_events
@@ -33,7 +36,9 @@ from esf.wire import Error as ErrorWire
 from esf.wire import Information
 from test_cluster import eventually, ledger, pause_reading, resume_reading
 
-LEASE = 0.6
+#: Long: the engines' clocks are task.Clocks, so a lease is refreshed only
+#: when a test advances them, and a node whose lease expired is sent nothing.
+LEASE = 30.0
 
 
 class Node:
@@ -565,3 +570,58 @@ async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):
         assert holder.user_data.logon_time == (200 if winner is second else 100)
     finally:
         await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_lease_expired_is_not_sent_to(pair, redis_server):
+    # b stopped renewing its lease (dead or paused) and is not reaped yet:
+    # what would go to its inbox is lost at the reap, so it is refused at
+    # once and its senders told.
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    redis_server.command("DEL", "esf:lease:b")  # as when it ran out
+    alice.send(MessageType.SEND_CERTAINLY, Information(1, b"hi"), dest="bob", message_id=7)
+    [error] = await eventually(alice.take, what="alice is told")
+    assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+    assert error.body.code == ErrorCode.USER_OFFLINE
+    assert error.body.text == (
+        "bob is not reachable: its node stopped answering (its cluster lease expired)"
+    )
+    assert a.presence.stats["inbox_stale"] == 1
+    assert ledger(redis_server, "b")[0] == 0 and bob.take() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_redis_fails_a_send_at_once_and_never_runs_it_later(pair, redis_server):
+    # Redis hangs (SIGSTOP) while alice's message to bob's node is on its
+    # way: alice is told within the bound, and the append, when Redis runs
+    # it at last, is refused (its deadline passed): bob never gets it.
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"lost?"), dest="bob", message_id=7)
+        started = time.monotonic()
+        [error] = await eventually(alice.take, what="alice is told")
+        assert time.monotonic() - started < 1.5  # the link's timeout is 1 s here
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert error.body.code == ErrorCode.USER_OFFLINE
+        assert error.body.text == "bob is not reachable now: the cluster's Redis did not answer in time"
+        await sleep(0.5)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await eventually(lambda: a.presence.up and b.presence.up, timeout=10)
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    alice.send(MessageType.SEND_CERTAINLY, Information(1, b"after"), dest="bob", message_id=8)
+    got = await eventually(bob.take, what="the later message arrives")
+    assert [f.body.payload for f in got] == [b"after"]
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
