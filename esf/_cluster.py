@@ -423,7 +423,7 @@ _CLAIM = b"""
 -- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time,
 --       takeover limit (0: no guard), takeover window ms, takeover cooldown ms
 -- mode, by the claimant's relogon mode: replace (REPLACE_OLD) | keep
---       (IGNORE_NEW) | newer (a re-claim of a REPLACE_OLD logon: the later
+--       (IGNORE_NEW: unless the holder's node's lease expired) | newer (a re-claim of a REPLACE_OLD logon: the later
 --       logon wins) | older (a re-claim of an IGNORE_NEW logon: the earlier wins)
 -- Returns {1, old or false, stream id} when claimed, {0, old, false} when
 -- not, {2, old, ms of cooldown left} when a takeover is refused as flapping.
@@ -439,7 +439,9 @@ if old then
   local mode = ARGV[4]
   local won = true
   if mode == 'keep' then
-    won = false
+    -- A holder whose node stopped renewing its lease (dead or paused, not
+    -- yet reaped) does not lock its user out.
+    won = redis.call('EXISTS', ARGV[6] .. 'lease:' .. onode) == 0
   elseif mode == 'newer' or mode == 'older' then
     local mine, theirs = tonumber(ARGV[9]), tonumber(ot) or 0
     if mine == theirs then

@@ -625,3 +625,34 @@ async def test_a_hung_redis_fails_a_send_at_once_and_never_runs_it_later(pair, r
 
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ignore_new_takes_a_device_whose_node_stopped_renewing(redis_server):
+    # With ignore-new a live holder keeps its device; one whose node's
+    # lease expired (dead or paused, not reaped yet) does not lock its user
+    # out: the new logon takes the device, and the old session, should its
+    # node come back, is ended.
+    config = ServerConfig(relogon_mode=RelogonMode.IGNORE_NEW)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        old = await a.logon("alice", 1)
+        await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+        refused = Client(b.engine)
+        refused.logon("alice", 1)
+        replies = await eventually(refused.take, what="refused while a renews its lease")
+        assert replies[0].body.result == LogonResult.HAD_LOGGED_ON
+        redis_server.command("DEL", "esf:lease:a")  # as when it ran out
+        new = await b.logon("alice", 1)  # asserts it succeeded
+        a.engine.clock.advance(a.presence.push_out_grace)
+        frames = await eventually(lambda: old.closing and old.take(), what="the old one ends")
+        assert frames[-1].body.reason == DisconnectedType.BEING_PUSHED_OUT
+        assert not new.closing
+        await eventually(
+            lambda: [h.session_id for h in a.presence.devices("alice")]
+            == [h.session_id for h in b.presence.devices("alice")]
+            and len(b.presence.devices("alice")) == 1
+        )
+    finally:
+        await stop_nodes(a, b)
