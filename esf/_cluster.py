@@ -37,7 +37,7 @@ import math
 import random
 import string
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -519,10 +519,14 @@ _REAP = b"""
 -- Release every device a node holds, forget the node.
 -- KEYS: the node's lease, the node's index, online set, presence stream,
 --       nodes set, the node's inbox, its ledger
--- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive)
+-- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive),
+--       most unread inbox entries to return
+-- Returns {devices released, the first unread entries of its inbox}, or
+-- {-1} when its lease is alive.
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
-  return -1
+  return {-1}
 end
+local unread = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', ARGV[5])
 local n = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local user, kind = string.match(member, '^(.*)\\t(%d+)$')
@@ -548,7 +552,7 @@ redis.call('SREM', KEYS[5], ARGV[1])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
 end
-return n
+return {n, unread}
 """
 
 _TICK = b"""
@@ -621,6 +625,12 @@ _PUSH_OUT, _KICK_OUT = 4, 5
 #: asking node, then the Information body), and the answer going back
 #: (a: that MessageID, b: 1 for an Error, data: the answer's body).
 _QUERY, _ANSWER = 6, 7
+#: A request relayed to a node that was reaped before it read it (data: the
+#: request's frame): the sender's node answers it C{Error(UserOffline)}.
+_FAILED = 8
+_REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
+#: The most unread entries of a reaped node's inbox whose senders are told.
+_REAP_UNREAD = 1000
 _LENGTH = struct.Struct("<I")
 #: Why an inbox entry failed (L{esf._cluster_inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
@@ -1325,6 +1335,19 @@ class ClusterPresence:
                 )
 
     def _reap(self, node: str, force: bool) -> Deferred[int]:
+        """
+        Release C{node}'s devices and delete its inbox (if its lease expired,
+        or C{force}): how many devices, or -1 (its lease is alive).  The
+        senders of the requests its inbox held unread are told
+        (L{_unread_lost}).
+        """
+
+        def reaped(reply: list[Any]) -> int:
+            count = int(reply[0])
+            if count >= 0:
+                self._unread_lost(entry[1] for entry in reply[1])
+            return count
+
         return self.link.eval(
             _REAP,
             [
@@ -1336,8 +1359,33 @@ class ClusterPresence:
                 self._inbox_key(node),
                 ledger_key(self._base, node),
             ],
-            [node, self.presence_maxlen, self._base, "1" if force else "0"],
-        ).addCallback(int)
+            [node, self.presence_maxlen, self._base, "1" if force else "0", _REAP_UNREAD],
+        ).addCallback(reaped)
+
+    def _unread_lost(self, entries: Iterable[Sequence[bytes]]) -> None:
+        """
+        A reaped node's inbox held C{entries} (their fields) unread: answer
+        each request among them C{Error(UserOffline)}, at its sender's node
+        (this one's sessions at once, others' through a L{_FAILED} record).
+        """
+        if self.wire is None:
+            return
+        decoder = FrameDecoder(self.wire)
+        for flat in entries:
+            for kind, _, _, _, data in _records(_fields(flat)[b"m"]):
+                if kind != _SEND:
+                    continue
+                (frame,) = decoder.feed(data)
+                if not frame.message_id or frame.message_type in ANSWERS:
+                    continue
+                sender = self.get(frame.user_id, frame.client_type)
+                if sender is None:
+                    continue
+                self.stats["inbox_reaped"] += 1
+                if isinstance(sender, RemoteHandle):
+                    self._post_record(sender.node, _FAILED, sender.session_id, 0, 0, data)
+                elif hasattr(sender, "error"):
+                    sender.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {_REAPED}")
 
     # -- IPresence: changes -------------------------------------------------------------
 
@@ -1692,6 +1740,11 @@ class ClusterPresence:
                 handle.push_out(new_address, cause)
             elif kind == _QUERY:
                 self._ask(handle, a, b, *_unpack(data, 2))
+            elif kind == _FAILED:
+                (frame,) = FrameDecoder(self.wire).feed(data) if self.wire else (None,)
+                error = getattr(handle, "error", None)
+                if frame is not None and error is not None:
+                    error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {_REAPED}")
             elif kind == _KICK_OUT:
                 operator, reason, text = (t.decode("utf-8") for t in _unpack(data, 3))
                 handle.kick_out(operator, reason, text)

@@ -656,3 +656,36 @@ async def test_ignore_new_takes_a_device_whose_node_stopped_renewing(redis_serve
         )
     finally:
         await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
+    # b stops reading (paused) with requests from alice (node a) and carol
+    # (node c) in its inbox; its lease runs out and a's janitor reaps it,
+    # deleting its inbox: both senders are told, each at its own node.
+    a, b, c = Node(redis_server, "a"), Node(redis_server, "b"), Node(redis_server, "c")
+    try:
+        await joined(a, b, c)
+        alice, carol = await a.logon("alice"), await c.logon("carol")
+        bob = await b.logon("bob")
+        await eventually(
+            lambda: a.engine.user_manager.is_user_online("bob")
+            and c.engine.user_manager.is_user_online("bob")
+            and a.engine.user_manager.is_user_online("carol")
+        )
+        await pause_reading(b.presence)
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"1"), dest="bob", message_id=7)
+        alice.send(MessageType.SEND, Information(1, b"one-way"), dest="bob")
+        carol.send(MessageType.REQUEST, Information(1, b"2"), dest="bob", message_id=9)
+        await eventually(lambda: ledger(redis_server, "b")[0] == 2, what="both appended")
+        redis_server.command("DEL", "esf:lease:b")  # as when it ran out
+        await a.presence._janitor()
+        expected = "bob is not online: its node stopped answering and left the cluster before delivering this"
+        for client, message_id in ((alice, 7), (carol, 9)):
+            [error] = await eventually(client.take, what=f"message {message_id}'s sender told")
+            assert (error.message_type, error.message_id) == (MessageType.ERROR, message_id)
+            assert (error.body.code, error.body.text) == (ErrorCode.USER_OFFLINE, expected)
+        assert a.presence.stats["inbox_reaped"] == 2
+        assert bob.take() == []
+    finally:
+        await stop_nodes(a, b, c)
