@@ -87,6 +87,7 @@ from .interfaces import IDeviceHandle, IPresence
 
 if TYPE_CHECKING:
     from ._engine import ServerEngine
+    from ._offline import OfflineMessages
     from ._pending import PendingRequests
     from ._presence import UserManager
     from ._wire import WireConfig
@@ -858,6 +859,9 @@ class ClusterPresence:
         #: L{attach}): for queries between nodes.
         self.wire: WireConfig | None = None
         self.pending: PendingRequests | None = None
+        #: The engine's offline part (set by L{attach}), if it has a store:
+        #: a session claimed again gets what was stored for it meanwhile.
+        self._offline: OfflineMessages | None = None
         self.query_timeout = 30.0
         #: Queries other nodes' engines asked this node's sessions:
         #: (session ID, MessageID sent to the session) -> (asking node, its
@@ -941,6 +945,7 @@ class ClusterPresence:
         self.user_manager = engine.user_manager
         self.pending = engine.pending
         self.delivery_batch = engine.batch
+        self._offline = engine.offline
 
     def _inbox_key(self, node: str) -> str:
         return f"{self._base}inbox:{node}"
@@ -1144,6 +1149,10 @@ class ClusterPresence:
                     continue  # released meanwhile: _stale has it
                 mode = self._mode_of(sid)
                 if won:
+                    if self._offline is not None and getattr(handle, "logged_on", False):
+                        # Others may have stored messages for it while the
+                        # cluster did not list it.
+                        self._offline.reclaimed(handle)  # type: ignore[arg-type]
                     if old is not None:
                         previous = _Holder.parse(old)
                         if previous.session_id != sid:

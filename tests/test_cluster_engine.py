@@ -31,6 +31,7 @@ from esf import (
 )
 from esf._cluster import ClusterPresence
 from esf._metrics import ServerMetrics
+from esf.offline import RedisOfflineStore
 from esf.interfaces import IRelogonPolicy
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
@@ -48,6 +49,7 @@ class Node:
         node_id: str,
         config: ServerConfig | None = None,
         relogon_policy: Any = None,
+        offline: bool = False,
         **options,
     ):
         clock = task.Clock()
@@ -56,9 +58,10 @@ class Node:
             reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
             **options,
         )  # fmt: skip
+        store = RedisOfflineStore(self.presence.link) if offline else None
         self.engine = ServerEngine(
             config, clock=clock, presence=self.presence, node_id=node_id,
-            relogon_policy=relogon_policy,
+            relogon_policy=relogon_policy, offline_store=store,
         )  # fmt: skip
         self.events = record_events(self.engine.user_manager)
         self.engine.start()
@@ -689,3 +692,28 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
         assert bob.take() == []
     finally:
         await stop_nodes(a, b, c)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reaped_node_coming_back_gets_what_was_stored_for_its_users(redis_server):
+    # With a Redis offline store: b pauses, is reaped while bob is still
+    # connected to it, and alice's message to bob is stored.  When b comes
+    # back and claims bob again, bob gets it then, not at his next logon.
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        await a.presence._reap("b", force=True)  # b's lease ran out
+        await eventually(lambda: not a.engine.user_manager.is_user_online("bob"))
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"kept"), dest="bob", message_id=7)
+        [ack] = await eventually(alice.take, what="stored")
+        assert (ack.message_type, ack.message_id, ack.user_id) == (MessageType.ACK, 7, "_0")
+        resume_reading(b.presence)  # b comes back and claims bob again
+        got = await eventually(bob.take, what="the stored message delivered")
+        assert [(f.message_type, f.user_id, f.body.payload) for f in got] == [
+            (MessageType.SEND_CERTAINLY, "alice", b"kept")
+        ]
+    finally:
+        await stop_nodes(a, b)
