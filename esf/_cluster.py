@@ -22,6 +22,8 @@ Redis holds, under a prefix (C{esf} by default)::
     esf:ib:<node>      hash: the inbox's bytes and bounds (esf._cluster_inbox)
     esf:epoch          a random token: missing or changed = Redis lost its data
     esf:janitor        the janitor's lock (SET NX PX)
+    esf:settling       set for a lease after a new epoch: who is online is not
+                       known yet, the offline store keeps nothing
 
 Every change of presence is one Lua script (claim, release, reap) that
 changes the hash and the indexes and appends the change to the presence
@@ -565,8 +567,14 @@ return {redis.call('GET', KEYS[3]), redis.call('TIME')}
 """
 
 _EPOCH = b"""
--- KEYS: epoch.  ARGV: a new random epoch, used if none is set.
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
+-- KEYS: epoch, the settling mark.  ARGV: a new random epoch, used if none is
+-- set; the lease in ms; '1' if this node knew an epoch before.
+-- A new epoch set by a node that knew another (Redis lost its data): for a
+-- lease, until every live node has claimed its devices again, who is online
+-- is not known and the offline store keeps nothing (esf._offline_redis).
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') and ARGV[3] == '1' then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+end
 return redis.call('GET', KEYS[1])
 """
 
@@ -1050,7 +1058,11 @@ class ClusterPresence:
         self._generation += 1
         generation = self._generation
         token = "".join(random.choices(string.ascii_letters + string.digits, k=16))
-        epoch = await self.link.eval(_EPOCH, [self._k_epoch], [token])
+        epoch = await self.link.eval(
+            _EPOCH,
+            [self._k_epoch, f"{self._base}settling"],
+            [token, int(self.lease * 1000), "1" if self._epoch is not None else "0"],
+        )
         if self._epoch is not None and epoch != self._epoch:
             log.warn(
                 "Redis lost the cluster's data (a restart without persistence?): "

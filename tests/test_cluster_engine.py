@@ -717,3 +717,33 @@ async def test_a_reaped_node_coming_back_gets_what_was_stored_for_its_users(redi
         ]
     finally:
         await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_stored_while_the_cluster_settles_after_a_data_loss(redis_server):
+    # Redis restarts empty: until every node has claimed its devices again
+    # (within a lease) a user may be online without Redis knowing it, so
+    # the offline store refuses rather than keep a message for bob, who
+    # never left.
+    a = Node(redis_server, "a", offline=True)
+    try:
+        await joined(a)
+        alice = await a.logon("alice")
+        before = a.presence._epoch
+        redis_server.restart()
+        await eventually(
+            lambda: a.presence.up and a.presence._epoch not in (None, before), timeout=10
+        )
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=7)
+        [error] = await eventually(alice.take, what="alice is answered")
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert error.body.code == ErrorCode.USER_OFFLINE
+        assert error.body.text == "bob is not online and the offline store cannot keep it now"
+        assert a.engine.counters["offline_errors"] == 1
+        assert redis_server.command("EXISTS", "esf:off:bob:m") == b":0"
+        redis_server.command("DEL", "esf:settling")  # as when the lease has passed
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=8)
+        [ack] = await eventually(alice.take, what="stored")
+        assert (ack.message_type, ack.message_id) == (MessageType.ACK, 8), ack
+    finally:
+        await stop_nodes(a)
