@@ -808,7 +808,9 @@ class ClusterPresence:
     @ivar stats: counts of what happened to cross-node traffic
         (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
         C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
-        and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone}, C{inbox_full}).
+        C{inbox_reaped} (requests a reaped node never read, their senders
+        told), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
+        C{inbox_stale}, C{inbox_late}, C{inbox_full}).
     """
 
     def __init__(
@@ -1716,9 +1718,11 @@ class ClusterPresence:
 
     def _refused(self, entry: bytes, why: int) -> None:
         """
-        Tell the senders of an inbox entry that was refused: a relayed
-        request's sender gets C{Error(RateLimited)} (the inbox was full) or
-        C{Error(UserOffline)} (its node left), once per request; a one-way
+        Tell the senders of an inbox entry that was refused or failed: a
+        relayed request's sender gets the error L{_REFUSALS} gives for
+        C{why} (C{RateLimited}: the inbox was full, or this node is behind
+        Redis; C{UserOffline}: its node left or stopped renewing its lease,
+        or Redis did not answer in time), once per request; a one-way
         message is counted as dropped; a query of this node's engine fails
         at once.  Answers and notices are only counted (by the caller).
         """
