@@ -426,8 +426,9 @@ _CLAIM = b"""
 -- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time,
 --       takeover limit (0: no guard), takeover window ms, takeover cooldown ms
 -- mode, by the claimant's relogon mode: replace (REPLACE_OLD) | keep
---       (IGNORE_NEW: unless the holder's node's lease expired) | newer (a re-claim of a REPLACE_OLD logon: the later
---       logon wins) | older (a re-claim of an IGNORE_NEW logon: the earlier wins)
+--       (IGNORE_NEW; a holder whose node's lease expired is replaced) |
+--       newer (a re-claim of a REPLACE_OLD logon: the later logon wins) |
+--       older (a re-claim of an IGNORE_NEW logon: the earlier wins)
 -- Returns {1, old or false, stream id} when claimed, {0, old, false} when
 -- not, {2, old, ms of cooldown left} when a takeover is refused as flapping.
 local old = redis.call('HGET', KEYS[1], ARGV[2])
@@ -612,9 +613,10 @@ class _Holder:
         L{UserData}'s, which a session gets only once its claim is won).
         """
         data = handle.user_data
-        when = logon_time if logon_time is not None else data.logon_time if data is not None else 0.0
+        if logon_time is None:
+            logon_time = data.logon_time if data is not None else 0.0
         address = data.address if data is not None else getattr(handle, "address", "?")
-        return cls(handle.session_id, handle.node, when, address)
+        return cls(handle.session_id, handle.node, logon_time, address)
 
     def encode(self) -> bytes:
         return f"{self.session_id}\t{self.node}\t{self.logon_time!r}\t{self.address}".encode()
@@ -644,6 +646,7 @@ _LENGTH = struct.Struct("<I")
 #: Why an inbox entry failed (L{esf._cluster_inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
 _UNANSWERED, _BEHIND = -1, -2
+_NO_ANSWER = "is not reachable now: the cluster's Redis did not answer in time"
 _REFUSALS = {
     _BEHIND: (
         ErrorCode.RATE_LIMITED,
@@ -659,10 +662,8 @@ _REFUSALS = {
         "is not reachable now: the node that holds it is behind (its cluster inbox is full); "
         "try later",
     ),
-    LATE: (ErrorCode.USER_OFFLINE, "is not reachable now: the cluster's Redis did not answer in time"),
-    _UNANSWERED: (
-        ErrorCode.USER_OFFLINE, "is not reachable now: the cluster's Redis did not answer in time",
-    ),
+    LATE: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+    _UNANSWERED: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
 }
 #: The longest a node remembers a query another node asked (a bound).
 _MAX_QUERY_SECONDS = 3600

@@ -29,7 +29,9 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from ._cluster import IRedisLink
 
-__all__ = ["InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES"]
+__all__ = [
+    "InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES",
+]
 
 log = Logger(namespace="esf.cluster")
 
@@ -217,7 +219,8 @@ class InboxLedger:
         full inbox since the last look is logged.
         """
         if why != FULL:
-            self.stats[{GONE: "inbox_gone", STALE: "inbox_stale", LATE: "inbox_late"}[why]] += records
+            counter = {GONE: "inbox_gone", STALE: "inbox_stale", LATE: "inbox_late"}[why]
+            self.stats[counter] += records
             return
         self.stats["inbox_refused"] += records
         if node not in self._told:

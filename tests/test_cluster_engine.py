@@ -615,7 +615,9 @@ async def test_a_hung_redis_fails_a_send_at_once_and_never_runs_it_later(pair, r
         assert time.monotonic() - started < 1.5  # the link's timeout is 1 s here
         assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
         assert error.body.code == ErrorCode.USER_OFFLINE
-        assert error.body.text == "bob is not reachable now: the cluster's Redis did not answer in time"
+        assert error.body.text == (
+            "bob is not reachable now: the cluster's Redis did not answer in time"
+        )
         await sleep(0.5)
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
@@ -683,7 +685,10 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
         await eventually(lambda: ledger(redis_server, "b")[0] == 2, what="both appended")
         redis_server.command("DEL", "esf:lease:b")  # as when it ran out
         await a.presence._janitor()
-        expected = "bob is not online: its node stopped answering and left the cluster before delivering this"
+        expected = (
+            "bob is not online: its node stopped answering and left the cluster "
+            "before delivering this"
+        )
         for client, message_id in ((alice, 7), (carol, 9)):
             [error] = await eventually(client.take, what=f"message {message_id}'s sender told")
             assert (error.message_type, error.message_id) == (MessageType.ERROR, message_id)
