@@ -22,6 +22,8 @@ Redis holds, under a prefix (C{esf} by default)::
     esf:ib:<node>      hash: the inbox's bytes and bounds (esf._cluster_inbox)
     esf:epoch          a random token: missing or changed = Redis lost its data
     esf:janitor        the janitor's lock (SET NX PX)
+    esf:settling       set for a lease after a new epoch: who is online is not
+                       known yet, the offline store keeps nothing
 
 Every change of presence is one Lua script (claim, release, reap) that
 changes the hash and the indexes and appends the change to the presence
@@ -37,7 +39,7 @@ import math
 import random
 import string
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -60,7 +62,16 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from . import _messages as m
-from ._cluster_inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, GONE, InboxLedger, ledger_key
+from ._cluster_inbox import (
+    DEFAULT_INBOX_BYTES,
+    DEFAULT_INBOX_ENTRIES,
+    FULL,
+    GONE,
+    LATE,
+    STALE,
+    InboxLedger,
+    ledger_key,
+)
 from ._config import RelogonMode, UserData, default_node_id
 from ._policy import TakeoverRefused
 from ._presence import Claim
@@ -78,6 +89,7 @@ from .interfaces import IDeviceHandle, IPresence
 
 if TYPE_CHECKING:
     from ._engine import ServerEngine
+    from ._offline import OfflineMessages
     from ._pending import PendingRequests
     from ._presence import UserManager
     from ._wire import WireConfig
@@ -414,8 +426,9 @@ _CLAIM = b"""
 -- ARGV: user, kind, value, mode, maxlen, prefix, session_id, node, logon_time,
 --       takeover limit (0: no guard), takeover window ms, takeover cooldown ms
 -- mode, by the claimant's relogon mode: replace (REPLACE_OLD) | keep
---       (IGNORE_NEW) | newer (a re-claim of a REPLACE_OLD logon: the later
---       logon wins) | older (a re-claim of an IGNORE_NEW logon: the earlier wins)
+--       (IGNORE_NEW; a holder whose node's lease expired is replaced) |
+--       newer (a re-claim of a REPLACE_OLD logon: the later logon wins) |
+--       older (a re-claim of an IGNORE_NEW logon: the earlier wins)
 -- Returns {1, old or false, stream id} when claimed, {0, old, false} when
 -- not, {2, old, ms of cooldown left} when a takeover is refused as flapping.
 local old = redis.call('HGET', KEYS[1], ARGV[2])
@@ -430,7 +443,9 @@ if old then
   local mode = ARGV[4]
   local won = true
   if mode == 'keep' then
-    won = false
+    -- A holder whose node stopped renewing its lease (dead or paused, not
+    -- yet reaped) does not lock its user out.
+    won = redis.call('EXISTS', ARGV[6] .. 'lease:' .. onode) == 0
   elseif mode == 'newer' or mode == 'older' then
     local mine, theirs = tonumber(ARGV[9]), tonumber(ot) or 0
     if mine == theirs then
@@ -508,10 +523,14 @@ _REAP = b"""
 -- Release every device a node holds, forget the node.
 -- KEYS: the node's lease, the node's index, online set, presence stream,
 --       nodes set, the node's inbox, its ledger
--- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive)
+-- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive),
+--       most unread inbox entries to return
+-- Returns {devices released, the first unread entries of its inbox}, or
+-- {-1} when its lease is alive.
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
-  return -1
+  return {-1}
 end
+local unread = redis.call('XRANGE', KEYS[6], '-', '+', 'COUNT', ARGV[5])
 local n = 0
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local user, kind = string.match(member, '^(.*)\\t(%d+)$')
@@ -537,19 +556,26 @@ redis.call('SREM', KEYS[5], ARGV[1])
 if ARGV[4] == '1' then
   redis.call('DEL', KEYS[1])
 end
-return n
+return {n, unread}
 """
 
 _TICK = b"""
 -- KEYS: the node's lease, nodes set, epoch.  ARGV: node, lease in ms
+-- Returns {the epoch, Redis's TIME}.
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-return redis.call('GET', KEYS[3])
+return {redis.call('GET', KEYS[3]), redis.call('TIME')}
 """
 
 _EPOCH = b"""
--- KEYS: epoch.  ARGV: a new random epoch, used if none is set.
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
+-- KEYS: epoch, the settling mark.  ARGV: a new random epoch, used if none is
+-- set; the lease in ms; '1' if this node knew an epoch before.
+-- A new epoch set by a node that knew another (Redis lost its data): for a
+-- lease, until every live node has claimed its devices again, who is online
+-- is not known and the offline store keeps nothing (esf._offline_redis).
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') and ARGV[3] == '1' then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+end
 return redis.call('GET', KEYS[1])
 """
 
@@ -581,11 +607,16 @@ class _Holder:
         return cls(sid, node, float(when), address)
 
     @classmethod
-    def of(cls, handle: IDeviceHandle) -> _Holder:
+    def of(cls, handle: IDeviceHandle, logon_time: float | None = None) -> _Holder:
+        """
+        C{handle} as a holder, logged on at C{logon_time} (by default its
+        L{UserData}'s, which a session gets only once its claim is won).
+        """
         data = handle.user_data
-        when = data.logon_time if data is not None else 0.0
+        if logon_time is None:
+            logon_time = data.logon_time if data is not None else 0.0
         address = data.address if data is not None else getattr(handle, "address", "?")
-        return cls(handle.session_id, handle.node, when, address)
+        return cls(handle.session_id, handle.node, logon_time, address)
 
     def encode(self) -> bytes:
         return f"{self.session_id}\t{self.node}\t{self.logon_time!r}\t{self.address}".encode()
@@ -605,7 +636,35 @@ _PUSH_OUT, _KICK_OUT = 4, 5
 #: asking node, then the Information body), and the answer going back
 #: (a: that MessageID, b: 1 for an Error, data: the answer's body).
 _QUERY, _ANSWER = 6, 7
+#: A request relayed to a node that was reaped before it read it (data: the
+#: request's frame): the sender's node answers it C{Error(UserOffline)}.
+_FAILED = 8
+_REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
+#: The most unread entries of a reaped node's inbox whose senders are told.
+_REAP_UNREAD = 1000
 _LENGTH = struct.Struct("<I")
+#: Why an inbox entry failed (L{esf._cluster_inbox}'s answers, and Redis
+#: not answering the append in time) -> what its senders are told.
+_UNANSWERED, _BEHIND = -1, -2
+_NO_ANSWER = "is not reachable now: the cluster's Redis did not answer in time"
+_REFUSALS = {
+    _BEHIND: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: this node's traffic to the cluster's Redis is behind; try later",
+    ),
+    GONE: (ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"),
+    STALE: (
+        ErrorCode.USER_OFFLINE,
+        "is not reachable: its node stopped answering (its cluster lease expired)",
+    ),
+    FULL: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: the node that holds it is behind (its cluster inbox is full); "
+        "try later",
+    ),
+    LATE: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+    _UNANSWERED: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+}
 #: The longest a node remembers a query another node asked (a bound).
 _MAX_QUERY_SECONDS = 3600
 
@@ -750,7 +809,9 @@ class ClusterPresence:
     @ivar stats: counts of what happened to cross-node traffic
         (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
         C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
-        and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone}, C{inbox_full}).
+        C{inbox_reaped} (requests a reaped node never read, their senders
+        told), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
+        C{inbox_stale}, C{inbox_late}, C{inbox_full}).
     """
 
     def __init__(
@@ -809,6 +870,9 @@ class ClusterPresence:
         #: L{attach}): for queries between nodes.
         self.wire: WireConfig | None = None
         self.pending: PendingRequests | None = None
+        #: The engine's offline part (set by L{attach}), if it has a store:
+        #: a session claimed again gets what was stored for it meanwhile.
+        self._offline: OfflineMessages | None = None
         self.query_timeout = 30.0
         #: Queries other nodes' engines asked this node's sessions:
         #: (session ID, MessageID sent to the session) -> (asking node, its
@@ -845,6 +909,10 @@ class ClusterPresence:
         #: C{REPLACE_OLD}): claimed again after an outage, each settles a
         #: conflict by the mode its logon was claimed with.
         self._ignore_new: set[str] = set()
+        #: When each of them logged on (this node's clock, taken at its
+        #: claim): stored with the claim, it settles a device logged on at
+        #: two nodes during a split (L{_RECLAIM}).
+        self._logon_at: dict[str, float] = {}
         #: Local sessions claimed while Redis was away (to claim there).
         self._unconfirmed: set[str] = set()
         #: Sessions released while Redis was away or whose claim has an
@@ -888,6 +956,7 @@ class ClusterPresence:
         self.user_manager = engine.user_manager
         self.pending = engine.pending
         self.delivery_batch = engine.batch
+        self._offline = engine.offline
 
     def _inbox_key(self, node: str) -> str:
         return f"{self._base}inbox:{node}"
@@ -992,7 +1061,11 @@ class ClusterPresence:
         self._generation += 1
         generation = self._generation
         token = "".join(random.choices(string.ascii_letters + string.digits, k=16))
-        epoch = await self.link.eval(_EPOCH, [self._k_epoch], [token])
+        epoch = await self.link.eval(
+            _EPOCH,
+            [self._k_epoch, f"{self._base}settling"],
+            [token, int(self.lease * 1000), "1" if self._epoch is not None else "0"],
+        )
         if self._epoch is not None and epoch != self._epoch:
             log.warn(
                 "Redis lost the cluster's data (a restart without persistence?): "
@@ -1042,12 +1115,17 @@ class ClusterPresence:
         return False
 
     async def _refresh_lease(self) -> bytes | None:
-        epoch: bytes | None = await self.link.eval(
+        before = self.reactor.seconds()
+        epoch, (seconds, micros) = await self.link.eval(
             _TICK,
             [f"{self._base}lease:{self.node_id}", self._k_nodes, self._k_epoch],
             [self.node_id, int(self.lease * 1000)],
         )
-        return epoch
+        # Redis's clock, for the appends' deadlines: read about halfway
+        # through the round trip.
+        middle = (before + self.reactor.seconds()) / 2
+        self.inbox.set_redis_time(int(seconds) * 1000 + int(micros) / 1000, middle)
+        return epoch  # type: ignore[no-any-return]
 
     async def _release_stale(self) -> None:
         stale, self._stale = self._stale, {}
@@ -1086,6 +1164,10 @@ class ClusterPresence:
                     continue  # released meanwhile: _stale has it
                 mode = self._mode_of(sid)
                 if won:
+                    if self._offline is not None and getattr(handle, "logged_on", False):
+                        # Others may have stored messages for it while the
+                        # cluster did not list it.
+                        self._offline.reclaimed(handle)  # type: ignore[arg-type]
                     if old is not None:
                         previous = _Holder.parse(old)
                         if previous.session_id != sid:
@@ -1277,6 +1359,19 @@ class ClusterPresence:
                 )
 
     def _reap(self, node: str, force: bool) -> Deferred[int]:
+        """
+        Release C{node}'s devices and delete its inbox (if its lease expired,
+        or C{force}): how many devices, or -1 (its lease is alive).  The
+        senders of the requests its inbox held unread are told
+        (L{_unread_lost}).
+        """
+
+        def reaped(reply: list[Any]) -> int:
+            count = int(reply[0])
+            if count >= 0:
+                self._unread_lost(entry[1] for entry in reply[1])
+            return count
+
         return self.link.eval(
             _REAP,
             [
@@ -1288,15 +1383,40 @@ class ClusterPresence:
                 self._inbox_key(node),
                 ledger_key(self._base, node),
             ],
-            [node, self.presence_maxlen, self._base, "1" if force else "0"],
-        ).addCallback(int)
+            [node, self.presence_maxlen, self._base, "1" if force else "0", _REAP_UNREAD],
+        ).addCallback(reaped)
+
+    def _unread_lost(self, entries: Iterable[Sequence[bytes]]) -> None:
+        """
+        A reaped node's inbox held C{entries} (their fields) unread: answer
+        each request among them C{Error(UserOffline)}, at its sender's node
+        (this one's sessions at once, others' through a L{_FAILED} record).
+        """
+        if self.wire is None:
+            return
+        decoder = FrameDecoder(self.wire)
+        for flat in entries:
+            for kind, _, _, _, data in _records(_fields(flat)[b"m"]):
+                if kind != _SEND:
+                    continue
+                (frame,) = decoder.feed(data)
+                if not frame.message_id or frame.message_type in ANSWERS:
+                    continue
+                sender = self.get(frame.user_id, frame.client_type)
+                if sender is None:
+                    continue
+                self.stats["inbox_reaped"] += 1
+                if isinstance(sender, RemoteHandle):
+                    self._post_record(sender.node, _FAILED, sender.session_id, 0, 0, data)
+                elif hasattr(sender, "error"):
+                    sender.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {_REAPED}")
 
     # -- IPresence: changes -------------------------------------------------------------
 
     def _claim_script(
         self, handle: IDeviceHandle, mode: str
     ) -> Deferred[tuple[bool, bytes | None, bytes | None]]:
-        holder = _Holder.of(handle)
+        holder = _Holder.of(handle, self._logon_at.get(handle.session_id))
         d = self.link.eval(
             _CLAIM,
             [self._user_key(handle.user_id), self._k_online, self._k_stream],
@@ -1438,6 +1558,10 @@ class ClusterPresence:
         """
         sid = handle.session_id
         self._local[sid] = handle
+        # A session gets its UserData only once its claim is won: its logon
+        # time is the claim's.
+        data = handle.user_data
+        self._logon_at[sid] = data.logon_time if data is not None else self.clock.seconds()
         if not replace:
             self._ignore_new.add(sid)
 
@@ -1447,6 +1571,7 @@ class ClusterPresence:
         C{None} when it was not.
         """
         self._ignore_new.discard(sid)
+        self._logon_at.pop(sid, None)
         return self._local.pop(sid, None)
 
     def _track(self, d: Deferred[Any]) -> None:
@@ -1547,12 +1672,13 @@ class ClusterPresence:
         self._post_record(handle.node, kind, handle.session_id, a, b, data)
 
     def _post_record(self, node: str, kind: int, session_id: str, a: int, b: int, data: bytes) -> None:
+        sid = session_id.encode("utf-8")
+        record = _RECORD.pack(kind, len(sid), a, b, len(data)) + sid + data
         if self._posts_in_flight >= self.max_posts_in_flight:
             self.stats["remote_send_dropped"] += 1
             log.debug("dropped a message to node {node}: Redis is behind", node=node)
+            self._refused(record, _BEHIND)
             return
-        sid = session_id.encode("utf-8")
-        record = _RECORD.pack(kind, len(sid), a, b, len(data)) + sid + data
         outbox = self._outbox.get(node)
         if outbox is None:
             outbox = self._outbox[node] = []
@@ -1571,7 +1697,9 @@ class ClusterPresence:
         outboxes, self._outbox, self._outbox_bytes = self._outbox, {}, 0
         for node, records in outboxes.items():
             entry = b"".join(records)
-            d = self.inbox.append(node, entry)
+            # Refused by Redis if it runs later than halfway to the call's
+            # timeout: a sender told its message failed (below) is right.
+            d = self.inbox.append(node, entry, within=self.timeout / 2)
             d.addBoth(self._flushed, node, entry, len(records))
 
     def _flushed(self, result: Any, node: str, entry: bytes, count: int) -> None:
@@ -1579,30 +1707,27 @@ class ClusterPresence:
         if isinstance(result, Failure):
             self.stats["remote_send_failed"] += count
             log.debug(
-                "{count} messages to node {node} were lost: {error}",
+                "{count} messages to node {node} failed: {error}",
                 count=count,
                 node=node,
                 error=result.getErrorMessage(),
             )
+            self._refused(entry, _UNANSWERED)
         elif isinstance(result, int):
             self.inbox.refused(node, count, result)
             self._refused(entry, result)
 
     def _refused(self, entry: bytes, why: int) -> None:
         """
-        Tell the senders of an inbox entry that was refused: a relayed
-        request's sender gets C{Error(RateLimited)} (the inbox was full) or
-        C{Error(UserOffline)} (its node left), once per request; a one-way
+        Tell the senders of an inbox entry that was refused or failed: a
+        relayed request's sender gets the error L{_REFUSALS} gives for
+        C{why} (C{RateLimited}: the inbox was full, or this node is behind
+        Redis; C{UserOffline}: its node left or stopped renewing its lease,
+        or Redis did not answer in time), once per request; a one-way
         message is counted as dropped; a query of this node's engine fails
         at once.  Answers and notices are only counted (by the caller).
         """
-        if why == GONE:
-            code, because = ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"
-        else:
-            code, because = ErrorCode.RATE_LIMITED, (
-                "is not reachable now: the node that holds it is behind "
-                "(its cluster inbox is full); try later"
-            )
+        code, because = _REFUSALS[why]
         told: set[tuple[str, int, int]] = set()
         for kind, sid, a, _, data in _records(entry):
             if kind == _QUERY:
@@ -1641,6 +1766,11 @@ class ClusterPresence:
                 handle.push_out(new_address, cause)
             elif kind == _QUERY:
                 self._ask(handle, a, b, *_unpack(data, 2))
+            elif kind == _FAILED:
+                (frame,) = FrameDecoder(self.wire).feed(data) if self.wire else (None,)
+                error = getattr(handle, "error", None)
+                if frame is not None and error is not None:
+                    error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {_REAPED}")
             elif kind == _KICK_OUT:
                 operator, reason, text = (t.decode("utf-8") for t in _unpack(data, 3))
                 handle.kick_out(operator, reason, text)

@@ -29,7 +29,9 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from ._cluster import IRedisLink
 
-__all__ = ["InboxLedger", "FULL", "GONE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES"]
+__all__ = [
+    "InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES",
+]
 
 log = Logger(namespace="esf.cluster")
 
@@ -39,8 +41,9 @@ DEFAULT_INBOX_BYTES = 64 * 1024 * 1024
 DEFAULT_INBOX_ENTRIES = 100_000
 
 #: What L{InboxLedger.append} answers instead of an entry's ID: the inbox is
-#: full, or its node left the cluster.
-FULL, GONE = 1, 0
+#: full; its node left the cluster; its node's lease expired (dead or
+#: paused, not yet reaped); the append reached Redis after its deadline.
+FULL, GONE, STALE, LATE = 1, 0, 2, 3
 
 #: Most entries left behind by a failed deletion that one later deletion
 #: sweeps up (the rest go with the ones after).
@@ -54,13 +57,27 @@ _DROP_BYTES = 1024 * 1024
 _DROP_ENTRIES = 1000
 
 _APPEND = b"""
--- KEYS: the receiving node's inbox, its ledger, the nodes set
+-- KEYS: the receiving node's inbox, its ledger, the nodes set, its lease
 -- ARGV: the receiving node, the entry, entries and bytes bounds (used while
---       the receiving node has published none)
+--       the receiving node has published none), a deadline in ms on
+--       Redis's clock (0: none)
 -- Returns the new entry's ID; 0 when the node is not in the cluster (left,
--- or reaped: nobody reads its inbox); 1 when the inbox is full.
+-- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
+-- node's lease expired (dead or paused: nobody reads its inbox now, and
+-- the janitor will delete it); 3 when the deadline is past (the sender
+-- was told the append failed: it must not happen later).
+local deadline = tonumber(ARGV[5])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return 3
+  end
+end
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
   return 0
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return 2
 end
 local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
 local held = tonumber(ledger[1]) or 0
@@ -164,25 +181,46 @@ class InboxLedger:
         self._delivered_bytes = 0
         self._drop_call: IDelayedCall | None = None
         self._dropping: set[Deferred[Any]] = set()
+        #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
+        self._offset_ms: float | None = None
 
-    def append(self, node: str, entry: bytes) -> Deferred[Any]:
+    def set_redis_time(self, redis_ms: float, local: float) -> None:
+        """
+        Redis's clock read C{redis_ms} (ms) when this node's read C{local}
+        (s): appends' deadlines are set on Redis's clock from then on.
+        """
+        self._offset_ms = redis_ms - local * 1000
+
+    def append(self, node: str, entry: bytes, within: float | None = None) -> Deferred[Any]:
         """
         Append C{entry} to C{node}'s inbox: its stream ID (L{bytes}), or
-        L{FULL} or L{GONE} (L{int}) when refused.
+        L{FULL}, L{GONE}, L{STALE} or L{LATE} (L{int}) when refused.
+
+        @param within: refuse (L{LATE}) the append if Redis runs it more
+            than this many seconds from now (once Redis's clock is known):
+            an append delayed by a hung Redis, whose sender was told it
+            failed, never happens later.
         """
+        deadline = 0
+        if within is not None and self._offset_ms is not None:
+            deadline = int(self.reactor.seconds() * 1000 + self._offset_ms + within * 1000)
         return self.link.eval(
             _APPEND,
-            [f"{self.base}inbox:{node}", ledger_key(self.base, node), self._nodes],
-            [node, entry, self.max_entries, self.max_bytes],
-        )
+            [
+                f"{self.base}inbox:{node}", ledger_key(self.base, node), self._nodes,
+                f"{self.base}lease:{node}",
+            ],
+            [node, entry, self.max_entries, self.max_bytes, deadline],
+        )  # fmt: skip
 
     def refused(self, node: str, records: int, why: int) -> None:
         """
         Count C{records} refused by C{node}'s inbox; the first refusal of a
         full inbox since the last look is logged.
         """
-        if why == GONE:
-            self.stats["inbox_gone"] += records
+        if why != FULL:
+            counter = {GONE: "inbox_gone", STALE: "inbox_stale", LATE: "inbox_late"}[why]
+            self.stats[counter] += records
             return
         self.stats["inbox_refused"] += records
         if node not in self._told:

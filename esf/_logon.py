@@ -236,9 +236,12 @@ class Logons:
         if isinstance(decision, Refuse):
             self._refuse(session, frame, decision)
             return
-        if isinstance(decision, Ignore):
+        if isinstance(decision, Ignore) and decision.holder.node == engine.node_id:
             self._ignore(session, frame, decision.holder)
             return
+        # (A holder on another node is Redis's to judge: its node may be
+        # dead or paused, its lease expired, and then the new logon takes
+        # the device even with IGNORE_NEW rather than wait for the reap.)
         # The mode travels with the claim: a registry shared by nodes
         # settles a holder its mirror did not show yet by it.
         d = engine.presence.claim(session, mode is RelogonMode.REPLACE_OLD)

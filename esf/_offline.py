@@ -590,6 +590,16 @@ class OfflineMessages:
         session.hold()
         Deferred.fromCoroutine(drain.run())
 
+    def reclaimed(self, session: Session) -> None:
+        """
+        C{session}'s device was claimed again after the cluster had let it
+        go (its node was reaped while paused, or Redis lost its data), and
+        messages may have been stored for it meanwhile: deliver them now,
+        as at a logon, unless they are being delivered already.
+        """
+        if session.logged_on and session not in self._sessions:
+            self.logged_on(session)
+
     def ack(self, session: Session, frame: Frame) -> bool:
         """
         An Ack (206) to C{_0}: whether it acknowledged stored messages.

@@ -15,6 +15,9 @@ Keys, under the prefix (C{esf} by default)::
                        for all receivers together (gone at 0)
     esf:offtotal       hash: n, b = messages and bytes in the whole store
 
+While the cluster's C{esf:settling} mark is set (for a lease after Redis
+lost its data) nothing is stored: who is online is not known yet.
+
 How durable it is is Redis's business: with C{appendonly yes} and
 C{appendfsync always} a stored message survives Redis's own crash.
 """
@@ -42,10 +45,15 @@ __all__ = ["RedisOfflineStore"]
 _ANY = 255
 _PREFIX = 14  # "%010d%03d:"
 
-# KEYS: user's m, n, b, s; the total; the sender's.  ARGV: the bounds (user
-# messages, user bytes, kind, sender messages, sender bytes, total messages,
-# total bytes), the sender, then the frames.
+# KEYS: user's m, n, b, s; the total; the sender's; the cluster's settling
+# mark.  ARGV: the bounds (user messages, user bytes, kind, sender messages,
+# sender bytes, total messages, total bytes), the sender, then the frames.
 _STORE = b"""
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  -- Redis lost its data and the nodes have not all claimed their devices
+  -- again: the receiver may well be online.
+  return {-5, 0, 0}
+end
 local count = redis.call('ZCARD', KEYS[1])
 local size = tonumber(redis.call('GET', KEYS[3]) or '0')
 local k = #ARGV - 8
@@ -152,6 +160,7 @@ class RedisOfflineStore:
         self.prefix = prefix
         self._total_key = f"{prefix}:offtotal"
         self._senders = f"{prefix}:offsnd:"
+        self._settling = f"{prefix}:settling"
 
     def __repr__(self) -> str:
         return f"<RedisOfflineStore {self.link!r}>"
@@ -173,7 +182,7 @@ class RedisOfflineStore:
         bounds = self.bounds
         d = self.link.eval(
             _STORE,
-            [*self._keys(user_id), self._total_key, self._senders + sender_id],
+            [*self._keys(user_id), self._total_key, self._senders + sender_id, self._settling],
             [
                 bounds.max_messages,
                 bounds.max_bytes,
@@ -197,6 +206,10 @@ class RedisOfflineStore:
                 )
             if first == -4:
                 raise OfflineServerFull(a, b, bounds.max_total_messages, bounds.max_total_bytes)
+            if first == -5:
+                raise OfflineStoreError(
+                    "the cluster is settling who is online (its Redis lost its data); try later"
+                )
             if first == -2:
                 raise OfflineStoreError(f"{user_id} has used up its message IDs")
             return list(range(first, first + a))

@@ -27,7 +27,8 @@ from esf._cluster_inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
-LEASE = 0.6  # seconds, real: Redis expires leases on its own clock
+LEASE = 2.0  # seconds, real: Redis expires leases on its own clock, and a node
+# whose lease expired is sent nothing: long enough for a test's sends
 
 
 def sleep(seconds: float) -> Deferred:

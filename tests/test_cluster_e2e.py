@@ -345,6 +345,37 @@ def test_redis_restart_mid_traffic(cluster, clients, redis):
     assert "cluster_data_lost" in n1.log() or "lost the cluster's data" in n1.log()
 
 
+def test_redis_hung_answers_cross_node_sends_and_never_runs_them_later(cluster, clients, redis):
+    """
+    Redis hangs (SIGSTOP) with cross-node SendCertainly on their way: each
+    sender is told UserOffline within the 2 s bound, and when Redis resumes
+    the appends it finally runs are refused (their deadline passed): the
+    receiver gets none of them, and what is sent after arrives.
+    """
+    n1, n2, _ = cluster
+    lena, mona = clients(n1, "lena"), clients(n2, "mona")
+    wait_online(lena, "mona", 1)
+    redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        for i in range(1, 21):
+            lena.send(SEND_CERTAINLY, info(1, b"hung %d" % i), dest="mona", msg_id=i)
+        told = set()
+        while len(told) < 20:
+            header, body = lena.recv_until(rc.ERROR, timeout=3)
+            assert rc.parse_error(body)["code"] == USER_OFFLINE
+            told.add(header["message_id"])
+        assert told == set(range(1, 21))
+        assert time.monotonic() - started < 3.0
+    finally:
+        redis.process.send_signal(signal.SIGCONT)
+    wait_online(lena, "mona", 1, timeout=15)
+    wait_online(mona, "lena", 1, timeout=15)
+    lena.send(SEND_CERTAINLY, info(1, b"after"), dest="mona", msg_id=99)
+    header, body = mona.recv_until(SEND_CERTAINLY, timeout=5)
+    assert body == info(1, b"after"), body  # none of the hung ones came first
+
+
 # -- a cluster of its own per test: IGNORE_NEW, a node killed ---------------------
 
 
@@ -450,3 +481,41 @@ def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
     wait_online(watcher, "nina", 0, timeout=LEASE / 2)
     assert time.monotonic() - stopped_at < LEASE
     i1.wait_for_log("left the cluster", timeout=5)
+
+
+def test_a_paused_node_loses_no_message_silently_nor_locks_its_users_out(
+    ignore_new_pair, clients
+):
+    """
+    The holder's node is paused (SIGSTOP): every request sent to its user
+    is answered, those it never read when its lease ran out and it was
+    reaped, the later ones at once; and with ignore-new the user may log on
+    again at the other node once the paused node's lease expired.
+    """
+    i1, i2 = ignore_new_pair
+    clients(i1, "jane", 1)
+    kim = clients(i2, "kim")
+    wait_online(kim, "jane", 1)
+    i1.process.send_signal(signal.SIGSTOP)
+    try:
+        paused_at = time.monotonic()
+        sent = 0
+        while time.monotonic() - paused_at < LEASE + 0.5:
+            sent += 1
+            kim.send(SEND_CERTAINLY, info(1, b"%d" % sent), dest="jane", msg_id=sent)
+            time.sleep(0.1)
+        told = set()
+        while len(told) < sent:
+            header, body = kim.recv_until(rc.ERROR, timeout=BOUND + 2)
+            assert rc.parse_error(body)["code"] == USER_OFFLINE
+            told.add(header["message_id"])
+        assert told == set(range(1, sent + 1))
+        assert time.monotonic() - paused_at < BOUND + 3
+        again = rc.connect(i2.port)
+        try:
+            assert again.logon("jane", "pw", 1)["result"] == 0
+        finally:
+            again.close()
+    finally:
+        i1.process.send_signal(signal.SIGKILL)
+        i1.process.wait(5)

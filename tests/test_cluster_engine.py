@@ -7,12 +7,15 @@ events.  Engine time is a L{task.Clock}; Redis runs on the real reactor.
 
 from __future__ import annotations
 
+import signal
+import time
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from zope.interface import implementer
 
 from _helpers import Client, logon_reply, record_events
@@ -28,12 +31,15 @@ from esf import (
 )
 from esf._cluster import ClusterPresence
 from esf._metrics import ServerMetrics
+from esf.offline import RedisOfflineStore
 from esf.interfaces import IRelogonPolicy
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
 from test_cluster import eventually, ledger, pause_reading, resume_reading
 
-LEASE = 0.6
+#: Long: the engines' clocks are task.Clocks, so a lease is refreshed only
+#: when a test advances them, and a node whose lease expired is sent nothing.
+LEASE = 30.0
 
 
 class Node:
@@ -43,6 +49,7 @@ class Node:
         node_id: str,
         config: ServerConfig | None = None,
         relogon_policy: Any = None,
+        offline: bool = False,
         **options,
     ):
         clock = task.Clock()
@@ -51,9 +58,10 @@ class Node:
             reactor, redis_server.url, node_id, clock=clock, lease=LEASE, timeout=1.0, block=0.2,
             **options,
         )  # fmt: skip
+        store = RedisOfflineStore(self.presence.link) if offline else None
         self.engine = ServerEngine(
             config, clock=clock, presence=self.presence, node_id=node_id,
-            relogon_policy=relogon_policy,
+            relogon_policy=relogon_policy, offline_store=store,
         )  # fmt: skip
         self.events = record_events(self.engine.user_manager)
         self.engine.start()
@@ -519,3 +527,228 @@ async def test_a_full_inbox_answers_the_sender(redis_server):
         for node in (a, b):
             node.engine.stop()
             await Deferred.fromCoroutine(node.presence.stop())
+
+
+async def stop_nodes(*nodes):
+    for node in nodes:
+        node.engine.stop()
+        await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
+@pytest_twisted.ensureDeferred
+async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):
+    # Node a pauses with alice's device logged on; the janitor reaps it and
+    # alice logs on again at b, later.  When a resumes it claims its session
+    # again: replace-old keeps the later logon (b's), ignore-new the
+    # earlier (a's).  Each logon's time is the one stored at its claim.
+    config = ServerConfig(relogon_mode=mode)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        a.engine.clock.advance(100)
+        b.engine.clock.advance(200)
+        first = await a.logon("alice", 1)
+        await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+        await pause_reading(a.presence)
+        assert await b.presence._reap("a", force=True) == 1  # a's lease ran out
+        await eventually(lambda: not b.engine.user_manager.is_user_online("alice"))
+        second = await b.logon("alice", 1)
+        resume_reading(a.presence)  # a comes back and claims alice again
+        loser, winner = (first, second) if mode is RelogonMode.REPLACE_OLD else (second, first)
+        frames = await eventually(lambda: loser.closing and loser.take(), what="the loser ends")
+        expected = (
+            DisconnectedType.BEING_PUSHED_OUT
+            if mode is RelogonMode.REPLACE_OLD
+            else DisconnectedType.NEW_CONNECTION_IGNORED
+        )
+        assert frames[-1].body.reason == expected
+        await eventually(
+            lambda: [h.session_id for h in a.presence.devices("alice")]
+            == [h.session_id for h in b.presence.devices("alice")]
+            and len(a.presence.devices("alice")) == 1
+        )
+        assert not winner.closing
+        [holder] = b.presence.devices("alice")
+        assert holder.user_data.logon_time == (200 if winner is second else 100)
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_lease_expired_is_not_sent_to(pair, redis_server):
+    # b stopped renewing its lease (dead or paused) and is not reaped yet:
+    # what would go to its inbox is lost at the reap, so it is refused at
+    # once and its senders told.
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    redis_server.command("DEL", "esf:lease:b")  # as when it ran out
+    alice.send(MessageType.SEND_CERTAINLY, Information(1, b"hi"), dest="bob", message_id=7)
+    [error] = await eventually(alice.take, what="alice is told")
+    assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+    assert error.body.code == ErrorCode.USER_OFFLINE
+    assert error.body.text == (
+        "bob is not reachable: its node stopped answering (its cluster lease expired)"
+    )
+    assert a.presence.stats["inbox_stale"] == 1
+    assert ledger(redis_server, "b")[0] == 0 and bob.take() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_redis_fails_a_send_at_once_and_never_runs_it_later(pair, redis_server):
+    # Redis hangs (SIGSTOP) while alice's message to bob's node is on its
+    # way: alice is told within the bound, and the append, when Redis runs
+    # it at last, is refused (its deadline passed): bob never gets it.
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"lost?"), dest="bob", message_id=7)
+        started = time.monotonic()
+        [error] = await eventually(alice.take, what="alice is told")
+        assert time.monotonic() - started < 1.5  # the link's timeout is 1 s here
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert error.body.code == ErrorCode.USER_OFFLINE
+        assert error.body.text == (
+            "bob is not reachable now: the cluster's Redis did not answer in time"
+        )
+        await sleep(0.5)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await eventually(lambda: a.presence.up and b.presence.up, timeout=10)
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    alice.send(MessageType.SEND_CERTAINLY, Information(1, b"after"), dest="bob", message_id=8)
+    got = await eventually(bob.take, what="the later message arrives")
+    assert [f.body.payload for f in got] == [b"after"]
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ignore_new_takes_a_device_whose_node_stopped_renewing(redis_server):
+    # With ignore-new a live holder keeps its device; one whose node's
+    # lease expired (dead or paused, not reaped yet) does not lock its user
+    # out: the new logon takes the device, and the old session, should its
+    # node come back, is ended.
+    config = ServerConfig(relogon_mode=RelogonMode.IGNORE_NEW)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        old = await a.logon("alice", 1)
+        await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+        refused = Client(b.engine)
+        refused.logon("alice", 1)
+        replies = await eventually(refused.take, what="refused while a renews its lease")
+        assert replies[0].body.result == LogonResult.HAD_LOGGED_ON
+        redis_server.command("DEL", "esf:lease:a")  # as when it ran out
+        new = await b.logon("alice", 1)  # asserts it succeeded
+        a.engine.clock.advance(a.presence.push_out_grace)
+        frames = await eventually(lambda: old.closing and old.take(), what="the old one ends")
+        assert frames[-1].body.reason == DisconnectedType.BEING_PUSHED_OUT
+        assert not new.closing
+        await eventually(
+            lambda: [h.session_id for h in a.presence.devices("alice")]
+            == [h.session_id for h in b.presence.devices("alice")]
+            and len(b.presence.devices("alice")) == 1
+        )
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
+    # b stops reading (paused) with requests from alice (node a) and carol
+    # (node c) in its inbox; its lease runs out and a's janitor reaps it,
+    # deleting its inbox: both senders are told, each at its own node.
+    a, b, c = Node(redis_server, "a"), Node(redis_server, "b"), Node(redis_server, "c")
+    try:
+        await joined(a, b, c)
+        alice, carol = await a.logon("alice"), await c.logon("carol")
+        bob = await b.logon("bob")
+        await eventually(
+            lambda: a.engine.user_manager.is_user_online("bob")
+            and c.engine.user_manager.is_user_online("bob")
+            and a.engine.user_manager.is_user_online("carol")
+        )
+        await pause_reading(b.presence)
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"1"), dest="bob", message_id=7)
+        alice.send(MessageType.SEND, Information(1, b"one-way"), dest="bob")
+        carol.send(MessageType.REQUEST, Information(1, b"2"), dest="bob", message_id=9)
+        await eventually(lambda: ledger(redis_server, "b")[0] == 2, what="both appended")
+        redis_server.command("DEL", "esf:lease:b")  # as when it ran out
+        await a.presence._janitor()
+        expected = (
+            "bob is not online: its node stopped answering and left the cluster "
+            "before delivering this"
+        )
+        for client, message_id in ((alice, 7), (carol, 9)):
+            [error] = await eventually(client.take, what=f"message {message_id}'s sender told")
+            assert (error.message_type, error.message_id) == (MessageType.ERROR, message_id)
+            assert (error.body.code, error.body.text) == (ErrorCode.USER_OFFLINE, expected)
+        assert a.presence.stats["inbox_reaped"] == 2
+        assert bob.take() == []
+    finally:
+        await stop_nodes(a, b, c)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reaped_node_coming_back_gets_what_was_stored_for_its_users(redis_server):
+    # With a Redis offline store: b pauses, is reaped while bob is still
+    # connected to it, and alice's message to bob is stored.  When b comes
+    # back and claims bob again, bob gets it then, not at his next logon.
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        await a.presence._reap("b", force=True)  # b's lease ran out
+        await eventually(lambda: not a.engine.user_manager.is_user_online("bob"))
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"kept"), dest="bob", message_id=7)
+        [ack] = await eventually(alice.take, what="stored")
+        assert (ack.message_type, ack.message_id, ack.user_id) == (MessageType.ACK, 7, "_0")
+        resume_reading(b.presence)  # b comes back and claims bob again
+        got = await eventually(bob.take, what="the stored message delivered")
+        assert [(f.message_type, f.user_id, f.body.payload) for f in got] == [
+            (MessageType.SEND_CERTAINLY, "alice", b"kept")
+        ]
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_stored_while_the_cluster_settles_after_a_data_loss(redis_server):
+    # Redis restarts empty: until every node has claimed its devices again
+    # (within a lease) a user may be online without Redis knowing it, so
+    # the offline store refuses rather than keep a message for bob, who
+    # never left.
+    a = Node(redis_server, "a", offline=True)
+    try:
+        await joined(a)
+        alice = await a.logon("alice")
+        before = a.presence._epoch
+        redis_server.restart()
+        await eventually(
+            lambda: a.presence.up and a.presence._epoch not in (None, before), timeout=10
+        )
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=7)
+        [error] = await eventually(alice.take, what="alice is answered")
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert error.body.code == ErrorCode.USER_OFFLINE
+        assert error.body.text == "bob is not online and the offline store cannot keep it now"
+        assert a.engine.counters["offline_errors"] == 1
+        assert redis_server.command("EXISTS", "esf:off:bob:m") == b":0"
+        redis_server.command("DEL", "esf:settling")  # as when the lease has passed
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=8)
+        [ack] = await eventually(alice.take, what="stored")
+        assert (ack.message_type, ack.message_id) == (MessageType.ACK, 8), ack
+    finally:
+        await stop_nodes(a)
