@@ -75,6 +75,21 @@ _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedT
 
 
 
+def _gathered(targets: Any) -> list[list[bytes]] | None:
+    """
+    The lists that gather this read's output for C{targets}, when every one
+    of them is a local session that takes more as gathered output
+    (L{Output.gathered}); else C{None}.
+    """
+    outs = []
+    for target in targets:
+        out = target.gathered() if isinstance(target, Output) else None
+        if out is None:
+            return None
+        outs.append(out)
+    return outs
+
+
 @implementer(IDeviceHandle)
 class Session(Output):
     """
@@ -197,6 +212,14 @@ class Session(Output):
             resolve = owner.router.resolve
             logged_on = SessionState.LOGGED_ON
             relayed = relayed_bytes = 0
+            # This read's routes: DestUserID -> the output lists of its
+            # devices, for destinations whose every device took a run as
+            # gathered output (Output.gathered).  Until another kind of
+            # frame is handled nothing else runs, so no device comes, goes,
+            # ends or falls behind, and the next runs to that destination
+            # are appended where its first went: one lookup per
+            # destination per read, in order per sender and receiver.
+            routes: dict[str, list[list[bytes]]] = {}
             for item in frames:
                 state = self.state
                 if isinstance(item, SendRun):
@@ -204,20 +227,43 @@ class Session(Output):
                     # online, forwarded as they came (one slice, one
                     # write).  Everything else takes frame_received.
                     if state is logged_on and item.user_id == self.user_id:
-                        targets = resolve(item.dest_user_id)
+                        dest = item.dest_user_id
+                        outs = routes.get(dest)
+                        if outs is not None:
+                            raw = item.raw
+                            for out in outs:
+                                out.append(raw)
+                            relayed += item.count
+                            relayed_bytes += len(raw)
+                            continue
+                        targets = resolve(dest)
                         if targets:
                             raw = item.raw
                             delivered = False
+                            gathered = True
                             for target in targets:
                                 status = target.send(raw)
-                                if not status or not owner.not_queued(
-                                    self, target, status, item.count, len(raw)
-                                ):
-                                    delivered = True
+                                if status:
+                                    gathered = False
+                                    if owner.not_queued(self, target, status, item.count, len(raw)):
+                                        continue
+                                delivered = True
                             if delivered:
                                 relayed += item.count
                                 relayed_bytes += len(raw)
+                            if gathered:
+                                if len(targets) == 1:
+                                    # (target: the one device.)
+                                    out = target.gathered() if type(target) is Session else None
+                                    if out is not None:
+                                        routes[dest] = [out]
+                                else:
+                                    outs = _gathered(targets)
+                                    if outs is not None:
+                                        routes[dest] = outs
                             continue
+                    if routes:
+                        routes = {}
                     for frame in item.frames():
                         if self.state is SessionState.ENDED:
                             break
@@ -225,6 +271,8 @@ class Session(Output):
                     continue
                 if state is SessionState.ENDED:
                     break
+                if routes:
+                    routes = {}
                 frame_received(self, item)
             if relayed:
                 owner.count_relayed(_SEND, relayed, relayed_bytes)

@@ -1,0 +1,127 @@
+"""
+The relay's fast paths keep the relay's guarantees: order per sender and
+receiver when a read holds frames for many receivers (each destination
+looked up once per read), however the bytes are cut; a receiver that is
+behind is never written past its bounds; a route that changes in the
+middle of a read is looked up again.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from _helpers import connect, make_engine
+from esf import MessageType
+from esf._counters import RELAYED_MESSAGES, Count
+from esf.wire import Information, KickOut
+
+T = MessageType
+
+
+def interleaved(client, receivers, count, start=0):
+    """
+    C{count} Sends from C{client} cycling over C{receivers}; each one's
+    information type is its sequence number, its payload the receiver's
+    name and a length that varies (no two consecutive headers alike).
+    """
+    frames = []
+    for n, dest in zip(range(start, start + count), itertools.cycle(receivers)):
+        frames.append(client.frame(T.SEND, Information(n, dest.encode() * (1 + n % 3)), dest=dest))
+    return frames
+
+
+def received(client):
+    """
+    What C{client} received: (sender, sequence number) in arrival order.
+    """
+    return [(f.user_id, f.body.information_type) for f in client.take() if f.message_type == T.SEND]
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 4096])
+def test_order_per_sender_and_receiver_across_interleaved_runs(chunk):
+    """
+    Two senders each cycle over three receivers (one with two devices), and
+    send to one receiver twice in a row now and then; whether each read
+    holds all of a sender's frames, or the bytes come one at a time, every
+    device receives every frame addressed to it once, in order per sender.
+    """
+    engine = make_engine()
+    alice, carol = connect(engine, "alice"), connect(engine, "carol")
+    bob, bob2 = connect(engine, "bob", 0), connect(engine, "bob", 1)
+    dave, erin = connect(engine, "dave"), connect(engine, "erin")
+    names = ["bob", "dave", "erin", "erin"]
+    streams = {
+        alice: b"".join(interleaved(alice, names, 200)),
+        carol: b"".join(interleaved(carol, names[::-1], 200, start=1000)),
+    }
+    for sender, data in streams.items():
+        step = chunk or len(data)
+        for offset in range(0, len(data), step):
+            sender.send_raw(data[offset : offset + step])
+    expected = {name: [] for name in ("bob", "dave", "erin")}
+    for sender, names_ in ((alice, names), (carol, names[::-1])):
+        start = 0 if sender is alice else 1000
+        for n, dest in zip(range(start, start + 200), itertools.cycle(names_)):
+            expected[dest].append((sender.user_id, n))
+    for client, name in ((bob, "bob"), (bob2, "bob"), (dave, "dave"), (erin, "erin")):
+        assert received(client) == expected[name]
+    assert engine.counters[RELAYED_MESSAGES[T.SEND]] == 400
+    assert engine.budget.used == 0
+
+
+def test_a_receiver_behind_among_interleaved_runs_is_queued_within_its_bounds():
+    """
+    A read interleaves frames for bob (who reads) and mallory (whose
+    transport is paused): bob gets all of his; every frame for mallory is
+    counted in her backlog, and in the server's memory budget, until it
+    drains; none is written past her bound.
+    """
+    engine = make_engine(max_output_buffer=16 * 1024, push_back_timeout=0)
+    alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
+    mallory.protocol.pauseProducing()
+    frames = interleaved(alice, ["bob", "mallory"], 2000)
+    alice.send_raw(b"".join(frames))
+    assert received(bob) == [("alice", n) for n in range(0, 2000, 2)]
+    to_mallory = [f for f in frames[1::2]]
+    queued = 0
+    for frame in to_mallory:
+        if queued + len(frame) > 16 * 1024:
+            break
+        queued += len(frame)
+    assert engine.budget.used == queued
+    assert engine.counters[Count.RECEIVER_BEHIND] == len(to_mallory) - queued_count(to_mallory, queued)
+    mallory.protocol.resumeProducing()
+    assert engine.budget.used == 0
+    assert [n for _, n in received(mallory)] == list(range(1, 2000, 2))[: queued_count(to_mallory, queued)]
+
+
+def queued_count(frames, size):
+    total = count = 0
+    for frame in frames:
+        if total + len(frame) > size:
+            break
+        total += len(frame)
+        count += 1
+    return count
+
+
+def test_a_route_that_changes_in_a_read_is_looked_up_again():
+    """
+    In one read, an administrator relays a Send to bob, kicks bob, and
+    relays another: the first reaches bob before his end, the second is
+    not written into his ended session but reported as to a user offline.
+    """
+    engine = make_engine(admins=["alice"])
+    alice, bob = connect(engine, "alice"), connect(engine, "bob")
+    alice.send_raw(
+        alice.frame(T.SEND, Information(1, b"first"), dest="bob")
+        + alice.frame(T.SEND, Information(2, b"again"), dest="bob")
+        + alice.frame(T.KICK_OUT, KickOut("bye"), dest="bob", message_id=7)
+        + alice.frame(T.SEND, Information(3, b"late"), dest="bob", message_id=8)
+    )
+    assert received(bob) == [("alice", 1), ("alice", 2)]
+    answers = [(f.message_type, f.message_id) for f in alice.take()]
+    assert answers == [(T.KICK_OUT, 7), (T.ERROR, 8)]
+    assert engine.counters[Count.TRANSMIT_FAILED] == 1
