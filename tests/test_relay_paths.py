@@ -125,3 +125,85 @@ def test_a_route_that_changes_in_a_read_is_looked_up_again():
     answers = [(f.message_type, f.message_id) for f in alice.take()]
     assert answers == [(T.KICK_OUT, 7), (T.ERROR, 8)]
     assert engine.counters[Count.TRANSMIT_FAILED] == 1
+
+
+def broadcast_engine(members, **settings):
+    from test_messages import Groups
+
+    engine = make_engine(**settings)
+    engine.group_manager = Groups({"team": members})
+    return engine
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_broadcasts_arrive_in_order_at_every_member_however_the_bytes_are_cut(chunk):
+    """
+    Broadcasts to a group, interleaved with Sends to one of its members, in
+    one read or a byte at a time: every member's devices but the sender's
+    get each Broadcast once, in order with the Sends, and each Broadcast
+    with a MessageID is acknowledged.
+    """
+    engine = broadcast_engine(["alice", "bob", "carol", "nobody"])
+    alice, alice2 = connect(engine, "alice", 0), connect(engine, "alice", 1)
+    bob, carol = connect(engine, "bob"), connect(engine, "carol")
+    data = b""
+    for n in range(30):
+        data += alice.frame(T.BROADCAST, Information(n, b"all"), dest="team", message_id=n + 1)
+        data += alice.frame(T.SEND, Information(100 + n, b"bob"), dest="bob")
+    for offset in range(0, len(data), chunk or len(data)):
+        alice.send_raw(data[offset : offset + (chunk or len(data))])
+    got = [(f.message_type, f.body.information_type) for f in bob.take()]
+    assert got == [p for n in range(30) for p in ((T.BROADCAST, n), (T.SEND, 100 + n))]
+    assert [f.body.information_type for f in carol.take()] == list(range(30))
+    assert alice2.take() == []
+    answers = [f for f in alice.take() if f.message_type != T.MY_DEVICE_ONLINE]
+    assert [(f.message_type, f.message_id) for f in answers] == [(T.ACK, n + 1) for n in range(30)]
+
+
+def test_a_broadcast_to_a_group_with_a_stalled_member_reaches_the_others():
+    """
+    One member of the group does not read: once its push back is over, the
+    broadcasts go on to the others without delay, what does not fit the
+    stalled member's bound is counted, and the sender is not slowed down
+    for longer than the push back.
+    """
+    engine = broadcast_engine(
+        ["alice", "bob", "mallory"], max_output_buffer=16 * 1024, push_back_timeout=0
+    )
+    alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
+    mallory.protocol.pauseProducing()
+    frames = [alice.frame(T.BROADCAST, Information(n, bytes(200)), dest="team") for n in range(150)]
+    alice.send_raw(b"".join(frames))
+    assert [f.body.information_type for f in bob.take()] == list(range(150))
+    fits = queued_count(frames, 16 * 1024)
+    assert 0 < fits < 150
+    assert engine.counters[Count.RECEIVER_BEHIND] == 150 - fits
+    assert engine.budget.used == sum(len(f) for f in frames[:fits])
+    # Not held back: mallory is stalled, and what she refused is within
+    # alice's allowance.
+    assert alice.transport.producerState != "paused"
+    mallory.protocol.resumeProducing()
+    assert [f.body.information_type for f in mallory.take()] == list(range(fits))
+    assert engine.budget.used == 0
+
+
+def test_a_group_manager_whose_members_are_not_user_ids_fails_the_broadcast_alone():
+    """
+    A member that is not a user ID (here an int) is the group manager's
+    failure: the members before it have the Broadcast, the sender gets
+    HandlerError, and the read goes on with the next frame.
+    """
+    engine = broadcast_engine(["alice", "bob", 5])
+    alice, bob = connect(engine, "alice"), connect(engine, "bob")
+    alice.send_raw(
+        alice.frame(T.BROADCAST, Information(1, b"x"), dest="team", message_id=3)
+        + alice.frame(T.SEND, Information(2, b"y"), dest="bob")
+    )
+    assert [(f.message_type, f.body.information_type) for f in bob.take()] == [
+        (T.BROADCAST, 1),
+        (T.SEND, 2),
+    ]
+    (error,) = alice.take()
+    assert (error.message_type, error.message_id) == (T.ERROR, 3)
+    assert error.body.code.name == "HANDLER_ERROR"
+    assert engine.counters[Count.HANDLER_ERRORS] == 1
