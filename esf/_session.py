@@ -11,6 +11,7 @@ session is an L{IDeviceHandle}: what presence hands the router.
 
 from __future__ import annotations
 
+import platform
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -64,6 +65,14 @@ RELAYED = frozenset(
 #: The one type the relay's inline fast path takes (as L{SendRun}s): a
 #: one-way message, nothing to track.
 _SEND = int(MessageType.SEND)
+
+#: Whether a read remembers its destinations' output lists (see
+#: L{Session.data_received}).  On CPython that saves a route lookup and a
+#: call of C{send} per run (about 10% of a relayed Send's time when a read
+#: holds a few frames for each of 50 receivers); PyPy's JIT makes those
+#: cheaper than the remembering (5-20% slower with it, in
+#: C{benchmarks/relay_profile.py --interleave 50}), so there it is off.
+_ROUTE_CACHE = platform.python_implementation() == "CPython"
 
 #: A peer may cause at most this many log events at info level or above
 #: per this many seconds; the rest are counted and summarised.
@@ -228,7 +237,7 @@ class Session(Output):
                     # write).  Everything else takes frame_received.
                     if state is logged_on and item.user_id == self.user_id:
                         dest = item.dest_user_id
-                        outs = routes.get(dest)
+                        outs = routes.get(dest) if _ROUTE_CACHE else None
                         if outs is not None:
                             raw = item.raw
                             for out in outs:
@@ -251,7 +260,7 @@ class Session(Output):
                             if delivered:
                                 relayed += item.count
                                 relayed_bytes += len(raw)
-                            if gathered:
+                            if gathered and _ROUTE_CACHE:
                                 if len(targets) == 1:
                                     # (target: the one device.)
                                     out = target.gathered() if type(target) is Session else None

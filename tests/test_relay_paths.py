@@ -13,11 +13,20 @@ import itertools
 import pytest
 
 from _helpers import connect, make_engine
-from esf import MessageType
+from esf import MessageType, _session
 from esf._counters import RELAYED_MESSAGES, Count
 from esf.wire import Information, KickOut
 
 T = MessageType
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["route-cache", "no-route-cache"])
+def route_cache(request, monkeypatch):
+    """
+    Every test with a read's routes remembered (CPython's way) and without
+    (PyPy's): L{esf._session._ROUTE_CACHE}.
+    """
+    monkeypatch.setattr(_session, "_ROUTE_CACHE", request.param)
 
 
 def interleaved(client, receivers, count, start=0):
