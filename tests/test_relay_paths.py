@@ -27,6 +27,7 @@ def route_cache(request, monkeypatch):
     (PyPy's): L{esf._session._ROUTE_CACHE}.
     """
     monkeypatch.setattr(_session, "_ROUTE_CACHE", request.param)
+    monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_RUNS", 2)
 
 
 def interleaved(client, receivers, count, start=0):
