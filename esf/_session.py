@@ -272,9 +272,9 @@ class Session(Output):
                             if gathered and cache:
                                 if len(targets) == 1:
                                     # (target: the one device.)
-                                    out = target.gathered() if type(target) is Session else None
-                                    if out is not None:
-                                        routes[dest] = [out]
+                                    one = target.gathered() if type(target) is Session else None
+                                    if one is not None:
+                                        routes[dest] = [one]
                                 else:
                                     outs = _gathered(targets)
                                     if outs is not None:

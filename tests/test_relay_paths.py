@@ -38,7 +38,8 @@ def interleaved(client, receivers, count, start=0):
     """
     frames = []
     for n, dest in zip(range(start, start + count), itertools.cycle(receivers)):
-        frames.append(client.frame(T.SEND, Information(n, dest.encode() * (1 + n % 3)), dest=dest))
+        body = Information(n, dest.encode() * (1 + n % 3))
+        frames.append(client.frame(T.SEND, body, dest=dest))
     return frames
 
 
@@ -46,7 +47,8 @@ def received(client):
     """
     What C{client} received: (sender, sequence number) in arrival order.
     """
-    return [(f.user_id, f.body.information_type) for f in client.take() if f.message_type == T.SEND]
+    frames = client.take()
+    return [(f.user_id, f.body.information_type) for f in frames if f.message_type == T.SEND]
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 7, 4096])
@@ -94,20 +96,20 @@ def test_a_receiver_behind_among_interleaved_runs_is_queued_within_its_bounds():
     frames = interleaved(alice, ["bob", "mallory"], 2000)
     alice.send_raw(b"".join(frames))
     assert received(bob) == [("alice", n) for n in range(0, 2000, 2)]
-    to_mallory = [f for f in frames[1::2]]
-    queued = 0
-    for frame in to_mallory:
-        if queued + len(frame) > 16 * 1024:
-            break
-        queued += len(frame)
-    assert engine.budget.used == queued
-    assert engine.counters[Count.RECEIVER_BEHIND] == len(to_mallory) - queued_count(to_mallory, queued)
+    to_mallory = frames[1::2]
+    fits = queued_count(to_mallory, 16 * 1024)
+    assert 0 < fits < len(to_mallory)
+    assert engine.budget.used == sum(len(f) for f in to_mallory[:fits])
+    assert engine.counters[Count.RECEIVER_BEHIND] == len(to_mallory) - fits
     mallory.protocol.resumeProducing()
     assert engine.budget.used == 0
-    assert [n for _, n in received(mallory)] == list(range(1, 2000, 2))[: queued_count(to_mallory, queued)]
+    assert [n for _, n in received(mallory)] == list(range(1, 2000, 2))[:fits]
 
 
 def queued_count(frames, size):
+    """
+    How many of C{frames}, from the first, fit C{size} bytes.
+    """
     total = count = 0
     for frame in frames:
         if total + len(frame) > size:
@@ -182,7 +184,9 @@ def test_a_broadcast_to_a_group_with_a_stalled_member_reaches_the_others():
     )
     alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
     mallory.protocol.pauseProducing()
-    frames = [alice.frame(T.BROADCAST, Information(n, bytes(200)), dest="team") for n in range(150)]
+    frames = [
+        alice.frame(T.BROADCAST, Information(n, bytes(200)), dest="team") for n in range(150)
+    ]
     alice.send_raw(b"".join(frames))
     assert [f.body.information_type for f in bob.take()] == list(range(150))
     fits = queued_count(frames, 16 * 1024)
