@@ -259,15 +259,16 @@ class Session(Output):
                             raw = item.raw
                             delivered = False
                             gathered = True
+                            count = item.count
                             for target in targets:
                                 status = target.send(raw)
                                 if status:
                                     gathered = False
-                                    if owner.not_queued(self, target, status, item.count, len(raw)):
+                                    if owner.not_queued(self, target, status, count, len(raw)):
                                         continue
                                 delivered = True
                             if delivered:
-                                relayed += item.count
+                                relayed += count
                                 relayed_bytes += len(raw)
                             if gathered and cache:
                                 if len(targets) == 1:
