@@ -9,6 +9,7 @@ of several rounds.  With --profile, cProfile's table of the same work.
     python benchmarks/relay_profile.py --interleave 4  # each read alternates among 4 receivers
     python benchmarks/relay_profile.py --profile       # where the time goes
     python benchmarks/relay_profile.py --websocket     # the sender on WebSocket (masked frames)
+    python benchmarks/relay_profile.py --broadcast 10  # Broadcasts to a group of 10 receivers
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import time
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
+from zope.interface import implementer
+
 from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory, WebSocketFactory
+from esf.interfaces import IGroupManager
 from esf.wire import Logon, MessageType, encode_frame
 
 
@@ -76,12 +80,32 @@ def ws_connected(engine: ServerEngine, user_id: str, port: int):
     return protocol, transport
 
 
-def setup(frames: int, receivers: int, websocket: bool = False):
+@implementer(IGroupManager)
+class OneGroup:
+    """
+    The group C{"g"}: the receivers, answered synchronously.
+    """
+
+    def __init__(self, members: list[str]):
+        self.members = members
+
+    def get_members(self, group_id: str) -> list[str]:
+        return self.members
+
+    def can_broadcast(self, user_id: str, group_id: str) -> bool:
+        return True
+
+
+def setup(frames: int, receivers: int, websocket: bool = False, broadcast: bool = False):
     # The reactor as the clock (it never runs here): timers are made as in
     # a server, and none fires.
     from twisted.internet import reactor
 
-    engine = ServerEngine(ServerConfig(), handler=AcceptAll(), clock=reactor)
+    # A Broadcast is a request to the server, charged to the work budget:
+    # raised here, as the load is the point.
+    config = ServerConfig(work_rate=1e12, work_burst=1e12)
+    groups = OneGroup([f"r{i}" for i in range(receivers)])
+    engine = ServerEngine(config, handler=AcceptAll(), clock=reactor, group_manager=groups)
     factory = ServerFactory(engine)
     if websocket:
         sender, _ = ws_connected(engine, "sender", 1)
@@ -94,6 +118,9 @@ def setup(frames: int, receivers: int, websocket: bool = False):
         encode_frame(wire, MessageType.SEND, body, user_id="sender", dest_user_id=f"r{i}")
         for i in range(receivers)
     ]
+    if broadcast:
+        each = [encode_frame(wire, MessageType.BROADCAST, body, user_id="sender", dest_user_id="g")]
+        receivers = 1
     if websocket:  # one message per frame, each with its own mask
         data = b"".join(ws_message(each[n % receivers], os.urandom(4)) for n in range(frames))
     else:
@@ -102,9 +129,14 @@ def setup(frames: int, receivers: int, websocket: bool = False):
 
 
 def measure(
-    frames: int, receivers: int, reads: int, rounds: int = 5, websocket: bool = False
+    frames: int,
+    receivers: int,
+    reads: int,
+    rounds: int = 5,
+    websocket: bool = False,
+    broadcast: bool = False,
 ) -> float:
-    engine, sender, outs, data = setup(frames, receivers, websocket)
+    engine, sender, outs, data = setup(frames, receivers, websocket, broadcast)
     gc.disable()
     try:
         best = float("inf")
@@ -118,7 +150,8 @@ def measure(
     finally:
         gc.enable()
         engine.stop()
-    return best / (reads * frames) * 1e9
+    per = reads * frames * (receivers if broadcast else 1)
+    return best / per * 1e9
 
 
 def main() -> None:
@@ -128,9 +161,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print cProfile's table")
     parser.add_argument("--websocket", action="store_true",
                         help="the sender speaks WebSocket (the receivers TCP)")  # fmt: skip
+    parser.add_argument("--broadcast", type=int, default=0, metavar="G",
+                        help="Broadcasts to one group of G receivers; time per delivery")  # fmt: skip
     args = parser.parse_args()
+    receivers = args.broadcast or args.interleave
     if args.profile:
-        engine, sender, outs, data = setup(200, args.interleave, args.websocket)
+        engine, sender, outs, data = setup(200, receivers, args.websocket, bool(args.broadcast))
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(500):
@@ -141,9 +177,15 @@ def main() -> None:
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
         return
     kind = "WebSocket messages" if args.websocket else "Sends"
+    if args.broadcast:
+        kind = "Broadcasts"
     for frames, reads in ((200, 2000), (20, 20000)):
-        ns = measure(frames, args.interleave, reads, websocket=args.websocket)
-        print(f"reads of {frames} {kind} to {args.interleave} receiver(s): {ns:.0f} ns per relayed Send")
+        if args.broadcast:  # about as many deliveries as relayed Sends otherwise
+            reads = max(1, reads // args.broadcast)
+        ns = measure(frames, receivers, reads, websocket=args.websocket,
+                     broadcast=bool(args.broadcast))  # fmt: skip
+        what = "delivery" if args.broadcast else "relayed Send"
+        print(f"reads of {frames} {kind} to {receivers} receiver(s): {ns:.0f} ns per {what}")
 
 
 if __name__ == "__main__":

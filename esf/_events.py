@@ -20,6 +20,10 @@ __all__ = ["Event", "call", "call_then"]
 log = Logger(namespace="esf")
 
 
+#: Types of answers that are never awaitable.
+_PLAIN = frozenset({bool, list, tuple, set, frozenset, dict, str, bytes, int, type(None)})
+
+
 def _outcome(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """
     Call C{f(*args)}: its result, a L{Deferred} for a later one (a
@@ -29,6 +33,8 @@ def _outcome(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         result = f(*args)
     except BaseException:
         return Failure()
+    if type(result) in _PLAIN:
+        return result  # the common answers, without asking inspect
     if not isinstance(result, Deferred) and inspect.isawaitable(result):
         return Deferred.fromCoroutine(cast(Coroutine[Any, Any, Any], result))
     return result

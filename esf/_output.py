@@ -368,6 +368,18 @@ class Output(Sender):
             return self._hold(data)
         return 0
 
+    def gathered(self) -> list[bytes] | None:
+        """
+        The list that gathers this read's output for the peer, when what
+        L{send} is given now would only be appended to it (logged on, not
+        held, not behind, a read being handled); else C{None}.  Until
+        something else than a relay runs, the relay may append there
+        itself (L{esf._session.Session.data_received}).
+        """
+        if self.state is SessionState.LOGGED_ON and self._held is None and not self._paused:
+            return self._out
+        return None
+
     def hold(self) -> None:
         """
         Hold what is relayed to this session (L{send}) until

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from . import _messages as m
 from ._config import IDS_PER_UNIT
 from ._counters import Count, count_fanout
-from ._events import call
+from ._events import call, call_then
 from ._wire import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
 from ._wire import as_client_type, encode_frame
 
@@ -372,28 +372,74 @@ class ApplicationServices:
             )
 
     def broadcast(self, session: Session, frame: Frame) -> None:
+        """
+        A Broadcast (601): asks the group manager whether the sender may
+        (L{_broadcast_allowed}), then who the members are, and writes the
+        frame, its own bytes, to each online device of each member
+        (L{_deliver}).  A group manager that answers at once costs no
+        Deferred (L{call_then}).
+        """
         info = m.Information.decode(frame.body)
         group_id = frame.dest_user_id
-        engine = self.engine
-        manager = engine.group_manager
+        manager = self.engine.group_manager
         if manager is None or group_id in TO_SERVER:
             session.error(frame, ErrorCode.NOT_AUTHORIZED, f"no group {group_id!r} here")
             return
+        call_then(
+            manager.can_broadcast,
+            (session.user_id, group_id),
+            self._broadcast_allowed,
+            session,
+            frame,
+            info.information_type,
+        )
+
+    def _broadcast_allowed(
+        self, allowed: Any, session: Session, frame: Frame, information_type: int
+    ) -> None:
+        if isinstance(allowed, Failure):
+            self._group_manager_failed(allowed, session, frame)
+            return
+        group_id = frame.dest_user_id
+        if not allowed:
+            session.error(
+                frame,
+                ErrorCode.NOT_AUTHORIZED,
+                f"{session.user_id} may not broadcast to {group_id}",
+            )
+            return
+        engine = self.engine
+        if group_id == EVERYONE_ID:
+            self._deliver(engine.presence.user_ids(), session, frame, information_type)
+            return
+        assert engine.group_manager is not None  # checked by broadcast
+        call_then(
+            engine.group_manager.get_members,
+            (group_id,),
+            self._deliver,
+            session,
+            frame,
+            information_type,
+        )
+
+    def _deliver(
+        self, user_ids: Any, session: Session, frame: Frame, information_type: int
+    ) -> None:
+        """
+        Write the Broadcast to every online device of the members
+        C{user_ids} but the sender's, then acknowledge it if it has a
+        MessageID.
+        """
+        if isinstance(user_ids, Failure):
+            self._group_manager_failed(user_ids, session, frame)
+            return
+        engine = self.engine
+        raw = frame.raw
+        size = len(raw)
+        resolve = engine.router.resolve
         sender = session.user_id
-
-        def members(allowed: Any) -> Any:
-            if not allowed:
-                raise m.RequestError(
-                    ErrorCode.NOT_AUTHORIZED, f"{sender} may not broadcast to {group_id}"
-                )
-            if group_id == EVERYONE_ID:
-                return engine.presence.user_ids()
-            return call(manager.get_members, group_id)
-
-        def deliver(user_ids: Any) -> None:
-            raw = frame.raw
-            resolve = engine.router.resolve
-            devices = 0
+        devices = 0
+        try:
             for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
                     for target in resolve(user_id) or ():
@@ -401,18 +447,20 @@ class ApplicationServices:
                         # briefly, or is skipped (counted), as for a relay.
                         status = target.send(raw)
                         if status:
-                            engine.not_queued(session, target, status, 1, len(raw))
+                            engine.not_queued(session, target, status, 1, size)
                         devices += 1
-            count_fanout(engine.counters, devices)
-            if frame.message_id:
-                session.reply(frame, m.Ack(info.information_type).encode(), MessageType.ACK)
+        except Exception:
+            # What the group manager gave is not user IDs (not hashable,
+            # not text): its failure, never the reader's.
+            self._group_manager_failed(Failure(), session, frame)
+            return
+        count_fanout(engine.counters, devices)
+        if frame.message_id:
+            session.reply(frame, m.Ack(information_type).encode(), MessageType.ACK)
 
-        def failed(failure: Failure) -> None:
-            error = failure.value
-            if isinstance(error, m.RequestError):
-                session.error(frame, error.code, error.text)
-            else:
-                self._handler_failed(failure, session, frame, "group manager")
-
-        d = call(manager.can_broadcast, sender, group_id)
-        d.addCallback(members).addCallback(deliver).addErrback(failed)
+    def _group_manager_failed(self, failure: Failure, session: Session, frame: Frame) -> None:
+        error = failure.value
+        if isinstance(error, m.RequestError):
+            session.error(frame, error.code, error.text)
+        else:
+            self._handler_failed(failure, session, frame, "group manager")
