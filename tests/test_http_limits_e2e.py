@@ -135,7 +135,7 @@ def test_esf_logons_go_on_while_the_http_sites_are_flooded(tmp_path):
     )  # fmt: skip
     attack = None
     try:
-        admin, metrics = site_port(server, "AdminSite"), site_port(server, "MetricsSite")
+        admin, metrics = site_port(server, "admin-api"), site_port(server, "metrics")
         attack = Tricklers([admin, metrics], count=100)
         replies = []
         started = time.monotonic()
@@ -172,7 +172,7 @@ def test_web_demo_handshakes_that_trickle_are_dropped_at_the_logon_timeout(tmp_p
     )
     attack = None
     try:
-        ws_port = site_port(server, r"\bSite")
+        ws_port = site_port(server, "websocket")
         attack = Tricklers([ws_port], count=20, max_attempts=20)
         started = time.monotonic()
         while time.monotonic() - started < 4.5:
