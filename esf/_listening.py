@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -21,7 +22,6 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 __all__ = ["PortFile", "announce_web_demo"]
@@ -142,7 +142,11 @@ def announce_web_demo(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
             host = "localhost"
         elif ":" in host:
             host = f"[{host}]"
-        secure = isinstance(getattr(port, "factory", None), TLSMemoryBIOFactory)
+        # A TLS port's factory is Twisted's TLS wrapper; if its module is not
+        # loaded, no port uses TLS (and pyOpenSSL, which it needs, is an
+        # optional dependency: importing it here would make it a required one).
+        tls = sys.modules.get("twisted.protocols.tls")
+        secure = tls is not None and isinstance(getattr(port, "factory", None), tls.TLSMemoryBIOFactory)
         url = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}/"
         log.info("esf: the web demo is at {url}", url=url, esf_event="web_demo")
 
