@@ -9,10 +9,10 @@ L{esf.testing}.
 
 __version__ = "0.1.0"
 
-from ._application import engine_for
-from ._client_calls import STORED
-from ._client import ClientEngine, Ending, EndingKind, LogonFailed, LogonResponse, NotConnected
-from ._engine import (
+from esf.server._application import engine_for
+from esf.client._calls import STORED
+from esf.client._engine import ClientEngine, Ending, EndingKind, LogonFailed, LogonResponse, NotConnected
+from esf.server._engine import (
     AcceptAll,
     LogonRefused,
     RelogonMode,
@@ -20,10 +20,10 @@ from ._engine import (
     ServerEngine,
     UserData,
 )
-from ._messages import RequestError
-from ._protocol import ServerFactory, ServerProtocol, ServerService
-from ._websocket import WebSocketFactory, WebSocketProtocol
-from ._wire import (
+from esf.wire._messages import RequestError
+from esf.server._protocol import ServerFactory, ServerProtocol, ServerService
+from esf.server._websocket import WebSocketFactory, WebSocketProtocol
+from esf.wire._frames import (
     ClientType,
     DisconnectedType,
     ErrorCode,

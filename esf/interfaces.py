@@ -10,13 +10,14 @@ nodes can replace the in-process one without touching either side.
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar, Union
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
-from ._config import RelogonMode
-from ._wire import DisconnectedType
+from esf.wire._events import IEvent
+from esf.wire._frames import DisconnectedType
 
 __all__ = [
     "IBasicHandler",
@@ -40,26 +41,15 @@ _T = TypeVar("_T")
 _Answer = Union[_T, Deferred[_T], Awaitable[_T]]
 
 
-class IEvent(Interface):
+class RelogonMode(Enum):
     """
-    Something that happens, to which any number of callables subscribe.
-
-    Subscribers are called synchronously, in subscription order, with the
-    event's arguments.  A subscriber that raises is logged and does not stop
-    the others or the engine.
+    What a second logon of the same user and device kind does.
     """
 
-    def subscribe(callback: Callable[..., Any]) -> Callable[[], None]:
-        """
-        Call C{callback} every time the event fires.
-
-        @return: a no-argument callable that unsubscribes C{callback}.
-        """
-
-    def unsubscribe(callback: Callable[..., Any]) -> None:
-        """
-        Stop calling C{callback}; unknown callbacks are ignored.
-        """
+    #: Keep the session that is on; refuse the new one with C{HadLoggedOn}.
+    IGNORE_NEW = "ignore-new"
+    #: Push the old session out and bind the new one (the default).
+    REPLACE_OLD = "replace-old"
 
 
 class IBasicHandler(Interface):
@@ -414,7 +404,7 @@ class IDeviceHandle(Interface):
 
         @return: a false value when it was queued; otherwise the device is
             backed up, and the value says what the caller does (see
-            L{esf._engine.ServerEngine.not_queued}): C{1} (queued; hold the
+            L{esf.server._engine.ServerEngine.not_queued}): C{1} (queued; hold the
             sender back with C{push_back(sender_session)}), C{2} (not
             queued: the device is stalled and its queue full) or C{3} (not
             queued: past its hard bound or the server's memory budget).  A
@@ -475,7 +465,7 @@ class IPresence(Interface):
 
         @param replace: when a holder exists, C{True} takes its place (the
             caller pushes it out), C{False} leaves it there.
-        @return: a Deferred firing with a L{esf._presence.Claim}: whether
+        @return: a Deferred firing with a L{esf.server._presence.Claim}: whether
             C{handle} holds the device now, and the holder it found (or
             C{None}).
         """

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 
-from ._config import ServerConfig
+from esf.server._config import ServerConfig
 from .interfaces import IOfflineStore
 from .testing import LogCapture, LoggedErrors, MemoryServer, TwistdServer
 

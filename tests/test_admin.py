@@ -1,5 +1,5 @@
 """
-Tests of the admin API (esf._admin) on an engine driven in memory: the
+Tests of the admin API (esf.operations._admin) on an engine driven in memory: the
 resource is called with twisted.web's DummyRequest, the site's HTTP parsing
 runs on a StringTransport.  The same against a real C{twistd esf} is in
 test_admin_e2e.py.
@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from _helpers import LogCapture, connect, make_engine
 from esf import DisconnectedType, MessageType
-from esf._admin import (
+from esf.operations._admin import (
     ADMIN_OPERATOR,
     MAX_BODY,
     NOTICE_INFORMATION_TYPE,
@@ -29,8 +29,8 @@ from esf._admin import (
     endpoint_is_local,
     read_token_file,
 )
-from esf._admin_policy import REFUSALS_LOGGED
-from esf._metrics import OnlineDevices
+from esf.operations._admin_policy import REFUSALS_LOGGED
+from esf.operations._metrics import OnlineDevices
 from esf.wire import BeingKickedOutNotify, Information
 
 TOKEN = "s3cret-token-0123456789"

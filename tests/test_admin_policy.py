@@ -1,5 +1,5 @@
 """
-Tests of what the admin API lets in (esf._admin_policy): the Host, Origin
+Tests of what the admin API lets in (esf.operations._admin_policy): the Host, Origin
 and Content-Type checks and the token rule, each attack as a browser would
 send it, through the site's real HTTP parsing on a StringTransport.  The
 same attacks from a real Chromium page are in test_admin_dashboard.py.
@@ -15,9 +15,9 @@ from twisted.internet.testing import StringTransport
 
 from _helpers import LogCapture, connect, make_engine
 from esf import MessageType
-from esf._admin import admin_site
-from esf._admin_policy import REFUSALS_LOGGED, RequestPolicy, allowed_host_name
-from esf._metrics import OnlineDevices
+from esf.operations._admin import admin_site
+from esf.operations._admin_policy import REFUSALS_LOGGED, RequestPolicy, allowed_host_name
+from esf.operations._metrics import OnlineDevices
 
 TOKEN = "s3cret-token-0123456789"
 PORT = 8530
@@ -381,7 +381,7 @@ def test_the_admin_site_does_not_name_its_software(site):
 
 
 def test_the_metrics_site_does_not_name_its_software(engine):
-    from esf._metrics import MetricsService
+    from esf.operations._metrics import MetricsService
 
     service = MetricsService(engine, endpoint=None)
     site = service.listener.factory

@@ -53,8 +53,8 @@ def test_a_warning_fails_the_build(tmp_path):
     """
     source = tmp_path / "esf"
     shutil.copytree(REPO / "esf", source, ignore=shutil.ignore_patterns("__pycache__"))
-    with open(source / "testing.py", "a") as f:
+    with open(source / "testing" / "__init__.py", "a") as f:
         f.write('\n\ndef broken():\n    """\n    See L{no_such_thing}.\n    """\n')
     result, _ = _build(tmp_path / "out", source)
     assert result.returncode != 0
-    assert "testing.py" in result.stdout and "no_such_thing" in result.stdout
+    assert "testing/__init__.py" in result.stdout and "no_such_thing" in result.stdout

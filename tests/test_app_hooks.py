@@ -385,7 +385,7 @@ def test_readme_ping_checks_the_quick_start_server():
     assert command[0] == "esf-client" and command[-1] == "ping"
     with TwistdServer(["--port", "tcp:0:interface=127.0.0.1"], port=None) as server:
         run = subprocess.run(
-            [sys.executable, "-m", "esf.cli", "--port", str(server.port), *command[1:]],
+            [sys.executable, "-m", "esf.client.cli", "--port", str(server.port), *command[1:]],
             capture_output=True,
             text=True,
             timeout=60,

@@ -1,5 +1,5 @@
 """
-Tests of the audit log (esf._audit): records made from an engine driven in
+Tests of the audit log (esf.operations._audit): records made from an engine driven in
 memory, written as JSON lines and read back with eventsFromJSONLogFile.
 """
 
@@ -12,8 +12,8 @@ from twisted.logger import eventsFromJSONLogFile, formatEvent, globalLogPublishe
 
 from _helpers import Client, LogCapture, connect, make_engine
 from esf import MessageType
-from esf import _audit
-from esf._audit import AuditLog, check_audit_path, open_audit_file
+from esf.operations import _audit
+from esf.operations._audit import AuditLog, check_audit_path, open_audit_file
 from esf.wire import KickOut
 from test_metrics import Passwords
 
@@ -137,7 +137,7 @@ def test_written_and_read_back(engine, tmp_path):
 def test_logons_are_audited_at_once_while_the_log_gathers_them(engine, records):
     """
     A burst of logons makes one log event for the first and one for the
-    rest (L{esf._logon.LogonRecord}); the audit log has one record per
+    rest (L{esf.server._logon.LogonRecord}); the audit log has one record per
     logon, written as the logon is made, each with the time of its logon.
     """
     with LogCapture() as logs:
@@ -356,7 +356,7 @@ def test_rotation_keeps_every_record_by_default(engine, tmp_path):
 
 
 def test_retention_by_count_records_each_removal(engine, tmp_path):
-    from esf._audit import Retention
+    from esf.operations._audit import Retention
 
     path = tmp_path / "audit.jsonl"
     out = open_audit_file(str(path), Retention(keep_files=2), rotateLength=2000)
@@ -380,7 +380,7 @@ def test_retention_by_count_records_each_removal(engine, tmp_path):
 
 
 def test_retention_by_age(engine, tmp_path):
-    from esf._audit import Retention
+    from esf.operations._audit import Retention
 
     path = tmp_path / "audit.jsonl"
     for n, age_days in ((1, 1), (2, 10), (3, 40)):
@@ -425,7 +425,7 @@ def test_watched_events_are_the_engines():
     from pathlib import Path
 
     root = Path(esf.__file__).parent
-    source = "".join(p.read_text("utf-8") for p in root.glob("*.py"))
+    source = "".join(p.read_text("utf-8") for p in root.rglob("*.py"))
     for names in _audit.WATCHED.values():
         for name in names:
             assert f'esf_event="{name}"' in source, name

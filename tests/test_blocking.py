@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
         ClientType, ErrorCode, LogonFailed, LogonRefused, NotConnected, RequestError,
         ServerConfig, ServerEngine, ServerFactory, WireConfig,
     )
-    from esf.blocking import BlockingClient, call_in_reactor, reactor_thread
+    from esf.client.blocking import BlockingClient, call_in_reactor, reactor_thread
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
     from esf.offline import MemoryOfflineStore
 

@@ -45,8 +45,8 @@ from esf import (
     ServerFactory,
     WireConfig,
 )
-from esf import _messages as m
-from esf._client import ClientProtocol, Ending, EndingKind, SessionState
+from esf.wire import _messages as m
+from esf.client._engine import ClientProtocol, Ending, EndingKind, SessionState
 from esf.testing import EventRecorder, LoggedErrors
 from esf.wire import encode_frame
 from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
@@ -1852,7 +1852,7 @@ def test_a_blob_of_tiny_fragments_costs_its_bytes_not_an_object_each():
     """
     import tracemalloc
 
-    from esf._client_inbox import ClientBlobs
+    from esf.client._inbox import ClientBlobs
 
     blobs = ClientBlobs()
     bodies = [m.BlobFragment(1, 7, i, False, b"%04d" % (i % 10_000)).encode() for i in range(50_000)]

@@ -245,7 +245,7 @@ def cli_command(port: int, user: str, password: str, *command: str) -> list[str]
     return [
         sys.executable,
         "-m",
-        "esf.cli",
+        "esf.client.cli",
         "--port",
         str(port),
         "--user",
@@ -361,7 +361,7 @@ def test_cli_options_after_the_command(chat_server):
     """
     run = subprocess.run(
         [
-            sys.executable, "-m", "esf.cli", "--port", str(chat_server.port),
+            sys.executable, "-m", "esf.client.cli", "--port", str(chat_server.port),
             "ping", "--user", "alice", "--password", "pa", "--timeout", "10",
         ],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=30,
@@ -370,7 +370,7 @@ def test_cli_options_after_the_command(chat_server):
     assert re.fullmatch(r"_0: \d+\.\d ms\n", run.stdout)
 
     run = subprocess.run(
-        [sys.executable, "-m", "esf.cli", "--user", "alice", "online", "--password", "x"],
+        [sys.executable, "-m", "esf.client.cli", "--user", "alice", "online", "--password", "x"],
         cwd=REPO, env=environment(), capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     # --user before the command still counts; the port is the default,
@@ -517,7 +517,7 @@ def test_cli_shell_end_of_input(chat_server):
 
 def test_cli_usage_error():
     run = subprocess.run(
-        [sys.executable, "-m", "esf.cli", "--user", "alice", "ping"],
+        [sys.executable, "-m", "esf.client.cli", "--user", "alice", "ping"],
         cwd=REPO,
         env=environment(),
         capture_output=True,

@@ -1,5 +1,5 @@
 """
-Tests of the cluster's presence (esf._cluster) against a real redis-server
+Tests of the cluster's presence (esf.cluster._presence) against a real redis-server
 of the test's own: the scripts' races (fenced claim and release, a late
 release, a late kick), the inbox, leases and the janitor on a clock, and
 outages of Redis.
@@ -22,8 +22,8 @@ from zope.interface.verify import verifyObject
 
 from _helpers import LogCapture
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
-from esf._cluster import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
-from esf._cluster_inbox import DROP_DELAY, InboxLedger
+from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
+from esf.cluster._inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
@@ -81,7 +81,7 @@ class Device:
     def kick(self, reason, text):
         self.kicked.append((reason, text))
 
-    # What a session does for these (esf._session.Session), minus the events.
+    # What a session does for these (esf.server._session.Session), minus the events.
 
     def push_out(self, new_address, cause):
         self.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, BeingPushedOutNotify(cause).encode())
@@ -611,8 +611,8 @@ def test_tap_cluster_options():
 
 def test_tap_without_cluster_is_unchanged():
     from esf import tap
-    from esf._presence import LocalPresence
-    from esf._protocol import ServerService
+    from esf.server._presence import LocalPresence
+    from esf.server._protocol import ServerService
 
     options = tap.Options()
     options.parseOptions([])

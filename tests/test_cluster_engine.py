@@ -29,8 +29,8 @@ from esf import (
     ServerConfig,
     ServerEngine,
 )
-from esf._cluster import ClusterPresence
-from esf._metrics import ServerMetrics
+from esf.cluster._presence import ClusterPresence
+from esf.operations._metrics import ServerMetrics
 from esf.offline import RedisOfflineStore
 from esf.interfaces import IRelogonPolicy
 from esf.wire import Error as ErrorWire

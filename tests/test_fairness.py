@@ -22,7 +22,7 @@ from twisted.internet import task
 import rawclient as rc
 from _helpers import connect
 from esf import ErrorCode, MessageType, ServerConfig, ServerEngine
-from esf._counters import Count
+from esf.server._counters import Count
 from esf.wire import Ack, BlobFragment, Empty, Information
 from test_messages import Groups
 

@@ -9,7 +9,7 @@ import pytest
 
 from _helpers import connect, make_engine
 from esf import ClientType, ErrorCode, MessageType
-from esf._counters import Count
+from esf.server._counters import Count
 from esf.wire import Ack, BlobFragment, Empty, Error, Information
 
 # -- 1. answers only from whom they were asked, to the device that asked ----
@@ -565,7 +565,7 @@ def test_a_peer_cannot_flood_the_log():
     LOG_LIMIT events per minute, then one summary; the session's end event
     says how many were suppressed.
     """
-    from esf._session import LOG_LIMIT
+    from esf.server._session import LOG_LIMIT
 
     engine = blob_engine(Broken())
     capture = LogCapture().start()

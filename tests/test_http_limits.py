@@ -25,18 +25,18 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from _helpers import LogCapture, make_engine
-from esf._admin import AdminService
-from esf._descriptors import (
+from esf.operations._admin import AdminService
+from esf.server._descriptors import (
     DescriptorShare,
     IntervalCount,
     QuietAcceptErrors,
     quiet_accept_errors,
     share_descriptors,
 )
-from esf._http import ConnectionCap, HTTPLimits, limit_site
-from esf._metrics import MetricsService
-from esf._web_demo import web_demo_site
-from esf._websocket import WebSocketFactory
+from esf.server._http import ConnectionCap, HTTPLimits, limit_site
+from esf.operations._metrics import MetricsService
+from esf.server._web_demo import web_demo_site
+from esf.server._websocket import WebSocketFactory
 
 from wsclient import handshake
 

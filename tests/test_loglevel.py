@@ -1,5 +1,5 @@
 """
-Tests of C{twistd esf --log-level} (esf._loglevel): the observer twistd
+Tests of C{twistd esf --log-level} (esf.tap._loglevel): the observer twistd
 would make, filtered, set on twistd's application.
 """
 
@@ -11,7 +11,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
-from esf._loglevel import TwistdLogRoot, filtered, parse_level
+from esf.tap._loglevel import TwistdLogRoot, filtered, parse_level
 from esf.tap import Options, makeService
 
 

@@ -1,5 +1,5 @@
 """
-Giving freed memory back to the system (L{esf._memory.MemoryTrimmer}): its
+Giving freed memory back to the system (L{esf.operations._memory.MemoryTrimmer}): its
 decisions on a L{task.Clock} with an allocator the test controls, then
 glibc's own malloc in this process.  The live test of slow readers leaving
 is in test_reliability.
@@ -18,7 +18,7 @@ from _real_parts import missing, pypy_python
 from twisted.internet import task
 from twisted.logger import LogLevel
 
-from esf._memory import GCTuning, GlibcAllocator, MemoryTrimmer
+from esf.operations._memory import GCTuning, GlibcAllocator, MemoryTrimmer
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -261,7 +261,7 @@ def test_stopping_mid_collection_leaves_no_step_behind():
 
 
 def test_cpython_has_no_collector():
-    from esf._memory import DEFAULT_COLLECTOR, PyPyCollector
+    from esf.operations._memory import DEFAULT_COLLECTOR, PyPyCollector
 
     if sys.implementation.name == "cpython":
         assert PyPyCollector.load() is None and DEFAULT_COLLECTOR is None
@@ -270,7 +270,7 @@ def test_cpython_has_no_collector():
 _PYPY_BURST = """
 import sys
 from twisted.internet import task
-from esf._memory import DEFAULT_COLLECTOR, GlibcAllocator, MemoryTrimmer, PyPyCollector
+from esf.operations._memory import DEFAULT_COLLECTOR, GlibcAllocator, MemoryTrimmer, PyPyCollector
 
 assert isinstance(DEFAULT_COLLECTOR, PyPyCollector), DEFAULT_COLLECTOR
 allocator = GlibcAllocator.load()

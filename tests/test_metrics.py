@@ -1,5 +1,5 @@
 """
-Tests of the Prometheus metrics (esf._metrics): the collector on an engine
+Tests of the Prometheus metrics (esf.operations._metrics): the collector on an engine
 driven in memory on a task.Clock, and its text as a scraper parses it.
 The same figures against a real C{twistd esf} are in test_admin_e2e.py.
 """
@@ -19,8 +19,8 @@ from zope.interface import implementer
 
 from _helpers import Client, connect, make_engine
 from esf import DisconnectedType, MessageType
-from esf._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
-from esf._metrics import (
+from esf.server._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from esf.operations._metrics import (
     COUNTER_METRICS,
     MetricsResource,
     ServerMetrics,
@@ -156,7 +156,7 @@ def test_refusals(engine, registry):
 
 def test_relayed_messages_are_read_from_the_engine_counters(engine, registry):
     """
-    The engine counts relayed frames per read under the keys esf._counters
+    The engine counts relayed frames per read under the keys esf.server._counters
     names (RELAYED_MESSAGES, RELAYED_BYTES); the collector reports them by
     type.
     """
@@ -302,7 +302,7 @@ def test_offline_store_size_is_read_every_look():
     from esf.offline import MemoryOfflineStore
     from esf.testing import MemoryServer
 
-    from esf._metrics import OFFLINE_LOOK
+    from esf.operations._metrics import OFFLINE_LOOK
 
     store = MemoryOfflineStore()
     server = MemoryServer(offline_store=store)

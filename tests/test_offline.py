@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from esf import STORED, ClientType, ErrorCode, MessageType, RequestError, ServerConfig
-from esf._wire import encode_frame
+from esf.wire._frames import encode_frame
 from esf.interfaces import IOfflinePolicy
 from esf.offline import MemoryOfflineStore, OfflineBounds
 from esf.testing import MemoryServer

@@ -191,7 +191,7 @@ def test_a_missing_directory_is_a_clear_error(tmp_path):
 async def test_redis_store(redis_server):
     from twisted.internet import reactor
 
-    from esf._cluster import RedisLink, RedisURL
+    from esf.cluster._presence import RedisLink, RedisURL
 
     link = RedisLink(reactor, RedisURL.parse(redis_server.url))
     connected: Deferred[None] = Deferred()
@@ -433,7 +433,7 @@ async def test_a_version_1_database_is_migrated(tmp_path):
     gets the sender named in its frame's header, each sender its totals,
     and what it holds counts against the bounds at once.
     """
-    from esf._wire import MessageType, WireConfig, encode_frame
+    from esf.wire._frames import MessageType, WireConfig, encode_frame
 
     path = tmp_path / "offline.db"
     wire = WireConfig()
@@ -492,7 +492,7 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
     from _redis import RedisServer
     from twisted.internet import reactor
 
-    from esf._cluster import RedisLink, RedisURL
+    from esf.cluster._presence import RedisLink, RedisURL
 
     redis = RedisServer(tmp_path, args=("--appendonly", "yes", "--appendfsync", "always"))
     redis.start()

@@ -109,8 +109,8 @@ def test_wheel_contents(wheel):
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
     assert "esf/__init__.py" in names
-    assert "esf/tap.py" in names
-    assert {"esf/py.typed", "esf/testing.py", "esf/pytest_plugin.py"} <= names
+    assert "esf/tap/__init__.py" in names
+    assert {"esf/py.typed", "esf/testing/__init__.py", "esf/pytest_plugin.py"} <= names
 
 
 def test_wheel_version_is_esf_version(wheel):

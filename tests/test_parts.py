@@ -17,13 +17,13 @@ from zope.interface.verify import verifyObject
 from _helpers import Client, LogCapture, connect, logon_reply, make_engine, record_events
 from esf import DisconnectedType as D
 from esf import ErrorCode, LogonResult, MessageType as T, RelogonMode, RequestError, ServerConfig
-from esf._messages import Logon, PROTOCOL_VERSION
-from esf._pending import PendingRequests
-from esf._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
-from esf._presence import Claim, LocalPresence
-from esf._router import Router
-from esf._heartbeat import Reaper
-from esf._logon import LogonRecord
+from esf.wire._messages import Logon, PROTOCOL_VERSION
+from esf.wire._pending import PendingRequests
+from esf.server._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
+from esf.server._presence import Claim, LocalPresence
+from esf.server._router import Router
+from esf.server._heartbeat import Reaper
+from esf.server._logon import LogonRecord
 from esf.interfaces import IDeviceHandle, IPresence
 
 LOGON = Logon(PROTOCOL_VERSION, "", "pw")

@@ -23,7 +23,7 @@ import rawclient as rc
 from rawclient import GET_MY_IPE
 from _real_parts import need_program
 from esf.bench import free_port
-from esf._proxied import ProxiedFactory, proxied_description
+from esf.server._proxied import ProxiedFactory, proxied_description
 from test_e2e import AUTH, ServerProcess
 from wsclient import BlockingWS
 

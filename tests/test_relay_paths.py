@@ -16,8 +16,9 @@ import itertools
 import pytest
 
 from _helpers import connect, make_engine
-from esf import MessageType, _session
-from esf._counters import RELAYED_MESSAGES, Count
+from esf import MessageType
+from esf.server import _session
+from esf.server._counters import RELAYED_MESSAGES, Count
 from esf.wire import Information, KickOut
 from test_messages import Groups
 
@@ -28,7 +29,7 @@ T = MessageType
 def route_cache(request, monkeypatch):
     """
     Every test with a read's routes remembered (CPython's way) and without
-    (PyPy's): L{esf._session._ROUTE_CACHE}.
+    (PyPy's): L{esf.server._session._ROUTE_CACHE}.
     """
     monkeypatch.setattr(_session, "_ROUTE_CACHE", request.param)
     monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_RUNS", 2)

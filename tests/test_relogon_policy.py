@@ -26,9 +26,9 @@ from esf import (
     ServerConfig,
     engine_for,
 )
-from esf._application import Applications
-from esf._metrics import ServerMetrics, make_registry
-from esf._presence import Claim, LocalPresence
+from esf.server._application import Applications
+from esf.operations._metrics import ServerMetrics, make_registry
+from esf.server._presence import Claim, LocalPresence
 from esf.interfaces import IRelogonPolicy
 from esf.testing import MemoryServer
 

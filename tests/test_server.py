@@ -43,8 +43,8 @@ from esf import (
     ServerService,
 )
 from esf import wire as w
-from esf._engine import Event, LocalPresence, call
-from esf._presence import Claim
+from esf.server._engine import Event, LocalPresence, call
+from esf.server._presence import Claim
 from esf.interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
 
 T = MessageType

@@ -13,8 +13,8 @@ from zope.interface.verify import verifyObject
 
 from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
-from esf._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
-from esf._http import ConnectionCap, HTTPLimits, LimitedSite
+from esf.server._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
+from esf.server._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.interfaces import IBasicHandler
 from esf.offline import OfflineBounds
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
@@ -433,7 +433,7 @@ def test_operations_are_off_by_default():
 
 
 def test_malloc_trim_option():
-    from esf._memory import MemoryTrimmer
+    from esf.operations._memory import MemoryTrimmer
 
     [trimmer] = [s for s in makeService(parse()) if isinstance(s, MemoryTrimmer)]
     assert trimmer.interval == 5.0
@@ -446,7 +446,7 @@ def test_malloc_trim_option():
 
 
 def test_gc_threshold_option():
-    from esf._memory import GCTuning
+    from esf.operations._memory import GCTuning
 
     [tuning] = [s for s in makeService(parse()) if isinstance(s, GCTuning)]
     assert tuning.threshold == 10_000
@@ -459,9 +459,9 @@ def test_gc_threshold_option():
 
 
 def test_operations_services(tmp_path):
-    from esf._admin import AdminService
-    from esf._audit import AuditService
-    from esf._metrics import MetricsService
+    from esf.operations._admin import AdminService
+    from esf.operations._audit import AuditService
+    from esf.operations._metrics import MetricsService
 
     options = parse(
         "--metrics", "tcp:0:interface=127.0.0.1",
@@ -478,7 +478,7 @@ def test_operations_services(tmp_path):
 
 
 def test_audit_options(tmp_path):
-    from esf._audit import PER_USER, AuditService, Retention
+    from esf.operations._audit import PER_USER, AuditService, Retention
 
     path = str(tmp_path / "audit.jsonl")
     [audit] = [s for s in makeService(parse("--audit-log", path)) if isinstance(s, AuditService)]
@@ -593,7 +593,7 @@ def test_web_demo_needs_a_websocket_endpoint():
 
 
 def test_admin_host_option(tmp_path):
-    from esf._admin import AdminApi
+    from esf.operations._admin import AdminApi
 
     options = parse(
         "--admin-api", "tcp:0:interface=127.0.0.1",

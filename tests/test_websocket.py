@@ -19,7 +19,7 @@ from wsclient import ConnectionRefusedByServer, connect
 from zope.interface import implementer
 
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService, WebSocketFactory
-from esf._web_demo import web_demo_site
+from esf.server._web_demo import web_demo_site
 from esf.interfaces import ICustomizeHandler
 from esf.wire import (
     DisconnectedType,

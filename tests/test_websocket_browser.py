@@ -239,7 +239,7 @@ def pages(browser, demo):
 
 DESKTOP = r"""
 import json, sys
-from esf.blocking import BlockingClient
+from esf.client.blocking import BlockingClient
 
 JOIN, SAY, TELL = 1, 3, 6
 

@@ -23,7 +23,7 @@ from wsclient import client_frame, handshake, server_frames
 from zope.interface.verify import verifyObject
 
 from esf import WebSocketFactory, WebSocketProtocol
-from esf._counters import Count
+from esf.server._counters import Count
 from esf.interfaces import IChannel
 from esf.wire import (
     DisconnectedType,
@@ -285,7 +285,7 @@ def test_websocket_protocol_errors_end_the_session_with_a_reason(engine, pages):
     assert not engine.sessions
 
 
-# -- whole messages without autobahn (esf._websocket_frames.MessageParser) ------------------------
+# -- whole messages without autobahn (esf.server._websocket_frames.MessageParser) ------------------------
 
 
 def _sends(page, dest, count, size=20):
@@ -712,7 +712,7 @@ def test_web_demo_hands_the_connection_over_from_twisted_web():
     session later, and the WebSocket protocol becomes the transport's
     producer.
     """
-    from esf._web_demo import web_demo_site
+    from esf.server._web_demo import web_demo_site
 
     engine = make_engine(max_message_size=MAX, heartbeat_interval=100, heartbeat_timeout=1000)
     site = web_demo_site(engine)

@@ -25,11 +25,11 @@ from twisted.internet.address import IPv4Address
 from wsclient import client_frame
 
 from esf import WebSocketFactory
-from esf._counters import Count
+from esf.server._counters import Count
 from esf.wire import DisconnectedType, DisconnectNotice, Information, Logon, MessageType
 
 MAX = 4096
-#: What esf allows before logon and after the close began (esf._budget).
+#: What esf allows before logon and after the close began (esf.server._budget).
 PRE_LOGON_FRAMES = 16
 CLOSING_FRAMES = 64
 
@@ -40,7 +40,7 @@ PINGS = client_frame(PING, b"") * (65536 // 6)
 
 
 def test_the_allowances_are_esfs():
-    from esf import _budget
+    from esf.server import _budget
 
     assert (_budget.PRE_LOGON_FRAMES, _budget.CLOSING_FRAMES) == (
         PRE_LOGON_FRAMES,
@@ -324,7 +324,7 @@ def _listen(variant, tmp_path):
     from wsclient import connect
 
     from esf import ServerConfig, ServerEngine, ServerService, WireConfig
-    from esf._web_demo import web_demo_site
+    from esf.server._web_demo import web_demo_site
 
     config = ServerConfig(wire=WireConfig(max_message_size=MAX), websocket_flood_limit=1)
     engine = ServerEngine(config, clock=reactor)

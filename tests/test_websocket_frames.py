@@ -1,5 +1,5 @@
 """
-L{esf._websocket_frames} alone, with no transport and no autobahn: the
+L{esf.server._websocket_frames} alone, with no transport and no autobahn: the
 parser of whole binary messages fed byte by byte and in random chunks,
 what it leaves to autobahn, why a message is refused, and the server's
 binary messages out.
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsclient import client_frame
 
-from esf._websocket_frames import MessageParser, Refusal, binary_messages, refuse_message
+from esf.server._websocket_frames import MessageParser, Refusal, binary_messages, refuse_message
 from esf.wire import DisconnectedType, Information, MessageType, WireConfig, encode_frame
 
 WIRE = WireConfig()

@@ -71,7 +71,7 @@ def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
     """
     import zipfile
 
-    from esf._web_demo import WEB_FILES
+    from esf.server._web_demo import WEB_FILES
 
     names = set(zipfile.ZipFile(wheel).namelist())
     for name, _ in WEB_FILES.values():

@@ -1,0 +1,631 @@
+"""
+The client engine (ESFramework's C{RapidPassiveEngine}): logs on, keeps the
+session alive with heartbeats, reconnects and logs on again by itself, and
+offers every call of the ESF v1 protocol as a Deferred.
+
+Reconnection is Twisted's L{ClientService}, with the engine's clock and
+retry policy, and the logon done in its C{prepareConnection}: a connection
+whose logon fails, is refused or goes unanswered counts as a failed attempt,
+so the backoff grows until a logon succeeds.  On top of it the engine keeps
+the session's named state (L{SessionState}) and how it ended (L{Ending}),
+the rules for when I{not} to reconnect (pushed out, kicked, refused,
+logged off, closed) and heartbeats with dead-server detection.
+
+The calls and their request table are in L{esf.client._calls}; what the
+client receives unasked is dispatched by L{esf.client._inbox}.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+from typing import Any, Callable, cast
+
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IProtocol,
+    IPushProducer,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from esf.wire import _messages as m
+from ._calls import SERVER, ClientCalls, raise_error
+from ._inbox import MiB, ClientBlobs, Inbox
+from ._state import (
+    Ending,
+    EndingKind,
+    LogonFailed,
+    LogonResponse,
+    NotConnected,
+    SessionState,
+)
+from esf.wire._events import Event
+from esf.wire._pending import PendingRequests
+from esf.wire._frames import (
+    SERVER_ID,
+    ClientType,
+    DisconnectedType,
+    FrameDecoder,
+    Frame,
+    FrameError,
+    LogonResult,
+    MessageType,
+    WireConfig,
+    encode_frame,
+    validate_id,
+)
+from esf.interfaces import ICustomizeHandler
+
+__all__ = [
+    "ClientEngine",
+    "ClientProtocol",
+    "Ending",
+    "EndingKind",
+    "LogonResponse",
+    "LogonFailed",
+    "NotConnected",
+    "SessionState",
+]
+
+log = Logger(namespace="esf.client")
+
+
+@implementer(IPushProducer)
+class ClientProtocol(Protocol):
+    """
+    One connection of a L{ClientEngine}: bytes in, frames to the engine.
+
+    @ivar ending: how this connection is ending, once known (L{Ending}).
+    @ivar accepted: whether its logon succeeded (L{ClientService} then
+        counts it as its connection).
+    """
+
+    # A stream transport: besides ITransport, it is an IConsumer
+    # (registerProducer) and has abortConnection, which ITransport does not
+    # declare.
+    transport: Any
+
+    def __init__(self, engine: ClientEngine, service_side: Protocol | None = None):
+        self.engine = engine
+        self.decoder = FrameDecoder(engine.wire)
+        self.paused = False
+        self.service_side = service_side
+        self.ending: Ending | None = None
+        self.accepted = False
+        #: What ClientService's prepareConnection waits on: fires once the
+        #: logon succeeded, fails when it did not.
+        self.prepared: Deferred[None] = Deferred()
+        #: Fired once the connection is lost (after ClientService heard).
+        self.lost: list[Deferred[None]] = []
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            setter(True)
+        if self.service_side is not None:
+            self.service_side.makeConnection(self.transport)
+        self.engine._connection_made(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as e:
+            frames = e.frames
+            log.error("the server sent an invalid frame: {error}", error=e.message)
+            self.transport.abortConnection()
+        engine = self.engine
+        engine._heartbeat.heard()
+        for frame in frames:
+            engine._inbox.frame_received(self, frame)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.engine._connection_lost(self, reason)
+        self.reject(Failure(NotConnected("the connection was lost during the logon")))
+        if self.accepted and self.service_side is not None:
+            self.service_side.connectionLost(cast(Failure, reason))
+        lost, self.lost = self.lost, []
+        for d in lost:
+            d.callback(None)
+
+    def accept(self) -> None:
+        """
+        The logon succeeded: ClientService counts this connection as made.
+        """
+        if not self.prepared.called:
+            self.accepted = True
+            self.prepared.callback(None)
+
+    def reject(self, failure: Failure) -> None:
+        """
+        The logon failed: ClientService counts a failed attempt and retries
+        after its backoff (unless stopped).
+        """
+        if not self.prepared.called:
+            self.prepared.errback(failure)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.engine._drained()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _ServiceSide(Protocol):
+    """
+    The connection as L{ClientService} sees it.
+
+    Why not the L{ClientProtocol} itself: ClientService's state machine has
+    no transition for the loss of a connection that its C{prepareConnection}
+    is still preparing or has rejected (it raises C{NoTransition} from the
+    transport).  So the transport talks to the L{ClientProtocol}, and
+    ClientService hears of a connection's end only once it has accepted
+    the connection, through this stand-in.
+    """
+
+    def __init__(self, protocol: ClientProtocol | None = None):
+        self.protocol = protocol
+
+
+@implementer(IStreamClientEndpoint)
+class _Endpoint:
+    """
+    The application's endpoint, making L{ClientProtocol}s for a
+    L{ClientService} that is handed their L{_ServiceSide}s.
+    """
+
+    def __init__(self, engine: ClientEngine, endpoint: IStreamClientEndpoint):
+        self.engine = engine
+        self.endpoint = endpoint
+
+    def connect(self, service_factory: Any) -> Deferred[IProtocol]:
+        # service_factory: ClientService's wrapper of _ServiceSideFactory.
+        engine = self.engine
+
+        class _Factory(Factory):
+            noisy = False
+
+            def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
+                side = service_factory.buildProtocol(addr)
+                protocol = ClientProtocol(engine, side)
+                side.protocol = protocol
+                return protocol
+
+        d = self.endpoint.connect(_Factory())
+        return d.addCallback(lambda p: cast(Any, p).service_side)
+
+
+class _ServiceSideFactory(Factory):
+    noisy = False
+    protocol = _ServiceSide
+
+
+class _Heartbeat:
+    """
+    A logged-on connection's heartbeats, and dead-server detection: no
+    frame at all from the server for the announced timeout drops the
+    connection (the engine then reconnects).
+    """
+
+    def __init__(self, engine: ClientEngine):
+        self.engine = engine
+        self.last_heard = 0.0
+        self.timeout = 0
+        self._loop = LoopingCall(self.beat)
+        self._loop.clock = engine.clock
+
+    def heard(self) -> None:
+        """
+        Something arrived from the server: it is alive.
+        """
+        self.last_heard = self.engine.clock.seconds()
+
+    def start(self, response: LogonResponse) -> None:
+        self.stop()
+        self.timeout = response.heartbeat_timeout
+        self._loop.start(max(response.heartbeat_interval, 1), now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def beat(self) -> None:
+        engine = self.engine
+        protocol = engine._protocol
+        if protocol is None or not engine.logged_on:
+            return  # gone, or leaving (logged off, pushed out, closed)
+        now = engine.clock.seconds()
+        if now - self.last_heard >= self.timeout:
+            log.warn(
+                "nothing from the server for {timeout} s: treating the connection as lost",
+                timeout=self.timeout,
+            )
+            protocol.transport.abortConnection()
+            return
+        engine._write(MessageType.HEARTBEAT)
+        engine._inbox.blobs.expire(now)
+
+
+class ClientEngine(ClientCalls):
+    """
+    A logged-on session with an esf server that survives connection loss.
+
+    Create it, subscribe to its events, then call L{logon}; every other call
+    returns a Deferred and needs a logged-on session.
+
+    Its events (L{esf.interfaces.IEvent}) are attributes: the connection's
+    (C{connection_interrupted}, C{connection_rebuild_start},
+    C{relogon_completed}, C{disconnected}), the session's end
+    (C{being_pushed_out}, C{being_kicked_out}, C{session_ended}: once, with
+    an L{Ending}, when a session that had logged on ends for good) and
+    what arrives (C{my_device_online}, C{my_device_offline},
+    C{broadcast_received}, C{information_received}).  docs/client.md says
+    what each carries and which fire in which case.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        user_id: str,
+        password: str = "",
+        client_type: int = ClientType.OTHERS,
+        *,
+        system_token: str = "",
+        handler: ICustomizeHandler | None = None,
+        clock: IReactorTime,
+        wire: WireConfig | None = None,
+        request_timeout: float = 30.0,
+        retry_policy: Callable[[int], float] | None = None,
+        max_blob_size: int = 16 * MiB,
+        max_blobs_per_sender: int = 2,
+        max_blob_bytes: int = 64 * MiB,
+    ):
+        self.endpoint = endpoint
+        self.user_id = user_id
+        self.password = password
+        self.client_type = client_type
+        self.system_token = system_token
+        self.handler = handler
+        self.clock = clock
+        self.wire = wire or WireConfig()
+        self.request_timeout = request_timeout
+        self.retry_policy = retry_policy or backoffPolicy(
+            initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=random.random
+        )
+        m.encode_str(password)  # fail early on an impossible password
+        validate_id(user_id, self.wire)
+
+        self.connection_interrupted = Event("connection_interrupted")
+        self.connection_rebuild_start = Event("connection_rebuild_start")
+        self.relogon_completed = Event("relogon_completed")
+        self.being_pushed_out = Event("being_pushed_out")
+        self.being_kicked_out = Event("being_kicked_out")
+        self.disconnected = Event("disconnected")
+        self.session_ended = Event("session_ended")
+        self.my_device_online = Event("my_device_online")
+        self.my_device_offline = Event("my_device_offline")
+        self.broadcast_received = Event("broadcast_received")
+        self.information_received = Event("information_received")
+
+        #: The current L{LogonResponse}, once logged on.
+        self.logon_response: LogonResponse | None = None
+        #: How the session ended, once C{state} is C{ENDED} (an L{Ending}).
+        self.ending: Ending | None = None
+        #: What went wrong, by name (see L{esf.server._counters.ClientCount}).
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._state = SessionState.IDLE
+        self._announced = False  # session_ended fires once
+        self._protocol: ClientProtocol | None = None
+        self._service: ClientService | None = None
+        self._first_logon: Deferred[LogonResponse] | None = None
+        self._pending = PendingRequests(clock, request_timeout)
+        self._blob_ids = itertools.count(1)
+        self._heartbeat = _Heartbeat(self)
+        self._drain_waiters: list[Deferred[None]] = []
+        blobs = ClientBlobs(max_blob_size, max_blobs_per_sender, max_blob_bytes)
+        self._inbox = Inbox(self, blobs)
+        #: The highest ID of a message from the server's offline store that
+        #: this engine has handled: one delivered again (after a lost
+        #: connection) is acknowledged and not handled twice.  An
+        #: application that must not handle one twice across restarts of
+        #: its process saves it and sets it before logon.
+        self.offline_mark = 0
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        """
+        Where the session is in its life (a L{SessionState}).
+        """
+        return self._state
+
+    @property
+    def logged_on(self) -> bool:
+        """
+        Whether a session is logged on now.
+        """
+        return self._state is SessionState.LOGGED_ON
+
+    # -- life ------------------------------------------------------------------------
+
+    def logon(self) -> Deferred[LogonResponse]:
+        """
+        Connect and log on.
+
+        @return: a Deferred firing with the L{LogonResponse}, or failing with
+            L{LogonFailed} (refused), L{NotConnected} (closed before the
+            answer), L{esf.RequestError} (C{TIMEOUT}) or the connection error
+            (the first connection could not be made); nothing is retried
+            then.  Later reconnects log on again by themselves and report
+            through C{relogon_completed}.
+        """
+        if self._service is not None:
+            raise RuntimeError("logon() was already called")
+        first: Deferred[LogonResponse] = Deferred()
+        self._first_logon = first
+        self._state = SessionState.CONNECTING
+        self._service = ClientService(
+            _Endpoint(self, self.endpoint),
+            _ServiceSideFactory(),
+            retryPolicy=self.retry_policy,
+            clock=self.clock,
+            prepareConnection=self._log_on,
+        )
+        # Asked before starting: an endpoint may fail at once.  Only the
+        # first attempt's failure arrives here (success is announced by
+        # _logon_answered, once ClientService has taken the connection).
+        connected = self._service.whenConnected(failAfterFailures=1)
+        self._service.startService()
+
+        def could_not_connect(failure: Failure) -> None:
+            if not failure.check(CancelledError):
+                # This runs inside ClientService's state machine, which must
+                # not be re-entered (stopService, or a close() by whoever
+                # waits for the logon): go on from the event loop.
+                self.clock.callLater(0, self._first_attempt_failed, failure)
+
+        connected.addCallbacks(lambda _: None, could_not_connect)
+        return first
+
+    def logoff(self) -> Deferred[None]:
+        """
+        Leave gracefully: send Logoff, after which the server ends the
+        session (C{LoggedOff}) and closes the connection; this client does
+        not reconnect.
+
+        The protocol has no reply to a Logoff: the server's close is its
+        answer.  So this fires once the server has closed the connection,
+        when it has read the Logoff and ended the session.  A server that
+        has not closed it within C{request_timeout} seconds is cut off
+        (it then ends the session otherwise) and this fires then.  Without
+        a logged-on session it is L{close}.
+        """
+        ending = Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off")
+        protocol = self._protocol
+        if not self.logged_on or protocol is None or protocol.transport is None:
+            return self._leave(ending)
+        self._write(MessageType.LOGOFF)
+        self._end(protocol, ending)
+        closed: Deferred[None] = Deferred()
+        protocol.lost.append(closed)
+        timeout = self.clock.callLater(self.request_timeout, protocol.transport.abortConnection)
+
+        def gone(_: None) -> Deferred[None]:
+            if timeout.active():
+                timeout.cancel()
+            return self._stop_reconnecting()  # the retry ClientService planned
+
+        return closed.addCallback(gone)
+
+    def close(self) -> Deferred[None]:
+        """
+        Stop reconnecting and close the connection (no Logoff is sent; see
+        L{logoff}).  Fires when the connection is closed.
+        """
+        return self._leave(Ending(EndingKind.CLOSED, None, "closed by the application"))
+
+    def _leave(self, ending: Ending) -> Deferred[None]:
+        protocol = self._protocol
+        if self._state is not SessionState.ENDED:
+            self._end(protocol, ending)
+            if protocol is None:
+                self._announce_end()  # no connection to wait for
+        d = self._stop_reconnecting()
+        if protocol is not None and not protocol.accepted and protocol.transport is not None:
+            protocol.transport.loseConnection()  # ClientService does not own it yet
+        first, self._first_logon = self._first_logon, None
+        if first is not None:
+            first.errback(NotConnected("the client was closed before the logon completed"))
+        return d
+
+    def _end(self, protocol: ClientProtocol | None, ending: Ending) -> None:
+        """
+        The session is over for good: no more reconnects.
+        """
+        self._state = SessionState.ENDED
+        self.ending = ending
+        if protocol is not None and (protocol.ending is None or not protocol.ending.final):
+            protocol.ending = ending
+
+    def _end_for_good(self, protocol: ClientProtocol, ending: Ending) -> None:
+        self._end(protocol, ending)
+        self._stop_reconnecting()
+
+    def _announce_end(self) -> None:
+        # Only a session that had logged on ends; a first logon that fails
+        # is reported by logon()'s Deferred alone.
+        if self.logon_response is not None and self.ending is not None and not self._announced:
+            self._announced = True
+            self.session_ended.fire(self.ending)
+
+    def _first_attempt_failed(self, failure: Failure) -> None:
+        first, self._first_logon = self._first_logon, None
+        if first is None:
+            return
+        self._state = SessionState.ENDED
+        self._stop_reconnecting()
+        first.errback(failure)
+
+    def _stop_reconnecting(self) -> Deferred[None]:
+        service = self._service
+        if service is None or not service.running:
+            return succeed(None)
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            # A registered producer would hold the close back (TLS waits
+            # for it to unregister before its shutdown).
+            protocol.transport.unregisterProducer()
+        return service.stopService().addBoth(lambda _: None)
+
+    # -- one connection -----------------------------------------------------------
+
+    def _connection_made(self, protocol: ClientProtocol) -> None:
+        self._protocol = protocol
+        self._heartbeat.heard()
+
+    def _log_on(self, side: Any) -> Deferred[None]:
+        """
+        ClientService's C{prepareConnection}: log on; the connection is
+        ClientService's once this fires.
+
+        @param side: ClientService's protocol for the connection (its proxy
+            of the L{_ServiceSide} that L{_Endpoint} linked to it).
+        """
+        protocol: ClientProtocol = side.protocol
+        if self._state is SessionState.ENDED:  # closed while connecting
+            protocol.transport.loseConnection()
+            return fail(NotConnected("the client was closed"))
+        self._state = SessionState.LOGGING_ON
+        message_id = self._pending.next_id()
+        answer = self._pending.expect(message_id, SERVER, self.request_timeout)
+        body = m.Logon(m.PROTOCOL_VERSION, self.system_token, self.password).encode()
+        protocol.write(
+            encode_frame(
+                self.wire,
+                MessageType.LOGON,
+                body,
+                client_type=self.client_type,
+                message_id=message_id,
+                user_id=self.user_id,
+                dest_user_id=SERVER_ID,
+            )
+        )
+        answer.addCallback(raise_error).addCallback(_logon_response)
+        answer.addCallbacks(
+            self._logon_answered,
+            self._logon_unanswered,
+            callbackArgs=(protocol,),
+            errbackArgs=(protocol,),
+        )
+        return protocol.prepared
+
+    def _logon_answered(self, response: LogonResponse, protocol: ClientProtocol) -> None:
+        first = self._first_logon
+        if response.succeeded:
+            self.logon_response = response
+            self._state = SessionState.LOGGED_ON
+            self._inbox.logged_on()
+            self._heartbeat.start(response)
+            protocol.accept()
+            if first is not None:
+                self._first_logon = None
+                first.callback(response)
+            else:
+                self.relogon_completed.fire(response)
+            return
+        if first is None and response.result == LogonResult.BUSY:
+            # "Try later": a failed attempt; ClientService retries it with
+            # a growing delay.
+            protocol.ending = Ending(
+                EndingKind.BUSY, None, response.failure_cause, response=response
+            )
+        else:
+            ending = Ending(
+                EndingKind.REFUSED,
+                DisconnectedType.LOGON_FAILED,
+                response.failure_cause,
+                response=response,
+            )
+            self._end(protocol, ending)
+        protocol.reject(Failure(LogonFailed(response)))
+        if self._state is SessionState.ENDED:
+            self._stop_reconnecting()
+        protocol.transport.loseConnection()
+        if first is None:
+            self.relogon_completed.fire(response)
+
+    def _logon_unanswered(self, failure: Failure, protocol: ClientProtocol) -> None:
+        protocol.reject(failure)
+        if protocol is self._protocol and protocol.transport is not None:
+            # Unanswered, or a reply that does not parse: try another
+            # connection (or, for the first logon, give up).
+            protocol.transport.abortConnection()
+
+    def _connection_lost(self, protocol: ClientProtocol, reason: Failure | None) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        self._heartbeat.stop()
+        ending = protocol.ending
+        if ending is not None and ending.kind is EndingKind.DISCONNECTED:
+            why = f"the server closed the connection ({_name(ending.reason)}: {ending.text})"
+        else:
+            why = "the connection to the server was lost"
+            if reason is not None and not reason.check(ConnectionDone):
+                why += f": {reason.getErrorMessage()}"
+        self._pending.fail_all(NotConnected(why))
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for d in waiters:
+            d.errback(NotConnected(why))
+        self._inbox.blobs.clear()
+        if self._state is SessionState.ENDED:
+            self._announce_end()
+            return
+        told = ending is not None and ending.kind is EndingKind.DISCONNECTED
+        if self.logon_response is None:
+            # The first logon: logon()'s Deferred fails; no session, no
+            # events but the server's own reason.
+            if told and ending is not None:
+                self.disconnected.fire(ending.reason, ending.text)
+            return
+        self._state = SessionState.RECONNECTING
+        if ending is not None and ending.kind is EndingKind.BUSY:
+            return  # relogon_completed said it; the next attempt follows
+        if told and ending is not None:
+            self.disconnected.fire(ending.reason, ending.text)
+        self.connection_interrupted.fire()
+        if self._service is not None and self._service.running:
+            self.connection_rebuild_start.fire()
+
+
+def _logon_response(frame: Frame) -> LogonResponse:
+    reply = m.LogonReply.decode(frame.body)
+    return LogonResponse(
+        reply.result,
+        reply.failure_cause,
+        reply.heartbeat_interval,
+        reply.heartbeat_timeout,
+        reply.max_message_size,
+    )
+
+
+def _name(value: object) -> str:
+    return getattr(value, "name", str(value))

@@ -1,0 +1,301 @@
+"""
+The bounds of the cluster's node inboxes in Redis, and their emptying.
+
+A node's inbox (C{esf:inbox:<node>}, a stream) keeps what other nodes told
+its devices only until the node has read it: once an entry is delivered
+the node deletes it.  Beside each inbox a hash, its ledger::
+
+    esf:ib:<node>   b: bytes the inbox holds (its entries' payloads)
+                    n, m: the most entries and bytes the node lets it hold
+                    r: entries refused since the node last looked
+
+A sender appends through L{_APPEND}, which refuses an entry the inbox has no
+room for (by the receiving node's own bounds) or whose node has left the
+cluster (nobody would ever read it); the receiving node deletes what it read
+through L{_DROP} and, at each upkeep, publishes its bounds and learns how
+many entries it was too far behind to take (L{_LOOK}).  Every change of the
+byte count is in the script that changes the stream, so the two agree.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+if TYPE_CHECKING:
+    from ._presence import IRedisLink
+
+__all__ = [
+    "InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES",
+]
+
+log = Logger(namespace="esf.cluster")
+
+#: The most bytes (of entries' payloads) a node's inbox holds by default.
+DEFAULT_INBOX_BYTES = 64 * 1024 * 1024
+#: The most entries a node's inbox holds by default.
+DEFAULT_INBOX_ENTRIES = 100_000
+
+#: What L{InboxLedger.append} answers instead of an entry's ID: the inbox is
+#: full; its node left the cluster; its node's lease expired (dead or
+#: paused, not yet reaped); the append reached Redis after its deadline.
+FULL, GONE, STALE, LATE = 1, 0, 2, 3
+
+#: Most entries left behind by a failed deletion that one later deletion
+#: sweeps up (the rest go with the ones after).
+_SWEEP = 100
+#: What a node has delivered is deleted within this many seconds, or as
+#: soon as it is this many bytes or entries: one deletion for many reads
+#: when traffic is light, so that a request's round trip does not wait
+#: behind it.
+DROP_DELAY = 0.1
+_DROP_BYTES = 1024 * 1024
+_DROP_ENTRIES = 1000
+
+_APPEND = b"""
+-- KEYS: the receiving node's inbox, its ledger, the nodes set, its lease
+-- ARGV: the receiving node, the entry, entries and bytes bounds (used while
+--       the receiving node has published none), a deadline in ms on
+--       Redis's clock (0: none)
+-- Returns the new entry's ID; 0 when the node is not in the cluster (left,
+-- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
+-- node's lease expired (dead or paused: nobody reads its inbox now, and
+-- the janitor will delete it); 3 when the deadline is past (the sender
+-- was told the append failed: it must not happen later).
+local deadline = tonumber(ARGV[5])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return 3
+  end
+end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+  return 0
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return 2
+end
+local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
+local held = tonumber(ledger[1]) or 0
+local size = string.len(ARGV[2])
+-- An empty inbox takes one entry of any size (an entry is at most one
+-- turn's outbox, 256 KiB and one frame).
+if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
+   or redis.call('XLEN', KEYS[1]) >= (tonumber(ledger[2]) or tonumber(ARGV[3])) then
+  redis.call('HINCRBY', KEYS[2], 'r', 1)
+  return 1
+end
+redis.call('HINCRBY', KEYS[2], 'b', size)
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+"""
+
+_DROP = b"""
+-- The node read these entries: delete them, and any older one a failed
+-- deletion left behind.
+-- KEYS: the node's inbox, its ledger.  ARGV: entry ID, its size, ... (in order)
+local freed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    freed = freed + tonumber(ARGV[i + 1])
+  end
+end
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV - 1], 'COUNT', ARGV_SWEEP)) do
+  redis.call('XDEL', KEYS[1], entry[1])
+  freed = freed + string.len(entry[2][2])
+end
+if redis.call('XLEN', KEYS[1]) == 0 then
+  -- Nothing held, nothing counted (this also mends a count that an
+  -- outside trim of the stream left too high).
+  redis.call('HDEL', KEYS[2], 'b')
+elseif freed > 0 then
+  redis.call('HINCRBY', KEYS[2], 'b', -freed)
+end
+return freed
+""".replace(b"ARGV_SWEEP", str(_SWEEP).encode())
+
+_LOOK = b"""
+-- KEYS: the node's ledger, its inbox.  ARGV: the node's entries and bytes bounds
+-- Returns {entries refused since the last look, bytes held, entries held}.
+redis.call('HSET', KEYS[1], 'n', ARGV[1], 'm', ARGV[2])
+local refused = tonumber(redis.call('HGET', KEYS[1], 'r')) or 0
+redis.call('HDEL', KEYS[1], 'r')
+return {refused, tonumber(redis.call('HGET', KEYS[1], 'b')) or 0, redis.call('XLEN', KEYS[2])}
+"""
+
+
+def ledger_key(base: str, node: str) -> str:
+    """
+    The Redis key of C{node}'s inbox ledger, under the key prefix C{base}.
+    """
+    return f"{base}ib:{node}"
+
+
+class InboxLedger:
+    """
+    One node's side of the inbox bounds: appending to other nodes' inboxes
+    (refused when full), deleting from its own what it delivered, and
+    saying, at most once per upkeep, when inboxes were full.
+
+    @param reactor: what deletions are timed on (L{DROP_DELAY}).
+    @param link: the node's command connection to Redis.
+    @param base: the prefix of every Redis key, with its colon.
+    @param node_id: this node's ID.
+    @param max_entries: the most entries this node's inbox holds.
+    @param max_bytes: the most bytes this node's inbox holds (an empty inbox
+        takes one entry of any size).
+    @param stats: the presence's counts: C{inbox_refused} (records this node
+        could not append: the receiving inbox was full), C{inbox_gone}
+        (records to a node that left), C{inbox_full} (entries other nodes
+        could not append to this node's inbox).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        link: IRedisLink,
+        base: str,
+        node_id: str,
+        *,
+        max_entries: int = DEFAULT_INBOX_ENTRIES,
+        max_bytes: int = DEFAULT_INBOX_BYTES,
+        stats: collections.Counter[str],
+    ):
+        self.reactor = reactor
+        self.link = link
+        self.base = base
+        self.node_id = node_id
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.stats = stats
+        self._inbox = f"{base}inbox:{node_id}"
+        self._ledger = ledger_key(base, node_id)
+        self._nodes = f"{base}nodes"
+        #: Nodes whose full inbox was logged since the last look.
+        self._told: set[str] = set()
+        #: Entries delivered and not yet deleted: flat (ID, size, ...), bytes.
+        self._delivered: list[Any] = []
+        self._delivered_bytes = 0
+        self._drop_call: IDelayedCall | None = None
+        self._dropping: set[Deferred[Any]] = set()
+        #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
+        self._offset_ms: float | None = None
+
+    def set_redis_time(self, redis_ms: float, local: float) -> None:
+        """
+        Redis's clock read C{redis_ms} (ms) when this node's read C{local}
+        (s): appends' deadlines are set on Redis's clock from then on.
+        """
+        self._offset_ms = redis_ms - local * 1000
+
+    def append(self, node: str, entry: bytes, within: float | None = None) -> Deferred[Any]:
+        """
+        Append C{entry} to C{node}'s inbox: its stream ID (L{bytes}), or
+        L{FULL}, L{GONE}, L{STALE} or L{LATE} (L{int}) when refused.
+
+        @param within: refuse (L{LATE}) the append if Redis runs it more
+            than this many seconds from now (once Redis's clock is known):
+            an append delayed by a hung Redis, whose sender was told it
+            failed, never happens later.
+        """
+        deadline = 0
+        if within is not None and self._offset_ms is not None:
+            deadline = int(self.reactor.seconds() * 1000 + self._offset_ms + within * 1000)
+        return self.link.eval(
+            _APPEND,
+            [
+                f"{self.base}inbox:{node}", ledger_key(self.base, node), self._nodes,
+                f"{self.base}lease:{node}",
+            ],
+            [node, entry, self.max_entries, self.max_bytes, deadline],
+        )  # fmt: skip
+
+    def refused(self, node: str, records: int, why: int) -> None:
+        """
+        Count C{records} refused by C{node}'s inbox; the first refusal of a
+        full inbox since the last look is logged.
+        """
+        if why != FULL:
+            counter = {GONE: "inbox_gone", STALE: "inbox_stale", LATE: "inbox_late"}[why]
+            self.stats[counter] += records
+            return
+        self.stats["inbox_refused"] += records
+        if node not in self._told:
+            self._told.add(node)
+            log.warn(
+                "node {node}'s inbox is full (it is behind): messages to its users are "
+                "refused, the senders told (logged once per upkeep)",
+                node=node,
+                esf_event="cluster_inbox_refused",
+            )
+
+    def delivered(self, entries: Sequence[tuple[bytes, int]]) -> None:
+        """
+        This node delivered C{entries} (stream ID, payload size, in order)
+        from its inbox: delete them, within L{DROP_DELAY} seconds.
+        """
+        pending = self._delivered
+        for stream_id, size in entries:
+            pending += (stream_id, size)
+            self._delivered_bytes += size
+        if self._delivered_bytes >= _DROP_BYTES or len(pending) >= 2 * _DROP_ENTRIES:
+            self._drop()
+        elif pending and self._drop_call is None:
+            self._drop_call = self.reactor.callLater(DROP_DELAY, self._drop)
+
+    def _drop(self) -> None:
+        # A deletion that fails is made good by the next one, which sweeps
+        # up older entries.
+        if self._drop_call is not None and self._drop_call.active():
+            self._drop_call.cancel()
+        self._drop_call = None
+        args, self._delivered, self._delivered_bytes = self._delivered, [], 0
+        if not args:
+            return
+        d = self.link.eval(_DROP, [self._inbox, self._ledger], args)
+        self._dropping.add(d)
+
+        def done(result: Any) -> None:
+            self._dropping.discard(d)
+            if not isinstance(result, int):
+                log.debug("deleting read inbox entries failed: {error}", error=result)
+
+        d.addBoth(done)
+
+    def settled(self) -> Deferred[Any]:
+        """
+        Delete what was delivered now; fires once the deletions asked for so
+        far are done (or failed).
+        """
+        self._drop()
+        return DeferredList(list(self._dropping), consumeErrors=True)
+
+    async def look(self) -> None:
+        """
+        Publish this node's bounds (senders check them) and learn how many
+        entries were refused since the last look: if any, this node fell
+        behind; count and log them (once per look).
+        """
+        self._told.clear()
+        refused, held, length = (
+            int(x)
+            for x in await self.link.eval(
+                _LOOK, [self._ledger, self._inbox], [self.max_entries, self.max_bytes]
+            )
+        )
+        if refused:
+            self.stats["inbox_full"] += refused
+            log.warn(
+                "this node fell behind its inbox's bound ({held} bytes in {length} entries; "
+                "at most {max_bytes} bytes, {max_entries} entries): other nodes could not "
+                "append {refused} entries, their messages were refused",
+                held=held,
+                length=length,
+                max_bytes=self.max_bytes,
+                max_entries=self.max_entries,
+                refused=refused,
+                esf_event="cluster_inbox_full",
+            )

@@ -1,0 +1,701 @@
+"""
+Prometheus metrics of a server (C{twistd esf --metrics ENDPOINT}).
+
+Nothing is measured on the relay path by this module.  L{ServerMetrics}
+is a C{prometheus_client} collector that builds every metric family when
+it is scraped, from:
+
+  - plain counts the engine keeps anyway (C{engine.counters}, keyed by
+    L{esf.server._counters} names) and its state (C{engine.sessions},
+    C{engine.presence}, C{engine.pending});
+  - what each transport carried (C{engine.traffic}, L{esf.server._counters.Traffic}),
+    which the protocols count per read and per write;
+  - the offline store's size (C{esf_offline_stored_*}), the answer of its
+    C{total_counts} as of the last look, every L{OFFLINE_LOOK} seconds
+    (a query to the store, so not at every scrape);
+  - counts this module keeps from the user manager's events (devices
+    online by kind, accepted logons, push-outs, heartbeat timeouts) and
+    from the engine's structured log events (C{session_ended}: disconnects
+    by reason and refused logons by result; C{kick_out}: kicks by origin),
+    each a dict increment when the event happens.
+
+Scrapes are served by L{MetricsResource}, a C{twisted.web} resource that
+renders on the reactor thread: the collector reads the engine's state where
+the engine changes it, never from another thread.  (The
+C{prometheus_client.twisted.MetricsResource} that the library ships renders
+in the reactor's thread pool, which is why it is not used.)
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.http import Request
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from ._audit import kick_origin, logon_refusal
+from esf.server._counters import (
+    BROADCAST_DELIVERIES,
+    BROADCASTS,
+    FANOUT_BUCKET_KEYS,
+    FANOUT_BUCKETS,
+    RELAYED_BYTES,
+    RELAYED_MESSAGES,
+    Count,
+    Traffic,
+)
+from esf.server._http import HTTP_LIMITS, HTTPLimits, limit_site
+from esf.server._session import RELAYED
+from esf.wire._frames import ClientType, DisconnectedType, LogonResult, MessageType
+
+if TYPE_CHECKING:
+    from twisted.logger import LogEvent
+
+    from esf.server._config import UserData
+    from esf.server._engine import ServerEngine
+    from esf.server._session import Session
+
+__all__ = [
+    "OnlineDevices",
+    "ServerMetrics",
+    "MetricsResource",
+    "MetricsService",
+    "UnnamedRequest",
+    "kind_label",
+    "server_version",
+]
+
+#: The message types the relay forwards (PingByServer once its body is checked).
+RELAY_TYPES = sorted(RELAYED | {MessageType.PING_BY_SERVER})
+
+#: What each engine counter is exported as: (metric name without C{esf_}
+#: and C{_total}, help).  A counter the engine adds later and that is not
+#: listed here is exported as C{esf_<name>_total} all the same.
+COUNTER_METRICS = {
+    Count.DROPPED: ("dropped_messages", "One-way messages (MessageID 0) the server could not act on."),
+    Count.TRANSMIT_FAILED: (
+        "transmit_failed",
+        "Messages addressed to a user with no device online (the offline-store hook fired).",
+    ),
+    Count.UNHANDLED: (
+        "unhandled_messages",
+        "Application messages to the server while no customize handler is installed.",
+    ),
+    Count.HANDLER_ERRORS: (
+        "handler_errors",
+        "Application handler calls that raised something other than RequestError.",
+    ),
+    Count.UNEXPECTED_ANSWERS: (
+        "unexpected_answers",
+        "Answers addressed to the server that no query waited for.",
+    ),
+    Count.RECEIVER_BEHIND: (
+        "receiver_behind",
+        "Relayed frames not delivered because their receiver was backed up past the push back "
+        "and its queue was full: one-way ones dropped, requests answered Error(RateLimited).",
+    ),
+    Count.OUTPUT_DROPPED: (
+        "output_dropped",
+        "Writes to a peer dropped past its hard output bound or the server's memory budget "
+        "(a relayed request among them is answered Error(RateLimited)).",
+    ),
+    Count.SENDERS_PAUSED: (
+        "senders_paused",
+        "Times a sender was read no further: a receiver it relayed to was backed up (for "
+        "--push-back-timeout at most), or it kept relaying what was refused.",
+    ),
+    Count.OFFLINE_STORED: (
+        "offline_stored",
+        "Frames kept in the offline store for users who were offline (a blob's fragments each).",
+    ),
+    Count.OFFLINE_FULL: (
+        "offline_full",
+        "Messages to offline users refused because their offline store was full (overflow).",
+    ),
+    Count.OFFLINE_SENDER_FULL: (
+        "offline_sender_full",
+        "Messages to offline users refused because their sender had as much waiting as one sender may.",
+    ),
+    Count.OFFLINE_SERVER_FULL: (
+        "offline_server_full",
+        "Messages to offline users refused because the whole offline store was full.",
+    ),
+    Count.OFFLINE_NOT_KEPT: (
+        "offline_not_kept",
+        "Messages to offline users the offline policy chose not to keep.",
+    ),
+    Count.OFFLINE_ERRORS: (
+        "offline_errors",
+        "Messages to offline users the offline store failed to keep (store broken or unreachable).",
+    ),
+    Count.OFFLINE_DELIVERED: (
+        "offline_delivered",
+        "Stored frames delivered at logon, acknowledged and forgotten.",
+    ),
+    Count.OFFLINE_DRAINS_STALLED: (
+        "offline_drains_stalled",
+        "Deliveries of stored messages stopped because the device did not acknowledge in time.",
+    ),
+    Count.UNSOLICITED_ANSWERS: (
+        "unsolicited_answers",
+        "Answers from a user to no request relayed to that user: dropped.",
+    ),
+    Count.TOO_MANY_UNANSWERED: (
+        "too_many_unanswered",
+        "Requests refused because their session waited for too many answers already.",
+    ),
+    Count.SENDERS_PAUSED: (
+        "senders_paused",
+        "Times a sender's reading was paused because a receiver was backed up (push back).",
+    ),
+    Count.OUTPUT_DROPPED: (
+        "output_dropped",
+        "Relayed frames not queued because their receiver was past its hard output bound.",
+    ),
+    Count.WORK_REFUSED: (
+        "work_refused",
+        "Requests to the server refused because their session had spent its work budget.",
+    ),
+    Count.WEBSOCKET_FLOODERS_REFUSED: (
+        "websocket_flooders_refused",
+        "WebSocket connections refused at once: their host kept sending frames before logon.",
+    ),
+    Count.LOGS_SUPPRESSED: (
+        "logs_suppressed",
+        "Log events a peer caused, left out by its session's log limit.",
+    ),
+    # The next three are refusals; they are exported in esf_refusals_total.
+    Count.LOGONS_RATE_LIMITED: None,
+    Count.TAKEOVERS_REFUSED: None,
+    Count.BLOB_ERRORS: None,
+}
+
+#: What a cluster's presence counts (C{ClusterPresence.stats}) that is
+#: exported, as C{esf_cluster_<name>_total}: name -> help.
+CLUSTER_METRICS = {
+    "inbox_refused": "Records for another node's devices refused because that node's inbox was full "
+    "(requests answered RateLimited, one-way messages counted as dropped).",
+    "inbox_full": "Entries other nodes could not add to this node's inbox because it was full "
+    "(this node fell behind; counted at each upkeep).",
+    "inbox_overrun": "Times this node found its inbox trimmed past what it had read (messages lost).",
+}
+
+#: esf_refusals_total's causes: an engine counter, or a disconnect reason.
+REFUSAL_COUNTERS = {
+    "logon_rate_limit": Count.LOGONS_RATE_LIMITED,
+    "takeover_limit": Count.TAKEOVERS_REFUSED,
+    "blob": Count.BLOB_ERRORS,
+}
+REFUSAL_REASONS = {
+    "max_connections": DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED,
+    "message_too_large": DisconnectedType.MESSAGE_TOO_LARGE,
+    "output_buffer": DisconnectedType.CHANNEL_CACHE_OVERFLOW,
+}
+
+KICK_ORIGINS = ("admin_api", "client", "server_api")
+
+#: The transports every per-transport series is reported for (with 0 until
+#: used), and the reasons a connection of each is refused for.
+TRANSPORTS = ("tcp", "websocket")
+CONNECTION_REFUSALS = {
+    "tcp": ("max_connections", "shutting_down"),
+    "websocket": ("max_connections", "shutting_down", "flooding", "handshake"),
+}
+
+#: The per-transport counters: (metric name without C{esf_} and C{_total},
+#: the L{Traffic} attribute, help).
+TRAFFIC_COUNTERS = (
+    ("connections_accepted", "accepted", "Connections accepted, by transport."),
+    ("received_bytes", "bytes_received", "Bytes read from connections, by transport "
+     "(for WebSocket, its framing and handshake included)."),
+    ("sent_bytes", "bytes_sent", "Bytes of ESF frames written to connections, by transport."),
+    ("messages_received", "messages_received", "Whole ESF frames received, by transport."),
+    ("reads", "reads", "Reads from connections, by transport."),
+    ("writes", "writes", "Writes to connections, by transport (each one or more whole frames)."),
+)  # fmt: skip
+
+
+log = Logger(namespace="esf.metrics")
+
+#: Seconds between looks at the offline store's size.
+OFFLINE_LOOK = 15.0
+
+
+def kind_label(client_type: int) -> str:
+    """
+    A device kind as a label value: C{"android"}, or C{"42"} for a kind
+    without a name.
+    """
+    try:
+        return ClientType(client_type).name.lower()
+    except ValueError:
+        return str(int(client_type))
+
+
+def server_version() -> str:
+    """
+    The installed esf's version.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esf")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _output_backlog(session: Session) -> tuple[bool, int]:
+    # The session's own flow-control state: whether its peer is behind,
+    # and the bytes queued for it since (bounded by --max-output-buffer).
+    # The session keeps them in private slots, and this is the one place
+    # outside it that reads them (the engine has no public name for them).
+    return session._paused, session._backlog
+
+
+class OnlineDevices:
+    """
+    The logged-on devices of an engine by kind, kept from the user
+    manager's C{device_connected} and C{device_disconnected} events (so
+    that reading them costs nothing).
+
+    @ivar by_kind: device kind (L{int}) -> devices online.
+    """
+
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+        self.by_kind: collections.Counter[int] = collections.Counter()
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        if self._unsubscribe:
+            return
+        um = self.engine.user_manager
+        self._unsubscribe = [
+            um.device_connected.subscribe(self._connected),
+            um.device_disconnected.subscribe(self._disconnected),
+        ]
+        # Devices that logged on before (an engine embedded by hand).
+        presence = self.engine.presence
+        self.by_kind.clear()
+        for user_id in presence.user_ids():
+            for handle in presence.devices(user_id):
+                self.by_kind[int(handle.client_type)] += 1
+
+    def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+    def _connected(self, user_data: UserData) -> None:
+        self.by_kind[int(user_data.client_type)] += 1
+
+    def _disconnected(self, user_data: UserData, reason: DisconnectedType) -> None:
+        kind = int(user_data.client_type)
+        self.by_kind[kind] -= 1
+        if not self.by_kind[kind]:
+            del self.by_kind[kind]
+
+
+class ServerMetrics(Collector):
+    """
+    The metrics of one L{esf.ServerEngine}, as a C{prometheus_client}
+    collector: register it in a C{CollectorRegistry}, L{start} it (it
+    subscribes to the engine's events and to C{publisher}), and scrape.
+
+    Every read happens in L{collect}, on the thread that scrapes, which must
+    be the engine's (the reactor thread): L{MetricsResource} is.
+
+    @ivar tally: the counts kept from events, keyed C{(family, label)}.
+    """
+
+    def __init__(self, engine: ServerEngine, *, publisher: LogPublisher = globalLogPublisher):
+        self.engine = engine
+        self.publisher = publisher
+        self.tally: collections.Counter[tuple[str, Any]] = collections.Counter()
+        self.devices = OnlineDevices(engine)
+        self.started_at = engine.clock.seconds()
+        #: The offline store's (messages, bytes) at the last look, if any.
+        self.offline_totals: tuple[int, int] | None = None
+        self._offline_looks: LoopingCall | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
+
+    # -- keeping counts ------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Subscribe to the engine's events and log events.
+        """
+        if self._unsubscribe:
+            return
+        self.devices.start()
+        um = self.engine.user_manager
+        self._unsubscribe = [
+            um.device_connected.subscribe(self._device_connected),
+            um.device_being_pushed_out.subscribe(self._pushed_out),
+            um.heartbeat_timed_out.subscribe(self._heartbeat_timed_out),
+        ]
+        self.publisher.addObserver(cast(ILogObserver, self._observe))
+        if self.engine.offline is not None:
+            looks = self._offline_looks = LoopingCall(self._look_at_offline_store)
+            looks.clock = self.engine.clock
+            looks.start(OFFLINE_LOOK)
+
+    def stop(self) -> None:
+        if self._offline_looks is not None:
+            if self._offline_looks.running:
+                self._offline_looks.stop()
+            self._offline_looks = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+        self.devices.stop()
+        self.publisher.removeObserver(cast(ILogObserver, self._observe))
+
+    def _look_at_offline_store(self) -> Deferred[None]:
+        # The next look waits for this one's answer: a slow store is never
+        # asked twice at once.
+        offline = self.engine.offline
+        assert offline is not None  # looked at only when there is one
+        d = maybeDeferred(offline.store.total_counts)
+
+        def got(totals: tuple[int, int]) -> None:
+            self.offline_totals = (int(totals[0]), int(totals[1]))
+
+        def failed(failure: Failure) -> None:
+            self.offline_totals = None  # unknown, not stale
+            log.failure(
+                "reading the offline store's size failed", failure,
+                level=LogLevel.warn, esf_event="offline_size_failed",
+            )  # fmt: skip
+
+        return d.addCallbacks(got, failed)
+
+    def _device_connected(self, user_data: UserData) -> None:
+        self.tally["logons", "succeed"] += 1
+
+    def _pushed_out(self, user_data: UserData, new_address: str) -> None:
+        self.tally["push_outs", None] += 1
+
+    def _heartbeat_timed_out(self, user_data: UserData) -> None:
+        self.tally["heartbeat_timeouts", None] += 1
+
+    def _observe(self, event: LogEvent) -> None:
+        name = event.get("esf_event")
+        if name is None or event.get("log_namespace") != "esf.server":
+            return
+        if name == "session_ended":
+            reason = event.get("reason")
+            self.tally["disconnects", reason] += 1
+            refusal = logon_refusal(event)
+            if refusal is not None:
+                self.tally["logons", refusal[0].lower()] += 1
+        elif name == "kick_out":
+            self.tally["kicks", kick_origin(event)] += event.get("count") or 0
+
+    # -- scraping ------------------------------------------------------------------
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.engine
+        tally = self.tally
+        counters = engine.counters
+
+        connections = dict.fromkeys(TRANSPORTS, 0)
+        logged_on = dict.fromkeys(TRANSPORTS, 0)
+        for session in engine.sessions:
+            transport = _transport_label(session)
+            connections[transport] = connections.get(transport, 0) + 1
+            if session.logged_on:
+                logged_on[transport] = logged_on.get(transport, 0) + 1
+        open_connections = GaugeMetricFamily(
+            "esf_connections", "Open connections, logged on or not, by transport.", labels=["transport"]
+        )
+        sessions = GaugeMetricFamily(
+            "esf_sessions_logged_on", "Logged-on sessions, by transport.", labels=["transport"]
+        )
+        for transport, count in connections.items():
+            open_connections.add_metric([transport], count)
+            sessions.add_metric([transport], logged_on.get(transport, 0))
+        yield open_connections
+        yield sessions
+        yield from self._traffic()
+        yield _gauge("esf_users_online", "Users with at least one device online.", engine.presence.user_count())
+        online = GaugeMetricFamily(
+            "esf_devices_online",
+            "Logged-on sessions by device kind; a user has at most one per kind, so this is "
+            "also the number of users online with that kind.",
+            labels=["kind"],
+        )
+        by_kind = self.devices.by_kind
+        for kind in sorted(set(int(k) for k in ClientType) | set(by_kind)):
+            online.add_metric([kind_label(kind)], by_kind.get(kind, 0))
+        yield online
+
+        logons = CounterMetricFamily("esf_logons", "Logons by result.", labels=["result"])
+        for result in LogonResult:
+            logons.add_metric([result.name.lower()], tally["logons", result.name.lower()])
+        yield logons
+
+        disconnects = CounterMetricFamily(
+            "esf_disconnects",
+            "Sessions ended, logged on or not, by reason (DisconnectedType).",
+            labels=["reason"],
+        )
+        for reason in DisconnectedType:
+            disconnects.add_metric([reason.name.lower()], tally["disconnects", reason.name])
+        yield disconnects
+
+        refusals = CounterMetricFamily(
+            "esf_refusals",
+            "What the server refused to protect itself, by cause.",
+            labels=["cause"],
+        )
+        for cause, key in REFUSAL_COUNTERS.items():
+            refusals.add_metric([cause], counters[key])
+        for cause, reason in REFUSAL_REASONS.items():
+            refusals.add_metric([cause], tally["disconnects", reason.name])
+        yield refusals
+
+        kicks = CounterMetricFamily("esf_kicks", "Devices kicked, by where the kick came from.", labels=["origin"])
+        for origin in KICK_ORIGINS:
+            kicks.add_metric([origin], tally["kicks", origin])
+        yield kicks
+
+        yield _counter("esf_push_outs", "Sessions pushed out by a new logon of the same device.", tally["push_outs", None])
+        yield _counter(
+            "esf_heartbeat_timeouts", "Sessions ended for silence (heartbeat timeout).", tally["heartbeat_timeouts", None]
+        )
+
+        messages = CounterMetricFamily(
+            "esf_messages_relayed", "Frames relayed from a user's device to another user, by message type.", labels=["type"]
+        )
+        relayed_bytes = CounterMetricFamily(
+            "esf_relayed_bytes", "Bytes of the frames relayed, header included, by message type.", labels=["type"]
+        )
+        for message_type in RELAY_TYPES:
+            label = message_type.name.lower()
+            messages.add_metric([label], counters[RELAYED_MESSAGES[message_type]])
+            relayed_bytes.add_metric([label], counters[RELAYED_BYTES[message_type]])
+        yield messages
+        yield relayed_bytes
+
+        fanout = HistogramMetricFamily(
+            "esf_broadcast_fanout",
+            "Broadcast messages by the number of devices each was sent to.",
+        )
+        buckets: list[tuple[str, float]] = []
+        cumulative = 0
+        for bound, bucket in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
+            cumulative += counters[bucket]
+            buckets.append((str(float(bound)), cumulative))  # "10.0", as Prometheus' own
+        buckets.append(("+Inf", counters[BROADCASTS]))
+        fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
+        yield fanout
+
+        for key in Count:
+            if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
+                continue
+            # (A counter added to Count and not described here is exported
+            # all the same; test_metrics asks for its description.)
+            name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
+            yield _counter(f"esf_{name}", text, counters[key])
+
+        cluster = getattr(engine.presence, "stats", None)  # a ClusterPresence's
+        if cluster is not None:
+            for name, text in CLUSTER_METRICS.items():
+                yield _counter(f"esf_cluster_{name}", text, cluster[name])
+
+        paused = backlog = blobs = blob_bytes = 0
+        for session in engine.sessions:
+            behind, queued = _output_backlog(session)
+            if behind:
+                paused += 1
+                backlog += queued
+            assembler = session.blobs
+            if assembler is not None and assembler.pending:
+                blobs += assembler.pending
+                blob_bytes += assembler.buffered
+        yield _gauge("esf_sessions_behind", "Sessions whose peer is not reading fast enough.", paused)
+        yield _gauge(
+            "esf_output_backlog_bytes",
+            "Bytes queued for peers that are behind, beyond the transports' own buffers.",
+            backlog,
+        )
+        yield _gauge("esf_blobs_in_progress", "Blobs to the server being reassembled.", blobs)
+        yield _gauge("esf_blob_buffered_bytes", "Bytes of blobs to the server waiting for their rest.", blob_bytes)
+        offline = engine.offline
+        yield _gauge(
+            "esf_offline_deliveries",
+            "Devices being delivered their stored messages now.",
+            offline.deliveries if offline is not None else 0,
+        )
+        if self.offline_totals is not None:
+            count, size = self.offline_totals
+            yield _gauge(
+                "esf_offline_stored_messages",
+                f"Messages in the offline store, as of the last look (every {OFFLINE_LOOK:g} s).",
+                count,
+            )
+            yield _gauge(
+                "esf_offline_stored_bytes",
+                f"Bytes of messages in the offline store, as of the last look (every {OFFLINE_LOOK:g} s).",
+                size,
+            )
+        yield _gauge("esf_pending_queries", "The server's own queries to clients waiting for an answer.", len(engine.pending))
+        yield _gauge("esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at)
+        info = GaugeMetricFamily("esf_server_info", "The server's version and node ID.", labels=["version", "node"])
+        info.add_metric([server_version(), str(engine.node_id)], 1)
+        yield info
+
+    def _traffic(self) -> Iterable[Metric]:
+        """
+        The per-transport counters the protocols keep (C{engine.traffic}).
+        """
+        traffic = self.engine.traffic
+        transports = sorted(set(TRANSPORTS) | set(traffic))
+        counted = {t: traffic.get(t) or Traffic() for t in transports}
+        for name, attribute, text in TRAFFIC_COUNTERS:
+            family = CounterMetricFamily(f"esf_{name}", text, labels=["transport"])
+            for transport, counts in counted.items():
+                family.add_metric([transport], getattr(counts, attribute))
+            yield family
+        refused = CounterMetricFamily(
+            "esf_connections_refused",
+            "Connections closed as they were made, by transport and reason.",
+            labels=["transport", "reason"],
+        )
+        for transport, counts in counted.items():
+            for reason in sorted(set(CONNECTION_REFUSALS.get(transport, ())) | set(counts.refused)):
+                refused.add_metric([transport, reason], counts.refused[reason])
+        yield refused
+
+
+def _transport_label(session: Session) -> str:
+    label: str = getattr(session.channel, "transport_label", "other")
+    return label
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def make_registry(metrics: ServerMetrics, process: bool = True) -> CollectorRegistry:
+    """
+    A registry with C{metrics} and, when C{process}, the process's own
+    figures under the names every exporter gives them (C{process_*}: CPU,
+    memory, open files), which off-the-shelf dashboards expect.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics)
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics}: the registry in Prometheus' text format (or OpenMetrics,
+    when the scraper asks for it), rendered on the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry):
+        super().__init__()  # type: ignore[no-untyped-call]  # Resource has no annotations
+        self.registry = registry
+
+    def render_GET(self, request: IRequest) -> bytes:
+        encoder, content_type = choose_encoder(request.getHeader("accept") or "")
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body
+
+    render_HEAD = render_GET
+
+
+class UnnamedRequest(server.Request):
+    """
+    A request answered without a C{Server} header: the admin and metrics
+    sites do not tell a scanner which twisted.web version to aim at (the
+    WebSocket port does not either).
+    """
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:  # the head goes out with the first write
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)  # type: ignore[no-untyped-call]
+
+
+class MetricsSite(Site):
+    requestFactory = UnnamedRequest
+
+    def log(self, request: Request) -> None:
+        # A scrape every few seconds would fill the server's log.
+        pass
+
+
+class _Attached(Service):
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]  # Service has no annotations
+        self.metrics.start()
+
+    def stopService(self) -> None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.metrics.stop()
+
+
+class MetricsService(MultiService):
+    """
+    Serves C{engine}'s metrics at C{/metrics} on C{endpoint}, within
+    C{limits} (timed by C{clock}, by default the engine's).  A port that
+    cannot be bound makes C{startService} raise.
+    """
+
+    def __init__(
+        self,
+        engine: ServerEngine,
+        endpoint: IStreamServerEndpoint,
+        *,
+        publisher: LogPublisher = globalLogPublisher,
+        limits: HTTPLimits = HTTP_LIMITS,
+        clock: IReactorTime | None = None,
+    ):
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.metrics = ServerMetrics(engine, publisher=publisher)
+        self.registry = make_registry(self.metrics)
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(self.registry))
+        site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
+        site.displayTracebacks = False
+        _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
+        factory = limit_site(site, limits, clock or engine.clock, "the metrics site")
+        self.listener = StreamServerEndpointService(endpoint, factory)
+        self.listener._raiseSynchronously = True
+        self.listener.setServiceParent(self)

@@ -1,0 +1,641 @@
+"""
+The server engine: wires the parts of an esf server together::
+
+    Session       one connection: frames in, output queued (esf.server._session)
+    Logons        the logon pipeline (esf.server._logon), on LogonPolicy's
+                  decisions (esf.server._policy)
+    IPresence     who is online (esf.server._presence: LocalPresence, UserManager)
+    Router        which devices a DestUserID names (esf.server._router)
+    Reaper        ends silent sessions (esf.server._heartbeat)
+    services      what the server itself answers (esf.server._services)
+    PendingRequests  the server's own queries to clients (esf.wire._pending)
+
+The engine never touches a transport.  A connection is an L{IChannel} (the
+protocol provides one); the engine hands it bytes to write and tells it when
+to close.  Time comes from an injected L{IReactorTime}.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from esf.wire import _messages as m
+from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
+from ._budget import MemoryBudget
+from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count, TrafficByTransport
+from esf.wire._events import Event, call
+from ._heartbeat import Reaper
+from ._logon import Logons
+from ._offline import OfflineMessages
+from esf.wire._pending import PendingRequests
+from ._policy import LogonRefused
+from ._presence import LocalPresence, UserManager
+from ._router import ANSWERS, AnswerRouter, Router
+from ._services import TO_SERVER, ApplicationServices, BasicServices
+from ._output import PUSH_BACK, REFUSED, OutputBatch
+from ._session import RELAYED, Session, SessionState
+from esf.wire._frames import (
+    SERVER_ID,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    MessageType,
+    device_address,
+    encode_frame,
+)
+from esf.interfaces import (
+    IBasicHandler,
+    IChannel,
+    ICustomizeHandler,
+    IGroupManager,
+    IOfflinePolicy,
+    IOfflineStore,
+    IPresence,
+    IRelogonPolicy,
+)
+
+__all__ = [
+    "RelogonMode",
+    "ServerConfig",
+    "UserData",
+    "LogonRefused",
+    "Event",
+    "AcceptAll",
+    "LocalPresence",
+    "UserManager",
+    "ServerEngine",
+    "Session",
+    "call",
+]
+
+log = Logger(namespace="esf.server")
+
+
+@implementer(IBasicHandler)
+class AcceptAll:
+    """
+    The handler used when the application gives none: every logon is
+    accepted and nobody may kick.
+    """
+
+    def verify_user(self, system_token: str, user_id: str, password: str, client_type: int,
+                    address: str) -> bool:
+        return True
+
+    def can_kick_out(self, operator_id: str, target_id: str, client_type: int | None) -> bool:
+        return False
+
+
+class ServerEngine:
+    """
+    The server side of ESF v1 (ESFramework's C{RapidServerEngine}).
+
+    @ivar user_manager: the L{IUserManager} applications read and subscribe
+        to.
+    @ivar sessions: the sessions not yet ended.
+    @ivar counters: counts of what did not go as asked, by
+        L{esf.server._counters.Count} name.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        clock: IReactorTime,
+        handler: IBasicHandler | None = None,
+        customize_handler: ICustomizeHandler | None = None,
+        group_manager: IGroupManager | None = None,
+        presence: IPresence | None = None,
+        node_id: str | None = None,
+        offline_store: IOfflineStore | None = None,
+        offline_policy: IOfflinePolicy | None = None,
+        relogon_policy: IRelogonPolicy | None = None,
+    ):
+        self.config = config = config or ServerConfig()
+        self.clock = clock
+        self.node_id = node_id or default_node_id()
+        self.handler = handler if handler is not None else AcceptAll()
+        self.customize_handler = customize_handler
+        self.group_manager = group_manager
+        #: The application's L{IRelogonPolicy}, or C{None}: then
+        #: C{config.relogon_mode} applies to every user and device kind.
+        self.relogon_policy = relogon_policy
+        #: L{Event}: C{(sender_id, dest_user_id, message_type, raw)}: a message
+        #: addressed to a user could not be delivered because the user is not
+        #: online (fired whether or not an offline store keeps it).
+        self.transmit_failed = Event("transmit_failed")
+        self.counters: collections.Counter[str] = collections.Counter()
+        #: What each kind of transport carried (its protocols count it).
+        self.traffic = TrafficByTransport()
+        self.presence = presence if presence is not None else LocalPresence()
+        self.user_manager = UserManager(self.presence, config)
+        self.router = Router(self.presence)
+        self.answers = AnswerRouter(
+            self.router, clock, config.query_timeout, config.max_unanswered_requests
+        )
+        self.batch = OutputBatch()
+        #: Bytes held for peers (output backlogs, partial frames, blobs).
+        self.budget = MemoryBudget(config.max_buffered_bytes)
+        self.pending = PendingRequests(clock, config.query_timeout)
+        self.logons = Logons(self)
+        self.reaper = Reaper(
+            clock, config.heartbeat_timeout, lambda: self.sessions, self._heartbeat_timed_out,
+            self._expire_blobs,
+        )
+        self.sessions: set[Session] = set()
+        #: How many connections are not yet closed (a count, not a set: one
+        #: entry less per connection).
+        self._open = 0
+        #: A full work bucket (L{Session.charge}), one float object that
+        #: every new session starts with.
+        self.full_bucket = float(config.work_burst)
+        self._drained: list[Deferred[None]] = []
+        self.stopping = False
+        self._dispatch = {}
+        for service in (BasicServices(self), ApplicationServices(self)):
+            self._dispatch.update(service.handlers)
+        #: The offline part (L{OfflineMessages}), when there is a store.
+        self.offline: OfflineMessages | None = None
+        self._store_opened = False
+        if offline_store is not None:
+            self.offline = OfflineMessages(self, offline_store, offline_policy)
+        self.presence.attach(self)
+
+    # -- life -------------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Start the heartbeat reaper and open the offline store, if there is
+        one.  The first connection does so too, so an engine built by hand
+        never runs without them; L{stop} closes the store once every
+        connection has closed.  The store is opened once.
+
+        @raise esf.offline.OfflineStoreError: the store cannot be opened
+            (corrupt, unwritable, a newer schema); a failure it reports
+            later is logged (C{offline_store_failed}).
+        """
+        self.reaper.start()
+        if self.offline is not None and not self._store_opened:
+            self._store_opened = True
+            self.offline.store.start().addErrback(
+                lambda f: log.failure("the offline store could not be opened", f,
+                                      esf_event="offline_store_failed")  # fmt: skip
+            )
+
+    def stop(self) -> Deferred[None]:
+        """
+        Send C{DisconnectNotice(ServerShutdown)} to every session and close
+        them; refuse new connections.
+
+        @return: a Deferred that fires when every connection has closed.
+        """
+        self.stopping = True
+        self.reaper.stop()
+        self.logons.record.stop()
+        for session in list(self.sessions):
+            session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
+        drained: Deferred[None]
+        if not self._open:
+            drained = succeed(None)
+        else:
+            drained = Deferred()
+            self._drained.append(drained)
+        if self.offline is None or not self._store_opened:
+            return drained
+        # Closed once the sessions have ended: they release what they hold.
+        self._store_opened = False
+        store = self.offline.store
+        return drained.addCallback(lambda _: store.stop())
+
+    # -- connections ----------------------------------------------------------
+
+    def connection_made(self, channel: IChannel) -> Session:
+        """
+        A peer connected; return the session the protocol will feed.
+        """
+        session = Session(self, channel)
+        self.sessions.add(session)
+        self._open += 1
+        if self.stopping:
+            session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
+            return session
+        if not self.reaper.running:
+            try:
+                self.start()
+            except Exception:
+                log.failure("the offline store could not be opened", esf_event="offline_store_failed")
+        limit = self.config.max_connections
+        if limit is not None and len(self.sessions) > limit:
+            session.end(
+                DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED,
+                f"the server holds its maximum of {limit} connections; try later",
+            )
+            return session
+        session.logon_timer = self.clock.callLater(
+            self.config.logon_timeout, self._logon_timed_out, session
+        )
+        return session
+
+    def connection_closed(self, session: Session) -> None:
+        """
+        C{session}'s connection is closed (once for each L{connection_made}:
+        a channel reports its end once).
+        """
+        self._open -= 1
+        if self.stopping and not self._open:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
+
+    def _logon_timed_out(self, session: Session) -> None:
+        session.logon_timer = None
+        text = f"no logon within {self.config.logon_timeout:g} s"
+        if session.decoder.buffered:
+            # Bytes that never made a whole frame: most likely a client whose
+            # header is shorter than this server's.  Say which one we expect.
+            wire = self.config.wire
+            text += (
+                f"; {session.decoder.buffered} bytes arrived that are not a whole frame "
+                f"(this server expects {wire.header_length}-byte headers, max UserID "
+                f"length {wire.max_userid_length})"
+            )
+        session.end(DisconnectedType.LOGON_TIMEOUT, text)
+
+    def session_ended(
+        self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
+    ) -> None:
+        """
+        C{session} ended (it calls this once): unbind it and log one event.
+        """
+        self.sessions.discard(session)
+        if was_logged_on:
+            self.logons.unbind(session, reason)
+        if len(self.pending):
+            self.pending.fail_where(
+                lambda asked: asked is session,
+                m.RequestError(ErrorCode.USER_OFFLINE, f"{session.user_id}'s session ended"),
+            )
+        if self.offline is not None:
+            self.offline.session_ended(session)
+        if session.blobs is not None:
+            self.budget.add_blob_bytes(session.user_id or "", -session.blobs.buffered)
+            session.blobs = None
+        session.asked = None
+        suppressed = session.suppressed_logs
+        self.logons.record.flush_for(session.user_id)  # its logon is logged first
+        log.info(
+            "session ended: {user_id}/{client_type} from {address}: {reason} "
+            "({text}) after {duration:.1f} s",
+            esf_event="session_ended",
+            user_id=session.user_id,
+            client_type=session.client_type,
+            address=session.address,
+            reason=reason.name,
+            reason_code=int(reason),
+            text=text,
+            duration=self.clock.seconds() - session.connected_at,
+            logged_on=was_logged_on,
+            suppressed_logs=suppressed,
+        )
+        if suppressed:
+            session.summarise_logs()
+
+    def _heartbeat_timed_out(self, session: Session) -> None:
+        self.user_manager.heartbeat_timed_out.fire(session.user_data)
+        text = f"no whole frame received for {self.config.heartbeat_timeout} s"
+        if session.decoder.buffered:
+            # Bytes trickle in but never finish a frame: only whole frames
+            # keep a session alive (protocol.md 7.2).
+            text += f" ({session.decoder.buffered} bytes of an unfinished frame)"
+        session.end(DisconnectedType.HEARTBEAT_TIMEOUT, text)
+
+    def _expire_blobs(self, now: float) -> None:
+        for session in self.sessions:
+            if session.blobs is not None and session.blobs.pending:
+                before = session.blobs.buffered
+                expired = session.blobs.expire(now)
+                self.budget.add_blob_bytes(session.user_id or "", session.blobs.buffered - before)
+                for blob_id in expired:
+                    if session.may_log():
+                        log.info(
+                            "dropped blob {blob_id} of {session!r}: idle too long",
+                            blob_id=blob_id,
+                            session=session,
+                        )
+        if self.offline is not None:
+            self.offline.expire_blobs(now)
+
+    # -- frames -----------------------------------------------------------------
+
+    def frame_received(self, session: Session, frame: Frame) -> None:
+        """
+        Dispatch one frame from C{session} (the relay's common case never
+        gets here: the session forwards it itself).
+        """
+        if session.state is not SessionState.LOGGED_ON:
+            self.logons.frame_received(session, frame)
+            return
+        if frame.user_id != session.user_id:
+            session.end(
+                DisconnectedType.MESSAGE_WITH_WRONG_USER_ID,
+                f"frame from {frame.user_id!r} on the session of {session.user_id!r}",
+            )
+            return
+        if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
+            self.relay(session, frame)
+            return
+        if (
+            frame.message_type == MessageType.ACK
+            and self.offline is not None
+            and self.offline.ack(session, frame)
+        ):
+            return  # acknowledged stored messages: as cheap as a relay, not charged
+        if not session.charge(1):
+            self._work_refused(session, frame)
+            return
+        handler = self._dispatch.get(frame.message_type)
+        if handler is None:
+            session.error(
+                frame,
+                ErrorCode.UNKNOWN_MESSAGE_TYPE,
+                f"unknown message type {frame.message_type}",
+            )
+            return
+        try:
+            handler(session, frame)
+        except m.BadRequest as e:
+            session.error(frame, ErrorCode.BAD_REQUEST, str(e))
+
+    def _work_refused(self, session: Session, frame: Frame) -> None:
+        if self.over_budget(session):
+            return
+        session.error(
+            frame,
+            ErrorCode.RATE_LIMITED,
+            f"too many requests to the server: at most {self.config.work_rate:g} units "
+            f"of work a second (1 per request, 1 more per {IDS_PER_UNIT} user IDs); slow down",
+        )
+
+    def over_budget(self, session: Session) -> bool:
+        """
+        C{session} found its work budget spent (L{Session.charge} said no,
+        to a request or, over WebSocket, to a frame): count it, and end
+        the session if it has kept its budget spent for
+        C{work_refusal_limit} seconds.
+
+        @return: whether the session was ended.
+        """
+        self.counters[Count.WORK_REFUSED] += 1
+        limit = self.config.work_refusal_limit
+        if session.refused_for() < limit:
+            return False
+        session.end(
+            DisconnectedType.BEING_KICKED_OUT,
+            f"asked the server for more work than its budget "
+            f"({self.config.work_rate:g} a second) for {limit:g} s",
+        )
+        return True
+
+    def relay(self, session: Session, frame: Frame) -> None:
+        """
+        Forward a frame, its original bytes, to the devices its DestUserID
+        names; say why not when there are none.  An answer goes only to the
+        device whose request it answers (L{AnswerRouter}), or nowhere.
+        """
+        message_type = frame.message_type
+        if message_type in ANSWERS:
+            askers = self.answers.answer(session, frame)
+            if not askers:
+                if self.router.resolve(frame.dest_user_id) is None:
+                    session.error(
+                        frame,
+                        ErrorCode.BAD_REQUEST,
+                        f"{frame.dest_user_id!r} is not a user to relay to",
+                    )
+                    return
+                self.counters[Count.UNSOLICITED_ANSWERS] += 1
+                log.debug(
+                    "dropped {message_type} #{message_id} from {session!r} to {dest}: "
+                    "it answers no request relayed to {user_id}",
+                    message_type=message_type,
+                    message_id=frame.message_id,
+                    session=session,
+                    dest=frame.dest_user_id,
+                    user_id=session.user_id,
+                )
+                return
+            raw = frame.raw
+            delivered = False
+            for asker in askers:
+                status = asker.send(raw)
+                if not status or not self.not_queued(session, asker, status, 1, len(raw)):
+                    delivered = True
+            if delivered:
+                self.count_relayed(message_type, 1, len(raw))
+            return
+        targets = self.router.resolve(frame.dest_user_id)
+        if (
+            targets
+            and message_type == MessageType.BLOB
+            and self.offline is not None
+            and self.offline.gathering(session, frame)
+        ):
+            # The rest of a blob begun while its addressee was offline:
+            # kept with its first fragments, so that it arrives whole.
+            self.offline.offer(session, frame)
+            return
+        if targets:
+            acknowledged = frame.message_id and message_type != MessageType.SEND
+            if acknowledged:
+                if not self.answers.asked(session, frame):
+                    self.counters[Count.TOO_MANY_UNANSWERED] += 1
+                    session.error(
+                        frame,
+                        ErrorCode.RATE_LIMITED,
+                        f"{self.config.max_unanswered_requests} requests to users await "
+                        "answers already; wait for some",
+                    )
+                    return
+            raw = frame.raw
+            delivered = False
+            for target in targets:
+                status = target.send(raw)
+                if not status or not self.not_queued(session, target, status, 1, len(raw)):
+                    delivered = True
+            if delivered:
+                self.count_relayed(message_type, 1, len(raw))
+            elif acknowledged:
+                # Refused by every device it is addressed to: say so now,
+                # rather than let the sender wait for an answer that cannot
+                # come.  (One-way frames were counted by not_queued.)
+                self.answers.forget(session, frame)
+                session.error(
+                    frame,
+                    ErrorCode.RATE_LIMITED,
+                    f"not delivered: {frame.dest_user_id} is backed up (it does not read what "
+                    "is relayed to it fast enough); try later",
+                )
+            return
+        if targets is None:
+            session.error(
+                frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
+            )
+            return
+        self.counters[Count.TRANSMIT_FAILED] += 1
+        self.transmit_failed.fire(
+            session.user_id, frame.dest_user_id, frame.message_type, frame.raw
+        )
+        if self.offline is not None and self.presence.up and self.offline.offer(session, frame):
+            return  # kept: the offline part answers the sender
+        if self.presence.up:
+            text = f"{frame.dest_user_id} is not online"
+        else:
+            # A cluster's presence that lost Redis: users elsewhere are unknown.
+            text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
+        session.error(frame, ErrorCode.USER_OFFLINE, text)
+
+    def not_queued(self, sender: Session, target: Any, status: int, frames: int, size: int) -> bool:
+        """
+        C{target.send} answered C{status} (true) for C{frames} frames of
+        C{sender}, C{size} bytes: hold C{sender} back (L{PUSH_BACK}), or
+        count what was refused and charge it to C{sender}'s allowance
+        (L{esf.server._output.Output.refused}).
+
+        @return: whether the frames were not queued.
+        """
+        if status == PUSH_BACK:
+            target.push_back(sender)
+            return False
+        if status == REFUSED:
+            self.counters[Count.RECEIVER_BEHIND] += frames
+        else:
+            # Past the hard bound while the senders are held back (they
+            # finish the reads they were in): hold this one back too.
+            target.push_back(sender)
+        sender.refused(size)
+        return True
+
+    def count_relayed(self, message_type: int, frames: int, size: int) -> None:
+        """
+        Count C{frames} relayed frames of C{message_type}, C{size} bytes in
+        all, once each however many devices they went to (metrics read it).
+        """
+        counters = self.counters
+        counters[RELAYED_MESSAGES[message_type]] += frames
+        counters[RELAYED_BYTES[message_type]] += size
+
+    def tell_other_devices(self, session: Session, message_type: MessageType) -> None:
+        """
+        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
+        """
+        assert session.user_id is not None and session.client_type is not None  # logged on
+        for other in self.presence.devices(session.user_id):
+            if other is not session:
+                other.notify(message_type, client_type=session.client_type)
+
+    # -- application-facing ------------------------------------------------------
+
+    def _devices(self, user_id: str, client_type: int | None) -> Any:
+        return self.router.resolve(device_address(user_id, client_type)) or ()
+
+    def kick_out(
+        self,
+        user_id: str,
+        reason: str = "",
+        client_type: int | None = None,
+        *,
+        operator: str = SERVER_ID,
+        origin: str = "server_api",
+    ) -> int:
+        """
+        Kick C{user_id} off (one device, or every device when
+        C{client_type} is C{None}): each gets C{BeingKickedOutNotify} with
+        the operator and reason, then its connection is closed.  The user
+        manager's C{device_kicked_out} fires for each, on the device's node.
+
+        @param origin: where the kick comes from, for the log and the audit
+            (C{"server_api"}, C{"client"}, C{"admin_api"}).
+
+        @return: how many devices were kicked.
+        """
+        targets = tuple(self._devices(user_id, client_type))
+        self.logons.record.flush_for(operator, user_id)  # their logons are logged first
+        log.info(
+            "kick: {operator} kicks {user_id} ({count} devices): {reason}",
+            esf_event="kick_out",
+            operator=operator,
+            user_id=user_id,
+            client_type=client_type,
+            count=len(targets),
+            reason=reason,
+            origin=origin,
+        )
+        text = f"kicked by {operator}: {reason}"
+        for target in targets:
+            target.kick_out(operator, reason, text)
+        return len(targets)
+
+    def send(
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        client_type: int | None = None,
+    ) -> int:
+        """
+        Send C{user_id} a one-way application message (Send, 202) from the
+        server: to every device, or to C{client_type} only.
+
+        @return: how many devices it was written to (0: not online).
+        """
+        targets = self._devices(user_id, client_type)
+        body = m.Information(information_type, payload).encode()
+        if not targets:
+            dest = device_address(user_id, client_type)
+            self.counters[Count.TRANSMIT_FAILED] += 1
+            self.transmit_failed.fire(
+                SERVER_ID,
+                dest,
+                MessageType.SEND,
+                encode_frame(
+                    self.config.wire, MessageType.SEND, body, user_id=SERVER_ID, dest_user_id=dest
+                ),
+            )
+            return 0
+        for target in targets:
+            target.notify(MessageType.SEND, body)
+        return len(targets)
+
+    def query(
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        client_type: int | None = None,
+        timeout: float | None = None,
+    ) -> Deferred[bytes]:
+        """
+        Ask one device of C{user_id} (C{client_type}, or the first that
+        logged on) a Request (203); its client's handler answers.
+
+        @return: a Deferred firing with the answer's payload, or failing with
+            L{esf.RequestError}: C{USER_OFFLINE}, C{TIMEOUT} (after
+            C{timeout}, by default the configured query timeout), the
+            client's own error, or C{USER_OFFLINE} again when the session
+            ends first.
+        """
+        targets = self._devices(user_id, client_type)
+        if not targets:
+            return fail(m.RequestError(ErrorCode.USER_OFFLINE, f"{user_id} is not online"))
+        target = targets[0]
+        message_id = self.pending.next_id()
+        d = self.pending.expect(message_id, target, timeout)
+        body = m.Information(information_type, payload).encode()
+        target.ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
+        return d

@@ -1,0 +1,610 @@
+"""
+Offline messages: what is relayed to a user who is offline is kept in an
+L{IOfflineStore} and delivered at that user's next logon::
+
+    OfflineMessages   the engine's part: keeps (C{offer}), drains at
+                      logon (C{logged_on}), takes the device's
+                      acknowledgements (C{ack})
+
+What a store is, and one in memory, are in L{esf.offline._store}; the
+stores on disk and in Redis in L{esf.offline._sqlite} and
+L{esf.offline._redis}.  docs/messages.md (section 5) and docs/protocol.md
+(section 8.7) describe the behaviour and the wire rules.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from esf.wire import _messages as m
+from ._counters import Count
+from esf.offline._store import KEPT_TYPES, KeepAll, OfflineSenderFull, OfflineServerFull, OfflineStoreFull
+from ._router import user_part
+from esf.wire._frames import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType
+from esf.interfaces import IOfflinePolicy, IOfflineStore
+
+if TYPE_CHECKING:
+    from ._engine import ServerEngine
+    from ._session import Session
+
+__all__ = [
+    "OfflineMessages",
+    "delivery_frame",
+    "split_dest",
+]
+
+log = Logger(namespace="esf.offline")
+
+_MESSAGE_ID = struct.Struct("<i")
+_I32 = struct.Struct("<i")
+
+
+def split_dest(dest: str) -> tuple[str, int | None]:
+    """
+    C{("bob", None)} for C{"bob"}, C{("bob", 5)} for C{"bob#5"}.
+    """
+    user_id = user_part(dest)
+    if user_id == dest:
+        return dest, None
+    return user_id, int(dest.rpartition(DEVICE_MARK)[2])
+
+
+def information_type(body: bytes | memoryview) -> int | None:
+    """
+    The C{i32 information_type} an application body starts with, if any.
+    """
+    return int(_I32.unpack_from(body)[0]) if len(body) >= 4 else None
+
+
+def delivery_frame(raw: bytes, message_id: int, wire: Any) -> bytes:
+    """
+    A kept frame as it is delivered: the same bytes but for MessageID,
+    which is the stored message's ID, and DestUserID, which is C{_0} (no
+    relayed frame ever has it: it marks a delivery from the store).
+    """
+    slot = wire.id_slot
+    frame = bytearray(raw)
+    _MESSAGE_ID.pack_into(frame, 4, message_id)
+    dest = 13 + slot
+    frame[dest] = len(SERVER_ID)
+    frame[dest + 1 : dest + 1 + slot] = SERVER_ID.encode().ljust(slot, b"\0")
+    return bytes(frame)
+
+
+def _continues(raw: bytes, wire: Any) -> bool:
+    """
+    Whether C{raw} is a Blob fragment that is not its blob's last.
+    """
+    if struct.unpack_from("<H", raw, 2)[0] != MessageType.BLOB:
+        return False
+    is_last = wire.header_length + 12
+    return bool(len(raw) > is_last and raw[is_last] == 0)
+
+
+class _PendingBlob:
+    """
+    The fragments of a blob to an offline user, gathered until its last:
+    all of them are kept, or none.
+    """
+
+    __slots__ = ("frames", "size", "next_index", "information_type", "sender", "touched")
+
+    def __init__(self, information_type: int, sender: str, now: float) -> None:
+        self.frames: list[bytes] = []
+        self.size = 0
+        self.next_index = 0
+        self.information_type = information_type
+        #: The user sending it: its bytes count among that user's blobs in
+        #: progress (L{esf.server._budget.MemoryBudget.blob_bytes}).
+        self.sender = sender
+        #: When its last fragment came (it is dropped once idle too long).
+        self.touched = now
+
+
+class _Stalled(Exception):
+    pass
+
+
+class _Gone(Exception):
+    pass
+
+
+class _Drain:
+    """
+    Delivers one device's stored messages, in order, a window at a time:
+    a window is sent, then the device's cumulative acknowledgement is
+    waited for, then the window is forgotten in the store.
+    """
+
+    def __init__(self, offline: OfflineMessages, session: Session, whole_user: bool):
+        self.offline = offline
+        self.session = session
+        self.user_id: str = session.user_id or ""
+        kinds: tuple[int | None, ...] = (session.client_type,)
+        self.client_types = (None, *kinds) if whole_user else kinds
+        self.whole_user = whole_user
+        #: IDs written to the device and not yet forgotten, in order.
+        self.sent: list[int] = []
+        #: The highest ID the device acknowledged (cumulative).
+        self.acked = 0
+        self.delivered = 0
+        self._waiting: Deferred[None] | None = None
+        self._target = 0
+        self._timer: Any = None
+        self.done = False
+
+    async def run(self) -> None:
+        offline = self.offline
+        engine = offline.engine
+        session = self.session
+        wire = engine.config.wire
+        after = 0
+        try:
+            while True:
+                batch = await offline.store.fetch(
+                    self.user_id, self.client_types, after, offline.window, offline.window_bytes
+                )
+                if self.done:
+                    return
+                if not batch:
+                    break
+                outermost = engine.batch.begin()
+                try:
+                    for entry in batch:
+                        session.queue(delivery_frame(entry.raw, entry.id, wire))
+                        self.sent.append(entry.id)
+                        after = entry.id
+                finally:
+                    if outermost:
+                        engine.batch.flush()
+                if _continues(batch[-1].raw, wire):
+                    # The rest of a blob: its acknowledgement comes at its
+                    # last fragment.
+                    await self._writable()
+                    continue
+                await self._until_acked(after)
+                await self._forget()
+                if self.done:
+                    return
+        except _Gone:
+            return
+        except _Stalled:
+            # What the device did acknowledge is forgotten all the same.
+            self._forget().addErrback(
+                lambda f: log.failure("forgetting delivered messages failed", f)
+            )
+            engine.counters[Count.OFFLINE_DRAINS_STALLED] += 1
+            log.info(
+                "{session!r} did not acknowledge stored messages within {timeout:g} s: "
+                "the rest waits for its next logon",
+                esf_event="offline_drain_stalled",
+                session=session,
+                user_id=self.user_id,
+                timeout=engine.config.offline_ack_timeout,
+            )
+        except Exception:
+            log.failure(
+                "delivering stored messages to {session!r} failed",
+                session=session,
+                esf_event="offline_drain_failed",
+            )
+        finally:
+            self.finish()
+
+    def _until_acked(self, target: int) -> Deferred[None]:
+        if self.acked >= target:
+            return succeed(None)
+        self._target = target
+        d: Deferred[None] = Deferred()
+        self._waiting = d
+        clock = self.offline.engine.clock
+        self._timer = clock.callLater(
+            self.offline.engine.config.offline_ack_timeout, self._fail, _Stalled()
+        )
+        return d
+
+    def _fail(self, error: Exception) -> None:
+        self._timer = None
+        d, self._waiting = self._waiting, None
+        if d is not None:
+            d.errback(error)
+
+    async def _writable(self) -> None:
+        session = self.session
+        await session.when_writable()
+        if not session.logged_on:
+            raise _Gone()
+
+    def ack(self, message_id: int) -> bool:
+        """
+        The device acknowledged every delivery up to C{message_id}.
+        """
+        if not self.sent or message_id < self.sent[0] or message_id <= self.acked:
+            return False
+        # Only what was sent can be acknowledged: an ID past it does not
+        # forget messages the device has not had.
+        self.acked = min(message_id, self.sent[-1])
+        if self._waiting is not None and message_id >= self._target:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            d, self._waiting = self._waiting, None
+            d.callback(None)
+        return True
+
+    def _forget(self) -> Deferred[int]:
+        acked = [i for i in self.sent if i <= self.acked]
+        if not acked:
+            return succeed(0)
+        self.sent = [i for i in self.sent if i > self.acked]
+        self.offline.engine.counters[Count.OFFLINE_DELIVERED] += len(acked)
+        try:
+            return self.offline.store.delete(self.user_id, acked)
+        except Exception:
+            return fail()  # a store that raises at once fails like one that answers later
+
+    def session_ended(self) -> None:
+        """
+        The device went away: forget what it acknowledged; the rest is
+        delivered again at the next logon.
+        """
+        if self.done:
+            return
+        d = self._forget()
+        d.addErrback(
+            lambda f: log.failure("forgetting delivered messages failed", f)
+        )
+        self._fail(_Gone())
+        self.finish()
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        offline = self.offline
+        offline._sessions.pop(self.session, None)
+        if offline._users.get(self.user_id) is self:
+            del offline._users[self.user_id]
+        if self.session.logged_on:
+            self.session.release_held()
+
+
+class OfflineMessages:
+    """
+    The engine's offline part: keeps what the engine could not relay
+    (C{offer}), delivers it at logon (C{logged_on}) and forgets it once
+    acknowledged (C{ack}).
+
+    @ivar window: most stored messages written to a device before its
+        acknowledgement is waited for.
+    @ivar window_bytes: most bytes of them (a blob's fragments go out
+        whole, as fast as the device reads).
+    """
+
+    def __init__(
+        self,
+        engine: ServerEngine,
+        store: IOfflineStore,
+        policy: IOfflinePolicy | None = None,
+        window: int = 100,
+    ):
+        self.engine = engine
+        self.store = store
+        self.policy: IOfflinePolicy = policy if policy is not None else KeepAll()
+        self.window = window
+        self.window_bytes = max(engine.config.max_output_buffer // 2, 1)
+        #: Blobs to offline users being gathered: (session, dest, blob ID).
+        self._blobs: dict[tuple[Session, str, int], _PendingBlob] = {}
+        #: Sessions with blobs being gathered -> how many.
+        self._blob_counts: dict[Session, int] = {}
+        self._sessions: dict[Any, _Drain] = {}
+        #: Users whose whole-user messages a device of this node drains.
+        self._users: dict[str, _Drain] = {}
+
+    # -- keeping -------------------------------------------------------------------
+
+    def offer(self, session: Session, frame: Frame) -> bool:
+        """
+        C{frame}, from C{session}, is addressed to a user (or device) who is
+        offline: keep it if it is of a kept type and the policy agrees.
+
+        @return: whether it was taken (then the sender is answered from
+            here: Ack once stored, or an Error); C{False}: not kept.
+        """
+        message_type = frame.message_type
+        if message_type not in KEPT_TYPES:
+            return False
+        kind = split_dest(frame.dest_user_id)[1]
+        if kind is not None and kind not in self.engine.config.client_types:
+            return False  # no such device can log on here: nothing to keep it for
+        if message_type == MessageType.BLOB:
+            return self._offer_fragment(session, frame)
+        info_type = information_type(frame.body)
+        if not self._keep(session, frame, info_type):
+            return False
+        self._store(session, frame, [frame.raw], info_type)
+        return True
+
+    def gathering(self, session: Session, frame: Frame) -> bool:
+        """
+        Whether C{frame}, a Blob fragment to a user online now, belongs to
+        a blob begun while that user was offline (it is kept with it, so
+        that the blob arrives whole, and in order, at the next logon).
+        """
+        if session not in self._blob_counts:
+            return False
+        try:
+            fragment = m.BlobFragment.decode(frame.body)
+        except m.BadRequest:
+            return False
+        return (session, frame.dest_user_id, fragment.blob_id) in self._blobs
+
+    def _keep(self, session: Session, frame: Frame, info_type: int | None) -> bool:
+        try:
+            keep = bool(
+                self.policy.keep_offline(
+                    session.user_id or "", frame.dest_user_id, frame.message_type, info_type
+                )
+            )
+        except Exception:
+            log.failure("the offline policy raised; the message is not kept")
+            keep = False
+        if not keep:
+            self.engine.counters[Count.OFFLINE_NOT_KEPT] += 1
+        return keep
+
+    def _offer_fragment(self, session: Session, frame: Frame) -> bool:
+        engine = self.engine
+        try:
+            fragment = m.BlobFragment.decode(frame.body)
+        except m.BadRequest as e:
+            session.error(frame, ErrorCode.BAD_REQUEST, str(e))
+            return True
+        sid = session
+        key = (sid, frame.dest_user_id, fragment.blob_id)
+        pending = self._blobs.get(key)
+        if fragment.fragment_index == 0:
+            if pending is not None:
+                self._drop_blob(key)
+            if not self._keep(session, frame, fragment.information_type):
+                return False
+            if self._blob_counts.get(sid, 0) >= engine.config.max_concurrent_blobs:
+                session.error(
+                    frame,
+                    ErrorCode.RATE_LIMITED,
+                    f"at most {engine.config.max_concurrent_blobs} blobs to offline users "
+                    "may be in progress at once",
+                )
+                return True
+            pending = self._blobs[key] = _PendingBlob(
+                fragment.information_type, session.user_id or "", engine.clock.seconds()
+            )
+            self._blob_counts[sid] = self._blob_counts.get(sid, 0) + 1
+        elif pending is None:
+            return False  # begun while the user was online: cannot be kept whole
+        elif (
+            fragment.fragment_index != pending.next_index
+            or fragment.information_type != pending.information_type
+        ):
+            self._drop_blob(key)
+            session.error(
+                frame,
+                ErrorCode.BAD_REQUEST,
+                f"fragment {fragment.fragment_index} of blob {fragment.blob_id} is out of order",
+            )
+            return True
+        size = len(frame.raw)
+        bounds = self.store.bounds
+        config, budget = engine.config, engine.budget
+        if budget.blob_bytes(pending.sender) + size > config.max_blob_bytes_per_user:
+            # Every blob a user has in progress, to users online or not,
+            # counts against one bound.
+            self._drop_blob(key)
+            engine.counters[Count.BLOB_ERRORS] += 1
+            session.error(
+                frame,
+                ErrorCode.TOO_LARGE,
+                f"{pending.sender}'s blobs in progress would pass "
+                f"{config.max_blob_bytes_per_user} bytes; blob {fragment.blob_id} dropped",
+            )
+            return True
+        if not budget.fits(size):
+            self._drop_blob(key)
+            engine.counters[Count.BLOB_ERRORS] += 1
+            session.error(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                f"the server's memory budget is spent; blob {fragment.blob_id} dropped, "
+                "try later",
+            )
+            return True
+        if pending.size + size > bounds.max_bytes:
+            self._drop_blob(key)
+            engine.counters[Count.OFFLINE_FULL] += 1
+            session.error(
+                frame,
+                ErrorCode.USER_OFFLINE,
+                f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
+                f"to keep (at most {bounds.max_bytes} bytes per user)",
+            )
+            return True
+        if pending.size + size > bounds.max_sender_bytes:
+            self._drop_blob(key)
+            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
+            session.error(
+                frame,
+                ErrorCode.USER_OFFLINE,
+                f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
+                f"to keep (one sender may have at most {bounds.max_sender_bytes} bytes waiting "
+                "for users who are offline)",
+            )
+            return True
+        pending.frames.append(frame.raw)
+        pending.size += size
+        pending.next_index += 1
+        pending.touched = engine.clock.seconds()
+        budget.add_blob_bytes(pending.sender, size)
+        if fragment.is_last:
+            self._drop_blob(key)
+            self._store(session, frame, pending.frames, fragment.information_type)
+        return True
+
+    def expire_blobs(self, now: float) -> None:
+        """
+        Drop the blobs to offline users whose next fragment has not come
+        within C{blob_idle_timeout} (the engine's reaper calls this, as for
+        blobs to the server).
+        """
+        if not self._blobs:
+            return
+        deadline = now - self.engine.config.blob_idle_timeout
+        for key in [k for k, p in self._blobs.items() if p.touched < deadline]:
+            self._drop_blob(key)
+            self.engine.counters[Count.BLOB_ERRORS] += 1
+
+    def _drop_blob(self, key: tuple[Session, str, int]) -> None:
+        pending = self._blobs.pop(key, None)
+        if pending is None:
+            return
+        self.engine.budget.add_blob_bytes(pending.sender, -pending.size)
+        sid = key[0]
+        left = self._blob_counts.get(sid, 0) - 1
+        if left > 0:
+            self._blob_counts[sid] = left
+        else:
+            self._blob_counts.pop(sid, None)
+
+    def _store(
+        self, session: Session, frame: Frame, frames: list[bytes], info_type: int | None
+    ) -> None:
+        user_id, client_type = split_dest(frame.dest_user_id)
+        try:
+            d = self.store.store(user_id, client_type, frames, session.user_id or "")
+        except Exception:
+            d = fail()
+        d.addCallbacks(
+            self._stored,
+            self._not_stored,
+            callbackArgs=(session, frame, len(frames), info_type),
+            errbackArgs=(session, frame),
+        )
+
+    def _stored(
+        self, ids: Any, session: Session, frame: Frame, count: int, info_type: int | None
+    ) -> None:
+        self.engine.counters[Count.OFFLINE_STORED] += count
+        if frame.message_id:
+            # From the server, not the receiver: stored, not yet delivered.
+            session.reply(frame, m.Ack(info_type or 0).encode(), MessageType.ACK)
+
+    def _not_stored(self, failure: Failure, session: Session, frame: Frame) -> None:
+        engine = self.engine
+        dest = frame.dest_user_id
+        error = failure.value
+        if isinstance(error, OfflineServerFull):
+            engine.counters[Count.OFFLINE_SERVER_FULL] += 1
+            if session.may_log():
+                log.warn(
+                    "the offline store is full: a message from {session!r} for {dest} is "
+                    "refused ({why})",
+                    session=session,
+                    dest=dest,
+                    why=str(error),
+                    esf_event="offline_server_full",
+                )
+            text = f"{dest} is not online and the server's offline store is full: try later"
+        elif isinstance(error, OfflineSenderFull):
+            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
+            if session.may_log():
+                log.info(
+                    "{session!r} has as much waiting in the offline store as one sender may: "
+                    "a message for {dest} is refused ({why})",
+                    session=session,
+                    dest=dest,
+                    why=str(error),
+                    esf_event="offline_sender_full",
+                )
+            text = (
+                f"{dest} is not online and you cannot leave more for users who are offline: "
+                f"you have {error.count} messages ({error.size} bytes) waiting, at most "
+                f"{error.max_messages} ({error.max_bytes} bytes) per sender"
+            )
+        elif isinstance(error, OfflineStoreFull):
+            engine.counters[Count.OFFLINE_FULL] += 1
+            text = f"{dest} is not online and cannot be sent more: {error}"
+        else:
+            engine.counters[Count.OFFLINE_ERRORS] += 1
+            if session.may_log():
+                log.failure(
+                    "keeping a message from {session!r} for {dest} failed",
+                    failure,
+                    session=session,
+                    dest=dest,
+                    esf_event="offline_store_failed",
+                )
+            text = f"{dest} is not online and the offline store cannot keep it now"
+        session.error(frame, ErrorCode.USER_OFFLINE, text)
+
+    # -- delivering ----------------------------------------------------------------
+
+    def logged_on(self, session: Session) -> None:
+        """
+        C{session} has just logged on (its Logon reply is queued): deliver
+        what is kept for its device, and for its user unless another
+        device of this node is doing so, before anything relayed to it
+        since (which it holds meanwhile).
+        """
+        user_id = session.user_id or ""
+        whole_user = user_id not in self._users
+        drain = _Drain(self, session, whole_user)
+        self._sessions[session] = drain
+        if whole_user:
+            self._users[user_id] = drain
+        session.hold()
+        Deferred.fromCoroutine(drain.run())
+
+    def reclaimed(self, session: Session) -> None:
+        """
+        C{session}'s device was claimed again after the cluster had let it
+        go (its node was reaped while paused, or Redis lost its data), and
+        messages may have been stored for it meanwhile: deliver them now,
+        as at a logon, unless they are being delivered already.
+        """
+        if session.logged_on and session not in self._sessions:
+            self.logged_on(session)
+
+    def ack(self, session: Session, frame: Frame) -> bool:
+        """
+        An Ack (206) to C{_0}: whether it acknowledged stored messages.
+        """
+        drain = self._sessions.get(session)
+        return drain is not None and drain.ack(frame.message_id)
+
+    def session_ended(self, session: Session) -> None:
+        """
+        C{session} ended: drop the blobs it was sending to offline users,
+        and end its drain.
+        """
+        sid = session
+        if sid in self._blob_counts:
+            for key in [k for k in self._blobs if k[0] == sid]:
+                self._drop_blob(key)
+        drain = self._sessions.get(session)
+        if drain is not None:
+            drain.session_ended()
+
+    @property
+    def deliveries(self) -> int:
+        """
+        How many devices are being delivered their stored messages now.
+        """
+        return len(self._sessions)

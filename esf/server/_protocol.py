@@ -1,0 +1,236 @@
+"""
+The thin layer between Twisted's transports and the server engine.
+
+L{ServerProtocol} turns bytes into L{esf.server._engine.Session} calls and the
+engine's output into writes; it is also the transport's push producer, so
+the engine learns when a peer stops reading.  L{ServerService} listens on
+an endpoint and stops the engine gracefully.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamServerEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._counters import Traffic
+from ._engine import ServerEngine
+from ._session import Session
+from esf.wire._frames import DisconnectedType
+from esf.interfaces import IChannel
+
+__all__ = ["ServerProtocol", "ServerFactory", "ServerService"]
+
+log = Logger(namespace="esf.server")
+
+
+def peer_address(peer: object) -> str:
+    """
+    C{"host:port"} for an address object, C{"[host]:port"} for IPv6.
+    """
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    if ":" in host:
+        return f"[{host}]:{getattr(peer, 'port')}"
+    return f"{host}:{getattr(peer, 'port')}"
+
+
+@implementer(IChannel, IPushProducer)
+class ServerProtocol(Protocol):
+    """
+    One connection to an esf server.
+    """
+
+    session: Session | None = None
+    # What Twisted gives a connected protocol: a TCP or TLS transport, which
+    # is also an IProducer and IConsumer (ITransport alone names none of it).
+    transport: Any
+    address = "?"
+    _abort_call = None
+    _closing = False
+    #: The label of this kind of connection in the metrics.
+    transport_label = "tcp"
+    #: Where this connection's reads and writes are counted
+    #: (C{engine.traffic}); set when it is made.
+    _traffic: Traffic
+
+    def connectionMade(self) -> None:
+        engine = self.factory.engine
+        self._traffic = traffic = engine.traffic[self.transport_label]
+        transport = self.transport
+        self.address = peer_address(transport.getPeer())
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(transport, option, None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except OSError:
+                    pass
+        transport.registerProducer(self, True)
+        self.session = engine.connection_made(self)
+        traffic.connected(self.session, engine.stopping)
+
+    def dataReceived(self, data: bytes) -> None:
+        traffic = self._traffic
+        traffic.reads += 1
+        traffic.bytes_received += len(data)
+        session = self.session
+        if session is not None:  # None once the connection is lost
+            session.data_received(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True  # nothing left to close: no abort timer
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        # Let go of the session: it holds this protocol as its channel, and
+        # this protocol holds the transport with whatever it could not write
+        # (a slow reader's whole backlog).  Left as a cycle, all of it would
+        # wait for a full garbage collection, which an idle server may not
+        # run for a long time.
+        session, self.session = self.session, None
+        if session is not None:
+            session.connection_lost()
+            self._traffic.disconnected(session)
+
+    # IChannel
+
+    def write(self, data: bytes) -> None:
+        traffic = self._traffic
+        traffic.writes += 1
+        traffic.bytes_sent += len(data)
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        """
+        Read no more from the peer for now (its receivers are backed up).
+        """
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def close(self, reason: DisconnectedType | None = None) -> None:
+        # (TCP has no close reason of its own: the DisconnectNotice says it.)
+        if self._closing:
+            return
+        self._closing = True
+        # A registered producer would keep the connection open.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._abort_call = self.factory.engine.clock.callLater(
+            self.factory.engine.config.close_timeout, self._abort
+        )
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        log.info(
+            "aborting {address}: it did not take its last bytes within {timeout} s",
+            address=self.address,
+            timeout=self.factory.engine.config.close_timeout,
+        )
+        self.transport.abortConnection()
+
+    # IPushProducer: the transport calls these as its buffer fills and drains.
+
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.pause_writing()
+
+    def resumeProducing(self) -> None:
+        if self.session is not None:
+            self.session.resume_writing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ServerFactory(Factory):
+    """
+    Builds a L{ServerProtocol} for every connection to C{engine}.
+    """
+
+    protocol = ServerProtocol
+    noisy = False
+
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+
+
+class _EngineService(Service):
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self.engine.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
+        return self.engine.stop()
+
+
+class ServerService(MultiService):
+    """
+    Runs an engine and listens for it on an endpoint (and on more with
+    L{listen}, e.g. WebSocket).  Stopping it stops listening first, then
+    sends every session C{ServerShutdown} and waits for the connections to
+    close.
+
+    A port that cannot be bound makes C{startService} raise, so that
+    C{twistd} exits with the error rather than run deaf.
+
+    @ivar port: the L{IListeningPort} while listening, else C{None}; after
+        listening on port 0, C{service.port.getHost().port} is the port the
+        system chose.
+    """
+
+    port: IListeningPort | None = None
+
+    def __init__(self, engine: ServerEngine, endpoint: IStreamServerEndpoint):
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.engine = engine
+        _EngineService(engine).setServiceParent(self)  # type: ignore[no-untyped-call]
+        self.listener = self.listen(_PortTeller(endpoint, self), ServerFactory(engine))
+
+    def listen(self, endpoint: IStreamServerEndpoint, factory: Any) -> StreamServerEndpointService:
+        """
+        Also listen on C{endpoint} with C{factory}, whose connections are
+        channels of the same engine (see L{esf.WebSocketFactory}).  Like
+        every listener, it stops before the engine does.
+        """
+        listener = StreamServerEndpointService(endpoint, factory)
+        listener._raiseSynchronously = True
+        listener.setServiceParent(self)
+        return listener
+
+    def stopService(self) -> Deferred[None]:
+        self.port = None
+        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
+        return d
+
+
+@implementer(IStreamServerEndpoint)
+class _PortTeller:
+    """
+    An endpoint that sets C{service.port} to the port it listens on.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, service: ServerService):
+        self.endpoint = endpoint
+        self.service = service
+
+    def listen(self, factory: Any) -> Deferred[IListeningPort]:
+        def listening(port: IListeningPort) -> IListeningPort:
+            self.service.port = port
+            return port
+
+        return self.endpoint.listen(factory).addCallback(listening)
