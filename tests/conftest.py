@@ -27,3 +27,15 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def logs():
+    """
+    esf's log events during the test (L{esf.testing.LogCapture}).
+    """
+    from _helpers import LogCapture
+
+    capture = LogCapture().start()
+    yield capture
+    capture.stop()

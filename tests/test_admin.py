@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
-from _helpers import LogCapture, connect, make_engine
+from _helpers import connect, make_engine
 from esf import DisconnectedType, MessageType
 from esf.operations._admin import (
     ADMIN_OPERATOR,
@@ -34,13 +34,6 @@ from esf.operations._metrics import OnlineDevices
 from esf.wire import BeingKickedOutNotify, Information
 
 TOKEN = "s3cret-token-0123456789"
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 
-from _helpers import LogCapture, connect, make_engine
+from _helpers import connect, make_engine
 from esf import MessageType
 from esf.operations._admin import admin_site
 from esf.operations._admin_policy import REFUSALS_LOGGED, RequestPolicy, allowed_host_name
@@ -23,13 +23,6 @@ TOKEN = "s3cret-token-0123456789"
 PORT = 8530
 #: What a browser adds to a request a page on another site makes.
 CROSS_SITE = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 @pytest.fixture

@@ -44,13 +44,6 @@ ENDPOINT = object()  # never listened on: the tests build protocols themselves
 PEER = IPv4Address("TCP", "10.0.0.7", 40001)
 
 
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
-
-
 def on_clock(factory, clock):
     """
     C{factory} (a capped site), its site's own timers (the idle timeout,

@@ -36,7 +36,6 @@ from twisted.python.failure import Failure
 import rawclient as rc
 from _helpers import (
     Client,
-    LogCapture,
     PendingHandler,
     RefuseAll,
     advance_to,
@@ -55,13 +54,6 @@ TESTS = Path(__file__).resolve().parent
 
 def soak_size(full: int, minimum: int) -> int:
     return max(minimum, int(full * SCALE))
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 def frames_written(client) -> list:

@@ -14,7 +14,7 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, LogCapture, connect, logon_reply, record_events
+from _helpers import Client, connect, logon_reply, record_events
 from esf import (
     AcceptAll,
     ClientType,
@@ -63,13 +63,6 @@ class Answers:
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 def hub_engine(*applications, **settings):

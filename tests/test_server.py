@@ -20,7 +20,6 @@ from zope.interface.verify import verifyObject
 from _helpers import (
     timers,
     Client,
-    LogCapture,
     PendingHandler,
     Received,
     advance_to,
@@ -50,13 +49,6 @@ from esf.interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserMana
 T = MessageType
 D = DisconnectedType
 HEADER = w.WireConfig().header_length
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 # -- expected frames ------------------------------------------------------------

@@ -11,20 +11,13 @@ from twisted.application.service import IService
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
-from _helpers import ECHO, REFUSE_ALL, ROOMS, LogCapture
+from _helpers import ECHO, REFUSE_ALL, ROOMS
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
 from esf.server._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
 from esf.server._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.interfaces import IBasicHandler
 from esf.offline import OfflineBounds
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 def parse(*argv: str) -> Options:
@@ -628,7 +621,6 @@ app = App()
 
 def run_twistd(tmp_path, *argv: str):
     import subprocess
-    import sys
 
     from test_e2e import REPO, server_env, twistd_command
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from _helpers import LogCapture
 from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from wsclient import ConnectionRefusedByServer, connect
@@ -66,13 +65,6 @@ def server():
     engine, service, _, ws_port = start_server()
     yield engine, ws_port
     pytest_twisted.blockon(with_timeout(service.stopService()))
-
-
-@pytest.fixture
-def logs():
-    capture = LogCapture().start()
-    yield capture
-    capture.stop()
 
 
 @defer.inlineCallbacks
