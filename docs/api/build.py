@@ -45,7 +45,6 @@ PUBLIC = (
 #: are not read at all.
 LEFT_OUT = {
     "bench",
-    "_bench_wire",
     "blocking",
     "cli",
     "tap",
