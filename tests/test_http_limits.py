@@ -34,7 +34,7 @@ from esf.server._descriptors import (
     share_descriptors,
 )
 from esf.server._http import ConnectionCap, HTTPLimits, limit_site
-from esf.operations._metrics import MetricsService
+from esf.operations._metrics import MetricsService, make_registry
 from esf.server._web_demo import web_demo_site
 from esf.server._websocket import WebSocketFactory
 
@@ -547,3 +547,35 @@ def test_wss_through_the_cap(tmp_path, web_demo):
         assert not listener.factory.protocols
     finally:
         yield with_timeout(service.stopService())
+
+
+def test_closed_connections_are_counted_in_the_metrics_by_site_and_reason():
+    """
+    What a site's cap and deadline close is counted, summed over the sites
+    of one label (two web demo ports), and the metrics site counts its own.
+    """
+    clock = task.Clock()
+    engine = make_engine(logon_timeout=3)
+    demos = []
+    for port in ("a", "b"):
+        site = web_demo_site(engine, reactor=clock)
+        site.reactor = clock
+        demos.append(limit_site(site, HTTPLimits(1, 3), clock, f"the web demo {port}", label="web_demo"))
+    service = MetricsService(engine, ENDPOINT, clock=clock, sites=list(demos))
+    registry = make_registry(service.metrics, process=False)
+
+    def closed(site, reason):
+        return registry.get_sample_value(
+            "esf_http_connections_closed_total", {"site": site, "reason": reason}
+        )
+
+    assert closed("web_demo", "max_connections") == 0
+    assert closed("metrics", "request_timeout") == 0
+    held = [connect(demo) for demo in demos]
+    assert None not in held
+    assert connect(demos[0]) is None and connect(demos[1]) is None  # over each cap
+    assert connect(demos[1]) is None
+    clock.advance(3)  # neither held connection sent a request
+    assert closed("web_demo", "max_connections") == 3
+    assert closed("web_demo", "request_timeout") == 2
+    assert closed("metrics", "max_connections") == 0

@@ -23,6 +23,7 @@ from esf.server._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from esf.operations._metrics import (
     COUNTER_METRICS,
     MetricsResource,
+    MetricsService,
     ServerMetrics,
     make_registry,
     server_version,
@@ -493,7 +494,8 @@ def scrape():
     # A cluster's presence has stats (ClusterPresence.stats), and the
     # series read from them are shown only then: given, they are checked.
     server.engine.presence.stats = collections.Counter()
-    metrics = ServerMetrics(server.engine)
+    # As served: the metrics site counts what it closes (never listened on).
+    metrics = MetricsService(server.engine, object()).metrics
     metrics.start()
     try:
         body = MetricsResource(make_registry(metrics)).render_GET(DummyRequest([b""]))

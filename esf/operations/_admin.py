@@ -720,7 +720,9 @@ class AdminService(MultiService):
         history = OnlineHistory(engine, devices)
         _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.site = admin_site(engine, token, devices, history, hosts)
-        factory = limit_site(self.site, limits, clock or engine.clock, "the admin API")
+        #: The factory that listens: the admin site within its limits.
+        self.factory = limit_site(self.site, limits, clock or engine.clock, "the admin API", label="admin")
+        factory = self.factory
         self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)

@@ -64,7 +64,7 @@ from esf.server._counters import (
     Count,
     Traffic,
 )
-from esf.server._http import HTTP_LIMITS, HTTPLimits, limit_site
+from esf.server._http import HTTP_LIMITS, ConnectionCap, HTTPLimits, connections_closed, limit_site
 from esf.server._session import RELAYED
 from esf.wire._frames import ClientType, DisconnectedType, LogonResult, MessageType
 
@@ -326,11 +326,20 @@ class ServerMetrics(Collector):
     be the engine's (the reactor thread): L{MetricsResource} is.
 
     @ivar tally: the counts kept from events, keyed C{(family, label)}.
+    @ivar sites: the server's HTTP sites and WebSocket handshake caps, whose
+        closed connections are counted (a list the caller may add to later).
     """
 
-    def __init__(self, engine: ServerEngine, *, publisher: LogPublisher = globalLogPublisher):
+    def __init__(
+        self,
+        engine: ServerEngine,
+        *,
+        publisher: LogPublisher = globalLogPublisher,
+        sites: list[ConnectionCap] | None = None,
+    ):
         self.engine = engine
         self.publisher = publisher
+        self.sites: list[ConnectionCap] = sites if sites is not None else []
         self.tally: collections.Counter[tuple[str, Any]] = collections.Counter()
         self.devices = OnlineDevices(engine)
         self.started_at = engine.clock.seconds()
@@ -438,6 +447,7 @@ class ServerMetrics(Collector):
         yield open_connections
         yield sessions
         yield from self._traffic()
+        yield self._http_closed()
         yield _gauge("esf_users_online", "Users with at least one device online.", engine.presence.user_count())
         online = GaugeMetricFamily(
             "esf_devices_online",
@@ -589,6 +599,18 @@ class ServerMetrics(Collector):
         yield refused
 
 
+    def _http_closed(self) -> Metric:
+        closed = CounterMetricFamily(
+            "esf_http_connections_closed",
+            "Connections the HTTP sites (admin API, metrics, web demo) and WebSocket handshakes "
+            "closed: over the site's connection cap, or without a whole request in time.",
+            labels=["site", "reason"],
+        )
+        for (site, reason), total in sorted(connections_closed(self.sites).items()):
+            closed.add_metric([site, reason], total)
+        return closed
+
+
 def _transport_label(session: Session) -> str:
     label: str = getattr(session.channel, "transport_label", "other")
     return label
@@ -686,16 +708,18 @@ class MetricsService(MultiService):
         publisher: LogPublisher = globalLogPublisher,
         limits: HTTPLimits = HTTP_LIMITS,
         clock: IReactorTime | None = None,
+        sites: list[ConnectionCap] | None = None,
     ):
         super().__init__()  # type: ignore[no-untyped-call]
-        self.metrics = ServerMetrics(engine, publisher=publisher)
+        self.metrics = ServerMetrics(engine, publisher=publisher, sites=sites)
         self.registry = make_registry(self.metrics)
         root = Resource()
         root.putChild(b"metrics", MetricsResource(self.registry))
         site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
-        factory = limit_site(site, limits, clock or engine.clock, "the metrics site")
+        factory = limit_site(site, limits, clock or engine.clock, "the metrics site", label="metrics")
+        self.metrics.sites.append(factory)
         self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)

@@ -24,7 +24,7 @@ read it is closed (and aborted) all the same.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -44,6 +44,7 @@ __all__ = [
     "HTTPLimits",
     "LimitedSite",
     "handed_over",
+    "connections_closed",
     "limit_site",
 ]
 
@@ -209,6 +210,8 @@ class ConnectionCap(WrappingFactory):
     C{LimitConnectionsByPeer} does.)
 
     @ivar refused: the connections closed for the cap.
+    @ivar label: the site's name in the metrics (C{admin}, C{metrics},
+        C{web_demo}, C{websocket}).
     """
 
     protocol = _Held
@@ -221,11 +224,14 @@ class ConnectionCap(WrappingFactory):
         clock: IReactorTime,
         name: str,
         what: str = "connections",
+        *,
+        label: str = "http",
     ):
         super().__init__(factory)  # type: ignore[no-untyped-call]
         self.max_connections = max_connections
         self.clock = clock
         self.name = name
+        self.label = label
 
         def refused(count: int, interval: float) -> None:
             log.warn(
@@ -269,8 +275,10 @@ class LimitedSite(ConnectionCap):
     @ivar timed_out: the connections closed for the deadline.
     """
 
-    def __init__(self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str):
-        super().__init__(site, limits.max_connections, clock, name)
+    def __init__(
+        self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str, *, label: str = "http"
+    ):
+        super().__init__(site, limits.max_connections, clock, name, label=label)
         # A plain HTTP/1.1 channel, not the one that may become HTTP/2: the
         # deadline is in the channel.
         site.protocol = DeadlineChannel  # type: ignore[assignment,method-assign]
@@ -303,12 +311,30 @@ class LimitedSite(ConnectionCap):
         super().doStop()
 
 
-def limit_site(site: Site, limits: HTTPLimits, clock: IReactorTime, name: str) -> LimitedSite:
+def limit_site(
+    site: Site, limits: HTTPLimits, clock: IReactorTime, name: str, *, label: str = "http"
+) -> LimitedSite:
     """
-    C{site} bounded by C{limits}, named C{name} in the log, timed by
-    C{clock}: the factory to listen with.
+    C{site} bounded by C{limits}, named C{name} in the log and C{label} in
+    the metrics, timed by C{clock}: the factory to listen with.
     """
-    return LimitedSite(site, limits, clock, name)
+    return LimitedSite(site, limits, clock, name, label=label)
+
+
+def connections_closed(caps: Iterable[ConnectionCap]) -> dict[tuple[str, str], int]:
+    """
+    How many connections C{caps} closed, by site label and reason
+    (C{max_connections}: over the cap; C{request_timeout}: no whole request
+    in time), summed over caps of the same label.
+    """
+    closed: dict[tuple[str, str], int] = {}
+    for cap in caps:
+        counts = [("max_connections", cap.refused.total)]
+        if isinstance(cap, LimitedSite):
+            counts.append(("request_timeout", cap.timed_out.total))
+        for reason, total in counts:
+            closed[cap.label, reason] = closed.get((cap.label, reason), 0) + total
+    return closed
 
 
 def handed_over(protocol: Any) -> None:

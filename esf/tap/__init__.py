@@ -593,6 +593,8 @@ def server_service(options: Options) -> MultiService:
     if store is not None:
         log.info("esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store")
     origins = options["websocket-origins"]
+    # What the metrics count the closed connections of (add_operations).
+    sites: list[ConnectionCap] = []
     for description, endpoint in zip(options["websocket"], options["websocket-endpoints"]):
         factory: Any
         cap = options["websocket-max-handshakes"]
@@ -601,15 +603,18 @@ def server_service(options: Options) -> MultiService:
             # page loads and its handshake have --logon-timeout in all.
             site = web_demo_site(engine, origins, reactor=reactor)
             limits = HTTPLimits(cap, config.logon_timeout)
-            factory = limit_site(site, limits, reactor, f"the web demo on {description}")
+            factory = limit_site(site, limits, reactor, f"the web demo on {description}", label="web_demo")
             endpoint = announce_web_demo(endpoint)
         else:
             # (autobahn times the handshake itself: --logon-timeout in all.)
             ws = WebSocketFactory(engine, origins, reactor=reactor)
             name = f"the WebSocket endpoint {description}"
-            factory = ConnectionCap(ws, cap, reactor, name, "connections in their handshake")
+            factory = ConnectionCap(
+                ws, cap, reactor, name, "connections in their handshake", label="websocket"
+            )
+        sites.append(factory)
         server.listen(QuietAcceptErrors(endpoint, reactor), factory)
-    add_operations(server, engine, options)
+    add_operations(server, engine, options, sites)
     if options["malloc-trim"]:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]
     if options["gc-threshold"]:
@@ -669,11 +674,18 @@ def _apply_share(share: DescriptorShare) -> None:
     )
 
 
-def add_operations(service: ServerService, engine: ServerEngine, options: Options) -> None:
+def add_operations(
+    service: ServerService,
+    engine: ServerEngine,
+    options: Options,
+    sites: list[ConnectionCap] | None = None,
+) -> None:
     """
     Add what C{--audit-log}, C{--metrics} and C{--admin-api} ask for to
-    C{service}.
+    C{service}.  The metrics count the connections closed by C{sites} (the
+    WebSocket ports') and by the admin and metrics sites.
     """
+    sites = sites if sites is not None else []
     from twisted.internet import reactor
 
     if options.get("audit-log"):
@@ -686,7 +698,7 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
     if options.get("metrics"):
         limits = HTTPLimits(options["metrics-max-connections"], options["http-request-timeout"])
         endpoint = QuietAcceptErrors(options["metrics-endpoint"], reactor)
-        MetricsService(engine, endpoint, limits=limits).setServiceParent(service)  # type: ignore[no-untyped-call]
+        MetricsService(engine, endpoint, limits=limits, sites=sites).setServiceParent(service)  # type: ignore[no-untyped-call]
     if options.get("admin-api"):
         token = options.get("admin-token")
         if token is None:
@@ -699,6 +711,6 @@ def add_operations(service: ServerService, engine: ServerEngine, options: Option
             )
         limits = HTTPLimits(options["admin-api-max-connections"], options["http-request-timeout"])
         endpoint = QuietAcceptErrors(options["admin-api-endpoint"], reactor)
-        AdminService(
-            engine, endpoint, token, options.get("admin-hosts", ()), limits=limits
-        ).setServiceParent(service)  # type: ignore[no-untyped-call]
+        admin = AdminService(engine, endpoint, token, options.get("admin-hosts", ()), limits=limits)
+        admin.setServiceParent(service)  # type: ignore[no-untyped-call]
+        sites.append(admin.factory)
