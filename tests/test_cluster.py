@@ -168,7 +168,7 @@ def test_node_id_checked():
 
 def test_holder_round_trip():
     h = Holder("n/1", "n", 1764583212.25, "[::1]:5000")
-    assert _Holder.parse(h.encode()) == h
+    assert Holder.parse(h.encode()) == h
 
 
 def test_interfaces():
