@@ -22,7 +22,8 @@ from zope.interface.verify import verifyObject
 
 from _helpers import LogCapture
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
-from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, _Holder, check_node_id
+from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, check_node_id
+from esf.cluster._records import Holder
 from esf.cluster._inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
@@ -166,14 +167,14 @@ def test_node_id_checked():
 
 
 def test_holder_round_trip():
-    h = _Holder("n/1", "n", 1764583212.25, "[::1]:5000")
-    assert _Holder.parse(h.encode()) == h
+    h = Holder("n/1", "n", 1764583212.25, "[::1]:5000")
+    assert Holder.parse(h.encode()) == h
 
 
 def test_interfaces():
     presence = ClusterPresence(reactor, "redis://127.0.0.1:1/0", "n1", clock=task.Clock())
     verifyObject(IPresence, presence)
-    handle = RemoteHandle("u", 1, _Holder("n2/1", "n2", 0.0, "a:1"), lambda *a: None)
+    handle = RemoteHandle("u", 1, Holder("n2/1", "n2", 0.0, "a:1"), lambda *a: None)
     verifyObject(IDeviceHandle, handle)
     assert (handle.node, handle.session_id, handle.logon_order) == ("n2", "n2/1", 0)
 
@@ -346,8 +347,8 @@ async def test_janitor_releases_a_dead_nodes_devices(nodes):
     await b.claim(bob, True)
     await eventually(lambda: b.devices("alice") and a.devices("bob"))
     # a dies: no more lease refreshes, no goodbye.
-    a._ticker.stop()
-    a._running = False
+    a.membership.ticker.stop()
+    a.membership.running = False
     await a.link.stop()
     await a.reader.stop()
     nodes.nodes.remove(a)
@@ -415,7 +416,7 @@ async def test_outage_alone_then_restored(nodes, redis_server):
     assert (await a.claim(carol, True)).won
     assert a.user_ids() == ["alice", "carol"]
     # A send to a remote device fails at once rather than hangs.
-    [stale] = [h for h in b._users["alice"]]
+    [stale] = [h for h in b.mirror.users["alice"]]
     started = time.monotonic()
     stale.send(b"x")
     assert time.monotonic() - started < 0.5
@@ -493,10 +494,10 @@ async def test_split_logons_settled_by_the_mode_each_was_claimed_with(nodes, red
             what=lambda: (holder(node, "dev-7"), holder(node, "op-ann")),
         )
     # What each node remembers of the modes goes with its sessions.
-    assert a._ignore_new == {op_later.session_id} and b._ignore_new == {op_earlier.session_id}
+    assert a.claims.ignore_new == {op_later.session_id} and b.claims.ignore_new == {op_earlier.session_id}
     await a.release(dev_earlier)
     await a.release(op_later)
-    assert not a._local and not a._ignore_new
+    assert not a.claims.local and not a.claims.ignore_new
 
 
 @pytest_twisted.ensureDeferred
@@ -656,8 +657,8 @@ async def test_user_ids_with_separators(nodes):
     remote.send(b"\xff")
     await eventually(lambda: device.sent == [b"\xff"])
     # a dies; the janitor releases the odd user too.
-    a._ticker.stop()
-    a._running = False
+    a.membership.ticker.stop()
+    a.membership.running = False
     await a.link.stop()
     await a.reader.stop()
     nodes.nodes.remove(a)
@@ -740,14 +741,14 @@ async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
     b = await nodes.add("b")
     # b stops taking in what it reads (as if it lagged far behind) while a
     # logs 300 devices on; the stream keeps about 10 entries.
-    process = b._process
-    b._process = lambda reply, generation: None
+    process = b.streams.process
+    b.streams.process = lambda reply, generation: None
     for i in range(300):
         await a.claim(Device("a", f"u{i:03}"), True)
     assert b.user_count() == 0
     b.clock.advance(LEASE / 3)  # b's upkeep sees the stream trimmed past it
     await eventually(lambda: b.up and b.user_count() == 300, what=lambda: b.user_count())
-    b._process = process
+    b.streams.process = process
     await a.claim(Device("a", "u300"), True)
     await eventually(lambda: b.user_count() == 301)
     assert b.user_ids(0, 3) == ["u000", "u001", "u002"]
@@ -757,14 +758,14 @@ async def pause_reading(presence):
     """
     Stop C{presence} reading its streams (once its current read ends).
     """
-    presence._running = False
-    presence._changed()
+    presence.membership.running = False
+    presence.membership.changed()
     await presence._reading
 
 
 def resume_reading(presence):
-    presence._running = True
-    presence._reading = Deferred.fromCoroutine(presence._read_loop())
+    presence.membership.running = True
+    presence._reading = Deferred.fromCoroutine(presence.streams.run())
 
 
 def ledger(redis_server, node):
@@ -790,7 +791,7 @@ async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes, red
     await pause_reading(b)
     for i in range(300):
         remote.send(b"%d" % i)
-        a._flush()  # one inbox entry each
+        a.outbox.flush()  # one inbox entry each
     await a.link.execute("PING")  # a's appends are done
     assert ledger(redis_server, "b")[0] == 300
     redis_server.command("XTRIM", "esf:inbox:b", "MAXLEN", "10")
@@ -856,7 +857,7 @@ async def test_an_inbox_is_bounded_in_entries(nodes, redis_server):
     await pause_reading(b)
     for i in range(8):
         remote.send(b"%d" % i)
-        a._flush()  # one entry each
+        a.outbox.flush()  # one entry each
     await a.link.execute("PING")
     assert ledger(redis_server, "b")[0] == 5
     assert a.stats["inbox_refused"] == 3
@@ -874,11 +875,11 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
     [remote] = await eventually(lambda: a.devices("bob"))
     await pause_reading(b)
     remote.send(b"never read")
-    a._flush()
+    a.outbox.flush()
     await a.link.execute("PING")
     assert ledger(redis_server, "b")[0] == 1
     # b dies; once its lease expired, a's janitor reaps it.
-    b._ticker.stop()
+    b.membership.ticker.stop()
     await b.link.stop()
     await b.reader.stop()
     nodes.nodes.remove(b)
@@ -888,7 +889,7 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
     assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"
     # A send a's mirror let through just before is not kept for nobody.
     remote.send(b"too late")
-    a._flush()
+    a.outbox.flush()
     await a.link.execute("PING")
     assert a.stats["inbox_gone"] == 1
     assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"

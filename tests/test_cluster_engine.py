@@ -397,13 +397,13 @@ async def test_query_across_nodes_times_out_and_is_forgotten(pair):
     bob.send(MessageType.RESPONSE, Information(7, b"late"), dest="_0",
              message_id=request.message_id)  # fmt: skip
     assert b.engine.counters["unexpected_answers"] == 1
-    assert len(b.presence._forwarded) == 0
+    assert len(b.presence.queries.forwarded) == 0
     # The table is bounded: past max_forwarded the oldest is forgotten.
     b.presence.max_forwarded = 2
     for _ in range(3):
         a.engine.query("bob", 7, b"?")
     await eventually(lambda: b.presence.stats["queries_forgotten"] == 1, what="a bounded table")
-    assert len(b.presence._forwarded) == 2
+    assert len(b.presence.queries.forwarded) == 2
 
 
 @pytest_twisted.ensureDeferred
@@ -491,7 +491,7 @@ async def test_a_full_inbox_answers_the_sender(redis_server):
         big = b"?" * 300_000  # no room left for it
         alice.send(MessageType.SEND_CERTAINLY, Information(1, big), dest="bob", message_id=7)
         alice.send(MessageType.REQUEST, Information(1, big), dest="bob", message_id=8)
-        a.presence._flush()
+        a.presence.outbox.flush()
         await a.presence.link.execute("PING")
         errors = alice.take()
         assert [(e.message_type, e.message_id, e.body.code) for e in errors] == [
@@ -505,7 +505,7 @@ async def test_a_full_inbox_answers_the_sender(redis_server):
         )
         # The server's own query to bob fails at once, the same way.
         query = a.engine.query("bob", 3, big)
-        a.presence._flush()
+        a.presence.outbox.flush()
         await a.presence.link.execute("PING")
         with pytest.raises(RequestError) as caught:
             await query
@@ -551,7 +551,7 @@ async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):
         first = await a.logon("alice", 1)
         await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
         await pause_reading(a.presence)
-        assert await b.presence._reap("a", force=True) == 1  # a's lease ran out
+        assert await b.presence.membership.janitor.reap("a", force=True) == 1  # a's lease ran out
         await eventually(lambda: not b.engine.user_manager.is_user_online("alice"))
         second = await b.logon("alice", 1)
         resume_reading(a.presence)  # a comes back and claims alice again
@@ -684,7 +684,7 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
         carol.send(MessageType.REQUEST, Information(1, b"2"), dest="bob", message_id=9)
         await eventually(lambda: ledger(redis_server, "b")[0] == 2, what="both appended")
         redis_server.command("DEL", "esf:lease:b")  # as when it ran out
-        await a.presence._janitor()
+        await a.presence.membership.janitor.run()
         expected = (
             "bob is not online: its node stopped answering and left the cluster "
             "before delivering this"
@@ -710,7 +710,7 @@ async def test_a_reaped_node_coming_back_gets_what_was_stored_for_its_users(redi
         alice, bob = await a.logon("alice"), await b.logon("bob")
         await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
         await pause_reading(b.presence)
-        await a.presence._reap("b", force=True)  # b's lease ran out
+        await a.presence.membership.janitor.reap("b", force=True)  # b's lease ran out
         await eventually(lambda: not a.engine.user_manager.is_user_online("bob"))
         alice.send(MessageType.SEND_CERTAINLY, Information(1, b"kept"), dest="bob", message_id=7)
         [ack] = await eventually(alice.take, what="stored")
@@ -734,10 +734,10 @@ async def test_nothing_is_stored_while_the_cluster_settles_after_a_data_loss(red
     try:
         await joined(a)
         alice = await a.logon("alice")
-        before = a.presence._epoch
+        before = a.presence.membership.epoch
         redis_server.restart()
         await eventually(
-            lambda: a.presence.up and a.presence._epoch not in (None, before), timeout=10
+            lambda: a.presence.up and a.presence.membership.epoch not in (None, before), timeout=10
         )
         alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=7)
         [error] = await eventually(alice.take, what="alice is answered")

@@ -135,7 +135,6 @@ OVER_BOUNDS = {
     "esf.client._calls",
     "esf.client._engine",
     "esf.client._inbox",
-    "esf.cluster._presence",
     "esf.server._engine",
     "esf.server._offline",
     "esf.server._output",

@@ -191,7 +191,7 @@ def test_a_missing_directory_is_a_clear_error(tmp_path):
 async def test_redis_store(redis_server):
     from twisted.internet import reactor
 
-    from esf.cluster._presence import RedisLink, RedisURL
+    from esf.cluster._link import RedisLink, RedisURL
 
     link = RedisLink(reactor, RedisURL.parse(redis_server.url))
     connected: Deferred[None] = Deferred()
@@ -492,7 +492,7 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
     from _redis import RedisServer
     from twisted.internet import reactor
 
-    from esf.cluster._presence import RedisLink, RedisURL
+    from esf.cluster._link import RedisLink, RedisURL
 
     redis = RedisServer(tmp_path, args=("--appendonly", "yes", "--appendfsync", "always"))
     redis.start()

@@ -102,7 +102,7 @@ def wheel(tmp_path_factory):
 def test_wheel_contents(wheel):
     """
     The wheel holds the plugin module, and no C{__init__.py} for C{twisted}
-    or C{twisted.plugins}.
+    or C{twisted.plugins}; and the cluster's Lua scripts (package data).
     """
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "twisted/plugins/esf_plugin.py" in names
@@ -111,6 +111,8 @@ def test_wheel_contents(wheel):
     assert "esf/__init__.py" in names
     assert "esf/tap/__init__.py" in names
     assert {"esf/py.typed", "esf/testing/__init__.py", "esf/pytest_plugin.py"} <= names
+    scripts = {p.name for p in (REPO / "esf" / "cluster" / "lua").glob("*.lua")}
+    assert scripts and {f"esf/cluster/lua/{name}" for name in scripts} <= names
 
 
 def test_wheel_version_is_esf_version(wheel):

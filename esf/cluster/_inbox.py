@@ -9,25 +9,25 @@ the node deletes it.  Beside each inbox a hash, its ledger::
                     n, m: the most entries and bytes the node lets it hold
                     r: entries refused since the node last looked
 
-A sender appends through L{_APPEND}, which refuses an entry the inbox has no
+A sender appends through C{lua/append.lua}, which refuses an entry the inbox has no
 room for (by the receiving node's own bounds) or whose node has left the
 cluster (nobody would ever read it); the receiving node deletes what it read
-through L{_DROP} and, at each upkeep, publishes its bounds and learns how
-many entries it was too far behind to take (L{_LOOK}).  Every change of the
+through C{lua/drop.lua} and, at each upkeep, publishes its bounds and learns how
+many entries it was too far behind to take (C{lua/look.lua}).  Every change of the
 byte count is in the script that changes the stream, so the two agree.
 """
 
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-if TYPE_CHECKING:
-    from ._presence import IRedisLink
+from ._link import IRedisLink, script
+from ._records import Keys
 
 __all__ = [
     "InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES",
@@ -45,9 +45,6 @@ DEFAULT_INBOX_ENTRIES = 100_000
 #: paused, not yet reaped); the append reached Redis after its deadline.
 FULL, GONE, STALE, LATE = 1, 0, 2, 3
 
-#: Most entries left behind by a failed deletion that one later deletion
-#: sweeps up (the rest go with the ones after).
-_SWEEP = 100
 #: What a node has delivered is deleted within this many seconds, or as
 #: soon as it is this many bytes or entries: one deletion for many reads
 #: when traffic is light, so that a request's round trip does not wait
@@ -56,82 +53,9 @@ DROP_DELAY = 0.1
 _DROP_BYTES = 1024 * 1024
 _DROP_ENTRIES = 1000
 
-_APPEND = b"""
--- KEYS: the receiving node's inbox, its ledger, the nodes set, its lease
--- ARGV: the receiving node, the entry, entries and bytes bounds (used while
---       the receiving node has published none), a deadline in ms on
---       Redis's clock (0: none)
--- Returns the new entry's ID; 0 when the node is not in the cluster (left,
--- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
--- node's lease expired (dead or paused: nobody reads its inbox now, and
--- the janitor will delete it); 3 when the deadline is past (the sender
--- was told the append failed: it must not happen later).
-local deadline = tonumber(ARGV[5])
-if deadline > 0 then
-  local t = redis.call('TIME')
-  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
-    return 3
-  end
-end
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
-  return 0
-end
-if redis.call('EXISTS', KEYS[4]) == 0 then
-  return 2
-end
-local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
-local held = tonumber(ledger[1]) or 0
-local size = string.len(ARGV[2])
--- An empty inbox takes one entry of any size (an entry is at most one
--- turn's outbox, 256 KiB and one frame).
-if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
-   or redis.call('XLEN', KEYS[1]) >= (tonumber(ledger[2]) or tonumber(ARGV[3])) then
-  redis.call('HINCRBY', KEYS[2], 'r', 1)
-  return 1
-end
-redis.call('HINCRBY', KEYS[2], 'b', size)
-return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
-"""
-
-_DROP = b"""
--- The node read these entries: delete them, and any older one a failed
--- deletion left behind.
--- KEYS: the node's inbox, its ledger.  ARGV: entry ID, its size, ... (in order)
-local freed = 0
-for i = 1, #ARGV, 2 do
-  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
-    freed = freed + tonumber(ARGV[i + 1])
-  end
-end
-for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', ARGV[#ARGV - 1], 'COUNT', ARGV_SWEEP)) do
-  redis.call('XDEL', KEYS[1], entry[1])
-  freed = freed + string.len(entry[2][2])
-end
-if redis.call('XLEN', KEYS[1]) == 0 then
-  -- Nothing held, nothing counted (this also mends a count that an
-  -- outside trim of the stream left too high).
-  redis.call('HDEL', KEYS[2], 'b')
-elseif freed > 0 then
-  redis.call('HINCRBY', KEYS[2], 'b', -freed)
-end
-return freed
-""".replace(b"ARGV_SWEEP", str(_SWEEP).encode())
-
-_LOOK = b"""
--- KEYS: the node's ledger, its inbox.  ARGV: the node's entries and bytes bounds
--- Returns {entries refused since the last look, bytes held, entries held}.
-redis.call('HSET', KEYS[1], 'n', ARGV[1], 'm', ARGV[2])
-local refused = tonumber(redis.call('HGET', KEYS[1], 'r')) or 0
-redis.call('HDEL', KEYS[1], 'r')
-return {refused, tonumber(redis.call('HGET', KEYS[1], 'b')) or 0, redis.call('XLEN', KEYS[2])}
-"""
-
-
-def ledger_key(base: str, node: str) -> str:
-    """
-    The Redis key of C{node}'s inbox ledger, under the key prefix C{base}.
-    """
-    return f"{base}ib:{node}"
+_APPEND = script("append")
+_DROP = script("drop")
+_LOOK = script("look")
 
 
 class InboxLedger:
@@ -171,9 +95,9 @@ class InboxLedger:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.stats = stats
-        self._inbox = f"{base}inbox:{node_id}"
-        self._ledger = ledger_key(base, node_id)
-        self._nodes = f"{base}nodes"
+        self.keys = keys = Keys(base)
+        self._inbox = keys.inbox(node_id)
+        self._ledger = keys.ledger(node_id)
         #: Nodes whose full inbox was logged since the last look.
         self._told: set[str] = set()
         #: Entries delivered and not yet deleted: flat (ID, size, ...), bytes.
@@ -204,12 +128,10 @@ class InboxLedger:
         deadline = 0
         if within is not None and self._offset_ms is not None:
             deadline = int(self.reactor.seconds() * 1000 + self._offset_ms + within * 1000)
+        keys = self.keys
         return self.link.eval(
             _APPEND,
-            [
-                f"{self.base}inbox:{node}", ledger_key(self.base, node), self._nodes,
-                f"{self.base}lease:{node}",
-            ],
+            [keys.inbox(node), keys.ledger(node), keys.nodes, keys.lease(node)],
             [node, entry, self.max_entries, self.max_bytes, deadline],
         )  # fmt: skip
 

@@ -29,6 +29,7 @@ __all__ = [
     "LogonRefused",
     "SlidingWindow",
     "TakeoverRefused",
+    "flapping_cause",
     "Accept",
     "Refuse",
     "Replace",
@@ -62,6 +63,19 @@ class TakeoverRefused(Exception):
     logon pipeline answers it like its own guard: C{Busy}, counted as
     C{takeovers_refused}.
     """
+
+
+def flapping_cause(user_id: str, limit: int, window: float, wait: float, where: str = "") -> str:
+    """
+    What a logon refused by the takeover-flapping guard is told: C{user_id}
+    took its device over more than C{limit} times within C{window} seconds
+    (C{where}: C{" across the cluster"} for a cluster's guard), and may try
+    again in C{wait} seconds.
+    """
+    return (
+        f"{user_id} took this device over more than {limit} times within {window:g} s{where}; "
+        f"try again in {wait:g} s"
+    )
 
 
 class SlidingWindow:
@@ -250,9 +264,10 @@ class LogonPolicy:
                 self._blocked = {k: t for k, t in self._blocked.items() if t > now}
             return Refuse(
                 LogonResult.BUSY,
-                f"{user_id} took this device over more than {config.takeover_limit} times "
-                f"within {config.takeover_window:g} s; try again in "
-                f"{config.takeover_cooldown:g} s",
+                flapping_cause(
+                    user_id, config.takeover_limit, config.takeover_window,
+                    config.takeover_cooldown,
+                ),  # fmt: skip
                 counter=Count.TAKEOVERS_REFUSED,
             )
         return Replace(holder)

@@ -1,0 +1,402 @@
+"""
+Membership: this node in the cluster.
+
+L{Membership} joins the cluster when Redis is reached (first, after an
+outage, after Redis lost its data: C{lua/epoch.lua}), keeps this node's
+lease (C{lua/tick.lua}, every third of it), notices when this node fell
+behind the presence stream, and runs the janitor, which reaps
+(C{lua/reap.lua}) the nodes whose lease expired.  While it is not in the
+cluster (L{Membership.up} false) the node runs alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import string
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from ._claims import Claims
+from ._inbox import InboxLedger
+from ._link import IRedisLink, RedisUnavailable, script
+from ._mirror import PresenceMirror
+from ._records import Keys, fields, stream_id
+
+if TYPE_CHECKING:
+    from ._reader import StreamReader
+
+__all__ = ["Membership", "Janitor", "REAP_UNREAD"]
+
+log = Logger(namespace="esf.cluster")
+
+_REAP = script("reap")
+_TICK = script("tick")
+_EPOCH = script("epoch")
+
+#: The most unread entries of a reaped node's inbox whose senders are told.
+REAP_UNREAD = 1000
+
+
+class Membership:
+    """
+    This node's membership of the cluster.
+
+    @param lease: seconds a node's lease lasts; refreshed every third of it.
+    @param unread_lost: told the unread entries (their fields) of a reaped
+        node's inbox (by the L{Janitor}).
+
+    @ivar up: whether the node is in the cluster (Redis reachable, mirror
+        loaded); while it is not, it runs alone.
+    @ivar generation: counts the times the node left or (re)joined: what was
+        read from Redis under an older one is stale.
+    @ivar streams: the reader of the presence stream and the inbox (set once
+        made): its inbox position restarts when the inbox is lost.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        link: IRedisLink,
+        keys: Keys,
+        node_id: str,
+        *,
+        clock: IReactorTime,
+        lease: float,
+        ledger: InboxLedger,
+        mirror: PresenceMirror,
+        claims: Claims,
+        unread_lost: Callable[[Iterable[Sequence[bytes]]], None],
+        presence_maxlen: int,
+        stats: collections.Counter[str],
+    ):
+        self.reactor = reactor
+        self.link = link
+        self.keys = keys
+        self.node_id = node_id
+        self.lease = lease
+        self.ledger = ledger
+        self.mirror = mirror
+        self.claims = claims
+        self.stats = stats
+        self.janitor = Janitor(
+            link, keys, node_id,
+            lease=lease, unread_lost=unread_lost, presence_maxlen=presence_maxlen,
+        )  # fmt: skip
+        self.streams: StreamReader | None = None
+        self.up = False
+        self.running = False
+        self.generation = 0
+        self.epoch: bytes | None = None
+        self._joined_once = False
+        self._joining = False
+        self._join_again = False
+        self._waiters: list[Deferred[None]] = []
+        self.ticker = LoopingCall(self._tick)
+        self.ticker.clock = clock
+
+    def start(self) -> None:
+        self.running = True
+        self.ticker.start(self.lease / 3, now=False)
+
+    def stop(self) -> None:
+        self.running = False
+        if self.ticker.running:
+            self.ticker.stop()
+        self.changed()
+
+    def changed(self) -> None:
+        """
+        Wake what waits for a change (L{wait_change}).
+        """
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def wait_change(self) -> Deferred[None]:
+        """
+        Fires at the next change of the links, or of L{up}.
+        """
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def alone(self, why: str) -> None:
+        """
+        Leave the cluster (for now) because of C{why}: run alone.
+        """
+        if self.up:
+            log.warn(
+                "{why}: this node goes on alone, other nodes' users read offline",
+                why=why,
+                esf_event="cluster_disconnected",
+            )
+        self.up = False
+        self.generation += 1
+        self.changed()
+
+    def _restart_inbox(self, before: tuple[int, int] = (0, 0)) -> None:
+        if self.streams is not None:
+            self.streams.restart_inbox(before)
+
+    # -- joining (first, after an outage, after Redis lost its data) --------------------
+
+    async def join(self) -> None:
+        """
+        Join the cluster (again), retrying while Redis is reachable.
+        """
+        if self._joining:
+            self._join_again = True
+            return
+        self._joining = True
+        try:
+            while True:
+                self._join_again = False
+                try:
+                    await self._join_once()
+                except Exception as e:
+                    if self.running and self.link.connected:
+                        log.warn("joining the cluster failed: {error}", error=e)
+                        self._join_again = True
+                        await deferLater(self.reactor, 0.5, lambda: None)
+                if not self._join_again or not self.running or not self.link.connected:
+                    break
+        finally:
+            self._joining = False
+
+    async def _join_once(self) -> None:
+        self.up = False
+        self.generation += 1
+        generation = self.generation
+        claims = self.claims
+        token = "".join(random.choices(string.ascii_letters + string.digits, k=16))
+        epoch = await self.link.eval(
+            _EPOCH,
+            [self.keys.epoch, self.keys.settling],
+            [token, int(self.lease * 1000), "1" if self.epoch is not None else "0"],
+        )
+        if self.epoch is not None and epoch != self.epoch:
+            log.warn(
+                "Redis lost the cluster's data (a restart without persistence?): "
+                "claiming this node's devices again",
+                esf_event="cluster_data_lost",
+            )
+            self._restart_inbox()
+            # Everything this node held must be claimed again.
+            claims.unconfirmed.update(claims.local)
+        self.epoch = epoch
+        if not self._joined_once:
+            # A node ID is one process's: whatever an earlier process with
+            # this ID left is dead.
+            await self.janitor.reap(self.node_id, force=True)
+            self._restart_inbox()
+        else:
+            # After an outage, claim again every device this node holds.
+            claims.unconfirm_held()
+        await self._refresh_lease()
+        await self.ledger.look()
+        while True:
+            await claims.release_stale()
+            await claims.confirm()
+            snapshot = await self._snapshot()
+            if generation != self.generation:
+                raise RedisUnavailable("the connection changed while joining")
+            if not claims.unconfirmed and not claims.stale:
+                break
+        self.mirror.load(*snapshot)
+        self._joined_once = True
+        self.up = True
+        log.info(
+            "in the cluster as {node}: {users} users online, {local} devices here",
+            node=self.node_id,
+            users=len(self.mirror.users),
+            local=len(claims.local),
+            esf_event="cluster_joined",
+        )
+        self.changed()
+
+    async def _refresh_lease(self) -> bytes | None:
+        before = self.reactor.seconds()
+        epoch, (seconds, micros) = await self.link.eval(
+            _TICK,
+            [self.keys.lease(self.node_id), self.keys.nodes, self.keys.epoch],
+            [self.node_id, int(self.lease * 1000)],
+        )
+        # Redis's clock, for the appends' deadlines: read about halfway
+        # through the round trip.
+        middle = (before + self.reactor.seconds()) / 2
+        self.ledger.set_redis_time(int(seconds) * 1000 + int(micros) / 1000, middle)
+        return epoch  # type: ignore[no-any-return]
+
+    async def _snapshot(self) -> tuple[bytes, dict[str, dict[bytes, bytes]]]:
+        """
+        The stream's last ID, then every user's hash.  Changes made between
+        the two are in the stream after that ID too; applying them again is
+        harmless (a set sets, a release is fenced by session ID).
+        """
+        last = await self.link.execute("XREVRANGE", self.keys.stream, "+", "-", "COUNT", 1)
+        position = last[0][0] if last else b"0-0"
+        users = await self.link.execute("SMEMBERS", self.keys.online)
+        hashes: dict[str, dict[bytes, bytes]] = {}
+        names = [u.decode("utf-8") for u in users or ()]
+        for start in range(0, len(names), 1000):
+            chunk = names[start : start + 1000]
+            replies = await DeferredList(
+                [self.link.execute("HGETALL", self.keys.user(u)) for u in chunk],
+                fireOnOneErrback=True,
+                consumeErrors=True,
+            )
+            for user_id, (_, flat) in zip(chunk, replies):
+                if flat:
+                    hashes[user_id] = fields(flat)
+        return position, hashes
+
+    # -- leases and the janitor ------------------------------------------------------
+
+    def _tick(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.tick())
+
+    async def tick(self) -> None:
+        """
+        The upkeep, every third of a lease: renew the lease, release what is
+        stale, check the streams, look at the inbox's bounds, the janitor.
+        """
+        if not (self.up and self.link.connected):
+            return
+        try:
+            epoch = await self._refresh_lease()
+            if epoch != self.epoch:
+                # FLUSHALL, or a failover to a replica that lost the epoch.
+                self.alone("Redis lost the cluster's data")
+                await self.join()
+                return
+            if self.claims.stale:
+                await self.claims.release_stale()
+            if await self._fell_behind():
+                self.alone("this node fell behind the presence stream")
+                await self.join()
+                return
+            await self.ledger.look()
+            await self.janitor.run()
+        except Exception as e:
+            log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
+
+    async def _fell_behind(self) -> bool:
+        """
+        Whether the presence stream was trimmed past what this node has read
+        (it fell more than the stream's bound behind): then its mirror
+        missed changes and must be reloaded.  Entries trimmed from this
+        node's inbox unread are lost messages: counted and logged, and the
+        reading goes on from the oldest entry kept.  (Redis 7 counts the
+        entries ever added; older ones do not, and this answers no.)
+        """
+        behind = False
+        inbox_at = self.streams.inbox_at if self.streams is not None else (0, 0)
+        for key, what in ((self.keys.stream, "presence"), (self.keys.inbox(self.node_id), "inbox")):
+            try:
+                info = fields(await self.link.execute("XINFO", "STREAM", key))
+            except RedisUnavailable:
+                raise
+            except Exception:
+                continue  # no such stream yet
+            added, length, first = (
+                info.get(b"entries-added"), info.get(b"length"), info.get(b"first-entry")
+            )
+            if added is None or length is None or not first or int(added) <= int(length):
+                continue  # nothing was ever trimmed
+            first_at = stream_id(first[0])
+            at = self.mirror.at if what == "presence" else inbox_at
+            if first_at <= at:
+                continue
+            if what == "presence":
+                log.warn(
+                    "this node fell behind the presence stream: reloading its mirror",
+                    esf_event="cluster_presence_overrun",
+                )
+                behind = True
+            else:
+                self.stats["inbox_overrun"] += 1
+                log.warn(
+                    "this node's inbox was trimmed before it was read: messages were lost",
+                    esf_event="cluster_inbox_overrun",
+                )
+                ms, seq = first_at
+                self._restart_inbox((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
+        return behind
+
+
+class Janitor:
+    """
+    Releases the devices of the nodes whose lease expired, and deletes
+    their inboxes.
+
+    @param unread_lost: told the unread entries (their fields) of a reaped
+        node's inbox.
+    """
+
+    def __init__(
+        self,
+        link: IRedisLink,
+        keys: Keys,
+        node_id: str,
+        *,
+        lease: float,
+        unread_lost: Callable[[Iterable[Sequence[bytes]]], None],
+        presence_maxlen: int,
+    ):
+        self.link = link
+        self.keys = keys
+        self.node_id = node_id
+        self.lease = lease
+        self.unread_lost = unread_lost
+        self.presence_maxlen = presence_maxlen
+
+    async def run(self) -> None:
+        """
+        One node at a time (a lock that expires before the next round)
+        releases the devices of nodes whose lease has expired.
+        """
+        lock_ms = max(1, int(self.lease / 3 * 900))
+        got = await self.link.execute("SET", self.keys.janitor, self.node_id, "NX", "PX", lock_ms)
+        if not got:
+            return
+        for raw in await self.link.execute("SMEMBERS", self.keys.nodes) or ():
+            node = raw.decode("utf-8")
+            if node == self.node_id:
+                continue
+            count = await self.reap(node, force=False)
+            if count >= 0:
+                log.warn(
+                    "node {node}'s lease expired: released its {count} devices",
+                    node=node,
+                    count=count,
+                    esf_event="cluster_node_reaped",
+                )
+
+    def reap(self, node: str, force: bool) -> Deferred[int]:
+        """
+        Release C{node}'s devices and delete its inbox (if its lease expired,
+        or C{force}): how many devices, or -1 (its lease is alive).  The
+        senders of the requests its inbox held unread are told
+        (C{unread_lost}).
+        """
+
+        def reaped(reply: list[Any]) -> int:
+            count = int(reply[0])
+            if count >= 0:
+                self.unread_lost(entry[1] for entry in reply[1])
+            return count
+
+        keys = self.keys
+        return self.link.eval(
+            _REAP,
+            [
+                keys.lease(node), keys.index(node), keys.online, keys.stream, keys.nodes,
+                keys.inbox(node), keys.ledger(node),
+            ],
+            [node, self.presence_maxlen, keys.base, "1" if force else "0", REAP_UNREAD],
+        ).addCallback(reaped)  # fmt: skip

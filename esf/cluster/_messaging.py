@@ -1,0 +1,380 @@
+"""
+Messaging between nodes: what one node tells the devices another holds.
+
+    RemoteHandle   an IDeviceHandle for a device held by another node: what
+                   it is told becomes a record for that node's inbox
+    Outbox         gathers the records for each node during a reactor turn
+                   and appends them as one inbox entry; tells the senders of
+                   what was refused
+    Delivery       hands the records read from this node's inbox to its
+                   sessions, fenced by session ID; answers the requests a
+                   reaped node never read
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from esf.interfaces import IDeviceHandle
+from esf.server._config import UserData
+from esf.server._router import ANSWERS
+from esf.wire import _messages as m
+from esf.wire._frames import DisconnectedType, ErrorCode, FrameDecoder, MessageType, as_client_type
+from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
+from ._records import (
+    MAX_QUERY_SECONDS,
+    Answer,
+    Failed,
+    Holder,
+    Kick,
+    KickOut,
+    Notify,
+    PushOut,
+    Query,
+    Record,
+    Send,
+    decode_records,
+    fields,
+)
+
+if TYPE_CHECKING:
+    from esf.wire._frames import WireConfig
+    from ._queries import Queries
+
+__all__ = ["RemoteHandle", "Outbox", "Delivery", "Post", "Lookup"]
+
+log = Logger(namespace="esf.cluster")
+
+#: How a handle posts a record: C{(node, record)}.
+Post = Callable[[str, Record], None]
+#: Who holds a device now (the presence's C{get}).
+Lookup = Callable[[str, int], "IDeviceHandle | None"]
+
+#: Flush an outbox early past this many bytes.
+_OUTBOX_FLUSH_BYTES = 256 * 1024
+REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
+#: Why an inbox entry failed (L{esf.cluster._inbox}'s answers, and Redis
+#: not answering the append in time) -> what its senders are told.
+UNANSWERED, BEHIND = -1, -2
+_NO_ANSWER = "is not reachable now: the cluster's Redis did not answer in time"
+_REFUSALS = {
+    BEHIND: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: this node's traffic to the cluster's Redis is behind; try later",
+    ),
+    GONE: (ErrorCode.USER_OFFLINE, "is not online: its node left the cluster"),
+    STALE: (
+        ErrorCode.USER_OFFLINE,
+        "is not reachable: its node stopped answering (its cluster lease expired)",
+    ),
+    FULL: (
+        ErrorCode.RATE_LIMITED,
+        "is not reachable now: the node that holds it is behind (its cluster inbox is full); "
+        "try later",
+    ),
+    LATE: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+    UNANSWERED: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+}
+
+
+@implementer(IDeviceHandle)
+class RemoteHandle:
+    """
+    A device held by another node.  What it is told is appended to that
+    node's inbox, fenced by the device's session ID: the holder's node
+    acts on it only if that session still holds the device.
+    """
+
+    __slots__ = ("user_id", "client_type", "session_id", "node", "logon_order", "user_data", "_post")
+
+    def __init__(self, user_id: str, client_type: int, holder: Holder, post: Post):
+        self.user_id = user_id
+        self.client_type = client_type
+        self.session_id = holder.session_id
+        self.node = holder.node
+        #: Logon orders are counted per node and mean nothing here; a logon
+        #: on this node always comes after a remote one (REPLACE_OLD).
+        self.logon_order = 0
+        self.user_data = UserData(
+            user_id, as_client_type(client_type), holder.address, holder.logon_time
+        )
+        self._post = post
+
+    def __repr__(self) -> str:
+        return f"<RemoteHandle {self.user_id}/{self.client_type} {self.session_id}>"
+
+    def send(self, data: bytes) -> None:
+        self._post(self.node, Send(self.session_id, data))
+
+    def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
+        self._post(self.node, Notify(self.session_id, int(message_type), body, int(client_type)))
+
+    def kick(self, reason: DisconnectedType, text: str) -> None:
+        self._post(self.node, Kick(self.session_id, int(reason), text))
+
+    # Not IDeviceHandle: what the engine does differently for a device of
+    # another node, so that the user manager's events fire on the holder's
+    # node.
+
+    def push_out(self, new_address: str, cause: str) -> None:
+        """
+        The device logged on again from C{new_address}: the holder's node
+        fires C{device_being_pushed_out}, sends C{BeingPushedOutNotify}
+        and ends the session with C{BeingPushedOut}.
+        """
+        self._post(self.node, PushOut(self.session_id, new_address, cause))
+
+    def kick_out(self, operator: str, reason: str, text: str) -> None:
+        """
+        C{operator} kicks the device: the holder's node fires
+        C{device_kicked_out}, sends C{BeingKickedOutNotify} and ends the
+        session with C{BeingKickedOut} (C{text} in its DisconnectNotice).
+        """
+        self._post(self.node, KickOut(self.session_id, operator, reason, text))
+
+    def ask(self, message_id: int, body: bytes, timeout: float) -> None:
+        """
+        The engine's query C{message_id} (an Information C{body}): the
+        holder's node sends the session a Request and forwards its answer
+        back to this node, for at most C{timeout} seconds.
+        """
+        seconds = min(MAX_QUERY_SECONDS, math.ceil(timeout))
+        # The asking node is filled in by the outbox (L{Outbox.post}).
+        self._post(self.node, Query(self.session_id, message_id, seconds, "", body))
+
+
+class _Batch(Protocol):
+    """
+    What delivery needs of the engine's output batch
+    (L{esf.server._output.OutputBatch}).
+    """
+
+    def begin(self) -> bool: ...
+
+    def flush(self) -> None: ...
+
+
+class Outbox:
+    """
+    This node's posts to other nodes' inboxes.  Records for one node
+    gathered during a reactor turn go as one entry; one connection,
+    commands written in call order: what one node sends one device arrives
+    in order.  Past a bound of records Redis has not taken yet (Redis slow
+    or gone), it drops rather than queue without end.
+
+    @param answered: called C{(session_id, message_id, error, body)} to fail
+        a query of this node's engine whose record was refused (the
+        queries' L{Queries.answered}).
+    @param lookup: who holds a device now, to tell a refused request's
+        sender.
+    @param timeout: seconds a Redis call may take; an append is refused by
+        Redis if it runs later than half of it.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        node_id: str,
+        ledger: InboxLedger,
+        *,
+        answered: Callable[[str, int, bool, bytes], None],
+        lookup: Lookup,
+        stats: collections.Counter[str],
+        timeout: float,
+        max_in_flight: int,
+    ):
+        self.reactor = reactor
+        self.node_id = node_id
+        self.ledger = ledger
+        self.answered = answered
+        self.lookup = lookup
+        self.stats = stats
+        self.timeout = timeout
+        self.max_in_flight = max_in_flight
+        #: The engine's wire settings (set by the presence's C{attach}).
+        self.wire: WireConfig | None = None
+        self.in_flight = 0
+        #: node -> inbox records to send it at the end of this reactor turn.
+        self._pending: dict[str, list[bytes]] = {}
+        self._pending_bytes = 0
+        self._flush_call: IDelayedCall | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def post(self, node: str, record: Record) -> None:
+        """
+        Send C{record} to C{node}'s inbox, at the end of this reactor turn.
+        """
+        if isinstance(record, Query) and not record.asker:
+            record = record._replace(asker=self.node_id)  # where the answer goes
+        packed = record.encode()
+        if self.in_flight >= self.max_in_flight:
+            self.stats["remote_send_dropped"] += 1
+            log.debug("dropped a message to node {node}: Redis is behind", node=node)
+            self._refused(packed, BEHIND)
+            return
+        pending = self._pending.get(node)
+        if pending is None:
+            pending = self._pending[node] = []
+        pending.append(packed)
+        self.in_flight += 1
+        self._pending_bytes += len(packed)
+        if self._pending_bytes > _OUTBOX_FLUSH_BYTES:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """
+        Append what was posted, now: one entry per node.
+        """
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        for node, records in pending.items():
+            entry = b"".join(records)
+            # Refused by Redis if it runs later than halfway to the call's
+            # timeout: a sender told its message failed (below) is right.
+            d = self.ledger.append(node, entry, within=self.timeout / 2)
+            d.addBoth(self._flushed, node, entry, len(records))
+
+    def _flushed(self, result: Any, node: str, entry: bytes, count: int) -> None:
+        self.in_flight -= count
+        if isinstance(result, Failure):
+            self.stats["remote_send_failed"] += count
+            log.debug(
+                "{count} messages to node {node} failed: {error}",
+                count=count,
+                node=node,
+                error=result.getErrorMessage(),
+            )
+            self._refused(entry, UNANSWERED)
+        elif isinstance(result, int):
+            self.ledger.refused(node, count, result)
+            self._refused(entry, result)
+
+    def _refused(self, entry: bytes, why: int) -> None:
+        """
+        Tell the senders of an inbox entry that was refused or failed: a
+        relayed request's sender gets the error L{_REFUSALS} gives for
+        C{why} (C{RateLimited}: the inbox was full, or this node is behind
+        Redis; C{UserOffline}: its node left or stopped renewing its lease,
+        or Redis did not answer in time), once per request; a one-way
+        message is counted as dropped; a query of this node's engine fails
+        at once.  Answers and notices are only counted (by the caller).
+        """
+        code, because = _REFUSALS[why]
+        told: set[tuple[str, int, int]] = set()
+        for record in decode_records(entry):
+            if isinstance(record, Query):
+                body = m.Error(MessageType.REQUEST, code, f"the device {because}").encode()
+                self.answered(record.session_id, record.message_id, True, body)
+            elif isinstance(record, Send) and self.wire is not None:
+                (frame,) = FrameDecoder(self.wire).feed(record.frame)
+                sender = self.lookup(frame.user_id, frame.client_type)
+                ident = (frame.user_id, frame.client_type, frame.message_id)
+                error = getattr(sender, "error", None)
+                if error is None or frame.message_type in ANSWERS or ident in told:
+                    continue
+                if frame.message_id:
+                    told.add(ident)
+                error(frame, code, f"{frame.dest_user_id} {because}")
+
+
+class Delivery:
+    """
+    Hands what this node's inbox brings to its sessions (C{local}, by
+    session ID): a record for a session that is gone is dropped (fenced).
+
+    @param queries: this node's side of queries between nodes.
+    @param post: posts a record to another node (L{Outbox.post}).
+    @param lookup: who holds a device now (the presence's C{get}).
+    """
+
+    def __init__(
+        self,
+        local: Mapping[str, IDeviceHandle],
+        queries: Queries,
+        *,
+        post: Post,
+        lookup: Lookup,
+        stats: collections.Counter[str],
+    ):
+        self.local = local
+        self.queries = queries
+        self.post = post
+        self.lookup = lookup
+        self.stats = stats
+        #: The engine's wire settings (set by the presence's C{attach}).
+        self.wire: WireConfig | None = None
+        #: Optional: the engine's output batch, so that what one read of
+        #: the inbox delivers is written once per session.
+        self.batch: _Batch | None = None
+
+    def deliver(self, packed: bytes) -> None:
+        """
+        Act on the records of one inbox entry.
+        """
+        local = self.local
+        for record in decode_records(packed):
+            if isinstance(record, Answer):
+                session_id, message_id, error, body = record
+                self.queries.answered(session_id, message_id, error, body)
+                continue
+            handle: Any = local.get(record.session_id)
+            if handle is None:
+                self.stats["inbox_fenced"] += 1
+                continue
+            if isinstance(record, Send):
+                # A local session checks answers from other nodes itself.
+                getattr(handle, "send_from_node", handle.send)(record.frame)
+            elif isinstance(record, Notify):
+                handle.notify(record.message_type, record.body, record.client_type)
+            elif isinstance(record, Kick):
+                handle.kick(DisconnectedType(record.reason), record.text)
+            elif isinstance(record, PushOut):
+                handle.push_out(record.new_address, record.cause)
+            elif isinstance(record, Query):
+                self.queries.ask(handle, record)
+            elif isinstance(record, Failed):
+                (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
+                error = getattr(handle, "error", None)
+                if frame is not None and error is not None:
+                    error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")
+            elif isinstance(record, KickOut):
+                handle.kick_out(record.operator, record.reason, record.text)
+            self.stats["inbox_delivered"] += 1
+
+    def unread_lost(self, entries: Iterable[Sequence[bytes]]) -> None:
+        """
+        A reaped node's inbox held C{entries} (their fields) unread: answer
+        each request among them C{Error(UserOffline)}, at its sender's node
+        (this one's sessions at once, others' through a L{Failed} record).
+        """
+        if self.wire is None:
+            return
+        decoder = FrameDecoder(self.wire)
+        for flat in entries:
+            for record in decode_records(fields(flat)[b"m"]):
+                if not isinstance(record, Send):
+                    continue
+                (frame,) = decoder.feed(record.frame)
+                if not frame.message_id or frame.message_type in ANSWERS:
+                    continue
+                sender = self.lookup(frame.user_id, frame.client_type)
+                if sender is None:
+                    continue
+                self.stats["inbox_reaped"] += 1
+                if isinstance(sender, RemoteHandle):
+                    self.post(sender.node, Failed(sender.session_id, record.frame))
+                elif hasattr(sender, "error"):
+                    sender.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")

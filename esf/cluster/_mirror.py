@@ -1,0 +1,257 @@
+"""
+The presence mirror: this node's in-memory view of who is online in the
+cluster, built from a snapshot of Redis (L{PresenceMirror.load}) and kept
+up by applying the presence stream's entries (L{PresenceMirror.apply}).
+
+It is synchronous and pure: no Redis, no reactor.  What an entry does to
+one of this node's own sessions (replaced by a logon elsewhere, or
+released behind this node's back) it reports, as it applies the entry,
+as a L{Replaced} or a L{Released} to the callable it was given; the caller
+decides what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import attrs
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
+from twisted.logger import Logger
+
+from esf.interfaces import IDeviceHandle
+from ._records import Holder, fields, stream_id
+
+__all__ = ["PresenceMirror", "Replaced", "Released", "Report"]
+
+log = Logger(namespace="esf.cluster")
+
+
+@attrs.frozen
+class Replaced:
+    """
+    One of this node's sessions, C{handle}, was replaced by a logon of its
+    device at another node.
+    """
+
+    handle: IDeviceHandle
+
+
+@attrs.frozen
+class Released:
+    """
+    One of this node's sessions, C{handle}, was released behind this node's
+    back (the janitor found its lease expired: a long pause, say), though
+    this node still holds it.
+    """
+
+    handle: IDeviceHandle
+
+
+Report = Union[Replaced, Released]
+
+
+class PresenceMirror:
+    """
+    Who is online: user ID -> handles in logon order (this node's sessions,
+    and handles for the devices other nodes hold), and the same user IDs
+    sorted.
+
+    @param node_id: this node's ID.
+    @param local: this node's sessions by session ID (read only here): a
+        presence value naming this node shows its session, or nothing once
+        that session is gone.
+    @param remote: makes the handle of a device another node holds, from
+        C{(user_id, client_type, holder)}.
+    @param report: told, as soon as an entry is applied, what it did to one
+        of this node's sessions (it may change the mirror then: the next
+        entry is applied after).
+
+    @ivar position: the presence stream's ID this mirror is up to.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        local: Mapping[str, IDeviceHandle],
+        remote: Callable[[str, int, Holder], IDeviceHandle],
+        report: Callable[[Report], None],
+    ):
+        self.node_id = node_id
+        self.local = local
+        self.remote = remote
+        self.report = report
+        self.users: dict[str, tuple[IDeviceHandle, ...]] = {}
+        self.sorted: SortedList = SortedList()
+        #: Devices taken from a script's answer ahead of the stream:
+        #: (user, kind) -> the stream ID of that change.
+        self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
+        self.position = b"0-0"
+        self.at = (0, 0)
+
+    # -- filling --------------------------------------------------------------------
+
+    def load(self, position: bytes, hashes: Mapping[str, Mapping[bytes, bytes]]) -> None:
+        """
+        Show exactly C{hashes} (user ID -> its hash: device kind -> presence
+        value), as of the stream's C{position}.
+        """
+        users: dict[str, tuple[IDeviceHandle, ...]] = {}
+        for user_id, kinds in hashes.items():
+            handles = []
+            for kind, value in kinds.items():
+                holder = Holder.parse(value)
+                handle = self.handle_for(user_id, int(kind), holder)
+                if handle is not None:
+                    handles.append((holder.logon_time, handle))
+            if handles:
+                handles.sort(key=lambda pair: pair[0])
+                users[user_id] = tuple(h for _, h in handles)
+        self.users = users
+        self.sorted = SortedList(users)
+        self.ahead.clear()
+        self.position, self.at = position, stream_id(position)
+
+    def apply(self, entries: Iterable[Sequence[Any]]) -> None:
+        """
+        Apply the presence stream's C{entries} (C{(id, flat fields)}, in
+        order); those at or before L{position} are skipped, a bad one is
+        logged and skipped.
+        """
+        for raw_id, flat in entries:
+            at = stream_id(raw_id)
+            if at <= self.at:
+                continue
+            self.position, self.at = raw_id, at
+            try:
+                report = self._apply(at, fields(flat))
+            except Exception:
+                log.failure("a bad presence record {id}", id=raw_id)
+                continue
+            if report is not None:
+                self.report(report)
+
+    def _apply(self, at: tuple[int, int], entry: dict[bytes, bytes]) -> Report | None:
+        user_id = entry[b"u"].decode("utf-8")
+        kind = int(entry[b"c"])
+        key = (user_id, kind)
+        ahead = self.ahead.get(key)
+        if ahead is not None:
+            if at < ahead:
+                return None  # the mirror shows a later change already
+            del self.ahead[key]
+            if at == ahead:
+                return None
+        value = entry.get(b"v")
+        if value is not None:
+            handle = self.handle_for(user_id, kind, Holder.parse(value))
+            if handle is not None:
+                replaced = self.put(user_id, kind, handle)
+                if replaced is not None and replaced.session_id in self.local:
+                    return Replaced(replaced)
+            return None
+        sid = entry[b"d"].decode("utf-8")
+        if self.remove(user_id, kind, sid):
+            mine = self.local.get(sid)
+            if mine is not None:
+                return Released(mine)
+        return None
+
+    def note_ahead(self, user_id: str, kind: int, raw_id: bytes) -> bool:
+        """
+        A script's answer carries a change (at the stream's C{raw_id}) that
+        the stream will bring later: note it, so that the stream does not
+        undo a later one; C{False} when the stream has brought it (and maybe
+        later ones) already.
+        """
+        at = stream_id(raw_id)
+        if at <= self.at:
+            return False
+        self.ahead[(user_id, kind)] = at
+        return True
+
+    def put(self, user_id: str, kind: int, handle: IDeviceHandle) -> IDeviceHandle | None:
+        """
+        Show C{handle} as the holder of C{user_id}'s device C{kind}; the
+        handle it replaces, if any.
+        """
+        devices = self.users.get(user_id, ())
+        replaced = None
+        for h in devices:
+            if h.client_type == kind:
+                if h.session_id == handle.session_id:
+                    return None
+                replaced = h
+                break
+        if replaced is not None:
+            devices = tuple(h for h in devices if h is not replaced)
+        elif not devices:
+            self.sorted.add(user_id)
+        self.users[user_id] = devices + (handle,)
+        return replaced
+
+    def remove(self, user_id: str, kind: int, sid: str) -> bool:
+        """
+        Show C{user_id}'s device C{kind} free, if session C{sid} holds it;
+        whether it did.
+        """
+        devices = self.users.get(user_id, ())
+        rest = tuple(h for h in devices if not (h.client_type == kind and h.session_id == sid))
+        if len(rest) == len(devices):
+            return False
+        if rest:
+            self.users[user_id] = rest
+        else:
+            del self.users[user_id]
+            self.sorted.remove(user_id)
+        return True
+
+    def handle_for(self, user_id: str, kind: int, holder: Holder) -> IDeviceHandle | None:
+        """
+        The handle the mirror shows for C{holder}: the session itself when
+        it is this node's (C{None} for one of this node's that is gone), a
+        remote handle otherwise (the mirror's own, when it has one).
+        """
+        if holder.node == self.node_id:
+            return self.local.get(holder.session_id)
+        for handle in self.users.get(user_id, ()):
+            if handle.session_id == holder.session_id:
+                return handle
+        return self.remote(user_id, kind, holder)
+
+    # -- reads (alone: only this node's devices) ------------------------------------
+
+    def holds(self, handle: IDeviceHandle) -> bool:
+        """
+        Whether the mirror shows C{handle} holding its device.
+        """
+        for h in self.users.get(handle.user_id, ()):
+            if h is handle:
+                return True
+        return False
+
+    def get(self, user_id: str, client_type: int, alone: bool = False) -> IDeviceHandle | None:
+        for handle in self.users.get(user_id, ()):
+            if handle.client_type == client_type and (not alone or handle.node == self.node_id):
+                return handle
+        return None
+
+    def devices(self, user_id: str, alone: bool = False) -> Sequence[IDeviceHandle]:
+        if not alone:
+            return self.users.get(user_id, ())
+        node = self.node_id
+        return tuple(h for h in self.users.get(user_id, ()) if h.node == node)
+
+    def _local_users(self) -> set[str]:
+        return {h.user_id for h in self.local.values() if self.holds(h)}
+
+    def user_count(self, alone: bool = False) -> int:
+        if not alone:
+            return len(self.users)
+        return len(self._local_users())
+
+    def user_ids(self, offset: int = 0, limit: int | None = None, alone: bool = False) -> list[str]:
+        stop = None if limit is None else offset + limit
+        if not alone:
+            return list(self.sorted.islice(offset, stop))
+        # Alone: only this node's users, sorted here (outages only).
+        return sorted(self._local_users())[offset:stop]

@@ -1,0 +1,144 @@
+"""
+The reader of the cluster's two streams: the presence stream (into the
+mirror) and this node's inbox (to its sessions), with one blocking XREAD
+on a connection of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from ._inbox import InboxLedger
+from ._link import IRedisLink, RedisUnavailable
+from ._membership import Membership
+from ._messaging import Delivery
+from ._mirror import PresenceMirror
+from ._records import Keys, fields, stream_id
+
+__all__ = ["StreamReader"]
+
+log = Logger(namespace="esf.cluster")
+
+
+class StreamReader:
+    """
+    Reads the presence stream and this node's inbox while the node is in
+    the cluster.
+
+    @param block: seconds one blocking read waits.
+    @param count: most stream entries read at once.
+    @param timeout: seconds any Redis call may take (besides C{block}).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        link: IRedisLink,
+        keys: Keys,
+        node_id: str,
+        *,
+        membership: Membership,
+        mirror: PresenceMirror,
+        delivery: Delivery,
+        ledger: InboxLedger,
+        block: float,
+        count: int,
+        timeout: float,
+    ):
+        self.reactor = reactor
+        self.link = link
+        self.membership = membership
+        self.mirror = mirror
+        self.delivery = delivery
+        self.ledger = ledger
+        self.block = block
+        self.count = count
+        self.timeout = timeout
+        self._k_stream = keys.stream
+        self._k_inbox = keys.inbox(node_id)
+        self._b_stream = self._k_stream.encode()
+        self._b_inbox = self._k_inbox.encode()
+        self.inbox_pos = b"0-0"
+        self.inbox_at = (0, 0)
+
+    def restart_inbox(self, before: tuple[int, int] = (0, 0)) -> None:
+        """
+        Read the inbox from the first entry after C{before} on.
+        """
+        self.inbox_pos, self.inbox_at = b"%d-%d" % before, before
+
+    async def run(self) -> None:
+        """
+        Read while the membership runs.
+        """
+        membership = self.membership
+        while membership.running:
+            if not (membership.up and self.link.connected):
+                await membership.wait_change()
+                continue
+            generation = membership.generation
+            try:
+                reply = await self.link.execute(
+                    "XREAD",
+                    "COUNT",
+                    self.count,
+                    "BLOCK",
+                    int(self.block * 1000),
+                    "STREAMS",
+                    self._k_stream,
+                    self._k_inbox,
+                    self.mirror.position,
+                    self.inbox_pos,
+                    timeout=self.block + self.timeout,
+                )
+            except RedisUnavailable:
+                if membership.running and self.link.connected:
+                    await deferLater(self.reactor, 0.05, lambda: None)
+                continue
+            except CancelledError:
+                continue
+            except Exception:
+                log.failure("reading the cluster's streams failed")
+                await deferLater(self.reactor, 1.0, lambda: None)
+                continue
+            if reply:
+                self.process(reply, generation)
+
+    def process(self, reply: list[Any], generation: int) -> None:
+        """
+        Apply one XREAD C{reply}, read under the membership's C{generation}
+        (the presence entries of an older one are stale: the mirror was
+        reloaded since).
+        """
+        streams = {key: entries for key, entries in reply}
+        entries = streams.get(self._b_stream)
+        membership = self.membership
+        if entries and generation == membership.generation and membership.up:
+            self.mirror.apply(entries)
+        inbox = streams.get(self._b_inbox)
+        if not inbox:
+            return
+        batch = self.delivery.batch
+        outermost = batch is not None and batch.begin()
+        read: list[tuple[bytes, int]] = []
+        try:
+            for raw_id, flat in inbox:
+                at = stream_id(raw_id)
+                if at <= self.inbox_at:
+                    continue  # delivered already: never twice
+                self.inbox_pos, self.inbox_at = raw_id, at
+                packed = fields(flat)[b"m"]
+                read.append((raw_id, len(packed)))
+                try:
+                    self.delivery.deliver(packed)
+                except Exception:
+                    log.failure("delivering inbox record {id} failed", id=raw_id)
+        finally:
+            if outermost:
+                assert batch is not None  # it began the batch
+                batch.flush()
+            self.ledger.delivered(read)  # what was delivered leaves Redis

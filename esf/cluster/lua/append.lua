@@ -1,0 +1,34 @@
+-- KEYS: the receiving node's inbox, its ledger, the nodes set, its lease
+-- ARGV: the receiving node, the entry, entries and bytes bounds (used while
+--       the receiving node has published none), a deadline in ms on
+--       Redis's clock (0: none)
+-- Returns the new entry's ID; 0 when the node is not in the cluster (left,
+-- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
+-- node's lease expired (dead or paused: nobody reads its inbox now, and
+-- the janitor will delete it); 3 when the deadline is past (the sender
+-- was told the append failed: it must not happen later).
+local deadline = tonumber(ARGV[5])
+if deadline > 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) > deadline then
+    return 3
+  end
+end
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+  return 0
+end
+if redis.call('EXISTS', KEYS[4]) == 0 then
+  return 2
+end
+local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
+local held = tonumber(ledger[1]) or 0
+local size = string.len(ARGV[2])
+-- An empty inbox takes one entry of any size (an entry is at most one
+-- turn's outbox, 256 KiB and one frame).
+if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
+   or redis.call('XLEN', KEYS[1]) >= (tonumber(ledger[2]) or tonumber(ARGV[3])) then
+  redis.call('HINCRBY', KEYS[2], 'r', 1)
+  return 1
+end
+redis.call('HINCRBY', KEYS[2], 'b', size)
+return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])

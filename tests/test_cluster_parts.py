@@ -1,0 +1,372 @@
+"""
+Tests of the cluster's parts that need no Redis: the presence mirror fed
+made-up presence stream entries, the inbox records, and what the presence
+does on a L{task.Clock} about what the stream did to its own sessions.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from twisted.internet import task
+from twisted.internet.defer import fail
+from zope.interface import implementer
+
+from esf import DisconnectedType, UserData
+from esf.cluster._link import IRedisLink, RedisUnavailable
+from esf.cluster._messaging import RemoteHandle
+from esf.cluster._mirror import PresenceMirror, Released, Replaced
+from esf.cluster._presence import ClusterPresence
+from esf.cluster._records import (
+    Answer,
+    Failed,
+    Holder,
+    Kick,
+    KickOut,
+    Notify,
+    PushOut,
+    Query,
+    Send,
+    decode_records,
+)
+from esf.interfaces import IDeviceHandle
+
+
+@implementer(IDeviceHandle)
+class Device:
+    """
+    One of this node's sessions, recording its kicks.
+    """
+
+    def __init__(self, node: str, user_id: str, session_id: str, client_type: int = 0):
+        self.node = node
+        self.user_id = user_id
+        self.client_type = client_type
+        self.session_id = session_id
+        self.logon_order = 1
+        self.user_data = UserData(user_id, client_type, "10.0.0.1:5000", 1.0)
+        self.kicked: list[tuple[DisconnectedType, str]] = []
+
+    def send(self, data):
+        pass
+
+    def notify(self, message_type, body=b"", client_type=0):
+        pass
+
+    def kick(self, reason, text):
+        self.kicked.append((reason, text))
+
+
+def value(session_id: str, node: str, logon_time: float = 1.0) -> bytes:
+    return Holder(session_id, node, logon_time, "10.0.0.2:6000").encode()
+
+
+def claimed(user: str, kind: int, session_id: str, node: str, logon_time: float = 1.0) -> list:
+    return [b"u", user.encode(), b"c", str(kind).encode(), b"v", value(session_id, node, logon_time)]
+
+
+def released(user: str, kind: int, session_id: str) -> list:
+    return [b"u", user.encode(), b"c", str(kind).encode(), b"d", session_id.encode()]
+
+
+def make_mirror(node: str = "a"):
+    local: dict = {}
+    reports: list = []
+    posted: list = []
+    mirror = PresenceMirror(
+        node,
+        local,
+        lambda user, kind, holder: RemoteHandle(user, kind, holder, lambda *a: posted.append(a)),
+        reports.append,
+    )
+    return mirror, local, reports
+
+
+# -- the mirror ---------------------------------------------------------------------
+
+
+def test_mirror_applies_claims_and_releases_in_order():
+    mirror, _, reports = make_mirror()
+    mirror.apply(
+        [
+            (b"1-0", claimed("bob", 0, "b/1", "b")),
+            (b"1-1", claimed("alice", 0, "b/2", "b")),
+            (b"2-0", claimed("alice", 1, "c/1", "c")),
+        ]
+    )
+    assert mirror.user_ids() == ["alice", "bob"] and mirror.user_count() == 2
+    [phone, desk] = mirror.devices("alice")
+    assert isinstance(phone, RemoteHandle) and (phone.node, phone.session_id) == ("b", "b/2")
+    assert (desk.node, desk.client_type) == ("c", 1)
+    mirror.apply([(b"3-0", released("alice", 0, "b/2"))])
+    assert [h.session_id for h in mirror.devices("alice")] == ["c/1"]
+    mirror.apply([(b"3-1", released("bob", 0, "b/1"))])
+    assert mirror.user_ids() == ["alice"] and mirror.get("bob", 0) is None
+    assert mirror.position == b"3-1" and reports == []
+
+
+def test_mirror_keeps_one_handle_per_remote_session():
+    mirror, _, _ = make_mirror()
+    mirror.apply([(b"1-0", claimed("bob", 0, "b/1", "b"))])
+    first = mirror.get("bob", 0)
+    mirror.apply([(b"2-0", claimed("bob", 0, "b/1", "b"))])  # applied again (a snapshot's overlap)
+    assert mirror.get("bob", 0) is first and len(mirror.devices("bob")) == 1
+
+
+def test_mirror_skips_entries_it_has_applied():
+    mirror, _, _ = make_mirror()
+    mirror.apply([(b"5-0", claimed("bob", 0, "b/1", "b"))])
+    mirror.apply([(b"4-0", released("bob", 0, "b/1")), (b"5-0", released("bob", 0, "b/1"))])
+    assert mirror.get("bob", 0).session_id == "b/1"
+
+
+def test_mirror_release_is_fenced_by_session():
+    mirror, _, _ = make_mirror()
+    mirror.apply([(b"1-0", claimed("bob", 0, "b/2", "b")), (b"2-0", released("bob", 0, "b/1"))])
+    assert mirror.get("bob", 0).session_id == "b/2"
+
+
+def test_mirror_reports_a_local_session_replaced_elsewhere():
+    mirror, local, reports = make_mirror("a")
+    mine = Device("a", "alice", "a/1")
+    local[mine.session_id] = mine
+    mirror.apply([(b"1-0", claimed("alice", 0, "a/1", "a"))])
+    assert mirror.get("alice", 0) is mine and reports == []
+    mirror.apply([(b"2-0", claimed("alice", 0, "b/9", "b"))])
+    assert reports == [Replaced(mine)]
+    assert mirror.get("alice", 0).session_id == "b/9" and not mirror.holds(mine)
+
+
+def test_mirror_reports_a_local_session_released_behind_its_back():
+    mirror, local, reports = make_mirror("a")
+    mine = Device("a", "alice", "a/1")
+    local[mine.session_id] = mine
+    mirror.apply([(b"1-0", claimed("alice", 0, "a/1", "a"))])
+    mirror.apply([(b"2-0", released("alice", 0, "a/1"))])
+    assert reports == [Released(mine)] and mirror.get("alice", 0) is None
+
+
+def test_mirror_report_acts_before_the_next_entry():
+    """
+    What the caller does about a report (here: show the session again, as
+    a reclaim does) is in the mirror before the next entry is applied.
+    """
+    local: dict = {}
+    mine = Device("a", "alice", "a/1")
+    local[mine.session_id] = mine
+    replaced = []
+
+    def report(r):
+        if isinstance(r, Released):
+            mirror.put(r.handle.user_id, r.handle.client_type, r.handle)
+        else:
+            replaced.append(r.handle)
+
+    mirror = PresenceMirror(
+        "a", local, lambda u, k, h: RemoteHandle(u, k, h, lambda *a: None), report
+    )
+    mirror.apply(
+        [
+            (b"1-0", claimed("alice", 0, "a/1", "a")),
+            (b"2-0", released("alice", 0, "a/1")),
+            (b"3-0", claimed("alice", 0, "b/1", "b")),
+        ]
+    )
+    assert replaced == [mine]
+
+
+def test_mirror_ignores_a_session_of_its_own_node_that_is_gone():
+    mirror, _, _ = make_mirror("a")
+    mirror.apply([(b"1-0", claimed("alice", 0, "a/1", "a"))])
+    assert mirror.get("alice", 0) is None and mirror.user_count() == 0
+
+
+def test_mirror_change_ahead_of_the_stream_is_not_undone():
+    """
+    A claim's answer shows the device at once; older stream entries for it
+    (released by an earlier session) do not undo it, nor does the entry of
+    that very change.
+    """
+    mirror, local, _ = make_mirror("a")
+    mine = Device("a", "alice", "a/2")
+    local[mine.session_id] = mine
+    mirror.apply([(b"1-0", claimed("alice", 0, "b/1", "b"))])
+    assert mirror.note_ahead("alice", 0, b"3-0")
+    mirror.put("alice", 0, mine)
+    mirror.apply([(b"2-0", claimed("alice", 0, "b/9", "b"))])  # before the claim: skipped
+    assert mirror.get("alice", 0) is mine and mirror.ahead == {("alice", 0): (3, 0)}
+    mirror.apply([(b"3-0", claimed("alice", 0, "a/2", "a"))])  # the claim itself
+    assert mirror.get("alice", 0) is mine and mirror.ahead == {}
+    mirror.apply([(b"4-0", released("alice", 0, "a/2"))])  # later: applied
+    assert mirror.get("alice", 0) is None
+    assert not mirror.note_ahead("alice", 0, b"4-0")  # the stream is there already
+
+
+def test_mirror_skips_a_bad_entry_and_goes_on():
+    mirror, _, _ = make_mirror()
+    mirror.apply(
+        [
+            (b"1-0", [b"u", b"bob", b"c", b"not a number", b"v", value("b/1", "b")]),
+            (b"2-0", claimed("carol", 0, "b/2", "b")),
+        ]
+    )
+    assert mirror.user_ids() == ["carol"] and mirror.position == b"2-0"
+
+
+def test_mirror_load_orders_devices_by_logon_time():
+    mirror, local, _ = make_mirror("a")
+    mine = Device("a", "alice", "a/1", client_type=2)
+    local[mine.session_id] = mine
+    mirror.apply([(b"9-0", claimed("zed", 0, "b/5", "b"))])
+    mirror.load(
+        b"7-3",
+        {
+            "alice": {b"0": value("b/1", "b", 5.0), b"2": value("a/1", "a", 3.0)},
+            "bob": {b"1": value("a/9", "a")},  # a session of this node that is gone
+        },
+    )
+    assert [h.session_id for h in mirror.devices("alice")] == ["a/1", "b/1"]
+    assert mirror.user_ids() == ["alice"] and (mirror.position, mirror.at) == (b"7-3", (7, 3))
+
+
+def test_mirror_alone_shows_only_this_nodes_devices():
+    mirror, local, _ = make_mirror("a")
+    mine = Device("a", "alice", "a/1", client_type=1)
+    local[mine.session_id] = mine
+    mirror.apply(
+        [
+            (b"1-0", claimed("alice", 0, "b/1", "b")),
+            (b"1-1", claimed("alice", 1, "a/1", "a")),
+            (b"1-2", claimed("bob", 0, "b/2", "b")),
+        ]
+    )
+    assert mirror.get("alice", 0, alone=True) is None
+    assert mirror.devices("alice", alone=True) == (mine,)
+    assert mirror.user_count(alone=True) == 1 and mirror.user_ids(alone=True) == ["alice"]
+    assert mirror.user_count() == 2
+
+
+# -- records ------------------------------------------------------------------------
+
+
+def test_records_round_trip_in_one_entry():
+    records = [
+        Send("b/1", b"\x00frame"),
+        Notify("b/1", 7, b"body", 3),
+        Kick("b/1", int(DisconnectedType.BEING_KICKED_OUT), "bye \u00e9"),
+        PushOut("b/2", "10.0.0.9:1", "logged on again"),
+        KickOut("b/2", "admin", "spam", "go away"),
+        Query("b/3", 41, 30, "a", b"info"),
+        Answer("b/3", 41, True, b"error body"),
+        Failed("b/4", b"request"),
+    ]
+    assert list(decode_records(b"".join(r.encode() for r in records))) == records
+
+
+def test_remote_handle_posts_named_records_to_its_node():
+    posted = []
+    handle = RemoteHandle("bob", 1, Holder("n2/7", "n2", 1.0, "h:1"), lambda *a: posted.append(a))
+    handle.send(b"frame")
+    handle.notify(5, b"x", 2)
+    handle.kick(DisconnectedType.BEING_KICKED_OUT, "bye")
+    handle.ask(9, b"q", 0.5)
+    assert posted == [
+        ("n2", Send("n2/7", b"frame")),
+        ("n2", Notify("n2/7", 5, b"x", 2)),
+        ("n2", Kick("n2/7", int(DisconnectedType.BEING_KICKED_OUT), "bye")),
+        ("n2", Query("n2/7", 9, 1, "", b"q")),  # the outbox names the asking node
+    ]
+
+
+# -- the presence, on a clock, without Redis ------------------------------------------
+
+
+@implementer(IRedisLink)
+class NoRedis:
+    """
+    A link that is never connected.
+    """
+
+    connected = False
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def start(self, on_connected, on_lost):
+        pass
+
+    def stop(self):
+        return fail(RedisUnavailable("no Redis"))
+
+    def execute(self, *args, timeout=None):
+        return fail(RedisUnavailable("no Redis"))
+
+    def eval(self, script, keys, args):
+        return fail(RedisUnavailable("no Redis"))
+
+
+def up_presence(node: str = "a"):
+    clock = task.Clock()
+    presence = ClusterPresence(clock, "redis://127.0.0.1:1/0", node, clock=clock, link_factory=NoRedis)
+    presence.membership.up = True  # as if joined: the stream's entries apply
+    return presence, clock
+
+
+def stream_reply(presence, *entries) -> list:
+    return [[presence.streams._b_stream, list(entries)]]
+
+
+def test_replaced_session_ends_after_the_grace_if_no_push_out_came():
+    presence, clock = up_presence()
+    mine = Device("a", "alice", "a/1")
+    presence.claims.local[mine.session_id] = mine
+    generation = presence.membership.generation
+    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
+    presence.streams.process(stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation)
+    clock.advance(presence.push_out_grace - 0.01)
+    assert mine.kicked == []
+    clock.advance(0.01)
+    assert [reason for reason, _ in mine.kicked] == [DisconnectedType.BEING_PUSHED_OUT]
+    assert presence.stats["pushed_out_without_notice"] == 1
+
+
+def test_replaced_session_that_was_released_meanwhile_is_left_alone():
+    presence, clock = up_presence()
+    mine = Device("a", "alice", "a/1")
+    presence.claims.local[mine.session_id] = mine
+    generation = presence.membership.generation
+    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
+    presence.streams.process(stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation)
+    del presence.claims.local[mine.session_id]  # the push-out came: the session ended
+    clock.advance(presence.push_out_grace)
+    assert mine.kicked == [] and presence.stats["pushed_out_without_notice"] == 0
+
+
+def test_session_released_behind_its_back_is_shown_and_claimed_again():
+    presence, clock = up_presence()
+    mine = Device("a", "alice", "a/1")
+    presence.claims.local[mine.session_id] = mine
+    generation = presence.membership.generation
+    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
+    presence.streams.process(stream_reply(presence, (b"2-0", released("alice", 0, "a/1"))), generation)
+    assert presence.get("alice", 0) is mine
+    assert presence.claims.unconfirmed == {"a/1"} and presence.stats["reclaimed"] == 1
+
+
+def test_presence_entries_of_an_older_generation_are_not_applied():
+    presence, _ = up_presence()
+    old = presence.membership.generation
+    presence.membership.generation += 1  # the mirror was reloaded since the read
+    presence.streams.process(stream_reply(presence, (b"1-0", claimed("bob", 0, "b/1", "b"))), old)
+    assert presence.get("bob", 0) is None
+
+
+def test_alone_presence_reads_only_its_own_devices():
+    presence, _ = up_presence()
+    presence.streams.process(
+        stream_reply(presence, (b"1-0", claimed("bob", 0, "b/1", "b"))), presence.membership.generation
+    )
+    assert presence.get("bob", 0) is not None and presence.user_count() == 1
+    presence.membership.alone("a test")
+    assert presence.get("bob", 0) is None and presence.user_count() == 0 and not presence.up
+    assert isinstance(presence.stats, collections.Counter)
