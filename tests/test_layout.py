@@ -132,7 +132,6 @@ def test_the_layout_knows_every_part():
 #: a strict expected failure: once split, it must leave this list.
 OVER_BOUNDS = {
     "esf.bench",
-    "esf.client._engine",
     "esf.cluster._presence",
     "esf.server._engine",
     "esf.server._offline",

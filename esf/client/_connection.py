@@ -140,6 +140,21 @@ class ClientProtocol(Protocol):
     def write(self, data: bytes) -> None:
         self.transport.write(data)
 
+    def closed_within(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
+        """
+        Wait for the other side to close the connection: fires once it is
+        closed, cut off if still open after C{timeout} seconds.
+        """
+        closed: Deferred[None] = Deferred()
+        self.lost.append(closed)
+        cut_off = clock.callLater(timeout, self.transport.abortConnection)
+
+        def gone(_: None) -> None:
+            if cut_off.active():
+                cut_off.cancel()
+
+        return closed.addCallback(gone)
+
     def pauseProducing(self) -> None:
         self.paused = True
 

@@ -48,7 +48,6 @@ from esf.wire._frames import (
     ClientType,
     DisconnectedType,
     Frame,
-    LogonResult,
     MessageType,
     WireConfig,
     validate_id,
@@ -241,16 +240,9 @@ class ClientEngine(ClientEvents, ClientCalls):
             return self._leave(ending)
         self.write_message(MessageType.LOGOFF)
         self._end(protocol, ending)
-        closed: Deferred[None] = Deferred()
-        protocol.lost.append(closed)
-        timeout = self.clock.callLater(self.request_timeout, protocol.transport.abortConnection)
-
-        def gone(_: None) -> Deferred[None]:
-            if timeout.active():
-                timeout.cancel()
-            return self._stop_reconnecting()  # the retry ClientService planned
-
-        return closed.addCallback(gone)
+        closed = protocol.closed_within(self.clock, self.request_timeout)
+        # Then stop the retry ClientService planned.
+        return closed.addCallback(lambda _: self._stop_reconnecting())
 
     def close(self) -> Deferred[None]:
         """
@@ -371,20 +363,11 @@ class ClientEngine(ClientEvents, ClientCalls):
             else:
                 self.relogon_completed.fire(response)
             return
-        if first is None and response.result == LogonResult.BUSY:
-            # "Try later": a failed attempt; ClientService retries it with
-            # a growing delay.
-            protocol.ending = Ending(
-                EndingKind.BUSY, None, response.failure_cause, response=response
-            )
-        else:
-            ending = Ending(
-                EndingKind.REFUSED,
-                DisconnectedType.LOGON_FAILED,
-                response.failure_cause,
-                response=response,
-            )
+        ending = Ending.refusal(response, relogon=first is None)
+        if ending.final:
             self._end(protocol, ending)
+        else:
+            protocol.ending = ending  # a failed attempt, retried after a delay
         protocol.reject(Failure(LogonFailed(response)))
         if self._state is SessionState.ENDED:
             self._stop_reconnecting()
