@@ -11,7 +11,8 @@ the session's named state (L{SessionState}) and how it ended (L{Ending}),
 the rules for when I{not} to reconnect (pushed out, kicked, refused,
 logged off, closed) and heartbeats with dead-server detection.
 
-The calls and their request table are in L{esf.client._calls}; what the
+The calls are in L{esf.client._calls}, their request table in
+L{esf.client._requests}, the connection in L{esf.client._connection}; what the
 client receives unasked is dispatched by L{esf.client._inbox}.
 """
 
