@@ -1663,10 +1663,10 @@ def test_forged_response_to_a_query_through_the_server():
     d = alice.query("bob", 5, b"q")
     s.net.flush()
     message_id = list(alice._pending)[-1]
-    mallory._write(
+    mallory.write_message(
         MessageType.RESPONSE, m.Information(5, b"forged").encode(), message_id=message_id, dest="alice"
     )
-    mallory._write(
+    mallory.write_message(
         MessageType.ERROR,
         m.Error(MessageType.REQUEST, ErrorCode.USER_OFFLINE, "forged").encode(),
         message_id=message_id,

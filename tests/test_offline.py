@@ -225,7 +225,7 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     # alone, say): the delivery stops after the ack timeout, live messages
     # then go out, and the stored one stays for the next logon.
     bob_raw = server.client("bob")
-    bob_raw._inbox._ack_stored = lambda *args: None  # never acknowledges
+    bob_raw._inbox.stored.acknowledge = lambda *args: None  # never acknowledges
     got = []
     bob_raw.information_received.subscribe(lambda *a: got.append(a[2]))
     server.result(bob_raw.logon())
@@ -356,7 +356,7 @@ def test_requests_are_never_kept(server):
 
 def test_an_ack_to_the_server_for_nothing_delivered_is_ignored(server, store):
     alice = server.logged_on("alice")
-    alice._write(MessageType.ACK, struct.pack("<i", 0), message_id=5)
+    alice.write_message(MessageType.ACK, struct.pack("<i", 0), message_id=5)
     alice.send("bob", 1, b"x")
     server.pump()
     assert server.result(store.counts("bob"))[0] == 1

@@ -1,81 +1,30 @@
 """
 The calls a client makes (ESFramework's C{RapidPassiveEngine} API): each
-sends one request and waits for its answer in one L{PendingRequests} table.
+sends one request through L{esf.client._requests} and reads its answer.
 
-An answer counts only from the party asked: the server answers for itself
-and for users it cannot reach (C{USER_OFFLINE}, ...); a user's client
-answers only what was asked of that user (of that device, when a device
-was named).  A Response, Error, Ack or PingAck from anyone else that
-happens to carry a waiting MessageID is dropped and counted, and the call
-goes on waiting.
+C{client_type} and C{timeout} are keyword-only wherever a call takes them,
+as on L{esf.ServerEngine.query}.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-import attrs
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 
 from esf.wire import _messages as m
-from ._state import NotConnected
-from ._state import ClientCount
-from esf.wire._frames import DEVICE_MARK, SERVER_ID, ClientType, ErrorCode, Frame, MessageType
-from esf.wire._frames import WireConfig, as_client_type, device_address, encode_frame
+from ._requests import ClientRequests
+from esf.wire._frames import SERVER_ID, ClientType, ErrorCode, Frame, MessageType
+from esf.wire._frames import as_client_type, device_address
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
-    from ._engine import ClientProtocol
     from ._state import LogonResponse
-    from esf.wire._pending import PendingRequests
 
-__all__ = ["ClientCalls", "Party", "SERVER", "STORED"]
-
-log = Logger(namespace="esf.client")
-
-
-@attrs.frozen
-class Party:
-    """
-    Whom a request asked: the server, a user (any of its devices) or one
-    device of a user.
-    """
-
-    user_id: str
-    client_type: int | None = None
-
-    @classmethod
-    def of(cls, dest: str) -> Party:
-        """
-        The party a DestUserID names (C{"_0"} or C{""}: the server;
-        C{"bob#5"}: bob's device kind 5).
-        """
-        if dest in ("", SERVER_ID):
-            return SERVER
-        user_id, mark, kind = dest.rpartition(DEVICE_MARK)
-        if mark and user_id and kind.isascii() and kind.isdigit():
-            return cls(user_id, int(kind))
-        return cls(dest)
-
-    def answered_by(self, frame: Frame) -> bool:
-        """
-        Whether C{frame} may answer a request to this party: the server may
-        always (it answers for users it cannot reach), a user only for
-        itself.
-        """
-        if frame.user_id == SERVER_ID:
-            return True
-        return frame.user_id == self.user_id and (
-            self.client_type is None or frame.client_type == self.client_type
-        )
-
-
-SERVER = Party(SERVER_ID)
+__all__ = ["ClientCalls", "STORED"]
 
 #: What a call that a receiver acknowledges fires with when the server
 #: stored the message for a receiver who is offline.
@@ -92,197 +41,39 @@ def _delivery(answer: Frame, dest: str) -> str | None:
         return STORED
     return None
 
-#: Requests the server relays to the party named by DestUserID, who answers;
-#: the server answers every other request itself.
-_RELAYED = frozenset(
-    {
-        MessageType.REQUEST,
-        MessageType.SEND_CERTAINLY,
-        MessageType.BLOB,
-        MessageType.PING_BY_SERVER,
-    }
-)
 
-#: Message types that answer this client's own requests, by MessageID.
-ANSWER_TYPES = frozenset(
-    {
-        MessageType.LOGON,
-        MessageType.GET_MY_IPE,
-        MessageType.PING_ACK,
-        MessageType.KICK_OUT,
-        MessageType.GET_ALL_ONLINE_USERS,
-        MessageType.QUERY_ONLINE,
-        MessageType.QUERY_ONLINES,
-        MessageType.GET_MY_DEVICES,
-        MessageType.ERROR,
-        MessageType.RESPONSE,
-        MessageType.ACK,
-    }
-)
-
-
-def raise_error(frame: Frame) -> Frame:
+class ClientCalls(ClientRequests):
     """
-    Turn an Error answer into a L{esf.RequestError}.
-    """
-    if frame.message_type == MessageType.ERROR:
-        error = m.Error.decode(frame.body)
-        raise m.RequestError(error.code, error.text)
-    return frame
+    The public calls of L{esf.ClientEngine}, each one request and the
+    reading of its answer.
 
-
-class ClientCalls:
-    """
-    The request/answer half of L{esf.ClientEngine}: the public calls and the
-    table of their outstanding requests.
-
-    Its host (the engine) provides C{clock}, C{wire}, C{user_id},
-    C{client_type}, C{logon_response}, C{logged_on}, C{counters},
-    C{_protocol} (the current L{ClientProtocol}, or C{None}),
-    C{_drain_waiters} (a list) and C{_pending} (a L{PendingRequests}).
+    Its host (the engine) provides, besides what L{ClientRequests} needs,
+    C{clock}, C{logon_response} and C{_blob_ids} (the source of blob IDs).
     """
 
     if TYPE_CHECKING:
         # What the host provides, declared for type checkers only.
         clock: IReactorTime
-        wire: WireConfig
-        user_id: str
-        client_type: int
         logon_response: LogonResponse | None
-        counters: collections.Counter[str]
-        _protocol: ClientProtocol | None
-        _drain_waiters: list[Deferred[None]]
-        _pending: PendingRequests
         _blob_ids: itertools.count[int]
-
-        @property
-        def logged_on(self) -> bool: ...
-
-    # -- output and flow control ------------------------------------------------
-
-    def _write(
-        self,
-        message_type: int,
-        body: bytes = b"",
-        *,
-        message_id: int = 0,
-        dest: str = SERVER_ID,
-    ) -> None:
-        protocol = self._protocol
-        if protocol is None or not self.logged_on:
-            raise NotConnected("not logged on")
-        protocol.write(
-            encode_frame(
-                self.wire,
-                message_type,
-                body,
-                client_type=self.client_type,
-                message_id=message_id,
-                user_id=self.user_id,
-                dest_user_id=dest,
-            )
-        )
-
-    @property
-    def channel_is_busy(self) -> bool:
-        """
-        Whether the connection's unsent output is above the transport's
-        buffer threshold; L{wait_for_drain} fires when it no longer is.
-        """
-        return self._protocol is not None and self._protocol.paused
-
-    def wait_for_drain(self) -> Deferred[None]:
-        """
-        A Deferred that fires once the channel is not busy.
-        """
-        if not self.channel_is_busy:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._drain_waiters.append(d)
-        return d
-
-    def _drained(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    # -- requests and answers ---------------------------------------------------
-
-    def _request(
-        self,
-        message_type: int,
-        body: bytes = b"",
-        dest: str = SERVER_ID,
-        timeout: float | None = None,
-    ) -> Deferred[Frame]:
-        """
-        Send a request; fire with the answer's frame, fail with
-        L{esf.RequestError} on an Error answer or a timeout, or with
-        L{NotConnected}.
-        """
-        if not self.logged_on:
-            return fail(NotConnected("not logged on"))
-        asked = Party.of(dest) if message_type in _RELAYED else SERVER
-        message_id = self._pending.next_id()
-        d = self._pending.expect(message_id, asked, timeout)
-        try:
-            self._write(message_type, body, message_id=message_id, dest=dest)
-        except ValueError as e:
-            d.cancel()
-            d.addErrback(lambda _: None)
-            return fail(m.RequestError(ErrorCode.TOO_LARGE, str(e)))
-        return d.addCallback(raise_error)
-
-    def _take_answer(self, frame: Frame) -> None:
-        """
-        Hand an answer to the request it answers, if its sender is whom
-        that request asked.
-        """
-        asked = self._pending.asked(frame.message_id)
-        if asked is None:
-            self.counters[ClientCount.UNEXPECTED_ANSWERS] += 1
-            # Text fields only, here and in every client log event: an
-            # event may be kept (Twisted keeps the last 200 of a process
-            # that has not begun logging; an application's observer may
-            # keep more), and a frame in it would keep up to a whole
-            # message of someone else's bytes alive.
-            log.debug(
-                "dropped an answer nobody waits for: message type {message_type}, "
-                "request {message_id} from {sender}#{client_type}",
-                message_type=frame.message_type,
-                message_id=frame.message_id,
-                sender=frame.user_id,
-                client_type=frame.client_type,
-            )
-        elif not asked.answered_by(frame):
-            self.counters[ClientCount.FORGED_ANSWERS] += 1
-            log.debug(
-                "dropped an answer to request {message_id} from {sender}#{client_type}, "
-                "who was not asked ({asked})",
-                message_id=frame.message_id,
-                sender=frame.user_id,
-                client_type=frame.client_type,
-                asked=asked,
-            )
-        else:
-            self._pending.answer(frame.message_id, asked, frame)
 
     # -- framework calls -----------------------------------------------------------
 
-    def ping(self, timeout: float | None = None) -> Deferred[float]:
+    def ping(self, *, timeout: float | None = None) -> Deferred[float]:
         """
         Round-trip time to the server, in seconds.
         """
-        start = self.clock.seconds()
-        d = self._request(MessageType.PING_BY_SERVER, timeout=timeout)
-        return d.addCallback(lambda _: self.clock.seconds() - start)
+        return self._round_trip(SERVER_ID, timeout)
 
-    def ping_by_server(self, user_id: str, timeout: float | None = None) -> Deferred[float]:
+    def ping_by_server(self, user_id: str, *, timeout: float | None = None) -> Deferred[float]:
         """
         Round-trip time to another user's client, through the server.
         """
+        return self._round_trip(user_id, timeout)
+
+    def _round_trip(self, dest: str, timeout: float | None) -> Deferred[float]:
         start = self.clock.seconds()
-        d = self._request(MessageType.PING_BY_SERVER, dest=user_id, timeout=timeout)
+        d = self._request(MessageType.PING_BY_SERVER, dest=dest, timeout=timeout)
         return d.addCallback(lambda _: self.clock.seconds() - start)
 
     def get_my_ipe(self) -> Deferred[str]:
@@ -361,30 +152,44 @@ class ClientCalls:
 
         @raise NotConnected: not logged on.
         """
-        self._write(
+        self.write_message(
             MessageType.SEND,
             m.Information(information_type, payload).encode(),
             dest=device_address(user_id, client_type),
         )
+
+    def _inform(
+        self,
+        message_type: int,
+        dest: str,
+        information_type: int,
+        payload: bytes,
+        timeout: float | None,
+    ) -> Deferred[Frame]:
+        """
+        The shape of Request, SendCertainly and Broadcast: an Information
+        body to C{dest}, and the answer's frame.
+        """
+        body = m.Information(information_type, payload).encode()
+        return self._request(message_type, body, dest=dest, timeout=timeout)
 
     def query(
         self,
         user_id: str,
         information_type: int,
         payload: bytes = b"",
-        timeout: float | None = None,
+        *,
         client_type: int | None = None,
+        timeout: float | None = None,
     ) -> Deferred[bytes]:
         """
-        Ask a user's client (or the server, C{"_0"}) and get its answer's
-        payload; remote errors fail with L{esf.RequestError}.
+        Ask a user's client (any device, or C{client_type}; or the server,
+        C{"_0"}) and get its answer's payload; remote errors fail with
+        L{esf.RequestError}, and no answer within C{timeout} (by default
+        the engine's C{request_timeout}) with its C{TIMEOUT}.
         """
-        d = self._request(
-            MessageType.REQUEST,
-            m.Information(information_type, payload).encode(),
-            dest=device_address(user_id, client_type),
-            timeout=timeout,
-        )
+        dest = device_address(user_id, client_type)
+        d = self._inform(MessageType.REQUEST, dest, information_type, payload, timeout)
         return d.addCallback(lambda f: m.Information.decode(f.body).payload)
 
     def send_certainly(
@@ -392,8 +197,9 @@ class ClientCalls:
         user_id: str,
         information_type: int,
         payload: bytes = b"",
-        timeout: float | None = None,
+        *,
         client_type: int | None = None,
+        timeout: float | None = None,
     ) -> Deferred[str | None]:
         """
         Send a message that the receiver acknowledges once its handler has
@@ -401,13 +207,9 @@ class ClientCalls:
         server keeps the message for it, fires with L{esf.STORED} instead,
         once the server has stored it.
         """
-        d = self._request(
-            MessageType.SEND_CERTAINLY,
-            m.Information(information_type, payload).encode(),
-            dest=device_address(user_id, client_type),
-            timeout=timeout,
-        )
-        return d.addCallback(_delivery, device_address(user_id, client_type))
+        dest = device_address(user_id, client_type)
+        d = self._inform(MessageType.SEND_CERTAINLY, dest, information_type, payload, timeout)
+        return d.addCallback(_delivery, dest)
 
     def send_blob(
         self,
@@ -415,6 +217,7 @@ class ClientCalls:
         information_type: int,
         payload: bytes,
         fragment_size: int | None = None,
+        *,
         timeout: float | None = None,
     ) -> Deferred[str | None]:
         """
@@ -441,7 +244,7 @@ class ClientCalls:
         fragments = m.fragment_blob(information_type, next(self._blob_ids), payload, size)
         for fragment in fragments[:-1]:
             await self.wait_for_drain()
-            self._write(MessageType.BLOB, fragment.encode(), dest=user_id)
+            self.write_message(MessageType.BLOB, fragment.encode(), dest=user_id)
         await self.wait_for_drain()
         answer = await self._request(
             MessageType.BLOB, fragments[-1].encode(), dest=user_id, timeout=timeout
@@ -449,16 +252,16 @@ class ClientCalls:
         return _delivery(answer, user_id)
 
     def broadcast(
-        self, group_id: str, information_type: int, payload: bytes = b"", timeout: float | None = None
+        self,
+        group_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        *,
+        timeout: float | None = None,
     ) -> Deferred[None]:
         """
         Broadcast to a group's online members (or C{"*"}); fires once the
         server has fanned it out.
         """
-        d = self._request(
-            MessageType.BROADCAST,
-            m.Information(information_type, payload).encode(),
-            dest=group_id,
-            timeout=timeout,
-        )
+        d = self._inform(MessageType.BROADCAST, group_id, information_type, payload, timeout)
         return d.addCallback(lambda _: None)

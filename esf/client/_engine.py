@@ -11,7 +11,8 @@ the session's named state (L{SessionState}) and how it ended (L{Ending}),
 the rules for when I{not} to reconnect (pushed out, kicked, refused,
 logged off, closed) and heartbeats with dead-server detection.
 
-The calls and their request table are in L{esf.client._calls}; what the
+The calls are in L{esf.client._calls}, their request table in
+L{esf.client._requests}, the connection in L{esf.client._connection}; what the
 client receives unasked is dispatched by L{esf.client._inbox}.
 """
 
@@ -20,27 +21,20 @@ from __future__ import annotations
 import collections
 import itertools
 import random
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
-from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import (
-    IAddress,
-    IProtocol,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._calls import SERVER, ClientCalls, raise_error
-from ._inbox import MiB, ClientBlobs, Inbox
+from ._calls import ClientCalls
+from ._connection import ClientProtocol, Reconnector
+from ._inbox import MiB, ClientBlobs, Connection, Inbox
 from ._state import (
     Ending,
     EndingKind,
@@ -49,19 +43,14 @@ from ._state import (
     NotConnected,
     SessionState,
 )
-from esf.wire._events import Event
+from ._events import ClientEvents
 from esf.wire._pending import PendingRequests
 from esf.wire._frames import (
-    SERVER_ID,
     ClientType,
     DisconnectedType,
-    FrameDecoder,
     Frame,
-    FrameError,
-    LogonResult,
     MessageType,
     WireConfig,
-    encode_frame,
     validate_id,
 )
 from esf.interfaces import ICustomizeHandler
@@ -80,143 +69,6 @@ __all__ = [
 log = Logger(namespace="esf.client")
 
 
-@implementer(IPushProducer)
-class ClientProtocol(Protocol):
-    """
-    One connection of a L{ClientEngine}: bytes in, frames to the engine.
-
-    @ivar ending: how this connection is ending, once known (L{Ending}).
-    @ivar accepted: whether its logon succeeded (L{ClientService} then
-        counts it as its connection).
-    """
-
-    # A stream transport: besides ITransport, it is an IConsumer
-    # (registerProducer) and has abortConnection, which ITransport does not
-    # declare.
-    transport: Any
-
-    def __init__(self, engine: ClientEngine, service_side: Protocol | None = None):
-        self.engine = engine
-        self.decoder = FrameDecoder(engine.wire)
-        self.paused = False
-        self.service_side = service_side
-        self.ending: Ending | None = None
-        self.accepted = False
-        #: What ClientService's prepareConnection waits on: fires once the
-        #: logon succeeded, fails when it did not.
-        self.prepared: Deferred[None] = Deferred()
-        #: Fired once the connection is lost (after ClientService heard).
-        self.lost: list[Deferred[None]] = []
-
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
-        setter = getattr(self.transport, "setTcpNoDelay", None)
-        if setter is not None:
-            setter(True)
-        if self.service_side is not None:
-            self.service_side.makeConnection(self.transport)
-        self.engine._connection_made(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        try:
-            frames = self.decoder.feed(data)
-        except FrameError as e:
-            frames = e.frames
-            log.error("the server sent an invalid frame: {error}", error=e.message)
-            self.transport.abortConnection()
-        engine = self.engine
-        engine._heartbeat.heard()
-        for frame in frames:
-            engine._inbox.frame_received(self, frame)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.engine._connection_lost(self, reason)
-        self.reject(Failure(NotConnected("the connection was lost during the logon")))
-        if self.accepted and self.service_side is not None:
-            self.service_side.connectionLost(cast(Failure, reason))
-        lost, self.lost = self.lost, []
-        for d in lost:
-            d.callback(None)
-
-    def accept(self) -> None:
-        """
-        The logon succeeded: ClientService counts this connection as made.
-        """
-        if not self.prepared.called:
-            self.accepted = True
-            self.prepared.callback(None)
-
-    def reject(self, failure: Failure) -> None:
-        """
-        The logon failed: ClientService counts a failed attempt and retries
-        after its backoff (unless stopped).
-        """
-        if not self.prepared.called:
-            self.prepared.errback(failure)
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.engine._drained()
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _ServiceSide(Protocol):
-    """
-    The connection as L{ClientService} sees it.
-
-    Why not the L{ClientProtocol} itself: ClientService's state machine has
-    no transition for the loss of a connection that its C{prepareConnection}
-    is still preparing or has rejected (it raises C{NoTransition} from the
-    transport).  So the transport talks to the L{ClientProtocol}, and
-    ClientService hears of a connection's end only once it has accepted
-    the connection, through this stand-in.
-    """
-
-    def __init__(self, protocol: ClientProtocol | None = None):
-        self.protocol = protocol
-
-
-@implementer(IStreamClientEndpoint)
-class _Endpoint:
-    """
-    The application's endpoint, making L{ClientProtocol}s for a
-    L{ClientService} that is handed their L{_ServiceSide}s.
-    """
-
-    def __init__(self, engine: ClientEngine, endpoint: IStreamClientEndpoint):
-        self.engine = engine
-        self.endpoint = endpoint
-
-    def connect(self, service_factory: Any) -> Deferred[IProtocol]:
-        # service_factory: ClientService's wrapper of _ServiceSideFactory.
-        engine = self.engine
-
-        class _Factory(Factory):
-            noisy = False
-
-            def buildProtocol(self, addr: IAddress | None) -> ClientProtocol:
-                side = service_factory.buildProtocol(addr)
-                protocol = ClientProtocol(engine, side)
-                side.protocol = protocol
-                return protocol
-
-        d = self.endpoint.connect(_Factory())
-        return d.addCallback(lambda p: cast(Any, p).service_side)
-
-
-class _ServiceSideFactory(Factory):
-    noisy = False
-    protocol = _ServiceSide
-
-
 class _Heartbeat:
     """
     A logged-on connection's heartbeats, and dead-server detection: no
@@ -224,8 +76,10 @@ class _Heartbeat:
     connection (the engine then reconnects).
     """
 
-    def __init__(self, engine: ClientEngine):
+    def __init__(self, engine: ClientEngine, blobs: ClientBlobs):
         self.engine = engine
+        #: Incomplete blobs from other users, expired on each beat.
+        self.blobs = blobs
         self.last_heard = 0.0
         self.timeout = 0
         self._loop = LoopingCall(self.beat)
@@ -248,7 +102,7 @@ class _Heartbeat:
 
     def beat(self) -> None:
         engine = self.engine
-        protocol = engine._protocol
+        protocol = engine.connection
         if protocol is None or not engine.logged_on:
             return  # gone, or leaving (logged off, pushed out, closed)
         now = engine.clock.seconds()
@@ -259,25 +113,19 @@ class _Heartbeat:
             )
             protocol.transport.abortConnection()
             return
-        engine._write(MessageType.HEARTBEAT)
-        engine._inbox.blobs.expire(now)
+        engine.write_message(MessageType.HEARTBEAT)
+        self.blobs.expire(now)
 
 
-class ClientEngine(ClientCalls):
+class ClientEngine(ClientEvents, ClientCalls):
     """
     A logged-on session with an esf server that survives connection loss.
 
     Create it, subscribe to its events, then call L{logon}; every other call
     returns a Deferred and needs a logged-on session.
 
-    Its events (L{esf.interfaces.IEvent}) are attributes: the connection's
-    (C{connection_interrupted}, C{connection_rebuild_start},
-    C{relogon_completed}, C{disconnected}), the session's end
-    (C{being_pushed_out}, C{being_kicked_out}, C{session_ended}: once, with
-    an L{Ending}, when a session that had logged on ends for good) and
-    what arrives (C{my_device_online}, C{my_device_offline},
-    C{broadcast_received}, C{information_received}).  docs/client.md says
-    what each carries and which fire in which case.
+    Its events are attributes (see L{ClientEvents}); its calls are those of
+    L{ClientCalls}.
     """
 
     def __init__(
@@ -312,18 +160,7 @@ class ClientEngine(ClientCalls):
         m.encode_str(password)  # fail early on an impossible password
         validate_id(user_id, self.wire)
 
-        self.connection_interrupted = Event("connection_interrupted")
-        self.connection_rebuild_start = Event("connection_rebuild_start")
-        self.relogon_completed = Event("relogon_completed")
-        self.being_pushed_out = Event("being_pushed_out")
-        self.being_kicked_out = Event("being_kicked_out")
-        self.disconnected = Event("disconnected")
-        self.session_ended = Event("session_ended")
-        self.my_device_online = Event("my_device_online")
-        self.my_device_offline = Event("my_device_offline")
-        self.broadcast_received = Event("broadcast_received")
-        self.information_received = Event("information_received")
-
+        super().__init__()
         #: The current L{LogonResponse}, once logged on.
         self.logon_response: LogonResponse | None = None
         #: How the session ended, once C{state} is C{ENDED} (an L{Ending}).
@@ -333,13 +170,13 @@ class ClientEngine(ClientCalls):
         self._state = SessionState.IDLE
         self._announced = False  # session_ended fires once
         self._protocol: ClientProtocol | None = None
-        self._service: ClientService | None = None
+        self._reconnector = Reconnector(self, endpoint, self.retry_policy, clock)
         self._first_logon: Deferred[LogonResponse] | None = None
         self._pending = PendingRequests(clock, request_timeout)
         self._blob_ids = itertools.count(1)
-        self._heartbeat = _Heartbeat(self)
-        self._drain_waiters: list[Deferred[None]] = []
         blobs = ClientBlobs(max_blob_size, max_blobs_per_sender, max_blob_bytes)
+        self._heartbeat = _Heartbeat(self, blobs)
+        self._drain_waiters: list[Deferred[None]] = []
         self._inbox = Inbox(self, blobs)
         #: The highest ID of a message from the server's offline store that
         #: this engine has handled: one delivered again (after a lost
@@ -377,32 +214,12 @@ class ClientEngine(ClientCalls):
             then.  Later reconnects log on again by themselves and report
             through C{relogon_completed}.
         """
-        if self._service is not None:
+        if self._reconnector.service is not None:
             raise RuntimeError("logon() was already called")
         first: Deferred[LogonResponse] = Deferred()
         self._first_logon = first
         self._state = SessionState.CONNECTING
-        self._service = ClientService(
-            _Endpoint(self, self.endpoint),
-            _ServiceSideFactory(),
-            retryPolicy=self.retry_policy,
-            clock=self.clock,
-            prepareConnection=self._log_on,
-        )
-        # Asked before starting: an endpoint may fail at once.  Only the
-        # first attempt's failure arrives here (success is announced by
-        # _logon_answered, once ClientService has taken the connection).
-        connected = self._service.whenConnected(failAfterFailures=1)
-        self._service.startService()
-
-        def could_not_connect(failure: Failure) -> None:
-            if not failure.check(CancelledError):
-                # This runs inside ClientService's state machine, which must
-                # not be re-entered (stopService, or a close() by whoever
-                # waits for the logon): go on from the event loop.
-                self.clock.callLater(0, self._first_attempt_failed, failure)
-
-        connected.addCallbacks(lambda _: None, could_not_connect)
+        self._reconnector.start(self._log_on, self._first_attempt_failed)
         return first
 
     def logoff(self) -> Deferred[None]:
@@ -422,18 +239,11 @@ class ClientEngine(ClientCalls):
         protocol = self._protocol
         if not self.logged_on or protocol is None or protocol.transport is None:
             return self._leave(ending)
-        self._write(MessageType.LOGOFF)
+        self.write_message(MessageType.LOGOFF)
         self._end(protocol, ending)
-        closed: Deferred[None] = Deferred()
-        protocol.lost.append(closed)
-        timeout = self.clock.callLater(self.request_timeout, protocol.transport.abortConnection)
-
-        def gone(_: None) -> Deferred[None]:
-            if timeout.active():
-                timeout.cancel()
-            return self._stop_reconnecting()  # the retry ClientService planned
-
-        return closed.addCallback(gone)
+        closed = protocol.closed_within(self.clock, self.request_timeout)
+        # Then stop the retry ClientService planned.
+        return closed.addCallback(lambda _: self._stop_reconnecting())
 
     def close(self) -> Deferred[None]:
         """
@@ -456,7 +266,7 @@ class ClientEngine(ClientCalls):
             first.errback(NotConnected("the client was closed before the logon completed"))
         return d
 
-    def _end(self, protocol: ClientProtocol | None, ending: Ending) -> None:
+    def _end(self, protocol: Connection | None, ending: Ending) -> None:
         """
         The session is over for good: no more reconnects.
         """
@@ -465,8 +275,12 @@ class ClientEngine(ClientCalls):
         if protocol is not None and (protocol.ending is None or not protocol.ending.final):
             protocol.ending = ending
 
-    def _end_for_good(self, protocol: ClientProtocol, ending: Ending) -> None:
-        self._end(protocol, ending)
+    def end_for_good(self, connection: Connection, ending: Ending) -> None:
+        """
+        The server ended the session (pushed out, kicked, refused): no
+        reconnect follows.
+        """
+        self._end(connection, ending)
         self._stop_reconnecting()
 
     def _announce_end(self) -> None:
@@ -485,21 +299,33 @@ class ClientEngine(ClientCalls):
         first.errback(failure)
 
     def _stop_reconnecting(self) -> Deferred[None]:
-        service = self._service
-        if service is None or not service.running:
-            return succeed(None)
-        protocol = self._protocol
-        if protocol is not None and protocol.transport is not None:
-            # A registered producer would hold the close back (TLS waits
-            # for it to unregister before its shutdown).
-            protocol.transport.unregisterProducer()
-        return service.stopService().addBoth(lambda _: None)
+        return self._reconnector.stop(self._protocol)
 
     # -- one connection -----------------------------------------------------------
 
-    def _connection_made(self, protocol: ClientProtocol) -> None:
+    @property
+    def connection(self) -> ClientProtocol | None:
+        """
+        The current connection (logged on or not yet), or C{None}.
+        """
+        return self._protocol
+
+    def connection_made(self, protocol: ClientProtocol) -> None:
+        """
+        C{protocol} is connected; its logon follows.
+        """
         self._protocol = protocol
         self._heartbeat.heard()
+
+    def frames_received(self, protocol: ClientProtocol, frames: list[Frame]) -> None:
+        """
+        C{protocol} read C{frames}: the server is alive; each goes to the
+        inbox.
+        """
+        self._heartbeat.heard()
+        inbox = self._inbox
+        for frame in frames:
+            inbox.frame_received(protocol, frame)
 
     def _log_on(self, side: Any) -> Deferred[None]:
         """
@@ -507,28 +333,15 @@ class ClientEngine(ClientCalls):
         ClientService's once this fires.
 
         @param side: ClientService's protocol for the connection (its proxy
-            of the L{_ServiceSide} that L{_Endpoint} linked to it).
+            of the stand-in that the endpoint linked to it).
         """
         protocol: ClientProtocol = side.protocol
         if self._state is SessionState.ENDED:  # closed while connecting
             protocol.transport.loseConnection()
             return fail(NotConnected("the client was closed"))
         self._state = SessionState.LOGGING_ON
-        message_id = self._pending.next_id()
-        answer = self._pending.expect(message_id, SERVER, self.request_timeout)
         body = m.Logon(m.PROTOCOL_VERSION, self.system_token, self.password).encode()
-        protocol.write(
-            encode_frame(
-                self.wire,
-                MessageType.LOGON,
-                body,
-                client_type=self.client_type,
-                message_id=message_id,
-                user_id=self.user_id,
-                dest_user_id=SERVER_ID,
-            )
-        )
-        answer.addCallback(raise_error).addCallback(_logon_response)
+        answer = self._request_logon(protocol, body, self.request_timeout)
         answer.addCallbacks(
             self._logon_answered,
             self._logon_unanswered,
@@ -551,20 +364,11 @@ class ClientEngine(ClientCalls):
             else:
                 self.relogon_completed.fire(response)
             return
-        if first is None and response.result == LogonResult.BUSY:
-            # "Try later": a failed attempt; ClientService retries it with
-            # a growing delay.
-            protocol.ending = Ending(
-                EndingKind.BUSY, None, response.failure_cause, response=response
-            )
-        else:
-            ending = Ending(
-                EndingKind.REFUSED,
-                DisconnectedType.LOGON_FAILED,
-                response.failure_cause,
-                response=response,
-            )
+        ending = Ending.refusal(response, relogon=first is None)
+        if ending.final:
             self._end(protocol, ending)
+        else:
+            protocol.ending = ending  # a failed attempt, retried after a delay
         protocol.reject(Failure(LogonFailed(response)))
         if self._state is SessionState.ENDED:
             self._stop_reconnecting()
@@ -579,22 +383,17 @@ class ClientEngine(ClientCalls):
             # connection (or, for the first logon, give up).
             protocol.transport.abortConnection()
 
-    def _connection_lost(self, protocol: ClientProtocol, reason: Failure | None) -> None:
+    def connection_lost(self, protocol: ClientProtocol, reason: Failure | None) -> None:
+        """
+        C{protocol}'s connection is gone: its waiting calls fail, and the
+        session ends or reconnects.
+        """
         if protocol is not self._protocol:
             return
         self._protocol = None
         self._heartbeat.stop()
         ending = protocol.ending
-        if ending is not None and ending.kind is EndingKind.DISCONNECTED:
-            why = f"the server closed the connection ({_name(ending.reason)}: {ending.text})"
-        else:
-            why = "the connection to the server was lost"
-            if reason is not None and not reason.check(ConnectionDone):
-                why += f": {reason.getErrorMessage()}"
-        self._pending.fail_all(NotConnected(why))
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for d in waiters:
-            d.errback(NotConnected(why))
+        self._fail_waiting(_why_lost(ending, reason))
         self._inbox.blobs.clear()
         if self._state is SessionState.ENDED:
             self._announce_end()
@@ -612,20 +411,18 @@ class ClientEngine(ClientCalls):
         if told and ending is not None:
             self.disconnected.fire(ending.reason, ending.text)
         self.connection_interrupted.fire()
-        if self._service is not None and self._service.running:
+        if self._reconnector.running:
             self.connection_rebuild_start.fire()
 
 
-def _logon_response(frame: Frame) -> LogonResponse:
-    reply = m.LogonReply.decode(frame.body)
-    return LogonResponse(
-        reply.result,
-        reply.failure_cause,
-        reply.heartbeat_interval,
-        reply.heartbeat_timeout,
-        reply.max_message_size,
-    )
-
-
-def _name(value: object) -> str:
-    return getattr(value, "name", str(value))
+def _why_lost(ending: Ending | None, reason: Failure | None) -> str:
+    """
+    Why a connection's waiting calls fail, in words.
+    """
+    if ending is not None and ending.kind is EndingKind.DISCONNECTED:
+        name = getattr(ending.reason, "name", str(ending.reason))
+        return f"the server closed the connection ({name}: {ending.text})"
+    why = "the connection to the server was lost"
+    if reason is not None and not reason.check(ConnectionDone):
+        why += f": {reason.getErrorMessage()}"
+    return why

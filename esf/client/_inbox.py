@@ -3,24 +3,29 @@ What reaches a client unasked: the server's notices (pushed out, kicked,
 disconnected, my other devices), other users' and the server's messages,
 queries and blobs, handed to the application's handler and events.
 
-Answers to the client's own requests go to L{esf.client._calls}; a notice
-that ends the session goes to the engine, which owns the session's life.
+Answers to the client's own requests go to the engine's request table
+(L{esf.client._requests}); a notice that ends the session goes to the
+engine, which owns the session's life; messages from the offline store go
+to L{esf.client._stored}.  The inbox knows the engine only as an
+L{InboxHost}.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._calls import ANSWER_TYPES
+from ._requests import ANSWER_TYPES
 from ._state import ClientCount
 from ._state import Ending, EndingKind, NotConnected
-from esf.wire._events import call
+from ._stored import STORED_TYPES, StoredDelivery, StoredHost, log_failure
+from esf.interfaces import ICustomizeHandler
+from esf.wire._events import Event, call
 from esf.wire._frames import (
     SERVER_ID,
     DisconnectedType,
@@ -31,17 +36,64 @@ from esf.wire._frames import (
     device_address,
 )
 
-if TYPE_CHECKING:
-    from ._engine import ClientEngine, ClientProtocol
-
-__all__ = ["ClientBlobs", "Inbox"]
+__all__ = ["ClientBlobs", "Connection", "Inbox", "InboxHost"]
 
 log = Logger(namespace="esf.client")
 
 MiB = 1024 * 1024
 
-#: Message types the server's offline store delivers.
-_STORED_TYPES = frozenset({MessageType.SEND, MessageType.SEND_CERTAINLY, MessageType.BLOB})
+
+class Connection(Protocol):
+    """
+    What the inbox needs of the connection a frame came on: how it is
+    ending, once known.
+    """
+
+    ending: Ending | None
+
+
+class InboxHost(StoredHost, Protocol):
+    """
+    What the L{Inbox} needs of its engine (L{esf.ClientEngine} is one):
+    exactly what it reads, fires and calls.
+    """
+
+    @property
+    def handler(self) -> ICustomizeHandler | None: ...
+
+    @property
+    def connection(self) -> Connection | None:
+        """
+        The current connection, or C{None}.
+        """
+
+    @property
+    def being_pushed_out(self) -> Event: ...
+
+    @property
+    def being_kicked_out(self) -> Event: ...
+
+    @property
+    def my_device_online(self) -> Event: ...
+
+    @property
+    def my_device_offline(self) -> Event: ...
+
+    @property
+    def information_received(self) -> Event: ...
+
+    @property
+    def broadcast_received(self) -> Event: ...
+
+    def take_answer(self, frame: Frame) -> None:
+        """
+        An answer to one of the client's own requests.
+        """
+
+    def end_for_good(self, connection: Connection, ending: Ending) -> None:
+        """
+        The server ended the session: no reconnect follows.
+        """
 
 
 class ClientBlobs:
@@ -149,49 +201,39 @@ class Inbox:
     other message type to one handler each.
     """
 
-    def __init__(self, engine: ClientEngine, blobs: ClientBlobs):
-        self.engine = engine
+    def __init__(self, host: InboxHost, blobs: ClientBlobs):
+        self.host = host
         self.blobs = blobs
-        #: Blobs from the offline store, reassembled per connection.
-        self.stored_blobs = self._stored_assembler()
-        #: The highest stored message to acknowledge, and its information
-        #: type (acknowledgements are cumulative and sent once per turn).
-        self._ack_id = 0
-        self._ack_type = 0
-        self._ack_call: Any = None
-
-    def _stored_assembler(self) -> m.BlobAssembler:
-        return m.BlobAssembler(
-            self.blobs.max_blob_size, max_concurrent=1, idle_timeout=self.blobs.idle_timeout
+        #: The messages from the offline store.
+        self.stored = StoredDelivery(
+            host, self._handle_information, blobs.max_blob_size, blobs.idle_timeout
         )
 
     def logged_on(self) -> None:
         """
-        A new connection logged on: stored messages come again from the
-        first one not acknowledged.
+        A new connection logged on.
         """
-        self.stored_blobs = self._stored_assembler()
-        self._ack_id = 0
+        self.stored.logged_on()
 
-    def frame_received(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def frame_received(self, connection: Connection, frame: Frame) -> None:
         message_type = frame.message_type
         if frame.message_id and message_type in ANSWER_TYPES:
-            self.engine._take_answer(frame)
+            self.host.take_answer(frame)
             return
         if (
             frame.dest_user_id == SERVER_ID
-            and message_type in _STORED_TYPES
+            and message_type in STORED_TYPES
             and frame.message_id > 0
         ):
             # Only a delivery from the offline store is addressed to _0.
-            self._on_stored(protocol, frame)
+            self.stored.received(frame)
             return
         handler = self._handlers.get(message_type)
         if handler is None:
             log.info("ignored message type {message_type}", message_type=message_type)
             return
         try:
-            handler(self, protocol, frame)
+            handler(self, connection, frame)
         except m.BadRequest as e:
             log.warn(
                 "malformed {message_type} from {sender}: {error}",
@@ -199,50 +241,50 @@ class Inbox:
                 sender=frame.user_id,
                 error=str(e),
             )
-            self._answer_error(protocol, frame, ErrorCode.BAD_REQUEST, str(e))
+            self._answer_error(connection, frame, ErrorCode.BAD_REQUEST, str(e))
 
     # -- the server's notices ----------------------------------------------------
 
-    def _on_heartbeat(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_heartbeat(self, connection: Connection, frame: Frame) -> None:
         pass  # the echo's arrival already counted as activity
 
-    def _on_pushed_out(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_pushed_out(self, connection: Connection, frame: Frame) -> None:
         cause = m.BeingPushedOutNotify.decode(frame.body).cause
         ending = Ending(EndingKind.PUSHED_OUT, DisconnectedType.BEING_PUSHED_OUT, cause)
-        self.engine._end_for_good(protocol, ending)
-        self.engine.being_pushed_out.fire(cause)
+        self.host.end_for_good(connection, ending)
+        self.host.being_pushed_out.fire(cause)
 
-    def _on_kicked(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_kicked(self, connection: Connection, frame: Frame) -> None:
         notice = m.BeingKickedOutNotify.decode(frame.body)
         ending = Ending(
             EndingKind.KICKED, DisconnectedType.BEING_KICKED_OUT, notice.reason, notice.operator
         )
-        self.engine._end_for_good(protocol, ending)
-        self.engine.being_kicked_out.fire(notice.operator, notice.reason)
+        self.host.end_for_good(connection, ending)
+        self.host.being_kicked_out.fire(notice.operator, notice.reason)
 
-    def _on_disconnect_notice(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_disconnect_notice(self, connection: Connection, frame: Frame) -> None:
         notice = m.DisconnectNotice.decode(frame.body)
-        if protocol.ending is not None:
+        if connection.ending is not None:
             return  # the pushed-out / kicked notice or the logon reply came first
         kind = _FINAL_NOTICES.get(notice.reason)
         if kind is not None:
-            self.engine._end_for_good(protocol, Ending(kind, notice.reason, notice.text))
+            self.host.end_for_good(connection, Ending(kind, notice.reason, notice.text))
         else:
-            protocol.ending = Ending(EndingKind.DISCONNECTED, notice.reason, notice.text)
+            connection.ending = Ending(EndingKind.DISCONNECTED, notice.reason, notice.text)
 
-    def _on_device_online(self, protocol: ClientProtocol, frame: Frame) -> None:
-        self.engine.my_device_online.fire(as_client_type(frame.client_type))
+    def _on_device_online(self, connection: Connection, frame: Frame) -> None:
+        self.host.my_device_online.fire(as_client_type(frame.client_type))
 
-    def _on_device_offline(self, protocol: ClientProtocol, frame: Frame) -> None:
-        self.engine.my_device_offline.fire(as_client_type(frame.client_type))
+    def _on_device_offline(self, connection: Connection, frame: Frame) -> None:
+        self.host.my_device_offline.fire(as_client_type(frame.client_type))
 
     # -- messages from other users and the server --------------------------------------
 
-    def _on_ping(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_ping(self, connection: Connection, frame: Frame) -> None:
         # Another user pings us through the server: answer it.
         self._answer(frame, MessageType.PING_ACK, b"")
 
-    def _on_information(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_information(self, connection: Connection, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
         self._deliver(
             frame,
@@ -251,17 +293,17 @@ class Inbox:
             ack=frame.message_type == MessageType.SEND_CERTAINLY and frame.message_id != 0,
         )
 
-    def _on_blob(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_blob(self, connection: Connection, frame: Frame) -> None:
         fragment = m.BlobFragment.decode(frame.body)
         try:
             payload = self.blobs.add(
                 frame.user_id,
                 fragment,
-                self.engine.clock.seconds(),
+                self.host.clock.seconds(),
                 key=(frame.client_type, fragment.blob_id),
             )
         except m.BlobError as e:
-            self.engine.counters[ClientCount.BLOB_ERRORS] += 1
+            self.host.counters[ClientCount.BLOB_ERRORS] += 1
             # The error's text, not the error: its traceback holds this
             # frame and the dropped blob, and a log event may be kept.
             log.debug(
@@ -269,7 +311,7 @@ class Inbox:
                 sender=frame.user_id,
                 error=str(e),
             )
-            self._answer_error(protocol, frame, e.code, e.text)
+            self._answer_error(connection, frame, e.code, e.text)
             return
         if payload is not None:
             self._deliver(frame, fragment.information_type, payload, ack=frame.message_id != 0)
@@ -281,12 +323,12 @@ class Inbox:
         Tell the subscribers and the handler of a one-way message; the
         Deferred fires once the handler has run.
         """
-        engine = self.engine
+        host = self.host
         sender, kind = frame.user_id, as_client_type(frame.client_type)
-        engine.information_received.fire(sender, kind, information_type, payload)
-        if engine.handler is None:
+        host.information_received.fire(sender, kind, information_type, payload)
+        if host.handler is None:
             return succeed(None)
-        return call(engine.handler.handle_information, sender, kind, information_type, payload)
+        return call(host.handler.handle_information, sender, kind, information_type, payload)
 
     def _deliver(self, frame: Frame, information_type: int, payload: bytes, ack: bool) -> None:
         d = self._handle_information(frame, information_type, payload)
@@ -295,12 +337,12 @@ class Inbox:
             d.addCallback(lambda _: self._answer(frame, MessageType.ACK, body))
         d.addErrback(self._handler_failed, frame)
 
-    def _on_request(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_request(self, connection: Connection, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
-        handler = self.engine.handler
+        handler = self.host.handler
         if handler is None:
             self._answer_error(
-                protocol, frame, ErrorCode.HANDLER_ERROR, "this client answers no queries"
+                connection, frame, ErrorCode.HANDLER_ERROR, "this client answers no queries"
             )
             return
         d = call(
@@ -317,83 +359,11 @@ class Inbox:
 
         d.addCallback(answer).addErrback(self._handler_failed, frame)
 
-    def _on_broadcast(self, protocol: ClientProtocol, frame: Frame) -> None:
+    def _on_broadcast(self, connection: Connection, frame: Frame) -> None:
         info = m.Information.decode(frame.body)
-        self.engine.broadcast_received.fire(
+        self.host.broadcast_received.fire(
             frame.user_id, frame.dest_user_id, info.information_type, info.payload
         )
-
-    # -- from the offline store ------------------------------------------------------------
-
-    def _on_stored(self, protocol: ClientProtocol, frame: Frame) -> None:
-        """
-        A message kept for this user while it was offline: handled once
-        (its ID is above every one handled before), acknowledged to the
-        server once handled (cumulatively: an Ack of ID n covers every
-        stored message up to n).
-        """
-        engine = self.engine
-        message_id = frame.message_id
-        if message_id <= engine.offline_mark:
-            engine.counters[ClientCount.OFFLINE_DUPLICATES] += 1
-            self._ack_stored(message_id, 0)
-            return
-        try:
-            if frame.message_type == MessageType.BLOB:
-                fragment = m.BlobFragment.decode(frame.body)
-                key = (frame.user_id, frame.client_type, fragment.blob_id)
-                payload = self.stored_blobs.add(fragment, engine.clock.seconds(), key=key)
-                if payload is None:
-                    return  # the rest of the blob follows
-                information_type = fragment.information_type
-            else:
-                info = m.Information.decode(frame.body)
-                information_type, payload = info.information_type, info.payload
-        except (m.BadRequest, m.BlobError) as e:
-            engine.counters[ClientCount.OFFLINE_DROPPED] += 1
-            log.warn(
-                "dropped stored message {message_id} from {sender}: {error}",
-                message_id=message_id,
-                sender=frame.user_id,
-                error=str(e),
-            )
-            self.stored_blobs = self._stored_assembler()
-            engine.offline_mark = message_id
-            self._ack_stored(message_id, 0)
-            return
-        engine.offline_mark = message_id
-        d = self._handle_information(frame, information_type, payload)
-
-        def failed(failure: Failure) -> None:
-            _log_failure(
-                "the client handler raised for stored message {message_id} from {sender}",
-                failure,
-                message_id=message_id,
-                sender=frame.user_id,
-            )
-
-        d.addErrback(failed)
-        d.addCallback(lambda _: self._ack_stored(message_id, information_type))
-
-    def _ack_stored(self, message_id: int, information_type: int) -> None:
-        if message_id > self._ack_id:
-            self._ack_id, self._ack_type = message_id, information_type
-        if self._ack_call is None:
-            self._ack_call = self.engine.clock.callLater(0, self._send_ack)
-
-    def _send_ack(self) -> None:
-        self._ack_call = None
-        if not self._ack_id:
-            return
-        try:
-            self.engine._write(
-                MessageType.ACK,
-                m.Ack(self._ack_type).encode(),
-                message_id=self._ack_id,
-                dest=SERVER_ID,
-            )
-        except NotConnected:
-            pass  # delivered again after the next logon, and then dropped
 
     # -- answers ------------------------------------------------------------------------
 
@@ -402,7 +372,7 @@ class Inbox:
         Answer C{frame} to the device that sent it (not to every device of
         its user: another of them may wait on the same MessageID).
         """
-        self.engine._write(
+        self.host.write_message(
             message_type, body, message_id=frame.message_id, dest=_asker(frame)
         )
 
@@ -412,29 +382,29 @@ class Inbox:
         error = failure.value
         if isinstance(error, m.RequestError):
             # The handler's chosen answer, as on the server: no error logged.
-            self._answer_error(self.engine._protocol, frame, error.code, error.text[:200])
+            self._answer_error(self.host.connection, frame, error.code, error.text[:200])
             return
-        _log_failure(
+        log_failure(
             "the client handler raised for message type {message_type} from {sender}",
             failure,
             message_type=frame.message_type,
             sender=frame.user_id,
         )
         self._answer_error(
-            self.engine._protocol,
+            self.host.connection,
             frame,
             ErrorCode.HANDLER_ERROR,
             f"{type(error).__name__}: {error}"[:200],
         )
 
     def _answer_error(
-        self, protocol: ClientProtocol | None, frame: Frame, code: ErrorCode, text: str
+        self, connection: Connection | None, frame: Frame, code: ErrorCode, text: str
     ) -> None:
-        if frame.message_id and protocol is not None and protocol is self.engine._protocol:
+        if frame.message_id and connection is not None and connection is self.host.connection:
             body = m.Error(frame.message_type, code, text).encode()
             self._answer(frame, MessageType.ERROR, body)
 
-    _handlers: ClassVar[dict[int, Callable[[Inbox, ClientProtocol, Frame], None]]] = {
+    _handlers: ClassVar[dict[int, Callable[[Inbox, Connection, Frame], None]]] = {
         MessageType.HEARTBEAT: _on_heartbeat,
         MessageType.BEING_PUSHED_OUT_NOTIFY: _on_pushed_out,
         MessageType.BEING_KICKED_OUT_NOTIFY: _on_kicked,
@@ -448,21 +418,6 @@ class Inbox:
         MessageType.BLOB: _on_blob,
         MessageType.BROADCAST: _on_broadcast,
     }
-
-
-def _log_failure(format: str, failure: Failure, **fields: Any) -> None:
-    """
-    Log a handler's failure with its stack as names and line numbers only:
-    the live traceback holds the handler's frames, and so the payload it
-    was given (up to a whole blob), for as long as the event is kept.
-    """
-    # What Failure.cleanFailure does, written out: pytest-twisted turns
-    # that method off (to keep tracebacks for its own reports).
-    failure.frames  # noqa: B018  (computed from the traceback, then kept)
-    failure.tb = None
-    if failure.value is not None:
-        failure.value.__traceback__ = None
-    log.failure(format, failure, **fields)
 
 
 def _asker(frame: Frame) -> str:

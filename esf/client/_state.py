@@ -139,6 +139,22 @@ class Ending:
         """
         return self.kind in _FINAL
 
+    @classmethod
+    def refusal(cls, response: LogonResponse, relogon: bool) -> Ending:
+        """
+        How a logon the server refused ends its connection: a re-logon
+        answered Busy ("try later") is a failed attempt, after which the
+        client tries again; any other refusal ends the session.
+        """
+        if relogon and response.result == LogonResult.BUSY:
+            return cls(EndingKind.BUSY, None, response.failure_cause, response=response)
+        return cls(
+            EndingKind.REFUSED,
+            DisconnectedType.LOGON_FAILED,
+            response.failure_cause,
+            response=response,
+        )
+
 
 class ClientCount(StrEnum):
     """

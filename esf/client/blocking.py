@@ -231,11 +231,11 @@ class BlockingClient:
 
     # -- framework calls -------------------------------------------------------------
 
-    def ping(self, timeout: float | None = None) -> float:
-        return call_in_reactor(self.engine.ping, timeout)
+    def ping(self, *, timeout: float | None = None) -> float:
+        return call_in_reactor(self.engine.ping, timeout=timeout)
 
-    def ping_by_server(self, user_id: str, timeout: float | None = None) -> float:
-        return call_in_reactor(self.engine.ping_by_server, user_id, timeout)
+    def ping_by_server(self, user_id: str, *, timeout: float | None = None) -> float:
+        return call_in_reactor(self.engine.ping_by_server, user_id, timeout=timeout)
 
     def get_my_ipe(self) -> str:
         return call_in_reactor(self.engine.get_my_ipe)
@@ -271,11 +271,17 @@ class BlockingClient:
         user_id: str,
         information_type: int,
         payload: bytes = b"",
-        timeout: float | None = None,
+        *,
         client_type: int | None = None,
+        timeout: float | None = None,
     ) -> bytes:
         return call_in_reactor(
-            self.engine.query, user_id, information_type, payload, timeout, client_type
+            self.engine.query,
+            user_id,
+            information_type,
+            payload,
+            client_type=client_type,
+            timeout=timeout,
         )
 
     def send_certainly(
@@ -283,8 +289,9 @@ class BlockingClient:
         user_id: str,
         information_type: int,
         payload: bytes = b"",
-        timeout: float | None = None,
+        *,
         client_type: int | None = None,
+        timeout: float | None = None,
     ) -> str | None:
         """
         Send a message the receiver acknowledges: C{None} once its handler
@@ -292,7 +299,12 @@ class BlockingClient:
         it for a receiver who is offline.
         """
         return call_in_reactor(
-            self.engine.send_certainly, user_id, information_type, payload, timeout, client_type
+            self.engine.send_certainly,
+            user_id,
+            information_type,
+            payload,
+            client_type=client_type,
+            timeout=timeout,
         )
 
     def send_blob(
@@ -301,6 +313,7 @@ class BlockingClient:
         information_type: int,
         payload: bytes,
         fragment_size: int | None = None,
+        *,
         timeout: float | None = None,
     ) -> str | None:
         """
@@ -309,7 +322,7 @@ class BlockingClient:
         offline.
         """
         return call_in_reactor(
-            self.engine.send_blob, user_id, information_type, payload, fragment_size, timeout
+            self.engine.send_blob, user_id, information_type, payload, fragment_size, timeout=timeout
         )
 
     def broadcast(
@@ -317,6 +330,9 @@ class BlockingClient:
         group_id: str,
         information_type: int,
         payload: bytes = b"",
+        *,
         timeout: float | None = None,
     ) -> None:
-        call_in_reactor(self.engine.broadcast, group_id, information_type, payload, timeout)
+        call_in_reactor(
+            self.engine.broadcast, group_id, information_type, payload, timeout=timeout
+        )

@@ -617,6 +617,7 @@ class ServerEngine:
         user_id: str,
         information_type: int,
         payload: bytes = b"",
+        *,
         client_type: int | None = None,
         timeout: float | None = None,
     ) -> Deferred[bytes]:
