@@ -38,8 +38,12 @@ def find_relay(kind: str, given: str | None) -> Path | None:
     if given:
         path = Path(given)
         return path if path.is_file() else None
+    try:
+        resource = files("esf.bench.relays") / BASELINES[kind][0]
+    except ModuleNotFoundError:  # an install that left the relays out
+        return None
     # An esf installed as files (the wheel, a checkout): the script itself.
-    path = Path(str(files("esf.bench.relays") / BASELINES[kind][0]))
+    path = Path(str(resource))
     return path if path.is_file() else None
 
 
