@@ -20,7 +20,6 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[rank - 1]
 
 
-
 def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict) -> dict:
     """
     The figures of one phase from its workers' parts and the coordinator's
@@ -187,7 +186,6 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     return None
 
 
-
 #: (mode, figure, which way is better, the issue's target: (kind, bound)).
 #: kind "ratio": esf/bare against bound; "min"/"max": the esf figure itself.
 FIGURES = {
@@ -254,7 +252,6 @@ def _row_label(row: dict) -> str:
         label = f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
         return label + (", interleaved" if row.get("pattern") == "interleaved" else "")
     return f"{mode}, {row['count']:,}"
-
 
 
 def _best(mode: str, runs: list[dict]) -> dict:

@@ -1,6 +1,6 @@
 """
 The measured modes, as a load worker runs its part of each: send (in
-pairs, interleaved or fanned out), request, logons, idle.
+pairs or interleaved), request, logons, idle.
 """
 
 from __future__ import annotations
@@ -126,6 +126,5 @@ class Bench(Load):
             "t0": t0,
             "t1": t1,
         }
-
 
 

@@ -18,7 +18,7 @@ _I32 = struct.Struct("<i")
 
 class _Pair:
     """
-    One sender/receiver pair of a timed phase (L{Bench._exchange}): adds
+    One sender/receiver pair of a timed phase (L{esf.bench._load.Load._exchange}): adds
     what it got done to C{totals["count"]}, and fires C{done} once every
     pair has done its share (with C{"error"} as soon as one fails).
     """

@@ -84,7 +84,6 @@ def progress_of(stages: list[dict]) -> tuple[str, float, float, str, float] | No
     return name, done, total, unit, min(value[3] for _, value in at)
 
 
-
 class _WorkerProgress:
     """
     L{Progress} in a load worker: reports the stage of the phase it is in,

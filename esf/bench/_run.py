@@ -160,13 +160,11 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
             server.stop()
 
 
-
 def _loadavg():
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
 
 
 def main(argv: list[str] | None = None) -> int:

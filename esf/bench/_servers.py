@@ -13,7 +13,15 @@ import subprocess
 from importlib.resources import files
 from pathlib import Path
 
-from ._procs import esf_server_argv, checkout_env, free_port, proc_cpu_seconds, proc_memory, stop_process, wait_listening
+from ._procs import (
+    checkout_env,
+    esf_server_argv,
+    free_port,
+    proc_cpu_seconds,
+    proc_memory,
+    stop_process,
+    wait_listening,
+)
 from ._wire import BenchError
 
 #: The relays measured next to esf, by kind: the script in L{esf.bench.relays}
@@ -119,7 +127,6 @@ class RemoteServer:
 
     def log_tail(self, lines: int = 20) -> str:
         return ""
-
 
 
 class _Node:
