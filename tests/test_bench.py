@@ -21,12 +21,13 @@ from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-REPO = Path(__file__).resolve().parent.parent
-from _real_parts import missing, pypy_python  # noqa: E402
+from _real_parts import missing, pypy_python
 
-from esf.bench.relays import bare as bare_relay  # noqa: E402
-from esf.bench.relays import coalescing as coalescing_relay  # noqa: E402
-from esf.bench import _coordinator, _figures, _load, _modes, _options, _patterns, _procs, _progress, _wire  # noqa: E402
+from esf.bench import _coordinator, _figures, _load, _modes, _options, _patterns, _procs, _progress, _wire
+from esf.bench.relays import bare as bare_relay
+from esf.bench.relays import coalescing as coalescing_relay
+
+REPO = Path(__file__).resolve().parent.parent
 
 MODES = ("send", "request", "logons", "idle")
 
