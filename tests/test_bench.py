@@ -21,15 +21,13 @@ from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from _real_parts import missing, pypy_python
+
+from esf.bench import _coordinator, _figures, _load, _modes, _options, _patterns, _procs, _progress, _wire
+from esf.bench.relays import bare as bare_relay
+from esf.bench.relays import coalescing as coalescing_relay
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import bare_relay  # noqa: E402
-import coalescing_relay  # noqa: E402
-
-from _real_parts import missing, pypy_python  # noqa: E402
-
-from esf import bench  # noqa: E402
 
 MODES = ("send", "request", "logons", "idle")
 
@@ -175,7 +173,7 @@ class _Letters:
 
 
 def test_interleaved_senders_cycle_over_every_receiver():
-    ring = bench._Ring(_Letters(), window=4, size=6, check=False)
+    ring = _patterns._Ring(_Letters(), window=4, size=6, check=False)
     totals = {"count": 0, "pairs_done": 0}
     done = defer.Deferred()
     pairs = [(_Named(f"s{i}"), _Named(f"r{i}")) for i in range(3)]
@@ -194,13 +192,13 @@ def test_interleaved_senders_cycle_over_every_receiver():
 
 def test_bad_options():
     with pytest.raises(SystemExit) as e:
-        bench.parse_options(["--pairs", "0"])
+        _options.parse_options(["--pairs", "0"])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
-        bench.parse_options(["--server", "nowhere"])
+        _options.parse_options(["--server", "nowhere"])
     for option in ("--baseline-relay", "--bare-relay"):
         with pytest.raises(SystemExit) as e:
-            bench.parse_options([option, "/nonexistent/relay.py"])
+            _options.parse_options([option, "/nonexistent/relay.py"])
         assert e.value.code == 2
 
 
@@ -209,8 +207,8 @@ def test_missing_relay_scripts(monkeypatch, capsys):
     Without the relay scripts of the checkout, esf is measured alone: one
     warning, and no path stored for either relay.
     """
-    monkeypatch.setattr(bench, "find_relay", lambda kind, given: None)
-    opts = bench.parse_options(["--quick"])
+    monkeypatch.setattr(_options, "find_relay", lambda kind, given: None)
+    opts = _options.parse_options(["--quick"])
     assert opts.bare is False and opts.relay_paths == {}
     assert capsys.readouterr().err.count("Measuring esf only") == 1
 
@@ -228,10 +226,10 @@ def test_a_run_that_fails_before_its_first_wait_ends(tmp_path):
 
 def test_percentile():
     values = sorted(float(v) for v in range(1, 101))
-    assert bench._percentile(values, 50) == 50
-    assert bench._percentile(values, 99) == 99
-    assert bench._percentile(values, 100) == 100
-    assert bench._percentile([7.0], 90) == 7.0
+    assert _figures._percentile(values, 50) == 50
+    assert _figures._percentile(values, 99) == 99
+    assert _figures._percentile(values, 100) == 100
+    assert _figures._percentile([7.0], 90) == 7.0
 
 
 def test_frames_are_the_same_size():
@@ -239,8 +237,8 @@ def test_frames_are_the_same_size():
     The bare relay's frames stand for esf frames of the same size, so that
     both servers move the same bytes.
     """
-    esf = bench.EsfDialect(100, "pw", "")
-    bare = bench.BareDialect(esf.frame_size)
+    esf = _wire.EsfDialect(100, "pw", "")
+    bare = _wire.BareDialect(esf.frame_size)
     assert esf.frame_size == 36 + 4 + 100
     for dialect in (esf, bare):
         assert len(dialect.message("s1", "r1")) == esf.frame_size
@@ -394,7 +392,7 @@ def test_parts_spread_the_load_over_the_workers():
     the connections; no worker is left with nothing to do.
     """
     opts = argparse.Namespace(load_procs=3, messages=1000, requests=10, logons=7, idle=2, logon_window=500)
-    load = bench.LoadGenerator(None, opts, None)
+    load = _coordinator.LoadGenerator(None, opts, None)
     parts = load._parts("send", 5)
     assert [p["pairs"] for p in parts] == [[0, 1], [2, 3], [4]]
     assert sum(sum(p["shares"]) for p in parts) == 1000
@@ -410,21 +408,21 @@ def test_load_bound_warning():
     The report warns when the load generator, not the server, set the pace.
     """
     busy_load = {"server_cpu_percent": 60.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
-    assert "97% of a core" in bench.load_bound(busy_load, 2, "logons")
+    assert "97% of a core" in _figures.load_bound(busy_load, 2, "logons")
     crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
-    assert "did not have a core" in bench.load_bound(crowded, 2, "logons")
+    assert "did not have a core" in _figures.load_bound(crowded, 2, "logons")
     idle_server = {"server_cpu_percent": 50.0, "load_cpu_percent": 20.0, "load_cpu_max_percent": 20.0,
                    "load_procs": 1, "elapsed_s": 2.0}  # fmt: skip
-    assert "window" in bench.load_bound(idle_server, 2, "send")
-    assert bench.load_bound(idle_server, 2, "request") is None
+    assert "window" in _figures.load_bound(idle_server, 2, "send")
+    assert _figures.load_bound(idle_server, 2, "request") is None
     busy_server = dict(busy_load, server_cpu_percent=99.0)
-    assert bench.load_bound(busy_server, 2, "logons") is None
-    assert bench.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None  # no server CPU (--server)
+    assert _figures.load_bound(busy_server, 2, "logons") is None
+    assert _figures.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None  # no server CPU (--server)
     shared = dict(idle_server, machine_cpu_percent=190.0)
-    assert "other processes used 120%" in bench.load_bound(shared, 2, "send")
+    assert "other processes used 120%" in _figures.load_bound(shared, 2, "send")
     # A phase too short for CPU times counted in 10 ms ticks: not judged.
-    assert bench.load_bound(dict(busy_load, elapsed_s=0.08), 2, "logons") is None
-    assert bench.load_bound(dict(shared, elapsed_s=0.3), 2, "send") is None
+    assert _figures.load_bound(dict(busy_load, elapsed_s=0.08), 2, "logons") is None
+    assert _figures.load_bound(dict(shared, elapsed_s=0.3), 2, "send") is None
 
 
 def test_no_load_bound_warning_in_idle_mode():
@@ -433,8 +431,8 @@ def test_no_load_bound_warning_in_idle_mode():
     memory): a busy worker there limits nothing.
     """
     busy_load = {"server_cpu_percent": 5.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
-    assert bench.load_bound(busy_load, 2, "logons") is not None
-    assert bench.load_bound(busy_load, 2, "idle") is None
+    assert _figures.load_bound(busy_load, 2, "logons") is not None
+    assert _figures.load_bound(busy_load, 2, "idle") is None
 
 
 #: /proc/stat: user nice system idle iowait irq softirq steal guest guest_nice.
@@ -454,12 +452,12 @@ def test_cpu_times_count_the_usable_cores_and_not_steal():
     user and nice); steal, time the hypervisor gave other guests, is
     counted apart; only the cores asked for count.
     """
-    ticks = bench._TICKS
-    assert bench.cpu_times(PROC_STAT, {0}) == (170 / ticks, 300 / ticks)
-    assert bench.cpu_times(PROC_STAT, {0, 2}) == ((170 + 540) / ticks, 300 / ticks)
-    assert bench.cpu_times(PROC_STAT, {0, 1, 2}) == ((170 + 310 + 540) / ticks, 300 / ticks)
-    assert bench.cpu_times(PROC_STAT, {0, 7}) is None  # no line for cpu7
-    assert bench.cpu_times("cpu0 1 2 3 4\n", {0}) == (6 / ticks, 0.0)  # an old kernel's columns
+    ticks = _procs._TICKS
+    assert _procs.cpu_times(PROC_STAT, {0}) == (170 / ticks, 300 / ticks)
+    assert _procs.cpu_times(PROC_STAT, {0, 2}) == ((170 + 540) / ticks, 300 / ticks)
+    assert _procs.cpu_times(PROC_STAT, {0, 1, 2}) == ((170 + 310 + 540) / ticks, 300 / ticks)
+    assert _procs.cpu_times(PROC_STAT, {0, 7}) is None  # no line for cpu7
+    assert _procs.cpu_times("cpu0 1 2 3 4\n", {0}) == (6 / ticks, 0.0)  # an old kernel's columns
 
 
 def test_steal_time_is_not_busy_time_of_other_processes():
@@ -470,12 +468,12 @@ def test_steal_time_is_not_busy_time_of_other_processes():
     """
     start = {"t": 10.0, "server_cpu": 1.0, "load_cpu": [1.0], "machine_cpu": (50.0, 7.0), "memory": {}}
     end = {"t": 12.0, "server_cpu": 2.2, "load_cpu": [1.8], "machine_cpu": (52.0, 8.2), "memory": {}}
-    usage = bench._usage(start, end)
+    usage = _figures._usage(start, end)
     assert usage["server_cpu_percent"] == pytest.approx(60.0)
     assert usage["load_cpu_percent"] == pytest.approx(40.0)
     assert usage["machine_cpu_percent"] == pytest.approx(100.0)
     assert usage["machine_steal_percent"] == pytest.approx(60.0)
-    why = bench.load_bound(usage, 2, "request")
+    why = _figures.load_bound(usage, 2, "request")
     assert why.startswith("the hypervisor took 60% of the 2 core(s) this run may use (steal time)"), why
 
 
@@ -486,12 +484,12 @@ def test_the_cores_are_those_of_the_affinity(monkeypatch):
     """
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    assert bench.usable_cpus() == {3, 5}
-    assert bench.default_load_procs() == 1
-    machine = bench.machine_info()
+    assert _procs.usable_cpus() == {3, 5}
+    assert _procs.default_load_procs() == 1
+    machine = _procs.machine_info()
     assert (machine["nproc"], machine["cpu_count"]) == (2, 64)
     crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
-    assert "2 core(s) this run may use were busy" in bench.load_bound(crowded, len(bench.usable_cpus()), "send")
+    assert "2 core(s) this run may use were busy" in _figures.load_bound(crowded, len(_procs.usable_cpus()), "send")
 
 
 def test_quick_run_on_pypy(tmp_path):
@@ -578,18 +576,18 @@ class _FakeServer:
         return {"VmRSS": 1 << 20}
 
 
-def _coordinator(workers: int = 2, phase_timeout: float = 50.0):
+def _fake_coordinator(workers: int = 2, phase_timeout: float = 50.0):
     """
-    A L{bench.LoadGenerator} on a L{task.Clock} with fake worker processes.
+    A L{_coordinator.LoadGenerator} on a L{task.Clock} with fake worker processes.
     """
     clock = task.Clock()
     opts = argparse.Namespace(
         load_procs=workers, logons=2 * workers, idle=2 * workers, logon_window=10,
         messages=100, requests=10, phase_timeout=phase_timeout, progress=False,
     )  # fmt: skip
-    load = bench.LoadGenerator(clock, opts, bench.Progress(clock, False))
+    load = _coordinator.LoadGenerator(clock, opts, _progress.Progress(clock, False))
     for i in range(workers):
-        worker = bench._Worker(load, i)
+        worker = _coordinator._Worker(load, i)
         worker.makeConnection(_FakeProcess(1000 + i))
         load.workers.append(worker)
     return clock, load
@@ -608,7 +606,7 @@ def _phase(load, server, mode="logons"):
 
 def _aborted(outcome) -> str:
     [failure] = outcome
-    assert isinstance(failure, Failure) and failure.check(bench.RunAborted), failure
+    assert isinstance(failure, Failure) and failure.check(_coordinator.RunAborted), failure
     return failure.getErrorMessage()
 
 
@@ -617,7 +615,7 @@ def test_coordinator_releases_each_sync_point_and_merges():
     With every worker at a point the coordinator reads the server and lets
     them go on; their results are merged.  (What the tests below break.)
     """
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     for point in ("start", "measured"):
         for w in load.workers:
@@ -633,10 +631,10 @@ def test_coordinator_releases_each_sync_point_and_merges():
 def test_a_failure_at_a_sync_point_ends_the_phase_at_once():
     """
     The coordinator's readings at a sync point fail: the phase ends with
-    L{bench.RunAborted} naming the point and the error, no worker is let go
+    L{_coordinator.RunAborted} naming the point and the error, no worker is let go
     (it used to wait for ever).
     """
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
 
     def broken():
         raise RuntimeError("no /proc")
@@ -655,17 +653,17 @@ def test_an_aborted_run_kills_its_workers():
     At the end of a run the workers are told to go (end of input); after an
     abort, when one may not be reading, they are killed.
     """
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     load.workers[0].gone = True
     load.stop()
     assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, []), (True, [])]
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     load.stop(kill=True)
     assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, ["KILL"])] * 2
 
 
 def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
-    clock, load = _coordinator(phase_timeout=30.0)
+    clock, load = _fake_coordinator(phase_timeout=30.0)
     outcome = _phase(load, _FakeServer())
 
     async def stuck(point):  # readings that never end
@@ -682,7 +680,7 @@ def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
 
 
 def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
-    clock, load = _coordinator(phase_timeout=50.0)
+    clock, load = _fake_coordinator(phase_timeout=50.0)
     outcome = _phase(load, _FakeServer())
     first, second = load.workers
     for w in load.workers:
@@ -707,7 +705,7 @@ def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
     ],
 )
 def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     load.workers[1].outReceived(line)
     assert f"load worker 1 (pid 1001) sent {why}" in _aborted(outcome)
@@ -716,7 +714,7 @@ def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
 
 
 def test_a_worker_that_exits_during_a_phase_ends_it():
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     _report(load.workers[0], {"at": "start"})
     load.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
@@ -728,8 +726,9 @@ def test_a_worker_that_exits_during_a_phase_ends_it():
 _STOP_A_WORKER = """
 import os, signal, sys
 from esf import bench
+from esf.bench import _coordinator
 
-send = bench._Worker.send
+send = _coordinator._Worker.send
 
 def stop_first(worker, message):
     send(worker, message)
@@ -737,7 +736,7 @@ def stop_first(worker, message):
         print("stopped", worker.pid, file=sys.stderr, flush=True)
         os.kill(worker.pid, signal.SIGSTOP)
 
-bench._Worker.send = stop_first
+_coordinator._Worker.send = stop_first
 sys.exit(bench.main(sys.argv[1:]))
 """
 
@@ -787,7 +786,7 @@ class _ConnTransport(StringTransport):
 
 def _worker_bench(clock, pairs: int = 1, duration: float = 20.0):
     """
-    A L{bench.Bench} as a load worker runs it, on C{clock}, its C{pairs}
+    A L{_modes.Bench} as a load worker runs it, on C{clock}, its C{pairs}
     sender/receiver pairs already logged on (over fake transports), its
     sync points passed at once.
     """
@@ -799,11 +798,11 @@ def _worker_bench(clock, pairs: int = 1, duration: float = 20.0):
     async def sync(point):
         pass
 
-    b = bench.Bench(clock, opts, bench._WorkerProgress(clock, None, False), sync, "t")
+    b = _modes.Bench(clock, opts, _progress._WorkerProgress(clock, None, False), sync, "t")
     conns = []
     for i in range(pairs):
         for name in (f"s{i}", f"r{i}"):
-            conn = bench.Conn(name, b"", None)
+            conn = _load.Conn(name, b"", None)
             conn.makeConnection(_ConnTransport(conn))
             conn.ready.callback(conn)
             conns.append(conn)
@@ -837,7 +836,7 @@ def test_a_server_that_stops_answering_fails_the_phase():
     assert outcome == []
     clock.pump([1] * 2)
     [failure] = outcome
-    assert failure.check(bench.BenchError)
+    assert failure.check(_wire.BenchError)
     assert failure.getErrorMessage() == "the server stopped answering: nothing arrived for 10 s (0 of 100 sends done)"
     assert sender.lost and receiver.lost
 
@@ -864,7 +863,7 @@ def test_a_slow_server_is_capped_not_stalled():
 
 
 def test_lines_split_anywhere():
-    lines = bench.Lines(100)
+    lines = _coordinator.Lines(100)
     assert lines.feed(b'{"at": "st') == []
     assert lines.feed(b'art"}\n{"progress": 1}\n{"res') == [b'{"at": "start"}', b'{"progress": 1}']
     assert lines.feed(b"ult") == []
@@ -882,7 +881,7 @@ def test_lines_are_linear_in_a_long_line():
     """
     line = bytes(range(32, 127)) * (16 * 2**20 // 95)
     chunks = [line[i : i + 16384] for i in range(0, len(line), 16384)]
-    lines = bench.Lines(2**25)
+    lines = _coordinator.Lines(2**25)
     started = time.perf_counter()
     for chunk in chunks:
         assert lines.feed(chunk) == []
@@ -892,18 +891,18 @@ def test_lines_are_linear_in_a_long_line():
 
 
 def test_lines_longer_than_the_bound_are_refused():
-    with pytest.raises(bench.LineTooLong):
-        bench.Lines(10).feed(b"x" * 11)
-    lines = bench.Lines(10)
+    with pytest.raises(_coordinator.LineTooLong):
+        _coordinator.Lines(10).feed(b"x" * 11)
+    lines = _coordinator.Lines(10)
     lines.feed(b"x" * 6)
-    with pytest.raises(bench.LineTooLong):
+    with pytest.raises(_coordinator.LineTooLong):
         lines.feed(b"x" * 5)
-    with pytest.raises(bench.LineTooLong):
-        bench.Lines(10).feed(b"ok\n" + b"y" * 11 + b"\n")
+    with pytest.raises(_coordinator.LineTooLong):
+        _coordinator.Lines(10).feed(b"ok\n" + b"y" * 11 + b"\n")
 
 
 def test_a_worker_line_longer_than_any_message_ends_the_phase():
-    clock, load = _coordinator()
+    clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     load.workers[0].outReceived(b"x" * (2**20 + 32 * load.opts.requests + 1))
     assert "load worker 0 (pid 1000) sent a line of" in _aborted(outcome)
@@ -919,24 +918,24 @@ def test_progress_shows_one_stage_summed_over_the_workers():
     in, both figures summed over the workers (seconds averaged), never one
     stage's count against another's total.
     """
-    assert bench.progress_of([{}, {}]) is None
+    assert _progress.progress_of([{}, {}]) is None
     # Until every worker has reported, the total would be partial.
-    assert bench.progress_of([{"log on": (2, 4, "", 7.0)}, {}]) is None
+    assert _progress.progress_of([{"log on": (2, 4, "", 7.0)}, {}]) is None
     log_on = [{"log on": (2, 4, "", 7.0)}, {"log on": (1, 6, "", 6.5)}]
-    assert bench.progress_of(log_on) == ("log on", 3, 10, "", 6.5)
+    assert _progress.progress_of(log_on) == ("log on", 3, 10, "", 6.5)
     # One worker sends while the other still logs on: the log-on stage.
     one_sends = [{"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)}, {"log on": (5, 6, "", 6.5)}]
-    assert bench.progress_of(one_sends) == ("log on", 9, 10, "", 6.5)
+    assert _progress.progress_of(one_sends) == ("log on", 9, 10, "", 6.5)
     both_send = [
         {"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)},
         {"log on": (6, 6, "", 6.5), "send": (50, 500, "", 8.1)},
     ]
-    assert bench.progress_of(both_send) == ("send", 150, 1000, "", 8.0)
+    assert _progress.progress_of(both_send) == ("send", 150, 1000, "", 8.0)
     holding = [
         {"log on": (3, 3, "", 7.0), "hold": (0.5, 1.0, "s", 9.0)},
         {"log on": (3, 3, "", 7.0), "hold": (0.25, 1.0, "s", 9.2)},
     ]
-    assert bench.progress_of(holding) == ("hold", 0.375, 1.0, "s", 9.0)
+    assert _progress.progress_of(holding) == ("hold", 0.375, 1.0, "s", 9.0)
 
 
 def _draws(stderr: str) -> list[tuple[str, float, float]]:
@@ -982,5 +981,5 @@ def test_a_server_that_cannot_start_is_reported(tmp_path):
     reports a server that exits at once, and where its log is.
     """
     log = tmp_path / "server.log"
-    with pytest.raises(bench.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"):
-        bench.start_esf_server(bench.free_port(), ["--no-such-option"], log, timeout=30)
+    with pytest.raises(_wire.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"):
+        _procs.start_esf_server(_procs.free_port(), ["--no-such-option"], log, timeout=30)

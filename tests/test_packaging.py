@@ -5,6 +5,7 @@ C{twisted/} and C{twisted/plugins/} must reach the wheel without an
 C{__init__.py}: one would shadow Twisted's own C{twisted.plugins} package.
 """
 
+import json
 import os
 import re
 import shutil
@@ -113,6 +114,7 @@ def test_wheel_contents(wheel):
     assert {"esf/py.typed", "esf/testing/__init__.py", "esf/pytest_plugin.py"} <= names
     scripts = {p.name for p in (REPO / "esf" / "cluster" / "lua").glob("*.lua")}
     assert scripts and {f"esf/cluster/lua/{name}" for name in scripts} <= names
+    assert {"esf/bench/relays/bare.py", "esf/bench/relays/coalescing.py"} <= names
 
 
 def test_wheel_version_is_esf_version(wheel):
@@ -162,10 +164,10 @@ def test_readme_quick_start_runs_in_a_virtual_environment():
     assert matching[0] == tests
 
 
-def test_twistd_lists_installed_plugin(wheel, tmp_path):
+def _install_in_venv(wheel: Path, tmp_path: Path) -> tuple[Path, Path]:
     """
-    Installed from the wheel into a fresh virtual environment, esf shows up in
-    C{twistd --help}, found in that environment's own C{twisted/plugins}.
+    Install C{wheel} into a fresh virtual environment under C{tmp_path};
+    return its python and its site-packages.
 
     The environment borrows Twisted and esf's other dependencies from the
     running one through a C{.pth} file, so nothing is downloaded.
@@ -205,15 +207,28 @@ def test_twistd_lists_installed_plugin(wheel, tmp_path):
             timeout=60,
         ).stdout.strip()
     )
-    installed_plugin = site_packages / "twisted" / "plugins" / "esf_plugin.py"
-    assert installed_plugin.is_file()
-    assert not (site_packages / "twisted" / "__init__.py").exists()
-    assert not (site_packages / "twisted" / "plugins" / "__init__.py").exists()
 
     borrowed = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
     (site_packages / "_borrowed_for_esf_test.pth").write_text(
         "".join(f"{path}\n" for path in sorted(borrowed))
     )
+
+    return python, site_packages
+
+
+def test_twistd_lists_installed_plugin(wheel, tmp_path):
+    """
+    Installed from the wheel into a fresh virtual environment, esf shows up in
+    C{twistd --help}, found in that environment's own C{twisted/plugins}.
+
+    The environment borrows Twisted and esf's other dependencies from the
+    running one through a C{.pth} file, so nothing is downloaded.
+    """
+    python, site_packages = _install_in_venv(wheel, tmp_path)
+    installed_plugin = site_packages / "twisted" / "plugins" / "esf_plugin.py"
+    assert installed_plugin.is_file()
+    assert not (site_packages / "twisted" / "__init__.py").exists()
+    assert not (site_packages / "twisted" / "plugins" / "__init__.py").exists()
 
     # Run from tmp_path, not the checkout, so the checkout's own
     # twisted/plugins is not on sys.path.
@@ -254,6 +269,40 @@ def test_twistd_lists_installed_plugin(wheel, tmp_path):
     )
     assert where.returncode == 0, where.stderr
     assert str(installed_plugin.parent.resolve()) in where.stdout.splitlines()
+
+
+def test_installed_esf_bench_measures_its_baselines(wheel, tmp_path):
+    """
+    C{esf-bench} installed from the wheel finds the two relays it compares
+    with in its own install, not in a checkout, and measures them: a small
+    send run (2 pairs, 2000 messages each way, over TCP) reports esf, the
+    coalescing baseline and the write-per-frame relay, with no warning
+    that a relay is missing.
+    """
+    python, site_packages = _install_in_venv(wheel, tmp_path)
+    where = subprocess.run(
+        [str(python), "-c",
+         "from esf.bench._servers import find_relay; "
+         "print(find_relay('coalescing', None)); print(find_relay('bare', None))"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr
+    relays = site_packages / "esf" / "bench" / "relays"
+    assert where.stdout.split() == [str(relays / "coalescing.py"), str(relays / "bare.py")]
+
+    run = subprocess.run(
+        [str(python.parent / "esf-bench"), "--quick", "--mode", "send", "--no-websocket",
+         "--load-procs", "1", "--no-progress", "--json", "-"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "is not here" not in run.stderr
+    report = json.loads(run.stdout)
+    assert report["options"]["bare"] is True and report["options"]["baseline"] == "coalescing"
+    (row,) = report["results"]
+    for kind in ("esf", "coalescing", "bare"):
+        assert "error" not in row[kind], (kind, row[kind])
+        assert row[kind]["received"] == row[kind]["messages"] == 2000, kind
 
 
 def test_plugin_imports_no_reactor():

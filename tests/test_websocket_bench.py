@@ -10,7 +10,7 @@ import json
 
 from test_bench import run_bench
 
-from esf import bench
+from esf.bench import _options, _wire
 from esf.wire import FrameDecoder, MessageType, WireConfig
 
 
@@ -19,8 +19,8 @@ def test_websocket_frames():
     The load's frames: one masked binary WebSocket frame per ESF frame; a
     receiver gets the ESF frame behind a 4-byte header.
     """
-    esf = bench.EsfDialect(100, "pw", "")
-    ws = bench.WsDialect(esf)
+    esf = _wire.EsfDialect(100, "pw", "")
+    ws = _wire.WsDialect(esf)
     message = ws.message("s1", "r1")
     assert message[0] == 0x82  # FIN, binary
     assert message[1] == 0x80 | 126 and int.from_bytes(message[2:4], "big") == esf.frame_size
@@ -39,10 +39,10 @@ def test_websocket_frames():
 
 
 def test_websocket_checker_counts_whole_messages():
-    esf = bench.EsfDialect(100, "pw", "")
-    checker = bench.WsDialect(esf).checker("s1", "r1")
+    esf = _wire.EsfDialect(100, "pw", "")
+    checker = _wire.WsDialect(esf).checker("s1", "r1")
     frame = esf.message("s1", "r1")
-    received = bench._ws_header(2, len(frame), False) + frame
+    received = _wire._ws_header(2, len(frame), False) + frame
     stream = received * 3
     assert checker.feed(stream[:100]) == 0
     assert checker.feed(stream[100:]) == 3
@@ -64,5 +64,5 @@ def test_quick_send_over_websocket_and_tcp():
 
 
 def test_websocket_is_off_against_a_remote_server():
-    opts = bench.parse_options(["--server", "127.0.0.1:4530", "--no-bare"])
+    opts = _options.parse_options(["--server", "127.0.0.1:4530", "--no-bare"])
     assert opts.websocket is False

@@ -1,0 +1,95 @@
+"""
+Cluster mode (C{--mode cluster}): esf nodes joined through a
+C{redis-server} this run starts, each figure measured on one node and on
+two.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from twisted.internet import task
+
+from ._coordinator import LoadGenerator
+from ._figures import _best
+from ._servers import LocalRedis, LocalServer, NodeGroup
+from ._wire import BenchError
+
+
+#: (row, figure, which way is better): the cluster rows and what they compare.
+CLUSTER_ROWS = [
+    ("send on one node: with --cluster / without", "msgs_per_s", "higher"),
+    ("send across nodes / one node", "msgs_per_s", "higher"),
+    ("request across nodes / one node", "rtt_p50_us", "lower"),
+    ("request across nodes / one node", "requests_per_s", "higher"),
+    ("send: two nodes / one node, aggregate", "msgs_per_s", "higher"),
+]
+
+
+async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
+    """
+    The cluster rows: each figure measured on one node and on two, with
+    their ratio.
+    """
+    redis = LocalRedis(workdir, opts.startup_timeout)
+    rows = []
+    runs = [0]
+
+    async def measure(mode: str, pairs: int, nodes: int, place, cluster: bool = True) -> dict:
+        # The best of --repeat runs, as for the other modes.
+        results = [await measure_once(mode, pairs, nodes, place, cluster) for _ in range(opts.repeat)]
+        return _best(mode, results)
+
+    async def measure_once(mode: str, pairs: int, nodes: int, place, cluster: bool) -> dict:
+        runs[0] += 1
+        group = None
+        try:
+            extra = ("--cluster", redis.url, "--node-id", f"bench{runs[0]}-") if cluster else ()
+            started = [
+                LocalServer(
+                    "esf", opts, workdir, 2 * pairs + 64, extra[:-1] + (extra[-1] + str(i),)
+                    if extra else (),
+                )  # fmt: skip
+                for i in range(nodes)
+            ]
+            group = NodeGroup(started, redis, place)
+            # Every node must be in the cluster before the pairs log on.
+            await task.deferLater(load.reactor, 1.0, lambda: None)
+            return await load.measure(mode, group, "esf", pairs)
+        except BenchError as e:
+            print(f"esf-bench: cluster {mode}, {nodes} node(s): {e}", file=sys.stderr)
+            return {"error": str(e)}
+        finally:
+            if group is not None:
+                group.stop()
+
+    try:
+        for pairs in opts.pairs:
+            alone = await measure("send", pairs, 1, "receivers_elsewhere", cluster=False)
+            one_send = await measure("send", pairs, 1, "receivers_elsewhere")
+            two_send = await measure("send", pairs, 2, "receivers_elsewhere")
+            one_req = await measure("request", pairs, 1, "receivers_elsewhere")
+            two_req = await measure("request", pairs, 2, "receivers_elsewhere")
+            spread = await measure("send", pairs, 2, "pair_index")
+            for (label, figure, better), (two, one) in zip(
+                CLUSTER_ROWS,
+                [
+                    (one_send, alone),
+                    (two_send, one_send),
+                    (two_req, one_req),
+                    (two_req, one_req),
+                    (spread, one_send),
+                ],
+            ):
+                row = {"row": label, "pairs": pairs, "figure": figure, "better": better,
+                       "measured": two.get(figure), "baseline": one.get(figure)}  # fmt: skip
+                errors = [r["error"] for r in (two, one) if "error" in r]
+                if errors:
+                    row["error"] = errors[0]
+                elif row["baseline"]:
+                    row["ratio"] = row["measured"] / row["baseline"]
+                rows.append(row)
+    finally:
+        redis.stop()
+    return rows
