@@ -1,5 +1,5 @@
 """
-Messaging between nodes: what one node tells the devices another holds.
+Messaging between nodes: what one node tells the devices another holds::
 
     RemoteHandle   an IDeviceHandle for a device held by another node: what
                    it is told becomes a record for that node's inbox
@@ -347,9 +347,9 @@ class Delivery:
                 self.queries.ask(handle, record)
             elif isinstance(record, Failed):
                 (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
-                error = getattr(handle, "error", None)
-                if frame is not None and error is not None:
-                    error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")
+                answer_error = getattr(handle, "error", None)
+                if frame is not None and answer_error is not None:
+                    answer_error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")
             elif isinstance(record, KickOut):
                 handle.kick_out(record.operator, record.reason, record.text)
             self.stats["inbox_delivered"] += 1
