@@ -24,7 +24,7 @@ from esf.wire._events import Event, call_then
 from ._counters import Count
 from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
-from ._session import SessionState
+from ._config import SessionPhase
 from esf.wire._frames import (
     ClientType,
     DisconnectedType,
@@ -161,7 +161,7 @@ class Logons:
                 f"message type {frame.message_type} before logon; log on first",
             )
             return
-        if session.state is not SessionState.AWAITING_LOGON:
+        if session.state is not SessionPhase.AWAITING_LOGON:
             session.end(DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified")
             return
         try:
@@ -191,7 +191,7 @@ class Logons:
         if isinstance(decision, Refuse):
             self._refuse(session, frame, decision)
             return
-        session.state = SessionState.LOGGING_ON
+        session.state = SessionPhase.LOGGING_ON
         call_then(
             engine.handler.verify_user,
             (
@@ -207,7 +207,7 @@ class Logons:
         )
 
     def _verified(self, outcome: Any, session: Session, frame: Frame) -> None:
-        if session.state is not SessionState.LOGGING_ON:
+        if session.state is not SessionPhase.LOGGING_ON:
             return  # the connection went away meanwhile
         if isinstance(outcome, Failure):
             refused = outcome.value
@@ -277,7 +277,7 @@ class Logons:
         if not claim.won:
             self._ignore(session, frame, claim.previous)
             return
-        if session.state is not SessionState.LOGGING_ON:
+        if session.state is not SessionPhase.LOGGING_ON:
             # Gone while the claim was made: give the device back.
             self.engine.presence.release(session)
             return
@@ -363,7 +363,7 @@ class Logons:
         engine = self.engine
         config = engine.config
         assert session.user_id is not None and session.client_type is not None  # set by _admit
-        session.state = SessionState.LOGGED_ON
+        session.state = SessionPhase.LOGGED_ON
         if session.logon_timer is not None:
             session.logon_timer.cancel()
             session.logon_timer = None

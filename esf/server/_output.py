@@ -30,7 +30,7 @@ from weakref import WeakSet
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ._config import SessionState
+from ._config import SessionPhase
 from ._counters import Count
 from esf.wire._frames import DisconnectedType
 
@@ -115,7 +115,7 @@ class Sender:
 
     owner: ServerEngine
     channel: IChannel
-    state: SessionState
+    state: SessionPhase
 
     def _init_sender(self) -> None:
         #: How many receivers (and the refusal allowance) hold this
@@ -140,7 +140,7 @@ class Sender:
 
     def _let_go(self) -> None:
         self._blockers -= 1
-        if self._blockers == 0 and self.state is not SessionState.ENDED:
+        if self._blockers == 0 and self.state is not SessionPhase.ENDED:
             self.channel.resume_reading()
 
     def refused(self, size: int) -> None:
@@ -161,7 +161,7 @@ class Sender:
             allowance = _REFUSAL_BURST_FACTOR * rate
         allowance -= size
         self._refusable, self._refusable_at = allowance, now
-        if allowance < 0 and self._refusal_timer is None and self.state is not SessionState.ENDED:
+        if allowance < 0 and self._refusal_timer is None and self.state is not SessionPhase.ENDED:
             self._hold_back()
             self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
 
@@ -200,7 +200,7 @@ class Output(Sender):
 
     owner: ServerEngine
     channel: IChannel
-    state: SessionState
+    state: SessionPhase
 
     def _init_output(self) -> None:
         self._init_sender()
@@ -267,7 +267,7 @@ class Output(Sender):
         A Deferred that fires once the peer is not behind: at once if it is
         not now, else when it has drained or the session has ended.
         """
-        if not self._paused or self.state is SessionState.ENDED:
+        if not self._paused or self.state is SessionPhase.ENDED:
             return succeed(None)
         d: Deferred[None] = Deferred()
         if self._writable_waiters is None:
@@ -286,7 +286,7 @@ class Output(Sender):
         but a sender's connection carries its traffic to everyone, so it
         is held back only briefly.
         """
-        if sender is self or sender.state is SessionState.ENDED or self._stalled:
+        if sender is self or sender.state is SessionPhase.ENDED or self._stalled:
             return
         if self._push_back_timer is None:
             timeout = self.owner.config.push_back_timeout
@@ -350,7 +350,7 @@ class Output(Sender):
             when not queued.
         """
         state = self.state
-        if state is SessionState.LOGGED_ON and self._held is None:
+        if state is SessionPhase.LOGGED_ON and self._held is None:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
@@ -364,7 +364,7 @@ class Output(Sender):
             if self._paused and not self._stalled and self._backlog * 2 > limit:
                 return PUSH_BACK
             return 0
-        if state is SessionState.LOGGED_ON or state is SessionState.LOGGING_ON:
+        if state is SessionPhase.LOGGED_ON or state is SessionPhase.LOGGING_ON:
             return self._hold(data)
         return 0
 
@@ -376,7 +376,7 @@ class Output(Sender):
         something else than a relay runs, the relay may append there
         itself (L{esf.server._session.Session.data_received}).
         """
-        if self.state is SessionState.LOGGED_ON and self._held is None and not self._paused:
+        if self.state is SessionPhase.LOGGED_ON and self._held is None and not self._paused:
             return self._out
         return None
 
@@ -435,7 +435,7 @@ class Output(Sender):
         L{queue}; C{False} when C{data} was dropped (past the hard bound or
         the server's budget).
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return True
         if self._paused:
             # The peer is behind: what is queued now counts.  Past half the

@@ -82,7 +82,7 @@ class BasicServices:
         if frame.dest_user_id in TO_SERVER:
             session.reply(frame, b"", MessageType.PING_ACK)
         else:
-            self.engine.relay(session, frame)
+            self.engine.relay.frame(session, frame)
 
     def logoff(self, session: Session, frame: Frame) -> None:
         session.end(DisconnectedType.LOGGED_OFF, "logged off")
@@ -447,7 +447,7 @@ class ApplicationServices:
                         # briefly, or is skipped (counted), as for a relay.
                         status = target.send(raw)
                         if status:
-                            engine.not_queued(session, target, status, 1, size)
+                            engine.relay.not_queued(session, target, status, 1, size)
                         devices += 1
         except Exception:
             # What the group manager gave is not user IDs (not hashable,

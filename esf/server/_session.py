@@ -18,9 +18,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._config import SessionState, UserData
+from ._config import SessionPhase, UserData
 from ._counters import Count
 from ._output import REFUSED, Output
+from ._relay import ALL_QUEUED
 from ._router import ANSWERS
 from esf.wire._frames import (
     _FIXED_HEADER,
@@ -39,7 +40,7 @@ from esf.interfaces import IChannel, IDeviceHandle
 if TYPE_CHECKING:
     from ._engine import ServerEngine
 
-__all__ = ["SessionState", "Session", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+__all__ = ["SessionPhase", "Session", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
 
 log = Logger(namespace="esf.server")
 
@@ -147,7 +148,7 @@ class Session(Output):
             config.wire,
             max_message_size=min(PRE_LOGON_MAX_MESSAGE_SIZE, config.wire.max_message_size),
         )
-        self.state = SessionState.AWAITING_LOGON
+        self.state = SessionPhase.AWAITING_LOGON
         self.user_id: str | None = None
         self.client_type: int | None = None
         self.user_data: UserData | None = None
@@ -196,11 +197,11 @@ class Session(Output):
 
     @property
     def logged_on(self) -> bool:
-        return self.state is SessionState.LOGGED_ON
+        return self.state is SessionPhase.LOGGED_ON
 
     @property
     def ended(self) -> bool:
-        return self.state is SessionState.ENDED
+        return self.state is SessionPhase.ENDED
 
     # -- input from the protocol --------------------------------------------
 
@@ -227,7 +228,9 @@ class Session(Output):
         try:
             frame_received = owner.frame_received
             resolve = owner.router.resolve
-            logged_on = SessionState.LOGGED_ON
+            relay = owner.relay
+            forward = relay.forward
+            logged_on = SessionPhase.LOGGED_ON
             relayed = relayed_bytes = 0
             # This read's routes: DestUserID -> the output lists of its
             # devices, for destinations whose every device took a run as
@@ -257,26 +260,12 @@ class Session(Output):
                         targets = resolve(dest)
                         if targets:
                             raw = item.raw
-                            delivered = False
-                            gathered = True
-                            count = item.count
-                            for target in targets:
-                                status = target.send(raw)
-                                if status:
-                                    gathered = False
-                                    if owner.not_queued(self, target, status, count, len(raw)):
-                                        continue
-                                delivered = True
+                            # The relay rule, the same for every frame.
+                            delivered = forward(self, targets, raw, item.count)
                             if delivered:
-                                relayed += count
+                                relayed += item.count
                                 relayed_bytes += len(raw)
-                            if gathered and cache:
-                                if len(targets) == 1:
-                                    # (target: the one device.)
-                                    one = target.gathered() if type(target) is Session else None
-                                    if one is not None:
-                                        routes[dest] = [one]
-                                else:
+                                if delivered == ALL_QUEUED and cache:
                                     outs = _gathered(targets)
                                     if outs is not None:
                                         routes[dest] = outs
@@ -284,18 +273,18 @@ class Session(Output):
                     if routes:
                         routes = {}
                     for frame in item.frames():
-                        if self.state is SessionState.ENDED:
+                        if self.state is SessionPhase.ENDED:
                             break
                         frame_received(self, frame)
                     continue
-                if state is SessionState.ENDED:
+                if state is SessionPhase.ENDED:
                     break
                 if routes:
                     routes = {}
                 frame_received(self, item)
             if relayed:
-                owner.count_relayed(_SEND, relayed, relayed_bytes)
-            if error is not None and self.state is not SessionState.ENDED:
+                relay.count(_SEND, relayed, relayed_bytes)
+            if error is not None and self.state is not SessionPhase.ENDED:
                 self.end(error.reason, error.message)
         finally:
             if outermost:
@@ -323,7 +312,7 @@ class Session(Output):
         place of what was counted); the error that ends the session when
         the budget is spent and they are more than a small frame.
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return None
         budget = self.owner.budget
         budget.used += partial - self._partial
@@ -555,11 +544,11 @@ class Session(Output):
         logs one event), and, unless the peer ended it, send a
         C{DisconnectNotice} and close the connection.
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return
         self.flush()  # what was sent before the end arrives before the notice
-        was_logged_on = self.state is SessionState.LOGGED_ON
-        self.state = SessionState.ENDED
+        was_logged_on = self.state is SessionPhase.LOGGED_ON
+        self.state = SessionPhase.ENDED
         self._held = None
         self.owner.budget.used -= self._partial + self._held_bytes
         self._partial = self._held_bytes = 0
