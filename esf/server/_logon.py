@@ -12,8 +12,9 @@ session.
 
 from __future__ import annotations
 
+import collections
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -35,10 +36,14 @@ from esf.wire._frames import (
 )
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    from twisted.internet.interfaces import IReactorTime
+
+    from esf.interfaces import IBasicHandler, IPresence, IRelogonPolicy
+    from ._config import ServerConfig
+    from ._presence import UserManager
     from ._session import Session
 
-__all__ = ["Logons", "LogonRecord"]
+__all__ = ["Logons", "LogonEngine", "LogonRecord"]
 
 log = Logger(namespace="esf.server")
 
@@ -135,12 +140,58 @@ def kind_name(client_type: int) -> str:
     return f"{kind.name} ({int(kind)})" if isinstance(kind, ClientType) else str(kind)
 
 
-class Logons:
+class _Delivery(Protocol):
+    def logged_on(self, session: Session) -> None: ...
+
+
+class LogonEngine(Protocol):
     """
-    Carries Logons through for C{engine}.
+    What the logon pipeline needs of the engine: the settings, the clock
+    and counters, the application's handler and relogon policy, presence
+    (to claim and release devices), the user manager's events, the offline
+    part (stored messages go out first at a logon), whether the server is
+    stopping, and the call that tells a user's other devices.
     """
 
-    def __init__(self, engine: ServerEngine):
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def handler(self) -> IBasicHandler: ...
+
+    @property
+    def relogon_policy(self) -> IRelogonPolicy | None: ...
+
+    @property
+    def presence(self) -> IPresence: ...
+
+    @property
+    def user_manager(self) -> UserManager: ...
+
+    @property
+    def offline(self) -> _Delivery | None: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def tell_other_devices(self, session: Session, message_type: MessageType) -> None: ...
+
+
+class Logons:
+    """
+    Carries Logons through for C{engine} (L{LogonEngine}).
+    """
+
+    def __init__(self, engine: LogonEngine):
         self.engine = engine
         self.policy = LogonPolicy(engine.config)
         self.record = LogonRecord(engine.clock)

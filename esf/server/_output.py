@@ -24,7 +24,8 @@ by concern.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import collections
+from typing import TYPE_CHECKING, Any, Protocol
 from weakref import WeakSet
 
 from twisted.internet.defer import Deferred, succeed
@@ -35,10 +36,13 @@ from ._counters import Count
 from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
-    from esf.interfaces import IChannel
+    from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["Sender", "Output", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
+    from esf.interfaces import IChannel
+    from ._budget import MemoryBudget
+    from ._config import ServerConfig
+
+__all__ = ["Sender", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
 log = Logger(namespace="esf.server")
 
@@ -103,6 +107,29 @@ class OutputBatch:
             session.flush()
 
 
+class OutputOwner(Protocol):
+    """
+    What a session's output needs of its owner (the engine): the settings,
+    the clock, the counters, the server's memory budget and the batch that
+    gathers a read's output.
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def budget(self) -> MemoryBudget: ...
+
+    @property
+    def batch(self) -> OutputBatch: ...
+
+
 class Sender:
     """
     A session as a sender: held back (its reading paused) while receivers
@@ -113,7 +140,7 @@ class Sender:
 
     __slots__ = ("_blockers", "_refusable", "_refusable_at", "_refusal_timer")
 
-    owner: ServerEngine
+    owner: OutputOwner
     channel: IChannel
     state: SessionPhase
 
@@ -198,7 +225,7 @@ class Output(Sender):
         "_stalled",
     )
 
-    owner: ServerEngine
+    owner: OutputOwner
     channel: IChannel
     state: SessionPhase
 

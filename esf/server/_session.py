@@ -12,7 +12,7 @@ session is an L{IDeviceHandle}: what presence hands the router.
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -20,7 +20,7 @@ from zope.interface import implementer
 from esf.wire import _messages as m
 from ._config import SessionPhase, UserData
 from ._counters import Count
-from ._output import REFUSED, Output
+from ._output import REFUSED, Output, OutputOwner
 from ._relay import ALL_QUEUED
 from ._router import ANSWERS
 from esf.wire._frames import (
@@ -38,9 +38,9 @@ from esf.wire._frames import (
 from esf.interfaces import IChannel, IDeviceHandle
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    from ._presence import UserManager
 
-__all__ = ["SessionPhase", "Session", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+__all__ = ["Session", "SessionOwner", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
 
 log = Logger(namespace="esf.server")
 
@@ -93,6 +93,58 @@ _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedT
 
 
 
+class _Router(Protocol):
+    def resolve(self, dest: str) -> Any: ...
+
+
+class _Relaying(Protocol):
+    def forward(self, sender: Session, targets: Iterable[Any], raw: bytes, frames: int) -> int: ...
+
+    def count(self, message_type: int, frames: int, size: int) -> None: ...
+
+
+class _Answers(Protocol):
+    def accept(self, session: Session, frame: Frame) -> bool: ...
+
+
+class SessionOwner(OutputOwner, Protocol):
+    """
+    What a session needs of its owner (the engine), beyond what its
+    output needs (L{OutputOwner}): where frames go (the router, the
+    relay, the engine's dispatch), the answers it may accept from other
+    nodes, the user manager's events, and the calls that tell the owner of
+    the session's life.
+    """
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def full_bucket(self) -> float: ...
+
+    @property
+    def router(self) -> _Router: ...
+
+    @property
+    def relay(self) -> _Relaying: ...
+
+    @property
+    def answers(self) -> _Answers: ...
+
+    @property
+    def user_manager(self) -> UserManager: ...
+
+    def frame_received(self, session: Session, frame: Frame) -> None: ...
+
+    def over_budget(self, session: Session) -> bool: ...
+
+    def connection_closed(self, session: Session) -> None: ...
+
+    def session_ended(
+        self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
+    ) -> None: ...
+
+
 def _gathered(targets: Any) -> list[list[bytes]] | None:
     """
     The lists that gather this read's output for C{targets}, when every one
@@ -111,8 +163,8 @@ def _gathered(targets: Any) -> list[list[bytes]] | None:
 @implementer(IDeviceHandle)
 class Session(Output):
     """
-    One connection to the server.  C{owner} is the L{ServerEngine}; the
-    session calls only its public methods.
+    One connection to the server.  C{owner} is the engine, as far as a
+    session needs it (L{SessionOwner}).
     """
 
     __slots__ = (
@@ -139,7 +191,9 @@ class Session(Output):
         "__weakref__",
     )
 
-    def __init__(self, owner: ServerEngine, channel: IChannel):
+    owner: SessionOwner
+
+    def __init__(self, owner: SessionOwner, channel: IChannel):
         self.owner = owner
         self.channel = channel
         self.address: str = channel.address
