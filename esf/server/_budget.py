@@ -133,6 +133,6 @@ class FrameMeter:
             return FrameCost.NOT_LOGGED_ON
         if session.charge(1):
             return FrameCost.PAID
-        if session.owner.over_budget(session):
+        if session.over_budget():
             return FrameCost.ENDED
         return FrameCost.HELD

@@ -29,7 +29,7 @@ from esf.wire import _messages as m
 from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
 from ._api import ServerApplicationAPI
 from ._budget import MemoryBudget
-from ._counters import Count, TrafficByTransport
+from ._counters import TrafficByTransport
 from esf.wire._events import Event, call
 from ._heartbeat import Reaper
 from ._logon import Logons
@@ -370,7 +370,7 @@ class ServerEngine(ServerApplicationAPI):
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
 
     def _work_refused(self, session: Session, frame: Frame) -> None:
-        if self.over_budget(session):
+        if session.over_budget():
             return
         session.error(
             frame,
@@ -378,32 +378,3 @@ class ServerEngine(ServerApplicationAPI):
             f"too many requests to the server: at most {self.config.work_rate:g} units "
             f"of work a second (1 per request, 1 more per {IDS_PER_UNIT} user IDs); slow down",
         )
-
-    def over_budget(self, session: Session) -> bool:
-        """
-        C{session} found its work budget spent (L{Session.charge} said no,
-        to a request or, over WebSocket, to a frame): count it, and end
-        the session if it has kept its budget spent for
-        C{work_refusal_limit} seconds.
-
-        @return: whether the session was ended.
-        """
-        self.counters[Count.WORK_REFUSED] += 1
-        limit = self.config.work_refusal_limit
-        if session.refused_for() < limit:
-            return False
-        session.end(
-            DisconnectedType.BEING_KICKED_OUT,
-            f"asked the server for more work than its budget "
-            f"({self.config.work_rate:g} a second) for {limit:g} s",
-        )
-        return True
-
-    def tell_other_devices(self, session: Session, message_type: MessageType) -> None:
-        """
-        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
-        """
-        assert session.user_id is not None and session.client_type is not None  # logged on
-        for other in self.presence.devices(session.user_id):
-            if other is not session:
-                other.notify(message_type, client_type=session.client_type)

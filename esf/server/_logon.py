@@ -149,8 +149,8 @@ class LogonEngine(Protocol):
     What the logon pipeline needs of the engine: the settings, the clock
     and counters, the application's handler and relogon policy, presence
     (to claim and release devices), the user manager's events, the offline
-    part (stored messages go out first at a logon), whether the server is
-    stopping, and the call that tells a user's other devices.
+    part (stored messages go out first at a logon) and whether the server
+    is stopping.
     """
 
     @property
@@ -182,8 +182,6 @@ class LogonEngine(Protocol):
 
     @property
     def stopping(self) -> bool: ...
-
-    def tell_other_devices(self, session: Session, message_type: MessageType) -> None: ...
 
 
 class Logons:
@@ -440,7 +438,7 @@ class Logons:
         um = engine.user_manager
         devices = engine.presence.devices(session.user_id)
         if not handover:
-            engine.tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
+            self._tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
         um.device_connected.fire(session.user_data)
         # A subscriber may end the session at once (a kick, say); its end has
         # then been reported, and reporting it online now would be false.
@@ -473,4 +471,13 @@ class Logons:
             um.user_count_changed.fire(um.user_count)
         elif not engine.stopping:
             # (When the server stops, every device gets ServerShutdown.)
-            engine.tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
+            self._tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
+
+    def _tell_other_devices(self, session: Session, message_type: MessageType) -> None:
+        """
+        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
+        """
+        assert session.user_id is not None and session.client_type is not None  # logged on
+        for other in self.engine.presence.devices(session.user_id):
+            if other is not session:
+                other.notify(message_type, client_type=session.client_type)

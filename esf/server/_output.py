@@ -4,22 +4,23 @@ between peers.
 
 Output to a peer is gathered while a read is handled and written once
 (L{OutputBatch}).  A peer that stops reading: its transport pauses the
-session (L{Output.pause_writing}); what is queued from then on counts
+session (L{Receiver.pause_writing}); what is queued from then on counts
 against C{max_output_buffer}.  Past half of it the peer is I{backed up}:
-its senders are read no further (push back, L{Output.push_back}), but for
+its senders are read no further (push back, L{Receiver.push_back}), but for
 C{push_back_timeout} at most.  A peer that has not drained by then is
 I{stalled}: its senders read again, more is queued for it up to the whole
 bound, and past that what is relayed to it is refused (L{REFUSED}), so
 that it never holds up its senders' traffic to others.  A peer that does
 not drain within C{output_drain_timeout} ends with C{ChannelCacheOverflow}.
 A sender that keeps relaying what is refused is slowed down
-(L{Output.refused}).  Frames relayed to a device that is logging on, or
+(L{Sender.refused}).  Frames relayed to a device that is logging on, or
 whose stored messages are being delivered, are held (L{Output.hold}) and
 written after, under the same rules.
 
-L{Output} (with L{Sender}, the session as a sender that may be held back)
-is the base of L{esf.server._session.Session}: one object per connection, split
-by concern.
+L{Output} (with L{Receiver}, the session as a receiver that may fall
+behind, and L{Sender}, the session as a sender that may be held back) is
+the base of L{esf.server._session.Session}: one object per connection,
+split by concern.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from twisted.logger import Logger
 
 from ._config import SessionPhase
 from ._counters import Count
+from ._limits import PeerLimits
 from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
     from ._budget import MemoryBudget
     from ._config import ServerConfig
 
-__all__ = ["Sender", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
+__all__ = ["Sender", "Receiver", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
 log = Logger(namespace="esf.server")
 
@@ -56,7 +58,7 @@ _HARD_BOUND_FACTOR = 4
 #: only for a true value.
 #:
 #: Queued, and the peer is backed up: hold the sender back
-#: (L{Output.push_back}).
+#: (L{Receiver.push_back}).
 PUSH_BACK = 1
 #: Not queued: the peer is stalled (backed up past its push back) and its
 #: queue is full.  Nothing counted yet: the caller counts the frames
@@ -130,10 +132,10 @@ class OutputOwner(Protocol):
     def batch(self) -> OutputBatch: ...
 
 
-class Sender:
+class Sender(PeerLimits):
     """
     A session as a sender: held back (its reading paused) while receivers
-    it relays to are backed up (L{Output.push_back}), or while it has
+    it relays to are backed up (L{Receiver.push_back}), or while it has
     spent its allowance of refused relays (L{refused}).  The session
     provides C{owner}, C{channel} and C{state}.
     """
@@ -206,10 +208,13 @@ class Sender:
             self._refusal_timer = None
 
 
-class Output(Sender):
+class Receiver(Sender):
     """
-    The output side of a session (see the module's docstring).  The
-    session provides C{owner}, C{channel}, C{state} and C{end}.
+    A session as a receiver that may fall behind: its transport pauses and
+    resumes it (L{pause_writing}, L{resume_writing}); while it is backed up
+    it holds its senders back (L{push_back}) for a while, then is stalled;
+    one that does not drain in time ends.  The session provides C{owner},
+    C{channel}, C{state} and C{end}; L{Output} counts its backlog.
     """
 
     __slots__ = (
@@ -217,9 +222,6 @@ class Output(Sender):
         "_backlog",
         "_drain_timer",
         "_blocked",
-        "_out",
-        "_held",
-        "_held_bytes",
         "_writable_waiters",
         "_push_back_timer",
         "_stalled",
@@ -229,7 +231,7 @@ class Output(Sender):
     channel: IChannel
     state: SessionPhase
 
-    def _init_output(self) -> None:
+    def _init_receiver(self) -> None:
         self._init_sender()
         self._paused = False
         self._backlog = 0
@@ -239,12 +241,6 @@ class Output(Sender):
         #: sender that leaves meanwhile is not kept alive until this
         #: session drains.
         self._blocked: WeakSet[Sender] | None = None
-        #: Output gathered during a read, written by L{flush}.
-        self._out: list[bytes] | None = None
-        #: Frames relayed to the device while its Logon was being claimed,
-        #: or while its stored messages are delivered (L{hold}).
-        self._held: list[bytes] | None = None
-        self._held_bytes = 0
         #: Who waits for the peer to catch up (L{when_writable}).
         self._writable_waiters: list[Deferred[None]] | None = None
         #: Ends the push back on this session's senders (L{_stall}).
@@ -333,7 +329,7 @@ class Output(Sender):
         """
         The push back is over and this session has not drained: let its
         senders read again.  Until it drains, relays to it are queued up to
-        its bound and refused past it (L{send}).
+        its bound and refused past it (L{Output.send}).
         """
         self._push_back_timer = None
         self._stalled = True
@@ -363,6 +359,24 @@ class Output(Sender):
             f"more than {limit // 2} bytes waited for longer than "
             f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
         )
+
+
+class Output(Receiver):
+    """
+    The output side of a session (see the module's docstring).  The
+    session provides C{owner}, C{channel}, C{state} and C{end}.
+    """
+
+    __slots__ = ("_out", "_held", "_held_bytes")
+
+    def _init_output(self) -> None:
+        self._init_receiver()
+        #: Output gathered during a read, written by L{flush}.
+        self._out: list[bytes] | None = None
+        #: Frames relayed to the device while its Logon was being claimed,
+        #: or while its stored messages are delivered (L{hold}).
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
 
     # -- output ------------------------------------------------------------------
 

@@ -19,15 +19,13 @@ from zope.interface import implementer
 
 from esf.wire import _messages as m
 from ._config import SessionPhase, UserData
-from ._counters import Count
-from ._output import REFUSED, Output, OutputOwner
+from ._device import Device, DeviceOwner
+from ._limits import LOG_LIMIT, LOG_WINDOW
+from ._output import Output
 from ._relay import ALL_QUEUED
-from ._router import ANSWERS
 from esf.wire._frames import (
-    _FIXED_HEADER,
     SERVER_ID,
     DisconnectedType,
-    ErrorCode,
     Frame,
     FrameDecoder,
     FrameError,
@@ -38,9 +36,16 @@ from esf.wire._frames import (
 from esf.interfaces import IChannel, IDeviceHandle
 
 if TYPE_CHECKING:
-    from ._presence import UserManager
+    pass
 
-__all__ = ["Session", "SessionOwner", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+__all__ = [
+    "Session",
+    "SessionOwner",
+    "RELAYED",
+    "PRE_LOGON_MAX_MESSAGE_SIZE",
+    "LOG_LIMIT",
+    "LOG_WINDOW",
+]
 
 log = Logger(namespace="esf.server")
 
@@ -83,11 +88,6 @@ _ROUTE_CACHE_MIN_RUNS = 64
 #: The routes of a read that remembers none (never written to).
 _NO_ROUTES: dict[str, list[list[bytes]]] = {}
 
-#: A peer may cause at most this many log events at info level or above
-#: per this many seconds; the rest are counted and summarised.
-LOG_LIMIT = 10
-LOG_WINDOW = 60.0
-
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
@@ -103,17 +103,13 @@ class _Relaying(Protocol):
     def count(self, message_type: int, frames: int, size: int) -> None: ...
 
 
-class _Answers(Protocol):
-    def accept(self, session: Session, frame: Frame) -> bool: ...
-
-
-class SessionOwner(OutputOwner, Protocol):
+class SessionOwner(DeviceOwner, Protocol):
     """
-    What a session needs of its owner (the engine), beyond what its
-    output needs (L{OutputOwner}): where frames go (the router, the
-    relay, the engine's dispatch), the answers it may accept from other
-    nodes, the user manager's events, and the calls that tell the owner of
-    the session's life.
+    What a session needs of its owner (the engine), beyond what its device
+    and output sides need (L{DeviceOwner}, which has what its limits need
+    too): the node it is on, the work bucket it starts with, where frames
+    go (the router, the relay, the engine's dispatch), and the calls that
+    tell the owner of the session's life.
     """
 
     @property
@@ -128,15 +124,7 @@ class SessionOwner(OutputOwner, Protocol):
     @property
     def relay(self) -> _Relaying: ...
 
-    @property
-    def answers(self) -> _Answers: ...
-
-    @property
-    def user_manager(self) -> UserManager: ...
-
     def frame_received(self, session: Session, frame: Frame) -> None: ...
-
-    def over_budget(self, session: Session) -> bool: ...
 
     def connection_closed(self, session: Session) -> None: ...
 
@@ -161,7 +149,7 @@ def _gathered(targets: Any) -> list[list[bytes]] | None:
 
 
 @implementer(IDeviceHandle)
-class Session(Output):
+class Session(Device):
     """
     One connection to the server.  C{owner} is the engine, as far as a
     session needs it (L{SessionOwner}).
@@ -184,10 +172,6 @@ class Session(Output):
         "blobs",
         "asked",
         "_partial",
-        "_tokens",
-        "_tokens_at",
-        "_refused_since",
-        "_log",
         "__weakref__",
     )
 
@@ -219,13 +203,7 @@ class Session(Output):
         self.asked: dict[Any, Any] | None = None
         #: Bytes of a partial frame counted in the engine's memory budget.
         self._partial = 0
-        #: The work budget (L{charge}): a token bucket, full at the start.
-        self._tokens = owner.full_bucket  # one float for all, until spent
-        self._tokens_at = self.connected_at
-        self._refused_since: float | None = None
-        #: The log limiter (L{may_log}): [window start, events logged in
-        #: it, events suppressed], made when the peer first causes one.
-        self._log: list[Any] | None = None
+        self._init_limits(owner.full_bucket, self.connected_at)
         self._init_output()
 
     def __repr__(self) -> str:
@@ -387,208 +365,6 @@ class Session(Output):
         """
         self.end(DisconnectedType.NETWORK_INTERRUPTED, "connection lost")
         self.owner.connection_closed(self)
-
-    # -- what a peer may make the server log --------------------------------------
-
-    def may_log(self) -> bool:
-        """
-        Whether an event this peer caused may be logged at info level or
-        above: at most L{LOG_LIMIT} per L{LOG_WINDOW} seconds.  The rest are
-        counted (C{logs_suppressed}) and summarised in one event when the
-        next window opens, and in the session's end event.
-        """
-        now = self.owner.clock.seconds()
-        limiter = self._log
-        if limiter is None:
-            limiter = self._log = [now, 0, 0]
-        elif now - limiter[0] >= LOG_WINDOW:
-            self.summarise_logs()
-            limiter[0], limiter[1] = now, 0
-        if limiter[1] < LOG_LIMIT:
-            limiter[1] += 1
-            return True
-        limiter[2] += 1
-        self.owner.counters[Count.LOGS_SUPPRESSED] += 1
-        return False
-
-    @property
-    def suppressed_logs(self) -> int:
-        """
-        How many log events of this peer were suppressed and not yet
-        summarised.
-        """
-        return self._log[2] if self._log is not None else 0
-
-    def summarise_logs(self) -> None:
-        """
-        Log how many events were suppressed, if any, once.
-        """
-        limiter = self._log
-        if limiter is not None and limiter[2]:
-            log.info(
-                "{count} more log events caused by {session!r} were suppressed",
-                esf_event="logs_suppressed",
-                count=limiter[2],
-                session=self,
-                user_id=self.user_id,
-                address=self.address,
-            )
-            limiter[2] = 0
-
-    # -- the work budget ---------------------------------------------------------
-
-    def charge(self, cost: float) -> bool:
-        """
-        Take C{cost} from the session's work budget (a token bucket on the
-        clock, written here because it is four lines and must not allocate
-        per request).  A request is refused while the bucket is empty; an
-        accepted one may take it below zero (a big answer), which the
-        following requests then wait for.
-
-        @return: whether the request may be handled.
-        """
-        config = self.owner.config
-        now = self.owner.clock.seconds()
-        tokens = self._tokens + (now - self._tokens_at) * config.work_rate
-        if tokens > config.work_burst:
-            tokens = config.work_burst
-        self._tokens_at = now
-        if tokens < 1:
-            self._tokens = tokens
-            if self._refused_since is None:
-                self._refused_since = now
-            return False
-        self._tokens = tokens - cost
-        if tokens * 2 >= config.work_burst:
-            # Let the bucket refill halfway: no longer a flood.
-            self._refused_since = None
-        return True
-
-    def refused_for(self) -> float:
-        """
-        Seconds since this session's first refused request, if it has not
-        let its budget refill halfway since.
-        """
-        if self._refused_since is None:
-            return 0.0
-        return self.owner.clock.seconds() - self._refused_since
-
-    # -- output (IDeviceHandle) ------------------------------------------------
-
-    def send_from_node(self, data: bytes) -> None:
-        """
-        Write a frame relayed to this device by another node of a cluster.
-        An answer goes through only if this session asked for it
-        (L{esf.server._router.AnswerRouter.accept}): the answering node cannot
-        know.
-        """
-        if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
-            (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
-            if not self.owner.answers.accept(self, frame):
-                self.owner.counters[Count.UNSOLICITED_ANSWERS] += 1
-                log.debug(
-                    "dropped {message_type} #{message_id} from {user_id} (another node): "
-                    "it answers no request of {session!r}",
-                    message_type=frame.message_type,
-                    message_id=frame.message_id,
-                    user_id=frame.user_id,
-                    session=self,
-                )
-                return
-        if self.send(data) == REFUSED:
-            # Backed up: counted; the sender is on another node, which is
-            # not told (a request times out there).
-            self.owner.counters[Count.RECEIVER_BEHIND] += 1
-
-    def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
-        """
-        Send the peer a server-initiated message (MessageID 0).
-        """
-        self.queue(
-            encode_frame(
-                self.owner.config.wire,
-                message_type,
-                body,
-                client_type=client_type,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def kick(self, reason: DisconnectedType, text: str) -> None:
-        self.end(reason, text)
-
-    def push_out(self, new_address: str, cause: str) -> None:
-        """
-        The device logged on again from C{new_address}: tell the user
-        manager, send C{BeingPushedOutNotify} and end with C{BeingPushedOut}.
-        """
-        self.owner.user_manager.device_being_pushed_out.fire(self.user_data, new_address)
-        self.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
-        self.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
-
-    def kick_out(self, operator: str, reason: str, text: str) -> None:
-        """
-        C{operator} kicks the device: tell the user manager, send
-        C{BeingKickedOutNotify} and end with C{BeingKickedOut}.
-        """
-        self.owner.user_manager.device_kicked_out.fire(self.user_data, operator, reason)
-        self.notify(
-            MessageType.BEING_KICKED_OUT_NOTIFY,
-            m.BeingKickedOutNotify(operator, reason[:1000]).encode(),
-        )
-        self.kick(DisconnectedType.BEING_KICKED_OUT, text)
-
-    def ask(self, message_id: int, body: bytes, timeout: float) -> None:
-        """
-        Send the server's query C{message_id} (an Information C{body}) as a
-        Request; the answer comes back through the engine's pending table.
-        """
-        self.send(
-            encode_frame(
-                self.owner.config.wire,
-                MessageType.REQUEST,
-                body,
-                message_id=message_id,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
-        """
-        Answer C{frame}: same MessageType (unless given) and MessageID, from
-        the server to this session's user.
-        """
-        self.queue(
-            encode_frame(
-                self.owner.config.wire,
-                frame.message_type if message_type is None else message_type,
-                body,
-                message_id=frame.message_id,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def error(self, frame: Frame, code: ErrorCode, text: str) -> None:
-        """
-        Answer a request with C{Error}; a one-way message (MessageID 0) is
-        counted and logged at debug level instead, since nothing waits for
-        an answer (and a peer must not be able to fill the log).
-        """
-        if frame.message_id:
-            body = m.Error(frame.message_type, code, text[:1000]).encode()
-            self.reply(frame, body, MessageType.ERROR)
-            return
-        self.owner.counters[Count.DROPPED] += 1
-        log.debug(
-            "dropped {message_type} from {session!r}: {code.name}: {text}",
-            message_type=frame.message_type,
-            session=self,
-            code=code,
-            text=text,
-        )
 
     # -- ending ---------------------------------------------------------------
 
