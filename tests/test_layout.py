@@ -136,12 +136,6 @@ OVER_BOUNDS = {
     "esf.client._engine",
     "esf.client._inbox",
     "esf.cluster._presence",
-    "esf.server._engine",
-    "esf.server._offline",
-    "esf.server._output",
-    "esf.server._session",
-    "esf.server._websocket",
-    "esf.wire._frames",
 }
 
 

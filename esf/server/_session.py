@@ -4,9 +4,13 @@ A session: the engine's side of one connection, from accept to close.
 The protocol feeds it bytes (L{Session.data_received}), flow-control
 signals (L{Session.pause_writing}, L{Session.resume_writing}) and the end of
 the connection (L{Session.connection_lost}).  It decodes frames, relays the
-common case itself and hands every other frame to its owner (the engine);
-its output side (queueing, flow control) is L{esf.server._output.Output}.  A logged-on
-session is an L{IDeviceHandle}: what presence hands the router.
+common case itself (by the relay's rule, L{esf.server._relay.Relay.forward})
+and hands every other frame to its owner (the engine, as far as a session
+needs it: L{SessionOwner}).  Its other jobs are its bases': the device
+presence hands the router (L{esf.server._device.Device}, an
+L{IDeviceHandle}), its output (L{esf.server._output.Output}: queueing, flow
+control) and what the peer may make the server spend
+(L{esf.server._limits.PeerLimits}).
 """
 
 from __future__ import annotations
