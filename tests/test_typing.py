@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 UNTYPED = {"esf/bench/__init__.py", "esf/bench/_wire.py"}
 TYPED = sorted(
     str(path.relative_to(REPO))
-    for path in (REPO / "esf").glob("*.py")
-    if str(path.relative_to(REPO)) not in UNTYPED
+    for path in (REPO / "esf").rglob("*.py")
+    if str(path.relative_to(REPO)) not in UNTYPED and "examples" not in path.parts
 )
 
 
