@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
+from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, SessionPhase, UserData, default_node_id
 from ._api import ServerApplicationAPI
 from ._budget import MemoryBudget
 from ._counters import TrafficByTransport
@@ -42,7 +42,6 @@ from ._router import AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
 from ._output import OutputBatch
 from ._session import RELAYED, Session
-from ._config import SessionPhase
 from esf.wire._frames import DisconnectedType, ErrorCode, Frame, MessageType
 from esf.interfaces import (
     IBasicHandler,

@@ -96,7 +96,6 @@ _NO_ROUTES: dict[str, list[list[bytes]]] = {}
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
 
-
 class _Router(Protocol):
     def resolve(self, dest: str) -> Any: ...
 

@@ -685,11 +685,12 @@ class FrameDecoder(HeaderCheck):
                 header = checked
                 break
             if message_type == run_type:
-                # (Its header is kept for the fast path above once a second
-                # frame joins the run: a run of one, as when each frame goes
-                # to another receiver, costs no copy and no comparison.)
+                # Its header is kept for the fast path above, so that the
+                # frames that repeat it are not checked again.
                 run_start, run_count = offset, 1
                 run_user, run_dest = user_id, dest_user_id
+                last_header = data[offset : offset + hlen]
+                last_size = end - offset
             else:
                 raw = data[offset:end] if (offset or end != size) else data
                 append(self._frame(checked, raw))
