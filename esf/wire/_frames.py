@@ -36,7 +36,6 @@ __all__ = [
     "Frame",
     "SendRun",
     "FrameError",
-    "HeaderCheck",
     "FrameDecoder",
     "encode_frame",
     "header_length_for",
