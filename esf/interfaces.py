@@ -404,7 +404,7 @@ class IDeviceHandle(Interface):
 
         @return: a false value when it was queued; otherwise the device is
             backed up, and the value says what the caller does (see
-            L{esf.server._engine.ServerEngine.not_queued}): C{1} (queued; hold the
+            L{esf.server._relay.Relay.not_queued}): C{1} (queued; hold the
             sender back with C{push_back(sender_session)}), C{2} (not
             queued: the device is stalled and its queue full) or C{3} (not
             queued: past its hard bound or the server's memory budget).  A

@@ -128,27 +128,7 @@ def test_the_layout_knows_every_part():
     assert parts - top == set(ALLOWED)
 
 
-#: Modules known to be past a bound, to be split along their seams.  Each is
-#: a strict expected failure: once split, it must leave this list.
-OVER_BOUNDS = {
-    "esf.server._engine",
-    "esf.server._offline",
-    "esf.server._output",
-    "esf.server._session",
-    "esf.server._websocket",
-    "esf.wire._frames",
-}
-
-
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason="past a size bound"))
-        if name in OVER_BOUNDS
-        else name
-        for name in sorted(_modules())
-    ],
-)
+@pytest.mark.parametrize("module", sorted(_modules()))
 def test_size_bounds(module):
     """
     No module over 800 lines, no class over 300.

@@ -38,7 +38,7 @@ UNTYPED = {
 TYPED = sorted(
     str(path.relative_to(REPO))
     for path in (REPO / "esf").rglob("*.py")
-    if str(path.relative_to(REPO)) not in UNTYPED and path.parent.name != "examples"
+    if str(path.relative_to(REPO)) not in UNTYPED and "examples" not in path.parts
 )
 
 

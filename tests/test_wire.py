@@ -1566,3 +1566,46 @@ def test_property_runs_are_the_frames(data, n):
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     plain, runs = _feed_both(config, _chunks(stream, cuts))
     assert runs == plain
+
+
+def _bad_headers(config):
+    """
+    Headers that fail each check, after a frame of the same pair of IDs
+    (so that the IDs are remembered): a bad start token, a negative
+    length, a length over the bound, and ID fields of each kind of fault.
+    """
+    good = _send(config)
+    slot = config.id_slot
+    bad_start = b"\x00" + good[1:]
+    negative = bytearray(good)
+    negative[8:12] = struct.pack("<i", -1)
+    too_long = bytearray(good)
+    too_long[8:12] = struct.pack("<i", config.max_message_size)
+    padding = bytearray(good)
+    padding[13 + slot - 1] = 1  # in UserID's padding
+    long_dest = bytearray(good)
+    long_dest[13 + slot] = slot + 1
+    return good, [bad_start, bytes(negative), bytes(too_long), bytes(padding), bytes(long_dest)]
+
+
+def test_one_header_check_on_every_path():
+    """
+    A bad header fails with the same reason and text however it arrives:
+    whole after frames of its pair (the decoder's inline test), after a
+    run of Sends, alone, or a byte at a time (a header completed across
+    reads): one check judges them all.
+    """
+    config = WireConfig(max_message_size=1000)
+    good, bad = _bad_headers(config)
+    for header in bad:
+        errors = set()
+        for chunks in (
+            [good * 2 + header],
+            [good, header],
+            [header],
+            [good] + [header[i : i + 1] for i in range(len(header))],
+        ):
+            for (_, error, _) in _feed_both(config, chunks):
+                assert error is not None, (header, chunks)
+                errors.add(error)
+        assert len(errors) == 1, errors

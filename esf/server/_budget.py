@@ -17,7 +17,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from ._config import SessionState
+from ._config import SessionPhase
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -123,16 +123,16 @@ class FrameMeter:
         begun to close.
         """
         state = session.state
-        if closing or state is SessionState.ENDED:
+        if closing or state is SessionPhase.ENDED:
             self.after_close += 1
             return FrameCost.PAID if self.after_close <= CLOSING_FRAMES else FrameCost.CLOSED
-        if state is not SessionState.LOGGED_ON:
+        if state is not SessionPhase.LOGGED_ON:
             self.before_logon += 1
             if self.before_logon <= PRE_LOGON_FRAMES:
                 return FrameCost.PAID
             return FrameCost.NOT_LOGGED_ON
         if session.charge(1):
             return FrameCost.PAID
-        if session.owner.over_budget(session):
+        if session.over_budget():
             return FrameCost.ENDED
         return FrameCost.HELD

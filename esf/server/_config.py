@@ -17,7 +17,7 @@ import attrs
 from esf.interfaces import RelogonMode
 from esf.wire._frames import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
 
-__all__ = ["RelogonMode", "ServerConfig", "SessionState", "UserData", "default_node_id"]
+__all__ = ["RelogonMode", "ServerConfig", "SessionPhase", "UserData", "default_node_id"]
 
 
 def _positive(instance: Any, attribute: Any, value: Any) -> None:
@@ -36,9 +36,11 @@ def _not_negative(instance: Any, attribute: Any, value: Any) -> None:
 IDS_PER_UNIT = 10
 
 
-class SessionState(Enum):
+class SessionPhase(Enum):
     """
     Where a server session is in its life (L{esf.server._session.Session.state}).
+    (Named apart from the client's C{esf.client.SessionState}, a public name
+    for another enum.)
     """
 
     AWAITING_LOGON = "awaiting logon"

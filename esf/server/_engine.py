@@ -7,6 +7,7 @@ The server engine: wires the parts of an esf server together::
     IPresence     who is online (esf.server._presence: LocalPresence, UserManager)
     Router        which devices a DestUserID names (esf.server._router)
     Reaper        ends silent sessions (esf.server._heartbeat)
+    Relay         forwards frames between users (esf.server._relay)
     services      what the server itself answers (esf.server._services)
     PendingRequests  the server's own queries to clients (esf.wire._pending)
 
@@ -18,17 +19,17 @@ to close.  Time comes from an injected L{IReactorTime}.
 from __future__ import annotations
 
 import collections
-from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, UserData, default_node_id
+from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, SessionPhase, UserData, default_node_id
+from ._api import ServerApplicationAPI
 from ._budget import MemoryBudget
-from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count, TrafficByTransport
+from ._counters import TrafficByTransport
 from esf.wire._events import Event, call
 from ._heartbeat import Reaper
 from ._logon import Logons
@@ -36,19 +37,12 @@ from ._offline import OfflineMessages
 from esf.wire._pending import PendingRequests
 from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
-from ._router import ANSWERS, AnswerRouter, Router
+from ._relay import Relay
+from ._router import AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
-from ._output import PUSH_BACK, REFUSED, OutputBatch
-from ._session import RELAYED, Session, SessionState
-from esf.wire._frames import (
-    SERVER_ID,
-    DisconnectedType,
-    ErrorCode,
-    Frame,
-    MessageType,
-    device_address,
-    encode_frame,
-)
+from ._output import OutputBatch
+from ._session import RELAYED, Session
+from esf.wire._frames import DisconnectedType, ErrorCode, Frame, MessageType
 from esf.interfaces import (
     IBasicHandler,
     IChannel,
@@ -92,7 +86,7 @@ class AcceptAll:
         return False
 
 
-class ServerEngine:
+class ServerEngine(ServerApplicationAPI):
     """
     The server side of ESF v1 (ESFramework's C{RapidServerEngine}).
 
@@ -140,6 +134,8 @@ class ServerEngine:
             self.router, clock, config.query_timeout, config.max_unanswered_requests
         )
         self.batch = OutputBatch()
+        #: Forwards frames between users.
+        self.relay = Relay(self)
         #: Bytes held for peers (output backlogs, partial frames, blobs).
         self.budget = MemoryBudget(config.max_buffered_bytes)
         self.pending = PendingRequests(clock, config.query_timeout)
@@ -338,7 +334,7 @@ class ServerEngine:
         Dispatch one frame from C{session} (the relay's common case never
         gets here: the session forwards it itself).
         """
-        if session.state is not SessionState.LOGGED_ON:
+        if session.state is not SessionPhase.LOGGED_ON:
             self.logons.frame_received(session, frame)
             return
         if frame.user_id != session.user_id:
@@ -348,7 +344,7 @@ class ServerEngine:
             )
             return
         if frame.message_type in RELAYED and frame.dest_user_id not in TO_SERVER:
-            self.relay(session, frame)
+            self.relay.frame(session, frame)
             return
         if (
             frame.message_type == MessageType.ACK
@@ -373,7 +369,7 @@ class ServerEngine:
             session.error(frame, ErrorCode.BAD_REQUEST, str(e))
 
     def _work_refused(self, session: Session, frame: Frame) -> None:
-        if self.over_budget(session):
+        if session.over_budget():
             return
         session.error(
             frame,
@@ -381,262 +377,3 @@ class ServerEngine:
             f"too many requests to the server: at most {self.config.work_rate:g} units "
             f"of work a second (1 per request, 1 more per {IDS_PER_UNIT} user IDs); slow down",
         )
-
-    def over_budget(self, session: Session) -> bool:
-        """
-        C{session} found its work budget spent (L{Session.charge} said no,
-        to a request or, over WebSocket, to a frame): count it, and end
-        the session if it has kept its budget spent for
-        C{work_refusal_limit} seconds.
-
-        @return: whether the session was ended.
-        """
-        self.counters[Count.WORK_REFUSED] += 1
-        limit = self.config.work_refusal_limit
-        if session.refused_for() < limit:
-            return False
-        session.end(
-            DisconnectedType.BEING_KICKED_OUT,
-            f"asked the server for more work than its budget "
-            f"({self.config.work_rate:g} a second) for {limit:g} s",
-        )
-        return True
-
-    def relay(self, session: Session, frame: Frame) -> None:
-        """
-        Forward a frame, its original bytes, to the devices its DestUserID
-        names; say why not when there are none.  An answer goes only to the
-        device whose request it answers (L{AnswerRouter}), or nowhere.
-        """
-        message_type = frame.message_type
-        if message_type in ANSWERS:
-            askers = self.answers.answer(session, frame)
-            if not askers:
-                if self.router.resolve(frame.dest_user_id) is None:
-                    session.error(
-                        frame,
-                        ErrorCode.BAD_REQUEST,
-                        f"{frame.dest_user_id!r} is not a user to relay to",
-                    )
-                    return
-                self.counters[Count.UNSOLICITED_ANSWERS] += 1
-                log.debug(
-                    "dropped {message_type} #{message_id} from {session!r} to {dest}: "
-                    "it answers no request relayed to {user_id}",
-                    message_type=message_type,
-                    message_id=frame.message_id,
-                    session=session,
-                    dest=frame.dest_user_id,
-                    user_id=session.user_id,
-                )
-                return
-            raw = frame.raw
-            delivered = False
-            for asker in askers:
-                status = asker.send(raw)
-                if not status or not self.not_queued(session, asker, status, 1, len(raw)):
-                    delivered = True
-            if delivered:
-                self.count_relayed(message_type, 1, len(raw))
-            return
-        targets = self.router.resolve(frame.dest_user_id)
-        if (
-            targets
-            and message_type == MessageType.BLOB
-            and self.offline is not None
-            and self.offline.gathering(session, frame)
-        ):
-            # The rest of a blob begun while its addressee was offline:
-            # kept with its first fragments, so that it arrives whole.
-            self.offline.offer(session, frame)
-            return
-        if targets:
-            acknowledged = frame.message_id and message_type != MessageType.SEND
-            if acknowledged:
-                if not self.answers.asked(session, frame):
-                    self.counters[Count.TOO_MANY_UNANSWERED] += 1
-                    session.error(
-                        frame,
-                        ErrorCode.RATE_LIMITED,
-                        f"{self.config.max_unanswered_requests} requests to users await "
-                        "answers already; wait for some",
-                    )
-                    return
-            raw = frame.raw
-            delivered = False
-            for target in targets:
-                status = target.send(raw)
-                if not status or not self.not_queued(session, target, status, 1, len(raw)):
-                    delivered = True
-            if delivered:
-                self.count_relayed(message_type, 1, len(raw))
-            elif acknowledged:
-                # Refused by every device it is addressed to: say so now,
-                # rather than let the sender wait for an answer that cannot
-                # come.  (One-way frames were counted by not_queued.)
-                self.answers.forget(session, frame)
-                session.error(
-                    frame,
-                    ErrorCode.RATE_LIMITED,
-                    f"not delivered: {frame.dest_user_id} is backed up (it does not read what "
-                    "is relayed to it fast enough); try later",
-                )
-            return
-        if targets is None:
-            session.error(
-                frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
-            )
-            return
-        self.counters[Count.TRANSMIT_FAILED] += 1
-        self.transmit_failed.fire(
-            session.user_id, frame.dest_user_id, frame.message_type, frame.raw
-        )
-        if self.offline is not None and self.presence.up and self.offline.offer(session, frame):
-            return  # kept: the offline part answers the sender
-        if self.presence.up:
-            text = f"{frame.dest_user_id} is not online"
-        else:
-            # A cluster's presence that lost Redis: users elsewhere are unknown.
-            text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
-        session.error(frame, ErrorCode.USER_OFFLINE, text)
-
-    def not_queued(self, sender: Session, target: Any, status: int, frames: int, size: int) -> bool:
-        """
-        C{target.send} answered C{status} (true) for C{frames} frames of
-        C{sender}, C{size} bytes: hold C{sender} back (L{PUSH_BACK}), or
-        count what was refused and charge it to C{sender}'s allowance
-        (L{esf.server._output.Output.refused}).
-
-        @return: whether the frames were not queued.
-        """
-        if status == PUSH_BACK:
-            target.push_back(sender)
-            return False
-        if status == REFUSED:
-            self.counters[Count.RECEIVER_BEHIND] += frames
-        else:
-            # Past the hard bound while the senders are held back (they
-            # finish the reads they were in): hold this one back too.
-            target.push_back(sender)
-        sender.refused(size)
-        return True
-
-    def count_relayed(self, message_type: int, frames: int, size: int) -> None:
-        """
-        Count C{frames} relayed frames of C{message_type}, C{size} bytes in
-        all, once each however many devices they went to (metrics read it).
-        """
-        counters = self.counters
-        counters[RELAYED_MESSAGES[message_type]] += frames
-        counters[RELAYED_BYTES[message_type]] += size
-
-    def tell_other_devices(self, session: Session, message_type: MessageType) -> None:
-        """
-        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
-        """
-        assert session.user_id is not None and session.client_type is not None  # logged on
-        for other in self.presence.devices(session.user_id):
-            if other is not session:
-                other.notify(message_type, client_type=session.client_type)
-
-    # -- application-facing ------------------------------------------------------
-
-    def _devices(self, user_id: str, client_type: int | None) -> Any:
-        return self.router.resolve(device_address(user_id, client_type)) or ()
-
-    def kick_out(
-        self,
-        user_id: str,
-        reason: str = "",
-        client_type: int | None = None,
-        *,
-        operator: str = SERVER_ID,
-        origin: str = "server_api",
-    ) -> int:
-        """
-        Kick C{user_id} off (one device, or every device when
-        C{client_type} is C{None}): each gets C{BeingKickedOutNotify} with
-        the operator and reason, then its connection is closed.  The user
-        manager's C{device_kicked_out} fires for each, on the device's node.
-
-        @param origin: where the kick comes from, for the log and the audit
-            (C{"server_api"}, C{"client"}, C{"admin_api"}).
-
-        @return: how many devices were kicked.
-        """
-        targets = tuple(self._devices(user_id, client_type))
-        self.logons.record.flush_for(operator, user_id)  # their logons are logged first
-        log.info(
-            "kick: {operator} kicks {user_id} ({count} devices): {reason}",
-            esf_event="kick_out",
-            operator=operator,
-            user_id=user_id,
-            client_type=client_type,
-            count=len(targets),
-            reason=reason,
-            origin=origin,
-        )
-        text = f"kicked by {operator}: {reason}"
-        for target in targets:
-            target.kick_out(operator, reason, text)
-        return len(targets)
-
-    def send(
-        self,
-        user_id: str,
-        information_type: int,
-        payload: bytes = b"",
-        client_type: int | None = None,
-    ) -> int:
-        """
-        Send C{user_id} a one-way application message (Send, 202) from the
-        server: to every device, or to C{client_type} only.
-
-        @return: how many devices it was written to (0: not online).
-        """
-        targets = self._devices(user_id, client_type)
-        body = m.Information(information_type, payload).encode()
-        if not targets:
-            dest = device_address(user_id, client_type)
-            self.counters[Count.TRANSMIT_FAILED] += 1
-            self.transmit_failed.fire(
-                SERVER_ID,
-                dest,
-                MessageType.SEND,
-                encode_frame(
-                    self.config.wire, MessageType.SEND, body, user_id=SERVER_ID, dest_user_id=dest
-                ),
-            )
-            return 0
-        for target in targets:
-            target.notify(MessageType.SEND, body)
-        return len(targets)
-
-    def query(
-        self,
-        user_id: str,
-        information_type: int,
-        payload: bytes = b"",
-        *,
-        client_type: int | None = None,
-        timeout: float | None = None,
-    ) -> Deferred[bytes]:
-        """
-        Ask one device of C{user_id} (C{client_type}, or the first that
-        logged on) a Request (203); its client's handler answers.
-
-        @return: a Deferred firing with the answer's payload, or failing with
-            L{esf.RequestError}: C{USER_OFFLINE}, C{TIMEOUT} (after
-            C{timeout}, by default the configured query timeout), the
-            client's own error, or C{USER_OFFLINE} again when the session
-            ends first.
-        """
-        targets = self._devices(user_id, client_type)
-        if not targets:
-            return fail(m.RequestError(ErrorCode.USER_OFFLINE, f"{user_id} is not online"))
-        target = targets[0]
-        message_id = self.pending.next_id()
-        d = self.pending.expect(message_id, target, timeout)
-        body = m.Information(information_type, payload).encode()
-        target.ask(message_id, body, self.config.query_timeout if timeout is None else timeout)
-        return d

@@ -12,8 +12,9 @@ session.
 
 from __future__ import annotations
 
+import collections
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,7 +25,7 @@ from esf.wire._events import Event, call_then
 from ._counters import Count
 from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
 from ._presence import Claim
-from ._session import SessionState
+from ._config import SessionPhase
 from esf.wire._frames import (
     ClientType,
     DisconnectedType,
@@ -35,10 +36,14 @@ from esf.wire._frames import (
 )
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    from twisted.internet.interfaces import IReactorTime
+
+    from esf.interfaces import IBasicHandler, IPresence, IRelogonPolicy
+    from ._config import ServerConfig
+    from ._presence import UserManager
     from ._session import Session
 
-__all__ = ["Logons", "LogonRecord"]
+__all__ = ["Logons", "LogonEngine", "LogonRecord"]
 
 log = Logger(namespace="esf.server")
 
@@ -135,12 +140,56 @@ def kind_name(client_type: int) -> str:
     return f"{kind.name} ({int(kind)})" if isinstance(kind, ClientType) else str(kind)
 
 
-class Logons:
+class _Delivery(Protocol):
+    def logged_on(self, session: Session) -> None: ...
+
+
+class LogonEngine(Protocol):
     """
-    Carries Logons through for C{engine}.
+    What the logon pipeline needs of the engine: the settings, the clock
+    and counters, the application's handler and relogon policy, presence
+    (to claim and release devices), the user manager's events, the offline
+    part (stored messages go out first at a logon) and whether the server
+    is stopping.
     """
 
-    def __init__(self, engine: ServerEngine):
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def handler(self) -> IBasicHandler: ...
+
+    @property
+    def relogon_policy(self) -> IRelogonPolicy | None: ...
+
+    @property
+    def presence(self) -> IPresence: ...
+
+    @property
+    def user_manager(self) -> UserManager: ...
+
+    @property
+    def offline(self) -> _Delivery | None: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+
+class Logons:
+    """
+    Carries Logons through for C{engine} (L{LogonEngine}).
+    """
+
+    def __init__(self, engine: LogonEngine):
         self.engine = engine
         self.policy = LogonPolicy(engine.config)
         self.record = LogonRecord(engine.clock)
@@ -161,7 +210,7 @@ class Logons:
                 f"message type {frame.message_type} before logon; log on first",
             )
             return
-        if session.state is not SessionState.AWAITING_LOGON:
+        if session.state is not SessionPhase.AWAITING_LOGON:
             session.end(DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified")
             return
         try:
@@ -191,7 +240,7 @@ class Logons:
         if isinstance(decision, Refuse):
             self._refuse(session, frame, decision)
             return
-        session.state = SessionState.LOGGING_ON
+        session.state = SessionPhase.LOGGING_ON
         call_then(
             engine.handler.verify_user,
             (
@@ -207,7 +256,7 @@ class Logons:
         )
 
     def _verified(self, outcome: Any, session: Session, frame: Frame) -> None:
-        if session.state is not SessionState.LOGGING_ON:
+        if session.state is not SessionPhase.LOGGING_ON:
             return  # the connection went away meanwhile
         if isinstance(outcome, Failure):
             refused = outcome.value
@@ -277,7 +326,7 @@ class Logons:
         if not claim.won:
             self._ignore(session, frame, claim.previous)
             return
-        if session.state is not SessionState.LOGGING_ON:
+        if session.state is not SessionPhase.LOGGING_ON:
             # Gone while the claim was made: give the device back.
             self.engine.presence.release(session)
             return
@@ -363,7 +412,7 @@ class Logons:
         engine = self.engine
         config = engine.config
         assert session.user_id is not None and session.client_type is not None  # set by _admit
-        session.state = SessionState.LOGGED_ON
+        session.state = SessionPhase.LOGGED_ON
         if session.logon_timer is not None:
             session.logon_timer.cancel()
             session.logon_timer = None
@@ -389,7 +438,7 @@ class Logons:
         um = engine.user_manager
         devices = engine.presence.devices(session.user_id)
         if not handover:
-            engine.tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
+            self._tell_other_devices(session, MessageType.MY_DEVICE_ONLINE)
         um.device_connected.fire(session.user_data)
         # A subscriber may end the session at once (a kick, say); its end has
         # then been reported, and reporting it online now would be false.
@@ -422,4 +471,13 @@ class Logons:
             um.user_count_changed.fire(um.user_count)
         elif not engine.stopping:
             # (When the server stops, every device gets ServerShutdown.)
-            engine.tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
+            self._tell_other_devices(session, MessageType.MY_DEVICE_OFFLINE)
+
+    def _tell_other_devices(self, session: Session, message_type: MessageType) -> None:
+        """
+        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
+        """
+        assert session.user_id is not None and session.client_type is not None  # logged on
+        for other in self.engine.presence.devices(session.user_id):
+            if other is not session:
+                other.notify(message_type, client_type=session.client_type)

@@ -5,6 +5,8 @@ L{IOfflineStore} and delivered at that user's next logon::
     OfflineMessages   the engine's part: keeps (C{offer}), drains at
                       logon (C{logged_on}), takes the device's
                       acknowledgements (C{ack})
+    OfflineBlobs      blobs to offline users, gathered until whole
+                      (esf.server._offline_blobs)
 
 What a store is, and one in memory, are in L{esf.offline._store}; the
 stores on disk and in Redis in L{esf.offline._sqlite} and
@@ -15,26 +17,27 @@ L{esf.offline._redis}.  docs/messages.md (section 5) and docs/protocol.md
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from esf.wire import _messages as m
 from ._counters import Count
+from ._offline_blobs import BlobEngine, OfflineBlobs
 from esf.offline._store import KEPT_TYPES, KeepAll, OfflineSenderFull, OfflineServerFull, OfflineStoreFull
 from ._router import user_part
 from esf.wire._frames import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType
 from esf.interfaces import IOfflinePolicy, IOfflineStore
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    from ._output import OutputBatch
     from ._session import Session
 
 __all__ = [
     "OfflineMessages",
+    "OfflineEngine",
     "delivery_frame",
     "split_dest",
 ]
@@ -85,26 +88,6 @@ def _continues(raw: bytes, wire: Any) -> bool:
         return False
     is_last = wire.header_length + 12
     return bool(len(raw) > is_last and raw[is_last] == 0)
-
-
-class _PendingBlob:
-    """
-    The fragments of a blob to an offline user, gathered until its last:
-    all of them are kept, or none.
-    """
-
-    __slots__ = ("frames", "size", "next_index", "information_type", "sender", "touched")
-
-    def __init__(self, information_type: int, sender: str, now: float) -> None:
-        self.frames: list[bytes] = []
-        self.size = 0
-        self.next_index = 0
-        self.information_type = information_type
-        #: The user sending it: its bytes count among that user's blobs in
-        #: progress (L{esf.server._budget.MemoryBudget.blob_bytes}).
-        self.sender = sender
-        #: When its last fragment came (it is dropped once idle too long).
-        self.touched = now
 
 
 class _Stalled(Exception):
@@ -278,6 +261,17 @@ class _Drain:
             self.session.release_held()
 
 
+class OfflineEngine(BlobEngine, Protocol):
+    """
+    What the offline part needs of the engine: what gathering blobs needs
+    (L{BlobEngine}), and the batch that gathers output (stored messages
+    are written a window at a time).
+    """
+
+    @property
+    def batch(self) -> OutputBatch: ...
+
+
 class OfflineMessages:
     """
     The engine's offline part: keeps what the engine could not relay
@@ -292,7 +286,7 @@ class OfflineMessages:
 
     def __init__(
         self,
-        engine: ServerEngine,
+        engine: OfflineEngine,
         store: IOfflineStore,
         policy: IOfflinePolicy | None = None,
         window: int = 100,
@@ -302,10 +296,8 @@ class OfflineMessages:
         self.policy: IOfflinePolicy = policy if policy is not None else KeepAll()
         self.window = window
         self.window_bytes = max(engine.config.max_output_buffer // 2, 1)
-        #: Blobs to offline users being gathered: (session, dest, blob ID).
-        self._blobs: dict[tuple[Session, str, int], _PendingBlob] = {}
-        #: Sessions with blobs being gathered -> how many.
-        self._blob_counts: dict[Session, int] = {}
+        #: Blobs to offline users, being gathered until their last fragment.
+        self.blobs = OfflineBlobs(engine, store, self._keep, self._store)
         self._sessions: dict[Any, _Drain] = {}
         #: Users whose whole-user messages a device of this node drains.
         self._users: dict[str, _Drain] = {}
@@ -327,7 +319,7 @@ class OfflineMessages:
         if kind is not None and kind not in self.engine.config.client_types:
             return False  # no such device can log on here: nothing to keep it for
         if message_type == MessageType.BLOB:
-            return self._offer_fragment(session, frame)
+            return self.blobs.offer(session, frame)
         info_type = information_type(frame.body)
         if not self._keep(session, frame, info_type):
             return False
@@ -337,16 +329,15 @@ class OfflineMessages:
     def gathering(self, session: Session, frame: Frame) -> bool:
         """
         Whether C{frame}, a Blob fragment to a user online now, belongs to
-        a blob begun while that user was offline (it is kept with it, so
-        that the blob arrives whole, and in order, at the next logon).
+        a blob begun while that user was offline (L{OfflineBlobs.gathering}).
         """
-        if session not in self._blob_counts:
-            return False
-        try:
-            fragment = m.BlobFragment.decode(frame.body)
-        except m.BadRequest:
-            return False
-        return (session, frame.dest_user_id, fragment.blob_id) in self._blobs
+        return self.blobs.gathering(session, frame)
+
+    def expire_blobs(self, now: float) -> None:
+        """
+        Drop the blobs to offline users idle too long (L{OfflineBlobs.expire}).
+        """
+        self.blobs.expire(now)
 
     def _keep(self, session: Session, frame: Frame, info_type: int | None) -> bool:
         try:
@@ -361,127 +352,6 @@ class OfflineMessages:
         if not keep:
             self.engine.counters[Count.OFFLINE_NOT_KEPT] += 1
         return keep
-
-    def _offer_fragment(self, session: Session, frame: Frame) -> bool:
-        engine = self.engine
-        try:
-            fragment = m.BlobFragment.decode(frame.body)
-        except m.BadRequest as e:
-            session.error(frame, ErrorCode.BAD_REQUEST, str(e))
-            return True
-        sid = session
-        key = (sid, frame.dest_user_id, fragment.blob_id)
-        pending = self._blobs.get(key)
-        if fragment.fragment_index == 0:
-            if pending is not None:
-                self._drop_blob(key)
-            if not self._keep(session, frame, fragment.information_type):
-                return False
-            if self._blob_counts.get(sid, 0) >= engine.config.max_concurrent_blobs:
-                session.error(
-                    frame,
-                    ErrorCode.RATE_LIMITED,
-                    f"at most {engine.config.max_concurrent_blobs} blobs to offline users "
-                    "may be in progress at once",
-                )
-                return True
-            pending = self._blobs[key] = _PendingBlob(
-                fragment.information_type, session.user_id or "", engine.clock.seconds()
-            )
-            self._blob_counts[sid] = self._blob_counts.get(sid, 0) + 1
-        elif pending is None:
-            return False  # begun while the user was online: cannot be kept whole
-        elif (
-            fragment.fragment_index != pending.next_index
-            or fragment.information_type != pending.information_type
-        ):
-            self._drop_blob(key)
-            session.error(
-                frame,
-                ErrorCode.BAD_REQUEST,
-                f"fragment {fragment.fragment_index} of blob {fragment.blob_id} is out of order",
-            )
-            return True
-        size = len(frame.raw)
-        bounds = self.store.bounds
-        config, budget = engine.config, engine.budget
-        if budget.blob_bytes(pending.sender) + size > config.max_blob_bytes_per_user:
-            # Every blob a user has in progress, to users online or not,
-            # counts against one bound.
-            self._drop_blob(key)
-            engine.counters[Count.BLOB_ERRORS] += 1
-            session.error(
-                frame,
-                ErrorCode.TOO_LARGE,
-                f"{pending.sender}'s blobs in progress would pass "
-                f"{config.max_blob_bytes_per_user} bytes; blob {fragment.blob_id} dropped",
-            )
-            return True
-        if not budget.fits(size):
-            self._drop_blob(key)
-            engine.counters[Count.BLOB_ERRORS] += 1
-            session.error(
-                frame,
-                ErrorCode.RATE_LIMITED,
-                f"the server's memory budget is spent; blob {fragment.blob_id} dropped, "
-                "try later",
-            )
-            return True
-        if pending.size + size > bounds.max_bytes:
-            self._drop_blob(key)
-            engine.counters[Count.OFFLINE_FULL] += 1
-            session.error(
-                frame,
-                ErrorCode.USER_OFFLINE,
-                f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (at most {bounds.max_bytes} bytes per user)",
-            )
-            return True
-        if pending.size + size > bounds.max_sender_bytes:
-            self._drop_blob(key)
-            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
-            session.error(
-                frame,
-                ErrorCode.USER_OFFLINE,
-                f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (one sender may have at most {bounds.max_sender_bytes} bytes waiting "
-                "for users who are offline)",
-            )
-            return True
-        pending.frames.append(frame.raw)
-        pending.size += size
-        pending.next_index += 1
-        pending.touched = engine.clock.seconds()
-        budget.add_blob_bytes(pending.sender, size)
-        if fragment.is_last:
-            self._drop_blob(key)
-            self._store(session, frame, pending.frames, fragment.information_type)
-        return True
-
-    def expire_blobs(self, now: float) -> None:
-        """
-        Drop the blobs to offline users whose next fragment has not come
-        within C{blob_idle_timeout} (the engine's reaper calls this, as for
-        blobs to the server).
-        """
-        if not self._blobs:
-            return
-        deadline = now - self.engine.config.blob_idle_timeout
-        for key in [k for k, p in self._blobs.items() if p.touched < deadline]:
-            self._drop_blob(key)
-            self.engine.counters[Count.BLOB_ERRORS] += 1
-
-    def _drop_blob(self, key: tuple[Session, str, int]) -> None:
-        pending = self._blobs.pop(key, None)
-        if pending is None:
-            return
-        self.engine.budget.add_blob_bytes(pending.sender, -pending.size)
-        sid = key[0]
-        left = self._blob_counts.get(sid, 0) - 1
-        if left > 0:
-            self._blob_counts[sid] = left
-        else:
-            self._blob_counts.pop(sid, None)
 
     def _store(
         self, session: Session, frame: Frame, frames: list[bytes], info_type: int | None
@@ -594,10 +464,7 @@ class OfflineMessages:
         C{session} ended: drop the blobs it was sending to offline users,
         and end its drain.
         """
-        sid = session
-        if sid in self._blob_counts:
-            for key in [k for k in self._blobs if k[0] == sid]:
-                self._drop_blob(key)
+        self.blobs.session_ended(session)
         drain = self._sessions.get(session)
         if drain is not None:
             drain.session_ended()

@@ -4,41 +4,47 @@ between peers.
 
 Output to a peer is gathered while a read is handled and written once
 (L{OutputBatch}).  A peer that stops reading: its transport pauses the
-session (L{Output.pause_writing}); what is queued from then on counts
+session (L{Receiver.pause_writing}); what is queued from then on counts
 against C{max_output_buffer}.  Past half of it the peer is I{backed up}:
-its senders are read no further (push back, L{Output.push_back}), but for
+its senders are read no further (push back, L{Receiver.push_back}), but for
 C{push_back_timeout} at most.  A peer that has not drained by then is
 I{stalled}: its senders read again, more is queued for it up to the whole
 bound, and past that what is relayed to it is refused (L{REFUSED}), so
 that it never holds up its senders' traffic to others.  A peer that does
 not drain within C{output_drain_timeout} ends with C{ChannelCacheOverflow}.
 A sender that keeps relaying what is refused is slowed down
-(L{Output.refused}).  Frames relayed to a device that is logging on, or
+(L{Sender.refused}).  Frames relayed to a device that is logging on, or
 whose stored messages are being delivered, are held (L{Output.hold}) and
 written after, under the same rules.
 
-L{Output} (with L{Sender}, the session as a sender that may be held back)
-is the base of L{esf.server._session.Session}: one object per connection, split
-by concern.
+L{Output} (with L{Receiver}, the session as a receiver that may fall
+behind, and L{Sender}, the session as a sender that may be held back) is
+the base of L{esf.server._session.Session}: one object per connection,
+split by concern.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import collections
+from typing import TYPE_CHECKING, Any, Protocol
 from weakref import WeakSet
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ._config import SessionState
+from ._config import SessionPhase
 from ._counters import Count
+from ._limits import PeerLimits
 from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
-    from esf.interfaces import IChannel
+    from twisted.internet.interfaces import IReactorTime
 
-__all__ = ["Sender", "Output", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
+    from esf.interfaces import IChannel
+    from ._budget import MemoryBudget
+    from ._config import ServerConfig
+
+__all__ = ["Sender", "Receiver", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
 log = Logger(namespace="esf.server")
 
@@ -52,7 +58,7 @@ _HARD_BOUND_FACTOR = 4
 #: only for a true value.
 #:
 #: Queued, and the peer is backed up: hold the sender back
-#: (L{Output.push_back}).
+#: (L{Receiver.push_back}).
 PUSH_BACK = 1
 #: Not queued: the peer is stalled (backed up past its push back) and its
 #: queue is full.  Nothing counted yet: the caller counts the frames
@@ -103,19 +109,42 @@ class OutputBatch:
             session.flush()
 
 
-class Sender:
+class OutputOwner(Protocol):
+    """
+    What a session's output needs of its owner (the engine): the settings,
+    the clock, the counters, the server's memory budget and the batch that
+    gathers a read's output.
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def budget(self) -> MemoryBudget: ...
+
+    @property
+    def batch(self) -> OutputBatch: ...
+
+
+class Sender(PeerLimits):
     """
     A session as a sender: held back (its reading paused) while receivers
-    it relays to are backed up (L{Output.push_back}), or while it has
+    it relays to are backed up (L{Receiver.push_back}), or while it has
     spent its allowance of refused relays (L{refused}).  The session
     provides C{owner}, C{channel} and C{state}.
     """
 
     __slots__ = ("_blockers", "_refusable", "_refusable_at", "_refusal_timer")
 
-    owner: ServerEngine
+    owner: OutputOwner
     channel: IChannel
-    state: SessionState
+    state: SessionPhase
 
     def _init_sender(self) -> None:
         #: How many receivers (and the refusal allowance) hold this
@@ -140,7 +169,7 @@ class Sender:
 
     def _let_go(self) -> None:
         self._blockers -= 1
-        if self._blockers == 0 and self.state is not SessionState.ENDED:
+        if self._blockers == 0 and self.state is not SessionPhase.ENDED:
             self.channel.resume_reading()
 
     def refused(self, size: int) -> None:
@@ -161,7 +190,7 @@ class Sender:
             allowance = _REFUSAL_BURST_FACTOR * rate
         allowance -= size
         self._refusable, self._refusable_at = allowance, now
-        if allowance < 0 and self._refusal_timer is None and self.state is not SessionState.ENDED:
+        if allowance < 0 and self._refusal_timer is None and self.state is not SessionPhase.ENDED:
             self._hold_back()
             self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
 
@@ -179,10 +208,13 @@ class Sender:
             self._refusal_timer = None
 
 
-class Output(Sender):
+class Receiver(Sender):
     """
-    The output side of a session (see the module's docstring).  The
-    session provides C{owner}, C{channel}, C{state} and C{end}.
+    A session as a receiver that may fall behind: its transport pauses and
+    resumes it (L{pause_writing}, L{resume_writing}); while it is backed up
+    it holds its senders back (L{push_back}) for a while, then is stalled;
+    one that does not drain in time ends.  The session provides C{owner},
+    C{channel}, C{state} and C{end}; L{Output} counts its backlog.
     """
 
     __slots__ = (
@@ -190,19 +222,16 @@ class Output(Sender):
         "_backlog",
         "_drain_timer",
         "_blocked",
-        "_out",
-        "_held",
-        "_held_bytes",
         "_writable_waiters",
         "_push_back_timer",
         "_stalled",
     )
 
-    owner: ServerEngine
+    owner: OutputOwner
     channel: IChannel
-    state: SessionState
+    state: SessionPhase
 
-    def _init_output(self) -> None:
+    def _init_receiver(self) -> None:
         self._init_sender()
         self._paused = False
         self._backlog = 0
@@ -212,12 +241,6 @@ class Output(Sender):
         #: sender that leaves meanwhile is not kept alive until this
         #: session drains.
         self._blocked: WeakSet[Sender] | None = None
-        #: Output gathered during a read, written by L{flush}.
-        self._out: list[bytes] | None = None
-        #: Frames relayed to the device while its Logon was being claimed,
-        #: or while its stored messages are delivered (L{hold}).
-        self._held: list[bytes] | None = None
-        self._held_bytes = 0
         #: Who waits for the peer to catch up (L{when_writable}).
         self._writable_waiters: list[Deferred[None]] | None = None
         #: Ends the push back on this session's senders (L{_stall}).
@@ -267,7 +290,7 @@ class Output(Sender):
         A Deferred that fires once the peer is not behind: at once if it is
         not now, else when it has drained or the session has ended.
         """
-        if not self._paused or self.state is SessionState.ENDED:
+        if not self._paused or self.state is SessionPhase.ENDED:
             return succeed(None)
         d: Deferred[None] = Deferred()
         if self._writable_waiters is None:
@@ -286,7 +309,7 @@ class Output(Sender):
         but a sender's connection carries its traffic to everyone, so it
         is held back only briefly.
         """
-        if sender is self or sender.state is SessionState.ENDED or self._stalled:
+        if sender is self or sender.state is SessionPhase.ENDED or self._stalled:
             return
         if self._push_back_timer is None:
             timeout = self.owner.config.push_back_timeout
@@ -306,7 +329,7 @@ class Output(Sender):
         """
         The push back is over and this session has not drained: let its
         senders read again.  Until it drains, relays to it are queued up to
-        its bound and refused past it (L{send}).
+        its bound and refused past it (L{Output.send}).
         """
         self._push_back_timer = None
         self._stalled = True
@@ -337,6 +360,24 @@ class Output(Sender):
             f"{self.owner.config.output_drain_timeout:g} s for a peer that does not read",
         )
 
+
+class Output(Receiver):
+    """
+    The output side of a session (see the module's docstring).  The
+    session provides C{owner}, C{channel}, C{state} and C{end}.
+    """
+
+    __slots__ = ("_out", "_held", "_held_bytes")
+
+    def _init_output(self) -> None:
+        self._init_receiver()
+        #: Output gathered during a read, written by L{flush}.
+        self._out: list[bytes] | None = None
+        #: Frames relayed to the device while its Logon was being claimed,
+        #: or while its stored messages are delivered (L{hold}).
+        self._held: list[bytes] | None = None
+        self._held_bytes = 0
+
     # -- output ------------------------------------------------------------------
 
     def send(self, data: bytes) -> int:
@@ -350,7 +391,7 @@ class Output(Sender):
             when not queued.
         """
         state = self.state
-        if state is SessionState.LOGGED_ON and self._held is None:
+        if state is SessionPhase.LOGGED_ON and self._held is None:
             out = self._out
             if out is not None and not self._paused:
                 out.append(data)  # the relay's common case: gathered for this read
@@ -364,7 +405,7 @@ class Output(Sender):
             if self._paused and not self._stalled and self._backlog * 2 > limit:
                 return PUSH_BACK
             return 0
-        if state is SessionState.LOGGED_ON or state is SessionState.LOGGING_ON:
+        if state is SessionPhase.LOGGED_ON or state is SessionPhase.LOGGING_ON:
             return self._hold(data)
         return 0
 
@@ -376,7 +417,7 @@ class Output(Sender):
         something else than a relay runs, the relay may append there
         itself (L{esf.server._session.Session.data_received}).
         """
-        if self.state is SessionState.LOGGED_ON and self._held is None and not self._paused:
+        if self.state is SessionPhase.LOGGED_ON and self._held is None and not self._paused:
             return self._out
         return None
 
@@ -435,7 +476,7 @@ class Output(Sender):
         L{queue}; C{False} when C{data} was dropped (past the hard bound or
         the server's budget).
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return True
         if self._paused:
             # The peer is behind: what is queued now counts.  Past half the

@@ -11,7 +11,8 @@ raise L{esf.wire._messages.BadRequest} for a body that does not parse.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import collections
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -25,10 +26,16 @@ from esf.wire._frames import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode
 from esf.wire._frames import as_client_type, encode_frame
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    from twisted.internet.interfaces import IReactorTime
+
+    from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
+    from esf.wire._pending import PendingRequests
+    from ._budget import MemoryBudget
+    from ._config import ServerConfig
+    from ._logon import LogonRecord
     from ._session import Session
 
-__all__ = ["BasicServices", "ApplicationServices", "TO_SERVER"]
+__all__ = ["BasicServices", "ApplicationServices", "BasicEngine", "ApplicationEngine", "TO_SERVER"]
 
 log = Logger(namespace="esf.server")
 
@@ -38,12 +45,101 @@ TO_SERVER = frozenset({SERVER_ID, ""})
 Handler = Callable[["Session", Frame], None]
 
 
+class _Relay(Protocol):
+    def frame(self, session: Session, frame: Frame) -> None: ...
+
+    def not_queued(
+        self, sender: Session, target: Any, status: int, frames: int, size: int
+    ) -> bool: ...
+
+
+class _Router(Protocol):
+    def resolve(self, dest: str) -> Any: ...
+
+
+class _Logons(Protocol):
+    @property
+    def record(self) -> LogonRecord: ...
+
+
+class BasicEngine(Protocol):
+    """
+    What the basic services need of the engine: the settings, who is
+    online, the relay (a PingByServer to a user), the application's
+    handler (who may kick), the logon record and the kick itself.
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def presence(self) -> IPresence: ...
+
+    @property
+    def relay(self) -> _Relay: ...
+
+    @property
+    def handler(self) -> IBasicHandler: ...
+
+    @property
+    def logons(self) -> _Logons: ...
+
+    def kick_out(
+        self,
+        user_id: str,
+        reason: str = "",
+        client_type: int | None = None,
+        *,
+        operator: str = SERVER_ID,
+        origin: str = "server_api",
+    ) -> int: ...
+
+
+class ApplicationEngine(Protocol):
+    """
+    What the application services need of the engine: the settings, the
+    clock, the counters and memory budget, the application's handlers and
+    group manager, the server's pending queries, who is online, and the
+    router and relay (a Broadcast is written as a relay is).
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def budget(self) -> MemoryBudget: ...
+
+    @property
+    def customize_handler(self) -> ICustomizeHandler | None: ...
+
+    @property
+    def group_manager(self) -> IGroupManager | None: ...
+
+    @property
+    def pending(self) -> PendingRequests: ...
+
+    @property
+    def presence(self) -> IPresence: ...
+
+    @property
+    def router(self) -> _Router: ...
+
+    @property
+    def relay(self) -> _Relay: ...
+
+
 class BasicServices:
     """
     The framework messages of ESF v1 (ESFramework's basic service).
     """
 
-    def __init__(self, engine: ServerEngine):
+    def __init__(self, engine: BasicEngine):
         self.engine = engine
         self.handlers: dict[int, Handler] = {
             MessageType.LOGON: self.second_logon,
@@ -82,7 +178,7 @@ class BasicServices:
         if frame.dest_user_id in TO_SERVER:
             session.reply(frame, b"", MessageType.PING_ACK)
         else:
-            self.engine.relay(session, frame)
+            self.engine.relay.frame(session, frame)
 
     def logoff(self, session: Session, frame: Frame) -> None:
         session.end(DisconnectedType.LOGGED_OFF, "logged off")
@@ -179,7 +275,7 @@ class ApplicationServices:
     application's L{ICustomizeHandler} and L{IGroupManager}.
     """
 
-    def __init__(self, engine: ServerEngine):
+    def __init__(self, engine: ApplicationEngine):
         self.engine = engine
         self.handlers: dict[int, Handler] = {
             MessageType.SEND: self.send,
@@ -447,7 +543,7 @@ class ApplicationServices:
                         # briefly, or is skipped (counted), as for a relay.
                         status = target.send(raw)
                         if status:
-                            engine.not_queued(session, target, status, 1, size)
+                            engine.relay.not_queued(session, target, status, 1, size)
                         devices += 1
         except Exception:
             # What the group manager gave is not user IDs (not hashable,

@@ -4,29 +4,32 @@ A session: the engine's side of one connection, from accept to close.
 The protocol feeds it bytes (L{Session.data_received}), flow-control
 signals (L{Session.pause_writing}, L{Session.resume_writing}) and the end of
 the connection (L{Session.connection_lost}).  It decodes frames, relays the
-common case itself and hands every other frame to its owner (the engine);
-its output side (queueing, flow control) is L{esf.server._output.Output}.  A logged-on
-session is an L{IDeviceHandle}: what presence hands the router.
+common case itself (by the relay's rule, L{esf.server._relay.Relay.forward})
+and hands every other frame to its owner (the engine, as far as a session
+needs it: L{SessionOwner}).  Its other jobs are its bases': the device
+presence hands the router (L{esf.server._device.Device}, an
+L{IDeviceHandle}), its output (L{esf.server._output.Output}: queueing, flow
+control) and what the peer may make the server spend
+(L{esf.server._limits.PeerLimits}).
 """
 
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._config import SessionState, UserData
-from ._counters import Count
-from ._output import REFUSED, Output
-from ._router import ANSWERS
+from ._config import SessionPhase, UserData
+from ._device import Device, DeviceOwner
+from ._limits import LOG_LIMIT, LOG_WINDOW
+from ._output import Output
+from ._relay import ALL_QUEUED
 from esf.wire._frames import (
-    _FIXED_HEADER,
     SERVER_ID,
     DisconnectedType,
-    ErrorCode,
     Frame,
     FrameDecoder,
     FrameError,
@@ -37,9 +40,16 @@ from esf.wire._frames import (
 from esf.interfaces import IChannel, IDeviceHandle
 
 if TYPE_CHECKING:
-    from ._engine import ServerEngine
+    pass
 
-__all__ = ["SessionState", "Session", "RELAYED", "PRE_LOGON_MAX_MESSAGE_SIZE"]
+__all__ = [
+    "Session",
+    "SessionOwner",
+    "RELAYED",
+    "PRE_LOGON_MAX_MESSAGE_SIZE",
+    "LOG_LIMIT",
+    "LOG_WINDOW",
+]
 
 log = Logger(namespace="esf.server")
 
@@ -82,14 +92,48 @@ _ROUTE_CACHE_MIN_RUNS = 64
 #: The routes of a read that remembers none (never written to).
 _NO_ROUTES: dict[str, list[list[bytes]]] = {}
 
-#: A peer may cause at most this many log events at info level or above
-#: per this many seconds; the rest are counted and summarised.
-LOG_LIMIT = 10
-LOG_WINDOW = 60.0
-
 #: Reasons where the peer asked for the close: no DisconnectNotice.
 _PEER_INITIATED = frozenset({DisconnectedType.NETWORK_INTERRUPTED, DisconnectedType.LOGGED_OFF})
 
+
+class _Router(Protocol):
+    def resolve(self, dest: str) -> Any: ...
+
+
+class _Relaying(Protocol):
+    def forward(self, sender: Session, targets: Iterable[Any], raw: bytes, frames: int) -> int: ...
+
+    def count(self, message_type: int, frames: int, size: int) -> None: ...
+
+
+class SessionOwner(DeviceOwner, Protocol):
+    """
+    What a session needs of its owner (the engine), beyond what its device
+    and output sides need (L{DeviceOwner}, which has what its limits need
+    too): the node it is on, the work bucket it starts with, where frames
+    go (the router, the relay, the engine's dispatch), and the calls that
+    tell the owner of the session's life.
+    """
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def full_bucket(self) -> float: ...
+
+    @property
+    def router(self) -> _Router: ...
+
+    @property
+    def relay(self) -> _Relaying: ...
+
+    def frame_received(self, session: Session, frame: Frame) -> None: ...
+
+    def connection_closed(self, session: Session) -> None: ...
+
+    def session_ended(
+        self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
+    ) -> None: ...
 
 
 def _gathered(targets: Any) -> list[list[bytes]] | None:
@@ -108,10 +152,10 @@ def _gathered(targets: Any) -> list[list[bytes]] | None:
 
 
 @implementer(IDeviceHandle)
-class Session(Output):
+class Session(Device):
     """
-    One connection to the server.  C{owner} is the L{ServerEngine}; the
-    session calls only its public methods.
+    One connection to the server.  C{owner} is the engine, as far as a
+    session needs it (L{SessionOwner}).
     """
 
     __slots__ = (
@@ -131,14 +175,12 @@ class Session(Output):
         "blobs",
         "asked",
         "_partial",
-        "_tokens",
-        "_tokens_at",
-        "_refused_since",
-        "_log",
         "__weakref__",
     )
 
-    def __init__(self, owner: ServerEngine, channel: IChannel):
+    owner: SessionOwner
+
+    def __init__(self, owner: SessionOwner, channel: IChannel):
         self.owner = owner
         self.channel = channel
         self.address: str = channel.address
@@ -147,7 +189,7 @@ class Session(Output):
             config.wire,
             max_message_size=min(PRE_LOGON_MAX_MESSAGE_SIZE, config.wire.max_message_size),
         )
-        self.state = SessionState.AWAITING_LOGON
+        self.state = SessionPhase.AWAITING_LOGON
         self.user_id: str | None = None
         self.client_type: int | None = None
         self.user_data: UserData | None = None
@@ -164,13 +206,7 @@ class Session(Output):
         self.asked: dict[Any, Any] | None = None
         #: Bytes of a partial frame counted in the engine's memory budget.
         self._partial = 0
-        #: The work budget (L{charge}): a token bucket, full at the start.
-        self._tokens = owner.full_bucket  # one float for all, until spent
-        self._tokens_at = self.connected_at
-        self._refused_since: float | None = None
-        #: The log limiter (L{may_log}): [window start, events logged in
-        #: it, events suppressed], made when the peer first causes one.
-        self._log: list[Any] | None = None
+        self._init_limits(owner.full_bucket, self.connected_at)
         self._init_output()
 
     def __repr__(self) -> str:
@@ -196,11 +232,11 @@ class Session(Output):
 
     @property
     def logged_on(self) -> bool:
-        return self.state is SessionState.LOGGED_ON
+        return self.state is SessionPhase.LOGGED_ON
 
     @property
     def ended(self) -> bool:
-        return self.state is SessionState.ENDED
+        return self.state is SessionPhase.ENDED
 
     # -- input from the protocol --------------------------------------------
 
@@ -227,7 +263,9 @@ class Session(Output):
         try:
             frame_received = owner.frame_received
             resolve = owner.router.resolve
-            logged_on = SessionState.LOGGED_ON
+            relay = owner.relay
+            forward = relay.forward
+            logged_on = SessionPhase.LOGGED_ON
             relayed = relayed_bytes = 0
             # This read's routes: DestUserID -> the output lists of its
             # devices, for destinations whose every device took a run as
@@ -257,26 +295,12 @@ class Session(Output):
                         targets = resolve(dest)
                         if targets:
                             raw = item.raw
-                            delivered = False
-                            gathered = True
-                            count = item.count
-                            for target in targets:
-                                status = target.send(raw)
-                                if status:
-                                    gathered = False
-                                    if owner.not_queued(self, target, status, count, len(raw)):
-                                        continue
-                                delivered = True
+                            # The relay rule, the same for every frame.
+                            delivered = forward(self, targets, raw, item.count)
                             if delivered:
-                                relayed += count
+                                relayed += item.count
                                 relayed_bytes += len(raw)
-                            if gathered and cache:
-                                if len(targets) == 1:
-                                    # (target: the one device.)
-                                    one = target.gathered() if type(target) is Session else None
-                                    if one is not None:
-                                        routes[dest] = [one]
-                                else:
+                                if delivered == ALL_QUEUED and cache:
                                     outs = _gathered(targets)
                                     if outs is not None:
                                         routes[dest] = outs
@@ -284,18 +308,18 @@ class Session(Output):
                     if routes:
                         routes = {}
                     for frame in item.frames():
-                        if self.state is SessionState.ENDED:
+                        if self.state is SessionPhase.ENDED:
                             break
                         frame_received(self, frame)
                     continue
-                if state is SessionState.ENDED:
+                if state is SessionPhase.ENDED:
                     break
                 if routes:
                     routes = {}
                 frame_received(self, item)
             if relayed:
-                owner.count_relayed(_SEND, relayed, relayed_bytes)
-            if error is not None and self.state is not SessionState.ENDED:
+                relay.count(_SEND, relayed, relayed_bytes)
+            if error is not None and self.state is not SessionPhase.ENDED:
                 self.end(error.reason, error.message)
         finally:
             if outermost:
@@ -323,7 +347,7 @@ class Session(Output):
         place of what was counted); the error that ends the session when
         the budget is spent and they are more than a small frame.
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return None
         budget = self.owner.budget
         budget.used += partial - self._partial
@@ -345,208 +369,6 @@ class Session(Output):
         self.end(DisconnectedType.NETWORK_INTERRUPTED, "connection lost")
         self.owner.connection_closed(self)
 
-    # -- what a peer may make the server log --------------------------------------
-
-    def may_log(self) -> bool:
-        """
-        Whether an event this peer caused may be logged at info level or
-        above: at most L{LOG_LIMIT} per L{LOG_WINDOW} seconds.  The rest are
-        counted (C{logs_suppressed}) and summarised in one event when the
-        next window opens, and in the session's end event.
-        """
-        now = self.owner.clock.seconds()
-        limiter = self._log
-        if limiter is None:
-            limiter = self._log = [now, 0, 0]
-        elif now - limiter[0] >= LOG_WINDOW:
-            self.summarise_logs()
-            limiter[0], limiter[1] = now, 0
-        if limiter[1] < LOG_LIMIT:
-            limiter[1] += 1
-            return True
-        limiter[2] += 1
-        self.owner.counters[Count.LOGS_SUPPRESSED] += 1
-        return False
-
-    @property
-    def suppressed_logs(self) -> int:
-        """
-        How many log events of this peer were suppressed and not yet
-        summarised.
-        """
-        return self._log[2] if self._log is not None else 0
-
-    def summarise_logs(self) -> None:
-        """
-        Log how many events were suppressed, if any, once.
-        """
-        limiter = self._log
-        if limiter is not None and limiter[2]:
-            log.info(
-                "{count} more log events caused by {session!r} were suppressed",
-                esf_event="logs_suppressed",
-                count=limiter[2],
-                session=self,
-                user_id=self.user_id,
-                address=self.address,
-            )
-            limiter[2] = 0
-
-    # -- the work budget ---------------------------------------------------------
-
-    def charge(self, cost: float) -> bool:
-        """
-        Take C{cost} from the session's work budget (a token bucket on the
-        clock, written here because it is four lines and must not allocate
-        per request).  A request is refused while the bucket is empty; an
-        accepted one may take it below zero (a big answer), which the
-        following requests then wait for.
-
-        @return: whether the request may be handled.
-        """
-        config = self.owner.config
-        now = self.owner.clock.seconds()
-        tokens = self._tokens + (now - self._tokens_at) * config.work_rate
-        if tokens > config.work_burst:
-            tokens = config.work_burst
-        self._tokens_at = now
-        if tokens < 1:
-            self._tokens = tokens
-            if self._refused_since is None:
-                self._refused_since = now
-            return False
-        self._tokens = tokens - cost
-        if tokens * 2 >= config.work_burst:
-            # Let the bucket refill halfway: no longer a flood.
-            self._refused_since = None
-        return True
-
-    def refused_for(self) -> float:
-        """
-        Seconds since this session's first refused request, if it has not
-        let its budget refill halfway since.
-        """
-        if self._refused_since is None:
-            return 0.0
-        return self.owner.clock.seconds() - self._refused_since
-
-    # -- output (IDeviceHandle) ------------------------------------------------
-
-    def send_from_node(self, data: bytes) -> None:
-        """
-        Write a frame relayed to this device by another node of a cluster.
-        An answer goes through only if this session asked for it
-        (L{esf.server._router.AnswerRouter.accept}): the answering node cannot
-        know.
-        """
-        if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
-            (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
-            if not self.owner.answers.accept(self, frame):
-                self.owner.counters[Count.UNSOLICITED_ANSWERS] += 1
-                log.debug(
-                    "dropped {message_type} #{message_id} from {user_id} (another node): "
-                    "it answers no request of {session!r}",
-                    message_type=frame.message_type,
-                    message_id=frame.message_id,
-                    user_id=frame.user_id,
-                    session=self,
-                )
-                return
-        if self.send(data) == REFUSED:
-            # Backed up: counted; the sender is on another node, which is
-            # not told (a request times out there).
-            self.owner.counters[Count.RECEIVER_BEHIND] += 1
-
-    def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
-        """
-        Send the peer a server-initiated message (MessageID 0).
-        """
-        self.queue(
-            encode_frame(
-                self.owner.config.wire,
-                message_type,
-                body,
-                client_type=client_type,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def kick(self, reason: DisconnectedType, text: str) -> None:
-        self.end(reason, text)
-
-    def push_out(self, new_address: str, cause: str) -> None:
-        """
-        The device logged on again from C{new_address}: tell the user
-        manager, send C{BeingPushedOutNotify} and end with C{BeingPushedOut}.
-        """
-        self.owner.user_manager.device_being_pushed_out.fire(self.user_data, new_address)
-        self.notify(MessageType.BEING_PUSHED_OUT_NOTIFY, m.BeingPushedOutNotify(cause).encode())
-        self.kick(DisconnectedType.BEING_PUSHED_OUT, cause)
-
-    def kick_out(self, operator: str, reason: str, text: str) -> None:
-        """
-        C{operator} kicks the device: tell the user manager, send
-        C{BeingKickedOutNotify} and end with C{BeingKickedOut}.
-        """
-        self.owner.user_manager.device_kicked_out.fire(self.user_data, operator, reason)
-        self.notify(
-            MessageType.BEING_KICKED_OUT_NOTIFY,
-            m.BeingKickedOutNotify(operator, reason[:1000]).encode(),
-        )
-        self.kick(DisconnectedType.BEING_KICKED_OUT, text)
-
-    def ask(self, message_id: int, body: bytes, timeout: float) -> None:
-        """
-        Send the server's query C{message_id} (an Information C{body}) as a
-        Request; the answer comes back through the engine's pending table.
-        """
-        self.send(
-            encode_frame(
-                self.owner.config.wire,
-                MessageType.REQUEST,
-                body,
-                message_id=message_id,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def reply(self, frame: Frame, body: bytes, message_type: int | None = None) -> None:
-        """
-        Answer C{frame}: same MessageType (unless given) and MessageID, from
-        the server to this session's user.
-        """
-        self.queue(
-            encode_frame(
-                self.owner.config.wire,
-                frame.message_type if message_type is None else message_type,
-                body,
-                message_id=frame.message_id,
-                user_id=SERVER_ID,
-                dest_user_id=self.user_id or "",
-            )
-        )
-
-    def error(self, frame: Frame, code: ErrorCode, text: str) -> None:
-        """
-        Answer a request with C{Error}; a one-way message (MessageID 0) is
-        counted and logged at debug level instead, since nothing waits for
-        an answer (and a peer must not be able to fill the log).
-        """
-        if frame.message_id:
-            body = m.Error(frame.message_type, code, text[:1000]).encode()
-            self.reply(frame, body, MessageType.ERROR)
-            return
-        self.owner.counters[Count.DROPPED] += 1
-        log.debug(
-            "dropped {message_type} from {session!r}: {code.name}: {text}",
-            message_type=frame.message_type,
-            session=self,
-            code=code,
-            text=text,
-        )
-
     # -- ending ---------------------------------------------------------------
 
     def end(self, reason: DisconnectedType, text: str = "") -> None:
@@ -555,11 +377,11 @@ class Session(Output):
         logs one event), and, unless the peer ended it, send a
         C{DisconnectNotice} and close the connection.
         """
-        if self.state is SessionState.ENDED:
+        if self.state is SessionPhase.ENDED:
             return
         self.flush()  # what was sent before the end arrives before the notice
-        was_logged_on = self.state is SessionState.LOGGED_ON
-        self.state = SessionState.ENDED
+        was_logged_on = self.state is SessionPhase.LOGGED_ON
+        self.state = SessionPhase.ENDED
         self._held = None
         self.owner.budget.used -= self._partial + self._held_bytes
         self._partial = self._held_bytes = 0

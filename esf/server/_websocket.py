@@ -6,7 +6,10 @@ L{WebSocketProtocol} is autobahn's Twisted server protocol made into one
 more L{IChannel}: it calls C{engine.connection_made(self)} once the
 WebSocket handshake is done and feeds each binary message to the session's
 C{data_received}, after checking that the message holds exactly one whole
-frame.  The engine never learns that a channel is a WebSocket.
+frame.  The engine never learns that a channel is a WebSocket.  Its
+output side (writes, the close, flow control) is
+L{esf.server._websocket_channel.WebSocketChannel}, and who may open one
+L{WebSocketHandshake}.
 
 L{WebSocketFactory} configures autobahn for a server that faces the
 internet (its defaults do not): payload limits, handshake timeouts, a clean
@@ -29,22 +32,21 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import wildcards2patterns
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
-from ._counters import Count, Traffic
+from ._counters import Count
 from ._engine import ServerEngine
 from ._policy import SlidingWindow
 from ._http import handed_over
 from ._protocol import peer_address
 from ._session import Session
-from ._websocket_frames import MessageParser, binary_messages, refuse_message
+from ._websocket_channel import CLOSE_CODES, WebSocketChannel
+from ._websocket_frames import MessageParser, refuse_message
 from esf.wire._frames import DisconnectedType
-from esf.interfaces import IChannel
 
 __all__ = [
     "CLOSE_CODES",
@@ -61,17 +63,6 @@ WEBSOCKET_PATH = "/esf"
 #: The WebSocket subprotocol a client must ask for.
 WEBSOCKET_SUBPROTOCOL = "esf.v1"
 
-#: The WebSocket close code sent after the C{DisconnectNotice} of each
-#: reason; every reason not listed closes with 1000 (the notice says why).
-CLOSE_CODES = {
-    DisconnectedType.INVALID_MESSAGE: 1002,  # protocol error
-    DisconnectedType.MESSAGE_WITH_WRONG_USER_ID: 1002,
-    DisconnectedType.NOT_LOGGED_ON: 1002,
-    DisconnectedType.MESSAGE_TOO_LARGE: 1009,  # message too big
-    DisconnectedType.CHANNEL_CACHE_OVERFLOW: 1008,  # policy violation
-    DisconnectedType.MAX_CONNECTION_COUNT_LIMITTED: 1013,  # try again later
-    DisconnectedType.SERVER_SHUTDOWN: 1001,  # going away
-}
 #: A text message is refused with this code (unsupported data).
 _TEXT_CLOSE_CODE = 1003
 
@@ -88,11 +79,52 @@ _PAID = FrameCost.PAID
 _process_data = WebSocketServerProtocol.processData
 
 
-@implementer(IChannel, IPushProducer)
-class WebSocketProtocol(WebSocketServerProtocol):
+class WebSocketHandshake(WebSocketChannel):
+    """
+    Who may open an ESF WebSocket: the handshake's path, subprotocol and
+    origin (L{onConnect}); every refusal counted and logged.
+    """
+
+    def onConnect(self, request: Any) -> str:
+        """
+        Accept only C{/esf}, the C{esf.v1} subprotocol and an allowed origin.
+        """
+        if request.path != WEBSOCKET_PATH:
+            self._refuse(f"path {request.path!r} is not {WEBSOCKET_PATH}")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                404, "Not Found"
+            )
+        if WEBSOCKET_SUBPROTOCOL not in request.protocols:
+            self._refuse(f"subprotocols {request.protocols!r} lack {WEBSOCKET_SUBPROTOCOL}")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                400, f"Subprotocol {WEBSOCKET_SUBPROTOCOL} required"
+            )
+        origin = request.headers.get("origin")
+        if origin is not None and not self.factory.origin_allowed(
+            origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)
+        ):
+            self._refuse(f"origin {origin!r} is not allowed")
+            raise ConnectionDeny(  # type: ignore[no-untyped-call]
+                403, "Origin Not Allowed"
+            )
+        handed_over(self)  # out of --websocket-max-handshakes: an ESF connection now
+        return WEBSOCKET_SUBPROTOCOL
+
+    def _refuse(self, why: str) -> None:
+        self._traffic.refused["handshake"] += 1
+        log.info(
+            "refused a WebSocket handshake from {address}: {why}",
+            address=self.address,
+            why=why,
+            esf_event="websocket_refused",
+        )
+
+
+class WebSocketProtocol(WebSocketHandshake):
     """
     One WebSocket connection to an esf server: an L{IChannel} for the
-    engine, and the transport's push producer, as L{esf.ServerProtocol} is.
+    engine, and the transport's push producer, as L{esf.ServerProtocol} is
+    (that side is L{WebSocketChannel}'s); this side reads.
 
     Incoming messages are gathered here (L{onMessageFrameData}) rather than
     by autobahn, so that one size check, against the session's current
@@ -101,37 +133,21 @@ class WebSocketProtocol(WebSocketServerProtocol):
     fragment.
     """
 
-    session = None
-    address = "?"
-    _closing = False
     #: Whole frames received during the current read, not yet handed on.
     _frames: list[bytes] | None = None
-    _paused = False
     #: The message being received, and its announced size so far.
     _message: bytearray | None = None
-    # autobahn's transport: TCP or TLS, a producer and a consumer too.
-    transport: Any
     _size = 0
-    #: A close code the adapter chose (a text message, say), which wins
-    #: over the one for the session's reason.
-    _close_code: int | None = None
     #: The whole binary messages of the common case, parsed without autobahn.
     _parser: MessageParser
     #: What the frames autobahn parses cost the session (made with it).
     _meter: FrameMeter | None = None
     #: Whether the frame whose header autobahn parses next is paid for.
     _paid = False
-    #: While the session's work budget is spent: the call that reads on.
-    _held: Any = None
-    #: Whether the session paused reading (push back).
-    _pushed_back = False
     #: Whether the connection was refused as it was made (L{WebSocketFactory.refuses}).
     _refused = False
     #: The label of this kind of connection in the metrics.
     transport_label = "websocket"
-    #: Where this connection's reads and writes are counted
-    #: (C{engine.traffic}); set when it is made.
-    _traffic: Traffic
 
     # -- connection ------------------------------------------------------------
 
@@ -201,40 +217,6 @@ class WebSocketProtocol(WebSocketServerProtocol):
             len(self.data)
             + (len(message) if message is not None else 0)
             + (len(tail) if tail is not None else 0)
-        )
-
-    def onConnect(self, request: Any) -> str:
-        """
-        Accept only C{/esf}, the C{esf.v1} subprotocol and an allowed origin.
-        """
-        if request.path != WEBSOCKET_PATH:
-            self._refuse(f"path {request.path!r} is not {WEBSOCKET_PATH}")
-            raise ConnectionDeny(  # type: ignore[no-untyped-call]
-                404, "Not Found"
-            )
-        if WEBSOCKET_SUBPROTOCOL not in request.protocols:
-            self._refuse(f"subprotocols {request.protocols!r} lack {WEBSOCKET_SUBPROTOCOL}")
-            raise ConnectionDeny(  # type: ignore[no-untyped-call]
-                400, f"Subprotocol {WEBSOCKET_SUBPROTOCOL} required"
-            )
-        origin = request.headers.get("origin")
-        if origin is not None and not self.factory.origin_allowed(
-            origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)
-        ):
-            self._refuse(f"origin {origin!r} is not allowed")
-            raise ConnectionDeny(  # type: ignore[no-untyped-call]
-                403, "Origin Not Allowed"
-            )
-        handed_over(self)  # out of --websocket-max-handshakes: an ESF connection now
-        return WEBSOCKET_SUBPROTOCOL
-
-    def _refuse(self, why: str) -> None:
-        self._traffic.refused["handshake"] += 1
-        log.info(
-            "refused a WebSocket handshake from {address}: {why}",
-            address=self.address,
-            why=why,
-            esf_event="websocket_refused",
         )
 
     def onOpen(self) -> None:
@@ -417,89 +399,6 @@ class WebSocketProtocol(WebSocketServerProtocol):
         if self.session is not None:
             self.session.kick(reason, text)
         self.close(reason)
-
-    def onPing(self, payload: bytes) -> None:
-        # A peer that does not read gets no pongs: they would pile up in
-        # the transport's buffer, beyond the session's output bound.
-        if not self._paused:
-            super().onPing(payload)
-
-    # -- IChannel --------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        """
-        Send frames, one binary message each.  C{data} holds one or more
-        whole frames, as the session writes them.
-        """
-        if self.state != self.STATE_OPEN:
-            return  # closing: what is still sent for the session is dropped
-        hlen = self.factory.header_length
-        size = len(data)
-        traffic = self._traffic
-        traffic.writes += 1
-        traffic.bytes_sent += size
-        if size > 0xFFFF:
-            # Large output: autobahn frames it (and checks its size).
-            offset = 0
-            while offset < size:
-                end = offset + hlen + _BODY_LENGTH.unpack_from(data, offset + 8)[0]
-                self.sendMessage(bytes(data[offset:end]), isBinary=True)  # type: ignore[no-untyped-call]
-                offset = end
-            return
-        # The common case: a few small frames, in one write, as the engine
-        # gathered them (autobahn's sendMessage would make one per frame).
-        self.sendData(binary_messages(data, hlen))
-
-    def close(self, reason: DisconnectedType | None = None) -> None:
-        """
-        Close with the code that matches why: the adapter's own, or the one
-        for the session's C{reason} (its name is the close reason's text).
-        autobahn aborts the connection when the peer does not answer the
-        close within the close timeout.
-        """
-        if self._closing:
-            return
-        self._closing = True
-        code = self._close_code
-        name = ""
-        if reason is not None:
-            name = reason.name
-            if code is None:
-                code = CLOSE_CODES.get(reason)
-        if self.state == self.STATE_OPEN:
-            # sendClose() accepts only 1000 and 3000-4999, the codes for
-            # applications; 1001-1013 are the endpoint's own, as here.
-            self.sendCloseFrame(code=code or 1000, reasonUtf8=name.encode("ascii"))
-        elif self.state == self.STATE_CONNECTING:
-            self.dropConnection(abort=True)
-
-    # -- push back: the session stops reading a sender whose receivers are
-    # backed up, as on TCP (the frames of the read in progress still go on).
-
-    def pause_reading(self) -> None:
-        self._pushed_back = True
-        self.transport.pauseProducing()
-
-    def resume_reading(self) -> None:
-        self._pushed_back = False
-        if self._held is None:  # else the budget's own timer reads on
-            self.transport.resumeProducing()
-
-    # -- IPushProducer: the transport calls these as its buffer fills and drains.
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self.session is not None:
-            self.session.pause_writing()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self.session is not None:
-            self.session.resume_writing()
-
-    def stopProducing(self) -> None:
-        pass
-
 
 class WebSocketFactory(WebSocketServerFactory):
     """

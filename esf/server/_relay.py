@@ -1,0 +1,242 @@
+"""
+The relay: frames a user addresses to another user, forwarded as they
+came (their original bytes) to the devices the DestUserID names.
+
+L{Relay.forward} is the one rule for writing a frame (or a run of them) to
+its devices: a device that is backed up holds the sender back, one that
+is stalled refuses it (L{Relay.not_queued}).  Both the session's inline
+path for runs of Sends (L{esf.server._session.Session.data_received}) and
+L{Relay.frame}, which takes every other relayed frame (answers, acknowledged
+messages, a user who is offline), use it.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
+
+from twisted.logger import Logger
+
+from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from ._output import PUSH_BACK, REFUSED
+from ._router import ANSWERS
+from esf.wire._frames import ErrorCode, Frame, MessageType
+
+if TYPE_CHECKING:
+    from esf.interfaces import IPresence
+    from esf.wire._events import Event
+    from ._config import ServerConfig
+    from ._offline import OfflineMessages
+    from ._session import Session
+
+__all__ = ["Relay", "NOT_DELIVERED", "DELIVERED", "ALL_QUEUED"]
+
+log = Logger(namespace="esf.server")
+
+#: What L{Relay.forward} answers: no device queued the frames;
+NOT_DELIVERED = 0
+#: at least one device queued them;
+DELIVERED = 1
+#: every device queued them and asked nothing of the sender (the
+#: session's inline path may then append to their gathered output).
+ALL_QUEUED = 2
+
+
+class _Router(Protocol):
+    def resolve(self, dest: str) -> Any: ...
+
+
+class _Answers(Protocol):
+    def answer(self, session: Session, frame: Frame) -> Any: ...
+
+    def asked(self, session: Session, frame: Frame) -> bool: ...
+
+    def forget(self, session: Session, frame: Frame) -> None: ...
+
+
+class RelayEngine(Protocol):
+    """
+    What the relay needs of the engine (L{esf.server._engine.ServerEngine}).
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...
+
+    @property
+    def router(self) -> _Router: ...
+
+    @property
+    def answers(self) -> _Answers: ...
+
+    @property
+    def presence(self) -> IPresence: ...
+
+    @property
+    def offline(self) -> OfflineMessages | None: ...
+
+    @property
+    def transmit_failed(self) -> Event: ...
+
+
+class Relay:
+    """
+    Forwards frames between users for C{engine}.
+    """
+
+    def __init__(self, engine: RelayEngine):
+        self.engine = engine
+        self.counters = engine.counters
+
+    def forward(self, sender: Session, targets: Iterable[Any], raw: bytes, frames: int) -> int:
+        """
+        The relay rule: write C{raw}, C{frames} frames of C{sender}, to
+        each device of C{targets} (C{send}); a device that answers a
+        status holds C{sender} back or refuses them (L{not_queued}).  The
+        caller counts what was delivered (L{count}).
+
+        @return: L{ALL_QUEUED}, L{DELIVERED} or L{NOT_DELIVERED}.
+        """
+        result = ALL_QUEUED
+        delivered = False
+        for target in targets:
+            status = target.send(raw)
+            if status:
+                result = DELIVERED
+                if self.not_queued(sender, target, status, frames, len(raw)):
+                    continue
+            delivered = True
+        return result if delivered else NOT_DELIVERED
+
+    def not_queued(self, sender: Session, target: Any, status: int, frames: int, size: int) -> bool:
+        """
+        C{target.send} answered C{status} (true) for C{frames} frames of
+        C{sender}, C{size} bytes: hold C{sender} back (L{PUSH_BACK}), or
+        count what was refused and charge it to C{sender}'s allowance
+        (L{esf.server._output.Sender.refused}).
+
+        @return: whether the frames were not queued.
+        """
+        if status == PUSH_BACK:
+            target.push_back(sender)
+            return False
+        if status == REFUSED:
+            self.counters[Count.RECEIVER_BEHIND] += frames
+        else:
+            # Past the hard bound while the senders are held back (they
+            # finish the reads they were in): hold this one back too.
+            target.push_back(sender)
+        sender.refused(size)
+        return True
+
+    def count(self, message_type: int, frames: int, size: int) -> None:
+        """
+        Count C{frames} relayed frames of C{message_type}, C{size} bytes in
+        all, once each however many devices they went to (metrics read it).
+        """
+        counters = self.counters
+        counters[RELAYED_MESSAGES[message_type]] += frames
+        counters[RELAYED_BYTES[message_type]] += size
+
+    def frame(self, session: Session, frame: Frame) -> None:
+        """
+        Forward a frame, its original bytes, to the devices its DestUserID
+        names; say why not when there are none.  An answer goes only to the
+        device whose request it answers (L{esf.server._router.AnswerRouter}),
+        or nowhere.
+        """
+        engine = self.engine
+        message_type = frame.message_type
+        if message_type in ANSWERS:
+            askers = engine.answers.answer(session, frame)
+            if not askers:
+                self._unsolicited(session, frame)
+                return
+            if self.forward(session, askers, frame.raw, 1):
+                self.count(message_type, 1, len(frame.raw))
+            return
+        targets = engine.router.resolve(frame.dest_user_id)
+        offline = engine.offline
+        if not targets:
+            self._not_online(session, frame, targets)
+            return
+        if (
+            message_type == MessageType.BLOB
+            and offline is not None
+            and offline.gathering(session, frame)
+        ):
+            # The rest of a blob begun while its addressee was offline:
+            # kept with its first fragments, so that it arrives whole.
+            offline.offer(session, frame)
+            return
+        acknowledged = frame.message_id and message_type != MessageType.SEND
+        if acknowledged and not engine.answers.asked(session, frame):
+            self.counters[Count.TOO_MANY_UNANSWERED] += 1
+            session.error(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                f"{engine.config.max_unanswered_requests} requests to users await "
+                "answers already; wait for some",
+            )
+            return
+        if self.forward(session, targets, frame.raw, 1):
+            self.count(message_type, 1, len(frame.raw))
+        elif acknowledged:
+            # Refused by every device it is addressed to: say so now,
+            # rather than let the sender wait for an answer that cannot
+            # come.  (One-way frames were counted by not_queued.)
+            engine.answers.forget(session, frame)
+            session.error(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                f"not delivered: {frame.dest_user_id} is backed up (it does not read what "
+                "is relayed to it fast enough); try later",
+            )
+
+    def _unsolicited(self, session: Session, frame: Frame) -> None:
+        """
+        C{frame} answers no request relayed to its sender: dropped, or
+        refused if its DestUserID names no user at all.
+        """
+        if self.engine.router.resolve(frame.dest_user_id) is None:
+            session.error(
+                frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
+            )
+            return
+        self.counters[Count.UNSOLICITED_ANSWERS] += 1
+        log.debug(
+            "dropped {message_type} #{message_id} from {session!r} to {dest}: "
+            "it answers no request relayed to {user_id}",
+            message_type=frame.message_type,
+            message_id=frame.message_id,
+            session=session,
+            dest=frame.dest_user_id,
+            user_id=session.user_id,
+        )
+
+    def _not_online(self, session: Session, frame: Frame, targets: Any) -> None:
+        """
+        C{frame}'s DestUserID names no user (C{targets} is C{None}) or no
+        device online: refuse it, or keep it for the user's next logon.
+        """
+        if targets is None:
+            session.error(
+                frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
+            )
+            return
+        engine = self.engine
+        self.counters[Count.TRANSMIT_FAILED] += 1
+        engine.transmit_failed.fire(
+            session.user_id, frame.dest_user_id, frame.message_type, frame.raw
+        )
+        up = engine.presence.up
+        if engine.offline is not None and up and engine.offline.offer(session, frame):
+            return  # kept: the offline part answers the sender
+        if up:
+            text = f"{frame.dest_user_id} is not online"
+        else:
+            # A cluster's presence that lost Redis: users elsewhere are unknown.
+            text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
+        session.error(frame, ErrorCode.USER_OFFLINE, text)
