@@ -1,5 +1,5 @@
 """
-What issue 14 asks of the engine and the client that the engine refactor
+What applications ask of the engine and the client that the engine refactor
 delivers: each test fails today and is marked so; the refactor flips them
 (remove the mark once a test passes: strict marks fail on an unexpected
 pass).

@@ -1,6 +1,6 @@
 """
 Hardening against one ordinary account: forged answers, the cost of each
-request, memory and output bounds, log floods (issue 11).
+request, memory and output bounds, log floods.
 """
 
 from __future__ import annotations
@@ -364,7 +364,7 @@ def test_a_large_partial_frame_is_refused_when_the_budget_is_spent():
 @pytest.mark.e2e
 def test_blobs_nobody_reads_cost_a_live_server_nothing(twistd):
     """
-    The attack of issue 11 scaled down: one account on 9 device kinds sends
+    The attack on the relay scaled down: one account on 9 device kinds sends
     4 unfinished 8 MiB blobs each (288 MiB) to a server with default options
     and no application handler.  Every fragment is refused; RSS does not
     follow the bytes.

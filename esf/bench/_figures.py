@@ -186,7 +186,7 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
     return None
 
 
-#: (mode, figure, which way is better, the issue's target: (kind, bound)).
+#: (mode, figure, which way is better, the target it is held to: (kind, bound)).
 #: kind "ratio": esf/bare against bound; "min"/"max": the esf figure itself.
 FIGURES = {
     "send": [("msgs_per_s", "higher", ("ratio_min", 0.6)), ("server_cpu_us_per_msg", "lower", None)],
@@ -220,7 +220,7 @@ def _ratios(mode: str, esf: dict | None, bare: dict | None) -> dict:
 
 def _targets(row: dict, server_python: str | None = None) -> list[dict]:
     """
-    The issue's targets for a row (C{server_python}: the implementation and
+    The targets for a row (C{server_python}: the implementation and
     version of the Python that ran the server, when known).
     """
     out = []
