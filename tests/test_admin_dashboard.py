@@ -19,7 +19,6 @@ import re
 import struct
 import threading
 import time
-import urllib.request
 import zlib
 
 import pytest

@@ -16,16 +16,13 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet import task
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from zope.interface import implementer
 
 from esf import (
     ClientEngine,
     DisconnectedType,
-    ServerConfig,
     ServerEngine,
-    ServerFactory,
     ServerService,
     engine_for,
 )

@@ -21,7 +21,7 @@ from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from _real_parts import missing, pypy_python
+from _real_parts import pypy_python
 
 from esf.bench import _coordinator, _figures, _load, _modes, _options, _patterns, _procs, _progress, _wire
 from esf.bench.relays import bare as bare_relay

@@ -6,7 +6,6 @@ API show the client's address, not the balancer's.
 """
 
 import json
-import socket
 import struct
 import subprocess
 import time

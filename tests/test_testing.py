@@ -34,13 +34,13 @@ from esf import (
     engine_for,
 )
 from esf.interfaces import IEngineAware
+from esf.testing._records import event_names
 from esf.testing import (
     BUFFER_SIZE,
     LogCapture,
     LoggedErrors,
     MemoryServer,
     doubling_retry_policy,
-    event_names,
     record_events,
 )
 

@@ -21,7 +21,6 @@ from test_websocket_channel import (
     Page,
     close_code,
 )
-from twisted.internet.address import IPv4Address
 from wsclient import client_frame
 
 from esf import WebSocketFactory

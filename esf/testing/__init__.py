@@ -54,7 +54,7 @@ from esf.server._config import ServerConfig
 from esf.server._engine import ServerEngine
 from esf.server._protocol import ServerFactory
 from ._process import TwistdFailed, TwistdServer
-from ._records import EventRecorder, LogCapture, LoggedErrors, event_names, record_events
+from ._records import EventRecorder, LogCapture, LoggedErrors, record_events
 from esf.wire._frames import ClientType, Frame, FrameDecoder, WireConfig
 from esf.interfaces import IPresence
 
