@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import esf  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The esf of this checkout, not an installed one: the figures are this code's.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from esf.wire import FrameDecoder, Information, MessageType, WireConfig, encode_frame
 

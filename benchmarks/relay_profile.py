@@ -20,12 +20,17 @@ import cProfile
 import gc
 import os
 import pstats
+import sys
 import time
+from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from zope.interface import implementer
+
+# The esf of this checkout, not an installed one: the figures are this code's.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory, WebSocketFactory
 from esf.interfaces import IGroupManager

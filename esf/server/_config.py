@@ -5,19 +5,21 @@ device.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import socket
 import string
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from esf.interfaces import RelogonMode
 from esf.wire._frames import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
 
-__all__ = ["RelogonMode", "ServerConfig", "SessionPhase", "UserData", "default_node_id"]
+__all__ = ["EngineBasics", "RelogonMode", "ServerConfig", "SessionPhase", "UserData", "default_node_id"]
 
 
 def _positive(instance: Any, attribute: Any, value: Any) -> None:
@@ -172,3 +174,20 @@ def default_node_id() -> str:
     """
     suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=6))
     return f"{socket.gethostname()}-{os.getpid()}-{suffix}"
+
+
+class EngineBasics(Protocol):
+    """
+    What every part of the server reads of the engine it belongs to: the
+    settings, the clock and the counters.  The parts' own Protocols extend
+    it with what else each needs.
+    """
+
+    @property
+    def config(self) -> ServerConfig: ...
+
+    @property
+    def clock(self) -> IReactorTime: ...
+
+    @property
+    def counters(self) -> collections.Counter[str]: ...

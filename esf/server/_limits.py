@@ -6,7 +6,6 @@ L{PeerLimits} is a base of L{esf.server._session.Session}.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -14,10 +13,11 @@ from twisted.logger import Logger
 from ._counters import Count
 from esf.wire._frames import DisconnectedType
 
-if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
+from ._config import EngineBasics
 
-    from ._config import ServerConfig
+if TYPE_CHECKING:
+
+    pass
 
 __all__ = ["PeerLimits", "LimitsOwner", "LOG_LIMIT", "LOG_WINDOW"]
 
@@ -29,20 +29,11 @@ LOG_LIMIT = 10
 LOG_WINDOW = 60.0
 
 
-class LimitsOwner(Protocol):
+class LimitsOwner(EngineBasics, Protocol):
     """
     What a peer's limits need of the engine: the settings, the clock and
     the counters.
     """
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
-
-    @property
-    def counters(self) -> collections.Counter[str]: ...
 
 
 class PeerLimits:

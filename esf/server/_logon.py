@@ -12,7 +12,6 @@ session.
 
 from __future__ import annotations
 
-import collections
 import itertools
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._config import RelogonMode, UserData
+from ._config import EngineBasics, RelogonMode, UserData
 from esf.wire._events import Event, call_then
 from ._counters import Count
 from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
@@ -36,10 +35,8 @@ from esf.wire._frames import (
 )
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
 
     from esf.interfaces import IBasicHandler, IPresence, IRelogonPolicy
-    from ._config import ServerConfig
     from ._presence import UserManager
     from ._session import Session
 
@@ -144,7 +141,7 @@ class _Delivery(Protocol):
     def logged_on(self, session: Session) -> None: ...
 
 
-class LogonEngine(Protocol):
+class LogonEngine(EngineBasics, Protocol):
     """
     What the logon pipeline needs of the engine: the settings, the clock
     and counters, the application's handler and relogon policy, presence
@@ -152,15 +149,6 @@ class LogonEngine(Protocol):
     part (stored messages go out first at a logon) and whether the server
     is stopping.
     """
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
-
-    @property
-    def counters(self) -> collections.Counter[str]: ...
 
     @property
     def node_id(self) -> str: ...

@@ -6,39 +6,29 @@ L{esf.server._offline.OfflineMessages}).
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from esf.wire import _messages as m
 from ._counters import Count
 from esf.wire._frames import ErrorCode, Frame
 
+from ._config import EngineBasics
+
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
 
     from esf.interfaces import IOfflineStore
     from ._budget import MemoryBudget
-    from ._config import ServerConfig
     from ._session import Session
 
 __all__ = ["OfflineBlobs", "BlobEngine"]
 
 
-class BlobEngine(Protocol):
+class BlobEngine(EngineBasics, Protocol):
     """
     What gathering blobs to offline users needs of the engine: the
     settings, the clock, the counters and the memory budget (a blob's
     fragments count among its sender's blobs in progress).
     """
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
-
-    @property
-    def counters(self) -> collections.Counter[str]: ...
 
     @property
     def budget(self) -> MemoryBudget: ...

@@ -25,24 +25,21 @@ split by concern.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Any, Protocol
 from weakref import WeakSet
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ._config import SessionPhase
+from ._config import EngineBasics, SessionPhase
 from ._counters import Count
 from ._limits import PeerLimits
 from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
 
     from esf.interfaces import IChannel
     from ._budget import MemoryBudget
-    from ._config import ServerConfig
 
 __all__ = ["Sender", "Receiver", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
 
@@ -109,21 +106,12 @@ class OutputBatch:
             session.flush()
 
 
-class OutputOwner(Protocol):
+class OutputOwner(EngineBasics, Protocol):
     """
     What a session's output needs of its owner (the engine): the settings,
     the clock, the counters, the server's memory budget and the batch that
     gathers a read's output.
     """
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
-
-    @property
-    def counters(self) -> collections.Counter[str]: ...
 
     @property
     def budget(self) -> MemoryBudget: ...

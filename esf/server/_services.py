@@ -11,7 +11,6 @@ raise L{esf.wire._messages.BadRequest} for a body that does not parse.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -19,14 +18,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._config import IDS_PER_UNIT
+from ._config import EngineBasics, IDS_PER_UNIT
 from ._counters import Count, count_fanout
 from esf.wire._events import call, call_then
 from esf.wire._frames import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
 from esf.wire._frames import as_client_type, encode_frame
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorTime
 
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
     from esf.wire._pending import PendingRequests
@@ -95,22 +93,13 @@ class BasicEngine(Protocol):
     ) -> int: ...
 
 
-class ApplicationEngine(Protocol):
+class ApplicationEngine(EngineBasics, Protocol):
     """
     What the application services need of the engine: the settings, the
     clock, the counters and memory budget, the application's handlers and
     group manager, the server's pending queries, who is online, and the
     router and relay (a Broadcast is written as a relay is).
     """
-
-    @property
-    def config(self) -> ServerConfig: ...
-
-    @property
-    def clock(self) -> IReactorTime: ...
-
-    @property
-    def counters(self) -> collections.Counter[str]: ...
 
     @property
     def budget(self) -> MemoryBudget: ...
