@@ -84,7 +84,9 @@ def send_all(port: int, sender: int, jobs: list[tuple[int, int]], timeout: float
     out = []
     for i, (user, seq) in enumerate(jobs, 1):
         body = struct.pack("<iii", 1, sender, seq)
-        out.append(rc.pack_header(SEND_CERTAINLY, len(body), client.user, user_name(user), i) + body)
+        out.append(
+            rc.pack_header(SEND_CERTAINLY, len(body), client.user, user_name(user), i) + body
+        )
         if len(out) >= 500:
             client.sock.sendall(b"".join(out))
             out = []
@@ -178,7 +180,9 @@ def run(
         try:
             started = time.perf_counter()
             with ThreadPoolExecutor(receivers) as pool:
-                futures = [pool.submit(receive, port, u, expected[u], timeout) for u in range(users)]
+                futures = [
+                    pool.submit(receive, port, u, expected[u], timeout) for u in range(users)
+                ]
                 for f in futures:
                     f.result()
             drain_seconds = time.perf_counter() - started
@@ -206,11 +210,17 @@ def main() -> None:
     parser.add_argument("--per-user", type=int, default=100)
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--receivers", type=int, default=20, help="users logged on at a time")
-    parser.add_argument("--kill", action="store_true", help="kill -9 the server instead of SIGTERM")
-    parser.add_argument("--directory", type=Path, help="where the database goes [a temporary directory]")
+    parser.add_argument(
+        "--kill", action="store_true", help="kill -9 the server instead of SIGTERM"
+    )
+    parser.add_argument(
+        "--directory", type=Path, help="where the database goes [a temporary directory]"
+    )
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
-    figures = run(opts.users, opts.per_user, opts.senders, opts.receivers, opts.kill, opts.directory)
+    figures = run(
+        opts.users, opts.per_user, opts.senders, opts.receivers, opts.kill, opts.directory
+    )
     if opts.json:
         print(json.dumps(figures))
         return

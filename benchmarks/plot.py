@@ -85,11 +85,20 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
                 ys = [points[p][key] for p in xs]
                 if not xs:
                     continue
-                axis.plot(xs, ys, style, marker=marker, color=colour, linewidth=2, markersize=7,
-                          label=f"{name}, {label}")
+                axis.plot(
+                    xs,
+                    ys,
+                    style,
+                    marker=marker,
+                    color=colour,
+                    linewidth=2,
+                    markersize=7,
+                    label=f"{name}, {label}",
+                )
     if target:
-        ax.axhline(target, color="grey", linestyle=":", linewidth=1.5,
-                   label=f"{target / 1e6:g} M msgs/s")
+        ax.axhline(
+            target, color="grey", linestyle=":", linewidth=1.5, label=f"{target / 1e6:g} M msgs/s"
+        )
     for axis in (ax, ax_cpu):
         axis.set_xscale("log")
         axis.set_xticks(sorted(all_pairs))
@@ -116,11 +125,21 @@ def draw(series: list[tuple[str, dict]], out: Path, target: float | None, title:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path, help="esf-bench --json outputs")
-    parser.add_argument("-o", "--output", type=Path, default=Path("docs/performance-throughput.png"))
-    parser.add_argument("--label", action="append", default=[],
-                        help="label of the n-th report (default: the servers' interpreter)")
-    parser.add_argument("--target", type=float, default=1e6,
-                        help="draw a horizontal line at this many msgs/s (0: none; default 1000000)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("docs/performance-throughput.png")
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="label of the n-th report (default: the servers' interpreter)",
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        default=1e6,
+        help="draw a horizontal line at this many msgs/s (0: none; default 1000000)",
+    )
     parser.add_argument("--title", default="esf-bench send mode: 140-byte frames over 127.0.0.1")
     args = parser.parse_args(argv)
     if len(args.label) > len(args.reports):

@@ -124,7 +124,9 @@ def setup(frames: int, receivers: int, websocket: bool = False, broadcast: bool 
         for i in range(receivers)
     ]
     if broadcast:
-        each = [encode_frame(wire, MessageType.BROADCAST, body, user_id="sender", dest_user_id="g")]
+        each = [
+            encode_frame(wire, MessageType.BROADCAST, body, user_id="sender", dest_user_id="g")
+        ]
         receivers = 1
     if websocket:  # one message per frame, each with its own mask
         data = b"".join(ws_message(each[n % receivers], os.urandom(4)) for n in range(frames))

@@ -44,7 +44,9 @@ def rss_kib(pid: int) -> int:
 
 def start_server(port: int, drain: int, extra: list[str]) -> subprocess.Popen:
     return start_esf_server(
-        port, ["--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra], "/dev/null"
+        port,
+        ["--output-drain-timeout", str(drain), "--logon-rate-limit", "100000", *extra],
+        "/dev/null",
     )
 
 
@@ -78,8 +80,11 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--drain", type=int, default=2, help="--output-drain-timeout")
-    parser.add_argument("--malloc-trim", default=None,
-                        help="the server's --malloc-trim (0: never give freed memory back)")
+    parser.add_argument(
+        "--malloc-trim",
+        default=None,
+        help="the server's --malloc-trim (0: never give freed memory back)",
+    )
     opts = parser.parse_args()
     port = free_port()
     extra = [] if opts.malloc_trim is None else ["--malloc-trim", opts.malloc_trim]

@@ -11,7 +11,14 @@ __version__ = "0.1.0"
 
 from esf.server._application import engine_for
 from esf.client._calls import STORED
-from esf.client._engine import ClientEngine, Ending, EndingKind, LogonFailed, LogonResponse, NotConnected
+from esf.client._engine import (
+    ClientEngine,
+    Ending,
+    EndingKind,
+    LogonFailed,
+    LogonResponse,
+    NotConnected,
+)
 from esf.server._engine import (
     AcceptAll,
     LogonRefused,

@@ -246,7 +246,10 @@ class IOfflineStore(Interface):
         """
 
     def fetch(
-        user_id: str, client_types: Sequence[int | None], after: int, max_count: int,
+        user_id: str,
+        client_types: Sequence[int | None],
+        after: int,
+        max_count: int,
         max_bytes: int,
     ) -> Deferred[list[Any]]:
         """
@@ -327,9 +330,7 @@ class IUserManager(Interface):
         order.
         """
 
-    user_connected = Attribute(
-        """L{IEvent}: C{(user_data)}, the user's first device logged on."""
-    )
+    user_connected = Attribute("""L{IEvent}: C{(user_data)}, the user's first device logged on.""")
     user_disconnected = Attribute(
         """
         L{IEvent}: C{(user_data, disconnected_type)}, the user's last device

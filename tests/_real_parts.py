@@ -57,6 +57,10 @@ def pypy_python() -> str:
     message = (
         "no PyPy for the PyPy tests: set ESF_PYPY to the python of a PyPy environment with "
         "esf's dependencies (.ci/run makes one; see docs/performance.md)"
-        + ("" if shutil.which("pypy3") else "; pypy3 is not installed either (apt-get install pypy3)")
+        + (
+            ""
+            if shutil.which("pypy3")
+            else "; pypy3 is not installed either (apt-get install pypy3)"
+        )
     )
     missing(message)

@@ -53,12 +53,18 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 self.executable,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.directory),
-                "--logfile", str(self.log_path),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.log_path),
                 *self.args,
             ],
             stdout=subprocess.DEVNULL,
@@ -101,9 +107,7 @@ class RedisServer:
         (enough for checks like PING, DBSIZE, EXISTS).
         """
         parts = [a.encode() if isinstance(a, str) else a for a in args]
-        request = b"*%d\r\n" % len(parts) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(p), p) for p in parts
-        )
+        request = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.sendall(request)
             reply = b""

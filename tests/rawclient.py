@@ -71,8 +71,13 @@ def parse_logon_reply(body):
     cause, i = unpack_str(body, 1)
     interval, timeout, max_size = struct.unpack_from("<HHI", body, i)
     assert i + 8 == len(body), "trailing bytes in Logon reply"
-    return {"result": result, "cause": cause, "heartbeat_interval": interval,
-            "heartbeat_timeout": timeout, "max_message_size": max_size}
+    return {
+        "result": result,
+        "cause": cause,
+        "heartbeat_interval": interval,
+        "heartbeat_timeout": timeout,
+        "max_message_size": max_size,
+    }
 
 
 def parse_disconnect_notice(body):

@@ -136,7 +136,11 @@ def test_without_a_token_configured_the_api_only_reads(engine, devices, logs):
     info = call(api, "GET", "info", token=None)
     assert info.status == 200 and info.body["read_only"] is True
     assert call(api, "GET", "users/alice", token=None).status == 200
-    for path, body in [("users/alice/kick", {}), ("users/alice/notice", {"text": "x"}), ("broadcast", {"text": "x"})]:
+    for path, body in [
+        ("users/alice/kick", {}),
+        ("users/alice/notice", {"text": "x"}),
+        ("broadcast", {"text": "x"}),
+    ]:
         answer = call(api, "POST", path, body, token=None)
         assert answer.status == 403 and answer.body["error"] == "token_required"
         assert "--admin-token-file" in answer.body["message"]
@@ -213,7 +217,10 @@ def test_sessions_paged_and_filtered(api, engine):
     assert call(api, "GET", "sessions", query={"offset": 8}).body["sessions"] == []
 
     def users(**query):
-        return [(s["user_id"], s["client_type"]) for s in call(api, "GET", "sessions", query=query).body["sessions"]]
+        return [
+            (s["user_id"], s["client_type"])
+            for s in call(api, "GET", "sessions", query=query).body["sessions"]
+        ]
 
     assert users(user="user3") == [("user3", 5), ("user3", 4)]
     assert users(user="nobody") == []
@@ -222,7 +229,9 @@ def test_sessions_paged_and_filtered(api, engine):
     assert users(address="10.0.1.") == [("user1", 5), ("user4", 0)]
     assert users(address="192.168.", kind="ios") == [("user3", 4)]
     assert users(user_prefix="user1") == [("user1", 5)]
-    session = call(api, "GET", "sessions", query={"user": "user3", "kind": "ios"}).body["sessions"][0]
+    session = call(api, "GET", "sessions", query={"user": "user3", "kind": "ios"}).body[
+        "sessions"
+    ][0]
     assert session["address"].startswith("192.168.1.1:")
     assert session["logon_time"] == engine.clock.seconds()
     assert set(session) == {
@@ -281,7 +290,11 @@ def test_kick_reaches_the_client(api, engine, logs):
     assert answer.status == 200
     assert answer.body == {"user_id": "alice", "kicked": 2}
     for client in (phone, desk):
-        frames = [f for f in client.take() if f.message_type not in (MessageType.MY_DEVICE_ONLINE, MessageType.MY_DEVICE_OFFLINE)]
+        frames = [
+            f
+            for f in client.take()
+            if f.message_type not in (MessageType.MY_DEVICE_ONLINE, MessageType.MY_DEVICE_OFFLINE)
+        ]
         assert [f.message_type for f in frames] == [
             MessageType.BEING_KICKED_OUT_NOTIFY,
             MessageType.DISCONNECT_NOTICE,
@@ -318,7 +331,11 @@ def test_the_admin_apis_operator_is_no_user(api, engine):
     engine.kick_out("bob", "by a user", operator="admin", origin="client")
     assert call(api, "POST", "users/carol/kick", {"reason": "by the API"}).status == 200
     kicked = {
-        who: [f.body.operator for f in client.take() if f.message_type == MessageType.BEING_KICKED_OUT_NOTIFY]
+        who: [
+            f.body.operator
+            for f in client.take()
+            if f.message_type == MessageType.BEING_KICKED_OUT_NOTIFY
+        ]
         for who, client in [("bob", bob), ("carol", carol)]
     }
     assert kicked == {"bob": ["admin"], "carol": ["#admin"]}
@@ -371,7 +388,11 @@ def test_kick_without_body_has_no_reason(api, engine):
 def test_409_while_stopping(api, engine):
     connect(engine, "alice")
     engine.stop()
-    for path, body in [("users/alice/kick", {}), ("users/alice/notice", {"text": "x"}), ("broadcast", {"text": "x"})]:
+    for path, body in [
+        ("users/alice/kick", {}),
+        ("users/alice/notice", {"text": "x"}),
+        ("broadcast", {"text": "x"}),
+    ]:
         answer = call(api, "POST", path, body)
         assert answer.status == 409 and answer.body["error"] == "stopping"
 
@@ -384,7 +405,12 @@ def test_notice(api, engine):
     assert frame.message_type == MessageType.SEND and frame.user_id == "_0"
     assert frame.body == Information(NOTICE_INFORMATION_TYPE, "maintenance at 22:00 ✓".encode())
 
-    call(api, "POST", "users/alice/notice", {"payload_hex": "00ff", "information_type": -7, "kind": "android"})
+    call(
+        api,
+        "POST",
+        "users/alice/notice",
+        {"payload_hex": "00ff", "information_type": -7, "kind": "android"},
+    )
     (frame,) = alice.take()
     assert frame.body == Information(-7, b"\x00\xff")
     assert call(api, "POST", "users/alice/notice", {"text": "x", "kind": 0}).status == 404
@@ -503,10 +529,14 @@ def test_dashboard_is_served_with_a_strict_policy(site):
     assert b"default-src 'self'" in response and b"X-Frame-Options: DENY" in response
     assert b'<script src="/dashboard.js"' in response
     for path in (b"/dashboard.js", b"/dashboard.css"):
-        assert http(site, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n").value().startswith(
-            b"HTTP/1.1 200 "
+        assert (
+            http(site, b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .value()
+            .startswith(b"HTTP/1.1 200 ")
         )
-    assert b"Location: /dashboard" in http(site, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").value()
+    assert (
+        b"Location: /dashboard" in http(site, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").value()
+    )
 
 
 # -- starting ----------------------------------------------------------------------------

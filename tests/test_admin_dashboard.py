@@ -111,7 +111,12 @@ def test_dashboard(browser, ops):
 
     made = []
     try:
-        for user, password, kind in [("alice", "pa", 5), ("alice", "pa", 0), ("bob", "pb", 4), ("<b>x</b>", "px", 0)]:
+        for user, password, kind in [
+            ("alice", "pa", 5),
+            ("alice", "pa", 0),
+            ("bob", "pb", 4),
+            ("<b>x</b>", "px", 0),
+        ]:
             client = rc.connect(ops.server.port)
             made.append(client)
             assert client.logon(user, password, kind)["result"] == 0
@@ -119,24 +124,42 @@ def test_dashboard(browser, ops):
 
         browser.get(ops.admin + "/dashboard")
         # No token yet: the API answers 401 and the page asks for one.
-        token = wait(browser, lambda d: d.find_element(By.ID, "token").is_displayed() and d.find_element(By.ID, "token"), what="the token form")
+        token = wait(
+            browser,
+            lambda d: (
+                d.find_element(By.ID, "token").is_displayed() and d.find_element(By.ID, "token")
+            ),
+            what="the token form",
+        )
         assert not browser.find_element(By.ID, "main").is_displayed()
         # The header says why nothing shows, not that it is connecting.
         server = browser.find_element(By.ID, "server").text
         assert "connecting" not in server and "signed out" in server, server
         token.send_keys("wrong-token-wrong-token")
         browser.find_element(By.ID, "login-button").click()
-        wait(browser, lambda d: "refused" in d.find_element(By.ID, "login-error").text, what="the refusal")
+        wait(
+            browser,
+            lambda d: "refused" in d.find_element(By.ID, "login-error").text,
+            what="the refusal",
+        )
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "login-button").click()
 
-        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "3", what="3 users online")
+        wait(
+            browser,
+            lambda d: d.find_element(By.ID, "users-online").text == "3",
+            what="3 users online",
+        )
         assert browser.find_element(By.ID, "devices-online").text == "4"
         wait(browser, lambda d: len(rows(d)) == 4, what="4 sessions")
         table = rows(browser)
         assert ["<b>x</b>", "dotnet"] == table[0][:2]  # shown as text, not markup
         assert browser.find_elements(By.CSS_SELECTOR, "#sessions tbody b") == []
-        assert [r[:2] for r in table[1:]] == [["alice", "android"], ["alice", "dotnet"], ["bob", "ios"]]
+        assert [r[:2] for r in table[1:]] == [
+            ["alice", "android"],
+            ["alice", "dotnet"],
+            ["bob", "ios"],
+        ]
         wait(browser, lambda d: len(d.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 2,
              what="two points on the chart")  # fmt: skip
         check_axes(browser, peak=4)
@@ -146,13 +169,21 @@ def test_dashboard(browser, ops):
             client = rc.connect(ops.server.port)
             made.append(client)
             assert client.logon(user, "p" + user[0], 4)["result"] == 0
-            wait(browser, lambda d: d.find_element(By.ID, "users-online").text == str(count), what=f"{count} users")
+            wait(
+                browser,
+                lambda d: d.find_element(By.ID, "users-online").text == str(count),
+                what=f"{count} users",
+            )
         wait(browser, lambda d: len(rows(d)) == 7, what="7 sessions")
         if os.environ.get("ESF_DASHBOARD_SCREENSHOT"):
             browser.save_screenshot(os.environ["ESF_DASHBOARD_SCREENSHOT"])
         for client in made[4:]:
             client.close()
-        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "3", what="3 users again")
+        wait(
+            browser,
+            lambda d: d.find_element(By.ID, "users-online").text == "3",
+            what="3 users again",
+        )
 
         # The token was asked once: a reload keeps it (sessionStorage), and
         # the chart starts from the server's history.
@@ -169,15 +200,33 @@ def test_dashboard(browser, ops):
             if row.get_attribute("data-kind") == "5"
         ]  # fmt: skip
         phone_row.find_element(By.CSS_SELECTOR, "button.kick").click()
-        reason = wait(browser, lambda d: d.find_element(By.ID, "kick-reason").is_displayed() and d.find_element(By.ID, "kick-reason"), what="the kick dialog")
+        reason = wait(
+            browser,
+            lambda d: (
+                d.find_element(By.ID, "kick-reason").is_displayed()
+                and d.find_element(By.ID, "kick-reason")
+            ),
+            what="the kick dialog",
+        )
         assert "alice (android)" in browser.find_element(By.ID, "kick-target").text
         reason.send_keys("kicked from the dashboard")
         browser.find_element(By.ID, "kick-confirm").click()
 
         header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
-        assert rc.parse_kicked_out(body) == {"operator": "#admin", "reason": "kicked from the dashboard"}
-        wait(browser, lambda d: "kicked alice: 1 device" in d.find_element(By.ID, "status").text, what="the kick's result")
-        wait(browser, lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]], what="the table without the phone")
+        assert rc.parse_kicked_out(body) == {
+            "operator": "#admin",
+            "reason": "kicked from the dashboard",
+        }
+        wait(
+            browser,
+            lambda d: "kicked alice: 1 device" in d.find_element(By.ID, "status").text,
+            what="the kick's result",
+        )
+        wait(
+            browser,
+            lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]],
+            what="the table without the phone",
+        )
         status, user = ops.call("GET", "/api/users/alice")
         assert [d["kind"] for d in user["devices"]] == ["dotnet"]
     finally:
@@ -196,12 +245,18 @@ def check_axes(browser, peak):
     ys = [(float(e.text), e.rect) for e in browser.find_elements(By.CSS_SELECTOR, "#y-axis span")]
     assert [v for v, _ in ys][0] == 0 and ys[-1][0] >= peak and len(ys) >= 2, ys
     for value, rect in ys:
-        assert rect["width"] > 0 and rect["x"] + rect["width"] <= chart["x"] + 1, (value, rect, chart)
+        assert rect["width"] > 0 and rect["x"] + rect["width"] <= chart["x"] + 1, (
+            value,
+            rect,
+            chart,
+        )
         middle = rect["y"] + rect["height"] / 2
         expected = chart["y"] + chart["height"] * (1 - value / ys[-1][0])
         assert abs(middle - expected) < 8, (value, middle, expected)
     xs = browser.find_elements(By.CSS_SELECTOR, "#x-axis span")
-    assert len(xs) >= 2 and all(re.search(r"\d{1,2}:\d{2}:\d{2}", e.text) for e in xs), [e.text for e in xs]
+    assert len(xs) >= 2 and all(re.search(r"\d{1,2}:\d{2}:\d{2}", e.text) for e in xs), [
+        e.text for e in xs
+    ]
     lefts = [e.rect["x"] for e in xs]
     assert lefts == sorted(lefts) and lefts[0] >= chart["x"] - 1
     assert all(e.rect["y"] >= chart["y"] + chart["height"] - 1 for e in xs)
@@ -227,7 +282,10 @@ def png_pixels(png):
     raw, stride = zlib.decompress(idat), width * bpp
     previous, pixels = bytearray(stride), []
     for row in range(height):
-        kind, line = raw[row * (stride + 1)], bytearray(raw[row * (stride + 1) + 1 : (row + 1) * (stride + 1)])
+        kind, line = (
+            raw[row * (stride + 1)],
+            bytearray(raw[row * (stride + 1) + 1 : (row + 1) * (stride + 1)]),
+        )
         for i in range(stride):
             a = line[i - bpp] if i >= bpp else 0
             b, c = previous[i], previous[i - bpp] if i >= bpp else 0
@@ -264,11 +322,17 @@ def test_equal_counts_show_both_lines(browser, open_ops):
     try:
         assert alice.logon("alice", "pa", 5)["result"] == 0
         browser.get(open_ops.admin + "/dashboard")
-        wait(browser, lambda d: d.find_element(By.ID, "users-online").text == "1", what="1 user online")
+        wait(
+            browser,
+            lambda d: d.find_element(By.ID, "users-online").text == "1",
+            what="1 user online",
+        )
         wait(browser, lambda d: len(d.find_element(By.ID, "chart-users").get_attribute("points").split()) >= 4,
              what="points on the chart")  # fmt: skip
         users = browser.find_element(By.ID, "chart-users").get_attribute("points")
-        assert users == browser.find_element(By.ID, "chart-devices").get_attribute("points")  # equal
+        assert users == browser.find_element(By.ID, "chart-devices").get_attribute(
+            "points"
+        )  # equal
         pixels = png_pixels(browser.find_element(By.ID, "chart").screenshot_as_png)
         blue = sum(near(p, USERS_COLOR) for p in pixels)
         orange = sum(near(p, DEVICES_COLOR) for p in pixels)
@@ -287,7 +351,11 @@ def test_dashboard_without_a_token_only_reads(browser, open_ops):
         browser.get(open_ops.admin + "/dashboard")
         wait(browser, lambda d: len(rows(d)) == 1, what="the session, without a token asked")
         assert not browser.find_element(By.ID, "login").is_displayed()
-        wait(browser, lambda d: d.find_element(By.ID, "read-only").is_displayed(), what="the read-only note")
+        wait(
+            browser,
+            lambda d: d.find_element(By.ID, "read-only").is_displayed(),
+            what="the read-only note",
+        )
         button = browser.find_element(By.CSS_SELECTOR, "#sessions tbody button.kick")
         wait(browser, lambda d: not button.is_enabled(), what="the Kick button disabled")
         assert "--admin-token-file" in button.get_attribute("title")

@@ -55,7 +55,9 @@ class Ops:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.admin + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request(
+            self.admin + path, data=data, method=method, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=5, context=self.context) as response:
                 return response.status, json.load(response)
@@ -180,7 +182,11 @@ def test_kick_with_a_reason_reaches_the_client_counted_and_audited(ops, clients)
     assert (kick["operator"], kick["origin"], kick["reason"], kick["count"]) == (
         "#admin", "admin_api", "flooding the lobby", 1,
     )  # fmt: skip
-    assert (action["action"], action["status"], action["reason"]) == ("kick", 200, "flooding the lobby")
+    assert (action["action"], action["status"], action["reason"]) == (
+        "kick",
+        200,
+        "flooding the lobby",
+    )
     assert action["peer"].startswith("127.0.0.1:")
     assert (again["action"], again["status"]) == ("kick", 404)
 
@@ -202,7 +208,9 @@ def test_client_kick_and_push_out_are_audited(ops, clients):
 
 def test_notice_and_broadcast_reach_clients(ops, clients):
     bob = clients(ops, "bob", "pb", 0)
-    status, body = ops.call("POST", "/api/users/bob/notice", {"text": "restart at 22:00", "information_type": 42})
+    status, body = ops.call(
+        "POST", "/api/users/bob/notice", {"text": "restart at 22:00", "information_type": 42}
+    )
     assert (status, body) == (200, {"user_id": "bob", "devices": 1})
     header, payload = bob.recv_until(202)
     assert header["user_id"] == "_0"

@@ -217,7 +217,13 @@ def test_two_host_headers_are_refused(open_site):
 
 def test_admin_host_names_more(engine, devices):
     site = make_site(engine, devices, hosts=["Admin.Example", "192.0.2.7", "[2001:db8::1]"])
-    for host in ("admin.example", "ADMIN.example:443", "192.0.2.7:8530", "[2001:db8::1]:80", "localhost"):
+    for host in (
+        "admin.example",
+        "ADMIN.example:443",
+        "192.0.2.7:8530",
+        "[2001:db8::1]:80",
+        "localhost",
+    ):
         assert send(site, "GET", "/api/info", host=host).status == 200, host
     for host in ("sub.admin.example", "admin.example.evil", "192.0.2.8"):
         assert send(site, "GET", "/api/info", host=host).status == 403, host
@@ -225,13 +231,20 @@ def test_admin_host_names_more(engine, devices):
 
 @pytest.mark.parametrize(
     "name, normal",
-    [("Admin.Example", "admin.example"), ("[::1]", "::1"), ("2001:DB8::1", "2001:db8::1"), ("a-b.c", "a-b.c")],
+    [
+        ("Admin.Example", "admin.example"),
+        ("[::1]", "::1"),
+        ("2001:DB8::1", "2001:db8::1"),
+        ("a-b.c", "a-b.c"),
+    ],
 )
 def test_allowed_host_name(name, normal):
     assert allowed_host_name(name) == normal
 
 
-@pytest.mark.parametrize("name", ["admin.example:8530", "http://admin.example", "-a.example", "a..b", "", "*"])
+@pytest.mark.parametrize(
+    "name", ["admin.example:8530", "http://admin.example", "-a.example", "a..b", "", "*"]
+)
 def test_allowed_host_name_refuses(name):
     with pytest.raises(ValueError, match="not a host name"):
         allowed_host_name(name)
@@ -290,7 +303,10 @@ def test_cross_origin_requests_are_refused_even_with_the_token(site, engine, log
     origin: nothing but the dashboard's own page is a browser client.
     """
     alice = connect(engine, "alice")
-    for method, path, body in [("GET", "/api/sessions", b""), ("POST", "/api/users/alice/kick", b"{}")]:
+    for method, path, body in [
+        ("GET", "/api/sessions", b""),
+        ("POST", "/api/users/alice/kick", b"{}"),
+    ]:
         response = send(
             site, method, path, body,
             {**headers, "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
@@ -298,7 +314,9 @@ def test_cross_origin_requests_are_refused_even_with_the_token(site, engine, log
         assert response.status == 403 and response.body["error"] == "cross_origin"
     assert not alice.closing
     refusals = logs.esf("admin_request_refused")
-    assert [(r["check"], r["value"], r["status"]) for r in refusals] == [("origin", value, 403)] * 2
+    assert [(r["check"], r["value"], r["status"]) for r in refusals] == [
+        ("origin", value, 403)
+    ] * 2
 
 
 def test_two_origin_headers_are_refused(site):
@@ -312,7 +330,10 @@ def test_two_origin_headers_are_refused(site):
 # -- changes: a token, and JSON ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx", "text/json"])
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx", "text/json"],
+)
 def test_a_change_is_json_or_415(site, engine, logs, content_type):
     alice = connect(engine, "alice")
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -335,7 +356,9 @@ def test_json_content_types(site, engine, content_type):
 
 
 def test_reading_needs_no_content_type(site):
-    assert send(site, "GET", "/api/info", headers={"Authorization": f"Bearer {TOKEN}"}).status == 200
+    assert (
+        send(site, "GET", "/api/info", headers={"Authorization": f"Bearer {TOKEN}"}).status == 200
+    )
 
 
 # -- the log ----------------------------------------------------------------------------

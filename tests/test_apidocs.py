@@ -13,7 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "docs" / "api" / "build.py"
-PUBLIC = ("esf", "esf.wire", "esf.testing", "esf.cluster", "esf.offline", "esf.operations", "esf.interfaces")
+PUBLIC = (
+    "esf",
+    "esf.wire",
+    "esf.testing",
+    "esf.cluster",
+    "esf.offline",
+    "esf.operations",
+    "esf.interfaces",
+)
 
 
 def _build(output, source=None):

@@ -60,7 +60,9 @@ def test_an_engine_built_by_hand_opens_its_store_as_it_starts():
 
 def test_a_store_that_cannot_be_opened_stops_the_start(tmp_path):
     (tmp_path / "bad.db").write_bytes(b"not a database at all" * 100)
-    engine = engine_for(clock=task.Clock(), offline_store=SQLiteOfflineStore(str(tmp_path / "bad.db")))
+    engine = engine_for(
+        clock=task.Clock(), offline_store=SQLiteOfflineStore(str(tmp_path / "bad.db"))
+    )
     from esf.offline import OfflineStoreError
 
     with pytest.raises(OfflineStoreError, match="bad.db"):
@@ -83,7 +85,9 @@ async def test_engine_for_with_a_sqlite_store_keeps_messages_as_embedded(tmp_pat
     service.startService()
     try:
         port = service.port.getHost().port
-        alice = ClientEngine(TCP4ClientEndpoint(reactor, "127.0.0.1", port), "alice", clock=reactor)
+        alice = ClientEngine(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port), "alice", clock=reactor
+        )
         await alice.logon()
         await alice.send_certainly("bob", 1, b"while you were out")  # Ack: stored
         assert await store.counts("bob") == (1, len(b"while you were out") + 36 + 4)
@@ -147,14 +151,18 @@ async def test_logoff_fires_once_the_server_has_ended_the_session():
     resume = None
     try:
         port = service.port.getHost().port
-        alice = ClientEngine(TCP4ClientEndpoint(reactor, "127.0.0.1", port), "alice", clock=reactor)
+        alice = ClientEngine(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port), "alice", clock=reactor
+        )
         await alice.logon()
         [session] = engine.sessions
         session.channel.pause_reading()
         resume = reactor.callLater(0.3, session.channel.resume_reading)
         when_fired = []
         d = alice.logoff()
-        d.addCallback(lambda _: when_fired.append([why for _, why in ended.of("device_disconnected")]))
+        d.addCallback(
+            lambda _: when_fired.append([why for _, why in ended.of("device_disconnected")])
+        )
         await d
         assert when_fired == [[DisconnectedType.LOGGED_OFF]]
     finally:
@@ -197,7 +205,7 @@ def test_logoff_in_memory_ends_the_session_logged_off_and_does_not_reconnect():
 
 pytestmark_e2e = pytest.mark.e2e
 
-HANG = '''
+HANG = """
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -211,7 +219,7 @@ class Hang:
 
 
 hang = Hang()
-'''
+"""
 
 
 def _connects(port):
@@ -237,9 +245,16 @@ def test_port_file_names_every_listener_and_stop_is_clean(tmp_path):
         ports = server.ports
         assert ports["pid"] == server.process.pid
         assert set(ports) == {"pid", "esf", "websocket", "metrics", "admin-api"}
-        assert [len(ports[k]) for k in ("esf", "websocket", "metrics", "admin-api")] == [1, 2, 1, 1]
+        assert [len(ports[k]) for k in ("esf", "websocket", "metrics", "admin-api")] == [
+            1,
+            2,
+            1,
+            1,
+        ]
         assert server.port == ports["esf"][0]["port"] > 0
-        numbers = [a["port"] for k in ("esf", "websocket", "metrics", "admin-api") for a in ports[k]]
+        numbers = [
+            a["port"] for k in ("esf", "websocket", "metrics", "admin-api") for a in ports[k]
+        ]
         assert len(set(numbers)) == 5
         for address in (a for k in ("esf", "websocket", "metrics", "admin-api") for a in ports[k]):
             assert address["host"] == "127.0.0.1" and _connects(address["port"])
@@ -435,7 +450,9 @@ def test_server_md_embedding_with_an_offline_store_runs(tmp_path):
     import sys
 
     blocks = _server_md_blocks()
-    [n] = [i for i, (lang, code) in enumerate(blocks) if "SQLiteOfflineStore(\"offline.db\")" in code]
+    [n] = [
+        i for i, (lang, code) in enumerate(blocks) if 'SQLiteOfflineStore("offline.db")' in code
+    ]
     code, (language, expected) = blocks[n][1], blocks[n + 1]
     assert language == "text"
     script = tmp_path / "embed.py"

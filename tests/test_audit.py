@@ -76,7 +76,9 @@ def test_kicks_say_where_they_come_from(engine, records):
     connect(engine, "erin", 4)
     engine.kick_out("erin", "admin says", 4, operator="admin", origin="admin_api")
     kicks = [r for r in records if r["audit"] in ("kick", "kick_refused")]
-    assert [(k["audit"], k["origin"], k["operator"], k["user_id"], k["reason"]) for k in kicks] == [
+    assert [
+        (k["audit"], k["origin"], k["operator"], k["user_id"], k["reason"]) for k in kicks
+    ] == [
         ("kick", "server_api", "_0", "bob", "server says"),
         ("kick", "client", "carol", "dave", "rude"),
         ("kick_refused", "client", "mallory", "carol", "mine"),

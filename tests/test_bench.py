@@ -23,7 +23,17 @@ from twisted.python.failure import Failure
 
 from _real_parts import pypy_python
 
-from esf.bench import _coordinator, _figures, _load, _modes, _options, _patterns, _procs, _progress, _wire
+from esf.bench import (
+    _coordinator,
+    _figures,
+    _load,
+    _modes,
+    _options,
+    _patterns,
+    _procs,
+    _progress,
+    _wire,
+)
 from esf.bench.relays import bare as bare_relay
 from esf.bench.relays import coalescing as coalescing_relay
 
@@ -126,7 +136,9 @@ def test_json_to_stdout(tmp_path):
     """
     C{--json -} prints the report as JSON instead of the table.
     """
-    proc = run_bench("--quick", "--mode", "request", "--requests", "50", "--no-bare", "--json", "-")
+    proc = run_bench(
+        "--quick", "--mode", "request", "--requests", "50", "--no-bare", "--json", "-"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     (row,) = report["results"]
@@ -219,9 +231,14 @@ def test_a_run_that_fails_before_its_first_wait_ends(tmp_path):
     anything: the run still ends, with the reason on one line and status 1
     (it used to leave the reactor running for ever).
     """
-    proc = run_bench("--mode", "cluster", "--no-progress", env=dict(os.environ, PATH=str(tmp_path)), timeout=60)
+    proc = run_bench(
+        "--mode", "cluster", "--no-progress", env=dict(os.environ, PATH=str(tmp_path)), timeout=60
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stderr.strip() == "esf-bench: cluster mode needs redis-server (Debian: apt-get install redis-server)"
+    assert (
+        proc.stderr.strip()
+        == "esf-bench: cluster mode needs redis-server (Debian: apt-get install redis-server)"
+    )
 
 
 def test_percentile():
@@ -344,7 +361,16 @@ def test_coalescing_relay_writes_once_per_destination_per_read(cache_header):
     )
     to_bob = [_frame(b"bob", bytes([i]) * (10 + i)) for i in range(5)]
     to_carol = [_frame(b"carol", bytes([i]) * 20) for i in range(3)]
-    read = to_bob[0] + to_bob[1] + to_carol[0] + to_bob[2] + to_carol[1] + to_carol[2] + to_bob[3] + to_bob[4]
+    read = (
+        to_bob[0]
+        + to_bob[1]
+        + to_carol[0]
+        + to_bob[2]
+        + to_carol[1]
+        + to_carol[2]
+        + to_bob[3]
+        + to_bob[4]
+    )
     alice.dataReceived(read)
     assert bob_out.value() == b"".join(to_bob) and bob_out.writes == 1
     assert carol_out.value() == b"".join(to_carol) and carol_out.writes == 1
@@ -391,7 +417,9 @@ def test_parts_spread_the_load_over_the_workers():
     Each load worker gets a share of the pairs (with their messages) or of
     the connections; no worker is left with nothing to do.
     """
-    opts = argparse.Namespace(load_procs=3, messages=1000, requests=10, logons=7, idle=2, logon_window=500)
+    opts = argparse.Namespace(
+        load_procs=3, messages=1000, requests=10, logons=7, idle=2, logon_window=500
+    )
     load = _coordinator.LoadGenerator(None, opts, None)
     parts = load._parts("send", 5)
     assert [p["pairs"] for p in parts] == [[0, 1], [2, 3], [4]]
@@ -407,9 +435,19 @@ def test_load_bound_warning():
     """
     The report warns when the load generator, not the server, set the pace.
     """
-    busy_load = {"server_cpu_percent": 60.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
+    busy_load = {
+        "server_cpu_percent": 60.0,
+        "load_cpu_percent": 97.0,
+        "load_cpu_max_percent": 97.0,
+        "load_procs": 1,
+    }
     assert "97% of a core" in _figures.load_bound(busy_load, 2, "logons")
-    crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
+    crowded = {
+        "server_cpu_percent": 70.0,
+        "load_cpu_percent": 120.0,
+        "load_cpu_max_percent": 60.0,
+        "load_procs": 2,
+    }
     assert "did not have a core" in _figures.load_bound(crowded, 2, "logons")
     idle_server = {"server_cpu_percent": 50.0, "load_cpu_percent": 20.0, "load_cpu_max_percent": 20.0,
                    "load_procs": 1, "elapsed_s": 2.0}  # fmt: skip
@@ -417,7 +455,9 @@ def test_load_bound_warning():
     assert _figures.load_bound(idle_server, 2, "request") is None
     busy_server = dict(busy_load, server_cpu_percent=99.0)
     assert _figures.load_bound(busy_server, 2, "logons") is None
-    assert _figures.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None  # no server CPU (--server)
+    assert (
+        _figures.load_bound({"load_cpu_max_percent": 99.0}, 2, "send") is None
+    )  # no server CPU (--server)
     shared = dict(idle_server, machine_cpu_percent=190.0)
     assert "other processes used 120%" in _figures.load_bound(shared, 2, "send")
     # A phase too short for CPU times counted in 10 ms ticks: not judged.
@@ -430,7 +470,12 @@ def test_no_load_bound_warning_in_idle_mode():
     Idle mode generates no load (it holds sessions and reads the server's
     memory): a busy worker there limits nothing.
     """
-    busy_load = {"server_cpu_percent": 5.0, "load_cpu_percent": 97.0, "load_cpu_max_percent": 97.0, "load_procs": 1}
+    busy_load = {
+        "server_cpu_percent": 5.0,
+        "load_cpu_percent": 97.0,
+        "load_cpu_max_percent": 97.0,
+        "load_procs": 1,
+    }
     assert _figures.load_bound(busy_load, 2, "logons") is not None
     assert _figures.load_bound(busy_load, 2, "idle") is None
 
@@ -466,15 +511,29 @@ def test_steal_time_is_not_busy_time_of_other_processes():
     hypervisor took more: the warning names the steal, not "other
     processes" (counting steal as busy, it used to).
     """
-    start = {"t": 10.0, "server_cpu": 1.0, "load_cpu": [1.0], "machine_cpu": (50.0, 7.0), "memory": {}}
-    end = {"t": 12.0, "server_cpu": 2.2, "load_cpu": [1.8], "machine_cpu": (52.0, 8.2), "memory": {}}
+    start = {
+        "t": 10.0,
+        "server_cpu": 1.0,
+        "load_cpu": [1.0],
+        "machine_cpu": (50.0, 7.0),
+        "memory": {},
+    }
+    end = {
+        "t": 12.0,
+        "server_cpu": 2.2,
+        "load_cpu": [1.8],
+        "machine_cpu": (52.0, 8.2),
+        "memory": {},
+    }
     usage = _figures._usage(start, end)
     assert usage["server_cpu_percent"] == pytest.approx(60.0)
     assert usage["load_cpu_percent"] == pytest.approx(40.0)
     assert usage["machine_cpu_percent"] == pytest.approx(100.0)
     assert usage["machine_steal_percent"] == pytest.approx(60.0)
     why = _figures.load_bound(usage, 2, "request")
-    assert why.startswith("the hypervisor took 60% of the 2 core(s) this run may use (steal time)"), why
+    assert why.startswith(
+        "the hypervisor took 60% of the 2 core(s) this run may use (steal time)"
+    ), why
 
 
 def test_the_cores_are_those_of_the_affinity(monkeypatch):
@@ -488,8 +547,15 @@ def test_the_cores_are_those_of_the_affinity(monkeypatch):
     assert _procs.default_load_procs() == 1
     machine = _procs.machine_info()
     assert (machine["nproc"], machine["cpu_count"]) == (2, 64)
-    crowded = {"server_cpu_percent": 70.0, "load_cpu_percent": 120.0, "load_cpu_max_percent": 60.0, "load_procs": 2}
-    assert "2 core(s) this run may use were busy" in _figures.load_bound(crowded, len(_procs.usable_cpus()), "send")
+    crowded = {
+        "server_cpu_percent": 70.0,
+        "load_cpu_percent": 120.0,
+        "load_cpu_max_percent": 60.0,
+        "load_procs": 2,
+    }
+    assert "2 core(s) this run may use were busy" in _figures.load_bound(
+        crowded, len(_procs.usable_cpus()), "send"
+    )
 
 
 def test_quick_run_on_pypy(tmp_path):
@@ -656,10 +722,15 @@ def test_an_aborted_run_kills_its_workers():
     clock, load = _fake_coordinator()
     load.workers[0].gone = True
     load.stop()
-    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, []), (True, [])]
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [
+        (False, []),
+        (True, []),
+    ]
     clock, load = _fake_coordinator()
     load.stop(kill=True)
-    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [(False, ["KILL"])] * 2
+    assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [
+        (False, ["KILL"])
+    ] * 2
 
 
 def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
@@ -837,7 +908,10 @@ def test_a_server_that_stops_answering_fails_the_phase():
     clock.pump([1] * 2)
     [failure] = outcome
     assert failure.check(_wire.BenchError)
-    assert failure.getErrorMessage() == "the server stopped answering: nothing arrived for 10 s (0 of 100 sends done)"
+    assert (
+        failure.getErrorMessage()
+        == "the server stopped answering: nothing arrived for 10 s (0 of 100 sends done)"
+    )
     assert sender.lost and receiver.lost
 
 
@@ -924,7 +998,10 @@ def test_progress_shows_one_stage_summed_over_the_workers():
     log_on = [{"log on": (2, 4, "", 7.0)}, {"log on": (1, 6, "", 6.5)}]
     assert _progress.progress_of(log_on) == ("log on", 3, 10, "", 6.5)
     # One worker sends while the other still logs on: the log-on stage.
-    one_sends = [{"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)}, {"log on": (5, 6, "", 6.5)}]
+    one_sends = [
+        {"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)},
+        {"log on": (5, 6, "", 6.5)},
+    ]
     assert _progress.progress_of(one_sends) == ("log on", 9, 10, "", 6.5)
     both_send = [
         {"log on": (4, 4, "", 7.0), "send": (100, 500, "", 8.0)},
@@ -944,7 +1021,10 @@ def _draws(stderr: str) -> list[tuple[str, float, float]]:
     """
     # (Read as text, the bar's carriage returns are line ends.)
     found = re.findall(r"^(esf: [a-z ,]+?)\s+\[[#.]+\]\s+([\d,.]+)/([\d,.]+)", stderr, re.M)
-    return [(label, float(done.replace(",", "")), float(total.replace(",", ""))) for label, done, total in found]
+    return [
+        (label, float(done.replace(",", "")), float(total.replace(",", "")))
+        for label, done, total in found
+    ]
 
 
 @pytest.mark.parametrize(
@@ -981,5 +1061,7 @@ def test_a_server_that_cannot_start_is_reported(tmp_path):
     reports a server that exits at once, and where its log is.
     """
     log = tmp_path / "server.log"
-    with pytest.raises(_wire.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"):
+    with pytest.raises(
+        _wire.BenchError, match=r"^the esf server exited with status \d+: see .*server.log$"
+    ):
         _procs.start_esf_server(_procs.free_port(), ["--no-such-option"], log, timeout=30)

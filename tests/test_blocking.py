@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import sys, threading, time
 
     from twisted.internet import endpoints, reactor
@@ -154,7 +154,7 @@ SCRIPT = textwrap.dedent(
     call_in_reactor(listener.stopListening)
     call_in_reactor(engine.stop)
     print("done")
-    '''
+    """
 )
 
 

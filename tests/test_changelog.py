@@ -112,7 +112,10 @@ def test_towncrier_draft():
     towncrier reads the configuration and the fragments and drafts the next
     release's section from them.
     """
-    if shutil.which("towncrier") is None and not (Path(sys.executable).parent / "towncrier").exists():
+    if (
+        shutil.which("towncrier") is None
+        and not (Path(sys.executable).parent / "towncrier").exists()
+    ):
         pytest.fail("towncrier is not installed: it is in the test extra (pip install '.[test]')")
     towncrier = shutil.which("towncrier") or str(Path(sys.executable).parent / "towncrier")
     result = subprocess.run(

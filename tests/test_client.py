@@ -114,7 +114,9 @@ class Link:
         self.closed = True
         self.server_io.disconnected = self.client_io.disconnected = True
         self.server_io.disconnecting = self.client_io.disconnecting = True
-        self.server_io.disconnectReason = self.client_io.disconnectReason = reason or ConnectionLost()
+        self.server_io.disconnectReason = self.client_io.disconnectReason = (
+            reason or ConnectionLost()
+        )
         self.server_io.reportDisconnect()
         self.client_io.reportDisconnect()
 
@@ -455,7 +457,11 @@ def test_logon_refused():
 @pytest.mark.parametrize(
     "config, kwargs, expected",
     [
-        (ServerConfig(system_token="right"), {"system_token": "wrong"}, LogonResult.VERSION_MISMATCHED),
+        (
+            ServerConfig(system_token="right"),
+            {"system_token": "wrong"},
+            LogonResult.VERSION_MISMATCHED,
+        ),
         (ServerConfig(client_types={0, 1}), {}, LogonResult.CLIENT_TYPE_REJECTED),
     ],
 )
@@ -579,7 +585,10 @@ def test_heartbeats(setup):
 def test_heartbeat_interval_comes_from_the_server():
     s = Setup(ServerConfig(heartbeat_interval=3, heartbeat_timeout=7))
     client = s.logged_on("alice")
-    assert (client.logon_response.heartbeat_interval, client.logon_response.heartbeat_timeout) == (3, 7)
+    assert (client.logon_response.heartbeat_interval, client.logon_response.heartbeat_timeout) == (
+        3,
+        7,
+    )
     s.net.advance(30)
     assert len(heartbeats(s.net.links[0])) == 11
 
@@ -637,7 +646,9 @@ def test_any_frame_counts_as_life(setup):
         if data:
             from esf.wire import FrameDecoder
 
-            keep = [f.raw for f in FrameDecoder().feed(data) if f.message_type != MessageType.HEARTBEAT]
+            keep = [
+                f.raw for f in FrameDecoder().feed(data) if f.message_type != MessageType.HEARTBEAT
+            ]
             link.server_io.stream = [b"".join(keep)] if keep else []
         return real()
 
@@ -860,9 +871,10 @@ def test_relogon_busy_tries_again_later():
     assert [r.result for (r,) in events.of("relogon_completed")] == [LogonResult.BUSY] * 3 + [
         LogonResult.SUCCEED
     ]
-    assert events.names() == ["connection_interrupted", "connection_rebuild_start"] + [
-        "relogon_completed"
-    ] * 4
+    assert (
+        events.names()
+        == ["connection_interrupted", "connection_rebuild_start"] + ["relogon_completed"] * 4
+    )
 
 
 def test_first_logon_busy_fails():
@@ -1394,7 +1406,9 @@ def test_send_blob_between_clients():
     assert result(s.net, d) is None
     assert handler.information == [("alice", ClientType.OTHERS, 11, payload)]
     assert events.of("information_received") == [("alice", ClientType.OTHERS, 11, payload)]
-    blobs = [f for f in s.net.links[0].frames_to_server(wire) if f.message_type == MessageType.BLOB]
+    blobs = [
+        f for f in s.net.links[0].frames_to_server(wire) if f.message_type == MessageType.BLOB
+    ]
     assert len(blobs) == -(-5000 // (256 - 36 - 13))
     assert all(len(f.raw) <= 256 for f in blobs)
 
@@ -1437,7 +1451,10 @@ def test_broadcast():
     bob = s.logged_on("bob")
     carol = s.logged_on("carol")
     dave = s.logged_on("dave")
-    seen = {name: Events(c) for name, c in [("alice", alice), ("bob", bob), ("carol", carol), ("dave", dave)]}
+    seen = {
+        name: Events(c)
+        for name, c in [("alice", alice), ("bob", bob), ("carol", carol), ("dave", dave)]
+    }
     assert result(s.net, alice.broadcast("room", 3, b"hi all")) is None
     assert seen["bob"].of("broadcast_received") == [("alice", "room", 3, b"hi all")]
     assert seen["carol"].of("broadcast_received") == [("alice", "room", 3, b"hi all")]
@@ -1522,7 +1539,9 @@ def test_send_blob_waits_while_busy():
     d = alice.send_blob("bob", 1, b"z" * 2000)
     s.net.advance(5)
     assert pending(d) and handler.information == []
-    blobs = [f for f in s.net.links[0].frames_to_server(wire) if f.message_type == MessageType.BLOB]
+    blobs = [
+        f for f in s.net.links[0].frames_to_server(wire) if f.message_type == MessageType.BLOB
+    ]
     assert blobs == []
     protocol.resumeProducing()
     assert result(s.net, d) is None
@@ -1562,7 +1581,9 @@ def test_close_while_waiting_to_reconnect_ends_the_session_at_once(setup):
         "connection_rebuild_start",
         "session_ended",
     ]
-    assert events.of("session_ended") == [(Ending(EndingKind.CLOSED, None, "closed by the application"),)]
+    assert events.of("session_ended") == [
+        (Ending(EndingKind.CLOSED, None, "closed by the application"),)
+    ]
     # Closing again changes nothing.
     assert result(setup.net, alice.close()) is None
     assert events.names().count("session_ended") == 1
@@ -1604,7 +1625,11 @@ def test_a_final_disconnect_notice_alone_ends_the_session(setup, reason, kind):
     events = Events(alice)
     notice = m.DisconnectNotice(reason, "bye").encode()
     frame = encode_frame(
-        setup.config.wire, MessageType.DISCONNECT_NOTICE, notice, user_id="_0", dest_user_id="alice"
+        setup.config.wire,
+        MessageType.DISCONNECT_NOTICE,
+        notice,
+        user_id="_0",
+        dest_user_id="alice",
     )
     client_protocol(setup.net.links[0]).dataReceived(frame)
     setup.net.links[0].drop()
@@ -1664,7 +1689,10 @@ def test_forged_response_to_a_query_through_the_server():
     s.net.flush()
     message_id = list(alice._pending)[-1]
     mallory.write_message(
-        MessageType.RESPONSE, m.Information(5, b"forged").encode(), message_id=message_id, dest="alice"
+        MessageType.RESPONSE,
+        m.Information(5, b"forged").encode(),
+        message_id=message_id,
+        dest="alice",
     )
     mallory.write_message(
         MessageType.ERROR,
@@ -1717,7 +1745,12 @@ def test_is_user_online_answered_by_a_user_is_dropped(setup):
     setup.logged_on("bob")
     d = alice.is_user_online("bob")
     forge(alice, MessageType.QUERY_ONLINE, m.QueryOnlineReply(False).encode(), "bob")
-    forge(alice, MessageType.ERROR, m.Error(MessageType.QUERY_ONLINE, ErrorCode.BAD_REQUEST, "x").encode(), "bob")
+    forge(
+        alice,
+        MessageType.ERROR,
+        m.Error(MessageType.QUERY_ONLINE, ErrorCode.BAD_REQUEST, "x").encode(),
+        "bob",
+    )
     assert pending(d) and alice.counters["forged_answers"] == 2
     assert result(setup.net, d) is True
 
@@ -1756,7 +1789,9 @@ def test_answers_go_to_the_device_that_asked(setup):
     pc = setup.logged_on("alice", client_type=ClientType.DOTNET)
     phone = setup.logged_on("alice", client_type=ClientType.ANDROID)
     answers = []
-    setup.logged_on("bob", handler=Recorder(lambda p: answers.append((p, Deferred())) or answers[-1][1]))
+    setup.logged_on(
+        "bob", handler=Recorder(lambda p: answers.append((p, Deferred())) or answers[-1][1])
+    )
     d_pc = pc.query("bob", 1, b"pc")
     d_phone = phone.query("bob", 1, b"phone")
     setup.net.flush()
@@ -1855,7 +1890,9 @@ def test_a_blob_of_tiny_fragments_costs_its_bytes_not_an_object_each():
     from esf.client._inbox import ClientBlobs
 
     blobs = ClientBlobs()
-    bodies = [m.BlobFragment(1, 7, i, False, b"%04d" % (i % 10_000)).encode() for i in range(50_000)]
+    bodies = [
+        m.BlobFragment(1, 7, i, False, b"%04d" % (i % 10_000)).encode() for i in range(50_000)
+    ]
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -1886,9 +1923,13 @@ def test_a_refused_fragment_leaves_no_frame_in_the_log():
     with LogCapture() as logs:
         refused = start_blob(mallory, "alice", 2, size=100)  # past max_blob_bytes
         failure(s.net, refused, RequestError)
-        failure(s.net, mallory._request(  # of a blob that was dropped
-            MessageType.BLOB, m.BlobFragment(1, 1, 1, False, b"x").encode(), dest="alice"
-        ), RequestError)
+        failure(
+            s.net,
+            mallory._request(  # of a blob that was dropped
+                MessageType.BLOB, m.BlobFragment(1, 1, 1, False, b"x").encode(), dest="alice"
+            ),
+            RequestError,
+        )
     assert alice.counters["blob_errors"] == 2
     events = [e for e in logs.events if e.get("log_namespace") == "esf.client"]
     assert len(events) == 2
@@ -1911,7 +1952,9 @@ def test_a_handler_failure_is_logged_without_its_frames(setup, logged_errors):
 
     setup.logged_on("bob", handler=Broken())
     alice = setup.logged_on("alice")
-    error = failure(setup.net, alice.send_blob("bob", 5, b"b" * 5000, fragment_size=1000), RequestError)
+    error = failure(
+        setup.net, alice.send_blob("bob", 5, b"b" * 5000, fragment_size=1000), RequestError
+    )
     assert error.code == ErrorCode.HANDLER_ERROR
     [event] = [e for e in logged_errors if "the client handler raised" in formatEvent(e)]
     logged = event["log_failure"]

@@ -437,7 +437,9 @@ def test_cli_send_says_stored_or_delivered(tmp_path, background):
     To a user who is offline, on a server with an offline store, C{send}
     says the message was stored, not delivered; the user gets it at logon.
     """
-    server = Server(tmp_path, ["--auth", PASSWORDS, "--offline", f"sqlite:{tmp_path / 'offline.db'}"])
+    server = Server(
+        tmp_path, ["--auth", PASSWORDS, "--offline", f"sqlite:{tmp_path / 'offline.db'}"]
+    )
     server.start().wait_listening()
     try:
         run = cli(server.port, "alice", "pa", "send", "bob", "while you were out", "--type", "3")
@@ -571,7 +573,6 @@ def test_docs_examples_run(docs_server, tmp_path):
         assert run.returncode == 0, (code, run.stdout, run.stderr)
         if expected is not None:
             assert run.stdout == expected, (code, run.stderr)
-
 
 
 # -- what another user's blobs cost a client process -------------------------------------

@@ -22,19 +22,27 @@ from esf.wire._frames import (
     SERVER_ID,
     ClientType,
     DisconnectedType,
-    FrameDecoder,
     MessageType,
     WireConfig,
     encode_frame,
 )
+from esf.wire._decoder import FrameDecoder
 from esf.wire._pending import PendingRequests
 
 WIRE = WireConfig()
 
 
-def frame(message_type, body=b"", *, sender="bob", kind=ClientType.ANDROID, message_id=0, dest="alice"):
+def frame(
+    message_type, body=b"", *, sender="bob", kind=ClientType.ANDROID, message_id=0, dest="alice"
+):
     data = encode_frame(
-        WIRE, message_type, body, client_type=kind, message_id=message_id, user_id=sender, dest_user_id=dest
+        WIRE,
+        message_type,
+        body,
+        client_type=kind,
+        message_id=message_id,
+        user_id=sender,
+        dest_user_id=dest,
     )
     (decoded,) = FrameDecoder(WIRE).feed(data)
     return decoded
@@ -128,7 +136,13 @@ def _members(protocol) -> set[str]:
 
 
 def test_the_inbox_host_names_no_private_member():
-    assert {"offline_mark", "take_answer", "end_for_good", "write_message", "connection"} <= _members(InboxHost)
+    assert {
+        "offline_mark",
+        "take_answer",
+        "end_for_good",
+        "write_message",
+        "connection",
+    } <= _members(InboxHost)
     assert [name for name in _members(InboxHost) if name.startswith("_")] == []
 
 
@@ -141,30 +155,45 @@ def test_a_message_is_handed_to_the_handler_and_acknowledged():
     assert host.handler.information == [("bob", ClientType.ANDROID, 7, b"hi")]
     assert heard == host.handler.information
     (ack,) = host.written()
-    assert (ack.message_type, ack.message_id, ack.dest_user_id) == (MessageType.ACK, 4, f"bob#{int(ClientType.ANDROID)}")
+    assert (ack.message_type, ack.message_id, ack.dest_user_id) == (
+        MessageType.ACK,
+        4,
+        f"bob#{int(ClientType.ANDROID)}",
+    )
 
 
 def test_a_query_is_answered_by_the_handler_to_the_asking_device():
     box, host = inbox()
-    box.frame_received(host.connection, frame(MessageType.REQUEST, m.Information(2, b"q").encode(), message_id=9))
+    box.frame_received(
+        host.connection, frame(MessageType.REQUEST, m.Information(2, b"q").encode(), message_id=9)
+    )
     (answer,) = host.written()
-    assert (answer.message_type, answer.message_id, answer.dest_user_id) == (MessageType.RESPONSE, 9, f"bob#{int(ClientType.ANDROID)}")
+    assert (answer.message_type, answer.message_id, answer.dest_user_id) == (
+        MessageType.RESPONSE,
+        9,
+        f"bob#{int(ClientType.ANDROID)}",
+    )
     assert m.Information.decode(answer.body).payload == b"Q"
 
 
 def test_a_forged_answer_is_counted_and_the_call_goes_on_waiting():
     box, host = inbox()
     results = []
-    host._request(MessageType.REQUEST, m.Information(1, b"?").encode(), dest="bob").addBoth(results.append)
+    host._request(MessageType.REQUEST, m.Information(1, b"?").encode(), dest="bob").addBoth(
+        results.append
+    )
     (request,) = host.written()
     answer = m.Information(1, b"forged").encode()
     box.frame_received(
-        host.connection, frame(MessageType.RESPONSE, answer, sender="mallory", message_id=request.message_id)
+        host.connection,
+        frame(MessageType.RESPONSE, answer, sender="mallory", message_id=request.message_id),
     )
     assert host.counters["forged_answers"] == 1
     assert results == []
     real = m.Information(1, b"real").encode()
-    box.frame_received(host.connection, frame(MessageType.RESPONSE, real, message_id=request.message_id))
+    box.frame_received(
+        host.connection, frame(MessageType.RESPONSE, real, message_id=request.message_id)
+    )
     assert [m.Information.decode(r.body).payload for r in results] == [b"real"]
 
 
@@ -172,10 +201,14 @@ def test_an_offline_duplicate_is_acknowledged_and_not_handled_again():
     box, host = inbox()
     host.offline_mark = 5
     stored = m.Information(3, b"kept").encode()
-    box.frame_received(host.connection, frame(MessageType.SEND, stored, message_id=5, dest=SERVER_ID))
+    box.frame_received(
+        host.connection, frame(MessageType.SEND, stored, message_id=5, dest=SERVER_ID)
+    )
     assert host.handler.information == []
     assert host.counters["offline_duplicates"] == 1
-    box.frame_received(host.connection, frame(MessageType.SEND, stored, message_id=6, dest=SERVER_ID))
+    box.frame_received(
+        host.connection, frame(MessageType.SEND, stored, message_id=6, dest=SERVER_ID)
+    )
     assert host.handler.information == [("bob", ClientType.ANDROID, 3, b"kept")]
     assert host.offline_mark == 6
     assert host.written() == []  # acknowledged once per turn, cumulatively
@@ -189,10 +222,16 @@ def test_a_kick_ends_the_session_through_the_host():
     kicked = []
     host.being_kicked_out.subscribe(lambda *a: kicked.append(a))
     notice = m.BeingKickedOutNotify("admin", "spam").encode()
-    box.frame_received(host.connection, frame(MessageType.BEING_KICKED_OUT_NOTIFY, notice, sender=SERVER_ID))
+    box.frame_received(
+        host.connection, frame(MessageType.BEING_KICKED_OUT_NOTIFY, notice, sender=SERVER_ID)
+    )
     ((connection, ending),) = host.ended
     assert connection is host.connection
-    assert (ending.reason, ending.operator, ending.text) == (DisconnectedType.BEING_KICKED_OUT, "admin", "spam")
+    assert (ending.reason, ending.operator, ending.text) == (
+        DisconnectedType.BEING_KICKED_OUT,
+        "admin",
+        "spam",
+    )
     assert kicked == [("admin", "spam")]
 
 
@@ -235,7 +274,9 @@ def test_the_blocking_client_takes_the_engines_arguments():
     """
     engine = _calls(ClientEngine)
     shared = sorted(set(_calls(BlockingClient)) & set(engine))
-    assert {"query", "send_certainly", "send_blob", "broadcast", "ping", "ping_by_server"} <= set(shared)
+    assert {"query", "send_certainly", "send_blob", "broadcast", "ping", "ping_by_server"} <= set(
+        shared
+    )
     for name in shared:
         assert _parameters(getattr(BlockingClient, name)) == _parameters(engine[name]), name
     for cls in (ClientEngine, BlockingClient, ServerEngine):
@@ -244,4 +285,7 @@ def test_the_blocking_client_takes_the_engines_arguments():
             if "timeout" in parameters:
                 for keyword in ("timeout", "client_type"):
                     if keyword in parameters:
-                        assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (cls, name)
+                        assert parameters[keyword].kind is inspect.Parameter.KEYWORD_ONLY, (
+                            cls,
+                            name,
+                        )

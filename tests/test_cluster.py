@@ -112,9 +112,7 @@ class Nodes:
         options.setdefault("lease", LEASE)
         options.setdefault("timeout", 1.0)
         options.setdefault("block", 0.2)
-        presence = ClusterPresence(
-            reactor, self.redis.url, node_id, clock=task.Clock(), **options
-        )
+        presence = ClusterPresence(reactor, self.redis.url, node_id, clock=task.Clock(), **options)
         presence.start()
         self.nodes.append(presence)
         await eventually(lambda: presence.up, what=f"{node_id} joins")
@@ -143,7 +141,12 @@ def holder(presence, user_id, client_type=0):
 def test_redis_url():
     url = RedisURL.parse("rediss://user:p%40ss@redis.example:6380/3")
     assert (url.host, url.port, url.db, url.username, url.password, url.tls) == (
-        "redis.example", 6380, 3, "user", "p@ss", True,
+        "redis.example",
+        6380,
+        3,
+        "user",
+        "p@ss",
+        True,
     )
     assert "p@ss" not in str(url) and "p@ss" not in repr(url)
     assert RedisURL.parse("redis://h") == RedisURL("h", 6379, 0)
@@ -489,12 +492,16 @@ async def test_split_logons_settled_by_the_mode_each_was_claimed_with(nodes, red
     assert dev_later.kicked == [] and op_earlier.kicked == []
     for node in (a, b):
         await eventually(
-            lambda: holder(node, "dev-7") == dev_later.session_id
-            and holder(node, "op-ann") == op_earlier.session_id,
+            lambda: (
+                holder(node, "dev-7") == dev_later.session_id
+                and holder(node, "op-ann") == op_earlier.session_id
+            ),
             what=lambda: (holder(node, "dev-7"), holder(node, "op-ann")),
         )
     # What each node remembers of the modes goes with its sessions.
-    assert a.claims.ignore_new == {op_later.session_id} and b.claims.ignore_new == {op_earlier.session_id}
+    assert a.claims.ignore_new == {op_later.session_id} and b.claims.ignore_new == {
+        op_earlier.session_id
+    }
     await a.release(dev_earlier)
     await a.release(op_later)
     assert not a.claims.local and not a.claims.ignore_new

@@ -178,7 +178,9 @@ def test_broadcast_to_everyone_across_nodes(cluster, clients):
     for member in (alice, bob):
         header, body = member.recv_until(BROADCAST)
         assert (header["user_id"], header["dest_user_id"], body) == (
-            "admin", "*", info(3, b"hello \xff all"),
+            "admin",
+            "*",
+            info(3, b"hello \xff all"),
         )
 
 
@@ -483,9 +485,7 @@ def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
     i1.wait_for_log("left the cluster", timeout=5)
 
 
-def test_a_paused_node_loses_no_message_silently_nor_locks_its_users_out(
-    ignore_new_pair, clients
-):
+def test_a_paused_node_loses_no_message_silently_nor_locks_its_users_out(ignore_new_pair, clients):
     """
     The holder's node is paused (SIGSTOP): every request sent to its user
     is answered, those it never read when its lease ran out and it was

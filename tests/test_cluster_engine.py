@@ -104,7 +104,9 @@ async def test_relay_and_events_across_engines(pair):
     alice.send(MessageType.SEND, Information(1, b"\xff\x00hi"), dest="bob")
     [got] = await eventually(bob.take)
     assert (got.message_type, got.user_id, got.body) == (
-        MessageType.SEND, "alice", Information(1, b"\xff\x00hi"),
+        MessageType.SEND,
+        "alice",
+        Information(1, b"\xff\x00hi"),
     )
     # Each node fired its own user's events; the user count is cluster-wide.
     assert names(a.events) == ["device_connected", "user_connected", "user_count_changed"]
@@ -195,8 +197,10 @@ async def test_relogon_mode_per_user_across_engines(hub_pair):
         MessageType.DISCONNECT_NOTICE,
     ]
     await eventually(
-        lambda: a.presence.get("dev-7", 0) is not None
-        and a.presence.get("dev-7", 0).session_id == b.presence.get("dev-7", 0).session_id,
+        lambda: (
+            a.presence.get("dev-7", 0) is not None
+            and a.presence.get("dev-7", 0).session_id == b.presence.get("dev-7", 0).session_id
+        ),
         what="both mirrors show the new device",
     )
     assert b.presence.get("dev-7", 0) is b.engine.presence.get("dev-7", 0)
@@ -259,7 +263,12 @@ async def test_kick_out_from_the_other_engine(pair):
     for node in (a, b):
         node.engine.user_manager.device_kicked_out.subscribe(
             lambda data, operator, reason, events=node.events: events.append(
-                ("device_kicked_out", (data.user_id, data.client_type, data.address), operator, reason)
+                (
+                    "device_kicked_out",
+                    (data.user_id, data.client_type, data.address),
+                    operator,
+                    reason,
+                )
             )
         )
     alice = await a.logon("alice")
@@ -315,7 +324,9 @@ async def test_takeover_flapping_between_nodes_is_refused_busy(redis_server):
         for node in (b, a):
             old, held = held, await node.logon("alice", 1)
             await eventually(lambda: old.closing, what="the old session pushed out")
-        assert a.engine.counters["takeovers_refused"] == b.engine.counters["takeovers_refused"] == 0
+        assert (
+            a.engine.counters["takeovers_refused"] == b.engine.counters["takeovers_refused"] == 0
+        )
         # The third takeover within the window, on b: refused Busy there,
         # though b itself took the device over only once.
         third = Client(b.engine)
@@ -420,8 +431,10 @@ async def test_forged_answers_across_nodes_go_nowhere(pair):
     mallory_b = await b.logon("mallory")
     mallory_a = await a.logon("mallory", 1)
     await eventually(
-        lambda: a.engine.user_manager.is_user_online("bob")
-        and b.engine.user_manager.is_user_online("alice")
+        lambda: (
+            a.engine.user_manager.is_user_online("bob")
+            and b.engine.user_manager.is_user_online("alice")
+        )
     )
     alice.send(MessageType.REQUEST, Information(3, b"?"), dest="bob", message_id=41)
     [request] = await eventually(bob.take, what="alice's Request at bob")
@@ -430,8 +443,10 @@ async def test_forged_answers_across_nodes_go_nowhere(pair):
         mallory.send(MessageType.RESPONSE, Information(3, b"forged"), dest="alice", message_id=41)
         mallory.send(MessageType.ACK, b"", dest="alice", message_id=41)
     await eventually(
-        lambda: a.engine.counters["unsolicited_answers"] + b.engine.counters["unsolicited_answers"]
-        == 4,
+        lambda: (
+            a.engine.counters["unsolicited_answers"] + b.engine.counters["unsolicited_answers"]
+            == 4
+        ),
         what="four forgeries dropped",
     )
     assert alice.take() == []
@@ -564,9 +579,11 @@ async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):
         )
         assert frames[-1].body.reason == expected
         await eventually(
-            lambda: [h.session_id for h in a.presence.devices("alice")]
-            == [h.session_id for h in b.presence.devices("alice")]
-            and len(a.presence.devices("alice")) == 1
+            lambda: (
+                [h.session_id for h in a.presence.devices("alice")]
+                == [h.session_id for h in b.presence.devices("alice")]
+                and len(a.presence.devices("alice")) == 1
+            )
         )
         assert not winner.closing
         [holder] = b.presence.devices("alice")
@@ -655,9 +672,11 @@ async def test_ignore_new_takes_a_device_whose_node_stopped_renewing(redis_serve
         assert frames[-1].body.reason == DisconnectedType.BEING_PUSHED_OUT
         assert not new.closing
         await eventually(
-            lambda: [h.session_id for h in a.presence.devices("alice")]
-            == [h.session_id for h in b.presence.devices("alice")]
-            and len(b.presence.devices("alice")) == 1
+            lambda: (
+                [h.session_id for h in a.presence.devices("alice")]
+                == [h.session_id for h in b.presence.devices("alice")]
+                and len(b.presence.devices("alice")) == 1
+            )
         )
     finally:
         await stop_nodes(a, b)
@@ -674,9 +693,11 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
         alice, carol = await a.logon("alice"), await c.logon("carol")
         bob = await b.logon("bob")
         await eventually(
-            lambda: a.engine.user_manager.is_user_online("bob")
-            and c.engine.user_manager.is_user_online("bob")
-            and a.engine.user_manager.is_user_online("carol")
+            lambda: (
+                a.engine.user_manager.is_user_online("bob")
+                and c.engine.user_manager.is_user_online("bob")
+                and a.engine.user_manager.is_user_online("carol")
+            )
         )
         await pause_reading(b.presence)
         alice.send(MessageType.SEND_CERTAINLY, Information(1, b"1"), dest="bob", message_id=7)

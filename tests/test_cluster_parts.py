@@ -62,7 +62,14 @@ def value(session_id: str, node: str, logon_time: float = 1.0) -> bytes:
 
 
 def claimed(user: str, kind: int, session_id: str, node: str, logon_time: float = 1.0) -> list:
-    return [b"u", user.encode(), b"c", str(kind).encode(), b"v", value(session_id, node, logon_time)]
+    return [
+        b"u",
+        user.encode(),
+        b"c",
+        str(kind).encode(),
+        b"v",
+        value(session_id, node, logon_time),
+    ]
 
 
 def released(user: str, kind: int, session_id: str) -> list:
@@ -307,7 +314,9 @@ class NoRedis:
 
 def up_presence(node: str = "a"):
     clock = task.Clock()
-    presence = ClusterPresence(clock, "redis://127.0.0.1:1/0", node, clock=clock, link_factory=NoRedis)
+    presence = ClusterPresence(
+        clock, "redis://127.0.0.1:1/0", node, clock=clock, link_factory=NoRedis
+    )
     presence.membership.up = True  # as if joined: the stream's entries apply
     return presence, clock
 
@@ -321,8 +330,12 @@ def test_replaced_session_ends_after_the_grace_if_no_push_out_came():
     mine = Device("a", "alice", "a/1")
     presence.claims.local[mine.session_id] = mine
     generation = presence.membership.generation
-    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
-    presence.streams.process(stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation)
+    presence.streams.process(
+        stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation
+    )
+    presence.streams.process(
+        stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation
+    )
     clock.advance(presence.push_out_grace - 0.01)
     assert mine.kicked == []
     clock.advance(0.01)
@@ -335,8 +348,12 @@ def test_replaced_session_that_was_released_meanwhile_is_left_alone():
     mine = Device("a", "alice", "a/1")
     presence.claims.local[mine.session_id] = mine
     generation = presence.membership.generation
-    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
-    presence.streams.process(stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation)
+    presence.streams.process(
+        stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation
+    )
+    presence.streams.process(
+        stream_reply(presence, (b"2-0", claimed("alice", 0, "b/1", "b"))), generation
+    )
     del presence.claims.local[mine.session_id]  # the push-out came: the session ended
     clock.advance(presence.push_out_grace)
     assert mine.kicked == [] and presence.stats["pushed_out_without_notice"] == 0
@@ -347,8 +364,12 @@ def test_session_released_behind_its_back_is_shown_and_claimed_again():
     mine = Device("a", "alice", "a/1")
     presence.claims.local[mine.session_id] = mine
     generation = presence.membership.generation
-    presence.streams.process(stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation)
-    presence.streams.process(stream_reply(presence, (b"2-0", released("alice", 0, "a/1"))), generation)
+    presence.streams.process(
+        stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))), generation
+    )
+    presence.streams.process(
+        stream_reply(presence, (b"2-0", released("alice", 0, "a/1"))), generation
+    )
     assert presence.get("alice", 0) is mine
     assert presence.claims.unconfirmed == {"a/1"} and presence.stats["reclaimed"] == 1
 
@@ -364,7 +385,8 @@ def test_presence_entries_of_an_older_generation_are_not_applied():
 def test_alone_presence_reads_only_its_own_devices():
     presence, _ = up_presence()
     presence.streams.process(
-        stream_reply(presence, (b"1-0", claimed("bob", 0, "b/1", "b"))), presence.membership.generation
+        stream_reply(presence, (b"1-0", claimed("bob", 0, "b/1", "b"))),
+        presence.membership.generation,
     )
     assert presence.get("bob", 0) is not None and presence.user_count() == 1
     presence.membership.alone("a test")

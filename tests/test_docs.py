@@ -85,7 +85,9 @@ def default_problems(name, code_default, documented):
             same = False
     else:
         same = value == str(code_default)
-    return [] if same else [f"--{name}: documented default {value!r}, the code's is {code_default!r}"]
+    return (
+        [] if same else [f"--{name}: documented default {value!r}, the code's is {code_default!r}"]
+    )
 
 
 def test_server_options_table_is_the_plugins():
@@ -135,7 +137,9 @@ def test_websocket_options_agree_with_server_md():
     assert websocket
     for name, (default, _) in websocket.items():
         assert name in server, f"--{name}"
-        assert default == server[name][0], f"--{name}: {default} here, {server[name][0]} in server.md"
+        assert default == server[name][0], (
+            f"--{name}: {default} here, {server[name][0]} in server.md"
+        )
 
 
 def _code_events():
@@ -183,10 +187,17 @@ def _enum_table(heading):
     text = (DOCS / "protocol.md").read_text(encoding="utf-8")
     section = text[text.index(f"### {heading}") :]
     rows = _table(section, "value")
-    return {name: (int(value), re.fullmatch(r"`([A-Z_]+)`", python).group(1)) for value, name, python, _ in rows}
+    return {
+        name: (int(value), re.fullmatch(r"`([A-Z_]+)`", python).group(1))
+        for value, name, python, _ in rows
+    }
 
 
-ENUMS = {"5.3 LogonResult": LogonResult, "5.4 DisconnectedType": DisconnectedType, "5.5 ErrorCode": ErrorCode}
+ENUMS = {
+    "5.3 LogonResult": LogonResult,
+    "5.4 DisconnectedType": DisconnectedType,
+    "5.5 ErrorCode": ErrorCode,
+}
 
 
 def test_protocol_tables_are_the_enums():
@@ -239,7 +250,9 @@ def test_reason_codes_in_docs_exist():
     problems = []
     for path in sorted(DOCS.glob("*.md")) + [REPO / "README.md"]:
         text = path.read_text(encoding="utf-8")
-        problems += [f"{path.name}: {p}" for p in reason_problems(text, errors, reasons, all_codes)]
+        problems += [
+            f"{path.name}: {p}" for p in reason_problems(text, errors, reasons, all_codes)
+        ]
     assert problems == []
 
 

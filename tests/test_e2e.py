@@ -132,7 +132,9 @@ class ServerProcess:
 
 
 def start_server(log_path, args, extra_path=(), twistd_args=("--logfile=-",), preexec_fn=None):
-    server = ServerProcess(log_path, args, extra_path, twistd_args=twistd_args, preexec_fn=preexec_fn)
+    server = ServerProcess(
+        log_path, args, extra_path, twistd_args=twistd_args, preexec_fn=preexec_fn
+    )
     try:
         return server.wait_listening()
     except BaseException:
@@ -441,9 +443,7 @@ def test_example_application_under_twistd(fresh_server, clients):
 def test_session_ended_events(fresh_server, clients):
     # One structured session_ended event per session, through the example
     # JSON observer of docs/examples/jsonlog.py.
-    server = fresh_server(
-        *AUTH, extra_path=[EXAMPLES], twistd_args=["--logger=jsonlog.observer"]
-    )
+    server = fresh_server(*AUTH, extra_path=[EXAMPLES], twistd_args=["--logger=jsonlog.observer"])
     alice = logged_on(clients, server.port, "alice", "pa", client_type=5)
     alice_address = "127.0.0.1:%d" % alice.sock.getsockname()[1]
     alice.send(rc.LOGOFF, dest=rc.SERVER)
@@ -487,6 +487,9 @@ def test_bad_options(args, message):
     output = result.stdout.decode(errors="replace")
     assert result.returncode != 0
     assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if message in line and ":" in line
-              and not line.startswith(" ")]
+    errors = [
+        line
+        for line in output.splitlines()
+        if message in line and ":" in line and not line.startswith(" ")
+    ]
     assert len(errors) == 1, output

@@ -140,8 +140,18 @@ def test_relay_between_users(logon):
     frame = rc.pack_header(SEND, len(body), "e2m-sender", "e2m-rcpt#5", 0, 0) + body
     alice.send_raw(frame)
     header, received = bob_phone.recv_until(SEND)
-    assert rc.pack_header(SEND, len(received), header["user_id"], header["dest_user_id"],
-                          header["message_id"], header["client_type"]) + received == frame
+    assert (
+        rc.pack_header(
+            SEND,
+            len(received),
+            header["user_id"],
+            header["dest_user_id"],
+            header["message_id"],
+            header["client_type"],
+        )
+        + received
+        == frame
+    )
 
     alice.send(SEND, information(43, b"both"), "e2m-rcpt")
     for bob in (bob_pc, bob_phone):

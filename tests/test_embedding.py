@@ -21,7 +21,6 @@ from esf.interfaces import ICustomizeHandler
 from esf.testing import LoggedErrors, MemoryServer, record_events
 
 
-
 @pytest.fixture
 def server():
     server = MemoryServer()

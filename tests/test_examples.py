@@ -96,7 +96,10 @@ def test_support_desk_under_pytest_twisted():
     """
     result = _run_example(
         [
-            "-m", "pytest", "-p", "no:cacheprovider",
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
             str(EXAMPLES / "test_support_desk_pytest.py"),
         ],
         EXAMPLES.parent.parent,
@@ -201,7 +204,12 @@ def test_support_desk_against_twistd_under_pytest(tmp_path):
     """
     result = _run_example(
         [
-            "-m", "pytest", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "--basetemp",
+            str(tmp_path / "t"),
             str(EXAMPLES / "test_support_desk_twistd.py"),
         ],
         tmp_path,

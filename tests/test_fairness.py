@@ -369,7 +369,9 @@ def test_a_member_that_does_not_read_does_not_hold_up_a_broadcast_to_the_others(
         link.write(big)
     arrived = {"bob": {}, "carol": {}}
     for n in range(40):
-        link.write(alice.frame(T.BROADCAST, Information(n, b"hi"), dest="g", message_id=n + 1), mark=n)
+        link.write(
+            alice.frame(T.BROADCAST, Information(n, b"hi"), dest="g", message_id=n + 1), mark=n
+        )
         for _ in range(10):
             link.pump()
             for name, client in (("bob", bob), ("carol", carol)):
@@ -393,7 +395,9 @@ def test_a_broadcast_burst_to_a_member_that_reads_loses_nothing():
     groups = Groups({"g": ["alice", "bob"]})
     engine = make_engine(groups, max_output_buffer=100_000)
     alice, bob = connect(engine, "alice"), connect(engine, "bob", host="10.0.0.2")
-    frames = [alice.frame(T.BROADCAST, Information(n, bytes(10_000)), dest="g") for n in range(100)]
+    frames = [
+        alice.frame(T.BROADCAST, Information(n, bytes(10_000)), dest="g") for n in range(100)
+    ]
     link = Link(alice)
     for frame in frames:
         link.write(frame)
@@ -455,8 +459,14 @@ def test_a_receiver_that_does_not_read_does_not_delay_others_live(tmp_path):
         first = [round(1000 * d, 1) for d in delays[:4]]
         delays.sort()
         p99 = delays[int(0.99 * (count - 1))]
-        print({"median_ms": 1000 * statistics.median(delays), "p99_ms": 1000 * p99,
-               "worst_ms": 1000 * delays[-1], "first_ms": first})
+        print(
+            {
+                "median_ms": 1000 * statistics.median(delays),
+                "p99_ms": 1000 * p99,
+                "worst_ms": 1000 * delays[-1],
+                "first_ms": first,
+            }
+        )
         # The bound is 100 ms; measured 16-64 ms at the p99 on the shared
         # 2-core machine (the first message waits for the burst and the
         # push back, 50 ms): the margin is for a loaded machine.  Before the

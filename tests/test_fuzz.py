@@ -139,7 +139,8 @@ def header_fields(n: int = 11):
         {
             "client_type": st.integers(0, 255),
             "message_type": st.sampled_from(MESSAGE_TYPES) | st.integers(0, 65535),
-            "message_id": st.sampled_from([0, 1, 2, -1, 2**31 - 1]) | st.integers(-(2**31), 2**31 - 1),
+            "message_id": st.sampled_from([0, 1, 2, -1, 2**31 - 1])
+            | st.integers(-(2**31), 2**31 - 1),
             "user_id": ids(n),
             "dest_user_id": ids(n),
         }
@@ -169,7 +170,11 @@ def streams(draw, n: int = 11, body_max: int = 300):
                 frame[at] = draw(st.integers(0, 255))
         elif kind == "lying":
             frame[8:12] = struct.pack(
-                "<i", draw(st.sampled_from([-1, -(2**31), 2**31 - 1, len(body) + 1]) | st.integers(-(2**31), 2**31 - 1))
+                "<i",
+                draw(
+                    st.sampled_from([-1, -(2**31), 2**31 - 1, len(body) + 1])
+                    | st.integers(-(2**31), 2**31 - 1)
+                ),
             )
         elif kind == "truncated":
             frame = frame[: draw(st.integers(0, len(frame)))]
@@ -277,7 +282,9 @@ def session_scripts(draw):
         user = draw(st.sampled_from(["fuzz", "mallory", "x" * 11]))
         kind = draw(st.sampled_from([0, 5, 8, 9]))
         body = w.Logon(draw(st.sampled_from([1, 1, 1, 2])), "", "pw").encode()
-        parts.append(w.encode_frame(config, 112, body, client_type=kind, message_id=1, user_id=user))
+        parts.append(
+            w.encode_frame(config, 112, body, client_type=kind, message_id=1, user_id=user)
+        )
         me = user
     else:
         me = draw(st.sampled_from(["fuzz", ""]))
@@ -316,7 +323,9 @@ def _typed_body(draw, body_class) -> bytes:
         w.KickOut: lambda: w.KickOut(draw(st.text(max_size=20))),
         w.GetAllOnlineUsers: lambda: w.GetAllOnlineUsers(draw(ints), draw(ints)),
         w.QueryOnlines: lambda: w.QueryOnlines(draw(st.lists(ids(), max_size=5))),
-        w.Information: lambda: w.Information(draw(st.integers(-5, 5)), draw(st.binary(max_size=50))),
+        w.Information: lambda: w.Information(
+            draw(st.integers(-5, 5)), draw(st.binary(max_size=50))
+        ),
         w.Ack: lambda: w.Ack(draw(st.integers(-5, 5))),
         w.BlobFragment: lambda: w.BlobFragment(
             draw(st.integers(-2, 2)),
@@ -387,9 +396,7 @@ def run_engine_fuzz(scripts) -> None:
                     assert kinds.index(MessageType.DISCONNECT_NOTICE) == len(kinds) - 1
         # Presence holds exactly the logged-on sessions.
         on = {(s.user_id, s.client_type) for s in engine.sessions if s.logged_on}
-        listed = {
-            (d.user_id, int(d.client_type)) for d in engine.user_manager.get_all_user_data()
-        }
+        listed = {(d.user_id, int(d.client_type)) for d in engine.user_manager.get_all_user_data()}
         assert on == listed
         assert {("alice", 0), ("bob", 0)} <= on
         for client in hostile:
@@ -455,7 +462,9 @@ def hostile_payload(rng: random.Random) -> bytes:
             frame[rng.randrange(len(frame))] = rng.randrange(256)
         return bytes(frame)
     if kind == "truncated":
-        return rc.pack_header(rng.choice([112, 202, 104]), 10, "fuzz", rc.SERVER)[: rng.randrange(1, 36)]
+        return rc.pack_header(rng.choice([112, 202, 104]), 10, "fuzz", rc.SERVER)[
+            : rng.randrange(1, 36)
+        ]
     if kind == "lying":
         length = rng.choice([len(logon) + 50, 60_000, -1, 2**31 - 1, 0])
         return rc.pack_header(rc.LOGON, length, "fuzz", rc.SERVER, 1) + logon
@@ -471,7 +480,9 @@ def hostile_payload(rng: random.Random) -> bytes:
     # logons, relays to the good sessions, a logoff in the middle.
     frames = []
     for _ in range(rng.randrange(1, 8)):
-        t = rng.choice([rc.LOGON, rc.LOGON, rc.HEARTBEAT, rc.PING, 202, rc.LOGOFF, rc.QUERY_ONLINE, 601, 207])
+        t = rng.choice(
+            [rc.LOGON, rc.LOGON, rc.HEARTBEAT, rc.PING, 202, rc.LOGOFF, rc.QUERY_ONLINE, 601, 207]
+        )
         body = logon if t == rc.LOGON else rng.randbytes(rng.randrange(0, 30))
         dest = rng.choice([rc.SERVER, "alice", "bob", "*", "bob#0", ""])
         frames.append(rc.pack_header(t, len(body), "fuzz", dest, rng.randrange(0, 3)) + body)

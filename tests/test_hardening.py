@@ -304,7 +304,9 @@ def test_blobs_in_progress_are_bounded_per_user_over_all_devices():
         device.take()
     answers = []
     for n, device in enumerate(devices):
-        device.send(MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(10_000)), message_id=n + 2)
+        device.send(
+            MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(10_000)), message_id=n + 2
+        )
         answers += device.take()
     assert [a.body.code for a in answers if a.message_type == MessageType.ERROR] == [
         ErrorCode.TOO_LARGE
@@ -400,10 +402,14 @@ from esf.wire import QueryOnlines  # noqa: E402
 def test_query_onlines_names_at_most_max_query_ids():
     engine = make_engine(max_query_ids=1000)
     alice = connect(engine, "alice")
-    alice.send(MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1000)]), message_id=2)
+    alice.send(
+        MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1000)]), message_id=2
+    )
     (ok,) = alice.take()
     assert ok.message_type == MessageType.QUERY_ONLINES and len(ok.body.online) == 1000
-    alice.send(MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1001)]), message_id=3)
+    alice.send(
+        MessageType.QUERY_ONLINES, QueryOnlines([f"u{n}" for n in range(1001)]), message_id=3
+    )
     (refused,) = alice.take()
     assert (refused.message_type, refused.body.code) == (MessageType.ERROR, ErrorCode.TOO_LARGE)
     assert "at most 1000" in refused.body.text

@@ -560,7 +560,9 @@ def test_closed_connections_are_counted_in_the_metrics_by_site_and_reason():
     for port in ("a", "b"):
         site = web_demo_site(engine, reactor=clock)
         site.reactor = clock
-        demos.append(limit_site(site, HTTPLimits(1, 3), clock, f"the web demo {port}", label="web_demo"))
+        demos.append(
+            limit_site(site, HTTPLimits(1, 3), clock, f"the web demo {port}", label="web_demo")
+        )
     service = MetricsService(engine, ENDPOINT, clock=clock, sites=list(demos))
     registry = make_registry(service.metrics, process=False)
 

@@ -135,7 +135,9 @@ def test_size_bounds(module):
     """
     path = _modules()[module]
     source = path.read_text("utf-8")
-    assert len(source.splitlines()) <= 800, f"{path.relative_to(ROOT)}: {len(source.splitlines())} lines"
+    assert len(source.splitlines()) <= 800, (
+        f"{path.relative_to(ROOT)}: {len(source.splitlines())} lines"
+    )
     tree = ast.parse(source)
     big = [
         f"{node.name}: {node.end_lineno - node.lineno + 1} lines"

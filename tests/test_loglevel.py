@@ -49,7 +49,9 @@ def test_twistds_observer_is_filtered(capsys, args, written):
     assert observer is not None
     emit(observer)
     text = capsys.readouterr().out
-    assert [n for n in ("debug", "info", "warn", "error", "critical") if f"a {n} event" in text] == written
+    assert [
+        n for n in ("debug", "info", "warn", "error", "critical") if f"a {n} event" in text
+    ] == written
 
 
 def test_below_the_level_is_never_formatted():

@@ -270,9 +270,7 @@ def test_request_answer_too_large():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize(
-    "message_type", [MessageType.REQUEST, MessageType.SEND_CERTAINLY]
-)
+@pytest.mark.parametrize("message_type", [MessageType.REQUEST, MessageType.SEND_CERTAINLY])
 def test_raising_handler(mode, message_type):
     """
     An exception in the handler is Error(HandlerError) carrying its type and
@@ -316,9 +314,7 @@ def test_long_handler_error_is_cut():
     assert text.startswith("ValueError: xxx") and len(text) == 200
 
 
-@pytest.mark.parametrize(
-    "message_type", [MessageType.REQUEST, MessageType.SEND_CERTAINLY]
-)
+@pytest.mark.parametrize("message_type", [MessageType.REQUEST, MessageType.SEND_CERTAINLY])
 def test_no_handler(message_type):
     """
     Without a customize handler a request is refused, never left unanswered.
@@ -503,11 +499,16 @@ def test_runs_of_sends_in_one_read():
     alice = connect(engine, "alice")
     bob = connect(engine, "bob")
     writes = []
-    bob.transport.write = lambda data, write=bob.transport.write: (writes.append(data), write(data))[1]
+    bob.transport.write = lambda data, write=bob.transport.write: (
+        writes.append(data),
+        write(data),
+    )[1]
 
     def sends(dest, n, **header):
-        return [alice.frame(MessageType.SEND, Information(n, b"%d" % i), dest=dest, **header)
-                for i in range(n)]
+        return [
+            alice.frame(MessageType.SEND, Information(n, b"%d" % i), dest=dest, **header)
+            for i in range(n)
+        ]
 
     to_bob = sends("bob", 3)
     to_carol = sends("carol", 2)
@@ -1242,7 +1243,7 @@ def test_broadcast_waits_for_group_manager():
     alice = connect(engine, "alice")
     bob = connect(engine, "bob")
     sent = alice.send(MessageType.BROADCAST, Information(3, b"x"), dest="g", message_id=2)
-    (allowed, ok), = groups.pending
+    ((allowed, ok),) = groups.pending
     assert ok is True
     allowed.callback(True)
     assert bob.take() == [] and alice.take() == []

@@ -243,14 +243,18 @@ def test_resource_text_parses(engine, registry):
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
     families = {f.name: f for f in text_string_to_metric_families(body.decode("utf-8"))}
     assert all(name.startswith("esf_") for name in families)
-    (sample,) = [s for s in families["esf_devices_online"].samples if s.labels["kind"] == "android"]
+    (sample,) = [
+        s for s in families["esf_devices_online"].samples if s.labels["kind"] == "android"
+    ]
     assert sample.value == 1
     assert families["esf_logons"].type == "counter"
 
 
 def test_resource_speaks_openmetrics_when_asked(registry):
     request = DummyRequest([b""])
-    request.requestHeaders.setRawHeaders(b"accept", [b"application/openmetrics-text; version=1.0.0"])
+    request.requestHeaders.setRawHeaders(
+        b"accept", [b"application/openmetrics-text; version=1.0.0"]
+    )
     body = MetricsResource(registry).render_GET(request)
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
         b"application/openmetrics-text"
@@ -386,11 +390,19 @@ def test_traffic_is_counted_by_transport(registry):
         def counts(transport):
             return [
                 _traffic(registry, f"esf_{name}_total", transport)
-                for name in ("received_bytes", "messages_received", "reads", "sent_bytes", "writes")
+                for name in (
+                    "received_bytes",
+                    "messages_received",
+                    "reads",
+                    "sent_bytes",
+                    "writes",
+                )
             ]
 
         tcp, ws = counts("tcp"), counts("websocket")
-        sends = b"".join(alice.frame(MessageType.SEND, Information(7, b"x" * n), dest="bob") for n in range(3))
+        sends = b"".join(
+            alice.frame(MessageType.SEND, Information(7, b"x" * n), dest="bob") for n in range(3)
+        )
         alice.send_raw(sends)  # one read of three frames
         to_bob = [payload for opcode, payload in bob.messages() if opcode == BINARY]
         assert b"".join(to_bob) == sends
@@ -399,12 +411,31 @@ def test_traffic_is_counted_by_transport(registry):
         assert [a - b for a, b in zip(counts("websocket"), ws)] == [0, 0, 0, len(sends), 1]
 
         tcp, ws = counts("tcp"), counts("websocket")
-        messages = [client_frame(BINARY, bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")) for _ in range(2)]
+        messages = [
+            client_frame(
+                BINARY,
+                bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice"),
+            )
+            for _ in range(2)
+        ]
         for message in messages:
             bob.protocol.dataReceived(message)  # two reads
         written = alice.transport.value()
-        assert [a - b for a, b in zip(counts("websocket"), ws)] == [sum(map(len, messages)), 2, 2, 0, 0]
-        assert counts("tcp")[3:] == [tcp[3] + 2 * len(bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")), tcp[4] + 2]
+        assert [a - b for a, b in zip(counts("websocket"), ws)] == [
+            sum(map(len, messages)),
+            2,
+            2,
+            0,
+            0,
+        ]
+        assert counts("tcp")[3:] == [
+            tcp[3]
+            + 2
+            * len(
+                bob.frame(MessageType.SEND, Information(1, b"y").encode(), dest_user_id="alice")
+            ),
+            tcp[4] + 2,
+        ]
         assert counts("tcp")[3] == len(written)  # everything the server wrote to alice
 
         # What closed connections received still counts, and ended sessions
@@ -425,12 +456,31 @@ def test_traffic_is_counted_by_transport(registry):
         connect(engine, "carol", password="pw")
         pages.append(Page(engine, factory, port=6099).logon("bob"))
         Client(engine)
-        pages += [Page(engine, factory, port=6100), Page(engine, factory, port=6101, path="/elsewhere")]
-        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="max_connections") == 1
-        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="max_connections") == 1
-        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="handshake") == 1
-        assert _traffic(registry, "esf_connections_refused_total", "websocket", reason="flooding") == 0
-        assert _traffic(registry, "esf_connections_refused_total", "tcp", reason="shutting_down") == 0
+        pages += [
+            Page(engine, factory, port=6100),
+            Page(engine, factory, port=6101, path="/elsewhere"),
+        ]
+        assert (
+            _traffic(registry, "esf_connections_refused_total", "tcp", reason="max_connections")
+            == 1
+        )
+        assert (
+            _traffic(
+                registry, "esf_connections_refused_total", "websocket", reason="max_connections"
+            )
+            == 1
+        )
+        assert (
+            _traffic(registry, "esf_connections_refused_total", "websocket", reason="handshake")
+            == 1
+        )
+        assert (
+            _traffic(registry, "esf_connections_refused_total", "websocket", reason="flooding")
+            == 0
+        )
+        assert (
+            _traffic(registry, "esf_connections_refused_total", "tcp", reason="shutting_down") == 0
+        )
         assert _traffic(registry, "esf_connections_accepted_total", "tcp") == 3
         assert _traffic(registry, "esf_connections", "tcp") == 2
     finally:
@@ -536,12 +586,28 @@ def test_the_docs_name_every_series_and_only_those(scrape):
     documented = documented_metrics()
     assert sorted(set(exposed) - set(documented)) == [], "exposed but not documented"
     assert sorted(set(documented) - set(exposed)) == [], "documented but not exposed"
-    wrong = {name: (documented[name], exposed[name]) for name in exposed if documented[name] != exposed[name]}
+    wrong = {
+        name: (documented[name], exposed[name])
+        for name in exposed
+        if documented[name] != exposed[name]
+    }
     assert wrong == {}, "type or labels differ (documented, exposed)"
 
 
 #: PromQL words that are not series names.
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+}
 
 
 def series_in(expr):
@@ -565,7 +631,9 @@ def series_in(expr):
 
 
 def test_series_in():
-    assert series_in('sum by (kind) (rate(esf_x_total{job=~"$job", a!="b"}[$__rate_interval])) / esf_y') == (
+    assert series_in(
+        'sum by (kind) (rate(esf_x_total{job=~"$job", a!="b"}[$__rate_interval])) / esf_y'
+    ) == (
         [("esf_x_total", {"job", "a"}), ("esf_y", set())],
         {"kind"},
     )
@@ -576,7 +644,9 @@ def test_the_grafana_dashboard_loads_and_names_only_series_that_exist(scrape):
     labels_of = {}
     for name, (kind, labels) in families.items():
         for suffix in ("", "_total", "_bucket", "_sum", "_count"):
-            labels_of.setdefault(name + suffix, set()).update(labels, {"le"} if suffix == "_bucket" else ())
+            labels_of.setdefault(name + suffix, set()).update(
+                labels, {"le"} if suffix == "_bucket" else ()
+            )
     dashboard = json.loads((ROOT / "docs" / "grafana" / "esf.json").read_text())
     exprs = []
 
@@ -594,11 +664,15 @@ def test_the_grafana_dashboard_loads_and_names_only_series_that_exist(scrape):
     assert len(exprs) > 40
     every_label = set().union(*labels_of.values()) | TARGET_LABELS
     for expr in exprs:
-        used, grouping = series_in(re.sub(r"label_values\(([a-z_]+),\s*([a-z_]+)\)", r"\1{\2=\"\"}", expr))
+        used, grouping = series_in(
+            re.sub(r"label_values\(([a-z_]+),\s*([a-z_]+)\)", r"\1{\2=\"\"}", expr)
+        )
         assert used, expr
         for name, matched in used:
             assert name in samples, f"{name} is no series a server shows ({expr})"
-            assert matched <= labels_of[name] | TARGET_LABELS, f"{name} has no label {matched} ({expr})"
+            assert matched <= labels_of[name] | TARGET_LABELS, (
+                f"{name} has no label {matched} ({expr})"
+            )
         assert grouping <= every_label, expr
     # Every panel has a title and a target; ids are unique.
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
@@ -637,7 +711,9 @@ def test_the_decoder_counts_every_frame_of_a_run():
         items = []
         for offset in range(0, len(stream), cut):
             items += decoder.feed_runs(stream[offset : offset + cut], MessageType.SEND)
-        assert decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items), cut
+        assert (
+            decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items)
+        ), cut
     decoder = FrameDecoder(wire)
     with pytest.raises(Exception):
         decoder.feed_runs(b"".join(sends[:3]) + b"\x00" * 40, MessageType.SEND)

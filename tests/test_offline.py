@@ -61,7 +61,10 @@ def test_kept_and_delivered_in_order_as_sent(server, store):
     assert server.result(alice.send_certainly("bob", 2, b"two")) == STORED
     alice.send("bob", 3, b"three")
     server.pump()
-    assert server.result(store.counts("bob")) == (3, sum(len(f.raw) for f in frames_sent(server, alice)))
+    assert server.result(store.counts("bob")) == (
+        3,
+        sum(len(f.raw) for f in frames_sent(server, alice)),
+    )
     sent = frames_sent(server, alice)
 
     bob, got = receiver(server, "bob")
@@ -281,8 +284,15 @@ def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
 
     def fragment(index, last, message_id=0):
         body = struct.pack("<iIIB", 5, 9, index, last) + bytes([index]) * 10
-        return encode_frame(wire, MessageType.BLOB, body, message_id=message_id,
-                            client_type=ClientType.OTHERS, user_id="alice", dest_user_id="bob")
+        return encode_frame(
+            wire,
+            MessageType.BLOB,
+            body,
+            message_id=message_id,
+            client_type=ClientType.OTHERS,
+            user_id="alice",
+            dest_user_id="bob",
+        )
 
     alice._protocol.write(fragment(0, 0))
     s.pump()
@@ -306,7 +316,10 @@ def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
 def test_a_message_to_one_device_waits_for_that_device(server, store):
     alice = server.logged_on("alice")
     desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
-    assert server.result(alice.send_certainly("bob", 1, b"phone", client_type=ClientType.ANDROID)) == STORED
+    assert (
+        server.result(alice.send_certainly("bob", 1, b"phone", client_type=ClientType.ANDROID))
+        == STORED
+    )
     alice.send("bob", 2, b"both")  # online (desktop): relayed at once
     server.pump()
     assert [g[2] for g in got_desktop] == [2]
@@ -594,9 +607,7 @@ def test_a_device_kind_the_server_does_not_know_is_not_kept_for():
     store = bounded(max_messages=100, max_bytes=1 << 20)
     s = MemoryServer(offline_store=store)
     alice = s.logged_on("alice")
-    error = s.failure(
-        alice.send_certainly("b#999999999", 1, b"x"), RequestError
-    )
+    error = s.failure(alice.send_certainly("b#999999999", 1, b"x"), RequestError)
     assert error.code == ErrorCode.USER_OFFLINE
     assert s.result(store.total_counts()) == (0, 0)
     assert s.engine.counters["offline_stored"] == 0

@@ -35,7 +35,10 @@ async def exercise(store) -> None:
     assert await store.counts("nobody") == (0, 0)
     every = await store.fetch("bob", [None, 5], 0, 100, 1 << 20)
     assert [(m.id, m.client_type, m.raw[:1]) for m in every] == [
-        (1, None, b"a"), (2, None, b"b"), (3, 5, b"c"), (4, None, b"d")
+        (1, None, b"a"),
+        (2, None, b"b"),
+        (3, 5, b"c"),
+        (4, None, b"d"),
     ]
     only_device = await store.fetch("bob", [5], 0, 100, 1 << 20)
     assert [m.id for m in only_device] == [3]
@@ -110,7 +113,8 @@ def test_a_damaged_database_is_a_clear_error(tmp_path):
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA journal_mode=DELETE")
         db.executemany(
-            "INSERT INTO messages VALUES ('bob', ?, NULL, ?, 'alice')", [(i, b"x" * 3000) for i in range(200)]
+            "INSERT INTO messages VALUES ('bob', ?, NULL, ?, 'alice')",
+            [(i, b"x" * 3000) for i in range(200)],
         )
     data = bytearray(path.read_bytes())
     for offset in range(4096 * 3, len(data) - 4096, 4096):
@@ -273,7 +277,13 @@ def test_the_full_errors_say_which_bound_and_carry_it():
     for error, values, text in cases:
         assert isinstance(error, OfflineStoreFull)
         assert str(error) == text and error.args == (text,)
-        assert (error.user_id, error.count, error.size, error.max_messages, error.max_bytes) == values
+        assert (
+            error.user_id,
+            error.count,
+            error.size,
+            error.max_messages,
+            error.max_bytes,
+        ) == values
     assert cases[1][0].sender_id == "alice"
 
 
@@ -469,7 +479,10 @@ async def test_a_version_1_database_is_migrated(tmp_path):
             await store.store("dave", None, [b"m"], "mallory")
         assert await store.store("bob", None, [b"a"], "alice") == [4]
         assert [m.raw[-1:] for m in await store.fetch("bob", [None], 0, 10, 1 << 20)] == [
-            b"x", b"a", b"y", b"a"
+            b"x",
+            b"a",
+            b"y",
+            b"a",
         ]
         assert await store.delete("bob", [1, 3]) == 2
         assert await store.sender_counts("mallory") == (1, header + 100)

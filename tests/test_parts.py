@@ -108,9 +108,7 @@ def test_policy_settles_by_the_mode_it_is_given_not_the_servers():
 
 
 def test_policy_flapping_guard_blocks_the_device_for_the_cooldown():
-    policy = LogonPolicy(
-        ServerConfig(takeover_limit=2, takeover_window=60, takeover_cooldown=30)
-    )
+    policy = LogonPolicy(ServerConfig(takeover_limit=2, takeover_window=60, takeover_cooldown=30))
     old = Holder(logon_order=0)
     assert [type(policy.settle("alice", 0, n, old, n, REPLACE)) for n in (1, 2)] == [
         Replace,
@@ -194,7 +192,9 @@ def test_pending_requests_time_out_fail_together_and_cancel():
     results = []
     for asked in ("bob", "carol", "bob"):
         pending.expect(pending.next_id(), asked).addErrback(results.append)
-    assert pending.fail_where(lambda asked: asked == "bob", RequestError(ErrorCode.USER_OFFLINE)) == 2
+    assert (
+        pending.fail_where(lambda asked: asked == "bob", RequestError(ErrorCode.USER_OFFLINE)) == 2
+    )
     assert [f.value.code for f in results] == [ErrorCode.USER_OFFLINE] * 2
     clock.advance(5)
     assert [f.value.code for f in results][2:] == [ErrorCode.TIMEOUT]

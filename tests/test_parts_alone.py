@@ -25,7 +25,8 @@ from esf.server._services import ApplicationServices, BasicServices
 from esf.server._session import Session
 from esf.wire import _messages as m
 from esf.wire._events import Event
-from esf.wire._frames import SERVER_ID, FrameDecoder, encode_frame
+from esf.wire._frames import SERVER_ID, encode_frame
+from esf.wire._decoder import FrameDecoder
 from esf.wire._pending import PendingRequests
 
 CONFIG = ServerConfig()
@@ -354,8 +355,9 @@ class FakeBasicEngine:
 
 def _to_server(message_type, body=b"", message_id=1, dest=SERVER_ID):
     return _frames(
-        encode_frame(WIRE, message_type, body, message_id=message_id, user_id="alice",
-                     dest_user_id=dest)  # fmt: skip
+        encode_frame(
+            WIRE, message_type, body, message_id=message_id, user_id="alice", dest_user_id=dest
+        )  # fmt: skip
     )[0]
 
 

@@ -19,7 +19,9 @@ HERE = Path(__file__).resolve().parent
 
 def test_a_missing_part_skips_loudly(monkeypatch):
     monkeypatch.delenv("ESF_CI", raising=False)
-    with pytest.raises(pytest.skip.Exception, match=r"^!!! SKIPPED: no-redis-server is not installed: why$"):
+    with pytest.raises(
+        pytest.skip.Exception, match=r"^!!! SKIPPED: no-redis-server is not installed: why$"
+    ):
         need_program("no-redis-server", "why")
     with pytest.raises(pytest.skip.Exception, match=r"^!!! SKIPPED: no PyPy$"):
         missing("no PyPy")
@@ -44,13 +46,15 @@ def test_the_skip_is_reported_at_the_test(tmp_path):
     pytest's summary names the test's own file and line, not the helper's.
     """
     test = tmp_path / "test_needs_it.py"
-    test.write_text(textwrap.dedent("""\
+    test.write_text(
+        textwrap.dedent("""\
         from _real_parts import need_program
 
 
         def test_it():
             need_program("no-such-program-here", "the test needs it")
-    """))
+    """)
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", str(test)],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,

@@ -256,9 +256,9 @@ def test_slow_readers_that_left_are_freed_at_once_with_their_backlogs():
         for _ in range(100):
             sender.send_raw(frame)
         assert sender.transport.producerState == "paused"  # pushed back
-        watched += [
-            weakref.ref(client.protocol.session) for client in (reader, sender)
-        ] + [weakref.ref(client.protocol) for client in (reader, sender)]
+        watched += [weakref.ref(client.protocol.session) for client in (reader, sender)] + [
+            weakref.ref(client.protocol) for client in (reader, sender)
+        ]
         # What the server wrote to the reader: its transport holds it.
         watched.append(weakref.ref(reader.transport))
         assert len(reader.transport.value()) > 64 * 1024
@@ -391,7 +391,10 @@ def test_takeover_flapping_is_refused_for_the_cooldown(logs):
     for n in range(5):  # five takeovers within the window are fine
         engine.clock.advance(1)
         sessions.append(connect(engine, "alice", host=f"10.0.0.{n + 2}"))
-        assert kinds(frames_written(sessions[-2]))[-2:] == [T.BEING_PUSHED_OUT_NOTIFY, T.DISCONNECT_NOTICE]
+        assert kinds(frames_written(sessions[-2]))[-2:] == [
+            T.BEING_PUSHED_OUT_NOTIFY,
+            T.DISCONNECT_NOTICE,
+        ]
     engine.clock.advance(1)
     sixth = Client(engine, host="10.0.0.99")
     sixth.logon("alice")
@@ -476,11 +479,15 @@ def test_relogon_while_messages_are_in_flight():
     assert [w.Information.decode(f.body).information_type for f in old_frames[:4]] == [1, 2, 3, 4]
     new_frames = frames_written(new)
     assert kinds(new_frames[:1]) == [T.LOGON]
-    assert [w.Information.decode(f.body).information_type for f in new_frames[1:]] == list(range(5, 50))
+    assert [w.Information.decode(f.body).information_type for f in new_frames[1:]] == list(
+        range(5, 50)
+    )
     # The old connection sending more changes nothing.
     old.send(T.SEND, w.Information(99, b""), dest="bob")
-    assert all(f.message_type != T.SEND or w.Information.decode(f.body).information_type != 99
-               for f in frames_written(bob))
+    assert all(
+        f.message_type != T.SEND or w.Information.decode(f.body).information_type != 99
+        for f in frames_written(bob)
+    )
     assert frames_written(old) == []
 
 
@@ -525,7 +532,9 @@ def test_takeover_races_soak():
         handler.verifications.clear()
         got = frames_written(current)
         assert kinds(got)[-2:] == [T.BEING_PUSHED_OUT_NOTIFY, T.DISCONNECT_NOTICE]
-        delivered += [w.Information.decode(f.body).information_type for f in got if f.message_type == T.SEND]
+        delivered += [
+            w.Information.decode(f.body).information_type for f in got if f.message_type == T.SEND
+        ]
         current.lose()
         current = new
         frames_written(current)
@@ -557,7 +566,9 @@ def twistd(tmp_path):
     started = []
 
     def start(*args):
-        started.append(start_server(tmp_path / f"server{len(started)}.log", ["--auth", USERS, *args]))
+        started.append(
+            start_server(tmp_path / f"server{len(started)}.log", ["--auth", USERS, *args])
+        )
         return started[-1]
 
     yield start
@@ -747,8 +758,14 @@ def test_slow_readers_repeatedly_soak(twistd):
         peaks.append(figures["rss_peak_kib"])
         alice.send(rc.HEARTBEAT, dest=rc.SERVER)
         bob.send(rc.HEARTBEAT, dest=rc.SERVER)
-    print({"rounds": rounds, "first_peak_kib": first, "last_peak_kib": figures["rss_peak_kib"],
-           "peaks_every_10_rounds": peaks[::10]})
+    print(
+        {
+            "rounds": rounds,
+            "first_peak_kib": first,
+            "last_peak_kib": figures["rss_peak_kib"],
+            "peaks_every_10_rounds": peaks[::10],
+        }
+    )
     assert max(peaks) < 200 * 1024 and figures["rss_peak_kib"] < first + 50 * 1024
     alice.close(), bob.close()
     assert_clean_log(server)
@@ -801,8 +818,16 @@ def test_rss_comes_back_after_slow_readers_leave_live(twistd):
     count = 60
     users = ":".join(f"{kind}{n}:pw" for n in range(count) for kind in "rs")
     server = twistd(
-        "--auth", f"memory:{users}", "--max-output-buffer", "1048576",
-        "--output-drain-timeout", "1", "--logon-rate-limit", "1000", "--malloc-trim", "1",
+        "--auth",
+        f"memory:{users}",
+        "--max-output-buffer",
+        "1048576",
+        "--output-drain-timeout",
+        "1",
+        "--logon-rate-limit",
+        "1000",
+        "--malloc-trim",
+        "1",
     )
     pid = server.process.pid
     start = rss_kib(pid)

@@ -640,9 +640,7 @@ def test_ignore_new_refuses_the_new_connection(logs):
     new = Client(engine, "10.0.0.2")
     new.logon("alice")
     replies = new.take()
-    assert replies == refused(
-        engine, "alice", LogonResult.HAD_LOGGED_ON, D.NEW_CONNECTION_IGNORED
-    )
+    assert replies == refused(engine, "alice", LogonResult.HAD_LOGGED_ON, D.NEW_CONNECTION_IGNORED)
     assert old.address in replies[0].body.failure_cause
     assert new.closing
     assert old.take() == [] and not old.closing
@@ -681,13 +679,9 @@ def test_two_devices_online_and_offline():
     assert pc.take() == [device_note(T.MY_DEVICE_ONLINE, ClientType.ANDROID)]
     assert phone.take() == []
     pc.send(T.GET_MY_DEVICES, message_id=4)
-    assert pc.take() == [
-        answer(T.GET_MY_DEVICES, w.GetMyDevicesReply((0, 5)), 4, "alice")
-    ]
+    assert pc.take() == [answer(T.GET_MY_DEVICES, w.GetMyDevicesReply((0, 5)), 4, "alice")]
     phone.send(T.GET_MY_DEVICES, message_id=5)
-    assert phone.take() == [
-        answer(T.GET_MY_DEVICES, w.GetMyDevicesReply((0, 5)), 5, "alice")
-    ]
+    assert phone.take() == [answer(T.GET_MY_DEVICES, w.GetMyDevicesReply((0, 5)), 5, "alice")]
     um = engine.user_manager
     assert um.user_count == 1
     assert um.get_online_user_list() == ["alice"]
@@ -759,8 +753,10 @@ def test_a_device_kicked_on_logon_is_seen_online_then_offline_by_the_others():
     phone = connect(engine, "alice", ClientType.ANDROID)
     events = record_events(engine.user_manager)
     engine.user_manager.device_connected.subscribe(
-        lambda data: data.client_type == ClientType.DOTNET
-        and engine.kick_out(data.user_id, "no desktops", data.client_type)
+        lambda data: (
+            data.client_type == ClientType.DOTNET
+            and engine.kick_out(data.user_id, "no desktops", data.client_type)
+        )
     )
     pc = Client(engine)
     pc.logon("alice", ClientType.DOTNET)
@@ -967,9 +963,7 @@ def online(engine, client) -> bool:
 
 
 @pytest.mark.parametrize("logon_at", [0, 3.3])
-@pytest.mark.parametrize(
-    "last", [None, 0, 1, 7.4, 7.5, 7.6, 14.99, 15, 22.6, 29.9]
-)
+@pytest.mark.parametrize("last", [None, 0, 1, 7.4, 7.5, 7.6, 14.99, 15, 22.6, 29.9])
 @pytest.mark.parametrize("kind", [T.HEARTBEAT, T.GET_MY_IPE, 199])
 def test_heartbeat_timeout_window(logon_at, last, kind):
     """
@@ -1208,9 +1202,7 @@ def test_a_logon_then_an_invalid_frame_in_one_chunk():
 def header_with_length(client, body_length: int, message_type=T.SEND) -> bytes:
     wire = client.wire
     uid = client.user_id.encode()
-    return wire.header_struct.pack(
-        0xFF, 0, message_type, 0, body_length, len(uid), uid, 2, b"_0"
-    )
+    return wire.header_struct.pack(0xFF, 0, message_type, 0, body_length, len(uid), uid, 2, b"_0")
 
 
 def test_pre_logon_size_limit_is_64_kib():
@@ -1343,9 +1335,7 @@ def test_ping_ack_to_everyone_is_a_bad_request():
     assert alice.take() == [error(T.PING_ACK, ErrorCode.BAD_REQUEST, 36, "alice")]
 
 
-@pytest.mark.parametrize(
-    "host, expected", [("10.1.2.3", "10.1.2.3:4444"), ("::1", "[::1]:4444")]
-)
+@pytest.mark.parametrize("host, expected", [("10.1.2.3", "10.1.2.3:4444"), ("::1", "[::1]:4444")])
 def test_get_my_ipe(host, expected):
     engine = make_engine()
     client = Client(engine, host, 4444)

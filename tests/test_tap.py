@@ -230,8 +230,12 @@ def test_several_handlers_each_for_what_it_provides():
     say, and each IEngineAware one is initialized with the engine.
     """
     options = parse(
-        "--handler", "_helpers:REFUSE_ALL", "--handler", "_helpers:ECHO",
-        "--handler", "_helpers:ROOMS",
+        "--handler",
+        "_helpers:REFUSE_ALL",
+        "--handler",
+        "_helpers:ECHO",
+        "--handler",
+        "_helpers:ROOMS",
     )
     service = makeService(options)
     engine = service.engine
@@ -357,13 +361,20 @@ def test_make_service_passes_the_config():
 
 def test_offline_bounds_reach_the_store(tmp_path):
     options = parse(
-        "--offline", f"sqlite:{tmp_path / 'offline.db'}",
-        "--offline-max-messages", "50",
-        "--offline-max-bytes", "4096",
-        "--offline-max-per-sender", "7",
-        "--offline-max-bytes-per-sender", "2048",
-        "--offline-max-total-messages", "900",
-        "--offline-max-total-bytes", "65536",
+        "--offline",
+        f"sqlite:{tmp_path / 'offline.db'}",
+        "--offline-max-messages",
+        "50",
+        "--offline-max-bytes",
+        "4096",
+        "--offline-max-per-sender",
+        "7",
+        "--offline-max-bytes-per-sender",
+        "2048",
+        "--offline-max-total-messages",
+        "900",
+        "--offline-max-total-bytes",
+        "65536",
     )
     store = makeService(options).engine.offline.store
     assert store.bounds == OfflineBounds(
@@ -377,7 +388,9 @@ def test_offline_bounds_reach_the_store(tmp_path):
 
 
 def test_offline_bounds_defaults(tmp_path):
-    store = makeService(parse("--offline", f"sqlite:{tmp_path / 'offline.db'}")).engine.offline.store
+    store = makeService(
+        parse("--offline", f"sqlite:{tmp_path / 'offline.db'}")
+    ).engine.offline.store
     bounds = store.bounds
     assert (bounds.max_messages, bounds.max_bytes) == (10_000, 64 * 1024 * 1024)
     assert (bounds.max_sender_messages, bounds.max_sender_bytes) == (1000, 16 * 1024 * 1024)
@@ -398,9 +411,7 @@ def test_offline_byte_bounds_are_at_least_1024(option, bound):
     assert getattr(parse(option, "1024")["offline-bounds"], bound) == 1024
 
 
-@pytest.mark.parametrize(
-    "option", ["--offline-max-per-sender", "--offline-max-total-messages"]
-)
+@pytest.mark.parametrize("option", ["--offline-max-per-sender", "--offline-max-total-messages"])
 def test_offline_bounds_must_be_positive(option):
     assert option[2:] in usage_error(option, "0")
 
@@ -430,9 +441,13 @@ def test_malloc_trim_option():
 
     [trimmer] = [s for s in makeService(parse()) if isinstance(s, MemoryTrimmer)]
     assert trimmer.interval == 5.0
-    [trimmer] = [s for s in makeService(parse("--malloc-trim", "0.5")) if isinstance(s, MemoryTrimmer)]
+    [trimmer] = [
+        s for s in makeService(parse("--malloc-trim", "0.5")) if isinstance(s, MemoryTrimmer)
+    ]
     assert trimmer.interval == 0.5
-    assert not [s for s in makeService(parse("--malloc-trim", "0")) if isinstance(s, MemoryTrimmer)]
+    assert not [
+        s for s in makeService(parse("--malloc-trim", "0")) if isinstance(s, MemoryTrimmer)
+    ]
     for bad in ("-1", "soon"):
         with pytest.raises(usage.UsageError, match="--malloc-trim"):
             parse("--malloc-trim", bad)
@@ -443,7 +458,9 @@ def test_gc_threshold_option():
 
     [tuning] = [s for s in makeService(parse()) if isinstance(s, GCTuning)]
     assert tuning.threshold == 10_000
-    [tuning] = [s for s in makeService(parse("--gc-threshold", "50000")) if isinstance(s, GCTuning)]
+    [tuning] = [
+        s for s in makeService(parse("--gc-threshold", "50000")) if isinstance(s, GCTuning)
+    ]
     assert tuning.threshold == 50_000
     assert not [s for s in makeService(parse("--gc-threshold", "0")) if isinstance(s, GCTuning)]
     for bad in ("-1", "many"):
@@ -522,6 +539,8 @@ def test_operations_usage_errors(argv, message):
 def test_a_token_file_others_may_read_is_refused(tmp_path):
     path = _token_file(tmp_path, 0o644)
     assert "chmod 600" in usage_error("--admin-api", "tcp:0", "--admin-token-file", path)
+
+
 # -- WebSocket -------------------------------------------------------------------------
 
 
@@ -650,7 +669,9 @@ def only_error_line(run, before_logging: bool) -> str:
         lines = run.stderr.splitlines()
     else:
         assert run.stderr == "", output
-        lines = [line for line in run.stdout.splitlines() if "#error]" in line or "#critical]" in line]
+        lines = [
+            line for line in run.stdout.splitlines() if "#error]" in line or "#critical]" in line
+        ]
     assert len(lines) == 1, output
     return lines[0]
 

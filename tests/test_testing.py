@@ -396,7 +396,10 @@ def test_a_handler_bug_is_logged_and_a_request_error_is_not():
     errors = LoggedErrors().start()
     try:
         alice = server.logged_on("alice")
-        assert server.failure(alice.query("_0", 1, b"bad"), RequestError).code == ErrorCode.BAD_REQUEST
+        assert (
+            server.failure(alice.query("_0", 1, b"bad"), RequestError).code
+            == ErrorCode.BAD_REQUEST
+        )
         errors.check()
         error = server.failure(alice.query("_0", 1, b"x"), RequestError)
         assert error.code == ErrorCode.HANDLER_ERROR
@@ -422,7 +425,9 @@ def test_engine_for_uses_each_object_for_what_it_provides():
 
 
 def test_engine_for_one_object_with_every_interface():
-    spec = importlib.util.spec_from_file_location("support_desk", DOCS_EXAMPLES / "support_desk.py")
+    spec = importlib.util.spec_from_file_location(
+        "support_desk", DOCS_EXAMPLES / "support_desk.py"
+    )
     support_desk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(support_desk)
     desk = support_desk.SupportDesk({}, agents=())
@@ -434,7 +439,10 @@ def test_engine_for_one_object_with_every_interface():
 @pytest.mark.parametrize(
     "apps, words",
     [
-        ((REFUSE_ALL, ACCEPT_ALL), ["IBasicHandler is provided by both", "one object per interface"]),
+        (
+            (REFUSE_ALL, ACCEPT_ALL),
+            ["IBasicHandler is provided by both", "one object per interface"],
+        ),
         ((ECHO, Echo()), ["ICustomizeHandler is provided by both"]),
         ((ROOMS, ROOMS), ["given twice"]),
         ((object(),), ["provides none of", "IBasicHandler", "IEngineAware"]),

@@ -119,7 +119,13 @@ def tls_client(port, cert_pem, user, trust=True, **kwargs):
         options = optionsForClientTLS("localhost")  # the platform's roots only
     endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
     return ClientEngine(
-        endpoint, user, "pw", clock=reactor, request_timeout=5, retry_policy=lambda n: 0.2, **kwargs
+        endpoint,
+        user,
+        "pw",
+        clock=reactor,
+        request_timeout=5,
+        retry_policy=lambda n: 0.2,
+        **kwargs,
     )
 
 

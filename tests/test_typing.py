@@ -47,8 +47,16 @@ def test_mypy_strict(tmp_path):
     pytest.importorskip("mypy_zope", reason="mypy-zope is not installed (it is in the test extra)")
     result = subprocess.run(
         [
-            sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
-            "--cache-dir", str(tmp_path), "--config-file", str(REPO / "pyproject.toml"), *TYPED,
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--cache-dir",
+            str(tmp_path),
+            "--config-file",
+            str(REPO / "pyproject.toml"),
+            *TYPED,
         ],
         cwd=REPO,
         capture_output=True,

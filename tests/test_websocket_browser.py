@@ -93,7 +93,9 @@ def demo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     chromium = need_program("chromium", "the browser tests cannot run ('.ci/run' installs it)")
-    chromedriver = need_program("chromedriver", "the browser tests cannot run ('.ci/run' installs it)")
+    chromedriver = need_program(
+        "chromedriver", "the browser tests cannot run ('.ci/run' installs it)"
+    )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -532,7 +534,9 @@ class Restartable:
         self.server.log_file.close()
 
     def notice(self, user, text):
-        return _post_json(f"http://127.0.0.1:{self.admin}/api/users/{user}/notice", {"text": text}, TOKEN)
+        return _post_json(
+            f"http://127.0.0.1:{self.admin}/api/users/{user}/notice", {"text": text}, TOKEN
+        )
 
 
 def test_the_chat_through_notices_an_offline_user_a_shutdown_and_a_crash(browser, tmp_path):
@@ -589,7 +593,9 @@ def test_the_chat_through_notices_an_offline_user_a_shutdown_and_a_crash(browser
         server.crash()
         fay.wait(lambda: "Lost the connection to the server" in fay.text("log"), "the lost line")
         server.start()
-        fay.wait(lambda: fay.text("log").count("Reconnected as fay.") == 2, "reconnected again", 20)
+        fay.wait(
+            lambda: fay.text("log").count("Reconnected as fay.") == 2, "reconnected again", 20
+        )
     finally:
         for page in (fay, gus):
             if page is not None:
@@ -659,7 +665,14 @@ def test_the_first_page_of_the_docs_step_by_step(browser, demo, tmp_path):
     folder = tmp_path / "mypage"
     folder.mkdir()
     installed = subprocess.run(
-        [npm, "install", "--no-audit", "--no-fund", "--no-package-lock", str(REPO / "esf" / "web")],
+        [
+            npm,
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--no-package-lock",
+            str(REPO / "esf" / "web"),
+        ],
         cwd=folder,
         capture_output=True,
         text=True,

@@ -291,7 +291,11 @@ def test_websocket_protocol_errors_end_the_session_with_a_reason(engine, pages):
 def _sends(page, dest, count, size=20):
     """C{count} Send frames from C{page} to C{dest}, of growing bodies."""
     return [
-        page.frame(MessageType.SEND, Information(n, bytes([n % 256]) * (size + n)).encode(), dest_user_id=dest)
+        page.frame(
+            MessageType.SEND,
+            Information(n, bytes([n % 256]) * (size + n)).encode(),
+            dest_user_id=dest,
+        )
         for n in range(count)
     ]
 
@@ -316,7 +320,9 @@ def test_a_read_of_many_messages_is_relayed_as_sent(engine, pages):
         raise AssertionError("whole binary messages are not autobahn's to parse")
 
     alice.protocol.processData = autobahn_frame_parser
-    stream = b"".join(client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames))
+    stream = b"".join(
+        client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames)
+    )
     alice.protocol.dataReceived(stream)
     assert _received(bob) == frames
     assert alice.protocol.data == b""  # nothing left for autobahn
@@ -397,7 +403,9 @@ def test_a_bad_frame_after_whole_messages_ends_the_session_after_them(engine, pa
 
 def test_a_whole_message_over_the_limit_is_refused(engine, pages):
     alice = pages().logon("alice")
-    largest = alice.frame(MessageType.SEND, b"x" * (MAX - len(alice.frame(MessageType.SEND))), dest_user_id="bob")
+    largest = alice.frame(
+        MessageType.SEND, b"x" * (MAX - len(alice.frame(MessageType.SEND))), dest_user_id="bob"
+    )
     assert len(largest) == MAX
     alice.protocol.dataReceived(client_frame(BINARY, largest + b"!"))  # one byte over
     messages = alice.messages()
@@ -406,8 +414,13 @@ def test_a_whole_message_over_the_limit_is_refused(engine, pages):
     assert close_code(messages[-1][1]) == 1009
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=40), sizes=st.lists(st.integers(0, 400), min_size=1, max_size=25))
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=40),
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=25),
+)
 def test_any_chunking_relays_the_same_frames(engine, pages, cuts, sizes):
     """
     The same stream of whole messages, pings and fragmented messages, cut
@@ -420,7 +433,11 @@ def test_any_chunking_relays_the_same_frames(engine, pages, cuts, sizes):
     bob.take()
     alice.messages()
     frames = [
-        alice.frame(MessageType.SEND, Information(n, bytes([n % 256]) * size).encode(), dest_user_id=bob.user_id)
+        alice.frame(
+            MessageType.SEND,
+            Information(n, bytes([n % 256]) * size).encode(),
+            dest_user_id=bob.user_id,
+        )
         for n, size in enumerate(sizes)
     ]
     stream = b""

@@ -198,5 +198,7 @@ def test_others_ping_while_one_socket_floods_fragments_then_pings(server, logged
     if not logged_on:
         # Cut off at once each time, and refused at connect after the third:
         # one log event per flooding connection, and one for the refusal.
-        assert log.count("NOT_LOGGED_ON (more than 16 WebSocket frames") == sent["connections"] == 3
+        assert (
+            log.count("NOT_LOGGED_ON (more than 16 WebSocket frames") == sent["connections"] == 3
+        )
         assert log.count("refusing WebSocket connections from 127.0.0.1") == 1

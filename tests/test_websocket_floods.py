@@ -116,7 +116,9 @@ def test_a_flood_before_logon_ends_the_connection_at_once(flood):
         logs.stop()
     [event] = logs.esf("session_ended")
     assert (event["reason"], event["logged_on"]) == ("NOT_LOGGED_ON", False)
-    assert [e for e in logs.events if e.get("log_level").name in ("warn", "error", "critical")] == []
+    assert [
+        e for e in logs.events if e.get("log_level").name in ("warn", "error", "critical")
+    ] == []
     assert not engine.sessions
 
 

@@ -98,7 +98,9 @@ def test_whole_messages_byte_by_byte():
     holds more than the message it is gathering.
     """
     frames = [esf_frame(n, 10 * n) for n in range(12)] + [esf_frame(99, 300)]
-    stream = b"".join(client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames))
+    stream = b"".join(
+        client_frame(BINARY, f, mask=bytes([n, 1, 2, 3])) for n, f in enumerate(frames)
+    )
     events, taken, most_pending = relay(stream[i : i + 1] for i in range(len(stream)))
     assert events == [("binary", f) for f in frames]
     assert taken == len(frames)
@@ -247,4 +249,7 @@ def test_binary_messages_out():
         out.append(data[offset : offset + n])
         data = data[offset + n :]
     assert out == frames
-    assert binary_messages(frames[2], HLEN) == b"\x82\x7e" + struct.pack("!H", len(frames[2])) + frames[2]
+    assert (
+        binary_messages(frames[2], HLEN)
+        == b"\x82\x7e" + struct.pack("!H", len(frames[2])) + frames[2]
+    )

@@ -124,7 +124,9 @@ def test_javascript_client_with_the_offline_store(tmp_path):
         )
     finally:
         server.stop()
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:] + server.log()[-4000:]
+    assert result.returncode == 0, (
+        result.stdout[-6000:] + result.stderr[-2000:] + server.log()[-4000:]
+    )
     assert re.search(r"^# pass 1$", result.stdout, re.M), result.stdout
     assert "Traceback" not in server.log()
 
@@ -162,7 +164,9 @@ def _npm_install(npm: str) -> None:
         timeout=300,
     )
     if result.returncode != 0:
-        missing(f"npm install in tests/js failed (the npm registry is needed once):\n{result.stderr[-2000:]}")
+        missing(
+            f"npm install in tests/js failed (the npm registry is needed once):\n{result.stderr[-2000:]}"
+        )
 
 
 def test_the_package_installs_and_its_declarations_check():

@@ -97,266 +97,523 @@ class Vector(NamedTuple):
 VECTORS = [
     # -- Logon (112) ---------------------------------------------------------
     Vector(
-        "logon-request", "client", 112, ClientType.ANDROID, 1, "alice", "_0",
+        "logon-request",
+        "client",
+        112,
+        ClientType.ANDROID,
+        1,
+        "alice",
+        "_0",
         Logon(1, "demo-token", "s3cret"),
         "ff 05 7000 01000000 16000000 05 616c696365 000000000000 02 5f30 000000000000000000"
         "0100 0a00 64656d6f2d746f6b656e 0600 733363726574",
     ),
     Vector(
-        "logon-reply-succeed", "server", 112, 0, 1, "_0", "alice",
+        "logon-reply-succeed",
+        "server",
+        112,
+        0,
+        1,
+        "_0",
+        "alice",
         LogonReply(LogonResult.SUCCEED, "", 10, 30, 1048576),
         "ff 00 7000 01000000 0b000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "00 0000 0a00 1e00 00001000",
     ),
     Vector(
-        "logon-reply-failed", "server", 112, 0, 1, "_0", "bob",
+        "logon-reply-failed",
+        "server",
+        112,
+        0,
+        1,
+        "_0",
+        "bob",
         LogonReply(LogonResult.FAILED, "bad password", 10, 30, 1048576),
         "ff 00 7000 01000000 17000000 02 5f30 000000000000000000 03 626f62 0000000000000000"
         "01 0c00 6261642070617373776f7264 0a00 1e00 00001000",
     ),
     # -- HeartBeat (104) -----------------------------------------------------
     Vector(
-        "heartbeat", "client", 104, ClientType.ANDROID, 0, "alice", "_0",
+        "heartbeat",
+        "client",
+        104,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "_0",
         EMPTY,
         "ff 05 6800 00000000 00000000 05 616c696365 000000000000 02 5f30 000000000000000000",
     ),
     Vector(
-        "heartbeat-echo", "server", 104, 0, 0, "_0", "alice",
+        "heartbeat-echo",
+        "server",
+        104,
+        0,
+        0,
+        "_0",
+        "alice",
         EMPTY,
         "ff 00 6800 00000000 00000000 02 5f30 000000000000000000 05 616c696365 000000000000",
     ),
     # -- GetMyIPE (101) ------------------------------------------------------
     Vector(
-        "get-my-ipe", "client", 101, ClientType.DOTNET, 2, "alice", "_0",
+        "get-my-ipe",
+        "client",
+        101,
+        ClientType.DOTNET,
+        2,
+        "alice",
+        "_0",
         EMPTY,
         "ff 00 6500 02000000 00000000 05 616c696365 000000000000 02 5f30 000000000000000000",
     ),
     Vector(
-        "get-my-ipe-reply", "server", 101, 0, 2, "_0", "alice",
+        "get-my-ipe-reply",
+        "server",
+        101,
+        0,
+        2,
+        "_0",
+        "alice",
         GetMyIPEReply("127.0.0.1:50312"),
         "ff 00 6500 02000000 11000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "0f00 3132372e302e302e313a3530333132",
     ),
     # -- PingByServer (102) and PingAck (103) --------------------------------
     Vector(
-        "ping-server", "client", 102, ClientType.ANDROID, 3, "alice", "_0",
+        "ping-server",
+        "client",
+        102,
+        ClientType.ANDROID,
+        3,
+        "alice",
+        "_0",
         EMPTY,
         "ff 05 6600 03000000 00000000 05 616c696365 000000000000 02 5f30 000000000000000000",
     ),
     Vector(
-        "ping-ack-server", "server", 103, 0, 3, "_0", "alice",
+        "ping-ack-server",
+        "server",
+        103,
+        0,
+        3,
+        "_0",
+        "alice",
         EMPTY,
         "ff 00 6700 03000000 00000000 02 5f30 000000000000000000 05 616c696365 000000000000",
     ),
     Vector(
-        "ping-user", "client", 102, ClientType.ANDROID, 4, "alice", "bob",
+        "ping-user",
+        "client",
+        102,
+        ClientType.ANDROID,
+        4,
+        "alice",
+        "bob",
         EMPTY,
         "ff 05 6600 04000000 00000000 05 616c696365 000000000000 03 626f62 0000000000000000",
     ),
     Vector(
-        "ping-ack-user", "client", 103, ClientType.IOS, 4, "bob", "alice",
+        "ping-ack-user",
+        "client",
+        103,
+        ClientType.IOS,
+        4,
+        "bob",
+        "alice",
         EMPTY,
         "ff 04 6700 04000000 00000000 03 626f62 0000000000000000 05 616c696365 000000000000",
     ),
     # -- BeingPushedOutNotify (105) ------------------------------------------
     Vector(
-        "being-pushed-out", "server", 105, 0, 0, "_0", "alice",
+        "being-pushed-out",
+        "server",
+        105,
+        0,
+        0,
+        "_0",
+        "alice",
         BeingPushedOutNotify("replaced by a new logon"),
         "ff 00 6900 00000000 19000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "1700 7265706c61636564206279 2061206e6577206c6f676f6e",
     ),
     # -- DisconnectNotice (106) ----------------------------------------------
     Vector(
-        "disconnect-heartbeat-timeout", "server", 106, 0, 0, "_0", "alice",
+        "disconnect-heartbeat-timeout",
+        "server",
+        106,
+        0,
+        0,
+        "_0",
+        "alice",
         DisconnectNotice(DisconnectedType.HEARTBEAT_TIMEOUT, "silent for 30 s"),
         "ff 00 6a00 00000000 12000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "03 0f00 73696c656e7420666f722033302073",
     ),
     Vector(
-        "disconnect-invalid-message", "server", 106, 0, 0, "_0", "",
+        "disconnect-invalid-message",
+        "server",
+        106,
+        0,
+        0,
+        "_0",
+        "",
         DisconnectNotice(DisconnectedType.INVALID_MESSAGE, "bad start token"),
         "ff 00 6a00 00000000 12000000 02 5f30 000000000000000000 00 0000000000000000000000"
         "01 0f00 62616420737461727420746f6b656e",
     ),
     # -- Logoff (107) ----------------------------------------------------------
     Vector(
-        "logoff", "client", 107, ClientType.ANDROID, 0, "alice", "_0",
+        "logoff",
+        "client",
+        107,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "_0",
         EMPTY,
         "ff 05 6b00 00000000 00000000 05 616c696365 000000000000 02 5f30 000000000000000000",
     ),
     # -- KickOut (108) ---------------------------------------------------------
     Vector(
-        "kick-out", "client", 108, ClientType.DOTNET, 5, "admin", "bob",
+        "kick-out",
+        "client",
+        108,
+        ClientType.DOTNET,
+        5,
+        "admin",
+        "bob",
         KickOut("spam"),
         "ff 00 6c00 05000000 06000000 05 61646d696e 000000000000 03 626f62 0000000000000000"
         "0400 7370616d",
     ),
     Vector(
-        "kick-out-reply-ok", "server", 108, 0, 5, "_0", "admin",
+        "kick-out-reply-ok",
+        "server",
+        108,
+        0,
+        5,
+        "_0",
+        "admin",
         KickOutReply(True, ""),
         "ff 00 6c00 05000000 03000000 02 5f30 000000000000000000 05 61646d696e 000000000000"
         "01 0000",
     ),
     Vector(
-        "kick-out-reply-denied", "server", 108, 0, 5, "_0", "admin",
+        "kick-out-reply-denied",
+        "server",
+        108,
+        0,
+        5,
+        "_0",
+        "admin",
         KickOutReply(False, "not authorized"),
         "ff 00 6c00 05000000 11000000 02 5f30 000000000000000000 05 61646d696e 000000000000"
         "00 0e00 6e6f7420617574686f72697a6564",
     ),
     # -- BeingKickedOutNotify (109) --------------------------------------------
     Vector(
-        "being-kicked-out", "server", 109, 0, 0, "_0", "bob",
+        "being-kicked-out",
+        "server",
+        109,
+        0,
+        0,
+        "_0",
+        "bob",
         BeingKickedOutNotify("admin", "spam"),
         "ff 00 6d00 00000000 0d000000 02 5f30 000000000000000000 03 626f62 0000000000000000"
         "0500 61646d696e 0400 7370616d",
     ),
     # -- GetAllOnlineUsers (110) -----------------------------------------------
     Vector(
-        "get-all-online-users", "client", 110, ClientType.DOTNET, 6, "alice", "_0",
+        "get-all-online-users",
+        "client",
+        110,
+        ClientType.DOTNET,
+        6,
+        "alice",
+        "_0",
         GetAllOnlineUsers(0, 0),
         "ff 00 6e00 06000000 08000000 05 616c696365 000000000000 02 5f30 000000000000000000"
         "00000000 00000000",
     ),
     Vector(
-        "get-all-online-users-page", "client", 110, ClientType.DOTNET, 7, "alice", "_0",
+        "get-all-online-users-page",
+        "client",
+        110,
+        ClientType.DOTNET,
+        7,
+        "alice",
+        "_0",
         GetAllOnlineUsers(100, 50),
         "ff 00 6e00 07000000 08000000 05 616c696365 000000000000 02 5f30 000000000000000000"
         "64000000 32000000",
     ),
     Vector(
-        "get-all-online-users-reply", "server", 110, 0, 6, "_0", "alice",
+        "get-all-online-users-reply",
+        "server",
+        110,
+        0,
+        6,
+        "_0",
+        "alice",
         GetAllOnlineUsersReply(3, ("alice", "bob", "carol")),
         "ff 00 6e00 06000000 1b000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "03000000 03000000 0500 616c696365 0300 626f62 0500 6361726f6c",
     ),
     # -- QueryOnline (111) -----------------------------------------------------
     Vector(
-        "query-online", "client", 111, ClientType.DOTNET, 7, "alice", "bob",
+        "query-online",
+        "client",
+        111,
+        ClientType.DOTNET,
+        7,
+        "alice",
+        "bob",
         EMPTY,
         "ff 00 6f00 07000000 00000000 05 616c696365 000000000000 03 626f62 0000000000000000",
     ),
     Vector(
-        "query-online-reply", "server", 111, 0, 7, "_0", "alice",
+        "query-online-reply",
+        "server",
+        111,
+        0,
+        7,
+        "_0",
+        "alice",
         QueryOnlineReply(True),
-        "ff 00 6f00 07000000 01000000 02 5f30 000000000000000000 05 616c696365 000000000000"
-        "01",
+        "ff 00 6f00 07000000 01000000 02 5f30 000000000000000000 05 616c696365 00000000000001",
     ),
     # -- QueryOnlines (114) ----------------------------------------------------
     Vector(
-        "query-onlines", "client", 114, ClientType.DOTNET, 8, "alice", "_0",
+        "query-onlines",
+        "client",
+        114,
+        ClientType.DOTNET,
+        8,
+        "alice",
+        "_0",
         QueryOnlines(("bob", "carol")),
         "ff 00 7200 08000000 10000000 05 616c696365 000000000000 02 5f30 000000000000000000"
         "02000000 0300 626f62 0500 6361726f6c",
     ),
     Vector(
-        "query-onlines-reply", "server", 114, 0, 8, "_0", "alice",
+        "query-onlines-reply",
+        "server",
+        114,
+        0,
+        8,
+        "_0",
+        "alice",
         QueryOnlinesReply((True, False)),
         "ff 00 7200 08000000 06000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "02000000 01 00",
     ),
     # -- GetMyDevices (116) ----------------------------------------------------
     Vector(
-        "get-my-devices", "client", 116, ClientType.ANDROID, 9, "alice", "_0",
+        "get-my-devices",
+        "client",
+        116,
+        ClientType.ANDROID,
+        9,
+        "alice",
+        "_0",
         EMPTY,
         "ff 05 7400 09000000 00000000 05 616c696365 000000000000 02 5f30 000000000000000000",
     ),
     Vector(
-        "get-my-devices-reply", "server", 116, 0, 9, "_0", "alice",
+        "get-my-devices-reply",
+        "server",
+        116,
+        0,
+        9,
+        "_0",
+        "alice",
         GetMyDevicesReply((ClientType.DOTNET, ClientType.ANDROID)),
         "ff 00 7400 09000000 03000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "02 00 05",
     ),
     # -- MyDeviceOnline (117) and MyDeviceOffline (118) ------------------------
     Vector(
-        "my-device-online", "server", 117, ClientType.IOS, 0, "_0", "alice",
+        "my-device-online",
+        "server",
+        117,
+        ClientType.IOS,
+        0,
+        "_0",
+        "alice",
         EMPTY,
         "ff 04 7500 00000000 00000000 02 5f30 000000000000000000 05 616c696365 000000000000",
     ),
     Vector(
-        "my-device-offline", "server", 118, ClientType.IOS, 0, "_0", "alice",
+        "my-device-offline",
+        "server",
+        118,
+        ClientType.IOS,
+        0,
+        "_0",
+        "alice",
         EMPTY,
         "ff 04 7600 00000000 00000000 02 5f30 000000000000000000 05 616c696365 000000000000",
     ),
     # -- Error (120) -----------------------------------------------------------
     Vector(
-        "error-user-offline", "server", 120, 0, 10, "_0", "alice",
+        "error-user-offline",
+        "server",
+        120,
+        0,
+        10,
+        "_0",
+        "alice",
         Error(MessageType.REQUEST, ErrorCode.USER_OFFLINE, "bob is not online"),
         "ff 00 7800 0a000000 17000000 02 5f30 000000000000000000 05 616c696365 000000000000"
         "cb00 0200 1100 626f62206973206e6f74206f6e6c696e65",
     ),
     # -- Send (202) --------------------------------------------------------------
     Vector(
-        "send-to-user", "client", 202, ClientType.ANDROID, 0, "alice", "bob",
+        "send-to-user",
+        "client",
+        202,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "bob",
         Information(1001, b"hello"),
         "ff 05 ca00 00000000 09000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "e9030000 68656c6c6f",
     ),
     Vector(
-        "send-to-server", "client", 202, ClientType.ANDROID, 0, "alice", "_0",
+        "send-to-server",
+        "client",
+        202,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "_0",
         Information(7, b""),
         "ff 05 ca00 00000000 04000000 05 616c696365 000000000000 02 5f30 000000000000000000"
         "07000000",
     ),
     Vector(
-        "send-negative-type", "client", 202, ClientType.ANDROID, 0, "alice", "bob",
+        "send-negative-type",
+        "client",
+        202,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "bob",
         Information(-2, b"\x00\xff"),
         "ff 05 ca00 00000000 06000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "feffffff 00ff",
     ),
     Vector(
-        "send-utf8-sender", "client", 202, ClientType.DOTNET, 0, "\u5f20\u4e09", "alice",
+        "send-utf8-sender",
+        "client",
+        202,
+        ClientType.DOTNET,
+        0,
+        "\u5f20\u4e09",
+        "alice",
         Information(1, b""),
         "ff 00 ca00 00000000 04000000 06 e5bca0e4b889 0000000000 05 616c696365 000000000000"
         "01000000",
     ),
     # -- Request (203) and Response (204) ----------------------------------------
     Vector(
-        "request", "client", 203, ClientType.ANDROID, 11, "alice", "bob",
+        "request",
+        "client",
+        203,
+        ClientType.ANDROID,
+        11,
+        "alice",
+        "bob",
         Information(2001, b"time?"),
         "ff 05 cb00 0b000000 09000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "d1070000 74696d653f",
     ),
     Vector(
-        "response", "client", 204, ClientType.IOS, 11, "bob", "alice",
+        "response",
+        "client",
+        204,
+        ClientType.IOS,
+        11,
+        "bob",
+        "alice",
         Information(2001, b"12:00"),
         "ff 04 cc00 0b000000 09000000 03 626f62 0000000000000000 05 616c696365 000000000000"
         "d1070000 31323a3030",
     ),
     # -- SendCertainly (205) and Ack (206) ---------------------------------------
     Vector(
-        "send-certainly", "client", 205, ClientType.ANDROID, 12, "alice", "bob",
+        "send-certainly",
+        "client",
+        205,
+        ClientType.ANDROID,
+        12,
+        "alice",
+        "bob",
         Information(1002, b"hi"),
         "ff 05 cd00 0c000000 06000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "ea030000 6869",
     ),
     Vector(
-        "ack", "client", 206, ClientType.IOS, 12, "bob", "alice",
+        "ack",
+        "client",
+        206,
+        ClientType.IOS,
+        12,
+        "bob",
+        "alice",
         Ack(1002),
         "ff 04 ce00 0c000000 04000000 03 626f62 0000000000000000 05 616c696365 000000000000"
         "ea030000",
     ),
     # -- Blob (207) ----------------------------------------------------------------
     Vector(
-        "blob-first", "client", 207, ClientType.ANDROID, 0, "alice", "bob",
+        "blob-first",
+        "client",
+        207,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "bob",
         BlobFragment(3001, 42, 0, False, b"abc"),
         "ff 05 cf00 00000000 10000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "b90b0000 2a000000 00000000 00 616263",
     ),
     Vector(
-        "blob-last", "client", 207, ClientType.ANDROID, 0, "alice", "bob",
+        "blob-last",
+        "client",
+        207,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "bob",
         BlobFragment(3001, 42, 1, True, b"de"),
         "ff 05 cf00 00000000 0f000000 05 616c696365 000000000000 03 626f62 0000000000000000"
         "b90b0000 2a000000 01000000 01 6465",
     ),
     # -- Broadcast (601) -------------------------------------------------------------
     Vector(
-        "broadcast-group", "client", 601, ClientType.ANDROID, 0, "alice", "team-7",
+        "broadcast-group",
+        "client",
+        601,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "team-7",
         Information(4001, b"hi all"),
         "ff 05 5902 00000000 0a000000 05 616c696365 000000000000 06 7465616d2d37 0000000000"
         "a10f0000 686920616c6c",
     ),
     Vector(
-        "broadcast-everyone", "client", 601, ClientType.ANDROID, 0, "alice", "*",
+        "broadcast-everyone",
+        "client",
+        601,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "*",
         Information(4002, b""),
         "ff 05 5902 00000000 04000000 05 616c696365 000000000000 01 2a 00000000000000000000"
         "a20f0000",
@@ -364,7 +621,13 @@ VECTORS = [
     # -- Other maximum UserID lengths ------------------------------------------------
     # n = 20: 2*20 + 14 = 54, rounded up to H = 56, so S = 21.
     Vector(
-        "heartbeat-n20", "client", 104, ClientType.ANDROID, 0, "alice", "_0",
+        "heartbeat-n20",
+        "client",
+        104,
+        ClientType.ANDROID,
+        0,
+        "alice",
+        "_0",
         EMPTY,
         "ff 05 6800 00000000 00000000"
         "05 616c696365 00000000000000000000000000000000"
@@ -373,14 +636,26 @@ VECTORS = [
     ),
     # n = 2: 2*2 + 14 = 18, rounded up to H = 20, so S = 3 (one byte more than n).
     Vector(
-        "heartbeat-echo-n2", "server", 104, 0, 0, "_0", "ab",
+        "heartbeat-echo-n2",
+        "server",
+        104,
+        0,
+        0,
+        "_0",
+        "ab",
         EMPTY,
         "ff 00 6800 00000000 00000000 02 5f3000 02 616200",
         max_userid_length=2,
     ),
     # n = 1: 2*1 + 14 = 16 = H, S = 1.
     Vector(
-        "heartbeat-n1", "client", 104, ClientType.OTHERS, 0, "7", "",
+        "heartbeat-n1",
+        "client",
+        104,
+        ClientType.OTHERS,
+        0,
+        "7",
+        "",
         EMPTY,
         "ff 08 6800 00000000 00000000 01 37 00 00",
         max_userid_length=1,
@@ -391,25 +666,39 @@ VECTORS_BY_NAME = {v.name: v for v in VECTORS}
 
 #: Every (MessageType, sender) pair the protocol defines.
 REQUIRED = {
-    (101, "client"), (101, "server"),
+    (101, "client"),
+    (101, "server"),
     (102, "client"),
-    (103, "client"), (103, "server"),
-    (104, "client"), (104, "server"),
+    (103, "client"),
+    (103, "server"),
+    (104, "client"),
+    (104, "server"),
     (105, "server"),
     (106, "server"),
     (107, "client"),
-    (108, "client"), (108, "server"),
+    (108, "client"),
+    (108, "server"),
     (109, "server"),
-    (110, "client"), (110, "server"),
-    (111, "client"), (111, "server"),
-    (112, "client"), (112, "server"),
-    (114, "client"), (114, "server"),
-    (116, "client"), (116, "server"),
+    (110, "client"),
+    (110, "server"),
+    (111, "client"),
+    (111, "server"),
+    (112, "client"),
+    (112, "server"),
+    (114, "client"),
+    (114, "server"),
+    (116, "client"),
+    (116, "server"),
     (117, "server"),
     (118, "server"),
     (120, "server"),
-    (202, "client"), (203, "client"), (204, "client"), (205, "client"),
-    (206, "client"), (207, "client"), (601, "client"),
+    (202, "client"),
+    (203, "client"),
+    (204, "client"),
+    (205, "client"),
+    (206, "client"),
+    (207, "client"),
+    (601, "client"),
 }
 
 
@@ -528,9 +817,7 @@ def test_u8_booleans():
 
 LOGON = VECTORS_BY_NAME["logon-request"]
 LOGON_BYTES = bytes.fromhex(LOGON.hex)
-SEVERAL = b"".join(
-    bytes.fromhex(v.hex) for v in VECTORS if v.max_userid_length == 11
-)
+SEVERAL = b"".join(bytes.fromhex(v.hex) for v in VECTORS if v.max_userid_length == 11)
 SEVERAL_COUNT = sum(1 for v in VECTORS if v.max_userid_length == 11)
 
 
@@ -825,8 +1112,13 @@ def test_mismatched_max_userid_length(dest):
     server = WireConfig(max_userid_length=11)
     body = Logon(1, "demo-token", "s3cret").encode()
     data = encode_frame(
-        client, MessageType.LOGON, body, client_type=5, message_id=1,
-        user_id="alice", dest_user_id=dest,
+        client,
+        MessageType.LOGON,
+        body,
+        client_type=5,
+        message_id=1,
+        user_id="alice",
+        dest_user_id=dest,
     )
     assert len(data) == 56 + len(body)
     with pytest.raises(FrameError) as info:
@@ -835,8 +1127,13 @@ def test_mismatched_max_userid_length(dest):
     # The message (which the server logs) names the header it expects.
     assert "expects 36-byte headers" in str(info.value)
     data = encode_frame(
-        server, MessageType.LOGON, body, client_type=5, message_id=1,
-        user_id="alice", dest_user_id=dest,
+        server,
+        MessageType.LOGON,
+        body,
+        client_type=5,
+        message_id=1,
+        user_id="alice",
+        dest_user_id=dest,
     )
     with pytest.raises(FrameError) as info:
         FrameDecoder(client).feed(data)
@@ -1407,9 +1704,7 @@ def test_docs_vector_appendix_matches():
         if line.strip():
             name, n, data = line.split()
             listed[name] = (int(n), data)
-    assert listed == {
-        v.name: (v.max_userid_length, bytes.fromhex(v.hex).hex()) for v in VECTORS
-    }
+    assert listed == {v.name: (v.max_userid_length, bytes.fromhex(v.hex).hex()) for v in VECTORS}
 
 
 # -- feed_runs: Sends gathered into runs for the relay ---------------------------
@@ -1462,7 +1757,13 @@ def test_runs_gather_consecutive_sends_for_one_pair():
     request = _send(config, message_type=MessageType.REQUEST)
     stream = a * 3 + b + a * 2 + request + a
     items = FrameDecoder(config).feed_runs(stream, SEND)
-    assert [type(i).__name__ for i in items] == ["SendRun", "SendRun", "SendRun", "Frame", "SendRun"]
+    assert [type(i).__name__ for i in items] == [
+        "SendRun",
+        "SendRun",
+        "SendRun",
+        "Frame",
+        "SendRun",
+    ]
     assert [getattr(i, "count", 1) for i in items] == [3, 1, 2, 1, 1]
     assert items[0].raw == a * 3
     assert (items[0].user_id, items[0].dest_user_id) == ("alice", "bob")
@@ -1605,7 +1906,7 @@ def test_one_header_check_on_every_path():
             [header],
             [good] + [header[i : i + 1] for i in range(len(header))],
         ):
-            for (_, error, _) in _feed_both(config, chunks):
+            for _, error, _ in _feed_both(config, chunks):
                 assert error is not None, (header, chunks)
                 errors.add(error)
         assert len(errors) == 1, errors

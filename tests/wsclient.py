@@ -143,7 +143,9 @@ class ConnectionRefusedByServer(Exception):
     """
 
 
-def connect(port, *, path="/esf", protocols=("esf.v1",), origin=None, headers=None, timeout=10, tls=None):
+def connect(
+    port, *, path="/esf", protocols=("esf.v1",), origin=None, headers=None, timeout=10, tls=None
+):
     """
     Connect to C{ws://127.0.0.1:port/path}; fire with the L{WSClient} once
     the handshake is done (or fail with L{ConnectionRefusedByServer}).

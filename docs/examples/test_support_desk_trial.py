@@ -63,7 +63,9 @@ class SupportDeskTests(SynchronousTestCase):
         alice = self.server.logged_on("alice", "pa")
         heard = record_events(art, "broadcast_received")
         self.server.result(ann.broadcast(AGENTS, CHAT, b"I take ticket 1"))
-        self.assertEqual(heard.of("broadcast_received"), [("ann", AGENTS, CHAT, b"I take ticket 1")])
+        self.assertEqual(
+            heard.of("broadcast_received"), [("ann", AGENTS, CHAT, b"I take ticket 1")]
+        )
         error = self.server.failure(alice.broadcast(AGENTS, CHAT, b"hi all"), RequestError)
         self.assertEqual(error.code, ErrorCode.NOT_AUTHORIZED)
 

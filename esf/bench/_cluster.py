@@ -38,7 +38,9 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
 
     async def measure(mode: str, pairs: int, nodes: int, place, cluster: bool = True) -> dict:
         # The best of --repeat runs, as for the other modes.
-        results = [await measure_once(mode, pairs, nodes, place, cluster) for _ in range(opts.repeat)]
+        results = [
+            await measure_once(mode, pairs, nodes, place, cluster) for _ in range(opts.repeat)
+        ]
         return _best(mode, results)
 
     async def measure_once(mode: str, pairs: int, nodes: int, place, cluster: bool) -> dict:
@@ -48,8 +50,11 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
             extra = ("--cluster", redis.url, "--node-id", f"bench{runs[0]}-") if cluster else ()
             started = [
                 LocalServer(
-                    "esf", opts, workdir, 2 * pairs + 64, extra[:-1] + (extra[-1] + str(i),)
-                    if extra else (),
+                    "esf",
+                    opts,
+                    workdir,
+                    2 * pairs + 64,
+                    extra[:-1] + (extra[-1] + str(i),) if extra else (),
                 )  # fmt: skip
                 for i in range(nodes)
             ]

@@ -138,7 +138,9 @@ class _Worker(ProcessProtocol):
                 try:
                     stage, done, total, unit, t0 = message["progress"]
                 except (TypeError, ValueError):
-                    self.fail(f"{self} sent a progress report that is not [stage, done, total, unit, t0]: {line[:80]!r}")
+                    self.fail(
+                        f"{self} sent a progress report that is not [stage, done, total, unit, t0]: {line[:80]!r}"
+                    )
                     return
                 self.stages[stage] = (done, total, unit, t0)
             elif "result" in message or "error" in message:
@@ -194,7 +196,11 @@ class LoadGenerator:
 
     async def start(self) -> None:
         env = checkout_env()
-        init = {k: v for k, v in vars(self.opts).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+        init = {
+            k: v
+            for k, v in vars(self.opts).items()
+            if isinstance(v, (int, float, str, bool, list, type(None)))
+        }
         init["progress"] = bool(self.opts.progress)
         for i in range(self.opts.load_procs):
             worker = _Worker(self, i)
@@ -237,7 +243,9 @@ class LoadGenerator:
         if late:
             why = f"no answer from {', '.join(late)}"
         else:  # every worker waits at a sync point
-            why = f"the coordinator did not release {', '.join(f'{w} ({w.last})' for w in running)}"
+            why = (
+                f"the coordinator did not release {', '.join(f'{w} ({w.last})' for w in running)}"
+            )
         self.abort(f"{what} did not end within {timeout:g} s (--phase-timeout): {why}")
 
     def _parts(self, mode: str, pairs: int | None) -> list[dict]:
@@ -263,7 +271,9 @@ class LoadGenerator:
         window = max(1, math.ceil(opts.logon_window / len(groups)))
         parts, first = [], 0
         for n in groups:
-            parts.append({"names": list(range(first, first + n)), "all_names": count, "window": window})
+            parts.append(
+                {"names": list(range(first, first + n)), "all_names": count, "window": window}
+            )
             first += n
         return parts
 
@@ -274,7 +284,13 @@ class LoadGenerator:
         """
         running = [w for w in self._active if w.finished is not None]
         points = {w.point for w in running}
-        if not running or len(points) != 1 or None in points or self._action is None or self._reading:
+        if (
+            not running
+            or len(points) != 1
+            or None in points
+            or self._action is None
+            or self._reading
+        ):
             return
         (point,) = points
         self._reading = True
@@ -343,7 +359,13 @@ class LoadGenerator:
             if shown is None:
                 return None
             stage, done, total, unit, t0 = shown
-            return (f"{kind}: {mode}" + ("" if stage == mode else f", {stage}"), done, total, unit, t0)
+            return (
+                f"{kind}: {mode}" + ("" if stage == mode else f", {stage}"),
+                done,
+                total,
+                unit,
+                t0,
+            )
 
         self.progress.start(state)
         try:

@@ -189,7 +189,10 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
 #: (mode, figure, which way is better, the target it is held to: (kind, bound)).
 #: kind "ratio": esf/bare against bound; "min"/"max": the esf figure itself.
 FIGURES = {
-    "send": [("msgs_per_s", "higher", ("ratio_min", 0.6)), ("server_cpu_us_per_msg", "lower", None)],
+    "send": [
+        ("msgs_per_s", "higher", ("ratio_min", 0.6)),
+        ("server_cpu_us_per_msg", "lower", None),
+    ],
     "request": [
         ("rtt_p50_us", "lower", ("ratio_max", 1.3)),
         ("rtt_p90_us", "lower", None),
@@ -236,13 +239,25 @@ def _targets(row: dict, server_python: str | None = None) -> list[dict]:
         if kind.startswith("ratio"):
             value = row.get("ratio", {}).get(figure)
             text = f"esf/baseline {'>=' if kind == 'ratio_min' else '<='} {bound:.3g}"
-            met = None if value is None else (value >= bound if kind == "ratio_min" else value <= bound)
+            met = (
+                None
+                if value is None
+                else (value >= bound if kind == "ratio_min" else value <= bound)
+            )
         else:
             value = esf.get(figure)
             text = f"{'>=' if kind == 'min' else '<='} {bound:g}"
             met = None if value is None else (value >= bound if kind == "min" else value <= bound)
         if value is not None:
-            out.append({"row": _row_label(row), "figure": figure, "value": value, "target": text, "met": met})
+            out.append(
+                {
+                    "row": _row_label(row),
+                    "figure": figure,
+                    "value": value,
+                    "target": text,
+                    "met": met,
+                }
+            )
     return out
 
 
@@ -280,5 +295,7 @@ def _medians(mode: str, runs: list[dict]) -> dict | None:
         values = sorted(r[figure] for r in runs if isinstance(r.get(figure), (int, float)))
         if values:
             middle = len(values) // 2
-            out[figure] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            out[figure] = (
+                values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            )
     return out

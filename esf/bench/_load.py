@@ -66,7 +66,9 @@ class Conn(Protocol):
     def connectionLost(self, reason) -> None:
         self.lost = True
         if not self.ready.called:
-            self.ready.errback(BenchError(f"{self.name}: connection lost before logon: {reason.value}"))
+            self.ready.errback(
+                BenchError(f"{self.name}: connection lost before logon: {reason.value}")
+            )
         if self.on_lost is not None:
             self.on_lost(self)
 
@@ -83,7 +85,9 @@ class _ConnFactory(ClientFactory):
 
     def clientConnectionFailed(self, connector, reason):
         if not self.conn.ready.called:
-            self.conn.ready.errback(BenchError(f"{self.conn.name}: cannot connect: {reason.value}"))
+            self.conn.ready.errback(
+                BenchError(f"{self.conn.name}: cannot connect: {reason.value}")
+            )
 
 
 def close_all(reactor, conns) -> defer.Deferred:
@@ -146,7 +150,9 @@ class Load:
         self.reactor.connectTCP(node.host, port, _ConnFactory(conn), timeout=10)
         return conn
 
-    def log_on(self, server, dialect, names: list[str], stage: str, deadline: float, window: int) -> defer.Deferred:
+    def log_on(
+        self, server, dialect, names: list[str], stage: str, deadline: float, window: int
+    ) -> defer.Deferred:
         """
         Open one logged-on connection per name, at most C{window} at a time
         (the progress C{stage}).  Fires with C{(conns, failures,
@@ -189,7 +195,9 @@ class Load:
                 self.connect(server, dialect, name).ready.addCallbacks(ok, failed)
 
         def too_late():
-            state["error"] = state["error"] or f"logons still unanswered after the {self.opts.duration:g} s cap"
+            state["error"] = (
+                state["error"] or f"logons still unanswered after the {self.opts.duration:g} s cap"
+            )
             state["failures"] += len(names) - state["finished"]
             finish()
 
@@ -201,7 +209,9 @@ class Load:
             start_more()
         return done
 
-    async def _pairs(self, server, dialect, indices: list[int], prefix: str, deadline: float, window: int):
+    async def _pairs(
+        self, server, dialect, indices: list[int], prefix: str, deadline: float, window: int
+    ):
         senders = [f"{prefix[0]}{self.tag}{i}" for i in indices]
         receivers = [f"{prefix[1]}{self.tag}{i}" for i in indices]
         conns, failures, error, _, _ = await self.log_on(
@@ -231,7 +241,9 @@ class Load:
         would report.
         """
         deadline = time.perf_counter() + self.opts.duration
-        couples, conns = await self._pairs(server, dialect, part["pairs"], names, deadline, part["window"])
+        couples, conns = await self._pairs(
+            server, dialect, part["pairs"], names, deadline, part["window"]
+        )
         shares = part["shares"]
         done = defer.Deferred()
         totals = {"count": 0, "pairs_done": 0}
@@ -248,7 +260,8 @@ class Load:
         t0 = time.perf_counter()
         self.progress.start(mode, sum(shares), lambda: totals["count"])
         timer = self.reactor.callLater(
-            max(deadline - time.perf_counter(), 0.1), lambda: done.called or done.callback("capped")
+            max(deadline - time.perf_counter(), 0.1),
+            lambda: done.called or done.callback("capped"),
         )
         stall = stall_seconds(self.opts.duration)
         seen = [totals["count"], self.reactor.seconds()]

@@ -26,7 +26,9 @@ class Bench(Load):
         opts = self.opts
         dialect = self.dialect(kind)
         size = dialect.frame_size
-        window = max(1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size)
+        window = max(
+            1, min(opts.window_bytes, opts.total_window_bytes // part["all_pairs"]) // size
+        )
 
         def make_pair(sender, receiver, share, totals, done, pairs):
             frame = dialect.message(sender.name, receiver.name)
@@ -49,7 +51,11 @@ class Bench(Load):
             return _RequestPair(sender, receiver, share, totals, done, pairs, dialect)
 
         states, _, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
-        return {"rtts": [r for st in states for r in st.rtts], "frame_bytes": dialect.frame_size, **timed}
+        return {
+            "rtts": [r for st in states for r in st.rtts],
+            "frame_bytes": dialect.frame_size,
+            **timed,
+        }
 
     async def logons(self, server, kind: str, part: dict) -> dict:
         dialect = self.dialect(kind)
@@ -126,5 +132,3 @@ class Bench(Load):
             "t0": t0,
             "t1": t1,
         }
-
-

@@ -31,7 +31,9 @@ def _pairs(value: str) -> list[int]:
     try:
         pairs = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--pairs takes numbers, e.g. 1,50, not {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--pairs takes numbers, e.g. 1,50, not {value!r}"
+        ) from None
     if not pairs or any(p < 1 for p in pairs):
         raise argparse.ArgumentTypeError(f"--pairs takes positive numbers, not {value!r}")
     return pairs
@@ -55,74 +57,195 @@ def build_parser() -> argparse.ArgumentParser:
         "two bare Twisted relays: the coalescing baseline (one write per destination per read) and "
         "the write-per-frame relay.",
     )
-    p.add_argument("--server", type=_host_port, metavar="HOST:PORT",
-                   help="measure this running esf server instead of starting one (no CPU/RSS figures)")
-    p.add_argument("--mode", default="all", choices=MODES + ("all", "cluster"),
-                   help="what to measure (default all; cluster: nodes joined through a redis-server "
-                   "this run starts)")
-    p.add_argument("--pairs", type=_pairs, default=None, metavar="N[,N...]",
-                   help="sender/receiver pairs for send and request; a list runs each (default 1)")
-    p.add_argument("--messages", type=_positive(int), default=None, help="messages in send mode, in all (default 100000)")
-    p.add_argument("--requests", type=_positive(int), default=None, help="round trips in request mode, in all (default 20000)")
+    p.add_argument(
+        "--server",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="measure this running esf server instead of starting one (no CPU/RSS figures)",
+    )
+    p.add_argument(
+        "--mode",
+        default="all",
+        choices=MODES + ("all", "cluster"),
+        help="what to measure (default all; cluster: nodes joined through a redis-server "
+        "this run starts)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=_pairs,
+        default=None,
+        metavar="N[,N...]",
+        help="sender/receiver pairs for send and request; a list runs each (default 1)",
+    )
+    p.add_argument(
+        "--messages",
+        type=_positive(int),
+        default=None,
+        help="messages in send mode, in all (default 100000)",
+    )
+    p.add_argument(
+        "--requests",
+        type=_positive(int),
+        default=None,
+        help="round trips in request mode, in all (default 20000)",
+    )
     p.add_argument("--size", type=int, default=100, help="payload bytes per message (default 100)")
-    p.add_argument("--logons", type=_positive(int), default=None, help="connections that log on in logons mode (default 10000)")
-    p.add_argument("--idle", type=_positive(int), default=None, help="sessions held in idle mode (default 10000)")
-    p.add_argument("--hold", type=_positive(float), default=None, help="seconds the idle sessions are held (default 12)")
-    p.add_argument("--heartbeat", type=_positive(float), default=10.0, help="seconds between heartbeats of an idle session (default 10)")
-    p.add_argument("--logon-window", type=_positive(int), default=500, help="logons in flight at once (default 500)")
-    p.add_argument("--backlog", type=_positive(int), default=1024,
-                   help="listen backlog of the servers this run starts (default 1024; Twisted's own is 50)")
-    p.add_argument("--pattern", choices=("pairs", "interleaved"), default="pairs",
-                   help="in send mode, who sends to whom: pairs (each sender to its own receiver, "
-                   "the default) or interleaved (every sender cycles over every receiver of its "
-                   "load worker, so that consecutive frames go to different receivers)")
-    p.add_argument("--window-bytes", type=_positive(int), default=2**20,
-                   help="bytes one sender may have in flight in send mode (default 1048576)")
-    p.add_argument("--total-window-bytes", type=_positive(int), default=8 * 2**20,
-                   help="bytes all senders together may have in flight (default 8 MiB)")
-    p.add_argument("--bare", dest="bare", action="store_true", default=True,
-                   help="also measure the two bare relays and print ratios (default)")
+    p.add_argument(
+        "--logons",
+        type=_positive(int),
+        default=None,
+        help="connections that log on in logons mode (default 10000)",
+    )
+    p.add_argument(
+        "--idle",
+        type=_positive(int),
+        default=None,
+        help="sessions held in idle mode (default 10000)",
+    )
+    p.add_argument(
+        "--hold",
+        type=_positive(float),
+        default=None,
+        help="seconds the idle sessions are held (default 12)",
+    )
+    p.add_argument(
+        "--heartbeat",
+        type=_positive(float),
+        default=10.0,
+        help="seconds between heartbeats of an idle session (default 10)",
+    )
+    p.add_argument(
+        "--logon-window",
+        type=_positive(int),
+        default=500,
+        help="logons in flight at once (default 500)",
+    )
+    p.add_argument(
+        "--backlog",
+        type=_positive(int),
+        default=1024,
+        help="listen backlog of the servers this run starts (default 1024; Twisted's own is 50)",
+    )
+    p.add_argument(
+        "--pattern",
+        choices=("pairs", "interleaved"),
+        default="pairs",
+        help="in send mode, who sends to whom: pairs (each sender to its own receiver, "
+        "the default) or interleaved (every sender cycles over every receiver of its "
+        "load worker, so that consecutive frames go to different receivers)",
+    )
+    p.add_argument(
+        "--window-bytes",
+        type=_positive(int),
+        default=2**20,
+        help="bytes one sender may have in flight in send mode (default 1048576)",
+    )
+    p.add_argument(
+        "--total-window-bytes",
+        type=_positive(int),
+        default=8 * 2**20,
+        help="bytes all senders together may have in flight (default 8 MiB)",
+    )
+    p.add_argument(
+        "--bare",
+        dest="bare",
+        action="store_true",
+        default=True,
+        help="also measure the two bare relays and print ratios (default)",
+    )
     p.add_argument("--no-bare", dest="bare", action="store_false", help="measure esf only")
-    p.add_argument("--load-procs", type=_positive(int), default=None, metavar="N",
-                   help="load generator processes, each with its own reactor and a share of the load "
-                   f"(default {default_load_procs()}: one per core but the server's, at most 4)")
-    p.add_argument("--websocket", dest="websocket", action="store_true", default=None,
-                   help="in send mode, also relay over WebSocket and give the ratio to TCP "
-                   "(default, unless --server)")
-    p.add_argument("--no-websocket", dest="websocket", action="store_false",
-                   help="relay over TCP only")
-    p.add_argument("--baseline-relay", dest="baseline_relay", metavar="PATH",
-                   help="the baseline relay, which writes once per destination per read "
-                   "(default: esf/bench/relays/coalescing.py, installed with esf)")
-    p.add_argument("--bare-relay", dest="bare_relay", metavar="PATH",
-                   help="the write-per-frame relay, the second yardstick "
-                   "(default: esf/bench/relays/bare.py, installed with esf)")
-    p.add_argument("--server-python", metavar="PATH", default=sys.executable,
-                   help="the Python that runs the servers this benchmark starts, esf and the bare relays "
-                   "(default: this one); it must be able to import Twisted, attrs and zope.interface, "
-                   "and imports esf from this checkout")
-    p.add_argument("--check", action="store_true", default=None,
-                   help="decode and validate every frame at the receivers (slower load generator)")
-    p.add_argument("--duration", type=_positive(float), default=None,
-                   help="cap in seconds on each phase; a capped phase reports what it got (default 120); "
-                   "in send and request, nothing arriving for 10 s (at most half of it) fails the phase")
-    p.add_argument("--phase-timeout", type=_positive(float), default=None, metavar="SECONDS",
-                   help="how long one phase may take in all before the run is ended as hung, with status 1: "
-                   "a load worker or the coordinator stopped answering (default: --duration + "
-                   f"{PHASE_GRACE:g})")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny run (2 pairs, 2000 messages, 200 logons, 200 idle sessions, --check): a smoke test")
-    p.add_argument("--repeat", type=_positive(int), default=1,
-                   help="run each measurement this many times, alternating esf and bare, and keep "
-                   "the best run of each (default 1)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH (- for stdout)")
+    p.add_argument(
+        "--load-procs",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="load generator processes, each with its own reactor and a share of the load "
+        f"(default {default_load_procs()}: one per core but the server's, at most 4)",
+    )
+    p.add_argument(
+        "--websocket",
+        dest="websocket",
+        action="store_true",
+        default=None,
+        help="in send mode, also relay over WebSocket and give the ratio to TCP "
+        "(default, unless --server)",
+    )
+    p.add_argument(
+        "--no-websocket", dest="websocket", action="store_false", help="relay over TCP only"
+    )
+    p.add_argument(
+        "--baseline-relay",
+        dest="baseline_relay",
+        metavar="PATH",
+        help="the baseline relay, which writes once per destination per read "
+        "(default: esf/bench/relays/coalescing.py, installed with esf)",
+    )
+    p.add_argument(
+        "--bare-relay",
+        dest="bare_relay",
+        metavar="PATH",
+        help="the write-per-frame relay, the second yardstick "
+        "(default: esf/bench/relays/bare.py, installed with esf)",
+    )
+    p.add_argument(
+        "--server-python",
+        metavar="PATH",
+        default=sys.executable,
+        help="the Python that runs the servers this benchmark starts, esf and the bare relays "
+        "(default: this one); it must be able to import Twisted, attrs and zope.interface, "
+        "and imports esf from this checkout",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        default=None,
+        help="decode and validate every frame at the receivers (slower load generator)",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive(float),
+        default=None,
+        help="cap in seconds on each phase; a capped phase reports what it got (default 120); "
+        "in send and request, nothing arriving for 10 s (at most half of it) fails the phase",
+    )
+    p.add_argument(
+        "--phase-timeout",
+        type=_positive(float),
+        default=None,
+        metavar="SECONDS",
+        help="how long one phase may take in all before the run is ended as hung, with status 1: "
+        "a load worker or the coordinator stopped answering (default: --duration + "
+        f"{PHASE_GRACE:g})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny run (2 pairs, 2000 messages, 200 logons, 200 idle sessions, --check): a smoke test",
+    )
+    p.add_argument(
+        "--repeat",
+        type=_positive(int),
+        default=1,
+        help="run each measurement this many times, alternating esf and bare, and keep "
+        "the best run of each (default 1)",
+    )
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the results as JSON to PATH (- for stdout)"
+    )
     p.add_argument("--password", default="bench", help="password sent at logon")
     p.add_argument("--system-token", default="", help="system token sent at logon")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="show a progress bar even when stderr is not a terminal")
+    p.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar even when stderr is not a terminal",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--keep-logs", action="store_true", help="keep the started servers' logs")
-    p.add_argument("--startup-timeout", type=_positive(float), default=20.0, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--startup-timeout", type=_positive(float), default=20.0, help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -194,5 +317,7 @@ def parse_options(argv: list[str] | None):
     most = max([opts.logons, opts.idle] + [2 * p for p in opts.pairs])
     limit = raise_fd_limit(most + 256)
     if limit < most + 64:
-        parser.error(f"the open-files limit ({limit}) is too low for {most} connections; raise ulimit -n")
+        parser.error(
+            f"the open-files limit ({limit}) is too low for {most} connections; raise ulimit -n"
+        )
     return opts

@@ -160,7 +160,9 @@ class _Ring:
         repeat = self.window // n + 2
         self._cycles = []
         for i, st in enumerate(self.senders):
-            cycle = b"".join(self.dialect.message(st.sender.name, names[(i + k) % n]) for k in range(n))
+            cycle = b"".join(
+                self.dialect.message(st.sender.name, names[(i + k) % n]) for k in range(n)
+            )
             self._written = len(cycle) // n  # every frame of a dialect is the same size
             self._cycles.append(cycle * repeat)
             if self.check:
@@ -253,8 +255,12 @@ class _RequestPair(_Pair):
             frame = buf[offset : offset + size]
             offset += size
             if not self.dialect.is_request(frame):
-                return self.fail(f"the receiver {self.receiver.name} got an unexpected frame: {bytes(frame[:40]).hex()}")
-            self.response[self.resp_off : self.resp_off + 4] = frame[self.req_off : self.req_off + 4]
+                return self.fail(
+                    f"the receiver {self.receiver.name} got an unexpected frame: {bytes(frame[:40]).hex()}"
+                )
+            self.response[self.resp_off : self.resp_off + 4] = frame[
+                self.req_off : self.req_off + 4
+            ]
             self.receiver.transport.write(bytes(self.response))
         self._rbuf = buf[offset:]
 
@@ -267,8 +273,13 @@ class _RequestPair(_Pair):
         if len(buf) > self.size:
             return self.fail(f"the sender {self.sender.name} got more than one answer")
         self._sbuf = b""
-        if not self.dialect.is_response(buf) or _I32.unpack_from(buf, self.resp_off)[0] != self.mid:
-            return self.fail(f"the sender {self.sender.name} got an unexpected frame: {buf[:40].hex()}")
+        if (
+            not self.dialect.is_response(buf)
+            or _I32.unpack_from(buf, self.resp_off)[0] != self.mid
+        ):
+            return self.fail(
+                f"the sender {self.sender.name} got an unexpected frame: {buf[:40].hex()}"
+            )
         self.rtts.append(now - self.t0)
         self.totals["count"] += 1
         if len(self.rtts) >= self.share:

@@ -219,7 +219,9 @@ def start_esf_server(port: int, args, log_path, timeout: float = 30.0) -> subpro
     it listens (for the benchmark scripts).  Raises L{BenchError}, the
     process killed, if it exits or does not listen within C{timeout}.
     """
-    process = subprocess.Popen(esf_server_argv(sys.executable, port, log_path, 1024, args), env=checkout_env())
+    process = subprocess.Popen(
+        esf_server_argv(sys.executable, port, log_path, 1024, args), env=checkout_env()
+    )
     why = wait_listening(process, [port], timeout)
     if why is not None:
         process.kill()

@@ -48,7 +48,9 @@ class Progress:
         else:
             rate = done / elapsed if elapsed > 0 else 0
             figures = f"{done:>9,}/{total:,} {rate:>11,.0f}/s"
-        line = f"\r{label:<30.30} [{'#' * filled}{'.' * (width - filled)}] {figures} {elapsed:6.1f} s"
+        line = (
+            f"\r{label:<30.30} [{'#' * filled}{'.' * (width - filled)}] {figures} {elapsed:6.1f} s"
+        )
         sys.stderr.write(line)
         sys.stderr.flush()
 

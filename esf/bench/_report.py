@@ -27,8 +27,13 @@ def _fmt(value, figure: str) -> str:
 
 
 _EXTRA = {
-    "send": ["elapsed_s", "server_cpu_percent", "load_cpu_percent",
-             "machine_cpu_percent", "server_peak_rss_bytes"],
+    "send": [
+        "elapsed_s",
+        "server_cpu_percent",
+        "load_cpu_percent",
+        "machine_cpu_percent",
+        "server_peak_rss_bytes",
+    ],
     "request": ["server_cpu_percent", "load_cpu_percent"],
     "logons": ["elapsed_s", "server_cpu_percent", "load_cpu_percent"],
     "idle": ["logons_per_s", "server_rss_bytes", "server_cpu_percent", "load_cpu_percent"],
@@ -40,10 +45,18 @@ def format_table(report: dict) -> str:
     options = report["options"]
     lines = [
         f"esf-bench: {machine['nproc']} CPU(s)"
-        + (f" of {machine['cpu_count']}" if machine.get("cpu_count", machine["nproc"]) != machine["nproc"] else "")
+        + (
+            f" of {machine['cpu_count']}"
+            if machine.get("cpu_count", machine["nproc"]) != machine["nproc"]
+            else ""
+        )
         + f", {machine['cpu_model']}, {machine['python']}; "
         f"payload {options['size']} B (frame {options['frame_bytes']} B); server {options['server']}"
-        + (f" on {machine['server_python']}" if options.get("server_python") and machine.get("server_python") else "")
+        + (
+            f" on {machine['server_python']}"
+            if options.get("server_python") and machine.get("server_python")
+            else ""
+        )
         + f"; load generator: {options.get('load_procs', 1)} process(es)",
         "",
         "baseline: the coalescing relay (esf/bench/relays/coalescing.py, one write per destination per "
@@ -93,7 +106,9 @@ def format_table(report: dict) -> str:
         ]
         for row in report["cluster"]:
             if "error" in row:
-                lines.append(f"| {row['row']}, {row['pairs']} | FAILED | {row['error'][:80]} | | |")
+                lines.append(
+                    f"| {row['row']}, {row['pairs']} | FAILED | {row['error'][:80]} | | |"
+                )
                 continue
             ratio = row.get("ratio")
             lines.append(
@@ -103,7 +118,11 @@ def format_table(report: dict) -> str:
             )
     ws_rows = [row for row in report["results"] if "ws" in row]
     if ws_rows:
-        lines += ["", "| WebSocket relay | WebSocket | TCP | WebSocket/TCP |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| WebSocket relay | WebSocket | TCP | WebSocket/TCP |",
+            "|---|---:|---:|---:|",
+        ]
     for row in ws_rows:
         label = _row_label(row)
         ws, tcp = row["ws"], row.get("esf") or {}
@@ -117,6 +136,9 @@ def format_table(report: dict) -> str:
                 f"{'-' if ratio is None else f'{ratio:.2f}'} |"
             )
     if report.get("warnings"):
-        lines += ["", "WARNING: in these runs the server was not the bottleneck (their figures understate it):"]
+        lines += [
+            "",
+            "WARNING: in these runs the server was not the bottleneck (their figures understate it):",
+        ]
         lines += [f"- {warning}" for warning in report["warnings"]]
     return "\n".join(lines)

@@ -77,7 +77,9 @@ async def run(reactor, opts) -> dict:
                 row["ratio_bare"] = _ratios(mode, row.get("esf"), row.get("bare"))
                 if opts.repeat > 1:
                     row["ratio_median"] = _ratios(
-                        mode, (row.get("esf") or {}).get("median"), (row.get(BASELINE) or {}).get("median")
+                        mode,
+                        (row.get("esf") or {}).get("median"),
+                        (row.get(BASELINE) or {}).get("median"),
                     )
                 for kind in row_kinds:
                     for result in runs[kind]:
@@ -96,7 +98,8 @@ async def run(reactor, opts) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
     targets = [t for row in rows for t in _targets(row, opts.server_python_version)]
     return {
-        "machine": machine | {"loadavg_at_end": _loadavg(), "server_python": opts.server_python_version},
+        "machine": machine
+        | {"loadavg_at_end": _loadavg(), "server_python": opts.server_python_version},
         "options": {
             "server": f"{opts.server[0]}:{opts.server[1]}" if opts.server else "local",
             "server_python": None if opts.server else opts.server_python,
@@ -137,7 +140,9 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
     server = None
     try:
         if kind == "ws" and opts.server:
-            raise BenchError("the WebSocket measurement needs a server this run starts (no --server)")
+            raise BenchError(
+                "the WebSocket measurement needs a server this run starts (no --server)"
+            )
         if kind == "esf" and opts.server:
             server = RemoteServer(*opts.server)
         else:

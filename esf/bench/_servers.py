@@ -67,10 +67,21 @@ class LocalServer:
         self.host = "127.0.0.1"
         self.log_path = workdir / f"{kind}-{self.port}.log"
         if kind in ("esf", "ws"):
-            args = ["--logon-rate-limit", "1000000", "--max-connections", str(max_connections), *extra]
+            args = [
+                "--logon-rate-limit",
+                "1000000",
+                "--max-connections",
+                str(max_connections),
+                *extra,
+            ]
             if self.ws_port is not None:
-                args += ["--websocket", f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}"]
-            argv = esf_server_argv(opts.server_python, self.port, self.log_path, opts.backlog, args)
+                args += [
+                    "--websocket",
+                    f"tcp:{self.ws_port}:interface=127.0.0.1:backlog={opts.backlog}",
+                ]
+            argv = esf_server_argv(
+                opts.server_python, self.port, self.log_path, opts.backlog, args
+            )
         else:
             argv = [
                 opts.server_python, opts.relay_paths[kind],
@@ -175,7 +186,9 @@ class LocalRedis:
     def __init__(self, workdir: Path, timeout: float):
         executable = shutil.which("redis-server")
         if executable is None:
-            raise BenchError("cluster mode needs redis-server (Debian: apt-get install redis-server)")
+            raise BenchError(
+                "cluster mode needs redis-server (Debian: apt-get install redis-server)"
+            )
         self.port = free_port()
         self.log_path = workdir / f"redis-{self.port}.log"
         self.process = subprocess.Popen(
@@ -241,5 +254,3 @@ def _pair_index(name: str) -> int:
 
 #: How cluster users are placed on nodes, by name (load workers get the name).
 PLACEMENTS = {"receivers_elsewhere": _receivers_elsewhere, "pair_index": _pair_index}
-
-

@@ -12,7 +12,14 @@ import struct
 from collections.abc import Collection
 
 from esf.wire import _messages as m
-from esf.wire._frames import FrameDecoder, FrameError, LogonResult, MessageType, WireConfig, encode_frame
+from esf.wire._frames import (
+    FrameError,
+    LogonResult,
+    MessageType,
+    WireConfig,
+    encode_frame,
+)
+from esf.wire._decoder import FrameDecoder
 
 __all__ = ["BenchError", "EsfDialect", "WsDialect", "BareDialect", "INFO_TYPE"]
 
@@ -57,12 +64,26 @@ class EsfDialect:
 
     def request(self, src: str, dst: str) -> bytearray:
         return bytearray(
-            encode_frame(self.wire, MessageType.REQUEST, self.body, message_id=1, user_id=src, dest_user_id=dst)
+            encode_frame(
+                self.wire,
+                MessageType.REQUEST,
+                self.body,
+                message_id=1,
+                user_id=src,
+                dest_user_id=dst,
+            )
         )
 
     def response(self, src: str, dst: str) -> bytearray:
         return bytearray(
-            encode_frame(self.wire, MessageType.RESPONSE, self.body, message_id=1, user_id=src, dest_user_id=dst)
+            encode_frame(
+                self.wire,
+                MessageType.RESPONSE,
+                self.body,
+                message_id=1,
+                user_id=src,
+                dest_user_id=dst,
+            )
         )
 
     def heartbeat(self, name: str) -> bytes:
@@ -153,7 +174,9 @@ def _ws_client_frame(payload: bytes) -> bytes:
     One masked binary WebSocket frame, as a client sends it.
     """
     mask = (_WS_MASK * (len(payload) // 4 + 1))[: len(payload)]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(payload), "big")
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(
+        len(payload), "big"
+    )
     return _ws_header(2, len(payload), True) + _WS_MASK + masked
 
 
@@ -248,7 +271,9 @@ class _WsChecker:
             if len(buf) - offset < header + length:
                 break
             if buf[offset] != 0x82:
-                raise BenchError(f"a receiver got WebSocket frame 0x{buf[offset]:02x}, not one binary message")
+                raise BenchError(
+                    f"a receiver got WebSocket frame 0x{buf[offset]:02x}, not one binary message"
+                )
             if self.esf_checker.feed(buf[offset + header : offset + header + length]) != 1:
                 raise BenchError("a WebSocket message did not hold exactly one frame")
             count += 1

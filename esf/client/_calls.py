@@ -144,7 +144,11 @@ class ClientCalls(ClientRequests):
     # -- application messages ----------------------------------------------------------
 
     def send(
-        self, user_id: str, information_type: int, payload: bytes = b"", client_type: int | None = None
+        self,
+        user_id: str,
+        information_type: int,
+        payload: bytes = b"",
+        client_type: int | None = None,
     ) -> None:
         """
         Send a one-way message to a user (every device, or C{client_type})
@@ -240,7 +244,9 @@ class ClientCalls(ClientRequests):
         timeout: float | None,
     ) -> str | None:
         limit = self.logon_response.max_message_size if self.logon_response else 1 << 20
-        size = fragment_size or (min(limit, self.wire.max_message_size) - self.wire.header_length - 13)
+        size = fragment_size or (
+            min(limit, self.wire.max_message_size) - self.wire.header_length - 13
+        )
         fragments = m.fragment_blob(information_type, next(self._blob_ids), payload, size)
         for fragment in fragments[:-1]:
             await self.wait_for_drain()

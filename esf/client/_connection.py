@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._state import Ending, NotConnected
-from esf.wire._frames import Frame, FrameDecoder, FrameError, WireConfig
+from esf.wire._frames import Frame, FrameError, WireConfig
+from esf.wire._decoder import FrameDecoder
 
 __all__ = ["ClientProtocol", "ConnectionOwner", "Reconnector"]
 

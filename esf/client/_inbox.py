@@ -164,7 +164,9 @@ class ClientBlobs:
                 )
         if assembler is None:
             assembler = m.BlobAssembler(
-                self.max_blob_size, max_concurrent=self.max_per_sender, idle_timeout=self.idle_timeout
+                self.max_blob_size,
+                max_concurrent=self.max_per_sender,
+                idle_timeout=self.idle_timeout,
             )
             self._senders[sender] = assembler
         try:
@@ -428,4 +430,3 @@ def _asker(frame: Frame) -> str:
     if frame.user_id == SERVER_ID:
         return SERVER_ID
     return device_address(frame.user_id, frame.client_type)
-

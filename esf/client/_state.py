@@ -47,7 +47,9 @@ class LogonFailed(Exception):
     """
 
     def __init__(self, response: LogonResponse):
-        super().__init__(f"{getattr(response.result, 'name', response.result)}: {response.failure_cause}")
+        super().__init__(
+            f"{getattr(response.result, 'name', response.result)}: {response.failure_cause}"
+        )
         self.response = response
         self.result = response.result
         self.cause = response.failure_cause

@@ -76,7 +76,9 @@ class StoredDelivery:
         self._ack_call: IDelayedCall | None = None
 
     def _assembler(self) -> m.BlobAssembler:
-        return m.BlobAssembler(self.max_blob_size, max_concurrent=1, idle_timeout=self.idle_timeout)
+        return m.BlobAssembler(
+            self.max_blob_size, max_concurrent=1, idle_timeout=self.idle_timeout
+        )
 
     def logged_on(self) -> None:
         """

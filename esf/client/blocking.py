@@ -69,9 +69,7 @@ def _ensure_reactor() -> Any:
 
 
 @overload
-def call_in_reactor(
-    f: Callable[_P, Deferred[_R]], *args: _P.args, **kwargs: _P.kwargs
-) -> _R: ...
+def call_in_reactor(f: Callable[_P, Deferred[_R]], *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
 
 
 @overload
@@ -322,7 +320,12 @@ class BlockingClient:
         offline.
         """
         return call_in_reactor(
-            self.engine.send_blob, user_id, information_type, payload, fragment_size, timeout=timeout
+            self.engine.send_blob,
+            user_id,
+            information_type,
+            payload,
+            fragment_size,
+            timeout=timeout,
         )
 
     def broadcast(

@@ -93,7 +93,9 @@ def _add_commands(
     parents: tuple[argparse.ArgumentParser, ...] = (),
 ) -> None:
     def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = subparsers.add_parser(name, parents=list(parents), **kwargs)
+        parser: argparse.ArgumentParser = subparsers.add_parser(
+            name, parents=list(parents), **kwargs
+        )
         return parser
 
     p = add_parser("ping", help="round-trip time to the server, or to USER's client")
@@ -111,9 +113,7 @@ def _add_commands(
     p.add_argument("target", metavar="USER")
     p.add_argument("text")
     p.add_argument("--type", type=_INFO_TYPE, default=0, help="information type [0]")
-    p.add_argument(
-        "--no-ack", action="store_true", help="one-way Send: do not wait for an Ack"
-    )
+    p.add_argument("--no-ack", action="store_true", help="one-way Send: do not wait for an Ack")
 
     p = add_parser("query", help="ask USER (or _0, the server) and print the answer")
     p.add_argument("target", metavar="USER")
@@ -124,9 +124,7 @@ def _add_commands(
     p.add_argument("target", metavar="USER")
     p.add_argument("--reason", default="", help="the reason USER is shown")
 
-    p = add_parser(
-        "broadcast", help="broadcast TEXT to a group (or *, everyone)"
-    )
+    p = add_parser("broadcast", help="broadcast TEXT to a group (or *, everyone)")
     p.add_argument("group")
     p.add_argument("text")
     p.add_argument("--type", type=_INFO_TYPE, default=0, help="information type [0]")
@@ -142,9 +140,7 @@ def _add_commands(
         p.add_argument("--count", type=_int_in(1), help="stop after N messages")
         p.add_argument("--seconds", type=_positive_float, help="stop after S seconds")
 
-        add_parser(
-            "shell", help="an interactive session: commands from standard input"
-        )
+        add_parser("shell", help="an interactive session: commands from standard input")
 
 
 def _connection_options(parser: argparse.ArgumentParser, after_command: bool) -> None:
@@ -158,7 +154,9 @@ def _connection_options(parser: argparse.ArgumentParser, after_command: bool) ->
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if after_command else value
 
-    parser.add_argument("--host", default=default(DEFAULT_HOST), help=f"server host [{DEFAULT_HOST}]")
+    parser.add_argument(
+        "--host", default=default(DEFAULT_HOST), help=f"server host [{DEFAULT_HOST}]"
+    )
     parser.add_argument(
         "--port",
         type=_int_in(1, 65535),
@@ -338,9 +336,7 @@ class Client:
     A logged-on L{ClientEngine} and the commands run with it.
     """
 
-    def __init__(
-        self, reactor: Any, args: argparse.Namespace, show: Callable[[str], None] | None
-    ):
+    def __init__(self, reactor: Any, args: argparse.Namespace, show: Callable[[str], None] | None):
         self.reactor = reactor
         self.args = args
         self.show = show
@@ -371,9 +367,7 @@ class Client:
                 lambda: _stderr("connection lost; reconnecting")
             )
             engine.relogon_completed.subscribe(self._relogon)
-            engine.being_pushed_out.subscribe(
-                lambda cause: self._end(f"pushed out: {cause}")
-            )
+            engine.being_pushed_out.subscribe(lambda cause: self._end(f"pushed out: {cause}"))
             engine.being_kicked_out.subscribe(
                 lambda operator, reason: self._end(
                     f"kicked out by {operator}" + (f": {reason}" if reason else "")
@@ -474,9 +468,7 @@ def _fail_once(d: Deferred[None], reason: BaseException) -> None:
         d.errback(reason)
 
 
-async def _listen(
-    reactor: Any, client: Client, count: int | None, seconds: float | None
-) -> None:
+async def _listen(reactor: Any, client: Client, count: int | None, seconds: float | None) -> None:
     done: Deferred[None] = Deferred()
     received = 0
     show = client.show

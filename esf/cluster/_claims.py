@@ -113,8 +113,11 @@ class ClaimScripts:
             if int(code) == FLAPPING:
                 raise TakeoverRefused(
                     flapping_cause(
-                        user_id, self.takeover_limit, self.takeover_window,
-                        round(int(more) / 1000), " across the cluster",
+                        user_id,
+                        self.takeover_limit,
+                        self.takeover_window,
+                        round(int(more) / 1000),
+                        " across the cluster",
                     )  # fmt: skip
                 )
             won = int(code) == CLAIMED

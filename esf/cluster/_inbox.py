@@ -30,7 +30,13 @@ from ._link import IRedisLink, script
 from ._records import Keys
 
 __all__ = [
-    "InboxLedger", "FULL", "GONE", "STALE", "LATE", "DEFAULT_INBOX_BYTES", "DEFAULT_INBOX_ENTRIES",
+    "InboxLedger",
+    "FULL",
+    "GONE",
+    "STALE",
+    "LATE",
+    "DEFAULT_INBOX_BYTES",
+    "DEFAULT_INBOX_ENTRIES",
 ]
 
 log = Logger(namespace="esf.cluster")

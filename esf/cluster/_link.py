@@ -296,15 +296,17 @@ class RedisLink:
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.abortConnection()
-            raise RedisUnavailable(f"Redis at {self.url} did not answer {command!r} within {seconds:g} s")
+            raise RedisUnavailable(
+                f"Redis at {self.url} did not answer {command!r} within {seconds:g} s"
+            )
 
         def translate(failure: Failure) -> Failure:
             if failure.check(txredisapi.ConnectionError):
-                return Failure(RedisUnavailable(f"Redis at {self.url}: {failure.getErrorMessage()}"))
+                return Failure(
+                    RedisUnavailable(f"Redis at {self.url}: {failure.getErrorMessage()}")
+                )
             return failure
 
         d.addErrback(translate)
         d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
         return d
-
-

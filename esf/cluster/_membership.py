@@ -296,7 +296,10 @@ class Membership:
         """
         behind = False
         inbox_at = self.streams.inbox_at if self.streams is not None else (0, 0)
-        for key, what in ((self.keys.stream, "presence"), (self.keys.inbox(self.node_id), "inbox")):
+        for key, what in (
+            (self.keys.stream, "presence"),
+            (self.keys.inbox(self.node_id), "inbox"),
+        ):
             try:
                 info = fields(await self.link.execute("XINFO", "STREAM", key))
             except RedisUnavailable:
@@ -304,7 +307,9 @@ class Membership:
             except Exception:
                 continue  # no such stream yet
             added, length, first = (
-                info.get(b"entries-added"), info.get(b"length"), info.get(b"first-entry")
+                info.get(b"entries-added"),
+                info.get(b"length"),
+                info.get(b"first-entry"),
             )
             if added is None or length is None or not first or int(added) <= int(length):
                 continue  # nothing was ever trimmed

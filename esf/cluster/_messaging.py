@@ -26,7 +26,8 @@ from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
 from esf.server._router import ANSWERS
 from esf.wire import _messages as m
-from esf.wire._frames import DisconnectedType, ErrorCode, FrameDecoder, MessageType, as_client_type
+from esf.wire._frames import DisconnectedType, ErrorCode, MessageType, as_client_type
+from esf.wire._decoder import FrameDecoder
 from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._records import (
     MAX_QUERY_SECONDS,
@@ -92,7 +93,15 @@ class RemoteHandle:
     acts on it only if that session still holds the device.
     """
 
-    __slots__ = ("user_id", "client_type", "session_id", "node", "logon_order", "user_data", "_post")
+    __slots__ = (
+        "user_id",
+        "client_type",
+        "session_id",
+        "node",
+        "logon_order",
+        "user_data",
+        "_post",
+    )
 
     def __init__(self, user_id: str, client_type: int, holder: Holder, post: Post):
         self.user_id = user_id

@@ -249,7 +249,9 @@ class PresenceMirror:
             return len(self.users)
         return len(self._local_users())
 
-    def user_ids(self, offset: int = 0, limit: int | None = None, alone: bool = False) -> list[str]:
+    def user_ids(
+        self, offset: int = 0, limit: int | None = None, alone: bool = False
+    ) -> list[str]:
         stop = None if limit is None else offset + limit
         if not alone:
             return list(self.sorted.islice(offset, stop))

@@ -152,7 +152,9 @@ def check_database(path: str) -> None:
             _pragmas(connection)
             problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
-                raise OfflineStoreError(f"{path}: the database is corrupt: {'; '.join(problems[:5])}")
+                raise OfflineStoreError(
+                    f"{path}: the database is corrupt: {'; '.join(problems[:5])}"
+                )
             connection.execute("BEGIN IMMEDIATE")
             needed = {"users", "messages"} | ({"senders"} if version >= 2 else set())
             if version == 0:
@@ -308,17 +310,20 @@ class SQLiteOfflineStore:
         frames = [bytes(f) for f in frames]
 
         def run(cursor: Any, senders: _Senders) -> Any:
-            cursor.execute(
-                "SELECT next_id, count, bytes FROM users WHERE user_id = ?", (user_id,)
-            )
+            cursor.execute("SELECT next_id, count, bytes FROM users WHERE user_id = ?", (user_id,))
             row = cursor.fetchone()
             next_id, count, size = row if row is not None else (1, 0, 0)
             sender = senders.get(sender_id)
             added = sum(len(f) for f in frames)
             total = self._total
             refused = self.bounds.refusal(
-                user_id, (count, size), sender_id, (sender[0], sender[1]), total,
-                len(frames), added,
+                user_id,
+                (count, size),
+                sender_id,
+                (sender[0], sender[1]),
+                total,
+                len(frames),
+                added,
             )
             if refused is not None:
                 return refused
@@ -354,10 +359,13 @@ class SQLiteOfflineStore:
         any_device = None in client_types
 
         def run(cursor: Any, senders: _Senders) -> Any:
-            condition = " OR ".join(
-                (["client_type IS NULL"] if any_device else [])
-                + ["client_type = ?"] * len(kinds)
-            ) or "0"
+            condition = (
+                " OR ".join(
+                    (["client_type IS NULL"] if any_device else [])
+                    + ["client_type = ?"] * len(kinds)
+                )
+                or "0"
+            )
             # The sizes first (SQLite reads them from the record header),
             # so that only the frames that fit are read: a window of large
             # blob fragments must not read the next hundred to keep one.

@@ -36,7 +36,6 @@ __all__ = [
 MAX_ID = 0x7FFFFFFF
 
 
-
 class OfflineStoreError(Exception):
     """
     The offline store cannot be used: the text says why (corrupt,
@@ -70,7 +69,11 @@ class OfflineStoreFull(OfflineStoreError):
         self.max_bytes = max_bytes
         super().__init__(
             self._text.format(
-                user_id=user_id, count=count, size=size, max_messages=max_messages, max_bytes=max_bytes
+                user_id=user_id,
+                count=count,
+                size=size,
+                max_messages=max_messages,
+                max_bytes=max_bytes,
             )
         )
 
@@ -86,9 +89,7 @@ class OfflineSenderFull(OfflineStoreFull):
         "offline, at most {max_messages} ({max_bytes} bytes) per sender: no room for more"
     )
 
-    def __init__(
-        self, sender_id: str, count: int, size: int, max_messages: int, max_bytes: int
-    ):
+    def __init__(self, sender_id: str, count: int, size: int, max_messages: int, max_bytes: int):
         self.sender_id = sender_id
         super().__init__(sender_id, count, size, max_messages, max_bytes)
 
@@ -187,10 +188,7 @@ class OfflineBounds:
             return OfflineSenderFull(
                 sender_id, *sender, self.max_sender_messages, self.max_sender_bytes
             )
-        if (
-            total[0] + count > self.max_total_messages
-            or total[1] + size > self.max_total_bytes
-        ):
+        if total[0] + count > self.max_total_messages or total[1] + size > self.max_total_bytes:
             return OfflineServerFull(*total, self.max_total_messages, self.max_total_bytes)
         return None
 

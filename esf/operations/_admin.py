@@ -502,7 +502,9 @@ class AdminApi(Resource):
         room = wire.max_message_size - wire.header_length - 4
         if len(payload) > room:
             raise ApiError(
-                413, "too_large", f"the payload is {len(payload)} bytes; at most {room} fit a frame"
+                413,
+                "too_large",
+                f"the payload is {len(payload)} bytes; at most {room} fit a frame",
             )
         audit.update(information_type=information_type, payload=payload, client_type=kind)
         return information_type, payload, kind
@@ -572,9 +574,7 @@ def _body(request: Request, allowed: set[str]) -> dict[str, Any]:
         raise _bad("the body is a JSON object")
     unknown = set(body) - allowed
     if unknown:
-        raise _bad(
-            f"unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(allowed))})"
-        )
+        raise _bad(f"unknown field {sorted(unknown)[0]!r} (known: {', '.join(sorted(allowed))})")
     return body
 
 
@@ -721,9 +721,10 @@ class AdminService(MultiService):
         _Attached(devices, history).setServiceParent(self)  # type: ignore[no-untyped-call]
         self.site = admin_site(engine, token, devices, history, hosts)
         #: The factory that listens: the admin site within its limits.
-        self.factory = limit_site(self.site, limits, clock or engine.clock, "the admin API", label="admin")
+        self.factory = limit_site(
+            self.site, limits, clock or engine.clock, "the admin API", label="admin"
+        )
         factory = self.factory
         self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True
         self.listener.setServiceParent(self)
-

@@ -92,7 +92,10 @@ RELAY_TYPES = sorted(RELAYED | {MessageType.PING_BY_SERVER})
 #: and C{_total}, help).  A counter the engine adds later and that is not
 #: listed here is exported as C{esf_<name>_total} all the same.
 COUNTER_METRICS = {
-    Count.DROPPED: ("dropped_messages", "One-way messages (MessageID 0) the server could not act on."),
+    Count.DROPPED: (
+        "dropped_messages",
+        "One-way messages (MessageID 0) the server could not act on.",
+    ),
     Count.TRANSMIT_FAILED: (
         "transmit_failed",
         "Messages addressed to a user with no device online (the offline-store hook fired).",
@@ -425,139 +428,17 @@ class ServerMetrics(Collector):
 
     def collect(self) -> Iterable[Metric]:
         engine = self.engine
-        tally = self.tally
-        counters = engine.counters
-
-        connections = dict.fromkeys(TRANSPORTS, 0)
-        logged_on = dict.fromkeys(TRANSPORTS, 0)
-        for session in engine.sessions:
-            transport = _transport_label(session)
-            connections[transport] = connections.get(transport, 0) + 1
-            if session.logged_on:
-                logged_on[transport] = logged_on.get(transport, 0) + 1
-        open_connections = GaugeMetricFamily(
-            "esf_connections", "Open connections, logged on or not, by transport.", labels=["transport"]
-        )
-        sessions = GaugeMetricFamily(
-            "esf_sessions_logged_on", "Logged-on sessions, by transport.", labels=["transport"]
-        )
-        for transport, count in connections.items():
-            open_connections.add_metric([transport], count)
-            sessions.add_metric([transport], logged_on.get(transport, 0))
-        yield open_connections
-        yield sessions
+        yield from _connection_families(engine, self.devices.by_kind)
         yield from self._traffic()
         yield self._http_closed()
-        yield _gauge("esf_users_online", "Users with at least one device online.", engine.presence.user_count())
-        online = GaugeMetricFamily(
-            "esf_devices_online",
-            "Logged-on sessions by device kind; a user has at most one per kind, so this is "
-            "also the number of users online with that kind.",
-            labels=["kind"],
-        )
-        by_kind = self.devices.by_kind
-        for kind in sorted(set(int(k) for k in ClientType) | set(by_kind)):
-            online.add_metric([kind_label(kind)], by_kind.get(kind, 0))
-        yield online
-
-        logons = CounterMetricFamily("esf_logons", "Logons by result.", labels=["result"])
-        for result in LogonResult:
-            logons.add_metric([result.name.lower()], tally["logons", result.name.lower()])
-        yield logons
-
-        disconnects = CounterMetricFamily(
-            "esf_disconnects",
-            "Sessions ended, logged on or not, by reason (DisconnectedType).",
-            labels=["reason"],
-        )
-        for reason in DisconnectedType:
-            disconnects.add_metric([reason.name.lower()], tally["disconnects", reason.name])
-        yield disconnects
-
-        refusals = CounterMetricFamily(
-            "esf_refusals",
-            "What the server refused to protect itself, by cause.",
-            labels=["cause"],
-        )
-        for cause, key in REFUSAL_COUNTERS.items():
-            refusals.add_metric([cause], counters[key])
-        for cause, reason in REFUSAL_REASONS.items():
-            refusals.add_metric([cause], tally["disconnects", reason.name])
-        yield refusals
-
-        kicks = CounterMetricFamily("esf_kicks", "Devices kicked, by where the kick came from.", labels=["origin"])
-        for origin in KICK_ORIGINS:
-            kicks.add_metric([origin], tally["kicks", origin])
-        yield kicks
-
-        yield _counter("esf_push_outs", "Sessions pushed out by a new logon of the same device.", tally["push_outs", None])
-        yield _counter(
-            "esf_heartbeat_timeouts", "Sessions ended for silence (heartbeat timeout).", tally["heartbeat_timeouts", None]
-        )
-
-        messages = CounterMetricFamily(
-            "esf_messages_relayed", "Frames relayed from a user's device to another user, by message type.", labels=["type"]
-        )
-        relayed_bytes = CounterMetricFamily(
-            "esf_relayed_bytes", "Bytes of the frames relayed, header included, by message type.", labels=["type"]
-        )
-        for message_type in RELAY_TYPES:
-            label = message_type.name.lower()
-            messages.add_metric([label], counters[RELAYED_MESSAGES[message_type]])
-            relayed_bytes.add_metric([label], counters[RELAYED_BYTES[message_type]])
-        yield messages
-        yield relayed_bytes
-
-        fanout = HistogramMetricFamily(
-            "esf_broadcast_fanout",
-            "Broadcast messages by the number of devices each was sent to.",
-        )
-        buckets: list[tuple[str, float]] = []
-        cumulative = 0
-        for bound, bucket in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
-            cumulative += counters[bucket]
-            buckets.append((str(float(bound)), cumulative))  # "10.0", as Prometheus' own
-        buckets.append(("+Inf", counters[BROADCASTS]))
-        fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
-        yield fanout
-
-        for key in Count:
-            if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
-                continue
-            # (A counter added to Count and not described here is exported
-            # all the same; test_metrics asks for its description.)
-            name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
-            yield _counter(f"esf_{name}", text, counters[key])
-
+        yield from _tallied_families(self.tally, engine.counters)
+        yield from _relayed_families(engine.counters)
         cluster = getattr(engine.presence, "stats", None)  # a ClusterPresence's
         if cluster is not None:
             for name, text in CLUSTER_METRICS.items():
                 yield _counter(f"esf_cluster_{name}", text, cluster[name])
 
-        paused = backlog = blobs = blob_bytes = 0
-        for session in engine.sessions:
-            behind, queued = _output_backlog(session)
-            if behind:
-                paused += 1
-                backlog += queued
-            assembler = session.blobs
-            if assembler is not None and assembler.pending:
-                blobs += assembler.pending
-                blob_bytes += assembler.buffered
-        yield _gauge("esf_sessions_behind", "Sessions whose peer is not reading fast enough.", paused)
-        yield _gauge(
-            "esf_output_backlog_bytes",
-            "Bytes queued for peers that are behind, beyond the transports' own buffers.",
-            backlog,
-        )
-        yield _gauge("esf_blobs_in_progress", "Blobs to the server being reassembled.", blobs)
-        yield _gauge("esf_blob_buffered_bytes", "Bytes of blobs to the server waiting for their rest.", blob_bytes)
-        offline = engine.offline
-        yield _gauge(
-            "esf_offline_deliveries",
-            "Devices being delivered their stored messages now.",
-            offline.deliveries if offline is not None else 0,
-        )
+        yield from _backlog_families(engine)
         if self.offline_totals is not None:
             count, size = self.offline_totals
             yield _gauge(
@@ -570,9 +451,17 @@ class ServerMetrics(Collector):
                 f"Bytes of messages in the offline store, as of the last look (every {OFFLINE_LOOK:g} s).",
                 size,
             )
-        yield _gauge("esf_pending_queries", "The server's own queries to clients waiting for an answer.", len(engine.pending))
-        yield _gauge("esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at)
-        info = GaugeMetricFamily("esf_server_info", "The server's version and node ID.", labels=["version", "node"])
+        yield _gauge(
+            "esf_pending_queries",
+            "The server's own queries to clients waiting for an answer.",
+            len(engine.pending),
+        )
+        yield _gauge(
+            "esf_start_time_seconds", "When the metrics started, in Unix time.", self.started_at
+        )
+        info = GaugeMetricFamily(
+            "esf_server_info", "The server's version and node ID.", labels=["version", "node"]
+        )
         info.add_metric([server_version(), str(engine.node_id)], 1)
         yield info
 
@@ -594,10 +483,11 @@ class ServerMetrics(Collector):
             labels=["transport", "reason"],
         )
         for transport, counts in counted.items():
-            for reason in sorted(set(CONNECTION_REFUSALS.get(transport, ())) | set(counts.refused)):
+            for reason in sorted(
+                set(CONNECTION_REFUSALS.get(transport, ())) | set(counts.refused)
+            ):
                 refused.add_metric([transport, reason], counts.refused[reason])
         yield refused
-
 
     def _http_closed(self) -> Metric:
         closed = CounterMetricFamily(
@@ -609,6 +499,174 @@ class ServerMetrics(Collector):
         for (site, reason), total in sorted(connections_closed(self.sites).items()):
             closed.add_metric([site, reason], total)
         return closed
+
+
+def _connection_families(engine: ServerEngine, by_kind: dict[int, int]) -> Iterable[Metric]:
+    """
+    Connections and logged-on sessions by transport, users and devices online.
+    """
+    connections = dict.fromkeys(TRANSPORTS, 0)
+    logged_on = dict.fromkeys(TRANSPORTS, 0)
+    for session in engine.sessions:
+        transport = _transport_label(session)
+        connections[transport] = connections.get(transport, 0) + 1
+        if session.logged_on:
+            logged_on[transport] = logged_on.get(transport, 0) + 1
+    open_connections = GaugeMetricFamily(
+        "esf_connections",
+        "Open connections, logged on or not, by transport.",
+        labels=["transport"],
+    )
+    sessions = GaugeMetricFamily(
+        "esf_sessions_logged_on", "Logged-on sessions, by transport.", labels=["transport"]
+    )
+    for transport, count in connections.items():
+        open_connections.add_metric([transport], count)
+        sessions.add_metric([transport], logged_on.get(transport, 0))
+    yield open_connections
+    yield sessions
+    yield _gauge(
+        "esf_users_online",
+        "Users with at least one device online.",
+        engine.presence.user_count(),
+    )
+    online = GaugeMetricFamily(
+        "esf_devices_online",
+        "Logged-on sessions by device kind; a user has at most one per kind, so this is "
+        "also the number of users online with that kind.",
+        labels=["kind"],
+    )
+    for kind in sorted(set(int(k) for k in ClientType) | set(by_kind)):
+        online.add_metric([kind_label(kind)], by_kind.get(kind, 0))
+    yield online
+
+
+def _tallied_families(
+    tally: collections.Counter[tuple[str, Any]], counters: collections.Counter[str]
+) -> Iterable[Metric]:
+    """
+    What the events counted: logons, ends, refusals, kicks, push-outs, timeouts.
+    """
+    logons = CounterMetricFamily("esf_logons", "Logons by result.", labels=["result"])
+    for result in LogonResult:
+        logons.add_metric([result.name.lower()], tally["logons", result.name.lower()])
+    yield logons
+
+    disconnects = CounterMetricFamily(
+        "esf_disconnects",
+        "Sessions ended, logged on or not, by reason (DisconnectedType).",
+        labels=["reason"],
+    )
+    for reason in DisconnectedType:
+        disconnects.add_metric([reason.name.lower()], tally["disconnects", reason.name])
+    yield disconnects
+
+    refusals = CounterMetricFamily(
+        "esf_refusals",
+        "What the server refused to protect itself, by cause.",
+        labels=["cause"],
+    )
+    for cause, key in REFUSAL_COUNTERS.items():
+        refusals.add_metric([cause], counters[key])
+    for cause, reason in REFUSAL_REASONS.items():
+        refusals.add_metric([cause], tally["disconnects", reason.name])
+    yield refusals
+
+    kicks = CounterMetricFamily(
+        "esf_kicks", "Devices kicked, by where the kick came from.", labels=["origin"]
+    )
+    for origin in KICK_ORIGINS:
+        kicks.add_metric([origin], tally["kicks", origin])
+    yield kicks
+
+    yield _counter(
+        "esf_push_outs",
+        "Sessions pushed out by a new logon of the same device.",
+        tally["push_outs", None],
+    )
+    yield _counter(
+        "esf_heartbeat_timeouts",
+        "Sessions ended for silence (heartbeat timeout).",
+        tally["heartbeat_timeouts", None],
+    )
+
+
+def _relayed_families(counters: collections.Counter[str]) -> Iterable[Metric]:
+    """
+    The relay's counts by message type, the broadcast fan-out, and every
+    other engine counter.
+    """
+    messages = CounterMetricFamily(
+        "esf_messages_relayed",
+        "Frames relayed from a user's device to another user, by message type.",
+        labels=["type"],
+    )
+    relayed_bytes = CounterMetricFamily(
+        "esf_relayed_bytes",
+        "Bytes of the frames relayed, header included, by message type.",
+        labels=["type"],
+    )
+    for message_type in RELAY_TYPES:
+        label = message_type.name.lower()
+        messages.add_metric([label], counters[RELAYED_MESSAGES[message_type]])
+        relayed_bytes.add_metric([label], counters[RELAYED_BYTES[message_type]])
+    yield messages
+    yield relayed_bytes
+
+    fanout = HistogramMetricFamily(
+        "esf_broadcast_fanout",
+        "Broadcast messages by the number of devices each was sent to.",
+    )
+    buckets: list[tuple[str, float]] = []
+    cumulative = 0
+    for bound, bucket in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
+        cumulative += counters[bucket]
+        buckets.append((str(float(bound)), cumulative))  # "10.0", as Prometheus' own
+    buckets.append(("+Inf", counters[BROADCASTS]))
+    fanout.add_metric([], buckets, sum_value=counters[BROADCAST_DELIVERIES])
+    yield fanout
+
+    for key in Count:
+        if key in COUNTER_METRICS and COUNTER_METRICS[key] is None:
+            continue
+        # (A counter added to Count and not described here is exported
+        # all the same; test_metrics asks for its description.)
+        name, text = COUNTER_METRICS.get(key) or (key.value, f"{key.value} (no description).")
+        yield _counter(f"esf_{name}", text, counters[key])
+
+
+def _backlog_families(engine: ServerEngine) -> Iterable[Metric]:
+    """
+    What waits now: output for peers behind, blobs, offline deliveries.
+    """
+    paused = backlog = blobs = blob_bytes = 0
+    for session in engine.sessions:
+        behind, queued = _output_backlog(session)
+        if behind:
+            paused += 1
+            backlog += queued
+        assembler = session.blobs
+        if assembler is not None and assembler.pending:
+            blobs += assembler.pending
+            blob_bytes += assembler.buffered
+    yield _gauge("esf_sessions_behind", "Sessions whose peer is not reading fast enough.", paused)
+    yield _gauge(
+        "esf_output_backlog_bytes",
+        "Bytes queued for peers that are behind, beyond the transports' own buffers.",
+        backlog,
+    )
+    yield _gauge("esf_blobs_in_progress", "Blobs to the server being reassembled.", blobs)
+    yield _gauge(
+        "esf_blob_buffered_bytes",
+        "Bytes of blobs to the server waiting for their rest.",
+        blob_bytes,
+    )
+    offline = engine.offline
+    yield _gauge(
+        "esf_offline_deliveries",
+        "Devices being delivered their stored messages now.",
+        offline.deliveries if offline is not None else 0,
+    )
 
 
 def _transport_label(session: Session) -> str:
@@ -718,7 +776,9 @@ class MetricsService(MultiService):
         site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
-        factory = limit_site(site, limits, clock or engine.clock, "the metrics site", label="metrics")
+        factory = limit_site(
+            site, limits, clock or engine.clock, "the metrics site", label="metrics"
+        )
         self.metrics.sites.append(factory)
         self.listener = StreamServerEndpointService(endpoint, factory)
         self.listener._raiseSynchronously = True

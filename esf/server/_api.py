@@ -41,7 +41,6 @@ class ServerApplicationAPI:
     pending: PendingRequests
     transmit_failed: Event
 
-
     def _devices(self, user_id: str, client_type: int | None) -> Any:
         return self.router.resolve(device_address(user_id, client_type)) or ()
 

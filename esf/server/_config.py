@@ -19,7 +19,14 @@ from twisted.internet.interfaces import IReactorTime
 from esf.interfaces import RelogonMode
 from esf.wire._frames import DEFAULT_MAX_MESSAGE_SIZE, ClientType, WireConfig
 
-__all__ = ["EngineBasics", "RelogonMode", "ServerConfig", "SessionPhase", "UserData", "default_node_id"]
+__all__ = [
+    "EngineBasics",
+    "RelogonMode",
+    "ServerConfig",
+    "SessionPhase",
+    "UserData",
+    "default_node_id",
+]
 
 
 def _positive(instance: Any, attribute: Any, value: Any) -> None:
@@ -68,9 +75,7 @@ class ServerConfig:
     admins: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     max_connections: int | None = attrs.field(default=None, validator=_positive)
     #: Device kinds allowed to log on.
-    client_types: frozenset[int] = attrs.field(
-        default=frozenset(ClientType), converter=frozenset
-    )
+    client_types: frozenset[int] = attrs.field(default=frozenset(ClientType), converter=frozenset)
     #: Bytes that may wait for a peer that does not read, beyond the
     #: transport's own buffer.  Past half of it the peer's senders are
     #: read no further (for C{push_back_timeout} at most) and the drain

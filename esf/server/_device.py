@@ -21,10 +21,10 @@ from esf.wire._frames import (
     DisconnectedType,
     ErrorCode,
     Frame,
-    FrameDecoder,
     MessageType,
     encode_frame,
 )
+from esf.wire._decoder import FrameDecoder
 
 if TYPE_CHECKING:
     from ._config import UserData

@@ -26,7 +26,14 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.wire import _messages as m
-from ._config import IDS_PER_UNIT, RelogonMode, ServerConfig, SessionPhase, UserData, default_node_id
+from ._config import (
+    IDS_PER_UNIT,
+    RelogonMode,
+    ServerConfig,
+    SessionPhase,
+    UserData,
+    default_node_id,
+)
 from ._api import ServerApplicationAPI
 from ._budget import MemoryBudget
 from ._counters import TrafficByTransport
@@ -78,8 +85,9 @@ class AcceptAll:
     accepted and nobody may kick.
     """
 
-    def verify_user(self, system_token: str, user_id: str, password: str, client_type: int,
-                    address: str) -> bool:
+    def verify_user(
+        self, system_token: str, user_id: str, password: str, client_type: int, address: str
+    ) -> bool:
         return True
 
     def can_kick_out(self, operator_id: str, target_id: str, client_type: int | None) -> bool:
@@ -141,7 +149,10 @@ class ServerEngine(ServerApplicationAPI):
         self.pending = PendingRequests(clock, config.query_timeout)
         self.logons = Logons(self)
         self.reaper = Reaper(
-            clock, config.heartbeat_timeout, lambda: self.sessions, self._heartbeat_timed_out,
+            clock,
+            config.heartbeat_timeout,
+            lambda: self.sessions,
+            self._heartbeat_timed_out,
             self._expire_blobs,
         )
         self.sessions: set[Session] = set()
@@ -180,8 +191,9 @@ class ServerEngine(ServerApplicationAPI):
         if self.offline is not None and not self._store_opened:
             self._store_opened = True
             self.offline.store.start().addErrback(
-                lambda f: log.failure("the offline store could not be opened", f,
-                                      esf_event="offline_store_failed")  # fmt: skip
+                lambda f: log.failure(
+                    "the offline store could not be opened", f, esf_event="offline_store_failed"
+                )  # fmt: skip
             )
 
     def stop(self) -> Deferred[None]:
@@ -225,7 +237,9 @@ class ServerEngine(ServerApplicationAPI):
             try:
                 self.start()
             except Exception:
-                log.failure("the offline store could not be opened", esf_event="offline_store_failed")
+                log.failure(
+                    "the offline store could not be opened", esf_event="offline_store_failed"
+                )
         limit = self.config.max_connections
         if limit is not None and len(self.sessions) > limit:
             session.end(

@@ -51,9 +51,7 @@ __all__ = [
 log = Logger(namespace="esf.server")
 
 _REQUEST_TIMEOUT_RESPONSE = (
-    b"HTTP/1.1 408 Request Timeout\r\n"
-    b"Connection: close\r\n"
-    b"Content-Length: 0\r\n\r\n"
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 )
 
 
@@ -276,7 +274,13 @@ class LimitedSite(ConnectionCap):
     """
 
     def __init__(
-        self, site: Site, limits: HTTPLimits, clock: IReactorTime, name: str, *, label: str = "http"
+        self,
+        site: Site,
+        limits: HTTPLimits,
+        clock: IReactorTime,
+        name: str,
+        *,
+        label: str = "http",
     ):
         super().__init__(site, limits.max_connections, clock, name, label=label)
         # A plain HTTP/1.1 channel, not the one that may become HTTP/2: the

@@ -16,7 +16,6 @@ from esf.wire._frames import DisconnectedType
 from ._config import EngineBasics
 
 if TYPE_CHECKING:
-
     pass
 
 __all__ = ["PeerLimits", "LimitsOwner", "LOG_LIMIT", "LOG_WINDOW"]

@@ -35,7 +35,6 @@ from esf.wire._frames import (
 )
 
 if TYPE_CHECKING:
-
     from esf.interfaces import IBasicHandler, IPresence, IRelogonPolicy
     from ._presence import UserManager
     from ._session import Session
@@ -172,6 +171,31 @@ class LogonEngine(EngineBasics, Protocol):
     def stopping(self) -> bool: ...
 
 
+def relogon_mode_of(engine: LogonEngine, user_id: str, client_type: int) -> RelogonMode | None:
+    """
+    The relogon mode of C{user_id}'s device C{client_type}: the
+    application's L{esf.interfaces.IRelogonPolicy} decides, or else the
+    server's C{relogon_mode}.  C{None} when the application's answer is
+    an exception or not a L{RelogonMode} (logged): the logon is refused,
+    as when C{verify_user} raises.
+    """
+    policy = engine.relogon_policy
+    if policy is None:
+        return engine.config.relogon_mode
+    kind = as_client_type(client_type)
+    try:
+        mode = policy.relogon_mode(user_id, kind)
+        if not isinstance(mode, RelogonMode):
+            raise TypeError(f"relogon_mode answered {mode!r}, not a RelogonMode")
+    except Exception:
+        log.failure(
+            "relogon_mode failed for {user_id}/{client_type}",
+            user_id=user_id, client_type=client_type, esf_event="relogon_mode_failed",
+        )  # fmt: skip
+        return None
+    return mode
+
+
 class Logons:
     """
     Carries Logons through for C{engine} (L{LogonEngine}).
@@ -199,7 +223,9 @@ class Logons:
             )
             return
         if session.state is not SessionPhase.AWAITING_LOGON:
-            session.end(DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified")
+            session.end(
+                DisconnectedType.INVALID_MESSAGE, "a second Logon while the first is verified"
+            )
             return
         try:
             logon = m.Logon.decode(frame.body)
@@ -261,14 +287,18 @@ class Logons:
         engine = self.engine
         user_id, client_type = session.user_id, session.client_type
         assert user_id is not None and client_type is not None  # set by _admit
-        mode = self._relogon_mode(user_id, client_type)
+        mode = relogon_mode_of(engine, user_id, client_type)
         if mode is None:
             self._refuse(session, frame, Refuse(LogonResult.FAILED, "logon verification failed"))
             return
         holder = engine.presence.get(user_id, client_type)
         decision = self.policy.settle(
-            user_id, client_type, session.logon_order, holder,
-            engine.clock.seconds(), mode,
+            user_id,
+            client_type,
+            session.logon_order,
+            holder,
+            engine.clock.seconds(),
+            mode,
         )
         if isinstance(decision, Refuse):
             self._refuse(session, frame, decision)
@@ -284,31 +314,6 @@ class Logons:
         d = engine.presence.claim(session, mode is RelogonMode.REPLACE_OLD)
         d.addCallback(self._claimed, session, frame)
         d.addErrback(self._claim_failed, session, frame)
-
-    def _relogon_mode(self, user_id: str, client_type: int) -> RelogonMode | None:
-        """
-        The relogon mode of C{user_id}'s device C{client_type}: the
-        application's L{esf.interfaces.IRelogonPolicy} decides, or else the
-        server's C{relogon_mode}.  C{None} when the application's answer is
-        an exception or not a L{RelogonMode} (logged): the logon is refused,
-        as when C{verify_user} raises.
-        """
-        engine = self.engine
-        policy = engine.relogon_policy
-        if policy is None:
-            return engine.config.relogon_mode
-        kind = as_client_type(client_type)
-        try:
-            mode = policy.relogon_mode(user_id, kind)
-            if not isinstance(mode, RelogonMode):
-                raise TypeError(f"relogon_mode answered {mode!r}, not a RelogonMode")
-        except Exception:
-            log.failure(
-                "relogon_mode failed for {user_id}/{client_type}",
-                user_id=user_id, client_type=client_type, esf_event="relogon_mode_failed",
-            )  # fmt: skip
-            return None
-        return mode
 
     def _claimed(self, claim: Claim, session: Session, frame: Frame) -> None:
         if not claim.won:
@@ -333,7 +338,9 @@ class Logons:
             return
         log.failure("claiming {session!r} failed", failure, session=session)
         self._refuse(
-            session, frame, Refuse(LogonResult.BUSY, "the server cannot register logons now; try later")
+            session,
+            frame,
+            Refuse(LogonResult.BUSY, "the server cannot register logons now; try later"),
         )
 
     # -- outcomes ----------------------------------------------------------------
@@ -414,9 +421,7 @@ class Logons:
             session.last_active,
         )
         # Recorded (and audited, on disk) before the reply makes it visible.
-        self.record.add(
-            session.user_id, session.client_type, session.address, session.last_active
-        )
+        self.record.add(session.user_id, session.client_type, session.address, session.last_active)
         session.reply(frame, self.reply(LogonResult.SUCCEED))
         if engine.offline is not None:
             # Stored messages first, then what was relayed meanwhile.

@@ -26,7 +26,13 @@ from twisted.python.failure import Failure
 from esf.wire import _messages as m
 from ._counters import Count
 from ._offline_blobs import BlobEngine, OfflineBlobs
-from esf.offline._store import KEPT_TYPES, KeepAll, OfflineSenderFull, OfflineServerFull, OfflineStoreFull
+from esf.offline._store import (
+    KEPT_TYPES,
+    KeepAll,
+    OfflineSenderFull,
+    OfflineServerFull,
+    OfflineStoreFull,
+)
 from ._router import user_part
 from esf.wire._frames import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType
 from esf.interfaces import IOfflinePolicy, IOfflineStore
@@ -240,9 +246,7 @@ class _Drain:
         if self.done:
             return
         d = self._forget()
-        d.addErrback(
-            lambda f: log.failure("forgetting delivered messages failed", f)
-        )
+        d.addErrback(lambda f: log.failure("forgetting delivered messages failed", f))
         self._fail(_Gone())
         self.finish()
 

@@ -15,7 +15,6 @@ from esf.wire._frames import ErrorCode, Frame
 from ._config import EngineBasics
 
 if TYPE_CHECKING:
-
     from esf.interfaces import IOfflineStore
     from ._budget import MemoryBudget
     from ._session import Session
@@ -164,8 +163,7 @@ class OfflineBlobs:
             session.error(
                 frame,
                 ErrorCode.RATE_LIMITED,
-                f"the server's memory budget is spent; blob {fragment.blob_id} dropped, "
-                "try later",
+                f"the server's memory budget is spent; blob {fragment.blob_id} dropped, try later",
             )
             return True
         if pending.size + size > bounds.max_bytes:

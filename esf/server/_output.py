@@ -37,11 +37,19 @@ from ._limits import PeerLimits
 from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
-
     from esf.interfaces import IChannel
     from ._budget import MemoryBudget
 
-__all__ = ["Sender", "Receiver", "Output", "OutputOwner", "OutputBatch", "PUSH_BACK", "REFUSED", "DROPPED"]
+__all__ = [
+    "Sender",
+    "Receiver",
+    "Output",
+    "OutputOwner",
+    "OutputBatch",
+    "PUSH_BACK",
+    "REFUSED",
+    "DROPPED",
+]
 
 log = Logger(namespace="esf.server")
 
@@ -70,6 +78,7 @@ DROPPED = 3
 #: C{max_output_buffer} bytes a second.  Past it the sender is read no
 #: further until the allowance is back above zero.
 _REFUSAL_BURST_FACTOR = 2
+
 
 class OutputBatch:
     """
@@ -535,4 +544,3 @@ class Output(Receiver):
             # error of whoever was sending.
             log.failure("writing to {session!r} failed", session=self)
             self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
-

@@ -265,7 +265,9 @@ class LogonPolicy:
             return Refuse(
                 LogonResult.BUSY,
                 flapping_cause(
-                    user_id, config.takeover_limit, config.takeover_window,
+                    user_id,
+                    config.takeover_limit,
+                    config.takeover_window,
                     config.takeover_cooldown,
                 ),  # fmt: skip
                 counter=Count.TAKEOVERS_REFUSED,

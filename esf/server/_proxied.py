@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import Protocol, connectionDone
+
 # Twisted exports only proxyEndpoint; its wrapper classes (and their
 # _proxyInfo) are used here so that the parsing of both header versions stays
 # Twisted's.  tests/test_proxied.py pins what is relied on.

@@ -110,7 +110,9 @@ class Relay:
             delivered = True
         return result if delivered else NOT_DELIVERED
 
-    def not_queued(self, sender: Session, target: Any, status: int, frames: int, size: int) -> bool:
+    def not_queued(
+        self, sender: Session, target: Any, status: int, frames: int, size: int
+    ) -> bool:
         """
         C{target.send} answered C{status} (true) for C{frames} frames of
         C{sender}, C{size} bytes: hold C{sender} back (L{PUSH_BACK}), or

@@ -21,11 +21,17 @@ from esf.wire import _messages as m
 from ._config import EngineBasics, IDS_PER_UNIT
 from ._counters import Count, count_fanout
 from esf.wire._events import call, call_then
-from esf.wire._frames import EVERYONE_ID, SERVER_ID, DisconnectedType, ErrorCode, Frame, MessageType
+from esf.wire._frames import (
+    EVERYONE_ID,
+    SERVER_ID,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    MessageType,
+)
 from esf.wire._frames import as_client_type, encode_frame
 
 if TYPE_CHECKING:
-
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
     from esf.wire._pending import PendingRequests
     from ._budget import MemoryBudget

@@ -31,12 +31,12 @@ from esf.wire._frames import (
     SERVER_ID,
     DisconnectedType,
     Frame,
-    FrameDecoder,
     FrameError,
     MessageType,
     SendRun,
     encode_frame,
 )
+from esf.wire._decoder import FrameDecoder
 from esf.interfaces import IChannel, IDeviceHandle
 
 if TYPE_CHECKING:

@@ -400,6 +400,7 @@ class WebSocketProtocol(WebSocketHandshake):
             self.session.kick(reason, text)
         self.close(reason)
 
+
 class WebSocketFactory(WebSocketServerFactory):
     """
     Builds a L{WebSocketProtocol} for every connection to C{engine}, with

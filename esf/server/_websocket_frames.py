@@ -67,7 +67,9 @@ def refuse_message(message: bytes, header_length: int, limit: int) -> Refusal:
             1009,
         )
     if body_length < 0:
-        return Refusal(DisconnectedType.INVALID_MESSAGE, f"body length {body_length} is negative", 1002)
+        return Refusal(
+            DisconnectedType.INVALID_MESSAGE, f"body length {body_length} is negative", 1002
+        )
     if announced > size:
         return Refusal(
             DisconnectedType.INVALID_MESSAGE,

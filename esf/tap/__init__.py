@@ -42,7 +42,13 @@ from esf.operations._metrics import MetricsService
 from esf.offline._store import OfflineBounds, OfflineStoreError
 from esf.offline._redis import RedisOfflineStore
 from esf.offline._sqlite import SQLiteOfflineStore, check_database
-from esf.cluster._presence import ClusterPresence, ClusterService, RedisURL, check_node_id, default_node_id
+from esf.cluster._presence import (
+    ClusterPresence,
+    ClusterService,
+    RedisURL,
+    check_node_id,
+    default_node_id,
+)
 from esf.cluster._inbox import DEFAULT_INBOX_BYTES
 from esf.server._protocol import ServerService
 from esf.server._proxied import ProxiedEndpoint, proxied_description
@@ -117,6 +123,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     )
     supportedInterfaces = [credentials.IUsernamePassword]
 
+    # One option per line, as twistd's --help lists them: a table the formatter
+    # leaves alone.
+    # fmt: off
     optParameters = [
         ["port", "p", "tcp:4530", "Endpoint to listen on (e.g. tcp:4530, ssl:4531:...), or a bare port."],
         ["relogon-mode", None, "replace-old", "replace-old or ignore-new: what a second logon of the same user and device does, unless an IRelogonPolicy --handler decides."],
@@ -172,6 +181,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     optFlags = [
         ["web-demo", None, "Serve the JavaScript client and the chat page at / on every --websocket endpoint."],
     ]
+    # fmt: on
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # usage.Options has no annotations
@@ -248,7 +258,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["endpoint"] = _endpoint("port", self["port"], wait)
         self["websocket-endpoints"] = [_endpoint("websocket", e, wait) for e in self["websocket"]]
         if self["web-demo"] and not self["websocket"]:
-            raise usage.UsageError("--web-demo serves pages on the --websocket endpoints: give one")
+            raise usage.UsageError(
+                "--web-demo serves pages on the --websocket endpoints: give one"
+            )
         try:
             self["relogon-mode"] = RelogonMode(self["relogon-mode"])
         except ValueError:
@@ -591,7 +603,9 @@ def server_service(options: Options) -> MultiService:
     _apply_share(options["descriptors"])
     server = ServerService(engine, QuietAcceptErrors(options["endpoint"], reactor))
     if store is not None:
-        log.info("esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store")
+        log.info(
+            "esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store"
+        )
     origins = options["websocket-origins"]
     # What the metrics count the closed connections of (add_operations).
     sites: list[ConnectionCap] = []
@@ -603,7 +617,9 @@ def server_service(options: Options) -> MultiService:
             # page loads and its handshake have --logon-timeout in all.
             site = web_demo_site(engine, origins, reactor=reactor)
             limits = HTTPLimits(cap, config.logon_timeout)
-            factory = limit_site(site, limits, reactor, f"the web demo on {description}", label="web_demo")
+            factory = limit_site(
+                site, limits, reactor, f"the web demo on {description}", label="web_demo"
+            )
             endpoint = announce_web_demo(endpoint)
         else:
             # (autobahn times the handshake itself: --logon-timeout in all.)
@@ -711,6 +727,8 @@ def add_operations(
             )
         limits = HTTPLimits(options["admin-api-max-connections"], options["http-request-timeout"])
         endpoint = QuietAcceptErrors(options["admin-api-endpoint"], reactor)
-        admin = AdminService(engine, endpoint, token, options.get("admin-hosts", ()), limits=limits)
+        admin = AdminService(
+            engine, endpoint, token, options.get("admin-hosts", ()), limits=limits
+        )
         admin.setServiceParent(service)  # type: ignore[no-untyped-call]
         sites.append(admin.factory)

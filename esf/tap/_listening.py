@@ -146,7 +146,9 @@ def announce_web_demo(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
         # loaded, no port uses TLS (and pyOpenSSL, which it needs, is an
         # optional dependency: importing it here would make it a required one).
         tls = sys.modules.get("twisted.protocols.tls")
-        secure = tls is not None and isinstance(getattr(port, "factory", None), tls.TLSMemoryBIOFactory)
+        secure = tls is not None and isinstance(
+            getattr(port, "factory", None), tls.TLSMemoryBIOFactory
+        )
         url = f"{'https' if secure else 'http'}://{host}:{getattr(address, 'port', '')}/"
         log.info("esf: the web demo is at {url}", url=url, esf_event="web_demo")
 

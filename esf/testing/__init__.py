@@ -55,7 +55,8 @@ from esf.server._engine import ServerEngine
 from esf.server._protocol import ServerFactory
 from ._process import TwistdFailed, TwistdServer
 from ._records import EventRecorder, LogCapture, LoggedErrors, record_events
-from esf.wire._frames import ClientType, Frame, FrameDecoder, WireConfig
+from esf.wire._frames import ClientType, Frame, WireConfig
+from esf.wire._decoder import FrameDecoder
 from esf.interfaces import IPresence
 
 __all__ = [

@@ -240,4 +240,3 @@ class LoggedErrors:
             failures = [e["log_failure"] for e in self.errors if e.get("log_failure")]
             details = "".join(f.getTraceback() for f in failures if isinstance(f, Failure))
             raise AssertionError(f"errors were logged: {texts}\n{details}")
-

@@ -49,7 +49,6 @@ from ._frames import (
     EVERYONE_ID,
     ErrorCode,
     Frame,
-    FrameDecoder,
     FrameError,
     LogonResult,
     MessageType,
@@ -62,6 +61,7 @@ from ._frames import (
     header_length_for,
     validate_id,
 )
+from ._decoder import FrameDecoder
 
 __all__ = [
     "Ack",

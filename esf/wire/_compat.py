@@ -32,7 +32,9 @@ else:  # pragma: no cover - Python 3.9 and 3.10 (PyPy)
             return str(self.value)
 
         @staticmethod
-        def _generate_next_value_(name: str, start: int, count: int, last_values: list[Any]) -> str:
+        def _generate_next_value_(
+            name: str, start: int, count: int, last_values: list[Any]
+        ) -> str:
             return name.lower()
 
     def dataclass_transform(**kwargs: Any) -> Callable[[_T], _T]:

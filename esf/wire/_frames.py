@@ -1,13 +1,9 @@
 """
-ESF v1 framing: the fixed header, the enums of the contract, a sans-IO frame
-decoder and the frame encoder.
+ESF v1 framing: the fixed header, the enums of the contract, the frame and
+the frame encoder (the decoder is in L{esf.wire._decoder}).
 
-Nothing here knows about transports or reactors: L{FrameDecoder.feed} takes
-bytes and returns L{Frame}s, L{encode_frame} returns bytes.  The framing is
-written by hand rather than on top of L{twisted.protocols.basic} because the
-length sits in the middle of a fixed-size header whose size depends on a
-setting, the header must be validated field by field before a single body
-byte is buffered, and the relay path needs the frame's original bytes.
+Nothing here knows about transports or reactors: L{encode_frame} returns
+bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ __all__ = [
     "Frame",
     "SendRun",
     "FrameError",
-    "FrameDecoder",
     "encode_frame",
     "header_length_for",
     "validate_id",
@@ -207,8 +202,7 @@ class WireConfig:
     def _check_size(self, attribute: Any, value: int) -> None:
         if not header_length_for(self.max_userid_length) <= value <= 0x7FFFFFFF:
             raise ValueError(
-                f"max_message_size must be at least the header length and "
-                f"below 2**31, not {value}"
+                f"max_message_size must be at least the header length and below 2**31, not {value}"
             )
 
     def __attrs_post_init__(self) -> None:
@@ -256,6 +250,11 @@ class Frame:
     @property
     def body_length(self) -> int:
         return len(self.raw) - self.header_length
+
+
+#: The fields before the ID slots: StartToken, ClientType, MessageType,
+#: MessageID, BodyLength.
+_FIXED_HEADER = struct.Struct("<BBHii")
 
 
 class SendRun:
@@ -346,19 +345,13 @@ def _decode_id(slot: bytes, length: int, which: str) -> str:
             f"{which} length {length} exceeds the {len(slot)}-byte ID slot",
         )
     if slot.count(0, length) != len(slot) - length:
-        raise FrameError(
-            DisconnectedType.INVALID_MESSAGE, f"{which} padding is not zero"
-        )
+        raise FrameError(DisconnectedType.INVALID_MESSAGE, f"{which} padding is not zero")
     try:
         text = slot[:length].decode("utf-8")
     except UnicodeDecodeError:
-        raise FrameError(
-            DisconnectedType.INVALID_MESSAGE, f"{which} is not valid UTF-8"
-        ) from None
+        raise FrameError(DisconnectedType.INVALID_MESSAGE, f"{which} is not valid UTF-8") from None
     if _CONTROL.search(text):
-        raise FrameError(
-            DisconnectedType.INVALID_MESSAGE, f"{which} holds control characters"
-        )
+        raise FrameError(DisconnectedType.INVALID_MESSAGE, f"{which} holds control characters")
     return text
 
 
@@ -396,8 +389,7 @@ def encode_frame(
     dest = validate_id(dest_user_id, config)
     if config.header_length + len(body) > config.max_message_size:
         raise ValueError(
-            f"a {len(body)}-byte body exceeds the maximum message size "
-            f"{config.max_message_size}"
+            f"a {len(body)}-byte body exceeds the maximum message size {config.max_message_size}"
         )
     try:
         header = config.header_struct.pack(
@@ -417,371 +409,3 @@ def encode_frame(
             f"{message_type}, message_id {message_id}): {e}"
         ) from None
     return header + bytes(body) if body else header
-
-
-#: The fields before the ID slots: StartToken, ClientType, MessageType,
-#: MessageID, BodyLength.
-_FIXED_HEADER = struct.Struct("<BBHii")
-
-#: How many decoded pairs of ID fields a decoder remembers; the sender's ID
-#: and its few correspondents repeat on every frame, so this saves the
-#: UTF-8 and padding checks.
-_ID_CACHE_SIZE = 256
-
-#: Chunks smaller than this are gathered into one buffer while a frame is
-#: incomplete, so that a peer dribbling single bytes costs one byte of
-#: memory per byte rather than one object per byte.
-_SMALL_CHUNK = 2048
-
-
-class HeaderCheck:
-    """
-    The header check of L{FrameDecoder} (its base): every header it takes
-    is checked by L{_check_header}, and the pairs of ID fields a
-    connection repeats are decoded once.
-
-    @ivar max_message_size: the largest frame accepted; may be changed
-        between calls (a server keeps it small until a peer has logged on).
-    """
-
-    __slots__ = ("config", "max_message_size", "_first_key", "_first_user", "_first_dest", "_pairs")
-
-    def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
-        self.config = config = config or WireConfig()
-        self.max_message_size = (
-            config.max_message_size if max_message_size is None else max_message_size
-        )
-        # Both ID fields' raw bytes -> (user_id, dest_user_id): a frame's
-        # IDs are found with one slice and one comparison or dict lookup.
-        # The first pair seen (often the only one: an idle device talks to
-        # the server alone) is kept apart; the dict is made for the others.
-        self._first_key: bytes | None = None
-        self._first_user = self._first_dest = ""
-        self._pairs: dict[bytes, tuple[str, str]] | None = None
-
-    @property
-    def _expectation(self) -> str:
-        """
-        What this side expects, for error texts.
-        """
-        return (
-            f" (this server expects {self.config.header_length}-byte headers, max UserID length "
-            f"{self.config.max_userid_length})"
-        )
-
-    def _check_header(self, data: bytes, offset: int) -> tuple[Any, ...]:
-        """
-        The header check, the one for every header the decoder takes: the
-        header at C{offset} has the start token, a body length within
-        bounds, and two valid ID fields; return C{(client_type,
-        message_type, message_id, user_id, dest_user_id, body_length)}.
-
-        @raise FrameError: the header is not valid, saying why.
-        """
-        start, client_type, message_type, message_id, body_length = _FIXED_HEADER.unpack_from(
-            data, offset
-        )
-        hlen = self.config.header_length
-        if start != START_TOKEN:
-            raise FrameError(
-                DisconnectedType.INVALID_MESSAGE,
-                f"start token is 0x{start:02X}, not 0xFF{self._expectation}",
-            )
-        if body_length < 0 or body_length > self.max_message_size - hlen:
-            reason = (
-                DisconnectedType.INVALID_MESSAGE
-                if body_length < 0
-                else DisconnectedType.MESSAGE_TOO_LARGE
-            )
-            raise FrameError(
-                reason,
-                f"body length {body_length} outside 0..{self.max_message_size - hlen} "
-                f"(maximum message size {self.max_message_size}){self._expectation}",
-            )
-        # The same few pairs of ID fields repeat on every frame of a
-        # connection: each pair is decoded and checked once, then found by
-        # its bytes.
-        key = data[offset + 12 : offset + hlen]
-        if key == self._first_key:
-            return client_type, message_type, message_id, self._first_user, self._first_dest, body_length
-        pairs = self._pairs
-        pair = pairs.get(key) if pairs is not None else None
-        if pair is None:
-            pair = self._remember(key)
-        return client_type, message_type, message_id, pair[0], pair[1], body_length
-
-    def _remember(self, key: bytes) -> tuple[str, str]:
-        """
-        Decode and check both ID fields C{key} (length byte and slot each),
-        and remember them.
-        """
-        slot = self.config.id_slot
-        user_id = self._decode_id(key[: slot + 1], "UserID")
-        dest_user_id = self._decode_id(key[slot + 1 : 2 * slot + 2], "DestUserID")
-        if self._first_key is None:
-            self._first_key, self._first_user, self._first_dest = key, user_id, dest_user_id
-        else:
-            pairs = self._pairs
-            if pairs is None:
-                pairs = self._pairs = {}
-            elif len(pairs) >= _ID_CACHE_SIZE:
-                pairs.clear()
-            pairs[key] = (user_id, dest_user_id)
-        return user_id, dest_user_id
-
-    def _decode_id(self, key: bytes, which: str) -> str:
-        """
-        Decode one ID field (length byte, then the zero-padded slot).
-        """
-        try:
-            return _decode_id(key[1:], key[0], which)
-        except FrameError as e:
-            # A peer with another max UserID length fails here most often:
-            # say which header this side expects.
-            raise FrameError(e.reason, e.message + self._expectation) from None
-
-
-class FrameDecoder(HeaderCheck):
-    """
-    Turns a stream of bytes into L{Frame}s.
-
-    Feed it whatever arrives with L{feed}; it returns the frames completed so
-    far.  The first invalid header raises L{FrameError}; after that the
-    decoder refuses further input.  It never holds more than one header plus
-    one maximum-size body, and checks a header (L{HeaderCheck}) before it
-    buffers any of the body that follows.
-    """
-
-    # A server holds one decoder per connection: slots, and nothing made
-    # before it is needed (the partial-frame buffers, the error text).
-    __slots__ = ("_parts", "_small", "_have", "_need", "_header", "_error", "decoded")
-
-    def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
-        super().__init__(config, max_message_size)
-        # Partial frame: pieces received so far (made on demand), their
-        # total, the number of bytes that complete the current unit (a
-        # header, then a frame).
-        self._parts: list[bytes] | None = None
-        self._small: bytearray | None = None
-        self._have = 0
-        self._need = self.config.header_length
-        self._header: tuple[Any, ...] | None = None
-        self._error: FrameError | None = None
-        #: Frames decoded so far (each frame of a L{SendRun} counts): added
-        #: to once per L{feed}, never once per frame.
-        self.decoded = 0
-
-    @property
-    def buffered(self) -> int:
-        """
-        How many bytes of an incomplete frame are held.
-        """
-        return self._have
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """
-        Add bytes; return every frame they complete, in order.
-
-        @raise FrameError: the bytes are not a valid frame stream.
-        """
-        return self._run(data, None)  # type: ignore[return-value]
-
-    def feed_runs(self, data: bytes, message_type: int) -> list[Frame | SendRun]:
-        """
-        Like L{feed}, but consecutive frames of C{message_type} (a relay's
-        Send) in C{data} with the same two ID fields come as one L{SendRun}:
-        no object per frame, and one slice of C{data} for all of them.
-
-        @raise FrameError: the bytes are not a valid frame stream.
-        """
-        return self._run(data, message_type)
-
-    def _run(self, data: bytes, run_type: int | None) -> list[Frame | SendRun]:
-        if self._error is not None:
-            raise FrameError(self._error.reason, self._error.message)
-        if not isinstance(data, bytes):
-            data = bytes(data)  # a bytearray or a view: frames keep bytes
-        frames: list[Frame | SendRun] = []
-        try:
-            in_runs = self._feed(data, frames, run_type)
-        except FrameError as e:
-            self.decoded += sum(f.count if isinstance(f, SendRun) else 1 for f in frames)
-            e.frames = frames
-            self._error = e
-            self._parts = None
-            self._small = None
-            self._have = 0
-            raise
-        self.decoded += len(frames) + in_runs
-        return frames
-
-    def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> int:
-        """
-        Decode C{data} into C{frames}; return how many frames its runs hold
-        beyond their first (each run is one item of C{frames}).
-        """
-        size = len(data)
-        offset = 0
-        if self._have:
-            offset = self._complete_partial(data, frames)
-            if offset < 0:
-                return 0
-        hlen = self.config.header_length
-        unpack = _FIXED_HEADER.unpack_from
-        max_body = self.max_message_size - hlen
-        pairs = self._pairs or {}
-        first_key, first_ids = self._first_key, (self._first_user, self._first_dest)
-        append = frames.append
-        # The open run: its frames' ID fields (None: no run), where it
-        # starts, how many frames it has, and their IDs.
-        run_key: bytes | None = None
-        run_start = run_count = 0
-        run_ids: tuple[str, str] = ("", "")
-        header: tuple[Any, ...] | None = None  # of a frame cut off at the end
-        # The header of the run's last frame, and that frame's size.
-        last_header = b""
-        last_size = 0
-        in_runs = 0  # frames of the runs appended, beyond each run's first
-        startswith = data.startswith
-        while size - offset >= hlen:
-            if last_header and startswith(last_header, offset):
-                # The commonest case of all: a header byte for byte the same
-                # as the one before it in this run (same type, IDs and
-                # length, all checked then), as a stream of equal messages
-                # to one receiver has.  Nothing to unpack.
-                end = offset + last_size
-                if end > size:
-                    header = self._check_header(data, offset)
-                    break
-                run_count += 1
-                offset = end
-                continue
-            start, client_type, message_type, message_id, body_length = unpack(data, offset)
-            key = data[offset + 12 : offset + hlen]
-            # Headers are judged by _check_header alone.  This one test only
-            # takes, without a call, what it would take without a word: the
-            # start token, a length within bounds, and ID fields it has
-            # checked already (the open run's, or remembered).  A call per
-            # header would cost a relay to many receivers 10-15% per frame.
-            if start == START_TOKEN and 0 <= body_length <= max_body:
-                if key == run_key and message_type == run_type:
-                    # One more frame of the open run.
-                    end = offset + hlen + body_length
-                    if end > size:
-                        header = (client_type, message_type, message_id, *run_ids, body_length)
-                        break
-                    run_count += 1
-                    last_header = data[offset : offset + hlen]
-                    last_size = end - offset
-                    offset = end
-                    continue
-                ids = first_ids if key == first_key else pairs.get(key)
-            else:
-                ids = None
-            if run_count:
-                # (Before a bad header raises: what came before it is kept.)
-                append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
-                in_runs += run_count - 1
-                run_key, run_count, last_header = None, 0, b""
-            if ids is None:
-                (
-                    client_type,
-                    message_type,
-                    message_id,
-                    user_id,
-                    dest_user_id,
-                    body_length,
-                ) = self._check_header(data, offset)
-                # (It remembered the pair: look there from now on.)
-                pairs = self._pairs or pairs
-                first_key, first_ids = self._first_key, (self._first_user, self._first_dest)
-            else:
-                user_id, dest_user_id = ids
-            end = offset + hlen + body_length
-            if end > size:
-                header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
-                break
-            if message_type == run_type:
-                # (Its header is kept for the fast path above once a second
-                # frame joins the run: a run of one, as when each frame goes
-                # to another receiver, costs no copy and no comparison.)
-                run_key, run_start, run_count = key, offset, 1
-                run_ids = (user_id, dest_user_id)
-            else:
-                raw = data[offset:end] if (offset or end != size) else data
-                append(
-                    Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen)
-                )
-            offset = end
-        if run_count:
-            raw = data[run_start:offset] if (run_start or offset != size) else data
-            append(SendRun(*run_ids, raw, run_count, hlen))
-            in_runs += run_count - 1
-        if offset < size:
-            # A partial frame, its header checked already when it is whole.
-            self._header = header
-            self._need = hlen if header is None else hlen + header[5]
-            self._stash(data[offset:] if offset else data)
-        return in_runs
-
-    def _complete_partial(self, data: bytes, frames: list[Frame | SendRun]) -> int:
-        """
-        Add to the frame under construction.  Return the offset in C{data}
-        where the next frame starts, or -1 when C{data} was used up.
-        """
-        offset = 0
-        size = len(data)
-        while True:
-            missing = self._need - self._have
-            if missing > size - offset:
-                self._stash(data[offset:] if offset else data)
-                return -1
-            self._stash(data[offset : offset + missing])
-            offset += missing
-            unit = self._take()
-            if self._header is None:
-                header = self._check_header(unit, 0)
-                if header[5] == 0:
-                    frames.append(self._frame(header, unit))
-                    return offset
-                self._header = header
-                self._need = self.config.header_length + header[5]
-                self._stash(unit)
-            else:
-                frames.append(self._frame(self._header, unit))
-                self._header = None
-                self._need = self.config.header_length
-                return offset
-
-    def _stash(self, chunk: bytes) -> None:
-        # Small pieces (a frame trickling in) are gathered in one bytearray;
-        # large ones are kept as they are and joined once.
-        parts = self._parts
-        if parts is None:
-            parts = self._parts = []
-        small = self._small
-        if len(chunk) < _SMALL_CHUNK:
-            if small is None:
-                small = self._small = bytearray()
-            small += chunk
-            if len(small) >= _SMALL_CHUNK:
-                parts.append(bytes(small))
-                small.clear()
-        else:
-            if small:
-                parts.append(bytes(small))
-                small.clear()
-            parts.append(chunk)
-        self._have += len(chunk)
-
-    def _take(self) -> bytes:
-        parts = self._parts or []
-        if self._small:
-            parts.append(bytes(self._small))
-        unit = parts[0] if len(parts) == 1 else b"".join(parts)
-        self._parts = self._small = None
-        self._have = 0
-        return unit
-
-    def _frame(self, header: tuple[Any, ...], raw: bytes) -> Frame:
-        return Frame(header[0], header[1], header[2], header[3], header[4], raw, self.config.header_length)

@@ -129,7 +129,9 @@ class _Reader:
                 raise BadRequest(f"body ends inside a u16 at byte {pos}")
             end = pos + 2 + unpack(buf, pos)[0]
             if end > size:
-                raise BadRequest(f"str of {end - pos - 2} bytes at byte {pos + 2} runs past the body")
+                raise BadRequest(
+                    f"str of {end - pos - 2} bytes at byte {pos + 2} runs past the body"
+                )
             try:
                 out.append(buf[pos + 2 : end].decode("utf-8"))
             except UnicodeDecodeError:

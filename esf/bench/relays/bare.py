@@ -118,10 +118,16 @@ def relay_options(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--interface", default="127.0.0.1")
-    parser.add_argument("--backlog", type=int, default=50, help="listen backlog (Twisted's default)")
-    parser.add_argument("--gc-threshold", type=int, default=10_000,
-                        help="as twistd esf's option: freeze start-up's objects and collect the youngest "
-                             "generation every this many allocations (0: CPython's settings)")
+    parser.add_argument(
+        "--backlog", type=int, default=50, help="listen backlog (Twisted's default)"
+    )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=10_000,
+        help="as twistd esf's option: freeze start-up's objects and collect the youngest "
+        "generation every this many allocations (0: CPython's settings)",
+    )
     return parser
 
 

@@ -152,8 +152,11 @@ class RelayFactory(_WritePerFrameFactory):
 
 def main(argv: list[str] | None = None) -> None:
     parser = relay_options(__doc__)
-    parser.add_argument("--lookup-every-frame", action="store_true",
-                        help="no header comparison: every frame is unpacked and its destination looked up")
+    parser.add_argument(
+        "--lookup-every-frame",
+        action="store_true",
+        help="no header comparison: every frame is unpacked and its destination looked up",
+    )
     args = parser.parse_args(argv)
     serve(RelayFactory(cache_header=not args.lookup_every_frame), args, "coalescing relay")
 
