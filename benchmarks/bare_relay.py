@@ -15,8 +15,8 @@ from pathlib import Path
 # Twisted only, not esf.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "esf" / "bench" / "relays"))
 
-from bare import *  # noqa: E402, F403
-from bare import main  # noqa: E402
+from bare import *  # noqa: F403
+from bare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,8 @@ from pathlib import Path
 # Twisted and bare.py beside it, not esf.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "esf" / "bench" / "relays"))
 
-from coalescing import *  # noqa: E402, F403
-from coalescing import main  # noqa: E402
+from coalescing import *  # noqa: F403
+from coalescing import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,7 @@ def send_all(port: int, sender: int, jobs: list[tuple[int, int]], timeout: float
 
     def read() -> None:
         while acked[0] < len(jobs):
-            header, body = client.recv_until(ACK, timeout=timeout)
+            header, _body = client.recv_until(ACK, timeout=timeout)
             assert header["user_id"] == rc.SERVER, header  # stored, not delivered
             acked[0] += 1
         reader_done.set()

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-
 from zope.interface import implementer
 
 # The esf of this checkout, not an installed one: the figures are this code's.
@@ -173,7 +172,7 @@ def main() -> None:
     args = parser.parse_args()
     receivers = args.broadcast or args.interleave
     if args.profile:
-        engine, sender, outs, data = setup(200, receivers, args.websocket, bool(args.broadcast))
+        _engine, sender, outs, data = setup(200, receivers, args.websocket, bool(args.broadcast))
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(500):
@@ -186,9 +185,9 @@ def main() -> None:
     kind = "WebSocket messages" if args.websocket else "Sends"
     if args.broadcast:
         kind = "Broadcasts"
-    for frames, reads in ((200, 2000), (20, 20000)):
-        if args.broadcast:  # about as many deliveries as relayed Sends otherwise
-            reads = max(1, reads // args.broadcast)
+    for frames, sends in ((200, 2000), (20, 20000)):
+        # (Broadcasts: about as many deliveries as relayed Sends otherwise.)
+        reads = max(1, sends // args.broadcast) if args.broadcast else sends
         ns = measure(frames, receivers, reads, websocket=args.websocket,
                      broadcast=bool(args.broadcast))  # fmt: skip
         what = "delivery" if args.broadcast else "relayed Send"

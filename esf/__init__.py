@@ -9,7 +9,6 @@ L{esf.testing}.
 
 __version__ = "0.1.0"
 
-from esf.server._application import engine_for
 from esf.client._calls import STORED
 from esf.client._engine import (
     ClientEngine,
@@ -19,6 +18,7 @@ from esf.client._engine import (
     LogonResponse,
     NotConnected,
 )
+from esf.server._application import engine_for
 from esf.server._engine import (
     AcceptAll,
     LogonRefused,
@@ -27,7 +27,6 @@ from esf.server._engine import (
     ServerEngine,
     UserData,
 )
-from esf.wire._messages import RequestError
 from esf.server._protocol import ServerFactory, ServerProtocol, ServerService
 from esf.server._websocket import WebSocketFactory, WebSocketProtocol
 from esf.wire._frames import (
@@ -38,6 +37,7 @@ from esf.wire._frames import (
     MessageType,
     WireConfig,
 )
+from esf.wire._messages import RequestError
 
 __all__ = [
     "AcceptAll",

@@ -10,8 +10,9 @@ nodes can replace the in-process one without touching either side.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Iterable, Sequence
 from enum import Enum
-from typing import Any, Awaitable, Iterable, Sequence, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface

@@ -31,12 +31,14 @@ Fixtures:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
 import pytest
 
 from esf.server._config import ServerConfig
+
 from .interfaces import IOfflineStore
 from .testing import LogCapture, LoggedErrors, MemoryServer, TwistdServer
 

@@ -12,7 +12,7 @@ settings.register_profile("soak", max_examples=100_000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ import json
 import os
 
 import pytest
+from _helpers import connect, make_engine
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.test.requesthelper import DummyRequest
 
-from _helpers import connect, make_engine
 from esf import DisconnectedType, MessageType
 from esf.operations._admin import (
     ADMIN_OPERATOR,
@@ -401,7 +401,7 @@ def test_notice(api, engine):
     alice = connect(engine, "alice", 5)
     answer = call(api, "POST", "users/alice/notice", {"text": "maintenance at 22:00 ✓"})
     assert answer.body == {"user_id": "alice", "devices": 1}
-    (frame,) = [f for f in alice.take()]
+    (frame,) = list(alice.take())
     assert frame.message_type == MessageType.SEND and frame.user_id == "_0"
     assert frame.body == Information(NOTICE_INFORMATION_TYPE, "maintenance at 22:00 ✓".encode())
 

@@ -22,7 +22,6 @@ import time
 import zlib
 
 import pytest
-
 import rawclient as rc
 from _real_parts import missing, need_program
 from test_admin_e2e import TOKEN, Ops, token_file
@@ -153,7 +152,7 @@ def test_dashboard(browser, ops):
         assert browser.find_element(By.ID, "devices-online").text == "4"
         wait(browser, lambda d: len(rows(d)) == 4, what="4 sessions")
         table = rows(browser)
-        assert ["<b>x</b>", "dotnet"] == table[0][:2]  # shown as text, not markup
+        assert table[0][:2] == ["<b>x</b>", "dotnet"]  # shown as text, not markup
         assert browser.find_elements(By.CSS_SELECTOR, "#sessions tbody b") == []
         assert [r[:2] for r in table[1:]] == [
             ["alice", "android"],
@@ -171,7 +170,7 @@ def test_dashboard(browser, ops):
             assert client.logon(user, "p" + user[0], 4)["result"] == 0
             wait(
                 browser,
-                lambda d: d.find_element(By.ID, "users-online").text == str(count),
+                lambda d, count=count: d.find_element(By.ID, "users-online").text == str(count),
                 what=f"{count} users",
             )
         wait(browser, lambda d: len(rows(d)) == 7, what="7 sessions")
@@ -212,7 +211,7 @@ def test_dashboard(browser, ops):
         reason.send_keys("kicked from the dashboard")
         browser.find_element(By.ID, "kick-confirm").click()
 
-        header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
+        _header, body = alice_phone.recv_until(rc.KICKED_OUT, timeout=10)
         assert rc.parse_kicked_out(body) == {
             "operator": "#admin",
             "reason": "kicked from the dashboard",
@@ -227,7 +226,7 @@ def test_dashboard(browser, ops):
             lambda d: [r[:2] for r in rows(d)] == [["alice", "dotnet"]],
             what="the table without the phone",
         )
-        status, user = ops.call("GET", "/api/users/alice")
+        _status, user = ops.call("GET", "/api/users/alice")
         assert [d["kind"] for d in user["devices"]] == ["dotnet"]
     finally:
         for client in made:
@@ -243,7 +242,7 @@ def check_axes(browser, peak):
 
     chart = browser.find_element(By.ID, "chart").rect
     ys = [(float(e.text), e.rect) for e in browser.find_elements(By.CSS_SELECTOR, "#y-axis span")]
-    assert [v for v, _ in ys][0] == 0 and ys[-1][0] >= peak and len(ys) >= 2, ys
+    assert next(v for v, _ in ys) == 0 and ys[-1][0] >= peak and len(ys) >= 2, ys
     for value, rect in ys:
         assert rect["width"] > 0 and rect["x"] + rect["width"] <= chart["x"] + 1, (
             value,

@@ -19,12 +19,11 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from twisted.logger import eventsFromJSONLogFile
-
 import rawclient as rc
-from test_e2e import ServerProcess, start_server, twistd_command, server_env, REPO
+from prometheus_client.parser import text_string_to_metric_families
+from test_e2e import REPO, ServerProcess, server_env, start_server, twistd_command
 from test_tls import make_certificate, ssl_endpoint_string
+from twisted.logger import eventsFromJSONLogFile
 
 pytestmark = pytest.mark.e2e
 
@@ -149,13 +148,13 @@ def test_kick_with_a_reason_reaches_the_client_counted_and_audited(ops, clients)
     assert status == 200
     (device,) = user["devices"]
     assert device["kind"] == "android"
-    assert device["address"] == "127.0.0.1:%d" % alice.sock.getsockname()[1]
+    assert device["address"] == f"127.0.0.1:{alice.sock.getsockname()[1]}"
 
     status, body = ops.call("POST", "/api/users/alice/kick", {"reason": "flooding the lobby"})
     assert (status, body) == (200, {"user_id": "alice", "kicked": 1})
-    header, payload = alice.recv_until(rc.KICKED_OUT)
+    _header, payload = alice.recv_until(rc.KICKED_OUT)
     assert rc.parse_kicked_out(payload) == {"operator": "#admin", "reason": "flooding the lobby"}
-    header, payload = alice.recv_until(rc.DISCONNECT)
+    _header, payload = alice.recv_until(rc.DISCONNECT)
     assert rc.parse_disconnect_notice(payload)["type"] == BEING_KICKED_OUT
     assert alice.recv_frame() is None
 
@@ -196,12 +195,12 @@ def test_client_kick_and_push_out_are_audited(ops, clients):
     clients(ops, "dave", "pd", 4)
     dave_again = clients(ops, "dave", "pd", 4)  # pushes the first out
     carol.send(rc.KICK_OUT, rc.pack_str("bye"), dest="dave", msg_id=5)
-    header, body = carol.recv_until(rc.KICK_OUT)
+    _header, body = carol.recv_until(rc.KICK_OUT)
     assert rc.parse_kick_out_reply(body)["ok"] == 1
     assert rc.parse_kicked_out(dave_again.recv_until(rc.KICKED_OUT)[1])["operator"] == "carol"
     wait_for(lambda: any(e["audit"] == "kick" and e["user_id"] == "dave" for e in ops.audit()))
     (push,) = [e for e in ops.audit() if e["audit"] == "push_out" and e["user_id"] == "dave"]
-    assert push["new_address"] == "127.0.0.1:%d" % dave_again.sock.getsockname()[1]
+    assert push["new_address"] == f"127.0.0.1:{dave_again.sock.getsockname()[1]}"
     (kick,) = [e for e in ops.audit() if e["audit"] == "kick" and e["user_id"] == "dave"]
     assert (kick["operator"], kick["origin"], kick["reason"]) == ("carol", "client", "bye")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from _helpers import connect, make_engine
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 
-from _helpers import connect, make_engine
 from esf import MessageType
 from esf.operations._admin import admin_site
 from esf.operations._admin_policy import REFUSALS_LOGGED, RequestPolicy, allowed_host_name

@@ -65,7 +65,7 @@ def test_a_store_that_cannot_be_opened_stops_the_start(tmp_path):
     )
     from esf.offline import OfflineStoreError
 
-    with pytest.raises(OfflineStoreError, match="bad.db"):
+    with pytest.raises(OfflineStoreError, match=r"bad\.db"):
         engine.start()
 
 
@@ -114,7 +114,7 @@ class SlowAnswers:
         pass
 
     def handle_query(self, user_id, client_type, information_type, payload):
-        return task.deferLater(self.engine.clock, 1.0, lambda: payload.upper())
+        return task.deferLater(self.engine.clock, 1.0, payload.upper)
 
 
 def test_engine_clock_is_the_memory_servers_clock():
@@ -268,7 +268,7 @@ def test_port_file_names_every_listener_and_stop_is_clean(tmp_path):
 @pytestmark_e2e
 def test_a_server_that_cannot_start_fails_with_its_log():
     server = TwistdServer(["--relogon-mode", "bogus"])
-    with pytest.raises(TwistdFailed, match="(?s)exited with 1 as it started.*relogon-mode"):
+    with pytest.raises(TwistdFailed, match=r"(?s)exited with 1 as it started.*relogon-mode"):
         server.start()
     assert server.stop() == 1  # already over: nothing more to say
     assert not server.directory.exists()  # its own temporary directory is removed
@@ -333,7 +333,7 @@ def test_port_file_must_be_in_a_directory(tmp_path):
 
     from esf.tap import Options
 
-    with pytest.raises(usage.UsageError, match="--port-file: .*missing is not a directory"):
+    with pytest.raises(usage.UsageError, match=r"--port-file: .*missing is not a directory"):
         Options().parseOptions(["--port-file", str(tmp_path / "missing" / "ports.json")])
 
 

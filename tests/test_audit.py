@@ -8,14 +8,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from _helpers import Client, LogCapture, connect, make_engine
+from test_metrics import Passwords
 from twisted.logger import eventsFromJSONLogFile, formatEvent, globalLogPublisher
 
-from _helpers import Client, LogCapture, connect, make_engine
 from esf import MessageType
 from esf.operations import _audit
 from esf.operations._audit import AuditLog, check_audit_path, open_audit_file
 from esf.wire import KickOut
-from test_metrics import Passwords
 
 
 @pytest.fixture
@@ -422,9 +422,9 @@ def test_watched_events_are_the_engines():
     The event names the audit log reads are the ones the engine logs: a
     rename in the engine must show up here.
     """
-    import esf
-
     from pathlib import Path
+
+    import esf
 
     root = Path(esf.__file__).parent
     source = "".join(p.read_text("utf-8") for p in root.rglob("*.py"))

@@ -10,10 +10,9 @@ import signal
 import time
 
 import pytest
-from twisted.logger import eventsFromJSONLogFile
-
 import rawclient as rc
 from test_e2e import AUTH, start_server
+from twisted.logger import eventsFromJSONLogFile
 
 pytestmark = pytest.mark.e2e
 

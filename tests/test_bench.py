@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from _real_parts import pypy_python
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-
-from _real_parts import pypy_python
 
 from esf.bench import (
     _coordinator,
@@ -197,7 +196,7 @@ def test_interleaved_senders_cycle_over_every_receiver():
     assert pairs[0][0].transport.value() == b"s0>r0;s0>r1;s0>r2;s0>r0;"
     assert pairs[1][0].transport.value() == b"s1>r1;s1>r2;s1>r0;s1>r1;"
     assert pairs[2][0].transport.value() == b"s2>r2;s2>r0;s2>r1;s2>r2;"
-    for sender, receiver in pairs:
+    for _sender, receiver in pairs:
         receiver.on_data(b"x" * 6 * 4)  # what each receiver got
     assert totals["count"] == 12 and done.called
 
@@ -330,7 +329,7 @@ def test_relay_forwards_partial_frames(module):
 
 @pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
 def test_relay_forgets_closed_connections(module):
-    factory, [(alice, _), (bob, _)] = _relay(module)
+    factory, [(_alice, _), (bob, _)] = _relay(module)
     bob.connectionLost(None)
     assert b"bob" not in factory.routes and b"alice" in factory.routes
 
@@ -356,7 +355,7 @@ def test_coalescing_relay_writes_once_per_destination_per_read(cache_header):
     Frames for several destinations in one read, interleaved, of different
     lengths: each destination gets its frames in order, in one write.
     """
-    factory, [(alice, alice_out), (bob, bob_out), (carol, carol_out)] = _relay(
+    factory, [(alice, alice_out), (_bob, bob_out), (_carol, carol_out)] = _relay(
         coalescing_relay, (b"alice", b"bob", b"carol"), cache_header=cache_header
     )
     to_bob = [_frame(b"bob", bytes([i]) * (10 + i)) for i in range(5)]
@@ -405,7 +404,7 @@ def test_relay_aborts_on_a_bad_frame(module, bad):
     A frame that breaks the framing aborts the connection; the frames before
     it in the same read are forwarded.  Both relays make these checks.
     """
-    factory, [(alice, alice_out), (_, bob_out)] = _relay(module)
+    _factory, [(alice, alice_out), (_, bob_out)] = _relay(module)
     good = _frame(b"bob")
     alice.dataReceived(good * 2 + bad + good)
     assert alice_out.aborted
@@ -719,14 +718,14 @@ def test_an_aborted_run_kills_its_workers():
     At the end of a run the workers are told to go (end of input); after an
     abort, when one may not be reading, they are killed.
     """
-    clock, load = _fake_coordinator()
+    _clock, load = _fake_coordinator()
     load.workers[0].gone = True
     load.stop()
     assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [
         (False, []),
         (True, []),
     ]
-    clock, load = _fake_coordinator()
+    _clock, load = _fake_coordinator()
     load.stop(kill=True)
     assert [(w.transport.stdin_closed, w.transport.signals) for w in load.workers] == [
         (False, ["KILL"])
@@ -753,7 +752,7 @@ def test_the_coordinator_stuck_at_a_sync_point_ends_the_phase_at_its_deadline():
 def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
     clock, load = _fake_coordinator(phase_timeout=50.0)
     outcome = _phase(load, _FakeServer())
-    first, second = load.workers
+    first, _second = load.workers
     for w in load.workers:
         _report(w, {"at": "start"})
     _report(first, {"at": "measured"})  # the second never answers again
@@ -776,7 +775,7 @@ def test_a_worker_that_stops_answering_ends_the_phase_at_its_deadline():
     ],
 )
 def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
-    clock, load = _fake_coordinator()
+    _clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     load.workers[1].outReceived(line)
     assert f"load worker 1 (pid 1001) sent {why}" in _aborted(outcome)
@@ -785,7 +784,7 @@ def test_a_worker_that_sends_nonsense_ends_the_phase(line, why):
 
 
 def test_a_worker_that_exits_during_a_phase_ends_it():
-    clock, load = _fake_coordinator()
+    _clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     _report(load.workers[0], {"at": "start"})
     load.workers[1].processEnded(Failure(ProcessTerminated(signal=9)))
@@ -976,7 +975,7 @@ def test_lines_longer_than_the_bound_are_refused():
 
 
 def test_a_worker_line_longer_than_any_message_ends_the_phase():
-    clock, load = _fake_coordinator()
+    _clock, load = _fake_coordinator()
     outcome = _phase(load, _FakeServer())
     load.workers[0].outReceived(b"x" * (2**20 + 32 * load.opts.requests + 1))
     assert "load worker 0 (pid 1000) sent a line of" in _aborted(outcome)

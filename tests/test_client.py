@@ -33,8 +33,8 @@ from esf import (
     DisconnectedType,
     ErrorCode,
     LogonFailed,
-    LogonResponse,
     LogonRefused,
+    LogonResponse,
     LogonResult,
     MessageType,
     NotConnected,
@@ -45,11 +45,11 @@ from esf import (
     ServerFactory,
     WireConfig,
 )
-from esf.wire import _messages as m
 from esf.client._engine import ClientProtocol, Ending, EndingKind, SessionState
-from esf.testing import EventRecorder, LoggedErrors
-from esf.wire import encode_frame
 from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
+from esf.testing import EventRecorder, LoggedErrors
+from esf.wire import _messages as m
+from esf.wire import encode_frame
 
 _ports = itertools.count(40001)
 

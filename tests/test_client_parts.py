@@ -17,6 +17,7 @@ from esf.client._inbox import ClientBlobs, Inbox, InboxHost
 from esf.client._requests import ClientRequests
 from esf.client.blocking import BlockingClient
 from esf.wire import _messages as m
+from esf.wire._decoder import FrameDecoder
 from esf.wire._events import Event
 from esf.wire._frames import (
     SERVER_ID,
@@ -26,7 +27,6 @@ from esf.wire._frames import (
     WireConfig,
     encode_frame,
 )
-from esf.wire._decoder import FrameDecoder
 from esf.wire._pending import PendingRequests
 
 WIRE = WireConfig()

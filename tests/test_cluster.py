@@ -15,16 +15,16 @@ import time
 
 import pytest
 import pytest_twisted
+from _helpers import LogCapture
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import LogCapture
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
+from esf.cluster._inbox import DROP_DELAY, InboxLedger
 from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, check_node_id
 from esf.cluster._records import Holder
-from esf.cluster._inbox import DROP_DELAY, InboxLedger
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.wire import BeingKickedOutNotify, BeingPushedOutNotify
 
@@ -419,7 +419,7 @@ async def test_outage_alone_then_restored(nodes, redis_server):
     assert (await a.claim(carol, True)).won
     assert a.user_ids() == ["alice", "carol"]
     # A send to a remote device fails at once rather than hangs.
-    [stale] = [h for h in b.mirror.users["alice"]]
+    [stale] = list(b.mirror.users["alice"])
     started = time.monotonic()
     stale.send(b"x")
     assert time.monotonic() - started < 0.5
@@ -492,11 +492,11 @@ async def test_split_logons_settled_by_the_mode_each_was_claimed_with(nodes, red
     assert dev_later.kicked == [] and op_earlier.kicked == []
     for node in (a, b):
         await eventually(
-            lambda: (
+            lambda node=node: (
                 holder(node, "dev-7") == dev_later.session_id
                 and holder(node, "op-ann") == op_earlier.session_id
             ),
-            what=lambda: (holder(node, "dev-7"), holder(node, "op-ann")),
+            what=lambda node=node: (holder(node, "dev-7"), holder(node, "op-ann")),
         )
     # What each node remembers of the modes goes with its sessions.
     assert a.claims.ignore_new == {op_later.session_id} and b.claims.ignore_new == {
@@ -575,7 +575,7 @@ async def test_one_read_of_the_inbox_is_one_batch(nodes):
     alice = Device("a", "alice")
     await a.claim(alice, True)
     [remote] = await eventually(lambda: b.devices("alice"))
-    for i in range(50):
+    for _i in range(50):
         remote.send(b"x")
     await eventually(lambda: len(alice.sent) == 50)
     assert batch.calls and batch.calls.count("begin") == batch.calls.count("flush")
@@ -707,9 +707,9 @@ async def test_password_from_the_url(tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_tls_from_the_url(tmp_path, trusted):
     from _redis import RedisServer
+    from test_tls import make_certificate
 
     from esf.bench import free_port
-    from test_tls import make_certificate
 
     cert, key, _ = make_certificate(tmp_path)
     other = cert
@@ -754,7 +754,7 @@ async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
         await a.claim(Device("a", f"u{i:03}"), True)
     assert b.user_count() == 0
     b.clock.advance(LEASE / 3)  # b's upkeep sees the stream trimmed past it
-    await eventually(lambda: b.up and b.user_count() == 300, what=lambda: b.user_count())
+    await eventually(lambda: b.up and b.user_count() == 300, what=b.user_count)
     b.streams.process = process
     await a.claim(Device("a", "u300"), True)
     await eventually(lambda: b.user_count() == 301)

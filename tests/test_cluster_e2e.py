@@ -14,7 +14,6 @@ import struct
 import time
 
 import pytest
-
 import rawclient as rc
 from _redis import RedisServer
 from test_e2e import ServerProcess
@@ -106,7 +105,7 @@ def wait_online(client, user, online, timeout=5.0):
 
 
 def expect_notice(client, disconnected_type, timeout=5.0):
-    header, body = client.recv_until(rc.DISCONNECT, timeout)
+    _header, body = client.recv_until(rc.DISCONNECT, timeout)
     notice = rc.parse_disconnect_notice(body)
     assert notice["type"] == disconnected_type, notice
     assert client.recv_frame(timeout) is None
@@ -190,7 +189,7 @@ def test_replace_old_across_nodes(cluster, clients):
     erin = clients(n2, "erin")
     wait_online(erin, "dave", 1)  # n2 knows dave is on n1
     new = clients(n2, "dave", 1)
-    header, body = old.recv_until(rc.PUSHED_OUT)
+    _header, body = old.recv_until(rc.PUSHED_OUT)
     assert "logged on again" in rc.parse_pushed_out(body)["cause"]
     expect_notice(old, BEING_PUSHED_OUT)
     # The new session lives; messages to dave reach it, from either node.
@@ -199,7 +198,7 @@ def test_replace_old_across_nodes(cluster, clients):
     fay.send(SEND, info(1, b"from n1"), dest="dave")
     assert new.recv_until(SEND)[1] == info(1, b"from n1")
     erin.send(SEND, info(1, b"to the new one"), dest="dave")
-    header, body = new.recv_until(SEND)
+    _header, body = new.recv_until(SEND)
     assert body == info(1, b"to the new one")
 
 
@@ -209,9 +208,9 @@ def test_kick_across_nodes_with_reason(cluster, clients):
     admin = clients(n3, "admin")
     wait_online(admin, "frank", 1)
     admin.send(rc.KICK_OUT, rc.pack_str("spamming \u2603"), dest="frank", msg_id=3)
-    header, body = admin.recv_until(rc.KICK_OUT)
+    _header, body = admin.recv_until(rc.KICK_OUT)
     assert rc.parse_kick_out_reply(body)["ok"] == 1
-    header, body = frank.recv_until(rc.KICKED_OUT)
+    _header, body = frank.recv_until(rc.KICKED_OUT)
     assert rc.parse_kicked_out(body) == {"operator": "admin", "reason": "spamming \u2603"}
     notice = expect_notice(frank, BEING_KICKED_OUT)
     assert "spamming" in notice["text"]
@@ -275,9 +274,9 @@ def test_simultaneous_double_logons_leave_one_session(cluster):
     pairs = []
     try:
         pairs = send_logons((n1, n2), users)
-        for user, pair in zip(users, pairs):
+        for pair in pairs:
             for client in pair:
-                header, body = client.recv_until(rc.LOGON, timeout=10)
+                _header, body = client.recv_until(rc.LOGON, timeout=10)
                 assert rc.parse_logon_reply(body)["result"] == 0
         time.sleep(0.5)
         for user, pair in zip(users, pairs):
@@ -305,7 +304,7 @@ def test_simultaneous_double_logons_leave_one_session(cluster):
         assert checker.logon("checker", "pw")["result"] == 0
         body = struct.pack("<I", len(users)) + b"".join(rc.pack_str(u) for u in users)
         checker.send(QUERY_ONLINES, body, dest=rc.SERVER, msg_id=3)
-        header, body = checker.recv_until(QUERY_ONLINES)
+        _header, body = checker.recv_until(QUERY_ONLINES)
         assert body == struct.pack("<I", len(users)) + b"\x01" * len(users), body
     finally:
         for pair in pairs:
@@ -438,7 +437,7 @@ def test_simultaneous_double_logons_with_ignore_new(ignore_new_pair):
         for user, pair in zip(users, pairs):
             results = []
             for client in pair:
-                header, body = client.recv_until(rc.LOGON, timeout=10)
+                _header, body = client.recv_until(rc.LOGON, timeout=10)
                 results.append(rc.parse_logon_reply(body)["result"])
             assert sorted(results) == [0, HAD_LOGGED_ON], (user, results)
             winner = pair[results.index(0)]

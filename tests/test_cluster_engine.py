@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from _helpers import Client, logon_reply, record_events
+from test_cluster import eventually, ledger, pause_reading, resume_reading
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from zope.interface import implementer
 
-from _helpers import Client, logon_reply, record_events
 from esf import (
     DisconnectedType,
     ErrorCode,
@@ -30,12 +31,11 @@ from esf import (
     ServerEngine,
 )
 from esf.cluster._presence import ClusterPresence
-from esf.operations._metrics import ServerMetrics
-from esf.offline import RedisOfflineStore
 from esf.interfaces import IRelogonPolicy
+from esf.offline import RedisOfflineStore
+from esf.operations._metrics import ServerMetrics
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
-from test_cluster import eventually, ledger, pause_reading, resume_reading
 
 #: Long: the engines' clocks are task.Clocks, so a lease is refreshed only
 #: when a test advances them, and a node whose lease expired is sent nothing.
@@ -323,7 +323,7 @@ async def test_takeover_flapping_between_nodes_is_refused_busy(redis_server):
         held = await a.logon("alice", 1)
         for node in (b, a):
             old, held = held, await node.logon("alice", 1)
-            await eventually(lambda: old.closing, what="the old session pushed out")
+            await eventually(lambda old=old: old.closing, what="the old session pushed out")
         assert (
             a.engine.counters["takeovers_refused"] == b.engine.counters["takeovers_refused"] == 0
         )

@@ -360,7 +360,7 @@ def test_replaced_session_that_was_released_meanwhile_is_left_alone():
 
 
 def test_session_released_behind_its_back_is_shown_and_claimed_again():
-    presence, clock = up_presence()
+    presence, _clock = up_presence()
     mine = Device("a", "alice", "a/1")
     presence.claims.local[mine.session_id] = mine
     generation = presence.membership.generation

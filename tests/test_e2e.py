@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import rawclient as rc
 
 pytestmark = pytest.mark.e2e
@@ -86,7 +85,7 @@ class ServerProcess:
             env=server_env(extra_path),
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
-            preexec_fn=preexec_fn,
+            preexec_fn=preexec_fn,  # noqa: PLW1509 -- the test runner starts no threads
         )
         self.port = None
         #: The port file's content, once listening.
@@ -272,9 +271,9 @@ def test_wrong_password(server, clients):
 def test_replace_old(server, clients):
     first = logged_on(clients, server.port, "alice", "pa")
     second = logged_on(clients, server.port, "alice", "pa")
-    new_address = "127.0.0.1:%d" % second.sock.getsockname()[1]
+    new_address = f"127.0.0.1:{second.sock.getsockname()[1]}"
 
-    header, body = first.recv_until(rc.PUSHED_OUT)
+    _header, body = first.recv_until(rc.PUSHED_OUT)
     assert new_address in rc.parse_pushed_out(body)["cause"]
     expect_notice(first, BEING_PUSHED_OUT)
 
@@ -378,7 +377,7 @@ def test_peer_close_is_not_aborted(server, clients):
     # A connection the peer closed has nothing left to abort: no "aborting"
     # line once the close timeout (5 s) has passed.
     client = logged_on(clients, server.port, "carol", "pc", client_type=8)
-    address = "127.0.0.1:%d" % client.sock.getsockname()[1]
+    address = f"127.0.0.1:{client.sock.getsockname()[1]}"
     client.close()
     server.wait_for_log(re.escape(address) + r".*NETWORK_INTERRUPTED")
     time.sleep(5.5)
@@ -445,11 +444,11 @@ def test_session_ended_events(fresh_server, clients):
     # JSON observer of docs/examples/jsonlog.py.
     server = fresh_server(*AUTH, extra_path=[EXAMPLES], twistd_args=["--logger=jsonlog.observer"])
     alice = logged_on(clients, server.port, "alice", "pa", client_type=5)
-    alice_address = "127.0.0.1:%d" % alice.sock.getsockname()[1]
+    alice_address = f"127.0.0.1:{alice.sock.getsockname()[1]}"
     alice.send(rc.LOGOFF, dest=rc.SERVER)
     assert alice.recv_frame(5) is None
     refused = clients(server.port)
-    refused_address = "127.0.0.1:%d" % refused.sock.getsockname()[1]
+    refused_address = f"127.0.0.1:{refused.sock.getsockname()[1]}"
     assert refused.logon("bob", "wrong")["result"] == 1
     expect_notice(refused, LOGON_FAILED)
     server.wait_for_log(r'"esf_event": "session_ended"', count=2)

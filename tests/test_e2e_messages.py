@@ -10,7 +10,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 import rawclient as rc
 from test_e2e import start_server
 
@@ -79,7 +78,7 @@ def test_room_broadcast_and_kick(logon):
         assert (header["user_id"], header["dest_user_id"]) == ("_0", client.user)
         assert body == struct.pack("<i", JOIN)
 
-    alice.send(BROADCAST, information(SAY, "hello room".encode()), "e2m-room", 7)
+    alice.send(BROADCAST, information(SAY, b"hello room"), "e2m-room", 7)
     header, body = bob.recv_until(BROADCAST)
     assert (header["user_id"], header["dest_user_id"]) == ("e2m-alice", "e2m-room")
     assert parse_information(body) == (SAY, b"hello room")

@@ -16,8 +16,8 @@ from twisted.logger import capturedLogs
 from zope.interface.verify import verifyObject
 
 from esf import DisconnectedType, LogonRefused, ServerService, UserData
-from esf.testing import MemoryServer
 from esf.interfaces import IBasicHandler, IEngineAware
+from esf.testing import MemoryServer
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "server_app.py"
 

@@ -5,9 +5,9 @@ is a change to the API and should be deliberate.
 
 import esf
 import esf.interfaces
+import esf.operations
 import esf.pytest_plugin
 import esf.testing
-import esf.operations
 import esf.wire
 
 PUBLIC = {

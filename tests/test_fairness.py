@@ -17,14 +17,14 @@ import struct
 import time
 
 import pytest
-from twisted.internet import task
-
 import rawclient as rc
 from _helpers import connect
+from test_messages import Groups
+from twisted.internet import task
+
 from esf import ErrorCode, MessageType, ServerConfig, ServerEngine
 from esf.server._counters import Count
 from esf.wire import Ack, BlobFragment, Empty, Information
-from test_messages import Groups
 
 T = MessageType
 MIB = 1024 * 1024
@@ -453,7 +453,7 @@ def test_a_receiver_that_does_not_read_does_not_delay_others_live(tmp_path):
             due = started + n * 0.05
             time.sleep(max(0.0, due - time.monotonic()))
             alice.send(202, struct.pack("<i", n) + b"hi bob", dest="bob")
-            header, payload = bob.recv_until(202, timeout=12)
+            _header, payload = bob.recv_until(202, timeout=12)
             assert struct.unpack_from("<i", payload)[0] == n
             delays.append(time.monotonic() - due)
         first = [round(1000 * d, 1) for d in delays[:4]]

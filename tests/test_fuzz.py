@@ -29,11 +29,11 @@ import time
 import unicodedata
 
 import pytest
+import rawclient as rc
+from _helpers import Client, LogCapture, connect, make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rawclient as rc
-from _helpers import Client, LogCapture, connect, make_engine
 from esf import DisconnectedType, MessageType
 from esf import wire as w
 
@@ -319,7 +319,7 @@ def _typed_body(draw, body_class) -> bytes:
     ints = st.integers(0, 2**32 - 1)
     samples = {
         w.Logon: lambda: w.Logon(draw(st.integers(0, 65535)), draw(st.text(max_size=5)), "pw"),
-        w.Empty: lambda: w.Empty(),
+        w.Empty: w.Empty,
         w.KickOut: lambda: w.KickOut(draw(st.text(max_size=20))),
         w.GetAllOnlineUsers: lambda: w.GetAllOnlineUsers(draw(ints), draw(ints)),
         w.QueryOnlines: lambda: w.QueryOnlines(draw(st.lists(ids(), max_size=5))),

@@ -6,8 +6,8 @@ request, memory and output bounds, log floods.
 from __future__ import annotations
 
 import pytest
-
 from _helpers import connect, make_engine
+
 from esf import ClientType, ErrorCode, MessageType
 from esf.server._counters import Count
 from esf.wire import Ack, BlobFragment, Empty, Error, Information
@@ -253,11 +253,11 @@ def test_the_backlog_has_a_hard_bound():
 
 # -- 3. memory: blobs nobody reads, per user, and one server-wide budget -----------
 
-from twisted.internet import task  # noqa: E402
-from zope.interface import implementer  # noqa: E402
+from twisted.internet import task
+from zope.interface import implementer
 
-from esf import ServerConfig, ServerEngine, WireConfig  # noqa: E402
-from esf.interfaces import ICustomizeHandler  # noqa: E402
+from esf import ServerConfig, ServerEngine, WireConfig
+from esf.interfaces import ICustomizeHandler
 
 
 @implementer(ICustomizeHandler)
@@ -329,7 +329,7 @@ def test_server_wide_budget_refuses_new_blobs_and_backlog_before_it_is_passed():
     engine = blob_engine(Blobs(), max_buffered_bytes=50_000, max_output_buffer=40_000)
     users = [connect(engine, f"u{n}") for n in range(4)]
     codes = []
-    for n, user in enumerate(users):
+    for user in users:
         user.send(MessageType.BLOB, BlobFragment(5, 1, 0, False, bytes(15_000)), message_id=2)
         codes += [r.body.code for r in user.take() if r.message_type == MessageType.ERROR]
     assert codes == [ErrorCode.RATE_LIMITED]
@@ -391,12 +391,10 @@ def test_blobs_nobody_reads_cost_a_live_server_nothing(twistd):
         device.close()
 
 
-from test_reliability import logged_on, rss_kib, twistd  # noqa: E402,F401,F811
-
+from test_reliability import logged_on, rss_kib, twistd  # noqa: F401
 
 # -- 2. CPU: a cost bound on every request -----------------------------------------
-
-from esf.wire import QueryOnlines  # noqa: E402
+from esf.wire import QueryOnlines
 
 
 def test_query_onlines_names_at_most_max_query_ids():
@@ -534,7 +532,7 @@ def test_others_ping_while_one_user_floods_the_most_expensive_request(twistd, tm
     for n in range(300):
         started = time.monotonic()
         alice.send(102, dest="_0", msg_id=n + 1)
-        header, _ = alice.recv_until(103)
+        _header, _ = alice.recv_until(103)
         times.append(time.monotonic() - started)
         time.sleep(0.005)
     flooder.join(15)
@@ -549,10 +547,10 @@ def test_others_ping_while_one_user_floods_the_most_expensive_request(twistd, tm
 
 # -- 6. what a peer can make the server log --------------------------------------
 
-from twisted.logger import LogLevel  # noqa: E402
+from _helpers import LogCapture
+from twisted.logger import LogLevel
 
-from _helpers import LogCapture  # noqa: E402
-from esf.wire import KickOut  # noqa: E402
+from esf.wire import KickOut
 
 
 @implementer(ICustomizeHandler)

@@ -17,15 +17,17 @@ import time
 
 import pytest
 import pytest_twisted
+from _helpers import LogCapture, make_engine
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from wsclient import handshake
 
-from _helpers import LogCapture, make_engine
 from esf.operations._admin import AdminService
+from esf.operations._metrics import MetricsService, make_registry
 from esf.server._descriptors import (
     DescriptorShare,
     IntervalCount,
@@ -34,11 +36,8 @@ from esf.server._descriptors import (
     share_descriptors,
 )
 from esf.server._http import ConnectionCap, HTTPLimits, limit_site
-from esf.operations._metrics import MetricsService, make_registry
 from esf.server._web_demo import web_demo_site
 from esf.server._websocket import WebSocketFactory
-
-from wsclient import handshake
 
 ENDPOINT = object()  # never listened on: the tests build protocols themselves
 PEER = IPv4Address("TCP", "10.0.0.7", 40001)
@@ -129,7 +128,7 @@ def test_the_request_timeout_and_cap_are_options_of_the_site():
 def test_a_peer_that_does_not_take_its_408_is_aborted():
     engine = make_engine()
     factory = metrics_factory(engine, limits=HTTPLimits(4, 3))
-    protocol, transport = connect(factory)
+    _protocol, transport = connect(factory)
     engine.clock.advance(3)
     assert transport.disconnecting and not transport.disconnected
     engine.clock.advance(3)
@@ -447,12 +446,12 @@ def tls_listener(tmp_path, factory_for):
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
+    from test_tls import make_certificate
     from twisted.internet import reactor
     from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
     from twisted.internet.ssl import CertificateOptions
 
     from esf import ServerConfig, ServerEngine, ServerService
-    from test_tls import make_certificate
 
     cert_path, key_path, cert_pem = make_certificate(tmp_path)
     engine = ServerEngine(ServerConfig(), clock=reactor)
@@ -474,17 +473,16 @@ def test_over_tls_a_connection_past_the_cap_is_closed_cleanly(tmp_path):
     protocol that closes the connection, not with None (which TLS would
     wrap, and fail on).
     """
+    from test_websocket import with_timeout
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-    from test_websocket import with_timeout
 
     def capped(engine):
         return ConnectionCap(WebSocketFactory(engine, reactor=reactor), 1, reactor, "ws")
 
     capture = LogCapture().start()
-    engine, service, listener, _ = tls_listener(tmp_path, capped)
+    _engine, service, listener, _ = tls_listener(tmp_path, capped)
     port = (yield listener._waitingForPort).getHost().port
     held = []
     try:
@@ -522,12 +520,12 @@ def test_wss_through_the_cap(tmp_path, web_demo):
     is accepted, the TLS layer hands bytes straight to the WebSocket
     protocol, which logs on.
     """
+    from test_websocket import with_timeout
     from twisted.internet import reactor
     from twisted.internet.ssl import Certificate, optionsForClientTLS
     from wsclient import connect as ws_connect
 
     from esf import LogonResult
-    from test_websocket import with_timeout
 
     def capped(engine):
         if web_demo:

@@ -11,8 +11,8 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 
-from esf.tap._loglevel import TwistdLogRoot, filtered, parse_level
 from esf.tap import Options, makeService
+from esf.tap._loglevel import TwistdLogRoot, filtered, parse_level
 
 
 def twistd(*args):
@@ -63,7 +63,7 @@ def test_below_the_level_is_never_formatted():
             return "spy"
 
     seen = []
-    observer = filtered(lambda event: seen.append(event), LogLevel.info)  # a legacy observer
+    observer = filtered(seen.append, LogLevel.info)  # a legacy observer
     log = Logger(observer=observer)
     log.debug("{spy}", spy=Spy())
     assert seen == [] and formatted == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import struct
 
 import pytest
+from _helpers import Client, connect, timers
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import task
@@ -16,7 +17,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, connect, timers
 from esf import (
     ClientType,
     DisconnectedType,
@@ -569,7 +569,7 @@ def test_one_way_to_offline_user(message_type, body):
     engine = make_engine()
     failed = record_transmit_failed(engine)
     alice = connect(engine, "alice")
-    for n in range(3):
+    for _n in range(3):
         sent = alice.send(message_type, body, dest="carol")
     assert alice.take() == []
     assert engine.counters["transmit_failed"] == 3

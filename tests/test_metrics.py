@@ -12,14 +12,14 @@ import re
 from pathlib import Path
 
 import pytest
+from _helpers import Client, connect, make_engine
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import globalLogPublisher
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from _helpers import Client, connect, make_engine
 from esf import DisconnectedType, MessageType
-from esf.server._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from esf.interfaces import IBasicHandler
 from esf.operations._metrics import (
     COUNTER_METRICS,
     MetricsResource,
@@ -28,8 +28,8 @@ from esf.operations._metrics import (
     make_registry,
     server_version,
 )
-from esf.interfaces import IBasicHandler
-from esf.wire import BlobFragment, Information, KickOut, WireConfig, encode_frame
+from esf.server._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
+from esf.wire import BlobFragment, FrameError, Information, KickOut, WireConfig, encode_frame
 
 
 @implementer(IBasicHandler)
@@ -305,9 +305,8 @@ def test_offline_store_size_is_read_every_look():
     from twisted.internet.defer import fail
 
     from esf.offline import MemoryOfflineStore
-    from esf.testing import MemoryServer
-
     from esf.operations._metrics import OFFLINE_LOOK
+    from esf.testing import MemoryServer
 
     store = MemoryOfflineStore()
     server = MemoryServer(offline_store=store)
@@ -642,7 +641,7 @@ def test_series_in():
 def test_the_grafana_dashboard_loads_and_names_only_series_that_exist(scrape):
     families, samples = scrape
     labels_of = {}
-    for name, (kind, labels) in families.items():
+    for name, (_kind, labels) in families.items():
         for suffix in ("", "_total", "_bucket", "_sum", "_count"):
             labels_of.setdefault(name + suffix, set()).update(
                 labels, {"le"} if suffix == "_bucket" else ()
@@ -715,6 +714,6 @@ def test_the_decoder_counts_every_frame_of_a_run():
             decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items)
         ), cut
     decoder = FrameDecoder(wire)
-    with pytest.raises(Exception):
+    with pytest.raises(FrameError):
         decoder.feed_runs(b"".join(sends[:3]) + b"\x00" * 40, MessageType.SEND)
     assert decoder.decoded == 3

@@ -14,10 +14,10 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from esf import STORED, ClientType, ErrorCode, MessageType, RequestError, ServerConfig
-from esf.wire._frames import encode_frame
 from esf.interfaces import IOfflinePolicy
 from esf.offline import MemoryOfflineStore, OfflineBounds
 from esf.testing import MemoryServer
+from esf.wire._frames import encode_frame
 
 
 def frames_to(server, client, message_types=(202, 205, 207)):
@@ -101,13 +101,13 @@ def test_the_sender_learns_stored_apart_from_delivered_and_refused(server, store
     assert server.result(alice.send_certainly("bob", 1, b"x")) == STORED
     ack = [f for f in server.connection(alice).frames(to="client") if f.message_type == 206][-1]
     assert ack.user_id == "_0" and struct.unpack("<i", ack.body) == (1,)
-    bob, got = receiver(server, "bob")
+    bob, _got = receiver(server, "bob")
     # Online: the receiver's own Ack, fired with None.
     assert server.result(alice.send_certainly("bob", 2, b"y")) is None
     bob.close()
     server.pump()
     # Refused (the store is full): an Error, not an Ack.
-    for n in range(5):
+    for _n in range(5):
         alice.send("bob", 3, b"z")
     server.pump()
     error = server.failure(alice.send_certainly("bob", 4, b"w"), RequestError)
@@ -129,7 +129,7 @@ def test_overflow_refuses_new_messages_and_counts_them(server, store):
     assert counters["offline_stored"] == 5
     assert counters["dropped"] == 1
     # The kept ones are the first five, untouched by the overflow.
-    bob, got = receiver(server, "bob")
+    _bob, got = receiver(server, "bob")
     server.pump()
     assert [g[2] for g in got] == [0, 1, 2, 3, 4]
 
@@ -201,7 +201,7 @@ def test_connection_lost_between_delivery_and_ack_redelivers_and_client_drops_du
         def handle_query(self, *args):
             return b""
 
-    bob, got = receiver(server, "bob", handler=Slow())
+    bob, _got = receiver(server, "bob", handler=Slow())
     server.pump()
     assert handled == [0, 1, 2]
     # The connection goes before any acknowledgement.
@@ -242,7 +242,7 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     bob_raw.close()
     server.pump()
     # Another process (no memory of what it handled) gets it again.
-    bob, got2 = receiver(server, "bob")
+    _bob, got2 = receiver(server, "bob")
     server.pump()
     assert [g[2] for g in got2] == [7]
     assert server.result(store.counts("bob")) == (0, 0)
@@ -254,7 +254,7 @@ def test_a_blob_is_kept_whole_and_delivered_whole():
     payload = bytes(range(256)) * 40
     assert s.result(alice.send_blob("bob", 11, payload, fragment_size=1000)) == STORED
     assert s.engine.counters["offline_stored"] == 11
-    bob, got = receiver(s, "bob")
+    _bob, got = receiver(s, "bob")
     s.pump()
     assert got == [("alice", ClientType.OTHERS, 11, payload)]
     assert s.result(s.offline_store.counts("bob")) == (0, 0)
@@ -307,7 +307,7 @@ def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
     # ... and delivered whole at bob's next logon.
     bob.close()
     s.pump()
-    bob2, got2 = receiver(s, "bob")
+    _bob2, got2 = receiver(s, "bob")
     s.pump()
     assert got2 == [("alice", ClientType.OTHERS, 5, b"\x00" * 10 + b"\x01" * 10)]
     s.close()
@@ -315,7 +315,7 @@ def test_a_blob_begun_offline_stays_in_the_store_when_the_user_comes_online():
 
 def test_a_message_to_one_device_waits_for_that_device(server, store):
     alice = server.logged_on("alice")
-    desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
+    _desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
     assert (
         server.result(alice.send_certainly("bob", 1, b"phone", client_type=ClientType.ANDROID))
         == STORED
@@ -323,7 +323,7 @@ def test_a_message_to_one_device_waits_for_that_device(server, store):
     alice.send("bob", 2, b"both")  # online (desktop): relayed at once
     server.pump()
     assert [g[2] for g in got_desktop] == [2]
-    phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
+    _phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
     server.pump()
     assert [g[2:] for g in got_phone] == [(1, b"phone")]
     assert [g[2] for g in got_desktop] == [2]
@@ -333,8 +333,8 @@ def test_messages_to_the_user_go_to_the_first_device_that_logs_on(server, store)
     alice = server.logged_on("alice")
     alice.send("bob", 1, b"for bob")
     server.pump()
-    desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
-    phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
+    _desktop, got_desktop = receiver(server, "bob", ClientType.DOTNET)
+    _phone, got_phone = receiver(server, "bob", ClientType.ANDROID)
     server.pump()
     assert [g[2] for g in got_desktop] == [1]
     assert got_phone == []
@@ -355,7 +355,7 @@ def test_the_policy_decides_what_is_kept(store):
     assert error.code == ErrorCode.USER_OFFLINE
     s.failure(spammer.send_certainly("bob", 1, b"buy"), RequestError)
     assert s.engine.counters["offline_not_kept"] == 2
-    bob, got = receiver(s, "bob")
+    _bob, got = receiver(s, "bob")
     s.pump()
     assert [g[3] for g in got] == [b"chat"]
     s.close()
@@ -397,7 +397,7 @@ def test_held_live_frames_are_bounded():
     s.advance(5)
     bob, got = receiver(s, "bob", logon=False)
     s.result(bob.logon())
-    for n in range(100):
+    for _n in range(100):
         alice.send("bob", 1, b"x" * 500)  # 100 * 540 bytes > 4 * 4096
     s.pump()
     session = next(x for x in s.engine.sessions if x.user_id == "bob")
@@ -587,7 +587,7 @@ def test_blobs_to_offline_users_count_among_the_senders_blobs_in_progress():
     alice = s.logged_on("alice")
     wire = s.config.wire
     conn = s.connection(alice)
-    for n, dest in enumerate(("bob", "carol", "dave")):
+    for _n, dest in enumerate(("bob", "carol", "dave")):
         alice._protocol.write(_blob_fragment(wire, 0, 0, dest=dest, size=2000))
         s.pump()
     assert s.engine.budget.blob_bytes("alice") <= 5000

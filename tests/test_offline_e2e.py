@@ -12,10 +12,9 @@ import struct
 import subprocess
 
 import pytest
-
 import rawclient as rc
 from test_cluster_e2e import start_node
-from test_e2e import start_server, twistd_command, server_env, REPO
+from test_e2e import REPO, server_env, start_server, twistd_command
 
 pytestmark = pytest.mark.e2e
 

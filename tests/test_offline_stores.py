@@ -47,7 +47,7 @@ async def exercise(store) -> None:
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 1500)] == [1]
     assert [m.id for m in await store.fetch("bob", [None, 5], 0, 100, 500)] == [1]
     # Bounds: all or none (limit 5 messages, 6000 bytes).
-    with pytest.raises(OfflineStoreFull, match="at most 5 .6000 bytes."):
+    with pytest.raises(OfflineStoreFull, match=r"at most 5 .6000 bytes."):
         await store.store("bob", None, [b"e" * 500, b"f" * 500], "alice")
     with pytest.raises(OfflineStoreFull):
         await store.store("bob", None, [b"g" * 3000], "alice")
@@ -120,7 +120,7 @@ def test_a_damaged_database_is_a_clear_error(tmp_path):
     for offset in range(4096 * 3, len(data) - 4096, 4096):
         data[offset : offset + 64] = b"\xa5" * 64  # trash the start of every page
     path.write_bytes(bytes(data))
-    with pytest.raises(OfflineStoreError, match="corrupt|not a usable|cannot use"):
+    with pytest.raises(OfflineStoreError, match=r"corrupt|not a usable|cannot use"):
         check_database(str(path))
 
 
@@ -158,7 +158,7 @@ def test_an_unwritable_database_is_a_clear_error(tmp_path):
         path.chmod(stat.S_IRUSR)
         directory.chmod(stat.S_IRUSR | stat.S_IXUSR)
         try:
-            with pytest.raises(OfflineStoreError, match="cannot use|WAL|readonly|read-only"):
+            with pytest.raises(OfflineStoreError, match=r"cannot use|WAL|readonly|read-only"):
                 check_database(str(path))
         finally:
             directory.chmod(stat.S_IRWXU)
@@ -172,7 +172,7 @@ def test_an_unwritable_database_is_a_clear_error(tmp_path):
         os.chmod(path, 0o644)  # others may read it, not write it
         os.seteuid(65534)  # nobody, for the check only (root stays the saved ID)
         try:
-            with pytest.raises(OfflineStoreError, match="cannot use|WAL|readonly|read-only"):
+            with pytest.raises(OfflineStoreError, match=r"cannot use|WAL|readonly|read-only"):
                 check_database(path)
         finally:
             os.seteuid(0)
@@ -182,7 +182,7 @@ def test_an_unwritable_database_is_a_clear_error(tmp_path):
 
 def test_a_path_that_is_no_file_is_a_clear_error(tmp_path):
     (tmp_path / "dir.db").mkdir()
-    with pytest.raises(OfflineStoreError, match="cannot open|not a usable|cannot use"):
+    with pytest.raises(OfflineStoreError, match=r"cannot open|not a usable|cannot use"):
         check_database(str(tmp_path / "dir.db"))
 
 
@@ -307,7 +307,7 @@ async def exercise_bounds(store, reopen):
     C{reopen} (which closes C{store} and answers the store opened again).
     """
     # The sender's bound in bytes, then in messages, over many receivers.
-    with pytest.raises(OfflineSenderFull, match="at most 3 .1024 bytes. per sender"):
+    with pytest.raises(OfflineSenderFull, match=r"at most 3 .1024 bytes. per sender"):
         await store.store("r0", None, [b"x" * 1025], "mallory")
     for n in (1, 2, 3):
         assert await store.store(f"r{n}", None, [b"m" * 10], "mallory") == [1]
@@ -319,7 +319,7 @@ async def exercise_bounds(store, reopen):
     assert await store.store("r4", 5, [b"a" * 10], "alice") == [3]
     assert await store.total_counts() == (6, 60)
     # ...but by the whole store's.
-    with pytest.raises(OfflineServerFull, match="holds 6 messages .60 bytes., at most 6"):
+    with pytest.raises(OfflineServerFull, match=r"holds 6 messages .60 bytes., at most 6"):
         await store.store("r5", None, [b"c"], "carol")
     assert await store.sender_counts("carol") == (0, 0)
     assert await store.counts("r5") == (0, 0)
@@ -354,7 +354,7 @@ async def exercise_bounds(store, reopen):
     # The whole store's bound in bytes.
     for n in range(5):
         assert await store.store(f"b{n}", None, [b"b" * 1000], f"s{n}") == [1]
-    with pytest.raises(OfflineServerFull, match="holds 5 messages .5000 bytes."):
+    with pytest.raises(OfflineServerFull, match=r"holds 5 messages .5000 bytes."):
         await store.store("b5", None, [b"b"], "s5")
     return store
 

@@ -9,22 +9,23 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from _helpers import Client, LogCapture, connect, logon_reply, make_engine, record_events
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, LogCapture, connect, logon_reply, make_engine, record_events
 from esf import DisconnectedType as D
-from esf import ErrorCode, LogonResult, MessageType as T, RelogonMode, RequestError, ServerConfig
-from esf.wire._messages import Logon, PROTOCOL_VERSION
-from esf.wire._pending import PendingRequests
+from esf import ErrorCode, LogonResult, RelogonMode, RequestError, ServerConfig
+from esf import MessageType as T
+from esf.interfaces import IDeviceHandle, IPresence
+from esf.server._heartbeat import Reaper
+from esf.server._logon import LogonRecord
 from esf.server._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
 from esf.server._presence import Claim, LocalPresence
 from esf.server._router import Router
-from esf.server._heartbeat import Reaper
-from esf.server._logon import LogonRecord
-from esf.interfaces import IDeviceHandle, IPresence
+from esf.wire._messages import PROTOCOL_VERSION, Logon
+from esf.wire._pending import PendingRequests
 
 LOGON = Logon(PROTOCOL_VERSION, "", "pw")
 
@@ -157,7 +158,7 @@ def test_reaper_ends_silent_sessions_between_one_and_one_and_a_quarter_timeouts(
     expired, ticks = [], []
     reaper = Reaper(clock, 20, lambda: [talker, silent, idle], expired.append, ticks.append)
     reaper.start()
-    for second in range(1, 26):
+    for _second in range(1, 26):
         talker.active = True
         clock.advance(1)
         if silent in expired:

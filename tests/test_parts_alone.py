@@ -13,7 +13,8 @@ from twisted.internet import task
 from twisted.internet.defer import succeed
 
 from esf import DisconnectedType as D
-from esf import LogonResult, MessageType as T, ServerConfig
+from esf import LogonResult, ServerConfig
+from esf import MessageType as T
 from esf.server._budget import MemoryBudget
 from esf.server._config import SessionPhase
 from esf.server._counters import RELAYED_MESSAGES
@@ -24,9 +25,9 @@ from esf.server._relay import Relay
 from esf.server._services import ApplicationServices, BasicServices
 from esf.server._session import Session
 from esf.wire import _messages as m
+from esf.wire._decoder import FrameDecoder
 from esf.wire._events import Event
 from esf.wire._frames import SERVER_ID, encode_frame
-from esf.wire._decoder import FrameDecoder
 from esf.wire._pending import PendingRequests
 
 CONFIG = ServerConfig()
@@ -357,7 +358,7 @@ def _to_server(message_type, body=b"", message_id=1, dest=SERVER_ID):
     return _frames(
         encode_frame(
             WIRE, message_type, body, message_id=message_id, user_id="alice", dest_user_id=dest
-        )  # fmt: skip
+        )
     )[0]
 
 

@@ -12,19 +12,19 @@ import time
 import urllib.request
 
 import pytest
+import rawclient as rc
+from _real_parts import need_program
+from rawclient import GET_MY_IPE
+from test_e2e import AUTH, ServerProcess
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import eventsFromJSONLogFile
+from wsclient import BlockingWS
 
-import rawclient as rc
-from rawclient import GET_MY_IPE
-from _real_parts import need_program
 from esf.bench import free_port
 from esf.server._proxied import ProxiedFactory, proxied_description
-from test_e2e import AUTH, ServerProcess
-from wsclient import BlockingWS
 
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 4530\r\n"
 
@@ -183,7 +183,7 @@ def test_real_haproxy_passes_the_clients_address(tmp_path):
             assert reply["result"] == 0, reply
             own = f"127.0.0.1:{client.sock.getsockname()[1]}"
             client.send(GET_MY_IPE, dest="_0", msg_id=7)
-            header, body = client.recv_until(GET_MY_IPE)
+            _header, body = client.recv_until(GET_MY_IPE)
             assert rc.unpack_str(body)[0] == own
             with urllib.request.urlopen(
                 f"http://127.0.0.1:{admin}/api/sessions?user=alice", timeout=5

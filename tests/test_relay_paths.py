@@ -14,13 +14,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
 from _helpers import connect, make_engine
+from test_messages import Groups
+
 from esf import MessageType
 from esf.server import _session
 from esf.server._counters import RELAYED_MESSAGES, Count
 from esf.wire import Information, KickOut
-from test_messages import Groups
 
 T = MessageType
 

@@ -29,10 +29,6 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
-from twisted.internet.error import ConnectionLost
-from twisted.python.failure import Failure
-
 import rawclient as rc
 from _helpers import (
     Client,
@@ -44,6 +40,10 @@ from _helpers import (
     record_events,
     timers,
 )
+from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+
 from esf import DisconnectedType, LogonResult, MessageType
 from esf import wire as w
 
@@ -210,10 +210,8 @@ def test_slow_reader_is_dropped_and_others_keep_relaying(logs):
     alice, bob = connect(engine, "alice"), connect(engine, "bob")
     reader.protocol.pauseProducing()  # its socket buffer is full
     frame = sender.frame(T.SEND, w.Information(7, bytes(4000)), dest="dave")
-    sent = 0
     for number in range(1000):
         sender.send_raw(frame)
-        sent += 1
         if number % 10 == 0:
             alice.send(T.PING_BY_SERVER, message_id=number + 1, dest="bob")
             (ping,) = frames_written(bob)
@@ -324,7 +322,7 @@ def test_logon_storm_from_one_host_gets_busy_others_do_not():
     for n in range(100):
         storm = Client(engine, host="10.6.6.6")
         storm.logon(f"u{n}")
-        (reply, *rest) = frames_written(storm)
+        (reply, *_rest) = frames_written(storm)
         results.append(w.LogonReply.decode(reply.body).result)
         storm.lose()
     assert results.count(LogonResult.SUCCEED) == 20
@@ -585,7 +583,7 @@ def logged_on(port, user, password, client_type=0):
 
 def query_online(client, user, msg_id=50):
     client.send(rc.QUERY_ONLINE, dest=user, msg_id=msg_id)
-    header, body = client.recv_until(rc.QUERY_ONLINE, skip=(rc.HEARTBEAT, rc.PING, 202))
+    _header, body = client.recv_until(rc.QUERY_ONLINE, skip=(rc.HEARTBEAT, rc.PING, 202))
     return body[0]
 
 
@@ -878,7 +876,7 @@ def test_logon_and_connection_floods_live(twistd):
     held = [rc.connect(server.port) for _ in range(39)]
     refused = [rc.connect(server.port) for _ in range(20)]
     for client in refused:
-        header, body = client.recv_until(rc.DISCONNECT)
+        _header, body = client.recv_until(rc.DISCONNECT)
         assert rc.parse_disconnect_notice(body)["type"] == D.MAX_CONNECTION_COUNT_LIMITTED
         assert client.recv_frame() is None
     started = time.monotonic()
@@ -930,7 +928,7 @@ def sigterm_and_wait(server, sessions, erin):
     server.process.send_signal(signal.SIGTERM)
     for client in sessions + [erin]:
         # Other devices of a user going first show as MyDeviceOffline (118).
-        header, body = client.recv_until(rc.DISCONNECT, skip=(rc.HEARTBEAT, 117, 118))
+        _header, body = client.recv_until(rc.DISCONNECT, skip=(rc.HEARTBEAT, 117, 118))
         assert rc.parse_disconnect_notice(body)["type"] == D.SERVER_SHUTDOWN
         assert client.recv_frame() is None
     notified = time.monotonic() - started
@@ -983,7 +981,7 @@ def test_client_reconnects_when_the_server_is_back():
         yield client.logon()
         disconnected = _deferred_event(client.disconnected, reactor, 5)
         yield first.stopService()
-        reason, text = yield disconnected
+        reason, _text = yield disconnected
         assert reason is D.SERVER_SHUTDOWN
         assert not client.logged_on
         yield task.deferLater(reactor, 0.3, lambda: None)  # a few refused attempts

@@ -8,28 +8,32 @@ two nodes is in test_cluster_engine.py and test_cluster.py.
 from __future__ import annotations
 
 import pytest
+from _helpers import Client, connect, logon_reply, record_events
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import Client, connect, logon_reply, record_events
 from esf import (
     AcceptAll,
     ClientType,
-    DisconnectedType as D,
     LogonFailed,
     LogonResult,
-    MessageType as T,
     RelogonMode,
     ServerConfig,
     engine_for,
 )
-from esf.server._application import Applications
-from esf.operations._metrics import ServerMetrics, make_registry
-from esf.server._presence import Claim, LocalPresence
+from esf import (
+    DisconnectedType as D,
+)
+from esf import (
+    MessageType as T,
+)
 from esf.interfaces import IRelogonPolicy
+from esf.operations._metrics import ServerMetrics, make_registry
+from esf.server._application import Applications
+from esf.server._presence import Claim, LocalPresence
 from esf.testing import MemoryServer
 
 

@@ -11,14 +11,7 @@ from __future__ import annotations
 from unittest.mock import ANY
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
-from zope.interface.verify import verifyObject
-
 from _helpers import (
-    timers,
     Client,
     PendingHandler,
     Received,
@@ -27,7 +20,14 @@ from _helpers import (
     logon_reply,
     make_engine,
     record_events,
+    timers,
 )
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
+from zope.interface.verify import verifyObject
+
 from esf import (
     AcceptAll,
     ClientType,
@@ -42,9 +42,9 @@ from esf import (
     ServerService,
 )
 from esf import wire as w
+from esf.interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
 from esf.server._engine import Event, LocalPresence, call
 from esf.server._presence import Claim
-from esf.interfaces import IBasicHandler, IChannel, IEvent, IPresence, IUserManager
 
 T = MessageType
 D = DisconnectedType
@@ -1659,7 +1659,7 @@ def test_own_replies_count_for_a_paused_reader():
     engine = make_engine(max_output_buffer=1000)
     alice = connect(engine, "alice")
     alice.protocol.pauseProducing()
-    for n in range(40):
+    for _n in range(40):
         alice.send(T.HEARTBEAT)
     engine.clock.advance(engine.config.output_drain_timeout)
     assert alice.closing

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from _helpers import ECHO, REFUSE_ALL, ROOMS
 from twisted.application.service import IService
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
-from _helpers import ECHO, REFUSE_ALL, ROOMS
 from esf import ClientType, LogonRefused, RelogonMode, ServerConfig, ServerService, WireConfig
-from esf.server._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
-from esf.server._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.interfaces import IBasicHandler
 from esf.offline import OfflineBounds
+from esf.server._descriptors import DESCRIPTOR_RESERVE, QuietAcceptErrors, nofile_limits
+from esf.server._http import ConnectionCap, HTTPLimits, LimitedSite
 from esf.tap import CheckerHandler, Options, basic_handler, makeService
 
 

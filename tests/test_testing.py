@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from _helpers import ACCEPT_ALL, ECHO, REFUSE_ALL, ROOMS, Echo, Rooms
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -21,7 +22,6 @@ from twisted.logger import ILogObserver, Logger
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from _helpers import ACCEPT_ALL, ECHO, REFUSE_ALL, ROOMS, Echo, Rooms
 from esf import (
     ClientType,
     DisconnectedType,
@@ -34,7 +34,6 @@ from esf import (
     engine_for,
 )
 from esf.interfaces import IEngineAware
-from esf.testing._records import event_names
 from esf.testing import (
     BUFFER_SIZE,
     LogCapture,
@@ -43,6 +42,7 @@ from esf.testing import (
     doubling_retry_policy,
     record_events,
 )
+from esf.testing._records import event_names
 
 pytest_plugins = ["pytester"]
 
@@ -201,7 +201,7 @@ def test_cut_tells_both_ends(server):
     connection = server.connection(alice)
     connection.cut()
     assert connection.closed
-    [(user, why)] = users.of("device_disconnected")
+    [(_user, why)] = users.of("device_disconnected")
     assert why == DisconnectedType.NETWORK_INTERRUPTED
     assert events.names() == ["connection_interrupted", "connection_rebuild_start"]
     assert not alice.logged_on
@@ -361,7 +361,7 @@ def test_logged_errors_flush_and_check(server):
     try:
         log = Logger(namespace="my_app")
         try:
-            1 / 0
+            1 / 0  # noqa: B018 -- the failure logged
         except ZeroDivisionError:
             log.failure("oops")
         log.error("bad {thing}", thing="news")
@@ -565,7 +565,7 @@ def test_an_engine_built_by_hand_ends_silent_sessions():
     server.connection(alice).freeze()
     server.result(alice.close())
     server.advance(300)
-    [(user, why)] = users.of("device_disconnected")
+    [(_user, why)] = users.of("device_disconnected")
     assert why == DisconnectedType.HEARTBEAT_TIMEOUT
     assert not engine.user_manager.is_user_online("alice")
 

@@ -16,6 +16,8 @@ import ssl
 
 import pytest
 import pytest_twisted
+import rawclient as rc
+from _helpers import LogCapture
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,8 +31,6 @@ from twisted.internet.endpoints import (
 )
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 
-import rawclient as rc
-from _helpers import LogCapture
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService
 
 # A deprecation warning from the TLS stack fails these tests rather than

@@ -18,8 +18,8 @@ from wsclient import ConnectionRefusedByServer, connect
 from zope.interface import implementer
 
 from esf import ClientEngine, ServerConfig, ServerEngine, ServerService, WebSocketFactory
-from esf.server._web_demo import web_demo_site
 from esf.interfaces import ICustomizeHandler
+from esf.server._web_demo import web_demo_site
 from esf.wire import (
     DisconnectedType,
     Information,
@@ -580,10 +580,9 @@ def test_wss_on_an_ssl_endpoint(tmp_path):
     An C{ssl:} endpoint gives wss: a page of the server's own https origin
     logs on; an http origin of the same host and port is another origin.
     """
+    from test_tls import make_certificate
     from twisted.internet import reactor
     from twisted.internet.ssl import Certificate, optionsForClientTLS
-
-    from test_tls import make_certificate
 
     cert_path, key_path, cert_pem = make_certificate(tmp_path)
     engine = ServerEngine(ServerConfig(wire=WireConfig(max_message_size=MAX)), clock=reactor)

@@ -38,9 +38,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_e2e import REPO, ServerProcess, server_env
-from test_admin_e2e import TOKEN, token_file
 from _real_parts import missing, need_program
+from test_admin_e2e import TOKEN, token_file
+from test_e2e import REPO, ServerProcess, server_env
 
 pytestmark = pytest.mark.e2e
 

@@ -12,9 +12,9 @@ import gc
 import weakref
 
 import pytest
+from _helpers import Client, LogCapture, make_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from _helpers import Client, LogCapture, make_engine
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -23,8 +23,8 @@ from wsclient import client_frame, handshake, server_frames
 from zope.interface.verify import verifyObject
 
 from esf import WebSocketFactory, WebSocketProtocol
-from esf.server._counters import Count
 from esf.interfaces import IChannel
+from esf.server._counters import Count
 from esf.wire import (
     DisconnectedType,
     DisconnectNotice,
@@ -643,7 +643,7 @@ def test_close_code_follows_the_notice(engine, pages):
         (lambda e: e.kick_out("alice", "bye"), 1000, "BEING_KICKED_OUT"),
         (lambda e: e.stop(), 1001, "SERVER_SHUTDOWN"),
     ]
-    for i, (act, code, name) in enumerate(cases):
+    for _i, (act, code, name) in enumerate(cases):
         alice = pages().logon("alice")
         act(engine)
         messages = alice.messages()

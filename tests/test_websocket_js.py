@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-
 HERE = Path(__file__).resolve().parent
 JS = HERE / "js"
 sys.path.insert(0, str(JS))
@@ -63,7 +62,7 @@ def test_javascript_client_with_node():
     assert int(counts["pass"]) >= 120, summary
 
 
-def test_the_wheel_carries_the_web_files(wheel):  # noqa: F811 (the fixture)
+def test_the_wheel_carries_the_web_files(wheel):
     """
     The JavaScript client and the chat page are package data: in the wheel,
     where C{--web-demo} finds them; with the npm package's C{package.json}

@@ -10,10 +10,10 @@ to keep the example in one file.
 
 import pytest
 import pytest_twisted
+from support_desk import AGENTS, ASK, CHAT, NEW_TICKET, SupportDesk
 
 from esf import DisconnectedType, ErrorCode, LogonFailed, RequestError, ServerConfig
 from esf.testing import record_events
-from support_desk import AGENTS, ASK, CHAT, NEW_TICKET, SupportDesk
 
 pytest_plugins = ["esf.pytest_plugin"]
 

@@ -4,11 +4,11 @@ The support desk (support_desk.py) tested under trial:
     PYTHONPATH=docs/examples python -m twisted.trial test_support_desk_trial
 """
 
+from support_desk import AGENTS, ASK, CHAT, NEW_TICKET, SupportDesk
 from twisted.trial.unittest import SynchronousTestCase
 
 from esf import DisconnectedType, ErrorCode, LogonFailed, RequestError, ServerConfig
 from esf.testing import LogCapture, MemoryServer, record_events
-from support_desk import AGENTS, ASK, CHAT, NEW_TICKET, SupportDesk
 
 
 class SupportDeskTests(SynchronousTestCase):
@@ -53,7 +53,7 @@ class SupportDeskTests(SynchronousTestCase):
         alice = self.server.logged_on("alice", "pa")
         ann = self.server.logged_on("ann", "agent-a")
         heard = record_events(ann, "information_received")
-        alice.send("ann", CHAT, "hello".encode())
+        alice.send("ann", CHAT, b"hello")
         self.server.pump()
         self.assertEqual(heard.of("information_received")[0][2:], (CHAT, b"hello"))
 

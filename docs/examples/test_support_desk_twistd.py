@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from support_desk import ASK, CHAT
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
 from esf import ClientEngine, LogonFailed
-from support_desk import ASK, CHAT
 
 pytest_plugins = ["esf.pytest_plugin"]
 

@@ -7,6 +7,7 @@ C{twistd esf} started and stopped without blocking the reactor.
 
 from pathlib import Path
 
+from support_desk import ASK
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -14,7 +15,6 @@ from twisted.trial.unittest import TestCase
 
 from esf import ClientEngine
 from esf.testing import TwistdServer
-from support_desk import ASK
 
 EXAMPLES = Path(__file__).resolve().parent
 

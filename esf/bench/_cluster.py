@@ -16,7 +16,6 @@ from ._figures import _best
 from ._servers import LocalRedis, LocalServer, NodeGroup
 from ._wire import BenchError
 
-
 #: (row, figure, which way is better): the cluster rows and what they compare.
 CLUSTER_ROWS = [
     ("send on one node: with --cluster / without", "msgs_per_s", "higher"),
@@ -55,7 +54,7 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
                     workdir,
                     2 * pairs + 64,
                     extra[:-1] + (extra[-1] + str(i),) if extra else (),
-                )  # fmt: skip
+                )
                 for i in range(nodes)
             ]
             group = NodeGroup(started, redis, place)

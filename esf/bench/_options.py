@@ -261,7 +261,7 @@ def parse_options(argv: list[str] | None):
         "idle": 200 if quick else 10_000,
         "hold": 1.0 if quick else 12.0,
         "duration": 20.0 if quick else 120.0,
-        "check": True if quick else False,
+        "check": bool(quick),
     }
     for key, value in defaults.items():
         if getattr(opts, key) is None:

@@ -240,7 +240,7 @@ def interpreter_info(executable: str) -> str | None:
     try:
         out = subprocess.run(
             [executable, "-c", "import platform; print(platform.python_implementation(), platform.python_version())"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None

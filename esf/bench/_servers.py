@@ -87,7 +87,7 @@ class LocalServer:
                 opts.server_python, opts.relay_paths[kind],
                 "--port", str(self.port), "--backlog", str(opts.backlog),
             ]  # fmt: skip
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 -- open while the server runs
         self.process = subprocess.Popen(
             argv, cwd=workdir, env=checkout_env(), stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT,

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Collection
 
 from esf.wire import _messages as m
+from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import (
     FrameError,
     LogonResult,
@@ -19,7 +20,6 @@ from esf.wire._frames import (
     WireConfig,
     encode_frame,
 )
-from esf.wire._decoder import FrameDecoder
 
 __all__ = ["BenchError", "EsfDialect", "WsDialect", "BareDialect", "INFO_TYPE"]
 
@@ -211,10 +211,10 @@ class WsDialect:
 
     def hello(self, name: str) -> bytes:
         handshake = (
-            "GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: ZXNmLWJlbmNoLWtleS0xMg==\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: esf.v1\r\n\r\n"
-        ).encode()
+            b"GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: ZXNmLWJlbmNoLWtleS0xMg==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: esf.v1\r\n\r\n"
+        )
         return handshake + _ws_client_frame(self.esf.hello(name))
 
     def hello_parser(self):

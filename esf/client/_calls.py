@@ -15,9 +15,17 @@ from typing import TYPE_CHECKING
 from twisted.internet.defer import Deferred
 
 from esf.wire import _messages as m
+from esf.wire._frames import (
+    SERVER_ID,
+    ClientType,
+    ErrorCode,
+    Frame,
+    MessageType,
+    as_client_type,
+    device_address,
+)
+
 from ._requests import ClientRequests
-from esf.wire._frames import SERVER_ID, ClientType, ErrorCode, Frame, MessageType
-from esf.wire._frames import as_client_type, device_address
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime

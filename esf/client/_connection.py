@@ -10,7 +10,8 @@ tells the engine, by public names.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol as TypingProtocol, cast
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -26,9 +27,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._state import Ending, NotConnected
-from esf.wire._frames import Frame, FrameError, WireConfig
 from esf.wire._decoder import FrameDecoder
+from esf.wire._frames import Frame, FrameError, WireConfig
+
+from ._state import Ending, NotConnected
 
 __all__ = ["ClientProtocol", "ConnectionOwner", "Reconnector"]
 

@@ -31,20 +31,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from esf.interfaces import ICustomizeHandler
 from esf.wire import _messages as m
-from ._calls import ClientCalls
-from ._connection import ClientProtocol, Reconnector
-from ._inbox import MiB, ClientBlobs, Connection, Inbox
-from ._state import (
-    Ending,
-    EndingKind,
-    LogonFailed,
-    LogonResponse,
-    NotConnected,
-    SessionState,
-)
-from ._events import ClientEvents
-from esf.wire._pending import PendingRequests
 from esf.wire._frames import (
     ClientType,
     DisconnectedType,
@@ -53,7 +41,20 @@ from esf.wire._frames import (
     WireConfig,
     validate_id,
 )
-from esf.interfaces import ICustomizeHandler
+from esf.wire._pending import PendingRequests
+
+from ._calls import ClientCalls
+from ._connection import ClientProtocol, Reconnector
+from ._events import ClientEvents
+from ._inbox import ClientBlobs, Connection, Inbox, MiB
+from ._state import (
+    Ending,
+    EndingKind,
+    LogonFailed,
+    LogonResponse,
+    NotConnected,
+    SessionState,
+)
 
 __all__ = [
     "ClientEngine",

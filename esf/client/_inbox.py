@@ -19,12 +19,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esf.wire import _messages as m
-from ._requests import ANSWER_TYPES
-from ._state import ClientCount
-from ._state import Ending, EndingKind, NotConnected
-from ._stored import STORED_TYPES, StoredDelivery, StoredHost, log_failure
 from esf.interfaces import ICustomizeHandler
+from esf.wire import _messages as m
 from esf.wire._events import Event, call
 from esf.wire._frames import (
     SERVER_ID,
@@ -35,6 +31,10 @@ from esf.wire._frames import (
     as_client_type,
     device_address,
 )
+
+from ._requests import ANSWER_TYPES
+from ._state import ClientCount, Ending, EndingKind, NotConnected
+from ._stored import STORED_TYPES, StoredDelivery, StoredHost, log_failure
 
 __all__ = ["ClientBlobs", "Connection", "Inbox", "InboxHost"]
 

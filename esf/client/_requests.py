@@ -20,13 +20,22 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from esf.wire import _messages as m
+from esf.wire._frames import (
+    DEVICE_MARK,
+    SERVER_ID,
+    ErrorCode,
+    Frame,
+    MessageType,
+    WireConfig,
+    encode_frame,
+)
+
 from ._state import ClientCount, LogonResponse, NotConnected
-from esf.wire._frames import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType
-from esf.wire._frames import WireConfig, encode_frame
 
 if TYPE_CHECKING:
-    from ._connection import ClientProtocol
     from esf.wire._pending import PendingRequests
+
+    from ._connection import ClientProtocol
 
 __all__ = ["ANSWER_TYPES", "SERVER", "ClientRequests", "Party", "raise_error"]
 

@@ -15,8 +15,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._state import ClientCount, NotConnected
 from esf.wire._frames import SERVER_ID, Frame, MessageType
+
+from ._state import ClientCount, NotConnected
 
 __all__ = ["STORED_TYPES", "StoredDelivery", "StoredHost", "log_failure"]
 

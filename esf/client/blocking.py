@@ -30,9 +30,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import blockingCallFromThread
 
-from ._engine import ClientEngine, LogonResponse
-from esf.wire._frames import ClientType, WireConfig
 from esf.interfaces import ICustomizeHandler
+from esf.wire._frames import ClientType, WireConfig
+
+from ._engine import ClientEngine, LogonResponse
 
 __all__ = ["BlockingClient", "call_in_reactor", "reactor_thread"]
 
@@ -53,7 +54,7 @@ def reactor_thread() -> threading.Thread | None:
 
 
 def _ensure_reactor() -> Any:
-    global _thread
+    global _thread  # noqa: PLW0603 -- the one reactor thread of the process
     from twisted.internet import reactor
 
     with _lock:

@@ -18,7 +18,8 @@ import argparse
 import random
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, NoReturn, cast
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, cast
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet import endpoints, error, task
@@ -35,11 +36,12 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._engine import ClientEngine, LogonFailed, NotConnected
-from ._calls import STORED
-from esf.wire._messages import RequestError
-from esf.wire._frames import SERVER_ID, ClientType, LogonResult, WireConfig
 from esf.interfaces import ICustomizeHandler
+from esf.wire._frames import SERVER_ID, ClientType, LogonResult, WireConfig
+from esf.wire._messages import RequestError
+
+from ._calls import STORED
+from ._engine import ClientEngine, LogonFailed, NotConnected
 
 if TYPE_CHECKING:
     from ._state import LogonResponse
@@ -609,7 +611,7 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
         client = Client(reactor, args, _stdout if listening else None)
     except ValueError as e:
         _stderr(str(e))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     try:
         if args.command == "listen":
             await _listen(reactor, client, args.count, args.seconds)
@@ -622,7 +624,7 @@ async def _main(reactor: Any, args: argparse.Namespace) -> None:
     except Exception as e:
         _stderr(describe(e, args))
         await _quietly(client.leave())
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     await _quietly(client.leave())
 
 

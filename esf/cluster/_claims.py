@@ -29,6 +29,7 @@ from esf.server._config import RelogonMode
 from esf.server._policy import TakeoverRefused, flapping_cause
 from esf.server._presence import Claim
 from esf.wire._frames import DisconnectedType
+
 from ._link import IRedisLink, script
 from ._mirror import PresenceMirror
 from ._records import Holder, Keys
@@ -118,7 +119,7 @@ class ClaimScripts:
                         self.takeover_window,
                         round(int(more) / 1000),
                         " across the cluster",
-                    )  # fmt: skip
+                    )
                 )
             won = int(code) == CLAIMED
             if won and more is not None and self.mirror.note_ahead(user_id, kind, more):

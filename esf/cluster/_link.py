@@ -7,8 +7,9 @@ scripts, kept as files under C{esf/cluster/lua/} (L{script}).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -26,8 +27,9 @@ from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
 from esf.server._router import ANSWERS
 from esf.wire import _messages as m
-from esf.wire._frames import DisconnectedType, ErrorCode, MessageType, as_client_type
 from esf.wire._decoder import FrameDecoder
+from esf.wire._frames import DisconnectedType, ErrorCode, MessageType, as_client_type
+
 from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._records import (
     MAX_QUERY_SECONDS,
@@ -47,6 +49,7 @@ from ._records import (
 
 if TYPE_CHECKING:
     from esf.wire._frames import WireConfig
+
     from ._queries import Queries
 
 __all__ = ["RemoteHandle", "Outbox", "Delivery", "Post", "Lookup"]

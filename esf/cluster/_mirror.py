@@ -12,13 +12,15 @@ decides what to do about it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Callable, Union
 
 import attrs
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 from twisted.logger import Logger
 
 from esf.interfaces import IDeviceHandle
+
 from ._records import Holder, fields, stream_id
 
 __all__ = ["PresenceMirror", "Replaced", "Released", "Report"]
@@ -224,10 +226,7 @@ class PresenceMirror:
         """
         Whether the mirror shows C{handle} holding its device.
         """
-        for h in self.users.get(handle.user_id, ()):
-            if h is handle:
-                return True
-        return False
+        return any(h is handle for h in self.users.get(handle.user_id, ()))
 
     def get(self, user_id: str, client_type: int, alone: bool = False) -> IDeviceHandle | None:
         for handle in self.users.get(user_id, ()):

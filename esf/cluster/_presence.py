@@ -26,7 +26,8 @@ the design and its guarantees.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -37,6 +38,7 @@ from zope.interface import implementer
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.server._config import default_node_id
 from esf.server._presence import Claim
+
 from ._claims import Claims
 from ._inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, InboxLedger
 from ._link import IRedisLink, RedisLink, RedisUnavailable, RedisURL

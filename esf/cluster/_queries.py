@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from esf.interfaces import IDeviceHandle
 from esf.wire import _messages as m
 from esf.wire._frames import SERVER_ID, ErrorCode, MessageType, encode_frame
+
 from ._messaging import Post
 from ._records import MAX_QUERY_SECONDS, Answer, Query
 

@@ -114,7 +114,7 @@ class StreamReader:
         (the presence entries of an older one are stale: the mirror was
         reloaded since).
         """
-        streams = {key: entries for key, entries in reply}
+        streams = dict(reply)
         entries = streams.get(self._b_stream)
         membership = self.membership
         if entries and generation == membership.generation and membership.up:

@@ -32,7 +32,8 @@ C{d} (the session ID released).
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterator, NamedTuple, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Union
 
 import attrs
 

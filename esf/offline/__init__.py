@@ -11,6 +11,8 @@ may bring its own L{esf.interfaces.IOfflineStore}, and decide what is kept
 with an L{esf.interfaces.IOfflinePolicy}.
 """
 
+from ._redis import RedisOfflineStore
+from ._sqlite import SCHEMA_VERSION, SQLiteOfflineStore, check_database
 from ._store import (
     KEPT_TYPES,
     KeepAll,
@@ -22,8 +24,6 @@ from ._store import (
     OfflineStoreFull,
     StoredMessage,
 )
-from ._redis import RedisOfflineStore
-from ._sqlite import SCHEMA_VERSION, SQLiteOfflineStore, check_database
 
 __all__ = [
     "KEPT_TYPES",

@@ -24,10 +24,13 @@ C{appendfsync always} a stored message survives Redis's own crash.
 
 from __future__ import annotations
 
-from typing import Any, Sequence, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
+
+from esf.interfaces import IOfflineStore
 
 from ._store import (
     MAX_ID,
@@ -38,7 +41,6 @@ from ._store import (
     OfflineStoreFull,
     StoredMessage,
 )
-from esf.interfaces import IOfflineStore
 
 __all__ = ["RedisOfflineStore"]
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, succeed
@@ -35,8 +36,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._store import MAX_ID, OfflineBounds, OfflineStoreError, StoredMessage
 from esf.interfaces import IOfflineStore
+
+from ._store import MAX_ID, OfflineBounds, OfflineStoreError, StoredMessage
 
 __all__ = ["SQLiteOfflineStore", "SCHEMA_VERSION", "check_database"]
 

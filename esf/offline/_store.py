@@ -9,7 +9,8 @@ keeps and delivers, is L{esf.server._offline}.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import attrs
 from twisted.internet.defer import Deferred, fail, succeed

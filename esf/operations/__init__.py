@@ -19,9 +19,10 @@ C{limits=HTTPLimits(max_connections, request_timeout)}.
 docs/operations.md describes every endpoint, metric and audit record.
 """
 
+from esf.server._http import HTTPLimits
+
 from ._admin import AdminService
 from ._audit import AuditLog, AuditService, Retention
-from esf.server._http import HTTPLimits
 from ._memory import GCTuning, MemoryTrimmer
 from ._metrics import MetricsService, ServerMetrics
 

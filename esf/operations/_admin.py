@@ -27,8 +27,9 @@ from __future__ import annotations
 import collections
 import io
 import json
+from collections.abc import Iterable
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 from twisted.application.internet import StreamServerEndpointService
@@ -40,6 +41,11 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from esf.interfaces import IDeviceHandle
+from esf.server._config import ServerConfig
+from esf.server._http import HTTP_LIMITS, HTTPLimits, limit_site
+from esf.wire._frames import ClientType
+
 from ._admin_policy import (
     Refusal,
     RefusalLog,
@@ -48,11 +54,7 @@ from ._admin_policy import (
     peer_of,
     read_token_file,
 )
-from esf.server._config import ServerConfig
-from esf.server._http import HTTP_LIMITS, HTTPLimits, limit_site
 from ._metrics import OnlineDevices, UnnamedRequest, kind_label, server_version
-from esf.wire._frames import ClientType
-from esf.interfaces import IDeviceHandle
 
 if TYPE_CHECKING:
     from esf.server._engine import ServerEngine

@@ -36,7 +36,8 @@ import ipaddress
 import os
 import re
 import stat
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import attrs
 from twisted.logger import Logger

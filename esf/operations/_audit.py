@@ -29,6 +29,8 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
 from twisted.logger import (
     ILogObserver,
     LogLevel,
@@ -36,8 +38,6 @@ from twisted.logger import (
     globalLogPublisher,
     jsonFileLogObserver,
 )
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from ._audit_file import (

@@ -29,7 +29,8 @@ in the reactor's thread pool, which is why it is not used.)
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -53,7 +54,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from ._audit import kick_origin, logon_refusal
 from esf.server._counters import (
     BROADCAST_DELIVERIES,
     BROADCASTS,
@@ -67,6 +67,8 @@ from esf.server._counters import (
 from esf.server._http import HTTP_LIMITS, ConnectionCap, HTTPLimits, connections_closed, limit_site
 from esf.server._session import RELAYED
 from esf.wire._frames import ClientType, DisconnectedType, LogonResult, MessageType
+
+from ._audit import kick_origin, logon_refusal
 
 if TYPE_CHECKING:
     from twisted.logger import LogEvent
@@ -536,7 +538,7 @@ def _connection_families(engine: ServerEngine, by_kind: dict[int, int]) -> Itera
         "also the number of users online with that kind.",
         labels=["kind"],
     )
-    for kind in sorted(set(int(k) for k in ClientType) | set(by_kind)):
+    for kind in sorted({int(k) for k in ClientType} | set(by_kind)):
         online.add_metric([kind_label(kind)], by_kind.get(kind, 0))
     yield online
 

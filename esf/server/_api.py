@@ -14,11 +14,13 @@ from twisted.logger import Logger
 
 from esf.wire import _messages as m
 from esf.wire._events import Event
-from ._counters import Count
 from esf.wire._frames import SERVER_ID, ErrorCode, MessageType, device_address, encode_frame
+
+from ._counters import Count
 
 if TYPE_CHECKING:
     from esf.wire._pending import PendingRequests
+
     from ._config import ServerConfig
     from ._logon import Logons
     from ._router import Router

@@ -12,14 +12,13 @@ the engine, in the order given.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from zope.interface.interface import InterfaceClass
 
-from ._config import ServerConfig
-from ._engine import ServerEngine
 from esf.interfaces import (
     IBasicHandler,
     ICustomizeHandler,
@@ -30,6 +29,9 @@ from esf.interfaces import (
     IPresence,
     IRelogonPolicy,
 )
+
+from ._config import ServerConfig
+from ._engine import ServerEngine
 
 __all__ = ["Applications", "engine_for"]
 

@@ -19,7 +19,8 @@ line per interval, with a count.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -29,7 +30,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamServerEndpoint,
 )
-from twisted.logger import ILogObserver, Logger, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from zope.interface import implementer
 
 __all__ = [

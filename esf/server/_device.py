@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.logger import Logger
 
 from esf.wire import _messages as m
-from ._counters import Count
-from ._output import REFUSED, Output, OutputOwner
-from ._router import ANSWERS
+from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import (
     _FIXED_HEADER,
     SERVER_ID,
@@ -24,7 +22,10 @@ from esf.wire._frames import (
     MessageType,
     encode_frame,
 )
-from esf.wire._decoder import FrameDecoder
+
+from ._counters import Count
+from ._output import REFUSED, Output, OutputOwner
+from ._router import ANSWERS
 
 if TYPE_CHECKING:
     from ._config import UserData

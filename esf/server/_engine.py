@@ -25,31 +25,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from esf.wire import _messages as m
-from ._config import (
-    IDS_PER_UNIT,
-    RelogonMode,
-    ServerConfig,
-    SessionPhase,
-    UserData,
-    default_node_id,
-)
-from ._api import ServerApplicationAPI
-from ._budget import MemoryBudget
-from ._counters import TrafficByTransport
-from esf.wire._events import Event, call
-from ._heartbeat import Reaper
-from ._logon import Logons
-from ._offline import OfflineMessages
-from esf.wire._pending import PendingRequests
-from ._policy import LogonRefused
-from ._presence import LocalPresence, UserManager
-from ._relay import Relay
-from ._router import AnswerRouter, Router
-from ._services import TO_SERVER, ApplicationServices, BasicServices
-from ._output import OutputBatch
-from ._session import RELAYED, Session
-from esf.wire._frames import DisconnectedType, ErrorCode, Frame, MessageType
 from esf.interfaces import (
     IBasicHandler,
     IChannel,
@@ -60,6 +35,32 @@ from esf.interfaces import (
     IPresence,
     IRelogonPolicy,
 )
+from esf.wire import _messages as m
+from esf.wire._events import Event, call
+from esf.wire._frames import DisconnectedType, ErrorCode, Frame, MessageType
+from esf.wire._pending import PendingRequests
+
+from ._api import ServerApplicationAPI
+from ._budget import MemoryBudget
+from ._config import (
+    IDS_PER_UNIT,
+    RelogonMode,
+    ServerConfig,
+    SessionPhase,
+    UserData,
+    default_node_id,
+)
+from ._counters import TrafficByTransport
+from ._heartbeat import Reaper
+from ._logon import Logons
+from ._offline import OfflineMessages
+from ._output import OutputBatch
+from ._policy import LogonRefused
+from ._presence import LocalPresence, UserManager
+from ._relay import Relay
+from ._router import AnswerRouter, Router
+from ._services import TO_SERVER, ApplicationServices, BasicServices
+from ._session import RELAYED, Session
 
 __all__ = [
     "RelogonMode",
@@ -193,7 +194,7 @@ class ServerEngine(ServerApplicationAPI):
             self.offline.store.start().addErrback(
                 lambda f: log.failure(
                     "the offline store could not be opened", f, esf_event="offline_store_failed"
-                )  # fmt: skip
+                )
             )
 
     def stop(self) -> Deferred[None]:

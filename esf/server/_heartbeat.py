@@ -4,7 +4,8 @@ Heartbeats: the reaper that ends sessions whose peer has gone silent.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Iterable
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall

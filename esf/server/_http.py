@@ -24,7 +24,8 @@ read it is closed (and aborted) all the same.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime

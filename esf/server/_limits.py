@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 
-from ._counters import Count
 from esf.wire._frames import DisconnectedType
 
 from ._config import EngineBasics
+from ._counters import Count
 
 if TYPE_CHECKING:
     pass

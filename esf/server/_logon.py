@@ -19,12 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._config import EngineBasics, RelogonMode, UserData
 from esf.wire._events import Event, call_then
-from ._counters import Count
-from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
-from ._presence import Claim
-from ._config import SessionPhase
 from esf.wire._frames import (
     ClientType,
     DisconnectedType,
@@ -34,8 +29,14 @@ from esf.wire._frames import (
     as_client_type,
 )
 
+from ._config import EngineBasics, RelogonMode, SessionPhase, UserData
+from ._counters import Count
+from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
+from ._presence import Claim
+
 if TYPE_CHECKING:
     from esf.interfaces import IBasicHandler, IPresence, IRelogonPolicy
+
     from ._presence import UserManager
     from ._session import Session
 
@@ -115,10 +116,7 @@ class LogonRecord:
         self._waiting.clear()
         self._flushed = self.clock.seconds()
         devices = ", ".join(f"{u}/{c} from {a}" for u, c, a, _ in logons)
-        if len(logons) == 1:
-            text = "logged on: {devices}"
-        else:
-            text = "logged on ({count}): {devices}"
+        text = "logged on: {devices}" if len(logons) == 1 else "logged on ({count}): {devices}"
         log.info(text, esf_event="logged_on", logons=logons, count=len(logons), devices=devices)
 
     def stop(self) -> None:

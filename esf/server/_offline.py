@@ -23,9 +23,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esf.wire import _messages as m
-from ._counters import Count
-from ._offline_blobs import BlobEngine, OfflineBlobs
+from esf.interfaces import IOfflinePolicy, IOfflineStore
 from esf.offline._store import (
     KEPT_TYPES,
     KeepAll,
@@ -33,9 +31,12 @@ from esf.offline._store import (
     OfflineServerFull,
     OfflineStoreFull,
 )
-from ._router import user_part
+from esf.wire import _messages as m
 from esf.wire._frames import DEVICE_MARK, SERVER_ID, ErrorCode, Frame, MessageType
-from esf.interfaces import IOfflinePolicy, IOfflineStore
+
+from ._counters import Count
+from ._offline_blobs import BlobEngine, OfflineBlobs
+from ._router import user_part
 
 if TYPE_CHECKING:
     from ._output import OutputBatch

@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from esf.wire import _messages as m
-from ._counters import Count
 from esf.wire._frames import ErrorCode, Frame
 
 from ._config import EngineBasics
+from ._counters import Count
 
 if TYPE_CHECKING:
     from esf.interfaces import IOfflineStore
+
     from ._budget import MemoryBudget
     from ._session import Session
 

@@ -31,13 +31,15 @@ from weakref import WeakSet
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from esf.wire._frames import DisconnectedType
+
 from ._config import EngineBasics, SessionPhase
 from ._counters import Count
 from ._limits import PeerLimits
-from esf.wire._frames import DisconnectedType
 
 if TYPE_CHECKING:
     from esf.interfaces import IChannel
+
     from ._budget import MemoryBudget
 
 __all__ = [

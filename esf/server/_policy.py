@@ -21,9 +21,10 @@ from typing import Any, Union
 import attrs
 
 from esf.wire import _messages as m
+from esf.wire._frames import DEVICE_MARK, EVERYONE_ID, SERVER_ID, DisconnectedType, LogonResult
+
 from ._config import RelogonMode, ServerConfig
 from ._counters import Count
-from esf.wire._frames import DEVICE_MARK, EVERYONE_ID, SERVER_ID, DisconnectedType, LogonResult
 
 __all__ = [
     "LogonRefused",
@@ -269,7 +270,7 @@ class LogonPolicy:
                     config.takeover_limit,
                     config.takeover_window,
                     config.takeover_cooldown,
-                ),  # fmt: skip
+                ),
                 counter=Count.TAKEOVERS_REFUSED,
             )
         return Replace(holder)

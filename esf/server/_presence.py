@@ -10,17 +10,19 @@ keeps the same contract with real round trips.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import attrs
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from ._config import RelogonMode, ServerConfig, UserData
+from esf.interfaces import IPresence, IUserManager
 from esf.wire._events import Event
 from esf.wire._frames import ClientType, as_client_type
-from esf.interfaces import IPresence, IUserManager
+
+from ._config import RelogonMode, ServerConfig, UserData
 
 __all__ = ["Claim", "LocalPresence", "UserManager"]
 

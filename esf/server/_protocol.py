@@ -20,11 +20,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from esf.interfaces import IChannel
+from esf.wire._frames import DisconnectedType
+
 from ._counters import Traffic
 from ._engine import ServerEngine
 from ._session import Session
-from esf.wire._frames import DisconnectedType
-from esf.interfaces import IChannel
 
 __all__ = ["ServerProtocol", "ServerFactory", "ServerService"]
 
@@ -39,8 +40,8 @@ def peer_address(peer: object) -> str:
     if host is None:
         return str(peer)
     if ":" in host:
-        return f"[{host}]:{getattr(peer, 'port')}"
-    return f"{host}:{getattr(peer, 'port')}"
+        return f"[{host}]:{peer.port}"
+    return f"{host}:{peer.port}"
 
 
 @implementer(IChannel, IPushProducer)

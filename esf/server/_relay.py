@@ -13,18 +13,21 @@ messages, a user who is offline), use it.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
+
+from esf.wire._frames import ErrorCode, Frame, MessageType
 
 from ._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from ._output import PUSH_BACK, REFUSED
 from ._router import ANSWERS
-from esf.wire._frames import ErrorCode, Frame, MessageType
 
 if TYPE_CHECKING:
     from esf.interfaces import IPresence
     from esf.wire._events import Event
+
     from ._config import ServerConfig
     from ._offline import OfflineMessages
     from ._session import Session

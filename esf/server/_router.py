@@ -5,11 +5,13 @@ from a user goes to (L{AnswerRouter}).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from esf.interfaces import IPresence
+from esf.wire._frames import DEVICE_MARK, MessageType
 
 from ._policy import RESERVED_IDS
-from esf.wire._frames import DEVICE_MARK, MessageType
-from esf.interfaces import IPresence
 
 __all__ = ["Router", "AnswerRouter", "ANSWERS", "ANSWERED_BY", "user_part"]
 

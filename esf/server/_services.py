@@ -18,8 +18,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from ._config import EngineBasics, IDS_PER_UNIT
-from ._counters import Count, count_fanout
 from esf.wire._events import call, call_then
 from esf.wire._frames import (
     EVERYONE_ID,
@@ -28,12 +26,17 @@ from esf.wire._frames import (
     ErrorCode,
     Frame,
     MessageType,
+    as_client_type,
+    encode_frame,
 )
-from esf.wire._frames import as_client_type, encode_frame
+
+from ._config import IDS_PER_UNIT, EngineBasics
+from ._counters import Count, count_fanout
 
 if TYPE_CHECKING:
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
     from esf.wire._pending import PendingRequests
+
     from ._budget import MemoryBudget
     from ._config import ServerConfig
     from ._logon import LogonRecord

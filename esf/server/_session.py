@@ -16,17 +16,15 @@ control) and what the peer may make the server spend
 from __future__ import annotations
 
 import platform
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from esf.interfaces import IChannel, IDeviceHandle
 from esf.wire import _messages as m
-from ._config import SessionPhase, UserData
-from ._device import Device, DeviceOwner
-from ._limits import LOG_LIMIT, LOG_WINDOW
-from ._output import Output
-from ._relay import ALL_QUEUED
+from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import (
     SERVER_ID,
     DisconnectedType,
@@ -36,8 +34,12 @@ from esf.wire._frames import (
     SendRun,
     encode_frame,
 )
-from esf.wire._decoder import FrameDecoder
-from esf.interfaces import IChannel, IDeviceHandle
+
+from ._config import SessionPhase, UserData
+from ._device import Device, DeviceOwner
+from ._limits import LOG_LIMIT, LOG_WINDOW
+from ._output import Output
+from ._relay import ALL_QUEUED
 
 if TYPE_CHECKING:
     pass

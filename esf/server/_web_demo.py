@@ -7,8 +7,9 @@ See C{docs/websocket.md}.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from importlib import resources
-from typing import Any, Iterable
+from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.pages import notFound

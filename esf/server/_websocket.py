@@ -26,7 +26,8 @@ See C{docs/websocket.md}.
 from __future__ import annotations
 
 import struct
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -37,16 +38,17 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from esf.wire._frames import DisconnectedType
+
 from ._budget import PRE_LOGON_FRAMES, FrameCost, FrameMeter
 from ._counters import Count
 from ._engine import ServerEngine
-from ._policy import SlidingWindow
 from ._http import handed_over
+from ._policy import SlidingWindow
 from ._protocol import peer_address
 from ._session import Session
 from ._websocket_channel import CLOSE_CODES, WebSocketChannel
 from ._websocket_frames import MessageParser, refuse_message
-from esf.wire._frames import DisconnectedType
 
 __all__ = [
     "CLOSE_CODES",

@@ -14,11 +14,12 @@ from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from esf.interfaces import IChannel
+from esf.wire._frames import DisconnectedType
+
 from ._counters import Traffic
 from ._session import Session
 from ._websocket_frames import binary_messages
-from esf.wire._frames import DisconnectedType
-from esf.interfaces import IChannel
 
 __all__ = ["CLOSE_CODES", "WebSocketChannel"]
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, Iterable, cast
+from collections.abc import Iterable
+from typing import Any, Callable, cast
 
 from twisted.application.service import MultiService
 from twisted.cred import credentials, error, strcred
@@ -16,10 +17,24 @@ from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
-from esf.server._application import Applications
+from esf.cluster._inbox import DEFAULT_INBOX_BYTES
+from esf.cluster._presence import (
+    ClusterPresence,
+    ClusterService,
+    RedisURL,
+    check_node_id,
+    default_node_id,
+)
+from esf.interfaces import IBasicHandler
+from esf.offline._redis import RedisOfflineStore
+from esf.offline._sqlite import SQLiteOfflineStore, check_database
+from esf.offline._store import OfflineBounds, OfflineStoreError
 from esf.operations._admin import AdminService, endpoint_is_local, read_token_file
 from esf.operations._admin_policy import allowed_host_name
 from esf.operations._audit import PER_USER, AuditService, Retention, check_audit_path
+from esf.operations._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
+from esf.operations._metrics import MetricsService
+from esf.server._application import Applications
 from esf.server._descriptors import (
     DescriptorShare,
     QuietAcceptErrors,
@@ -34,29 +49,16 @@ from esf.server._engine import (
     ServerEngine,
     call,
 )
-from ._listening import PortFile, announce_web_demo
-from ._loglevel import TwistdLogRoot, parse_level
-from esf.operations._memory import GC_THRESHOLD, GCTuning, MemoryTrimmer
 from esf.server._http import ConnectionCap, HTTPLimits, limit_site
-from esf.operations._metrics import MetricsService
-from esf.offline._store import OfflineBounds, OfflineStoreError
-from esf.offline._redis import RedisOfflineStore
-from esf.offline._sqlite import SQLiteOfflineStore, check_database
-from esf.cluster._presence import (
-    ClusterPresence,
-    ClusterService,
-    RedisURL,
-    check_node_id,
-    default_node_id,
-)
-from esf.cluster._inbox import DEFAULT_INBOX_BYTES
 from esf.server._protocol import ServerService
 from esf.server._proxied import ProxiedEndpoint, proxied_description
-from ._startup import OptionEndpoint, quiet_start_failures, start_failed
 from esf.server._web_demo import web_demo_site
 from esf.server._websocket import WebSocketFactory
 from esf.wire._frames import ClientType, WireConfig
-from esf.interfaces import IBasicHandler
+
+from ._listening import PortFile, announce_web_demo
+from ._loglevel import TwistdLogRoot, parse_level
+from ._startup import OptionEndpoint, quiet_start_failures, start_failed
 
 __all__ = ["Options", "makeService", "CheckerHandler"]
 
@@ -75,7 +77,7 @@ def _int_option(name: str, low: int, high: int | None = None) -> Callable[[str],
         return number
 
     # usage.Options shows a coercer's coerceDoc in --help; there is none to show.
-    setattr(parse, "coerceDoc", "")
+    parse.coerceDoc = ""
     return parse
 
 
@@ -89,7 +91,7 @@ def _seconds_option(name: str, low: float) -> Callable[[str], float]:
             raise usage.UsageError(f"--{name} must be at least {low:g}, not {value}")
         return number
 
-    setattr(parse, "coerceDoc", "")
+    parse.coerceDoc = ""
     return parse
 
 
@@ -611,6 +613,7 @@ def server_service(options: Options) -> MultiService:
     sites: list[ConnectionCap] = []
     for description, endpoint in zip(options["websocket"], options["websocket-endpoints"]):
         factory: Any
+        listening = endpoint
         cap = options["websocket-max-handshakes"]
         if options["web-demo"]:
             # Until its handshake is done a connection is the site's: its
@@ -620,7 +623,7 @@ def server_service(options: Options) -> MultiService:
             factory = limit_site(
                 site, limits, reactor, f"the web demo on {description}", label="web_demo"
             )
-            endpoint = announce_web_demo(endpoint)
+            listening = announce_web_demo(endpoint)
         else:
             # (autobahn times the handshake itself: --logon-timeout in all.)
             ws = WebSocketFactory(engine, origins, reactor=reactor)
@@ -629,7 +632,7 @@ def server_service(options: Options) -> MultiService:
                 ws, cap, reactor, name, "connections in their handshake", label="websocket"
             )
         sites.append(factory)
-        server.listen(QuietAcceptErrors(endpoint, reactor), factory)
+        server.listen(QuietAcceptErrors(listening, reactor), factory)
     add_operations(server, engine, options, sites)
     if options["malloc-trim"]:
         MemoryTrimmer(reactor, options["malloc-trim"]).setServiceParent(server)  # type: ignore[no-untyped-call]

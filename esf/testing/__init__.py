@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Iterable, cast
+from collections.abc import Iterable
+from typing import Any, cast
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -48,16 +49,17 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from esf.server._application import engine_for
 from esf.client._engine import ClientEngine
+from esf.interfaces import IPresence
+from esf.server._application import engine_for
 from esf.server._config import ServerConfig
 from esf.server._engine import ServerEngine
 from esf.server._protocol import ServerFactory
+from esf.wire._decoder import FrameDecoder
+from esf.wire._frames import ClientType, Frame, WireConfig
+
 from ._process import TwistdFailed, TwistdServer
 from ._records import EventRecorder, LogCapture, LoggedErrors, record_events
-from esf.wire._frames import ClientType, Frame, WireConfig
-from esf.wire._decoder import FrameDecoder
-from esf.interfaces import IPresence
 
 __all__ = [
     "MemoryServer",
@@ -316,7 +318,7 @@ class Connection:
             if self.frozen or sink.disconnected or not sink.reading:
                 continue
             data = source._take()
-            record += data
+            record.extend(data)
             sink.protocol.dataReceived(data)
             moved = True
         return self._close() or moved

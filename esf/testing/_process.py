@@ -23,9 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Callable, Mapping, Sequence
+from typing import IO, Any, Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -174,7 +175,7 @@ class TwistdServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.port_file.exists():
             self.port_file.unlink()
-        self._log_file = open(self.log_path, "wb")
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 -- open while twistd runs
         self.process = subprocess.Popen(
             self.command(),
             cwd=self.cwd,

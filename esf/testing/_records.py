@@ -7,9 +7,10 @@ events (L{LogCapture}) and the errors logged (L{LoggedErrors}).
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from twisted.logger import ILogObserver, LogLevel, LogPublisher, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure

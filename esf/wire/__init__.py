@@ -9,7 +9,33 @@ themselves.  See C{docs/protocol.md}.
 # Listed name by name (not star imports and a computed __all__) so that
 # pydoctor, which reads the source, documents them here;
 # tests/test_exports.py checks that nothing of the two modules is missing.
+from ._decoder import FrameDecoder
+from ._frames import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_USERID_LENGTH,
+    DEVICE_MARK,
+    EVERYONE_ID,
+    SERVER_ID,
+    START_TOKEN,
+    ClientType,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    FrameError,
+    LogonResult,
+    MessageType,
+    SendRun,
+    WireConfig,
+    device_address,
+    encode_frame,
+    header_length_for,
+    validate_id,
+)
 from ._messages import (
+    EMPTY,
+    PROTOCOL_VERSION,
+    REPLY_BODIES,
+    REQUEST_BODIES,
     Ack,
     BadRequest,
     BeingKickedOutNotify,
@@ -18,7 +44,6 @@ from ._messages import (
     BlobError,
     BlobFragment,
     DisconnectNotice,
-    EMPTY,
     Empty,
     Error,
     GetAllOnlineUsers,
@@ -30,38 +55,13 @@ from ._messages import (
     KickOutReply,
     Logon,
     LogonReply,
-    PROTOCOL_VERSION,
     QueryOnlineReply,
     QueryOnlines,
     QueryOnlinesReply,
-    REPLY_BODIES,
-    REQUEST_BODIES,
     RequestError,
     encode_str,
     fragment_blob,
 )
-from ._frames import (
-    ClientType,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MAX_USERID_LENGTH,
-    DEVICE_MARK,
-    DisconnectedType,
-    EVERYONE_ID,
-    ErrorCode,
-    Frame,
-    FrameError,
-    LogonResult,
-    MessageType,
-    SERVER_ID,
-    START_TOKEN,
-    SendRun,
-    WireConfig,
-    device_address,
-    encode_frame,
-    header_length_for,
-    validate_id,
-)
-from ._decoder import FrameDecoder
 
 __all__ = [
     "Ack",

@@ -6,7 +6,8 @@ calling application code that may answer now, later or as a coroutine.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Coroutine, cast
+from collections.abc import Coroutine
+from typing import Any, Callable, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger

@@ -11,13 +11,14 @@ together.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterator
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from ._messages import RequestError
 from ._frames import ErrorCode
+from ._messages import RequestError
 
 __all__ = ["PendingRequests"]
 
