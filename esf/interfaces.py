@@ -152,6 +152,11 @@ class IEngineAware(Interface):
     def initialize(engine: Any) -> None:
         """
         Called once with the L{esf.ServerEngine}, before any connection.
+
+        An application that finds its configuration wrong here (a missing
+        file, a bad setting) raises an exception whose message says what to
+        change: C{twistd esf} then reports it as one line and exits with
+        status 1 before it listens.
         """
 
 
