@@ -183,6 +183,40 @@ def test_a_logon_is_on_disk_before_its_reply_goes_out(engine, tmp_path):
     assert seen_at_reply and '"user_id": "bob"' in seen_at_reply[0]
 
 
+@pytest.mark.parametrize("how", ["kick", "push_out"])
+def test_a_kick_or_push_out_is_on_disk_before_its_notice_goes_out(engine, tmp_path, how):
+    """
+    The kicked or pushed-out device's notice is written after the audit
+    record that tells of it is in the file.
+    """
+    path = tmp_path / "audit.jsonl"
+    seen_at_notice = []
+    audit = AuditLog(open_audit_file(str(path)), engine=engine)
+    audit.start()
+    try:
+        victim = connect(engine, "alice", 5)
+        transport = victim.transport
+        write, write_sequence = transport.write, transport.writeSequence
+
+        def written(data):
+            seen_at_notice.append(path.read_text("utf-8"))
+            write(data)
+
+        def written_sequence(data):
+            seen_at_notice.append(path.read_text("utf-8"))
+            write_sequence(data)
+
+        transport.write, transport.writeSequence = written, written_sequence
+        if how == "kick":
+            engine.kick_out("alice", "enough", 5, operator="admin", origin="admin_api")
+        else:
+            connect(engine, "alice", 5, host="10.0.0.2")
+    finally:
+        audit.stop()
+    assert seen_at_notice, "no notice was written"
+    assert f'"audit": "{how}"' in seen_at_notice[0], seen_at_notice[0]
+
+
 def test_the_log_keeps_causal_order(engine):
     """
     A logon that waits to be logged with others is logged before anything

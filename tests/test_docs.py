@@ -107,7 +107,24 @@ def test_server_options_table_is_the_plugins():
             problems.append(f"--{name}: no help text in esf/tap/__init__.py")
         if not meaning.strip():
             problems.append(f"--{name}: no meaning in docs/server.md")
+        problems += help_problems(name, help_text or "", default + " " + meaning)
     assert problems == []
+
+
+def help_problems(name, help_text, row):
+    """
+    What C{--name}'s help text says that its row of the table does not: a
+    number (a bound, a unit's count; not a port in an endpoint example such
+    as C{ssl:4531:...}) or another option it names.  The row explains more
+    than the help; it must not say less, nor something else.
+    """
+    numbers = re.findall(r"(?<![\w.:])\d+(?:\.\d+)?(?![\w.:])", help_text)
+    options = re.findall(r"--[a-z][a-z-]+", help_text)
+    return [
+        f"--{name}: the help says {said!r}, docs/server.md's row does not"
+        for said in dict.fromkeys(numbers + options)
+        if said not in row
+    ]
 
 
 def test_default_problems_catches():
@@ -125,6 +142,18 @@ def test_default_problems_catches():
     assert default_problems("a", 0.05, "`0.5`") != []
     assert default_problems("a", "info", "`warn`") != []
     assert default_problems("a", 3, "three") != []
+
+
+def test_help_problems_catches():
+    """
+    The comparison of help and table finds a number or an option the row
+    leaves out, and passes endpoint examples.
+    """
+    row = "`10` | Seconds before X; see `--other`."
+    assert help_problems("a", "Seconds (10) before X; see --other.", row) == []
+    assert help_problems("a", "e.g. tcp:4530 or ssl:4531:...", row) == []
+    assert help_problems("a", "Seconds (30) before X.", row) != []
+    assert help_problems("a", "Needs --third.", row) != []
 
 
 def test_websocket_options_agree_with_server_md():

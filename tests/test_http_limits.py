@@ -348,7 +348,6 @@ def test_interval_count_logs_once_per_interval():
     assert not clock.getDelayedCalls()
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def _closed_by_server(peers, timeout=5.0):
     """
     How many of C{peers} the server has closed: each either reads end of
@@ -368,6 +367,7 @@ def _closed_by_server(peers, timeout=5.0):
     return closed
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 def test_running_out_of_descriptors_is_logged_once_per_interval():
     """
     Twisted's own accept loop, with the process at its descriptor limit:
