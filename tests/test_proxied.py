@@ -220,3 +220,111 @@ def _connect_through(port, balancer, tmp_path):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+#: docs/deploying.md's backend, without TLS (and on loopback): least
+#: connections, each node checked through its metrics site.
+HAPROXY_CLUSTER_CONFIG = """\
+global
+    maxconn 100
+defaults
+    mode tcp
+    option tcplog
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend esf
+    bind 127.0.0.1:{front}
+    default_backend esf_nodes
+backend esf_nodes
+    balance leastconn
+    option httpchk GET /metrics
+    server node1 127.0.0.1:{node1} send-proxy-v2 check port {metrics1} inter 500 maxconn 50
+    server node2 127.0.0.1:{node2} send-proxy-v2 check port {metrics2} inter 500 maxconn 50
+"""
+
+
+def _sessions_on(metrics_port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    (line,) = [
+        x for x in text.splitlines() if x.startswith('esf_sessions_logged_on{transport="tcp"}')
+    ]
+    return float(line.split()[-1])
+
+
+@pytest.mark.e2e
+def test_real_haproxy_in_front_of_a_cluster_of_two(tmp_path, redis_server):
+    """
+    docs/deploying.md's cluster behind HAProxy: two C{twistd esf --cluster}
+    nodes on C{haproxy:} ports, checked through their metrics sites, with
+    least-connections balancing.  Two clients land on different nodes,
+    each is told its own address (not the balancer's), a message between
+    them crosses the nodes and is acknowledged, and the health checks keep
+    the nodes in the pool.
+    """
+    haproxy = need_program("haproxy", "apt-get install haproxy (the PROXY protocol test)")
+    front = free_port()
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    nodes = []
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        HAPROXY_CLUSTER_CONFIG.format(
+            front=front,
+            node1=ports[0][0],
+            metrics1=ports[0][1],
+            node2=ports[1][0],
+            metrics2=ports[1][1],
+        )
+    )
+    balancer = None
+    clients = []
+    try:
+        for i, (node, metrics) in enumerate(ports, start=1):
+            server = ServerProcess(
+                tmp_path / f"node{i}.log",
+                AUTH
+                + ["--cluster", redis_server.url, "--node-id", f"node{i}"]
+                + ["--metrics", f"tcp:{metrics}:interface=127.0.0.1"],
+                port=f"haproxy:tcp:{node}:interface=127.0.0.1",
+            )
+            nodes.append(server)
+            server.wait_for_log(rf"in the cluster as node{i}", timeout=15)
+        with open(tmp_path / "haproxy.log", "wb") as balancer_log:
+            balancer = subprocess.Popen(
+                [haproxy, "-db", "-f", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=balancer_log,
+            )
+        for user, password in (("alice", "pa"), ("bob", "pb")):
+            client = _connect_through(front, balancer, tmp_path)
+            clients.append(client)
+            reply = client.logon(user, password)
+            assert reply["result"] == 0, reply
+        alice, bob = clients
+        # Least connections: the second client went to the other node.
+        assert [_sessions_on(metrics) for _, metrics in ports] == [1, 1]
+        for client in clients:
+            client.send(GET_MY_IPE, dest="_0", msg_id=7)
+            _header, body = client.recv_until(GET_MY_IPE)
+            assert rc.unpack_str(body)[0] == f"127.0.0.1:{client.sock.getsockname()[1]}"
+        alice.send(205, struct.pack("<i", 3) + b"across", dest="bob", msg_id=10)
+        header, body = bob.recv_until(205, timeout=10)
+        assert (header["user_id"], header["message_id"], body[4:]) == ("alice", 10, b"across")
+        bob.send(206, struct.pack("<i", 3), dest="alice", msg_id=10)
+        header, _body = alice.recv_until(206, timeout=10)
+        assert (header["user_id"], header["message_id"]) == ("bob", 10)
+        # Past three health checks (fall 3, every 0.5 s): the metrics sites
+        # answered them, so the nodes are still in the balancer's pool.
+        time.sleep(2)
+        carol = _connect_through(front, balancer, tmp_path)
+        clients.append(carol)
+        assert carol.logon("carol", "pc")["result"] == 0
+    finally:
+        for client in clients:
+            client.close()
+        if balancer is not None:
+            balancer.terminate()
+            balancer.wait(10)
+        for server in nodes:
+            server.stop()
