@@ -40,8 +40,8 @@ def peer_address(peer: object) -> str:
     if host is None:
         return str(peer)
     if ":" in host:
-        return f"[{host}]:{peer.port}"
-    return f"{host}:{peer.port}"
+        return f"[{host}]:{getattr(peer, 'port')}"
+    return f"{host}:{getattr(peer, 'port')}"
 
 
 @implementer(IChannel, IPushProducer)

@@ -77,7 +77,7 @@ def _int_option(name: str, low: int, high: int | None = None) -> Callable[[str],
         return number
 
     # usage.Options shows a coercer's coerceDoc in --help; there is none to show.
-    parse.coerceDoc = ""
+    setattr(parse, "coerceDoc", "")
     return parse
 
 
@@ -91,7 +91,7 @@ def _seconds_option(name: str, low: float) -> Callable[[str], float]:
             raise usage.UsageError(f"--{name} must be at least {low:g}, not {value}")
         return number
 
-    parse.coerceDoc = ""
+    setattr(parse, "coerceDoc", "")
     return parse
 
 

@@ -76,7 +76,7 @@ class TwistdLogRoot(MultiService):
             # The platform's runner knows how twistd makes its observer.
             from twisted.scripts import twistd
 
-            runner: Any = twistd._SomeApplicationRunner
+            runner: Any = getattr(twistd, "_SomeApplicationRunner")
             logger = runner.loggerFactory(self.twistd_options)
             set_component(ILogObserver, filtered(logger._getLogObserver(), self.level))
         super().setServiceParent(parent)  # type: ignore[no-untyped-call]
