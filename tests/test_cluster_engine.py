@@ -15,6 +15,8 @@ import pytest
 import pytest_twisted
 from _helpers import Client, logon_reply, record_events
 from test_cluster import eventually, ledger, pause_reading, resume_reading
+from test_fairness import REQUESTS
+from test_fairness import stalled_mallory as stalled
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -514,6 +516,7 @@ async def test_a_full_inbox_answers_the_sender(redis_server):
             (MessageType.ERROR, 8, ErrorCode.RATE_LIMITED),
         ]
         assert errors[0].body.request_message_type == MessageType.SEND_CERTAINLY
+        assert not alice.protocol.session.asked  # their request slots are free again
         assert errors[0].body.text == (
             "bob is not reachable now: the node that holds it is behind "
             "(its cluster inbox is full); try later"
@@ -773,3 +776,54 @@ async def test_nothing_is_stored_while_the_cluster_settles_after_a_data_loss(red
         assert (ack.message_type, ack.message_id) == (MessageType.ACK, 8), ack
     finally:
         await stop_nodes(a)
+
+
+@pytest.mark.parametrize(
+    "request_type, body",
+    [(t, b) for t, b in REQUESTS],
+    ids=[t.name for t, _ in REQUESTS],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_request_to_a_backed_up_receiver_on_another_node_is_answered(
+    redis_server, request_type, body
+):
+    """
+    As on one node: an acknowledged message that the receiver's node
+    refuses because its one device is backed up is answered
+    Error(RateLimited) at the sender's node, naming the receiver, and its
+    request slot is freed.  With a second device of the receiver that
+    reads, it goes there and nobody is told.
+    """
+    config = ServerConfig(max_output_buffer=10_000)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        alice = await a.logon("alice")
+        carol = await b.logon("carol")
+        bob = await b.logon("bob", 1)
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        stalled(b.engine, carol, bob)
+        alice.send(request_type, body, dest="bob", message_id=77)
+        (error,) = await eventually(alice.take, what="the refusal")
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 77)
+        assert error.body.request_message_type == request_type
+        assert error.body.code == ErrorCode.RATE_LIMITED
+        assert error.body.text == (
+            "not delivered: bob is backed up (it does not read what is relayed to it "
+            "fast enough); try later"
+        )
+        assert not alice.protocol.session.asked  # no answer is let through for it
+        # A second device of bob's that reads: the request reaches it, and
+        # the first's refusal tells nobody.
+        bob_phone = await b.logon("bob", 2)
+        await eventually(lambda: len(a.engine.presence.devices("bob")) == 2)
+        alice.send(request_type, body, dest="bob", message_id=78)
+        (got,) = await eventually(bob_phone.take, what="bob's second device's copy")
+        assert (got.message_type, got.message_id) == (request_type, 78)
+        await a.presence.link.execute("PING")
+        await b.presence.link.execute("PING")
+        assert alice.take() == []
+    finally:
+        for node in (a, b):
+            node.engine.stop()
+            await Deferred.fromCoroutine(node.presence.stop())

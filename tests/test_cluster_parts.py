@@ -18,6 +18,7 @@ from esf.cluster._messaging import RemoteHandle
 from esf.cluster._mirror import PresenceMirror, Released, Replaced
 from esf.cluster._presence import ClusterPresence
 from esf.cluster._records import (
+    BACKED_UP,
     Answer,
     Failed,
     Holder,
@@ -266,6 +267,7 @@ def test_records_round_trip_in_one_entry():
         Query("b/3", 41, 30, "a", b"info"),
         Answer("b/3", 41, True, b"error body"),
         Failed("b/4", b"request"),
+        Failed("b/4", b"request", BACKED_UP),
     ]
     assert list(decode_records(b"".join(r.encode() for r in records))) == records
 

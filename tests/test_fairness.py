@@ -161,13 +161,17 @@ def stalled_mallory(engine, alice, mallory):
     """
     mallory.protocol.pauseProducing()
     limit = engine.config.max_output_buffer
-    dest = f"mallory#{mallory.client_type}"
+    dest = f"{mallory.user_id}#{mallory.client_type}"
     filler = alice.frame(T.SEND, Information(0, bytes(1000)), dest=dest)
-    while alice.transport.producerState != "paused":
+    for _ in range(10_000):
+        if alice.transport.producerState == "paused":
+            break
         alice.send_raw(filler)
     engine.clock.advance(engine.config.push_back_timeout)
     assert alice.transport.producerState == "producing"
-    while mallory.protocol.session._backlog + len(filler) <= limit:
+    for _ in range(10_000):
+        if mallory.protocol.session._backlog + len(filler) > limit:
+            break
         alice.send_raw(filler)
     tiny = alice.frame(T.SEND, Information(0, b""), dest=dest)
     for _ in range(100):  # full: even this is refused

@@ -25,14 +25,24 @@ from zope.interface import implementer
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
+from esf.server._relay import backed_up
 from esf.server._router import ANSWERS
 from esf.wire import _messages as m
 from esf.wire._decoder import FrameDecoder
-from esf.wire._frames import DisconnectedType, ErrorCode, MessageType, as_client_type
+from esf.wire._frames import (
+    DEVICE_MARK,
+    DisconnectedType,
+    ErrorCode,
+    Frame,
+    MessageType,
+    as_client_type,
+)
 
 from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._records import (
+    BACKED_UP,
     MAX_QUERY_SECONDS,
+    REAPED_UNREAD,
     Answer,
     Failed,
     Holder,
@@ -60,10 +70,23 @@ log = Logger(namespace="esf.cluster")
 Post = Callable[[str, Record], None]
 #: Who holds a device now (the presence's C{get}).
 Lookup = Callable[[str, int], "IDeviceHandle | None"]
+#: The devices of a user online now (the presence's C{devices}).
+Devices = Callable[[str], Sequence["IDeviceHandle"]]
 
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
 REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
+
+
+def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
+    """
+    The Error a L{Failed} request's sender gets for C{why}.
+    """
+    if why == BACKED_UP:
+        return ErrorCode.RATE_LIMITED, backed_up(dest_user_id)
+    return ErrorCode.USER_OFFLINE, f"{dest_user_id} {REAPED}"
+
+
 #: Why an inbox entry failed (L{esf.cluster._inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
 UNANSWERED, BEHIND = -1, -2
@@ -294,12 +317,12 @@ class Outbox:
                 (frame,) = FrameDecoder(self.wire).feed(record.frame)
                 sender = self.lookup(frame.user_id, frame.client_type)
                 ident = (frame.user_id, frame.client_type, frame.message_id)
-                error = getattr(sender, "error", None)
-                if error is None or frame.message_type in ANSWERS or ident in told:
+                tell = getattr(sender, "not_delivered", None)
+                if tell is None or frame.message_type in ANSWERS or ident in told:
                     continue
                 if frame.message_id:
                     told.add(ident)
-                error(frame, code, f"{frame.dest_user_id} {because}")
+                tell(frame, code, f"{frame.dest_user_id} {because}")
 
 
 class Delivery:
@@ -310,6 +333,8 @@ class Delivery:
     @param queries: this node's side of queries between nodes.
     @param post: posts a record to another node (L{Outbox.post}).
     @param lookup: who holds a device now (the presence's C{get}).
+    @param devices: the devices of a user online now (the presence's
+        C{devices}).
     """
 
     def __init__(
@@ -319,12 +344,14 @@ class Delivery:
         *,
         post: Post,
         lookup: Lookup,
+        devices: Devices,
         stats: collections.Counter[str],
     ):
         self.local = local
         self.queries = queries
         self.post = post
         self.lookup = lookup
+        self.devices = devices
         self.stats = stats
         #: The engine's wire settings (set by the presence's C{attach}).
         self.wire: WireConfig | None = None
@@ -347,8 +374,13 @@ class Delivery:
                 self.stats["inbox_fenced"] += 1
                 continue
             if isinstance(record, Send):
-                # A local session checks answers from other nodes itself.
-                getattr(handle, "send_from_node", handle.send)(record.frame)
+                # A local session checks answers from other nodes itself,
+                # and says whether it refused the frame for being behind.
+                send = getattr(handle, "send_from_node", None)
+                if send is None:
+                    handle.send(record.frame)
+                elif send(record.frame):
+                    self._backed_up(handle, record.frame)
             elif isinstance(record, Notify):
                 handle.notify(record.message_type, record.body, record.client_type)
             elif isinstance(record, Kick):
@@ -359,9 +391,9 @@ class Delivery:
                 self.queries.ask(handle, record)
             elif isinstance(record, Failed):
                 (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
-                answer_error = getattr(handle, "error", None)
-                if frame is not None and answer_error is not None:
-                    answer_error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")
+                tell = getattr(handle, "not_delivered", None)
+                if frame is not None and tell is not None:
+                    tell(frame, *_failure(record.why, frame.dest_user_id))
             elif isinstance(record, KickOut):
                 handle.kick_out(record.operator, record.reason, record.text)
             self.stats["inbox_delivered"] += 1
@@ -382,11 +414,49 @@ class Delivery:
                 (frame,) = decoder.feed(record.frame)
                 if not frame.message_id or frame.message_type in ANSWERS:
                     continue
-                sender = self.lookup(frame.user_id, frame.client_type)
-                if sender is None:
-                    continue
-                self.stats["inbox_reaped"] += 1
-                if isinstance(sender, RemoteHandle):
-                    self.post(sender.node, Failed(sender.session_id, record.frame))
-                elif hasattr(sender, "error"):
-                    sender.error(frame, ErrorCode.USER_OFFLINE, f"{frame.dest_user_id} {REAPED}")
+                if self._tell_sender(frame, record.frame, REAPED_UNREAD):
+                    self.stats["inbox_reaped"] += 1
+
+    def _backed_up(self, handle: IDeviceHandle, data: bytes) -> None:
+        """
+        C{handle}, a session of this node, refused C{data} from another node
+        for being backed up.  The sender of an acknowledged frame is told
+        (C{RateLimited}, as on one node) when C{handle} was the one device
+        the frame could reach: it named the device, or the user has no
+        other online.  Else another device may have it and answer; the
+        sender's request then waits for that answer, or its timeout.
+        """
+        if self.wire is None:
+            return
+        (frame,) = FrameDecoder(self.wire).feed(data)
+        if (
+            not frame.message_id
+            or frame.message_type == MessageType.SEND
+            or frame.message_type in ANSWERS
+        ):
+            return  # one-way: counted by the session
+        dest = frame.dest_user_id
+        if DEVICE_MARK not in dest:
+            others = [d for d in self.devices(dest) if d.session_id != handle.session_id]
+            if others:
+                return
+        self._tell_sender(frame, data, BACKED_UP)
+
+    def _tell_sender(self, frame: Frame, data: bytes, why: int) -> bool:
+        """
+        Answer C{frame} (its bytes C{data}), a request that was not
+        delivered for C{why}, at its sender's node: this one's session at
+        once, another's through a L{Failed} record.
+
+        @return: whether its sender is still online to be told.
+        """
+        sender = self.lookup(frame.user_id, frame.client_type)
+        if sender is None:
+            return False
+        if isinstance(sender, RemoteHandle):
+            self.post(sender.node, Failed(sender.session_id, data, why))
+        else:
+            tell = getattr(sender, "not_delivered", None)
+            if tell is not None:
+                tell(frame, *_failure(why, frame.dest_user_id))
+        return True

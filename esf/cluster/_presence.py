@@ -174,7 +174,12 @@ class ClusterPresence:
             timeout=timeout, max_in_flight=max_posts_in_flight,
         )  # fmt: skip
         self.delivery = Delivery(
-            local, self.queries, post=self._post, lookup=self.get, stats=self.stats
+            local,
+            self.queries,
+            post=self._post,
+            lookup=self.get,
+            devices=self.devices,
+            stats=self.stats,
         )
         self.membership = Membership(
             reactor, self.link, keys, self.node_id,

@@ -53,6 +53,8 @@ __all__ = [
     "Query",
     "Answer",
     "Failed",
+    "REAPED_UNREAD",
+    "BACKED_UP",
     "Record",
     "decode_records",
     "MAX_QUERY_SECONDS",
@@ -296,18 +298,24 @@ class Answer(NamedTuple):
         return _record(_ANSWER, self.session_id, self.message_id, int(self.error), self.body)
 
 
+#: Why a L{Failed} request was not delivered: its node was reaped before it
+#: read it; or the one device it went to there is backed up.
+REAPED_UNREAD, BACKED_UP = 0, 1
+
+
 class Failed(NamedTuple):
     """
-    A request (C{frame}) sent by the session was relayed to a node that was
-    reaped before it read it: the session's node answers it
-    C{Error(UserOffline)}.
+    A request (C{frame}) sent by the session was not delivered by the node
+    it was relayed to, for the reason C{why} (L{REAPED_UNREAD},
+    L{BACKED_UP}): the session's node answers it C{Error}.
     """
 
     session_id: str
     frame: bytes
+    why: int = REAPED_UNREAD
 
     def encode(self) -> bytes:
-        return _record(_FAILED, self.session_id, 0, 0, self.frame)
+        return _record(_FAILED, self.session_id, self.why, 0, self.frame)
 
 
 Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed]
@@ -345,4 +353,4 @@ def decode_records(packed: bytes) -> Iterator[Record]:
         elif kind == _ANSWER:
             yield Answer(sid, first, bool(second), data)
         elif kind == _FAILED:
-            yield Failed(sid, data)
+            yield Failed(sid, data, first)

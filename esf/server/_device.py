@@ -39,6 +39,8 @@ log = Logger(namespace="esf.server")
 class _Answers(Protocol):
     def accept(self, session: Device, frame: Frame) -> bool: ...
 
+    def forget(self, session: Device, frame: Frame) -> None: ...
+
 
 class DeviceOwner(OutputOwner, Protocol):
     """
@@ -67,12 +69,15 @@ class Device(Output):
     user_id: str | None
     user_data: UserData | None
 
-    def send_from_node(self, data: bytes) -> None:
+    def send_from_node(self, data: bytes) -> bool:
         """
         Write a frame relayed to this device by another node of a cluster.
         An answer goes through only if this session asked for it
         (L{esf.server._router.AnswerRouter.accept}): the answering node cannot
         know.
+
+        @return: whether the device refused the frame for being backed up
+            (counted here; the caller tells its sender).
         """
         if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
             (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
@@ -86,11 +91,21 @@ class Device(Output):
                     user_id=frame.user_id,
                     session=self,
                 )
-                return
+                return False
         if self.send(data) == REFUSED:
-            # Backed up: counted; the sender is on another node, which is
-            # not told (a request times out there).
             self.owner.counters[Count.RECEIVER_BEHIND] += 1
+            return True
+        return False
+
+    def not_delivered(self, frame: Frame, code: ErrorCode, text: str) -> None:
+        """
+        C{frame}, which this device relayed to a user on another node, was
+        not delivered (that node or Redis says so): no answer can come, so
+        its request slot is freed and it is answered C{Error} now (a
+        one-way frame is counted, L{error}).
+        """
+        self.owner.answers.forget(self, frame)
+        self.error(frame, code, text)
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         """

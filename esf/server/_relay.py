@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ._offline import OfflineMessages
     from ._session import Session
 
-__all__ = ["Relay", "NOT_DELIVERED", "DELIVERED", "ALL_QUEUED"]
+__all__ = ["Relay", "NOT_DELIVERED", "DELIVERED", "ALL_QUEUED", "backed_up"]
 
 log = Logger(namespace="esf.server")
 
@@ -43,6 +43,18 @@ DELIVERED = 1
 #: every device queued them and asked nothing of the sender (the
 #: session's inline path may then append to their gathered output).
 ALL_QUEUED = 2
+
+
+def backed_up(dest_user_id: str) -> str:
+    """
+    What the sender of an acknowledged frame is told when every device of
+    C{dest_user_id} it went to refused it for being backed up, on this node
+    or another.
+    """
+    return (
+        f"not delivered: {dest_user_id} is backed up (it does not read what is relayed to it "
+        "fast enough); try later"
+    )
 
 
 class _Router(Protocol):
@@ -193,12 +205,7 @@ class Relay:
             # rather than let the sender wait for an answer that cannot
             # come.  (One-way frames were counted by not_queued.)
             engine.answers.forget(session, frame)
-            session.error(
-                frame,
-                ErrorCode.RATE_LIMITED,
-                f"not delivered: {frame.dest_user_id} is backed up (it does not read what "
-                "is relayed to it fast enough); try later",
-            )
+            session.error(frame, ErrorCode.RATE_LIMITED, backed_up(frame.dest_user_id))
 
     def _unsolicited(self, session: Session, frame: Frame) -> None:
         """
