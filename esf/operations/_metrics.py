@@ -165,6 +165,12 @@ COUNTER_METRICS = {
         "unsolicited_answers",
         "Answers from a user to no request relayed to that user: dropped.",
     ),
+    Count.RELAY_REFUSED: (
+        "relay_refused",
+        "Frames a user addressed to another that the application's relay policy refused (its "
+        "answer, an exception, or no decision in time): requests answered with an Error, "
+        "one-way frames dropped.",
+    ),
     Count.TOO_MANY_UNANSWERED: (
         "too_many_unanswered",
         "Requests refused because their session waited for too many answers already.",
