@@ -8,6 +8,7 @@ its later answers keep each sender's frames in order within their bounds.
 from __future__ import annotations
 
 import pytest
+import pytest_twisted
 from _helpers import connect
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail, succeed
@@ -19,7 +20,7 @@ from esf.interfaces import IGroupManager, IRelayPolicy
 from esf.offline import MemoryOfflineStore
 from esf.server._application import Applications
 from esf.server._counters import RELAYED_MESSAGES, Count
-from esf.server._relay_policy import WAITING_COST
+from esf.server._relay_policy import WAITING_COST, RelayGate
 from esf.testing import MemoryServer
 from esf.wire import BlobFragment, Empty, Information
 
@@ -706,3 +707,259 @@ def test_cancel_of_a_deferred_without_canceller_is_quiet(logs):
     plain.answers[0].addErrback(failures.append)
     assert failures == []  # the CancelledError was the gate's, and swallowed
     assert logs.failures() == []
+
+
+# -- the session's inline path for runs of Sends ---------------------------------------------
+
+
+def _run(client, dest, numbers, body=b"x"):
+    return b"".join(client.frame(T.SEND, Information(n, body), dest=dest) for n in numbers)
+
+
+def test_a_run_allowed_at_once_goes_as_it_came():
+    """
+    A read of Sends to one user, each allowed at once, is forwarded as it
+    came (one slice of the read), each frame asked once.
+    """
+    hub = Hub()
+    engine = hub_engine(hub)
+    op, dev = connect(engine, "op-ann"), connect(engine, "dev-7")
+    data = _run(op, "dev-7", range(50))
+    writes = len(dev.transport.io.getvalue())
+    op.send_raw(data)
+    assert dev.transport.value()[writes:] == data
+    assert [a[3] for a in hub.asked] == list(range(50))
+    assert engine.counters[RELAYED_MESSAGES[T.SEND]] == 50
+
+
+def test_a_later_answer_in_the_middle_of_a_run_keeps_the_order():
+    """
+    In one read, frames 0-2 are allowed at once, frame 3 waits for its
+    decision, 4-5 are allowed at once: 0-2 go at once, 3-5 once 3 is
+    allowed; each frame asked once.
+    """
+    asked = []
+
+    @implementer(IRelayPolicy)
+    class ThirdWaits:
+        def may_relay(self, sender, receiver, message_type, information_type):
+            asked.append(information_type)
+            if information_type == 3:
+                self.waiting = Deferred()
+                return self.waiting
+            return True
+
+    policy = ThirdWaits()
+    engine = hub_engine(policy)
+    alice, bob = connect(engine, "alice"), connect(engine, "bob")
+    alice.send_raw(_run(alice, "bob", range(6)))
+    assert sends(bob) == [("alice", n) for n in range(3)]
+    alice.send_raw(_run(alice, "bob", [6, 7]))  # behind 3: wait, judged one by one
+    assert sends(bob) == []
+    policy.waiting.callback(True)
+    assert sends(bob) == [("alice", n) for n in range(3, 8)]
+    assert asked == list(range(8))
+    assert engine.budget.used == 0
+
+
+def test_a_send_without_an_information_type_in_a_run_is_refused_alone():
+    hub = Hub()
+    engine = hub_engine(hub)
+    op, dev = connect(engine, "op-ann"), connect(engine, "dev-7")
+    short = op.frame(T.SEND, b"\x01", dest="dev-7")
+    op.send_raw(_run(op, "dev-7", [0, 1]) + short + _run(op, "dev-7", [2]))
+    assert sends(dev) == [("op-ann", 0), ("op-ann", 1), ("op-ann", 2)]
+    assert engine.counters[Count.DROPPED] == 1  # the short one, one-way
+    assert [a[3] for a in hub.asked] == [0, 1, 2]
+
+
+def test_interleaved_runs_are_each_judged_with_the_route_cache(monkeypatch):
+    """
+    The session's cache of a read's routes would let a destination's later
+    runs through unasked: with a policy it is not used.
+    """
+    from esf.server import _session
+
+    monkeypatch.setattr(_session, "_ROUTE_CACHE", True)
+    monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_RUNS", 2)
+
+    @implementer(IRelayPolicy)
+    class NotSeven(Hub):
+        def may_relay(self, *args):
+            super().may_relay(*args)
+            return args[3] != 7
+
+    policy = NotSeven()
+    engine = hub_engine(policy)
+    alice, bob, carol = (connect(engine, name) for name in ("alice", "bob", "carol"))
+    data = b"".join(
+        alice.frame(T.SEND, Information(n, b"x"), dest="bob" if n % 2 else "carol")
+        for n in range(100)
+    )
+    alice.send_raw(data)
+    assert sends(bob) == [("alice", n) for n in range(1, 100, 2) if n != 7]
+    assert sends(carol) == [("alice", n) for n in range(0, 100, 2)]
+    assert len(policy.asked) == 100
+
+
+def test_a_run_to_an_offline_user_is_asked_once_per_frame():
+    hub = Hub()
+    store = MemoryOfflineStore()
+    engine = hub_engine(hub, offline_store=store)
+    op = connect(engine, "op-ann")
+    op.send_raw(_run(op, "dev-9", range(3)))
+    assert [a[3] for a in hub.asked] == [0, 1, 2]
+    assert engine.counters[Count.OFFLINE_STORED] == 3
+
+
+# -- across nodes --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_nodes(redis_server):
+    from test_cluster_engine import Node
+
+    nodes = [Node(redis_server, n, relay_policy=Hub(), config=ServerConfig()) for n in "ab"]
+    nodes[0].engine.group_manager = Room("dev-7", "dev-8", "op-ann")
+    nodes[1].engine.group_manager = Room("dev-7", "dev-8", "op-ann")
+    yield nodes
+    for node in nodes:
+        node.engine.stop()
+        pytest_twisted.blockon(Deferred.fromCoroutine(node.presence.stop()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_on_the_senders_node(hub_nodes):
+    """
+    Two engines on one real redis-server: a device on node a may not send
+    to a device on node b, and is answered Error(NotAuthorized) by a; b is
+    told nothing, its policy never asked.  An operator's message goes
+    across, asked on its node only.  A Broadcast across nodes likewise.
+    """
+    from test_cluster import eventually
+    from test_cluster_engine import joined
+
+    a, b = hub_nodes
+    await joined(a, b)
+    dev7 = await a.logon("dev-7")
+    op = await a.logon("op-ann")
+    dev8 = await b.logon("dev-8")
+    await eventually(lambda: a.engine.user_manager.is_user_online("dev-8"))
+    dev7.send(T.REQUEST, Information(1, b"?"), dest="dev-8", message_id=4)
+    dev7.send(T.SEND, Information(2, b"x"), dest="dev-8")
+    dev7.send(T.BROADCAST, Information(3, b"all"), dest="room", message_id=5)
+    replies = await eventually(dev7.take)
+    assert [(r.message_type, r.body.code, r.body.text, r.message_id) for r in replies] == [
+        (T.ERROR, ErrorCode.NOT_AUTHORIZED, "dev-7 may not send to dev-8", 4),
+        (T.ERROR, ErrorCode.NOT_AUTHORIZED, "dev-7 may not broadcast to room", 5),
+    ]
+    op.send(T.SEND, Information(6, b"go"), dest="dev-8")
+    [got] = await eventually(dev8.take)
+    assert (got.message_type, got.user_id, got.body.information_type) == (T.SEND, "op-ann", 6)
+    assert b.engine.relay_gate.policy.asked == []
+    assert [q[1:] for q in a.engine.relay_gate.policy.asked] == [
+        ("dev-8", T.REQUEST, 1),
+        ("dev-8", T.SEND, 2),
+        ("room", T.BROADCAST, 3),
+        ("dev-8", T.SEND, 6),
+    ]
+    assert a.engine.counters[Count.RELAY_REFUSED] == 3
+
+
+# -- the gate alone -----------------------------------------------------------------------------
+
+
+class FakeGateEngine:
+    """
+    Exactly what L{esf.server._relay_policy.GateEngine} lists, with a
+    relay that records what it was given.
+    """
+
+    def __init__(self, **settings):
+        import collections
+
+        from esf.server._budget import MemoryBudget
+        from esf.server._output import OutputBatch
+
+        self.config = ServerConfig(**settings)
+        self.clock = task.Clock()
+        self.counters = collections.Counter()
+        self.budget = MemoryBudget(self.config.max_buffered_bytes)
+        self.batch = OutputBatch()
+        self.relay = self
+        self.relayed = []
+
+    def allowed(self, session, frame):
+        self.relayed.append(frame.message_id)
+
+    def forward(self, sender, targets, raw, frames):
+        raise AssertionError("no run here")
+
+    def count(self, message_type, frames, size):
+        raise AssertionError("no run here")
+
+
+class FakeSender:
+    """
+    What the gate touches of a session.
+    """
+
+    def __init__(self):
+        from esf.server._config import SessionPhase
+
+        self.user_id = "alice"
+        self.state = SessionPhase.LOGGED_ON
+        self.errors = []
+        self.held = 0
+
+    def error(self, frame, code, text):
+        self.errors.append((frame.message_id, code, text))
+
+    def may_log(self):
+        return True
+
+    def hold_back(self):
+        self.held += 1
+
+    def let_go(self):
+        self.held -= 1
+
+
+def test_the_gate_alone_keeps_order_and_bounds():
+    from esf.wire import FrameDecoder, WireConfig, encode_frame
+
+    engine = FakeGateEngine(relay_policy_pending=2, relay_policy_timeout=3)
+    later = Later()
+    gate = RelayGate(engine, later)
+    session = FakeSender()
+    wire = WireConfig()
+    frames = [
+        FrameDecoder(wire).feed(
+            encode_frame(
+                wire,
+                T.REQUEST,
+                Information(n, b"?").encode(),
+                message_id=n,
+                user_id="alice",
+                dest_user_id="bob#5",
+            )
+        )[0]
+        for n in (1, 2, 3)
+    ]
+    for frame in frames:
+        gate.judge(session, frame, engine.allowed)
+    assert [args for args, _ in later.pending] == [
+        ("alice", "bob", T.REQUEST, n) for n in (1, 2, 3)
+    ]
+    assert session.held == 1 and gate.waiting(session) == 3
+    later.pending[1][1].callback(True)
+    later.pending[0][1].callback(False)
+    assert engine.relayed == [2] and session.held == 0
+    assert session.errors == [(1, ErrorCode.NOT_AUTHORIZED, "alice may not send to bob")]
+    engine.clock.advance(3)
+    assert session.errors[-1][:2] == (3, ErrorCode.TIMEOUT)
+    assert later.cancelled == [("alice", "bob", T.REQUEST, 3)]
+    assert engine.budget.used == 0 and gate.waiting(session) == 0
+    assert engine.clock.getDelayedCalls() != []  # the timeouts' log interval
+    gate.stop()
+    assert engine.clock.getDelayedCalls() == []

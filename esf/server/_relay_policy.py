@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire._events import outcome
-from esf.wire._frames import ErrorCode, Frame, MessageType
+from esf.wire._frames import ErrorCode, Frame, MessageType, SendRun
 
 from ._config import EngineBasics, SessionPhase
 from ._counters import Count
@@ -46,6 +46,10 @@ __all__ = ["RelayRefused", "RelayGate", "GateEngine", "WAITING_COST", "judged"]
 log = Logger(namespace="esf.server")
 
 _I32 = struct.Struct("<i")
+#: Plain ints: compared on every frame, an enum member costs a look-up.
+_BROADCAST = int(MessageType.BROADCAST)
+_PING_BY_SERVER = int(MessageType.PING_BY_SERVER)
+_SEND = int(MessageType.SEND)
 
 #: What one frame waiting for a decision holds besides its bytes (its
 #: decoded L{Frame}, its entry, the policy's Deferred with its callback),
@@ -70,12 +74,21 @@ class RelayRefused(Exception):
         self.reason = reason
 
 
+class _Relay(Protocol):
+    def forward(self, sender: Session, targets: Any, raw: bytes, frames: int) -> int: ...
+
+    def count(self, message_type: int, frames: int, size: int) -> None: ...
+
+    def allowed(self, session: Session, frame: Frame) -> None: ...
+
+
 class GateEngine(EngineBasics, Protocol):
     """
     What the gate needs of the engine: the settings, the clock, the
     counters, the memory budget (frames waiting for a decision count in
-    it) and the output batch (what a late decision lets through is
-    written as a read's output is).
+    it), the output batch (what a late decision lets through is written
+    as a read's output is) and the relay (a run of Sends judged on the
+    session's inline path goes on through it).
     """
 
     @property
@@ -83,6 +96,9 @@ class GateEngine(EngineBasics, Protocol):
 
     @property
     def batch(self) -> OutputBatch: ...
+
+    @property
+    def relay(self) -> _Relay: ...
 
 
 class _Refusal:
@@ -173,51 +189,126 @@ class RelayGate:
         C{then(session, frame, *args)}; if it is refused, answer it.
         """
         message_type = frame.message_type
-        dest = frame.dest_user_id
-        # A Broadcast names a group; anything else a user, or one of its
-        # devices ("bob#5"): the user is the receiver.
-        receiver = dest if message_type == MessageType.BROADCAST else user_part(dest)
-        if message_type == MessageType.PING_BY_SERVER:
+        if message_type == _PING_BY_SERVER:
             information_type = 0
         else:
-            body = frame.body
-            if len(body) < 4:
+            raw, start = frame.raw, frame.header_length
+            if len(raw) < start + 4:
                 session.error(
                     frame, ErrorCode.BAD_REQUEST, "the body holds no information type (i32)"
                 )
                 return
-            information_type = _I32.unpack_from(body)[0]
+            information_type = _I32.unpack_from(raw, start)[0]
+        dest = frame.dest_user_id
+        # A Broadcast names a group; anything else a user, or one of its
+        # devices ("bob#5"): the user is the receiver.
+        receiver = dest if message_type == _BROADCAST else user_part(dest)
+        asked = (session.user_id, receiver, message_type, information_type)
         waiting = self._waiting.get(session)
-        cost = len(frame.raw) + WAITING_COST
-        if waiting is not None and not self.engine.budget.fits(cost):
-            self._refuse(session, frame, _budget_spent())
-            return
-        answer = outcome(
-            self._may_relay, (session.user_id, receiver, message_type, information_type)
-        )
         if waiting is None:
+            answer = outcome(self._may_relay, asked)
             if answer is True:  # the common case: allowed at once, nothing waits
                 then(session, frame, *args)
-                return
-            if not isinstance(answer, Deferred):
-                refusal = self._verdict(answer, session, frame)
-                if refusal is None:
-                    then(session, frame, *args)
-                else:
-                    self._refuse(session, frame, refusal)
-                return
-            if not self.engine.budget.fits(cost):
-                answer.cancel()
-                self._refuse(session, frame, _budget_spent())
-                return
-            waiting = self._waiting[session] = _Waiting()
+            else:
+                self._answered(session, frame, answer, then, args)
+        elif self.engine.budget.fits(len(frame.raw) + WAITING_COST):
+            # Behind frames that wait: asked now, let through in turn.
+            self._wait(session, waiting, frame, outcome(self._may_relay, asked), then, args)
+        else:
+            self._refuse(session, frame, _BUDGET_SPENT)
+
+    def admit(self, session: Session, run: SendRun, targets: Any) -> bool:
+        """
+        Judge the Sends of C{run}, from C{session} to C{targets} (the
+        devices of an online user), on the session's inline path for runs:
+        C{True} when every one was allowed at once, and the session forwards
+        the run as it is.  Otherwise they are handled here, in order: those
+        allowed before the first that is not are forwarded, that one is
+        answered as its answer says, and the rest are judged one by one.
+        """
+        relay = self.engine.relay
+        if session in self._waiting:
+            for frame in run.frames():
+                if session.state is SessionPhase.ENDED:
+                    break
+                self.judge(session, frame, relay.allowed)
+            return False
+        may_relay, sender = self._may_relay, session.user_id
+        receiver = user_part(run.dest_user_id)
+        raw, start = run.raw, run.header_length
+        unpack = _I32.unpack_from
+        offset = count = 0
+        answer: Any = _UNDECIDED
+        while offset < len(raw):
+            size = unpack(raw, offset + 8)[0]  # the header's BodyLength
+            if size < 4:
+                break  # no information type: judge() refuses it
+            answer = outcome(may_relay, (sender, receiver, _SEND, unpack(raw, offset + start)[0]))
+            if answer is not True:
+                break
+            offset += start + size
+            count += 1
+        else:
+            return True
+        if count and relay.forward(session, targets, raw[:offset], count):
+            relay.count(_SEND, count, offset)
+        frames = run.frames()[count:]
+        if answer is not _UNDECIDED and answer is not True:
+            self._answered(session, frames.pop(0), answer, relay.allowed, ())
+        for frame in frames:
+            if session.state is SessionPhase.ENDED:
+                break
+            self.judge(session, frame, relay.allowed)
+        return False
+
+    def _answered(
+        self,
+        session: Session,
+        frame: Frame,
+        answer: Any,
+        then: Callable[..., None],
+        args: tuple[Any, ...],
+    ) -> None:
+        """
+        Act on C{answer}, the policy's about C{frame}, while none of
+        C{session}'s frames waits: at once, unless it is a Deferred.
+        """
+        if not isinstance(answer, Deferred):
+            refusal = self._verdict(answer, session, frame)
+            if refusal is None:
+                then(session, frame, *args)
+            else:
+                self._refuse(session, frame, refusal)
+            return
+        if not self.engine.budget.fits(len(frame.raw) + WAITING_COST):
+            answer.cancel()
+            self._refuse(session, frame, _BUDGET_SPENT)
+            return
+        waiting = self._waiting[session] = _Waiting()
+        self._wait(session, waiting, frame, answer, then, args)
+
+    def _wait(
+        self,
+        session: Session,
+        waiting: _Waiting,
+        frame: Frame,
+        answer: Any,
+        then: Callable[..., None],
+        args: tuple[Any, ...],
+    ) -> None:
+        """
+        Queue C{frame} behind C{session}'s frames that wait, with the
+        policy's C{answer} (a decision now, or a Deferred of one later).
+        """
         engine = self.engine
+        config = engine.config
+        cost = len(frame.raw) + WAITING_COST
         entry = _Entry(
-            frame, then, args, cost, engine.clock.seconds() + engine.config.relay_policy_timeout
+            frame, then, args, cost, engine.clock.seconds() + config.relay_policy_timeout
         )
         waiting.entries.append(entry)
-        self.engine.budget.used += cost
-        if len(waiting.entries) >= self.engine.config.relay_policy_pending and not waiting.holding:
+        engine.budget.used += cost
+        if len(waiting.entries) >= config.relay_policy_pending and not waiting.holding:
             # Read no more from this peer until decisions come: the frames
             # of the read in progress still wait here (counted above).
             waiting.holding = True
@@ -226,7 +317,7 @@ class RelayGate:
             entry.answer = answer
             if waiting.timer is None:
                 waiting.timer = engine.clock.callLater(
-                    engine.config.relay_policy_timeout, self._late, session, waiting
+                    config.relay_policy_timeout, self._late, session, waiting
                 )
             answer.addBoth(self._decided, session, entry)
         else:
@@ -442,10 +533,10 @@ def judged(
         gate.judge(session, frame, then, *args)
 
 
-def _budget_spent() -> _Refusal:
-    return _Refusal(
-        ErrorCode.RATE_LIMITED,
-        "the server's memory budget is spent: no room for a frame to wait for the relay "
-        "policy; try later",
-        False,
-    )
+#: Why a frame that would wait is refused when the memory budget is spent.
+_BUDGET_SPENT = _Refusal(
+    ErrorCode.RATE_LIMITED,
+    "the server's memory budget is spent: no room for a frame to wait for the relay "
+    "policy; try later",
+    False,
+)

@@ -108,6 +108,10 @@ class _Relaying(Protocol):
     def count(self, message_type: int, frames: int, size: int) -> None: ...
 
 
+class _Gate(Protocol):
+    def admit(self, session: Session, run: SendRun, targets: Any) -> bool: ...
+
+
 class SessionOwner(DeviceOwner, Protocol):
     """
     What a session needs of its owner (the engine), beyond what its device
@@ -131,7 +135,7 @@ class SessionOwner(DeviceOwner, Protocol):
     def relay(self) -> _Relaying: ...
 
     @property
-    def relay_gate(self) -> object | None: ...
+    def relay_gate(self) -> _Gate | None: ...
 
     def frame_received(self, session: Session, frame: Frame) -> None: ...
 
@@ -254,12 +258,7 @@ class Session(Device):
         decoder = self.decoder
         owner = self.owner
         try:
-            if owner.relay_gate is None:
-                frames = decoder.feed_runs(data, _SEND)
-            else:
-                # A relay policy judges every frame: no runs, each Send
-                # takes frame_received (measured in docs/performance.md).
-                frames = decoder.feed(data)  # type: ignore[assignment]
+            frames = decoder.feed_runs(data, _SEND)
         except FrameError as e:
             frames, error = e.frames, e
         if frames:
@@ -285,7 +284,10 @@ class Session(Device):
             # ends or falls behind, and the next runs to that destination
             # are appended where its first went: one lookup per
             # destination per read, in order per sender and receiver.
-            cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS
+            # A relay policy judges every run (RelayGate.admit), so no
+            # route is remembered past one.
+            gate = owner.relay_gate
+            cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS and gate is None
             routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
             for item in frames:
                 state = self.state
@@ -305,6 +307,8 @@ class Session(Device):
                             continue
                         targets = resolve(dest)
                         if targets:
+                            if gate is not None and not gate.admit(self, item, targets):
+                                continue  # not all allowed at once: the gate took them
                             raw = item.raw
                             # The relay rule, the same for every frame.
                             delivered = forward(self, targets, raw, item.count)
