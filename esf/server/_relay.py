@@ -8,8 +8,9 @@ is stalled refuses it (L{Relay.not_queued}).  Both the session's inline
 path for runs of Sends (L{esf.server._session.Session.data_received}) and
 L{Relay.frame}, which takes every other relayed frame (answers, acknowledged
 messages, a user who is offline), use it.  When the application gives a
-relay policy, L{Relay.frame} asks it (L{esf.server._relay_policy.RelayGate})
-and the session's inline path is not taken.
+relay policy, both have it judge each frame first
+(L{esf.server._relay_policy.RelayGate}: C{judge} for L{Relay.frame},
+C{admit} for a run on the session's inline path).
 """
 
 from __future__ import annotations

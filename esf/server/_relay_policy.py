@@ -143,22 +143,149 @@ class _Entry:
         self.deadline = deadline
 
 
-class _Waiting:
+class _Queue:
     """
-    One session's frames waiting in order, whether they hold its reading
-    (past C{relay_policy_pending}), and the one timer that refuses those
-    whose decisions are late.  (One timer per session rather than
-    C{Deferred.addTimeout} per frame: that costs a delayed call and four
-    closures a frame, about 1 KB, while the entries' deadlines come in the
-    order of the queue.)
+    One session's frames waiting for decisions, let through or refused in
+    the order they came (L{drain}); whether they hold the session's reading
+    (past C{relay_policy_pending}); and the one timer that refuses those
+    whose decisions are late (L{_late}).  (One timer per session rather
+    than C{Deferred.addTimeout} per frame: that costs a delayed call and
+    four closures a frame, about 1 KB, while the entries' deadlines come in
+    the order of the queue.)
     """
 
-    __slots__ = ("entries", "holding", "timer")
+    __slots__ = ("gate", "session", "entries", "holding", "timer", "dropped")
 
-    def __init__(self) -> None:
+    def __init__(self, gate: RelayGate, session: Session) -> None:
+        self.gate = gate
+        self.session = session
         self.entries: collections.deque[_Entry] = collections.deque()
         self.holding = False
         self.timer: IDelayedCall | None = None
+        #: The session ended: nothing more is let through.
+        self.dropped = False
+
+    def add(
+        self, frame: Frame, answer: Any, then: Callable[..., None], args: tuple[Any, ...]
+    ) -> None:
+        """
+        Queue C{frame} behind the frames that wait, with the policy's
+        C{answer} about it (a decision now, or a Deferred of one later).
+        """
+        gate = self.gate
+        engine = gate.engine
+        config = engine.config
+        cost = len(frame.raw) + WAITING_COST
+        entry = _Entry(
+            frame, then, args, cost, engine.clock.seconds() + config.relay_policy_timeout
+        )
+        self.entries.append(entry)
+        engine.budget.used += cost
+        if len(self.entries) >= config.relay_policy_pending and not self.holding:
+            # Read no more from this peer until decisions come: the frames
+            # of the read in progress still wait here (counted above).
+            self.holding = True
+            self.session.hold_back()
+        if isinstance(answer, Deferred):
+            entry.answer = answer
+            if self.timer is None:
+                self.timer = engine.clock.callLater(config.relay_policy_timeout, self._late)
+            answer.addBoth(self._decided, entry)
+        else:
+            entry.decision = gate.verdict(answer, self.session, frame)
+
+    def _decided(self, answer: Any, entry: _Entry) -> None:
+        """
+        The policy's Deferred for C{entry} fired (or was cancelled, by the
+        timeout or because the session ended): note the decision and let
+        through what is decided at the head of the queue.
+        """
+        entry.answer = None
+        if entry.decision is not _UNDECIDED or self.dropped:
+            return None  # late, or the session ended: dropped
+        entry.decision = self.gate.verdict(answer, self.session, entry.frame)
+        self.drain()
+        return None
+
+    def _late(self) -> None:
+        """
+        Refuse the frames whose decisions are late, cancelling their
+        answers; let through what that frees; wait for the next undecided
+        one.
+        """
+        self.timer = None
+        now = self.gate.engine.clock.seconds()
+        for entry in self.entries:
+            if entry.decision is not _UNDECIDED:
+                continue
+            if entry.deadline > now:
+                break
+            entry.decision = self.gate.verdict(_TIMED_OUT, self.session, entry.frame)
+            answer, entry.answer = entry.answer, None
+            if answer is not None:
+                answer.cancel()
+        self.drain()
+        if self.dropped:
+            return
+        for entry in self.entries:
+            if entry.decision is _UNDECIDED:
+                clock = self.gate.engine.clock
+                self.timer = clock.callLater(
+                    max(0.0, entry.deadline - clock.seconds()), self._late
+                )
+                return
+
+    def drain(self) -> None:
+        """
+        Let through, or refuse, what is decided at the head of the queue;
+        once it is empty, the gate forgets it.
+        """
+        entries, gate, session = self.entries, self.gate, self.session
+        engine = gate.engine
+        if self.dropped or not entries or entries[0].decision is _UNDECIDED:
+            return
+        batch = engine.batch
+        outermost = batch.begin()
+        try:
+            while entries and entries[0].decision is not _UNDECIDED:
+                entry = entries.popleft()
+                engine.budget.used -= entry.cost
+                if entry.decision is None:
+                    entry.then(session, entry.frame, *entry.args)
+                else:
+                    gate.refuse(session, entry.frame, entry.decision)
+                if self.dropped:
+                    return  # the session ended meanwhile
+        finally:
+            if outermost:
+                batch.flush()
+        if not entries:
+            gate.forget(session)
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+        if self.holding and len(entries) < engine.config.relay_policy_pending:
+            self.holding = False
+            session.let_go()
+
+    def drop(self) -> None:
+        """
+        The session ended: forget what waits, cancelling the decisions it
+        waits for.
+        """
+        self.dropped = True
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+        budget = self.gate.engine.budget
+        for entry in self.entries:
+            budget.used -= entry.cost
+            entry.decision = None
+            answer, entry.answer = entry.answer, None
+            if answer is not None:
+                answer.cancel()
+        self.entries.clear()
 
 
 class RelayGate:
@@ -173,9 +300,9 @@ class RelayGate:
         self.policy = policy
         self._may_relay = policy.may_relay
         self.counters = engine.counters
-        #: The sessions with frames waiting (made on demand, dropped when
-        #: the last one is through).
-        self._waiting: dict[Session, _Waiting] = {}
+        #: The queues of the sessions with frames waiting (made on demand,
+        #: dropped when the last one is through).
+        self.queues: dict[Session, _Queue] = {}
         #: Failures and silences of the policy, logged once per interval
         #: (a broken policy fails for every frame of every session).
         self._last_failure: Failure | None = None
@@ -204,8 +331,8 @@ class RelayGate:
         # devices ("bob#5"): the user is the receiver.
         receiver = dest if message_type == _BROADCAST else user_part(dest)
         asked = (session.user_id, receiver, message_type, information_type)
-        waiting = self._waiting.get(session)
-        if waiting is None:
+        queue = self.queues.get(session)
+        if queue is None:
             answer = outcome(self._may_relay, asked)
             if answer is True:  # the common case: allowed at once, nothing waits
                 then(session, frame, *args)
@@ -213,9 +340,9 @@ class RelayGate:
                 self._answered(session, frame, answer, then, args)
         elif self.engine.budget.fits(len(frame.raw) + WAITING_COST):
             # Behind frames that wait: asked now, let through in turn.
-            self._wait(session, waiting, frame, outcome(self._may_relay, asked), then, args)
+            queue.add(frame, outcome(self._may_relay, asked), then, args)
         else:
-            self._refuse(session, frame, _BUDGET_SPENT)
+            self.refuse(session, frame, _BUDGET_SPENT)
 
     def admit(self, session: Session, run: SendRun, targets: Any) -> bool:
         """
@@ -227,7 +354,7 @@ class RelayGate:
         answered as its answer says, and the rest are judged one by one.
         """
         relay = self.engine.relay
-        if session in self._waiting:
+        if session in self.queues:
             for frame in run.frames():
                 if session.state is SessionPhase.ENDED:
                     break
@@ -274,159 +401,41 @@ class RelayGate:
         C{session}'s frames waits: at once, unless it is a Deferred.
         """
         if not isinstance(answer, Deferred):
-            refusal = self._verdict(answer, session, frame)
+            refusal = self.verdict(answer, session, frame)
             if refusal is None:
                 then(session, frame, *args)
             else:
-                self._refuse(session, frame, refusal)
+                self.refuse(session, frame, refusal)
             return
         if not self.engine.budget.fits(len(frame.raw) + WAITING_COST):
             answer.cancel()
-            self._refuse(session, frame, _BUDGET_SPENT)
+            self.refuse(session, frame, _BUDGET_SPENT)
             return
-        waiting = self._waiting[session] = _Waiting()
-        self._wait(session, waiting, frame, answer, then, args)
-
-    def _wait(
-        self,
-        session: Session,
-        waiting: _Waiting,
-        frame: Frame,
-        answer: Any,
-        then: Callable[..., None],
-        args: tuple[Any, ...],
-    ) -> None:
-        """
-        Queue C{frame} behind C{session}'s frames that wait, with the
-        policy's C{answer} (a decision now, or a Deferred of one later).
-        """
-        engine = self.engine
-        config = engine.config
-        cost = len(frame.raw) + WAITING_COST
-        entry = _Entry(
-            frame, then, args, cost, engine.clock.seconds() + config.relay_policy_timeout
-        )
-        waiting.entries.append(entry)
-        engine.budget.used += cost
-        if len(waiting.entries) >= config.relay_policy_pending and not waiting.holding:
-            # Read no more from this peer until decisions come: the frames
-            # of the read in progress still wait here (counted above).
-            waiting.holding = True
-            session.hold_back()
-        if isinstance(answer, Deferred):
-            entry.answer = answer
-            if waiting.timer is None:
-                waiting.timer = engine.clock.callLater(
-                    config.relay_policy_timeout, self._late, session, waiting
-                )
-            answer.addBoth(self._decided, session, entry)
-        else:
-            entry.decision = self._verdict(answer, session, frame)
-
-    def _late(self, session: Session, waiting: _Waiting) -> None:
-        """
-        The timer of C{session}'s queue: refuse the frames whose decisions
-        are late, cancelling their answers; let through what that frees;
-        wait for the next undecided one.
-        """
-        waiting.timer = None
-        now = self.engine.clock.seconds()
-        for entry in waiting.entries:
-            if entry.decision is not _UNDECIDED:
-                continue
-            if entry.deadline > now:
-                break
-            entry.decision = self._verdict(_TIMED_OUT, session, entry.frame)
-            answer, entry.answer = entry.answer, None
-            if answer is not None:
-                answer.cancel()
-        if self._waiting.get(session) is waiting:
-            self._drain(session, waiting)
-        if self._waiting.get(session) is waiting:
-            self._wait_for_next(session, waiting)
-
-    def _wait_for_next(self, session: Session, waiting: _Waiting) -> None:
-        """
-        Set C{waiting}'s timer for its first undecided frame, if any.
-        """
-        if waiting.timer is not None:
-            return
-        for entry in waiting.entries:
-            if entry.decision is _UNDECIDED:
-                clock = self.engine.clock
-                delay = max(0.0, entry.deadline - clock.seconds())
-                waiting.timer = clock.callLater(delay, self._late, session, waiting)
-                return
-
-    def _decided(self, answer: Any, session: Session, entry: _Entry) -> None:
-        """
-        The policy's Deferred for C{entry} fired (or was cancelled, by the
-        timeout or because the session ended): note the decision and let
-        through what is decided at the head of the session's queue.
-        """
-        entry.answer = None
-        waiting = self._waiting.get(session)
-        if entry.decision is not _UNDECIDED or waiting is None:
-            return None  # the session ended: dropped
-        entry.decision = self._verdict(answer, session, entry.frame)
-        self._drain(session, waiting)
-        return None
-
-    def _drain(self, session: Session, waiting: _Waiting) -> None:
-        entries = waiting.entries
-        if not entries or entries[0].decision is _UNDECIDED:
-            return
-        batch = self.engine.batch
-        outermost = batch.begin()
-        try:
-            while entries and entries[0].decision is not _UNDECIDED:
-                entry = entries.popleft()
-                self.engine.budget.used -= entry.cost
-                if entry.decision is None:
-                    entry.then(session, entry.frame, *entry.args)
-                else:
-                    self._refuse(session, entry.frame, entry.decision)
-                if self._waiting.get(session) is not waiting:
-                    return  # the session ended meanwhile
-        finally:
-            if outermost:
-                batch.flush()
-        if not entries:
-            del self._waiting[session]
-            if waiting.timer is not None:
-                waiting.timer.cancel()
-                waiting.timer = None
-        if waiting.holding and len(entries) < self.engine.config.relay_policy_pending:
-            waiting.holding = False
-            session.let_go()
+        queue = self.queues[session] = _Queue(self, session)
+        queue.add(frame, answer, then, args)
 
     def session_ended(self, session: Session) -> None:
         """
         C{session} ended: drop its frames that wait, cancelling the
         decisions they wait for.
         """
-        waiting = self._waiting.pop(session, None)
-        if waiting is None:
-            return
-        if waiting.timer is not None:
-            waiting.timer.cancel()
-            waiting.timer = None
-        budget = self.engine.budget
-        for entry in waiting.entries:
-            budget.used -= entry.cost
-            entry.decision = None
-            answer, entry.answer = entry.answer, None
-            if answer is not None:
-                answer.cancel()
-        waiting.entries.clear()
+        queue = self.queues.pop(session, None)
+        if queue is not None:
+            queue.drop()
+
+    def forget(self, session: Session) -> None:
+        """
+        Nothing of C{session}'s waits any more (its queue is empty).
+        """
+        self.queues.pop(session, None)
 
     def waiting(self, session: Session) -> int:
         """
         How many frames of C{session} wait for decisions, or for the
         frames before them.
         """
-        waiting = self._waiting.get(session)
-        return len(waiting.entries) if waiting is not None else 0
+        queue = self.queues.get(session)
+        return len(queue.entries) if queue is not None else 0
 
     def stop(self) -> None:
         """
@@ -437,7 +446,7 @@ class RelayGate:
 
     # -- answers ---------------------------------------------------------------
 
-    def _verdict(self, answer: Any, session: Session, frame: Frame) -> _Refusal | None:
+    def verdict(self, answer: Any, session: Session, frame: Frame) -> _Refusal | None:
         """
         What C{answer}, the policy's about C{frame}, decides: C{None}
         (allowed) or why it is refused.
@@ -445,10 +454,10 @@ class RelayGate:
         if answer is True:
             return None
         if answer is False:
-            verb = "broadcast" if frame.message_type == MessageType.BROADCAST else "send"
-            receiver = frame.dest_user_id
-            if frame.message_type != MessageType.BROADCAST:
-                receiver = user_part(receiver)
+            if frame.message_type == _BROADCAST:
+                verb, receiver = "broadcast", frame.dest_user_id
+            else:
+                verb, receiver = "send", user_part(frame.dest_user_id)
             return _Refusal(
                 ErrorCode.NOT_AUTHORIZED, f"{session.user_id} may not {verb} to {receiver}", True
             )
@@ -475,7 +484,7 @@ class RelayGate:
             False,
         )
 
-    def _refuse(self, session: Session, frame: Frame, refusal: _Refusal) -> None:
+    def refuse(self, session: Session, frame: Frame, refusal: _Refusal) -> None:
         """
         Refuse C{frame}: a request is answered with an Error, a one-way
         frame is dropped; counted either way.

@@ -218,8 +218,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         An application object, module:attribute, providing IBasicHandler,
         ICustomizeHandler, IGroupManager, IOfflinePolicy, IRelogonPolicy,
-        IRelayPolicy or IEngineAware (repeatable: each object is used for the interfaces it
-        provides; two providing the same one are refused).
+        IRelayPolicy or IEngineAware (repeatable: each object is used for the
+        interfaces it provides; two providing the same one are refused).
         """
         self["handlers"].append(load_object(spec))
 
