@@ -10,6 +10,7 @@ of several rounds.  With --profile, cProfile's table of the same work.
     python benchmarks/relay_profile.py --profile       # where the time goes
     python benchmarks/relay_profile.py --websocket     # the sender on WebSocket (masked frames)
     python benchmarks/relay_profile.py --broadcast 10  # Broadcasts to a group of 10 receivers
+    python benchmarks/relay_profile.py --policy allow  # a relay policy that allows every frame
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -32,7 +34,7 @@ from zope.interface import implementer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from esf import AcceptAll, ServerConfig, ServerEngine, ServerFactory, WebSocketFactory
-from esf.interfaces import IGroupManager
+from esf.interfaces import IGroupManager, IRelayPolicy
 from esf.wire import Logon, MessageType, encode_frame
 
 
@@ -100,7 +102,40 @@ class OneGroup:
         return True
 
 
-def setup(frames: int, receivers: int, websocket: bool = False, broadcast: bool = False):
+@implementer(IRelayPolicy)
+class Allow:
+    """
+    A relay policy that allows every frame at once (C{--policy allow}).
+    """
+
+    def may_relay(self, sender: str, receiver: str, message_type: int, information: int) -> bool:
+        return True
+
+
+@implementer(IRelayPolicy)
+class AllowDeferred:
+    """
+    One that allows every frame with a Deferred that has fired already
+    (C{--policy allow-deferred}): each frame takes the queue of frames
+    waiting for decisions.
+    """
+
+    def may_relay(
+        self, sender: str, receiver: str, message_type: int, information: int
+    ) -> Deferred[bool]:
+        return succeed(True)
+
+
+POLICIES = {"none": None, "allow": Allow, "allow-deferred": AllowDeferred}
+
+
+def setup(
+    frames: int,
+    receivers: int,
+    websocket: bool = False,
+    broadcast: bool = False,
+    policy: str = "none",
+):
     # The reactor as the clock (it never runs here): timers are made as in
     # a server, and none fires.
     from twisted.internet import reactor
@@ -109,7 +144,14 @@ def setup(frames: int, receivers: int, websocket: bool = False, broadcast: bool 
     # raised here, as the load is the point.
     config = ServerConfig(work_rate=1e12, work_burst=1e12)
     groups = OneGroup([f"r{i}" for i in range(receivers)])
-    engine = ServerEngine(config, handler=AcceptAll(), clock=reactor, group_manager=groups)
+    make_policy = POLICIES[policy]
+    engine = ServerEngine(
+        config,
+        handler=AcceptAll(),
+        clock=reactor,
+        group_manager=groups,
+        relay_policy=make_policy() if make_policy is not None else None,
+    )
     factory = ServerFactory(engine)
     if websocket:
         sender, _ = ws_connected(engine, "sender", 1)
@@ -141,8 +183,9 @@ def measure(
     rounds: int = 5,
     websocket: bool = False,
     broadcast: bool = False,
+    policy: str = "none",
 ) -> float:
-    engine, sender, outs, data = setup(frames, receivers, websocket, broadcast)
+    engine, sender, outs, data = setup(frames, receivers, websocket, broadcast, policy)
     gc.disable()
     try:
         best = float("inf")
@@ -169,10 +212,15 @@ def main() -> None:
                         help="the sender speaks WebSocket (the receivers TCP)")  # fmt: skip
     parser.add_argument("--broadcast", type=int, default=0, metavar="G",
                         help="Broadcasts to one group of G receivers; time per delivery")  # fmt: skip
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="none",
+                        help="the relay policy: none, one that allows at once, or with a "
+                        "Deferred (default none)")  # fmt: skip
     args = parser.parse_args()
     receivers = args.broadcast or args.interleave
     if args.profile:
-        _engine, sender, outs, data = setup(200, receivers, args.websocket, bool(args.broadcast))
+        _engine, sender, outs, data = setup(
+            200, receivers, args.websocket, bool(args.broadcast), args.policy
+        )
         profile = cProfile.Profile()
         profile.enable()
         for _ in range(500):
@@ -189,9 +237,12 @@ def main() -> None:
         # (Broadcasts: about as many deliveries as relayed Sends otherwise.)
         reads = max(1, sends // args.broadcast) if args.broadcast else sends
         ns = measure(frames, receivers, reads, websocket=args.websocket,
-                     broadcast=bool(args.broadcast))  # fmt: skip
+                     broadcast=bool(args.broadcast), policy=args.policy)  # fmt: skip
         what = "delivery" if args.broadcast else "relayed Send"
-        print(f"reads of {frames} {kind} to {receivers} receiver(s): {ns:.0f} ns per {what}")
+        policy = f", relay policy {args.policy}" if args.policy != "none" else ""
+        print(
+            f"reads of {frames} {kind} to {receivers} receiver(s){policy}: {ns:.0f} ns per {what}"
+        )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from esf.server._engine import (
     UserData,
 )
 from esf.server._protocol import ServerFactory, ServerProtocol, ServerService
+from esf.server._relay_policy import RelayRefused
 from esf.server._websocket import WebSocketFactory, WebSocketProtocol
 from esf.wire._frames import (
     ClientType,
@@ -53,6 +54,7 @@ __all__ = [
     "LogonResult",
     "MessageType",
     "NotConnected",
+    "RelayRefused",
     "RelogonMode",
     "RequestError",
     "STORED",

@@ -31,6 +31,7 @@ __all__ = [
     "IChannel",
     "IEngineAware",
     "IRelogonPolicy",
+    "IRelayPolicy",
     "IOfflineStore",
     "IOfflinePolicy",
 ]
@@ -180,6 +181,54 @@ class IRelogonPolicy(Interface):
         An exception, or an answer that is not a L{esf.RelogonMode},
         refuses the logon (logged; the client sees C{logon verification
         failed}).
+        """
+
+
+class IRelayPolicy(Interface):
+    """
+    Decides which frames one user may relay to another (without one,
+    every logged-on user may send anything to anyone): an IoT hub whose
+    devices may talk to its operators only, say.
+    """
+
+    def may_relay(
+        sender: str, receiver: str, message_type: int, information_type: int
+    ) -> _Answer[bool]:
+        """
+        Whether C{sender} may relay a frame of C{message_type} (an
+        L{esf.MessageType} value) and C{information_type} to C{receiver}.
+
+        Asked on the sender's node for every frame a user addresses to
+        another user that is not an answer: Send, SendCertainly, Request,
+        every fragment of a Blob (its information type is the fragment's),
+        PingByServer (information type 0), and Broadcast, once per frame,
+        before the group manager's C{can_broadcast}.  Never for an answer
+        (Response, Ack, PingAck, Error): its request was judged.  Asked
+        before the route is resolved, so that a frame to a user who is
+        offline (kept in the offline store or not) or on another node is
+        judged as any other; frames that arrive from other nodes were
+        judged on theirs: give every node the same policy.
+
+        @param sender: the sending user's ID.
+        @param receiver: the user the frame's DestUserID names (C{"bob"}
+            for C{"bob"} and for one of his devices, C{"bob#5"}); for a
+            Broadcast the group ID, or C{"*"} for everyone.
+        @param message_type: the frame's L{esf.MessageType}.
+        @param information_type: the C{i32} the frame's body starts with
+            (a frame whose body is too short to hold one is refused with
+            C{Error(BadRequest)} without asking).
+
+        @return: C{True} to relay, C{False} to refuse with a reason naming
+            the sender and the receiver; or raise L{esf.RelayRefused} to
+            refuse with a reason of yours.  A Deferred or coroutine of
+            those may answer later: the sender's later frames wait behind
+            it, in order, within the server's C{--relay-policy-pending}
+            and C{--relay-policy-timeout}.  A refused frame with a
+            MessageID is answered C{Error(NotAuthorized, reason)}; a
+            one-way one is counted (C{esf_relay_refused_total}).  Any
+            other exception, or an answer that is not a L{bool}, refuses
+            the frame with C{Error(HandlerError)} and is logged.  Whom a
+            Broadcast reaches stays the group manager's to decide.
         """
 
 

@@ -52,6 +52,7 @@ class Node:
         config: ServerConfig | None = None,
         relogon_policy: Any = None,
         offline: bool = False,
+        relay_policy: Any = None,
         **options,
     ):
         clock = task.Clock()
@@ -63,7 +64,7 @@ class Node:
         store = RedisOfflineStore(self.presence.link) if offline else None
         self.engine = ServerEngine(
             config, clock=clock, presence=self.presence, node_id=node_id,
-            relogon_policy=relogon_policy, offline_store=store,
+            relogon_policy=relogon_policy, offline_store=store, relay_policy=relay_policy,
         )  # fmt: skip
         self.events = record_events(self.engine.user_manager)
         self.engine.start()

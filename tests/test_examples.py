@@ -194,6 +194,56 @@ def test_iot_hub_loads_with_twistd_handler_option(monkeypatch):
 
     assert engine.relogon_policy is loaded.handler
     assert engine.handler is loaded.handler
+    assert engine.relay_gate.policy is loaded.handler
+
+
+def test_server_md_shows_the_relay_policy_as_it_is():
+    """
+    The relay policy's excerpt of iot_hub.py in docs/server.md is the
+    file's own code.
+    """
+    text = SERVER_MD.read_text()
+    section = text[text.index("## The relay policy: `IRelayPolicy`") :]
+    excerpt = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    source = (EXAMPLES / "iot_hub.py").read_text()
+    runs = [run.strip("\n") for run in re.split(r"^\s*\.\.\.\n", excerpt, flags=re.M)]
+    assert len(runs) == 2 and "def may_relay" in runs[-1]
+    for run in runs:
+        assert run in source, run
+
+
+def test_iot_hub_devices_talk_to_operators_only(iot_hub):
+    """
+    The example's relay policy through real clients: a device's request
+    to another device fails with NotAuthorized and the hub's reason, its
+    Send is dropped; to an operator, and from one, messages go.
+    """
+    from esf import ErrorCode, RequestError
+    from esf.interfaces import IRelayPolicy
+
+    hub = iot_hub.Hub()
+    assert verifyObject(IRelayPolicy, hub)
+    server = MemoryServer(hub)
+    try:
+        dev7 = server.logged_on("dev-7", "t7")
+        dev8 = server.logged_on("dev-8", "t8")
+        op = server.logged_on("op-ann", "pa")
+        got = []
+        for client in (dev8, op):
+            client.information_received.subscribe(lambda *args, got=got: got.append(args[:3]))
+        error = server.failure(dev7.send_certainly("dev-8", 1, b"hi"), RequestError)
+        assert (error.code, error.text) == (
+            ErrorCode.NOT_AUTHORIZED,
+            "devices may talk to operators only",
+        )
+        dev7.send("dev-8", 2, b"psst")
+        server.result(dev7.send_certainly("op-ann", 3, b"report"))
+        server.result(op.send_certainly("dev-8", 4, b"reboot"))
+        server.pump()
+        assert [information_type for _, _, information_type in got] == [3, 4]
+        assert server.engine.counters["relay_refused"] == 2
+    finally:
+        server.close()
 
 
 @pytest.mark.e2e

@@ -24,6 +24,7 @@ PUBLIC = {
     "LogonResult",
     "MessageType",
     "NotConnected",
+    "RelayRefused",
     "RelogonMode",
     "RequestError",
     "STORED",
@@ -52,6 +53,7 @@ INTERFACES = {
     "IOfflineStore",
     "IOfflinePolicy",
     "IRelogonPolicy",
+    "IRelayPolicy",
 }
 
 

@@ -717,3 +717,23 @@ def test_the_decoder_counts_every_frame_of_a_run():
     with pytest.raises(FrameError):
         decoder.feed_runs(b"".join(sends[:3]) + b"\x00" * 40, MessageType.SEND)
     assert decoder.decoded == 3
+
+
+def test_each_counter_is_described_once():
+    """
+    COUNTER_METRICS names each counter once: a key written twice in the
+    dict's source would silently replace the first description (as
+    senders_paused's and output_dropped's did).
+    """
+    import ast
+
+    source = (ROOT / "esf" / "operations" / "_metrics.py").read_text()
+    [table] = [
+        node.value
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign)
+        and any(getattr(target, "id", None) == "COUNTER_METRICS" for target in node.targets)
+    ]
+    keys = [ast.unparse(key) for key in table.keys]
+    assert sorted(key for key in set(keys) if keys.count(key) > 1) == []
+    assert "relay policy" in COUNTER_METRICS[Count.SENDERS_PAUSED][1]

@@ -124,6 +124,7 @@ class FakeSessionOwner:
         self.presence = LocalPresence()
         self.offline = None
         self.transmit_failed = Event("transmit_failed")
+        self.relay_gate = None
         self.relay = Relay(self)
         self.received = []
         self.ended = []
@@ -411,6 +412,7 @@ class FakeApplicationEngine:
         self.presence = FakePresence([])
         self.router = FakeRouter({})
         self.relay = None
+        self.relay_gate = None
 
 
 def test_application_services_alone_answer_a_request_from_the_handler():

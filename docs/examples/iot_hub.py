@@ -1,8 +1,9 @@
 """
-An example of a relogon mode per user and device kind: an IoT hub whose
-devices (C{dev-<serial>}) reconnect over flaky links and must replace
-their own stale sessions, while its operators (C{op-<name>}) must not be
-pushed out by a second login with their account.
+An example of a relogon mode per user and device kind, and of a relay
+policy: an IoT hub whose devices (C{dev-<serial>}) reconnect over flaky
+links and must replace their own stale sessions, while its operators
+(C{op-<name>}) must not be pushed out by a second login with their
+account; devices may talk to operators only, operators to anyone.
 
 Run it with C{twistd}, with this directory on the import path::
 
@@ -10,14 +11,15 @@ Run it with C{twistd}, with this directory on the import path::
 
 A second logon of C{dev-7} replaces the first; a second logon of C{op-ann}
 from the same device kind is refused with C{HadLoggedOn}, and the hub logs
-who tried.
+who tried.  A device's message to another device is refused: a request
+with C{Error(NotAuthorized, "devices may talk to operators only")}.
 """
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from esf import ClientType, LogonRefused, RelogonMode
-from esf.interfaces import IBasicHandler, IEngineAware, IRelogonPolicy
+from esf import ClientType, LogonRefused, RelayRefused, RelogonMode
+from esf.interfaces import IBasicHandler, IEngineAware, IRelayPolicy, IRelogonPolicy
 
 log = Logger(namespace="iot_hub")
 
@@ -27,11 +29,12 @@ OPERATORS = {"op-ann": "pa", "op-bob": "pb"}
 DEVICES = {"7": "t7", "8": "t8"}
 
 
-@implementer(IBasicHandler, IRelogonPolicy, IEngineAware)
+@implementer(IBasicHandler, IRelogonPolicy, IRelayPolicy, IEngineAware)
 class Hub:
     """
     Operators log on with a password, devices with their token; each kind
-    of account has the relogon mode it needs.
+    of account has the relogon mode it needs, and devices talk to
+    operators only.
     """
 
     # IBasicHandler
@@ -55,6 +58,14 @@ class Hub:
             return RelogonMode.IGNORE_NEW
         # Devices, and operators' browser tabs: the newest connection wins.
         return RelogonMode.REPLACE_OLD
+
+    # IRelayPolicy: asked for every frame a user sends another user (or a
+    # group), answers excepted.
+
+    def may_relay(self, sender, receiver, message_type, information_type):
+        if sender.startswith("op-") or receiver.startswith("op-"):
+            return True  # operators talk to anyone, devices to operators
+        raise RelayRefused("devices may talk to operators only")
 
     # IEngineAware
 

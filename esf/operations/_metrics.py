@@ -127,7 +127,8 @@ COUNTER_METRICS = {
     Count.SENDERS_PAUSED: (
         "senders_paused",
         "Times a sender was read no further: a receiver it relayed to was backed up (for "
-        "--push-back-timeout at most), or it kept relaying what was refused.",
+        "--push-back-timeout at most), it kept relaying what was refused, or its frames waited "
+        "for the relay policy.",
     ),
     Count.OFFLINE_STORED: (
         "offline_stored",
@@ -165,17 +166,15 @@ COUNTER_METRICS = {
         "unsolicited_answers",
         "Answers from a user to no request relayed to that user: dropped.",
     ),
+    Count.RELAY_REFUSED: (
+        "relay_refused",
+        "Frames a user addressed to another that the application's relay policy refused (its "
+        "answer, an exception, or no decision in time): requests answered with an Error, "
+        "one-way frames dropped.",
+    ),
     Count.TOO_MANY_UNANSWERED: (
         "too_many_unanswered",
         "Requests refused because their session waited for too many answers already.",
-    ),
-    Count.SENDERS_PAUSED: (
-        "senders_paused",
-        "Times a sender's reading was paused because a receiver was backed up (push back).",
-    ),
-    Count.OUTPUT_DROPPED: (
-        "output_dropped",
-        "Relayed frames not queued because their receiver was past its hard output bound.",
     ),
     Count.WORK_REFUSED: (
         "work_refused",

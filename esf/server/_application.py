@@ -4,10 +4,10 @@ interfaces it provides.
 
 C{twistd esf --handler} and L{engine_for} share these rules: an object must
 provide at least one of L{IBasicHandler}, L{ICustomizeHandler},
-L{IGroupManager}, L{IOfflinePolicy}, L{IRelogonPolicy} and L{IEngineAware};
-the first five are roles the engine has one of, so two objects providing
-the same one are refused; every L{IEngineAware} object is initialized with
-the engine, in the order given.
+L{IGroupManager}, L{IOfflinePolicy}, L{IRelogonPolicy}, L{IRelayPolicy}
+and L{IEngineAware}; the first six are roles the engine has one of, so two
+objects providing the same one are refused; every L{IEngineAware} object
+is initialized with the engine, in the order given.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from esf.interfaces import (
     IOfflinePolicy,
     IOfflineStore,
     IPresence,
+    IRelayPolicy,
     IRelogonPolicy,
 )
 
@@ -42,6 +43,7 @@ APPLICATION_INTERFACES: tuple[InterfaceClass, ...] = (
     IGroupManager,
     IOfflinePolicy,
     IRelogonPolicy,
+    IRelayPolicy,
     IEngineAware,
 )
 
@@ -52,6 +54,7 @@ _ONE_EACH: tuple[InterfaceClass, ...] = (
     IGroupManager,
     IOfflinePolicy,
     IRelogonPolicy,
+    IRelayPolicy,
 )
 
 
@@ -65,6 +68,7 @@ class Applications:
     @ivar group_manager: the L{IGroupManager}, or C{None}.
     @ivar offline_policy: the L{IOfflinePolicy}, or C{None}.
     @ivar relogon_policy: the L{IRelogonPolicy}, or C{None}.
+    @ivar relay_policy: the L{IRelayPolicy}, or C{None}.
     @ivar engine_aware: every L{IEngineAware} object, in the order given.
     """
 
@@ -74,6 +78,7 @@ class Applications:
     engine_aware: tuple[Any, ...] = ()
     offline_policy: Any = None
     relogon_policy: Any = None
+    relay_policy: Any = None
 
     @classmethod
     def sort(cls, applications: Iterable[Any]) -> Applications:
@@ -112,6 +117,7 @@ class Applications:
             tuple(engine_aware),
             holders.get(IOfflinePolicy),
             holders.get(IRelogonPolicy),
+            holders.get(IRelayPolicy),
         )
 
     def initialize(self, engine: ServerEngine) -> None:
@@ -134,8 +140,8 @@ def engine_for(
     A L{ServerEngine} for an application given as one object or several,
     each used for the interfaces it provides (L{IBasicHandler},
     L{ICustomizeHandler}, L{IGroupManager}, L{IOfflinePolicy},
-    L{IRelogonPolicy}); every L{IEngineAware} object is then initialized
-    with the engine, before any connection.
+    L{IRelogonPolicy}, L{IRelayPolicy}); every L{IEngineAware} object is
+    then initialized with the engine, before any connection.
 
     @param config: the server's settings (the defaults when C{None}).
     @param clock: the reactor, or any L{twisted.internet.interfaces.IReactorTime}.
@@ -158,6 +164,7 @@ def engine_for(
         offline_store=offline_store,
         offline_policy=apps.offline_policy,
         relogon_policy=apps.relogon_policy,
+        relay_policy=apps.relay_policy,
     )
     apps.initialize(engine)
     return engine

@@ -114,6 +114,15 @@ class ServerConfig:
     #: MessageID) one session may have relayed to users and not yet had
     #: answered; more are answered C{RateLimited}.
     max_unanswered_requests: int = attrs.field(default=1024, validator=_positive)
+    #: Frames of one session that may wait for the application's relay
+    #: policy to decide (an L{esf.interfaces.IRelayPolicy} that answers
+    #: later); past it the session is read no further until decisions
+    #: come.
+    relay_policy_pending: int = attrs.field(default=64, validator=_positive)
+    #: Seconds a frame may wait for the relay policy's decision; then it
+    #: is refused (a request answered C{Error(Timeout)}) and the policy's
+    #: Deferred cancelled.
+    relay_policy_timeout: float = attrs.field(default=5, validator=_positive)
     #: Most user IDs one QueryOnlines may name; more are answered
     #: C{Error(TooLarge)}.
     max_query_ids: int = attrs.field(default=1000, validator=_positive)

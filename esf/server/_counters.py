@@ -48,6 +48,10 @@ class Count(StrEnum):
     #: An answer (Response, Ack, PingAck, Error) from a user that answers no
     #: request relayed to that user: dropped.
     UNSOLICITED_ANSWERS = "unsolicited_answers"
+    #: A frame a user addressed to another user that the application's
+    #: relay policy refused (its answer, an exception, or no decision in
+    #: time): a request was answered with an Error, a one-way frame dropped.
+    RELAY_REFUSED = "relay_refused"
     #: A request refused because its session waits for too many answers.
     TOO_MANY_UNANSWERED = "too_many_unanswered"
     #: A sender whose reading was paused because a receiver is backed up.

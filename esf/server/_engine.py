@@ -33,6 +33,7 @@ from esf.interfaces import (
     IOfflinePolicy,
     IOfflineStore,
     IPresence,
+    IRelayPolicy,
     IRelogonPolicy,
 )
 from esf.wire import _messages as m
@@ -58,6 +59,7 @@ from ._output import OutputBatch
 from ._policy import LogonRefused
 from ._presence import LocalPresence, UserManager
 from ._relay import Relay
+from ._relay_policy import RelayGate
 from ._router import AnswerRouter, Router
 from ._services import TO_SERVER, ApplicationServices, BasicServices
 from ._session import RELAYED, Session
@@ -119,6 +121,7 @@ class ServerEngine(ServerApplicationAPI):
         offline_store: IOfflineStore | None = None,
         offline_policy: IOfflinePolicy | None = None,
         relogon_policy: IRelogonPolicy | None = None,
+        relay_policy: IRelayPolicy | None = None,
     ):
         self.config = config = config or ServerConfig()
         self.clock = clock
@@ -143,7 +146,9 @@ class ServerEngine(ServerApplicationAPI):
             self.router, clock, config.query_timeout, config.max_unanswered_requests
         )
         self.batch = OutputBatch()
-        #: Forwards frames between users.
+        #: Asks the application's L{IRelayPolicy}, if any, about every frame
+        #: a user relays (C{None}: nothing is asked); the relay forwards.
+        self.relay_gate = RelayGate(self, relay_policy) if relay_policy is not None else None
         self.relay = Relay(self)
         #: Bytes held for peers (output backlogs, partial frames, blobs).
         self.budget = MemoryBudget(config.max_buffered_bytes)
@@ -207,6 +212,8 @@ class ServerEngine(ServerApplicationAPI):
         self.stopping = True
         self.reaper.stop()
         self.logons.record.stop()
+        if self.relay_gate is not None:
+            self.relay_gate.stop()
         for session in list(self.sessions):
             session.end(DisconnectedType.SERVER_SHUTDOWN, "the server is shutting down")
         drained: Deferred[None]
@@ -249,7 +256,7 @@ class ServerEngine(ServerApplicationAPI):
             )
             return session
         session.logon_timer = self.clock.callLater(
-            self.config.logon_timeout, self._logon_timed_out, session
+            self.config.logon_timeout, self.logons.timed_out, session
         )
         return session
 
@@ -263,20 +270,6 @@ class ServerEngine(ServerApplicationAPI):
             drained, self._drained = self._drained, []
             for d in drained:
                 d.callback(None)
-
-    def _logon_timed_out(self, session: Session) -> None:
-        session.logon_timer = None
-        text = f"no logon within {self.config.logon_timeout:g} s"
-        if session.decoder.buffered:
-            # Bytes that never made a whole frame: most likely a client whose
-            # header is shorter than this server's.  Say which one we expect.
-            wire = self.config.wire
-            text += (
-                f"; {session.decoder.buffered} bytes arrived that are not a whole frame "
-                f"(this server expects {wire.header_length}-byte headers, max UserID "
-                f"length {wire.max_userid_length})"
-            )
-        session.end(DisconnectedType.LOGON_TIMEOUT, text)
 
     def session_ended(
         self, session: Session, reason: DisconnectedType, text: str, was_logged_on: bool
@@ -294,6 +287,8 @@ class ServerEngine(ServerApplicationAPI):
             )
         if self.offline is not None:
             self.offline.session_ended(session)
+        if self.relay_gate is not None:
+            self.relay_gate.session_ended(session)
         if session.blobs is not None:
             self.budget.add_blob_bytes(session.user_id or "", -session.blobs.buffered)
             session.blobs = None

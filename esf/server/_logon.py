@@ -240,6 +240,24 @@ class Logons:
             return
         self._admit(session, frame, logon)
 
+    def timed_out(self, session: Session) -> None:
+        """
+        C{session} has not logged on within the logon timeout: end it.
+        """
+        session.logon_timer = None
+        config = self.engine.config
+        text = f"no logon within {config.logon_timeout:g} s"
+        if session.decoder.buffered:
+            # Bytes that never made a whole frame: most likely a client whose
+            # header is shorter than this server's.  Say which one we expect.
+            wire = config.wire
+            text += (
+                f"; {session.decoder.buffered} bytes arrived that are not a whole frame "
+                f"(this server expects {wire.header_length}-byte headers, max UserID "
+                f"length {wire.max_userid_length})"
+            )
+        session.end(DisconnectedType.LOGON_TIMEOUT, text)
+
     def _admit(self, session: Session, frame: Frame, logon: m.Logon) -> None:
         engine = self.engine
         session.user_id = frame.user_id

@@ -156,17 +156,23 @@ class Sender(PeerLimits):
         #: Resumes its reading once the allowance is back (L{refused}).
         self._refusal_timer: Any = None
 
-    def _hold_back(self) -> None:
+    def hold_back(self) -> None:
         """
-        Read this session no further, until every receiver (and the
-        refusal allowance) that holds it back lets it go.
+        Read this session no further, until every part that holds it back
+        lets it go (L{let_go}): each receiver it relays to that is backed
+        up, its refusal allowance, the relay policy's decisions it waits
+        for (L{esf.server._relay_policy.RelayGate}).
         """
         self._blockers += 1
         if self._blockers == 1:
             self.owner.counters[Count.SENDERS_PAUSED] += 1
             self.channel.pause_reading()
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
+        """
+        One part that held this session back (L{hold_back}) lets it go:
+        reading resumes once none does.
+        """
         self._blockers -= 1
         if self._blockers == 0 and self.state is not SessionPhase.ENDED:
             self.channel.resume_reading()
@@ -190,12 +196,12 @@ class Sender(PeerLimits):
         allowance -= size
         self._refusable, self._refusable_at = allowance, now
         if allowance < 0 and self._refusal_timer is None and self.state is not SessionPhase.ENDED:
-            self._hold_back()
+            self.hold_back()
             self._refusal_timer = owner.clock.callLater(-allowance / rate, self._refilled)
 
     def _refilled(self) -> None:
         self._refusal_timer = None
-        self._let_go()
+        self.let_go()
 
     def _stop_refusal_timer(self) -> None:
         """
@@ -322,7 +328,7 @@ class Receiver(Sender):
         if sender in blocked:
             return
         blocked.add(sender)
-        sender._hold_back()
+        sender.hold_back()
 
     def _stall(self) -> None:
         """
@@ -348,7 +354,7 @@ class Receiver(Sender):
     def _release_blocked(self) -> None:
         blocked, self._blocked = self._blocked, None
         for sender in list(blocked or ()):
-            sender._let_go()
+            sender.let_go()
 
     def _not_draining(self) -> None:
         self._drain_timer = None

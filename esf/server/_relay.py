@@ -7,7 +7,10 @@ its devices: a device that is backed up holds the sender back, one that
 is stalled refuses it (L{Relay.not_queued}).  Both the session's inline
 path for runs of Sends (L{esf.server._session.Session.data_received}) and
 L{Relay.frame}, which takes every other relayed frame (answers, acknowledged
-messages, a user who is offline), use it.
+messages, a user who is offline), use it.  When the application gives a
+relay policy, both have it judge each frame first
+(L{esf.server._relay_policy.RelayGate}: C{judge} for L{Relay.frame},
+C{admit} for a run on the session's inline path).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 
     from ._config import ServerConfig
     from ._offline import OfflineMessages
+    from ._relay_policy import RelayGate
     from ._session import Session
 
 __all__ = ["Relay", "NOT_DELIVERED", "DELIVERED", "ALL_QUEUED", "backed_up"]
@@ -91,6 +95,9 @@ class RelayEngine(Protocol):
 
     @property
     def offline(self) -> OfflineMessages | None: ...
+
+    @property
+    def relay_gate(self) -> RelayGate | None: ...
 
     @property
     def transmit_failed(self) -> Event: ...
@@ -162,7 +169,9 @@ class Relay:
         Forward a frame, its original bytes, to the devices its DestUserID
         names; say why not when there are none.  An answer goes only to the
         device whose request it answers (L{esf.server._router.AnswerRouter}),
-        or nowhere.
+        or nowhere.  Any other frame is judged by the application's relay
+        policy first, when there is one (L{RelayGate}), before its route is
+        resolved.
         """
         engine = self.engine
         message_type = frame.message_type
@@ -174,6 +183,19 @@ class Relay:
             if self.forward(session, askers, frame.raw, 1):
                 self.count(message_type, 1, len(frame.raw))
             return
+        gate = engine.relay_gate
+        if gate is not None:
+            gate.judge(session, frame, self.allowed)
+            return
+        self.allowed(session, frame)
+
+    def allowed(self, session: Session, frame: Frame) -> None:
+        """
+        Forward C{frame}, which is not an answer, as L{frame} says: the
+        relay policy, if any, allowed it.
+        """
+        engine = self.engine
+        message_type = frame.message_type
         targets = engine.router.resolve(frame.dest_user_id)
         offline = engine.offline
         if not targets:

@@ -32,6 +32,7 @@ from esf.wire._frames import (
 
 from ._config import IDS_PER_UNIT, EngineBasics
 from ._counters import Count, count_fanout
+from ._relay_policy import judged
 
 if TYPE_CHECKING:
     from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ._budget import MemoryBudget
     from ._config import ServerConfig
     from ._logon import LogonRecord
+    from ._relay_policy import RelayGate
     from ._session import Session
 
 __all__ = ["BasicServices", "ApplicationServices", "BasicEngine", "ApplicationEngine", "TO_SERVER"]
@@ -107,7 +109,8 @@ class ApplicationEngine(EngineBasics, Protocol):
     What the application services need of the engine: the settings, the
     clock, the counters and memory budget, the application's handlers and
     group manager, the server's pending queries, who is online, and the
-    router and relay (a Broadcast is written as a relay is).
+    router, relay and relay policy (a Broadcast is judged and written as a
+    relay is).
     """
 
     @property
@@ -130,6 +133,9 @@ class ApplicationEngine(EngineBasics, Protocol):
 
     @property
     def relay(self) -> _Relay: ...
+
+    @property
+    def relay_gate(self) -> RelayGate | None: ...
 
 
 class BasicServices:
@@ -467,11 +473,12 @@ class ApplicationServices:
 
     def broadcast(self, session: Session, frame: Frame) -> None:
         """
-        A Broadcast (601): asks the group manager whether the sender may
-        (L{_broadcast_allowed}), then who the members are, and writes the
-        frame, its own bytes, to each online device of each member
-        (L{_deliver}).  A group manager that answers at once costs no
-        Deferred (L{call_then}).
+        A Broadcast (601): asks the relay policy, if there is one
+        (L{esf.server._relay_policy.RelayGate}), then the group manager
+        whether the sender may (L{_broadcast_allowed}), then who the members
+        are, and writes the frame, its own bytes, to each online device of
+        each member (L{_deliver}).  A group manager that answers at once
+        costs no Deferred (L{call_then}).
         """
         info = m.Information.decode(frame.body)
         group_id = frame.dest_user_id
@@ -479,13 +486,18 @@ class ApplicationServices:
         if manager is None or group_id in TO_SERVER:
             session.error(frame, ErrorCode.NOT_AUTHORIZED, f"no group {group_id!r} here")
             return
+        judged(self.engine.relay_gate, session, frame, self._may_broadcast, info.information_type)
+
+    def _may_broadcast(self, session: Session, frame: Frame, information_type: int) -> None:
+        manager = self.engine.group_manager
+        assert manager is not None  # checked by broadcast
         call_then(
             manager.can_broadcast,
-            (session.user_id, group_id),
+            (session.user_id, frame.dest_user_id),
             self._broadcast_allowed,
             session,
             frame,
-            info.information_type,
+            information_type,
         )
 
     def _broadcast_allowed(

@@ -108,13 +108,18 @@ class _Relaying(Protocol):
     def count(self, message_type: int, frames: int, size: int) -> None: ...
 
 
+class _Gate(Protocol):
+    def admit(self, session: Session, run: SendRun, targets: Any) -> bool: ...
+
+
 class SessionOwner(DeviceOwner, Protocol):
     """
     What a session needs of its owner (the engine), beyond what its device
     and output sides need (L{DeviceOwner}, which has what its limits need
     too): the node it is on, the work bucket it starts with, where frames
-    go (the router, the relay, the engine's dispatch), and the calls that
-    tell the owner of the session's life.
+    go (the router, the relay, the engine's dispatch), whether a relay
+    policy judges them, and the calls that tell the owner of the session's
+    life.
     """
 
     @property
@@ -128,6 +133,9 @@ class SessionOwner(DeviceOwner, Protocol):
 
     @property
     def relay(self) -> _Relaying: ...
+
+    @property
+    def relay_gate(self) -> _Gate | None: ...
 
     def frame_received(self, session: Session, frame: Frame) -> None: ...
 
@@ -248,13 +256,13 @@ class Session(Device):
         """
         error = None
         decoder = self.decoder
+        owner = self.owner
         try:
             frames = decoder.feed_runs(data, _SEND)
         except FrameError as e:
             frames, error = e.frames, e
         if frames:
             self.active = True
-        owner = self.owner
         partial = decoder.buffered
         if partial != self._partial:
             refusal = self._holding(partial)
@@ -276,7 +284,10 @@ class Session(Device):
             # ends or falls behind, and the next runs to that destination
             # are appended where its first went: one lookup per
             # destination per read, in order per sender and receiver.
-            cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS
+            # A relay policy judges every run (RelayGate.admit), so no
+            # route is remembered past one.
+            gate = owner.relay_gate
+            cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS and gate is None
             routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
             for item in frames:
                 state = self.state
@@ -296,6 +307,8 @@ class Session(Device):
                             continue
                         targets = resolve(dest)
                         if targets:
+                            if gate is not None and not gate.admit(self, item, targets):
+                                continue  # not all allowed at once: the gate took them
                             raw = item.raw
                             # The relay rule, the same for every frame.
                             delivered = forward(self, targets, raw, item.count)

@@ -144,6 +144,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["max-blob-size", None, 67108864, "Largest Blob addressed to the server, reassembled, in bytes.", _int_option("max-blob-size", 1)],
         ["max-blob-bytes-per-user", None, 67108864, "Bytes of blobs to the server one user may have in progress, over all devices.", _int_option("max-blob-bytes-per-user", 1)],
         ["max-buffered-bytes", None, 536870912, "Bytes the server may hold for peers (output backlogs, partial frames, blobs); new work past it is refused.", _int_option("max-buffered-bytes", 1048576)],
+        ["relay-policy-pending", None, 64, "Frames of one session that may wait for an IRelayPolicy --handler's later decisions; past it the session is read no further until they come.", _int_option("relay-policy-pending", 1)],
+        ["relay-policy-timeout", None, 5.0, "Seconds a frame may wait for an IRelayPolicy --handler's decision; then it is refused (a request gets Timeout).", _seconds_option("relay-policy-timeout", 0.01)],
         ["max-query-ids", None, 1000, "Most user IDs one QueryOnlines may name; more get TooLarge.", _int_option("max-query-ids", 1)],
         ["work-rate", None, 2000, "Units of server-handled work one session may ask for per second (1 per request, 1 more per 10 user IDs); more get RateLimited.", _int_option("work-rate", 1)],
         ["query-timeout", None, 30, "Seconds the server's own queries to clients wait for an answer.", _int_option("query-timeout", 1)],
@@ -215,9 +217,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_handler(self, spec: str) -> None:
         """
         An application object, module:attribute, providing IBasicHandler,
-        ICustomizeHandler, IGroupManager, IOfflinePolicy, IRelogonPolicy or
-        IEngineAware (repeatable: each object is used for the interfaces it
-        provides; two providing the same one are refused).
+        ICustomizeHandler, IGroupManager, IOfflinePolicy, IRelogonPolicy,
+        IRelayPolicy or IEngineAware (repeatable: each object is used for the
+        interfaces it provides; two providing the same one are refused).
         """
         self["handlers"].append(load_object(spec))
 
@@ -298,6 +300,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 max_buffered_bytes=self["max-buffered-bytes"],
                 query_timeout=self["query-timeout"],
                 max_query_ids=self["max-query-ids"],
+                relay_policy_pending=self["relay-policy-pending"],
+                relay_policy_timeout=self["relay-policy-timeout"],
                 work_rate=self["work-rate"],
                 work_burst=2 * self["work-rate"],
                 client_types=self["client-types"] or frozenset(ClientType),
@@ -595,6 +599,7 @@ def server_service(options: Options) -> MultiService:
         offline_store=store,
         offline_policy=apps.offline_policy,
         relogon_policy=apps.relogon_policy,
+        relay_policy=apps.relay_policy,
     )
     try:
         apps.initialize(engine)

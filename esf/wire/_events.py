@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-__all__ = ["Event", "IEvent", "call", "call_then"]
+__all__ = ["Event", "IEvent", "call", "call_then", "outcome"]
 
 log = Logger(namespace="esf")
 
@@ -45,7 +45,7 @@ class IEvent(Interface):
 _PLAIN = frozenset({bool, list, tuple, set, frozenset, dict, str, bytes, int, type(None)})
 
 
-def _outcome(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def outcome(f: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     """
     Call C{f(*args)}: its result, a L{Deferred} for a later one (a
     coroutine is run as one), or a L{Failure} if it raised.
@@ -66,7 +66,7 @@ def call(f: Callable[..., Any], *args: Any) -> Deferred[Any]:
     Call an application method that may answer synchronously, with a
     Deferred or as a coroutine; always return a Deferred.
     """
-    result = _outcome(f, args)
+    result = outcome(f, args)
     if isinstance(result, Deferred):
         return result
     if isinstance(result, Failure):
@@ -83,7 +83,7 @@ def call_then(
     synchronously (no Deferred made, as the common case of a logon has it),
     else when its answer comes.
     """
-    result = _outcome(f, args)
+    result = outcome(f, args)
     if isinstance(result, Deferred):
         result.addBoth(then, *extra)
     else:
