@@ -341,6 +341,21 @@ class Claims:
         self.unconfirmed.add(handle.session_id)
         self.mirror.put(handle.user_id, int(handle.client_type), handle)
 
+    def note_strays(self, hashes: dict[str, dict[bytes, bytes]]) -> None:
+        """
+        Of C{hashes} (user -> device kind -> presence value, as Redis has
+        them), the devices held by sessions of this node's that it no longer
+        holds, whose release Redis lost (a failover to a replica that missed
+        it, a restart that lost the last writes): release them too
+        (L{release_stale}), fenced by their session IDs.
+        """
+        node = self.mirror.node_id
+        for user_id, devices in hashes.items():
+            for kind, value in devices.items():
+                holder = Holder.parse(value)
+                if holder.node == node and holder.session_id not in self.local:
+                    self.stale.setdefault(holder.session_id, (user_id, int(kind)))
+
     async def release_stale(self) -> None:
         """
         Release in Redis what was released while it was away.

@@ -2,7 +2,8 @@
 Membership: this node in the cluster.
 
 L{Membership} joins the cluster when Redis is reached (first, after an
-outage, after Redis lost its data: C{lua/epoch.lua}), keeps this node's
+outage, after Redis lost its data: C{lua/epoch.lua}, or when another Redis
+server answers: a failover, a restart), keeps this node's
 lease (C{lua/tick.lua}, every third of it), notices when this node fell
 behind the presence stream, and runs the janitor, which reaps
 (C{lua/reap.lua}) the nodes whose lease expired.  While it is not in the
@@ -57,6 +58,8 @@ class Membership:
         read from Redis under an older one is stale.
     @ivar streams: the reader of the presence stream and the inbox (set once
         made): its inbox position restarts when the inbox is lost.
+    @ivar server: the Redis server (L{IRedisLink.server}) this node last
+        joined the cluster on.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class Membership:
         self.running = False
         self.generation = 0
         self.epoch: bytes | None = None
+        self.server: str | None = None
         self._joined_once = False
         self._joining = False
         self._join_again = False
@@ -175,18 +179,35 @@ class Membership:
         generation = self.generation
         claims = self.claims
         token = "".join(random.choices(string.ascii_letters + string.digits, k=16))
+        server = self.link.server
+        # Another server than the one this node joined on: a failover (the
+        # replica may have missed the master's last writes, replication
+        # being asynchronous) or a restart (which may have lost the last
+        # second or all).  Treated as a loss of data, even with the epoch
+        # intact.
+        moved = self._joined_once and server != self.server
         epoch = await self.link.eval(
             _EPOCH,
             [self.keys.epoch, self.keys.settling],
-            [token, int(self.lease * 1000), "1" if self.epoch is not None else "0"],
+            [
+                token,
+                int(self.lease * 1000),
+                "1" if self.epoch is not None else "0",
+                "1" if moved else "0",
+            ],
         )
-        if self.epoch is not None and epoch != self.epoch:
+        if moved or (self.epoch is not None and epoch != self.epoch):
             log.warn(
-                "Redis lost the cluster's data (a restart without persistence?): "
-                "claiming this node's devices again",
+                "{what}: claiming this node's devices again",
+                what=(
+                    "another Redis server answers (a failover, or a restart): "
+                    "it may have lost the cluster's latest changes"
+                    if moved
+                    else "Redis lost the cluster's data (a restart without persistence?)"
+                ),
                 esf_event="cluster_data_lost",
             )
-            self._restart_inbox()
+            await self._resume_inbox()
             # Everything this node held must be claimed again.
             claims.unconfirmed.update(claims.local)
         self.epoch = epoch
@@ -206,10 +227,12 @@ class Membership:
             snapshot = await self._snapshot()
             if generation != self.generation:
                 raise RedisUnavailable("the connection changed while joining")
+            claims.note_strays(snapshot[1])
             if not claims.unconfirmed and not claims.stale:
                 break
         self.mirror.load(*snapshot)
         self._joined_once = True
+        self.server = server
         self.up = True
         log.info(
             "in the cluster as {node}: {users} users online, {local} devices here",
@@ -219,6 +242,29 @@ class Membership:
             esf_event="cluster_joined",
         )
         self.changed()
+
+    async def _resume_inbox(self) -> None:
+        """
+        After Redis lost data, read the inbox on from this node's position,
+        or from the last ID Redis has given an entry of it, if that is
+        older: the entries past it were lost.  What Redis kept up to there
+        was read already (a promoted replica's stream is a prefix of what
+        the old master's was; a restarted Redis's, of what it had), and
+        what is appended from now on comes after it.
+        """
+        last = (0, 0)
+        try:
+            info = fields(
+                await self.link.execute("XINFO", "STREAM", self.keys.inbox(self.node_id))
+            )
+        except RedisUnavailable:
+            raise
+        except Exception:
+            pass  # no such stream: lost with the rest
+        else:
+            last = stream_id(info[b"last-generated-id"])
+        if self.streams is not None:
+            self.streams.restart_inbox(min(last, self.streams.inbox_at))
 
     async def _refresh_lease(self) -> bytes | None:
         before = self.reactor.seconds()

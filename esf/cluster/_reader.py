@@ -80,6 +80,21 @@ class StreamReader:
             if not (membership.up and self.link.connected):
                 await membership.wait_change()
                 continue
+            if self.link.server != membership.server:
+                # This connection reached another Redis server than the one
+                # the node joined on (one of them stayed on a demoted
+                # master, or they reconnected at two moments of a
+                # failover): drop both, to read and write on the master
+                # the Sentinels name now.
+                log.warn(
+                    "the inbox's connection is on another Redis server than the node's: "
+                    "connecting both again",
+                    esf_event="cluster_links_apart",
+                )
+                self.link.drop()
+                membership.link.drop()
+                await membership.wait_change()
+                continue
             generation = membership.generation
             try:
                 reply = await self.link.execute(
