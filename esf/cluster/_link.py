@@ -300,6 +300,9 @@ class _LinkFactory(Factory):
             username=url.username,
         )
         protocol.factory = self
+        # Its parser goes on after a bulk string on the global reactor's
+        # callLater otherwise: the link's reactor instead.
+        protocol.callLater = self.link.reactor.callLater
         lost = protocol.connectionLost
 
         def connection_lost(reason: Failure) -> None:

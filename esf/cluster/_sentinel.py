@@ -42,6 +42,9 @@ class MasterNotFound(ConnectError):
     the message).
     """
 
+    def __str__(self) -> str:
+        return str(self.args[0])
+
 
 class _AskFactory(Factory):
     """
@@ -53,7 +56,8 @@ class _AskFactory(Factory):
     isLazy = True
     noisy = False  # not two log lines per question
 
-    def __init__(self, username: str | None, password: str | None):
+    def __init__(self, reactor: Any, username: str | None, password: str | None):
+        self.reactor = reactor
         self.username = username
         self.password = password
         self.error: str | None = None
@@ -70,6 +74,9 @@ class _AskFactory(Factory):
             username=self.username,
         )
         protocol.factory = self
+        # Its parser goes on after a bulk string on the global reactor's
+        # callLater otherwise: the endpoint's reactor instead.
+        protocol.callLater = self.reactor.callLater
         return protocol
 
     def stopTrying(self) -> None:
@@ -182,7 +189,7 @@ class SentinelEndpoint:
         What the Sentinel at C{host}:C{port} says the master's address is
         (C{None}: it does not know the service), within C{timeout}.
         """
-        factory = _AskFactory(self.username, self.password)
+        factory = _AskFactory(self.reactor, self.username, self.password)
         protocols: list[Any] = []
 
         async def exchange() -> Any:
