@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -141,7 +142,7 @@ class _AnsweringTransport(StringTransport):
 
     def write(self, data):
         super().write(data)
-        command = [part for part in data.split(b"\r\n")[2::2]]
+        command = data.split(b"\r\n")[2::2]
         self.sentinel.commands.append(command)
         answer = self.sentinel.answers.get(command[0].upper())
         if answer is not None:
@@ -325,17 +326,19 @@ def fake_link(url="redis+sentinel://127.0.0.1/esf/2"):
     ready = link._prepare(protocol)
     outcome = []
     ready.addBoth(outcome.append)
-    return clock, link, protocol, transport, outcome, ups
+    return SimpleNamespace(
+        clock=clock, link=link, protocol=protocol, transport=transport, outcome=outcome, ups=ups
+    )
 
 
-def feed(clock, protocol, data: bytes) -> None:
+def feed(f, data: bytes) -> None:
     """
     C{data} from Redis; txredisapi's parser goes on after each bulk string
     a turn later (on the link's clock).
     """
-    protocol.dataReceived(data)
+    f.protocol.dataReceived(data)
     for _ in range(10):
-        clock.advance(0)
+        f.clock.advance(0)
 
 
 def commands(transport: StringTransport) -> list[bytes]:
@@ -343,44 +346,44 @@ def commands(transport: StringTransport) -> list[bytes]:
 
 
 def test_the_link_uses_a_connection_only_once_role_says_master():
-    clock, link, protocol, transport, outcome, ups = fake_link()
-    feed(clock, protocol, b"+OK\r\n")  # SELECT 2
-    assert commands(transport) == [b"SELECT", b"ROLE"]
-    feed(clock, protocol, role(b"master"))
-    assert commands(transport)[-1] == b"INFO"
-    assert not link.connected
-    feed(clock, protocol, info(b"abc123"))
-    assert outcome == [None] and ups == [1]
-    assert link.connected and link.server == "abc123"
-    assert not transport.disconnecting
+    f = fake_link()
+    feed(f, b"+OK\r\n")  # SELECT 2
+    assert commands(f.transport) == [b"SELECT", b"ROLE"]
+    feed(f, role(b"master"))
+    assert commands(f.transport)[-1] == b"INFO"
+    assert not f.link.connected
+    feed(f, info(b"abc123"))
+    assert f.outcome == [None] and f.ups == [1]
+    assert f.link.connected and f.link.server == "abc123"
+    assert not f.transport.disconnecting
 
 
 def test_a_replica_named_as_master_is_left():
-    clock, link, protocol, transport, outcome, ups = fake_link()
-    feed(clock, protocol, b"+OK\r\n")
-    feed(clock, protocol, role(b"slave"))
-    [failure] = outcome
+    f = fake_link()
+    feed(f, b"+OK\r\n")
+    feed(f, role(b"slave"))
+    [failure] = f.outcome
     assert failure.check(RedisUnavailable)
     assert "is not the master of 'esf' (ROLE: b'slave')" in str(failure.value)
-    assert transport.disconnected and not link.connected and ups == []
+    assert f.transport.disconnected and not f.link.connected and f.ups == []
 
 
 def test_a_master_check_without_an_answer_fails_within_the_bound():
-    clock, link, protocol, transport, outcome, ups = fake_link()
-    feed(clock, protocol, b"+OK\r\n")
-    clock.advance(2.0)
-    [failure] = outcome
-    assert failure.check(RedisUnavailable) and transport.disconnected and ups == []
+    f = fake_link()
+    feed(f, b"+OK\r\n")
+    f.clock.advance(2.0)
+    [failure] = f.outcome
+    assert failure.check(RedisUnavailable) and f.transport.disconnected and f.ups == []
 
 
 def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
-    clock, link, protocol, transport, outcome, ups = fake_link("redis://127.0.0.1/0")
-    feed(clock, protocol, b"+OK\r\n")
-    assert commands(transport) == [b"SELECT", b"INFO"]
-    feed(clock, protocol, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
-    assert outcome == [None] and link.connected
-    peer = transport.getPeer()
-    assert link.server == f"{peer.host}:{peer.port}"
+    f = fake_link("redis://127.0.0.1/0")
+    feed(f, b"+OK\r\n")
+    assert commands(f.transport) == [b"SELECT", b"INFO"]
+    feed(f, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
+    assert f.outcome == [None] and f.link.connected
+    peer = f.transport.getPeer()
+    assert f.link.server == f"{peer.host}:{peer.port}"
 
 
 @pytest.mark.parametrize(
@@ -392,20 +395,20 @@ def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
     ],
 )
 def test_an_answer_from_a_server_no_longer_master_drops_the_connection(error):
-    clock, link, protocol, transport, outcome, ups = fake_link()
-    feed(clock, protocol, b"+OK\r\n" + role(b"master") + info(b"abc"))
-    assert link.connected
+    f = fake_link()
+    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc"))
+    assert f.link.connected
     failures = []
-    link.execute("SET", "k", "v").addErrback(failures.append)
-    feed(clock, protocol, error + b"\r\n")
+    f.link.execute("SET", "k", "v").addErrback(failures.append)
+    feed(f, error + b"\r\n")
     [failure] = failures
-    assert failure.check(RedisUnavailable) and transport.disconnected
+    assert failure.check(RedisUnavailable) and f.transport.disconnected
     # Any other error is the command's own.
-    clock, link, protocol, transport, outcome, ups = fake_link()
-    feed(clock, protocol, b"+OK\r\n" + role(b"master") + info(b"abc"))
-    link.execute("INCR", "k").addErrback(failures.append)
-    feed(clock, protocol, b"-ERR value is not an integer or out of range\r\n")
-    assert not failures[-1].check(RedisUnavailable) and not transport.disconnecting
+    f = fake_link()
+    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc"))
+    f.link.execute("INCR", "k").addErrback(failures.append)
+    feed(f, b"-ERR value is not an integer or out of range\r\n")
+    assert not failures[-1].check(RedisUnavailable) and not f.transport.disconnecting
 
 
 # -- a failover to a replica that missed the last writes, on real Redis ----------------
@@ -536,7 +539,7 @@ async def test_a_failover_to_a_replica_that_missed_the_last_writes(tmp_path, log
         # A new master whose clock is behind gives the next entry an ID at
         # or below what a read on the old one: a reads it all the same.
         assert a.streams.inbox_at == replicated_at  # read on from what it has
-        new.reply("XADD", "esf:inbox:a", "%d-%d" % read_on_old, "m", entries[-1])
+        new.reply("XADD", "esf:inbox:a", "{}-{}".format(*read_on_old), "m", entries[-1])
         await eventually(lambda: len(alice.sent) == 3, what=lambda: alice.sent)
         to_alice = b.get("alice", 0)
         to_alice.send(b"after")
