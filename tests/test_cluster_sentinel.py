@@ -646,3 +646,47 @@ async def test_the_cluster_follows_a_sentinel_failover(tmp_path, logs):
             if presence is not None:
                 await Deferred.fromCoroutine(presence.stop())
         sentinels.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_failover_the_janitor_gives_the_other_nodes_a_lease_to_come_back(
+    tmp_path, logs
+):
+    """
+    The other nodes' leases ran out during the failover: the node that
+    joins the new master first does not reap them before they had a
+    lease's time to join again; one that does not come back is reaped
+    after that.
+    """
+    old, new = replica_pair(tmp_path)
+    to_a, to_b, to_c = Switch(old), Switch(old), Switch(old)
+    a = switched_presence("a", old.url, to_a)
+    b = switched_presence("b", old.url, to_b)
+    c = switched_presence("c", old.url, to_c)
+    try:
+        await eventually(lambda: a.up and b.up and c.up, what="all join")
+        bob = Device("b", "bob")
+        await b.claim(bob, True)
+        await eventually(lambda: a.devices("bob"))
+        await eventually(lambda: in_sync(old, new))
+        new.reply("REPLICAOF", "NO", "ONE")
+        to_a.server = new
+        old.stop()
+        await eventually(lambda: a.up and a.membership.server == run_id(new), what="a moves")
+        # b and c are still away; their leases ran out meanwhile.
+        new.command("DEL", "esf:lease:b", "esf:lease:c")
+        await a.membership.tick()
+        assert logs.esf("cluster_node_reaped") == []
+        assert new.command("SISMEMBER", "esf:nodes", "b") == b":1"
+        assert holder(a, "bob") == bob.session_id
+        to_b.server = new
+        await eventually(lambda: b.up and b.membership.server == run_id(new), what="b moves")
+        a.clock.advance(a.lease)  # the grace is over (its upkeep runs): c, still away, is dead
+        await eventually(lambda: logs.esf("cluster_node_reaped"), what="c reaped")
+        assert [e["node"] for e in logs.esf("cluster_node_reaped")] == ["c"]
+        assert holder(a, "bob") == holder(b, "bob") == bob.session_id
+    finally:
+        for presence in (a, b, c):
+            await Deferred.fromCoroutine(presence.stop())
+        old.stop()
+        new.stop()

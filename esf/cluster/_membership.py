@@ -101,6 +101,10 @@ class Membership:
         self._joining = False
         self._join_again = False
         self._waiters: list[Deferred[None]] = []
+        self.clock = clock
+        #: When the janitor may run again (L{clock}'s time): a lease after
+        #: this node rejoined after an outage.
+        self.reap_after = 0.0
         self.ticker = LoopingCall(self._tick)
         self.ticker.clock = clock
 
@@ -231,6 +235,14 @@ class Membership:
             if not claims.unconfirmed and not claims.stale:
                 break
         self.mirror.load(*snapshot)
+        if self._joined_once:
+            # Back after an outage (or a failover): the other nodes' leases
+            # may have run out meanwhile through no fault of theirs.  Give
+            # them a lease to join again before the janitor takes them for
+            # dead; reaping a live node would end its users' presence and
+            # answer as lost the entries of its inbox it read but whose
+            # deletion Redis lost.
+            self.reap_after = self.clock.seconds() + self.lease
         self._joined_once = True
         self.server = server
         self.up = True
@@ -328,7 +340,8 @@ class Membership:
                 await self.join()
                 return
             await self.ledger.look()
-            await self.janitor.run()
+            if self.clock.seconds() >= self.reap_after:
+                await self.janitor.run()
         except Exception as e:
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
 
