@@ -165,7 +165,9 @@ def test_the_cluster_follows_a_sentinel_failover(tmp_path):
         wait_online(alice_client, "bob", 1)
         wait_online(bob_client, "alice", 1)
         for client in (alice_client, bob_client):
-            client.send(rc.GET_ALL_ONLINE_USERS, struct.pack("<II", 0, 0), dest=rc.SERVER, msg_id=5)
+            client.send(
+                rc.GET_ALL_ONLINE_USERS, struct.pack("<II", 0, 0), dest=rc.SERVER, msg_id=5
+            )
             _header, body = client.recv_until(rc.GET_ALL_ONLINE_USERS, skip=TRAFFIC)
             assert set(rc.parse_online_users(body)["users"]) == {"alice", "bob"}
 

@@ -690,3 +690,19 @@ async def test_after_a_failover_the_janitor_gives_the_other_nodes_a_lease_to_com
             await Deferred.fromCoroutine(presence.stop())
         old.stop()
         new.stop()
+
+
+def test_strays_are_this_nodes_devices_it_no_longer_holds():
+    from esf.cluster._claims import strays
+    from esf.cluster._records import Holder
+
+    def value(sid, node):
+        return Holder(sid, node, 1.0, "10.0.0.1:5000").encode()
+
+    hashes = {
+        "alice": {b"0": value("a/1", "a"), b"5": value("a/2", "a")},
+        "bob": {b"0": value("b/1", "b")},
+    }
+    assert strays(hashes, "a", {"a/1"}) == {"a/2": ("alice", 5)}
+    assert strays(hashes, "a", {"a/1", "a/2"}) == {}
+    assert strays(hashes, "b", set()) == {"b/1": ("bob", 0)}

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from ._sentinel import SentinelEndpoint
+from ._sentinel import SentinelEndpoint, ready
 
 __all__ = ["RedisURL", "RedisUnavailable", "IRedisLink", "RedisLink", "script"]
 
@@ -402,15 +402,7 @@ class RedisLink:
         this learns which server it is.  A connection that fails any of it
         is closed and counts as a failed attempt.
         """
-        connected: Deferred[Any] = Deferred()
-
-        def gone(_: Any) -> None:
-            if not connected.called:
-                connected.errback(RedisUnavailable(f"{self}: closed while connecting"))
-
-        proxy.whenConnected().addCallback(lambda p: connected.called or connected.callback(p))
-        proxy.whenDisconnected().addCallback(gone)
-        protocol = await connected
+        protocol = await ready(proxy, lambda: RedisUnavailable(f"{self}: closed while connecting"))
         try:
             if self.url.service is not None:
                 role = await self._call(protocol, "ROLE")

@@ -23,11 +23,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from ._claims import Claims
+from ._claims import Claims, strays
 from ._inbox import InboxLedger
 from ._link import IRedisLink, RedisUnavailable, script
 from ._mirror import PresenceMirror
-from ._records import Keys, fields, stream_id
+from ._records import Keys, fields
 
 if TYPE_CHECKING:
     from ._reader import StreamReader
@@ -211,7 +211,8 @@ class Membership:
                 ),
                 esf_event="cluster_data_lost",
             )
-            await self._resume_inbox()
+            if self.streams is not None:
+                await self.streams.resume_inbox(self.link)
             # Everything this node held must be claimed again.
             claims.unconfirmed.update(claims.local)
         self.epoch = epoch
@@ -231,7 +232,8 @@ class Membership:
             snapshot = await self._snapshot()
             if generation != self.generation:
                 raise RedisUnavailable("the connection changed while joining")
-            claims.note_strays(snapshot[1])
+            for sid, device in strays(snapshot[1], self.node_id, claims.local).items():
+                claims.stale.setdefault(sid, device)
             if not claims.unconfirmed and not claims.stale:
                 break
         self.mirror.load(*snapshot)
@@ -254,29 +256,6 @@ class Membership:
             esf_event="cluster_joined",
         )
         self.changed()
-
-    async def _resume_inbox(self) -> None:
-        """
-        After Redis lost data, read the inbox on from this node's position,
-        or from the last ID Redis has given an entry of it, if that is
-        older: the entries past it were lost.  What Redis kept up to there
-        was read already (a promoted replica's stream is a prefix of what
-        the old master's was; a restarted Redis's, of what it had), and
-        what is appended from now on comes after it.
-        """
-        last = (0, 0)
-        try:
-            info = fields(
-                await self.link.execute("XINFO", "STREAM", self.keys.inbox(self.node_id))
-            )
-        except RedisUnavailable:
-            raise
-        except Exception:
-            pass  # no such stream: lost with the rest
-        else:
-            last = stream_id(info[b"last-generated-id"])
-        if self.streams is not None:
-            self.streams.restart_inbox(min(last, self.streams.inbox_at))
 
     async def _refresh_lease(self) -> bytes | None:
         before = self.reactor.seconds()
@@ -335,7 +314,7 @@ class Membership:
                 return
             if self.claims.stale:
                 await self.claims.release_stale()
-            if await self._fell_behind():
+            if self.streams is not None and await self.streams.fell_behind(self.link):
                 self.alone("this node fell behind the presence stream")
                 await self.join()
                 return
@@ -344,54 +323,6 @@ class Membership:
                 await self.janitor.run()
         except Exception as e:
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
-
-    async def _fell_behind(self) -> bool:
-        """
-        Whether the presence stream was trimmed past what this node has read
-        (it fell more than the stream's bound behind): then its mirror
-        missed changes and must be reloaded.  Entries trimmed from this
-        node's inbox unread are lost messages: counted and logged, and the
-        reading goes on from the oldest entry kept.  (Redis 7 counts the
-        entries ever added; older ones do not, and this answers no.)
-        """
-        behind = False
-        inbox_at = self.streams.inbox_at if self.streams is not None else (0, 0)
-        for key, what in (
-            (self.keys.stream, "presence"),
-            (self.keys.inbox(self.node_id), "inbox"),
-        ):
-            try:
-                info = fields(await self.link.execute("XINFO", "STREAM", key))
-            except RedisUnavailable:
-                raise
-            except Exception:
-                continue  # no such stream yet
-            added, length, first = (
-                info.get(b"entries-added"),
-                info.get(b"length"),
-                info.get(b"first-entry"),
-            )
-            if added is None or length is None or not first or int(added) <= int(length):
-                continue  # nothing was ever trimmed
-            first_at = stream_id(first[0])
-            at = self.mirror.at if what == "presence" else inbox_at
-            if first_at <= at:
-                continue
-            if what == "presence":
-                log.warn(
-                    "this node fell behind the presence stream: reloading its mirror",
-                    esf_event="cluster_presence_overrun",
-                )
-                behind = True
-            else:
-                self.stats["inbox_overrun"] += 1
-                log.warn(
-                    "this node's inbox was trimmed before it was read: messages were lost",
-                    esf_event="cluster_inbox_overrun",
-                )
-                ms, seq = first_at
-                self._restart_inbox((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
-        return behind
 
 
 class Janitor:

@@ -186,6 +186,7 @@ class ClusterPresence:
             reactor, self.reader, keys, self.node_id,
             membership=self.membership, mirror=self.mirror, delivery=self.delivery,
             ledger=self.inbox, block=block, count=read_count, timeout=timeout,
+            stats=self.stats,
         )  # fmt: skip
         self.membership.streams = self.streams
         self._reading: Deferred[None] | None = None

@@ -31,7 +31,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["SentinelEndpoint", "MasterNotFound"]
+__all__ = ["SentinelEndpoint", "MasterNotFound", "ready"]
 
 log = Logger(namespace="esf.cluster")
 
@@ -41,6 +41,9 @@ class MasterNotFound(ConnectError):
     No Sentinel named the master of the service (each one's reason is in
     the message).
     """
+
+    def __init__(self, message: str):
+        super().__init__(string=message)  # type: ignore[no-untyped-call]  # no annotations
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -181,7 +184,7 @@ class SentinelEndpoint:
             self.master = answer
             return answer
         raise MasterNotFound(
-            string=f"no Sentinel named the master of {self.service!r}: {'; '.join(reasons)}"
+            f"no Sentinel named the master of {self.service!r}: {'; '.join(reasons)}"
         )
 
     async def _ask(self, host: str, port: int) -> tuple[str, int] | None:
@@ -195,15 +198,9 @@ class SentinelEndpoint:
         async def exchange() -> Any:
             protocol: Any = await self.endpoint_for(host, port).connect(factory)
             protocols.append(protocol)
-            ready: Deferred[None] = Deferred()
-
-            def closed(_: Any) -> None:
-                if not ready.called:
-                    ready.errback(ConnectError(string=factory.error or "closed the connection"))
-
-            protocol.whenConnected().addCallback(lambda _: ready.called or ready.callback(None))
-            protocol.whenDisconnected().addCallback(closed)
-            await ready
+            await ready(
+                protocol, lambda: ConnectError(string=factory.error or "closed the connection")
+            )
             return await protocol.execute_command(
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
             )
@@ -223,6 +220,27 @@ class SentinelEndpoint:
             return master_host.decode("ascii"), int(master_port)
         except (TypeError, ValueError, UnicodeError):
             raise ValueError(f"answered {reply!r}, not an address") from None
+
+
+def ready(protocol: Any, closed: Callable[[], Exception]) -> Deferred[Any]:
+    """
+    Fires with txredisapi's C{protocol} once it is ready (its AUTH and
+    SELECT done), or fails with C{closed()} if its connection closes first
+    (as it does when AUTH or SELECT fails).
+    """
+    d: Deferred[Any] = Deferred()
+
+    def connected(p: Any) -> None:
+        if not d.called:
+            d.callback(p)
+
+    def gone(_: Any) -> None:
+        if not d.called:
+            d.errback(closed())
+
+    protocol.whenConnected().addCallback(connected)
+    protocol.whenDisconnected().addCallback(gone)
+    return d
 
 
 def _reason(e: BaseException) -> str:
