@@ -200,14 +200,15 @@ class Membership:
                 "1" if moved else "0",
             ],
         )
-        if moved or (self.epoch is not None and epoch != self.epoch):
+        lost = self.epoch is not None and epoch != self.epoch
+        if lost or moved:
             log.warn(
                 "{what}: claiming this node's devices again",
                 what=(
-                    "another Redis server answers (a failover, or a restart): "
+                    "Redis lost the cluster's data (a restart without persistence?)"
+                    if lost
+                    else "another Redis server answers (a failover, or a restart): "
                     "it may have lost the cluster's latest changes"
-                    if moved
-                    else "Redis lost the cluster's data (a restart without persistence?)"
                 ),
                 esf_event="cluster_data_lost",
             )
