@@ -382,8 +382,13 @@ def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
     assert commands(f.transport) == [b"SELECT", b"INFO"]
     feed(f, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
     assert f.outcome == [None] and f.link.connected
+    assert f.link.server == "127.0.0.1:6379"  # the URL's: its address is all it knows
+    # With Sentinel, the master's address (which a failover changes).
+    f = fake_link()
+    feed(f, b"+OK\r\n" + role(b"master"))
+    feed(f, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
     peer = f.transport.getPeer()
-    assert f.link.server == f"{peer.host}:{peer.port}"
+    assert f.outcome == [None] and f.link.server == f"{peer.host}:{peer.port}"
 
 
 @pytest.mark.parametrize(
@@ -391,7 +396,7 @@ def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
     [
         b"-READONLY You can't write against a read only replica.",
         b"-UNBLOCKED force unblock from blocking operation, instance state changed",
-        b"-LOADING Redis is loading the dataset in memory",
+        b"-MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
     ],
 )
 def test_an_answer_from_a_server_no_longer_master_drops_the_connection(error):
@@ -408,6 +413,13 @@ def test_an_answer_from_a_server_no_longer_master_drops_the_connection(error):
     feed(f, b"+OK\r\n" + role(b"master") + info(b"abc"))
     f.link.execute("INCR", "k").addErrback(failures.append)
     feed(f, b"-ERR value is not an integer or out of range\r\n")
+    assert not failures[-1].check(RedisUnavailable) and not f.transport.disconnecting
+    # Without Sentinel it is the command's own too: a new connection would
+    # reach the same server.
+    f = fake_link("redis://127.0.0.1/0")
+    feed(f, b"+OK\r\n" + info(b"abc"))
+    f.link.execute("SET", "k", "v").addErrback(failures.append)
+    feed(f, error + b"\r\n")
     assert not failures[-1].check(RedisUnavailable) and not f.transport.disconnecting
 
 

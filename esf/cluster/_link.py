@@ -15,7 +15,7 @@ from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -263,9 +263,9 @@ class IRedisLink(Interface):
         """
 
 
-#: The error replies of a server that is not (or not yet) the master: the
-#: link drops its connection on them (L{RedisLink}).
-_NOT_MASTER = ("READONLY", "UNBLOCKED", "LOADING", "MASTERDOWN")
+#: The error replies of a server that is no longer the master: a link
+#: through Sentinel drops its connection on them (L{RedisLink}).
+_NOT_MASTER = ("READONLY", "UNBLOCKED", "MASTERDOWN")
 
 
 def _peer(protocol: Any) -> str:
@@ -333,9 +333,9 @@ class RedisLink:
     With Sentinel each connection goes to the master the Sentinels name
     then, and is used only once C{ROLE} says it is the master; an answer
     that says the server is no longer the master (C{READONLY}: it was
-    demoted; C{UNBLOCKED}: a blocking read ended by that; C{LOADING},
-    C{MASTERDOWN}) drops the connection, like a lost one, so that the link
-    follows a failover.
+    demoted; C{UNBLOCKED}: a blocking read ended by that; C{MASTERDOWN})
+    drops the connection, like a lost one, so that the link follows a
+    failover.
     """
 
     def __init__(
@@ -416,7 +416,7 @@ class RedisLink:
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.abortConnection()
-            if not isinstance(e, RedisUnavailable):
+            if not isinstance(e, (RedisUnavailable, CancelledError)):
                 log.error("{link}: {error}", link=self, error=e, esf_event="cluster_redis_error")
             raise
         self._protocol = protocol
@@ -424,18 +424,23 @@ class RedisLink:
 
     async def _identify(self, protocol: Any) -> str:
         """
-        The server's C{run_id}, or its address where C{INFO} is refused.
+        The server's C{run_id}; where C{INFO} is refused, its address: with
+        Sentinel the master's (which a failover changes), without it the
+        URL's (the two links' peers could differ, a name having several
+        addresses).
         """
         import txredisapi
 
         try:
             info = await self._call(protocol, "INFO", "server")
         except txredisapi.ResponseError:
-            return _peer(protocol)
+            info = b""
         for line in bytes(info).splitlines():
             if line.startswith(b"run_id:"):
                 return line[7:].decode("ascii", "replace").strip()
-        return _peer(protocol)
+        if self.url.service is not None:
+            return _peer(protocol)
+        return f"{self.url.host}:{self.url.port}"
 
     def _call(self, protocol: Any, *args: Any) -> Deferred[Any]:
         try:
@@ -491,11 +496,14 @@ class RedisLink:
                 return Failure(
                     RedisUnavailable(f"Redis at {self.url}: {failure.getErrorMessage()}")
                 )
-            if failure.check(txredisapi.ResponseError) and str(failure.value).startswith(
-                _NOT_MASTER
+            if (
+                self.url.service is not None
+                and failure.check(txredisapi.ResponseError)
+                and str(failure.value).startswith(_NOT_MASTER)
             ):
                 # Not (or no longer) the master: drop the connection, which
-                # is made again to the master (through Sentinel).
+                # is made again to the master the Sentinels name.  (Without
+                # Sentinel it would be made again to the same server.)
                 transport = getattr(protocol, "transport", None)
                 if transport is not None:
                     transport.abortConnection()
