@@ -248,7 +248,7 @@ def test_a_sentinel_that_does_not_answer_is_passed_over_within_the_bound():
     assert clock.getDelayedCalls() == []
 
 
-def test_no_sentinel_names_a_master():
+def test_no_sentinel_names_a_master(logs):
     clock = task.Clock()
     sentinels = {
         ("s1", 1): FakeSentinel(clock, refuse=True),
@@ -266,6 +266,13 @@ def test_no_sentinel_names_a_master():
     assert text.startswith("no Sentinel named the master of 'esf': s1:1: Connection was refused")
     assert "s2:2: does not know 'esf'" in text
     assert text.endswith("; s3:3: ERR unknown command")
+    # Logged once, not at every attempt alike.
+    endpoint.connect(Factory.forProtocol(Protocol)).addErrback(failures.append)
+    clock.advance(0.1)
+    clock.advance(0.1)
+    assert len(failures) == 2
+    [logged] = logs.esf("cluster_redis_error")
+    assert logged["failure"] == text
 
 
 def test_the_sentinels_own_password():
@@ -358,13 +365,16 @@ def test_the_link_uses_a_connection_only_once_role_says_master():
     assert not f.transport.disconnecting
 
 
-def test_a_replica_named_as_master_is_left():
+def test_a_replica_named_as_master_is_left(logs):
     f = fake_link()
     feed(f, b"+OK\r\n")
     feed(f, role(b"slave"))
     [failure] = f.outcome
-    assert failure.check(RedisUnavailable)
-    assert "is not the master of 'esf' (ROLE: b'slave')" in str(failure.value)
+    assert "which a Sentinel named, is not the master of 'esf' (ROLE: b'slave')" in str(
+        failure.value
+    )
+    [logged] = logs.esf("cluster_redis_error")
+    assert "is not the master of 'esf'" in str(logged["error"])
     assert f.transport.disconnected and not f.link.connected and f.ups == []
 
 

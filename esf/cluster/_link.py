@@ -407,8 +407,10 @@ class RedisLink:
             if self.url.service is not None:
                 role = await self._call(protocol, "ROLE")
                 if not role or role[0] != b"master":
-                    raise RedisUnavailable(
-                        f"{self}: {_peer(protocol)} is not the master of "
+                    # A Sentinel named a server that is not the master (its
+                    # view lags a failover): an error, retried with backoff.
+                    raise ValueError(
+                        f"{_peer(protocol)}, which a Sentinel named, is not the master of "
                         f"{self.url.service!r} (ROLE: {role[0] if role else None!r})"
                     )
             self.server = await self._identify(protocol)

@@ -136,6 +136,9 @@ class SentinelEndpoint:
         self.username = username
         self.password = password
         self.master: tuple[str, int] | None = None
+        #: What was last logged of a failure to find the master: logged
+        #: again only when it changes (the link retries every 2 s at most).
+        self._told: str | None = None
 
     def __repr__(self) -> str:
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
@@ -182,10 +185,15 @@ class SentinelEndpoint:
                     esf_event="cluster_sentinel_master",
                 )
             self.master = answer
+            self._told = None
             return answer
-        raise MasterNotFound(
+        failure = MasterNotFound(
             f"no Sentinel named the master of {self.service!r}: {'; '.join(reasons)}"
         )
+        if str(failure) != self._told:
+            self._told = str(failure)
+            log.error("{failure}", failure=self._told, esf_event="cluster_redis_error")
+        raise failure
 
     async def _ask(self, host: str, port: int) -> tuple[str, int] | None:
         """
