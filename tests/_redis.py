@@ -201,6 +201,17 @@ class SentinelSet:
         return f"redis+sentinel://{hosts}/{self.service}/{db}"
 
     def start(self, timeout: float = 15.0) -> SentinelSet:
+        """
+        Start them all, and wait until a failover could happen; whatever
+        started is stopped again if that fails.
+        """
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> SentinelSet:
         for server in (self.master, self.replica):
             server.directory.mkdir(parents=True, exist_ok=True)
             server.start()
@@ -217,8 +228,8 @@ class SentinelSet:
                 f"sentinel failover-timeout {self.service} {self.failover_timeout}\n"
                 f"sentinel parallel-syncs {self.service} 1\n"
             )
+            self.sentinels.append(sentinel)  # stopped by stop() even if it fails to start
             sentinel.start()
-            self.sentinels.append(sentinel)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if time.monotonic() > deadline:
