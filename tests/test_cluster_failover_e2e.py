@@ -7,7 +7,7 @@ and the Sentinels promote the replica.
 
 Every message is delivered once or its sender is told (an Error); then
 presence is whole on both nodes and a relogon across nodes pushes the old
-session out.  Every wait is bounded; the whole test takes about 20 s.
+session out.  Every wait is bounded; the whole test takes about 12 s.
 """
 
 from __future__ import annotations
@@ -153,6 +153,9 @@ def test_the_cluster_follows_a_sentinel_failover(tmp_path):
             assert not delivered & told, (sender.client.user, sorted(delivered & told))
             assert max(receiver.received.values()) == 1, "delivered twice"
             assert set(sender.errors.values()) == {USER_OFFLINE}, sender.errors
+            # Counted at the receiver: an Ack is a one-way message, and one
+            # sent while its node ran alone is dropped (its receiver read
+            # offline there), so fewer may be acked than were delivered.
             assert sender.acked <= delivered
             # The window was seen: some failed, and messages went through
             # before it (on the old master) and after it (on the new one).
