@@ -297,8 +297,12 @@ class NoRedis:
     """
 
     connected = False
+    server = None
 
     def __init__(self, *args, **kwargs):
+        pass
+
+    def drop(self):
         pass
 
     def start(self, on_connected, on_lost):

@@ -17,6 +17,7 @@ cooldown left; the refusal's text is L{esf.server._policy.flapping_cause}.
 from __future__ import annotations
 
 import collections
+from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -37,7 +38,7 @@ from ._records import Holder, Keys
 if TYPE_CHECKING:
     from esf.server._offline import OfflineMessages
 
-__all__ = ["Claims", "CLAIMED", "KEPT", "FLAPPING"]
+__all__ = ["Claims", "CLAIMED", "KEPT", "FLAPPING", "strays"]
 
 log = Logger(namespace="esf.cluster")
 
@@ -57,6 +58,25 @@ _RECLAIM = {RelogonMode.REPLACE_OLD: "newer", RelogonMode.IGNORE_NEW: "older"}
 #: What a claim script's answer is made into: won, the old holder's value,
 #: the stream ID of the change.
 _Answer = tuple[bool, "bytes | None", "bytes | None"]
+
+
+def strays(
+    hashes: dict[str, dict[bytes, bytes]], node: str, held: Container[str]
+) -> dict[str, tuple[str, int]]:
+    """
+    Of C{hashes} (user -> device kind -> presence value, as Redis has
+    them), the devices held by sessions of C{node}'s that are not among
+    those it C{held}: session ID -> (user, kind).  Their release was lost
+    (a failover to a replica that missed it, a restart that lost the last
+    writes), and the node releases them (fenced by session ID).
+    """
+    found = {}
+    for user_id, devices in hashes.items():
+        for kind, value in devices.items():
+            holder = Holder.parse(value)
+            if holder.node == node and holder.session_id not in held:
+                found[holder.session_id] = (user_id, int(kind))
+    return found
 
 
 class ClaimScripts:

@@ -10,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
+
+from ._sentinel import SentinelEndpoint, ready
 
 __all__ = ["RedisURL", "RedisUnavailable", "IRedisLink", "RedisLink", "script"]
 
@@ -41,6 +43,10 @@ class RedisUnavailable(Exception):
     """
 
 
+#: The Sentinel's port when a URL gives none.
+SENTINEL_PORT = 26379
+
+
 @attrs.frozen
 class RedisURL:
     """
@@ -48,6 +54,18 @@ class RedisURL:
     C{rediss://...} for TLS, where C{?ssl_ca_certs=PATH} names the PEM file
     of the authorities that Redis's certificate is checked against (the
     system's by default).
+
+    Or, through Sentinel:
+    C{redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]}:
+    the Sentinels' addresses (port 26379 by default), asked in turn for the
+    master of C{service} before every connection (L{SentinelEndpoint}); the
+    user and password are the master's, as in C{redis://}, and
+    C{?sentinel_password=...} (with C{&sentinel_username=...}) the
+    Sentinels' own, when they require one.
+
+    @ivar sentinels: the Sentinels' addresses; empty without Sentinel.
+    @ivar service: the name the Sentinels know the master by; C{None}
+        without Sentinel.
     """
 
     host: str = "127.0.0.1"
@@ -57,27 +75,39 @@ class RedisURL:
     username: str | None = None
     tls: bool = False
     ca_file: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def parse(cls, url: str) -> RedisURL:
         """
-        @raise ValueError: C{url} is not a Redis URL.
+        @raise ValueError: C{url} is not a Redis URL (the message never
+            holds a password).
         """
         parts = urlsplit(url)
+        if parts.scheme == "redis+sentinel":
+            return cls._parse_sentinel(parts)
+        if parts.scheme == "rediss+sentinel":
+            raise ValueError(
+                "TLS with Sentinel (rediss+sentinel://) is not supported: "
+                "use redis+sentinel:// on a private network"
+            )
         if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"a Redis URL starts with redis:// or rediss://, not {url!r}")
+            raise ValueError(
+                "a Redis URL starts with redis://, rediss:// or redis+sentinel://, "
+                f"not {parts.scheme + '://' if parts.scheme else repr(url)}"
+            )
         try:
             port = parts.port or 6379
         except ValueError:
-            raise ValueError(f"bad port in {url!r}") from None
+            raise ValueError(f"bad port in {parts.netloc.rpartition('@')[2]!r}") from None
         path = parts.path.strip("/")
         if path and not path.isdigit():
-            raise ValueError(f"the database in {url!r} must be a number, not {path!r}")
-        query = parse_qs(parts.query, keep_blank_values=True)
-        unknown = set(query) - {"ssl_ca_certs"}
-        if unknown:
-            raise ValueError(f"unknown parameters in a Redis URL: {', '.join(sorted(unknown))}")
-        ca_file = query.get("ssl_ca_certs", [None])[-1]
+            raise ValueError(f"the database must be a number, not {path!r}")
+        query = _query(parts.query, {"ssl_ca_certs"})
+        ca_file = query.get("ssl_ca_certs")
         if ca_file is not None and parts.scheme != "rediss":
             raise ValueError("ssl_ca_certs goes with rediss:// (TLS) only")
         return cls(
@@ -90,12 +120,70 @@ class RedisURL:
             ca_file=ca_file,
         )
 
+    @classmethod
+    def _parse_sentinel(cls, parts: SplitResult) -> RedisURL:
+        # urlsplit's hostname and port see one host only: the list of
+        # Sentinels is split here, each address parsed by urlsplit.
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        username, colon, password = userinfo.partition(":")
+        sentinels = []
+        for address in hosts.split(","):
+            one = urlsplit(f"//{address}")
+            try:
+                port = one.port or SENTINEL_PORT
+            except ValueError:
+                raise ValueError(f"bad port in the Sentinel address {address!r}") from None
+            if not one.hostname or one.username is not None or one.path:
+                raise ValueError(f"bad Sentinel address {address!r}: HOST[:PORT]")
+            sentinels.append((one.hostname, port))
+        path = parts.path.split("/")[1:]
+        if not path or not path[0] or len(path) > 2:
+            raise ValueError(
+                "a Sentinel URL names the service: "
+                "redis+sentinel://HOST[:PORT][,HOST[:PORT]...]/SERVICE[/DB]"
+            )
+        service = unquote(path[0])
+        if not service.isprintable() or " " in service:
+            raise ValueError(f"bad service name {service!r}")
+        db = path[1] if len(path) == 2 else ""
+        if db and not db.isdigit():
+            raise ValueError(f"the database must be a number, not {db!r}")
+        query = _query(parts.query, {"sentinel_username", "sentinel_password"})
+        return cls(
+            host=sentinels[0][0],
+            port=sentinels[0][1],
+            db=int(db or 0),
+            password=unquote(password) if colon else None,
+            username=unquote(username) if username else None,
+            sentinels=tuple(sentinels),
+            service=service,
+            sentinel_username=query.get("sentinel_username"),
+            sentinel_password=query.get("sentinel_password"),
+        )
+
     def __str__(self) -> str:
         # Never the password: this goes to logs.
+        if self.service is not None:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
     def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+        """
+        Where to connect: Redis, or (with Sentinel) the master the
+        Sentinels name at each connection; C{timeout} bounds each
+        connection attempt and each question to a Sentinel.
+        """
+        if self.service is not None:
+            return SentinelEndpoint(
+                reactor,
+                self.sentinels,
+                self.service,
+                timeout=timeout,
+                username=self.sentinel_username,
+                password=self.sentinel_password,
+            )
         endpoint: IStreamClientEndpoint = endpoints.HostnameEndpoint(
             reactor, self.host, self.port, timeout=timeout
         )
@@ -112,6 +200,17 @@ class RedisURL:
         return endpoint
 
 
+def _query(query: str, known: set[str]) -> dict[str, str]:
+    """
+    A URL's parameters (the last of each); only C{known} ones.
+    """
+    values = parse_qs(query, keep_blank_values=True)
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown parameters in a Redis URL: {', '.join(sorted(unknown))}")
+    return {name: given[-1] for name, given in values.items()}
+
+
 class IRedisLink(Interface):
     """
     What the cluster needs of a Redis client: one connection, kept up, that
@@ -120,6 +219,15 @@ class IRedisLink(Interface):
     """
 
     connected = Attribute("""Whether commands can be sent now.""")
+
+    server = Attribute(
+        """
+        Which Redis server the link reached last (its C{run_id}, which a
+        restart changes; its address where C{INFO} is refused), or C{None}
+        before it connected: another one than before means a failover or
+        a restart, which may have lost data.
+        """
+    )
 
     def start(on_connected: Callable[[], None], on_lost: Callable[[], None]) -> None:
         """
@@ -131,6 +239,12 @@ class IRedisLink(Interface):
     def stop() -> Deferred[None]:
         """
         Close the connection and stop reconnecting; a Deferred.
+        """
+
+    def drop() -> None:
+        """
+        Drop the connection now; it is made again as after any loss (with
+        Sentinel, to the master the Sentinels name then).
         """
 
     def execute(*args: Any, timeout: float | None = None) -> Deferred[Any]:
@@ -147,6 +261,16 @@ class IRedisLink(Interface):
         Run a Lua script (EVALSHA, loading it when Redis does not know it),
         bounded like L{execute}.
         """
+
+
+#: The error replies of a server that is no longer the master: a link
+#: through Sentinel drops its connection on them (L{RedisLink}).
+_NOT_MASTER = ("READONLY", "UNBLOCKED", "MASTERDOWN")
+
+
+def _peer(protocol: Any) -> str:
+    peer = protocol.transport.getPeer()
+    return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
 
 class _LinkFactory(Factory):
@@ -176,6 +300,9 @@ class _LinkFactory(Factory):
             username=url.username,
         )
         protocol.factory = self
+        # Its parser goes on after a bulk string on the global reactor's
+        # callLater otherwise: the link's reactor instead.
+        protocol.callLater = self.link.reactor.callLater
         lost = protocol.connectionLost
 
         def connection_lost(reason: Failure) -> None:
@@ -202,14 +329,32 @@ class RedisLink:
     One connection to Redis through txredisapi's protocol, kept up by
     Twisted's L{ClientService} (txredisapi's own pool would queue commands
     while disconnected; here a command fails at once instead).
+
+    With Sentinel each connection goes to the master the Sentinels name
+    then, and is used only once C{ROLE} says it is the master; an answer
+    that says the server is no longer the master (C{READONLY}: it was
+    demoted; C{UNBLOCKED}: a blocking read ended by that; C{MASTERDOWN})
+    drops the connection, like a lost one, so that the link follows a
+    failover.
     """
 
-    def __init__(self, reactor: Any, url: RedisURL, *, timeout: float = 2.0, name: str = "redis"):
+    def __init__(
+        self,
+        reactor: Any,
+        url: RedisURL,
+        *,
+        timeout: float = 2.0,
+        name: str = "redis",
+        endpoint: IStreamClientEndpoint | None = None,
+    ):
         self.reactor = reactor
         self.url = url
+        #: Where to connect (the URL's endpoint, made at start, by default).
+        self.endpoint = endpoint
         self.timeout = timeout
         self.name = name
         self._protocol: Any = None
+        self.server: str | None = None
         self._service: ClientService | None = None
         self._on_connected: Callable[[], None] = lambda: None
         self._on_lost: Callable[[], None] = lambda: None
@@ -223,8 +368,10 @@ class RedisLink:
 
     def start(self, on_connected: Callable[[], None], on_lost: Callable[[], None]) -> None:
         self._on_connected, self._on_lost = on_connected, on_lost
+        if self.endpoint is None:
+            self.endpoint = self.url.endpoint(self.reactor, self.timeout)
         self._service = ClientService(
-            self.url.endpoint(self.reactor, self.timeout),
+            self.endpoint,
             _LinkFactory(self),
             retryPolicy=backoffPolicy(initialDelay=0.05, maxDelay=2.0),
             clock=self.reactor,
@@ -240,24 +387,69 @@ class RedisLink:
         stopped: Deferred[None] = service.stopService()
         return stopped
 
+    def drop(self) -> None:
+        transport = getattr(self._protocol, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+
     def _prepare(self, protocol: Any) -> Deferred[None]:
-        # Ready once AUTH and SELECT are done; a connection that fails them
-        # is closed by the protocol and counts as a failed attempt.
-        ready: Deferred[None] = Deferred()
+        return Deferred.fromCoroutine(self._ready(protocol))
 
-        def connected(p: Any) -> None:
-            if not ready.called:
-                self._protocol = p
-                ready.callback(None)
-                self._on_connected()
+    async def _ready(self, proxy: Any) -> None:
+        """
+        Ready once AUTH and SELECT are done (a connection that fails them is
+        closed by the protocol), and, with Sentinel, C{ROLE} says master;
+        this learns which server it is.  A connection that fails any of it
+        is closed and counts as a failed attempt.
+        """
+        protocol = await ready(proxy, lambda: RedisUnavailable(f"{self}: closed while connecting"))
+        try:
+            if self.url.service is not None:
+                role = await self._call(protocol, "ROLE")
+                if not role or role[0] != b"master":
+                    # A Sentinel named a server that is not the master (its
+                    # view lags a failover): an error, retried with backoff.
+                    raise ValueError(
+                        f"{_peer(protocol)}, which a Sentinel named, is not the master of "
+                        f"{self.url.service!r} (ROLE: {role[0] if role else None!r})"
+                    )
+            self.server = await self._identify(protocol)
+        except BaseException as e:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            if not isinstance(e, (RedisUnavailable, CancelledError)):
+                log.error("{link}: {error}", link=self, error=e, esf_event="cluster_redis_error")
+            raise
+        self._protocol = protocol
+        self._on_connected()
 
-        def gone(_: Any) -> None:
-            if not ready.called:
-                ready.errback(RedisUnavailable(f"{self}: closed while connecting"))
+    async def _identify(self, protocol: Any) -> str:
+        """
+        The server's C{run_id}; where C{INFO} is refused, its address: with
+        Sentinel the master's (which a failover changes), without it the
+        URL's (the two links' peers could differ, a name having several
+        addresses).
+        """
+        import txredisapi
 
-        protocol.whenConnected().addCallback(connected)
-        protocol.whenDisconnected().addCallback(gone)
-        return ready
+        try:
+            info = await self._call(protocol, "INFO", "server")
+        except txredisapi.ResponseError:
+            info = b""
+        for line in bytes(info).splitlines():
+            if line.startswith(b"run_id:"):
+                return line[7:].decode("ascii", "replace").strip()
+        if self.url.service is not None:
+            return _peer(protocol)
+        return f"{self.url.host}:{self.url.port}"
+
+    def _call(self, protocol: Any, *args: Any) -> Deferred[Any]:
+        try:
+            d = protocol.execute_command(*args, apply_timeout=False)
+        except Exception as e:
+            return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
+        return self._bounded(d, protocol, args[0], None)
 
     def _lost(self, protocol: Any) -> None:
         if protocol is self._protocol:
@@ -303,6 +495,20 @@ class RedisLink:
 
         def translate(failure: Failure) -> Failure:
             if failure.check(txredisapi.ConnectionError):
+                return Failure(
+                    RedisUnavailable(f"Redis at {self.url}: {failure.getErrorMessage()}")
+                )
+            if (
+                self.url.service is not None
+                and failure.check(txredisapi.ResponseError)
+                and str(failure.value).startswith(_NOT_MASTER)
+            ):
+                # Not (or no longer) the master: drop the connection, which
+                # is made again to the master the Sentinels name.  (Without
+                # Sentinel it would be made again to the same server.)
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
                 return Failure(
                     RedisUnavailable(f"Redis at {self.url}: {failure.getErrorMessage()}")
                 )

@@ -2,7 +2,8 @@
 Membership: this node in the cluster.
 
 L{Membership} joins the cluster when Redis is reached (first, after an
-outage, after Redis lost its data: C{lua/epoch.lua}), keeps this node's
+outage, after Redis lost its data: C{lua/epoch.lua}, or when another Redis
+server answers: a failover, a restart), keeps this node's
 lease (C{lua/tick.lua}, every third of it), notices when this node fell
 behind the presence stream, and runs the janitor, which reaps
 (C{lua/reap.lua}) the nodes whose lease expired.  While it is not in the
@@ -22,11 +23,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from ._claims import Claims
+from ._claims import Claims, strays
 from ._inbox import InboxLedger
 from ._link import IRedisLink, RedisUnavailable, script
 from ._mirror import PresenceMirror
-from ._records import Keys, fields, stream_id
+from ._records import Keys, fields
 
 if TYPE_CHECKING:
     from ._reader import StreamReader
@@ -57,6 +58,8 @@ class Membership:
         read from Redis under an older one is stale.
     @ivar streams: the reader of the presence stream and the inbox (set once
         made): its inbox position restarts when the inbox is lost.
+    @ivar server: the Redis server (L{IRedisLink.server}) this node last
+        joined the cluster on.
     """
 
     def __init__(
@@ -93,10 +96,15 @@ class Membership:
         self.running = False
         self.generation = 0
         self.epoch: bytes | None = None
+        self.server: str | None = None
         self._joined_once = False
         self._joining = False
         self._join_again = False
         self._waiters: list[Deferred[None]] = []
+        self.clock = clock
+        #: When the janitor may run again (L{clock}'s time): a lease after
+        #: this node rejoined after an outage.
+        self.reap_after = 0.0
         self.ticker = LoopingCall(self._tick)
         self.ticker.clock = clock
 
@@ -175,18 +183,37 @@ class Membership:
         generation = self.generation
         claims = self.claims
         token = "".join(random.choices(string.ascii_letters + string.digits, k=16))
+        server = self.link.server
+        # Another server than the one this node joined on: a failover (the
+        # replica may have missed the master's last writes, replication
+        # being asynchronous) or a restart (which may have lost the last
+        # second or all).  Treated as a loss of data, even with the epoch
+        # intact.
+        moved = self._joined_once and server != self.server
         epoch = await self.link.eval(
             _EPOCH,
             [self.keys.epoch, self.keys.settling],
-            [token, int(self.lease * 1000), "1" if self.epoch is not None else "0"],
+            [
+                token,
+                int(self.lease * 1000),
+                "1" if self.epoch is not None else "0",
+                "1" if moved else "0",
+            ],
         )
-        if self.epoch is not None and epoch != self.epoch:
+        lost = self.epoch is not None and epoch != self.epoch
+        if lost or moved:
             log.warn(
-                "Redis lost the cluster's data (a restart without persistence?): "
-                "claiming this node's devices again",
+                "{what}: claiming this node's devices again",
+                what=(
+                    "Redis lost the cluster's data (a restart without persistence?)"
+                    if lost
+                    else "another Redis server answers (a failover, or a restart): "
+                    "it may have lost the cluster's latest changes"
+                ),
                 esf_event="cluster_data_lost",
             )
-            self._restart_inbox()
+            if self.streams is not None:
+                await self.streams.resume_inbox(self.link)
             # Everything this node held must be claimed again.
             claims.unconfirmed.update(claims.local)
         self.epoch = epoch
@@ -206,10 +233,21 @@ class Membership:
             snapshot = await self._snapshot()
             if generation != self.generation:
                 raise RedisUnavailable("the connection changed while joining")
+            for sid, device in strays(snapshot[1], self.node_id, claims.local).items():
+                claims.stale.setdefault(sid, device)
             if not claims.unconfirmed and not claims.stale:
                 break
         self.mirror.load(*snapshot)
+        if self._joined_once:
+            # Back after an outage (or a failover): the other nodes' leases
+            # may have run out meanwhile through no fault of theirs.  Give
+            # them a lease to join again before the janitor takes them for
+            # dead; reaping a live node would end its users' presence and
+            # answer as lost the entries of its inbox it read but whose
+            # deletion Redis lost.
+            self.reap_after = self.clock.seconds() + self.lease
         self._joined_once = True
+        self.server = server
         self.up = True
         log.info(
             "in the cluster as {node}: {users} users online, {local} devices here",
@@ -277,62 +315,15 @@ class Membership:
                 return
             if self.claims.stale:
                 await self.claims.release_stale()
-            if await self._fell_behind():
+            if self.streams is not None and await self.streams.fell_behind(self.link):
                 self.alone("this node fell behind the presence stream")
                 await self.join()
                 return
             await self.ledger.look()
-            await self.janitor.run()
+            if self.clock.seconds() >= self.reap_after:
+                await self.janitor.run()
         except Exception as e:
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
-
-    async def _fell_behind(self) -> bool:
-        """
-        Whether the presence stream was trimmed past what this node has read
-        (it fell more than the stream's bound behind): then its mirror
-        missed changes and must be reloaded.  Entries trimmed from this
-        node's inbox unread are lost messages: counted and logged, and the
-        reading goes on from the oldest entry kept.  (Redis 7 counts the
-        entries ever added; older ones do not, and this answers no.)
-        """
-        behind = False
-        inbox_at = self.streams.inbox_at if self.streams is not None else (0, 0)
-        for key, what in (
-            (self.keys.stream, "presence"),
-            (self.keys.inbox(self.node_id), "inbox"),
-        ):
-            try:
-                info = fields(await self.link.execute("XINFO", "STREAM", key))
-            except RedisUnavailable:
-                raise
-            except Exception:
-                continue  # no such stream yet
-            added, length, first = (
-                info.get(b"entries-added"),
-                info.get(b"length"),
-                info.get(b"first-entry"),
-            )
-            if added is None or length is None or not first or int(added) <= int(length):
-                continue  # nothing was ever trimmed
-            first_at = stream_id(first[0])
-            at = self.mirror.at if what == "presence" else inbox_at
-            if first_at <= at:
-                continue
-            if what == "presence":
-                log.warn(
-                    "this node fell behind the presence stream: reloading its mirror",
-                    esf_event="cluster_presence_overrun",
-                )
-                behind = True
-            else:
-                self.stats["inbox_overrun"] += 1
-                log.warn(
-                    "this node's inbox was trimmed before it was read: messages were lost",
-                    esf_event="cluster_inbox_overrun",
-                )
-                ms, seq = first_at
-                self._restart_inbox((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
-        return behind
 
 
 class Janitor:

@@ -5,6 +5,7 @@ share; it wires the parts, each with one job::
 
     _link        the Redis link: its URL, one connection kept up with every
                  call bounded (RedisLink), the Lua scripts (lua/*.lua)
+    _sentinel    finding the master through Sentinel at each connection
     _records     Redis's key names, presence values, inbox records
     _mirror      the presence mirror: who is online, from the presence
                  stream (pure: no Redis, no reactor)
@@ -191,6 +192,7 @@ class ClusterPresence:
             reactor, self.reader, keys, self.node_id,
             membership=self.membership, mirror=self.mirror, delivery=self.delivery,
             ledger=self.inbox, block=block, count=read_count, timeout=timeout,
+            stats=self.stats,
         )  # fmt: skip
         self.membership.streams = self.streams
         self._reading: Deferred[None] | None = None

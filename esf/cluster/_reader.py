@@ -6,6 +6,7 @@ on a connection of its own.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -32,6 +33,7 @@ class StreamReader:
     @param block: seconds one blocking read waits.
     @param count: most stream entries read at once.
     @param timeout: seconds any Redis call may take (besides C{block}).
+    @param stats: counts C{inbox_overrun}.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class StreamReader:
         block: float,
         count: int,
         timeout: float,
+        stats: collections.Counter[str],
     ):
         self.reactor = reactor
         self.link = link
@@ -58,6 +61,7 @@ class StreamReader:
         self.block = block
         self.count = count
         self.timeout = timeout
+        self.stats = stats
         self._k_stream = keys.stream
         self._k_inbox = keys.inbox(node_id)
         self._b_stream = self._k_stream.encode()
@@ -71,6 +75,71 @@ class StreamReader:
         """
         self.inbox_pos, self.inbox_at = b"%d-%d" % before, before
 
+    async def resume_inbox(self, link: IRedisLink) -> None:
+        """
+        After Redis lost data, read the inbox on from this node's position,
+        or from the last ID Redis (asked through C{link}) has given an entry
+        of it, if that is older: the entries past it were lost.  What Redis
+        kept up to there was read already (a promoted replica's stream is a
+        prefix of what the old master's was; a restarted Redis's, of what it
+        had), and what is appended from now on comes after it.
+        """
+        last = (0, 0)
+        try:
+            info = fields(await link.execute("XINFO", "STREAM", self._k_inbox))
+        except RedisUnavailable:
+            raise
+        except Exception:
+            pass  # no such stream: lost with the rest
+        else:
+            last = stream_id(info[b"last-generated-id"])
+        self.restart_inbox(min(last, self.inbox_at))
+
+    async def fell_behind(self, link: IRedisLink) -> bool:
+        """
+        Whether the presence stream was trimmed past what this node has read
+        (it fell more than the stream's bound behind): then its mirror
+        missed changes and must be reloaded.  Entries trimmed from this
+        node's inbox unread are lost messages: counted and logged, and the
+        reading goes on from the oldest entry kept.  (Redis 7 counts the
+        entries ever added; older ones do not, and this answers no.)  Asks
+        through C{link}, not the blocking read's.
+        """
+        behind = False
+        for key, what in ((self._k_stream, "presence"), (self._k_inbox, "inbox")):
+            try:
+                info = fields(await link.execute("XINFO", "STREAM", key))
+            except RedisUnavailable:
+                raise
+            except Exception:
+                continue  # no such stream yet
+            added, length, first = (
+                info.get(b"entries-added"),
+                info.get(b"length"),
+                info.get(b"first-entry"),
+            )
+            if added is None or length is None or not first or int(added) <= int(length):
+                continue  # nothing was ever trimmed
+            first_at = stream_id(first[0])
+            at = self.mirror.at if what == "presence" else self.inbox_at
+            if first_at <= at:
+                continue
+            if what == "presence":
+                log.warn(
+                    "this node fell behind the presence stream: reloading its mirror",
+                    esf_event="cluster_presence_overrun",
+                )
+                behind = True
+            else:
+                self.stats["inbox_overrun"] += 1
+                log.warn(
+                    "this node's inbox was trimmed before it was read: messages were lost",
+                    esf_event="cluster_inbox_overrun",
+                )
+                ms, seq = first_at
+                self.restart_inbox((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
+        return behind
+
     async def run(self) -> None:
         """
         Read while the membership runs.
@@ -78,6 +147,21 @@ class StreamReader:
         membership = self.membership
         while membership.running:
             if not (membership.up and self.link.connected):
+                await membership.wait_change()
+                continue
+            if self.link.server != membership.server:
+                # This connection reached another Redis server than the one
+                # the node joined on (one of them stayed on a demoted
+                # master, or they reconnected at two moments of a
+                # failover): drop both, to read and write on the master
+                # the Sentinels name now.
+                log.warn(
+                    "the inbox's connection is on another Redis server than the node's: "
+                    "connecting both again",
+                    esf_event="cluster_links_apart",
+                )
+                self.link.drop()
+                membership.link.drop()
                 await membership.wait_change()
                 continue
             generation = membership.generation

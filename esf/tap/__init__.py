@@ -166,7 +166,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["audit-keep-files", None, 0, "Rotated audit files to keep; older ones are removed, each removal recorded. 0: keep all.", _int_option("audit-keep-files", 0)],
         ["audit-keep-days", None, 0.0, "Days a rotated audit file is kept after its last record; then it is removed, the removal recorded. 0: keep all.", _seconds_option("audit-keep-days", 0)],
         ["log-level", None, "info", "Lowest level of event written to the log (debug, info, warn, error, critical); those below are never formatted."],
-        ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS)."],
+        ["cluster", None, None, "Join a cluster of nodes through Redis: redis://[:password@]HOST:PORT/DB (rediss:// for TLS), or through Sentinel: redis+sentinel://[:password@]HOST:PORT[,HOST:PORT...]/SERVICE/DB."],
         ["node-id", None, None, "This node's ID in the cluster, unique among its nodes [host-pid-random]."],
         ["offline", None, None, "Keep messages to offline users and deliver them at their next logon: sqlite:PATH, or redis (the --cluster's Redis)."],
         ["offline-max-messages", None, _OFFLINE.max_messages, "Most messages kept for one offline user; more are refused (the sender gets UserOffline).", _int_option("offline-max-messages", 1)],
