@@ -67,7 +67,24 @@ measured), L{_cluster}, L{_run} (a whole run) and L{_report} (the tables).
 
 from __future__ import annotations
 
-from ._procs import free_port, start_esf_server
-from ._run import main
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._procs import free_port, start_esf_server
+    from ._run import main
 
 __all__ = ["free_port", "main", "start_esf_server"]
+
+#: Where each public name lives: imported on first use, so that importing
+#: one part (a server on PyPy imports only L{_groups}, the group manager of
+#: a fan-out run) does not import the whole harness.
+_LAZY = {"free_port": "_procs", "start_esf_server": "_procs", "main": "_run"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)
