@@ -280,6 +280,7 @@ def test_block_groups_answer_from_names():
 def test_fanout_options():
     opts = _options.parse_options(["--pattern", "fanout", "--group-size", "10,1000"])
     assert opts.modes == ("fanout",) and opts.group_sizes == [10, 1000]
+    assert opts.websocket is False
     assert [_options.fanout_groups(opts, g) for g in opts.group_sizes] == [100, 1]
     opts = _options.parse_options(["--pattern", "fanout", "--mode", "send", "--groups", "3"])
     assert opts.group_sizes == [10] and _options.fanout_groups(opts, 10) == 3
@@ -289,6 +290,7 @@ def test_fanout_options():
         ["--pattern", "fanout", "--group-size", "1"],  # nobody to deliver to
         ["--pattern", "fanout", "--group-size", "ten"],
         ["--pattern", "fanout", "--mode", "request"],
+        ["--pattern", "fanout", "--websocket"],
         ["--group-size", "10"],  # without --pattern fanout
         ["--pattern", "interleaved", "--groups", "2"],
         ["--pattern", "fanout", "--group-size", "1000", "--groups", "101"],  # IDs too long

@@ -328,6 +328,9 @@ def parse_options(argv: list[str] | None):
         if opts.mode not in ("all", "send"):
             parser.error("--pattern fanout measures sends: it goes with --mode send (or none)")
         opts.modes = ("fanout",)
+        if opts.websocket:
+            parser.error("--pattern fanout is measured over TCP only: not with --websocket")
+        opts.websocket = False
         if opts.group_sizes is None:
             opts.group_sizes = [10]
         for size in opts.group_sizes:

@@ -54,9 +54,9 @@ _WELCOME = b"\x00\x00\x00\x00"
 
 def register(protocol, hello: bytes) -> None:
     """
-    The name frame's payload C{hello} of C{protocol}'s peer: its name, and
-    its group after a zero byte, if any.  Route the name to it, add it to
-    its group, welcome it.
+    Take the name frame of C{protocol}'s peer, whose payload C{hello} is
+    its name and, after a zero byte, its group, if any: route the name to
+    it, add it to its group, welcome it.
     """
     name, _, group = hello.partition(b"\x00")
     factory = protocol.factory
