@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from esf.bench import (
     _coordinator,
     _figures,
+    _groups,
     _load,
     _modes,
     _options,
@@ -35,6 +36,7 @@ from esf.bench import (
 )
 from esf.bench.relays import bare as bare_relay
 from esf.bench.relays import coalescing as coalescing_relay
+from esf.interfaces import IGroupManager
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -164,6 +166,180 @@ def test_interleaved_pattern_run():
         assert "error" not in row[kind], row[kind]
         assert row[kind]["received"] == 3000, (kind, row[kind])
     assert row["esf"]["checked"] is True
+
+
+def _check_fanout_row(row: dict, size: int, groups: int, messages: int, kinds) -> None:
+    """
+    Every member of every group got each broadcast of its group's sender
+    once, and the deliveries counted are the frames and the bytes the
+    members received, on each kind of server.
+    """
+    broadcasts = -(-messages // (size - 1))
+    assert row["mode"] == "fanout" and row["pattern"] == "fanout"
+    assert (row["group_size"], row["groups"]) == (size, groups)
+    for kind in kinds:
+        result = row[kind]
+        assert "error" not in result, (kind, result)
+        assert result["broadcasts"] == broadcasts, (kind, result)
+        assert result["deliveries"] == result["expected_deliveries"], (kind, result)
+        assert result["deliveries"] == broadcasts * (size - 1), (kind, result)
+        assert result["member_min"] == result["member_max"] == broadcasts // groups, (kind, result)
+        assert result["share_min"] == result["share_max"] == broadcasts // groups
+        assert result["received_bytes"] == result["deliveries"] * result["frame_bytes"]
+        assert result["deliveries_per_s"] > 0 and result["capped"] is False
+    assert row["ratio"]["deliveries_per_s"] == (
+        row["esf"]["deliveries_per_s"] / row["coalescing"]["deliveries_per_s"]
+    )
+    assert row["ratio_bare"]["deliveries_per_s"] > 0
+
+
+def test_fanout_pattern_run():
+    """
+    C{--pattern fanout}: the first member of each group broadcasts to its
+    group (on esf through the benchmark's group manager, on the relays
+    through the groups they learnt at logon); every other member checks
+    and counts each copy, on esf and on both relays, with the groups spread
+    over two load workers.
+    """
+    proc = run_bench(
+        "--pattern", "fanout", "--group-size", "4", "--groups", "2", "--messages", "1200",
+        "--load-procs", "2", "--check", "--no-progress", "--json", "-",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["options"]["pattern"] == "fanout"
+    assert report["options"]["fanout_server_args"][:2] == ["--handler", "esf.bench._groups:blocks"]
+    (row,) = report["results"]
+    _check_fanout_row(row, 4, 2, 1200, ("esf", "coalescing", "bare"))
+    assert row["esf"]["checked"] is True and row["esf"]["load_procs"] == 2
+
+
+def test_fanout_run_on_pypy():
+    """
+    The fan-out with the servers on PyPy, whose environment holds only
+    esf's own requirements: esf's server loads the group manager, and each
+    member gets each broadcast once.
+    """
+    python = pypy_python()
+    proc = run_bench(
+        "--pattern", "fanout", "--group-size", "5", "--groups", "2", "--messages", "800",
+        "--load-procs", "1", "--check", "--no-progress", "--server-python", python,
+        "--json", "-", timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["machine"]["server_python"].startswith("PyPy ")
+    (row,) = report["results"]
+    _check_fanout_row(row, 5, 2, 800, ("esf", "coalescing", "bare"))
+
+
+def test_the_group_manager_imports_no_harness():
+    """
+    A server that loads the group manager imports C{esf.bench._groups}
+    and none of the harness (its load, its processes, its report).
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, esf.bench._groups\n"
+         "print(sorted(m for m in sys.modules if m.startswith('esf.bench')))"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["['esf.bench',", "'esf.bench._groups']"]
+    # The package's names are still there, imported when first used.
+    import esf.bench
+
+    assert esf.bench.free_port is _procs.free_port
+    with pytest.raises(AttributeError):
+        esf.bench.nothing  # noqa: B018 -- the attribute access is the test
+
+
+def test_block_groups_answer_from_names():
+    """
+    Groups in blocks: members C{k*G} to C{k*G + G - 1} of a run form group
+    C{k} of size C{G}; a member may broadcast to its own group only; IDs of
+    neither form are in no group.
+    """
+    groups = _groups.blocks
+    assert IGroupManager.providedBy(groups)
+    assert _groups.group_name("ab", 3, 1) == "gab.3.1"
+    assert _groups.member_name("ab", 4) == "uab.4"
+    assert groups.get_members("gab.3.0") == ("uab.0", "uab.1", "uab.2")
+    assert groups.get_members("gab.3.1") == ("uab.3", "uab.4", "uab.5")
+    assert groups.get_members("gab.1000.1") == tuple(f"uab.{n}" for n in range(1000, 2000))
+    for user, allowed in [("uab.3", True), ("uab.5", True), ("uab.2", False), ("uab.6", False),
+                          ("uxy.4", False), ("ab.4", False), ("uab.x", False), ("uab.+4", False),
+                          ("*", False), ("", False)]:  # fmt: skip
+        assert groups.can_broadcast(user, "gab.3.1") is allowed, user
+    for bad in ["", "*", "gab", "gab.3", "gab.0.1", "gab.3.1.2", "gab.x.1", "gab. 3.1",
+                "hab.3.1", f"gab.{_groups.MAX_GROUP_SIZE + 1}.0"]:  # fmt: skip
+        assert groups.get_members(bad) == (), bad
+        assert groups.can_broadcast("uab.0", bad) is False, bad
+
+
+def test_fanout_options():
+    opts = _options.parse_options(["--pattern", "fanout", "--group-size", "10,1000"])
+    assert opts.modes == ("fanout",) and opts.group_sizes == [10, 1000]
+    assert opts.websocket is False
+    assert [_options.fanout_groups(opts, g) for g in opts.group_sizes] == [100, 1]
+    opts = _options.parse_options(["--pattern", "fanout", "--mode", "send", "--groups", "3"])
+    assert opts.group_sizes == [10] and _options.fanout_groups(opts, 10) == 3
+    opts = _options.parse_options(["--pattern", "fanout", "--quick"])
+    assert _options.fanout_groups(opts, 10) == 10 and opts.check is True
+    for argv in (
+        ["--pattern", "fanout", "--group-size", "1"],  # nobody to deliver to
+        ["--pattern", "fanout", "--group-size", "ten"],
+        ["--pattern", "fanout", "--mode", "request"],
+        ["--pattern", "fanout", "--websocket"],
+        ["--group-size", "10"],  # without --pattern fanout
+        ["--pattern", "interleaved", "--groups", "2"],
+        ["--pattern", "fanout", "--group-size", "1000", "--groups", "101"],  # IDs too long
+        ["--pattern", "fanout", "--group-size", str(_groups.MAX_GROUP_SIZE + 1)],
+    ):
+        with pytest.raises(SystemExit) as e:
+            _options.parse_options(argv)
+        assert e.value.code == 2, argv
+
+
+def test_fanout_parts_keep_each_group_in_one_worker():
+    opts = argparse.Namespace(load_procs=2, messages=1000, logon_window=500, groups=3, quick=False)
+    load = _coordinator.LoadGenerator(None, opts, None)
+    parts = load._parts("fanout", 11)
+    assert [p["groups"] for p in parts] == [[0, 1], [2]]
+    # 1000 deliveries: 100 broadcasts to groups of 11, spread over the groups.
+    assert [p["shares"] for p in parts] == [[34, 33], [33]]
+    assert {(p["group_size"], p["all_groups"]) for p in parts} == {(11, 3)}
+
+
+def test_a_fanout_group_waits_for_its_slowest_member():
+    """
+    A group's sender writes at most a window of broadcasts beyond what its
+    slowest member got, more once every member is within half a window;
+    the group is done when every member has its share, and the deliveries
+    are the copies counted.
+    """
+    sender = _Named("s")
+    members = [_Named(f"m{i}") for i in range(3)]
+    totals = {"count": 0, "pairs_done": 0}
+    done = defer.Deferred()
+    group = _patterns._Group(sender, members, 10, totals, done, 1, b"b;", 4, 2)
+    group.begin()
+    assert sender.transport.value() == b"b;" * 4
+    members[0].on_data(b"b;" * 4)
+    members[1].on_data(b"b;" * 4)
+    assert len(sender.transport.value()) == 8  # the third member has nothing yet
+    members[2].on_data(b"b;")  # 3 behind: more than half a window
+    assert len(sender.transport.value()) == 8
+    members[2].on_data(b"b;b")  # 2 behind, half a frame buffered
+    assert sender.transport.value() == b"b;" * 6  # the window again: 2 more
+    for member in members:
+        member.on_data(b";" + b"b;" * 3 if member is members[2] else b"b;" * 2)
+    assert group.floor == 6 and len(sender.transport.value()) == 20  # 10: the share
+    assert not done.called
+    for member in members:
+        member.on_data(b"b;" * 4)
+    assert done.called and totals == {"count": 30, "pairs_done": 1}
+    assert group.got == [10, 10, 10] and group.bytes == 60
 
 
 class _Named:
@@ -409,6 +585,80 @@ def test_relay_aborts_on_a_bad_frame(module, bad):
     alice.dataReceived(good * 2 + bad + good)
     assert alice_out.aborted
     assert bob_out.value() == good * 2
+
+
+def _members(module, members):
+    """
+    A relay of C{module} with a connection per C{(name, group)}, each of
+    which has sent its name frame and been welcomed.
+    """
+    factory = module.RelayFactory()
+    ends = {}
+    for name, group in members:
+        proto = factory.buildProtocol(None)
+        transport = _Transport()
+        proto.makeConnection(transport)
+        hello = name + (b"\x00" + group if group else b"")
+        proto.dataReceived(len(hello).to_bytes(4, "little") + hello)
+        assert transport.value() == b"\x00\x00\x00\x00"
+        transport.clear()
+        transport.writes = 0
+        ends[name] = (proto, transport)
+    return factory, ends
+
+
+@pytest.mark.parametrize("module", RELAYS, ids=lambda m: m.__name__)
+def test_relay_broadcasts_to_the_other_members_of_a_group(module):
+    """
+    A frame addressed to a group (named after a zero byte in its members'
+    name frames) goes, unchanged, to every member but its sender; a frame
+    to a member's name still goes to that member alone; a member that
+    leaves is written to no more, and an empty group is forgotten.
+    """
+    factory, ends = _members(
+        module,
+        [(b"alice", b"g"), (b"bob", b"g"), (b"carol", b"g"), (b"dave", b"h"), (b"eve", b"")],
+    )
+    assert set(factory.routes) == {b"alice", b"bob", b"carol", b"dave", b"eve"}
+    alice, _ = ends[b"alice"]
+    out = {name: transport for name, (_, transport) in ends.items()}
+    to_g = [_frame(b"g", bytes([i]) * 20) for i in range(3)]
+    alice.dataReceived(to_g[0] + to_g[1] + _frame(b"bob") + to_g[2])
+    assert out[b"bob"].value() == to_g[0] + to_g[1] + _frame(b"bob") + to_g[2]
+    assert out[b"carol"].value() == to_g[0] + to_g[1] + to_g[2]
+    assert out[b"alice"].value() == out[b"dave"].value() == out[b"eve"].value() == b""
+    # eve, in no group, broadcasts to g: all its members get it.
+    ends[b"eve"][0].dataReceived(to_g[0])
+    assert out[b"alice"].value() == to_g[0]
+    assert out[b"carol"].value() == b"".join(to_g) + to_g[0]
+    ends[b"carol"][0].connectionLost(None)
+    for transport in out.values():
+        transport.clear()
+    alice.dataReceived(to_g[1])
+    assert out[b"bob"].value() == to_g[1] and out[b"carol"].value() == b""
+    ends[b"dave"][0].connectionLost(None)
+    assert b"h" not in factory.groups and len(factory.groups[b"g"]) == 2
+    alice.dataReceived(_frame(b"h"))
+    assert factory.dropped == 1
+
+
+def test_relays_write_broadcasts_as_they_write_sends():
+    """
+    The write-per-frame relay writes each copy of each broadcast by
+    itself; the coalescing relay gathers each member's copies of a read,
+    runs of broadcasts and frames to it alike, into one write.
+    """
+    members = [(b"alice", b"g"), (b"bob", b"g"), (b"carol", b"g")]
+    read = _frame(b"g") * 5 + _frame(b"bob") + _frame(b"g") * 2
+    writes = {}
+    for module in RELAYS:
+        _factory, ends = _members(module, members)
+        ends[b"alice"][0].dataReceived(read)
+        writes[module] = {name: transport.writes for name, (_, transport) in ends.items()}
+        assert ends[b"bob"][1].value() == read
+        assert ends[b"carol"][1].value() == _frame(b"g") * 7
+    assert writes[bare_relay] == {b"alice": 0, b"bob": 8, b"carol": 7}
+    assert writes[coalescing_relay] == {b"alice": 0, b"bob": 1, b"carol": 1}
 
 
 def test_parts_spread_the_load_over_the_workers():

@@ -18,6 +18,15 @@ installed with esf (L{esf.bench.relays}):
   per message) and RSS.  The same relay over WebSocket (C{twistd esf
   --websocket}, one frame per binary message) is measured too, and
   reported as a ratio to TCP (C{--no-websocket} skips it).
+- B{fanout} (C{--pattern fanout}, instead of the modes): C{--groups} groups
+  of C{--group-size} members each; the first member of each group
+  broadcasts (601, one-way) to its group, and each of the others counts
+  the copies it gets.  Reported: deliveries per second and the server's
+  CPU per delivery.  The esf server is given the group manager
+  L{esf.bench._groups} (groups told by their names) and a work budget no
+  sender spends; the relays learn each connection's group from its name
+  frame and write a broadcast to every other member, the coalescing relay
+  gathering each member's copies of a read into one write.
 - B{request}: N pairs; each sender keeps one Request (203) outstanding, its
   receiver answers each with a Response (204); the round trip is timed at
   the sender.  Reported: p50/p90/p99/max and requests per second.
@@ -49,6 +58,7 @@ warning says when the load, not the server, was the bottleneck.
     esf-bench --quick --json out.json
     esf-bench --server 127.0.0.1:4530 --mode request --no-bare
     esf-bench --mode cluster --pairs 4
+    esf-bench --pattern fanout --group-size 10,1000 --messages 5000000
 
 Performance never changes the exit status: it is 0 when every phase ran,
 1 when one failed (refused logons, lost connections, a desynchronised
@@ -60,14 +70,32 @@ The parts: L{_options} (the command line), L{_procs} (the machine, the
 processes and C{/proc}), L{_servers} (the servers it starts and the
 relays), L{_coordinator} (the load worker processes, the sync points),
 L{_worker}, L{_load}, L{_modes} and L{_patterns} (a load worker: its
-connections, each measured mode, who sends to whom), L{_wire} (what the
+connections, each measured mode, who sends to whom), L{_groups} (the
+fan-out's group manager, which the esf server loads), L{_wire} (what the
 load puts on the wire), L{_figures} (merging and judging what was
 measured), L{_cluster}, L{_run} (a whole run) and L{_report} (the tables).
 """
 
 from __future__ import annotations
 
-from ._procs import free_port, start_esf_server
-from ._run import main
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._procs import free_port, start_esf_server
+    from ._run import main
 
 __all__ = ["free_port", "main", "start_esf_server"]
+
+#: Where each public name lives: imported on first use, so that importing
+#: one part (a server on PyPy imports only L{_groups}, the group manager of
+#: a fan-out run) does not import the whole harness.
+_LAZY = {"free_port": "_procs", "start_esf_server": "_procs", "main": "_run"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"{__name__}.{module}"), name)

@@ -17,6 +17,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 
 from ._figures import _merge
+from ._options import fanout_groups
 from ._procs import checkout_env, machine_cpu_seconds, proc_cpu_seconds
 from ._progress import Progress, progress_of
 from ._servers import ServerAddress
@@ -250,10 +251,26 @@ class LoadGenerator:
 
     def _parts(self, mode: str, pairs: int | None) -> list[dict]:
         """
-        Each worker's share of a phase (only workers with something to do).
+        Each worker's share of a phase (only workers with something to do);
+        C{pairs}: the pairs of send and request, the group size of fanout.
         """
         opts = self.opts
         procs = self.opts.load_procs
+        if mode == "fanout":
+            # Whole groups to each worker, and to each group its share of
+            # the broadcasts: as many as make --messages deliveries.
+            size, count = pairs, fanout_groups(opts, pairs)
+            shares = _split(math.ceil(opts.messages / (size - 1)), count)
+            split = _split(count, min(procs, count))
+            window = max(1, math.ceil(opts.logon_window / len(split)))
+            parts, first = [], 0
+            for n in split:
+                indices = list(range(first, first + n))
+                parts.append({"groups": indices, "shares": [shares[i] for i in indices],
+                              "group_size": size, "all_groups": count,
+                              "window": window})  # fmt: skip
+                first += n
+            return parts
         if mode in ("send", "request"):
             total = opts.messages if mode == "send" else opts.requests
             shares = _split(total, pairs)

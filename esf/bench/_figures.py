@@ -41,6 +41,27 @@ def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict
             "capped": any(p["capped"] for p in parts),
             "checked": bool(opts.check),
         }
+    elif mode == "fanout":
+        deliveries = sum(p["deliveries"] for p in parts)
+        result = {
+            "group_size": pairs,
+            "groups": sum(p["groups"] for p in parts),
+            "messages": opts.messages,
+            "broadcasts": sum(p["broadcasts"] for p in parts),
+            "deliveries": deliveries,
+            "expected_deliveries": sum(p["expected"] for p in parts),
+            "member_min": min(p["member_min"] for p in parts),
+            "member_max": max(p["member_max"] for p in parts),
+            "share_min": min(p["share_min"] for p in parts),
+            "share_max": max(p["share_max"] for p in parts),
+            "received_bytes": sum(p["received_bytes"] for p in parts),
+            "frame_bytes": parts[0]["frame_bytes"],
+            "window_per_group": parts[0]["window_per_group"],
+            "elapsed_s": elapsed,
+            "deliveries_per_s": deliveries / elapsed if elapsed > 0 else 0.0,
+            "capped": any(p["capped"] for p in parts),
+            "checked": bool(opts.check),
+        }
     elif mode == "request":
         rtts = sorted(r for p in parts for r in p["rtts"])
         if not rtts:
@@ -87,6 +108,8 @@ def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict
         # What a relayed message costs the server: unlike the rate, this
         # hardly moves when other work shares the machine.
         result["server_cpu_us_per_msg"] = result["server_cpu_s"] / result["received"] * 1e6
+    if mode == "fanout" and "server_cpu_s" in result and result["deliveries"]:
+        result["server_cpu_us_per_delivery"] = result["server_cpu_s"] / result["deliveries"] * 1e6
     return result
 
 
@@ -178,7 +201,7 @@ def load_bound(result: dict, nproc: int, mode: str) -> str | None:
             f"the {nproc} core(s) this run may use were busy ({load:.0f}% load generator, {server:.0f}% server): "
             "the server did not have a core to itself"
         )
-    if mode == "send" and elapsed is not None:
+    if mode in ("send", "fanout") and elapsed is not None:
         return (
             f"the server used only {server:.0f}% of a core: the load's window (--window-bytes) "
             f"or its CPU ({load:.0f}%) set the rate"
@@ -192,6 +215,11 @@ FIGURES = {
     "send": [
         ("msgs_per_s", "higher", ("ratio_min", 0.6)),
         ("server_cpu_us_per_msg", "lower", None),
+    ],
+    # No target: the fan-out is measured, not yet held to a bound.
+    "fanout": [
+        ("deliveries_per_s", "higher", None),
+        ("server_cpu_us_per_delivery", "lower", None),
     ],
     "request": [
         ("rtt_p50_us", "lower", ("ratio_max", 1.3)),
@@ -266,6 +294,9 @@ def _row_label(row: dict) -> str:
     if mode in ("send", "request"):
         label = f"{mode}, {row['pairs']} pair{'s' if row['pairs'] != 1 else ''}"
         return label + (", interleaved" if row.get("pattern") == "interleaved" else "")
+    if mode == "fanout":
+        groups = row["groups"]
+        return f"fanout, {groups:,} group{'s' if groups != 1 else ''} of {row['group_size']:,}"
     return f"{mode}, {row['count']:,}"
 
 

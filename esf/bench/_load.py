@@ -143,19 +143,27 @@ class Load:
     def dialect(self, kind: str):
         return self.ws if kind == "ws" else self.esf if kind == "esf" else self.bare
 
-    def connect(self, server, dialect, name: str) -> Conn:
-        conn = Conn(name, dialect.hello(name), dialect.hello_parser())
+    def connect(self, server, dialect, name: str, group: str | None = None) -> Conn:
+        conn = Conn(name, dialect.hello(name, group), dialect.hello_parser())
         node = server.node_for(name)
         port = node.ws_port if dialect.kind == "ws" else node.port
         self.reactor.connectTCP(node.host, port, _ConnFactory(conn), timeout=10)
         return conn
 
     def log_on(
-        self, server, dialect, names: list[str], stage: str, deadline: float, window: int
+        self,
+        server,
+        dialect,
+        names: list[str],
+        stage: str,
+        deadline: float,
+        window: int,
+        groups: dict[str, str] | None = None,
     ) -> defer.Deferred:
         """
         Open one logged-on connection per name, at most C{window} at a time
-        (the progress C{stage}).  Fires with C{(conns, failures,
+        (the progress C{stage}); C{groups}: the group of each name, for the
+        relays, which learn it at logon.  Fires with C{(conns, failures,
         first_error, t0, t1)}.
         """
         conns: list[Conn] = []
@@ -192,7 +200,8 @@ class Load:
                 name = names[state["next"]]
                 state["next"] += 1
                 state["inflight"] += 1
-                self.connect(server, dialect, name).ready.addCallbacks(ok, failed)
+                group = groups.get(name) if groups is not None else None
+                self.connect(server, dialect, name, group).ready.addCallbacks(ok, failed)
 
         def too_late():
             state["error"] = (
@@ -227,24 +236,42 @@ class Load:
             await task.deferLater(self.reactor, 0.5, lambda: None)
         return [(by_name[s], by_name[r]) for s, r in zip(senders, receivers)], conns
 
-    async def _exchange(self, server, dialect, part: dict, mode: str, names: str, make_pair):
+    async def _exchange(
+        self,
+        server,
+        dialect,
+        part: dict,
+        mode: str,
+        names: str,
+        make_pair,
+        members=None,
+        goal: int | None = None,
+    ):
         """
-        The timed part of send and request: log the pairs on, make each
+        The timed part of send, request and fan-out: log the pairs on
+        (C{members(deadline)} instead, when given, for the groups of the
+        fan-out: it gives each group's sender and other members), make each
         pair's state (C{make_pair(sender, receiver, share, totals, done,
         pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
         wait until each has done its share, one fails, or the C{--duration}
         cap.  Returns the states, the count done and C{{"t0", "t1",
-        "capped"}}.
+        "capped"}}.  C{goal}: the count that the shares make, if not their
+        sum (the deliveries of the fan-out's broadcasts).
 
         A server that stops answering (nothing arrives for L{stall_seconds})
         fails the phase: it is not a slow server whose figures the cap
         would report.
         """
         deadline = time.perf_counter() + self.opts.duration
-        couples, conns = await self._pairs(
-            server, dialect, part["pairs"], names, deadline, part["window"]
-        )
+        if members is None:
+            couples, conns = await self._pairs(
+                server, dialect, part["pairs"], names, deadline, part["window"]
+            )
+        else:
+            couples, conns = await members(deadline)
         shares = part["shares"]
+        if goal is None:
+            goal = sum(shares)
         done = defer.Deferred()
         totals = {"count": 0, "pairs_done": 0}
         states = []
@@ -258,7 +285,7 @@ class Load:
             c.on_lost = lost.append
         await self.sync("start")
         t0 = time.perf_counter()
-        self.progress.start(mode, sum(shares), lambda: totals["count"])
+        self.progress.start(mode, goal, lambda: totals["count"])
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1),
             lambda: done.called or done.callback("capped"),
@@ -296,6 +323,6 @@ class Load:
         if outcome == "stalled":
             raise BenchError(
                 f"the server stopped answering: nothing arrived for {stall:g} s "
-                f"({totals['count']} of {sum(shares)} {mode}s done)"
+                f"({totals['count']} of {goal} {'deliveries' if members else mode + 's'} done)"
             )
         return states, totals["count"], {"t0": t0, "t1": t1, "capped": outcome == "capped"}

@@ -1,6 +1,6 @@
 """
 The measured modes, as a load worker runs its part of each: send (in
-pairs or interleaved), request, logons, idle.
+pairs or interleaved), fan-out, request, logons, idle.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import time
 
 from twisted.internet import task
 
+from ._groups import group_name, member_name
 from ._load import Load, close_all
-from ._patterns import _RequestPair, _Ring, _SendPair
+from ._patterns import _Group, _RequestPair, _Ring, _SendPair
 from ._wire import BenchError
 
 
@@ -43,6 +44,80 @@ class Bench(Load):
 
         _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
         return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
+
+    async def fanout(self, server, kind: str, part: dict) -> dict:
+        """
+        C{--pattern fanout}: this worker's groups (each whole: its members
+        all here), each of C{part["group_size"]} members, the first of
+        which broadcasts its share to the group; every other member counts
+        the copies it gets.  Groups and members are named as
+        L{esf.bench._groups} reads them.
+        """
+        opts = self.opts
+        dialect = self.dialect(kind)
+        size = dialect.frame_size
+        group_size = part["group_size"]
+        # What the server may hold for all the members of all the workers
+        # together stays within --total-window-bytes, for one member within
+        # --window-bytes.
+        receivers = part["all_groups"] * (group_size - 1)
+        window = max(1, min(opts.window_bytes, opts.total_window_bytes // receivers) // size)
+        members_of = {
+            k: [member_name(self.tag, k * group_size + j) for j in range(group_size)]
+            for k in part["groups"]
+        }
+        group_of = {
+            name: group_name(self.tag, group_size, k)
+            for k, names in members_of.items()
+            for name in names
+        }
+
+        async def log_on(deadline: float):
+            everyone = [name for names in members_of.values() for name in names]
+            conns, failures, error, _, _ = await self.log_on(
+                server, dialect, everyone, "log on", deadline, part["window"], group_of
+            )
+            if failures:
+                await close_all(self.reactor, conns)
+                raise BenchError(f"{failures} of {len(everyone)} logons failed; first: {error}")
+            by_name = {c.name: c for c in conns}
+            groups = [
+                (by_name[names[0]], [by_name[name] for name in names[1:]])
+                for names in members_of.values()
+            ]
+            return groups, conns
+
+        def make_group(sender, receivers, share, totals, done, groups):
+            group = group_of[sender.name]
+            frame = dialect.broadcast(sender.name, group)
+            checkers = None
+            if opts.check:
+                checkers = [dialect.broadcast_checker(sender.name, group) for _ in receivers]
+            return _Group(
+                sender, receivers, share, totals, done, groups, frame, window, size, checkers
+            )
+
+        expected = sum(part["shares"]) * (group_size - 1)
+        states, deliveries, timed = await self._exchange(
+            server, dialect, part, "fanout", "", make_group, members=log_on, goal=expected
+        )
+        return {
+            "groups": len(states),
+            "deliveries": deliveries,
+            "expected": expected,
+            "broadcasts": sum(st.sent for st in states),
+            # The fewest and the most frames a member got, and the bytes the
+            # members got in all: what the count of deliveries is checked
+            # against.
+            "member_min": min(min(st.got) for st in states),
+            "member_max": max(max(st.got) for st in states),
+            "share_min": min(st.share for st in states),
+            "share_max": max(st.share for st in states),
+            "received_bytes": sum(st.bytes for st in states),
+            "frame_bytes": size,
+            "window_per_group": window,
+            **timed,
+        }
 
     async def request(self, server, kind: str, part: dict) -> dict:
         dialect = self.dialect(kind)

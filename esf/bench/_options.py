@@ -8,10 +8,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._groups import MAX_GROUP_SIZE, group_name, member_name
 from ._procs import default_load_procs, interpreter_info, raise_fd_limit
 from ._servers import BASELINES, find_relay
 
 MODES = ("send", "request", "logons", "idle")
+
+#: Members in all, by default, of the groups of a fan-out run (so many
+#: groups of --group-size G: at least one).
+FANOUT_MEMBERS = 1000
+FANOUT_MEMBERS_QUICK = 100
+
+#: The longest user ID (and group ID) an esf server takes by default
+#: (--max-userid-length).
+MAX_ID = 11
 
 
 #: What a phase may take beyond --duration before the run is ended as hung:
@@ -27,16 +37,35 @@ def _host_port(value: str):
     return host or "127.0.0.1", int(port)
 
 
-def _pairs(value: str) -> list[int]:
-    try:
-        pairs = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--pairs takes numbers, e.g. 1,50, not {value!r}"
-        ) from None
-    if not pairs or any(p < 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"--pairs takes positive numbers, not {value!r}")
-    return pairs
+def _numbers(option: str, example: str, low: int):
+    def parse(value: str) -> list[int]:
+        try:
+            numbers = [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{option} takes numbers, e.g. {example}, not {value!r}"
+            ) from None
+        if not numbers or any(n < low for n in numbers):
+            what = "positive numbers" if low == 1 else f"numbers of at least {low}"
+            raise argparse.ArgumentTypeError(f"{option} takes {what}, not {value!r}")
+        return numbers
+
+    return parse
+
+
+_pairs = _numbers("--pairs", "1,50", 1)
+#: A group of one has nobody but its sender to deliver to.
+_group_sizes = _numbers("--group-size", "10,1000", 2)
+
+
+def fanout_groups(opts, size: int) -> int:
+    """
+    The groups of a fan-out run with groups of C{size} members: C{--groups},
+    else as many as make about L{FANOUT_MEMBERS} members (at least one).
+    """
+    if opts.groups is not None:
+        return opts.groups
+    return max(1, (FANOUT_MEMBERS_QUICK if opts.quick else FANOUT_MEMBERS) // size)
 
 
 def _positive(kind):
@@ -128,11 +157,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pattern",
-        choices=("pairs", "interleaved"),
+        choices=("pairs", "interleaved", "fanout"),
         default="pairs",
         help="in send mode, who sends to whom: pairs (each sender to its own receiver, "
-        "the default) or interleaved (every sender cycles over every receiver of its "
-        "load worker, so that consecutive frames go to different receivers)",
+        "the default), interleaved (every sender cycles over every receiver of its "
+        "load worker, so that consecutive frames go to different receivers) or fanout "
+        "(Broadcasts to groups of --group-size members, measured in deliveries/s; "
+        "--messages counts deliveries; with --server, that server must run "
+        "--handler esf.bench._groups:blocks)",
+    )
+    p.add_argument(
+        "--group-size",
+        dest="group_sizes",
+        type=_group_sizes,
+        default=None,
+        metavar="G[,G...]",
+        help="with --pattern fanout: the members of each group, the sender among them; "
+        "a list runs each (default 10)",
+    )
+    p.add_argument(
+        "--groups",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="with --pattern fanout: the groups, each with one sender "
+        f"(default: {FANOUT_MEMBERS} members in all, at least one group; "
+        f"{FANOUT_MEMBERS_QUICK} with --quick)",
     )
     p.add_argument(
         "--window-bytes",
@@ -272,6 +322,33 @@ def parse_options(argv: list[str] | None):
         opts.progress = sys.stderr.isatty()
     opts.cluster = opts.mode == "cluster"
     opts.modes = MODES if opts.mode == "all" else () if opts.cluster else (opts.mode,)
+    fanout = opts.pattern == "fanout"
+    if fanout:
+        # The fan-out is a send phase of its own ("fanout" in the report).
+        if opts.mode not in ("all", "send"):
+            parser.error("--pattern fanout measures sends: it goes with --mode send (or none)")
+        opts.modes = ("fanout",)
+        if opts.websocket:
+            parser.error("--pattern fanout is measured over TCP only: not with --websocket")
+        opts.websocket = False
+        if opts.group_sizes is None:
+            opts.group_sizes = [10]
+        for size in opts.group_sizes:
+            if size > MAX_GROUP_SIZE:
+                parser.error(f"--group-size must be at most {MAX_GROUP_SIZE}, not {size}")
+            count = fanout_groups(opts, size)
+            # The load's tag is two characters: the longest IDs of the run.
+            longest = max(
+                len(group_name("xx", size, count - 1)),
+                len(member_name("xx", size * count - 1)),
+            )
+            if longest > MAX_ID:
+                parser.error(
+                    f"{count} groups of {size} need IDs of {longest} characters, more than "
+                    f"esf's {MAX_ID}: fewer --groups or a smaller --group-size"
+                )
+    elif opts.group_sizes is not None or opts.groups is not None:
+        parser.error("--group-size and --groups go with --pattern fanout")
     if opts.cluster and opts.server is not None:
         parser.error("--mode cluster starts its own nodes; it takes no --server")
     if opts.websocket is None:
@@ -315,6 +392,8 @@ def parse_options(argv: list[str] | None):
     if opts.load_procs is None:
         opts.load_procs = default_load_procs()
     most = max([opts.logons, opts.idle] + [2 * p for p in opts.pairs])
+    if fanout:
+        most = max(size * fanout_groups(opts, size) for size in opts.group_sizes)
     limit = raise_fd_limit(most + 256)
     if limit < most + 64:
         parser.error(

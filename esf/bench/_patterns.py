@@ -1,7 +1,8 @@
 """
 Who sends to whom in the timed phases, and what each end counts: a
 sender/receiver pair of send mode (L{_SendPair}), the interleaved ring
-(L{_Ring}), and a request pair (L{_RequestPair}).
+(L{_Ring}), a group of the fan-out pattern (L{_Group}), and a request pair
+(L{_RequestPair}).
 """
 
 from __future__ import annotations
@@ -217,6 +218,96 @@ class _RingSender(_Pair):
 
     def begin(self) -> None:
         self.ring.begin()
+
+
+class _Group(_Pair):
+    """
+    One group of the fan-out pattern (C{--pattern fanout}): its sender
+    broadcasts its share, one frame per broadcast, and each of the other
+    members (C{receivers}) counts the copies it gets; C{totals["count"]}
+    counts deliveries, one per copy.
+
+    The window is in broadcasts, over the slowest member: the sender
+    writes more only while no member is more than half a window behind
+    what was sent, so that no member's backlog passes a window of frames
+    (what a server holds for it stays within --window-bytes).  The group is
+    done when every member has its share.
+    """
+
+    def __init__(
+        self, sender, receivers, share, totals, done, groups, frame, window, size, checkers=None
+    ):
+        super().__init__(sender, receivers, share, totals, done, groups)
+        self.frame, self.window, self.size = frame, window, size
+        self.low = max(1, window // 2)
+        self.sent = 0
+        #: Frames each member got, and the fewest any got (the members
+        #: that have only that many: C{_at_floor}).
+        self.got = [0] * len(receivers)
+        self.floor = 0
+        self._at_floor = len(receivers)
+        #: Bytes the members got in all, counted apart from the frames.
+        self.bytes = 0
+        self._batch = frame * window
+        for i, receiver in enumerate(receivers):
+            if checkers is None:
+                receiver.on_data = self._counter(i)
+            else:
+                receiver.on_data = self._checked(i, checkers[i])
+
+    def _counter(self, i: int):
+        size = self.size
+        got = self.got
+        have = [0]
+
+        def count(data: bytes) -> None:
+            have[0] += len(data)
+            self.bytes += len(data)
+            self._delivered(i, have[0] // size - got[i])
+
+        return count
+
+    def _checked(self, i: int, checker):
+        def check(data: bytes) -> None:
+            self.bytes += len(data)
+            try:
+                n = checker.feed(data)
+            except (BenchError, FrameError) as e:
+                self.sender.transport.abortConnection()
+                self.fail(str(e))
+                return
+            self._delivered(i, n)
+
+        return check
+
+    def _delivered(self, i: int, n: int) -> None:
+        if n <= 0:
+            return
+        got = self.got
+        if got[i] == self.floor:
+            self._at_floor -= 1
+        got[i] += n
+        self.totals["count"] += n
+        if self._at_floor == 0:
+            # The slowest member moved: find the new floor (one pass over
+            # the members each time the floor moves, not each read).
+            self.floor = min(got)
+            self._at_floor = got.count(self.floor)
+            if self.floor >= self.share:
+                self.finished()
+                return
+            self.pump()
+
+    def begin(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        inflight = self.sent - self.floor
+        if self.sent >= self.share or inflight > self.low:
+            return
+        n = min(self.window - inflight, self.share - self.sent)
+        self.sender.transport.write(self._batch[: n * len(self.frame)])
+        self.sent += n
 
 
 class _RequestPair(_Pair):

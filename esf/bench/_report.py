@@ -13,7 +13,7 @@ def _fmt(value, figure: str) -> str:
         return "-"
     if figure.endswith("_us"):
         return f"{value:,.0f} µs"
-    if figure.endswith("_us_per_msg"):
+    if figure.endswith(("_us_per_msg", "_us_per_delivery")):
         return f"{value:.2f} µs"
     if figure == "bytes_per_session":
         return f"{value:,.0f} B"
@@ -28,6 +28,13 @@ def _fmt(value, figure: str) -> str:
 
 _EXTRA = {
     "send": [
+        "elapsed_s",
+        "server_cpu_percent",
+        "load_cpu_percent",
+        "machine_cpu_percent",
+        "server_peak_rss_bytes",
+    ],
+    "fanout": [
         "elapsed_s",
         "server_cpu_percent",
         "load_cpu_percent",

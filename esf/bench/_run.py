@@ -17,13 +17,23 @@ from twisted.internet import defer
 from ._cluster import run_cluster
 from ._coordinator import LoadGenerator, RunAborted
 from ._figures import _best, _medians, _ratios, _row_label, _targets, load_bound
-from ._options import parse_options
+from ._options import fanout_groups, parse_options
 from ._procs import machine_info, usable_cpus
 from ._progress import Progress
 from ._report import format_table
 from ._servers import BASELINE, BASELINES, LocalServer, RemoteServer
 from ._wire import BenchError, EsfDialect
 from ._worker import worker_main
+
+#: What the esf server of a fan-out run is given, besides what every esf
+#: server of the benchmark is: the group manager of the benchmark's groups
+#: (logons are accepted as in every other mode: no IBasicHandler), and a
+#: work budget that no sender of the run can spend.  A Broadcast is a
+#: request to the server, charged to its sender's budget (--work-rate units
+#: a second); at the default (2,000) a sender that broadcasts faster would
+#: be refused (RateLimited), and the run would measure the budget, not the
+#: delivery.  A benchmark setting, not a recommendation.
+FANOUT_ESF_ARGS = ("--handler", "esf.bench._groups:blocks", "--work-rate", "1000000")
 
 
 async def run(reactor, opts) -> dict:
@@ -43,13 +53,24 @@ async def run(reactor, opts) -> dict:
             cluster_rows = await run_cluster(load, opts, workdir)
             failed = failed or any("error" in row for row in cluster_rows)
         for mode in opts.modes:
-            variants = opts.pairs if mode in ("send", "request") else [None]
+            variants = (
+                opts.pairs
+                if mode in ("send", "request")
+                else opts.group_sizes
+                if mode == "fanout"
+                else [None]
+            )
             for pairs in variants:
                 row = {"mode": mode}
-                if pairs is not None:
+                if mode == "fanout":
+                    row["group_size"] = pairs
+                    row["groups"] = fanout_groups(opts, pairs)
+                elif pairs is not None:
                     row["pairs"] = pairs
                 if mode == "send" and opts.pattern == "interleaved":
                     row["pattern"] = "interleaved"
+                elif mode == "fanout":
+                    row["pattern"] = "fanout"
                 else:
                     row["count"] = opts.logons if mode == "logons" else opts.idle
                 row_kinds = kinds + (["ws"] if mode == "send" and opts.websocket else [])
@@ -121,6 +142,9 @@ async def run(reactor, opts) -> dict:
             "websocket": opts.websocket,
             "check": opts.check,
             "pattern": opts.pattern,
+            "group_sizes": opts.group_sizes,
+            "groups": opts.groups,
+            "fanout_server_args": list(FANOUT_ESF_ARGS) if "fanout" in opts.modes else None,
             "duration_cap_s": opts.duration,
             "repeat": opts.repeat,
         },
@@ -136,7 +160,12 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
     """
     One measurement on a freshly started server (or the remote one).
     """
-    conns_needed = (2 * pairs if pairs else row["count"]) + 64
+    if mode == "fanout":
+        conns_needed = row["group_size"] * row["groups"] + 64
+    else:
+        conns_needed = (2 * pairs if pairs else row["count"]) + 64
+    # The esf server of a fan-out run needs the benchmark's groups.
+    extra = FANOUT_ESF_ARGS if mode == "fanout" and kind == "esf" else ()
     server = None
     try:
         if kind == "ws" and opts.server:
@@ -146,7 +175,7 @@ async def _one_run(load: LoadGenerator, opts, workdir, mode, kind, pairs, row) -
         if kind == "esf" and opts.server:
             server = RemoteServer(*opts.server)
         else:
-            server = LocalServer(kind, opts, workdir, conns_needed)
+            server = LocalServer(kind, opts, workdir, conns_needed, extra)
         result = await load.measure(mode, server, kind, pairs)
         why = load_bound(result, len(usable_cpus()), mode)
         if why is not None:

@@ -51,7 +51,9 @@ class EsfDialect:
         self.frame_size = self.wire.header_length + len(self.body)
         self.logon_body = m.Logon(m.PROTOCOL_VERSION, system_token, password).encode()
 
-    def hello(self, name: str) -> bytes:
+    def hello(self, name: str, group: str | None = None) -> bytes:
+        # The server learns who is in which group from its group manager
+        # (esf.bench._groups), not from the logon: C{group} is not sent.
         return encode_frame(
             self.wire, MessageType.LOGON, self.logon_body, message_id=1, user_id=name
         )
@@ -61,6 +63,15 @@ class EsfDialect:
 
     def message(self, src: str, dst: str) -> bytes:
         return encode_frame(self.wire, MessageType.SEND, self.body, user_id=src, dest_user_id=dst)
+
+    def broadcast(self, src: str, group: str) -> bytes:
+        """
+        A one-way Broadcast (601, MessageID 0: no Ack) from C{src} to the
+        group C{group}, as long as a Send.
+        """
+        return encode_frame(
+            self.wire, MessageType.BROADCAST, self.body, user_id=src, dest_user_id=group
+        )
 
     def request(self, src: str, dst: str) -> bytearray:
         return bytearray(
@@ -98,6 +109,13 @@ class EsfDialect:
     def checker(self, src: str, dst: str):
         return _EsfChecker(self.wire, src, dst, self.frame_size)
 
+    def broadcast_checker(self, src: str, group: str):
+        """
+        The checker of a member of C{group}: every frame a Broadcast from
+        C{src} to C{group}.
+        """
+        return _EsfChecker(self.wire, src, group, self.frame_size, MessageType.BROADCAST)
+
 
 class _EsfLogonReply:
     def __init__(self, wire: WireConfig):
@@ -132,19 +150,23 @@ class _EsfChecker:
     """
     Decodes and validates every frame a receiver gets (C{--check}): from
     C{src}, or from any of C{src} when it is a collection of names (the
-    interleaved pattern).
+    interleaved pattern), to C{dst} (a user, or the group of a Broadcast),
+    of C{message_type}.
     """
 
-    def __init__(self, wire, src: str | Collection[str], dst, frame_size):
+    def __init__(
+        self, wire, src: str | Collection[str], dst, frame_size, message_type=MessageType.SEND
+    ):
         self.decoder = FrameDecoder(wire)
         self.srcs = {src} if isinstance(src, str) else set(src)
         self.dst, self.frame_size = dst, frame_size
+        self.message_type = message_type
 
     def feed(self, data: bytes) -> int:
         frames = self.decoder.feed(data)
         for frame in frames:
             if (
-                frame.message_type != MessageType.SEND
+                frame.message_type != self.message_type
                 or frame.user_id not in self.srcs
                 or frame.dest_user_id != self.dst
                 or len(frame.raw) != self.frame_size
@@ -209,7 +231,7 @@ class WsDialect:
         #: What a receiver gets per message: the server's (unmasked) frame.
         self.frame_size = len(_ws_header(2, esf.frame_size, False)) + esf.frame_size
 
-    def hello(self, name: str) -> bytes:
+    def hello(self, name: str, group: str | None = None) -> bytes:
         handshake = (
             b"GET /esf HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: ZXNmLWJlbmNoLWtleS0xMg==\r\n"
@@ -304,14 +326,23 @@ class BareDialect:
             raise ValueError(f"a {fill_to}-byte frame cannot carry {dst!r}")
         return self._frame(head + bytes(i & 0xFF for i in range(pad)))
 
-    def hello(self, name: str) -> bytes:
-        return self._frame(name.encode())
+    def hello(self, name: str, group: str | None = None) -> bytes:
+        """
+        The name frame: the peer's name, and, for a member of a group, a
+        zero byte and the group's name (the relays' way to learn the group,
+        where esf asks its group manager).
+        """
+        return self._frame(name.encode() + (b"\x00" + group.encode() if group else b""))
 
     def hello_parser(self):
         return _BareWelcome()
 
     def message(self, src: str, dst: str) -> bytes:
         return self._addressed(dst, self.frame_size)
+
+    def broadcast(self, src: str, group: str) -> bytes:
+        # Addressed to the group: the relays write it to its other members.
+        return self._addressed(group, self.frame_size)
 
     def request(self, src: str, dst: str) -> bytearray:
         self.mid_offset_in_request = 5 + len(dst.encode())
@@ -332,6 +363,9 @@ class BareDialect:
 
     def checker(self, src: str, dst: str):
         return _BareChecker(self.message(src, dst))
+
+    def broadcast_checker(self, src: str, group: str):
+        return _BareChecker(self.broadcast(src, group))
 
 
 class _BareWelcome:

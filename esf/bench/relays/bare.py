@@ -10,7 +10,8 @@ heartbeat bookkeeping, no logging.
 
 Frames are a 4-byte little-endian length followed by that many bytes.
 
-- The first frame on a connection is the peer's name.  The relay answers it
+- The first frame on a connection is the peer's name, optionally followed
+  by a zero byte and the name of the group it joins.  The relay answers it
   with an empty frame (four zero bytes), so the peer knows it can be
   reached.
 - Every later frame starts with C{u8 length} + the destination's name; the
@@ -18,6 +19,11 @@ Frames are a 4-byte little-endian length followed by that many bytes.
   connection that registered that name.  A frame for an unknown name is
   counted and dropped.  A frame may be addressed to its own sender (an echo,
   which stands in for a heartbeat).
+- A frame whose destination names no connection but a group is a
+  broadcast: it is written, unchanged, to every connection of that group
+  but its sender's (the work of an esf Broadcast, whose server asks its
+  group manager for the members where this relay learnt them at the name
+  frame).
 - Checks, on every frame: the length is at most L{MAX_FRAME} (and, after
   the name, at least 1) and the destination's name lies inside the frame;
   a frame that fails them aborts the connection (the frames before it are
@@ -46,8 +52,25 @@ _LENGTH = struct.Struct("<I")
 _WELCOME = b"\x00\x00\x00\x00"
 
 
+def register(protocol, hello: bytes) -> None:
+    """
+    Take the name frame of C{protocol}'s peer, whose payload C{hello} is
+    its name and, after a zero byte, its group, if any: route the name to
+    it, add it to its group, welcome it.
+    """
+    name, _, group = hello.partition(b"\x00")
+    factory = protocol.factory
+    protocol.name = name
+    factory.routes[name] = protocol.transport
+    if group:
+        protocol.group = group
+        factory.groups.setdefault(group, []).append(protocol.transport)
+    protocol.transport.write(_WELCOME)
+
+
 class RelayProtocol(Protocol):
     name: bytes | None = None
+    group: bytes | None = None
 
     def connectionMade(self) -> None:
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -70,9 +93,7 @@ class RelayProtocol(Protocol):
             if end > size:
                 break
             if self.name is None:
-                self.name = buf[offset + 4 : end]
-                routes[self.name] = self.transport
-                self.transport.write(_WELCOME)
+                register(self, buf[offset + 4 : end])
             else:
                 if length == 0:
                     self._abort()
@@ -82,11 +103,20 @@ class RelayProtocol(Protocol):
                     # The destination's name runs past the end of the frame.
                     self._abort()
                     return
-                target = routes.get(buf[offset + 5 : dest_end])
+                dest = buf[offset + 5 : dest_end]
+                target = routes.get(dest)
                 if target is not None:
                     target.write(buf[offset:end])
                 else:
-                    self.factory.dropped += 1
+                    members = self.factory.groups.get(dest)
+                    if members is not None:
+                        frame = buf[offset:end]
+                        me = self.transport
+                        for member in members:
+                            if member is not me:
+                                member.write(frame)
+                    else:
+                        self.factory.dropped += 1
             offset = end
         self._buffer = buf[offset:] if offset < size else b""
 
@@ -99,6 +129,13 @@ class RelayProtocol(Protocol):
         routes = self.factory.routes
         if self.name is not None and routes.get(self.name) is self.transport:
             del routes[self.name]
+        members = self.factory.groups.get(self.group) if self.group is not None else None
+        if members is not None:
+            # A list, not a set: a broadcast writes to the members in the
+            # order they joined, and one leaving costs one pass over them.
+            members.remove(self.transport)
+            if not members:
+                del self.factory.groups[self.group]
 
 
 class RelayFactory(Factory):
@@ -107,6 +144,8 @@ class RelayFactory(Factory):
 
     def __init__(self):
         self.routes: dict[bytes, object] = {}
+        #: Each group's connections, in the order they joined.
+        self.groups: dict[bytes, list] = {}
         self.dropped = 0
 
 
