@@ -828,3 +828,37 @@ async def test_a_request_to_a_backed_up_receiver_on_another_node_is_answered(
         for node in (a, b):
             node.engine.stop()
             await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_ignore_new_refuses_busy_when_the_holders_node_does_not_confirm(redis_server):
+    """
+    With ignore-new, a logon that loses to a holder on another node is
+    refused HadLoggedOn (final, for a client) only when that node confirms
+    its session; a node that does not answer (dead or paused, its lease
+    still alive) gets the logon refused Busy, which a client retries.
+    """
+    config = ServerConfig(relogon_mode=RelogonMode.IGNORE_NEW)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        await a.logon("alice", 1)
+        await eventually(lambda: b.engine.user_manager.is_user_online("alice"))
+        refused = Client(b.engine)
+        refused.logon("alice", 1)
+        replies = await eventually(refused.take, what="refused: a confirms its session")
+        assert replies[0].body.result == LogonResult.HAD_LOGGED_ON
+        await pause_reading(a.presence)  # as a node that died: its lease lives on
+        busy = Client(b.engine)
+        busy.logon("alice", 1)
+        await eventually(lambda: b.presence.probes.waiting, what="b's probe of a")
+        assert busy.take() == []
+        b.engine.clock.advance(1.0)
+        replies = await eventually(busy.take, what="refused Busy")
+        assert replies[0].body.result == LogonResult.BUSY
+        assert replies[0].body.failure_cause == (
+            "alice is held by node a, which does not answer; try again shortly"
+        )
+        assert b.presence.stats["probes_unanswered"] == 1
+    finally:
+        await stop_nodes(a, b)

@@ -25,6 +25,8 @@ from esf.cluster._records import (
     Kick,
     KickOut,
     Notify,
+    Probe,
+    Probed,
     PushOut,
     Query,
     Send,
@@ -268,6 +270,9 @@ def test_records_round_trip_in_one_entry():
         Answer("b/3", 41, True, b"error body"),
         Failed("b/4", b"request"),
         Failed("b/4", b"request", BACKED_UP),
+        Probe("b/5", 12, "a"),
+        Probed("b/5", 12, True),
+        Probed("b/6", 13, False),
     ]
     assert list(decode_records(b"".join(r.encode() for r in records))) == records
 
@@ -398,3 +403,76 @@ def test_alone_presence_reads_only_its_own_devices():
     presence.membership.alone("a test")
     assert presence.get("bob", 0) is None and presence.user_count() == 0 and not presence.up
     assert isinstance(presence.stats, collections.Counter)
+
+
+# -- probes of a holder on another node ---------------------------------------------
+
+
+def _probes(max_waiting=10_000):
+    from esf.cluster._probes import Probes
+
+    clock, posted = task.Clock(), []
+    probes = Probes(
+        clock,
+        "a",
+        post=lambda *a: posted.append(a),
+        stats=collections.Counter(),
+        max_waiting=max_waiting,
+    )
+    holder = RemoteHandle("bob", 1, Holder("n2/7", "n2", 1.0, "h:1"), lambda *a: None)
+    return clock, posted, probes, holder
+
+
+def test_a_probe_is_answered_by_the_holders_node():
+    clock, posted, probes, holder = _probes()
+    told = []
+    probes.ask(holder).addCallback(told.append)
+    ((node, probe),) = posted
+    assert (node, probe.session_id, probe.asker) == ("n2", "n2/7", "a")
+    probes.answered(probe.token, True)
+    assert told == [True] and not probes.waiting and not clock.getDelayedCalls()
+    probes.answered(probe.token, False)  # a second answer goes nowhere
+    assert told == [True]
+
+
+def test_a_probe_not_answered_in_time_says_so():
+    clock, posted, probes, holder = _probes()
+    told = []
+    probes.ask(holder).addCallback(told.append)
+    clock.advance(probes.seconds - 0.01)
+    assert told == []
+    clock.advance(0.01)
+    assert told == [None] and probes.stats["probes_unanswered"] == 1
+    probes.answered(posted[0][1].token, True)  # too late
+    assert told == [None]
+
+
+def test_probes_waiting_are_bounded():
+    clock, posted, probes, holder = _probes(max_waiting=2)
+    told = []
+    for _ in range(3):
+        probes.ask(holder).addCallback(told.append)
+    assert told == [None] and len(posted) == 2 and len(probes.waiting) == 2
+    probes.stop()
+    assert told == [None, None, None] and not clock.getDelayedCalls()
+
+
+def test_delivery_answers_a_probe_whether_or_not_the_session_is_here():
+    from esf.cluster._messaging import Delivery
+
+    posted, probed = [], []
+    delivery = Delivery(
+        {"b/1": object()},
+        None,
+        post=lambda *a: posted.append(a),
+        lookup=lambda *a: None,
+        devices=lambda user: (),
+        probed=lambda *a: probed.append(a),
+        stats=collections.Counter(),
+    )
+    entry = b"".join(
+        r.encode() for r in (Probe("b/1", 5, "a"), Probe("b/2", 6, "c"), Probed("a/3", 9, True))
+    )
+    delivery.deliver(entry)
+    assert posted == [("a", Probed("b/1", 5, True)), ("c", Probed("b/2", 6, False))]
+    assert probed == [(9, True)]

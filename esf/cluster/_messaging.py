@@ -49,6 +49,8 @@ from ._records import (
     Kick,
     KickOut,
     Notify,
+    Probe,
+    Probed,
     PushOut,
     Query,
     Record,
@@ -335,6 +337,8 @@ class Delivery:
     @param lookup: who holds a device now (the presence's C{get}).
     @param devices: the devices of a user online now (the presence's
         C{devices}).
+    @param probed: called C{(token, held)} with the answer to a probe of
+        this node's (L{esf.cluster._probes.Probes.answered}).
     """
 
     def __init__(
@@ -345,6 +349,7 @@ class Delivery:
         post: Post,
         lookup: Lookup,
         devices: Devices,
+        probed: Callable[[int, bool], None],
         stats: collections.Counter[str],
     ):
         self.local = local
@@ -352,6 +357,7 @@ class Delivery:
         self.post = post
         self.lookup = lookup
         self.devices = devices
+        self.probed = probed
         self.stats = stats
         #: The engine's wire settings (set by the presence's C{attach}).
         self.wire: WireConfig | None = None
@@ -368,6 +374,13 @@ class Delivery:
             if isinstance(record, Answer):
                 session_id, message_id, error, body = record
                 self.queries.answered(session_id, message_id, error, body)
+                continue
+            if isinstance(record, Probe):
+                held = record.session_id in local
+                self.post(record.asker, Probed(record.session_id, record.token, held))
+                continue
+            if isinstance(record, Probed):
+                self.probed(record.token, record.held)
                 continue
             handle: Any = local.get(record.session_id)
             if handle is None:

@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.server._config import default_node_id
+from esf.server._policy import HolderUnconfirmed
 from esf.server._presence import Claim
 
 from ._claims import Claims
@@ -46,6 +47,7 @@ from ._link import IRedisLink, RedisLink, RedisUnavailable, RedisURL
 from ._membership import Membership
 from ._messaging import Delivery, Outbox, RemoteHandle, _Batch
 from ._mirror import PresenceMirror, Released, Replaced, Report
+from ._probes import Probes
 from ._queries import Queries
 from ._reader import StreamReader
 from ._records import Holder, Keys, Record, check_node_id
@@ -116,8 +118,9 @@ class ClusterPresence:
     @ivar stats: counts of what happened to cross-node traffic
         (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
         C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
-        C{inbox_reaped} (requests a reaped node never read, their senders
-        told), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
+        C{probes_unanswered} (holders on other nodes that did not confirm
+        their sessions, L{Probes}), C{inbox_reaped} (requests a reaped node
+        never read, their senders told), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
         C{inbox_stale}, C{inbox_late}, C{inbox_full}).
     """
 
@@ -174,12 +177,14 @@ class ClusterPresence:
             answered=self.queries.answered, lookup=self.get, stats=self.stats,
             timeout=timeout, max_in_flight=max_posts_in_flight,
         )  # fmt: skip
+        self.probes = Probes(self.clock, self.node_id, post=self._post, stats=self.stats)
         self.delivery = Delivery(
             local,
             self.queries,
             post=self._post,
             lookup=self.get,
             devices=self.devices,
+            probed=self.probes.answered,
             stats=self.stats,
         )
         self.membership = Membership(
@@ -297,6 +302,7 @@ class ClusterPresence:
         lease and inbox, close the connections.
         """
         self.membership.stop()
+        self.probes.stop()
         if self.outbox:
             self.outbox.flush()
         if self.claims.inflight:
@@ -320,7 +326,31 @@ class ClusterPresence:
     # -- IPresence ----------------------------------------------------------------------
 
     def claim(self, handle: IDeviceHandle, replace: bool) -> Deferred[Claim]:
-        return self.claims.claim(handle, replace)
+        d = self.claims.claim(handle, replace)
+        if not replace:
+            d.addCallback(self._held_elsewhere)
+        return d
+
+    def _held_elsewhere(self, claim: Claim) -> Claim | Deferred[Claim]:
+        """
+        An C{ignore-new} logon that lost to a holder on another node: that
+        node must say it still holds the device (L{Probes}), or the logon is
+        refused C{Busy} (L{HolderUnconfirmed}) rather than C{HadLoggedOn}.
+        """
+        holder = claim.previous
+        if claim.won or not isinstance(holder, RemoteHandle):
+            return claim
+
+        def told(held: bool | None) -> Claim:
+            if held:
+                return claim
+            raise HolderUnconfirmed(
+                f"{holder.user_id} is held by node {holder.node}, which "
+                + ("does not answer" if held is None else "is ending that session")
+                + "; try again shortly"
+            )
+
+        return self.probes.ask(holder).addCallback(told)
 
     def release(self, handle: IDeviceHandle) -> Deferred[bool]:
         return self.claims.release(handle)

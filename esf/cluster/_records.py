@@ -55,6 +55,8 @@ __all__ = [
     "Failed",
     "REAPED_UNREAD",
     "BACKED_UP",
+    "Probe",
+    "Probed",
     "Record",
     "decode_records",
     "MAX_QUERY_SECONDS",
@@ -166,7 +168,9 @@ class Holder:
 
 _RECORD = struct.Struct("<BHIII")
 _LENGTH = struct.Struct("<I")
-_SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED = range(1, 9)
+_SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED = range(
+    1, 11
+)
 
 #: The longest a node remembers a query another node asked (a bound).
 MAX_QUERY_SECONDS = 3600
@@ -318,7 +322,36 @@ class Failed(NamedTuple):
         return _record(_FAILED, self.session_id, self.why, 0, self.frame)
 
 
-Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed]
+class Probe(NamedTuple):
+    """
+    Does the session C{session_id} still hold its device on this node?
+    Answered at once to the node C{asker} with a L{Probed} carrying
+    C{token} (never fenced: a session that is gone is the answer).
+    """
+
+    session_id: str
+    token: int
+    asker: str
+
+    def encode(self) -> bytes:
+        return _record(_PROBE, self.session_id, self.token, 0, self.asker.encode("utf-8"))
+
+
+class Probed(NamedTuple):
+    """
+    The answer to the L{Probe} C{token}: whether C{session_id} still holds
+    its device on the answering node.
+    """
+
+    session_id: str
+    token: int
+    held: bool
+
+    def encode(self) -> bytes:
+        return _record(_PROBED, self.session_id, self.token, int(self.held), b"")
+
+
+Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed]
 
 
 def decode_records(packed: bytes) -> Iterator[Record]:
@@ -354,3 +387,7 @@ def decode_records(packed: bytes) -> Iterator[Record]:
             yield Answer(sid, first, bool(second), data)
         elif kind == _FAILED:
             yield Failed(sid, data, first)
+        elif kind == _PROBE:
+            yield Probe(sid, first, data.decode("utf-8"))
+        elif kind == _PROBED:
+            yield Probed(sid, first, bool(second))

@@ -31,7 +31,14 @@ from esf.wire._frames import (
 
 from ._config import EngineBasics, RelogonMode, SessionPhase, UserData
 from ._counters import Count
-from ._policy import Ignore, LogonPolicy, LogonRefused, Refuse, TakeoverRefused
+from ._policy import (
+    HolderUnconfirmed,
+    Ignore,
+    LogonPolicy,
+    LogonRefused,
+    Refuse,
+    TakeoverRefused,
+)
 from ._presence import Claim
 
 if TYPE_CHECKING:
@@ -351,6 +358,9 @@ class Logons:
                 frame,
                 Refuse(LogonResult.BUSY, str(failure.value), counter=Count.TAKEOVERS_REFUSED),
             )
+            return
+        if failure.check(HolderUnconfirmed):
+            self._refuse(session, frame, Refuse(LogonResult.BUSY, str(failure.value)))
             return
         log.failure("claiming {session!r} failed", failure, session=session)
         self._refuse(

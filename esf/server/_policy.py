@@ -30,6 +30,7 @@ __all__ = [
     "LogonRefused",
     "SlidingWindow",
     "TakeoverRefused",
+    "HolderUnconfirmed",
     "flapping_cause",
     "Accept",
     "Refuse",
@@ -63,6 +64,16 @@ class TakeoverRefused(Exception):
     across nodes) refused one: the device flaps between connections.  The
     logon pipeline answers it like its own guard: C{Busy}, counted as
     C{takeovers_refused}.
+    """
+
+
+class HolderUnconfirmed(Exception):
+    """
+    A presence shared by nodes found the device held by a session of
+    another node that did not confirm it in time (that node may be dead or
+    paused, its lease not yet expired).  The logon pipeline answers
+    C{Busy}, which clients retry, rather than C{HadLoggedOn}, which they
+    take as final.
     """
 
 
