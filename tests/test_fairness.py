@@ -117,6 +117,50 @@ def test_a_receiver_that_does_not_read_does_not_hold_up_its_senders_traffic_to_o
     assert engine.budget.used == 0  # his backlog went back
 
 
+def _acknowledged(kind, mark, payload):
+    if kind == T.BLOB:  # a blob in one fragment, acknowledged (it has a MessageID)
+        return BlobFragment(mark, 100_000 + mark, 0, True, payload)
+    return Information(mark, payload)
+
+
+@pytest.mark.parametrize("kind", [T.SEND_CERTAINLY, T.REQUEST, T.BLOB], ids=lambda k: k.name)
+def test_acknowledged_traffic_to_others_is_not_held_up_by_a_receiver_that_does_not_read(kind):
+    """
+    The filed case with acknowledged messages: alice sends mallory (who
+    never reads) a 4 MiB burst of 60 KB SendCertainlys, Requests or blobs,
+    then bob one of the same every 50 ms for 4 s.  Each reaches bob within
+    100 ms; what mallory could not take is answered RateLimited, each at
+    once, and nothing of bob's is.
+    """
+    engine = make_engine()
+    alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
+    mallory.protocol.pauseProducing()
+    link = Link(alice)
+    burst = 4 * MIB // 60_000 + 1
+    for n in range(burst):
+        body = _acknowledged(kind, -1, bytes(60_000))
+        link.write(alice.frame(kind, body, dest="mallory", message_id=1 + n))
+    arrived = {}
+    answers = []
+    for n in range(80):
+        body = _acknowledged(kind, n, b"hi bob")
+        link.write(alice.frame(kind, body, dest="bob", message_id=10_000 + n), mark=n)
+        for _ in range(10):  # 50 ms
+            link.pump()
+            now = engine.clock.seconds()
+            for frame in bob.take():
+                if frame.message_type == kind:
+                    arrived.setdefault(frame.body.information_type, now)
+            answers += alice.take()
+            engine.clock.advance(STEP)
+    assert sorted(arrived) == list(range(80))
+    delays = [arrived[n] - link.written[n] for n in range(80)]
+    assert max(delays) <= 0.1, (max(delays), statistics.median(delays))
+    refused = [a for a in answers if a.message_type == T.ERROR]
+    assert refused and {a.body.code for a in refused} == {ErrorCode.RATE_LIMITED}
+    assert all(a.message_id <= burst for a in refused)  # none of bob's
+
+
 def test_a_receiver_that_reads_slowly_does_not_hold_up_its_senders_traffic_to_others():
     """
     mallory reads, slowly: his transport drains every 300 ms, and is full
