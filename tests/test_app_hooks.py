@@ -340,6 +340,7 @@ def test_port_file_must_be_in_a_directory(tmp_path):
 # -- the pytest plugin: the offline store and twistd fixtures --------------------------------------
 
 
+@pytest.mark.e2e
 def test_plugin_offline_store_and_twistd_fixtures(pytester, monkeypatch):
     # The esf under test, not an installed one.
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
@@ -467,6 +468,7 @@ def test_server_md_embedding_with_an_offline_store_runs(tmp_path):
     assert (tmp_path / "offline.db").exists()
 
 
+@pytest.mark.e2e
 def test_server_md_port_file_is_what_the_server_writes(tmp_path):
     import json
 

@@ -533,9 +533,11 @@ class Restartable:
         self.server.process.wait(10)
         self.server.log_file.close()
 
-    def notice(self, user, text):
+    def notice(self, user, text, **more):
         return _post_json(
-            f"http://127.0.0.1:{self.admin}/api/users/{user}/notice", {"text": text}, TOKEN
+            f"http://127.0.0.1:{self.admin}/api/users/{user}/notice",
+            {"text": text, **more},
+            TOKEN,
         )
 
 
@@ -557,6 +559,9 @@ def test_the_chat_through_notices_an_offline_user_a_shutdown_and_a_crash(browser
         # An operator's notice, with the admin API's default information type (0).
         assert server.notice("fay", "maintenance at noon") == {"user_id": "fay", "devices": 1}
         fay.wait_line("notice", "", "Notice from the server: maintenance at noon")
+        # One with an information type of the operator's own: a notice all the same.
+        assert server.notice("fay", "back at one", information_type=42)["devices"] == 1
+        fay.wait_line("notice", "", "Notice from the server: back at one")
 
         # fay leaves; gus's private message is kept for her, and he is told so.
         fay.script("document.getElementById('logoff').click()")
