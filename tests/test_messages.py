@@ -1163,6 +1163,31 @@ def test_broadcast_reaches_every_device_but_none_of_the_senders():
     assert alice_phone.take() == [] and alice_pc.take() == [] and dave.take() == []
 
 
+def test_broadcast_to_a_member_named_with_a_device_mark():
+    """
+    A group manager may name one device of a member (C{"bob#5"}, as a
+    DestUserID does): only that device gets the Broadcast.
+    """
+    engine = make_engine(groups=Groups({"g": ["alice", "bob#5", "zed#5"]}))
+    alice = connect(engine, "alice")
+    bob_pc = connect(engine, "bob", ClientType.DOTNET)
+    bob_phone = connect(engine, "bob", ClientType.ANDROID)
+    bob_pc.take()
+    sent = alice.send(MessageType.BROADCAST, Information(3, b"hi"), dest="g", message_id=5)
+    assert [r.raw for r in bob_phone.take()] == [sent]
+    assert bob_pc.take() == []
+    assert types(alice.take()) == [MessageType.ACK]
+
+
+def test_a_broadcast_body_too_short_for_its_type_is_refused():
+    engine = make_engine(groups=Groups({"g": ["alice", "bob"]}))
+    alice, bob = connect(engine, "alice"), connect(engine, "bob")
+    alice.send_raw(alice.frame(MessageType.BROADCAST, b"\x01\x02", dest="g", message_id=6))
+    (error,) = alice.take()
+    assert (error.message_type, error.body.code) == (MessageType.ERROR, ErrorCode.BAD_REQUEST)
+    assert bob.take() == []
+
+
 def test_broadcast_refused():
     engine = make_engine(groups=Groups({"g": ["bob"]}))
     alice = connect(engine, "alice")

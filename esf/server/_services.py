@@ -11,6 +11,7 @@ raise L{esf.wire._messages.BadRequest} for a body that does not parse.
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 from esf.wire import _messages as m
 from esf.wire._events import call, call_then
 from esf.wire._frames import (
+    DEVICE_MARK,
     EVERYONE_ID,
     SERVER_ID,
     DisconnectedType,
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
     from ._session import Session
 
 __all__ = ["BasicServices", "ApplicationServices", "BasicEngine", "ApplicationEngine", "TO_SERVER"]
+
+_I32 = struct.Struct("<i")
 
 log = Logger(namespace="esf.server")
 
@@ -480,13 +484,18 @@ class ApplicationServices:
         each member (L{_deliver}).  A group manager that answers at once
         costs no Deferred (L{call_then}).
         """
-        info = m.Information.decode(frame.body)
+        body = frame.body
+        # An Information body is its type and the rest: only the type is
+        # read here (the members get the frame's own bytes).
+        if len(body) < 4:
+            m.Information.decode(body)  # raises BadRequest, saying why
+        (information_type,) = _I32.unpack_from(body)
         group_id = frame.dest_user_id
         manager = self.engine.group_manager
         if manager is None or group_id in TO_SERVER:
             session.error(frame, ErrorCode.NOT_AUTHORIZED, f"no group {group_id!r} here")
             return
-        judged(self.engine.relay_gate, session, frame, self._may_broadcast, info.information_type)
+        judged(self.engine.relay_gate, session, frame, self._may_broadcast, information_type)
 
     def _may_broadcast(self, session: Session, frame: Frame, information_type: int) -> None:
         manager = self.engine.group_manager
@@ -542,13 +551,20 @@ class ApplicationServices:
         engine = self.engine
         raw = frame.raw
         size = len(raw)
+        # A member's devices straight from the presence (the router's own
+        # first look); the router only for a member named with a device
+        # mark (an offline member costs one look-up).
+        devices_of = engine.presence.devices
         resolve = engine.router.resolve
         sender = session.user_id
         devices = 0
         try:
             for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
-                    for target in resolve(user_id) or ():
+                    targets = devices_of(user_id)
+                    if not targets and DEVICE_MARK in user_id:
+                        targets = resolve(user_id) or ()
+                    for target in targets:
                         # A member that is backed up holds the sender back
                         # briefly, or is skipped (counted), as for a relay.
                         status = target.send(raw)
