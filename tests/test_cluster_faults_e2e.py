@@ -8,8 +8,9 @@ stopped and started again in turn).
 
 Under every fault, each message is delivered once at its receiver or its
 sender gets an C{Error} (C{UserOffline}, C{RateLimited}); none both, none
-twice, none missing (docs/cluster.md, Guarantees); then every live node
-lists exactly the users whose clients are connected.  A sender whose own
+twice, none missing, each Error within its bound (docs/cluster.md,
+Guarantees); then every live node lists exactly the users whose clients are
+connected (C{GetAllOnlineUsers}, C{QueryOnlines}).  A sender whose own
 connection was cut (its node killed or stopped) cannot be told: what it sent
 that had no answer when its connection dropped may be missing, never twice.
 
@@ -65,6 +66,9 @@ class Peer:
         self.acked: set[int] = set()
         #: Error code per number, for the Errors answering this user's sends.
         self.errors: dict[int, int] = {}
+        #: When each number was sent, and how long each Error took to come.
+        self.sent_at: dict[int, float] = {}
+        self.error_after: dict[int, float] = {}
         #: The numbers the other user sent this one, each as often as it came.
         self.received: collections.Counter[int] = collections.Counter()
         #: Numbers sent on a connection that dropped before they were answered.
@@ -114,6 +118,7 @@ class Peer:
                 self.dropped()
                 return
             self.sent = number
+            self.sent_at[number] = now
         self.pump()
 
     def pump(self) -> None:
@@ -151,6 +156,7 @@ class Peer:
             if error["request_type"] == SEND_CERTAINLY:
                 assert number not in self.errors, f"{self.user}: {number} answered twice"
                 self.errors[number] = error["code"]
+                self.error_after[number] = time.monotonic() - self.sent_at[number]
 
     def settled(self, receiver: Peer) -> bool:
         """
@@ -298,6 +304,20 @@ class Matrix:
         self.redis.stop()
 
 
+#: A request to a dead or paused node's user is answered when the janitor
+#: reaps that node: within lease + lease/3 and one janitor round (lease/3),
+#: with a second's slack for a loaded machine.
+REAP_BOUND = LEASE * 5 / 3 + 1.0
+
+
+def assert_answered_within(peer: Peer, seconds: float) -> None:
+    """
+    Every Error C{peer} got came within C{seconds} of its send.
+    """
+    slowest = max(peer.error_after.values())
+    assert slowest < seconds, f"{peer.user}: an Error came {slowest:.1f} s after its send"
+
+
 def kill_a_node(matrix: Matrix) -> None:
     """
     n1 is killed (SIGKILL): amy's connection drops; what cat sends her is
@@ -313,6 +333,7 @@ def kill_a_node(matrix: Matrix) -> None:
     matrix.run(LEASE * 4 / 3 + 1.5 + PHASE)
     assert not amy.live, "amy's connection outlived her node"
     assert cat.errors, "cat was never told amy is gone"
+    assert_answered_within(cat, REAP_BOUND)
     matrix.wait_listing(("ben", "cat"))
 
 
@@ -329,6 +350,7 @@ def pause_a_node(matrix: Matrix) -> None:
         n1.process.send_signal(signal.SIGCONT)
     cat = matrix.peers[2]
     assert cat.errors, "cat was never told amy's node is gone"
+    assert_answered_within(cat, REAP_BOUND)
 
 
 def pause_redis(matrix: Matrix) -> None:
@@ -343,6 +365,10 @@ def pause_redis(matrix: Matrix) -> None:
     finally:
         matrix.redis.process.send_signal(signal.SIGCONT)
     assert all(peer.errors for peer in matrix.peers), "a sender was never told"
+    # Every call to Redis is bounded (2 s): the answers came within it
+    # (with some slack for a loaded machine).
+    for peer in matrix.peers:
+        assert_answered_within(peer, 3.5)
 
 
 def restart_redis(matrix: Matrix) -> None:
