@@ -1,0 +1,443 @@
+"""
+The cluster's fault matrix: three real C{twistd esf --cluster} nodes on one
+C{redis-server} of the test's own, a client on each node sending
+numbered C{SendCertainly} to a user on the next node every 60 ms and
+acknowledging what it gets, while one fault happens (a node killed, a node
+paused past its lease, Redis paused, Redis restarted empty, every node
+stopped and started again in turn).
+
+Under every fault, each message is delivered once at its receiver or its
+sender gets an C{Error} (C{UserOffline}, C{RateLimited}); none both, none
+twice, none missing, each Error within its bound (docs/cluster.md,
+Guarantees); then every live node lists exactly the users whose clients are
+connected (C{GetAllOnlineUsers}, C{QueryOnlines}).  A sender whose own
+connection was cut (its node killed or stopped) cannot be told: what it sent
+that had no answer when its connection dropped may be missing, never twice.
+
+Each phase lasts C{ESF_FAULT_SECONDS} (1.5 s by default, so that each case
+takes about 10-15 s); set it higher to run the faults longer.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import struct
+import time
+
+import pytest
+import rawclient as rc
+from _redis import RedisServer
+from test_cluster_e2e import (
+    ACK,
+    LEASE,
+    QUERY_ONLINES,
+    SEND_CERTAINLY,
+    USER_OFFLINE,
+    info,
+    start_node,
+)
+
+pytestmark = pytest.mark.e2e
+
+#: How long traffic runs before, during and after each fault.
+PHASE = float(os.environ.get("ESF_FAULT_SECONDS", "1.5"))
+#: Seconds between two messages of one sender.
+INTERVAL = 0.06
+RATE_LIMITED = 8
+#: Each node's user, and whom that user sends to (a user on the next node).
+USERS = ("amy", "ben", "cat")
+
+
+class Peer:
+    """
+    One user's client (replaced when it connects again) sending numbered
+    SendCertainly to another user and acknowledging those it gets, with
+    what became of each number.
+    """
+
+    def __init__(self, user: str, to: str):
+        self.user = user
+        self.to = to
+        self.client: rc.Client | None = None
+        self.sent = 0
+        self.last_sent_at = 0.0
+        self.acked: set[int] = set()
+        #: Error code per number, for the Errors answering this user's sends.
+        self.errors: dict[int, int] = {}
+        #: When each number was sent, and how long each Error took to come.
+        self.sent_at: dict[int, float] = {}
+        self.error_after: dict[int, float] = {}
+        #: The numbers the other user sent this one, each as often as it came.
+        self.received: collections.Counter[int] = collections.Counter()
+        #: Numbers sent on a connection that dropped before they were answered.
+        self.cut: set[int] = set()
+
+    def connect(self, node, timeout: float = 10.0) -> None:
+        """
+        Log on at C{node} (retrying a logon refused while the cluster
+        settles).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            client = rc.connect(node.port)
+            reply = client.logon(self.user, "pw")
+            if reply["result"] == 0:
+                self.client = client
+                return
+            client.close()
+            assert time.monotonic() < deadline, (self.user, reply)
+            time.sleep(0.1)
+
+    @property
+    def live(self) -> bool:
+        return self.client is not None
+
+    def dropped(self) -> None:
+        """
+        The connection ended: what it sent unanswered cannot be told now.
+        """
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self.cut |= set(range(1, self.sent + 1)) - self.acked - set(self.errors)
+
+    def tick(self, now: float) -> None:
+        """
+        Send the next number if it is time, then handle what arrived.
+        """
+        if self.client is None:
+            return
+        if now - self.last_sent_at >= INTERVAL:
+            self.last_sent_at = now
+            number = self.sent + 1
+            try:
+                self.client.send(SEND_CERTAINLY, info(1, b"#%d" % number), self.to, number)
+            except OSError:
+                self.dropped()
+                return
+            self.sent = number
+            self.sent_at[number] = now
+        self.pump()
+
+    def pump(self) -> None:
+        """
+        Handle what has arrived, without waiting.
+        """
+        while self.client is not None:
+            try:
+                frame = self.client.recv_frame(timeout=0.002)
+            except TimeoutError:
+                return
+            except OSError:
+                frame = None
+            if frame is None:
+                self.dropped()
+                return
+            self.handle(*frame)
+
+    def handle(self, header: dict, body: bytes) -> None:
+        """
+        Count one frame of the traffic.
+        """
+        kind, number = header["message_type"], header["message_id"]
+        if kind == SEND_CERTAINLY:
+            assert body == info(1, b"#%d" % number), body
+            self.received[number] += 1
+            try:
+                self.client.send(ACK, struct.pack("<i", 1), self.to, number)
+            except OSError:
+                pass  # read on until the connection's end
+        elif kind == ACK:
+            self.acked.add(number)
+        elif kind == rc.ERROR:
+            error = rc.parse_error(body)
+            if error["request_type"] == SEND_CERTAINLY:
+                assert number not in self.errors, f"{self.user}: {number} answered twice"
+                self.errors[number] = error["code"]
+                self.error_after[number] = time.monotonic() - self.sent_at[number]
+
+    def settled(self, receiver: Peer) -> bool:
+        """
+        Whether every number sent has come or been answered.
+        """
+        done = set(receiver.received) | set(self.errors) | self.cut
+        return set(range(1, self.sent + 1)) <= done
+
+
+class Matrix:
+    """
+    Three nodes on one Redis and a L{Peer} on each, amy on n1 sending to
+    ben on n2, ben to cat on n3, cat to amy.
+    """
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.redis = RedisServer(tmp_path).start()
+        self.nodes: list = [None, None, None]
+        self.starts = 0
+        self.peers = [Peer(user, USERS[(i + 1) % 3]) for i, user in enumerate(USERS)]
+
+    def start(self, index: int):
+        self.starts += 1
+        path = self.tmp_path / f"n{index + 1}-{self.starts}.log"
+        self.nodes[index] = start_node(path, self.redis.url, f"n{index + 1}")
+        return self.nodes[index]
+
+    def up(self) -> None:
+        for index in range(3):
+            self.start(index)
+        for peer, node in zip(self.peers, self.nodes):
+            peer.connect(node)
+        self.wait_listing(USERS)
+
+    def run(self, seconds: float, until=lambda: False) -> None:
+        """
+        Traffic for C{seconds} (or until C{until()}).
+        """
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            now = time.monotonic()
+            for peer in self.peers:
+                peer.tick(now)
+            time.sleep(0.005)
+
+    def drain(self, timeout: float = 10.0) -> None:
+        """
+        Stop sending; read until every number sent came or was answered.
+        """
+        deadline = time.monotonic() + timeout
+        pairs = self.pairs()
+        while time.monotonic() < deadline:
+            for peer in self.peers:
+                peer.pump()
+            if all(sender.settled(receiver) for sender, receiver in pairs):
+                return
+            time.sleep(0.01)
+
+    def pairs(self) -> list[tuple[Peer, Peer]]:
+        return [(peer, self.peers[(i + 1) % 3]) for i, peer in enumerate(self.peers)]
+
+    def ask(self, peer: Peer, kind: int, body: bytes) -> bytes:
+        """
+        The body of the server's answer to C{kind} at C{peer}'s node
+        (traffic read meanwhile is counted).
+        """
+        assert peer.client is not None
+        peer.client.send(kind, body, dest=rc.SERVER, msg_id=-7)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            frame = peer.client.recv_frame(timeout=max(deadline - time.monotonic(), 0.001))
+            assert frame is not None, f"{peer.user}'s connection closed"
+            header, answer = frame
+            if header["message_type"] == kind:
+                assert header["message_id"] == -7, header
+                return answer
+            peer.handle(header, answer)  # traffic that came meanwhile
+        raise AssertionError(f"no answer to {kind} at {peer.user}'s node")
+
+    def listing(self, peer: Peer) -> tuple[set[str], set[str]]:
+        """
+        Whom C{peer}'s node lists (C{GetAllOnlineUsers}), and which of
+        L{USERS} it says are online (C{QueryOnlines}).
+        """
+        body = self.ask(peer, rc.GET_ALL_ONLINE_USERS, struct.pack("<II", 0, 0))
+        listed = set(rc.parse_online_users(body)["users"])
+        query = struct.pack("<I", len(USERS)) + b"".join(rc.pack_str(u) for u in USERS)
+        body = self.ask(peer, QUERY_ONLINES, query)
+        assert body[:4] == struct.pack("<I", len(USERS)) and len(body) == 4 + len(USERS), body
+        return listed, {user for user, flag in zip(USERS, body[4:]) if flag}
+
+    def wait_listing(self, users, timeout: float = 10.0) -> None:
+        """
+        Wait until every live client's node lists exactly C{users}, both
+        ways.
+        """
+        expected = (set(users), set(users))
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = {peer.user: self.listing(peer) for peer in self.peers if peer.live}
+            if all(listing == expected for listing in seen.values()):
+                return
+            assert time.monotonic() < deadline, f"listings {seen}, expected {expected}"
+            time.sleep(0.1)
+
+    def check(self) -> dict:
+        """
+        Assert that every number was delivered once or answered, not both;
+        the counts.
+        """
+        self.drain()
+        counts = {}
+        for sender, receiver in self.pairs():
+            sent = set(range(1, sender.sent + 1))
+            delivered = set(receiver.received)
+            told = set(sender.errors)
+            who = f"{sender.user}->{receiver.user}"
+            assert delivered <= sent, (who, sorted(delivered - sent))
+            twice = sorted(n for n, times in receiver.received.items() if times > 1)
+            assert not twice, (who, "delivered twice", twice)
+            assert not delivered & told, (who, "delivered and told", sorted(delivered & told))
+            missing = sent - delivered - told - sender.cut
+            assert not missing, (who, "neither delivered nor told", sorted(missing))
+            assert set(sender.errors.values()) <= {USER_OFFLINE, RATE_LIMITED}, sender.errors
+            counts[who] = (
+                len(sent),
+                len(delivered),
+                len(told),
+                len(sender.cut & sent - delivered),
+            )
+        return counts
+
+    def close(self) -> None:
+        for peer in self.peers:
+            if peer.client is not None:
+                peer.client.close()
+        for node in self.nodes:
+            if node is not None:
+                if node.process.poll() is None:
+                    node.process.send_signal(signal.SIGCONT)
+                node.stop()
+        if self.redis.process is not None:
+            self.redis.process.send_signal(signal.SIGCONT)
+        self.redis.stop()
+
+
+#: A request to a dead or paused node's user is answered when the janitor
+#: reaps that node: within lease + lease/3 and one janitor round (lease/3),
+#: with a second's slack for a loaded machine.
+REAP_BOUND = LEASE * 5 / 3 + 1.0
+
+
+def assert_answered_within(peer: Peer, seconds: float) -> None:
+    """
+    Every Error C{peer} got came within C{seconds} of its send.
+    """
+    slowest = max(peer.error_after.values())
+    assert slowest < seconds, f"{peer.user}: an Error came {slowest:.1f} s after its send"
+
+
+def kill_a_node(matrix: Matrix) -> None:
+    """
+    n1 is killed (SIGKILL): amy's connection drops; what cat sends her is
+    delivered before the kill or answered UserOffline (at once once n1's
+    lease ran out, or when the janitor reaps n1); ben and cat go on.
+    """
+    n1 = matrix.nodes[0]
+    n1.process.send_signal(signal.SIGKILL)
+    n1.process.wait(5)
+    n1.stop()  # closes its log
+    matrix.nodes[0] = None
+    amy, _ben, cat = matrix.peers
+    matrix.run(LEASE * 4 / 3 + 1.5 + PHASE)
+    assert not amy.live, "amy's connection outlived her node"
+    assert cat.errors, "cat was never told amy is gone"
+    assert_answered_within(cat, REAP_BOUND)
+    matrix.wait_listing(("ben", "cat"))
+
+
+def pause_a_node(matrix: Matrix) -> None:
+    """
+    n1 is paused (SIGSTOP) past its lease, reaped, then resumed (SIGCONT):
+    it claims amy's session again and traffic to and from her goes on.
+    """
+    n1 = matrix.nodes[0]
+    n1.process.send_signal(signal.SIGSTOP)
+    try:
+        matrix.run(LEASE * 4 / 3 + 1.0 + PHASE)
+    finally:
+        n1.process.send_signal(signal.SIGCONT)
+    cat = matrix.peers[2]
+    assert cat.errors, "cat was never told amy's node is gone"
+    assert_answered_within(cat, REAP_BOUND)
+
+
+def pause_redis(matrix: Matrix) -> None:
+    """
+    Redis is paused (SIGSTOP) for a few seconds, then resumed: cross-node
+    sends meanwhile are answered UserOffline within 2 s, and none of them
+    is delivered later.
+    """
+    matrix.redis.process.send_signal(signal.SIGSTOP)
+    try:
+        matrix.run(max(PHASE, 3.0))
+    finally:
+        matrix.redis.process.send_signal(signal.SIGCONT)
+    assert all(peer.errors for peer in matrix.peers), "a sender was never told"
+    # Every call to Redis is bounded (2 s): the answers came within it
+    # (with some slack for a loaded machine).
+    for peer in matrix.peers:
+        assert_answered_within(peer, 3.5)
+
+
+def restart_redis(matrix: Matrix) -> None:
+    """
+    Redis is killed and started again empty (no persistence): the nodes go
+    on alone meanwhile, then join the new one.
+    """
+    joined = [node.log().count("in the cluster as") for node in matrix.nodes]
+    matrix.redis.stop()
+    matrix.run(PHASE)
+    matrix.redis.start()
+
+    def rejoined() -> bool:
+        return all(
+            node.log().count("in the cluster as") > count
+            for node, count in zip(matrix.nodes, joined)
+        )
+
+    matrix.run(15, until=rejoined)
+    assert rejoined(), "\n".join(node.log() for node in matrix.nodes)
+
+
+def rolling_restart(matrix: Matrix) -> None:
+    """
+    Each node in turn is stopped (SIGTERM) and started again, its user
+    logging on again there: messages to her meanwhile are answered
+    UserOffline, none is lost or doubled.
+    """
+    for index, peer in enumerate(matrix.peers):
+        matrix.nodes[index].stop()
+        matrix.run(PHASE / 2)
+        assert not peer.live, f"{peer.user}'s connection outlived the stop"
+        peer.connect(matrix.start(index))
+        matrix.run(PHASE / 2)
+
+
+FAULTS = {
+    "node-killed": kill_a_node,
+    "node-paused": pause_a_node,
+    "redis-paused": pause_redis,
+    "redis-restarted": restart_redis,
+    "rolling-restart": rolling_restart,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault(tmp_path, fault):
+    """
+    Traffic before, during and after the fault; every numbered
+    SendCertainly delivered once or answered, and the listings exact.
+    """
+    started = time.monotonic()
+    matrix = Matrix(tmp_path)
+    try:
+        matrix.up()
+        matrix.run(PHASE)
+        for sender, receiver in matrix.pairs():
+            assert receiver.received and not sender.errors, (sender.user, sender.errors)
+        FAULTS[fault](matrix)
+        live = [peer.user for peer in matrix.peers if peer.live]
+        matrix.wait_listing(live, timeout=LEASE * 4 / 3 + 5)
+        before = {peer.user: len(peer.received) for peer in matrix.peers}
+        matrix.run(PHASE)
+        # Traffic flows again between the live users.
+        for sender, receiver in matrix.pairs():
+            if sender.live and receiver.live:
+                assert len(receiver.received) > before[receiver.user], (sender.user, receiver.user)
+        counts = matrix.check()
+        matrix.wait_listing(live)
+        print(fault, counts, f"{time.monotonic() - started:.1f} s")
+    finally:
+        matrix.close()
