@@ -50,6 +50,17 @@ __all__ = ["BasicServices", "ApplicationServices", "BasicEngine", "ApplicationEn
 
 _I32 = struct.Struct("<i")
 
+
+def _information_type(body: bytes | memoryview) -> int:
+    """
+    An Information body's type, the rest unread (a Broadcast's members get
+    the frame's own bytes).
+    """
+    if len(body) < 4:
+        m.Information.decode(body)  # raises BadRequest, saying why
+    return int(_I32.unpack_from(body)[0])
+
+
 log = Logger(namespace="esf.server")
 
 #: DestUserIDs that address the server itself.
@@ -484,12 +495,7 @@ class ApplicationServices:
         each member (L{_deliver}).  A group manager that answers at once
         costs no Deferred (L{call_then}).
         """
-        body = frame.body
-        # An Information body is its type and the rest: only the type is
-        # read here (the members get the frame's own bytes).
-        if len(body) < 4:
-            m.Information.decode(body)  # raises BadRequest, saying why
-        (information_type,) = _I32.unpack_from(body)
+        information_type = _information_type(frame.body)
         group_id = frame.dest_user_id
         manager = self.engine.group_manager
         if manager is None or group_id in TO_SERVER:
@@ -517,11 +523,8 @@ class ApplicationServices:
             return
         group_id = frame.dest_user_id
         if not allowed:
-            session.error(
-                frame,
-                ErrorCode.NOT_AUTHORIZED,
-                f"{session.user_id} may not broadcast to {group_id}",
-            )
+            text = f"{session.user_id} may not broadcast to {group_id}"
+            session.error(frame, ErrorCode.NOT_AUTHORIZED, text)
             return
         engine = self.engine
         if group_id == EVERYONE_ID:
@@ -551,9 +554,7 @@ class ApplicationServices:
         engine = self.engine
         raw = frame.raw
         size = len(raw)
-        # A member's devices straight from the presence (the router's own
-        # first look); the router only for a member named with a device
-        # mark (an offline member costs one look-up).
+        # The presence first; the router only for a device-marked member.
         devices_of = engine.presence.devices
         resolve = engine.router.resolve
         sender = session.user_id
