@@ -122,17 +122,25 @@ def iot_hub():
     return module
 
 
+def _excerpt_runs(heading):
+    """
+    The runs of lines of the first Python block under C{heading} in
+    docs/server.md, between its "..." lines.
+    """
+    text = SERVER_MD.read_text()
+    section = text[text.index(heading) :]
+    excerpt = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
+    return [run.strip("\n") for run in re.split(r"^\s*\.\.\.\n", excerpt, flags=re.M)]
+
+
 def test_server_md_shows_iot_hub_as_it_is():
     """
     The excerpt of iot_hub.py in docs/server.md is the file's own code: each
     run of lines between the excerpt's "..." lines is in the file as it is.
     """
-    text = SERVER_MD.read_text()
-    section = text[text.index("### Per user and device kind: `IRelogonPolicy`") :]
-    excerpt = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
-    source = (EXAMPLES / "iot_hub.py").read_text()
-    runs = [run.strip("\n") for run in re.split(r"^\s*\.\.\.\n", excerpt, flags=re.M)]
+    runs = _excerpt_runs("### Per user and device kind: `IRelogonPolicy`")
     assert len(runs) == 3 and "def relogon_mode" in runs[-1]
+    source = (EXAMPLES / "iot_hub.py").read_text()
     for run in runs:
         assert run in source, run
 
@@ -202,12 +210,9 @@ def test_server_md_shows_the_relay_policy_as_it_is():
     The relay policy's excerpt of iot_hub.py in docs/server.md is the
     file's own code.
     """
-    text = SERVER_MD.read_text()
-    section = text[text.index("## The relay policy: `IRelayPolicy`") :]
-    excerpt = section[section.index("```python\n") + len("```python\n") : section.index("\n```\n")]
-    source = (EXAMPLES / "iot_hub.py").read_text()
-    runs = [run.strip("\n") for run in re.split(r"^\s*\.\.\.\n", excerpt, flags=re.M)]
+    runs = _excerpt_runs("## The relay policy: `IRelayPolicy`")
     assert len(runs) == 2 and "def may_relay" in runs[-1]
+    source = (EXAMPLES / "iot_hub.py").read_text()
     for run in runs:
         assert run in source, run
 
