@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -143,11 +145,22 @@ class DeadlineChannel(HTTPChannel):
 class _Refused(Protocol):
     """
     A connection past the cap: closed as soon as it is made, unread.
+
+    A plain TCP connection is closed at once, in the accept loop: an
+    aborted transport lets go of its socket only at the reactor's next
+    turn, and the listening port accepts up to a hundred and more
+    connections in one turn, each holding a descriptor meanwhile; a peer
+    that keeps connecting to a full site would so take, for moments, the
+    descriptors the ESF port needs (its accepts would fail, and Twisted
+    closes what it accepts then).  A TLS connection is aborted as usual.
     """
 
     def connectionMade(self) -> None:
-        transport: Any = self.transport  # TCP or TLS: it can abort
-        transport.abortConnection()
+        transport: Any = self.transport
+        if isinstance(transport, tcp.Server):
+            transport.connectionLost(Failure(ConnectionAborted()))
+        else:
+            transport.abortConnection()
 
 
 def _protocol_of(transport: Any) -> Any:
