@@ -17,12 +17,13 @@ import pytest
 import pytest_twisted
 from _helpers import LogCapture
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
-from esf.cluster._inbox import DROP_DELAY, InboxLedger
+from esf.cluster._inbox import InboxLedger
+from esf.cluster._link import RedisUnavailable
 from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, check_node_id
 from esf.cluster._records import Holder
 from esf.interfaces import IDeviceHandle, IPresence
@@ -749,7 +750,7 @@ async def test_a_node_that_fell_behind_the_presence_stream_reloads(nodes):
     # b stops taking in what it reads (as if it lagged far behind) while a
     # logs 300 devices on; the stream keeps about 10 entries.
     process = b.streams.process
-    b.streams.process = lambda reply, generation: None
+    b.streams.process = lambda reply, generation, **kw: None
     for i in range(300):
         await a.claim(Device("a", f"u{i:03}"), True)
     assert b.user_count() == 0
@@ -903,29 +904,34 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
 
 
 class RecordingLink:
-    """An IRedisLink that records C{eval} calls and answers them at once."""
+    """An IRedisLink that records C{eval} calls and answers them with C{answer}."""
 
-    def __init__(self):
+    def __init__(self, answer=0):
         self.evals = []
+        self.answer = answer
 
     def eval(self, script, keys, args):
         self.evals.append(list(args))
-        return succeed(0)
+        if isinstance(self.answer, Exception):
+            return fail(self.answer)
+        return succeed(self.answer)
 
 
-def test_delivered_entries_are_deleted_in_batches_within_a_delay():
-    clock, link = task.Clock(), RecordingLink()
-    inbox = InboxLedger(clock, link, "esf:", "b", stats=collections.Counter())
+def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
+    clock, commands, reads = task.Clock(), RecordingLink(), RecordingLink()
+    inbox = InboxLedger(clock, commands, "esf:", "b", stats=collections.Counter())
     inbox.delivered([(b"1-0", 10), (b"1-1", 20)])
     inbox.delivered([(b"2-0", 30)])
-    assert link.evals == []  # light traffic: one deletion for several reads
-    clock.advance(DROP_DELAY)
-    assert link.evals == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]]
+    assert commands.evals == reads.evals == []  # nothing until the next drop
+    inbox.drop(reads)  # the reader's link, before its next read
+    assert reads.evals == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]] and commands.evals == []
+    inbox.drop(reads)
+    assert len(reads.evals) == 1  # nothing more to delete
     assert clock.getDelayedCalls() == []
-    # A megabyte delivered is deleted at once.
-    inbox.delivered([(b"3-0", 1024 * 1024)])
-    assert link.evals[-1] == [b"3-0", 1024 * 1024] and clock.getDelayedCalls() == []
-    # settled() deletes what waits now.
+    # A deletion that failed is asked again with the next one.
+    broken = RecordingLink(RedisUnavailable("gone"))
+    inbox.delivered([(b"3-0", 5)])
+    inbox.drop(broken)
     inbox.delivered([(b"4-0", 1)])
-    inbox.settled()
-    assert link.evals[-1] == [b"4-0", 1] and clock.getDelayedCalls() == []
+    inbox.settled()  # deletes what waits now, on the command link
+    assert commands.evals == [[b"3-0", 5, b"4-0", 1]]

@@ -28,6 +28,7 @@ QUERY_ONLINES = 114
 HAD_LOGGED_ON = 2
 BEING_PUSHED_OUT, NEW_CONNECTION_IGNORED, BEING_KICKED_OUT = 4, 5, 9
 USER_OFFLINE = 2
+TIMEOUT = 9
 
 
 def start_node(log_path, url, node_id, *args):
@@ -349,9 +350,11 @@ def test_redis_restart_mid_traffic(cluster, clients, redis):
 def test_redis_hung_answers_cross_node_sends_and_never_runs_them_later(cluster, clients, redis):
     """
     Redis hangs (SIGSTOP) with cross-node SendCertainly on their way: each
-    sender is told UserOffline within the 2 s bound, and when Redis resumes
-    the appends it finally runs are refused (their deadline passed): the
-    receiver gets none of them, and what is sent after arrives.
+    sender is told within the 2 s bound (Timeout: Redis did not answer its
+    append; UserOffline: its node ran alone by then), and when Redis
+    resumes the appends it finally runs are refused (their deadline
+    passed): the receiver gets none of them, and what is sent after
+    arrives.
     """
     n1, n2, _ = cluster
     lena, mona = clients(n1, "lena"), clients(n2, "mona")
@@ -364,7 +367,7 @@ def test_redis_hung_answers_cross_node_sends_and_never_runs_them_later(cluster, 
         told = set()
         while len(told) < 20:
             header, body = lena.recv_until(rc.ERROR, timeout=3)
-            assert rc.parse_error(body)["code"] == USER_OFFLINE
+            assert rc.parse_error(body)["code"] in (USER_OFFLINE, TIMEOUT)
             told.add(header["message_id"])
         assert told == set(range(1, 21))
         assert time.monotonic() - started < 3.0
@@ -506,7 +509,7 @@ def test_a_paused_node_loses_no_message_silently_nor_locks_its_users_out(ignore_
         told = set()
         while len(told) < sent:
             header, body = kim.recv_until(rc.ERROR, timeout=BOUND + 2)
-            assert rc.parse_error(body)["code"] == USER_OFFLINE
+            assert rc.parse_error(body)["code"] in (USER_OFFLINE, TIMEOUT)
             told.add(header["message_id"])
         assert told == set(range(1, sent + 1))
         assert time.monotonic() - paused_at < BOUND + 3

@@ -100,7 +100,7 @@ class FakeAnswers:
         return True
 
     def forget(self, session, frame):
-        pass
+        return True
 
 
 class FakeSessionOwner:

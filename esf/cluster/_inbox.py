@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ._link import IRedisLink, script
@@ -52,26 +52,20 @@ DEFAULT_INBOX_ENTRIES = 100_000
 #: paused, not yet reaped); the append reached Redis after its deadline.
 FULL, GONE, STALE, LATE = 1, 0, 2, 3
 
-#: What a node has delivered is deleted within this many seconds, or as
-#: soon as it is this many bytes or entries: one deletion for many reads
-#: when traffic is light, so that a request's round trip does not wait
-#: behind it.
-DROP_DELAY = 0.1
-_DROP_BYTES = 1024 * 1024
-_DROP_ENTRIES = 1000
-
 _APPEND = script("append")
 _DROP = script("drop")
+_TAKE = script("take")
 _LOOK = script("look")
 
 
 class InboxLedger:
     """
     One node's side of the inbox bounds: appending to other nodes' inboxes
-    (refused when full), deleting from its own what it delivered, and
+    (refused when full), deleting from its own what it delivered (or is
+    about to, L{take}), and
     saying, at most once per upkeep, when inboxes were full.
 
-    @param reactor: what deletions are timed on (L{DROP_DELAY}).
+    @param reactor: the clock of the appends' deadlines.
     @param link: the node's command connection to Redis.
     @param base: the prefix of every Redis key, with its colon.
     @param node_id: this node's ID.
@@ -107,10 +101,8 @@ class InboxLedger:
         self._ledger = keys.ledger(node_id)
         #: Nodes whose full inbox was logged since the last look.
         self._told: set[str] = set()
-        #: Entries delivered and not yet deleted: flat (ID, size, ...), bytes.
+        #: Entries delivered and not yet deleted: flat (ID, size, ...).
         self._delivered: list[Any] = []
-        self._delivered_bytes = 0
-        self._drop_call: IDelayedCall | None = None
         self._dropping: set[Deferred[Any]] = set()
         #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
         self._offset_ms: float | None = None
@@ -122,25 +114,51 @@ class InboxLedger:
         """
         self._offset_ms = redis_ms - local * 1000
 
-    def append(self, node: str, entry: bytes, within: float | None = None) -> Deferred[Any]:
+    def append(
+        self,
+        node: str,
+        entry: bytes,
+        within: float | None = None,
+        deliver_within: float | None = None,
+    ) -> Deferred[Any]:
         """
         Append C{entry} to C{node}'s inbox: its stream ID (L{bytes}), or
         L{FULL}, L{GONE}, L{STALE} or L{LATE} (L{int}) when refused.
 
+        Both bounds hold once Redis's clock is known (L{set_redis_time}).
+
         @param within: refuse (L{LATE}) the append if Redis runs it more
-            than this many seconds from now (once Redis's clock is known):
-            an append delayed by a hung Redis, whose sender was told it
-            failed, never happens later.
+            than this many seconds from now: an append delayed by a hung
+            Redis, whose sender was told it failed, never happens later.
+        @param deliver_within: the receiving node delivers the entry's
+            requests only within this many seconds from now, and answers
+            them otherwise (L{late}): an append that ran as Redis hung, its
+            answer lost with the sending node's timeout (which told the
+            sender it failed), is never delivered later either.
         """
-        deadline = 0
-        if within is not None and self._offset_ms is not None:
-            deadline = int(self.reactor.seconds() * 1000 + self._offset_ms + within * 1000)
+        deadline = deliver_by = 0
+        if self._offset_ms is not None:
+            now = self.reactor.seconds() * 1000 + self._offset_ms
+            if within is not None:
+                deadline = int(now + within * 1000)
+            if deliver_within is not None:
+                deliver_by = int(now + deliver_within * 1000)
         keys = self.keys
         return self.link.eval(
             _APPEND,
             [keys.inbox(node), keys.ledger(node), keys.nodes, keys.lease(node)],
-            [node, entry, self.max_entries, self.max_bytes, deadline],
+            [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by],
         )  # fmt: skip
+
+    def late(self, deliver_by: bytes | None) -> bool:
+        """
+        Whether an entry that its sending node wanted delivered by
+        C{deliver_by} (its field C{t}, ms on Redis's clock; C{None}: any
+        time) comes too late now: its sender may have been told it failed.
+        """
+        if deliver_by is None or self._offset_ms is None:
+            return False
+        return bool(self.reactor.seconds() * 1000 + self._offset_ms > int(deliver_by))
 
     def refused(self, node: str, records: int, why: int) -> None:
         """
@@ -164,42 +182,58 @@ class InboxLedger:
     def delivered(self, entries: Sequence[tuple[bytes, int]]) -> None:
         """
         This node delivered C{entries} (stream ID, payload size, in order)
-        from its inbox: delete them, within L{DROP_DELAY} seconds.
+        from its inbox: they are deleted by the next L{drop}.
         """
         pending = self._delivered
         for stream_id, size in entries:
             pending += (stream_id, size)
-            self._delivered_bytes += size
-        if self._delivered_bytes >= _DROP_BYTES or len(pending) >= 2 * _DROP_ENTRIES:
-            self._drop()
-        elif pending and self._drop_call is None:
-            self._drop_call = self.reactor.callLater(DROP_DELAY, self._drop)
 
-    def _drop(self) -> None:
-        # A deletion that fails is made good by the next one, which sweeps
-        # up older entries.
-        if self._drop_call is not None and self._drop_call.active():
-            self._drop_call.cancel()
-        self._drop_call = None
-        args, self._delivered, self._delivered_bytes = self._delivered, [], 0
+    def drop(self, link: IRedisLink | None = None) -> None:
+        """
+        Delete from Redis what was L{delivered} since the last drop, through
+        C{link} (the node's command connection by default).  The inbox's
+        reader drops on its own connection just before each read, so that
+        what a node delivered leaves its inbox in the round trip of its
+        next read: a janitor that reaps the node after that never answers
+        those entries as lost.
+        """
+        args, self._delivered = self._delivered, []
         if not args:
             return
-        d = self.link.eval(_DROP, [self._inbox, self._ledger], args)
+        d = (link or self.link).eval(_DROP, [self._inbox, self._ledger], args)
         self._dropping.add(d)
 
         def done(result: Any) -> None:
             self._dropping.discard(d)
             if not isinstance(result, int):
+                # Deleted by the next drop instead (its entries come after).
+                self._delivered[:0] = args
                 log.debug("deleting read inbox entries failed: {error}", error=result)
 
         d.addBoth(done)
+
+    def take(
+        self, link: IRedisLink, entries: Sequence[tuple[bytes, int]], lease: float
+    ) -> Deferred[Any]:
+        """
+        Delete C{entries} (stream ID, payload size), read while this node's
+        lease may have run out, before they are delivered, and renew the
+        lease (for C{lease} seconds) in the same step: fires with C{True} (deliver them) or
+        C{False}: they are gone, because the janitor reaped this node
+        meanwhile and answered their senders.
+        """
+        args: list[Any] = [self.node_id, int(lease * 1000)]
+        for stream_id, size in entries:
+            args += (stream_id, size)
+        keys = [self._inbox, self._ledger, self.keys.lease(self.node_id)]
+        return link.eval(_TAKE, keys, args).addCallback(lambda taken: taken == 1)
 
     def settled(self) -> Deferred[Any]:
         """
         Delete what was delivered now; fires once the deletions asked for so
         far are done (or failed).
         """
-        self._drop()
+        self.drop()
         return DeferredList(list(self._dropping), consumeErrors=True)
 
     async def look(self) -> None:

@@ -105,6 +105,10 @@ class Membership:
         #: When the janitor may run again (L{clock}'s time): a lease after
         #: this node rejoined after an outage.
         self.reap_after = 0.0
+        #: Until when (L{reactor}'s time) this node's lease surely holds: a
+        #: sixth of a lease before it runs out, counted from when its last
+        #: renewal was sent.  Past it, the janitor may have reaped the node.
+        self.lease_sure_until = 0.0
         self.ticker = LoopingCall(self._tick)
         self.ticker.clock = clock
 
@@ -265,11 +269,27 @@ class Membership:
             [self.keys.lease(self.node_id), self.keys.nodes, self.keys.epoch],
             [self.node_id, int(self.lease * 1000)],
         )
+        self.lease_renewed(before)
         # Redis's clock, for the appends' deadlines: read about halfway
         # through the round trip.
         middle = (before + self.reactor.seconds()) / 2
         self.ledger.set_redis_time(int(seconds) * 1000 + int(micros) / 1000, middle)
         return epoch  # type: ignore[no-any-return]
+
+    def lease_renewed(self, sent_at: float) -> None:
+        """
+        A renewal of this node's lease sent at C{sent_at} (L{reactor}'s
+        time) ran.
+        """
+        self.lease_sure_until = max(self.lease_sure_until, sent_at + self.lease * 5 / 6)
+
+    def lease_sure(self) -> bool:
+        """
+        Whether this node's lease surely holds now, and a little longer:
+        the janitor cannot have reaped it, nor reap it before what it reads
+        now is delivered and deleted.
+        """
+        return bool(self.reactor.seconds() < self.lease_sure_until)
 
     async def _snapshot(self) -> tuple[bytes, dict[str, dict[bytes, bytes]]]:
         """

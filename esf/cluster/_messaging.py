@@ -42,6 +42,7 @@ from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._records import (
     BACKED_UP,
     MAX_QUERY_SECONDS,
+    READ_LATE,
     REAPED_UNREAD,
     Answer,
     Failed,
@@ -77,6 +78,10 @@ Devices = Callable[[str], Sequence["IDeviceHandle"]]
 
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
+READ_TOO_LATE = (
+    "was not reached in time: the node that holds it read the message too late "
+    "(it is behind, or the cluster's Redis stalled); try later"
+)
 REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
 
 
@@ -86,6 +91,8 @@ def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
     """
     if why == BACKED_UP:
         return ErrorCode.RATE_LIMITED, backed_up(dest_user_id)
+    if why == READ_LATE:
+        return ErrorCode.RATE_LIMITED, f"{dest_user_id} {READ_TOO_LATE}"
     return ErrorCode.USER_OFFLINE, f"{dest_user_id} {REAPED}"
 
 
@@ -109,7 +116,13 @@ _REFUSALS = {
         "try later",
     ),
     LATE: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
-    UNANSWERED: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+    # Redis may have taken the append before its answer was lost: the
+    # outcome is not known, only that it is settled (Outbox._flushed).
+    UNANSWERED: (
+        ErrorCode.TIMEOUT,
+        "did not confirm in time: the cluster's Redis did not answer; the message was "
+        "delivered by now or never will be",
+    ),
 }
 
 
@@ -212,7 +225,10 @@ class Outbox:
     @param lookup: who holds a device now, to tell a refused request's
         sender.
     @param timeout: seconds a Redis call may take; an append is refused by
-        Redis if it runs later than half of it.
+        Redis if it runs later than half of it, its requests are answered
+        by the receiving node if read later than five eighths of it, and
+        the senders of an append that failed are told no earlier than
+        three quarters of it after it was sent.
     """
 
     def __init__(
@@ -242,6 +258,8 @@ class Outbox:
         self._pending: dict[str, list[bytes]] = {}
         self._pending_bytes = 0
         self._flush_call: IDelayedCall | None = None
+        #: Appends that failed, whose senders are told at their time.
+        self._unanswered: dict[IDelayedCall, bytes] = {}
 
     def __bool__(self) -> bool:
         return bool(self._pending)
@@ -277,14 +295,23 @@ class Outbox:
             self._flush_call.cancel()
         self._flush_call = None
         pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        sent_at = self.reactor.seconds()
+        timeout = self.timeout
         for node, records in pending.items():
             entry = b"".join(records)
-            # Refused by Redis if it runs later than halfway to the call's
-            # timeout: a sender told its message failed (below) is right.
-            d = self.ledger.append(node, entry, within=self.timeout / 2)
-            d.addBoth(self._flushed, node, entry, len(records))
+            # An append whose answer never came (Redis hung, or the
+            # connection dropped) may have run, or may still run: Redis
+            # refuses it past half the call's timeout, and the receiving
+            # node answers (rather than delivers) what it reads past five
+            # eighths of it.  Its senders are told only past three
+            # quarters (_flushed), once the outcome is settled: delivered
+            # by then, or never.
+            d = self.ledger.append(node, entry, within=timeout / 2, deliver_within=timeout * 5 / 8)
+            d.addBoth(self._flushed, node, entry, len(records), sent_at + timeout * 3 / 4)
 
-    def _flushed(self, result: Any, node: str, entry: bytes, count: int) -> None:
+    def _flushed(
+        self, result: Any, node: str, entry: bytes, count: int, settled_at: float
+    ) -> None:
         self.in_flight -= count
         if isinstance(result, Failure):
             self.stats["remote_send_failed"] += count
@@ -294,10 +321,32 @@ class Outbox:
                 node=node,
                 error=result.getErrorMessage(),
             )
-            self._refused(entry, UNANSWERED)
+            wait = settled_at - self.reactor.seconds()
+            if wait <= 0:
+                self._refused(entry, UNANSWERED)
+                return
+            # Failed early: the connection dropped (another call timed
+            # out).  Told once the outcome is settled.
+            call = self.reactor.callLater(wait, self._tell_unanswered, entry)
+            self._unanswered[call] = entry
         elif isinstance(result, int):
             self.ledger.refused(node, count, result)
             self._refused(entry, result)
+
+    def _tell_unanswered(self, entry: bytes) -> None:
+        self._unanswered = {c: e for c, e in self._unanswered.items() if c.active()}
+        self._refused(entry, UNANSWERED)
+
+    def stop(self) -> None:
+        """
+        Tell now the senders of appends that failed and wait to be told
+        (the node is leaving: its sessions end).
+        """
+        waiting, self._unanswered = self._unanswered, {}
+        for call, entry in waiting.items():
+            if call.active():
+                call.cancel()
+            self._refused(entry, UNANSWERED)
 
     def _refused(self, entry: bytes, why: int) -> None:
         """
@@ -305,7 +354,9 @@ class Outbox:
         relayed request's sender gets the error L{_REFUSALS} gives for
         C{why} (C{RateLimited}: the inbox was full, or this node is behind
         Redis; C{UserOffline}: its node left or stopped renewing its lease,
-        or Redis did not answer in time), once per request; a one-way
+        or Redis ran the append past its deadline; C{Timeout}: Redis did
+        not answer, so the request was delivered by now or never will be),
+        once per request; a one-way
         message is counted as dropped; a query of this node's engine fails
         at once.  Answers and notices are only counted (by the caller).
         """
@@ -365,9 +416,12 @@ class Delivery:
         #: the inbox delivers is written once per session.
         self.batch: _Batch | None = None
 
-    def deliver(self, packed: bytes) -> None:
+    def deliver(self, packed: bytes, late: bool = False) -> None:
         """
-        Act on the records of one inbox entry.
+        Act on the records of one inbox entry; when it came C{late} (past
+        the time its sending node wanted it delivered by), the requests
+        among them are answered at their senders' node instead (their
+        senders may have been told they failed).
         """
         local = self.local
         for record in decode_records(packed):
@@ -387,6 +441,8 @@ class Delivery:
                 self.stats["inbox_fenced"] += 1
                 continue
             if isinstance(record, Send):
+                if late and self._answered_late(record.frame):
+                    continue
                 # A local session checks answers from other nodes itself,
                 # and says whether it refused the frame for being behind.
                 send = getattr(handle, "send_from_node", None)
@@ -429,6 +485,22 @@ class Delivery:
                     continue
                 if self._tell_sender(frame, record.frame, REAPED_UNREAD):
                     self.stats["inbox_reaped"] += 1
+
+    def _answered_late(self, data: bytes) -> bool:
+        """
+        Answer C{data}, a frame that came late, at its sender's node if it
+        is a request: whether it was one (and is not to be delivered).
+        """
+        if self.wire is None:
+            return False
+        (frame,) = FrameDecoder(self.wire).feed(data)
+        if not frame.message_id or frame.message_type in ANSWERS:
+            return False
+        if frame.message_type == MessageType.SEND:
+            return False
+        self.stats["inbox_read_late"] += 1
+        self._tell_sender(frame, data, READ_LATE)
+        return True
 
     def _backed_up(self, handle: IDeviceHandle, data: bytes) -> None:
         """

@@ -165,6 +165,9 @@ class StreamReader:
                 await membership.wait_change()
                 continue
             generation = membership.generation
+            # What the last read delivered leaves the inbox before this
+            # read is answered (one round trip for both).
+            self.ledger.drop(self.link)
             try:
                 reply = await self.link.execute(
                     "XREAD",
@@ -189,14 +192,48 @@ class StreamReader:
                 log.failure("reading the cluster's streams failed")
                 await deferLater(self.reactor, 1.0, lambda: None)
                 continue
-            if reply:
-                self.process(reply, generation)
+            if not reply:
+                continue
+            deliver, taken = True, False
+            unread = () if membership.lease_sure() else self._unread(reply)
+            if unread:
+                # Read while this node's lease may have run out (it was
+                # paused, or stalled): the janitor may have reaped it and
+                # answered these entries' senders.  Deliver them only if
+                # they are still there, taking them at once.
+                sent_at = self.reactor.seconds()
+                try:
+                    taken = deliver = await self.ledger.take(self.link, unread, membership.lease)
+                except Exception as e:
+                    log.debug("taking inbox entries failed: {error}", error=e)
+                    continue  # read them again, if they are still there
+                if taken:
+                    membership.lease_renewed(sent_at)
+                else:
+                    self.stats["inbox_reaped_unread"] += len(unread)
+            self.process(reply, generation, deliver=deliver, taken=taken)
 
-    def process(self, reply: list[Any], generation: int) -> None:
+    def _unread(self, reply: list[Any]) -> list[tuple[bytes, int]]:
+        """
+        The inbox entries of C{reply} this node has not handled yet (stream
+        ID, payload size).
+        """
+        inbox = dict(reply).get(self._b_inbox) or ()
+        return [
+            (raw_id, len(fields(flat)[b"m"]))
+            for raw_id, flat in inbox
+            if stream_id(raw_id) > self.inbox_at
+        ]
+
+    def process(
+        self, reply: list[Any], generation: int, *, deliver: bool = True, taken: bool = False
+    ) -> None:
         """
         Apply one XREAD C{reply}, read under the membership's C{generation}
         (the presence entries of an older one are stale: the mirror was
-        reloaded since).
+        reloaded since).  Its inbox entries are delivered, or skipped when
+        not C{deliver} (the janitor took them); when C{taken} they have left
+        Redis already, else they are deleted by the next drop.
         """
         streams = dict(reply)
         entries = streams.get(self._b_stream)
@@ -205,6 +242,12 @@ class StreamReader:
             self.mirror.apply(entries)
         inbox = streams.get(self._b_inbox)
         if not inbox:
+            return
+        if not deliver:
+            for raw_id, _ in inbox:
+                at = stream_id(raw_id)
+                if at > self.inbox_at:
+                    self.inbox_pos, self.inbox_at = raw_id, at
             return
         batch = self.delivery.batch
         outermost = batch is not None and batch.begin()
@@ -215,14 +258,16 @@ class StreamReader:
                 if at <= self.inbox_at:
                     continue  # delivered already: never twice
                 self.inbox_pos, self.inbox_at = raw_id, at
-                packed = fields(flat)[b"m"]
+                entry = fields(flat)
+                packed = entry[b"m"]
                 read.append((raw_id, len(packed)))
                 try:
-                    self.delivery.deliver(packed)
+                    self.delivery.deliver(packed, self.ledger.late(entry.get(b"t")))
                 except Exception:
                     log.failure("delivering inbox record {id} failed", id=raw_id)
         finally:
             if outermost:
                 assert batch is not None  # it began the batch
                 batch.flush()
-            self.ledger.delivered(read)  # what was delivered leaves Redis
+            if not taken:
+                self.ledger.delivered(read)  # deleted by the next drop

@@ -55,6 +55,7 @@ __all__ = [
     "Failed",
     "REAPED_UNREAD",
     "BACKED_UP",
+    "READ_LATE",
     "Probe",
     "Probed",
     "Record",
@@ -304,14 +305,14 @@ class Answer(NamedTuple):
 
 #: Why a L{Failed} request was not delivered: its node was reaped before it
 #: read it; or the one device it went to there is backed up.
-REAPED_UNREAD, BACKED_UP = 0, 1
+REAPED_UNREAD, BACKED_UP, READ_LATE = 0, 1, 2
 
 
 class Failed(NamedTuple):
     """
     A request (C{frame}) sent by the session was not delivered by the node
     it was relayed to, for the reason C{why} (L{REAPED_UNREAD},
-    L{BACKED_UP}): the session's node answers it C{Error}.
+    L{BACKED_UP}, L{READ_LATE}): the session's node answers it C{Error}.
     """
 
     session_id: str

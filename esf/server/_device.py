@@ -39,7 +39,7 @@ log = Logger(namespace="esf.server")
 class _Answers(Protocol):
     def accept(self, session: Device, frame: Frame) -> bool: ...
 
-    def forget(self, session: Device, frame: Frame) -> None: ...
+    def forget(self, session: Device, frame: Frame) -> bool: ...
 
 
 class DeviceOwner(OutputOwner, Protocol):
@@ -102,9 +102,17 @@ class Device(Output):
         C{frame}, which this device relayed to a user on another node, was
         not delivered (that node or Redis says so): no answer can come, so
         its request slot is freed and it is answered C{Error} now (a
-        one-way frame is counted, L{error}).
+        one-way frame is counted, L{error}).  A request that no longer
+        waits (answered, told already, or timed out) is not answered again:
+        two nodes may each find it failed (the sending node's call to Redis
+        timed out, and the receiving node read it too late).
         """
-        self.owner.answers.forget(self, frame)
+        if (
+            frame.message_id
+            and frame.message_type != MessageType.SEND
+            and not self.owner.answers.forget(self, frame)
+        ):
+            return
         self.error(frame, code, text)
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:

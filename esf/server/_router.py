@@ -112,14 +112,15 @@ class AnswerRouter:
         table[key] = (now + self.timeout, frame.message_type)
         return True
 
-    def forget(self, asker: Any, frame: Any) -> None:
+    def forget(self, asker: Any, frame: Any) -> bool:
         """
         The request C{frame} that C{asker} relayed (L{asked}) was not
-        delivered: no answer can come.
+        delivered: no answer can come.  Whether it was waiting.
         """
         table = asker.asked
-        if table:
-            table.pop((frame.message_id, user_part(frame.dest_user_id)), None)
+        if not table:
+            return False
+        return table.pop((frame.message_id, user_part(frame.dest_user_id)), None) is not None
 
     def answer(self, answerer: Any, frame: Any) -> Sequence[Any]:
         """

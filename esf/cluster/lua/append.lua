@@ -1,7 +1,9 @@
 -- KEYS: the receiving node's inbox, its ledger, the nodes set, its lease
 -- ARGV: the receiving node, the entry, entries and bytes bounds (used while
 --       the receiving node has published none), a deadline in ms on
---       Redis's clock (0: none)
+--       Redis's clock (0: none), when the entry's requests must be
+--       delivered by, in ms on Redis's clock (0: any time; kept with the
+--       entry as its field 't')
 -- Returns the new entry's ID; 0 when the node is not in the cluster (left,
 -- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
 -- node's lease expired (dead or paused: nobody reads its inbox now, and
@@ -31,4 +33,7 @@ if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
   return 1
 end
 redis.call('HINCRBY', KEYS[2], 'b', size)
+if ARGV[6] ~= '0' then
+  return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 't', ARGV[6])
+end
 return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
