@@ -935,3 +935,49 @@ def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
     inbox.delivered([(b"4-0", 1)])
     inbox.settled()  # deletes what waits now, on the command link
     assert commands.evals == [[b"3-0", 5, b"4-0", 1]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_node_reads_after_its_lease_may_have_run_out_is_taken_first(
+    nodes, redis_server
+):
+    # A node whose lease may have run out (it was paused) delivers what it
+    # reads only after taking it from Redis (deleted, and its lease renewed,
+    # in one step); what the janitor reaped meanwhile (its senders told) it
+    # skips.
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    assert (await a.claim(alice, True)).won
+    await eventually(lambda: b.devices("alice"))
+    [to_alice] = b.devices("alice")
+
+    async def read_after_a_pause(data, reaped=False):
+        await pause_reading(a)
+        to_alice.send(data)
+        await eventually(lambda: ledger(redis_server, "a")[0] == 1, what="appended")
+        a.membership.lease_sure_until = 0.0  # as after a pause
+        redis_server.command("PEXPIRE", "esf:lease:a", "50")
+        if reaped:
+            take = a.inbox.take
+
+            def reaped_first(link, entries, lease):
+                redis_server.command("DEL", "esf:inbox:a", "esf:ib:a")  # the janitor's reap
+                return take(link, entries, lease)
+
+            a.inbox.take = reaped_first
+        resume_reading(a)
+
+    await read_after_a_pause(b"one")
+    await eventually(lambda: alice.sent == [b"one"], what="delivered once taken")
+    assert ledger(redis_server, "a") == (0, 0)
+    assert int(redis_server.command("PTTL", "esf:lease:a")[1:]) > LEASE * 1000 * 0.9
+    assert a.membership.lease_sure()
+
+    await read_after_a_pause(b"two", reaped=True)
+    await eventually(lambda: a.stats["inbox_reaped_unread"] == 1, what="skipped")
+    assert alice.sent == [b"one"]
+    a.clock.advance(LEASE / 3)  # its upkeep renews its lease
+    await eventually(a.membership.lease_sure, what="the lease renewed")
+    to_alice.send(b"three")
+    await eventually(lambda: alice.sent == [b"one", b"three"], what="reading goes on")

@@ -865,3 +865,41 @@ async def test_ignore_new_refuses_busy_when_the_holders_node_does_not_confirm(re
         assert b.presence.stats["probes_unanswered"] == 1
     finally:
         await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_read_too_late_is_answered_once_and_not_delivered(pair):
+    # b reads alice's request past the time a wanted it delivered by (here:
+    # b's idea of Redis's clock is 10 s ahead, as if b had been paused): b
+    # answers it RateLimited at alice's node instead of delivering it, and
+    # delivers the one-way message that came with it.  A second failure
+    # reported for the same request is not told again: alice's request no
+    # longer waits.
+    from esf.cluster._records import READ_LATE, Failed
+    from esf.wire._frames import encode_frame
+
+    a, b = pair
+    await joined(a, b)
+    alice = await a.logon("alice")
+    bob = await b.logon("bob")
+    await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+    b.presence.inbox._offset_ms += 10_000
+    alice.send(MessageType.SEND_CERTAINLY, Information(1, b"late"), dest="bob", message_id=7)
+    alice.send(MessageType.SEND, Information(1, b"one-way"), dest="bob")
+    [error] = await eventually(alice.take, what="alice is told")
+    assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+    assert error.body.code == ErrorCode.RATE_LIMITED
+    assert error.body.text.startswith("bob was not reached in time: the node that holds it read")
+    [got] = await eventually(bob.take, what="the one-way message")
+    assert got.body == Information(1, b"one-way")
+    assert b.presence.stats["inbox_read_late"] == 1
+    # The same request reported failed again (as when a's own call to Redis
+    # had timed out too): not answered twice.
+    [session_id] = [sid for sid, h in a.presence.claims.local.items() if h.user_id == "alice"]
+    frame = encode_frame(
+        a.engine.config.wire, MessageType.SEND_CERTAINLY, Information(1, b"late").encode(),
+        message_id=7, user_id="alice", dest_user_id="bob",
+    )  # fmt: skip
+    a.presence.delivery.deliver(Failed(session_id, frame, READ_LATE).encode())
+    await sleep(0.1)
+    assert alice.take() == [] and bob.take() == []

@@ -476,3 +476,72 @@ def test_delivery_answers_a_probe_whether_or_not_the_session_is_here():
     delivery.deliver(entry)
     assert posted == [("a", Probed("b/1", 5, True)), ("c", Probed("b/2", 6, False))]
     assert probed == [(9, True)]
+
+
+class SenderDevice(Device):
+    """A local session that records what it is told was not delivered."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.told: list = []
+
+    def not_delivered(self, frame, code, text):
+        self.told.append((frame.message_id, code, text))
+
+
+def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_settled():
+    from twisted.internet.defer import Deferred
+
+    from esf.cluster._messaging import Outbox
+    from esf.wire._frames import ErrorCode, MessageType, WireConfig, encode_frame
+
+    clock = task.Clock()
+    appends: list[Deferred] = []
+
+    class Ledger:
+        def append(self, node, entry, within=None, deliver_within=None):
+            appends.append(Deferred())
+            assert (within, deliver_within) == (1.0, 1.25)
+            return appends[-1]
+
+        def refused(self, node, count, why):
+            pass
+
+    alice = SenderDevice("a", "alice", "a/1")
+    outbox = Outbox(
+        clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: alice,
+        stats=collections.Counter(), timeout=2.0, max_in_flight=10,
+    )  # fmt: skip
+    outbox.wire = wire = WireConfig()
+    frame = encode_frame(
+        wire, MessageType.SEND_CERTAINLY, b"\x01\x00\x00\x00hi", message_id=7,
+        user_id="alice", dest_user_id="bob",
+    )  # fmt: skip
+    for _ in range(2):
+        outbox.post("b", Send("b/1", frame))
+        clock.advance(0)  # flushed
+    # The connection drops 0.1 s later (another call timed out): Redis may
+    # still run the appends, so their senders wait until 1.5 s after each.
+    clock.advance(0.1)
+    for d in appends:
+        d.errback(RedisUnavailable("lost connection"))
+    assert alice.told == []
+    clock.advance(1.39)
+    assert alice.told == []
+    clock.advance(0.01)
+    assert [(i, code) for i, code, _ in alice.told] == [(7, ErrorCode.TIMEOUT)] * 2
+    assert "delivered by now or never will be" in alice.told[0][2]
+    assert not clock.getDelayedCalls()
+    # One that fails once settled is told at once; the node leaving tells
+    # what still waits at once.
+    outbox.post("b", Send("b/1", frame))
+    clock.advance(0)
+    clock.advance(1.6)
+    appends[-1].errback(RedisUnavailable("timed out"))
+    assert len(alice.told) == 3
+    outbox.post("b", Send("b/1", frame))
+    clock.advance(0)
+    appends[-1].errback(RedisUnavailable("lost connection"))
+    assert len(alice.told) == 3
+    outbox.stop()
+    assert len(alice.told) == 4 and not clock.getDelayedCalls()
