@@ -120,11 +120,9 @@ class ClusterPresence:
         C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
         C{probes_unanswered} (holders on other nodes that did not confirm
         their sessions, L{Probes}), C{inbox_reaped} (requests a reaped node
-        never read, their senders told), C{inbox_reaped_unread} (entries
-        this node read as it was reaped, not delivered: their senders were
-        told), C{inbox_read_late} (requests read past the time their
-        sending node wanted them delivered by, answered instead), and
-        L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
+        never read, their senders told), C{inbox_reaped_unread} (entries read
+        as this node was reaped, skipped), C{inbox_read_late} (requests read
+        too late, answered instead), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
         C{inbox_stale}, C{inbox_late}, C{inbox_full}).
     """
 
