@@ -13,7 +13,7 @@ from twisted.internet.defer import fail
 from zope.interface import implementer
 
 from esf import DisconnectedType, UserData
-from esf.cluster._link import IRedisLink, RedisUnavailable
+from esf.cluster._link import IRedisLink, NotSent, RedisUnavailable
 from esf.cluster._messaging import RemoteHandle
 from esf.cluster._mirror import PresenceMirror, Released, Replaced
 from esf.cluster._presence import ClusterPresence
@@ -501,7 +501,7 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
     class Ledger:
         def append(self, node, entry, within=None, deliver_within=None):
             appends.append(Deferred())
-            assert (within, deliver_within) == (1.0, 1.25)
+            assert (within, deliver_within) == (1.0, 1.5)
             return appends[-1]
 
         def refused(self, node, count, why):
@@ -521,12 +521,12 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
         outbox.post("b", Send("b/1", frame))
         clock.advance(0)  # flushed
     # The connection drops 0.1 s later (another call timed out): Redis may
-    # still run the appends, so their senders wait until 1.5 s after each.
+    # still run the appends, so their senders wait until 2 s after each.
     clock.advance(0.1)
     for d in appends:
         d.errback(RedisUnavailable("lost connection"))
     assert alice.told == []
-    clock.advance(1.39)
+    clock.advance(1.89)
     assert alice.told == []
     clock.advance(0.01)
     assert [(i, code) for i, code, _ in alice.told] == [(7, ErrorCode.TIMEOUT)] * 2
@@ -536,7 +536,7 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
     # what still waits at once.
     outbox.post("b", Send("b/1", frame))
     clock.advance(0)
-    clock.advance(1.6)
+    clock.advance(2.0)
     appends[-1].errback(RedisUnavailable("timed out"))
     assert len(alice.told) == 3
     outbox.post("b", Send("b/1", frame))
@@ -545,3 +545,9 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
     assert len(alice.told) == 3
     outbox.stop()
     assert len(alice.told) == 4 and not clock.getDelayedCalls()
+    # One never sent (no connection) surely never runs: told at once.
+    outbox.post("b", Send("b/1", frame))
+    clock.advance(0)
+    appends[-1].errback(NotSent("not connected"))
+    assert alice.told[-1][:2] == (7, ErrorCode.USER_OFFLINE) and len(alice.told) == 5
+    assert "this node lost the cluster's Redis" in alice.told[-1][2]

@@ -132,9 +132,9 @@ class InboxLedger:
             Redis, whose sender was told it failed, never happens later.
         @param deliver_within: the receiving node delivers the entry's
             requests only within this many seconds from now, and answers
-            them otherwise (L{late}): an append that ran as Redis hung, its
-            answer lost with the sending node's timeout (which told the
-            sender it failed), is never delivered later either.
+            them otherwise (L{late}): an append that ran just before Redis
+            hung, its answer lost, is delivered by then or never, and its
+            senders are told so after.
         """
         deadline = deliver_by = 0
         if self._offset_ms is not None:
@@ -218,9 +218,9 @@ class InboxLedger:
         """
         Delete C{entries} (stream ID, payload size), read while this node's
         lease may have run out, before they are delivered, and renew the
-        lease (for C{lease} seconds) in the same step: fires with C{True} (deliver them) or
-        C{False}: they are gone, because the janitor reaped this node
-        meanwhile and answered their senders.
+        lease (for C{lease} seconds) in the same step: fires with C{True}
+        (deliver them) or C{False}: they are gone, because the janitor
+        reaped this node meanwhile and answered their senders.
         """
         args: list[Any] = [self.node_id, int(lease * 1000)]
         for stream_id, size in entries:

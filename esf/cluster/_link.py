@@ -24,7 +24,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from ._sentinel import SentinelEndpoint, ready
 
-__all__ = ["RedisURL", "RedisUnavailable", "IRedisLink", "RedisLink", "script"]
+__all__ = ["IRedisLink", "NotSent", "RedisLink", "RedisURL", "RedisUnavailable", "script"]
 
 log = Logger(namespace="esf.cluster")
 
@@ -40,6 +40,13 @@ class RedisUnavailable(Exception):
     """
     Redis cannot be reached now: not connected, or it did not answer in
     time.
+    """
+
+
+class NotSent(RedisUnavailable):
+    """
+    A command was not sent at all (no connection): unlike one that got no
+    answer, it surely never runs.
     """
 
 
@@ -448,7 +455,7 @@ class RedisLink:
         try:
             d = protocol.execute_command(*args, apply_timeout=False)
         except Exception as e:
-            return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
+            return fail(NotSent(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, args[0], None)
 
     def _lost(self, protocol: Any) -> None:
@@ -459,21 +466,21 @@ class RedisLink:
     def execute(self, *args: Any, timeout: float | None = None) -> Deferred[Any]:
         protocol = self._protocol
         if protocol is None:
-            return fail(RedisUnavailable(f"not connected to Redis at {self.url}"))
+            return fail(NotSent(f"not connected to Redis at {self.url}"))
         try:
             d = protocol.execute_command(*args, apply_timeout=False)
         except Exception as e:
-            return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
+            return fail(NotSent(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, args[0], timeout)
 
     def eval(self, script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
         protocol = self._protocol
         if protocol is None:
-            return fail(RedisUnavailable(f"not connected to Redis at {self.url}"))
+            return fail(NotSent(f"not connected to Redis at {self.url}"))
         try:
             d = protocol.eval(script, list(keys), list(args))
         except Exception as e:
-            return fail(RedisUnavailable(f"Redis at {self.url}: {e}"))
+            return fail(NotSent(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, "EVAL", None)
 
     def _bounded(

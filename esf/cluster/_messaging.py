@@ -39,6 +39,7 @@ from esf.wire._frames import (
 )
 
 from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
+from ._link import NotSent
 from ._records import (
     BACKED_UP,
     MAX_QUERY_SECONDS,
@@ -98,7 +99,7 @@ def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
 
 #: Why an inbox entry failed (L{esf.cluster._inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
-UNANSWERED, BEHIND = -1, -2
+UNANSWERED, BEHIND, NOT_SENT = -1, -2, -3
 _NO_ANSWER = "is not reachable now: the cluster's Redis did not answer in time"
 _REFUSALS = {
     BEHIND: (
@@ -116,6 +117,7 @@ _REFUSALS = {
         "try later",
     ),
     LATE: (ErrorCode.USER_OFFLINE, _NO_ANSWER),
+    NOT_SENT: (ErrorCode.USER_OFFLINE, "is not reachable: this node lost the cluster's Redis"),
     # Redis may have taken the append before its answer was lost: the
     # outcome is not known, only that it is settled (Outbox._flushed).
     UNANSWERED: (
@@ -226,9 +228,9 @@ class Outbox:
         sender.
     @param timeout: seconds a Redis call may take; an append is refused by
         Redis if it runs later than half of it, its requests are answered
-        by the receiving node if read later than five eighths of it, and
-        the senders of an append that failed are told no earlier than
-        three quarters of it after it was sent.
+        by the receiving node if read later than three quarters of it, and
+        the senders of an append that failed are told no earlier than all
+        of it after it was sent.
     """
 
     def __init__(
@@ -302,12 +304,13 @@ class Outbox:
             # An append whose answer never came (Redis hung, or the
             # connection dropped) may have run, or may still run: Redis
             # refuses it past half the call's timeout, and the receiving
-            # node answers (rather than delivers) what it reads past five
-            # eighths of it.  Its senders are told only past three
-            # quarters (_flushed), once the outcome is settled: delivered
-            # by then, or never.
-            d = self.ledger.append(node, entry, within=timeout / 2, deliver_within=timeout * 5 / 8)
-            d.addBoth(self._flushed, node, entry, len(records), sent_at + timeout * 3 / 4)
+            # node answers (rather than delivers) what it reads past three
+            # quarters of it.  Its senders are told only once the whole
+            # timeout has passed (_flushed): the outcome is settled then,
+            # delivered or never.  (The last quarter covers the error in
+            # the two nodes' readings of Redis's clock.)
+            d = self.ledger.append(node, entry, within=timeout / 2, deliver_within=timeout * 3 / 4)
+            d.addBoth(self._flushed, node, entry, len(records), sent_at + timeout)
 
     def _flushed(
         self, result: Any, node: str, entry: bytes, count: int, settled_at: float
@@ -321,6 +324,9 @@ class Outbox:
                 node=node,
                 error=result.getErrorMessage(),
             )
+            if result.check(NotSent):
+                self._refused(entry, NOT_SENT)  # it never runs
+                return
             wait = settled_at - self.reactor.seconds()
             if wait <= 0:
                 self._refused(entry, UNANSWERED)
@@ -354,11 +360,11 @@ class Outbox:
         relayed request's sender gets the error L{_REFUSALS} gives for
         C{why} (C{RateLimited}: the inbox was full, or this node is behind
         Redis; C{UserOffline}: its node left or stopped renewing its lease,
-        or Redis ran the append past its deadline; C{Timeout}: Redis did
-        not answer, so the request was delivered by now or never will be),
-        once per request; a one-way
-        message is counted as dropped; a query of this node's engine fails
-        at once.  Answers and notices are only counted (by the caller).
+        Redis ran the append past its deadline, or the append was never
+        sent; C{Timeout}: Redis did not answer, so the request was delivered
+        by now or never will be), once per request; a one-way message is
+        counted as dropped; a query of this node's engine fails at once.
+        Answers and notices are only counted (by the caller).
         """
         code, because = _REFUSALS[why]
         told: set[tuple[str, int, int]] = set()
