@@ -200,7 +200,7 @@ class InboxLedger:
         args, self._delivered = self._delivered, []
         if not args:
             return
-        d = (link or self.link).eval(_DROP, [self._inbox, self._ledger], args)
+        d = (self.link if link is None else link).eval(_DROP, [self._inbox, self._ledger], args)
         self._dropping.add(d)
 
         def done(result: Any) -> None:

@@ -14,6 +14,7 @@ Messaging between nodes: what one node tells the devices another holds::
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -260,8 +261,10 @@ class Outbox:
         self._pending: dict[str, list[bytes]] = {}
         self._pending_bytes = 0
         self._flush_call: IDelayedCall | None = None
-        #: Appends that failed, whose senders are told at their time.
-        self._unanswered: dict[IDelayedCall, bytes] = {}
+        #: Appends that failed, whose senders are told at their time: a
+        #: token -> the timer and the entry.
+        self._unanswered: dict[int, tuple[IDelayedCall, bytes]] = {}
+        self._tokens = itertools.count()
 
     def __bool__(self) -> bool:
         return bool(self._pending)
@@ -333,14 +336,15 @@ class Outbox:
                 return
             # Failed early: the connection dropped (another call timed
             # out).  Told once the outcome is settled.
-            call = self.reactor.callLater(wait, self._tell_unanswered, entry)
-            self._unanswered[call] = entry
+            token = next(self._tokens)
+            call = self.reactor.callLater(wait, self._tell_unanswered, token)
+            self._unanswered[token] = (call, entry)
         elif isinstance(result, int):
             self.ledger.refused(node, count, result)
             self._refused(entry, result)
 
-    def _tell_unanswered(self, entry: bytes) -> None:
-        self._unanswered = {c: e for c, e in self._unanswered.items() if c.active()}
+    def _tell_unanswered(self, token: int) -> None:
+        _, entry = self._unanswered.pop(token)
         self._refused(entry, UNANSWERED)
 
     def stop(self) -> None:
@@ -349,7 +353,7 @@ class Outbox:
         (the node is leaving: its sessions end).
         """
         waiting, self._unanswered = self._unanswered, {}
-        for call, entry in waiting.items():
+        for call, entry in waiting.values():
             if call.active():
                 call.cancel()
             self._refused(entry, UNANSWERED)

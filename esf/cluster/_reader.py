@@ -204,9 +204,12 @@ class StreamReader:
                 sent_at = self.reactor.seconds()
                 try:
                     taken = deliver = await self.ledger.take(self.link, unread, membership.lease)
-                except Exception as e:
-                    log.debug("taking inbox entries failed: {error}", error=e)
+                except RedisUnavailable:
                     continue  # read them again, if they are still there
+                except Exception:
+                    log.failure("taking inbox entries failed")
+                    await deferLater(self.reactor, 1.0, lambda: None)
+                    continue
                 if taken:
                     membership.lease_renewed(sent_at)
                 else:
