@@ -712,6 +712,7 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
         carol.send(MessageType.REQUEST, Information(1, b"2"), dest="bob", message_id=9)
         await eventually(lambda: ledger(redis_server, "b")[0] == 2, what="both appended")
         redis_server.command("DEL", "esf:lease:b")  # as when it ran out
+        a.presence.membership.janitor.page = 1  # the inbox is read page by page
         await a.presence.membership.janitor.run()
         expected = (
             "bob is not online: its node stopped answering and left the cluster "
@@ -722,9 +723,125 @@ async def test_requests_a_reaped_node_never_read_are_answered(redis_server):
             assert (error.message_type, error.message_id) == (MessageType.ERROR, message_id)
             assert (error.body.code, error.body.text) == (ErrorCode.USER_OFFLINE, expected)
         assert a.presence.stats["inbox_reaped"] == 2
+        # No offline store: the one-way message is counted as dropped.
+        assert a.presence.stats["inbox_dropped"] == 1
+        metrics = {m.name: m for m in ServerMetrics(a.engine).collect()}
+        assert metrics["esf_cluster_inbox_reaped"].samples[0].value == 2
+        assert metrics["esf_cluster_inbox_dropped"].samples[0].value == 1
         assert bob.take() == []
+        assert redis_server.reply("KEYS", "esf:reaped:*") == []  # all read, deleted
     finally:
         await stop_nodes(a, b, c)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reaped_inbox_of_any_size_is_answered(redis_server):
+    # 1,000 requests in 10 entries wait in b's inbox when it is reaped:
+    # every sender is told, the entries read a page (here 3) at a time.
+    a, b = Node(redis_server, "a"), Node(redis_server, "b")
+    try:
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        for n in range(1, 1001):
+            alice.send(MessageType.SEND_CERTAINLY, Information(1, b"x"), dest="bob", message_id=n)
+            if n % 100 == 0:  # an entry per reactor turn
+                await deferLater(reactor, 0, lambda: None)
+        await eventually(lambda: ledger(redis_server, "b")[0] == 10, what="all appended")
+        a.presence.membership.janitor.page = 3
+        await a.presence.membership.janitor.reap("b", force=True)
+        errors = await eventually(alice.take, what="the senders told")
+        assert sorted(e.message_id for e in errors) == list(range(1, 1001))
+        assert {(e.message_type, e.body.code) for e in errors} == {
+            (MessageType.ERROR, ErrorCode.USER_OFFLINE)
+        }
+        assert a.presence.stats["inbox_reaped"] == 1000
+        assert bob.take() == []
+        assert redis_server.reply("KEYS", "esf:reaped:*") == []
+    finally:
+        await stop_nodes(a, b)
+
+
+async def logon_with_kept(node, user_id, count):
+    """
+    Log C{user_id} on at C{node}: the C{count} messages kept for them,
+    which follow the Logon reply.
+    """
+    client = Client(node.engine)
+    client.logon(user_id)
+    got = []
+    while len(got) < count + 1:
+        got += await eventually(client.take, what=f"{user_id}'s kept messages")
+    assert got[0].message_type == MessageType.LOGON and len(got) == count + 1, got
+    return got[1:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_way_messages_a_reaped_node_never_read_are_kept(redis_server):
+    # With an offline store, the one-way messages b never read reach bob
+    # at his next logon, in order, as if he had been offline when they
+    # were sent; a request among them is answered (it asked to be).
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        await joined(a, b)
+        alice, _bob = await a.logon("alice"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        for n in range(3):
+            alice.send(MessageType.SEND, Information(1, b"one-way %d" % n), dest="bob")
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"asked"), dest="bob", message_id=7)
+        await eventually(lambda: ledger(redis_server, "b")[0] >= 1, what="appended")
+        await a.presence.membership.janitor.reap("b", force=True)
+        [error] = await eventually(alice.take, what="the request's sender told")
+        assert (error.message_id, error.body.code) == (7, ErrorCode.USER_OFFLINE)
+        await eventually(lambda: a.engine.counters["offline_stored"] == 3)
+        assert a.presence.stats["inbox_kept"] == 3
+        got = await logon_with_kept(a, "bob", 3)
+        assert [(f.user_id, f.body.payload) for f in got] == [
+            ("alice", b"one-way %d" % n) for n in range(3)
+        ]
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_reaches_a_session_that_ended_is_not_lost_silently(redis_server):
+    # bob's session on b ends while messages to him wait in b's inbox:
+    # alice's request is answered UserOffline (no other device of bob's
+    # could have it), her one-way message kept for bob's next logon.
+    # A request to a user with another device online is left to it.
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        carol_pc, carol_phone = await b.logon("carol", 1), await a.logon("carol", 2)
+        await eventually(lambda: len(a.presence.devices("carol")) == 2)
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"asked"), dest="bob", message_id=7)
+        alice.send(MessageType.SEND, Information(1, b"one-way"), dest="bob")
+        alice.send(MessageType.REQUEST, Information(1, b"q"), dest="carol", message_id=8)
+        await eventually(lambda: ledger(redis_server, "b")[0] >= 1, what="appended")
+        [asked] = await eventually(carol_phone.take, what="carol's phone has the request")
+        bob.lose()
+        carol_pc.lose()
+        resume_reading(b.presence)
+        [error] = await eventually(alice.take, what="the request's sender told")
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert (error.body.code, error.body.text) == (
+            ErrorCode.USER_OFFLINE,
+            "bob is not online: the session this went to ended before its node delivered it",
+        )
+        await eventually(lambda: b.presence.stats["inbox_kept"] == 1)
+        assert b.presence.stats["inbox_ended_told"] == 1
+        [kept] = await logon_with_kept(a, "bob", 1)
+        assert (kept.user_id, kept.body.payload) == ("alice", b"one-way")
+        carol_phone.send(MessageType.RESPONSE, asked.body, dest="alice", message_id=8)
+        [answer] = await eventually(alice.take, what="carol's answer")
+        assert (answer.message_type, answer.message_id) == (MessageType.RESPONSE, 8)
+    finally:
+        await stop_nodes(a, b)
 
 
 @pytest_twisted.ensureDeferred

@@ -32,7 +32,7 @@ from ._records import Keys, fields
 if TYPE_CHECKING:
     from ._reader import StreamReader
 
-__all__ = ["Membership", "Janitor", "REAP_UNREAD"]
+__all__ = ["Membership", "Janitor"]
 
 log = Logger(namespace="esf.cluster")
 
@@ -40,8 +40,10 @@ _REAP = script("reap")
 _TICK = script("tick")
 _EPOCH = script("epoch")
 
-#: The most unread entries of a reaped node's inbox whose senders are told.
-REAP_UNREAD = 1000
+#: Milliseconds a reaped node's unread inbox is kept for its janitor to
+#: answer (it deletes them once done; this bounds what one that failed on
+#: the way leaves behind).
+REAPED_KEPT_MS = 60_000
 
 
 class Membership:
@@ -49,8 +51,8 @@ class Membership:
     This node's membership of the cluster.
 
     @param lease: seconds a node's lease lasts; refreshed every third of it.
-    @param unread_lost: told the unread entries (their fields) of a reaped
-        node's inbox (by the L{Janitor}).
+    @param unread_lost: told a reaped node and the unread entries (their
+        fields) of its inbox (by the L{Janitor}).
 
     @ivar up: whether the node is in the cluster (Redis reachable, mirror
         loaded); while it is not, it runs alone.
@@ -74,7 +76,7 @@ class Membership:
         ledger: InboxLedger,
         mirror: PresenceMirror,
         claims: Claims,
-        unread_lost: Callable[[Iterable[Sequence[bytes]]], None],
+        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], None],
         presence_maxlen: int,
         stats: collections.Counter[str],
     ):
@@ -351,8 +353,8 @@ class Janitor:
     Releases the devices of the nodes whose lease expired, and deletes
     their inboxes.
 
-    @param unread_lost: told the unread entries (their fields) of a reaped
-        node's inbox.
+    @param unread_lost: told a reaped node and the unread entries (their
+        fields) of its inbox.
     """
 
     def __init__(
@@ -362,7 +364,7 @@ class Janitor:
         node_id: str,
         *,
         lease: float,
-        unread_lost: Callable[[Iterable[Sequence[bytes]]], None],
+        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], None],
         presence_maxlen: int,
     ):
         self.link = link
@@ -371,6 +373,9 @@ class Janitor:
         self.lease = lease
         self.unread_lost = unread_lost
         self.presence_maxlen = presence_maxlen
+        #: Entries of a reaped inbox read at a time.
+        self.page = 500
+        self._reaps = 0
 
     async def run(self) -> None:
         """
@@ -394,26 +399,51 @@ class Janitor:
                     esf_event="cluster_node_reaped",
                 )
 
-    def reap(self, node: str, force: bool) -> Deferred[int]:
+    async def reap(self, node: str, force: bool) -> int:
         """
         Release C{node}'s devices and delete its inbox (if its lease expired,
-        or C{force}): how many devices, or -1 (its lease is alive).  The
-        senders of the requests its inbox held unread are told
-        (C{unread_lost}).
+        or C{force}): how many devices, or -1 (its lease is alive).  What
+        its inbox held unread is handed to C{unread_lost} a page at a time.
         """
-
-        def reaped(reply: list[Any]) -> int:
-            count = int(reply[0])
-            if count >= 0:
-                self.unread_lost(entry[1] for entry in reply[1])
-            return count
-
         keys = self.keys
-        return self.link.eval(
+        self._reaps += 1
+        moved = keys.reaped(node, self.node_id, self._reaps)
+        reply = await self.link.eval(
             _REAP,
             [
                 keys.lease(node), keys.index(node), keys.online, keys.stream, keys.nodes,
-                keys.inbox(node), keys.ledger(node),
+                keys.inbox(node), keys.ledger(node), moved,
             ],
-            [node, self.presence_maxlen, keys.base, "1" if force else "0", REAP_UNREAD],
-        ).addCallback(reaped)  # fmt: skip
+            [node, self.presence_maxlen, keys.base, "1" if force else "0", REAPED_KEPT_MS],
+        )  # fmt: skip
+        count = int(reply[0])
+        if count >= 0 and int(reply[1]):
+            await self._unread(node, moved, int(reply[1]))
+        return count
+
+    async def _unread(self, node: str, moved: str, unread: int) -> None:
+        """
+        Hand the C{unread} entries of C{node}'s inbox, moved to the key
+        C{moved}, to C{unread_lost}, a page at a time, then delete them.
+        """
+        start: bytes = b"-"
+        done = 0
+        try:
+            while True:
+                page = await self.link.execute("XRANGE", moved, start, "+", "COUNT", self.page)
+                if not page:
+                    break
+                done += len(page)
+                self.unread_lost(node, (entry[1] for entry in page))
+                start = b"(" + page[-1][0]
+            await self.link.execute("DEL", moved)
+        except Exception as e:
+            log.warn(
+                "{left} of the {unread} entries node {node}'s inbox held unread are lost "
+                "unanswered: {error}",
+                left=unread - done,
+                unread=unread,
+                node=node,
+                error=e,
+                esf_event="cluster_reaped_inbox_lost",
+            )

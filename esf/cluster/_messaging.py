@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
+from esf.server._offline import split_dest
 from esf.server._relay import backed_up
 from esf.server._router import ANSWERS
 from esf.wire import _messages as m
@@ -43,6 +44,7 @@ from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._link import NotSent
 from ._records import (
     BACKED_UP,
+    ENDED,
     MAX_QUERY_SECONDS,
     READ_LATE,
     REAPED_UNREAD,
@@ -63,6 +65,7 @@ from ._records import (
 )
 
 if TYPE_CHECKING:
+    from esf.server._offline import OfflineMessages
     from esf.wire._frames import WireConfig
 
     from ._queries import Queries
@@ -85,6 +88,7 @@ READ_TOO_LATE = (
     "(it is behind, or the cluster's Redis stalled); try later"
 )
 REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
+ENDED_TEXT = "is not online: the session this went to ended before its node delivered it"
 
 
 def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
@@ -95,6 +99,8 @@ def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
         return ErrorCode.RATE_LIMITED, backed_up(dest_user_id)
     if why == READ_LATE:
         return ErrorCode.RATE_LIMITED, f"{dest_user_id} {READ_TOO_LATE}"
+    if why == ENDED:
+        return ErrorCode.USER_OFFLINE, f"{dest_user_id} {ENDED_TEXT}"
     return ErrorCode.USER_OFFLINE, f"{dest_user_id} {REAPED}"
 
 
@@ -425,6 +431,9 @@ class Delivery:
         #: Optional: the engine's output batch, so that what one read of
         #: the inbox delivers is written once per session.
         self.batch: _Batch | None = None
+        #: The engine's offline part, if it keeps messages for offline
+        #: users (set by the presence's C{attach}).
+        self.offline: OfflineMessages | None = None
 
     def deliver(self, packed: bytes, late: bool = False) -> None:
         """
@@ -449,6 +458,8 @@ class Delivery:
             handle: Any = local.get(record.session_id)
             if handle is None:
                 self.stats["inbox_fenced"] += 1
+                if isinstance(record, Send):
+                    self._not_delivered(record.frame, ENDED)
                 continue
             if isinstance(record, Send):
                 if late and self._answered_late(record.frame):
@@ -477,24 +488,48 @@ class Delivery:
                 handle.kick_out(record.operator, record.reason, record.text)
             self.stats["inbox_delivered"] += 1
 
-    def unread_lost(self, entries: Iterable[Sequence[bytes]]) -> None:
+    def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> None:
         """
-        A reaped node's inbox held C{entries} (their fields) unread: answer
-        each request among them C{Error(UserOffline)}, at its sender's node
-        (this one's sessions at once, others' through a L{Failed} record).
+        The inbox of C{node}, reaped, held C{entries} (their fields) unread:
+        see L{_not_delivered}.
+        """
+        for flat in entries:
+            for record in decode_records(fields(flat)[b"m"]):
+                if isinstance(record, Send):
+                    self._not_delivered(record.frame, REAPED_UNREAD, node)
+
+    def _not_delivered(self, data: bytes, why: int, reaped: str | None = None) -> None:
+        """
+        C{data}, a frame relayed to a session of another node, was never
+        delivered: its node was reaped before it read it (L{REAPED_UNREAD}),
+        or the session had ended (L{ENDED}).  A request is answered
+        C{Error(UserOffline)} at its sender's node, unless another device
+        of a user it named may have it too (and answer).  A one-way message
+        is kept in the offline store, when the engine has one, if its
+        addressee has no device online now; else it is counted as dropped.
+        An answer is dropped: its asker is answered by its own timeout.
+        The devices of the node C{reaped} count as offline already (this
+        node's mirror may not have applied their release yet).
         """
         if self.wire is None:
             return
-        decoder = FrameDecoder(self.wire)
-        for flat in entries:
-            for record in decode_records(fields(flat)[b"m"]):
-                if not isinstance(record, Send):
-                    continue
-                (frame,) = decoder.feed(record.frame)
-                if not frame.message_id or frame.message_type in ANSWERS:
-                    continue
-                if self._tell_sender(frame, record.frame, REAPED_UNREAD):
-                    self.stats["inbox_reaped"] += 1
+        (frame,) = FrameDecoder(self.wire).feed(data)
+        if frame.message_type in ANSWERS:
+            return
+        dest = frame.dest_user_id
+        if frame.message_id and frame.message_type != MessageType.SEND:
+            elsewhere = why == ENDED and self._elsewhere(dest)
+            if not elsewhere and self._tell_sender(frame, data, why):
+                self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
+            return
+        offline = self.offline
+        user_id, kind = split_dest(dest)
+        held = self.devices(user_id) if kind is None else [self.lookup(user_id, kind)]
+        online = [d for d in held if d is not None and getattr(d, "node", None) != reaped]
+        if not online and offline is not None and offline.keep_unsent(frame):
+            self.stats["inbox_kept"] += 1
+        else:
+            self.stats["inbox_dropped"] += 1
 
     def _answered_late(self, data: bytes) -> bool:
         """
@@ -530,12 +565,18 @@ class Delivery:
             or frame.message_type in ANSWERS
         ):
             return  # one-way: counted by the session
-        dest = frame.dest_user_id
-        if DEVICE_MARK not in dest:
-            others = [d for d in self.devices(dest) if d.session_id != handle.session_id]
-            if others:
-                return
-        self._tell_sender(frame, data, BACKED_UP)
+        if not self._elsewhere(frame.dest_user_id, handle.session_id):
+            self._tell_sender(frame, data, BACKED_UP)
+
+    def _elsewhere(self, dest: str, but: str | None = None) -> bool:
+        """
+        Whether a frame to C{dest} went to another device online now than
+        the session C{but}: C{dest} names a user (not one device of theirs)
+        with such a device.
+        """
+        if DEVICE_MARK in dest:
+            return False
+        return any(d.session_id != but for d in self.devices(dest))
 
     def _tell_sender(self, frame: Frame, data: bytes, why: int) -> bool:
         """

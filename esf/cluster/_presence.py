@@ -119,8 +119,8 @@ class ClusterPresence:
         (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
         C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
         C{probes_unanswered} (holders on other nodes that did not confirm
-        their sessions, L{Probes}), C{inbox_reaped} (requests a reaped node
-        never read, their senders told), C{inbox_reaped_unread} (entries read
+        their sessions, L{Probes}), C{inbox_reaped}, C{inbox_ended_told},
+        C{inbox_kept}, C{inbox_dropped} (L{Delivery}), C{inbox_reaped_unread} (entries read
         as this node was reaped, skipped), C{inbox_read_late} (requests read
         too late, answered instead), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
         C{inbox_stale}, C{inbox_late}, C{inbox_full}).
@@ -250,7 +250,7 @@ class ClusterPresence:
         scripts.takeover_limit = config.takeover_limit
         scripts.takeover_window = config.takeover_window
         scripts.takeover_cooldown = config.takeover_cooldown
-        claims.offline = engine.offline
+        claims.offline = self.delivery.offline = engine.offline
         queries.timeout = config.query_timeout
         queries.wire = self.outbox.wire = self.delivery.wire = config.wire
         queries.pending = engine.pending

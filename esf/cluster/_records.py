@@ -15,6 +15,9 @@ Redis holds, under a prefix (C{esf} by default)::
     esf:inbox:<node>   stream of what other nodes tell this node's devices,
                        bounded in entries and bytes, emptied as it is read
     esf:ib:<node>      hash: the inbox's bytes and bounds (esf.cluster._inbox)
+    esf:reaped:<node>:<janitor>:<n>
+                       a reaped node's unread inbox, moved there for the
+                       janitor to answer, page by page (expires in a minute)
     esf:epoch          a random token: missing or changed = Redis lost its data
     esf:janitor        the janitor's lock (SET NX PX)
     esf:settling       set for a lease after a new epoch: who is online is not
@@ -56,6 +59,7 @@ __all__ = [
     "REAPED_UNREAD",
     "BACKED_UP",
     "READ_LATE",
+    "ENDED",
     "Probe",
     "Probed",
     "Record",
@@ -105,6 +109,9 @@ class Keys:
 
     def ledger(self, node: str) -> str:
         return f"{self.base}ib:{node}"
+
+    def reaped(self, node: str, janitor: str, n: int) -> str:
+        return f"{self.base}reaped:{node}:{janitor}:{n}"
 
 
 def stream_id(raw: bytes) -> tuple[int, int]:
@@ -304,15 +311,17 @@ class Answer(NamedTuple):
 
 
 #: Why a L{Failed} request was not delivered: its node was reaped before it
-#: read it; or the one device it went to there is backed up.
-REAPED_UNREAD, BACKED_UP, READ_LATE = 0, 1, 2
+#: read it; the one device it went to there is backed up; the node read it
+#: too late; the session it went to had ended before its node read it.
+REAPED_UNREAD, BACKED_UP, READ_LATE, ENDED = 0, 1, 2, 3
 
 
 class Failed(NamedTuple):
     """
     A request (C{frame}) sent by the session was not delivered by the node
     it was relayed to, for the reason C{why} (L{REAPED_UNREAD},
-    L{BACKED_UP}, L{READ_LATE}): the session's node answers it C{Error}.
+    L{BACKED_UP}, L{READ_LATE}, L{ENDED}): the session's node answers it
+    C{Error}.
     """
 
     session_id: str

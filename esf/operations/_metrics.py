@@ -202,6 +202,14 @@ CLUSTER_METRICS = {
     "inbox_full": "Entries other nodes could not add to this node's inbox because it was full "
     "(this node fell behind; counted at each upkeep).",
     "inbox_overrun": "Times this node found its inbox trimmed past what it had read (messages lost).",
+    "inbox_fenced": "Records from other nodes for a session of this node that had ended "
+    "(never given to a newer session).",
+    "inbox_reaped": "Requests a reaped node never read, answered UserOffline by this node's janitor.",
+    "inbox_ended_told": "Requests for a session of this node that had ended, answered UserOffline.",
+    "inbox_kept": "One-way messages a reaped node or an ended session never got, kept in the "
+    "offline store for their offline addressee.",
+    "inbox_dropped": "One-way messages a reaped node or an ended session never got, dropped "
+    "(the addressee online elsewhere, no offline store, or not kept).",
 }
 
 #: esf_refusals_total's causes: an engine counter, or a disconnect reason.

@@ -97,6 +97,19 @@ def _continues(raw: bytes, wire: Any) -> bool:
     return bool(len(raw) > is_last and raw[is_last] == 0)
 
 
+def _refused(error: BaseException | None) -> Count:
+    """
+    What counts a store's refusal (or failure) C{error} to keep a message.
+    """
+    if isinstance(error, OfflineServerFull):
+        return Count.OFFLINE_SERVER_FULL
+    if isinstance(error, OfflineSenderFull):
+        return Count.OFFLINE_SENDER_FULL
+    if isinstance(error, OfflineStoreFull):
+        return Count.OFFLINE_FULL
+    return Count.OFFLINE_ERRORS
+
+
 class _Stalled(Exception):
     pass
 
@@ -344,12 +357,43 @@ class OfflineMessages:
         """
         self.blobs.expire(now)
 
+    def keep_unsent(self, frame: Frame) -> bool:
+        """
+        C{frame}, a one-way message from a user of another node, was relayed
+        to a device whose node never delivered it (the node left the
+        cluster, or the device logged off first), and its addressee is
+        offline now: keep it as if it had been sent now, if of a kept type
+        and the policy agrees.  No one is answered: its sender asked for no
+        answer; a store that refuses it is counted in the metrics.
+
+        @return: whether it was handed to the store.
+        """
+        if frame.message_type not in KEPT_TYPES or frame.message_type == MessageType.BLOB:
+            return False  # a blob is kept whole, from its sender's session only
+        info_type = information_type(frame.body)
+        if not self._allowed(frame.user_id, frame, info_type):
+            return False
+        user_id, client_type = split_dest(frame.dest_user_id)
+        try:
+            d = self.store.store(user_id, client_type, [frame.raw], frame.user_id)
+        except Exception:
+            d = fail()
+        d.addCallbacks(self._unsent_kept, self._unsent_refused)
+        return True
+
+    def _unsent_kept(self, ids: object) -> None:
+        self.engine.counters[Count.OFFLINE_STORED] += 1
+
+    def _unsent_refused(self, failure: Failure) -> None:
+        self.engine.counters[_refused(failure.value)] += 1
+
     def _keep(self, session: Session, frame: Frame, info_type: int | None) -> bool:
+        return self._allowed(session.user_id or "", frame, info_type)
+
+    def _allowed(self, sender: str, frame: Frame, info_type: int | None) -> bool:
         try:
             keep = bool(
-                self.policy.keep_offline(
-                    session.user_id or "", frame.dest_user_id, frame.message_type, info_type
-                )
+                self.policy.keep_offline(sender, frame.dest_user_id, frame.message_type, info_type)
             )
         except Exception:
             log.failure("the offline policy raised; the message is not kept")
@@ -385,8 +429,8 @@ class OfflineMessages:
         engine = self.engine
         dest = frame.dest_user_id
         error = failure.value
+        engine.counters[_refused(error)] += 1
         if isinstance(error, OfflineServerFull):
-            engine.counters[Count.OFFLINE_SERVER_FULL] += 1
             if session.may_log():
                 log.warn(
                     "the offline store is full: a message from {session!r} for {dest} is "
@@ -398,7 +442,6 @@ class OfflineMessages:
                 )
             text = f"{dest} is not online and the server's offline store is full: try later"
         elif isinstance(error, OfflineSenderFull):
-            engine.counters[Count.OFFLINE_SENDER_FULL] += 1
             if session.may_log():
                 log.info(
                     "{session!r} has as much waiting in the offline store as one sender may: "
@@ -414,10 +457,8 @@ class OfflineMessages:
                 f"{error.max_messages} ({error.max_bytes} bytes) per sender"
             )
         elif isinstance(error, OfflineStoreFull):
-            engine.counters[Count.OFFLINE_FULL] += 1
             text = f"{dest} is not online and cannot be sent more: {error}"
         else:
-            engine.counters[Count.OFFLINE_ERRORS] += 1
             if session.may_log():
                 log.failure(
                     "keeping a message from {session!r} for {dest} failed",
