@@ -474,6 +474,31 @@ def test_bench_cluster_mode_smoke(tmp_path):
         assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
 
 
+def test_cluster_sizing_smoke(tmp_path):
+    """
+    benchmarks/cluster_sizing.py at a small size: its figures are there,
+    and every session logged on was held (a smoke test of the script).
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _redis import require_redis_server
+
+    require_redis_server()
+    out = tmp_path / "sizing.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_sizing.py"
+    argv = [sys.executable, str(script), "--nodes", "2", "--sessions", "200", "--hold", "0.5",
+            "--load-procs", "1", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out.read_text())
+    assert figures["nodes"] == 2 and figures["sessions"] == 200
+    assert len(figures["node_bytes_per_session"]) == 2
+    assert figures["logons_per_s"] > 0 and figures["redis_used_memory_after"] > 0
+
+
 def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
     i1, i2 = ignore_new_pair
     held = clients(i1, "nina")

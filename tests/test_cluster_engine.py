@@ -788,8 +788,10 @@ async def test_one_way_messages_a_reaped_node_never_read_are_kept(redis_server):
         alice, _bob = await a.logon("alice"), await b.logon("bob")
         await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
         await pause_reading(b.presence)
-        for n in range(3):
-            alice.send(MessageType.SEND, Information(1, b"one-way %d" % n), dest="bob")
+        # One read of three Sends: relayed as a run, one record.
+        run = [alice.frame(MessageType.SEND, Information(1, b"one-way %d" % n), dest="bob")
+               for n in range(3)]  # fmt: skip
+        alice.send_raw(b"".join(run))
         alice.send(MessageType.SEND_CERTAINLY, Information(1, b"asked"), dest="bob", message_id=7)
         await eventually(lambda: ledger(redis_server, "b")[0] >= 1, what="appended")
         await a.presence.membership.janitor.reap("b", force=True)

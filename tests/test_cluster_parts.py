@@ -551,3 +551,80 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
     appends[-1].errback(NotSent("not connected"))
     assert alice.told[-1][:2] == (7, ErrorCode.USER_OFFLINE) and len(alice.told) == 5
     assert "this node lost the cluster's Redis" in alice.told[-1][2]
+
+
+# -- a call's bound (RedisLink) ---------------------------------------------------
+
+
+class _Transport:
+    def __init__(self):
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class _Protocol:
+    """A txredisapi protocol's part the link uses: calls that wait."""
+
+    def __init__(self):
+        self.transport = _Transport()
+        self.esf_received_at = 0.0
+        self.calls = []
+
+    def execute_command(self, *args, apply_timeout=True):
+        from twisted.internet.defer import Deferred
+
+        d = Deferred()
+        self.calls.append(d)
+        return d
+
+
+def _link_on(clock):
+    from esf.cluster._link import RedisLink, RedisURL
+
+    link = RedisLink(clock, RedisURL.parse("redis://127.0.0.1:1/0"), timeout=2.0)
+    link._protocol = protocol = _Protocol()
+    return link, protocol
+
+
+def test_a_call_redis_does_not_answer_fails_at_its_bound():
+    clock = task.Clock()
+    link, protocol = _link_on(clock)
+    d = link.execute("PING")
+    failures = []
+    d.addErrback(failures.append)
+    clock.advance(1.9)
+    assert failures == [] and not protocol.transport.aborted
+    clock.advance(0.1)  # then judged after the reactor's next look at I/O
+    [failure] = failures
+    assert failure.check(RedisUnavailable)
+    assert "did not answer 'PING' within 2 s" in str(failure.value)
+    assert protocol.transport.aborted  # a late answer is never taken for another's
+
+
+def test_a_call_behind_answers_still_coming_waits_up_to_twice_its_bound():
+    # The node was too busy to read what Redis answered in time: answers
+    # still arrive, so the call is not failed yet; its own comes.
+    clock = task.Clock()
+    link, protocol = _link_on(clock)
+    answered = link.execute("PING")
+    clock.advance(1.9)
+    protocol.esf_received_at = clock.seconds()  # answers to earlier calls
+    clock.advance(0.1)
+    assert not answered.called and not protocol.transport.aborted
+    protocol.calls[0].callback(b"PONG")
+    assert answered.result == b"PONG"
+    assert clock.getDelayedCalls() == []
+    # Another call whose answers keep coming, but not its own: failed at
+    # twice its bound at the latest.
+    waiting = link.execute("PING")
+    failures = []
+    waiting.addErrback(failures.append)
+    started = clock.seconds()
+    while not failures and clock.seconds() - started < 10:
+        protocol.esf_received_at = clock.seconds()
+        clock.advance(0.25)
+    assert 2.0 < clock.seconds() - started <= 4.0
+    [failure] = failures
+    assert failure.check(RedisUnavailable) and protocol.transport.aborted

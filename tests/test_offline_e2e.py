@@ -134,6 +134,47 @@ def test_a_user_logs_on_at_another_node_than_the_one_that_kept_the_messages(
     assert redis_server.command("ZCARD", "esf:off:bob:m") == b":0"
 
 
+def test_one_way_messages_a_killed_node_never_read_reach_their_user_at_the_next_logon(
+    tmp_path, redis_server
+):
+    """
+    bob's node stops reading (SIGSTOP) with alice's one-way messages on
+    their way, and is then killed: the janitor that reaps it keeps them for
+    bob, who is offline now, and bob gets them, in order, when he logs on
+    at the other node.  Nobody could have told alice: she asked for no
+    answer.
+    """
+    url = redis_server.url
+    one = start_node(tmp_path / "a.log", url, "node-a", "--offline", "redis")
+    two = start_node(tmp_path / "b.log", url, "node-b", "--offline", "redis")
+    try:
+        alice = logged_on(one.port, "alice")
+        bob = logged_on(two.port, "bob")
+        alice.send(SEND, information(0, b"before"), dest="bob")
+        header, body = bob.recv_until(SEND)  # bob online at node B, seen from node A
+        assert body == information(0, b"before")
+        two.process.send_signal(signal.SIGSTOP)
+        # Within its lease (1.5 s, renewed every 0.5 s): appended to its inbox.
+        for n in range(1, 6):
+            alice.send(SEND, information(n, b"one-way"), dest="bob")
+        alice.send(rc.GET_MY_IPE, dest=rc.SERVER, msg_id=99)  # node A has taken them all
+        assert alice.recv_until(rc.GET_MY_IPE)[0]["message_id"] == 99
+        two.process.send_signal(signal.SIGKILL)
+        two.process.wait(5)
+        bob.close()
+        one.wait_for_log("node node-b's lease expired", timeout=10)
+        again = logged_on(one.port, "bob")
+        for n in range(1, 6):
+            header, body = again.recv_until(SEND)
+            assert header["user_id"] == "alice" and body == information(n, b"one-way")
+        again.send(ACK, struct.pack("<i", 5), dest=rc.SERVER, msg_id=5)
+        again.close()
+        alice.close()
+    finally:
+        one.stop()
+        two.stop()
+
+
 def test_a_small_soak_every_message_once_and_in_order(tmp_path):
     """benchmarks/offline_soak.py at a small size (the full one is not a test)."""
     import sys

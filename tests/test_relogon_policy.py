@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from _helpers import Client, connect, logon_reply, record_events
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -33,6 +33,7 @@ from esf import (
 from esf.interfaces import IRelogonPolicy
 from esf.operations._metrics import ServerMetrics, make_registry
 from esf.server._application import Applications
+from esf.server._policy import PresenceUnavailable
 from esf.server._presence import Claim, LocalPresence
 from esf.testing import MemoryServer
 
@@ -233,6 +234,31 @@ def test_the_mode_travels_with_the_claim(logs):
         ("dev-7", True),
     ]
     assert events[0] == ("new_connection_ignored", "op-ann", 0, new_op.address)
+
+
+class UnreachablePresence(LocalPresence):
+    """A shared registry that cannot be reached now (a cluster's Redis down)."""
+
+    def claim(self, handle, replace) -> Deferred[Claim]:
+        return fail(PresenceUnavailable("Redis at redis://10.0.0.9:6379/0: Lost connection"))
+
+
+def test_a_registry_that_cannot_be_reached_refuses_logons_busy_without_a_traceback(logs):
+    """
+    A logon the shared registry cannot register now is refused C{Busy}
+    (clients retry), saying why; an expected state, not a fault: no
+    traceback is logged, only the session's end.
+    """
+    engine = engine_for(Hub(), clock=task.Clock(), presence=UnreachablePresence())
+    client = Client(engine)
+    client.logon("dev-7")
+    reply = client.take()[0]
+    assert reply.body.result == LogonResult.BUSY
+    assert reply.body.failure_cause == (
+        "the cluster cannot register logons now (its Redis did not answer); try later"
+    )
+    assert logs.failures() == []
+    assert len(logs.esf("session_ended")) == 1
 
 
 # -- how an application provides it ---------------------------------------------------------

@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
+from esf.server._policy import PresenceUnavailable
+
 from ._sentinel import SentinelEndpoint, ready
 
 __all__ = ["IRedisLink", "NotSent", "RedisLink", "RedisURL", "RedisUnavailable", "script"]
@@ -36,7 +38,7 @@ def script(name: str) -> bytes:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_bytes()
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(PresenceUnavailable):
     """
     Redis cannot be reached now: not connected, or it did not answer in
     time.
@@ -319,6 +321,17 @@ class _LinkFactory(Factory):
                 self.link._lost(protocol)
 
         protocol.connectionLost = connection_lost
+        # When the connection last received anything: a call past its bound
+        # while answers still come is not timed out yet (L{RedisLink._bounded}).
+        clock = self.link.reactor
+        received = protocol.dataReceived
+        protocol.esf_received_at = 0.0
+
+        def data_received(data: bytes, *more: Any) -> None:
+            protocol.esf_received_at = clock.seconds()
+            received(data, *more)
+
+        protocol.dataReceived = data_received
         return protocol
 
     def stopTrying(self) -> None:
@@ -489,16 +502,48 @@ class RedisLink:
         import txredisapi
 
         timeout = self.timeout if timeout is None else timeout
+        reactor = self.reactor
+        sent_at = reactor.seconds()
+        timer: list[Any] = []
+        expired: list[bool] = []
 
-        def timed_out(result: Any, seconds: float) -> Any:
+        def expire() -> None:
+            # Judged after the reactor's next look at the connection: one
+            # that was too busy to run on time (the node overloaded) may
+            # not have read an answer that came in time.
+            timer[0] = reactor.callLater(0, judge)
+
+        def judge() -> None:
+            now = reactor.seconds()
+            last = getattr(protocol, "esf_received_at", 0.0)
+            if last > sent_at and now - last < timeout / 4 and now < sent_at + 2 * timeout:
+                # Redis still answers, in order: this call's answer is
+                # behind others the node has not read yet.  Up to twice
+                # the bound.
+                timer[0] = reactor.callLater(timeout / 4, expire)
+                return
+            expired.append(True)
             # The answer may still come: drop the connection so that it is
             # never taken for the answer to a later command.
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.abortConnection()
-            raise RedisUnavailable(
-                f"Redis at {self.url} did not answer {command!r} within {seconds:g} s"
-            )
+            d.cancel()
+
+        def timed_out(failure: Failure) -> Failure:
+            if expired and failure.check(CancelledError):
+                return Failure(
+                    RedisUnavailable(
+                        f"Redis at {self.url} did not answer {command!r} within "
+                        f"{reactor.seconds() - sent_at:.3g} s"
+                    )
+                )
+            return failure
+
+        def done(result: Any) -> Any:
+            if timer and timer[0].active():
+                timer[0].cancel()
+            return result
 
         def translate(failure: Failure) -> Failure:
             if failure.check(txredisapi.ConnectionError):
@@ -522,5 +567,7 @@ class RedisLink:
             return failure
 
         d.addErrback(translate)
-        d.addTimeout(timeout, self.reactor, onTimeoutCancel=timed_out)
+        d.addErrback(timed_out)
+        d.addBoth(done)
+        timer.append(reactor.callLater(timeout, expire))
         return d

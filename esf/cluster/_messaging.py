@@ -91,6 +91,17 @@ REAPED = "is not online: its node stopped answering and left the cluster before 
 ENDED_TEXT = "is not online: the session this went to ended before its node delivered it"
 
 
+def _is_request(frame: Frame) -> bool:
+    """
+    Whether C{frame} asks for an answer: a non-zero MessageID on anything
+    but a Send (always one-way) or an answer.
+    """
+    message_type = frame.message_type
+    return (
+        bool(frame.message_id) and message_type != MessageType.SEND and message_type not in ANSWERS
+    )
+
+
 def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
     """
     The Error a L{Failed} request's sender gets for C{why}.
@@ -383,15 +394,16 @@ class Outbox:
                 body = m.Error(MessageType.REQUEST, code, f"the device {because}").encode()
                 self.answered(record.session_id, record.message_id, True, body)
             elif isinstance(record, Send) and self.wire is not None:
-                (frame,) = FrameDecoder(self.wire).feed(record.frame)
-                sender = self.lookup(frame.user_id, frame.client_type)
-                ident = (frame.user_id, frame.client_type, frame.message_id)
-                tell = getattr(sender, "not_delivered", None)
-                if tell is None or frame.message_type in ANSWERS or ident in told:
-                    continue
-                if frame.message_id:
-                    told.add(ident)
-                tell(frame, code, f"{frame.dest_user_id} {because}")
+                # One frame, or a run of one-way Sends (the relay's inline path).
+                for frame in FrameDecoder(self.wire).feed(record.frame):
+                    sender = self.lookup(frame.user_id, frame.client_type)
+                    ident = (frame.user_id, frame.client_type, frame.message_id)
+                    tell = getattr(sender, "not_delivered", None)
+                    if tell is None or frame.message_type in ANSWERS or ident in told:
+                        continue
+                    if frame.message_id:
+                        told.add(ident)
+                    tell(frame, code, f"{frame.dest_user_id} {because}")
 
 
 class Delivery:
@@ -513,35 +525,32 @@ class Delivery:
         """
         if self.wire is None:
             return
-        (frame,) = FrameDecoder(self.wire).feed(data)
-        if frame.message_type in ANSWERS:
-            return
-        dest = frame.dest_user_id
-        if frame.message_id and frame.message_type != MessageType.SEND:
-            elsewhere = why == ENDED and self._elsewhere(dest)
-            if not elsewhere and self._tell_sender(frame, data, why):
-                self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
-            return
-        offline = self.offline
-        user_id, kind = split_dest(dest)
-        held = self.devices(user_id) if kind is None else [self.lookup(user_id, kind)]
-        online = [d for d in held if d is not None and getattr(d, "node", None) != reaped]
-        if not online and offline is not None and offline.keep_unsent(frame):
-            self.stats["inbox_kept"] += 1
-        else:
-            self.stats["inbox_dropped"] += 1
+        # One frame, or a run of one-way Sends (the relay's inline path).
+        for frame in FrameDecoder(self.wire).feed(data):
+            if frame.message_type in ANSWERS:
+                continue
+            dest = frame.dest_user_id
+            if _is_request(frame):
+                elsewhere = why == ENDED and self._elsewhere(dest)
+                if not elsewhere and self._tell_sender(frame, frame.raw, why):
+                    self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
+                continue
+            offline = self.offline
+            user_id, kind = split_dest(dest)
+            held = self.devices(user_id) if kind is None else [self.lookup(user_id, kind)]
+            online = [d for d in held if d is not None and getattr(d, "node", None) != reaped]
+            if not online and offline is not None and offline.keep_unsent(frame):
+                self.stats["inbox_kept"] += 1
+            else:
+                self.stats["inbox_dropped"] += 1
 
     def _answered_late(self, data: bytes) -> bool:
         """
         Answer C{data}, a frame that came late, at its sender's node if it
         is a request: whether it was one (and is not to be delivered).
         """
-        if self.wire is None:
-            return False
-        (frame,) = FrameDecoder(self.wire).feed(data)
-        if not frame.message_id or frame.message_type in ANSWERS:
-            return False
-        if frame.message_type == MessageType.SEND:
+        frame = self._request(data)
+        if frame is None:
             return False
         self.stats["inbox_read_late"] += 1
         self._tell_sender(frame, data, READ_LATE)
@@ -556,17 +565,24 @@ class Delivery:
         other online.  Else another device may have it and answer; the
         sender's request then waits for that answer, or its timeout.
         """
-        if self.wire is None:
-            return
-        (frame,) = FrameDecoder(self.wire).feed(data)
-        if (
-            not frame.message_id
-            or frame.message_type == MessageType.SEND
-            or frame.message_type in ANSWERS
-        ):
+        frame = self._request(data)
+        if frame is None:
             return  # one-way: counted by the session
         if not self._elsewhere(frame.dest_user_id, handle.session_id):
             self._tell_sender(frame, data, BACKED_UP)
+
+    def _request(self, data: bytes) -> Frame | None:
+        """
+        The request C{data} (a L{Send} record's bytes) is, if it is one.  A
+        record holds one frame, or a run of one-way Sends (the relay's
+        inline path).
+        """
+        if self.wire is None:
+            return None
+        frames = FrameDecoder(self.wire).feed(data)
+        if len(frames) != 1 or not _is_request(frames[0]):
+            return None
+        return frames[0]
 
     def _elsewhere(self, dest: str, but: str | None = None) -> bool:
         """

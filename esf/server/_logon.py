@@ -36,6 +36,7 @@ from ._policy import (
     Ignore,
     LogonPolicy,
     LogonRefused,
+    PresenceUnavailable,
     Refuse,
     TakeoverRefused,
 )
@@ -351,23 +352,18 @@ class Logons:
         self._bind(session, frame, handover=claim.previous is not None)
 
     def _claim_failed(self, failure: Failure, session: Session, frame: Frame) -> None:
+        counter = None
         if failure.check(TakeoverRefused):
             # The presence's own, cluster-wide flapping guard.
-            self._refuse(
-                session,
-                frame,
-                Refuse(LogonResult.BUSY, str(failure.value), counter=Count.TAKEOVERS_REFUSED),
-            )
-            return
-        if failure.check(HolderUnconfirmed):
-            self._refuse(session, frame, Refuse(LogonResult.BUSY, str(failure.value)))
-            return
-        log.failure("claiming {session!r} failed", failure, session=session)
-        self._refuse(
-            session,
-            frame,
-            Refuse(LogonResult.BUSY, "the server cannot register logons now; try later"),
-        )
+            cause, counter = str(failure.value), Count.TAKEOVERS_REFUSED
+        elif failure.check(HolderUnconfirmed):
+            cause = str(failure.value)
+        elif failure.check(PresenceUnavailable):
+            cause = "the cluster cannot register logons now (its Redis did not answer); try later"
+        else:
+            log.failure("claiming {session!r} failed", failure, session=session)
+            cause = "the server cannot register logons now; try later"
+        self._refuse(session, frame, Refuse(LogonResult.BUSY, cause, counter=counter))
 
     # -- outcomes ----------------------------------------------------------------
 

@@ -31,6 +31,7 @@ __all__ = [
     "SlidingWindow",
     "TakeoverRefused",
     "HolderUnconfirmed",
+    "PresenceUnavailable",
     "flapping_cause",
     "Accept",
     "Refuse",
@@ -74,6 +75,16 @@ class HolderUnconfirmed(Exception):
     paused, its lease not yet expired).  The logon pipeline answers
     C{Busy}, which clients retry, rather than C{HadLoggedOn}, which they
     take as final.
+    """
+
+
+class PresenceUnavailable(Exception):
+    """
+    A presence shared by nodes cannot register a logon now: the store it
+    shares (a cluster's Redis) is unreachable, or did not answer in time.
+    An expected state of a cluster, not a fault of the code: the logon
+    pipeline answers C{Busy}, which clients retry, and logs no traceback
+    (the session's end says why, once).
     """
 
 
