@@ -84,6 +84,9 @@ class Peer:
         self.received_at: dict[int, float] = {}
         #: Numbers sent on a connection that dropped before they were answered.
         self.cut: set[int] = set()
+        #: Numbers the server said it stored for the receiver (an Ack from
+        #: _0, with --offline): each must reach it later, once.
+        self.stored: set[int] = set()
 
     def connect(self, node, timeout: float = 10.0) -> None:
         """
@@ -154,15 +157,25 @@ class Peer:
         """
         kind, number = header["message_type"], header["message_id"]
         if kind == SEND_CERTAINLY:
-            assert body == info(1, b"#%d" % number), body
-            self.received[number] += 1
-            self.received_at.setdefault(number, time.monotonic())
+            assert body[:5] == info(1, b"#"), body
+            stored = header["dest_user_id"] == rc.SERVER  # kept for this user: its store ID
+            if not stored:
+                assert body == info(1, b"#%d" % number), body
+            number_sent = int(body[5:])
+            self.received[number_sent] += 1
+            self.received_at.setdefault(number_sent, time.monotonic())
             try:
-                self.client.send(ACK, struct.pack("<i", 1), self.to, number)
+                if stored:  # acknowledged to the server, which then forgets it
+                    self.client.send(ACK, struct.pack("<i", 1), rc.SERVER, number)
+                else:
+                    self.client.send(ACK, struct.pack("<i", 1), self.to, number)
             except OSError:
                 pass  # read on until the connection's end
         elif kind == ACK:
-            self.acked.add(number)
+            if header["user_id"] == rc.SERVER:
+                self.stored.add(number)
+            else:
+                self.acked.add(number)
         elif kind == rc.ERROR:
             error = rc.parse_error(body)
             if error["request_type"] == SEND_CERTAINLY:
@@ -184,8 +197,10 @@ class Matrix:
     ben on n2, ben to cat on n3, cat to amy.
     """
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, offline: bool = False):
         self.tmp_path = tmp_path
+        #: The nodes keep messages to offline users (--offline redis).
+        self.offline = offline
         self.redis = RedisServer(tmp_path).start()
         self.nodes: list = [None, None, None]
         self.starts = 0
@@ -199,7 +214,8 @@ class Matrix:
     def start(self, index: int):
         self.starts += 1
         path = self.tmp_path / f"n{index + 1}-{self.starts}.log"
-        self.nodes[index] = start_node(path, self.redis.url, f"n{index + 1}")
+        options = ("--offline", "redis") if self.offline else ()
+        self.nodes[index] = start_node(path, self.redis.url, f"n{index + 1}", *options)
         return self.nodes[index]
 
     def up(self) -> None:
@@ -291,7 +307,16 @@ class Matrix:
             sent = set(range(1, sender.sent + 1))
             delivered = set(receiver.received)
             told = set(sender.errors)
+            stored = sender.stored
             who = f"{sender.user}->{receiver.user}"
+            assert not stored & told, (who, "stored and told", sorted(stored & told))
+            # Stored: delivered later (at the receiver's logon, or when its
+            # node claimed it again), once.
+            assert stored <= delivered, (
+                who,
+                "stored, never delivered",
+                sorted(stored - delivered),
+            )
             assert delivered <= sent, (who, sorted(delivered - sent))
             twice = sorted(n for n, times in receiver.received.items() if times > 1)
             assert not twice, (who, "delivered twice", twice)
@@ -320,6 +345,7 @@ class Matrix:
                 len(delivered),
                 len(told),
                 len(sender.cut & sent - delivered),
+                len(stored),
             )
         return counts
 
@@ -368,6 +394,11 @@ def kill_a_node(matrix: Matrix) -> None:
     assert cat.errors, "cat was never told amy is gone"
     assert_answered_within(cat, REAP_BOUND)
     matrix.wait_listing(("ben", "cat"))
+    if matrix.offline:
+        # What was stored for amy meanwhile reaches her at another node.
+        assert cat.stored, "nothing was stored for amy while she was offline"
+        amy.connect(matrix.nodes[1])
+        matrix.wait_listing(USERS)
 
 
 def pause_a_node(matrix: Matrix) -> None:
@@ -448,14 +479,26 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_fault(tmp_path, fault):
+#: The faults run again with --offline redis: a SendCertainly to a user the
+#: cluster lists as offline is stored (Ack from _0), and must reach her
+#: later, once, where she logs on next or when her paused node claims her
+#: session again.
+OFFLINE_FAULTS = ("node-killed", "node-paused")
+
+
+@pytest.mark.parametrize(
+    "fault, offline",
+    [(fault, False) for fault in FAULTS] + [(fault, True) for fault in OFFLINE_FAULTS],
+    ids=[*FAULTS, *(f"{fault}-offline" for fault in OFFLINE_FAULTS)],
+)
+def test_fault(tmp_path, fault, offline):
     """
     Traffic before, during and after the fault; every numbered
-    SendCertainly delivered once or answered, and the listings exact.
+    SendCertainly delivered once, or answered, or (with --offline) stored
+    and delivered later; and the listings exact.
     """
     started = time.monotonic()
-    matrix = Matrix(tmp_path)
+    matrix = Matrix(tmp_path, offline)
     try:
         matrix.up()
         matrix.run(PHASE)
@@ -472,6 +515,6 @@ def test_fault(tmp_path, fault):
                 assert len(receiver.received) > before[receiver.user], (sender.user, receiver.user)
         counts = matrix.check()
         matrix.wait_listing(live)
-        print(fault, counts, f"{time.monotonic() - started:.1f} s")
+        print(fault, "offline" if offline else "", counts, f"{time.monotonic() - started:.1f} s")
     finally:
         matrix.close()
