@@ -82,6 +82,8 @@ class Peer:
         #: and when each first came.
         self.received: collections.Counter[int] = collections.Counter()
         self.received_at: dict[int, float] = {}
+        #: The numbers in the order they first came.
+        self.order: list[int] = []
         #: Numbers sent on a connection that dropped before they were answered.
         self.cut: set[int] = set()
         #: Numbers the server said it stored for the receiver (an Ack from
@@ -163,7 +165,9 @@ class Peer:
                 assert body == info(1, b"#%d" % number), body
             number_sent = int(body[5:])
             self.received[number_sent] += 1
-            self.received_at.setdefault(number_sent, time.monotonic())
+            if number_sent not in self.received_at:
+                self.received_at[number_sent] = time.monotonic()
+                self.order.append(number_sent)
             try:
                 if stored:  # acknowledged to the server, which then forgets it
                     self.client.send(ACK, struct.pack("<i", 1), rc.SERVER, number)
@@ -320,6 +324,10 @@ class Matrix:
             assert delivered <= sent, (who, sorted(delivered - sent))
             twice = sorted(n for n, times in receiver.received.items() if times > 1)
             assert not twice, (who, "delivered twice", twice)
+            # In the order sent, gaps only where a number was answered (or
+            # lost with a cut connection), stored ones included.
+            late = [(a, b) for a, b in zip(receiver.order, receiver.order[1:]) if b < a]
+            assert not late, (who, "out of order", late[:5])
             # Only a Timeout (Redis did not answer the append: delivered by
             # then, or never) may answer a number that was delivered, and
             # only one delivered before it came.
