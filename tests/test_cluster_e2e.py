@@ -468,10 +468,25 @@ def test_bench_cluster_mode_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["results"] == []
-    assert len(report["cluster"]) == 5
+    assert len(report["cluster"]) == 7
+    cpu_rows = [row for row in report["cluster"] if row["figure"].startswith("server_cpu_us")]
     for row in report["cluster"]:
         assert "error" not in row, row
-        assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
+        if row in cpu_rows:
+            # CPU comes in clock ticks (10 ms): a quick run may read none.
+            assert row["measured"] >= 0 and row["baseline"] >= 0, row
+        else:
+            assert row["measured"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
+    # CPU per message (and per request), each process's too: the nodes and Redis.
+    assert [row["figure"] for row in cpu_rows] == [
+        "server_cpu_us_per_msg",
+        "server_cpu_us_per_request",
+    ]
+    for row in cpu_rows:
+        measured, baseline = row["by_process"]
+        assert set(measured) == {"node0", "node1", "redis"} and set(baseline) == {"node0", "redis"}
+        assert abs(sum(measured.values()) - row["measured"]) <= 0.01 * row["measured"], row
+    assert "| cluster: CPU per message or request, by process, pairs |" in proc.stdout
 
 
 def test_cluster_sizing_smoke(tmp_path):

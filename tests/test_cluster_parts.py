@@ -649,3 +649,25 @@ def test_the_link_parses_with_hiredis_on_cpython():
     link = RedisLink(task.Clock(), RedisURL.parse("redis://127.0.0.1:1/0"))
     protocol = _LinkFactory(link).buildProtocol(None)
     assert isinstance(protocol, txredisapi.HiredisProtocol)
+
+
+def test_the_links_commands_are_encoded_as_txredisapi_would():
+    """
+    The link's own RESP encoder (faster than txredisapi's) writes what
+    txredisapi's would, for every kind of argument the cluster passes.
+    """
+    import txredisapi
+
+    from esf.cluster._link import encode_command
+
+    theirs = txredisapi.BaseRedisProtocol(charset=None, convertNumbers=False)
+    for args in [
+        ("PING",),
+        ("SET", "esf:lease:n1", "n1", "PX", 15000),
+        ("EVALSHA", "0" * 40, 2, "esf:inbox:b", b"esf:ib:b", b"1-0", 10, b"\x00\xff\r\n", 0),
+        ("HSET", "esf:u:\u00fcser", "0", 1733450000.125),
+        ("XADD", bytearray(b"k"), b"v", -1, ""),
+    ]:
+        assert encode_command(*args) == theirs._build_command(*args), args
+    # (txredisapi would send a memoryview's repr.)
+    assert encode_command(memoryview(b"ab")) == b"*1\r\n$2\r\nab\r\n"

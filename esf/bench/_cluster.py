@@ -20,8 +20,10 @@ from ._wire import BenchError
 CLUSTER_ROWS = [
     ("send on one node: with --cluster / without", "msgs_per_s", "higher"),
     ("send across nodes / one node", "msgs_per_s", "higher"),
+    ("send across nodes / one node", "server_cpu_us_per_msg", "lower"),
     ("request across nodes / one node", "rtt_p50_us", "lower"),
     ("request across nodes / one node", "requests_per_s", "higher"),
+    ("request across nodes / one node", "server_cpu_us_per_request", "lower"),
     ("send: two nodes / one node, aggregate", "msgs_per_s", "higher"),
 ]
 
@@ -60,7 +62,12 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
             group = NodeGroup(started, redis, place)
             # Every node must be in the cluster before the pairs log on.
             await task.deferLater(load.reactor, 1.0, lambda: None)
-            return await load.measure(mode, group, "esf", pairs)
+            result = await load.measure(mode, group, "esf", pairs)
+            # The CPU of each process (the nodes and Redis) per message or
+            # request: where a cross-node message costs what it costs.
+            count = result.get("received" if mode == "send" else "answered", 0)
+            result["cpu_us_by_process"] = group.cpu_by_process(count)
+            return result
         except BenchError as e:
             print(f"esf-bench: cluster {mode}, {nodes} node(s): {e}", file=sys.stderr)
             return {"error": str(e)}
@@ -81,6 +88,8 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
                 [
                     (one_send, alone),
                     (two_send, one_send),
+                    (two_send, one_send),
+                    (two_req, one_req),
                     (two_req, one_req),
                     (two_req, one_req),
                     (spread, one_send),
@@ -88,6 +97,11 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
             ):
                 row = {"row": label, "pairs": pairs, "figure": figure, "better": better,
                        "measured": two.get(figure), "baseline": one.get(figure)}  # fmt: skip
+                if figure.startswith("server_cpu_us"):
+                    row["by_process"] = [
+                        two.get("cpu_us_by_process"),
+                        one.get("cpu_us_by_process"),
+                    ]
                 errors = [r["error"] for r in (two, one) if "error" in r]
                 if errors:
                     row["error"] = errors[0]

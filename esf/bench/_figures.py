@@ -108,6 +108,8 @@ def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict
         # What a relayed message costs the server: unlike the rate, this
         # hardly moves when other work shares the machine.
         result["server_cpu_us_per_msg"] = result["server_cpu_s"] / result["received"] * 1e6
+    if mode == "request" and "server_cpu_s" in result and result["answered"]:
+        result["server_cpu_us_per_request"] = result["server_cpu_s"] / result["answered"] * 1e6
     if mode == "fanout" and "server_cpu_s" in result and result["deliveries"]:
         result["server_cpu_us_per_delivery"] = result["server_cpu_s"] / result["deliveries"] * 1e6
     return result

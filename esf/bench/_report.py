@@ -13,7 +13,7 @@ def _fmt(value, figure: str) -> str:
         return "-"
     if figure.endswith("_us"):
         return f"{value:,.0f} µs"
-    if figure.endswith(("_us_per_msg", "_us_per_delivery")):
+    if figure.endswith(("_us_per_msg", "_us_per_delivery", "_us_per_request")):
         return f"{value:.2f} µs"
     if figure == "bytes_per_session":
         return f"{value:,.0f} B"
@@ -123,6 +123,19 @@ def format_table(report: dict) -> str:
                 f"{_fmt(row['measured'], row['figure'])} | {_fmt(row['baseline'], row['figure'])} | "
                 f"{'-' if ratio is None else f'{ratio:.2f}'} |"
             )
+        by_process = [row for row in report["cluster"] if all(row.get("by_process") or [None])]
+        if by_process:
+            lines += [
+                "",
+                "| cluster: CPU per message or request, by process, pairs | measured | baseline |",
+                "|---|---|---|",
+            ]
+            for row in by_process:
+                measured, baseline = (
+                    ", ".join(f"{name} {value:.2f} µs" for name, value in side.items())
+                    for side in row["by_process"]
+                )
+                lines.append(f"| {row['row']}, {row['pairs']} | {measured} | {baseline} |")
     ws_rows = [row for row in report["results"] if "ws" in row]
     if ws_rows:
         lines += [

@@ -220,15 +220,27 @@ class NodeGroup:
 
     def __init__(self, nodes: list, redis: LocalRedis, place: str):
         self.nodes, self.redis, self.place = nodes, redis, place
+        #: Each process's CPU seconds at each reading (node0, node1, ...,
+        #: redis), for the figures per process (L{cpu_by_process}).
+        self.cpu_readings: list[dict[str, float]] = []
 
     def cpu_seconds(self):
-        total = 0.0
-        for pid in [n.pid for n in self.nodes] + [self.redis.pid]:
-            seconds = proc_cpu_seconds(pid)
-            if seconds is None:
-                return None
-            total += seconds
-        return total
+        readings = {f"node{i}": proc_cpu_seconds(n.pid) for i, n in enumerate(self.nodes)}
+        readings["redis"] = proc_cpu_seconds(self.redis.pid)
+        if any(seconds is None for seconds in readings.values()):
+            return None
+        self.cpu_readings.append(readings)
+        return sum(readings.values())
+
+    def cpu_by_process(self, count: int) -> dict[str, float]:
+        """
+        Each process's CPU between the last two readings (a phase's start
+        and end), in µs per one of C{count} (messages, requests).
+        """
+        if len(self.cpu_readings) < 2 or not count:
+            return {}
+        start, end = self.cpu_readings[-2], self.cpu_readings[-1]
+        return {name: (end[name] - start[name]) / count * 1e6 for name in end}
 
     def memory(self) -> dict:
         return self.nodes[0].memory()

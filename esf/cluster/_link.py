@@ -282,6 +282,33 @@ def _peer(protocol: Any) -> str:
     return f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
 
 
+def encode_command(*args: Any, **ignored: Any) -> bytes:
+    """
+    One command in Redis's protocol (RESP): an array of bulk strings.
+
+    Written here because txredisapi's own (C{_build_command}) encodes each
+    argument, and its length, through a chain of C{isinstance} tests and
+    several writes: a fifth of a node's CPU for a cross-node request, whose
+    every hop takes several commands of a dozen or more arguments.  It
+    takes the same arguments: bytes, text (UTF-8), numbers.
+    """
+    parts = [b"*%d\r\n" % len(args)]
+    append = parts.append
+    for arg in args:
+        if type(arg) is bytes:
+            value = arg
+        elif isinstance(arg, str):
+            value = arg.encode()
+        elif isinstance(arg, float):
+            value = format(arg, "f").encode()
+        elif isinstance(arg, (bytes, bytearray, memoryview)):
+            value = bytes(arg)
+        else:
+            value = str(arg).encode()
+        append(b"$%d\r\n%s\r\n" % (len(value), value))
+    return b"".join(parts)
+
+
 class _LinkFactory(Factory):
     """
     Builds txredisapi protocols for a L{RedisLink}.  The protocol calls
@@ -332,6 +359,7 @@ class _LinkFactory(Factory):
             received(data, *more)
 
         protocol.dataReceived = data_received
+        protocol._build_command = encode_command
         return protocol
 
     def stopTrying(self) -> None:
