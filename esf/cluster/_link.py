@@ -297,6 +297,8 @@ def encode_command(*args: Any, **ignored: Any) -> bytes:
     for arg in args:
         if type(arg) is bytes:
             value = arg
+        elif type(arg) is int:
+            value = b"%d" % arg
         elif isinstance(arg, str):
             value = arg.encode()
         elif isinstance(arg, float):
