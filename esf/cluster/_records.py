@@ -35,6 +35,7 @@ C{d} (the session ID released).
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Union
 
@@ -146,7 +147,9 @@ class Holder:
     @classmethod
     def parse(cls, value: bytes) -> Holder:
         sid, node, when, address = value.decode("utf-8").split("\t", 3)
-        return cls(sid, node, float(when), address)
+        # One string per node, however many devices it holds: every node
+        # mirrors every device of the cluster.
+        return cls(sid, sys.intern(node), float(when), address)
 
     @classmethod
     def of(cls, handle: IDeviceHandle, logon_time: float | None = None) -> Holder:
