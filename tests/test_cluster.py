@@ -181,6 +181,12 @@ def test_interfaces():
     handle = RemoteHandle("u", 1, Holder("n2/1", "n2", 0.0, "a:1"), lambda *a: None)
     verifyObject(IDeviceHandle, handle)
     assert (handle.node, handle.session_id, handle.logon_order) == ("n2", "n2/1", 0)
+    # Its UserData is made when first asked for, then kept (with the tag an
+    # application gives it).
+    data = handle.user_data
+    assert (data.user_id, data.client_type, data.address, data.logon_time) == ("u", 1, "a:1", 0.0)
+    data.tag = "mine"
+    assert handle.user_data is data and handle.user_data.tag == "mine"
 
 
 # -- claim and release ------------------------------------------------------------------

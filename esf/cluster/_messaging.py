@@ -160,7 +160,9 @@ class RemoteHandle:
         "session_id",
         "node",
         "logon_order",
-        "user_data",
+        "_address",
+        "_logon_time",
+        "_user_data",
         "_post",
     )
 
@@ -172,10 +174,24 @@ class RemoteHandle:
         #: Logon orders are counted per node and mean nothing here; a logon
         #: on this node always comes after a remote one (REPLACE_OLD).
         self.logon_order = 0
-        self.user_data = UserData(
-            user_id, as_client_type(client_type), holder.address, holder.logon_time
-        )
+        self._address = holder.address
+        self._logon_time = holder.logon_time
+        self._user_data: UserData | None = None
         self._post = post
+
+    @property
+    def user_data(self) -> UserData:
+        """
+        The device's L{UserData}, made when first asked for (every node
+        mirrors every device of the cluster, and most are never asked
+        about), then kept: an application's C{tag} on it stays.
+        """
+        data = self._user_data
+        if data is None:
+            data = self._user_data = UserData(
+                self.user_id, as_client_type(self.client_type), self._address, self._logon_time
+            )
+        return data
 
     def __repr__(self) -> str:
         return f"<RemoteHandle {self.user_id}/{self.client_type} {self.session_id}>"
