@@ -54,6 +54,8 @@ INTERVAL = 0.06
 #: read by its receiver's node (the documented loss).
 UNREAD = 0.25
 RATE_LIMITED = 8
+#: LogonResult.Busy: a logon refused for now (clients retry).
+BUSY = 5
 TIMEOUT = 9
 #: Each node's user, and whom that user sends to (a user on the next node).
 USERS = ("amy", "ben", "cat")
@@ -86,6 +88,8 @@ class Peer:
         self.order: list[int] = []
         #: Numbers sent on a connection that dropped before they were answered.
         self.cut: set[int] = set()
+        #: The results of logons refused (retried) by L{connect}.
+        self.refusals: list[int] = []
         #: Numbers the server said it stored for the receiver (an Ack from
         #: _0, with --offline): each must reach it later, once.
         self.stored: set[int] = set()
@@ -102,6 +106,7 @@ class Peer:
             if reply["result"] == 0:
                 self.client = client
                 return
+            self.refusals.append(reply["result"])
             client.close()
             assert time.monotonic() < deadline, (self.user, reply)
             time.sleep(0.1)
@@ -201,10 +206,12 @@ class Matrix:
     ben on n2, ben to cat on n3, cat to amy.
     """
 
-    def __init__(self, tmp_path, offline: bool = False):
+    def __init__(self, tmp_path, offline: bool = False, ignore_new: bool = False):
         self.tmp_path = tmp_path
         #: The nodes keep messages to offline users (--offline redis).
         self.offline = offline
+        #: The nodes run --relogon-mode ignore-new (replace-old otherwise).
+        self.ignore_new = ignore_new
         self.redis = RedisServer(tmp_path).start()
         self.nodes: list = [None, None, None]
         self.starts = 0
@@ -219,6 +226,8 @@ class Matrix:
         self.starts += 1
         path = self.tmp_path / f"n{index + 1}-{self.starts}.log"
         options = ("--offline", "redis") if self.offline else ()
+        if self.ignore_new:
+            options += ("--relogon-mode", "ignore-new")
         self.nodes[index] = start_node(path, self.redis.url, f"n{index + 1}", *options)
         return self.nodes[index]
 
@@ -397,6 +406,21 @@ def kill_a_node(matrix: Matrix) -> None:
     n1.stop()  # closes its log
     matrix.nodes[0] = None
     amy, _ben, cat = matrix.peers
+    if matrix.ignore_new:
+        # amy logs on again at once at another node.  Her dead node's
+        # session still holds her device; that node does not confirm it, so
+        # the logon is refused Busy (retried), never HadLoggedOn (final),
+        # and soon wins (here after about 1.1 s: the reap comes later).
+        matrix.run(0.2)
+        assert not amy.live, "amy's connection outlived her node"
+        started = time.monotonic()
+        amy.connect(matrix.nodes[1])
+        assert time.monotonic() - started < LEASE + 2.0, "amy was kept out past her node's lease"
+        assert set(amy.refusals) <= {BUSY}, amy.refusals
+        matrix.run(LEASE * 4 / 3 + 1.5 + PHASE)
+        assert_answered_within(cat, REAP_BOUND)
+        matrix.wait_listing(USERS)
+        return
     matrix.run(LEASE * 4 / 3 + 1.5 + PHASE)
     assert not amy.live, "amy's connection outlived her node"
     assert cat.errors, "cat was never told amy is gone"
@@ -492,21 +516,30 @@ FAULTS = {
 #: later, once, where she logs on next or when her paused node claims her
 #: session again.
 OFFLINE_FAULTS = ("node-killed", "node-paused")
+#: And with --relogon-mode ignore-new, where a device its dead node still
+#: holds must not keep its user out.
+IGNORE_NEW_FAULTS = ("node-killed",)
 
 
 @pytest.mark.parametrize(
-    "fault, offline",
-    [(fault, False) for fault in FAULTS] + [(fault, True) for fault in OFFLINE_FAULTS],
-    ids=[*FAULTS, *(f"{fault}-offline" for fault in OFFLINE_FAULTS)],
+    "fault, offline, ignore_new",
+    [(fault, False, False) for fault in FAULTS]
+    + [(fault, True, False) for fault in OFFLINE_FAULTS]
+    + [(fault, False, True) for fault in IGNORE_NEW_FAULTS],
+    ids=[
+        *FAULTS,
+        *(f"{fault}-offline" for fault in OFFLINE_FAULTS),
+        *(f"{fault}-ignore-new" for fault in IGNORE_NEW_FAULTS),
+    ],
 )
-def test_fault(tmp_path, fault, offline):
+def test_fault(tmp_path, fault, offline, ignore_new):
     """
     Traffic before, during and after the fault; every numbered
     SendCertainly delivered once, or answered, or (with --offline) stored
     and delivered later; and the listings exact.
     """
     started = time.monotonic()
-    matrix = Matrix(tmp_path, offline)
+    matrix = Matrix(tmp_path, offline, ignore_new)
     try:
         matrix.up()
         matrix.run(PHASE)
@@ -523,6 +556,6 @@ def test_fault(tmp_path, fault, offline):
                 assert len(receiver.received) > before[receiver.user], (sender.user, receiver.user)
         counts = matrix.check()
         matrix.wait_listing(live)
-        print(fault, "offline" if offline else "", counts, f"{time.monotonic() - started:.1f} s")
+        print(fault, offline, ignore_new, counts, f"{time.monotonic() - started:.1f} s")
     finally:
         matrix.close()
