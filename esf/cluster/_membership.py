@@ -76,7 +76,7 @@ class Membership:
         ledger: InboxLedger,
         mirror: PresenceMirror,
         claims: Claims,
-        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], None],
+        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], Deferred[Any]],
         presence_maxlen: int,
         stats: collections.Counter[str],
     ):
@@ -364,7 +364,7 @@ class Janitor:
         node_id: str,
         *,
         lease: float,
-        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], None],
+        unread_lost: Callable[[str, Iterable[Sequence[bytes]]], Deferred[Any]],
         presence_maxlen: int,
     ):
         self.link = link
@@ -373,8 +373,9 @@ class Janitor:
         self.lease = lease
         self.unread_lost = unread_lost
         self.presence_maxlen = presence_maxlen
-        #: Entries of a reaped inbox read at a time.
-        self.page = 500
+        #: Entries of a reaped inbox read at a time; the next page is read
+        #: once what this one handed to the offline store is done.
+        self.page = 100
         self._reaps = 0
 
     async def run(self) -> None:
@@ -434,7 +435,7 @@ class Janitor:
                 if not page:
                     break
                 done += len(page)
-                self.unread_lost(node, (entry[1] for entry in page))
+                await self.unread_lost(node, (entry[1] for entry in page))
                 start = b"(" + page[-1][0]
             await self.link.execute("DEL", moved)
         except Exception as e:

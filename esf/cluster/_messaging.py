@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +29,7 @@ from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
 from esf.server._offline import split_dest
 from esf.server._relay import backed_up
-from esf.server._router import ANSWERS
+from esf.server._router import ANSWERS, is_request
 from esf.wire import _messages as m
 from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import (
@@ -89,17 +90,6 @@ READ_TOO_LATE = (
 )
 REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
 ENDED_TEXT = "is not online: the session this went to ended before its node delivered it"
-
-
-def _is_request(frame: Frame) -> bool:
-    """
-    Whether C{frame} asks for an answer: a non-zero MessageID on anything
-    but a Send (always one-way) or an answer.
-    """
-    message_type = frame.message_type
-    return (
-        bool(frame.message_id) and message_type != MessageType.SEND and message_type not in ANSWERS
-    )
 
 
 def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
@@ -516,17 +506,27 @@ class Delivery:
                 handle.kick_out(record.operator, record.reason, record.text)
             self.stats["inbox_delivered"] += 1
 
-    def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> None:
+    def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> Deferred[Any]:
         """
         The inbox of C{node}, reaped, held C{entries} (their fields) unread:
-        see L{_not_delivered}.
+        see L{_not_delivered}.  Fires once the offline store is done with
+        what was handed to it (so that the janitor hands it no more than a
+        page of the inbox at a time).
         """
+        kept: list[Deferred[Any]] = []
         for flat in entries:
             for record in decode_records(fields(flat)[b"m"]):
                 if isinstance(record, Send):
-                    self._not_delivered(record.frame, REAPED_UNREAD, node)
+                    self._not_delivered(record.frame, REAPED_UNREAD, node, kept)
+        return DeferredList(kept, consumeErrors=True)
 
-    def _not_delivered(self, data: bytes, why: int, reaped: str | None = None) -> None:
+    def _not_delivered(
+        self,
+        data: bytes,
+        why: int,
+        reaped: str | None = None,
+        kept: list[Deferred[Any]] | None = None,
+    ) -> None:
         """
         C{data}, a frame relayed to a session of another node, was never
         delivered: its node was reaped before it read it (L{REAPED_UNREAD}),
@@ -537,7 +537,8 @@ class Delivery:
         addressee has no device online now; else it is counted as dropped.
         An answer is dropped: its asker is answered by its own timeout.
         The devices of the node C{reaped} count as offline already (this
-        node's mirror may not have applied their release yet).
+        node's mirror may not have applied their release yet).  What the
+        store is asked to keep is added to C{kept} (its Deferreds).
         """
         if self.wire is None:
             return
@@ -546,7 +547,7 @@ class Delivery:
             if frame.message_type in ANSWERS:
                 continue
             dest = frame.dest_user_id
-            if _is_request(frame):
+            if is_request(frame):
                 elsewhere = why == ENDED and self._elsewhere(dest)
                 if not elsewhere and self._tell_sender(frame, frame.raw, why):
                     self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
@@ -555,10 +556,13 @@ class Delivery:
             user_id, kind = split_dest(dest)
             held = self.devices(user_id) if kind is None else [self.lookup(user_id, kind)]
             online = [d for d in held if d is not None and getattr(d, "node", None) != reaped]
-            if not online and offline is not None and offline.keep_unsent(frame):
-                self.stats["inbox_kept"] += 1
-            else:
+            keeping = offline.keep_unsent(frame) if not online and offline is not None else None
+            if keeping is None:
                 self.stats["inbox_dropped"] += 1
+                continue
+            self.stats["inbox_kept"] += 1
+            if kept is not None:
+                kept.append(keeping)
 
     def _answered_late(self, data: bytes) -> bool:
         """
@@ -596,7 +600,7 @@ class Delivery:
         if self.wire is None:
             return None
         frames = FrameDecoder(self.wire).feed(data)
-        if len(frames) != 1 or not _is_request(frames[0]):
+        if len(frames) != 1 or not is_request(frames[0]):
             return None
         return frames[0]
 

@@ -357,7 +357,7 @@ class OfflineMessages:
         """
         self.blobs.expire(now)
 
-    def keep_unsent(self, frame: Frame) -> bool:
+    def keep_unsent(self, frame: Frame) -> Deferred[None] | None:
         """
         C{frame}, a one-way message from a user of another node, was relayed
         to a device whose node never delivered it (the node left the
@@ -366,20 +366,20 @@ class OfflineMessages:
         and the policy agrees.  No one is answered: its sender asked for no
         answer; a store that refuses it is counted in the metrics.
 
-        @return: whether it was handed to the store.
+        @return: when it was handed to the store, what fires once the store
+            is done with it (kept or refused, never failing); else C{None}.
         """
         if frame.message_type not in KEPT_TYPES or frame.message_type == MessageType.BLOB:
-            return False  # a blob is kept whole, from its sender's session only
+            return None  # a blob is kept whole, from its sender's session only
         info_type = information_type(frame.body)
         if not self._allowed(frame.user_id, frame, info_type):
-            return False
+            return None
         user_id, client_type = split_dest(frame.dest_user_id)
         try:
             d = self.store.store(user_id, client_type, [frame.raw], frame.user_id)
         except Exception:
             d = fail()
-        d.addCallbacks(self._unsent_kept, self._unsent_refused)
-        return True
+        return d.addCallbacks(self._unsent_kept, self._unsent_refused)
 
     def _unsent_kept(self, ids: object) -> None:
         self.engine.counters[Count.OFFLINE_STORED] += 1

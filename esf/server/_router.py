@@ -13,7 +13,7 @@ from esf.wire._frames import DEVICE_MARK, MessageType
 
 from ._policy import RESERVED_IDS
 
-__all__ = ["Router", "AnswerRouter", "ANSWERS", "ANSWERED_BY", "user_part"]
+__all__ = ["Router", "AnswerRouter", "ANSWERS", "ANSWERED_BY", "is_request", "user_part"]
 
 
 class Router:
@@ -60,6 +60,17 @@ ANSWERED_BY = {
 ANSWERS = frozenset(
     {MessageType.RESPONSE, MessageType.ACK, MessageType.PING_ACK, MessageType.ERROR}
 )
+
+
+def is_request(frame: Any) -> bool:
+    """
+    Whether C{frame} asks for an answer: a non-zero MessageID on anything
+    but a Send (always one-way) or an answer.
+    """
+    message_type = frame.message_type
+    return (
+        bool(frame.message_id) and message_type != MessageType.SEND and message_type not in ANSWERS
+    )
 
 
 def user_part(dest: str) -> str:
