@@ -129,6 +129,10 @@ class IGroupManager(Interface):
     """
     Who is in a group (ESFramework's C{IGroupManager}), supplied by the
     application.
+
+    Each Broadcast asks L{can_broadcast} and then L{get_members}, but
+    consecutive Broadcasts from one sender to one group in the same read
+    are asked about once, together: nothing else runs between them.
     """
 
     def get_members(group_id: str) -> _Answer[Iterable[str]]:

@@ -695,10 +695,10 @@ def test_the_docs_queries_name_only_series_that_exist(scrape):
 def test_the_decoder_counts_every_frame_of_a_run():
     """
     FrameDecoder.decoded, which esf_messages_received_total reads, counts
-    each frame of a SendRun, whole or cut anywhere, and those handed on
+    each frame of a FrameRun, whole or cut anywhere, and those handed on
     before a bad frame.
     """
-    from esf.wire import FrameDecoder, SendRun
+    from esf.wire import FrameDecoder, FrameRun
 
     wire = WireConfig()
     sends = [encode_frame(wire, MessageType.SEND, Information(1, b"x" * n).encode(), user_id="a", dest_user_id=d)
@@ -711,7 +711,7 @@ def test_the_decoder_counts_every_frame_of_a_run():
         for offset in range(0, len(stream), cut):
             items += decoder.feed_runs(stream[offset : offset + cut], MessageType.SEND)
         assert (
-            decoder.decoded == 8 == sum(i.count if isinstance(i, SendRun) else 1 for i in items)
+            decoder.decoded == 8 == sum(i.count if isinstance(i, FrameRun) else 1 for i in items)
         ), cut
     decoder = FrameDecoder(wire)
     with pytest.raises(FrameError):

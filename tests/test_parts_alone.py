@@ -133,6 +133,9 @@ class FakeSessionOwner:
     def frame_received(self, session, frame):
         self.received.append(frame)
 
+    def broadcast_run(self, session, run):
+        self.received.extend(run.frames())
+
     def connection_closed(self, session):
         self.closed.append(session)
 

@@ -180,27 +180,33 @@ def test_a_broadcast_to_a_group_with_a_stalled_member_reaches_the_others():
     One member of the group does not read: once its push back is over, the
     broadcasts go on to the others without delay, what does not fit the
     stalled member's bound is counted, and the sender is not slowed down
-    for longer than the push back.
+    for longer than the push back.  A run of Broadcasts in one read that
+    the stalled member has no room for whole is queued for her as far as
+    it fits, frame by frame, as the frames one by one would be.
     """
     engine = broadcast_engine(
         ["alice", "bob", "mallory"], max_output_buffer=16 * 1024, push_back_timeout=0
     )
     alice, bob, mallory = (connect(engine, name) for name in ("alice", "bob", "mallory"))
     mallory.protocol.pauseProducing()
+    # Past half her bound: mallory is backed up, and stalled at once.
+    big = alice.frame(T.BROADCAST, Information(999, bytes(9000)), dest="team")
+    alice.send_raw(big)
     frames = [
         alice.frame(T.BROADCAST, Information(n, bytes(200)), dest="team") for n in range(150)
     ]
     alice.send_raw(b"".join(frames))
-    assert [f.body.information_type for f in bob.take()] == list(range(150))
-    fits = queued_count(frames, 16 * 1024)
+    assert [f.body.information_type for f in bob.take()] == [999, *range(150)]
+    fits = queued_count(frames, 16 * 1024 - len(big))
     assert 0 < fits < 150
     assert engine.counters[Count.RECEIVER_BEHIND] == 150 - fits
-    assert engine.budget.used == sum(len(f) for f in frames[:fits])
+    assert engine.counters["broadcasts"] == 151
+    assert engine.budget.used == len(big) + sum(len(f) for f in frames[:fits])
     # Not held back: mallory is stalled, and what she refused is within
     # alice's allowance.
     assert alice.transport.producerState != "paused"
     mallory.protocol.resumeProducing()
-    assert [f.body.information_type for f in mallory.take()] == list(range(fits))
+    assert [f.body.information_type for f in mallory.take()] == [999, *range(fits)]
     assert engine.budget.used == 0
 
 

@@ -38,6 +38,7 @@ from esf.wire import (
     Frame,
     FrameDecoder,
     FrameError,
+    FrameRun,
     GetAllOnlineUsers,
     GetAllOnlineUsersReply,
     GetMyDevicesReply,
@@ -52,7 +53,6 @@ from esf.wire import (
     QueryOnlineReply,
     QueryOnlines,
     QueryOnlinesReply,
-    SendRun,
     WireConfig,
     encode_frame,
     encode_str,
@@ -1707,9 +1707,10 @@ def test_docs_vector_appendix_matches():
     assert listed == {v.name: (v.max_userid_length, bytes.fromhex(v.hex).hex()) for v in VECTORS}
 
 
-# -- feed_runs: Sends gathered into runs for the relay ---------------------------
+# -- feed_runs: Sends and Broadcasts gathered into runs for the relay -------------
 
 SEND = MessageType.SEND
+BROADCAST = MessageType.BROADCAST
 
 
 def _expand(items) -> list[Frame]:
@@ -1718,7 +1719,7 @@ def _expand(items) -> list[Frame]:
     """
     out = []
     for item in items:
-        out += item.frames() if isinstance(item, SendRun) else [item]
+        out += item.frames() if isinstance(item, FrameRun) else [item]
     return out
 
 
@@ -1733,12 +1734,17 @@ def _feed_both(config: WireConfig, chunks: list[bytes]):
         got, error = [], None
         for chunk in chunks:
             try:
-                got += decoder.feed_runs(chunk, SEND) if runs else decoder.feed(chunk)
+                got += decoder.feed_runs(chunk, SEND, BROADCAST) if runs else decoder.feed(chunk)
             except FrameError as e:
                 got += e.frames
                 error = (e.reason, e.message)
                 break
         results.append((_expand(got) if runs else got, error, decoder.buffered))
+        for item in got:
+            if isinstance(item, FrameRun):
+                # A run is uniform exactly when its headers are all alike.
+                headers = {f.raw[: config.header_length] for f in item.frames()}
+                assert item.uniform is (len(headers) == 1), item
     return results
 
 
@@ -1758,17 +1764,38 @@ def test_runs_gather_consecutive_sends_for_one_pair():
     stream = a * 3 + b + a * 2 + request + a
     items = FrameDecoder(config).feed_runs(stream, SEND)
     assert [type(i).__name__ for i in items] == [
-        "SendRun",
-        "SendRun",
-        "SendRun",
+        "FrameRun",
+        "FrameRun",
+        "FrameRun",
         "Frame",
-        "SendRun",
+        "FrameRun",
     ]
     assert [getattr(i, "count", 1) for i in items] == [3, 1, 2, 1, 1]
     assert items[0].raw == a * 3
     assert (items[0].user_id, items[0].dest_user_id) == ("alice", "bob")
     assert items[1].dest_user_id == "carol"
     assert b"".join(i.raw for i in items) == stream
+    assert _expand(items) == FrameDecoder(config).feed(stream)
+
+
+def test_runs_of_two_types_never_mix():
+    """
+    With two run types, consecutive frames of one type and pair are a run,
+    and a frame of the other type with the same IDs starts another: each
+    run says its type.
+    """
+    config = WireConfig()
+    send = _send(config, dest="team")
+    broadcast = _send(config, dest="team", message_type=BROADCAST)
+    stream = send * 2 + broadcast * 3 + send + broadcast
+    items = FrameDecoder(config).feed_runs(stream, SEND, BROADCAST)
+    assert [(i.message_type, i.count) for i in items] == [
+        (SEND, 2),
+        (BROADCAST, 3),
+        (SEND, 1),
+        (BROADCAST, 1),
+    ]
+    assert items[1].raw == broadcast * 3
     assert _expand(items) == FrameDecoder(config).feed(stream)
 
 
@@ -1845,7 +1872,8 @@ def test_runs_check_every_frame():
 @given(st.data(), st.sampled_from([1, 11, 20]))
 def test_property_runs_are_the_frames(data, n):
     """
-    However a stream of Sends and other frames among a few ID pairs is cut,
+    However a stream of Sends, Broadcasts and other frames among a few ID
+    pairs is cut,
     with or without damage, C{feed_runs} yields the same frames, the same
     error and the same buffered bytes as C{feed}.
     """
@@ -1856,8 +1884,9 @@ def test_property_runs_are_the_frames(data, n):
         fields = data.draw(frames_for(config, body_max=200))
         fields["user_id"] = data.draw(st.sampled_from(ids))
         fields["dest_user_id"] = data.draw(st.sampled_from(ids))
-        if data.draw(st.booleans()):
-            fields["message_type"] = SEND
+        fields["message_type"] = data.draw(
+            st.sampled_from([fields["message_type"], SEND, SEND, BROADCAST])
+        )
         frames.append(fields)
     stream = bytearray(b"".join(_encode(config, f) for f in frames))
     for _ in range(data.draw(st.integers(0, 3))):

@@ -121,17 +121,18 @@ BROADCASTS = "broadcasts"
 BROADCAST_DELIVERIES = "broadcast_deliveries"
 
 
-def count_fanout(counters: collections.Counter[str], devices: int) -> None:
+def count_fanout(counters: collections.Counter[str], devices: int, broadcasts: int = 1) -> None:
     """
-    Count one Broadcast sent to C{devices} devices.
+    Count C{broadcasts} Broadcasts (a run of them), each sent to C{devices}
+    devices.
     """
-    counters[BROADCASTS] += 1
-    counters[BROADCAST_DELIVERIES] += devices
+    counters[BROADCASTS] += broadcasts
+    counters[BROADCAST_DELIVERIES] += devices * broadcasts
     for bound, key in zip(FANOUT_BUCKETS, FANOUT_BUCKET_KEYS):
         if devices <= bound:
-            counters[key] += 1
+            counters[key] += broadcasts
             return
-    counters[FANOUT_BUCKET_KEYS[-1]] += 1
+    counters[FANOUT_BUCKET_KEYS[-1]] += broadcasts
 
 
 class Traffic:

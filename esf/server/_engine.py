@@ -9,6 +9,7 @@ The server engine: wires the parts of an esf server together::
     Reaper        ends silent sessions (esf.server._heartbeat)
     Relay         forwards frames between users (esf.server._relay)
     services      what the server itself answers (esf.server._services)
+    Broadcasts    a frame to a group's members, or a run of them (esf.server._broadcast)
     PendingRequests  the server's own queries to clients (esf.wire._pending)
 
 The engine never touches a transport.  A connection is an L{IChannel} (the
@@ -42,6 +43,7 @@ from esf.wire._frames import DisconnectedType, ErrorCode, Frame, MessageType
 from esf.wire._pending import PendingRequests
 
 from ._api import ServerApplicationAPI
+from ._broadcast import Broadcasts
 from ._budget import MemoryBudget
 from ._config import (
     IDS_PER_UNIT,
@@ -171,8 +173,11 @@ class ServerEngine(ServerApplicationAPI):
         self._drained: list[Deferred[None]] = []
         self.stopping = False
         self._dispatch = {}
-        for service in (BasicServices(self), ApplicationServices(self)):
+        broadcasts = Broadcasts(self)
+        for service in (BasicServices(self), ApplicationServices(self), broadcasts):
             self._dispatch.update(service.handlers)
+        #: A run of Broadcasts from one read, taken whole where it can be.
+        self.broadcast_run = broadcasts.run
         #: The offline part (L{OfflineMessages}), when there is a store.
         self.offline: OfflineMessages | None = None
         self._store_opened = False

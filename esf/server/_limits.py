@@ -137,6 +137,22 @@ class PeerLimits:
             self._refused_since = None
         return True
 
+    def charge_all(self, count: int) -> bool:
+        """
+        Take C{count} units at once (a run of C{count} requests), if the
+        budget holds a unit for each: exactly when L{charge} would accept
+        each of them one after another.  Else take nothing.
+        """
+        config = self.owner.config
+        now = self.owner.clock.seconds()
+        tokens = min(self._tokens + (now - self._tokens_at) * config.work_rate, config.work_burst)
+        if tokens < count:
+            return False
+        self._tokens, self._tokens_at = tokens - count, now
+        if tokens * 2 >= config.work_burst:
+            self._refused_since = None
+        return True
+
     def refused_for(self) -> float:
         """
         Seconds since this session's first refused request, if it has not

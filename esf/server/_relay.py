@@ -16,6 +16,7 @@ C{admit} for a run on the session's inline path).
 from __future__ import annotations
 
 import collections
+import struct
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
     from ._offline import OfflineMessages
     from ._relay_policy import RelayGate
     from ._session import Session
+
+#: A frame header's BodyLength (after StartToken, ClientType, MessageType
+#: and MessageID).
+_BODY_LENGTH = struct.Struct("<8xi")
 
 __all__ = ["Relay", "NOT_DELIVERED", "DELIVERED", "ALL_QUEUED", "backed_up"]
 
@@ -127,10 +132,39 @@ class Relay:
             status = target.send(raw)
             if status:
                 result = DELIVERED
+                if status == REFUSED and frames > 1:
+                    # A run the device has no room for whole: what fits of it.
+                    if self._fit(sender, target, raw):
+                        delivered = True
+                    continue
                 if self.not_queued(sender, target, status, frames, len(raw)):
                     continue
             delivered = True
         return result if delivered else NOT_DELIVERED
+
+    def _fit(self, sender: Session, target: Any, raw: bytes) -> bool:
+        """
+        C{target} (stalled) refused the run of frames C{raw} whole: queue
+        its frames one by one while they fit, as they would have been had
+        they come one by one, and refuse the rest (L{not_queued}).
+
+        @return: whether any frame was queued.
+        """
+        hlen = self.engine.config.wire.header_length
+        size = len(raw)
+        offset = 0
+        while offset < size:
+            end = offset + hlen + _BODY_LENGTH.unpack_from(raw, offset)[0]
+            status = target.send(raw[offset:end])
+            if status:
+                frames, rest = 1, end
+                while rest < size:
+                    rest += hlen + _BODY_LENGTH.unpack_from(raw, rest)[0]
+                    frames += 1
+                self.not_queued(sender, target, status, frames, size - offset)
+                break
+            offset = end
+        return offset > 0
 
     def not_queued(
         self, sender: Session, target: Any, status: int, frames: int, size: int

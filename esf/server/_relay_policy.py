@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire._events import outcome
-from esf.wire._frames import ErrorCode, Frame, MessageType, SendRun
+from esf.wire._frames import ErrorCode, Frame, FrameRun, MessageType
 
 from ._config import EngineBasics, SessionPhase
 from ._counters import Count
@@ -344,7 +344,7 @@ class RelayGate:
         else:
             self.refuse(session, frame, _BUDGET_SPENT)
 
-    def admit(self, session: Session, run: SendRun, targets: Any) -> bool:
+    def admit(self, session: Session, run: FrameRun, targets: Any) -> bool:
         """
         Judge the Sends of C{run}, from C{session} to C{targets} (the
         devices of an online user), on the session's inline path for runs:

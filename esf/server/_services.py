@@ -11,7 +11,8 @@ raise L{esf.wire._messages.BadRequest} for a body that does not parse.
 
 from __future__ import annotations
 
-import struct
+from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -19,10 +20,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from esf.wire import _messages as m
-from esf.wire._events import call, call_then
+from esf.wire._events import call
 from esf.wire._frames import (
-    DEVICE_MARK,
-    EVERYONE_ID,
     SERVER_ID,
     DisconnectedType,
     ErrorCode,
@@ -33,32 +32,25 @@ from esf.wire._frames import (
 )
 
 from ._config import IDS_PER_UNIT, EngineBasics
-from ._counters import Count, count_fanout
-from ._relay_policy import judged
+from ._counters import Count
 
 if TYPE_CHECKING:
-    from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager, IPresence
+    from esf.interfaces import IBasicHandler, ICustomizeHandler, IPresence
     from esf.wire._pending import PendingRequests
 
     from ._budget import MemoryBudget
     from ._config import ServerConfig
     from ._logon import LogonRecord
-    from ._relay_policy import RelayGate
     from ._session import Session
 
-__all__ = ["BasicServices", "ApplicationServices", "BasicEngine", "ApplicationEngine", "TO_SERVER"]
-
-_I32 = struct.Struct("<i")
-
-
-def _information_type(body: bytes | memoryview) -> int:
-    """
-    An Information body's type, the rest unread (a Broadcast's members get
-    the frame's own bytes).
-    """
-    if len(body) < 4:
-        m.Information.decode(body)  # raises BadRequest, saying why
-    return int(_I32.unpack_from(body)[0])
+__all__ = [
+    "BasicServices",
+    "ApplicationServices",
+    "BasicEngine",
+    "ApplicationEngine",
+    "TO_SERVER",
+    "handler_failed",
+]
 
 
 log = Logger(namespace="esf.server")
@@ -69,16 +61,36 @@ TO_SERVER = frozenset({SERVER_ID, ""})
 Handler = Callable[["Session", Frame], None]
 
 
+def handler_failed(
+    counters: Counter[str], failure: Failure, session: Session, frames: Sequence[Frame], what: str
+) -> None:
+    """
+    An application handler failed for C{frames} (one request, or a run of
+    them it was asked about once): a L{esf.RequestError} it raised goes
+    back as it is (its code and text, no log); anything else is logged once
+    with its traceback, and each frame is answered C{HandlerError} with a
+    short text.
+    """
+    error = failure.value
+    if isinstance(error, m.RequestError):
+        code, text = error.code, error.text[:200]
+    else:
+        if session.may_log():
+            log.failure(
+                "{what} raised for {message_type} from {session!r}",
+                failure,
+                what=what,
+                message_type=frames[0].message_type,
+                session=session,
+            )
+        counters[Count.HANDLER_ERRORS] += 1
+        code, text = ErrorCode.HANDLER_ERROR, f"{type(error).__name__}: {error}"[:200]
+    for frame in frames:
+        session.error(frame, code, text)
+
+
 class _Relay(Protocol):
     def frame(self, session: Session, frame: Frame) -> None: ...
-
-    def not_queued(
-        self, sender: Session, target: Any, status: int, frames: int, size: int
-    ) -> bool: ...
-
-
-class _Router(Protocol):
-    def resolve(self, dest: str) -> Any: ...
 
 
 class _Logons(Protocol):
@@ -122,10 +134,8 @@ class BasicEngine(Protocol):
 class ApplicationEngine(EngineBasics, Protocol):
     """
     What the application services need of the engine: the settings, the
-    clock, the counters and memory budget, the application's handlers and
-    group manager, the server's pending queries, who is online, and the
-    router, relay and relay policy (a Broadcast is judged and written as a
-    relay is).
+    clock, the counters and memory budget, the application's handler, the
+    server's pending queries and who is online.
     """
 
     @property
@@ -135,22 +145,10 @@ class ApplicationEngine(EngineBasics, Protocol):
     def customize_handler(self) -> ICustomizeHandler | None: ...
 
     @property
-    def group_manager(self) -> IGroupManager | None: ...
-
-    @property
     def pending(self) -> PendingRequests: ...
 
     @property
     def presence(self) -> IPresence: ...
-
-    @property
-    def router(self) -> _Router: ...
-
-    @property
-    def relay(self) -> _Relay: ...
-
-    @property
-    def relay_gate(self) -> RelayGate | None: ...
 
 
 class BasicServices:
@@ -305,7 +303,6 @@ class ApplicationServices:
             MessageType.ACK: self.ack,
             MessageType.PING_ACK: self.ack,
             MessageType.BLOB: self.blob,
-            MessageType.BROADCAST: self.broadcast,
         }
 
     def send(self, session: Session, frame: Frame) -> None:
@@ -379,26 +376,7 @@ class ApplicationServices:
         session.reply(frame, body, MessageType.RESPONSE)
 
     def _handler_failed(self, failure: Failure, session: Session, frame: Frame, what: str) -> None:
-        """
-        An application handler failed: a L{esf.RequestError} it raised goes
-        back as it is (its code and text, no log); anything else is logged
-        with its traceback and answered C{HandlerError} with a short text.
-        """
-        error = failure.value
-        if isinstance(error, m.RequestError):
-            session.error(frame, error.code, error.text[:200])
-            return
-        if session.may_log():
-            log.failure(
-                "{what} raised for {message_type} from {session!r}",
-                failure,
-                what=what,
-                message_type=frame.message_type,
-                session=session,
-            )
-        self.engine.counters[Count.HANDLER_ERRORS] += 1
-        text = f"{type(error).__name__}: {error}"[:200]
-        session.error(frame, ErrorCode.HANDLER_ERROR, text)
+        handler_failed(self.engine.counters, failure, session, (frame,), what)
 
     def answer(self, session: Session, frame: Frame) -> None:
         """
@@ -485,105 +463,3 @@ class ApplicationServices:
             self._handle_information(
                 session, frame, fragment.information_type, payload, bool(frame.message_id)
             )
-
-    def broadcast(self, session: Session, frame: Frame) -> None:
-        """
-        A Broadcast (601): asks the relay policy, if there is one
-        (L{esf.server._relay_policy.RelayGate}), then the group manager
-        whether the sender may (L{_broadcast_allowed}), then who the members
-        are, and writes the frame, its own bytes, to each online device of
-        each member (L{_deliver}).  A group manager that answers at once
-        costs no Deferred (L{call_then}).
-        """
-        information_type = _information_type(frame.body)
-        group_id = frame.dest_user_id
-        manager = self.engine.group_manager
-        if manager is None or group_id in TO_SERVER:
-            session.error(frame, ErrorCode.NOT_AUTHORIZED, f"no group {group_id!r} here")
-            return
-        judged(self.engine.relay_gate, session, frame, self._may_broadcast, information_type)
-
-    def _may_broadcast(self, session: Session, frame: Frame, information_type: int) -> None:
-        manager = self.engine.group_manager
-        assert manager is not None  # checked by broadcast
-        call_then(
-            manager.can_broadcast,
-            (session.user_id, frame.dest_user_id),
-            self._broadcast_allowed,
-            session,
-            frame,
-            information_type,
-        )
-
-    def _broadcast_allowed(
-        self, allowed: Any, session: Session, frame: Frame, information_type: int
-    ) -> None:
-        if isinstance(allowed, Failure):
-            self._group_manager_failed(allowed, session, frame)
-            return
-        group_id = frame.dest_user_id
-        if not allowed:
-            text = f"{session.user_id} may not broadcast to {group_id}"
-            session.error(frame, ErrorCode.NOT_AUTHORIZED, text)
-            return
-        engine = self.engine
-        if group_id == EVERYONE_ID:
-            self._deliver(engine.presence.user_ids(), session, frame, information_type)
-            return
-        assert engine.group_manager is not None  # checked by broadcast
-        call_then(
-            engine.group_manager.get_members,
-            (group_id,),
-            self._deliver,
-            session,
-            frame,
-            information_type,
-        )
-
-    def _deliver(
-        self, user_ids: Any, session: Session, frame: Frame, information_type: int
-    ) -> None:
-        """
-        Write the Broadcast to every online device of the members
-        C{user_ids} but the sender's, then acknowledge it if it has a
-        MessageID.
-        """
-        if isinstance(user_ids, Failure):
-            self._group_manager_failed(user_ids, session, frame)
-            return
-        engine = self.engine
-        raw = frame.raw
-        size = len(raw)
-        # The presence first; the router only for a device-marked member.
-        devices_of = engine.presence.devices
-        resolve = engine.router.resolve
-        sender = session.user_id
-        devices = 0
-        try:
-            for user_id in dict.fromkeys(user_ids):
-                if user_id != sender:
-                    targets = devices_of(user_id)
-                    if not targets and DEVICE_MARK in user_id:
-                        targets = resolve(user_id) or ()
-                    for target in targets:
-                        # A member that is backed up holds the sender back
-                        # briefly, or is skipped (counted), as for a relay.
-                        status = target.send(raw)
-                        if status:
-                            engine.relay.not_queued(session, target, status, 1, size)
-                        devices += 1
-        except Exception:
-            # What the group manager gave is not user IDs (not hashable,
-            # not text): its failure, never the reader's.
-            self._group_manager_failed(Failure(), session, frame)
-            return
-        count_fanout(engine.counters, devices)
-        if frame.message_id:
-            session.reply(frame, m.Ack(information_type).encode(), MessageType.ACK)
-
-    def _group_manager_failed(self, failure: Failure, session: Session, frame: Frame) -> None:
-        error = failure.value
-        if isinstance(error, m.RequestError):
-            session.error(frame, error.code, error.text)
-        else:
-            self._handler_failed(failure, session, frame, "group manager")

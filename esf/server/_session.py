@@ -30,8 +30,8 @@ from esf.wire._frames import (
     DisconnectedType,
     Frame,
     FrameError,
+    FrameRun,
     MessageType,
-    SendRun,
     encode_frame,
 )
 
@@ -74,9 +74,12 @@ RELAYED = frozenset(
     }
 )
 
-#: The one type the relay's inline fast path takes (as L{SendRun}s): a
+#: The one type the relay's inline fast path takes (as L{FrameRun}s): a
 #: one-way message, nothing to track.
 _SEND = int(MessageType.SEND)
+#: The other type read in runs: Broadcasts to one group, taken whole by the
+#: engine where they can be (L{SessionOwner.broadcast_run}).
+_BROADCAST = int(MessageType.BROADCAST)
 
 #: Whether a read remembers its destinations' output lists (see
 #: L{Session.data_received}).  On CPython that saves a route lookup and a
@@ -109,7 +112,7 @@ class _Relaying(Protocol):
 
 
 class _Gate(Protocol):
-    def admit(self, session: Session, run: SendRun, targets: Any) -> bool: ...
+    def admit(self, session: Session, run: FrameRun, targets: Any) -> bool: ...
 
 
 class SessionOwner(DeviceOwner, Protocol):
@@ -117,9 +120,9 @@ class SessionOwner(DeviceOwner, Protocol):
     What a session needs of its owner (the engine), beyond what its device
     and output sides need (L{DeviceOwner}, which has what its limits need
     too): the node it is on, the work bucket it starts with, where frames
-    go (the router, the relay, the engine's dispatch), whether a relay
-    policy judges them, and the calls that tell the owner of the session's
-    life.
+    go (the router, the relay, the engine's dispatch and its Broadcasts),
+    whether a relay policy judges them, and the calls that tell the owner
+    of the session's life.
     """
 
     @property
@@ -138,6 +141,8 @@ class SessionOwner(DeviceOwner, Protocol):
     def relay_gate(self) -> _Gate | None: ...
 
     def frame_received(self, session: Session, frame: Frame) -> None: ...
+
+    def broadcast_run(self, session: Session, run: FrameRun) -> None: ...
 
     def connection_closed(self, session: Session) -> None: ...
 
@@ -258,7 +263,7 @@ class Session(Device):
         decoder = self.decoder
         owner = self.owner
         try:
-            frames = decoder.feed_runs(data, _SEND)
+            frames = decoder.feed_runs(data, _SEND, _BROADCAST)
         except FrameError as e:
             frames, error = e.frames, e
         if frames:
@@ -272,6 +277,7 @@ class Session(Device):
         outermost = batch.begin()
         try:
             frame_received = owner.frame_received
+            broadcast_run = owner.broadcast_run
             resolve = owner.router.resolve
             relay = owner.relay
             forward = relay.forward
@@ -291,11 +297,17 @@ class Session(Device):
             routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
             for item in frames:
                 state = self.state
-                if isinstance(item, SendRun):
+                if isinstance(item, FrameRun):
                     # The relay's common case, inline: Sends to one user
                     # online, forwarded as they came (one slice, one
-                    # write).  Everything else takes frame_received.
+                    # write).  A run of Broadcasts goes to the engine whole;
+                    # everything else takes frame_received.
                     if state is logged_on and item.user_id == self.user_id:
+                        if item.message_type != _SEND:
+                            if routes:
+                                routes = {}
+                            broadcast_run(self, item)
+                            continue
                         dest = item.dest_user_id
                         outs = routes.get(dest) if cache else None
                         if outs is not None:

@@ -20,7 +20,7 @@ from ._frames import (
     DisconnectedType,
     Frame,
     FrameError,
-    SendRun,
+    FrameRun,
     WireConfig,
     _decode_id,
 )
@@ -186,7 +186,7 @@ class FrameDecoder(HeaderCheck):
         self._need = self.config.header_length
         self._header: tuple[Any, ...] | None = None
         self._error: FrameError | None = None
-        #: Frames decoded so far (each frame of a L{SendRun} counts): added
+        #: Frames decoded so far (each frame of a L{FrameRun} counts): added
         #: to once per L{feed}, never once per frame.
         self.decoded = 0
 
@@ -203,28 +203,29 @@ class FrameDecoder(HeaderCheck):
 
         @raise FrameError: the bytes are not a valid frame stream.
         """
-        return self._run(data, None)  # type: ignore[return-value]
+        return self._run(data, ())  # type: ignore[return-value]
 
-    def feed_runs(self, data: bytes, message_type: int) -> list[Frame | SendRun]:
+    def feed_runs(self, data: bytes, *message_types: int) -> list[Frame | FrameRun]:
         """
-        Like L{feed}, but consecutive frames of C{message_type} (a relay's
-        Send) in C{data} with the same two ID fields come as one L{SendRun}:
-        no object per frame, and one slice of C{data} for all of them.
+        Like L{feed}, but consecutive frames in C{data} of one of
+        C{message_types} (a relay's Send, a Broadcast), of the same type and
+        with the same two ID fields, come as one L{FrameRun}: no object per
+        frame, and one slice of C{data} for all of them.
 
         @raise FrameError: the bytes are not a valid frame stream.
         """
-        return self._run(data, message_type)
+        return self._run(data, message_types)
 
-    def _run(self, data: bytes, run_type: int | None) -> list[Frame | SendRun]:
+    def _run(self, data: bytes, run_types: tuple[int, ...]) -> list[Frame | FrameRun]:
         if self._error is not None:
             raise FrameError(self._error.reason, self._error.message)
         if not isinstance(data, bytes):
             data = bytes(data)  # a bytearray or a view: frames keep bytes
-        frames: list[Frame | SendRun] = []
+        frames: list[Frame | FrameRun] = []
         try:
-            in_runs = self._feed(data, frames, run_type)
+            in_runs = self._feed(data, frames, run_types)
         except FrameError as e:
-            self.decoded += sum(f.count if isinstance(f, SendRun) else 1 for f in frames)
+            self.decoded += sum(f.count if isinstance(f, FrameRun) else 1 for f in frames)
             e.frames = frames
             self._error = e
             self._parts = None
@@ -234,7 +235,9 @@ class FrameDecoder(HeaderCheck):
         self.decoded += len(frames) + in_runs
         return frames
 
-    def _feed(self, data: bytes, frames: list[Frame | SendRun], run_type: int | None) -> int:
+    def _feed(
+        self, data: bytes, frames: list[Frame | FrameRun], run_types: tuple[int, ...]
+    ) -> int:
         """
         Decode C{data} into C{frames}; return how many frames its runs hold
         beyond their first (each run is one item of C{frames}).
@@ -251,10 +254,12 @@ class FrameDecoder(HeaderCheck):
         pairs = self._pairs or {}
         first_key, first_ids = self._first_key, (self._first_user, self._first_dest)
         append = frames.append
-        # The open run: its frames' ID fields (None: no run), where it
-        # starts, how many frames it has, and their IDs.
+        # The open run: its frames' ID fields (None: no run), their type,
+        # where it starts, how many frames it has, and their IDs.
         run_key: bytes | None = None
+        run_type = -1
         run_start = run_count = 0
+        uniform = True  # the open run's headers are all byte for byte alike
         run_ids: tuple[str, str] = ("", "")
         header: tuple[Any, ...] | None = None  # of a frame cut off at the end
         # The header of the run's last frame, and that frame's size.
@@ -291,6 +296,11 @@ class FrameDecoder(HeaderCheck):
                         break
                     run_count += 1
                     last_header = data[offset : offset + hlen]
+                    # Headers all alike so far: only if this is the second
+                    # and the same as the first (a later one that came
+                    # this way differs from the one before it).
+                    if uniform and (run_count > 2 or not startswith(last_header, run_start)):
+                        uniform = False
                     last_size = end - offset
                     offset = end
                     continue
@@ -299,7 +309,9 @@ class FrameDecoder(HeaderCheck):
                 ids = None
             if run_count:
                 # (Before a bad header raises: what came before it is kept.)
-                append(SendRun(*run_ids, data[run_start:offset], run_count, hlen))
+                append(
+                    FrameRun(run_type, *run_ids, data[run_start:offset], run_count, hlen, uniform)
+                )
                 in_runs += run_count - 1
                 run_key, run_count, last_header = None, 0, b""
             if ids is None:
@@ -327,11 +339,17 @@ class FrameDecoder(HeaderCheck):
                     body_length,
                 )
                 break
-            if message_type == run_type:
+            if message_type in run_types:
                 # (Its header is kept for the fast path above once a second
                 # frame joins the run: a run of one, as when each frame goes
                 # to another receiver, costs no copy and no comparison.)
-                run_key, run_start, run_count = key, offset, 1
+                run_key, run_type, run_start, run_count, uniform = (
+                    key,
+                    message_type,
+                    offset,
+                    1,
+                    True,
+                )
                 run_ids = (user_id, dest_user_id)
             else:
                 raw = data[offset:end] if (offset or end != size) else data
@@ -341,7 +359,7 @@ class FrameDecoder(HeaderCheck):
             offset = end
         if run_count:
             raw = data[run_start:offset] if (run_start or offset != size) else data
-            append(SendRun(*run_ids, raw, run_count, hlen))
+            append(FrameRun(run_type, *run_ids, raw, run_count, hlen, uniform))
             in_runs += run_count - 1
         if offset < size:
             # A partial frame, its header checked already when it is whole.
@@ -350,7 +368,7 @@ class FrameDecoder(HeaderCheck):
             self._stash(data[offset:] if offset else data)
         return in_runs
 
-    def _complete_partial(self, data: bytes, frames: list[Frame | SendRun]) -> int:
+    def _complete_partial(self, data: bytes, frames: list[Frame | FrameRun]) -> int:
         """
         Add to the frame under construction.  Return the offset in C{data}
         where the next frame starts, or -1 when C{data} was used up.

@@ -30,7 +30,7 @@ __all__ = [
     "ErrorCode",
     "WireConfig",
     "Frame",
-    "SendRun",
+    "FrameRun",
     "FrameError",
     "encode_frame",
     "header_length_for",
@@ -257,32 +257,53 @@ class Frame:
 _FIXED_HEADER = struct.Struct("<BBHii")
 
 
-class SendRun:
+class FrameRun:
     """
-    Consecutive Send frames of one chunk with the same two ID fields
-    (L{FrameDecoder.feed_runs}): the relay forwards them as one slice of the
-    read buffer, with one route lookup and one write.  Every frame in it
-    passed every check L{FrameDecoder.feed} makes.
+    Consecutive frames of one chunk with the same type and the same two ID
+    fields, of a type the reader takes in runs (L{FrameDecoder.feed_runs}:
+    the relay's Sends, the Broadcasts to one group): forwarded as one slice
+    of the read buffer, with one route lookup and one write per receiver.
+    Every frame in it passed every check L{FrameDecoder.feed} makes.
 
     @ivar raw: the frames' bytes, back to back, exactly as received.
     @ivar count: how many frames C{raw} holds.
+    @ivar uniform: whether the frames' headers are all byte for byte alike
+        (the same MessageID and BodyLength), as a stream of equal messages
+        has: what one says of them, the others do.
     """
 
-    __slots__ = ("user_id", "dest_user_id", "raw", "count", "header_length")
+    __slots__ = (
+        "message_type",
+        "user_id",
+        "dest_user_id",
+        "raw",
+        "count",
+        "header_length",
+        "uniform",
+    )
 
     def __init__(
-        self, user_id: str, dest_user_id: str, raw: bytes, count: int, header_length: int
+        self,
+        message_type: int,
+        user_id: str,
+        dest_user_id: str,
+        raw: bytes,
+        count: int,
+        header_length: int,
+        uniform: bool = False,
     ):
+        self.message_type = message_type
         self.user_id = user_id
         self.dest_user_id = dest_user_id
         self.raw = raw
         self.count = count
         self.header_length = header_length
+        self.uniform = uniform
 
     def __repr__(self) -> str:
         return (
-            f"<SendRun {self.count} frame(s) {self.user_id!r} -> {self.dest_user_id!r}, "
-            f"{len(self.raw)} bytes>"
+            f"<FrameRun {self.count} frame(s) of type {self.message_type} "
+            f"{self.user_id!r} -> {self.dest_user_id!r}, {len(self.raw)} bytes>"
         )
 
     def frames(self) -> list[Frame]:
@@ -328,7 +349,7 @@ class FrameError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-        # Frames (and, from FrameDecoder.feed_runs, SendRuns).
+        # Frames (and, from FrameDecoder.feed_runs, FrameRuns).
         self.frames: list[Any] = []
 
 
