@@ -184,6 +184,29 @@ def test_broadcast_to_everyone_across_nodes(cluster, clients):
         )
 
 
+def test_a_run_of_broadcasts_reaches_members_on_other_nodes_in_order(cluster, clients):
+    """
+    Twenty Broadcasts in one write (one run for the sender's node) reach
+    the members on the other nodes, each once and in order, and each is
+    acknowledged.
+    """
+    n1, n2, n3 = cluster
+    gus, hal = clients(n1, "gus"), clients(n2, "hal")
+    ida = clients(n3, "admin", 1)  # the chat example's admin may broadcast to everyone
+    wait_online(ida, "gus", 1)
+    wait_online(ida, "hal", 1)
+    frames = b""
+    for n in range(20):
+        body = info(n, b"run")
+        header = rc.pack_header(BROADCAST, len(body), "admin", "*", msg_id=100 + n, client_type=1)
+        frames += header + body
+    ida.send_raw(frames)
+    assert [ida.recv_until(ACK)[0]["message_id"] for _ in range(20)] == list(range(100, 120))
+    for member in (gus, hal):
+        got = [struct.unpack_from("<i", member.recv_until(BROADCAST)[1])[0] for _ in range(20)]
+        assert got == list(range(20))
+
+
 def test_replace_old_across_nodes(cluster, clients):
     n1, n2, _ = cluster
     old = clients(n1, "dave", 1)
