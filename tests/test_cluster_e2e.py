@@ -31,19 +31,34 @@ USER_OFFLINE = 2
 TIMEOUT = 9
 
 
-def start_node(log_path, url, node_id, *args):
+def launch_node(log_path, url, node_id, *args):
+    """
+    Start a node's process, without waiting for it (L{node_ready}): nodes
+    launched together start side by side.
+    """
     node = ServerProcess(
         log_path,
         ["--cluster", url, "--node-id", node_id, "--cluster-lease", str(LEASE), *CHAT, *args],
     )
+    node.node_id = node_id
+    return node
+
+
+def node_ready(node):
+    """
+    Wait until a launched node listens and is in the cluster.
+    """
     try:
         node.wait_listening()
-        node.wait_for_log(r"in the cluster as " + node_id, timeout=10)
+        node.wait_for_log(r"in the cluster as " + node.node_id, timeout=10)
     except BaseException:
         node.stop()
         raise
-    node.node_id = node_id
     return node
+
+
+def start_node(log_path, url, node_id, *args):
+    return node_ready(launch_node(log_path, url, node_id, *args))
 
 
 @pytest.fixture(scope="module")
