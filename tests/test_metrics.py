@@ -711,7 +711,9 @@ def test_the_decoder_counts_every_frame_of_a_run():
         for offset in range(0, len(stream), cut):
             items += decoder.feed_runs(stream[offset : offset + cut], MessageType.SEND)
         assert (
-            decoder.decoded == 8 == sum(i.count if isinstance(i, FrameRun) else 1 for i in items)
+            decoder.decoded
+            == 8
+            == sum(FrameRun(*i).count if isinstance(i, tuple) else 1 for i in items)
         ), cut
     decoder = FrameDecoder(wire)
     with pytest.raises(FrameError):

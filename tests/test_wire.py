@@ -1713,12 +1713,20 @@ SEND = MessageType.SEND
 BROADCAST = MessageType.BROADCAST
 
 
+def _runs(items) -> list:
+    """
+    What L{FrameDecoder.feed_runs} returned, each run (its fields) made a
+    L{FrameRun}.
+    """
+    return [FrameRun(*item) if isinstance(item, tuple) else item for item in items]
+
+
 def _expand(items) -> list[Frame]:
     """
     What L{FrameDecoder.feed_runs} returned, one L{Frame} per frame.
     """
     out = []
-    for item in items:
+    for item in _runs(items):
         out += item.frames() if isinstance(item, FrameRun) else [item]
     return out
 
@@ -1740,7 +1748,7 @@ def _feed_both(config: WireConfig, chunks: list[bytes]):
                 error = (e.reason, e.message)
                 break
         results.append((_expand(got) if runs else got, error, decoder.buffered))
-        for item in got:
+        for item in _runs(got):
             if isinstance(item, FrameRun):
                 # A run is uniform exactly when its headers are all alike.
                 headers = {f.raw[: config.header_length] for f in item.frames()}
@@ -1762,7 +1770,7 @@ def test_runs_gather_consecutive_sends_for_one_pair():
     b = _send(config, dest="carol")
     request = _send(config, message_type=MessageType.REQUEST)
     stream = a * 3 + b + a * 2 + request + a
-    items = FrameDecoder(config).feed_runs(stream, SEND)
+    items = _runs(FrameDecoder(config).feed_runs(stream, SEND))
     assert [type(i).__name__ for i in items] == [
         "FrameRun",
         "FrameRun",
@@ -1788,7 +1796,7 @@ def test_runs_of_two_types_never_mix():
     send = _send(config, dest="team")
     broadcast = _send(config, dest="team", message_type=BROADCAST)
     stream = send * 2 + broadcast * 3 + send + broadcast
-    items = FrameDecoder(config).feed_runs(stream, SEND, BROADCAST)
+    items = _runs(FrameDecoder(config).feed_runs(stream, SEND, BROADCAST))
     assert [(i.message_type, i.count) for i in items] == [
         (SEND, 2),
         (BROADCAST, 3),
@@ -1805,7 +1813,7 @@ def test_runs_whole_chunk_is_not_copied():
     """
     config = WireConfig()
     chunk = _send(config) * 50
-    [run] = FrameDecoder(config).feed_runs(chunk, SEND)
+    [run] = _runs(FrameDecoder(config).feed_runs(chunk, SEND))
     assert run.raw is chunk
     assert run.count == 50
 
@@ -1819,7 +1827,7 @@ def test_runs_partial_frame_at_the_end():
     a = _send(config)
     decoder = FrameDecoder(config)
     stream = a * 4
-    [run] = decoder.feed_runs(stream[:-5], SEND)
+    [run] = _runs(decoder.feed_runs(stream[:-5], SEND))
     assert run.count == 3
     assert decoder.buffered == len(a) - 5
     [frame] = decoder.feed_runs(stream[-5:], SEND)

@@ -15,7 +15,6 @@ control) and what the peer may make the server spend
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -82,12 +81,12 @@ _SEND = int(MessageType.SEND)
 _BROADCAST = int(MessageType.BROADCAST)
 
 #: Whether a read remembers its destinations' output lists (see
-#: L{Session.data_received}).  On CPython that saves a route lookup and a
-#: call of C{send} per run (about 10% of a relayed Send's time when a read
-#: holds a few frames for each of 50 receivers); PyPy's JIT makes those
-#: cheaper than the remembering (5-20% slower with it, in
-#: C{benchmarks/relay_profile.py --interleave 50}), so there it is off.
-_ROUTE_CACHE = platform.python_implementation() == "CPython"
+#: L{Session.data_received}): that saves a route lookup and a call of
+#: C{send} per run, about 15% of a relayed Send's time on CPython and on
+#: PyPy alike when a read holds a few frames for each of 50 receivers
+#: (C{benchmarks/relay_profile.py --interleave 50}).  Tests turn it off to
+#: run the path every short read takes.
+_ROUTE_CACHE = True
 
 #: ... and only in a read of at least this many runs and frames: in fewer,
 #: a destination seldom comes twice, and remembering costs more than it
@@ -297,35 +296,34 @@ class Session(Device):
             routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
             for item in frames:
                 state = self.state
-                if isinstance(item, FrameRun):
-                    # The relay's common case, inline: Sends to one user
+                if isinstance(item, tuple):
+                    # A run (FrameDecoder.feed_runs: its fields).  The
+                    # relay's common case, inline: Sends to one user
                     # online, forwarded as they came (one slice, one
                     # write).  A run of Broadcasts goes to the engine whole;
                     # everything else takes frame_received.
-                    if state is logged_on and item.user_id == self.user_id:
-                        if item.message_type != _SEND:
+                    run_type, user_id, dest, raw, count, _, _ = item
+                    if state is logged_on and user_id == self.user_id:
+                        if run_type != _SEND:
                             if routes:
                                 routes = {}
-                            broadcast_run(self, item)
+                            broadcast_run(self, FrameRun(*item))
                             continue
-                        dest = item.dest_user_id
                         outs = routes.get(dest) if cache else None
                         if outs is not None:
-                            raw = item.raw
                             for out in outs:
                                 out.append(raw)
-                            relayed += item.count
+                            relayed += count
                             relayed_bytes += len(raw)
                             continue
                         targets = resolve(dest)
                         if targets:
-                            if gate is not None and not gate.admit(self, item, targets):
+                            if gate is not None and not gate.admit(self, FrameRun(*item), targets):
                                 continue  # not all allowed at once: the gate took them
-                            raw = item.raw
                             # The relay rule, the same for every frame.
-                            delivered = forward(self, targets, raw, item.count)
+                            delivered = forward(self, targets, raw, count)
                             if delivered:
-                                relayed += item.count
+                                relayed += count
                                 relayed_bytes += len(raw)
                                 if delivered == ALL_QUEUED and cache:
                                     outs = _gathered(targets)
@@ -334,7 +332,7 @@ class Session(Device):
                             continue
                     if routes:
                         routes = {}
-                    for frame in item.frames():
+                    for frame in FrameRun(*item).frames():
                         if self.state is SessionPhase.ENDED:
                             break
                         frame_received(self, frame)

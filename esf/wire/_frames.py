@@ -31,6 +31,7 @@ __all__ = [
     "WireConfig",
     "Frame",
     "FrameRun",
+    "RunFields",
     "FrameError",
     "encode_frame",
     "header_length_for",
@@ -263,7 +264,9 @@ class FrameRun:
     fields, of a type the reader takes in runs (L{FrameDecoder.feed_runs}:
     the relay's Sends, the Broadcasts to one group): forwarded as one slice
     of the read buffer, with one route lookup and one write per receiver.
-    Every frame in it passed every check L{FrameDecoder.feed} makes.
+    Every frame in it passed every check L{FrameDecoder.feed} makes.  The
+    decoder hands a run over as its fields (L{RunFields}), in this order:
+    C{FrameRun(*fields)} makes the object.
 
     @ivar raw: the frames' bytes, back to back, exactly as received.
     @ivar count: how many frames C{raw} holds.
@@ -334,6 +337,12 @@ class FrameRun:
         return frames
 
 
+#: A run as L{FrameDecoder.feed_runs} hands it over: a L{FrameRun}'s fields
+#: in order (message type, UserID, DestUserID, raw, count, header length,
+#: uniform).
+RunFields = tuple[int, str, str, bytes, int, int, bool]
+
+
 class FrameError(Exception):
     """
     The peer sent bytes that are not a valid frame; the connection must be
@@ -349,7 +358,7 @@ class FrameError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-        # Frames (and, from FrameDecoder.feed_runs, FrameRuns).
+        # Frames (and, from FrameDecoder.feed_runs, runs as RunFields).
         self.frames: list[Any] = []
 
 
