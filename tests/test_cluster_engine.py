@@ -17,6 +17,7 @@ from _helpers import Client, logon_reply, record_events
 from test_cluster import eventually, ledger, pause_reading, resume_reading
 from test_fairness import REQUESTS
 from test_fairness import stalled_mallory as stalled
+from test_messages import Groups
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -842,6 +843,37 @@ async def test_what_reaches_a_session_that_ended_is_not_lost_silently(redis_serv
         carol_phone.send(MessageType.RESPONSE, asked.body, dest="alice", message_id=8)
         [answer] = await eventually(alice.take, what="carol's answer")
         assert (answer.message_type, answer.message_id) == (MessageType.RESPONSE, 8)
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_broadcast_copy_a_session_never_got_is_counted_never_answered(redis_server):
+    # alice's Broadcast (with a MessageID) goes to bob's session on b, which
+    # ends before b reads it.  alice has her Ack from her own node, and
+    # only that: a member's copy that was not delivered is counted, as on
+    # one node, never answered with an Error after the Ack (nor kept).
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        a.engine.group_manager = Groups({"team": ["alice", "bob"]})
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        carol = await b.logon("carol")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        alice.send(MessageType.BROADCAST, Information(3, b"all"), dest="team", message_id=9)
+        [ack] = await eventually(alice.take, what="the Ack")
+        assert (ack.message_type, ack.message_id, ack.user_id) == (MessageType.ACK, 9, "_0")
+        await eventually(lambda: ledger(redis_server, "b")[0] >= 1, what="appended")
+        bob.lose()
+        resume_reading(b.presence)
+        await eventually(lambda: b.presence.stats["inbox_fenced"] == 1, what="fenced")
+        assert b.presence.stats["inbox_dropped"] == 1
+        assert b.presence.stats["inbox_ended_told"] == 0
+        # What b would have told alice comes before carol's Send after it.
+        carol.send(MessageType.SEND, Information(1, b"after"), dest="alice")
+        got = await eventually(alice.take, what="carol's Send")
+        assert [(f.message_type, f.user_id) for f in got] == [(MessageType.SEND, "carol")]
     finally:
         await stop_nodes(a, b)
 

@@ -534,17 +534,24 @@ class Delivery:
         C{Error(UserOffline)} at its sender's node, unless another device
         of a user it named may have it too (and answer).  A one-way message
         is kept in the offline store, when the engine has one, if its
-        addressee has no device online now; else it is counted as dropped.
-        An answer is dropped: its asker is answered by its own timeout.
+        addressee has no device online now; else it is counted as dropped,
+        as a member's copy of a Broadcast is.  An answer is dropped: its
+        asker is answered by its own timeout.
         The devices of the node C{reaped} count as offline already (this
         node's mirror may not have applied their release yet).  What the
         store is asked to keep is added to C{kept} (its Deferreds).
         """
         if self.wire is None:
             return
-        # One frame, or a run of one-way Sends (the relay's inline path).
+        # One frame, or a run of Sends or Broadcasts (the relay's inline
+        # path, a Broadcast run).
         for frame in FrameDecoder(self.wire).feed(data):
             if frame.message_type in ANSWERS:
+                continue
+            if frame.message_type == MessageType.BROADCAST:
+                # A member's copy: answered already (the Ack means every
+                # device that was online and keeping up), never kept.
+                self.stats["inbox_dropped"] += 1
                 continue
             dest = frame.dest_user_id
             if is_request(frame):
@@ -594,8 +601,8 @@ class Delivery:
     def _request(self, data: bytes) -> Frame | None:
         """
         The request C{data} (a L{Send} record's bytes) is, if it is one.  A
-        record holds one frame, or a run of one-way Sends (the relay's
-        inline path).
+        record holds one frame, or a run of one-way Sends or of Broadcasts
+        (neither asks the receiving device's user for an answer).
         """
         if self.wire is None:
             return None

@@ -64,12 +64,17 @@ ANSWERS = frozenset(
 
 def is_request(frame: Any) -> bool:
     """
-    Whether C{frame} asks for an answer: a non-zero MessageID on anything
-    but a Send (always one-way) or an answer.
+    Whether C{frame}, relayed to a device, asks that device's user for an
+    answer: a non-zero MessageID on anything but a Send (always one-way), a
+    Broadcast (its sender's own node answers it, with an Ack once it is
+    written to the members) or an answer.
     """
     message_type = frame.message_type
     return (
-        bool(frame.message_id) and message_type != MessageType.SEND and message_type not in ANSWERS
+        bool(frame.message_id)
+        and message_type != MessageType.SEND
+        and message_type != MessageType.BROADCAST
+        and message_type not in ANSWERS
     )
 
 
