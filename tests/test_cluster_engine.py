@@ -848,6 +848,32 @@ async def test_what_reaches_a_session_that_ended_is_not_lost_silently(redis_serv
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_request_to_a_device_that_logged_on_again_in_flight_is_answered(redis_server):
+    # alice's request to bob waits in b's inbox while bob's one device logs
+    # off and on again at b: the new session never had it (nor any other
+    # device of bob's), so alice is told UserOffline, not left to wait for
+    # her client's timeout.
+    a, b = Node(redis_server, "a"), Node(redis_server, "b")
+    try:
+        await joined(a, b)
+        alice, bob = await a.logon("alice"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        await pause_reading(b.presence)
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"asked"), dest="bob", message_id=7)
+        await eventually(lambda: ledger(redis_server, "b")[0] >= 1, what="appended")
+        bob.lose()
+        again = await b.logon("bob")
+        resume_reading(b.presence)
+        [error] = await eventually(alice.take, what="the request's sender told")
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 7)
+        assert error.body.code == ErrorCode.USER_OFFLINE
+        assert b.presence.stats["inbox_ended_told"] == 1
+        assert [f for f in again.take() if f.message_type == MessageType.SEND_CERTAINLY] == []
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_broadcast_copy_a_session_never_got_is_counted_never_answered(redis_server):
     # alice's Broadcast (with a MessageID) goes to bob's session on b, which
     # ends before b reads it.  alice has her Ack from her own node, and

@@ -7,6 +7,7 @@ does on a L{task.Clock} about what the stream did to its own sessions.
 from __future__ import annotations
 
 import collections
+import types
 
 import pytest
 from twisted.internet import task
@@ -14,8 +15,9 @@ from twisted.internet.defer import fail
 from zope.interface import implementer
 
 from esf import DisconnectedType, UserData
+from esf.cluster import _messaging
 from esf.cluster._link import IRedisLink, NotSent, RedisUnavailable
-from esf.cluster._messaging import RemoteHandle
+from esf.cluster._messaging import LocalSessions, RemoteHandle
 from esf.cluster._mirror import PresenceMirror, Released, Replaced
 from esf.cluster._presence import ClusterPresence
 from esf.cluster._records import (
@@ -129,6 +131,23 @@ def test_mirror_skips_entries_it_has_applied():
     mirror.apply([(b"5-0", claimed("bob", 0, "b/1", "b"))])
     mirror.apply([(b"4-0", released("bob", 0, "b/1")), (b"5-0", released("bob", 0, "b/1"))])
     assert mirror.get("bob", 0).session_id == "b/1"
+
+
+def test_local_sessions_remember_the_kind_of_the_last_that_ended(monkeypatch):
+    """
+    A session popped from this node's sessions leaves its device kind
+    behind, for the last few thousand only (the oldest forgotten first);
+    one never held leaves nothing.
+    """
+    monkeypatch.setattr(_messaging, "_ENDED_KEPT", 3)
+    local = LocalSessions()
+    for n in range(5):
+        local[f"s{n}"] = types.SimpleNamespace(client_type=n % 2)
+    for n in range(5):
+        assert local.pop(f"s{n}", None) is not None
+    assert local.pop("never", None) is None
+    assert local.ended == {"s2": 0, "s3": 1, "s4": 0}
+    assert local == {}
 
 
 def test_mirror_release_is_fenced_by_session():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
     from ._queries import Queries
 
-__all__ = ["RemoteHandle", "Outbox", "Delivery", "Post", "Lookup"]
+__all__ = ["RemoteHandle", "Outbox", "Delivery", "LocalSessions", "Post", "Lookup"]
 
 log = Logger(namespace="esf.cluster")
 
@@ -412,6 +412,33 @@ class Outbox:
                     tell(frame, code, f"{frame.dest_user_id} {because}")
 
 
+#: How many of this node's sessions that ended L{LocalSessions} remembers.
+_ENDED_KEPT = 4096
+
+
+class LocalSessions(dict[str, IDeviceHandle]):
+    """
+    This node's sessions, by session ID.  Of those that ended (popped), the
+    device kind of the last L{_ENDED_KEPT} is remembered (C{ended}): a
+    request that comes for one after it ended was never delivered to that
+    device, nor to a later session of it (a logon again), whatever that
+    session now holds (L{Delivery}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: dict[str, int] = {}
+
+    def pop(self, sid: str, default: Any = None) -> Any:
+        handle = super().pop(sid, default)
+        if handle is not None:
+            ended = self.ended
+            ended[sid] = int(handle.client_type)
+            if len(ended) > _ENDED_KEPT:
+                del ended[next(iter(ended))]
+        return handle
+
+
 class Delivery:
     """
     Hands what this node's inbox brings to its sessions (C{local}, by
@@ -428,7 +455,7 @@ class Delivery:
 
     def __init__(
         self,
-        local: Mapping[str, IDeviceHandle],
+        local: LocalSessions,
         queries: Queries,
         *,
         post: Post,
@@ -477,7 +504,8 @@ class Delivery:
             if handle is None:
                 self.stats["inbox_fenced"] += 1
                 if isinstance(record, Send):
-                    self._not_delivered(record.frame, ENDED)
+                    kind = local.ended.get(record.session_id)
+                    self._not_delivered(record.frame, ENDED, ended_kind=kind)
                 continue
             if isinstance(record, Send):
                 if late and self._answered_late(record.frame):
@@ -526,13 +554,16 @@ class Delivery:
         why: int,
         reaped: str | None = None,
         kept: list[Deferred[Any]] | None = None,
+        ended_kind: int | None = None,
     ) -> None:
         """
         C{data}, a frame relayed to a session of another node, was never
         delivered: its node was reaped before it read it (L{REAPED_UNREAD}),
         or the session had ended (L{ENDED}).  A request is answered
         C{Error(UserOffline)} at its sender's node, unless another device
-        of a user it named may have it too (and answer).  A one-way message
+        of a user it named may have it too (and answer): not one of the
+        ended session's kind (C{ended_kind}, when known), which is that
+        device logged on again, without it.  A one-way message
         is kept in the offline store, when the engine has one, if its
         addressee has no device online now; else it is counted as dropped,
         as a member's copy of a Broadcast is.  An answer is dropped: its
@@ -555,7 +586,7 @@ class Delivery:
                 continue
             dest = frame.dest_user_id
             if is_request(frame):
-                elsewhere = why == ENDED and self._elsewhere(dest)
+                elsewhere = why == ENDED and self._elsewhere(dest, kind=ended_kind)
                 if not elsewhere and self._tell_sender(frame, frame.raw, why):
                     self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
                 continue
@@ -611,15 +642,18 @@ class Delivery:
             return None
         return frames[0]
 
-    def _elsewhere(self, dest: str, but: str | None = None) -> bool:
+    def _elsewhere(self, dest: str, but: str | None = None, kind: int | None = None) -> bool:
         """
         Whether a frame to C{dest} went to another device online now than
-        the session C{but}: C{dest} names a user (not one device of theirs)
-        with such a device.
+        the session C{but} (or than a device of kind C{kind}): C{dest}
+        names a user (not one device of theirs) with such a device.
         """
         if DEVICE_MARK in dest:
             return False
-        return any(d.session_id != but for d in self.devices(dest))
+        return any(
+            d.session_id != but and (kind is None or d.client_type != kind)
+            for d in self.devices(dest)
+        )
 
     def _tell_sender(self, frame: Frame, data: bytes, why: int) -> bool:
         """

@@ -45,7 +45,7 @@ from ._claims import Claims
 from ._inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, InboxLedger
 from ._link import IRedisLink, RedisLink, RedisUnavailable, RedisURL
 from ._membership import Membership
-from ._messaging import Delivery, Outbox, RemoteHandle, _Batch
+from ._messaging import Delivery, LocalSessions, Outbox, RemoteHandle, _Batch
 from ._mirror import PresenceMirror, Released, Replaced, Report
 from ._probes import Probes
 from ._queries import Queries
@@ -166,7 +166,7 @@ class ClusterPresence:
         #: The engine's user manager (set by L{attach}).
         self.user_manager: UserManager | None = None
         #: This node's sessions given to claim and not yet released.
-        local: dict[str, IDeviceHandle] = {}
+        local = LocalSessions()
         self.mirror = PresenceMirror(self.node_id, local, self._remote, self._report)
         self.claims = Claims(
             self.link, keys, self.mirror, local,
