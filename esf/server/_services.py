@@ -1,8 +1,8 @@
 """
 The services the server itself answers: the framework's basic messages
 (heartbeat, online queries, kick, ...) and application messages addressed
-to the server (Send, Request, Blob, Broadcast and the answers to the
-server's own queries).
+to the server (Send, Request, Blob and the answers to the server's own
+queries).  Broadcasts have a module of their own (L{esf.server._broadcast}).
 
 Each service maps message types to handlers C{handler(session, frame)};
 the engine dispatches logged-on sessions' frames to them.  A handler may
