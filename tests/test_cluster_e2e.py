@@ -506,7 +506,7 @@ def test_bench_cluster_mode_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     assert report["ok"] is True and report["results"] == []
-    assert len(report["cluster"]) == 7
+    assert len(report["cluster"]) == 9
     cpu_rows = [row for row in report["cluster"] if row["figure"].startswith("server_cpu_us")]
     for row in report["cluster"]:
         assert "error" not in row, row
@@ -519,12 +519,16 @@ def test_bench_cluster_mode_smoke(tmp_path):
     assert [row["figure"] for row in cpu_rows] == [
         "server_cpu_us_per_msg",
         "server_cpu_us_per_request",
+        "server_cpu_us_per_logon",
+        "server_cpu_us_per_logon",
     ]
     for row in cpu_rows:
         measured, baseline = row["by_process"]
-        assert set(measured) == {"node0", "node1", "redis"} and set(baseline) == {"node0", "redis"}
+        nodes = 3 if row["row"].startswith("logon: three") else 2
+        assert set(measured) == {*(f"node{i}" for i in range(nodes)), "redis"}, row
+        assert set(baseline) == {"node0", "redis"}, row
         assert abs(sum(measured.values()) - row["measured"]) <= 0.01 * row["measured"], row
-    assert "| cluster: CPU per message or request, by process, pairs |" in proc.stdout
+    assert "| cluster: CPU per message, request or logon, by process, pairs |" in proc.stdout
 
 
 def test_cluster_sizing_smoke(tmp_path):

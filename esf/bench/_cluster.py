@@ -1,7 +1,7 @@
 """
 Cluster mode (C{--mode cluster}): esf nodes joined through a
 C{redis-server} this run starts, each figure measured on one node and on
-two.
+two (a logon's CPU on three as well).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from ._figures import _best
 from ._servers import LocalRedis, LocalServer, NodeGroup
 from ._wire import BenchError
 
+#: What a phase's CPU is counted per, by mode.
+_COUNTED = {"send": "received", "request": "answered", "logons": "logged_on"}
+
 #: (row, figure, which way is better): the cluster rows and what they compare.
 CLUSTER_ROWS = [
     ("send on one node: with --cluster / without", "msgs_per_s", "higher"),
@@ -25,6 +28,13 @@ CLUSTER_ROWS = [
     ("request across nodes / one node", "requests_per_s", "higher"),
     ("request across nodes / one node", "server_cpu_us_per_request", "lower"),
     ("send: two nodes / one node, aggregate", "msgs_per_s", "higher"),
+]
+#: The logon rows: every logon at one node, the CPU of every process (the
+#: nodes, which each mirror it, and Redis) per logon, against one node
+#: without a cluster.
+LOGON_ROWS = [
+    ("logon: two nodes / one node without a cluster", "server_cpu_us_per_logon", "lower"),
+    ("logon: three nodes / one node without a cluster", "server_cpu_us_per_logon", "lower"),
 ]
 
 
@@ -54,7 +64,7 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
                     "esf",
                     opts,
                     workdir,
-                    2 * pairs + 64,
+                    (opts.logons if mode == "logons" else 2 * pairs) + 64,
                     extra[:-1] + (extra[-1] + str(i),) if extra else (),
                 )
                 for i in range(nodes)
@@ -65,7 +75,7 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
             result = await load.measure(mode, group, "esf", pairs)
             # The CPU of each process (the nodes and Redis) per message or
             # request: where a cross-node message costs what it costs.
-            count = result.get("received" if mode == "send" else "answered", 0)
+            count = result.get(_COUNTED[mode], 0)
             result["cpu_us_by_process"] = group.cpu_by_process(count)
             return result
         except BenchError as e:
@@ -83,8 +93,11 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
             one_req = await measure("request", pairs, 1, "receivers_elsewhere")
             two_req = await measure("request", pairs, 2, "receivers_elsewhere")
             spread = await measure("send", pairs, 2, "pair_index")
+            logons_alone = await measure("logons", pairs, 1, "receivers_elsewhere", cluster=False)
+            logons_two = await measure("logons", pairs, 2, "receivers_elsewhere")
+            logons_three = await measure("logons", pairs, 3, "receivers_elsewhere")
             for (label, figure, better), (two, one) in zip(
-                CLUSTER_ROWS,
+                CLUSTER_ROWS + LOGON_ROWS,
                 [
                     (one_send, alone),
                     (two_send, one_send),
@@ -93,6 +106,8 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
                     (two_req, one_req),
                     (two_req, one_req),
                     (spread, one_send),
+                    (logons_two, logons_alone),
+                    (logons_three, logons_alone),
                 ],
             ):
                 row = {"row": label, "pairs": pairs, "figure": figure, "better": better,

@@ -83,6 +83,7 @@ def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict
         logged_on = sum(p["logged_on"] for p in parts)
         result = {
             "logons": opts.logons,
+            "logged_on": logged_on,
             "window": opts.logon_window,
             "elapsed_s": elapsed,
             "logons_per_s": logged_on / elapsed if elapsed > 0 else 0.0,
@@ -112,6 +113,8 @@ def _merge(mode: str, opts, pairs: int | None, parts: list[dict], readings: dict
         result["server_cpu_us_per_request"] = result["server_cpu_s"] / result["answered"] * 1e6
     if mode == "fanout" and "server_cpu_s" in result and result["deliveries"]:
         result["server_cpu_us_per_delivery"] = result["server_cpu_s"] / result["deliveries"] * 1e6
+    if mode == "logons" and "server_cpu_s" in result and result["logged_on"]:
+        result["server_cpu_us_per_logon"] = result["server_cpu_s"] / result["logged_on"] * 1e6
     return result
 
 

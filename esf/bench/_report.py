@@ -13,7 +13,7 @@ def _fmt(value, figure: str) -> str:
         return "-"
     if figure.endswith("_us"):
         return f"{value:,.0f} µs"
-    if figure.endswith(("_us_per_msg", "_us_per_delivery", "_us_per_request")):
+    if figure.endswith(("_us_per_msg", "_us_per_delivery", "_us_per_request", "_us_per_logon")):
         return f"{value:.2f} µs"
     if figure == "bytes_per_session":
         return f"{value:,.0f} B"
@@ -127,7 +127,7 @@ def format_table(report: dict) -> str:
         if by_process:
             lines += [
                 "",
-                "| cluster: CPU per message or request, by process, pairs | measured | baseline |",
+                "| cluster: CPU per message, request or logon, by process, pairs | measured | baseline |",
                 "|---|---|---|",
             ]
             for row in by_process:

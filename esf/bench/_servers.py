@@ -255,7 +255,8 @@ class NodeGroup:
 
 def _receivers_elsewhere(name: str) -> int:
     # Pairs are named s<tag><i> / r<tag><i> (send), q<tag><i> / p<tag><i>
-    # (request): senders on node 0, receivers on node 1.
+    # (request): senders on node 0, receivers (and logons, L<tag><i>) on
+    # node 1.
     return 0 if name[0] in "sq" else 1
 
 
