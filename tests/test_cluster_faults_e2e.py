@@ -593,7 +593,7 @@ def test_fault(outcomes, fault, offline, ignore_new):
     and delivered later; and the listings exact (L{run_case}, run side by
     side with the other cases).
     """
-    print(outcomes[fault, offline, ignore_new].result(timeout=180))
+    print(outcomes[fault, offline, ignore_new].result(timeout=180 + 20 * PHASE))
 
 
 def run_case(tmp_path, fault: str, offline: bool, ignore_new: bool) -> str:
