@@ -490,9 +490,13 @@ class Logons:
 
     def _tell_other_devices(self, session: Session, message_type: MessageType) -> None:
         """
-        Send C{session}'s user's other devices a MyDeviceOnline/Offline.
+        Send C{session}'s user's other devices a MyDeviceOnline/Offline.  A
+        session of the same device kind is that device, logged on again (in
+        a cluster, briefly listed with it until one of the two is pushed
+        out or refused): not another device.
         """
-        assert session.user_id is not None and session.client_type is not None  # logged on
+        kind = session.client_type
+        assert session.user_id is not None and kind is not None  # logged on
         for other in self.engine.presence.devices(session.user_id):
-            if other is not session:
-                other.notify(message_type, client_type=session.client_type)
+            if other is not session and other.client_type != kind:
+                other.notify(message_type, client_type=kind)
