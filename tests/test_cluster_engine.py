@@ -881,8 +881,9 @@ async def test_a_request_to_a_device_that_logged_on_again_in_flight_is_answered(
 async def test_a_broadcast_copy_a_session_never_got_is_counted_never_answered(redis_server):
     # alice's Broadcast (with a MessageID) goes to bob's session on b, which
     # ends before b reads it.  alice has her Ack from her own node, and
-    # only that: a member's copy that was not delivered is counted, as on
-    # one node, never answered with an Error after the Ack (nor kept).
+    # only that: b counts the member's copy as dropped, as one node counts
+    # a member that is gone, not as a request whose sender it told (nor
+    # kept).
     a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
     try:
         a.engine.group_manager = Groups({"team": ["alice", "bob"]})

@@ -429,8 +429,9 @@ class LocalSessions(dict[str, IDeviceHandle]):
         super().__init__()
         self.ended: dict[str, int] = {}
 
-    def pop(self, sid: str, default: Any = None) -> Any:
-        handle = super().pop(sid, default)
+    def pop(self, sid: str, *default: Any) -> Any:
+        # (As dict.pop: a KeyError for a missing sid unless given a default.)
+        handle = super().pop(sid, *default)
         if handle is not None:
             ended = self.ended
             ended[sid] = int(handle.client_type)
