@@ -878,6 +878,43 @@ async def test_a_request_to_a_device_that_logged_on_again_in_flight_is_answered(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_broadcast_copy_refused_at_the_append_answers_nothing(redis_server):
+    # alice asks the user "team" (on b) something, and while that request
+    # waits she broadcasts to the group "team" with the same MessageID.  b's
+    # inbox is full, so the member's copy is refused at the append: alice
+    # has the Broadcast's Ack from her own node, and nothing else.  Her
+    # request is not answered for it (it still waits for team's answer).
+    a = Node(redis_server, "a")
+    b = Node(redis_server, "b", inbox_bytes=1024 * 1024)
+    try:
+        a.engine.group_manager = Groups({"team": ["alice", "bob"]})
+        await joined(a, b)
+        alice = await a.logon("alice")
+        team, bob = await b.logon("team"), await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        alice.send(MessageType.REQUEST, Information(1, b"?"), dest="team", message_id=9)
+        await eventually(team.take, what="the request")
+        await pause_reading(b.presence)  # b falls behind
+        for i in range(3):  # three fit in b's 1 MiB
+            alice.send(MessageType.SEND, Information(1, bytes([i]) * 300_000), dest="bob")
+        await a.presence.link.execute("PING")
+        before = dict(a.presence.stats)
+        alice.send(MessageType.BROADCAST, Information(3, b"!" * 300_000), dest="team", message_id=9)
+        a.presence.outbox.flush()
+        await a.presence.link.execute("PING")
+        assert a.presence.stats["inbox_refused"] == before.get("inbox_refused", 0) + 1
+        got = alice.take()
+        assert [(f.message_type, f.message_id) for f in got] == [(MessageType.ACK, 9)]
+        assert alice.protocol.session.asked  # the request still waits
+        resume_reading(b.presence)
+        team.send(MessageType.RESPONSE, Information(1, b"yes"), dest="alice", message_id=9)
+        [answer] = await eventually(alice.take, what="team's answer")
+        assert (answer.message_type, answer.message_id) == (MessageType.RESPONSE, 9)
+    finally:
+        await stop_nodes(a, b)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_broadcast_copy_a_session_never_got_is_counted_never_answered(redis_server):
     # alice's Broadcast (with a MessageID) goes to bob's session on b, which
     # ends before b reads it.  alice has her Ack from her own node, and

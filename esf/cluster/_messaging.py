@@ -391,7 +391,10 @@ class Outbox:
         sent; C{Timeout}: Redis did not answer, so the request was delivered
         by now or never will be), once per request; a one-way message is
         counted as dropped; a query of this node's engine fails at once.
-        Answers and notices are only counted (by the caller).
+        Answers, notices and a member's copy of a Broadcast are only
+        counted (by the caller): the copy was acknowledged at once, and
+        never answered (a MessageID of a Broadcast may be the same as a
+        request's of the same sender to a user named like the group).
         """
         code, because = _REFUSALS[why]
         told: set[tuple[str, int, int]] = set()
@@ -405,7 +408,12 @@ class Outbox:
                     sender = self.lookup(frame.user_id, frame.client_type)
                     ident = (frame.user_id, frame.client_type, frame.message_id)
                     tell = getattr(sender, "not_delivered", None)
-                    if tell is None or frame.message_type in ANSWERS or ident in told:
+                    if (
+                        tell is None
+                        or frame.message_type in ANSWERS
+                        or frame.message_type == MessageType.BROADCAST
+                        or ident in told
+                    ):
                         continue
                     if frame.message_id:
                         told.add(ident)
