@@ -890,7 +890,8 @@ async def test_a_broadcast_copy_refused_at_the_append_answers_nothing(redis_serv
         a.engine.group_manager = Groups({"team": ["alice", "bob"]})
         await joined(a, b)
         alice = await a.logon("alice")
-        team, bob = await b.logon("team"), await b.logon("bob")
+        team = await b.logon("team")
+        await b.logon("bob")
         await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
         alice.send(MessageType.REQUEST, Information(1, b"?"), dest="team", message_id=9)
         await eventually(team.take, what="the request")
@@ -899,7 +900,9 @@ async def test_a_broadcast_copy_refused_at_the_append_answers_nothing(redis_serv
             alice.send(MessageType.SEND, Information(1, bytes([i]) * 300_000), dest="bob")
         await a.presence.link.execute("PING")
         before = dict(a.presence.stats)
-        alice.send(MessageType.BROADCAST, Information(3, b"!" * 300_000), dest="team", message_id=9)
+        alice.send(
+            MessageType.BROADCAST, Information(3, b"!" * 300_000), dest="team", message_id=9
+        )
         a.presence.outbox.flush()
         await a.presence.link.execute("PING")
         assert a.presence.stats["inbox_refused"] == before.get("inbox_refused", 0) + 1
