@@ -89,30 +89,31 @@ class OutputBatch:
     costs each receiver one transport write, not many.
     """
 
-    __slots__ = ("_sessions",)
+    __slots__ = ("sessions",)
 
     def __init__(self) -> None:
-        self._sessions: list[Output] | None = None
+        #: The sessions with output gathered, in the order it was first
+        #: gathered; C{None} while no batch is gathering.  (A plain
+        #: attribute, not a method: L{Output.send} appends to it itself,
+        #: once per receiver per read.)
+        self.sessions: list[Output] | None = None
 
     @property
     def gathering(self) -> bool:
-        return self._sessions is not None
+        return self.sessions is not None
 
     def begin(self) -> bool:
         """
         Start gathering; C{False} if a batch is gathering already (a read
         handled inside another one's), which then writes it all.
         """
-        if self._sessions is not None:
+        if self.sessions is not None:
             return False
-        self._sessions = []
+        self.sessions = []
         return True
 
-    def add(self, session: Output) -> None:
-        self._sessions.append(session)  # type: ignore[union-attr]
-
     def flush(self) -> None:
-        sessions, self._sessions = self._sessions, None
+        sessions, self.sessions = self.sessions, None
         for session in sessions or ():
             session.flush()
 
@@ -397,10 +398,18 @@ class Output(Receiver):
         """
         state = self.state
         if state is SessionPhase.LOGGED_ON and self._held is None:
-            out = self._out
-            if out is not None and not self._paused:
-                out.append(data)  # the relay's common case: gathered for this read
-                return 0
+            if not self._paused:
+                # The relay's common case: gathered for this read, written
+                # at its end (inline: once per receiver per read).
+                out = self._out
+                if out is not None:
+                    out.append(data)
+                    return 0
+                gathering = self.owner.batch.sessions
+                if gathering is not None:
+                    self._out = [data]
+                    gathering.append(self)
+                    return 0
             limit = self.owner.config.max_output_buffer
             if self._stalled and self._backlog + len(data) > limit:
                 return REFUSED
@@ -504,10 +513,10 @@ class Output(Receiver):
         if out is not None:
             out.append(data)
             return True
-        batch = self.owner.batch
-        if batch.gathering:
+        gathering = self.owner.batch.sessions
+        if gathering is not None:
             self._out = [data]
-            batch.add(self)
+            gathering.append(self)
             return True
         self._write(data)
         return True
@@ -541,14 +550,23 @@ class Output(Receiver):
         if out is None:
             return
         self._out = None
-        self._write(out[0] if len(out) == 1 else b"".join(out))
+        try:  # (L{_write}, inline: once per receiver per read)
+            self.channel.write(out[0] if len(out) == 1 else b"".join(out))
+        except Exception:
+            self._write_failed()
 
     def _write(self, data: bytes) -> None:
         try:
             self.channel.write(data)
         except Exception:
-            # Twisted's transports do not raise on write; a channel that
-            # does is treated as a connection that went away, never as an
-            # error of whoever was sending.
-            log.failure("writing to {session!r} failed", session=self)
-            self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
+            self._write_failed()
+
+    def _write_failed(self) -> None:
+        """
+        The channel raised on a write (handled by the caller's C{except}).
+        Twisted's transports do not raise on write; a channel that does is
+        treated as a connection that went away, never as an error of
+        whoever was sending.
+        """
+        log.failure("writing to {session!r} failed", session=self)
+        self.end(DisconnectedType.NETWORK_INTERRUPTED, "writing to the connection failed")
