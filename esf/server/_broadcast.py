@@ -220,26 +220,28 @@ class Broadcasts:
         devices_of = engine.presence.devices
         resolve = engine.router.resolve
         sender = session.user_id
-        forward = engine.relay.forward
-        devices = 0
+        devices: list[Any] = []
+        failure = None
         try:
             for user_id in dict.fromkeys(user_ids):
                 if user_id != sender:
                     targets = devices_of(user_id)
                     if not targets and DEVICE_MARK in user_id:
                         targets = resolve(user_id) or ()
-                    if targets:
-                        # The relay's rule: a member that is backed up holds
-                        # the sender back briefly, or refuses what it has no
-                        # room for (counted).
-                        forward(session, targets, raw, frames)
-                        devices += len(targets)
+                    devices += targets
         except Exception:
             # What the group manager gave is not user IDs (not hashable,
-            # not text): its failure, never the reader's.
-            self._failed(Failure(), session, broadcast)
+            # not text): its failure, never the reader's.  The members
+            # before the first that is not have it.
+            failure = Failure()
+        # The relay's rule, for every member device at once (one call, not
+        # one per member): one that is backed up holds the sender back
+        # briefly, or refuses what it has no room for (counted).
+        engine.relay.forward(session, devices, raw, frames)
+        if failure is not None:
+            self._failed(failure, session, broadcast)
             return
-        count_fanout(engine.counters, devices, frames)
+        count_fanout(engine.counters, len(devices), frames)
         if asking:
             for frame in _frames(broadcast):
                 if frame.message_id:
