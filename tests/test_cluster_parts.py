@@ -670,6 +670,35 @@ def test_the_link_parses_with_hiredis_on_cpython():
     assert isinstance(protocol, txredisapi.HiredisProtocol)
 
 
+def test_the_links_replies_are_what_txredisapi_would_hand_over():
+    """
+    The link's protocol hands replies over as its parser gives them: what
+    txredisapi's own conversion gives with the link's settings (no
+    charset, no number conversion), without copying every list.
+    """
+    import txredisapi
+
+    from esf.cluster._link import RedisLink, RedisURL, _LinkFactory
+
+    link = RedisLink(task.Clock(), RedisURL.parse("redis://127.0.0.1:1/0"))
+    protocol = _LinkFactory(link).buildProtocol(None)
+    theirs = txredisapi.BaseRedisProtocol(charset=None, convertNumbers=False)
+    for reply in [
+        b"OK",
+        b"",
+        b"12",
+        b"1.5",
+        7,
+        None,
+        [b"1-0", [b"u", b"\xc3\xbcser", b"c", b"0", b"v", b"n1/1\t1733450000.125"]],
+        [[b"esf:stream", [[b"1-1", [b"u", b"a"]]]], [b"esf:inbox:b", []]],
+        txredisapi.ResponseError("NOSCRIPT No matching script"),
+    ]:
+        ours = protocol.tryConvertData(reply)
+        assert ours == theirs.tryConvertData(reply) or ours is reply, reply
+        assert type(ours) is type(theirs.tryConvertData(reply))
+
+
 def test_the_links_commands_are_encoded_as_txredisapi_would():
     """
     The link's own RESP encoder (faster than txredisapi's) writes what
