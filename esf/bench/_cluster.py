@@ -38,6 +38,28 @@ LOGON_ROWS = [
 ]
 
 
+#: What a node logs once it is in the cluster (its mirror loaded).
+_JOINED = "in the cluster as "
+
+
+async def _joined(reactor, nodes: list[LocalServer], prefix: str, timeout: float) -> None:
+    """
+    Wait until every node of C{nodes}, whose IDs are C{prefix} and its
+    index, has logged that it is in the cluster (a log file may hold an
+    earlier server's lines: its port was used before).
+
+    @raise BenchError: one has not within C{timeout} seconds.
+    """
+    deadline = reactor.seconds() + timeout
+    lines = [f"{_JOINED}{prefix}{i}:" for i in range(len(nodes))]
+    while not all(
+        line in node.log_path.read_text(errors="replace") for line, node in zip(lines, nodes)
+    ):
+        if reactor.seconds() > deadline:
+            raise BenchError(f"the nodes were not all in the cluster within {timeout:g} s")
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+
 async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
     """
     The cluster rows: each figure measured on one node and on two, with
@@ -70,8 +92,9 @@ async def run_cluster(load: LoadGenerator, opts, workdir: Path) -> list[dict]:
                 for i in range(nodes)
             ]
             group = NodeGroup(started, redis, place)
-            # Every node must be in the cluster before the pairs log on.
-            await task.deferLater(load.reactor, 1.0, lambda: None)
+            if cluster:
+                # Every node must be in the cluster before the pairs log on.
+                await _joined(load.reactor, started, extra[-1], opts.startup_timeout)
             result = await load.measure(mode, group, "esf", pairs)
             # The CPU of each process (the nodes and Redis) per message,
             # request or logon: where a cluster's work costs what it costs.
