@@ -614,6 +614,7 @@ def test_a_call_redis_does_not_answer_fails_at_its_bound():
     d = link.execute("PING")
     failures = []
     d.addErrback(failures.append)
+    clock.advance(0)  # the turn that made the call ends: the command is written
     clock.advance(1.9)
     assert failures == [] and not protocol.transport.aborted
     clock.advance(0.1)  # then judged after the reactor's next look at I/O
@@ -629,6 +630,7 @@ def test_a_call_behind_answers_still_coming_waits_up_to_twice_its_bound():
     clock = task.Clock()
     link, protocol = _link_on(clock)
     answered = link.execute("PING")
+    clock.advance(0)
     clock.advance(1.9)
     protocol.esf_received_at = clock.seconds()  # answers to earlier calls
     clock.advance(0.1)
@@ -641,6 +643,7 @@ def test_a_call_behind_answers_still_coming_waits_up_to_twice_its_bound():
     waiting = link.execute("PING")
     failures = []
     waiting.addErrback(failures.append)
+    clock.advance(0)
     started = clock.seconds()
     while not failures and clock.seconds() - started < 10:
         protocol.esf_received_at = clock.seconds()
@@ -648,6 +651,34 @@ def test_a_call_behind_answers_still_coming_waits_up_to_twice_its_bound():
     assert 2.0 < clock.seconds() - started <= 4.0
     [failure] = failures
     assert failure.check(RedisUnavailable) and protocol.transport.aborted
+
+
+def test_a_call_made_in_a_long_turn_is_bounded_from_the_turns_end():
+    """
+    A reactor turn that runs longer than the bound (a node ending 10,000
+    sessions at shutdown, each releasing its device) writes its calls only
+    when it ends: their bound runs from then.  It ran from the call, and a
+    node stopped with 10,000 sessions dropped its connection as the turn
+    ended and could not leave the cluster.
+    """
+    clock = task.Clock()
+    link, protocol = _link_on(clock)
+    made = link.execute("EVALSHA")
+    failures = []
+    made.addErrback(failures.append)
+    clock.advance(4.5)  # the turn that made it took 4.5 s
+    clock.advance(1.9)
+    assert failures == [] and not protocol.transport.aborted
+    protocol.calls[0].callback(1)
+    assert made.result == 1
+    assert clock.getDelayedCalls() == []
+    # Still bounded: from the turn's end.
+    late = link.execute("EVALSHA")
+    late.addErrback(failures.append)
+    clock.advance(3.0)
+    clock.advance(2.0)
+    [failure] = failures
+    assert "within 2 s" in str(failure.value) and protocol.transport.aborted
 
 
 def test_the_link_parses_with_hiredis_on_cpython():
