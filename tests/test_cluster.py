@@ -211,6 +211,45 @@ async def test_claim_is_seen_by_every_node(nodes):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_claims_and_releases_of_a_turn_are_one_call_and_one_entry(nodes):
+    """
+    What a node claims and releases during one reactor turn (a logon
+    storm, the end of every session at shutdown) is one call of the
+    script and one entry of the presence stream: each answered on its
+    own, in order, and mirrored by every node.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    redis = nodes.redis
+    first = Device("a", "alice")
+    await a.claim(first, True)
+    entries = int(redis.reply("XLEN", "esf:presence"))
+    link = a.claims.scripts.link
+    calls = []
+
+    def counted(script, keys, args):
+        calls.append(len(args))
+        return link.eval(script, keys, args)
+
+    a.claims.scripts.link = type("Counted", (), {"eval": staticmethod(counted)})()
+    devices = [Device("a", f"u{i}") for i in range(5)]
+    taken = Device("a", "alice")  # first holds it
+    claims = [a.claim(d, True) for d in devices] + [a.claim(taken, False)]
+    released = a.release(devices[0])
+    answers = [await c for c in claims]
+    assert [c.won for c in answers] == [True] * 5 + [False]
+    assert answers[-1].previous is first
+    assert await released is True  # u0's last device
+    assert calls == [5 + 6 * 8 + 4]  # one call: the header, six claims, a release
+    assert int(redis.reply("XLEN", "esf:presence")) == entries + 1
+    [[_, flat]] = redis.reply("XREVRANGE", "esf:presence", "+", "-", "COUNT", "1")
+    assert flat[::6] == [b"u"] * 6 and flat[4::6] == [b"v"] * 5 + [b"d"]
+    want = ["alice", "u1", "u2", "u3", "u4"]
+    await eventually(lambda: b.user_ids() == want)
+    assert a.user_ids() == want and holder(b, "u1") == devices[1].session_id
+
+
+@pytest_twisted.ensureDeferred
 async def test_replace_across_nodes_and_a_late_release(nodes):
     a = await nodes.add("a")
     b = await nodes.add("b")

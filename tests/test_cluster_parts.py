@@ -224,12 +224,41 @@ def test_mirror_change_ahead_of_the_stream_is_not_undone():
     assert mirror.note_ahead("alice", 0, b"3-0")
     mirror.put("alice", 0, mine)
     mirror.apply([(b"2-0", claimed("alice", 0, "b/9", "b"))])  # before the claim: skipped
-    assert mirror.get("alice", 0) is mine and mirror.ahead == {("alice", 0): (3, 0)}
+    assert mirror.get("alice", 0) is mine and mirror.ahead == {("alice", 0): (3, 0, 1)}
     mirror.apply([(b"3-0", claimed("alice", 0, "a/2", "a"))])  # the claim itself
     assert mirror.get("alice", 0) is mine and mirror.ahead == {}
     mirror.apply([(b"4-0", released("alice", 0, "a/2"))])  # later: applied
     assert mirror.get("alice", 0) is None
     assert not mirror.note_ahead("alice", 0, b"4-0")  # the stream is there already
+
+
+def test_mirror_applies_the_changes_of_one_entry_in_order():
+    """
+    The changes one node made in one reactor turn are one stream entry: a
+    change noted ahead is placed within it, so that the same entry's
+    earlier change of that device does not undo it, and its other
+    changes apply.
+    """
+    mirror, local, reports = make_mirror("a")
+    mine = Device("a", "alice", "a/2")
+    local[mine.session_id] = mine
+    assert mirror.note_ahead("alice", 0, b"3-0", 2)
+    mirror.put("alice", 0, mine)
+    mirror.apply(
+        [
+            (
+                b"3-0",
+                claimed("alice", 0, "b/1", "b")  # before the claim noted: skipped
+                + claimed("alice", 0, "a/2", "a")  # the claim noted
+                + claimed("bob", 1, "b/2", "b")
+                + released("carol", 0, "c/1"),
+            )
+        ]
+    )
+    assert mirror.get("alice", 0) is mine and mirror.ahead == {}
+    assert mirror.get("bob", 1).session_id == "b/2" and reports == []
+    mirror.apply([(b"4-0", released("bob", 1, "b/2") + claimed("bob", 1, "b/3", "b"))])
+    assert mirror.get("bob", 1).session_id == "b/3" and mirror.user_ids() == ["alice", "bob"]
 
 
 def test_mirror_skips_a_bad_entry_and_goes_on():

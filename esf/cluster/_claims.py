@@ -1,15 +1,16 @@
 """
 Claims: this node's sessions and their devices in Redis.
 
-L{Claims} claims and releases devices through the claim and release
-scripts (C{lua/claim.lua}, C{lua/release.lua}), each one atomic change of
-the user's hash, the indexes and the presence stream; while the node is
-alone (Redis away) it decides claims locally and remembers what to claim
-and release once Redis is back; then L{Claims.confirm} claims again, and
-a device logged on at two nodes meanwhile is settled by the relogon mode
+L{Claims} claims and releases devices through L{ClaimScripts}: those
+asked for during one reactor turn are one call of C{lua/changes.lua},
+each one atomic change of the user's hash and the indexes, together one
+entry of the presence stream.  While the node is alone (Redis away) it
+decides claims locally and remembers what to claim and release once Redis
+is back; then L{Claims.confirm} claims again, and a device logged on at
+two nodes meanwhile is settled by the relogon mode
 each logon was claimed with.
 
-The takeover-flapping guard of a cluster is the claim script's: it counts
+The takeover-flapping guard of a cluster is the script's: it counts
 a device's takeovers in Redis (all nodes') and answers L{FLAPPING} with the
 cooldown left; the refusal's text is L{esf.server._policy.flapping_cause}.
 """
@@ -42,8 +43,7 @@ __all__ = ["Claims", "CLAIMED", "KEPT", "FLAPPING", "strays"]
 
 log = Logger(namespace="esf.cluster")
 
-_CLAIM = script("claim")
-_RELEASE = script("release")
+_CHANGES = script("changes")
 
 #: The claim script's answers: the device is the claimant's; its holder
 #: keeps it; the takeover is refused as flapping (the cooldown left, in ms,
@@ -81,22 +81,37 @@ def strays(
 
 class ClaimScripts:
     """
-    The claim and release scripts: each is one atomic change of a user's
-    hash, the indexes and the presence stream, whose answer goes into the
-    mirror ahead of the stream.  The cluster's takeover-flapping guard is
-    the claim script's (L{FLAPPING}); this passes it the engine's limits.
+    The claims and releases of this node's sessions, asked for during one
+    reactor turn, made by one script (C{lua/changes.lua}) at its end, in
+    order: each one atomic change of a user's hash and the indexes, all of
+    them one entry of the presence stream, whose answers go into the mirror
+    ahead of the stream.  A logon storm (or the end of every session at
+    shutdown) costs a call, a reply and a stream entry per turn, not per
+    device, at this node, at Redis and at every node that mirrors it.  The
+    cluster's takeover-flapping guard is the script's (L{FLAPPING}); this
+    passes it the engine's limits.
 
     @ivar takeover_limit: more than this many takeovers of one device within
         C{takeover_window} s refuse it for C{takeover_cooldown} s (the
         engine's C{ServerConfig} sets these through the presence's attach).
     """
 
+    #: The most changes one call makes: a bounded time for Redis to run it.
+    MAX_CHANGES = 256
+
     def __init__(
-        self, link: IRedisLink, keys: Keys, mirror: PresenceMirror, *, presence_maxlen: int
+        self,
+        link: IRedisLink,
+        keys: Keys,
+        mirror: PresenceMirror,
+        reactor: IReactorTime,
+        *,
+        presence_maxlen: int,
     ):
         self.link = link
         self.keys = keys
         self.mirror = mirror
+        self.reactor = reactor
         self.presence_maxlen = presence_maxlen
         self.takeover_limit = 5
         self.takeover_window = 60.0
@@ -105,32 +120,22 @@ class ClaimScripts:
         #: taken at its claim): stored with the claim, it settles a device
         #: logged on at two nodes during a split (L{_RECLAIM}).
         self.logon_at: dict[str, float] = {}
+        #: The changes asked for this turn (flat, as the script takes them)
+        #: and who waits for each one's answer.
+        self._changes: list[Any] = []
+        self._waiting: list[Deferred[tuple[bytes | None, list[Any]]]] = []
+        self._flush_call: Any = None
 
     def claim(self, handle: IDeviceHandle, mode: str) -> Deferred[_Answer]:
         holder = Holder.of(handle, self.logon_at.get(handle.session_id))
-        keys = self.keys
         user_id, kind = handle.user_id, int(handle.client_type)
-        d = self.link.eval(
-            _CLAIM,
-            [keys.user(user_id), keys.online, keys.stream],
-            [
-                user_id,
-                kind,
-                holder.encode(),
-                mode,
-                self.presence_maxlen,
-                keys.base,
-                holder.session_id,
-                holder.node,
-                repr(holder.logon_time),
-                self.takeover_limit if mode == "replace" else 0,
-                max(1, int(self.takeover_window * 1000)),
-                max(1, int(self.takeover_cooldown * 1000)),
-            ],
-        )
+        d = self._ask(
+            ["c", user_id, kind, holder.encode(), mode, holder.session_id, holder.node,
+             repr(holder.logon_time)]
+        )  # fmt: skip
 
-        def answered(reply: list[Any]) -> _Answer:
-            code, old, more = reply
+        def answered(result: tuple[bytes | None, list[Any]]) -> _Answer:
+            raw_id, (code, old, more) = result
             if int(code) == FLAPPING:
                 raise TakeoverRefused(
                     flapping_cause(
@@ -142,27 +147,78 @@ class ClaimScripts:
                     )
                 )
             won = int(code) == CLAIMED
-            if won and more is not None and self.mirror.note_ahead(user_id, kind, more):
+            place = int(more or 0) if won else 0  # 0: nothing changed
+            if (
+                place
+                and raw_id is not None
+                and self.mirror.note_ahead(user_id, kind, raw_id, place)
+            ):
                 self.mirror.put(user_id, kind, handle)
-            return won, old, more
+            return won, old, raw_id if place else None
 
         return d.addCallback(answered)
 
     def release(self, user_id: str, kind: int, sid: str) -> Deferred[bool]:
-        keys = self.keys
-        d = self.link.eval(
-            _RELEASE,
-            [keys.user(user_id), keys.online, keys.stream],
-            [user_id, kind, sid, self.presence_maxlen, keys.base],
-        )
+        d = self._ask(["r", user_id, kind, sid])
 
-        def answered(reply: list[Any]) -> bool:
-            removed, last, raw_id = reply
-            if int(removed) and raw_id is not None:
-                self.mirror.note_ahead(user_id, kind, raw_id)
+        def answered(result: tuple[bytes | None, list[Any]]) -> bool:
+            raw_id, (removed, last, place) = result
+            if int(removed) and raw_id is not None and place:
+                self.mirror.note_ahead(user_id, kind, raw_id, int(place))
             return bool(int(removed)) and bool(int(last))
 
         return d.addCallback(answered)
+
+    def _ask(self, change: list[Any]) -> Deferred[tuple[bytes | None, list[Any]]]:
+        """
+        Ask for C{change} at the end of this turn (now, past
+        L{MAX_CHANGES}): fires with the entry's ID (or C{None}) and the
+        change's answer.
+        """
+        d: Deferred[tuple[bytes | None, list[Any]]] = Deferred()
+        self._changes += change
+        self._waiting.append(d)
+        if len(self._waiting) >= self.MAX_CHANGES:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+        return d
+
+    def flush(self) -> None:
+        """
+        Make the changes asked for so far, in one call.
+        """
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        changes, self._changes = self._changes, []
+        waiting, self._waiting = self._waiting, []
+        if not waiting:
+            return
+        keys = self.keys
+        d = self.link.eval(
+            _CHANGES,
+            [keys.online, keys.stream],
+            [
+                self.presence_maxlen,
+                keys.base,
+                self.takeover_limit,
+                max(1, int(self.takeover_window * 1000)),
+                max(1, int(self.takeover_cooldown * 1000)),
+                *changes,
+            ],
+        )
+
+        def answered(reply: list[Any]) -> None:
+            raw_id = reply[0]
+            for w, answer in zip(waiting, reply[1:]):
+                w.callback((raw_id, answer))
+
+        def failed(failure: Failure) -> None:
+            for w in waiting:
+                w.errback(failure)
+
+        d.addCallbacks(answered, failed)
 
 
 class Claims:
@@ -175,11 +231,14 @@ class Claims:
     @param local: this node's sessions by session ID (the mirror's too).
     @param alone: whether the node runs alone now (Redis away): claims are
         decided here then.
+    @param reactor: runs the claims and releases asked for in a turn at its
+        end.
+    @param clock: the time of a logon.
     @param remote: makes the handle of a device another node holds.
-    @param presence_maxlen: about how many entries the presence stream keeps.
+    @param presence_maxlen: about how many changes the presence stream keeps.
 
     @ivar local: this node's sessions by session ID.
-    @ivar scripts: the claim and release scripts.
+    @ivar scripts: the claims and releases in Redis.
     """
 
     def __init__(
@@ -190,6 +249,7 @@ class Claims:
         local: dict[str, IDeviceHandle],
         *,
         alone: Callable[[], bool],
+        reactor: IReactorTime,
         clock: IReactorTime,
         remote: Callable[[str, int, Holder], IDeviceHandle],
         presence_maxlen: int,
@@ -200,7 +260,7 @@ class Claims:
         self.clock = clock
         self.remote = remote
         self.stats = stats
-        self.scripts = ClaimScripts(link, keys, mirror, presence_maxlen=presence_maxlen)
+        self.scripts = ClaimScripts(link, keys, mirror, reactor, presence_maxlen=presence_maxlen)
         self.logon_at = self.scripts.logon_at
         #: The engine's offline part (set by the presence's attach), if it
         #: has a store: a session claimed again gets what was stored for it
@@ -363,13 +423,25 @@ class Claims:
 
     async def release_stale(self) -> None:
         """
-        Release in Redis what was released while it was away.
+        Release in Redis what was released while it was away (all at once:
+        a call per L{ClaimScripts.MAX_CHANGES}); what fails stays to
+        release, and the first failure is raised.
         """
         stale, self.stale = self.stale, {}
         try:
-            for sid, (user_id, kind) in list(stale.items()):
-                await self.scripts.release(user_id, kind, sid)
-                del stale[sid]
+            asked = list(stale.items())
+            results = await DeferredList(
+                [self.scripts.release(user_id, kind, sid) for sid, (user_id, kind) in asked],
+                consumeErrors=True,
+            )
+            failures: list[Failure] = []
+            for (sid, _), (ok, result) in zip(asked, results):
+                if ok:
+                    del stale[sid]
+                elif isinstance(result, Failure):
+                    failures.append(result)
+            if failures:
+                failures[0].raiseException()
         finally:
             stale.update(self.stale)
             self.stale = stale

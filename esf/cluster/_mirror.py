@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from esf.interfaces import IDeviceHandle
 
-from ._records import Holder, fields, stream_id
+from ._records import Holder, stream_id
 
 __all__ = ["PresenceMirror", "Replaced", "Released", "Report"]
 
@@ -85,8 +85,9 @@ class PresenceMirror:
         self.users: dict[str, tuple[IDeviceHandle, ...]] = {}
         self.sorted: SortedList = SortedList()
         #: Devices taken from a script's answer ahead of the stream:
-        #: (user, kind) -> the stream ID of that change.
-        self.ahead: dict[tuple[str, int], tuple[int, int]] = {}
+        #: (user, kind) -> the stream ID of that change's entry and its
+        #: place there.
+        self.ahead: dict[tuple[str, int], tuple[int, int, int]] = {}
         self.position = b"0-0"
         self.at = (0, 0)
 
@@ -116,8 +117,9 @@ class PresenceMirror:
     def apply(self, entries: Iterable[Sequence[Any]]) -> None:
         """
         Apply the presence stream's C{entries} (C{(id, flat fields)}, in
-        order); those at or before L{position} are skipped, a bad one is
-        logged and skipped.
+        order), each one or more changes (the fields C{u}, C{c}, and C{v}
+        or C{d}, per change); those at or before L{position} are skipped, a
+        bad one is logged and skipped with the rest of its entry.
         """
         for raw_id, flat in entries:
             at = stream_id(raw_id)
@@ -125,16 +127,19 @@ class PresenceMirror:
                 continue
             self.position, self.at = raw_id, at
             try:
-                report = self._apply(at, fields(flat))
+                for place in range(len(flat) // 6):
+                    report = self._apply(at + (place + 1,), flat[place * 6 : place * 6 + 6])
+                    if report is not None:
+                        self.report(report)
             except Exception:
                 log.failure("a bad presence record {id}", id=raw_id)
-                continue
-            if report is not None:
-                self.report(report)
 
-    def _apply(self, at: tuple[int, int], entry: dict[bytes, bytes]) -> Report | None:
-        user_id = entry[b"u"].decode("utf-8")
-        kind = int(entry[b"c"])
+    def _apply(self, at: tuple[int, int, int], change: Sequence[Any]) -> Report | None:
+        u, user, c, kind_, field, value = change
+        if u != b"u" or c != b"c" or field not in (b"v", b"d"):
+            raise ValueError(f"not a change of presence: {change!r}")
+        user_id = user.decode("utf-8")
+        kind = int(kind_)
         key = (user_id, kind)
         ahead = self.ahead.get(key)
         if ahead is not None:
@@ -143,32 +148,31 @@ class PresenceMirror:
             del self.ahead[key]
             if at == ahead:
                 return None
-        value = entry.get(b"v")
-        if value is not None:
+        if field == b"v":
             handle = self.handle_for(user_id, kind, Holder.parse(value))
             if handle is not None:
                 replaced = self.put(user_id, kind, handle)
                 if replaced is not None and replaced.session_id in self.local:
                     return Replaced(replaced)
             return None
-        sid = entry[b"d"].decode("utf-8")
+        sid = value.decode("utf-8")
         if self.remove(user_id, kind, sid):
             mine = self.local.get(sid)
             if mine is not None:
                 return Released(mine)
         return None
 
-    def note_ahead(self, user_id: str, kind: int, raw_id: bytes) -> bool:
+    def note_ahead(self, user_id: str, kind: int, raw_id: bytes, place: int = 1) -> bool:
         """
-        A script's answer carries a change (at the stream's C{raw_id}) that
-        the stream will bring later: note it, so that the stream does not
-        undo a later one; C{False} when the stream has brought it (and maybe
-        later ones) already.
+        A script's answer carries a change (the C{place}th, from 1, of the
+        stream's entry C{raw_id}) that the stream will bring later: note it,
+        so that the stream does not undo a later one; C{False} when the
+        stream has brought it (and maybe later ones) already.
         """
         at = stream_id(raw_id)
         if at <= self.at:
             return False
-        self.ahead[(user_id, kind)] = at
+        self.ahead[(user_id, kind)] = at + (place,)
         return True
 
     def put(self, user_id: str, kind: int, handle: IDeviceHandle) -> IDeviceHandle | None:

@@ -104,7 +104,7 @@ class ClusterPresence:
         payloads; an empty inbox takes one entry of any size); an entry
         past it is refused.  Both bounds are this node's: it publishes them
         in Redis, where the senders' appends check them.
-    @param presence_maxlen: about how many entries the presence stream keeps.
+    @param presence_maxlen: about how many changes the presence stream keeps.
     @param read_count: most stream entries read at once.
     @param push_out_grace: seconds after which a session of this node that
         another node's logon replaced is ended, if that node's push-out has
@@ -170,7 +170,8 @@ class ClusterPresence:
         self.mirror = PresenceMirror(self.node_id, local, self._remote, self._report)
         self.claims = Claims(
             self.link, keys, self.mirror, local,
-            alone=lambda: not self.membership.up, clock=self.clock, remote=self._remote,
+            alone=lambda: not self.membership.up, reactor=reactor, clock=self.clock,
+            remote=self._remote,
             presence_maxlen=presence_maxlen, stats=self.stats,
         )  # fmt: skip
         self.queries = Queries(self.clock, post=self._post, stats=self.stats)

@@ -16,6 +16,16 @@ if unread > 0 then
   redis.call('PEXPIRE', KEYS[8], ARGV[5])
 end
 local n = 0
+-- The releases go down the presence stream a hundred to an entry.
+local entry = {}
+local function flush()
+  if #entry > 0 then
+    -- (The stream keeps about maxlen changes: fewer entries of many.)
+    local keep = math.max(1, math.floor(tonumber(ARGV[2]) * 6 / #entry))
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', keep, '*', unpack(entry))
+    entry = {}
+  end
+end
 for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local user, kind = string.match(member, '^(.*)\t(%d+)$')
   if user then
@@ -28,13 +38,18 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
         if redis.call('HLEN', hash) == 0 then
           redis.call('SREM', KEYS[3], user)
         end
-        redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*',
-                   'u', user, 'c', kind, 'd', sid)
+        local k = #entry
+        entry[k + 1], entry[k + 2], entry[k + 3] = 'u', user, 'c'
+        entry[k + 4], entry[k + 5], entry[k + 6] = kind, 'd', sid
         n = n + 1
+        if #entry >= 600 then
+          flush()
+        end
       end
     end
   end
 end
+flush()
 redis.call('DEL', KEYS[2], KEYS[6], KEYS[7])
 redis.call('SREM', KEYS[5], ARGV[1])
 if ARGV[4] == '1' then
