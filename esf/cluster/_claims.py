@@ -7,8 +7,8 @@ each one atomic change of the user's hash and the indexes, together one
 entry of the presence stream.  While the node is alone (Redis away) it
 decides claims locally and remembers what to claim and release once Redis
 is back; then L{Claims.confirm} claims again, and a device logged on at
-two nodes meanwhile is settled by the relogon mode
-each logon was claimed with.
+two nodes meanwhile is settled by the relogon mode each logon was claimed
+with.
 
 The takeover-flapping guard of a cluster is the script's: it counts
 a device's takeovers in Redis (all nodes') and answers L{FLAPPING} with the
