@@ -861,6 +861,39 @@ async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes, red
     assert ledger(redis_server, "b") == (0, 0)
 
 
+@pytest_twisted.ensureDeferred
+async def test_leaving_during_an_upkeep_warns_of_nothing(nodes):
+    """
+    A node that leaves the cluster while its upkeep is under way closes
+    the connections under it: the upkeep ends, and nothing failed (a
+    clean shutdown warned "cluster upkeep failed: Lost connection").  An
+    upkeep that fails otherwise still warns.
+    """
+    a = await nodes.add("a")
+    link = a.membership.link
+    lost = RedisUnavailable("Redis at redis://127.0.0.1/0: Lost connection")
+    failing = type(
+        "Lost",
+        (),
+        {
+            "connected": True,
+            "eval": staticmethod(lambda *args, **kw: fail(lost)),
+            "execute": staticmethod(lambda *args, **kw: fail(lost)),
+        },
+    )()
+    a.membership.link = failing
+    try:
+        with LogCapture() as logs:
+            await Deferred.fromCoroutine(a.membership.tick())
+            [warned] = logs.esf("cluster_tick_failed")
+            assert "Lost connection" in str(warned["error"])
+            a.membership.stop()  # leaving
+            await Deferred.fromCoroutine(a.membership.tick())
+        assert len(logs.esf("cluster_tick_failed")) == 1
+    finally:
+        a.membership.link = link
+
+
 # -- the inbox's bounds -----------------------------------------------------------------
 
 

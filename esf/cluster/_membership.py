@@ -345,6 +345,11 @@ class Membership:
             if self.clock.seconds() >= self.reap_after:
                 await self.janitor.run()
         except Exception as e:
+            if not self.running:
+                # The node is leaving: its connections close under the
+                # upkeep that was under way.  Nothing failed.
+                log.debug("upkeep ended by leaving the cluster: {error}", error=e)
+                return
             log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
 
 
