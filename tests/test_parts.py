@@ -170,6 +170,32 @@ def test_reaper_ends_silent_sessions_between_one_and_one_and_a_quarter_timeouts(
     assert not reaper.running and clock.getDelayedCalls() == []
 
 
+def test_reaper_ends_a_bounded_number_of_sessions_a_turn():
+    """
+    Peers that all went silent at once end over several reactor turns, a
+    bounded number each: what else is due (a timer here, the sessions'
+    I/O in a reactor) runs in between.
+    """
+    clock = task.Clock()
+    silent = [Quiet() for _ in range(2500)]
+    expired = []
+
+    def expire(session):
+        session.logged_on = False
+        expired.append(session)
+
+    reaper = Reaper(clock, 20, lambda: silent, expire)
+    reaper.start()
+    clock.advance(15)
+    seen = []
+    clock.callLater(5, lambda: seen.append(len(expired)))  # due with the scan that finds them
+    clock.advance(5)
+    assert seen == [Reaper.MAX_ENDED_PER_TURN] and len(expired) == 2500
+    assert len(set(map(id, expired))) == 2500
+    reaper.stop()
+    assert clock.getDelayedCalls() == []
+
+
 # -- pending requests ------------------------------------------------------------------
 
 

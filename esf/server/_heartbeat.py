@@ -24,7 +24,15 @@ class Reaper:
     A session is anything with C{logged_on}, C{active} (set by whoever
     reads its frames) and C{last_active}.  C{tick(now)}, when given, runs
     after each scan (for other idle bookkeeping).
+
+    One reactor turn ends at most L{MAX_ENDED_PER_TURN} sessions, the rest
+    in the turns after: a node whose peers all went silent at once (a
+    network cut) ends them without holding its reactor for seconds (ending
+    10,000 sessions took 4 s here), while its other sessions, Redis's
+    answers and its cluster lease wait.
     """
+
+    MAX_ENDED_PER_TURN = 1000
 
     def __init__(
         self,
@@ -41,6 +49,7 @@ class Reaper:
         self._tick = tick
         self._loop = LoopingCall(self.scan)
         self._loop.clock = clock
+        self._ending: Any = None  # the next turn's share of the expired
 
     @property
     def running(self) -> bool:
@@ -53,6 +62,9 @@ class Reaper:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
+        if self._ending is not None and self._ending.active():
+            self._ending.cancel()
+        self._ending = None
 
     def scan(self) -> None:
         now = self.clock.seconds()
@@ -66,8 +78,18 @@ class Reaper:
                 session.last_active = now
             elif session.last_active <= deadline:
                 expired.append(session)
-        for session in expired:
-            if session.logged_on:  # not ended meanwhile by an earlier one's subscriber
-                self._expire(session)
+        if self._ending is not None and self._ending.active():
+            # This scan found them again (still silent), with any new ones.
+            self._ending.cancel()
+        self._end(expired)
         if self._tick is not None:
             self._tick(now)
+
+    def _end(self, expired: list[Any]) -> None:
+        self._ending = None
+        now, rest = expired[: self.MAX_ENDED_PER_TURN], expired[self.MAX_ENDED_PER_TURN :]
+        for session in now:
+            if session.logged_on:  # not ended meanwhile by an earlier one's subscriber
+                self._expire(session)
+        if rest:
+            self._ending = self.clock.callLater(0, self._end, rest)
