@@ -21,7 +21,7 @@ import collections
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -423,25 +423,17 @@ class Claims:
 
     async def release_stale(self) -> None:
         """
-        Release in Redis what was released while it was away (all at once:
-        a call per L{ClaimScripts.MAX_CHANGES}); what fails stays to
-        release, and the first failure is raised.
+        Release in Redis what was released while it was away, all at once
+        (a call per L{ClaimScripts.MAX_CHANGES}); after a failure all of it
+        is released again later (fenced by session ID: harmless).
         """
         stale, self.stale = self.stale, {}
         try:
-            asked = list(stale.items())
-            results = await DeferredList(
-                [self.scripts.release(user_id, kind, sid) for sid, (user_id, kind) in asked],
-                consumeErrors=True,
-            )
-            failures: list[Failure] = []
-            for (sid, _), (ok, result) in zip(asked, results):
-                if ok:
-                    del stale[sid]
-                elif isinstance(result, Failure):
-                    failures.append(result)
-            if failures:
-                failures[0].raiseException()
+            calls = [self.scripts.release(u, k, sid) for sid, (u, k) in stale.items()]
+            await DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+            stale.clear()
+        except FirstError as e:
+            e.subFailure.raiseException()
         finally:
             stale.update(self.stale)
             self.stale = stale
