@@ -486,6 +486,30 @@ async def test_outage_alone_then_restored(nodes, redis_server):
     await eventually(lambda: carol.sent == [b"back"])
 
 
+@pytest_twisted.ensureDeferred
+async def test_releases_made_while_alone_are_made_in_redis_together(nodes, redis_server):
+    """
+    What was released while Redis was away is released in Redis once it
+    answers, in one call; after a failure it all stays to release.
+    """
+    a = await nodes.add("a")
+    devices = [Device("a", f"u{i}") for i in range(300)]
+    for d in devices:
+        await a.claim(d, True)
+    stale = {d.session_id: (d.user_id, 0) for d in devices}
+    link = a.claims.scripts.link
+    lost = RedisUnavailable("Redis at redis://127.0.0.1/0: Lost connection")
+    a.claims.scripts.link = type("Lost", (), {"eval": staticmethod(lambda *a: fail(lost))})()
+    a.claims.stale = dict(stale)
+    with pytest.raises(RedisUnavailable):
+        await Deferred.fromCoroutine(a.claims.release_stale())
+    assert a.claims.stale == stale
+    a.claims.scripts.link = link
+    await Deferred.fromCoroutine(a.claims.release_stale())
+    assert a.claims.stale == {}
+    assert redis_server.reply("SCARD", "esf:online") == 0
+
+
 @pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
 @pytest_twisted.ensureDeferred
 async def test_split_logons_settled_by_relogon_mode(nodes, redis_server, mode):
