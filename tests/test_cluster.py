@@ -607,6 +607,23 @@ async def test_stop_leaves_the_cluster(nodes, redis_server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_join_under_way_as_the_node_leaves_does_not_bring_it_back(nodes, redis_server):
+    """
+    A join that a reconnection began and that is still under way when the
+    node leaves (seen under load) must not renew the lease after the
+    node's leaving removed it: the node would be listed a lease longer.
+    """
+    a = await nodes.add("a")
+    nodes.nodes.remove(a)
+    joining = Deferred.fromCoroutine(a.membership.join())
+    await Deferred.fromCoroutine(a.stop())
+    await joining
+    await sleep(0.2)
+    assert redis_server.command("EXISTS", "esf:lease:a") == b":0"
+    assert redis_server.command("SISMEMBER", "esf:nodes", "a") == b":0"
+
+
+@pytest_twisted.ensureDeferred
 async def test_posts_to_a_slow_redis_are_bounded(nodes, redis_server):
     a = await nodes.add("a")
     b = await nodes.add("b", max_posts_in_flight=5, timeout=3.0)

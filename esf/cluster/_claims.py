@@ -231,8 +231,7 @@ class Claims:
     @param local: this node's sessions by session ID (the mirror's too).
     @param alone: whether the node runs alone now (Redis away): claims are
         decided here then.
-    @param reactor: runs the claims and releases asked for in a turn at its
-        end.
+    @param reactor: runs the claims and releases of a turn at its end.
     @param clock: the time of a logon.
     @param remote: makes the handle of a device another node holds.
     @param presence_maxlen: about how many changes the presence stream keeps.
@@ -262,9 +261,8 @@ class Claims:
         self.stats = stats
         self.scripts = ClaimScripts(link, keys, mirror, reactor, presence_maxlen=presence_maxlen)
         self.logon_at = self.scripts.logon_at
-        #: The engine's offline part (set by the presence's attach), if it
-        #: has a store: a session claimed again gets what was stored for it
-        #: meanwhile.
+        #: The engine's offline part (set by the presence's attach), if it has a
+        #: store: a session claimed again gets what was stored for it meanwhile.
         self.offline: OfflineMessages | None = None
         self.local = local
         #: Those of them claimed with C{IGNORE_NEW} (the others with
@@ -423,9 +421,8 @@ class Claims:
 
     async def release_stale(self) -> None:
         """
-        Release in Redis what was released while it was away, all at once
-        (a call per L{ClaimScripts.MAX_CHANGES}); after a failure all of it
-        is released again later (fenced by session ID: harmless).
+        Release in Redis, all at once, what was released while it was away;
+        after a failure, all of it again later (fenced by session ID).
         """
         stale, self.stale = self.stale, {}
         try:

@@ -51,8 +51,7 @@ class Membership:
     This node's membership of the cluster.
 
     @param lease: seconds a node's lease lasts; refreshed every third of it.
-    @param unread_lost: told a reaped node and the unread entries (their
-        fields) of its inbox (by the L{Janitor}).
+    @param unread_lost: told a reaped node and its inbox's unread entries (by the L{Janitor}).
 
     @ivar up: whether the node is in the cluster (Redis reachable, mirror
         loaded); while it is not, it runs alone.
@@ -60,8 +59,7 @@ class Membership:
         read from Redis under an older one is stale.
     @ivar streams: the reader of the presence stream and the inbox (set once
         made): its inbox position restarts when the inbox is lost.
-    @ivar server: the Redis server (L{IRedisLink.server}) this node last
-        joined the cluster on.
+    @ivar server: the Redis server (L{IRedisLink.server}) this node last joined on.
     """
 
     def __init__(
@@ -104,12 +102,10 @@ class Membership:
         self._join_again = False
         self._waiters: list[Deferred[None]] = []
         self.clock = clock
-        #: When the janitor may run again (L{clock}'s time): a lease after
-        #: this node rejoined after an outage.
+        #: When the janitor may run again (L{clock}'s time): a lease after a rejoin.
         self.reap_after = 0.0
-        #: Until when (L{reactor}'s time) this node's lease surely holds: a
-        #: sixth of a lease before it runs out, counted from when its last
-        #: renewal was sent.  Past it, the janitor may have reaped the node.
+        #: Until when (L{reactor}'s time) this node's lease surely holds: a sixth of a
+        #: lease before it runs out, from its last renewal's sending (then it may be reaped).
         self.lease_sure_until = 0.0
         self.ticker = LoopingCall(self._tick)
         self.ticker.clock = clock
@@ -153,10 +149,6 @@ class Membership:
         self.up = False
         self.generation += 1
         self.changed()
-
-    def _restart_inbox(self, before: tuple[int, int] = (0, 0)) -> None:
-        if self.streams is not None:
-            self.streams.restart_inbox(before)
 
     # -- joining (first, after an outage, after Redis lost its data) --------------------
 
@@ -227,7 +219,8 @@ class Membership:
             # A node ID is one process's: whatever an earlier process with
             # this ID left is dead.
             await self.janitor.reap(self.node_id, force=True)
-            self._restart_inbox()
+            if self.streams is not None:
+                self.streams.restart_inbox()
         else:
             # After an outage, claim again every device this node holds.
             claims.unconfirm_held()
@@ -265,6 +258,8 @@ class Membership:
         self.changed()
 
     async def _refresh_lease(self) -> bytes | None:
+        if not self.ticker.running:  # left (a join under way): the lease must not come back
+            raise RedisUnavailable("this node is leaving the cluster")
         before = self.reactor.seconds()
         epoch, (seconds, micros) = await self.link.eval(
             _TICK,
@@ -345,12 +340,10 @@ class Membership:
             if self.clock.seconds() >= self.reap_after:
                 await self.janitor.run()
         except Exception as e:
-            if not self.running:
-                # The node is leaving: its connections close under the
-                # upkeep that was under way.  Nothing failed.
-                log.debug("upkeep ended by leaving the cluster: {error}", error=e)
-                return
-            log.warn("cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed")
+            if self.ticker.running:  # (leaving, the node closes the connections under it)
+                log.warn(
+                    "cluster upkeep failed: {error}", error=e, esf_event="cluster_tick_failed"
+                )
 
 
 class Janitor:

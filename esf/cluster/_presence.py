@@ -171,8 +171,7 @@ class ClusterPresence:
         self.claims = Claims(
             self.link, keys, self.mirror, local,
             alone=lambda: not self.membership.up, reactor=reactor, clock=self.clock,
-            remote=self._remote,
-            presence_maxlen=presence_maxlen, stats=self.stats,
+            remote=self._remote, presence_maxlen=presence_maxlen, stats=self.stats,
         )  # fmt: skip
         self.queries = Queries(self.clock, post=self._post, stats=self.stats)
         self.outbox = Outbox(
