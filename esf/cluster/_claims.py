@@ -22,7 +22,7 @@ from collections.abc import Container
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, DeferredList, FirstError, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,8 +55,8 @@ CLAIMED, KEPT, FLAPPING = 1, 0, 2
 #: two nodes meanwhile wins.
 _RECLAIM = {RelogonMode.REPLACE_OLD: "newer", RelogonMode.IGNORE_NEW: "older"}
 
-#: What a claim script's answer is made into: won, the old holder's value,
-#: the stream ID of the change.
+#: What a claim's answer is made into: won, the old holder's value, the
+#: stream ID of the entry that holds the change (C{None}: nothing changed).
 _Answer = tuple[bool, "bytes | None", "bytes | None"]
 
 
@@ -124,7 +124,7 @@ class ClaimScripts:
         #: and who waits for each one's answer.
         self._changes: list[Any] = []
         self._waiting: list[Deferred[tuple[bytes | None, list[Any]]]] = []
-        self._flush_call: Any = None
+        self._flush_call: IDelayedCall | None = None
 
     def claim(self, handle: IDeviceHandle, mode: str) -> Deferred[_Answer]:
         holder = Holder.of(handle, self.logon_at.get(handle.session_id))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 
 __all__ = ["Reaper"]
@@ -49,7 +49,7 @@ class Reaper:
         self._tick = tick
         self._loop = LoopingCall(self.scan)
         self._loop.clock = clock
-        self._ending: Any = None  # the next turn's share of the expired
+        self._ending: IDelayedCall | None = None  # the next turn's share of the expired
 
     @property
     def running(self) -> bool:
@@ -85,11 +85,11 @@ class Reaper:
         if self._tick is not None:
             self._tick(now)
 
-    def _end(self, expired: list[Any]) -> None:
+    def _end(self, expired: list[Any], start: int = 0) -> None:
         self._ending = None
-        now, rest = expired[: self.MAX_ENDED_PER_TURN], expired[self.MAX_ENDED_PER_TURN :]
-        for session in now:
+        stop = start + self.MAX_ENDED_PER_TURN
+        for session in expired[start:stop]:
             if session.logged_on:  # not ended meanwhile by an earlier one's subscriber
                 self._expire(session)
-        if rest:
-            self._ending = self.clock.callLater(0, self._end, rest)
+        if stop < len(expired):
+            self._ending = self.clock.callLater(0, self._end, expired, stop)
