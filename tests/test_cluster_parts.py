@@ -11,7 +11,7 @@ import types
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from esf import DisconnectedType, UserData
@@ -432,6 +432,26 @@ def test_session_released_behind_its_back_is_shown_and_claimed_again():
     )
     assert presence.get("alice", 0) is mine
     assert presence.claims.unconfirmed == {"a/1"} and presence.stats["reclaimed"] == 1
+
+
+def test_an_ended_session_is_shown_free_while_its_release_is_in_flight():
+    # An inbox entry for alice read between her session's end and Redis's
+    # answer to the release must find her offline (to keep a one-way
+    # message for her), not online at the session that ended.
+    presence, clock = up_presence()
+    asked = []
+    presence.link.eval = lambda script, keys, args: asked.append(args) or Deferred()
+    mine = Device("a", "alice", "a/1")
+    presence.claims.local[mine.session_id] = mine
+    presence.streams.process(
+        stream_reply(presence, (b"1-0", claimed("alice", 0, "a/1", "a"))),
+        presence.membership.generation,
+    )
+    assert presence.devices("alice") == (mine,)
+    presence.release(mine)
+    clock.advance(0)  # the turn's changes go to Redis, which does not answer
+    assert len(asked) == 1
+    assert presence.devices("alice") == () and presence.get("alice", 0) is None
 
 
 def test_presence_entries_of_an_older_generation_are_not_applied():

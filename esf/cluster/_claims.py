@@ -336,26 +336,23 @@ class Claims:
         user_id, kind = handle.user_id, int(handle.client_type)
         mirror = self.mirror
         self._let_go(sid)
+        # Shown free at once: what this node reads meanwhile (an inbox entry
+        # for the ended session, a relay) must not count it online.
+        mirror.remove(user_id, kind, sid)
         if self.alone():
             if sid in self.unconfirmed:
                 self.unconfirmed.discard(sid)
             else:
                 self.stale[sid] = (user_id, kind)
-            mirror.remove(user_id, kind, sid)
             return succeed(not mirror.devices(user_id, alone=True))
         d = self.scripts.release(user_id, kind, sid)
         self._track(d)
 
-        def answered(last: bool) -> bool:
-            mirror.remove(user_id, kind, sid)
-            return last
-
         def failed(failure: Failure) -> bool:
             self.stale[sid] = (user_id, kind)
-            mirror.remove(user_id, kind, sid)
             return not mirror.devices(user_id, alone=self.alone())
 
-        return d.addCallbacks(answered, failed)
+        return d.addErrback(failed)
 
     def _hold(self, handle: IDeviceHandle, replace: bool) -> None:
         """
