@@ -454,6 +454,29 @@ def test_an_ended_session_is_shown_free_while_its_release_is_in_flight():
     assert presence.devices("alice") == () and presence.get("alice", 0) is None
 
 
+def test_a_session_that_logs_on_and_off_in_one_turn_is_not_shown_after_the_answer():
+    # Its claim and its release go in one call; the claim's answer (the
+    # first) must not show again the session its release let go.
+    presence, clock = up_presence()
+    calls = []
+    presence.link.eval = lambda script, keys, args: calls.append(Deferred()) or calls[-1]
+    mine = Device("a", "alice", "a/1")
+    claimed_, released_ = presence.claim(mine, True), presence.release(mine)
+    assert presence.devices("alice") == ()
+    clock.advance(0)
+    [call] = calls
+    call.callback([b"5-0", [1, None, 1], [1, 1, 2]])  # claimed; released, the last
+    assert result_of(claimed_).won and result_of(released_) is True
+    assert presence.devices("alice") == () and presence.user_count() == 0
+
+
+def result_of(d):
+    got = []
+    d.addBoth(got.append)
+    [result] = got
+    return result
+
+
 def test_presence_entries_of_an_older_generation_are_not_applied():
     presence, _ = up_presence()
     old = presence.membership.generation

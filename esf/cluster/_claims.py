@@ -148,12 +148,16 @@ class ClaimScripts:
                 )
             won = int(code) == CLAIMED
             place = int(more or 0) if won else 0  # 0: nothing changed
+            mirror = self.mirror
             if (
                 place
                 and raw_id is not None
-                and self.mirror.note_ahead(user_id, kind, raw_id, place)
+                and mirror.note_ahead(user_id, kind, raw_id, place)
+                # (Not a session that ended meanwhile: its release, made
+                # after, has shown the device free already.)
+                and handle.session_id in mirror.local
             ):
-                self.mirror.put(user_id, kind, handle)
+                mirror.put(user_id, kind, handle)
             return won, old, raw_id if place else None
 
         return d.addCallback(answered)
