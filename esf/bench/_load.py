@@ -159,12 +159,14 @@ class Load:
         deadline: float,
         window: int,
         groups: dict[str, str] | None = None,
+        logged_on=None,
     ) -> defer.Deferred:
         """
         Open one logged-on connection per name, at most C{window} at a time
         (the progress C{stage}); C{groups}: the group of each name, for the
-        relays, which learn it at logon.  Fires with C{(conns, failures,
-        first_error, t0, t1)}.
+        relays, which learn it at logon; C{logged_on}, if given, is called
+        with each connection as soon as it is logged on.  Fires with
+        C{(conns, failures, first_error, t0, t1)}.
         """
         conns: list[Conn] = []
         state = {"next": 0, "inflight": 0, "failures": 0, "error": None, "finished": 0}
@@ -179,6 +181,8 @@ class Load:
 
         def ok(conn):
             conns.append(conn)
+            if logged_on is not None:
+                logged_on(conn)
             settle()
 
         def failed(failure):

@@ -152,42 +152,51 @@ class Bench(Load):
         names = [f"I{self.tag}{i}" for i in part["names"]]
         deadline = time.perf_counter() + opts.duration
         await self.sync("settled")  # the coordinator reads the server's RSS before any logon
-        conns, failures, error, logon_t0, logon_t1 = await self.log_on(
-            server, dialect, names, "log on", deadline, part["window"]
-        )
-        if failures:
-            await close_all(self.reactor, conns)
-            raise BenchError(f"{failures} of {len(names)} logons failed; first: {error}")
-        lost = []
+        # Every session beats from its logon on, every --heartbeat seconds
+        # (a tick's share of them at a time), as a client would: with 100,000
+        # sessions the logons alone may take longer than the server waits
+        # for a frame.
+        conns: list = []
+        beats: list[bytes] = []
+        lost: list = []
         received = [0]
 
         def count(data):
             received[0] += len(data)
 
-        beats = [dialect.heartbeat(c.name) for c in conns]
-        for c in conns:
-            c.on_lost = lost.append
-            c.on_data = count
+        def logged_on(conn):
+            conn.on_lost = lost.append
+            conn.on_data = count
+            conns.append(conn)
+            beats.append(dialect.heartbeat(conn.name))
+
         tick = 0.1
-        per_tick = max(1, math.ceil(len(conns) * tick / opts.heartbeat)) if conns else 0
         cursor = [0]
         sent = [0]
 
         def beat():
-            start = cursor[0]
-            for i in range(start, min(start + per_tick, len(conns))):
+            held = len(conns)
+            per_tick = max(1, math.ceil(held * tick / opts.heartbeat))
+            start = cursor[0] if cursor[0] < held else 0
+            for i in range(start, min(start + per_tick, held)):
                 conn = conns[i]
                 if not conn.lost:
                     conn.transport.write(beats[i])
                     sent[0] += 1
-            cursor[0] = start + per_tick if start + per_tick < len(conns) else 0
+            cursor[0] = start + per_tick
 
-        hold = min(opts.hold, max(deadline - time.perf_counter(), 0.1))
-        await self.sync("start")
         loop = task.LoopingCall(beat)
         loop.clock = self.reactor
-        if conns:
-            loop.start(tick)
+        loop.start(tick, now=False)
+        _, failures, error, logon_t0, logon_t1 = await self.log_on(
+            server, dialect, names, "log on", deadline, part["window"], logged_on=logged_on
+        )
+        if failures:
+            loop.stop()
+            await close_all(self.reactor, conns)
+            raise BenchError(f"{failures} of {len(names)} logons failed; first: {error}")
+        hold = min(opts.hold, max(deadline - time.perf_counter(), 0.1))
+        await self.sync("start")
         t0 = time.perf_counter()
         self.progress.start("hold", hold, lambda: min(hold, time.perf_counter() - t0), unit="s")
         await task.deferLater(self.reactor, hold, lambda: None)
