@@ -23,7 +23,7 @@ from zope.interface.verify import verifyObject
 
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
 from esf.cluster._inbox import InboxLedger
-from esf.cluster._link import RedisUnavailable
+from esf.cluster._link import NotSent, RedisUnavailable
 from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, check_node_id
 from esf.cluster._records import Holder
 from esf.interfaces import IDeviceHandle, IPresence
@@ -1022,10 +1022,15 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
 
 
 class RecordingLink:
-    """An IRedisLink that records C{eval} calls and answers them with C{answer}."""
+    """
+    An IRedisLink that records C{eval} calls and answers them with
+    C{answer}, and C{eval_unanswered} calls (which raise C{answer} if it is
+    an exception).
+    """
 
     def __init__(self, answer=0):
         self.evals = []
+        self.unanswered = []
         self.answer = answer
 
     def eval(self, script, keys, args):
@@ -1034,6 +1039,33 @@ class RecordingLink:
             return fail(self.answer)
         return succeed(self.answer)
 
+    def eval_unanswered(self, script, keys, args):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        self.unanswered.append(list(args))
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server):
+    # Its reply skipped, the next call's reply is the next call's: were it
+    # left behind, the GET would take the script's reply for its own.
+    from esf.cluster._link import RedisLink
+
+    link = RedisLink(reactor, RedisURL.parse(redis_server.url))
+    connected: Deferred[None] = Deferred()
+    link.start(lambda: connected.called or connected.callback(None), lambda: None)
+    await connected
+    try:
+        script = b"redis.call('SET', KEYS[1], ARGV[1]); return 'the reply'"
+        link.eval_unanswered(script, ["k"], [b"set"])
+        link.eval_unanswered(script, ["k"], [b"set again"])
+        assert await link.execute("GET", "k") == b"set again"
+        assert await link.execute("PING") == b"PONG"
+    finally:
+        await link.stop()
+    with pytest.raises(NotSent):
+        link.eval_unanswered(script, ["k"], [b"after the stop"])
+
 
 def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
     clock, commands, reads = task.Clock(), RecordingLink(), RecordingLink()
@@ -1041,13 +1073,14 @@ def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
     inbox.delivered([(b"1-0", 10), (b"1-1", 20)])
     inbox.delivered([(b"2-0", 30)])
     assert commands.evals == reads.evals == []  # nothing until the next drop
-    inbox.drop(reads)  # the reader's link, before its next read
-    assert reads.evals == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]] and commands.evals == []
+    inbox.drop(reads)  # the reader's link, before its next read: no reply
+    assert reads.unanswered == [[b"1-0", 10, b"1-1", 20, b"2-0", 30]]
+    assert reads.evals == commands.evals == []
     inbox.drop(reads)
-    assert len(reads.evals) == 1  # nothing more to delete
+    assert len(reads.unanswered) == 1  # nothing more to delete
     assert clock.getDelayedCalls() == []
-    # A deletion that failed is asked again with the next one.
-    broken = RecordingLink(RedisUnavailable("gone"))
+    # A deletion that could not be sent is asked again with the next one.
+    broken = RecordingLink(NotSent("gone"))
     inbox.delivered([(b"3-0", 5)])
     inbox.drop(broken)
     inbox.delivered([(b"4-0", 1)])

@@ -371,6 +371,9 @@ class NoRedis:
     def eval(self, script, keys, args):
         return fail(RedisUnavailable("no Redis"))
 
+    def eval_unanswered(self, script, keys, args):
+        raise NotSent("no Redis")
+
 
 def up_presence(node: str = "a"):
     clock = task.Clock()

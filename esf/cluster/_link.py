@@ -271,6 +271,15 @@ class IRedisLink(Interface):
         bounded like L{execute}.
         """
 
+    def eval_unanswered(script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        """
+        Send a Lua script whose reply Redis skips (C{CLIENT REPLY SKIP}),
+        in order with the calls before and after it: for a script whose
+        outcome the caller needs not know (a later one makes good a failed
+        one), it saves the node a reply to read.  Raises L{NotSent} when
+        not connected.
+        """
+
 
 #: The error replies of a server that is no longer the master: a link
 #: through Sentinel drops its connection on them (L{RedisLink}).
@@ -309,6 +318,10 @@ def encode_command(*args: Any, **ignored: Any) -> bytes:
             value = str(arg).encode()
         append(b"$%d\r\n%s\r\n" % (len(value), value))
     return b"".join(parts)
+
+
+#: Redis skips the reply of the command after this one.
+_SKIP_REPLY = encode_command("CLIENT", "REPLY", "SKIP")
 
 
 def _as_parsed(data: Any) -> Any:
@@ -537,6 +550,17 @@ class RedisLink:
         except Exception as e:
             return fail(NotSent(f"Redis at {self.url}: {e}"))
         return self._bounded(d, protocol, "EVAL", None)
+
+    def eval_unanswered(self, script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> None:
+        protocol = self._protocol
+        transport = getattr(protocol, "transport", None)
+        if transport is None:
+            raise NotSent(f"not connected to Redis at {self.url}")
+        # Written past txredisapi's protocol, which waits for a reply to
+        # every command it sends: this one has none to wait for.  EVAL, not
+        # EVALSHA: a script Redis does not know (after a restart or a
+        # failover) would fail unseen.
+        transport.write(_SKIP_REPLY + encode_command("EVAL", script, len(keys), *keys, *args))
 
     def _bounded(
         self, d: Deferred[Any], protocol: Any, command: Any, timeout: float | None
