@@ -204,9 +204,9 @@ class InboxLedger:
         if link is not None:
             # The read after it has the reply to wait for: this one has
             # none (a node waiting for one request's answer at a time woke
-            # for it, 15% of its CPU per request).  One that fails (its
-            # connection dropped, Redis refused it) is made good by the
-            # next, which sweeps up older entries too.
+            # for it: about a tenth of its CPU per request).  One that
+            # fails (its connection dropped, Redis refused it) is made good
+            # by the next, which sweeps up older entries too.
             try:
                 link.eval_unanswered(_DROP, keys, args)
             except RedisUnavailable:
