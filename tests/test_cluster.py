@@ -1065,6 +1065,20 @@ async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server
         await link.stop()
     with pytest.raises(NotSent):
         link.eval_unanswered(script, ["k"], [b"after the stop"])
+    # A user whom an ACL forbids CLIENT: the script is answered, and the
+    # answer let go; the calls after it get their own replies still.
+    redis_server.command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-client")
+    url = redis_server.url.replace("redis://", "redis://limited:pw@")
+    link = RedisLink(reactor, RedisURL.parse(url))
+    connected = Deferred()
+    link.start(lambda: connected.called or connected.callback(None), lambda: None)
+    await connected
+    try:
+        link.eval_unanswered(script, ["k"], [b"set by limited"])
+        assert await link.execute("GET", "k") == b"set by limited"
+        assert await link.execute("PING") == b"PONG"
+    finally:
+        await link.stop()
 
 
 def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():

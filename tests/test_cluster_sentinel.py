@@ -360,6 +360,8 @@ def test_the_link_uses_a_connection_only_once_role_says_master():
     assert commands(f.transport)[-1] == b"INFO"
     assert not f.link.connected
     feed(f, info(b"abc123"))
+    assert commands(f.transport)[-1] == b"CLIENT"  # CLIENT REPLY ON: may it skip replies?
+    feed(f, b"+OK\r\n")
     assert f.outcome == [None] and f.ups == [1]
     assert f.link.connected and f.link.server == "abc123"
     assert not f.transport.disconnecting
@@ -391,12 +393,14 @@ def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
     feed(f, b"+OK\r\n")
     assert commands(f.transport) == [b"SELECT", b"INFO"]
     feed(f, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
+    feed(f, b"+OK\r\n")  # CLIENT REPLY ON
     assert f.outcome == [None] and f.link.connected
     assert f.link.server == "127.0.0.1:6379"  # the URL's: its address is all it knows
     # With Sentinel, the master's address (which a failover changes).
     f = fake_link()
     feed(f, b"+OK\r\n" + role(b"master"))
     feed(f, b"-NOPERM this user has no permissions to run the 'info' command\r\n")
+    feed(f, b"+OK\r\n")  # CLIENT REPLY ON
     peer = f.transport.getPeer()
     assert f.outcome == [None] and f.link.server == f"{peer.host}:{peer.port}"
 
@@ -411,7 +415,7 @@ def test_without_sentinel_role_is_not_asked_and_info_may_be_refused():
 )
 def test_an_answer_from_a_server_no_longer_master_drops_the_connection(error):
     f = fake_link()
-    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc"))
+    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc") + b"+OK\r\n")
     assert f.link.connected
     failures = []
     f.link.execute("SET", "k", "v").addErrback(failures.append)
@@ -420,17 +424,40 @@ def test_an_answer_from_a_server_no_longer_master_drops_the_connection(error):
     assert failure.check(RedisUnavailable) and f.transport.disconnected
     # Any other error is the command's own.
     f = fake_link()
-    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc"))
+    feed(f, b"+OK\r\n" + role(b"master") + info(b"abc") + b"+OK\r\n")
     f.link.execute("INCR", "k").addErrback(failures.append)
     feed(f, b"-ERR value is not an integer or out of range\r\n")
     assert not failures[-1].check(RedisUnavailable) and not f.transport.disconnecting
     # Without Sentinel it is the command's own too: a new connection would
     # reach the same server.
     f = fake_link("redis://127.0.0.1/0")
-    feed(f, b"+OK\r\n" + info(b"abc"))
+    feed(f, b"+OK\r\n" + info(b"abc") + b"+OK\r\n")
     f.link.execute("SET", "k", "v").addErrback(failures.append)
     feed(f, error + b"\r\n")
     assert not failures[-1].check(RedisUnavailable) and not f.transport.disconnecting
+
+
+def test_a_user_who_may_not_skip_replies_gets_its_unanswered_scripts_answered():
+    # CLIENT REPLY refused (an ACL): a CLIENT REPLY SKIP would be refused
+    # too, its error a reply nobody waits for, taken for the next call's.
+    # The script goes as an ordinary call instead, its answer let go.
+    f = fake_link("redis://127.0.0.1/0")
+    feed(f, b"+OK\r\n" + info(b"abc"))
+    feed(f, b"-NOPERM this user has no permissions to run the 'client|reply' command\r\n")
+    assert f.outcome == [None] and f.link.connected
+    f.transport.clear()
+    f.link.eval_unanswered(b"return 1", ["k"], [b"a"])
+    assert commands(f.transport) == [b"EVAL"]  # no CLIENT REPLY SKIP in front
+    got = []
+    f.link.execute("PING").addCallback(got.append)
+    feed(f, b":1\r\n+PONG\r\n")
+    assert got == [b"PONG"]
+    # Where it may, the script goes after CLIENT REPLY SKIP, past the protocol.
+    f = fake_link("redis://127.0.0.1/0")
+    feed(f, b"+OK\r\n" + info(b"abc") + b"+OK\r\n")
+    f.transport.clear()
+    f.link.eval_unanswered(b"return 1", ["k"], [b"a"])
+    assert commands(f.transport) == [b"CLIENT", b"EVAL"]
 
 
 # -- a failover to a replica that missed the last writes, on real Redis ----------------

@@ -273,11 +273,12 @@ class IRedisLink(Interface):
 
     def eval_unanswered(script: bytes, keys: Sequence[Any], args: Sequence[Any]) -> None:
         """
-        Send a Lua script whose reply Redis skips (C{CLIENT REPLY SKIP}),
-        in order with the calls before and after it: for a script whose
-        outcome the caller needs not know (a later one makes good a failed
-        one), it saves the node a reply to read.  Raises L{NotSent} when
-        not connected.
+        Send a Lua script whose reply nobody waits for, in order with the
+        calls before and after it: for a script whose outcome the caller
+        needs not know (a later one makes good a failed one).  Redis skips
+        its reply (C{CLIENT REPLY SKIP}), which saves the node a reply to
+        read, where the connection's user may ask for that.  Raises
+        L{NotSent} when not connected.
         """
 
 
@@ -489,6 +490,7 @@ class RedisLink:
                         f"{self.url.service!r} (ROLE: {role[0] if role else None!r})"
                     )
             self.server = await self._identify(protocol)
+            protocol.esf_skips_replies = await self._skips_replies(protocol)
         except BaseException as e:
             transport = getattr(protocol, "transport", None)
             if transport is not None:
@@ -498,6 +500,21 @@ class RedisLink:
             raise
         self._protocol = protocol
         self._on_connected()
+
+    async def _skips_replies(self, protocol: Any) -> bool:
+        """
+        Whether this connection's user may have Redis skip replies (C{CLIENT
+        REPLY}, one command for Redis's ACLs whatever its argument): asked
+        with C{ON}, which answers, never with C{SKIP}, whose refusal would
+        be a reply that nobody waits for.
+        """
+        import txredisapi
+
+        try:
+            await self._call(protocol, "CLIENT", "REPLY", "ON")
+        except txredisapi.ResponseError:
+            return False
+        return True
 
     async def _identify(self, protocol: Any) -> str:
         """
@@ -556,6 +573,10 @@ class RedisLink:
         transport = getattr(protocol, "transport", None)
         if transport is None:
             raise NotSent(f"not connected to Redis at {self.url}")
+        if not protocol.esf_skips_replies:
+            # Its user may not (an ACL): answered, and the answer let go.
+            self.eval(script, keys, args).addErrback(lambda _: None)
+            return
         # Written past txredisapi's protocol, which waits for a reply to
         # every command it sends: this one has none to wait for.  EVAL, not
         # EVALSHA: a script Redis does not know (after a restart or a
