@@ -18,7 +18,7 @@ from _real_parts import need_program
 
 from esf.bench import free_port
 
-__all__ = ["RedisServer", "SentinelSet", "require_redis_server"]
+__all__ = ["RedisServer", "SentinelSet", "connected_link", "require_redis_server"]
 
 
 def require_redis_server() -> str:
@@ -30,6 +30,23 @@ def require_redis_server() -> str:
         "redis-server",
         "the cluster tests need a real one (Debian: apt-get install redis-server; .ci/run installs it)",
     )
+
+
+async def connected_link(url: str) -> Any:
+    """
+    A L{esf.cluster._link.RedisLink} to C{url} on the global reactor, once
+    it is connected (stop it with C{await link.stop()}).
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from esf.cluster._link import RedisLink, RedisURL
+
+    link = RedisLink(reactor, RedisURL.parse(url))
+    connected: Deferred[None] = Deferred()
+    link.start(lambda: connected.called or connected.callback(None), lambda: None)
+    await connected
+    return link
 
 
 class RedisServer:

@@ -1049,12 +1049,9 @@ class RecordingLink:
 async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server):
     # Its reply skipped, the next call's reply is the next call's: were it
     # left behind, the GET would take the script's reply for its own.
-    from esf.cluster._link import RedisLink
+    from _redis import connected_link
 
-    link = RedisLink(reactor, RedisURL.parse(redis_server.url))
-    connected: Deferred[None] = Deferred()
-    link.start(lambda: connected.called or connected.callback(None), lambda: None)
-    await connected
+    link = await connected_link(redis_server.url)
     try:
         script = b"redis.call('SET', KEYS[1], ARGV[1]); return 'the reply'"
         link.eval_unanswered(script, ["k"], [b"set"])
@@ -1069,10 +1066,7 @@ async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server
     # answer let go; the calls after it get their own replies still.
     redis_server.command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all", "-client")
     url = redis_server.url.replace("redis://", "redis://limited:pw@")
-    link = RedisLink(reactor, RedisURL.parse(url))
-    connected = Deferred()
-    link.start(lambda: connected.called or connected.callback(None), lambda: None)
-    await connected
+    link = await connected_link(url)
     try:
         link.eval_unanswered(script, ["k"], [b"set by limited"])
         assert await link.execute("GET", "k") == b"set by limited"

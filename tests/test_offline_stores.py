@@ -12,7 +12,6 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred
 
 from esf.offline import (
     OfflineBounds,
@@ -193,14 +192,9 @@ def test_a_missing_directory_is_a_clear_error(tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_redis_store(redis_server):
-    from twisted.internet import reactor
+    from _redis import connected_link
 
-    from esf.cluster._link import RedisLink, RedisURL
-
-    link = RedisLink(reactor, RedisURL.parse(redis_server.url))
-    connected: Deferred[None] = Deferred()
-    link.start(lambda: connected.called or connected.callback(None), lambda: None)
-    await connected
+    link = await connected_link(redis_server.url)
     try:
         await exercise(RedisOfflineStore(link, bounds=SMALL, prefix="t1"))
         # Another store on the same Redis (another node) sees the same.
@@ -502,20 +496,14 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
     with C{appendfsync always} they survive a kill -9 of redis-server and
     a new node's store reads them.
     """
-    from _redis import RedisServer
-    from twisted.internet import reactor
-
-    from esf.cluster._link import RedisLink, RedisURL
+    from _redis import RedisServer, connected_link
 
     redis = RedisServer(tmp_path, args=("--appendonly", "yes", "--appendfsync", "always"))
     redis.start()
     links = []
 
     async def connect():
-        link = RedisLink(reactor, RedisURL.parse(redis.url))
-        connected: Deferred[None] = Deferred()
-        link.start(lambda: connected.called or connected.callback(None), lambda: None)
-        await connected
+        link = await connected_link(redis.url)
         links.append(link)
         return RedisOfflineStore(link, bounds=BOUNDS)
 
