@@ -1096,6 +1096,26 @@ def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
     assert commands.evals == [[b"3-0", 5, b"4-0", 1]]
 
 
+def test_an_unanswered_deletion_whose_read_failed_is_asked_for_again():
+    # The read sent after it on its connection is what says Redis ran it:
+    # if that read fails (the connection dropped), the deletion may never
+    # have run, and goes again with the next.
+    clock, commands, reads = task.Clock(), RecordingLink(), RecordingLink()
+    inbox = InboxLedger(clock, commands, "esf:", "b", stats=collections.Counter())
+    inbox.delivered([(b"1-0", 10)])
+    inbox.drop(reads)
+    inbox.read_ended(answered=True)  # ran before the read
+    inbox.delivered([(b"2-0", 20)])
+    inbox.drop(reads)
+    inbox.read_ended(answered=False)
+    inbox.delivered([(b"3-0", 30)])
+    inbox.drop(reads)
+    assert reads.unanswered == [[b"1-0", 10], [b"2-0", 20], [b"2-0", 20, b"3-0", 30]]
+    inbox.read_ended(answered=False)
+    inbox.settled()  # on the command link: what no answered read followed
+    assert commands.evals == [[b"2-0", 20, b"3-0", 30]]
+
+
 @pytest_twisted.ensureDeferred
 async def test_what_a_node_reads_after_its_lease_may_have_run_out_is_taken_first(
     nodes, redis_server

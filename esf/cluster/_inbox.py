@@ -103,6 +103,9 @@ class InboxLedger:
         self._told: set[str] = set()
         #: Entries delivered and not yet deleted: flat (ID, size, ...).
         self._delivered: list[Any] = []
+        #: What the last unanswered deletion asked for, until the read sent
+        #: after it on its connection ends (L{read_ended}).
+        self._unconfirmed: list[Any] = []
         self._dropping: set[Deferred[Any]] = set()
         #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
         self._offset_ms: float | None = None
@@ -204,13 +207,16 @@ class InboxLedger:
         if link is not None:
             # The read after it has the reply to wait for: this one has
             # none (a node waiting for one request's answer at a time woke
-            # for it: about a tenth of its CPU per request).  One that
-            # fails (its connection dropped, Redis refused it) is made good
-            # by the next, which sweeps up older entries too.
+            # for it: about a tenth of its CPU per request).  One whose
+            # read is not answered is asked for again (L{read_ended}); one
+            # that Redis refused is made good by the next, which sweeps up
+            # older entries too.
             try:
                 link.eval_unanswered(_DROP, keys, args)
             except RedisUnavailable:
                 self._delivered[:0] = args
+            else:
+                self._unconfirmed = args
             return
         d = self.link.eval(_DROP, keys, args)
         self._dropping.add(d)
@@ -223,6 +229,17 @@ class InboxLedger:
                 log.debug("deleting read inbox entries failed: {error}", error=result)
 
         d.addBoth(done)
+
+    def read_ended(self, answered: bool) -> None:
+        """
+        The read sent after the last unanswered deletion, on the same
+        connection, ended: C{answered}, Redis ran the deletion before it;
+        else (the connection dropped) the deletion may never have run, and
+        is asked for again with the next (deleting twice is harmless).
+        """
+        if not answered:
+            self._delivered[:0] = self._unconfirmed
+        self._unconfirmed = []
 
     def take(
         self, link: IRedisLink, entries: Sequence[tuple[bytes, int]], lease: float

@@ -168,6 +168,7 @@ class StreamReader:
             # What the last read delivered leaves the inbox before this
             # read is answered (one round trip for both).
             self.ledger.drop(self.link)
+            answered = False
             try:
                 reply = await self.link.execute(
                     "XREAD",
@@ -182,6 +183,7 @@ class StreamReader:
                     self.inbox_pos,
                     timeout=self.block + self.timeout,
                 )
+                answered = True
             except RedisUnavailable:
                 if membership.running and self.link.connected:
                     await deferLater(self.reactor, 0.05, lambda: None)
@@ -192,6 +194,8 @@ class StreamReader:
                 log.failure("reading the cluster's streams failed")
                 await deferLater(self.reactor, 1.0, lambda: None)
                 continue
+            finally:
+                self.ledger.read_ended(answered)
             if not reply:
                 continue
             deliver, taken = True, False
