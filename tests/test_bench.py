@@ -1104,19 +1104,20 @@ class _ConnTransport(StringTransport):
         self.conn.connectionLost(Failure(ConnectionDone()))
 
 
-def _worker_bench(clock, pairs: int = 1, duration: float = 20.0):
+def _worker_bench(clock, pairs: int = 1, duration: float = 20.0, warmup: float = 0, syncs=None):
     """
     A L{_modes.Bench} as a load worker runs it, on C{clock}, its C{pairs}
     sender/receiver pairs already logged on (over fake transports), its
-    sync points passed at once.
+    sync points passed at once (and appended to C{syncs}).
     """
     opts = argparse.Namespace(
         size=100, password="pw", system_token="", duration=duration, check=False,
-        window_bytes=2**20, total_window_bytes=8 * 2**20, pattern="pairs",
+        window_bytes=2**20, total_window_bytes=8 * 2**20, pattern="pairs", warmup=warmup,
     )  # fmt: skip
 
     async def sync(point):
-        pass
+        if syncs is not None:
+            syncs.append(point)
 
     b = _modes.Bench(clock, opts, _progress._WorkerProgress(clock, None, False), sync, "t")
     conns = []
@@ -1139,6 +1140,45 @@ def _run(coroutine) -> list:
     outcome = []
     defer.Deferred.fromCoroutine(coroutine).addBoth(outcome.append)
     return outcome
+
+
+def test_the_warmup_round_runs_before_the_clock_starts():
+    """
+    C{--warmup 0.5}: half of each pair's share goes and is relayed before
+    the C{start} sync point; the timed round then sends the whole share,
+    and only it is counted.
+    """
+    clock = task.Clock()
+    syncs = []
+    b, [(sender, receiver)] = _worker_bench(clock, warmup=0.5, syncs=syncs)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 200}
+    outcome = _run(b.send(None, "esf", part))
+    size = b.esf.frame_size
+    warm = sender.transport.value()
+    assert len(warm) == 50 * size and syncs == []  # the warm-up, untimed
+    sender.transport.clear()
+    receiver.dataReceived(warm)  # relayed
+    assert syncs == ["start"]
+    timed = sender.transport.value()
+    assert len(timed) == 100 * size and outcome == []
+    receiver.dataReceived(timed)
+    [result] = outcome
+    assert syncs == ["start", "measured"]
+    assert result["received"] == 100 and result["capped"] is False
+
+
+def test_a_server_that_stops_answering_while_warming_up_fails_the_phase():
+    clock = task.Clock()
+    syncs = []
+    b, [(sender, receiver)] = _worker_bench(clock, warmup=0.5, syncs=syncs)
+    part = {"pairs": [0], "shares": [100], "all_pairs": 1, "window": 200}
+    outcome = _run(b.send(None, "esf", part))
+    clock.pump([1] * 11)
+    [failure] = outcome
+    assert failure.getErrorMessage() == (
+        "the server stopped answering: nothing arrived for 10 s (0 sends done)"
+    )
+    assert syncs == [] and sender.lost and receiver.lost
 
 
 def test_a_server_that_stops_answering_fails_the_phase():

@@ -7,6 +7,7 @@ are in L{esf.bench._modes}).
 
 from __future__ import annotations
 
+import math
 import time
 
 from twisted.internet import defer, task
@@ -247,20 +248,22 @@ class Load:
         part: dict,
         mode: str,
         names: str,
-        make_pair,
+        pairing,
         members=None,
         goal: int | None = None,
     ):
         """
         The timed part of send, request and fan-out: log the pairs on
         (C{members(deadline)} instead, when given, for the groups of the
-        fan-out: it gives each group's sender and other members), make each
-        pair's state (C{make_pair(sender, receiver, share, totals, done,
-        pairs)}, a L{_Pair}), start every pair at the C{start} sync point and
-        wait until each has done its share, one fails, or the C{--duration}
-        cap.  Returns the states, the count done and C{{"t0", "t1",
-        "capped"}}.  C{goal}: the count that the shares make, if not their
-        sum (the deliveries of the fan-out's broadcasts).
+        fan-out: it gives each group's sender and other members), warm the
+        server up with a round of C{--warmup} of each pair's share, untimed,
+        then make each pair's state (C{pairing()} gives the C{make_pair(sender,
+        receiver, share, totals, done, pairs)} of a round, which makes a
+        L{_Pair}), start every pair at the C{start} sync point and wait until
+        each has done its share, one fails, or the C{--duration} cap.
+        Returns the states, the count done and C{{"t0", "t1", "capped"}}.
+        C{goal}: the count that the shares make, if not their sum (the
+        deliveries of the fan-out's broadcasts).
 
         A server that stops answering (nothing arrives for L{stall_seconds})
         fails the phase: it is not a slow server whose figures the cap
@@ -273,9 +276,41 @@ class Load:
             )
         else:
             couples, conns = await members(deadline)
+        lost = []
+        for c in conns:
+            c.on_lost = lost.append
         shares = part["shares"]
+        # The warm-up: the same traffic, a fraction of it, before the clock
+        # starts (the servers and the relays alike: on PyPy it is their JIT's
+        # warm-up, which a long-lived server pays once).
+        unit = "deliveries" if members else mode + "s"
         if goal is None:
             goal = sum(shares)
+        warmup = [math.ceil(share * self.opts.warmup) for share in shares]
+        if any(warmup):
+            states, totals, outcome = await self._round(couples, warmup, pairing(), deadline)
+            if outcome != "done" or lost or any(c.unexpected for c in conns):
+                await close_all(self.reactor, conns)
+                self._check_round(states, lost, conns, outcome, f"{totals['count']} {unit}")
+                raise BenchError(f"the warm-up took longer than --duration ({mode})")
+        await self.sync("start")
+        t0 = time.perf_counter()
+        states, totals, outcome = await self._round(
+            couples, shares, pairing(), deadline, (mode, goal)
+        )
+        t1 = time.perf_counter()
+        await self.sync("measured")
+        await close_all(self.reactor, conns)
+        self._check_round(states, lost, conns, outcome, f"{totals['count']} of {goal} {unit}")
+        return states, totals["count"], {"t0": t0, "t1": t1, "capped": outcome == "capped"}
+
+    async def _round(self, couples, shares, make_pair, deadline: float, progress=None):
+        """
+        One round of an exchange: each couple does its share; returns the
+        states, the totals and how the round ended (C{"done"}, C{"error"},
+        C{"capped"} at C{deadline}, C{"stalled"}).  C{progress}: the mode
+        and the goal the progress bar shows (the timed round).
+        """
         done = defer.Deferred()
         totals = {"count": 0, "pairs_done": 0}
         states = []
@@ -284,12 +319,8 @@ class Load:
             states.append(st)
             if share == 0:
                 st.finished()
-        lost = []
-        for c in conns:
-            c.on_lost = lost.append
-        await self.sync("start")
-        t0 = time.perf_counter()
-        self.progress.start(mode, goal, lambda: totals["count"])
+        if progress is not None:
+            self.progress.start(*progress, lambda: totals["count"])
         timer = self.reactor.callLater(
             max(deadline - time.perf_counter(), 0.1),
             lambda: done.called or done.callback("capped"),
@@ -309,24 +340,27 @@ class Load:
         for st in states:
             st.begin()
         outcome = await done
-        t1 = time.perf_counter()
         watchdog.stop()
         if timer.active():
             timer.cancel()
-        self.progress.stop()
-        await self.sync("measured")
+        if progress is not None:
+            self.progress.stop()
+        return states, totals, outcome
+
+    def _check_round(self, states, lost, conns, outcome: str, done: str) -> None:
+        """
+        Raise L{BenchError} if a round failed (C{done}: what it got done).
+        """
         errors = [st.error for st in states if st.error]
-        unexpected = sum(c.unexpected for c in conns)
-        await close_all(self.reactor, conns)
         if errors:
             raise BenchError(errors[0])
         if lost:
             raise BenchError(f"{len(lost)} connection(s) lost during the run")
+        unexpected = sum(c.unexpected for c in conns)
         if unexpected:
             raise BenchError(f"senders received {unexpected} unexpected bytes (an error reply?)")
         if outcome == "stalled":
+            stall = stall_seconds(self.opts.duration)
             raise BenchError(
-                f"the server stopped answering: nothing arrived for {stall:g} s "
-                f"({totals['count']} of {goal} {'deliveries' if members else mode + 's'} done)"
+                f"the server stopped answering: nothing arrived for {stall:g} s ({done} done)"
             )
-        return states, totals["count"], {"t0": t0, "t1": t1, "capped": outcome == "capped"}

@@ -39,10 +39,12 @@ class Bench(Load):
             receiver.on_data = st.received_checked if opts.check else st.received
             return st
 
-        if opts.pattern == "interleaved":
-            make_pair = _Ring(dialect, window, size, opts.check).make_pair
+        def pairing():
+            if opts.pattern == "interleaved":  # one ring for each round
+                return _Ring(dialect, window, size, opts.check).make_pair
+            return make_pair
 
-        _, received, timed = await self._exchange(server, dialect, part, "send", "sr", make_pair)
+        _, received, timed = await self._exchange(server, dialect, part, "send", "sr", pairing)
         return {"received": received, "frame_bytes": size, "window_per_pair": window, **timed}
 
     async def fanout(self, server, kind: str, part: dict) -> dict:
@@ -99,7 +101,7 @@ class Bench(Load):
 
         expected = sum(part["shares"]) * (group_size - 1)
         states, deliveries, timed = await self._exchange(
-            server, dialect, part, "fanout", "", make_group, members=log_on, goal=expected
+            server, dialect, part, "fanout", "", lambda: make_group, members=log_on, goal=expected
         )
         return {
             "groups": len(states),
@@ -125,7 +127,9 @@ class Bench(Load):
         def make_pair(sender, receiver, share, totals, done, pairs):
             return _RequestPair(sender, receiver, share, totals, done, pairs, dialect)
 
-        states, _, timed = await self._exchange(server, dialect, part, "request", "qp", make_pair)
+        states, _, timed = await self._exchange(
+            server, dialect, part, "request", "qp", lambda: make_pair
+        )
         return {
             "rtts": [r for st in states for r in st.rtts],
             "frame_bytes": dialect.frame_size,

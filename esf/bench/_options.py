@@ -78,6 +78,13 @@ def _positive(kind):
     return parse
 
 
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 10:
+        raise argparse.ArgumentTypeError(f"must be in 0..10, not {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="esf-bench",
@@ -266,6 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long one phase may take in all before the run is ended as hung, with status 1: "
         "a load worker or the coordinator stopped answering (default: --duration + "
         f"{PHASE_GRACE:g})",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_fraction,
+        default=0.25,
+        metavar="FRACTION",
+        help="in send and request, before the timed part, the same traffic at this fraction "
+        "of its count, untimed, on every server alike: a long-lived server runs warm, and "
+        "on PyPy the first messages pay for the JIT's compiling (default 0.25; 0 for none)",
     )
     p.add_argument(
         "--quick",
