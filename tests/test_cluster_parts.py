@@ -825,3 +825,22 @@ def test_the_links_commands_are_encoded_as_txredisapi_would():
         assert encode_command(*args) == theirs._build_command(*args), args
     # (txredisapi would send a memoryview's repr.)
     assert encode_command(memoryview(b"ab")) == b"*1\r\n$2\r\nab\r\n"
+
+
+def test_scripts_go_to_redis_without_their_comments_on_the_same_lines():
+    """
+    What Redis gets of a Lua script has its comment lines emptied (they
+    would go with every EVAL), and each line where the file has it, so
+    that an error Redis reports names the file's line.
+    """
+    from importlib import resources
+
+    from esf.cluster._link import script
+
+    for path in resources.files("esf.cluster").joinpath("lua").iterdir():
+        text = path.read_bytes().splitlines()
+        sent = script(path.name.removesuffix(".lua")).splitlines()
+        assert len(sent) == len(text), path.name
+        for line, went in zip(text, sent):
+            assert went == (b"" if line.lstrip().startswith(b"--") else line), path.name
+        assert any(line.lstrip().startswith(b"--") for line in text), path.name

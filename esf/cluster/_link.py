@@ -33,9 +33,15 @@ log = Logger(namespace="esf.cluster")
 
 def script(name: str) -> bytes:
     """
-    The Lua script C{esf/cluster/lua/NAME.lua}, as Redis runs it.
+    The Lua script C{esf/cluster/lua/NAME.lua}, as Redis runs it: its
+    comment lines left empty, which would otherwise go to Redis with every
+    EVAL (the inbox's deletion goes as one with every read) and be parsed
+    there.  (Emptied, not removed: Redis's errors name the file's lines.)
     """
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_bytes()
+    text = resources.files(__package__).joinpath("lua", f"{name}.lua").read_bytes()
+    return b"\n".join(
+        b"" if line.lstrip().startswith(b"--") else line for line in text.splitlines()
+    )
 
 
 class RedisUnavailable(PresenceUnavailable):
