@@ -289,10 +289,13 @@ class Load:
         warmup = [math.ceil(share * self.opts.warmup) for share in shares]
         if any(warmup):
             states, totals, outcome = await self._round(couples, warmup, pairing(), deadline)
-            if outcome != "done" or lost or any(c.unexpected for c in conns):
-                await close_all(self.reactor, conns)
+            try:
                 self._check_round(states, lost, conns, outcome, f"{totals['count']} {unit}")
-                raise BenchError(f"the warm-up took longer than --duration ({mode})")
+                if outcome == "capped":
+                    raise BenchError(f"the warm-up took longer than --duration ({mode})")
+            except BenchError:
+                await close_all(self.reactor, conns)
+                raise
         await self.sync("start")
         t0 = time.perf_counter()
         states, totals, outcome = await self._round(
