@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from esf import DisconnectedType, MessageType, RelogonMode, UserData
-from esf.cluster._inbox import InboxLedger
+from esf.cluster._inbox import GONE, LATE, InboxLedger
 from esf.cluster._link import NotSent, RedisUnavailable
 from esf.cluster._presence import ClusterPresence, RedisURL, RemoteHandle, check_node_id
 from esf.cluster._records import Holder
@@ -1019,6 +1019,47 @@ async def test_a_dead_nodes_inbox_goes_and_stays_gone(nodes, redis_server):
     await a.link.execute("PING")
     assert a.stats["inbox_gone"] == 1
     assert redis_server.command("EXISTS", "esf:inbox:b", "esf:ib:b") == b":0"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_append_leaves_the_inbox_as_it_was(nodes, redis_server):
+    """
+    An append that Redis runs past its deadline, or to a node that is not
+    in the cluster, adds nothing: no entry, no bytes counted, no inbox made
+    for the absent node; what the inbox held arrives, in order.
+    """
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    remote.send(b"kept")
+    a.outbox.flush()
+    await eventually(lambda: bob.sent == [b"kept"])
+    await pause_reading(b)
+    remote.send(b"waiting")
+    a.outbox.flush()
+    await a.link.execute("PING")
+    before = ledger(redis_server, "b")
+    assert before[0] == 1
+    # Redis runs it after its deadline (as when it was hung): refused.
+    assert await a.inbox.append("b", b"x" * 1000, within=-1.0) == LATE
+    assert ledger(redis_server, "b") == before
+    # A node that is not in the cluster: refused, and no stream made.
+    assert await a.inbox.append("ghost", b"y" * 1000) == GONE
+    assert redis_server.command("EXISTS", "esf:inbox:ghost", "esf:ib:ghost") == b":0"
+    # The next one is admitted, and counted.
+    remote.send(b"after")
+    a.outbox.flush()
+    await a.link.execute("PING")
+    length, held = ledger(redis_server, "b")
+    assert length == 2 and held > before[1]
+    # b reads on: nothing refused reaches bob, and the order holds.
+    resume_reading(b)
+    await eventually(lambda: len(bob.sent) == 3, what=lambda: bob.sent)
+    assert bob.sent == [b"kept", b"waiting", b"after"]
+    await b.inbox.settled()
+    assert ledger(redis_server, "b") == (0, 0)
 
 
 class RecordingLink:
