@@ -413,6 +413,97 @@ async def test_janitor_releases_a_dead_nodes_devices(nodes):
     assert holder(b, "bob") == bob.session_id
 
 
+def start_another(nodes, node_id: str) -> ClusterPresence:
+    """
+    Start a process's presence as C{node_id}, without waiting for it to join.
+    """
+    presence = ClusterPresence(
+        reactor, nodes.redis.url, node_id, clock=task.Clock(), lease=LEASE, timeout=1.0, block=0.2
+    )
+    presence.start()
+    nodes.nodes.append(presence)
+    return presence
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_process_with_a_node_id_in_use_stays_out_while_it_lives(nodes):
+    # Two processes started with one --node-id: the second would reap the
+    # first's devices and read its inbox.  It waits instead, alone, saying
+    # why, as long as the first renews its lease.
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    await eventually(lambda: b.devices("alice"))
+    with LogCapture() as logs:
+        twin = start_another(nodes, "a")
+        for _ in range(6):
+            a.clock.advance(LEASE / 3)  # a renews its lease
+            await sleep(LEASE / 3)
+        assert logs.esf("cluster_node_id_in_use"), logs.esf("cluster_node_id_held")
+        assert twin.membership.stats["node_id_in_use"] >= 1
+    assert not twin.up and a.up
+    assert await b.link.execute("GET", "esf:lease:a") == a.membership.hold.token.encode()
+    assert holder(b, "alice") == alice.session_id
+    # The first leaves: the second joins, holding the ID from then on.
+    nodes.nodes.remove(a)
+    await Deferred.fromCoroutine(a.stop())
+    await eventually(lambda: twin.up, timeout=LEASE, what="the second joins")
+    assert not b.devices("alice")
+    assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_process_with_a_dead_ones_node_id_joins_once_its_lease_ends(nodes):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    alice = Device("a", "alice")
+    await a.claim(alice, True)
+    await eventually(lambda: b.devices("alice"))
+    # a dies without leaving; a new process starts with its node ID.
+    a.membership.ticker.stop()
+    a.membership.running = False
+    await a.link.stop()
+    await a.reader.stop()
+    nodes.nodes.remove(a)
+    with LogCapture() as logs:
+        again = start_another(nodes, "a")
+        await eventually(lambda: again.up, timeout=LEASE + 2, what="it joins")
+        [held] = logs.esf("cluster_node_id_held")
+        assert 0 < held["left"] <= LEASE
+        assert not logs.esf("cluster_node_id_in_use")
+    # What the dead one held is released (by the new process, or b's janitor).
+    await eventually(lambda: not b.devices("alice"), what="alice released")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_node_whose_id_was_taken_over_stays_out(nodes, redis_server):
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    await a.claim(Device("a", "alice"), True)
+    await eventually(lambda: b.devices("alice"))
+    # a is paused past its lease; meanwhile a new process takes its ID over.
+    await pause_reading(a)
+    await sleep(LEASE + 0.2)
+    twin = start_another(nodes, "a")
+    await eventually(lambda: twin.up, timeout=LEASE + 2, what="the new process joins")
+    await pause_reading(twin)
+    entry_id = await b.inbox.append("a", b"for the new process")
+    with LogCapture() as logs:
+        # a resumes.  What it reads while unsure of its lease it must take
+        # first: the new process's entries are not its to take.
+        assert not await a.inbox.take(a.link, [(entry_id, 19)], LEASE, a.membership.hold.token)
+        assert ledger(redis_server, "a")[0] == 1
+        # Its upkeep finds the lease another's: out of the cluster, saying so.
+        a.clock.advance(LEASE / 3)
+        await eventually(lambda: not a.up, what="a leaves")
+        assert logs.esf("cluster_node_id_in_use")
+    assert twin.up
+    assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
+    await twin.inbox.take(twin.link, [(entry_id, 19)], LEASE, twin.membership.hold.token)
+    assert ledger(redis_server, "a") == (0, 0)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_live_node_keeps_its_devices(nodes):
     a = await nodes.add("a")
@@ -1176,14 +1267,14 @@ async def test_what_a_node_reads_after_its_lease_may_have_run_out_is_taken_first
         await pause_reading(a)
         to_alice.send(data)
         await eventually(lambda: ledger(redis_server, "a")[0] == 1, what="appended")
-        a.membership.lease_sure_until = 0.0  # as after a pause
+        a.membership.hold.sure_until = 0.0  # as after a pause
         redis_server.command("PEXPIRE", "esf:lease:a", "50")
         if reaped:
             take = a.inbox.take
 
-            def reaped_first(link, entries, lease):
+            def reaped_first(link, entries, lease, token):
                 redis_server.command("DEL", "esf:inbox:a", "esf:ib:a")  # the janitor's reap
-                return take(link, entries, lease)
+                return take(link, entries, lease, token)
 
             a.inbox.take = reaped_first
         resume_reading(a)
@@ -1192,12 +1283,12 @@ async def test_what_a_node_reads_after_its_lease_may_have_run_out_is_taken_first
     await eventually(lambda: alice.sent == [b"one"], what="delivered once taken")
     assert ledger(redis_server, "a") == (0, 0)
     assert int(redis_server.command("PTTL", "esf:lease:a")[1:]) > LEASE * 1000 * 0.9
-    assert a.membership.lease_sure()
+    assert a.membership.hold.sure()
 
     await read_after_a_pause(b"two", reaped=True)
     await eventually(lambda: a.stats["inbox_reaped_unread"] == 1, what="skipped")
     assert alice.sent == [b"one"]
     a.clock.advance(LEASE / 3)  # its upkeep renews its lease
-    await eventually(a.membership.lease_sure, what="the lease renewed")
+    await eventually(a.membership.hold.sure, what="the lease renewed")
     to_alice.send(b"three")
     await eventually(lambda: alice.sent == [b"one", b"three"], what="reading goes on")

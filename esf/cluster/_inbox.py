@@ -242,16 +242,17 @@ class InboxLedger:
         self._unconfirmed = []
 
     def take(
-        self, link: IRedisLink, entries: Sequence[tuple[bytes, int]], lease: float
+        self, link: IRedisLink, entries: Sequence[tuple[bytes, int]], lease: float, token: str
     ) -> Deferred[Any]:
         """
         Delete C{entries} (stream ID, payload size), read while this node's
         lease may have run out, before they are delivered, and renew the
-        lease (for C{lease} seconds) in the same step: fires with C{True}
-        (deliver them) or C{False}: they are gone, because the janitor
-        reaped this node meanwhile and answered their senders.
+        lease (for C{lease} seconds, held by this process's C{token}) in the
+        same step: fires with C{True} (deliver them) or C{False}: they are
+        gone, because the janitor reaped this node meanwhile and answered
+        their senders.
         """
-        args: list[Any] = [self.node_id, int(lease * 1000)]
+        args: list[Any] = [token, int(lease * 1000)]
         for stream_id, size in entries:
             args += (stream_id, size)
         keys = [self._inbox, self._ledger, self.keys.lease(self.node_id)]

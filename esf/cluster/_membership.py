@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import random
+import secrets
 import string
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Callable
@@ -46,6 +47,126 @@ _EPOCH = script("epoch")
 REAPED_KEPT_MS = 60_000
 
 
+class NodeIdTaken(RedisUnavailable):
+    """
+    Another process holds this node's lease: it took the node's ID over.
+    """
+
+
+class LeaseHold:
+    """
+    This process's hold of its node's lease, C{esf:lease:<node>}, renewed
+    every third of it (L{renew}).  The lease's value is the process's own
+    random L{token}: a node ID is one process's, and a process that finds
+    another's token there waits (L{wait_for_the_id}); one whose lease was
+    taken over while it was paused learns it at its next renewal
+    (L{NodeIdTaken}).
+
+    @ivar sure_until: until when (the reactor's time) the lease surely
+        holds: a sixth of a lease before it runs out, from its last
+        renewal's sending (then the node may be reaped).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        link: IRedisLink,
+        keys: Keys,
+        node_id: str,
+        lease: float,
+        stats: collections.Counter[str],
+    ):
+        self.reactor = reactor
+        self.link = link
+        self.keys = keys
+        self.node_id = node_id
+        self.lease = lease
+        self.stats = stats
+        self.token = secrets.token_hex(8)
+        self.sure_until = 0.0
+
+    async def renew(self) -> tuple[bytes | None, float, float]:
+        """
+        Renew the lease: the cluster's epoch, and Redis's clock (ms) with
+        this node's time (s) when Redis read it (about halfway through the
+        round trip).  Raises L{NodeIdTaken} when another process holds it.
+        """
+        before = self.reactor.seconds()
+        reply = await self.link.eval(
+            _TICK,
+            [self.keys.lease(self.node_id), self.keys.nodes, self.keys.epoch],
+            [self.node_id, int(self.lease * 1000), self.token],
+        )
+        if not isinstance(reply, list):
+            raise NodeIdTaken(f"another process holds node {self.node_id}'s lease")
+        epoch, (seconds, micros) = reply
+        self.renewed(before)
+        middle = (before + self.reactor.seconds()) / 2
+        return epoch, int(seconds) * 1000 + int(micros) / 1000, middle
+
+    def renewed(self, sent_at: float) -> None:
+        """
+        A renewal of the lease sent at C{sent_at} (the reactor's time) ran.
+        """
+        self.sure_until = max(self.sure_until, sent_at + self.lease * 5 / 6)
+
+    def sure(self) -> bool:
+        """
+        Whether the lease surely holds now, and a little longer: the janitor
+        cannot have reaped the node, nor reap it before what it reads now is
+        delivered and deleted.
+        """
+        return bool(self.reactor.seconds() < self.sure_until)
+
+    async def wait_for_the_id(self, running: Callable[[], bool]) -> None:
+        """
+        Before this process joins, wait while the lease is another
+        process's: an earlier one with this node ID that did not leave
+        (killed: its lease ends within a lease), or one still running (two
+        processes started with one C{--node-id}: it renews the lease, and
+        this one never joins while it does).  Meanwhile the node runs
+        alone, and says why: a warning at first, an error at every check
+        (every third of a lease) that finds the lease renewed.
+        """
+        key = self.keys.lease(self.node_id)
+        mine = self.token.encode()
+        ends_before: float | None = None
+        while True:
+            holder = await self.link.execute("GET", key)
+            left_ms = int(await self.link.execute("PTTL", key))
+            if holder is None or holder == mine or left_ms < 0:
+                return
+            ends = self.reactor.seconds() + left_ms / 1000
+            if ends_before is not None and ends > ends_before + self.lease / 10:
+                self.taken("another process is in the cluster as {node} and renews its lease")
+            elif ends_before is None:
+                log.warn(
+                    "node {node}'s lease is held by another process (an earlier one that did "
+                    "not leave?): joining once it ends, within {left:.1f} s",
+                    node=self.node_id,
+                    left=left_ms / 1000,
+                    esf_event="cluster_node_id_held",
+                )
+            ends_before = ends
+            await deferLater(
+                self.reactor, min(self.lease / 3, left_ms / 1000 + 0.01), lambda: None
+            )
+            if not running():
+                raise RedisUnavailable("this node is leaving the cluster")
+
+    def taken(self, what: str) -> None:
+        """
+        Say that another process holds this node's ID (C{what} happened).
+        """
+        self.stats["node_id_in_use"] += 1
+        log.error(
+            what + " (two processes with one --node-id?): this one stays out of the "
+            "cluster (it runs alone) until that one's lease ends",
+            node=self.node_id,
+            esf_event="cluster_node_id_in_use",
+        )
+
+
 class Membership:
     """
     This node's membership of the cluster.
@@ -60,6 +181,7 @@ class Membership:
     @ivar streams: the reader of the presence stream and the inbox (set once
         made): its inbox position restarts when the inbox is lost.
     @ivar server: the Redis server (L{IRedisLink.server}) this node last joined on.
+    @ivar hold: this process's hold of the node's lease.
     """
 
     def __init__(
@@ -97,6 +219,7 @@ class Membership:
         self.generation = 0
         self.epoch: bytes | None = None
         self.server: str | None = None
+        self.hold = LeaseHold(reactor, link, keys, node_id, lease, stats)
         self._joined_once = False
         self._joining = False
         self._join_again = False
@@ -104,9 +227,6 @@ class Membership:
         self.clock = clock
         #: When the janitor may run again (L{clock}'s time): a lease after a rejoin.
         self.reap_after = 0.0
-        #: Until when (L{reactor}'s time) this node's lease surely holds: a sixth of a
-        #: lease before it runs out, from its last renewal's sending (then it may be reaped).
-        self.lease_sure_until = 0.0
         self.ticker = LoopingCall(self._tick)
         self.ticker.clock = clock
 
@@ -215,9 +335,11 @@ class Membership:
             # Everything this node held must be claimed again.
             claims.unconfirmed.update(claims.local)
         self.epoch = epoch
+        # A node ID is one process's: another that holds its lease keeps
+        # it until the lease ends.
+        await self.hold.wait_for_the_id(lambda: self.running)
         if not self._joined_once:
-            # A node ID is one process's: whatever an earlier process with
-            # this ID left is dead.
+            # Whatever an earlier process with this ID left is dead.
             await self.janitor.reap(self.node_id, force=True)
             if self.streams is not None:
                 self.streams.restart_inbox()
@@ -260,33 +382,9 @@ class Membership:
     async def _refresh_lease(self) -> bytes | None:
         if not self.ticker.running:  # left (a join under way): the lease must not come back
             raise RedisUnavailable("this node is leaving the cluster")
-        before = self.reactor.seconds()
-        epoch, (seconds, micros) = await self.link.eval(
-            _TICK,
-            [self.keys.lease(self.node_id), self.keys.nodes, self.keys.epoch],
-            [self.node_id, int(self.lease * 1000)],
-        )
-        self.lease_renewed(before)
-        # Redis's clock, for the appends' deadlines: read about halfway
-        # through the round trip.
-        middle = (before + self.reactor.seconds()) / 2
-        self.ledger.set_redis_time(int(seconds) * 1000 + int(micros) / 1000, middle)
-        return epoch  # type: ignore[no-any-return]
-
-    def lease_renewed(self, sent_at: float) -> None:
-        """
-        A renewal of this node's lease sent at C{sent_at} (L{reactor}'s
-        time) ran.
-        """
-        self.lease_sure_until = max(self.lease_sure_until, sent_at + self.lease * 5 / 6)
-
-    def lease_sure(self) -> bool:
-        """
-        Whether this node's lease surely holds now, and a little longer:
-        the janitor cannot have reaped it, nor reap it before what it reads
-        now is delivered and deleted.
-        """
-        return bool(self.reactor.seconds() < self.lease_sure_until)
+        epoch, redis_ms, local = await self.hold.renew()
+        self.ledger.set_redis_time(redis_ms, local)  # for the appends' deadlines
+        return epoch
 
     async def _snapshot(self) -> tuple[bytes, dict[str, dict[bytes, bytes]]]:
         """
@@ -324,7 +422,15 @@ class Membership:
         if not (self.up and self.link.connected):
             return
         try:
-            epoch = await self._refresh_lease()
+            try:
+                epoch = await self._refresh_lease()
+            except NodeIdTaken:
+                # Taken over while this node was paused past its lease: what
+                # it held was released, its inbox is the other's now.
+                self.hold.taken("another process took over node {node}'s ID")
+                self.alone("another process holds this node's ID")
+                await self.join()
+                return
             if epoch != self.epoch:
                 # FLUSHALL, or a failover to a replica that lost the epoch.
                 self.alone("Redis lost the cluster's data")

@@ -199,7 +199,7 @@ class StreamReader:
             if not reply:
                 continue
             deliver, taken = True, False
-            unread = () if membership.lease_sure() else self._unread(reply)
+            unread = () if membership.hold.sure() else self._unread(reply)
             if unread:
                 # Read while this node's lease may have run out (it was
                 # paused, or stalled): the janitor may have reaped it and
@@ -207,7 +207,9 @@ class StreamReader:
                 # they are still there, taking them at once.
                 sent_at = self.reactor.seconds()
                 try:
-                    taken = deliver = await self.ledger.take(self.link, unread, membership.lease)
+                    taken = deliver = await self.ledger.take(
+                        self.link, unread, membership.lease, membership.hold.token
+                    )
                 except RedisUnavailable:
                     continue  # read them again, if they are still there
                 except Exception:
@@ -215,7 +217,7 @@ class StreamReader:
                     await deferLater(self.reactor, 1.0, lambda: None)
                     continue
                 if taken:
-                    membership.lease_renewed(sent_at)
+                    membership.hold.renewed(sent_at)
                 else:
                     self.stats["inbox_reaped_unread"] += len(unread)
             self.process(reply, generation, deliver=deliver, taken=taken)

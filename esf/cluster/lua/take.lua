@@ -3,9 +3,15 @@
 -- unless the janitor reaped the node meanwhile (its inbox went with them,
 -- and their senders were answered).
 -- KEYS: the node's inbox, its ledger, its lease
--- ARGV: node, lease in ms, entry ID, its size, ... (in order)
+-- ARGV: this process's token (the lease's value), lease in ms, entry ID, its
+--       size, ... (in order)
 -- Returns 1 when the entries were there (taken: deliver them), 0 when they
--- were gone (do not).
+-- were gone (do not), or when another process holds the node's lease: it
+-- took the node's ID over, and these entries are its own.
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then
+  return 0
+end
 local freed = 0
 for i = 3, #ARGV, 2 do
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
