@@ -10,6 +10,7 @@ import collections
 import types
 
 import pytest
+from _helpers import LogCapture
 from twisted.internet import task
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
@@ -116,6 +117,24 @@ def test_mirror_applies_claims_and_releases_in_order():
     mirror.apply([(b"3-1", released("bob", 0, "b/1"))])
     assert mirror.user_ids() == ["alice"] and mirror.get("bob", 0) is None
     assert mirror.position == b"3-1" and reports == []
+
+
+def test_a_bad_change_is_skipped_alone():
+    # One entry holds a turn's changes: one that cannot be read (a user ID
+    # that is not UTF-8, a field that is not a change) costs only itself,
+    # and one log event for the entry.
+    mirror, _, _ = make_mirror()
+    entry = (
+        claimed("bob", 0, "b/1", "b")
+        + [b"u", b"\xff", b"c", b"0", b"v", value("b/2", "b", 1.0)]
+        + [b"u", b"carl", b"c", b"0", b"x", b"?"]
+        + claimed("alice", 0, "b/3", "b")
+    )
+    with LogCapture() as logs:
+        mirror.apply([(b"1-0", entry)])
+    assert mirror.user_ids() == ["alice", "bob"]
+    assert len(logs.failures()) == 1
+    assert mirror.position == b"1-0"
 
 
 def test_mirror_keeps_one_handle_per_remote_session():

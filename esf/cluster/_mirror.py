@@ -119,20 +119,25 @@ class PresenceMirror:
         Apply the presence stream's C{entries} (C{(id, flat fields)}, in
         order), each one or more changes (the fields C{u}, C{c}, and C{v}
         or C{d}, per change); those at or before L{position} are skipped, a
-        bad one is logged and skipped with the rest of its entry.
+        bad change is skipped alone (the entry's others are applied), and
+        logged once per entry.
         """
         for raw_id, flat in entries:
             at = stream_id(raw_id)
             if at <= self.at:
                 continue
             self.position, self.at = raw_id, at
-            try:
-                for place in range(len(flat) // 6):
+            bad = 0
+            for place in range(len(flat) // 6):
+                try:
                     report = self._apply(at + (place + 1,), flat[place * 6 : place * 6 + 6])
-                    if report is not None:
-                        self.report(report)
-            except Exception:
-                log.failure("a bad presence record {id}", id=raw_id)
+                except Exception:
+                    bad += 1
+                    if bad == 1:
+                        log.failure("a bad change of presence in entry {id}", id=raw_id)
+                    continue
+                if report is not None:
+                    self.report(report)
 
     def _apply(self, at: tuple[int, int, int], change: Sequence[Any]) -> Report | None:
         u, user, c, kind_, field, value = change
