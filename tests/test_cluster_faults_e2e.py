@@ -456,6 +456,32 @@ def kill_a_node(matrix: Matrix) -> None:
         matrix.wait_listing(USERS)
 
 
+def restart_a_killed_node(matrix: Matrix) -> None:
+    """
+    n1 is killed (SIGKILL) and started again at once with its node ID, as a
+    supervisor would: the new process waits, alone, until the killed one's
+    lease ends (never taking it for a live process with its ID), then takes
+    the ID over and joins; amy logs on there again.  What cat sent her
+    meanwhile was delivered before the kill, or answered, or (with
+    --offline) stored and delivered to her there.
+    """
+    n1 = matrix.nodes[0]
+    n1.process.send_signal(signal.SIGKILL)
+    n1.process.wait(5)
+    n1.stop()
+    killed_at = time.monotonic()
+    node = matrix.start(0)
+    assert time.monotonic() - killed_at < LEASE + 5.0, "the new process joined too late"
+    log = node.log()
+    assert "lease is held by another process" in log, log
+    assert "renews its lease" not in log, log
+    matrix.run(PHASE)
+    amy = matrix.peers[0]
+    assert not amy.live, "amy's connection outlived her node"
+    amy.connect(node)
+    matrix.wait_listing(USERS)
+
+
 def pause_a_node(matrix: Matrix) -> None:
     """
     n1 is paused (SIGSTOP) past its lease, reaped, then resumed (SIGCONT):
@@ -530,6 +556,7 @@ def rolling_restart(matrix: Matrix) -> None:
 
 FAULTS = {
     "node-killed": kill_a_node,
+    "node-killed-restarted": restart_a_killed_node,
     "node-paused": pause_a_node,
     "redis-paused": pause_redis,
     "redis-restarted": restart_redis,
@@ -545,7 +572,7 @@ FAULTS = {
 OFFLINE_FAULTS = tuple(FAULTS)
 #: And with --relogon-mode ignore-new, where a device its dead (or paused,
 #: or stopped) node still holds must not keep its user out.
-IGNORE_NEW_FAULTS = ("node-killed", "node-paused", "rolling-restart")
+IGNORE_NEW_FAULTS = ("node-killed", "node-killed-restarted", "node-paused", "rolling-restart")
 
 
 #: Cases run side by side, this many at a time: each is three nodes and a
