@@ -500,6 +500,16 @@ async def test_a_paused_node_whose_id_was_taken_over_stays_out(nodes, redis_serv
         assert logs.esf("cluster_node_id_in_use")
     assert twin.up
     assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
+    # a stops: it leaves the ID, the new process's devices and inbox as they are.
+    await twin.claim(Device("a", "ann"), True)
+    await eventually(lambda: b.devices("ann"))
+    nodes.nodes.remove(a)
+    await Deferred.fromCoroutine(a.stop())
+    assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
+    assert ledger(redis_server, "a")[0] == 1
+    b.clock.advance(LEASE / 3)  # b's janitor looks
+    await sleep(0.1)
+    assert b.devices("ann")
     await twin.inbox.take(twin.link, [(entry_id, 19)], LEASE, twin.membership.hold.token)
     assert ledger(redis_server, "a") == (0, 0)
 

@@ -351,6 +351,36 @@ def test_simultaneous_double_logons_leave_one_session(cluster):
                 client.close()
 
 
+def test_a_second_process_with_a_nodes_id_stays_out_and_leaves_it_alone(
+    cluster, clients, redis, tmp_path
+):
+    """
+    A second twistd started by mistake with n1's --node-id while n1 runs:
+    it serves its own clients alone, says why, and never touches n1's
+    devices or inbox, not even when it stops.
+    """
+    n1, n2, _ = cluster
+    gina = clients(n1, "gina")
+    hal = clients(n2, "hal")
+    wait_online(hal, "gina", 1)
+    twin = launch_node(tmp_path / "twin.log", redis.url, "n1")
+    try:
+        twin.wait_listening()
+        twin.wait_for_log(r"renews its lease", timeout=LEASE * 2 + 5)
+        ivan = clients(twin, "ivan")  # served, alone
+        assert query_online(ivan, "gina") == 0
+        assert query_online(hal, "ivan") == 0
+        hal.send(SEND, info(1, b"still there?"), dest="gina")
+        assert gina.recv_until(SEND)[1] == info(1, b"still there?")
+        assert "in the cluster as n1:" not in twin.log()  # never joined
+    finally:
+        twin.stop()
+    assert "another process's: left to it" in twin.log()
+    assert query_online(hal, "gina") == 1
+    hal.send(SEND, info(1, b"and now?"), dest="gina")
+    assert gina.recv_until(SEND)[1] == info(1, b"and now?")
+
+
 def test_redis_restart_mid_traffic(cluster, clients, redis):
     """
     Redis dies and comes back empty: no hang, local traffic goes on, a

@@ -340,7 +340,8 @@ class Membership:
         await self.hold.wait_for_the_id(lambda: self.running)
         if not self._joined_once:
             # Whatever an earlier process with this ID left is dead.
-            await self.janitor.reap(self.node_id, force=True)
+            if await self.janitor.reap(self.node_id, force=True, holder=self.hold.token) < 0:
+                raise NodeIdTaken(f"another process took node {self.node_id}'s lease")
             if self.streams is not None:
                 self.streams.restart_inbox()
         else:
@@ -504,11 +505,15 @@ class Janitor:
                     esf_event="cluster_node_reaped",
                 )
 
-    async def reap(self, node: str, force: bool) -> int:
+    async def reap(self, node: str, force: bool, holder: str = "") -> int:
         """
         Release C{node}'s devices and delete its inbox (if its lease expired,
         or C{force}): how many devices, or -1 (its lease is alive).  What
         its inbox held unread is handed to C{unread_lost} a page at a time.
+
+        @param holder: the token of the process reaping its own node
+            (L{LeaseHold.token}): -1, and nothing done, when another
+            process holds the node's lease.
         """
         keys = self.keys
         self._reaps += 1
@@ -519,12 +524,28 @@ class Janitor:
                 keys.lease(node), keys.index(node), keys.online, keys.stream, keys.nodes,
                 keys.inbox(node), keys.ledger(node), moved,
             ],
-            [node, self.presence_maxlen, keys.base, "1" if force else "0", REAPED_KEPT_MS],
+            [node, self.presence_maxlen, keys.base, "1" if force else "0", REAPED_KEPT_MS, holder],
         )  # fmt: skip
         count = int(reply[0])
         if count >= 0 and int(reply[1]):
             await self._unread(node, moved, int(reply[1]))
         return count
+
+    async def leave(self, holder: str) -> None:
+        """
+        Reap this node itself as it leaves the cluster (what it still holds
+        released, its lease and inbox deleted), unless another process than
+        C{holder} holds its ID: then all is left to that one.
+        """
+        count = await self.reap(self.node_id, force=True, holder=holder)
+        log.info(
+            "left the cluster; released {count} devices still held"
+            if count >= 0
+            else "left the cluster; node {node}'s ID is another process's: left to it",
+            count=count,
+            node=self.node_id,
+            esf_event="cluster_left",
+        )
 
     async def _unread(self, node: str, moved: str, unread: int) -> None:
         """

@@ -312,12 +312,7 @@ class ClusterPresence:
         await self.inbox.settled()
         if self.link.connected:
             try:
-                count = await self.membership.janitor.reap(self.node_id, force=True)
-                log.info(
-                    "left the cluster; released {count} devices still held",
-                    count=count,
-                    esf_event="cluster_left",
-                )
+                await self.membership.janitor.leave(self.membership.hold.token)
             except Exception as e:
                 log.warn("leaving the cluster: {error}", error=e)
         self.membership.up = False

@@ -2,13 +2,20 @@
 -- KEYS: the node's lease, the node's index, online set, presence stream,
 --       nodes set, the node's inbox, its ledger, the key its inbox moves to
 -- ARGV: node, maxlen, prefix, force ('1': even if its lease is alive),
---       milliseconds the moved inbox is kept
+--       milliseconds the moved inbox is kept, the token of the process
+--       reaping its own node ('' for another's): not if another holds it
 -- Returns {devices released, entries its inbox held unread}, or {-1} when
--- its lease is alive.  The unread entries move to the last key (kept for a
+-- its lease is alive (or another process's).  The unread entries move to the last key (kept for a
 -- while), for the janitor to read page by page: one script over all of
 -- them could run for as long as the inbox is large.
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
   return {-1}
+end
+if ARGV[6] ~= '' then
+  local holder = redis.call('GET', KEYS[1])
+  if holder and holder ~= ARGV[6] then
+    return {-1}
+  end
 end
 local unread = redis.call('XLEN', KEYS[6])
 if unread > 0 then
