@@ -445,11 +445,18 @@ async def test_a_second_process_with_a_node_id_in_use_stays_out_while_it_lives(n
     assert not twin.up and a.up
     assert await b.link.execute("GET", "esf:lease:a") == a.membership.hold.token.encode()
     assert holder(b, "alice") == alice.session_id
-    # The first leaves: the second joins, holding the ID from then on.
+    # Alone, the second takes its own logons; nobody else sees them yet.
+    ivy = Device("a", "ivy")
+    await twin.claim(ivy, True)
+    await sleep(0.1)
+    assert not b.devices("ivy")
+    # The first leaves: the second joins, holding the ID from then on, and
+    # its logons are claimed in the cluster.
     nodes.nodes.remove(a)
     await Deferred.fromCoroutine(a.stop())
     await eventually(lambda: twin.up, timeout=LEASE, what="the second joins")
     assert not b.devices("alice")
+    await eventually(lambda: holder(b, "ivy") == ivy.session_id, what="ivy claimed")
     assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
 
 
