@@ -5,9 +5,9 @@
 --       milliseconds the moved inbox is kept, the token of the process
 --       reaping its own node ('' for another's): not if another holds it
 -- Returns {devices released, entries its inbox held unread}, or {-1} when
--- its lease is alive (or another process's).  The unread entries move to the last key (kept for a
--- while), for the janitor to read page by page: one script over all of
--- them could run for as long as the inbox is large.
+-- its lease is alive (or another process's).  The unread entries move to
+-- the last key (kept for a while), for the janitor to read page by page:
+-- one script over all of them could run for as long as the inbox is large.
 if ARGV[4] ~= '1' and redis.call('EXISTS', KEYS[1]) == 1 then
   return {-1}
 end
