@@ -467,7 +467,11 @@ async def test_a_process_with_a_dead_ones_node_id_joins_once_its_lease_ends(node
     alice = Device("a", "alice")
     await a.claim(alice, True)
     await eventually(lambda: b.devices("alice"))
-    # a dies without leaving; a new process starts with its node ID.
+    # a renews its lease (a full one left), then dies without leaving; a
+    # new process starts with its node ID.
+    renewed = a.membership.hold.sure_until
+    a.clock.advance(LEASE / 3)
+    await eventually(lambda: a.membership.hold.sure_until > renewed, what="a renews")
     a.membership.ticker.stop()
     a.membership.running = False
     await a.link.stop()

@@ -459,22 +459,19 @@ def kill_a_node(matrix: Matrix) -> None:
 def restart_a_killed_node(matrix: Matrix) -> None:
     """
     n1 is killed (SIGKILL) and started again at once with its node ID, as a
-    supervisor would: the new process waits, alone, until the killed one's
-    lease ends (never taking it for a live process with its ID), then takes
-    the ID over and joins; amy logs on there again.  What cat sent her
-    meanwhile was delivered before the kill, or answered, or (with
-    --offline) stored and delivered to her there.
+    supervisor would: the new process joins once the killed one's lease has
+    ended (it waits, alone, if it starts before; how soon it starts depends
+    on the machine, so only the in-process test holds that wait to
+    account), never taking it for a live process with its ID; amy logs on
+    there again.  What cat sent her meanwhile was delivered before the
+    kill, or answered, or (with --offline) stored and delivered to her there.
     """
     n1 = matrix.nodes[0]
     n1.process.send_signal(signal.SIGKILL)
     n1.process.wait(5)
     n1.stop()
-    killed_at = time.monotonic()
-    node = matrix.start(0)
-    assert time.monotonic() - killed_at < LEASE + 5.0, "the new process joined too late"
-    log = node.log()
-    assert "lease is held by another process" in log, log
-    assert "renews its lease" not in log, log
+    node = matrix.start(0)  # it joins (within node_ready's bound)
+    assert "renews its lease" not in node.log(), node.log()
     matrix.run(PHASE)
     amy = matrix.peers[0]
     assert not amy.live, "amy's connection outlived her node"
