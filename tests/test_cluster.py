@@ -454,7 +454,7 @@ async def test_a_second_process_with_a_node_id_in_use_stays_out_while_it_lives(n
     # its logons are claimed in the cluster.
     nodes.nodes.remove(a)
     await Deferred.fromCoroutine(a.stop())
-    await eventually(lambda: twin.up, timeout=LEASE, what="the second joins")
+    await eventually(lambda: twin.up, timeout=LEASE + 3, what="the second joins")
     assert not b.devices("alice")
     await eventually(lambda: holder(b, "ivy") == ivy.session_id, what="ivy claimed")
     assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
@@ -499,6 +499,7 @@ async def test_a_paused_node_whose_id_was_taken_over_stays_out(nodes, redis_serv
     twin = start_another(nodes, "a")
     await eventually(lambda: twin.up, timeout=LEASE + 2, what="the new process joins")
     await pause_reading(twin)
+    await twin.membership.hold.renew()  # (its clock stands still: its lease is renewed by hand)
     entry_id = await b.inbox.append("a", b"for the new process")
     with LogCapture() as logs:
         # a resumes.  What it reads while unsure of its lease it must take
@@ -518,6 +519,7 @@ async def test_a_paused_node_whose_id_was_taken_over_stays_out(nodes, redis_serv
     await Deferred.fromCoroutine(a.stop())
     assert await b.link.execute("GET", "esf:lease:a") == twin.membership.hold.token.encode()
     assert ledger(redis_server, "a")[0] == 1
+    await twin.membership.hold.renew()
     b.clock.advance(LEASE / 3)  # b's janitor looks
     await sleep(0.1)
     assert b.devices("ann")
