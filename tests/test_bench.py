@@ -89,6 +89,9 @@ def test_quick_run(tmp_path):
     report = json.loads(out.read_text())
     assert report["ok"] is True
     assert report["machine"]["nproc"] >= 1
+    # Which esf was measured: the one esf-bench comes from (here the checkout's).
+    assert report["machine"]["esf"] == str(REPO / "esf")
+    assert f"esf measured: {REPO / 'esf'}" in proc.stdout
     assert report["options"]["baseline"] == "coalescing"
     assert report["options"]["load_procs"] == 2
     assert isinstance(report["warnings"], list)

@@ -41,6 +41,9 @@ def machine_info() -> dict:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
         "loadavg_at_start": load,
+        # Which esf is measured: the servers import the one this module
+        # comes from (checkout_env), whatever the current directory holds.
+        "esf": str(checkout_root() / "esf"),
     }
 
 
@@ -155,13 +158,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkout_root() -> Path:
+    """
+    The directory that holds the esf package this module comes from (a
+    checkout, or an environment's site-packages).
+    """
+    return Path(__file__).resolve().parent.parent.parent
+
+
 def checkout_env() -> dict[str, str]:
     """
     This process's environment with the checkout this module comes from
     first on C{PYTHONPATH}: the esf that the servers and load workers it
     starts import.
     """
-    root = str(Path(__file__).resolve().parent.parent.parent)
+    root = str(checkout_root())
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

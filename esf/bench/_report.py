@@ -72,6 +72,9 @@ def format_table(report: dict) -> str:
         "| measurement | esf | baseline | esf/baseline | target |",
         "|---|---:|---:|---:|---|",
     ]
+    if machine.get("esf"):
+        # The esf the servers imported: two checkouts compared show each its own.
+        lines.insert(1, f"esf measured: {machine['esf']}")
     targets = {(t["row"], t["figure"]): t for t in report["targets"]}
     for row in report["results"]:
         label = _row_label(row)
