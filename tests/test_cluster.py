@@ -1151,6 +1151,7 @@ async def test_a_refused_append_leaves_the_inbox_as_it_was(nodes, redis_server):
     a.outbox.flush()
     await eventually(lambda: bob.sent == [b"kept"])
     await pause_reading(b)
+    await b.membership.hold.renew()  # (b's clock stands still: its lease is renewed by hand)
     remote.send(b"waiting")
     a.outbox.flush()
     await a.link.execute("PING")
@@ -1163,6 +1164,7 @@ async def test_a_refused_append_leaves_the_inbox_as_it_was(nodes, redis_server):
     assert await a.inbox.append("ghost", b"y" * 1000) == GONE
     assert redis_server.command("EXISTS", "esf:inbox:ghost", "esf:ib:ghost") == b":0"
     # The next one is admitted, and counted.
+    await b.membership.hold.renew()
     remote.send(b"after")
     a.outbox.flush()
     await a.link.execute("PING")
