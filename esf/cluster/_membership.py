@@ -133,8 +133,10 @@ class LeaseHold:
         ends_before: float | None = None
         while True:
             holder = await self.link.execute("GET", key)
+            if holder is None or holder == mine:
+                return  # (every join but a duplicate's ends here, at one round trip)
             left_ms = int(await self.link.execute("PTTL", key))
-            if holder is None or holder == mine or left_ms < 0:
+            if left_ms < 0:
                 return
             ends = self.reactor.seconds() + left_ms / 1000
             if ends_before is not None and ends > ends_before + self.lease / 10:

@@ -127,13 +127,13 @@ class PresenceMirror:
             if at <= self.at:
                 continue
             self.position, self.at = raw_id, at
-            bad = 0
+            told = False
             for place in range(len(flat) // 6):
                 try:
                     report = self._apply(at + (place + 1,), flat[place * 6 : place * 6 + 6])
                 except Exception:
-                    bad += 1
-                    if bad == 1:
+                    if not told:
+                        told = True
                         log.failure("a bad change of presence in entry {id}", id=raw_id)
                     continue
                 if report is not None:
