@@ -101,9 +101,9 @@ def info(information_type, payload):
     return struct.pack("<i", information_type) + payload
 
 
-def query_online(client, user, msg_id=50):
+def query_online(client, user, msg_id=50, skip=rc.UNSOLICITED):
     client.send(rc.QUERY_ONLINE, dest=user, msg_id=msg_id)
-    header, body = client.recv_until(rc.QUERY_ONLINE)
+    header, body = client.recv_until(rc.QUERY_ONLINE, skip=skip)
     assert header["message_id"] == msg_id
     return body[0]
 
@@ -116,8 +116,10 @@ def wait_until(check, timeout, what):
         time.sleep(0.05)
 
 
-def wait_online(client, user, online, timeout=5.0):
-    wait_until(lambda: query_online(client, user) == online, timeout, f"{user} online={online}")
+def wait_online(client, user, online, timeout=5.0, skip=rc.UNSOLICITED):
+    wait_until(
+        lambda: query_online(client, user, skip=skip) == online, timeout, f"{user} online={online}"
+    )
 
 
 def expect_notice(client, disconnected_type, timeout=5.0):
