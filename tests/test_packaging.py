@@ -155,7 +155,7 @@ def test_readme_quick_start_runs_in_a_virtual_environment():
     readme = (REPO / "README.md").read_text()
     venv = "python3 -m venv .venv && . .venv/bin/activate && "
     server = f"{venv}pip install . && twistd -n esf --port 4530"
-    tests = f"{venv}pip install '.[test]' && python -m pytest"
+    tests = f"{venv}pip install '.[test]' && python -m pytest -n 2"
     lines = readme.splitlines()
     assert server in lines and tests in lines
     ci = (REPO / ".ci" / "run").read_text()
