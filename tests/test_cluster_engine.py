@@ -647,14 +647,30 @@ async def test_a_hung_redis_fails_a_send_at_once_and_never_runs_it_later(pair, r
             "bob did not confirm in time: the cluster's Redis did not answer; the message "
             "was delivered by now or never will be"
         )
+        # Counted where operators look.
+        assert cluster_metric(a, "remote_send_failed_total") == 1
         await sleep(0.5)
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
     await eventually(lambda: a.presence.up and b.presence.up, timeout=10)
+    assert cluster_metric(a, "up") == 1
     await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
     alice.send(MessageType.SEND_CERTAINLY, Information(1, b"after"), dest="bob", message_id=8)
     got = await eventually(bob.take, what=lambda: ("the later message arrives", alice.take()))
     assert [f.body.payload for f in got] == [b"after"]
+
+
+def cluster_metric(node: Node, name: str) -> float:
+    """
+    The value of C{esf_cluster_<name>} that C{node}'s metrics show.
+    """
+    [sample] = [
+        sample
+        for family in ServerMetrics(node.engine).collect()
+        for sample in family.samples
+        if sample.name == f"esf_cluster_{name}"
+    ]
+    return sample.value
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -21,13 +21,13 @@ from zope.interface import implementer
 from esf import DisconnectedType, MessageType
 from esf.interfaces import IBasicHandler
 from esf.operations._metrics import (
-    COUNTER_METRICS,
     MetricsResource,
     MetricsService,
     ServerMetrics,
     make_registry,
     server_version,
 )
+from esf.operations._series import CLUSTER_METRICS, COUNTER_METRICS
 from esf.server._counters import RELAYED_BYTES, RELAYED_MESSAGES, Count
 from esf.wire import BlobFragment, FrameError, Information, KickOut, WireConfig, encode_frame
 
@@ -181,6 +181,39 @@ def test_every_engine_counter_is_exported(engine, registry):
     assert value(registry, "esf_transmit_failed_total") == 3
     assert value(registry, "esf_refusals_total", cause="takeover_limit") == 3
     assert value(registry, "esf_refusals_total", cause="blob") == 3
+
+
+def cluster_counts() -> set[str]:
+    """
+    The names the cluster counts in its stats, read from its source: the
+    string literals of every line that counts (C{stats[...]}) or picks the
+    name to count (C{counter = {...}}).
+    """
+    names = set()
+    for path in (ROOT / "esf" / "cluster").glob("*.py"):
+        for line in path.read_text().splitlines():
+            if "stats[" in line or re.match(r"\s*counter = \{", line):
+                names |= set(re.findall(r'"([a-z_]+)"', line))
+    return names
+
+
+def test_every_count_of_the_cluster_is_exported(engine, registry):
+    """
+    Every count a cluster's presence keeps is a series of its own (what
+    becomes of a record sent to another node is always counted in one),
+    and whether the node is in the cluster is a gauge.
+    """
+    counted = cluster_counts()
+    assert len(counted) >= 20, counted  # the source was read
+    assert sorted(counted - set(CLUSTER_METRICS)) == [], "counted, not exported"
+    assert sorted(set(CLUSTER_METRICS) - counted) == [], "exported, never counted"
+    engine.presence.stats = collections.Counter(dict.fromkeys(counted, 2))
+    engine.presence.up = True
+    for name in counted:
+        assert value(registry, f"esf_cluster_{name}_total") == 2, name
+    assert value(registry, "esf_cluster_up") == 1
+    engine.presence.up = False
+    assert value(registry, "esf_cluster_up") == 0
 
 
 def test_output_backlog_blobs_and_pending_queries(engine, registry):
@@ -729,7 +762,7 @@ def test_each_counter_is_described_once():
     """
     import ast
 
-    source = (ROOT / "esf" / "operations" / "_metrics.py").read_text()
+    source = (ROOT / "esf" / "operations" / "_series.py").read_text()
     [table] = [
         node.value
         for node in ast.walk(ast.parse(source))
