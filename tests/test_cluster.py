@@ -1016,6 +1016,38 @@ async def test_an_inbox_trimmed_unread_is_counted_and_reading_goes_on(nodes, red
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_inbox_read_and_deleted_with_more_to_read_is_not_taken_for_trimmed(
+    nodes, redis_server
+):
+    # The node deletes what it delivered: its inbox then starts after what
+    # it read, with entries it has not read yet, as it does under any
+    # steady traffic.  Nothing was lost, and nothing is said to be.
+    a = await nodes.add("a")
+    b = await nodes.add("b")
+    bob = Device("b", "bob")
+    await b.claim(bob, True)
+    [remote] = await eventually(lambda: a.devices("bob"))
+    for i in range(3):
+        remote.send(b"%d" % i)
+        a.outbox.flush()
+    await eventually(lambda: len(bob.sent) == 3)
+    await pause_reading(b)
+    await b.inbox.settled()  # what it delivered is deleted
+    for i in range(3, 6):
+        remote.send(b"%d" % i)
+        a.outbox.flush()
+    await a.link.execute("PING")  # a's appends are done
+    assert ledger(redis_server, "b")[0] == 3  # the three unread ones
+    await b.membership.tick()
+    assert b.stats["inbox_overrun"] == 0
+    resume_reading(b)
+    await eventually(lambda: len(bob.sent) == 6, what=lambda: bob.sent)
+    assert bob.sent == [b"%d" % i for i in range(6)]
+    await b.membership.tick()
+    assert b.stats["inbox_overrun"] == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_leaving_during_an_upkeep_warns_of_nothing(nodes):
     """
     A node that leaves the cluster while its upkeep is under way closes

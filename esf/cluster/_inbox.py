@@ -6,6 +6,7 @@ its devices only until the node has read it: once an entry is delivered
 the node deletes it.  Beside each inbox a hash, its ledger::
 
     esf:ib:<node>   b: bytes the inbox holds (its entries' payloads)
+                    c: entries the inbox holds
                     n, m: the most entries and bytes the node lets it hold
                     r: entries refused since the node last looked
 
@@ -14,7 +15,9 @@ room for (by the receiving node's own bounds) or whose node has left the
 cluster (nobody would ever read it); the receiving node deletes what it read
 through C{lua/drop.lua} and, at each upkeep, publishes its bounds and learns how
 many entries it was too far behind to take (C{lua/look.lua}).  Every change of the
-byte count is in the script that changes the stream, so the two agree.
+counts is in the script that changes the stream, so they agree with it: an inbox
+holding fewer entries than counted lost them to something else (an operator's
+C{XTRIM}), which the look finds.
 """
 
 from __future__ import annotations
@@ -270,15 +273,26 @@ class InboxLedger:
         """
         Publish this node's bounds (senders check them) and learn how many
         entries were refused since the last look: if any, this node fell
-        behind; count and log them (once per look).
+        behind; count and log them (once per look).  Learn too whether
+        entries left the inbox other than by this node's deletions (esf
+        never trims an inbox; an operator may): those it had not read were
+        lost; counted and logged.
         """
         self._told.clear()
-        refused, held, length = (
+        refused, held, length, removed = (
             int(x)
             for x in await self.link.eval(
                 _LOOK, [self._ledger, self._inbox], [self.max_entries, self.max_bytes]
             )
         )
+        if removed:
+            self.stats["inbox_overrun"] += 1
+            log.warn(
+                "{removed} entries were removed from this node's inbox by something else than "
+                "esf (an XTRIM?): those it had not read yet were lost",
+                removed=removed,
+                esf_event="cluster_inbox_overrun",
+            )
         if refused:
             self.stats["inbox_full"] += refused
             log.warn(

@@ -99,46 +99,32 @@ class StreamReader:
         """
         Whether the presence stream was trimmed past what this node has read
         (it fell more than the stream's bound behind): then its mirror
-        missed changes and must be reloaded.  Entries trimmed from this
-        node's inbox unread are lost messages: counted and logged, and the
-        reading goes on from the oldest entry kept.  (Redis 7 counts the
-        entries ever added; older ones do not, and this answers no.)  Asks
-        through C{link}, not the blocking read's.
+        missed changes and must be reloaded.  (Redis 7 counts the entries
+        ever added; older ones do not, and this answers no.)  Asks through
+        C{link}, not the blocking read's.  (The inbox is never trimmed: what
+        else removes its entries, the ledger's look finds,
+        L{InboxLedger.look}.)
         """
-        behind = False
-        for key, what in ((self._k_stream, "presence"), (self._k_inbox, "inbox")):
-            try:
-                info = fields(await link.execute("XINFO", "STREAM", key))
-            except RedisUnavailable:
-                raise
-            except Exception:
-                continue  # no such stream yet
-            added, length, first = (
-                info.get(b"entries-added"),
-                info.get(b"length"),
-                info.get(b"first-entry"),
-            )
-            if added is None or length is None or not first or int(added) <= int(length):
-                continue  # nothing was ever trimmed
-            first_at = stream_id(first[0])
-            at = self.mirror.at if what == "presence" else self.inbox_at
-            if first_at <= at:
-                continue
-            if what == "presence":
-                log.warn(
-                    "this node fell behind the presence stream: reloading its mirror",
-                    esf_event="cluster_presence_overrun",
-                )
-                behind = True
-            else:
-                self.stats["inbox_overrun"] += 1
-                log.warn(
-                    "this node's inbox was trimmed before it was read: messages were lost",
-                    esf_event="cluster_inbox_overrun",
-                )
-                ms, seq = first_at
-                self.restart_inbox((ms, seq - 1) if seq else (ms - 1, 2**64 - 1))
-        return behind
+        try:
+            info = fields(await link.execute("XINFO", "STREAM", self._k_stream))
+        except RedisUnavailable:
+            raise
+        except Exception:
+            return False  # no such stream yet
+        added, length, first = (
+            info.get(b"entries-added"),
+            info.get(b"length"),
+            info.get(b"first-entry"),
+        )
+        if added is None or length is None or not first or int(added) <= int(length):
+            return False  # nothing was ever trimmed
+        if stream_id(first[0]) <= self.mirror.at:
+            return False
+        log.warn(
+            "this node fell behind the presence stream: reloading its mirror",
+            esf_event="cluster_presence_overrun",
+        )
+        return True
 
     async def run(self) -> None:
         """

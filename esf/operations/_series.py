@@ -151,7 +151,8 @@ CLUSTER_METRICS = {
     "inbox_delivered": "Records from other nodes delivered from this node's inbox.",
     "inbox_full": "Entries other nodes could not add to this node's inbox because it was full "
     "(this node fell behind; counted at each upkeep).",
-    "inbox_overrun": "Times this node found its inbox trimmed past what it had read (messages lost).",
+    "inbox_overrun": "Times this node found entries removed from its inbox by something else than "
+    "esf (an XTRIM): those it had not read were lost.",
     "inbox_fenced": "Records from other nodes for a session of this node that had ended "
     "(never given to a newer session).",
     "inbox_read_late": "Requests read from this node's inbox past their deadline (their senders "

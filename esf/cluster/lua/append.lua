@@ -33,6 +33,7 @@ if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
   return 1
 end
 redis.call('HINCRBY', KEYS[2], 'b', size)
+redis.call('HINCRBY', KEYS[2], 'c', 1)
 if ARGV[6] ~= '0' then
   return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 't', ARGV[6])
 end

@@ -12,19 +12,21 @@ local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[1] then
   return 0
 end
-local freed = 0
+local freed, deleted = 0, 0
 for i = 3, #ARGV, 2 do
   if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
     freed = freed + tonumber(ARGV[i + 1])
+    deleted = deleted + 1
   end
 end
-if freed == 0 then
+if deleted == 0 then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 if redis.call('XLEN', KEYS[1]) == 0 then
-  redis.call('HDEL', KEYS[2], 'b')
+  redis.call('HDEL', KEYS[2], 'b', 'c')
 else
   redis.call('HINCRBY', KEYS[2], 'b', -freed)
+  redis.call('HINCRBY', KEYS[2], 'c', -deleted)
 end
 return 1
