@@ -33,10 +33,12 @@ from esf import (
     ServerConfig,
     ServerEngine,
 )
+from esf.cluster._messaging import BEHIND_SECONDS
 from esf.cluster._presence import ClusterPresence
 from esf.interfaces import IRelogonPolicy
 from esf.offline import RedisOfflineStore
 from esf.operations._metrics import ServerMetrics
+from esf.server._counters import Count
 from esf.wire import Error as ErrorWire
 from esf.wire import Information
 
@@ -1065,6 +1067,121 @@ async def test_a_request_to_a_backed_up_receiver_on_another_node_is_answered(
         await a.presence.link.execute("PING")
         await b.presence.link.execute("PING")
         assert alice.take() == []
+    finally:
+        for node in (a, b):
+            node.engine.stop()
+            await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backed_up_receiver_on_another_node_is_refused_at_the_senders_node(
+    redis_server,
+):
+    """
+    What one receiver does not read is not carried across the cluster to
+    be refused there: once its node says it is backed up, the sender's
+    node refuses what is relayed to it at once (a request answered
+    RateLimited), holds a sender that keeps relaying to it back as one
+    node does, and sends it again once the receiver's node stops saying
+    so.
+    """
+    config = ServerConfig(max_output_buffer=10_000)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        alice = await a.logon("alice")
+        carol = await b.logon("carol")
+        bob = await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        stalled(b.engine, carol, bob)
+
+        # The first Sends reach b, which refuses them and says so to a.
+        refused_at_b = b.engine.counters[Count.RECEIVER_BEHIND]
+
+        def refused_at_a() -> int:
+            alice.send(MessageType.SEND, Information(1, b"x"), dest="bob")
+            return a.engine.counters[Count.RECEIVER_BEHIND]
+
+        await eventually(refused_at_a, what="a refuses what alice relays to bob")
+        assert b.engine.counters[Count.RECEIVER_BEHIND] > refused_at_b
+
+        # From now on nothing for bob leaves a: carol's copy of a marker,
+        # sent after them, is the one record b reads.
+        refused_at_a_before = a.engine.counters[Count.RECEIVER_BEHIND]
+        refused_at_b = b.engine.counters[Count.RECEIVER_BEHIND]
+        delivered_at_b = b.presence.stats["inbox_delivered"]
+        for _ in range(20):
+            alice.send(MessageType.SEND, Information(1, b"y" * 100), dest="bob")
+        alice.send(MessageType.SEND_CERTAINLY, Information(1, b"z"), dest="bob", message_id=9)
+        alice.send(MessageType.SEND, Information(1, b"marker"), dest="carol")
+        [marker] = await eventually(carol.take, what="carol's marker")
+        assert marker.body == Information(1, b"marker")
+        assert b.presence.stats["inbox_delivered"] == delivered_at_b + 1
+        assert b.engine.counters[Count.RECEIVER_BEHIND] == refused_at_b
+        assert a.engine.counters[Count.RECEIVER_BEHIND] == refused_at_a_before + 21
+        [error] = alice.take()
+        assert (error.message_type, error.message_id) == (MessageType.ERROR, 9)
+        assert error.body.code == ErrorCode.RATE_LIMITED
+        assert "bob is backed up" in error.body.text
+
+        # A sender that keeps relaying what is refused is held back, as on
+        # one node (twice --max-output-buffer, then at its rate).
+        for _ in range(25):
+            alice.send(MessageType.SEND, Information(1, bytes(1000)), dest="bob")
+        assert alice.transport.producerState == "paused"
+
+        # bob reads again; once a's mark ends, what alice sends reaches him.
+        bob.protocol.resumeProducing()
+        a.engine.clock.advance(max(BEHIND_SECONDS, 3.0))
+        assert alice.transport.producerState == "producing"
+        bob.take()
+        alice.send(MessageType.SEND, Information(1, b"after"), dest="bob")
+        got = await eventually(bob.take, what="bob gets what alice sends after")
+        assert [f.body for f in got] == [Information(1, b"after")]
+    finally:
+        for node in (a, b):
+            node.engine.stop()
+            await Deferred.fromCoroutine(node.presence.stop())
+
+
+@pytest.mark.parametrize("past", ["stalled", "hard-bound"])
+@pytest_twisted.ensureDeferred
+async def test_a_receiver_that_stops_reading_is_refused_at_its_senders_node(redis_server, past):
+    """
+    bob (node b) stops reading while alice (node a) relays to him.  As on
+    one node, past half his bound the push back's time runs (there is no
+    sender at b to hold back), and then he is stalled: what comes past his
+    bound is refused, and a is told, which refuses it at once from then
+    on.  With a push back that does not end in time, what passes his hard
+    bound is dropped at b, and a is told the same.  bob stays online.
+    """
+    timeout = 0.05 if past == "stalled" else 600.0
+    config = ServerConfig(max_output_buffer=10_000, push_back_timeout=timeout)
+    a, b = Node(redis_server, "a", config), Node(redis_server, "b", config)
+    try:
+        await joined(a, b)
+        alice = await a.logon("alice")
+        bob = await b.logon("bob")
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        bob.protocol.pauseProducing()
+        body = Information(1, bytes(1000))
+        for _ in range(8):  # past half of bob's bound
+            alice.send(MessageType.SEND, body, dest="bob")
+        await eventually(lambda: bob.protocol.session._push_back_timer is not None)
+        b.engine.clock.advance(timeout if past == "stalled" else 0)
+
+        def refused_at_a() -> int:
+            alice.send(MessageType.SEND, body, dest="bob")
+            a.engine.clock.advance(1)  # alice's allowance of refusals refills
+            return a.engine.counters[Count.RECEIVER_BEHIND]
+
+        await eventually(refused_at_a, what="a refuses what alice relays to bob")
+        if past == "stalled":
+            assert b.engine.counters[Count.RECEIVER_BEHIND] > 0
+            assert b.engine.counters[Count.OUTPUT_DROPPED] == 0
+        else:
+            assert b.engine.counters[Count.OUTPUT_DROPPED] > 0
+        assert bob.protocol.session.logged_on
     finally:
         for node in (a, b):
             node.engine.stop()

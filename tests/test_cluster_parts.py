@@ -24,6 +24,7 @@ from esf.cluster._presence import ClusterPresence
 from esf.cluster._records import (
     BACKED_UP,
     Answer,
+    Behind,
     Failed,
     Holder,
     Kick,
@@ -341,6 +342,7 @@ def test_records_round_trip_in_one_entry():
         Probe("b/5", 12, "a"),
         Probed("b/5", 12, True),
         Probed("b/6", 13, False),
+        Behind("b/7", 500),
     ]
     assert list(decode_records(b"".join(r.encode() for r in records))) == records
 
@@ -582,6 +584,8 @@ def test_delivery_answers_a_probe_whether_or_not_the_session_is_here():
         lookup=lambda *a: None,
         devices=lambda user: (),
         probed=lambda *a: probed.append(a),
+        behind=lambda *a: None,
+        clock=task.Clock(),
         stats=collections.Counter(),
     )
     entry = b"".join(
@@ -590,6 +594,93 @@ def test_delivery_answers_a_probe_whether_or_not_the_session_is_here():
     delivery.deliver(entry)
     assert posted == [("a", Probed("b/1", 5, True)), ("c", Probed("b/2", 6, False))]
     assert probed == [(9, True)]
+
+
+def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
+    """
+    After L{Behind}, what is relayed to that session of another node is
+    refused at once (L{REFUSED}), and posted nowhere, for the time the
+    record says; notices and other sessions' frames go as before.
+    """
+    from esf.cluster._messaging import Outbox
+    from esf.server._output import REFUSED
+
+    clock = task.Clock()
+    entries = []
+
+    class Ledger:
+        def append(self, node, entry, within=None, deliver_within=None):
+            entries.append((node, list(decode_records(entry))))
+            return Deferred()
+
+    outbox = Outbox(
+        clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: None,
+        stats=collections.Counter(), timeout=2.0, max_in_flight=100,
+    )  # fmt: skip
+    outbox.mark_behind("b/1", 0.5)
+    assert outbox.post("b", Send("b/1", b"frame")) == REFUSED
+    assert outbox.post("b", Notify("b/1", 1, b"", 0)) is None
+    assert outbox.post("b", Send("b/2", b"other")) is None
+    clock.advance(0.5)  # flushed; and the mark has ended
+    assert outbox.post("b", Send("b/1", b"again")) is None
+    clock.advance(0)
+    assert entries == [
+        ("b", [Notify("b/1", 1, b"", 0), Send("b/2", b"other")]),
+        ("b", [Send("b/1", b"again")]),
+    ]
+
+
+def test_a_node_tells_a_senders_node_its_session_is_backed_up_at_most_twice_a_mark():
+    """
+    A session of this node that refuses what another node relays to it
+    (backed up): the sender's node is told (L{Behind}) at once, then at
+    most once every half of L{BEHIND_SECONDS} while it goes on refusing,
+    whatever the number of frames refused; a sender of this node is not
+    (its relay holds it back itself).
+    """
+    from esf.cluster._messaging import BEHIND_SECONDS, Delivery
+    from esf.wire._frames import MessageType, WireConfig, encode_frame
+
+    clock = task.Clock()
+    posted, marked = [], []
+
+    class Refusing(Device):
+        def send_from_node(self, data):
+            return True
+
+    bob = Refusing("b", "bob", "b/1")
+    senders = {
+        "alice": RemoteHandle("alice", 0, Holder("a/7", "a", 0.0, ""), lambda *a: None),
+        "carol": Device("b", "carol", "b/2"),
+    }
+    delivery = Delivery(
+        {"b/1": bob},
+        None,
+        post=lambda *a: posted.append(a),
+        lookup=lambda user, kind: senders.get(user),
+        devices=lambda user: (),
+        probed=lambda *a: None,
+        behind=lambda *a: marked.append(a),
+        clock=clock,
+        stats=collections.Counter(),
+    )
+    delivery.wire = wire = WireConfig()
+
+    def relayed(user):
+        frame = encode_frame(
+            wire, MessageType.SEND, b"\x01\x00\x00\x00hi", user_id=user, dest_user_id="bob"
+        )
+        return Send("b/1", frame).encode()
+
+    for _ in range(3):
+        delivery.deliver(relayed("alice") + relayed("carol"))
+    assert posted == [("a", Behind("b/1", int(BEHIND_SECONDS * 1000)))]
+    clock.advance(BEHIND_SECONDS / 2)
+    delivery.deliver(relayed("alice"))
+    assert len(posted) == 2
+    # Told: the node that sent marks the session.
+    delivery.deliver(Behind("c/4", 500).encode())
+    assert marked == [("c/4", 0.5)]
 
 
 class SenderDevice(Device):

@@ -28,6 +28,7 @@ from zope.interface import implementer
 from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
 from esf.server._offline import split_dest
+from esf.server._output import REFUSED
 from esf.server._relay import backed_up
 from esf.server._router import ANSWERS, is_request
 from esf.wire import _messages as m
@@ -50,6 +51,7 @@ from ._records import (
     READ_LATE,
     REAPED_UNREAD,
     Answer,
+    Behind,
     Failed,
     Holder,
     Kick,
@@ -75,8 +77,9 @@ __all__ = ["RemoteHandle", "Outbox", "Delivery", "LocalSessions", "Post", "Looku
 
 log = Logger(namespace="esf.cluster")
 
-#: How a handle posts a record: C{(node, record)}.
-Post = Callable[[str, Record], None]
+#: How a handle posts a record: C{(node, record)}; a relayed frame's
+#: status, as L{IDeviceHandle.send} answers it.
+Post = Callable[[str, Record], "int | None"]
 #: Who holds a device now (the presence's C{get}).
 Lookup = Callable[[str, int], "IDeviceHandle | None"]
 #: The devices of a user online now (the presence's C{devices}).
@@ -84,6 +87,13 @@ Devices = Callable[[str], Sequence["IDeviceHandle"]]
 
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
+#: Seconds a node refuses at source what its sessions relay to a session of
+#: another node that said it is backed up (L{Behind}); that node says it
+#: again, while the session refuses, at most every half of it.
+BEHIND_SECONDS = 0.5
+#: Most marks of backed-up sessions (and of such sessions' senders' nodes
+#: told) a node keeps: past it, the ended ones are forgotten.
+_MAX_BEHIND = 10_000
 READ_TOO_LATE = (
     "was not reached in time: the node that holds it read the message too late "
     "(it is behind, or the cluster's Redis stalled); try later"
@@ -186,8 +196,10 @@ class RemoteHandle:
     def __repr__(self) -> str:
         return f"<RemoteHandle {self.user_id}/{self.client_type} {self.session_id}>"
 
-    def send(self, data: bytes) -> None:
-        self._post(self.node, Send(self.session_id, data))
+    def send(self, data: bytes) -> int | None:
+        # Refused at once (REFUSED) while the holder's node says the session
+        # is backed up (Outbox.post).
+        return self._post(self.node, Send(self.session_id, data))
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         self._post(self.node, Notify(self.session_id, int(message_type), body, int(client_type)))
@@ -268,8 +280,11 @@ class Outbox:
         stats: collections.Counter[str],
         timeout: float,
         max_in_flight: int,
+        clock: Any = None,
     ):
         self.reactor = reactor
+        #: The clock of the marks of backed-up sessions (L{mark_behind}).
+        self.clock = clock or reactor
         self.node_id = node_id
         self.ledger = ledger
         self.answered = answered
@@ -288,14 +303,28 @@ class Outbox:
         #: token -> the timer and the entry.
         self._unanswered: dict[int, tuple[IDelayedCall, bytes]] = {}
         self._tokens = itertools.count()
+        #: Sessions of other nodes backed up: session ID -> until when what
+        #: is relayed to them is refused here.
+        self._behind: dict[str, float] = {}
 
     def __bool__(self) -> bool:
         return bool(self._pending)
 
-    def post(self, node: str, record: Record) -> None:
+    def post(self, node: str, record: Record) -> int | None:
         """
-        Send C{record} to C{node}'s inbox, at the end of this reactor turn.
+        Send C{record} to C{node}'s inbox, at the end of this reactor turn;
+        or refuse a relayed frame (L{REFUSED}) for a session that its node
+        said is backed up (L{mark_behind}), as that node would: what one
+        receiver does not read is not carried across the cluster to be
+        refused there, and its senders are held back here as on one node
+        (L{esf.server._relay.Relay.not_queued}).
         """
+        if self._behind and type(record) is Send:
+            until = self._behind.get(record.session_id)
+            if until is not None:
+                if until > self.clock.seconds():
+                    return REFUSED
+                del self._behind[record.session_id]
         if isinstance(record, Query) and not record.asker:
             record = record._replace(asker=self.node_id)  # where the answer goes
         packed = record.encode()
@@ -303,7 +332,7 @@ class Outbox:
             self.stats["remote_send_dropped"] += 1
             log.debug("dropped a message to node {node}: Redis is behind", node=node)
             self._refused(packed, BEHIND)
-            return
+            return None
         pending = self._pending.get(node)
         if pending is None:
             pending = self._pending[node] = []
@@ -314,6 +343,20 @@ class Outbox:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
+        return None
+
+    def mark_behind(self, session_id: str, seconds: float) -> None:
+        """
+        The session C{session_id} of another node is backed up: refuse
+        what is relayed to it for C{seconds}.
+        """
+        marks = self._behind
+        now = self.clock.seconds()
+        if len(marks) >= _MAX_BEHIND:
+            for key in [key for key, until in marks.items() if until <= now]:
+                del marks[key]
+        if len(marks) < _MAX_BEHIND:
+            marks[session_id] = now + seconds
 
     def flush(self) -> None:
         """
@@ -460,6 +503,10 @@ class Delivery:
         C{devices}).
     @param probed: called C{(token, held)} with the answer to a probe of
         this node's (L{esf.cluster._probes.Probes.answered}).
+    @param behind: called C{(session_id, seconds)} when another node says
+        its session is backed up (L{Outbox.mark_behind}).
+    @param clock: when this node last told another that a session of its
+        is backed up.
     """
 
     def __init__(
@@ -471,6 +518,8 @@ class Delivery:
         lookup: Lookup,
         devices: Devices,
         probed: Callable[[int, bool], None],
+        behind: Callable[[str, float], None],
+        clock: Any,
         stats: collections.Counter[str],
     ):
         self.local = local
@@ -479,7 +528,12 @@ class Delivery:
         self.lookup = lookup
         self.devices = devices
         self.probed = probed
+        self.behind = behind
+        self.clock = clock
         self.stats = stats
+        #: (this node's session, the sending node) -> when that node was
+        #: last told the session is backed up.
+        self._told_behind: dict[tuple[str, str], float] = {}
         #: The engine's wire settings (set by the presence's C{attach}).
         self.wire: WireConfig | None = None
         #: Optional: the engine's output batch, so that what one read of
@@ -508,6 +562,9 @@ class Delivery:
                 continue
             if isinstance(record, Probed):
                 self.probed(record.token, record.held)
+                continue
+            if isinstance(record, Behind):
+                self.behind(record.session_id, record.ms / 1000)
                 continue
             handle: Any = local.get(record.session_id)
             if handle is None:
@@ -626,17 +683,44 @@ class Delivery:
     def _backed_up(self, handle: IDeviceHandle, data: bytes) -> None:
         """
         C{handle}, a session of this node, refused C{data} from another node
-        for being backed up.  The sender of an acknowledged frame is told
+        for being backed up.  The sender's node is told (L{Behind}): it
+        refuses what its sessions relay to C{handle} from then on, rather
+        than carry it here.  The sender of an acknowledged frame is told
         (C{RateLimited}, as on one node) when C{handle} was the one device
         the frame could reach: it named the device, or the user has no
         other online.  Else another device may have it and answer; the
         sender's request then waits for that answer, or its timeout.
         """
-        frame = self._request(data)
-        if frame is None:
+        if self.wire is None:
+            return
+        frames = FrameDecoder(self.wire).feed(data)
+        if not frames:
+            return
+        self._tell_behind(handle.session_id, frames[0])
+        if len(frames) != 1 or not is_request(frames[0]):
             return  # one-way: counted by the session
-        if not self._elsewhere(frame.dest_user_id, handle.session_id):
-            self._tell_sender(frame, data, BACKED_UP)
+        if not self._elsewhere(frames[0].dest_user_id, handle.session_id):
+            self._tell_sender(frames[0], data, BACKED_UP)
+
+    def _tell_behind(self, session_id: str, frame: Frame) -> None:
+        """
+        Tell the node of C{frame}'s sender that this node's session
+        C{session_id} is backed up, unless it was told less than half of
+        L{BEHIND_SECONDS} ago.
+        """
+        sender = self.lookup(frame.user_id, frame.client_type)
+        if not isinstance(sender, RemoteHandle):
+            return  # gone, or of this node (its relay holds it back itself)
+        told, key, now = self._told_behind, (session_id, sender.node), self.clock.seconds()
+        if told.get(key, -BEHIND_SECONDS) > now - BEHIND_SECONDS / 2:
+            return
+        if len(told) >= _MAX_BEHIND:
+            for old in [old for old, at in told.items() if at <= now - BEHIND_SECONDS]:
+                del told[old]
+            if len(told) >= _MAX_BEHIND:
+                return
+        told[key] = now
+        self.post(sender.node, Behind(session_id, int(BEHIND_SECONDS * 1000)))
 
     def _request(self, data: bytes) -> Frame | None:
         """

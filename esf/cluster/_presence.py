@@ -177,7 +177,7 @@ class ClusterPresence:
         self.outbox = Outbox(
             reactor, self.node_id, self.inbox,
             answered=self.queries.answered, lookup=self.get, stats=self.stats,
-            timeout=timeout, max_in_flight=max_posts_in_flight,
+            timeout=timeout, max_in_flight=max_posts_in_flight, clock=self.clock,
         )  # fmt: skip
         self.probes = Probes(self.clock, self.node_id, post=self._post, stats=self.stats)
         self.delivery = Delivery(
@@ -187,6 +187,8 @@ class ClusterPresence:
             lookup=self.get,
             devices=self.devices,
             probed=self.probes.answered,
+            behind=self.outbox.mark_behind,
+            clock=self.clock,
             stats=self.stats,
         )
         self.membership = Membership(
@@ -262,8 +264,8 @@ class ClusterPresence:
     def _remote(self, user_id: str, client_type: int, holder: Holder) -> IDeviceHandle:
         return RemoteHandle(user_id, client_type, holder, self._post)
 
-    def _post(self, node: str, record: Record) -> None:
-        self.outbox.post(node, record)
+    def _post(self, node: str, record: Record) -> int | None:
+        return self.outbox.post(node, record)
 
     def _report(self, report: Report) -> None:
         """

@@ -63,6 +63,7 @@ __all__ = [
     "ENDED",
     "Probe",
     "Probed",
+    "Behind",
     "Record",
     "decode_records",
     "MAX_QUERY_SECONDS",
@@ -179,9 +180,9 @@ class Holder:
 
 _RECORD = struct.Struct("<BHIII")
 _LENGTH = struct.Struct("<I")
-_SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED = range(
-    1, 11
-)
+(
+    _SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED, _BEHIND
+) = range(1, 12)  # fmt: skip
 
 #: The longest a node remembers a query another node asked (a bound).
 MAX_QUERY_SECONDS = 3600
@@ -364,7 +365,23 @@ class Probed(NamedTuple):
         return _record(_PROBED, self.session_id, self.token, int(self.held), b"")
 
 
-Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed]
+class Behind(NamedTuple):
+    """
+    The session C{session_id}, on the node that tells it, is backed up: it
+    refused what this node relayed to it.  For C{ms} milliseconds this
+    node refuses at once what its sessions relay to it (as its own node
+    would), rather than send it (never fenced: it is about a session of
+    the telling node).
+    """
+
+    session_id: str
+    ms: int
+
+    def encode(self) -> bytes:
+        return _record(_BEHIND, self.session_id, self.ms, 0, b"")
+
+
+Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed, Behind]
 
 
 def decode_records(packed: bytes) -> Iterator[Record]:
@@ -404,3 +421,5 @@ def decode_records(packed: bytes) -> Iterator[Record]:
             yield Probe(sid, first, data.decode("utf-8"))
         elif kind == _PROBED:
             yield Probed(sid, first, bool(second))
+        elif kind == _BEHIND:
+            yield Behind(sid, first)

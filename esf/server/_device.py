@@ -24,7 +24,7 @@ from esf.wire._frames import (
 )
 
 from ._counters import Count
-from ._output import REFUSED, Output, OutputOwner
+from ._output import DROPPED, PUSH_BACK, REFUSED, Output, OutputOwner
 from ._router import ANSWERS
 
 if TYPE_CHECKING:
@@ -77,7 +77,11 @@ class Device(Output):
         know.
 
         @return: whether the device refused the frame for being backed up
-            (counted here; the caller tells its sender).
+            (counted here, or as dropped past its hard bound; the caller
+            tells its sender and its sender's node).  Past half its bound
+            the push back's time runs, as for a sender of this node (there
+            is none here to hold back), and then the device is stalled:
+            what comes for it past its bound is refused.
         """
         if _FIXED_HEADER.unpack_from(data)[2] in ANSWERS:
             (frame,) = FrameDecoder(self.owner.config.wire).feed(data)
@@ -92,10 +96,14 @@ class Device(Output):
                     session=self,
                 )
                 return False
-        if self.send(data) == REFUSED:
+        status = self.send(data)
+        if status == PUSH_BACK:
+            self.push_back(None)
+            return False
+        if status == REFUSED:
             self.owner.counters[Count.RECEIVER_BEHIND] += 1
             return True
-        return False
+        return status == DROPPED
 
     def not_delivered(self, frame: Frame, code: ErrorCode, text: str) -> None:
         """

@@ -306,16 +306,20 @@ class Receiver(Sender):
 
     # -- push back: a receiver that is backed up slows its senders down ------
 
-    def push_back(self, sender: Sender) -> None:
+    def push_back(self, sender: Sender | None) -> None:
         """
         This session's backlog passed half its bound while C{sender} relayed
         to it: stop reading C{sender} until this session drains (or ends),
         for C{push_back_timeout} at most (L{_stall}).  Like TCP's own flow
         control, only slower senders, never the receiver, pay for a burst;
         but a sender's connection carries its traffic to everyone, so it
-        is held back only briefly.
+        is held back only briefly.  C{None}: the frames came from another
+        node of a cluster, with no sender here to hold back; the push
+        back's time runs all the same.
         """
-        if sender is self or sender.state is SessionPhase.ENDED or self._stalled:
+        if sender is self or self._stalled:
+            return
+        if sender is not None and sender.state is SessionPhase.ENDED:
             return
         if self._push_back_timer is None:
             timeout = self.owner.config.push_back_timeout
@@ -323,6 +327,8 @@ class Receiver(Sender):
                 self._stall()
                 return
             self._push_back_timer = self.owner.clock.callLater(timeout, self._stall)
+        if sender is None:
+            return
         blocked = self._blocked
         if blocked is None:
             blocked = self._blocked = WeakSet()
