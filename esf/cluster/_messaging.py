@@ -564,7 +564,8 @@ class Delivery:
                 self.probed(record.token, record.held)
                 continue
             if isinstance(record, Behind):
-                self.behind(record.session_id, record.ms / 1000)
+                # (A bound on what another node's word can make this one do.)
+                self.behind(record.session_id, min(record.ms / 1000, 2 * BEHIND_SECONDS))
                 continue
             handle: Any = local.get(record.session_id)
             if handle is None:
