@@ -16,9 +16,10 @@ from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
 from esf import DisconnectedType, UserData
-from esf.cluster import _messaging
+from esf.cluster import _delivery
+from esf.cluster._delivery import LocalSessions
 from esf.cluster._link import IRedisLink, NotSent, RedisUnavailable
-from esf.cluster._messaging import LocalSessions, RemoteHandle
+from esf.cluster._messaging import RemoteHandle
 from esf.cluster._mirror import PresenceMirror, Released, Replaced
 from esf.cluster._presence import ClusterPresence
 from esf.cluster._records import (
@@ -159,7 +160,7 @@ def test_local_sessions_remember_the_kind_of_the_last_that_ended(monkeypatch):
     behind, for the last few thousand only (the oldest forgotten first);
     one never held leaves nothing.
     """
-    monkeypatch.setattr(_messaging, "_ENDED_KEPT", 3)
+    monkeypatch.setattr(_delivery, "_ENDED_KEPT", 3)
     local = LocalSessions()
     for n in range(5):
         local[f"s{n}"] = types.SimpleNamespace(client_type=n % 2)
@@ -574,7 +575,7 @@ def test_probes_waiting_are_bounded():
 
 
 def test_delivery_answers_a_probe_whether_or_not_the_session_is_here():
-    from esf.cluster._messaging import Delivery
+    from esf.cluster._delivery import Delivery
 
     posted, probed = [], []
     delivery = Delivery(
@@ -630,6 +631,66 @@ def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
     ]
 
 
+def test_an_outbox_holds_its_senders_back_while_redis_is_behind():
+    """
+    Past L{_IN_FLIGHT_HIGH} bytes that Redis has not taken, a relayed frame
+    is still sent but answers L{PUSH_BACK}: its sender is held back (once)
+    until Redis has taken all but L{_IN_FLIGHT_LOW} (or the appends
+    failed), so that one sender's traffic does not queue up in Redis ahead
+    of everyone's.
+    """
+    from esf.cluster._messaging import _IN_FLIGHT_HIGH, _IN_FLIGHT_LOW, Outbox
+    from esf.server._output import PUSH_BACK
+
+    clock = task.Clock()
+    appends: list[Deferred] = []
+
+    class Ledger:
+        def append(self, node, entry, within=None, deliver_within=None):
+            appends.append(Deferred())
+            return appends[-1]
+
+        def refused(self, node, count, why):
+            pass
+
+    class Sender:
+        held = 0
+
+        def hold_back(self):
+            self.held += 1
+
+        def let_go(self):
+            self.held -= 1
+
+    outbox = Outbox(
+        clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: None,
+        stats=collections.Counter(), timeout=2.0, max_in_flight=10_000,
+    )  # fmt: skip
+    handle = RemoteHandle("bob", 0, Holder("b/1", "b", 0.0, ""), outbox.post, outbox.hold)
+    sender = Sender()
+    chunk = bytes(100_000)
+    statuses = []
+    while outbox.in_flight_bytes <= _IN_FLIGHT_HIGH:
+        statuses.append(handle.send(chunk))
+        clock.advance(0)  # one append each
+    assert set(statuses[:-1]) == {None} and statuses[-1] == PUSH_BACK
+    handle.push_back(sender)
+    handle.push_back(sender)  # held once
+    assert sender.held == 1
+    # Notices are never pushed back on.
+    assert outbox.post("b", Notify("b/1", 1, b"", 0)) is None
+    clock.advance(0)
+    # Redis takes the oldest appends: the sender reads again once no more
+    # than the low mark is left.
+    for d in appends:
+        if outbox.in_flight_bytes <= _IN_FLIGHT_LOW:
+            break
+        assert sender.held == 1
+        d.callback(b"1-1")
+    assert sender.held == 0
+    assert outbox.in_flight_bytes <= _IN_FLIGHT_LOW
+
+
 def test_a_node_tells_a_senders_node_its_session_is_backed_up_at_most_twice_a_mark():
     """
     A session of this node that refuses what another node relays to it
@@ -638,7 +699,8 @@ def test_a_node_tells_a_senders_node_its_session_is_backed_up_at_most_twice_a_ma
     whatever the number of frames refused; a sender of this node is not
     (its relay holds it back itself).
     """
-    from esf.cluster._messaging import BEHIND_SECONDS, Delivery
+    from esf.cluster._delivery import Delivery
+    from esf.cluster._messaging import BEHIND_SECONDS
     from esf.wire._frames import MessageType, WireConfig, encode_frame
 
     clock = task.Clock()

@@ -5,10 +5,11 @@ Messaging between nodes: what one node tells the devices another holds::
                    it is told becomes a record for that node's inbox
     Outbox         gathers the records for each node during a reactor turn
                    and appends them as one inbox entry; tells the senders of
-                   what was refused
-    Delivery       hands the records read from this node's inbox to its
-                   sessions, fenced by session ID; answers the requests a
-                   reaped node never read
+                   what was refused; holds senders back while Redis is
+                   behind, and refuses at once what is relayed to a session
+                   its node said is backed up
+
+What this node's inbox brings is delivered by L{esf.cluster._delivery}.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Callable
+from weakref import WeakSet
 
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,17 +28,13 @@ from zope.interface import implementer
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import UserData
-from esf.server._offline import split_dest
-from esf.server._output import REFUSED
-from esf.server._relay import backed_up
-from esf.server._router import ANSWERS, is_request
+from esf.server._output import PUSH_BACK, REFUSED
+from esf.server._router import ANSWERS
 from esf.wire import _messages as m
 from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import (
-    DEVICE_MARK,
     DisconnectedType,
     ErrorCode,
-    Frame,
     MessageType,
     as_client_type,
 )
@@ -45,35 +42,31 @@ from esf.wire._frames import (
 from ._inbox import FULL, GONE, LATE, STALE, InboxLedger
 from ._link import NotSent
 from ._records import (
-    BACKED_UP,
-    ENDED,
     MAX_QUERY_SECONDS,
-    READ_LATE,
-    REAPED_UNREAD,
-    Answer,
-    Behind,
-    Failed,
     Holder,
     Kick,
     KickOut,
     Notify,
-    Probe,
-    Probed,
     PushOut,
     Query,
     Record,
     Send,
     decode_records,
-    fields,
 )
 
 if TYPE_CHECKING:
-    from esf.server._offline import OfflineMessages
     from esf.wire._frames import WireConfig
 
-    from ._queries import Queries
 
-__all__ = ["RemoteHandle", "Outbox", "Delivery", "LocalSessions", "Post", "Lookup"]
+__all__ = [
+    "RemoteHandle",
+    "Outbox",
+    "Post",
+    "Lookup",
+    "Devices",
+    "BEHIND_SECONDS",
+    "MAX_BEHIND",
+]
 
 log = Logger(namespace="esf.cluster")
 
@@ -87,34 +80,20 @@ Devices = Callable[[str], Sequence["IDeviceHandle"]]
 
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
+#: Bytes of records this node posted that Redis has not taken yet past
+#: which the sessions relaying to other nodes are held back (push back, as
+#: for a receiver of this node that is backed up), until Redis has taken
+#: all but L{_IN_FLIGHT_LOW}: what one sender relays across the cluster does
+#: not queue up in Redis ahead of everyone else's.
+_IN_FLIGHT_HIGH = 2 * 1024 * 1024
+_IN_FLIGHT_LOW = 1024 * 1024
 #: Seconds a node refuses at source what its sessions relay to a session of
 #: another node that said it is backed up (L{Behind}); that node says it
 #: again, while the session refuses, at most every half of it.
 BEHIND_SECONDS = 0.5
 #: Most marks of backed-up sessions (and of such sessions' senders' nodes
 #: told) a node keeps: past it, the ended ones are forgotten.
-_MAX_BEHIND = 10_000
-READ_TOO_LATE = (
-    "was not reached in time: the node that holds it read the message too late "
-    "(it is behind, or the cluster's Redis stalled); try later"
-)
-REAPED = "is not online: its node stopped answering and left the cluster before delivering this"
-ENDED_TEXT = "is not online: the session this went to ended before its node delivered it"
-
-
-def _failure(why: int, dest_user_id: str) -> tuple[ErrorCode, str]:
-    """
-    The Error a L{Failed} request's sender gets for C{why}.
-    """
-    if why == BACKED_UP:
-        return ErrorCode.RATE_LIMITED, backed_up(dest_user_id)
-    if why == READ_LATE:
-        return ErrorCode.RATE_LIMITED, f"{dest_user_id} {READ_TOO_LATE}"
-    if why == ENDED:
-        return ErrorCode.USER_OFFLINE, f"{dest_user_id} {ENDED_TEXT}"
-    return ErrorCode.USER_OFFLINE, f"{dest_user_id} {REAPED}"
-
-
+MAX_BEHIND = 10_000
 #: Why an inbox entry failed (L{esf.cluster._inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
 UNANSWERED, BEHIND, NOT_SENT = -1, -2, -3
@@ -164,9 +143,17 @@ class RemoteHandle:
         "_logon_time",
         "_user_data",
         "_post",
+        "_hold",
     )
 
-    def __init__(self, user_id: str, client_type: int, holder: Holder, post: Post):
+    def __init__(
+        self,
+        user_id: str,
+        client_type: int,
+        holder: Holder,
+        post: Post,
+        hold: Callable[[Any], None] | None = None,
+    ):
         self.user_id = user_id
         self.client_type = client_type
         self.session_id = holder.session_id
@@ -178,6 +165,7 @@ class RemoteHandle:
         self._logon_time = holder.logon_time
         self._user_data: UserData | None = None
         self._post = post
+        self._hold = hold
 
     @property
     def user_data(self) -> UserData:
@@ -198,8 +186,16 @@ class RemoteHandle:
 
     def send(self, data: bytes) -> int | None:
         # Refused at once (REFUSED) while the holder's node says the session
-        # is backed up (Outbox.post).
+        # is backed up; PUSH_BACK while Redis is behind (Outbox.post).
         return self._post(self.node, Send(self.session_id, data))
+
+    def push_back(self, sender: Any) -> None:
+        """
+        C{send} answered L{PUSH_BACK}: hold C{sender} back until Redis has
+        taken most of what this node sent it (L{Outbox.hold}).
+        """
+        if self._hold is not None:
+            self._hold(sender)
 
     def notify(self, message_type: int, body: bytes = b"", client_type: int = 0) -> None:
         self._post(self.node, Notify(self.session_id, int(message_type), body, int(client_type)))
@@ -236,17 +232,6 @@ class RemoteHandle:
         seconds = min(MAX_QUERY_SECONDS, math.ceil(timeout))
         # The asking node is filled in by the outbox (L{Outbox.post}).
         self._post(self.node, Query(self.session_id, message_id, seconds, "", body))
-
-
-class _Batch(Protocol):
-    """
-    What delivery needs of the engine's output batch
-    (L{esf.server._output.OutputBatch}).
-    """
-
-    def begin(self) -> bool: ...
-
-    def flush(self) -> None: ...
 
 
 class Outbox:
@@ -295,6 +280,10 @@ class Outbox:
         #: The engine's wire settings (set by the presence's C{attach}).
         self.wire: WireConfig | None = None
         self.in_flight = 0
+        #: Bytes of the records in flight.
+        self.in_flight_bytes = 0
+        #: Sessions held back until Redis catches up (L{hold}).
+        self._held: WeakSet[Any] | None = None
         #: node -> inbox records to send it at the end of this reactor turn.
         self._pending: dict[str, list[bytes]] = {}
         self._pending_bytes = 0
@@ -317,7 +306,9 @@ class Outbox:
         said is backed up (L{mark_behind}), as that node would: what one
         receiver does not read is not carried across the cluster to be
         refused there, and its senders are held back here as on one node
-        (L{esf.server._relay.Relay.not_queued}).
+        (L{esf.server._relay.Relay.not_queued}).  A relayed frame sent
+        while Redis has more than L{_IN_FLIGHT_HIGH} bytes of this node's
+        to take answers L{PUSH_BACK}: its sender is held back (L{hold}).
         """
         if self._behind and type(record) is Send:
             until = self._behind.get(record.session_id)
@@ -338,12 +329,35 @@ class Outbox:
             pending = self._pending[node] = []
         pending.append(packed)
         self.in_flight += 1
+        self.in_flight_bytes += len(packed)
         self._pending_bytes += len(packed)
         if self._pending_bytes > _OUTBOX_FLUSH_BYTES:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
+        if self.in_flight_bytes > _IN_FLIGHT_HIGH and type(record) is Send:
+            return PUSH_BACK
         return None
+
+    def hold(self, sender: Any) -> None:
+        """
+        Hold C{sender} back (it relayed while Redis was behind) until Redis
+        has taken all but L{_IN_FLIGHT_LOW} bytes of what this node sent it
+        (answered or failed: an append that Redis does not answer fails
+        within the call's timeout).
+        """
+        held = self._held
+        if held is None:
+            held = self._held = WeakSet()
+        if sender in held:
+            return
+        held.add(sender)
+        sender.hold_back()
+
+    def _let_go(self) -> None:
+        held, self._held = self._held, None
+        for sender in list(held or ()):
+            sender.let_go()
 
     def mark_behind(self, session_id: str, seconds: float) -> None:
         """
@@ -352,10 +366,10 @@ class Outbox:
         """
         marks = self._behind
         now = self.clock.seconds()
-        if len(marks) >= _MAX_BEHIND:
+        if len(marks) >= MAX_BEHIND:
             for key in [key for key, until in marks.items() if until <= now]:
                 del marks[key]
-        if len(marks) < _MAX_BEHIND:
+        if len(marks) < MAX_BEHIND:
             marks[session_id] = now + seconds
 
     def flush(self) -> None:
@@ -385,6 +399,9 @@ class Outbox:
         self, result: Any, node: str, entry: bytes, count: int, settled_at: float
     ) -> None:
         self.in_flight -= count
+        self.in_flight_bytes -= len(entry)
+        if self._held is not None and self.in_flight_bytes <= _IN_FLIGHT_LOW:
+            self._let_go()
         if isinstance(result, Failure):
             self.stats["remote_send_failed"] += count
             log.debug(
@@ -418,6 +435,7 @@ class Outbox:
         Tell now the senders of appends that failed and wait to be told
         (the node is leaving: its sessions end).
         """
+        self._let_go()
         waiting, self._unanswered = self._unanswered, {}
         for call, entry in waiting.values():
             if call.active():
@@ -461,309 +479,3 @@ class Outbox:
                     if frame.message_id:
                         told.add(ident)
                     tell(frame, code, f"{frame.dest_user_id} {because}")
-
-
-#: How many of this node's sessions that ended L{LocalSessions} remembers.
-_ENDED_KEPT = 4096
-
-
-class LocalSessions(dict[str, IDeviceHandle]):
-    """
-    This node's sessions, by session ID.  Of those that ended (popped), the
-    device kind of the last L{_ENDED_KEPT} is remembered (C{ended}): a
-    request that comes for one after it ended was never delivered to that
-    device, nor to a later session of it (a logon again), whatever that
-    session now holds (L{Delivery}).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ended: dict[str, int] = {}
-
-    def pop(self, sid: str, *default: Any) -> Any:
-        # (As dict.pop: a KeyError for a missing sid unless given a default.)
-        handle = super().pop(sid, *default)
-        if handle is not None:
-            ended = self.ended
-            ended[sid] = int(handle.client_type)
-            if len(ended) > _ENDED_KEPT:
-                del ended[next(iter(ended))]
-        return handle
-
-
-class Delivery:
-    """
-    Hands what this node's inbox brings to its sessions (C{local}, by
-    session ID): a record for a session that is gone is dropped (fenced).
-
-    @param queries: this node's side of queries between nodes.
-    @param post: posts a record to another node (L{Outbox.post}).
-    @param lookup: who holds a device now (the presence's C{get}).
-    @param devices: the devices of a user online now (the presence's
-        C{devices}).
-    @param probed: called C{(token, held)} with the answer to a probe of
-        this node's (L{esf.cluster._probes.Probes.answered}).
-    @param behind: called C{(session_id, seconds)} when another node says
-        its session is backed up (L{Outbox.mark_behind}).
-    @param clock: when this node last told another that a session of its
-        is backed up.
-    """
-
-    def __init__(
-        self,
-        local: LocalSessions,
-        queries: Queries,
-        *,
-        post: Post,
-        lookup: Lookup,
-        devices: Devices,
-        probed: Callable[[int, bool], None],
-        behind: Callable[[str, float], None],
-        clock: Any,
-        stats: collections.Counter[str],
-    ):
-        self.local = local
-        self.queries = queries
-        self.post = post
-        self.lookup = lookup
-        self.devices = devices
-        self.probed = probed
-        self.behind = behind
-        self.clock = clock
-        self.stats = stats
-        #: (this node's session, the sending node) -> when that node was
-        #: last told the session is backed up.
-        self._told_behind: dict[tuple[str, str], float] = {}
-        #: The engine's wire settings (set by the presence's C{attach}).
-        self.wire: WireConfig | None = None
-        #: Optional: the engine's output batch, so that what one read of
-        #: the inbox delivers is written once per session.
-        self.batch: _Batch | None = None
-        #: The engine's offline part, if it keeps messages for offline
-        #: users (set by the presence's C{attach}).
-        self.offline: OfflineMessages | None = None
-
-    def deliver(self, packed: bytes, late: bool = False) -> None:
-        """
-        Act on the records of one inbox entry; when it came C{late} (past
-        the time its sending node wanted it delivered by), the requests
-        among them are answered at their senders' node instead (their
-        senders may have been told they failed).
-        """
-        local = self.local
-        for record in decode_records(packed):
-            if isinstance(record, Answer):
-                session_id, message_id, error, body = record
-                self.queries.answered(session_id, message_id, error, body)
-                continue
-            if isinstance(record, Probe):
-                held = record.session_id in local
-                self.post(record.asker, Probed(record.session_id, record.token, held))
-                continue
-            if isinstance(record, Probed):
-                self.probed(record.token, record.held)
-                continue
-            if isinstance(record, Behind):
-                # (A bound on what another node's word can make this one do.)
-                self.behind(record.session_id, min(record.ms / 1000, 2 * BEHIND_SECONDS))
-                continue
-            handle: Any = local.get(record.session_id)
-            if handle is None:
-                self.stats["inbox_fenced"] += 1
-                if isinstance(record, Send):
-                    kind = local.ended.get(record.session_id)
-                    self._not_delivered(record.frame, ENDED, ended_kind=kind)
-                continue
-            if isinstance(record, Send):
-                if late and self._answered_late(record.frame):
-                    continue
-                # A local session checks answers from other nodes itself,
-                # and says whether it refused the frame for being behind.
-                send = getattr(handle, "send_from_node", None)
-                if send is None:
-                    handle.send(record.frame)
-                elif send(record.frame):
-                    self._backed_up(handle, record.frame)
-            elif isinstance(record, Notify):
-                handle.notify(record.message_type, record.body, record.client_type)
-            elif isinstance(record, Kick):
-                handle.kick(DisconnectedType(record.reason), record.text)
-            elif isinstance(record, PushOut):
-                handle.push_out(record.new_address, record.cause)
-            elif isinstance(record, Query):
-                self.queries.ask(handle, record)
-            elif isinstance(record, Failed):
-                (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
-                tell = getattr(handle, "not_delivered", None)
-                if frame is not None and tell is not None:
-                    tell(frame, *_failure(record.why, frame.dest_user_id))
-            elif isinstance(record, KickOut):
-                handle.kick_out(record.operator, record.reason, record.text)
-            self.stats["inbox_delivered"] += 1
-
-    def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> Deferred[Any]:
-        """
-        The inbox of C{node}, reaped, held C{entries} (their fields) unread:
-        see L{_not_delivered}.  Fires once the offline store is done with
-        what was handed to it (so that the janitor hands it no more than a
-        page of the inbox at a time).
-        """
-        kept: list[Deferred[Any]] = []
-        for flat in entries:
-            for record in decode_records(fields(flat)[b"m"]):
-                if isinstance(record, Send):
-                    self._not_delivered(record.frame, REAPED_UNREAD, node, kept)
-        return DeferredList(kept, consumeErrors=True)
-
-    def _not_delivered(
-        self,
-        data: bytes,
-        why: int,
-        reaped: str | None = None,
-        kept: list[Deferred[Any]] | None = None,
-        ended_kind: int | None = None,
-    ) -> None:
-        """
-        C{data}, a frame relayed to a session of another node, was never
-        delivered: its node was reaped before it read it (L{REAPED_UNREAD}),
-        or the session had ended (L{ENDED}).  A request is answered
-        C{Error(UserOffline)} at its sender's node, unless another device
-        of a user it named may have it too (and answer): not one of the
-        ended session's kind (C{ended_kind}, when known), which is that
-        device logged on again, without it.  A one-way message
-        is kept in the offline store, when the engine has one, if its
-        addressee has no device online now; else it is counted as dropped,
-        as a member's copy of a Broadcast is.  An answer is dropped: its
-        asker is answered by its own timeout.
-        The devices of the node C{reaped} count as offline already (this
-        node's mirror may not have applied their release yet).  What the
-        store is asked to keep is added to C{kept} (its Deferreds).
-        """
-        if self.wire is None:
-            return
-        # One frame, or a run of Sends or Broadcasts (the relay's inline
-        # path, a Broadcast run).
-        for frame in FrameDecoder(self.wire).feed(data):
-            if frame.message_type in ANSWERS:
-                continue
-            if frame.message_type == MessageType.BROADCAST:
-                # A member's copy: answered already (the Ack means every
-                # device that was online and keeping up), never kept.
-                self.stats["inbox_dropped"] += 1
-                continue
-            dest = frame.dest_user_id
-            if is_request(frame):
-                elsewhere = why == ENDED and self._elsewhere(dest, kind=ended_kind)
-                if not elsewhere and self._tell_sender(frame, frame.raw, why):
-                    self.stats["inbox_reaped" if why == REAPED_UNREAD else "inbox_ended_told"] += 1
-                continue
-            offline = self.offline
-            user_id, kind = split_dest(dest)
-            held = self.devices(user_id) if kind is None else [self.lookup(user_id, kind)]
-            online = [d for d in held if d is not None and getattr(d, "node", None) != reaped]
-            keeping = offline.keep_unsent(frame) if not online and offline is not None else None
-            if keeping is None:
-                self.stats["inbox_dropped"] += 1
-                continue
-            self.stats["inbox_kept"] += 1
-            if kept is not None:
-                kept.append(keeping)
-
-    def _answered_late(self, data: bytes) -> bool:
-        """
-        Answer C{data}, a frame that came late, at its sender's node if it
-        is a request: whether it was one (and is not to be delivered).
-        """
-        frame = self._request(data)
-        if frame is None:
-            return False
-        self.stats["inbox_read_late"] += 1
-        self._tell_sender(frame, data, READ_LATE)
-        return True
-
-    def _backed_up(self, handle: IDeviceHandle, data: bytes) -> None:
-        """
-        C{handle}, a session of this node, refused C{data} from another node
-        for being backed up.  The sender's node is told (L{Behind}): it
-        refuses what its sessions relay to C{handle} from then on, rather
-        than carry it here.  The sender of an acknowledged frame is told
-        (C{RateLimited}, as on one node) when C{handle} was the one device
-        the frame could reach: it named the device, or the user has no
-        other online.  Else another device may have it and answer; the
-        sender's request then waits for that answer, or its timeout.
-        """
-        if self.wire is None:
-            return
-        frames = FrameDecoder(self.wire).feed(data)
-        if not frames:
-            return
-        self._tell_behind(handle.session_id, frames[0])
-        if len(frames) != 1 or not is_request(frames[0]):
-            return  # one-way: counted by the session
-        if not self._elsewhere(frames[0].dest_user_id, handle.session_id):
-            self._tell_sender(frames[0], data, BACKED_UP)
-
-    def _tell_behind(self, session_id: str, frame: Frame) -> None:
-        """
-        Tell the node of C{frame}'s sender that this node's session
-        C{session_id} is backed up, unless it was told less than half of
-        L{BEHIND_SECONDS} ago.
-        """
-        sender = self.lookup(frame.user_id, frame.client_type)
-        if not isinstance(sender, RemoteHandle):
-            return  # gone, or of this node (its relay holds it back itself)
-        told, key, now = self._told_behind, (session_id, sender.node), self.clock.seconds()
-        if told.get(key, -BEHIND_SECONDS) > now - BEHIND_SECONDS / 2:
-            return
-        if len(told) >= _MAX_BEHIND:
-            for old in [old for old, at in told.items() if at <= now - BEHIND_SECONDS]:
-                del told[old]
-            if len(told) >= _MAX_BEHIND:
-                return
-        told[key] = now
-        self.post(sender.node, Behind(session_id, int(BEHIND_SECONDS * 1000)))
-
-    def _request(self, data: bytes) -> Frame | None:
-        """
-        The request C{data} (a L{Send} record's bytes) is, if it is one.  A
-        record holds one frame, or a run of one-way Sends or of Broadcasts
-        (neither asks the receiving device's user for an answer).
-        """
-        if self.wire is None:
-            return None
-        frames = FrameDecoder(self.wire).feed(data)
-        if len(frames) != 1 or not is_request(frames[0]):
-            return None
-        return frames[0]
-
-    def _elsewhere(self, dest: str, but: str | None = None, kind: int | None = None) -> bool:
-        """
-        Whether a frame to C{dest} went to another device online now than
-        the session C{but} (or than a device of kind C{kind}): C{dest}
-        names a user (not one device of theirs) with such a device.
-        """
-        if DEVICE_MARK in dest:
-            return False
-        return any(
-            d.session_id != but and (kind is None or d.client_type != kind)
-            for d in self.devices(dest)
-        )
-
-    def _tell_sender(self, frame: Frame, data: bytes, why: int) -> bool:
-        """
-        Answer C{frame} (its bytes C{data}), a request that was not
-        delivered for C{why}, at its sender's node: this one's session at
-        once, another's through a L{Failed} record.
-
-        @return: whether its sender is still online to be told.
-        """
-        sender = self.lookup(frame.user_id, frame.client_type)
-        if sender is None:
-            return False
-        if isinstance(sender, RemoteHandle):
-            self.post(sender.node, Failed(sender.session_id, data, why))
-        else:
-            tell = getattr(sender, "not_delivered", None)
-            if tell is not None:
-                tell(frame, *_failure(why, frame.dest_user_id))
-        return True

@@ -13,7 +13,8 @@ share; it wires the parts, each with one job::
                  away; claiming again after an outage
     _membership  joining, the epoch, the lease, the janitor and reaping
     _reader      reading the presence stream and this node's inbox
-    _messaging   RemoteHandle, the outbox and the delivery of inbox records
+    _messaging   RemoteHandle and the outbox: records for other nodes
+    _delivery    delivering the records of this node's inbox
     _queries     the engine's queries to another node's sessions
     _inbox       the inboxes' bounds, and their emptying
 
@@ -42,10 +43,11 @@ from esf.server._policy import HolderUnconfirmed
 from esf.server._presence import Claim
 
 from ._claims import Claims
+from ._delivery import Delivery, LocalSessions, _Batch
 from ._inbox import DEFAULT_INBOX_BYTES, DEFAULT_INBOX_ENTRIES, InboxLedger
 from ._link import IRedisLink, RedisLink, RedisUnavailable, RedisURL
 from ._membership import Membership
-from ._messaging import Delivery, LocalSessions, Outbox, RemoteHandle, _Batch
+from ._messaging import Outbox, RemoteHandle
 from ._mirror import PresenceMirror, Released, Replaced, Report
 from ._probes import Probes
 from ._queries import Queries
@@ -262,7 +264,7 @@ class ClusterPresence:
     # -- the wiring ---------------------------------------------------------------
 
     def _remote(self, user_id: str, client_type: int, holder: Holder) -> IDeviceHandle:
-        return RemoteHandle(user_id, client_type, holder, self._post)
+        return RemoteHandle(user_id, client_type, holder, self._post, self.outbox.hold)
 
     def _post(self, node: str, record: Record) -> int | None:
         return self.outbox.post(node, record)

@@ -13,10 +13,10 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ._delivery import Delivery
 from ._inbox import InboxLedger
 from ._link import IRedisLink, RedisUnavailable
 from ._membership import Membership
-from ._messaging import Delivery
 from ._mirror import PresenceMirror
 from ._records import Keys, fields, stream_id
 
