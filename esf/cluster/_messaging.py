@@ -239,8 +239,10 @@ class Outbox:
     This node's posts to other nodes' inboxes.  Records for one node
     gathered during a reactor turn go as one entry; one connection,
     commands written in call order: what one node sends one device arrives
-    in order.  Past a bound of records Redis has not taken yet (Redis slow
-    or gone), it drops rather than queue without end.
+    in order.  Past L{_IN_FLIGHT_HIGH} bytes Redis has not taken yet, the
+    sessions that relay to other nodes are held back (L{hold}); past a
+    bound of records (Redis slow or gone), it drops rather than queue
+    without end.
 
     @param answered: called C{(session_id, message_id, error, body)} to fail
         a query of this node's engine whose record was refused (the
@@ -252,6 +254,8 @@ class Outbox:
         by the receiving node if read later than three quarters of it, and
         the senders of an append that failed are told no earlier than all
         of it after it was sent.
+    @param clock: the clock of the marks of sessions of other nodes that
+        are backed up (L{mark_behind}); the reactor by default.
     """
 
     def __init__(
