@@ -680,15 +680,20 @@ def test_an_outbox_holds_its_senders_back_while_redis_is_behind():
     # Notices are never pushed back on.
     assert outbox.post("b", Notify("b/1", 1, b"", 0)) is None
     clock.advance(0)
-    # Redis takes the oldest appends: the sender reads again once no more
-    # than the low mark is left.
-    for d in appends:
+    # Redis takes the oldest appends, or they fail (a hung Redis: at the
+    # call's timeout): the sender reads again once no more than the low
+    # mark is left.
+    for n, d in enumerate(appends):
         if outbox.in_flight_bytes <= _IN_FLIGHT_LOW:
             break
         assert sender.held == 1
-        d.callback(b"1-1")
+        if n % 2:
+            d.errback(RedisUnavailable("Redis did not answer in time"))
+        else:
+            d.callback(b"1-1")
     assert sender.held == 0
     assert outbox.in_flight_bytes <= _IN_FLIGHT_LOW
+    clock.advance(10)  # the failed appends' senders told (none here)
 
 
 def test_a_node_tells_a_senders_node_its_session_is_backed_up_at_most_twice_a_mark():
