@@ -561,6 +561,48 @@ async def stop_nodes(*nodes):
         await Deferred.fromCoroutine(node.presence.stop())
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_broadcast_to_many_members_of_another_node_goes_through_redis_once(redis_server):
+    """
+    The copies of a Broadcast for 20 members of another node are one
+    inbox record naming their sessions, the frame once (20 copies before):
+    every member gets it.  A node whose process does not say it reads such
+    records (an older esf: its lease's token without the mark) is sent a
+    record per member, as before.
+    """
+    a, b = Node(redis_server, "a"), Node(redis_server, "b")
+    try:
+        names = [f"m{i}" for i in range(20)]
+        a.engine.group_manager = Groups({"crowd": ["alice", *names]})
+        await joined(a, b)
+        alice = await a.logon("alice")
+        members = [await b.logon(name) for name in names]
+        await eventually(lambda: all(a.engine.user_manager.is_user_online(n) for n in names))
+        # a learns what b reads with its first append there.
+        alice.send(MessageType.SEND, Information(1, b"hi"), dest="m0")
+        await eventually(members[0].take, what="m0's Send")
+        assert a.presence.inbox.reads_many["b"] is True
+        await pause_reading(b.presence)
+        body = Information(3, bytes(10_000))
+        alice.send(MessageType.BROADCAST, body, dest="crowd", message_id=9)
+        a.presence.outbox.flush()
+        await a.presence.link.execute("PING")
+        entries, held = ledger(redis_server, "b")
+        assert entries == 1 and 10_000 < held < 11_000  # (200 KB as 20 copies)
+        resume_reading(b.presence)
+        for member in members:
+            got = await eventually(member.take, what="each member's copy")
+            assert [(f.message_type, f.body) for f in got] == [(MessageType.BROADCAST, body)]
+        # An older process at b: told apart by its lease's token.
+        token = await a.presence.link.execute("GET", "esf:lease:b")
+        await a.presence.link.execute("SET", "esf:lease:b", b"0123456789abcdef", "KEEPTTL")
+        await a.presence.inbox.append("b", b"")
+        assert a.presence.inbox.reads_many["b"] is False
+        await a.presence.link.execute("SET", "esf:lease:b", token, "KEEPTTL")
+    finally:
+        await stop_nodes(a, b)
+
+
 @pytest.mark.parametrize("mode", [RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW])
 @pytest_twisted.ensureDeferred
 async def test_a_split_is_settled_by_the_logon_times(redis_server, mode):

@@ -36,6 +36,7 @@ from esf.cluster._records import (
     PushOut,
     Query,
     Send,
+    SendMany,
     decode_records,
 )
 from esf.interfaces import IDeviceHandle
@@ -344,6 +345,7 @@ def test_records_round_trip_in_one_entry():
         Probed("b/5", 12, True),
         Probed("b/6", 13, False),
         Behind("b/7", 500),
+        SendMany(("b/8", "b/9", "b/10"), b"\x00one frame"),
     ]
     assert list(decode_records(b"".join(r.encode() for r in records))) == records
 
@@ -629,6 +631,87 @@ def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
         ("b", [Notify("b/1", 1, b"", 0), Send("b/2", b"other")]),
         ("b", [Send("b/1", b"again")]),
     ]
+
+
+def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_reads_it():
+    """
+    The same frame for several sessions of one node, one after another (a
+    Broadcast's copies), is one L{SendMany} when that node reads such
+    records (its ledger says so), and as many L{Send}s when it does not (an
+    older process, which would skip it); anything between ends the run.
+    What is in flight is counted exactly all the same.
+    """
+    from esf.cluster._messaging import Outbox
+
+    clock = task.Clock()
+    appends: list[tuple[str, list, Deferred]] = []
+
+    class Ledger:
+        def __init__(self):
+            self.reads_many = {"b": True, "c": False}
+
+        def append(self, node, entry, within=None, deliver_within=None):
+            appends.append((node, list(decode_records(entry)), Deferred()))
+            return appends[-1][2]
+
+    outbox = Outbox(
+        clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: None,
+        stats=collections.Counter(), timeout=2.0, max_in_flight=100,
+    )  # fmt: skip
+    frame, other = b"one frame", b"another"
+    for record in (
+        Send("b/1", frame), Send("b/2", frame), Send("b/3", frame), Notify("b/1", 1, b"", 0),
+        Send("b/4", frame), Send("b/5", frame), Send("b/6", other),
+    ):  # fmt: skip
+        outbox.post("b", record)
+    outbox.post("c", Send("c/1", frame))
+    outbox.post("c", Send("c/2", frame))
+    assert outbox.in_flight == 9
+    clock.advance(0)
+    assert [(node, records) for node, records, _ in appends] == [
+        (
+            "b",
+            [
+                SendMany(("b/1", "b/2", "b/3"), frame),
+                Notify("b/1", 1, b"", 0),
+                SendMany(("b/4", "b/5"), frame),
+                Send("b/6", other),
+            ],
+        ),
+        ("c", [Send("c/1", frame), Send("c/2", frame)]),
+    ]
+    for _, _, d in appends:
+        d.callback(b"1-1")
+    assert (outbox.in_flight, outbox.in_flight_bytes) == (0, 0)
+
+
+def test_a_node_delivers_one_frame_to_each_session_a_send_many_names():
+    """
+    Each session a L{SendMany} names gets the frame, fenced as a L{Send}
+    of its own: one that ended is counted, the others get it.
+    """
+    from esf.cluster._delivery import Delivery
+
+    class Taking(Device):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.got: list[bytes] = []
+
+        def send(self, data):
+            self.got.append(data)
+
+    one, two = Taking("b", "bob", "b/1"), Taking("b", "carol", "b/2")
+    stats: collections.Counter[str] = collections.Counter()
+    local = LocalSessions()
+    local.update({"b/1": one, "b/2": two})
+    delivery = Delivery(
+        local, None, post=lambda *a: None, lookup=lambda *a: None,
+        devices=lambda user: (), probed=lambda *a: None, behind=lambda *a: None,
+        clock=task.Clock(), stats=stats,
+    )  # fmt: skip
+    delivery.deliver(SendMany(("b/1", "b/9", "b/2"), b"frame").encode())
+    assert (one.got, two.got) == ([b"frame"], [b"frame"])
+    assert (stats["inbox_delivered"], stats["inbox_fenced"]) == (2, 1)
 
 
 def test_an_outbox_holds_its_senders_back_while_redis_is_behind():

@@ -12,7 +12,7 @@ Delivery of what other nodes sent this one::
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -37,11 +37,14 @@ from ._records import (
     Kick,
     KickOut,
     Notify,
+    OneRecord,
     Probe,
     Probed,
     PushOut,
     Query,
+    Record,
     Send,
+    SendMany,
     decode_records,
     fields,
 )
@@ -176,7 +179,7 @@ class Delivery:
         senders may have been told they failed).
         """
         local = self.local
-        for record in decode_records(packed):
+        for record in _one_each(decode_records(packed)):
             if isinstance(record, Answer):
                 session_id, message_id, error, body = record
                 self.queries.answered(session_id, message_id, error, body)
@@ -235,7 +238,7 @@ class Delivery:
         """
         kept: list[Deferred[Any]] = []
         for flat in entries:
-            for record in decode_records(fields(flat)[b"m"]):
+            for record in _one_each(decode_records(fields(flat)[b"m"])):
                 if isinstance(record, Send):
                     self._not_delivered(record.frame, REAPED_UNREAD, node, kept)
         return DeferredList(kept, consumeErrors=True)
@@ -392,3 +395,17 @@ class Delivery:
             if tell is not None:
                 tell(frame, *_failure(why, frame.dest_user_id))
         return True
+
+
+def _one_each(records: Iterable[Record]) -> Iterator[OneRecord]:
+    """
+    C{records}, with a L{SendMany} as the L{Send} to each of its sessions it
+    stands for: each is delivered, fenced and answered for as its own.
+    """
+    for record in records:
+        if isinstance(record, SendMany):
+            frame = record.frame
+            for session_id in record.session_ids:
+                yield Send(session_id, frame)
+        else:
+            yield record

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ._link import IRedisLink, RedisUnavailable, script
-from ._records import Keys
+from ._records import READS_MANY, Keys
 
 __all__ = [
     "InboxLedger",
@@ -112,6 +112,9 @@ class InboxLedger:
         self._dropping: set[Deferred[Any]] = set()
         #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
         self._offset_ms: float | None = None
+        #: Whether each node appended to reads records for several sessions
+        #: at once (C{SendMany} records), as of the last append to it.
+        self.reads_many: dict[str, bool] = {}
 
     def set_redis_time(self, redis_ms: float, local: float) -> None:
         """
@@ -129,7 +132,9 @@ class InboxLedger:
     ) -> Deferred[Any]:
         """
         Append C{entry} to C{node}'s inbox: its stream ID (L{bytes}), or
-        L{FULL}, L{GONE}, L{STALE} or L{LATE} (L{int}) when refused.
+        L{FULL}, L{GONE}, L{STALE} or L{LATE} (L{int}) when refused.  Learns
+        whether the process that holds C{node}'s lease reads records for
+        several sessions at once (L{reads_many}).
 
         Both bounds hold once Redis's clock is known (L{set_redis_time}).
 
@@ -153,8 +158,15 @@ class InboxLedger:
         return self.link.eval(
             _APPEND,
             [keys.inbox(node), keys.ledger(node), keys.nodes, keys.lease(node)],
-            [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by],
-        )  # fmt: skip
+            [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by, READS_MANY],
+        ).addCallback(self._appended, node)  # fmt: skip
+
+    def _appended(self, result: Any, node: str) -> Any:
+        if isinstance(result, list):
+            entry_id, reads_many = result
+            self.reads_many[node] = reads_many == 1
+            return entry_id
+        return result
 
     def late(self, deliver_by: bytes | None) -> bool:
         """

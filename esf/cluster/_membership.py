@@ -28,7 +28,7 @@ from ._claims import Claims, strays
 from ._inbox import InboxLedger
 from ._link import IRedisLink, RedisUnavailable, script
 from ._mirror import PresenceMirror
-from ._records import Keys, fields
+from ._records import READS_MANY, Keys, fields
 
 if TYPE_CHECKING:
     from ._reader import StreamReader
@@ -82,7 +82,8 @@ class LeaseHold:
         self.node_id = node_id
         self.lease = lease
         self.stats = stats
-        self.token = secrets.token_hex(8)
+        # (Its end says what records this process reads, L{READS_MANY}.)
+        self.token = secrets.token_hex(8) + READS_MANY
         self.sure_until = 0.0
 
     async def renew(self) -> tuple[bytes | None, float, float]:

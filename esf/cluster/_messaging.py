@@ -51,6 +51,7 @@ from ._records import (
     Query,
     Record,
     Send,
+    SendMany,
     decode_records,
 )
 
@@ -291,6 +292,16 @@ class Outbox:
         #: node -> inbox records to send it at the end of this reactor turn.
         self._pending: dict[str, list[bytes]] = {}
         self._pending_bytes = 0
+        #: node -> the records posted for it this turn, and their bytes.
+        self._posted: collections.Counter[str] = collections.Counter()
+        self._sized: collections.Counter[str] = collections.Counter()
+        #: node -> runs of one frame for several of its sessions this turn:
+        #: [the frame, the session IDs, where its record is in _pending];
+        #: and the last Send for it, with where it is.
+        self._fans: dict[str, list[list[Any]]] = {}
+        self._last: dict[str, tuple[Send, int]] = {}
+        #: Whether a node reads records for several sessions (its ledger's).
+        self._reads_many: dict[str, bool] = getattr(ledger, "reads_many", {})
         self._flush_call: IDelayedCall | None = None
         #: Appends that failed, whose senders are told at their time: a
         #: token -> the timer and the entry.
@@ -331,10 +342,12 @@ class Outbox:
         pending = self._pending.get(node)
         if pending is None:
             pending = self._pending[node] = []
-        pending.append(packed)
+        size = self._add(node, pending, record, packed)
         self.in_flight += 1
-        self.in_flight_bytes += len(packed)
-        self._pending_bytes += len(packed)
+        self.in_flight_bytes += size
+        self._pending_bytes += size
+        self._posted[node] += 1
+        self._sized[node] += size
         if self._pending_bytes > _OUTBOX_FLUSH_BYTES:
             self.flush()
         elif self._flush_call is None:
@@ -342,6 +355,27 @@ class Outbox:
         if self.in_flight_bytes > _IN_FLIGHT_HIGH and type(record) is Send:
             return PUSH_BACK
         return None
+
+    def _add(self, node: str, pending: list[bytes], record: Record, packed: bytes) -> int:
+        """
+        Add C{record} (C{packed}) to what goes to C{node} this turn; return
+        about how many bytes it adds.  The same frame for several sessions
+        of a node that reads such records, one after another (the copies of
+        a Broadcast, a Send to a user's devices), is one L{SendMany}: the
+        frame once, through Redis and in the inbox, not once per device.
+        """
+        if type(record) is Send and self._reads_many.get(node):
+            last = self._last.get(node)
+            if last is not None and last[0].frame is record.frame and last[1] == len(pending) - 1:
+                fans = self._fans.setdefault(node, [])
+                if fans and fans[-1][2] == last[1]:
+                    fans[-1][1].append(record.session_id)
+                else:
+                    fans.append([record.frame, [last[0].session_id, record.session_id], last[1]])
+                return len(record.session_id) + 4
+            self._last[node] = (record, len(pending))
+        pending.append(packed)
+        return len(packed)
 
     def hold(self, sender: Any) -> None:
         """
@@ -384,10 +418,18 @@ class Outbox:
             self._flush_call.cancel()
         self._flush_call = None
         pending, self._pending, self._pending_bytes = self._pending, {}, 0
+        posted, self._posted = self._posted, collections.Counter()
+        sized, self._sized = self._sized, collections.Counter()
+        fans, self._fans = self._fans, {}
+        self._last = {}
         sent_at = self.reactor.seconds()
         timeout = self.timeout
         for node, records in pending.items():
+            for frame, session_ids, at in fans.get(node, ()):
+                if len(session_ids) > 1:
+                    records[at] = SendMany(tuple(session_ids), frame).encode()
             entry = b"".join(records)
+            self.in_flight_bytes += len(entry) - sized[node]  # (what _flushed takes off)
             # An append whose answer never came (Redis hung, or the
             # connection dropped) may have run, or may still run: Redis
             # refuses it past half the call's timeout, and the receiving
@@ -397,7 +439,7 @@ class Outbox:
             # delivered or never.  (The last quarter covers the error in
             # the two nodes' readings of Redis's clock.)
             d = self.ledger.append(node, entry, within=timeout / 2, deliver_within=timeout * 3 / 4)
-            d.addBoth(self._flushed, node, entry, len(records), sent_at + timeout)
+            d.addBoth(self._flushed, node, entry, posted[node], sent_at + timeout)
 
     def _flushed(
         self, result: Any, node: str, entry: bytes, count: int, settled_at: float
@@ -467,7 +509,7 @@ class Outbox:
             if isinstance(record, Query):
                 body = m.Error(MessageType.REQUEST, code, f"the device {because}").encode()
                 self.answered(record.session_id, record.message_id, True, body)
-            elif isinstance(record, Send) and self.wire is not None:
+            elif isinstance(record, (Send, SendMany)) and self.wire is not None:
                 # One frame, or a run of one-way Sends (the relay's inline path).
                 for frame in FrameDecoder(self.wire).feed(record.frame):
                     sender = self.lookup(frame.user_id, frame.client_type)

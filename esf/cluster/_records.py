@@ -64,6 +64,9 @@ __all__ = [
     "Probe",
     "Probed",
     "Behind",
+    "SendMany",
+    "READS_MANY",
+    "OneRecord",
     "Record",
     "decode_records",
     "MAX_QUERY_SECONDS",
@@ -181,8 +184,14 @@ class Holder:
 _RECORD = struct.Struct("<BHIII")
 _LENGTH = struct.Struct("<I")
 (
-    _SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED, _BEHIND
-) = range(1, 12)  # fmt: skip
+    _SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED, _BEHIND,
+    _SEND_MANY,
+) = range(1, 13)  # fmt: skip
+
+#: The end of the lease's token of a process that reads L{SendMany}
+#: records: a node sends them only to such a node (one that does not would
+#: skip them, as it skips every kind it does not know).
+READS_MANY = ":m"
 
 #: The longest a node remembers a query another node asked (a bound).
 MAX_QUERY_SECONDS = 3600
@@ -221,6 +230,21 @@ class Send(NamedTuple):
 
     def encode(self) -> bytes:
         return _record(_SEND, self.session_id, 0, 0, self.frame)
+
+
+class SendMany(NamedTuple):
+    """
+    One frame for each of several sessions to send as it is: the copies of a
+    Broadcast (or a Send to a user's devices) for one node, the frame once.
+    """
+
+    session_ids: tuple[str, ...]
+    frame: bytes
+
+    def encode(self) -> bytes:
+        return _record(
+            _SEND_MANY, "", len(self.session_ids), 0, _pack(*self.session_ids, self.frame)
+        )
 
 
 class Notify(NamedTuple):
@@ -381,7 +405,11 @@ class Behind(NamedTuple):
         return _record(_BEHIND, self.session_id, self.ms, 0, b"")
 
 
-Record = Union[Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed, Behind]
+#: A record for one session (or none), and any record.
+OneRecord = Union[
+    Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed, Behind
+]
+Record = Union[OneRecord, SendMany]
 
 
 def decode_records(packed: bytes) -> Iterator[Record]:
@@ -423,3 +451,6 @@ def decode_records(packed: bytes) -> Iterator[Record]:
             yield Probed(sid, first, bool(second))
         elif kind == _BEHIND:
             yield Behind(sid, first)
+        elif kind == _SEND_MANY:
+            *sids, frame = _unpack(data, first + 1)
+            yield SendMany(tuple(s.decode("utf-8") for s in sids), frame)

@@ -3,9 +3,11 @@
 --       the receiving node has published none), a deadline in ms on
 --       Redis's clock (0: none), when the entry's requests must be
 --       delivered by, in ms on Redis's clock (0: any time; kept with the
---       entry as its field 't')
--- Returns the new entry's ID; 0 when the node is not in the cluster (left,
--- or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
+--       entry as its field 't'), the end of a lease's token that says its
+--       process reads records for several sessions at once
+-- Returns {the new entry's ID, 1 if the receiving process reads records for
+-- several sessions at once, else 0}; or 0 when the node is not in the
+-- cluster (left, or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
 -- node's lease expired (dead or paused: nobody reads its inbox now, and
 -- the janitor will delete it); 3 when the deadline is past (the sender
 -- was told the append failed: it must not happen later).
@@ -19,7 +21,8 @@ end
 if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
   return 0
 end
-if redis.call('EXISTS', KEYS[4]) == 0 then
+local holder = redis.call('GET', KEYS[4])
+if not holder then
   return 2
 end
 local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
@@ -34,7 +37,15 @@ if (held > 0 and held + size > (tonumber(ledger[3]) or tonumber(ARGV[4])))
 end
 redis.call('HINCRBY', KEYS[2], 'b', size)
 redis.call('HINCRBY', KEYS[2], 'c', 1)
+local id
 if ARGV[6] ~= '0' then
-  return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 't', ARGV[6])
+  id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2], 't', ARGV[6])
+else
+  id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 end
-return redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
+-- Whether the receiving process reads records for several sessions at once
+-- (its lease's token ends with ARGV[7]).
+if string.sub(holder, -string.len(ARGV[7])) == ARGV[7] then
+  return {id, 1}
+end
+return {id, 0}
