@@ -566,9 +566,10 @@ async def test_a_broadcast_to_many_members_of_another_node_goes_through_redis_on
     """
     The copies of a Broadcast for 20 members of another node are one
     inbox record naming their sessions, the frame once (20 copies before):
-    every member gets it.  A node whose process does not say it reads such
-    records (an older esf: its lease's token without the mark) is sent a
-    record per member, as before.
+    every member gets it.  Such a record is for the process that said it
+    reads it, and refused if another holds the node's lease by then; a
+    node whose process does not say so (an older esf: its lease's token
+    without the mark) is sent a record per member, as before.
     """
     a, b = Node(redis_server, "a"), Node(redis_server, "b")
     try:
@@ -581,7 +582,8 @@ async def test_a_broadcast_to_many_members_of_another_node_goes_through_redis_on
         # a learns what b reads with its first append there.
         alice.send(MessageType.SEND, Information(1, b"hi"), dest="m0")
         await eventually(members[0].take, what="m0's Send")
-        assert a.presence.inbox.reads_many["b"] is True
+        token = await a.presence.link.execute("GET", "esf:lease:b")
+        assert a.presence.inbox.reads_many["b"] == token
         await pause_reading(b.presence)
         body = Information(3, bytes(10_000))
         alice.send(MessageType.BROADCAST, body, dest="crowd", message_id=9)
@@ -593,11 +595,20 @@ async def test_a_broadcast_to_many_members_of_another_node_goes_through_redis_on
         for member in members:
             got = await eventually(member.take, what="each member's copy")
             assert [(f.message_type, f.body) for f in got] == [(MessageType.BROADCAST, body)]
+        # Another process holds b's lease by the time the record comes
+        # (its sessions are not these): refused, as for a node that stopped.
+        await pause_reading(b.presence)
+        await a.presence.link.execute("SET", "esf:lease:b", b"another:m", "KEEPTTL")
+        stale = a.presence.stats["inbox_stale"]
+        alice.send(MessageType.BROADCAST, body, dest="crowd", message_id=10)
+        a.presence.outbox.flush()
+        await a.presence.link.execute("PING")
+        assert a.presence.stats["inbox_stale"] == stale + 20
+        assert "b" not in a.presence.inbox.reads_many
         # An older process at b: told apart by its lease's token.
-        token = await a.presence.link.execute("GET", "esf:lease:b")
         await a.presence.link.execute("SET", "esf:lease:b", b"0123456789abcdef", "KEEPTTL")
         await a.presence.inbox.append("b", b"")
-        assert a.presence.inbox.reads_many["b"] is False
+        assert "b" not in a.presence.inbox.reads_many
         await a.presence.link.execute("SET", "esf:lease:b", token, "KEEPTTL")
     finally:
         await stop_nodes(a, b)

@@ -612,7 +612,7 @@ def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
     entries = []
 
     class Ledger:
-        def append(self, node, entry, within=None, deliver_within=None):
+        def append(self, node, entry, within=None, deliver_within=None, process=b""):
             entries.append((node, list(decode_records(entry))))
             return Deferred()
 
@@ -636,10 +636,11 @@ def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
 def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_reads_it():
     """
     The same frame for several sessions of one node, one after another (a
-    Broadcast's copies), is one L{SendMany} when that node reads such
-    records (its ledger says so), and as many L{Send}s when it does not (an
-    older process, which would skip it); anything between ends the run.
-    What is in flight is counted exactly all the same.
+    Broadcast's copies), is one L{SendMany} when that node's process reads
+    such records (its ledger says so: its token, which the append then
+    checks), and as many L{Send}s when it does not (an older process, which
+    would skip it); anything between ends the run.  What is in flight is
+    counted exactly all the same.
     """
     from esf.cluster._messaging import Outbox
 
@@ -648,11 +649,11 @@ def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_read
 
     class Ledger:
         def __init__(self):
-            self.reads_many = {"b": True, "c": False}
+            self.reads_many = {"b": b"0123456789abcdef:m"}
 
-        def append(self, node, entry, within=None, deliver_within=None):
-            appends.append((node, list(decode_records(entry)), Deferred()))
-            return appends[-1][2]
+        def append(self, node, entry, within=None, deliver_within=None, process=b""):
+            appends.append((node, list(decode_records(entry)), process, Deferred()))
+            return appends[-1][3]
 
     outbox = Outbox(
         clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: None,
@@ -668,7 +669,7 @@ def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_read
     outbox.post("c", Send("c/2", frame))
     assert outbox.in_flight == 9
     clock.advance(0)
-    assert [(node, records) for node, records, _ in appends] == [
+    assert [(node, records, process) for node, records, process, _ in appends] == [
         (
             "b",
             [
@@ -677,10 +678,17 @@ def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_read
                 SendMany(("b/4", "b/5"), frame),
                 Send("b/6", other),
             ],
+            b"0123456789abcdef:m",
         ),
-        ("c", [Send("c/1", frame), Send("c/2", frame)]),
+        ("c", [Send("c/1", frame), Send("c/2", frame)], b""),
     ]
-    for _, _, d in appends:
+    # Had b's process changed before the turn ended, a Send each, for any.
+    outbox.post("b", Send("b/1", frame))
+    outbox.post("b", Send("b/2", frame))
+    del outbox.ledger.reads_many["b"]
+    clock.advance(0)
+    assert appends[-1][1:3] == ([Send("b/1", frame), Send("b/2", frame)], b"")
+    for *_, d in appends:
         d.callback(b"1-1")
     assert (outbox.in_flight, outbox.in_flight_bytes) == (0, 0)
 
@@ -729,7 +737,7 @@ def test_an_outbox_holds_its_senders_back_while_redis_is_behind():
     appends: list[Deferred] = []
 
     class Ledger:
-        def append(self, node, entry, within=None, deliver_within=None):
+        def append(self, node, entry, within=None, deliver_within=None, process=b""):
             appends.append(Deferred())
             return appends[-1]
 
@@ -854,7 +862,7 @@ def test_an_append_that_failed_early_is_answered_timeout_once_its_outcome_is_set
     appends: list[Deferred] = []
 
     class Ledger:
-        def append(self, node, entry, within=None, deliver_within=None):
+        def append(self, node, entry, within=None, deliver_within=None, process=b""):
             appends.append(Deferred())
             assert (within, deliver_within) == (1.0, 1.5)
             return appends[-1]

@@ -539,9 +539,9 @@ async def test_a_failover_to_a_replica_that_missed_the_last_writes(tmp_path, log
         # An entry a delivers but whose deletion never reaches the replica.
         entries = []
         append = b.inbox.append
-        b.inbox.append = lambda node, entry, within=None, deliver_within=None: (
+        b.inbox.append = lambda node, entry, within=None, deliver_within=None, process=b"": (
             entries.append(entry),
-            append(node, entry, within, deliver_within),
+            append(node, entry, within, deliver_within, process),
         )[1]
         a.inbox.delivered = lambda read: None
         [to_alice] = b.devices("alice")

@@ -59,6 +59,7 @@ _APPEND = script("append")
 _DROP = script("drop")
 _TAKE = script("take")
 _LOOK = script("look")
+_READS_MANY = READS_MANY.encode()
 
 
 class InboxLedger:
@@ -112,9 +113,10 @@ class InboxLedger:
         self._dropping: set[Deferred[Any]] = set()
         #: Redis's clock minus this node's, in ms (L{set_redis_time}), if known.
         self._offset_ms: float | None = None
-        #: Whether each node appended to reads records for several sessions
-        #: at once (C{SendMany} records), as of the last append to it.
-        self.reads_many: dict[str, bool] = {}
+        #: node -> the lease token of its process, when that process reads
+        #: records for several sessions at once (C{SendMany} records), as of
+        #: the last append to it.
+        self.reads_many: dict[str, bytes] = {}
 
     def set_redis_time(self, redis_ms: float, local: float) -> None:
         """
@@ -129,6 +131,7 @@ class InboxLedger:
         entry: bytes,
         within: float | None = None,
         deliver_within: float | None = None,
+        process: bytes = b"",
     ) -> Deferred[Any]:
         """
         Append C{entry} to C{node}'s inbox: its stream ID (L{bytes}), or
@@ -146,6 +149,9 @@ class InboxLedger:
             them otherwise (L{late}): an append that ran just before Redis
             hung, its answer lost, is delivered by then or never, and its
             senders are told so after.
+        @param process: the lease token of the process the entry is for
+            (its records only that one reads): refused (L{STALE}) if another
+            holds C{node}'s lease now.
         """
         deadline = deliver_by = 0
         if self._offset_ms is not None:
@@ -158,14 +164,18 @@ class InboxLedger:
         return self.link.eval(
             _APPEND,
             [keys.inbox(node), keys.ledger(node), keys.nodes, keys.lease(node)],
-            [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by, READS_MANY],
+            [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by, process],
         ).addCallback(self._appended, node)  # fmt: skip
 
     def _appended(self, result: Any, node: str) -> Any:
         if isinstance(result, list):
-            entry_id, reads_many = result
-            self.reads_many[node] = reads_many == 1
+            entry_id, holder = result
+            if holder.endswith(_READS_MANY):
+                self.reads_many[node] = holder
+            else:
+                self.reads_many.pop(node, None)
             return entry_id
+        self.reads_many.pop(node, None)  # (refused: who reads it now is not known)
         return result
 
     def late(self, deliver_by: bytes | None) -> bool:

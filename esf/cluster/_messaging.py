@@ -300,8 +300,9 @@ class Outbox:
         #: and the last Send for it, with where it is.
         self._fans: dict[str, list[list[Any]]] = {}
         self._last: dict[str, tuple[Send, int]] = {}
-        #: Whether a node reads records for several sessions (its ledger's).
-        self._reads_many: dict[str, bool] = getattr(ledger, "reads_many", {})
+        #: node -> its process's token, when it reads records for several
+        #: sessions (its ledger's L{InboxLedger.reads_many}).
+        self._reads_many: dict[str, bytes] = getattr(ledger, "reads_many", {})
         self._flush_call: IDelayedCall | None = None
         #: Appends that failed, whose senders are told at their time: a
         #: token -> the timer and the entry.
@@ -425,9 +426,14 @@ class Outbox:
         sent_at = self.reactor.seconds()
         timeout = self.timeout
         for node, records in pending.items():
+            # For the process that said it reads them, and only for it (its
+            # token checked by the append): a Send each for any other.
+            process = self._reads_many.get(node, b"") if node in fans else b""
             for frame, session_ids, at in fans.get(node, ()):
-                if len(session_ids) > 1:
+                if process:
                     records[at] = SendMany(tuple(session_ids), frame).encode()
+                else:
+                    records[at] = b"".join(Send(s, frame).encode() for s in session_ids)
             entry = b"".join(records)
             self.in_flight_bytes += len(entry) - sized[node]  # (what _flushed takes off)
             # An append whose answer never came (Redis hung, or the
@@ -438,7 +444,9 @@ class Outbox:
             # timeout has passed (_flushed): the outcome is settled then,
             # delivered or never.  (The last quarter covers the error in
             # the two nodes' readings of Redis's clock.)
-            d = self.ledger.append(node, entry, within=timeout / 2, deliver_within=timeout * 3 / 4)
+            d = self.ledger.append(
+                node, entry, within=timeout / 2, deliver_within=timeout * 3 / 4, process=process
+            )
             d.addBoth(self._flushed, node, entry, posted[node], sent_at + timeout)
 
     def _flushed(

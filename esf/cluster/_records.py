@@ -189,8 +189,9 @@ _LENGTH = struct.Struct("<I")
 ) = range(1, 13)  # fmt: skip
 
 #: The end of the lease's token of a process that reads L{SendMany}
-#: records: a node sends them only to such a node (one that does not would
-#: skip them, as it skips every kind it does not know).
+#: records: a node sends them only to such a process, and an entry holding
+#: them only while that process holds the lease (one that does not read
+#: them would skip them, as it skips every kind it does not know).
 READS_MANY = ":m"
 
 #: The longest a node remembers a query another node asked (a bound).

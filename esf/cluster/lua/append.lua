@@ -3,14 +3,16 @@
 --       the receiving node has published none), a deadline in ms on
 --       Redis's clock (0: none), when the entry's requests must be
 --       delivered by, in ms on Redis's clock (0: any time; kept with the
---       entry as its field 't'), the end of a lease's token that says its
---       process reads records for several sessions at once
--- Returns {the new entry's ID, 1 if the receiving process reads records for
--- several sessions at once, else 0}; or 0 when the node is not in the
--- cluster (left, or reaped: nobody reads its inbox); 1 when the inbox is full; 2 when the
--- node's lease expired (dead or paused: nobody reads its inbox now, and
--- the janitor will delete it); 3 when the deadline is past (the sender
--- was told the append failed: it must not happen later).
+--       entry as its field 't'), the lease's token of the process the
+--       entry is for ('': any; given when the entry holds records only
+--       that process is known to read)
+-- Returns {the new entry's ID, the receiving process's lease token}; or 0
+-- when the node is not in the cluster (left, or reaped: nobody reads its
+-- inbox); 1 when the inbox is full; 2 when the node's lease expired (dead or
+-- paused: nobody reads its inbox now, and the janitor will delete it), or
+-- is another process's than the one the entry is for (all its sessions
+-- are gone with the one that held it); 3 when the deadline is past (the
+-- sender was told the append failed: it must not happen later).
 local deadline = tonumber(ARGV[5])
 if deadline > 0 then
   local t = redis.call('TIME')
@@ -22,7 +24,7 @@ if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
   return 0
 end
 local holder = redis.call('GET', KEYS[4])
-if not holder then
+if not holder or (ARGV[7] ~= '' and holder ~= ARGV[7]) then
   return 2
 end
 local ledger = redis.call('HMGET', KEYS[2], 'b', 'n', 'm')
@@ -43,9 +45,4 @@ if ARGV[6] ~= '0' then
 else
   id = redis.call('XADD', KEYS[1], '*', 'm', ARGV[2])
 end
--- Whether the receiving process reads records for several sessions at once
--- (its lease's token ends with ARGV[7]).
-if string.sub(holder, -string.len(ARGV[7])) == ARGV[7] then
-  return {id, 1}
-end
-return {id, 0}
+return {id, holder}
