@@ -672,6 +672,30 @@ def test_cluster_sizing_smoke(tmp_path):
     assert figures["logons_per_s"] > 0 and figures["redis_used_memory_after"] > 0
 
 
+def test_cluster_fanout_smoke(tmp_path):
+    """
+    benchmarks/cluster_fanout.py at a small size: every copy of every
+    Broadcast reaches every member on the other node.
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _redis import require_redis_server
+
+    require_redis_server()
+    out = tmp_path / "fanout.json"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_fanout.py"
+    argv = [sys.executable, str(script), "--group", "5", "--broadcasts", "200", "--size", "100",
+            "--timeout", "30", "--json", str(out)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads(out.read_text())
+    assert figures["deliveries"] == figures["expected"] == 800
+    assert figures["deliveries_per_s"] > 0
+
+
 def test_a_node_stopped_releases_its_users_at_once(ignore_new_pair, clients):
     i1, i2 = ignore_new_pair
     held = clients(i1, "nina")
