@@ -453,7 +453,9 @@ class IDeviceHandle(Interface):
     logon_order = Attribute(
         """
         When the Logon arrived, as a number that grows with each Logon this
-        node receives: of two logons of one device, the later one wins.
+        node receives, and across its restarts (it starts from the
+        microseconds since the epoch when the process starts): of two
+        logons of one device, the later one wins.
         """
     )
     node = Attribute("""The ID of the node that holds the session (L{str}).""")

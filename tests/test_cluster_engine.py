@@ -1310,3 +1310,22 @@ async def test_a_request_read_too_late_is_answered_once_and_not_delivered(pair):
     )  # fmt: skip
     a.presence.delivery.deliver(Failed(session_id, frame, READ_LATE).encode())
     assert alice.take() == [] and bob.take() == []
+
+
+def test_a_process_started_again_with_the_same_node_id_never_reuses_a_session_id():
+    """
+    A session ID (node/logon order) fences what other nodes send a
+    session: a process that starts again with the same --node-id must not
+    give its sessions the IDs of the one before (a record for the old
+    process's session would reach the new one's, another user).
+    """
+    first = ServerEngine(ServerConfig(), clock=task.Clock(), node_id="n1")
+    old = Client(first)
+    old.logon("alice")
+    time.sleep(0.001)
+    again = ServerEngine(ServerConfig(), clock=task.Clock(), node_id="n1")
+    new = Client(again)
+    new.logon("bob")
+    old_id, new_id = old.protocol.session.session_id, new.protocol.session.session_id
+    assert old_id.startswith("n1/") and new_id.startswith("n1/")
+    assert new.protocol.session.logon_order > old.protocol.session.logon_order

@@ -13,6 +13,7 @@ session.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -214,7 +215,13 @@ class Logons:
         #: The reply to every successful Logon (the engine's configuration
         #: does not change), encoded once.
         self._succeeded = self._encode_reply(LogonResult.SUCCEED, "")
-        self._order = itertools.count(1)
+        # Logon orders make session IDs (node/order), which must never be
+        # used twice in a cluster: a process started again with the same
+        # --node-id counts on from where no earlier one can have come (the
+        # microseconds since the epoch when it starts), so that a record
+        # for a session of the process before is never taken for one of
+        # this one's.
+        self._order = itertools.count(time.time_ns() // 1000)
 
     # -- before logon ----------------------------------------------------------
 
