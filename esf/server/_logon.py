@@ -215,12 +215,8 @@ class Logons:
         #: The reply to every successful Logon (the engine's configuration
         #: does not change), encoded once.
         self._succeeded = self._encode_reply(LogonResult.SUCCEED, "")
-        # Logon orders make session IDs (node/order), which must never be
-        # used twice in a cluster: a process started again with the same
-        # --node-id counts on from where no earlier one can have come (the
-        # microseconds since the epoch when it starts), so that a record
-        # for a session of the process before is never taken for one of
-        # this one's.
+        # (Session IDs, node/order, are never used twice: not even by a process
+        # started again with the same --node-id, counting from its start in µs.)
         self._order = itertools.count(time.time_ns() // 1000)
 
     # -- before logon ----------------------------------------------------------
