@@ -647,10 +647,10 @@ def test_bench_cluster_mode_smoke(tmp_path):
     assert "| cluster: CPU per message, request or logon, by process, pairs |" in proc.stdout
 
 
-def test_cluster_sizing_smoke(tmp_path):
+def run_benchmark(tmp_path, script: str, *args: str) -> dict:
     """
-    benchmarks/cluster_sizing.py at a small size: its figures are there,
-    and every session logged on was held (a smoke test of the script).
+    Run C{benchmarks/<script>} with C{args} (against a redis-server of its
+    own): the figures it wrote as JSON, once it succeeded.
     """
     import json
     import subprocess
@@ -660,13 +660,23 @@ def test_cluster_sizing_smoke(tmp_path):
     from _redis import require_redis_server
 
     require_redis_server()
-    out = tmp_path / "sizing.json"
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_sizing.py"
-    argv = [sys.executable, str(script), "--nodes", "2", "--sessions", "200", "--hold", "0.5",
-            "--load-procs", "1", "--json", str(out)]  # fmt: skip
+    out = tmp_path / "figures.json"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    argv = [sys.executable, str(path), *args, "--json", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    figures = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_cluster_sizing_smoke(tmp_path):
+    """
+    benchmarks/cluster_sizing.py at a small size: its figures are there,
+    and every session logged on was held (a smoke test of the script).
+    """
+    figures = run_benchmark(
+        tmp_path, "cluster_sizing.py", "--nodes", "2", "--sessions", "200", "--hold", "0.5",
+        "--load-procs", "1",
+    )  # fmt: skip
     assert figures["nodes"] == 2 and figures["sessions"] == 200
     assert len(figures["node_bytes_per_session"]) == 2
     assert figures["logons_per_s"] > 0 and figures["redis_used_memory_after"] > 0
@@ -677,21 +687,10 @@ def test_cluster_fanout_smoke(tmp_path):
     benchmarks/cluster_fanout.py at a small size: every copy of every
     Broadcast reaches every member on the other node.
     """
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from _redis import require_redis_server
-
-    require_redis_server()
-    out = tmp_path / "fanout.json"
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster_fanout.py"
-    argv = [sys.executable, str(script), "--group", "5", "--broadcasts", "200", "--size", "100",
-            "--timeout", "30", "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    figures = json.loads(out.read_text())
+    figures = run_benchmark(
+        tmp_path, "cluster_fanout.py", "--group", "5", "--broadcasts", "200", "--size", "100",
+        "--timeout", "30",
+    )  # fmt: skip
     assert figures["deliveries"] == figures["expected"] == 800
     assert figures["deliveries_per_s"] > 0
 

@@ -1312,17 +1312,22 @@ async def test_a_request_read_too_late_is_answered_once_and_not_delivered(pair):
     assert alice.take() == [] and bob.take() == []
 
 
-def test_a_process_started_again_with_the_same_node_id_never_reuses_a_session_id():
+def test_a_process_started_again_with_the_same_node_id_never_reuses_a_session_id(monkeypatch):
     """
     A session ID (node/logon order) fences what other nodes send a
     session: a process that starts again with the same --node-id must not
     give its sessions the IDs of the one before (a record for the old
-    process's session would reach the new one's, another user).
+    process's session would reach the new one's, another user).  The
+    second process starts a second after the first (its clock is the
+    wall clock, read when it starts).
     """
+    from esf.server import _logon
+
+    started = iter([1_765_000_000_000_000_000, 1_765_000_001_000_000_000])
+    monkeypatch.setattr(_logon.time, "time_ns", lambda: next(started, 1_765_000_002_000_000_000))
     first = ServerEngine(ServerConfig(), clock=task.Clock(), node_id="n1")
     old = Client(first)
     old.logon("alice")
-    time.sleep(0.001)
     again = ServerEngine(ServerConfig(), clock=task.Clock(), node_id="n1")
     new = Client(again)
     new.logon("bob")
