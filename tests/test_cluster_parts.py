@@ -15,7 +15,7 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, fail
 from zope.interface import implementer
 
-from esf import DisconnectedType, UserData
+from esf import DisconnectedType, MessageType, UserData
 from esf.cluster import _delivery
 from esf.cluster._delivery import LocalSessions
 from esf.cluster._link import IRedisLink, NotSent, RedisUnavailable
@@ -635,12 +635,14 @@ def test_an_outbox_refuses_sends_to_a_session_its_node_said_is_backed_up():
 
 def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_reads_it():
     """
-    The same frame for several sessions of one node, one after another (a
-    Broadcast's copies), is one L{SendMany} when that node's process reads
-    such records (its ledger says so: its token, which the append then
-    checks), and as many L{Send}s when it does not (an older process, which
-    would skip it); anything between ends the run.  What is in flight is
-    counted exactly all the same.
+    A Broadcast's copies for several sessions of one node, one after
+    another, are one L{SendMany} when that node's process reads such
+    records (its ledger says so: its token, which the append then checks),
+    and as many L{Send}s when it does not (an older process, which would
+    skip it); anything between ends the run.  The copies of any other frame
+    (a Send to a user's devices) go one each, for any process: a janitor
+    running an older esf must be able to answer or keep each.  What is in
+    flight is counted exactly all the same.
     """
     from esf.cluster._messaging import Outbox
 
@@ -659,15 +661,22 @@ def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_read
         clock, "a", Ledger(), answered=lambda *a: None, lookup=lambda user, kind: None,
         stats=collections.Counter(), timeout=2.0, max_in_flight=100,
     )  # fmt: skip
-    frame, other = b"one frame", b"another"
+
+    def head(message_type: MessageType) -> bytes:  # a frame's first four bytes
+        return bytes((0xEE, 0)) + int(message_type).to_bytes(2, "little")
+
+    frame = head(MessageType.BROADCAST) + b"one frame"
+    other = head(MessageType.BROADCAST) + b"another"
+    send = head(MessageType.SEND) + b"to a user's devices"
     for record in (
         Send("b/1", frame), Send("b/2", frame), Send("b/3", frame), Notify("b/1", 1, b"", 0),
         Send("b/4", frame), Send("b/5", frame), Send("b/6", other),
+        Send("b/7", send), Send("b/8", send),
     ):  # fmt: skip
         outbox.post("b", record)
     outbox.post("c", Send("c/1", frame))
     outbox.post("c", Send("c/2", frame))
-    assert outbox.in_flight == 9
+    assert outbox.in_flight == 11
     clock.advance(0)
     assert [(node, records, process) for node, records, process, _ in appends] == [
         (
@@ -677,6 +686,8 @@ def test_an_outbox_sends_one_frame_for_several_sessions_once_to_a_node_that_read
                 Notify("b/1", 1, b"", 0),
                 SendMany(("b/4", "b/5"), frame),
                 Send("b/6", other),
+                Send("b/7", send),
+                Send("b/8", send),
             ],
             b"0123456789abcdef:m",
         ),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Callable
 from weakref import WeakSet
 
@@ -79,6 +79,9 @@ Lookup = Callable[[str, int], "IDeviceHandle | None"]
 #: The devices of a user online now (the presence's C{devices}).
 Devices = Callable[[str], Sequence["IDeviceHandle"]]
 
+#: The MessageType field of a Broadcast's frame, as on the wire (bytes 2
+#: and 3 of its header, little-endian).
+_BROADCAST_TYPE = int(MessageType.BROADCAST).to_bytes(2, "little")
 #: Flush an outbox early past this many bytes.
 _OUTBOX_FLUSH_BYTES = 256 * 1024
 #: Bytes of records this node posted that Redis has not taken yet past
@@ -235,6 +238,98 @@ class RemoteHandle:
         self._post(self.node, Query(self.session_id, message_id, seconds, "", body))
 
 
+class _Turn:
+    """
+    The records posted for other nodes during one reactor turn, to go as
+    one inbox entry per node.  The copies of a Broadcast for several
+    sessions of a node that reads such records, one after another, are one
+    L{SendMany}: the frame once, through Redis and in the inbox, not once
+    per member.  Only a Broadcast's: should the node die with the record
+    unread, a janitor running an older esf skips it, and a Broadcast's
+    copies are never answered nor kept offline anyway; the copies of a Send
+    or a request for a user's devices go one each, so that any janitor
+    keeps or answers them.
+
+    @param reads_many: node -> its process's token, when it reads
+        L{SendMany} records (read when the turn ends).
+    """
+
+    def __init__(self, reads_many: dict[str, bytes]):
+        self.reads_many = reads_many
+        #: About how many bytes the records hold.
+        self.size = 0
+        #: node -> its records, how many were posted, and their bytes.
+        self._records: dict[str, list[bytes]] = {}
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._sizes: collections.Counter[str] = collections.Counter()
+        #: node -> runs of one frame for several of its sessions: [the
+        #: frame, the session IDs, where its record is in _records]; and the
+        #: last Broadcast copy for it, with where it is.
+        self._fans: dict[str, list[list[Any]]] = {}
+        self._last: dict[str, tuple[Send, int]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    def add(self, node: str, record: Record, packed: bytes) -> int:
+        """
+        Add C{record} (C{packed}) to what goes to C{node}; return about how
+        many bytes it adds.
+        """
+        records = self._records.get(node)
+        if records is None:
+            records = self._records[node] = []
+        if (
+            type(record) is Send
+            and record.frame[2:4] == _BROADCAST_TYPE
+            and self.reads_many.get(node)
+            and self._joined(node, records, record)
+        ):
+            size = len(record.session_id) + 4
+        else:
+            records.append(packed)
+            size = len(packed)
+        self.size += size
+        self._counts[node] += 1
+        self._sizes[node] += size
+        return size
+
+    def _joined(self, node: str, records: list[bytes], record: Send) -> bool:
+        """
+        Whether the Broadcast copy C{record} joined a run of the same frame
+        for C{node}, the record just before it; if not, it may start one.
+        """
+        last = self._last.get(node)
+        if last is None or last[0].frame is not record.frame or last[1] != len(records) - 1:
+            self._last[node] = (record, len(records))
+            return False
+        fans = self._fans.setdefault(node, [])
+        if fans and fans[-1][2] == last[1]:
+            fans[-1][1].append(record.session_id)
+        else:
+            fans.append([record.frame, [last[0].session_id, record.session_id], last[1]])
+        return True
+
+    def entries(self) -> Iterator[tuple[str, bytes, bytes, int, int]]:
+        """
+        Each node's entry: C{(node, entry, process, count, size)}, where
+        C{process} is the token of the process it is for (an entry holding
+        L{SendMany} records), or empty; C{count} and C{size} are what
+        L{add} counted for it.
+        """
+        fans = self._fans
+        for node, records in self._records.items():
+            # For the process that said it reads them, and only for it (its
+            # token checked by the append): a Send each for any other.
+            process = self.reads_many.get(node, b"") if node in fans else b""
+            for frame, session_ids, at in fans.get(node, ()):
+                if process:
+                    records[at] = SendMany(tuple(session_ids), frame).encode()
+                else:
+                    records[at] = b"".join(Send(s, frame).encode() for s in session_ids)
+            yield node, b"".join(records), process, self._counts[node], self._sizes[node]
+
+
 class Outbox:
     """
     This node's posts to other nodes' inboxes.  Records for one node
@@ -289,20 +384,11 @@ class Outbox:
         self.in_flight_bytes = 0
         #: Sessions held back until Redis catches up (L{hold}).
         self._held: WeakSet[Any] | None = None
-        #: node -> inbox records to send it at the end of this reactor turn.
-        self._pending: dict[str, list[bytes]] = {}
-        self._pending_bytes = 0
-        #: node -> the records posted for it this turn, and their bytes.
-        self._posted: collections.Counter[str] = collections.Counter()
-        self._sized: collections.Counter[str] = collections.Counter()
-        #: node -> runs of one frame for several of its sessions this turn:
-        #: [the frame, the session IDs, where its record is in _pending];
-        #: and the last Send for it, with where it is.
-        self._fans: dict[str, list[list[Any]]] = {}
-        self._last: dict[str, tuple[Send, int]] = {}
         #: node -> its process's token, when it reads records for several
         #: sessions (its ledger's L{InboxLedger.reads_many}).
         self._reads_many: dict[str, bytes] = getattr(ledger, "reads_many", {})
+        #: What to send at the end of this reactor turn.
+        self._turn = _Turn(self._reads_many)
         self._flush_call: IDelayedCall | None = None
         #: Appends that failed, whose senders are told at their time: a
         #: token -> the timer and the entry.
@@ -313,7 +399,7 @@ class Outbox:
         self._behind: dict[str, float] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._pending)
+        return bool(self._turn)
 
     def post(self, node: str, record: Record) -> int | None:
         """
@@ -340,43 +426,16 @@ class Outbox:
             log.debug("dropped a message to node {node}: Redis is behind", node=node)
             self._refused(packed, BEHIND)
             return None
-        pending = self._pending.get(node)
-        if pending is None:
-            pending = self._pending[node] = []
-        size = self._add(node, pending, record, packed)
+        turn = self._turn
         self.in_flight += 1
-        self.in_flight_bytes += size
-        self._pending_bytes += size
-        self._posted[node] += 1
-        self._sized[node] += size
-        if self._pending_bytes > _OUTBOX_FLUSH_BYTES:
+        self.in_flight_bytes += turn.add(node, record, packed)
+        if turn.size > _OUTBOX_FLUSH_BYTES:
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)
         if self.in_flight_bytes > _IN_FLIGHT_HIGH and type(record) is Send:
             return PUSH_BACK
         return None
-
-    def _add(self, node: str, pending: list[bytes], record: Record, packed: bytes) -> int:
-        """
-        Add C{record} (C{packed}) to what goes to C{node} this turn; return
-        about how many bytes it adds.  The same frame for several sessions
-        of a node that reads such records, one after another (the copies of
-        a Broadcast, a Send to a user's devices), is one L{SendMany}: the
-        frame once, through Redis and in the inbox, not once per device.
-        """
-        if type(record) is Send and self._reads_many.get(node):
-            last = self._last.get(node)
-            if last is not None and last[0].frame is record.frame and last[1] == len(pending) - 1:
-                fans = self._fans.setdefault(node, [])
-                if fans and fans[-1][2] == last[1]:
-                    fans[-1][1].append(record.session_id)
-                else:
-                    fans.append([record.frame, [last[0].session_id, record.session_id], last[1]])
-                return len(record.session_id) + 4
-            self._last[node] = (record, len(pending))
-        pending.append(packed)
-        return len(packed)
 
     def hold(self, sender: Any) -> None:
         """
@@ -418,24 +477,11 @@ class Outbox:
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
         self._flush_call = None
-        pending, self._pending, self._pending_bytes = self._pending, {}, 0
-        posted, self._posted = self._posted, collections.Counter()
-        sized, self._sized = self._sized, collections.Counter()
-        fans, self._fans = self._fans, {}
-        self._last = {}
+        turn, self._turn = self._turn, _Turn(self._reads_many)
         sent_at = self.reactor.seconds()
         timeout = self.timeout
-        for node, records in pending.items():
-            # For the process that said it reads them, and only for it (its
-            # token checked by the append): a Send each for any other.
-            process = self._reads_many.get(node, b"") if node in fans else b""
-            for frame, session_ids, at in fans.get(node, ()):
-                if process:
-                    records[at] = SendMany(tuple(session_ids), frame).encode()
-                else:
-                    records[at] = b"".join(Send(s, frame).encode() for s in session_ids)
-            entry = b"".join(records)
-            self.in_flight_bytes += len(entry) - sized[node]  # (what _flushed takes off)
+        for node, entry, process, count, size in turn.entries():
+            self.in_flight_bytes += len(entry) - size  # (what _flushed takes off)
             # An append whose answer never came (Redis hung, or the
             # connection dropped) may have run, or may still run: Redis
             # refuses it past half the call's timeout, and the receiving
@@ -447,7 +493,7 @@ class Outbox:
             d = self.ledger.append(
                 node, entry, within=timeout / 2, deliver_within=timeout * 3 / 4, process=process
             )
-            d.addBoth(self._flushed, node, entry, posted[node], sent_at + timeout)
+            d.addBoth(self._flushed, node, entry, count, sent_at + timeout)
 
     def _flushed(
         self, result: Any, node: str, entry: bytes, count: int, settled_at: float

@@ -236,7 +236,8 @@ class Send(NamedTuple):
 class SendMany(NamedTuple):
     """
     One frame for each of several sessions to send as it is: the copies of a
-    Broadcast (or a Send to a user's devices) for one node, the frame once.
+    Broadcast for the members on one node, the frame once (only a
+    Broadcast's: L{esf.cluster._messaging.Outbox._add} says why).
     """
 
     session_ids: tuple[str, ...]
