@@ -21,7 +21,7 @@ from esf import MessageType as T
 from esf.interfaces import IDeviceHandle, IPresence
 from esf.server._heartbeat import Reaper
 from esf.server._logon import LogonRecord
-from esf.server._policy import Accept, Ignore, LogonPolicy, Refuse, Replace
+from esf.server._policy import Accept, Ignore, LogonPolicy, Refuse, Replace, SlidingWindow
 from esf.server._presence import Claim, LocalPresence
 from esf.server._router import Router
 from esf.wire._messages import PROTOCOL_VERSION, Logon
@@ -78,6 +78,23 @@ def test_policy_rate_limits_per_host_within_the_window():
     # Refused attempts count too: the host must stay quiet for a window.
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 10.5).result == LogonResult.BUSY
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 21) == Accept()
+
+
+def test_a_sliding_window_forgets_the_least_recently_seen_key_first():
+    """
+    Past C{max_keys}, a new key makes the window forget the key seen least
+    recently (not the one first seen): a host that keeps trying keeps its
+    count.
+    """
+    window = SlidingWindow(window=10, limit=2, max_keys=3)
+    for key in ("a", "b", "c"):
+        window.hit(key, 0)
+    assert window.hit("a", 1) == 2  # a is now the most recently seen
+    window.hit("d", 2)  # forgets b
+    assert (len(window), window.tracked("b"), window.tracked("a")) == (3, 0, 2)
+    window.hit("e", 3)  # forgets c
+    assert [window.tracked(k) for k in "acde"] == [2, 0, 1, 1]
+    assert window.hit("a", 4) == 3
 
 
 REPLACE, IGNORE = RelogonMode.REPLACE_OLD, RelogonMode.IGNORE_NEW

@@ -106,7 +106,9 @@ class LocalSessions(dict[str, IDeviceHandle]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.ended: dict[str, int] = {}
+        # (An OrderedDict forgets the oldest in constant time; a dict finds
+        # its first key by skipping the slots of those deleted before it.)
+        self.ended: collections.OrderedDict[str, int] = collections.OrderedDict()
 
     def pop(self, sid: str, *default: Any) -> Any:
         # (As dict.pop: a KeyError for a missing sid unless given a default.)
@@ -115,7 +117,7 @@ class LocalSessions(dict[str, IDeviceHandle]):
             ended = self.ended
             ended[sid] = int(handle.client_type)
             if len(ended) > _ENDED_KEPT:
-                del ended[next(iter(ended))]
+                ended.popitem(last=False)
         return handle
 
 
