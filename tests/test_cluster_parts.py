@@ -1123,21 +1123,3 @@ def test_scripts_go_to_redis_without_their_comments_on_the_same_lines():
         for line, went in zip(text, sent):
             assert went == (b"" if line.lstrip().startswith(b"--") else line), path.name
         assert any(line.lstrip().startswith(b"--") for line in text), path.name
-
-
-def test_local_sessions_remember_the_kind_of_the_last_sessions_that_ended():
-    """
-    Of the sessions that ended, the last L{_delivery._ENDED_KEPT} are
-    remembered with their device kind (oldest forgotten first); a pop that
-    finds nothing remembers nothing.
-    """
-    local = LocalSessions()
-    kept = _delivery._ENDED_KEPT
-    for i in range(kept + 2):
-        local[f"a/{i}"] = types.SimpleNamespace(client_type=i % 3)
-    for i in range(kept + 2):
-        local.pop(f"a/{i}")
-    assert local.pop("a/none", None) is None
-    assert len(local.ended) == kept
-    assert "a/0" not in local.ended and "a/1" not in local.ended
-    assert local.ended["a/2"] == 2 and local.ended[f"a/{kept + 1}"] == (kept + 1) % 3
