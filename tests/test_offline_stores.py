@@ -519,3 +519,62 @@ async def test_redis_store_bounds_survive_a_restart_of_redis(tmp_path):
         for link in links:
             await link.stop()
         redis.stop()
+
+
+class _Counting:
+    """
+    A Redis link that counts the bytes of the frames its replies carry.
+    """
+
+    def __init__(self, link):
+        self.link = link
+        self.received = 0
+
+    def _count(self, reply):
+        if isinstance(reply, bytes):
+            self.received += len(reply)
+        elif isinstance(reply, list):
+            for item in reply:
+                self._count(item)
+        return reply
+
+    def execute(self, *args, **kwargs):
+        return self.link.execute(*args, **kwargs).addCallback(self._count)
+
+    def eval(self, *args, **kwargs):
+        return self.link.eval(*args, **kwargs).addCallback(self._count)
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_store_reads_only_what_a_window_delivers(redis_server):
+    """
+    A drain fetches a window (at most its bytes) after the last message
+    delivered, again and again: Redis sends each time only the frames that
+    window holds, not the next hundred, nor the frames of other devices
+    skipped on the way.
+    """
+    from _redis import connected_link
+
+    link = await connected_link(redis_server.url)
+    try:
+        counting = _Counting(link)
+        store = RedisOfflineStore(counting, prefix="t3")
+        frame = 600_000
+        for n in range(20):
+            await store.store("bob", None, [bytes([n]) * frame], "alice")
+            await store.store("bob", 3, [b"x" * frame], "carol")  # for another device
+        counting.received = 0
+        after, delivered = 0, []
+        while True:
+            window = await store.fetch("bob", [None, 5], after, 100, 1 << 20)
+            if not window:
+                break
+            assert len(window) == 1  # two do not fit in 1 MiB
+            delivered.extend(m.raw[0] for m in window)
+            after = window[-1].id
+        assert delivered == list(range(20))
+        # The 20 frames delivered, and at most one more of each window (the
+        # one that did not fit), not 20 + 19 + ... + 1 of them.
+        assert counting.received <= 2 * 21 * frame
+    finally:
+        await link.stop()

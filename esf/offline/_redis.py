@@ -136,6 +136,49 @@ end
 return gone
 """
 
+# KEYS: user's m.  ARGV: after (the last ID seen), most messages, most
+# bytes, messages and bytes the window holds already, most members to
+# look at, then the device kinds wanted.  One member read at a time, so
+# that Redis copies only the frames the window takes (and the first that
+# does not fit), never the next hundred nor those of other devices in
+# whole.  Answers: the last ID looked at, 1 when the window is full or
+# nothing is left (else 0: look again from that ID), then the members.
+_FETCH = b"""
+local kinds = {}
+for i = 7, #ARGV do kinds[tonumber(ARGV[i])] = true end
+local seen = ARGV[1]
+local max_count = tonumber(ARGV[2])
+local max_bytes = tonumber(ARGV[3])
+local have = tonumber(ARGV[4])
+local size = tonumber(ARGV[5])
+local out = {seen, 0}
+for _ = 1, tonumber(ARGV[6]) do
+  local found = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. seen, '+inf', 'LIMIT', 0, 1)
+  local member = found[1]
+  if not member then
+    out[2] = 1
+    return out
+  end
+  if kinds[tonumber(string.sub(member, 11, 13))] then
+    local length = string.len(member) - 14
+    if have > 0 and (have >= max_count or size + length > max_bytes) then
+      out[2] = 1
+      return out
+    end
+    have = have + 1
+    size = size + length
+    out[#out + 1] = member
+  end
+  seen = string.sub(member, 1, 10)
+  out[1] = seen
+end
+return out
+"""
+
+#: Most members one fetch script looks at (a window's worth and those of
+#: other devices it skips): a script is short, however many a user has.
+_SCAN = 200
+
 
 @implementer(IOfflineStore)
 class RedisOfflineStore:
@@ -226,7 +269,7 @@ class RedisOfflineStore:
         max_count: int,
         max_bytes: int,
     ) -> Deferred[list[StoredMessage]]:
-        kinds = {_ANY if k is None else k for k in client_types}
+        kinds = sorted({_ANY if k is None else k for k in client_types})
         key = self._keys(user_id)[0]
 
         async def read() -> list[StoredMessage]:
@@ -234,20 +277,16 @@ class RedisOfflineStore:
             out: list[StoredMessage] = []
             size = 0
             while True:
-                members = await self.link.execute(
-                    "ZRANGEBYSCORE", key, f"({seen}", "+inf", "LIMIT", 0, max_count
+                reply = await self.link.eval(
+                    _FETCH, [key], [seen, max_count, max_bytes, len(out), size, _SCAN, *kinds]
                 )
-                for member in members:
+                seen, done = int(reply[0]), int(reply[1])
+                for member in reply[2:]:
                     message_id, kind = int(member[:10]), int(member[10:13])
-                    seen = message_id
-                    if kind not in kinds:
-                        continue
                     raw = bytes(member[_PREFIX:])
-                    if out and (len(out) >= max_count or size + len(raw) > max_bytes):
-                        return out
                     out.append(StoredMessage(message_id, None if kind == _ANY else kind, raw))
                     size += len(raw)
-                if len(out) >= max_count or len(members) < max_count or seen >= MAX_ID:
+                if done or seen >= MAX_ID:
                     return out
 
         return Deferred.fromCoroutine(read())
