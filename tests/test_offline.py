@@ -612,3 +612,49 @@ def test_a_device_kind_the_server_does_not_know_is_not_kept_for():
     assert s.result(store.total_counts()) == (0, 0)
     assert s.engine.counters["offline_stored"] == 0
     s.close()
+
+
+class _Counting(MemoryOfflineStore):
+    """A store in memory that says how many bytes it was handed and has not answered."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.in_flight = self.most_in_flight = 0
+
+    def store(self, user_id, client_type, frames, sender_id):
+        size = sum(len(f) for f in frames)
+        self.in_flight += size
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+        def answered(result):
+            self.in_flight -= size
+            return result
+
+        return super().store(user_id, client_type, frames, sender_id).addBoth(answered)
+
+
+def test_what_a_sender_has_waiting_for_a_slow_store_is_bounded():
+    """
+    A store that takes its time (a disk under load, a far Redis) holds each
+    message until it answers.  One sender flooding users who are offline is
+    read no further while more than max_output_buffer of its messages wait
+    for the store, and counts them in the memory budget: it cannot make the
+    server hold more than that, and every message is still answered.
+    """
+    store = _Counting()
+    config = ServerConfig(max_output_buffer=256 * 1024)
+    s = MemoryServer(config=config, offline_store=store)
+    store.clock, store.delay = s.clock, 1.0  # every store call takes 1 s
+    alice = s.logged_on("alice")
+    answers = []
+    for n in range(200):  # 200 x 100 KB: more than the sender may keep (16 MiB)
+        alice.send_certainly(f"bob{n}", 1, b"x" * 100_000).addBoth(answers.append)
+        s.pump()
+    assert store.most_in_flight <= 2 * config.max_output_buffer
+    assert s.engine.budget.used >= store.in_flight
+    assert s.engine.counters["senders_paused"] >= 1
+    s.advance(300)
+    assert len(answers) == 200  # stored (Ack), or refused (Error): none lost
+    assert answers.count(STORED) == 167  # 16 MiB of them
+    assert store.in_flight == 0 and s.engine.budget.used == 0
+    s.close()

@@ -319,6 +319,9 @@ class OfflineMessages:
         self._sessions: dict[Any, _Drain] = {}
         #: Users whose whole-user messages a device of this node drains.
         self._users: dict[str, _Drain] = {}
+        #: Bytes each sending session handed the store that it has not
+        #: answered yet (L{_store}).
+        self._waiting: dict[Session, int] = {}
 
     # -- keeping -------------------------------------------------------------------
 
@@ -406,16 +409,44 @@ class OfflineMessages:
         self, session: Session, frame: Frame, frames: list[bytes], info_type: int | None
     ) -> None:
         user_id, client_type = split_dest(frame.dest_user_id)
+        size = sum(len(f) for f in frames)
+        self._wait(session, size)
         try:
             d = self.store.store(user_id, client_type, frames, session.user_id or "")
         except Exception:
             d = fail()
+        d.addBoth(self._answered, session, size)
         d.addCallbacks(
             self._stored,
             self._not_stored,
             callbackArgs=(session, frame, len(frames), info_type),
             errbackArgs=(session, frame),
         )
+
+    def _wait(self, session: Session, size: int) -> None:
+        """
+        C{session} hands the store C{size} bytes: they count in the memory
+        budget until the store answers, and past C{max_output_buffer} of
+        them the session is read no further (a store that takes its time
+        must not let one sender pile up messages it may well refuse).
+        """
+        waiting = self._waiting.get(session, 0)
+        self._waiting[session] = waiting + size
+        self.engine.budget.used += size
+        if waiting <= self.engine.config.max_output_buffer < waiting + size:
+            session.hold_back()
+
+    def _answered(self, result: Any, session: Session, size: int) -> Any:
+        """
+        The store answered about C{size} bytes of C{session}'s (L{_wait}).
+        """
+        left = self._waiting.pop(session) - size
+        if left:
+            self._waiting[session] = left
+        self.engine.budget.used -= size
+        if left <= self.engine.config.max_output_buffer < left + size:
+            session.let_go()
+        return result
 
     def _stored(
         self, ids: Any, session: Session, frame: Frame, count: int, info_type: int | None
