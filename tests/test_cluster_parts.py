@@ -733,6 +733,45 @@ def test_a_node_delivers_one_frame_to_each_session_a_send_many_names():
     assert (stats["inbox_delivered"], stats["inbox_fenced"]) == (2, 1)
 
 
+def test_a_record_that_fails_is_its_own_the_others_of_its_entry_are_delivered():
+    """
+    A record whose delivery raises (one session's fault) is logged, once;
+    the records after it in the same inbox entry, other sessions', are
+    delivered all the same.
+    """
+    from esf.cluster._delivery import Delivery
+
+    class Taking(Device):
+        def __init__(self, *args, broken=False):
+            super().__init__(*args)
+            self.got: list[bytes] = []
+            self.broken = broken
+
+        def send(self, data):
+            if self.broken:
+                raise RuntimeError("broken")
+            self.got.append(data)
+
+    one, bad, two = (
+        Taking("b", "bob", "b/1"), Taking("b", "eve", "b/2", broken=True),
+        Taking("b", "carol", "b/3"),
+    )  # fmt: skip
+    stats: collections.Counter[str] = collections.Counter()
+    local = LocalSessions()
+    local.update({"b/1": one, "b/2": bad, "b/3": two})
+    delivery = Delivery(
+        local, None, post=lambda *a: None, lookup=lambda *a: None,
+        devices=lambda user: (), probed=lambda *a: None, behind=lambda *a: None,
+        clock=task.Clock(), stats=stats,
+    )  # fmt: skip
+    entry = b"".join(Send(sid, b"frame " + sid.encode()).encode() for sid in ("b/1", "b/2", "b/3"))
+    with LogCapture() as logged:
+        delivery.deliver(entry)
+    assert (one.got, two.got) == ([b"frame b/1"], [b"frame b/3"])
+    assert stats["inbox_delivered"] == 2
+    assert [e["session"] for e in logged.failures()] == ["b/2"]
+
+
 def test_an_outbox_holds_its_senders_back_while_redis_is_behind():
     """
     Past L{_IN_FLIGHT_HIGH} bytes that Redis has not taken, a relayed frame

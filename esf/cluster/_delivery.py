@@ -180,56 +180,70 @@ class Delivery:
         among them are answered at their senders' node instead (their
         senders may have been told they failed).
         """
-        local = self.local
         for record in _one_each(decode_records(packed)):
-            if isinstance(record, Answer):
-                session_id, message_id, error, body = record
-                self.queries.answered(session_id, message_id, error, body)
-                continue
-            if isinstance(record, Probe):
-                held = record.session_id in local
-                self.post(record.asker, Probed(record.session_id, record.token, held))
-                continue
-            if isinstance(record, Probed):
-                self.probed(record.token, record.held)
-                continue
-            if isinstance(record, Behind):
-                # (A bound on what another node's word can make this one do.)
-                self.behind(record.session_id, min(record.ms / 1000, 2 * BEHIND_SECONDS))
-                continue
-            handle: Any = local.get(record.session_id)
-            if handle is None:
-                self.stats["inbox_fenced"] += 1
-                if isinstance(record, Send):
-                    kind = local.ended.get(record.session_id)
-                    self._not_delivered(record.frame, ENDED, ended_kind=kind)
-                continue
+            try:
+                self._act(record, late)
+            except Exception:
+                # One record's failure is its own: the entry's others (other
+                # sessions' messages among them) are still acted on.
+                log.failure(
+                    "acting on an inbox record for {session} failed",
+                    session=getattr(record, "session_id", "?"),
+                )
+
+    def _act(self, record: OneRecord, late: bool) -> None:
+        """
+        Act on one record of an inbox entry (L{deliver}).
+        """
+        local = self.local
+        if isinstance(record, Answer):
+            session_id, message_id, error, body = record
+            self.queries.answered(session_id, message_id, error, body)
+            return
+        if isinstance(record, Probe):
+            held = record.session_id in local
+            self.post(record.asker, Probed(record.session_id, record.token, held))
+            return
+        if isinstance(record, Probed):
+            self.probed(record.token, record.held)
+            return
+        if isinstance(record, Behind):
+            # (A bound on what another node's word can make this one do.)
+            self.behind(record.session_id, min(record.ms / 1000, 2 * BEHIND_SECONDS))
+            return
+        handle: Any = local.get(record.session_id)
+        if handle is None:
+            self.stats["inbox_fenced"] += 1
             if isinstance(record, Send):
-                if late and self._answered_late(record.frame):
-                    continue
-                # A local session checks answers from other nodes itself,
-                # and says whether it refused the frame for being behind.
-                send = getattr(handle, "send_from_node", None)
-                if send is None:
-                    handle.send(record.frame)
-                elif send(record.frame):
-                    self._backed_up(handle, record.frame)
-            elif isinstance(record, Notify):
-                handle.notify(record.message_type, record.body, record.client_type)
-            elif isinstance(record, Kick):
-                handle.kick(DisconnectedType(record.reason), record.text)
-            elif isinstance(record, PushOut):
-                handle.push_out(record.new_address, record.cause)
-            elif isinstance(record, Query):
-                self.queries.ask(handle, record)
-            elif isinstance(record, Failed):
-                (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
-                tell = getattr(handle, "not_delivered", None)
-                if frame is not None and tell is not None:
-                    tell(frame, *_failure(record.why, frame.dest_user_id))
-            elif isinstance(record, KickOut):
-                handle.kick_out(record.operator, record.reason, record.text)
-            self.stats["inbox_delivered"] += 1
+                kind = local.ended.get(record.session_id)
+                self._not_delivered(record.frame, ENDED, ended_kind=kind)
+            return
+        if isinstance(record, Send):
+            if late and self._answered_late(record.frame):
+                return
+            # A local session checks answers from other nodes itself,
+            # and says whether it refused the frame for being behind.
+            send = getattr(handle, "send_from_node", None)
+            if send is None:
+                handle.send(record.frame)
+            elif send(record.frame):
+                self._backed_up(handle, record.frame)
+        elif isinstance(record, Notify):
+            handle.notify(record.message_type, record.body, record.client_type)
+        elif isinstance(record, Kick):
+            handle.kick(DisconnectedType(record.reason), record.text)
+        elif isinstance(record, PushOut):
+            handle.push_out(record.new_address, record.cause)
+        elif isinstance(record, Query):
+            self.queries.ask(handle, record)
+        elif isinstance(record, Failed):
+            (frame,) = FrameDecoder(self.wire).feed(record.frame) if self.wire else (None,)
+            tell = getattr(handle, "not_delivered", None)
+            if frame is not None and tell is not None:
+                tell(frame, *_failure(record.why, frame.dest_user_id))
+        elif isinstance(record, KickOut):
+            handle.kick_out(record.operator, record.reason, record.text)
+        self.stats["inbox_delivered"] += 1
 
     def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> Deferred[Any]:
         """
