@@ -237,7 +237,7 @@ class SendMany(NamedTuple):
     """
     One frame for each of several sessions to send as it is: the copies of a
     Broadcast for the members on one node, the frame once (only a
-    Broadcast's: L{esf.cluster._messaging.Outbox._add} says why).
+    Broadcast's: L{esf.cluster._messaging._Turn} says why).
     """
 
     session_ids: tuple[str, ...]
