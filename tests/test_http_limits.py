@@ -579,3 +579,48 @@ def test_closed_connections_are_counted_in_the_metrics_by_site_and_reason():
     assert closed("web_demo", "max_connections") == 3
     assert closed("web_demo", "request_timeout") == 2
     assert closed("metrics", "max_connections") == 0
+
+
+# -- what a site writes to the log -----------------------------------------------------
+
+
+def web_demo_factory(engine, **kwargs):
+    site = web_demo_site(engine, reactor=engine.clock)
+    return on_clock(
+        limit_site(site, HTTPLimits(4, 10), engine.clock, "the web demo"), engine.clock
+    )
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [
+        (admin_factory, b"/dashboard"),
+        (admin_factory, b"/api/info"),
+        (metrics_factory, b"/metrics"),
+        (web_demo_factory, b"/chat.css"),
+    ],
+    ids=["admin", "admin-api", "metrics", "web_demo"],
+)
+def test_requests_write_no_log_line_each(make, path, logs):
+    """
+    A peer that pipelines requests on one connection makes the site write
+    no line per request: twisted.web's access log (a line of up to the
+    head's 16 KiB, its path, Referer and User-Agent, per request, to the
+    server's log) is off.  The admin API's refusals keep their own bound.
+    """
+    engine = make_engine()
+    factory = make(engine)
+    factory.doStart()  # as a listening port does: twisted.web opens its access log here
+    try:
+        protocol, transport = connect(factory)
+        request = (
+            b"GET " + path + b"?probe-7f3a HTTP/1.1\r\nHost: evil.example\r\n"
+            b"User-Agent: " + b"u" * 1000 + b"\r\n\r\n"
+        )
+        protocol.dataReceived(request * 100)
+        assert transport.value().count(b"HTTP/1.1 ") == 100
+        assert [e for e in logs.events if "probe-7f3a" in repr(e)] == []
+        assert len(logs.esf("admin_request_refused")) <= 10
+        assert len(logs.events) <= 12
+    finally:
+        factory.doStop()

@@ -43,7 +43,7 @@ from twisted.web.server import Request, Site
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import ServerConfig
-from esf.server._http import HTTP_LIMITS, HTTPLimits, limit_site
+from esf.server._http import HTTP_LIMITS, HTTPLimits, QuietSite, limit_site
 from esf.wire._frames import ClientType
 
 from ._admin_policy import (
@@ -654,10 +654,11 @@ class _Redirect(Resource):
         return b""
 
 
-class AdminSite(Site):
+class AdminSite(QuietSite):
     """
     The admin API's site (its name shows in the log: "AdminSite starting
-    on PORT").
+    on PORT"), without an access log: each change is logged and audited
+    (C{admin_action}), each refusal logged within L{RefusalLog}'s bound.
     """
 
 

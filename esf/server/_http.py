@@ -46,6 +46,7 @@ __all__ = [
     "DeadlineChannel",
     "HTTPLimits",
     "LimitedSite",
+    "QuietSite",
     "handed_over",
     "connections_closed",
     "limit_site",
@@ -76,6 +77,21 @@ class HTTPLimits:
 #: (C{--admin-api-max-connections}, C{--metrics-max-connections},
 #: C{--http-request-timeout}).
 HTTP_LIMITS = HTTPLimits(max_connections=64, request_timeout=10.0)
+
+
+class QuietSite(Site):
+    """
+    A L{Site} that writes no access-log line per request.
+
+    twisted.web writes one to the server's log for every request, up to the
+    head's 16 KiB (its path, C{Referer} and C{User-Agent}): a peer that
+    pipelines requests on one connection would fill the log at the rate it
+    sends them, whatever else bounds it.  What these sites do is logged by
+    them, within bounds of its own.
+    """
+
+    def log(self, request: Any) -> None:
+        pass
 
 
 class DeadlineChannel(HTTPChannel):

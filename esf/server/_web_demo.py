@@ -17,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ._engine import ServerEngine
-from ._http import handed_over
+from ._http import QuietSite, handed_over
 from ._websocket import WEBSOCKET_PATH, WebSocketFactory
 
 __all__ = ["WEB_FILES", "web_demo_site"]
@@ -37,6 +37,13 @@ class _TakeOverResource(WebSocketResource):
             request.channel.setTimeout(None)
             transport.unregisterProducer()
         return super().render(request)  # type: ignore[no-untyped-call]
+
+
+class WebDemoSite(QuietSite):
+    """
+    The web demo's site, without an access log (its name shows in the log:
+    "WebDemoSite starting on PORT").
+    """
 
 
 class _Root(Resource):
@@ -99,7 +106,7 @@ def web_demo_site(
         root.putChild(path, _File((web / name).read_bytes(), content_type, name == "esf.js"))
     factory = WebSocketFactory(engine, allowed_origins, reactor=reactor)
     root.putChild(WEBSOCKET_PATH.strip("/").encode(), _TakeOverResource(factory))  # type: ignore[no-untyped-call]
-    site = Site(root)
+    site = WebDemoSite(root)  # type: ignore[no-untyped-call]  # Site has no annotations
     site.displayTracebacks = False
     site.noisy = False
     return site
