@@ -25,7 +25,6 @@ reads the engine's public state and calls C{kick_out} and C{send}.
 from __future__ import annotations
 
 import collections
-import io
 import json
 from collections.abc import Iterable
 from importlib import resources
@@ -43,7 +42,14 @@ from twisted.web.server import Request, Site
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import ServerConfig
-from esf.server._http import HTTP_LIMITS, HTTPLimits, QuietSite, limit_site
+from esf.server._http import (
+    HTTP_LIMITS,
+    MAX_BODY,
+    BoundedRequest,
+    HTTPLimits,
+    QuietSite,
+    limit_site,
+)
 from esf.wire._frames import ClientType
 
 from ._admin_policy import (
@@ -82,8 +88,6 @@ log = Logger(namespace="esf.admin")
 ADMIN_OPERATOR = "#admin"
 #: The information type of a notice or broadcast that does not give one.
 NOTICE_INFORMATION_TYPE = 0
-#: The largest request body, in bytes; a bigger one gets 413 and a close.
-MAX_BODY = 64 * 1024
 #: Longest kick reason, in characters (what BeingKickedOutNotify carries).
 MAX_REASON = 1000
 DEFAULT_PAGE = 100
@@ -130,63 +134,6 @@ class OnlineHistory:
 
 
 # -- HTTP plumbing -------------------------------------------------------------------
-
-
-class BoundedRequest(UnnamedRequest):
-    """
-    A request whose body may be at most L{MAX_BODY} bytes.  A bigger one,
-    announced by Content-Length or sent chunked, is answered C{413} and the
-    connection is closed without reading (or keeping) the rest.
-
-    (C{twisted.web} keeps any body whole, in memory or in a temporary
-    file, before it renders; this is where a bound can go.)
-    """
-
-    max_body = MAX_BODY
-    _refused = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            # (twisted.web.http.Request has no annotations.)
-            super().gotLength(0)  # type: ignore[no-untyped-call]
-            self._refuse_body()
-            return
-        super().gotLength(length)  # type: ignore[no-untyped-call]
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self.max_body:
-            self._refuse_body()
-            return
-        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
-
-    def process(self) -> None:
-        if not self._refused:
-            super().process()  # type: ignore[no-untyped-call]
-
-    def _refuse_body(self) -> None:
-        self._refused = True
-        # What was kept of the body (a temporary file, for a chunked one)
-        # is not wanted: let it go now, not when the connection is gone.
-        if self.content is not None:
-            self.content.close()
-            self.content = io.BytesIO()
-        body = _json_bytes(
-            {"error": "too_large", "message": f"request bodies are at most {self.max_body} bytes"}
-        )
-        head = (
-            b"HTTP/1.1 413 Content Too Large\r\n"
-            b"Content-Type: application/json\r\n"
-            b"Connection: close\r\n"
-            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n"
-        )
-        transport = self.channel.transport
-        assert transport is not None  # a body is arriving on it
-        transport.write(head + body)
-        self.channel.loseConnection()
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -678,7 +625,7 @@ def admin_site(
     root.putChild(b"dashboard.js", StaticFile("dashboard.js", b"text/javascript; charset=utf-8"))
     root.putChild(b"dashboard.css", StaticFile("dashboard.css", b"text/css; charset=utf-8"))
     site = AdminSite(  # type: ignore[no-untyped-call]
-        root, requestFactory=BoundedRequest, timeout=60
+        root, requestFactory=UnnamedRequest, timeout=60
     )
     site.displayTracebacks = False
     return site

@@ -48,7 +48,6 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web import server
 from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -64,7 +63,14 @@ from esf.server._counters import (
     Count,
     Traffic,
 )
-from esf.server._http import HTTP_LIMITS, ConnectionCap, HTTPLimits, connections_closed, limit_site
+from esf.server._http import (
+    HTTP_LIMITS,
+    BoundedRequest,
+    ConnectionCap,
+    HTTPLimits,
+    connections_closed,
+    limit_site,
+)
 from esf.wire._frames import ClientType, DisconnectedType, LogonResult
 
 from ._audit import kick_origin, logon_refusal
@@ -582,11 +588,11 @@ class MetricsResource(Resource):
     render_HEAD = render_GET
 
 
-class UnnamedRequest(server.Request):
+class UnnamedRequest(BoundedRequest):
     """
     A request answered without a C{Server} header: the admin and metrics
     sites do not tell a scanner which twisted.web version to aim at (the
-    WebSocket port does not either).
+    WebSocket port does not either).  Its body is bounded (L{BoundedRequest}).
     """
 
     def write(self, data: bytes) -> None:

@@ -24,6 +24,8 @@ read it is closed (and aborted) all the same.
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,12 +38,14 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from ._descriptors import IntervalCount
 
 __all__ = [
     "HTTP_LIMITS",
+    "MAX_BODY",
+    "BoundedRequest",
     "ConnectionCap",
     "DeadlineChannel",
     "HTTPLimits",
@@ -79,9 +83,73 @@ class HTTPLimits:
 HTTP_LIMITS = HTTPLimits(max_connections=64, request_timeout=10.0)
 
 
+#: The largest request body an HTTP site keeps, in bytes; a bigger one gets
+#: 413 and a close.
+MAX_BODY = 64 * 1024
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body may be at most L{MAX_BODY} bytes.  A bigger one,
+    announced by Content-Length or sent chunked, is answered C{413} and the
+    connection is closed without reading (or keeping) the rest.
+
+    (C{twisted.web} keeps any body whole, in memory or in a temporary
+    file, before it renders; this is where a bound can go.  Without it one
+    connection writes to disk whatever it sends within the deadline.)
+    """
+
+    max_body = MAX_BODY
+    _refused = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            # (twisted.web.http.Request has no annotations.)
+            super().gotLength(0)  # type: ignore[no-untyped-call]
+            self._refuse_body()
+            return
+        super().gotLength(length)  # type: ignore[no-untyped-call]
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body:
+            self._refuse_body()
+            return
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]
+
+    def process(self) -> None:
+        if not self._refused:
+            super().process()  # type: ignore[no-untyped-call]
+
+    def _refuse_body(self) -> None:
+        self._refused = True
+        # What was kept of the body (a temporary file, for a chunked one)
+        # is not wanted: let it go now, not when the connection is gone.
+        if self.content is not None:
+            self.content.close()
+            self.content = io.BytesIO()
+        message = f"request bodies are at most {self.max_body} bytes"
+        answer = {"error": "too_large", "message": message}
+        body = json.dumps(answer, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+        head = (
+            b"HTTP/1.1 413 Content Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n"
+        )
+        transport = self.channel.transport
+        assert transport is not None  # a body is arriving on it
+        transport.write(head + body)
+        self.channel.loseConnection()
+
+
 class QuietSite(Site):
     """
-    A L{Site} that writes no access-log line per request.
+    A L{Site} that writes no access-log line per request, and whose
+    requests' bodies are bounded (L{BoundedRequest}).
 
     twisted.web writes one to the server's log for every request, up to the
     head's 16 KiB (its path, C{Referer} and C{User-Agent}): a peer that
@@ -89,6 +157,8 @@ class QuietSite(Site):
     sends them, whatever else bounds it.  What these sites do is logged by
     them, within bounds of its own.
     """
+
+    requestFactory = BoundedRequest
 
     def log(self, request: Any) -> None:
         pass
