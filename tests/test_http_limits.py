@@ -164,6 +164,8 @@ def test_pipelined_requests_are_answered_and_then_the_deadline_runs():
     factory = metrics_factory(engine, limits=HTTPLimits(4, 5))
     protocol, transport = connect(factory)
     protocol.dataReceived(SCRAPE + SCRAPE)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 1  # one per reactor turn
+    engine.clock.advance(0)
     assert transport.value().count(b"HTTP/1.1 200 ") == 2
     deadlines = [c for c in engine.clock.getDelayedCalls() if "_expired" in repr(c.func)]
     assert len(deadlines) == 1
@@ -618,6 +620,8 @@ def test_requests_write_no_log_line_each(make, path, logs):
             b"User-Agent: " + b"u" * 1000 + b"\r\n\r\n"
         )
         protocol.dataReceived(request * 100)
+        for _ in range(100):
+            engine.clock.advance(0)  # one answer per reactor turn
         assert transport.value().count(b"HTTP/1.1 ") == 100
         assert [e for e in logs.events if "probe-7f3a" in repr(e)] == []
         assert len(logs.esf("admin_request_refused")) <= 10
@@ -671,3 +675,65 @@ def test_a_chunked_body_past_the_bound_is_refused_as_it_passes_it(make, path):
     assert closed(transport)
     [request] = protocol.wrappedProtocol.requests
     assert request.content.tell() == 0  # what was kept of it is let go
+
+
+# -- pipelined requests -----------------------------------------------------------------
+
+
+def turn(clock):
+    """
+    One turn of a reactor on C{clock}: the calls due now run, not those
+    they make (C{Clock.advance(0)} would run those too).
+    """
+    due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = 1
+        call.func(*call.args, **call.kw)
+
+
+@pytest.mark.parametrize(
+    "make, path",
+    [(admin_factory, b"/api/info"), (metrics_factory, b"/metrics"), (web_demo_factory, b"/x")],
+    ids=["admin", "metrics", "web_demo"],
+)
+def test_pipelined_requests_are_answered_one_per_turn(make, path):
+    """
+    twisted.web answers every request of a read in one call: one 64 KiB
+    read of pipelined scrapes held the reactor for 5.8 s with 2,000 users
+    online (1,560 scrapes) and queued 20 MiB of answers for a peer that
+    need not read them.  A connection gets one answer per reactor turn.
+    """
+    engine = make_engine()
+    protocol, transport = connect(make(engine))
+    protocol.dataReceived((b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") * 50)
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    for answered in range(2, 51):
+        turn(engine.clock)
+        assert transport.value().count(b"HTTP/1.1 ") == answered
+    turn(engine.clock)
+    assert not closed(transport)
+
+
+def test_pipelined_requests_wait_while_the_peer_does_not_read():
+    """
+    While the transport's buffer is full (it paused the channel) no
+    further request is answered; the deadline then closes the connection.
+    """
+    engine = make_engine()
+    protocol, transport = connect(metrics_factory(engine, limits=HTTPLimits(4, 5)))
+    channel = protocol.wrappedProtocol
+    protocol.dataReceived(SCRAPE * 20)
+    channel.pauseProducing()  # what the transport does past its buffer's size
+    engine.clock.advance(1)
+    assert transport.value().count(b"HTTP/1.1 ") == 1
+    channel.resumeProducing()  # the peer read
+    turn(engine.clock)
+    assert transport.value().count(b"HTTP/1.1 ") == 2
+    channel.pauseProducing()
+    engine.clock.advance(5)
+    assert transport.value().count(b"HTTP/1.1 200 ") == 2
+    assert closed(transport)
+    assert transport.value().endswith(
+        b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )

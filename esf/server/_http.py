@@ -14,7 +14,9 @@ that
     C{request_timeout} seconds of the accept, or of the end of the
     previous response on the same connection (a total, like nginx's
     C{client_header_timeout}, not an idle timer); past it the peer gets
-    C{408} and the connection is closed (L{DeadlineChannel}).
+    C{408} and the connection is closed (L{DeadlineChannel});
+  - requests pipelined in one read are answered one per reactor turn,
+    and not while the peer leaves its answers unread (L{DeadlineChannel}).
 
 Each site logs what it refused at most once per interval, with a count.
 The time a response takes to render is not timed; once it is handed to
@@ -179,6 +181,8 @@ class DeadlineChannel(HTTPChannel):
     request_timeout: float = 10.0
     timed_out: IntervalCount | None = None
     _deadline: IDelayedCall | None = None
+    #: The call that parses the next pipelined request.
+    _next: IDelayedCall | None = None
     _gone = False
 
     def connectionMade(self) -> None:
@@ -196,11 +200,45 @@ class DeadlineChannel(HTTPChannel):
         # of its next request (it may hold the whole of it).
         if self.persistent and not self._gone:
             self._arm()
+        # What came while the request was handled is parsed with what is
+        # left of the read, not by the parent at once.
+        self._buffer += b"".join(self._dataBuffer)
+        self._dataBuffer = []
         super().requestDone(request)  # type: ignore[no-untyped-call]
+        if self._buffer and self.persistent and not self._gone:
+            # Requests pipelined in one read: the parent would answer them
+            # all now.  The next one waits for the next reactor turn, and
+            # for the peer to read while the transport's buffer is full;
+            # the connection is read no further meanwhile.
+            self.paused = True
+            self._networkProducer.pauseProducing()
+            if not self._waitingForTransport:
+                self._next_later()
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()  # type: ignore[no-untyped-call]
+        if self.paused and not self._gone:
+            self._networkProducer.pauseProducing()  # (the parent resumed it)
+            self._next_later()
+
+    def _next_later(self) -> None:
+        if self._next is None:
+            self._next = self.clock.callLater(0, self._next_request)
+
+    def _next_request(self) -> None:
+        self._next = None
+        if self._gone or self._waitingForTransport:
+            return  # (resumeProducing calls again)
+        self.paused = False
+        self._networkProducer.resumeProducing()
+        self.dataReceived(b"")  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._gone = True
         self._disarm()
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _arm(self) -> None:
