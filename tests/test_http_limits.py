@@ -630,6 +630,23 @@ def test_requests_write_no_log_line_each(make, path, logs):
         factory.doStop()
 
 
+@pytest.mark.parametrize(
+    "path", [b"/", b"/chat.css", b"/esf.js", b"/nothing"], ids=["page", "css", "js", "404"]
+)
+def test_the_web_demo_does_not_name_its_software(path):
+    """
+    The web demo's pages carry no C{Server} header, as the admin and
+    metrics sites and the WebSocket handshake: a scanner is not told which
+    twisted.web to aim at.
+    """
+    engine = make_engine()
+    protocol, transport = connect(web_demo_factory(engine))
+    protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = transport.value().split(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 ") and b"\r\ndate: " in head
+    assert b"\r\nserver:" not in head
+
+
 # -- request bodies -------------------------------------------------------------------
 
 

@@ -42,14 +42,7 @@ from twisted.web.server import Request, Site
 
 from esf.interfaces import IDeviceHandle
 from esf.server._config import ServerConfig
-from esf.server._http import (
-    HTTP_LIMITS,
-    MAX_BODY,
-    BoundedRequest,
-    HTTPLimits,
-    QuietSite,
-    limit_site,
-)
+from esf.server._http import HTTP_LIMITS, MAX_BODY, HTTPLimits, QuietSite, limit_site
 from esf.wire._frames import ClientType
 
 from ._admin_policy import (
@@ -60,7 +53,7 @@ from ._admin_policy import (
     peer_of,
     read_token_file,
 )
-from ._metrics import OnlineDevices, UnnamedRequest, kind_label, server_version
+from ._metrics import OnlineDevices, kind_label, server_version
 
 if TYPE_CHECKING:
     from esf.server._engine import ServerEngine
@@ -69,7 +62,6 @@ __all__ = [
     "AdminApi",
     "OnlineHistory",
     "AdminService",
-    "BoundedRequest",
     "ADMIN_OPERATOR",
     "NOTICE_INFORMATION_TYPE",
     "MAX_BODY",
@@ -624,9 +616,7 @@ def admin_site(
     root.putChild(b"dashboard", StaticFile("index.html", b"text/html; charset=utf-8"))
     root.putChild(b"dashboard.js", StaticFile("dashboard.js", b"text/javascript; charset=utf-8"))
     root.putChild(b"dashboard.css", StaticFile("dashboard.css", b"text/css; charset=utf-8"))
-    site = AdminSite(  # type: ignore[no-untyped-call]
-        root, requestFactory=UnnamedRequest, timeout=60
-    )
+    site = AdminSite(root, timeout=60)  # type: ignore[no-untyped-call]
     site.displayTracebacks = False
     return site
 

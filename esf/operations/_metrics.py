@@ -48,10 +48,8 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.web.http import Request
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from esf.server._counters import (
     BROADCAST_DELIVERIES,
@@ -65,9 +63,9 @@ from esf.server._counters import (
 )
 from esf.server._http import (
     HTTP_LIMITS,
-    BoundedRequest,
     ConnectionCap,
     HTTPLimits,
+    QuietSite,
     connections_closed,
     limit_site,
 )
@@ -98,7 +96,6 @@ __all__ = [
     "ServerMetrics",
     "MetricsResource",
     "MetricsService",
-    "UnnamedRequest",
     "kind_label",
     "server_version",
 ]
@@ -588,25 +585,11 @@ class MetricsResource(Resource):
     render_HEAD = render_GET
 
 
-class UnnamedRequest(BoundedRequest):
+class MetricsSite(QuietSite):
     """
-    A request answered without a C{Server} header: the admin and metrics
-    sites do not tell a scanner which twisted.web version to aim at (the
-    WebSocket port does not either).  Its body is bounded (L{BoundedRequest}).
+    The metrics site (a scrape every few seconds would fill the server's
+    log, were each request logged).
     """
-
-    def write(self, data: bytes) -> None:
-        if not self.startedWriting:  # the head goes out with the first write
-            self.responseHeaders.removeHeader(b"server")
-        super().write(data)  # type: ignore[no-untyped-call]
-
-
-class MetricsSite(Site):
-    requestFactory = UnnamedRequest
-
-    def log(self, request: Request) -> None:
-        # A scrape every few seconds would fill the server's log.
-        pass
 
 
 class _Attached(Service):

@@ -53,6 +53,7 @@ __all__ = [
     "HTTPLimits",
     "LimitedSite",
     "QuietSite",
+    "UnnamedRequest",
     "handed_over",
     "connections_closed",
     "limit_site",
@@ -148,10 +149,23 @@ class BoundedRequest(Request):
         self.channel.loseConnection()
 
 
+class UnnamedRequest(BoundedRequest):
+    """
+    A request answered without a C{Server} header: esf's HTTP sites do not
+    tell a scanner which twisted.web version to aim at (the WebSocket port
+    does not either).  Its body is bounded (L{BoundedRequest}).
+    """
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:  # the head goes out with the first write
+            self.responseHeaders.removeHeader(b"server")
+        super().write(data)  # type: ignore[no-untyped-call]
+
+
 class QuietSite(Site):
     """
     A L{Site} that writes no access-log line per request, and whose
-    requests' bodies are bounded (L{BoundedRequest}).
+    requests name no server and have bounded bodies (L{UnnamedRequest}).
 
     twisted.web writes one to the server's log for every request, up to the
     head's 16 KiB (its path, C{Referer} and C{User-Agent}): a peer that
@@ -160,7 +174,7 @@ class QuietSite(Site):
     them, within bounds of its own.
     """
 
-    requestFactory = BoundedRequest
+    requestFactory = UnnamedRequest
 
     def log(self, request: Any) -> None:
         pass
