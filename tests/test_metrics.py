@@ -295,6 +295,39 @@ def test_resource_speaks_openmetrics_when_asked(registry):
     assert body.rstrip().endswith(b"# EOF")
 
 
+def test_a_scrape_answers_the_scrapes_of_the_next_second_in_its_format(engine, registry):
+    """
+    A scrape walks every session; the text it made answers the scrapes of
+    the next second (per format), so that a peer sending the port request
+    after request makes the reactor render at most one a second.
+    """
+    from esf.operations._metrics import SCRAPE_REUSED_FOR
+
+    resource = MetricsResource(registry, engine.clock)
+
+    def scrape(accept: bytes = b"") -> bytes:
+        request = DummyRequest([b""])
+        if accept:
+            request.requestHeaders.setRawHeaders(b"accept", [accept])
+        return resource.render_GET(request)
+
+    def online(body: bytes) -> float:
+        families = text_string_to_metric_families(body.decode("utf-8").replace("# EOF\n", ""))
+        (family,) = [f for f in families if f.name == "esf_devices_online"]
+        return sum(s.value for s in family.samples)
+
+    connect(engine, "alice", 5)
+    first = scrape()
+    assert online(first) == 1
+    connect(engine, "bob", 5)
+    engine.clock.advance(SCRAPE_REUSED_FOR / 2)
+    assert scrape() is first  # the same text, not made again
+    openmetrics = scrape(b"application/openmetrics-text; version=1.0.0")
+    assert openmetrics.rstrip().endswith(b"# EOF") and online(openmetrics) == 2
+    engine.clock.advance(SCRAPE_REUSED_FOR / 2)
+    assert online(scrape()) == 2
+
+
 def test_process_metrics_have_the_standard_names(metrics):
     """
     The process's figures are process_*, as every exporter names them and

@@ -302,8 +302,13 @@ def test_real_haproxy_in_front_of_a_cluster_of_two(tmp_path, redis_server):
             reply = client.logon(user, password)
             assert reply["result"] == 0, reply
         alice, bob = clients
-        # Least connections: the second client went to the other node.
-        assert [_sessions_on(metrics) for _, metrics in ports] == [1, 1]
+        # Least connections: the second client went to the other node.  (A
+        # scrape's text answers the scrapes of the next second, the health
+        # checks' among them: read until it shows both.)
+        deadline = time.monotonic() + 5
+        while [_sessions_on(metrics) for _, metrics in ports] != [1, 1]:
+            assert time.monotonic() < deadline, [_sessions_on(m) for _, m in ports]
+            time.sleep(0.1)
         for client in clients:
             client.send(GET_MY_IPE, dest="_0", msg_id=7)
             _header, body = client.recv_until(GET_MY_IPE)

@@ -96,6 +96,7 @@ __all__ = [
     "ServerMetrics",
     "MetricsResource",
     "MetricsService",
+    "SCRAPE_REUSED_FOR",
     "kind_label",
     "server_version",
 ]
@@ -563,21 +564,42 @@ def make_registry(metrics: ServerMetrics, process: bool = True) -> CollectorRegi
     return registry
 
 
+#: Seconds a scrape's text answers the next scrapes in the same format.
+SCRAPE_REUSED_FOR = 1.0
+
+
 class MetricsResource(Resource):
     """
     C{/metrics}: the registry in Prometheus' text format (or OpenMetrics,
-    when the scraper asks for it), rendered on the reactor thread.
+    when the scraper asks for it), rendered on the reactor thread.  With a
+    C{clock}, the text made for a scrape answers the scrapes of the next
+    L{SCRAPE_REUSED_FOR} seconds too: a scrape walks every session, so
+    that however many requests the port is sent (it has no token), the
+    reactor renders at most one a second per format.
     """
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, clock: IReactorTime | None = None):
         super().__init__()  # type: ignore[no-untyped-call]  # Resource has no annotations
         self.registry = registry
+        self.clock = clock
+        #: content type -> when its text was made, and the text.
+        self._made: dict[str, tuple[float, bytes]] = {}
 
     def render_GET(self, request: IRequest) -> bytes:
         encoder, content_type = choose_encoder(request.getHeader("accept") or "")
-        body = encoder(self.registry)
+        clock = self.clock
+        if clock is None:
+            body = encoder(self.registry)
+        else:
+            now = clock.seconds()
+            made = self._made.get(content_type)
+            if made is not None and 0 <= now - made[0] < SCRAPE_REUSED_FOR:
+                body = made[1]
+            else:
+                body = encoder(self.registry)
+                self._made[content_type] = (now, body)
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body
@@ -626,7 +648,7 @@ class MetricsService(MultiService):
         self.metrics = ServerMetrics(engine, publisher=publisher, sites=sites)
         self.registry = make_registry(self.metrics)
         root = Resource()
-        root.putChild(b"metrics", MetricsResource(self.registry))
+        root.putChild(b"metrics", MetricsResource(self.registry, clock or engine.clock))
         site = MetricsSite(root, timeout=60)  # type: ignore[no-untyped-call]
         site.displayTracebacks = False
         _Attached(self.metrics).setServiceParent(self)  # type: ignore[no-untyped-call]
