@@ -12,7 +12,7 @@ import gc
 import weakref
 
 import pytest
-from _helpers import Client, LogCapture, make_engine
+from _helpers import Client, LogCapture, make_engine, timers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -782,3 +782,56 @@ def test_a_slow_reader_that_left_is_freed_at_once():
         gc.enable()
     gc.collect()  # autobahn's protocol holds itself (in a Deferred of its own)
     assert protocol() is None and transport() is None
+
+
+def _refused_origin(page_of):
+    page = page_of(origin="http://evil.example")
+    assert page.transport.value().startswith(b"HTTP/1.1 403")
+    return page
+
+
+def _closed_by_the_peer(page_of):
+    page = page_of().logon("alice")
+    page.send(CLOSE, (1000).to_bytes(2, "big"))
+    assert close_code(page.messages()[-1][1]) == 1000  # answered
+    return page
+
+
+def _too_large_a_handshake(page_of):
+    page = page_of(extra=["X-Padding: " + "a" * 20000])
+    assert page.transport.value().startswith(b"HTTP/1.1 431")
+    return page
+
+
+@pytest.mark.parametrize("end", [_refused_origin, _closed_by_the_peer, _too_large_a_handshake])
+def test_a_connection_closed_gracefully_is_aborted_if_it_does_not_go(engine, pages, end):
+    """
+    autobahn closes gracefully, with no timer of its own, after the peer's
+    close frame and after a refused handshake; a TLS connection then waits
+    for the peer's close_notify, a TCP one for a peer that does not read to
+    take its last bytes.  A peer that does neither (a StringTransport never
+    goes by itself) is aborted after the close timeout, as on TCP: it kept
+    its descriptor, and a refused handshake its place under
+    --websocket-max-handshakes, for good.
+    """
+    logs = LogCapture().start()
+    try:
+        page = end(pages)
+        transport = page.transport
+        assert transport.disconnecting and not transport.disconnected
+        engine.clock.advance(engine.config.close_timeout - 0.01)
+        assert not transport.disconnected
+        engine.clock.advance(0.01)
+        assert transport.disconnected  # aborted
+        page.lose()
+    finally:
+        logs.stop()
+    assert not engine.sessions
+    assert [e for e in logs.events if "did not close within" in e.get("log_format", "")]
+
+
+def test_a_connection_that_goes_in_time_leaves_no_timer(engine, pages):
+    page = _closed_by_the_peer(pages)
+    assert timers(engine)
+    page.lose()
+    assert not timers(engine)  # nothing holds the protocol

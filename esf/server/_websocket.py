@@ -303,6 +303,9 @@ class WebSocketProtocol(WebSocketHandshake):
         held, self._held = self._held, None
         if held is not None:
             held.cancel()
+        aborting, self._abort_call = self._abort_call, None
+        if aborting is not None and aborting.active():
+            aborting.cancel()
         super().connectionLost(reason)
         # Let go of the session, as ServerProtocol does: the two hold each
         # other, and the transport's unwritten backlog with them.

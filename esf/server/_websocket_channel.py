@@ -12,6 +12,7 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.interfaces import IChannel
@@ -22,6 +23,8 @@ from ._session import Session
 from ._websocket_frames import binary_messages
 
 __all__ = ["CLOSE_CODES", "WebSocketChannel"]
+
+log = Logger(namespace="esf.server")
 
 #: The WebSocket close code sent after the C{DisconnectNotice} of each
 #: reason; every reason not listed closes with 1000 (the notice says why).
@@ -62,6 +65,31 @@ class WebSocketChannel(WebSocketServerProtocol):
     #: Where this connection's reads and writes are counted
     #: (C{engine.traffic}); set when it is made.
     _traffic: Traffic
+    #: Once autobahn has closed the connection gracefully: the call that
+    #: aborts it if it has not gone within the close timeout.
+    _abort_call: Any = None
+
+    def dropConnection(self, abort: bool = False) -> None:
+        # autobahn closes gracefully, with no deadline of its own, after the
+        # peer's close frame and after a refused handshake: a TLS connection
+        # then waits for the peer's close_notify, a TCP one for a peer that
+        # does not read to take its last bytes.  A peer that does neither
+        # would keep the descriptor (and a handshake's place under
+        # --websocket-max-handshakes) for good.
+        closing = self.state != self.STATE_CLOSED
+        super().dropConnection(abort)
+        if closing and not abort and self._abort_call is None:
+            engine = self.factory.engine
+            self._abort_call = engine.clock.callLater(engine.config.close_timeout, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        log.info(
+            "aborting {address}: its WebSocket connection did not close within {timeout} s",
+            address=self.address,
+            timeout=self.factory.engine.config.close_timeout,
+        )
+        self.transport.abortConnection()
 
     def onPing(self, payload: bytes) -> None:
         # A peer that does not read gets no pongs: they would pile up in
