@@ -835,3 +835,29 @@ def test_a_connection_that_goes_in_time_leaves_no_timer(engine, pages):
     assert timers(engine)
     page.lose()
     assert not timers(engine)  # nothing holds the protocol
+
+
+def _flooded_past_the_close(page_of):
+    page = page_of()
+    page.protocol.dataReceived(client_frame(PING, b"") * 17)  # ended: NotLoggedOn
+    page.protocol.dataReceived(client_frame(PING, b"") * 100)  # 64 more, then no more
+    assert page.transport.disconnecting
+    return page
+
+
+@pytest.mark.parametrize("end", [_refused_origin, _closed_by_the_peer, _flooded_past_the_close])
+def test_what_comes_once_the_connection_is_closing_is_dropped(engine, pages, end):
+    """
+    Once the connection is being closed (its transport losing it), nothing
+    more of the peer's is parsed, nor kept.  A TLS transport still delivers
+    what the peer sends until its close_notify: autobahn appended each read
+    to one buffer, copying it whole (100 MiB sent in 32 KiB reads after a
+    close frame took 197 s of CPU and held 100 MiB).
+    """
+    page = end(pages)
+    page.messages()  # what came before
+    chunk = client_frame(PING, b"p" * 125) * 200
+    for _ in range(100):
+        page.protocol.dataReceived(chunk)
+    assert len(page.protocol.data) < len(chunk)
+    assert page.messages() == []  # no pongs

@@ -175,6 +175,11 @@ class WebSocketProtocol(WebSocketHandshake):
         traffic = self._traffic
         traffic.reads += 1
         traffic.bytes_received += len(data)
+        if self.state == self.STATE_CLOSED or self.transport.disconnecting:
+            # Closing: nothing more is parsed.  A TLS transport still
+            # delivers what the peer sends until its close_notify, which
+            # autobahn would append to its buffer, copying it whole.
+            return
         if self.state == self.STATE_CONNECTING and len(self.data) + len(data) > MAX_HANDSHAKE_SIZE:
             self._refuse(f"a handshake of more than {MAX_HANDSHAKE_SIZE} bytes")
             self.failHandshake("Request Header Fields Too Large", 431)
