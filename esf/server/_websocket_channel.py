@@ -84,10 +84,14 @@ class WebSocketChannel(WebSocketServerProtocol):
 
     def _abort(self) -> None:
         self._abort_call = None
-        log.info(
+        # (Debug: the close itself was logged, and one line per connection
+        # at this level would let a peer that opens connection after
+        # connection write to the log at will.)
+        log.debug(
             "aborting {address}: its WebSocket connection did not close within {timeout} s",
             address=self.address,
             timeout=self.factory.engine.config.close_timeout,
+            esf_event="websocket_close_timed_out",
         )
         self.transport.abortConnection()
 
