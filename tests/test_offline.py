@@ -574,6 +574,40 @@ def test_an_unfinished_blob_to_an_offline_user_is_dropped_once_idle():
     s.close()
 
 
+@pytest.mark.parametrize(
+    "bound, counter",
+    [("max_sender_messages", "offline_sender_full"), ("max_messages", "offline_full")],
+)
+def test_a_blob_of_more_fragments_than_may_be_kept_is_dropped_at_the_one_past_it(bound, counter):
+    """
+    Each fragment of a blob is a message in the store: a blob of more
+    fragments than its sender may keep (or its receiver may be kept) is
+    dropped at the fragment that passes the bound, not gathered whole to be
+    refused at its last one; its last fragment's sender hears why.
+    """
+    store = bounded(
+        **{"max_messages": 100, "max_bytes": 1 << 20, "max_sender_messages": 100, bound: 5}
+    )
+    s = MemoryServer(offline_store=store)
+    alice = s.logged_on("alice")
+    wire = s.config.wire
+    conn = s.connection(alice)
+    for index in range(5):
+        alice._protocol.write(_blob_fragment(wire, index, 0, size=1000))
+    s.pump()
+    assert s.engine.budget.blob_bytes("alice") > 5000  # five fragments: within the bound
+    alice._protocol.write(_blob_fragment(wire, 5, 0, size=1000))
+    s.pump()
+    assert s.engine.budget.blob_bytes("alice") == 0 and s.engine.budget.used == 0
+    assert s.engine.counters[counter] == 1
+    alice._protocol.write(_blob_fragment(wire, 6, 1, size=10, message_id=4))
+    s.pump()
+    [error] = [f for f in conn.frames(wire, to="client") if f.message_type == MessageType.ERROR]
+    assert error.message_id == 4
+    assert s.result(store.total_counts()) == (0, 0)
+    s.close()
+
+
 def test_blobs_to_offline_users_count_among_the_senders_blobs_in_progress():
     """
     Blobs gathered for offline users count against max_blob_bytes_per_user

@@ -167,25 +167,27 @@ class OfflineBlobs:
                 f"the server's memory budget is spent; blob {fragment.blob_id} dropped, try later",
             )
             return True
-        if pending.size + size > bounds.max_bytes:
+        count = len(pending.frames) + 1
+        if pending.size + size > bounds.max_bytes or count > bounds.max_messages:
             self._drop(key)
             engine.counters[Count.OFFLINE_FULL] += 1
             session.error(
                 frame,
                 ErrorCode.USER_OFFLINE,
                 f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (at most {bounds.max_bytes} bytes per user)",
+                f"to keep (at most {bounds.max_messages} messages and {bounds.max_bytes} bytes "
+                "per user)",
             )
             return True
-        if pending.size + size > bounds.max_sender_bytes:
+        if pending.size + size > bounds.max_sender_bytes or count > bounds.max_sender_messages:
             self._drop(key)
             engine.counters[Count.OFFLINE_SENDER_FULL] += 1
             session.error(
                 frame,
                 ErrorCode.USER_OFFLINE,
                 f"{frame.dest_user_id} is not online and blob {fragment.blob_id} is too large "
-                f"to keep (one sender may have at most {bounds.max_sender_bytes} bytes waiting "
-                "for users who are offline)",
+                f"to keep (one sender may have at most {bounds.max_sender_messages} messages "
+                f"and {bounds.max_sender_bytes} bytes waiting for users who are offline)",
             )
             return True
         pending.frames.append(frame.raw)
