@@ -1162,3 +1162,29 @@ def test_scripts_go_to_redis_without_their_comments_on_the_same_lines():
         for line, went in zip(text, sent):
             assert went == (b"" if line.lstrip().startswith(b"--") else line), path.name
         assert any(line.lstrip().startswith(b"--") for line in text), path.name
+
+
+def test_deadlines_make_room_by_one_sweep_each_time_a_deadline_passes():
+    """
+    Full of keys that all still hold, a L{Deadlines} refuses a new key
+    without walking them again until the first of their times passes
+    (one sweep, not one per refused key); a key it holds may be moved on
+    whatever its size.
+    """
+    from esf.cluster._messaging import Deadlines
+
+    class Counted(Deadlines):
+        sweeps = 0
+
+        def items(self):
+            self.sweeps += 1
+            return super().items()
+
+    marks = Counted(3)
+    for key, until in (("a", 10.0), ("b", 12.0), ("c", 11.0)):
+        assert marks.put(key, until, now=0.0)
+    assert [marks.put(f"new{n}", 20.0, now=1.0 + n) for n in range(5)] == [False] * 5
+    assert marks.sweeps == 1  # then none until a's time (10) passes
+    assert marks.put("b", 30.0, now=5.0) and marks["b"] == 30.0  # held: moved on
+    assert marks.put("d", 20.0, now=10.0)  # a's time passed: swept, room
+    assert marks.sweeps == 2 and sorted(marks) == ["b", "c", "d"]

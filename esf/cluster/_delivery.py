@@ -25,7 +25,7 @@ from esf.server._router import ANSWERS, is_request
 from esf.wire._decoder import FrameDecoder
 from esf.wire._frames import DEVICE_MARK, DisconnectedType, ErrorCode, Frame, MessageType
 
-from ._messaging import BEHIND_SECONDS, MAX_BEHIND, Devices, Lookup, Post, RemoteHandle
+from ._messaging import BEHIND_SECONDS, MAX_BEHIND, Deadlines, Devices, Lookup, Post, RemoteHandle
 from ._records import (
     BACKED_UP,
     ENDED,
@@ -163,7 +163,7 @@ class Delivery:
         self.stats = stats
         #: (this node's session, the sending node) -> when that node was
         #: last told the session is backed up.
-        self._told_behind: dict[tuple[str, str], float] = {}
+        self._told_behind = Deadlines(MAX_BEHIND)
         #: The engine's wire settings (set by the presence's C{attach}).
         self.wire: WireConfig | None = None
         #: Optional: the engine's output batch, so that what one read of
@@ -357,15 +357,10 @@ class Delivery:
         if not isinstance(sender, RemoteHandle):
             return  # gone, or of this node (its relay holds it back itself)
         told, key, now = self._told_behind, (session_id, sender.node), self.clock.seconds()
-        if told.get(key, -BEHIND_SECONDS) > now - BEHIND_SECONDS / 2:
-            return
-        if len(told) >= MAX_BEHIND:
-            for old in [old for old, at in told.items() if at <= now - BEHIND_SECONDS]:
-                del told[old]
-            if len(told) >= MAX_BEHIND:
-                return
-        told[key] = now
-        self.post(sender.node, Behind(session_id, int(BEHIND_SECONDS * 1000)))
+        if told.get(key, now) > now:
+            return  # told within the last half of BEHIND_SECONDS
+        if told.put(key, now + BEHIND_SECONDS / 2, now):
+            self.post(sender.node, Behind(session_id, int(BEHIND_SECONDS * 1000)))
 
     def _request(self, data: bytes) -> Frame | None:
         """

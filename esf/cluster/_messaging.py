@@ -67,6 +67,7 @@ __all__ = [
     "Devices",
     "BEHIND_SECONDS",
     "MAX_BEHIND",
+    "Deadlines",
 ]
 
 log = Logger(namespace="esf.cluster")
@@ -98,6 +99,38 @@ BEHIND_SECONDS = 0.5
 #: Most marks of backed-up sessions (and of such sessions' senders' nodes
 #: told) a node keeps: past it, the ended ones are forgotten.
 MAX_BEHIND = 10_000
+
+
+class Deadlines(dict[Any, float]):
+    """
+    Keys, each with the time until which it holds, at most C{most} of them:
+    to make room, those whose time has passed are forgotten, by one sweep
+    at most each time one passes (not one per key added while all hold: a
+    sweep walks them all).
+    """
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.most = most
+        #: Before this time no key's time passes: no sweep can make room.
+        self._sweep_at = 0.0
+
+    def put(self, key: Any, until: float, now: float) -> bool:
+        """
+        Hold C{key} until C{until}; C{False} when there is no room for it.
+        """
+        if len(self) >= self.most and key not in self:
+            if now < self._sweep_at:
+                return False
+            for old in [old for old, at in self.items() if at <= now]:
+                del self[old]
+            if len(self) >= self.most:
+                self._sweep_at = min(self.values())
+                return False
+        self[key] = until
+        return True
+
+
 #: Why an inbox entry failed (L{esf.cluster._inbox}'s answers, and Redis
 #: not answering the append in time) -> what its senders are told.
 UNANSWERED, BEHIND, NOT_SENT = -1, -2, -3
@@ -396,7 +429,7 @@ class Outbox:
         self._tokens = itertools.count()
         #: Sessions of other nodes backed up: session ID -> until when what
         #: is relayed to them is refused here.
-        self._behind: dict[str, float] = {}
+        self._behind = Deadlines(MAX_BEHIND)
 
     def __bool__(self) -> bool:
         return bool(self._turn)
@@ -462,13 +495,8 @@ class Outbox:
         The session C{session_id} of another node is backed up: refuse
         what is relayed to it for C{seconds}.
         """
-        marks = self._behind
         now = self.clock.seconds()
-        if len(marks) >= MAX_BEHIND:
-            for key in [key for key, until in marks.items() if until <= now]:
-                del marks[key]
-        if len(marks) < MAX_BEHIND:
-            marks[session_id] = now + seconds
+        self._behind.put(session_id, now + seconds, now)
 
     def flush(self) -> None:
         """
