@@ -17,7 +17,7 @@ import pytest
 import pytest_twisted
 from _helpers import LogCapture
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -598,6 +598,56 @@ async def test_outage_alone_then_restored(nodes, redis_server):
     [remote] = b.devices("carol")
     remote.send(b"back")
     await eventually(lambda: carol.sent == [b"back"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_logons_during_a_join_do_not_keep_the_node_out(nodes, redis_server):
+    """
+    A node joining again (after an outage) decides its logons alone until
+    it is in; those made while it reads the cluster's presence are claimed
+    once that read is done, not by reading it all again: a node that took
+    logons faster than it read every user's hash never joined, reading
+    them again and again.
+    """
+    b = await nodes.add("b")
+    others = [Device("b", f"u{i}") for i in range(2000)]
+    for chunk in range(0, len(others), 250):
+        await gatherResults([b.claim(d, True) for d in others[chunk : chunk + 250]])
+    a = await nodes.add("a")
+    snapshots = 0
+    snapshot = a.membership._snapshot
+
+    async def counted():
+        nonlocal snapshots
+        snapshots += 1
+        return await snapshot()
+
+    a.membership._snapshot = counted
+    a.membership.alone("a test's outage")
+    logons: list[Device] = []
+
+    def logon():
+        device = Device("a", f"new{len(logons)}")
+        logons.append(device)
+        a.claim(device, True)
+
+    storm = task.LoopingCall(logon)
+    storm.start(0.02)  # fewer than a snapshot of 2,000 users takes here
+    try:
+        joining = Deferred.fromCoroutine(a.membership.join())
+        await eventually(lambda: a.up, timeout=10, what=lambda: f"{snapshots} snapshots")
+    finally:
+        storm.stop()
+    await joining
+    assert snapshots == 1
+    # Every logon made meanwhile is claimed in Redis and shown everywhere.
+    await eventually(
+        lambda: (
+            all(holder(b, d.user_id) == d.session_id for d in logons)
+            and all(holder(a, d.user_id) == d.session_id for d in logons)
+        ),
+        what="the logons made during the join",
+    )
 
 
 @pytest_twisted.ensureDeferred

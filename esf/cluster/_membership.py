@@ -352,14 +352,21 @@ class Membership:
             claims.unconfirm_held()
         await self._refresh_lease()
         await self.ledger.look()
+        snapshot = None
         while True:
             await claims.release_stale()
             await claims.confirm()
-            snapshot = await self._snapshot()
+            if snapshot is None:
+                # Once: what is claimed or released after it (the logons
+                # this node decided alone meanwhile) goes down the presence
+                # stream after the snapshot's position, which the mirror
+                # reads on from.  (Read again on every pass, one logon per
+                # read of every user's hash kept the node out for good.)
+                snapshot = await self._snapshot()
+                for sid, device in strays(snapshot[1], self.node_id, claims.local).items():
+                    claims.stale.setdefault(sid, device)
             if generation != self.generation:
                 raise RedisUnavailable("the connection changed while joining")
-            for sid, device in strays(snapshot[1], self.node_id, claims.local).items():
-                claims.stale.setdefault(sid, device)
             if not claims.unconfirmed and not claims.stale:
                 break
         self.mirror.load(*snapshot)
