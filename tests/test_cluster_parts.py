@@ -327,6 +327,65 @@ def test_mirror_alone_shows_only_this_nodes_devices():
     assert mirror.user_count() == 2
 
 
+class _Walked(dict):
+    """
+    A node's sessions by session ID that count the walks over them all.
+    """
+
+    walks = 0
+
+    def values(self):
+        self.walks += 1
+        return super().values()
+
+    def items(self):
+        self.walks += 1
+        return super().items()
+
+    def __iter__(self):
+        self.walks += 1
+        return super().__iter__()
+
+
+def test_the_online_list_alone_costs_its_answer_not_every_session():
+    """
+    While the node is alone (Redis away, or joining again), the count and
+    the list of its online users are read from an index the mirror keeps,
+    not made by walking all its sessions and sorting their users for every
+    GetAllOnlineUsers (a page of one ID cost a walk and a sort of 20,000).
+    """
+    local = _Walked()
+    mirror = PresenceMirror(
+        "a", local, lambda user, kind, holder: RemoteHandle(user, kind, holder, print), [].append
+    )
+    mine = {f"u{i:05}": Device("a", f"u{i:05}", f"a/{i}") for i in range(2000)}
+    for d in mine.values():
+        local[d.session_id] = d
+    mirror.load(b"1-0", {u: {b"0": value(d.session_id, "a")} for u, d in mine.items()})
+    phone = Device("a", "u00003", "a/9000", client_type=1)
+    local[phone.session_id] = phone
+    mirror.apply(
+        [
+            (b"2-0", claimed("u00003", 1, "a/9000", "a")),  # a second device of one user
+            (b"2-1", claimed("zed", 0, "b/1", "b")),  # another node's
+            (b"2-2", claimed("u00001", 0, "b/2", "b")),  # replaced by another node's
+            (b"2-3", released("u00002", 0, "a/2")),
+            (b"2-4", released("u00003", 0, "a/3")),  # u00003 keeps its phone
+        ]
+    )
+    local.walks = 0
+    for _ in range(100):
+        assert mirror.user_count(alone=True) == 1998
+        assert mirror.user_ids(0, 2, alone=True) == ["u00000", "u00003"]
+    assert local.walks == 0
+    assert mirror.user_ids(1996, alone=True) == ["u01998", "u01999"]
+    mirror.remove("u00003", 1, "a/9000")
+    assert mirror.user_ids(0, 2, alone=True) == ["u00000", "u00004"]
+    mirror.put("u00002", 0, local["a/2"])
+    assert mirror.user_ids(0, 2, alone=True) == ["u00000", "u00002"]
+    assert mirror.user_count(alone=True) == 1998 and mirror.user_count() == 2000
+
+
 # -- records ------------------------------------------------------------------------
 
 

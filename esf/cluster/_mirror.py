@@ -84,6 +84,11 @@ class PresenceMirror:
         self.report = report
         self.users: dict[str, tuple[IDeviceHandle, ...]] = {}
         self.sorted: SortedList = SortedList()
+        #: The users with a device of this node's among those shown: how
+        #: many, and the same user IDs sorted (what the node lists alone:
+        #: a read in proportion to its answer, not a walk of its sessions).
+        self.mine: dict[str, int] = {}
+        self.mine_sorted: SortedList = SortedList()
         #: Devices taken from a script's answer ahead of the stream:
         #: (user, kind) -> the stream ID of that change's entry and its
         #: place there.
@@ -111,6 +116,14 @@ class PresenceMirror:
                 users[user_id] = tuple(h for _, h in handles)
         self.users = users
         self.sorted = SortedList(users)
+        node = self.node_id
+        mine = {}
+        for user_id, shown in users.items():
+            count = sum(1 for h in shown if h.node == node)
+            if count:
+                mine[user_id] = count
+        self.mine = mine
+        self.mine_sorted = SortedList(mine)
         self.ahead.clear()
         self.position, self.at = position, stream_id(position)
 
@@ -195,9 +208,13 @@ class PresenceMirror:
                 break
         if replaced is not None:
             devices = tuple(h for h in devices if h is not replaced)
+            if replaced.node == self.node_id:
+                self._mine(user_id, -1)
         elif not devices:
             self.sorted.add(user_id)
         self.users[user_id] = devices + (handle,)
+        if handle.node == self.node_id:
+            self._mine(user_id, 1)
         return replaced
 
     def remove(self, user_id: str, kind: int, sid: str) -> bool:
@@ -209,12 +226,30 @@ class PresenceMirror:
         rest = tuple(h for h in devices if not (h.client_type == kind and h.session_id == sid))
         if len(rest) == len(devices):
             return False
+        node = self.node_id
+        gone = sum(1 for h in devices if h.node == node) - sum(1 for h in rest if h.node == node)
+        if gone:
+            self._mine(user_id, -gone)
         if rest:
             self.users[user_id] = rest
         else:
             del self.users[user_id]
             self.sorted.remove(user_id)
         return True
+
+    def _mine(self, user_id: str, change: int) -> None:
+        """
+        Count C{change} more (or fewer) devices of this node's shown for
+        C{user_id}.
+        """
+        count = self.mine.get(user_id, 0) + change
+        if count > 0:
+            if user_id not in self.mine:
+                self.mine_sorted.add(user_id)
+            self.mine[user_id] = count
+        elif user_id in self.mine:
+            del self.mine[user_id]
+            self.mine_sorted.remove(user_id)
 
     def handle_for(self, user_id: str, kind: int, holder: Holder) -> IDeviceHandle | None:
         """
@@ -249,19 +284,11 @@ class PresenceMirror:
         node = self.node_id
         return tuple(h for h in self.users.get(user_id, ()) if h.node == node)
 
-    def _local_users(self) -> set[str]:
-        return {h.user_id for h in self.local.values() if self.holds(h)}
-
     def user_count(self, alone: bool = False) -> int:
-        if not alone:
-            return len(self.users)
-        return len(self._local_users())
+        return len(self.mine if alone else self.users)
 
     def user_ids(
         self, offset: int = 0, limit: int | None = None, alone: bool = False
     ) -> list[str]:
         stop = None if limit is None else offset + limit
-        if not alone:
-            return list(self.sorted.islice(offset, stop))
-        # Alone: only this node's users, sorted here (outages only).
-        return sorted(self._local_users())[offset:stop]
+        return list((self.mine_sorted if alone else self.sorted).islice(offset, stop))
