@@ -619,3 +619,57 @@ def test_a_frame_trickled_forever_ends_the_session_with_a_reason():
     assert notice.body.reason.name == "HEARTBEAT_TIMEOUT"
     assert "unfinished frame" in notice.body.text
     assert engine.budget.used == 0
+
+
+# -- 7. frames that go nowhere cost the work budget -------------------------------
+
+
+def test_frames_that_go_nowhere_cost_the_work_budget():
+    """
+    mallory pipelines one-way Sends to a user who is offline, answers to
+    nothing and requests past her bound of unanswered ones: nothing is
+    relayed, so no receiver holds her back, but each costs the server an
+    Error or a count, the offline store and an event to the application
+    (C{transmit_failed}).  Each costs a unit of her work budget: past it
+    they are refused without that work, and a flood that keeps it spent
+    ends her session.  A user within the rate is told each time.
+    """
+    engine = make_engine(
+        work_rate=100, work_burst=200, work_refusal_limit=5, max_unanswered_requests=1
+    )
+    failed = []
+    engine.transmit_failed.subscribe(lambda *args: failed.append(args))
+    mallory = connect(engine, "mallory")
+    connect(engine, "bob")
+    send = mallory.frame(MessageType.SEND, Information(1, b""), dest="nobody")
+    mallory.send_raw(send * 1000)
+    assert len(failed) == 200  # the burst; the 800 others refused, counted
+    assert engine.counters[Count.WORK_REFUSED] == 800
+    assert mallory.take() == []  # one-way: nothing answered
+    engine.clock.advance(1)  # 100 units more
+    answer = mallory.frame(MessageType.RESPONSE, Information(1, b""), dest="bob", message_id=9)
+    mallory.send_raw(answer * 150)
+    assert engine.counters[Count.UNSOLICITED_ANSWERS] == 100
+    assert mallory.take() == []  # an answer is never answered
+    engine.clock.advance(1)
+    mallory.send(MessageType.REQUEST, Information(1, b"q"), dest="bob", message_id=1)
+    ask = mallory.frame(MessageType.REQUEST, Information(1, b"q"), dest="bob", message_id=2)
+    mallory.send_raw(ask * 150)  # past max_unanswered_requests: 100 refused as such
+    codes = [r.body.code for r in mallory.take()]
+    assert codes == [ErrorCode.RATE_LIMITED] * 150
+    assert engine.counters[Count.TOO_MANY_UNANSWERED] == 100  # the others, over budget
+    for _ in range(60):  # kept spent: ended, with a reason
+        engine.clock.advance(0.1)
+        mallory.send_raw(send * 20)
+    notice = mallory.take()[-1]
+    assert notice.message_type == MessageType.DISCONNECT_NOTICE
+    assert notice.body.reason.name == "BEING_KICKED_OUT"
+    assert "budget" in notice.body.text
+    polite = connect(engine, "polite")
+    for n in range(100):  # within the rate: every one is told
+        engine.clock.advance(0.05)
+        polite.send(
+            MessageType.SEND_CERTAINLY, Information(1, b""), dest="nobody", message_id=n + 1
+        )
+    replies = polite.take()
+    assert [r.body.code for r in replies] == [ErrorCode.USER_OFFLINE] * 100

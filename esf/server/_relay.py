@@ -246,6 +246,8 @@ class Relay:
             return
         acknowledged = frame.message_id and message_type != MessageType.SEND
         if acknowledged and not engine.answers.asked(session, frame):
+            if not self._paid(session, frame):
+                return
             self.counters[Count.TOO_MANY_UNANSWERED] += 1
             session.error(
                 frame,
@@ -268,6 +270,8 @@ class Relay:
         C{frame} answers no request relayed to its sender: dropped, or
         refused if its DestUserID names no user at all.
         """
+        if not self._paid(session, frame):
+            return
         if self.engine.router.resolve(frame.dest_user_id) is None:
             session.error(
                 frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
@@ -289,6 +293,8 @@ class Relay:
         C{frame}'s DestUserID names no user (C{targets} is C{None}) or no
         device online: refuse it, or keep it for the user's next logon.
         """
+        if frame.message_type != MessageType.PING_BY_SERVER and not self._paid(session, frame):
+            return  # (a PingByServer paid as the request it is, before it came here)
         if targets is None:
             session.error(
                 frame, ErrorCode.BAD_REQUEST, f"{frame.dest_user_id!r} is not a user to relay to"
@@ -308,3 +314,33 @@ class Relay:
             # A cluster's presence that lost Redis: users elsewhere are unknown.
             text = f"{frame.dest_user_id} is not reachable: this node lost the cluster's Redis"
         session.error(frame, ErrorCode.USER_OFFLINE, text)
+
+    def _paid(self, session: Session, frame: Frame) -> bool:
+        """
+        C{frame} goes nowhere (its addressee is offline or no user, it
+        answers nothing, it asks past C{max_unanswered_requests}): what the
+        server does about it (an Error, the offline store, C{transmit_failed},
+        a count) is work it does for C{session} alone, with no receiver to
+        hold the sender back.  It costs a unit of the session's work budget,
+        as a request to the server does (L{Session.charge}).
+
+        @return: whether the budget had it; if not, the frame is refused
+            (C{Error(RateLimited)} to a request, a one-way frame only
+            counted as C{work_refused}), and a session that keeps its
+            budget spent is ended (L{Session.over_budget}).
+        """
+        if session.charge(1):
+            return True
+        if (
+            not session.over_budget()
+            and frame.message_id
+            and frame.message_type not in ANSWERS  # an answer is never answered
+        ):
+            rate = self.engine.config.work_rate
+            session.error(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                f"too many messages that go nowhere (to users who are offline, answers to "
+                f"nothing): each costs a unit of work, at most {rate:g} a second; slow down",
+            )
+        return False
