@@ -1653,6 +1653,44 @@ def test_a_session_ends_once_whatever_follows(setup):
     assert alice.ending.kind is EndingKind.KICKED
 
 
+@pytest.mark.parametrize(
+    "message_type, body",
+    [
+        (MessageType.PING_BY_SERVER, b""),  # answered with a PingAck
+        (MessageType.REQUEST, m.Information(1, b"q").encode()),  # no handler: an Error
+        (MessageType.SEND_CERTAINLY, b"\x01"),  # malformed: an Error
+    ],
+)
+def test_what_asks_for_an_answer_after_the_logoff_is_dropped(setup, message_type, body):
+    """
+    Bob's ping, query or message reaches alice after she sent her Logoff
+    and before the server's close: it goes unanswered (she is no longer
+    logged on), nothing escapes from the connection's dataReceived, and the
+    logoff completes as the server's close.
+    """
+    alice = setup.logged_on("alice")
+    ended = []
+    setup.engine.user_manager.user_disconnected.subscribe(
+        lambda user_data, reason: ended.append(reason)
+    )
+    d = alice.logoff()
+    frame = encode_frame(
+        setup.config.wire,
+        message_type,
+        body,
+        client_type=ClientType.ANDROID,
+        message_id=7,
+        user_id="bob",
+        dest_user_id="alice",
+    )
+    protocol = client_protocol(setup.net.links[0])
+    protocol.dataReceived(frame)
+    assert result(setup.net, d) is None
+    assert ended == [DisconnectedType.LOGGED_OFF]
+    frames = setup.net.links[0].frames_to_server(setup.config.wire)
+    assert [f.message_type for f in frames][-1] == MessageType.LOGOFF
+
+
 # -- answers only from the party asked ----------------------------------------------------
 
 

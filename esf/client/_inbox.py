@@ -372,11 +372,16 @@ class Inbox:
     def _answer(self, frame: Frame, message_type: int, body: bytes) -> None:
         """
         Answer C{frame} to the device that sent it (not to every device of
-        its user: another of them may wait on the same MessageID).
+        its user: another of them may wait on the same MessageID).  A
+        client no longer logged on (logged off, pushed out, not yet logged
+        on) answers nothing: the asker's call fails or times out there.
         """
-        self.host.write_message(
-            message_type, body, message_id=frame.message_id, dest=_asker(frame)
-        )
+        try:
+            self.host.write_message(
+                message_type, body, message_id=frame.message_id, dest=_asker(frame)
+            )
+        except NotConnected:
+            pass
 
     def _handler_failed(self, failure: Failure, frame: Frame) -> None:
         if failure.check(NotConnected):
