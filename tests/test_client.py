@@ -1691,6 +1691,23 @@ def test_what_asks_for_an_answer_after_the_logoff_is_dropped(setup, message_type
     assert [f.message_type for f in frames][-1] == MessageType.LOGOFF
 
 
+def test_a_user_whose_id_leaves_no_room_for_the_device_mark_is_answered():
+    """
+    A user ID of 10 or 11 bytes leaves no room for C{#kind} in the
+    default 11-byte slot: alice answers that user's ping, query and
+    SendCertainly to the plain user ID, which the server hands to the
+    device that asked.
+    """
+    s = Setup()
+    s.logged_on("alice", handler=Recorder())
+    for user_id in ("bobbobbobb", "bobbobbobbo"):
+        bob = s.logged_on(user_id, client_type=ClientType.ANDROID)
+        assert result(s.net, bob.ping_by_server("alice")) >= 0
+        assert result(s.net, bob.query("alice", 1, b"q")) == b"Q"
+        assert result(s.net, bob.send_certainly("alice", 1, b"m")) is None
+    assert len(s.net.open_links()) == 3
+
+
 # -- answers only from the party asked ----------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from esf.wire._frames import (
     ErrorCode,
     Frame,
     MessageType,
+    WireConfig,
     as_client_type,
     device_address,
 )
@@ -57,6 +58,9 @@ class InboxHost(StoredHost, Protocol):
     What the L{Inbox} needs of its engine (L{esf.ClientEngine} is one):
     exactly what it reads, fires and calls.
     """
+
+    @property
+    def wire(self) -> WireConfig: ...
 
     @property
     def handler(self) -> ICustomizeHandler | None: ...
@@ -378,7 +382,7 @@ class Inbox:
         """
         try:
             self.host.write_message(
-                message_type, body, message_id=frame.message_id, dest=_asker(frame)
+                message_type, body, message_id=frame.message_id, dest=_asker(frame, self.host.wire)
             )
         except NotConnected:
             pass
@@ -427,11 +431,17 @@ class Inbox:
     }
 
 
-def _asker(frame: Frame) -> str:
+def _asker(frame: Frame, wire: WireConfig) -> str:
     """
     The address of the device that sent C{frame}: the server is C{"_0"},
-    a user's client C{"user#kind"}.
+    a user's client C{"user#kind"}, or C{"user"} when the device mark does
+    not fit the DestUserID slot (a user ID of 10 or 11 bytes in the
+    default 11-byte slot): the server then hands the answer to that
+    user's device that waits for it.
     """
     if frame.user_id == SERVER_ID:
         return SERVER_ID
-    return device_address(frame.user_id, frame.client_type)
+    device = device_address(frame.user_id, frame.client_type)
+    if len(device.encode("utf-8")) > wire.id_slot:
+        return frame.user_id
+    return device
