@@ -459,6 +459,19 @@ function answerer(dest) {
   return mark < 0 ? dest : dest.slice(0, mark);
 }
 
+/**
+ * Where an answer to `frame` goes: the device that sent it (`user#kind`),
+ * not every device of its user (two of them may wait on the same
+ * MessageID); the server is "_0".  When `#kind` does not fit the ID slot
+ * (a user ID of 10 or 11 bytes in the default 11-byte slot), the user: the
+ * server hands the answer to its device that waits for it.
+ */
+function asker(frame, config) {
+  if (frame.userId === SERVER_ID) return SERVER_ID;
+  const device = deviceAddress(frame.userId, frame.clientType);
+  return utf8Encoder.encode(device).length > config.idSlot ? frame.userId : device;
+}
+
 /** `user` or `user#kind` (one device of the user). */
 export function deviceAddress(userId, clientType) {
   return clientType === undefined || clientType === null ? userId : `${userId}${DEVICE_MARK}${clientType}`;
@@ -894,7 +907,7 @@ export class EsfClient extends EventTarget {
         return this._emit("deviceoffline", { clientType: frame.clientType });
       case MessageType.PING_BY_SERVER:
         // Another user pings this client through the server.
-        if (frame.messageId) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: sender });
+        if (frame.messageId) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
         return;
       case MessageType.SEND:
       case MessageType.SEND_CERTAINLY:
@@ -929,7 +942,7 @@ export class EsfClient extends EventTarget {
         await this.handler.handleInformation(sender, frame.clientType, informationType, payload);
       }
       if (frame.messageType === MessageType.SEND_CERTAINLY && frame.messageId) {
-        this._write(MessageType.ACK, encodeBody("Ack", { informationType }), { messageId: frame.messageId, dest: sender });
+        this._write(MessageType.ACK, encodeBody("Ack", { informationType }), { messageId: frame.messageId, dest: asker(frame, this.wire) });
       }
     } catch (error) {
       this._handlerFailed(frame, error);
@@ -945,7 +958,7 @@ export class EsfClient extends EventTarget {
     try {
       const answer = await this.handler.handleQuery(frame.userId, frame.clientType, informationType, payload);
       const body = encodeBody("Information", { informationType, payload: toBytes(answer) });
-      this._write(MessageType.RESPONSE, body, { messageId: frame.messageId, dest: frame.userId });
+      this._write(MessageType.RESPONSE, body, { messageId: frame.messageId, dest: asker(frame, this.wire) });
     } catch (error) {
       this._handlerFailed(frame, error);
     }
@@ -1014,7 +1027,7 @@ export class EsfClient extends EventTarget {
   _answerError(frame, code, text) {
     if (!frame.messageId || !this._loggedOn) return;
     const body = encodeBody("Error", { requestMessageType: frame.messageType, code, text });
-    this._write(MessageType.ERROR, body, { messageId: frame.messageId, dest: frame.userId });
+    this._write(MessageType.ERROR, body, { messageId: frame.messageId, dest: asker(frame, this.wire) });
   }
 
   // -- heartbeats ------------------------------------------------------------------------

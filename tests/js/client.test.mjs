@@ -411,23 +411,56 @@ test("incoming messages: events, Ack for an acked send, answers to queries and p
   await flush();
   assert.deepEqual(events.at(-1), ["information", { sender: "bob", clientType: 0, informationType: 2, payload: esf.toBytes("hi"), stored: false }]);
   let [ack] = socket().take();
-  assert.deepEqual([ack.messageType, ack.messageId, ack.destUserId], [MT.ACK, 7, "bob"]);
+  assert.deepEqual([ack.messageType, ack.messageId, ack.destUserId], [MT.ACK, 7, "bob#0"]);
 
   socket().deliver({ messageType: MT.REQUEST, messageId: 8, userId: "bob" }, "Information", { informationType: 3, payload: esf.toBytes("q") });
   await flush();
   const [response] = socket().take();
-  assert.deepEqual([response.messageType, response.messageId, response.destUserId], [MT.RESPONSE, 8, "bob"]);
+  assert.deepEqual([response.messageType, response.messageId, response.destUserId], [MT.RESPONSE, 8, "bob#0"]);
   assert.equal(esf.toText(esf.decodeBody("Information", response.body).payload), "bob asked q");
 
   socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 9, userId: "bob" });
   const [pingAck] = socket().take();
-  assert.deepEqual([pingAck.messageType, pingAck.messageId, pingAck.destUserId], [MT.PING_ACK, 9, "bob"]);
+  assert.deepEqual([pingAck.messageType, pingAck.messageId, pingAck.destUserId], [MT.PING_ACK, 9, "bob#0"]);
 
   socket().deliver({ messageType: MT.BROADCAST, userId: "bob", destUserId: "room" }, "Information", { informationType: 3, payload: esf.toBytes("all") });
   assert.deepEqual(events.at(-1), ["broadcast", { sender: "bob", groupId: "room", informationType: 3, payload: esf.toBytes("all") }]);
 
   socket().deliver({ messageType: MT.MY_DEVICE_ONLINE, clientType: 5 });
   assert.deepEqual(events.at(-1), ["deviceonline", { clientType: 5 }]);
+});
+
+test("answers go to the device that asked, not to every device of its user", async () => {
+  // Bob's phone (5) and desktop (0) may both wait on MessageID 7 from
+  // alice: an answer to "bob" would reach the first of them the server
+  // finds, whichever asked.
+  const { socket } = await loggedOn({
+    handler: {
+      handleInformation: async (sender, clientType, type, payload) => {
+        if (type === 9) throw new Error("refused");
+      },
+      handleQuery: async () => "answer",
+    },
+  });
+  const from = { userId: "bob", clientType: 5 };
+  socket().deliver({ messageType: MT.SEND_CERTAINLY, messageId: 7, ...from }, "Information", { informationType: 2, payload: new Uint8Array(0) });
+  socket().deliver({ messageType: MT.REQUEST, messageId: 8, ...from }, "Information", { informationType: 3, payload: new Uint8Array(0) });
+  socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 9, ...from });
+  socket().deliver({ messageType: MT.SEND_CERTAINLY, messageId: 10, ...from }, "Information", { informationType: 9, payload: new Uint8Array(0) });
+  socket().deliver({ messageType: MT.BLOB, messageId: 11, ...from }, "BlobFragment",
+                   { informationType: 1, blobId: 1, fragmentIndex: 0, isLast: true, payload: new Uint8Array(0) });
+  await flush();
+  const answers = socket().take().map((f) => [f.messageType, f.messageId, f.destUserId]);
+  assert.deepEqual(answers.sort((a, b) => a[1] - b[1]), [
+    [MT.ACK, 7, "bob#5"], [MT.RESPONSE, 8, "bob#5"], [MT.PING_ACK, 9, "bob#5"], [MT.ERROR, 10, "bob#5"], [MT.ERROR, 11, "bob#5"],
+  ]);
+  // A user ID that leaves no room for "#5" in the 11-byte slot: the user.
+  socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 13, userId: "bobbobbobbo", clientType: 5 });
+  assert.deepEqual(socket().take().map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.PING_ACK, 13, "bobbobbobbo"]]);
+  // The server's own queries are answered to "_0".
+  socket().deliver({ messageType: MT.REQUEST, messageId: 12, clientType: 0 }, "Information", { informationType: 3, payload: new Uint8Array(0) });
+  await flush();
+  assert.deepEqual(socket().take().map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.RESPONSE, 12, "_0"]]);
 });
 
 test("a query to a client without a handler gets HandlerError", async () => {
