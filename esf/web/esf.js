@@ -909,11 +909,16 @@ export class EsfClient extends EventTarget {
         // Another user pings this client through the server.
         if (frame.messageId) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
         return;
+      // The body is read here, not in the async handlers: a malformed one
+      // throws BadRequest to _message, which answers it, and leaves no
+      // rejected promise behind.
       case MessageType.SEND:
       case MessageType.SEND_CERTAINLY:
-        return this._information(frame);
+        this._information(frame, decodeBody("Information", frame.body));
+        return;
       case MessageType.REQUEST:
-        return this._onRequest(frame);
+        this._onRequest(frame, decodeBody("Information", frame.body));
+        return;
       case MessageType.BROADCAST: {
         const { informationType, payload } = decodeBody("Information", frame.body);
         return this._emit("broadcast", { sender, groupId: frame.destUserId, informationType, payload });
@@ -933,8 +938,7 @@ export class EsfClient extends EventTarget {
     this._retryTimer = null;
   }
 
-  async _information(frame) {
-    const { informationType, payload } = decodeBody("Information", frame.body);
+  async _information(frame, { informationType, payload }) {
     const sender = frame.userId;
     this._emit("information", { sender, clientType: frame.clientType, informationType, payload, stored: false });
     try {
@@ -949,8 +953,7 @@ export class EsfClient extends EventTarget {
     }
   }
 
-  async _onRequest(frame) {
-    const { informationType, payload } = decodeBody("Information", frame.body);
+  async _onRequest(frame, { informationType, payload }) {
     if (!this.handler || !this.handler.handleQuery) {
       this._answerError(frame, ErrorCode.HANDLER_ERROR, "this client answers no queries");
       return;

@@ -463,6 +463,21 @@ test("answers go to the device that asked, not to every device of its user", asy
   assert.deepEqual(socket().take().map((f) => [f.messageType, f.messageId, f.destUserId]), [[MT.RESPONSE, 12, "_0"]]);
 });
 
+test("a malformed Send, SendCertainly or Request from a user gets BadRequest, and nothing is left rejected", async () => {
+  // The server relays users' bodies unread: a body too short for its
+  // InformationType must not become a rejected promise nobody handles
+  // (node ends the process on one).
+  const { socket, events } = await loggedOn({ handler: { handleQuery: async () => "answer" } });
+  for (const [messageType, messageId, size] of [[MT.SEND, 0, 2], [MT.SEND_CERTAINLY, 7, 2], [MT.REQUEST, 8, 1]]) {
+    const bytes = esf.encodeFrame(wire, { messageType, messageId, userId: "bob", clientType: 5, destUserId: "alice", body: new Uint8Array(size) });
+    socket().onmessage({ data: bytes.buffer });
+  }
+  await flush();
+  const answers = socket().take().map((f) => [f.messageType, f.messageId, esf.decodeBody("Error", f.body).code]);
+  assert.deepEqual(answers, [[MT.ERROR, 7, ErrorCode.BAD_REQUEST], [MT.ERROR, 8, ErrorCode.BAD_REQUEST]]);
+  assert.deepEqual(kinds(events), ["logon"]);
+});
+
 test("a query to a client without a handler gets HandlerError", async () => {
   const { socket } = await loggedOn();
   socket().deliver({ messageType: MT.REQUEST, messageId: 8, userId: "bob" }, "Information", { informationType: 3, payload: new Uint8Array(0) });
