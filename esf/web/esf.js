@@ -907,7 +907,7 @@ export class EsfClient extends EventTarget {
         return this._emit("deviceoffline", { clientType: frame.clientType });
       case MessageType.PING_BY_SERVER:
         // Another user pings this client through the server.
-        if (frame.messageId) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
+        if (frame.messageId && this._loggedOn) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
         return;
       // The body is read here, not in the async handlers: a malformed one
       // throws BadRequest to _message, which answers it, and leaves no

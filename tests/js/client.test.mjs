@@ -478,6 +478,19 @@ test("a malformed Send, SendCertainly or Request from a user gets BadRequest, an
   assert.deepEqual(kinds(events), ["logon"]);
 });
 
+test("a ping that arrives once the client is no longer logged on goes unanswered", () => {
+  const s = setup();
+  s.client.logon().catch(() => {});
+  s.socket().open();
+  // Before the logon reply, and after a push-out notice before the close.
+  s.socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 9, userId: "bob" });
+  assert.deepEqual(s.socket().sent.map((f) => f.messageType), [MT.LOGON]);
+  s.socket().acceptLogon();
+  s.socket().deliver({ messageType: MT.BEING_PUSHED_OUT_NOTIFY }, "BeingPushedOutNotify", { cause: "elsewhere" });
+  s.socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 10, userId: "bob" });
+  assert.deepEqual(s.socket().take(), []);
+});
+
 test("a query to a client without a handler gets HandlerError", async () => {
   const { socket } = await loggedOn();
   socket().deliver({ messageType: MT.REQUEST, messageId: 8, userId: "bob" }, "Information", { informationType: 3, payload: new Uint8Array(0) });
