@@ -178,6 +178,34 @@ def test_a_send_is_allowed_or_refused(logs, message_id):
     )
 
 
+def test_refused_frames_cost_the_work_budget_and_a_sender_that_keeps_at_it_is_ended():
+    """
+    Nothing holds back a sender whose frames the policy refuses (no
+    receiver's flow control), and each costs the policy's call: a refused
+    frame costs a unit of the sender's work budget, past it it is counted
+    as refused work, and a session that keeps its budget spent so for
+    work_refusal_limit is ended with a reason.  Allowed frames cost
+    nothing.
+    """
+    hub = Hub()
+    engine = hub_engine(hub, work_rate=100, work_burst=200, work_refusal_limit=2)
+    dev7, op = connect(engine, "dev-7"), connect(engine, "op-ann")
+    for _ in range(300):  # allowed: free
+        dev7.send(T.SEND, Information(5, b"to op"), dest="op-ann")
+    assert len(sends(op)) == 300 and engine.counters[Count.WORK_REFUSED] == 0
+    for _ in range(300):  # refused: the first 200 paid for, the rest past the budget
+        dev7.send(T.SEND, Information(6, b"to dev"), dest="dev-8")
+    assert engine.counters[Count.RELAY_REFUSED] == 300
+    assert engine.counters[Count.WORK_REFUSED] == 100
+    for _ in range(30):  # three seconds of refused frames, faster than the rate
+        engine.clock.advance(0.1)
+        for _ in range(20):
+            dev7.send(T.SEND, Information(6, b"to dev"), dest="dev-8")
+    notice = dev7.take()[-1]
+    assert notice.message_type == T.DISCONNECT_NOTICE
+    assert notice.body.reason.name == "BEING_KICKED_OUT" and "budget" in notice.body.text
+
+
 @pytest.mark.parametrize(
     "message_type, body, information_type",
     [
@@ -911,9 +939,17 @@ class FakeSender:
         self.state = SessionPhase.LOGGED_ON
         self.errors = []
         self.held = 0
+        self.charged = 0
 
     def error(self, frame, code, text):
         self.errors.append((frame.message_id, code, text))
+
+    def charge(self, cost):
+        self.charged += cost
+        return True
+
+    def over_budget(self):
+        return False
 
     def may_log(self):
         return True
@@ -956,6 +992,7 @@ def test_the_gate_alone_keeps_order_and_bounds():
     later.pending[0][1].callback(False)
     assert engine.relayed == [2] and session.held == 0
     assert session.errors == [(1, ErrorCode.NOT_AUTHORIZED, "alice may not send to bob")]
+    assert session.charged == 1  # the refusal, not the frame allowed
     engine.clock.advance(3)
     assert session.errors[-1][:2] == (3, ErrorCode.TIMEOUT)
     assert later.cancelled == [("alice", "bob", T.REQUEST, 3)]

@@ -487,10 +487,16 @@ class RelayGate:
     def refuse(self, session: Session, frame: Frame, refusal: _Refusal) -> None:
         """
         Refuse C{frame}: a request is answered with an Error, a one-way
-        frame is dropped; counted either way.
+        frame is dropped; counted either way.  A frame the policy refused
+        costs its sender a unit of its work budget, as a frame that goes
+        nowhere does (L{esf.server._relay.Relay}): nothing else holds back
+        a sender whose frames are all refused, and each costs the policy's
+        call.  A session that keeps its budget spent so is ended.
         """
         if session.state is SessionPhase.ENDED:
             return
+        if refusal.answered and not session.charge(1) and session.over_budget():
+            return  # ended: it kept its budget spent
         self.counters[Count.RELAY_REFUSED] += 1
         if frame.message_id:
             session.error(frame, refusal.code, refusal.text)
