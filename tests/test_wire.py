@@ -1807,6 +1807,23 @@ def test_runs_of_two_types_never_mix():
     assert _expand(items) == FrameDecoder(config).feed(stream)
 
 
+def test_runs_among_many_pairs_in_turn():
+    """
+    A sender writing to its receivers in turn, each frame a run of its own,
+    then in runs, then in another order, past the number of pairs a decoder
+    remembers: the runs are the frames, each with its own IDs, whether the
+    pair that comes next is the one that came next before or not.
+    """
+    config = WireConfig()
+    each = [_send(config, dest=f"r{i}") for i in range(300)]
+    order = list(range(300)) * 2 + [5, 5, 5, 6, 6, 5, 7] + list(range(299, -1, -7)) * 2
+    stream = b"".join(each[i] for i in order)
+    [(plain, _, _), (runs, _, _)] = _feed_both(config, [stream[:9000], stream[9000:]])
+    assert runs == plain and [f.dest_user_id for f in plain] == [f"r{i}" for i in order]
+    items = _runs(FrameDecoder(config).feed_runs(stream, SEND))
+    assert [i.count for i in items[600:605]] == [3, 2, 1, 1, 1]
+
+
 def test_runs_whole_chunk_is_not_copied():
     """
     A chunk that is one run is forwarded as the very bytes object read.

@@ -198,6 +198,10 @@ class WireConfig:
     header_length: int = attrs.field(init=False)
     id_slot: int = attrs.field(init=False)
     _struct: struct.Struct = attrs.field(init=False, repr=False, eq=False)
+    #: The header as the fixed fields (StartToken, ClientType, MessageType,
+    #: MessageID, BodyLength) and both ID fields as one C{bytes} (length
+    #: bytes and slots), the key a decoder finds them by.
+    keyed_header_struct: struct.Struct = attrs.field(init=False, repr=False, eq=False)
 
     @max_message_size.validator
     def _check_size(self, attribute: Any, value: int) -> None:
@@ -212,6 +216,7 @@ class WireConfig:
         object.__setattr__(self, "header_length", h)
         object.__setattr__(self, "id_slot", s)
         object.__setattr__(self, "_struct", struct.Struct(f"<BBHiiB{s}sB{s}s"))
+        object.__setattr__(self, "keyed_header_struct", struct.Struct(f"<BBHii{h - 12}s"))
 
     @property
     def header_struct(self) -> struct.Struct:
