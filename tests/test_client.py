@@ -1548,6 +1548,78 @@ def test_send_blob_waits_while_busy():
     assert handler.information == [("alice", ClientType.OTHERS, 1, b"z" * 2000)]
 
 
+def test_no_ping_ack_while_the_server_does_not_read(setup):
+    """
+    Pings through the server get no PingAck while the server reads nothing
+    of this client's output: they time out at the asker, and nothing piles
+    up here; once the channel drains, pings are answered again.
+    """
+    alice = setup.logged_on("alice")
+    bob = setup.logged_on("bob")
+    link = setup.net.links[0]
+    protocol = client_protocol(link)
+    protocol.pauseProducing()
+    pings = [bob.ping_by_server("alice", timeout=5) for _ in range(20)]
+    setup.net.flush()
+    assert [
+        f for f in link.frames_to_server(WireConfig()) if f.message_type == MessageType.PING_ACK
+    ] == []
+    assert alice.counters["pings_unanswered"] == 20
+    setup.net.advance(5)
+    for d in pings:
+        assert failure(setup.net, d, RequestError).code == ErrorCode.TIMEOUT
+    protocol.resumeProducing()
+    assert result(setup.net, bob.ping_by_server("alice")) >= 0
+
+
+def test_a_server_that_does_not_read_is_given_up(setup):
+    """
+    A server that sends message after message to be acknowledged and reads
+    nothing: past C{max_output_buffer} bytes written while the channel is
+    busy, the client closes the connection as broken, says so, and
+    reconnects.
+    """
+    alice = setup.logged_on("alice", max_output_buffer=2000)
+    events = Events(alice)
+    bob = setup.logged_on("bob")
+    protocol = client_protocol(setup.net.links[0])
+    protocol.pauseProducing()
+    sends = [bob.send_certainly("alice", 1, b"ack me") for _ in range(100)]
+    for d in sends:
+        d.addErrback(lambda _: None)
+    setup.net.flush()
+    assert alice.counters["output_overflows"] == 1
+    assert 2000 < protocol.written_while_busy <= 2000 + 100
+    (kind, text) = events.of("disconnected")[0]
+    assert kind == DisconnectedType.CHANNEL_CACHE_OVERFLOW
+    assert "the server read nothing while" in text
+    assert [e[0] for e in events.all] == [
+        "information_received",
+    ] * len(events.of("information_received")) + [
+        "disconnected",
+        "connection_interrupted",
+        "connection_rebuild_start",
+    ]
+    assert alice.state is SessionState.RECONNECTING
+    setup.net.advance(1)
+    assert alice.logged_on
+    assert events.of("relogon_completed")
+
+
+def test_a_call_on_a_connection_given_up_fails_saying_why(setup):
+    alice = setup.logged_on("alice", max_output_buffer=100)
+    setup.net.links[0].mute_server = True  # it reads, answering nothing
+    protocol = client_protocol(setup.net.links[0])
+    protocol.pauseProducing()
+    waiting = alice.get_my_ipe()  # 36 bytes
+    alice.send("_0", 1, b"x" * 40)  # 80 more: past the bound
+    assert alice.counters["output_overflows"] == 1
+    with pytest.raises(NotConnected, match="the server read nothing"):
+        alice.send("_0", 1, b"x")
+    error = failure(setup.net, waiting, NotConnected)
+    assert "this client closed the connection: the server read nothing" in str(error)
+
+
 # -- the session's life: states and session_ended ---------------------------------------------
 
 

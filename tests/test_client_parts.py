@@ -53,8 +53,12 @@ class Connection:
         self.ending = None
         self.written: list[bytes] = []
         self.paused = False
+        self.broken = None
+        self.written_while_busy = 0
 
     def write(self, data):
+        if self.paused:
+            self.written_while_busy += len(data)
         self.written.append(data)
 
 
@@ -85,6 +89,8 @@ class Host(ClientRequests):
         self.counters = collections.Counter()
         self.handler = Handler()
         self.offline_mark = 0
+        self.max_output_buffer = 8 * 1024 * 1024
+        self.request_timeout = 30.0
         self._protocol = Connection()
         self._drain_waiters = []
         self._pending = PendingRequests(self.clock, 30)
@@ -142,6 +148,7 @@ def test_the_inbox_host_names_no_private_member():
         "end_for_good",
         "write_message",
         "connection",
+        "channel_is_busy",
     } <= _members(InboxHost)
     assert [name for name in _members(InboxHost) if name.startswith("_")] == []
 
@@ -174,6 +181,27 @@ def test_a_query_is_answered_by_the_handler_to_the_asking_device():
         f"bob#{int(ClientType.ANDROID)}",
     )
     assert m.Information.decode(answer.body).payload == b"Q"
+
+
+def test_a_ping_is_not_answered_while_the_server_does_not_read():
+    """
+    No PingAck is written while the channel is busy (it would only pile up
+    unsent); the ping is counted, and answered again once it drains.
+    """
+    box, host = inbox()
+    host._protocol.paused = True
+    for _ in range(1000):
+        box.frame_received(host.connection, frame(MessageType.PING_BY_SERVER, message_id=9))
+    assert host.written() == []
+    assert host.counters["pings_unanswered"] == 1000
+    host._protocol.paused = False
+    box.frame_received(host.connection, frame(MessageType.PING_BY_SERVER, message_id=9))
+    (ack,) = host.written()
+    assert (ack.message_type, ack.message_id, ack.dest_user_id) == (
+        MessageType.PING_ACK,
+        9,
+        "bob#5",
+    )
 
 
 def test_a_forged_answer_is_counted_and_the_call_goes_on_waiting():

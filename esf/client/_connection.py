@@ -88,6 +88,12 @@ class ClientProtocol(Protocol):
         self.owner = owner
         self.decoder = FrameDecoder(owner.wire)
         self.paused = False
+        #: Bytes written since the transport paused this connection (the
+        #: server is not reading them), until it resumes it.
+        self.written_while_busy = 0
+        #: Why this client gave the connection up as broken, once it has:
+        #: nothing more is written to it.
+        self.broken: str | None = None
         self.service_side = service_side
         self.ending: Ending | None = None
         self.accepted = False
@@ -141,7 +147,27 @@ class ClientProtocol(Protocol):
             self.prepared.errback(failure)
 
     def write(self, data: bytes) -> None:
+        if self.broken is not None:
+            return
+        if self.paused:
+            self.written_while_busy += len(data)
         self.transport.write(data)
+
+    @property
+    def writable(self) -> bool:
+        """
+        Whether the connection is open and not given up.
+        """
+        return self.transport is not None and self.broken is None
+
+    def give_up(self, why: str) -> None:
+        """
+        Close the connection as broken: nothing more is written to it, and
+        its transport is aborted (what waits unsent is dropped).
+        """
+        if self.broken is None:
+            self.broken = why
+            self.transport.abortConnection()
 
     def closed_within(self, clock: IReactorTime, timeout: float) -> Deferred[None]:
         """
@@ -160,9 +186,11 @@ class ClientProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.written_while_busy = 0
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.written_while_busy = 0
         self.owner.drained()
 
     def stopProducing(self) -> None:

@@ -104,8 +104,8 @@ class _Heartbeat:
     def beat(self) -> None:
         engine = self.engine
         protocol = engine.connection
-        if protocol is None or not engine.logged_on:
-            return  # gone, or leaving (logged off, pushed out, closed)
+        if protocol is None or not engine.logged_on or protocol.broken is not None:
+            return  # gone, or leaving (logged off, pushed out, closed, given up)
         now = engine.clock.seconds()
         if now - self.last_heard >= self.timeout:
             log.warn(
@@ -145,6 +145,7 @@ class ClientEngine(ClientEvents, ClientCalls):
         max_blob_size: int = 16 * MiB,
         max_blobs_per_sender: int = 2,
         max_blob_bytes: int = 64 * MiB,
+        max_output_buffer: int = 8 * MiB,
     ):
         self.endpoint = endpoint
         self.user_id = user_id
@@ -155,6 +156,9 @@ class ClientEngine(ClientEvents, ClientCalls):
         self.clock = clock
         self.wire = wire or WireConfig()
         self.request_timeout = request_timeout
+        #: Bytes written while the server reads none, past which the
+        #: connection is closed as broken.
+        self.max_output_buffer = max_output_buffer
         self.retry_policy = retry_policy or backoffPolicy(
             initialDelay=1.0, maxDelay=30.0, factor=2.0, jitter=random.random
         )
@@ -238,7 +242,7 @@ class ClientEngine(ClientEvents, ClientCalls):
         """
         ending = Ending(EndingKind.LOGGED_OFF, DisconnectedType.LOGGED_OFF, "logged off")
         protocol = self._protocol
-        if not self.logged_on or protocol is None or protocol.transport is None:
+        if not self.logged_on or protocol is None or not protocol.writable:
             return self._leave(ending)
         self.write_message(MessageType.LOGOFF)
         self._end(protocol, ending)
@@ -394,7 +398,7 @@ class ClientEngine(ClientEvents, ClientCalls):
         self._protocol = None
         self._heartbeat.stop()
         ending = protocol.ending
-        self._fail_waiting(_why_lost(ending, reason))
+        self._fail_waiting(_why_lost(protocol, reason))
         self._inbox.blobs.clear()
         if self._state is SessionState.ENDED:
             self._announce_end()
@@ -416,10 +420,13 @@ class ClientEngine(ClientEvents, ClientCalls):
             self.connection_rebuild_start.fire()
 
 
-def _why_lost(ending: Ending | None, reason: Failure | None) -> str:
+def _why_lost(protocol: ClientProtocol, reason: Failure | None) -> str:
     """
     Why a connection's waiting calls fail, in words.
     """
+    ending = protocol.ending
+    if protocol.broken is not None:
+        return f"this client closed the connection: {protocol.broken}"
     if ending is not None and ending.kind is EndingKind.DISCONNECTED:
         name = getattr(ending.reason, "name", str(ending.reason))
         return f"the server closed the connection ({name}: {ending.text})"

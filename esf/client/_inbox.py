@@ -72,6 +72,12 @@ class InboxHost(StoredHost, Protocol):
         """
 
     @property
+    def channel_is_busy(self) -> bool:
+        """
+        Whether the server is not reading this client's output now.
+        """
+
+    @property
     def being_pushed_out(self) -> Event: ...
 
     @property
@@ -287,7 +293,13 @@ class Inbox:
     # -- messages from other users and the server --------------------------------------
 
     def _on_ping(self, connection: Connection, frame: Frame) -> None:
-        # Another user pings us through the server: answer it.
+        # Another user pings us through the server: answer it, unless the
+        # server is not reading (as the server sends no pong to a peer that
+        # does not read): a PingAck then would only pile up unsent, and a
+        # ping is for measuring, which an unanswered one does as well.
+        if self.host.channel_is_busy:
+            self.host.counters[ClientCount.PINGS_UNANSWERED] += 1
+            return
         self._answer(frame, MessageType.PING_ACK, b"")
 
     def _on_information(self, connection: Connection, frame: Frame) -> None:

@@ -23,6 +23,7 @@ from esf.wire import _messages as m
 from esf.wire._frames import (
     DEVICE_MARK,
     SERVER_ID,
+    DisconnectedType,
     ErrorCode,
     Frame,
     MessageType,
@@ -30,7 +31,7 @@ from esf.wire._frames import (
     encode_frame,
 )
 
-from ._state import ClientCount, LogonResponse, NotConnected
+from ._state import ClientCount, Ending, EndingKind, LogonResponse, NotConnected
 
 if TYPE_CHECKING:
     from esf.wire._pending import PendingRequests
@@ -125,13 +126,19 @@ class ClientRequests:
     connection, its flow control, and the table of outstanding requests.
 
     Its host (the engine) provides C{wire}, C{user_id}, C{client_type},
-    C{logged_on}, C{counters}, C{_protocol} (the current L{ClientProtocol},
-    or C{None}), C{_drain_waiters} (a list) and C{_pending} (a
-    L{PendingRequests}).
+    C{logged_on}, C{counters}, C{max_output_buffer}, C{_protocol} (the
+    current L{ClientProtocol}, or C{None}), C{_drain_waiters} (a list) and
+    C{_pending} (a L{PendingRequests}).
+
+    Output is bounded: a connection to which more than C{max_output_buffer}
+    bytes were written while the transport held them unsent (the server
+    reads nothing) is closed as broken, as the server closes a client that
+    does not read (C{CHANNEL_CACHE_OVERFLOW}); the engine then reconnects.
     """
 
     if TYPE_CHECKING:
         # What the host provides, declared for type checkers only.
+        max_output_buffer: int
         wire: WireConfig
         user_id: str
         client_type: int
@@ -162,7 +169,29 @@ class ClientRequests:
         protocol = self._protocol
         if protocol is None or not self.logged_on:
             raise NotConnected("not logged on")
+        if protocol.broken is not None:
+            raise NotConnected(f"the connection is closing: {protocol.broken}")
         protocol.write(self._encode(message_type, body, message_id, dest))
+        if protocol.written_while_busy > self.max_output_buffer:
+            self._backed_up(protocol)
+
+    def _backed_up(self, protocol: ClientProtocol) -> None:
+        """
+        The server has not read what this client wrote, past the bound:
+        close the connection as broken (its waiting calls fail, the
+        C{disconnected} event says why, and the engine reconnects).
+        """
+        why = (
+            f"the server read nothing while {protocol.written_while_busy} bytes waited "
+            f"to be sent (max_output_buffer is {self.max_output_buffer})"
+        )
+        self.counters[ClientCount.OUTPUT_OVERFLOWS] += 1
+        log.warn("closing the connection: {why}", why=why)
+        if protocol.ending is None:
+            protocol.ending = Ending(
+                EndingKind.DISCONNECTED, DisconnectedType.CHANNEL_CACHE_OVERFLOW, why
+            )
+        protocol.give_up(why)
 
     def _encode(self, message_type: int, body: bytes, message_id: int, dest: str) -> bytes:
         return encode_frame(
@@ -231,9 +260,11 @@ class ClientRequests:
         d = self._pending.expect(message_id, asked, timeout)
         try:
             self.write_message(message_type, body, message_id=message_id, dest=dest)
-        except ValueError as e:
+        except (ValueError, NotConnected) as e:
             d.cancel()
             d.addErrback(lambda _: None)
+            if isinstance(e, NotConnected):
+                return fail(e)
             return fail(m.RequestError(ErrorCode.TOO_LARGE, str(e)))
         return d.addCallback(raise_error)
 

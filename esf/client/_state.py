@@ -175,3 +175,9 @@ class ClientCount(StrEnum):
     #: A message from the offline store that could not be handled (a body
     #: that does not parse, a blob out of bounds): acknowledged and dropped.
     OFFLINE_DROPPED = "offline_dropped"
+    #: A ping from another user left unanswered because the channel was
+    #: busy (the server was not reading this client's output).
+    PINGS_UNANSWERED = "pings_unanswered"
+    #: A connection this client closed because the server read nothing
+    #: while more than C{max_output_buffer} bytes waited to be sent.
+    OUTPUT_OVERFLOWS = "output_overflows"

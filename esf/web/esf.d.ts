@@ -54,10 +54,11 @@ export declare const ErrorCode: Readonly<{
 /** The name of `value` in one of the tables above (`nameOf(DisconnectedType, 11)` is "SERVER_SHUTDOWN"), or the number as text. */
 export declare function nameOf(table: Readonly<Record<string, number>>, value: number): string;
 
-/** The close codes this client sends: normal, no answer from the server, not one ESF frame per message. */
+/** The close codes this client sends: normal, no answer from the server, not one ESF frame per message, the server reads nothing. */
 export declare const CLOSE_NORMAL: 1000;
 export declare const CLOSE_NO_ANSWER: 4000;
 export declare const CLOSE_PROTOCOL_ERROR: 4002;
+export declare const CLOSE_BACKED_UP: 4003;
 
 // -- errors ---------------------------------------------------------------------
 
@@ -198,6 +199,8 @@ export interface EsfClientOptions {
   maxMessageSize?: number;
   /** Milliseconds a request waits for its answer (30000). */
   requestTimeout?: number;
+  /** Bytes unsent (bufferedAmount after a write) past which the server is taken as not reading and the connection is closed (4003) and rebuilt (8 MiB). */
+  maxBufferedAmount?: number;
   /** Reconnect backoff, in milliseconds. */
   retry?: { initialDelay?: number; maxDelay?: number; factor?: number; jitter?: boolean };
   /** Application messages sent while reconnecting: at most maxMessages (0, the default: refused at once) and maxBytes (1 MiB) wait for the re-logon. */
@@ -241,6 +244,10 @@ export declare class EsfClient extends EventTarget {
   readonly logonResponse: LogonResponse | null;
   /** Answers dropped because they came from another party than the one asked. */
   readonly refusedAnswers: number;
+  /** Pings from other users left unanswered while the server was not reading. */
+  readonly pingsUnanswered: number;
+  /** The bound on unsent bytes (the maxBufferedAmount option). */
+  readonly maxBufferedAmount: number;
   /** The highest ID of a stored message handled; set it before logon() to skip those handled before a reload. */
   offlineMark: number;
   /** Whether a session is logged on now. */

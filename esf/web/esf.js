@@ -438,6 +438,15 @@ export const CLOSE_NORMAL = 1000;
 export const CLOSE_NO_ANSWER = 4000;
 /** The server sent what is not one ESF frame per binary message, or another subprotocol. */
 export const CLOSE_PROTOCOL_ERROR = 4002;
+/** The server read nothing while more than maxBufferedAmount bytes waited to be sent. */
+export const CLOSE_BACKED_UP = 4003;
+
+/**
+ * Above this many unsent bytes the server is taken as not reading: the
+ * client sends no PingAck then (as the server sends no pong to a peer that
+ * does not read), the same threshold as a TCP transport's.
+ */
+const BUSY_AMOUNT = 64 * 1024;
 
 /** `text` cut to at most `limit` bytes of UTF-8, on a character boundary. */
 function truncateUtf8(text, limit) {
@@ -509,6 +518,10 @@ export class EsfClient extends EventTarget {
    *   clientType = WEBSOCKET_SSL for wss: URLs, else WEBSOCKET,
    *   maxUserIdLength = 11, maxMessageSize = 1 MiB (the largest frame this client sends or takes),
    *   requestTimeout = 30000 (ms),
+   *   maxBufferedAmount = 8 MiB: past this many bytes unsent (the WebSocket's
+   *     bufferedAmount after a write) the server is taken as not reading, and the
+   *     connection is closed (4003, a "disconnected" event with
+   *     CHANNEL_CACHE_OVERFLOW) and rebuilt,
    *   retry = {initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true},
    *   queue = {maxMessages: 0, maxBytes: 1 MiB}: application messages sent while
    *     reconnecting are queued (at most maxMessages, maxBytes of bodies) and written
@@ -522,7 +535,7 @@ export class EsfClient extends EventTarget {
     const {
       userId, password = "", systemToken = "", clientType,
       maxUserIdLength = 11, maxMessageSize = 1024 * 1024, requestTimeout = 30000,
-      retry = {}, queue = {}, handler = null,
+      maxBufferedAmount = 8 * 1024 * 1024, retry = {}, queue = {}, handler = null,
       WebSocket: WebSocketClass = globalThis.WebSocket, clock = systemClock, random = Math.random,
     } = options;
     this.url = url;
@@ -534,6 +547,8 @@ export class EsfClient extends EventTarget {
     this.systemToken = systemToken;
     this.clientType = clientType ?? (String(url).startsWith("wss:") ? ClientType.WEBSOCKET_SSL : ClientType.WEBSOCKET);
     this.requestTimeout = requestTimeout;
+    if (!(maxBufferedAmount > 0)) throw new RangeError(`maxBufferedAmount must be above 0, not ${maxBufferedAmount}`);
+    this.maxBufferedAmount = maxBufferedAmount;
     this.retry = { initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true, ...retry };
     this.queue = { maxMessages: 0, maxBytes: 1024 * 1024, ...queue };
     if (!(Number.isInteger(this.queue.maxMessages) && this.queue.maxMessages >= 0)) {
@@ -547,6 +562,8 @@ export class EsfClient extends EventTarget {
     this.logonResponse = null;
     /** Answers dropped because they came from another party than the one asked. */
     this.refusedAnswers = 0;
+    /** Pings from other users left unanswered while the server was not reading. */
+    this.pingsUnanswered = 0;
     /**
      * The highest ID of a message from the server's offline store that this
      * client has handled: one delivered again (after a lost connection) is
@@ -773,10 +790,10 @@ export class EsfClient extends EventTarget {
     this._beatTimer = null;
     const ending = this._ending;
     this._ending = null;
-    if (ending && ending.kind === "disconnected") {
-      why = `the server closed the connection (${nameOf(DisconnectedType, ending.reason)}: ${ending.text})`;
-    } else if (ending && ending.why) {
+    if (ending && ending.why) {
       why = ending.why;
+    } else if (ending && ending.kind === "disconnected") {
+      why = `the server closed the connection (${nameOf(DisconnectedType, ending.reason)}: ${ending.text})`;
     }
     if (this._ackTimer !== null) this.clock.clearTimeout(this._ackTimer);
     this._ackTimer = null;
@@ -906,8 +923,14 @@ export class EsfClient extends EventTarget {
       case MessageType.MY_DEVICE_OFFLINE:
         return this._emit("deviceoffline", { clientType: frame.clientType });
       case MessageType.PING_BY_SERVER:
-        // Another user pings this client through the server.
-        if (frame.messageId && this._loggedOn) this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
+        // Another user pings this client through the server: no PingAck
+        // while the server is not reading (it would only pile up unsent).
+        if (!frame.messageId || !this._loggedOn) return;
+        if (ws.bufferedAmount > BUSY_AMOUNT) {
+          this.pingsUnanswered += 1;
+          return;
+        }
+        this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
         return;
       // The body is read here, not in the async handlers: a malformed one
       // throws BadRequest to _message, which answers it, and leaves no
@@ -1057,10 +1080,24 @@ export class EsfClient extends EventTarget {
   // -- output ------------------------------------------------------------------------------
 
   _write(messageType, body = new Uint8Array(0), { messageId = 0, dest = SERVER_ID } = {}) {
-    if (!this._ws || !this._loggedOn) throw this._notConnected();
-    this._ws.send(encodeFrame(this._limit, {
+    const ws = this._ws;
+    if (!ws || !this._loggedOn) throw this._notConnected();
+    ws.send(encodeFrame(this._limit, {
       messageType, body, clientType: this.clientType, messageId, userId: this.userId, destUserId: dest,
     }));
+    if (ws.bufferedAmount > this.maxBufferedAmount) {
+      // The server reads nothing: past the bound, the connection is given
+      // up as broken (what waits on it fails, saying so) and rebuilt.
+      const text = `the server read nothing while ${ws.bufferedAmount} bytes waited to be sent ` +
+        `(maxBufferedAmount is ${this.maxBufferedAmount})`;
+      if (!this._ending) {
+        this._ending = {
+          kind: "disconnected", reason: DisconnectedType.CHANNEL_CACHE_OVERFLOW, text,
+          why: `this client closed the connection: ${text}`,
+        };
+      }
+      this._drop(ws, CLOSE_BACKED_UP, text);
+    }
   }
 
   /**

@@ -51,11 +51,14 @@ class FakeWebSocket {
     this.protocol = "";
     this.binaryType = "blob";
     this.bufferedAmount = 0;
+    /** A server that reads nothing: what is sent stays in bufferedAmount. */
+    this.stalled = false;
     this.sent = [];
     this.closedWith = null;
     FakeWebSocket.made.push(this);
   }
   send(data) {
+    if (this.stalled) this.bufferedAmount += data.length;
     this.sent.push(esf.decodeFrame(wire, data.slice()));
   }
   close(code, reason) {
@@ -489,6 +492,37 @@ test("a ping that arrives once the client is no longer logged on goes unanswered
   s.socket().deliver({ messageType: MT.BEING_PUSHED_OUT_NOTIFY }, "BeingPushedOutNotify", { cause: "elsewhere" });
   s.socket().deliver({ messageType: MT.PING_BY_SERVER, messageId: 10, userId: "bob" });
   assert.deepEqual(s.socket().take(), []);
+});
+
+test("no PingAck while the server does not read; past maxBufferedAmount the connection is given up and rebuilt", async () => {
+  const { client, clock, socket, events } = await loggedOn({ maxBufferedAmount: 200_000 });
+  const ws = socket();
+  ws.stalled = true;
+  ws.bufferedAmount = 100_000; // above 64 KiB: the server is not reading
+  for (let id = 1; id <= 1000; id++) ws.deliver({ messageType: MT.PING_BY_SERVER, messageId: id, userId: "bob" });
+  assert.deepEqual(ws.take(), []);
+  assert.equal(client.pingsUnanswered, 1000);
+  assert.equal(ws.bufferedAmount, 100_000);
+
+  const waiting = client.getMyIPE();
+  // A flood of messages to acknowledge: each Ack is written, until the bound.
+  let delivered = 0;
+  while (client.state === "loggedon" && delivered < 10_000) {
+    delivered += 1;
+    ws.deliver({ messageType: MT.SEND_CERTAINLY, messageId: delivered, userId: "bob" }, "Information",
+               { informationType: 1, payload: esf.toBytes("ack me") });
+  }
+  assert.equal(client.state, "reconnecting");
+  assert.ok(delivered < 3000, `${delivered} messages`);
+  assert.equal(ws.closedWith.code, esf.CLOSE_BACKED_UP);
+  await assert.rejects(waiting, (e) => e instanceof esf.NotConnected &&
+    e.message.startsWith("this client closed the connection: the server read nothing while"));
+  const [, disconnected] = events.find(([type]) => type === "disconnected");
+  assert.equal(disconnected.reason, DT.CHANNEL_CACHE_OVERFLOW);
+  const [, interrupted] = events.find(([type]) => type === "interrupted");
+  assert.match(interrupted.why, /maxBufferedAmount is 200000/);
+  clock.advance(1000);
+  assert.notEqual(socket(), ws); // rebuilt
 });
 
 test("a query to a client without a handler gets HandlerError", async () => {
