@@ -48,8 +48,8 @@ from esf import (
 from esf.client._engine import ClientProtocol, Ending, EndingKind, SessionState
 from esf.interfaces import IBasicHandler, ICustomizeHandler, IGroupManager
 from esf.testing import EventRecorder, LoggedErrors
+from esf.wire import FrameDecoder, encode_frame
 from esf.wire import _messages as m
-from esf.wire import encode_frame
 
 _ports = itertools.count(40001)
 
@@ -1170,6 +1170,66 @@ def test_get_all_online_users_pages():
         if f.message_type == MessageType.GET_ALL_ONLINE_USERS
     ]
     assert len(requests) == 4  # 6 names of 9 bytes fit the 56 bytes of a reply
+
+
+class LyingLister:
+    """
+    Stands in for a client's C{_request}: answers each GetAllOnlineUsers
+    with C{pages(offset)}, a C{(total, user_ids)}; fails loudly past 1000
+    requests instead of letting a client that keeps asking run forever.
+    """
+
+    def __init__(self, client: ClientEngine, pages):
+        self.pages = pages
+        self.offsets: list[int] = []
+        client._request = self  # type: ignore[method-assign]
+
+    def __call__(self, message_type, body=b"", dest="_0", timeout=None):
+        assert message_type == MessageType.GET_ALL_ONLINE_USERS
+        self.offsets.append(m.GetAllOnlineUsers.decode(body).offset)
+        if len(self.offsets) > 1000:
+            raise AssertionError("more than 1000 pages asked for")
+        total, user_ids = self.pages(self.offsets[-1])
+        data = encode_frame(
+            WireConfig(11, 1 << 24),
+            MessageType.GET_ALL_ONLINE_USERS,
+            m.GetAllOnlineUsersReply(total, user_ids).encode(),
+            message_id=1,
+            user_id="_0",
+        )
+        (frame,) = FrameDecoder(WireConfig(11, 1 << 24)).feed(data)
+        return succeed(frame)
+
+
+def test_get_all_online_users_does_not_trust_the_total(setup):
+    """
+    A server that claims 2**32 - 1 users online and sends fresh IDs page
+    after page: the client stops at C{limit} IDs (100,000 by default).
+    """
+    alice = setup.logged_on("alice")
+    lister = LyingLister(
+        alice, lambda offset: (2**32 - 1, [f"u{offset + i}" for i in range(1000)])
+    )
+    users = result(setup.net, alice.get_all_online_users())
+    assert len(users) == 100_000  # the default limit
+    assert len(lister.offsets) == 100
+    lister.offsets.clear()
+    users = result(setup.net, alice.get_all_online_users(limit=2500))
+    assert users == sorted(f"u{i}" for i in range(2500))
+    assert lister.offsets == [0, 1000, 2000]
+
+
+def test_get_all_online_users_stops_when_a_page_brings_nothing_new(setup):
+    """
+    A server that sends the same page again and again, however many users
+    it claims: the list ends at the first page that adds no ID.
+    """
+    alice = setup.logged_on("alice")
+    lister = LyingLister(alice, lambda offset: (2**32 - 1, ["bob", "alice", "bob"]))
+    assert result(setup.net, alice.get_all_online_users()) == ["alice", "bob"]
+    assert lister.offsets == [0, 3]
+    with pytest.raises(ValueError):
+        alice.get_all_online_users(limit=0)
 
 
 def test_is_user_online_and_query_onlines(setup):

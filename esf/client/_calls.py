@@ -32,7 +32,12 @@ if TYPE_CHECKING:
 
     from ._state import LogonResponse
 
-__all__ = ["ClientCalls", "STORED"]
+__all__ = ["MAX_ONLINE_USERS", "ClientCalls", "STORED"]
+
+#: How many user IDs C{get_all_online_users} gathers at most, by default.
+MAX_ONLINE_USERS = 100_000
+
+_U32_MAX = 0xFFFFFFFF
 
 #: What a call that a receiver acknowledges fires with when the server
 #: stored the message for a receiver who is offline.
@@ -91,22 +96,33 @@ class ClientCalls(ClientRequests):
         d = self._request(MessageType.GET_MY_IPE)
         return d.addCallback(lambda f: m.GetMyIPEReply.decode(f.body).address)
 
-    async def _all_online_users(self) -> list[str]:
-        users: list[str] = []
-        while True:
-            frame = await self._request(
-                MessageType.GET_ALL_ONLINE_USERS, m.GetAllOnlineUsers(len(users), 0).encode()
-            )
+    async def _all_online_users(self, limit: int) -> list[str]:
+        # The server's total is a claim, not a bound: pages are asked for
+        # only while each brings an ID not seen yet, and at most limit IDs
+        # are kept (so at most limit requests are made).
+        users: set[str] = set()
+        offset = 0
+        while len(users) < limit:
+            request = m.GetAllOnlineUsers(offset, limit - len(users))
+            frame = await self._request(MessageType.GET_ALL_ONLINE_USERS, request.encode())
             page = m.GetAllOnlineUsersReply.decode(frame.body)
-            users.extend(page.user_ids)
-            if not page.user_ids or len(users) >= page.total:
-                return users
+            offset += len(page.user_ids)
+            before = len(users)
+            users.update(page.user_ids[: limit - before])
+            if len(users) == before or offset >= min(page.total, _U32_MAX):
+                break
+        return sorted(users)
 
-    def get_all_online_users(self) -> Deferred[list[str]]:
+    def get_all_online_users(self, *, limit: int = MAX_ONLINE_USERS) -> Deferred[list[str]]:
         """
-        Every online user's ID, sorted (as many requests as it takes).
+        Every online user's ID, sorted, at most C{limit} of them (as many
+        requests as it takes).  An ID the server sends again is kept once;
+        a page that brings no new ID ends the list, whatever total the
+        server announced.
         """
-        return Deferred.fromCoroutine(self._all_online_users())
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        return Deferred.fromCoroutine(self._all_online_users(min(limit, _U32_MAX)))
 
     def is_user_online(self, user_id: str) -> Deferred[bool]:
         """

@@ -33,6 +33,7 @@ from twisted.internet.threads import blockingCallFromThread
 from esf.interfaces import ICustomizeHandler
 from esf.wire._frames import ClientType, WireConfig
 
+from ._calls import MAX_ONLINE_USERS
 from ._engine import ClientEngine, LogonResponse
 
 __all__ = ["BlockingClient", "call_in_reactor", "reactor_thread"]
@@ -239,8 +240,8 @@ class BlockingClient:
     def get_my_ipe(self) -> str:
         return call_in_reactor(self.engine.get_my_ipe)
 
-    def get_all_online_users(self) -> list[str]:
-        return call_in_reactor(self.engine.get_all_online_users)
+    def get_all_online_users(self, *, limit: int = MAX_ONLINE_USERS) -> list[str]:
+        return call_in_reactor(self.engine.get_all_online_users, limit=limit)
 
     def is_user_online(self, user_id: str) -> bool:
         return call_in_reactor(self.engine.is_user_online, user_id)

@@ -286,7 +286,8 @@ export declare class EsfClient extends EventTarget {
   /** Broadcast to a group's online members (or "*"); resolves once the server has fanned it out. */
   broadcast(groupId: string, informationType: number, payload?: Payload, options?: { timeout?: number }): Promise<void>;
 
-  getAllOnlineUsers(): Promise<string[]>;
+  /** At most `limit` IDs (100000); a page that brings no new ID ends the list, whatever total the server claims. */
+  getAllOnlineUsers(options?: { limit?: number }): Promise<string[]>;
   isUserOnline(userId: string): Promise<boolean>;
   queryOnlines(userIds: Iterable<string>): Promise<Map<string, boolean>>;
   /** The ClientTypes of this user's devices online now, this one included. */

@@ -1225,16 +1225,31 @@ export class EsfClient extends EventTarget {
     return decodeBody("GetMyIPEReply", frame.body).address;
   }
 
-  /** Every online user's ID (as many requests as it takes). */
-  async getAllOnlineUsers() {
-    const users = [];
-    for (;;) {
-      const body = encodeBody("GetAllOnlineUsers", { offset: users.length, limit: 0 });
+  /**
+   * Every online user's ID, at most `limit` of them (100000 by default), as
+   * many requests as it takes.  The server's total is a claim, not a bound:
+   * an ID sent again is kept once, and a page that brings no new ID ends
+   * the list.
+   */
+  async getAllOnlineUsers({ limit = 100000 } = {}) {
+    if (!(Number.isInteger(limit) && limit >= 1 && limit <= 0xffffffff)) {
+      throw new RangeError(`limit must be a whole number in 1..4294967295, not ${limit}`);
+    }
+    const users = new Set();
+    let offset = 0;
+    while (users.size < limit) {
+      const body = encodeBody("GetAllOnlineUsers", { offset, limit: limit - users.size });
       const frame = await this._call(MessageType.GET_ALL_ONLINE_USERS, body);
       const page = decodeBody("GetAllOnlineUsersReply", frame.body);
-      users.push(...page.userIds);
-      if (page.userIds.length === 0 || users.length >= page.total) return users;
+      offset += page.userIds.length;
+      const before = users.size;
+      for (const id of page.userIds) {
+        if (users.size >= limit) break;
+        users.add(id);
+      }
+      if (users.size === before || offset >= Math.min(page.total, 0xffffffff)) break;
     }
+    return [...users];
   }
 
   /** Whether `userId` is online. */

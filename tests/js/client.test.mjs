@@ -336,12 +336,12 @@ test("online queries", async () => {
   const { client, socket } = await loggedOn();
   const all = client.getAllOnlineUsers();
   let [request] = socket().take();
-  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 0, limit: 0 });
+  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 0, limit: 100000 });
   socket().deliver({ messageType: MT.GET_ALL_ONLINE_USERS, messageId: request.messageId }, "GetAllOnlineUsersReply",
                    { total: 3, userIds: ["alice", "bob"] });
   await flush();
   [request] = socket().take();
-  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 2, limit: 0 });
+  assert.deepEqual(esf.decodeBody("GetAllOnlineUsers", request.body), { offset: 2, limit: 99998 });
   socket().deliver({ messageType: MT.GET_ALL_ONLINE_USERS, messageId: request.messageId }, "GetAllOnlineUsersReply",
                    { total: 3, userIds: ["carol"] });
   assert.deepEqual(await all, ["alice", "bob", "carol"]);
@@ -355,6 +355,44 @@ test("online queries", async () => {
   [request] = socket().take();
   socket().deliver({ messageType: MT.GET_MY_DEVICES, messageId: request.messageId }, "GetMyDevicesReply", { clientTypes: [3, 0] });
   assert.deepEqual(await devices, [3, 0]);
+});
+
+/**
+ * Play a server that answers every GetAllOnlineUsers with `page(offset)`,
+ * a {total, userIds}, for at most 50 turns: what the call gave (if it
+ * settled) and the requests it made.
+ */
+async function lyingLister(s, call, page) {
+  const out = { settled: false, value: undefined, requests: [] };
+  call.then((v) => Object.assign(out, { settled: true, value: v }), (e) => Object.assign(out, { settled: true, value: e }));
+  for (let turn = 0; turn < 50 && !out.settled; turn++) {
+    await flush();
+    for (const request of s.socket().take()) {
+      if (request.messageType !== MT.GET_ALL_ONLINE_USERS) continue;
+      const asked = esf.decodeBody("GetAllOnlineUsers", request.body);
+      out.requests.push(asked);
+      s.socket().deliver({ messageType: MT.GET_ALL_ONLINE_USERS, messageId: request.messageId },
+                         "GetAllOnlineUsersReply", page(asked.offset));
+    }
+  }
+  await flush();
+  return out;
+}
+
+test("getAllOnlineUsers trusts no total: a page with nothing new ends it, and at most `limit` IDs", async () => {
+  const s = await loggedOn();
+  const same = await lyingLister(s, s.client.getAllOnlineUsers(), () => ({ total: 0xffffffff, userIds: ["bob", "alice", "bob"] }));
+  assert.ok(same.settled, `still asking after ${same.requests.length} pages`);
+  assert.deepEqual(same.value, ["bob", "alice"]);
+  assert.deepEqual(same.requests.map((r) => r.offset), [0, 3]);
+
+  const fresh = await lyingLister(s, s.client.getAllOnlineUsers({ limit: 25 }), (offset) => ({
+    total: 0xffffffff, userIds: Array.from({ length: 10 }, (_, i) => `u${offset + i}`),
+  }));
+  assert.ok(fresh.settled, `still asking after ${fresh.requests.length} pages`);
+  assert.deepEqual(fresh.value, Array.from({ length: 25 }, (_, i) => `u${i}`));
+  assert.deepEqual(fresh.requests, [{ offset: 0, limit: 25 }, { offset: 10, limit: 15 }, { offset: 20, limit: 5 }]);
+  await assert.rejects(s.client.getAllOnlineUsers({ limit: 0 }), RangeError);
 });
 
 test("kickOut: refused with the server's cause", async () => {
