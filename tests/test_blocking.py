@@ -93,6 +93,16 @@ SCRIPT = textwrap.dedent(
     print("ipe", alice.get_my_ipe().startswith("127.0.0.1:"))
     print("ping", 0 <= alice.ping() < 5, 0 <= alice.ping_by_server("bob") < 5)
 
+    # A server that does not read (as the transport pausing the client shows):
+    # the wait for the drain ends with TIMEOUT, not with the connection.
+    call_in_reactor(lambda: alice.engine.connection.pauseProducing())
+    try:
+        alice.wait_for_drain(timeout=0.1)
+    except RequestError as e:
+        print("drain", e.code.name, alice.logged_on)
+    call_in_reactor(lambda: alice.engine.connection.resumeProducing())
+    alice.wait_for_drain()
+
     # Several threads at once, on both clients.
     answers, errors = [], []
 
@@ -182,6 +192,7 @@ def test_blocking_client(tmp_path):
         "devices [5]",
         "ipe True",
         "ping True True",
+        "drain TIMEOUT True",
         "threads 8 []",
         "bob got 80",
         "bob got [('alice', 3, 7), ('alice', 4, 10240)]",

@@ -1573,7 +1573,7 @@ def test_channel_is_busy_and_wait_for_drain(setup):
     protocol.pauseProducing()  # as the transport does when its buffer fills
     assert alice.channel_is_busy
     waiters = [alice.wait_for_drain(), alice.wait_for_drain()]
-    setup.net.advance(60)
+    setup.net.advance(20)  # within the request timeout (30 s)
     assert all(pending(d) for d in waiters)
     protocol.resumeProducing()
     assert not alice.channel_is_busy
@@ -1586,6 +1586,38 @@ def test_wait_for_drain_fails_when_the_connection_drops(setup):
     d = alice.wait_for_drain()
     setup.net.links[0].drop()
     failure(setup.net, d, NotConnected)
+
+
+def test_wait_for_drain_times_out(setup):
+    """
+    A server that keeps the session alive (its heartbeats arrive) but
+    reads nothing: the wait for the drain fails with TIMEOUT, after its
+    timeout or by default the request timeout, and leaves no waiter behind.
+    """
+    alice = setup.logged_on("alice", request_timeout=30)
+    client_protocol(setup.net.links[0]).pauseProducing()
+    short, default = alice.wait_for_drain(timeout=5), alice.wait_for_drain()
+    setup.net.advance(5)
+    error = failure(setup.net, short, RequestError)
+    assert error.code == ErrorCode.TIMEOUT
+    assert "the channel stayed busy for 5 s" in error.text
+    assert pending(default)
+    setup.net.advance(25)
+    assert failure(setup.net, default, RequestError).code == ErrorCode.TIMEOUT
+    assert alice.logged_on  # the session itself goes on
+    assert alice._drain_waiters == []
+
+
+def test_send_blob_fails_when_the_channel_stays_busy():
+    wire = WireConfig(11, 256)
+    s = Setup(ServerConfig(wire=wire))
+    alice = s.logged_on("alice")
+    s.logged_on("bob", handler=Recorder())
+    client_protocol(s.net.links[0]).pauseProducing()
+    d = alice.send_blob("bob", 1, b"z" * 2000, timeout=10)
+    s.net.advance(10)
+    assert failure(s.net, d, RequestError).code == ErrorCode.TIMEOUT
+    assert alice._drain_waiters == []
 
 
 def test_send_blob_waits_while_busy():

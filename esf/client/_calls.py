@@ -253,7 +253,9 @@ class ClientCalls(ClientRequests):
         fragments; fires when the receiver has acknowledged the last one
         (with C{None}), or when the server has stored the blob for a
         receiver who is offline (with L{esf.STORED}).  Fragments are written
-        only while the channel is not busy.
+        only while the channel is not busy; C{timeout} (by default the
+        engine's C{request_timeout}) bounds the wait for the answer and
+        each wait for the drain, which fails the call with C{TIMEOUT}.
         """
         return Deferred.fromCoroutine(
             self._send_blob(user_id, information_type, payload, fragment_size, timeout)
@@ -273,9 +275,9 @@ class ClientCalls(ClientRequests):
         )
         fragments = m.fragment_blob(information_type, next(self._blob_ids), payload, size)
         for fragment in fragments[:-1]:
-            await self.wait_for_drain()
+            await self.wait_for_drain(timeout=timeout)
             self.write_message(MessageType.BLOB, fragment.encode(), dest=user_id)
-        await self.wait_for_drain()
+        await self.wait_for_drain(timeout=timeout)
         answer = await self._request(
             MessageType.BLOB, fragments[-1].encode(), dest=user_id, timeout=timeout
         )

@@ -34,6 +34,8 @@ from esf.wire._frames import (
 from ._state import ClientCount, Ending, EndingKind, LogonResponse, NotConnected
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from esf.wire._pending import PendingRequests
 
     from ._connection import ClientProtocol
@@ -126,7 +128,8 @@ class ClientRequests:
     connection, its flow control, and the table of outstanding requests.
 
     Its host (the engine) provides C{wire}, C{user_id}, C{client_type},
-    C{logged_on}, C{counters}, C{max_output_buffer}, C{_protocol} (the
+    C{logged_on}, C{counters}, C{clock}, C{request_timeout},
+    C{max_output_buffer}, C{_protocol} (the
     current L{ClientProtocol}, or C{None}), C{_drain_waiters} (a list) and
     C{_pending} (a L{PendingRequests}).
 
@@ -138,6 +141,8 @@ class ClientRequests:
 
     if TYPE_CHECKING:
         # What the host provides, declared for type checkers only.
+        clock: IReactorTime
+        request_timeout: float
         max_output_buffer: int
         wire: WireConfig
         user_id: str
@@ -212,15 +217,30 @@ class ClientRequests:
         """
         return self._protocol is not None and self._protocol.paused
 
-    def wait_for_drain(self) -> Deferred[None]:
+    def wait_for_drain(self, *, timeout: float | None = None) -> Deferred[None]:
         """
-        A Deferred that fires once the channel is not busy.
+        A Deferred that fires once the channel is not busy; fails with
+        L{esf.RequestError} (C{TIMEOUT}) if it is still busy after
+        C{timeout} seconds (by default the engine's C{request_timeout}),
+        and with L{NotConnected} if the connection is lost first.
         """
         if not self.channel_is_busy:
             return succeed(None)
-        d: Deferred[None] = Deferred()
+        seconds = self.request_timeout if timeout is None else timeout
+
+        def forget(d: Deferred[None]) -> None:
+            if d in self._drain_waiters:
+                self._drain_waiters.remove(d)
+
+        def timed_out(result: object, timeout: float) -> None:
+            raise m.RequestError(
+                ErrorCode.TIMEOUT,
+                f"the channel stayed busy for {timeout:g} s: the server reads nothing",
+            )
+
+        d: Deferred[None] = Deferred(forget)
         self._drain_waiters.append(d)
-        return d
+        return d.addTimeout(seconds, self.clock, onTimeoutCancel=timed_out)
 
     def drained(self) -> None:
         """

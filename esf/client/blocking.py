@@ -175,11 +175,14 @@ class BlockingClient:
     def channel_is_busy(self) -> bool:
         return self.engine.channel_is_busy
 
-    def wait_for_drain(self) -> None:
+    def wait_for_drain(self, *, timeout: float | None = None) -> None:
         """
-        Wait until the channel is not busy.
+        Wait until the channel is not busy; raise L{esf.RequestError}
+        (C{TIMEOUT}) if it is still busy after C{timeout} seconds (by
+        default this client's C{timeout}), L{esf.NotConnected} if the
+        connection is lost first.
         """
-        call_in_reactor(self.engine.wait_for_drain)
+        call_in_reactor(self.engine.wait_for_drain, timeout=timeout)
 
     # -- events ------------------------------------------------------------------
 
