@@ -1667,9 +1667,9 @@ def test_no_ping_ack_while_the_server_does_not_read(setup):
 def test_a_server_that_does_not_read_is_given_up(setup):
     """
     A server that sends message after message to be acknowledged and reads
-    nothing: past C{max_output_buffer} bytes written while the channel is
-    busy, the client closes the connection as broken, says so, and
-    reconnects.
+    nothing: past C{max_output_buffer} bytes of answers written while the
+    channel is busy, the client closes the connection as broken, says so,
+    and reconnects.
     """
     alice = setup.logged_on("alice", max_output_buffer=2000)
     events = Events(alice)
@@ -1681,7 +1681,7 @@ def test_a_server_that_does_not_read_is_given_up(setup):
         d.addErrback(lambda _: None)
     setup.net.flush()
     assert alice.counters["output_overflows"] == 1
-    assert 2000 < protocol.written_while_busy <= 2000 + 100
+    assert 2000 < protocol.answers_while_busy <= 2000 + 100
     (kind, text) = events.of("disconnected")[0]
     assert kind == DisconnectedType.CHANNEL_CACHE_OVERFLOW
     assert "the server read nothing while" in text
@@ -1699,17 +1699,33 @@ def test_a_server_that_does_not_read_is_given_up(setup):
 
 
 def test_a_call_on_a_connection_given_up_fails_saying_why(setup):
+    """
+    Only the answers the client writes on its own count towards the bound:
+    what the application sends while the channel is busy does not (it has
+    the drain to pace itself).  Past the bound, a call waiting on the
+    connection fails saying why, and a send raises (the connection is
+    gone).
+    """
     alice = setup.logged_on("alice", max_output_buffer=100)
-    setup.net.links[0].mute_server = True  # it reads, answering nothing
+    bob = setup.logged_on("bob")
+    setup.logged_on("carol")
+    setup.net.links[2].mute_server = True  # carol hears nothing: she never answers
     protocol = client_protocol(setup.net.links[0])
     protocol.pauseProducing()
-    waiting = alice.get_my_ipe()  # 36 bytes
-    alice.send("_0", 1, b"x" * 40)  # 80 more: past the bound
+    waiting = alice.ping_by_server("carol")
+    for _ in range(10):
+        alice.send("_0", 1, b"x" * 1000)  # 10 KB of its own: not counted
+    setup.net.flush()
+    assert alice.counters["output_overflows"] == 0
+    sends = [bob.send_certainly("alice", 1, b"ack me") for _ in range(5)]
+    for d in sends:
+        d.addErrback(lambda _: None)
+    setup.net.flush()  # three Acks of 40 bytes pass the bound
     assert alice.counters["output_overflows"] == 1
-    with pytest.raises(NotConnected, match="the server read nothing"):
-        alice.send("_0", 1, b"x")
     error = failure(setup.net, waiting, NotConnected)
     assert "this client closed the connection: the server read nothing" in str(error)
+    with pytest.raises(NotConnected):
+        alice.send("_0", 1, b"x")
 
 
 # -- the session's life: states and session_ended ---------------------------------------------

@@ -54,11 +54,9 @@ class Connection:
         self.written: list[bytes] = []
         self.paused = False
         self.broken = None
-        self.written_while_busy = 0
+        self.answers_while_busy = 0
 
     def write(self, data):
-        if self.paused:
-            self.written_while_busy += len(data)
         self.written.append(data)
 
 

@@ -88,9 +88,10 @@ class ClientProtocol(Protocol):
         self.owner = owner
         self.decoder = FrameDecoder(owner.wire)
         self.paused = False
-        #: Bytes written since the transport paused this connection (the
-        #: server is not reading them), until it resumes it.
-        self.written_while_busy = 0
+        #: Bytes of the answers this client wrote on its own (L{Inbox}'s)
+        #: since the transport paused this connection (the server is not
+        #: reading them), until it resumes it.
+        self.answers_while_busy = 0
         #: Why this client gave the connection up as broken, once it has:
         #: nothing more is written to it.
         self.broken: str | None = None
@@ -149,8 +150,6 @@ class ClientProtocol(Protocol):
     def write(self, data: bytes) -> None:
         if self.broken is not None:
             return
-        if self.paused:
-            self.written_while_busy += len(data)
         self.transport.write(data)
 
     @property
@@ -186,11 +185,11 @@ class ClientProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self.paused = True
-        self.written_while_busy = 0
+        self.answers_while_busy = 0
 
     def resumeProducing(self) -> None:
         self.paused = False
-        self.written_while_busy = 0
+        self.answers_while_busy = 0
         self.owner.drained()
 
     def stopProducing(self) -> None:

@@ -394,7 +394,11 @@ class Inbox:
         """
         try:
             self.host.write_message(
-                message_type, body, message_id=frame.message_id, dest=_asker(frame, self.host.wire)
+                message_type,
+                body,
+                message_id=frame.message_id,
+                dest=_asker(frame, self.host.wire),
+                answer=True,
             )
         except NotConnected:
             pass

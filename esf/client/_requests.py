@@ -133,10 +133,13 @@ class ClientRequests:
     current L{ClientProtocol}, or C{None}), C{_drain_waiters} (a list) and
     C{_pending} (a L{PendingRequests}).
 
-    Output is bounded: a connection to which more than C{max_output_buffer}
-    bytes were written while the transport held them unsent (the server
-    reads nothing) is closed as broken, as the server closes a client that
-    does not read (C{CHANNEL_CACHE_OVERFLOW}); the engine then reconnects.
+    The answers the client writes on its own (C{answer=True}: Acks, Errors,
+    query answers) are bounded: a connection to which more than
+    C{max_output_buffer} bytes of them were written while the transport held
+    its output unsent (the server reads nothing) is closed as broken, as the
+    server closes a client that does not read (C{CHANNEL_CACHE_OVERFLOW});
+    the engine then reconnects.  What the application sends is not counted:
+    it paces itself with C{channel_is_busy} and L{wait_for_drain}.
     """
 
     if TYPE_CHECKING:
@@ -162,11 +165,14 @@ class ClientRequests:
         *,
         message_id: int = 0,
         dest: str = SERVER_ID,
+        answer: bool = False,
     ) -> None:
         """
         Write one message from this client to the logged-on connection,
         waiting for nothing (the engine's parts answer and acknowledge
-        with it).
+        with it); C{answer}: one the client writes on its own, to a message
+        from the server, which counts towards C{max_output_buffer} while the
+        server reads nothing.
 
         @raise NotConnected: not logged on.
         @raise ValueError: the body does not fit in a frame.
@@ -176,9 +182,12 @@ class ClientRequests:
             raise NotConnected("not logged on")
         if protocol.broken is not None:
             raise NotConnected(f"the connection is closing: {protocol.broken}")
-        protocol.write(self._encode(message_type, body, message_id, dest))
-        if protocol.written_while_busy > self.max_output_buffer:
-            self._backed_up(protocol)
+        data = self._encode(message_type, body, message_id, dest)
+        protocol.write(data)
+        if answer and protocol.paused:
+            protocol.answers_while_busy += len(data)
+            if protocol.answers_while_busy > self.max_output_buffer:
+                self._backed_up(protocol)
 
     def _backed_up(self, protocol: ClientProtocol) -> None:
         """
@@ -187,8 +196,8 @@ class ClientRequests:
         C{disconnected} event says why, and the engine reconnects).
         """
         why = (
-            f"the server read nothing while {protocol.written_while_busy} bytes waited "
-            f"to be sent (max_output_buffer is {self.max_output_buffer})"
+            f"the server read nothing while this client answered it with "
+            f"{protocol.answers_while_busy} bytes (max_output_buffer is {self.max_output_buffer})"
         )
         self.counters[ClientCount.OUTPUT_OVERFLOWS] += 1
         log.warn("closing the connection: {why}", why=why)

@@ -43,7 +43,13 @@ class StoredHost(Protocol):
     def counters(self) -> collections.Counter[str]: ...
 
     def write_message(
-        self, message_type: int, body: bytes = b"", *, message_id: int = 0, dest: str = SERVER_ID
+        self,
+        message_type: int,
+        body: bytes = b"",
+        *,
+        message_id: int = 0,
+        dest: str = SERVER_ID,
+        answer: bool = False,
     ) -> None: ...
 
 

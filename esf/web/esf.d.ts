@@ -199,7 +199,7 @@ export interface EsfClientOptions {
   maxMessageSize?: number;
   /** Milliseconds a request waits for its answer (30000). */
   requestTimeout?: number;
-  /** Bytes unsent (bufferedAmount after a write) past which the server is taken as not reading and the connection is closed (4003) and rebuilt (8 MiB). */
+  /** Bytes of the answers the client writes on its own (Acks, Errors, query answers) while the server reads nothing (more than 64 KiB unsent), past which the connection is closed (4003) and rebuilt (8 MiB); what the application sends is not counted. */
   maxBufferedAmount?: number;
   /** Reconnect backoff, in milliseconds. */
   retry?: { initialDelay?: number; maxDelay?: number; factor?: number; jitter?: boolean };
@@ -246,7 +246,7 @@ export declare class EsfClient extends EventTarget {
   readonly refusedAnswers: number;
   /** Pings from other users left unanswered while the server was not reading. */
   readonly pingsUnanswered: number;
-  /** The bound on unsent bytes (the maxBufferedAmount option). */
+  /** The bound on the answers written while the server reads nothing (the maxBufferedAmount option). */
   readonly maxBufferedAmount: number;
   /** The highest ID of a stored message handled; set it before logon() to skip those handled before a reload. */
   offlineMark: number;

@@ -438,7 +438,7 @@ export const CLOSE_NORMAL = 1000;
 export const CLOSE_NO_ANSWER = 4000;
 /** The server sent what is not one ESF frame per binary message, or another subprotocol. */
 export const CLOSE_PROTOCOL_ERROR = 4002;
-/** The server read nothing while more than maxBufferedAmount bytes waited to be sent. */
+/** The server read nothing while this client answered it with more than maxBufferedAmount bytes. */
 export const CLOSE_BACKED_UP = 4003;
 
 /**
@@ -518,10 +518,11 @@ export class EsfClient extends EventTarget {
    *   clientType = WEBSOCKET_SSL for wss: URLs, else WEBSOCKET,
    *   maxUserIdLength = 11, maxMessageSize = 1 MiB (the largest frame this client sends or takes),
    *   requestTimeout = 30000 (ms),
-   *   maxBufferedAmount = 8 MiB: past this many bytes unsent (the WebSocket's
-   *     bufferedAmount after a write) the server is taken as not reading, and the
-   *     connection is closed (4003, a "disconnected" event with
-   *     CHANNEL_CACHE_OVERFLOW) and rebuilt,
+   *   maxBufferedAmount = 8 MiB: past this many bytes of answers the client writes
+   *     on its own (Acks, Errors, query answers) while the server reads nothing (more
+   *     than 64 KiB unsent in the WebSocket), the connection is closed (4003, a
+   *     "disconnected" event with CHANNEL_CACHE_OVERFLOW) and rebuilt; what the
+   *     application sends is not counted,
    *   retry = {initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true},
    *   queue = {maxMessages: 0, maxBytes: 1 MiB}: application messages sent while
    *     reconnecting are queued (at most maxMessages, maxBytes of bodies) and written
@@ -549,6 +550,8 @@ export class EsfClient extends EventTarget {
     this.requestTimeout = requestTimeout;
     if (!(maxBufferedAmount > 0)) throw new RangeError(`maxBufferedAmount must be above 0, not ${maxBufferedAmount}`);
     this.maxBufferedAmount = maxBufferedAmount;
+    // Bytes of the answers written on its own while the server read nothing.
+    this._answersWhileBusy = 0;
     this.retry = { initialDelay: 1000, maxDelay: 30000, factor: 2, jitter: true, ...retry };
     this.queue = { maxMessages: 0, maxBytes: 1024 * 1024, ...queue };
     if (!(Number.isInteger(this.queue.maxMessages) && this.queue.maxMessages >= 0)) {
@@ -930,7 +933,7 @@ export class EsfClient extends EventTarget {
           this.pingsUnanswered += 1;
           return;
         }
-        this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire) });
+        this._write(MessageType.PING_ACK, new Uint8Array(0), { messageId: frame.messageId, dest: asker(frame, this.wire), answer: true });
         return;
       // The body is read here, not in the async handlers: a malformed one
       // throws BadRequest to _message, which answers it, and leaves no
@@ -969,7 +972,7 @@ export class EsfClient extends EventTarget {
         await this.handler.handleInformation(sender, frame.clientType, informationType, payload);
       }
       if (frame.messageType === MessageType.SEND_CERTAINLY && frame.messageId) {
-        this._write(MessageType.ACK, encodeBody("Ack", { informationType }), { messageId: frame.messageId, dest: asker(frame, this.wire) });
+        this._write(MessageType.ACK, encodeBody("Ack", { informationType }), { messageId: frame.messageId, dest: asker(frame, this.wire), answer: true });
       }
     } catch (error) {
       this._handlerFailed(frame, error);
@@ -984,7 +987,7 @@ export class EsfClient extends EventTarget {
     try {
       const answer = await this.handler.handleQuery(frame.userId, frame.clientType, informationType, payload);
       const body = encodeBody("Information", { informationType, payload: toBytes(answer) });
-      this._write(MessageType.RESPONSE, body, { messageId: frame.messageId, dest: asker(frame, this.wire) });
+      this._write(MessageType.RESPONSE, body, { messageId: frame.messageId, dest: asker(frame, this.wire), answer: true });
     } catch (error) {
       this._handlerFailed(frame, error);
     }
@@ -1053,7 +1056,7 @@ export class EsfClient extends EventTarget {
   _answerError(frame, code, text) {
     if (!frame.messageId || !this._loggedOn) return;
     const body = encodeBody("Error", { requestMessageType: frame.messageType, code, text });
-    this._write(MessageType.ERROR, body, { messageId: frame.messageId, dest: asker(frame, this.wire) });
+    this._write(MessageType.ERROR, body, { messageId: frame.messageId, dest: asker(frame, this.wire), answer: true });
   }
 
   // -- heartbeats ------------------------------------------------------------------------
@@ -1079,17 +1082,26 @@ export class EsfClient extends EventTarget {
 
   // -- output ------------------------------------------------------------------------------
 
-  _write(messageType, body = new Uint8Array(0), { messageId = 0, dest = SERVER_ID } = {}) {
+  _write(messageType, body = new Uint8Array(0), { messageId = 0, dest = SERVER_ID, answer = false } = {}) {
     const ws = this._ws;
     if (!ws || !this._loggedOn) throw this._notConnected();
-    ws.send(encodeFrame(this._limit, {
+    const frame = encodeFrame(this._limit, {
       messageType, body, clientType: this.clientType, messageId, userId: this.userId, destUserId: dest,
-    }));
-    if (ws.bufferedAmount > this.maxBufferedAmount) {
+    });
+    ws.send(frame);
+    if (!answer) return; // what the application sends paces itself (bufferedAmount)
+    // An answer this client writes on its own: counted while the server
+    // reads nothing (more than BUSY_AMOUNT unsent), from the first such one.
+    if (ws.bufferedAmount <= BUSY_AMOUNT + frame.length) {
+      this._answersWhileBusy = 0;
+      return;
+    }
+    this._answersWhileBusy += frame.length;
+    if (this._answersWhileBusy > this.maxBufferedAmount) {
       // The server reads nothing: past the bound, the connection is given
       // up as broken (what waits on it fails, saying so) and rebuilt.
-      const text = `the server read nothing while ${ws.bufferedAmount} bytes waited to be sent ` +
-        `(maxBufferedAmount is ${this.maxBufferedAmount})`;
+      const text = `the server read nothing while this client answered it with ` +
+        `${this._answersWhileBusy} bytes (maxBufferedAmount is ${this.maxBufferedAmount})`;
       if (!this._ending) {
         this._ending = {
           kind: "disconnected", reason: DisconnectedType.CHANNEL_CACHE_OVERFLOW, text,
