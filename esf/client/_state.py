@@ -179,5 +179,6 @@ class ClientCount(StrEnum):
     #: busy (the server was not reading this client's output).
     PINGS_UNANSWERED = "pings_unanswered"
     #: A connection this client closed because the server read nothing
-    #: while more than C{max_output_buffer} bytes waited to be sent.
+    #: while the client answered it with more than C{max_output_buffer}
+    #: bytes.
     OUTPUT_OVERFLOWS = "output_overflows"
