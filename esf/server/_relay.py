@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import struct
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -117,7 +117,7 @@ class Relay:
         self.engine = engine
         self.counters = engine.counters
 
-    def forward(self, sender: Session, targets: Iterable[Any], raw: bytes, frames: int) -> int:
+    def forward(self, sender: Session, targets: Sequence[Any], raw: bytes, frames: int) -> int:
         """
         The relay rule: write C{raw}, C{frames} frames of C{sender}, to
         each device of C{targets} (C{send}); a device that answers a
@@ -126,21 +126,42 @@ class Relay:
 
         @return: L{ALL_QUEUED}, L{DELIVERED} or L{NOT_DELIVERED}.
         """
+        if len(targets) == 1:
+            # One device, the common case, without the loop: on PyPy a loop
+            # of one turn is a loop of its own to enter and leave, and when
+            # every Send of a read goes to another receiver this call comes
+            # once per receiver per read (about 6% of a relayed Send's time
+            # in process, C{relay_profile.py --interleave 50}).
+            target = targets[0]
+            status = target.send(raw)
+            if not status:
+                return ALL_QUEUED
+            return (
+                DELIVERED if self._queued(sender, target, status, raw, frames) else NOT_DELIVERED
+            )
         result = ALL_QUEUED
         delivered = False
         for target in targets:
             status = target.send(raw)
             if status:
                 result = DELIVERED
-                if status == REFUSED and frames > 1:
-                    # A run the device has no room for whole: what fits of it.
-                    if self._fit(sender, target, raw):
-                        delivered = True
-                    continue
-                if self.not_queued(sender, target, status, frames, len(raw)):
+                if not self._queued(sender, target, status, raw, frames):
                     continue
             delivered = True
         return result if delivered else NOT_DELIVERED
+
+    def _queued(self, sender: Session, target: Any, status: int, raw: bytes, frames: int) -> bool:
+        """
+        C{target.send} answered C{status} (true) for C{raw}, C{frames} frames
+        of C{sender}: hold C{sender} back, or refuse what does not fit
+        (L{_fit}, L{not_queued}).
+
+        @return: whether any of the frames was queued.
+        """
+        if status == REFUSED and frames > 1:
+            # A run the device has no room for whole: what fits of it.
+            return self._fit(sender, target, raw)
+        return not self.not_queued(sender, target, status, frames, len(raw))
 
     def _fit(self, sender: Session, target: Any, raw: bytes) -> bool:
         """
