@@ -314,7 +314,7 @@ class _Turn:
             records = self._records[node] = []
         if (
             type(record) is Send
-            and record.frame[2:4] == _BROADCAST_TYPE
+            and record.frame.startswith(_BROADCAST_TYPE, 2)  # (no slice made)
             and self.reads_many.get(node)
             and self._joined(node, records, record)
         ):
