@@ -583,6 +583,17 @@ class IPresence(Interface):
         How many users are online.
         """
 
+    def kept_offline(user_id: str, client_type: int | None) -> None:
+        """
+        A message for C{user_id}'s device C{client_type} (C{None}: for the
+        user) has just been handed to the offline store, because this
+        registry's view listed no such device.  A registry shared by nodes,
+        whose view may lag, makes sure that a device logged on meanwhile at
+        another node gets it now, not at its next logon: its node looks at
+        the store again (L{esf.server._offline.OfflineMessages.look_again}).
+        Called before anything else is relayed, in the same reactor turn.
+        """
+
     def user_ids(offset: int = 0, limit: int | None = None) -> list[str]:
         """
         The IDs of the users online, sorted: the C{limit} (all when

@@ -1045,6 +1045,56 @@ async def test_a_reaped_node_coming_back_gets_what_was_stored_for_its_users(redi
         await stop_nodes(a, b)
 
 
+@pytest.mark.parametrize("kept_before", [0, 1])
+@pytest_twisted.ensureDeferred
+async def test_a_message_stored_as_its_user_logs_on_elsewhere_reaches_him_at_once(
+    redis_server, kept_before
+):
+    # a has not seen bob log on at b yet (its reading is paused), so it
+    # stores what alice sends him: b is told, and bob gets it now, not at
+    # his next logon; whether b's delivery of what was stored before had
+    # ended (kept_before=0) or waits for bob's acknowledgement (1: a window
+    # with room takes it at once).  What a relays to him once it knows he
+    # is online comes after it.
+    a, b = Node(redis_server, "a", offline=True), Node(redis_server, "b", offline=True)
+    try:
+        await joined(a, b)
+        alice = await a.logon("alice")
+        for n in range(1, kept_before + 1):
+            alice.send(MessageType.SEND_CERTAINLY, Information(n, b"before"), dest="bob",
+                       message_id=n)  # fmt: skip
+            [ack] = await eventually(alice.take, what="stored")
+            assert (ack.message_type, ack.message_id) == (MessageType.ACK, n)
+        await pause_reading(a.presence)
+        bob = Client(b.engine)
+        bob.logon("bob")
+        got = []
+        while len(got) < 1 + kept_before:
+            got += await eventually(bob.take, what="bob's Logon reply and what was kept before")
+        assert not a.engine.user_manager.is_user_online("bob")
+        alice.send(MessageType.SEND_CERTAINLY, Information(9, b"as he logs on"), dest="bob",
+                   message_id=9)  # fmt: skip
+        [ack] = await eventually(alice.take, what="stored")
+        assert (ack.message_type, ack.message_id, ack.user_id) == (MessageType.ACK, 9, "_0")
+        [late] = await eventually(bob.take, what="the message stored as he logged on")
+        assert (late.message_type, late.user_id, late.dest_user_id) == (
+            MessageType.SEND_CERTAINLY, "alice", "_0",
+        )  # fmt: skip
+        assert late.body.payload == b"as he logs on" and late.message_id == kept_before + 1
+        assert b.engine.counters["offline_drains_stalled"] == 0
+        assert a.presence.stats["offline_told"] == 1
+        bob.send(MessageType.ACK, Information(0, b""), dest="_0", message_id=late.message_id)
+        await eventually(lambda: redis_server.command("ZCARD", "esf:off:bob:m") == b":0",
+                         what="forgotten once acknowledged")  # fmt: skip
+        resume_reading(a.presence)
+        await eventually(lambda: a.engine.user_manager.is_user_online("bob"))
+        alice.send(MessageType.SEND, Information(10, b"live"), dest="bob")
+        [live] = await eventually(bob.take, what="a live message")
+        assert (live.dest_user_id, live.body.payload) == ("bob", b"live")
+    finally:
+        await stop_nodes(a, b)
+
+
 @pytest_twisted.ensureDeferred
 async def test_nothing_is_stored_while_the_cluster_settles_after_a_data_loss(redis_server):
     # Redis restarts empty: until every node has claimed its devices again

@@ -248,6 +248,46 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     assert server.result(store.counts("bob")) == (0, 0)
 
 
+def test_what_is_stored_during_a_delivery_joins_its_window_and_the_ack_timeout_runs_on(
+    server, store
+):
+    # In a cluster, a node that had not seen bob log on elsewhere may store
+    # for him while his delivery waits for his acknowledgement; his node is
+    # told (look_again): the window has room, so it goes out at once.  A
+    # device that never acknowledges is still stopped within the ack
+    # timeout of its first wait, however much is stored meanwhile.
+    alice = server.logged_on("alice")
+    alice.send("bob", 1, b"before")
+    server.pump()
+    bob = server.client("bob")
+    bob._inbox.stored.acknowledge = lambda *args: None  # never acknowledges
+    got = []
+    bob.information_received.subscribe(lambda *a: got.append(a[2]))
+    server.result(bob.logon())
+    server.pump()
+    assert got == [1]
+    (session,) = [s for s in server.engine.sessions if s.user_id == "bob"]
+    timeout = server.config.offline_ack_timeout
+    for n in (2, 3):
+        server.advance(timeout / 3)
+        body = struct.pack("<i", n) + b"stored meanwhile"
+        frame = encode_frame(server.config.wire, 202, body, user_id="alice", dest_user_id="bob")
+        server.result(store.store("bob", None, [frame], "alice"))
+        server.engine.offline.look_again(session)
+        server.pump()
+        assert got[-1] == n
+    alice.send("bob", 9, b"live")
+    server.pump()
+    assert got == [1, 2, 3]  # the live one is held while the drain waits
+    server.advance(timeout / 3 + 0.1)
+    assert got == [1, 2, 3, 9]
+    assert server.engine.counters["offline_drains_stalled"] == 1
+    # Looked at again with nothing new: nothing is delivered twice.
+    server.engine.offline.look_again(session)
+    server.pump()
+    assert got == [1, 2, 3, 9]
+
+
 def test_a_blob_is_kept_whole_and_delivered_whole():
     s = MemoryServer(offline_store=bounded(max_messages=100, max_bytes=1 << 20))
     alice = s.logged_on("alice")

@@ -102,13 +102,6 @@ def test_a_bad_database_stops_the_server_at_start_with_a_clear_error(tmp_path, c
     assert f"--offline: {db}" in output and message in output, output
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a known defect, not yet found: on a loaded machine the node bob logs on at "
-    "sometimes fetches his stored messages and queues them, but they never reach him (with "
-    "two busy CPU loops beside it, 3 to 5 runs in 15 fail, with or without this day's "
-    "changes of 7 December 2026; never seen on an idle machine in 57 runs)",
-)
 def test_a_user_logs_on_at_another_node_than_the_one_that_kept_the_messages(
     tmp_path, redis_server
 ):

@@ -466,7 +466,7 @@ class Claims:
                     if self.offline is not None and getattr(handle, "logged_on", False):
                         # Others may have stored messages for it while the
                         # cluster did not list it.
-                        self.offline.reclaimed(handle)  # type: ignore[arg-type]
+                        self.offline.look_again(handle)  # type: ignore[arg-type]
                     if old is not None:
                         previous = Holder.parse(old)
                         if previous.session_id != sid:

@@ -45,6 +45,7 @@ from ._records import (
     Record,
     Send,
     SendMany,
+    Stored,
     decode_records,
     fields,
 )
@@ -243,6 +244,8 @@ class Delivery:
                 tell(frame, *_failure(record.why, frame.dest_user_id))
         elif isinstance(record, KickOut):
             handle.kick_out(record.operator, record.reason, record.text)
+        elif isinstance(record, Stored) and self.offline is not None:
+            self.offline.look_again(handle)
         self.stats["inbox_delivered"] += 1
 
     def unread_lost(self, node: str, entries: Iterable[Sequence[bytes]]) -> Deferred[Any]:

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ._link import IRedisLink, RedisUnavailable, script
-from ._records import READS_MANY, Keys
+from ._records import READS_MANY, STORED_RECORD, Keys
 
 __all__ = [
     "InboxLedger",
@@ -59,7 +59,12 @@ _APPEND = script("append")
 _DROP = script("drop")
 _TAKE = script("take")
 _LOOK = script("look")
+_STORED = script("stored")
 _READS_MANY = READS_MANY.encode()
+
+
+def _untold(failure: Any) -> None:
+    log.debug("telling the holders of a device about a stored message failed: {f}", f=failure)
 
 
 class InboxLedger:
@@ -166,6 +171,30 @@ class InboxLedger:
             [keys.inbox(node), keys.ledger(node), keys.nodes, keys.lease(node)],
             [node, entry, self.max_entries, self.max_bytes, deadline, deliver_by, process],
         ).addCallback(self._appended, node)  # fmt: skip
+
+    def tell_holders(self, user_id: str, client_type: int | None) -> Deferred[Any]:
+        """
+        A message for C{user_id}'s device C{client_type} (C{None}: the
+        user's) was just handed to the offline store, this node's view
+        listing no such device: post a L{esf.cluster._records.Stored} record
+        for each one Redis lists now, on whatever node, so that its node
+        looks at the store again (C{lua/stored.lua}).  Sent right after the
+        store on the same connection: it runs after the store, and before
+        anything this node appends later.  Counts the nodes told
+        (C{offline_told}); fires when done, never failing: a failure leaves
+        the message in the store for the device's next logon.
+        """
+        keys = self.keys
+        kind = 255 if client_type is None else client_type
+        d = self.link.eval(
+            _STORED,
+            [keys.user(user_id), keys.nodes],
+            [keys.base, kind, STORED_RECORD, self.max_entries, self.max_bytes],
+        )
+        return d.addCallbacks(self._holders_told, _untold)
+
+    def _holders_told(self, told: Any) -> None:
+        self.stats["offline_told"] += int(told)
 
     def _appended(self, result: Any, node: str) -> Any:
         if isinstance(result, list):

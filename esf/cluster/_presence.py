@@ -117,15 +117,9 @@ class ClusterPresence:
 
     @ivar up: whether the node is in the cluster (Redis reachable, mirror
         loaded); while it is not, it runs alone.
-    @ivar stats: counts of what happened to cross-node traffic
-        (C{inbox_delivered}, C{inbox_fenced}, C{remote_send_failed},
-        C{remote_send_dropped}, C{pushed_out_without_notice}, C{reclaimed},
-        C{probes_unanswered} (holders on other nodes that did not confirm
-        their sessions, L{Probes}), C{inbox_reaped}, C{inbox_ended_told},
-        C{inbox_kept}, C{inbox_dropped} (L{Delivery}), C{inbox_reaped_unread} (entries read
-        as this node was reaped, skipped), C{inbox_read_late} (requests read
-        too late, answered instead), and L{InboxLedger}'s C{inbox_refused}, C{inbox_gone},
-        C{inbox_stale}, C{inbox_late}, C{inbox_full}).
+    @ivar stats: counts of what happened to cross-node traffic, by name
+        (each exported as C{esf_cluster_<name>_total}, described in
+        C{esf.operations._series.CLUSTER_METRICS}).
     """
 
     def __init__(
@@ -368,6 +362,13 @@ class ClusterPresence:
 
     def user_ids(self, offset: int = 0, limit: int | None = None) -> list[str]:
         return self.mirror.user_ids(offset, limit, alone=not self.membership.up)
+
+    def kept_offline(self, user_id: str, client_type: int | None) -> None:
+        """
+        See L{IPresence.kept_offline} and L{InboxLedger.tell_holders}.
+        """
+        if self.membership.up:
+            self.inbox.tell_holders(user_id, client_type)
 
     def forward_answer(self, session: Any, frame: Any) -> bool:
         """

@@ -2,7 +2,8 @@
 What the cluster keeps in Redis and how it is written: the key names
 (L{Keys}), a presence value (L{Holder}), a presence stream entry's parts,
 and the records one node posts to another's inbox (L{Send}, L{Notify},
-L{Kick}, L{PushOut}, L{KickOut}, L{Query}, L{Answer}, L{Failed}).
+L{Kick}, L{PushOut}, L{KickOut}, L{Query}, L{Answer}, L{Failed}, ...;
+L{Stored} is written by a script).
 
 Redis holds, under a prefix (C{esf} by default)::
 
@@ -64,6 +65,8 @@ __all__ = [
     "Probe",
     "Probed",
     "Behind",
+    "Stored",
+    "STORED_RECORD",
     "SendMany",
     "READS_MANY",
     "OneRecord",
@@ -185,8 +188,12 @@ _RECORD = struct.Struct("<BHIII")
 _LENGTH = struct.Struct("<I")
 (
     _SEND, _NOTIFY, _KICK, _PUSH_OUT, _KICK_OUT, _QUERY, _ANSWER, _FAILED, _PROBE, _PROBED, _BEHIND,
-    _SEND_MANY,
-) = range(1, 13)  # fmt: skip
+    _SEND_MANY, _STORED,
+) = range(1, 14)  # fmt: skip
+
+#: The kind of a L{Stored} record, for the script that writes them
+#: (C{lua/stored.lua}).
+STORED_RECORD = _STORED
 
 #: The end of the lease's token of a process that reads L{SendMany}
 #: records: a node sends them only to such a process, and an entry holding
@@ -391,6 +398,21 @@ class Probed(NamedTuple):
         return _record(_PROBED, self.session_id, self.token, int(self.held), b"")
 
 
+class Stored(NamedTuple):
+    """
+    A message for the session's device (its kind C{client_type}) or user
+    (255) was handed to the offline store by a node that did not know the
+    session was online: look at the store again (written by
+    C{lua/stored.lua}; L{encode} is its equal, for tests).
+    """
+
+    session_id: str
+    client_type: int
+
+    def encode(self) -> bytes:
+        return _record(_STORED, self.session_id, self.client_type, 0, b"")
+
+
 class Behind(NamedTuple):
     """
     The session C{session_id}, on the node that tells it, is backed up: it
@@ -409,7 +431,7 @@ class Behind(NamedTuple):
 
 #: A record for one session (or none), and any record.
 OneRecord = Union[
-    Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed, Behind
+    Send, Notify, Kick, PushOut, KickOut, Query, Answer, Failed, Probe, Probed, Behind, Stored
 ]
 Record = Union[OneRecord, SendMany]
 
@@ -453,6 +475,8 @@ def decode_records(packed: bytes) -> Iterator[Record]:
             yield Probed(sid, first, bool(second))
         elif kind == _BEHIND:
             yield Behind(sid, first)
+        elif kind == _STORED:
+            yield Stored(sid, first)
         elif kind == _SEND_MANY:
             *sids, frame = _unpack(data, first + 1)
             yield SendMany(tuple(s.decode("utf-8") for s in sids), frame)

@@ -165,6 +165,8 @@ CLUSTER_METRICS = {
     "offline store for their offline addressee.",
     "inbox_dropped": "One-way messages a reaped node or an ended session never got, dropped "
     "(the addressee online elsewhere, no offline store, or not kept).",
+    "offline_told": "Nodes told to look at the offline store again: a message was stored for a "
+    "user whose device had logged on there, before this node knew.",
     "reclaimed": "Devices of this node that the janitor released while this node held them "
     "(its lease had run out), claimed again.",
     "pushed_out_without_notice": "Sessions of this node replaced by a logon at another node "

@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from esf.interfaces import IOfflinePolicy, IOfflineStore
+from esf.interfaces import IOfflinePolicy, IOfflineStore, IPresence
 from esf.offline._store import (
     KEPT_TYPES,
     KeepAll,
@@ -137,10 +137,18 @@ class _Drain:
         #: The highest ID the device acknowledged (cumulative).
         self.acked = 0
         self.delivered = 0
-        self._waiting: Deferred[None] | None = None
+        self._waiting: Deferred[bool] | None = None
         self._target = 0
         self._timer: Any = None
         self.done = False
+        #: Something was stored for the device since the last fetch was
+        #: sent (L{OfflineMessages.look_again}): fetch once more before
+        #: finishing.
+        self.again = False
+        #: What the window holds: messages and bytes written since the
+        #: last acknowledgement waited for.
+        self._count = 0
+        self._size = 0
 
     async def run(self) -> None:
         offline = self.offline
@@ -150,29 +158,42 @@ class _Drain:
         after = 0
         try:
             while True:
+                self.again = False
                 batch = await offline.store.fetch(
-                    self.user_id, self.client_types, after, offline.window, offline.window_bytes
+                    self.user_id,
+                    self.client_types,
+                    after,
+                    offline.window - self._count,
+                    offline.window_bytes - self._size,
                 )
                 if self.done:
                     return
-                if not batch:
+                if batch:
+                    outermost = engine.batch.begin()
+                    try:
+                        for entry in batch:
+                            session.queue(delivery_frame(entry.raw, entry.id, wire))
+                            self.sent.append(entry.id)
+                            self._size += len(entry.raw)
+                            after = entry.id
+                    finally:
+                        if outermost:
+                            engine.batch.flush()
+                    self._count += len(batch)
+                    if _continues(batch[-1].raw, wire):
+                        # The rest of a blob: its acknowledgement comes at
+                        # its last fragment.
+                        await self._writable()
+                        self._count = self._size = 0
+                        continue
+                if self.again and self._room():
+                    continue  # more was stored meanwhile, and the window has room
+                if not self.sent:
                     break
-                outermost = engine.batch.begin()
-                try:
-                    for entry in batch:
-                        session.queue(delivery_frame(entry.raw, entry.id, wire))
-                        self.sent.append(entry.id)
-                        after = entry.id
-                finally:
-                    if outermost:
-                        engine.batch.flush()
-                if _continues(batch[-1].raw, wire):
-                    # The rest of a blob: its acknowledgement comes at its
-                    # last fragment.
-                    await self._writable()
-                    continue
-                await self._until_acked(after)
+                if not await self._until_acked(after):
+                    continue  # woken by what was stored meanwhile (look_again)
                 await self._forget()
+                self._count = self._size = 0
                 if self.done:
                     return
         except _Gone:
@@ -200,17 +221,45 @@ class _Drain:
         finally:
             self.finish()
 
-    def _until_acked(self, target: int) -> Deferred[None]:
+    def _room(self) -> bool:
+        offline = self.offline
+        return self._count < offline.window and self._size < offline.window_bytes
+
+    def look_again(self) -> None:
+        """
+        Something was stored for the device since the last fetch was sent:
+        fetch once more before finishing, and at once if the window has
+        room (rather than after the device's acknowledgement).
+        """
+        self.again = True
+        if self._waiting is not None and self._room():
+            # (The ack timeout runs on: a device that does not acknowledge
+            # is not given longer by what others store for it.)
+            d, self._waiting = self._waiting, None
+            d.callback(False)
+
+    def _until_acked(self, target: int) -> Deferred[bool]:
+        """
+        Fires with C{True} once the device acknowledged up to C{target};
+        C{False} if woken first (L{look_again}); fails with L{_Stalled}
+        after the ack timeout.
+        """
         if self.acked >= target:
-            return succeed(None)
+            return succeed(True)
         self._target = target
-        d: Deferred[None] = Deferred()
+        d: Deferred[bool] = Deferred()
         self._waiting = d
-        clock = self.offline.engine.clock
-        self._timer = clock.callLater(
-            self.offline.engine.config.offline_ack_timeout, self._fail, _Stalled()
-        )
+        if self._timer is None:
+            clock = self.offline.engine.clock
+            self._timer = clock.callLater(
+                self.offline.engine.config.offline_ack_timeout, self._fail, _Stalled()
+            )
         return d
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _fail(self, error: Exception) -> None:
         self._timer = None
@@ -234,11 +283,9 @@ class _Drain:
         # forget messages the device has not had.
         self.acked = min(message_id, self.sent[-1])
         if self._waiting is not None and message_id >= self._target:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            self._stop_timer()
             d, self._waiting = self._waiting, None
-            d.callback(None)
+            d.callback(True)
         return True
 
     def _forget(self) -> Deferred[int]:
@@ -268,9 +315,7 @@ class _Drain:
         if self.done:
             return
         self.done = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._stop_timer()
         offline = self.offline
         offline._sessions.pop(self.session, None)
         if offline._users.get(self.user_id) is self:
@@ -282,12 +327,16 @@ class _Drain:
 class OfflineEngine(BlobEngine, Protocol):
     """
     What the offline part needs of the engine: what gathering blobs needs
-    (L{BlobEngine}), and the batch that gathers output (stored messages
-    are written a window at a time).
+    (L{BlobEngine}), the batch that gathers output (stored messages are
+    written a window at a time), and the presence, told what is stored
+    (L{IPresence.kept_offline}).
     """
 
     @property
     def batch(self) -> OutputBatch: ...
+
+    @property
+    def presence(self) -> IPresence: ...
 
 
 class OfflineMessages:
@@ -378,10 +427,7 @@ class OfflineMessages:
         if not self._allowed(frame.user_id, frame, info_type):
             return None
         user_id, client_type = split_dest(frame.dest_user_id)
-        try:
-            d = self.store.store(user_id, client_type, [frame.raw], frame.user_id)
-        except Exception:
-            d = fail()
+        d = self._hand(user_id, client_type, [frame.raw], frame.user_id)
         return d.addCallbacks(self._unsent_kept, self._unsent_refused)
 
     def _unsent_kept(self, ids: object) -> None:
@@ -411,10 +457,7 @@ class OfflineMessages:
         user_id, client_type = split_dest(frame.dest_user_id)
         size = sum(len(f) for f in frames)
         self._wait(session, size)
-        try:
-            d = self.store.store(user_id, client_type, frames, session.user_id or "")
-        except Exception:
-            d = fail()
+        d = self._hand(user_id, client_type, frames, session.user_id or "")
         d.addBoth(self._answered, session, size)
         d.addCallbacks(
             self._stored,
@@ -422,6 +465,21 @@ class OfflineMessages:
             callbackArgs=(session, frame, len(frames), info_type),
             errbackArgs=(session, frame),
         )
+
+    def _hand(
+        self, user_id: str, client_type: int | None, frames: list[bytes], sender: str
+    ) -> Deferred[Any]:
+        """
+        Hand C{frames} for C{user_id}'s device C{client_type} (C{None}: for
+        the user) to the store, and tell the presence (a device may have
+        logged on elsewhere meanwhile: L{IPresence.kept_offline}).
+        """
+        try:
+            d = self.store.store(user_id, client_type, frames, sender)
+        except Exception:
+            return fail()  # a store that raises at once fails like one that answers later
+        self.engine.presence.kept_offline(user_id, client_type)
+        return d
 
     def _wait(self, session: Session, size: int) -> None:
         """
@@ -519,14 +577,25 @@ class OfflineMessages:
         session.hold()
         Deferred.fromCoroutine(drain.run())
 
-    def reclaimed(self, session: Session) -> None:
+    def look_again(self, session: Session) -> None:
         """
-        C{session}'s device was claimed again after the cluster had let it
-        go (its node was reaped while paused, or Redis lost its data), and
-        messages may have been stored for it meanwhile: deliver them now,
-        as at a logon, unless they are being delivered already.
+        Messages may have been stored for C{session}'s device, or its
+        user, since its stored messages were last looked at: another node
+        that did not know it was online stored them (L{IPresence.kept_offline}),
+        or its device was claimed again after the cluster had let it go (its
+        node was reaped while paused, or Redis lost its data).  Deliver them
+        now, as at a logon (ahead of what is relayed to it from now on); a
+        delivery in progress for the device or the user looks once more
+        before it ends.  (A session still logging on looks at its logon.)
         """
-        if session.logged_on and session not in self._sessions:
+        if not session.logged_on:
+            return
+        drain = self._sessions.get(session)
+        whole = self._users.get(session.user_id or "")
+        for running in (drain, whole):
+            if running is not None:
+                running.look_again()
+        if drain is None:
             self.logged_on(session)
 
     def ack(self, session: Session, frame: Frame) -> bool:

@@ -61,6 +61,9 @@ class LocalPresence:
     def forward_answer(self, session: Any, frame: Any) -> bool:
         return False  # no other node asks through this one
 
+    def kept_offline(self, user_id: str, client_type: int | None) -> None:
+        pass  # its view is the truth: no device of the user is online
+
     def claim(self, handle: Any, replace: bool) -> Deferred[Claim]:
         user_id = handle.user_id
         devices = self._users.get(user_id, ())
