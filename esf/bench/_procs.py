@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import resource
 import signal
 import socket
@@ -148,14 +149,42 @@ def default_load_procs() -> int:
     return max(1, min(4, len(usable_cpus()) - 1))
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """
+    The range the kernel picks the local ports of outgoing connections
+    (and of binds to port 0) from.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
     """
-    A TCP port of 127.0.0.1 that is free now (the kernel's pick; the one
-    definition the tests and the benchmark scripts use too).
+    A TCP port of 127.0.0.1 that is free now (the one definition the tests
+    and the benchmark scripts use too).
+
+    Drawn at random from below the kernel's ephemeral range where there is
+    room (10000 up to it), not the kernel's pick for a bind to port 0: such
+    a port is in the range the kernel takes the local ports of outgoing
+    connections from, so that another process's connection (a test running
+    beside this one, a client of a node) may take it between this call and
+    the bind of the server it is for.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low, _high = _ephemeral_ports()
+    candidates = range(10000, low) if low - 10000 >= 1000 else None
+    for _ in range(100):
+        port = random.choice(candidates) if candidates is not None else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise BenchError("no free TCP port found on 127.0.0.1")
 
 
 def checkout_root() -> Path:
