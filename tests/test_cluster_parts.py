@@ -37,6 +37,7 @@ from esf.cluster._records import (
     Query,
     Send,
     SendMany,
+    Stored,
     decode_records,
 )
 from esf.interfaces import IDeviceHandle
@@ -405,6 +406,8 @@ def test_records_round_trip_in_one_entry():
         Probed("b/6", 13, False),
         Behind("b/7", 500),
         SendMany(("b/8", "b/9", "b/10"), b"\x00one frame"),
+        Stored("b/11", 255),
+        Stored("b/12", 3),
     ]
     assert list(decode_records(b"".join(r.encode() for r in records))) == records
 
