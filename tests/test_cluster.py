@@ -651,6 +651,52 @@ async def test_logons_during_a_join_do_not_keep_the_node_out(nodes, redis_server
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_logon_and_a_logoff_in_every_round_trip_of_a_join_do_not_keep_the_node_out(
+    nodes, redis_server
+):
+    """
+    Once a joining node has read the cluster's presence, the logons and
+    logoffs it takes go to Redis as they come, not into the confirmations
+    still to make: a node that took one logon (or logoff) per round trip of
+    its confirmations never joined.
+    """
+    a = await nodes.add("a")
+    a.membership.alone("a test's outage")
+    passes = 0
+    confirm = a.claims.confirm
+    logons: list[Device] = []
+
+    async def busy():
+        # A logon and a logoff come in during every pass's round trip.
+        nonlocal passes
+        passes += 1
+        confirming = Deferred.fromCoroutine(confirm())
+        device = Device("a", f"new{len(logons)}")
+        logons.append(device)
+        a.claim(device, True)
+        if len(logons) > 1:
+            a.release(logons[-2])
+        await confirming
+
+    a.claims.confirm = busy
+    joining = Deferred.fromCoroutine(a.membership.join())
+    await eventually(lambda: a.up, timeout=5, what=lambda: f"joined ({passes} passes)")
+    await joining
+    assert passes <= 3
+    # What was claimed and released meanwhile is as it is in Redis.
+    await eventually(
+        lambda: holder(a, logons[-1].user_id) == logons[-1].session_id,
+        what="the last logon claimed",
+    )
+    await eventually(
+        lambda: all(
+            redis_server.command("HLEN", f"esf:u:{d.user_id}") == b":0" for d in logons[:-1]
+        ),
+        what="the logoffs made in Redis",
+    )
+
+
+@pytest_twisted.ensureDeferred
 async def test_releases_made_while_alone_are_made_in_redis_together(nodes, redis_server):
     """
     What was released while Redis was away is released in Redis once it

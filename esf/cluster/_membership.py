@@ -179,6 +179,11 @@ class Membership:
 
     @ivar up: whether the node is in the cluster (Redis reachable, mirror
         loaded); while it is not, it runs alone.
+    @ivar claiming: whether a join under way has read the cluster's
+        presence: from then on the node's claims and releases go to Redis
+        as they come, though it is not up yet (a node that decided them
+        alone until it was in, confirming them a round trip at a time,
+        never joined while it took one or more per round trip).
     @ivar generation: counts the times the node left or (re)joined: what was
         read from Redis under an older one is stale.
     @ivar streams: the reader of the presence stream and the inbox (set once
@@ -218,6 +223,7 @@ class Membership:
         )  # fmt: skip
         self.streams: StreamReader | None = None
         self.up = False
+        self.claiming = False
         self.running = False
         self.generation = 0
         self.epoch: bytes | None = None
@@ -269,7 +275,7 @@ class Membership:
                 why=why,
                 esf_event="cluster_disconnected",
             )
-        self.up = False
+        self.up = self.claiming = False
         self.generation += 1
         self.changed()
 
@@ -289,6 +295,7 @@ class Membership:
                 try:
                     await self._join_once()
                 except Exception as e:
+                    self.claiming = False  # alone again until the next join has read
                     if self.running and self.link.connected:
                         log.warn("joining the cluster failed: {error}", error=e)
                         self._join_again = True
@@ -299,7 +306,7 @@ class Membership:
             self._joining = False
 
     async def _join_once(self) -> None:
-        self.up = False
+        self.up = self.claiming = False
         self.generation += 1
         generation = self.generation
         claims = self.claims
@@ -365,6 +372,7 @@ class Membership:
                 snapshot = await self._snapshot()
                 for sid, device in strays(snapshot[1], self.node_id, claims.local).items():
                     claims.stale.setdefault(sid, device)
+                self.claiming = True
             if generation != self.generation:
                 raise RedisUnavailable("the connection changed while joining")
             if not claims.unconfirmed and not claims.stale:
@@ -380,7 +388,7 @@ class Membership:
             self.reap_after = self.clock.seconds() + self.lease
         self._joined_once = True
         self.server = server
-        self.up = True
+        self.up, self.claiming = True, False
         log.info(
             "in the cluster as {node}: {users} users online, {local} devices here",
             node=self.node_id,

@@ -166,7 +166,8 @@ class ClusterPresence:
         self.mirror = PresenceMirror(self.node_id, local, self._remote, self._report)
         self.claims = Claims(
             self.link, keys, self.mirror, local,
-            alone=lambda: not self.membership.up, reactor=reactor, clock=self.clock,
+            alone=lambda: not (self.membership.up or self.membership.claiming),
+            reactor=reactor, clock=self.clock,
             remote=self._remote, presence_maxlen=presence_maxlen, stats=self.stats,
         )  # fmt: skip
         self.queries = Queries(self.clock, post=self._post, stats=self.stats)
