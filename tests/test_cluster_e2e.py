@@ -371,8 +371,9 @@ def test_one_flooder_delays_nobody_across_nodes(cluster, clients, reading):
             reader.join(5)
     delays.sort()
     median, p99 = statistics.median(delays), delays[int(0.99 * (len(delays) - 1))]
-    print({"median_ms": 1000 * median, "p99_ms": 1000 * p99})
-    assert median < 0.05 and p99 < 0.15
+    figures = {"median_ms": 1000 * median, "p99_ms": 1000 * p99, "worst_ms": 1000 * delays[-1]}
+    print(figures)
+    assert median < 0.05 and p99 < 0.15, figures
 
 
 def _drain(sock):
