@@ -21,16 +21,20 @@ itself:
   unknown name is counted and dropped).
 - Consecutive frames for one destination are forwarded as one slice of the
   read buffer; when a read holds frames for several destinations, each
-  destination's slices are written with one C{writeSequence}.  A run of
-  broadcasts to one group is one slice too, gathered for every member of
-  the group as a run to that member would be.  No object is
-  made per frame: a frame whose header (length, destination) is byte for
-  byte that of the frame before it is checked with one C{bytes.startswith}
-  at its offset, which proves the same length bound and the same
-  destination; any other frame takes the full check and a lookup
-  (C{--lookup-every-frame} makes every frame take them).  The
-  route of a run is valid for the rest of the read: nothing else runs
-  between two frames of one read, so no connection can come or go.
+  destination's slices are gathered on its transport (a list, and the
+  list of transports with output: no dictionary) and joined into one
+  C{write} at the end of the read.  A run of broadcasts to one group is one
+  slice too, gathered for every member of the group as a run to that
+  member would be.  No object is made per frame: from a run's second frame
+  on, a frame whose header (length, destination) is byte for byte that of
+  the frame before it is checked with one C{bytes.startswith} at its
+  offset, which proves the same length bound and the same destination;
+  any other frame takes the full check and a lookup
+  (C{--lookup-every-frame} makes every frame take them).  (The header is
+  kept only once a run has a second frame: frames for many receivers in
+  turn, one each, would pay for a copy of every header.)  The route of a
+  run is valid for the rest of the read: nothing else runs between two
+  frames of one read, so no connection can come or go.
 
 CPython's cyclic GC is set as C{twistd esf} sets it (C{--gc-threshold}, same
 default): the comparison is of the relays, not of their GC settings.
@@ -59,6 +63,11 @@ __all__ = ["MAX_FRAME", "RelayFactory", "RelayProtocol", "main"]
 
 
 class RelayProtocol(_WritePerFrameProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # The slices gathered for this connection during another's read.
+        self.transport.relay_out = None
+
     def dataReceived(self, data: bytes) -> None:
         buf = self._buffer + data if self._buffer else data
         size = len(buf)
@@ -88,7 +97,7 @@ class RelayProtocol(_WritePerFrameProtocol):
         target = None
         head = b""
         step = 0
-        pending = None  # {target: [slices]} once a read has several runs
+        pending = None  # the transports gathering slices, once a read has several runs
         bad = False
         while True:
             if step and cache:
@@ -116,15 +125,24 @@ class RelayProtocol(_WritePerFrameProtocol):
             if found is not target:
                 if target is not None and offset > start:
                     if pending is None:
-                        pending = {}
+                        pending = []
                     # A run to one receiver, inline: a method call per run
                     # cost interleaved Sends about 10% in process.
                     if type(target) is list:  # a group's members
                         self._gather(pending, target, buf[start:offset])
                     else:
-                        pending.setdefault(target, []).append(buf[start:offset])
+                        out = target.relay_out
+                        if out is None:
+                            target.relay_out = [buf[start:offset]]
+                            pending.append(target)
+                        else:
+                            out.append(buf[start:offset])
                 target = found
                 start = offset
+                if found is not None:
+                    step = 0  # (a run's header is kept from its second frame)
+                    offset = end
+                    continue
             if found is None:
                 self.factory.dropped += 1
                 step = 0
@@ -138,14 +156,13 @@ class RelayProtocol(_WritePerFrameProtocol):
                 target.write(buf[start:offset])
             else:
                 if pending is None:
-                    pending = {}
+                    pending = []
                 self._gather(pending, target, buf[start:offset])
         if pending is not None:
-            for transport, slices in pending.items():
-                if len(slices) == 1:
-                    transport.write(slices[0])
-                else:
-                    transport.writeSequence(slices)
+            for transport in pending:
+                slices = transport.relay_out
+                transport.relay_out = None
+                transport.write(slices[0] if len(slices) == 1 else b"".join(slices))
         if bad:
             # Frames before the bad one are forwarded; the rest is not read.
             self._buffer = b""
@@ -153,19 +170,22 @@ class RelayProtocol(_WritePerFrameProtocol):
             return
         self._buffer = buf[offset:] if offset < size else b""
 
-    def _gather(self, pending: dict, target, piece: bytes) -> None:
+    def _gather(self, pending: list, target, piece: bytes) -> None:
         """
         Add the slice C{piece} to what C{target} gets at the end of the
         read: a transport, or every transport of a group's list but this
         connection's.
         """
-        if type(target) is not list:
-            pending.setdefault(target, []).append(piece)
-            return
-        me = self.transport
-        for member in target:
-            if member is not me:
-                pending.setdefault(member, []).append(piece)
+        me = self.transport if type(target) is list else None
+        for member in target if me is not None else (target,):
+            if member is me:
+                continue
+            out = member.relay_out
+            if out is None:
+                member.relay_out = [piece]
+                pending.append(member)
+            else:
+                out.append(piece)
 
 
 class RelayFactory(_WritePerFrameFactory):
