@@ -1976,3 +1976,108 @@ def test_call_normalises_answers():
 
     call(boom).addErrback(lambda f: results.append(f.type))
     assert results == [1, 2, 3, KeyError]
+
+
+# -- the write-behind of TCP connections ------------------------------------------
+
+
+class _Socket:
+    """A socket that takes C{room} bytes of each send (all when None), or raises."""
+
+    def __init__(self, room=None, error=None):
+        self.room, self.error, self.sent = room, error, []
+
+    def send(self, data):
+        if self.error is not None:
+            raise self.error
+        taken = bytes(data[: self.room] if self.room is not None else data)
+        self.sent.append(taken)
+        return len(taken)
+
+
+class _Transport:
+    """What the write-behind reads of Twisted's TCP transport."""
+
+    connected, disconnecting = 1, False
+
+    def __init__(self, buffered=b""):
+        self._tempDataLen = len(buffered)
+        self.dataBuffer = b""
+        self.written = [buffered] if buffered else []
+        self.lost = False
+
+    def write(self, data):
+        self.written.append(data)
+
+    def unregisterProducer(self):
+        pass
+
+    def loseConnection(self):
+        self.lost = True
+
+
+def behind_protocol(socket_, transport):
+    from twisted.internet.task import Clock
+
+    from esf.server._protocol import ServerFactory, WriteBehind
+
+    engine = make_engine()
+    protocol = ServerFactory(engine).buildProtocol(None)
+    protocol.transport, protocol._socket = transport, socket_
+    protocol._traffic = engine.traffic["tcp"]
+    clock = Clock()
+    protocol._behind = WriteBehind(clock)
+    return protocol, clock
+
+
+def test_what_a_turn_writes_goes_in_one_send_straight_to_the_socket():
+    sock, transport = _Socket(), _Transport()
+    protocol, clock = behind_protocol(sock, transport)
+    protocol.write(b"one")
+    protocol.write(b"two")
+    assert sock.sent == [] and transport.written == []  # not before the turn ends
+    clock.advance(0)
+    assert sock.sent == [b"onetwo"] and transport.written == []
+
+
+@pytest.mark.parametrize(
+    "sock, through_transport",
+    [
+        (_Socket(room=2), [b"etwo"]),  # what the socket does not take
+        (_Socket(error=BlockingIOError()), [b"onetwo"]),  # a full socket: all of it
+        (_Socket(error=ConnectionResetError()), [b"onetwo"]),  # the transport finds it
+    ],
+)
+def test_what_the_socket_does_not_take_goes_through_the_transport(sock, through_transport):
+    transport = _Transport()
+    protocol, clock = behind_protocol(sock, transport)
+    protocol.write(b"one")
+    protocol.write(b"two")
+    clock.advance(0)
+    assert transport.written == through_transport
+    assert b"".join(sock.sent + transport.written) == b"onetwo"
+
+
+def test_nothing_overtakes_what_the_transport_holds():
+    sock, transport = _Socket(), _Transport(buffered=b"older")
+    protocol, clock = behind_protocol(sock, transport)
+    protocol.write(b"newer")
+    clock.advance(0)
+    assert sock.sent == [] and transport.written == [b"older", b"newer"]
+
+
+def test_what_is_gathered_is_bounded_and_goes_before_a_close():
+    from esf.server._protocol import WRITE_BEHIND_MAX
+
+    sock, transport = _Socket(), _Transport()
+    protocol, clock = behind_protocol(sock, transport)
+    chunk = b"x" * (WRITE_BEHIND_MAX // 4)
+    for _ in range(4):
+        protocol.write(chunk)
+    # Past the bound: sent at once, not held until the turn ends.
+    assert sock.sent == [chunk * 4]
+    protocol.write(b"last words")
+    protocol.close()
+    assert sock.sent[-1] == b"last words" and transport.lost
+    clock.advance(0)  # (nothing more, nothing twice)
+    assert len(sock.sent) == 2
