@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+import pytest_twisted
 import rawclient as rc
 from _real_parts import need_program
 from rawclient import GET_MY_IPE
@@ -24,7 +25,7 @@ from twisted.logger import eventsFromJSONLogFile
 from wsclient import BlockingWS
 
 from esf.bench import free_port
-from esf.server._proxied import ProxiedFactory, proxied_description
+from esf.server._proxied import ProxiedEndpoint, ProxiedFactory, proxied_description
 
 V1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40001 4530\r\n"
 
@@ -333,3 +334,57 @@ def test_real_haproxy_in_front_of_a_cluster_of_two(tmp_path, redis_server):
             balancer.wait(10)
         for server in nodes:
             server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_writes_go_through_the_write_behind_behind_the_proxy_protocol_too():
+    """
+    On a real TCP connection through the PROXY protocol's wrapper, the
+    session's writes take the write-behind (straight to the socket), and
+    the client gets its Logon reply, after the header's address.
+    """
+    from _helpers import make_engine
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+    from twisted.internet.protocol import Factory as ClientFactory
+    from twisted.internet.task import deferLater
+
+    from esf.server._protocol import ServerFactory
+
+    engine = make_engine()
+    built = []
+
+    class Recording(ServerFactory):
+        def buildProtocol(self, addr):
+            protocol = super().buildProtocol(addr)
+            built.append(protocol)
+            return protocol
+
+    endpoint = ProxiedEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), 5, reactor)
+    port = await endpoint.listen(Recording(engine))
+    got = []
+
+    class Client(Protocol):
+        def connectionMade(self):
+            body = struct.pack("<H", 1) + rc.pack_str("") + rc.pack_str("pw")
+            logon = rc.pack_header(rc.LOGON, len(body), "alice", rc.SERVER, 1) + body
+            self.transport.write(V1 + logon)
+
+        def dataReceived(self, data):
+            got.append(data)
+
+    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+        ClientFactory.forProtocol(Client)
+    )
+    try:
+        for _ in range(200):
+            if len(b"".join(got)) >= rc.HEADER.size:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        (protocol,) = built
+        assert protocol._behind is not None and protocol._tcp is protocol.transport.transport
+        assert protocol.address == "203.0.113.7:40001"
+        assert got and rc.parse_header(b"".join(got)[: rc.HEADER.size])["message_type"] == rc.LOGON
+    finally:
+        client.transport.loseConnection()
+        await port.stopListening()

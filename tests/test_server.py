@@ -2023,7 +2023,7 @@ def behind_protocol(socket_, transport):
 
     engine = make_engine()
     protocol = ServerFactory(engine).buildProtocol(None)
-    protocol.transport, protocol._socket = transport, socket_
+    protocol.transport, protocol._tcp, protocol._socket = transport, transport, socket_
     protocol._traffic = engine.traffic["tcp"]
     clock = Clock()
     protocol._behind = WriteBehind(clock)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort, IPushProducer, IStreamSe
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.tcp import Server as TCPServer
 from twisted.logger import Logger
+from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -113,6 +114,7 @@ class ServerProtocol(Protocol):
     #: On TCP: the socket, the write-behind its writes go through, and
     #: what they gathered this turn (L{WriteBehind}).
     _socket: Any = None
+    _tcp: Any = None
     _behind: WriteBehind | None = None
     _gathered: list[bytes] | None = None
     _gathered_size = 0
@@ -135,9 +137,12 @@ class ServerProtocol(Protocol):
                 except OSError:
                     pass
         transport.registerProducer(self, True)
-        if isinstance(transport, TCPServer):
-            self._socket = transport.socket
-            self._behind = self.factory.write_behind(transport.reactor)
+        # TCP, or TCP through the PROXY protocol's wrapper (which passes
+        # writes on as they are); never TLS, whose bytes are not these.
+        tcp = transport.transport if isinstance(transport, HAProxyProtocolWrapper) else transport
+        if isinstance(tcp, TCPServer):
+            self._tcp, self._socket = tcp, tcp.socket
+            self._behind = self.factory.write_behind(tcp.reactor)
         self.session = engine.connection_made(self)
         traffic.connected(self.session, engine.stopping)
 
@@ -197,13 +202,8 @@ class ServerProtocol(Protocol):
         if not gathered:
             return
         data = gathered[0] if len(gathered) == 1 else b"".join(gathered)
-        transport = self.transport
-        if (
-            not transport._tempDataLen
-            and not transport.dataBuffer
-            and transport.connected
-            and not transport.disconnecting
-        ):
+        tcp = self._tcp
+        if not tcp._tempDataLen and not tcp.dataBuffer and tcp.connected and not tcp.disconnecting:
             try:
                 sent = self._socket.send(data)
             except OSError:
@@ -212,7 +212,7 @@ class ServerProtocol(Protocol):
                 return
             if sent:
                 data = data[sent:]
-        transport.write(data)
+        self.transport.write(data)
 
     def pause_reading(self) -> None:
         """
