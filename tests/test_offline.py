@@ -38,6 +38,20 @@ def receiver(server, user_id, client_type=ClientType.OTHERS, handler=None, logon
     return client, got
 
 
+def never_acknowledging(server, user_id):
+    """
+    C{user_id}'s client, logged on, that never acknowledges stored messages
+    (a client built on the contract alone, say), and the information types
+    it handles, in order.
+    """
+    client = server.client(user_id)
+    client._inbox.stored.acknowledge = lambda *args: None  # never acknowledges
+    got = []
+    client.information_received.subscribe(lambda *a: got.append(a[2]))
+    server.result(client.logon())
+    return client, got
+
+
 def bounded(**bounds: int) -> MemoryOfflineStore:
     """A store in memory with these bounds (the rest the defaults)."""
     return MemoryOfflineStore(bounds=OfflineBounds(**bounds))
@@ -224,14 +238,10 @@ def test_a_new_client_process_gets_unacknowledged_messages_again(server, store):
     alice = server.logged_on("alice")
     alice.send("bob", 7, b"m")
     server.pump()
-    # A device that never acknowledges (a client built on the contract
-    # alone, say): the delivery stops after the ack timeout, live messages
-    # then go out, and the stored one stays for the next logon.
-    bob_raw = server.client("bob")
-    bob_raw._inbox.stored.acknowledge = lambda *args: None  # never acknowledges
-    got = []
-    bob_raw.information_received.subscribe(lambda *a: got.append(a[2]))
-    server.result(bob_raw.logon())
+    # A device that never acknowledges: the delivery stops after the ack
+    # timeout, live messages then go out, and the stored one stays for the
+    # next logon.
+    bob_raw, got = never_acknowledging(server, "bob")
     alice.send("bob", 8, b"live")
     server.pump()
     assert got == [7]  # the live one is held while the drain waits
@@ -259,11 +269,7 @@ def test_what_is_stored_during_a_delivery_joins_its_window_and_the_ack_timeout_r
     alice = server.logged_on("alice")
     alice.send("bob", 1, b"before")
     server.pump()
-    bob = server.client("bob")
-    bob._inbox.stored.acknowledge = lambda *args: None  # never acknowledges
-    got = []
-    bob.information_received.subscribe(lambda *a: got.append(a[2]))
-    server.result(bob.logon())
+    _bob, got = never_acknowledging(server, "bob")
     server.pump()
     assert got == [1]
     (session,) = [s for s in server.engine.sessions if s.user_id == "bob"]
@@ -286,6 +292,29 @@ def test_what_is_stored_during_a_delivery_joins_its_window_and_the_ack_timeout_r
     server.engine.offline.look_again(session)
     server.pump()
     assert got == [1, 2, 3, 9]
+
+
+def test_an_ack_timeout_that_passes_during_a_fetch_made_after_look_again_ends_the_delivery():
+    # A store that takes a second: bob's delivery is woken (look_again)
+    # half a second before his ack timeout, and its fetch is still under
+    # way when the timeout passes.  It stops once the fetch is back, not an
+    # ack timeout later.
+    store = bounded(max_messages=100, max_bytes=1 << 20)
+    s = MemoryServer(offline_store=store)
+    alice = s.logged_on("alice")
+    alice.send("bob", 1, b"before")
+    s.pump()
+    store.clock, store.delay = s.clock, 1.0
+    _bob, got = never_acknowledging(s, "bob")
+    s.advance(1.0)  # the first fetch
+    assert got == [1]
+    (session,) = [x for x in s.engine.sessions if x.user_id == "bob"]
+    timeout = s.config.offline_ack_timeout
+    s.advance(timeout - 0.5)
+    s.engine.offline.look_again(session)
+    s.advance(1.0)  # the timeout passes during the fetch; the fetch is back
+    assert s.engine.counters["offline_drains_stalled"] == 1
+    s.close()
 
 
 def test_a_blob_is_kept_whole_and_delivered_whole():

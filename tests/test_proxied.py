@@ -18,6 +18,7 @@ from _real_parts import need_program
 from rawclient import GET_MY_IPE
 from test_e2e import AUTH, ServerProcess
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -347,7 +348,6 @@ async def test_tcp_writes_go_through_the_write_behind_behind_the_proxy_protocol_
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
     from twisted.internet.protocol import Factory as ClientFactory
-    from twisted.internet.task import deferLater
 
     from esf.server._protocol import ServerFactory
 
@@ -363,6 +363,7 @@ async def test_tcp_writes_go_through_the_write_behind_behind_the_proxy_protocol_
     endpoint = ProxiedEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), 5, reactor)
     port = await endpoint.listen(Recording(engine))
     got = []
+    header = Deferred()  # fires once a whole header has come
 
     class Client(Protocol):
         def connectionMade(self):
@@ -372,19 +373,18 @@ async def test_tcp_writes_go_through_the_write_behind_behind_the_proxy_protocol_
 
         def dataReceived(self, data):
             got.append(data)
+            if len(b"".join(got)) >= rc.HEADER.size and not header.called:
+                header.callback(None)
 
     client = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
         ClientFactory.forProtocol(Client)
     )
     try:
-        for _ in range(200):
-            if len(b"".join(got)) >= rc.HEADER.size:
-                break
-            await deferLater(reactor, 0.01, lambda: None)
+        await header.addTimeout(5, reactor)
         (protocol,) = built
         assert protocol._behind is not None and protocol._tcp is protocol.transport.transport
         assert protocol.address == "203.0.113.7:40001"
-        assert got and rc.parse_header(b"".join(got)[: rc.HEADER.size])["message_type"] == rc.LOGON
+        assert rc.parse_header(b"".join(got)[: rc.HEADER.size])["message_type"] == rc.LOGON
     finally:
         client.transport.loseConnection()
         await port.stopListening()

@@ -149,6 +149,8 @@ class _Drain:
         #: last acknowledgement waited for.
         self._count = 0
         self._size = 0
+        #: The ack timeout passed while no wait was under way (L{_fail}).
+        self._expired = False
 
     async def run(self) -> None:
         offline = self.offline
@@ -246,6 +248,8 @@ class _Drain:
         """
         if self.acked >= target:
             return succeed(True)
+        if self._expired:
+            return fail(_Stalled())
         self._target = target
         d: Deferred[bool] = Deferred()
         self._waiting = d
@@ -266,6 +270,10 @@ class _Drain:
         d, self._waiting = self._waiting, None
         if d is not None:
             d.errback(error)
+        elif isinstance(error, _Stalled):
+            # The ack timeout passed between two waits (a fetch made after
+            # look_again): the next wait fails at once, not a timeout later.
+            self._expired = True
 
     async def _writable(self) -> None:
         session = self.session
@@ -592,11 +600,12 @@ class OfflineMessages:
             return
         drain = self._sessions.get(session)
         whole = self._users.get(session.user_id or "")
-        for running in (drain, whole):
-            if running is not None:
-                running.look_again()
+        if whole is not None and whole is not drain:
+            whole.look_again()  # (the user's messages, taken by another device)
         if drain is None:
             self.logged_on(session)
+        else:
+            drain.look_again()
 
     def ack(self, session: Session, frame: Frame) -> bool:
         """
