@@ -192,16 +192,41 @@ def cut(data: bytes, points: list[int]) -> list[bytes]:
     return out
 
 
+def _frames(items: list) -> list[w.Frame]:
+    """
+    The frames of what L{w.FrameDecoder.feed_runs} returned.
+    """
+    out = []
+    for item in items:
+        out.extend(w.FrameRun(*item).frames() if isinstance(item, tuple) else [item])
+    return out
+
+
 def check_codec(stream: bytes, points: list[int], n: int, max_size: int) -> None:
     expected, reasons = reference_decode(stream, n, max_size)
+    for runs in (False, True):
+        check_decoder(stream, points, n, max_size, expected, reasons, runs)
+
+
+def check_decoder(stream, points, n, max_size, expected, reasons, runs: bool) -> None:
+    """
+    C{stream} cut at C{points} decodes to the reference decoder's frames and
+    error, fed with L{w.FrameDecoder.feed} or (C{runs}) with
+    L{w.FrameDecoder.feed_runs} taking Sends and Broadcasts in runs.
+    """
     decoder = w.FrameDecoder(w.WireConfig(n, max(max_size, w.header_length_for(n))))
     decoder.max_message_size = max_size
     got, error = [], None
     for chunk in cut(stream, points):
         try:
-            got += decoder.feed(chunk)
+            if runs:
+                got += _frames(
+                    decoder.feed_runs(chunk, w.MessageType.SEND, w.MessageType.BROADCAST)
+                )
+            else:
+                got += decoder.feed(chunk)
         except w.FrameError as e:
-            got += e.frames
+            got += _frames(e.frames)
             error = e
             break
         # Never more than one header and one maximum body.
@@ -227,6 +252,7 @@ codec_cases = st.tuples(
 )
 
 
+@pytest.mark.usefixtures("decoder_loop")
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(codec_cases)
 def test_codec_agrees_with_the_contract(case):
@@ -235,6 +261,7 @@ def test_codec_agrees_with_the_contract(case):
 
 
 @pytest.mark.soak
+@pytest.mark.usefixtures("decoder_loop")
 def test_codec_agrees_with_the_contract_soak():
     """
     The same property at soak size (10^5 examples at ESF_SOAK_SCALE=1).

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import attrs
 import pytest
+from _real_parts import missing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,6 +55,7 @@ from esf.wire import (
     QueryOnlines,
     QueryOnlinesReply,
     WireConfig,
+    _decoder,
     encode_frame,
     encode_str,
     header_length_for,
@@ -65,6 +67,10 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 # ---------------------------------------------------------------------------
 # Golden vectors
 # ---------------------------------------------------------------------------
+
+# Every test here runs with the decoder's compiled loop and with its
+# pure-Python reference (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("decoder_loop")
 
 
 class Vector(NamedTuple):
@@ -1921,6 +1927,89 @@ def test_property_runs_are_the_frames(data, n):
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     plain, runs = _feed_both(config, _chunks(stream, cuts))
     assert runs == plain
+
+
+class _Compiled(FrameDecoder):
+    """
+    A decoder that runs the compiled loop (where it was built) whatever
+    loop the module runs.
+    """
+
+    __slots__ = ()
+    if _decoder.COMPILED:
+        _feed = _decoder._compiled_feed
+
+
+class _PythonLoop(FrameDecoder):
+    """
+    A decoder that runs the pure-Python loop whatever loop the module runs.
+    """
+
+    __slots__ = ()
+    _feed = FrameDecoder._feed_python
+
+
+def _feed_raw(decoder, chunks, run_types):
+    """
+    What C{decoder} returns for C{chunks}, as it returns it (frames and
+    runs' fields), its error, its count and what it holds.
+    """
+    got, error = [], None
+    for chunk in chunks:
+        try:
+            got.append(decoder._run(chunk, run_types))
+        except FrameError as e:
+            got.append(e.frames)
+            error = (e.reason, e.message)
+            break
+    return got, error, decoder.decoded, decoder.buffered
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.sampled_from([1, 11, 20]))
+def test_property_both_loops_agree(data, n):
+    """
+    The compiled loop and the pure-Python one return the same thing for
+    every stream (many pairs of IDs in turn, runs, damage, any cuts): the
+    same frames and run fields per call, the same error text, the same
+    count and buffered bytes.
+    """
+    if not _decoder.COMPILED:
+        missing("the frame decoder's compiled loop is not built (see tests/conftest.py)")
+    config = WireConfig(max_userid_length=n, max_message_size=SMALL_MAX)
+    ids = data.draw(st.lists(ids_for(config.id_slot), min_size=1, max_size=6))
+    frames = []
+    for _ in range(data.draw(st.integers(1, 30))):
+        fields = data.draw(frames_for(config, body_max=100))
+        fields["user_id"] = data.draw(st.sampled_from(ids))
+        fields["dest_user_id"] = data.draw(st.sampled_from(ids))
+        fields["message_type"] = data.draw(
+            st.sampled_from([fields["message_type"], SEND, SEND, SEND, BROADCAST])
+        )
+        frames.append(fields)
+    stream = bytearray(b"".join(_encode(config, f) * data.draw(st.integers(1, 3)) for f in frames))
+    for _ in range(data.draw(st.integers(0, 2))):
+        at = data.draw(st.integers(0, len(stream) - 1))
+        stream[at] = data.draw(u8)
+    chunks = _chunks(bytes(stream), data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    run_types = data.draw(st.sampled_from([(), (SEND,), (SEND, BROADCAST)]))
+    compiled = _feed_raw(_Compiled(config), chunks, run_types)
+    assert compiled == _feed_raw(_PythonLoop(config), chunks, run_types)
+
+
+def test_the_pair_cache_overflowing_changes_nothing():
+    """
+    A sender writing to more receivers than the decoder remembers pairs of
+    IDs (256): both loops decode each frame to its own IDs, in runs.
+    """
+    config = WireConfig()
+    stream = b"".join(_send(config, dest=f"u{i}") * 2 for i in range(600)) * 2
+    for cls in (_Compiled, _PythonLoop) if _decoder.COMPILED else (_PythonLoop,):
+        decoder = cls(config)
+        items = decoder.feed_runs(stream[:50_000], SEND) + decoder.feed_runs(stream[50_000:], SEND)
+        dests = [f.dest_user_id for f in _expand(items)]
+        assert dests == [f"u{i}" for i in range(600) for _ in (0, 1)] * 2
+        assert sum(isinstance(item, tuple) and item[4] == 2 for item in items) >= 1190
 
 
 def _bad_headers(config):

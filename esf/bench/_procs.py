@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from esf.wire._decoder import COMPILED
+
 from ._wire import BenchError
 
 
@@ -45,6 +47,8 @@ def machine_info() -> dict:
         # Which esf is measured: the servers import the one this module
         # comes from (checkout_env), whatever the current directory holds.
         "esf": str(checkout_root() / "esf"),
+        # Which loop the frame decoder of a server on this Python runs.
+        "decoder_loop": "compiled" if COMPILED else "pure-Python",
     }
 
 

@@ -74,7 +74,10 @@ def format_table(report: dict) -> str:
     ]
     if machine.get("esf"):
         # The esf the servers imported: two checkouts compared show each its own.
-        lines.insert(1, f"esf measured: {machine['esf']}")
+        loop = (
+            "" if options.get("server_python") else f" (decoder loop: {machine['decoder_loop']})"
+        )
+        lines.insert(1, f"esf measured: {machine['esf']}{loop}")
     targets = {(t["row"], t["figure"]): t for t in report["targets"]}
     for row in report["results"]:
         label = _row_label(row)

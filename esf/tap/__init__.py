@@ -54,6 +54,7 @@ from esf.server._protocol import ServerService
 from esf.server._proxied import ProxiedEndpoint, proxied_description
 from esf.server._web_demo import web_demo_site
 from esf.server._websocket import WebSocketFactory
+from esf.wire._decoder import COMPILED
 from esf.wire._frames import ClientType, WireConfig
 
 from ._listening import PortFile, announce_web_demo
@@ -613,6 +614,11 @@ def server_service(options: Options) -> MultiService:
         log.info(
             "esf: offline messages are kept in {store!r}", store=store, esf_event="offline_store"
         )
+    log.info(
+        "esf: the frame decoder runs its {loop} loop",
+        loop="compiled" if COMPILED else "pure-Python",
+        esf_event="decoder_loop",
+    )
     origins = options["websocket-origins"]
     # What the metrics count the closed connections of (add_operations).
     sites: list[ConnectionCap] = []

@@ -9,7 +9,7 @@ themselves.  See C{docs/protocol.md}.
 # Listed name by name (not star imports and a computed __all__) so that
 # pydoctor, which reads the source, documents them here;
 # tests/test_exports.py checks that nothing of the two modules is missing.
-from ._decoder import FrameDecoder
+from ._decoder import COMPILED, FrameDecoder
 from ._frames import (
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_USERID_LENGTH,
@@ -85,6 +85,7 @@ __all__ = [
     "ErrorCode",
     "Frame",
     "FrameDecoder",
+    "COMPILED",
     "FrameError",
     "GetAllOnlineUsers",
     "GetAllOnlineUsersReply",

@@ -12,7 +12,8 @@ path needs the frame's original bytes.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Callable
 
 from ._frames import (
     _FIXED_HEADER,
@@ -25,7 +26,20 @@ from ._frames import (
     _decode_id,
 )
 
-__all__ = ["FrameDecoder"]
+__all__ = ["FrameDecoder", "COMPILED"]
+
+_compiled_feed: Callable[[Any, bytes, list[Any], tuple[int, ...]], int] | None = None
+if not os.environ.get("ESF_PURE_PYTHON"):
+    try:
+        from ._speedups import feed as _compiled_feed
+    except ImportError:  # not built: PyPy, no compiler, or ESF_PURE_PYTHON at install
+        pass
+
+#: Whether decoders run the compiled loop (C{esf/wire/_speedups.pyx}) rather
+#: than the pure-Python one: C{pip install} builds it on CPython where a C
+#: compiler is at hand, and C{ESF_PURE_PYTHON=1} in the environment, at
+#: install or at run time, does without it.
+COMPILED = _compiled_feed is not None
 
 
 #: How many decoded pairs of ID fields a decoder remembers; the sender's ID
@@ -232,10 +246,9 @@ class FrameDecoder(HeaderCheck):
         and one slice of C{data} for all of them.
 
         A run comes as the plain tuple of a L{FrameRun}'s fields
-        (L{RunFields}; C{FrameRun(*fields)} makes one): a tuple costs a
-        fraction of an object, and when a sender cycles over many receivers
-        every frame is a run of its own (a fifth less time per relayed
-        Send, in process).
+        (L{RunFields}; C{FrameRun(*fields)} makes one): when a sender cycles
+        over many receivers every frame is a run of its own, and a tuple
+        costs a fraction of an object.
 
         @raise FrameError: the bytes are not a valid frame stream.
         """
@@ -260,12 +273,13 @@ class FrameDecoder(HeaderCheck):
         self.decoded += len(frames) + in_runs
         return frames
 
-    def _feed(
+    def _feed_python(
         self, data: bytes, frames: list[Frame | RunFields], run_types: tuple[int, ...]
     ) -> int:
         """
         Decode C{data} into C{frames}; return how many frames its runs hold
-        beyond their first (each run is one item of C{frames}).
+        beyond their first (each run is one item of C{frames}).  The
+        reference of L{_feed}.
         """
         size = len(data)
         offset = 0
@@ -416,6 +430,10 @@ class FrameDecoder(HeaderCheck):
             self._stash(data[offset:] if offset else data)
         return in_runs
 
+    #: The loop L{feed} runs: the compiled one where it was built (see
+    #: L{COMPILED}), else L{_feed_python}.
+    _feed = _feed_python if _compiled_feed is None else _compiled_feed
+
     def _complete_partial(self, data: bytes, frames: list[Frame | RunFields]) -> int:
         """
         Add to the frame under construction.  Return the offset in C{data}
@@ -434,13 +452,13 @@ class FrameDecoder(HeaderCheck):
             if self._header is None:
                 header = self._check_header(unit, 0)
                 if header[5] == 0:
-                    frames.append(self._frame(header, unit))
+                    frames.append(_frame(header, unit, self.config.header_length))
                     return offset
                 self._header = header
                 self._need = self.config.header_length + header[5]
                 self._stash(unit)
             else:
-                frames.append(self._frame(self._header, unit))
+                frames.append(_frame(self._header, unit, self.config.header_length))
                 self._header = None
                 self._need = self.config.header_length
                 return offset
@@ -475,7 +493,9 @@ class FrameDecoder(HeaderCheck):
         self._have = 0
         return unit
 
-    def _frame(self, header: tuple[Any, ...], raw: bytes) -> Frame:
-        return Frame(
-            header[0], header[1], header[2], header[3], header[4], raw, self.config.header_length
-        )
+
+def _frame(header: tuple[Any, ...], raw: bytes, header_length: int) -> Frame:
+    """
+    The frame of C{raw}, whose header C{header} is (as L{HeaderCheck} returns it).
+    """
+    return Frame(header[0], header[1], header[2], header[3], header[4], raw, header_length)

@@ -1,0 +1,3 @@
+from typing import Any
+
+def feed(self: Any, data: bytes, frames: list[Any], run_types: tuple[int, ...]) -> int: ...
