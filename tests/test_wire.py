@@ -1992,7 +1992,10 @@ def test_property_both_loops_agree(data, n):
         at = data.draw(st.integers(0, len(stream) - 1))
         stream[at] = data.draw(u8)
     chunks = _chunks(bytes(stream), data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
-    run_types = data.draw(st.sampled_from([(), (SEND,), (SEND, BROADCAST)]))
+    other = frames[0]["message_type"]
+    run_types = data.draw(
+        st.sampled_from([(), (SEND,), (SEND, BROADCAST), (BROADCAST, other, SEND)])
+    )
     compiled = _feed_raw(_Compiled(config), chunks, run_types)
     assert compiled == _feed_raw(_PythonLoop(config), chunks, run_types)
 

@@ -17,8 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from esf.wire._decoder import COMPILED
-
 from ._wire import BenchError
 
 
@@ -47,8 +45,6 @@ def machine_info() -> dict:
         # Which esf is measured: the servers import the one this module
         # comes from (checkout_env), whatever the current directory holds.
         "esf": str(checkout_root() / "esf"),
-        # Which loop the frame decoder of a server on this Python runs.
-        "decoder_loop": "compiled" if COMPILED else "pure-Python",
     }
 
 

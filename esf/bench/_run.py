@@ -11,8 +11,11 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import defer
+
+from esf.wire._decoder import COMPILED
 
 from ._cluster import run_cluster
 from ._coordinator import LoadGenerator, RunAborted
@@ -120,7 +123,11 @@ async def run(reactor, opts) -> dict:
     targets = [t for row in rows for t in _targets(row, opts.server_python_version)]
     return {
         "machine": machine
-        | {"loadavg_at_end": _loadavg(), "server_python": opts.server_python_version},
+        | {
+            "loadavg_at_end": _loadavg(),
+            "server_python": opts.server_python_version,
+            "decoder_loop": _decoder_loop(opts),
+        },
         "options": {
             "server": f"{opts.server[0]}:{opts.server[1]}" if opts.server else "local",
             "server_python": None if opts.server else opts.server_python,
@@ -241,3 +248,18 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(report, f, indent=2)
                 f.write("\n")
     return 0 if report["ok"] else 1
+
+
+def _decoder_loop(opts: Any) -> str | None:
+    """
+    Which loop the frame decoder of the esf servers this run started runs
+    (L{esf.wire.COMPILED}): known for servers on PyPy (the pure-Python one)
+    and on this very interpreter; C{None} otherwise.
+    """
+    if opts.server is not None:
+        return None
+    if (opts.server_python_version or "").startswith("PyPy"):
+        return "pure-Python"
+    if os.path.realpath(opts.server_python) == os.path.realpath(sys.executable):
+        return "compiled" if COMPILED else "pure-Python"
+    return None

@@ -41,6 +41,7 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
     cdef const unsigned char* guess_ptr = NULL
     cdef long message_type, run_type = -1, type_a = -1, type_b = -1
     cdef bint uniform = True
+    cdef bint two_types = len(run_types) <= 2
     cdef object pair, header = None, key, guess = None, pairs, first_key, first_pair
     cdef object run_user = "", run_dest = ""
     if self._have:
@@ -114,7 +115,11 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
         if end > size:
             header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
             break
-        if message_type == type_a or message_type == type_b:
+        if (
+            (message_type == type_a or message_type == type_b)
+            if two_types
+            else message_type in run_types
+        ):
             run_type, run_start, run_count, uniform = message_type, offset, 1, True
             run_user, run_dest = user_id, dest_user_id
         else:
