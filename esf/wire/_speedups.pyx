@@ -26,6 +26,11 @@ cdef inline long _int32(const unsigned char* p) noexcept:
                  | (<unsigned int>p[2] << 16) | (<unsigned int>p[3] << 24))
 
 
+cdef inline bytes _slice(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
+    # data[start:end], without the slice object and its indices.
+    return PyBytes_FromStringAndSize(<const char*>p + start, end - start)
+
+
 def feed(self, bytes data not None, list frames not None, tuple run_types not None):
     """
     C{PyFrameDecoder._feed}, compiled: decode C{data} into C{frames};
@@ -58,7 +63,7 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
     first_key, first_pair = self._first_key, self._first_pair
     if first_key is not None:
         first_ptr = <const unsigned char*>PyBytes_AS_STRING(first_key)
-    append = frames.append
+    hlen_obj = hlen
     while size - offset >= hlen:
         h = p + offset
         message_type = h[2] | (h[3] << 8)
@@ -91,7 +96,8 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
                 pair = pairs.get(key)
         if run_count:
             # (Before a bad header raises: what came before it is kept.)
-            append((run_type, run_user, run_dest, data[run_start:offset], run_count, hlen, uniform))
+            frames.append((run_type, run_user, run_dest, _slice(p, run_start, offset), run_count,
+                           hlen_obj, uniform))
             in_runs += run_count - 1
             run_count = 0
         if pair is None:
@@ -123,12 +129,14 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
             run_type, run_start, run_count, uniform = message_type, offset, 1, True
             run_user, run_dest = user_id, dest_user_id
         else:
-            raw = data[offset:end] if (offset or end != size) else data
-            append(Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen))
+            raw = _slice(p, offset, end) if (offset or end != size) else data
+            frames.append(
+                Frame(client_type, message_type, message_id, user_id, dest_user_id, raw, hlen_obj)
+            )
         offset = end
     if run_count:
-        raw = data[run_start:offset] if (run_start or offset != size) else data
-        append((run_type, run_user, run_dest, raw, run_count, hlen, uniform))
+        raw = _slice(p, run_start, offset) if (run_start or offset != size) else data
+        frames.append((run_type, run_user, run_dest, raw, run_count, hlen_obj, uniform))
         in_runs += run_count - 1
     if offset < size:
         # A partial frame, its header checked already when it is whole.
