@@ -37,6 +37,7 @@ from esf.bench import (
 from esf.bench.relays import bare as bare_relay
 from esf.bench.relays import coalescing as coalescing_relay
 from esf.interfaces import IGroupManager
+from esf.wire import COMPILED
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,6 +93,10 @@ def test_quick_run(tmp_path):
     # Which esf was measured: the one esf-bench comes from (here the checkout's).
     assert report["machine"]["esf"] == str(REPO / "esf")
     assert f"esf measured: {REPO / 'esf'}" in proc.stdout
+    # And which loop its servers' frame decoders ran (on this interpreter).
+    loop = "compiled" if COMPILED else "pure-Python"
+    assert report["machine"]["decoder_loop"] == loop
+    assert f"esf measured: {REPO / 'esf'} ({loop} decoder loop)" in proc.stdout
     assert report["options"]["baseline"] == "coalescing"
     assert report["options"]["load_procs"] == 2
     assert isinstance(report["warnings"], list)

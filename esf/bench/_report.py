@@ -74,10 +74,11 @@ def format_table(report: dict) -> str:
     ]
     if machine.get("esf"):
         # The esf the servers imported: two checkouts compared show each its own.
-        loop = (
-            "" if options.get("server_python") else f" (decoder loop: {machine['decoder_loop']})"
+        # And the loop their frame decoders ran, where it is known.
+        loop = machine.get("decoder_loop")
+        lines.insert(
+            1, f"esf measured: {machine['esf']}" + (f" ({loop} decoder loop)" if loop else "")
         )
-        lines.insert(1, f"esf measured: {machine['esf']}{loop}")
     targets = {(t["row"], t["figure"]): t for t in report["targets"]}
     for row in report["results"]:
         label = _row_label(row)
