@@ -42,25 +42,29 @@ def logs():
 
 
 @pytest.fixture(scope="module", params=["compiled", "python"])
-def decoder_loop(request):
+def compiled_loops(request):
     """
-    Run the test with each of the frame decoder's loops: the compiled one
-    (L{esf.wire.COMPILED}; a loud skip where it was not built, a failure
-    under CI) and the pure-Python reference, which PyPy runs.  (Module
-    scope: a module's tests run with one loop, then with the other.)
+    Run the test with the compiled loops of C{esf/wire/_speedups.pyx} (the
+    frame decoder's, the WebSocket messages' in and out; L{esf.wire.COMPILED}:
+    a loud skip where they were not built, a failure under CI) and with the
+    pure-Python code alone, which PyPy runs.  (Module scope: a module's
+    tests run with one, then with the other.)
     """
     from _real_parts import missing
 
+    from esf.server import _websocket_frames
     from esf.wire import _decoder
 
     if request.param == "python":
         patch = pytest.MonkeyPatch()
         request.addfinalizer(patch.undo)
         patch.setattr(_decoder.FrameDecoder, "_feed", _decoder.FrameDecoder._feed_python)
+        patch.setattr(_websocket_frames, "_take_messages", None)
+        patch.setattr(_websocket_frames, "_frame_messages", None)
     elif not _decoder.COMPILED:
         missing(
-            "the frame decoder's compiled loop is not built (esf/wire/_speedups.pyx): "
-            "pip install -e . builds it on CPython with a C compiler, "
+            "the compiled loops are not built (esf/wire/_speedups.pyx): "
+            "pip install -e . builds them on CPython with a C compiler, "
             "unless ESF_PURE_PYTHON is set"
         )
     return request.param
@@ -71,7 +75,7 @@ def pytest_pyfunc_call(pyfuncitem):
     """
     Give a Hypothesis test its own inner test back after each call:
     pytest-twisted wraps it in place, so that the second call of a
-    parametrized one (L{decoder_loop}) would wrap the wrapper.
+    parametrized one (L{compiled_loops}) would wrap the wrapper.
     """
     hypothesis = getattr(pyfuncitem.obj, "hypothesis", None)
     inner = hypothesis.inner_test if hypothesis is not None else None

@@ -252,7 +252,7 @@ codec_cases = st.tuples(
 )
 
 
-@pytest.mark.usefixtures("decoder_loop")
+@pytest.mark.usefixtures("compiled_loops")
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(codec_cases)
 def test_codec_agrees_with_the_contract(case):
@@ -261,7 +261,7 @@ def test_codec_agrees_with_the_contract(case):
 
 
 @pytest.mark.soak
-@pytest.mark.usefixtures("decoder_loop")
+@pytest.mark.usefixtures("compiled_loops")
 def test_codec_agrees_with_the_contract_soak():
     """
     The same property at soak size (10^5 examples at ESF_SOAK_SCALE=1).

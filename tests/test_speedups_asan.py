@@ -1,10 +1,11 @@
 """
-The decoder's compiled loop (C{esf/wire/_speedups.pyx}) reads headers in
-place, in C: a read past a frame's bytes would be a server crash or a leak
-of memory, which no Python test sees.  Here the loop is built with
-AddressSanitizer and fed damaged streams, cut anywhere, beside the
-pure-Python loop: any read outside the bytes aborts the process, and any
-difference in what the two loops return fails the test.
+The compiled loops (C{esf/wire/_speedups.pyx}: the frame decoder's, the
+WebSocket message taker's) read headers in place, in C: a read past a
+frame's bytes would be a server crash or a leak of memory, which no Python
+test sees.  Here they are built with AddressSanitizer and fed damaged
+streams, cut anywhere, beside the pure-Python code: any read outside the
+bytes aborts the process, and any difference in what the two return fails
+the test.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ FEEDER = textwrap.dedent(
         return out, decoder.decoded, decoder.buffered
 
     rng = random.Random(int(sys.argv[1]))
-    deadline = time.monotonic() + float(sys.argv[3])
+    deadline = time.monotonic() + float(sys.argv[3]) / 2
+    streams = 0
     for n in range(int(sys.argv[2])):
         if time.monotonic() > deadline:
             break
+        streams += 1
         length = rng.choice([1, 11, 20])
         config = WireConfig(max_userid_length=length, max_message_size=4096)
         ids = ["".join(rng.choice("ab_#9") for _ in range(rng.randint(1, min(3, length))))
@@ -74,7 +77,50 @@ FEEDER = textwrap.dedent(
         run_types = rng.choice([(), (SEND,), (SEND, BROADCAST)])
         compiled = fed(_decoder.FrameDecoder(config), chunks, run_types)
         assert compiled == fed(Python(config), chunks, run_types), (n, len(data), cuts, run_types)
-    print("fed", n + 1)
+    from esf.server import _websocket_frames as ws
+    from esf.wire._speedups import frame_messages, take_messages
+
+    def parsed(chunks, limit, take):
+        ws._take_messages = take
+        parser, out = ws.MessageParser(36), []
+        for chunk in chunks:
+            frames, refusal, rest = parser.feed(chunk, limit)
+            out.append((frames, refusal, rest, parser.pending))
+            if refusal is not None or rest:
+                break
+        return out
+
+    config = WireConfig()
+    deadline = time.monotonic() + float(sys.argv[3]) / 2
+    for m in range(int(sys.argv[2])):
+        if time.monotonic() > deadline:
+            break
+        stream = bytearray()
+        for _ in range(rng.randint(1, 20)):
+            body = bytes(rng.randrange(256) for _ in range(rng.choice([0, 3, 90, 200, 1000])))
+            frame = encode_frame(config, SEND, body, user_id="a", dest_user_id="b")
+            mask = bytes(rng.randrange(256) for _ in range(4))
+            size = len(frame)
+            head = (bytes([0x82, 0x80 | size]) if size < 126
+                    else bytes([0x82, 0xFE]) + size.to_bytes(2, "big"))
+            stream += head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(frame))
+        for _ in range(rng.randint(0, 3)):
+            stream[rng.randrange(len(stream))] = rng.randrange(256)
+        data = bytes(stream)
+        cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randint(0, 6)))
+        chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        limit = rng.choice([4096, 100, 65536])
+        assert parsed(chunks, limit, take_messages) == parsed(chunks, limit, None), (m, cuts)
+        # And the taker alone, from anywhere in the stream; and the framing
+        # out, of whole frames and of cut or damaged ones.
+        take_messages(data, rng.randrange(len(data) + 1), limit, 36, [])
+        frames = b"".join(parsed(chunks, limit, None)[0][0]) if chunks else b""
+        ws._frame_messages = None
+        expected = ws.binary_messages(frames, 36)
+        ws._frame_messages = frame_messages
+        assert ws.binary_messages(frames, 36) == expected
+        frame_messages(data[: rng.randrange(len(data) + 1)], 36)
+    print("fed", streams, m + 1)
     """
 )
 
@@ -89,11 +135,12 @@ def _libasan() -> str:
     return path
 
 
-def test_the_compiled_loop_reads_nothing_outside_the_frames(tmp_path):
+def test_the_compiled_loops_read_nothing_outside_the_frames(tmp_path):
     """
-    Built with AddressSanitizer, the compiled loop reads only the bytes it
-    was given over thousands of damaged streams, and returns what the
-    pure-Python loop returns for each.
+    Built with AddressSanitizer, the compiled loops read only the bytes
+    they were given over thousands of damaged streams (of ESF frames, and
+    of WebSocket messages), and return what the pure-Python code returns
+    for each.
     """
     if sys.implementation.name != "cpython":
         pytest.skip("the compiled loop is built on CPython only")
@@ -126,5 +173,5 @@ def test_the_compiled_loop_reads_nothing_outside_the_frames(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )  # fmt: skip
     assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stderr[-4000:]
-    fed = int(run.stdout.split()[-1])
-    assert fed >= 500, run.stdout
+    frames, messages = map(int, run.stdout.split()[-2:])
+    assert frames >= 500 and messages >= 500, run.stdout

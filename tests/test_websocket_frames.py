@@ -15,12 +15,18 @@ from __future__ import annotations
 import struct
 
 import pytest
+from _real_parts import missing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from wsclient import client_frame
 
+from esf.server import _websocket_frames
 from esf.server._websocket_frames import MessageParser, Refusal, binary_messages, refuse_message
-from esf.wire import DisconnectedType, Information, MessageType, WireConfig, encode_frame
+from esf.wire import COMPILED, DisconnectedType, Information, MessageType, WireConfig, encode_frame
+
+# Every test here runs with the compiled message taker and without it
+# (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
 
 WIRE = WireConfig()
 HLEN = WIRE.header_length
@@ -253,3 +259,113 @@ def test_binary_messages_out():
         binary_messages(frames[2], HLEN)
         == b"\x82\x7e" + struct.pack("!H", len(frames[2])) + frames[2]
     )
+
+
+def _feed_all(chunks, limit, take):
+    """
+    What a parser returns for C{chunks} with the compiled message taker
+    C{take} (or none), each read fed as the adapter would: until a refusal,
+    and only while autobahn holds nothing.
+    """
+    saved = _websocket_frames._take_messages
+    _websocket_frames._take_messages = take
+    try:
+        parser = MessageParser(HLEN)
+        out = []
+        for chunk in chunks:
+            frames, refusal, rest = parser.feed(chunk, limit)
+            out.append((frames, refusal, rest, parser.pending))
+            if refusal is not None or rest:
+                break
+        return out
+    finally:
+        _websocket_frames._take_messages = saved
+
+
+messages = st.one_of(
+    # A message of one whole frame, short or with a 16-bit length.
+    st.integers(0, 300).map(lambda size: ("frame", size)),
+    # Anything else: a frame too long for the limit, part of a frame, two,
+    # a ping, a text or unfinished message, an unmasked one, a length not
+    # in its shortest encoding, a 64-bit length, a bad start token.
+    st.sampled_from(["long", "part", "two", "ping", "text", "fragment", "unmasked",
+                     "wide", "huge", "rsv", "short"]),
+)  # fmt: skip
+
+
+def _message(kind, n: int, mask: bytes) -> bytes:
+    if isinstance(kind, tuple):
+        return client_frame(BINARY, esf_frame(n, kind[1]), mask=mask)
+    frame = esf_frame(n, 20)
+    return {
+        "long": client_frame(BINARY, esf_frame(n, MAX), mask=mask),
+        "part": client_frame(BINARY, frame[:-3], mask=mask),
+        "two": client_frame(BINARY, frame * 2, mask=mask),
+        "ping": client_frame(PING, b"p", mask=mask),
+        "text": client_frame(TEXT, frame, mask=mask),
+        "fragment": client_frame(BINARY, frame, fin=False, mask=mask),
+        "unmasked": bytes([0x82, len(frame)]) + frame,
+        "wide": bytes([0x82, 0xFE, 0, len(frame)])
+        + mask
+        + client_frame(BINARY, frame, mask=mask)[6:],
+        "huge": bytes([0x82, 0xFF]) + bytes(8) + mask,
+        "rsv": bytes([0xC2]) + client_frame(BINARY, frame, mask=mask)[1:],
+        "short": client_frame(BINARY, b"x" * 10, mask=mask),
+    }[kind]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kinds=st.lists(messages, min_size=1, max_size=12),
+    masks=st.lists(st.binary(min_size=4, max_size=4), min_size=1, max_size=3),
+    cuts=st.lists(st.integers(0, 3000), max_size=8),
+    limit=st.sampled_from([MAX, 200, 0x10000]),
+)
+def test_the_compiled_taker_changes_nothing(kinds, masks, cuts, limit):
+    """
+    With the compiled message taker and without it, a parser returns the
+    same frames, refusal, rest and pending message for every stream:
+    frames of every size, each kind of message it must not take, any mask,
+    cut into reads anywhere.
+    """
+    if _websocket_frames._take_messages is None and not COMPILED:
+        missing("the compiled loops are not built (see tests/conftest.py)")
+    from esf.wire._speedups import take_messages
+
+    stream = b"".join(_message(kind, n, masks[n % len(masks)]) for n, kind in enumerate(kinds))
+    points = sorted({min(c, len(stream)) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    assert _feed_all(chunks, limit, take_messages) == _feed_all(chunks, limit, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=5),
+    cut=st.integers(0, 100),
+)
+def test_the_compiled_framing_changes_nothing(sizes, cut):
+    """
+    The compiled C{binary_messages} gives what the Python one gives, for
+    frames short and long (7- and 16-bit lengths), and leaves to it what it
+    must judge (frames cut off, or too long for a 16-bit length: it raises).
+    """
+    if not COMPILED:
+        missing("the compiled loops are not built (see tests/conftest.py)")
+    from esf.wire._speedups import frame_messages
+
+    frames = [esf_frame(n, size) for n, size in enumerate(sizes)]
+    data = b"".join(frames)
+    data = data[: len(data) - cut]
+    saved = _websocket_frames._frame_messages
+    try:
+        _websocket_frames._frame_messages = None
+        expected = binary_messages(data, HLEN)
+    except Exception as e:  # (the Python framing's own failure, the same with both)
+        expected = type(e)
+    finally:
+        _websocket_frames._frame_messages = saved
+    framed = frame_messages(data, HLEN)
+    if framed is None:
+        assert cut or max(map(len, frames)) > 0xFFFF
+    else:
+        assert framed == expected

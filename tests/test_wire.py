@@ -69,8 +69,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 # ---------------------------------------------------------------------------
 
 # Every test here runs with the decoder's compiled loop and with its
-# pure-Python reference (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("decoder_loop")
+# pure-Python reference (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
 
 
 class Vector(NamedTuple):

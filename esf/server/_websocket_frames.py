@@ -20,10 +20,21 @@ gathers alike.
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 import attrs
 
+from esf.wire._decoder import COMPILED
 from esf.wire._frames import DisconnectedType
+
+# The easy cases, compiled (esf/wire/_speedups.pyx): whole masked messages
+# of one frame each, unmasked in C (MessageParser.feed judges the message
+# they stop at), and frames out as messages.
+_take_messages: Callable[[bytes, int, int, int, list[bytes]], int] | None = None
+_frame_messages: Callable[[bytes, int], bytes | None] | None = None
+if COMPILED:
+    from esf.wire._speedups import frame_messages as _frame_messages
+    from esf.wire._speedups import take_messages as _take_messages
 
 __all__ = ["MessageParser", "Refusal", "binary_messages", "refuse_message"]
 
@@ -134,9 +145,9 @@ class MessageParser:
             if not data:
                 return frames, None, data
         size = len(data)
-        offset = 0
-        refusal = None
         hlen = self.header_length
+        offset = 0 if _take_messages is None else _take_messages(data, 0, limit, hlen, frames)
+        refusal = None
         body_length = _BODY_LENGTH.unpack_from
         while size - offset >= 2:
             if data[offset] != 0x82:  # FIN, no RSV bits, binary
@@ -222,6 +233,10 @@ def binary_messages(data: bytes, header_length: int) -> bytes:
         (No extension is ever negotiated, so the frames are plain.)
     @param header_length: the length of an ESF frame's header.
     """
+    if _frame_messages is not None:
+        framed = _frame_messages(data, header_length)
+        if framed is not None:
+            return framed
     size = len(data)
     parts = []
     offset = 0

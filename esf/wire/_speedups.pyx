@@ -1,9 +1,12 @@
 # cython: language_level=3
 """
-The compiled loop of L{esf.wire._decoder.FrameDecoder}: the same frames,
-runs and errors as the pure-Python C{PyFrameDecoder._feed}, which stays the
-reference (PyPy runs it; tests/test_wire.py checks both give the same
-answer on every input).
+The compiled loops of the relay's common case: L{feed}, the loop of
+L{esf.wire._decoder.FrameDecoder} (the same frames, runs and errors as the
+pure-Python C{FrameDecoder._feed_python}, which stays the reference: PyPy
+runs it; tests/test_wire.py checks both give the same answer on every
+input), and L{take_messages}, the easy case of
+L{esf.server._websocket_frames.MessageParser}: ESF frames in masked binary
+WebSocket messages, unmasked in C.
 
 Written in Cython rather than compiled from the Python module because the
 gain is in reading the header's bytes in place: the Python loop unpacks
@@ -15,7 +18,8 @@ Python methods, which raise the errors and remember the IDs.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
-from libc.string cimport memcmp
+from libc.stdint cimport uint64_t
+from libc.string cimport memcmp, memcpy
 
 from ._frames import Frame
 
@@ -144,3 +148,108 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
         self._need = hlen if header is None else hlen + header[5]
         self._stash(data[offset:] if offset else data)
     return in_runs
+
+
+def take_messages(
+    bytes data not None, Py_ssize_t offset, Py_ssize_t limit, Py_ssize_t header_length,
+    list frames not None,
+):
+    """
+    Take the WebSocket messages from C{offset} in C{data} that are each one
+    final, masked binary frame with the shortest length encoding (7 or 16
+    bits), of at most C{limit} bytes, whole in C{data}, and that hold one
+    whole ESF frame of C{header_length}-byte header: append each one's
+    unmasked payload to C{frames}; return the offset of the first message
+    not taken.
+
+    The message there, whatever it is (cut off, refused, autobahn's), is
+    left to the Python loop of C{MessageParser.feed}, which judges it
+    exactly as it judges every message without this function.
+    """
+    cdef Py_ssize_t size = len(data), length, start, end, i, body_length
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef const unsigned char* mask
+    cdef const unsigned char* src
+    cdef unsigned char* out
+    cdef unsigned char b[4]
+    cdef uint64_t word, mask8
+    cdef bytes message
+    while size - offset >= 2:
+        if p[offset] != 0x82:  # FIN, no RSV bits, binary
+            break
+        length = p[offset + 1]
+        if 0x80 <= length < 0xFE:  # masked, a 7-bit length
+            length &= 0x7F
+            start = offset + 2
+        elif length == 0xFE and size - offset >= 4:  # masked, a 16-bit length
+            length = (p[offset + 2] << 8) | p[offset + 3]
+            if length < 126:
+                break
+            start = offset + 4
+        else:
+            break
+        end = start + 4 + length
+        if length > limit or end > size or length < header_length:
+            break
+        mask = p + start
+        src = mask + 4
+        for i in range(4):
+            b[i] = src[8 + i] ^ mask[i]  # (offset 8: a multiple of the mask's 4)
+        body_length = _int32(b)
+        if header_length + body_length != length:
+            break
+        message = PyBytes_FromStringAndSize(NULL, length)
+        out = <unsigned char*>PyBytes_AS_STRING(message)
+        memcpy(&mask8, mask, 4)
+        memcpy((<unsigned char*>&mask8) + 4, mask, 4)
+        i = 0
+        while i + 8 <= length:
+            memcpy(&word, src + i, 8)
+            word ^= mask8
+            memcpy(out + i, &word, 8)
+            i += 8
+        while i < length:
+            out[i] = src[i] ^ mask[i & 3]
+            i += 1
+        frames.append(message)
+        offset = end
+    return offset
+
+
+def frame_messages(bytes data not None, Py_ssize_t header_length):
+    """
+    C{binary_messages} of L{esf.server._websocket_frames}, compiled: the
+    whole ESF frames of C{data}, each as one unmasked binary WebSocket
+    message, in one string of bytes; C{None} where the Python function must
+    judge (a frame cut off, or one of 64 KiB or more).
+    """
+    cdef Py_ssize_t size = len(data), offset = 0, length, total = 0, o = 0
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+    cdef unsigned char* out
+    cdef bytes result
+    while offset < size:
+        if size - offset < header_length:
+            return None
+        length = header_length + _int32(p + offset + 8)
+        if length < header_length or length > 0xFFFF or length > size - offset:
+            return None
+        total += length + (2 if length < 126 else 4)
+        offset += length
+    result = PyBytes_FromStringAndSize(NULL, total)
+    out = <unsigned char*>PyBytes_AS_STRING(result)
+    offset = 0
+    while offset < size:
+        length = header_length + _int32(p + offset + 8)
+        out[o] = 0x82  # FIN, binary
+        if length < 126:
+            out[o + 1] = <unsigned char>length
+            o += 2
+        else:
+            out[o + 1] = 126
+            out[o + 2] = <unsigned char>(length >> 8)
+            out[o + 3] = <unsigned char>(length & 0xFF)
+            o += 4
+        memcpy(out + o, p + offset, length)
+        o += length
+        offset += length
+    return result
