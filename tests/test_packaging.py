@@ -71,10 +71,11 @@ def _can_build_without_isolation():
         return False
 
 
-def _build_wheel(source: Path, outdir: Path) -> Path:
+def _build_wheel(source: Path, outdir: Path, **env: str) -> Path:
     """
     Build a wheel of C{source} in place (in its own C{build/}, as
-    C{pip install .} does) into C{outdir}.
+    C{pip install .} does) into C{outdir}, with C{env} added to the
+    environment.
     """
     pytest.importorskip("build", reason="the build package is not installed")
     command = [sys.executable, "-m", "build", "--wheel", "--outdir", str(outdir)]
@@ -84,7 +85,7 @@ def _build_wheel(source: Path, outdir: Path) -> Path:
     result = subprocess.run(
         command,
         cwd=source.parent,
-        env=_clean_env(),
+        env=dict(_clean_env(), **env),
         capture_output=True,
         text=True,
         timeout=300,
@@ -240,6 +241,30 @@ def test_the_wheel_runs_the_compiled_decoder_loop(wheel, tmp_path):
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert compiled.stdout.strip() == expected, compiled.stderr
+
+
+def test_without_a_compiler_esf_installs_with_its_python_code(tmp_path):
+    """
+    Where no C compiler works, the build goes on without the compiled
+    loops (setuptools' warning), and esf installed from that wheel runs its
+    pure-Python code.
+    """
+    if platform.python_implementation() != "CPython":
+        pytest.skip("the compiled loops are built on CPython only")
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=_IGNORED)
+    wheel = _build_wheel(source, tmp_path / "dist", CC="false", LDSHARED="false")
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".so")]
+    python, _ = _install_in_venv(wheel, tmp_path)
+    run = subprocess.run(
+        [str(python), "-c",
+         "import esf.wire as w; from esf.server._websocket_frames import binary_messages; "
+         "frame = w.encode_frame(w.WireConfig(), 202, b'hi', user_id='a', dest_user_id='b'); "
+         "print(w.COMPILED, len(w.FrameDecoder().feed(frame)), len(binary_messages(frame, 36)))"],
+        cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    # (A frame of 36 + 2 bytes; as a WebSocket message, 2 bytes more.)
+    assert run.stdout.split() == ["False", "1", "40"], run.stdout + run.stderr
 
 
 def test_twistd_lists_installed_plugin(wheel, tmp_path):

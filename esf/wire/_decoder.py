@@ -7,7 +7,8 @@ The framing is written by hand rather than on top of
 L{twisted.protocols.basic} because the length sits in the middle of a
 fixed-size header whose size depends on a setting, the header must be
 validated field by field before a single body byte is buffered, and the relay
-path needs the frame's original bytes.
+path needs the frame's original bytes.  Its loop is also compiled
+(C{esf/wire/_speedups.pyx}, L{COMPILED}); the Python loop is the reference.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ if not os.environ.get("ESF_PURE_PYTHON"):
     except ImportError:  # not built: PyPy, no compiler, or ESF_PURE_PYTHON at install
         pass
 
-#: Whether decoders run the compiled loop (C{esf/wire/_speedups.pyx}) rather
-#: than the pure-Python one: C{pip install} builds it on CPython where a C
-#: compiler is at hand, and C{ESF_PURE_PYTHON=1} in the environment, at
-#: install or at run time, does without it.
+#: Whether the compiled loops of C{esf/wire/_speedups.pyx} run (the
+#: decoder's, and the WebSocket messages' in and out, in
+#: L{esf.server._websocket_frames}) rather than the pure-Python code alone:
+#: C{pip install} builds them on CPython where a C compiler is at hand, and
+#: C{ESF_PURE_PYTHON=1} in the environment, at install or at run time, does
+#: without them.
 COMPILED = _compiled_feed is not None
 
 
