@@ -174,6 +174,8 @@ def take_messages(
     cdef unsigned char b[4]
     cdef uint64_t word, mask8
     cdef bytes message
+    if header_length < 12 or not 0 <= offset <= size:  # (no ESF header is shorter)
+        return offset  # nothing taken
     while size - offset >= 2:
         if p[offset] != 0x82:  # FIN, no RSV bits, binary
             break
@@ -227,6 +229,8 @@ def frame_messages(bytes data not None, Py_ssize_t header_length):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef unsigned char* out
     cdef bytes result
+    if header_length < 12:  # (no ESF header is shorter)
+        return None
     while offset < size:
         if size - offset < header_length:
             return None
