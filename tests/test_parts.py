@@ -19,6 +19,7 @@ from esf import DisconnectedType as D
 from esf import ErrorCode, LogonResult, RelogonMode, RequestError, ServerConfig
 from esf import MessageType as T
 from esf.interfaces import IDeviceHandle, IPresence
+from esf.server import _policy
 from esf.server._heartbeat import Reaper
 from esf.server._logon import LogonRecord
 from esf.server._policy import Accept, Ignore, LogonPolicy, Refuse, Replace, SlidingWindow
@@ -138,6 +139,36 @@ def test_policy_flapping_guard_blocks_the_device_for_the_cooldown():
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 32).result == LogonResult.BUSY
     assert policy.admit("alice", 5, LOGON, "10.0.0.1", 32) == Accept()  # another device
     assert policy.admit("alice", 0, LOGON, "10.0.0.1", 33.5) == Accept()
+
+
+def test_policy_keeps_a_bounded_list_of_blocked_devices_at_a_constant_cost(monkeypatch):
+    """
+    Blocks that ran out are forgotten as new ones come, and past the
+    bound the oldest: however many devices flap, a block costs the same
+    (the whole list was rebuilt at every block past the bound), and the
+    newest blocks hold.
+    """
+    monkeypatch.setattr(_policy, "MAX_TRACKED_KEYS", 50)
+    policy = LogonPolicy(ServerConfig(takeover_limit=1, takeover_window=60, takeover_cooldown=30))
+    old = Holder(logon_order=0)
+
+    def block(user_id, now):  # the second takeover within the window blocks
+        policy.settle(user_id, 0, 1, old, now, REPLACE)
+        return policy.settle(user_id, 0, 2, old, now, REPLACE)
+
+    for n in range(200):  # all at once: only the bound forgets
+        assert block(f"u{n}", 0).result == LogonResult.BUSY
+    assert len(policy._blocked) == 50
+    assert policy.admit("u199", 0, LOGON, "10.0.0.1", 1).result == LogonResult.BUSY
+    assert policy.admit("u150", 0, LOGON, "10.0.0.1", 1).result == LogonResult.BUSY
+    assert policy.admit("u149", 0, LOGON, "10.0.0.1", 1) == Accept()  # forgotten first
+    # Later blocks drop those that ran out, from the oldest.
+    block("late", 31)
+    assert list(policy._blocked) == [("late", 0)]
+    # A device blocked again moves behind the others.
+    block("again", 32)
+    block("late", 33)
+    assert list(policy._blocked) == [("again", 0), ("late", 0)]
 
 
 # -- the router --------------------------------------------------------------------

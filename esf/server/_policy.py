@@ -218,7 +218,22 @@ class LogonPolicy:
         self.config = config
         self.logon_rate = SlidingWindow(config.logon_rate_window, config.logon_rate_limit)
         self.takeovers = SlidingWindow(config.takeover_window, config.takeover_limit)
-        self._blocked: dict[tuple[str, int], float] = {}
+        # Devices refused for flapping, and until when: ordered by when they
+        # were blocked, which is the order they come free in (one cooldown
+        # for all), so the expired are dropped from the front.
+        self._blocked: collections.OrderedDict[tuple[str, int], float] = collections.OrderedDict()
+
+    def _block(self, key: tuple[str, int], now: float) -> None:
+        """
+        Refuse device C{key} for the takeover cooldown from C{now}: forget
+        the blocks that have run out, and past L{MAX_TRACKED_KEYS} the
+        oldest (a constant cost per block, however many there are).
+        """
+        blocked = self._blocked
+        blocked[key] = now + self.config.takeover_cooldown
+        blocked.move_to_end(key)
+        while blocked and (len(blocked) > MAX_TRACKED_KEYS or next(iter(blocked.values())) <= now):
+            blocked.popitem(last=False)
 
     def admit(
         self, user_id: str, client_type: int, logon: m.Logon, host: str, now: float
@@ -289,9 +304,7 @@ class LogonPolicy:
             )
         key = (user_id, client_type)
         if self.takeovers.hit(key, now) > config.takeover_limit:
-            self._blocked[key] = now + config.takeover_cooldown
-            if len(self._blocked) > MAX_TRACKED_KEYS:
-                self._blocked = {k: t for k, t in self._blocked.items() if t > now}
+            self._block(key, now)
             return Refuse(
                 LogonResult.BUSY,
                 flapping_cause(
