@@ -17,6 +17,10 @@ from esf import ErrorCode, MessageType
 from esf.server._counters import Count
 from esf.wire import Information
 
+# Every test here runs with the compiled loops and with the pure-Python code
+# alone (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
+
 T = MessageType
 
 

@@ -552,6 +552,10 @@ from twisted.logger import LogLevel
 
 from esf.wire import KickOut
 
+# Every test here runs with the compiled loops and with the pure-Python code
+# alone (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
+
 
 @implementer(ICustomizeHandler)
 class Broken:

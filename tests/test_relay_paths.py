@@ -22,6 +22,10 @@ from esf.server import _session
 from esf.server._counters import RELAYED_MESSAGES, Count
 from esf.wire import Information, KickOut
 
+# Every test here runs with the compiled loops and with the pure-Python code
+# alone (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
+
 T = MessageType
 
 

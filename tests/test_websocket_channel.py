@@ -37,6 +37,10 @@ from esf.wire import (
     encode_frame,
 )
 
+# Every test here runs with the compiled loops and with the pure-Python code
+# alone (compiled_loops, tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("compiled_loops")
+
 MAX = 4096
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 1, 2, 8, 9, 10, 0
 
