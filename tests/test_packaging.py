@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import textwrap
 import zipfile
 from importlib import metadata
@@ -241,6 +242,36 @@ def test_the_wheel_runs_the_compiled_decoder_loop(wheel, tmp_path):
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert compiled.stdout.strip() == expected, compiled.stderr
+
+
+def test_the_sdist_holds_the_cython_source_and_builds_the_compiled_loops(tmp_path):
+    """
+    C{python -m build} makes the sdist, then the wheel from it: the sdist
+    carries C{_speedups.pyx} (which setup.py compiles), not the C file a
+    build generates, and the wheel built from it holds the compiled module.
+    """
+    if platform.python_implementation() != "CPython":
+        pytest.skip("the compiled loops are built on CPython only")
+    pytest.importorskip("build", reason="the build package is not installed")
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=_IGNORED)
+    outdir = tmp_path / "dist"
+    command = [sys.executable, "-m", "build", "--outdir", str(outdir)]
+    if _can_build_without_isolation():
+        command.append("--no-isolation")
+    result = subprocess.run(
+        [*command, str(source)], cwd=tmp_path, env=_clean_env(), capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sdist,) = outdir.glob("esf-*.tar.gz")
+    with tarfile.open(sdist) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert "esf/wire/_speedups.pyx" in names and "MANIFEST.in" in names
+    assert "esf/wire/_speedups.c" not in names
+    (wheel,) = outdir.glob("esf-*.whl")
+    assert [n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("esf/wire/_speedups.")
+            and n.endswith(".so")]  # fmt: skip
 
 
 def test_without_a_compiler_esf_installs_with_its_python_code(tmp_path):
