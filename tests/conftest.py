@@ -59,6 +59,7 @@ def compiled_loops(request):
         patch = pytest.MonkeyPatch()
         request.addfinalizer(patch.undo)
         patch.setattr(_decoder.FrameDecoder, "_feed", _decoder.FrameDecoder._feed_python)
+        patch.setattr(_decoder.FrameDecoder, "_make_pair", _decoder._Pair)
         patch.setattr(_websocket_frames, "_take_messages", None)
         patch.setattr(_websocket_frames, "_frame_messages", None)
     elif not _decoder.COMPILED:

@@ -1938,6 +1938,7 @@ class _Compiled(FrameDecoder):
     __slots__ = ()
     if _decoder.COMPILED:
         _feed = _decoder._compiled_feed
+        _make_pair = _decoder._CompiledPair
 
 
 class _PythonLoop(FrameDecoder):
@@ -1947,6 +1948,7 @@ class _PythonLoop(FrameDecoder):
 
     __slots__ = ()
     _feed = FrameDecoder._feed_python
+    _make_pair = _decoder._Pair
 
 
 def _feed_raw(decoder, chunks, run_types):

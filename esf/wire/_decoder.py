@@ -30,8 +30,10 @@ from ._frames import (
 __all__ = ["FrameDecoder", "COMPILED"]
 
 _compiled_feed: Callable[[Any, bytes, list[Any], tuple[int, ...]], int] | None = None
+_CompiledPair: Any = None
 if not os.environ.get("ESF_PURE_PYTHON"):
     try:
+        from ._speedups import Pair as _CompiledPair
         from ._speedups import feed as _compiled_feed
     except ImportError:  # not built: PyPy, no compiler, or ESF_PURE_PYTHON at install
         pass
@@ -73,8 +75,12 @@ class _Pair:
         self.next = self
 
 
+#: The class of the pairs: where the compiled loop runs, its own (the same
+#: fields, read in C there).
+_PAIR_CLASS: Any = _Pair if _CompiledPair is None else _CompiledPair
+
 #: No pair: its key, C{b""}, is no header's.
-_NO_PAIR = _Pair("", "", b"")
+_NO_PAIR = _PAIR_CLASS("", "", b"")
 
 
 class HeaderCheck:
@@ -94,6 +100,9 @@ class HeaderCheck:
         "_first_pair",
         "_pairs",
     )
+
+    #: Makes a checked pair of ID fields (L{_PAIR_CLASS}).
+    _make_pair: Callable[[str, str, bytes], Any] = _PAIR_CLASS
 
     def __init__(self, config: WireConfig | None = None, max_message_size: int | None = None):
         self.config = config = config or WireConfig()
@@ -167,7 +176,7 @@ class HeaderCheck:
         slot = self.config.id_slot
         user_id = self._decode_id(key[: slot + 1], "UserID")
         dest_user_id = self._decode_id(key[slot + 1 : 2 * slot + 2], "DestUserID")
-        pair = _Pair(user_id, dest_user_id, key)
+        pair: _Pair = self._make_pair(user_id, dest_user_id, key)
         if self._first_key is None:
             self._first_key, self._first_pair = key, pair
         else:

@@ -17,7 +17,7 @@ met before a pointer comparison.  Everything that is not the common case
 Python methods, which raise the errors and remember the IDs.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy
 
@@ -28,6 +28,25 @@ cdef inline long _int32(const unsigned char* p) noexcept:
     # Little-endian, signed (the header's "i" fields).
     return <int>(<unsigned int>p[0] | (<unsigned int>p[1] << 8)
                  | (<unsigned int>p[2] << 16) | (<unsigned int>p[3] << 24))
+
+
+cdef class Pair:
+    """
+    A pair of ID fields a decoder has checked: C{_Pair} of
+    L{esf.wire._decoder} (the same fields, which both loops use), made of
+    this class where the compiled loop runs, which reads them in C.
+    """
+
+    cdef public str user_id
+    cdef public str dest_user_id
+    cdef public bytes key
+    cdef public object next
+
+    def __init__(self, str user_id, str dest_user_id, bytes key):
+        self.user_id = user_id
+        self.dest_user_id = dest_user_id
+        self.key = key
+        self.next = self
 
 
 cdef inline bytes _slice(const unsigned char* p, Py_ssize_t start, Py_ssize_t end):
@@ -47,12 +66,15 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef const unsigned char* h
     cdef const unsigned char* first_ptr = NULL
-    cdef const unsigned char* guess_ptr = NULL
     cdef long message_type, run_type = -1, type_a = -1, type_b = -1
     cdef bint uniform = True
     cdef bint two_types = len(run_types) <= 2
-    cdef object pair, header = None, key, guess = None, pairs, first_key, first_pair
+    cdef object pair, header = None, key, pairs, first_key, first_pair
     cdef object run_user = "", run_dest = ""
+    # The pair of the run opened last; its next pair is guessed first, as
+    # in the Python loop: a sender writing to its receivers in turn is
+    # found with one comparison, no hashing.
+    cdef Pair guess_from = None, guess, found
     if self._have:
         offset = self._complete_partial(data, frames)
         if offset < 0:
@@ -67,6 +89,7 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
     first_key, first_pair = self._first_key, self._first_pair
     if first_key is not None:
         first_ptr = <const unsigned char*>PyBytes_AS_STRING(first_key)
+        guess_from = <Pair?>first_pair
     hlen_obj = hlen
     while size - offset >= hlen:
         h = p + offset
@@ -89,15 +112,23 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
                 run_count += 1
                 offset = end
                 continue
-            # IDs met before: the pair of the last run, the first pair, or
-            # one of the others (looked up by their bytes).
-            if guess_ptr != NULL and memcmp(h + 12, guess_ptr, key_len) == 0:
-                pair = guess
-            elif first_ptr != NULL and memcmp(h + 12, first_ptr, key_len) == 0:
-                pair = first_pair
-            elif pairs:
-                key = PyBytes_FromStringAndSize(<const char*>h + 12, key_len)
-                pair = pairs.get(key)
+            # IDs met before: the guess, the first pair, or one of the
+            # others (looked up by their bytes).
+            if guess_from is not None:
+                guess = <Pair?>guess_from.next
+                if (
+                    PyBytes_GET_SIZE(guess.key) == key_len
+                    and memcmp(h + 12, PyBytes_AS_STRING(guess.key), key_len) == 0
+                ):
+                    pair = guess
+            if pair is None:
+                if first_ptr != NULL and memcmp(h + 12, first_ptr, key_len) == 0:
+                    pair = first_pair
+                elif pairs:
+                    key = PyBytes_FromStringAndSize(<const char*>h + 12, key_len)
+                    pair = pairs.get(key)
+                if pair is not None and guess_from is not None:
+                    guess_from.next = pair
         if run_count:
             # (Before a bad header raises: what came before it is kept.)
             frames.append((run_type, run_user, run_dest, _slice(p, run_start, offset), run_count,
@@ -110,17 +141,20 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
             client_type, message_type, message_id, user_id, dest_user_id, body_length = (
                 self._check_header(data, offset)
             )
+            # (It remembered the pair: look there from now on.)
             pairs = self._pairs
             first_key, first_pair = self._first_key, self._first_pair
             first_ptr = <const unsigned char*>PyBytes_AS_STRING(first_key)
+            key = PyBytes_FromStringAndSize(<const char*>p + offset + 12, key_len)
+            found = <Pair?>(first_pair if key == first_key else pairs[key])
+            if guess_from is None:
+                guess_from = <Pair?>first_pair
         else:
+            found = <Pair?>pair
             client_type = h[1]
             message_id = _int32(h + 4)
-            user_id = pair.user_id
-            dest_user_id = pair.dest_user_id
-            if pair is not first_pair:
-                guess = pair
-                guess_ptr = <const unsigned char*>PyBytes_AS_STRING(pair.key)
+            user_id = found.user_id
+            dest_user_id = found.dest_user_id
         end = offset + hlen + body_length
         if end > size:
             header = (client_type, message_type, message_id, user_id, dest_user_id, body_length)
@@ -132,6 +166,7 @@ def feed(self, bytes data not None, list frames not None, tuple run_types not No
         ):
             run_type, run_start, run_count, uniform = message_type, offset, 1, True
             run_user, run_dest = user_id, dest_user_id
+            guess_from = found
         else:
             raw = _slice(p, offset, end) if (offset or end != size) else data
             frames.append(
