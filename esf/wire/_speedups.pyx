@@ -4,17 +4,19 @@ The compiled loops of the relay's common case: L{feed}, the loop of
 L{esf.wire._decoder.FrameDecoder} (the same frames, runs and errors as the
 pure-Python C{FrameDecoder._feed_python}, which stays the reference: PyPy
 runs it; tests/test_wire.py checks both give the same answer on every
-input), and L{take_messages}, the easy case of
-L{esf.server._websocket_frames.MessageParser}: ESF frames in masked binary
-WebSocket messages, unmasked in C.
+input); and the easy cases of L{esf.server._websocket_frames}:
+L{take_messages} (ESF frames in masked binary WebSocket messages, unmasked
+in C) and L{frame_messages} (the server's frames as WebSocket messages).
 
 Written in Cython rather than compiled from the Python module because the
 gain is in reading the header's bytes in place: the Python loop unpacks
 every header into a tuple of new objects and hashes its ID fields; here a
-header that continues a run costs two C{memcmp}s, and one of a pair of IDs
-met before a pointer comparison.  Everything that is not the common case
-(a header not valid, IDs not met before, a frame cut off) is left to the
-Python methods, which raise the errors and remember the IDs.
+header that continues a run costs two C{memcmp}s, and one whose IDs are
+the guessed pair's (the next receiver, when a sender writes to its
+receivers in turn) one more.  Everything that is not the common case (a
+header not valid, IDs not met before, a frame cut off, a message that is
+not one whole frame) is left to the Python code, which raises the errors,
+remembers the IDs and judges the messages.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -56,7 +58,7 @@ cdef inline bytes _slice(const unsigned char* p, Py_ssize_t start, Py_ssize_t en
 
 def feed(self, bytes data not None, list frames not None, tuple run_types not None):
     """
-    C{PyFrameDecoder._feed}, compiled: decode C{data} into C{frames};
+    C{FrameDecoder._feed_python}, compiled: decode C{data} into C{frames};
     return how many frames its runs hold beyond their first.
     """
     cdef Py_ssize_t size = len(data)
