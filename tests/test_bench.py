@@ -285,6 +285,22 @@ def test_block_groups_answer_from_names():
         assert groups.can_broadcast("uab.0", bad) is False, bad
 
 
+def test_a_relative_server_python_is_found_from_the_servers_directory(monkeypatch):
+    """
+    C{--server-python} given as a path relative to where esf-bench runs
+    still names that Python once the servers start in a directory of
+    their own.
+    """
+    monkeypatch.chdir(Path(sys.executable).parent)
+    relative = os.path.join(".", Path(sys.executable).name)
+    opts = _options.parse_options(["--server-python", relative, "--mode", "send"])
+    assert opts.server_python == os.path.join(
+        str(Path(sys.executable).parent), Path(sys.executable).name
+    )
+    assert opts.server_python_version is not None
+    assert _options.parse_options(["--mode", "send"]).server_python == sys.executable
+
+
 def test_fanout_options():
     opts = _options.parse_options(["--pattern", "fanout", "--group-size", "10,1000"])
     assert opts.modes == ("fanout",) and opts.group_sizes == [10, 1000]

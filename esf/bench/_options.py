@@ -6,6 +6,7 @@ depend on more than one option.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._groups import MAX_GROUP_SIZE, group_name, member_name
@@ -376,6 +377,9 @@ def parse_options(argv: list[str] | None):
     if opts.size + 40 > 1024 * 1024:
         parser.error("--size must fit one frame of the default maximum message size")
     opts.server_python_version = None
+    if os.sep in opts.server_python:
+        # A path: the servers start in a directory of their own.
+        opts.server_python = os.path.abspath(opts.server_python)
     if opts.server is None:
         opts.server_python_version = interpreter_info(opts.server_python)
         if opts.server_python_version is None:
