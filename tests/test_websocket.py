@@ -10,6 +10,8 @@ C{test_tls.py}; every wait is bounded.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer
@@ -22,6 +24,7 @@ from esf.interfaces import ICustomizeHandler
 from esf.server._web_demo import web_demo_site
 from esf.wire import (
     DisconnectedType,
+    FrameDecoder,
     Information,
     LogonResult,
     MessageType,
@@ -423,6 +426,91 @@ def test_kick(server):
     _, kicked = yield with_timeout(alice.next_frame(MessageType.BEING_KICKED_OUT_NOTIFY))
     assert (kicked.operator, kicked.reason) == ("_0", "spam")
     yield closed_with(alice, DisconnectedType.BEING_KICKED_OUT, 1000)
+
+
+@pytest_twisted.inlineCallbacks
+def test_messages_go_through_the_write_behind_and_before_the_close(server, monkeypatch):
+    """
+    On TCP, what a session writes over WebSocket is gathered and sent at
+    the next reactor turn (the write-behind, as on TCP): on the wire,
+    everything relayed to bob comes in order, and the notices of his kick
+    before the close frame that autobahn sends after them.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory, Protocol
+    from wsclient import client_frame, handshake, server_frames
+
+    from esf.server._protocol import WriteBehind
+    from esf.wire import Logon
+
+    flushes = []
+    flush = WriteBehind.flush
+    monkeypatch.setattr(WriteBehind, "flush", lambda self: flushes.append(1) or flush(self))
+    engine, port = server
+    alice = yield logged_on(port, "alice")
+    received = []
+    gone = defer.Deferred()
+
+    class Raw(Protocol):  # bob, reading the bytes as they come on the wire
+        def dataReceived(self, data):
+            received.append(data)
+
+        def connectionLost(self, reason):
+            gone.callback(None)
+
+    bob = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(Factory.forProtocol(Raw))
+    bob.transport.write(handshake(host=f"127.0.0.1:{port}"))
+    logon = frame(MessageType.LOGON, Logon(1, "", "pw").encode(), user_id="bob", message_id=1)
+    bob.transport.write(client_frame(2, logon))
+    while not engine.user_manager.is_user_online("bob"):
+        yield deferLater(0.01)
+    channel = next(s for s in engine.sessions if s.user_id == "bob").channel
+    assert channel._behind is not None and channel._tcp is not None
+    for n in range(50):
+        alice.send_frame(MessageType.SEND, struct.pack("<i", n), user_id="alice", dest="bob")
+    while _whole_messages(b"".join(received)) < 51:  # the Logon reply and the Sends
+        yield deferLater(0.01)
+    assert engine.kick_out("bob", "done")
+    while _whole_messages(b"".join(received)) < 54:  # the notices and the close
+        yield deferLater(0.01)
+    bob.transport.loseConnection()
+    yield with_timeout(gone)
+    _, frames = server_frames(b"".join(received))
+    opcodes = [opcode for opcode, _ in frames]
+    assert opcodes == [2] * (1 + 50 + 2) + [8], opcodes  # Logon reply, Sends, notices, close
+    decoded = [FrameDecoder(WireConfig(max_message_size=MAX)).feed(p)[0] for _, p in frames[:-1]]
+    # (Each message one frame, as the server sends them.)
+    assert [f.message_type for f in decoded[1:51]] == [MessageType.SEND] * 50
+    assert [struct.unpack_from("<i", f.body)[0] for f in decoded[1:51]] == list(range(50))
+    assert [f.message_type for f in decoded[51:]] == [
+        MessageType.BEING_KICKED_OUT_NOTIFY,
+        MessageType.DISCONNECT_NOTICE,
+    ]
+    assert flushes
+    alice.sendClose(1000)
+    yield with_timeout(alice.closed)
+
+
+def _whole_messages(data: bytes) -> int:
+    """
+    How many whole unmasked messages (of less than 64 KiB) follow the
+    handshake's response in C{data}.
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return 0
+    offset, count = end + 4, 0
+    while len(data) - offset >= 2:
+        n, head = data[offset + 1] & 0x7F, 2
+        if n == 126:
+            if len(data) - offset < 4:
+                break
+            n, head = struct.unpack_from("!H", data, offset + 2)[0], 4
+        if len(data) - offset < head + n:
+            break
+        offset += head + n
+        count += 1
+    return count
 
 
 @pytest_twisted.inlineCallbacks

@@ -30,7 +30,14 @@ from ._counters import Traffic
 from ._engine import ServerEngine
 from ._session import Session
 
-__all__ = ["ServerProtocol", "ServerFactory", "ServerService", "WriteBehind"]
+__all__ = [
+    "GatheredOutput",
+    "ServerProtocol",
+    "ServerFactory",
+    "ServerService",
+    "WriteBehind",
+    "WritesBehind",
+]
 
 log = Logger(namespace="esf.server")
 
@@ -57,7 +64,7 @@ class WriteBehind:
     What the TCP connections of one reactor write during one of its turns,
     sent at the start of the next one (a call of 0 s), straight to each
     socket whose transport holds nothing yet
-    (L{ServerProtocol.send_gathered}).
+    (L{GatheredOutput.send_gathered}).
 
     Twisted's TCP transport buffers every write, registers the socket for
     writability (an C{epoll_ctl}), sends in the next turn once the poll
@@ -77,10 +84,10 @@ class WriteBehind:
 
     def __init__(self, reactor: Any):
         self.reactor = reactor
-        self.pending: list[ServerProtocol] = []
+        self.pending: list[GatheredOutput] = []
         self._call: Any = None
 
-    def add(self, protocol: ServerProtocol) -> None:
+    def add(self, protocol: GatheredOutput) -> None:
         """
         C{protocol} has gathered bytes: send them once this turn ends.
         """
@@ -98,19 +105,19 @@ class WriteBehind:
                 log.failure("writing to {address} failed", address=protocol.address)
 
 
-@implementer(IChannel, IPushProducer)
-class ServerProtocol(Protocol):
+class GatheredOutput:
     """
-    One connection to an esf server.
+    A connection's side of the L{WriteBehind}: on TCP (or TCP through the
+    PROXY protocol's wrapper; never TLS, whose bytes are not these), what
+    it writes in a reactor turn is gathered (L{gather}) and sent at the
+    start of the next (L{send_gathered}).  The base of L{ServerProtocol}
+    and of the WebSocket channel.
     """
 
-    session: Session | None = None
     # What Twisted gives a connected protocol: a TCP or TLS transport, which
     # is also an IProducer and IConsumer (ITransport alone names none of it).
     transport: Any
     address = "?"
-    _abort_call = None
-    _closing = False
     #: On TCP: the socket, the write-behind its writes go through, and
     #: what they gathered this turn (L{WriteBehind}).
     _socket: Any = None
@@ -118,6 +125,67 @@ class ServerProtocol(Protocol):
     _behind: WriteBehind | None = None
     _gathered: list[bytes] | None = None
     _gathered_size = 0
+
+    def write_behind_on(self, transport: Any, factory: Any) -> None:
+        """
+        Send through C{factory}'s write-behind when C{transport} is TCP.
+        """
+        tcp = transport.transport if isinstance(transport, HAProxyProtocolWrapper) else transport
+        if isinstance(tcp, TCPServer):
+            self._tcp, self._socket = tcp, tcp.socket
+            self._behind = factory.write_behind(tcp.reactor)
+
+    def gather(self, data: bytes) -> None:
+        """
+        Add C{data} to what this turn sends (at once past L{WRITE_BEHIND_MAX}).
+        """
+        gathered = self._gathered
+        if gathered is None:
+            self._gathered = [data]
+            self._gathered_size = len(data)
+            behind = self._behind
+            assert behind is not None  # (gathered only behind a write-behind)
+            behind.add(self)
+            return
+        gathered.append(data)
+        self._gathered_size += len(data)
+        if self._gathered_size >= WRITE_BEHIND_MAX:
+            self.send_gathered()
+
+    def send_gathered(self) -> None:
+        """
+        Send what L{gather} gathered: straight to the socket when the
+        transport holds nothing (else it would overtake it), and what the
+        socket does not take (or all, on any error, which the transport
+        then finds for itself) through the transport.
+        """
+        gathered, self._gathered = self._gathered, None
+        if not gathered:
+            return
+        data = gathered[0] if len(gathered) == 1 else b"".join(gathered)
+        tcp = self._tcp
+        if not tcp._tempDataLen and not tcp.dataBuffer and tcp.connected and not tcp.disconnecting:
+            try:
+                sent = self._socket.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
+                data = data[sent:]
+        self.transport.write(data)
+
+
+@implementer(IChannel, IPushProducer)
+class ServerProtocol(GatheredOutput, Protocol):
+    """
+    One connection to an esf server.
+    """
+
+    session: Session | None = None
+    address = "?"
+    _abort_call = None
+    _closing = False
     #: The label of this kind of connection in the metrics.
     transport_label = "tcp"
     #: Where this connection's reads and writes are counted
@@ -137,12 +205,7 @@ class ServerProtocol(Protocol):
                 except OSError:
                     pass
         transport.registerProducer(self, True)
-        # TCP, or TCP through the PROXY protocol's wrapper (which passes
-        # writes on as they are); never TLS, whose bytes are not these.
-        tcp = transport.transport if isinstance(transport, HAProxyProtocolWrapper) else transport
-        if isinstance(tcp, TCPServer):
-            self._tcp, self._socket = tcp, tcp.socket
-            self._behind = self.factory.write_behind(tcp.reactor)
+        self.write_behind_on(transport, self.factory)
         self.session = engine.connection_made(self)
         traffic.connected(self.session, engine.stopping)
 
@@ -176,43 +239,10 @@ class ServerProtocol(Protocol):
         traffic = self._traffic
         traffic.writes += 1
         traffic.bytes_sent += len(data)
-        behind = self._behind
-        if behind is None:
+        if self._behind is None:
             self.transport.write(data)
-            return
-        gathered = self._gathered
-        if gathered is None:
-            self._gathered = [data]
-            self._gathered_size = len(data)
-            behind.add(self)
-            return
-        gathered.append(data)
-        self._gathered_size += len(data)
-        if self._gathered_size >= WRITE_BEHIND_MAX:
-            self.send_gathered()
-
-    def send_gathered(self) -> None:
-        """
-        Send what L{write} gathered: straight to the socket when the
-        transport holds nothing (else it would overtake it), and what the
-        socket does not take (or all, on any error, which the transport
-        then finds for itself) through the transport.
-        """
-        gathered, self._gathered = self._gathered, None
-        if not gathered:
-            return
-        data = gathered[0] if len(gathered) == 1 else b"".join(gathered)
-        tcp = self._tcp
-        if not tcp._tempDataLen and not tcp.dataBuffer and tcp.connected and not tcp.disconnecting:
-            try:
-                sent = self._socket.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = data[sent:]
-        self.transport.write(data)
+        else:
+            self.gather(data)
 
     def pause_reading(self) -> None:
         """
@@ -259,17 +289,12 @@ class ServerProtocol(Protocol):
         pass
 
 
-class ServerFactory(Factory):
+class WritesBehind:
     """
-    Builds a L{ServerProtocol} for every connection to C{engine}.
+    A factory whose TCP connections share one L{WriteBehind}.
     """
 
-    protocol = ServerProtocol
-    noisy = False
-
-    def __init__(self, engine: ServerEngine):
-        self.engine = engine
-        self._write_behind: WriteBehind | None = None
+    _write_behind: WriteBehind | None = None
 
     def write_behind(self, reactor: Any) -> WriteBehind:
         """
@@ -279,6 +304,18 @@ class ServerFactory(Factory):
         if self._write_behind is None or self._write_behind.reactor is not reactor:
             self._write_behind = WriteBehind(reactor)
         return self._write_behind
+
+
+class ServerFactory(WritesBehind, Factory):
+    """
+    Builds a L{ServerProtocol} for every connection to C{engine}.
+    """
+
+    protocol = ServerProtocol
+    noisy = False
+
+    def __init__(self, engine: ServerEngine):
+        self.engine = engine
 
 
 class _EngineService(Service):

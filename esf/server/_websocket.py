@@ -45,7 +45,7 @@ from ._counters import Count
 from ._engine import ServerEngine
 from ._http import handed_over
 from ._policy import SlidingWindow
-from ._protocol import peer_address
+from ._protocol import WritesBehind, peer_address
 from ._session import Session
 from ._websocket_channel import CLOSE_CODES, WebSocketChannel
 from ._websocket_frames import MessageParser, refuse_message
@@ -167,6 +167,7 @@ class WebSocketProtocol(WebSocketHandshake):
             return
         self._parser = MessageParser(self.factory.header_length)
         self.transport.registerProducer(self, True)
+        self.write_behind_on(self.transport, self.factory)
         super().connectionMade()
 
     def dataReceived(self, data: bytes) -> None:
@@ -311,6 +312,7 @@ class WebSocketProtocol(WebSocketHandshake):
         aborting, self._abort_call = self._abort_call, None
         if aborting is not None and aborting.active():
             aborting.cancel()
+        self._gathered = None  # (no one to send it to)
         super().connectionLost(reason)
         # Let go of the session, as ServerProtocol does: the two hold each
         # other, and the transport's unwritten backlog with them.
@@ -411,7 +413,7 @@ class WebSocketProtocol(WebSocketHandshake):
         self.close(reason)
 
 
-class WebSocketFactory(WebSocketServerFactory):
+class WebSocketFactory(WritesBehind, WebSocketServerFactory):
     """
     Builds a L{WebSocketProtocol} for every connection to C{engine}, with
     autobahn set up for a public server.

@@ -19,6 +19,7 @@ from esf.interfaces import IChannel
 from esf.wire._frames import DisconnectedType
 
 from ._counters import Traffic
+from ._protocol import GatheredOutput
 from ._session import Session
 from ._websocket_frames import binary_messages
 
@@ -41,12 +42,18 @@ _BODY_LENGTH = struct.Struct("<i")
 
 
 @implementer(IChannel, IPushProducer)
-class WebSocketChannel(WebSocketServerProtocol):
+class WebSocketChannel(GatheredOutput, WebSocketServerProtocol):  # type: ignore[misc]  # (autobahn's own bases disagree)
     """
     The output side of a WebSocket connection to an esf server: what the
     session writes, its close, and the flow control both ways (the
     session's push back pauses reading; the transport's full buffer
     pauses the session).
+
+    On TCP the session's messages go through the write-behind, as on a
+    TCP connection (L{GatheredOutput}); whatever autobahn sends itself (a
+    pong, a close, a large message) first sends what was gathered
+    (L{sendData}), so that nothing overtakes it and nothing follows a
+    close.
     """
 
     session: Session | None = None
@@ -77,6 +84,10 @@ class WebSocketChannel(WebSocketServerProtocol):
         # would keep the descriptor (and a handshake's place under
         # --websocket-max-handshakes) for good.
         closing = self.state != self.STATE_CLOSED
+        if abort:
+            self._gathered = None
+        else:
+            self.send_gathered()  # (ahead of the close)
         super().dropConnection(abort)
         if closing and not abort and self._abort_call is None:
             engine = self.factory.engine
@@ -125,7 +136,17 @@ class WebSocketChannel(WebSocketServerProtocol):
             return
         # The common case: a few small frames, in one write, as the engine
         # gathered them (autobahn's sendMessage would make one per frame).
-        self.sendData(binary_messages(data, hlen))
+        if self._behind is None:
+            self.sendData(binary_messages(data, hlen))
+        else:
+            self.gather(binary_messages(data, hlen))
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything autobahn writes comes here: what the session wrote
+        # before goes first.
+        if self._gathered:
+            self.send_gathered()
+        super().sendData(data, sync, chopsize)
 
     def close(self, reason: DisconnectedType | None = None) -> None:
         """
