@@ -31,6 +31,7 @@ from ._engine import ServerEngine
 from ._session import Session
 
 __all__ = [
+    "send_now",
     "GatheredOutput",
     "ServerProtocol",
     "ServerFactory",
@@ -163,17 +164,26 @@ class GatheredOutput:
         if not gathered:
             return
         data = gathered[0] if len(gathered) == 1 else b"".join(gathered)
-        tcp = self._tcp
-        if not tcp._tempDataLen and not tcp.dataBuffer and tcp.connected and not tcp.disconnecting:
-            try:
-                sent = self._socket.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = data[sent:]
-        self.transport.write(data)
+        rest = send_now(self._tcp, self._socket, data)
+        if rest:
+            self.transport.write(rest)
+
+
+def send_now(tcp: Any, socket: Any, data: bytes) -> bytes:
+    """
+    Send C{data} on C{socket}, the socket of Twisted's TCP transport
+    C{tcp}, at once when the transport holds nothing (else it would
+    overtake what it holds); return what is left for the transport to
+    write (all of it on any error, which the transport then finds for
+    itself).
+    """
+    if not tcp._tempDataLen and not tcp.dataBuffer and tcp.connected and not tcp.disconnecting:
+        try:
+            sent = socket.send(data)
+        except OSError:
+            sent = 0
+        return data[sent:] if sent else data
+    return data
 
 
 @implementer(IChannel, IPushProducer)
