@@ -1363,6 +1363,32 @@ async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server
         await link.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_the_links_commands_leave_at_once_with_nagle_off(redis_server):
+    """
+    A command written on a link's TCP connection is on the socket when
+    the call returns, not in the transport's buffer until the reactor's
+    next look at it (so that the deletion of what an inbox read delivered
+    goes before the devices' bytes), and Nagle's algorithm is off.
+    """
+    import socket
+
+    from _redis import connected_link
+
+    link = await connected_link(redis_server.url)
+    try:
+        transport = link._protocol.transport
+        assert transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        answer = link.execute("SET", "k", "v")
+        assert not transport.dataBuffer and not transport._tempDataLen  # sent already
+        assert await answer == b"OK"
+        link.eval_unanswered(b"redis.call('SET', KEYS[1], ARGV[1])", ["k"], [b"w"])
+        assert not transport.dataBuffer and not transport._tempDataLen
+        assert await link.execute("GET", "k") == b"w"
+    finally:
+        await link.stop()
+
+
 def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():
     clock, commands, reads = task.Clock(), RecordingLink(), RecordingLink()
     inbox = InboxLedger(clock, commands, "esf:", "b", stats=collections.Counter())
