@@ -450,10 +450,20 @@ def test_messages_go_through_the_write_behind_and_before_the_close(server, monke
     alice = yield logged_on(port, "alice")
     received = []
     gone = defer.Deferred()
+    waiting = []  # (how many whole messages, the Deferred that waits for them)
+
+    def messages(count):
+        d = defer.Deferred()
+        waiting.append((count, d))
+        return with_timeout(d)
 
     class Raw(Protocol):  # bob, reading the bytes as they come on the wire
         def dataReceived(self, data):
             received.append(data)
+            have = _whole_messages(b"".join(received))
+            for entry in [w for w in waiting if w[0] <= have]:
+                waiting.remove(entry)
+                entry[1].callback(None)
 
         def connectionLost(self, reason):
             gone.callback(None)
@@ -462,17 +472,14 @@ def test_messages_go_through_the_write_behind_and_before_the_close(server, monke
     bob.transport.write(handshake(host=f"127.0.0.1:{port}"))
     logon = frame(MessageType.LOGON, Logon(1, "", "pw").encode(), user_id="bob", message_id=1)
     bob.transport.write(client_frame(2, logon))
-    while not engine.user_manager.is_user_online("bob"):
-        yield deferLater(0.01)
+    yield messages(1)  # the Logon reply
     channel = next(s for s in engine.sessions if s.user_id == "bob").channel
     assert channel._behind is not None and channel._tcp is not None
     for n in range(50):
         alice.send_frame(MessageType.SEND, struct.pack("<i", n), user_id="alice", dest="bob")
-    while _whole_messages(b"".join(received)) < 51:  # the Logon reply and the Sends
-        yield deferLater(0.01)
+    yield messages(1 + 50)  # and the Sends
     assert engine.kick_out("bob", "done")
-    while _whole_messages(b"".join(received)) < 54:  # the notices and the close
-        yield deferLater(0.01)
+    yield messages(1 + 50 + 3)  # and the notices and the close
     bob.transport.loseConnection()
     yield with_timeout(gone)
     _, frames = server_frames(b"".join(received))

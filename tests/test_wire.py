@@ -1909,24 +1909,36 @@ def test_property_runs_are_the_frames(data, n):
     error and the same buffered bytes as C{feed}.
     """
     config = WireConfig(max_userid_length=n, max_message_size=SMALL_MAX)
-    ids = data.draw(st.lists(ids_for(config.id_slot), min_size=1, max_size=3))
-    frames = []
-    for _ in range(data.draw(st.integers(1, 12))):
-        fields = data.draw(frames_for(config, body_max=200))
-        fields["user_id"] = data.draw(st.sampled_from(ids))
-        fields["dest_user_id"] = data.draw(st.sampled_from(ids))
-        fields["message_type"] = data.draw(
-            st.sampled_from([fields["message_type"], SEND, SEND, BROADCAST])
-        )
-        frames.append(fields)
-    stream = bytearray(b"".join(_encode(config, f) for f in frames))
-    for _ in range(data.draw(st.integers(0, 3))):
-        at = data.draw(st.integers(0, len(stream) - 1))
-        stream[at] = data.draw(u8)
-    stream = bytes(stream)
+    _, stream = _among_pairs(data, config, pairs=3, count=12, body_max=200, sends=2, damage=3)
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
     plain, runs = _feed_both(config, _chunks(stream, cuts))
     assert runs == plain
+
+
+def _among_pairs(data, config, *, pairs, count, body_max, sends, damage, repeats=1):
+    """
+    Draw up to C{count} frames among up to C{pairs} IDs, each Send
+    C{sends} times as likely as its own type or a Broadcast, each repeated
+    up to C{repeats} times, and up to C{damage} bytes overwritten: the
+    frames' fields and the stream.
+    """
+    ids = data.draw(st.lists(ids_for(config.id_slot), min_size=1, max_size=pairs))
+    frames = []
+    for _ in range(data.draw(st.integers(1, count))):
+        fields = data.draw(frames_for(config, body_max=body_max))
+        fields["user_id"] = data.draw(st.sampled_from(ids))
+        fields["dest_user_id"] = data.draw(st.sampled_from(ids))
+        fields["message_type"] = data.draw(
+            st.sampled_from([fields["message_type"], *[SEND] * sends, BROADCAST])
+        )
+        frames.append(fields)
+    stream = bytearray(
+        b"".join(_encode(config, f) * data.draw(st.integers(1, repeats)) for f in frames)
+    )
+    for _ in range(data.draw(st.integers(0, damage))):
+        at = data.draw(st.integers(0, len(stream) - 1))
+        stream[at] = data.draw(u8)
+    return frames, bytes(stream)
 
 
 class _Compiled(FrameDecoder):
@@ -1979,21 +1991,10 @@ def test_property_both_loops_agree(data, n):
     if not _decoder.COMPILED:
         missing("the frame decoder's compiled loop is not built (see tests/conftest.py)")
     config = WireConfig(max_userid_length=n, max_message_size=SMALL_MAX)
-    ids = data.draw(st.lists(ids_for(config.id_slot), min_size=1, max_size=6))
-    frames = []
-    for _ in range(data.draw(st.integers(1, 30))):
-        fields = data.draw(frames_for(config, body_max=100))
-        fields["user_id"] = data.draw(st.sampled_from(ids))
-        fields["dest_user_id"] = data.draw(st.sampled_from(ids))
-        fields["message_type"] = data.draw(
-            st.sampled_from([fields["message_type"], SEND, SEND, SEND, BROADCAST])
-        )
-        frames.append(fields)
-    stream = bytearray(b"".join(_encode(config, f) * data.draw(st.integers(1, 3)) for f in frames))
-    for _ in range(data.draw(st.integers(0, 2))):
-        at = data.draw(st.integers(0, len(stream) - 1))
-        stream[at] = data.draw(u8)
-    chunks = _chunks(bytes(stream), data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    frames, stream = _among_pairs(
+        data, config, pairs=6, count=30, body_max=100, sends=3, damage=2, repeats=3
+    )
+    chunks = _chunks(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     other = frames[0]["message_type"]
     run_types = data.draw(
         st.sampled_from([(), (SEND,), (SEND, BROADCAST), (BROADCAST, other, SEND)])
