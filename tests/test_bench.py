@@ -176,6 +176,29 @@ def test_interleaved_pattern_run():
     assert row["esf"]["checked"] is True
 
 
+@pytest.mark.parametrize(
+    ("mode", "pattern", "figure", "ratio", "bound", "met"),
+    [
+        ("send", "pairs", "msgs_per_s", 0.7, 0.6, True),
+        ("send", "interleaved", "msgs_per_s", 0.7, 0.8, False),
+        ("send", "interleaved", "msgs_per_s", 0.85, 0.8, True),
+        ("fanout", "fanout", "deliveries_per_s", 0.79, 0.8, False),
+        ("fanout", "fanout", "deliveries_per_s", 1.2, 0.8, True),
+    ],
+)
+def test_each_pattern_is_held_to_its_target(mode, pattern, figure, ratio, bound, met):
+    """
+    The report's target column holds the project's targets: a send at
+    least 0.6 of the coalescing relay's rate, interleaved Sends and the
+    fan-out's deliveries at least 0.8.
+    """
+    row = {"mode": mode, "pattern": pattern, "pairs": 50, "groups": 2, "group_size": 10,
+           "esf": {figure: 1.0}, "ratio": {figure: ratio}}  # fmt: skip
+    (target,) = [t for t in _figures._targets(row) if t["figure"] == figure]
+    assert target["target"] == f"esf/baseline >= {bound:.3g}"
+    assert target["met"] is met
+
+
 def _check_fanout_row(row: dict, size: int, groups: int, messages: int, kinds) -> None:
     """
     Every member of every group got each broadcast of its group's sender
@@ -299,6 +322,34 @@ def test_a_relative_server_python_is_found_from_the_servers_directory(monkeypatc
     )
     assert opts.server_python_version is not None
     assert _options.parse_options(["--mode", "send"]).server_python == sys.executable
+
+
+def test_the_server_pythons_description(monkeypatch):
+    """
+    The report names the Python that ran the servers: on CPython its
+    implementation and version; on PyPy the size of its GC's nursery too,
+    as the servers' environment sets it (it moves a relay's figures there).
+    """
+    import platform
+
+    assert _procs.interpreter_info(sys.executable) == f"CPython {platform.python_version()}"
+    assert _procs.interpreter_info("/nonexistent/python") is None
+    python = pypy_python()
+    monkeypatch.delenv("PYPY_GC_NURSERY", raising=False)
+    default = subprocess.run(
+        [python, "-c", "import gc; print(gc.get_stats().nursery_size)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert _procs.interpreter_info(python) == f"PyPy {_pypy_version(python)}, GC nursery {default}"
+    monkeypatch.setenv("PYPY_GC_NURSERY", "24MB")
+    assert _procs.interpreter_info(python).endswith(", GC nursery 24.0MB")
+
+
+def _pypy_version(python: str) -> str:
+    return subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
 
 
 def test_fanout_options():

@@ -6,6 +6,7 @@ and starting, awaiting and stopping a server process.
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import random
@@ -270,16 +271,35 @@ def start_esf_server(port: int, args, log_path, timeout: float = 30.0) -> subpro
     return process
 
 
+def describe_interpreter() -> str:
+    """
+    C{"Implementation version"} of this Python; on PyPy, with the size of
+    its garbage collector's nursery (C{PYPY_GC_NURSERY}), which moves a
+    relay's figures there by a third or more (docs/performance.md, "What to
+    tune"): the figures of two runs compare only at the same size.  (Run as
+    it is, source and all, in the Python a benchmark describes: it imports
+    nothing of esf.)
+    """
+    import gc
+    import platform
+
+    text = f"{platform.python_implementation()} {platform.python_version()}"
+    if platform.python_implementation() == "PyPy":
+        text += f", GC nursery {gc.get_stats().nursery_size}"  # type: ignore[attr-defined]
+    return text
+
+
 def interpreter_info(executable: str) -> str | None:
     """
-    C{"Implementation version"} of the Python at C{executable}, or L{None}
-    if it cannot be run.
+    L{describe_interpreter} of the Python at C{executable}, or L{None} if
+    it cannot be run.
     """
     if executable == sys.executable:
-        return f"{platform.python_implementation()} {platform.python_version()}"
+        return describe_interpreter()
+    script = inspect.getsource(describe_interpreter) + "\nprint(describe_interpreter())\n"
     try:
         out = subprocess.run(
-            [executable, "-c", "import platform; print(platform.python_implementation(), platform.python_version())"],
+            [executable, "-c", script],
             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
