@@ -1363,30 +1363,54 @@ async def test_an_unanswered_script_runs_and_leaves_no_reply_behind(redis_server
         await link.stop()
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 @pytest_twisted.ensureDeferred
-async def test_the_links_commands_leave_at_once_with_nagle_off(redis_server):
+async def test_the_links_commands_leave_at_once_with_nagle_off(tmp_path, tls):
     """
-    A command written on a link's TCP connection is on the socket when
-    the call returns, not in the transport's buffer until the reactor's
-    next look at it (so that the deletion of what an inbox read delivered
-    goes before the devices' bytes), and Nagle's algorithm is off.
+    A command written on a link, over TCP or TLS, reaches Redis before the
+    reactor's next turn, not at its next look at the socket (so that the
+    deletion of what an inbox read delivered goes before the devices'
+    bytes, which leave at the next turn), and Nagle's algorithm is off.
     """
     import socket
 
-    from _redis import connected_link
+    from _redis import RedisServer, connected_link
+    from test_tls import make_certificate
 
-    link = await connected_link(redis_server.url)
+    from esf.bench import free_port
+
+    args: tuple[str, ...] = ()
+    if tls:
+        cert, key, _ = make_certificate(tmp_path)
+        tls_port = free_port()
+        args = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key), "--tls-auth-clients", "no")  # fmt: skip
+    server = RedisServer(tmp_path, args=args).start()
+    url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={cert}" if tls else server.url
+    link = await connected_link(url)
     try:
         transport = link._protocol.transport
-        assert transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        answer = link.execute("SET", "k", "v")
-        assert not transport.dataBuffer and not transport._tempDataLen  # sent already
-        assert await answer == b"OK"
-        link.eval_unanswered(b"redis.call('SET', KEYS[1], ARGV[1])", ["k"], [b"w"])
-        assert not transport.dataBuffer and not transport._tempDataLen
-        assert await link.execute("GET", "k") == b"w"
+        tcp = transport.transport if tls else transport  # (beneath TLS)
+        assert tcp.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        for n, send in enumerate(
+            (
+                lambda key: link.execute("SET", key, "v"),
+                lambda key: link.eval_unanswered(b"redis.call('SET', KEYS[1], 'v')", [key], []),
+            )
+        ):
+            key = f"k{n}"
+            answer = send(key)
+            # No return to the reactor until Redis has it (a bounded wait:
+            # a command the transport kept would never get there).
+            deadline = time.monotonic() + 2
+            while server.command("EXISTS", key) != b":1":
+                assert time.monotonic() < deadline, f"{key} is not in Redis before the turn ends"
+            if answer is not None:
+                assert await answer == b"OK"
+        assert await link.execute("GET", "k1") == b"v"
     finally:
         await link.stop()
+        server.stop()
 
 
 def test_delivered_entries_are_deleted_by_the_next_drop_on_the_link_it_names():

@@ -7,6 +7,8 @@ scripts, kept as files under C{esf/cluster/lua/} (L{script}).
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Callable
@@ -416,10 +418,10 @@ class _LinkFactory(Factory):
 
 def _writes_at_once(transport: Any) -> None:
     """
-    Have C{transport}, when it is Twisted's TCP transport (not TLS), send
-    each command at once, with Nagle's algorithm off, rather than at the
-    reactor's next look at the socket, when it holds nothing ahead of it
-    (L{send_now}).
+    Have C{transport}, Twisted's TCP transport or its TLS transport over
+    TCP, send each command at once, with Nagle's algorithm off, rather
+    than at the reactor's next look at the socket, when it holds nothing
+    ahead of it (L{send_now}).
 
     Then a command goes out before whatever the rest of the turn writes to
     clients, which goes out at the next turn (the write-behind): the
@@ -428,6 +430,12 @@ def _writes_at_once(transport: Any) -> None:
     that a node killed as they arrive does not leave them in its inbox
     for the janitor to keep again.
     """
+    # (A TLS transport exists only once Twisted's TLS module is loaded,
+    # which needs pyOpenSSL: looked up, not imported.)
+    tls_module = sys.modules.get("twisted.protocols.tls")
+    tls = None
+    if tls_module is not None and isinstance(transport, tls_module.TLSMemoryBIOProtocol):
+        tls, transport = transport, transport.transport
     if not isinstance(transport, TCPClient):
         return
     try:
@@ -445,6 +453,13 @@ def _writes_at_once(transport: Any) -> None:
             buffered(rest)
 
     transport.write = write  # type: ignore[method-assign]
+    if tls is not None:
+        # Twisted's TLS transport gathers small writes until the reactor's
+        # next turn (BufferingTLSTransport, which installs its gathering
+        # write on the instance as this does): each command is encrypted
+        # and handed to the TCP transport at once instead, before the
+        # handshake's end kept for it, after it sent as it is made.
+        tls.write = functools.partial(tls_module.TLSMemoryBIOProtocol.write, tls)
 
 
 @implementer(IRedisLink)
