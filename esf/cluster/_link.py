@@ -432,9 +432,9 @@ def _writes_at_once(transport: Any) -> None:
     """
     # (A TLS transport exists only once Twisted's TLS module is loaded,
     # which needs pyOpenSSL: looked up, not imported.)
-    tls_module = sys.modules.get("twisted.protocols.tls")
+    tls_class = getattr(sys.modules.get("twisted.protocols.tls"), "TLSMemoryBIOProtocol", None)
     tls = None
-    if tls_module is not None and isinstance(transport, tls_module.TLSMemoryBIOProtocol):
+    if tls_class is not None and isinstance(transport, tls_class):
         tls, transport = transport, transport.transport
     if not isinstance(transport, TCPClient):
         return
@@ -459,7 +459,7 @@ def _writes_at_once(transport: Any) -> None:
         # write on the instance as this does): each command is encrypted
         # and handed to the TCP transport at once instead, before the
         # handshake's end kept for it, after it sent as it is made.
-        tls.write = functools.partial(tls_module.TLSMemoryBIOProtocol.write, tls)
+        tls.write = functools.partial(tls_class.write, tls)
 
 
 @implementer(IRedisLink)
