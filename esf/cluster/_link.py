@@ -432,7 +432,9 @@ def _writes_at_once(transport: Any) -> None:
     """
     # (A TLS transport exists only once Twisted's TLS module is loaded,
     # which needs pyOpenSSL: looked up, not imported.)
-    tls_class = getattr(sys.modules.get("twisted.protocols.tls"), "TLSMemoryBIOProtocol", None)
+    tls_class: Any = getattr(
+        sys.modules.get("twisted.protocols.tls"), "TLSMemoryBIOProtocol", None
+    )
     tls = None
     if tls_class is not None and isinstance(transport, tls_class):
         tls, transport = transport, transport.transport
@@ -456,9 +458,10 @@ def _writes_at_once(transport: Any) -> None:
     if tls is not None:
         # Twisted's TLS transport gathers small writes until the reactor's
         # next turn (BufferingTLSTransport, which installs its gathering
-        # write on the instance as this does): each command is encrypted
-        # and handed to the TCP transport at once instead, before the
-        # handshake's end kept for it, after it sent as it is made.
+        # write on the instance as this does).  Its unbuffered write instead:
+        # each command is encrypted and handed to the TCP transport as it
+        # is made (what is written before the handshake ends is kept until
+        # it has, as always).
         tls.write = functools.partial(tls_class.write, tls)
 
 
