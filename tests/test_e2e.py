@@ -464,6 +464,49 @@ def test_session_ended_events(fresh_server, clients):
     assert 0 <= ended[alice_address]["duration"] < 10
 
 
+def test_a_receiver_reset_mid_write_ends_alone(fresh_server, clients):
+    """
+    bob reads nothing while alice sends him 60 KB Sends, so that the server
+    holds output for him, and then his connection is reset (RST) while it
+    does: his session alone ends, once, as NETWORK_INTERRUPTED, with no
+    traceback; alice is read and relayed as before, and bob is offline.
+    """
+    import threading
+
+    server = fresh_server(*AUTH, extra_path=[EXAMPLES], twistd_args=["--logger=jsonlog.observer"])
+    alice = logged_on(clients, server.port, "alice", "pa")
+    carol = logged_on(clients, server.port, "carol", "pc")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", server.port))
+    bob = rc.Client(sock)
+    assert bob.logon("bob", "pb")["result"] == 0
+    bob_address = f"127.0.0.1:{sock.getsockname()[1]}"
+    body = struct.pack("<i", 1) + bytes(60_000)
+    frame = rc.pack_header(202, len(body), "alice", "bob") + body  # Send
+    # Whole frames, blocking while the server holds alice back: 6 MB, past
+    # what the sockets between them hold (4 MB here) and past bob's output
+    # bound (2 MiB), so that the server holds all it may for him.
+    flood = threading.Thread(target=lambda: [alice.send_raw(frame) for _ in range(100)])
+    flood.start()
+    flood.join(30)
+    assert not flood.is_alive()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # reset, with what the server still has for him unread
+    server.wait_for_log(r'"esf_event": "session_ended"')
+    alice.send(202, struct.pack("<i", 1) + b"still here", dest="carol")
+    header, payload = carol.recv_until(202)
+    assert (header["user_id"], payload) == ("alice", struct.pack("<i", 1) + b"still here")
+    assert query_online(alice, "bob") == 0
+    events = [json.loads(record) for record in server.log().split("\x1e") if record.strip()]
+    ended = [e for e in events if e.get("esf_event") == "session_ended"]
+    assert [(e["address"], e["user_id"], e["reason"]) for e in ended] == [
+        (bob_address, "bob", "NETWORK_INTERRUPTED")
+    ]
+    assert "Traceback" not in server.log()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
