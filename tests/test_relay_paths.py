@@ -234,3 +234,55 @@ def test_a_group_manager_whose_members_are_not_user_ids_fails_the_broadcast_alon
     assert (error.message_type, error.message_id) == (T.ERROR, 3)
     assert error.body.code.name == "HANDLER_ERROR"
     assert engine.counters[Count.HANDLER_ERRORS] == 1
+
+
+def test_where_the_loop_is_python_reads_of_sends_are_taken_in_one_loop(
+    compiled_loops, monkeypatch
+):
+    """
+    Where the decoder's loop is the Python one, a read of Sends to receivers
+    met before is decoded and relayed in one loop (take_sends): the
+    decoder's runs are not made for it; a frame of another kind ends that
+    loop, and the decoder's own takes the rest of the read, in order.  With
+    the compiled loop every read takes the decoder's.
+    """
+    from esf.wire import FrameDecoder
+
+    engine = make_engine()
+    alice, bob, carol = (connect(engine, name) for name in ("alice", "bob", "carol"))
+    alice.send_raw(b"".join(interleaved(alice, ["bob", "carol"], 4)))  # (IDs met)
+    decoded = []
+    feed_runs = FrameDecoder.feed_runs
+
+    def spied(self, data, *types):
+        decoded.append(len(data))
+        return feed_runs(self, data, *types)
+
+    monkeypatch.setattr(FrameDecoder, "feed_runs", spied)
+    frames = interleaved(alice, ["bob", "carol", "carol"], 30, start=4)
+    sends = b"".join(frames)
+    cut = len(b"".join(frames[:15])) + 7  # (in the middle of a frame's header)
+    alice.send_raw(sends[:cut])
+    alice.send_raw(sends[cut:])
+    ping = alice.frame(T.GET_MY_IPE, b"", dest="_0")
+    more = b"".join(interleaved(alice, ["bob", "carol"], 6, start=34))
+    alice.send_raw(sends + ping + more)  # (one read)
+    if compiled_loops == "python":
+        # The decoder's loop took only the end of the first read (a frame
+        # cut off), what completed it (its header's rest, then its body),
+        # and the last read's rest from the ping on.
+        assert decoded == [7, 36 - 7, len(frames[15]) - 36, len(ping + more)]
+    else:
+        assert decoded == [cut, len(sends) - cut, len(sends + ping + more)]
+    expected = {"bob": [], "carol": []}
+    for start, count, names in ((0, 4, ["bob", "carol"]), (4, 30, ["bob", "carol", "carol"])):
+        for n, dest in zip(range(start, start + count), itertools.cycle(names)):
+            expected[dest].append(("alice", n))
+    for n, dest in zip(range(4, 34), itertools.cycle(["bob", "carol", "carol"])):
+        expected[dest].append(("alice", n))
+    for n, dest in zip(range(34, 40), itertools.cycle(["bob", "carol"])):
+        expected[dest].append(("alice", n))
+    assert received(bob) == expected["bob"] and received(carol) == expected["carol"]
+    assert [f.message_type for f in alice.take()] == [T.GET_MY_IPE]
+    assert engine.counters[RELAYED_MESSAGES[T.SEND]] == 4 + 30 + 30 + 6
+    assert engine.budget.used == 0

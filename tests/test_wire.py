@@ -2059,3 +2059,128 @@ def test_one_header_check_on_every_path():
                 assert error is not None, (header, chunks)
                 errors.add(error)
         assert len(errors) == 1, errors
+
+
+# -- take_sends: the relay's common case in one loop (where the loop is Python) --
+
+
+class _Routes:
+    """
+    A L{take_sends} route: what it was asked, answering each receiver's
+    first run with a list of its own (or C{answers[dest]}).
+    """
+
+    def __init__(self, **answers):
+        self.answers, self.asked, self.lists = answers, [], {}
+
+    def __call__(self, dest, raw, count):
+        self.asked.append((dest, raw, count))
+        answer = self.answers.get(dest)
+        if answer is not None:
+            return answer
+        out = self.lists.setdefault(dest, [raw])
+        return [out]
+
+
+def _taught(config, *dests, sender="alice"):
+    """A decoder that has checked C{sender}'s IDs to each of C{dests}."""
+    decoder = FrameDecoder(config)
+    decoder.feed(b"".join(_send(config, sender, dest) for dest in dests))
+    return decoder
+
+
+def test_take_sends_takes_runs_to_known_receivers_in_one_loop(compiled_loops):
+    """
+    Interleaved Sends and runs to receivers whose IDs the decoder knows: the
+    first run to each goes to the route, the later ones are appended to the
+    list it answered, consecutive frames to one receiver as one slice; the
+    decoder counts every frame.
+    """
+    config = WireConfig()
+    decoder = _taught(config, "bob", "carol")
+    a, b = _send(config, dest="bob"), _send(config, dest="carol", body=b"\0\0\0\2hi")
+    a2 = _send(config, dest="bob", body=b"\0\0\0\3longer body")
+    stream = a + b + a + a2 + a + b
+    routes = _Routes()
+    before = decoder.decoded
+    taken = _decoder.take_sends(decoder, stream, 0, "alice", SEND, routes)
+    if compiled_loops == "compiled":
+        # The compiled loop and the session's own loop are faster there.
+        assert taken == (0, 0, 0) and routes.asked == []
+        return
+    assert taken == (len(stream), 4, len(stream) - len(a) - len(b))
+    assert routes.asked == [("bob", a, 1), ("carol", b, 1)]
+    assert routes.lists == {"bob": [a, a + a2 + a], "carol": [b, b]}
+    assert decoder.decoded == before + 6
+    assert decoder.feed(b"") == []  # nothing held back
+
+
+@pytest.mark.parametrize(
+    "rest, why",
+    [
+        (lambda c: _send(c, dest="bob")[:-1], "a frame cut off"),
+        (lambda c: _send(c, message_type=MessageType.REQUEST), "another type"),
+        (lambda c: _send(c, dest="dave"), "IDs not met before"),
+        (lambda c: _send(c, user_id="mallory", dest="bob"), "another sender"),
+        (lambda c: b"\x00" * c.header_length, "a header not valid"),
+        (lambda c: _send(c, dest="erin"), "a run the route does not take"),
+    ],
+)
+def test_take_sends_stops_before_what_it_does_not_take(compiled_loops, rest, why):
+    """
+    take_sends stops before anything but a Send from the sender to a known
+    receiver the route takes: what it took is handled, and the decoder's
+    own loop takes the rest, from that frame on, as it would have.
+    """
+    config = WireConfig()
+    decoder = _taught(config, "bob", "carol", "erin")
+    decoder.feed(_send(config, "mallory", "bob"))
+    head = _send(config, dest="bob") + _send(config, dest="carol")
+    # (A frame cut off is the read's last: what follows it completes it.)
+    tail = rest(config) + (b"" if why == "a frame cut off" else _send(config, dest="carol"))
+    routes = _Routes(erin=False)
+    taken, _, _ = _decoder.take_sends(decoder, head + tail, 0, "alice", SEND, routes)
+    if compiled_loops == "compiled":  # (the compiled loop takes it all there)
+        assert taken == 0 and routes.asked == []
+        head = b""
+    assert taken == len(head), why
+    if head:
+        assert [dest for dest, _, _ in routes.asked] == ["bob", "carol"] + (
+            ["erin"] if why == "a run the route does not take" else []
+        )
+    reference = FrameDecoder(config)
+    reference.feed(b"".join(_send(config, "alice", d) for d in ("bob", "carol", "erin")))
+    reference.feed(_send(config, "mallory", "bob"))
+    try:
+        expected = _expand(_runs(reference.feed_runs(tail, SEND)))
+    except FrameError as e:
+        expected = ("error", e.reason)
+    try:
+        got = _expand(_runs(decoder.feed_runs(tail, SEND)))
+    except FrameError as e:
+        got = ("error", e.reason)
+    assert got == expected
+
+
+def test_take_sends_takes_nothing_while_a_frame_is_partly_held(compiled_loops):
+    """
+    While the decoder holds part of a frame, take_sends takes nothing:
+    held_wants says how many bytes complete it (its header, then the rest),
+    for the decoder's own loop to take first.
+    """
+    config = WireConfig()
+    hlen = config.header_length
+    decoder = _taught(config, "bob")
+    frame = _send(config, dest="bob")
+    assert _decoder.held_wants(decoder) == 0
+    decoder.feed(frame[:5])
+    assert _decoder.held_wants(decoder) == hlen - 5  # its header first
+    decoder.feed(frame[5:hlen])
+    assert _decoder.held_wants(decoder) == len(frame) - hlen  # then the rest
+    stream = frame[hlen:] + frame
+    assert _decoder.take_sends(decoder, stream, 0, "alice", SEND, _Routes()) == (0, 0, 0)
+    assert len(decoder.feed(frame[hlen:])) == 1 and _decoder.held_wants(decoder) == 0
+    taken, _, _ = _decoder.take_sends(decoder, frame + frame, len(frame), "alice", SEND, _Routes())
+    assert taken == (len(frame) if compiled_loops == "compiled" else 2 * len(frame))
+    fresh = FrameDecoder(config)  # no IDs met yet: nothing to take either
+    assert _decoder.take_sends(fresh, frame, 0, "alice", SEND, _Routes()) == (0, 0, 0)

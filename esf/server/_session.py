@@ -16,6 +16,7 @@ control) and what the peer may make the server spend
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -23,7 +24,7 @@ from zope.interface import implementer
 
 from esf.interfaces import IChannel, IDeviceHandle
 from esf.wire import _messages as m
-from esf.wire._decoder import FrameDecoder
+from esf.wire._decoder import FrameDecoder, held_wants, loop_is_python, take_sends
 from esf.wire._frames import (
     SERVER_ID,
     DisconnectedType,
@@ -172,6 +173,59 @@ def _gathered(targets: Sequence[Any]) -> list[list[bytes]] | None:
     return outs
 
 
+def _first_run(
+    session: Session, dest: str, raw: bytes, count: int
+) -> list[list[bytes]] | bool | None:
+    """
+    The first run of Sends to C{dest} in a read of C{session}'s, for
+    L{take_sends} (its L{esf.wire._decoder.RunRoute}): relayed by the relay
+    rule, as L{Session._received} relays it; C{False} when C{dest} is not
+    online (L{Session._received} then takes it, and says so).
+    """
+    owner = session.owner
+    targets = owner.router.resolve(dest)
+    if not targets:
+        return False
+    relay = owner.relay
+    delivered = relay.forward(session, targets, raw, count)
+    if not delivered:
+        return None
+    relay.count(_SEND, count, len(raw))
+    return _gathered(targets) if delivered == ALL_QUEUED else None
+
+
+def _take_sends(session: Session, data: bytes) -> bytes:
+    """
+    The relay's common case in one loop, where the decoder's loop is
+    the Python one (L{take_sends}), for C{session}'s read C{data}: what
+    is left of it for L{Session._received}.  A frame the last read cut off
+    is completed first, by L{Session._received}: nearly every read of a
+    busy sender starts with one.
+    """
+    decoder = session.decoder
+    if not loop_is_python(decoder):
+        return data
+    start, size = 0, len(data)
+    wants = held_wants(decoder)
+    while wants:
+        if wants > size - start:
+            return data[start:] if start else data
+        session._received(data[start : start + wants])
+        start += wants
+        wants = held_wants(decoder)  # (a header in: its body)
+    if session.state is not SessionPhase.LOGGED_ON:
+        return b"" if session.state is SessionPhase.ENDED else data[start:]
+    owner = session.owner
+    taken, relayed, relayed_bytes = take_sends(
+        decoder, data, start, session.user_id, _SEND, partial(_first_run, session)
+    )
+    if relayed:
+        owner.relay.count(_SEND, relayed, relayed_bytes)
+    if taken > start:
+        session.active = True
+    return data[taken:] if taken < size else b""
+
+
 @implementer(IDeviceHandle)
 class Session(Device):
     """
@@ -265,6 +319,22 @@ class Session(Device):
         """
         Bytes arrived from the peer.
         """
+        owner = self.owner
+        batch = owner.batch
+        outermost = batch.begin()
+        try:
+            if self.state is SessionPhase.LOGGED_ON and owner.relay_gate is None:
+                data = _take_sends(self, data)
+            if data:
+                self._received(data)
+        finally:
+            if outermost:
+                batch.flush()
+
+    def _received(self, data: bytes) -> None:
+        """
+        Decode and handle C{data}, within the read's output batch.
+        """
         error = None
         decoder = self.decoder
         owner = self.owner
@@ -279,83 +349,77 @@ class Session(Device):
             refusal = self._holding(partial)
             if error is None:
                 error = refusal
-        batch = owner.batch
-        outermost = batch.begin()
-        try:
-            frame_received = owner.frame_received
-            broadcast_run = owner.broadcast_run
-            resolve = owner.router.resolve
-            relay = owner.relay
-            forward = relay.forward
-            logged_on = SessionPhase.LOGGED_ON
-            relayed = relayed_bytes = 0
-            # This read's routes: DestUserID -> the output lists of its
-            # devices, for destinations whose every device took a run as
-            # gathered output (Output.gathered).  Until another kind of
-            # frame is handled nothing else runs, so no device comes, goes,
-            # ends or falls behind, and the next runs to that destination
-            # are appended where its first went: one lookup per
-            # destination per read, in order per sender and receiver.
-            # A relay policy judges every run (RelayGate.admit), so no
-            # route is remembered past one.
-            gate = owner.relay_gate
-            cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS and gate is None
-            routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
-            for item in frames:
-                state = self.state
-                if isinstance(item, tuple):
-                    # A run (FrameDecoder.feed_runs: its fields).  The
-                    # relay's common case, inline: Sends to one user
-                    # online, forwarded as they came (one slice, one
-                    # write).  A run of Broadcasts goes to the engine whole;
-                    # everything else takes frame_received.
-                    run_type, user_id, dest, raw, count, _, _ = item
-                    if state is logged_on and user_id == self.user_id:
-                        if run_type != _SEND:
-                            if routes:
-                                routes = {}
-                            broadcast_run(self, FrameRun(*item))
-                            continue
-                        outs = routes.get(dest) if cache else None
-                        if outs is not None:
-                            for out in outs:
-                                out.append(raw)
+        frame_received = owner.frame_received
+        broadcast_run = owner.broadcast_run
+        resolve = owner.router.resolve
+        relay = owner.relay
+        forward = relay.forward
+        logged_on = SessionPhase.LOGGED_ON
+        relayed = relayed_bytes = 0
+        # This read's routes: DestUserID -> the output lists of its
+        # devices, for destinations whose every device took a run as
+        # gathered output (Output.gathered).  Until another kind of
+        # frame is handled nothing else runs, so no device comes, goes,
+        # ends or falls behind, and the next runs to that destination
+        # are appended where its first went: one lookup per
+        # destination per read, in order per sender and receiver.
+        # A relay policy judges every run (RelayGate.admit), so no
+        # route is remembered past one.
+        gate = owner.relay_gate
+        cache = _ROUTE_CACHE and len(frames) >= _ROUTE_CACHE_MIN_RUNS and gate is None
+        routes: dict[str, list[list[bytes]]] = {} if cache else _NO_ROUTES
+        for item in frames:
+            state = self.state
+            if isinstance(item, tuple):
+                # A run (FrameDecoder.feed_runs: its fields).  The
+                # relay's common case, inline: Sends to one user
+                # online, forwarded as they came (one slice, one
+                # write).  A run of Broadcasts goes to the engine whole;
+                # everything else takes frame_received.
+                run_type, user_id, dest, raw, count, _, _ = item
+                if state is logged_on and user_id == self.user_id:
+                    if run_type != _SEND:
+                        if routes:
+                            routes = {}
+                        broadcast_run(self, FrameRun(*item))
+                        continue
+                    outs = routes.get(dest) if cache else None
+                    if outs is not None:
+                        for out in outs:
+                            out.append(raw)
+                        relayed += count
+                        relayed_bytes += len(raw)
+                        continue
+                    targets = resolve(dest)
+                    if targets:
+                        if gate is not None and not gate.admit(self, FrameRun(*item), targets):
+                            continue  # not all allowed at once: the gate took them
+                        # The relay rule, the same for every frame.
+                        delivered = forward(self, targets, raw, count)
+                        if delivered:
                             relayed += count
                             relayed_bytes += len(raw)
-                            continue
-                        targets = resolve(dest)
-                        if targets:
-                            if gate is not None and not gate.admit(self, FrameRun(*item), targets):
-                                continue  # not all allowed at once: the gate took them
-                            # The relay rule, the same for every frame.
-                            delivered = forward(self, targets, raw, count)
-                            if delivered:
-                                relayed += count
-                                relayed_bytes += len(raw)
-                                if delivered == ALL_QUEUED and cache:
-                                    outs = _gathered(targets)
-                                    if outs is not None:
-                                        routes[dest] = outs
-                            continue
-                    if routes:
-                        routes = {}
-                    for frame in FrameRun(*item).frames():
-                        if self.state is SessionPhase.ENDED:
-                            break
-                        frame_received(self, frame)
-                    continue
-                if state is SessionPhase.ENDED:
-                    break
+                            if delivered == ALL_QUEUED and cache:
+                                outs = _gathered(targets)
+                                if outs is not None:
+                                    routes[dest] = outs
+                        continue
                 if routes:
                     routes = {}
-                frame_received(self, item)
-            if relayed:
-                relay.count(_SEND, relayed, relayed_bytes)
-            if error is not None and self.state is not SessionPhase.ENDED:
-                self.end(error.reason, error.message)
-        finally:
-            if outermost:
-                batch.flush()
+                for frame in FrameRun(*item).frames():
+                    if self.state is SessionPhase.ENDED:
+                        break
+                    frame_received(self, frame)
+                continue
+            if state is SessionPhase.ENDED:
+                break
+            if routes:
+                routes = {}
+            frame_received(self, item)
+        if relayed:
+            relay.count(_SEND, relayed, relayed_bytes)
+        if error is not None and self.state is not SessionPhase.ENDED:
+            self.end(error.reason, error.message)
 
     def channel_holds(self, size: int) -> None:
         """

@@ -14,7 +14,7 @@ path needs the frame's original bytes.  Its loop is also compiled
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from ._frames import (
     _FIXED_HEADER,
@@ -27,7 +27,7 @@ from ._frames import (
     _decode_id,
 )
 
-__all__ = ["FrameDecoder", "COMPILED"]
+__all__ = ["FrameDecoder", "COMPILED", "take_sends", "held_wants", "loop_is_python"]
 
 _compiled_feed: Callable[[Any, bytes, list[Any], tuple[int, ...]], int] | None = None
 _CompiledPair: Any = None
@@ -511,3 +511,149 @@ def _frame(header: tuple[Any, ...], raw: bytes, header_length: int) -> Frame:
     The frame of C{raw}, whose header C{header} is (as L{HeaderCheck} returns it).
     """
     return Frame(header[0], header[1], header[2], header[3], header[4], raw, header_length)
+
+
+#: What L{take_sends} is told of the first run of Sends to a receiver in a
+#: read: C{False} when it was not taken; else the lists gathering the
+#: output of the receiver's devices, for the receiver's later runs, or
+#: C{None} (ask again for the next).
+RunRoute = Callable[[str, bytes, int], Union[list[list[bytes]], bool, None]]
+
+
+def loop_is_python(decoder: FrameDecoder) -> bool:
+    """
+    Whether C{decoder} runs the Python loop (where L{take_sends} takes).
+    """
+    return type(decoder)._feed is FrameDecoder._feed_python
+
+
+def held_wants(decoder: FrameDecoder) -> int:
+    """
+    How many bytes more complete what C{decoder} holds of a frame cut off:
+    its header, or, once its header is in, the frame; 0 when it holds none.
+    """
+    return decoder._need - decoder._have if decoder._have else 0
+
+
+def take_sends(
+    decoder: FrameDecoder,
+    data: bytes,
+    start: int,
+    sender: str | None,
+    send_type: int,
+    route: RunRoute,
+) -> tuple[int, int, int]:
+    """
+    The relay's common case decoded and routed in one loop, where the
+    decoder's loop is the Python one (PyPy, or CPython without the compiled
+    loop); elsewhere it takes nothing.
+
+    From C{data}'s offset C{start}, take whole frames of C{send_type} from
+    C{sender} with IDs C{decoder} has checked before (remembered), as runs:
+    consecutive frames to one receiver, one slice of C{data}.  The first
+    run to each receiver goes to C{route(dest_user_id, raw, count)} (see
+    L{RunRoute}); its later runs are appended to the lists it answered.
+    Anything else (a frame cut off, another type or sender, a header not
+    valid, IDs not met before, a run C{route} did not take) ends the loop
+    before it: the decoder's own loop takes that frame and the rest.
+
+    Over TCP on PyPy, with 50 senders each writing to 50 receivers in turn,
+    relaying through this loop cost about a fifth less CPU per Send than
+    through the decoder's runs and the session's loop over them: one loop
+    and no tuple per run (L{FrameDecoder.feed_runs}), no unpacking of the
+    ID fields (compared in place), one look-up per receiver per read.
+
+    @return: where in C{data} the frames taken end (C{start} when none
+        was), and how many frames and bytes of them were appended to
+        answered lists (those C{route} took it counts itself).
+    """
+    if (
+        not loop_is_python(decoder)
+        or decoder._have
+        or decoder._error is not None
+        or decoder._first_key is None
+    ):
+        return start, 0, 0
+    hlen = decoder.config.header_length
+    unpack = _FIXED_HEADER.unpack_from
+    max_body = decoder.max_message_size - hlen
+    pairs = decoder._pairs or {}
+    first_key = decoder._first_key
+    first_pair = guess_from = decoder._first_pair
+    startswith = data.startswith
+    size = len(data)
+    offset = start
+    taken = appended = appended_bytes = 0
+    # The open run: its pair, where it starts, its frames, where it goes
+    # (None: route asks), its last header and that frame's size (from its
+    # second frame: a header alike is then taken with one comparison).
+    pair: Any = None
+    run_start = run_count = last_size = 0
+    outs: list[list[bytes]] | None = None
+    last_header = b""
+    routes: dict[Any, list[list[bytes]]] = {}
+    while True:
+        # The next frame's pair (None: a frame not to take, or none).
+        following: Any = None
+        if size - offset >= hlen:
+            if last_header and startswith(last_header, offset):
+                # A header byte for byte the last one's: one more of the run.
+                end = offset + last_size
+                if end <= size:
+                    run_count += 1
+                    offset = end
+                    continue
+            else:
+                token, _, message_type, _, body_length = unpack(data, offset)
+                end = offset + hlen + body_length
+                if (
+                    token == START_TOKEN
+                    and message_type == send_type
+                    and 0 <= body_length <= max_body
+                    and end <= size
+                ):
+                    # The pair guessed first (the one that came after this
+                    # one last time: itself in a run, the next receiver
+                    # when a sender writes to its receivers in turn), its
+                    # ID fields compared in place; else looked up.
+                    following = guess_from.next
+                    if not startswith(following.key, offset + 12, offset + hlen):
+                        key = data[offset + 12 : offset + hlen]
+                        following = first_pair if key == first_key else pairs.get(key)
+                        if following is not None:
+                            guess_from.next = following
+                    if following is pair and pair is not None:
+                        run_count += 1  # one more of the run, another header
+                        last_header, last_size = data[offset : offset + hlen], end - offset
+                        offset = end
+                        continue
+                    if following is not None and following.user_id != sender:
+                        following = None
+        # The open run ends here: to its receiver's lists, or to route.
+        if run_count:
+            raw = data[run_start:offset]
+            if outs is None:
+                answer = route(pair.dest_user_id, raw, run_count)
+                if answer is False:
+                    offset = run_start
+                    break
+                if answer:
+                    routes[pair] = answer  # type: ignore[assignment]
+            else:
+                if len(outs) == 1:  # (no loop of one turn: on PyPy a loop of its own)
+                    outs[0].append(raw)
+                else:
+                    for out in outs:
+                        out.append(raw)
+                appended += run_count
+                appended_bytes += offset - run_start
+            taken += run_count
+            run_count = 0
+        if following is None:
+            break
+        pair = guess_from = following
+        outs = routes.get(pair)
+        run_start, run_count, last_header = offset, 1, b""
+        offset = end
+    decoder.decoded += taken
+    return offset, appended, appended_bytes
