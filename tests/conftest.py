@@ -41,25 +41,27 @@ def logs():
     capture.stop()
 
 
-@pytest.fixture(scope="module", params=["compiled", "python"])
+@pytest.fixture(scope="module", params=["compiled", "python", "pypy"])
 def compiled_loops(request):
     """
     Run the test with the compiled loops of C{esf/wire/_speedups.pyx} (the
     frame decoder's, the WebSocket messages' in and out; L{esf.wire.COMPILED}:
-    a loud skip where they were not built, a failure under CI) and with the
-    pure-Python code alone, which PyPy runs.  (Module scope: a module's
-    tests run with one, then with the other.)
+    a loud skip where they were not built, a failure under CI), with the
+    pure-Python code alone as CPython runs it without them, and as PyPy runs
+    it (with the relay's loop of L{esf.wire._decoder.take_sends}).  (Module
+    scope: a module's tests run with one, then with the next.)
     """
     from _real_parts import missing
 
     from esf.server import _websocket_frames
     from esf.wire import _decoder
 
-    if request.param == "python":
+    if request.param in ("python", "pypy"):
         patch = pytest.MonkeyPatch()
         request.addfinalizer(patch.undo)
         patch.setattr(_decoder.FrameDecoder, "_feed", _decoder.FrameDecoder._feed_python)
         patch.setattr(_decoder.FrameDecoder, "_make_pair", _decoder._Pair)
+        patch.setattr(_decoder, "TAKE_SENDS", request.param == "pypy")
         patch.setattr(_websocket_frames, "_take_messages", None)
         patch.setattr(_websocket_frames, "_frame_messages", None)
     elif not _decoder.COMPILED:

@@ -236,15 +236,13 @@ def test_a_group_manager_whose_members_are_not_user_ids_fails_the_broadcast_alon
     assert engine.counters[Count.HANDLER_ERRORS] == 1
 
 
-def test_where_the_loop_is_python_reads_of_sends_are_taken_in_one_loop(
-    compiled_loops, monkeypatch
-):
+def test_on_pypy_reads_of_sends_are_taken_in_one_loop(compiled_loops, monkeypatch):
     """
-    Where the decoder's loop is the Python one, a read of Sends to receivers
-    met before is decoded and relayed in one loop (take_sends): the
-    decoder's runs are not made for it; a frame of another kind ends that
-    loop, and the decoder's own takes the rest of the read, in order.  With
-    the compiled loop every read takes the decoder's.
+    As PyPy runs the Python loop, a read of Sends to receivers met before
+    is decoded and relayed in one loop (take_sends): the decoder's runs are
+    not made for it; a frame of another kind ends that loop, and the
+    decoder's own takes the rest of the read, in order.  Elsewhere every
+    read takes the decoder's.
     """
     from esf.wire import FrameDecoder
 
@@ -267,7 +265,7 @@ def test_where_the_loop_is_python_reads_of_sends_are_taken_in_one_loop(
     ping = alice.frame(T.GET_MY_IPE, b"", dest="_0")
     more = b"".join(interleaved(alice, ["bob", "carol"], 6, start=34))
     alice.send_raw(sends + ping + more)  # (one read)
-    if compiled_loops == "python":
+    if compiled_loops == "pypy":
         # The decoder's loop took only the end of the first read (a frame
         # cut off), what completed it (its header's rest, then its body),
         # and the last read's rest from the ping on.

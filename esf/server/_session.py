@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from esf.interfaces import IChannel, IDeviceHandle
 from esf.wire import _messages as m
-from esf.wire._decoder import FrameDecoder, held_wants, loop_is_python, take_sends
+from esf.wire._decoder import FrameDecoder, held_wants, take_sends, takes_sends
 from esf.wire._frames import (
     SERVER_ID,
     DisconnectedType,
@@ -196,14 +196,14 @@ def _first_run(
 
 def _take_sends(session: Session, data: bytes) -> bytes:
     """
-    The relay's common case in one loop, where the decoder's loop is
-    the Python one (L{take_sends}), for C{session}'s read C{data}: what
+    The relay's common case in one loop, on PyPy (L{take_sends}), for
+    C{session}'s read C{data}: what
     is left of it for L{Session._received}.  A frame the last read cut off
     is completed first, by L{Session._received}: nearly every read of a
     busy sender starts with one.
     """
     decoder = session.decoder
-    if not loop_is_python(decoder):
+    if not takes_sends(decoder):
         return data
     start, size = 0, len(data)
     wants = held_wants(decoder)
