@@ -16,7 +16,6 @@ control) and what the peer may make the server spend
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
@@ -93,6 +92,10 @@ _ROUTE_CACHE = True
 #: a destination seldom comes twice, and remembering costs more than it
 #: saves (reads of 20 Sends to 50 receivers, each once: 15% slower with it).
 _ROUTE_CACHE_MIN_RUNS = 64
+
+#: ... and, where the relay's loop is L{take_sends} (PyPy), in a read of at
+#: least this many bytes (as many small Sends).
+_ROUTE_CACHE_MIN_BYTES = _ROUTE_CACHE_MIN_RUNS * 100
 
 #: The routes of a read that remembers none (never written to).
 _NO_ROUTES: dict[str, list[list[bytes]]] = {}
@@ -173,25 +176,35 @@ def _gathered(targets: Sequence[Any]) -> list[list[bytes]] | None:
     return outs
 
 
-def _first_run(
-    session: Session, dest: str, raw: bytes, count: int
-) -> list[list[bytes]] | bool | None:
+class _FirstRuns:
     """
-    The first run of Sends to C{dest} in a read of C{session}'s, for
-    L{take_sends} (its L{esf.wire._decoder.RunRoute}): relayed by the relay
-    rule, as L{Session._received} relays it; C{False} when C{dest} is not
-    online (L{Session._received} then takes it, and says so).
+    The route of L{take_sends} for one read of C{session}'s (its
+    L{esf.wire._decoder.RunRoute}): the first run of Sends to each
+    receiver, relayed by the relay rule as L{Session._received} relays it
+    (C{False} when the receiver is not online: L{Session._received} then
+    takes it, and says so); its receiver's output lists answered only when
+    C{remember} (a read long enough for a receiver to come again); what
+    was delivered counted for the read's one count.
     """
-    owner = session.owner
-    targets = owner.router.resolve(dest)
-    if not targets:
-        return False
-    relay = owner.relay
-    delivered = relay.forward(session, targets, raw, count)
-    if not delivered:
-        return None
-    relay.count(_SEND, count, len(raw))
-    return _gathered(targets) if delivered == ALL_QUEUED else None
+
+    __slots__ = ("session", "remember", "frames", "size")
+
+    def __init__(self, session: Session, remember: bool):
+        self.session, self.remember = session, remember
+        self.frames = self.size = 0
+
+    def __call__(self, dest: str, raw: bytes, count: int) -> list[list[bytes]] | bool | None:
+        session = self.session
+        owner = session.owner
+        targets = owner.router.resolve(dest)
+        if not targets:
+            return False
+        delivered = owner.relay.forward(session, targets, raw, count)
+        if not delivered:
+            return None
+        self.frames += count
+        self.size += len(raw)
+        return _gathered(targets) if delivered == ALL_QUEUED and self.remember else None
 
 
 def _take_sends(session: Session, data: bytes) -> bytes:
@@ -215,12 +228,13 @@ def _take_sends(session: Session, data: bytes) -> bytes:
         wants = held_wants(decoder)  # (a header in: its body)
     if session.state is not SessionPhase.LOGGED_ON:
         return b"" if session.state is SessionPhase.ENDED else data[start:]
-    owner = session.owner
+    # (As Session._received remembers routes: in a read of many frames.)
+    routes = _FirstRuns(session, _ROUTE_CACHE and size - start >= _ROUTE_CACHE_MIN_BYTES)
     taken, relayed, relayed_bytes = take_sends(
-        decoder, data, start, session.user_id, _SEND, partial(_first_run, session)
+        decoder, data, start, session.user_id, _SEND, routes
     )
-    if relayed:
-        owner.relay.count(_SEND, relayed, relayed_bytes)
+    if relayed or routes.frames:
+        session.owner.relay.count(_SEND, relayed + routes.frames, relayed_bytes + routes.size)
     if taken > start:
         session.active = True
     return data[taken:] if taken < size else b""
