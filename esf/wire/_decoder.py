@@ -28,7 +28,7 @@ from ._frames import (
     _decode_id,
 )
 
-__all__ = ["FrameDecoder", "COMPILED", "TAKE_SENDS", "take_sends", "takes_sends", "held_wants"]
+__all__ = ["FrameDecoder", "COMPILED"]
 
 _compiled_feed: Callable[[Any, bytes, list[Any], tuple[int, ...]], int] | None = None
 _CompiledPair: Any = None
@@ -523,8 +523,8 @@ RunRoute = Callable[[str, bytes, int], Union[list[list[bytes]], bool, None]]
 
 #: Whether L{take_sends} takes where the decoder's loop is the Python one:
 #: on PyPy, whose JIT makes one tight loop of it (50 senders each writing
-#: to 50 receivers in turn, over TCP: 0.85-0.88 of the coalescing relay's
-#: rate against 0.64-0.74 through the decoder's runs and the session's
+#: to 50 receivers in turn, over TCP: 0.84-0.88 of the coalescing relay's
+#: rate against 0.63-0.76 through the decoder's runs and the session's
 #: loop).  CPython interprets its many tests per frame a little slower
 #: than those two loops (0.66 against 0.71-0.73 without the compiled
 #: loop), so there it takes nothing.
