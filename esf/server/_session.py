@@ -210,10 +210,10 @@ class _FirstRuns:
 def _take_sends(session: Session, data: bytes) -> bytes:
     """
     The relay's common case in one loop, on PyPy (L{take_sends}), for
-    C{session}'s read C{data}: what
-    is left of it for L{Session._received}.  A frame the last read cut off
-    is completed first, by L{Session._received}: nearly every read of a
-    busy sender starts with one.
+    C{session}'s read C{data}: what is left of it for L{Session._received}.
+    A frame the last read cut off is completed first, by
+    L{Session._received}: nearly every read of a busy sender starts with
+    one.
     """
     decoder = session.decoder
     if not takes_sends(decoder):
