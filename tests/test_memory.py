@@ -190,6 +190,7 @@ def test_glibc_gives_freed_heap_memory_back():
             ci=sys.platform == "linux",
         )
     clock, trimmer = started(allocator)
+    before = rss_kib()
     # 64 MB written in blocks below malloc's mmap threshold, each followed
     # by a small block that stays: holes in the heap, which free() keeps
     # (unless they happen to lie at the heap's top).
@@ -203,8 +204,12 @@ def test_glibc_gives_freed_heap_memory_back():
     clock.advance(5)
     after = rss_kib()
     trimmer.stopService()
-    # Of the 61 MiB written and freed, at most 13 MiB are still resident.
-    assert after < held - 48 * 1024, (held, freed, after)
+    # Of the 61 MiB written and freed, at most 13 MiB are still resident:
+    # what the burst added to the RSS went back.  (Measured from the RSS
+    # before it: in a process whose heap held free memory already, part
+    # of the burst reuses pages that were resident, and the RSS grows less
+    # than 61 MiB; the trimmer then sees it back where it last trimmed.)
+    assert after < before + 13 * 1024, (before, held, freed, after)
     # The trimmer must trim only if the heap kept the freed blocks, and that
     # cannot be made certain here, so the assertion stays conditional.
     # glibc's free() gives back only the top of the heap; the kept blocks
@@ -216,7 +221,7 @@ def test_glibc_gives_freed_heap_memory_back():
     # trimmer started and malloc may hold too little free to trim: not
     # trimming is right.  The assertion above, on the RSS, holds either way.
     if freed > held - 16 * 1024:  # the heap kept it: the trim gives it back
-        assert trimmer.trims == 1, (held, freed, after)
+        assert trimmer.trims == 1, (before, held, freed, after)
     del keep
 
 
