@@ -37,7 +37,6 @@ def route_cache(request, monkeypatch):
     """
     monkeypatch.setattr(_session, "_ROUTE_CACHE", request.param)
     monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_RUNS", 2)
-    monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_BYTES", 200)
 
 
 def interleaved(client, receivers, count, start=0):

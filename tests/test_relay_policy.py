@@ -810,7 +810,6 @@ def test_interleaved_runs_are_each_judged_with_the_route_cache(monkeypatch):
 
     monkeypatch.setattr(_session, "_ROUTE_CACHE", True)
     monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_RUNS", 2)
-    monkeypatch.setattr(_session, "_ROUTE_CACHE_MIN_BYTES", 200)
 
     @implementer(IRelayPolicy)
     class NotSeven(Hub):

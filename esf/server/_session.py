@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from esf.interfaces import IChannel, IDeviceHandle
+from esf.wire import _decoder as wire_decoder
 from esf.wire import _messages as m
 from esf.wire._decoder import FrameDecoder, held_wants, take_sends, takes_sends
 from esf.wire._frames import (
@@ -92,10 +93,6 @@ _ROUTE_CACHE = True
 #: a destination seldom comes twice, and remembering costs more than it
 #: saves (reads of 20 Sends to 50 receivers, each once: 15% slower with it).
 _ROUTE_CACHE_MIN_RUNS = 64
-
-#: ... and, where the relay's loop is L{take_sends} (PyPy), in a read of at
-#: least this many bytes (as many small Sends).
-_ROUTE_CACHE_MIN_BYTES = _ROUTE_CACHE_MIN_RUNS * 100
 
 #: The routes of a read that remembers none (never written to).
 _NO_ROUTES: dict[str, list[list[bytes]]] = {}
@@ -228,8 +225,10 @@ def _take_sends(session: Session, data: bytes) -> bytes:
         wants = held_wants(decoder)  # (a header in: its body)
     if session.state is not SessionPhase.LOGGED_ON:
         return b"" if session.state is SessionPhase.ENDED else data[start:]
-    # (As Session._received remembers routes: in a read of many frames.)
-    routes = _FirstRuns(session, _ROUTE_CACHE and size - start >= _ROUTE_CACHE_MIN_BYTES)
+    # (As Session._received remembers routes: in a read of many frames, here
+    # of as many bytes as that many small Sends of 100 bytes.)
+    remember = _ROUTE_CACHE and size - start >= _ROUTE_CACHE_MIN_RUNS * 100
+    routes = _FirstRuns(session, remember)
     taken, relayed, relayed_bytes = take_sends(
         decoder, data, start, session.user_id, _SEND, routes
     )
@@ -337,7 +336,11 @@ class Session(Device):
         batch = owner.batch
         outermost = batch.begin()
         try:
-            if self.state is SessionPhase.LOGGED_ON and owner.relay_gate is None:
+            if (
+                wire_decoder.TAKE_SENDS  # (PyPy: else no call per read)
+                and self.state is SessionPhase.LOGGED_ON
+                and owner.relay_gate is None
+            ):
                 data = _take_sends(self, data)
             if data:
                 self._received(data)
